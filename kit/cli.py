@@ -1,0 +1,105 @@
+"""``python -m kit``: run one lifecycle, show which flows this machine can run, list engines.
+
+    python -m kit run --engine NAME --flow FLOW [--ledger FILE] -- CMD [ARGS…]
+    python -m kit flows
+    python -m kit engines
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from typing import Sequence
+
+from kit import environment, registry
+from kit.launcher import LaunchError, start
+from kit.request import DEFAULT_HOOK_TIMEOUT, DEFAULT_RUN_TIMEOUT
+from kit.starter_config import FLOWS
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m kit", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run one engine lifecycle; exits with the payload's code")
+    r.add_argument("--engine", required=True,
+                   help="registered name, kit.engines entry point, or module:attribute")
+    r.add_argument("--flow", required=True, choices=FLOWS)
+    r.add_argument("--backend", default="real", choices=("real", "fake"))
+    r.add_argument("--user", help="the unprivileged invoking user U (name or uid; default "
+                   "$KIT_TEST_USER, kit-test, nobody)")
+    r.add_argument("--ledger", metavar="FILE", help="write the run's ledger (JSON) to FILE")
+    r.add_argument("--config", metavar="JSON", default="{}",
+                   help="engine config fields as a JSON object")
+    r.add_argument("--hook-timeout", type=float, default=DEFAULT_HOOK_TIMEOUT,
+                   help="seconds a hook may take (default %(default)s)")
+    r.add_argument("--run-timeout", type=float, default=DEFAULT_RUN_TIMEOUT,
+                   help="seconds the whole run may take (default %(default)s)")
+    r.add_argument("--no-probes", action="store_true",
+                   help="skip privilege snapshots and escalation probes")
+    r.add_argument("argv", nargs="+", metavar="CMD", help="the payload, after --")
+    sub.add_parser("flows", help="which flows this machine can run for real, and why not")
+    sub.add_parser("engines", help="registered engines: name, then where it comes from")
+    return p
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        engine_config = json.loads(args.config)
+        if not isinstance(engine_config, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        print(f"kit run: --config: {exc}", file=sys.stderr)
+        return 2
+    try:
+        registry.find(args.engine)
+        handle = start(args.engine, args.flow, args.argv, capture=False, stdin=sys.stdin,
+                       engine_config=engine_config, user=args.user, backend=args.backend,
+                       hook_timeout=args.hook_timeout, run_timeout=args.run_timeout,
+                       probes=not args.no_probes)
+    except (registry.RegistryError, ValueError, LaunchError) as exc:
+        print(f"kit run: {exc}", file=sys.stderr)
+        return 2
+    for sig in FORWARDED:
+        signal.signal(sig, lambda signum, _frame: handle.send_signal(signum))
+    result = handle.wait()
+    if args.ledger:
+        with open(args.ledger, "w") as f:
+            f.write(result.ledger.to_json())
+    for error in result.ledger.select("starter_error"):
+        print(f"kit run: {error['stage']}: {error['message']}", file=sys.stderr)
+    for event in result.ledger.select("hook_raise"):
+        err = event["error"]
+        print(f"kit run: {event['role']}: {event['hook']} raised {err['type']}: "
+              f"{err['message']}", file=sys.stderr)
+    for event in result.ledger.select("stage2_failed"):
+        print(f"kit run: stage 2: {event['message']}", file=sys.stderr)
+    if result.timed_out:
+        print(f"kit run: {result.reason}", file=sys.stderr)
+    for leak in result.leaks:
+        print(f"kit run: leak: {leak['what']}: {leak['detail']}", file=sys.stderr)
+    return result.exit_code
+
+
+def cmd_flows() -> int:
+    for flow, (ok, why) in environment.flows().items():
+        print(f"{flow:9} {'real' if ok else 'no  '}  {why}")
+    return 0
+
+
+def cmd_engines() -> int:
+    for name, origin in registry.available().items():
+        print(f"{name}\t{origin}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "run":
+        return cmd_run(args)
+    if args.command == "flows":
+        return cmd_flows()
+    return cmd_engines()

@@ -1,0 +1,381 @@
+"""Raw kernel access: the only module of the kit that calls ctypes.
+
+Everything here is a thin, typed wrapper over one system call or one ``/proc`` file, raising
+``OSError`` with the errno the kernel returned. Policy (what to call, in which order, with
+which values) lives in the callers: :mod:`kit.system` and :mod:`kit.starter`.
+
+Python 3.11 has no ``os.unshare``/``os.setns`` and no capability calls, hence ctypes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import signal
+import struct
+from typing import Iterable
+
+_libc = ctypes.CDLL(None, use_errno=True)
+# PyDLL keeps the GIL across the call: required for clone, whose child resumes in the
+# interpreter and must find the GIL held by its only thread.
+_pylibc = ctypes.PyDLL(None, use_errno=True)
+
+_MACHINE = platform.machine()
+_SYSCALLS = {
+    # name: (x86_64, aarch64)
+    "clone": (56, 220),
+    "pivot_root": (155, 41),
+    "setresuid": (117, 147),
+    "setresgid": (119, 149),
+    "capget": (125, 90),
+    "capset": (126, 91),
+    "setgroups": (116, 159),
+}
+
+
+def _nr(name: str) -> int:
+    x86, arm = _SYSCALLS[name]
+    if _MACHINE in ("x86_64", "AMD64"):
+        return x86
+    if _MACHINE in ("aarch64", "arm64"):
+        return arm
+    raise OSError(f"kit.linux: unsupported architecture {_MACHINE!r}")
+
+
+def _check(result: int, what: str) -> int:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return result
+
+
+# --- namespaces -------------------------------------------------------------------------------
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+CLONE_FS = 0x00000200
+
+#: Namespace kind (the kit's name) -> (clone flag, name under /proc/PID/ns).
+NAMESPACES: dict[str, tuple[int, str]] = {
+    "user": (CLONE_NEWUSER, "user"),
+    "pid": (CLONE_NEWPID, "pid"),
+    "net": (CLONE_NEWNET, "net"),
+    "uts": (CLONE_NEWUTS, "uts"),
+    "ipc": (CLONE_NEWIPC, "ipc"),
+    "cgroup": (CLONE_NEWCGROUP, "cgroup"),
+    "mount": (CLONE_NEWNS, "mnt"),
+}
+
+
+def ns_flags(kinds: Iterable[str]) -> int:
+    """Clone flags for namespace kinds (names from :data:`NAMESPACES`)."""
+    flags = 0
+    for kind in kinds:
+        flags |= NAMESPACES[kind][0]
+    return flags
+
+
+def unshare(flags: int) -> None:
+    _check(_libc.unshare(ctypes.c_int(flags)), f"unshare({flags:#x})")
+
+
+def setns(fd: int, nstype: int = 0) -> None:
+    _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), f"setns(fd {fd}, {nstype:#x})")
+
+
+def clone(flags: int) -> int:
+    """fork(2) with extra clone flags; returns 0 in the child, the child's pid in the parent.
+
+    Only safe in a single-threaded process (the starter): the child resumes in the interpreter.
+    """
+    before = ctypes.pythonapi.PyOS_BeforeFork
+    after_child = ctypes.pythonapi.PyOS_AfterFork_Child
+    after_parent = ctypes.pythonapi.PyOS_AfterFork_Parent
+    syscall = _pylibc.syscall
+    syscall.restype = ctypes.c_long
+    before()
+    pid = syscall(
+        ctypes.c_long(_nr("clone")), ctypes.c_ulong(flags | signal.SIGCHLD),
+        ctypes.c_void_p(0), ctypes.c_void_p(0), ctypes.c_void_p(0), ctypes.c_void_p(0),
+    )
+    if pid == 0:
+        after_child()
+        return 0
+    err = ctypes.get_errno()
+    after_parent()
+    if pid < 0:
+        raise OSError(err, f"clone({flags:#x}): {os.strerror(err)}")
+    return pid
+
+
+def ns_inode(kind: str, pid: int | str = "self") -> int:
+    """Inode number identifying the namespace of ``kind`` that ``pid`` is in."""
+    return os.stat(f"/proc/{pid}/ns/{NAMESPACES[kind][1]}").st_ino
+
+
+def ns_path(kind: str, pid: int | str = "self") -> str:
+    return f"/proc/{pid}/ns/{NAMESPACES[kind][1]}"
+
+
+def write_id_maps(pid: int | str, uid_lines: list[tuple[int, int, int]],
+                  gid_lines: list[tuple[int, int, int]], deny_setgroups: bool) -> None:
+    """Write ``/proc/PID/{setgroups,gid_map,uid_map}`` (each map in a single write)."""
+    if deny_setgroups:
+        with open(f"/proc/{pid}/setgroups", "w") as f:
+            f.write("deny")
+    for name, lines in (("gid_map", gid_lines), ("uid_map", uid_lines)):
+        text = "".join(f"{inside} {outside} {count}\n" for inside, outside, count in lines)
+        fd = os.open(f"/proc/{pid}/{name}", os.O_WRONLY)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+
+
+# --- mounts and filesystem ----------------------------------------------------------------
+
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MS_MOVE = 0x2000
+MS_REC = 0x4000
+MS_UNBINDABLE = 0x20000
+MS_PRIVATE = 0x40000
+MS_SLAVE = 0x80000
+MS_SHARED = 0x100000
+MNT_DETACH = 0x2
+
+#: Mount flag names accepted by the kit's system interface.
+MOUNT_FLAGS: dict[str, int] = {
+    "ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC,
+    "remount": MS_REMOUNT, "bind": MS_BIND, "move": MS_MOVE, "rec": MS_REC,
+    "unbindable": MS_UNBINDABLE, "private": MS_PRIVATE, "slave": MS_SLAVE, "shared": MS_SHARED,
+}
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int,
+          data: str | None = None) -> None:
+    def b(s: str | None) -> bytes | None:
+        return None if s is None else os.fsencode(s)
+    _check(_libc.mount(b(source), b(target), b(fstype), ctypes.c_ulong(flags), b(data)),
+           f"mount({source!r}, {target!r}, {fstype!r}, {flags:#x})")
+
+
+def umount(target: str, flags: int = 0) -> None:
+    _check(_libc.umount2(os.fsencode(target), ctypes.c_int(flags)), f"umount2({target!r})")
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    _check(_libc.syscall(ctypes.c_long(_nr("pivot_root")), os.fsencode(new_root),
+                         os.fsencode(put_old)), f"pivot_root({new_root!r}, {put_old!r})")
+
+
+# --- credentials and capabilities ---------------------------------------------------------
+
+def thread_setresuid(ruid: int, euid: int, suid: int) -> None:
+    """setresuid for the calling thread only (glibc's wrapper changes every thread)."""
+    _check(_libc.syscall(ctypes.c_long(_nr("setresuid")), ctypes.c_int(ruid), ctypes.c_int(euid),
+                         ctypes.c_int(suid)), "setresuid (thread)")
+
+
+def thread_setresgid(rgid: int, egid: int, sgid: int) -> None:
+    _check(_libc.syscall(ctypes.c_long(_nr("setresgid")), ctypes.c_int(rgid), ctypes.c_int(egid),
+                         ctypes.c_int(sgid)), "setresgid (thread)")
+
+
+#: Capability names by number (linux/capability.h), CAP_LAST_CAP = 40.
+CAPABILITIES: tuple[str, ...] = (
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
+    "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER", "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE", "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE", "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN", "CAP_SYSLOG",
+    "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ", "CAP_PERFMON", "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+)
+CAP_NUMBERS = {name: i for i, name in enumerate(CAPABILITIES)}
+_CAP_V3 = 0x20080522
+
+
+def cap_last() -> int:
+    """The highest capability number this kernel knows."""
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        return int(f.read())
+
+
+def caps_to_mask(names: Iterable[str]) -> int:
+    mask = 0
+    for name in names:
+        mask |= 1 << CAP_NUMBERS[name]
+    return mask
+
+
+def mask_to_caps(mask: int) -> list[str]:
+    return [CAPABILITIES[i] if i < len(CAPABILITIES) else f"CAP_{i}"
+            for i in range(64) if mask >> i & 1]
+
+
+def capget(tid: int = 0) -> tuple[int, int, int]:
+    """(effective, permitted, inheritable) masks of a thread (0 = the calling thread)."""
+    header = struct.pack("Ii", _CAP_V3, tid)
+    hbuf = ctypes.create_string_buffer(header, len(header))
+    dbuf = ctypes.create_string_buffer(24)
+    _check(_libc.capget(hbuf, dbuf), "capget")
+    e0, p0, i0, e1, p1, i1 = struct.unpack("6I", dbuf.raw)
+    return e0 | e1 << 32, p0 | p1 << 32, i0 | i1 << 32
+
+
+def capset(effective: int, permitted: int, inheritable: int) -> None:
+    """Set the calling thread's capability sets (the kernel's rules apply)."""
+    hbuf = ctypes.create_string_buffer(struct.pack("Ii", _CAP_V3, 0), 8)
+    lo, hi = 0xFFFFFFFF, 32
+    data = struct.pack("6I", effective & lo, permitted & lo, inheritable & lo,
+                       effective >> hi & lo, permitted >> hi & lo, inheritable >> hi & lo)
+    dbuf = ctypes.create_string_buffer(data, 24)
+    _check(_libc.capset(hbuf, dbuf), "capset")
+
+
+# --- prctl ----------------------------------------------------------------------------------
+
+PR_SET_PDEATHSIG = 1
+PR_GET_DUMPABLE = 3
+PR_SET_DUMPABLE = 4
+PR_SET_KEEPCAPS = 8
+PR_SET_NAME = 15
+PR_CAPBSET_READ = 23
+PR_CAPBSET_DROP = 24
+PR_GET_SECUREBITS = 27
+PR_SET_CHILD_SUBREAPER = 36
+PR_SET_NO_NEW_PRIVS = 38
+PR_GET_NO_NEW_PRIVS = 39
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_IS_SET = 1
+PR_CAP_AMBIENT_RAISE = 2
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+    return _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(arg3),
+                              ctypes.c_ulong(arg4), ctypes.c_ulong(arg5)), f"prctl({option})")
+
+
+def set_no_new_privs() -> None:
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
+
+
+def get_no_new_privs() -> bool:
+    return bool(prctl(PR_GET_NO_NEW_PRIVS))
+
+
+def set_dumpable(value: bool) -> None:
+    prctl(PR_SET_DUMPABLE, int(value))
+
+
+def get_dumpable() -> int:
+    return prctl(PR_GET_DUMPABLE)
+
+
+def get_securebits() -> int:
+    return prctl(PR_GET_SECUREBITS)
+
+
+def set_keepcaps(value: bool) -> None:
+    prctl(PR_SET_KEEPCAPS, int(value))
+
+
+def set_child_subreaper() -> None:
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def set_parent_death_signal(sig: int) -> None:
+    prctl(PR_SET_PDEATHSIG, sig)
+
+
+def bounding_has(cap: int) -> bool:
+    return bool(prctl(PR_CAPBSET_READ, cap))
+
+
+def bounding_drop(cap: int) -> None:
+    prctl(PR_CAPBSET_DROP, cap)
+
+
+def ambient_raise(cap: int) -> None:
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap)
+
+
+def ambient_clear() -> None:
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+
+
+# --- /proc ----------------------------------------------------------------------------------
+
+def read_status(path: str = "/proc/self/status") -> dict[str, str]:
+    """``/proc/.../status`` as a dict of raw field strings."""
+    fields: dict[str, str] = {}
+    with open(path) as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+    return fields
+
+
+def thread_ids(pid: int | str = "self") -> list[int]:
+    return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+
+
+def process_parents() -> dict[int, int]:
+    """pid -> parent pid of every process visible in ``/proc``."""
+    table: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": comm may contain spaces and parentheses.
+        table[int(name)] = int(stat[stat.rindex(b")") + 2:].split()[1])
+    return table
+
+
+def descendants(pid: int) -> list[int]:
+    """Every living descendant of ``pid``, parents before children."""
+    table = process_parents()
+    kids: dict[int, list[int]] = {}
+    for child, parent in table.items():
+        kids.setdefault(parent, []).append(child)
+    out: list[int] = []
+    todo = list(kids.get(pid, ()))
+    while todo:
+        p = todo.pop(0)
+        out.append(p)
+        todo.extend(kids.get(p, ()))
+    return out
+
+
+def set_name(name: str) -> None:
+    """Set the calling thread's name (``comm``, 15 bytes)."""
+    buf = ctypes.create_string_buffer(name.encode()[:15])
+    prctl(PR_SET_NAME, ctypes.addressof(buf))
+
+
+def process_name(pid: int) -> str | None:
+    """``comm`` of ``pid`` (also readable for a zombie), None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat[stat.index(b"(") + 1:stat.rindex(b")")].decode(errors="replace")

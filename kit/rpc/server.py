@@ -1,0 +1,222 @@
+"""The RPC server loop: one request at a time over one connection.
+
+Behaviour by input (every reply follows :mod:`kit.rpc.messages`):
+
+====================================================  =========================================
+input                                                 server
+====================================================  =========================================
+well-formed request, method returns                   result reply
+method raises ``Exception``                           error reply: class name, errno, message
+unknown method                                        ``UnknownMethodError`` reply, keeps serving
+private name (``x._secret``), bad schema              ``ProtocolError`` reply, keeps serving
+bad UTF-8 / JSON / not an object / too many fds       ``ProtocolError`` reply, keeps serving
+declared ``fds`` differs from attached descriptors    ``ProtocolError`` reply, keeps serving
+unknown/missing/mistyped argument, unused fd          ``TypeError`` reply, keeps serving
+result not JSON-serialisable or too large             ``TypeError``/``ProtocolError`` reply
+oversized frame (length > MAX_FRAME)                  ``ProtocolError`` reply, then shuts the
+                                                      connection down and returns 0: the body
+                                                      is not read, so the stream cannot be
+                                                      resynchronised
+clean EOF, EOF inside a frame, connection reset       returns 0
+====================================================  =========================================
+
+The return value is the exit code for the RPC server process: 0 in every case above, since the
+server itself did not fail (an oversized frame is the client's fault and was reported to it
+in-band). Exceptions escaping ``serve`` are bugs or a failing ``on_call``.
+
+Error replies have ``"id": null`` when the request's id could not be read.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any, Callable, Mapping
+
+from .codec import FrameError, close_fds, encode_body, recv_frame, send_body, send_frame
+from .messages import (
+    ErrorInfo,
+    ProtocolError,
+    UnknownMethodError,
+    error_info,
+    make_error,
+    make_result,
+    parse_request,
+    split_method_name,
+    MAX_ID,
+)
+from .methods import MethodSpec, RPCMethodError, WithFds, check_method
+
+__all__ = ["serve", "prepare_methods", "CallRecord"]
+
+CallRecord = dict[str, Any]
+"""``{"method": str | None, "args": dict | None, "ok": bool, "error": dict | None,
+"duration_ms": float}``: passed to ``on_call`` after each frame the server answered."""
+
+# Exceptions meaning "the client went away": the server ends quietly.
+_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+
+
+def prepare_methods(methods: Mapping[str, MethodSpec | Callable[..., Any]]) -> dict[str, MethodSpec]:
+    """Validate a method table: keys are ``"<engine>.<method>"``, values a :class:`MethodSpec`
+    or a plain callable (checked with :func:`check_method`). Raises ``RPCMethodError``."""
+    specs: dict[str, MethodSpec] = {}
+    for full, value in methods.items():
+        try:
+            split_method_name(full)
+        except ProtocolError as exc:
+            raise RPCMethodError(f"RPC method {full!r}: {exc}") from None
+        specs[full] = value if isinstance(value, MethodSpec) else check_method(full, value)
+    return specs
+
+
+def _request_id(obj: Any) -> int | None:
+    """The id of a possibly malformed request, if it is a usable one."""
+    if isinstance(obj, dict):
+        rid = obj.get("id")
+        if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid <= MAX_ID:
+            return rid
+    return None
+
+
+def serve(
+    conn: socket.socket,
+    methods: Mapping[str, MethodSpec | Callable[..., Any]],
+    *,
+    on_call: Callable[[CallRecord], None] | None = None,
+) -> int:
+    """Serve requests from *conn* until the client closes it; return the exit code (0).
+
+    *methods* maps full names ``"<engine>.<method>"`` to :class:`MethodSpec` objects (or
+    callables, validated here before serving; ``RPCMethodError`` if one is not servable).
+    Requests are handled one at a time, in the calling thread. See the module docstring for
+    the reply to every kind of bad input.
+
+    *on_call*, if given, is called once per answered frame, before its reply is sent, with a
+    :data:`CallRecord`; ``method``/``args`` are ``None`` when the frame did not carry usable
+    ones. Its exceptions propagate (they end ``serve``).
+
+    Descriptors: those passed to ``FileDescriptor`` parameters belong to the method; every
+    other received descriptor is closed. Descriptors a method returns in a :class:`WithFds`
+    are closed by the server after the reply is sent (or could not be sent).
+
+    ``serve`` never closes *conn*; it shuts it down after an oversized frame.
+    """
+    specs = prepare_methods(methods)
+    server = _Server(conn, specs, on_call)
+    try:
+        return server.run()
+    except _GONE:
+        return 0
+
+
+class _Server:
+    def __init__(self, conn: socket.socket, specs: dict[str, MethodSpec], on_call: Callable[[CallRecord], None] | None):
+        self.conn = conn
+        self.specs = specs
+        self.on_call = on_call
+
+    def run(self) -> int:
+        while True:
+            try:
+                frame = recv_frame(self.conn)
+            except FrameError as exc:
+                if exc.kind == FrameError.TRUNCATED:
+                    return 0
+                start = time.monotonic()
+                obj = exc.obj or {}
+                self._fail(start, _request_id(obj), obj, ProtocolError(f"malformed frame ({exc.kind}): {exc}"))
+                if not exc.recoverable:
+                    self._shutdown()
+                    return 0
+                continue
+            if frame is None:
+                return 0
+            obj, fds = frame
+            self._handle(obj, fds)
+
+    def _shutdown(self) -> None:
+        try:
+            self.conn.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _record(self, start: float, obj: dict[str, Any], error: ErrorInfo | None) -> None:
+        if self.on_call is None:
+            return
+        method = obj.get("method")
+        args = obj.get("args")
+        self.on_call(
+            {
+                "method": method if isinstance(method, str) else None,
+                "args": args if isinstance(args, dict) else None,  # came from JSON: JSON-safe
+                "ok": error is None,
+                "error": None if error is None else error.to_json(),
+                "duration_ms": (time.monotonic() - start) * 1000.0,
+            }
+        )
+
+    def _fail(self, start: float, rid: int | None, obj: dict[str, Any], exc: BaseException) -> None:
+        info = error_info(exc)
+        self._record(start, obj, info)
+        send_frame(self.conn, make_error(rid, info))
+
+    def _handle(self, obj: dict[str, Any], fds: list[int]) -> None:
+        start = time.monotonic()
+        rid = _request_id(obj)
+        try:
+            req = parse_request(obj)
+            if req.fds != len(fds):
+                raise ProtocolError(f"request field 'fds' declares {req.fds} descriptor(s) but {len(fds)} were attached")
+            spec = self.specs.get(req.method)
+            if spec is None:
+                raise UnknownMethodError(f"unknown method {req.method!r}")
+            kwargs = spec.bind(req.args, fds)
+        except Exception as exc:  # ProtocolError, TypeError from bind
+            close_fds(fds)
+            self._fail(start, rid, obj, exc)
+            return
+        # From here the method owns the descriptors bound to its FileDescriptor parameters
+        # (bind guarantees that every received descriptor was bound).
+        try:
+            result = spec.func(**kwargs)
+        except Exception as exc:
+            self._fail(start, req.id, obj, exc)
+            return
+        out_fds: list[int] = []
+        if isinstance(result, WithFds):
+            result, returned = result.value, list(result.fds)
+            # Only real descriptor numbers are ever closed (True would be fd 1).
+            out_fds = [fd for fd in returned if type(fd) is int and fd >= 0]
+            bad = [fd for fd in returned if not (type(fd) is int and fd >= 0)]
+            try:
+                for fd in out_fds:
+                    os.fstat(fd)
+            except OSError as exc:
+                bad.append(f"{fd} ({exc.strerror})")
+            if bad:
+                close_fds(out_fds)
+                self._fail(start, req.id, obj, TypeError(
+                    f"method {req.method!r} returned invalid file descriptors: {', '.join(map(str, bad))}"))
+                return
+        try:
+            self._reply(start, req.id, obj, result, out_fds)
+        finally:
+            close_fds(out_fds)
+
+    def _reply(self, start: float, rid: int, obj: dict[str, Any], result: Any, out_fds: list[int]) -> None:
+        try:
+            reply = make_result(rid, result, len(out_fds))
+        except ProtocolError as exc:  # too many descriptors returned
+            self._fail(start, rid, obj, ProtocolError(f"method {obj['method']!r} returned an invalid result: {exc}"))
+            return
+        try:
+            body = encode_body(reply)
+        except FrameError as exc:
+            kind: type[Exception] = TypeError if exc.kind == FrameError.UNENCODABLE else ProtocolError
+            self._fail(start, rid, obj, kind(f"method {obj['method']!r} returned an unsendable result: {exc}"))
+            return
+        # Record first so that the ledger entry exists before the client sees the reply.
+        self._record(start, obj, None)
+        send_body(self.conn, body, out_fds)

@@ -1,0 +1,690 @@
+"""The starter: runs one engine lifecycle in real processes (``SPEC.md`` §2, §3, §5).
+
+Process tree of one run (the supervisor forks the starter; see :mod:`kit.supervisor`)::
+
+    starter (becomes the master)
+      ├─ stage 1: config, init_config, prepare_config → Common + StarterConfig as JSON
+      └─ container process (clone: new pid [+ user] namespace; pid 1 there)
+           ├─ RPC server (clone with CLONE_FS): serves the engine's RPC methods
+           └─ stage 2: config, init_config, start_process → exec of the payload
+
+The master runs ``create_container``, the start waiter (→ ``post_start_process``) and
+``monitor_container`` in threads, then ``cleanup_container`` once.
+
+Master ↔ container control bytes on the master socket: ``M`` (uid maps written, go on with
+namespace setup), ``R`` (namespaces ready, RPC server started), ``E…`` (setup failed, message
+follows), ``G`` (create_container done, start stage 2), ``A`` (abort), ``F…`` (stage 2
+failed, message follows). EOF after ``G`` without ``F`` means the payload was exec'd (the
+container's end is close-on-exec).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import socket
+import threading
+import traceback
+from typing import Any, Callable, NoReturn
+
+from kit import linux, registry
+from kit.contract import Common, ConfigError, Context, Engine, EngineConfig, SignalChannel
+from kit.ledger import LedgerWriter
+from kit.request import Invoker, RunRequest
+from kit.starter_config import StarterConfig
+from kit.system import System, current
+
+EXIT_FATAL = 255
+STAGE2_NAME = "kit-stage2"
+#: Capabilities the RPC server keeps permitted (and bounding) in the setuid flows.
+RPC_SERVER_CAPS = ("CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_CHOWN",
+                   "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_SYS_CHROOT", "CAP_MKNOD",
+                   "CAP_NET_ADMIN", "CAP_SETPCAP")
+#: Hooks the supervisor does not time: they wait for the payload by design.
+UNTIMED_HOOKS = ("monitor_container",)
+#: Signals the master never blocks (synchronous faults, and the uncatchable ones).
+_UNBLOCKABLE = {signal.SIGKILL, signal.SIGSTOP, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE,
+                signal.SIGILL, signal.SIGTRAP, signal.SIGSYS, signal.SIGABRT}
+MASTER_SIGNALS = {s for s in signal.valid_signals() if s not in _UNBLOCKABLE}
+
+
+class StageFailed(Exception):
+    """A step of the starter failed (not an engine hook)."""
+
+
+class ContainerCreationFailed(RuntimeError):
+    """Fatal value handed to cleanup_container when create_container raised."""
+
+
+# --- hooks ------------------------------------------------------------------------------------
+
+def describe_error(exc: BaseException) -> dict[str, Any]:
+    return {"type": type(exc).__name__, "message": str(exc),
+            "errno": getattr(exc, "errno", None),
+            "traceback": "".join(traceback.format_exception(exc))[-4000:]}
+
+
+def _summary(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, EngineConfig):
+        return {"type": type(value).__name__, "id": id(value), "json": value.to_json()}
+    return repr(value)[:500]
+
+
+class HookRunner:
+    """Calls engine hooks of one process, recording entry/return/raise in the ledger with a
+    privilege snapshot (and escalation probes at entry)."""
+
+    def __init__(self, ledger: LedgerWriter, system: System, probes: bool) -> None:
+        self.ledger = ledger
+        self.system = system
+        self.probes = probes
+
+    def _snap(self) -> dict[str, Any] | None:
+        return self.system.snapshot() if self.probes else None
+
+    def enter(self, hook: str) -> None:
+        self.ledger.emit("hook_enter", hook=hook, snapshot=self._snap(),
+                         escalation=self.system.escalation() if self.probes else None)
+
+    def call(self, hook: str, fn: Callable[..., Any], *args: Any) -> Any:
+        self.enter(hook)
+        try:
+            result = fn(*args)
+        except BaseException as exc:
+            self.ledger.emit("hook_raise", hook=hook, snapshot=self._snap(),
+                             error=describe_error(exc))
+            raise
+        self.ledger.emit("hook_return", hook=hook, snapshot=self._snap(),
+                         result=_summary(result))
+        return result
+
+    def init_engine(self, engine: Engine, config_json: dict[str, Any], container_id: str,
+                    privileged_stage1: bool) -> Common:
+        """config then init_config (rule 1); returns the Common given to init_config."""
+        ops = engine.operations
+        cfg = self.call("config", ops.config)
+        if not isinstance(cfg, EngineConfig):
+            raise StageFailed(f"{engine.name}.config() returned {type(cfg).__name__}, "
+                              "not an EngineConfig")
+        try:
+            cfg.update_from_json(config_json)
+        except ConfigError as exc:
+            self.ledger.emit("starter_error", stage="engine_config", message=str(exc))
+            raise StageFailed(str(exc)) from None
+        common = Common(engine.name, container_id, cfg)
+        self.call("init_config", ops.init_config, common, privileged_stage1)
+        engine.common = common
+        return common
+
+
+# --- small helpers ------------------------------------------------------------------------
+
+def _exit(code: int) -> NoReturn:
+    os._exit(code)
+
+
+def _recv_control(sock: socket.socket) -> tuple[str, str]:
+    """One control byte and, for E/F, the message that follows up to EOF."""
+    head = sock.recv(1)
+    if not head:
+        return "", ""
+    kind = head.decode()
+    if kind in "EF":
+        chunks = []
+        while data := sock.recv(65536):
+            chunks.append(data)
+        return kind, b"".join(chunks).decode(errors="replace")
+    return kind, ""
+
+
+def _send(sock: socket.socket, data: str) -> None:
+    try:
+        sock.sendall(data.encode())
+    except OSError:
+        pass
+
+
+def _status_to_code(status: int) -> int:
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    if os.WIFEXITED(status):
+        return os.WEXITSTATUS(status)
+    return EXIT_FATAL
+
+
+# --- the starter --------------------------------------------------------------------------
+
+class Starter:
+    """One run's starter, in the starter process. :meth:`main` never returns."""
+
+    def __init__(self, request: RunRequest, ledger_sock: socket.socket) -> None:
+        self.req = request
+        self.user: Invoker = request.user()
+        self.system = current()
+        self.ledger_sock = ledger_sock
+        self.ledger = LedgerWriter(ledger_sock, "starter")
+        self.hooks = HookRunner(self.ledger, self.system, request.probes)
+
+    # -- invoker state ---------------------------------------------------------------------
+    def become_invoker(self) -> None:
+        """Put the starter in the state the flow's caller leaves it in (SPEC §3)."""
+        flow, u = self.req.flow, self.user
+        if flow == "root" and os.getuid() == 0:
+            return
+        if os.getuid() != 0:
+            if flow == "root":
+                raise StageFailed("flow root: needs uid 0")
+            if flow in ("suid", "hybrid"):
+                raise StageFailed(f"flow {flow}: needs root to emulate the setuid starter")
+            return  # already U
+        if flow in ("suid", "hybrid"):
+            self.system.emulate_setuid_exec(u.uid, u.gid, u.groups)
+        else:
+            self.system.become_user(u.uid, u.gid, u.groups)
+            self.system.set_dumpable(True)  # uid maps and /proc need it after setresuid
+
+    def main(self) -> NoReturn:
+        code = EXIT_FATAL
+        try:
+            linux.set_name("kit-starter")
+            self.become_invoker()
+            linux.set_parent_death_signal(signal.SIGKILL)
+            self.ledger.emit("process_start", ppid=os.getppid(), nspid=[os.getpid()])
+            common_json, sconf = self.run_stage1()
+            try:
+                sconf.validate()
+            except ConfigError as exc:
+                self.ledger.emit("starter_error", stage="starter_config", message=str(exc))
+                _exit(EXIT_FATAL)
+            self.ledger.emit("starter_config", config=sconf.to_json())
+            code = self.run_container(common_json, sconf)
+        except StageFailed as exc:
+            self.ledger.emit("starter_error", stage="starter", message=str(exc))
+        except BaseException as exc:  # a kit bug: report, never hang
+            self.ledger.emit("starter_error", stage="starter", message=describe_error(exc)[
+                "traceback"])
+        _exit(code)
+
+    # -- stage 1 ---------------------------------------------------------------------------
+    def run_stage1(self) -> tuple[dict[str, Any], StarterConfig]:
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(rfd)
+            self._stage1_child(wfd)
+        os.close(wfd)
+        with os.fdopen(rfd, "rb") as f:
+            data = f.read()
+        _, status = os.waitpid(pid, 0)
+        self.ledger.emit("process_exit", child_role="stage1", child_pid=pid, status=status)
+        if status != 0 or not data:
+            raise StageFailed(f"stage 1 failed (exit code {_status_to_code(status)})")
+        import json
+        doc = json.loads(data)
+        return doc["common"], StarterConfig.from_json(doc["starter_config"])
+
+    def _stage1_child(self, wfd: int) -> NoReturn:
+        code = EXIT_FATAL
+        try:
+            linux.set_name("kit-stage1")
+            ledger = self.ledger.for_role("stage1")
+            u = self.user
+            if self.req.flow in ("suid", "hybrid"):
+                # Stage 1 of the setuid starter runs with every privilege dropped.
+                self.system.become_user(u.uid, u.gid, u.groups)
+                self.system.set_no_new_privs()
+            ledger.emit("process_start", ppid=os.getppid(), nspid=[os.getpid()])
+            hooks = HookRunner(ledger, self.system, self.req.probes)
+            engine = registry.make_engine(self.req.engine)
+            config_json = dict(self.req.engine_config)
+            if self.req.argv:
+                config_json["argv"] = list(self.req.argv)
+            privileged = self.req.flow in ("suid", "hybrid")
+            common = hooks.init_engine(engine, config_json, self.req.container_id, privileged)
+            sconf = StarterConfig(self.req.flow, u.uid if self.req.flow != "root" else 0,
+                                  u.gid if self.req.flow != "root" else 0)
+            hooks.call("prepare_config", engine.operations.prepare_config, sconf)
+            from kit.contract import dumps
+            os.write(wfd, dumps({"common": common.to_json(),
+                                 "starter_config": sconf.to_json()}).encode())
+            code = 0
+        except BaseException:
+            code = EXIT_FATAL
+        _exit(code)
+
+    # -- namespaces and the container process ----------------------------------------------
+    def _user_ns_maps(self, sconf: StarterConfig) -> tuple[list[list[int]], list[list[int]]]:
+        return sconf.uid_mappings, sconf.gid_mappings
+
+    def _write_maps(self, pid: int, sconf: StarterConfig) -> None:
+        uid_map, gid_map = self._user_ns_maps(sconf)
+        privileged = os.geteuid() == 0
+        if not privileged:
+            for name, maps, own in (("add_uid_mappings", uid_map, os.geteuid()),
+                                    ("add_gid_mappings", gid_map, os.getegid())):
+                if len(maps) != 1 or maps[0][1] != own or maps[0][2] != 1:
+                    raise StageFailed(f"{name}: {maps} needs privilege (an unprivileged "
+                                      f"starter can map only its own id {own}, size 1)")
+            if sconf.allow_setgroups:
+                raise StageFailed("set_allow_setgroups: an unprivileged starter must deny "
+                                  "setgroups in the user namespace")
+        self.system.write_id_maps(pid, uid_map, gid_map,
+                                  deny_setgroups=not sconf.allow_setgroups)
+
+    def run_container(self, common_json: dict[str, Any], sconf: StarterConfig) -> int:
+        """Create/join namespaces, start the container process, run the master."""
+        created = sconf.namespaces_created()
+        joined = dict(sconf.ns_paths)
+        # user and pid: in the starter, before the fork (joined by path here; created by
+        # the clone so that the new pid namespace is owned by a new user namespace).
+        for kind in ("user", "pid"):
+            if kind in joined:
+                self.system.setns(kind, joined[kind])
+        clone_kinds = [k for k in ("user", "pid") if k in created]
+        master_sock, container_sock = socket.socketpair()
+        rpc_master, rpc_server = socket.socketpair()
+        for s in (master_sock, container_sock, rpc_master, rpc_server):
+            s.set_inheritable(False)
+
+        pid = self.system.clone(clone_kinds)
+        if pid == 0:
+            master_sock.close()
+            rpc_master.close()
+            Container(self, common_json, sconf, container_sock, rpc_server).main()
+        container_sock.close()
+        rpc_server.close()
+
+        try:
+            if "user" in created:
+                self._write_maps(pid, sconf)
+                if not sconf.hybrid_workflow:
+                    self.system.setns("user", f"/proc/{pid}/ns/user")
+        except (OSError, StageFailed) as exc:
+            self.ledger.emit("starter_error", stage="user_namespace", message=str(exc))
+            _send(master_sock, "A")
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return EXIT_FATAL
+        if self.req.flow in ("suid", "hybrid"):
+            # The setuid master: r=e=U, saved uid 0, no effective capabilities.
+            self.system.drop_effective(self.user.uid)
+        _send(master_sock, "M")
+
+        if sconf.namespace_join_only:
+            return self._join_only_master(pid, master_sock, rpc_master)
+        return Master(self, common_json, sconf, pid, master_sock, rpc_master).main()
+
+    def _join_only_master(self, pid: int, master_sock: socket.socket,
+                          rpc_master: socket.socket) -> int:
+        rpc_master.close()
+        kind, message = _recv_control(master_sock)
+        if kind == "E":
+            self.ledger.emit("starter_error", stage="namespaces", message=message)
+        elif kind == "R":
+            _send(master_sock, "G")
+            kind, message = _recv_control(master_sock)
+            if kind == "F":
+                self.ledger.emit("stage2_failed", message=message)
+            else:
+                self.ledger.emit("stage2_exec")
+        master_sock.close()
+        _, status = os.waitpid(pid, 0)
+        self.ledger.emit("process_exit", child_role="container", child_pid=pid, status=status)
+        return EXIT_FATAL if kind == "E" else _status_to_code(status)
+
+
+class Master:
+    """The master process: create_container ‖ start waiter ‖ monitor_container, then
+    cleanup_container (SPEC §2)."""
+
+    def __init__(self, starter: Starter, common_json: dict[str, Any], sconf: StarterConfig,
+                 pid: int, master_sock: socket.socket, rpc_sock: socket.socket) -> None:
+        self.starter = starter
+        self.common_json = common_json
+        self.sconf = sconf
+        self.pid = pid
+        self.sock = master_sock
+        self.rpc_sock = rpc_sock
+        self.ledger = starter.ledger.for_role("master")
+        self.hooks = HookRunner(self.ledger, starter.system, starter.req.probes)
+        self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.go_sent = threading.Event()
+        self.signals = SignalChannel()
+        self.ctx = Context()
+
+    def main(self) -> int:
+        linux.set_name("kit-master")
+        signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
+        kind, message = _recv_control(self.sock)
+        if kind != "R":
+            self.ledger.emit("starter_error", stage="namespaces",
+                             message=message or "container process died during setup")
+            self.sock.close()
+            self.rpc_sock.close()
+            _, status = os.waitpid(self.pid, 0)
+            self.ledger.emit("process_exit", child_role="container", child_pid=self.pid,
+                             status=status)
+            return EXIT_FATAL
+        engine = registry.make_engine(self.starter.req.engine)
+        try:
+            self.hooks.init_engine(engine, self.common_json["engine_config"],
+                                   self.common_json["container_id"], False)
+        except BaseException as exc:
+            self.ledger.emit("fatal", message=f"master initialisation failed: {exc}")
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+            return EXIT_FATAL
+        self.engine = engine
+        threading.Thread(target=self._signal_loop, name="kit-signals", daemon=True).start()
+        threads = [threading.Thread(target=fn, name=name, daemon=True) for fn, name in (
+            (self._create, "kit-create"), (self._start_waiter, "kit-start-waiter"),
+            (self._monitor, "kit-monitor"))]
+        for t in threads:
+            t.start()
+
+        fatal: BaseException | None = None
+        status: int | None = None
+        kind, value = self.events.get()
+        if kind == "fatal":
+            fatal = value
+            self.ledger.emit("fatal", message=str(fatal))
+            self._kill_container()
+            status = self._await_status()
+        else:
+            status = value
+        threads[0].join()
+        threads[1].join()
+        while not self.events.empty():  # a fatal error of post_start after the status
+            kind, value = self.events.get_nowait()
+            if kind == "fatal" and fatal is None:
+                fatal = value
+                self.ledger.emit("fatal", message=str(fatal))
+        self.ctx.cancel()
+        try:
+            self.hooks.call("cleanup_container", engine.operations.cleanup_container,
+                            self.ctx, fatal, status)
+        except BaseException:
+            pass  # recorded by the hook runner; the exit code is unchanged
+        if fatal is not None or status is None:
+            return EXIT_FATAL
+        return _status_to_code(status)
+
+    def _kill_container(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def _await_status(self) -> int | None:
+        """After a fatal error: the container's status from the monitor, or our own wait."""
+        while True:
+            try:
+                kind, value = self.events.get(timeout=self.starter.req.hook_timeout)
+            except queue.Empty:
+                break
+            if kind == "status":
+                return value
+            if kind == "monitor_failed":
+                break
+        try:
+            _, status = os.waitpid(self.pid, 0)
+            return status
+        except ChildProcessError:
+            return None
+
+    def _signal_loop(self) -> None:
+        while True:
+            info = signal.sigwaitinfo(MASTER_SIGNALS)
+            self.ledger.emit("signal", signum=info.si_signo,
+                             name=signal.Signals(info.si_signo).name)
+            self.signals.put(info.si_signo)
+
+    def _create(self) -> None:
+        try:
+            self.hooks.call("create_container", self.engine.operations.create_container,
+                            self.ctx, self.pid, self.rpc_sock)
+        except BaseException as exc:
+            self.rpc_sock.close()
+            _send(self.sock, "A")
+            self.events.put(("fatal", ContainerCreationFailed(
+                f"container creation failed: {type(exc).__name__}: {exc}")))
+            return
+        self.rpc_sock.close()  # the RPC server exits; then stage 2 may start
+        self.go_sent.set()
+        _send(self.sock, "G")
+
+    def _start_waiter(self) -> None:
+        kind, message = _recv_control(self.sock)
+        self.sock.close()
+        if kind == "F":
+            self.ledger.emit("stage2_failed", message=message)
+            return
+        if not self.go_sent.is_set():
+            return  # create_container failed: the container never started stage 2
+        name = linux.process_name(self.pid)
+        if name == STAGE2_NAME:  # died in start_process without exec and without reporting
+            self.ledger.emit("stage2_failed", message="stage 2 died before exec")
+            return
+        self.ledger.emit("stage2_exec")
+        try:
+            self.hooks.call("post_start_process", self.engine.operations.post_start_process,
+                            self.ctx, self.pid)
+        except BaseException as exc:
+            self.events.put(("fatal", exc))
+
+    def _monitor(self) -> None:
+        try:
+            status = self.hooks.call("monitor_container",
+                                     self.engine.operations.monitor_container,
+                                     self.pid, self.signals)
+        except BaseException as exc:
+            self.events.put(("fatal", exc))
+            self.events.put(("monitor_failed", None))
+            return
+        if not isinstance(status, int):
+            self.events.put(("fatal", TypeError(
+                f"monitor_container returned {status!r}, not a wait status")))
+            self.events.put(("monitor_failed", None))
+            return
+        self.events.put(("status", status))
+
+
+class Container:
+    """The container process (pid 1 of a new pid namespace): namespace setup, the RPC
+    server, then stage 2."""
+
+    def __init__(self, starter: Starter, common_json: dict[str, Any], sconf: StarterConfig,
+                 sock: socket.socket, rpc_server_sock: socket.socket) -> None:
+        self.starter = starter
+        self.req = starter.req
+        self.system = starter.system
+        self.common_json = common_json
+        self.sconf = sconf
+        self.sock = sock
+        self.rpc_sock = rpc_server_sock
+        self.ledger = starter.ledger.for_role("container")
+
+    def main(self) -> NoReturn:
+        try:
+            linux.set_name("kit-container")
+            linux.set_parent_death_signal(signal.SIGKILL)
+            kind, _ = _recv_control(self.sock)  # uid maps are written
+            if kind != "M":
+                _exit(EXIT_FATAL)
+            if self.sconf.hybrid_workflow:
+                # Cloned by the setuid starter (kuids U, 0, 0): become the id U maps to in
+                # the new user namespace, which drops host root for good.
+                u = self.starter.user
+                gid = _inside_id(self.sconf.gid_mappings, u.gid)
+                uid = _inside_id(self.sconf.uid_mappings, u.uid)
+                os.setresgid(gid, gid, gid)
+                os.setresuid(uid, uid, uid)
+            self.ledger.emit("process_start", ppid=os.getppid(), nspid=[os.getpid()])
+            self.setup_namespaces()
+        except BaseException as exc:
+            _send(self.sock, "E" + f"namespace setup failed: {type(exc).__name__}: {exc}")
+            _exit(EXIT_FATAL)
+        rpc_pid = None
+        if not self.sconf.namespace_join_only:
+            rpc_pid = self.system.clone(share_fs=True)
+            if rpc_pid == 0:
+                self.sock.close()
+                RPCServerProcess(self).main()
+        self.rpc_sock.close()
+        _send(self.sock, "R")
+        if rpc_pid is not None:
+            _, status = os.waitpid(rpc_pid, 0)
+            self.ledger.emit("process_exit", child_role="rpc", child_pid=rpc_pid, status=status)
+        if self.sock.recv(1) != b"G":
+            _exit(EXIT_FATAL)  # create_container failed: stage 2 never starts
+        Stage2(self).main()
+
+    def setup_namespaces(self) -> None:
+        s, system = self.sconf, self.system
+        created = s.namespaces_created()
+        for kind in ("net", "uts", "ipc", "cgroup", "mount"):
+            if kind in s.ns_paths:
+                system.setns(kind, s.ns_paths[kind])
+        system.unshare([k for k in ("net", "uts", "ipc", "cgroup", "mount") if k in created])
+        if "mount" in created:
+            system.set_propagation("/", s.mount_propagation)
+        if s.bring_loopback_interface:
+            system.link_up("lo")
+        self.ledger.emit("namespaces", created=created, joined=dict(s.ns_paths),
+                         ns={k: system.ns_inode(k) for k in linux.NAMESPACES})
+
+
+class RPCServerProcess:
+    """The RPC server: shares the container's namespaces, root and cwd (CLONE_FS)."""
+
+    def __init__(self, container: Container) -> None:
+        self.c = container
+        self.ledger = container.ledger.for_role("rpc")
+
+    def drop_privileges(self) -> None:
+        req, system = self.c.req, self.c.system
+        if req.flow in ("suid", "hybrid"):
+            keep = linux.caps_to_mask(RPC_SERVER_CAPS)
+            system.limit_bounding(keep)
+            ruid, _, _ = os.getresuid()
+            if req.flow == "hybrid":
+                ruid = os.geteuid()  # inside the container's user namespace, U is ns root
+            # e=U with keep-caps: permitted survives, effective cleared; then only
+            # CAP_SYS_ADMIN effective (a method may raise more on its own thread).
+            linux.set_keepcaps(True)
+            os.setresuid(ruid, ruid, -1)
+            linux.set_keepcaps(False)
+            system.set_capabilities(linux.caps_to_mask(["CAP_SYS_ADMIN"]), keep, 0)
+
+    def main(self) -> NoReturn:
+        code = EXIT_FATAL
+        try:
+            linux.set_name("kit-rpc")
+            self.drop_privileges()
+            self.ledger.emit("process_start", ppid=os.getppid(), nspid=[os.getpid()])
+            hooks = HookRunner(self.ledger, self.c.system, self.c.req.probes)
+            engine = registry.make_engine(self.c.req.engine)
+            hooks.init_engine(engine, self.c.common_json["engine_config"],
+                              self.c.common_json["container_id"], False)
+            code = registry.serve_rpc_requests(
+                engine, self.c.rpc_sock,
+                on_call=lambda record: self.ledger.emit("rpc_call", **record))
+        except BaseException as exc:
+            self.ledger.emit("starter_error", stage="rpc_server",
+                             message=describe_error(exc)["traceback"])
+        _exit(code)
+
+
+class Stage2:
+    """The container process after setup: target credentials, then start_process."""
+
+    def __init__(self, container: Container) -> None:
+        self.c = container
+        self.ledger = container.ledger.for_role("stage2")
+
+    def target_ids(self) -> tuple[int, list[int]]:
+        """(uid, gids) of stage 2 as the container sees them (SPEC §4)."""
+        s, flow, u = self.c.sconf, self.c.req.flow, self.c.starter.user
+        if flow == "root":
+            uid = s.target_uid if s.target_uid is not None else 0
+            gids = s.target_gids or [0]
+            return uid, gids
+        in_userns = "user" in s.namespaces_created() or "user" in s.ns_paths
+        if not in_userns:
+            return u.uid, [u.gid]
+        # Inside a user namespace: the id that U maps to (or a mapped target id).
+        uid = _inside_id(s.uid_mappings, u.uid)
+        gid = _inside_id(s.gid_mappings, u.gid)
+        if s.target_uid is not None and _is_mapped(s.uid_mappings, s.target_uid):
+            uid = s.target_uid
+        gids = [gid]
+        if s.target_gids and all(_is_mapped(s.gid_mappings, g) for g in s.target_gids):
+            gids = list(s.target_gids)
+        return uid, gids
+
+    def apply_credentials(self) -> None:
+        s, system = self.c.sconf, self.c.system
+        caps = {k: linux.caps_to_mask(v or ()) for k, v in s.capabilities.items()}
+        if s.capabilities["bounding"] is not None:
+            system.limit_bounding(caps["bounding"])
+        uid, gids = self.target_ids()
+        in_userns = "user" in s.namespaces_created() or "user" in s.ns_paths
+        if self.c.req.flow == "root" or (in_userns and s.allow_setgroups):
+            os.setgroups(gids[1:])
+        elif not in_userns:
+            pass  # setuid flows keep U's supplementary groups
+        linux.set_keepcaps(True)
+        os.setresgid(gids[0], gids[0], gids[0])
+        os.setresuid(uid, uid, uid)
+        linux.set_keepcaps(False)
+        system.set_capabilities(caps["effective"], caps["permitted"], caps["inheritable"])
+        system.set_ambient(caps["ambient"])
+        if s.no_new_privs:
+            system.set_no_new_privs()
+
+    def close_fds(self, master_fd: int) -> None:
+        keep = {0, 1, 2, master_fd, *self.c.sconf.keep_fds}
+        ledger_fd = self.c.starter.ledger_sock.fileno()
+        keep.add(ledger_fd)  # close-on-exec: gone with the exec
+        fd = 3
+        for k in sorted(keep | {65536}):
+            if k >= fd:
+                os.closerange(fd, k)
+                fd = k + 1
+        for k in self.c.sconf.keep_fds:
+            os.set_inheritable(k, True)
+
+    def main(self) -> NoReturn:
+        sock = self.c.sock
+        try:
+            self.apply_credentials()
+            for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # ignored by CPython, not by payloads
+                signal.signal(sig, signal.SIG_DFL)
+            self.ledger.emit("process_start", ppid=os.getppid(), nspid=[os.getpid()])
+            hooks = HookRunner(self.ledger, self.c.system, self.c.req.probes)
+            engine = registry.make_engine(self.c.req.engine)
+            hooks.init_engine(engine, self.c.common_json["engine_config"],
+                              self.c.common_json["container_id"], False)
+            master_fd = sock.fileno()
+            self.close_fds(master_fd)
+            linux.set_name(STAGE2_NAME)
+            hooks.call("start_process", engine.operations.start_process, master_fd)
+            message = "stage 2 returned: start_process must exec the payload or exit"
+        except BaseException as exc:
+            message = f"start_process failed: {type(exc).__name__}: {exc}"
+        _send(sock, "F" + message)
+        _exit(EXIT_FATAL)
+
+
+def _inside_id(maps: list[list[int]], host_id: int) -> int:
+    for inside, outside, size in maps:
+        if outside <= host_id < outside + size:
+            return inside + host_id - outside
+    return 65534
+
+
+def _is_mapped(maps: list[list[int]], inside_id: int) -> bool:
+    return any(inside <= inside_id < inside + size for inside, _, size in maps)

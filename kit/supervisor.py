@@ -1,0 +1,280 @@
+"""The supervisor: the lean, single-threaded process that owns one run.
+
+It imports everything the run needs (the kit, the engine, pyroute2) before forking the
+starter, so no process of the run imports after a privilege change. It is a child subreaper:
+every process of the run that loses its parent comes back to it, so nothing escapes. It
+collects the ledger, enforces the per-hook timeout (a hung hook gets the run's whole process
+tree killed and the ledger names the hook), and checks that nothing was left behind:
+processes, mounts in the host mount namespace, named network namespaces, files in the run's
+temporary directory.
+
+Usage (by :mod:`kit.launcher`): ``python -m kit.supervisor REQUEST_FD RESULT_FD``. The
+request is a :class:`kit.request.RunRequest` as JSON; the result, written when the run is
+over, is ``{"exit_code", "reason", "ledger", "leaks", "timed_out"}``. The first line on
+RESULT_FD is ``started <starter pid>`` as soon as the starter exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from typing import Any
+
+from kit import linux, registry
+from kit.ledger import SCHEMA_VERSION, LedgerWriter, decode, ledger_socketpair
+from kit.request import RunRequest
+from kit.starter import EXIT_FATAL, UNTIMED_HOOKS, Starter
+
+NETNS_DIR = "/run/netns"
+
+
+def _mount_points() -> set[tuple[str, str]]:
+    """(mount id, mount point) of the host mount namespace."""
+    points = set()
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            points.add((fields[0], fields[4]))
+    return points
+
+
+def _netns() -> set[str]:
+    try:
+        return set(os.listdir(NETNS_DIR))
+    except OSError:
+        return set()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return "?"
+
+
+class Supervisor:
+    def __init__(self, request: RunRequest) -> None:
+        self.req = request
+        self.events: list[dict[str, Any]] = []
+        self.open_hooks: dict[tuple[str, str], tuple[float, int]] = {}
+        self.leaks: list[dict[str, Any]] = []
+        self.timed_out: dict[str, Any] | None = None
+        self.me = LedgerWriter(None, "supervisor")
+
+    # -- ledger ------------------------------------------------------------------------------
+    def record(self, event: dict[str, Any]) -> None:
+        event["seq"] = len(self.events)
+        self.events.append(event)
+        kind = event["kind"]
+        role = event.get("role", "?")
+        if kind == "hook_enter" and event.get("hook") not in UNTIMED_HOOKS:
+            self.open_hooks[(role, event["hook"])] = (
+                time.monotonic() + self.req.hook_timeout, event.get("pid", 0))
+        elif kind in ("hook_return", "hook_raise"):
+            self.open_hooks.pop((role, event.get("hook")), None)
+        elif kind in ("stage2_exec", "stage2_failed"):
+            self.open_hooks.pop(("stage2", "start_process"), None)
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        self.record(self.me.emit(kind, **fields))
+
+    # -- the run -----------------------------------------------------------------------------
+    def run(self, result_fd: int) -> dict[str, Any]:
+        req = self.req
+        linux.set_child_subreaper()
+        mounts_before = _mount_points()
+        netns_before = _netns()
+        run_dir = tempfile.mkdtemp(prefix="kit-run-")
+        user = req.user()
+        if os.getuid() == 0:
+            os.chown(run_dir, user.uid, user.gid)
+        os.chmod(run_dir, 0o755)
+        os.environ["TMPDIR"] = run_dir
+        tempfile.tempdir = run_dir
+
+        reader, writer = ledger_socketpair()
+        self.emit("run_start", engine=req.engine, flow=req.flow, backend=req.backend,
+                  invoker={"uid": user.uid, "gid": user.gid, "name": user.name},
+                  probes=req.probes, hook_timeout=req.hook_timeout)
+        sys.stdout.flush()
+        pid = os.fork()
+        if pid == 0:
+            reader.close()
+            Starter(req, writer).main()
+        writer.close()
+        os.write(result_fd, f"started {pid}\n".encode())
+        status = self.collect(reader, pid)
+        reader.close()
+        code, reason = self.exit_code(status)
+
+        # Leaks: every check runs after every run, whatever happened.
+        leftovers = linux.descendants(os.getpid())
+        for p in leftovers:
+            self.leak("process", f"pid {p}: {_cmdline(p)}")
+        self.kill_tree()
+        for mount_id, point in sorted(_mount_points() - mounts_before):
+            self.leak("mount", f"{point} (mount id {mount_id}) in the host mount namespace")
+        for name in sorted(_netns() - netns_before):
+            self.leak("netns", f"{NETNS_DIR}/{name}")
+        try:
+            left = sorted(os.listdir(run_dir))
+        except OSError:
+            left = []
+        if left:
+            self.leak("tempdir", f"left in the run's temporary directory: {', '.join(left)}")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        self.emit("exit", code=code, reason=reason)
+        return {"exit_code": code, "reason": reason, "leaks": self.leaks,
+                "timed_out": self.timed_out,
+                "ledger": {"schema_version": SCHEMA_VERSION, "run": req.to_json(),
+                           "events": self.events}}
+
+    def leak(self, what: str, detail: str) -> None:
+        self.leaks.append({"what": what, "detail": detail})
+        self.emit("leak", what=what, detail=detail)
+
+    def exit_code(self, status: int | None) -> tuple[int, str]:
+        if self.timed_out is not None:
+            return EXIT_FATAL, (f"hook timeout: {self.timed_out['hook']} in "
+                                f"{self.timed_out['hook_role']} did not return within "
+                                f"{self.timed_out['seconds']} s")
+        if status is None:
+            return EXIT_FATAL, "starter lost"
+        if os.WIFSIGNALED(status):
+            return EXIT_FATAL, f"starter killed by signal {os.WTERMSIG(status)}"
+        code = os.WEXITSTATUS(status)
+        return code, "exited"
+
+    def collect(self, reader: socket.socket, starter_pid: int) -> int | None:
+        """Read ledger events until the starter exits or a hook times out."""
+        pidfd = os.pidfd_open(starter_pid)
+        poller = select.poll()
+        poller.register(reader.fileno(), select.POLLIN)
+        poller.register(pidfd, select.POLLIN)
+        run_deadline = time.monotonic() + self.req.run_timeout
+        status: int | None = None
+        reader_open = True
+        try:
+            while True:
+                now = time.monotonic()
+                deadline = min([run_deadline] + [d for d, _ in self.open_hooks.values()])
+                if now >= deadline:
+                    self.on_timeout(now >= run_deadline)
+                    break
+                ready = poller.poll(max(1, int((deadline - now) * 1000) + 1))
+                for fd, _ in ready:
+                    if fd == pidfd:
+                        continue
+                    if reader_open and not self._read_events(reader):
+                        poller.unregister(reader.fileno())
+                        reader_open = False
+                if any(fd == pidfd for fd, _ in ready):
+                    _, status = os.waitpid(starter_pid, 0)
+                    break
+            if reader_open:
+                reader.setblocking(False)
+                self._read_events(reader)
+        finally:
+            os.close(pidfd)
+        if status is None:
+            try:
+                _, status = os.waitpid(starter_pid, os.WNOHANG) or (0, None)
+            except ChildProcessError:
+                status = None
+        return status
+
+    def _read_events(self, reader: socket.socket) -> bool:
+        """Read every queued event; False at EOF."""
+        while True:
+            try:
+                data = reader.recv(1 << 20, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return True
+            if not data:
+                return False
+            self.record(decode(data))
+
+    def on_timeout(self, whole_run: bool) -> None:
+        if whole_run:
+            open_hooks = sorted(self.open_hooks) or [("master", "monitor_container")]
+            role, hook = open_hooks[0]
+            seconds = self.req.run_timeout
+        else:
+            (role, hook), (_, pid) = min(self.open_hooks.items(), key=lambda kv: kv[1][0])
+            seconds = self.req.hook_timeout
+        self.timed_out = {"hook": hook, "hook_role": role, "seconds": seconds,
+                          "whole_run": whole_run}
+        self.emit("hook_timeout", hook=hook, hook_role=role,
+                  hook_pid=self.open_hooks.get((role, hook), (0, 0))[1], seconds=seconds)
+        self.kill_tree()
+
+    def kill_tree(self) -> None:
+        """SIGKILL every descendant until none is left; reap them (we are the subreaper)."""
+        for _ in range(200):
+            pids = linux.descendants(os.getpid())
+            for p in pids:
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self._reap()
+            if not pids:
+                return
+            time.sleep(0.002)
+
+    @staticmethod
+    def _reap() -> None:
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+
+
+def preload(request: RunRequest) -> None:
+    """Import everything the run needs while still privileged."""
+    for entry in reversed(request.sys_path):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+    registry.find(request.engine)
+    import kit.rpc.server  # noqa: F401
+    if request.backend == "real":
+        import pyroute2  # noqa: F401  (~0.1 s; the loopback setup needs it)
+    import traceback
+    traceback.format_exception(ValueError("warm-up"))  # pulls in lazy imports of traceback
+
+
+def main(argv: list[str]) -> int:
+    req_fd, result_fd = int(argv[0]), int(argv[1])
+    with os.fdopen(req_fd, "rb") as f:
+        request = RunRequest.from_json(json.loads(f.read()))
+    linux.set_parent_death_signal(signal.SIGKILL)
+    linux.set_name("kit-supervisor")
+    os.chdir("/")
+    try:
+        preload(request)
+        result = Supervisor(request).run(result_fd)
+    except Exception as exc:
+        result = {"exit_code": EXIT_FATAL, "reason": f"supervisor error: {exc!r}",
+                  "leaks": [], "timed_out": None, "ledger": None, "error": repr(exc)}
+    data = json.dumps(result).encode()
+    view = memoryview(data)
+    while view:
+        n = os.write(result_fd, view)
+        view = view[n:]
+    os.close(result_fd)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

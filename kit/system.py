@@ -1,0 +1,180 @@
+"""The system interface: every privileged action of the starter and of engines.
+
+The starter and engines never call the kernel directly; they call the active
+:class:`System` (``kit.system.current()``). :class:`RealSystem` acts on the kernel through
+:mod:`kit.linux`. A fake implementation (a model of namespaces, mounts and credentials) can
+be swapped in for machines without namespaces (``SPEC.md`` §9).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, Iterable
+
+from kit import linux, probe
+
+
+class System:
+    """Interface; :class:`RealSystem` documents each operation."""
+
+    name = "abstract"
+
+    def __getattr__(self, item: str) -> Any:  # pragma: no cover - interface guard
+        raise NotImplementedError(f"{type(self).__name__} does not implement {item}")
+
+
+class RealSystem(System):
+    """The kernel."""
+
+    name = "real"
+
+    # -- namespaces --------------------------------------------------------------------------
+    def unshare(self, kinds: Iterable[str]) -> None:
+        flags = linux.ns_flags(kinds)
+        if flags:
+            linux.unshare(flags)
+
+    def setns(self, kind: str, path: str) -> None:
+        """Join the namespace of ``kind`` at ``path`` (the calling process must be
+        single-threaded to join a user namespace)."""
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            linux.setns(fd, linux.NAMESPACES[kind][0])
+        finally:
+            os.close(fd)
+
+    def clone(self, kinds: Iterable[str] = (), share_fs: bool = False) -> int:
+        """fork, creating the namespaces ``kinds`` for the child; ``share_fs`` shares root,
+        cwd and umask with the child (CLONE_FS). Single-threaded callers only."""
+        return linux.clone(linux.ns_flags(kinds) | (linux.CLONE_FS if share_fs else 0))
+
+    def ns_inode(self, kind: str, pid: int | str = "self") -> int:
+        return linux.ns_inode(kind, pid)
+
+    def write_id_maps(self, pid: int | str, uid_map: list[list[int]], gid_map: list[list[int]],
+                      deny_setgroups: bool) -> None:
+        linux.write_id_maps(pid, [tuple(m) for m in uid_map], [tuple(m) for m in gid_map],
+                            deny_setgroups)
+
+    # -- credentials -------------------------------------------------------------------------
+    def become_user(self, uid: int, gid: int, groups: list[int], saved_uid: int | None = None,
+                    keep_caps: bool = False) -> None:
+        """Set groups, gids then uids of the whole process (r=e=uid, saved=``saved_uid`` or
+        uid). ``keep_caps`` keeps the permitted set across the change (effective is
+        cleared by the kernel)."""
+        os.setgroups(groups)
+        os.setresgid(gid, gid, gid)
+        if keep_caps:
+            linux.set_keepcaps(True)
+        os.setresuid(uid, uid, uid if saved_uid is None else saved_uid)
+        if keep_caps:
+            linux.set_keepcaps(False)
+
+    def emulate_setuid_exec(self, uid: int, gid: int, groups: list[int]) -> None:
+        """The state the kernel leaves after exec of a setuid-root binary by ``uid``: real uid
+        U, effective and saved uid 0, U's gids and groups, capabilities unchanged (full)."""
+        os.setgroups(groups)
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, 0, 0)
+
+    def drop_effective(self, uid: int) -> None:
+        """r=e=``uid``, saved uid kept (0): effective capabilities are cleared, permitted kept
+        — the setuid master's state."""
+        os.setresuid(uid, uid, -1)
+
+    def capabilities(self) -> tuple[int, int, int]:
+        return linux.capget()
+
+    def set_capabilities(self, effective: int, permitted: int, inheritable: int) -> None:
+        linux.capset(effective, permitted, inheritable)
+
+    def limit_bounding(self, keep: int) -> None:
+        """Drop every bounding capability not in the mask ``keep`` (needs CAP_SETPCAP)."""
+        for cap in range(linux.cap_last() + 1):
+            if not keep >> cap & 1 and linux.bounding_has(cap):
+                linux.bounding_drop(cap)
+
+    def set_ambient(self, mask: int) -> None:
+        linux.ambient_clear()
+        for cap in range(64):
+            if mask >> cap & 1:
+                linux.ambient_raise(cap)
+
+    def set_no_new_privs(self) -> None:
+        linux.set_no_new_privs()
+
+    def set_dumpable(self, value: bool) -> None:
+        linux.set_dumpable(value)
+
+    # -- mounts and files ---------------------------------------------------------------------
+    def mount(self, source: str | None, target: str, fstype: str | None = None,
+              flags: Iterable[str] = (), data: str | None = None) -> None:
+        """mount(2); ``flags`` are names from :data:`kit.linux.MOUNT_FLAGS`."""
+        mask = 0
+        for name in flags:
+            if name not in linux.MOUNT_FLAGS:
+                raise ValueError(f"unknown mount flag {name!r} "
+                                 f"(known: {', '.join(linux.MOUNT_FLAGS)})")
+            mask |= linux.MOUNT_FLAGS[name]
+        linux.mount(source, target, fstype, mask, data)
+
+    def set_propagation(self, target: str, propagation: str) -> None:
+        """``private``, ``rslave``… on ``target`` (r prefix = recursive)."""
+        rec = propagation.startswith("r") and propagation != "r"
+        base = propagation[1:] if rec and propagation[1:] in ("private", "slave", "shared",
+                                                              "unbindable") else propagation
+        flags = [base] + (["rec"] if base != propagation else [])
+        self.mount(None, target, None, flags)
+
+    def umount(self, target: str, detach: bool = False) -> None:
+        linux.umount(target, linux.MNT_DETACH if detach else 0)
+
+    def pivot_root(self, new_root: str, put_old: str) -> None:
+        linux.pivot_root(new_root, put_old)
+
+    def chroot(self, path: str) -> None:
+        os.chroot(path)
+
+    def chdir(self, path: str) -> None:
+        os.chdir(path)
+
+    def mkdir(self, path: str, mode: int = 0o755) -> None:
+        os.mkdir(path, mode)
+
+    def sethostname(self, name: str) -> None:
+        socket.sethostname(name)
+
+    def gethostname(self) -> str:
+        return socket.gethostname()
+
+    def link_up(self, ifname: str = "lo") -> None:
+        """Bring a network interface up in the current network namespace (pyroute2)."""
+        from pyroute2 import IPRoute  # imported by the starter before any privilege change
+
+        with IPRoute() as ipr:
+            index = ipr.link_lookup(ifname=ifname)
+            if not index:
+                raise OSError(19, f"no network interface {ifname!r}")
+            ipr.link("set", index=index[0], state="up")
+
+    # -- probes ---------------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        return probe.snapshot()
+
+    def escalation(self) -> dict[str, Any]:
+        return probe.escalation()
+
+
+_current: System = RealSystem()
+
+
+def current() -> System:
+    """The system interface of this process."""
+    return _current
+
+
+def use(system: System) -> None:
+    """Make ``system`` the interface of this process (the starter does this per run)."""
+    global _current
+    _current = system
