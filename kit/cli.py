@@ -28,7 +28,6 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--engine", required=True,
                    help="registered name, kit.engines entry point, or module:attribute")
     r.add_argument("--flow", required=True, choices=FLOWS)
-    r.add_argument("--backend", default="real", choices=("real", "fake"))
     r.add_argument("--user", help="the unprivileged invoking user U (name or uid; default "
                    "$KIT_TEST_USER, kit-test, nobody)")
     r.add_argument("--ledger", metavar="FILE", help="write the run's ledger (JSON) to FILE")
@@ -57,7 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         registry.find(args.engine)
         handle = start(args.engine, args.flow, args.argv, capture=False, stdin=sys.stdin,
-                       engine_config=engine_config, user=args.user, backend=args.backend,
+                       engine_config=engine_config, user=args.user,
                        hook_timeout=args.hook_timeout, run_timeout=args.run_timeout,
                        probes=not args.no_probes)
     except (registry.RegistryError, ValueError, LaunchError) as exc:

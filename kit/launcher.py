@@ -119,7 +119,7 @@ def make_request(engine: str, flow: str, argv: list[str], *,
         invoker=invoker.__dict__, backend=backend,
         container_id=container_id or f"kit-{uuid.uuid4().hex[:12]}",
         hook_timeout=hook_timeout, run_timeout=run_timeout, probes=probes,
-        sys_path=[p for p in sys.path if p and os.path.isdir(p)])
+        sys_path=[os.path.abspath(p) for p in sys.path if p and os.path.isdir(p)])
 
 
 def start(engine: str, flow: str, argv: list[str], *, capture: bool = True,

@@ -27,22 +27,23 @@ ROLES = ("launcher", "supervisor", "starter", "stage1", "master", "rpc", "contai
 
 #: kind -> keys it carries besides the common ones.
 EVENT_KINDS: dict[str, tuple[str, ...]] = {
-    "run_start": ("engine", "flow", "backend", "invoker", "probes", "hook_timeout"),
+    "run_start": ("engine", "flow", "backend", "invoker", "probes", "hook_timeout", "run_dir"),
     "process_start": ("ppid", "nspid"),
     "hook_enter": ("hook", "snapshot", "escalation"),
     "hook_return": ("hook", "snapshot", "result"),
     "hook_raise": ("hook", "snapshot", "error"),
     "rpc_call": ("method", "args", "ok", "error", "duration_ms"),
-    "signal": ("signum", "name"),
+    "signal": ("signum", "name", "sender"),
     "namespaces": ("created", "joined", "ns"),
     "starter_config": ("config",),
     "stage2_exec": (),
     "stage2_failed": ("message",),
     "fatal": ("message",),
     "starter_error": ("stage", "message"),
-    "hook_timeout": ("hook", "hook_role", "hook_pid", "seconds"),
+    "hook_timeout": ("hook", "hook_role", "hook_pid", "seconds", "open_hooks"),
     "process_exit": ("child_role", "child_pid", "status"),
     "leak": ("what", "detail"),
+    "starter_exit": ("code",),
     "exit": ("code", "reason"),
 }
 COMMON_KEYS = ("seq", "t", "kind", "role", "pid", "tid")

@@ -371,7 +371,7 @@ def set_name(name: str) -> None:
     prctl(PR_SET_NAME, ctypes.addressof(buf))
 
 
-def process_name(pid: int) -> str | None:
+def process_name(pid: int | str = "self") -> str | None:
     """``comm`` of ``pid`` (also readable for a zombie), None when it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -379,3 +379,13 @@ def process_name(pid: int) -> str | None:
     except OSError:
         return None
     return stat[stat.index(b"(") + 1:stat.rindex(b")")].decode(errors="replace")
+
+
+def process_state(pid: int) -> str | None:
+    """State letter of ``pid`` (R, S, D, Z…), None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat[stat.rindex(b")") + 2:].split()[0].decode()

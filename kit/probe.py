@@ -16,6 +16,9 @@ from kit import linux
 SNAPSHOT_KEYS = ("threads", "securebits", "dumpable", "ns", "uid_map", "gid_map", "nspid")
 FULL_MAP = [[0, 0, 4294967295]]
 
+#: pids of escalation-probe children (their SIGCHLD is the kit's, not the engine's business).
+probe_children: set[int] = set()
+
 
 def _ids(field: str) -> list[int]:
     return [int(x) for x in field.split()]
@@ -114,6 +117,7 @@ def escalation() -> dict[str, Any]:
         except BaseException:
             code = 1
         os._exit(code)
+    probe_children.add(pid)
     os.close(wfd)
     data = b""
     try:
@@ -121,7 +125,10 @@ def escalation() -> dict[str, Any]:
             data += chunk
     finally:
         os.close(rfd)
-        os.waitpid(pid, 0)
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:  # an engine reaped it (waitpid(-1)): not our problem here
+            pass
     words = data.decode().split()
     setresuid_root = "U" in words
     raised: list[str] = []

@@ -124,7 +124,9 @@ def available() -> dict[str, str]:
 
 def find(spec: str) -> Registration:
     """Find an engine by registered name, ``kit.engines`` entry point name, or
-    ``module:attribute`` (an Operations subclass, or a function that registers engines).
+    ``module:attribute`` (an Operations subclass, registered under its ``engine_name`` class
+    attribute with the RPC methods class in its ``rpc_methods`` attribute, if any; or a
+    function that registers engines).
 
     An unknown name raises :class:`RegistryError` listing the known ones.
     """
@@ -145,9 +147,14 @@ def find(spec: str) -> Registration:
         except (ImportError, AttributeError) as exc:
             raise RegistryError(f"cannot load engine {spec!r}: {exc}") from None
         if isinstance(target, type) and issubclass(target, Operations):
+            # The class may name itself (``engine_name``) and its RPC methods
+            # (``rpc_methods``); both are registered on first use.
             name = getattr(target, "engine_name", None) or spec
             if name not in _engines:
                 register_operations(name, target)
+                methods = getattr(target, "rpc_methods", None)
+                if methods is not None:
+                    register_rpc_methods(name, methods)
             return _engines[name]
         before = set(_engines)
         _call_registrar(target, spec)

@@ -28,7 +28,7 @@ import threading
 import traceback
 from typing import Any, Callable, NoReturn
 
-from kit import linux, registry
+from kit import linux, probe, registry
 from kit.contract import Common, ConfigError, Context, Engine, EngineConfig, SignalChannel
 from kit.ledger import LedgerWriter
 from kit.request import Invoker, RunRequest
@@ -194,18 +194,19 @@ class Starter:
             linux.set_parent_death_signal(signal.SIGKILL)
             self.ledger.emit("process_start", ppid=os.getppid(), nspid=[os.getpid()])
             common_json, sconf = self.run_stage1()
+            self.ledger.emit("starter_config", config=sconf.to_json())
             try:
                 sconf.validate()
             except ConfigError as exc:
                 self.ledger.emit("starter_error", stage="starter_config", message=str(exc))
-                _exit(EXIT_FATAL)
-            self.ledger.emit("starter_config", config=sconf.to_json())
-            code = self.run_container(common_json, sconf)
+            else:
+                code = self.run_container(common_json, sconf)
         except StageFailed as exc:
             self.ledger.emit("starter_error", stage="starter", message=str(exc))
         except BaseException as exc:  # a kit bug: report, never hang
             self.ledger.emit("starter_error", stage="starter", message=describe_error(exc)[
                 "traceback"])
+        self.ledger.emit("starter_exit", code=code)
         _exit(code)
 
     # -- stage 1 ---------------------------------------------------------------------------
@@ -352,6 +353,7 @@ class Master:
         self.hooks = HookRunner(self.ledger, starter.system, starter.req.probes)
         self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.go_sent = threading.Event()
+        self.exec_checked = threading.Event()
         self.signals = SignalChannel()
         self.ctx = Context()
 
@@ -438,8 +440,15 @@ class Master:
     def _signal_loop(self) -> None:
         while True:
             info = signal.sigwaitinfo(MASTER_SIGNALS)
+            if info.si_signo == signal.SIGCHLD and info.si_pid in probe.probe_children:
+                probe.probe_children.discard(info.si_pid)
+                continue  # the exit of one of the kit's own probe children
+            if info.si_signo == signal.SIGCHLD and info.si_pid == self.pid:
+                # Let the start waiter tell exec from exit before anyone can reap the
+                # container: a monitor reaps it when it sees this SIGCHLD.
+                self.exec_checked.wait(self.starter.req.hook_timeout)
             self.ledger.emit("signal", signum=info.si_signo,
-                             name=signal.Signals(info.si_signo).name)
+                             name=signal.Signals(info.si_signo).name, sender=info.si_pid)
             self.signals.put(info.si_signo)
 
     def _create(self) -> None:
@@ -457,16 +466,11 @@ class Master:
         _send(self.sock, "G")
 
     def _start_waiter(self) -> None:
-        kind, message = _recv_control(self.sock)
-        self.sock.close()
-        if kind == "F":
-            self.ledger.emit("stage2_failed", message=message)
-            return
-        if not self.go_sent.is_set():
-            return  # create_container failed: the container never started stage 2
-        name = linux.process_name(self.pid)
-        if name == STAGE2_NAME:  # died in start_process without exec and without reporting
-            self.ledger.emit("stage2_failed", message="stage 2 died before exec")
+        try:
+            exec_seen = self._wait_for_exec()
+        finally:
+            self.exec_checked.set()
+        if not exec_seen:
             return
         self.ledger.emit("stage2_exec")
         try:
@@ -474,6 +478,22 @@ class Master:
                             self.ctx, self.pid)
         except BaseException as exc:
             self.events.put(("fatal", exc))
+
+    def _wait_for_exec(self) -> bool:
+        """True once the payload was exec'd; False when stage 2 failed or never started."""
+        kind, message = _recv_control(self.sock)
+        self.sock.close()
+        if kind == "F":
+            self.ledger.emit("stage2_failed", message=message)
+            return False
+        if not self.go_sent.is_set():
+            return False  # create_container failed: the container never started stage 2
+        # EOF: the close-on-exec end went away, by exec or by death. A dead stage 2 still
+        # carries the kit's process name (exec renames it).
+        if linux.process_name(self.pid) in (STAGE2_NAME, None):
+            self.ledger.emit("stage2_failed", message="stage 2 died before exec")
+            return False
+        return True
 
     def _monitor(self) -> None:
         try:
@@ -671,6 +691,14 @@ class Stage2:
             master_fd = sock.fileno()
             self.close_fds(master_fd)
             linux.set_name(STAGE2_NAME)
+            real_exit, me = os._exit, os.getpid()
+
+            def reported_exit(code: int) -> NoReturn:  # exiting is allowed; tell the master
+                if os.getpid() == me:  # not in a child forked by the engine or a probe
+                    _send(sock, f"Fstart_process exited with code {code} instead of exec")
+                real_exit(code)
+
+            os._exit = reported_exit  # type: ignore[assignment]
             hooks.call("start_process", engine.operations.start_process, master_fd)
             message = "stage 2 returned: start_process must exec the payload or exit"
         except BaseException as exc:

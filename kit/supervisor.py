@@ -103,7 +103,7 @@ class Supervisor:
         reader, writer = ledger_socketpair()
         self.emit("run_start", engine=req.engine, flow=req.flow, backend=req.backend,
                   invoker={"uid": user.uid, "gid": user.gid, "name": user.name},
-                  probes=req.probes, hook_timeout=req.hook_timeout)
+                  probes=req.probes, hook_timeout=req.hook_timeout, run_dir=run_dir)
         sys.stdout.flush()
         pid = os.fork()
         if pid == 0:
@@ -115,8 +115,9 @@ class Supervisor:
         reader.close()
         code, reason = self.exit_code(status)
 
-        # Leaks: every check runs after every run, whatever happened.
-        leftovers = linux.descendants(os.getpid())
+        # Leaks: every check runs after every run, whatever happened. Processes the kit
+        # itself is already killing (parent-death signals) get a short grace period.
+        leftovers = self._living_descendants(grace=0.25)
         for p in leftovers:
             self.leak("process", f"pid {p}: {_cmdline(p)}")
         self.kill_tree()
@@ -137,6 +138,16 @@ class Supervisor:
                 "ledger": {"schema_version": SCHEMA_VERSION, "run": req.to_json(),
                            "events": self.events}}
 
+    def _living_descendants(self, grace: float) -> list[int]:
+        deadline = time.monotonic() + grace
+        while True:
+            self._reap()
+            alive = [p for p in linux.descendants(os.getpid())
+                     if linux.process_state(p) not in ("Z", None)]
+            if not alive or time.monotonic() >= deadline:
+                return alive
+            time.sleep(0.005)
+
     def leak(self, what: str, detail: str) -> None:
         self.leaks.append({"what": what, "detail": detail})
         self.emit("leak", what=what, detail=detail)
@@ -149,8 +160,10 @@ class Supervisor:
         if status is None:
             return EXIT_FATAL, "starter lost"
         if os.WIFSIGNALED(status):
-            return EXIT_FATAL, f"starter killed by signal {os.WTERMSIG(status)}"
+            return EXIT_FATAL, f"master crashed: killed by signal {os.WTERMSIG(status)}"
         code = os.WEXITSTATUS(status)
+        if not any(e["kind"] == "starter_exit" for e in self.events):
+            return EXIT_FATAL, f"master crashed: exited {code} without finishing the run"
         return code, "exited"
 
     def collect(self, reader: socket.socket, starter_pid: int) -> int | None:
@@ -210,10 +223,18 @@ class Supervisor:
         else:
             (role, hook), (_, pid) = min(self.open_hooks.items(), key=lambda kv: kv[1][0])
             seconds = self.req.hook_timeout
+        # Every hook still open, oldest first: a hook blocked on another process's hung
+        # hook (create_container on an RPC method, say) is listed with it.
+        now = time.monotonic()
+        still_open = [{"role": r, "hook": h,
+                       "open_for": round(now - d + self.req.hook_timeout, 3)}
+                      for (r, h), (d, _) in sorted(self.open_hooks.items(),
+                                                   key=lambda kv: kv[1][0])]
         self.timed_out = {"hook": hook, "hook_role": role, "seconds": seconds,
-                          "whole_run": whole_run}
+                          "whole_run": whole_run, "open_hooks": still_open}
         self.emit("hook_timeout", hook=hook, hook_role=role,
-                  hook_pid=self.open_hooks.get((role, hook), (0, 0))[1], seconds=seconds)
+                  hook_pid=self.open_hooks.get((role, hook), (0, 0))[1], seconds=seconds,
+                  open_hooks=still_open)
         self.kill_tree()
 
     def kill_tree(self) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import array
 import json
+import math
 import os
 import socket
 import struct
@@ -102,6 +103,13 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj = dict(pairs)
     if len(obj) != len(pairs):
@@ -132,14 +140,17 @@ def encode_body(obj: dict[str, Any]) -> bytes:
 
 
 def decode_body(body: bytes) -> dict[str, Any]:
-    """Parse a frame body: strict UTF-8, strict JSON (no NaN/Infinity, no duplicate keys),
-    and the top level must be an object. Raises :class:`FrameError`."""
+    """Parse a frame body: strict UTF-8, strict JSON (no NaN/Infinity, no number that
+    overflows a float, no duplicate keys), and the top level must be an object.
+    Raises :class:`FrameError`."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise FrameError(FrameError.INVALID_UTF8, f"frame body is not valid UTF-8: {exc.reason} at byte {exc.start}") from None
     try:
-        obj = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys)
+        obj = json.loads(
+            text, parse_constant=_reject_constant, parse_float=_finite_float, object_pairs_hook=_no_duplicate_keys
+        )
     except RecursionError:
         raise FrameError(FrameError.INVALID_JSON, "frame body is not valid JSON: nested too deeply") from None
     except ValueError as exc:  # includes json.JSONDecodeError and the int-digits limit

@@ -256,7 +256,8 @@ class MethodSpec:
         return kwargs
 
 
-def _resolve_hints(name: str, func: Callable[..., Any]) -> dict[str, Any]:
+def _namespace_target(func: Callable[..., Any]) -> Any:
+    """The function whose globals string annotations of *func* are evaluated in."""
     target: Any = func
     while isinstance(target, functools.partial):
         target = target.func
@@ -264,16 +265,26 @@ def _resolve_hints(name: str, func: Callable[..., Any]) -> dict[str, Any]:
         call = getattr(type(target), "__call__", None)
         if inspect.isfunction(call):
             target = call
+    return target
+
+
+def _resolve(name: str, param: str, annotation: Any, target: Any) -> Any:
+    """Resolve one parameter annotation with ``typing.get_type_hints`` (strings are evaluated
+    in *target*'s module). Parameters are resolved one by one so that an unresolvable return
+    annotation (e.g. a name imported only under TYPE_CHECKING) does not matter, and an error
+    names the parameter."""
+
+    def shim() -> None:  # carries one annotation; get_type_hints takes globals via __wrapped__
+        pass
+
+    shim.__annotations__ = {param: annotation}
+    shim.__wrapped__ = target  # type: ignore[attr-defined]
     try:
-        return typing.get_type_hints(target)
-    except Exception as exc:  # NameError for an unresolvable string, TypeError for odd objects
-        try:  # last resort for callables get_type_hints does not understand
-            sig = inspect.signature(func, eval_str=True)
-        except Exception:
-            raise RPCMethodError(f"RPC method {name!r}: cannot resolve type annotations: {exc}") from None
-        return {
-            p.name: p.annotation for p in sig.parameters.values() if p.annotation is not inspect.Parameter.empty
-        }
+        return typing.get_type_hints(shim)[param]
+    except Exception as exc:  # NameError, SyntaxError, TypeError from a bad annotation
+        raise RPCMethodError(
+            f"RPC method {name!r}, parameter {param!r}: cannot resolve the annotation {annotation!r}: {exc}"
+        ) from None
 
 
 def check_method(name: str, func: Callable[..., Any]) -> MethodSpec:
@@ -298,7 +309,7 @@ def check_method(name: str, func: Callable[..., Any]) -> MethodSpec:
         sig = inspect.signature(func)
     except (TypeError, ValueError) as exc:
         raise RPCMethodError(f"RPC method {name!r}: no inspectable signature: {exc}") from None
-    hints = _resolve_hints(name, func)
+    target = _namespace_target(func)
     params: list[Param] = []
     for p in sig.parameters.values():
         where = f"RPC method {name!r}, parameter {p.name!r}"
@@ -308,9 +319,9 @@ def check_method(name: str, func: Callable[..., Any]) -> MethodSpec:
             raise RPCMethodError(f"{where}: **kwargs is not servable")
         if p.kind is inspect.Parameter.POSITIONAL_ONLY:
             raise RPCMethodError(f"{where}: positional-only parameters are not servable")
-        if p.name not in hints:
+        if p.annotation is inspect.Parameter.empty:
             raise RPCMethodError(f"{where}: missing type annotation")
-        tp = hints[p.name]
+        tp = _resolve(name, p.name, p.annotation, target)
         try:
             is_fd, optional_fd = _fd_annotation(tp)
             check = _scalar(int, "int") if is_fd else _compile(tp)

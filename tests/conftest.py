@@ -1,0 +1,75 @@
+"""Shared fixtures of the kit's own tests.
+
+Guard: no thread of the pytest process may change credentials or namespaces; the kit must
+do that only in the lean supervisor's children. Forked children of the pytest process (the
+RPC tests' servers, probes) are not the pytest process and are let through.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from kit import environment, linux
+
+PYTEST_PID = os.getpid()
+
+
+def _guarded(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
+    def guard(*args: Any, **kwargs: Any) -> Any:
+        if os.getpid() == PYTEST_PID:
+            raise AssertionError(f"{name} called in the pytest process")
+        return func(*args, **kwargs)
+    return guard
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_privileged_calls_in_pytest() -> Iterator[None]:
+    patched = [(linux, "unshare"), (linux, "setns"), (linux, "clone"), (os, "setresuid"),
+               (os, "setresgid"), (os, "setuid"), (os, "seteuid"), (os, "setgroups")]
+    saved = [(mod, name, getattr(mod, name)) for mod, name in patched]
+    for mod, name, func in saved:
+        setattr(mod, name, _guarded(f"{mod.__name__}.{name}", func))
+    yield
+    for mod, name, func in saved:
+        setattr(mod, name, func)
+
+
+def require_flow(flow: str) -> None:
+    ok, why = environment.flows()[flow]
+    if not ok:
+        pytest.skip(f"flow {flow} cannot run here: {why}")
+
+
+ALL_FLOWS = ("root", "suid", "userns", "fakeroot", "hybrid")
+
+
+@pytest.fixture(params=ALL_FLOWS)
+def flow(request: pytest.FixtureRequest) -> str:
+    require_flow(request.param)
+    return request.param
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[str]:
+    """A temp dir every uid of a run can write (pytest's tmp_path is private to root)."""
+    path = tempfile.mkdtemp(prefix="kit-test-", dir="/tmp")
+    os.chmod(path, 0o1777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def host_state() -> dict[str, Any]:
+    """What a run must not change on the host, as seen from the pytest process."""
+    with open("/proc/self/mountinfo") as f:
+        mounts = sorted(line.split()[4] for line in f)
+    return {
+        "fds": sorted(os.listdir("/proc/self/fd")),
+        "mounts": mounts,
+        "children": linux.descendants(os.getpid()),
+        "netns": sorted(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else [],
+    }

@@ -1,0 +1,145 @@
+"""Engines used by the kit's own tests, loaded by the supervisor as ``kit_test_engines:NAME``.
+
+:class:`FaultEngine` is the reference engine plus one configurable fault: in hook
+``fault_hook`` (optionally only in the process ``fault_role``) it does ``fault_action``.
+:class:`ReportEngine` writes the kernel's own report of each hooked process (read by
+``/bin/cat`` and ``/usr/bin/stat``, separate programs) into ``report_dir``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+
+from kit import linux
+from reference_engines.minimal.engine import ReferenceConfig, ReferenceEngine
+from reference_engines.minimal.rpc import ReferenceRPC
+
+ROLE_BY_NAME = {"kit-stage1": "stage1", "kit-master": "master", "kit-rpc": "rpc",
+                "kit-container": "stage2", "kit-stage2": "stage2"}
+
+
+def current_role() -> str:
+    return ROLE_BY_NAME.get(linux.process_name("self") or "", "unknown")
+
+
+@dataclass
+class FaultConfig(ReferenceConfig):
+    fault_hook: str = ""
+    fault_action: str = "raise"  # raise | hang | exit | segv | return | wait_container | leak_*
+    fault_role: str = ""
+    marker: str = ""  # a file the payload creates; wait_container waits for it
+
+
+class FaultEngine(ReferenceEngine):
+    engine_name = "test-fault"
+    rpc_methods = ReferenceRPC
+
+    def config(self) -> FaultConfig:
+        return FaultConfig()
+
+    def _maybe_fault(self, hook: str, cfg: FaultConfig | None = None) -> None:
+        cfg = cfg or self.common.engine_config
+        if cfg.fault_hook != hook or (cfg.fault_role and cfg.fault_role != current_role()):
+            return
+        action = cfg.fault_action
+        if action == "raise":
+            raise RuntimeError(f"injected fault in {hook}")
+        if action == "hang":
+            while True:
+                time.sleep(1)
+        if action == "exit":
+            os._exit(3)
+        if action == "segv":  # a real fault: kills even pid 1 of a pid namespace
+            ctypes.string_at(0)
+        if action == "wait_container":  # the classic deadlock: wait for the payload
+            while not os.path.exists(cfg.marker):
+                time.sleep(0.01)
+        if action == "leak_process":
+            if os.fork() == 0:
+                os.setsid()
+                time.sleep(60)
+                os._exit(0)
+        if action == "leak_tempdir":
+            tempfile.mkdtemp(prefix="leaked-")
+
+    def init_config(self, common, privileged_stage1):  # type: ignore[override]
+        super().init_config(common, privileged_stage1)
+        self._maybe_fault("init_config")
+
+    def prepare_config(self, starter_config):  # type: ignore[override]
+        self._maybe_fault("prepare_config")
+        super().prepare_config(starter_config)
+
+    def create_container(self, ctx, pid, rpc_conn):  # type: ignore[override]
+        self._maybe_fault("create_container")
+        super().create_container(ctx, pid, rpc_conn)
+
+    def post_start_process(self, ctx, pid):  # type: ignore[override]
+        self._maybe_fault("post_start_process")
+
+    def monitor_container(self, pid, signals):  # type: ignore[override]
+        self._maybe_fault("monitor_container")
+        return super().monitor_container(pid, signals)
+
+    def cleanup_container(self, ctx, fatal, status):  # type: ignore[override]
+        self._maybe_fault("cleanup_container")
+
+    def start_process(self, master_fd):  # type: ignore[override]
+        cfg = self.common.engine_config
+        if cfg.fault_hook == "start_process" and cfg.fault_action == "return":
+            return
+        self._maybe_fault("start_process")
+        super().start_process(master_fd)
+
+
+@dataclass
+class ReportConfig(ReferenceConfig):
+    report_dir: str = ""
+
+
+class ReportEngine(ReferenceEngine):
+    """Writes ``<role>-<hook>.status`` and ``.ns`` files: the kernel's report at the hook."""
+
+    engine_name = "test-report"
+    rpc_methods = ReferenceRPC
+
+    def config(self) -> ReportConfig:
+        return ReportConfig()
+
+    def _report(self, hook: str) -> None:
+        cfg = self.common.engine_config
+        base = os.path.join(cfg.report_dir, f"{current_role()}-{hook}")
+        pid = os.getpid()
+        tid = linux.thread_ids()[0] if hook == "init_config" else None
+        tid = tid or __import__("threading").get_native_id()
+        with open(base + ".status", "wb") as out:
+            subprocess.run(["/bin/cat", f"/proc/{pid}/task/{tid}/status"], stdout=out,
+                           check=True)
+        with open(base + ".ns", "wb") as out:
+            subprocess.run(["/usr/bin/stat", "-L", "-c", "%n %i"] +
+                           [f"/proc/{pid}/ns/{n}" for n in
+                            ("user", "pid", "net", "uts", "ipc", "cgroup", "mnt")],
+                           stdout=out, check=True)
+
+    def prepare_config(self, starter_config):  # type: ignore[override]
+        self._report("prepare_config")
+        super().prepare_config(starter_config)
+
+    def create_container(self, ctx, pid, rpc_conn):  # type: ignore[override]
+        self._report("create_container")
+        super().create_container(ctx, pid, rpc_conn)
+
+    def post_start_process(self, ctx, pid):  # type: ignore[override]
+        self._report("post_start_process")
+
+    def cleanup_container(self, ctx, fatal, status):  # type: ignore[override]
+        self._report("cleanup_container")
+
+    def start_process(self, master_fd):  # type: ignore[override]
+        self._report("start_process")
+        super().start_process(master_fd)
