@@ -12,6 +12,7 @@ import ctypes
 import os
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -115,8 +116,7 @@ class ReportEngine(ReferenceEngine):
         cfg = self.common.engine_config
         base = os.path.join(cfg.report_dir, f"{current_role()}-{hook}")
         pid = os.getpid()
-        tid = linux.thread_ids()[0] if hook == "init_config" else None
-        tid = tid or __import__("threading").get_native_id()
+        tid = threading.get_native_id()
         with open(base + ".status", "wb") as out:
             subprocess.run(["/bin/cat", f"/proc/{pid}/task/{tid}/status"], stdout=out,
                            check=True)
@@ -124,7 +124,7 @@ class ReportEngine(ReferenceEngine):
             subprocess.run(["/usr/bin/stat", "-L", "-c", "%n %i"] +
                            [f"/proc/{pid}/ns/{n}" for n in
                             ("user", "pid", "net", "uts", "ipc", "cgroup", "mnt")],
-                           stdout=out, check=True)
+                           stdout=out, stderr=subprocess.DEVNULL, check=False)
 
     def prepare_config(self, starter_config):  # type: ignore[override]
         self._report("prepare_config")

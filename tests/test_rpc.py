@@ -106,7 +106,11 @@ def make_pipe(data: str) -> WithFds:
 
 
 def bad_fds() -> WithFds:
-    return WithFds(None, fds=[True, -3])
+    return WithFds(None, fds=[True, -3, "4"])
+
+
+def pass_back(fd: FileDescriptor) -> WithFds:
+    return WithFds("back", fds=[fd])  # the server closes its copy once sent
 
 
 def unserialisable() -> object:
@@ -141,7 +145,7 @@ def block() -> str:
 
 METHODS: dict[str, Callable[..., Any]] = {
     f"{ENGINE}.{f.__name__}": f
-    for f in (add, scale, echo, fail, read_fd, read_two, make_pipe, bad_fds, unserialisable, huge, nan, length, sleep, block)
+    for f in (add, scale, echo, fail, read_fd, read_two, make_pipe, bad_fds, pass_back, unserialisable, huge, nan, length, sleep, block)
 }
 
 
@@ -442,7 +446,7 @@ def test_unsendable_results(srv: ServerThread) -> None:
         c.nan()
     with pytest.raises(ProtocolError, match="exceeds the maximum"):
         c.huge()
-    with pytest.raises(TypeError, match="returned invalid file descriptors: True, -3"):
+    with pytest.raises(TypeError, match="returned invalid file descriptors: True, -3, '4'"):
         c.bad_fds()
     assert c.add(a=1) == 1
     assert [r["ok"] for r in srv.records] == [False, False, False, False, True]
@@ -576,6 +580,17 @@ def test_fds_returned_by_method(srv: ServerThread) -> None:
     assert os.read(fds[0], 100) == b"returned"
     assert os.get_inheritable(fds[0]) is False  # received with O_CLOEXEC
     os.close(fds[0])
+
+
+def test_fd_passed_back(srv: ServerThread) -> None:
+    c = srv.client()
+    r, w = os.pipe()
+    value, fds = c.pass_back(fd=FileDescriptor(w))
+    assert value == "back" and len(fds) == 1
+    os.write(fds[0], b"loop")
+    assert os.read(r, 10) == b"loop"
+    for fd in (r, w, *fds):
+        os.close(fd)
 
 
 def test_fds_where_none_expected(srv: ServerThread) -> None:

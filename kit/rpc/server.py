@@ -111,6 +111,29 @@ def serve(
         return 0
 
 
+def _returned_fds(fds: Any) -> tuple[list[int], list[str]]:
+    """Split what a method put in ``WithFds.fds`` into open descriptors (as plain ints) and
+    descriptions of invalid entries. Only real descriptor numbers are ever closed later
+    (``True`` would otherwise be fd 1)."""
+    try:
+        items = list(fds)
+    except TypeError:
+        return [], [f"{type(fds).__name__} is not a sequence"]
+    good: list[int] = []
+    bad: list[str] = []
+    for fd in items:
+        if isinstance(fd, bool) or not isinstance(fd, int) or fd < 0:
+            bad.append(repr(fd))
+            continue
+        try:
+            os.fstat(fd)
+        except OSError as exc:
+            bad.append(f"{fd} ({exc.strerror})")
+            continue
+        good.append(int(fd))
+    return good, bad
+
+
 class _Server:
     def __init__(self, conn: socket.socket, specs: dict[str, MethodSpec], on_call: Callable[[CallRecord], None] | None):
         self.conn = conn
@@ -186,19 +209,11 @@ class _Server:
             return
         out_fds: list[int] = []
         if isinstance(result, WithFds):
-            result, returned = result.value, list(result.fds)
-            # Only real descriptor numbers are ever closed (True would be fd 1).
-            out_fds = [fd for fd in returned if type(fd) is int and fd >= 0]
-            bad = [fd for fd in returned if not (type(fd) is int and fd >= 0)]
-            try:
-                for fd in out_fds:
-                    os.fstat(fd)
-            except OSError as exc:
-                bad.append(f"{fd} ({exc.strerror})")
+            result, out_fds, bad = result.value, *_returned_fds(result.fds)
             if bad:
                 close_fds(out_fds)
                 self._fail(start, req.id, obj, TypeError(
-                    f"method {req.method!r} returned invalid file descriptors: {', '.join(map(str, bad))}"))
+                    f"method {req.method!r} returned invalid file descriptors: {', '.join(bad)}"))
                 return
         try:
             self._reply(start, req.id, obj, result, out_fds)

@@ -1,0 +1,201 @@
+"""The contract objects: engine configs, StarterConfig validation, the registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from kit import registry
+from kit.contract import ConfigError, EngineConfig, Operations
+from kit.starter_config import StarterConfig
+
+
+@dataclass
+class Inner(EngineConfig):
+    depth: int = 0
+
+
+@dataclass
+class SampleConfig(EngineConfig):
+    name: str = "x"
+    ratio: float = 1.5
+    flags: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    inner: Inner = field(default_factory=Inner)
+    maybe: int | None = None
+
+
+def test_engine_config_round_trips_exactly():
+    cfg = SampleConfig(argv=["/bin/true"], name="n", ratio=2.0, flags=["a"], env={"K": "V"},
+                       inner=Inner(depth=3), maybe=4)
+    again = SampleConfig.from_json(cfg.to_json())
+    assert again == cfg and again.to_json() == cfg.to_json()
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"nope": 1}, "unknown field 'nope'"),
+    ({"name": 3}, "engine config.name: expected a string"),
+    ({"ratio": True}, "engine config.ratio: expected a number"),
+    ({"flags": "a"}, "engine config.flags: expected a list"),
+    ({"inner": {"depth": "deep"}}, "engine config.inner.depth: expected an integer"),
+    ({"maybe": "x"}, "engine config.maybe"),
+])
+def test_engine_config_rejects_bad_json_naming_the_field(data, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        SampleConfig.from_json(data)
+
+
+def sc(flow="root"):
+    return StarterConfig(flow, 1000, 1000)
+
+
+@pytest.mark.parametrize("setup,message", [
+    (lambda s: s.set_ns_flags(["pid", "bogus"]), "set_ns_flags: unknown namespace 'bogus'"),
+    (lambda s: s.set_ns_path("bogus", "/x"), "set_ns_path: unknown namespace"),
+    (lambda s: s.set_ns_path("net", "relative"), "must be absolute"),
+    (lambda s: s.set_capabilities("effective", ["CAP_NOPE"]), "unknown capability 'CAP_NOPE'"),
+    (lambda s: s.set_capabilities("sideways", []), "unknown capability set 'sideways'"),
+    (lambda s: s.set_mount_propagation("weird"), "unknown propagation 'weird'"),
+    (lambda s: s.set_target_uid(-1), "set_target_uid: invalid id"),
+    (lambda s: s.add_uid_mappings([(0, 1000)]), "add_uid_mappings: mapping must be"),
+    (lambda s: s.keep_file_descriptor(-3), "keep_file_descriptor: invalid fd"),
+])
+def test_setters_reject_bad_values_naming_the_setting(setup, message):
+    with pytest.raises(ConfigError, match=message):
+        setup(sc())
+
+
+@pytest.mark.parametrize("flow,setup,message", [
+    ("root", lambda s: (s.set_capabilities("effective", ["sys_admin"]),
+                        s.set_capabilities("permitted", [])),
+     "effective capabilities must be a subset of permitted; not permitted: CAP_SYS_ADMIN"),
+    ("root", lambda s: (s.set_capabilities("permitted", ["chown"]),
+                        s.set_capabilities("ambient", ["chown"])),
+     "ambient capabilities must be both permitted and inheritable"),
+    ("root", lambda s: (s.set_capabilities("permitted", ["chown"]),
+                        s.set_capabilities("bounding", [])),
+     "outside the bounding set: CAP_CHOWN"),
+    ("suid", lambda s: (s.set_ns_flags(["user"]), s.add_uid_mappings([(0, 1000, 1)]),
+                        s.add_gid_mappings([(0, 1000, 1)])),
+     "needs set_hybrid_workflow"),
+    ("userns", lambda s: s.set_hybrid_workflow(), "needs the setuid starter"),
+    ("root", lambda s: s.add_uid_mappings([(0, 0, 1)]), "mappings need a user namespace"),
+    ("userns", lambda s: s.set_ns_flags(["user"]), "a new user namespace needs a uid mapping"),
+    ("root", lambda s: (s.set_ns_flags(["user"]), s.add_uid_mappings([(0, 0, 5), (3, 9, 1)]),
+                        s.add_gid_mappings([(0, 0, 1)])), "container ranges overlap"),
+    ("root", lambda s: (s.set_namespace_join_only(), s.set_ns_flags(["pid"])),
+     "a join-only run cannot create namespaces"),
+    ("root", lambda s: s.set_namespace_join_only(), "no namespace to join"),
+    ("root", lambda s: s.set_bring_loopback_interface(), "needs a network namespace"),
+    ("root", lambda s: s.keep_file_descriptor(987), "fd 987 is not open"),
+])
+def test_invalid_combinations_are_rejected_naming_the_setting(flow, setup, message):
+    s = sc(flow)
+    setup(s)
+    with pytest.raises(ConfigError, match=message):
+        s.validate()
+
+
+def test_starter_config_round_trips():
+    s = sc("fakeroot")
+    s.set_ns_flags(["user", "pid", "mount"])
+    s.add_uid_mappings([(0, 1000, 1)])
+    s.add_gid_mappings([(0, 1000, 1)])
+    s.set_capabilities("bounding", ["chown"])
+    s.validate()
+    again = StarterConfig.from_json(s.to_json())
+    assert again.to_json() == s.to_json()
+    assert again.ns_flags == ["user", "pid", "mount"] and again.flow == "fakeroot"
+    assert again.capabilities["bounding"] == ["CAP_CHOWN"]
+
+
+class Good(Operations):
+    def config(self):
+        return EngineConfig()
+
+    def prepare_config(self, starter_config):
+        pass
+
+    def create_container(self, ctx, pid, rpc_conn):
+        pass
+
+    def start_process(self, master_fd):
+        pass
+
+    def monitor_container(self, pid, signals):
+        return 0
+
+    def cleanup_container(self, ctx, fatal, status):
+        pass
+
+
+class Methods:
+    def __init__(self, engine):
+        self.engine = engine
+
+    def ok(self, path: str, count: int = 1) -> None:
+        pass
+
+
+@pytest.fixture
+def clean_registry():
+    names = set(registry.registered())
+    yield
+    for name in set(registry.registered()) - names:
+        registry.unregister(name)
+
+
+def test_registering_twice_is_an_error(clean_registry):
+    registry.register_operations("twice", Good)
+    with pytest.raises(registry.RegistryError, match="engine 'twice' is already registered"):
+        registry.register_operations("twice", Good)
+
+
+def test_abstract_operations_are_refused(clean_registry):
+    class Half(Operations):
+        def config(self):
+            return EngineConfig()
+
+    with pytest.raises(registry.RegistryError, match="does not implement cleanup_container"):
+        registry.register_operations("half", Half)
+
+
+@pytest.mark.parametrize("method,message", [
+    ("def bad(self, *paths: str) -> None: pass", "parameter 'paths': \\*args is not servable"),
+    ("def bad(self, path) -> None: pass", "parameter 'path': missing type annotation"),
+    ("def bad(self, obj: object) -> None: pass", "parameter 'obj'"),
+    ("def bad(self, **kw: str) -> None: pass", "\\*\\*kwargs is not servable"),
+])
+def test_unservable_rpc_methods_fail_at_registration(clean_registry, method, message):
+    namespace: dict = {}
+    exec(method, namespace)
+    cls = type("BadMethods", (Methods,), {"bad": namespace["bad"]})
+    registry.register_operations("rpcbad", Good)
+    with pytest.raises(registry.RegistryError, match=message):
+        registry.register_rpc_methods("rpcbad", cls)
+
+
+def test_rpc_methods_twice_and_for_unknown_engines(clean_registry):
+    with pytest.raises(registry.RegistryError, match="engine 'ghost' is not registered"):
+        registry.register_rpc_methods("ghost", Methods)
+    registry.register_operations("rpcok", Good)
+    registry.register_rpc_methods("rpcok", Methods)
+    assert set(registry.find("rpcok").rpc_specs) == {"ok"}
+    with pytest.raises(registry.RegistryError, match="already registered"):
+        registry.register_rpc_methods("rpcok", Methods)
+
+
+def test_unknown_engine_lists_the_known_ones():
+    with pytest.raises(registry.RegistryError) as info:
+        registry.find("no-such-engine")
+    assert "unknown engine 'no-such-engine'; known engines:" in str(info.value)
+    assert "reference" in str(info.value)
+
+
+def test_engines_found_by_entry_point_and_module_attribute(clean_registry):
+    assert registry.find("reference").name == "reference"
+    reg = registry.find("kit_test_engines:FaultEngine")
+    assert reg.name == "test-fault" and "mount" in reg.rpc_specs
+    with pytest.raises(registry.RegistryError, match="cannot load engine"):
+        registry.find("no_such_module:Thing")
