@@ -49,7 +49,7 @@ class RunHandle:
     """A run in progress: :meth:`send_signal` to the master, :meth:`wait` for the result."""
 
     def __init__(self, request: RunRequest, *, capture: bool = True,
-                 stdin: int | IO[Any] | None = None) -> None:
+                 stdin: int | IO[Any] | None = None, pass_fds: tuple[int, ...] = ()) -> None:
         self.request = request
         self.capture = capture
         req_r, req_w = os.pipe()
@@ -60,7 +60,8 @@ class RunHandle:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "kit.supervisor", str(req_r), str(self._res_w)],
                 stdin=subprocess.DEVNULL if stdin is None else stdin,
-                stdout=self._out, stderr=self._err, pass_fds=(req_r, self._res_w),
+                stdout=self._out, stderr=self._err,
+                pass_fds=(req_r, self._res_w, *pass_fds),
                 cwd="/", start_new_session=True,
                 env={**os.environ, "PYTHONPATH": os.pathsep.join(request.sys_path)})
         finally:
@@ -123,17 +124,23 @@ def make_request(engine: str, flow: str, argv: list[str], *,
 
 
 def start(engine: str, flow: str, argv: list[str], *, capture: bool = True,
-          stdin: int | IO[Any] | None = None, **options: Any) -> RunHandle:
+          stdin: int | IO[Any] | None = None, pass_fds: tuple[int, ...] = (),
+          **options: Any) -> RunHandle:
     """Start a run without waiting; see :func:`run` for the options."""
-    return RunHandle(make_request(engine, flow, argv, **options), capture=capture, stdin=stdin)
+    return RunHandle(make_request(engine, flow, argv, **options), capture=capture, stdin=stdin,
+                     pass_fds=tuple(pass_fds))
 
 
 def run(engine: str, flow: str, argv: list[str], *, capture: bool = True,
-        stdin: int | IO[Any] | None = None, **options: Any) -> RunResult:
+        stdin: int | IO[Any] | None = None, pass_fds: tuple[int, ...] = (),
+        **options: Any) -> RunResult:
     """Run one lifecycle of ``engine`` in ``flow`` with payload ``argv`` and wait for it.
 
     Options: ``engine_config`` (dict merged into the engine config), ``user`` (the invoking
     user U), ``backend``, ``hook_timeout``, ``run_timeout``, ``probes``, ``container_id``.
     ``capture`` collects the payload's stdout/stderr into the result (else inherited).
+    ``pass_fds`` are open in the starter under the same numbers (for
+    ``StarterConfig.keep_file_descriptor``).
     """
-    return start(engine, flow, argv, capture=capture, stdin=stdin, **options).wait()
+    return start(engine, flow, argv, capture=capture, stdin=stdin, pass_fds=pass_fds,
+                 **options).wait()

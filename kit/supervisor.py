@@ -270,7 +270,12 @@ def preload(request: RunRequest) -> None:
     registry.find(request.engine)
     import kit.rpc.server  # noqa: F401
     if request.backend == "real":
-        import pyroute2  # noqa: F401  (~0.1 s; the loopback setup needs it)
+        # ~0.1 s; the loopback setup needs it. One netlink round trip also pulls in the
+        # modules pyroute2 imports lazily, which an unprivileged uid may not be able to read.
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            ipr.link_lookup(ifname="lo")
     import traceback
     traceback.format_exception(ValueError("warm-up"))  # pulls in lazy imports of traceback
 
@@ -279,6 +284,7 @@ def main(argv: list[str]) -> int:
     req_fd, result_fd = int(argv[0]), int(argv[1])
     with os.fdopen(req_fd, "rb") as f:
         request = RunRequest.from_json(json.loads(f.read()))
+    os.set_inheritable(result_fd, False)  # the run's processes must not hold it
     linux.set_parent_death_signal(signal.SIGKILL)
     linux.set_name("kit-supervisor")
     os.chdir("/")

@@ -143,3 +143,32 @@ class ReportEngine(ReferenceEngine):
     def start_process(self, master_fd):  # type: ignore[override]
         self._report("start_process")
         super().start_process(master_fd)
+
+
+@dataclass
+class JoinConfig(ReferenceConfig):
+    join: dict[str, str] = None  # type: ignore[assignment]
+    keep_fds: list[int] = None  # type: ignore[assignment]
+
+
+class JoinEngine(ReferenceEngine):
+    """Join-only runs (``join`` = kind → path) and kept file descriptors."""
+
+    engine_name = "test-join"
+    rpc_methods = ReferenceRPC
+
+    def config(self) -> JoinConfig:
+        cfg = JoinConfig()
+        cfg.join, cfg.keep_fds = {}, []
+        return cfg
+
+    def prepare_config(self, starter_config):  # type: ignore[override]
+        cfg = self.common.engine_config
+        if cfg.join:
+            starter_config.set_namespace_join_only()
+            for kind, path in cfg.join.items():
+                starter_config.set_ns_path(kind, path)
+        else:
+            super().prepare_config(starter_config)
+        for fd in cfg.keep_fds:
+            starter_config.keep_file_descriptor(fd)

@@ -1,0 +1,78 @@
+"""Join-only runs (SPEC §5) and file descriptors kept into the payload."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import pytest
+
+from kit.launcher import run
+
+JOIN = "kit_test_engines:JoinEngine"
+
+
+@pytest.fixture
+def target_namespaces():
+    """A process in its own uts+net namespaces (made by util-linux, not by pytest)."""
+    proc = subprocess.Popen(["unshare", "--uts", "--net", "/bin/sh", "-c",
+                             "hostname joined-ns; echo ready; exec sleep 60"],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    yield proc.pid
+    proc.kill()
+    proc.wait()
+    proc.stdout.close()
+
+
+def test_join_only_run_calls_only_the_join_hooks(target_namespaces):
+    pid = target_namespaces
+    result = run(JOIN, "root", ["/bin/hostname"],
+                 engine_config={"join": {"uts": f"/proc/{pid}/ns/uts",
+                                         "net": f"/proc/{pid}/ns/net"}})
+    assert result.exit_code == 0, result.reason
+    assert result.stdout.strip() == "joined-ns"
+    hooks = list(result.ledger.hooks())
+    assert hooks == [("stage1", "config"), ("stage1", "init_config"),
+                     ("stage1", "prepare_config"), ("stage2", "config"),
+                     ("stage2", "init_config"), ("stage2", "start_process")]
+    stage2 = result.ledger.first("hook_enter", hook="start_process")
+    assert stage2["snapshot"]["ns"]["uts"] == os.stat(f"/proc/{pid}/ns/uts").st_ino
+    assert stage2["snapshot"]["ns"]["net"] == os.stat(f"/proc/{pid}/ns/net").st_ino
+    assert stage2["snapshot"]["ns"]["pid"] == os.stat("/proc/self/ns/pid").st_ino
+    assert result.leaks == []
+
+
+def test_joining_a_missing_namespace_fails_cleanly():
+    result = run(JOIN, "root", ["/bin/true"],
+                 engine_config={"join": {"uts": "/proc/999999999/ns/uts"}})
+    assert result.exit_code == 255
+    error = result.ledger.first("starter_error")
+    assert "namespace setup failed" in error["message"] and "999999999" in error["message"]
+    assert result.leaks == []
+
+
+def test_kept_fd_reaches_the_payload_and_others_do_not():
+    read_end, write_end = os.pipe()
+    try:
+        result = run(JOIN, "root", ["/bin/sh", "-c", f"echo kept > /proc/self/fd/{write_end}; ls /proc/self/fd"],
+                     engine_config={"keep_fds": [write_end]}, pass_fds=(write_end,))
+        os.close(write_end)
+        write_end = -1
+        assert result.exit_code == 0, result.stderr
+        assert os.read(read_end, 100) == b"kept\n"
+        fds = sorted(int(x) for x in result.stdout.split())
+        # 0-2, the kept fd, and the fd ls itself opened on /proc/self/fd.
+        assert len(fds) == 5 and fds[3] == min(x for x in fds if x > 2)
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+
+
+def test_keeping_an_fd_that_is_not_open_is_rejected():
+    result = run(JOIN, "root", ["/bin/true"], engine_config={"keep_fds": [250]})
+    assert result.exit_code == 255
+    assert "keep_file_descriptor: fd 250 is not open" in result.ledger.first(
+        "starter_error")["message"]
