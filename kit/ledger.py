@@ -64,6 +64,10 @@ class LedgerWriter:
         self.sock = sock
         self.role = role
         self.pid = os.getpid()
+        # The pid as the process sees it (1 for stage 2 in a new pid namespace); the fake
+        # backend models it, hence the system interface.
+        from kit.system import current
+        self._getpid = lambda: current().getpid()
 
     def for_role(self, role: str) -> LedgerWriter:
         return LedgerWriter(self.sock, role)
@@ -72,7 +76,7 @@ class LedgerWriter:
         if kind not in EVENT_KINDS:
             raise ValueError(f"unknown ledger event kind {kind!r}")
         event = {"t": time.monotonic_ns(), "kind": kind, "role": self.role,
-                 "pid": os.getpid(), "tid": threading.get_native_id(), **fields}
+                 "pid": self._getpid(), "tid": threading.get_native_id(), **fields}
         if self.sock is not None:
             data = json.dumps(event, separators=(",", ":"), default=repr).encode()
             if len(data) > MAX_EVENT:

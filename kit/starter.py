@@ -172,9 +172,9 @@ class Starter:
     def become_invoker(self) -> None:
         """Put the starter in the state the flow's caller leaves it in (SPEC §3)."""
         flow, u = self.req.flow, self.user
-        if flow == "root" and os.getuid() == 0:
+        if flow == "root" and self.system.privileged():
             return
-        if os.getuid() != 0:
+        if not self.system.privileged():
             if flow == "root":
                 raise StageFailed("flow root: needs uid 0")
             if flow in ("suid", "hybrid"):
@@ -192,7 +192,7 @@ class Starter:
             linux.set_name("kit-starter")
             self.become_invoker()
             linux.set_parent_death_signal(signal.SIGKILL)
-            self.ledger.emit("process_start", ppid=os.getppid(), nspid=[os.getpid()])
+            self.ledger.emit("process_start", ppid=os.getppid(), nspid=[self.system.getpid()])
             common_json, sconf = self.run_stage1()
             self.ledger.emit("starter_config", config=sconf.to_json())
             try:
@@ -237,7 +237,7 @@ class Starter:
                 # Stage 1 of the setuid starter runs with every privilege dropped.
                 self.system.become_user(u.uid, u.gid, u.groups)
                 self.system.set_no_new_privs()
-            ledger.emit("process_start", ppid=os.getppid(), nspid=[os.getpid()])
+            ledger.emit("process_start", ppid=os.getppid(), nspid=[self.system.getpid()])
             hooks = HookRunner(ledger, self.system, self.req.probes)
             engine = registry.make_engine(self.req.engine)
             config_json = dict(self.req.engine_config)
@@ -262,10 +262,10 @@ class Starter:
 
     def _write_maps(self, pid: int, sconf: StarterConfig) -> None:
         uid_map, gid_map = self._user_ns_maps(sconf)
-        privileged = os.geteuid() == 0
-        if not privileged:
-            for name, maps, own in (("add_uid_mappings", uid_map, os.geteuid()),
-                                    ("add_gid_mappings", gid_map, os.getegid())):
+        if not self.system.privileged():
+            euid, egid = self.system.getresuid()[1], self.system.getresgid()[1]
+            for name, maps, own in (("add_uid_mappings", uid_map, euid),
+                                    ("add_gid_mappings", gid_map, egid)):
                 if len(maps) != 1 or maps[0][1] != own or maps[0][2] != 1:
                     raise StageFailed(f"{name}: {maps} needs privilege (an unprivileged "
                                       f"starter can map only its own id {own}, size 1)")
@@ -540,9 +540,8 @@ class Container:
                 u = self.starter.user
                 gid = _inside_id(self.sconf.gid_mappings, u.gid)
                 uid = _inside_id(self.sconf.uid_mappings, u.uid)
-                os.setresgid(gid, gid, gid)
-                os.setresuid(uid, uid, uid)
-            self.ledger.emit("process_start", ppid=os.getppid(), nspid=[os.getpid()])
+                self.system.become_user(uid, gid, None)
+            self.ledger.emit("process_start", ppid=os.getppid(), nspid=[self.system.getpid()])
             self.setup_namespaces()
         except BaseException as exc:
             _send(self.sock, "E" + f"namespace setup failed: {type(exc).__name__}: {exc}")
@@ -589,14 +588,14 @@ class RPCServerProcess:
         if req.flow in ("suid", "hybrid"):
             keep = linux.caps_to_mask(RPC_SERVER_CAPS)
             system.limit_bounding(keep)
-            ruid, _, _ = os.getresuid()
+            ruid, euid, _ = system.getresuid()
             if req.flow == "hybrid":
-                ruid = os.geteuid()  # inside the container's user namespace, U is ns root
+                ruid = euid  # inside the container's user namespace, U is ns root
             # e=U with keep-caps: permitted survives, effective cleared; then only
             # CAP_SYS_ADMIN effective (a method may raise more on its own thread).
-            linux.set_keepcaps(True)
-            os.setresuid(ruid, ruid, -1)
-            linux.set_keepcaps(False)
+            system.set_keepcaps(True)
+            system.setresuid(ruid, ruid, -1)
+            system.set_keepcaps(False)
             system.set_capabilities(linux.caps_to_mask(["CAP_SYS_ADMIN"]), keep, 0)
 
     def main(self) -> NoReturn:
@@ -604,7 +603,8 @@ class RPCServerProcess:
         try:
             linux.set_name("kit-rpc")
             self.drop_privileges()
-            self.ledger.emit("process_start", ppid=os.getppid(), nspid=[os.getpid()])
+            self.ledger.emit("process_start", ppid=os.getppid(),
+                             nspid=[self.c.system.getpid()])
             hooks = HookRunner(self.ledger, self.c.system, self.c.req.probes)
             engine = registry.make_engine(self.c.req.engine)
             hooks.init_engine(engine, self.c.common_json["engine_config"],
@@ -652,14 +652,10 @@ class Stage2:
             system.limit_bounding(caps["bounding"])
         uid, gids = self.target_ids()
         in_userns = "user" in s.namespaces_created() or "user" in s.ns_paths
+        groups = None  # setuid flows keep U's supplementary groups; a userns may deny them
         if self.c.req.flow == "root" or (in_userns and s.allow_setgroups):
-            os.setgroups(gids[1:])
-        elif not in_userns:
-            pass  # setuid flows keep U's supplementary groups
-        linux.set_keepcaps(True)
-        os.setresgid(gids[0], gids[0], gids[0])
-        os.setresuid(uid, uid, uid)
-        linux.set_keepcaps(False)
+            groups = gids[1:]
+        system.become_user(uid, gids[0], groups, keep_caps=True)
         system.set_capabilities(caps["effective"], caps["permitted"], caps["inheritable"])
         system.set_ambient(caps["ambient"])
         if s.no_new_privs:
@@ -683,7 +679,8 @@ class Stage2:
             self.apply_credentials()
             for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # ignored by CPython, not by payloads
                 signal.signal(sig, signal.SIG_DFL)
-            self.ledger.emit("process_start", ppid=os.getppid(), nspid=[os.getpid()])
+            self.ledger.emit("process_start", ppid=os.getppid(),
+                             nspid=[self.c.system.getpid()])
             hooks = HookRunner(self.ledger, self.c.system, self.c.req.probes)
             engine = registry.make_engine(self.c.req.engine)
             hooks.init_engine(engine, self.c.common_json["engine_config"],

@@ -16,18 +16,55 @@ from kit import linux, probe
 
 
 class System:
-    """Interface; :class:`RealSystem` documents each operation."""
+    """The interface. Subclasses implement the primitives; the credential transitions of
+    the flows (:meth:`become_user`, :meth:`emulate_setuid_exec`, :meth:`drop_effective`) are
+    written once, here, in terms of them."""
 
     name = "abstract"
 
     def __getattr__(self, item: str) -> Any:  # pragma: no cover - interface guard
         raise NotImplementedError(f"{type(self).__name__} does not implement {item}")
 
+    # -- credential transitions (built on the primitives) --------------------------------------
+    def become_user(self, uid: int, gid: int, groups: list[int] | None,
+                    saved_uid: int | None = None, keep_caps: bool = False) -> None:
+        """Set groups (unless None), gids then uids of the whole process: r=e=``uid``,
+        saved=``saved_uid`` or ``uid``. ``keep_caps`` keeps the permitted set across the
+        change (the kernel clears the effective set)."""
+        if groups is not None:
+            self.setgroups(groups)
+        self.setresgid(gid, gid, gid)
+        if keep_caps:
+            self.set_keepcaps(True)
+        self.setresuid(uid, uid, uid if saved_uid is None else saved_uid)
+        if keep_caps:
+            self.set_keepcaps(False)
+
+    def emulate_setuid_exec(self, uid: int, gid: int, groups: list[int]) -> None:
+        """The state the kernel leaves after exec of a setuid-root binary by ``uid``: real uid
+        U, effective and saved uid 0, U's gids and groups, capabilities unchanged (full)."""
+        self.setgroups(groups)
+        self.setresgid(gid, gid, gid)
+        self.setresuid(uid, 0, 0)
+
+    def drop_effective(self, uid: int) -> None:
+        """r=e=``uid``, saved uid kept (0): effective capabilities are cleared, permitted kept
+        — the setuid master's state."""
+        self.setresuid(uid, uid, -1)
+
 
 class RealSystem(System):
     """The kernel."""
 
     name = "real"
+
+    # -- identity ---------------------------------------------------------------------------
+    def getpid(self) -> int:
+        return os.getpid()
+
+    def privileged(self) -> bool:
+        """True when this process may act as host root (euid 0 in the initial namespace)."""
+        return os.geteuid() == 0
 
     # -- namespaces --------------------------------------------------------------------------
     def unshare(self, kinds: Iterable[str]) -> None:
@@ -58,32 +95,26 @@ class RealSystem(System):
                             deny_setgroups)
 
     # -- credentials -------------------------------------------------------------------------
-    def become_user(self, uid: int, gid: int, groups: list[int], saved_uid: int | None = None,
-                    keep_caps: bool = False) -> None:
-        """Set groups, gids then uids of the whole process (r=e=uid, saved=``saved_uid`` or
-        uid). ``keep_caps`` keeps the permitted set across the change (effective is
-        cleared by the kernel)."""
-        os.setgroups(groups)
-        os.setresgid(gid, gid, gid)
-        if keep_caps:
-            linux.set_keepcaps(True)
-        os.setresuid(uid, uid, uid if saved_uid is None else saved_uid)
-        if keep_caps:
-            linux.set_keepcaps(False)
+    def setresuid(self, ruid: int, euid: int, suid: int) -> None:
+        os.setresuid(ruid, euid, suid)
 
-    def emulate_setuid_exec(self, uid: int, gid: int, groups: list[int]) -> None:
-        """The state the kernel leaves after exec of a setuid-root binary by ``uid``: real uid
-        U, effective and saved uid 0, U's gids and groups, capabilities unchanged (full)."""
-        os.setgroups(groups)
-        os.setresgid(gid, gid, gid)
-        os.setresuid(uid, 0, 0)
+    def setresgid(self, rgid: int, egid: int, sgid: int) -> None:
+        os.setresgid(rgid, egid, sgid)
 
-    def drop_effective(self, uid: int) -> None:
-        """r=e=``uid``, saved uid kept (0): effective capabilities are cleared, permitted kept
-        — the setuid master's state."""
-        os.setresuid(uid, uid, -1)
+    def setgroups(self, groups: list[int]) -> None:
+        os.setgroups(groups)
+
+    def getresuid(self) -> tuple[int, int, int]:
+        return os.getresuid()
+
+    def getresgid(self) -> tuple[int, int, int]:
+        return os.getresgid()
+
+    def set_keepcaps(self, value: bool) -> None:
+        linux.set_keepcaps(value)
 
     def capabilities(self) -> tuple[int, int, int]:
+        """(effective, permitted, inheritable) masks of the calling thread."""
         return linux.capget()
 
     def set_capabilities(self, effective: int, permitted: int, inheritable: int) -> None:

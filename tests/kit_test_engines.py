@@ -172,3 +172,28 @@ class JoinEngine(ReferenceEngine):
             super().prepare_config(starter_config)
         for fd in cfg.keep_fds:
             starter_config.keep_file_descriptor(fd)
+
+
+@dataclass
+class CapsConfig(ReferenceConfig):
+    caps: dict[str, list[str]] = None  # type: ignore[assignment]
+    propagation: str = "rprivate"
+
+
+class CapsEngine(ReferenceEngine):
+    """The reference engine with every capability set and the propagation configurable."""
+
+    engine_name = "test-caps"
+    rpc_methods = ReferenceRPC
+
+    def config(self) -> CapsConfig:
+        cfg = CapsConfig()
+        cfg.caps = {}
+        return cfg
+
+    def prepare_config(self, starter_config):  # type: ignore[override]
+        super().prepare_config(starter_config)
+        cfg = self.common.engine_config
+        for kind, names in cfg.caps.items():
+            starter_config.set_capabilities(kind, names)
+        starter_config.set_mount_propagation(cfg.propagation)

@@ -141,17 +141,18 @@ class ReferenceRPC:
         the way (the last component may not exist yet)."""
         check_path(path, what)
         root = self.root or "/"
-        full = root
-        for part in path.split("/")[1:] if path != "/" else ():
-            full = os.path.join(full, part)
+        parts = path.split("/")[1:] if path != "/" else []
+        step = root
+        for part in parts:
+            step = os.path.join(step, part)
             try:
-                st = os.lstat(full)
+                st = os.lstat(step)
             except FileNotFoundError:
-                break
+                break  # neither this component nor the next ones exist yet
             if stat.S_ISLNK(st.st_mode):
                 raise _refuse(f"{what}: {path!r} goes through the symbolic link "
-                              f"{full[len(root.rstrip('/')):]!r}; links are not followed")
-        return full
+                              f"{step[len(root.rstrip('/')):]!r}; links are not followed")
+        return os.path.join(root, *parts)
 
     @staticmethod
     def _absent(full: str, path: str, what: str) -> None:

@@ -1,0 +1,61 @@
+"""Decorators that tie a conformance test to what it checks.
+
+``@requirement("ORDER-001", ...)``  the requirement IDs the test decides (see
+                                     :mod:`conformance.requirements`);
+``@scenarios("default", ...)``      the lifecycle scenarios whose runs the test reads (the
+                                     plugin starts those runs ahead of the test);
+``@flows("suid", "hybrid")``        restrict the flows the test is parametrized with
+                                     (default: every flow);
+``@requires("fault_injection")``    an engine capability the test needs (else not-supported).
+
+They are plain pytest marks, so ``pytest -m`` and IDEs see them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, TypeVar
+
+import pytest
+
+F = TypeVar("F", bound=Callable[..., object])
+
+MARKERS = {
+    "requirement": "requirement(*ids): conformance requirement IDs the test checks",
+    "scenarios": "scenarios(*names): lifecycle scenarios whose runs the test reads",
+    "flows": "flows(*names): flows the conformance test applies to (default: all)",
+    "requires": "requires(*capabilities): engine capabilities the test needs",
+}
+
+
+def requirement(*ids: str) -> pytest.MarkDecorator:
+    if not ids:
+        raise TypeError("requirement() needs at least one requirement ID")
+    return pytest.mark.requirement(*ids)
+
+
+def scenarios(*names: str) -> pytest.MarkDecorator:
+    return pytest.mark.scenarios(*names)
+
+
+def flows(*names: str) -> pytest.MarkDecorator:
+    if not names:
+        raise TypeError("flows() needs at least one flow")
+    return pytest.mark.flows(*names)
+
+
+def requires(*capabilities: str) -> pytest.MarkDecorator:
+    return pytest.mark.requires(*capabilities)
+
+
+def declared(obj: object, name: str) -> list[str]:
+    """The arguments of every ``name`` mark on a test function (or item), in order."""
+    out: list[str] = []
+    if hasattr(obj, "iter_markers"):
+        marks = list(obj.iter_markers(name))  # type: ignore[attr-defined]
+    else:
+        marks = [m for m in getattr(obj, "pytestmark", []) if m.name == name]
+    for mark in marks:
+        for arg in mark.args:
+            if arg not in out:
+                out.append(arg)
+    return out

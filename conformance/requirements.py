@@ -1,0 +1,301 @@
+"""The requirement catalogue: every rule of ``SPEC.md`` §2–§8 with a stable ID and a level.
+
+Each entry is one sentence that a check can decide, a level (MUST, SHOULD, MAY, as in
+RFC 2119), the section of ``SPEC.md`` it comes from, and the group (hook or concern) it is
+listed under. Tests declare the IDs they check (``@requirement("ORDER-001")``); the report
+has one result per requirement and flow. ``unchecked`` says why no test of this suite can
+decide a rule (the reason is printed in the catalogue and the report), so nothing is
+silently counted as passed.
+
+``python -m conformance catalogue`` prints this catalogue as Markdown with the tests that
+check each entry. IDs are stable: never renumber; retire an entry instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LEVELS = ("MUST", "SHOULD", "MAY")
+
+#: Groups in catalogue order: (key, title).
+GROUPS: tuple[tuple[str, str], ...] = (
+    ("order", "Lifecycle order and counts (every hook)"),
+    ("state", "State crossing from stage 1 (config, init_config, prepare_config)"),
+    ("stage1", "Stage 1: config, init_config, prepare_config"),
+    ("master", "Master: create_container, post_start_process, monitor_container, "
+               "cleanup_container"),
+    ("rpc", "RPC server and RPC calls"),
+    ("stage2", "Stage 2 (start_process) and the payload"),
+    ("namespaces", "Namespaces and StarterConfig"),
+    ("signals", "Signals and exit code (monitor_container)"),
+    ("errors", "Error paths"),
+    ("cleanup", "Cleanup (cleanup_container)"),
+    ("join", "Join-only runs"),
+    ("ledger", "The ledger"),
+)
+
+_UNRECORDED_ARGS = ("the ledger does not record hook arguments (kit gap: hook_enter carries no "
+                    "argument values)")
+
+
+@dataclass(frozen=True)
+class Requirement:
+    id: str
+    level: str
+    text: str
+    section: str
+    group: str
+    unchecked: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.level not in LEVELS:
+            raise ValueError(f"{self.id}: unknown level {self.level!r}")
+        if self.group not in dict(GROUPS):
+            raise ValueError(f"{self.id}: unknown group {self.group!r}")
+
+    def headline(self) -> str:
+        """``ORDER-001 [MUST] SPEC §2 rule 1: …`` — the first line of a failure message."""
+        return f"{self.id} [{self.level}] SPEC {self.section}: {self.text}"
+
+
+def _r(id: str, level: str, section: str, group: str, text: str,
+       unchecked: str | None = None) -> Requirement:
+    return Requirement(id, level, text, section, group, unchecked)
+
+
+_ENTRIES = (
+    # --- §2 order ----------------------------------------------------------------------------
+    _r("ORDER-001", "MUST", "§2 rule 1", "order",
+       "Each process (stage 1, master, RPC server, stage 2) calls config then init_config, "
+       "each exactly once, before any other hook of that process."),
+    _r("ORDER-002", "MUST", "§2 rule 1", "order",
+       "init_config's privileged_stage1 flag is true only in stage 1 of the suid and hybrid "
+       "flows.", unchecked=_UNRECORDED_ARGS),
+    _r("ORDER-003", "MUST", "§2 rule 2", "order",
+       "prepare_config runs exactly once per run, in stage 1."),
+    _r("ORDER-004", "MUST", "§2 rule 2", "order",
+       "prepare_config returns before any container namespace exists."),
+    _r("ORDER-005", "MUST", "§2 rule 4", "order",
+       "create_container, the start waiter (post_start_process) and monitor_container start "
+       "only after the container's namespaces are ready."),
+    _r("ORDER-006", "MUST", "§2 rule 4", "order",
+       "create_container, the start waiter (post_start_process) and monitor_container run "
+       "concurrently, each in its own thread of the master."),
+    _r("ORDER-007", "MUST", "§2 rule 5", "order",
+       "start_process begins only after create_container returned and the RPC connection "
+       "closed (the RPC server exited)."),
+    _r("ORDER-008", "MUST", "§2 rule 5", "order",
+       "A create_container that blocks waiting for the container is reported as a hook "
+       "timeout naming create_container."),
+    _r("ORDER-009", "MUST", "§2 rule 6", "order",
+       "post_start_process runs at most once, and only after the payload was exec'd."),
+    _r("ORDER-010", "MUST", "§2 rule 6", "order",
+       "post_start_process does not run when stage 2 reported a failure."),
+    _r("ORDER-011", "MUST", "§2 rule 7", "order",
+       "cleanup_container runs exactly once per master run, after every other master hook "
+       "returned."),
+    _r("ORDER-012", "MUST", "§2 rule 7", "order",
+       "cleanup_container does not run when stage 1 or the namespace setup failed."),
+    _r("ORDER-013", "MUST", "§1, §2", "order",
+       "In a successful run create_container, monitor_container and start_process each run "
+       "exactly once."),
+    _r("ORDER-014", "MUST", "§1", "order",
+       "Each hook runs in its own process: prepare_config in stage 1; create_container, "
+       "post_start_process, monitor_container and cleanup_container in the master; "
+       "start_process in stage 2; the RPC server runs no hook but config and init_config."),
+    _r("PID-001", "MUST", "§2 rule 9", "order",
+       "The pid given to create_container, post_start_process and monitor_container is the "
+       "container's pid as the master sees it.", unchecked=_UNRECORDED_ARGS),
+    _r("PID-002", "MUST", "§2 rule 9", "order",
+       "With a new pid namespace, stage 2 sees itself as pid 1."),
+    # --- §2 rule 3, §1: state ------------------------------------------------------------------
+    _r("STATE-001", "MUST", "§1", "state",
+       "config() returns a fresh, empty engine config in every process: the same JSON in "
+       "stage 1, the master, the RPC server and stage 2."),
+    _r("STATE-002", "MUST", "§2 rule 3", "state",
+       "Stage 1, the master, the RPC server and stage 2 are distinct processes, and stage 1 "
+       "has exited before any later process runs a hook, so stage-1 globals cannot leak."),
+    _r("STATE-003", "MUST", "§2 rule 3, §5", "state",
+       "Stage 1 hands its result over as JSON: the starter records the StarterConfig it "
+       "received before any container namespace exists."),
+    # --- §4 stage 1 --------------------------------------------------------------------------
+    _r("PRIV-STAGE1-001", "MUST", "§4", "stage1",
+       "Stage 1 hooks run as uid 0 in the root flow and with r=e=s=U in every other flow."),
+    _r("PRIV-STAGE1-002", "MUST", "§4", "stage1",
+       "Stage 1 hooks have full capabilities in the root flow and no capabilities at all in "
+       "the suid and hybrid flows."),
+    _r("PRIV-STAGE1-003", "MUST", "§4", "stage1",
+       "In the suid and hybrid flows, privilege escalation from stage 1 is impossible."),
+    _r("PRIV-STAGE1-004", "MUST", "§4", "stage1",
+       "In the userns and fakeroot flows, stage 1 has no host privilege."),
+    # --- §4 master -----------------------------------------------------------------------------
+    _r("PRIV-MASTER-001", "MUST", "§4", "master",
+       "Master hooks run as uid 0 in the root flow; with r=e=U and saved uid 0 in the suid "
+       "and hybrid flows; with a saved uid that maps to U in the userns flow."),
+    _r("PRIV-MASTER-002", "MUST", "§4", "master",
+       "In the suid and hybrid flows the effective capabilities of a master hook's thread "
+       "are empty at entry and again at return."),
+    _r("PRIV-MASTER-003", "MUST", "§4", "master",
+       "Privilege escalation from the master is possible in the suid and hybrid flows (saved "
+       "uid 0) and impossible in the userns flow."),
+    _r("PRIV-MASTER-004", "MUST", "§4", "master",
+       "In the userns and fakeroot flows the master has no host privilege."),
+    # --- §4 RPC server, §6 RPC -------------------------------------------------------------------
+    _r("PRIV-RPC-001", "MUST", "§4", "rpc",
+       "The RPC server runs as uid 0 in the root flow, with effective uid U in the suid flow, "
+       "as the namespace's root in the fakeroot flow, and with an effective uid that maps to "
+       "U in the hybrid flow."),
+    _r("PRIV-RPC-002", "MUST", "§4", "rpc",
+       "In the suid and hybrid flows the RPC server has only CAP_SYS_ADMIN effective and a "
+       "bounding set smaller than the master's."),
+    _r("PRIV-RPC-003", "MUST", "§4", "rpc",
+       "In the userns and fakeroot flows the RPC server has no host privilege."),
+    _r("RPC-001", "MUST", "§2, §6", "rpc",
+       "Every RPC call is served by the RPC server while create_container runs, and is "
+       "recorded."),
+    _r("RPC-002", "MUST", "§6", "rpc",
+       "An RPC request names \"<engine>.<method>\" of the engine under test."),
+    _r("RPC-003", "MUST", "§2, §6", "rpc",
+       "The RPC server exits 0 when the client closes the connection."),
+    _r("RPC-004", "MUST", "§6", "rpc",
+       "The RPC server handles one request at a time."),
+    _r("RPC-005", "MUST", "§6", "rpc",
+       "RPC frames are length-prefixed JSON with a maximum size; no pickle, no eval.",
+       unchecked="a property of the kit's RPC codec, checked by the kit's own unit tests "
+                 "(tests/test_rpc*.py), not observable in a lifecycle run"),
+    _r("RPC-006", "MUST", "§6", "rpc",
+       "An unknown method, a malformed frame or bad arguments get an error reply (errno and "
+       "message survive) and the server keeps serving.",
+       unchecked="a property of the kit's RPC server, checked by the kit's own unit tests "
+                 "(tests/test_rpc*.py)"),
+    # --- §4 stage 2 and payload -----------------------------------------------------------
+    _r("PRIV-STAGE2-001", "MUST", "§4", "stage2",
+       "Stage 2 runs with r=e=s=the target uid (default 0) in the root flow, r=e=s=U in the "
+       "suid flow (a target uid is ignored), ids that map to U in the userns flow, and uid 0 "
+       "of the namespace mapping to U in the fakeroot and hybrid flows."),
+    _r("PRIV-STAGE2-002", "MUST", "§4", "stage2",
+       "In the root and suid flows stage 2 has exactly the configured capabilities (none "
+       "when none are configured)."),
+    _r("PRIV-STAGE2-003", "MUST", "§4", "stage2",
+       "In the suid flow stage 2 has no_new_privs set."),
+    _r("PRIV-STAGE2-004", "MUST", "§4", "stage2",
+       "In the userns, fakeroot and hybrid flows stage 2 has no host privilege."),
+    _r("PRIV-PAYLOAD-001", "MUST", "§4", "stage2",
+       "The payload, after exec, has no host privilege in every flow but root."),
+    # --- §4, §5 namespaces ---------------------------------------------------------------------
+    _r("NS-001", "MUST", "§4", "namespaces",
+       "Stage 2 and the RPC server share all seven namespaces."),
+    _r("NS-002", "MUST", "§4", "namespaces",
+       "Stage 2 and the RPC server share their root directory.",
+       unchecked="privilege snapshots do not record the root directory's identity (kit gap)"),
+    _r("NS-003", "MUST", "§4", "namespaces",
+       "The master shares none of the pid, net, uts, ipc and cgroup namespaces created for "
+       "the container."),
+    _r("NS-004", "MUST", "§3, §4", "namespaces",
+       "The master's user namespace is the host's in the root, suid and hybrid flows and the "
+       "container's in the userns and fakeroot flows."),
+    _r("NS-005", "MUST", "§5", "namespaces",
+       "Every namespace the StarterConfig asks to create is new for the container, and one "
+       "given by path is joined (a path wins over creating)."),
+    _r("NS-006", "MUST", "§3", "namespaces",
+       "The container's user namespace maps U to U in the userns flow and 0 to U in the "
+       "fakeroot and hybrid flows."),
+    _r("NS-007", "MUST", "§3", "namespaces",
+       "The container is in a new user namespace exactly in the userns, fakeroot and hybrid "
+       "flows."),
+    _r("NS-008", "MUST", "§5", "namespaces",
+       "A new mount namespace gets the configured propagation on / before anything is "
+       "mounted.",
+       unchecked="snapshots do not record mount propagation (kit gap)"),
+    _r("SC-001", "MUST", "§5", "namespaces",
+       "An invalid StarterConfig (e.g. effective capabilities not a subset of permitted) is "
+       "rejected before any namespace exists, with a message that names the setting."),
+    # --- §7, §2 rule 8 signals and exit -----------------------------------------------------------
+    _r("SIG-001", "MUST", "§7", "signals",
+       "Every signal the master receives becomes an entry on the signals channel (and in the "
+       "ledger)."),
+    _r("SIG-002", "MUST", "§7", "signals",
+       "monitor_container forwards SIGINT, SIGTERM, SIGHUP, SIGUSR1 and SIGUSR2 to the "
+       "container."),
+    _r("SIG-003", "MUST", "§7", "signals",
+       "monitor_container returns the container's wait status."),
+    _r("SIG-004", "MUST", "§7", "signals",
+       "monitor_container reaps only the container's pid.",
+       unchecked="the ledger does not record which children the master reaped (kit gap)"),
+    _r("SIG-005", "MUST", "§7, §10", "signals",
+       "The signals channel does not lose SIGCHLD: the container's exit reaches the master "
+       "as a recorded SIGCHLD."),
+    _r("EXIT-001", "MUST", "§2 rule 8, §7", "signals",
+       "The run's exit code equals the payload's exit code."),
+    _r("EXIT-002", "MUST", "§2 rule 8", "signals",
+       "When the payload is killed by a signal, the run's exit code is 128 + the signal "
+       "number."),
+    _r("EXIT-003", "MUST", "§2 rule 8", "signals",
+       "The run's exit code is 255 when a fatal error occurred."),
+    # --- §2 error table ---------------------------------------------------------------------------
+    _r("ERR-001", "MUST", "§2 error table", "errors",
+       "When prepare_config raises, no further hook runs and the run exits 255."),
+    _r("ERR-002", "MUST", "§2 error table", "errors",
+       "When create_container raises, cleanup_container gets \"container creation failed: "
+       "…\", stage 2 never starts and the run exits 255."),
+    _r("ERR-003", "MUST", "§2 error table", "errors",
+       "When start_process raises, stage 2 reports the failure, post_start_process does not "
+       "run, cleanup_container runs with the container's status (exited 255) and the run "
+       "exits 255."),
+    _r("ERR-004", "MUST", "§2 error table", "errors",
+       "When post_start_process raises, cleanup_container runs with that error and the run "
+       "exits 255."),
+    _r("ERR-005", "MUST", "§2 error table", "errors",
+       "When monitor_container raises, cleanup_container runs with that error and the run "
+       "exits 255."),
+    _r("ERR-006", "MUST", "§2 error table", "errors",
+       "When cleanup_container raises, the error is reported and the exit code is "
+       "unchanged."),
+    _r("ERR-007", "MUST", "§2 error table", "errors",
+       "A hook that does not return within its timeout gets the run's whole process tree "
+       "killed, and the report names the hook."),
+    _r("ERR-008", "MUST", "§2 rule 10", "errors",
+       "A start_process that returns instead of exec'ing is a failure (\"stage 2 "
+       "returned\")."),
+    # --- cleanup ---------------------------------------------------------------------------------
+    _r("CLEAN-001", "MUST", "§1, §2", "cleanup",
+       "After every run nothing is left behind: no process, no mount in the host mount "
+       "namespace, no named network namespace, no file in the run's temporary directory."),
+    _r("CLEAN-002", "MUST", "§1", "cleanup",
+       "cleanup_container tolerates partial setup: after a failed hook it returns without "
+       "raising."),
+    # --- §5 join-only ------------------------------------------------------------------------------
+    _r("JOIN-001", "MUST", "§5", "join",
+       "A join-only run calls only config, init_config, prepare_config and start_process."),
+    _r("JOIN-002", "MUST", "§5", "join",
+       "In a join-only run stage 2 is in the namespaces given by path."),
+    # --- §8 ledger ---------------------------------------------------------------------------------
+    _r("LEDGER-001", "MUST", "§8", "ledger",
+       "Every run's ledger is valid against the versioned ledger schema."),
+    _r("LEDGER-002", "MUST", "§8", "ledger",
+       "Every hook entry is recorded with a privilege snapshot and is followed by its return "
+       "or raise (start_process excepted: it execs)."),
+)
+
+CATALOGUE: dict[str, Requirement] = {}
+for _entry in _ENTRIES:
+    if _entry.id in CATALOGUE:
+        raise ValueError(f"duplicate requirement ID {_entry.id}")
+    CATALOGUE[_entry.id] = _entry
+
+
+class UnknownRequirement(KeyError):
+    pass
+
+
+def get(req_id: str) -> Requirement:
+    try:
+        return CATALOGUE[req_id]
+    except KeyError:
+        raise UnknownRequirement(f"unknown requirement ID {req_id!r}") from None
+
+
+def by_group() -> list[tuple[str, str, list[Requirement]]]:
+    """(group key, title, requirements) in catalogue order."""
+    return [(key, title, [r for r in CATALOGUE.values() if r.group == key])
+            for key, title in GROUPS]
