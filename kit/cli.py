@@ -68,18 +68,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.ledger:
         with open(args.ledger, "w") as f:
             f.write(result.ledger.to_json())
-    for error in result.ledger.select("starter_error"):
-        print(f"kit run: {error['stage']}: {error['message']}", file=sys.stderr)
-    for event in result.ledger.select("hook_raise"):
-        err = event["error"]
-        print(f"kit run: {event['role']}: {event['hook']} raised {err['type']}: "
-              f"{err['message']}", file=sys.stderr)
-    for event in result.ledger.select("stage2_failed"):
-        print(f"kit run: stage 2: {event['message']}", file=sys.stderr)
-    if result.timed_out:
-        print(f"kit run: {result.reason}", file=sys.stderr)
-    for leak in result.leaks:
-        print(f"kit run: leak: {leak['what']}: {leak['detail']}", file=sys.stderr)
+    for line in result.problems():
+        print(f"kit run: {line}", file=sys.stderr)
     return result.exit_code
 
 

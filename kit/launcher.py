@@ -13,13 +13,17 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from kit import linux
 from kit.ledger import Ledger
 from kit.request import DEFAULT_HOOK_TIMEOUT, DEFAULT_RUN_TIMEOUT, Invoker, RunRequest
 
@@ -44,6 +48,80 @@ class RunResult:
     def events(self) -> list[dict[str, Any]]:
         return self.ledger.events
 
+    def problems(self) -> list[str]:
+        """Every error the ledger records, one line each (for messages and the CLI)."""
+        lines = []
+        for e in self.ledger.events:
+            kind = e["kind"]
+            if kind == "starter_error":
+                lines.append(f"{e['stage']}: {e['message']}")
+            elif kind == "hook_raise":
+                err = e["error"]
+                lines.append(f"{e['role']}: {e['hook']} raised {err['type']}: {err['message']}")
+            elif kind == "stage2_failed":
+                lines.append(f"stage 2: {e['message']}")
+            elif kind == "fatal":
+                lines.append(f"fatal: {e['message']}")
+            elif kind == "hook_timeout":
+                lines.append(f"hook timeout: {e['hook']} in {e['hook_role']}")
+            elif kind == "leak":
+                lines.append(f"leak: {e['what']}: {e['detail']}")
+        if not lines and self.exit_code == 255:
+            lines.append(self.reason)
+        return lines
+
+    def __str__(self) -> str:
+        head = f"exit code {self.exit_code} ({self.reason})"
+        return "; ".join([head, *self.problems()])
+
+
+class Zygote:
+    """The launcher's handle on its zygote process (:mod:`kit.zygote`), started on first use.
+
+    One per launcher process; thread-safe. Set ``KIT_ZYGOTE=0`` to start every run in a
+    fresh interpreter instead (slower; useful when debugging imports).
+    """
+
+    _lock = threading.Lock()
+    _instance: Zygote | None = None
+
+    def __init__(self) -> None:
+        self.control, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "kit.zygote", str(child_end.fileno())],
+                pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL, cwd="/",
+                start_new_session=True,
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(_import_path())})
+        finally:
+            child_end.close()
+        self.pid = os.getpid()
+
+    @classmethod
+    def get(cls) -> Zygote:
+        with cls._lock:
+            z = cls._instance
+            if z is None or z.pid != os.getpid() or z.proc.poll() is not None:
+                z = cls._instance = cls()
+            return z
+
+    def spawn(self, request: RunRequest, fds: list[int], targets: list[int]) -> int:
+        """Start a supervised run; returns the supervisor's pid."""
+        message = json.dumps({"request": request.to_json(), "targets": targets}).encode()
+        with self._lock:
+            socket.send_fds(self.control, [message], fds)
+            reply = self.control.recv(1 << 16)
+        if not reply:
+            raise LaunchError("the kit's zygote process died")
+        answer = json.loads(reply)
+        if "error" in answer:
+            raise LaunchError(answer["error"])
+        return int(answer["pid"])
+
+
+def _import_path() -> list[str]:
+    return [os.path.abspath(p) for p in sys.path if p and os.path.isdir(p)]
+
 
 class RunHandle:
     """A run in progress: :meth:`send_signal` to the master, :meth:`wait` for the result."""
@@ -52,28 +130,64 @@ class RunHandle:
                  stdin: int | IO[Any] | None = None, pass_fds: tuple[int, ...] = ()) -> None:
         self.request = request
         self.capture = capture
-        req_r, req_w = os.pipe()
-        res_r, self._res_w = os.pipe()
         self._out = tempfile.TemporaryFile() if capture else None
         self._err = tempfile.TemporaryFile() if capture else None
+        res_r, res_w = os.pipe()
         try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "kit.supervisor", str(req_r), str(self._res_w)],
-                stdin=subprocess.DEVNULL if stdin is None else stdin,
-                stdout=self._out, stderr=self._err,
-                pass_fds=(req_r, self._res_w, *pass_fds),
-                cwd="/", start_new_session=True,
-                env={**os.environ, "PYTHONPATH": os.pathsep.join(request.sys_path)})
+            if os.environ.get("KIT_ZYGOTE", "1") == "0":
+                self.supervisor_pid = self._exec_supervisor(request, stdin, res_w, pass_fds)
+            else:
+                self.supervisor_pid = self._fork_supervisor(request, stdin, res_w, pass_fds)
+        except BaseException:
+            os.close(res_r)
+            self._close_capture()
+            raise
         finally:
-            os.close(req_r)
-            os.close(self._res_w)
-        with os.fdopen(req_w, "wb") as f:
-            f.write(json.dumps(request.to_json()).encode())
+            os.close(res_w)
         self._result = os.fdopen(res_r, "rb")
         line = self._result.readline()
         self.starter_pid: int | None = int(line.split()[1]) if line.startswith(b"started") \
             else None
         self._first = b"" if self.starter_pid is not None else line
+        self._done = False
+
+    def _stdio(self, stdin: int | IO[Any] | None) -> tuple[int, int, int, list[int]]:
+        opened = []
+        if stdin is None:
+            in_fd = os.open(os.devnull, os.O_RDONLY)
+            opened.append(in_fd)
+        else:
+            in_fd = stdin if isinstance(stdin, int) else stdin.fileno()
+        out_fd = self._out.fileno() if self._out is not None else 1
+        err_fd = self._err.fileno() if self._err is not None else 2
+        return in_fd, out_fd, err_fd, opened
+
+    def _fork_supervisor(self, request: RunRequest, stdin: int | IO[Any] | None, res_w: int,
+                         pass_fds: tuple[int, ...]) -> int:
+        in_fd, out_fd, err_fd, opened = self._stdio(stdin)
+        try:
+            return Zygote.get().spawn(request, [in_fd, out_fd, err_fd, res_w, *pass_fds],
+                                      list(pass_fds))
+        finally:
+            for fd in opened:
+                os.close(fd)
+
+    def _exec_supervisor(self, request: RunRequest, stdin: int | IO[Any] | None, res_w: int,
+                         pass_fds: tuple[int, ...]) -> int:
+        req_r, req_w = os.pipe()
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "kit.supervisor", str(req_r), str(res_w)],
+                stdin=subprocess.DEVNULL if stdin is None else stdin,
+                stdout=self._out, stderr=self._err, pass_fds=(req_r, res_w, *pass_fds),
+                cwd="/", start_new_session=True,
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(request.sys_path)})
+        finally:
+            os.close(req_r)
+        with os.fdopen(req_w, "wb") as f:
+            f.write(json.dumps(request.to_json()).encode())
+        self._popen = proc
+        return proc.pid
 
     def send_signal(self, signum: int) -> None:
         """Send ``signum`` to the master (the starter process) of the run."""
@@ -81,32 +195,56 @@ class RunHandle:
             raise LaunchError("the run has no starter process")
         os.kill(self.starter_pid, signum)
 
+    def poll(self) -> int | None:
+        """None while the run is in progress, else its exit code."""
+        if self._done:
+            return self._code
+        state = linux.process_state(self.supervisor_pid)
+        return None if state not in (None, "Z") else self.wait().exit_code
+
+    def _close_capture(self) -> None:
+        for f in (self._out, self._err):
+            if f is not None:
+                f.close()
+
     def wait(self) -> RunResult:
+        if self._done:
+            return self._final
         data = self._first + self._result.read()
         self._result.close()
-        self.proc.wait()
+        if getattr(self, "_popen", None) is not None:
+            self._popen.wait()
+        else:  # the zygote reaps it; it exits right after closing the result pipe
+            deadline = time.monotonic() + 5
+            while linux.process_state(self.supervisor_pid) not in (None, "Z") \
+                    and time.monotonic() < deadline:
+                time.sleep(0.0005)
         stdout = stderr = ""
         if self._out is not None and self._err is not None:
             for f in (self._out, self._err):
                 f.seek(0)
             stdout = self._out.read().decode(errors="replace")
             stderr = self._err.read().decode(errors="replace")
-            self._out.close()
-            self._err.close()
+        self._close_capture()
+        self._done = True
         try:
             doc = json.loads(data)
         except ValueError:
-            raise LaunchError(f"supervisor exited {self.proc.returncode} without a result; "
+            raise LaunchError(f"the run's supervisor ended without a result; "
                               f"stderr: {stderr[-2000:]}") from None
         if doc.get("ledger") is None:
             raise LaunchError(f"{doc.get('reason')}; stderr: {stderr[-2000:]}")
-        return RunResult(doc["exit_code"], doc["reason"], Ledger(doc["ledger"]),
-                         doc["leaks"], doc["timed_out"], stdout, stderr)
+        self._final = RunResult(doc["exit_code"], doc["reason"], Ledger(doc["ledger"]),
+                                doc["leaks"], doc["timed_out"], stdout, stderr)
+        self._code = self._final.exit_code
+        return self._final
 
     def kill(self) -> None:
-        """Kill the supervisor (its run dies with it: parent-death signals)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
+        """Kill the run's supervisor; the run dies with it (parent-death signals)."""
+        try:
+            os.kill(self.supervisor_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def make_request(engine: str, flow: str, argv: list[str], *,
@@ -120,7 +258,7 @@ def make_request(engine: str, flow: str, argv: list[str], *,
         invoker=invoker.__dict__, backend=backend,
         container_id=container_id or f"kit-{uuid.uuid4().hex[:12]}",
         hook_timeout=hook_timeout, run_timeout=run_timeout, probes=probes,
-        sys_path=[os.path.abspath(p) for p in sys.path if p and os.path.isdir(p)])
+        sys_path=_import_path())
 
 
 def start(engine: str, flow: str, argv: list[str], *, capture: bool = True,

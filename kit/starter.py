@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import queue
+import select
 import signal
 import socket
 import threading
@@ -147,6 +148,19 @@ def _send(sock: socket.socket, data: str) -> None:
         pass
 
 
+def rearm_parent_death(parent: int | None = None, sock: socket.socket | None = None) -> None:
+    """Re-arm SIGKILL-on-parent-death, which the kernel clears on every credential change,
+    and exit if the parent already died (by pid, or by a hung-up socket to it)."""
+    linux.set_parent_death_signal(signal.SIGKILL)
+    if parent is not None and os.getppid() != parent:
+        _exit(EXIT_FATAL)
+    if sock is not None:
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLHUP)
+        if any(ev & (select.POLLHUP | select.POLLERR) for _, ev in poller.poll(0)):
+            _exit(EXIT_FATAL)
+
+
 def _status_to_code(status: int) -> int:
     if os.WIFSIGNALED(status):
         return 128 + os.WTERMSIG(status)
@@ -190,8 +204,9 @@ class Starter:
         code = EXIT_FATAL
         try:
             linux.set_name("kit-starter")
+            self.parent = os.getppid()
             self.become_invoker()
-            linux.set_parent_death_signal(signal.SIGKILL)
+            rearm_parent_death(self.parent)
             self.ledger.emit("process_start", ppid=os.getppid(), nspid=[self.system.getpid()])
             common_json, sconf = self.run_stage1()
             self.ledger.emit("starter_config", config=sconf.to_json())
@@ -229,7 +244,9 @@ class Starter:
 
     def _stage1_child(self, wfd: int) -> NoReturn:
         code = EXIT_FATAL
+        self.system_parent = os.getppid()
         try:
+            rearm_parent_death(self.system_parent)
             linux.set_name("kit-stage1")
             ledger = self.ledger.for_role("stage1")
             u = self.user
@@ -237,6 +254,7 @@ class Starter:
                 # Stage 1 of the setuid starter runs with every privilege dropped.
                 self.system.become_user(u.uid, u.gid, u.groups)
                 self.system.set_no_new_privs()
+                rearm_parent_death(self.system_parent)
             ledger.emit("process_start", ppid=os.getppid(), nspid=[self.system.getpid()])
             hooks = HookRunner(ledger, self.system, self.req.probes)
             engine = registry.make_engine(self.req.engine)
@@ -303,6 +321,7 @@ class Starter:
                 self._write_maps(pid, sconf)
                 if not sconf.hybrid_workflow:
                     self.system.setns("user", f"/proc/{pid}/ns/user")
+                    rearm_parent_death(self.parent)
         except (OSError, StageFailed) as exc:
             self.ledger.emit("starter_error", stage="user_namespace", message=str(exc))
             _send(master_sock, "A")
@@ -312,6 +331,7 @@ class Starter:
         if self.req.flow in ("suid", "hybrid"):
             # The setuid master: r=e=U, saved uid 0, no effective capabilities.
             self.system.drop_effective(self.user.uid)
+            rearm_parent_death(self.parent)
         _send(master_sock, "M")
 
         if sconf.namespace_join_only:
@@ -541,6 +561,7 @@ class Container:
                 gid = _inside_id(self.sconf.gid_mappings, u.gid)
                 uid = _inside_id(self.sconf.uid_mappings, u.uid)
                 self.system.become_user(uid, gid, None)
+                rearm_parent_death(sock=self.sock)
             self.ledger.emit("process_start", ppid=os.getppid(), nspid=[self.system.getpid()])
             self.setup_namespaces()
         except BaseException as exc:
@@ -548,10 +569,11 @@ class Container:
             _exit(EXIT_FATAL)
         rpc_pid = None
         if not self.sconf.namespace_join_only:
+            parent = os.getpid()
             rpc_pid = self.system.clone(share_fs=True)
             if rpc_pid == 0:
                 self.sock.close()
-                RPCServerProcess(self).main()
+                RPCServerProcess(self, parent).main()
         self.rpc_sock.close()
         _send(self.sock, "R")
         if rpc_pid is not None:
@@ -579,8 +601,9 @@ class Container:
 class RPCServerProcess:
     """The RPC server: shares the container's namespaces, root and cwd (CLONE_FS)."""
 
-    def __init__(self, container: Container) -> None:
+    def __init__(self, container: Container, parent: int) -> None:
         self.c = container
+        self.parent = parent
         self.ledger = container.ledger.for_role("rpc")
 
     def drop_privileges(self) -> None:
@@ -597,6 +620,7 @@ class RPCServerProcess:
             system.setresuid(ruid, ruid, -1)
             system.set_keepcaps(False)
             system.set_capabilities(linux.caps_to_mask(["CAP_SYS_ADMIN"]), keep, 0)
+        rearm_parent_death(self.parent)
 
     def main(self) -> NoReturn:
         code = EXIT_FATAL
@@ -660,6 +684,7 @@ class Stage2:
         system.set_ambient(caps["ambient"])
         if s.no_new_privs:
             system.set_no_new_privs()
+        rearm_parent_death(sock=self.c.sock)
 
     def close_fds(self, master_fd: int) -> None:
         keep = {0, 1, 2, master_fd, *self.c.sconf.keep_fds}

@@ -280,11 +280,8 @@ def preload(request: RunRequest) -> None:
     traceback.format_exception(ValueError("warm-up"))  # pulls in lazy imports of traceback
 
 
-def main(argv: list[str]) -> int:
-    req_fd, result_fd = int(argv[0]), int(argv[1])
-    with os.fdopen(req_fd, "rb") as f:
-        request = RunRequest.from_json(json.loads(f.read()))
-    os.set_inheritable(result_fd, False)  # the run's processes must not hold it
+def run_supervised(request: RunRequest, result_fd: int) -> None:
+    """Supervise one run in this process and write its result to ``result_fd`` (closed)."""
     linux.set_parent_death_signal(signal.SIGKILL)
     linux.set_name("kit-supervisor")
     os.chdir("/")
@@ -300,6 +297,15 @@ def main(argv: list[str]) -> int:
         n = os.write(result_fd, view)
         view = view[n:]
     os.close(result_fd)
+
+
+def main(argv: list[str]) -> int:
+    """``python -m kit.supervisor REQUEST_FD RESULT_FD``: one run in a fresh interpreter."""
+    req_fd, result_fd = int(argv[0]), int(argv[1])
+    with os.fdopen(req_fd, "rb") as f:
+        request = RunRequest.from_json(json.loads(f.read()))
+    os.set_inheritable(result_fd, False)  # the run's processes must not hold it
+    run_supervised(request, result_fd)
     return 0
 
 

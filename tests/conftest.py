@@ -39,6 +39,15 @@ def _no_privileged_calls_in_pytest() -> Iterator[None]:
         setattr(mod, name, func)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _zygote_started_first() -> None:
+    """The launcher's zygote (and its control socket) lives for the whole session: start it
+    before any test measures the process's fds and children."""
+    from kit.launcher import Zygote
+    if os.environ.get("KIT_ZYGOTE", "1") != "0":
+        Zygote.get()
+
+
 def require_flow(flow: str) -> None:
     ok, why = environment.flows()[flow]
     if not ok:
@@ -70,6 +79,9 @@ def host_state() -> dict[str, Any]:
     return {
         "fds": sorted(os.listdir("/proc/self/fd")),
         "mounts": mounts,
-        "children": linux.descendants(os.getpid()),
+        # Living descendants, but the launcher's long-lived zygote.
+        "children": [p for p in linux.descendants(os.getpid())
+                     if linux.process_state(p) not in ("Z", None)
+                     and linux.process_name(p) != "kit-zygote"],
         "netns": sorted(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else [],
     }

@@ -173,3 +173,21 @@ def test_error_rows_hold_in_unprivileged_flows(flow):
     assert result.ledger.first("fatal")["message"].startswith("container creation failed")
     result = fault_run("start_process", "hang", role="stage2", flow=flow, hook_timeout=1.0)
     assert result.timed_out["hook"] == "start_process"
+
+
+def test_killing_the_supervisor_takes_the_whole_run_down(flow):
+    from kit import linux
+    from kit.launcher import start
+    import time
+    handle = start(FAULT, flow, ["/bin/true"], hook_timeout=30,
+                   engine_config={"fault_hook": "cleanup_container", "fault_action": "hang"})
+    deadline = time.monotonic() + 10
+    # The master is in cleanup_container (hanging) once the container has gone.
+    while linux.process_state(handle.starter_pid) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    handle.kill()
+    deadline = time.monotonic() + 5
+    while linux.process_state(handle.starter_pid) not in (None, "Z"):
+        assert time.monotonic() < deadline, "the master survived its supervisor"
+        time.sleep(0.01)

@@ -29,7 +29,7 @@ def lifecycle(flow: str, cache: dict) -> object:
 
 def test_exit_code_is_the_payloads(flow, runs):
     result = lifecycle(flow, runs)
-    assert result.exit_code == 7, result.reason
+    assert result.exit_code == 7, str(result)
     assert result.reason == "exited"
     assert result.leaks == []
 
@@ -111,7 +111,7 @@ def test_nothing_left_on_the_host():
 def test_payload_output_and_hostname(flow):
     result = run("reference", flow, ["/bin/sh", "-c", "hostname; id -u; ls /proc"])
     lines = result.stdout.split()
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == 0, (str(result), result.stderr)
     assert lines[0] == "kit-container"
     expected_uid = {"root": "0", "suid": None, "userns": None, "fakeroot": "0", "hybrid": "0"}
     uid = expected_uid[flow] or str(result.ledger.first("run_start")["invoker"]["uid"])

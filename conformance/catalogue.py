@@ -1,0 +1,135 @@
+"""The suite's index (which test checks which requirement, in which flows) and the Markdown
+catalogue printed by ``python -m conformance catalogue``.
+
+The index is built by importing the suite modules (``conformance.suite.test_*``) and reading
+the marks of their test functions, so it is the same whether or not pytest runs, and it does
+not depend on ``-k``, ``--flow`` or xdist.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+from dataclasses import dataclass
+
+from conformance import requirements
+from conformance.capabilities import Capabilities
+from conformance.expectations import FLOWS
+from conformance.markers import declared
+from conformance.scenarios import SCENARIOS
+
+SUITE_PACKAGE = "conformance.suite"
+
+
+@dataclass(frozen=True)
+class TestDeclaration:
+    module: str  # e.g. test_lifecycle_order
+    name: str  # the function name
+    requirements: tuple[str, ...]
+    flows: tuple[str, ...]
+    scenarios: tuple[str, ...]
+    requires: tuple[str, ...]
+
+    @property
+    def id(self) -> str:
+        return f"{self.module}.py::{self.name}"
+
+
+class SuiteDeclarationError(ValueError):
+    """A suite module declares something unknown (requirement, flow, scenario, capability)."""
+
+
+def suite_modules() -> list[str]:
+    package = importlib.import_module(SUITE_PACKAGE)
+    return sorted(m.name for m in pkgutil.iter_modules(package.__path__)
+                  if m.name.startswith("test_"))
+
+
+def suite_tests() -> list[TestDeclaration]:
+    """Every conformance test of the installed suite, with what it declares."""
+    out = []
+    for name in suite_modules():
+        module = importlib.import_module(f"{SUITE_PACKAGE}.{name}")
+        for attr, fn in vars(module).items():
+            if not attr.startswith("test_") or not inspect.isfunction(fn):
+                continue
+            decl = TestDeclaration(
+                name, attr, tuple(declared(fn, "requirement")),
+                tuple(declared(fn, "flows")) or FLOWS, tuple(declared(fn, "scenarios")),
+                tuple(declared(fn, "requires")))
+            validate(decl)
+            out.append(decl)
+    return out
+
+
+def validate(decl: TestDeclaration) -> None:
+    if not decl.requirements:
+        raise SuiteDeclarationError(f"{decl.id} declares no requirement")
+    for req in decl.requirements:
+        if req not in requirements.CATALOGUE:
+            raise SuiteDeclarationError(f"{decl.id}: unknown requirement {req!r}")
+    for flow in decl.flows:
+        if flow not in FLOWS:
+            raise SuiteDeclarationError(f"{decl.id}: unknown flow {flow!r}")
+    for scenario in decl.scenarios:
+        if scenario not in SCENARIOS:
+            raise SuiteDeclarationError(f"{decl.id}: unknown scenario {scenario!r}")
+    known = Capabilities.names()
+    for cap in decl.requires:
+        if cap not in known:
+            raise SuiteDeclarationError(f"{decl.id}: unknown capability {cap!r} "
+                                        f"(known: {', '.join(known)})")
+
+
+def tests_by_requirement(tests: list[TestDeclaration] | None = None
+                         ) -> dict[str, list[TestDeclaration]]:
+    tests = suite_tests() if tests is None else tests
+    out: dict[str, list[TestDeclaration]] = {r: [] for r in requirements.CATALOGUE}
+    for decl in tests:
+        for req in decl.requirements:
+            out[req].append(decl)
+    return out
+
+
+def markdown() -> str:
+    """The catalogue as Markdown, grouped by hook or concern."""
+    tests = suite_tests()
+    index = tests_by_requirement(tests)
+    total = len(requirements.CATALOGUE)
+    checked = sum(1 for r in requirements.CATALOGUE if index[r])
+    lines = ["# Conformance requirements", "",
+             f"{total} requirements from SPEC.md §1–§10; {checked} are checked by "
+             f"{len(tests)} tests of the suite, {total - checked} cannot be decided from a "
+             "lifecycle run (the reason is given).", "",
+             "Levels follow RFC 2119. Each test runs once per flow it applies to; the report "
+             "has one result per requirement and flow.", ""]
+    for _, title, reqs in requirements.by_group():
+        if not reqs:
+            continue
+        lines += [f"## {title}", "", "| ID | Level | Requirement | SPEC | Checked by |",
+                  "|---|---|---|---|---|"]
+        for req in reqs:
+            decls = index[req.id]
+            if decls:
+                checked_by = "<br>".join(
+                    f"`{d.id}`" + ("" if d.flows == FLOWS else f" ({', '.join(d.flows)})")
+                    + (f" needs {', '.join(d.requires)}" if d.requires else "")
+                    for d in decls)
+            else:
+                checked_by = f"not checked: {req.unchecked or 'no test yet'}"
+            lines.append(f"| {req.id} | {req.level} | {req.text} | {req.section} | "
+                         f"{checked_by} |")
+        lines.append("")
+    lines += ["## Engine capabilities", "",
+              "Tests that need a capability the engine does not declare are reported "
+              "not-supported.", "", "| Capability | Default | Meaning |", "|---|---|---|"]
+    defaults = Capabilities().as_dict()
+    for name in Capabilities.names():
+        lines.append(f"| `{name}` | {'yes' if defaults[name] else 'no'} | "
+                     f"{Capabilities.describe(name)} |")
+    lines += ["", "## Scenarios", "", "| Scenario | Payload | Needs |", "|---|---|---|"]
+    for scenario in SCENARIOS.values():
+        lines.append(f"| `{scenario.name}` | {scenario.description} | "
+                     f"{', '.join(scenario.requires) or '-'} |")
+    return "\n".join(lines) + "\n"

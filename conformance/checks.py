@@ -1,0 +1,996 @@
+"""Generic checks: apply the tables of :mod:`conformance.expectations` to the ledger of a run.
+
+A test gets a :class:`Verifier` (the ``verify`` fixture) and calls the check functions below
+with a run and the requirement it decides. Every check is counted per requirement; a check
+that fails records a :class:`Violation` and the test goes on, so one test reports every
+violation of every requirement it declares. At the end the plugin turns the verifier into
+one outcome per requirement (passed, failed, not-supported, xfail…).
+
+A violation names the requirement and its text, the expected and the observed value, the
+flow and process role, and quotes the ledger event where it was observed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from conformance import expectations as X
+from conformance import requirements
+from conformance.runs import HarnessError, Run
+
+MAX_SHOWN = 3  # violations rendered per requirement
+
+
+class SuiteError(Exception):
+    """The suite itself is inconsistent (a test checks an undeclared requirement…): broken."""
+
+
+# --- violations and the verifier -------------------------------------------------------------
+
+def describe_event(event: dict[str, Any] | None) -> str:
+    if event is None:
+        return "(no event)"
+    parts = [f"#{event.get('seq')} {event.get('kind')}", f"role={event.get('role')}"]
+    for key in ("hook", "method", "name", "child_role", "stage"):
+        if event.get(key) is not None:
+            parts.append(f"{key}={event[key]}")
+    parts.append(f"pid={event.get('pid')} tid={event.get('tid')}")
+    return " ".join(parts)
+
+
+def describe_run(run: Run) -> str:
+    if run.result is None:
+        return f"{run.id}: no result ({run.error})"
+    res = run.result
+    text = f"{run.id}: exit {res.exit_code} ({res.reason})"
+    problems = []
+    for ev in res.ledger.events:
+        kind = ev.get("kind")
+        if kind == "starter_error":
+            problems.append(f"starter_error {ev.get('stage')}: {str(ev.get('message'))[:200]}")
+        elif kind == "hook_raise":
+            err = ev.get("error") or {}
+            problems.append(f"{ev.get('role')} {ev.get('hook')} raised {err.get('type')}: "
+                            f"{str(err.get('message'))[:200]}")
+        elif kind in ("stage2_failed", "fatal"):
+            problems.append(f"{kind}: {str(ev.get('message'))[:200]}")
+        elif kind == "hook_timeout":
+            problems.append(f"hook timeout: {ev.get('hook_role')} {ev.get('hook')}")
+    if problems:
+        text += "; " + "; ".join(problems[:4])
+    return text
+
+
+@dataclass
+class Violation:
+    requirement: str
+    expected: str
+    observed: str
+    flow: str
+    role: str | None = None
+    hook: str | None = None
+    event: dict[str, Any] | None = None
+    run: Run | None = None
+
+    def render(self, headline: bool = True) -> str:
+        req = requirements.get(self.requirement)
+        where = [f"flow: {self.flow}"]
+        role = self.role or (self.event or {}).get("role")
+        hook = self.hook or (self.event or {}).get("hook")
+        if role:
+            where.append(f"role: {role}")
+        if hook:
+            where.append(f"hook: {hook}")
+        lines = [req.headline()] if headline else []
+        lines += ["  " + "   ".join(where),
+                  f"  expected: {self.expected}",
+                  f"  observed: {self.observed}"]
+        if self.event is not None:
+            lines.append(f"  ledger event: {describe_event(self.event)}")
+        if self.run is not None:
+            lines.append(f"  run: {describe_run(self.run)}")
+        return "\n".join(lines)
+
+
+class Verifier:
+    """Collects the checks of one test, per requirement."""
+
+    def __init__(self, flow: str, declared: Iterable[str], test: str = "") -> None:
+        self.flow = flow
+        self.declared = list(declared)
+        self.test = test
+        self.checks: dict[str, int] = {r: 0 for r in self.declared}
+        self.violations: dict[str, list[Violation]] = {r: [] for r in self.declared}
+        self.unsupported_reasons: dict[str, str] = {}
+        self.notes: dict[str, str] = {}
+        self.runs: list[str] = []
+
+    def _declared(self, req: str) -> None:
+        if req not in self.checks:
+            raise SuiteError(f"{self.test} checks {req} but declares only "
+                             f"{', '.join(self.declared)}")
+
+    def used(self, run: Run) -> Run:
+        if run.id not in self.runs:
+            self.runs.append(run.id)
+        return run
+
+    def check(self, req: str, ok: bool, *, expected: str,
+              observed: str | Callable[[], str], run: Run | None = None,
+              event: dict[str, Any] | None = None, role: str | None = None,
+              hook: str | None = None) -> bool:
+        self._declared(req)
+        self.checks[req] += 1
+        if run is not None:
+            self.used(run)
+        if not ok:
+            text = observed() if callable(observed) else observed
+            self.violations[req].append(Violation(req, expected, text, self.flow, role, hook,
+                                                  event, run))
+        return ok
+
+    def fail(self, req: str, **kwargs: Any) -> None:
+        self.check(req, False, **kwargs)
+
+    def vacuous(self, req: str, why: str) -> None:
+        """A check that holds because there is nothing to check (noted in the report)."""
+        self._declared(req)
+        self.checks[req] += 1
+        self.notes.setdefault(req, why)
+
+    def unsupported(self, req: str, reason: str) -> None:
+        """This requirement cannot be decided with this engine (reported not-supported)."""
+        self._declared(req)
+        self.unsupported_reasons[req] = reason
+
+    def render(self, req: str) -> str:
+        found = self.violations[req]
+        parts = [requirements.get(req).headline()]
+        parts += [v.render(headline=False) for v in found[:MAX_SHOWN]]
+        if len(found) > MAX_SHOWN:
+            parts.append(f"  … and {len(found) - MAX_SHOWN} more violation(s) of {req}")
+        return "\n".join(parts)
+
+
+# --- helpers on runs ---------------------------------------------------------------------------
+
+def hook_events(run: Run, role: str | None = None, hook: str | None = None,
+                kinds: tuple[str, ...] = X.HOOK_KINDS) -> list[dict[str, Any]]:
+    return [e for e in run.events if e.get("kind") in kinds
+            and (role is None or e.get("role") == role)
+            and (hook is None or e.get("hook") == hook)]
+
+
+def events_of(run: Run, kind: str, **match: Any) -> list[dict[str, Any]]:
+    return [e for e in run.events if e.get("kind") == kind
+            and all(e.get(k) == v for k, v in match.items())]
+
+
+def to_host(value: int, idmap: list[list[int]]) -> int | None:
+    """``value`` as seen in a user namespace, translated to the host through its map."""
+    for inside, outside, count in idmap:
+        if inside <= value < inside + count:
+            return outside + value - inside
+    return None
+
+
+class Facts:
+    """What a run says about itself: U, the StarterConfig, the host's namespaces."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        start = events_of(run, "run_start")
+        invoker = (start[0].get("invoker") if start else None) or {}
+        self.uid: int | None = invoker.get("uid")
+        self.gid: int | None = invoker.get("gid")
+        configs = events_of(run, "starter_config")
+        self.starter_config: dict[str, Any] | None = (
+            configs[0]["config"].get("requests") if configs else None)
+
+    def first_snapshot(self, role: str) -> dict[str, Any] | None:
+        for e in hook_events(run=self.run, role=role):
+            if e.get("snapshot"):
+                return e["snapshot"]
+        return None
+
+    @property
+    def host_ns(self) -> dict[str, int] | None:
+        """Stage 1 always runs in the host's namespaces (before any is created)."""
+        snap = self.first_snapshot("stage1")
+        return snap["ns"] if snap else None
+
+    def created(self) -> list[str]:
+        if self.starter_config is None:
+            return []
+        paths = self.starter_config.get("ns_paths") or {}
+        return [k for k in self.starter_config.get("ns_flags") or [] if k not in paths]
+
+    def joined(self) -> dict[str, str]:
+        return dict((self.starter_config or {}).get("ns_paths") or {})
+
+    def target_uid(self) -> int:
+        value = (self.starter_config or {}).get("target_uid")
+        return 0 if value is None else value
+
+
+def _snapshot(event: dict[str, Any]) -> dict[str, Any]:
+    snap = event.get("snapshot")
+    if not snap:
+        raise HarnessError(f"ledger event {describe_event(event)} has no privilege snapshot "
+                           "(were probes disabled?)")
+    return snap
+
+
+def _threads(event: dict[str, Any], scope: str) -> list[dict[str, Any]]:
+    threads = _snapshot(event).get("threads") or []
+    if scope == "thread":
+        own = [t for t in threads if t.get("tid") == event.get("tid")]
+        return own or threads
+    return threads
+
+
+def _caps_text(names: list[str]) -> str:
+    if len(names) <= 6:
+        return f"[{', '.join(names)}]"
+    return f"{len(names)} capabilities [{', '.join(names[:4])}, …]"
+
+
+def _thread_text(t: dict[str, Any], what: str = "uid") -> str:
+    caps = t.get("caps", {})
+    if what == "uid":
+        return f"thread {t.get('tid')}: uid real/effective/saved/fs {t.get('uid')}"
+    if what == "nnp":
+        return f"thread {t.get('tid')}: no_new_privs {t.get('no_new_privs')}"
+    return (f"thread {t.get('tid')}: " + ", ".join(
+        f"{k} {_caps_text(caps.get(k, []))}" for k in
+        ("effective", "permitted", "inheritable", "ambient", "bounding")))
+
+
+# --- privilege table (SPEC §4) ---------------------------------------------------------------
+
+def _id_ok(symbol: str | None, value: int, snap: dict[str, Any], facts: Facts) -> bool:
+    if symbol is None:
+        return True
+    host = to_host(value, snap.get("uid_map") or [])
+    if symbol == X.ZERO:
+        return value == 0
+    if symbol == X.INVOKER:
+        return value == facts.uid and host == facts.uid
+    if symbol == X.MAPS_TO_U:
+        return host == facts.uid
+    if symbol == X.ROOT_AS_U:
+        return value == 0 and host == facts.uid
+    if symbol == X.TARGET:
+        return value == facts.target_uid()
+    raise SuiteError(f"unknown id symbol {symbol!r}")
+
+
+def _symbol_text(symbol: str, facts: Facts) -> str:
+    if symbol == X.INVOKER:
+        return f"U ({facts.uid})"
+    if symbol == X.MAPS_TO_U:
+        return f"an id that maps to U ({facts.uid}) on the host"
+    if symbol == X.ROOT_AS_U:
+        return f"0, mapped to U ({facts.uid}) on the host"
+    if symbol == X.TARGET:
+        return f"the target uid ({facts.target_uid()})"
+    return symbol
+
+
+def _configured_caps(facts: Facts) -> dict[str, list[str] | None]:
+    caps = (facts.starter_config or {}).get("capabilities") or {}
+    return {k: caps.get(k) for k in ("effective", "permitted", "inheritable", "ambient",
+                                     "bounding")}
+
+
+def _check_aspect(verify: Verifier, run: Run, facts: Facts, event: dict[str, Any],
+                  expect: X.Expect) -> None:
+    aspect = expect.aspect
+    snap = _snapshot(event)
+    where = dict(run=run, event=event)
+    req = expect.requirement
+    if isinstance(aspect, X.Uids):
+        bad = [t for t in _threads(event, expect.scope)
+               if not all(_id_ok(sym, t["uid"][i], snap, facts) for i, sym in
+                          enumerate((aspect.real, aspect.effective, aspect.saved)))]
+        expected = ", ".join(f"{slot} uid {_symbol_text(sym, facts)}" for slot, sym in
+                             (("real", aspect.real), ("effective", aspect.effective),
+                              ("saved", aspect.saved)) if sym is not None)
+        verify.check(req, not bad, expected=expected + " in every thread",
+                     observed=lambda: f"{_thread_text(bad[0])}; uid_map {snap.get('uid_map')}",
+                     **where)
+    elif isinstance(aspect, X.Caps):
+        threads = _threads(event, expect.scope)
+        if aspect.kind == "full":
+            bad = [t for t in threads if not t["caps"]["bounding"] or not (
+                set(t["caps"]["effective"]) == set(t["caps"]["permitted"])
+                == set(t["caps"]["bounding"]))]
+        elif aspect.kind == "none":
+            bad = [t for t in threads if any(t["caps"][k] for k in
+                                             ("effective", "permitted", "inheritable",
+                                              "ambient"))]
+        elif aspect.kind == "effective":
+            bad = [t for t in threads if set(t["caps"]["effective"]) != set(aspect.names)]
+        elif aspect.kind == "configured":
+            configured = _configured_caps(facts)
+
+            def wrong(t: dict[str, Any]) -> bool:
+                for kind, want in configured.items():
+                    if kind == "bounding" and want is None:
+                        continue  # unchanged by default
+                    if set(t["caps"][kind]) != set(want or ()):
+                        return True
+                return False
+            bad = [t for t in threads if wrong(t)]
+            expected = "capabilities as configured: " + ", ".join(
+                f"{k} {_caps_text(v or [])}" for k, v in configured.items()
+                if not (k == "bounding" and v is None))
+        else:
+            raise SuiteError(f"unknown Caps kind {aspect.kind!r}")
+        if aspect.kind != "configured":
+            expected = aspect.describe()
+        verify.check(req, not bad, expected=expected,
+                     observed=lambda: _thread_text(bad[0], "caps"), **where)
+    elif isinstance(aspect, X.BoundingSmallerThan):
+        other = facts.first_snapshot(aspect.role)
+        if other is None:
+            verify.fail(req, expected=f"a {aspect.role} snapshot to compare with",
+                        observed=f"no hook of the {aspect.role} was recorded", **where)
+            return
+        theirs = set(other["threads"][0]["caps"]["bounding"])
+        bad = [t for t in _threads(event, expect.scope)
+               if not set(t["caps"]["bounding"]) < theirs]
+        verify.check(req, not bad, expected=f"{aspect.describe()} ({len(theirs)} "
+                                            "capabilities)",
+                     observed=lambda: _thread_text(bad[0], "caps"), **where)
+    elif isinstance(aspect, X.Escalation):
+        esc = event.get("escalation")
+        if esc is None:
+            raise HarnessError(f"{describe_event(event)} has no escalation probe result")
+        verify.check(req, bool(esc.get("host_escalation")) == aspect.possible,
+                     expected=aspect.describe(),
+                     observed=lambda: f"escalation probe {esc}", **where)
+    elif isinstance(aspect, X.NoHostPrivilege):
+        privileged = _host_privilege(snap)
+        verify.check(req, not privileged, expected=aspect.describe() + " (no uid 0 and no "
+                     "permitted capability in the initial user namespace)",
+                     observed=lambda: _privilege_text(snap), **where)
+    elif isinstance(aspect, X.NoNewPrivs):
+        bad = [t for t in _threads(event, expect.scope) if t["no_new_privs"] != aspect.value]
+        verify.check(req, not bad, expected=aspect.describe(),
+                     observed=lambda: _thread_text(bad[0], "nnp"), **where)
+    else:
+        raise SuiteError(f"unknown aspect {aspect!r}")
+
+
+def _host_privilege(snap: dict[str, Any]) -> bool:
+    from kit.probe import host_privilege
+
+    return host_privilege(snap)
+
+
+def _privilege_text(snap: dict[str, Any]) -> str:
+    culprits = [t for t in snap.get("threads", []) if 0 in t["uid"][:3]
+                or t["caps"]["permitted"]] or snap.get("threads", [])[:1]
+    text = f"uid_map {snap.get('uid_map')}"
+    if culprits:
+        t = culprits[0]
+        text += f"; {_thread_text(t)}; permitted {_caps_text(t['caps']['permitted'])}"
+    return text
+
+
+def check_privileges(verify: Verifier, run: Run, requirement: str) -> None:
+    """Every hook snapshot of every role the privilege table constrains for ``requirement``
+    in this flow."""
+    facts = Facts(verify.used(run.usable()))
+    roles = [role for role in X.PRIVILEGES
+             if any(e.requirement == requirement for e in X.PRIVILEGES[role].get(run.flow, ()))]
+    if not roles:
+        raise SuiteError(f"the privilege table has no row for {requirement} in {run.flow}")
+    for role in roles:
+        cell = [e for e in X.PRIVILEGES[role][run.flow] if e.requirement == requirement]
+        events = hook_events(run, role)
+        if not events:
+            verify.fail(requirement, expected=f"hooks of the {role} to check",
+                        observed=f"no hook of the {role} was recorded", run=run, role=role)
+            continue
+        for event in events:
+            for expect in cell:
+                if event["kind"] in expect.at:
+                    _check_aspect(verify, run, facts, event, expect)
+
+
+def parse_payload_status(stdout: str) -> dict[str, Any] | None:
+    """A snapshot-like dict from the default payload's output (``/proc/self/status`` then
+    ``/proc/self/uid_map``)."""
+    from kit.probe import thread_state
+
+    status: dict[str, str] = {}
+    uid_map: list[list[int]] = []
+    for line in stdout.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and not key.strip().isdigit():
+            status[key.strip()] = value.strip()
+            continue
+        fields = line.split()
+        if len(fields) == 3 and all(f.isdigit() for f in fields):
+            uid_map.append([int(f) for f in fields])
+    if "Uid" not in status or "CapPrm" not in status or not uid_map:
+        return None
+    tid = int(status.get("Pid", "0") or 0)
+    return {"threads": [thread_state(status, tid)], "uid_map": uid_map}
+
+
+def check_payload(verify: Verifier, run: Run, requirement: str) -> None:
+    run = verify.used(run.usable())
+    cell = [e for e in X.PAYLOAD.get(run.flow, ()) if e.requirement == requirement]
+    snap = parse_payload_status(run.result.stdout)
+    if snap is None:
+        verify.fail(requirement, expected="the payload's own /proc/self/status and "
+                    "/proc/self/uid_map on its standard output",
+                    observed=f"stdout {run.result.stdout[:300]!r}", run=run, role="payload")
+        return
+    for expect in cell:
+        if isinstance(expect.aspect, X.NoHostPrivilege):
+            verify.check(requirement, not _host_privilege(snap),
+                         expected=expect.aspect.describe(),
+                         observed=lambda: _privilege_text(snap), run=run, role="payload")
+        else:
+            raise SuiteError(f"payload aspect {expect.aspect!r} not implemented")
+
+
+# --- order rules (SPEC §2) ----------------------------------------------------------------------
+
+def check_rules(verify: Verifier, run: Run, requirement: str) -> None:
+    run = verify.used(run.usable())
+    rules = X.rules_for(requirement)
+    if not rules:
+        raise SuiteError(f"no order rule is tagged {requirement}")
+    events = run.events
+    for rule in rules:
+        if isinstance(rule, X.Before):
+            firsts = [e["seq"] for e in events if rule.first.matches(e)]
+            for then in (e for e in events if rule.then.matches(e)):
+                ok = any(seq < then["seq"] for seq in firsts)
+                verify.check(requirement, ok, expected=rule.describe(),
+                             observed=lambda: (f"it came at #{then['seq']}, " + (
+                                 f"the first {rule.first.describe()} only at #{firsts[0]}"
+                                 if firsts else f"and no {rule.first.describe()} was "
+                                                "recorded")),
+                             run=run, event=then)
+        elif isinstance(rule, X.Count):
+            found = [e for e in events if rule.point.matches(e)]
+            n = len(found)
+            ok = n >= rule.at_least and (rule.at_most is None or n <= rule.at_most)
+            verify.check(requirement, ok, expected=rule.describe(),
+                         observed=f"{n} recorded" + (
+                             f" (at {', '.join('#%d' % e['seq'] for e in found[:6])})"
+                             if found else ""),
+                         run=run, event=found[rule.at_most] if rule.at_most is not None
+                         and n > rule.at_most else None,
+                         role=rule.point.role, hook=rule.point.hook)
+        elif isinstance(rule, X.FirstHooks):
+            entered = [e for e in events if e.get("kind") == "hook_enter"
+                       and e.get("role") == rule.role]
+            if not entered:
+                continue  # the Count rules report a missing process
+            first = [e["hook"] for e in entered[:len(rule.hooks)]]
+            verify.check(requirement, tuple(first) == rule.hooks, expected=rule.describe(),
+                         observed=f"the {rule.role} entered {', '.join(first)} first",
+                         run=run, event=entered[0], role=rule.role)
+        elif isinstance(rule, X.DistinctThreads):
+            entered = [e for e in events if e.get("kind") == "hook_enter"
+                       and e.get("role") == rule.role and e.get("hook") in rule.hooks]
+            tids = [(e["hook"], e["tid"]) for e in entered]
+            distinct = len({tid for _, tid in tids}) == len(tids)
+            verify.check(requirement, distinct and len(entered) >= 2,
+                         expected=rule.describe(),
+                         observed=", ".join(f"{hook} in thread {tid}" for hook, tid in tids)
+                         or "none of them ran", run=run, role=rule.role,
+                         event=entered[-1] if entered else None)
+        else:
+            raise SuiteError(f"unknown rule {rule!r}")
+
+
+def check_hook_roles(verify: Verifier, run: Run, requirement: str) -> None:
+    """ORDER-014: each hook runs only in the roles SPEC §1 assigns to it."""
+    run = verify.used(run.usable())
+    for event in hook_events(run, kinds=("hook_enter",)):
+        allowed = X.HOOK_ROLES.get(event["hook"], frozenset())
+        verify.check(requirement, event["role"] in allowed,
+                     expected=f"{event['hook']} only in {', '.join(sorted(allowed))}",
+                     observed=f"{event['hook']} ran in the {event['role']}", run=run,
+                     event=event)
+
+
+def check_pid_one(verify: Verifier, run: Run, requirement: str) -> None:
+    """PID-002: with a new pid namespace stage 2 is pid 1 of it."""
+    run = verify.used(run.usable())
+    facts = Facts(run)
+    if "pid" not in facts.created():
+        verify.unsupported(requirement, "the engine does not create a pid namespace")
+        return
+    events = hook_events(run, "stage2")
+    if not events:
+        verify.fail(requirement, expected="stage 2 hooks", observed="none recorded", run=run,
+                    role="stage2")
+    for event in events:
+        verify.check(requirement, event.get("pid") == 1, expected="stage 2 sees itself as "
+                     "pid 1", observed=f"pid {event.get('pid')}", run=run, event=event)
+
+
+# --- state (SPEC §1, §2 rule 3) ---------------------------------------------------------------
+
+def check_fresh_config(verify: Verifier, run: Run, requirement: str) -> None:
+    run = verify.used(run.usable())
+    returns = hook_events(run, hook="config", kinds=("hook_return",))
+    reference = next((e for e in returns if e["role"] == "stage1"), None)
+    if reference is None:
+        verify.fail(requirement, expected="config() returned in stage 1",
+                    observed="no return of config in stage 1", run=run, role="stage1")
+        return
+    want = (reference.get("result") or {})
+    for event in returns:
+        got = event.get("result") or {}
+        same = (isinstance(got, dict) and got.get("type") == want.get("type")
+                and got.get("json") == want.get("json"))
+        verify.check(requirement, same, expected=f"the same fresh config as stage 1's "
+                     f"config() (#{reference['seq']}): {str(want.get('json'))[:200]}",
+                     observed=f"{str(got)[:300]}", run=run, event=event)
+    roles = {e["role"] for e in returns}
+    for role in X.ROLES:
+        verify.check(requirement, role in roles, expected=f"config() returned in the {role}",
+                     observed=f"roles that returned from config: {sorted(roles)}", run=run,
+                     role=role)
+
+
+def check_distinct_processes(verify: Verifier, run: Run, requirement: str) -> None:
+    run = verify.used(run.usable())
+    seen: dict[tuple[Any, Any], str] = {}
+    for role in X.ROLES:
+        events = hook_events(run, role)
+        if not events:
+            verify.fail(requirement, expected=f"hooks of the {role}", observed="none "
+                        "recorded", run=run, role=role)
+            continue
+        key = ((events[0].get("snapshot") or {}).get("ns", {}).get("pid"), events[0]["pid"])
+        verify.check(requirement, key not in seen, expected="a process of its own for each of "
+                     "stage 1, master, RPC server, stage 2",
+                     observed=lambda: f"the {role} is the same process as the {seen[key]} "
+                     f"(pid {key[1]} in pid namespace {key[0]})", run=run, event=events[0])
+        seen.setdefault(key, role)
+
+
+# --- namespaces (SPEC §3, §4, §5) ---------------------------------------------------------------
+
+def _ns(event: dict[str, Any]) -> dict[str, int]:
+    return _snapshot(event)["ns"]
+
+
+def _stage2_event(run: Run) -> dict[str, Any] | None:
+    events = hook_events(run, "stage2", kinds=("hook_enter",))
+    return events[-1] if events else None
+
+
+def check_rpc_shares_namespaces(verify: Verifier, run: Run, requirement: str) -> None:
+    run = verify.used(run.usable())
+    stage2 = _stage2_event(run)
+    rpc = hook_events(run, "rpc")
+    if stage2 is None or not rpc:
+        verify.fail(requirement, expected="hooks of both stage 2 and the RPC server",
+                    observed=f"stage 2 {'recorded' if stage2 else 'missing'}, RPC server "
+                    f"{'recorded' if rpc else 'missing'}", run=run)
+        return
+    want = _ns(stage2)
+    for event in rpc:
+        got = _ns(event)
+        differ = sorted(k for k in X.NAMESPACE_KINDS if got.get(k) != want.get(k))
+        verify.check(requirement, not differ, expected=f"the namespaces of stage 2 "
+                     f"(#{stage2['seq']})", observed=lambda: "different " + ", ".join(
+                         f"{k} ({got.get(k)} vs {want.get(k)})" for k in differ),
+                     run=run, event=event)
+
+
+def check_master_not_shared(verify: Verifier, run: Run, requirement: str) -> None:
+    run = verify.used(run.usable())
+    facts = Facts(run)
+    stage2 = _stage2_event(run)
+    created = [k for k in X.NOT_SHARED_WITH_MASTER if k in facts.created()]
+    master = hook_events(run, "master")
+    if stage2 is None or not master:
+        verify.fail(requirement, expected="hooks of both the master and stage 2",
+                    observed="one of them is missing", run=run)
+        return
+    if not created:
+        verify.vacuous(requirement, "no pid, net, uts, ipc or cgroup namespace is created")
+        return
+    container = _ns(stage2)
+    for event in master:
+        got = _ns(event)
+        shared = [k for k in created if got.get(k) == container.get(k)]
+        verify.check(requirement, not shared, expected="none of the container's "
+                     f"{', '.join(created)} namespaces",
+                     observed=lambda: f"shares {', '.join(shared)} with stage 2 "
+                     f"(#{stage2['seq']})", run=run, event=event)
+
+
+def check_master_user_ns(verify: Verifier, run: Run, requirement: str) -> None:
+    run = verify.used(run.usable())
+    facts = Facts(run)
+    whose = X.MASTER_USER_NS[run.flow]
+    stage2 = _stage2_event(run)
+    host = facts.host_ns
+    if stage2 is None or host is None:
+        verify.fail(requirement, expected="hooks of stage 1 and stage 2", observed="missing",
+                    run=run)
+        return
+    want = host["user"] if whose == "host" else _ns(stage2)["user"]
+    for event in hook_events(run, "master"):
+        got = _ns(event)["user"]
+        verify.check(requirement, got == want, expected=f"the {whose}'s user namespace "
+                     f"({want})", observed=f"user namespace {got} (host {host['user']}, "
+                     f"container {_ns(stage2)['user']})", run=run, event=event)
+
+
+def check_requested_namespaces(verify: Verifier, run: Run, requirement: str) -> None:
+    run = verify.used(run.usable())
+    facts = Facts(run)
+    stage2 = _stage2_event(run)
+    host = facts.host_ns
+    if stage2 is None or host is None or facts.starter_config is None:
+        verify.fail(requirement, expected="a StarterConfig and hooks of stage 1 and 2",
+                    observed="missing", run=run)
+        return
+    got = _ns(stage2)
+    for kind in facts.created():
+        verify.check(requirement, got.get(kind) != host.get(kind),
+                     expected=f"a new {kind} namespace (the StarterConfig creates it)",
+                     observed=f"the host's {kind} namespace {got.get(kind)}", run=run,
+                     event=stage2)
+    targets = run.notes.get("targets") or {}
+    for kind, path in facts.joined().items():
+        if kind in targets:
+            verify.check(requirement, got.get(kind) == targets[kind],
+                         expected=f"the {kind} namespace joined at {path} ({targets[kind]})",
+                         observed=f"{kind} namespace {got.get(kind)}", run=run, event=stage2)
+    if not facts.created() and not facts.joined():
+        verify.vacuous(requirement, "the StarterConfig asks for no namespace")
+
+
+def check_user_ns_map(verify: Verifier, run: Run, requirement: str) -> None:
+    run = verify.used(run.usable())
+    facts = Facts(run)
+    inside_sym, outside_sym = X.USER_NS_MAP[run.flow]
+    inside = facts.uid if inside_sym == X.INVOKER else 0
+    stage2 = _stage2_event(run)
+    if stage2 is None:
+        verify.fail(requirement, expected="stage 2 hooks", observed="none", run=run)
+        return
+    idmap = _snapshot(stage2)["uid_map"]
+    ok = to_host(inside, idmap) == facts.uid
+    verify.check(requirement, ok, expected=f"a uid map of {inside} to U ({facts.uid})",
+                 observed=f"uid_map {idmap}", run=run, event=stage2)
+
+
+def check_new_user_ns(verify: Verifier, run: Run, requirement: str) -> None:
+    run = verify.used(run.usable())
+    facts = Facts(run)
+    stage2 = _stage2_event(run)
+    host = facts.host_ns
+    if stage2 is None or host is None:
+        verify.fail(requirement, expected="hooks of stage 1 and stage 2", observed="missing",
+                    run=run)
+        return
+    new = _ns(stage2)["user"] != host["user"]
+    want = X.NEW_USER_NS[run.flow]
+    verify.check(requirement, new == want, expected="a new user namespace" if want else
+                 "the host's user namespace", observed=f"user namespace "
+                 f"{_ns(stage2)['user']} (host {host['user']})", run=run, event=stage2)
+
+
+# --- RPC (SPEC §6) -------------------------------------------------------------------------------
+
+def check_rpc_calls_during_create(verify: Verifier, run: Run, requirement: str) -> None:
+    run = verify.used(run.usable())
+    calls = events_of(run, "rpc_call")
+    enter = hook_events(run, "master", "create_container", ("hook_enter",))
+    done = hook_events(run, "master", "create_container", ("hook_return", "hook_raise"))
+    if not enter or not done:
+        verify.fail(requirement, expected="create_container entered and returned",
+                    observed="missing", run=run, role="master", hook="create_container")
+        return
+    lo, hi = enter[0]["seq"], done[0]["seq"]
+    for call in calls:
+        verify.check(requirement, call.get("role") == "rpc" and lo < call["seq"] < hi,
+                     expected=f"served by the RPC server while create_container ran "
+                     f"(#{lo}..#{hi})", observed=f"{call.get('method')} recorded by "
+                     f"the {call.get('role')} at #{call['seq']}", run=run, event=call)
+    if not calls:
+        verify.vacuous(requirement, "the engine made no RPC call")
+
+
+def check_rpc_method_names(verify: Verifier, run: Run, requirement: str,
+                           engine_name: str) -> None:
+    run = verify.used(run.usable())
+    calls = events_of(run, "rpc_call")
+    if not calls:
+        verify.unsupported(requirement, "the engine made no RPC call in this run")
+        return
+    for call in calls:
+        method = str(call.get("method"))
+        verify.check(requirement, method.startswith(engine_name + ".") and
+                     len(method) > len(engine_name) + 1,
+                     expected=f"a method named \"{engine_name}.<method>\"",
+                     observed=f"method {method!r}", run=run, event=call)
+
+
+def check_rpc_server_exit(verify: Verifier, run: Run, requirement: str) -> None:
+    run = verify.used(run.usable())
+    exits = events_of(run, "process_exit", child_role="rpc")
+    verify.check(requirement, len(exits) == 1 and exits[0].get("status") == 0,
+                 expected="the RPC server exits with status 0 once the client closed",
+                 observed=", ".join(f"status {e.get('status')}" for e in exits) or
+                 "no exit of the RPC server was recorded", run=run,
+                 event=exits[0] if exits else None, role="rpc")
+
+
+def check_rpc_sequential(verify: Verifier, run: Run, requirement: str) -> None:
+    run = verify.used(run.usable())
+    calls = events_of(run, "rpc_call")
+    previous = None
+    for call in calls:
+        if previous is not None:
+            started = call["t"] - float(call.get("duration_ms") or 0) * 1e6
+            verify.check(requirement, started >= previous["t"] - 5e4
+                         and call.get("tid") == previous.get("tid"),
+                         expected="each request served after the previous one was answered, "
+                         "by the same thread", observed=f"{call.get('method')} started "
+                         f"{(previous['t'] - started) / 1e6:.3f} ms before "
+                         f"{previous.get('method')} (#{previous['seq']}) was answered",
+                         run=run, event=call)
+        previous = call
+    if len(calls) < 2:
+        verify.vacuous(requirement, f"{len(calls)} RPC call(s): nothing can overlap")
+
+
+# --- signals and exit (SPEC §7, §2 rule 8) ---------------------------------------------------
+
+def check_exit_code(verify: Verifier, run: Run, requirement: str,
+                    expected: int | None = None) -> None:
+    run = verify.used(run.usable())
+    want = run.scenario.expected_exit if expected is None else expected
+    exits = events_of(run, "exit")
+    verify.check(requirement, run.result.exit_code == want,
+                 expected=f"exit code {want} ({run.scenario.description})",
+                 observed=f"exit code {run.result.exit_code} ({run.result.reason})", run=run,
+                 event=exits[-1] if exits else None)
+
+
+def check_monitor_status(verify: Verifier, run: Run, requirement: str) -> None:
+    run = verify.used(run.usable())
+    want = run.scenario.expected_exit
+    returns = hook_events(run, "master", "monitor_container", ("hook_return",))
+    if not returns:
+        verify.fail(requirement, expected="monitor_container returned a wait status",
+                    observed="no return of monitor_container", run=run, role="master",
+                    hook="monitor_container")
+        return
+    status = returns[0].get("result")
+    if not isinstance(status, int) or isinstance(status, bool):
+        verify.fail(requirement, expected="a wait status (int)", observed=repr(status),
+                    run=run, event=returns[0])
+        return
+    code = (128 + os.WTERMSIG(status) if os.WIFSIGNALED(status)
+            else os.WEXITSTATUS(status) if os.WIFEXITED(status) else None)
+    verify.check(requirement, code == want, expected=f"the container's wait status "
+                 f"({'killed by signal %d' % (want - 128) if want > 128 else 'exited %d' % want})",
+                 observed=f"wait status {status:#x} ("
+                 + (f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+                    else f"exited {os.WEXITSTATUS(status)}") + ")",
+                 run=run, event=returns[0])
+
+
+def check_sigchld_recorded(verify: Verifier, run: Run, requirement: str) -> None:
+    run = verify.used(run.usable())
+    chld = [e for e in events_of(run, "signal", role="master") if e.get("name") == "SIGCHLD"]
+    verify.check(requirement, bool(chld), expected="the container's exit recorded as a "
+                 "SIGCHLD of the master", observed="no SIGCHLD recorded", run=run,
+                 role="master")
+
+
+def check_signals_recorded(verify: Verifier, run: Run, requirement: str) -> None:
+    run = verify.used(run.usable())
+    sent = run.notes.get("sent") or []
+    if not sent:
+        verify.fail(requirement, expected=f"the suite sends {', '.join(X.FORWARDED_SIGNALS)} "
+                    "to the master once the payload runs", observed="nothing was sent: "
+                    f"{run.notes.get('error', 'unknown reason')}", run=run, role="master")
+        return
+    recorded = [e for e in events_of(run, "signal", role="master")]
+    for name in sent:
+        found = [e for e in recorded if e.get("name") == name]
+        verify.check(requirement, bool(found), expected=f"{name} recorded by the master",
+                     observed=f"signals recorded: "
+                     f"{sorted({e.get('name') for e in recorded})}", run=run, role="master")
+
+
+def check_signals_forwarded(verify: Verifier, run: Run, requirement: str) -> None:
+    from conformance.scenarios import decode_signal_exit
+
+    run = verify.used(run.usable())
+    sent = run.notes.get("sent") or []
+    if len(sent) != len(X.FORWARDED_SIGNALS):
+        verify.fail(requirement, expected=f"{', '.join(X.FORWARDED_SIGNALS)} sent to the "
+                    "master while the payload runs", observed=f"sent {sent}: "
+                    f"{run.notes.get('error', '')}", run=run, role="master",
+                    hook="monitor_container")
+        return
+    missing = decode_signal_exit(run.result.exit_code)
+    verify.check(requirement, not missing, expected="the payload received "
+                 f"{', '.join(X.FORWARDED_SIGNALS)} (exits {run.scenario.expected_exit})",
+                 observed=f"exit code {run.result.exit_code}: not received "
+                 f"{', '.join(missing)}", run=run, role="master", hook="monitor_container")
+
+
+# --- error paths (SPEC §2 error table) ------------------------------------------------------
+
+def raised_in(run: Run, role: str, hook: str) -> bool:
+    return bool(hook_events(run, role, hook, ("hook_raise",)))
+
+
+def check_error_path(verify: Verifier, run: Run, requirement: str,
+                     path: X.ErrorPath | None = None) -> None:
+    run = verify.used(run.usable())
+    path = path or X.ERROR_PATHS[requirement]
+    res = run.result
+    req = requirement
+    want_exit = run.scenario.expected_exit if path.exit_code is None else path.exit_code
+    verify.check(req, res.exit_code == want_exit, expected=f"exit code {want_exit}",
+                 observed=f"exit code {res.exit_code} ({res.reason})", run=run)
+    if path.raised:
+        role, hook = path.raised
+        verify.check(req, raised_in(run, role, hook), expected=f"{hook} raised in the {role}",
+                     observed="no hook_raise of it was recorded", run=run, role=role, hook=hook)
+    for role in path.absent_roles:
+        found = hook_events(run, role, kinds=("hook_enter",))
+        verify.check(req, not found, expected=f"no hook of the {role} runs",
+                     observed=lambda: f"{found[0]['hook']} ran", run=run,
+                     event=found[0] if found else None, role=role)
+    for role, hook in path.absent_hooks:
+        found = hook_events(run, role, hook, ("hook_enter",))
+        verify.check(req, not found, expected=f"{hook} does not run",
+                     observed=f"{hook} ran", run=run, event=found[0] if found else None,
+                     role=role, hook=hook)
+    if path.cleanup is not None:
+        found = hook_events(run, "master", "cleanup_container", ("hook_enter",))
+        want = 1 if path.cleanup else 0
+        verify.check(req, len(found) == want, expected=f"cleanup_container runs {want} time(s)",
+                     observed=f"it ran {len(found)} time(s)", run=run,
+                     event=found[0] if found else None, role="master", hook="cleanup_container")
+    fatals = events_of(run, "fatal", role="master")
+    if path.fatal is not None:
+        match = [e for e in fatals if path.fatal in str(e.get("message"))]
+        verify.check(req, bool(match), expected="the master's fatal error" + (
+            f" \"{path.fatal}: …\"" if path.fatal else ""),
+            observed=", ".join(repr(e.get("message")) for e in fatals) or "no fatal error "
+            "recorded", run=run, role="master")
+    if path.no_fatal:
+        verify.check(req, not fatals, expected="no fatal error (cleanup_container gets None)",
+                     observed=lambda: f"fatal {fatals[0].get('message')!r}", run=run,
+                     event=fatals[0] if fatals else None)
+    if path.stage2_failed is not None:
+        failed = events_of(run, "stage2_failed")
+        match = [e for e in failed if path.stage2_failed in str(e.get("message"))]
+        verify.check(req, bool(match), expected="stage 2 reports its failure" + (
+            f" (\"{path.stage2_failed}\")" if path.stage2_failed else ""),
+            observed=", ".join(repr(e.get("message")) for e in failed) or "no stage-2 failure "
+            "recorded", run=run, role="stage2")
+        execs = events_of(run, "stage2_exec")
+        verify.check(req, not execs, expected="no exec of the payload",
+                     observed="stage2_exec recorded", run=run,
+                     event=execs[0] if execs else None)
+    if path.container_exit is not None:
+        returns = hook_events(run, "master", "monitor_container", ("hook_return",))
+        if returns and isinstance(returns[0].get("result"), int):
+            status = returns[0]["result"]
+            code = os.waitstatus_to_exitcode(status)
+            verify.check(req, code == path.container_exit, expected=f"the container exited "
+                         f"{path.container_exit}", observed=f"wait status {status:#x} "
+                         f"(exit code {code})", run=run, event=returns[0])
+    if path.timeout is not None:
+        role, hook = path.timeout
+        timed = res.timed_out or {}
+        verify.check(req, timed.get("hook") == hook and timed.get("hook_role") == role,
+                     expected=f"a hook timeout naming {hook} in the {role}",
+                     observed=f"timed_out {res.timed_out!r}", run=run, role=role, hook=hook)
+        left = [leak for leak in res.leaks if leak.get("what") == "process"]
+        verify.check(req, not left, expected="the run's whole process tree killed",
+                     observed=lambda: f"left behind: {left}", run=run)
+    if path.starter_error is not None:
+        stage, text = path.starter_error
+        errors = events_of(run, "starter_error")
+        match = [e for e in errors if e.get("stage") == stage and text in str(e.get("message"))]
+        verify.check(req, bool(match), expected=f"rejected by the starter ({stage}) with a "
+                     f"message naming {text}", observed=", ".join(
+                         f"{e.get('stage')}: {e.get('message')!r}" for e in errors)
+                     or "no starter error recorded", run=run, role="starter")
+    if path.no_namespaces:
+        created = events_of(run, "namespaces") + events_of(run, "process_start",
+                                                           role="container")
+        verify.check(req, not created, expected="no container namespace created",
+                     observed=lambda: f"{describe_event(created[0])}", run=run,
+                     event=created[0] if created else None)
+
+
+# --- cleanup, join-only, ledger ------------------------------------------------------------
+
+def check_no_leaks(verify: Verifier, run: Run, requirement: str) -> None:
+    run = verify.used(run.usable())
+    leaks = run.result.leaks
+    verify.check(requirement, not leaks, expected="nothing left behind",
+                 observed=lambda: "; ".join(f"{leak.get('what')}: {leak.get('detail')}"
+                                            for leak in leaks),
+                 run=run, event=next((e for e in run.events if e.get("kind") == "leak"), None))
+
+
+def check_cleanup_returned(verify: Verifier, run: Run, requirement: str) -> None:
+    run = verify.used(run.usable())
+    raised = hook_events(run, "master", "cleanup_container", ("hook_raise",))
+    returned = hook_events(run, "master", "cleanup_container", ("hook_return",))
+    verify.check(requirement, bool(returned) and not raised, expected="cleanup_container "
+                 "returns without raising after the failure",
+                 observed=lambda: (f"it raised {raised[0]['error'].get('type')}: "
+                                   f"{raised[0]['error'].get('message')}" if raised
+                                   else "it did not run"),
+                 run=run, event=raised[0] if raised else None, role="master",
+                 hook="cleanup_container")
+
+
+JOIN_HOOKS = {"stage1": {"config", "init_config", "prepare_config"},
+              "stage2": {"config", "init_config", "start_process"}}
+
+
+def check_join_only_hooks(verify: Verifier, run: Run, requirement: str) -> None:
+    run = verify.used(run.usable())
+    for event in hook_events(run, kinds=("hook_enter",)):
+        allowed = JOIN_HOOKS.get(event["role"], set())
+        verify.check(requirement, event["hook"] in allowed, expected="only config, "
+                     "init_config, prepare_config and start_process", observed=f"{event['hook']}"
+                     f" ran in the {event['role']}", run=run, event=event)
+    started = hook_events(run, "stage2", "start_process", ("hook_enter",))
+    verify.check(requirement, bool(started), expected="start_process runs",
+                 observed="it did not run", run=run, role="stage2", hook="start_process")
+    verify.check(requirement, run.result.exit_code == run.scenario.expected_exit,
+                 expected=f"exit code {run.scenario.expected_exit}",
+                 observed=f"exit code {run.result.exit_code} ({run.result.reason})", run=run)
+
+
+def check_ledger_schema(verify: Verifier, run: Run, requirement: str) -> None:
+    from kit.ledger import validate
+
+    run = verify.used(run.usable())
+    problems = validate(run.result.ledger.document)
+    verify.check(requirement, not problems, expected="a ledger valid against its schema",
+                 observed=lambda: "; ".join(problems[:5]), run=run)
+
+
+def check_hook_pairs(verify: Verifier, run: Run, requirement: str) -> None:
+    run = verify.used(run.usable())
+    events = run.events
+    timed = run.result.timed_out or {}
+    for i, event in enumerate(events):
+        if event.get("kind") != "hook_enter":
+            continue
+        verify.check(requirement, bool(event.get("snapshot")), expected="a privilege snapshot "
+                     "at hook entry", observed="none", run=run, event=event)
+        if event["hook"] == "start_process":
+            continue  # it execs (or fails through stage2_failed)
+        if (timed.get("hook"), timed.get("hook_role")) == (event["hook"], event["role"]):
+            continue
+        done = [e for e in events[i + 1:] if e.get("kind") in ("hook_return", "hook_raise")
+                and e.get("role") == event["role"] and e.get("pid") == event["pid"]
+                and e.get("tid") == event["tid"] and e.get("hook") == event["hook"]]
+        verify.check(requirement, bool(done), expected="a hook_return or hook_raise for this "
+                     "entry", observed="none recorded", run=run, event=event)

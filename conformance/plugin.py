@@ -1,0 +1,596 @@
+"""The pytest plugin (entry point ``pytest11: conformance``): ``pytest --engine=NAME``.
+
+Without an engine (no ``--engine``, no ini option ``engine``, no ``CONFORMANCE_ENGINE``) the
+plugin only registers its options and markers: any other test run is unaffected. With an
+engine it
+
+- collects the installed suite (``conformance/suite``) unless paths were given;
+- parametrizes each conformance test with the flows it applies to, deselects the flows not
+  asked for (``--flow``) and reports those this machine cannot run as not-configured
+  (failures with ``--strict``);
+- runs each (flow, scenario) lifecycle once per process, ahead of the tests that read it;
+- turns every test into one outcome per requirement (see :mod:`conformance.outcomes`), with
+  known failures (``--known-failures FILE``) as xfail;
+- writes the JSON report (``--conformance-report PATH``) on the controller, merging the
+  results and ledgers of pytest-xdist workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from conformance import SUITE_VERSION, outcomes
+from conformance.capabilities import Capabilities
+from conformance.expectations import FLOWS
+from conformance.markers import MARKERS, declared
+
+ENV_ENGINE = "CONFORMANCE_ENGINE"
+BACKENDS = ("real",)
+SUITE_DIR = Path(__file__).resolve().parent / "suite"
+
+STATE = pytest.StashKey["ConformanceState"]()
+ITEM = pytest.StashKey["ItemInfo"]()
+VERIFIER = pytest.StashKey[Any]()
+OUTCOMES = pytest.StashKey[dict]()
+
+
+class ConformanceFailure(AssertionError):
+    """One or more requirements failed; the message renders every violation."""
+
+
+# --- options and configuration -----------------------------------------------------------------
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("conformance", "engine conformance suite (SPEC.md)")
+    group.addoption("--engine", metavar="NAME",
+                    help="run the conformance suite against this engine: a registered name, "
+                         "a kit.engines entry point or module:attribute (also: ini option "
+                         f"'engine', env {ENV_ENGINE})")
+    group.addoption("--flow", action="append", default=[], metavar="FLOW[,FLOW…]",
+                    help=f"flows to check (repeatable or comma-separated; default all: "
+                         f"{', '.join(FLOWS)}; those this machine cannot run are reported "
+                         "not-configured)")
+    group.addoption("--backend", metavar="NAME", default=None,
+                    help="backend of the runs: only 'real' is implemented")
+    group.addoption("--conformance-report", metavar="PATH",
+                    help="write the JSON conformance report to PATH")
+    group.addoption("--conformance-strict", action="store_true", default=False,
+                    help="a flow or scenario this machine cannot run is a failure (also "
+                         "enabled by pytest's --strict)")
+    group.addoption("--known-failures", metavar="FILE",
+                    help="the engine's known failures: 'REQUIREMENT[flow,…]: reason' per line")
+    group.addoption("--hook-timeout", type=float, default=None, metavar="SECONDS",
+                    help="seconds a hook may take before the run is killed (kit default "
+                         "when omitted)")
+    parser.addini("engine", "conformance: the engine to check (like --engine)", default="")
+
+
+def _engine_setting(config: pytest.Config) -> tuple[str | None, str | None]:
+    """(engine, where it came from): command line, then ini option, then environment."""
+    value = config.getoption("engine")
+    if value:
+        return value, "the command line (--engine)"
+    value = config.getini("engine")
+    if value:
+        where = config.inipath.name if config.inipath else "the ini file"
+        return value, f"the ini option 'engine' ({where})"
+    value = os.environ.get(ENV_ENGINE)
+    if value:
+        return value, f"the environment variable {ENV_ENGINE}"
+    return None, None
+
+
+@dataclass
+class ItemInfo:
+    requirements: list[str]
+    flow: str
+    scenarios: list[str]
+    requires: list[str]
+    test: str
+    known: dict[str, outcomes.KnownFailure]
+
+
+@dataclass
+class ConformanceState:
+    engine: str
+    engine_source: str
+    engine_name: str
+    origin: str
+    capabilities: dict[str, bool]
+    capabilities_source: str
+    backend: str
+    flows: tuple[str, ...]
+    flows_source: str
+    environment: dict[str, tuple[bool, str]]
+    invoker: dict[str, Any] | None
+    strict: bool
+    strict_source: str
+    hook_timeout: float | None
+    known: list[outcomes.KnownFailure]
+    known_source: str | None
+    report_path: str | None
+    worker: str | None
+    xdist_workers: int
+    notes: list[str] = field(default_factory=list)
+    results: outcomes.Results = field(default_factory=outcomes.Results)
+    worker_runs: list[dict[str, Any]] = field(default_factory=list)
+    _cache: Any = None
+    _prefetched: set[str] = field(default_factory=set)
+
+    def supports(self, capabilities: list[str] | tuple[str, ...]) -> list[str]:
+        """The capabilities among ``capabilities`` the engine does not declare."""
+        return [c for c in capabilities if not self.capabilities.get(c)]
+
+    def cache(self) -> Any:
+        if self._cache is None:
+            from conformance.runs import RunCache
+
+            parallel = max(1, (os.cpu_count() or 2) // max(1, self.xdist_workers))
+            self._cache = RunCache(self.engine, self.backend, self.hook_timeout,
+                                   parallel=min(parallel, 3), worker=self.worker or "main")
+        return self._cache
+
+    def prefetch(self, flow: str, session: pytest.Session) -> None:
+        """Start every run the remaining tests of ``flow`` read (once per flow)."""
+        if flow in self._prefetched:
+            return
+        self._prefetched.add(flow)
+        from conformance.scenarios import SCENARIOS
+
+        wanted: list[str] = []
+        for item in session.items:
+            info = item.stash.get(ITEM, None)
+            if info is None or info.flow != flow or self.supports(info.requires):
+                continue
+            for name in info.scenarios:
+                scenario = SCENARIOS.get(name)
+                if (scenario is not None and name not in wanted
+                        and not self.supports(scenario.requires)
+                        and (scenario.flows is None or flow in scenario.flows)):
+                    wanted.append(name)
+        for name in wanted:
+            self.cache().submit(flow, name)
+
+
+def _parse_flows(values: list[str]) -> tuple[str, ...]:
+    asked = [f.strip() for value in values for f in value.split(",") if f.strip()]
+    unknown = [f for f in asked if f not in FLOWS]
+    if unknown:
+        raise pytest.UsageError(f"--flow: unknown flow(s) {', '.join(unknown)} "
+                                f"(known: {', '.join(FLOWS)})")
+    return tuple(f for f in FLOWS if f in asked) if asked else FLOWS
+
+
+def _make_state(config: pytest.Config, engine: str, source: str) -> ConformanceState:
+    from kit import environment, registry
+
+    from conformance import capabilities as caps_module
+    from conformance.catalogue import SuiteDeclarationError, tests_by_requirement
+
+    backend = config.getoption("backend") or "real"
+    if backend not in BACKENDS:
+        raise pytest.UsageError(
+            f"--backend {backend}: only the 'real' backend is implemented (the fake and auto "
+            "backends of SPEC §9 come in a later issue)")
+    try:
+        reg = registry.find(engine)
+    except registry.RegistryError as exc:
+        raise pytest.UsageError(f"conformance: engine from {source}: {exc}") from None
+    except Exception as exc:  # the engine module itself failed to import
+        raise pytest.UsageError(f"conformance: cannot load engine {engine!r} (from {source}): "
+                                f"{type(exc).__name__}: {exc}") from None
+    try:
+        capabilities, cap_source = caps_module.for_engine(reg)
+        declared_caps = capabilities.as_dict()
+    except (TypeError, caps_module.UnknownCapability) as exc:
+        raise pytest.UsageError(f"conformance: engine {engine!r}: {exc}") from None
+    flows = _parse_flows(config.getoption("flow"))
+    flows_source = "--flow" if config.getoption("flow") else "default: every flow"
+    try:
+        index = tests_by_requirement()
+    except SuiteDeclarationError as exc:
+        raise pytest.UsageError(f"conformance suite: {exc}") from None
+    known: list[outcomes.KnownFailure] = []
+    known_path = config.getoption("known_failures")
+    if known_path:
+        try:
+            text = Path(known_path).read_text()
+        except OSError as exc:
+            raise pytest.UsageError(f"--known-failures: {exc}") from None
+        try:
+            known = outcomes.parse_known_failures(text, known_path, index)
+        except outcomes.KnownFailuresError as exc:
+            raise pytest.UsageError(str(exc)) from None
+    strict_option = bool(config.getoption("conformance_strict"))
+    strict_ini = bool(config.getini("strict"))
+    strict_source = ("--conformance-strict" if strict_option else
+                     "pytest's strict option" if strict_ini else "off")
+    try:
+        from kit.request import Invoker
+
+        invoker: dict[str, Any] | None = dict(vars(Invoker.resolve()))
+    except ValueError:
+        invoker = None
+    workerinput = getattr(config, "workerinput", None)
+    numprocesses = getattr(config.option, "numprocesses", None) or 0
+    return ConformanceState(
+        engine=engine, engine_source=source, engine_name=reg.name, origin=reg.origin,
+        capabilities=declared_caps, capabilities_source=cap_source, backend=backend,
+        flows=flows, flows_source=flows_source, environment=dict(environment.flows()),
+        invoker=invoker, strict=strict_option or strict_ini, strict_source=strict_source,
+        hook_timeout=config.getoption("hook_timeout"), known=known,
+        known_source=known_path, report_path=config.getoption("conformance_report"),
+        worker=workerinput["workerid"] if workerinput else None,
+        xdist_workers=int(workerinput.get("workercount", 1)) if workerinput
+        else int(numprocesses) if isinstance(numprocesses, int) else 1)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for text in MARKERS.values():
+        config.addinivalue_line("markers", text)
+    engine, source = _engine_setting(config)
+    if engine is None:
+        return
+    state = _make_state(config, engine, source)
+    config.stash[STATE] = state
+    if config.args_source != pytest.Config.ArgsSource.ARGS:
+        config.args = [str(SUITE_DIR)]
+        state.notes.append(f"collecting the installed suite {SUITE_DIR}")
+    if getattr(config.option, "dist", "no") == "load":
+        # One worker per flow group: each worker runs the lifecycles of its flows only once.
+        config.option.dist = "loadgroup"
+        state.notes.append("pytest-xdist: --dist load -> loadgroup (tests grouped by flow)")
+    config.pluginmanager.register(SessionPlugin(state), "conformance-session")
+
+
+# --- parametrization and fixtures (always present; inert without an engine) ---------------------
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "flow" not in metafunc.fixturenames:
+        return
+    if not declared(metafunc.definition, "requirement"):
+        return
+    flows = declared(metafunc.definition, "flows") or list(FLOWS)
+    metafunc.parametrize("flow", flows, ids=flows, indirect=True)
+
+
+@pytest.fixture
+def flow(request: pytest.FixtureRequest) -> str:
+    """The flow of this test (parametrized); skips when this machine cannot run it."""
+    state = request.config.stash.get(STATE, None)
+    if state is None:
+        pytest.skip("conformance suite: no engine selected (use --engine NAME)")
+    name = getattr(request, "param", None)
+    if name is None:
+        raise pytest.UsageError(f"{request.node.nodeid}: a conformance test needs "
+                                "@requirement(...) to be parametrized with flows")
+    ok, why = state.environment.get(name, (False, "unknown flow"))
+    if not ok:
+        if state.strict:
+            pytest.fail(f"{outcomes.STRICT_PREFIX}flow {name} cannot run here: {why}",
+                        pytrace=False)
+        pytest.skip(f"{outcomes.NOT_CONFIGURED_PREFIX}flow {name} cannot run here: {why}")
+    return name
+
+
+class Lifecycle:
+    """``lifecycle("default")``: the cached run of a scenario in the test's flow."""
+
+    def __init__(self, state: ConformanceState, flow: str, session: pytest.Session,
+                 declared_scenarios: list[str]) -> None:
+        self.state = state
+        self.flow = flow
+        self.session = session
+        self.declared = declared_scenarios
+
+    def unavailable(self, name: str) -> str | None:
+        from conformance.scenarios import SCENARIOS
+
+        scenario = SCENARIOS[name]
+        missing = self.state.supports(scenario.requires)
+        if missing:
+            return "; ".join(f"the engine does not declare capability {c} "
+                             f"({Capabilities.describe(c)})" for c in missing)
+        if scenario.flows is not None and self.flow not in scenario.flows:
+            return f"scenario {name} does not apply to flow {self.flow}"
+        return None
+
+    def optional(self, name: str) -> Any:
+        """The run, or None when the engine lacks a capability the scenario needs."""
+        from conformance.checks import SuiteError
+
+        if name not in self.declared:
+            raise SuiteError(f"scenario {name!r} is read but not declared with @scenarios")
+        if self.unavailable(name):
+            return None
+        self.state.prefetch(self.flow, self.session)
+        return self.state.cache().get(self.flow, name)
+
+    def __call__(self, name: str) -> Any:
+        run = self.optional(name)
+        if run is None:
+            pytest.skip(outcomes.NOT_SUPPORTED_PREFIX + str(self.unavailable(name)))
+        return run
+
+
+@pytest.fixture
+def lifecycle(request: pytest.FixtureRequest, flow: str) -> Lifecycle:
+    """Access to the lifecycle runs of this flow: ``lifecycle("default")``."""
+    state = request.config.stash[STATE]
+    return Lifecycle(state, flow, request.session, declared(request.node, "scenarios"))
+
+
+@pytest.fixture
+def verify(request: pytest.FixtureRequest, flow: str) -> Any:
+    """The test's :class:`conformance.checks.Verifier`."""
+    from conformance.checks import Verifier
+
+    info = request.node.stash.get(ITEM, None)
+    verifier = Verifier(flow, declared(request.node, "requirement"),
+                        info.test if info else request.node.nodeid)
+    request.node.stash[VERIFIER] = verifier
+    return verifier
+
+
+@pytest.fixture
+def engine_name(request: pytest.FixtureRequest) -> str:
+    """The registered name of the engine under test (prefix of its RPC methods)."""
+    return request.config.stash[STATE].engine_name
+
+
+# --- the session (only with an engine) -----------------------------------------------------------
+
+def _test_id(item: pytest.Item) -> str:
+    return f"{item.path.name}::{item.name}"
+
+
+class SessionPlugin:
+    def __init__(self, state: ConformanceState) -> None:
+        self.state = state
+
+    # -- header ------------------------------------------------------------------------------
+    def pytest_report_header(self, config: pytest.Config) -> list[str]:
+        s = self.state
+        cannot = [f"{f} ({why})" for f, (ok, why) in s.environment.items()
+                  if not ok and f in s.flows]
+        caps = ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in s.capabilities.items())
+        lines = [
+            f"conformance: engine {s.engine!r} from {s.engine_source} -> {s.engine_name} "
+            f"({s.origin}); suite {SUITE_VERSION}",
+            f"conformance: backend {s.backend}; flows {', '.join(s.flows)} ({s.flows_source})"
+            + (f"; not configured here: {'; '.join(cannot)}" if cannot else ""),
+            f"conformance: capabilities from {s.capabilities_source}: {caps}",
+            f"conformance: strict {'on' if s.strict else 'off'} ({s.strict_source}); known "
+            f"failures: {len(s.known)}" + (f" from {s.known_source}" if s.known_source else "")
+            + (f"; report: {s.report_path}" if s.report_path else ""),
+        ]
+        lines += [f"conformance: {note}" for note in s.notes]
+        return lines
+
+    # -- collection ------------------------------------------------------------------------------
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collection_modifyitems(self, session: pytest.Session, config: pytest.Config,
+                                      items: list[pytest.Item]) -> None:
+        keep, drop = [], []
+        for item in items:
+            reqs = declared(item, "requirement")
+            callspec = getattr(item, "callspec", None)
+            flow = callspec.params.get("flow") if callspec else None
+            if not reqs or flow is None:
+                keep.append(item)
+                continue
+            if flow not in self.state.flows:
+                drop.append(item)
+                continue
+            known = {}
+            for req in reqs:
+                entry = outcomes.known_failure(self.state.known, req, flow)
+                if entry is not None:
+                    known[req] = entry
+            item.stash[ITEM] = ItemInfo(reqs, flow, declared(item, "scenarios"),
+                                        declared(item, "requires"), _test_id(item), known)
+            for req in reqs:
+                item.extra_keyword_matches.add(req)
+                item.user_properties.append(("requirement", req))
+            item.user_properties += [("flow", flow), ("backend", self.state.backend)]
+            item.add_marker(pytest.mark.xdist_group(flow))
+            keep.append(item)
+        if drop:
+            config.hook.pytest_deselected(items=drop)
+            items[:] = keep
+
+    # -- running ---------------------------------------------------------------------------------
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
+        info = item.stash.get(ITEM, None)
+        if info is None:
+            return
+        missing = self.state.supports(info.requires)
+        if missing:
+            pytest.skip(outcomes.NOT_SUPPORTED_PREFIX + "; ".join(
+                f"the engine does not declare capability {c} ({Capabilities.describe(c)})"
+                for c in missing))
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_call(self, item: pytest.Item) -> Iterator[None]:
+        info = item.stash.get(ITEM, None)
+        if info is None:
+            return (yield)
+        try:
+            result = yield
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:
+            item.stash[OUTCOMES] = _outcomes_after_exception(item, info, exc)
+            raise
+        verdicts = _evaluate(item, info)
+        item.stash[OUTCOMES] = verdicts
+        for req, (outcome, _) in verdicts.items():
+            item.user_properties.append(("conformance_outcome", f"{req}: {outcome}"))
+        failed = [msg for outcome, msg in verdicts.values() if outcome == outcomes.FAILED]
+        if failed:
+            raise ConformanceFailure("\n\n".join(failed))
+        broken = [msg for outcome, msg in verdicts.values() if outcome == outcomes.BROKEN]
+        if broken:
+            raise HarnessFailure("\n\n".join(broken))
+        xfailed = [msg for outcome, msg in verdicts.values() if outcome == outcomes.XFAIL]
+        if xfailed:
+            pytest.xfail("; ".join(xfailed))
+        if all(outcome == outcomes.NOT_SUPPORTED for outcome, _ in verdicts.values()):
+            pytest.skip(outcomes.NOT_SUPPORTED_PREFIX + "; ".join(
+                msg for _, msg in verdicts.values()))
+        return result
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]
+                                  ) -> Iterator[None]:
+        report = yield
+        info = item.stash.get(ITEM, None)
+        if info is not None:
+            report.conformance = _entries(item, info, call, report, self.state)
+        return report
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        entries = getattr(report, "conformance", None)
+        if entries:
+            self.state.results.add(report.nodeid, report.when, entries)
+
+    # -- xdist ---------------------------------------------------------------------------------
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        output = getattr(node, "workeroutput", None) or {}
+        self.state.worker_runs.extend(output.get("conformance_runs") or [])
+
+    # -- the end ---------------------------------------------------------------------------------
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        state = self.state
+        runs = state._cache.finished() if state._cache is not None else []
+        if state._cache is not None:
+            state._cache.close()
+        docs = [r.to_json() for r in runs]
+        if state.worker is not None:
+            session.config.workeroutput["conformance_runs"] = docs  # type: ignore[attr-defined]
+            return
+        if state.report_path:
+            from conformance import report
+
+            doc = report.build(state, state.results, docs + state.worker_runs)
+            path = Path(state.report_path)
+            if path.parent and not path.parent.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(doc, indent=1))
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        state = self.state
+        if state.worker is not None:
+            return
+        merged = state.results.merged()
+        summary = outcomes.Results.summary(merged)
+        terminalreporter.section("conformance")
+        counts = ", ".join(f"{summary[o]} {o}" for o in outcomes.OUTCOMES)
+        terminalreporter.line(f"engine {state.engine_name}: {summary['total']} results "
+                              f"(requirement x flow): {counts}")
+        for entry in merged:
+            if entry["outcome"] in (outcomes.FAILED, outcomes.BROKEN):
+                first = entry["message"].splitlines()[0] if entry["message"] else ""
+                terminalreporter.line(f"  {entry['outcome'].upper()} {entry['requirement']}"
+                                      f"[{entry['flow']}] {first[:150]}")
+        if state.report_path:
+            terminalreporter.line(f"report: {state.report_path}")
+
+
+class HarnessFailure(Exception):
+    """The harness could not decide one or more requirements (reported broken)."""
+
+
+# --- outcomes -----------------------------------------------------------------------------------
+
+def _known_message(entry: outcomes.KnownFailure) -> str:
+    return f"known failure ({entry.where()}): {entry.reason}"
+
+
+def _evaluate(item: pytest.Item, info: ItemInfo) -> dict[str, tuple[str, str]]:
+    """Outcome and message per declared requirement, after the test body returned."""
+    verifier = item.stash.get(VERIFIER, None)
+    out: dict[str, tuple[str, str]] = {}
+    for req in info.requirements:
+        known = info.known.get(req)
+        if verifier is None:
+            out[req] = (outcomes.BROKEN, f"{info.test} did not use the verify fixture")
+            continue
+        if verifier.violations[req]:
+            text = verifier.render(req)
+            if known is not None:
+                out[req] = (outcomes.XFAIL, f"{req}: {_known_message(known)}\n{text}")
+            else:
+                out[req] = (outcomes.FAILED, text)
+        elif req in verifier.unsupported_reasons:
+            out[req] = (outcomes.NOT_SUPPORTED, f"{req}: {verifier.unsupported_reasons[req]}")
+        elif verifier.checks[req] == 0:
+            out[req] = (outcomes.BROKEN, f"{req}: {info.test} made no check of it")
+        elif known is not None:
+            out[req] = (outcomes.FAILED, f"{req}: unexpected pass: listed as a "
+                        f"{_known_message(known)}, but every check passed; remove the entry")
+        else:
+            out[req] = (outcomes.PASSED, verifier.notes.get(req, ""))
+    return out
+
+
+def _outcomes_after_exception(item: pytest.Item, info: ItemInfo, exc: BaseException
+                              ) -> dict[str, tuple[str, str]]:
+    verifier = item.stash.get(VERIFIER, None)
+    if isinstance(exc, pytest.skip.Exception):
+        outcome, message = outcomes.skip_outcome(str(exc.msg))
+        return {req: (outcome, message) for req in info.requirements}
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, AssertionError):
+        return {req: (outcomes.FAILED, text) for req in info.requirements}
+    out = {}
+    for req in info.requirements:
+        if verifier is not None and verifier.violations[req]:
+            out[req] = (outcomes.FAILED, verifier.render(req))
+        else:
+            out[req] = (outcomes.BROKEN, f"{req}: harness error: {text}")
+    return out
+
+
+def _entries(item: pytest.Item, info: ItemInfo, call: pytest.CallInfo[None],
+             report: pytest.TestReport, state: ConformanceState) -> list[dict[str, Any]]:
+    verifier = item.stash.get(VERIFIER, None)
+    runs = list(verifier.runs) if verifier is not None else []
+
+    def entries(pairs: dict[str, tuple[str, str]]) -> list[dict[str, Any]]:
+        return [outcomes.result(req, info.flow, state.backend, outcome, info.test, message,
+                                runs) for req, (outcome, message) in pairs.items()]
+
+    if call.when == "setup":
+        if report.skipped:
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(
+                report.longrepr)
+            outcome, message = outcomes.skip_outcome(reason)
+            return entries({req: (outcome, message) for req in info.requirements})
+        if report.failed:
+            text = call.excinfo.exconly() if call.excinfo else str(report.longrepr)
+            if outcomes.STRICT_PREFIX in text:
+                message = text[text.index(outcomes.STRICT_PREFIX):]
+                return entries({req: (outcomes.FAILED, message) for req in info.requirements})
+            return entries({req: (outcomes.BROKEN, f"setup error: {text}")
+                            for req in info.requirements})
+        return []
+    if call.when == "call":
+        verdicts = item.stash.get(OUTCOMES, None)
+        if verdicts is None:
+            text = call.excinfo.exconly() if call.excinfo else "no outcome"
+            verdicts = {req: (outcomes.BROKEN, text) for req in info.requirements}
+        return entries(verdicts)
+    if report.failed:  # teardown error
+        text = call.excinfo.exconly() if call.excinfo else str(report.longrepr)
+        return entries({req: (outcomes.BROKEN, f"teardown error: {text}")
+                        for req in info.requirements})
+    return []

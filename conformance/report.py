@@ -1,0 +1,132 @@
+"""The machine-readable report (``--conformance-report PATH``) and its schema.
+
+Schema version 1::
+
+    {
+      "schema_version": 1,
+      "suite_version": "0.1.0",
+      "generated": "2025-01-01T00:00:00+00:00",
+      "engine": {"spec", "name", "source", "origin", "capabilities": {name: bool},
+                 "capabilities_source"},
+      "environment": {"kernel", "machine", "python", "pytest", "uid", "euid",
+                      "user_namespaces": bool, "user_namespaces_reason", "invoker",
+                      "flows": {flow: {"runnable", "reason", "selected", "backend"}},
+                      "backend": {flow: backend}, "xdist_workers", "strict"},
+      "summary": {outcome: count, ..., "total"},
+      "results": [{"requirement", "level", "section", "text", "flow", "backend", "outcome",
+                   "test", "tests", "message", "runs"}],
+      "unchecked": [{"requirement", "level", "section", "text", "reason"}],
+      "known_failures": [{"requirement", "flows", "reason", "where"}],
+      "runs": [{"id", "flow", "scenario", "backend", "argv", "engine_config", "worker",
+                "seconds", "notes", "error", "exit_code", "reason", "leaks", "timed_out",
+                "stdout", "stderr", "ledger"}]
+    }
+
+``results`` has one entry per requirement × flow that the session decided; ``runs`` holds the
+full ledger of every lifecycle run the results refer to.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+from typing import Any
+
+import pytest
+
+from conformance import SUITE_VERSION, requirements
+from conformance.outcomes import OUTCOMES, Results
+
+SCHEMA_VERSION = 1
+
+RESULT_KEYS = ("requirement", "level", "section", "text", "flow", "backend", "outcome", "test",
+               "tests", "message", "runs")
+TOP_KEYS = ("schema_version", "suite_version", "generated", "engine", "environment",
+            "summary", "results", "unchecked", "known_failures", "runs")
+
+
+def build(state: Any, results: Results, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    from conformance.catalogue import tests_by_requirement
+
+    entries = results.merged()
+    env = state.environment
+    index = tests_by_requirement()
+    user = state.invoker
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "suite_version": SUITE_VERSION,
+        "generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "engine": {"spec": state.engine, "name": state.engine_name, "source": state.engine_source,
+                   "origin": state.origin, "capabilities": state.capabilities,
+                   "capabilities_source": state.capabilities_source},
+        "environment": {
+            "kernel": platform.release(), "machine": platform.machine(),
+            "python": platform.python_version(), "pytest": pytest.__version__,
+            "uid": os.getuid(), "euid": os.geteuid(),
+            "user_namespaces": bool(env.get("userns", (False, ""))[0]),
+            "user_namespaces_reason": env.get("userns", (False, ""))[1],
+            "invoker": user,
+            "flows": {flow: {"runnable": ok, "reason": why, "selected": flow in state.flows,
+                             "backend": state.backend}
+                      for flow, (ok, why) in env.items()},
+            "backend": {flow: state.backend for flow in env},
+            "xdist_workers": state.xdist_workers,
+            "strict": state.strict,
+        },
+        "summary": Results.summary(entries),
+        "results": entries,
+        "unchecked": [{"requirement": r.id, "level": r.level, "section": r.section,
+                       "text": r.text, "reason": r.unchecked or "no test yet"}
+                      for r in requirements.CATALOGUE.values() if not index[r.id]],
+        "known_failures": [{"requirement": k.requirement, "flows": list(k.flows),
+                            "reason": k.reason, "where": k.where()} for k in state.known],
+        "runs": sorted(runs, key=lambda r: (r.get("flow", ""), r.get("scenario", ""),
+                                            r.get("worker", ""))),
+    }
+
+
+def validate(doc: dict[str, Any]) -> list[str]:
+    """Problems of a report against schema version 1 (empty when valid)."""
+    problems = [f"missing key {k!r}" for k in TOP_KEYS if k not in doc]
+    if problems:
+        return problems
+    if doc["schema_version"] != SCHEMA_VERSION:
+        problems.append(f"schema_version {doc['schema_version']!r}")
+    for key in ("kernel", "python", "uid", "user_namespaces", "flows", "backend"):
+        if key not in doc["environment"]:
+            problems.append(f"environment lacks {key!r}")
+    counts = {o: 0 for o in OUTCOMES}
+    seen = set()
+    run_ids = {r.get("id") for r in doc["runs"]}
+    for i, entry in enumerate(doc["results"]):
+        missing = [k for k in RESULT_KEYS if k not in entry]
+        if missing:
+            problems.append(f"results[{i}] lacks {missing}")
+            continue
+        if entry["requirement"] not in requirements.CATALOGUE:
+            problems.append(f"results[{i}]: unknown requirement {entry['requirement']!r}")
+        elif entry["level"] != requirements.CATALOGUE[entry["requirement"]].level:
+            problems.append(f"results[{i}]: level {entry['level']!r} of "
+                            f"{entry['requirement']} is wrong")
+        if entry["outcome"] not in counts:
+            problems.append(f"results[{i}]: unknown outcome {entry['outcome']!r}")
+        else:
+            counts[entry["outcome"]] += 1
+        key = (entry["requirement"], entry["flow"])
+        if key in seen:
+            problems.append(f"results[{i}]: second entry for {key}")
+        seen.add(key)
+        for run in entry["runs"]:
+            if run not in run_ids:
+                problems.append(f"results[{i}] refers to run {run!r} that is not in runs")
+    for outcome, n in counts.items():
+        if doc["summary"].get(outcome) != n:
+            problems.append(f"summary[{outcome!r}] = {doc['summary'].get(outcome)!r}, "
+                            f"results have {n}")
+    if doc["summary"].get("total") != len(doc["results"]):
+        problems.append("summary total != number of results")
+    for i, run in enumerate(doc["runs"]):
+        if run.get("error") is None and "ledger" not in run:
+            problems.append(f"runs[{i}] ({run.get('id')}) has no ledger")
+    return problems

@@ -1,0 +1,118 @@
+"""Lifecycle runs: each (flow, scenario) is run once per pytest process and shared by every
+test that reads it.
+
+Runs are started ahead of the tests that need them, a few at a time in background threads
+(each run is a separate supervisor process, so threads here only wait), and kept with their
+ledger for the report. Under pytest-xdist every worker has its own cache; the plugin groups
+the tests of one flow on one worker so no run is done twice.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from conformance.scenarios import SCENARIOS, Scenario
+
+#: Hook timeout of the scenarios that hang on purpose (seconds).
+SHORT_HOOK_TIMEOUT = 1.0
+
+
+class HarnessError(RuntimeError):
+    """The suite or the kit could not produce a run: reported as *broken*, not failed."""
+
+
+@dataclass
+class Run:
+    """One finished lifecycle run (or the harness error that prevented it)."""
+
+    flow: str
+    scenario: Scenario
+    backend: str
+    result: Any = None  # kit.launcher.RunResult
+    error: str | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    worker: str = "main"
+
+    @property
+    def id(self) -> str:
+        return f"{self.flow}/{self.scenario.name}"
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        return self.result.ledger.events
+
+    def usable(self) -> Run:
+        if self.error is not None:
+            raise HarnessError(f"run {self.id} could not be made: {self.error}")
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "id": self.id, "flow": self.flow, "scenario": self.scenario.name,
+            "backend": self.backend, "argv": list(self.scenario.argv),
+            "engine_config": self.scenario.config(), "worker": self.worker,
+            "seconds": round(self.seconds, 3), "notes": self.notes, "error": self.error,
+        }
+        if self.result is not None:
+            doc.update(exit_code=self.result.exit_code, reason=self.result.reason,
+                       leaks=self.result.leaks, timed_out=self.result.timed_out,
+                       stdout=self.result.stdout[-4000:], stderr=self.result.stderr[-4000:],
+                       ledger=self.result.ledger.document)
+        return doc
+
+
+class RunCache:
+    """Runs of one engine, by (flow, scenario name), done at most once each."""
+
+    def __init__(self, engine: str, backend: str, hook_timeout: float | None,
+                 parallel: int = 2, worker: str = "main") -> None:
+        self.engine = engine
+        self.backend = backend
+        self.hook_timeout = hook_timeout
+        self.worker = worker
+        self._lock = threading.Lock()
+        self._futures: dict[tuple[str, str], concurrent.futures.Future[Run]] = {}
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, parallel), thread_name_prefix="conformance-run")
+
+    def submit(self, flow: str, name: str) -> concurrent.futures.Future[Run]:
+        with self._lock:
+            key = (flow, name)
+            if key not in self._futures:
+                self._futures[key] = self._pool.submit(self._execute, flow, SCENARIOS[name])
+            return self._futures[key]
+
+    def get(self, flow: str, name: str) -> Run:
+        return self.submit(flow, name).result()
+
+    def _options(self, scenario: Scenario) -> dict[str, Any]:
+        options: dict[str, Any] = {"backend": self.backend}
+        timeout = self.hook_timeout
+        if scenario.short_hook_timeout:
+            timeout = min(timeout or SHORT_HOOK_TIMEOUT, SHORT_HOOK_TIMEOUT)
+        if timeout is not None:
+            options["hook_timeout"] = timeout
+        return options
+
+    def _execute(self, flow: str, scenario: Scenario) -> Run:
+        run = Run(flow, scenario, self.backend, worker=self.worker)
+        start = time.monotonic()
+        try:
+            run.result, run.notes = scenario.start(self.engine, flow, self._options(scenario))
+        except Exception as exc:  # LaunchError, a helper that failed, a kit bug
+            run.error = f"{type(exc).__name__}: {exc}"
+        run.seconds = time.monotonic() - start
+        return run
+
+    def finished(self) -> list[Run]:
+        with self._lock:
+            futures = list(self._futures.values())
+        return [f.result() for f in futures if f.done() and not f.cancelled()]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

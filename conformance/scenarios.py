@@ -1,0 +1,226 @@
+"""Lifecycle scenarios: which payload and engine config a run uses, and how it is driven.
+
+Each scenario is run at most once per flow and process (see :mod:`conformance.runs`); many
+tests read the same run. Scenarios that need an engine capability name it in ``requires``.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from conformance.capabilities import FAULT_FIELD, FAULTS, JOIN_FIELD
+from conformance.expectations import ERROR_PATHS, FORWARDED_SIGNALS
+
+#: Exit code of the signal-forwarding payload when every forwarded signal arrived.
+ALL_SIGNALS_ARRIVED = 42
+#: Exit code base of that payload when some did not: 10 + bit mask (bit i = signal i arrived).
+SIGNAL_MASK_BASE = 10
+
+
+def _python() -> str:
+    """An interpreter any uid can exec (Debian's; a pyenv shim under /root cannot be)."""
+    for path in ("/usr/bin/python3", os.path.realpath(sys.executable)):
+        if os.access(path, os.X_OK):
+            return path
+    return "/usr/bin/python3"
+
+
+def _signal_script() -> str:
+    names = [s[3:] for s in FORWARDED_SIGNALS]  # HUP INT USR1 USR2 TERM
+    flags = [f"s{i}" for i in range(len(names))]
+    traps = "; ".join(f"trap '{flag}=1' {name}" for flag, name in zip(flags, names))
+    total = "+".join(f"{flag}" for flag in flags)
+    mask = "+".join(f"{1 << i}*{flag}" for i, flag in enumerate(flags))
+    return (f"{' '.join(f'{flag}=0' for flag in flags)}; {traps}; n=0; "
+            f"while [ $(({total})) -lt {len(flags)} ] && [ $n -lt 250 ]; do sleep 0.02; "
+            f"n=$((n+1)); done; [ $(({total})) -eq {len(flags)} ] && exit "
+            f"{ALL_SIGNALS_ARRIVED}; exit $(({SIGNAL_MASK_BASE}+{mask}))")
+
+
+def decode_signal_exit(code: int) -> list[str]:
+    """The signals the payload did *not* receive, from its exit code."""
+    if code == ALL_SIGNALS_ARRIVED:
+        return []
+    mask = code - SIGNAL_MASK_BASE
+    if not 0 <= mask < (1 << len(FORWARDED_SIGNALS)):
+        return list(FORWARDED_SIGNALS)
+    return [name for i, name in enumerate(FORWARDED_SIGNALS) if not mask >> i & 1]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One kind of lifecycle run."""
+
+    name: str
+    description: str
+    argv: tuple[str, ...]
+    expected_exit: int | None  # None: depends on the engine (read the ledger)
+    engine_config: tuple[tuple[str, Any], ...] = ()
+    requires: tuple[str, ...] = ("host_payloads",)
+    flows: tuple[str, ...] | None = None  # None: every flow
+    short_hook_timeout: bool = False  # the hang scenarios: a 1 s hook timeout
+    fault: str | None = None
+
+    def config(self) -> dict[str, Any]:
+        return dict(self.engine_config)
+
+    def start(self, engine: str, flow: str, options: dict[str, Any]) -> tuple[Any, dict]:
+        """Run it; returns (RunResult, notes). Subclasses drive the run."""
+        from kit import launcher
+
+        return launcher.run(engine, flow, list(self.argv), engine_config=self.config(),
+                            **options), {}
+
+
+@dataclass(frozen=True)
+class SignalScenario(Scenario):
+    """Sends each forwarded signal once to the master, as soon as the payload has installed
+    its traps (read from its own ``/proc/PID/status`` SigCgt), and waits for the run."""
+
+    def start(self, engine: str, flow: str, options: dict[str, Any]) -> tuple[Any, dict]:
+        from kit import launcher, linux
+
+        handle = launcher.start(engine, flow, list(self.argv), engine_config=self.config(),
+                                **options)
+        notes: dict[str, Any] = {"sent": [], "payload_pid": None}
+        done = threading.Event()
+        pidfd = None
+        if handle.starter_pid is not None:
+            try:
+                pidfd = os.pidfd_open(handle.starter_pid)
+            except OSError as exc:
+                notes["error"] = f"pidfd_open of the master failed: {exc}"
+        wanted = 0
+        for name in FORWARDED_SIGNALS:
+            wanted |= 1 << (signal.Signals[name].value - 1)
+
+        def drive() -> None:
+            deadline = time.monotonic() + 20
+            while not done.is_set() and time.monotonic() < deadline:
+                for pid in linux.descendants(handle.starter_pid):
+                    if _caught_mask(pid) & wanted == wanted:
+                        notes["payload_pid"] = pid
+                        for name in FORWARDED_SIGNALS:
+                            try:
+                                signal.pidfd_send_signal(pidfd, signal.Signals[name].value)
+                                notes["sent"].append(name)
+                            except OSError as exc:
+                                notes["error"] = f"sending {name} to the master: {exc}"
+                                return
+                        return
+                done.wait(0.005)
+            notes.setdefault("error", "the payload never installed its signal traps")
+
+        driver = None
+        if pidfd is not None:
+            driver = threading.Thread(target=drive, name="conformance-signals", daemon=True)
+            driver.start()
+        try:
+            result = handle.wait()
+        finally:
+            done.set()
+            if driver is not None:
+                driver.join()
+            if pidfd is not None:
+                os.close(pidfd)
+        return result, notes
+
+
+def _caught_mask(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+@dataclass(frozen=True)
+class JoinScenario(Scenario):
+    """Starts a helper process in new uts and ipc namespaces and asks the engine for a
+    join-only run into them (``conformance_join``)."""
+
+    join_kinds: tuple[str, ...] = ("uts", "ipc")
+
+    def start(self, engine: str, flow: str, options: dict[str, Any]) -> tuple[Any, dict]:
+        from kit import launcher
+
+        flags = {"uts": 0x04000000, "ipc": 0x08000000}
+        mask = sum(flags[k] for k in self.join_kinds)
+        code = ("import ctypes, os, sys\n"
+                "libc = ctypes.CDLL(None, use_errno=True)\n"
+                f"if libc.unshare({mask}) != 0:\n"
+                "    print('error', os.strerror(ctypes.get_errno()), flush=True); sys.exit(1)\n"
+                "print('ready', flush=True)\n"
+                "sys.stdin.read()\n")
+        helper = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            ready, _, _ = select.select([helper.stdout], [], [], 10)
+            line = helper.stdout.readline().strip() if ready else "timeout"
+            if line != "ready":
+                raise HelperError(f"could not create namespaces to join: {line}")
+            paths = {k: f"/proc/{helper.pid}/ns/{k}" for k in self.join_kinds}
+            notes = {"targets": {k: os.stat(p).st_ino for k, p in paths.items()},
+                     "paths": paths}
+            config = {**self.config(), JOIN_FIELD: paths}
+            result = launcher.run(engine, flow, list(self.argv), engine_config=config,
+                                  **options)
+            return result, notes
+        finally:
+            helper.stdin.close()
+            try:
+                helper.wait(5)
+            except subprocess.TimeoutExpired:
+                helper.kill()
+                helper.wait()
+
+
+class HelperError(RuntimeError):
+    """The suite could not prepare a scenario (not the engine's fault)."""
+
+
+_EXIT_7 = ("/bin/sh", "-c", "exit 7")
+
+_LIST: list[Scenario] = [
+    Scenario("default", "a payload that prints its own /proc/self/status and uid_map, exit 0",
+             ("/bin/cat", "/proc/self/status", "/proc/self/uid_map"), 0),
+    Scenario("exit-code", "a payload that exits 7", _EXIT_7, 7),
+    SignalScenario("signals", "a payload that traps the forwarded signals; the suite sends "
+                   "each of them once to the master", ("/bin/sh", "-c", _signal_script()),
+                   ALL_SIGNALS_ARRIVED),
+    Scenario("signal-death", "a payload that dies of SIGSEGV",
+             (_python(), "-S", "-c", "import ctypes, resource; "
+              "resource.setrlimit(resource.RLIMIT_CORE, (0, 0)); ctypes.string_at(0)"),
+             128 + signal.SIGSEGV),
+    Scenario("exec-failure", "a payload path that does not exist",
+             ("/nonexistent/conformance-payload",), None, requires=()),
+    JoinScenario("join", "a join-only run into a helper's uts and ipc namespaces",
+                 ("/bin/true",), 0, requires=("host_payloads", "join_only"),
+                 flows=("root", "suid")),
+]
+for _path in {p.fault: p for p in ERROR_PATHS.values()}.values():
+    assert _path.fault in FAULTS, _path.fault
+    _LIST.append(Scenario(
+        f"fault:{_path.fault}", f"the engine fails on request: {FAULTS[_path.fault]}", _EXIT_7,
+        7 if _path.exit_code is None else _path.exit_code,
+        engine_config=((FAULT_FIELD, _path.fault),),
+        requires=("host_payloads", "fault_injection"),
+        short_hook_timeout=_path.fault.endswith(":hang"), fault=_path.fault))
+
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in _LIST}
+
+
+def fault_scenario(requirement: str) -> str:
+    """The scenario name that makes the error path of ``requirement`` happen."""
+    return f"fault:{ERROR_PATHS[requirement].fault}"

@@ -1,0 +1,83 @@
+"""Lifecycle order and counts: which hook runs where, when, and how often (SPEC §1, §2)."""
+
+from conformance import requirement, scenarios
+from conformance.checks import check_hook_roles, check_pid_one, check_rules
+
+#: Successful runs every order rule is checked on.
+SUCCESSFUL = ("default", "exit-code")
+
+
+def _rules(lifecycle, verify, req):
+    for name in SUCCESSFUL:
+        check_rules(verify, lifecycle(name), req)
+
+
+@requirement("ORDER-001")
+@scenarios(*SUCCESSFUL)
+def test_each_process_calls_config_then_init_config_once_before_any_other_hook(lifecycle,
+                                                                               verify):
+    _rules(lifecycle, verify, "ORDER-001")
+
+
+@requirement("ORDER-003")
+@scenarios(*SUCCESSFUL)
+def test_prepare_config_runs_exactly_once_in_stage_1(lifecycle, verify):
+    _rules(lifecycle, verify, "ORDER-003")
+
+
+@requirement("ORDER-004")
+@scenarios(*SUCCESSFUL)
+def test_prepare_config_returns_before_any_container_namespace_exists(lifecycle, verify):
+    _rules(lifecycle, verify, "ORDER-004")
+
+
+@requirement("ORDER-005")
+@scenarios(*SUCCESSFUL)
+def test_master_hooks_start_only_after_the_namespaces_are_ready(lifecycle, verify):
+    _rules(lifecycle, verify, "ORDER-005")
+
+
+@requirement("ORDER-006")
+@scenarios(*SUCCESSFUL)
+def test_create_container_start_waiter_and_monitor_each_run_in_their_own_thread(lifecycle,
+                                                                                verify):
+    _rules(lifecycle, verify, "ORDER-006")
+
+
+@requirement("ORDER-007")
+@scenarios(*SUCCESSFUL)
+def test_start_process_begins_after_create_container_returned_and_the_rpc_server_exited(
+        lifecycle, verify):
+    _rules(lifecycle, verify, "ORDER-007")
+
+
+@requirement("ORDER-009")
+@scenarios(*SUCCESSFUL)
+def test_post_start_process_runs_at_most_once_and_only_after_the_exec(lifecycle, verify):
+    _rules(lifecycle, verify, "ORDER-009")
+
+
+@requirement("ORDER-011")
+@scenarios(*SUCCESSFUL)
+def test_cleanup_container_runs_once_after_every_other_master_hook(lifecycle, verify):
+    _rules(lifecycle, verify, "ORDER-011")
+
+
+@requirement("ORDER-013")
+@scenarios(*SUCCESSFUL)
+def test_create_container_monitor_container_and_start_process_each_run_once(lifecycle,
+                                                                             verify):
+    _rules(lifecycle, verify, "ORDER-013")
+
+
+@requirement("ORDER-014")
+@scenarios(*SUCCESSFUL)
+def test_each_hook_runs_only_in_the_process_the_contract_assigns_to_it(lifecycle, verify):
+    for name in SUCCESSFUL:
+        check_hook_roles(verify, lifecycle(name), "ORDER-014")
+
+
+@requirement("PID-002")
+@scenarios("default")
+def test_stage_2_sees_itself_as_pid_1_of_its_new_pid_namespace(lifecycle, verify):
+    check_pid_one(verify, lifecycle("default"), "PID-002")

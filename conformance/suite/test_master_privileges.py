@@ -1,0 +1,36 @@
+"""The master (create_container, post_start_process, monitor_container, cleanup_container):
+its privileges in each flow (SPEC §4)."""
+
+from conformance import flows, requirement, scenarios
+from conformance.checks import check_privileges
+from conformance.expectations import privilege_flows
+
+
+@requirement("PRIV-MASTER-001")
+@flows(*privilege_flows("PRIV-MASTER-001"))
+@scenarios("default")
+def test_master_hooks_run_with_the_uids_of_the_flow(lifecycle, verify):
+    check_privileges(verify, lifecycle("default"), "PRIV-MASTER-001")
+
+
+@requirement("PRIV-MASTER-002")
+@flows(*privilege_flows("PRIV-MASTER-002"))
+@scenarios("default")
+def test_setuid_master_hooks_have_no_effective_capabilities_at_entry_and_return(lifecycle,
+                                                                                verify):
+    check_privileges(verify, lifecycle("default"), "PRIV-MASTER-002")
+
+
+@requirement("PRIV-MASTER-003")
+@flows(*privilege_flows("PRIV-MASTER-003"))
+@scenarios("default")
+def test_escalation_from_the_master_is_possible_with_saved_uid_0_and_impossible_in_userns(
+        lifecycle, verify):
+    check_privileges(verify, lifecycle("default"), "PRIV-MASTER-003")
+
+
+@requirement("PRIV-MASTER-004")
+@flows(*privilege_flows("PRIV-MASTER-004"))
+@scenarios("default")
+def test_master_of_the_user_namespace_flows_has_no_host_privilege(lifecycle, verify):
+    check_privileges(verify, lifecycle("default"), "PRIV-MASTER-004")

@@ -1,0 +1,50 @@
+"""Namespaces: shared, not shared, created, mapped (SPEC §3, §4, §5)."""
+
+from conformance import flows, requirement, scenarios
+from conformance.checks import (
+    check_master_not_shared, check_master_user_ns, check_new_user_ns,
+    check_requested_namespaces, check_rpc_shares_namespaces, check_user_ns_map,
+)
+from conformance.expectations import USER_NS_MAP
+
+
+@requirement("NS-001")
+@scenarios("default")
+def test_stage_2_and_the_rpc_server_share_all_seven_namespaces(lifecycle, verify):
+    check_rpc_shares_namespaces(verify, lifecycle("default"), "NS-001")
+
+
+@requirement("NS-003")
+@scenarios("default")
+def test_the_master_shares_none_of_the_containers_pid_net_uts_ipc_cgroup_namespaces(
+        lifecycle, verify):
+    check_master_not_shared(verify, lifecycle("default"), "NS-003")
+
+
+@requirement("NS-004")
+@scenarios("default")
+def test_the_masters_user_namespace_is_the_hosts_or_the_containers_as_the_flow_says(
+        lifecycle, verify):
+    check_master_user_ns(verify, lifecycle("default"), "NS-004")
+
+
+@requirement("NS-005")
+@scenarios("default")
+def test_every_namespace_the_starter_config_asks_for_is_new_for_the_container(lifecycle,
+                                                                              verify):
+    check_requested_namespaces(verify, lifecycle("default"), "NS-005")
+
+
+@requirement("NS-006")
+@flows(*USER_NS_MAP)
+@scenarios("default")
+def test_the_containers_user_namespace_maps_the_invoking_user_as_the_flow_says(lifecycle,
+                                                                              verify):
+    check_user_ns_map(verify, lifecycle("default"), "NS-006")
+
+
+@requirement("NS-007")
+@scenarios("default")
+def test_the_container_gets_a_new_user_namespace_exactly_in_the_user_namespace_flows(
+        lifecycle, verify):
+    check_new_user_ns(verify, lifecycle("default"), "NS-007")

@@ -1,0 +1,40 @@
+"""Stage 2 (start_process) and the payload: privileges in each flow (SPEC §4)."""
+
+from conformance import flows, requirement, scenarios
+from conformance.checks import check_payload, check_privileges
+from conformance.expectations import privilege_flows
+
+
+@requirement("PRIV-STAGE2-001")
+@flows(*privilege_flows("PRIV-STAGE2-001"))
+@scenarios("default")
+def test_stage_2_runs_with_the_target_ids_of_the_flow(lifecycle, verify):
+    check_privileges(verify, lifecycle("default"), "PRIV-STAGE2-001")
+
+
+@requirement("PRIV-STAGE2-002")
+@flows(*privilege_flows("PRIV-STAGE2-002"))
+@scenarios("default")
+def test_stage_2_has_exactly_the_configured_capabilities(lifecycle, verify):
+    check_privileges(verify, lifecycle("default"), "PRIV-STAGE2-002")
+
+
+@requirement("PRIV-STAGE2-003")
+@flows(*privilege_flows("PRIV-STAGE2-003"))
+@scenarios("default")
+def test_setuid_stage_2_has_no_new_privs_set(lifecycle, verify):
+    check_privileges(verify, lifecycle("default"), "PRIV-STAGE2-003")
+
+
+@requirement("PRIV-STAGE2-004")
+@flows(*privilege_flows("PRIV-STAGE2-004"))
+@scenarios("default")
+def test_stage_2_of_the_user_namespace_flows_has_no_host_privilege(lifecycle, verify):
+    check_privileges(verify, lifecycle("default"), "PRIV-STAGE2-004")
+
+
+@requirement("PRIV-PAYLOAD-001")
+@flows(*privilege_flows("PRIV-PAYLOAD-001"))
+@scenarios("default")
+def test_the_payload_has_no_host_privilege_in_every_flow_but_root(lifecycle, verify):
+    check_payload(verify, lifecycle("default"), "PRIV-PAYLOAD-001")

@@ -1,0 +1,78 @@
+"""pytest fixtures for :mod:`kit.rpc.mock`.
+
+Load them in a test module with ``pytest_plugins = ["kit.rpc.fixtures"]`` (or register this
+module as a plugin). ``rpc_mock`` is a factory::
+
+    def test_create_container(rpc_mock):
+        transport = rpc_mock("reference", engine=eng)        # system: a fresh RecordingSystem
+        eng.create_container(Context(), 4242, transport.client_socket)
+        assert transport.names[0] == "sethostname"
+        assert transport.system.names() == ["sethostname", "mount", "mount"]
+
+Every transport it made is closed at teardown (a transport whose threads do not stop fails
+the test there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from .mock import MockTransport, RecordingSystem
+
+__all__ = ["MockFactory", "rpc_mock"]
+
+_DEFAULT: Any = object()
+
+
+class MockFactory:
+    """Makes :class:`MockTransport` objects and closes them all in :meth:`close`.
+
+    ``factory(engine_name)`` serves the RPC methods registered for *engine_name*
+    (:meth:`MockTransport.for_engine`; keyword options ``engine``, ``config``, ``timeout``);
+    ``factory(engine_name, methods)`` serves *methods* (a class, an instance or a mapping, see
+    :class:`MockTransport`).
+
+    ``system`` defaults to a fresh :class:`RecordingSystem` for a registered engine or a
+    methods class/instance, so nothing reaches the host; pass ``system=None`` to keep the
+    served object's own system interface. ``timeout`` defaults to 10 s on the client socket so
+    that a hung call fails the test instead of hanging it.
+    """
+
+    def __init__(self) -> None:
+        self.made: list[MockTransport] = []
+
+    def __call__(self, engine_name: str, methods: Any = None, *, system: Any = _DEFAULT,
+                 timeout: float | None = 10.0, **options: Any) -> MockTransport:
+        if system is _DEFAULT:
+            system = None if isinstance(methods, Mapping) else RecordingSystem()
+        if methods is None:
+            transport = MockTransport.for_engine(engine_name, system=system, timeout=timeout, **options)
+        else:
+            transport = MockTransport(engine_name, methods, system=system, timeout=timeout, **options)
+        self.made.append(transport)
+        return transport
+
+    def close(self) -> None:
+        """Close every transport (all of them, even if one fails); re-raise the first error."""
+        first: BaseException | None = None
+        while self.made:
+            try:
+                self.made.pop().close()
+            except BaseException as exc:  # noqa: BLE001 - re-raised below
+                first = first or exc
+        if first is not None:
+            raise first
+
+
+@pytest.fixture
+def rpc_mock() -> Iterator[Callable[..., MockTransport]]:
+    """A factory of :class:`~kit.rpc.mock.MockTransport` objects, closed at teardown (see
+    :class:`MockFactory`)."""
+    factory = MockFactory()
+    try:
+        yield factory
+    finally:
+        factory.close()

@@ -1,0 +1,115 @@
+"""The zygote: a lean, pre-imported, single-threaded process that forks one supervisor per run.
+
+Starting a fresh interpreter and importing the kit, the engine and pyroute2 costs far more
+than a whole lifecycle; the zygote pays it once per launcher process. It never changes its
+own credentials or namespaces: each run happens in a forked child that becomes the run's
+supervisor (:mod:`kit.supervisor`), in its own session.
+
+Protocol on the control socket (``SOCK_SEQPACKET``, one datagram per message):
+launcher → zygote: ``{"request": RunRequest JSON, "targets": [fd numbers]}`` with the file
+descriptors attached in this order: stdin, stdout, stderr, the result pipe's write end, then
+one per entry of ``targets`` (each lands under that number in the run). Zygote → launcher:
+``{"pid": supervisor pid}`` or ``{"error": message}``. EOF on the control socket ends the
+zygote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+
+from kit import linux
+from kit.request import RunRequest
+from kit.supervisor import preload, run_supervised
+
+MAX_MESSAGE = 1 << 20
+FIXED_FDS = 4  # stdin, stdout, stderr, result
+
+
+def _reap() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _place_fds(received: list[int], targets: list[int]) -> int:
+    """In the run's child: stdio and pass-through fds at their numbers; returns the result
+    fd. Everything else the zygote had open is closed."""
+    wanted = {0: received[0], 1: received[1], 2: received[2]}
+    for target, fd in zip(targets, received[FIXED_FDS:]):
+        wanted[target] = fd
+    # Move every source out of the way first, so no dup2 clobbers another source.
+    high = {target: os.dup2(fd, 1000 + i) for i, (target, fd) in enumerate(wanted.items())}
+    result_high = os.dup2(received[3], 1000 + len(high))
+    keep = set(high.values()) | {result_high}
+    for fd in sorted(set(int(x) for x in os.listdir("/proc/self/fd")) - keep):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    for target, fd in high.items():
+        os.dup2(fd, target)
+        os.close(fd)
+    result_fd = os.dup(result_high)
+    os.close(result_high)
+    os.set_inheritable(result_fd, False)
+    return result_fd
+
+
+def serve(control: socket.socket) -> int:
+    while True:
+        _reap()
+        try:
+            data, fds, _, _ = socket.recv_fds(control, MAX_MESSAGE, 64)
+        except InterruptedError:
+            continue
+        if not data:
+            return 0
+        try:
+            message = json.loads(data)
+            request = RunRequest.from_json(message["request"])
+            targets = [int(t) for t in message.get("targets", [])]
+            if len(fds) != FIXED_FDS + len(targets):
+                raise ValueError(f"expected {FIXED_FDS + len(targets)} fds, got {len(fds)}")
+            preload(request)
+        except Exception as exc:
+            for fd in fds:
+                os.close(fd)
+            control.send(json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode())
+            continue
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                control.close()
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                os.setsid()
+                result_fd = _place_fds(fds, targets)
+                run_supervised(request, result_fd)
+                code = 0
+            finally:
+                os._exit(code)
+        for fd in fds:
+            os.close(fd)
+        control.send(json.dumps({"pid": pid}).encode())
+
+
+def main(argv: list[str]) -> int:
+    control = socket.socket(fileno=int(argv[0]))
+    # Reap finished supervisors at once (the handler runs between retries of recv).
+    signal.signal(signal.SIGCHLD, lambda _signum, _frame: _reap())
+    linux.set_parent_death_signal(signal.SIGKILL)
+    linux.set_name("kit-zygote")
+    os.chdir("/")
+    return serve(control)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

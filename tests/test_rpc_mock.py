@@ -1,0 +1,643 @@
+"""The mock RPC transport (kit.rpc.mock): the same codec and server as a real socketpair, call
+recording, fault injection, and no descriptor or thread left behind.
+
+Every test of ``tests/test_rpc.py`` that takes the ``srv`` server (round trips, typed errors,
+every bad request, bad frame and descriptor misuse) runs again here against a MockTransport,
+unchanged: same inputs, same expected error text, same "still serving" checks. A test added
+there later is picked up automatically.
+"""
+
+from __future__ import annotations
+
+import errno
+import inspect
+import os
+import socket
+import struct
+import threading
+import time
+from typing import Any, Iterator
+
+import pytest
+
+import test_rpc as real
+from kit import system as kit_system
+from kit.registry import RegistryError
+from kit.rpc import FileDescriptor, ProtocolError, RPCClient, RPCMethodError, WithFds, recv_frame, send_frame
+from kit.rpc.fixtures import MockFactory
+from kit.rpc.mock import Fault, MockTransport, RecordingSystem, Rule
+from test_rpc import (
+    ENGINE,
+    METHODS,
+    TIMEOUT,
+    add,
+    assert_error,
+    assert_still_serving,
+    fd_count,
+    frame_bytes,
+    make_fds,
+    read_reply,
+    request,
+    send_raw,
+)
+
+pytest_plugins = ["kit.rpc.fixtures"]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def thread_count() -> int:
+    return threading.active_count()
+
+
+class MockServer:
+    """``test_rpc.ServerThread``'s interface, served through a MockTransport."""
+
+    def __init__(self, methods: dict[str, Any] | None = None) -> None:
+        self.transport = MockTransport(ENGINE, METHODS if methods is None else methods, timeout=TIMEOUT)
+        self.sock = self.transport.client_socket
+
+    @property
+    def records(self) -> list[dict]:
+        return self.transport.server_records
+
+    def client(self) -> RPCClient:
+        return self.transport.client()
+
+    def wait(self) -> int:
+        return self.transport.wait_server(TIMEOUT)
+
+
+@pytest.fixture
+def msrv() -> Iterator[MockServer]:
+    """A MockTransport serving test_rpc's methods; checks at teardown that serve() returned 0
+    and that no descriptor or thread is left."""
+    fds, threads = fd_count(), thread_count()
+    server = MockServer()
+    yield server
+    server.transport.close()
+    assert server.transport.exit_code == 0
+    assert fd_count() == fds, "file descriptors leaked"
+    assert thread_count() == threads, "threads leaked"
+
+
+@pytest.fixture
+def t(msrv: MockServer) -> MockTransport:
+    return msrv.transport
+
+
+@pytest.fixture
+def no_leak() -> Iterator[None]:
+    fds, threads = fd_count(), thread_count()
+    yield
+    assert fd_count() == fds, "file descriptors leaked"
+    assert thread_count() == threads, "threads leaked"
+
+
+# --------------------------------------------------------------------------- test_rpc, on the mock
+
+_PARAM_SET = type(pytest.param(None))
+
+
+def _expand(func: Any) -> list[tuple[dict[str, Any], str]] | None:
+    """The keyword arguments of every parametrized case of *func* (None if its parameters
+    are not all covered by parametrize marks)."""
+    combos: list[tuple[dict[str, Any], str]] = [({}, "")]
+    covered: set[str] = set()
+    for mark in getattr(func, "pytestmark", []):
+        if mark.name != "parametrize":
+            continue
+        names = mark.args[0]
+        names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+        covered.update(names)
+        expanded = []
+        for kwargs, cid in combos:
+            for i, value in enumerate(mark.args[1]):
+                if isinstance(value, _PARAM_SET):
+                    value = value.values
+                elif len(names) == 1:
+                    value = (value,)
+                expanded.append(({**kwargs, **dict(zip(names, value))}, f"{cid}-{i}" if cid else str(i)))
+        combos = expanded
+    params = list(inspect.signature(func).parameters)[1:]
+    return combos if set(params) == covered else None
+
+
+def _reused_cases() -> list[Any]:
+    cases = []
+    for name, func in sorted(vars(real).items()):
+        if not name.startswith("test_") or not inspect.isfunction(func):
+            continue
+        params = list(inspect.signature(func).parameters)
+        if not params or params[0] != "srv":
+            continue
+        combos = _expand(func)
+        assert combos is not None, f"test_rpc.{name}: parameters not all parametrized; adapt _expand"
+        for kwargs, cid in combos:
+            cases.append(pytest.param(func, kwargs, id=f"{name}[{cid}]" if cid else name))
+    return cases
+
+
+REUSED = _reused_cases()
+
+
+def test_reuse_covers_the_bad_inputs() -> None:
+    names = {case.values[0].__name__ for case in REUSED}
+    assert {
+        "test_unknown_method", "test_bad_method_names", "test_schema_violations", "test_bad_arguments",
+        "test_invalid_utf8", "test_invalid_json", "test_json_not_an_object", "test_oversized_frame_replies_then_closes",
+        "test_fds_where_none_expected", "test_fds_inside_body_rejected", "test_too_many_fds",
+        "test_unsendable_results", "test_client_rejects_unencodable_arguments_without_sending",
+    } <= names
+    assert len(REUSED) > 60
+
+
+@pytest.mark.parametrize("func, kwargs", REUSED)
+def test_rpc_suite_on_the_mock(msrv: MockServer, func: Any, kwargs: dict[str, Any]) -> None:
+    func(msrv, **kwargs)
+
+
+# ------------------------------------------------ test_rpc cases that build their own server
+
+
+@pytest.mark.parametrize("how", ["header", "body", "empty-body"])
+@pytest.mark.parametrize("close", ["shutdown", "close"])
+def test_truncated_frame_ends_serving(how: str, close: str, no_leak: None) -> None:
+    transport = MockTransport(ENGINE, METHODS, timeout=TIMEOUT)
+    sock = transport.client_socket
+    data = frame_bytes(request(1, "test.add", {"a": 1}))
+    partial = {"header": data[:2], "body": data[:10], "empty-body": data[:4]}[how]
+    fds = make_fds(2)
+    send_raw(sock, partial, fds)  # descriptors of a truncated frame must be closed
+    if close == "shutdown":
+        sock.shutdown(socket.SHUT_WR)
+        assert transport.wait_server(TIMEOUT) == 0
+        assert recv_frame(sock) is None  # no reply was sent
+    else:
+        sock.close()
+        assert transport.wait_server(TIMEOUT) == 0
+    assert transport.server_records == [] and transport.calls == []
+    transport.close()
+    for fd in fds:
+        os.close(fd)
+
+
+def test_clean_eof_returns_zero(no_leak: None) -> None:
+    transport = MockTransport(ENGINE, METHODS)
+    c = transport.client()
+    assert c.add(a=1) == 1
+    c.close()
+    c.close()
+    assert transport.wait_server(TIMEOUT) == 0
+    with pytest.raises(ConnectionError, match="closed"):
+        c.add(a=1)
+    transport.close()
+    transport.close()  # idempotent
+    assert transport.closed
+
+
+def test_unservable_methods_rejected_before_anything_starts(no_leak: None) -> None:
+    with pytest.raises(RPCMethodError, match="private method '_secret' is never served"):
+        MockTransport(ENGINE, {"_secret": add})
+
+    def untyped(a):  # type: ignore[no-untyped-def]
+        return a
+
+    with pytest.raises(RPCMethodError, match="parameter 'a': missing type annotation"):
+        MockTransport(ENGINE, {"untyped": untyped})
+    with pytest.raises(ValueError, match="does not belong to engine 'test'"):
+        MockTransport(ENGINE, {"other.add": add})
+    with pytest.raises(ProtocolError, match="invalid engine name"):
+        MockTransport("bad engine", {"add": add})
+    with pytest.raises(TypeError, match="not of a mapping"):
+        MockTransport(ENGINE, {"add": add}, system=RecordingSystem())
+
+
+# --------------------------------------------------------------------------- recording
+
+
+def test_calls_are_recorded(t: MockTransport) -> None:
+    c = t.client()
+    assert c.add(a=1, b=2) == 3
+    with pytest.raises(FileNotFoundError):
+        c.fail(kind="enoent")
+    r, w = os.pipe()
+    os.write(w, b"data")
+    os.close(w)
+    assert c.read_fd(fd=FileDescriptor(r)) == "data"
+    os.close(r)
+    value, fds = c.make_pipe(data="x")
+    os.close(fds[0])
+    assert t.names == ["add", "fail", "read_fd", "make_pipe"]
+    ok, failed, with_fd, returned_fd = t.calls
+    assert (ok.index, ok.method, ok.args, ok.result, ok.error, ok.id) == (1, "test.add", {"a": 1, "b": 2}, 3, None, 1)
+    assert ok.ok and ok.answered and ok.delivered and ok.faults == [] and ok.duration >= 0
+    assert failed.error["type"] == "FileNotFoundError" and failed.errno == errno.ENOENT and not failed.ok
+    assert "'/nonexistent/kit-rpc-test'" in failed.error["message"]
+    assert with_fd.fds == 1 and with_fd.args == {"fd": 0}
+    assert returned_fd.reply_fds == 1 and returned_fd.result == {"made": True}
+    assert t.calls_to("add") == [ok] and t.calls_to("test.fail") == [failed]
+    assert [r["method"] for r in t.server_records] == ["test.add", "test.fail", "test.read_fd", "test.make_pipe"]
+
+
+def test_bad_frames_are_recorded(t: MockTransport) -> None:
+    send_raw(t.client_socket, frame_bytes(b"not json"))
+    assert_error(read_reply(t.client_socket), "ProtocolError", "invalid_json")
+    send_frame(t.client_socket, request(5, "test.nope"))
+    assert_error(read_reply(t.client_socket), "UnknownMethodError", id=5)
+    bad, unknown = t.calls
+    assert bad.method is None and bad.args is None and bad.bad_frame.startswith("invalid_json")
+    assert bad.error["type"] == "ProtocolError" and bad.delivered
+    assert unknown.method == "test.nope" and unknown.name == "nope" and unknown.id == 5
+    assert unknown.error["type"] == "UnknownMethodError"
+
+
+def test_record_is_complete_before_the_client_sees_the_reply(t: MockTransport) -> None:
+    c = t.client()
+    for i in range(30):
+        assert c.add(a=i) == i
+        last = t.calls[-1]
+        assert last.index == i + 1 and last.nth == i + 1 and last.result == i and last.delivered
+
+
+# --------------------------------------------------------------------------- faults
+
+
+def test_errno_fault_by_method(t: MockTransport) -> None:
+    rule = t.inject(Fault.errno(errno.EPERM), method="add")
+    c = t.client()
+    for _ in range(2):
+        with pytest.raises(PermissionError) as info:
+            c.add(a=1)
+        assert info.value.errno == errno.EPERM
+        assert str(info.value) == "[Errno 1] Operation not permitted"
+        assert info.value.remote_type == "PermissionError"
+    assert c.scale(x=2) == 4  # other methods are untouched
+    assert rule.hits == 2
+    assert [r["method"] for r in t.server_records] == ["test.scale"]  # add never ran
+    first = t.calls[0]
+    assert first.faults == ["errno"] and first.answered and first.delivered
+    assert first.error == {"type": "PermissionError", "errno": errno.EPERM, "message": "Operation not permitted"}
+
+
+def test_errno_fault_full_name_and_message(t: MockTransport) -> None:
+    t.inject(Fault.errno(errno.ENOSPC, "disk full"), method="test.echo")
+    with pytest.raises(OSError) as info:
+        t.client().echo(text="x")
+    assert info.value.errno == errno.ENOSPC and info.value.strerror == "disk full"
+
+
+def test_on_call_counts_all_calls_or_calls_to_the_method(t: MockTransport) -> None:
+    t.inject(Fault.errno(errno.EIO), on_call=2)  # the 2nd call of the transport
+    t.inject(Fault.errno(errno.EBUSY), on_call=2, method="scale")  # the 2nd call to scale
+    c = t.client()
+    outcomes = []
+    for method, args in [("scale", {"x": 1}), ("add", {"a": 1}), ("add", {"a": 2}), ("scale", {"x": 2}), ("scale", {"x": 3})]:
+        try:
+            outcomes.append(c.call(method, **args))
+        except OSError as exc:
+            outcomes.append(errno.errorcode[exc.errno])
+    assert outcomes == [2, "EIO", 2, "EBUSY", 6]
+    assert [(call.name, call.nth) for call in t.calls] == [("scale", 1), ("add", 1), ("add", 2), ("scale", 2), ("scale", 3)]
+
+
+def test_times_and_clear(t: MockTransport) -> None:
+    rule = t.inject(Fault.errno(errno.EAGAIN), method="add", times=2)
+    c = t.client()
+    for _ in range(2):
+        with pytest.raises(BlockingIOError):
+            c.add(a=1)
+    assert c.add(a=1) == 1 and rule.hits == 2 and rule.exhausted()
+    t.inject(Fault.errno(errno.EAGAIN))
+    with pytest.raises(BlockingIOError):
+        c.scale(x=1)
+    t.clear_faults()
+    assert c.scale(x=1) == 2
+
+
+def test_drop_request(t: MockTransport) -> None:
+    t.inject(Fault.drop(), on_call=2)
+    c = t.client()
+    assert c.add(a=1) == 1
+    with pytest.raises(ConnectionError, match="closed the connection before replying to 'test.add'"):
+        c.add(a=2)
+    with pytest.raises(ConnectionError, match="unusable"):
+        c.add(a=3)
+    assert t.wait_server(TIMEOUT) == 0  # the server saw the connection end
+    assert len(t.server_records) == 1  # the dropped request never reached it
+    dropped = t.calls[1]
+    assert dropped.faults == ["drop"] and not dropped.answered and not dropped.delivered
+
+
+def test_drop_reply_after_the_method_ran(t: MockTransport) -> None:
+    t.inject(Fault.drop(phase="reply"), method="add")
+    with pytest.raises(ConnectionError):
+        t.client().add(a=7)
+    assert t.wait_server(TIMEOUT) == 0
+    assert [r["method"] for r in t.server_records] == ["test.add"]  # it ran
+    call = t.calls[0]
+    assert call.answered and call.result == 7 and not call.delivered and call.faults == ["drop"]
+    # a raw client sees a clean EOF and then a broken pipe
+    assert recv_frame(t.client_socket) is None
+    with pytest.raises(BrokenPipeError):
+        send_frame(t.client_socket, request(9, "test.add", {"a": 1}))
+
+
+def test_delay_reply_and_timeout(t: MockTransport) -> None:
+    t.inject(Fault.delay(0.2), on_call=1)
+    c = t.client()
+    start = time.monotonic()
+    assert c.add(a=1) == 1
+    assert time.monotonic() - start >= 0.2
+    assert t.calls[0].duration >= 0.2 and t.calls[0].faults == ["delay"]
+    t.inject(Fault.delay(0.5), on_call=2)
+    t.client_socket.settimeout(0.05)
+    with pytest.raises(TimeoutError):
+        c.add(a=2)
+    with pytest.raises(ConnectionError, match="unusable"):
+        c.add(a=3)
+
+
+def test_delay_request_then_errno(t: MockTransport) -> None:
+    t.inject(Fault.delay(0.1, phase="request"), method="add")
+    t.inject(Fault.errno(errno.EPERM), method="add")
+    start = time.monotonic()
+    with pytest.raises(PermissionError):
+        t.client().add(a=1)
+    assert time.monotonic() - start >= 0.1
+    assert t.calls[0].faults == ["delay", "errno"]
+
+
+@pytest.mark.parametrize("keep, where", [(None, "frame body"), (2, "frame header"), (4, "frame body")])
+def test_truncate_reply(t: MockTransport, keep: int | None, where: str) -> None:
+    t.inject(Fault.truncate(keep), method="echo")
+    c = t.client()
+    with pytest.raises(ProtocolError, match=f"bad reply to 'test.echo': connection closed inside a {where}"):
+        c.echo(text="hello")
+    with pytest.raises(ConnectionError, match="unusable"):
+        c.add(a=1)
+    assert t.wait_server(TIMEOUT) == 0
+    call = t.calls[0]
+    assert call.answered and call.faults == ["truncate"] and not call.delivered
+
+
+@pytest.mark.parametrize("keep", [None, 0, 3, 10])
+def test_truncate_request(t: MockTransport, keep: int | None) -> None:
+    fds = make_fds(2)
+    t.inject(Fault.truncate(keep, phase="request"))
+    with pytest.raises(ConnectionError, match="closed the connection"):
+        t.client().call("read_two", fds=fds, first=0, second=1)
+    assert t.wait_server(TIMEOUT) == 0  # a frame cut short ends serve() quietly
+    assert t.server_records == []  # nothing was answered, nothing ran
+    assert t.calls[0].faults == ["truncate"] and t.calls[0].fds == 2
+    for fd in fds:
+        os.close(fd)
+
+
+def test_corrupt_reply_is_a_protocol_error_and_the_stream_stays_in_sync(t: MockTransport) -> None:
+    t.inject(Fault.corrupt(), on_call=1)
+    c = t.client()
+    with pytest.raises(ProtocolError, match="bad reply to 'test.add': frame body is not valid UTF-8"):
+        c.add(a=1)
+    assert c.add(a=2) == 2  # a bad body is recoverable: the client is not broken
+    assert t.calls[0].faults == ["corrupt"] and t.calls[0].result == 1
+
+
+def test_corrupt_reply_id_breaks_the_client(t: MockTransport) -> None:
+    # reply body: {"id":1,"result":...}: the id's digit is at byte 4 + 6
+    t.inject(Fault.corrupt(at=10, data=b"7"), on_call=1)
+    c = t.client()
+    with pytest.raises(ProtocolError, match="'id' is 7, expected 1"):
+        c.add(a=1)
+    with pytest.raises(ConnectionError, match="unusable"):
+        c.add(a=1)
+
+
+def test_corrupt_request_gets_an_error_reply_and_the_server_keeps_serving(t: MockTransport) -> None:
+    t.inject(Fault.corrupt(phase="request"), on_call=1)
+    c = t.client()
+    with pytest.raises(ProtocolError, match=r"malformed frame \(invalid_utf8\)"):
+        c.add(a=1)
+    assert c.add(a=2) == 2
+    assert_still_serving(t.client_socket)
+    assert t.server_records[0]["method"] is None and not t.server_records[0]["ok"]
+    assert t.calls[0].method == "test.add"  # recorded as sent, before the corruption
+
+
+def test_corrupt_length_header(t: MockTransport) -> None:
+    t.inject(Fault.corrupt(at=0, data=b"\xff"), on_call=1)
+    with pytest.raises(ProtocolError, match="bad reply to 'test.add': frame of .* bytes exceeds the maximum"):
+        t.client().add(a=1)
+
+
+def test_close_after_reply(t: MockTransport) -> None:
+    t.inject(Fault.close(), on_call=1)
+    c = t.client()
+    assert c.add(a=1) == 1  # delivered
+    with pytest.raises(ConnectionError):
+        c.add(a=2)
+    assert t.wait_server(TIMEOUT) == 0
+    assert t.calls[0].faults == ["close"] and t.calls[0].delivered
+    assert len(t.server_records) == 1
+
+
+def test_injected_replies_keep_request_order(t: MockTransport) -> None:
+    """Pipelined raw requests: the reply made by an errno fault waits for earlier replies."""
+    t.inject(Fault.errno(errno.EPERM), on_call=2)
+    real.BLOCK.clear()
+    real.BLOCKED.clear()
+    send_frame(t.client_socket, request(1, "test.block"))
+    assert real.BLOCKED.wait(TIMEOUT)
+    send_frame(t.client_socket, request(2, "test.add", {"a": 1}))
+    send_frame(t.client_socket, request(3, "test.add", {"a": 3}))
+    time.sleep(0.05)
+    real.BLOCK.set()
+    replies = [read_reply(t.client_socket) for _ in range(3)]
+    assert [r.id for r in replies] == [1, 2, 3]
+    assert replies[0].result == "released" and replies[1].error.errno == errno.EPERM and replies[2].result == 3
+
+
+def test_fault_and_inject_arguments_are_checked(t: MockTransport) -> None:
+    with pytest.raises(ValueError, match="positive errno"):
+        Fault.errno(0)
+    with pytest.raises(ValueError, match="positive errno"):
+        Fault.errno(True)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="seconds"):
+        Fault.delay(-1)
+    with pytest.raises(ValueError, match="phase"):
+        Fault.drop(phase="later")
+    with pytest.raises(ValueError, match="keep"):
+        Fault.truncate(-1)
+    with pytest.raises(ValueError, match="data"):
+        Fault.corrupt(data=b"")
+    with pytest.raises(ValueError, match="on_call"):
+        t.inject(Fault.drop(), on_call=0)
+    with pytest.raises(ValueError, match="times"):
+        t.inject(Fault.drop(), times=0)
+    with pytest.raises(TypeError, match="expected a Fault"):
+        t.inject("drop")  # type: ignore[arg-type]
+    assert isinstance(t.inject(Fault.delay(0)), Rule)
+
+
+# --------------------------------------------------------------------------- lifecycle and leaks
+
+
+def test_no_descriptor_or_thread_left_after_any_fault(no_leak: None) -> None:
+    faults = [
+        Fault.drop(), Fault.drop(phase="reply"), Fault.truncate(), Fault.truncate(phase="request"),
+        Fault.corrupt(), Fault.corrupt(phase="request"), Fault.close(), Fault.errno(errno.EPERM),
+        Fault.delay(0.01), Fault.delay(0.01, phase="request"),
+    ]
+    for fault in faults:
+        with MockTransport(ENGINE, METHODS, timeout=TIMEOUT) as transport:
+            transport.inject(fault, on_call=2)
+            c = transport.client()
+            r, w = os.pipe()
+            for i in range(4):
+                try:
+                    c.read_two(first=FileDescriptor(r), second=None) if i == 1 else c.add(a=i)
+                except (OSError, ProtocolError):
+                    pass
+            got = None
+            try:
+                got = c.make_pipe(data="x")
+            except (OSError, ProtocolError):
+                pass
+            if isinstance(got, WithFds):
+                os.close(got.fds[0])
+            os.close(r)
+            os.close(w)
+        assert transport.exit_code == 0, fault
+
+
+def test_many_transports(no_leak: None) -> None:
+    for i in range(50):
+        with MockTransport(ENGINE, METHODS) as transport:
+            assert transport.client().add(a=i) == i
+
+
+def test_close_during_a_long_delay_is_prompt(no_leak: None) -> None:
+    transport = MockTransport(ENGINE, METHODS)
+    transport.inject(Fault.delay(60))
+    send_frame(transport.client_socket, request(1, "test.add", {"a": 1}))
+    time.sleep(0.05)
+    start = time.monotonic()
+    transport.close()
+    assert time.monotonic() - start < 3
+
+
+def test_close_with_a_hung_method_raises_and_can_be_retried(no_leak: None) -> None:
+    transport = MockTransport(ENGINE, METHODS)
+    real.BLOCK.clear()
+    real.BLOCKED.clear()
+    send_frame(transport.client_socket, request(1, "test.block"))
+    assert real.BLOCKED.wait(TIMEOUT)
+    with pytest.raises(RuntimeError, match="did not stop within 0.2 s"):
+        transport.close(timeout=0.2)
+    assert not transport.closed
+    real.BLOCK.set()
+    transport.close()
+    assert transport.closed and transport.exit_code == 0
+
+
+def test_oversized_request_passes_through(t: MockTransport) -> None:
+    data = struct.pack(">I", real.MAX_FRAME + 1) + b"x" * 300_000  # more than a socket buffer
+    sender = threading.Thread(target=_send_ignoring_epipe, args=(t.client_socket, data))
+    sender.start()
+    assert_error(read_reply(t.client_socket), "ProtocolError", "oversized", id=None)
+    assert recv_frame(t.client_socket) is None
+    sender.join(TIMEOUT)
+    assert not sender.is_alive()
+    assert t.wait_server(TIMEOUT) == 0
+    assert t.calls[0].bad_frame == "oversized" and t.calls[0].error["type"] == "ProtocolError"
+
+
+def _send_ignoring_epipe(sock: socket.socket, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+    except OSError:
+        pass
+
+
+# --------------------------------------------------------------------------- engines and systems
+
+
+def test_for_engine_swaps_the_system_interface(no_leak: None) -> None:
+    rec = RecordingSystem()
+    before = kit_system.current()
+    with MockTransport.for_engine("reference", system=rec, timeout=TIMEOUT) as transport:
+        assert transport.instance.system is rec
+        assert kit_system.current() is before  # only swapped while the class was built
+        transport.client().sethostname(name="mock-host")
+        assert rec.names() == ["sethostname"]
+        assert rec.calls[0].args == ("mock-host",)
+        assert transport.calls[0].method == "reference.sethostname" and transport.calls[0].ok
+    assert socket.gethostname() != "mock-host"
+
+
+def test_for_engine_errors(no_leak: None) -> None:
+    with pytest.raises(RegistryError, match="unknown engine 'no-such-engine'"):
+        MockTransport.for_engine("no-such-engine")
+    with pytest.raises(TypeError, match="engine= or config="):
+        MockTransport.for_engine("reference", engine=object(), config=object())
+
+
+def test_methods_instance_and_class(no_leak: None) -> None:
+    class Methods:
+        def __init__(self, engine: Any) -> None:
+            self.engine = engine
+            self.system = kit_system.current()
+
+        def where(self) -> str:
+            return self.system.name
+
+        def engine_is(self) -> str:
+            return repr(self.engine)
+
+        def _hidden(self) -> None:
+            pass
+
+    rec = RecordingSystem()
+    with MockTransport(ENGINE, Methods, engine=None, system=rec) as transport:
+        c = transport.client()
+        assert c.where() == "recording" and c.engine_is() == "None"
+        with pytest.raises(ProtocolError, match="private method '_hidden'"):
+            c.call("_hidden")
+    instance = Methods(None)
+    with MockTransport(ENGINE, instance) as transport:
+        assert transport.client().where() == "real" and transport.instance is instance
+
+
+def test_recording_system() -> None:
+    rec = RecordingSystem(results={"gethostname": "box", "ns_inode": lambda kind, pid="self": 42},
+                          errors={"mount": PermissionError(errno.EPERM, "no")})
+    assert rec.gethostname() == "box" and rec.ns_inode("mount") == 42 and rec.chdir("/") is None
+    with pytest.raises(PermissionError):
+        rec.mount("tmpfs", "/x", "tmpfs", ["nosuid"], None)
+    assert rec.names() == ["gethostname", "ns_inode", "chdir", "mount"]
+    assert rec.calls[3].args == ("tmpfs", "/x", "tmpfs", ["nosuid"], None)
+    with pytest.raises(AttributeError):
+        rec._private  # noqa: B018
+    assert isinstance(rec, kit_system.System)
+
+
+# --------------------------------------------------------------------------- the fixture
+
+
+def test_rpc_mock_fixture(rpc_mock: Any) -> None:
+    transport = rpc_mock("reference")
+    assert isinstance(transport.system, RecordingSystem)  # the default: nothing reaches the host
+    transport.client().sethostname(name="fixture-host")
+    assert transport.system.names() == ["sethostname"]
+    plain = rpc_mock(ENGINE, METHODS)
+    assert plain.system is None and plain.client().add(a=1) == 1
+
+
+def test_mock_factory_closes_everything(no_leak: None) -> None:
+    factory = MockFactory()
+    made = [factory(ENGINE, METHODS) for _ in range(3)]
+    made[0].client().add(a=1)
+    factory.close()
+    assert all(m.closed for m in made) and factory.made == []
+
