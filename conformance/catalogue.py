@@ -17,7 +17,7 @@ from conformance import requirements
 from conformance.capabilities import Capabilities
 from conformance.expectations import FLOWS
 from conformance.markers import declared
-from conformance.scenarios import SCENARIOS
+from conformance.scenario import SCENARIOS
 
 SUITE_PACKAGE = "conformance.suite"
 

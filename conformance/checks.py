@@ -817,7 +817,7 @@ def check_signals_recorded(verify: Verifier, run: Run, requirement: str) -> None
 
 
 def check_signals_forwarded(verify: Verifier, run: Run, requirement: str) -> None:
-    from conformance.scenarios import decode_signal_exit
+    from conformance.scenario import decode_signal_exit
 
     run = verify.used(run.usable())
     sent = run.notes.get("sent") or []
@@ -979,7 +979,7 @@ def check_ledger_schema(verify: Verifier, run: Run, requirement: str) -> None:
 def check_hook_pairs(verify: Verifier, run: Run, requirement: str) -> None:
     run = verify.used(run.usable())
     events = run.events
-    timed = run.result.timed_out or {}
+    timeouts = [e["seq"] for e in events if e.get("kind") == "hook_timeout"]
     for i, event in enumerate(events):
         if event.get("kind") != "hook_enter":
             continue
@@ -987,10 +987,50 @@ def check_hook_pairs(verify: Verifier, run: Run, requirement: str) -> None:
                      "at hook entry", observed="none", run=run, event=event)
         if event["hook"] == "start_process":
             continue  # it execs (or fails through stage2_failed)
-        if (timed.get("hook"), timed.get("hook_role")) == (event["hook"], event["role"]):
-            continue
         done = [e for e in events[i + 1:] if e.get("kind") in ("hook_return", "hook_raise")
                 and e.get("role") == event["role"] and e.get("pid") == event["pid"]
                 and e.get("tid") == event["tid"] and e.get("hook") == event["hook"]]
+        if not done and any(seq > event["seq"] for seq in timeouts):
+            continue  # still running when a hook timeout killed the run
         verify.check(requirement, bool(done), expected="a hook_return or hook_raise for this "
                      "entry", observed="none recorded", run=run, event=event)
+
+
+# --- which runs show an error path ---------------------------------------------------------------
+
+#: Error paths that the ``exec-failure`` scenario (a payload that does not exist) may take
+#: without any cooperation of the engine: path requirement -> "did this run take it?".
+NATURAL_TRIGGERS: dict[str, Callable[[Run], bool]] = {
+    "ERR-001": lambda run: raised_in(run, "stage1", "prepare_config"),
+    "ERR-003": lambda run: raised_in(run, "stage2", "start_process"),
+}
+
+
+def error_runs(verify: Verifier, lifecycle: Any, paths: Iterable[str]
+               ) -> list[tuple[Run, X.ErrorPath]]:
+    """The runs in which one of the error ``paths`` happened: the fault-injection runs the
+    engine supports, and the ``exec-failure`` run when it took one of these paths. When there
+    is none, every requirement of the test is reported not-supported."""
+    from conformance.scenario import fault_scenario
+
+    paths = list(paths)
+    found: list[tuple[Run, X.ErrorPath]] = []
+    for path in paths:
+        run = lifecycle.optional(fault_scenario(path))
+        if run is not None:
+            found.append((run.usable(), X.ERROR_PATHS[path]))
+    natural = [p for p in paths if p in NATURAL_TRIGGERS]
+    why = "the engine does not declare capability fault_injection"
+    if natural:
+        run = lifecycle.optional("exec-failure")
+        if run is not None:
+            run.usable()
+            taken = [p for p in natural if NATURAL_TRIGGERS[p](run)]
+            found += [(run, X.ERROR_PATHS[p]) for p in taken]
+            if not taken:
+                why += (f", and the exec-failure run did not take this path "
+                        f"({describe_run(run)})")
+    if not found:
+        for req in verify.declared:
+            verify.unsupported(req, why)
+    return found

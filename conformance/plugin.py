@@ -141,7 +141,7 @@ class ConformanceState:
         if flow in self._prefetched:
             return
         self._prefetched.add(flow)
-        from conformance.scenarios import SCENARIOS
+        from conformance.scenario import SCENARIOS
 
         wanted: list[str] = []
         for item in session.items:
@@ -290,7 +290,7 @@ class Lifecycle:
         self.declared = declared_scenarios
 
     def unavailable(self, name: str) -> str | None:
-        from conformance.scenarios import SCENARIOS
+        from conformance.scenario import SCENARIOS
 
         scenario = SCENARIOS[name]
         missing = self.state.supports(scenario.requires)
@@ -531,7 +531,7 @@ def _evaluate(item: pytest.Item, info: ItemInfo) -> dict[str, tuple[str, str]]:
             else:
                 out[req] = (outcomes.FAILED, text)
         elif req in verifier.unsupported_reasons:
-            out[req] = (outcomes.NOT_SUPPORTED, f"{req}: {verifier.unsupported_reasons[req]}")
+            out[req] = (outcomes.NOT_SUPPORTED, verifier.unsupported_reasons[req])
         elif verifier.checks[req] == 0:
             out[req] = (outcomes.BROKEN, f"{req}: {info.test} made no check of it")
         elif known is not None:

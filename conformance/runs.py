@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from conformance.scenarios import SCENARIOS, Scenario
+from conformance.scenario import SCENARIOS, Scenario
 
 #: Hook timeout of the scenarios that hang on purpose (seconds).
 SHORT_HOOK_TIMEOUT = 1.0

@@ -34,6 +34,7 @@ class Registration:
 
 
 _engines: dict[str, Registration] = {}
+_registered_by: dict[str, str] = {}  # "module:function" registrar -> the engine it registered
 
 
 def _origin_of(obj: Any) -> str:
@@ -156,10 +157,13 @@ def find(spec: str) -> Registration:
                 if methods is not None:
                     register_rpc_methods(name, methods)
             return _engines[name]
+        if spec in _registered_by:  # this registrar already ran in this process
+            return _engines[_registered_by[spec]]
         before = set(_engines)
         _call_registrar(target, spec)
         new = sorted(set(_engines) - before)
         if len(new) == 1:
+            _registered_by[spec] = new[0]
             return _engines[new[0]]
         raise RegistryError(f"{spec} registered {len(new)} engines ({', '.join(new) or 'none'});"
                             " name one of them instead")

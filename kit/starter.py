@@ -54,6 +54,15 @@ class StageFailed(Exception):
     """A step of the starter failed (not an engine hook)."""
 
 
+class HookFailed(Exception):
+    """An engine hook raised (already recorded in the ledger); ``error`` is what it raised."""
+
+    def __init__(self, hook: str, error: BaseException) -> None:
+        super().__init__(f"{hook} raised {type(error).__name__}: {error}")
+        self.hook = hook
+        self.error = error
+
+
 class ContainerCreationFailed(RuntimeError):
     """Fatal value handed to cleanup_container when create_container raised."""
 
@@ -97,7 +106,7 @@ class HookRunner:
         except BaseException as exc:
             self.ledger.emit("hook_raise", hook=hook, snapshot=self._snap(),
                              error=describe_error(exc))
-            raise
+            raise HookFailed(hook, exc) from exc
         self.ledger.emit("hook_return", hook=hook, snapshot=self._snap(),
                          result=_summary(result))
         return result
@@ -123,8 +132,11 @@ class HookRunner:
 
 # --- small helpers ------------------------------------------------------------------------
 
+_REAL_EXIT = os._exit  # stage 2 wraps os._exit for the engine; the kit always uses this
+
+
 def _exit(code: int) -> NoReturn:
-    os._exit(code)
+    _REAL_EXIT(code)
 
 
 def _recv_control(sock: socket.socket) -> tuple[str, str]:
@@ -159,6 +171,11 @@ def rearm_parent_death(parent: int | None = None, sock: socket.socket | None = N
         poller.register(sock.fileno(), select.POLLHUP)
         if any(ev & (select.POLLHUP | select.POLLERR) for _, ev in poller.poll(0)):
             _exit(EXIT_FATAL)
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """What the engine raised (the kit wraps hook errors in HookFailed)."""
+    return exc.error if isinstance(exc, HookFailed) else exc
 
 
 def _status_to_code(status: int) -> int:
@@ -270,8 +287,11 @@ class Starter:
             os.write(wfd, dumps({"common": common.to_json(),
                                  "starter_config": sconf.to_json()}).encode())
             code = 0
-        except BaseException:
-            code = EXIT_FATAL
+        except HookFailed:
+            pass  # the ledger has the hook_raise
+        except BaseException as exc:
+            self.ledger.for_role("stage1").emit(
+                "starter_error", stage="stage1", message=describe_error(exc)["traceback"])
         _exit(code)
 
     # -- namespaces and the container process ----------------------------------------------
@@ -395,7 +415,7 @@ class Master:
             self.hooks.init_engine(engine, self.common_json["engine_config"],
                                    self.common_json["container_id"], False)
         except BaseException as exc:
-            self.ledger.emit("fatal", message=f"master initialisation failed: {exc}")
+            self.ledger.emit("fatal", message=f"master initialisation failed: {_unwrap(exc)}")
             os.kill(self.pid, signal.SIGKILL)
             os.waitpid(self.pid, 0)
             return EXIT_FATAL
@@ -462,7 +482,12 @@ class Master:
             info = signal.sigwaitinfo(MASTER_SIGNALS)
             if info.si_signo == signal.SIGCHLD and info.si_pid in probe.probe_children:
                 probe.probe_children.discard(info.si_pid)
-                continue  # the exit of one of the kit's own probe children
+                # The exit of one of the kit's own probe children: not the engine's business,
+                # unless the container's SIGCHLD was merged into it (standard signals
+                # coalesce): peek, without reaping, whether the container has exited.
+                if not self._container_exited():
+                    continue
+                info = signal.struct_siginfo((signal.SIGCHLD, 0, 0, self.pid, 0, 0, 0))
             if info.si_signo == signal.SIGCHLD and info.si_pid == self.pid:
                 # Let the start waiter tell exec from exit before anyone can reap the
                 # container: a monitor reaps it when it sees this SIGCHLD.
@@ -471,6 +496,13 @@ class Master:
                              name=signal.Signals(info.si_signo).name, sender=info.si_pid)
             self.signals.put(info.si_signo)
 
+    def _container_exited(self) -> bool:
+        try:
+            found = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return True  # already reaped by the engine
+        return found is not None
+
     def _create(self) -> None:
         try:
             self.hooks.call("create_container", self.engine.operations.create_container,
@@ -478,8 +510,9 @@ class Master:
         except BaseException as exc:
             self.rpc_sock.close()
             _send(self.sock, "A")
+            err = _unwrap(exc)
             self.events.put(("fatal", ContainerCreationFailed(
-                f"container creation failed: {type(exc).__name__}: {exc}")))
+                f"container creation failed: {type(err).__name__}: {err}")))
             return
         self.rpc_sock.close()  # the RPC server exits; then stage 2 may start
         self.go_sent.set()
@@ -497,7 +530,7 @@ class Master:
             self.hooks.call("post_start_process", self.engine.operations.post_start_process,
                             self.ctx, self.pid)
         except BaseException as exc:
-            self.events.put(("fatal", exc))
+            self.events.put(("fatal", _unwrap(exc)))
 
     def _wait_for_exec(self) -> bool:
         """True once the payload was exec'd; False when stage 2 failed or never started."""
@@ -521,7 +554,7 @@ class Master:
                                      self.engine.operations.monitor_container,
                                      self.pid, self.signals)
         except BaseException as exc:
-            self.events.put(("fatal", exc))
+            self.events.put(("fatal", _unwrap(exc)))
             self.events.put(("monitor_failed", None))
             return
         if not isinstance(status, int):
@@ -713,18 +746,19 @@ class Stage2:
             master_fd = sock.fileno()
             self.close_fds(master_fd)
             linux.set_name(STAGE2_NAME)
-            real_exit, me = os._exit, os.getpid()
+            me = os.getpid()
 
             def reported_exit(code: int) -> NoReturn:  # exiting is allowed; tell the master
                 if os.getpid() == me:  # not in a child forked by the engine or a probe
                     _send(sock, f"Fstart_process exited with code {code} instead of exec")
-                real_exit(code)
+                _REAL_EXIT(code)
 
             os._exit = reported_exit  # type: ignore[assignment]
             hooks.call("start_process", engine.operations.start_process, master_fd)
             message = "stage 2 returned: start_process must exec the payload or exit"
         except BaseException as exc:
-            message = f"start_process failed: {type(exc).__name__}: {exc}"
+            err = _unwrap(exc)
+            message = f"start_process failed: {type(err).__name__}: {err}"
         _send(sock, "F" + message)
         _exit(EXIT_FATAL)
 

@@ -72,6 +72,11 @@ def shared_dir() -> Iterator[str]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def _zygote_pid() -> int | None:
+    from kit.launcher import Zygote
+    return Zygote._instance.proc.pid if Zygote._instance is not None else None
+
+
 def host_state() -> dict[str, Any]:
     """What a run must not change on the host, as seen from the pytest process."""
     with open("/proc/self/mountinfo") as f:
@@ -80,8 +85,7 @@ def host_state() -> dict[str, Any]:
         "fds": sorted(os.listdir("/proc/self/fd")),
         "mounts": mounts,
         # Living descendants, but the launcher's long-lived zygote.
-        "children": [p for p in linux.descendants(os.getpid())
-                     if linux.process_state(p) not in ("Z", None)
-                     and linux.process_name(p) != "kit-zygote"],
+        "children": [f"{p} {linux.process_name(p)}" for p in linux.descendants(os.getpid())
+                     if linux.process_state(p) not in ("Z", None) and p != _zygote_pid()],
         "netns": sorted(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else [],
     }

@@ -24,7 +24,6 @@ import test_rpc as real
 from kit import system as kit_system
 from kit.registry import RegistryError
 from kit.rpc import FileDescriptor, ProtocolError, RPCClient, RPCMethodError, WithFds, recv_frame, send_frame
-from kit.rpc.fixtures import MockFactory
 from kit.rpc.mock import Fault, MockTransport, RecordingSystem, Rule
 from test_rpc import (
     ENGINE,
@@ -494,6 +493,7 @@ def test_no_descriptor_or_thread_left_after_any_fault(no_leak: None) -> None:
             transport.inject(fault, on_call=2)
             c = transport.client()
             r, w = os.pipe()
+            os.write(w, b"data")  # read_two reads it (an empty pipe would block the method)
             for i in range(4):
                 try:
                     c.read_two(first=FileDescriptor(r), second=None) if i == 1 else c.add(a=i)
@@ -635,6 +635,8 @@ def test_rpc_mock_fixture(rpc_mock: Any) -> None:
 
 
 def test_mock_factory_closes_everything(no_leak: None) -> None:
+    from kit.rpc.fixtures import MockFactory  # imported here: pytest_plugins loads the module
+
     factory = MockFactory()
     made = [factory(ENGINE, METHODS) for _ in range(3)]
     made[0].client().add(a=1)

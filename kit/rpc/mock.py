@@ -420,6 +420,7 @@ class _Relay:
         self.up = _Flow(c_peer, s_peer)  # requests
         self.down = _Flow(s_peer, c_peer)  # replies
         self.pending: collections.deque[_Pending] = collections.deque()
+        self.delaying = False  # inside a delay fault: MockTransport.close need not wait
 
     # -- loop ----------------------------------------------------------------------------------
     def run(self) -> None:
@@ -499,7 +500,11 @@ class _Relay:
 
     def _wait(self, seconds: float) -> bool:
         """Sleep; True when the transport is being closed meanwhile."""
-        return self.t._stop.wait(seconds)
+        self.delaying = True
+        try:
+            return self.t._stop.wait(seconds)
+        finally:
+            self.delaying = False
 
     # -- requests ------------------------------------------------------------------------------
     def _record_request(self, frame: bytes | None, marks: list[tuple[int, list[int]]], bad: str | None = None) -> Call:
@@ -899,7 +904,7 @@ class MockTransport:
         # Normally the relay mirrors the EOF to the server, serve() returns and its socket
         # closes. Give that a moment, then stop the relay (it may sit in a delay fault, or
         # the client closed without the server noticing yet).
-        if self._server_thread.ident is not None:
+        if self._server_thread.ident is not None and not self._relay.delaying:
             self._server_thread.join(min(timeout, 1.0))
         self._stop.set()
         os.write(self._wake_w, b"x")

@@ -1,0 +1,25 @@
+"""The ledger every check reads: valid, complete, with a snapshot at every hook (SPEC §8)."""
+
+from conformance import requirement, scenarios
+from conformance.checks import check_hook_pairs, check_ledger_schema
+from conformance.scenario import SCENARIOS
+
+ALL = tuple(SCENARIOS)
+
+
+@requirement("LEDGER-001")
+@scenarios(*ALL)
+def test_every_runs_ledger_is_valid_against_the_versioned_schema(lifecycle, verify):
+    for name in ALL:
+        run = lifecycle.optional(name)
+        if run is not None:
+            check_ledger_schema(verify, run, "LEDGER-001")
+
+
+@requirement("LEDGER-002")
+@scenarios(*ALL)
+def test_every_hook_entry_has_a_snapshot_and_a_return_or_raise(lifecycle, verify):
+    for name in ALL:
+        run = lifecycle.optional(name)
+        if run is not None:
+            check_hook_pairs(verify, run, "LEDGER-002")

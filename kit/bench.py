@@ -1,0 +1,227 @@
+"""``python -m kit.bench``: what one lifecycle costs, against the kernel's own cost.
+
+Measures, interleaved (A B C … A B C …) after a warm-up, the median wall time of:
+
+* ``unshare``        — util-linux ``unshare -m -p -u -i -n -f /bin/true`` (the baseline);
+* ``ctypes_minimal`` — fork → unshare(same namespaces) → fork → exec ``/bin/true`` from this
+  lean process;
+* ``full``           — one kit lifecycle of the reference engine, root flow, same namespaces,
+  payload ``/bin/true``, probes and ledger on;
+* ``no_probes``      — the same without privilege snapshots and escalation probes;
+* ``fake``           — the same in the fake backend (when the kit has it);
+* ``userns``         — the userns flow (as the unprivileged test user).
+
+It prints each median, the ratios, and where the time of a full lifecycle goes (per stage
+and hook, from the ledger's timestamps; probe cost; ledger cost). ``--json FILE`` writes
+``{"medians": {...ms}, "ratios": {...}, "samples": N, "breakdown": {...}}``.
+A benchmark, not a test: nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+from kit import linux
+from kit.launcher import RunResult, run
+from kit.ledger import LedgerWriter
+
+NAMESPACES = ["mount", "pid", "uts", "ipc", "net"]
+ENGINE_CONFIG = {"namespaces": NAMESPACES}
+
+
+def _spawn_wait(argv: list[str]) -> None:
+    pid = os.posix_spawn(argv[0], argv, os.environ)
+    _, status = os.waitpid(pid, 0)
+    if status != 0:
+        raise RuntimeError(f"{argv} failed with status {status}")
+
+
+def bench_unshare() -> None:
+    _spawn_wait([shutil.which("unshare") or "/usr/bin/unshare", "-m", "-p", "-u", "-i", "-n",
+                 "-f", "/bin/true"])
+
+
+def bench_ctypes_minimal() -> None:
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            linux.unshare(linux.ns_flags(NAMESPACES))
+            child = os.fork()
+            if child == 0:
+                os.execv("/bin/true", ["/bin/true"])
+            _, status = os.waitpid(child, 0)
+            code = os.waitstatus_to_exitcode(status)
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if status != 0:
+        raise RuntimeError(f"minimal lifecycle failed: {status}")
+
+
+def _lifecycle(flow: str, **options: Any) -> Callable[[], RunResult]:
+    def once() -> RunResult:
+        result = run("reference", flow, ["/bin/true"], engine_config=ENGINE_CONFIG, **options)
+        if result.exit_code != 0:
+            raise RuntimeError(f"{flow} lifecycle failed: {result}")
+        return result
+    return once
+
+
+def fake_available() -> bool:
+    try:
+        import kit.fake  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def ledger_cost(n: int = 2000) -> float:
+    """Median µs to emit one hook event (with a typical snapshot) to a SEQPACKET socket."""
+    from kit import probe
+    reader, writer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    w = LedgerWriter(writer, "master")
+    snap = probe.snapshot()
+    samples = []
+    try:
+        for _ in range(n):
+            t = time.perf_counter()
+            w.emit("hook_return", hook="create_container", snapshot=snap, result=None)
+            samples.append(time.perf_counter() - t)
+            reader.recv(1 << 20)
+    finally:
+        reader.close()
+        writer.close()
+    return statistics.median(samples) * 1e6
+
+
+def probe_cost(n: int = 200) -> dict[str, float]:
+    """Median ms of one snapshot and one escalation probe in this process."""
+    from kit import probe
+    out = {}
+    for name, fn in (("snapshot", probe.snapshot), ("escalation", probe.escalation)):
+        samples = []
+        for _ in range(n):
+            t = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t)
+        out[name] = statistics.median(samples) * 1000
+    return out
+
+
+def breakdown(result: RunResult) -> dict[str, Any]:
+    """Where the time of one lifecycle went, from the ledger's monotonic timestamps."""
+    events = result.ledger.events
+    t0 = events[0]["t"]
+
+    def at(pred: Callable[[dict], bool]) -> float | None:
+        for e in events:
+            if pred(e):
+                return (e["t"] - t0) / 1e6
+        return None
+
+    marks = {
+        "starter started": at(lambda e: e["kind"] == "process_start" and e["role"] == "starter"),
+        "stage 1 done": at(lambda e: e["kind"] == "process_exit"
+                           and e.get("child_role") == "stage1"),
+        "namespaces ready": at(lambda e: e["kind"] == "namespaces"),
+        "create_container returned": at(lambda e: e["kind"] == "hook_return"
+                                        and e.get("hook") == "create_container"),
+        "payload exec'd": at(lambda e: e["kind"] == "stage2_exec"),
+        "cleanup returned": at(lambda e: e["kind"] == "hook_return"
+                               and e.get("hook") == "cleanup_container"),
+        "run over": (events[-1]["t"] - t0) / 1e6,
+    }
+    hooks: dict[str, float] = {}
+    open_: dict[tuple[str, str], int] = {}
+    for e in events:
+        key = (e["role"], e.get("hook", ""))
+        if e["kind"] == "hook_enter":
+            open_[key] = e["t"]
+        elif e["kind"] in ("hook_return", "hook_raise") and key in open_:
+            hooks[f"{key[0]}.{key[1]}"] = round((e["t"] - open_.pop(key)) / 1e6, 3)
+    return {"marks_ms": {k: round(v, 3) if v is not None else None for k, v in marks.items()},
+            "hooks_ms": hooks}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kit.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=30, help="samples per case (≥ 30)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", metavar="FILE", help="write medians and ratios as JSON")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("kit.bench: needs root (the root flow and util-linux unshare)", file=sys.stderr)
+        return 2
+
+    cases: dict[str, Callable[[], Any]] = {
+        "unshare": bench_unshare,
+        "ctypes_minimal": bench_ctypes_minimal,
+        "full": _lifecycle("root"),
+        "no_probes": _lifecycle("root", probes=False),
+    }
+    if fake_available():
+        cases["fake"] = _lifecycle("root", backend="fake")
+    cases["userns"] = _lifecycle("userns")
+    samples: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(args.warmup):
+        for fn in cases.values():
+            fn()
+    last_full: RunResult | None = None
+    for i in range(args.samples):
+        for name, fn in cases.items():
+            t = time.perf_counter()
+            out = fn()
+            samples[name].append((time.perf_counter() - t) * 1000)
+            if name == "full":
+                last_full = out
+        if sys.stderr.isatty():
+            print(f"\rsample {i + 1}/{args.samples}", end="", file=sys.stderr)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+
+    medians = {name: round(statistics.median(v), 3) for name, v in samples.items()}
+
+    def ratio(a: str, b: str) -> float | None:
+        return round(medians[a] / medians[b], 2) if a in medians and b in medians else None
+
+    ratios = {"full_vs_unshare": ratio("full", "unshare"),
+              "full_vs_minimal": ratio("full", "ctypes_minimal"),
+              "no_probes_vs_unshare": ratio("no_probes", "unshare"),
+              "fake_vs_full": ratio("fake", "full")}
+    report = {"samples": args.samples, "medians": medians, "ratios": ratios,
+              "breakdown": breakdown(last_full) if last_full else {},
+              "probe_ms": probe_cost(), "ledger_event_us": round(ledger_cost(), 2)}
+
+    print(f"{'case':16} {'median ms':>10}")
+    for name, value in medians.items():
+        print(f"{name:16} {value:10.2f}")
+    print()
+    for name, value in ratios.items():
+        print(f"{name:22} {'n/a' if value is None else f'{value:.2f}'}")
+    print()
+    print("where a full lifecycle's time goes (ms since the supervisor's first event):")
+    for name, value in report["breakdown"].get("marks_ms", {}).items():
+        print(f"  {name:28} {value}")
+    print("hook durations (ms, probes included):")
+    for name, value in report["breakdown"].get("hooks_ms", {}).items():
+        print(f"  {name:34} {value}")
+    print(f"one snapshot: {report['probe_ms']['snapshot']:.2f} ms, one escalation probe: "
+          f"{report['probe_ms']['escalation']:.2f} ms, one ledger event: "
+          f"{report['ledger_event_us']:.1f} µs")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
