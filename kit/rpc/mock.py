@@ -148,7 +148,10 @@ class Fault:
         """Overwrite the frame's bytes at offset *at* (counted from the frame's start: 0-3 is
         the length header, 4 the first body byte) with *data*; the frame keeps its length.
         The default makes the body invalid UTF-8: the client raises ``ProtocolError`` for a
-        reply; the server answers a request with a ``ProtocolError`` reply and keeps serving."""
+        reply; the server answers a request with a ``ProtocolError`` reply and keeps serving.
+        Overwriting the header changes the announced length: an oversized one is answered
+        like any oversized frame, a smaller one desynchronises the stream (the receiver then
+        waits for bytes that never come: use a client timeout)."""
         if isinstance(at, bool) or not isinstance(at, int) or at < 0:
             raise ValueError(f"Fault.corrupt: at must be an offset >= 0, got {at!r}")
         if not isinstance(data, (bytes, bytearray)) or not data:
@@ -207,6 +210,7 @@ class Call:
     method: str | None
     """``"<engine>.<method>"`` as sent; None when the frame could not be read."""
     args: dict[str, Any] | None
+    """The arguments as sent (a ``FileDescriptor`` argument is the index of its descriptor)."""
     nth: int = 1
     """1-based position among the calls to the same ``method``."""
     id: int | None = None
@@ -444,6 +448,9 @@ class _Relay:
                     if not flow.reading and fd in polled:
                         poller.unregister(fd)
                         polled.discard(fd)
+        except BaseException as exc:  # a bug here: never leave the client waiting for a reply
+            self.t.relay_error = exc
+            self._cut()
         finally:
             # The sockets stay open (shut down as needed): MockTransport.close closes them
             # once this thread is gone, so no other thread ever touches a closed descriptor.
@@ -713,6 +720,7 @@ class MockTransport:
         self.exit_code: int | None = None
         """What ``serve`` returned (0 once the connection ended), None while it runs."""
         self.server_error: BaseException | None = None
+        self.relay_error: BaseException | None = None
         self._stop = threading.Event()
         self._closed = False
 
@@ -894,8 +902,8 @@ class MockTransport:
 
         Raises ``RuntimeError`` if a thread does not stop within *timeout* (a served method
         that does not return); nothing is closed behind its back then, and calling ``close``
-        again once the method returned finishes the job. Raises what ``serve`` raised, if it
-        raised."""
+        again once the method returned finishes the job. Raises what ``serve`` (or the relay)
+        raised, if it raised."""
         if self._closed:
             return
         self.client_socket.close()  # the server sees EOF, as when the kit closes rpc_conn
@@ -921,8 +929,9 @@ class MockTransport:
         self._relay.s_peer.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
-        if self.server_error is not None:
-            raise self.server_error
+        for error in (self.relay_error, self.server_error):
+            if error is not None:
+                raise error
 
     def __enter__(self) -> MockTransport:
         return self
