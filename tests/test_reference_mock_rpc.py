@@ -33,7 +33,6 @@ from kit.contract import Common, Context
 from kit.rpc.mock import Fault, MockTransport, RecordingSystem
 from reference_engines.minimal.engine import ReferenceConfig, ReferenceEngine
 
-pytest_plugins = ["kit.rpc.fixtures"]
 
 CONTAINER_PID = 4242  # any number: the reference engine's create_container does not use it
 

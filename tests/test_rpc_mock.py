@@ -40,7 +40,6 @@ from test_rpc import (
     send_raw,
 )
 
-pytest_plugins = ["kit.rpc.fixtures"]
 
 
 # --------------------------------------------------------------------------- helpers
