@@ -20,6 +20,7 @@ container's end is close-on-exec).
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import select
@@ -75,6 +76,27 @@ def describe_error(exc: BaseException) -> dict[str, Any]:
             "traceback": "".join(traceback.format_exception(exc))[-4000:]}
 
 
+#: Parameter names of the hooks, for the ``args`` of hook_enter events.
+HOOK_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "config": (), "init_config": ("common", "privileged_stage1"),
+    "prepare_config": ("starter_config",), "create_container": ("ctx", "pid", "rpc_conn"),
+    "start_process": ("master_fd",), "post_start_process": ("ctx", "pid"),
+    "monitor_container": ("pid", "signals"), "cleanup_container": ("ctx", "fatal", "status"),
+}
+
+
+def _argument(value: Any) -> Any:
+    """A hook argument as the ledger shows it: plain values as they are, errors as
+    type and message, other objects by type."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, BaseException):
+        return {"type": type(value).__name__, "message": str(value)}
+    if isinstance(value, Common):
+        return {"engine_name": value.engine_name, "container_id": value.container_id}
+    return {"type": type(value).__name__}
+
+
 def _summary(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
@@ -91,16 +113,38 @@ class HookRunner:
         self.ledger = ledger
         self.system = system
         self.probes = probes
+        self._probe_cache: dict[str, dict[str, Any]] = {}
 
     def _snap(self) -> dict[str, Any] | None:
         return self.system.snapshot() if self.probes else None
 
-    def enter(self, hook: str) -> None:
-        self.ledger.emit("hook_enter", hook=hook, snapshot=self._snap(),
-                         escalation=self.system.escalation() if self.probes else None)
+    def _escalation(self, snap: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The escalation probe, re-run only when the calling thread's credentials changed:
+        its outcome is a function of them (uids, gids, capabilities, no_new_privs, user
+        namespace and maps), so a repeat would only cost a fork."""
+        if not self.probes or snap is None:
+            return None
+        tid = threading.get_native_id()
+        me = next((t for t in snap["threads"] if t["tid"] == tid), None)
+        key = None if me is None else json.dumps(
+            [{k: v for k, v in me.items() if k != "tid"}, snap["ns"]["user"], snap["uid_map"],
+             snap["securebits"]], sort_keys=True)
+        cached = self._probe_cache.get(key) if key is not None else None
+        if cached is not None:
+            return {**cached, "cached": True}
+        result = self.system.escalation()
+        if key is not None:
+            self._probe_cache[key] = result
+        return result
+
+    def enter(self, hook: str, args: tuple[Any, ...] = ()) -> None:
+        names = HOOK_PARAMETERS.get(hook, ())
+        snap = self._snap()
+        self.ledger.emit("hook_enter", hook=hook, snapshot=snap, escalation=self._escalation(snap),
+                         args={name: _argument(value) for name, value in zip(names, args)})
 
     def call(self, hook: str, fn: Callable[..., Any], *args: Any) -> Any:
-        self.enter(hook)
+        self.enter(hook, args)
         try:
             result = fn(*args)
         except BaseException as exc:
@@ -335,6 +379,7 @@ class Starter:
             Container(self, common_json, sconf, container_sock, rpc_server).main()
         container_sock.close()
         rpc_server.close()
+        self.ledger.emit("container_start", container_pid=pid, created=clone_kinds)
 
         try:
             if "user" in created:
@@ -432,7 +477,7 @@ class Master:
         kind, value = self.events.get()
         if kind == "fatal":
             fatal = value
-            self.ledger.emit("fatal", message=str(fatal))
+            self.ledger.emit("fatal", message=str(fatal), error=describe_error(fatal))
             self._kill_container()
             status = self._await_status()
         else:
@@ -443,7 +488,7 @@ class Master:
             kind, value = self.events.get_nowait()
             if kind == "fatal" and fatal is None:
                 fatal = value
-                self.ledger.emit("fatal", message=str(fatal))
+                self.ledger.emit("fatal", message=str(fatal), error=describe_error(fatal))
         self.ctx.cancel()
         try:
             self.hooks.call("cleanup_container", engine.operations.cleanup_container,
