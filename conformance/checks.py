@@ -757,15 +757,20 @@ def check_rpc_sequential(verify: Verifier, run: Run, requirement: str) -> None:
 
 # --- signals and exit (SPEC §7, §2 rule 8) ---------------------------------------------------
 
+def exit_event(run: Run) -> dict[str, Any] | None:
+    """The ledger's record of the run's exit code (written by the supervisor)."""
+    exits = events_of(run, "exit")
+    return exits[-1] if exits else None
+
+
 def check_exit_code(verify: Verifier, run: Run, requirement: str,
                     expected: int | None = None) -> None:
     run = verify.used(run.usable())
     want = run.scenario.expected_exit if expected is None else expected
-    exits = events_of(run, "exit")
     verify.check(requirement, run.result.exit_code == want,
                  expected=f"exit code {want} ({run.scenario.description})",
                  observed=f"exit code {run.result.exit_code} ({run.result.reason})", run=run,
-                 event=exits[-1] if exits else None)
+                 event=exit_event(run), role="master")
 
 
 def check_monitor_status(verify: Verifier, run: Run, requirement: str) -> None:
@@ -817,7 +822,7 @@ def check_signals_recorded(verify: Verifier, run: Run, requirement: str) -> None
 
 
 def check_signals_forwarded(verify: Verifier, run: Run, requirement: str) -> None:
-    from conformance.scenario import decode_signal_exit
+    from conformance.scenario import ALL_SIGNALS_ARRIVED, SIGNAL_MASK_BASE, decode_signal_exit
 
     run = verify.used(run.usable())
     sent = run.notes.get("sent") or []
@@ -827,11 +832,19 @@ def check_signals_forwarded(verify: Verifier, run: Run, requirement: str) -> Non
                     f"{run.notes.get('error', '')}", run=run, role="master",
                     hook="monitor_container")
         return
-    missing = decode_signal_exit(run.result.exit_code)
-    verify.check(requirement, not missing, expected="the payload received "
-                 f"{', '.join(X.FORWARDED_SIGNALS)} (exits {run.scenario.expected_exit})",
-                 observed=f"exit code {run.result.exit_code}: not received "
-                 f"{', '.join(missing)}", run=run, role="master", hook="monitor_container")
+    code = run.result.exit_code
+    missing = decode_signal_exit(code)
+    returns = hook_events(run, "master", "monitor_container", ("hook_return",))
+    if missing is None:
+        observed = (f"exit code {code}, which the payload never exits with (it exits "
+                    f"{ALL_SIGNALS_ARRIVED}, or {SIGNAL_MASK_BASE} + the mask of the signals "
+                    "it received): the exit code does not come from the payload")
+    else:
+        observed = f"exit code {code}: the payload did not receive {', '.join(missing)}"
+    verify.check(requirement, missing == [], expected="the payload received "
+                 f"{', '.join(X.FORWARDED_SIGNALS)} (it then exits {ALL_SIGNALS_ARRIVED})",
+                 observed=observed, run=run, role="master", hook="monitor_container",
+                 event=returns[0] if returns else exit_event(run))
 
 
 # --- error paths (SPEC §2 error table) ------------------------------------------------------
@@ -848,7 +861,8 @@ def check_error_path(verify: Verifier, run: Run, requirement: str,
     req = requirement
     want_exit = run.scenario.expected_exit if path.exit_code is None else path.exit_code
     verify.check(req, res.exit_code == want_exit, expected=f"exit code {want_exit}",
-                 observed=f"exit code {res.exit_code} ({res.reason})", run=run)
+                 observed=f"exit code {res.exit_code} ({res.reason})", run=run,
+                 event=exit_event(run), role="master")
     if path.raised:
         role, hook = path.raised
         verify.check(req, raised_in(run, role, hook), expected=f"{hook} raised in the {role}",
@@ -916,12 +930,88 @@ def check_error_path(verify: Verifier, run: Run, requirement: str,
                      f"message naming {text}", observed=", ".join(
                          f"{e.get('stage')}: {e.get('message')!r}" for e in errors)
                      or "no starter error recorded", run=run, role="starter")
+    if path.cleanup_fatal is not None or path.cleanup_gets_no_fatal or path.cleanup_exit \
+            is not None:
+        _check_cleanup_arguments(verify, run, req, path)
     if path.no_namespaces:
         created = events_of(run, "namespaces") + events_of(run, "process_start",
                                                            role="container")
         verify.check(req, not created, expected="no container namespace created",
                      observed=lambda: f"{describe_event(created[0])}", run=run,
                      event=created[0] if created else None)
+
+
+def hook_args(event: dict[str, Any]) -> dict[str, Any] | None:
+    """The arguments a hook was called with, as the ledger records them (None: not recorded
+    by this kit)."""
+    args = event.get("args")
+    return args if isinstance(args, dict) else None
+
+
+def _check_cleanup_arguments(verify: Verifier, run: Run, req: str, path: X.ErrorPath) -> None:
+    entered = hook_events(run, "master", "cleanup_container", ("hook_enter",))
+    if not entered:
+        return  # reported by the cleanup count
+    event = entered[0]
+    args = hook_args(event)
+    if args is None:
+        verify.unsupported(req, "the kit's ledger does not record hook arguments")
+        return
+    fatal, status = args.get("fatal"), args.get("status")
+    if path.cleanup_fatal is not None:
+        message = (fatal or {}).get("message", "") if isinstance(fatal, dict) else str(fatal)
+        verify.check(req, fatal is not None and path.cleanup_fatal in message,
+                     expected="cleanup_container gets the fatal error" + (
+                         f" \"{path.cleanup_fatal}: …\"" if path.cleanup_fatal else ""),
+                     observed=f"fatal={fatal!r}", run=run, event=event)
+    if path.cleanup_gets_no_fatal:
+        verify.check(req, fatal is None, expected="cleanup_container gets no fatal error",
+                     observed=f"fatal={fatal!r}", run=run, event=event)
+    if path.cleanup_exit is not None:
+        code = os.waitstatus_to_exitcode(status) if isinstance(status, int) else None
+        verify.check(req, code == path.cleanup_exit, expected=f"cleanup_container gets the "
+                     f"container's status (exited {path.cleanup_exit})",
+                     observed=f"status={status!r}" + (f" (exit code {code})" if code is not None
+                                                      else ""), run=run, event=event)
+
+
+def check_init_flag(verify: Verifier, run: Run, requirement: str) -> None:
+    """ORDER-002: init_config's privileged_stage1 is true only in stage 1 of suid/hybrid."""
+    run = verify.used(run.usable())
+    events = hook_events(run, hook="init_config", kinds=("hook_enter",))
+    if events and all(hook_args(e) is None for e in events):
+        verify.unsupported(requirement, "the kit's ledger does not record hook arguments")
+        return
+    if not events:
+        verify.fail(requirement, expected="init_config calls", observed="none recorded",
+                    run=run)
+    for event in events:
+        want = event["role"] == "stage1" and run.flow in ("suid", "hybrid")
+        got = (hook_args(event) or {}).get("privileged_stage1")
+        verify.check(requirement, got is want, expected=f"privileged_stage1={want}",
+                     observed=f"privileged_stage1={got!r}", run=run, event=event)
+
+
+def check_master_pids(verify: Verifier, run: Run, requirement: str) -> None:
+    """PID-001: the pid given to the master's hooks is the container's (as the master sees
+    it: the pid the starter recorded when it started the container)."""
+    run = verify.used(run.usable())
+    started = events_of(run, "container_start")
+    events = [e for e in hook_events(run, "master", kinds=("hook_enter",))
+              if e["hook"] in ("create_container", "post_start_process", "monitor_container")]
+    if not started or (events and all(hook_args(e) is None for e in events)):
+        verify.unsupported(requirement, "the kit's ledger does not record the container's pid "
+                           "or the hook arguments")
+        return
+    container_pid = started[0].get("container_pid")
+    if not events:
+        verify.fail(requirement, expected="master hooks", observed="none recorded", run=run,
+                    role="master")
+    for event in events:
+        got = (hook_args(event) or {}).get("pid")
+        verify.check(requirement, got == container_pid, expected=f"pid {container_pid}, the "
+                     f"container as the master sees it (#{started[0]['seq']})",
+                     observed=f"pid {got!r}", run=run, event=event)
 
 
 # --- cleanup, join-only, ledger ------------------------------------------------------------

@@ -239,7 +239,7 @@ NOT_SHARED_WITH_MASTER = ("pid", "net", "uts", "ipc", "cgroup")
 NAMESPACE_KINDS = ("mount", "pid", "net", "uts", "ipc", "user", "cgroup")
 
 
-# --- §2: order rules ---------------------------------------------------------------------------------
+# --- §2: order rules -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Point:
@@ -400,6 +400,9 @@ class ErrorPath:
     container_exit: int | None = None  # exit code of the status monitor_container returns
     timeout: tuple[str, str] | None = None  # (role, hook) the hook timeout must name
     starter_error: tuple[str, str] | None = None  # (stage, substring of the message)
+    cleanup_fatal: str | None = None  # cleanup_container's fatal argument contains this
+    cleanup_gets_no_fatal: bool = False  # cleanup_container's fatal argument is None
+    cleanup_exit: int | None = None  # exit code of cleanup_container's status argument
     no_namespaces: bool = False  # no container namespace was ever created
     notes: tuple[str, ...] = field(default=())
 
@@ -409,21 +412,24 @@ ERROR_PATHS: dict[str, ErrorPath] = {p.requirement: p for p in (
               absent_roles=("master", "rpc", "stage2"), cleanup=False, no_namespaces=True),
     ErrorPath("ERR-002", "create_container", 255, raised=("master", "create_container"),
               absent_roles=("stage2",), absent_hooks=(("master", "post_start_process"),),
-              cleanup=True, fatal="container creation failed"),
+              cleanup=True, fatal="container creation failed",
+              cleanup_fatal="container creation failed"),
     ErrorPath("ERR-003", "start_process", 255, raised=("stage2", "start_process"),
               absent_hooks=(("master", "post_start_process"),), cleanup=True, no_fatal=True,
-              stage2_failed="start_process failed", container_exit=255),
+              stage2_failed="", container_exit=255, cleanup_gets_no_fatal=True,
+              cleanup_exit=255),
     ErrorPath("ERR-004", "post_start_process", 255, raised=("master", "post_start_process"),
-              cleanup=True, fatal=""),
+              cleanup=True, fatal="", cleanup_fatal=""),
     ErrorPath("ERR-005", "monitor_container", 255, raised=("master", "monitor_container"),
-              cleanup=True, fatal=""),
+              cleanup=True, fatal="", cleanup_fatal=""),
     ErrorPath("ERR-006", "cleanup_container", None, raised=("master", "cleanup_container"),
               cleanup=True),
     ErrorPath("ERR-007", "create_container:hang", 255, timeout=("master", "create_container"),
               absent_roles=("stage2",)),
     ErrorPath("ERR-008", "start_process:return", 255,
               absent_hooks=(("master", "post_start_process"),), cleanup=True,
-              stage2_failed="stage 2 returned", container_exit=255),
+              stage2_failed="stage 2 returned", container_exit=255,
+              cleanup_gets_no_fatal=True, cleanup_exit=255),
     ErrorPath("SC-001", "prepare_config:invalid", 255,
               absent_roles=("master", "rpc", "stage2"), cleanup=False, no_namespaces=True,
               starter_error=("starter_config", "set_capabilities")),
@@ -439,7 +445,7 @@ STAGE2_FAILURE_PATHS = ("ERR-003", "ERR-008")  # ORDER-010
 STAGE1_FAILURE_PATHS = ("ERR-001", "SC-001")  # ORDER-012
 
 
-# --- §7: signals -------------------------------------------------------------------------------------
+# --- §7: signals ---------------------------------------------------------------------------------
 
 #: Signals monitor_container must forward (SIG-002), in the order the suite sends them.
 FORWARDED_SIGNALS = ("SIGHUP", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGTERM")

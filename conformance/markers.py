@@ -13,11 +13,10 @@ They are plain pytest marks, so ``pytest -m`` and IDEs see them.
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from typing import TYPE_CHECKING, Any
 
-import pytest
-
-F = TypeVar("F", bound=Callable[..., object])
+if TYPE_CHECKING:
+    import pytest
 
 MARKERS = {
     "requirement": "requirement(*ids): conformance requirement IDs the test checks",
@@ -27,27 +26,33 @@ MARKERS = {
 }
 
 
+def _mark(name: str, args: tuple[str, ...]) -> pytest.MarkDecorator:
+    import pytest  # here, not at import: engines import conformance.cooperation at run time
+
+    return getattr(pytest.mark, name)(*args)
+
+
 def requirement(*ids: str) -> pytest.MarkDecorator:
     if not ids:
         raise TypeError("requirement() needs at least one requirement ID")
-    return pytest.mark.requirement(*ids)
+    return _mark("requirement", ids)
 
 
 def scenarios(*names: str) -> pytest.MarkDecorator:
-    return pytest.mark.scenarios(*names)
+    return _mark("scenarios", names)
 
 
 def flows(*names: str) -> pytest.MarkDecorator:
     if not names:
         raise TypeError("flows() needs at least one flow")
-    return pytest.mark.flows(*names)
+    return _mark("flows", names)
 
 
 def requires(*capabilities: str) -> pytest.MarkDecorator:
-    return pytest.mark.requires(*capabilities)
+    return _mark("requires", capabilities)
 
 
-def declared(obj: object, name: str) -> list[str]:
+def declared(obj: Any, name: str) -> list[str]:
     """The arguments of every ``name`` mark on a test function (or item), in order."""
     out: list[str] = []
     if hasattr(obj, "iter_markers"):

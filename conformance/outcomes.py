@@ -130,11 +130,11 @@ def known_failure(entries: Iterable[KnownFailure], requirement: str, flow: str
 # --- results of a session --------------------------------------------------------------------
 
 def result(requirement: str, flow: str, backend: str, outcome: str, test: str, message: str,
-           runs: Iterable[str] = ()) -> dict[str, Any]:
+           runs: Iterable[str] = (), checks: int = 0) -> dict[str, Any]:
     req = requirements.get(requirement)
     return {"requirement": requirement, "level": req.level, "section": req.section,
             "text": req.text, "flow": flow, "backend": backend, "outcome": outcome,
-            "test": test, "message": message, "runs": list(runs)}
+            "test": test, "message": message, "runs": list(runs), "checks": checks}
 
 
 class Results:
@@ -169,6 +169,7 @@ class Results:
             have = merged[key]
             have["tests"].append(entry["test"])
             have["runs"] = sorted(set(have["runs"]) | set(entry["runs"]))
+            have["checks"] += entry["checks"]
             if SEVERITY[entry["outcome"]] > SEVERITY[have["outcome"]]:
                 have.update(outcome=entry["outcome"], test=entry["test"],
                             message=entry["message"])

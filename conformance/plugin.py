@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -118,6 +119,7 @@ class ConformanceState:
     worker: str | None
     xdist_workers: int
     notes: list[str] = field(default_factory=list)
+    group_by_flow: bool = False
     results: outcomes.Results = field(default_factory=outcomes.Results)
     worker_runs: list[dict[str, Any]] = field(default_factory=list)
     _cache: Any = None
@@ -217,6 +219,9 @@ def _make_state(config: pytest.Config, engine: str, source: str) -> ConformanceS
         invoker: dict[str, Any] | None = dict(vars(Invoker.resolve()))
     except ValueError:
         invoker = None
+    hook_timeout = config.getoption("hook_timeout")
+    if hook_timeout is not None and hook_timeout <= 0:
+        raise pytest.UsageError(f"--hook-timeout: must be positive, got {hook_timeout}")
     workerinput = getattr(config, "workerinput", None)
     numprocesses = getattr(config.option, "numprocesses", None) or 0
     return ConformanceState(
@@ -224,7 +229,7 @@ def _make_state(config: pytest.Config, engine: str, source: str) -> ConformanceS
         capabilities=declared_caps, capabilities_source=cap_source, backend=backend,
         flows=flows, flows_source=flows_source, environment=dict(environment.flows()),
         invoker=invoker, strict=strict_option or strict_ini, strict_source=strict_source,
-        hook_timeout=config.getoption("hook_timeout"), known=known,
+        hook_timeout=hook_timeout, known=known,
         known_source=known_path, report_path=config.getoption("conformance_report"),
         worker=workerinput["workerid"] if workerinput else None,
         xdist_workers=int(workerinput.get("workercount", 1)) if workerinput
@@ -242,10 +247,12 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.args_source != pytest.Config.ArgsSource.ARGS:
         config.args = [str(SUITE_DIR)]
         state.notes.append(f"collecting the installed suite {SUITE_DIR}")
-    if getattr(config.option, "dist", "no") == "load":
-        # One worker per flow group: each worker runs the lifecycles of its flows only once.
-        config.option.dist = "loadgroup"
-        state.notes.append("pytest-xdist: --dist load -> loadgroup (tests grouped by flow)")
+    if getattr(config, "workerinput", None) is None and \
+            getattr(config.option, "dist", "no") == "load":
+        # The tests of one flow go to one worker, so every lifecycle runs once per session
+        # (see SessionPlugin.pytest_xdist_make_scheduler).
+        state.group_by_flow = True
+        state.notes.append("pytest-xdist: tests scheduled in groups, one group per flow")
     config.pluginmanager.register(SessionPlugin(state), "conformance-session")
 
 
@@ -310,7 +317,13 @@ class Lifecycle:
         if self.unavailable(name):
             return None
         self.state.prefetch(self.flow, self.session)
-        return self.state.cache().get(self.flow, name)
+        run = self.state.cache().get(self.flow, name)
+        if run.not_configured is not None:
+            why = f"scenario {name} cannot be prepared here: {run.not_configured}"
+            if self.state.strict:
+                pytest.fail(outcomes.STRICT_PREFIX + why, pytrace=False)
+            pytest.skip(outcomes.NOT_CONFIGURED_PREFIX + why)
+        return run
 
     def __call__(self, name: str) -> Any:
         run = self.optional(name)
@@ -346,6 +359,9 @@ def engine_name(request: pytest.FixtureRequest) -> str:
 
 # --- the session (only with an engine) -----------------------------------------------------------
 
+_FLOW_PARAM = re.compile(r"\[(" + "|".join(FLOWS) + r")\]$")
+
+
 def _test_id(item: pytest.Item) -> str:
     return f"{item.path.name}::{item.name}"
 
@@ -364,9 +380,12 @@ class SessionPlugin:
             f"conformance: engine {s.engine!r} from {s.engine_source} -> {s.engine_name} "
             f"({s.origin}); suite {SUITE_VERSION}",
             f"conformance: backend {s.backend}; flows {', '.join(s.flows)} ({s.flows_source})"
-            + (f"; not configured here: {'; '.join(cannot)}" if cannot else ""),
+            + (f"; not configured here: {'; '.join(cannot)}" if cannot else "")
+            + (f"; invoking user U = {s.invoker['name']} ({s.invoker['uid']})"
+               if s.invoker else ""),
             f"conformance: capabilities from {s.capabilities_source}: {caps}",
-            f"conformance: strict {'on' if s.strict else 'off'} ({s.strict_source}); known "
+            (f"conformance: strict on (from {s.strict_source}): an environment skip is a "
+             "failure" if s.strict else "conformance: strict off") + f"; known "
             f"failures: {len(s.known)}" + (f" from {s.known_source}" if s.known_source else "")
             + (f"; report: {s.report_path}" if s.report_path else ""),
         ]
@@ -454,6 +473,9 @@ class SessionPlugin:
         info = item.stash.get(ITEM, None)
         if info is not None:
             report.conformance = _entries(item, info, call, report, self.state)
+            if call.excinfo is not None and isinstance(call.excinfo.value, (
+                    ConformanceFailure, HarnessFailure)):
+                report.longrepr = str(call.excinfo.value)  # the violations, not our frames
         return report
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -462,6 +484,22 @@ class SessionPlugin:
             self.state.results.add(report.nodeid, report.when, entries)
 
     # -- xdist ---------------------------------------------------------------------------------
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_make_scheduler(self, config: pytest.Config, log: Any) -> Any:
+        """With ``--dist load`` (the default of ``-n``), schedule whole flows: xdist's own
+        ``loadgroup`` cannot be used (pytest 9.2 ignores the ``@group`` node-id suffix that
+        xdist 3.8 relies on)."""
+        if not self.state.group_by_flow:
+            return None
+        from xdist.scheduler import LoadScopeScheduling
+
+        class FlowScheduling(LoadScopeScheduling):
+            def _split_scope(self, nodeid: str) -> str:
+                match = _FLOW_PARAM.search(nodeid)
+                return f"flow:{match.group(1)}" if match else nodeid
+
+        return FlowScheduling(config, log)
+
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
         output = getattr(node, "workeroutput", None) or {}
@@ -567,7 +605,8 @@ def _entries(item: pytest.Item, info: ItemInfo, call: pytest.CallInfo[None],
 
     def entries(pairs: dict[str, tuple[str, str]]) -> list[dict[str, Any]]:
         return [outcomes.result(req, info.flow, state.backend, outcome, info.test, message,
-                                runs) for req, (outcome, message) in pairs.items()]
+                                runs, verifier.checks.get(req, 0) if verifier else 0)
+                for req, (outcome, message) in pairs.items()]
 
     if call.when == "setup":
         if report.skipped:

@@ -14,7 +14,7 @@ Schema version 1::
                       "backend": {flow: backend}, "xdist_workers", "strict"},
       "summary": {outcome: count, ..., "total"},
       "results": [{"requirement", "level", "section", "text", "flow", "backend", "outcome",
-                   "test", "tests", "message", "runs"}],
+                   "test", "tests", "message", "runs", "checks"}],
       "unchecked": [{"requirement", "level", "section", "text", "reason"}],
       "known_failures": [{"requirement", "flows", "reason", "where"}],
       "runs": [{"id", "flow", "scenario", "backend", "argv", "engine_config", "worker",
@@ -22,8 +22,10 @@ Schema version 1::
                 "stdout", "stderr", "ledger"}]
     }
 
-``results`` has one entry per requirement × flow that the session decided; ``runs`` holds the
-full ledger of every lifecycle run the results refer to.
+``results`` has one entry per requirement × flow that the session decided (``checks``: how many
+individual checks were made; ``tests``: every test that decided it, ``test`` the one whose
+outcome is reported); ``runs`` holds the full ledger of every lifecycle run the results refer
+to.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from conformance.outcomes import OUTCOMES, Results
 SCHEMA_VERSION = 1
 
 RESULT_KEYS = ("requirement", "level", "section", "text", "flow", "backend", "outcome", "test",
-               "tests", "message", "runs")
+               "tests", "message", "runs", "checks")
 TOP_KEYS = ("schema_version", "suite_version", "generated", "engine", "environment",
             "summary", "results", "unchecked", "known_failures", "runs")
 

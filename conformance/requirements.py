@@ -34,9 +34,6 @@ GROUPS: tuple[tuple[str, str], ...] = (
     ("ledger", "The ledger"),
 )
 
-_UNRECORDED_ARGS = ("the ledger does not record hook arguments (kit gap: hook_enter carries no "
-                    "argument values)")
-
 
 @dataclass(frozen=True)
 class Requirement:
@@ -70,7 +67,7 @@ _ENTRIES = (
        "each exactly once, before any other hook of that process."),
     _r("ORDER-002", "MUST", "§2 rule 1", "order",
        "init_config's privileged_stage1 flag is true only in stage 1 of the suid and hybrid "
-       "flows.", unchecked=_UNRECORDED_ARGS),
+       "flows."),
     _r("ORDER-003", "MUST", "§2 rule 2", "order",
        "prepare_config runs exactly once per run, in stage 1."),
     _r("ORDER-004", "MUST", "§2 rule 2", "order",
@@ -105,7 +102,7 @@ _ENTRIES = (
        "start_process in stage 2; the RPC server runs no hook but config and init_config."),
     _r("PID-001", "MUST", "§2 rule 9", "order",
        "The pid given to create_container, post_start_process and monitor_container is the "
-       "container's pid as the master sees it.", unchecked=_UNRECORDED_ARGS),
+       "container's pid as the master sees it."),
     _r("PID-002", "MUST", "§2 rule 9", "order",
        "With a new pid namespace, stage 2 sees itself as pid 1."),
     # --- §2 rule 3, §1: state ------------------------------------------------------------------
@@ -150,6 +147,11 @@ _ENTRIES = (
        "bounding set smaller than the master's."),
     _r("PRIV-RPC-003", "MUST", "§4", "rpc",
        "In the userns and fakeroot flows the RPC server has no host privilege."),
+    _r("PRIV-RPC-004", "MUST", "§4", "rpc",
+       "An RPC method that raises capabilities does so on its own thread and restores them "
+       "before it returns.",
+       unchecked="the RPC server is snapshotted only at config and init_config, not around "
+                 "RPC methods (kit gap)"),
     _r("RPC-001", "MUST", "§2, §6", "rpc",
        "Every RPC call is served by the RPC server while create_container runs, and is "
        "recorded."),
@@ -167,6 +169,10 @@ _ENTRIES = (
        "An unknown method, a malformed frame or bad arguments get an error reply (errno and "
        "message survive) and the server keeps serving.",
        unchecked="a property of the kit's RPC server, checked by the kit's own unit tests "
+                 "(tests/test_rpc*.py)"),
+    _r("RPC-007", "MAY", "§6", "rpc",
+       "File descriptors may ride along with an RPC request (SCM_RIGHTS).",
+       unchecked="a property of the kit's RPC transport, checked by the kit's own unit tests "
                  "(tests/test_rpc*.py)"),
     # --- §4 stage 2 and payload -----------------------------------------------------------
     _r("PRIV-STAGE2-001", "MUST", "§4", "stage2",
@@ -207,10 +213,15 @@ _ENTRIES = (
        "A new mount namespace gets the configured propagation on / before anything is "
        "mounted.",
        unchecked="snapshots do not record mount propagation (kit gap)"),
+    _r("NS-009", "MUST", "§5", "namespaces",
+       "Namespaces are entered in the order user, pid (in the starter, before the fork), then "
+       "net, uts, ipc, cgroup, mount (on the container side).",
+       unchecked="the ledger records which namespaces exist, not the order they were made in "
+                 "(kit gap)"),
     _r("SC-001", "MUST", "§5", "namespaces",
        "An invalid StarterConfig (e.g. effective capabilities not a subset of permitted) is "
        "rejected before any namespace exists, with a message that names the setting."),
-    # --- §7, §2 rule 8 signals and exit -----------------------------------------------------------
+    # --- §7, §2 rule 8 signals and exit ----------------------------------------------------------
     _r("SIG-001", "MUST", "§7", "signals",
        "Every signal the master receives becomes an entry on the signals channel (and in the "
        "ledger)."),
@@ -232,7 +243,7 @@ _ENTRIES = (
        "number."),
     _r("EXIT-003", "MUST", "§2 rule 8", "signals",
        "The run's exit code is 255 when a fatal error occurred."),
-    # --- §2 error table ---------------------------------------------------------------------------
+    # --- §2 error table --------------------------------------------------------------------------
     _r("ERR-001", "MUST", "§2 error table", "errors",
        "When prepare_config raises, no further hook runs and the run exits 255."),
     _r("ERR-002", "MUST", "§2 error table", "errors",
@@ -264,12 +275,12 @@ _ENTRIES = (
     _r("CLEAN-002", "MUST", "§1", "cleanup",
        "cleanup_container tolerates partial setup: after a failed hook it returns without "
        "raising."),
-    # --- §5 join-only ------------------------------------------------------------------------------
+    # --- §5 join-only ----------------------------------------------------------------------------
     _r("JOIN-001", "MUST", "§5", "join",
        "A join-only run calls only config, init_config, prepare_config and start_process."),
     _r("JOIN-002", "MUST", "§5", "join",
        "In a join-only run stage 2 is in the namespaces given by path."),
-    # --- §8 ledger ---------------------------------------------------------------------------------
+    # --- §8 ledger -------------------------------------------------------------------------------
     _r("LEDGER-001", "MUST", "§8", "ledger",
        "Every run's ledger is valid against the versioned ledger schema."),
     _r("LEDGER-002", "MUST", "§8", "ledger",

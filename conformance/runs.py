@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from conformance.scenario import SCENARIOS, Scenario
+from conformance.scenario import SCENARIOS, HelperError, Scenario
 
 #: Hook timeout of the scenarios that hang on purpose (seconds).
 SHORT_HOOK_TIMEOUT = 1.0
@@ -34,6 +34,7 @@ class Run:
     backend: str
     result: Any = None  # kit.launcher.RunResult
     error: str | None = None
+    not_configured: str | None = None  # this machine cannot prepare the scenario
     notes: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     worker: str = "main"
@@ -57,6 +58,7 @@ class Run:
             "backend": self.backend, "argv": list(self.scenario.argv),
             "engine_config": self.scenario.config(), "worker": self.worker,
             "seconds": round(self.seconds, 3), "notes": self.notes, "error": self.error,
+            "not_configured": self.not_configured,
         }
         if self.result is not None:
             doc.update(exit_code=self.result.exit_code, reason=self.result.reason,
@@ -104,7 +106,10 @@ class RunCache:
         start = time.monotonic()
         try:
             run.result, run.notes = scenario.start(self.engine, flow, self._options(scenario))
-        except Exception as exc:  # LaunchError, a helper that failed, a kit bug
+        except HelperError as exc:
+            run.not_configured = str(exc)
+            run.error = f"not configured: {exc}"
+        except Exception as exc:  # LaunchError, a kit bug
             run.error = f"{type(exc).__name__}: {exc}"
         run.seconds = time.monotonic() - start
         return run

@@ -45,13 +45,14 @@ def _signal_script() -> str:
             f"{ALL_SIGNALS_ARRIVED}; exit $(({SIGNAL_MASK_BASE}+{mask}))")
 
 
-def decode_signal_exit(code: int) -> list[str]:
-    """The signals the payload did *not* receive, from its exit code."""
+def decode_signal_exit(code: int) -> list[str] | None:
+    """The signals the payload did *not* receive, from its exit code (None: the code is not
+    one the payload exits with)."""
     if code == ALL_SIGNALS_ARRIVED:
         return []
     mask = code - SIGNAL_MASK_BASE
-    if not 0 <= mask < (1 << len(FORWARDED_SIGNALS)):
-        return list(FORWARDED_SIGNALS)
+    if not 0 <= mask < (1 << len(FORWARDED_SIGNALS)) - 1:
+        return None
     return [name for i, name in enumerate(FORWARDED_SIGNALS) if not mask >> i & 1]
 
 

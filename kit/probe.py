@@ -62,7 +62,7 @@ def snapshot() -> dict[str, Any]:
     for tid in linux.thread_ids():
         try:
             status = linux.read_status(f"/proc/self/task/{tid}/status")
-        except FileNotFoundError:  # the thread ended meanwhile
+        except (FileNotFoundError, ProcessLookupError):  # the thread ended meanwhile (ESRCH)
             continue
         threads.append(thread_state(status, tid))
         if not nspid:

@@ -116,13 +116,19 @@ class HookRunner:
         self._probe_cache: dict[str, dict[str, Any]] = {}
 
     def _snap(self) -> dict[str, Any] | None:
-        return self.system.snapshot() if self.probes else None
+        """A snapshot; a probe failure is recorded, never allowed to skip the hook."""
+        if not self.probes:
+            return None
+        try:
+            return self.system.snapshot()
+        except Exception as exc:
+            return {"probe_error": f"{type(exc).__name__}: {exc}"}
 
     def _escalation(self, snap: dict[str, Any] | None) -> dict[str, Any] | None:
         """The escalation probe, re-run only when the calling thread's credentials changed:
         its outcome is a function of them (uids, gids, capabilities, no_new_privs, user
         namespace and maps), so a repeat would only cost a fork."""
-        if not self.probes or snap is None:
+        if not self.probes or snap is None or "probe_error" in snap:
             return None
         tid = threading.get_native_id()
         me = next((t for t in snap["threads"] if t["tid"] == tid), None)
@@ -132,7 +138,10 @@ class HookRunner:
         cached = self._probe_cache.get(key) if key is not None else None
         if cached is not None:
             return {**cached, "cached": True}
-        result = self.system.escalation()
+        try:
+            result = self.system.escalation()
+        except Exception as exc:
+            return {"probe_error": f"{type(exc).__name__}: {exc}"}
         if key is not None:
             self._probe_cache[key] = result
         return result

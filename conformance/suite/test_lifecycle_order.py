@@ -1,7 +1,9 @@
 """Lifecycle order and counts: which hook runs where, when, and how often (SPEC §1, §2)."""
 
 from conformance import requirement, scenarios
-from conformance.checks import check_hook_roles, check_pid_one, check_rules
+from conformance.checks import (
+    check_hook_roles, check_init_flag, check_master_pids, check_pid_one, check_rules,
+)
 
 #: Successful runs every order rule is checked on.
 SUCCESSFUL = ("default", "exit-code")
@@ -17,6 +19,14 @@ def _rules(lifecycle, verify, req):
 def test_each_process_calls_config_then_init_config_once_before_any_other_hook(lifecycle,
                                                                                verify):
     _rules(lifecycle, verify, "ORDER-001")
+
+
+@requirement("ORDER-002")
+@scenarios(*SUCCESSFUL)
+def test_init_config_is_told_privileged_stage1_only_in_stage_1_of_the_setuid_flows(lifecycle,
+                                                                                   verify):
+    for name in SUCCESSFUL:
+        check_init_flag(verify, lifecycle(name), "ORDER-002")
 
 
 @requirement("ORDER-003")
@@ -75,6 +85,13 @@ def test_create_container_monitor_container_and_start_process_each_run_once(life
 def test_each_hook_runs_only_in_the_process_the_contract_assigns_to_it(lifecycle, verify):
     for name in SUCCESSFUL:
         check_hook_roles(verify, lifecycle(name), "ORDER-014")
+
+
+@requirement("PID-001")
+@scenarios(*SUCCESSFUL)
+def test_master_hooks_get_the_containers_pid_as_the_master_sees_it(lifecycle, verify):
+    for name in SUCCESSFUL:
+        check_master_pids(verify, lifecycle(name), "PID-001")
 
 
 @requirement("PID-002")

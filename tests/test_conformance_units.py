@@ -1,0 +1,298 @@
+"""The conformance suite's parts, without running any lifecycle: the catalogue, the
+expectation tables, the checks on hand-made ledgers, known failures, outcomes, the report."""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+import pytest
+
+from conformance import capabilities, checks, expectations as X, outcomes, report, requirements
+from conformance.capabilities import Capabilities
+from conformance import catalogue
+from conformance.runs import Run
+from conformance.scenario import SCENARIOS, decode_signal_exit
+
+U, G = 999, 995
+HOST_NS = {k: 4026531830 + i for i, k in enumerate(X.NAMESPACE_KINDS)}
+CONTAINER_NS = {k: 4026532170 + i for i, k in enumerate(X.NAMESPACE_KINDS)}
+
+
+# --- the catalogue ---------------------------------------------------------------------------
+
+def test_the_catalogue_has_at_least_40_requirements_with_stable_ids_and_levels():
+    assert len(requirements.CATALOGUE) >= 40
+    for req in requirements.CATALOGUE.values():
+        assert re.fullmatch(r"[A-Z]+(-[A-Z0-9]+)*-\d{3}", req.id)
+        assert req.level in requirements.LEVELS
+        assert req.section.startswith("§") and req.text.endswith(".")
+
+
+def test_every_requirement_is_checked_by_a_test_or_says_why_not():
+    index = catalogue.tests_by_requirement()
+    for req in requirements.CATALOGUE.values():
+        if req.unchecked:
+            assert not index[req.id], f"{req.id} is marked unchecked but has tests"
+        else:
+            assert index[req.id], f"{req.id} has no test and no reason"
+
+
+def test_every_suite_test_is_a_sentence_with_declared_scenarios():
+    for decl in catalogue.suite_tests():
+        assert decl.name.count("_") >= 5, decl.id
+        assert decl.scenarios, f"{decl.id} declares no scenario"
+
+
+def test_catalogue_groups_cover_every_requirement():
+    grouped = [r.id for _, _, reqs in requirements.by_group() for r in reqs]
+    assert sorted(grouped) == sorted(requirements.CATALOGUE)
+
+
+# --- the expectation tables -------------------------------------------------------------------
+
+def test_the_privilege_table_has_a_cell_for_every_role_and_flow():
+    for role in X.ROLES:
+        assert set(X.PRIVILEGES[role]) == set(X.FLOWS), role
+        for cell in X.PRIVILEGES[role].values():
+            assert cell, role
+            for expect in cell:
+                assert expect.requirement in requirements.CATALOGUE
+
+
+def test_the_suid_master_keeps_saved_uid_0_so_escalation_is_possible():
+    cell = X.PRIVILEGES["master"]["suid"]
+    assert X.Expect("PRIV-MASTER-001", X.Uids(X.INVOKER, X.INVOKER, X.ZERO)) in cell
+    assert any(e.aspect == X.Escalation(True) for e in cell)
+    assert X.privilege_flows("PRIV-MASTER-002") == ("suid", "hybrid")
+
+
+def test_order_rules_and_error_paths_refer_to_known_things():
+    for rule in X.ORDER_RULES:
+        assert rule.requirement in requirements.CATALOGUE
+    for req, path in X.ERROR_PATHS.items():
+        assert req in requirements.CATALOGUE
+        assert path.fault in capabilities.FAULTS
+        assert f"fault:{path.fault}" in SCENARIOS
+
+
+def test_the_signal_payload_reports_which_signals_it_missed():
+    assert decode_signal_exit(42) == []
+    assert decode_signal_exit(10 + 0b10111) == ["SIGUSR2"]
+    assert decode_signal_exit(0) is None
+
+
+# --- checks on hand-made ledgers ----------------------------------------------------------------
+
+def snapshot(uid=(U, U, U, U), ns=HOST_NS, uid_map=((0, 0, 4294967295),), eff=(), prm=(),
+             bnd=("CAP_CHOWN", "CAP_SYS_ADMIN"), tid=10, nnp=False):
+    return {"threads": [{"tid": tid, "uid": list(uid), "gid": [G] * 4, "groups": [],
+                         "caps": {"effective": list(eff), "permitted": list(prm),
+                                  "inheritable": [], "bounding": list(bnd), "ambient": []},
+                         "no_new_privs": nnp, "seccomp": 0}],
+            "ns": dict(ns), "uid_map": [list(m) for m in uid_map], "gid_map": [],
+            "securebits": 0, "dumpable": 1, "nspid": [tid]}
+
+
+def make_run(flow, events, exit_code=0, scenario="default"):
+    full = [{"kind": "run_start", "role": "supervisor", "invoker": {"uid": U, "gid": G}}]
+    full += events
+    for i, event in enumerate(full):
+        event.setdefault("pid", 100)
+        event.setdefault("tid", 100)
+        event.setdefault("t", i * 1000)
+        event["seq"] = i
+    ledger = SimpleNamespace(events=full, document={"schema_version": 1, "events": full})
+    result = SimpleNamespace(exit_code=exit_code, reason="exited", ledger=ledger, leaks=[],
+                             timed_out=None, stdout="", stderr="")
+    return Run(flow, SCENARIOS[scenario], "real", result=result)
+
+
+def hook(kind, role, name, snap, **extra):
+    event = {"kind": kind, "role": role, "hook": name, "snapshot": snap}
+    if kind == "hook_enter":
+        event["escalation"] = extra.pop("escalation", {"host_escalation": False})
+    event.update(extra)
+    return event
+
+
+def test_a_suid_master_hook_with_effective_capabilities_at_return_is_a_violation():
+    good = snapshot(uid=(U, U, 0, U), prm=("CAP_SYS_ADMIN",))
+    bad = snapshot(uid=(U, U, 0, U), eff=("CAP_SYS_ADMIN",), prm=("CAP_SYS_ADMIN",))
+    run = make_run("suid", [
+        hook("hook_enter", "master", "create_container", good, tid=10,
+             escalation={"host_escalation": True}),
+        hook("hook_return", "master", "create_container", bad, tid=10),
+    ])
+    verify = checks.Verifier("suid", ["PRIV-MASTER-002"], "t")
+    checks.check_privileges(verify, run, "PRIV-MASTER-002")
+    assert verify.checks["PRIV-MASTER-002"] == 2
+    (violation,) = verify.violations["PRIV-MASTER-002"]
+    text = verify.render("PRIV-MASTER-002")
+    assert text.startswith("PRIV-MASTER-002 [MUST] SPEC §4: ")
+    assert "flow: suid   role: master   hook: create_container" in text
+    assert "expected: effective capabilities exactly none" in text
+    assert "observed: thread 10: effective [CAP_SYS_ADMIN]" in text
+    assert "ledger event: #2 hook_return role=master hook=create_container" in text
+
+
+def test_escalation_must_be_possible_for_the_setuid_master_and_impossible_in_stage_1():
+    master = snapshot(uid=(U, U, 0, U), prm=("CAP_SYS_ADMIN",))
+    run = make_run("suid", [
+        hook("hook_enter", "stage1", "config", snapshot(),
+             escalation={"host_escalation": True}),
+        hook("hook_enter", "master", "config", master, escalation={"host_escalation": False}),
+    ])
+    for req in ("PRIV-STAGE1-003", "PRIV-MASTER-003"):
+        verify = checks.Verifier("suid", [req], "t")
+        checks.check_privileges(verify, run, req)
+        assert len(verify.violations[req]) == 1, req
+
+
+def test_start_process_before_create_container_returned_breaks_order_007():
+    stage2 = snapshot(ns=CONTAINER_NS)
+    run = make_run("root", [
+        hook("hook_enter", "master", "create_container", snapshot()),
+        hook("hook_enter", "stage2", "start_process", stage2),
+        hook("hook_return", "master", "create_container", snapshot()),
+        {"kind": "process_exit", "role": "container", "child_role": "rpc", "status": 0},
+    ])
+    verify = checks.Verifier("root", ["ORDER-007"], "t")
+    checks.check_rules(verify, run, "ORDER-007")
+    messages = [v.observed for v in verify.violations["ORDER-007"]]
+    assert len(messages) == 2
+    assert "only at #3" in messages[0]
+    assert "the first process_exit role=container child_role=rpc only at #4" in messages[1]
+
+
+def test_the_master_sharing_the_containers_net_namespace_breaks_ns_003():
+    starter_config = {"kind": "starter_config", "role": "starter",
+                      "config": {"requests": {"ns_flags": ["pid", "net"], "ns_paths": {}}}}
+    shared = dict(HOST_NS, net=CONTAINER_NS["net"])
+    run = make_run("root", [starter_config,
+                            hook("hook_enter", "master", "monitor_container",
+                                 snapshot(ns=shared)),
+                            hook("hook_enter", "stage2", "start_process",
+                                 snapshot(ns=CONTAINER_NS))])
+    verify = checks.Verifier("root", ["NS-003"], "t")
+    checks.check_master_not_shared(verify, run, "NS-003")
+    (violation,) = verify.violations["NS-003"]
+    assert violation.observed.startswith("shares net with stage 2")
+
+
+def test_master_hooks_given_another_pid_than_the_containers_break_pid_001():
+    run = make_run("root", [
+        {"kind": "container_start", "role": "starter", "container_pid": 4242, "created": []},
+        hook("hook_enter", "master", "create_container", snapshot(), args={"pid": 4242}),
+        hook("hook_enter", "master", "monitor_container", snapshot(), args={"pid": 1}),
+    ])
+    verify = checks.Verifier("root", ["PID-001"], "t")
+    checks.check_master_pids(verify, run, "PID-001")
+    (violation,) = verify.violations["PID-001"]
+    assert violation.event["hook"] == "monitor_container" and violation.observed == "pid 1"
+
+
+def test_init_config_told_privileged_outside_stage_1_breaks_order_002():
+    common = {"engine_name": "e", "container_id": "c"}
+    run = make_run("suid", [
+        hook("hook_enter", "stage1", "init_config", snapshot(),
+             args={"common": common, "privileged_stage1": True}),
+        hook("hook_enter", "master", "init_config", snapshot(),
+             args={"common": common, "privileged_stage1": True}),
+    ])
+    verify = checks.Verifier("suid", ["ORDER-002"], "t")
+    checks.check_init_flag(verify, run, "ORDER-002")
+    (violation,) = verify.violations["ORDER-002"]
+    assert violation.event["role"] == "master"
+    assert violation.expected == "privileged_stage1=False"
+
+
+def test_a_check_of_an_undeclared_requirement_is_a_suite_error():
+    verify = checks.Verifier("root", ["ORDER-001"], "t")
+    with pytest.raises(checks.SuiteError, match="declares only ORDER-001"):
+        verify.check("ORDER-003", True, expected="", observed="")
+
+
+def test_the_payloads_own_status_is_read_from_its_output():
+    out = ("Name:\tcat\nPid:\t7\nUid:\t999\t999\t999\t999\nGid:\t995\t995\t995\t995\n"
+           "CapInh:\t0000000000000000\nCapPrm:\t0000000000200000\nCapEff:\t0000000000200000\n"
+           "CapBnd:\t000001ffffffffff\nCapAmb:\t0000000000000000\n"
+           "         0          0 4294967295\n")
+    snap = checks.parse_payload_status(out)
+    assert snap["threads"][0]["caps"]["permitted"] == ["CAP_SYS_ADMIN"]
+    assert checks._host_privilege(snap)
+    assert checks.parse_payload_status("garbage") is None
+
+
+# --- capabilities --------------------------------------------------------------------------------
+
+def test_capabilities_are_properties_with_one_line_docstrings():
+    assert Capabilities.names() == ["host_payloads", "fault_injection", "join_only"]
+    for name in Capabilities.names():
+        assert "\n" not in Capabilities.describe(name)
+    with pytest.raises(capabilities.UnknownCapability, match="known: host_payloads"):
+        Capabilities.describe("teleport")
+
+
+def test_an_engine_declares_capabilities_on_its_operations_class_or_by_registration():
+    class Faulty(Capabilities):
+        @property
+        def fault_injection(self) -> bool:
+            return True
+
+    class Ops:
+        conformance_capabilities = Faulty
+
+    reg = SimpleNamespace(name="unit-engine", factory=Ops)
+    caps, source = capabilities.for_engine(reg)
+    assert caps.as_dict()["fault_injection"] and source.endswith("conformance_capabilities")
+    capabilities.register_capabilities("unit-engine", Capabilities)
+    try:
+        caps, source = capabilities.for_engine(reg)
+        assert not caps.fault_injection and source == "register_capabilities"
+    finally:
+        capabilities._registered.pop("unit-engine")
+    with pytest.raises(TypeError):
+        capabilities.register_capabilities("unit-engine", object())
+
+
+# --- known failures, outcomes, report ------------------------------------------------------------
+
+def test_known_failures_need_a_reason_and_a_matching_test():
+    index = catalogue.tests_by_requirement()
+    entries = outcomes.parse_known_failures(
+        "# comment\n\nPRIV-MASTER-002[suid]: upstream keeps CAP_SETUID\nEXIT-002: why\n",
+        "k.txt", index)
+    assert [(e.requirement, e.flows, e.line) for e in entries] == [
+        ("PRIV-MASTER-002", ("suid",), 3), ("EXIT-002", X.FLOWS, 4)]
+    assert outcomes.known_failure(entries, "PRIV-MASTER-002", "hybrid") is None
+    with pytest.raises(outcomes.KnownFailuresError, match="matches no test"):
+        outcomes.parse_known_failures("PRIV-MASTER-002[root]: no such cell\n", "k.txt", index)
+
+
+def test_several_tests_of_one_requirement_and_flow_merge_into_the_worst_outcome():
+    results = outcomes.Results()
+    results.add("a", "call", [outcomes.result("EXIT-001", "root", "real", "passed", "a", "")])
+    results.add("b", "setup", [outcomes.result("EXIT-001", "root", "real", "not-configured",
+                                               "b", "why")])
+    results.add("c", "call", [outcomes.result("EXIT-001", "suid", "real", "passed", "c", "")])
+    results.add("c", "teardown", [outcomes.result("EXIT-001", "suid", "real", "broken", "c",
+                                                  "teardown error")])
+    merged = {(e["requirement"], e["flow"]): e for e in results.merged()}
+    assert merged[("EXIT-001", "root")]["outcome"] == "not-configured"
+    assert merged[("EXIT-001", "root")]["tests"] == ["a", "b"]
+    assert merged[("EXIT-001", "suid")]["outcome"] == "broken"
+
+
+def test_the_report_validator_finds_inconsistencies():
+    entry = outcomes.result("EXIT-001", "root", "real", "passed", "t", "", ["root/x"])
+    entry["tests"] = ["t"]
+    doc = {key: {} for key in report.TOP_KEYS}
+    doc.update(schema_version=1, results=[entry, dict(entry)], runs=[], unchecked=[],
+               known_failures=[], summary={"passed": 1, "total": 1},
+               environment={"kernel": "", "python": "", "uid": 0, "user_namespaces": True,
+                            "flows": {}, "backend": {}})
+    problems = report.validate(doc)
+    assert any("second entry" in p for p in problems)
+    assert any("refers to run 'root/x'" in p for p in problems)
+    assert any("summary['passed']" in p for p in problems)
