@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -122,6 +123,8 @@ class ConformanceState:
     group_by_flow: bool = False
     results: outcomes.Results = field(default_factory=outcomes.Results)
     worker_runs: list[dict[str, Any]] = field(default_factory=list)
+    all_runs: list[dict[str, Any]] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
     _cache: Any = None
     _prefetched: set[str] = field(default_factory=set)
 
@@ -515,6 +518,7 @@ class SessionPlugin:
         if state.worker is not None:
             session.config.workeroutput["conformance_runs"] = docs  # type: ignore[attr-defined]
             return
+        state.all_runs = docs + state.worker_runs
         if state.report_path:
             from conformance import report
 
@@ -539,6 +543,10 @@ class SessionPlugin:
                 first = entry["message"].splitlines()[0] if entry["message"] else ""
                 terminalreporter.line(f"  {entry['outcome'].upper()} {entry['requirement']}"
                                       f"[{entry['flow']}] {first[:150]}")
+        wall = time.monotonic() - state.started
+        busy = sum(r.get("seconds") or 0 for r in state.all_runs)
+        terminalreporter.line(f"{len(state.all_runs)} lifecycles ({busy:.1f} s of lifecycle "
+                              f"time) in {wall:.1f} s of wall time")
         if state.report_path:
             terminalreporter.line(f"report: {state.report_path}")
 

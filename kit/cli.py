@@ -1,7 +1,8 @@
 """``python -m kit``: run one lifecycle, show which flows this machine can run, list engines.
 
-    python -m kit run --engine NAME --flow FLOW [--ledger FILE] -- CMD [ARGS…]
-    python -m kit flows
+    python -m kit run --engine NAME --flow FLOW [--backend real|fake|auto] [--ledger FILE] \
+        -- CMD [ARGS…]
+    python -m kit flows      (each flow: the backend auto picks, and why)
     python -m kit engines
 """
 
@@ -28,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--engine", required=True,
                    help="registered name, kit.engines entry point, or module:attribute")
     r.add_argument("--flow", required=True, choices=FLOWS)
+    r.add_argument("--backend", default="auto", choices=environment.BACKENDS,
+                   help="real: the kernel; fake: a model, no namespace or privilege needed; "
+                   "auto: real where this machine can run the flow, else fake (default)")
     r.add_argument("--user", help="the unprivileged invoking user U (name or uid; default "
                    "$KIT_TEST_USER, kit-test, nobody)")
     r.add_argument("--ledger", metavar="FILE", help="write the run's ledger (JSON) to FILE")
@@ -40,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--no-probes", action="store_true",
                    help="skip privilege snapshots and escalation probes")
     r.add_argument("argv", nargs="+", metavar="CMD", help="the payload, after --")
-    sub.add_parser("flows", help="which flows this machine can run for real, and why not")
+    sub.add_parser("flows", help="which backend each flow runs on here (real where the "
+                   "machine allows it, else fake), and why")
     sub.add_parser("engines", help="registered engines: name, then where it comes from")
     return p
 
@@ -56,7 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         registry.find(args.engine)
         handle = start(args.engine, args.flow, args.argv, capture=False, stdin=sys.stdin,
-                       engine_config=engine_config, user=args.user,
+                       engine_config=engine_config, user=args.user, backend=args.backend,
                        hook_timeout=args.hook_timeout, run_timeout=args.run_timeout,
                        probes=not args.no_probes)
     except (registry.RegistryError, ValueError, LaunchError) as exc:
@@ -74,8 +79,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_flows() -> int:
-    for flow, (ok, why) in environment.flows().items():
-        print(f"{flow:9} {'real' if ok else 'no  '}  {why}")
+    for flow in environment.flows():
+        backend, why = environment.backend_for(flow)
+        print(f"{flow:9} {backend}  {why}")
     return 0
 
 

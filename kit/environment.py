@@ -1,4 +1,5 @@
-"""What this machine can run for real: one probe per flow, each with a reason."""
+"""What this machine can run for real: one probe per flow, each with a reason; and the
+``auto`` backend's choice per flow (real where the flow can run for real, else fake)."""
 
 from __future__ import annotations
 
@@ -61,3 +62,25 @@ def flows() -> dict[str, tuple[bool, str]]:
     if out["hybrid"][0] and not ns[0]:
         out["hybrid"] = ns
     return out
+
+
+#: Backends a run can ask for; ``auto`` is resolved per flow by :func:`backend_for`.
+BACKENDS = ("real", "fake", "auto")
+
+
+def backend_for(flow: str) -> tuple[str, str]:
+    """The ``auto`` backend's choice for ``flow`` (``SPEC.md`` §9) and why: the kernel where
+    this machine can run the flow for real, the fake backend's model for the rest."""
+    ok, why = flows()[flow]
+    if ok:
+        return "real", why
+    return "fake", f"fake: the real backend cannot run it here ({why})"
+
+
+def resolve_backend(backend: str, flow: str) -> str:
+    """``real``/``fake`` as given; ``auto`` as :func:`backend_for` decides for ``flow``."""
+    if backend == "auto":
+        return backend_for(flow)[0]
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
+    return backend

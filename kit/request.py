@@ -86,8 +86,11 @@ class RunRequest:
     def __post_init__(self) -> None:
         if self.flow not in FLOWS:
             raise ValueError(f"unknown flow {self.flow!r} (known: {', '.join(FLOWS)})")
+        if self.backend == "auto":  # resolved here, once, where the run is requested
+            from kit.environment import backend_for
+            self.backend = backend_for(self.flow)[0]
         if self.backend not in ("real", "fake"):
-            raise ValueError(f"unknown backend {self.backend!r} (known: real, fake)")
+            raise ValueError(f"unknown backend {self.backend!r} (known: real, fake, auto)")
         if self.hook_timeout <= 0 or self.run_timeout <= 0:
             raise ValueError("timeouts must be positive")
 

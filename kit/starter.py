@@ -277,7 +277,8 @@ class Starter:
             self.parent = os.getppid()
             self.become_invoker()
             rearm_parent_death(self.parent)
-            self.ledger.emit("process_start", ppid=os.getppid(), nspid=[self.system.getpid()])
+            self.ledger.emit("process_start", ppid=self.system.getppid(),
+                             nspid=[self.system.getpid()])
             common_json, sconf = self.run_stage1()
             self.ledger.emit("starter_config", config=sconf.to_json())
             try:
@@ -325,7 +326,8 @@ class Starter:
                 self.system.become_user(u.uid, u.gid, u.groups)
                 self.system.set_no_new_privs()
                 rearm_parent_death(self.system_parent)
-            ledger.emit("process_start", ppid=os.getppid(), nspid=[self.system.getpid()])
+            ledger.emit("process_start", ppid=self.system.getppid(),
+                             nspid=[self.system.getpid()])
             hooks = HookRunner(ledger, self.system, self.req.probes)
             engine = registry.make_engine(self.req.engine)
             config_json = dict(self.req.engine_config)
@@ -649,7 +651,8 @@ class Container:
                 uid = _inside_id(self.sconf.uid_mappings, u.uid)
                 self.system.become_user(uid, gid, None)
                 rearm_parent_death(sock=self.sock)
-            self.ledger.emit("process_start", ppid=os.getppid(), nspid=[self.system.getpid()])
+            self.ledger.emit("process_start", ppid=self.system.getppid(),
+                             nspid=[self.system.getpid()])
             self.setup_namespaces()
         except BaseException as exc:
             _send(self.sock, "E" + f"namespace setup failed: {type(exc).__name__}: {exc}")
@@ -714,7 +717,7 @@ class RPCServerProcess:
         try:
             linux.set_name("kit-rpc")
             self.drop_privileges()
-            self.ledger.emit("process_start", ppid=os.getppid(),
+            self.ledger.emit("process_start", ppid=self.c.system.getppid(),
                              nspid=[self.c.system.getpid()])
             hooks = HookRunner(self.ledger, self.c.system, self.c.req.probes)
             engine = registry.make_engine(self.c.req.engine)
@@ -791,7 +794,7 @@ class Stage2:
             self.apply_credentials()
             for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # ignored by CPython, not by payloads
                 signal.signal(sig, signal.SIG_DFL)
-            self.ledger.emit("process_start", ppid=os.getppid(),
+            self.ledger.emit("process_start", ppid=self.c.system.getppid(),
                              nspid=[self.c.system.getpid()])
             hooks = HookRunner(self.ledger, self.c.system, self.c.req.probes)
             engine = registry.make_engine(self.c.req.engine)

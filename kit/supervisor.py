@@ -16,6 +16,7 @@ RESULT_FD is ``started <starter pid>`` as soon as the starter exists.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -262,8 +263,15 @@ class Supervisor:
                 return
 
 
+_preloaded: set[tuple[str, str, tuple[str, ...]]] = set()
+
+
 def preload(request: RunRequest) -> None:
-    """Import everything the run needs while still privileged."""
+    """Import everything the run needs while still privileged (once per process for each
+    engine and import path)."""
+    key = (request.engine, request.backend, tuple(request.sys_path))
+    if key in _preloaded:
+        return
     for entry in reversed(request.sys_path):
         if entry not in sys.path:
             sys.path.insert(0, entry)
@@ -276,8 +284,20 @@ def preload(request: RunRequest) -> None:
 
         with IPRoute() as ipr:
             ipr.link_lookup(ifname="lo")
+    else:
+        import kit.fake  # noqa: F401  (the model replaces the kernel: no pyroute2)
     import traceback
     traceback.format_exception(ValueError("warm-up"))  # pulls in lazy imports of traceback
+    _preloaded.add(key)
+
+
+def _backend(request: RunRequest) -> contextlib.AbstractContextManager[Any]:
+    """The run's system interface, installed before the starter is forked: the kernel
+    (as is), or the fake backend's model (:mod:`kit.fake`)."""
+    if request.backend == "fake":
+        from kit.fake import installed
+        return installed(request)
+    return contextlib.nullcontext()
 
 
 def run_supervised(request: RunRequest, result_fd: int) -> None:
@@ -287,7 +307,8 @@ def run_supervised(request: RunRequest, result_fd: int) -> None:
     os.chdir("/")
     try:
         preload(request)
-        result = Supervisor(request).run(result_fd)
+        with _backend(request):
+            result = Supervisor(request).run(result_fd)
     except Exception as exc:
         result = {"exit_code": EXIT_FATAL, "reason": f"supervisor error: {exc!r}",
                   "leaks": [], "timed_out": None, "ledger": None, "error": repr(exc)}

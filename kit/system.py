@@ -62,6 +62,11 @@ class RealSystem(System):
     def getpid(self) -> int:
         return os.getpid()
 
+    def getppid(self) -> int:
+        """The parent's pid as this process sees it (0 when the parent is outside its pid
+        namespace, e.g. for pid 1 of the container)."""
+        return os.getppid()
+
     def privileged(self) -> bool:
         """True when this process may act as host root (euid 0 in the initial namespace)."""
         return os.geteuid() == 0
