@@ -121,7 +121,8 @@ class Supervisor:
         leftovers = self._living_descendants(grace=0.25)
         for p in leftovers:
             self.leak("process", f"pid {p}: {_cmdline(p)}")
-        self.kill_tree()
+        if leftovers:
+            self.kill_tree()
         for mount_id, point in sorted(_mount_points() - mounts_before):
             self.leak("mount", f"{point} (mount id {mount_id}) in the host mount namespace")
         for name in sorted(_netns() - netns_before):
@@ -139,10 +140,22 @@ class Supervisor:
                 "ledger": {"schema_version": SCHEMA_VERSION, "run": req.to_json(),
                            "events": self.events}}
 
+    @staticmethod
+    def _has_children() -> bool:
+        """Whether any child (living or zombie) is left. We are a subreaper: every living
+        descendant is a child of ours or below one, so no child means no descendant."""
+        try:
+            os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return False
+        return True
+
     def _living_descendants(self, grace: float) -> list[int]:
         deadline = time.monotonic() + grace
         while True:
             self._reap()
+            if not self._has_children():
+                return []
             alive = [p for p in linux.descendants(os.getpid())
                      if linux.process_state(p) not in ("Z", None)]
             if not alive or time.monotonic() >= deadline:
@@ -241,6 +254,9 @@ class Supervisor:
     def kill_tree(self) -> None:
         """SIGKILL every descendant until none is left; reap them (we are the subreaper)."""
         for _ in range(200):
+            self._reap()
+            if not self._has_children():
+                return
             pids = linux.descendants(os.getpid())
             for p in pids:
                 try:

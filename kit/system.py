@@ -189,7 +189,8 @@ class RealSystem(System):
         from pyroute2 import IPRoute  # imported by the starter before any privilege change
 
         with IPRoute() as ipr:
-            index = ipr.link_lookup(ifname=ifname)
+            # The loopback device always has ifindex 1 (LOOPBACK_IFINDEX): no lookup round trip.
+            index = [1] if ifname == "lo" else ipr.link_lookup(ifname=ifname)
             if not index:
                 raise OSError(19, f"no network interface {ifname!r}")
             ipr.link("set", index=index[0], state="up")
