@@ -10,33 +10,46 @@ from kit import linux
 from kit.request import Invoker
 
 
-def _userns_possible(uid: int, gid: int) -> tuple[bool, str]:
-    """Fork, become ``uid`` and try to create a user namespace (never in this process)."""
+def _probe(name: str, uid: int | None, gid: int | None, kinds: list[str],
+           self_map: bool) -> tuple[bool, str]:
+    """In a forked child (never in this process): optionally become ``uid``, create the
+    namespaces ``kinds`` and, for a user namespace, map the user to itself — what the flow's
+    run will need. (A user namespace can be created yet unusable: Ubuntu's AppArmor
+    restriction denies the new namespace every capability, so its maps cannot be written.)"""
+    rfd, wfd = os.pipe()
     pid = os.fork()
-    if pid == 0:  # pragma: no cover - result reported through the exit code
-        code = 1
+    if pid == 0:  # pragma: no cover - result reported through the pipe
+        message = ""
         try:
-            if os.getuid() == 0:
+            os.close(rfd)
+            step = "become the test user"
+            if uid is not None and os.getuid() == 0:
                 os.setgroups([])
                 os.setresgid(gid, gid, gid)
                 os.setresuid(uid, uid, uid)
-            linux.unshare(linux.CLONE_NEWUSER)
-            code = 0
+                linux.set_dumpable(True)  # else /proc/self/uid_map is not writable (EACCES)
+            me, group = os.geteuid(), os.getegid()  # read before: unmapped in the new ns
+            step = f"unshare({', '.join(kinds)})"
+            linux.unshare(linux.ns_flags(kinds))
+            if self_map:
+                step = "write the user namespace's uid/gid maps"
+                linux.write_id_maps("self", [(me, me, 1)], [(group, group, 1)], True)
         except OSError as exc:
-            code = 10 + (exc.errno or 0) if (exc.errno or 0) < 100 else 2
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    if code == 0:
-        return True, "unprivileged user namespaces work"
-    if code >= 10:
-        return False, f"unshare(CLONE_NEWUSER) as uid {uid} failed: {os.strerror(code - 10)}"
-    return False, f"user namespace probe failed (exit {code})"
+            message = f"{step} failed: {os.strerror(exc.errno) if exc.errno else exc}"
+        except BaseException as exc:
+            message = f"{step} failed: {exc!r}"
+        os.write(wfd, message.encode())
+        os._exit(0)
+    os.close(wfd)
+    with os.fdopen(rfd, "rb") as f:
+        message = f.read().decode()
+    os.waitpid(pid, 0)
+    return (False, f"{name}: {message}") if message else (True, "")
 
 
 @functools.cache
 def flows() -> dict[str, tuple[bool, str]]:
-    """flow -> (can run for real, why)."""
+    """flow -> (can run for real, why), each decided by trying what its runs need."""
     root = os.geteuid() == 0
     out: dict[str, tuple[bool, str]] = {}
     try:
@@ -44,10 +57,17 @@ def flows() -> dict[str, tuple[bool, str]]:
         user_ok, user_why = True, f"invoking user U = {user.name} ({user.uid})"
     except ValueError as exc:
         user, user_ok, user_why = None, False, str(exc)
-    out["root"] = (True, "running as root") if root else (False, "needs uid 0")
+    if root:
+        ok, why = _probe("root", None, None, ["mount", "uts", "ipc", "net", "pid"], False)
+        out["root"] = (True, "running as root; namespaces can be created") if ok else \
+            (False, why)
+    else:
+        out["root"] = (False, "needs uid 0")
     for flow in ("suid", "hybrid"):
         if not root:
             out[flow] = (False, "needs root to emulate the setuid starter")
+        elif not out["root"][0]:
+            out[flow] = out["root"]
         elif not user_ok:
             out[flow] = (False, user_why)
         else:
@@ -55,8 +75,9 @@ def flows() -> dict[str, tuple[bool, str]]:
     if user is None:
         ns = (False, user_why)
     else:
-        ok, why = _userns_possible(user.uid, user.gid)
-        ns = (ok, f"{why}; {user_why}" if ok else why)
+        ok, why = _probe(f"user namespace as uid {user.uid}", user.uid, user.gid,
+                         ["user"], True)
+        ns = (True, f"unprivileged user namespaces work; {user_why}") if ok else (False, why)
     out["userns"] = ns
     out["fakeroot"] = ns
     if out["hybrid"][0] and not ns[0]:
