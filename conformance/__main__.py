@@ -1,8 +1,11 @@
-"""``python -m conformance catalogue``: print the requirement catalogue as Markdown."""
+"""``python -m conformance catalogue``: print the requirement catalogue as Markdown;
+``report``: render a saved JSON report; ``diff``: compare two reports; ``mutants``: the kill
+matrix of the mutant zoo."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -13,11 +16,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("catalogue", help="print every requirement, grouped by hook or concern, "
                                      "with the tests that check it (Markdown)")
+    report = sub.add_parser("report", help="render summary.md and report.html from a saved "
+                                           "JSON report; exit status: its verdict (0 "
+                                           "conformant, 1 not, 2 harness error, 3 nothing ran)")
+    report.add_argument("json", help="the JSON report (--conformance-report)")
+    report.add_argument("--out", metavar="DIR", help="where to write (default: beside it)")
+    report.add_argument("--strict", action="store_true", default=None,
+                        help="any failure, and anything not configured, is non-conformant")
+    diff = sub.add_parser("diff", help="requirements whose outcome changed between two "
+                                       "reports, regressions first (Markdown); exit 1 if any "
+                                       "regressed")
+    diff.add_argument("old")
+    diff.add_argument("new")
+    mutants = sub.add_parser("mutants", help="the kill matrix: run the suite against every "
+                                             "mutant engine of the zoo; exit 1 if one "
+                                             "survives or the reference fails anything")
+    mutants.add_argument("--json", metavar="FILE", help="write the matrix entries there")
+    mutants.add_argument("--backend", choices=("real", "fake", "both"), default="real")
+    mutants.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 2,
+                         help="pytest sessions at a time (default: the number of CPUs)")
+    mutants.add_argument("--mutant", action="append", default=[], metavar="SLUG",
+                         help="only this mutant (repeatable)")
+    mutants.add_argument("--list", action="store_true",
+                         help="print the zoo and the requirements no mutant kills; run nothing")
     args = parser.parse_args(argv)
     if args.command == "catalogue":
         from conformance.catalogue import markdown
 
         sys.stdout.write(markdown())
+    elif args.command == "report":
+        from conformance.render import report_command
+
+        return report_command(args.json, args.out, args.strict)
+    elif args.command == "mutants":
+        from conformance.mutants import main as mutants_main
+
+        return mutants_main(args.json, args.backend, args.jobs, args.mutant, args.list)
+    elif args.command == "diff":
+        from conformance.diff import diff_command
+
+        return diff_command(args.old, args.new)
     return 0
 
 

@@ -423,22 +423,97 @@ def parse_payload_status(stdout: str) -> dict[str, Any] | None:
     return {"threads": [thread_state(status, tid)], "uid_map": uid_map}
 
 
+def kernel_only(run: Run, what: str) -> None:
+    """Report the test not-configured when ``run`` used the fake backend: ``what`` is only
+    decided by the kernel (SPEC §9: never passed in fake mode)."""
+    if run.backend == "fake":
+        import pytest
+
+        from conformance.outcomes import NOT_CONFIGURED_PREFIX
+
+        pytest.skip(f"{NOT_CONFIGURED_PREFIX}fake backend: {what} is decided by the kernel, "
+                    "not by the model")
+
+
+def _start_process_thread(run: Run) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(event, thread state) of stage 2 when start_process began."""
+    entered = hook_events(run, "stage2", "start_process", ("hook_enter",))
+    if not entered or not entered[-1].get("snapshot"):
+        return None, None
+    event = entered[-1]
+    threads = _threads(event, "thread")
+    return event, threads[0] if threads else None
+
+
 def check_payload(verify: Verifier, run: Run, requirement: str) -> None:
     run = verify.used(run.usable())
     cell = [e for e in X.PAYLOAD.get(run.flow, ()) if e.requirement == requirement]
+    # In fake mode the payload runs with the launcher's real credentials: nothing the
+    # payload reports about itself says anything about the engine.
+    kernel_only(run, "the payload's credentials after exec")
     snap = parse_payload_status(run.result.stdout)
     if snap is None:
         verify.fail(requirement, expected="the payload's own /proc/self/status and "
                     "/proc/self/uid_map on its standard output",
                     observed=f"stdout {run.result.stdout[:300]!r}", run=run, role="payload")
         return
+    payload = snap["threads"][0]
     for expect in cell:
-        if isinstance(expect.aspect, X.NoHostPrivilege):
+        aspect = expect.aspect
+        if isinstance(aspect, X.NoHostPrivilege):
             verify.check(requirement, not _host_privilege(snap),
-                         expected=expect.aspect.describe(),
+                         expected=aspect.describe(),
                          observed=lambda: _privilege_text(snap), run=run, role="payload")
+            continue
+        event, stage2 = _start_process_thread(run)
+        if stage2 is None:
+            verify.fail(requirement, expected="stage 2's snapshot at start_process to compare "
+                        "with", observed="no start_process entry with a snapshot", run=run,
+                        role="stage2", hook="start_process")
+            continue
+        if isinstance(aspect, X.SameIdsAsStage2):
+            want = {"uid": stage2["uid"][:2], "gid": stage2["gid"][:2]}
+            got = {"uid": payload["uid"][:2], "gid": payload["gid"][:2]}
+            verify.check(requirement, got == want, expected=f"{aspect.describe()}: real/"
+                         f"effective uid {want['uid']}, gid {want['gid']}",
+                         observed=f"the payload's real/effective uid {got['uid']}, gid "
+                         f"{got['gid']}", run=run, event=event, role="payload")
+        elif isinstance(aspect, X.CapsWithinStage2):
+            allowed = set(stage2["caps"]["permitted"])
+            extra = {kind: sorted(set(payload["caps"][kind]) - allowed)
+                     for kind in ("effective", "permitted", "ambient")}
+            extra = {kind: names for kind, names in extra.items() if names}
+            verify.check(requirement, not extra, expected=f"{aspect.describe()} "
+                         f"{_caps_text(sorted(allowed))}",
+                         observed=lambda: "the payload has " + "; ".join(
+                             f"{kind} {_caps_text(names)}" for kind, names in extra.items())
+                         + f" (stage 2's bounding set {_caps_text(stage2['caps']['bounding'])},"
+                         f" inheritable {_caps_text(stage2['caps']['inheritable'])}, ambient "
+                         f"{_caps_text(stage2['caps']['ambient'])})",
+                         run=run, event=event, role="payload")
         else:
-            raise SuiteError(f"payload aspect {expect.aspect!r} not implemented")
+            raise SuiteError(f"payload aspect {aspect!r} not implemented")
+
+
+def check_payload_fds(verify: Verifier, run: Run, requirement: str) -> None:
+    """FD-001: the ``fds`` payload lists its open descriptors; only the standard ones and
+    those the StarterConfig keeps may be there."""
+    from conformance.scenario import parse_fds
+
+    run = verify.used(run.usable())
+    found = parse_fds(run.result.stdout)
+    if found is None:
+        verify.fail(requirement, expected="the payload's list of its open file descriptors on "
+                    "its standard output", observed=f"stdout {run.result.stdout[:300]!r} "
+                    f"({describe_run(run)})", run=run, role="payload")
+        return
+    kept = (Facts(run).starter_config or {}).get("keep_fds") or []
+    allowed = set(X.PAYLOAD_STANDARD_FDS) | set(kept)
+    extra = {fd: target for fd, target in sorted(found.items()) if fd not in allowed}
+    verify.check(requirement, not extra, expected=f"only fds {sorted(allowed)} (0, 1, 2 and "
+                 f"those kept: {sorted(kept)})", observed=lambda: "also open: " + ", ".join(
+                     f"{fd} -> {target}" for fd, target in extra.items()), run=run,
+                 role="payload", event=exit_event(run))
 
 
 # --- order rules (SPEC §2) ----------------------------------------------------------------------
@@ -546,6 +621,45 @@ def check_fresh_config(verify: Verifier, run: Run, requirement: str) -> None:
                      role=role)
 
 
+def check_config_calls(verify: Verifier, run: Run, engine_name: str,
+                       requirement: str) -> None:
+    """STATE-001, in the suite's own process: two calls of ``config()`` return two objects
+    with the JSON that stage 1's ``config()`` returned in ``run``, sharing no mutable value (a
+    shared object or a shared mutable default would carry one caller's changes to the
+    next)."""
+    import dataclasses
+
+    from kit import registry
+
+    run = verify.used(run.usable())
+    try:
+        ops = registry.find(engine_name).factory()
+        first, second = ops.config(), ops.config()
+        got = first.to_json()
+    except Exception as exc:
+        verify.fail(requirement, expected="config() callable in any process",
+                    observed=f"it raised {type(exc).__name__}: {exc}", hook="config")
+        return
+    stage1 = next((e for e in hook_events(run, "stage1", "config", ("hook_return",))), None)
+    want = ((stage1 or {}).get("result") or {}).get("json")
+    verify.check(requirement, stage1 is not None and got == want, expected="the fresh config "
+                 f"stage 1's config() returned: {str(want)[:200]}",
+                 observed=f"config() returned {str(got)[:300]} here", run=run, event=stage1,
+                 hook="config")
+    verify.check(requirement, first is not second, expected="a new object on every call of "
+                 "config()", observed=f"two calls returned the same {type(first).__name__} "
+                 f"object (id {id(first):#x})", hook="config")
+    if first is second or not dataclasses.is_dataclass(first):
+        return
+    shared = [f.name for f in dataclasses.fields(first)
+              if isinstance(getattr(first, f.name), (list, dict, set))
+              or dataclasses.is_dataclass(getattr(first, f.name))]
+    shared = [name for name in shared if getattr(first, name) is getattr(second, name)]
+    verify.check(requirement, not shared, expected="no mutable field value shared between "
+                 "two configs", observed=lambda: f"fields {', '.join(shared)} are the same "
+                 "object in both", hook="config")
+
+
 def check_distinct_processes(verify: Verifier, run: Run, requirement: str) -> None:
     run = verify.used(run.usable())
     seen: dict[tuple[Any, Any], str] = {}
@@ -608,8 +722,9 @@ def check_master_not_shared(verify: Verifier, run: Run, requirement: str) -> Non
         return
     container = _ns(stage2)
     for event in master:
-        got = _ns(event)
-        shared = [k for k in created if got.get(k) == container.get(k)]
+        # The process's namespaces and each thread's: a hook thread may setns on its own.
+        views = [_ns(event)] + [t["ns"] for t in _snapshot(event)["threads"] if t.get("ns")]
+        shared = [k for k in created if any(v.get(k) == container.get(k) for v in views)]
         verify.check(requirement, not shared, expected="none of the container's "
                      f"{', '.join(created)} namespaces",
                      observed=lambda: f"shares {', '.join(shared)} with stage 2 "
@@ -649,12 +764,16 @@ def check_requested_namespaces(verify: Verifier, run: Run, requirement: str) -> 
                      expected=f"a new {kind} namespace (the StarterConfig creates it)",
                      observed=f"the host's {kind} namespace {got.get(kind)}", run=run,
                      event=stage2)
+    # Every namespace the suite asked the engine to join (the join scenario's notes), whether
+    # or not the StarterConfig passed it on.
     targets = run.notes.get("targets") or {}
-    for kind, path in facts.joined().items():
-        if kind in targets:
-            verify.check(requirement, got.get(kind) == targets[kind],
-                         expected=f"the {kind} namespace joined at {path} ({targets[kind]})",
-                         observed=f"{kind} namespace {got.get(kind)}", run=run, event=stage2)
+    paths = {**(run.notes.get("paths") or {}), **facts.joined()}
+    for kind, inode in targets.items():
+        verify.check(requirement, got.get(kind) == inode,
+                     expected=f"the {kind} namespace joined at {paths.get(kind)} ({inode})",
+                     observed=f"{kind} namespace {got.get(kind)}" + (
+                         "" if kind in facts.joined() else
+                         f" (the StarterConfig does not join {kind})"), run=run, event=stage2)
     if not facts.created() and not facts.joined():
         verify.vacuous(requirement, "the StarterConfig asks for no namespace")
 
@@ -688,6 +807,79 @@ def check_new_user_ns(verify: Verifier, run: Run, requirement: str) -> None:
     verify.check(requirement, new == want, expected="a new user namespace" if want else
                  "the host's user namespace", observed=f"user namespace "
                  f"{_ns(stage2)['user']} (host {host['user']})", run=run, event=stage2)
+
+
+def _subordinate_ranges(path: str, user: str | None, uid: int | None) -> list[tuple[int, int]]:
+    """U's ranges (first id, count) in /etc/subuid or /etc/subgid."""
+    ranges = []
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.strip().split(":")
+                if len(parts) == 3 and parts[0] in (user, str(uid)) and parts[1].isdigit() \
+                        and parts[2].isdigit():
+                    ranges.append((int(parts[1]), int(parts[2])))
+    except OSError:
+        pass
+    return ranges
+
+
+def check_user_ns_host_ids(verify: Verifier, run: Run, requirement: str) -> None:
+    """NS-012: every host id the container's uid and gid maps reach is one the flow may map."""
+    run = verify.used(run.usable())
+    facts = Facts(run)
+    stage2 = _stage2_event(run)
+    if stage2 is None:
+        verify.fail(requirement, expected="stage 2 hooks", observed="none", run=run)
+        return
+    host = facts.host_ns
+    if host is not None and _ns(stage2)["user"] == host["user"]:
+        verify.vacuous(requirement, "stage 2 is in the host's user namespace (NS-007)")
+        return
+    allowed_kinds = X.MAPPABLE_HOST_IDS[run.flow]
+    start = events_of(run, "run_start")
+    name = ((start[0].get("invoker") or {}).get("name") if start else None)
+    snap = _snapshot(stage2)
+    for map_name, own, subfile in (("uid_map", facts.uid, "/etc/subuid"),
+                                   ("gid_map", facts.gid, "/etc/subgid")):
+        allowed = [(own, 1)] if X.INVOKER in allowed_kinds else []
+        if X.SUBORDINATE in allowed_kinds:
+            allowed += _subordinate_ranges(subfile, name, facts.uid)
+        for inside, outside, count in snap.get(map_name) or []:
+            ok = any(first <= outside and outside + count <= first + n for first, n in allowed)
+            verify.check(requirement, ok, expected=f"a {map_name} reaching only host ids "
+                         + ", ".join(f"{first}" if n == 1 else f"{first}-{first + n - 1}"
+                                     for first, n in allowed),
+                         observed=f"{map_name} line {inside} {outside} {count} maps host ids "
+                         f"{outside}-{outside + count - 1}", run=run, event=stage2)
+
+
+def check_host_view(verify: Verifier, run: Run, requirement: str, what: str) -> None:
+    """NS-010 (``what="hostname"``), NS-011 (``what="mounts"``): what the launcher saw of the
+    host while the ``host-view`` run lasted and after it (the scenario's notes)."""
+    run = verify.used(run.usable())
+    kernel_only(run, "the host's hostname and mount namespace")
+    notes = run.notes
+    if "hostname_after" not in notes:
+        raise HarnessError(f"run {run.id} has no view of the host: {notes.get('error')}")
+    watched = (f"watched {notes.get('looks', 0)} times during the run"
+               + (f"; {notes['error']}" if notes.get("error") else ""))
+    if what == "hostname":
+        before = notes["hostname_before"]
+        seen = notes.get("hostnames_during") or []
+        verify.check(requirement, not seen, expected=f"the host's hostname {before!r} while the "
+                     f"run lasts ({watched})", observed=f"the host's hostname was also "
+                     f"{', '.join(map(repr, seen))}", run=run, role="master")
+        after = notes["hostname_after"]
+        verify.check(requirement, after == before, expected=f"the host's hostname {before!r} "
+                     "after the run", observed=f"it is {after!r}", run=run, role="master")
+    elif what == "mounts":
+        new = notes.get("new_mounts_during") or []
+        verify.check(requirement, not new, expected=f"no new mount in the host's mount "
+                     f"namespace while the run lasts ({watched})",
+                     observed=lambda: "new: " + ", ".join(new[:5]), run=run, role="master")
+    else:
+        raise SuiteError(f"unknown host view {what!r}")
 
 
 # --- RPC (SPEC §6) -------------------------------------------------------------------------------
@@ -1066,24 +1258,102 @@ def check_ledger_schema(verify: Verifier, run: Run, requirement: str) -> None:
                  observed=lambda: "; ".join(problems[:5]), run=run)
 
 
-def check_hook_pairs(verify: Verifier, run: Run, requirement: str) -> None:
-    run = verify.used(run.usable())
+#: Roles that the master kills with the container after a fatal error (SPEC §2).
+_CONTAINER_SIDE = ("rpc", "stage2")
+
+
+def unfinished_hooks(run: Run) -> list[dict[str, Any]]:
+    """Hook entries (start_process aside: it execs) without their return or raise, except
+    those still running when a hook timeout killed the run, and those of the container side
+    in a run where the master killed the container after a fatal error."""
     events = run.events
     timeouts = [e["seq"] for e in events if e.get("kind") == "hook_timeout"]
+    fatals = [e["seq"] for e in events if e.get("kind") == "fatal" and e.get("role") == "master"]
+    out = []
     for i, event in enumerate(events):
-        if event.get("kind") != "hook_enter":
+        if event.get("kind") != "hook_enter" or event["hook"] == "start_process":
             continue
-        verify.check(requirement, bool(event.get("snapshot")), expected="a privilege snapshot "
-                     "at hook entry", observed="none", run=run, event=event)
-        if event["hook"] == "start_process":
-            continue  # it execs (or fails through stage2_failed)
         done = [e for e in events[i + 1:] if e.get("kind") in ("hook_return", "hook_raise")
                 and e.get("role") == event["role"] and e.get("pid") == event["pid"]
                 and e.get("tid") == event["tid"] and e.get("hook") == event["hook"]]
-        if not done and any(seq > event["seq"] for seq in timeouts):
-            continue  # still running when a hook timeout killed the run
-        verify.check(requirement, bool(done), expected="a hook_return or hook_raise for this "
+        if done or any(seq > event["seq"] for seq in timeouts):
+            continue
+        if event["role"] in _CONTAINER_SIDE and fatals:
+            continue  # killed with the container after the master's fatal error (the entry
+            # may come after the fatal event: the processes run concurrently)
+        out.append(event)
+    return out
+
+
+def check_hook_pairs(verify: Verifier, run: Run, requirement: str) -> None:
+    run = verify.used(run.usable())
+    for event in run.events:
+        if event.get("kind") == "hook_enter":
+            verify.check(requirement, bool(event.get("snapshot")), expected="a privilege "
+                         "snapshot at hook entry", observed="none", run=run, event=event)
+    for event in unfinished_hooks(run):
+        verify.check(requirement, False, expected="a hook_return or hook_raise for this "
                      "entry", observed="none recorded", run=run, event=event)
+
+
+# --- runs that nothing asks to fail (ERR-009..011) ------------------------------------------
+
+def check_no_hang(verify: Verifier, run: Run, requirement: str) -> None:
+    """ERR-009: no hook of the run ran into the hook timeout."""
+    run = verify.used(run.usable())
+    timed = run.result.timed_out
+    event = next((e for e in run.events if e.get("kind") == "hook_timeout"), None)
+    verify.check(requirement, timed is None, expected="every hook returns within the hook "
+                 "timeout", observed=lambda: f"{timed.get('hook')} in the {timed.get('hook_role')}"
+                 f" did not return within {timed.get('seconds')} s (still open: "
+                 f"{', '.join(h['role'] + ' ' + h['hook'] for h in timed.get('open_hooks', []))})",
+                 run=run, event=event)
+
+
+#: Prefix of the supervisor's reason when the master died without finishing the run.
+_MASTER_CRASHED = "master crashed"
+_STAGE2_DIED = "died before exec"
+
+
+def check_no_crash(verify: Verifier, run: Run, requirement: str) -> None:
+    """ERR-010: every hook returned or raised (start_process: exec'd or reported), and the
+    master finished the run."""
+    run = verify.used(run.usable())
+    res = run.result
+    verify.check(requirement, not res.reason.startswith(_MASTER_CRASHED),
+                 expected="the master finishes the run", observed=res.reason, run=run,
+                 event=exit_event(run), role="master")
+    for event in unfinished_hooks(run):
+        verify.check(requirement, False, expected=f"{event['hook']} returns or raises",
+                     observed=f"its process ended inside it ({describe_run(run)})", run=run,
+                     event=event)
+    died = [e for e in events_of(run, "stage2_failed") if _STAGE2_DIED in str(e.get("message"))]
+    verify.check(requirement, not died, expected="stage 2 execs the payload or reports why not",
+                 observed="stage 2 died before the exec", run=run,
+                 event=died[0] if died else None, role="stage2", hook="start_process")
+
+
+def check_no_failure(verify: Verifier, run: Run, requirement: str) -> None:
+    """ERR-011: no hook raised, start_process did not return, the payload was exec'd (a hang
+    or a crash is ERR-009's or ERR-010's)."""
+    run = verify.used(run.usable())
+    for event in hook_events(run, kinds=("hook_raise",)):
+        err = event.get("error") or {}
+        verify.check(requirement, False, expected="no hook raises",
+                     observed=f"{event['hook']} raised {err.get('type')}: "
+                     f"{str(err.get('message'))[:300]}", run=run, event=event)
+    failed = [e for e in events_of(run, "stage2_failed")
+              if _STAGE2_DIED not in str(e.get("message"))]
+    for event in failed:
+        verify.check(requirement, False, expected="start_process execs the payload",
+                     observed=f"stage 2: {event.get('message')}", run=run, event=event)
+    hung_or_crashed = run.result.timed_out is not None or bool(unfinished_hooks(run)) \
+        or run.result.reason.startswith(_MASTER_CRASHED)
+    if not hung_or_crashed and not failed:
+        execs = events_of(run, "stage2_exec")
+        verify.check(requirement, bool(execs), expected="the payload is exec'd",
+                     observed=lambda: f"no exec was recorded ({describe_run(run)})", run=run,
+                     role="stage2", hook="start_process")
 
 
 # --- which runs show an error path ---------------------------------------------------------------

@@ -121,7 +121,25 @@ class NoNewPrivs:
         return f"no_new_privs {'set' if self.value else 'clear'}"
 
 
-Aspect = Uids | Caps | BoundingSmallerThan | Escalation | NoHostPrivilege | NoNewPrivs
+@dataclass(frozen=True)
+class SameIdsAsStage2:
+    """(The payload) the real and effective uid and gid that stage 2 had when start_process
+    began: exec keeps them."""
+
+    def describe(self) -> str:
+        return "the real and effective uid and gid stage 2 had when start_process began"
+
+
+@dataclass(frozen=True)
+class CapsWithinStage2:
+    """(The payload) no capability outside stage 2's permitted set at start_process."""
+
+    def describe(self) -> str:
+        return "no capability outside stage 2's permitted set at start_process"
+
+
+Aspect = (Uids | Caps | BoundingSmallerThan | Escalation | NoHostPrivilege | NoNewPrivs
+          | SameIdsAsStage2 | CapsWithinStage2)
 
 
 @dataclass(frozen=True)
@@ -206,8 +224,13 @@ PRIVILEGES: dict[str, dict[str, tuple[Expect, ...]]] = {
 
 #: The payload after exec (read from its own /proc/self/status): flow -> expectations.
 PAYLOAD: dict[str, tuple[Expect, ...]] = {
-    flow: (Expect("PRIV-PAYLOAD-001", NoHostPrivilege()),) for flow in FLOWS if flow != "root"
+    flow: ((Expect("PRIV-PAYLOAD-001", NoHostPrivilege()),) if flow != "root" else ())
+    + (Expect("PRIV-PAYLOAD-002", CapsWithinStage2()),
+       Expect("PRIV-PAYLOAD-003", SameIdsAsStage2()))
+    for flow in FLOWS
 }
+#: FD-001: descriptors every payload may have open (besides those the StarterConfig keeps).
+PAYLOAD_STANDARD_FDS = (0, 1, 2)
 
 
 def privilege_flows(requirement: str) -> tuple[str, ...]:
@@ -234,6 +257,13 @@ NEW_USER_NS: dict[str, bool] = {"root": False, "suid": False, "userns": True,
 USER_NS_MAP: dict[str, tuple[str, str]] = {"userns": (INVOKER, INVOKER),
                                           "fakeroot": (ZERO, INVOKER),
                                           "hybrid": (ZERO, INVOKER)}
+#: NS-012: host ids the container's user namespace may map, per flow: ``INVOKER`` (U's uid in
+#: the uid map, U's gid in the gid map) and ``SUBORDINATE`` (U's ranges in /etc/subuid and
+#: /etc/subgid).
+SUBORDINATE = "U's subordinate ids"
+MAPPABLE_HOST_IDS: dict[str, tuple[str, ...]] = {"userns": (INVOKER,),
+                                                 "fakeroot": (INVOKER, SUBORDINATE),
+                                                 "hybrid": (INVOKER, SUBORDINATE)}
 #: NS-003: namespaces the master must not share with the container when created for it.
 NOT_SHARED_WITH_MASTER = ("pid", "net", "uts", "ipc", "cgroup")
 NAMESPACE_KINDS = ("mount", "pid", "net", "uts", "ipc", "user", "cgroup")
@@ -436,6 +466,10 @@ ERROR_PATHS: dict[str, ErrorPath] = {p.requirement: p for p in (
 )}
 #: ORDER-008 is ERR-007's run seen from rule 5 (create_container waiting for the container).
 ERROR_PATHS["ORDER-008"] = ERROR_PATHS["ERR-007"]
+
+#: ERR-009..011: scenarios in which nothing asks the engine to fail (a valid config, a payload
+#: that exists): every hook returns and the payload is exec'd.
+UNFAILING_SCENARIOS = ("default", "exit-code", "signals", "signal-death", "host-view", "fds")
 
 #: Error paths after which the master ran and cleanup_container had to cope with partial setup
 #: (CLEAN-002), and those that are fatal (EXIT-003).

@@ -33,7 +33,7 @@ from conformance.expectations import FLOWS
 from conformance.markers import MARKERS, declared
 
 ENV_ENGINE = "CONFORMANCE_ENGINE"
-BACKENDS = ("real",)
+BACKENDS = ("real", "fake", "auto")
 SUITE_DIR = Path(__file__).resolve().parent / "suite"
 
 STATE = pytest.StashKey["ConformanceState"]()
@@ -59,7 +59,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          f"{', '.join(FLOWS)}; those this machine cannot run are reported "
                          "not-configured)")
     group.addoption("--backend", metavar="NAME", default=None,
-                    help="backend of the runs: only 'real' is implemented")
+                    help="backend of the runs: real (the kernel), fake (a model: no root or "
+                    "namespaces needed) or auto (default: real for each flow this machine can "
+                    "run, fake for the others)")
     group.addoption("--conformance-report", metavar="PATH",
                     help="write the JSON conformance report to PATH")
     group.addoption("--conformance-strict", action="store_true", default=False,
@@ -106,7 +108,8 @@ class ConformanceState:
     origin: str
     capabilities: dict[str, bool]
     capabilities_source: str
-    backend: str
+    backend: str  # as asked: real, fake or auto
+    backends: dict[str, str]  # flow -> the backend its runs use (real or fake)
     flows: tuple[str, ...]
     flows_source: str
     environment: dict[str, tuple[bool, str]]
@@ -137,7 +140,7 @@ class ConformanceState:
             from conformance.runs import RunCache
 
             parallel = max(1, (os.cpu_count() or 2) // max(1, self.xdist_workers))
-            self._cache = RunCache(self.engine, self.backend, self.hook_timeout,
+            self._cache = RunCache(self.engine, dict(self.backends), self.hook_timeout,
                                    parallel=min(parallel, 3), worker=self.worker or "main")
         return self._cache
 
@@ -172,17 +175,24 @@ def _parse_flows(values: list[str]) -> tuple[str, ...]:
     return tuple(f for f in FLOWS if f in asked) if asked else FLOWS
 
 
+def _flow_backend(asked: str, flow: str, env: dict[str, tuple[bool, str]]) -> str:
+    """The backend a flow's runs use: ``auto`` is real where this machine can run the flow
+    for real, else fake (SPEC §9)."""
+    if asked != "auto":
+        return asked
+    return "real" if env.get(flow, (False, ""))[0] else "fake"
+
+
 def _make_state(config: pytest.Config, engine: str, source: str) -> ConformanceState:
     from kit import environment, registry
 
     from conformance import capabilities as caps_module
     from conformance.catalogue import SuiteDeclarationError, tests_by_requirement
 
-    backend = config.getoption("backend") or "real"
+    backend = config.getoption("backend") or "auto"
     if backend not in BACKENDS:
-        raise pytest.UsageError(
-            f"--backend {backend}: only the 'real' backend is implemented (the fake and auto "
-            "backends of SPEC §9 come in a later issue)")
+        raise pytest.UsageError(f"--backend {backend}: unknown backend "
+                                f"(known: {', '.join(BACKENDS)})")
     try:
         reg = registry.find(engine)
     except registry.RegistryError as exc:
@@ -227,10 +237,13 @@ def _make_state(config: pytest.Config, engine: str, source: str) -> ConformanceS
         raise pytest.UsageError(f"--hook-timeout: must be positive, got {hook_timeout}")
     workerinput = getattr(config, "workerinput", None)
     numprocesses = getattr(config.option, "numprocesses", None) or 0
+    env = dict(environment.flows())
+    backends = {flow: _flow_backend(backend, flow, env) for flow in FLOWS}
     return ConformanceState(
         engine=engine, engine_source=source, engine_name=reg.name, origin=reg.origin,
         capabilities=declared_caps, capabilities_source=cap_source, backend=backend,
-        flows=flows, flows_source=flows_source, environment=dict(environment.flows()),
+        backends=backends,
+        flows=flows, flows_source=flows_source, environment=env,
         invoker=invoker, strict=strict_option or strict_ini, strict_source=strict_source,
         hook_timeout=hook_timeout, known=known,
         known_source=known_path, report_path=config.getoption("conformance_report"),
@@ -242,6 +255,8 @@ def _make_state(config: pytest.Config, engine: str, source: str) -> ConformanceS
 def pytest_configure(config: pytest.Config) -> None:
     for text in MARKERS.values():
         config.addinivalue_line("markers", text)
+    # Set on every item; known to pytest even when pytest-xdist is not loaded (-p no:xdist).
+    config.addinivalue_line("markers", "xdist_group(name): pytest-xdist scheduling group")
     engine, source = _engine_setting(config)
     if engine is None:
         return
@@ -281,6 +296,10 @@ def flow(request: pytest.FixtureRequest) -> str:
         raise pytest.UsageError(f"{request.node.nodeid}: a conformance test needs "
                                 "@requirement(...) to be parametrized with flows")
     ok, why = state.environment.get(name, (False, "unknown flow"))
+    if state.backends.get(name) == "fake":
+        ok = True  # the model needs neither root nor namespaces
+    if state.invoker is None and name != "root":
+        ok, why = False, "no unprivileged invoking user U (set KIT_TEST_USER or create one)"
     if not ok:
         if state.strict:
             pytest.fail(f"{outcomes.STRICT_PREFIX}flow {name} cannot run here: {why}",
@@ -382,7 +401,9 @@ class SessionPlugin:
         lines = [
             f"conformance: engine {s.engine!r} from {s.engine_source} -> {s.engine_name} "
             f"({s.origin}); suite {SUITE_VERSION}",
-            f"conformance: backend {s.backend}; flows {', '.join(s.flows)} ({s.flows_source})"
+            f"conformance: backend {s.backend} ("
+            f"{', '.join(f'{f}={s.backends[f]}' for f in s.flows)}); "
+            f"flows {', '.join(s.flows)} ({s.flows_source})"
             + (f"; not configured here: {'; '.join(cannot)}" if cannot else "")
             + (f"; invoking user U = {s.invoker['name']} ({s.invoker['uid']})"
                if s.invoker else ""),
@@ -420,7 +441,8 @@ class SessionPlugin:
             for req in reqs:
                 item.extra_keyword_matches.add(req)
                 item.user_properties.append(("requirement", req))
-            item.user_properties += [("flow", flow), ("backend", self.state.backend)]
+            item.user_properties += [("flow", flow),
+                                     ("backend", self.state.backends.get(flow, "real"))]
             item.add_marker(pytest.mark.xdist_group(flow))
             keep.append(item)
         if drop:
@@ -612,7 +634,8 @@ def _entries(item: pytest.Item, info: ItemInfo, call: pytest.CallInfo[None],
     runs = list(verifier.runs) if verifier is not None else []
 
     def entries(pairs: dict[str, tuple[str, str]]) -> list[dict[str, Any]]:
-        return [outcomes.result(req, info.flow, state.backend, outcome, info.test, message,
+        return [outcomes.result(req, info.flow, state.backends.get(info.flow, "real"), outcome,
+                                info.test, message,
                                 runs, verifier.checks.get(req, 0) if verifier else 0)
                 for req, (outcome, message) in pairs.items()]
 

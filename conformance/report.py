@@ -70,9 +70,10 @@ def build(state: Any, results: Results, runs: list[dict[str, Any]]) -> dict[str,
             "user_namespaces_reason": env.get("userns", (False, ""))[1],
             "invoker": user,
             "flows": {flow: {"runnable": ok, "reason": why, "selected": flow in state.flows,
-                             "backend": state.backend}
+                             "backend": state.backends.get(flow, state.backend)}
                       for flow, (ok, why) in env.items()},
-            "backend": {flow: state.backend for flow in env},
+            "backend": {flow: state.backends.get(flow, state.backend) for flow in env},
+            "backend_requested": state.backend,
             "xdist_workers": state.xdist_workers,
             "strict": state.strict,
         },

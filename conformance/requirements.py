@@ -188,6 +188,16 @@ _ENTRIES = (
        "In the userns, fakeroot and hybrid flows stage 2 has no host privilege."),
     _r("PRIV-PAYLOAD-001", "MUST", "§4", "stage2",
        "The payload, after exec, has no host privilege in every flow but root."),
+    _r("PRIV-PAYLOAD-002", "MUST", "§4", "stage2",
+       "The payload has no capability that stage 2 did not have permitted when start_process "
+       "began: what is left in the bounding, inheritable or ambient set does not widen them "
+       "at exec."),
+    _r("PRIV-PAYLOAD-003", "MUST", "§4", "stage2",
+       "The payload runs with the real and effective uid and gid that stage 2 had when "
+       "start_process began: start_process changes no credential before the exec."),
+    _r("FD-001", "MUST", "§1, §5", "stage2",
+       "The payload inherits no file descriptor but 0, 1, 2 and those the StarterConfig keeps "
+       "(keep_file_descriptor)."),
     # --- §4, §5 namespaces ---------------------------------------------------------------------
     _r("NS-001", "MUST", "§4", "namespaces",
        "Stage 2 and the RPC server share all seven namespaces."),
@@ -218,6 +228,15 @@ _ENTRIES = (
        "net, uts, ipc, cgroup, mount (on the container side).",
        unchecked="the ledger records which namespaces exist, not the order they were made in "
                  "(kit gap)"),
+    _r("NS-010", "MUST", "§2, §4", "namespaces",
+       "The run leaves the host's hostname alone: it is the same while the run lasts and "
+       "after it as before (the container's is set in its own uts namespace)."),
+    _r("NS-011", "MUST", "§2, §4", "namespaces",
+       "While the run lasts, the host's mount namespace gets no mount it did not have before "
+       "(the container's mounts are made in its own mount namespace)."),
+    _r("NS-012", "MUST", "§3", "namespaces",
+       "The container's user namespace maps no host id but U's uid and gid, and in the "
+       "fakeroot and hybrid flows U's subordinate ids (/etc/subuid, /etc/subgid)."),
     _r("SC-001", "MUST", "§5", "namespaces",
        "An invalid StarterConfig (e.g. effective capabilities not a subset of permitted) is "
        "rejected before any namespace exists, with a message that names the setting."),
@@ -268,6 +287,15 @@ _ENTRIES = (
     _r("ERR-008", "MUST", "§2 rule 10", "errors",
        "A start_process that returns instead of exec'ing is a failure (\"stage 2 "
        "returned\")."),
+    _r("ERR-009", "MUST", "§2 rule 5, error table", "errors",
+       "In a run that nothing asks to fail, no hook hangs: none runs into the hook timeout "
+       "(create_container never waits for the container)."),
+    _r("ERR-010", "MUST", "§2 error table", "errors",
+       "In a run that nothing asks to fail, no hook ends its process: every hook returns or "
+       "raises (start_process execs) and the master finishes the run."),
+    _r("ERR-011", "MUST", "§2 rule 10, error table", "errors",
+       "In a run that nothing asks to fail, no hook raises and start_process does not "
+       "return: the payload is exec'd."),
     # --- cleanup ---------------------------------------------------------------------------------
     _r("CLEAN-001", "MUST", "§1, §2", "cleanup",
        "After every run nothing is left behind: no process, no mount in the host mount "

@@ -71,10 +71,12 @@ class Run:
 class RunCache:
     """Runs of one engine, by (flow, scenario name), done at most once each."""
 
-    def __init__(self, engine: str, backend: str, hook_timeout: float | None,
+    def __init__(self, engine: str, backends: dict[str, str] | str, hook_timeout: float | None,
                  parallel: int = 2, worker: str = "main") -> None:
         self.engine = engine
-        self.backend = backend
+        # The backend of each flow's runs (real or fake); one name for every flow is fine.
+        self.backends = backends if isinstance(backends, dict) else {}
+        self.default_backend = backends if isinstance(backends, str) else "real"
         self.hook_timeout = hook_timeout
         self.worker = worker
         self._lock = threading.Lock()
@@ -92,8 +94,11 @@ class RunCache:
     def get(self, flow: str, name: str) -> Run:
         return self.submit(flow, name).result()
 
-    def _options(self, scenario: Scenario) -> dict[str, Any]:
-        options: dict[str, Any] = {"backend": self.backend}
+    def backend(self, flow: str) -> str:
+        return self.backends.get(flow, self.default_backend)
+
+    def _options(self, flow: str, scenario: Scenario) -> dict[str, Any]:
+        options: dict[str, Any] = {"backend": self.backend(flow)}
         timeout = self.hook_timeout
         if scenario.short_hook_timeout:
             timeout = min(timeout or SHORT_HOOK_TIMEOUT, SHORT_HOOK_TIMEOUT)
@@ -102,10 +107,11 @@ class RunCache:
         return options
 
     def _execute(self, flow: str, scenario: Scenario) -> Run:
-        run = Run(flow, scenario, self.backend, worker=self.worker)
+        run = Run(flow, scenario, self.backend(flow), worker=self.worker)
         start = time.monotonic()
         try:
-            run.result, run.notes = scenario.start(self.engine, flow, self._options(scenario))
+            run.result, run.notes = scenario.start(self.engine, flow,
+                                                   self._options(flow, scenario))
         except HelperError as exc:
             run.not_configured = str(exc)
             run.error = f"not configured: {exc}"

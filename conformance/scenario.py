@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -187,6 +188,167 @@ class JoinScenario(Scenario):
                 helper.wait()
 
 
+#: Marker in the host-view payload's command line, so the suite can find the payload.
+HOST_VIEW_MARKER = "conformance-host-view"
+
+
+#: The host's hostname when the suite started, before any run (a run of an engine that
+#: changes it would otherwise spoil the "before" of the next).
+SESSION_HOSTNAME = socket.gethostname()
+
+
+def host_view() -> dict[str, Any]:
+    """What the launcher sees of the host: its hostname and the mounts of its mount
+    namespace (mount id, mount point)."""
+    with open("/proc/self/mountinfo") as f:
+        mounts = sorted({(line.split()[0], line.split()[4]) for line in f})
+    return {"hostname": socket.gethostname(), "mounts": mounts}
+
+
+def _new_mounts(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    old = {tuple(m) for m in before["mounts"]}
+    return [f"{point} (mount id {mid})" for mid, point in now["mounts"] if (mid, point) not in old]
+
+
+def _payload_running(starter_pid: int | None, marker: str) -> int | None:
+    """The pid of the run's payload, found by the marker in its command line (before the exec
+    stage 2 still has the kit's command line)."""
+    from kit import linux
+
+    if starter_pid is None:
+        return None
+    for pid in linux.descendants(starter_pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read().split(b"\0"):
+                    return pid
+        except OSError:
+            continue
+    return None
+
+
+class _HostWatcher:
+    """Looks at the host (:func:`host_view`) every few milliseconds in a thread, and keeps
+    every hostname and every new mount it saw."""
+
+    def __init__(self, before: dict[str, Any]) -> None:
+        self.before = before
+        self.hostnames: list[str] = []
+        self.mounts: list[str] = []
+        self.looks = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="conformance-host-view",
+                                        daemon=True)
+        self._thread.start()
+
+    def look(self) -> None:
+        now = host_view()
+        with self._lock:
+            self.looks += 1
+            if now["hostname"] != self.before["hostname"] \
+                    and now["hostname"] not in self.hostnames:
+                self.hostnames.append(now["hostname"])
+            for mount in _new_mounts(self.before, now):
+                if mount not in self.mounts:
+                    self.mounts.append(mount)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.002):
+            self.look()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.look()
+
+
+@dataclass(frozen=True)
+class HostViewScenario(Scenario):
+    """Watches the host (the launcher's hostname and mount namespace) for the whole run, and
+    once more while the payload runs (it waits for a line on its standard input, which the
+    suite writes once it has looked). The notes hold what changed."""
+
+    def start(self, engine: str, flow: str, options: dict[str, Any]) -> tuple[Any, dict]:
+        from kit import launcher
+
+        before = {**host_view(), "hostname": SESSION_HOSTNAME}
+        watcher = _HostWatcher(before)
+        notes: dict[str, Any] = {"hostname_before": before["hostname"], "payload_pid": None}
+        try:
+            read_end, write_end = os.pipe()
+            try:
+                handle = launcher.start(engine, flow, list(self.argv),
+                                        engine_config=self.config(), stdin=read_end,
+                                        **options)
+            except BaseException:
+                os.close(write_end)
+                raise
+            finally:
+                os.close(read_end)
+            try:
+                notes.update(self._while_the_payload_runs(handle, watcher))
+            finally:
+                os.close(write_end)  # the payload reads EOF and exits
+            result = handle.wait()
+        finally:
+            watcher.stop()
+        after = host_view()
+        notes.update(hostnames_during=watcher.hostnames, new_mounts_during=watcher.mounts,
+                     looks=watcher.looks, hostname_after=after["hostname"],
+                     new_mounts_after=_new_mounts(before, after))
+        return result, notes
+
+    @staticmethod
+    def _while_the_payload_runs(handle: Any, watcher: _HostWatcher) -> dict[str, Any]:
+        # The master's end tells when the run is over (RunHandle.poll cannot: the supervisor
+        # only exits once its result, larger than a pipe, is read).
+        master = None
+        if handle.starter_pid is not None:
+            try:
+                master = os.pidfd_open(handle.starter_pid)
+            except OSError:
+                pass
+        try:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                pid = _payload_running(handle.starter_pid, HOST_VIEW_MARKER)
+                if pid is not None:
+                    watcher.look()
+                    return {"payload_pid": pid}
+                if master is None or select.select([master], [], [], 0.005)[0]:
+                    return {"error": "the run ended before its payload ran"}
+            return {"error": "the payload did not run within 20 s"}
+        finally:
+            if master is not None:
+                os.close(master)
+
+
+_FDS_SCRIPT = (
+    "import os\n"
+    "for name in sorted(os.listdir('/proc/self/fd'), key=int):\n"
+    "    fd = int(name)\n"
+    "    try:\n"
+    "        os.fstat(fd)\n"
+    "    except OSError:\n"
+    "        continue  # the descriptor listdir used for /proc/self/fd\n"
+    "    try:\n"
+    "        target = os.readlink('/proc/self/fd/%d' % fd)\n"
+    "    except OSError:\n"
+    "        target = '?'\n"
+    "    print('fd', fd, target)\n")
+
+
+def parse_fds(stdout: str) -> dict[int, str] | None:
+    """The fds the ``fds`` payload reported (None: it reported nothing)."""
+    found = {}
+    for line in stdout.splitlines():
+        parts = line.split(" ", 2)
+        if len(parts) == 3 and parts[0] == "fd" and parts[1].isdigit():
+            found[int(parts[1])] = parts[2]
+    return found or None
+
+
 class HelperError(RuntimeError):
     """The suite could not prepare a scenario (not the engine's fault)."""
 
@@ -204,6 +366,11 @@ _LIST: list[Scenario] = [
              (_python(), "-S", "-c", "import ctypes, resource; "
               "resource.setrlimit(resource.RLIMIT_CORE, (0, 0)); ctypes.string_at(0)"),
              128 + signal.SIGSEGV),
+    HostViewScenario("host-view", "a payload that waits while the suite watches the host's "
+                     "hostname and mount namespace", ("/bin/sh", "-c", "read line; exit 0",
+                                                      HOST_VIEW_MARKER), 0),
+    Scenario("fds", "a payload that lists its own open file descriptors",
+             (_python(), "-S", "-I", "-c", _FDS_SCRIPT), 0),
     Scenario("exec-failure", "a payload path that does not exist",
              ("/nonexistent/conformance-payload",), None, requires=()),
     JoinScenario("join", "a join-only run into a helper's uts and ipc namespaces",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -146,9 +147,11 @@ class RunHandle:
             os.close(res_w)
         self._result = os.fdopen(res_r, "rb")
         line = self._result.readline()
-        self.starter_pid: int | None = int(line.split()[1]) if line.startswith(b"started") \
-            else None
-        self._first = b"" if self.starter_pid is not None else line
+        words = line.split()
+        started = line.startswith(b"started") and len(words) >= 3
+        self.starter_pid: int | None = int(words[1]) if started else None
+        self.run_dir: str | None = os.fsdecode(words[2]) if started else None
+        self._first = b"" if started else line
         self._done = False
 
     def _stdio(self, stdin: int | IO[Any] | None) -> tuple[int, int, int, list[int]]:
@@ -196,11 +199,24 @@ class RunHandle:
         os.kill(self.starter_pid, signum)
 
     def poll(self) -> int | None:
-        """None while the run is in progress, else its exit code."""
+        """None while the run is in progress, else its exit code (never blocks: the result
+        is read as it arrives, so a large one cannot stall the supervisor)."""
         if self._done:
             return self._code
-        state = linux.process_state(self.supervisor_pid)
-        return None if state not in (None, "Z") else self.wait().exit_code
+        fd = self._result.fileno()
+        os.set_blocking(fd, False)
+        try:
+            while True:
+                try:
+                    chunk = os.read(fd, 1 << 16)
+                except BlockingIOError:
+                    return None
+                if not chunk:
+                    break
+                self._first += chunk
+        finally:
+            os.set_blocking(fd, True)
+        return self.wait().exit_code
 
     def _close_capture(self) -> None:
         for f in (self._out, self._err):
@@ -240,11 +256,18 @@ class RunHandle:
         return self._final
 
     def kill(self) -> None:
-        """Kill the run's supervisor; the run dies with it (parent-death signals)."""
+        """Kill the run's supervisor; the run dies with it (parent-death signals), and the
+        run's temporary directory, which the supervisor can no longer remove, goes too."""
         try:
             os.kill(self.supervisor_pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        deadline = time.monotonic() + 5
+        while linux.process_state(self.supervisor_pid) not in (None, "Z") \
+                and time.monotonic() < deadline:
+            time.sleep(0.001)
+        if self.run_dir and os.path.basename(self.run_dir).startswith("kit-run-"):
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
 def make_request(engine: str, flow: str, argv: list[str], *,
@@ -252,7 +275,12 @@ def make_request(engine: str, flow: str, argv: list[str], *,
                  backend: str = "real", hook_timeout: float = DEFAULT_HOOK_TIMEOUT,
                  run_timeout: float = DEFAULT_RUN_TIMEOUT, probes: bool = True,
                  container_id: str | None = None) -> RunRequest:
-    invoker = Invoker.resolve(user)
+    try:
+        invoker = Invoker.resolve(user)
+    except ValueError:
+        if flow != "root":
+            raise
+        invoker = Invoker(os.getuid(), os.getgid(), [], "root")  # the root flow has no U
     return RunRequest(
         engine=engine, flow=flow, argv=list(argv), engine_config=dict(engine_config or {}),
         invoker=invoker.__dict__, backend=backend,

@@ -55,6 +55,17 @@ def thread_state(status: dict[str, str], tid: int) -> dict[str, Any]:
     }
 
 
+def _thread_ns(tid: int) -> dict[str, int | None]:
+    """The namespaces of one thread (a thread may setns on its own, e.g. into a net ns)."""
+    out: dict[str, int | None] = {}
+    for kind, (_, name) in linux.NAMESPACES.items():
+        try:
+            out[kind] = os.stat(f"/proc/self/task/{tid}/ns/{name}").st_ino
+        except OSError:
+            out[kind] = None
+    return out
+
+
 def snapshot() -> dict[str, Any]:
     """Privilege state of the calling process, every thread included."""
     threads = []
@@ -64,7 +75,9 @@ def snapshot() -> dict[str, Any]:
             status = linux.read_status(f"/proc/self/task/{tid}/status")
         except (FileNotFoundError, ProcessLookupError):  # the thread ended meanwhile (ESRCH)
             continue
-        threads.append(thread_state(status, tid))
+        state = thread_state(status, tid)
+        state["ns"] = _thread_ns(tid)
+        threads.append(state)
         if not nspid:
             nspid = _ids(status.get("NSpid", str(os.getpid())))
     ns = {}

@@ -140,6 +140,15 @@ def find(spec: str) -> Registration:
                 return _engines[spec]
             raise RegistryError(f"entry point {ep.name} = {ep.value} did not register an "
                                 f"engine named {spec!r}")
+    # One registrar may register several engines under other names: try them all.
+    if ":" not in spec:
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            try:
+                _call_registrar(ep.load(), f"entry point {ep.name} = {ep.value}")
+            except RegistryError:
+                continue
+            if spec in _engines:
+                return _engines[spec]
     if ":" in spec:
         module_name, _, attr = spec.partition(":")
         try:

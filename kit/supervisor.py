@@ -11,7 +11,7 @@ temporary directory.
 Usage (by :mod:`kit.launcher`): ``python -m kit.supervisor REQUEST_FD RESULT_FD``. The
 request is a :class:`kit.request.RunRequest` as JSON; the result, written when the run is
 over, is ``{"exit_code", "reason", "ledger", "leaks", "timed_out"}``. The first line on
-RESULT_FD is ``started <starter pid>`` as soon as the starter exists.
+RESULT_FD is ``started <starter pid> <run dir>`` as soon as the starter exists.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ class Supervisor:
             reader.close()
             Starter(req, writer).main()
         writer.close()
-        os.write(result_fd, f"started {pid}\n".encode())
+        os.write(result_fd, f"started {pid} {run_dir}\n".encode())
         status = self.collect(reader, pid)
         reader.close()
         code, reason = self.exit_code(status)

@@ -147,11 +147,31 @@ def test_an_unknown_engine_fails_at_once_listing_the_known_ones(tester):
     assert "collected" not in result.stdout.str()
 
 
-@pytest.mark.parametrize("backend", ["fake", "auto", "bogus"])
-def test_only_the_real_backend_is_accepted(tester, backend):
-    result = tester.runpytest("--engine=reference", f"--backend={backend}")
+def test_an_unknown_backend_is_a_usage_error_naming_the_known_ones(tester):
+    result = tester.runpytest("--engine=reference", "--backend=bogus")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines([f"*--backend {backend}: only the 'real' backend*"])
+    result.stderr.fnmatch_lines(["*--backend bogus: unknown backend (known: real, fake, auto)*"])
+
+
+def test_the_fake_backend_runs_every_flow_and_says_so(tester):
+    result = tester.runpytest("--engine=reference", "--backend=fake", "-k", "ORDER-003",
+                              "--conformance-report=r.json")
+    assert result.ret == 0
+    results = _results(_report(tester.path / "r.json"))
+    assert {flow for (_, flow) in results} == {"root", "suid", "userns", "fakeroot", "hybrid"}
+    assert {r["backend"] for r in results.values()} == {"fake"}
+    assert {r["outcome"] for r in results.values()} == {"passed"}
+
+
+def test_auto_uses_the_fake_backend_for_a_flow_the_machine_cannot_run(tester, monkeypatch):
+    _not_runnable(monkeypatch, "userns")
+    result = tester.runpytest("--engine=reference", "--flow=root,userns", "-k", "ORDER-003",
+                              "--conformance-report=r.json")
+    assert result.ret == 0
+    results = _results(_report(tester.path / "r.json"))
+    assert results[("ORDER-003", "root")]["backend"] == "real"
+    assert results[("ORDER-003", "userns")]["backend"] == "fake"
+    assert results[("ORDER-003", "userns")]["outcome"] == "passed"
 
 
 def test_flows_are_given_repeated_or_comma_separated(tester):
@@ -186,8 +206,8 @@ def _not_runnable(monkeypatch, flow: str) -> None:
 
 def test_a_flow_the_machine_cannot_run_is_not_configured_with_its_reason(tester, monkeypatch):
     _not_runnable(monkeypatch, "userns")
-    result = tester.runpytest("--engine=reference", "--flow=userns", "-k", "ORDER-003",
-                              "--conformance-report=r.json")
+    result = tester.runpytest("--engine=reference", "--backend=real", "--flow=userns", "-k",
+                              "ORDER-003", "--conformance-report=r.json")
     assert result.ret == 0
     result.assert_outcomes(skipped=1)
     entry = _results(_report(tester.path / "r.json"))[("ORDER-003", "userns")]
@@ -198,8 +218,8 @@ def test_a_flow_the_machine_cannot_run_is_not_configured_with_its_reason(tester,
 @pytest.mark.parametrize("option", ["--strict", "--conformance-strict"])
 def test_strict_mode_turns_an_environment_skip_into_a_failure(tester, monkeypatch, option):
     _not_runnable(monkeypatch, "userns")
-    result = tester.runpytest("--engine=reference", "--flow=userns", "-k", "ORDER-003", option,
-                              "--conformance-report=r.json")
+    result = tester.runpytest("--engine=reference", "--backend=real", "--flow=userns", "-k",
+                              "ORDER-003", option, "--conformance-report=r.json")
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.stdout.fnmatch_lines(["*strict on*"])
     entry = _results(_report(tester.path / "r.json"))[("ORDER-003", "userns")]

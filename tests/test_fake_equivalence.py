@@ -92,6 +92,7 @@ class Normaliser:
         out = []
         if isinstance(e.get("snapshot"), dict):
             out.append(e["snapshot"]["ns"])
+            out.extend(t["ns"] for t in e["snapshot"]["threads"] if "ns" in t)
         if e["kind"] == "namespaces":
             out.append(e["ns"])
         return out
@@ -102,7 +103,8 @@ class Normaliser:
     def snapshot(self, snap: dict[str, Any] | None) -> dict[str, Any] | None:
         if snap is None:
             return None
-        states = {json.dumps({k: v for k, v in t.items() if k != "tid"}, sort_keys=True)
+        states = {json.dumps({k: (self.ns(v) if k == "ns" else v) for k, v in t.items()
+                              if k != "tid"}, sort_keys=True)
                   for t in snap["threads"]}
         out = self.value(dict(snap))
         out["threads"] = [json.loads(s) for s in sorted(states)]

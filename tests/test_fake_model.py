@@ -470,6 +470,7 @@ def apply(sys_, ops):
     snap = sys_.snapshot()
     t = snap["threads"][0]
     t.pop("tid")
+    t.pop("ns", None)  # inode numbers differ between kernel and model by nature
     state = {"thread": t, "securebits": snap["securebits"], "dumpable": snap["dumpable"],
              "uid_map": snap["uid_map"], "gid_map": snap["gid_map"]}
     return {"results": results, "state": state}

@@ -90,6 +90,12 @@ def child(w):
                            cwd=workdir, timeout=120)
         report["runs"][flow] = {"code": p.returncode, "stderr": p.stderr[-3000:],
                                 "ledger": ledger if os.path.exists(ledger) else None}
+    suite_report = os.path.join(workdir, "suite.json")
+    p = subprocess.run([python, "-m", "pytest", "--engine=reference", "--backend=auto",
+                        "-p", "no:cacheprovider", "-q", f"--conformance-report={suite_report}"],
+                       capture_output=True, text=True, cwd=workdir, timeout=600)
+    report["suite"] = {"code": p.returncode, "tail": p.stdout[-3000:] + p.stderr[-2000:],
+                       "report": suite_report if os.path.exists(suite_report) else None}
     os.write(w, json.dumps(report).encode())
 
 
@@ -135,6 +141,9 @@ def unprivileged_report():
             if run["ledger"]:
                 with open(run["ledger"]) as f:
                     run["ledger"] = json.load(f)
+        if report.get("suite", {}).get("report"):
+            with open(report["suite"]["report"]) as f:
+                report["suite"]["report"] = json.load(f)
         report["user"] = user
         yield report
     finally:
@@ -184,3 +193,19 @@ def test_every_flow_runs_in_fake_mode_unprivileged(unprivileged_report, flow):
     # The model, not the real process, is root where the flow needs it.
     expected_stage1_uid = 0 if flow == "root" else u.uid
     assert stage1["snapshot"]["threads"][0]["uid"][0] == expected_stage1_uid
+
+
+def test_the_conformance_suite_passes_in_fake_mode_unprivileged(unprivileged_report):
+    """`pytest --engine=reference` as U, namespaces denied: every flow runs on the fake
+    backend, 0 failed, 0 broken; kernel-only checks are not-configured, never passed."""
+    suite = unprivileged_report["suite"]
+    assert suite["code"] == 0, suite["tail"]
+    doc = suite["report"]
+    assert doc is not None, suite["tail"]
+    assert doc["summary"]["failed"] == 0 and doc["summary"]["broken"] == 0, doc["summary"]
+    assert doc["summary"]["passed"] > 100
+    assert {r["flow"] for r in doc["results"]} == set(FLOWS)
+    assert {r["backend"] for r in doc["results"]} == {"fake"}
+    assert set(doc["environment"]["backend"].values()) == {"fake"}
+    payload = [r for r in doc["results"] if r["requirement"].startswith("PRIV-PAYLOAD")]
+    assert payload and all(r["outcome"] == "not-configured" for r in payload)

@@ -8,10 +8,12 @@ fail without any, so those paths are also checked when an engine takes them.
 
 from conformance import requirement, requires, scenarios
 from conformance.checks import (
-    check_cleanup_returned, check_error_path, error_runs, events_of, hook_events,
+    check_cleanup_returned, check_error_path, check_no_crash, check_no_failure, check_no_hang,
+    error_runs, events_of, hook_events,
 )
 from conformance.expectations import (
     CLEANUP_AFTER_FAILURE, FATAL_PATHS, STAGE1_FAILURE_PATHS, STAGE2_FAILURE_PATHS,
+    UNFAILING_SCENARIOS,
 )
 from conformance.scenario import fault_scenario
 
@@ -139,3 +141,27 @@ def test_cleanup_container_copes_with_partial_setup_after_a_failure(lifecycle, v
         check_cleanup_returned(verify, run, "CLEAN-002")
 
 
+def _unfailing(lifecycle, verify, req, check):
+    for name in UNFAILING_SCENARIOS:
+        run = lifecycle.optional(name)
+        if run is not None:
+            check(verify, run, req)
+
+
+@requirement("ERR-009")
+@scenarios(*UNFAILING_SCENARIOS)
+def test_no_hook_hangs_in_a_run_that_nothing_asks_to_fail(lifecycle, verify):
+    _unfailing(lifecycle, verify, "ERR-009", check_no_hang)
+
+
+@requirement("ERR-010")
+@scenarios(*UNFAILING_SCENARIOS)
+def test_no_hook_ends_its_process_in_a_run_that_nothing_asks_to_fail(lifecycle, verify):
+    _unfailing(lifecycle, verify, "ERR-010", check_no_crash)
+
+
+@requirement("ERR-011")
+@scenarios(*UNFAILING_SCENARIOS)
+def test_no_hook_raises_and_the_payload_is_execd_in_a_run_that_nothing_asks_to_fail(
+        lifecycle, verify):
+    _unfailing(lifecycle, verify, "ERR-011", check_no_failure)

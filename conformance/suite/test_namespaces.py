@@ -2,10 +2,11 @@
 
 from conformance import flows, requirement, scenarios
 from conformance.checks import (
-    check_master_not_shared, check_master_user_ns, check_new_user_ns,
-    check_requested_namespaces, check_rpc_shares_namespaces, check_user_ns_map,
+    check_host_view, check_master_not_shared, check_master_user_ns, check_new_user_ns,
+    check_requested_namespaces, check_rpc_shares_namespaces, check_user_ns_host_ids,
+    check_user_ns_map,
 )
-from conformance.expectations import USER_NS_MAP
+from conformance.expectations import MAPPABLE_HOST_IDS, USER_NS_MAP
 
 
 @requirement("NS-001")
@@ -48,3 +49,23 @@ def test_the_containers_user_namespace_maps_the_invoking_user_as_the_flow_says(l
 def test_the_container_gets_a_new_user_namespace_exactly_in_the_user_namespace_flows(
         lifecycle, verify):
     check_new_user_ns(verify, lifecycle("default"), "NS-007")
+
+
+@requirement("NS-010")
+@scenarios("host-view")
+def test_the_hosts_hostname_is_the_same_while_the_run_lasts_and_after(lifecycle, verify):
+    check_host_view(verify, lifecycle("host-view"), "NS-010", "hostname")
+
+
+@requirement("NS-011")
+@scenarios("host-view")
+def test_the_hosts_mount_namespace_gets_no_mount_while_the_run_lasts(lifecycle, verify):
+    check_host_view(verify, lifecycle("host-view"), "NS-011", "mounts")
+
+
+@requirement("NS-012")
+@flows(*MAPPABLE_HOST_IDS)
+@scenarios("default")
+def test_the_containers_user_namespace_maps_no_host_id_but_the_invoking_users(lifecycle,
+                                                                              verify):
+    check_user_ns_host_ids(verify, lifecycle("default"), "NS-012")

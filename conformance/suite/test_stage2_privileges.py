@@ -1,7 +1,7 @@
 """Stage 2 (start_process) and the payload: privileges in each flow (SPEC §4)."""
 
 from conformance import flows, requirement, scenarios
-from conformance.checks import check_payload, check_privileges
+from conformance.checks import check_payload, check_payload_fds, check_privileges
 from conformance.expectations import privilege_flows
 
 
@@ -38,3 +38,24 @@ def test_stage_2_of_the_user_namespace_flows_has_no_host_privilege(lifecycle, ve
 @scenarios("default")
 def test_the_payload_has_no_host_privilege_in_every_flow_but_root(lifecycle, verify):
     check_payload(verify, lifecycle("default"), "PRIV-PAYLOAD-001")
+
+
+@requirement("PRIV-PAYLOAD-002")
+@flows(*privilege_flows("PRIV-PAYLOAD-002"))
+@scenarios("default")
+def test_the_payload_has_no_capability_stage_2_did_not_have_permitted(lifecycle, verify):
+    check_payload(verify, lifecycle("default"), "PRIV-PAYLOAD-002")
+
+
+@requirement("PRIV-PAYLOAD-003")
+@flows(*privilege_flows("PRIV-PAYLOAD-003"))
+@scenarios("default")
+def test_the_payload_runs_with_the_uids_and_gids_of_stage_2(lifecycle, verify):
+    check_payload(verify, lifecycle("default"), "PRIV-PAYLOAD-003")
+
+
+@requirement("FD-001")
+@scenarios("fds")
+def test_the_payload_inherits_only_the_standard_and_the_kept_file_descriptors(lifecycle,
+                                                                             verify):
+    check_payload_fds(verify, lifecycle("fds"), "FD-001")

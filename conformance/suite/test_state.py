@@ -1,13 +1,21 @@
 """State crossing from stage 1: only JSON reaches the later processes (SPEC §1, §2 rule 3)."""
 
 from conformance import requirement, scenarios
-from conformance.checks import check_distinct_processes, check_fresh_config, check_rules
+from conformance.checks import (
+    check_config_calls, check_distinct_processes, check_fresh_config, check_rules,
+)
 
 
 @requirement("STATE-001")
 @scenarios("default")
 def test_config_returns_the_same_fresh_empty_config_in_every_process(lifecycle, verify):
     check_fresh_config(verify, lifecycle("default"), "STATE-001")
+
+
+@requirement("STATE-001")
+@scenarios("default")
+def test_config_returns_a_new_object_on_every_call(lifecycle, verify, engine_name):
+    check_config_calls(verify, lifecycle("default"), engine_name, "STATE-001")
 
 
 @requirement("STATE-002")

@@ -831,6 +831,7 @@ class FakeSystem(System):
                     },
                     "no_new_privs": c.no_new_privs,
                     "seccomp": seccomp,
+                    "ns": {kind: int(p.ns[kind]) for kind in linux.NAMESPACES},
                 })
             return {
                 "threads": threads,

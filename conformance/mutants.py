@@ -1,0 +1,577 @@
+"""The kill matrix: does the suite fail every mutant of the zoo, for the right reason?
+
+``python -m conformance mutants --json FILE [--backend real|fake|both] [-j N]`` runs the
+conformance suite once against every mutant of :mod:`reference_engines.mutants` (one pytest
+process per mutant, ``--engine=mutant-…``, in the flows its bug shows in, up to N at a time),
+and once against the reference engine and its cooperating variant (the baselines, every flow).
+Each session writes a conformance report; for every mutant and flow the matrix compares the
+requirements that failed with those the mutant declares (``killed_by``):
+
+- **killed**: a declared requirement failed in that flow;
+- **survived**: none did (the suite misses the bug, or the mutant does not do what it says);
+- **broken**: none failed and one could not be decided (a harness error);
+- **not-configured**: this machine cannot run the flow (or the backend cannot decide it).
+
+A mutant is killed when it is killed in every flow it declares. The baselines must pass
+everything. Mutants with a ``gap`` are known survivors: they must survive (a kill means the gap
+closed: remove the ``gap``). The JSON is a list of entries, one per target, flow and backend::
+
+    {"mutant", "slug", "flow", "backend", "declared", "failed", "broken", "killed", "status",
+     "bug", "gap", "baseline", "seconds", "error"}
+
+The exit status is 1 when a mutant survives in the real backend, a baseline fails anything,
+a known gap is killed, a declaration is wrong, or a MUST requirement is neither the declared
+killer of a mutant nor listed in :data:`EXCEPTIONS` with the reason.
+
+Every session runs in throwaway mount and uts namespaces when the matrix runs as root
+(``unshare --mount --uts``): "the host" of the mutants that change it on purpose (its
+hostname, its mount table) is that sandbox, which vanishes with the session, and its
+temporary directory is removed afterwards.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from conformance import requirements
+from conformance.expectations import FLOWS
+
+BACKENDS = ("real", "fake")
+#: The baselines: (label, engine spec). They must pass everything in every flow.
+BASELINES = (("reference", "reference"),
+             ("reference-cooperative", "conformance.cooperation:register_reference"))
+#: Seconds one pytest session may take before the matrix kills it.
+SESSION_TIMEOUT = 600.0
+
+_KIT_ORDER = ("the kit's starter calls every hook, in its process and thread and in this "
+              "order: an engine cannot change it")
+_KIT_ERRORS = ("what the kit does when a hook fails (the error table); the suite checks it "
+               "with the cooperating reference's fault injection. The engine's side of the "
+               "error table is ERR-009..011 and CLEAN-002")
+_NO_PRIVILEGE = ("an unprivileged process cannot acquire host privilege: only the kit's "
+                 "credential changes could break it")
+
+#: MUST requirements no mutant engine can break, because they are properties of the kit
+#: itself (the starter, the RPC server, the ledger), with the reason. Requirements the suite
+#: does not check (``unchecked`` in the catalogue) and those only a known survivor (a
+#: mutant's ``gap``) breaks are listed on their own, from their own reasons.
+EXCEPTIONS: dict[str, str] = {
+    "ORDER-001": _KIT_ORDER,
+    "ORDER-002": "the kit passes privileged_stage1 to init_config",
+    "ORDER-003": _KIT_ORDER,
+    "ORDER-004": _KIT_ORDER,
+    "ORDER-005": _KIT_ORDER,
+    "ORDER-006": _KIT_ORDER,
+    "ORDER-007": ("the kit sends stage 2 its go only after create_container returned and the "
+                  "RPC server exited"),
+    "ORDER-008": _KIT_ERRORS,
+    "ORDER-010": _KIT_ORDER,
+    "ORDER-012": _KIT_ORDER,
+    "ORDER-014": _KIT_ORDER,
+    "PID-001": "the kit passes the container's pid to the master hooks",
+    "PID-002": "the kit clones stage 2 into the new pid namespace, as its pid 1",
+    "STATE-002": "the kit runs the stages as separate processes",
+    "STATE-003": "the kit hands the StarterConfig over as JSON",
+    "PRIV-STAGE1-003": _NO_PRIVILEGE,
+    "PRIV-STAGE1-004": _NO_PRIVILEGE,
+    "PRIV-MASTER-004": _NO_PRIVILEGE,
+    "PRIV-RPC-003": _NO_PRIVILEGE,
+    "PRIV-STAGE2-004": _NO_PRIVILEGE + " (an engine asking for no user namespace breaks NS-007)",
+    "RPC-004": "the kit's RPC server serves one request at a time",
+    "NS-004": ("the master is multithreaded when its hooks run, and only a single-threaded "
+               "process can change its user namespace"),
+    "NS-005": "the kit creates and joins the namespaces the StarterConfig asks for",
+    "SC-001": "the kit validates the StarterConfig",
+    "SIG-001": "the kit's signal loop records and queues every signal of the master",
+    "EXIT-003": "the kit sets the exit code of a run with a fatal error",
+    "ERR-001": _KIT_ERRORS,
+    "ERR-002": _KIT_ERRORS,
+    "ERR-003": _KIT_ERRORS,
+    "ERR-004": _KIT_ERRORS,
+    "ERR-005": _KIT_ERRORS,
+    "ERR-006": _KIT_ERRORS,
+    "ERR-007": _KIT_ERRORS,
+    "ERR-008": _KIT_ERRORS,
+    "LEDGER-001": "the kit writes the ledger",
+}
+
+
+# --- the zoo and its declarations ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Target:
+    """One pytest session of the matrix: a mutant, or a baseline."""
+
+    label: str  # mutant-<slug>, or the baseline's label
+    engine: str  # the --engine value
+    declared: tuple[str, ...] = ()
+    flows: tuple[str, ...] = FLOWS
+    bug: str = ""
+    gap: str | None = None
+    hook_timeout: float | None = None
+    baseline: bool = False
+    cost: float = 1.0
+
+    @property
+    def slug(self) -> str:
+        return self.label[len("mutant-"):] if self.label.startswith("mutant-") else self.label
+
+
+def zoo() -> list[type]:
+    from reference_engines.mutants import MUTANTS
+
+    return list(MUTANTS)
+
+
+def mutant_targets(only: Sequence[str] = ()) -> list[Target]:
+    """The mutants (all, or those whose slug or name is in ``only``)."""
+    from reference_engines.mutants import registered_name
+
+    out = []
+    for mutant in zoo():
+        name = registered_name(mutant)
+        if only and name not in only and mutant.slug not in only:
+            continue
+        cost = len(mutant.flows) * (2.5 if mutant.cooperative else 1.0) \
+            + (3.0 if mutant.hook_timeout else 0.0)
+        out.append(Target(name, name, tuple(mutant.killed_by), tuple(mutant.flows),
+                          mutant.bug, mutant.gap, mutant.hook_timeout, cost=cost))
+    unknown = [n for n in only if not any(n in (t.label, t.slug) for t in out)]
+    if unknown:
+        raise ValueError(f"unknown mutant(s): {', '.join(unknown)}")
+    return out
+
+
+def baseline_targets() -> list[Target]:
+    return [Target(label, spec, baseline=True, bug="the reference: must pass everything",
+                   cost=len(FLOWS) * (2.5 if "cooperat" in label else 1.0))
+            for label, spec in BASELINES]
+
+
+def declaration_problems() -> list[str]:
+    """Mutant declarations that cannot be right: an unknown requirement or flow, a flow of the
+    mutant in which no test checks a requirement it declares (for the capabilities it has), a
+    missing or duplicate name, no bug or no requirement."""
+    from conformance.catalogue import tests_by_requirement
+
+    index = tests_by_requirement()
+    problems = []
+    seen: set[str] = set()
+    for mutant in zoo():
+        name = f"mutant-{mutant.slug}"
+        if not mutant.slug or name in seen:
+            problems.append(f"{mutant.__qualname__}: missing or duplicate slug {mutant.slug!r}")
+        seen.add(name)
+        if not mutant.bug:
+            problems.append(f"{name}: no bug description")
+        if not mutant.killed_by:
+            problems.append(f"{name}: declares no requirement that kills it")
+        bad_flows = [f for f in mutant.flows if f not in FLOWS]
+        if not mutant.flows or bad_flows:
+            problems.append(f"{name}: flows {list(mutant.flows)} (known: {', '.join(FLOWS)})")
+        unknown = [req for req in mutant.killed_by if req not in requirements.CATALOGUE]
+        problems += [f"{name}: unknown requirement {req}" for req in unknown]
+        if unknown or mutant.gap:
+            continue  # a known survivor may name a requirement nothing checks yet
+        caps = _capabilities(mutant)
+        tested = {f for req in mutant.killed_by for decl in index[req]
+                  if set(decl.requires) <= caps for f in decl.flows}
+        for flow in mutant.flows:
+            if flow not in tested:
+                problems.append(f"{name}: none of {', '.join(mutant.killed_by)} is checked in "
+                                f"flow {flow} for this mutant (tested in "
+                                f"{', '.join(sorted(tested)) or 'no flow'})")
+    return problems
+
+
+def _capabilities(mutant: type) -> set[str]:
+    """The capabilities a mutant declares once registered (cooperative ones: both
+    cooperation protocols)."""
+    from conformance.capabilities import Capabilities, _instance
+
+    declared = getattr(mutant, "conformance_capabilities", None) or Capabilities
+    caps = {k for k, v in _instance(declared, mutant.__qualname__).as_dict().items() if v}
+    if mutant.cooperative:
+        caps |= {"fault_injection", "join_only"}
+    return caps
+
+
+def must_requirements() -> list[str]:
+    return [r.id for r in requirements.CATALOGUE.values() if r.level == "MUST"]
+
+
+def killers() -> dict[str, list[str]]:
+    """Requirement → the mutants (not known survivors) that declare it."""
+    out: dict[str, list[str]] = {}
+    for mutant in zoo():
+        if mutant.gap:
+            continue
+        for req in mutant.killed_by:
+            out.setdefault(req, []).append(f"mutant-{mutant.slug}")
+    return out
+
+
+def not_killed_by_a_mutant() -> dict[str, str]:
+    """Every MUST requirement that no mutant of the zoo is declared to be killed by, with the
+    reason it has none: an exception (:data:`EXCEPTIONS`), not checked by the suite, or only a
+    known survivor breaks it — or ``""`` when there is no reason (a hole in the zoo)."""
+    covered = killers()
+    gaps = {req: f"known survivor mutant-{m.slug}: {m.gap}" for m in zoo() if m.gap
+            for req in m.killed_by}
+    out = {}
+    for req in must_requirements():
+        if req in covered:
+            continue
+        entry = requirements.CATALOGUE[req]
+        if req in gaps:
+            why = gaps[req]
+        elif entry.unchecked:
+            why = f"not checked by the suite: {entry.unchecked}"
+        else:
+            why = EXCEPTIONS.get(req, "")
+        out[req] = why
+    return out
+
+
+def uncovered() -> list[str]:
+    """MUST requirements without a mutant and without a reason."""
+    return [req for req, why in not_killed_by_a_mutant().items() if not why]
+
+
+def stale_exceptions() -> list[str]:
+    """Entries of :data:`EXCEPTIONS` that are wrong: unknown, not MUST, or killed by a mutant
+    after all (then the exception must go)."""
+    covered = killers()
+    out = []
+    for req in EXCEPTIONS:
+        entry = requirements.CATALOGUE.get(req)
+        if entry is None:
+            out.append(f"{req}: unknown requirement")
+        elif entry.level != "MUST":
+            out.append(f"{req}: not a MUST requirement ({entry.level})")
+        elif req in covered:
+            out.append(f"{req}: killer of {', '.join(covered[req])}; remove the exception")
+        elif entry.unchecked:
+            out.append(f"{req}: not checked by the suite; its reason is the catalogue's")
+    return out
+
+
+# --- running the suite ------------------------------------------------------------------------
+
+def backend_available(backend: str) -> tuple[bool, str]:
+    """Whether the suite accepts ``--backend backend`` (the fake backend comes later)."""
+    from conformance import plugin
+
+    if backend in getattr(plugin, "BACKENDS", ("real",)):
+        return True, ""
+    return False, (f"the conformance suite does not accept --backend {backend} yet "
+                   f"(it accepts: {', '.join(getattr(plugin, 'BACKENDS', ('real',)))})")
+
+
+def sandbox_prefix() -> list[str]:
+    """``unshare`` into throwaway mount and uts namespaces (as root), recording their inode
+    numbers for the mutants (:data:`reference_engines.mutants.base.SANDBOX_ENV`); else
+    nothing (the mutants that change the host then refuse to)."""
+    from reference_engines.mutants.base import SANDBOX_ENV
+
+    tool = shutil.which("unshare")
+    if os.geteuid() != 0 or tool is None:
+        return []
+    record = (f'{SANDBOX_ENV}="$(stat -L -c %i /proc/self/ns/mnt):'
+              f'$(stat -L -c %i /proc/self/ns/uts)" exec "$@"')
+    return [tool, "--mount", "--uts", "--propagation", "private", "--", "/bin/sh", "-c",
+            record, "sandbox"]
+
+
+def _environment(tmpdir: str) -> dict[str, str]:
+    # The matrix measures the suite, not the kit: coverage of the kit's own test run must
+    # not follow it into hundreds of sessions (that alone multiplies CI time).
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PYTEST_", "CONFORMANCE_", "COVERAGE_"))
+           and k != "COV_CORE_SOURCE"}
+    env["TMPDIR"] = tmpdir
+    return env
+
+
+def run_session(target: Target, backend: str, workdir: str,
+                focus: bool = False) -> dict[str, Any]:
+    """One pytest session of the suite against ``target``; returns its report (parsed) or
+    ``{"error": …}``, plus ``seconds``. ``focus``: only the tests of the requirements the
+    mutant declares (``-k``; the lifecycles of the other scenarios are then not run)."""
+    report = os.path.join(workdir, "report.json")
+    tmpdir = os.path.join(workdir, "tmp")
+    os.makedirs(tmpdir, exist_ok=True)
+    for path in (workdir, tmpdir):
+        os.chmod(path, 0o755)  # the run directories inside belong to U
+    command = [*sandbox_prefix(), sys.executable, "-m", "pytest", "-q", "-p",
+               "no:cacheprovider", "-p", "no:hypothesispytest", "-p", "no:xdist",
+               f"--engine={target.engine}",
+               f"--backend={backend}", f"--flow={','.join(target.flows)}",
+               f"--conformance-report={report}"]
+    if target.hook_timeout:
+        command.append(f"--hook-timeout={target.hook_timeout}")
+    if focus and target.declared and not target.baseline:
+        command += ["-k", " or ".join(target.declared)]
+    start = time.monotonic()
+    try:
+        proc = subprocess.run(command, cwd=workdir, env=_environment(tmpdir),
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=SESSION_TIMEOUT)
+    except subprocess.TimeoutExpired as exc:
+        return {"error": f"the session took more than {SESSION_TIMEOUT:.0f} s: "
+                         f"{(exc.stdout or '')[-1000:]}", "seconds": SESSION_TIMEOUT}
+    seconds = time.monotonic() - start
+    try:
+        with open(report) as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return {"error": f"no report (pytest exit {proc.returncode}): "
+                         f"{(proc.stdout + proc.stderr)[-1500:]}", "seconds": seconds}
+    doc["seconds"] = seconds
+    return doc
+
+
+def entries_for(target: Target, backend: str, doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """One matrix entry per flow of ``target`` from its session's report."""
+    out = []
+    by_flow: dict[str, list[dict[str, Any]]] = {flow: [] for flow in target.flows}
+    for result in doc.get("results") or []:
+        by_flow.setdefault(result["flow"], []).append(result)
+    for flow in target.flows:
+        results = by_flow.get(flow, [])
+        failed = sorted({r["requirement"] for r in results if r["outcome"] == "failed"})
+        broken = sorted({r["requirement"] for r in results if r["outcome"] == "broken"})
+        declared = set(target.declared)
+        killed = bool(declared & set(failed))
+        if doc.get("error"):
+            status = "broken"
+        elif target.baseline:
+            status = "passed" if not failed and not broken else "failed"
+        elif killed:
+            status = "killed"
+        elif declared & set(broken):
+            status = "broken"
+        elif any(r["requirement"] in declared and r["outcome"] in ("passed", "xfail")
+                 for r in results):
+            status = "survived"
+        elif target.gap and not any(r["requirement"] in declared for r in results):
+            status = "survived"  # a known survivor: nothing checks what it breaks
+        else:
+            status = "not-configured"
+        out.append({"mutant": target.label, "slug": target.slug, "flow": flow,
+                    "backend": backend, "declared": list(target.declared), "failed": failed,
+                    "broken": broken, "killed": killed, "status": status, "bug": target.bug,
+                    "gap": target.gap, "baseline": target.baseline,
+                    "seconds": round(float(doc.get("seconds", 0.0)), 2),
+                    "error": doc.get("error")})
+    return out
+
+
+def _unavailable(target: Target, backend: str, why: str) -> list[dict[str, Any]]:
+    return [{"mutant": target.label, "slug": target.slug, "flow": flow, "backend": backend,
+             "declared": list(target.declared), "failed": [], "broken": [], "killed": False,
+             "status": "not-configured", "bug": target.bug, "gap": target.gap,
+             "baseline": target.baseline, "seconds": 0.0, "error": why}
+            for flow in target.flows]
+
+
+@dataclass
+class Matrix:
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def verdict(self) -> list[str]:
+        """Why the matrix fails (empty: it passes)."""
+        out = list(self.problems)
+        for label, flows in self._by_target().items():
+            first = flows[0]
+            backend = first["backend"]
+            statuses = {e["status"] for e in flows}
+            where = f"{label} ({backend})"
+            if first["baseline"]:
+                bad = [e for e in flows if e["status"] != "passed"
+                       and e["status"] != "not-configured"]
+                for e in bad:
+                    error = f"; {e['error']}" if e["error"] else ""
+                    out.append(f"{where}: the baseline {e['status']} in {e['flow']}: failed "
+                               f"{', '.join(e['failed']) or '-'}, broken "
+                               f"{', '.join(e['broken']) or '-'}{error}")
+            elif first["gap"]:
+                if "killed" in statuses and backend == "real":
+                    out.append(f"{where}: a known survivor was killed; its gap closed, remove "
+                               "it from the mutant")
+            elif backend == "real" and statuses & {"survived", "broken"}:
+                for e in flows:
+                    if e["status"] in ("survived", "broken"):
+                        out.append(f"{where}: {e['status']} in {e['flow']} (declared "
+                                   f"{', '.join(e['declared'])}; failed "
+                                   f"{', '.join(e['failed']) or 'nothing'})"
+                                   + (f": {e['error'][:300]}" if e["error"] else ""))
+        return out
+
+    def _by_target(self) -> dict[str, list[dict[str, Any]]]:
+        out: dict[str, list[dict[str, Any]]] = {}
+        for e in self.entries:
+            out.setdefault(f"{e['mutant']}\0{e['backend']}", []).append(e)
+        return {k.replace("\0", "@"): v for k, v in out.items()}
+
+    def killed_fraction(self, backend: str) -> tuple[int, int, int]:
+        """(killed, decidable, total) mutants in ``backend``, known survivors aside: killed in
+        every flow it could be decided in; decidable in at least one flow (the fake backend
+        cannot decide what only the kernel shows)."""
+        killed = decidable = total = 0
+        for flows in self._by_target().values():
+            first = flows[0]
+            if first["baseline"] or first["gap"] or first["backend"] != backend:
+                continue
+            total += 1
+            if all(e["status"] == "not-configured" for e in flows):
+                continue
+            decidable += 1
+            killed += all(e["status"] in ("killed", "not-configured") for e in flows)
+        return killed, decidable, total
+
+
+#: Backends whose mutant sessions run only the tests of the declared requirements: the real
+#: backend runs the whole suite (what else fails is part of the evidence); the fake backend
+#: only says which mutants it can kill.
+FOCUSED_BACKENDS = ("fake",)
+
+
+def run_matrix(backend: str = "real", jobs: int = 2, only: Sequence[str] = (),
+               baselines: bool = True,
+               progress: Callable[[str], None] | None = None) -> Matrix:
+    """Run the suite against the baselines and every mutant (or ``only`` those) in
+    ``backend`` (``real``, ``fake`` or ``both``), ``jobs`` sessions at a time."""
+    start = time.monotonic()
+    backends = BACKENDS if backend == "both" else (backend,)
+    matrix = Matrix(problems=declaration_problems())
+    targets = (baseline_targets() if baselines else []) + mutant_targets(only)
+    work: list[tuple[Target, str]] = []
+    for name in backends:
+        ok, why = backend_available(name)
+        for target in targets:
+            if ok:
+                work.append((target, name))
+            else:
+                matrix.entries += _unavailable(target, name, why)
+    work.sort(key=lambda item: -item[0].cost)
+    root = tempfile.mkdtemp(prefix="kit-mutants-", dir="/var/tmp" if os.path.isdir(
+        "/var/tmp") else None)
+    os.chmod(root, 0o755)
+
+    def one(index: int, target: Target, name: str) -> list[dict[str, Any]]:
+        workdir = os.path.join(root, f"{index:03d}-{target.slug}-{name}")
+        os.makedirs(workdir)
+        try:
+            doc = run_session(target, name, workdir, focus=name in FOCUSED_BACKENDS)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        found = entries_for(target, name, doc)
+        if progress is not None:
+            progress(_line(found))
+        return found
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            futures = [pool.submit(one, i, target, name) for i, (target, name) in
+                       enumerate(work)]
+            for future in futures:
+                matrix.entries += future.result()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    order = {t.label: i for i, t in enumerate(targets)}
+    matrix.entries.sort(key=lambda e: (e["backend"], order.get(e["mutant"], 999),
+                                       FLOWS.index(e["flow"])))
+    matrix.seconds = time.monotonic() - start
+    return matrix
+
+
+# --- output ------------------------------------------------------------------------------------
+
+_MARK = {"killed": "killed", "survived": "SURVIVED", "broken": "BROKEN", "passed": "passed",
+         "failed": "FAILED", "not-configured": "n/c"}
+
+
+def _line(flows: list[dict[str, Any]]) -> str:
+    first = flows[0]
+    cells = ", ".join(f"{e['flow']} {_MARK[e['status']]}" for e in flows)
+    other = sorted({r for e in flows for r in e["failed"]} - set(first["declared"]))
+    tag = (" (known gap)" if first["gap"] and first["backend"] == "real" else
+           " (a known gap of the real backend)" if first["gap"] else "")
+    return (f"{first['mutant']:<38} {first['backend']:<4} {cells}{tag}  "
+            f"[{', '.join(first['declared']) or 'baseline'}]"
+            + (f"  also failed: {', '.join(other[:6])}{' …' if len(other) > 6 else ''}"
+               if other and not first["baseline"] else "")
+            + f"  {first['seconds']:.1f}s")
+
+
+def table(matrix: Matrix) -> str:
+    lines = [_line(flows) for flows in matrix._by_target().values()]
+    for name in BACKENDS:
+        killed, decidable, total = matrix.killed_fraction(name)
+        if total:
+            lines.append(f"{name} backend: {killed}/{total} mutants killed "
+                         f"({100 * killed / total:.0f} %)" + (
+                             f"; {total - decidable} not decidable there (n/c)"
+                             if decidable < total else ""))
+    lines.append(f"{len(matrix._by_target())} sessions in {matrix.seconds:.0f} s")
+    return "\n".join(lines)
+
+
+def coverage_text() -> str:
+    lines = ["MUST requirements no mutant is declared to be killed by:"]
+    for req, why in not_killed_by_a_mutant().items():
+        lines.append(f"  {req}: {why or 'NO MUTANT AND NO REASON'}")
+    return "\n".join(lines)
+
+
+def listing() -> str:
+    """The zoo as a Markdown table (slug, declared killers, flows, bug)."""
+    lines = ["| mutant | killed by | flows | bug |", "|---|---|---|---|"]
+    for mutant in zoo():
+        gap = f" **Known survivor**: {mutant.gap}." if mutant.gap else ""
+        lines.append(f"| `mutant-{mutant.slug}` | {', '.join(mutant.killed_by)} | "
+                     f"{', '.join(mutant.flows)} | {mutant.bug}.{gap} |")
+    return "\n".join(lines)
+
+
+def main(json_path: str | None, backend: str, jobs: int, only: Sequence[str] = (),
+         list_only: bool = False) -> int:
+    """``python -m conformance mutants``."""
+    if list_only:
+        print(listing())
+        print()
+        print(coverage_text())
+        return 0
+    matrix = run_matrix(backend, jobs, only, progress=lambda line: print(line, flush=True))
+    print()
+    print(table(matrix))
+    print()
+    print(coverage_text())
+    problems = matrix.verdict()
+    if not only:
+        problems += [f"{req}: no mutant is declared to be killed by it and EXCEPTIONS gives "
+                     "no reason" for req in uncovered()]
+        problems += [f"EXCEPTIONS: {p}" for p in stale_exceptions()]
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(matrix.entries, f, indent=1)
+        print(f"matrix: {json_path}")
+    if problems:
+        print("\nthe matrix fails:")
+        for p in problems:
+            print(f"  {p}")
+        return 1
+    print("\nevery mutant was killed by a requirement it declares; the baselines passed")
+    return 0

@@ -1,0 +1,89 @@
+"""What every mutant declares, and the few helpers mutants share.
+
+A mutant is a subclass of the reference engine (or of its RPC methods) that breaks exactly
+one rule of ``SPEC.md``. It says so in four class attributes, read by the kill matrix
+(:mod:`conformance.mutants`):
+
+- ``slug``: its name; it is registered as ``mutant-<slug>``;
+- ``bug``: one line saying what it does wrong;
+- ``killed_by``: the requirement IDs (:mod:`conformance.requirements`) that must fail for it;
+- ``flows``: the flows in which its bug shows (the matrix checks it there, and only there;
+  one flow is enough for a bug that is the same in every flow).
+
+Optional: ``rpc`` (its RPC methods class, default the reference's), ``cooperative`` (wrap it
+with :func:`conformance.cooperation.cooperative` so that the suite's fault-injection and
+join-only scenarios run), ``hook_timeout`` (seconds, for mutants that hang on purpose: the
+matrix passes it to ``--hook-timeout``), ``gap`` (why the suite cannot catch it yet: a known
+survivor, reported as such and not counted).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import ClassVar
+
+from kit import linux
+from kit.system import current
+from reference_engines.minimal import ReferenceEngine, ReferenceRPC
+
+#: Process names the kit gives its processes while their hooks run (SPEC §2), by role.
+#: Stage 2 is still the container process, named ``kit-container``, until start_process.
+ROLE_BY_NAME = {"kit-stage1": "stage1", "kit-master": "master", "kit-rpc": "rpc",
+                "kit-container": "stage2"}
+#: The uid and gid a mutant switches to when it wants "an unprivileged user" (nobody).
+NOBODY = 65534
+
+
+class Mutant(ReferenceEngine):
+    """The reference engine plus the declaration of the one rule a subclass breaks."""
+
+    slug: ClassVar[str] = ""
+    bug: ClassVar[str] = ""
+    killed_by: ClassVar[tuple[str, ...]] = ()
+    flows: ClassVar[tuple[str, ...]] = ("root",)
+    rpc: ClassVar[type] = ReferenceRPC
+    cooperative: ClassVar[bool] = False
+    hook_timeout: ClassVar[float | None] = None
+    gap: ClassVar[str | None] = None
+
+
+def registered_name(mutant: type[Mutant]) -> str:
+    """The engine name a mutant is registered under."""
+    return f"mutant-{mutant.slug}"
+
+
+def process_role() -> str | None:
+    """The kit process this code runs in (stage1, master, rpc, stage2), from the name the kit
+    gives it. Engines have no API for this; mutants that misbehave in one process only use
+    it."""
+    return ROLE_BY_NAME.get(linux.process_name("self") or "")
+
+
+#: Set by the kill matrix in the throwaway namespaces it runs each session in: the inode
+#: numbers of their mount and uts namespaces, ``MNT:UTS``.
+SANDBOX_ENV = "CONFORMANCE_MUTANT_SANDBOX"
+
+
+def host_is_sandbox() -> bool:
+    """True when this process's mount and uts namespaces are the throwaway ones the kill
+    matrix made for this session (``unshare --mount --uts``, recorded in
+    :data:`SANDBOX_ENV`): a mutant that changes "the host" then changes only them."""
+    try:
+        here = ":".join(str(os.stat(f"/proc/self/ns/{kind}").st_ino) for kind in ("mnt", "uts"))
+    except OSError:
+        return False
+    return os.environ.get(SANDBOX_ENV) == here
+
+
+class HostDamageRefused(RuntimeError):
+    """A mutant that would change the real host refuses to (it is not in a sandbox)."""
+
+
+def refuse_real_host(slug: str) -> None:
+    """Raise unless changing "the host" is harmless here: a fake backend (the model takes the
+    change) or a sandbox made by the kill matrix."""
+    if current().name == "real" and not host_is_sandbox():
+        raise HostDamageRefused(
+            f"mutant-{slug} changes the host's namespaces on purpose and refuses to outside a "
+            "sandbox: run it with `python -m conformance mutants`, which runs every mutant in "
+            "throwaway mount and uts namespaces")

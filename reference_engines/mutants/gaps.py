@@ -1,0 +1,87 @@
+"""Known survivors: mutants whose bug the suite cannot see yet, each with the reason (``gap``).
+
+They are in the zoo so that the gap stays written down: the kill matrix runs them, reports
+them as known survivors, and fails if one of them is killed after all (then remove its
+``gap`` and list the requirement that caught it).
+"""
+
+from __future__ import annotations
+
+import os
+
+from kit.system import current
+from reference_engines.minimal import ReferenceRPC
+from reference_engines.minimal.engine import FORWARDED_SIGNALS, MONITOR_POLL
+from reference_engines.mutants.base import Mutant
+
+
+class PostStartCalledTwice(Mutant):
+    slug = "post-start-twice"
+    bug = ("monitor_container calls post_start_process again once the container exited, to "
+           "'finish' the start: post_start_process runs twice")
+    killed_by = ("ORDER-009",)
+    flows = ("root",)
+    gap = ("the ledger records only the kit's calls of a hook; an engine calling one of its "
+           "own hooks is not seen")
+
+    def monitor_container(self, pid, signals) -> int:  # type: ignore[override]
+        status = super().monitor_container(pid, signals)
+        self.post_start_process(None, pid)  # type: ignore[arg-type]
+        return status
+
+
+class MonitorReapsAnyChild(Mutant):
+    slug = "monitor-reaps-any-child"
+    bug = ("monitor_container reaps with waitpid(-1) and takes the first status it gets for "
+           "the container's (it forwards signals like the reference)")
+    killed_by = ("SIG-004",)
+    flows = ("root",)
+    gap = ("SIG-004 is not checked: the ledger does not record which children the master "
+           "reaped, and the master has no other child while monitor_container runs")
+
+    def monitor_container(self, pid, signals) -> int:  # type: ignore[override]
+        while True:  # the reference's loop, but reaping any child
+            sig = signals.get(timeout=MONITOR_POLL)
+            if sig in FORWARDED_SIGNALS:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            wpid, status = os.waitpid(-1, os.WNOHANG)
+            if wpid != 0:
+                return status  # taken for the container's, whoever it was
+
+
+class CapabilityRaisingRPC(ReferenceRPC):
+    def mount(self, source: str | None, target: str, fstype: str | None, flags: list[str],
+              data: str | None) -> None:
+        effective, permitted, inheritable = current().capabilities()
+        current().set_capabilities(permitted, permitted, inheritable)  # never lowered again
+        super().mount(source, target, fstype, flags, data)
+
+
+class RPCMethodKeepsCapabilities(Mutant):
+    slug = "rpc-method-keeps-caps"
+    bug = ("the RPC method mount raises every permitted capability and does not lower them "
+           "before returning")
+    killed_by = ("PRIV-RPC-004",)
+    flows = ("suid",)
+    rpc = CapabilityRaisingRPC
+    gap = ("PRIV-RPC-004 is not checked: the kit snapshots the RPC server only at config and "
+           "init_config, not around RPC methods")
+
+
+class MasterJoinsTheContainersNetwork(Mutant):
+    slug = "master-joins-container-net"
+    bug = ("create_container joins the container's network namespace on its own thread to "
+           "configure it from the master, and stays there")
+    killed_by = ("NS-003",)
+    flows = ("root",)
+
+    def create_container(self, ctx, pid, rpc_conn) -> None:  # type: ignore[override]
+        current().setns("net", f"/proc/{pid}/ns/net")
+        super().create_container(ctx, pid, rpc_conn)
+
+
+MUTANTS = (PostStartCalledTwice, MonitorReapsAnyChild, RPCMethodKeepsCapabilities,
+           MasterJoinsTheContainersNetwork)

@@ -1,0 +1,45 @@
+"""Mutants of the join-only protocol (SPEC §5), built on the suite's cooperating reference
+engine (:func:`conformance.cooperation.cooperative`): the bug is in how they answer the
+suite's ``conformance_join`` request."""
+
+from __future__ import annotations
+
+from conformance.cooperation import cooperative
+from kit.starter_config import StarterConfig
+from reference_engines.mutants.base import Mutant
+
+
+class _CooperativeMutant(cooperative(Mutant)):  # type: ignore[misc]
+    """A mutant that already speaks both cooperation protocols (not wrapped again)."""
+
+
+class JoinOnlyNotRequested(_CooperativeMutant):
+    slug = "join-only-not-requested"
+    bug = ("asked to join namespaces, prepare_config sets the paths but not "
+           "set_namespace_join_only: the kit runs create_container and the other master hooks")
+    killed_by = ("JOIN-001",)
+    flows = ("root", "suid")
+
+    def prepare_config(self, starter_config: StarterConfig) -> None:
+        cfg = self.common.engine_config
+        if cfg.conformance_join:
+            # Nothing for create_container to do in namespaces it did not create.
+            cfg.namespaces, cfg.hostname, cfg.mount_proc, cfg.mount_tmp = [], None, False, False
+        super().prepare_config(starter_config)
+        starter_config.set_namespace_join_only(False)
+
+
+class JoinDropsANamespace(_CooperativeMutant):
+    slug = "join-drops-a-namespace"
+    bug = ("asked to join namespaces, prepare_config joins the uts namespace but forgets the "
+           "ipc one: stage 2 stays in the host's")
+    killed_by = ("JOIN-002",)
+    flows = ("root", "suid")
+
+    def prepare_config(self, starter_config: StarterConfig) -> None:
+        super().prepare_config(starter_config)
+        if starter_config.namespace_join_only:
+            starter_config.ns_paths.pop("ipc", None)
+
+
+MUTANTS = (JoinOnlyNotRequested, JoinDropsANamespace)

@@ -1,0 +1,171 @@
+"""Mutants that break the lifecycle (SPEC §2, §6): hooks that hang, crash their process, raise
+or return when they must not, and create_container misusing the RPC connection.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+from kit.rpc import RPCClient
+from kit.starter_config import StarterConfig
+from reference_engines.minimal import ReferenceRPC
+from reference_engines.mutants.base import Mutant
+
+#: Hook timeout (seconds) the matrix uses for the mutants that hang on purpose.
+HANG_TIMEOUT = 2.0
+
+
+class CreateWaitsForTheContainer(Mutant):
+    slug = "create-waits-for-container"
+    bug = ("create_container waits until the container runs its payload before returning; "
+           "stage 2 only starts once it returned: a deadlock")
+    killed_by = ("ERR-009", "ORDER-013")
+    flows = ("root",)
+    hook_timeout = HANG_TIMEOUT
+
+    def create_container(self, ctx, pid, rpc_conn) -> None:  # type: ignore[override]
+        super().create_container(ctx, pid, rpc_conn)
+        while not ctx.wait(0.01):
+            try:
+                with open(f"/proc/{pid}/comm") as f:
+                    if f.read().strip() not in ("kit-container", "kit-stage2"):
+                        return  # the payload runs (it never does: stage 2 waits for us)
+            except OSError:
+                return
+
+
+class PostStartHangs(Mutant):
+    slug = "post-start-hangs"
+    bug = ("post_start_process waits for a readiness notification that nothing ever sends")
+    killed_by = ("ERR-009",)
+    flows = ("root",)
+    hook_timeout = HANG_TIMEOUT
+
+    def post_start_process(self, ctx, pid) -> None:  # type: ignore[override]
+        threading.Event().wait()
+
+
+class PostStartKillsTheMaster(Mutant):
+    slug = "post-start-kills-master"
+    bug = ("post_start_process kills its own process (a stand-in for a crash in native code): "
+           "the master never runs cleanup_container")
+    killed_by = ("ERR-010", "ORDER-011")
+    flows = ("root",)
+
+    def post_start_process(self, ctx, pid) -> None:  # type: ignore[override]
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class PrepareConfigExits(Mutant):
+    slug = "prepare-config-exits"
+    bug = ("prepare_config ends stage 1 itself (os._exit(0)) once the StarterConfig is filled: "
+           "the starter never gets it")
+    killed_by = ("ERR-010", "LEDGER-002")
+    flows = ("root",)
+
+    def prepare_config(self, starter_config: StarterConfig) -> None:
+        super().prepare_config(starter_config)
+        os._exit(0)
+
+
+class StartProcessReturns(Mutant):
+    slug = "start-process-returns"
+    bug = "start_process prepares the payload (cwd, checks) and returns instead of exec'ing it"
+    killed_by = ("ERR-011",)
+    flows = ("root",)
+
+    def start_process(self, master_fd: int) -> None:
+        cfg = self.common.engine_config
+        os.chdir(cfg.cwd)
+        if not os.path.exists(cfg.argv[0]):
+            raise FileNotFoundError(cfg.argv[0])
+
+
+class ClosesTheRPCConnectionEarly(Mutant):
+    slug = "closes-rpc-early"
+    bug = ("create_container closes the RPC connection once the hostname is set, before its "
+           "mounts: the remaining calls fail")
+    killed_by = ("ERR-011",)
+    flows = ("root",)
+
+    def create_container(self, ctx, pid, rpc_conn) -> None:  # type: ignore[override]
+        cfg = self.common.engine_config
+        rpc = RPCClient(rpc_conn, self.common.engine_name)
+        if cfg.hostname is not None:
+            rpc.sethostname(name=cfg.hostname)
+        rpc_conn.close()  # "the privileged part is done"
+        if cfg.mount_proc:
+            rpc.mount(source="proc", target="/proc", fstype="proc",
+                      flags=["nosuid", "nodev", "noexec"], data=None)
+        if cfg.mount_tmp:
+            rpc.mount(source="tmpfs", target="/tmp", fstype="tmpfs",
+                      flags=["nosuid", "nodev"], data="mode=1777,size=16m")
+
+
+class ExitingRPC(ReferenceRPC):
+    """The server ends itself after the last call it expects (the /tmp mount)."""
+
+    def mount(self, source: str | None, target: str, fstype: str | None, flags: list[str],
+              data: str | None) -> None:
+        super().mount(source, target, fstype, flags, data)
+        if target == "/tmp":
+            sys.exit(0)
+
+
+class RPCMethodEndsTheServer(Mutant):
+    slug = "rpc-method-exits"
+    bug = ("the RPC method that mounts /tmp, the last call it expects, ends the RPC server "
+           "(sys.exit) instead of returning")
+    killed_by = ("RPC-003",)
+    flows = ("root",)
+    rpc = ExitingRPC
+
+
+class WrongRPCPrefix(Mutant):
+    slug = "rpc-wrong-engine-name"
+    bug = ("create_container builds its RPC client with the name 'reference' (copied from the "
+           "reference engine) instead of its own engine name")
+    killed_by = ("RPC-002",)
+    flows = ("root",)
+
+    def create_container(self, ctx, pid, rpc_conn) -> None:  # type: ignore[override]
+        cfg = self.common.engine_config
+        rpc = RPCClient(rpc_conn, "reference")
+        if cfg.hostname is not None:
+            rpc.sethostname(name=cfg.hostname)
+
+
+class RPCCallsAfterCreateReturned(Mutant):
+    slug = "rpc-calls-after-create"
+    bug = ("create_container hands a duplicate of the RPC connection to a thread that mounts "
+           "/tmp after create_container returned")
+    killed_by = ("RPC-001",)
+    flows = ("root",)
+
+    def create_container(self, ctx, pid, rpc_conn) -> None:  # type: ignore[override]
+        cfg = self.common.engine_config
+        mount_tmp, cfg.mount_tmp = cfg.mount_tmp, False
+        super().create_container(ctx, pid, rpc_conn)
+        if not mount_tmp:
+            return
+        conn = rpc_conn.dup()
+        name = self.common.engine_name
+
+        def later() -> None:
+            time.sleep(0.2)  # create_container has long returned
+            try:
+                RPCClient(conn, name).mount(source="tmpfs", target="/tmp", fstype="tmpfs",
+                                            flags=["nosuid", "nodev"], data="mode=1777")
+            finally:
+                conn.close()
+
+        threading.Thread(target=later, name="mutant-late-mount", daemon=True).start()
+
+
+MUTANTS = (CreateWaitsForTheContainer, PostStartHangs, PostStartKillsTheMaster,
+           PrepareConfigExits, StartProcessReturns, ClosesTheRPCConnectionEarly,
+           RPCMethodEndsTheServer, WrongRPCPrefix, RPCCallsAfterCreateReturned)
