@@ -152,11 +152,32 @@ def breakdown(result: RunResult) -> dict[str, Any]:
             "hooks_ms": hooks}
 
 
+def suite_scaling(engine: str, repeats: int = 3) -> dict[str, float]:
+    """Median wall seconds of the whole conformance suite with ``-n 0`` and ``-n 2``
+    (interleaved), and the speed-up."""
+    import subprocess
+
+    times: dict[str, list[float]] = {"n0": [], "n2": []}
+    for _ in range(repeats):
+        for key, workers in (("n0", "0"), ("n2", "2")):
+            t = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-m", "pytest", f"--engine={engine}", "-q",
+                                   "-p", "no:cacheprovider", "-n", workers],
+                                  capture_output=True, text=True, cwd="/")
+            times[key].append(time.perf_counter() - t)
+            if proc.returncode not in (0, 1):
+                raise RuntimeError(f"suite run failed ({proc.returncode}): {proc.stdout[-500:]}")
+    n0, n2 = statistics.median(times["n0"]), statistics.median(times["n2"])
+    return {"n0_s": round(n0, 2), "n2_s": round(n2, 2), "speedup": round(n0 / n2, 2)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kit.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=30, help="samples per case (≥ 30)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", metavar="FILE", help="write medians and ratios as JSON")
+    parser.add_argument("--suite", metavar="ENGINE",
+                        help="also time the whole conformance suite with -n 0 and -n 2")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("kit.bench: needs root (the root flow and util-linux unshare)", file=sys.stderr)
@@ -217,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"one snapshot: {report['probe_ms']['snapshot']:.2f} ms, one escalation probe: "
           f"{report['probe_ms']['escalation']:.2f} ms, one ledger event: "
           f"{report['ledger_event_us']:.1f} µs")
+    if args.suite:
+        report["suite"] = suite_scaling(args.suite)
+        print(f"conformance suite ({args.suite}): -n 0 {report['suite']['n0_s']} s, "
+              f"-n 2 {report['suite']['n2_s']} s, speed-up {report['suite']['speedup']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
