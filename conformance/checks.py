@@ -997,6 +997,16 @@ def check_sigchld_recorded(verify: Verifier, run: Run, requirement: str) -> None
                  role="master")
 
 
+def check_only_the_container_reaped(verify: Verifier, run: Run, requirement: str) -> None:
+    """The kit gives the master a sentinel child older than the container; a monitor that
+    reaps any child takes it, and the master records a ``foreign_reap`` event."""
+    run = verify.used(run.usable())
+    reaped = events_of(run, "foreign_reap", role="master")
+    verify.check(requirement, not reaped, expected="only the container's pid reaped by the "
+                 "engine", observed=lambda: reaped[0].get("detail", ""), run=run,
+                 event=reaped[0] if reaped else None, role="master")
+
+
 def check_signals_recorded(verify: Verifier, run: Run, requirement: str) -> None:
     run = verify.used(run.usable())
     sent = run.notes.get("sent") or []

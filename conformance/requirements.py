@@ -250,8 +250,7 @@ _ENTRIES = (
     _r("SIG-003", "MUST", "§7", "signals",
        "monitor_container returns the container's wait status."),
     _r("SIG-004", "MUST", "§7", "signals",
-       "monitor_container reaps only the container's pid.",
-       unchecked="the ledger does not record which children the master reaped (kit gap)"),
+       "monitor_container reaps only the container's pid."),
     _r("SIG-005", "MUST", "§7, §10", "signals",
        "The signals channel does not lose SIGCHLD: the container's exit reaches the master "
        "as a recorded SIGCHLD."),

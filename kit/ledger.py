@@ -29,7 +29,7 @@ ROLES = ("launcher", "supervisor", "starter", "stage1", "master", "rpc", "contai
 EVENT_KINDS: dict[str, tuple[str, ...]] = {
     "run_start": ("engine", "flow", "backend", "invoker", "probes", "hook_timeout", "run_dir"),
     "process_start": ("ppid", "nspid"),
-    "hook_enter": ("hook", "snapshot", "escalation", "args"),
+    "hook_enter": ("hook", "snapshot", "escalation", "args", "caller"),
     "hook_return": ("hook", "snapshot", "result"),
     "hook_raise": ("hook", "snapshot", "error"),
     "rpc_call": ("method", "args", "ok", "error", "duration_ms"),
@@ -44,6 +44,7 @@ EVENT_KINDS: dict[str, tuple[str, ...]] = {
     "hook_timeout": ("hook", "hook_role", "hook_pid", "seconds", "open_hooks"),
     "process_exit": ("child_role", "child_pid", "status"),
     "leak": ("what", "detail"),
+    "foreign_reap": ("child_pid", "detail"),
     "starter_exit": ("code",),
     "exit": ("code", "reason"),
 }

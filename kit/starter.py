@@ -20,6 +20,7 @@ container's end is close-on-exec).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import queue
@@ -31,7 +32,9 @@ import traceback
 from typing import Any, Callable, NoReturn
 
 from kit import linux, probe, registry
-from kit.contract import Common, ConfigError, Context, Engine, EngineConfig, SignalChannel
+from kit.contract import (
+    Common, ConfigError, Context, Engine, EngineConfig, Operations, SignalChannel,
+)
 from kit.ledger import LedgerWriter
 from kit.request import Invoker, RunRequest
 from kit.starter_config import StarterConfig
@@ -105,6 +108,9 @@ def _summary(value: Any) -> Any:
     return repr(value)[:500]
 
 
+_calls = threading.local()  # kit_hook: the hook the kit is calling on this thread, if any
+
+
 class HookRunner:
     """Calls engine hooks of one process, recording entry/return/raise in the ledger with a
     privilege snapshot (and escalation probes at entry)."""
@@ -146,28 +152,56 @@ class HookRunner:
             self._probe_cache[key] = result
         return result
 
-    def enter(self, hook: str, args: tuple[Any, ...] = ()) -> None:
+    def enter(self, hook: str, args: tuple[Any, ...] = (),
+              kwargs: dict[str, Any] | None = None, caller: str = "kit") -> None:
         names = HOOK_PARAMETERS.get(hook, ())
+        arguments = {name: _argument(value) for name, value in zip(names, args)}
+        arguments.update({name: _argument(value) for name, value in (kwargs or {}).items()})
         snap = self._snap()
+        extra = {"caller": caller} if caller != "kit" else {}
         self.ledger.emit("hook_enter", hook=hook, snapshot=snap, escalation=self._escalation(snap),
-                         args={name: _argument(value) for name, value in zip(names, args)})
+                         args=arguments, **extra)
 
     def call(self, hook: str, fn: Callable[..., Any], *args: Any) -> Any:
-        self.enter(hook, args)
+        """Call ``fn``, the engine's (instrumented) hook, as the kit."""
+        _calls.kit_hook = hook
         try:
-            result = fn(*args)
-        except BaseException as exc:
-            self.ledger.emit("hook_raise", hook=hook, snapshot=self._snap(),
-                             error=describe_error(exc))
-            raise HookFailed(hook, exc) from exc
-        self.ledger.emit("hook_return", hook=hook, snapshot=self._snap(),
-                         result=_summary(result))
-        return result
+            return fn(*args)
+        finally:
+            _calls.kit_hook = None
+
+    def instrument(self, ops: Operations) -> None:
+        """Record every call of the engine's hooks in this process — the kit's and the
+        engine's own (``caller: "engine"``: e.g. a monitor that calls post_start_process
+        again) — by wrapping them on the instance."""
+        for hook in HOOK_PARAMETERS:
+            original = getattr(ops, hook)
+            setattr(ops, hook, self._recorded(hook, original))
+
+    def _recorded(self, hook: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            by_kit = getattr(_calls, "kit_hook", None) == hook
+            _calls.kit_hook = None  # hooks called from inside this one are the engine's
+            self.enter(hook, args, kwargs, "kit" if by_kit else "engine")
+            try:
+                result = original(*args, **kwargs)
+            except BaseException as exc:
+                self.ledger.emit("hook_raise", hook=hook, snapshot=self._snap(),
+                                 error=describe_error(exc))
+                if by_kit:
+                    raise HookFailed(hook, exc) from exc
+                raise  # the engine's own call gets its own exception back
+            self.ledger.emit("hook_return", hook=hook, snapshot=self._snap(),
+                             result=_summary(result))
+            return result
+        return recorded
 
     def init_engine(self, engine: Engine, config_json: dict[str, Any], container_id: str,
                     privileged_stage1: bool) -> Common:
         """config then init_config (rule 1); returns the Common given to init_config."""
         ops = engine.operations
+        self.instrument(ops)
         cfg = self.call("config", ops.config)
         if not isinstance(cfg, EngineConfig):
             raise StageFailed(f"{engine.name}.config() returned {type(cfg).__name__}, "
@@ -383,6 +417,11 @@ class Starter:
         for s in (master_sock, container_sock, rpc_master, rpc_server):
             s.set_inheritable(False)
 
+        # A sentinel child, older than the container, that exits at once: a monitor that
+        # reaps any child (waitpid(-1)) takes it first, and the master sees it gone.
+        self.sentinel = os.fork()
+        if self.sentinel == 0:
+            _exit(0)
         pid = self.system.clone(clone_kinds)
         if pid == 0:
             master_sock.close()
@@ -417,6 +456,7 @@ class Starter:
     def _join_only_master(self, pid: int, master_sock: socket.socket,
                           rpc_master: socket.socket) -> int:
         rpc_master.close()
+        os.waitpid(self.sentinel, 0)  # no monitor in a join-only run
         kind, message = _recv_control(master_sock)
         if kind == "E":
             self.ledger.emit("starter_error", stage="namespaces", message=message)
@@ -495,6 +535,7 @@ class Master:
             status = value
         threads[0].join()
         threads[1].join()
+        self._check_sentinel()
         while not self.events.empty():  # a fatal error of post_start after the status
             kind, value = self.events.get_nowait()
             if kind == "fatal" and fatal is None:
@@ -509,6 +550,18 @@ class Master:
         if fatal is not None or status is None:
             return EXIT_FATAL
         return _status_to_code(status)
+
+    def _check_sentinel(self) -> None:
+        """Reap the starter's sentinel child; record it if someone else (the engine) did."""
+        sentinel = getattr(self.starter, "sentinel", None)
+        if not sentinel:
+            return
+        try:
+            os.waitpid(sentinel, 0)
+        except ChildProcessError:
+            self.ledger.emit("foreign_reap", child_pid=sentinel, detail=(
+                "a child of the master that is not the container (the kit's sentinel) was "
+                "reaped by the engine: monitor_container must reap only the container's pid"))
 
     def _kill_container(self) -> None:
         try:

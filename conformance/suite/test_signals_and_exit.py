@@ -2,8 +2,8 @@
 
 from conformance import requirement, scenarios
 from conformance.checks import (
-    check_exit_code, check_monitor_status, check_sigchld_recorded, check_signals_forwarded,
-    check_signals_recorded,
+    check_exit_code, check_monitor_status, check_only_the_container_reaped,
+    check_sigchld_recorded, check_signals_forwarded, check_signals_recorded,
 )
 
 
@@ -25,6 +25,13 @@ def test_monitor_container_forwards_hup_int_usr1_usr2_term_to_the_container(life
 def test_monitor_container_returns_the_containers_wait_status(lifecycle, verify):
     for name in ("default", "exit-code", "signal-death"):
         check_monitor_status(verify, lifecycle(name), "SIG-003")
+
+
+@requirement("SIG-004")
+@scenarios("default", "exit-code")
+def test_monitor_container_reaps_only_the_container(lifecycle, verify):
+    for name in ("default", "exit-code"):
+        check_only_the_container_reaped(verify, lifecycle(name), "SIG-004")
 
 
 @requirement("SIG-005")

@@ -21,8 +21,6 @@ class PostStartCalledTwice(Mutant):
            "'finish' the start: post_start_process runs twice")
     killed_by = ("ORDER-009",)
     flows = ("root",)
-    gap = ("the ledger records only the kit's calls of a hook; an engine calling one of its "
-           "own hooks is not seen")
 
     def monitor_container(self, pid, signals) -> int:  # type: ignore[override]
         status = super().monitor_container(pid, signals)
@@ -36,8 +34,6 @@ class MonitorReapsAnyChild(Mutant):
            "the container's (it forwards signals like the reference)")
     killed_by = ("SIG-004",)
     flows = ("root",)
-    gap = ("SIG-004 is not checked: the ledger does not record which children the master "
-           "reaped, and the master has no other child while monitor_container runs")
 
     def monitor_container(self, pid, signals) -> int:  # type: ignore[override]
         while True:  # the reference's loop, but reaping any child
