@@ -997,6 +997,29 @@ def check_sigchld_recorded(verify: Verifier, run: Run, requirement: str) -> None
                  role="master")
 
 
+def check_rpc_methods_restore_credentials(verify: Verifier, run: Run,
+                                          requirement: str) -> None:
+    """The kit records the RPC server thread's credentials before and after every method:
+    what a method raised it must have lowered again by the time it returns."""
+    run = verify.used(run.usable())
+    calls = [e for e in events_of(run, "rpc_call", role="rpc") if e.get("creds")]
+    if not calls:
+        verify.vacuous(requirement, "no RPC method ran with credentials recorded")
+        return
+    for event in calls:
+        before, after = event["creds"]["before"], event["creds"]["after"]
+        if before is None or after is None:
+            continue
+        same = (before["uid"] == after["uid"] and before["gid"] == after["gid"]
+                and before["caps"]["effective"] == after["caps"]["effective"])
+        verify.check(requirement, same, expected=f"{event.get('method')} returns with the "
+                     f"credentials it started with: uid {before['uid']}, effective "
+                     f"{_caps_text(before['caps']['effective'])}",
+                     observed=lambda after=after: f"uid {after['uid']}, effective "
+                     f"{_caps_text(after['caps']['effective'])}",
+                     run=run, event=event, role="rpc")
+
+
 def check_only_the_container_reaped(verify: Verifier, run: Run, requirement: str) -> None:
     """The kit gives the master a sentinel child older than the container; a monitor that
     reaps any child takes it, and the master records a ``foreign_reap`` event."""

@@ -149,9 +149,7 @@ _ENTRIES = (
        "In the userns and fakeroot flows the RPC server has no host privilege."),
     _r("PRIV-RPC-004", "MUST", "§4", "rpc",
        "An RPC method that raises capabilities does so on its own thread and restores them "
-       "before it returns.",
-       unchecked="the RPC server is snapshotted only at config and init_config, not around "
-                 "RPC methods (kit gap)"),
+       "before it returns."),
     _r("RPC-001", "MUST", "§2, §6", "rpc",
        "Every RPC call is served by the RPC server while create_container runs, and is "
        "recorded."),

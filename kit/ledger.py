@@ -32,7 +32,7 @@ EVENT_KINDS: dict[str, tuple[str, ...]] = {
     "hook_enter": ("hook", "snapshot", "escalation", "args", "caller"),
     "hook_return": ("hook", "snapshot", "result"),
     "hook_raise": ("hook", "snapshot", "error"),
-    "rpc_call": ("method", "args", "ok", "error", "duration_ms"),
+    "rpc_call": ("method", "args", "ok", "error", "duration_ms", "creds"),
     "signal": ("signum", "name", "sender"),
     "container_start": ("container_pid", "created"),
     "namespaces": ("created", "joined", "ns"),

@@ -389,3 +389,13 @@ def process_state(pid: int) -> str | None:
     except OSError:
         return None
     return stat[stat.rindex(b")") + 2:].split()[0].decode()
+
+
+def proc_tid() -> int:
+    """The calling thread's id as the mounted ``/proc`` numbers it (which differs from
+    gettid() in a new pid namespace until a new /proc is mounted)."""
+    try:
+        return int(os.readlink("/proc/thread-self").rsplit("/", 1)[1])
+    except (OSError, ValueError):
+        import threading
+        return threading.get_native_id()

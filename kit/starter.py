@@ -136,7 +136,7 @@ class HookRunner:
         namespace and maps), so a repeat would only cost a fork."""
         if not self.probes or snap is None or "probe_error" in snap:
             return None
-        tid = threading.get_native_id()
+        tid = linux.proc_tid()
         me = next((t for t in snap["threads"] if t["tid"] == tid), None)
         key = None if me is None else json.dumps(
             [{k: v for k, v in me.items() if k != "tid"}, snap["ns"]["user"], snap["uid_map"],
@@ -765,6 +765,20 @@ class RPCServerProcess:
             system.set_capabilities(linux.caps_to_mask(["CAP_SYS_ADMIN"]), keep, 0)
         rearm_parent_death(self.parent)
 
+    def _creds(self) -> dict[str, Any] | None:
+        """The calling thread's credentials (uids, gids, capability sets, no_new_privs)."""
+        if not self.c.req.probes:
+            return None
+        try:
+            snap = self.c.system.snapshot()
+        except Exception:
+            return None
+        tid = linux.proc_tid()
+        me = next((t for t in snap["threads"] if t["tid"] == tid), None)
+        if me is None:
+            return None
+        return {k: me[k] for k in ("uid", "gid", "caps", "no_new_privs")}
+
     def main(self) -> NoReturn:
         code = EXIT_FATAL
         try:
@@ -776,9 +790,25 @@ class RPCServerProcess:
             engine = registry.make_engine(self.c.req.engine)
             hooks.init_engine(engine, self.c.common_json["engine_config"],
                               self.c.common_json["container_id"], False)
-            code = registry.serve_rpc_requests(
-                engine, self.c.rpc_sock,
-                on_call=lambda record: self.ledger.emit("rpc_call", **record))
+            observed: list[dict[str, Any]] = []
+
+            def around(method: Callable[..., Any]) -> Callable[..., Any]:
+                @functools.wraps(method)
+                def observed_method(*args: Any, **kwargs: Any) -> Any:
+                    before = self._creds()
+                    try:
+                        return method(*args, **kwargs)
+                    finally:
+                        observed.append({"before": before, "after": self._creds()})
+                return observed_method
+
+            def on_call(record: dict[str, Any]) -> None:
+                creds = observed.pop() if observed else None
+                observed.clear()
+                self.ledger.emit("rpc_call", **record, creds=creds)
+
+            code = registry.serve_rpc_requests(engine, self.c.rpc_sock, on_call=on_call,
+                                               around=around)
         except BaseException as exc:
             self.ledger.emit("starter_error", stage="rpc_server",
                              message=describe_error(exc)["traceback"])

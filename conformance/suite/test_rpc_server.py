@@ -3,7 +3,7 @@
 from conformance import flows, requirement, scenarios
 from conformance.checks import (
     check_privileges, check_rpc_calls_during_create, check_rpc_method_names,
-    check_rpc_sequential, check_rpc_server_exit,
+    check_rpc_methods_restore_credentials, check_rpc_sequential, check_rpc_server_exit,
 )
 from conformance.expectations import privilege_flows
 
@@ -28,6 +28,13 @@ def test_setuid_rpc_server_has_only_cap_sys_admin_effective_and_a_small_bounding
 @scenarios("default")
 def test_rpc_server_of_the_user_namespace_flows_has_no_host_privilege(lifecycle, verify):
     check_privileges(verify, lifecycle("default"), "PRIV-RPC-003")
+
+
+@requirement("PRIV-RPC-004")
+@scenarios("default")
+def test_an_rpc_method_restores_the_capabilities_it_raised_before_it_returns(lifecycle,
+                                                                            verify):
+    check_rpc_methods_restore_credentials(verify, lifecycle("default"), "PRIV-RPC-004")
 
 
 @requirement("RPC-001")
