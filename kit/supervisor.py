@@ -270,13 +270,18 @@ class Supervisor:
 
     @staticmethod
     def _reap() -> None:
-        while True:
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        reap_exited_children()
+
+
+def reap_exited_children() -> None:
+    """Reap every child that has exited, without blocking."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
 
 
 _preloaded: set[tuple[str, str, tuple[str, ...]]] = set()

@@ -23,20 +23,10 @@ import sys
 
 from kit import linux
 from kit.request import RunRequest
-from kit.supervisor import preload, run_supervised
+from kit.supervisor import preload, reap_exited_children, run_supervised
 
 MAX_MESSAGE = 1 << 20
 FIXED_FDS = 4  # stdin, stdout, stderr, result
-
-
-def _reap() -> None:
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
 
 
 def _place_fds(received: list[int], targets: list[int]) -> int:
@@ -65,7 +55,7 @@ def _place_fds(received: list[int], targets: list[int]) -> int:
 
 def serve(control: socket.socket) -> int:
     while True:
-        _reap()
+        reap_exited_children()
         try:
             data, fds, _, _ = socket.recv_fds(control, MAX_MESSAGE, 64)
         except InterruptedError:
@@ -104,7 +94,7 @@ def serve(control: socket.socket) -> int:
 def main(argv: list[str]) -> int:
     control = socket.socket(fileno=int(argv[0]))
     # Reap finished supervisors at once (the handler runs between retries of recv).
-    signal.signal(signal.SIGCHLD, lambda _signum, _frame: _reap())
+    signal.signal(signal.SIGCHLD, lambda _signum, _frame: reap_exited_children())
     linux.set_parent_death_signal(signal.SIGKILL)
     linux.set_name("kit-zygote")
     os.chdir("/")
