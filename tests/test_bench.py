@@ -1,0 +1,40 @@
+"""The benchmarks keep their output contract (a smoke run with tiny samples: no timing is
+asserted here; timings are for `python -m kit.bench` itself)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def test_kit_bench_writes_the_medians_and_ratios_it_promises(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("the bench runs the root flow and util-linux unshare")
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "kit.bench", "--samples", "2", "--warmup", "0",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(out.read_text())
+    assert set(doc["medians"]) == {"unshare", "ctypes_minimal", "full", "no_probes", "fake",
+                                   "userns"}
+    assert all(v > 0 for v in doc["medians"].values())
+    assert set(doc["ratios"]) == {"full_vs_unshare", "full_vs_minimal",
+                                  "no_probes_vs_unshare", "fake_vs_full"}
+    assert doc["breakdown"]["marks_ms"]["payload exec'd"] is not None
+    assert "prepare_config" in " ".join(doc["breakdown"]["hooks_ms"])
+    assert "where a full lifecycle's time goes" in proc.stdout
+
+
+def test_rpc_bench_compares_mock_and_socketpair(tmp_path):
+    out = tmp_path / "rpc.json"
+    proc = subprocess.run([sys.executable, "-m", "kit.bench_rpc", "--samples", "30", "--calls",
+                           "5", "--warmup", "5", "--json", str(out)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(out.read_text())
+    text = json.dumps(doc)
+    assert "mock" in text and "real" in text
