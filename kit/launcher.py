@@ -231,10 +231,7 @@ class RunHandle:
         if getattr(self, "_popen", None) is not None:
             self._popen.wait()
         else:  # the zygote reaps it; it exits right after closing the result pipe
-            deadline = time.monotonic() + 5
-            while linux.process_state(self.supervisor_pid) not in (None, "Z") \
-                    and time.monotonic() < deadline:
-                time.sleep(0.0005)
+            self._await_supervisor_exit()
         stdout = stderr = ""
         if self._out is not None and self._err is not None:
             for f in (self._out, self._err):
@@ -255,6 +252,13 @@ class RunHandle:
         self._code = self._final.exit_code
         return self._final
 
+    def _await_supervisor_exit(self, timeout: float = 5.0) -> None:
+        """Wait (briefly) until the supervisor, a child of the zygote, is gone."""
+        deadline = time.monotonic() + timeout
+        while linux.process_state(self.supervisor_pid) not in (None, "Z") \
+                and time.monotonic() < deadline:
+            time.sleep(0.0005)
+
     def kill(self) -> None:
         """Kill the run's supervisor; the run dies with it (parent-death signals), and the
         run's temporary directory, which the supervisor can no longer remove, goes too."""
@@ -262,10 +266,7 @@ class RunHandle:
             os.kill(self.supervisor_pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        deadline = time.monotonic() + 5
-        while linux.process_state(self.supervisor_pid) not in (None, "Z") \
-                and time.monotonic() < deadline:
-            time.sleep(0.001)
+        self._await_supervisor_exit()
         if self.run_dir and os.path.basename(self.run_dir).startswith("kit-run-"):
             shutil.rmtree(self.run_dir, ignore_errors=True)
 

@@ -340,10 +340,8 @@ def process_parents() -> dict[int, int]:
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
+        stat = _stat(name)
+        if stat is None:
             continue
         # "pid (comm) state ppid ...": comm may contain spaces and parentheses.
         table[int(name)] = int(stat[stat.rindex(b")") + 2:].split()[1])
@@ -371,24 +369,27 @@ def set_name(name: str) -> None:
     prctl(PR_SET_NAME, ctypes.addressof(buf))
 
 
-def process_name(pid: int | str = "self") -> str | None:
-    """``comm`` of ``pid`` (also readable for a zombie), None when it is gone."""
+def _stat(pid: int | str) -> bytes | None:
+    """``/proc/PID/stat`` ("pid (comm) state ppid …"), None when the process is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
+            return f.read()
     except OSError:
+        return None
+
+
+def process_name(pid: int | str = "self") -> str | None:
+    """``comm`` of ``pid`` (also readable for a zombie), None when it is gone."""
+    stat = _stat(pid)
+    if stat is None:
         return None
     return stat[stat.index(b"(") + 1:stat.rindex(b")")].decode(errors="replace")
 
 
 def process_state(pid: int) -> str | None:
     """State letter of ``pid`` (R, S, D, Z…), None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    return stat[stat.rindex(b")") + 2:].split()[0].decode()
+    stat = _stat(pid)
+    return None if stat is None else stat[stat.rindex(b")") + 2:].split()[0].decode()
 
 
 def proc_tid() -> int:

@@ -33,7 +33,7 @@ from typing import Any, Callable, NoReturn
 
 from kit import linux, probe, registry
 from kit.contract import (
-    Common, ConfigError, Context, Engine, EngineConfig, Operations, SignalChannel,
+    Common, ConfigError, Context, Engine, EngineConfig, Operations, SignalChannel, dumps,
 )
 from kit.ledger import LedgerWriter
 from kit.request import Invoker, RunRequest
@@ -108,6 +108,12 @@ def _summary(value: Any) -> Any:
     return repr(value)[:500]
 
 
+def own_thread(snap: dict[str, Any]) -> dict[str, Any] | None:
+    """The calling thread's entry in a snapshot (tids as the mounted /proc numbers them)."""
+    tid = linux.proc_tid()
+    return next((t for t in snap["threads"] if t["tid"] == tid), None)
+
+
 _calls = threading.local()  # kit_hook: the hook the kit is calling on this thread, if any
 
 
@@ -136,8 +142,7 @@ class HookRunner:
         namespace and maps), so a repeat would only cost a fork."""
         if not self.probes or snap is None or "probe_error" in snap:
             return None
-        tid = linux.proc_tid()
-        me = next((t for t in snap["threads"] if t["tid"] == tid), None)
+        me = own_thread(snap)
         key = None if me is None else json.dumps(
             [{k: v for k, v in me.items() if k != "tid"}, snap["ns"]["user"], snap["uid_map"],
              snap["securebits"]], sort_keys=True)
@@ -343,7 +348,6 @@ class Starter:
         self.ledger.emit("process_exit", child_role="stage1", child_pid=pid, status=status)
         if status != 0 or not data:
             raise StageFailed(f"stage 1 failed (exit code {_status_to_code(status)})")
-        import json
         doc = json.loads(data)
         return doc["common"], StarterConfig.from_json(doc["starter_config"])
 
@@ -372,7 +376,6 @@ class Starter:
             sconf = StarterConfig(self.req.flow, u.uid if self.req.flow != "root" else 0,
                                   u.gid if self.req.flow != "root" else 0)
             hooks.call("prepare_config", engine.operations.prepare_config, sconf)
-            from kit.contract import dumps
             os.write(wfd, dumps({"common": common.to_json(),
                                  "starter_config": sconf.to_json()}).encode())
             code = 0
@@ -384,11 +387,8 @@ class Starter:
         _exit(code)
 
     # -- namespaces and the container process ----------------------------------------------
-    def _user_ns_maps(self, sconf: StarterConfig) -> tuple[list[list[int]], list[list[int]]]:
-        return sconf.uid_mappings, sconf.gid_mappings
-
     def _write_maps(self, pid: int, sconf: StarterConfig) -> None:
-        uid_map, gid_map = self._user_ns_maps(sconf)
+        uid_map, gid_map = sconf.uid_mappings, sconf.gid_mappings
         if not self.system.privileged():
             euid, egid = self.system.getresuid()[1], self.system.getresgid()[1]
             for name, maps, own in (("add_uid_mappings", uid_map, euid),
@@ -773,8 +773,7 @@ class RPCServerProcess:
             snap = self.c.system.snapshot()
         except Exception:
             return None
-        tid = linux.proc_tid()
-        me = next((t for t in snap["threads"] if t["tid"] == tid), None)
+        me = own_thread(snap)
         if me is None:
             return None
         return {k: me[k] for k in ("uid", "gid", "caps", "no_new_privs")}
@@ -829,7 +828,7 @@ class Stage2:
             uid = s.target_uid if s.target_uid is not None else 0
             gids = s.target_gids or [0]
             return uid, gids
-        in_userns = "user" in s.namespaces_created() or "user" in s.ns_paths
+        in_userns = s.uses_namespace("user")
         if not in_userns:
             return u.uid, [u.gid]
         # Inside a user namespace: the id that U maps to (or a mapped target id).
@@ -848,7 +847,7 @@ class Stage2:
         if s.capabilities["bounding"] is not None:
             system.limit_bounding(caps["bounding"])
         uid, gids = self.target_ids()
-        in_userns = "user" in s.namespaces_created() or "user" in s.ns_paths
+        in_userns = s.uses_namespace("user")
         groups = None  # setuid flows keep U's supplementary groups; a userns may deny them
         if self.c.req.flow == "root" or (in_userns and s.allow_setgroups):
             groups = gids[1:]

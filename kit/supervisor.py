@@ -153,7 +153,7 @@ class Supervisor:
     def _living_descendants(self, grace: float) -> list[int]:
         deadline = time.monotonic() + grace
         while True:
-            self._reap()
+            reap_exited_children()
             if not self._has_children():
                 return []
             alive = [p for p in linux.descendants(os.getpid())
@@ -254,23 +254,15 @@ class Supervisor:
     def kill_tree(self) -> None:
         """SIGKILL every descendant until none is left; reap them (we are the subreaper)."""
         for _ in range(200):
-            self._reap()
+            reap_exited_children()
             if not self._has_children():
                 return
-            pids = linux.descendants(os.getpid())
-            for p in pids:
+            for p in linux.descendants(os.getpid()):
                 try:
                     os.kill(p, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-            self._reap()
-            if not pids:
-                return
             time.sleep(0.002)
-
-    @staticmethod
-    def _reap() -> None:
-        reap_exited_children()
 
 
 def reap_exited_children() -> None:

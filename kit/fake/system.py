@@ -723,35 +723,32 @@ class FakeSystem(System):
                 if fs.get("cwd") == old_root:
                     fs["cwd"] = new_host
 
+    def _searchable_dir(self, st: dict[str, Any], m: Model, path: str, call: str) -> str:
+        """The host path of ``path`` if it is a directory the caller may search (the checks
+        chdir and chroot share), else the kernel's errno."""
+        host = self._host(st, path)
+        if not self._exists(st, host):
+            raise fail(errno.ENOENT, f"{call}({path!r})")
+        if not self._is_dir(st, host):
+            raise fail(errno.ENOTDIR, f"{call}({path!r})")
+        inode = self._inode(st, host)
+        if inode is not None and not m.permission(self._cred(), inode[0], inode[1], inode[2],
+                                                  1, is_dir=True):
+            raise fail(errno.EACCES, f"{call}({path!r})")
+        return host
+
     def chroot(self, path: str) -> None:
         with self._store.transaction() as st:
             m = Model(st)
-            host = self._host(st, path)
-            if not self._exists(st, host):
-                raise fail(errno.ENOENT, f"chroot({path!r})")
-            if not self._is_dir(st, host):
-                raise fail(errno.ENOTDIR, f"chroot({path!r})")
-            inode = self._inode(st, host)
+            host = self._searchable_dir(st, m, path, "chroot")
             cred = self._cred()
-            if inode is not None and not m.permission(cred, inode[0], inode[1], inode[2],
-                                                      1, is_dir=True):
-                raise fail(errno.EACCES, f"chroot({path!r})")
             if not m.capable(cred, cred.userns, CAP_SYS_CHROOT):
                 raise fail(errno.EPERM, f"chroot({path!r})")
             self._fs(st)["root"] = host
 
     def chdir(self, path: str) -> None:
         with self._store.transaction() as st:
-            m = Model(st)
-            host = self._host(st, path)
-            if not self._exists(st, host):
-                raise fail(errno.ENOENT, f"chdir({path!r})")
-            if not self._is_dir(st, host):
-                raise fail(errno.ENOTDIR, f"chdir({path!r})")
-            inode = self._inode(st, host)
-            if inode is not None and not m.permission(self._cred(), inode[0], inode[1],
-                                                      inode[2], 1, is_dir=True):
-                raise fail(errno.EACCES, f"chdir({path!r})")
+            host = self._searchable_dir(st, Model(st), path, "chdir")
             self._fs(st)["cwd"] = host
             if os.path.isdir(host):
                 try:
