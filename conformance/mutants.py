@@ -52,57 +52,11 @@ BASELINES = (("reference", "reference"),
 #: Seconds one pytest session may take before the matrix kills it.
 SESSION_TIMEOUT = 600.0
 
-_KIT_ORDER = ("the kit's starter calls every hook, in its process and thread and in this "
-              "order: an engine cannot change it")
-_KIT_ERRORS = ("what the kit does when a hook fails (the error table); the suite checks it "
-               "with the cooperating reference's fault injection. The engine's side of the "
-               "error table is ERR-009..011 and CLEAN-002")
-_NO_PRIVILEGE = ("an unprivileged process cannot acquire host privilege: only the kit's "
-                 "credential changes could break it")
-
-#: MUST requirements no mutant engine can break, because they are properties of the kit
-#: itself (the starter, the RPC server, the ledger), with the reason. Requirements the suite
-#: does not check (``unchecked`` in the catalogue) and those only a known survivor (a
-#: mutant's ``gap``) breaks are listed on their own, from their own reasons.
-EXCEPTIONS: dict[str, str] = {
-    "ORDER-001": _KIT_ORDER,
-    "ORDER-002": "the kit passes privileged_stage1 to init_config",
-    "ORDER-003": _KIT_ORDER,
-    "ORDER-004": _KIT_ORDER,
-    "ORDER-005": _KIT_ORDER,
-    "ORDER-006": _KIT_ORDER,
-    "ORDER-007": ("the kit sends stage 2 its go only after create_container returned and the "
-                  "RPC server exited"),
-    "ORDER-008": _KIT_ERRORS,
-    "ORDER-010": _KIT_ORDER,
-    "ORDER-012": _KIT_ORDER,
-    "ORDER-014": _KIT_ORDER,
-    "PID-001": "the kit passes the container's pid to the master hooks",
-    "PID-002": "the kit clones stage 2 into the new pid namespace, as its pid 1",
-    "STATE-002": "the kit runs the stages as separate processes",
-    "STATE-003": "the kit hands the StarterConfig over as JSON",
-    "PRIV-STAGE1-003": _NO_PRIVILEGE,
-    "PRIV-STAGE1-004": _NO_PRIVILEGE,
-    "PRIV-MASTER-004": _NO_PRIVILEGE,
-    "PRIV-RPC-003": _NO_PRIVILEGE,
-    "PRIV-STAGE2-004": _NO_PRIVILEGE + " (an engine asking for no user namespace breaks NS-007)",
-    "RPC-004": "the kit's RPC server serves one request at a time",
-    "NS-004": ("the master is multithreaded when its hooks run, and only a single-threaded "
-               "process can change its user namespace"),
-    "NS-005": "the kit creates and joins the namespaces the StarterConfig asks for",
-    "SC-001": "the kit validates the StarterConfig",
-    "SIG-001": "the kit's signal loop records and queues every signal of the master",
-    "EXIT-003": "the kit sets the exit code of a run with a fatal error",
-    "ERR-001": _KIT_ERRORS,
-    "ERR-002": _KIT_ERRORS,
-    "ERR-003": _KIT_ERRORS,
-    "ERR-004": _KIT_ERRORS,
-    "ERR-005": _KIT_ERRORS,
-    "ERR-006": _KIT_ERRORS,
-    "ERR-007": _KIT_ERRORS,
-    "ERR-008": _KIT_ERRORS,
-    "LEDGER-001": "the kit writes the ledger",
-}
+#: MUST requirements no mutant can break, with the reason. Empty since the starter mutants
+#: (:mod:`reference_engines.mutants.starter`) break the rules only the kit can break; the
+#: requirements the suite does not check (``unchecked`` in the catalogue) and those only a known
+#: survivor (a mutant's ``gap``) breaks are listed on their own, from their own reasons.
+EXCEPTIONS: dict[str, str] = {}
 
 
 # --- the zoo and its declarations ------------------------------------------------------------
@@ -134,7 +88,7 @@ def zoo() -> list[type]:
 
 def mutant_targets(only: Sequence[str] = ()) -> list[Target]:
     """The mutants (all, or those whose slug or name is in ``only``)."""
-    from reference_engines.mutants import registered_name
+    from reference_engines.mutants import engine_spec, registered_name
 
     out = []
     for mutant in zoo():
@@ -143,7 +97,7 @@ def mutant_targets(only: Sequence[str] = ()) -> list[Target]:
             continue
         cost = len(mutant.flows) * (2.5 if mutant.cooperative else 1.0) \
             + (3.0 if mutant.hook_timeout else 0.0)
-        out.append(Target(name, name, tuple(mutant.killed_by), tuple(mutant.flows),
+        out.append(Target(name, engine_spec(mutant), tuple(mutant.killed_by), tuple(mutant.flows),
                           mutant.bug, mutant.gap, mutant.hook_timeout, cost=cost))
     unknown = [n for n in only if not any(n in (t.label, t.slug) for t in out)]
     if unknown:
@@ -393,6 +347,8 @@ class Matrix:
     def verdict(self) -> list[str]:
         """Why the matrix fails (empty: it passes)."""
         out = list(self.problems)
+        out += [f"{req}: declared by mutants, failed for none of them" for req in
+                self.unproven()]
         for label, flows in self._by_target().items():
             first = flows[0]
             backend = first["backend"]
@@ -418,6 +374,18 @@ class Matrix:
                                    f"{', '.join(e['failed']) or 'nothing'})"
                                    + (f": {e['error'][:300]}" if e["error"] else ""))
         return out
+
+    def unproven(self) -> list[str]:
+        """Requirements that mutants declare but that failed for none of them in the real
+        backend: declared, never shown to catch anything (a mutant that only another of
+        its declared requirements kills proves nothing about this one)."""
+        shown: dict[str, bool] = {}
+        for e in self.entries:
+            if e["backend"] != "real" or e["baseline"] or e["gap"]:
+                continue
+            for req in e["declared"]:
+                shown[req] = shown.get(req, False) or req in e["failed"]
+        return sorted(req for req, ok in shown.items() if not ok)
 
     def _by_target(self) -> dict[str, list[dict[str, Any]]]:
         out: dict[str, list[dict[str, Any]]] = {}
@@ -525,6 +493,11 @@ def table(matrix: Matrix) -> str:
                          f"({100 * killed / total:.0f} %)" + (
                              f"; {total - decidable} not decidable there (n/c)"
                              if decidable < total else ""))
+    shown = {req for e in matrix.entries if e["backend"] == "real" and not e["baseline"]
+             for req in set(e["declared"]) & set(e["failed"])}
+    musts = must_requirements()
+    lines.append(f"MUST requirements shown to kill a mutant that declares them (real backend): "
+                 f"{len(shown & set(musts))}/{len(musts)}")
     lines.append(f"{len(matrix._by_target())} sessions in {matrix.seconds:.0f} s")
     return "\n".join(lines)
 

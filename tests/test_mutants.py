@@ -15,7 +15,9 @@ import pytest
 
 from conformance import mutants as M
 from conformance import requirements
-from reference_engines.mutants import MUTANTS, by_name, registered_name
+from reference_engines.mutants import (
+    ENGINE_MUTANTS, MUTANTS, STARTER_MUTANTS, by_name, engine_spec, registered_name,
+)
 
 ENTRY_KEYS = {"mutant", "slug", "flow", "backend", "declared", "failed", "broken", "killed",
               "status", "bug", "gap", "baseline", "seconds", "error"}
@@ -37,12 +39,62 @@ def test_the_zoo_has_at_least_30_mutants_and_one_for_every_group_of_the_catalogu
     assert groups == {key for key, _ in requirements.GROUPS}
 
 
-def test_every_mutant_is_registered_under_its_name_with_an_entry_point():
+def test_every_engine_mutant_is_registered_under_its_name_with_an_entry_point():
     from importlib.metadata import entry_points
 
     names = {ep.name for ep in entry_points(group="kit.engines")}
-    assert set(by_name()) <= names
+    assert {registered_name(m) for m in ENGINE_MUTANTS} <= names
     assert all(registered_name(m).startswith("mutant-") for m in MUTANTS)
+
+
+def test_starter_mutants_have_no_entry_point_and_one_spec_each():
+    """Registering a starter mutant mutates the kit of the registering process: an entry
+    point would let the lookup of an unknown engine name (which tries every registrar)
+    mutate a zygote by accident."""
+    from importlib.metadata import entry_points
+
+    names = {ep.name for ep in entry_points(group="kit.engines")}
+    assert not {registered_name(m) for m in STARTER_MUTANTS} & names
+    specs = [engine_spec(m) for m in STARTER_MUTANTS]
+    assert len(set(specs)) == len(specs) == len(STARTER_MUTANTS) >= 25
+    assert all(s.startswith("reference_engines.mutants.starter:register_") for s in specs)
+
+
+_REGISTER_TWO = """
+import sys
+from kit import registry, starter
+original = starter.HookRunner.init_engine
+reg = registry.find(sys.argv[1])
+assert reg.name == "mutant-starter-config-twice", reg.name
+assert starter.HookRunner.init_engine is not original, "the kit was not mutated"
+assert registry.find(sys.argv[1]) is reg  # the same registration, mutated once
+try:
+    registry.find(sys.argv[2])
+except RuntimeError as exc:
+    print("refused:", exc)
+else:
+    raise SystemExit("a second starter mutant was accepted")
+"""
+
+
+def test_a_starter_mutant_mutates_only_the_process_that_registers_it(tmp_path):
+    import subprocess
+    import sys
+
+    from kit import starter
+    from reference_engines.mutants import starter as starter_mutants
+
+    original = starter.HookRunner.init_engine
+    script = tmp_path / "register_two.py"
+    script.write_text(_REGISTER_TWO)
+    done = subprocess.run(
+        [sys.executable, str(script), starter_mutants.ConfigTwice.spec(),
+         starter_mutants.PrepareConfigTwice.spec()],
+        capture_output=True, text=True, timeout=60, cwd=os.getcwd())
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "refused: mutant-starter-prepare-config-twice: this process's kit is already " \
+           "mutated by mutant-starter-config-twice" in done.stdout
+    assert starter.HookRunner.init_engine is original  # importing the module changed nothing
 
 
 def test_every_must_requirement_is_killed_by_a_mutant_or_the_table_says_why_not():
@@ -88,6 +140,11 @@ def test_the_kill_matrix_kills_every_mutant_and_passes_the_reference(tmp_path,
     known = [e for e in real if e["gap"]]  # known survivors (none at the moment)
     assert all(e["status"] == "survived" for e in known)
     assert matrix.verdict() == []
+    assert matrix.unproven() == []  # every declared requirement failed for one of its mutants
+    shown = {req for e in real for req in set(e["declared"]) & set(e["failed"])}
+    checked = {r.id for r in requirements.CATALOGUE.values()
+               if r.level == "MUST" and not r.unchecked}
+    assert checked <= shown  # every MUST the suite checks has a mutant that it kills
 
     if fake:
         killed, decidable, total = matrix.killed_fraction("fake")

@@ -13,22 +13,40 @@ Areas: :mod:`.privileges` (stage 1, master, RPC server, stage 2, payload),
 :mod:`.namespaces`, :mod:`.lifecycle` (hangs, crashes, errors, the RPC connection),
 :mod:`.signals`, :mod:`.cleanup`, :mod:`.state`, :mod:`.join`, and :mod:`.gaps` (known
 survivors: bugs the suite cannot see yet, with the reason).
+
+:mod:`.starter` holds the starter mutants: the reference engine run by a kit with one bug, for
+the rules only the starter can break. They have no entry point: ``--engine`` names their
+registration function (:func:`engine_spec`), which mutates the kit of the process that calls
+it.
 """
 
 from __future__ import annotations
 
 from reference_engines.mutants import (
-    cleanup, gaps, join, lifecycle, namespaces, privileges, signals, state,
+    cleanup, gaps, join, lifecycle, namespaces, privileges, signals, starter, state,
 )
 from reference_engines.mutants.base import Mutant, registered_name
 
-__all__ = ["MUTANTS", "Mutant", "by_name", "register", "registered_name"]
+__all__ = ["ENGINE_MUTANTS", "MUTANTS", "Mutant", "STARTER_MUTANTS", "by_name", "engine_spec",
+           "register", "registered_name"]
 
-#: Every mutant, by area.
-MUTANTS: tuple[type[Mutant], ...] = (
+#: Engine mutants, by area: registered by :func:`register` (one entry point each).
+ENGINE_MUTANTS: tuple[type[Mutant], ...] = (
     *privileges.MUTANTS, *namespaces.MUTANTS, *lifecycle.MUTANTS, *signals.MUTANTS,
     *cleanup.MUTANTS, *state.MUTANTS, *join.MUTANTS, *gaps.MUTANTS,
 )
+#: Starter mutants: each registered only through its own spec (:func:`engine_spec`).
+STARTER_MUTANTS: tuple[type[Mutant], ...] = starter.MUTANTS
+#: The whole zoo.
+MUTANTS: tuple[type[Mutant], ...] = (*ENGINE_MUTANTS, *STARTER_MUTANTS)
+
+
+def engine_spec(mutant: type[Mutant]) -> str:
+    """What ``--engine`` takes to run ``mutant``: its registered name for an engine mutant,
+    its registration function's ``module:attribute`` for a starter mutant."""
+    if issubclass(mutant, starter.StarterMutant):
+        return mutant.spec()
+    return registered_name(mutant)
 
 
 def by_name() -> dict[str, type[Mutant]]:
@@ -43,7 +61,8 @@ def by_name() -> dict[str, type[Mutant]]:
 
 
 def register() -> None:
-    """Register every mutant and its RPC methods (once per process)."""
+    """Register every engine mutant and its RPC methods (once per process); starter mutants
+    are left out (registering one mutates the kit)."""
     from conformance.cooperation import cooperative
     from kit.registry import register_operations, register_rpc_methods, registered
 
@@ -51,7 +70,8 @@ def register() -> None:
 
     register_reference()
     known = registered()
-    for name, mutant in by_name().items():
+    for mutant in ENGINE_MUTANTS:
+        name = registered_name(mutant)
         if name in known:
             continue
         register_operations(name, cooperative(mutant) if mutant.cooperative else mutant)

@@ -1,0 +1,693 @@
+"""Starter mutants: the reference engine run by a deliberately broken kit.
+
+About a third of the MUST rules of ``SPEC.md`` are the starter's, not the engine's: the order
+and process of every hook, the error table, the exit code, the namespaces and credentials the
+starter itself sets up, the ledger. An engine cannot break them, so an engine mutant cannot
+prove that the suite checks them. A starter mutant can: it is the reference engine plus one
+change to the kit (a wrapper around one kit function), and the suite must fail it with a
+requirement it declares, exactly like an engine mutant.
+
+How the change gets into the run
+    Registering a starter mutant applies its change to the kit *of the registering process*:
+    :func:`registrar` makes one registration function per mutant, reachable only by its
+    explicit ``module:attribute`` spec (:meth:`StarterMutant.spec`, e.g.
+    ``reference_engines.mutants.starter:register_starter_config_twice``). The kit's zygote
+    registers the engine of a run before it forks the supervisor, so every process of the
+    run inherits the change. That is also why these mutants have **no** ``kit.engines``
+    entry point: looking up an unknown engine name tries every entry point's registrar, and
+    must never mutate the kit of a process by accident. Use them only in a process of their
+    own (the kill matrix runs one pytest session, hence one zygote, per mutant).
+
+Some bugs are races in a real starter (a master that does not wait for the container to be
+ready, say); the mutants make them deterministic with a short sleep on the losing side.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, ClassVar
+
+from kit import linux
+from kit import starter as S
+from kit.contract import Context, dumps
+from kit.ledger import LedgerWriter
+from kit.rpc import server as rpc_server
+from kit.starter_config import StarterConfig
+from kit.system import RealSystem
+from reference_engines.mutants.base import Mutant
+from reference_engines.mutants.lifecycle import HANG_TIMEOUT
+
+#: How long the losing side of a made-deterministic race waits (seconds).
+RACE_DELAY = 0.2
+
+
+def _process() -> str:
+    """The kit's name of the calling process (``kit-starter``, ``kit-container``…)."""
+    return linux.process_name("self") or ""
+
+
+def _system_classes() -> list[type]:
+    from kit.fake.system import FakeSystem
+
+    return [RealSystem, FakeSystem]
+
+
+def _wrap(owner: Any, name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]
+          ) -> None:
+    """Replace ``owner.name`` by ``make(original)``."""
+    setattr(owner, name, make(getattr(owner, name)))
+
+
+def _wrap_system(name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+    """Wrap a method of both system interfaces (the kernel and the fake backend's model)."""
+    for cls in _system_classes():
+        _wrap(cls, name, make)
+
+
+def _wrap_hook_call(change: Callable[..., Any]) -> None:
+    """Route every ``HookRunner.call`` through ``change(original, runner, hook, fn, *args)``."""
+    original = S.HookRunner.call
+
+    def call(runner: S.HookRunner, hook: str, fn: Callable[..., Any], *args: Any) -> Any:
+        return change(original, runner, hook, fn, *args)
+    S.HookRunner.call = call  # type: ignore[method-assign]
+
+
+class StarterMutant(Mutant):
+    """A mutant whose bug is in the kit: :meth:`mutate` changes the kit of this process."""
+
+    #: Fault injection and join-only scenarios: most starter bugs are on the error paths.
+    cooperative: ClassVar[bool] = True
+
+    @staticmethod
+    def mutate() -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def registrar_name(cls) -> str:
+        return "register_" + cls.slug.replace("-", "_")
+
+    @classmethod
+    def spec(cls) -> str:
+        """The ``--engine`` value that registers this mutant (and so mutates the kit)."""
+        return f"{__name__}:{cls.registrar_name()}"
+
+
+# --- hook order and processes (SPEC §2) --------------------------------------------------------
+
+class ConfigTwice(StarterMutant):
+    slug = "starter-config-twice"
+    bug = "the starter calls config() a second time after init_config in every process"
+    killed_by = ("ORDER-001",)
+
+    @staticmethod
+    def mutate() -> None:
+        def make(original: Callable[..., Any]) -> Callable[..., Any]:
+            def init_engine(runner: S.HookRunner, engine: Any, *args: Any) -> Any:
+                common = original(runner, engine, *args)
+                runner.call("config", engine.operations.config)
+                return common
+            return init_engine
+        _wrap(S.HookRunner, "init_engine", make)
+
+
+class PrivilegedStage1Everywhere(StarterMutant):
+    slug = "starter-privileged-stage1-everywhere"
+    bug = "the starter tells init_config privileged_stage1=True in every process and flow"
+    killed_by = ("ORDER-002",)
+
+    @staticmethod
+    def mutate() -> None:
+        def make(original: Callable[..., Any]) -> Callable[..., Any]:
+            def init_engine(runner: S.HookRunner, engine: Any, config_json: Any,
+                            container_id: str, privileged_stage1: bool) -> Any:
+                return original(runner, engine, config_json, container_id, True)
+            return init_engine
+        _wrap(S.HookRunner, "init_engine", make)
+
+
+class PrepareConfigTwice(StarterMutant):
+    slug = "starter-prepare-config-twice"
+    bug = "stage 1 calls prepare_config twice"
+    killed_by = ("ORDER-003",)
+
+    @staticmethod
+    def mutate() -> None:
+        def change(original: Callable[..., Any], runner: S.HookRunner, hook: str,
+                   fn: Callable[..., Any], *args: Any) -> Any:
+            if hook == "prepare_config":
+                original(runner, hook, fn, *args)
+            return original(runner, hook, fn, *args)
+        _wrap_hook_call(change)
+
+
+class Stage1HandsOverEarly(StarterMutant):
+    slug = "starter-stage1-hands-over-early"
+    bug = ("stage 1 sends its result before it calls prepare_config, and the starter goes on "
+           "without waiting for stage 1 to exit")
+    killed_by = ("ORDER-004", "STATE-002")
+
+    @staticmethod
+    def mutate() -> None:
+        def change(original: Callable[..., Any], runner: S.HookRunner, hook: str,
+                   fn: Callable[..., Any], *args: Any) -> Any:
+            if hook != "prepare_config" or _process() != "kit-stage1":
+                return original(runner, hook, fn, *args)
+            ops = fn.__wrapped__.__self__  # type: ignore[attr-defined]
+            fd = _Stage1Pipe.fd
+            os.write(fd, dumps({"common": ops.common.to_json(),
+                                "starter_config": args[0].to_json()}).encode())
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, fd)  # the starter sees EOF; stage 1's own write goes nowhere
+            os.close(devnull)
+            time.sleep(RACE_DELAY)
+            return original(runner, hook, fn, *args)
+        _wrap_hook_call(change)
+        S.Starter.run_stage1 = _run_stage1_without_waiting  # type: ignore[method-assign]
+
+
+class _Stage1Pipe:
+    fd = -1
+
+
+def _run_stage1_without_waiting(self: S.Starter) -> tuple[dict[str, Any], StarterConfig]:
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(rfd)
+        _Stage1Pipe.fd = wfd
+        self._stage1_child(wfd)
+    os.close(wfd)
+    with os.fdopen(rfd, "rb") as f:
+        data = f.read()
+    if not data:  # the bug: stage 1 is neither waited for nor its exit status checked
+        raise S.StageFailed("stage 1 sent nothing")
+    doc = json.loads(data)
+    return doc["common"], StarterConfig.from_json(doc["starter_config"])
+
+
+class MasterHooksBeforeNamespaces(StarterMutant):
+    slug = "starter-master-hooks-before-namespaces"
+    bug = ("the container process reports ready before it sets up its namespaces, so the "
+           "master's hooks start while the namespaces are still being made")
+    killed_by = ("ORDER-005",)
+
+    @staticmethod
+    def mutate() -> None:
+        sent: list[bool] = []
+        original_send = S._send
+
+        def send(sock: Any, data: str) -> None:
+            if data == "R" and sent:
+                return  # already said so, too early
+            original_send(sock, data)
+        S._send = send
+
+        def make(original: Callable[..., Any]) -> Callable[..., Any]:
+            def setup_namespaces(container: S.Container) -> None:
+                original_send(container.sock, "R")
+                sent.append(True)
+                time.sleep(RACE_DELAY)
+                original(container)
+            return setup_namespaces
+        _wrap(S.Container, "setup_namespaces", make)
+
+
+class MasterHooksInOneThread(StarterMutant):
+    slug = "starter-master-hooks-in-one-thread"
+    bug = "the master runs the start waiter (post_start_process) in monitor_container's thread"
+    killed_by = ("ORDER-006",)
+
+    @staticmethod
+    def mutate() -> None:
+        start_waiter, monitor = S.Master._start_waiter, S.Master._monitor
+
+        def sequential(master: S.Master) -> None:
+            start_waiter(master)
+            monitor(master)
+        S.Master._start_waiter = lambda master: None  # type: ignore[method-assign]
+        S.Master._monitor = sequential  # type: ignore[method-assign]
+
+
+class Stage2BeforeCreateReturns(StarterMutant):
+    slug = "starter-stage2-before-create-returns"
+    bug = ("the master lets stage 2 start when create_container begins, and the RPC server "
+           "detaches from the container process (which then never waits for it)")
+    killed_by = ("ORDER-007",)
+
+    @staticmethod
+    def mutate() -> None:
+        sent: list[bool] = []
+        original_send = S._send
+
+        def send(sock: Any, data: str) -> None:
+            if data == "G" and sent:
+                return
+            original_send(sock, data)
+        S._send = send
+
+        def make_create(original: Callable[..., Any]) -> Callable[..., Any]:
+            def create(master: S.Master) -> None:
+                master.go_sent.set()
+                original_send(master.sock, "G")
+                sent.append(True)
+                time.sleep(RACE_DELAY)
+                original(master)
+            return create
+        _wrap(S.Master, "_create", make_create)
+
+        def make_rpc(original: Callable[..., Any]) -> Callable[..., Any]:
+            def main(rpc: S.RPCServerProcess) -> None:
+                middle = os.getpid()
+                if os.fork() != 0:
+                    S._exit(0)
+                while os.getppid() == middle:  # reparented to the container (its pid 1)
+                    time.sleep(0.001)
+                original(rpc)
+            return main
+        _wrap(S.RPCServerProcess, "main", make_rpc)
+
+
+class PostStartAfterStage2Failure(StarterMutant):
+    slug = "starter-post-start-after-stage2-failure"
+    bug = "the master's start waiter takes every end of stage 2, even a failure, for the exec"
+    killed_by = ("ORDER-010", "ERR-003", "ERR-008")
+
+    @staticmethod
+    def mutate() -> None:
+        def make(original: Callable[..., Any]) -> Callable[..., Any]:
+            def wait_for_exec(master: S.Master) -> bool:
+                original(master)
+                return True
+            return wait_for_exec
+        _wrap(S.Master, "_wait_for_exec", make)
+
+
+class CleanupAfterStage1Failure(StarterMutant):
+    slug = "starter-cleanup-after-stage1-failure"
+    bug = "the starter calls cleanup_container after stage 1 failed"
+    killed_by = ("ORDER-012",)
+
+    @staticmethod
+    def mutate() -> None:
+        def make(original: Callable[..., Any]) -> Callable[..., Any]:
+            def run_stage1(starter: S.Starter) -> Any:
+                try:
+                    return original(starter)
+                except S.StageFailed as exc:
+                    from kit import registry
+
+                    hooks = S.HookRunner(starter.ledger.for_role("master"), starter.system,
+                                         starter.req.probes)
+                    ops = registry.make_engine(starter.req.engine).operations
+                    hooks.instrument(ops)
+                    try:
+                        hooks.call("cleanup_container", ops.cleanup_container, Context(),
+                                   exc, None)
+                    except S.HookFailed:
+                        pass
+                    raise
+            return run_stage1
+        _wrap(S.Starter, "run_stage1", make)
+
+
+class HookInTheWrongProcess(StarterMutant):
+    slug = "starter-hook-in-the-wrong-process"
+    bug = "stage 2 calls post_start_process itself, before start_process"
+    killed_by = ("ORDER-014",)
+
+    @staticmethod
+    def mutate() -> None:
+        def make(original: Callable[..., Any]) -> Callable[..., Any]:
+            def init_engine(runner: S.HookRunner, engine: Any, *args: Any) -> Any:
+                common = original(runner, engine, *args)
+                if runner.ledger.role == "stage2":
+                    runner.call("post_start_process", engine.operations.post_start_process,
+                                Context(), os.getpid())
+                return common
+            return init_engine
+        _wrap(S.HookRunner, "init_engine", make)
+
+
+# --- pids and namespaces (SPEC §3, §5) ---------------------------------------------------------
+
+class WrongPidToMasterHooks(StarterMutant):
+    slug = "starter-wrong-pid-to-master-hooks"
+    bug = ("the master passes create_container and post_start_process the container's pid "
+           "as the container sees itself (1), not as the master sees it")
+    killed_by = ("PID-001",)
+
+    @staticmethod
+    def mutate() -> None:
+        def change(original: Callable[..., Any], runner: S.HookRunner, hook: str,
+                   fn: Callable[..., Any], *args: Any) -> Any:
+            if hook in ("create_container", "post_start_process"):
+                args = (args[0], 1, *args[2:])
+            return original(runner, hook, fn, *args)
+        _wrap_hook_call(change)
+
+
+class NoNewPidNamespace(StarterMutant):
+    slug = "starter-no-new-pid-namespace"
+    bug = "the starter clones the container without CLONE_NEWPID"
+    killed_by = ("PID-002", "NS-005")
+
+    @staticmethod
+    def mutate() -> None:
+        def make(original: Callable[..., Any]) -> Callable[..., Any]:
+            def clone(system: Any, kinds: Any = (), share_fs: bool = False) -> int:
+                if _process() == "kit-starter":
+                    kinds = [k for k in kinds if k != "pid"]
+                return original(system, kinds, share_fs)
+            return clone
+        _wrap_system("clone", make)
+
+
+class SkipsTheIpcNamespace(StarterMutant):
+    slug = "starter-skips-the-ipc-namespace"
+    bug = "the container process unshares every namespace it was asked for but ipc"
+    killed_by = ("NS-005",)
+
+    @staticmethod
+    def mutate() -> None:
+        def make(original: Callable[..., Any]) -> Callable[..., Any]:
+            def unshare(system: Any, kinds: Any) -> None:
+                if _process() == "kit-container":
+                    kinds = [k for k in kinds if k != "ipc"]
+                original(system, kinds)
+            return unshare
+        _wrap_system("unshare", make)
+
+
+def _skip_joining_the_container_user_namespace() -> None:
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def setns(system: Any, kind: str, path: str) -> None:
+            if kind == "user" and _process() == "kit-starter" and path.startswith("/proc/"):
+                return
+            original(system, kind, path)
+        return setns
+    _wrap_system("setns", make)
+
+
+class MasterStaysInTheHostUserNamespace(StarterMutant):
+    slug = "starter-master-stays-in-host-userns"
+    bug = "in the userns flow the master never joins the container's user namespace"
+    killed_by = ("NS-004",)
+    flows = ("userns",)
+
+    @staticmethod
+    def mutate() -> None:
+        _skip_joining_the_container_user_namespace()
+
+
+class UserNamespaceFlowsRunAsRoot(StarterMutant):
+    slug = "starter-userns-flows-as-root"
+    bug = ("run by root, the starter of the user namespace flows stays root and clones the "
+           "container without a user namespace")
+    killed_by = ("PRIV-STAGE1-004", "PRIV-MASTER-004", "PRIV-RPC-003", "PRIV-STAGE2-004")
+    flows = ("fakeroot",)
+
+    @staticmethod
+    def mutate() -> None:
+        def make_invoker(original: Callable[..., Any]) -> Callable[..., Any]:
+            def become_invoker(starter: S.Starter) -> None:
+                if starter.req.flow not in ("userns", "fakeroot"):
+                    original(starter)
+            return become_invoker
+        _wrap(S.Starter, "become_invoker", make_invoker)
+        S.Starter._write_maps = lambda starter, pid, sconf: None  # type: ignore[method-assign]
+
+        def make_clone(original: Callable[..., Any]) -> Callable[..., Any]:
+            def clone(system: Any, kinds: Any = (), share_fs: bool = False) -> int:
+                if _process() == "kit-starter":
+                    kinds = [k for k in kinds if k != "user"]
+                return original(system, kinds, share_fs)
+            return clone
+        _wrap_system("clone", make_clone)
+        _skip_joining_the_container_user_namespace()
+
+
+class SetuidStage1KeepsSavedRoot(StarterMutant):
+    slug = "starter-setuid-stage1-keeps-saved-root"
+    bug = "stage 1 of the setuid starter drops only its effective uid and keeps saved uid 0"
+    killed_by = ("PRIV-STAGE1-003",)
+    flows = ("suid",)
+
+    @staticmethod
+    def mutate() -> None:
+        def make(original: Callable[..., Any]) -> Callable[..., Any]:
+            def become_user(system: Any, uid: int, gid: int, groups: Any,
+                            *args: Any, **kwargs: Any) -> None:
+                if _process() == "kit-stage1":
+                    system.drop_effective(uid)
+                    return
+                original(system, uid, gid, groups, *args, **kwargs)
+            return become_user
+        _wrap_system("become_user", make)
+
+
+# --- the StarterConfig and the hand-over (SPEC §4) ------------------------------------------
+
+class NoStarterConfigValidation(StarterMutant):
+    slug = "starter-no-config-validation"
+    bug = "the starter uses the StarterConfig from stage 1 without validating it"
+    killed_by = ("SC-001",)
+
+    @staticmethod
+    def mutate() -> None:
+        StarterConfig.validate = lambda sconf: None  # type: ignore[method-assign]
+
+
+class StarterConfigRecordedLate(StarterMutant):
+    slug = "starter-config-recorded-late"
+    bug = ("the starter records the StarterConfig it got from stage 1 only once the master "
+           "runs, after the container started")
+    killed_by = ("STATE-003",)
+
+    @staticmethod
+    def mutate() -> None:
+        held: list[tuple[LedgerWriter, dict[str, Any]]] = []
+
+        def make(original: Callable[..., Any]) -> Callable[..., Any]:
+            def emit(writer: LedgerWriter, kind: str, **fields: Any) -> dict[str, Any]:
+                if kind == "starter_config" and writer.role == "starter":
+                    held.append((writer, fields))
+                    return {"kind": kind, **fields}
+                if writer.role == "master" and held:
+                    starter, config = held.pop()
+                    original(starter, "starter_config", **config)
+                return original(writer, kind, **fields)
+            return emit
+        _wrap(LedgerWriter, "emit", make)
+
+
+# --- the error table and the exit code (SPEC §2, §7) ------------------------------------------
+
+def _swallow(role_hook: tuple[str, str],
+             instead: Callable[..., Any] = lambda *args: None) -> Callable[..., Any]:
+    """A HookRunner.call change that ignores the failure of one hook of one role."""
+    def change(original: Callable[..., Any], runner: S.HookRunner, hook: str,
+               fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return original(runner, hook, fn, *args)
+        except S.HookFailed:
+            if (runner.ledger.role, hook) != role_hook:
+                raise
+            return instead(*args)
+    return change
+
+
+class Stage1FailureIgnored(StarterMutant):
+    slug = "starter-stage1-failure-ignored"
+    bug = "stage 1 ignores an exception of prepare_config and hands over the StarterConfig"
+    killed_by = ("ERR-001",)
+
+    @staticmethod
+    def mutate() -> None:
+        _wrap_hook_call(_swallow(("stage1", "prepare_config")))
+
+
+class CreateFailureIgnored(StarterMutant):
+    slug = "starter-create-failure-ignored"
+    bug = "the master starts stage 2 even when create_container raised"
+    killed_by = ("ERR-002",)
+
+    @staticmethod
+    def mutate() -> None:
+        _wrap_hook_call(_swallow(("master", "create_container")))
+
+
+class PostStartFailureIgnored(StarterMutant):
+    slug = "starter-post-start-failure-ignored"
+    bug = "the master ignores an exception of post_start_process"
+    killed_by = ("ERR-004",)
+
+    @staticmethod
+    def mutate() -> None:
+        _wrap_hook_call(_swallow(("master", "post_start_process")))
+
+
+class MonitorFailureIgnored(StarterMutant):
+    slug = "starter-monitor-failure-ignored"
+    bug = ("when monitor_container raises, the master waits for the container itself and "
+           "carries on as if nothing happened")
+    killed_by = ("ERR-005",)
+
+    @staticmethod
+    def mutate() -> None:
+        _wrap_hook_call(_swallow(("master", "monitor_container"),
+                                 lambda pid, signals: os.waitpid(pid, 0)[1]))
+
+
+class CleanupFailureIsFatal(StarterMutant):
+    slug = "starter-cleanup-failure-is-fatal"
+    bug = "the master exits 255 at once when cleanup_container raises"
+    killed_by = ("ERR-006",)
+
+    @staticmethod
+    def mutate() -> None:
+        _wrap_hook_call(_swallow(("master", "cleanup_container"),
+                                 lambda *args: S._exit(S.EXIT_FATAL)))
+
+
+class FatalErrorExitsZero(StarterMutant):
+    slug = "starter-fatal-error-exits-0"
+    bug = "the master exits 0 after a fatal error"
+    killed_by = ("EXIT-003",)
+
+    @staticmethod
+    def mutate() -> None:
+        def make(original: Callable[..., Any]) -> Callable[..., Any]:
+            def main(master: S.Master) -> int:
+                code = original(master)
+                return 0 if code == S.EXIT_FATAL else code
+            return main
+        _wrap(S.Master, "main", make)
+
+
+class HookTimeoutUnnamed(StarterMutant):
+    slug = "starter-hook-timeout-unnamed"
+    bug = "the supervisor kills a run whose hook timed out without saying which hook it was"
+    killed_by = ("ERR-007", "ORDER-008")
+    hook_timeout = HANG_TIMEOUT
+
+    @staticmethod
+    def mutate() -> None:
+        from kit.supervisor import Supervisor
+
+        def make_emit(original: Callable[..., Any]) -> Callable[..., Any]:
+            def emit(supervisor: Supervisor, kind: str, **fields: Any) -> None:
+                if kind == "hook_timeout":
+                    fields.update(hook=None, hook_role=None, open_hooks=[])
+                original(supervisor, kind, **fields)
+            return emit
+        _wrap(Supervisor, "emit", make_emit)
+
+        def make_on_timeout(original: Callable[..., Any]) -> Callable[..., Any]:
+            def on_timeout(supervisor: Supervisor, whole_run: bool) -> None:
+                original(supervisor, whole_run)
+                if supervisor.timed_out is not None:
+                    supervisor.timed_out.update(hook=None, hook_role=None, open_hooks=[])
+            return on_timeout
+        _wrap(Supervisor, "on_timeout", make_on_timeout)
+
+
+# --- RPC, signals, ledger (SPEC §6, §7, §8) ---------------------------------------------------
+
+class RPCRequestsOnThreads(StarterMutant):
+    slug = "starter-rpc-request-threads"
+    bug = "the RPC server hands every request to a thread of its own"
+    killed_by = ("RPC-004",)
+
+    @staticmethod
+    def mutate() -> None:
+        def make(original: Callable[..., Any]) -> Callable[..., Any]:
+            def handle(server: Any, obj: Any, fds: Any) -> None:
+                worker = threading.Thread(target=original, args=(server, obj, fds))
+                worker.start()
+                worker.join()
+            return handle
+        _wrap(rpc_server._Server, "_handle", make)
+
+
+class MasterMissesSIGUSR1(StarterMutant):
+    slug = "starter-master-misses-sigusr1"
+    bug = "the master ignores SIGUSR1 instead of receiving it on the signals channel"
+    killed_by = ("SIG-001",)
+
+    @staticmethod
+    def mutate() -> None:
+        def make(original: Callable[..., Any]) -> Callable[..., Any]:
+            def main(master: S.Master) -> int:
+                S.MASTER_SIGNALS.discard(signal.SIGUSR1)  # this process's copy only
+                signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+                return original(master)
+            return main
+        _wrap(S.Master, "main", make)
+
+
+class LedgerWithoutThreadIds(StarterMutant):
+    slug = "starter-ledger-without-tids"
+    bug = "the kit records process starts without the thread id the ledger schema requires"
+    killed_by = ("LEDGER-001",)
+
+    @staticmethod
+    def mutate() -> None:
+        original_emit = LedgerWriter.emit
+
+        def emit(writer: LedgerWriter, kind: str, **fields: Any) -> dict[str, Any]:
+            if kind != "process_start":
+                return original_emit(writer, kind, **fields)
+            event = {"t": time.monotonic_ns(), "kind": kind, "role": writer.role,
+                     "pid": os.getpid(), **fields}
+            if writer.sock is not None:
+                writer.sock.send(json.dumps(event).encode())
+            return event
+        LedgerWriter.emit = emit  # type: ignore[method-assign]
+
+
+MUTANTS: tuple[type[StarterMutant], ...] = (
+    ConfigTwice, PrivilegedStage1Everywhere, PrepareConfigTwice, Stage1HandsOverEarly,
+    MasterHooksBeforeNamespaces, MasterHooksInOneThread, Stage2BeforeCreateReturns,
+    PostStartAfterStage2Failure, CleanupAfterStage1Failure, HookInTheWrongProcess,
+    WrongPidToMasterHooks, NoNewPidNamespace, SkipsTheIpcNamespace,
+    MasterStaysInTheHostUserNamespace, UserNamespaceFlowsRunAsRoot, SetuidStage1KeepsSavedRoot,
+    NoStarterConfigValidation, StarterConfigRecordedLate, Stage1FailureIgnored,
+    CreateFailureIgnored, PostStartFailureIgnored, MonitorFailureIgnored, CleanupFailureIsFatal,
+    FatalErrorExitsZero, HookTimeoutUnnamed, RPCRequestsOnThreads, MasterMissesSIGUSR1,
+    LedgerWithoutThreadIds,
+)
+
+_mutated: list[str] = []  # the starter mutant applied in this process, if any
+
+
+def registrar(mutant: type[StarterMutant]) -> Callable[[], None]:
+    """The function that registers ``mutant`` and applies its change to this process's kit.
+
+    At most one starter mutant per process: a second one is refused (their changes would
+    add up and neither result would mean anything)."""
+    def register() -> None:
+        from conformance.cooperation import cooperative
+        from kit.registry import register_operations, register_rpc_methods, registered
+
+        name = f"mutant-{mutant.slug}"
+        if _mutated and _mutated != [name]:
+            raise RuntimeError(f"{name}: this process's kit is already mutated by "
+                               f"{_mutated[0]}; run each starter mutant in its own process")
+        if name in registered():
+            return
+        register_operations(name, cooperative(mutant) if mutant.cooperative else mutant)
+        register_rpc_methods(name, mutant.rpc)
+        mutant.mutate()
+        _mutated.append(name)
+    register.__name__ = register.__qualname__ = mutant.registrar_name()
+    register.__doc__ = f"Register mutant-{mutant.slug} and mutate this process's kit: {mutant.bug}."
+    return register
+
+
+for _mutant in MUTANTS:
+    globals()[_mutant.registrar_name()] = registrar(_mutant)
