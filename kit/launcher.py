@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -120,6 +121,34 @@ class Zygote:
         return int(answer["pid"])
 
 
+class _PidFD:
+    """A pidfd (``pidfd_open``): readable once the process has exited; unlike a pid, it
+    cannot come to name another process. Closed with the object."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd: int | None = fd
+
+    @classmethod
+    def open(cls, pid: int) -> _PidFD | None:
+        """None when the process is already gone (or pidfds are unavailable)."""
+        try:
+            return cls(os.pidfd_open(pid))
+        except (OSError, AttributeError):
+            return None
+
+    def fileno(self) -> int:
+        assert self.fd is not None
+        return self.fd
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
+
+
 def _import_path() -> list[str]:
     return [os.path.abspath(p) for p in sys.path if p and os.path.isdir(p)]
 
@@ -145,6 +174,8 @@ class RunHandle:
             raise
         finally:
             os.close(res_w)
+        self._supervisor_fd = (None if getattr(self, "_popen", None) is not None
+                               else _PidFD.open(self.supervisor_pid))
         self._result = os.fdopen(res_r, "rb")
         line = self._result.readline()
         words = line.split()
@@ -254,6 +285,15 @@ class RunHandle:
 
     def _await_supervisor_exit(self, timeout: float = 5.0) -> None:
         """Wait (briefly) until the supervisor, a child of the zygote, is gone."""
+        pidfd, self._supervisor_fd = getattr(self, "_supervisor_fd", None), None
+        if pidfd is not None:
+            try:
+                poller = select.poll()
+                poller.register(pidfd.fileno(), select.POLLIN)  # readable once it has exited
+                poller.poll(int(timeout * 1000))
+            finally:
+                pidfd.close()
+            return
         deadline = time.monotonic() + timeout
         while linux.process_state(self.supervisor_pid) not in (None, "Z") \
                 and time.monotonic() < deadline:

@@ -34,8 +34,8 @@ EVENT_KINDS: dict[str, tuple[str, ...]] = {
     "hook_raise": ("hook", "snapshot", "error"),
     "rpc_call": ("method", "args", "ok", "error", "duration_ms", "creds"),
     "signal": ("signum", "name", "sender"),
-    "container_start": ("container_pid", "created"),
-    "namespaces": ("created", "joined", "ns"),
+    "container_start": ("container_pid", "created", "joined"),
+    "namespaces": ("created", "joined", "order", "propagation", "ns"),
     "starter_config": ("config",),
     "stage2_exec": (),
     "stage2_failed": ("message",),
@@ -101,15 +101,21 @@ def ledger_socketpair() -> tuple[socket.socket, socket.socket]:
 
 
 def decode(datagram: bytes) -> dict[str, Any]:
+    return decode_checked(datagram)[0]
+
+
+def decode_checked(datagram: bytes) -> tuple[dict[str, Any], bool]:
+    """(event, True) for a datagram holding an event; else (a ``starter_error`` event that
+    describes it, False)."""
     try:
         event = json.loads(datagram)
         if not isinstance(event, dict) or "kind" not in event:
             raise ValueError("not an event object")
-        return event
+        return event, True
     except ValueError as exc:
         return {"kind": "starter_error", "role": "supervisor", "stage": "ledger",
                 "message": f"undecodable ledger datagram ({exc}): {datagram[:200]!r}",
-                "pid": 0, "tid": 0, "t": time.monotonic_ns()}
+                "pid": 0, "tid": 0, "t": time.monotonic_ns()}, False
 
 
 def validate(ledger: dict[str, Any]) -> list[str]:

@@ -10,9 +10,14 @@ Python 3.11 has no ``os.unshare``/``os.setns`` and no capability calls, hence ct
 from __future__ import annotations
 
 import ctypes
+import errno
+import fcntl
+import functools
 import os
 import platform
+import re
 import signal
+import socket
 import struct
 from typing import Iterable
 
@@ -119,6 +124,29 @@ def ns_inode(kind: str, pid: int | str = "self") -> int:
     return os.stat(f"/proc/{pid}/ns/{NAMESPACES[kind][1]}").st_ino
 
 
+def ns_inodes(directory: str = "/proc/self/ns") -> dict[str, int | None]:
+    """Inode number of every namespace (by kind) of a ``/proc/…/ns`` directory, None for a
+    link that cannot be read. Reads the links' targets (``net:[4026531840]``), cheaper than
+    following them."""
+    out: dict[str, int | None] = dict.fromkeys(NAMESPACES)
+    try:
+        # O_PATH: the directory may be searchable only (0511, owned by root when the process
+        # is not dumpable).
+        fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return out
+    try:
+        for kind, (_, name) in NAMESPACES.items():
+            try:
+                target = os.readlink(name, dir_fd=fd)
+                out[kind] = int(target[target.index("[") + 1:target.rindex("]")])
+            except (OSError, ValueError):
+                pass
+    finally:
+        os.close(fd)
+    return out
+
+
 def ns_path(kind: str, pid: int | str = "self") -> str:
     return f"/proc/{pid}/ns/{NAMESPACES[kind][1]}"
 
@@ -179,6 +207,47 @@ def pivot_root(new_root: str, put_old: str) -> None:
                          os.fsencode(put_old)), f"pivot_root({new_root!r}, {put_old!r})")
 
 
+def propagation_type(optional_fields: Iterable[str]) -> str:
+    """The propagation type that the optional fields of a mountinfo line describe: shared,
+    slave, unbindable or private (a mount that is shared and a slave counts as shared)."""
+    kind = "private"
+    for tag in optional_fields:
+        if tag.startswith("shared:"):
+            return "shared"
+        if tag.startswith("master:"):
+            kind = "slave"
+        elif tag == "unbindable":
+            kind = "unbindable"
+    return kind
+
+
+def mount_propagation(target: str = "/") -> str | None:
+    """The propagation type of the topmost mount at ``target`` in the calling process's
+    mount namespace (``/proc/self/mountinfo``); None when nothing is mounted there."""
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 6 and "-" in fields and unescape_mountinfo(fields[4]) == target:
+                found = propagation_type(fields[6:fields.index("-")])
+    return found
+
+
+def path_identity(path: str = "/") -> str | None:
+    """``"DEV:INO"`` of ``path`` (of the calling process's root directory by default); None
+    when it cannot be reached."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return f"{st.st_dev}:{st.st_ino}"
+
+
+def unescape_mountinfo(field: str) -> str:
+    """A mountinfo path field with its octal escapes (``\\040`` for a space…) decoded."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
 # --- credentials and capabilities ---------------------------------------------------------
 
 def thread_setresuid(ruid: int, euid: int, suid: int) -> None:
@@ -222,8 +291,13 @@ def caps_to_mask(names: Iterable[str]) -> int:
 
 
 def mask_to_caps(mask: int) -> list[str]:
-    return [CAPABILITIES[i] if i < len(CAPABILITIES) else f"CAP_{i}"
-            for i in range(64) if mask >> i & 1]
+    return list(_caps_of(mask))
+
+
+@functools.lru_cache(maxsize=256)
+def _caps_of(mask: int) -> tuple[str, ...]:
+    return tuple(CAPABILITIES[i] if i < len(CAPABILITIES) else f"CAP_{i}"
+                 for i in range(64) if mask >> i & 1)
 
 
 def capget(tid: int = 0) -> tuple[int, int, int]:
@@ -318,16 +392,94 @@ def ambient_clear() -> None:
     prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
 
 
+# --- memory ------------------------------------------------------------------------------
+
+def release_free_memory() -> None:
+    """Return the free pages of the C heap to the kernel (glibc ``malloc_trim(0)``; a no-op
+    with a C library that has none)."""
+    trim = getattr(_libc, "malloc_trim", None)
+    if trim is not None:
+        trim(ctypes.c_size_t(0))
+
+
+# --- network interfaces ----------------------------------------------------------------
+
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+IFNAMSIZ = 16
+#: struct ifreq: the interface name, then ifr_flags (a short) first in the 24-byte union.
+_IFREQ_FLAGS = struct.Struct("16sH22x")
+
+
+def _ifreq(ifname: str, flags: int = 0) -> bytes:
+    name = os.fsencode(ifname)
+    if not name or len(name) >= IFNAMSIZ or b"\0" in name or b"/" in name:
+        raise OSError(errno.ENODEV, f"no network interface {ifname!r}")
+    return _IFREQ_FLAGS.pack(name, flags & 0xFFFF)
+
+
+def link_flags(ifname: str) -> int:
+    """The ``IFF_*`` flags of a network interface of the calling thread's network namespace
+    (``SIOCGIFFLAGS``)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        return _link_flags(s, ifname)
+
+
+def _link_flags(s: socket.socket, ifname: str) -> int:
+    try:
+        reply = fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, _ifreq(ifname))
+    except OSError as exc:
+        if exc.errno == errno.ENODEV:
+            raise OSError(errno.ENODEV, f"no network interface {ifname!r}") from None
+        raise OSError(exc.errno, f"SIOCGIFFLAGS({ifname!r}): {os.strerror(exc.errno)}") \
+            from None
+    return _IFREQ_FLAGS.unpack(reply)[1]
+
+
+def link_up(ifname: str) -> None:
+    """Set ``IFF_UP`` on a network interface of the calling thread's network namespace
+    (``SIOCGIFFLAGS`` then ``SIOCSIFFLAGS``, as ``ifconfig NAME up`` does; needs
+    CAP_NET_ADMIN over the namespace). ENODEV when there is no such interface."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        flags = _link_flags(s, ifname)
+        try:  # even when already up: the kernel checks CAP_NET_ADMIN first (EPERM)
+            fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, _ifreq(ifname, flags | IFF_UP))
+        except OSError as exc:
+            raise OSError(exc.errno, f"SIOCSIFFLAGS({ifname!r}): {os.strerror(exc.errno)}") \
+                from None
+
+
 # --- /proc ----------------------------------------------------------------------------------
+
+def read_file(path: str) -> bytes:
+    """The whole content of a (small, ``/proc``) file."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
 
 def read_status(path: str = "/proc/self/status") -> dict[str, str]:
     """``/proc/.../status`` as a dict of raw field strings."""
     fields: dict[str, str] = {}
-    with open(path) as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            fields[key] = value.strip()
+    for line in read_file(path).decode().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
     return fields
+
+
+def proc_self() -> int | None:
+    """The calling process's pid as the mounted ``/proc`` numbers it (None when it is not in
+    that proc's pid namespace)."""
+    try:
+        return int(os.readlink("/proc/self"))
+    except (OSError, ValueError):
+        return None
 
 
 def thread_ids(pid: int | str = "self") -> list[int]:

@@ -13,7 +13,8 @@ from typing import Any
 
 from kit import linux
 
-SNAPSHOT_KEYS = ("threads", "securebits", "dumpable", "ns", "uid_map", "gid_map", "nspid")
+SNAPSHOT_KEYS = ("threads", "securebits", "dumpable", "ns", "uid_map", "gid_map", "nspid",
+                 "root")
 FULL_MAP = [[0, 0, 4294967295]]
 
 #: pids of escalation-probe children (their SIGCHLD is the kit's, not the engine's business).
@@ -30,10 +31,10 @@ def _caps(field: str) -> list[str]:
 
 def _read_map(path: str) -> list[list[int]]:
     try:
-        with open(path) as f:
-            return [[int(x) for x in line.split()] for line in f if line.strip()]
+        text = linux.read_file(path).decode()
     except OSError:
         return []
+    return [[int(x) for x in line.split()] for line in text.splitlines() if line.strip()]
 
 
 def thread_state(status: dict[str, str], tid: int) -> dict[str, Any]:
@@ -57,19 +58,15 @@ def thread_state(status: dict[str, str], tid: int) -> dict[str, Any]:
 
 def _thread_ns(tid: int) -> dict[str, int | None]:
     """The namespaces of one thread (a thread may setns on its own, e.g. into a net ns)."""
-    out: dict[str, int | None] = {}
-    for kind, (_, name) in linux.NAMESPACES.items():
-        try:
-            out[kind] = os.stat(f"/proc/self/task/{tid}/ns/{name}").st_ino
-        except OSError:
-            out[kind] = None
-    return out
+    return linux.ns_inodes(f"/proc/self/task/{tid}/ns")
 
 
 def snapshot() -> dict[str, Any]:
     """Privilege state of the calling process, every thread included."""
     threads = []
     nspid: list[int] = []
+    leader = linux.proc_self()  # /proc/self/ns is the thread group leader's
+    ns: dict[str, int | None] | None = None
     for tid in linux.thread_ids():
         try:
             status = linux.read_status(f"/proc/self/task/{tid}/status")
@@ -77,15 +74,15 @@ def snapshot() -> dict[str, Any]:
             continue
         state = thread_state(status, tid)
         state["ns"] = _thread_ns(tid)
+        if tid != leader and all(ino is None for ino in state["ns"].values()):
+            continue  # it ended between its status and its namespaces
         threads.append(state)
+        if tid == leader:
+            ns = dict(state["ns"])
         if not nspid:
             nspid = _ids(status.get("NSpid", str(os.getpid())))
-    ns = {}
-    for kind in linux.NAMESPACES:
-        try:
-            ns[kind] = linux.ns_inode(kind)
-        except OSError:
-            ns[kind] = None
+    if ns is None:
+        ns = linux.ns_inodes()
     return {
         "threads": threads,
         "securebits": linux.get_securebits(),
@@ -94,7 +91,24 @@ def snapshot() -> dict[str, Any]:
         "uid_map": _read_map("/proc/self/uid_map"),
         "gid_map": _read_map("/proc/self/gid_map"),
         "nspid": nspid,
+        "root": linux.path_identity("/"),
     }
+
+
+def _own_capabilities() -> tuple[int, int, int]:
+    """(effective, permitted, inheritable) of the calling process, which must have one
+    thread (the escalation child): read from its ``/proc/self/status``, which a freshly
+    forked child does for a fraction of what ``capget`` through ctypes costs it there; else
+    ``capget``."""
+    try:
+        status = linux.read_file("/proc/self/status")
+        masks = []
+        for key in (b"\nCapEff:", b"\nCapPrm:", b"\nCapInh:"):
+            start = status.index(key) + len(key)
+            masks.append(int(status[start:status.index(b"\n", start)], 16))
+        return masks[0], masks[1], masks[2]
+    except (OSError, ValueError):
+        return linux.capget()
 
 
 def escalation() -> dict[str, Any]:
@@ -120,7 +134,7 @@ def escalation() -> dict[str, Any]:
             except OSError:
                 pass
             try:
-                eff, perm, inh = linux.capget()
+                eff, perm, inh = _own_capabilities()
                 if perm & ~eff:
                     linux.capset(eff | perm, perm, inh)
                     report.append("C" + format(perm & ~eff, "x"))

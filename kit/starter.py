@@ -46,6 +46,9 @@ STAGE2_NAME = "kit-stage2"
 RPC_SERVER_CAPS = ("CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_CHOWN",
                    "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_SYS_CHROOT", "CAP_MKNOD",
                    "CAP_NET_ADMIN", "CAP_SETPCAP")
+#: The order the container process enters its namespaces in, after user and pid (entered in
+#: the starter, before the fork): joined by path or created, one kind at a time (SPEC §5).
+CONTAINER_NS_ORDER = ("net", "uts", "ipc", "cgroup", "mount")
 #: Hooks the supervisor does not time: they wait for the payload by design.
 UNTIMED_HOOKS = ("monitor_container",)
 #: Signals the master never blocks (synchronous faults, and the uncatchable ones).
@@ -408,9 +411,9 @@ class Starter:
         joined = dict(sconf.ns_paths)
         # user and pid: in the starter, before the fork (joined by path here; created by
         # the clone so that the new pid namespace is owned by a new user namespace).
-        for kind in ("user", "pid"):
-            if kind in joined:
-                self.system.setns(kind, joined[kind])
+        starter_joined = [kind for kind in ("user", "pid") if kind in joined]
+        for kind in starter_joined:
+            self.system.setns(kind, joined[kind])
         clone_kinds = [k for k in ("user", "pid") if k in created]
         master_sock, container_sock = socket.socketpair()
         rpc_master, rpc_server = socket.socketpair()
@@ -429,7 +432,8 @@ class Starter:
             Container(self, common_json, sconf, container_sock, rpc_server).main()
         container_sock.close()
         rpc_server.close()
-        self.ledger.emit("container_start", container_pid=pid, created=clone_kinds)
+        self.ledger.emit("container_start", container_pid=pid, created=clone_kinds,
+                         joined=starter_joined)
 
         try:
             if "user" in created:
@@ -727,17 +731,27 @@ class Container:
         Stage2(self).main()
 
     def setup_namespaces(self) -> None:
+        """Join or create each namespace in :data:`CONTAINER_NS_ORDER`, one at a time (a
+        path wins over creating), then set the propagation of / in a new mount namespace;
+        records the order and the propagation / then has."""
         s, system = self.sconf, self.system
         created = s.namespaces_created()
-        for kind in ("net", "uts", "ipc", "cgroup", "mount"):
+        order: list[list[str]] = []
+        for kind in CONTAINER_NS_ORDER:
             if kind in s.ns_paths:
                 system.setns(kind, s.ns_paths[kind])
-        system.unshare([k for k in ("net", "uts", "ipc", "cgroup", "mount") if k in created])
+                order.append(["setns", kind])
+            elif kind in created:
+                system.unshare([kind])
+                order.append(["unshare", kind])
+        propagation = None
         if "mount" in created:
             system.set_propagation("/", s.mount_propagation)
+            propagation = system.propagation("/")
         if s.bring_loopback_interface:
             system.link_up("lo")
-        self.ledger.emit("namespaces", created=created, joined=dict(s.ns_paths),
+        self.ledger.emit("namespaces", created=created, joined=dict(s.ns_paths), order=order,
+                         propagation=propagation,
                          ns={k: system.ns_inode(k) for k in linux.NAMESPACES})
 
 
@@ -766,7 +780,8 @@ class RPCServerProcess:
         rearm_parent_death(self.parent)
 
     def _creds(self) -> dict[str, Any] | None:
-        """The calling thread's credentials (uids, gids, capability sets, no_new_privs)."""
+        """The calling thread's credentials (uids, gids, capability sets, no_new_privs) and
+        the process's root directory."""
         if not self.c.req.probes:
             return None
         try:
@@ -776,7 +791,8 @@ class RPCServerProcess:
         me = own_thread(snap)
         if me is None:
             return None
-        return {k: me[k] for k in ("uid", "gid", "caps", "no_new_privs")}
+        return {**{k: me[k] for k in ("uid", "gid", "caps", "no_new_privs")},
+                "root": snap.get("root")}
 
     def main(self) -> NoReturn:
         code = EXIT_FATAL

@@ -1,6 +1,6 @@
 """The supervisor: the lean, single-threaded process that owns one run.
 
-It imports everything the run needs (the kit, the engine, pyroute2) before forking the
+It imports everything the run needs (the kit and the engine) before forking the
 starter, so no process of the run imports after a privilege change. It is a child subreaper:
 every process of the run that loses its parent comes back to it, so nothing escapes. It
 collects the ledger, enforces the per-hook timeout (a hung hook gets the run's whole process
@@ -29,7 +29,7 @@ import time
 from typing import Any
 
 from kit import linux, registry
-from kit.ledger import SCHEMA_VERSION, LedgerWriter, decode, ledger_socketpair
+from kit.ledger import SCHEMA_VERSION, LedgerWriter, decode_checked, ledger_socketpair
 from kit.request import RunRequest
 from kit.starter import EXIT_FATAL, UNTIMED_HOOKS, Starter
 
@@ -65,15 +65,22 @@ class Supervisor:
     def __init__(self, request: RunRequest) -> None:
         self.req = request
         self.events: list[dict[str, Any]] = []
+        self._datagrams: list[bytes | None] = []  # per event: its JSON as it arrived
         self.open_hooks: dict[tuple[str, str], tuple[float, int]] = {}
         self.leaks: list[dict[str, Any]] = []
         self.timed_out: dict[str, Any] | None = None
         self.me = LedgerWriter(None, "supervisor")
 
     # -- ledger ------------------------------------------------------------------------------
-    def record(self, event: dict[str, Any]) -> None:
+    def record(self, event: dict[str, Any], datagram: bytes | None = None) -> None:
+        """Number ``event`` and act on it. ``datagram`` is the JSON it was decoded from, if
+        any: the result then reuses it instead of encoding the event again."""
+        if datagram is not None and ("seq" in event or not datagram.startswith(b"{")
+                                     or not datagram.endswith(b"}")):
+            datagram = None  # not spliceable: encoded again (with seq where it was)
         event["seq"] = len(self.events)
         self.events.append(event)
+        self._datagrams.append(datagram)
         kind = event["kind"]
         role = event.get("role", "?")
         if kind == "hook_enter" and event.get("hook") not in UNTIMED_HOOKS:
@@ -139,6 +146,29 @@ class Supervisor:
                 "timed_out": self.timed_out,
                 "ledger": {"schema_version": SCHEMA_VERSION, "run": req.to_json(),
                            "events": self.events}}
+
+    def encode(self, result: dict[str, Any]) -> bytes:
+        """``result`` (from :meth:`run`) as JSON. Each event that arrived as a datagram is
+        that datagram with ``"seq"`` appended, which decodes to the event itself: a ledger
+        of probe snapshots is not encoded a second time."""
+        ledger = result.get("ledger")
+        if not isinstance(ledger, dict) or ledger.get("events") is not self.events:
+            return json.dumps(result).encode()
+        head = {k: v for k, v in result.items() if k != "ledger"}
+        rest = {k: v for k, v in ledger.items() if k != "events"}
+        if not head or not rest or list(result)[-1] != "ledger" or list(ledger)[-1] != "events":
+            return json.dumps(result).encode()  # the layout below would reorder keys
+        parts = [json.dumps(head)[:-1].encode(), b', "ledger": ', json.dumps(rest)[:-1].encode(),
+                 b', "events": [']
+        for i, (event, datagram) in enumerate(zip(self.events, self._datagrams)):
+            if i:
+                parts.append(b", ")
+            if datagram is None:
+                parts.append(json.dumps(event).encode())
+            else:
+                parts += (datagram[:-1], b',"seq":%d}' % event["seq"])
+        parts.append(b"]}}")
+        return b"".join(parts)
 
     @staticmethod
     def _has_children() -> bool:
@@ -227,7 +257,8 @@ class Supervisor:
                 return True
             if not data:
                 return False
-            self.record(decode(data))
+            event, decoded = decode_checked(data)
+            self.record(event, data if decoded else None)
 
     def on_timeout(self, whole_run: bool) -> None:
         if whole_run:
@@ -279,53 +310,74 @@ def reap_exited_children() -> None:
 _preloaded: set[tuple[str, str, tuple[str, ...]]] = set()
 
 
-def preload(request: RunRequest) -> None:
+def preload(request: RunRequest) -> bool:
     """Import everything the run needs while still privileged (once per process for each
-    engine and import path)."""
+    engine and import path); True when this call did the work."""
     key = (request.engine, request.backend, tuple(request.sys_path))
     if key in _preloaded:
-        return
+        return False
     for entry in reversed(request.sys_path):
         if entry not in sys.path:
             sys.path.insert(0, entry)
     registry.find(request.engine)
     import kit.rpc.server  # noqa: F401
-    if request.backend == "real":
-        # ~0.1 s; the loopback setup needs it. One netlink round trip also pulls in the
-        # modules pyroute2 imports lazily, which an unprivileged uid may not be able to read.
+    if request.backend == "fake":
+        import kit.fake  # noqa: F401  (the model replaces the kernel)
+    if "pyroute2" in sys.modules:
+        # The engine uses pyroute2 (the kit does not: it brings lo up with an ioctl). One
+        # netlink round trip pulls in the modules pyroute2 imports lazily, which an
+        # unprivileged uid may not be able to read.
         from pyroute2 import IPRoute
 
         with IPRoute() as ipr:
             ipr.link_lookup(ifname="lo")
-    else:
-        import kit.fake  # noqa: F401  (the model replaces the kernel: no pyroute2)
     import traceback
     traceback.format_exception(ValueError("warm-up"))  # pulls in lazy imports of traceback
     _preloaded.add(key)
+    return True
 
 
-def _backend(request: RunRequest) -> contextlib.AbstractContextManager[Any]:
+def prepare_backend(request: RunRequest) -> Any:
+    """What the run's system interface starts from, computed ahead (by the zygote, before
+    it forks the supervisor, in code it has run before): the fake backend's initial model;
+    None for the kernel, or when it cannot be computed here (the supervisor then computes
+    it itself, and reports what goes wrong)."""
+    if request.backend != "fake":
+        return None
+    try:
+        from kit.fake import prepare
+        return prepare(request)
+    except Exception:
+        return None
+
+
+def _backend(request: RunRequest, prepared: Any = None
+             ) -> contextlib.AbstractContextManager[Any]:
     """The run's system interface, installed before the starter is forked: the kernel
     (as is), or the fake backend's model (:mod:`kit.fake`)."""
     if request.backend == "fake":
         from kit.fake import installed
-        return installed(request)
+        return installed(request, prepared)
     return contextlib.nullcontext()
 
 
-def run_supervised(request: RunRequest, result_fd: int) -> None:
-    """Supervise one run in this process and write its result to ``result_fd`` (closed)."""
+def run_supervised(request: RunRequest, result_fd: int, prepared: Any = None) -> None:
+    """Supervise one run in this process and write its result to ``result_fd`` (closed).
+    ``prepared``: what :func:`prepare_backend` returned for ``request`` (in this process or
+    in its parent, just before the fork)."""
     linux.set_parent_death_signal(signal.SIGKILL)
     linux.set_name("kit-supervisor")
     os.chdir("/")
     try:
         preload(request)
-        with _backend(request):
-            result = Supervisor(request).run(result_fd)
+        with _backend(request, prepared):
+            supervisor = Supervisor(request)
+            result = supervisor.run(result_fd)
+        data = supervisor.encode(result)
     except Exception as exc:
         result = {"exit_code": EXIT_FATAL, "reason": f"supervisor error: {exc!r}",
                   "leaks": [], "timed_out": None, "ledger": None, "error": repr(exc)}
-    data = json.dumps(result).encode()
+        data = json.dumps(result).encode()
     view = memoryview(data)
     while view:
         n = os.write(result_fd, view)

@@ -163,6 +163,11 @@ class RealSystem(System):
         flags = [base] + (["rec"] if base != propagation else [])
         self.mount(None, target, None, flags)
 
+    def propagation(self, target: str) -> str | None:
+        """The propagation type (shared, slave, private, unbindable) of the topmost mount at
+        ``target`` in this process's mount namespace; None when nothing is mounted there."""
+        return linux.mount_propagation(target)
+
     def umount(self, target: str, detach: bool = False) -> None:
         linux.umount(target, linux.MNT_DETACH if detach else 0)
 
@@ -185,15 +190,9 @@ class RealSystem(System):
         return socket.gethostname()
 
     def link_up(self, ifname: str = "lo") -> None:
-        """Bring a network interface up in the current network namespace (pyroute2)."""
-        from pyroute2 import IPRoute  # imported by the starter before any privilege change
-
-        with IPRoute() as ipr:
-            # The loopback device always has ifindex 1 (LOOPBACK_IFINDEX): no lookup round trip.
-            index = [1] if ifname == "lo" else ipr.link_lookup(ifname=ifname)
-            if not index:
-                raise OSError(19, f"no network interface {ifname!r}")
-            ipr.link("set", index=index[0], state="up")
+        """Bring a network interface up in the current network namespace (``SIOCSIFFLAGS``;
+        ENODEV when there is no such interface, EPERM without CAP_NET_ADMIN over it)."""
+        linux.link_up(ifname)
 
     # -- probes ---------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:

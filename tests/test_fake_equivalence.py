@@ -82,8 +82,10 @@ class Normaliser:
         ordered = sorted(self.events, key=lambda e: (ROLE_ORDER.index(e["role"]), e["seq"]))
         for e in ordered:
             for ns in self._ns_dicts(e):
-                for kind, ino in sorted(ns.items()):
-                    if (kind, ino) not in self.labels:
+                for kind, ino in sorted(ns.items(), key=lambda item: item[0]):
+                    if ino is None:
+                        self.labels[(kind, ino)] = "unreadable"
+                    elif (kind, ino) not in self.labels:
                         counters[kind] = counters.get(kind, 0) + 1
                         self.labels[(kind, ino)] = f"new-{kind}-{counters[kind]}"
 

@@ -99,6 +99,34 @@ def test_container_pid_namespace_and_pid_one(flow, runs):
     assert same_user == (flow != "hybrid"), flow
 
 
+def test_namespaces_are_entered_in_order_with_private_propagation(flow, runs):
+    """SPEC §5: user and pid by the clone in the starter, then one kind at a time in the
+    container process; / of the new mount namespace private, as the StarterConfig asks."""
+    ledger = lifecycle(flow, runs).ledger
+    started = ledger.first("container_start")
+    setup = ledger.first("namespaces")
+    assert started["created"] == (["user", "pid"] if flow != "root" and flow != "suid"
+                                  else ["pid"]) and started["joined"] == []
+    assert setup["order"] == [["unshare", kind] for kind in ("net", "uts", "ipc", "cgroup",
+                                                              "mount")
+                              if kind in setup["created"]]
+    assert setup["propagation"] == "private"
+    first_call = ledger.first("rpc_call")
+    assert first_call is None or first_call["seq"] > setup["seq"]
+
+
+def test_mount_propagation_is_read_from_mountinfo(tmp_path):
+    from kit import linux
+
+    assert linux.propagation_type(["shared:3", "master:1"]) == "shared"
+    assert linux.propagation_type(["master:1"]) == "slave"
+    assert linux.propagation_type(["unbindable"]) == "unbindable"
+    assert linux.propagation_type([]) == "private"
+    assert linux.mount_propagation("/") in ("shared", "slave", "private", "unbindable")
+    assert linux.mount_propagation(str(tmp_path / "not-a-mount-point")) is None
+    assert linux.unescape_mountinfo("/a\\040b") == "/a b"
+
+
 def test_nothing_left_on_the_host():
     before = host_state()
     result = run("reference", "root", ["/bin/true"])

@@ -26,10 +26,11 @@ Design
   errno.
 - **Shared state** (:mod:`kit.fake.store`): namespaces, the registry that maps real pids
   to their model namespaces, pids and credentials (for ``/proc/PID/ns/KIND`` paths and
-  ``write_id_maps(PID)``) and the fs structs live in one JSON document that every process
-  of the run reaches (a private file created by the supervisor before it forks the
+  ``write_id_maps(PID)``) and the fs structs live in one document of JSON data that every
+  process of the run reaches (a private file created by the supervisor before it forks the
   starter; ``lockf`` + a thread lock; reopened per transaction so that closing every fd,
-  as stage 2 does, is harmless).
+  as stage 2 does, is harmless; ``marshal``-encoded with a generation number, so that a
+  process decodes it again only after another process wrote it).
 - **Per-process state** (:class:`kit.fake.system.ProcState`): credentials of each thread,
   namespaces, pid namespace for children, model pids, dumpable — in the process, copied
   by ``fork`` like the kernel copies them (``os.register_at_fork``).
@@ -84,22 +85,31 @@ import contextlib
 from typing import Any, Iterator
 
 from kit.fake.model import Cred, Model
-from kit.fake.system import FakeSystem
+from kit.fake.system import FakeSystem, initial_state
 
 #: Flows whose starter begins as root (real or emulated setuid).
 ROOT_FLOWS = ("root", "suid", "hybrid")
 
-__all__ = ["Cred", "FakeSystem", "Model", "ROOT_FLOWS", "installed"]
+__all__ = ["Cred", "FakeSystem", "Model", "ROOT_FLOWS", "installed", "prepare"]
+
+
+def prepare(request: Any) -> tuple[dict[str, Any], Any]:
+    """The model :func:`installed` starts from (:func:`kit.fake.system.initial_state`),
+    computed ahead of time: the zygote computes it just before it forks the run's
+    supervisor, which has its credentials, namespaces and view of the host."""
+    return initial_state(request.flow in ROOT_FLOWS)
 
 
 @contextlib.contextmanager
-def installed(request: Any) -> Iterator[FakeSystem]:
+def installed(request: Any, initial: tuple[dict[str, Any], Any] | None = None
+              ) -> Iterator[FakeSystem]:
     """Make a :class:`FakeSystem` for ``request`` (a :class:`kit.request.RunRequest`) the
     system interface of this process and of everything it forks until the block ends; the
-    model is removed afterwards."""
+    model is removed afterwards. ``initial``: what :func:`prepare` returned (in this
+    process or in its parent, just before the fork)."""
     from kit import system
 
-    fake = FakeSystem.create(needs_root=request.flow in ROOT_FLOWS)
+    fake = FakeSystem.create(needs_root=request.flow in ROOT_FLOWS, initial=initial)
     previous = system.current()
     system.use(fake)
     try:

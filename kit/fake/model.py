@@ -505,6 +505,8 @@ class Model:
             c["id"] = self.new_id("next_mount")
             c["flags"] = list(m["flags"])
             c["locked_flags"] = list(m.get("locked_flags", []))
+            if c.get("root_inode") is not None:
+                c["root_inode"] = list(c["root_inode"])  # no list shared by two mounts
             if less_privileged:
                 c["locked_flags"] = sorted(set(c["locked_flags"]) | set(m["flags"]))
                 c["locked"] = c["target"] != old["root"] or m.get("locked", False)

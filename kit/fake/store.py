@@ -1,4 +1,4 @@
-"""The shared part of the model: one JSON document that every process of a run can reach.
+"""The shared part of the model: one document that every process of a run can reach.
 
 Namespaces (hostname, mount tables, id maps), the pid registry and the fs structs are shared
 by processes, so they live here, not in a process. The document is a small file in a private
@@ -13,7 +13,22 @@ child starts with a fresh thread lock and no file lock (POSIX record locks are n
 — :meth:`Store.after_fork_in_child` must be called there (:mod:`kit.fake.system` does it
 from ``os.register_at_fork``).
 
-Format: 16 ASCII digits (the JSON's length), then the JSON (UTF-8).
+Format: a 16-byte header — the *generation* (incremented by every write) and the length of
+the body, two little-endian unsigned 64-bit integers — then the body: the document as
+``marshal`` data (the file is private to one run, written and read by the same interpreter;
+``marshal`` is several times cheaper than JSON either way).
+
+Caching: each process keeps the document it last read or wrote, with its generation. A
+transaction locks the file and reads the header; only when another process wrote since (the
+generation moved) does it read and decode the body again. A transaction works on the cached
+document itself: the outermost level of a write transaction writes it back with the next
+generation; an aborted transaction (an exception escaped) drops the cache, so whatever it
+changed is gone and the next transaction decodes the file again. A read transaction must not
+change the document (set ``KIT_FAKE_STORE_CHECK=1`` to have every transaction checked: a read
+that changed it, or a write of anything but plain JSON data, raises).
+
+The document holds JSON data only (dicts with string keys, lists, strings, numbers, booleans,
+None), so that what a process reads back is what it wrote, whichever process wrote it.
 """
 
 from __future__ import annotations
@@ -21,13 +36,22 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import marshal
 import os
 import shutil
+import struct
 import tempfile
 import threading
 from typing import Any, Iterator
 
-HEADER = 16
+HEADER = struct.Struct("<QQ")  # generation, body length
+MARSHAL_VERSION = 4
+#: Check every transaction (see the module docstring); read when the store is created.
+CHECK_ENV = "KIT_FAKE_STORE_CHECK"
+
+
+class StoreError(RuntimeError):
+    """A transaction broke the store's rules (raised only when checking is on)."""
 
 
 class Store:
@@ -41,16 +65,21 @@ class Store:
         self._state: dict[str, Any] | None = None
         self._write = False
         self._pid = os.getpid()
+        # The document as of generation _generation (None: decode the file again).
+        self._cache: dict[str, Any] | None = None
+        self._generation = -1
+        self._check = os.environ.get(CHECK_ENV, "") not in ("", "0")
+        self._body = b""  # the body of _generation (kept only when checking)
 
     # -- creation --------------------------------------------------------------------------
     @classmethod
     def create(cls, state: dict[str, Any], directory: str | None = None) -> Store:
         """A new store holding ``state``, in a fresh private directory."""
         base = tempfile.mkdtemp(prefix="kit-fake-model-", dir=directory)
-        path = os.path.join(base, "model.json")
+        path = os.path.join(base, "model.bin")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            _write(fd, state)
+            _write(fd, 1, _encode(state))
         finally:
             os.close(fd)
         return cls(path)
@@ -74,9 +103,21 @@ class Store:
         self.end(commit=True)
 
     def read(self) -> dict[str, Any]:
-        """A consistent copy of the document (for read-only use)."""
+        """A consistent copy of the document (the caller's own: it may keep or change it)."""
         with self.transaction(write=False) as state:
-            return state
+            copy: dict[str, Any] = marshal.loads(marshal.dumps(state, MARSHAL_VERSION))
+            return copy
+
+    @property
+    def writing(self) -> bool:
+        """Whether the calling thread is in a write transaction (a read transaction must
+        leave the document as it is)."""
+        return self._depth > 0 and self._write
+
+    @property
+    def generation(self) -> int:
+        """The generation of the document this process last read or wrote (-1: none)."""
+        return self._generation
 
     def begin(self, write: bool = True) -> dict[str, Any]:
         if self._pid != os.getpid():  # forked without the fork hooks
@@ -87,7 +128,7 @@ class Store:
                 fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
                 try:
                     fcntl.lockf(fd, fcntl.LOCK_EX)
-                    self._state = _read(fd)
+                    self._state = self._load(fd)
                 except BaseException:
                     os.close(fd)
                     raise
@@ -103,19 +144,28 @@ class Store:
 
     def end(self, commit: bool = True, keep_locked: bool = False) -> None:
         """Leave one level; the outermost writes (when asked and ``commit``) and unlocks.
-        ``keep_locked`` writes but stays in the transaction (for a fork in the middle)."""
+        ``keep_locked`` writes but stays in the transaction (for a fork in the middle).
+        Without ``commit`` the cached document is dropped (the transaction may have changed
+        it): the file, which still holds the last committed document, is read again."""
         try:
             if keep_locked:
-                if commit and self._write and self._fd is not None and self._state is not None:
-                    _write(self._fd, self._state)
+                if commit and self._write:
+                    self._save()
+                elif not commit:
+                    self._forget()
                 return
             self._depth -= 1
             if self._depth == 0:
-                fd, self._fd = self._fd, None
+                fd = self._fd
                 try:
-                    if commit and self._write and fd is not None and self._state is not None:
-                        _write(fd, self._state)
+                    if not commit:
+                        self._forget()
+                    elif self._write:
+                        self._save()
+                    elif self._check:
+                        self._check_unchanged()
                 finally:
+                    self._fd = None
                     self._state = None
                     self._write = False
                     if fd is not None:
@@ -123,6 +173,48 @@ class Store:
         finally:
             if not keep_locked:
                 self._lock.release()
+
+    # -- the cache ----------------------------------------------------------------------------
+    def _load(self, fd: int) -> dict[str, Any]:
+        """The document (locked by the caller): the cached one when no other process wrote
+        since, else the file's, decoded."""
+        generation, size = HEADER.unpack(_pread(fd, HEADER.size, 0))
+        if self._cache is None or generation != self._generation:
+            body = _pread(fd, size, HEADER.size)
+            self._cache = _decode(body)
+            self._generation = generation
+            if self._check:
+                self._body = body
+        return self._cache
+
+    def _save(self) -> None:
+        """Write the transaction's document with the next generation; it stays cached."""
+        state, fd = self._state, self._fd
+        if state is None or fd is None:
+            return
+        try:
+            if self._check:
+                _check_plain_json(state)
+            body = _encode(state)
+            generation = self._generation + 1
+            _write(fd, generation, body)
+        except BaseException:
+            self._forget()
+            raise
+        self._cache = state
+        self._generation = generation
+        if self._check:
+            self._body = body
+
+    def _forget(self) -> None:
+        self._cache = None
+        self._generation = -1
+        self._body = b""
+
+    def _check_unchanged(self) -> None:
+        if self._state is not None and self._state != _decode(self._body):
+            self._forget()
+            raise StoreError("kit.fake: a read-only transaction changed the model's document")
 
     # -- fork ---------------------------------------------------------------------------------
     def before_fork(self) -> None:
@@ -133,12 +225,17 @@ class Store:
 
     def after_fork_in_child(self) -> None:
         """The child holds no lock: forget the parent's transaction (its descriptor is a
-        copy; closing it does not release the parent's lock)."""
+        copy; closing it does not release the parent's lock). A child forked in the middle
+        of a transaction also forgets the cached document (it may hold uncommitted
+        changes); one forked between transactions keeps it (the generation tells whether it
+        is still current)."""
         if self._fd is not None:
             try:
                 os.close(self._fd)
             except OSError:
                 pass
+        if self._depth:
+            self._forget()
         self._fd = None
         self._state = None
         self._depth = 0
@@ -147,21 +244,56 @@ class Store:
         self._pid = os.getpid()
 
 
-def _read(fd: int) -> dict[str, Any]:
-    head = os.pread(fd, HEADER, 0)
-    size = int(head)
+def _encode(state: dict[str, Any]) -> bytes:
+    return marshal.dumps(state, MARSHAL_VERSION)
+
+
+def _decode(body: bytes) -> dict[str, Any]:
+    try:
+        state = marshal.loads(body)
+    except (EOFError, ValueError, TypeError) as exc:
+        raise ValueError(f"kit.fake: the model store is corrupt ({exc})") from None
+    if not isinstance(state, dict):
+        raise ValueError("kit.fake: the model store does not hold a document")
+    return state
+
+
+def _check_plain_json(state: dict[str, Any]) -> None:
+    """Raise unless ``state`` survives a JSON round trip unchanged (no tuples, sets,
+    non-string keys…) and no list or dict appears in it twice: what other processes decode
+    must equal what this one keeps, and behave alike when changed in place."""
+    try:
+        same = json.loads(json.dumps(state)) == state
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"kit.fake: the model's document is not JSON data: {exc}") from None
+    if not same:
+        raise StoreError("kit.fake: the model's document is not plain JSON data (a tuple or "
+                         "a non-string key?)")
+    seen: set[int] = set()
+    todo: list[Any] = [state]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            raise StoreError(f"kit.fake: the model's document holds one object in two "
+                             f"places: {obj!r:.200}")
+        seen.add(id(obj))
+        todo.extend(v for v in (obj.values() if isinstance(obj, dict) else obj)
+                    if isinstance(v, (dict, list)))
+
+
+def _pread(fd: int, size: int, offset: int) -> bytes:
     data = b""
     while len(data) < size:
-        chunk = os.pread(fd, size - len(data), HEADER + len(data))
+        chunk = os.pread(fd, size - len(data), offset + len(data))
         if not chunk:
-            raise OSError(f"kit.fake: the model store is truncated ({len(data)}/{size})")
+            raise OSError(f"kit.fake: the model store is truncated ({len(data)}/{size} "
+                             f"bytes at offset {offset})")
         data += chunk
-    return json.loads(data)
+    return data
 
 
-def _write(fd: int, state: dict[str, Any]) -> None:
-    body = json.dumps(state, separators=(",", ":")).encode()
-    data = f"{len(body):0{HEADER}d}".encode() + body
+def _write(fd: int, generation: int, body: bytes) -> None:
+    data = HEADER.pack(generation, len(body)) + body
     view = memoryview(data)
     offset = 0
     while offset < len(data):

@@ -14,6 +14,7 @@ run's temporary directory.
 
 from __future__ import annotations
 
+import copy
 import errno
 import os
 import re
@@ -76,10 +77,6 @@ def _read_map(path: str) -> list[list[int]]:
             if line.strip()]
 
 
-def _unescape(path: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), path)
-
-
 def _real_mounts() -> list[dict[str, Any]]:
     """The host mount table (``/proc/self/mountinfo``) as model mounts."""
     mounts = []
@@ -89,19 +86,10 @@ def _real_mounts() -> list[dict[str, Any]]:
             continue
         sep = fields.index("-")
         options = set(fields[5].split(","))
-        optional = fields[6:sep]
-        propagation = "private"
-        for tag in optional:
-            if tag.startswith("shared:"):
-                propagation = "shared"
-                break
-            if tag.startswith("master:"):
-                propagation = "slave"
-            if tag == "unbindable":
-                propagation = "unbindable"
+        propagation = linux.propagation_type(fields[6:sep])
         mounts.append({
-            "id": int(fields[0]), "target": _unescape(fields[4]),
-            "source": _unescape(fields[sep + 2]) if len(fields) > sep + 2 else "none",
+            "id": int(fields[0]), "target": linux.unescape_mountinfo(fields[4]),
+            "source": linux.unescape_mountinfo(fields[sep + 2]) if len(fields) > sep + 2 else "none",
             "fstype": fields[sep + 1],
             "flags": sorted(f for f in ("ro", "nosuid", "nodev", "noexec") if f in options),
             "locked_flags": [], "locked": False, "propagation": propagation, "bind": False,
@@ -238,9 +226,13 @@ class FakeSystem(System):
         self._fork_cred: Cred | None = None
 
     @classmethod
-    def create(cls, needs_root: bool = False, directory: str | None = None) -> FakeSystem:
-        """A model of this process (see :func:`initial_state`) with a new store."""
-        state, proc = initial_state(needs_root)
+    def create(cls, needs_root: bool = False, directory: str | None = None,
+               initial: tuple[dict[str, Any], ProcState] | None = None) -> FakeSystem:
+        """A model of this process (see :func:`initial_state`) with a new store. ``initial``
+        is what :func:`initial_state` returned in a process with the same credentials,
+        namespaces and working directory (the zygote, just before it forked this one)."""
+        state, proc = initial if initial is not None else initial_state(needs_root)
+        proc.real_pid = os.getpid()
         state["procs"][str(proc.real_pid)] = proc.entry()
         system = cls(Store.create(state, directory), proc)
         activate(system)
@@ -282,7 +274,14 @@ class FakeSystem(System):
         st["procs"][str(self._proc.real_pid)] = self._proc.entry()
 
     def _fs(self, st: dict[str, Any]) -> dict[str, Any]:
-        return st["fs"].setdefault(str(self._proc.fs), {"cwd": "/", "root": None})
+        """This process's fs struct (a fresh one, recorded only in a write transaction)."""
+        key = str(self._proc.fs)
+        fs = st["fs"].get(key)
+        if fs is None:
+            fs = {"cwd": "/", "root": None}
+            if self._store.writing:
+                st["fs"][key] = fs
+        return fs
 
     def _root(self, st: dict[str, Any]) -> str:
         fs = self._fs(st)
@@ -413,10 +412,11 @@ class FakeSystem(System):
         if not p.levels:
             return real
         mine = p.levels[-1][0]
-        entry = self._store.read()["procs"].get(str(real))
-        for nsid, pid in (entry or {}).get("levels", []):
-            if nsid == mine:
-                return pid
+        with self._store.transaction(write=False) as st:
+            entry = st["procs"].get(str(real))
+            for nsid, pid in (entry or {}).get("levels", []):
+                if nsid == mine:
+                    return int(pid)
         return 0
 
     def privileged(self) -> bool:
@@ -474,9 +474,10 @@ class FakeSystem(System):
             raise fail(errno.EINVAL, f"{path}: a namespace the model does not know")
         owner = m.initial("user")
         current = m.ns(self._proc.ns[kind] if kind != "pid" else self._proc.ns["pid"])
-        record = {k: v for k, v in current.items() if k not in ("initial",)}
-        record.update(kind=kind, owner=owner, adopted=True)
-        st["ns"][str(ino)] = record
+        if self._store.writing:  # a read transaction answers without adopting
+            record = copy.deepcopy({k: v for k, v in current.items() if k != "initial"})
+            record.update(kind=kind, owner=owner, adopted=True)
+            st["ns"][str(ino)] = record
         return ino
 
     def setns(self, kind: str, path: str) -> None:
@@ -697,6 +698,12 @@ class FakeSystem(System):
         flags = [base] + (["rec"] if base != propagation else [])
         self.mount(None, target, None, flags)
 
+    def propagation(self, target: str) -> str | None:
+        with self._store.transaction(write=False) as st:
+            m = Model(st)
+            top = m.top_mount(m.ns(self._me().ns["mount"])["mounts"], self._host(st, target))
+            return None if top is None else top["propagation"]
+
     def umount(self, target: str, detach: bool = False) -> None:
         with self._store.transaction() as st:
             host = self._host(st, target)
@@ -838,6 +845,7 @@ class FakeSystem(System):
                 "uid_map": m.shown_map(me.userns, "uid_map"),
                 "gid_map": m.shown_map(me.userns, "gid_map"),
                 "nspid": self._nspid(st, real_nspid),
+                "root": linux.path_identity(self._root(st)),
             }
 
     def _nspid(self, st: dict[str, Any], real_nspid: list[int]) -> list[int]:
@@ -889,10 +897,9 @@ class FakeSystem(System):
     # -- for tests and reports -------------------------------------------------------------------
     def model_state(self) -> dict[str, Any]:
         """A copy of the shared model (namespaces, registry, fs structs)."""
-        import copy
-        return copy.deepcopy(self._store.read())
+        return self._store.read()
 
     def mounts(self) -> list[dict[str, Any]]:
         """The mount table of this process's mount namespace (host paths)."""
         with self._store.transaction(write=False) as st:
-            return [dict(x) for x in Model(st).ns(self._me().ns["mount"])["mounts"]]
+            return copy.deepcopy(Model(st).ns(self._me().ns["mount"])["mounts"])

@@ -1,0 +1,143 @@
+"""kit.linux: the calls that replaced heavier ones (an ioctl for pyroute2's netlink, link
+targets for stat, one read for a text file) answer exactly as before.
+
+Namespace changes happen in forked children of the pytest process, never in it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+
+from kit import linux, probe
+
+
+def in_child(fn) -> dict:
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            out = {"ok": fn()}
+        except BaseException as exc:
+            out = {"error": f"{type(exc).__name__}: {exc}"}
+        os.write(w, json.dumps(out).encode())
+        os._exit(0)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 65536):
+        data += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    return json.loads(data)
+
+
+def errno_of(fn, *args) -> str:
+    try:
+        fn(*args)
+        return "ok"
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno, str(exc.errno))
+
+
+def test_link_up_brings_loopback_up_in_a_new_network_namespace():
+    if os.geteuid() != 0:
+        return  # creating a network namespace needs root here (or a user namespace)
+
+    def scenario() -> dict:
+        linux.unshare(linux.CLONE_NEWNET)
+        before = linux.link_flags("lo") & linux.IFF_UP
+        linux.link_up("lo")
+        after = linux.link_flags("lo") & linux.IFF_UP
+        again = errno_of(linux.link_up, "lo")  # already up: fine
+        missing = errno_of(linux.link_up, "nosuchif0")
+        too_long = errno_of(linux.link_up, "x" * 20)
+        os.setresgid(65534, 65534, 65534)
+        os.setresuid(65534, 65534, 65534)
+        return {"before": before, "after": after, "again": again, "missing": missing,
+                "too_long": too_long, "unprivileged": errno_of(linux.link_up, "lo")}
+
+    out = in_child(scenario)
+    assert out == {"ok": {"before": 0, "after": linux.IFF_UP, "again": "ok",
+                          "missing": "ENODEV", "too_long": "ENODEV",
+                          "unprivileged": "EPERM"}}
+
+
+def test_link_flags_of_the_host_loopback_match_sysfs():
+    with open("/sys/class/net/lo/flags") as f:
+        sysfs = int(f.read(), 16)
+    up_loopback = linux.IFF_UP | 0x8  # IFF_LOOPBACK; SIOCGIFFLAGS adds IFF_RUNNING
+    assert linux.link_flags("lo") & up_loopback == sysfs & up_loopback == up_loopback
+
+
+def test_ns_inodes_are_the_inodes_stat_reports():
+    by_stat = {kind: os.stat(f"/proc/self/ns/{name}").st_ino
+               for kind, (_, name) in linux.NAMESPACES.items()}
+    assert linux.ns_inodes() == by_stat
+    tid = linux.proc_tid()
+    assert linux.ns_inodes(f"/proc/self/task/{tid}/ns") == by_stat
+    assert linux.ns_inodes("/proc/self/no-such-dir") == dict.fromkeys(linux.NAMESPACES)
+
+
+def test_snapshot_namespaces_match_stat_in_every_thread():
+    snap = probe.snapshot()
+    for kind in linux.NAMESPACES:
+        assert snap["ns"][kind] == linux.ns_inode(kind)
+    for thread in snap["threads"]:
+        assert thread["ns"] == snap["ns"]
+
+
+def test_read_status_parses_like_a_text_read():
+    with open("/proc/self/status") as f:
+        expected = {k: v.strip() for k, _, v in (line.partition(":") for line in f)}
+    got = linux.read_status()
+    for key in ("Name", "Uid", "Gid", "CapEff", "CapBnd", "NoNewPrivs"):
+        assert got[key] == expected[key]
+
+
+def test_mask_to_caps_hands_out_a_fresh_list_each_time():
+    first = linux.mask_to_caps(0b101)
+    first.append("CAP_MINE")
+    assert linux.mask_to_caps(0b101) == ["CAP_CHOWN", "CAP_DAC_READ_SEARCH"]
+    assert linux.mask_to_caps(1 << 45) == ["CAP_45"]
+
+
+def test_the_kit_itself_does_not_import_pyroute2():
+    """pyroute2 stays installed for engines that use it (the supervisor warms it up when an
+    engine imports it); the kit brings lo up with an ioctl, so a real run's zygote and
+    supervisor do not carry its ~100 modules."""
+    code = ("import sys\n"
+            "from kit.launcher import make_request\n"
+            "from kit.supervisor import preload\n"
+            "preload(make_request('reference', 'root', ['/bin/true'], backend='real'))\n"
+            "preload(make_request('reference', 'root', ['/bin/true'], backend='fake'))\n"
+            "print('pyroute2' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd="/", env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                              p for p in sys.path if p)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+
+
+def test_the_escalation_child_reads_its_capabilities_like_capget():
+    if os.geteuid() != 0:
+        return
+
+    def scenario() -> dict:
+        keep = linux.caps_to_mask(["CAP_SETUID", "CAP_NET_ADMIN"])
+        os.setresgid(65534, 65534, 65534)
+        linux.set_keepcaps(True)
+        os.setresuid(65534, 65534, 65534)  # permitted kept, effective cleared
+        linux.capset(0, keep, 0)
+        return {"same": list(probe._own_capabilities()) == list(linux.capget()),
+                "caps": list(probe._own_capabilities()), "escalation": probe.escalation()}
+
+    out = in_child(scenario)["ok"]
+    keep = linux.caps_to_mask(["CAP_SETUID", "CAP_NET_ADMIN"])
+    assert out["same"] and out["caps"] == [0, keep, 0]
+    # The throwaway child may raise its permitted set into effective: CAP_SETUID does it.
+    assert out["escalation"]["raise_caps"] == ["CAP_SETUID", "CAP_NET_ADMIN"]
+    assert out["escalation"]["setresuid_root"] is False

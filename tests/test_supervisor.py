@@ -1,0 +1,86 @@
+"""The supervisor's result encoding (events reused as they arrived) and the backend the
+zygote prepares before it forks a supervisor."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from kit import system
+from kit.launcher import make_request
+from kit.ledger import decode_checked
+from kit.supervisor import Supervisor, _backend, prepare_backend
+
+DATAGRAMS = [
+    # as LedgerWriter.emit sends them
+    json.dumps({"t": 1, "kind": "process_start", "role": "starter", "pid": 7, "tid": 7,
+                "ppid": 1, "nspid": [7]}, separators=(",", ":")).encode(),
+    # not as the kit writes them, but valid: spaces, escapes, a duplicate key, a float
+    b'{ "kind" : "signal", "role": "master", "name": "SIG\\u0043HLD", "signum": 17,'
+    b' "signum": 18, "x": 1.5e3, "t": 2 }',
+    # carries its own seq: encoded again, seq where it was
+    b'{"seq": 99, "kind": "stage2_exec", "role": "master", "t": 3}',
+    # undecodable: recorded as a starter_error
+    b'{"kind": "oops", ',
+    b"\xff\xfe not json",
+    # UTF-16 JSON (json.loads accepts it): not spliced into a UTF-8 document
+    json.dumps({"kind": "stage2_failed", "role": "master", "message": "é"}).encode("utf-16"),
+    # non-ASCII text as UTF-8 and a lone surrogate escape
+    '{"kind": "stage2_failed", "role": "stage2", "message": "no – such ✓", "s": "\\ud800"}'
+    .encode(),
+]
+
+
+def test_the_encoded_result_decodes_to_the_result_itself():
+    request = make_request("reference", "root", ["/bin/true"])
+    sup = Supervisor(request)
+    sup.emit("run_start", engine="reference", flow="root", backend="real", invoker={},
+             probes=True, hook_timeout=5.0, run_dir="/tmp/x")
+    for datagram in DATAGRAMS:
+        event, ok = decode_checked(datagram)
+        sup.record(event, datagram if ok else None)
+    sup.emit("exit", code=0, reason="exited")
+    result = {"exit_code": 0, "reason": "exited", "leaks": [], "timed_out": None,
+              "ledger": {"schema_version": 1, "run": request.to_json(), "events": sup.events}}
+    encoded = sup.encode(result)
+    assert json.loads(encoded) == json.loads(json.dumps(result))
+    decoded = json.loads(encoded)["ledger"]["events"]
+    assert [list(e) for e in decoded] == [list(e) for e in json.loads(json.dumps(sup.events))]
+    assert [e["seq"] for e in decoded] == list(range(len(DATAGRAMS) + 2))
+    assert decoded[2]["signum"] == 18 and decoded[2]["name"] == "SIGCHLD"
+    assert decoded[3]["seq"] == 3 and list(decoded[3])[0] == "seq"
+    assert decoded[4]["kind"] == decoded[5]["kind"] == "starter_error"
+
+
+def test_a_result_without_a_ledger_is_encoded_as_it_is():
+    sup = Supervisor(make_request("reference", "root", ["/bin/true"]))
+    result = {"exit_code": 255, "reason": "supervisor error", "leaks": [],
+              "timed_out": None, "ledger": None}
+    assert json.loads(sup.encode(result)) == result
+
+
+def test_a_fake_backend_prepared_in_the_parent_is_the_childs_own():
+    request = make_request("reference", "suid", ["/bin/true"], backend="fake", user=65534)
+    prepared = prepare_backend(request)
+    assert prepared is not None
+    assert prepare_backend(make_request("reference", "root", ["/bin/true"])) is None
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        out = {}
+        try:
+            os.close(r)
+            with _backend(request, prepared) as fake:
+                state = fake.model_state()
+                out = {"registered": sorted(state["procs"]), "me": str(os.getpid()),
+                       "uid": list(fake.getresuid()), "current": system.current() is fake}
+        except BaseException as exc:
+            out = {"error": repr(exc)}
+        os.write(w, json.dumps(out).encode())
+        os._exit(0)
+    os.close(w)
+    out = json.loads(os.read(r, 65536))
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert out == {"registered": [out.get("me")], "me": out.get("me"), "uid": [0, 0, 0],
+                   "current": True}, out
