@@ -34,6 +34,9 @@ FAULTS = {
                               "capabilities not a subset of permitted",
     "create_container": "raise an exception in create_container",
     "create_container:hang": "block in create_container (never return)",
+    "create_container:rpc-probe": "before its own RPC calls, send the RPC server what it must "
+                                  "refuse and survive, and after them a frame too large to "
+                                  "read: conformance.cooperation.probe_rpc_server does both",
     "start_process": "raise an exception in start_process",
     "start_process:return": "return from start_process without exec'ing",
     "post_start_process": "raise an exception in post_start_process",

@@ -749,6 +749,90 @@ def check_master_user_ns(verify: Verifier, run: Run, requirement: str) -> None:
                      f"container {_ns(stage2)['user']})", run=run, event=event)
 
 
+def check_shared_root(verify: Verifier, run: Run, requirement: str) -> None:
+    """NS-002: stage 2 enters start_process with the root directory the RPC server had after
+    its last request (snapshots record the root's identity; the RPC server shares it with the
+    container process through CLONE_FS, so a root an RPC method set is stage 2's too)."""
+    run = verify.used(run.usable())
+    enters = hook_events(run, "stage2", "start_process", ("hook_enter",))
+    snap = (enters[0].get("snapshot") or {}) if enters else {}
+    if not enters or "probe_error" in snap or not snap:
+        verify.vacuous(requirement, "stage 2 has no snapshot at start_process")
+        return
+    after = [((c.get("creds") or {}).get("after") or {}, c) for c in events_of(run, "rpc_call")]
+    after = [(creds, c) for creds, c in after if creds]
+    hooks = [e for e in run.events if e.get("role") == "rpc" and e.get("snapshot")
+             and e.get("kind") in ("hook_enter", "hook_return")]
+    if after:
+        rpc_root, event = after[-1][0].get("root"), after[-1][1]
+    elif hooks:
+        rpc_root, event = hooks[-1]["snapshot"].get("root"), hooks[-1]
+    else:
+        verify.vacuous(requirement, "the RPC server recorded no snapshot")
+        return
+    verify.check(requirement, rpc_root is not None and snap.get("root") == rpc_root,
+                 expected=f"stage 2's root is the RPC server's ({rpc_root} at #{event['seq']})",
+                 observed=f"stage 2's root is {snap.get('root')}", run=run, event=enters[0])
+
+
+#: SPEC §5: user and pid in the starter (before the fork), then the container side.
+NS_ENTRY_ORDER = ("user", "pid", "net", "uts", "ipc", "cgroup", "mount")
+_STARTER_KINDS = ("user", "pid")
+
+
+def check_namespace_order(verify: Verifier, run: Run, requirement: str) -> None:
+    """NS-009: the namespaces the starter joined and created before the fork
+    (``container_start``), then those the container process entered (``namespaces``
+    ``order``), follow :data:`NS_ENTRY_ORDER`, each on its side."""
+    run = verify.used(run.usable())
+    rank = {kind: i for i, kind in enumerate(NS_ENTRY_ORDER)}
+    entered: list[tuple[str, str, dict[str, Any]]] = []
+    for ev in events_of(run, "container_start"):
+        entered += [(kind, "starter", ev) for kind in (ev.get("joined") or [])
+                    + (ev.get("created") or [])]
+    setups = events_of(run, "namespaces")
+    for ev in setups:
+        verify.check(requirement, isinstance(ev.get("order"), list),
+                     expected="the container side records the order it entered namespaces in",
+                     observed="no order recorded", run=run, event=ev)
+        entered += [(kind, "container", ev) for _, kind in ev.get("order") or []]
+    for kind, side, ev in entered:
+        want = "starter" if kind in _STARTER_KINDS else "container"
+        verify.check(requirement, side == want, expected=f"the {kind} namespace entered in the "
+                     f"{want}", observed=f"entered in the {side}", run=run, event=ev)
+    for (before, _, _), (kind, side, ev) in zip(entered, entered[1:]):
+        verify.check(requirement, rank.get(kind, -1) > rank.get(before, len(rank)),
+                     expected=f"namespaces entered in the order {', '.join(NS_ENTRY_ORDER)}",
+                     observed=f"{kind} entered after {before}", run=run, event=ev)
+    if not entered:
+        verify.vacuous(requirement, "the run entered no namespace")
+
+
+_PROPAGATIONS = ("private", "slave", "shared", "unbindable")
+
+
+def check_mount_propagation(verify: Verifier, run: Run, requirement: str) -> None:
+    """NS-008: a new mount namespace has the StarterConfig's propagation on / (recorded by
+    the container process right after it set it), before any RPC call could mount."""
+    run = verify.used(run.usable())
+    configs = events_of(run, "starter_config")
+    wanted = ((configs[0].get("config") or {}).get("requests") or {}).get(
+        "mount_propagation") if configs else None
+    base = wanted[1:] if wanted and wanted[0] == "r" and wanted[1:] in _PROPAGATIONS else wanted
+    setups = [ev for ev in events_of(run, "namespaces") if "mount" in (ev.get("created") or [])]
+    calls = events_of(run, "rpc_call")
+    for ev in setups:
+        verify.check(requirement, ev.get("propagation") == base,
+                     expected=f"/ is {base} (mount_propagation {wanted!r})",
+                     observed=f"/ is {ev.get('propagation')}", run=run, event=ev)
+        early = [c for c in calls if c["seq"] < ev["seq"]]
+        verify.check(requirement, not early, expected="the propagation set before any RPC "
+                     "call", observed=lambda: f"{early[0].get('method')} came first", run=run,
+                     event=early[0] if early else ev)
+    if not setups:
+        verify.vacuous(requirement, "no new mount namespace")
+
+
 def check_requested_namespaces(verify: Verifier, run: Run, requirement: str) -> None:
     run = verify.used(run.usable())
     facts = Facts(run)
@@ -945,6 +1029,56 @@ def check_rpc_sequential(verify: Verifier, run: Run, requirement: str) -> None:
         previous = call
     if len(calls) < 2:
         verify.vacuous(requirement, f"{len(calls)} RPC call(s): nothing can overlap")
+
+
+#: What the RPC server must answer to each probe of the rpc-probe scenario (the error type).
+_PROBE_ERRORS = {"unknown-method": "UnknownMethodError", "unknown-argument": "TypeError",
+                 "malformed-json": "ProtocolError", "pickle": "ProtocolError"}
+
+
+def _error_reply(call: dict[str, Any], want: str) -> tuple[bool, str]:
+    err = call.get("error") or {}
+    ok = (call.get("ok") is False and err.get("type") == want and "errno" in err
+          and bool(err.get("message")))
+    return ok, (f"ok={call.get('ok')}, error {err.get('type')} (errno {err.get('errno')!r}): "
+                f"{str(err.get('message'))[:160]!r}")
+
+
+def check_rpc_probes(verify: Verifier, run: Run) -> None:
+    """RPC-005 and RPC-006 on the rpc-probe scenario: the server's record of every probe
+    frame (:data:`conformance.cooperation.RPC_PROBES`, in order, then the engine's own calls,
+    then an oversized frame header)."""
+    from conformance.cooperation import RPC_PROBES
+
+    run = verify.used(run.usable())
+    calls = events_of(run, "rpc_call")
+    probes, later = calls[:len(RPC_PROBES)], calls[len(RPC_PROBES):]
+    for req in ("RPC-005", "RPC-006"):
+        verify.check(req, len(probes) == len(RPC_PROBES),
+                     expected=f"one record per probe frame ({', '.join(RPC_PROBES)})",
+                     observed=f"{len(probes)} record(s) before the server stopped", run=run)
+    for name, call in zip(RPC_PROBES, probes):
+        req = "RPC-005" if name == "pickle" else "RPC-006"
+        ok, seen = _error_reply(call, _PROBE_ERRORS[name])
+        verify.check(req, ok, expected=f"the {name} probe answered with a {_PROBE_ERRORS[name]} "
+                     "error reply carrying errno and message", observed=seen, run=run,
+                     event=call)
+    if len(probes) == len(RPC_PROBES):
+        verify.check("RPC-006", bool(later), expected="the server keeps serving after the "
+                     "probes", observed="nothing more was served", run=run,
+                     event=probes[-1])
+        served = [c for c in later[:-1] if c.get("ok")]
+        if len(later) > 1:
+            verify.check("RPC-006", bool(served), expected="the engine's own calls after the "
+                         "probes are served", observed=f"{len(later) - 1} call(s), none served",
+                         run=run, event=later[0])
+    oversized = later[-1] if later else None
+    ok, seen = (_error_reply(oversized, "ProtocolError") if oversized
+                else (False, "no record"))
+    ok = ok and "exceeds" in str((oversized or {}).get("error", {}).get("message"))
+    verify.check("RPC-005", ok, expected="a frame announcing more than the maximum size "
+                 "refused with a ProtocolError naming the size", observed=seen, run=run,
+                 event=oversized)
 
 
 # --- signals and exit (SPEC §7, §2 rule 8) ---------------------------------------------------

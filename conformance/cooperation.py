@@ -98,7 +98,11 @@ def cooperative(ops: type, *, faults: bool = True, join: bool = True) -> type:
                 raise FaultInjected("create_container fails on request")
             if fault == "create_container:hang":
                 threading.Event().wait()  # until the kit's hook timeout kills the run
+            if fault == "create_container:rpc-probe":
+                probe_rpc_server(rpc_conn, self.common.engine_name, "before")
             super().create_container(ctx, pid, rpc_conn)
+            if fault == "create_container:rpc-probe":
+                probe_rpc_server(rpc_conn, self.common.engine_name, "after")
 
         def start_process(self, master_fd: int) -> None:
             fault = self._fault("start_process")
@@ -125,6 +129,51 @@ def cooperative(ops: type, *, faults: bool = True, join: bool = True) -> type:
 
     Cooperative.__name__ = Cooperative.__qualname__ = f"Cooperative{ops.__name__}"
     return Cooperative
+
+
+#: What :func:`probe_rpc_server` sends first, in this order (the suite finds the server's
+#: record of each by position: RPC-005, RPC-006).
+RPC_PROBES = ("unknown-method", "unknown-argument", "malformed-json", "pickle")
+#: The method name of the unknown-method probe (after ``<engine>.``).
+PROBE_METHOD = "conformance_no_such_method"
+
+
+def probe_rpc_server(conn: Any, engine_name: str, phase: str) -> list[dict[str, Any]]:
+    """Send the RPC server, on the connection create_container got, what it must answer with
+    an error and survive (``phase="before"`` the engine's own calls: :data:`RPC_PROBES`), or
+    a frame header announcing more than the maximum size (``phase="after"``: the server
+    answers with an error and ends the connection). Returns the replies read.
+
+    An engine that implements the fault-injection protocol itself calls this from its
+    create_container for ``conformance_fault = "create_container:rpc-probe"``.
+    """
+    import pickle
+
+    from kit.registry import find
+    from kit.rpc.codec import HEADER, MAX_FRAME, encode_body, recv_frame, send_body
+    from kit.rpc.messages import make_request
+
+    if phase == "after":
+        conn.sendall(HEADER.pack(MAX_FRAME + 1))
+        reply = recv_frame(conn)
+        return [reply[0]] if reply else []
+    served = sorted(find(engine_name).rpc_specs)
+    # A method the engine serves, given an argument it does not take (or, for an engine
+    # without RPC methods, another unknown method).
+    known = f"{engine_name}.{served[0] if served else PROBE_METHOD}"
+    request = make_request(1, f"{engine_name}.{PROBE_METHOD}", {})
+    bodies = [encode_body(request),
+              encode_body(make_request(2, known, {"conformance_no_such_argument": 1})),
+              b'{"id": 3, "method": ',
+              pickle.dumps(make_request(4, known, {}))]
+    replies = []
+    for body in bodies:
+        send_body(conn, body)
+        reply = recv_frame(conn)
+        if reply is None:
+            break  # the server hung up: the suite sees it in the ledger
+        replies.append(reply[0])
+    return replies
 
 
 def register_reference() -> None:

@@ -232,15 +232,19 @@ def backend_available(backend: str) -> tuple[bool, str]:
 
 
 def sandbox_prefix() -> list[str]:
-    """``unshare`` into throwaway mount and uts namespaces (as root), recording their inode
-    numbers for the mutants (:data:`reference_engines.mutants.base.SANDBOX_ENV`); else
-    nothing (the mutants that change the host then refuse to)."""
+    """``unshare`` into throwaway mount and uts namespaces (as root; / shared within the
+    sandbox only), recording their inode numbers for the mutants
+    (:data:`reference_engines.mutants.base.SANDBOX_ENV`); else nothing (the mutants that
+    change the host then refuse to)."""
     from reference_engines.mutants.base import SANDBOX_ENV
 
     tool = shutil.which("unshare")
     if os.geteuid() != 0 or tool is None:
         return []
-    record = (f'{SANDBOX_ENV}="$(stat -L -c %i /proc/self/ns/mnt):'
+    # / of the sandbox is made shared again (a peer group of its own, cut off from the real
+    # host by --propagation private), as on most hosts: a container that keeps the host's
+    # propagation then shows it (NS-008).
+    record = (f'mount --make-rshared / && {SANDBOX_ENV}="$(stat -L -c %i /proc/self/ns/mnt):'
               f'$(stat -L -c %i /proc/self/ns/uts)" exec "$@"')
     return [tool, "--mount", "--uts", "--propagation", "private", "--", "/bin/sh", "-c",
             record, "sandbox"]

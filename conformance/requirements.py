@@ -160,14 +160,10 @@ _ENTRIES = (
     _r("RPC-004", "MUST", "§6", "rpc",
        "The RPC server handles one request at a time."),
     _r("RPC-005", "MUST", "§6", "rpc",
-       "RPC frames are length-prefixed JSON with a maximum size; no pickle, no eval.",
-       unchecked="a property of the kit's RPC codec, checked by the kit's own unit tests "
-                 "(tests/test_rpc*.py), not observable in a lifecycle run"),
+       "RPC frames are length-prefixed JSON with a maximum size; no pickle, no eval."),
     _r("RPC-006", "MUST", "§6", "rpc",
        "An unknown method, a malformed frame or bad arguments get an error reply (errno and "
-       "message survive) and the server keeps serving.",
-       unchecked="a property of the kit's RPC server, checked by the kit's own unit tests "
-                 "(tests/test_rpc*.py)"),
+       "message survive) and the server keeps serving."),
     _r("RPC-007", "MAY", "§6", "rpc",
        "File descriptors may ride along with an RPC request (SCM_RIGHTS).",
        unchecked="a property of the kit's RPC transport, checked by the kit's own unit tests "
@@ -200,8 +196,7 @@ _ENTRIES = (
     _r("NS-001", "MUST", "§4", "namespaces",
        "Stage 2 and the RPC server share all seven namespaces."),
     _r("NS-002", "MUST", "§4", "namespaces",
-       "Stage 2 and the RPC server share their root directory.",
-       unchecked="privilege snapshots do not record the root directory's identity (kit gap)"),
+       "Stage 2 and the RPC server share their root directory."),
     _r("NS-003", "MUST", "§4", "namespaces",
        "The master shares none of the pid, net, uts, ipc and cgroup namespaces created for "
        "the container."),
@@ -219,13 +214,10 @@ _ENTRIES = (
        "flows."),
     _r("NS-008", "MUST", "§5", "namespaces",
        "A new mount namespace gets the configured propagation on / before anything is "
-       "mounted.",
-       unchecked="snapshots do not record mount propagation (kit gap)"),
+       "mounted."),
     _r("NS-009", "MUST", "§5", "namespaces",
        "Namespaces are entered in the order user, pid (in the starter, before the fork), then "
-       "net, uts, ipc, cgroup, mount (on the container side).",
-       unchecked="the ledger records which namespaces exist, not the order they were made in "
-                 "(kit gap)"),
+       "net, uts, ipc, cgroup, mount (on the container side)."),
     _r("NS-010", "MUST", "§2, §4", "namespaces",
        "The run leaves the host's hostname alone: it is the same while the run lasts and "
        "after it as before (the container's is set in its own uts namespace)."),

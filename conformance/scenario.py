@@ -386,6 +386,13 @@ for _path in {p.fault: p for p in ERROR_PATHS.values()}.values():
         requires=("host_payloads", "fault_injection"),
         short_hook_timeout=_path.fault.endswith(":hang"), fault=_path.fault))
 
+_LIST.append(Scenario(
+    "rpc-probe", "create_container sends the RPC server an unknown method, an unknown "
+    "argument, malformed JSON and a pickle before its own calls, and an oversized frame "
+    "after them", ("/bin/true",), 0,
+    engine_config=((FAULT_FIELD, "create_container:rpc-probe"),),
+    requires=("host_payloads", "fault_injection"), fault="create_container:rpc-probe"))
+
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in _LIST}
 
 

@@ -287,7 +287,7 @@ def test_a_cooperating_engine_gets_its_error_paths_checked(tester):
     ("EXIT-001[root]:   \n", "*every known failure needs a reason*"),
     ("EXIT-999: whatever\n", "*unknown requirement 'EXIT-999'*"),
     ("EXIT-001[rootless]: whatever\n", "*unknown flow(s) rootless*"),
-    ("NS-002: no test can decide it\n", "*NS-002[[]root] matches no test of the suite*"),
+    ("RPC-007: no test can decide it\n", "*RPC-007[[]root] matches no test of the suite*"),
     ("JOIN-001[userns]: join-only runs exist in root and suid only\n",
      "*JOIN-001[[]userns] matches no test*"),
     ("EXIT-001: a\nEXIT-001[root]: b\n", "*EXIT-001[[]root] is already listed at line 1*"),
@@ -345,7 +345,7 @@ def test_the_json_report_follows_its_schema(tester):
     assert doc["summary"]["passed"] > 40
     runs = {r["id"]: r for r in doc["runs"]}
     assert "root/default" in runs and runs["root/default"]["ledger"]["events"]
-    assert {u["requirement"] for u in doc["unchecked"]} >= {"NS-002"}
+    assert {u["requirement"] for u in doc["unchecked"]} == {"RPC-007"}
     assert "report: out/report.json" in result.stdout.str()
 
 
@@ -391,4 +391,4 @@ def test_the_catalogue_command_prints_every_requirement_with_its_tests():
     assert "## Lifecycle order and counts" in out
     assert "`test_lifecycle_order.py::test_each_process_calls_config_then_init_config_once" \
            "_before_any_other_hook`" in out
-    assert "not checked: privilege snapshots do not record the root directory" in out
+    assert "not checked: a property of the kit's RPC transport" in out

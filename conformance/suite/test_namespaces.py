@@ -2,8 +2,8 @@
 
 from conformance import flows, requirement, scenarios
 from conformance.checks import (
-    check_host_view, check_master_not_shared, check_master_user_ns, check_new_user_ns,
-    check_requested_namespaces, check_rpc_shares_namespaces, check_user_ns_host_ids,
+    check_host_view, check_master_not_shared, check_master_user_ns, check_mount_propagation,
+    check_namespace_order, check_new_user_ns, check_requested_namespaces, check_shared_root, check_rpc_shares_namespaces, check_user_ns_host_ids,
     check_user_ns_map,
 )
 from conformance.expectations import MAPPABLE_HOST_IDS, USER_NS_MAP
@@ -13,6 +13,12 @@ from conformance.expectations import MAPPABLE_HOST_IDS, USER_NS_MAP
 @scenarios("default")
 def test_stage_2_and_the_rpc_server_share_all_seven_namespaces(lifecycle, verify):
     check_rpc_shares_namespaces(verify, lifecycle("default"), "NS-001")
+
+
+@requirement("NS-002")
+@scenarios("default")
+def test_stage_2_starts_in_the_root_directory_the_rpc_server_left(lifecycle, verify):
+    check_shared_root(verify, lifecycle("default"), "NS-002")
 
 
 @requirement("NS-003")
@@ -49,6 +55,19 @@ def test_the_containers_user_namespace_maps_the_invoking_user_as_the_flow_says(l
 def test_the_container_gets_a_new_user_namespace_exactly_in_the_user_namespace_flows(
         lifecycle, verify):
     check_new_user_ns(verify, lifecycle("default"), "NS-007")
+
+
+@requirement("NS-008")
+@scenarios("default")
+def test_a_new_mount_namespace_gets_the_configured_propagation_before_any_mount(lifecycle,
+                                                                              verify):
+    check_mount_propagation(verify, lifecycle("default"), "NS-008")
+
+
+@requirement("NS-009")
+@scenarios("default")
+def test_namespaces_are_entered_user_pid_then_net_uts_ipc_cgroup_mount(lifecycle, verify):
+    check_namespace_order(verify, lifecycle("default"), "NS-009")
 
 
 @requirement("NS-010")

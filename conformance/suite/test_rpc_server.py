@@ -1,9 +1,10 @@
 """The RPC server and the RPC calls of create_container (SPEC §2, §4, §6)."""
 
-from conformance import flows, requirement, scenarios
+from conformance import flows, requirement, requires, scenarios
 from conformance.checks import (
     check_privileges, check_rpc_calls_during_create, check_rpc_method_names,
-    check_rpc_methods_restore_credentials, check_rpc_sequential, check_rpc_server_exit,
+    check_rpc_methods_restore_credentials, check_rpc_probes, check_rpc_sequential,
+    check_rpc_server_exit,
 )
 from conformance.expectations import privilege_flows
 
@@ -59,3 +60,12 @@ def test_rpc_server_exits_0_when_the_client_closes(lifecycle, verify):
 @scenarios("default")
 def test_rpc_server_handles_one_request_at_a_time(lifecycle, verify):
     check_rpc_sequential(verify, lifecycle("default"), "RPC-004")
+
+
+@requirement("RPC-005", "RPC-006")
+@requires("fault_injection")
+@scenarios("rpc-probe")
+def test_rpc_server_answers_bad_frames_with_errors_and_keeps_serving(lifecycle, verify):
+    """create_container sends an unknown method, an unknown argument, malformed JSON and a
+    pickle, then its own calls, then a header announcing an oversized frame."""
+    check_rpc_probes(verify, lifecycle("rpc-probe"))

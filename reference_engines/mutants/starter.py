@@ -38,6 +38,7 @@ from kit.ledger import LedgerWriter
 from kit.rpc import server as rpc_server
 from kit.starter_config import StarterConfig
 from kit.system import RealSystem
+from reference_engines.minimal import ReferenceRPC
 from reference_engines.mutants.base import Mutant
 from reference_engines.mutants.lifecycle import HANG_TIMEOUT
 
@@ -383,6 +384,72 @@ class SkipsTheIpcNamespace(StarterMutant):
         _wrap_system("unshare", make)
 
 
+class MountNamespaceFirst(StarterMutant):
+    slug = "starter-mount-namespace-first"
+    bug = "the container process creates its mount namespace before net, uts, ipc and cgroup"
+    killed_by = ("NS-009",)
+
+    @staticmethod
+    def mutate() -> None:
+        S.CONTAINER_NS_ORDER = ("mount", "net", "uts", "ipc", "cgroup")
+
+
+class IgnoresMountPropagation(StarterMutant):
+    slug = "starter-ignores-mount-propagation"
+    bug = ("the container process makes / of its new mount namespace rslave whatever "
+           "propagation the StarterConfig asks for (private by default)")
+    killed_by = ("NS-008",)
+
+    @staticmethod
+    def mutate() -> None:
+        def make(original: Callable[..., Any]) -> Callable[..., Any]:
+            def set_propagation(system: Any, target: str, propagation: str) -> None:
+                if _process() == "kit-container":
+                    propagation = "rslave"
+                original(system, target, propagation)
+            return set_propagation
+        _wrap_system("set_propagation", make)
+
+
+class _ChrootRPC(ReferenceRPC):
+    """The reference's RPC methods with ``pivot_root`` done as a chroot of the RPC server
+    (which moves the container process too, as long as the two share their fs struct)."""
+
+    def pivot_root(self, new_root: str) -> None:
+        if self.root is None or new_root != self.root or self.pivoted:
+            raise ValueError(f"pivot_root: {new_root!r} is not the container root "
+                             f"({self.root!r}) or the root was changed already")
+        self.system.chdir(new_root)
+        self.system.chroot(".")
+        self.system.chdir("/")
+        self.root = "/"
+        self.pivoted = True
+
+
+class RPCServerOwnFs(StarterMutant):
+    slug = "starter-rpc-server-own-fs"
+    bug = ("the container process clones the RPC server without CLONE_FS, so the root an RPC "
+           "method sets (this engine: the reference with a bind rootfs, entered by chroot) is "
+           "not stage 2's")
+    killed_by = ("NS-002",)
+    rpc = _ChrootRPC
+
+    def config(self) -> Any:
+        cfg = super().config()
+        cfg.rootfs = "bind"
+        return cfg
+
+    @staticmethod
+    def mutate() -> None:
+        def make(original: Callable[..., Any]) -> Callable[..., Any]:
+            def clone(system: Any, kinds: Any = (), share_fs: bool = False) -> int:
+                if _process() == "kit-container":
+                    share_fs = False
+                return original(system, kinds, share_fs)
+            return clone
+        _wrap_system("clone", make)
+
+
 def _skip_joining_the_container_user_namespace() -> None:
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
         def setns(system: Any, kind: str, path: str) -> None:
@@ -614,6 +681,43 @@ class RPCRequestsOnThreads(StarterMutant):
         _wrap(rpc_server._Server, "_handle", make)
 
 
+class RPCServerTakesPickle(StarterMutant):
+    slug = "starter-rpc-server-takes-pickle"
+    bug = "the RPC server unpickles a frame body that is not JSON"
+    killed_by = ("RPC-005",)
+
+    @staticmethod
+    def mutate() -> None:
+        import pickle
+
+        from kit.rpc import codec
+
+        def make(original: Callable[..., Any]) -> Callable[..., Any]:
+            def decode_body(body: bytes) -> Any:
+                try:
+                    return original(body)
+                except codec.FrameError:
+                    return pickle.loads(body)
+            return decode_body
+        _wrap(codec, "decode_body", make)
+
+
+class RPCServerQuitsOnUnknownMethod(StarterMutant):
+    slug = "starter-rpc-server-quits-on-unknown-method"
+    bug = "the RPC server answers an unknown method, then hangs up"
+    killed_by = ("RPC-006",)
+
+    @staticmethod
+    def mutate() -> None:
+        def make(original: Callable[..., Any]) -> Callable[..., Any]:
+            def fail(server: Any, start: float, rid: Any, obj: Any, exc: BaseException) -> None:
+                original(server, start, rid, obj, exc)
+                if type(exc).__name__ == "UnknownMethodError":
+                    server._shutdown()
+            return fail
+        _wrap(rpc_server._Server, "_fail", make)
+
+
 class MasterMissesSIGUSR1(StarterMutant):
     slug = "starter-master-misses-sigusr1"
     bug = "the master ignores SIGUSR1 instead of receiving it on the signals channel"
@@ -654,12 +758,13 @@ MUTANTS: tuple[type[StarterMutant], ...] = (
     ConfigTwice, PrivilegedStage1Everywhere, PrepareConfigTwice, Stage1HandsOverEarly,
     MasterHooksBeforeNamespaces, MasterHooksInOneThread, Stage2BeforeCreateReturns,
     PostStartAfterStage2Failure, CleanupAfterStage1Failure, HookInTheWrongProcess,
-    WrongPidToMasterHooks, NoNewPidNamespace, SkipsTheIpcNamespace,
+    WrongPidToMasterHooks, NoNewPidNamespace, SkipsTheIpcNamespace, MountNamespaceFirst,
+    IgnoresMountPropagation, RPCServerOwnFs,
     MasterStaysInTheHostUserNamespace, UserNamespaceFlowsRunAsRoot, SetuidStage1KeepsSavedRoot,
     NoStarterConfigValidation, StarterConfigRecordedLate, Stage1FailureIgnored,
     CreateFailureIgnored, PostStartFailureIgnored, MonitorFailureIgnored, CleanupFailureIsFatal,
-    FatalErrorExitsZero, HookTimeoutUnnamed, RPCRequestsOnThreads, MasterMissesSIGUSR1,
-    LedgerWithoutThreadIds,
+    FatalErrorExitsZero, HookTimeoutUnnamed, RPCRequestsOnThreads, RPCServerTakesPickle,
+    RPCServerQuitsOnUnknownMethod, MasterMissesSIGUSR1, LedgerWithoutThreadIds,
 )
 
 _mutated: list[str] = []  # the starter mutant applied in this process, if any
