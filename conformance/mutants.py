@@ -514,11 +514,17 @@ def coverage_text() -> str:
 
 
 def listing() -> str:
-    """The zoo as a Markdown table (slug, declared killers, flows, bug)."""
+    """The zoo as a Markdown table (name, the ``--engine`` value when it is not the name,
+    declared killers, flows, bug)."""
+    from reference_engines.mutants import engine_spec
+
     lines = ["| mutant | killed by | flows | bug |", "|---|---|---|---|"]
     for mutant in zoo():
         gap = f" **Known survivor**: {mutant.gap}." if mutant.gap else ""
-        lines.append(f"| `mutant-{mutant.slug}` | {', '.join(mutant.killed_by)} | "
+        name = f"mutant-{mutant.slug}"
+        spec = engine_spec(mutant)
+        shown = f"`{name}`" + (f" (`--engine={spec}`)" if spec != name else "")
+        lines.append(f"| {shown} | {', '.join(mutant.killed_by)} | "
                      f"{', '.join(mutant.flows)} | {mutant.bug}.{gap} |")
     return "\n".join(lines)
 

@@ -148,3 +148,11 @@ def test_the_kill_matrix_kills_every_mutant_and_passes_the_reference(tmp_path,
         killed, decidable, total = matrix.killed_fraction("fake")
         record_property("fake_backend_killed", f"{killed}/{total} ({decidable} decidable)")
         assert total == killable
+
+
+def test_the_listing_names_every_mutant_and_how_to_run_a_starter_mutant():
+    text = M.listing()
+    for mutant in MUTANTS:
+        assert f"`{registered_name(mutant)}`" in text
+    for mutant in STARTER_MUTANTS:
+        assert f"(`--engine={engine_spec(mutant)}`)" in text

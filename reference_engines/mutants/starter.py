@@ -39,7 +39,7 @@ from kit.rpc import server as rpc_server
 from kit.starter_config import StarterConfig
 from kit.system import RealSystem
 from reference_engines.minimal import ReferenceRPC
-from reference_engines.mutants.base import Mutant
+from reference_engines.mutants.base import Mutant, refuse_real_host
 from reference_engines.mutants.lifecycle import HANG_TIMEOUT
 
 #: How long the losing side of a made-deterministic race waits (seconds).
@@ -83,6 +83,15 @@ class StarterMutant(Mutant):
 
     #: Fault injection and join-only scenarios: most starter bugs are on the error paths.
     cooperative: ClassVar[bool] = True
+    #: The bug leaves the container without the namespaces the engine asked for, so the
+    #: reference's create_container would mount and set the hostname in the host's: the
+    #: mutant refuses to run outside the kill matrix's sandbox (or the fake backend).
+    needs_sandbox: ClassVar[bool] = False
+
+    def create_container(self, ctx: Any, pid: int, rpc_conn: Any) -> None:
+        if self.needs_sandbox:
+            refuse_real_host(self.slug)
+        super().create_container(ctx, pid, rpc_conn)
 
     @staticmethod
     def mutate() -> None:
@@ -151,6 +160,7 @@ class Stage1HandsOverEarly(StarterMutant):
     bug = ("stage 1 sends its result before it calls prepare_config, and the starter goes on "
            "without waiting for stage 1 to exit")
     killed_by = ("ORDER-004", "STATE-002")
+    needs_sandbox = True  # the StarterConfig handed over asks for no namespace
 
     @staticmethod
     def mutate() -> None:
@@ -572,6 +582,7 @@ class Stage1FailureIgnored(StarterMutant):
     slug = "starter-stage1-failure-ignored"
     bug = "stage 1 ignores an exception of prepare_config and hands over the StarterConfig"
     killed_by = ("ERR-001",)
+    needs_sandbox = True  # the StarterConfig handed over asks for no namespace
 
     @staticmethod
     def mutate() -> None:
