@@ -189,3 +189,34 @@ def test_a_slow_rpc_server_times_out(rpc_mock: Any, host_untouched: None) -> Non
 
     with pytest.raises(TimeoutError):
         run_create_container(eng, transport)
+
+
+def test_the_rpc_methods_refuse_a_namespace_that_is_still_the_hosts(rpc_mock: Any,
+                                                                     host_untouched: None) -> None:
+    """prepare_config recorded the host's namespaces; a starter that did not create the uts
+    namespace asked for (here: the system says the RPC server's is the host's) gets EPERM
+    instead of a changed host hostname."""
+    host = {"mount": 4026531841, "uts": 4026531838}
+    eng = make_engine(host_namespaces=host)
+    recording = RecordingSystem(results={"ns_inode": lambda kind, *args: host[kind]})
+    transport = rpc_mock("reference", engine=eng, system=recording)
+
+    with pytest.raises(PermissionError, match="uts namespace is still the host's") as info:
+        run_create_container(eng, transport)
+
+    assert info.value.errno == errno.EPERM
+    assert recording.names() == ["ns_inode"]  # asked, then refused: nothing else reached it
+
+
+def test_prepare_config_records_the_host_namespaces_and_users_cannot_set_them() -> None:
+    from kit.contract import ConfigError
+    from kit.starter_config import StarterConfig
+    from reference_engines.minimal.engine import GUARDED_NAMESPACES, validate_config
+
+    eng = make_engine()
+    sc = StarterConfig("root", 0, 0)
+    eng.prepare_config(sc)
+    assert eng.common.engine_config.host_namespaces == {
+        kind: linux.ns_inode(kind) for kind in GUARDED_NAMESPACES}
+    with pytest.raises(ConfigError, match="^host_namespaces: "):
+        validate_config(ReferenceConfig(argv=["/bin/true"], host_namespaces={"uts": 1}), sc)

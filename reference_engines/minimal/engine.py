@@ -17,6 +17,7 @@ import stat
 import tempfile
 from dataclasses import dataclass, field
 
+from kit import system
 from kit.contract import (
     ConfigError, Context, EngineConfig, Operations, SignalChannel, WaitStatus,
 )
@@ -37,6 +38,8 @@ FORWARDED_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, sig
                                signal.SIGUSR2})
 #: Namespaces created unless the config says otherwise; ``user`` is added by the flow.
 DEFAULT_NAMESPACES = ["mount", "pid", "uts", "ipc", "net", "cgroup"]
+#: Namespaces the RPC methods change (mounts, the hostname): never while they are the host's.
+GUARDED_NAMESPACES = ("mount", "uts")
 ROOTFS_MODES = ("host", "bind")
 #: Flows whose caller is unprivileged and that get a user namespace.
 USERNS_FLOWS = ("userns", "fakeroot", "hybrid")
@@ -78,6 +81,10 @@ class ReferenceConfig(EngineConfig):
     mount_proc: bool = True
     #: Mount a tmpfs on /tmp (needs the mount namespace).
     mount_tmp: bool = True
+    #: Not a user option: prepare_config records here the inodes of the namespaces stage 1
+    #: runs in (the host's), and the RPC methods refuse to change a namespace that is still
+    #: the host's, whatever the starter did with the StarterConfig.
+    host_namespaces: dict[str, int] = field(default_factory=dict)
 
 
 def validate_config(cfg: ReferenceConfig, sc: StarterConfig) -> list[str]:
@@ -86,6 +93,8 @@ def validate_config(cfg: ReferenceConfig, sc: StarterConfig) -> list[str]:
     Raises :class:`ConfigError` whose message starts with the offending field.
     """
     root = sc.flow == "root"
+    if cfg.host_namespaces:
+        raise ConfigError("host_namespaces: recorded by the engine itself, not a user option")
     if not cfg.argv:
         raise ConfigError("argv: the payload command line is empty")
     for i, arg in enumerate(cfg.argv):
@@ -186,6 +195,8 @@ class ReferenceEngine(Operations):
         cfg: ReferenceConfig = self.common.engine_config
         sc = starter_config
         caps = validate_config(cfg, sc)
+        host = system.current()
+        cfg.host_namespaces = {kind: host.ns_inode(kind) for kind in GUARDED_NAMESPACES}
 
         namespaces = list(cfg.namespaces)
         if sc.flow in USERNS_FLOWS:

@@ -125,10 +125,18 @@ class ReferenceRPC:
         return list(getattr(common.engine_config, "namespaces", ())) if common else []
 
     def _need_namespace(self, kind: str, what: str) -> None:
-        """Refuse work that would hit the host because the run has no ``kind`` namespace."""
+        """Refuse work that would hit the host because the run has no ``kind`` namespace:
+        not asked for, or asked for and still the host's (a starter that did not create it;
+        prepare_config recorded the host's namespaces)."""
         if kind not in self._namespaces():
             raise _refuse(f"{what}: the container has no {kind} namespace; refusing to "
                           "change the host's")
+        common = self.engine.common
+        host = getattr(common.engine_config, "host_namespaces", None) if common else None
+        if host and kind in host and self.system.ns_inode(kind) == host[kind]:
+            raise _refuse(f"{what}: the {kind} namespace is still the host's (the starter did "
+                          "not create the one prepare_config asked for); refusing to change "
+                          "the host's")
 
     def _need_root(self, what: str) -> str:
         if self.root is None:

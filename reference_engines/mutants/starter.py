@@ -37,9 +37,9 @@ from kit.contract import Context, dumps
 from kit.ledger import LedgerWriter
 from kit.rpc import server as rpc_server
 from kit.starter_config import StarterConfig
-from kit.system import RealSystem
+from kit.system import RealSystem, current
 from reference_engines.minimal import ReferenceRPC
-from reference_engines.mutants.base import Mutant, refuse_real_host
+from reference_engines.mutants.base import HostDamageRefused, Mutant
 from reference_engines.mutants.lifecycle import HANG_TIMEOUT
 
 #: How long the losing side of a made-deterministic race waits (seconds).
@@ -84,13 +84,17 @@ class StarterMutant(Mutant):
     #: Fault injection and join-only scenarios: most starter bugs are on the error paths.
     cooperative: ClassVar[bool] = True
     #: The bug leaves the container without the namespaces the engine asked for, so the
-    #: reference's create_container would mount and set the hostname in the host's: the
-    #: mutant refuses to run outside the kill matrix's sandbox (or the fake backend).
-    needs_sandbox: ClassVar[bool] = False
+    #: reference's create_container would mount on the host's /proc and /tmp (hiding them
+    #: from everything, the kill matrix's own sandbox included) and set the host's hostname:
+    #: in the real backend such a mutant's create_container refuses (and fails) instead.
+    #: The rules it breaks are about stage 1 and show all the same.
+    no_namespaces: ClassVar[bool] = False
 
     def create_container(self, ctx: Any, pid: int, rpc_conn: Any) -> None:
-        if self.needs_sandbox:
-            refuse_real_host(self.slug)
+        if self.no_namespaces and current().name == "real":
+            raise HostDamageRefused(
+                f"mutant-{self.slug}: the container has none of the namespaces asked for; "
+                "refusing to mount or set the hostname in the host's")
         super().create_container(ctx, pid, rpc_conn)
 
     @staticmethod
@@ -160,7 +164,7 @@ class Stage1HandsOverEarly(StarterMutant):
     bug = ("stage 1 sends its result before it calls prepare_config, and the starter goes on "
            "without waiting for stage 1 to exit")
     killed_by = ("ORDER-004", "STATE-002")
-    needs_sandbox = True  # the StarterConfig handed over asks for no namespace
+    no_namespaces = True  # the StarterConfig handed over asks for no namespace
 
     @staticmethod
     def mutate() -> None:
@@ -582,7 +586,7 @@ class Stage1FailureIgnored(StarterMutant):
     slug = "starter-stage1-failure-ignored"
     bug = "stage 1 ignores an exception of prepare_config and hands over the StarterConfig"
     killed_by = ("ERR-001",)
-    needs_sandbox = True  # the StarterConfig handed over asks for no namespace
+    no_namespaces = True  # the StarterConfig handed over asks for no namespace
 
     @staticmethod
     def mutate() -> None:
