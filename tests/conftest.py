@@ -7,6 +7,7 @@ RPC tests' servers, probes) are not the pytest process and are let through.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -89,3 +90,25 @@ def host_state() -> dict[str, Any]:
                      if linux.process_state(p) not in ("Z", None) and p != _zygote_pid()],
         "netns": sorted(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else [],
     }
+
+
+def in_child(fn: Callable[[], Any]) -> dict[str, Any]:
+    """Run ``fn()`` in a forked child: ``{"ok": its JSON-able result}`` or ``{"error":
+    "Type: message"}`` (for what must not change the test process: namespaces, ids…)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            out = {"ok": fn()}
+        except BaseException as exc:
+            out = {"error": f"{type(exc).__name__}: {exc}"}
+        os.write(w, json.dumps(out).encode())
+        os._exit(0)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 65536):
+        data += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    return json.loads(data)

@@ -16,33 +16,14 @@ import pytest
 from kit.fake import store as store_mod
 from kit.fake.store import HEADER, Store, StoreError
 
+from conftest import in_child
+
 
 @pytest.fixture
 def store(tmp_path):
     s = Store.create({"n": 0, "items": [], "ns": {"1": {"kind": "uts"}}}, str(tmp_path))
     yield s
     s.remove()
-
-
-def in_child(fn) -> dict:
-    """Run ``fn()`` in a forked child; its JSON-able result (or the error it raised)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            out = {"ok": fn()}
-        except BaseException as exc:
-            out = {"error": f"{type(exc).__name__}: {exc}"}
-        os.write(w, json.dumps(out).encode())
-        os._exit(0)
-    os.close(w)
-    data = b""
-    while chunk := os.read(r, 65536):
-        data += chunk
-    os.close(r)
-    os.waitpid(pid, 0)
-    return json.loads(data)
 
 
 def file_generation(store: Store) -> int:

@@ -7,32 +7,13 @@ Namespace changes happen in forked children of the pytest process, never in it.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import subprocess
 import sys
 
 from kit import linux, probe
 
-
-def in_child(fn) -> dict:
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            out = {"ok": fn()}
-        except BaseException as exc:
-            out = {"error": f"{type(exc).__name__}: {exc}"}
-        os.write(w, json.dumps(out).encode())
-        os._exit(0)
-    os.close(w)
-    data = b""
-    while chunk := os.read(r, 65536):
-        data += chunk
-    os.close(r)
-    os.waitpid(pid, 0)
-    return json.loads(data)
+from conftest import in_child
 
 
 def errno_of(fn, *args) -> str:
