@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable
 from conformance import expectations as X
 from conformance import requirements
 from conformance.runs import HarnessError, Run
+from kit.starter_config import split_propagation
 
 MAX_SHOWN = 3  # violations rendered per requirement
 
@@ -759,23 +760,29 @@ def check_shared_root(verify: Verifier, run: Run, requirement: str) -> None:
     if not enters or "probe_error" in snap or not snap:
         verify.vacuous(requirement, "stage 2 has no snapshot at start_process")
         return
-    after = [((c.get("creds") or {}).get("after") or {}, c) for c in events_of(run, "rpc_call")]
-    after = [(creds, c) for creds, c in after if creds]
-    hooks = [e for e in run.events if e.get("role") == "rpc" and e.get("snapshot")
-             and e.get("kind") in ("hook_enter", "hook_return")]
-    if after:
-        rpc_root, event = after[-1][0].get("root"), after[-1][1]
-    elif hooks:
-        rpc_root, event = hooks[-1]["snapshot"].get("root"), hooks[-1]
-    else:
+    last = None  # (root, event): the RPC server's last record of its root
+    for e in run.events:
+        if e.get("role") != "rpc":
+            continue
+        if e.get("kind") == "rpc_call":
+            seen = (e.get("creds") or {}).get("after") or {}
+        elif e.get("kind") in ("hook_enter", "hook_return"):
+            seen = e.get("snapshot") or {}
+        else:
+            continue
+        if "root" in seen:
+            last = (seen["root"], e)
+    if last is None:
         verify.vacuous(requirement, "the RPC server recorded no snapshot")
         return
+    rpc_root, event = last
     verify.check(requirement, rpc_root is not None and snap.get("root") == rpc_root,
                  expected=f"stage 2's root is the RPC server's ({rpc_root} at #{event['seq']})",
                  observed=f"stage 2's root is {snap.get('root')}", run=run, event=enters[0])
 
 
-#: SPEC §5: user and pid in the starter (before the fork), then the container side.
+#: SPEC §5: user and pid in the starter (before the fork), then the container side. Written
+#: out from the SPEC, not taken from the kit (whose order is what is being checked).
 NS_ENTRY_ORDER = ("user", "pid", "net", "uts", "ipc", "cgroup", "mount")
 _STARTER_KINDS = ("user", "pid")
 
@@ -808,9 +815,6 @@ def check_namespace_order(verify: Verifier, run: Run, requirement: str) -> None:
         verify.vacuous(requirement, "the run entered no namespace")
 
 
-_PROPAGATIONS = ("private", "slave", "shared", "unbindable")
-
-
 def check_mount_propagation(verify: Verifier, run: Run, requirement: str) -> None:
     """NS-008: a new mount namespace has the StarterConfig's propagation on / (recorded by
     the container process right after it set it), before any RPC call could mount."""
@@ -818,7 +822,7 @@ def check_mount_propagation(verify: Verifier, run: Run, requirement: str) -> Non
     configs = events_of(run, "starter_config")
     wanted = ((configs[0].get("config") or {}).get("requests") or {}).get(
         "mount_propagation") if configs else None
-    base = wanted[1:] if wanted and wanted[0] == "r" and wanted[1:] in _PROPAGATIONS else wanted
+    base = split_propagation(wanted)[0] if wanted else wanted
     setups = [ev for ev in events_of(run, "namespaces") if "mount" in (ev.get("created") or [])]
     calls = events_of(run, "rpc_call")
     for ev in setups:

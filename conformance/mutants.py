@@ -379,17 +379,21 @@ class Matrix:
                                    + (f": {e['error'][:300]}" if e["error"] else ""))
         return out
 
+    def _real_mutant_entries(self) -> list[dict[str, Any]]:
+        return [e for e in self.entries
+                if e["backend"] == "real" and not e["baseline"] and not e["gap"]]
+
+    def shown(self) -> set[str]:
+        """Requirements that failed, in the real backend, for a mutant that declares them."""
+        return {req for e in self._real_mutant_entries()
+                for req in set(e["declared"]) & set(e["failed"])}
+
     def unproven(self) -> list[str]:
         """Requirements that mutants declare but that failed for none of them in the real
         backend: declared, never shown to catch anything (a mutant that only another of
         its declared requirements kills proves nothing about this one)."""
-        shown: dict[str, bool] = {}
-        for e in self.entries:
-            if e["backend"] != "real" or e["baseline"] or e["gap"]:
-                continue
-            for req in e["declared"]:
-                shown[req] = shown.get(req, False) or req in e["failed"]
-        return sorted(req for req, ok in shown.items() if not ok)
+        declared = {req for e in self._real_mutant_entries() for req in e["declared"]}
+        return sorted(declared - self.shown())
 
     def _by_target(self) -> dict[str, list[dict[str, Any]]]:
         out: dict[str, list[dict[str, Any]]] = {}
@@ -497,11 +501,9 @@ def table(matrix: Matrix) -> str:
                          f"({100 * killed / total:.0f} %)" + (
                              f"; {total - decidable} not decidable there (n/c)"
                              if decidable < total else ""))
-    shown = {req for e in matrix.entries if e["backend"] == "real" and not e["baseline"]
-             for req in set(e["declared"]) & set(e["failed"])}
     musts = must_requirements()
     lines.append(f"MUST requirements shown to kill a mutant that declares them (real backend): "
-                 f"{len(shown & set(musts))}/{len(musts)}")
+                 f"{len(matrix.shown() & set(musts))}/{len(musts)}")
     lines.append(f"{len(matrix._by_target())} sessions in {matrix.seconds:.0f} s")
     return "\n".join(lines)
 

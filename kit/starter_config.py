@@ -20,6 +20,15 @@ PROPAGATIONS = ("private", "rprivate", "slave", "rslave", "shared", "rshared",
 FLOWS = ("root", "suid", "userns", "fakeroot", "hybrid")
 
 
+def split_propagation(propagation: str) -> tuple[str, bool]:
+    """``("private", True)`` for ``rprivate``: the propagation type and whether it applies
+    recursively (the ``r`` prefix). A name that is not one of :data:`PROPAGATIONS` comes back
+    as it is, not recursive (mount then names it as an unknown flag)."""
+    if propagation in PROPAGATIONS and propagation.startswith("r"):
+        return propagation[1:], True
+    return propagation, False
+
+
 def normalize_capability(name: str, setting: str) -> str:
     """``sys_admin``/``CAP_SYS_ADMIN`` → ``CAP_SYS_ADMIN``; unknown names are an error."""
     if not isinstance(name, str):

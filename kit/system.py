@@ -13,6 +13,7 @@ import socket
 from typing import Any, Iterable
 
 from kit import linux, probe
+from kit.starter_config import split_propagation
 
 
 class System:
@@ -51,6 +52,12 @@ class System:
         """r=e=``uid``, saved uid kept (0): effective capabilities are cleared, permitted kept
         — the setuid master's state."""
         self.setresuid(uid, uid, -1)
+
+    # -- mounts (built on mount) ------------------------------------------------------------
+    def set_propagation(self, target: str, propagation: str) -> None:
+        """``private``, ``rslave``… on ``target`` (r prefix = recursive)."""
+        kind, recursive = split_propagation(propagation)
+        self.mount(None, target, None, [kind, "rec"] if recursive else [kind])
 
 
 class RealSystem(System):
@@ -154,14 +161,6 @@ class RealSystem(System):
                                  f"(known: {', '.join(linux.MOUNT_FLAGS)})")
             mask |= linux.MOUNT_FLAGS[name]
         linux.mount(source, target, fstype, mask, data)
-
-    def set_propagation(self, target: str, propagation: str) -> None:
-        """``private``, ``rslave``… on ``target`` (r prefix = recursive)."""
-        rec = propagation.startswith("r") and propagation != "r"
-        base = propagation[1:] if rec and propagation[1:] in ("private", "slave", "shared",
-                                                              "unbindable") else propagation
-        flags = [base] + (["rec"] if base != propagation else [])
-        self.mount(None, target, None, flags)
 
     def propagation(self, target: str) -> str | None:
         """The propagation type (shared, slave, private, unbindable) of the topmost mount at

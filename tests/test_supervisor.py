@@ -11,6 +11,8 @@ from kit.launcher import make_request
 from kit.ledger import decode_checked
 from kit.supervisor import Supervisor, _backend, prepare_backend
 
+from conftest import in_child
+
 DATAGRAMS = [
     # as LedgerWriter.emit sends them
     json.dumps({"t": 1, "kind": "process_start", "role": "starter", "pid": 7, "tid": 7,
@@ -64,23 +66,14 @@ def test_a_fake_backend_prepared_in_the_parent_is_the_childs_own():
     prepared = prepare_backend(request)
     assert prepared is not None
     assert prepare_backend(make_request("reference", "root", ["/bin/true"])) is None
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        out = {}
-        try:
-            os.close(r)
-            with _backend(request, prepared) as fake:
-                state = fake.model_state()
-                out = {"registered": sorted(state["procs"]), "me": str(os.getpid()),
-                       "uid": list(fake.getresuid()), "current": system.current() is fake}
-        except BaseException as exc:
-            out = {"error": repr(exc)}
-        os.write(w, json.dumps(out).encode())
-        os._exit(0)
-    os.close(w)
-    out = json.loads(os.read(r, 65536))
-    os.close(r)
-    os.waitpid(pid, 0)
+
+    def in_the_child() -> dict:
+        with _backend(request, prepared) as fake:
+            state = fake.model_state()
+            return {"registered": sorted(state["procs"]), "me": str(os.getpid()),
+                    "uid": list(fake.getresuid()), "current": system.current() is fake}
+
+    result = in_child(in_the_child)
+    out = result.get("ok", result)  # an error shows in the assertion message
     assert out == {"registered": [out.get("me")], "me": out.get("me"), "uid": [0, 0, 0],
                    "current": True}, out

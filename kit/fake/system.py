@@ -89,7 +89,8 @@ def _real_mounts() -> list[dict[str, Any]]:
         propagation = linux.propagation_type(fields[6:sep])
         mounts.append({
             "id": int(fields[0]), "target": linux.unescape_mountinfo(fields[4]),
-            "source": linux.unescape_mountinfo(fields[sep + 2]) if len(fields) > sep + 2 else "none",
+            "source": (linux.unescape_mountinfo(fields[sep + 2]) if len(fields) > sep + 2
+                       else "none"),
             "fstype": fields[sep + 1],
             "flags": sorted(f for f in ("ro", "nosuid", "nodev", "noexec") if f in options),
             "locked_flags": [], "locked": False, "propagation": propagation, "bind": False,
@@ -690,13 +691,6 @@ class FakeSystem(System):
             m.mount(self._cred(), self._proc.ns["mount"], host_source, host_target, fstype,
                     flags, data, lambda h: self._exists(st, h), lambda h: self._is_dir(st, h),
                     self._me().ns["pid"])
-
-    def set_propagation(self, target: str, propagation: str) -> None:
-        rec = propagation.startswith("r") and propagation != "r"
-        base = propagation[1:] if rec and propagation[1:] in ("private", "slave", "shared",
-                                                              "unbindable") else propagation
-        flags = [base] + (["rec"] if base != propagation else [])
-        self.mount(None, target, None, flags)
 
     def propagation(self, target: str) -> str | None:
         with self._store.transaction(write=False) as st:

@@ -69,6 +69,18 @@ def _wrap_system(name: str, make: Callable[[Callable[..., Any]], Callable[..., A
         _wrap(cls, name, make)
 
 
+def _leave_out(method: str, process: str, kind: str) -> None:
+    """In the kit process ``process``, the system interface's ``clone`` or ``unshare``
+    leaves namespace ``kind`` out of what it is asked to create."""
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def without(system: Any, kinds: Any = (), *args: Any, **kwargs: Any) -> Any:
+            if _process() == process:
+                kinds = [k for k in kinds if k != kind]
+            return original(system, kinds, *args, **kwargs)
+        return without
+    _wrap_system(method, make)
+
+
 def _wrap_hook_call(change: Callable[..., Any]) -> None:
     """Route every ``HookRunner.call`` through ``change(original, runner, hook, fn, *args)``."""
     original = S.HookRunner.call
@@ -168,25 +180,25 @@ class Stage1HandsOverEarly(StarterMutant):
 
     @staticmethod
     def mutate() -> None:
-        def change(original: Callable[..., Any], runner: S.HookRunner, hook: str,
-                   fn: Callable[..., Any], *args: Any) -> Any:
-            if hook != "prepare_config" or _process() != "kit-stage1":
-                return original(runner, hook, fn, *args)
-            ops = fn.__wrapped__.__self__  # type: ignore[attr-defined]
-            fd = _Stage1Pipe.fd
-            os.write(fd, dumps({"common": ops.common.to_json(),
-                                "starter_config": args[0].to_json()}).encode())
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, fd)  # the starter sees EOF; stage 1's own write goes nowhere
-            os.close(devnull)
-            time.sleep(RACE_DELAY)
-            return original(runner, hook, fn, *args)
-        _wrap_hook_call(change)
         S.Starter.run_stage1 = _run_stage1_without_waiting  # type: ignore[method-assign]
 
 
-class _Stage1Pipe:
-    fd = -1
+def _hand_over_before_prepare_config(wfd: int) -> None:
+    """In stage 1: write the result to the starter's pipe (``wfd``) when prepare_config is
+    about to be called, then call it (its changes are lost)."""
+    def change(original: Callable[..., Any], runner: S.HookRunner, hook: str,
+               fn: Callable[..., Any], *args: Any) -> Any:
+        if hook != "prepare_config":
+            return original(runner, hook, fn, *args)
+        ops = fn.__wrapped__.__self__  # type: ignore[attr-defined]
+        os.write(wfd, dumps({"common": ops.common.to_json(),
+                             "starter_config": args[0].to_json()}).encode())
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, wfd)  # the starter sees EOF; stage 1's own write goes nowhere
+        os.close(devnull)
+        time.sleep(RACE_DELAY)
+        return original(runner, hook, fn, *args)
+    _wrap_hook_call(change)
 
 
 def _run_stage1_without_waiting(self: S.Starter) -> tuple[dict[str, Any], StarterConfig]:
@@ -194,7 +206,7 @@ def _run_stage1_without_waiting(self: S.Starter) -> tuple[dict[str, Any], Starte
     pid = os.fork()
     if pid == 0:
         os.close(rfd)
-        _Stage1Pipe.fd = wfd
+        _hand_over_before_prepare_config(wfd)
         self._stage1_child(wfd)
     os.close(wfd)
     with os.fdopen(rfd, "rb") as f:
@@ -373,13 +385,7 @@ class NoNewPidNamespace(StarterMutant):
 
     @staticmethod
     def mutate() -> None:
-        def make(original: Callable[..., Any]) -> Callable[..., Any]:
-            def clone(system: Any, kinds: Any = (), share_fs: bool = False) -> int:
-                if _process() == "kit-starter":
-                    kinds = [k for k in kinds if k != "pid"]
-                return original(system, kinds, share_fs)
-            return clone
-        _wrap_system("clone", make)
+        _leave_out("clone", "kit-starter", "pid")
 
 
 class SkipsTheIpcNamespace(StarterMutant):
@@ -389,13 +395,7 @@ class SkipsTheIpcNamespace(StarterMutant):
 
     @staticmethod
     def mutate() -> None:
-        def make(original: Callable[..., Any]) -> Callable[..., Any]:
-            def unshare(system: Any, kinds: Any) -> None:
-                if _process() == "kit-container":
-                    kinds = [k for k in kinds if k != "ipc"]
-                original(system, kinds)
-            return unshare
-        _wrap_system("unshare", make)
+        _leave_out("unshare", "kit-container", "ipc")
 
 
 class MountNamespaceFirst(StarterMutant):
@@ -501,14 +501,7 @@ class UserNamespaceFlowsRunAsRoot(StarterMutant):
             return become_invoker
         _wrap(S.Starter, "become_invoker", make_invoker)
         S.Starter._write_maps = lambda starter, pid, sconf: None  # type: ignore[method-assign]
-
-        def make_clone(original: Callable[..., Any]) -> Callable[..., Any]:
-            def clone(system: Any, kinds: Any = (), share_fs: bool = False) -> int:
-                if _process() == "kit-starter":
-                    kinds = [k for k in kinds if k != "user"]
-                return original(system, kinds, share_fs)
-            return clone
-        _wrap_system("clone", make_clone)
+        _leave_out("clone", "kit-starter", "user")
         _skip_joining_the_container_user_namespace()
 
 
