@@ -392,6 +392,20 @@ def ambient_clear() -> None:
     prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
 
 
+# --- signals -----------------------------------------------------------------------------
+
+_SIG_IGN = 1
+
+
+def signal_ignored(sig: int) -> bool:
+    """Whether ``sig`` is ignored in this process, as the kernel has it (an engine may have
+    set SIG_IGN through libc, behind the back of Python's own handler table)."""
+    # struct sigaction (glibc, 64-bit) begins with the handler; the rest is room enough.
+    old = ctypes.create_string_buffer(256)
+    _check(_libc.sigaction(sig, None, old), "sigaction")
+    return ctypes.c_void_p.from_buffer(old).value == _SIG_IGN
+
+
 # --- memory ------------------------------------------------------------------------------
 
 def release_free_memory() -> None:

@@ -55,6 +55,31 @@ UNTIMED_HOOKS = ("monitor_container",)
 _UNBLOCKABLE = {signal.SIGKILL, signal.SIGSTOP, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE,
                 signal.SIGILL, signal.SIGTRAP, signal.SIGSYS, signal.SIGABRT}
 MASTER_SIGNALS = {s for s in signal.valid_signals() if s not in _UNBLOCKABLE}
+#: Signals CPython itself ignores at start-up (it wants EPIPE and EFBIG, not death).
+_PYTHON_IGNORED = (signal.SIGPIPE, signal.SIGXFSZ)
+
+
+def default_signals(for_exec: bool = False) -> None:
+    """Undo what the launcher's shell left: ignored signals back to their defaults, none
+    blocked.
+
+    An ignored signal stays ignored across fork and exec, and so does the signal mask: under
+    ``nohup`` or a CI runner that ignores SIGHUP, the payload would otherwise inherit that and
+    a forwarded SIGHUP would do nothing. SIGINT goes back to CPython's own handler, as in an
+    interpreter started normally; ``for_exec`` (stage 2, just before the payload) also
+    restores the two signals CPython ignores.
+    """
+    for sig in signal.valid_signals():
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        if sig in _PYTHON_IGNORED:
+            if for_exec:
+                signal.signal(sig, signal.SIG_DFL)
+            continue
+        if signal.getsignal(sig) == signal.SIG_IGN:
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT
+                          else signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
 
 
 class StageFailed(Exception):
@@ -316,6 +341,7 @@ class Starter:
         code = EXIT_FATAL
         try:
             linux.set_name("kit-starter")
+            default_signals()
             self.parent = os.getppid()
             self.become_invoker()
             rearm_parent_death(self.parent)
@@ -496,6 +522,7 @@ class Master:
         self.exec_checked = threading.Event()
         self.signals = SignalChannel()
         self.ctx = Context()
+        self.container_sigchld = threading.Event()
 
     def main(self) -> int:
         linux.set_name("kit-master")
@@ -537,6 +564,8 @@ class Master:
             status = self._await_status()
         else:
             status = value
+        if status is not None:
+            self._await_container_sigchld()
         threads[0].join()
         threads[1].join()
         self._check_sentinel()
@@ -566,6 +595,17 @@ class Master:
             self.ledger.emit("foreign_reap", child_pid=sentinel, detail=(
                 "a child of the master that is not the container (the kit's sentinel) was "
                 "reaped by the engine: monitor_container must reap only the container's pid"))
+
+    def _await_container_sigchld(self) -> None:
+        """Hold the master until the signal thread has recorded the container's SIGCHLD.
+
+        A monitor that waits on a pidfd reaps the container as soon as it exits, possibly
+        before the signal thread has taken the SIGCHLD off the pending set: without this
+        wait the master could finish and exit with the SIGCHLD never recorded (SIG-005).
+        When SIGCHLD is ignored (an engine's doing) the kernel sends none: nothing to wait for.
+        """
+        if not linux.signal_ignored(signal.SIGCHLD):
+            self.container_sigchld.wait(self.starter.req.hook_timeout)
 
     def _kill_container(self) -> None:
         try:
@@ -608,6 +648,8 @@ class Master:
             self.ledger.emit("signal", signum=info.si_signo,
                              name=signal.Signals(info.si_signo).name, sender=info.si_pid)
             self.signals.put(info.si_signo)
+            if info.si_signo == signal.SIGCHLD and info.si_pid == self.pid:
+                self.container_sigchld.set()
 
     def _container_exited(self) -> bool:
         try:
@@ -890,8 +932,7 @@ class Stage2:
         sock = self.c.sock
         try:
             self.apply_credentials()
-            for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # ignored by CPython, not by payloads
-                signal.signal(sig, signal.SIG_DFL)
+            default_signals(for_exec=True)
             self.ledger.emit("process_start", ppid=self.c.system.getppid(),
                              nspid=[self.c.system.getpid()])
             hooks = HookRunner(self.ledger, self.c.system, self.c.req.probes)

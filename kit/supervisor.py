@@ -31,7 +31,7 @@ from typing import Any
 from kit import linux, registry
 from kit.ledger import SCHEMA_VERSION, LedgerWriter, decode_checked, ledger_socketpair
 from kit.request import RunRequest
-from kit.starter import EXIT_FATAL, UNTIMED_HOOKS, Starter
+from kit.starter import EXIT_FATAL, UNTIMED_HOOKS, Starter, default_signals
 
 NETNS_DIR = "/run/netns"
 
@@ -388,6 +388,7 @@ def run_supervised(request: RunRequest, result_fd: int, prepared: Any = None) ->
 def main(argv: list[str]) -> int:
     """``python -m kit.supervisor REQUEST_FD RESULT_FD``: one run in a fresh interpreter."""
     req_fd, result_fd = int(argv[0]), int(argv[1])
+    default_signals()
     with os.fdopen(req_fd, "rb") as f:
         request = RunRequest.from_json(json.loads(f.read()))
     os.set_inheritable(result_fd, False)  # the run's processes must not hold it

@@ -31,6 +31,7 @@ import tempfile
 
 from kit import linux
 from kit.request import RunRequest
+from kit.starter import default_signals
 from kit.supervisor import prepare_backend, preload, reap_exited_children, run_supervised
 
 MAX_MESSAGE = 1 << 20
@@ -117,6 +118,7 @@ def serve(control: socket.socket) -> int:
 
 def main(argv: list[str]) -> int:
     control = socket.socket(fileno=int(argv[0]))
+    default_signals()  # before our own SIGCHLD handler: the launcher's shell may ignore some
     # Reap finished supervisors at once (the handler runs between retries of recv).
     signal.signal(signal.SIGCHLD, lambda _signum, _frame: reap_exited_children())
     linux.set_parent_death_signal(signal.SIGKILL)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import select
 import subprocess
 import tempfile
 import threading
@@ -17,7 +18,7 @@ import time
 from dataclasses import dataclass
 
 from kit import linux
-from reference_engines.minimal.engine import ReferenceConfig, ReferenceEngine
+from reference_engines.minimal.engine import FORWARDED_SIGNALS, ReferenceConfig, ReferenceEngine
 from reference_engines.minimal.rpc import ReferenceRPC
 
 ROLE_BY_NAME = {"kit-stage1": "stage1", "kit-master": "master", "kit-rpc": "rpc",
@@ -197,3 +198,25 @@ class CapsEngine(ReferenceEngine):
         for kind, names in cfg.caps.items():
             starter_config.set_capabilities(kind, names)
         starter_config.set_mount_propagation(cfg.propagation)
+
+
+class PidfdMonitorEngine(ReferenceEngine):
+    """The reference engine with a correct monitor of another shape: it waits on a pidfd and
+    reaps the container the moment it exits, without waiting for the signals channel."""
+
+    engine_name = "test-pidfd-monitor"
+    rpc_methods = ReferenceRPC
+
+    def monitor_container(self, pid, signals):  # type: ignore[no-untyped-def]
+        pidfd = os.pidfd_open(pid)
+        try:
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
+            while not poller.poll(5):
+                while not signals.empty():
+                    sig = signals.get(timeout=0)
+                    if sig in FORWARDED_SIGNALS:
+                        os.kill(pid, sig)
+            return os.waitpid(pid, 0)[1]
+        finally:
+            os.close(pidfd)
