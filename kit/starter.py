@@ -901,9 +901,10 @@ class Stage2:
 
     def apply_credentials(self) -> None:
         s, system = self.c.sconf, self.c.system
+        # A set left unset is empty at exec, the bounding set too (SPEC §5): a full bounding
+        # set would hand a root payload every capability at exec.
         caps = {k: linux.caps_to_mask(v or ()) for k, v in s.capabilities.items()}
-        if s.capabilities["bounding"] is not None:
-            system.limit_bounding(caps["bounding"])
+        system.limit_bounding(caps["bounding"])
         uid, gids = self.target_ids()
         in_userns = s.uses_namespace("user")
         groups = None  # setuid flows keep U's supplementary groups; a userns may deny them

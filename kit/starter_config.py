@@ -108,7 +108,8 @@ class StarterConfig:
 
     def set_capabilities(self, kind: str, names: Iterable[str]) -> None:
         """Capability set ``kind`` (effective, permitted, inheritable, bounding, ambient) of
-        stage 2. A set never set keeps the kit's default: empty, except bounding (unchanged)."""
+        stage 2. A set never set is empty when stage 2 execs the payload, the bounding set
+        included (SPEC §5)."""
         if kind not in CAPABILITY_SETS:
             raise ConfigError(f"set_capabilities: unknown capability set {kind!r} "
                               f"(known: {', '.join(CAPABILITY_SETS)})")

@@ -220,3 +220,18 @@ class PidfdMonitorEngine(ReferenceEngine):
             return os.waitpid(pid, 0)[1]
         finally:
             os.close(pidfd)
+
+
+class NoCapabilitiesConfiguredEngine(ReferenceEngine):
+    """The reference engine that never calls ``set_capabilities``: every set is unset, which
+    SPEC §5 says means empty at exec, the bounding set included."""
+
+    engine_name = "test-no-caps-configured"
+    rpc_methods = ReferenceRPC
+
+    def prepare_config(self, starter_config):  # type: ignore[no-untyped-def]
+        starter_config.set_capabilities = lambda kind, names: None
+        try:
+            super().prepare_config(starter_config)
+        finally:
+            del starter_config.set_capabilities

@@ -54,3 +54,30 @@ def test_the_signal_requirements_pass_when_the_launching_shell_ignores_and_block
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "failed" not in proc.stdout.splitlines()[-1]
+
+
+NO_CAPS_ENGINE = "kit_test_engines:NoCapabilitiesConfiguredEngine"
+
+
+def _payload_caps(flow: str) -> dict[str, int]:
+    result = run(NO_CAPS_ENGINE, flow, ["/bin/grep", "^Cap", "/proc/self/status"],
+                 engine_config={"mount_tmp": False})
+    assert result.exit_code == 0, result
+    return {k: int(v, 16) for k, v in (line.split(":\t") for line in result.stdout.splitlines())}
+
+
+@pytest.mark.parametrize("flow", ["root", "suid", "userns", "fakeroot", "hybrid"])
+def test_an_engine_that_configures_no_capability_gives_the_payload_none(flow):
+    from conftest import require_flow
+    require_flow(flow)
+    caps = _payload_caps(flow)
+    assert caps == {"CapInh": 0, "CapPrm": 0, "CapEff": 0, "CapBnd": 0, "CapAmb": 0}, caps
+
+
+def test_an_engine_that_configures_no_capability_passes_the_capability_requirements(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-q",
+         f"--engine={NO_CAPS_ENGINE}", "-k", "PRIV-PAYLOAD or PRIV-STAGE2"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
