@@ -118,6 +118,11 @@ class RunCache:
         except Exception as exc:  # LaunchError, a kit bug
             run.error = f"{type(exc).__name__}: {exc}"
         run.seconds = time.monotonic() - start
+        if run.result is not None:
+            limits = run.result.ledger.select("model_limit")
+            if limits:
+                run.not_configured = ("the fake backend's model cannot build this setup "
+                                      f"(SPEC §9): {limits[0].get('reason')}")
         return run
 
     def finished(self) -> list[Run]:

@@ -44,6 +44,7 @@ EVENT_KINDS: dict[str, tuple[str, ...]] = {
     "hook_timeout": ("hook", "hook_role", "hook_pid", "seconds", "open_hooks"),
     "process_exit": ("child_role", "child_pid", "status"),
     "leak": ("what", "detail"),
+    "model_limit": ("reason",),
     "foreign_reap": ("child_pid", "detail"),
     "starter_exit": ("code",),
     "exit": ("code", "reason"),

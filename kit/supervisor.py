@@ -32,6 +32,7 @@ from kit import linux, registry
 from kit.ledger import SCHEMA_VERSION, LedgerWriter, decode_checked, ledger_socketpair
 from kit.request import RunRequest
 from kit.starter import EXIT_FATAL, UNTIMED_HOOKS, Starter, default_signals
+from kit.system import current
 
 NETNS_DIR = "/run/netns"
 
@@ -141,6 +142,8 @@ class Supervisor:
         if left:
             self.leak("tempdir", f"left in the run's temporary directory: {', '.join(left)}")
         shutil.rmtree(run_dir, ignore_errors=True)
+        for limit in current().model_limits():
+            self.emit("model_limit", reason=limit)
         self.emit("exit", code=code, reason=reason)
         return {"exit_code": code, "reason": reason, "leaks": self.leaks,
                 "timed_out": self.timed_out,

@@ -194,6 +194,10 @@ class RealSystem(System):
         linux.link_up(ifname)
 
     # -- probes ---------------------------------------------------------------------------------
+    def model_limits(self) -> list[str]:
+        """What the run did that the backend cannot reproduce (the kernel: nothing)."""
+        return []
+
     def snapshot(self) -> dict[str, Any]:
         return probe.snapshot()
 

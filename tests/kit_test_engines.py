@@ -235,3 +235,18 @@ class NoCapabilitiesConfiguredEngine(ReferenceEngine):
             super().prepare_config(starter_config)
         finally:
             del starter_config.set_capabilities
+
+
+@dataclass
+class BindRootConfig(ReferenceConfig):
+    rootfs: str = "bind"
+
+
+class BindRootEngine(ReferenceEngine):
+    """The reference engine in its documented ``rootfs: "bind"`` mode, by default."""
+
+    engine_name = "test-bind-root"
+    rpc_methods = ReferenceRPC
+
+    def config(self) -> BindRootConfig:
+        return BindRootConfig()

@@ -81,3 +81,31 @@ def test_an_engine_that_configures_no_capability_passes_the_capability_requireme
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+
+
+BIND_ROOT_ENGINE = "kit_test_engines:BindRootEngine"
+
+
+def test_a_bind_root_file_system_is_not_configured_in_the_fake_backend_never_failed():
+    # SPEC §9: the model cannot build a tree inside a file system that only it mounted.
+    result = run(BIND_ROOT_ENGINE, "root", ["/bin/true"], backend="fake")
+    limits = [e["reason"] for e in result.ledger.select("model_limit")]
+    assert limits and "only the model mounted" in limits[0], limits
+    real = run(BIND_ROOT_ENGINE, "root", ["/bin/true"])
+    assert real.exit_code == 0 and not list(real.ledger.select("model_limit")), real
+
+
+def test_the_host_root_file_system_is_within_the_model():
+    result = run("reference", "root", ["/bin/true"], backend="fake")
+    assert result.exit_code == 0 and not list(result.ledger.select("model_limit")), result
+
+
+def test_the_suite_reports_a_bind_root_engine_not_configured_in_the_fake_backend(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-q",
+         f"--engine={BIND_ROOT_ENGINE}", "--backend=fake", "--flow=root,userns"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    summary = [line for line in proc.stdout.splitlines() if "results (requirement x flow)" in line]
+    assert summary and " 0 failed, 0 broken" in summary[0] and "not-configured" in summary[0]

@@ -688,9 +688,30 @@ class FakeSystem(System):
             host_source = source
             if source is not None and ("bind" in flags or "move" in flags):
                 host_source = self._host(st, source)
+            self._note_model_only_tree(st, m, host_target)
             m.mount(self._cred(), self._proc.ns["mount"], host_source, host_target, fstype,
                     flags, data, lambda h: self._exists(st, h), lambda h: self._is_dir(st, h),
                     self._me().ns["pid"])
+
+    def _note_model_only_tree(self, st: dict[str, Any], m: Model, host_target: str) -> None:
+        """Record a mount made inside a file system that only the model mounted.
+
+        Such a tree (a bind root file system built on a model tmpfs) does not exist for the
+        real VFS, so the engine's own file calls there (mkdir, stat, ismount) see the host's
+        directory instead: SPEC §9 makes the run not-configured, not failed.
+        """
+        under = m.mount_of(m.ns(self._proc.ns["mount"])["mounts"], host_target)
+        if under is None or under["target"] in ("/", host_target):
+            return
+        if os.path.ismount(under["target"]):
+            return  # a real mount point: the host's file system, which the VFS sees too
+        st.setdefault("model_limits", []).append(
+            f"a mount on {host_target} inside the {under['fstype']} that only the model "
+            f"mounted at {under['target']}")
+
+    def model_limits(self) -> list[str]:
+        with self._store.transaction(write=False) as st:
+            return list(st.get("model_limits", ()))
 
     def propagation(self, target: str) -> str | None:
         with self._store.transaction(write=False) as st:
