@@ -1,4 +1,5 @@
-"""``python -m conformance catalogue``: print the requirement catalogue as Markdown;
+"""``python -m conformance catalogue``: print the requirement catalogue as Markdown; ``spec``:
+print the contract;
 ``report``: render a saved JSON report; ``diff``: compare two reports; ``mutants``: the kill
 matrix of the mutant zoo."""
 
@@ -7,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 
@@ -16,6 +18,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("catalogue", help="print every requirement, grouped by hook or concern, "
                                      "with the tests that check it (Markdown)")
+    sub.add_parser("spec", help="print the contract the suite checks (SPEC.md)")
     report = sub.add_parser("report", help="render summary.md and report.html from a saved "
                                            "JSON report; exit status: its verdict (0 "
                                            "conformant, 1 not, 2 harness error, 3 nothing ran)")
@@ -44,6 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from conformance.catalogue import markdown
 
         sys.stdout.write(markdown())
+    elif args.command == "spec":
+        sys.stdout.write((Path(__file__).parent / "SPEC.md").read_text())
     elif args.command == "report":
         from conformance.render import report_command
 

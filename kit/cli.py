@@ -4,6 +4,7 @@
         -- CMD [ARGS…]
     python -m kit flows      (each flow: the backend auto picks, and why)
     python -m kit engines
+    python -m kit new ENGINE_NAME [DIR]   (a new engine package that passes the suite)
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import argparse
 import json
 import signal
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from kit import environment, registry
 from kit.launcher import LaunchError, start
 from kit.request import DEFAULT_HOOK_TIMEOUT, DEFAULT_RUN_TIMEOUT
+from kit.scaffold import ScaffoldError, write_package
 from kit.starter_config import FLOWS
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
@@ -47,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("flows", help="which backend each flow runs on here (real where the "
                    "machine allows it, else fake), and why")
     sub.add_parser("engines", help="registered engines: name, then where it comes from")
+    n = sub.add_parser("new", help="write a new engine package: pyproject with the kit.engines "
+                       "entry point, the engine (each hook says where it runs and with which "
+                       "privileges), its RPC methods, a unit test using rpc_mock, a CI workflow")
+    n.add_argument("name", metavar="ENGINE_NAME", help="e.g. my-engine (package my_engine)")
+    n.add_argument("dir", nargs="?", metavar="DIR", help="where (new or empty; default: "
+                   "./ENGINE_NAME)")
     return p
 
 
@@ -91,10 +100,27 @@ def cmd_engines() -> int:
     return 0
 
 
+def cmd_new(args: argparse.Namespace) -> int:
+    directory = Path(args.dir or args.name)
+    try:
+        written = write_package(args.name, directory)
+    except ScaffoldError as exc:
+        print(f"kit new: {exc}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(f"wrote {path}")
+    where = directory if directory.is_absolute() else Path(".") / directory
+    print(f"next: pip install {where} && pytest {where}/tests && pytest --engine={args.name}"
+          "  (as root, to check every flow)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
         return cmd_run(args)
     if args.command == "flows":
         return cmd_flows()
+    if args.command == "new":
+        return cmd_new(args)
     return cmd_engines()

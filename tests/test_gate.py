@@ -274,8 +274,8 @@ def test_ci_run_is_valid_bash_and_ends_with_the_test_command():
 
 
 def test_templates_run_the_gate_and_keep_the_artifacts():
-    github = (ROOT / "ci/templates/github-actions.yml").read_text()
-    gitlab = (ROOT / "ci/templates/gitlab-ci.yml").read_text()
+    github = (ROOT / "kit/templates/ci/github-actions.yml").read_text()
+    gitlab = (ROOT / "kit/templates/ci/gitlab-ci.yml").read_text()
     for text in (github, gitlab):
         assert "ci/gate --engine" in text and "conformance-out" in text
         assert "apparmor_restrict_unprivileged_userns" in text

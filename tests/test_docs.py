@@ -1,0 +1,232 @@
+"""The documentation runs: every code block of the READMEs says how it is tested, and is."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ("README.md", "conformance/README.md", "reference_engines/minimal/README.md")
+FLOWS = ("root", "suid", "userns", "fakeroot", "hybrid")
+MARKER = re.compile(r"<!-- doc-test: (?P<spec>.*?) -->")
+#: How a block is tested: the first word of its marker.
+KINDS = ("engine", "sh", "text", "skip:")
+#: The README's engine, its module path in the package the test builds.
+README_ENGINE = "mine"
+#: The engine `python -m kit new` writes in the test.
+NEW_ENGINE = "box-engine"
+
+
+@dataclass(frozen=True)
+class Block:
+    doc: str
+    line: int
+    spec: str | None  # the marker's text; None: the block has no marker
+    code: str
+
+    @property
+    def kind(self) -> str:
+        return (self.spec or "").split(" ", 1)[0]
+
+    def option(self, name: str) -> str | None:
+        for word in shlex.split(self.spec or ""):
+            key, eq, value = word.partition("=")
+            if eq and key == name:
+                return value
+        return None
+
+    def where(self) -> str:
+        return f"{self.doc}:{self.line}"
+
+
+def blocks(doc: str) -> Iterator[Block]:
+    """The fenced code blocks of ``doc``, each with the marker on the line before it."""
+    lines = (ROOT / doc).read_text().splitlines()
+    i = 0
+    while i < len(lines):
+        if not lines[i].startswith("```"):
+            i += 1
+            continue
+        start = i
+        i += 1
+        while i < len(lines) and not lines[i].startswith("```"):
+            i += 1
+        previous = next((lines[j] for j in range(start - 1, -1, -1) if lines[j].strip()), "")
+        found = MARKER.fullmatch(previous.strip())
+        yield Block(doc, start + 1, found["spec"] if found else None,
+                    "\n".join(lines[start + 1:i]) + "\n")
+        i += 1
+
+
+ALL_BLOCKS = [b for doc in DOCS for b in blocks(doc)]
+
+
+def test_every_code_block_says_how_it_is_tested() -> None:
+    problems = []
+    for block in ALL_BLOCKS:
+        if block.spec is None:
+            problems.append(f"{block.where()}: no '<!-- doc-test: … -->' line before the block")
+        elif block.kind not in KINDS:
+            problems.append(f"{block.where()}: unknown doc-test kind {block.kind!r} "
+                            f"(known: {', '.join(KINDS)})")
+        elif block.kind == "skip:" and not block.spec.removeprefix("skip:").strip():
+            problems.append(f"{block.where()}: a skipped block must say why")
+    assert not problems, "\n".join(problems)
+    assert any(b.kind == "engine" for b in ALL_BLOCKS), "the README lost its engine"
+
+
+def test_the_contract_shipped_in_the_package_is_the_teams() -> None:
+    shared = ROOT.parent / "shared" / "SPEC.md"
+    if not shared.exists():
+        pytest.skip("no shared/SPEC.md beside the checkout")
+    assert (ROOT / "conformance" / "SPEC.md").read_text() == shared.read_text(), (
+        "conformance/SPEC.md differs from the team's shared/SPEC.md: copy it again")
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("COVERAGE", "PYTEST", "KIT_ENGINE")) and k != "PYTHONPATH"}
+    env.update(extra)
+    return env
+
+
+def _run_sh(block: Block, cwd: Path, env: dict[str, str], engine: str | None = None
+            ) -> subprocess.CompletedProcess[str]:
+    code = block.code if engine is None else block.code.replace("myengine", engine)
+    proc = subprocess.run(["/bin/bash", "-c", code], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+    expect = block.option("expect")
+    out = proc.stdout.strip().splitlines()
+    assert proc.returncode == 0 and (expect is None or (out and out[-1] == expect)), (
+        f"{block.where()}: exit {proc.returncode}, expected last line {expect!r}\n"
+        f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.mark.parametrize("block", [b for b in ALL_BLOCKS
+                                   if b.kind == "sh" and b.option("engine") is None],
+                         ids=lambda b: b.where())
+def test_a_shell_block_runs_from_the_checkout(block: Block) -> None:
+    if os.getuid() != 0:
+        pytest.skip("the documented commands are run as root")
+    bindir = os.path.dirname(sys.executable)
+    _run_sh(block, ROOT, _clean_env(PATH=f"{bindir}:{os.environ['PATH']}"))
+
+
+# -- the README's engine and `kit new`, installed from the kit's wheel ------------------------
+
+@dataclass
+class Venv:
+    root: Path
+    work: Path  # an unrelated directory to run from
+
+    @property
+    def bin(self) -> Path:
+        return self.root / "bin"
+
+    def env(self) -> dict[str, str]:
+        # No compiler on PATH: a fresh install must not need one.
+        return _clean_env(PATH=f"{self.bin}:/nonexistent", CC="/bin/false",
+                          KIT_PYTHON=str(self.bin / "python"), VIRTUAL_ENV=str(self.root),
+                          HOME=str(self.work))
+
+    def run(self, *argv: str | Path, cwd: Path | None = None) -> str:
+        proc = subprocess.run([str(a) for a in argv], cwd=cwd or self.work, env=self.env(),
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, (f"{argv}: exit {proc.returncode}\n{proc.stdout[-4000:]}\n"
+                                      f"{proc.stderr[-4000:]}")
+        return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def wheel_venv() -> Iterator[Venv]:
+    """A fresh virtualenv of Debian's python3 with the kit installed from its built wheel,
+    in a directory every uid of the flows can traverse."""
+    if os.getuid() != 0:
+        pytest.skip("checking all five flows needs root")
+    top = Path(tempfile.mkdtemp(prefix="kit-docs-", dir="/var/tmp"))
+    try:
+        top.chmod(0o755)
+        wheels, work = top / "wheels", top / "work"
+        work.mkdir()
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w",
+                        str(wheels), str(ROOT)], check=True, capture_output=True, timeout=600,
+                       cwd=top)
+        subprocess.run(["/usr/bin/python3", "-m", "venv", str(top / "venv")], check=True,
+                       timeout=120)
+        venv = Venv(top / "venv", work)
+        (wheel,) = wheels.glob("engine_kit-*.whl")
+        venv.run(venv.bin / "python", "-m", "pip", "install", "-q", wheel)
+        yield venv
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def _readme_engine_package(where: Path) -> Path:
+    """The README's engine block, as the package the README describes."""
+    (block,) = [b for b in ALL_BLOCKS if b.kind == "engine"]
+    name, module = block.spec.split()[1:3]
+    assert name == README_ENGINE, block.spec
+    package = where / "readme-engine"
+    (package / Path(module).parent).mkdir(parents=True)
+    (package / module).write_text(block.code)
+    (package / Path(module).parent / "__init__.py").write_text("")
+    (package / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools>=61"]\nbuild-backend = "setuptools.build_meta"\n'
+        '[project]\nname = "mypkg"\nversion = "0.1.0"\ndependencies = ["engine-kit"]\n'
+        f'[project.entry-points."kit.engines"]\n{name} = "mypkg.engine:register"\n'
+        '[tool.setuptools]\npackages = ["mypkg"]\n')
+    return package
+
+
+def _assert_conformant_in_every_flow(venv: Venv, engine: str) -> None:
+    report = venv.work / f"{engine}.json"
+    venv.run(venv.bin / "pytest", "-q", "-p", "no:cacheprovider", f"--engine={engine}",
+             f"--conformance-report={report}")
+    doc = json.loads(report.read_text())
+    flows = doc["environment"]["flows"]
+    assert {f for f in FLOWS if flows[f]["selected"] and flows[f]["backend"] == "real"} == \
+        set(FLOWS), flows
+    bad = [(r["requirement"], r["flow"], r["outcome"]) for r in doc["results"]
+           if r["outcome"] not in ("passed", "not-supported")]
+    assert not bad, bad
+    assert {r["flow"] for r in doc["results"] if r["outcome"] == "passed"} == set(FLOWS)
+
+
+def test_the_readme_engine_installed_from_a_wheel_is_conformant_in_every_flow(
+        wheel_venv: Venv) -> None:
+    package = _readme_engine_package(wheel_venv.work.parent)
+    wheel_venv.run(wheel_venv.bin / "python", "-m", "pip", "install", "-q", package)
+    _assert_conformant_in_every_flow(wheel_venv, README_ENGINE)
+    for block in (b for b in ALL_BLOCKS if b.kind == "sh" and b.option("engine")):
+        assert block.option("engine") == README_ENGINE, block.where()
+        (wheel_venv.work / "ci").unlink(missing_ok=True)
+        (wheel_venv.work / "ci").symlink_to(ROOT / "ci")  # the blocks say ci/gate
+        _run_sh(block, wheel_venv.work, wheel_venv.env(), engine=README_ENGINE)
+
+
+def test_a_kit_new_package_passes_its_tests_and_the_suite_as_written(wheel_venv: Venv) -> None:
+    package = wheel_venv.work.parent / NEW_ENGINE
+    out = wheel_venv.run(wheel_venv.bin / "python", "-m", "kit", "new", NEW_ENGINE, package)
+    assert "conformance.yml" in out
+    workflow = (package / ".github/workflows/conformance.yml").read_text()
+    assert f"ENGINE: {NEW_ENGINE} " in workflow
+    wheel_venv.run(wheel_venv.bin / "python", "-m", "pip", "install", "-q", package)
+    wheel_venv.run(wheel_venv.bin / "pytest", "-q", "-p", "no:cacheprovider", package / "tests")
+    _assert_conformant_in_every_flow(wheel_venv, NEW_ENGINE)
+
+
+def test_the_spec_is_printed_from_the_installed_package(wheel_venv: Venv) -> None:
+    out = wheel_venv.run(wheel_venv.bin / "python", "-m", "conformance", "spec")
+    assert out.startswith("# The engine contract") and "## 11. The host" in out
