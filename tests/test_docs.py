@@ -149,7 +149,7 @@ class Venv:
         return proc.stdout
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def wheel_venv() -> Iterator[Venv]:
     """A fresh virtualenv of Debian's python3 with the kit installed from its built wheel,
     in a directory every uid of the flows can traverse."""
@@ -204,8 +204,12 @@ def _assert_conformant_in_every_flow(venv: Venv, engine: str) -> None:
     assert {r["flow"] for r in doc["results"] if r["outcome"] == "passed"} == set(FLOWS)
 
 
-def test_the_readme_engine_installed_from_a_wheel_is_conformant_in_every_flow(
+def test_the_readme_engine_and_a_kit_new_package_from_the_wheel_pass_every_flow(
         wheel_venv: Venv) -> None:
+    # One test, not three: under pytest-xdist a module fixture would be built per worker.
+    out = wheel_venv.run(wheel_venv.bin / "python", "-m", "conformance", "spec")
+    assert out.startswith("# The engine contract") and "## 11. The host" in out
+
     package = _readme_engine_package(wheel_venv.work.parent)
     wheel_venv.run(wheel_venv.bin / "python", "-m", "pip", "install", "-q", package)
     _assert_conformant_in_every_flow(wheel_venv, README_ENGINE)
@@ -215,18 +219,10 @@ def test_the_readme_engine_installed_from_a_wheel_is_conformant_in_every_flow(
         (wheel_venv.work / "ci").symlink_to(ROOT / "ci")  # the blocks say ci/gate
         _run_sh(block, wheel_venv.work, wheel_venv.env(), engine=README_ENGINE)
 
-
-def test_a_kit_new_package_passes_its_tests_and_the_suite_as_written(wheel_venv: Venv) -> None:
-    package = wheel_venv.work.parent / NEW_ENGINE
-    out = wheel_venv.run(wheel_venv.bin / "python", "-m", "kit", "new", NEW_ENGINE, package)
+    new = wheel_venv.work.parent / NEW_ENGINE
+    out = wheel_venv.run(wheel_venv.bin / "python", "-m", "kit", "new", NEW_ENGINE, new)
     assert "conformance.yml" in out
-    workflow = (package / ".github/workflows/conformance.yml").read_text()
-    assert f"ENGINE: {NEW_ENGINE} " in workflow
-    wheel_venv.run(wheel_venv.bin / "python", "-m", "pip", "install", "-q", package)
-    wheel_venv.run(wheel_venv.bin / "pytest", "-q", "-p", "no:cacheprovider", package / "tests")
+    assert f"ENGINE: {NEW_ENGINE} " in (new / ".github/workflows/conformance.yml").read_text()
+    wheel_venv.run(wheel_venv.bin / "python", "-m", "pip", "install", "-q", new)
+    wheel_venv.run(wheel_venv.bin / "pytest", "-q", "-p", "no:cacheprovider", new / "tests")
     _assert_conformant_in_every_flow(wheel_venv, NEW_ENGINE)
-
-
-def test_the_spec_is_printed_from_the_installed_package(wheel_venv: Venv) -> None:
-    out = wheel_venv.run(wheel_venv.bin / "python", "-m", "conformance", "spec")
-    assert out.startswith("# The engine contract") and "## 11. The host" in out

@@ -587,11 +587,12 @@ def test_for_engine_swaps_the_system_interface(no_leak: None) -> None:
     before = kit_system.current()
     with MockTransport.for_engine("reference", system=rec, timeout=TIMEOUT) as transport:
         assert transport.instance.system is rec
-        assert kit_system.current() is before  # only swapped while the class was built
+        assert kit_system.current() is rec  # swapped while the transport is open
         transport.client().sethostname(name="mock-host")
         assert rec.names() == ["sethostname"]
         assert rec.calls[0].args == ("mock-host",)
         assert transport.calls[0].method == "reference.sethostname" and transport.calls[0].ok
+    assert kit_system.current() is before  # and given back on close
     assert socket.gethostname() != "mock-host"
 
 
@@ -662,3 +663,26 @@ def test_mock_factory_closes_everything(no_leak: None) -> None:
     factory.close()
     assert all(m.closed for m in made) and factory.made == []
 
+
+
+class LooksUpTheSystemPerCall:
+    """RPC methods that ask for the system interface when called, not when built."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def sethostname(self, name: str) -> None:
+        kit_system.current().sethostname(name)
+
+
+def test_a_method_that_looks_up_the_system_per_call_is_recorded_too(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def reached_the_host(name: str) -> None:
+        raise AssertionError(f"sethostname({name!r}) reached the host's kernel")
+
+    monkeypatch.setattr(socket, "sethostname", reached_the_host)
+    before = kit_system.current()
+    with MockTransport("late", LooksUpTheSystemPerCall, system=RecordingSystem()) as t:
+        RPCClient(t.client_socket, "late").sethostname(name="box")
+        assert t.system.names() == ["sethostname"]
+    assert kit_system.current() is before, "the transport must give the system back"

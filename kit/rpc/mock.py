@@ -710,6 +710,13 @@ class MockTransport:
         self.instance: Any = None
         table = self._method_table(methods)
         self._specs: dict[str, MethodSpec] = prepare_methods(table)
+        # While the transport is open the system interface is the recorder for everything in
+        # this process, so a method that looks it up at call time (not only in __init__)
+        # records too: nothing may reach the host's kernel from a unit test.
+        self._outer_system: kit_system.System | None = None
+        if system is not None:
+            self._outer_system = kit_system.current()
+            kit_system.use(system)
 
         self._lock = threading.Lock()
         self._calls: list[Call] = []
@@ -925,6 +932,8 @@ class MockTransport:
             raise RuntimeError(f"MockTransport.close: {', '.join(alive)} did not stop within {timeout} s "
                                "(a served method does not return?)")
         self._closed = True
+        if self._outer_system is not None and kit_system.current() is self.system:
+            kit_system.use(self._outer_system)
         self._relay.c_peer.close()
         self._relay.s_peer.close()
         os.close(self._wake_r)
