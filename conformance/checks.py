@@ -354,10 +354,10 @@ def _check_aspect(verify: Verifier, run: Run, facts: Facts, event: dict[str, Any
                      expected=aspect.describe(),
                      observed=lambda: f"escalation probe {esc}", **where)
     elif isinstance(aspect, X.NoHostPrivilege):
-        privileged = _host_privilege(snap)
+        privileged = _host_privilege(snap, run)
         verify.check(req, not privileged, expected=aspect.describe() + " (no uid 0 and no "
-                     "permitted capability in the initial user namespace)",
-                     observed=lambda: _privilege_text(snap), **where)
+                     "permitted capability in the host user namespace)",
+                     observed=lambda: _privilege_text(snap, run), **where)
     elif isinstance(aspect, X.NoNewPrivs):
         bad = [t for t in _threads(event, expect.scope) if t["no_new_privs"] != aspect.value]
         verify.check(req, not bad, expected=aspect.describe(),
@@ -366,16 +366,30 @@ def _check_aspect(verify: Verifier, run: Run, facts: Facts, event: dict[str, Any
         raise SuiteError(f"unknown aspect {aspect!r}")
 
 
-def _host_privilege(snap: dict[str, Any]) -> bool:
+def host_userns(run: Run) -> list[int]:
+    """(device, inode) of the user namespace the run was launched in (SPEC §4), as the
+    supervisor recorded it: host privilege is judged against it, never against a uid map."""
+    start = events_of(run, "run_start")
+    host = (start[0].get("host_userns") if start else None) or \
+        (run.result.ledger.document.get("run") or {}).get("host_userns")
+    if not host:
+        raise HarnessError("the ledger does not record the host user namespace "
+                           "(run_start has no host_userns)")
+    return list(host)
+
+
+def _host_privilege(snap: dict[str, Any], run: Run) -> bool:
     from kit.probe import host_privilege
 
-    return host_privilege(snap)
+    return host_privilege(snap, host_userns(run))
 
 
-def _privilege_text(snap: dict[str, Any]) -> str:
+def _privilege_text(snap: dict[str, Any], run: Run) -> str:
     culprits = [t for t in snap.get("threads", []) if 0 in t["uid"][:3]
                 or t["caps"]["permitted"]] or snap.get("threads", [])[:1]
-    text = f"uid_map {snap.get('uid_map')}"
+    userns = (snap.get("ns") or {}).get("user")
+    where = "host" if userns in (None, host_userns(run)[1]) else "not the host's"
+    text = f"user namespace {userns} ({where}), uid_map {snap.get('uid_map')}"
     if culprits:
         t = culprits[0]
         text += f"; {_thread_text(t)}; permitted {_caps_text(t['caps']['permitted'])}"
@@ -462,9 +476,13 @@ def check_payload(verify: Verifier, run: Run, requirement: str) -> None:
     for expect in cell:
         aspect = expect.aspect
         if isinstance(aspect, X.NoHostPrivilege):
-            verify.check(requirement, not _host_privilege(snap),
+            # exec keeps the user namespace: the payload's is stage 2's at start_process
+            _, stage2 = _start_process_thread(run)
+            snap["ns"] = {"user": (stage2 or {}).get("ns", {}).get("user")}
+            verify.check(requirement, not _host_privilege(snap, run),
                          expected=aspect.describe(),
-                         observed=lambda: _privilege_text(snap), run=run, role="payload")
+                         observed=lambda: _privilege_text(snap, run), run=run,
+                         role="payload")
             continue
         event, stage2 = _start_process_thread(run)
         if stage2 is None:

@@ -106,8 +106,9 @@ class Escalation:
 
 @dataclass(frozen=True)
 class NoHostPrivilege:
-    """No uid 0 (real, effective, saved) and no permitted capability while in the initial
-    user namespace (SPEC §4's definition of host privilege)."""
+    """No uid 0 (real, effective, saved) and no permitted capability while in the host
+    user namespace, the one the kit was launched in, known by its identity (SPEC §4's
+    definition of host privilege)."""
 
     def describe(self) -> str:
         return "no host privilege"

@@ -27,7 +27,8 @@ ROLES = ("launcher", "supervisor", "starter", "stage1", "master", "rpc", "contai
 
 #: kind -> keys it carries besides the common ones.
 EVENT_KINDS: dict[str, tuple[str, ...]] = {
-    "run_start": ("engine", "flow", "backend", "invoker", "probes", "hook_timeout", "run_dir"),
+    "run_start": ("engine", "flow", "backend", "invoker", "probes", "hook_timeout", "run_dir",
+                  "host_userns"),
     "process_start": ("ppid", "nspid"),
     "hook_enter": ("hook", "snapshot", "escalation", "args", "caller"),
     "hook_return": ("hook", "snapshot", "result"),

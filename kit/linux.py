@@ -124,6 +124,13 @@ def ns_inode(kind: str, pid: int | str = "self") -> int:
     return os.stat(f"/proc/{pid}/ns/{NAMESPACES[kind][1]}").st_ino
 
 
+def userns_identity(pid: int | str = "self") -> tuple[int, int]:
+    """(device, inode) of the user namespace ``pid`` is in: a namespace's identity, which
+    no map content can imitate (``SPEC.md`` §4)."""
+    st = os.stat(f"/proc/{pid}/ns/user")
+    return st.st_dev, st.st_ino
+
+
 def ns_inodes(directory: str = "/proc/self/ns") -> dict[str, int | None]:
     """Inode number of every namespace (by kind) of a ``/proc/…/ns`` directory, None for a
     link that cannot be read. Reads the links' targets (``net:[4026531840]``), cheaper than

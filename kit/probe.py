@@ -2,14 +2,19 @@
 
 :func:`snapshot` reads, for every thread, the credentials and capability sets from
 ``/proc/self/task/TID/status`` (the kernel's own report), plus the process's namespaces, id
-maps, securebits and dumpable flag. :func:`escalation` forks a throwaway child that tries to
-regain privilege and reports what worked; the hooked process itself is never changed.
+maps, securebits and dumpable flag. :func:`escalation` forks a throwaway child that tries each
+way to regain privilege and reports what each did; the hooked process itself is never changed.
+"Host privilege" is relative to the host user namespace, the one the kit was launched in, known
+by its identity (:func:`host_userns`), never by the content of a uid map.
 """
 
 from __future__ import annotations
 
+import errno
 import os
-from typing import Any
+import shutil
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 from kit import linux
 
@@ -19,6 +24,79 @@ FULL_MAP = [[0, 0, 4294967295]]
 
 #: pids of escalation-probe children (their SIGCHLD is the kit's, not the engine's business).
 probe_children: set[int] = set()
+
+#: Why the setuid-exec way was not tried.
+UNTRIED_NO_BINARY = "no-setuid-binary"  # the kit could not provide one (launched without root)
+UNTRIED_UNREACHABLE = "unreachable"  # not at its path from this process's root
+SETUID_SOURCE = "/usr/bin/id"
+SETUID_DIR = ".kit-setuid-probe"
+
+
+@dataclass(frozen=True)
+class SetuidBinary:
+    """The run's setuid-root binary (a copy of ``id``) and its identity."""
+
+    path: str
+    dev: int = 0
+    ino: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "dev": self.dev, "ino": self.ino}
+
+
+#: (device, inode) of the host user namespace: the one the kit was launched in. Each
+#: process of a run inherits it from its supervisor (:func:`configure`, from the
+#: RunRequest); a process that uses the probes on its own takes its own user namespace.
+_host_userns: tuple[int, int] | None = None
+_setuid_binary: SetuidBinary | None = None
+
+
+def configure(host: Sequence[int] | None, binary: SetuidBinary | None) -> None:
+    """Set this process's (and its future children's) host user namespace and setuid
+    binary, for a run."""
+    global _host_userns, _setuid_binary
+    _host_userns = (int(host[0]), int(host[1])) if host is not None else None
+    _setuid_binary = binary
+
+
+def host_userns() -> tuple[int, int]:
+    """(device, inode) of the host user namespace."""
+    global _host_userns
+    if _host_userns is None:
+        _host_userns = linux.userns_identity()
+    return _host_userns
+
+
+def setuid_binary() -> SetuidBinary | None:
+    return _setuid_binary
+
+
+def in_host_userns() -> bool:
+    """Whether the calling process is in the host user namespace (unknown counts as yes)."""
+    try:
+        return linux.userns_identity() == host_userns()
+    except OSError:
+        return True
+
+
+def provide_setuid_binary(directory: str) -> SetuidBinary | None:
+    """Put a setuid-root copy of ``id`` in a root-owned directory under ``directory`` (which
+    must be on a filesystem without ``nosuid``); None when this process cannot (not root)."""
+    if os.geteuid() != 0:
+        return None
+    where = os.path.join(directory, SETUID_DIR)
+    os.mkdir(where, 0o755)
+    os.chown(where, 0, 0)
+    path = os.path.join(where, "id")
+    shutil.copyfile(SETUID_SOURCE, path)
+    os.chown(path, 0, 0)
+    os.chmod(path, 0o4755)  # after chown: a chown clears the setuid bit
+    st = os.stat(path)
+    return SetuidBinary(path, st.st_dev, st.st_ino)
+
+
+def remove_setuid_binary(directory: str) -> None:
+    shutil.rmtree(os.path.join(directory, SETUID_DIR), ignore_errors=True)
 
 
 def _ids(field: str) -> list[int]:
@@ -111,36 +189,98 @@ def _own_capabilities() -> tuple[int, int, int]:
         return linux.capget()
 
 
-def escalation() -> dict[str, Any]:
-    """Try to regain privilege from a throwaway child of the calling thread.
+def _try_raise_caps() -> list[str]:
+    """Raise the permitted capabilities into the effective set with nothing else changed;
+    then lower them again, so that the next way is tried on its own."""
+    try:
+        eff, perm, inh = _own_capabilities()
+        extra = perm & ~eff
+        if not extra:
+            return []
+        linux.capset(eff | perm, perm, inh)
+    except OSError:
+        return []
+    linux.capset(eff, perm, inh)  # lowering the effective set is always allowed
+    return ["C" + format(extra, "x")]
 
-    Returns ``{"setresuid_root": bool, "raise_caps": [names], "setuid_exec": bool,
-    "initial_userns": bool, "host_escalation": bool}``. ``setuid_exec`` is derived (not
-    tried): exec of a root-owned setuid binary grants privilege unless no_new_privs is set or
-    the process is outside the initial user namespace. ``host_escalation`` is true when any
-    route gives host privilege (uid 0 or a capability in the initial user namespace).
+
+def _try_setresuid() -> list[str]:
+    try:
+        os.setresuid(0, 0, 0)
+    except OSError:
+        return []
+    return ["U"]
+
+
+def _spawn_setuid(binary: SetuidBinary | None) -> tuple[int, int] | str:
+    """Start the run's setuid-root binary (``id -u``) with the credentials the probe child
+    has now; (pid, read end of its output) or the word that says why it was not tried."""
+    if binary is None:
+        return "X!" + UNTRIED_NO_BINARY
+    try:
+        st = os.stat(binary.path)
+    except OSError as exc:
+        return f"X!{UNTRIED_UNREACHABLE}:{_errname(exc)}"
+    if (st.st_dev, st.st_ino) != (binary.dev, binary.ino):
+        return f"X!{UNTRIED_UNREACHABLE}:other-file"  # another file there (another root)
+    rfd, wfd = os.pipe()
+    try:
+        pid = os.posix_spawn(binary.path, [binary.path, "-u"], {}, file_actions=[
+            (os.POSIX_SPAWN_DUP2, wfd, 1), (os.POSIX_SPAWN_DUP2, wfd, 2)])
+    except OSError as exc:
+        os.close(rfd)
+        return "X!exec:" + _errname(exc)
+    finally:
+        os.close(wfd)
+    return pid, rfd
+
+
+def _errname(exc: OSError) -> str:
+    return errno.errorcode.get(exc.errno or 0, str(exc.errno))
+
+
+def _setuid_outcome(spawned: tuple[int, int] | str) -> str:
+    """``X<euid>`` printed by the setuid binary, or ``X!<why>``."""
+    if isinstance(spawned, str):
+        return spawned
+    pid, rfd = spawned
+    out = b""
+    try:
+        while chunk := os.read(rfd, 256):
+            out += chunk
+    finally:
+        os.close(rfd)
+        os.waitpid(pid, 0)
+    text = out.decode(errors="replace").strip()
+    return "X" + text if text.isdigit() else "X!output:" + text[:60].replace(" ", "_")
+
+
+def _try_escalation(binary: SetuidBinary | None) -> list[str]:
+    """In the probe child: each way back to privilege, each from the credentials the hooked
+    thread has (the setuid binary is exec'd first, before anything else is tried)."""
+    spawned = _spawn_setuid(binary)
+    words = _try_raise_caps() + _try_setresuid()
+    words.append(_setuid_outcome(spawned))
+    return words
+
+
+def escalation() -> dict[str, Any]:
+    """Try to regain privilege from a throwaway child of the calling thread, each way on its
+    own (``SPEC.md`` §4): setresuid(0, 0, 0); raising the permitted capabilities into the
+    effective set (without regaining uid 0 first); exec of the run's setuid-root binary
+    (``id -u``: the effective uid it prints). The calling process is never changed.
+
+    Returns :func:`escalation_result`'s dictionary.
     """
-    initial = _read_map("/proc/self/uid_map") == FULL_MAP
+    host = in_host_userns()
+    binary = _setuid_binary
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - measured through the ledger, not in-process coverage
         code = 0
         try:
             os.close(rfd)
-            report = []
-            try:
-                os.setresuid(0, 0, 0)
-                report.append("U")
-            except OSError:
-                pass
-            try:
-                eff, perm, inh = _own_capabilities()
-                if perm & ~eff:
-                    linux.capset(eff | perm, perm, inh)
-                    report.append("C" + format(perm & ~eff, "x"))
-            except OSError:
-                pass
-            os.write(wfd, " ".join(report).encode() + b"\n")
+            os.write(wfd, " ".join(_try_escalation(binary)).encode() + b"\n")
         except BaseException:
             code = 1
         os._exit(code)
@@ -157,26 +297,53 @@ def escalation() -> dict[str, Any]:
         except ChildProcessError:  # an engine reaped it (waitpid(-1)): not our problem here
             pass
     words = data.decode().split()
-    setresuid_root = "U" in words
     raised: list[str] = []
+    setuid_euid: int | None = None
+    untried = "the probe child failed"
     for w in words:
         if w.startswith("C"):
             raised = linux.mask_to_caps(int(w[1:], 16))
-    nnp = linux.get_no_new_privs()
-    uid = os.getresuid()
-    setuid_exec = initial and not nnp and 0 not in uid
-    return {
+        elif w.startswith("X!"):
+            untried = w[2:]
+        elif w.startswith("X"):
+            setuid_euid = int(w[1:])
+    return escalation_result(setresuid_root="U" in words, raised=raised,
+                             setuid_euid=setuid_euid, untried=untried, host_userns=host)
+
+
+def escalation_result(*, setresuid_root: bool, raised: list[str], setuid_euid: int | None,
+                      untried: str, host_userns: bool) -> dict[str, Any]:
+    """The escalation verdict of both backends, from what each way did.
+
+    ``setresuid_root``: setresuid(0, 0, 0) worked; ``raise_caps``: the capabilities raised
+    into the effective set; ``setuid_exec``: the setuid-root binary ran with effective uid 0
+    (None: not tried, ``setuid_exec_untried`` says why; else ``setuid_exec_euid`` is what it
+    printed); ``host_userns``: the process is in the host user namespace;
+    ``host_escalation``: some way gives uid 0 or a capability there.
+    """
+    result: dict[str, Any] = {
         "setresuid_root": setresuid_root,
         "raise_caps": raised,
-        "setuid_exec": setuid_exec,
-        "initial_userns": initial,
-        "host_escalation": initial and (setresuid_root or bool(raised) or setuid_exec),
+        "setuid_exec": None if setuid_euid is None else setuid_euid == 0,
     }
+    if setuid_euid is None:
+        result["setuid_exec_untried"] = untried
+    else:
+        result["setuid_exec_euid"] = setuid_euid
+    result["host_userns"] = host_userns
+    result["host_escalation"] = host_userns and (
+        setresuid_root or bool(raised) or result["setuid_exec"] is True)
+    return result
 
 
-def host_privilege(snap: dict[str, Any]) -> bool:
+def host_privilege(snap: dict[str, Any], host: Sequence[int] | None = None) -> bool:
     """True when any thread has uid 0 (real, effective or saved) or a permitted capability
-    while in the initial user namespace (``SPEC.md`` §4)."""
-    if snap["uid_map"] != FULL_MAP:
+    while in the host user namespace (``SPEC.md`` §4): the one identified by ``host``
+    ((device, inode), default: this run's). Snapshots name namespaces by inode, all on the
+    one nsfs device; a snapshot whose user namespace could not be read counts as the host's
+    (unknown is never taken for safe)."""
+    inode = (host if host is not None else host_userns())[1]
+    userns = (snap.get("ns") or {}).get("user")
+    if userns is not None and userns != inode:
         return False
     return any(0 in t["uid"][:3] or t["caps"]["permitted"] for t in snap["threads"])

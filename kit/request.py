@@ -82,8 +82,14 @@ class RunRequest:
     run_timeout: float = DEFAULT_RUN_TIMEOUT
     probes: bool = True
     sys_path: list[str] = field(default_factory=list)
+    #: (device, inode) of the host user namespace (SPEC §4): the launcher's, recorded where
+    #: the run is requested and carried to every process of the run.
+    host_userns: list[int] | None = None
 
     def __post_init__(self) -> None:
+        if self.host_userns is None:
+            from kit.probe import host_userns
+            self.host_userns = list(host_userns())
         if self.flow not in FLOWS:
             raise ValueError(f"unknown flow {self.flow!r} (known: {', '.join(FLOWS)})")
         if self.backend == "auto":  # resolved here, once, where the run is requested

@@ -167,13 +167,14 @@ class HookRunner:
     def _escalation(self, snap: dict[str, Any] | None) -> dict[str, Any] | None:
         """The escalation probe, re-run only when the calling thread's credentials changed:
         its outcome is a function of them (uids, gids, capabilities, no_new_privs, user
-        namespace and maps), so a repeat would only cost a fork."""
+        namespace and maps) and of the root the setuid binary is found from, so a repeat
+        would only cost a fork."""
         if not self.probes or snap is None or "probe_error" in snap:
             return None
         me = own_thread(snap)
         key = None if me is None else json.dumps(
             [{k: v for k, v in me.items() if k != "tid"}, snap["ns"]["user"], snap["uid_map"],
-             snap["securebits"]], sort_keys=True)
+             snap["securebits"], snap.get("root")], sort_keys=True)
         cached = self._probe_cache.get(key) if key is not None else None
         if cached is not None:
             return {**cached, "cached": True}

@@ -28,7 +28,7 @@ import tempfile
 import time
 from typing import Any
 
-from kit import linux, registry
+from kit import linux, probe, registry
 from kit.ledger import SCHEMA_VERSION, LedgerWriter, decode_checked, ledger_socketpair
 from kit.request import RunRequest
 from kit.starter import EXIT_FATAL, UNTIMED_HOOKS, Starter, default_signals
@@ -60,6 +60,15 @@ def _cmdline(pid: int) -> str:
             return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
     except OSError:
         return "?"
+
+
+def _configure_probes(req: RunRequest, run_dir: str) -> None:
+    """The run's host user namespace and setuid-root binary, for the escalation probes of
+    every process forked from here (the fake backend's binary exists in the model only)."""
+    path = os.path.join(run_dir, probe.SETUID_DIR, "id")
+    binary = (probe.provide_setuid_binary(run_dir) if req.backend == "real"
+              else probe.SetuidBinary(path))
+    probe.configure(req.host_userns, binary)
 
 
 class Supervisor:
@@ -109,10 +118,13 @@ class Supervisor:
         os.environ["TMPDIR"] = run_dir
         tempfile.tempdir = run_dir
 
+        if req.probes:
+            _configure_probes(req, run_dir)
         reader, writer = ledger_socketpair()
         self.emit("run_start", engine=req.engine, flow=req.flow, backend=req.backend,
                   invoker={"uid": user.uid, "gid": user.gid, "name": user.name},
-                  probes=req.probes, hook_timeout=req.hook_timeout, run_dir=run_dir)
+                  probes=req.probes, hook_timeout=req.hook_timeout, run_dir=run_dir,
+                  host_userns=req.host_userns)
         sys.stdout.flush()
         pid = os.fork()
         if pid == 0:
@@ -135,6 +147,7 @@ class Supervisor:
             self.leak("mount", f"{point} (mount id {mount_id}) in the host mount namespace")
         for name in sorted(_netns() - netns_before):
             self.leak("netns", f"{NETNS_DIR}/{name}")
+        probe.remove_setuid_binary(run_dir)
         try:
             left = sorted(os.listdir(run_dir))
         except OSError:

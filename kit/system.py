@@ -75,8 +75,9 @@ class RealSystem(System):
         return os.getppid()
 
     def privileged(self) -> bool:
-        """True when this process may act as host root (euid 0 in the initial namespace)."""
-        return os.geteuid() == 0
+        """True when this process may act as host root (euid 0 in the host user namespace,
+        the one the kit was launched in)."""
+        return os.geteuid() == 0 and probe.in_host_userns()
 
     # -- namespaces --------------------------------------------------------------------------
     def unshare(self, kinds: Iterable[str]) -> None:

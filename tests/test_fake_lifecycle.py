@@ -154,7 +154,7 @@ def test_privileges_per_flow(fflow, runs):
     if fflow == "userns":
         assert m["uid"] == [u["uid"]] * 4 and s2["uid"] == [u["uid"]] * 4
         assert master["snapshot"]["uid_map"] == [[u["uid"], u["uid"], 1]]
-        assert master["escalation"]["initial_userns"] is False
+        assert master["escalation"]["host_userns"] is False
     if fflow in ("fakeroot", "hybrid"):
         assert s2["uid"] == [0] * 4  # uid 0 in the namespace ...
         assert stage2["snapshot"]["uid_map"] == [[0, u["uid"], 1]]  # ... which is U
@@ -178,7 +178,7 @@ def test_every_hook_has_a_snapshot_of_every_thread(fflow, runs):
         assert set(snap["ns"]) == set(NS_KINDS)
         assert snap["threads"] and event["escalation"] is not None
         assert set(event["escalation"]) >= {"setresuid_root", "raise_caps", "setuid_exec",
-                                            "initial_userns", "host_escalation"}
+                                            "host_userns", "host_escalation"}
     post = hook(result, "master", "post_start_process")
     assert len(post["snapshot"]["threads"]) >= 3  # the master's hook threads, by real tid
 

@@ -92,7 +92,7 @@ def test_escalation_probe_says_possible_only_where_privilege_remains(flow):
     if flow != "root":  # stage 2 has no_new_privs and no saved root in every other flow
         assert stage2["escalation"]["host_escalation"] is False
     if flow == "root":
-        assert stage1["escalation"]["initial_userns"] is True
+        assert stage1["escalation"]["host_userns"] is True
     elif flow in ("suid", "hybrid"):
         assert stage1["escalation"]["host_escalation"] is False
         # The setuid master keeps saved uid 0: setresuid(0) from a child works.
@@ -101,7 +101,7 @@ def test_escalation_probe_says_possible_only_where_privilege_remains(flow):
         assert master["snapshot"]["threads"][0]["uid"][2] == 0
         assert master["snapshot"]["threads"][0]["caps"]["effective"] == []
     else:
-        assert master["escalation"]["initial_userns"] is False
+        assert master["escalation"]["host_userns"] is False
         assert master["escalation"]["host_escalation"] is False
         # Stage 1 is plain U: no host privilege (a setuid binary could still be exec'd).
         assert not probe.host_privilege(stage1["snapshot"])

@@ -415,6 +415,16 @@ class Model:
         new.amb &= prm & inh
         return new
 
+    def setuid_root_exec_euid(self, cred: Cred, nosuid: bool) -> int:
+        """``bprm_fill_uid``: the effective uid (as ``cred``'s namespace shows it) after the
+        exec of a setuid binary owned by kuid 0 on a mount with or without ``nosuid``. The
+        set-user-ID bit counts unless the mount is nosuid, no_new_privs is set, or the owner
+        has no mapping in the caller's user namespace."""
+        euid = cred.uid[1]
+        if not nosuid and not cred.no_new_privs and self.from_kuid(cred.userns, 0) is not None:
+            euid = 0
+        return self.from_kuid_munged(cred.userns, euid)
+
     def _cap_valid(self, cap: int, what: str) -> None:
         if not 0 <= cap <= self.cap_last:
             raise fail(errno.EINVAL, f"{what}: capability {cap}")

@@ -25,7 +25,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from kit import linux
+from kit import linux, probe
 from kit.fake.model import (
     CAP_SYS_CHROOT, FIRST_SYNTHETIC_ID, KINDS, Cred, Model, Task, fail, resolve,
 )
@@ -877,37 +877,48 @@ class FakeSystem(System):
         return real_nspid + [pid for _, pid in p.levels]
 
     def escalation(self) -> dict[str, Any]:
-        """:func:`kit.probe.escalation`'s answer, computed on a copy of the calling thread's
-        credentials: what its throwaway child would get from setresuid(0, 0, 0) and then
-        raising its permitted capabilities."""
+        """:func:`kit.probe.escalation`'s answer by the model's rules, each way tried on its
+        own copy of the calling thread's credentials: setresuid(0, 0, 0); raising the
+        permitted capabilities; exec of the run's setuid-root binary."""
         with self._store.transaction(write=False) as st:
             m = Model(st)
             original = self._cred()
-            initial = m.shown_map(original.userns, "uid_map") == FULL_MAP
-            cred = original.copy()
-            setresuid_root = False
             try:
-                cred = m.setresuid(cred, 0, 0, 0)
+                m.setresuid(original.copy(), 0, 0, 0)
                 setresuid_root = True
             except OSError:
-                pass
+                setresuid_root = False
             raised: list[str] = []
-            extra = cred.prm & ~cred.eff
+            extra = original.prm & ~original.eff
             if extra:
                 try:
-                    m.capset(cred, cred.eff | cred.prm, cred.prm, cred.inh)
+                    m.capset(original.copy(), original.eff | original.prm, original.prm,
+                             original.inh)
                     raised = linux.mask_to_caps(extra)
                 except OSError:
                     pass
-            uid = [m.from_kuid_munged(original.userns, u) for u in original.uid[:3]]
-            setuid_exec = initial and not original.no_new_privs and 0 not in uid
-            return {
-                "setresuid_root": setresuid_root,
-                "raise_caps": raised,
-                "setuid_exec": setuid_exec,
-                "initial_userns": initial,
-                "host_escalation": initial and (setresuid_root or bool(raised) or setuid_exec),
-            }
+            euid, untried = self._setuid_exec(st, original)
+            return probe.escalation_result(
+                setresuid_root=setresuid_root, raised=raised, setuid_euid=euid,
+                untried=untried, host_userns=original.userns == m.initial("user"))
+
+    def _setuid_exec(self, st: dict[str, Any], cred: Cred) -> tuple[int | None, str]:
+        """(euid the run's setuid binary would print, why not tried): reachable when this
+        process sees the host root and the mount the binary lies on in the launch mount
+        namespace."""
+        binary = probe.setuid_binary()
+        if binary is None:
+            return None, probe.UNTRIED_NO_BINARY
+        m = Model(st)
+        mine = m.mount_of(m.ns(self._me().ns["mount"])["mounts"], binary.path)
+        launch = m.mount_of(m.ns(m.initial("mount"))["mounts"], binary.path)
+
+        def where(mount: dict[str, Any] | None) -> tuple[Any, ...] | None:
+            return None if mount is None else (mount["target"], mount["source"],
+                                               mount["fstype"])
+        if self._root(st) != "/" or where(mine) != where(launch) or mine is None:
+            return None, f"{probe.UNTRIED_UNREACHABLE}:ENOENT"
+        return m.setuid_root_exec_euid(cred, "nosuid" in mine["flags"]), ""
 
     # -- for tests and reports -------------------------------------------------------------------
     def model_state(self) -> dict[str, Any]:
