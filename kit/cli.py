@@ -91,6 +91,9 @@ def cmd_flows() -> int:
     for flow in environment.flows():
         backend, why = environment.backend_for(flow)
         print(f"{flow:9} {backend}  {why}")
+    note = environment.userns_note()
+    if note:
+        print(f"\n{note}")
     return 0
 
 

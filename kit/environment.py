@@ -85,6 +85,27 @@ def flows() -> dict[str, tuple[bool, str]]:
     return out
 
 
+def userns_note() -> str | None:
+    """What can be said when this process is not in the kernel's initial user namespace
+    (None when nothing says so: the initial one cannot be proved from inside)."""
+    try:
+        _, inode = linux.userns_identity()
+        with open("/proc/self/uid_map") as f:
+            lines = [" ".join(line.split()) for line in f if line.strip()]
+    except OSError as exc:
+        return f"user namespace: unknown ({exc}); host privilege is judged relative to the " \
+            "user namespace the kit is launched in"
+    shown = "; ".join(lines) or "empty"
+    if inode == linux.INITIAL_USERNS_INO and lines == ["0 0 4294967295"]:
+        return None
+    why = ("its uid_map maps the full range, but its inode is not the initial one's"
+           if lines == ["0 0 4294967295"] else "its uid_map does not map the full range")
+    return (f"user namespace: the kit runs inside a non-initial user namespace (inode "
+            f"{inode}, uid_map '{shown}': {why}); host privilege and escalation are judged "
+            "relative to this namespace, the one the kit is launched in (SPEC §4): what "
+            "its ancestors could do is out of the kit's sight")
+
+
 #: Backends a run can ask for; ``auto`` is resolved per flow by :func:`backend_for`.
 BACKENDS = ("real", "fake", "auto")
 

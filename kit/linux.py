@@ -124,6 +124,11 @@ def ns_inode(kind: str, pid: int | str = "self") -> int:
     return os.stat(f"/proc/{pid}/ns/{NAMESPACES[kind][1]}").st_ino
 
 
+#: The inode the kernel gives its initial user namespace (``PROC_USER_INIT_INO``): a hint,
+#: not a proof (what /proc shows is up to whoever mounted it).
+INITIAL_USERNS_INO = 0xEFFFFFFD
+
+
 def userns_identity(pid: int | str = "self") -> tuple[int, int]:
     """(device, inode) of the user namespace ``pid`` is in: a namespace's identity, which
     no map content can imitate (``SPEC.md`` §4)."""

@@ -39,23 +39,30 @@ class SetuidBinary:
     path: str
     dev: int = 0
     ino: int = 0
+    unavailable: str = ""  # why the kit could not provide it (the way is then not tried)
 
-    def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "dev": self.dev, "ino": self.ino}
+
+def _own_userns() -> tuple[int, int] | None:
+    try:
+        return linux.userns_identity()
+    except OSError:
+        return None
 
 
 #: (device, inode) of the host user namespace: the one the kit was launched in. Each
 #: process of a run inherits it from its supervisor (:func:`configure`, from the
-#: RunRequest); a process that uses the probes on its own takes its own user namespace.
-_host_userns: tuple[int, int] | None = None
+#: RunRequest); a process that uses the probes on its own takes the user namespace it was
+#: in when it imported the kit (read here, before anything could leave it).
+_host_userns: tuple[int, int] | None = _own_userns()
 _setuid_binary: SetuidBinary | None = None
 
 
 def configure(host: Sequence[int] | None, binary: SetuidBinary | None) -> None:
-    """Set this process's (and its future children's) host user namespace and setuid
-    binary, for a run."""
+    """Set this process's (and its future children's) host user namespace (None: keep the
+    one read at import) and setuid binary, for a run."""
     global _host_userns, _setuid_binary
-    _host_userns = (int(host[0]), int(host[1])) if host is not None else None
+    if host is not None:
+        _host_userns = (int(host[0]), int(host[1]))
     _setuid_binary = binary
 
 
@@ -79,12 +86,15 @@ def in_host_userns() -> bool:
         return True
 
 
-def provide_setuid_binary(directory: str) -> SetuidBinary | None:
-    """Put a setuid-root copy of ``id`` in a root-owned directory under ``directory`` (which
-    must be on a filesystem without ``nosuid``); None when this process cannot (not root)."""
-    if os.geteuid() != 0:
-        return None
+def provide_setuid_binary(directory: str) -> SetuidBinary:
+    """Put a setuid-root copy of ``id`` in a root-owned directory under ``directory``. When
+    this process cannot (not root) or the set-user-ID bit would not count there (a
+    ``nosuid`` mount), the binary says why it is unavailable."""
     where = os.path.join(directory, SETUID_DIR)
+    if os.geteuid() != 0:
+        return SetuidBinary(os.path.join(where, "id"), unavailable="launched-without-root")
+    if os.statvfs(directory).f_flag & os.ST_NOSUID:
+        return SetuidBinary(os.path.join(where, "id"), unavailable="nosuid")
     os.mkdir(where, 0o755)
     os.chown(where, 0, 0)
     path = os.path.join(where, "id")
@@ -217,6 +227,8 @@ def _spawn_setuid(binary: SetuidBinary | None) -> tuple[int, int] | str:
     has now; (pid, read end of its output) or the word that says why it was not tried."""
     if binary is None:
         return "X!" + UNTRIED_NO_BINARY
+    if binary.unavailable:
+        return f"X!{UNTRIED_NO_BINARY}:{binary.unavailable}"
     try:
         st = os.stat(binary.path)
     except OSError as exc:

@@ -13,6 +13,7 @@ from conformance.capabilities import Capabilities
 from conformance import catalogue
 from conformance.runs import Run
 from conformance.scenario import SCENARIOS, decode_signal_exit
+from kit import probe
 
 U, G = 999, 995
 HOST_NS = {k: 4026531830 + i for i, k in enumerate(X.NAMESPACE_KINDS)}
@@ -220,7 +221,10 @@ def test_the_payloads_own_status_is_read_from_its_output():
            "         0          0 4294967295\n")
     snap = checks.parse_payload_status(out)
     assert snap["threads"][0]["caps"]["permitted"] == ["CAP_SYS_ADMIN"]
-    assert checks._host_privilege(snap)
+    host = probe.host_userns()
+    assert probe.host_privilege(dict(snap, ns={"user": host[1]}), host)
+    # the payload's user namespace decides, not its uid_map (which maps the full range)
+    assert not probe.host_privilege(dict(snap, ns={"user": host[1] + 1}), host)
     assert checks.parse_payload_status("garbage") is None
 
 

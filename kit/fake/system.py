@@ -909,6 +909,8 @@ class FakeSystem(System):
         binary = probe.setuid_binary()
         if binary is None:
             return None, probe.UNTRIED_NO_BINARY
+        if binary.unavailable:
+            return None, f"{probe.UNTRIED_NO_BINARY}:{binary.unavailable}"
         m = Model(st)
         mine = m.mount_of(m.ns(self._me().ns["mount"])["mounts"], binary.path)
         launch = m.mount_of(m.ns(m.initial("mount"))["mounts"], binary.path)

@@ -1,0 +1,436 @@
+"""Host privilege by the identity of the launch user namespace, and escalation probes that
+try each way on its own (SPEC §4), in both backends; and the kit launched inside a
+non-initial user namespace (``0 0 65536``, the full range) still passes the reference engine
+and kills the mutants that declare escalation or host-privilege requirements.
+
+The scenarios run in a helper interpreter per backend (a FakeSystem registers fork hooks in
+the process that makes it), each in a forked child of it, as root, and report JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kit import linux, probe
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH = os.path.join(ROOT, "tests", "userns_launch.py")
+U, G = 4242, 4242
+
+HELPER = r'''
+import json, os, sys, tempfile
+from kit import linux, probe, system
+from kit.fake import FakeSystem
+
+U, G = 4242, 4242
+BIND = 1 << 10  # CAP_NET_BIND_SERVICE
+SETUID = 1 << 7  # CAP_SETUID
+
+
+def saved_root(s):  # the setuid master: r=e=U, saved 0, permitted full, effective empty
+    s.emulate_setuid_exec(U, G, [])
+    s.drop_effective(U)
+
+
+def only_saved_root(s):  # saved uid 0 and not one capability
+    s.become_user(U, G, [], saved_uid=0)
+    s.set_capabilities(0, 0, 0)
+
+
+def permitted_bind(s):  # plain U keeping one permitted capability
+    s.become_user(U, G, [], keep_caps=True)
+    s.set_capabilities(0, BIND, 0)
+
+
+def permitted_setuid(s):  # CAP_SETUID permitted, not effective: raising it is one way
+    s.become_user(U, G, [], keep_caps=True)
+    s.set_capabilities(0, SETUID, 0)
+
+
+def plain_user(s):
+    s.become_user(U, G, [])
+
+
+def plain_user_nnp(s):
+    s.become_user(U, G, [])
+    s.set_no_new_privs()
+
+
+def saved_root_nnp(s):
+    saved_root(s)
+    s.set_no_new_privs()
+
+
+def child_userns_root(s):  # root of a child user namespace mapping 0 -> 0: every capability
+    s.unshare(["user"])
+    s.write_id_maps("self", [[0, 0, 1]], [[0, 0, 1]], True)
+
+
+def child_userns_user(s):  # U in a user namespace of its own: every capability there
+    s.become_user(U, G, [])
+    s.unshare(["user"])
+
+
+def root(s):
+    pass
+
+
+SCENARIOS = [root, saved_root, only_saved_root, permitted_bind, permitted_setuid, plain_user,
+             plain_user_nnp, saved_root_nnp, child_userns_root, child_userns_user]
+
+
+def run(s, scenario):
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        out = {}
+        try:
+            scenario(s)
+            before = s.snapshot()
+            out["escalation"] = s.escalation()
+            after = s.snapshot()
+            out["unchanged"] = [t["uid"] for t in before["threads"]] == \
+                [t["uid"] for t in after["threads"]] and before["threads"][0]["caps"] == \
+                after["threads"][0]["caps"]
+            out["host_privilege"] = probe.host_privilege(before)
+            out["privileged"] = s.privileged()
+            out["uid"] = before["threads"][0]["uid"]
+        except BaseException as exc:
+            out["error"] = repr(exc)
+        os.write(w, json.dumps(out).encode())
+        os._exit(0)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 65536):
+        data += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    return json.loads(data)
+
+
+backend = sys.argv[1]
+work = tempfile.mkdtemp()
+os.chmod(work, 0o755)
+try:
+    if backend == "real":
+        s = system.RealSystem()
+        probe.configure(None, probe.provide_setuid_binary(work))
+    else:
+        s = FakeSystem.create(needs_root=True, directory=work)
+        probe.configure(None, probe.SetuidBinary(os.path.join(work, probe.SETUID_DIR, "id")))
+    print(json.dumps({f.__name__: run(s, f) for f in SCENARIOS}))
+finally:
+    if backend == "fake":
+        s.close()
+    probe.remove_setuid_binary(work)
+    os.rmdir(work)
+'''
+
+
+def _needs_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (setuid-root binary, credential transitions)")
+
+
+@pytest.fixture(scope="module")
+def scenarios() -> dict[str, dict[str, dict]]:
+    _needs_root()
+    out = {}
+    for backend in ("real", "fake"):
+        proc = subprocess.run([sys.executable, "-c", HELPER, backend], capture_output=True,
+                              text=True, timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
+        assert proc.returncode == 0, proc.stderr
+        out[backend] = json.loads(proc.stdout)
+    return out
+
+
+BACKENDS = ("real", "fake")
+
+
+def esc(scenarios, backend, name):
+    result = scenarios[backend][name]
+    assert "error" not in result, result
+    assert result["unchanged"], f"{name}: the probe changed the hooked process"
+    return result["escalation"]
+
+
+# --- host privilege: the failing side of each predicate ---------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_only_a_saved_uid_0_is_host_privilege(scenarios, backend):
+    r = scenarios[backend]["only_saved_root"]
+    assert r["uid"][:3] == [U, U, 0]
+    assert r["host_privilege"] is True
+    assert scenarios[backend]["plain_user"]["host_privilege"] is False
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_permitted_capability_in_the_host_user_namespace_is_host_privilege(scenarios,
+                                                                              backend):
+    r = scenarios[backend]["permitted_bind"]
+    assert r["uid"][:3] == [U, U, U]
+    assert r["host_privilege"] is True
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uid_0_and_every_capability_in_a_child_user_namespace_is_not(scenarios, backend):
+    for name in ("child_userns_root", "child_userns_user"):
+        r = scenarios[backend][name]
+        assert r["host_privilege"] is False, name
+        assert r["privileged"] is False, name
+        e = esc(scenarios, backend, name)
+        assert e["host_userns"] is False and e["host_escalation"] is False, (name, e)
+    root = scenarios[backend]["child_userns_root"]
+    assert root["uid"][:3] == [0, 0, 0]
+    assert esc(scenarios, backend, "child_userns_root")["setresuid_root"] is True
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_privileged_agrees_with_host_privilege_of_the_same_state(scenarios, backend):
+    r = scenarios[backend]["root"]
+    assert r["privileged"] is True and r["host_privilege"] is True
+    assert esc(scenarios, backend, "root")["host_userns"] is True
+    for name in ("saved_root", "plain_user", "child_userns_root"):
+        assert scenarios[backend][name]["privileged"] is False, name
+
+
+def test_host_privilege_is_judged_against_the_given_identity_not_the_uid_map():
+    me = linux.userns_identity()
+    snap = {"threads": [{"uid": [0, 0, 0, 0], "caps": {"permitted": ["CAP_CHOWN"]}}],
+            "uid_map": [[0, 0, 65536]], "ns": {"user": me[1]}}
+    assert probe.host_privilege(snap, me) is True  # launched in a namespace mapping 0 0 65536
+    snap_full = dict(snap, uid_map=probe.FULL_MAP)
+    assert probe.host_privilege(snap_full, [me[0], me[1] + 1]) is False  # full map, not ours
+    assert probe.host_privilege(dict(snap, ns={"user": None}), [me[0], me[1] + 1]) is True
+
+
+def test_a_full_range_map_in_a_child_namespace_is_not_the_host():
+    _needs_root()
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    out_r, out_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - reports through the pipe
+        report = {}
+        try:
+            linux.unshare(linux.ns_flags(["user"]))
+            os.write(ready_w, b"u")
+            os.read(go_r, 1)
+            snap = probe.snapshot()
+            report = {"uid_map": snap["uid_map"], "host": probe.host_privilege(snap),
+                      "uid": snap["threads"][0]["uid"],
+                      "escalation": probe.escalation()}
+        except BaseException as exc:
+            report = {"error": repr(exc)}
+        os.write(out_w, json.dumps(report).encode())
+        os._exit(0)
+    for fd in (ready_w, go_r, out_w):
+        os.close(fd)
+    try:
+        assert os.read(ready_r, 1) == b"u"
+        linux.write_id_maps(pid, [(0, 0, 4294967295)], [(0, 0, 4294967295)], False)
+        os.write(go_w, b"g")
+        with os.fdopen(out_r, "rb") as f:
+            report = json.loads(f.read())
+    finally:
+        os.waitpid(pid, 0)
+        for fd in (ready_r, go_w):
+            os.close(fd)
+    assert report["uid_map"] == probe.FULL_MAP, report
+    assert report["uid"][:3] == [0, 0, 0]
+    assert report["host"] is False
+    assert report["escalation"]["host_userns"] is False
+    assert report["escalation"]["host_escalation"] is False
+
+
+# --- escalation: each way tried on its own -----------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_setuid_master_can_raise_its_permitted_capabilities_without_regaining_uid_0(
+        scenarios, backend):
+    e = esc(scenarios, backend, "saved_root")
+    assert len(e["raise_caps"]) >= 30  # every permitted capability (40 here), not []
+    assert e["setresuid_root"] is True and e["setuid_exec"] is True
+    assert e["host_escalation"] is True
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_raising_a_capability_is_tried_apart_from_setresuid(scenarios, backend):
+    e = esc(scenarios, backend, "permitted_setuid")
+    assert e["raise_caps"] == ["CAP_SETUID"]
+    assert e["setresuid_root"] is False  # CAP_SETUID raised then lowered before setresuid
+    e = esc(scenarios, backend, "permitted_bind")
+    assert e["raise_caps"] == ["CAP_NET_BIND_SERVICE"] and e["setresuid_root"] is False
+    assert e["host_escalation"] is True
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_setuid_binary_is_really_executed_even_with_saved_uid_0(scenarios, backend):
+    e = esc(scenarios, backend, "only_saved_root")
+    assert e["setuid_exec"] is True and e["setuid_exec_euid"] == 0  # was derived: False
+    assert e["raise_caps"] == [] and e["setresuid_root"] is True
+    e = esc(scenarios, backend, "plain_user")
+    assert e == {"setresuid_root": False, "raise_caps": [], "setuid_exec": True,
+                 "setuid_exec_euid": 0, "host_userns": True, "host_escalation": True}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_new_privs_makes_the_setuid_bit_inert(scenarios, backend):
+    e = esc(scenarios, backend, "plain_user_nnp")
+    assert e == {"setresuid_root": False, "raise_caps": [], "setuid_exec": False,
+                 "setuid_exec_euid": U, "host_userns": True, "host_escalation": False}
+    e = esc(scenarios, backend, "saved_root_nnp")
+    assert e["setuid_exec"] is False and e["setuid_exec_euid"] == U
+    assert e["setresuid_root"] is True  # no_new_privs does not stop setresuid
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_setuid_root_binary_is_inert_where_root_is_not_mapped(scenarios, backend):
+    e = esc(scenarios, backend, "child_userns_user")
+    assert e["setuid_exec"] is False and e["setuid_exec_euid"] == 65534
+    e = esc(scenarios, backend, "child_userns_root")  # 0 -> 0 mapped: euid 0 there
+    assert e["setuid_exec"] is True and e["host_escalation"] is False
+
+
+def test_both_backends_give_the_same_verdict_for_every_scenario(scenarios):
+    for name in scenarios["real"]:
+        real, fake = (dict(scenarios[b][name]) for b in BACKENDS)
+        assert real == fake, name
+
+
+def test_a_nosuid_run_directory_gives_no_binary_and_the_way_is_not_tried(tmp_path):
+    _needs_root()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - reports through the pipe
+        report = {}
+        try:
+            linux.unshare(linux.ns_flags(["mount"]))
+            linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+            linux.mount("tmpfs", str(tmp_path), "tmpfs", linux.MS_NOSUID)
+            binary = probe.provide_setuid_binary(str(tmp_path))
+            probe.configure(None, binary)
+            report = {"unavailable": binary.unavailable, "escalation": probe.escalation()}
+        except BaseException as exc:
+            report = {"error": repr(exc)}
+        os.write(w, json.dumps(report).encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        report = json.loads(f.read())
+    os.waitpid(pid, 0)
+    assert report.get("unavailable") == "nosuid", report
+    assert report["escalation"]["setuid_exec"] is None
+    assert report["escalation"]["setuid_exec_untried"] == "no-setuid-binary:nosuid"
+
+
+def test_another_file_at_the_binary_path_is_not_taken_for_it(tmp_path):
+    _needs_root()
+    os.chmod(tmp_path, 0o755)
+    binary = probe.provide_setuid_binary(str(tmp_path))
+    try:
+        assert isinstance(probe._spawn_setuid(binary), tuple)  # the real one is started
+        probe._setuid_outcome(probe._spawn_setuid(binary))
+        other = probe.SetuidBinary(binary.path, binary.dev, binary.ino + 1)
+        assert probe._spawn_setuid(other) == "X!unreachable:other-file"
+    finally:
+        probe.remove_setuid_binary(str(tmp_path))
+    assert not os.path.exists(binary.path)
+
+
+# --- the kit launched inside a non-initial user namespace --------------------------------------
+
+#: Mutants that declare escalation or host-privilege requirements (and the setuid master's
+#: credential rule): on a plain host the suite kills them; inside a user namespace too.
+PRIVILEGE_MUTANTS = ("master-gives-up-privilege", "ambient-caps-for-user",
+                     "starter-userns-flows-as-root", "starter-setuid-stage1-keeps-saved-root",
+                     "master-keeps-euid-root")
+MAPS = (65536, 4294967295)
+MATRIX = ("import json, sys; from conformance import mutants as M; "
+          "m = M.run_matrix('real', 2, sys.argv[1:], baselines=False); "
+          "print(json.dumps(m.entries))")
+
+
+def _environment() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PYTEST_", "CONFORMANCE_", "COVERAGE_"))
+           and k != "COV_CORE_SOURCE"}
+    env["PYTHONPATH"] = ROOT
+    return env
+
+
+def in_userns(count: int, argv: list[str], timeout: float = 600
+              ) -> subprocess.CompletedProcess[str]:
+    """``argv`` as root of a new user namespace mapping ``0 0 count`` (uids and gids)."""
+    return subprocess.run([sys.executable, LAUNCH, str(count), "--", *argv], cwd=ROOT,
+                          env=_environment(), capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def _matrix(count: int | None) -> dict[tuple[str, str], dict]:
+    """The kill matrix of :data:`PRIVILEGE_MUTANTS` (real backend), on the plain host
+    (``count`` None) or inside a user namespace mapping ``0 0 count``."""
+    command = [sys.executable, "-c", MATRIX, *PRIVILEGE_MUTANTS]
+    if count is not None:
+        proc = in_userns(count, command)
+    else:
+        proc = subprocess.run(command, cwd=ROOT, env=_environment(), capture_output=True,
+                              text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    entries = json.loads(proc.stdout.splitlines()[-1])
+    return {(e["mutant"], e["flow"]): e for e in entries}
+
+
+@pytest.fixture(scope="module")
+def plain_host_matrix() -> dict[tuple[str, str], dict]:
+    _needs_root()
+    return _matrix(None)
+
+
+@pytest.mark.parametrize("count", MAPS)
+def test_flows_says_the_kit_runs_inside_a_non_initial_user_namespace(count):
+    _needs_root()
+    proc = in_userns(count, [sys.executable, "-m", "kit", "flows"], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    flows, _, note = proc.stdout.partition("\n\n")
+    assert len(flows.splitlines()) == 5
+    assert "non-initial user namespace" in note and f"uid_map '0 0 {count}'" in note
+    assert "judged relative to this namespace" in note
+
+
+@pytest.mark.parametrize("count", MAPS)
+def test_the_reference_engine_passes_everything_launched_inside_a_user_namespace(
+        count, tmp_path):
+    _needs_root()
+    report = tmp_path / "report.json"
+    os.chmod(tmp_path, 0o755)
+    proc = in_userns(count, [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             "-p", "no:xdist", "--engine=reference", "--backend=real",
+                             f"--conformance-report={report}"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    doc = json.loads(report.read_text())
+    summary = doc["summary"]
+    assert summary.get("failed", 0) == 0 and summary.get("broken", 0) == 0, summary
+    assert summary.get("passed", 0) >= 300, summary
+    assert {r["backend"] for r in doc["results"]} == {"real"}
+    escalation = [r for r in doc["results"] if r["requirement"] == "PRIV-MASTER-003"
+                  and r["flow"] in ("suid", "hybrid")]
+    assert [r["outcome"] for r in escalation] == ["passed", "passed"]
+
+
+@pytest.mark.parametrize("count", MAPS)
+def test_privilege_mutants_are_killed_inside_a_user_namespace_as_on_the_host(
+        count, plain_host_matrix):
+    inside = _matrix(count)
+    assert set(inside) == set(plain_host_matrix)
+    assert {mutant for mutant, _ in inside} == {f"mutant-{m}" for m in PRIVILEGE_MUTANTS}
+    for key, entry in inside.items():
+        assert entry["status"] == "killed", (key, entry)
+        assert set(entry["declared"]) <= set(entry["failed"]), (key, entry)
+        assert entry["failed"] == plain_host_matrix[key]["failed"], key
