@@ -104,16 +104,27 @@ def ledger_cost(n: int = 2000) -> float:
 
 
 def probe_cost(n: int = 200) -> dict[str, float]:
-    """Median ms of one snapshot and one escalation probe in this process."""
+    """Median ms of one snapshot and one escalation probe in this process (with a setuid
+    binary to exec, as in a run, where this process can provide one)."""
+    import tempfile
+
     from kit import probe
     out = {}
-    for name, fn in (("snapshot", probe.snapshot), ("escalation", probe.escalation)):
-        samples = []
-        for _ in range(n):
-            t = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t)
-        out[name] = statistics.median(samples) * 1000
+    work = tempfile.mkdtemp(prefix="kit-bench-")
+    os.chmod(work, 0o755)
+    previous = probe.setuid_binary()
+    probe.configure(None, probe.provide_setuid_binary(work))
+    try:
+        for name, fn in (("snapshot", probe.snapshot), ("escalation", probe.escalation)):
+            samples = []
+            for _ in range(n):
+                t = time.perf_counter()
+                fn()
+                samples.append(time.perf_counter() - t)
+            out[name] = statistics.median(samples) * 1000
+    finally:
+        probe.configure(None, previous)
+        shutil.rmtree(work, ignore_errors=True)
     return out
 
 

@@ -44,7 +44,10 @@ Design
   capability of the real bounding set (the set a real root has on this machine).
 - **Probes**: :meth:`FakeSystem.snapshot` and :meth:`FakeSystem.escalation` return the
   structures of :func:`kit.probe.snapshot` and :func:`kit.probe.escalation`, computed from
-  the model (threads listed by real tid; no probe child is forked).
+  the model (threads listed by real tid; no probe child is forked): each escalation way by
+  its own rule (setresuid, capset, and ``bprm_fill_uid`` for the run's setuid-root binary,
+  which exists in the model only), relative to the model's initial user namespace, the one
+  the kit was launched in.
 
 Out of scope: what only the kernel can decide
 ----------------------------------------------

@@ -421,7 +421,8 @@ class FakeSystem(System):
         return 0
 
     def privileged(self) -> bool:
-        """euid 0 in the initial user namespace (of the model)."""
+        """euid 0 in the host user namespace: the model's initial one, the namespace the kit
+        was launched in (as :meth:`escalation` and :func:`kit.probe.host_privilege` judge)."""
         with self._store.transaction(write=False) as st:
             cred = self._cred()
             return cred.userns == Model(st).initial("user") and cred.uid[1] == 0
