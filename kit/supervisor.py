@@ -64,10 +64,15 @@ def _cmdline(pid: int) -> str:
 
 def _configure_probes(req: RunRequest, run_dir: str) -> None:
     """The run's host user namespace and setuid-root binary, for the escalation probes of
-    every process forked from here (the fake backend's binary exists in the model only)."""
-    path = os.path.join(run_dir, probe.SETUID_DIR, "id")
-    binary = (probe.provide_setuid_binary(run_dir) if req.backend == "real"
-              else probe.SetuidBinary(path))
+    every process forked from here. The fake backend's binary exists in the model only,
+    provided as the real kit would: by a launcher that is root (in the model)."""
+    if req.backend == "real":
+        binary = probe.provide_setuid_binary(run_dir)
+    else:
+        from kit.fake import ROOT_FLOWS
+        root = os.geteuid() == 0 or req.flow in ROOT_FLOWS
+        binary = probe.SetuidBinary(os.path.join(run_dir, probe.SETUID_DIR, "id"),
+                                    unavailable="" if root else "launched-without-root")
     probe.configure(req.host_userns, binary)
 
 
