@@ -262,7 +262,10 @@ def _setuid_outcome(spawned: tuple[int, int] | str) -> str:
             out += chunk
     finally:
         os.close(rfd)
-        os.waitpid(pid, 0)
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:  # reaped by a SIGCHLD handler inherited from the engine
+            pass
     text = out.decode(errors="replace").strip()
     return "X" + text if text.isdigit() else "X!output:" + text[:60].replace(" ", "_")
 
