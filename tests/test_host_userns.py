@@ -249,6 +249,69 @@ def test_a_full_range_map_in_a_child_namespace_is_not_the_host():
     assert report["escalation"]["host_escalation"] is False
 
 
+# --- the conformance checks judge against the run's recorded identity ---------------------------
+
+HOST_USER, OTHER_USER = 4026531837, 4026532400
+
+
+def _stage1_run(host_userns: list[int] | None):
+    """A userns-flow ledger whose stage 1 keeps a permitted capability, in user namespace
+    HOST_USER, with a uid map of the full range; the run_start records ``host_userns``."""
+    from types import SimpleNamespace
+
+    from conformance.runs import Run
+    from conformance.scenario import SCENARIOS
+
+    snap = {"threads": [{"tid": 10, "uid": [U] * 4, "gid": [G] * 4, "groups": [],
+                         "caps": {"effective": [], "permitted": ["CAP_SYS_ADMIN"],
+                                  "inheritable": [], "bounding": ["CAP_SYS_ADMIN"],
+                                  "ambient": []},
+                         "no_new_privs": False, "seccomp": 0}],
+            "ns": {"user": HOST_USER}, "uid_map": probe.FULL_MAP, "gid_map": [],
+            "securebits": 0, "dumpable": 1, "nspid": [10]}
+    start = {"kind": "run_start", "role": "supervisor", "invoker": {"uid": U, "gid": G}}
+    if host_userns is not None:
+        start["host_userns"] = host_userns
+    events = [start, {"kind": "hook_enter", "role": "stage1", "hook": "config",
+                      "snapshot": snap, "escalation": {"host_escalation": False}}]
+    for i, event in enumerate(events):
+        event.update(seq=i, pid=100, tid=10, t=i)
+    ledger = SimpleNamespace(events=events, document={"schema_version": 1, "events": events})
+    result = SimpleNamespace(exit_code=0, reason="exited", ledger=ledger, leaks=[],
+                             timed_out=None, stdout="", stderr="")
+    return Run("userns", SCENARIOS["default"], "real", result=result)
+
+
+def test_no_host_privilege_check_fails_a_permitted_capability_in_the_recorded_namespace():
+    from conformance import checks
+
+    verify = checks.Verifier("userns", ["PRIV-STAGE1-004"], "t")
+    checks.check_privileges(verify, _stage1_run([4, HOST_USER]), "PRIV-STAGE1-004")
+    (violation,) = verify.violations["PRIV-STAGE1-004"]
+    text = verify.render("PRIV-STAGE1-004")
+    assert f"user namespace {HOST_USER} (host)" in text and "CAP_SYS_ADMIN" in text
+    assert "role: stage1" in text and "hook: config" in text
+
+
+def test_no_host_privilege_check_passes_the_same_state_in_another_namespace():
+    from conformance import checks
+
+    verify = checks.Verifier("userns", ["PRIV-STAGE1-004"], "t")
+    # its uid map maps the full range: only the identity says it is not the host's
+    checks.check_privileges(verify, _stage1_run([4, OTHER_USER]), "PRIV-STAGE1-004")
+    assert verify.violations["PRIV-STAGE1-004"] == []
+    assert verify.checks["PRIV-STAGE1-004"] == 1
+
+
+def test_a_ledger_without_the_host_identity_is_a_harness_error():
+    from conformance import checks
+    from conformance.runs import HarnessError
+
+    verify = checks.Verifier("userns", ["PRIV-STAGE1-004"], "t")
+    with pytest.raises(HarnessError, match="host user namespace"):
+        checks.check_privileges(verify, _stage1_run(None), "PRIV-STAGE1-004")
+
+
 # --- escalation: each way tried on its own -----------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
