@@ -17,10 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from conformance.outcomes import BROKEN, FAILED, NOT_CONFIGURED, NOT_SUPPORTED, PASSED, XFAIL
+from conformance.outcomes import (
+    BROKEN, FAILED, NOT_CONFIGURED, NOT_DECIDED, NOT_SUPPORTED, PASSED, XFAIL,
+)
 from conformance.render import LEVEL_RANK, SYMBOLS, shorten, violation_digest
 
-BAD = (FAILED, BROKEN)
+BAD = (FAILED, BROKEN, NOT_DECIDED)  # not decided: a run failed early, the engine's fault
 GOOD = (PASSED, XFAIL)
 UNDECIDED = (NOT_CONFIGURED, NOT_SUPPORTED, None)
 

@@ -306,7 +306,10 @@ def entries_for(target: Target, backend: str, doc: dict[str, Any]) -> list[dict[
         by_flow.setdefault(result["flow"], []).append(result)
     for flow in target.flows:
         results = by_flow.get(flow, [])
-        failed = sorted({r["requirement"] for r in results if r["outcome"] == "failed"})
+        # A result a failed-early run left undecided still detects the mutant (its root cause
+        # is the engine's fault).
+        failed = sorted({r["requirement"] for r in results
+                         if r["outcome"] in ("failed", "not-decided")})
         broken = sorted({r["requirement"] for r in results if r["outcome"] == "broken"})
         declared = set(target.declared)
         killed = bool(declared & set(failed))

@@ -9,7 +9,9 @@ Outcome classes (one per requirement, flow and test):
 - ``broken``          the harness failed (the run could not be made, a suite error);
 - ``not-supported``   the engine does not declare a capability the check needs;
 - ``not-configured``  this machine cannot run the flow or scenario (the reason is given);
-- ``xfail``           listed in the engine's known-failures file, with its reason, and failed.
+- ``xfail``           listed in the engine's known-failures file, with its reason, and failed;
+- ``not-decided``     the run it reads failed early (a hook raised or hung, the starter failed):
+                      the run's root cause is reported once instead (:mod:`conformance.rootcause`).
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from conformance.expectations import FLOWS
 
 PASSED, FAILED, BROKEN = "passed", "failed", "broken"
 NOT_SUPPORTED, NOT_CONFIGURED, XFAIL = "not-supported", "not-configured", "xfail"
-OUTCOMES = (PASSED, FAILED, BROKEN, NOT_SUPPORTED, NOT_CONFIGURED, XFAIL)
+NOT_DECIDED = "not-decided"
+OUTCOMES = (PASSED, FAILED, BROKEN, NOT_SUPPORTED, NOT_CONFIGURED, XFAIL, NOT_DECIDED)
 #: When several tests decide the same requirement in the same flow, the worst outcome wins.
-SEVERITY = {FAILED: 5, BROKEN: 4, XFAIL: 3, NOT_CONFIGURED: 2, NOT_SUPPORTED: 1, PASSED: 0}
+SEVERITY = {FAILED: 6, NOT_DECIDED: 5, BROKEN: 4, XFAIL: 3, NOT_CONFIGURED: 2,
+            NOT_SUPPORTED: 1, PASSED: 0}
 
 NOT_SUPPORTED_PREFIX = "not-supported: "
 NOT_CONFIGURED_PREFIX = "not-configured: "

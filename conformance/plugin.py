@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from conformance import SUITE_VERSION, outcomes
+from conformance import SUITE_VERSION, outcomes, rootcause
 from conformance.capabilities import Capabilities
 from conformance.expectations import FLOWS
 from conformance.markers import MARKERS, declared
@@ -130,6 +130,8 @@ class ConformanceState:
     started: float = field(default_factory=time.monotonic)
     _cache: Any = None
     _prefetched: set[str] = field(default_factory=set)
+    _causes: dict[str, tuple[Any, bool]] = field(default_factory=dict)
+    verdict: Any = None  # conformance.render.Verdict, at the end of the session
 
     def supports(self, capabilities: list[str] | tuple[str, ...]) -> list[str]:
         """The capabilities among ``capabilities`` the engine does not declare."""
@@ -143,6 +145,18 @@ class ConformanceState:
             self._cache = RunCache(self.engine, dict(self.backends), self.hook_timeout,
                                    parallel=min(parallel, 3), worker=self.worker or "main")
         return self._cache
+
+    def root_cause(self, run_id: str) -> tuple[Any, bool]:
+        """(root cause or None, whether the run failed before the payload) of a finished
+        run of this process."""
+        if run_id not in self._causes:
+            from conformance import rootcause
+
+            flow, _, name = run_id.partition("/")
+            run = self.cache().get(flow, name)
+            events = run.events if run.result is not None else []
+            self._causes[run_id] = (rootcause.find(name, events), rootcause.early(events))
+        return self._causes[run_id]
 
     def prefetch(self, flow: str, session: pytest.Session) -> None:
         """Start every run the remaining tests of ``flow`` read (once per flow)."""
@@ -471,9 +485,16 @@ class SessionPlugin:
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:
-            item.stash[OUTCOMES] = _outcomes_after_exception(item, info, exc)
+            verdicts = _outcomes_after_exception(item, info, exc)
+            if not isinstance(exc, pytest.skip.Exception):
+                verdicts = _root_cause_first(self.state, item, verdicts)
+            item.stash[OUTCOMES] = verdicts
+            undecided = {m for o, m in verdicts.values() if o == outcomes.NOT_DECIDED}
+            if undecided and not any(o in (outcomes.FAILED, outcomes.BROKEN)
+                                     for o, _ in verdicts.values()):
+                pytest.skip("; ".join(sorted(undecided)))
             raise
-        verdicts = _evaluate(item, info)
+        verdicts = _root_cause_first(self.state, item, _evaluate(item, info))
         item.stash[OUTCOMES] = verdicts
         for req, (outcome, _) in verdicts.items():
             item.user_properties.append(("conformance_outcome", f"{req}: {outcome}"))
@@ -486,6 +507,10 @@ class SessionPlugin:
         xfailed = [msg for outcome, msg in verdicts.values() if outcome == outcomes.XFAIL]
         if xfailed:
             pytest.xfail("; ".join(xfailed))
+        undecided = {msg for outcome, msg in verdicts.values()
+                     if outcome == outcomes.NOT_DECIDED}
+        if undecided:  # the session fails at its end, under the run's one headline
+            pytest.skip("; ".join(sorted(undecided)))
         if all(outcome == outcomes.NOT_SUPPORTED for outcome, _ in verdicts.values()):
             pytest.skip(outcomes.NOT_SUPPORTED_PREFIX + "; ".join(
                 msg for _, msg in verdicts.values()))
@@ -541,36 +566,69 @@ class SessionPlugin:
             session.config.workeroutput["conformance_runs"] = docs  # type: ignore[attr-defined]
             return
         state.all_runs = docs + state.worker_runs
-        if state.report_path:
-            from conformance import report
+        from conformance import render, report
 
-            doc = report.build(state, state.results, docs + state.worker_runs)
+        doc = report.build(state, state.results, state.all_runs)
+        state.verdict = render.verdict(doc)
+        if session.exitstatus == pytest.ExitCode.OK and state.verdict.code == 1:
+            # a run failed early (its results are not decided), or --strict and a MUST
+            # requirement could not be checked: neither shows as a failed test
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        if state.report_path:
             path = Path(state.report_path)
             if path.parent and not path.parent.exists():
                 path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(doc, indent=1))
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        from conformance.render import wrap
+
         state = self.state
         if state.worker is not None:
             return
+        width = max(60, min(terminalreporter._tw.fullwidth, 120))
         merged = state.results.merged()
         summary = outcomes.Results.summary(merged)
         terminalreporter.section("conformance")
         counts = ", ".join(f"{summary[o]} {o}" for o in outcomes.OUTCOMES)
-        terminalreporter.line(f"engine {state.engine_name}: {summary['total']} results "
-                              f"(requirement x flow): {counts}")
+        lines = wrap(f"engine {state.engine_name}: {summary['total']} results "
+                     f"(requirement x flow): {counts}", width)
+        v = state.verdict
+        if v is not None:
+            lines += wrap(f"{v.title.upper()}: " + (v.reasons[0] if v.reasons else ""), width)
+            lines += [line for r in v.reasons[1:] for line in wrap(r, width, "  ")]
+        for group in rootcause.groups(merged, state.all_runs):
+            lines += _root_cause_lines(group, width)
         for entry in merged:
             if entry["outcome"] in (outcomes.FAILED, outcomes.BROKEN):
                 first = entry["message"].splitlines()[0] if entry["message"] else ""
-                terminalreporter.line(f"  {entry['outcome'].upper()} {entry['requirement']}"
-                                      f"[{entry['flow']}] {first[:150]}")
+                lines += wrap(f"{entry['outcome'].upper()} {entry['requirement']}"
+                              f"[{entry['flow']}] {first}", width, "  ", " " * 6)
         wall = time.monotonic() - state.started
         busy = sum(r.get("seconds") or 0 for r in state.all_runs)
-        terminalreporter.line(f"{len(state.all_runs)} lifecycles ({busy:.1f} s of lifecycle "
-                              f"time) in {wall:.1f} s of wall time")
+        lines.append(f"{len(state.all_runs)} lifecycles ({busy:.1f} s of lifecycle "
+                     f"time) in {wall:.1f} s of wall time")
         if state.report_path:
-            terminalreporter.line(f"report: {state.report_path}")
+            lines.append(f"report: {state.report_path}")
+        for line in lines:
+            terminalreporter.line(line)
+
+
+def _root_cause_lines(group: rootcause.Group, width: int) -> list[str]:
+    """A root cause: what to change first, the results it left undecided, its traceback."""
+    from conformance.render import wrap
+
+    cause = group.cause or {}
+    lines = wrap(f"ROOT CAUSE: {group.message.removeprefix('not decided: ')}", width)
+    if cause.get("advice"):
+        lines += wrap(f"what to change: {cause['advice']}", width, "  ")
+    flows = [f for f in FLOWS if f in group.flows]
+    lines += wrap(f"{len(group.results)} result(s) not decided in {', '.join(flows)} "
+                  f"({len(group.runs)} runs)", width, "  ")
+    if "Traceback" in str(cause.get("traceback")):
+        lines.append(f"  traceback (run {cause.get('run')}):")
+        lines += ["    " + line for line in str(cause["traceback"]).rstrip().splitlines()]
+    return lines
 
 
 class HarnessFailure(Exception):
@@ -607,6 +665,32 @@ def _evaluate(item: pytest.Item, info: ItemInfo) -> dict[str, tuple[str, str]]:
                         f"{_known_message(known)}, but every check passed; remove the entry")
         else:
             out[req] = (outcomes.PASSED, verifier.notes.get(req, ""))
+    return out
+
+
+def _root_cause_first(state: ConformanceState, item: pytest.Item,
+                      verdicts: dict[str, tuple[str, str]]) -> dict[str, tuple[str, str]]:
+    """Verdicts read from runs that failed early become not-decided under the run's root
+    cause: a failure (or a missing check) whose every violation comes from such a run, and a
+    pass whose every run never reached the payload."""
+    verifier = item.stash.get(VERIFIER, None)
+    if verifier is None or not verifier.runs:
+        return verdicts
+    causes = {rid: state.root_cause(rid) for rid in verifier.runs}
+    out = dict(verdicts)
+    for req, (outcome, _) in verdicts.items():
+        if outcome == outcomes.FAILED:
+            runs = [v.run.id if v.run is not None else None for v in verifier.violations[req]]
+        elif outcome == outcomes.BROKEN or outcome == outcomes.PASSED:
+            runs = list(verifier.runs)
+        else:
+            continue
+        found = [causes[r] for r in runs if r in causes]
+        if not runs or len(found) != len(runs) or any(c is None for c, _ in found):
+            continue
+        if outcome == outcomes.PASSED and not all(early for _, early in found):
+            continue
+        out[req] = (outcomes.NOT_DECIDED, found[0][0].message)
     return out
 
 

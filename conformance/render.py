@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from conformance import report as schema
+from conformance import rootcause
 from conformance.expectations import FLOWS
 from conformance.outcomes import (
-    BROKEN, FAILED, NOT_CONFIGURED, NOT_SUPPORTED, OUTCOMES, PASSED, STRICT_PREFIX, XFAIL,
+    BROKEN, FAILED, NOT_CONFIGURED, NOT_DECIDED, NOT_SUPPORTED, OUTCOMES, PASSED, STRICT_PREFIX,
+    XFAIL,
 )
 
 #: Exit codes of a verdict (and of ``ci/gate``).
@@ -39,12 +41,12 @@ SUMMARY_MD, REPORT_HTML = "summary.md", "report.html"
 #: Outcome -> (symbol, short label) in tables.
 SYMBOLS = {PASSED: ("✅", "pass"), FAILED: ("❌", "FAIL"), BROKEN: ("💥", "broken"),
            NOT_SUPPORTED: ("➖", "n/s"), NOT_CONFIGURED: ("⬜", "n/c"),
-           XFAIL: ("⚠️", "xfail")}
+           XFAIL: ("⚠️", "xfail"), NOT_DECIDED: ("⛔", "n/d")}
 #: The same in HTML, in characters every common font has (no emoji font needed).
 HTML_SYMBOLS = {PASSED: ("✓", "pass"), FAILED: ("✗", "FAIL"), BROKEN: ("⚠", "broken"),
                 NOT_SUPPORTED: ("–", "n/s"), NOT_CONFIGURED: ("○", "n/c"),
-                XFAIL: ("!", "xfail")}
-BAD = (FAILED, BROKEN)
+                XFAIL: ("!", "xfail"), NOT_DECIDED: ("⊘", "n/d")}
+BAD = (FAILED, BROKEN, NOT_DECIDED)
 LEVEL_RANK = {"MUST": 0, "SHOULD": 1, "MAY": 2}
 
 #: Ledger roles drawn as lanes, left to right (the kit's process tree, roughly).
@@ -102,6 +104,7 @@ class Verdict:
     broken: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[dict[str, Any]] = field(default_factory=list)  # failed, not counted
     strict: bool = False
+    root_causes: list[rootcause.Group] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -111,7 +114,9 @@ class Verdict:
 def verdict(doc: dict[str, Any], strict: bool | None = None) -> Verdict:
     """What the report means for a pipeline.
 
-    - 1, not conformant: a MUST failed (with ``strict``: anything failed, or could not run);
+    - 1, not conformant: a run failed early (its root cause leaves results not decided), or a
+      MUST failed (with ``strict``: anything failed, or a MUST could not be checked: not
+      configured or not supported);
     - 2, harness error: no results, or a result is broken (the harness could not decide it)
       and nothing failed;
     - 3, nothing ran: no result was decided because this environment could run none of it;
@@ -122,7 +127,7 @@ def verdict(doc: dict[str, Any], strict: bool | None = None) -> Verdict:
     if not results:
         return Verdict(HARNESS_ERROR, "harness error", ["the report has no results: no "
                        "conformance test ran"], strict=strict)
-    decided = [e for e in results if e["outcome"] in (PASSED, FAILED, BROKEN, XFAIL)
+    decided = [e for e in results if e["outcome"] in (PASSED, FAILED, BROKEN, XFAIL, NOT_DECIDED)
                and not environment_failure(e)]
     skipped_env = [e for e in results if e["outcome"] == NOT_CONFIGURED
                    or environment_failure(e)]
@@ -139,33 +144,102 @@ def verdict(doc: dict[str, Any], strict: bool | None = None) -> Verdict:
         if e["outcome"] == FAILED:
             (failing if strict or e["level"] == "MUST" or environment_failure(e)
              else warnings).append(e)
-        elif e["outcome"] == NOT_CONFIGURED and strict:
+        elif strict and e["outcome"] in (NOT_CONFIGURED, NOT_SUPPORTED) and (
+                e["outcome"] == NOT_CONFIGURED or e["level"] == "MUST"):
             failing.append(e)
     failing.sort(key=lambda e: LEVEL_RANK.get(e["level"], 9))
     broken = [e for e in results if e["outcome"] == BROKEN]
-    if failing:
-        reqs = len({e["requirement"] for e in failing})
-        musts = sum(1 for e in failing if e["level"] == "MUST")
-        what = (f"{len(failing)} failed result{'s' if len(failing) != 1 else ''} "
-                f"({musts} MUST) in {reqs} requirement{'s' if reqs != 1 else ''}")
-        reasons = [what + (" (strict: any failure counts)" if strict else "")]
+    causes = rootcause.groups(results, doc.get("runs") or [])
+    coverage = must_coverage(doc)
+    if causes or failing:
+        reasons = [f"{g.message.removeprefix('not decided: ')} ({len(g.results)} result"
+                   f"{'s' if len(g.results) != 1 else ''} not decided)" for g in causes]
+        failed = [e for e in failing if e["outcome"] == FAILED]
+        unchecked = [e for e in failing if e["outcome"] != FAILED]
+        if failed:
+            reqs = len({e["requirement"] for e in failed})
+            musts = sum(1 for e in failed if e["level"] == "MUST")
+            what = (f"{len(failed)} failed result{'s' if len(failed) != 1 else ''} "
+                    f"({musts} MUST) in {reqs} requirement{'s' if reqs != 1 else ''}")
+            reasons.append(what + (" (strict: any failure counts)" if strict else ""))
+        if unchecked:
+            reasons.append(f"strict: {len(unchecked)} result(s) could not be checked "
+                           f"({sum(1 for e in unchecked if e['outcome'] == NOT_SUPPORTED)} "
+                           f"MUST not-supported, "
+                           f"{sum(1 for e in unchecked if e['outcome'] == NOT_CONFIGURED)} "
+                           "not-configured)")
         if broken:
             reasons.append(f"{len(broken)} more result(s) broken: the harness could not "
                            "decide them")
-        return Verdict(NOT_CONFORMANT, "NOT conformant", reasons, failing, broken, warnings,
-                       strict)
+        return Verdict(NOT_CONFORMANT, "NOT conformant", reasons + coverage, failing, broken,
+                       warnings, strict, causes)
     if broken:
         reqs = len({e["requirement"] for e in broken})
         return Verdict(HARNESS_ERROR, "harness error", [
             f"{len(broken)} result(s) in {reqs} requirement(s) are broken: the harness could "
-            "not decide them (see their messages)"], [], broken, warnings, strict)
-    reasons = [f"every MUST that ran passed ({len(decided)} results decided)"]
+            "not decide them (see their messages)"] + coverage, [], broken, warnings, strict)
+    reasons = [f"every MUST that ran passed ({len(decided)} results decided)"] + coverage
     if warnings:
         reasons.append(f"{len(warnings)} failed SHOULD/MAY result(s), not counted without "
                        "--strict")
     if skipped_env:
         reasons.append(f"{len(skipped_env)} result(s) not configured on this machine")
     return Verdict(CONFORMANT, "conformant", reasons, [], [], warnings, strict)
+
+
+_CAPABILITY = re.compile(r"does not declare capability (\w+)")
+
+
+def must_coverage(doc: dict[str, Any]) -> list[str]:
+    """How many MUST requirements each flow checked, and why the others were not (the
+    capability to declare, the reason the machine cannot run them; flows with the same
+    reasons share a line); then the flows that were not checked at all."""
+    musts: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for e in doc["results"]:
+        if e.get("level") == "MUST":
+            musts.setdefault(e["flow"], {}).setdefault(e["outcome"], []).append(e)
+    counts, why_flows = [], {}
+    for flow in sorted(musts, key=_flow_key):
+        by = musts[flow]
+        total = sum(len(v) for v in by.values())
+        checked = sum(len(by.get(o, [])) for o in (PASSED, FAILED, XFAIL))
+        counts.append(f"{flow} {checked} of {total}")
+        missing = _missing(by)
+        if missing:
+            why_flows.setdefault(missing, []).append(flow)
+    lines = ["MUST requirements checked: " + ", ".join(counts)] if counts else []
+    lines += [f"not checked in {', '.join(flows)}: {why}" for why, flows in why_flows.items()]
+    flows = doc.get("environment", {}).get("flows") or {}
+    unselected = [f for f in sorted(flows, key=_flow_key) if not flows[f].get("selected", True)]
+    if unselected:
+        lines.append(f"flows not checked (not selected): {', '.join(unselected)}")
+    return lines
+
+
+def _missing(by: dict[str, list[dict[str, Any]]]) -> str:
+    """Why a flow's unchecked MUST results were not checked, counted by reason."""
+    missing = []
+    if by.get(NOT_SUPPORTED):
+        caps: dict[str, int] = {}
+        other: list[str] = []
+        for e in by[NOT_SUPPORTED]:
+            found = _CAPABILITY.findall(str(e.get("message")))
+            for cap in found:
+                caps[cap] = caps.get(cap, 0) + 1
+            if not found:
+                other.append(f"{e['requirement']}: {first_lines(e.get('message'))[:80]}")
+        why = ([f"declare capability {', '.join(f'{c} ({n})' for c, n in caps.items())}"]
+               if caps else []) + other
+        missing.append(f"{len(by[NOT_SUPPORTED])} not-supported ({'; '.join(why)})")
+    if by.get(NOT_CONFIGURED):
+        why = sorted({first_lines(e.get("message"))[:120] for e in by[NOT_CONFIGURED]})
+        missing.append(f"{len(by[NOT_CONFIGURED])} not-configured ({'; '.join(why[:3])}"
+                       + (f"; {len(why) - 3} more reasons" if len(why) > 3 else "") + ")")
+    for outcome, label in ((NOT_DECIDED, "not decided (the run failed early)"),
+                           (BROKEN, "broken")):
+        if by.get(outcome):
+            missing.append(f"{len(by[outcome])} {label}")
+    return "; ".join(missing)
 
 
 def _flow_key(flow: str) -> int:
@@ -436,23 +510,91 @@ def event_title(event: dict[str, Any] | None) -> str:
 
 # --- summary.md -------------------------------------------------------------------------------
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u200b-\u200f\u202a-\u202e"
+                      r"\u2066-\u2069\ufeff]")
+#: Markdown punctuation that opens an inline construct anywhere (code, emphasis, link, table
+#: cell, strike-through, escape); escaped with a backslash outside code blocks.
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]|~])")
+#: What opens a block only at the start of a line (heading, list, quote, rule, setext).
+_MD_LEADING = re.compile(r"^(\s*)([#+\-=>]|\d+[.)])")
+
+
+def clean(text: Any) -> str:
+    """``text`` without control characters (tabs and newlines kept), so that nothing the
+    engine prints can move the cursor, hide text or reorder it in a reader."""
+    return _CONTROL.sub("\N{REPLACEMENT CHARACTER}", str(text).replace("\r\n", "\n"))
+
+
+def md_text(text: Any) -> str:
+    """``text`` as inert Markdown on one line: every construct escaped, HTML as entities,
+    no line break (a string the engine controls cannot start a block or an element)."""
+    one = " ".join(clean(text).split())
+    one = one.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    one = _MD_SPECIAL.sub(r"\\\1", one)
+    one = _MD_LEADING.sub(lambda m: m.group(1) + (m.group(2)[:-1] + "\\" + m.group(2)[-1]
+                                                  if m.group(2)[0].isdigit()
+                                                  else "\\" + m.group(2)), one)
+    # GitHub links a bare "www." or "scheme://" by itself: break both with an entity
+    return re.sub(r"(?i)www\.", "www&#46;", one).replace("://", "&#58;//")
+
+
+def md_code(text: Any, lang: str = "text") -> list[str]:
+    """A fenced code block holding ``text`` verbatim: the fence is longer than any run of
+    backticks in it, so the text cannot close the block."""
+    body = clean(text)
+    longest = max((len(m) for m in re.findall(r"`+", body)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [fence + lang, *body.splitlines(), fence]
+
+
+def md_span(text: Any) -> str:
+    """``text`` as an inline code span on one line (its backticks cannot end the span; a
+    table's pipe is escaped, as GitHub splits cells before it parses spans)."""
+    one = " ".join(clean(text).split()).replace("|", "\\|")
+    longest = max((len(m) for m in re.findall(r"`+", one)), default=0)
+    ticks = "`" * (longest + 1)
+    pad = " " if one.startswith("`") or one.endswith("`") or not one.strip() else ""
+    return f"{ticks}{pad}{one}{pad}{ticks}"
+
+
 def _md_cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    return md_text(text)
 
 
 def _engine_line(doc: dict[str, Any]) -> str:
     eng = doc.get("engine", {})
     env = doc.get("environment", {})
     backends = sorted(set((env.get("backend") or {}).values())) or ["?"]
-    return (f"engine `{eng.get('name')}` ({eng.get('origin')}) · suite "
-            f"{doc.get('suite_version')} · {doc.get('generated')} · kernel "
-            f"{env.get('kernel')} · Python {env.get('python')} · backend "
-            f"{', '.join(backends)}" + (" · strict" if env.get("strict") else ""))
+    return (f"engine {md_span(eng.get('name'))} ({md_text(eng.get('origin'))}) · suite "
+            f"{md_text(doc.get('suite_version'))} · {md_text(doc.get('generated'))} · kernel "
+            f"{md_text(env.get('kernel'))} · Python {md_text(env.get('python'))} · backend "
+            f"{md_text(', '.join(map(str, backends)))}" + (" · strict" if env.get("strict")
+                                                           else ""))
 
 
 def _counts_line(summary: dict[str, int]) -> str:
     return f"{summary.get('total', 0)} results: " + ", ".join(
         f"{summary.get(o, 0)} {o}" for o in OUTCOMES)
+
+
+def _md_root_causes(groups: list[rootcause.Group]) -> list[str]:
+    out = ["## Root causes: runs that failed early", "",
+           "Each result below was read from a run that failed before it could show anything "
+           "else: fix the cause, and they are decided again.", ""]
+    for g in groups:
+        cause = g.cause or {}
+        out += [f"### {SYMBOLS[NOT_DECIDED][0]} {md_text(g.message.removeprefix('not decided: '))}",
+                ""]
+        if cause.get("advice"):
+            out += [f"**What to change:** {md_text(cause['advice'])}", ""]
+        reqs = [req for req, _ in by_requirement(g.results)]
+        out += [f"{len(g.results)} result(s) in {len(reqs)} requirement(s) not decided, in "
+                f"{md_text(', '.join(sorted(g.flows, key=_flow_key)))}: "
+                + md_text(", ".join(reqs)), "", f"runs: {md_text(', '.join(g.runs))}", ""]
+        if "Traceback" in str(cause.get("traceback")):
+            out += [f"Traceback (run {md_text(cause.get('run'))}):", "",
+                    *md_code(cause["traceback"]), ""]
+    return out
 
 
 def summary_markdown(doc: dict[str, Any], v: Verdict | None = None,
@@ -461,9 +603,11 @@ def summary_markdown(doc: dict[str, Any], v: Verdict | None = None,
     icon = {CONFORMANT: "✅", NOT_CONFORMANT: "❌", HARNESS_ERROR: "💥",
             NOTHING_RAN: "⬜"}[v.code]
     eng = doc["engine"].get("name")
-    out = [f"# {icon} Conformance of `{eng}`: {v.title} (exit {v.code})", "",
+    out = [f"# {icon} Conformance of {md_span(eng)}: {v.title} (exit {v.code})", "",
            _engine_line(doc), "", f"**{_counts_line(doc['summary'])}**", ""]
-    out += [f"- {reason}" for reason in v.reasons] + [""]
+    out += [f"- {md_text(reason)}" for reason in v.reasons] + [""]
+    if v.root_causes:
+        out += _md_root_causes(v.root_causes)
 
     def section(title: str, entries: list[dict[str, Any]]) -> None:
         if not entries:
@@ -473,15 +617,17 @@ def summary_markdown(doc: dict[str, Any], v: Verdict | None = None,
             first = group[0]
             flows = ", ".join(e["flow"] for e in group)
             outcome = first["outcome"]
-            out.extend([f"### {SYMBOLS[outcome][0]} {req} [{first['level']}] {outcome} in "
-                        f"{flows}", "", f"> {first['text']} (SPEC {first['section']})", ""])
+            out.extend([f"### {SYMBOLS.get(outcome, ('?',))[0]} {md_text(req)} "
+                        f"[{md_text(first['level'])}] {md_text(outcome)} in "
+                        f"{md_text(flows)}", "",
+                        f"> {md_text(first['text'])} (SPEC {md_text(first['section'])})", ""])
             for e in group:
-                lines = str(e["message"] or "(no message)").splitlines()
+                lines = clean(e["message"] or "(no message)").splitlines()
                 if len(lines) > max_message_lines:
                     lines = lines[:max_message_lines] + [
                         f"… {len(lines) - max_message_lines} more lines in report.html"]
-                out.extend([f"**{e['flow']}** (`{e['test']}`, backend {e['backend']}):", "",
-                            "```", *lines, "```", ""])
+                out.extend([f"**{md_text(e['flow'])}** ({md_span(e['test'])}, backend "
+                            f"{md_text(e['backend'])}):", "", *md_code("\n".join(lines)), ""])
 
     section("Failures", v.failing)
     section("Broken: the harness could not decide these", v.broken)
@@ -492,12 +638,13 @@ def summary_markdown(doc: dict[str, Any], v: Verdict | None = None,
     out += ["## Requirements × flows", "",
             f"Failing requirements first, then the catalogue's order. {legend} · "
             "blank: the requirement does not apply to the flow, or the flow was not selected.",
-            "", "| Requirement | Level | " + " | ".join(flows) + " | Text |",
-            "|---|---|" + "---|" * len(flows) + "---|"]
+            "", "| Requirement | Level | " + " | ".join(md_text(f) for f in flows)
+            + " | Text |", "|---|---|" + "---|" * len(flows) + "---|"]
     for first, cells in matrix_rows(doc):
-        marks = [SYMBOLS[cells[f]["outcome"]][0] if f in cells else "" for f in flows]
-        out.append(f"| {first['requirement']} | {first['level']} | " + " | ".join(marks)
-                   + f" | {_md_cell(first['text'])} |")
+        marks = [SYMBOLS.get(cells[f]["outcome"], ("?",))[0] if f in cells else ""
+                 for f in flows]
+        out.append(f"| {md_text(first['requirement'])} | {md_text(first['level'])} | "
+                   + " | ".join(marks) + f" | {_md_cell(first['text'])} |")
     out.append("")
 
     env = doc["environment"]
@@ -507,21 +654,22 @@ def summary_markdown(doc: dict[str, Any], v: Verdict | None = None,
     counts = per_flow_counts(doc)
     for flow, info in sorted((env.get("flows") or {}).items(), key=lambda kv: _flow_key(kv[0])):
         c = counts.get(flow, {})
-        out.append(f"| {flow} | {'yes' if info.get('selected') else 'no'} | "
+        out.append(f"| {md_text(flow)} | {'yes' if info.get('selected') else 'no'} | "
                    f"{'yes' if info.get('runnable') else 'no'} | "
-                   f"{(env.get('backend') or {}).get(flow, info.get('backend', ''))} | "
+                   f"{md_text((env.get('backend') or {}).get(flow, info.get('backend', '')))} | "
                    + " | ".join(str(c.get(o, 0)) for o in OUTCOMES)
                    + f" | {_md_cell(info.get('reason', ''))} |")
     out.append("")
     if doc.get("unchecked"):
         out += ["<details><summary>Requirements no lifecycle run can decide "
                 f"({len(doc['unchecked'])})</summary>", ""]
-        out += [f"- **{u['requirement']}** [{u['level']}] {u['text']} — *{u['reason']}*"
-                for u in doc["unchecked"]]
+        out += [f"- **{md_text(u['requirement'])}** [{md_text(u['level'])}] "
+                f"{md_text(u['text'])} — *{md_text(u['reason'])}*" for u in doc["unchecked"]]
         out += ["", "</details>", ""]
     if doc.get("known_failures"):
         out += ["## Known failures declared by the engine", ""]
-        out += [f"- {k['requirement']}[{','.join(k['flows'])}]: {k['reason']} ({k['where']})"
+        out += [f"- {md_text(k['requirement'])}[{md_text(','.join(map(str, k['flows'])))}"
+                f"]: {md_text(k['reason'])} ({md_text(k['where'])})"
                 for k in doc["known_failures"]]
         out.append("")
     runs = doc["runs"]
@@ -533,13 +681,28 @@ def summary_markdown(doc: dict[str, Any], v: Verdict | None = None,
 
 # --- the one-screen terminal summary -------------------------------------------------------------
 
+def wrap(text: Any, width: int, indent: str = "", subsequent: str | None = None
+         ) -> list[str]:
+    """``text`` wrapped at word boundaries to ``width`` columns (a word longer than a line is
+    broken only where it must be, at a path or punctuation boundary when it has one)."""
+    import textwrap
+
+    sub = indent + "    " if subsequent is None else subsequent
+    one = " ".join(clean(text).split())
+    return textwrap.wrap(one, width=max(width, len(sub) + 20), initial_indent=indent,
+                         subsequent_indent=sub, break_on_hyphens=False) or [indent.rstrip()]
+
+
 def terminal_summary(doc: dict[str, Any], v: Verdict, width: int = 100,
-                     max_failures: int = 8) -> list[str]:
+                     max_failures: int = 8, max_lines: int = 30) -> list[str]:
     eng = doc["engine"]
-    lines = [f"engine {eng.get('name')} ({eng.get('origin')}), suite {doc.get('suite_version')}",
-             f"{v.title.upper()} (exit {v.code}): " + "; ".join(v.reasons[:1])]
-    lines += [f"  {r}" for r in v.reasons[1:3]]
-    lines.append(_counts_line(doc["summary"]))
+    lines = wrap(f"engine {eng.get('name')} ({eng.get('origin')}), suite "
+                 f"{doc.get('suite_version')}", width)
+    lines += wrap(f"{v.title.upper()} (exit {v.code}): " + (v.reasons[0] if v.reasons else ""),
+                  width)
+    for reason in v.reasons[1:]:
+        lines += wrap(reason, width, "  ")
+    lines += wrap(_counts_line(doc["summary"]), width)
     counts = per_flow_counts(doc)
     header = f"  {'flow':<9}{'backend':<8}" + "".join(f"{SYMBOLS[o][1]:>7}" for o in OUTCOMES)
     lines.append(header)
@@ -548,25 +711,38 @@ def terminal_summary(doc: dict[str, Any], v: Verdict, width: int = 100,
         backend = (doc["environment"].get("backend") or {}).get(flow, "")
         row = f"  {flow:<9}{backend:<8}" + "".join(f"{c[o]:>7}" for o in OUTCOMES)
         info = flows_env.get(flow) or {}
-        if not info.get("runnable", True):
-            row += f"   {shorten(info.get('reason', ''), max(10, width - len(row) - 3))}"
         lines.append(row)
+        if not info.get("runnable", True):
+            lines += wrap(f"not runnable here: {info.get('reason', '')}", width, " " * 4)
+    for g in v.root_causes:
+        cause = g.cause or {}
+        lines += wrap(f"root cause: {g.message.removeprefix('not decided: ')}", width)
+        if cause.get("advice"):
+            lines += wrap(f"what to change: {cause['advice']}", width, "  ")
+        lines += wrap(f"{len(g.results)} result(s) not decided in "
+                      f"{', '.join(sorted(g.flows, key=_flow_key))}: see summary.md for the "
+                      "traceback", width, "  ")
     shown = v.failing or v.broken
     if shown:
         lines.append("failures, MUST first:" if v.failing else "broken results:")
         groups = by_requirement(shown)
+        listed = 0
         for req, group in groups[:max_failures]:
             first = group[0]
             flows = ",".join(e["flow"] for e in group)
-            lines.append(shorten(f"  {req} [{first['level']}] {flows}: {first['text']}", width))
-            lines.append(shorten(f"      {violation_digest(first['message'])}", width))
-        if len(groups) > max_failures:
-            lines.append(f"  … and {len(groups) - max_failures} more requirement(s): see "
+            more = (wrap(f"{req} [{first['level']}] {flows}: {first['text']}", width, "  ",
+                         " " * 6) + wrap(violation_digest(first["message"]), width, " " * 6))
+            if listed and len(lines) + len(more) + 2 > max_lines:
+                break  # one screen: the rest is in summary.md
+            lines += more
+            listed += 1
+        if len(groups) > listed:
+            lines.append(f"  … and {len(groups) - listed} more requirement(s): see "
                          "summary.md")
     if v.warnings:
-        lines.append(shorten("warnings (not counted): " + ", ".join(
+        lines += wrap("warnings (not counted): " + ", ".join(
             f"{req}[{','.join(e['flow'] for e in g)}]" for req, g in by_requirement(v.warnings)),
-            width))
+            width)
     return lines
 
 
@@ -620,6 +796,7 @@ td.o a { color: inherit; text-decoration: none; }
 .o-not-supported { color: var(--ns); background: #f6f8fa; }
 .o-not-configured { color: var(--ns); background: #eef1f4; }
 .o-xfail { color: var(--xfail); background: #fff8c5; }
+.o-not-decided { color: #fff; background: #953800; }
 .o-none { background: #fff; }
 .badge { display: inline-block; padding: 0 7px; border-radius: 9px; font-size: 12px;
   font-weight: 600; }
@@ -627,6 +804,7 @@ details.failure { border: 1px solid var(--line); border-left: 5px solid var(--fa
   border-radius: 6px; margin: 6px 0; padding: 4px 10px; }
 details.failure.broken { border-left-color: var(--broken); }
 details.failure.warning { border-left-color: var(--xfail); }
+details.failure.root-cause { border-left-color: #953800; }
 details.failure > summary { cursor: pointer; }
 details.failure[open] > summary { margin-bottom: 6px; }
 .event { border-top: 1px dashed var(--line); padding-top: 4px; margin-top: 6px; }
@@ -883,6 +1061,22 @@ def html_report(doc: dict[str, Any], v: Verdict | None = None) -> str:
                for o in OUTCOMES) + f'<span>{doc["summary"].get("total", 0)} results</span></p>',
            "<ul>" + "".join(f"<li>{_e(r)}</li>" for r in v.reasons) + "</ul>"]
 
+    if v.root_causes:
+        out.append('<h2 id="root-causes">Root causes: runs that failed early</h2>')
+        for i, g in enumerate(v.root_causes):
+            cause = g.cause or {}
+            reqs = [req for req, _ in by_requirement(g.results)]
+            out.append(f'<details class="failure root-cause" id="root-cause-{i}" open><summary>'
+                       f'{_badge(NOT_DECIDED)} <b>{_e(g.message.removeprefix("not decided: "))}'
+                       f'</b></summary>')
+            if cause.get("advice"):
+                out.append(f'<p><b>What to change:</b> {_e(cause["advice"])}</p>')
+            out.append(f'<div class="meta">{len(g.results)} result(s) in {len(reqs)} '
+                       f'requirement(s) not decided, in {_e(", ".join(g.flows))}: '
+                       f'{_e(", ".join(reqs))} · runs {_e(", ".join(g.runs))}</div>')
+            if "Traceback" in str(cause.get("traceback")):
+                out.append(f'<pre class="traceback">{_e(cause["traceback"])}</pre>')
+            out.append("</details>")
     if shown:
         out.append(f'<h2 id="failures">Failures ({len(v.failing)})'
                    + (f", broken ({len(v.broken)})" if v.broken else "")

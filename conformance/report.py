@@ -17,6 +17,8 @@ Schema version 1::
                    "test", "tests", "message", "runs", "checks"}],
       "unchecked": [{"requirement", "level", "section", "text", "reason"}],
       "known_failures": [{"requirement", "flows", "reason", "where"}],
+      "root_causes": [{"headline", "hook", "role", "error", "advice", "traceback", "run",
+                       "results", "flows", "runs"}],   (optional: runs that failed early)
       "runs": [{"id", "flow", "scenario", "backend", "argv", "engine_config", "worker",
                 "seconds", "notes", "error", "exit_code", "reason", "leaks", "timed_out",
                 "stdout", "stderr", "ledger"}]
@@ -37,8 +39,8 @@ from typing import Any
 
 import pytest
 
-from conformance import SUITE_VERSION, requirements
-from conformance.outcomes import OUTCOMES, Results
+from conformance import SUITE_VERSION, requirements, rootcause
+from conformance.outcomes import NOT_DECIDED, OUTCOMES, Results
 
 SCHEMA_VERSION = 1
 
@@ -86,6 +88,9 @@ def build(state: Any, results: Results, runs: list[dict[str, Any]]) -> dict[str,
                             "reason": k.reason, "where": k.where()} for k in state.known],
         "runs": sorted(runs, key=lambda r: (r.get("flow", ""), r.get("scenario", ""),
                                             r.get("worker", ""))),
+        "root_causes": [{**(g.cause or {"headline": g.message.removeprefix("not decided: ")}),
+                         "results": len(g.results), "flows": g.flows, "runs": g.runs}
+                        for g in rootcause.groups(entries, runs)],
     }
 
 
@@ -124,7 +129,7 @@ def validate(doc: dict[str, Any]) -> list[str]:
             if run not in run_ids:
                 problems.append(f"results[{i}] refers to run {run!r} that is not in runs")
     for outcome, n in counts.items():
-        if doc["summary"].get(outcome) != n:
+        if doc["summary"].get(outcome, 0 if outcome == NOT_DECIDED else None) != n:
             problems.append(f"summary[{outcome!r}] = {doc['summary'].get(outcome)!r}, "
                             f"results have {n}")
     if doc["summary"].get("total") != len(doc["results"]):

@@ -104,7 +104,8 @@ class ContainerCreationFailed(RuntimeError):
 def describe_error(exc: BaseException) -> dict[str, Any]:
     return {"type": type(exc).__name__, "message": str(exc),
             "errno": getattr(exc, "errno", None),
-            "traceback": "".join(traceback.format_exception(exc))[-4000:]}
+            # whole: the report shows it once as the root cause (a ledger event may be 1 MiB)
+            "traceback": "".join(traceback.format_exception(exc))[-60000:]}
 
 
 #: Parameter names of the hooks, for the ``args`` of hook_enter events.
