@@ -78,6 +78,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def _engine_setting(config: pytest.Config) -> tuple[str | None, str | None]:
     """(engine, where it came from): command line, then ini option, then environment."""
     value = config.getoption("engine")
+    if value is not None and not value.strip():
+        raise pytest.UsageError(
+            "conformance: --engine is empty: name the engine to check, e.g. "
+            "--engine=reference, --engine=my_package:MyEngine or a kit.engines entry point "
+            "(python -m kit engines lists them)")
     if value:
         return value, "the command line (--engine)"
     value = config.getini("engine")
@@ -132,6 +137,7 @@ class ConformanceState:
     _prefetched: set[str] = field(default_factory=set)
     _causes: dict[str, tuple[Any, bool]] = field(default_factory=dict)
     verdict: Any = None  # conformance.render.Verdict, at the end of the session
+    own_tests: list[str] | None = None  # the project's own test paths run beside the suite
 
     def supports(self, capabilities: list[str] | tuple[str, ...]) -> list[str]:
         """The capabilities among ``capabilities`` the engine does not declare."""
@@ -214,6 +220,13 @@ def _make_state(config: pytest.Config, engine: str, source: str) -> ConformanceS
     except Exception as exc:  # the engine module itself failed to import
         raise pytest.UsageError(f"conformance: cannot load engine {engine!r} (from {source}): "
                                 f"{type(exc).__name__}: {exc}") from None
+    from kit import preflight
+
+    problems = preflight.check(engine)
+    if problems:
+        raise pytest.UsageError(f"conformance: preflight of engine {engine!r} (from {source}) "
+                                "failed, no lifecycle was run:\n  "
+                                + "\n  ".join(str(p) for p in problems))
     try:
         capabilities, cap_source = caps_module.for_engine(reg)
         declared_caps = capabilities.as_dict()
@@ -277,8 +290,17 @@ def pytest_configure(config: pytest.Config) -> None:
     state = _make_state(config, engine, source)
     config.stash[STATE] = state
     if config.args_source != pytest.Config.ArgsSource.ARGS:
-        config.args = [str(SUITE_DIR)]
-        state.notes.append(f"collecting the installed suite {SUITE_DIR}")
+        if source.startswith("the command line"):
+            config.args = [str(SUITE_DIR)]
+            state.notes.append(f"collecting the installed suite {SUITE_DIR}")
+        else:
+            # An engine named by the ini file or the environment adds the suite: a plain
+            # ``pytest`` in the engine's repository still runs the repository's own tests.
+            own = [a for a in config.args if Path(a).resolve() != SUITE_DIR]
+            config.args = own + [str(SUITE_DIR)]
+            state.own_tests = own
+            state.notes.append(f"collecting your tests ({', '.join(own)}) and the installed "
+                               f"suite {SUITE_DIR} (engine from {source})")
     if getattr(config, "workerinput", None) is None and \
             getattr(config.option, "dist", "no") == "load":
         # The tests of one flow go to one worker, so every lifecycle runs once per session
@@ -594,7 +616,10 @@ class SessionPlugin:
         lines = wrap(f"engine {state.engine_name}: {summary['total']} results "
                      f"(requirement x flow): {counts}", width)
         v = state.verdict
-        if v is not None:
+        if not summary["total"]:
+            lines += wrap(f"the conformance suite did not run (engine {state.engine} from "
+                          f"{state.engine_source}): no conformance test was selected", width)
+        elif v is not None:
             lines += wrap(f"{v.title.upper()}: " + (v.reasons[0] if v.reasons else ""), width)
             lines += [line for r in v.reasons[1:] for line in wrap(r, width, "  ")]
         for group in rootcause.groups(merged, state.all_runs):
@@ -610,6 +635,10 @@ class SessionPlugin:
                      f"time) in {wall:.1f} s of wall time")
         if state.report_path:
             lines.append(f"report: {state.report_path}")
+        if state.own_tests is not None and summary["total"]:
+            lines += wrap(f"the conformance suite ran too (engine {state.engine} from "
+                          f"{state.engine_source}), beside your tests in "
+                          f"{', '.join(state.own_tests)}", width)
         for line in lines:
             terminalreporter.line(line)
 

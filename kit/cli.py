@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from kit import environment, registry
+from kit import environment, preflight, registry
 from kit.launcher import LaunchError, start
 from kit.request import DEFAULT_HOOK_TIMEOUT, DEFAULT_RUN_TIMEOUT
 from kit.scaffold import ScaffoldError, write_package
@@ -67,8 +67,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"kit run: --config: {exc}", file=sys.stderr)
         return 2
+    problems = preflight.check(args.engine, engine_config)
+    if problems:  # one message each, before any process starts
+        for problem in problems:
+            print(f"kit run: {problem}", file=sys.stderr)
+        return 2
     try:
-        registry.find(args.engine)
         handle = start(args.engine, args.flow, args.argv, capture=False, stdin=sys.stdin,
                        engine_config=engine_config, user=args.user, backend=args.backend,
                        hook_timeout=args.hook_timeout, run_timeout=args.run_timeout,

@@ -140,12 +140,18 @@ def find(spec: str) -> Registration:
                 return _engines[spec]
             raise RegistryError(f"entry point {ep.name} = {ep.value} did not register an "
                                 f"engine named {spec!r}")
-    # One registrar may register several engines under other names: try them all.
+    # One registrar may register several engines under other names: try them all. A broken
+    # third-party entry point is named as a warning; it never hides "unknown engine".
+    broken: list[str] = []
     if ":" not in spec:
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
             try:
                 _call_registrar(ep.load(), f"entry point {ep.name} = {ep.value}")
             except RegistryError:
+                continue
+            except Exception as exc:  # the package's own import or registrar failed
+                broken.append(f"entry point {ep.name} = {ep.value} is broken: "
+                              f"{type(exc).__name__}: {exc}")
                 continue
             if spec in _engines:
                 return _engines[spec]
@@ -176,8 +182,24 @@ def find(spec: str) -> Registration:
             return _engines[new[0]]
         raise RegistryError(f"{spec} registered {len(new)} engines ({', '.join(new) or 'none'});"
                             " name one of them instead")
-    known = ", ".join(available()) or "none"
-    raise RegistryError(f"unknown engine {spec!r}; known engines: {known}")
+    raise RegistryError(unknown_engine(spec, broken))
+
+
+#: Names of the mutant zoo (reference_engines/mutants): broken on purpose, never suggested.
+MUTANT_PREFIX = "mutant-"
+
+
+def unknown_engine(spec: str, broken: list[str] | tuple[str, ...] = ()) -> str:
+    """The "unknown engine" message: the engines one can use (the mutant zoo only counted),
+    then each broken entry point as a warning."""
+    names = list(available())
+    usable = [n for n in names if not n.startswith(MUTANT_PREFIX)]
+    mutants = len(names) - len(usable)
+    text = f"unknown engine {spec!r}; known engines: {', '.join(usable) or 'none'}"
+    if mutants:
+        text += (f" (and {mutants} mutants of the zoo, broken on purpose: python -m "
+                 "conformance mutants --list)")
+    return text + "".join(f"\nwarning: {line}" for line in broken)
 
 
 def _call_registrar(target: Any, where: str) -> None:

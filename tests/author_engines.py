@@ -5,10 +5,15 @@ early failure, so the suite has a root cause to report once instead of dozens of
 - :class:`Stage1RaisesEngine` — ``prepare_config`` raises in every run (a stage-1 exception).
 - :class:`MonitorReturnsNoneEngine` — ``monitor_container`` waits for the container and then
   returns None instead of its wait status (a hook returning the wrong type).
+- :class:`DictConfigEngine`, :class:`SetConfigEngine`, :class:`UnservableRPCEngine` — what
+  preflight stops before any lifecycle.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
+from kit.contract import EngineConfig
 from reference_engines.minimal.engine import ReferenceEngine
 from reference_engines.minimal.rpc import ReferenceRPC
 
@@ -30,3 +35,40 @@ class MonitorReturnsNoneEngine(ReferenceEngine):
     def monitor_container(self, pid, signals):  # type: ignore[override]
         super().monitor_container(pid, signals)
         return None  # the mistake: the wait status is dropped
+
+
+class DictConfigEngine(ReferenceEngine):
+    """``config()`` returns a plain dict (preflight: not an EngineConfig dataclass)."""
+
+    engine_name = "author-dict-config"
+    rpc_methods = ReferenceRPC
+
+    def config(self):  # type: ignore[override]
+        return {}
+
+
+@dataclass
+class _SetConfig(EngineConfig):
+    tags: set = field(default_factory=lambda: {"a"})  # not JSON: a set
+
+
+class SetConfigEngine(ReferenceEngine):
+    """``config()`` has a field whose value JSON cannot carry (a set)."""
+
+    engine_name = "author-set-config"
+    rpc_methods = ReferenceRPC
+
+    def config(self):  # type: ignore[override]
+        return _SetConfig()
+
+
+class _RPCNeedsMore(ReferenceRPC):
+    def __init__(self, engine, extra):  # type: ignore[no-untyped-def]
+        super().__init__(engine)
+
+
+class UnservableRPCEngine(ReferenceEngine):
+    """Its RPC methods class cannot be built the way the RPC server builds it."""
+
+    engine_name = "author-unservable-rpc"
+    rpc_methods = _RPCNeedsMore

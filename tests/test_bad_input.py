@@ -1,0 +1,125 @@
+"""Bad input from an engine author (issue 15): each is one short message, printed once, and a
+non-zero exit; nothing starts a lifecycle."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+GATE = ROOT / "ci" / "gate"
+PYTEST_USAGE_ERROR = 4  # pytest.ExitCode.USAGE_ERROR
+GATE_USAGE_ERROR = 2
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the real root flow needs root")
+
+
+def run(*argv: str, cwd: Path, pythonpath: str = str(ROOT / "tests")
+        ) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": pythonpath}
+    env.pop("CONFORMANCE_ENGINE", None)
+    return subprocess.run(list(argv), capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=300)
+
+
+def pytest_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-q",
+            *args]
+
+
+def one_screen(text: str) -> bool:
+    return len(text.splitlines()) <= 25 and "Traceback" not in text
+
+
+def test_an_empty_engine_option_is_a_usage_error(tmp_path):
+    proc = run(*pytest_cmd("--engine="), cwd=tmp_path)
+    assert proc.returncode == PYTEST_USAGE_ERROR, proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert out.count("--engine is empty: name the engine to check") == 1
+    assert one_screen(out)
+
+
+def test_the_gate_refuses_an_empty_engine(tmp_path):
+    proc = run(str(GATE), "--engine=", "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert proc.returncode == GATE_USAGE_ERROR
+    assert proc.stderr.count("--engine is empty") == 1 and one_screen(proc.stderr)
+    assert not (tmp_path / "out").exists()
+
+
+@needs_root
+def test_an_ini_engine_adds_the_suite_to_the_repositorys_own_tests(tmp_path):
+    (tmp_path / "pytest.ini").write_text("[pytest]\nengine = reference\n")
+    (tmp_path / "test_own.py").write_text("def test_mine():\n    assert 1 + 1 == 2\n")
+    proc = run(*pytest_cmd("--flow=root", "-rA"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "PASSED test_own.py::test_mine" in proc.stdout
+    flat = " ".join(proc.stdout.split())
+    assert "the conformance suite ran too (engine reference from the ini option 'engine'" in flat
+    assert "CONFORMANT" in flat
+    # naming the repository's own tests runs them alone, and says the suite did not run
+    proc = run(*pytest_cmd("--flow=root", "test_own.py"), cwd=tmp_path)
+    assert proc.returncode == 0 and "1 passed" in proc.stdout
+    assert "the conformance suite did not run (engine reference from the ini option" in \
+        " ".join(proc.stdout.split())
+
+
+def _broken_entry_point(where: Path) -> str:
+    """A third-party distribution whose kit.engines entry point cannot be imported."""
+    info = where / "broken_engine_pkg-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-engine-pkg\n"
+                                   "Version: 1.0\n")
+    (info / "entry_points.txt").write_text(
+        "[kit.engines]\nbroken-thing = no_such_module_for_kit_tests:register\n")
+    return f"{where}{os.pathsep}{ROOT / 'tests'}"
+
+
+def test_a_broken_entry_point_is_a_warning_after_the_unknown_engine_error(tmp_path):
+    path = _broken_entry_point(tmp_path / "site")
+    proc = run(sys.executable, "-m", "kit", "run", "--engine", "nosuch", "--flow", "root",
+               "--", "/bin/true", cwd=tmp_path, pythonpath=path)
+    assert proc.returncode == 2
+    err = proc.stderr
+    assert err.startswith("kit run: engine nosuch: registration: unknown engine 'nosuch'; "
+                          "known engines: ")
+    assert err.count("unknown engine 'nosuch'") == 1
+    assert ("warning: entry point broken-thing = no_such_module_for_kit_tests:register is "
+            "broken: ModuleNotFoundError") in err
+    known = err.split("known engines: ", 1)[1].split("\n", 1)[0]
+    assert "reference" in known and "mutant-" not in known and "mutants of the zoo" in known
+    assert one_screen(err)
+    proc = run(*pytest_cmd("--engine=nosuch"), cwd=tmp_path, pythonpath=path)
+    assert proc.returncode == PYTEST_USAGE_ERROR
+    out = proc.stdout + proc.stderr
+    assert out.count("unknown engine 'nosuch'") == 1 and "is broken: ModuleNotFoundError" in out
+
+
+def test_kit_run_refuses_an_unknown_engine_config_field_before_any_process(tmp_path):
+    proc = run(sys.executable, "-m", "kit", "run", "--engine", "reference", "--flow", "root",
+               "--config", '{"nope": 1}', "--", "/bin/true", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.count("unknown field 'nope'") == 1, proc.stderr
+    assert proc.stderr.startswith("kit run: engine reference: config: fix the engine config")
+    assert one_screen(proc.stderr) and "stage 1" not in proc.stderr
+
+
+@pytest.mark.parametrize("engine, hook, text", [
+    ("DictConfigEngine", "config", "return an instance of a @dataclass subclass of "
+     "kit.EngineConfig from config() (every process calls it): it returned dict {}"),
+    ("SetConfigEngine", "config", "make every field of the engine config a JSON value"),
+    ("UnservableRPCEngine", "rpc_methods", "make _RPCNeedsMore(engine) constructible"),
+])
+def test_preflight_stops_the_session_with_one_error_naming_engine_and_hook(tmp_path, engine,
+                                                                           hook, text):
+    proc = run(*pytest_cmd(f"--engine=author_engines:{engine}"), cwd=tmp_path)
+    assert proc.returncode == PYTEST_USAGE_ERROR
+    out = " ".join((proc.stdout + proc.stderr).split())
+    assert out.count("preflight of engine") == 1 and "no lifecycle was run" in out
+    assert f": {hook}: {text}" in out
+    assert "FAILED" not in out and "lifecycles" not in out
+    gate = run(str(GATE), f"--engine=author_engines:{engine}", "--out", str(tmp_path / "o"),
+               cwd=tmp_path)
+    assert gate.returncode == GATE_USAGE_ERROR and gate.stderr.count("preflight failed") == 1
