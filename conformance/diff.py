@@ -20,7 +20,7 @@ from typing import Any
 from conformance.outcomes import (
     BROKEN, FAILED, NOT_CONFIGURED, NOT_DECIDED, NOT_SUPPORTED, PASSED, XFAIL,
 )
-from conformance.render import LEVEL_RANK, SYMBOLS, shorten, violation_digest
+from conformance.render import LEVEL_RANK, SYMBOLS, md_span, md_text, shorten, violation_digest
 
 BAD = (FAILED, BROKEN, NOT_DECIDED)  # not decided: a run failed early, the engine's fault
 GOOD = (PASSED, XFAIL)
@@ -86,13 +86,14 @@ def _outcome(outcome: str | None) -> str:
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    return md_text(text)
 
 
 def _describe(doc: dict[str, Any]) -> str:
     eng = doc.get("engine", {})
-    return (f"`{eng.get('name')}` ({eng.get('origin')}), suite {doc.get('suite_version')}, "
-            f"{doc.get('generated')}, {doc['summary'].get('total', 0)} results")
+    return (f"{md_span(eng.get('name'))} ({md_text(eng.get('origin'))}), suite "
+            f"{md_text(doc.get('suite_version'))}, {md_text(doc.get('generated'))}, "
+            f"{doc['summary'].get('total', 0)} results")
 
 
 def markdown(old: dict[str, Any], new: dict[str, Any],
@@ -118,8 +119,8 @@ def markdown(old: dict[str, Any], new: dict[str, Any],
             if why and c.kind == "fixed":
                 why = "was: " + why
             why = why or shorten(c.text, 120)
-            out.append(f"| {c.requirement} | {c.level} | {c.flow} | {_outcome(c.old)} | "
-                       f"{_outcome(c.new)} | {_cell(shorten(why, 240))} |")
+            out.append(f"| {md_text(c.requirement)} | {md_text(c.level)} | {md_text(c.flow)} "
+                       f"| {_outcome(c.old)} | {_outcome(c.new)} | {_cell(shorten(why, 240))} |")
         out.append("")
     return "\n".join(out) + "\n"
 

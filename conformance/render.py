@@ -67,10 +67,15 @@ def load(path: str | Path) -> dict[str, Any]:
         text = Path(path).read_text()
     except OSError as exc:
         raise ReportError(f"{path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ReportError(f"{path}: not a text file ({exc.reason})") from None
     try:
         doc = json.loads(text)
     except ValueError as exc:
         raise ReportError(f"{path}: not JSON ({exc})") from None
+    except RecursionError:
+        raise ReportError(f"{path}: not a conformance report (JSON nested too deeply to "
+                          "read)") from None
     return checked(doc, str(path))
 
 
@@ -79,7 +84,7 @@ def checked(doc: Any, where: str = "report") -> dict[str, Any]:
         raise ReportError(f"{where}: not a conformance report (a JSON object is expected)")
     try:
         problems = schema.validate(doc)
-    except (TypeError, KeyError, AttributeError) as exc:
+    except (TypeError, KeyError, AttributeError, ValueError, RecursionError) as exc:
         problems = [f"malformed ({type(exc).__name__}: {exc})"]
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
@@ -453,7 +458,7 @@ def describe(event: dict[str, Any]) -> str:
             if not isinstance(result, dict) else f" → {result.get('type', 'object')}"
         return f"{event.get('hook')} returned{shown}"
     if kind == "hook_raise":
-        err = event.get("error") or {}
+        err = event.get("error") if isinstance(event.get("error"), dict) else {}
         return f"{event.get('hook')} raised {err.get('type')}: {shorten(err.get('message'), 60)}"
     if kind == "process_start":
         return f"started (pid {event.get('pid')}, ppid {event.get('ppid')})"
@@ -749,15 +754,17 @@ def terminal_summary(doc: dict[str, Any], v: Verdict, width: int = 100,
 # --- report.html ------------------------------------------------------------------------------
 
 def _e(text: Any) -> str:
-    return html.escape(str(text), quote=True)
+    """``text`` as inert HTML text or attribute value, control characters replaced."""
+    return html.escape(clean(text), quote=True)
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-")
 
 
-def event_anchor(run_id: str, seq: int) -> str:
-    return f"ev-{_slug(run_id)}-{seq}"
+def event_anchor(run_id: str, seq: Any) -> str:
+    # both parts slugged: an id must never carry what a (schema-less) report put there
+    return f"ev-{_slug(str(run_id))}-{_slug(str(seq))}"
 
 
 CSS = """
@@ -872,7 +879,8 @@ def sequence_svg(run: dict[str, Any], highlight: set[int] | None = None) -> str:
     hooks are activation bars coloured by the privilege state at entry, with the state as
     text on the right; arrows for forks, RPC calls, the exec notice and exits."""
     highlight = highlight or set()
-    events = sorted(run_events(run), key=lambda e: e.get("seq", 0))
+    events = sorted(run_events(run), key=lambda e: e.get("seq") if isinstance(
+        e.get("seq"), int) else -1)
     run_id = str(run.get("id"))
     roles = [r for r in LANES if any(e.get("role") == r for e in events)]
     roles += sorted({str(e.get("role")) for e in events} - set(roles))
@@ -1200,7 +1208,7 @@ def write(doc: dict[str, Any], out_dir: str | Path, strict: bool | None = None
 
 def report_command(path: str, out_dir: str | None, strict: bool | None = None) -> int:
     """``python -m conformance report``: render a saved report; the exit status is its
-    verdict (2 when the file is not a readable report)."""
+    verdict (2 when the file is not a readable report, or the reports cannot be written)."""
     import sys
 
     try:
@@ -1208,7 +1216,12 @@ def report_command(path: str, out_dir: str | None, strict: bool | None = None) -
     except ReportError as exc:
         print(f"conformance report: {exc}", file=sys.stderr)
         return HARNESS_ERROR
-    v, paths = write(doc, out_dir or Path(path).resolve().parent, strict)
+    try:
+        v, paths = write(doc, out_dir or Path(path).resolve().parent, strict)
+    except OSError as exc:
+        print(f"conformance report: cannot write into {out_dir}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return HARNESS_ERROR
     for line in terminal_summary(doc, v):
         print(line)
     print(f"written: {paths['summary']} {paths['html']}")

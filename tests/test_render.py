@@ -293,8 +293,8 @@ def test_diff_lists_regressions_first_and_exits_1(tmp_path):
     assert [c.requirement for c in changes["decided"]] == ["ORDER-006"]
     md = diff.markdown(old, new, changes)
     assert md.index("### ❌ Regressions (2)") < md.index("### ✅ Fixed (1)")
-    assert "| ORDER-001 | MUST | root | ✅ passed | ❌ failed | master create_container: " \
-           "expected: real uid U (999)" in md
+    assert "| ORDER-001 | MUST | root | ✅ passed | ❌ failed | master create\\_container: " \
+           "expected: real uid U (999)" in md  # engine-controlled text is escaped
     assert "| ORDER-007 | MUST | root | (absent) | 💥 broken |" in md
     (tmp_path / "old.json").write_text(json.dumps(old))
     (tmp_path / "new.json").write_text(json.dumps(new))
