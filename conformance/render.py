@@ -688,14 +688,15 @@ def summary_markdown(doc: dict[str, Any], v: Verdict | None = None,
 
 def wrap(text: Any, width: int, indent: str = "", subsequent: str | None = None
          ) -> list[str]:
-    """``text`` wrapped at word boundaries to ``width`` columns (a word longer than a line is
-    broken only where it must be, at a path or punctuation boundary when it has one)."""
+    """``text`` on lines of at most ``width`` columns, broken between words only (a single
+    word longer than a line, such as a long path, gets a line of its own, uncut)."""
     import textwrap
 
     sub = indent + "    " if subsequent is None else subsequent
     one = " ".join(clean(text).split())
     return textwrap.wrap(one, width=max(width, len(sub) + 20), initial_indent=indent,
-                         subsequent_indent=sub, break_on_hyphens=False) or [indent.rstrip()]
+                         subsequent_indent=sub, break_on_hyphens=False,
+                         break_long_words=False) or [indent.rstrip()]
 
 
 def terminal_summary(doc: dict[str, Any], v: Verdict, width: int = 100,

@@ -45,7 +45,8 @@ def test_an_empty_engine_option_is_a_usage_error(tmp_path):
 def test_the_gate_refuses_an_empty_engine(tmp_path):
     proc = run(str(GATE), "--engine=", "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert proc.returncode == GATE_USAGE_ERROR
-    assert proc.stderr.count("--engine is empty") == 1 and one_screen(proc.stderr)
+    flat = " ".join(proc.stderr.split())  # wrapped between words to the screen
+    assert flat.count("--engine is empty") == 1 and one_screen(proc.stderr)
     assert not (tmp_path / "out").exists()
 
 
@@ -122,4 +123,6 @@ def test_preflight_stops_the_session_with_one_error_naming_engine_and_hook(tmp_p
     assert "FAILED" not in out and "lifecycles" not in out
     gate = run(str(GATE), f"--engine=author_engines:{engine}", "--out", str(tmp_path / "o"),
                cwd=tmp_path)
-    assert gate.returncode == GATE_USAGE_ERROR and gate.stderr.count("preflight failed") == 1
+    flat = " ".join(gate.stderr.split())
+    assert gate.returncode == GATE_USAGE_ERROR and flat.count("preflight failed") == 1
+    assert f": {hook}: {text}" in flat

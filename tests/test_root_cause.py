@@ -170,3 +170,25 @@ def test_strict_fails_when_a_must_requirement_could_not_be_checked():
     assert any("1 MUST not-supported" in r for r in v.reasons)
     should = [r for r in ("ORDER-001",)]  # a passing MUST alone: strict is fine
     assert render.verdict(_doc([(should[0], "root", "passed", "")]), strict=True).ok
+
+
+# --- wrapping -----------------------------------------------------------------------------------
+
+LONG_PATH = "/var/lib/engines/" + "very-long-directory-name/" * 5 + "payload"
+
+
+def test_terminal_lines_are_wrapped_between_words_and_never_cut():
+    from test_render import make_doc
+
+    message = ("PRIV-MASTER-001 [MUST] text\n  flow: suid   role: master   hook: create_container\n"
+               f"  expected: the payload {LONG_PATH} runs with the uids of the flow and nothing "
+               "else, whatever the engine configured for it\n  observed: it ran elsewhere")
+    doc = make_doc([("PRIV-MASTER-001", "suid", "failed", message)])
+    lines = render.terminal_summary(doc, render.verdict(doc), width=70)
+    assert all(len(line) <= 70 or len(line.split()) == 1 for line in lines), lines
+    words = " ".join(lines).split()
+    assert LONG_PATH in words  # the long path is whole, on a line of its own
+    digest = render.violation_digest(message).split()
+    joined = " ".join(words)
+    assert " ".join(digest) in joined  # every word, in order, none cut
+    assert not any(line.endswith("…") for line in lines)
