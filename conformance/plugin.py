@@ -266,6 +266,13 @@ def _make_state(config: pytest.Config, engine: str, source: str) -> ConformanceS
     numprocesses = getattr(config.option, "numprocesses", None) or 0
     env = dict(environment.flows())
     backends = {flow: _flow_backend(backend, flow, env) for flow in FLOWS}
+    if workerinput is None and invoker is not None:  # once per session, on the controller
+        problems = preflight.starter_configs(engine, flows, invoker["uid"], invoker["gid"],
+                                             list(invoker.get("groups") or []))
+        if problems:
+            raise pytest.UsageError(f"conformance: preflight of engine {engine!r} (from "
+                                    f"{source}) failed, no lifecycle was run:\n  "
+                                    + "\n  ".join(str(p) for p in problems))
     return ConformanceState(
         engine=engine, engine_source=source, engine_name=reg.name, origin=reg.origin,
         capabilities=declared_caps, capabilities_source=cap_source, backend=backend,

@@ -7,18 +7,26 @@
 - the RPC methods are servable: the class the RPC server instantiates can be built and every
   registered method is a callable attribute of it.
 
-Not checked here: the StarterConfig that ``prepare_config`` fills. That hook runs in stage 1
-with the flow's privileges (uid 0 and every capability in the root flow) and may touch the
-system; running it in the caller (a pytest process, as root) would give the engine's code
-privileges and side effects that no flow gives it. The starter validates the StarterConfig
-before any namespace exists (SPEC §5) and the suite reports a rejection as the run's root
-cause, naming ``prepare_config`` and the setting.
+- :func:`starter_configs`: for each unprivileged flow (suid, userns, fakeroot, hybrid), the
+  StarterConfig that ``prepare_config`` fills is valid (SPEC §5's combinations). Stage 1 runs
+  there as the invoking user U without any privilege, so preflight does the same: a forked
+  child drops to U (groups, gids, uids) with no_new_privs before the engine's code runs, and
+  only the StarterConfig's validation is judged (a hook that raises there may depend on what
+  the starter sets up; the lifecycle reports it as its root cause).
+
+Not run here: ``prepare_config`` of the root flow, which runs as uid 0 with every capability
+and may touch the system; in the caller (a pytest process, as root) it would have privileges
+and side effects outside any run's sandbox. The starter validates that StarterConfig before
+any namespace exists and the suite reports a rejection as the run's root cause.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import select
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,3 +115,89 @@ def _rpc_methods(reg: registry.Registration, operations: Any) -> list[Problem]:
 def _short(value: Any, width: int = 120) -> str:
     text = repr(value)
     return text if len(text) <= width else text[:width - 1] + "…"
+
+
+#: Flows whose stage 1 runs as U without privilege (preflight may run prepare_config there).
+UNPRIVILEGED_FLOWS = ("suid", "userns", "fakeroot", "hybrid")
+#: Seconds prepare_config may take in preflight before its child is killed (no verdict then).
+PREPARE_TIMEOUT = 10.0
+
+
+def starter_configs(spec: str, flows: list[str] | tuple[str, ...], uid: int, gid: int,
+                    groups: list[int]) -> list[Problem]:
+    """Problems of the StarterConfig ``prepare_config`` fills in each unprivileged flow of
+    ``flows``, found by running stage 1's hooks as U (``uid``/``gid``) in a forked child.
+    Only a StarterConfig that the starter would reject is a problem here."""
+    if os.geteuid() == 0 and uid == 0:
+        return []  # U must be unprivileged: never run engine code as root here
+    by_reason: dict[str, list[str]] = {}
+    for flow in flows:
+        if flow in UNPRIVILEGED_FLOWS:
+            reason = _stage1_in_child(spec, flow, uid, gid, groups)
+            if reason:
+                by_reason.setdefault(reason, []).append(flow)
+    return [Problem(spec, "prepare_config", f"fix the StarterConfig that prepare_config fills "
+                    f"in the {', '.join(fl)} flow{'s' if len(fl) > 1 else ''} (stage 1, run "
+                    f"as the invoking user): the starter would refuse it: {reason}")
+            for reason, fl in by_reason.items()]
+
+
+def _stage1_in_child(spec: str, flow: str, uid: int, gid: int, groups: list[int]
+                     ) -> str | None:
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child's coverage is its own process
+        os.close(rfd)
+        code = 0
+        try:
+            os.write(wfd, (_child(spec, flow, uid, gid, groups) or "").encode()[:65536])
+        except BaseException:
+            code = 1
+        os._exit(code)
+    os.close(wfd)
+    data = b""
+    deadline = time.monotonic() + PREPARE_TIMEOUT
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([rfd], [], [], left)[0]:
+                os.kill(pid, 9)  # no verdict: the lifecycle will show what hangs
+                break
+            chunk = os.read(rfd, 65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(rfd)
+        os.waitpid(pid, 0)
+    return data.decode(errors="replace") or None
+
+
+def _child(spec: str, flow: str, uid: int, gid: int, groups: list[int]) -> str | None:
+    """In the forked child: become U, run config, init_config and prepare_config as stage 1
+    of ``flow`` does, and return why the StarterConfig is invalid (None when it is valid, or
+    when something else than its validation failed)."""
+    from kit import linux
+    from kit.contract import Common
+    from kit.starter_config import StarterConfig
+
+    if os.geteuid() == 0:
+        os.setgroups(groups)
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    linux.set_no_new_privs()
+    try:
+        engine = registry.make_engine(spec)
+        ops = engine.operations
+        cfg = ops.config()
+        cfg.update_from_json({"argv": ["/bin/true"]})  # as the launcher fills it for a run
+        ops.init_config(Common(engine.name, "kit-preflight", cfg), flow in ("suid", "hybrid"))
+        sconf = StarterConfig(flow, uid, gid)
+        ops.prepare_config(sconf)
+    except Exception:
+        return None  # not a StarterConfig problem: the lifecycle names it as root cause
+    try:
+        sconf.validate()
+    except ConfigError as exc:
+        return str(exc)
+    return None

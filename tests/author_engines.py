@@ -11,6 +11,8 @@ early failure, so the suite has a root cause to report once instead of dozens of
 
 from __future__ import annotations
 
+import os
+import threading
 from dataclasses import dataclass, field
 
 from kit.contract import EngineConfig
@@ -72,3 +74,42 @@ class UnservableRPCEngine(ReferenceEngine):
 
     engine_name = "author-unservable-rpc"
     rpc_methods = _RPCNeedsMore
+
+
+class EffectiveNotPermittedEngine(ReferenceEngine):
+    """``prepare_config`` asks for an effective capability it does not permit, in every flow
+    (the StarterConfig the starter refuses)."""
+
+    engine_name = "author-effective-not-permitted"
+    rpc_methods = ReferenceRPC
+
+    def prepare_config(self, starter_config):  # type: ignore[override]
+        super().prepare_config(starter_config)
+        starter_config.set_capabilities("permitted", [])
+        starter_config.set_capabilities("effective", ["CAP_CHOWN"])
+
+
+class InvalidUnlessPrivilegedEngine(ReferenceEngine):
+    """``prepare_config`` fills an invalid StarterConfig exactly when it runs as a non-root
+    uid with no_new_privs: preflight reports it only if it really dropped to U."""
+
+    engine_name = "author-invalid-unless-privileged"
+    rpc_methods = ReferenceRPC
+
+    def prepare_config(self, starter_config):  # type: ignore[override]
+        from kit import linux
+
+        super().prepare_config(starter_config)
+        if os.geteuid() != 0 and linux.get_no_new_privs():
+            starter_config.set_capabilities("permitted", [])
+            starter_config.set_capabilities("effective", ["CAP_CHOWN"])
+
+
+class HangingPrepareEngine(ReferenceEngine):
+    """``prepare_config`` never returns (only used by preflight's unit test)."""
+
+    engine_name = "author-hanging-prepare"
+    rpc_methods = ReferenceRPC
+
+    def prepare_config(self, starter_config):  # type: ignore[override]
+        threading.Event().wait()

@@ -112,6 +112,10 @@ def test_kit_run_refuses_an_unknown_engine_config_field_before_any_process(tmp_p
      "kit.EngineConfig from config() (every process calls it): it returned dict {}"),
     ("SetConfigEngine", "config", "make every field of the engine config a JSON value"),
     ("UnservableRPCEngine", "rpc_methods", "make _RPCNeedsMore(engine) constructible"),
+    ("EffectiveNotPermittedEngine", "prepare_config", "fix the StarterConfig that "
+     "prepare_config fills in the suid, userns, fakeroot, hybrid flows (stage 1, run as the "
+     "invoking user): the starter would refuse it: set_capabilities: effective capabilities "
+     "must be a subset of permitted"),
 ])
 def test_preflight_stops_the_session_with_one_error_naming_engine_and_hook(tmp_path, engine,
                                                                            hook, text):
@@ -126,3 +130,44 @@ def test_preflight_stops_the_session_with_one_error_naming_engine_and_hook(tmp_p
     flat = " ".join(gate.stderr.split())
     assert gate.returncode == GATE_USAGE_ERROR and flat.count("preflight failed") == 1
     assert f": {hook}: {text}" in flat
+
+
+# --- preflight of the StarterConfig (kit.preflight.starter_configs) -----------------------------
+
+def _u():
+    from kit.request import Invoker
+
+    try:
+        return Invoker.resolve()
+    except ValueError:
+        pytest.skip("no unprivileged invoking user here")
+
+
+def test_preflight_runs_prepare_config_as_the_invoking_user_with_no_new_privs(monkeypatch):
+    from kit import preflight
+
+    monkeypatch.syspath_prepend(str(ROOT / "tests"))
+    u = _u()
+    spec = "author_engines:InvalidUnlessPrivilegedEngine"
+    problems = preflight.starter_configs(spec, ["suid", "userns"], u.uid, u.gid, u.groups)
+    assert [p.hook for p in problems] == ["prepare_config"]
+    assert "in the suid, userns flows" in problems[0].message
+    assert str(problems[0]).startswith(f"engine {spec}: prepare_config: fix the StarterConfig")
+    # the root flow's prepare_config is never run here (it would run as root)
+    assert preflight.starter_configs(spec, ["root"], u.uid, u.gid, u.groups) == []
+    assert preflight.starter_configs("reference", list(preflight.UNPRIVILEGED_FLOWS),
+                                     u.uid, u.gid, u.groups) == []
+
+
+def test_preflight_gives_no_verdict_on_a_prepare_config_that_hangs(monkeypatch):
+    import time
+
+    from kit import preflight
+
+    monkeypatch.syspath_prepend(str(ROOT / "tests"))
+    monkeypatch.setattr(preflight, "PREPARE_TIMEOUT", 0.5)
+    u = _u()
+    start = time.monotonic()
+    assert preflight.starter_configs("author_engines:HangingPrepareEngine", ["userns"],
+                                     u.uid, u.gid, u.groups) == []
+    assert time.monotonic() - start < 5  # the child was killed at the deadline
