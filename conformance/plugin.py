@@ -156,8 +156,6 @@ class ConformanceState:
         """(root cause or None, whether the run failed before the payload) of a finished
         run of this process."""
         if run_id not in self._causes:
-            from conformance import rootcause
-
             flow, _, name = run_id.partition("/")
             run = self.cache().get(flow, name)
             events = run.events if run.result is not None else []
@@ -222,11 +220,7 @@ def _make_state(config: pytest.Config, engine: str, source: str) -> ConformanceS
                                 f"{type(exc).__name__}: {exc}") from None
     from kit import preflight
 
-    problems = preflight.check(engine)
-    if problems:
-        raise pytest.UsageError(f"conformance: preflight of engine {engine!r} (from {source}) "
-                                "failed, no lifecycle was run:\n  "
-                                + "\n  ".join(str(p) for p in problems))
+    _preflight(engine, source, preflight.check(engine))
     try:
         capabilities, cap_source = caps_module.for_engine(reg)
         declared_caps = capabilities.as_dict()
@@ -267,12 +261,8 @@ def _make_state(config: pytest.Config, engine: str, source: str) -> ConformanceS
     env = dict(environment.flows())
     backends = {flow: _flow_backend(backend, flow, env) for flow in FLOWS}
     if workerinput is None and invoker is not None:  # once per session, on the controller
-        problems = preflight.starter_configs(engine, flows, invoker["uid"], invoker["gid"],
-                                             list(invoker.get("groups") or []))
-        if problems:
-            raise pytest.UsageError(f"conformance: preflight of engine {engine!r} (from "
-                                    f"{source}) failed, no lifecycle was run:\n  "
-                                    + "\n  ".join(str(p) for p in problems))
+        _preflight(engine, source, preflight.starter_configs(
+            engine, flows, invoker["uid"], invoker["gid"], list(invoker.get("groups") or [])))
     return ConformanceState(
         engine=engine, engine_source=source, engine_name=reg.name, origin=reg.origin,
         capabilities=declared_caps, capabilities_source=cap_source, backend=backend,
@@ -284,6 +274,15 @@ def _make_state(config: pytest.Config, engine: str, source: str) -> ConformanceS
         worker=workerinput["workerid"] if workerinput else None,
         xdist_workers=int(workerinput.get("workercount", 1)) if workerinput
         else int(numprocesses) if isinstance(numprocesses, int) else 1)
+
+
+def _preflight(engine: str, source: str, problems: list[Any]) -> None:
+    """Stop the session before any lifecycle: one message naming the engine, the hook and
+    what to change for each problem (kit.preflight)."""
+    if problems:
+        raise pytest.UsageError(f"conformance: preflight of engine {engine!r} (from {source}) "
+                                "failed, no lifecycle was run:\n  "
+                                + "\n  ".join(str(p) for p in problems))
 
 
 def pytest_configure(config: pytest.Config) -> None:
