@@ -192,3 +192,36 @@ def test_terminal_lines_are_wrapped_between_words_and_never_cut():
     joined = " ".join(words)
     assert " ".join(digest) in joined  # every word, in order, none cut
     assert not any(line.endswith("…") for line in lines)
+
+
+@needs_root
+def test_a_starter_config_the_starter_refuses_is_one_headline_naming_prepare_config(tmp_path):
+    # the root flow: preflight leaves its prepare_config (run as root) to the lifecycle
+    proc, doc = suite("author_engines:EffectiveNotPermittedEngine", tmp_path, "--flow=root")
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    assert not [e for e in doc["results"] if e["outcome"] == "failed" and e["level"] == "MUST"]
+    (cause,) = doc["root_causes"]
+    assert cause["headline"] == ("the run failed at starter_config (starter): starter error: "
+                                 "set_capabilities: effective capabilities must be a subset of "
+                                 "permitted; not permitted: CAP_CHOWN")
+    assert cause["advice"].startswith("fix the StarterConfig that prepare_config fills")
+    assert section(proc.stdout).count("ROOT CAUSE:") == 1
+
+
+@needs_root
+def test_the_gate_shows_the_root_cause_once_and_exits_1(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    proc = subprocess.run([str(ROOT / "ci" / "gate"), "--engine",
+                           "author_engines:Stage1RaisesEngine", "--flow", "root", "--out",
+                           str(tmp_path / "out")], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=600)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    flat = " ".join(proc.stdout.split())
+    assert flat.count("root cause: the run failed at prepare_config (stage1): RuntimeError: "
+                      "the author forgot to handle this flow") == 1
+    assert "NOT CONFORMANT (exit 1): the run failed at prepare_config" in flat
+    assert "failures, MUST first" not in flat
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert md.count("raise RuntimeError(STAGE1_MESSAGE)") == 1
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert html.count('class="failure root-cause"') == 1
