@@ -225,3 +225,27 @@ def test_the_gate_shows_the_root_cause_once_and_exits_1(tmp_path):
     assert md.count("raise RuntimeError(STAGE1_MESSAGE)") == 1
     html = (tmp_path / "out" / "report.html").read_text()
     assert html.count('class="failure root-cause"') == 1
+
+
+@needs_root
+def test_strict_fails_the_session_when_a_must_requirement_was_not_supported(tmp_path):
+    """The reference engine declares no fault_injection: MUST error paths are never checked;
+    --strict says so and fails, the plain run passes and still says it."""
+    import re
+
+    plain, doc = suite("reference", tmp_path, "--flow=root")
+    assert plain.returncode == 0
+    musts = [e for e in doc["results"] if e["level"] == "MUST"]
+    unsupported = [e for e in musts if e["outcome"] == "not-supported"]
+    assert unsupported, "the reference declares no fault_injection"
+    out = section(plain.stdout)
+    checked = re.search(r"MUST requirements checked: root (\d+) of (\d+)", out)
+    assert checked and int(checked.group(2)) == len(musts)
+    assert int(checked.group(1)) == len(musts) - len(unsupported)
+    assert f"not checked in root: {len(unsupported)} not-supported (declare capability " \
+        "fault_injection (" in out
+    assert "flows not checked (not selected): suid, userns, fakeroot, hybrid" in out
+    strict, _ = suite("reference", tmp_path, "--flow=root", "--conformance-strict")
+    assert strict.returncode == 1
+    assert (f"NOT CONFORMANT: strict: {len(unsupported)} result(s) could not be checked "
+            f"({len(unsupported)} MUST not-supported, 0 not-configured)") in section(strict.stdout)
