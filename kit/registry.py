@@ -217,14 +217,15 @@ def make_engine(name: str) -> Engine:
 
 def serve_rpc_requests(engine: Engine, conn: socket.socket,
                        on_call: Callable[[dict[str, Any]], None] | None = None,
-                       around: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None
-                       ) -> int:
+                       around: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None,
+                       reserved_fds: tuple[int, ...] = ()) -> int:
     """Serve ``engine``'s registered RPC methods on ``conn`` until the client closes it.
 
     Runs in the RPC server process. Returns the process exit status (0 when the client
     closed the connection cleanly). ``around`` wraps each method (keeping its signature,
     e.g. with ``functools.wraps``): the kit uses it to observe the server's credentials
-    before and after every method.
+    before and after every method. ``reserved_fds``: descriptors no method may return (the
+    kit's ledger socket).
     """
     from kit.rpc.server import serve
 
@@ -236,4 +237,4 @@ def serve_rpc_requests(engine: Engine, conn: socket.socket,
         methods = {f"{reg.name}.{attr}": getattr(instance, attr) for attr in reg.rpc_specs}
         if around is not None:
             methods = {name: around(method) for name, method in methods.items()}
-    return serve(conn, methods, on_call=on_call)
+    return serve(conn, methods, on_call=on_call, reserved_fds=reserved_fds)

@@ -128,6 +128,12 @@ def encode_body(obj: dict[str, Any]) -> bytes:
     """
     if not isinstance(obj, dict):
         raise FrameError(FrameError.NOT_OBJECT, f"a frame must carry a JSON object, not {type(obj).__name__}")
+    bad_key = _non_string_key(obj)
+    if bad_key is not _NO_KEY:
+        # json.dumps would turn 1, True, None into "1", "true", "null" (and merge {1: …,
+        # "1": …}): the receiver would get another object than the one sent.
+        raise FrameError(FrameError.UNENCODABLE, f"not JSON-serialisable: object key "
+                         f"{bad_key!r} ({type(bad_key).__name__}) is not a string")
     try:
         # ensure_ascii: lone surrogates (legal in JSON strings) stay encodable.
         text = json.dumps(obj, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
@@ -137,6 +143,34 @@ def encode_body(obj: dict[str, Any]) -> bytes:
     if len(body) > MAX_FRAME:
         raise FrameError(FrameError.OVERSIZED, f"frame of {len(body)} bytes exceeds the maximum of {MAX_FRAME}")
     return body
+
+
+_NO_KEY = object()
+
+
+def _non_string_key(obj: Any) -> Any:
+    """The first dict key anywhere in *obj* that is not a string (``_NO_KEY`` when none).
+    Iterative: depth is json.dumps's business (it raises RecursionError, reported as
+    unencodable)."""
+    todo = [obj]
+    seen: set[int] = set()
+    while todo:
+        item = todo.pop()
+        if isinstance(item, dict):
+            if id(item) in seen:
+                continue  # a cycle: json.dumps reports it
+            seen.add(id(item))
+            for key, value in item.items():
+                if not isinstance(key, str):
+                    return key
+                if isinstance(value, (dict, list, tuple)):
+                    todo.append(value)
+        elif isinstance(item, (list, tuple)):
+            if id(item) in seen:
+                continue
+            seen.add(id(item))
+            todo.extend(v for v in item if isinstance(v, (dict, list, tuple)))
+    return _NO_KEY
 
 
 def decode_body(body: bytes) -> dict[str, Any]:

@@ -6,13 +6,17 @@ Behaviour by input (every reply follows :mod:`kit.rpc.messages`):
 input                                                 server
 ====================================================  =========================================
 well-formed request, method returns                   result reply
-method raises ``Exception``                           error reply: class name, errno, message
+method raises ``Exception``, ``SystemExit`` or        error reply: class name, errno, message;
+``KeyboardInterrupt``                                 keeps serving
 unknown method                                        ``UnknownMethodError`` reply, keeps serving
 private name (``x._secret``), bad schema              ``ProtocolError`` reply, keeps serving
 bad UTF-8 / JSON / not an object / too many fds       ``ProtocolError`` reply, keeps serving
 declared ``fds`` differs from attached descriptors    ``ProtocolError`` reply, keeps serving
 unknown/missing/mistyped argument, unused fd          ``TypeError`` reply, keeps serving
 result not JSON-serialisable or too large             ``TypeError``/``ProtocolError`` reply
+result with a non-string object key (``{1: "a"}``)    ``TypeError`` reply (JSON would coerce it)
+returned fd is the connection or a reserved one       ``PermissionError`` reply (the descriptors
+                                                      are not sent, and not closed)
 oversized frame (length > MAX_FRAME)                  ``ProtocolError`` reply, then shuts the
                                                       connection down and returns 0: the body
                                                       is not read, so the stream cannot be
@@ -32,7 +36,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from .codec import FrameError, close_fds, encode_body, recv_frame, send_body, send_frame
 from .messages import (
@@ -53,6 +57,11 @@ __all__ = ["serve", "prepare_methods", "CallRecord"]
 CallRecord = dict[str, Any]
 """``{"method": str | None, "args": dict | None, "ok": bool, "error": dict | None,
 "duration_ms": float}``: passed to ``on_call`` after each frame the server answered."""
+
+# What a method may raise and still get an error reply: everything but the exceptions that
+# are the interpreter's own business (GeneratorExit…). SystemExit and KeyboardInterrupt from
+# engine code must not end the server.
+_METHOD_ERRORS = (Exception, SystemExit, KeyboardInterrupt)
 
 # Exceptions meaning "the client went away": the server ends quietly.
 _GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
@@ -85,6 +94,7 @@ def serve(
     methods: Mapping[str, MethodSpec | Callable[..., Any]],
     *,
     on_call: Callable[[CallRecord], None] | None = None,
+    reserved_fds: Sequence[int] = (),
 ) -> int:
     """Serve requests from *conn* until the client closes it; return the exit code (0).
 
@@ -102,13 +112,25 @@ def serve(
     are closed by the server after the reply is sent (or could not be sent).
 
     ``serve`` never closes *conn*; it shuts it down after an oversized frame.
+
+    *reserved_fds*: descriptors a method must never hand out (besides *conn*), compared by
+    the open file they refer to, so a ``dup`` of one is refused too.
     """
     specs = prepare_methods(methods)
-    server = _Server(conn, specs, on_call)
+    server = _Server(conn, specs, on_call, [conn.fileno(), *reserved_fds])
     try:
         return server.run()
     except _GONE:
         return 0
+
+
+def _identity(fd: int) -> tuple[int, int] | None:
+    """The open file a descriptor refers to (device, inode): equal for its duplicates."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _returned_fds(fds: Any) -> tuple[list[int], list[str]]:
@@ -135,10 +157,13 @@ def _returned_fds(fds: Any) -> tuple[list[int], list[str]]:
 
 
 class _Server:
-    def __init__(self, conn: socket.socket, specs: dict[str, MethodSpec], on_call: Callable[[CallRecord], None] | None):
+    def __init__(self, conn: socket.socket, specs: dict[str, MethodSpec], on_call: Callable[[CallRecord], None] | None,
+                 reserved: Sequence[int] = ()):
         self.conn = conn
         self.specs = specs
         self.on_call = on_call
+        self.reserved = {_identity(fd): fd for fd in reserved}
+        self.reserved.pop(None, None)
 
     def run(self) -> int:
         while True:
@@ -204,7 +229,7 @@ class _Server:
         # (bind guarantees that every received descriptor was bound).
         try:
             result = spec.func(**kwargs)
-        except Exception as exc:
+        except _METHOD_ERRORS as exc:
             self._fail(start, req.id, obj, exc)
             return
         out_fds: list[int] = []
@@ -214,6 +239,14 @@ class _Server:
                 close_fds(out_fds)
                 self._fail(start, req.id, obj, TypeError(
                     f"method {req.method!r} returned invalid file descriptors: {', '.join(bad)}"))
+                return
+            kept = [fd for fd in out_fds if _identity(fd) in self.reserved]
+            if kept:
+                # Not closed either: they are the server's own (its connection, the ledger).
+                close_fds([fd for fd in out_fds if fd not in self.reserved.values()])
+                self._fail(start, req.id, obj, PermissionError(
+                    f"method {req.method!r} returned file descriptor(s) {kept} that the server "
+                    "must not give away (its own connection or another reserved descriptor)"))
                 return
         try:
             self._reply(start, req.id, obj, result, out_fds)
