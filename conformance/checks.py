@@ -1447,6 +1447,21 @@ def check_ledger_schema(verify: Verifier, run: Run, requirement: str) -> None:
                  observed=lambda: "; ".join(problems[:5]), run=run)
 
 
+def check_no_engine_fault(verify: Verifier, run: Run, requirement: str) -> None:
+    """LEDGER-003: no datagram the supervisor rejected as malformed or forged."""
+    run = verify.used(run.usable())
+    for event in events_of(run, "engine_fault"):
+        role = event.get("sender_role")
+        sender = f"pid {event.get('sender_pid')}" + (f" (the {role} process)" if role else
+                                                      " (no process of the kit)")
+        hooks = ", ".join(event.get("open_hooks") or []) or "no hook open"
+        verify.check(requirement, False, expected="only the kit's own events on the ledger",
+                     observed=f"a {event.get('fault')} datagram from {sender}, in {hooks}: "
+                     f"{event.get('detail')}; it read {event.get('excerpt')!r}",
+                     run=run, event=event, role=role)
+    verify.check(requirement, True, expected="", observed="", run=run)
+
+
 #: Roles that the master kills with the container after a fatal error (SPEC §2).
 _CONTAINER_SIDE = ("rpc", "stage2")
 

@@ -303,6 +303,10 @@ _ENTRIES = (
     _r("LEDGER-002", "MUST", "§8", "ledger",
        "Every hook entry is recorded with a privilege snapshot and is followed by its return "
        "or raise (start_process excepted: it execs)."),
+    _r("LEDGER-003", "MUST", "§8, §11", "ledger",
+       "Engine code never writes to the ledger: every datagram on the ledger socket is a "
+       "well-formed event of the schema, sent by the kit process whose role and pid it names "
+       "(the kernel names the sender)."),
 )
 
 CATALOGUE: dict[str, Requirement] = {}

@@ -66,6 +66,11 @@ class RunResult:
                 lines.append(f"fatal: {e['message']}")
             elif kind == "hook_timeout":
                 lines.append(f"hook timeout: {e['hook']} in {e['hook_role']}")
+            elif kind == "engine_fault":
+                lines.append(f"engine fault: {e['fault']} ledger datagram from pid "
+                             f"{e['sender_pid']} ({e['sender_role'] or 'not a kit process'}"
+                             f"{', in ' + ', '.join(e['open_hooks']) if e['open_hooks'] else ''}"
+                             f"): {e['detail']}")
             elif kind == "leak":
                 lines.append(f"leak: {e['what']}: {e['detail']}")
         if not lines and self.exit_code == 255:

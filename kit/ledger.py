@@ -17,7 +17,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 SCHEMA_VERSION = 1
 MAX_EVENT = 1 << 20
@@ -49,8 +49,19 @@ EVENT_KINDS: dict[str, tuple[str, ...]] = {
     "foreign_reap": ("child_pid", "detail"),
     "starter_exit": ("code",),
     "exit": ("code", "reason"),
+    "engine_fault": ("fault", "sender_pid", "sender_role", "open_hooks", "detail", "excerpt"),
 }
 COMMON_KEYS = ("seq", "t", "kind", "role", "pid", "tid")
+
+#: Kinds only the supervisor writes: from any process of the run, they are forgeries.
+SUPERVISOR_KINDS = frozenset({"run_start", "hook_timeout", "leak", "exit", "engine_fault"})
+#: Roles of the processes that share the ledger socket (the others write no datagram).
+RUN_ROLES = frozenset(ROLES) - {"launcher", "supervisor"}
+#: Longest identifier (role, kind, hook, method name…) and any other string in an event.
+MAX_NAME = 256
+MAX_TEXT = 64 << 10
+#: How much of a rejected datagram its engine_fault event quotes.
+EXCERPT = 200
 
 _local = threading.local()
 
@@ -95,29 +106,164 @@ class LedgerWriter:
 
 
 def ledger_socketpair() -> tuple[socket.socket, socket.socket]:
-    """(reader, writer), both close-on-exec so the payload never inherits them."""
+    """(reader, writer), both close-on-exec so the payload never inherits them; the reader
+    receives each sender's credentials (``SO_PASSCRED``)."""
     reader, writer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     writer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
     reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    # Before any datagram is sent: the kernel then names the sender of each (LEDGER-003).
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
     return reader, writer
+
+
+# -- validation of what a run's process sends ---------------------------------------------
+# An engine runs inside the run's processes and holds the ledger socket: every datagram is
+# checked before the supervisor acts on it (SPEC §8, LEDGER-003).
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _opt(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or check(v)
+
+
+def _of(t: type) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, t)
+
+
+def _name(v: Any) -> bool:
+    return isinstance(v, str) and len(v) <= MAX_NAME
+
+
+def _text(v: Any) -> bool:
+    return isinstance(v, str) and len(v) <= MAX_TEXT
+
+
+def _hook(v: Any) -> bool:
+    from kit.contract import Engine
+    return isinstance(v, str) and v in Engine.HOOKS
+
+
+def _ints(v: Any) -> bool:
+    return isinstance(v, list) and all(_int(x) for x in v)
+
+
+def _number(v: Any) -> bool:
+    return (_int(v) or isinstance(v, float)) and v == v and abs(v) != float("inf")
+
+
+def _any(v: Any) -> bool:
+    return True
+
+
+#: kind -> field -> (check, what it must be); a field listed as required (``REQUIRED``)
+#: must be present, the others are checked when present. Fields with no entry here take
+#: any JSON value.
+FIELD_TYPES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
+    "*": {"t": (_int, "an integer"), "kind": (_name, "a name"),
+          "role": (lambda v: v in RUN_ROLES, f"one of {sorted(RUN_ROLES)}"),
+          "pid": (lambda v: _int(v) and v >= 0, "a pid"),
+          "tid": (lambda v: _int(v) and v >= 0, "a thread id"),
+          "truncated": (_int, "an integer")},
+    "hook": {"hook": (_hook, "a hook of the contract"),
+             "snapshot": (_opt(_of(dict)), "an object or null"),
+             "escalation": (_opt(_of(dict)), "an object or null"),
+             "args": (_of(dict), "an object"), "caller": (lambda v: v in ("kit", "engine"),
+                                                        "kit or engine"),
+             "error": (_of(dict), "an object"), "result": (_any, "")},
+    "rpc_call": {"method": (_opt(_name), "a name or null"), "ok": (_of(bool), "a boolean"),
+                 "args": (_opt(_of(dict)), "an object or null"),
+                 "error": (_opt(_of(dict)), "an object or null"),
+                 "duration_ms": (_number, "a number"),
+                 "creds": (_opt(_of(dict)), "an object or null")},
+    "signal": {"signum": (_int, "an integer"), "name": (_name, "a name"),
+               "sender": (_int, "a pid")},
+    "container_start": {"container_pid": (_int, "a pid"), "created": (_of(list), "a list"),
+                        "joined": (_of(list), "a list")},
+    "namespaces": {"created": (_of(list), "a list"), "joined": (_of(dict), "an object"),
+                   "order": (_of(list), "a list"), "propagation": (_opt(_name), "a name"),
+                   "ns": (_of(dict), "an object")},
+    "starter_config": {"config": (_of(dict), "an object")},
+    "process_start": {"ppid": (_int, "a pid"), "nspid": (_ints, "a list of pids")},
+    "process_exit": {"child_role": (lambda v: v in ROLES, "a role"),
+                     "child_pid": (_int, "a pid"), "status": (_opt(_int), "a wait status")},
+    "foreign_reap": {"child_pid": (_int, "a pid"), "detail": (_text, "a text")},
+    "starter_exit": {"code": (_int, "an integer")},
+    "message": {"message": (_text, "a text"), "stage": (_name, "a name"),
+                "error": (_opt(_of(dict)), "an object or null")},
+}
+_TYPES_OF = {"hook_enter": "hook", "hook_return": "hook", "hook_raise": "hook",
+             "stage2_failed": "message", "fatal": "message", "starter_error": "message"}
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "hook_enter": ("hook",), "hook_return": ("hook",), "hook_raise": ("hook",),
+    "process_exit": ("child_role", "child_pid"), "container_start": ("container_pid",),
+    "signal": ("signum",), "rpc_call": ("ok",)}
+
+
+def check_event(event: Any) -> str | None:
+    """What is wrong with an event that a process of the run sent (None when nothing): an
+    object, a kind of the schema that such a process may write, the common keys, only the
+    kind's keys, each of the right type and size."""
+    if not isinstance(event, dict):
+        return f"not an event object but {type(event).__name__}"
+    kind = event.get("kind")
+    if not isinstance(kind, str) or kind not in EVENT_KINDS:
+        return f"unknown event kind {_short(kind)}"
+    if kind in SUPERVISOR_KINDS:
+        return f"a {kind!r} event, which only the supervisor writes"
+    for key in ("t", "role", "pid", "tid"):
+        if key not in event:
+            return f"{kind} event without {key!r}"
+    allowed = set(COMMON_KEYS) | set(EVENT_KINDS[kind]) | {"truncated"}
+    extra = sorted(k for k in event if k not in allowed)
+    if extra:
+        return f"{kind} event with keys outside the schema: {_short(extra)}"
+    if "truncated" not in event:
+        missing = [k for k in REQUIRED.get(kind, ()) if k not in event]
+        if missing:
+            return f"{kind} event without {missing[0]!r}"
+    types = {**FIELD_TYPES["*"], **FIELD_TYPES.get(_TYPES_OF.get(kind, kind), {})}
+    for key, value in event.items():
+        check, what = types.get(key, (_any, ""))
+        if not check(value):
+            return f"{kind} event: {key} must be {what}, not {_short(value)}"
+    return None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def decode(datagram: bytes) -> dict[str, Any]:
     return decode_checked(datagram)[0]
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_datagram(datagram: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    """(event, None) for a datagram holding a JSON object with a kind; else (None, why)."""
+    try:
+        event = json.loads(datagram, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
+        return None, f"not JSON ({str(exc)[:100]})"
+    if not isinstance(event, dict) or "kind" not in event:
+        return None, "not an event object"
+    return event, None
+
+
 def decode_checked(datagram: bytes) -> tuple[dict[str, Any], bool]:
     """(event, True) for a datagram holding an event; else (a ``starter_error`` event that
     describes it, False)."""
-    try:
-        event = json.loads(datagram)
-        if not isinstance(event, dict) or "kind" not in event:
-            raise ValueError("not an event object")
+    event, problem = parse_datagram(datagram)
+    if event is not None:
         return event, True
-    except ValueError as exc:
-        return {"kind": "starter_error", "role": "supervisor", "stage": "ledger",
-                "message": f"undecodable ledger datagram ({exc}): {datagram[:200]!r}",
-                "pid": 0, "tid": 0, "t": time.monotonic_ns()}, False
+    return {"kind": "starter_error", "role": "supervisor", "stage": "ledger",
+            "message": f"undecodable ledger datagram ({problem}): {datagram[:200]!r}",
+            "pid": 0, "tid": 0, "t": time.monotonic_ns()}, False
 
 
 def validate(ledger: dict[str, Any]) -> list[str]:

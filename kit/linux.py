@@ -9,6 +9,7 @@ Python 3.11 has no ``os.unshare``/``os.setns`` and no capability calls, hence ct
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -578,3 +579,45 @@ def proc_tid() -> int:
     except (OSError, ValueError):
         import threading
         return threading.get_native_id()
+
+
+# --- sender credentials on unix sockets -----------------------------------------------------
+
+_UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
+
+
+def pass_credentials(sock: socket.socket) -> None:
+    """``SO_PASSCRED`` on a receiving unix socket: the kernel attaches the sender's pid, uid
+    and gid (``SCM_CREDENTIALS``) to every message, translated into the receiver's pid and
+    user namespaces."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+
+
+def recv_with_sender(sock: socket.socket, bufsize: int, flags: int = 0
+                     ) -> tuple[bytes, int | None, bool]:
+    """One message of a ``SO_PASSCRED`` socket: (data, the sender's pid as the kernel names
+    it here, 0 when the sender is not visible in this pid namespace and None when no
+    credentials came, truncated). Any descriptors that came along are closed."""
+    data, ancdata, msg_flags, _ = sock.recvmsg(
+        bufsize, socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(64 * 4),
+        flags | socket.MSG_CMSG_CLOEXEC)
+    pid = None
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS \
+                and len(payload) >= _UCRED.size:
+            pid = _UCRED.unpack_from(payload)[0]
+        elif level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            for i in range(len(payload) // 4):  # a sender's descriptors are not ours to keep
+                with contextlib.suppress(OSError):
+                    os.close(struct.unpack_from("i", payload, 4 * i)[0])
+    return data, pid, bool(msg_flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC))
+
+
+def process_ids(pid: int) -> tuple[int, list[int]] | None:
+    """(parent pid, NSpid: its pid in each pid namespace from the mounted ``/proc``'s down to
+    its own) of a process, from ``/proc/PID/status``; None when it is gone."""
+    try:
+        status = read_status(f"/proc/{pid}/status")
+        return int(status["PPid"]), [int(p) for p in status["NSpid"].split()]
+    except (OSError, KeyError, ValueError):
+        return None

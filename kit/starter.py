@@ -866,8 +866,9 @@ class RPCServerProcess:
                 observed.clear()
                 self.ledger.emit("rpc_call", **record, creds=creds)
 
-            code = registry.serve_rpc_requests(engine, self.c.rpc_sock, on_call=on_call,
-                                               around=around)
+            code = registry.serve_rpc_requests(
+                engine, self.c.rpc_sock, on_call=on_call, around=around,
+                reserved_fds=(self.c.starter.ledger_sock.fileno(),))
         except BaseException as exc:
             self.ledger.emit("starter_error", stage="rpc_server",
                              message=describe_error(exc)["traceback"])

@@ -29,8 +29,10 @@ import time
 from typing import Any
 
 from kit import linux, probe, registry
-from kit.ledger import SCHEMA_VERSION, LedgerWriter, decode_checked, ledger_socketpair
+from kit.ledger import (EXCERPT, MAX_EVENT, SCHEMA_VERSION, LedgerWriter, check_event,
+                        ledger_socketpair, parse_datagram)
 from kit.request import RunRequest
+from kit.senders import PROCESS_ROLES, Senders
 from kit.starter import EXIT_FATAL, UNTIMED_HOOKS, Starter, default_signals
 from kit.system import current
 
@@ -85,6 +87,7 @@ class Supervisor:
         self.leaks: list[dict[str, Any]] = []
         self.timed_out: dict[str, Any] | None = None
         self.me = LedgerWriter(None, "supervisor")
+        self.senders = Senders(current().modelled_pids)
 
     # -- ledger ------------------------------------------------------------------------------
     def record(self, event: dict[str, Any], datagram: bytes | None = None) -> None:
@@ -98,7 +101,8 @@ class Supervisor:
         self._datagrams.append(datagram)
         kind = event["kind"]
         role = event.get("role", "?")
-        if kind == "hook_enter" and event.get("hook") not in UNTIMED_HOOKS:
+        if kind == "hook_enter" and isinstance(event.get("hook"), str) \
+                and event["hook"] not in UNTIMED_HOOKS:
             self.open_hooks[(role, event["hook"])] = (
                 time.monotonic() + self.req.hook_timeout, event.get("pid", 0))
         elif kind in ("hook_return", "hook_raise"):
@@ -136,6 +140,7 @@ class Supervisor:
             reader.close()
             Starter(req, writer).main()
         writer.close()
+        self.senders.add_starter(pid)
         os.write(result_fd, f"started {pid} {run_dir}\n".encode())
         status = self.collect(reader, pid)
         reader.close()
@@ -270,16 +275,41 @@ class Supervisor:
         return status
 
     def _read_events(self, reader: socket.socket) -> bool:
-        """Read every queued event; False at EOF."""
+        """Read every queued event; False at EOF (no credentials: a zero-length datagram
+        has them)."""
         while True:
             try:
-                data = reader.recv(1 << 20, socket.MSG_DONTWAIT)
+                data, sender, truncated = linux.recv_with_sender(reader, MAX_EVENT,
+                                                                 socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return True
-            if not data:
+            if not data and sender is None:
                 return False
-            event, decoded = decode_checked(data)
-            self.record(event, data if decoded else None)
+            self.admit(data, sender, truncated)
+
+    def admit(self, data: bytes, sender: int | None, truncated: bool) -> None:
+        """Record a datagram of the run's processes, or an engine fault in its place when it
+        is malformed or does not come from the process it names (LEDGER-003)."""
+        if truncated:
+            return self.engine_fault("malformed", sender, f"a datagram longer than "
+                                     f"{MAX_EVENT} bytes", data)
+        event, problem = parse_datagram(data)
+        if event is not None:
+            problem = check_event(event)
+        if problem is not None:
+            return self.engine_fault("malformed", sender, problem, data)
+        problem = self.senders.check(sender, event)
+        if problem is not None:
+            return self.engine_fault("forged", sender, problem, data)
+        self.record(event, data)
+
+    def engine_fault(self, fault: str, sender: int | None, detail: str, data: bytes) -> None:
+        role = self.senders.role_of(sender)
+        roles = PROCESS_ROLES.get(role or "", frozenset())
+        hooks = [f"{r} {h}" for (r, h), (_, pid) in self.open_hooks.items() if r in roles]
+        self.emit("engine_fault", fault=fault, sender_pid=sender, sender_role=role,
+                  open_hooks=hooks, detail=detail,
+                  excerpt=data[:EXCERPT].decode("utf-8", "replace"))
 
     def on_timeout(self, whole_run: bool) -> None:
         if whole_run:

@@ -59,6 +59,11 @@ class System:
         kind, recursive = split_propagation(propagation)
         self.mount(None, target, None, [kind, "rec"] if recursive else [kind])
 
+    def modelled_pids(self, kernel_pid: int) -> set[int]:
+        """The pids the backend's model gives process ``kernel_pid`` (none: the kernel's
+        NSpid is the truth)."""
+        return set()
+
 
 class RealSystem(System):
     """The kernel."""

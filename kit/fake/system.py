@@ -406,6 +406,12 @@ class FakeSystem(System):
         p = self._me()
         return p.levels[-1][1] if p.levels else os.getpid()
 
+    def modelled_pids(self, kernel_pid: int) -> set[int]:
+        """The pid process ``kernel_pid`` has in its innermost pid namespace of the model."""
+        with self._store.transaction(write=False) as st:
+            levels = (st["procs"].get(str(kernel_pid)) or {}).get("levels") or []
+        return {int(levels[-1][1])} if levels else set()
+
     def getppid(self) -> int:
         """The parent's pid in this process's pid namespace; 0 when the parent is outside."""
         p = self._me()
