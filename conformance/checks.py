@@ -1443,6 +1443,10 @@ def check_ledger_schema(verify: Verifier, run: Run, requirement: str) -> None:
 
     run = verify.used(run.usable())
     problems = validate(run.result.ledger.document)
+    # A datagram the supervisor refused for its schema never reached the document: it is a
+    # schema violation all the same (its sender is LEDGER-003's business).
+    problems += [f"a datagram refused by the supervisor: {e.get('detail')}"
+                 for e in events_of(run, "engine_fault", fault="malformed")]
     verify.check(requirement, not problems, expected="a ledger valid against its schema",
                  observed=lambda: "; ".join(problems[:5]), run=run)
 

@@ -76,9 +76,6 @@ class Senders:
         if role not in PARENT:
             return (f"pid {kernel_pid} is not a process of the kit (it claims role {role}, "
                     f"which is the {self.role_of_name(role)})")
-        if self.taken(role):
-            return (f"pid {kernel_pid} is not a process of the kit: the {role} process is "
-                    f"another (it claims role {role})")
         ids = linux.process_ids(kernel_pid)
         if ids is not None:
             parent = self.processes.get(ids[0])
@@ -87,6 +84,9 @@ class Senders:
                         f"but its parent, pid {ids[0]}, is not the {PARENT[role]} process")
             if claimed not in self._pids(kernel_pid, ids[1]):
                 return f"it claims pid {claimed} but its sender is pid {kernel_pid}"
+        if self.taken(role):
+            return (f"pid {kernel_pid} is not a process of the kit: the {role} process is "
+                    f"another (it claims role {role})")
         # Gone already (a short-lived stage 1 on a busy machine): first come, first served;
         # the real process's own datagram then shows up as the impostor's double.
         self.processes[kernel_pid] = KitProcess(

@@ -305,8 +305,16 @@ class Supervisor:
 
     def engine_fault(self, fault: str, sender: int | None, detail: str, data: bytes) -> None:
         role = self.senders.role_of(sender)
-        roles = PROCESS_ROLES.get(role or "", frozenset())
-        hooks = [f"{r} {h}" for (r, h), (_, pid) in self.open_hooks.items() if r in roles]
+        hooks_of = role
+        if role is None and sender:  # engine code's own child: its parent's hooks
+            ids = linux.process_ids(sender)
+            hooks_of = self.senders.role_of(ids[0]) if ids else None
+            if hooks_of is not None:
+                detail += f" (a child of the {hooks_of} process, pid {ids[0]})"
+        roles = PROCESS_ROLES.get(hooks_of or "", frozenset())
+        if hooks_of == "rpc":  # an RPC method runs for the master's create_container
+            roles = roles | {"master"}
+        hooks = [f"{r} {h}" for (r, h) in self.open_hooks if r in roles]
         self.emit("engine_fault", fault=fault, sender_pid=sender, sender_role=role,
                   open_hooks=hooks, detail=detail,
                   excerpt=data[:EXCERPT].decode("utf-8", "replace"))

@@ -250,3 +250,167 @@ class BindRootEngine(ReferenceEngine):
 
     def config(self) -> BindRootConfig:
         return BindRootConfig()
+
+
+# --- hostile engine code: forged ledger datagrams, hostile RPC replies ---------------------
+
+def _ledger_writer():
+    """The kit's ledger writer of this process, found the way hostile engine code would."""
+    import gc
+
+    from kit.ledger import LedgerWriter
+    return next(o for o in gc.get_objects()
+                if isinstance(o, LedgerWriter) and o.sock is not None)
+
+
+def _event(role: str, kind: str, **fields) -> bytes:
+    import json
+    return json.dumps({"t": time.monotonic_ns(), "kind": kind, "role": role,
+                       "pid": os.getpid(), "tid": threading.get_native_id(),
+                       **fields}).encode()
+
+
+def hostile_datagram(name: str, role: str) -> bytes:
+    """The datagram ``name`` as the process in ``role`` would forge it."""
+    hook = {"kind": "hook_enter", "hook": "create_container", "snapshot": None}
+    table = {
+        "list_hook": lambda: b'{"kind": "hook_enter", "hook": ["x"]}',
+        "list_hook_full": lambda: _event(role, "hook_enter", hook=["x"], args={}),
+        "not_json": lambda: b"\xff\xfe{ not json",
+        "deep": lambda: b"[" * 100_000,
+        "empty": lambda: b"",
+        "oversized": lambda: _event(role, "stage2_failed", message="x" * (2 << 20)),
+        "nan": lambda: _event(role, "rpc_call", ok=True).replace(b"}", b',"duration_ms":NaN}'),
+        "unknown_kind": lambda: _event(role, "coffee"),
+        "supervisor_kind": lambda: _event(role, "exit", code=0, reason="exited"),
+        "extra_key": lambda: _event(role, "stage2_exec", bogus=1),
+        "bad_type": lambda: _event(role, "process_exit", child_role="rpc", child_pid="1"),
+        "other_role": lambda: _event("supervisor" if role == "rpc" else "rpc",
+                                     "starter_error", stage="x", message="forged"),
+        "other_pid": lambda: _event(role, "starter_error", stage="x",
+                                    message="forged").replace(
+            f'"pid": {os.getpid()},'.encode(), f'"pid": {os.getpid() + 7},'.encode()),
+        "bare_hook": lambda: _event(role, **hook)[:-1] + b', "args": {}}',
+    }
+    return table[name]()
+
+
+def send_hostile(name: str, role: str) -> None:
+    sock = _ledger_writer().sock
+    if name.startswith("helper_"):  # a child of engine code posing as a kit process
+        claimed = name.removeprefix("helper_")
+        ready_r, ready_w = os.pipe()
+        if os.fork() == 0:
+            try:  # stays until its parent ends (the kit's leak check waits for that)
+                linux.set_parent_death_signal(9)
+                sock.send(_event(claimed, "process_start", ppid=os.getppid(),
+                                 nspid=[os.getpid()]))
+                os.close(ready_w)
+                while True:
+                    time.sleep(1)
+            finally:
+                os._exit(0)
+        os.close(ready_w)
+        os.read(ready_r, 1)  # sent
+        os.close(ready_r)
+        return
+    sock.send(hostile_datagram(name, role))
+
+
+@dataclass
+class HostileConfig(ReferenceConfig):
+    hostile_hook: str = "create_container"
+    hostile_role: str = ""  # only in this process (stage1, master, rpc, stage2)
+    datagram: str = ""  # a name of hostile_datagram (or helper_<role>)
+    rpc_calls: list[str] = None  # type: ignore[assignment]  # HostileRPC methods to call
+    leak_tempdir: bool = False  # the leak checks must still see this
+    out: str = ""  # create_container appends what each RPC call gave here
+
+
+class HostileRPC(ReferenceRPC):
+    """RPC methods whose replies the server must turn into error replies."""
+
+    def hostile_send(self, name: str) -> None:
+        send_hostile(name, "rpc")
+
+    def exits(self) -> None:
+        raise SystemExit(3)
+
+    def interrupted(self) -> None:
+        raise KeyboardInterrupt
+
+    def own_connection(self) -> int:
+        import gc
+
+        from kit.rpc.methods import WithFds
+        server = next(o for o in gc.get_objects() if type(o).__name__ == "RPCServerProcess")
+        return WithFds(0, [server.c.rpc_sock.fileno()])  # type: ignore[return-value]
+
+    def ledger_dup(self) -> int:
+        from kit.rpc.methods import WithFds
+        return WithFds(0, [os.dup(_ledger_writer().sock.fileno())])  # type: ignore
+
+    def int_keys(self) -> dict:
+        return {1: "a", True: "c"}
+
+    def alive(self) -> str:
+        return "yes"
+
+
+class HostileEngine(ReferenceEngine):
+    """The reference engine plus hostile engine code (see :class:`HostileConfig`)."""
+
+    engine_name = "test-hostile"
+    rpc_methods = HostileRPC
+
+    def config(self) -> HostileConfig:
+        cfg = HostileConfig()
+        cfg.rpc_calls = []
+        return cfg
+
+    def _hostile(self, hook: str) -> None:
+        cfg = self.common.engine_config
+        if cfg.hostile_hook != hook or not cfg.datagram:
+            return
+        if cfg.hostile_role and cfg.hostile_role != current_role():
+            return
+        send_hostile(cfg.datagram, current_role())
+
+    def init_config(self, common, privileged_stage1):  # type: ignore[override]
+        super().init_config(common, privileged_stage1)
+        self._hostile("init_config")
+
+    def prepare_config(self, starter_config):  # type: ignore[override]
+        self._hostile("prepare_config")
+        super().prepare_config(starter_config)
+
+    def create_container(self, ctx, pid, rpc_conn):  # type: ignore[override]
+        from kit.rpc import RPCClient
+        self._hostile("create_container")
+        cfg = self.common.engine_config
+        if cfg.leak_tempdir:
+            tempfile.mkdtemp(prefix="hostile-")
+        super().create_container(ctx, pid, rpc_conn)
+        rpc = RPCClient(rpc_conn, self.common.engine_name)
+        replies = []
+        for name in cfg.rpc_calls:
+            method, _, arg = name.partition(":")
+            try:
+                value = rpc.call(method, **({"name": arg} if arg else {}))
+                replies.append(f"{method}: returned {value!r}")
+            except Exception as exc:
+                replies.append(f"{method}: {type(exc).__name__}: {exc}")
+            replies.append(f"alive: {rpc.call('alive')}")  # the server goes on
+        if replies and cfg.out:
+            with open(cfg.out, "a") as f:
+                f.write("".join(line + "\n" for line in replies))
+
+    def post_start_process(self, ctx, pid):  # type: ignore[override]
+        self._hostile("post_start_process")
+
+    def cleanup_container(self, ctx, fatal, status):  # type: ignore[override]
+        self._hostile("cleanup_container")
+
+    def start_process(self, master_fd):  # type: ignore[override]
+        self._hostile("start_process")
+        super().start_process(master_fd)

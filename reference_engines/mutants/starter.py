@@ -745,7 +745,7 @@ class MasterMissesSIGUSR1(StarterMutant):
 class LedgerWithoutThreadIds(StarterMutant):
     slug = "starter-ledger-without-tids"
     bug = "the kit records process starts without the thread id the ledger schema requires"
-    killed_by = ("LEDGER-001",)
+    killed_by = ("LEDGER-001", "LEDGER-003")  # the supervisor refuses them as malformed
 
     @staticmethod
     def mutate() -> None:

@@ -1,0 +1,252 @@
+"""The harness survives the engine: hostile ledger datagrams and RPC replies from engine code,
+the death of the kit's own processes, and the run's temporary directories (issue 13)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+
+from conformance import checks
+from conformance.runs import Run
+from conformance.scenario import SCENARIOS
+from kit import ledger as L
+from kit.launcher import RunResult, run
+from kit.senders import KitProcess, Senders
+
+HOSTILE = "kit_test_engines:HostileEngine"
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the real backend as root")
+
+
+def hostile_run(flow: str = "root", **cfg) -> RunResult:
+    result = run(HOSTILE, flow, ["/bin/true"], user="kit-test",
+                 engine_config={"leak_tempdir": True, **cfg})
+    # The supervisor survived and finished: the leak checks ran (they see the tempdir the
+    # engine leaked on purpose) and the ledger ends with the run's exit.
+    assert result.events[-1]["kind"] == "exit", result
+    leaks = [e["detail"] for e in result.ledger.select("leak", what="tempdir")]
+    assert any("hostile-" in d for d in leaks), result.leaks
+    return result
+
+
+def faults(result: RunResult) -> list[dict]:
+    return result.ledger.select("engine_fault")
+
+
+def kernel_pid(result: RunResult, role: str) -> int:
+    """The kit process's pid as the supervisor sees it (its pid namespace's view)."""
+    if role in ("starter", "master"):
+        return result.ledger.first("process_start", role="starter")["pid"]
+    if role == "stage1":
+        return result.ledger.first("process_exit", child_role="stage1")["child_pid"]
+    return result.ledger.first("container_start")["container_pid"]
+
+
+def ledger_003(result: RunResult) -> str:
+    """The LEDGER-003 failure message of this run, as the suite renders it."""
+    verify = checks.Verifier("root", ["LEDGER-003"], "t")
+    checks.check_no_engine_fault(verify, Run("root", SCENARIOS["default"], "real",
+                                             result=result), "LEDGER-003")
+    assert verify.violations["LEDGER-003"], "LEDGER-003 passed a run with an engine fault"
+    return verify.render("LEDGER-003")
+
+
+# --- malformed datagrams, one test each ------------------------------------------------------
+
+MALFORMED = {
+    "list_hook": "hook_enter event without 't'",  # the issue's datagram, verbatim
+    "list_hook_full": "hook must be a hook of the contract, not ['x']",
+    "not_json": "not JSON",
+    "deep": "not JSON (maximum recursion depth",
+    "empty": "not JSON",
+    "oversized": f"a datagram longer than {L.MAX_EVENT} bytes",
+    "nan": "not JSON (NaN is not JSON)",
+    "unknown_kind": "unknown event kind 'coffee'",
+    "supervisor_kind": "a 'exit' event, which only the supervisor writes",
+    "extra_key": "stage2_exec event with keys outside the schema: ['bogus']",
+    "bad_type": "process_exit event: child_pid must be a pid, not '1'",
+    "bare_hook": None,  # well-formed, from the master as itself: not detectable (see README)
+}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_a_malformed_datagram_from_create_container_is_an_engine_fault(name):
+    result = hostile_run(hostile_hook="create_container", datagram=name)
+    assert result.exit_code == 0, result
+    found = faults(result)
+    if MALFORMED[name] is None:
+        assert not found
+        return
+    assert len(found) == 1, found
+    fault = found[0]
+    assert fault["fault"] == "malformed"
+    assert MALFORMED[name] in fault["detail"]
+    assert fault["sender_pid"] == kernel_pid(result, "master")
+    assert fault["sender_role"] == "starter"
+    assert fault["open_hooks"] == ["master create_container"]
+    message = ledger_003(result)
+    assert f"pid {fault['sender_pid']} (the starter process)" in message
+    assert "in master create_container" in message
+
+
+# --- forged datagrams ------------------------------------------------------------------------
+
+def test_a_datagram_naming_another_pid_is_a_forgery_named_by_the_kernels_pid():
+    result = hostile_run(hostile_hook="create_container", datagram="other_pid")
+    (fault,) = faults(result)
+    master = kernel_pid(result, "master")
+    assert fault["fault"] == "forged"
+    assert fault["detail"] == f"it claims pid {master + 7} but its sender is pid {master}"
+    assert "master create_container" in ledger_003(result)
+
+
+def test_a_datagram_naming_another_role_is_a_forgery():
+    result = hostile_run(hostile_hook="create_container", datagram="other_role")
+    (fault,) = faults(result)
+    assert fault["fault"] == "forged"
+    assert fault["detail"] == ("it claims role rpc but comes from the starter process "
+                               f"(pid {kernel_pid(result, 'master')})")
+
+
+@pytest.mark.parametrize("claimed", ["rpc", "stage1", "container"])
+def test_a_child_of_engine_code_posing_as_a_kit_process_is_a_forgery(claimed):
+    result = hostile_run(hostile_hook="create_container", datagram=f"helper_{claimed}")
+    (fault,) = faults(result)
+    assert fault["fault"] == "forged"
+    assert fault["sender_role"] is None
+    assert f"it claims role {claimed}" in fault["detail"]
+    assert f"a child of the starter process, pid {kernel_pid(result, 'master')}" \
+        in fault["detail"]
+    assert fault["open_hooks"] == ["master create_container"]
+    message = ledger_003(result)
+    assert f"pid {fault['sender_pid']} (no process of the kit)" in message
+
+
+@pytest.mark.parametrize("hook,role,datagram,fault_kind", [
+    ("prepare_config", "stage1", "not_json", "malformed"),
+    ("init_config", "stage1", "other_pid", "forged"),
+    ("start_process", "stage2", "list_hook_full", "malformed"),
+    ("post_start_process", "master", "supervisor_kind", "malformed"),
+    ("cleanup_container", "master", "oversized", "malformed"),
+])
+def test_hostile_datagrams_from_other_hooks_and_processes_name_the_process(
+        hook, role, datagram, fault_kind):
+    result = hostile_run(hostile_hook=hook, hostile_role=role, datagram=datagram)
+    (fault,) = faults(result)
+    assert fault["fault"] == fault_kind
+    assert fault["sender_pid"] == kernel_pid(result, role)
+    assert fault["open_hooks"] == [f"{role} {hook}"]
+    assert result.exit_code == 0
+
+
+def test_a_hostile_datagram_from_an_rpc_method_names_the_rpc_server():
+    result = hostile_run(rpc_calls=["hostile_send:other_role"])
+    (fault,) = faults(result)
+    assert fault["sender_role"] == "rpc"
+    assert fault["sender_pid"] not in (kernel_pid(result, "master"),
+                                       kernel_pid(result, "container"))
+    assert fault["open_hooks"] == ["master create_container"]
+
+
+@pytest.mark.parametrize("flow", ["suid", "userns", "hybrid"])
+def test_forgeries_are_caught_in_the_unprivileged_flows_too(flow):
+    result = hostile_run(flow, hostile_hook="start_process", datagram="other_pid")
+    (fault,) = faults(result)
+    assert fault["fault"] == "forged" and fault["sender_role"] == "container"
+    assert fault["open_hooks"] == ["stage2 start_process"]
+
+
+def test_the_fake_backend_attributes_datagrams_too():
+    result = run(HOSTILE, "userns", ["/bin/true"], user="kit-test", backend="fake",
+                 engine_config={"hostile_hook": "start_process", "datagram": "other_pid"})
+    (fault,) = faults(result)
+    assert fault["fault"] == "forged" and fault["sender_role"] == "container"
+
+
+# --- hostile RPC replies, one test each ------------------------------------------------------
+
+RPC_REPLIES = {
+    "exits": "RemoteError: SystemExit: 3",
+    "interrupted": "RemoteError: KeyboardInterrupt",
+    "own_connection": "PermissionError: method 'test-hostile.own_connection' returned file "
+                      "descriptor(s)",
+    "ledger_dup": "PermissionError: method 'test-hostile.ledger_dup' returned file "
+                  "descriptor(s)",
+    "int_keys": "TypeError: method 'test-hostile.int_keys' returned an unsendable result: "
+                "not JSON-serialisable: object key 1 (int) is not a string",
+}
+
+
+@pytest.mark.parametrize("method", sorted(RPC_REPLIES))
+def test_a_hostile_rpc_reply_is_an_error_reply_and_the_server_goes_on(method, tmp_path):
+    out = tmp_path / "replies"
+    result = hostile_run(rpc_calls=[method, method], out=str(out))
+    assert result.exit_code == 0, result
+    lines = out.read_text().splitlines()
+    assert len(lines) == 4, lines  # two calls, each answered and followed by a live server
+    for reply, alive in zip(lines[::2], lines[1::2]):
+        assert reply.startswith(f"{method}: {RPC_REPLIES[method]}"), reply
+        assert alive == "alive: yes"
+    calls = result.ledger.select("rpc_call", method=f"test-hostile.{method}")
+    assert len(calls) == 2 and not any(c["ok"] for c in calls)
+    assert result.ledger.first("process_exit", child_role="rpc")["status"] == 0
+    assert not faults(result)
+
+
+# --- the schema checks on their own: boundaries ----------------------------------------------
+
+def _valid(**fields) -> dict:
+    return {"t": 1, "kind": "stage2_failed", "role": "stage2", "pid": 1, "tid": 1,
+            "message": "m", **fields}
+
+
+def test_check_event_bounds_names_and_texts():
+    assert L.check_event(_valid(message="x" * L.MAX_TEXT)) is None
+    assert "message must be a text" in L.check_event(_valid(message="x" * (L.MAX_TEXT + 1)))
+    rpc = {**_valid(), "kind": "rpc_call", "ok": True}
+    del rpc["message"]
+    assert L.check_event({**rpc, "method": "m" * L.MAX_NAME}) is None
+    assert "method must be a name" in L.check_event({**rpc, "method": "m" * (L.MAX_NAME + 1)})
+
+
+def test_check_event_refuses_booleans_for_integers_and_missing_common_keys():
+    assert "pid must be a pid, not True" in L.check_event(_valid(pid=True))
+    assert "pid must be a pid, not -1" in L.check_event(_valid(pid=-1))
+    event = _valid()
+    del event["tid"]
+    assert L.check_event(event) == "stage2_failed event without 'tid'"
+    assert "not an event object" in L.check_event(["kind"])
+
+
+def test_a_kit_event_truncated_by_its_writer_is_still_valid():
+    event = {"t": 1, "kind": "hook_enter", "role": "master", "pid": 1, "tid": 1,
+             "truncated": 5 << 20}
+    assert L.check_event(event) is None
+
+
+def test_senders_refuse_a_second_claimant_of_a_role_and_a_role_of_another_process():
+    senders = Senders()
+    me = os.getpid()
+    senders.processes[os.getppid()] = KitProcess("starter", None)
+    ok = {"role": "stage1", "pid": me}
+    assert senders.check(me, ok) is None
+    assert senders.check(me, {"role": "rpc", "pid": me}) == (
+        f"it claims role rpc but comes from the stage1 process (pid {me})")
+    assert "the stage1 process is another" in senders.check(1 << 23, ok)  # no such pid
+    assert senders.check(None, ok) == "the kernel gave no credentials with it"
+    assert "outside the supervisor's pid namespace" in senders.check(0, ok)
+
+
+def test_a_zero_length_datagram_is_not_mistaken_for_the_end_of_the_ledger():
+    from kit import linux
+    reader, writer = L.ledger_socketpair()
+    with reader, writer:
+        writer.send(b"")
+        data, sender, _ = linux.recv_with_sender(reader, 100, socket.MSG_DONTWAIT)
+        assert (data, sender) == (b"", os.getpid())
+        writer.close()
+        data, sender, _ = linux.recv_with_sender(reader, 100, socket.MSG_DONTWAIT)
+        assert (data, sender) == (b"", None)
