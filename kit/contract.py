@@ -164,14 +164,19 @@ class Context:
     """The ``ctx`` of master hooks: a cancel event and an optional deadline.
 
     ``cancelled`` becomes true when the run is being torn down (a fatal error elsewhere, a
-    timeout); a hook that waits should wait on :meth:`wait` rather than sleep.
+    timeout, the container process or the RPC server dying during ``create_container``); a
+    hook that waits should wait on :meth:`wait` rather than sleep. ``reason`` says why, when
+    the kit knows (e.g. "the container process (pid 1234) died: killed by signal 9").
     """
 
     def __init__(self, deadline: float | None = None) -> None:
         self._cancel = threading.Event()
         self.deadline = deadline  # time.monotonic() value, or None
+        self.reason: str | None = None
 
-    def cancel(self) -> None:
+    def cancel(self, reason: str | None = None) -> None:
+        if reason is not None and self.reason is None:
+            self.reason = reason
         self._cancel.set()
 
     @property
@@ -268,6 +273,11 @@ class Operations(abc.ABC):
         connection when this returns; only then may stage 2 start, so never wait here for the
         container (that deadlocks and is reported as a hook timeout). Raising makes the run
         fatal: ``cleanup_container`` gets "container creation failed: …", exit 255.
+
+        If the container process or the RPC server dies while this runs, the kit cancels
+        ``ctx`` at once (``ctx.wait`` returns True, ``ctx.reason`` names the process and how
+        it ended) and shuts ``rpc_conn`` down: a call in progress or made afterwards fails
+        at once (``ConnectionError``/``EOFError``), never after a timeout.
 
         Privileges: root uid 0; suid/hybrid r=e=U, saved uid 0, no effective capabilities at
         entry and return (a hook may raise them temporarily); userns/fakeroot inside the

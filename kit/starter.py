@@ -300,6 +300,20 @@ def _unwrap(exc: BaseException) -> BaseException:
     return exc.error if isinstance(exc, HookFailed) else exc
 
 
+def _how_ended(pid: int) -> str:
+    """": how" a child that has exited ended, without reaping it (the monitor reaps: when
+    it was first, nothing can be told)."""
+    try:
+        found = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return ""
+    if found is None:
+        return ""
+    if found.si_code == os.CLD_EXITED:
+        return f": exit code {found.si_status}"
+    return f": killed by signal {found.si_status}"
+
+
 def _status_to_code(status: int) -> int:
     if os.WIFSIGNALED(status):
         return 128 + os.WTERMSIG(status)
@@ -661,19 +675,65 @@ class Master:
         return found is not None
 
     def _create(self) -> None:
+        stop_watch = self._watch_creation()
         try:
             self.hooks.call("create_container", self.engine.operations.create_container,
                             self.ctx, self.pid, self.rpc_sock)
         except BaseException as exc:
+            stop_watch()
             self.rpc_sock.close()
             _send(self.sock, "A")
             err = _unwrap(exc)
             self.events.put(("fatal", ContainerCreationFailed(
                 f"container creation failed: {type(err).__name__}: {err}")))
             return
+        stop_watch()
         self.rpc_sock.close()  # the RPC server exits; then stage 2 may start
         self.go_sent.set()
         _send(self.sock, "G")
+
+    def _watch_creation(self) -> Callable[[], None]:
+        """Until the returned function is called: if the container process dies (its
+        pidfd) or the RPC server does (its end of the connection hangs up), cancel ``ctx``
+        with the reason and shut the RPC connection down, so that create_container learns it
+        at once instead of after a wait or a timeout."""
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except OSError:
+            return lambda: None
+        wake_r, wake_w = os.pipe2(os.O_CLOEXEC)
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        poller.register(self.rpc_sock.fileno(), select.POLLRDHUP)
+        poller.register(wake_r, select.POLLIN)
+
+        def watch() -> None:
+            ready = dict(poller.poll())
+            if wake_r in ready:
+                return
+            if pidfd not in ready and select.select([pidfd], [], [], 0.05)[0]:
+                # The container's death takes its RPC server along, which may hang up
+                # first: the container's end is the reason worth giving.
+                ready[pidfd] = select.POLLIN
+            if pidfd in ready:
+                what = f"the container process (pid {self.pid}) died{_how_ended(self.pid)}"
+            else:
+                what = "the RPC server ended (its end of the connection was closed)"
+            self.ctx.cancel(what)
+            try:
+                self.rpc_sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+        watcher = threading.Thread(target=watch, name="kit-create-watch", daemon=True)
+        watcher.start()
+
+        def stop() -> None:
+            os.write(wake_w, b"x")
+            watcher.join()
+            for fd in (pidfd, wake_r, wake_w):
+                os.close(fd)
+        return stop
 
     def _start_waiter(self) -> None:
         try:

@@ -325,6 +325,7 @@ class HostileConfig(ReferenceConfig):
     rpc_calls: list[str] = None  # type: ignore[assignment]  # HostileRPC methods to call
     leak_tempdir: bool = False  # the leak checks must still see this
     out: str = ""  # create_container appends what each RPC call gave here
+    die: str = ""  # container | rpc: killed during create_container, which then waits
 
 
 class HostileRPC(ReferenceRPC):
@@ -355,6 +356,9 @@ class HostileRPC(ReferenceRPC):
 
     def alive(self) -> str:
         return "yes"
+
+    def exit_soon(self) -> None:
+        threading.Timer(0.05, os._exit, (7,)).start()
 
 
 class HostileEngine(ReferenceEngine):
@@ -401,9 +405,31 @@ class HostileEngine(ReferenceEngine):
             except Exception as exc:
                 replies.append(f"{method}: {type(exc).__name__}: {exc}")
             replies.append(f"alive: {rpc.call('alive')}")  # the server goes on
+        if cfg.die:
+            self._die(cfg, ctx, pid, rpc)
         if replies and cfg.out:
             with open(cfg.out, "a") as f:
                 f.write("".join(line + "\n" for line in replies))
+
+    def _die(self, cfg: HostileConfig, ctx, pid: int, rpc) -> None:
+        """Kill the container or the RPC server, then wait as a hook would: the kit must
+        cancel ctx at once and fail the next call at once."""
+        if cfg.die == "container":
+            os.kill(pid, 9)
+        else:
+            rpc.call("exit_soon")
+        start = time.monotonic()
+        cancelled = ctx.wait(30)
+        waited = time.monotonic() - start
+        try:
+            rpc.call("alive")
+            call = "answered"
+        except Exception as exc:
+            call = f"{type(exc).__name__}"
+        call_took = time.monotonic() - start - waited
+        with open(cfg.out, "a") as f:
+            f.write(f"{cancelled} {waited:.3f} {call_took:.3f} {call}\n{ctx.reason}\n")
+        raise RuntimeError(f"creation interrupted: {ctx.reason}")
 
     def post_start_process(self, ctx, pid):  # type: ignore[override]
         self._hostile("post_start_process")

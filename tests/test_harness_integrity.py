@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -250,3 +251,28 @@ def test_a_zero_length_datagram_is_not_mistaken_for_the_end_of_the_ledger():
         writer.close()
         data, sender, _ = linux.recv_with_sender(reader, 100, socket.MSG_DONTWAIT)
         assert (data, sender) == (b"", None)
+
+
+# --- the master's hook learns of a death at once ---------------------------------------------
+
+@pytest.mark.parametrize("flow", ["root", "suid"])
+@pytest.mark.parametrize("die,reason", [
+    ("container", "the container process (pid {pid}) died"),  # ": killed by signal 9"
+    # follows unless the engine's monitor reaped it first
+    ("rpc", "the RPC server ended (its end of the connection was closed)"),
+])
+def test_create_container_learns_at_once_that_the_container_or_rpc_server_died(
+        die, reason, flow, shared_dir):
+    out = Path(shared_dir) / "seen"  # the suid master writes it as U
+    result = run(HOSTILE, flow, ["/bin/true"], user="kit-test", hook_timeout=20,
+                 engine_config={"die": die, "out": str(out)})
+    line, seen_reason = out.read_text().splitlines()
+    cancelled, waited, call_took, call = line.split()
+    assert cancelled == "True", "ctx.wait(30) returned without the cancellation"
+    # The hook waited 30 s (hook timeout 20 s) without the kit's watch: at once with it.
+    assert float(waited) < 2.0 and float(call_took) < 2.0
+    assert call in ("BrokenPipeError", "ConnectionResetError", "EOFError")
+    pid = result.ledger.first("container_start")["container_pid"]
+    assert seen_reason.removesuffix(": killed by signal 9") == reason.format(pid=pid)
+    assert result.exit_code == 255 and result.timed_out is None
+    assert f"creation interrupted: {seen_reason}" in str(result)
