@@ -105,6 +105,12 @@ class Zygote:
         self.pid = os.getpid()
 
     @classmethod
+    def get_existing(cls) -> Zygote | None:
+        """This process's zygote if it has one (never starts one)."""
+        z = cls._instance
+        return z if z is not None and z.pid == os.getpid() else None
+
+    @classmethod
     def get(cls) -> Zygote:
         with cls._lock:
             z = cls._instance
@@ -116,14 +122,53 @@ class Zygote:
         """Start a supervised run; returns the supervisor's pid."""
         message = json.dumps({"request": request.to_json(), "targets": targets}).encode()
         with self._lock:
-            socket.send_fds(self.control, [message], fds)
-            reply = self.control.recv(1 << 16)
+            try:
+                socket.send_fds(self.control, [message], fds)
+                reply = self.control.recv(1 << 16)
+            except OSError:  # EPIPE, ECONNRESET: it is gone
+                reply = b""
         if not reply:
-            raise LaunchError("the kit's zygote process died")
+            raise LaunchError(self.death_notice())
         answer = json.loads(reply)
         if "error" in answer:
             raise LaunchError(answer["error"])
         return int(answer["pid"])
+
+    def death_notice(self) -> str:
+        """Why the zygote is gone (it is our child: its exit status is ours to read)."""
+        try:
+            code = self.proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            return f"the kit's zygote process (pid {self.proc.pid}) stopped answering"
+        return f"the kit's zygote process (pid {self.proc.pid}) died: {_returncode(code)}"
+
+    def exit_status(self, pid: int) -> int | None:
+        """The wait status of a supervisor that has exited (None: unknown). Raises
+        LaunchError, with the zygote's own death notice, when the zygote is gone."""
+        with self._lock:
+            try:
+                self.control.send(json.dumps({"status_of": pid}).encode())
+                reply = self.control.recv(1 << 16)
+            except OSError:
+                reply = b""
+        if not reply:
+            raise LaunchError(self.death_notice())
+        return json.loads(reply).get("status")
+
+
+def _returncode(code: int) -> str:
+    """A subprocess return code in words."""
+    if code < 0:
+        return f"killed by signal {-code} ({signal.Signals(-code).name})"
+    return f"exit code {code}"
+
+
+def describe_status(status: int) -> str:
+    """A wait status in words."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        return f"killed by signal {sig} ({signal.Signals(sig).name})"
+    return f"exit code {os.waitstatus_to_exitcode(status)}"
 
 
 class _PidFD:
@@ -279,14 +324,48 @@ class RunHandle:
         try:
             doc = json.loads(data)
         except ValueError:
-            raise LaunchError(f"the run's supervisor ended without a result; "
-                              f"stderr: {stderr[-2000:]}") from None
+            raise LaunchError(f"{self._death_notice()}; stderr: {stderr[-2000:] or '(empty)'}"
+                              ) from None
         if doc.get("ledger") is None:
             raise LaunchError(f"{doc.get('reason')}; stderr: {stderr[-2000:]}")
         self._final = RunResult(doc["exit_code"], doc["reason"], Ledger(doc["ledger"]),
                                 doc["leaks"], doc["timed_out"], stdout, stderr)
         self._code = self._final.exit_code
         return self._final
+
+    def _death_notice(self) -> str:
+        """Why the supervisor ended without a result, and what it left behind (removed or
+        killed now, when it is ours to remove)."""
+        who = f"the run's supervisor (pid {self.supervisor_pid})"
+        try:
+            if getattr(self, "_popen", None) is not None:
+                how = _returncode(self._popen.wait())
+            else:
+                status = Zygote.get_existing().exit_status(self.supervisor_pid) \
+                    if Zygote.get_existing() else None
+                how = "ended" if status is None else describe_status(status)
+        except LaunchError as exc:  # the zygote died, and its supervisors with it
+            how = f"died with its parent: {exc}"
+        left = self._leftovers()
+        return (f"{who} ended without writing the run's result: {how}"
+                f"{'; left behind: ' + '; '.join(left) if left else '; nothing left behind'}")
+
+    def _leftovers(self) -> list[str]:
+        """What the dead supervisor could not clean up; removed (killed) here."""
+        left = []
+        if self.starter_pid is not None and \
+                linux.process_state(self.starter_pid) not in (None, "Z") and \
+                linux.process_name(self.starter_pid) in ("kit-starter", "kit-master"):
+            left.append(f"the starter/master (pid {self.starter_pid}), killed now")
+            try:
+                os.kill(self.starter_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.run_dir and os.path.basename(self.run_dir).startswith("kit-run-") \
+                and os.path.isdir(self.run_dir):
+            left.append(f"the run directory {self.run_dir}, removed now")
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        return left
 
     def _await_supervisor_exit(self, timeout: float = 5.0) -> None:
         """Wait (briefly) until the supervisor, a child of the zygote, is gone."""

@@ -54,7 +54,8 @@ EVENT_KINDS: dict[str, tuple[str, ...]] = {
 COMMON_KEYS = ("seq", "t", "kind", "role", "pid", "tid")
 
 #: Kinds only the supervisor writes: from any process of the run, they are forgeries.
-SUPERVISOR_KINDS = frozenset({"run_start", "hook_timeout", "leak", "exit", "engine_fault"})
+SUPERVISOR_KINDS = frozenset({"run_start", "hook_timeout", "leak", "exit", "engine_fault",
+                              "model_limit"})
 #: Roles of the processes that share the ledger socket (the others write no datagram).
 RUN_ROLES = frozenset(ROLES) - {"launcher", "supervisor"}
 #: Longest identifier (role, kind, hook, method name…) and any other string in an event.

@@ -28,7 +28,7 @@ import tempfile
 import time
 from typing import Any
 
-from kit import linux, probe, registry
+from kit import linux, probe, registry, rundir
 from kit.ledger import (EXCERPT, MAX_EVENT, SCHEMA_VERSION, LedgerWriter, check_event,
                         ledger_socketpair, parse_datagram)
 from kit.request import RunRequest
@@ -119,7 +119,11 @@ class Supervisor:
         linux.set_child_subreaper()
         mounts_before = _mount_points()
         netns_before = _netns()
-        run_dir = tempfile.mkdtemp(prefix="kit-run-")
+        run_dir, lock_fd = rundir.create()
+        self.run_dir = run_dir
+        # The launcher's death (then the zygote's) reaches us as SIGTERM: the run goes, and
+        # so does its directory, which nobody else may remove while its lock is held.
+        signal.signal(signal.SIGTERM, self._parent_gone)
         user = req.user()
         if os.getuid() == 0:
             os.chown(run_dir, user.uid, user.gid)
@@ -138,6 +142,8 @@ class Supervisor:
         pid = os.fork()
         if pid == 0:
             reader.close()
+            os.close(lock_fd)  # held by the supervisor alone: its death frees the directory
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             Starter(req, writer).main()
         writer.close()
         self.senders.add_starter(pid)
@@ -164,7 +170,7 @@ class Supervisor:
             left = []
         if left:
             self.leak("tempdir", f"left in the run's temporary directory: {', '.join(left)}")
-        shutil.rmtree(run_dir, ignore_errors=True)
+        rundir.remove(run_dir, lock_fd)
         for limit in current().model_limits():
             self.emit("model_limit", reason=limit)
         self.emit("exit", code=code, reason=reason)
@@ -172,6 +178,13 @@ class Supervisor:
                 "timed_out": self.timed_out,
                 "ledger": {"schema_version": SCHEMA_VERSION, "run": req.to_json(),
                            "events": self.events}}
+
+    def _parent_gone(self, _signum: int, _frame: Any) -> None:
+        """SIGTERM, our parent-death signal: nobody will read the result. Kill the run and
+        remove its directory."""
+        self.kill_tree()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        os._exit(EXIT_FATAL)
 
     def encode(self, result: dict[str, Any]) -> bytes:
         """``result`` (from :meth:`run`) as JSON. Each event that arrived as a datagram is
@@ -424,7 +437,8 @@ def run_supervised(request: RunRequest, result_fd: int, prepared: Any = None) ->
     """Supervise one run in this process and write its result to ``result_fd`` (closed).
     ``prepared``: what :func:`prepare_backend` returned for ``request`` (in this process or
     in its parent, just before the fork)."""
-    linux.set_parent_death_signal(signal.SIGKILL)
+    # SIGTERM (default action: die) until the supervisor handles it with its cleanup.
+    linux.set_parent_death_signal(signal.SIGTERM)
     linux.set_name("kit-supervisor")
     os.chdir("/")
     try:
@@ -451,6 +465,7 @@ def main(argv: list[str]) -> int:
     with os.fdopen(req_fd, "rb") as f:
         request = RunRequest.from_json(json.loads(f.read()))
     os.set_inheritable(result_fd, False)  # the run's processes must not hold it
+    rundir.sweep()  # run directories of supervisors that died with their launcher
     run_supervised(request, result_fd)
     return 0
 

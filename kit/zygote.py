@@ -15,8 +15,9 @@ Protocol on the control socket (``SOCK_SEQPACKET``, one datagram per message):
 launcher → zygote: ``{"request": RunRequest JSON, "targets": [fd numbers]}`` with the file
 descriptors attached in this order: stdin, stdout, stderr, the result pipe's write end, then
 one per entry of ``targets`` (each lands under that number in the run). Zygote → launcher:
-``{"pid": supervisor pid}`` or ``{"error": message}``. EOF on the control socket ends the
-zygote.
+``{"pid": supervisor pid}`` or ``{"error": message}``. ``{"status_of": pid}`` asks how a
+supervisor that has exited ended: ``{"status": wait status}``, null when unknown (the zygote
+reaps its children and keeps the last statuses). EOF on the control socket ends the zygote.
 """
 
 from __future__ import annotations
@@ -29,13 +30,31 @@ import socket
 import sys
 import tempfile
 
-from kit import linux
+from kit import linux, rundir
 from kit.request import RunRequest
 from kit.starter import default_signals
-from kit.supervisor import prepare_backend, preload, reap_exited_children, run_supervised
+from kit.supervisor import prepare_backend, preload, run_supervised
 
 MAX_MESSAGE = 1 << 20
 FIXED_FDS = 4  # stdin, stdout, stderr, result
+KEPT_STATUSES = 256
+
+#: Wait statuses of the supervisors reaped, by pid (the newest KEPT_STATUSES).
+exit_statuses: dict[int, int] = {}
+
+
+def reap() -> None:
+    """Reap every exited child, keeping its wait status for the launcher's questions."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        exit_statuses[pid] = status
+        while len(exit_statuses) > KEPT_STATUSES:
+            del exit_statuses[next(iter(exit_statuses))]
 
 
 def _place_fds(received: list[int], targets: list[int]) -> int:
@@ -75,7 +94,7 @@ def _settle() -> None:
 
 def serve(control: socket.socket) -> int:
     while True:
-        reap_exited_children()
+        reap()
         try:
             data, fds, _, _ = socket.recv_fds(control, MAX_MESSAGE, 64)
         except InterruptedError:
@@ -84,6 +103,11 @@ def serve(control: socket.socket) -> int:
             return 0
         try:
             message = json.loads(data)
+            if "status_of" in message:
+                reap()
+                control.send(json.dumps(
+                    {"status": exit_statuses.pop(int(message["status_of"]), None)}).encode())
+                continue
             request = RunRequest.from_json(message["request"])
             targets = [int(t) for t in message.get("targets", [])]
             if len(fds) != FIXED_FDS + len(targets):
@@ -120,11 +144,12 @@ def main(argv: list[str]) -> int:
     control = socket.socket(fileno=int(argv[0]))
     default_signals()  # before our own SIGCHLD handler: the launcher's shell may ignore some
     # Reap finished supervisors at once (the handler runs between retries of recv).
-    signal.signal(signal.SIGCHLD, lambda _signum, _frame: reap_exited_children())
+    signal.signal(signal.SIGCHLD, lambda _signum, _frame: reap())
     linux.set_parent_death_signal(signal.SIGKILL)
     linux.set_name("kit-zygote")
     os.chdir("/")
     tempfile.gettempdir()  # found once here (it tries writing a file), not in every run
+    rundir.sweep()  # run directories of supervisors that died with their launcher
     return serve(control)
 
 

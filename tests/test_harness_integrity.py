@@ -276,3 +276,124 @@ def test_create_container_learns_at_once_that_the_container_or_rpc_server_died(
     assert seen_reason.removesuffix(": killed by signal 9") == reason.format(pid=pid)
     assert result.exit_code == 255 and result.timed_out is None
     assert f"creation interrupted: {seen_reason}" in str(result)
+
+
+# --- death notices: the zygote and the supervisor ---------------------------------------------
+
+FAULT = "kit_test_engines:FaultEngine"
+
+
+def wait_until(condition, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def hanging_run():
+    from kit import launcher, linux
+    handle = launcher.start(FAULT, "root", ["/bin/true"], hook_timeout=60,
+                            engine_config={"fault_hook": "create_container",
+                                           "fault_action": "hang"})
+    wait_until(lambda: linux.process_name(handle.starter_pid) == "kit-master", "the master")
+    return handle
+
+
+def gone(pid: int) -> bool:
+    from kit import linux
+    return linux.process_state(pid) in (None, "Z")
+
+
+@pytest.fixture
+def own_zygote():
+    """A zygote of this test's own (the session's stays untouched)."""
+    from kit.launcher import Zygote
+    saved = Zygote._instance
+    Zygote._instance = Zygote()
+    yield Zygote._instance
+    z, Zygote._instance = Zygote._instance, saved
+    z.control.close()
+    z.proc.wait(timeout=10)
+
+
+def test_a_killed_supervisor_is_named_with_its_signal_and_what_it_left(own_zygote):
+    import signal as signals
+
+    from kit.launcher import LaunchError
+    handle = hanging_run()
+    os.kill(handle.supervisor_pid, signals.SIGKILL)
+    with pytest.raises(LaunchError) as err:
+        handle.wait()
+    assert str(err.value).startswith(
+        f"the run's supervisor (pid {handle.supervisor_pid}) ended without writing the "
+        f"run's result: killed by signal 9 (SIGKILL); left behind: the run directory "
+        f"{handle.run_dir}, removed now")
+    assert not os.path.exists(handle.run_dir)
+    wait_until(lambda: gone(handle.starter_pid), "the starter's end (parent-death signal)")
+
+
+def test_a_killed_zygote_is_named_for_the_runs_it_took_along(own_zygote):
+    import signal as signals
+
+    from kit.launcher import LaunchError
+    handle = hanging_run()
+    os.kill(own_zygote.proc.pid, signals.SIGKILL)
+    with pytest.raises(LaunchError) as err:
+        handle.wait()
+    assert (f"the run's supervisor (pid {handle.supervisor_pid}) ended without writing the "
+            f"run's result: died with its parent: the kit's zygote process "
+            f"(pid {own_zygote.proc.pid}) died: killed by signal 9 (SIGKILL)") in str(err.value)
+    assert not os.path.exists(handle.run_dir)
+    with pytest.raises(LaunchError, match=rf"zygote process \(pid {own_zygote.proc.pid}\) "
+                                          r"died: killed by signal 9"):
+        own_zygote.spawn(handle.request, [0, 1, 2, 2], [])
+
+
+# --- the run's temporary directory outlives no owner -------------------------------------------
+
+LAUNCHER = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from kit import launcher, linux
+h = launcher.start({engine!r}, "root", ["/bin/true"], hook_timeout=60,
+                   engine_config={{"fault_hook": "create_container", "fault_action": "hang"}})
+while linux.process_name(h.starter_pid) != "kit-master":
+    time.sleep(0.01)
+print(h.run_dir, h.supervisor_pid, h.starter_pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_the_run_directory_goes_when_the_launcher_is_killed():
+    import signal as signals
+    import subprocess
+    import sys
+
+    code = LAUNCHER.format(tests=os.path.dirname(__file__), engine=FAULT)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            cwd=os.path.dirname(os.path.dirname(__file__)))
+    try:
+        run_dir, supervisor, starter = proc.stdout.readline().split()
+        assert os.path.isdir(run_dir)
+    finally:
+        proc.send_signal(signals.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+    wait_until(lambda: not os.path.exists(run_dir), f"{run_dir} to go")
+    wait_until(lambda: gone(int(supervisor)) and gone(int(starter)), "the run's processes")
+
+
+def test_a_dead_owners_run_directory_is_swept_and_a_live_ones_is_kept(tmp_path):
+    from kit import rundir
+    live, live_fd = rundir.create(str(tmp_path))
+    dead, dead_fd = rundir.create(str(tmp_path))
+    os.close(dead_fd)  # its owner is gone: nobody holds the lock
+    old_style = tmp_path / "kit-run-abcdefgh"  # an older kit's: no lock protocol, not judged
+    old_style.mkdir()
+    (tmp_path / "kit-run-lk-file").write_text("")  # not a directory
+    try:
+        assert rundir.sweep(str(tmp_path)) == [dead]
+        assert os.path.isdir(live) and old_style.is_dir()
+    finally:
+        rundir.remove(live, live_fd)
+    assert rundir.sweep(str(tmp_path)) == []

@@ -1,0 +1,66 @@
+"""The run's temporary directory, locked by its supervisor so that a dead owner's is swept."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import tempfile
+
+#: Every run directory's name starts with PREFIX; those made with the lock protocol with
+#: LOCKED (a directory of an older kit, unlocked while its run lasts, is never judged).
+PREFIX = "kit-run-"
+LOCKED = PREFIX + "lk-"
+#: A directory being made: locked, then renamed to PREFIX…; never swept (its owner may be
+#: between the two steps).
+NEW_PREFIX = "kit-new-"
+
+
+def _lock(path: str) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def create(parent: str | None = None) -> tuple[str, int]:
+    """A new run directory and the descriptor that holds its lock (an ``flock`` on the
+    directory itself: the kernel drops it when the last holder is gone, however it died).
+    Keep the descriptor open for as long as the run lasts, in this process only."""
+    made = tempfile.mkdtemp(prefix=NEW_PREFIX, dir=parent)
+    fd = _lock(made)
+    path = os.path.join(os.path.dirname(made), LOCKED + os.path.basename(made)[len(NEW_PREFIX):])
+    os.rename(made, path)
+    return path, fd
+
+
+def remove(path: str, fd: int) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    os.close(fd)
+
+
+def sweep(parent: str | None = None) -> list[str]:
+    """Remove every run directory in ``parent`` (the temporary directory) whose lock nobody
+    holds: its supervisor died without removing it. Returns what was removed."""
+    parent = parent or tempfile.gettempdir()
+    removed = []
+    try:
+        names = [n for n in os.listdir(parent) if n.startswith(LOCKED)]
+    except OSError:
+        return removed
+    for name in names:
+        path = os.path.join(parent, name)
+        try:
+            fd = _lock(path)
+        except OSError:
+            continue  # held: a run in progress (or not a directory of ours to judge)
+        try:
+            shutil.rmtree(path, ignore_errors=True)  # not ours to remove: left alone
+            if not os.path.exists(path):
+                removed.append(path)
+        finally:
+            os.close(fd)
+    return removed
