@@ -12,8 +12,10 @@ the process sees itself), ``tid``; other keys depend on the kind (see :data:`EVE
 
 from __future__ import annotations
 
+import array
 import json
 import os
+import select
 import socket
 import threading
 import time
@@ -74,11 +76,14 @@ class LedgerWriter:
     its own role (:meth:`for_role`) on the same socket.
     """
 
-    def __init__(self, sock: socket.socket | None, role: str) -> None:
+    def __init__(self, sock: socket.socket | None, role: str, confirm: bool = False) -> None:
         if role not in ROLES:
             raise ValueError(f"unknown ledger role {role!r}")
         self.sock = sock
         self.role = role
+        # Events with a privilege snapshot wait until the supervisor has read the sending
+        # thread's credentials from outside this process (see confirm_send).
+        self.confirm = confirm
         self.pid = os.getpid()
         # The pid as the process sees it (1 for stage 2 in a new pid namespace); the fake
         # backend models it, hence the system interface.
@@ -86,7 +91,7 @@ class LedgerWriter:
         self._getpid = lambda: current().getpid()
 
     def for_role(self, role: str) -> LedgerWriter:
-        return LedgerWriter(self.sock, role)
+        return LedgerWriter(self.sock, role, self.confirm)
 
     def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
         if kind not in EVENT_KINDS:
@@ -100,10 +105,35 @@ class LedgerWriter:
                          "truncated": len(data)}
                 data = json.dumps(event).encode()
             try:
-                self.sock.send(data)
+                if self.confirm and isinstance(event.get("snapshot"), dict):
+                    confirm_send(self.sock, data)
+                else:
+                    self.sock.send(data)
             except OSError:
                 pass  # the supervisor is gone: the run is being torn down
         return event
+
+
+#: How long a sender waits for the supervisor's confirmation at most (it never takes that
+#: long: the supervisor does nothing else; a dead one closes the pipe at once).
+CONFIRM_TIMEOUT = 30.0
+
+
+def confirm_send(sock: socket.socket, data: bytes) -> None:
+    """Send ``data`` with the write end of a new pipe and wait until the supervisor writes
+    to it or closes it: meanwhile the calling thread's credentials cannot change, so the
+    supervisor's own read of them (``/proc/PID/task/TID/status``) is the snapshot's
+    outside check, which engine code in this process cannot fake (LEDGER-003)."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [w]))])
+        os.close(w)
+        w = -1
+        select.select([r], [], [], CONFIRM_TIMEOUT)
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
 
 
 def ledger_socketpair() -> tuple[socket.socket, socket.socket]:

@@ -584,6 +584,7 @@ def proc_tid() -> int:
 # --- sender credentials on unix sockets -----------------------------------------------------
 
 _UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
+MAX_PASSED_FDS = 4  # more with one message are cut off by the kernel (MSG_CTRUNC)
 
 
 def pass_credentials(sock: socket.socket) -> None:
@@ -594,23 +595,42 @@ def pass_credentials(sock: socket.socket) -> None:
 
 
 def recv_with_sender(sock: socket.socket, bufsize: int, flags: int = 0
-                     ) -> tuple[bytes, int | None, bool]:
+                     ) -> tuple[bytes, int | None, list[int], bool]:
     """One message of a ``SO_PASSCRED`` socket: (data, the sender's pid as the kernel names
     it here, 0 when the sender is not visible in this pid namespace and None when no
-    credentials came, truncated). Any descriptors that came along are closed."""
+    credentials came, the descriptors that came along (the caller's to close), truncated)."""
     data, ancdata, msg_flags, _ = sock.recvmsg(
-        bufsize, socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(64 * 4),
+        bufsize, socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(MAX_PASSED_FDS * 4),
         flags | socket.MSG_CMSG_CLOEXEC)
     pid = None
+    fds: list[int] = []
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS \
                 and len(payload) >= _UCRED.size:
             pid = _UCRED.unpack_from(payload)[0]
         elif level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            for i in range(len(payload) // 4):  # a sender's descriptors are not ours to keep
-                with contextlib.suppress(OSError):
-                    os.close(struct.unpack_from("i", payload, 4 * i)[0])
-    return data, pid, bool(msg_flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC))
+            fds += [struct.unpack_from("i", payload, 4 * i)[0]
+                    for i in range(len(payload) // 4)]
+    return data, pid, fds, bool(msg_flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC))
+
+
+def thread_status(pid: int, tid: int) -> tuple[int, dict[str, str]] | None:
+    """(its tid as the mounted ``/proc`` numbers it, its parsed status) of the thread of
+    process ``pid`` that calls itself ``tid`` (the last field of its NSpid); None when
+    there is no such thread."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for task in tasks:
+        try:
+            status = read_status(f"/proc/{pid}/task/{task}/status")
+        except OSError:
+            continue
+        nspid = status.get("NSpid", task).split()
+        if nspid and int(nspid[-1]) == tid:
+            return int(task), status
+    return None
 
 
 def process_ids(pid: int) -> tuple[int, list[int]] | None:

@@ -5,7 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from kit import linux
+from kit import linux, probe
+
+#: What the supervisor compares between a snapshot's entry for the sending thread and its own
+#: read of that thread (the rest of the snapshot is the process's, or other threads', which
+#: may change meanwhile).
+CHECKED_FIELDS = ("uid", "gid", "groups", "caps", "no_new_privs", "seccomp")
 
 #: Roles each kit process writes under: the starter becomes the master, the container
 #: process becomes stage 2.
@@ -101,3 +106,70 @@ class Senders:
 
     def _pids(self, kernel_pid: int, nspid: list[int]) -> set[int]:
         return {nspid[-1]} | self.own_pids(kernel_pid) if nspid else self.own_pids(kernel_pid)
+
+
+def check_snapshot(kernel_pid: int, event: dict[str, Any], confirmed: bool) -> str | None:
+    """Why the sending thread's entry in ``event``'s snapshot is not what the kernel says of
+    it (read here, from outside the process, while the sender waits: ``confirmed``); None
+    when it is. A snapshot without the wait cannot be checked and is refused."""
+    snap = event.get("snapshot")
+    if not isinstance(snap, dict) or "threads" not in snap:
+        return None  # no snapshot (probes off), or the probe's own error
+    if not confirmed:
+        return "its snapshot came without waiting for the supervisor's outside check"
+    found = linux.thread_status(kernel_pid, event["tid"])
+    if found is None:
+        return f"its sending thread {event['tid']} is not a thread of pid {kernel_pid}"
+    task, status = found
+    threads = snap["threads"] if isinstance(snap["threads"], list) else []
+    mine = next((t for t in threads if isinstance(t, dict)
+                 and t.get("tid") in (task, event["tid"])), None)
+    if mine is None:
+        return f"its snapshot has no entry for its sending thread {event['tid']}"
+    kernel = _as_inside(kernel_pid, probe.thread_state(status, task))
+    for key in CHECKED_FIELDS:
+        if mine.get(key) != kernel[key]:
+            return (f"its snapshot says {key} {mine.get(key)!r} for thread {event['tid']}, "
+                    f"the kernel says {kernel[key]!r}")
+    return _check_ns(kernel_pid, task, mine)
+
+
+OVERFLOW_ID = 65534  # what a process is shown for an id its user namespace does not map
+
+
+def _as_inside(kernel_pid: int, state: dict[str, Any]) -> dict[str, Any]:
+    """The ids of ``state`` (as /proc shows them to us) as the process itself sees them:
+    through its id maps, which, read by a process of another user namespace, translate its
+    ids into the reader's."""
+    uid_map = _read_map(f"/proc/{kernel_pid}/uid_map")
+    gid_map = _read_map(f"/proc/{kernel_pid}/gid_map")
+    return {**state, "uid": [_inside(i, uid_map) for i in state["uid"]],
+            "gid": [_inside(i, gid_map) for i in state["gid"]],
+            "groups": [_inside(i, gid_map) for i in state["groups"]]}
+
+
+def _read_map(path: str) -> list[list[int]]:
+    try:
+        text = linux.read_file(path).decode()
+    except OSError:
+        return [[0, 0, 4294967295]]
+    return [[int(x) for x in line.split()] for line in text.splitlines() if line.strip()]
+
+
+def _inside(outside_id: int, lines: list[list[int]]) -> int:
+    for inside, outside, count in lines:
+        if outside <= outside_id < outside + count:
+            return inside + outside_id - outside
+    return OVERFLOW_ID
+
+
+def _check_ns(kernel_pid: int, task: int, mine: dict[str, Any]) -> str | None:
+    claimed = mine.get("ns")
+    if not isinstance(claimed, dict):
+        return None
+    actual = linux.ns_inodes(f"/proc/{kernel_pid}/task/{task}/ns")
+    for kind, inode in actual.items():
+        if inode is not None and claimed.get(kind) != inode:
+            return (f"its snapshot says {kind} namespace {claimed.get(kind)!r}, the kernel "
+                    f"says {inode}")
+    return None

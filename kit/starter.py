@@ -332,7 +332,8 @@ class Starter:
         self.user: Invoker = request.user()
         self.system = current()
         self.ledger_sock = ledger_sock
-        self.ledger = LedgerWriter(ledger_sock, "starter")
+        self.ledger = LedgerWriter(ledger_sock, "starter",
+                                   confirm=self.system.name == "real" and request.probes)
         self.hooks = HookRunner(self.ledger, self.system, request.probes)
 
     # -- invoker state ---------------------------------------------------------------------

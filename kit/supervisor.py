@@ -32,7 +32,7 @@ from kit import linux, probe, registry, rundir
 from kit.ledger import (EXCERPT, MAX_EVENT, SCHEMA_VERSION, LedgerWriter, check_event,
                         ledger_socketpair, parse_datagram)
 from kit.request import RunRequest
-from kit.senders import PROCESS_ROLES, Senders
+from kit.senders import PROCESS_ROLES, Senders, check_snapshot
 from kit.starter import EXIT_FATAL, UNTIMED_HOOKS, Starter, default_signals
 from kit.system import current
 
@@ -88,6 +88,8 @@ class Supervisor:
         self.timed_out: dict[str, Any] | None = None
         self.me = LedgerWriter(None, "supervisor")
         self.senders = Senders(current().modelled_pids)
+        # The fake backend's snapshots are its model's, not the kernel's to confirm.
+        self.outside_check = current().name == "real" and request.probes
 
     # -- ledger ------------------------------------------------------------------------------
     def record(self, event: dict[str, Any], datagram: bytes | None = None) -> None:
@@ -292,17 +294,26 @@ class Supervisor:
         has them)."""
         while True:
             try:
-                data, sender, truncated = linux.recv_with_sender(reader, MAX_EVENT,
-                                                                 socket.MSG_DONTWAIT)
+                data, sender, fds, truncated = linux.recv_with_sender(reader, MAX_EVENT,
+                                                                      socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return True
-            if not data and sender is None:
+            if not data and sender is None and not fds:
                 return False
-            self.admit(data, sender, truncated)
+            try:
+                self.admit(data, sender, truncated, confirmed=len(fds) == 1)
+            finally:
+                for fd in fds:  # the sender's confirmation pipe: it may go on now
+                    with contextlib.suppress(OSError):
+                        os.write(fd, b"k")
+                    os.close(fd)
 
-    def admit(self, data: bytes, sender: int | None, truncated: bool) -> None:
+    def admit(self, data: bytes, sender: int | None, truncated: bool,
+              confirmed: bool = False) -> None:
         """Record a datagram of the run's processes, or an engine fault in its place when it
-        is malformed or does not come from the process it names (LEDGER-003)."""
+        is malformed, does not come from the process it names, or carries a snapshot that
+        the kernel contradicts (LEDGER-003). ``confirmed``: the sender waits while we read
+        its thread's credentials."""
         if truncated:
             return self.engine_fault("malformed", sender, f"a datagram longer than "
                                      f"{MAX_EVENT} bytes", data)
@@ -312,6 +323,8 @@ class Supervisor:
         if problem is not None:
             return self.engine_fault("malformed", sender, problem, data)
         problem = self.senders.check(sender, event)
+        if problem is None and self.outside_check and sender:
+            problem = check_snapshot(sender, event, confirmed)
         if problem is not None:
             return self.engine_fault("forged", sender, problem, data)
         self.record(event, data)

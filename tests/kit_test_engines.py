@@ -317,6 +317,25 @@ def send_hostile(name: str, role: str) -> None:
     sock.send(hostile_datagram(name, role))
 
 
+def fake_probe(how: str) -> None:
+    """Engine code lying about its privileges in the kit's own snapshots, from inside."""
+    from kit import probe
+    from kit.ledger import LedgerWriter
+    if how == "unconfirmed":
+        for writer in (o for o in __import__("gc").get_objects()
+                       if isinstance(o, LedgerWriter)):
+            writer.confirm = False
+        return
+    real = probe.snapshot
+
+    def innocent() -> dict:
+        snap = real()
+        for thread in snap["threads"]:
+            thread["caps"] = {k: [] for k in thread["caps"]}
+        return snap
+    probe.snapshot = innocent
+
+
 @dataclass
 class HostileConfig(ReferenceConfig):
     hostile_hook: str = "create_container"
@@ -326,6 +345,8 @@ class HostileConfig(ReferenceConfig):
     leak_tempdir: bool = False  # the leak checks must still see this
     out: str = ""  # create_container appends what each RPC call gave here
     die: str = ""  # container | rpc: killed during create_container, which then waits
+    fake_probe: str = ""  # in create_container: "caps" fakes the snapshots, "unconfirmed"
+    # sends them without waiting for the supervisor's outside check
 
 
 class HostileRPC(ReferenceRPC):
@@ -392,6 +413,8 @@ class HostileEngine(ReferenceEngine):
         from kit.rpc import RPCClient
         self._hostile("create_container")
         cfg = self.common.engine_config
+        if cfg.fake_probe:
+            fake_probe(cfg.fake_probe)
         if cfg.leak_tempdir:
             tempfile.mkdtemp(prefix="hostile-")
         super().create_container(ctx, pid, rpc_conn)

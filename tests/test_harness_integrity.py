@@ -246,10 +246,10 @@ def test_a_zero_length_datagram_is_not_mistaken_for_the_end_of_the_ledger():
     reader, writer = L.ledger_socketpair()
     with reader, writer:
         writer.send(b"")
-        data, sender, _ = linux.recv_with_sender(reader, 100, socket.MSG_DONTWAIT)
+        data, sender, _, _ = linux.recv_with_sender(reader, 100, socket.MSG_DONTWAIT)
         assert (data, sender) == (b"", os.getpid())
         writer.close()
-        data, sender, _ = linux.recv_with_sender(reader, 100, socket.MSG_DONTWAIT)
+        data, sender, _, _ = linux.recv_with_sender(reader, 100, socket.MSG_DONTWAIT)
         assert (data, sender) == (b"", None)
 
 
@@ -397,3 +397,35 @@ def test_a_dead_owners_run_directory_is_swept_and_a_live_ones_is_kept(tmp_path):
     finally:
         rundir.remove(live, live_fd)
     assert rundir.sweep(str(tmp_path)) == []
+
+
+# --- a snapshot engine code fakes from inside its process ------------------------------------
+
+def test_a_snapshot_faked_in_the_process_is_contradicted_by_the_supervisors_own_read():
+    result = hostile_run(fake_probe="caps")
+    found = faults(result)
+    assert found, "a snapshot claiming no capabilities in the root master passed"
+    fault = found[0]
+    assert fault["fault"] == "forged" and fault["sender_role"] == "starter"
+    assert fault["detail"].startswith("its snapshot says caps {'effective': [], ")
+    assert "the kernel says {'effective': ['CAP_CHOWN'" in fault["detail"]
+    assert '"hook":"create_container"' in fault["excerpt"]
+    assert "master create_container" in ledger_003(result)
+
+
+def test_a_snapshot_sent_without_waiting_for_the_outside_check_is_refused():
+    result = hostile_run(fake_probe="unconfirmed")
+    fault = faults(result)[0]
+    assert fault["detail"] == ("its snapshot came without waiting for the supervisor's "
+                               "outside check")
+    assert fault["sender_pid"] == kernel_pid(result, "master")
+
+
+@pytest.mark.parametrize("flow", ["fakeroot", "hybrid"])
+def test_snapshots_in_a_user_namespace_agree_with_the_outside_read(flow):
+    """Ids read from outside a user namespace (U) are translated by its maps into what the
+    process sees (0): no false alarm."""
+    result = run("reference", flow, ["/bin/true"], user="kit-test")
+    assert result.exit_code == 0 and not faults(result)
+    assert any(t["uid"][0] == 0 for e in result.ledger.select("hook_enter", role="rpc")
+               for t in e["snapshot"]["threads"])
