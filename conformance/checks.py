@@ -1458,6 +1458,8 @@ def check_no_engine_fault(verify: Verifier, run: Run, requirement: str) -> None:
         role = event.get("sender_role")
         sender = f"pid {event.get('sender_pid')}" + (f" (the {role} process)" if role else
                                                       " (no process of the kit)")
+        if event.get("sender_pid") is None:
+            sender = "the run's processes"
         hooks = ", ".join(event.get("open_hooks") or []) or "no hook open"
         verify.check(requirement, False, expected="only the kit's own events on the ledger",
                      observed=f"a {event.get('fault')} datagram from {sender}, in {hooks}: "

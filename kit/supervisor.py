@@ -23,6 +23,7 @@ import select
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -37,6 +38,11 @@ from kit.starter import EXIT_FATAL, UNTIMED_HOOKS, Starter, default_signals
 from kit.system import current
 
 NETNS_DIR = "/run/netns"
+#: Datagrams read in one go: then the timeouts get their turn, even under a flood.
+READ_BATCH = 256
+#: Events a run may record, and engine faults: beyond, datagrams are only counted.
+MAX_EVENTS = 100_000
+MAX_FAULTS = 100
 
 
 def _mount_points() -> set[tuple[str, str]]:
@@ -87,6 +93,8 @@ class Supervisor:
         self.leaks: list[dict[str, Any]] = []
         self.timed_out: dict[str, Any] | None = None
         self.me = LedgerWriter(None, "supervisor")
+        self.faults = 0
+        self.dropped = 0  # datagrams beyond MAX_EVENTS or MAX_FAULTS
         self.senders = Senders(current().modelled_pids)
         # The fake backend's snapshots are its model's, not the kernel's to confirm.
         self.outside_check = current().name == "real" and request.probes
@@ -153,6 +161,11 @@ class Supervisor:
         status = self.collect(reader, pid)
         reader.close()
         code, reason = self.exit_code(status)
+        if self.dropped:
+            self.emit("engine_fault", fault="flood", sender_pid=None, sender_role=None,
+                      open_hooks=[], detail=f"{self.dropped} more datagrams were not recorded "
+                      f"(a run records at most {MAX_EVENTS} events and {MAX_FAULTS} faults)",
+                      excerpt="")
 
         # Leaks: every check runs after every run, whatever happened. Processes the kit
         # itself is already killing (parent-death signals) get a short grace period.
@@ -279,7 +292,7 @@ class Supervisor:
                     break
             if reader_open:
                 reader.setblocking(False)
-                self._read_events(reader)
+                self._read_events(reader, batch=MAX_EVENTS)
         finally:
             os.close(pidfd)
         if status is None:
@@ -289,10 +302,12 @@ class Supervisor:
                 status = None
         return status
 
-    def _read_events(self, reader: socket.socket) -> bool:
-        """Read every queued event; False at EOF (no credentials: a zero-length datagram
-        has them)."""
-        while True:
+    def _read_events(self, reader: socket.socket, batch: int | None = READ_BATCH) -> bool:
+        """Read queued events (at most ``batch``; None: all); False at EOF (no credentials:
+        a zero-length datagram has them)."""
+        count = 0
+        while batch is None or count < batch:
+            count += 1
             try:
                 data, sender, fds, truncated = linux.recv_with_sender(reader, MAX_EVENT,
                                                                       socket.MSG_DONTWAIT)
@@ -301,12 +316,13 @@ class Supervisor:
             if not data and sender is None and not fds:
                 return False
             try:
-                self.admit(data, sender, truncated, confirmed=len(fds) == 1)
+                if len(self.events) >= MAX_EVENTS:
+                    self.dropped += 1
+                else:
+                    self.admit(data, sender, truncated, confirmed=_is_pipe(fds))
             finally:
-                for fd in fds:  # the sender's confirmation pipe: it may go on now
-                    with contextlib.suppress(OSError):
-                        os.write(fd, b"k")
-                    os.close(fd)
+                _release(fds)
+        return True
 
     def admit(self, data: bytes, sender: int | None, truncated: bool,
               confirmed: bool = False) -> None:
@@ -330,6 +346,10 @@ class Supervisor:
         self.record(event, data)
 
     def engine_fault(self, fault: str, sender: int | None, detail: str, data: bytes) -> None:
+        self.faults += 1
+        if self.faults > MAX_FAULTS:
+            self.dropped += 1
+            return
         role = self.senders.role_of(sender)
         hooks_of = role
         if role is None and sender:  # engine code's own child: its parent's hooks
@@ -379,6 +399,28 @@ class Supervisor:
                 except ProcessLookupError:
                     pass
             time.sleep(0.002)
+
+
+def _is_pipe(fds: list[int]) -> bool:
+    """Whether a datagram came with one descriptor, a pipe: a sender's confirmation pipe."""
+    if len(fds) != 1:
+        return False
+    try:
+        return stat.S_ISFIFO(os.fstat(fds[0]).st_mode)
+    except OSError:
+        return False
+
+
+def _release(fds: list[int]) -> None:
+    """Answer a confirmation pipe (never blocking: a sender may hand us a full pipe) and
+    close every descriptor a datagram brought."""
+    if _is_pipe(fds):
+        with contextlib.suppress(OSError):
+            os.set_blocking(fds[0], False)
+            os.write(fds[0], b"k")
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def reap_exited_children() -> None:

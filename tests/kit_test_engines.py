@@ -314,6 +314,25 @@ def send_hostile(name: str, role: str) -> None:
         os.read(ready_r, 1)  # sent
         os.close(ready_r)
         return
+    if name == "flood":  # more faults than a run records
+        for _ in range(150):
+            sock.send(b"{")
+        return
+    if name == "full_pipe":  # a "confirmation pipe" the supervisor could block on
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        try:
+            while True:
+                os.write(w, b"x" * 65536)
+        except BlockingIOError:
+            pass
+        import array
+        import socket as socket_module
+        sock.sendmsg([_event(role, "stage2_exec")], [(
+            socket_module.SOL_SOCKET, socket_module.SCM_RIGHTS, array.array("i", [w, w]))])
+        os.close(w)
+        os.close(r)
+        return
     sock.send(hostile_datagram(name, role))
 
 

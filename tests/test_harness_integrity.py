@@ -93,6 +93,29 @@ def test_a_malformed_datagram_from_create_container_is_an_engine_fault(name):
     assert "in master create_container" in message
 
 
+def test_a_flood_of_bad_datagrams_is_recorded_up_to_a_limit_and_counted():
+    from kit.supervisor import MAX_FAULTS
+    result = hostile_run(hostile_hook="create_container", datagram="flood")
+    found = faults(result)
+    assert len(found) == MAX_FAULTS + 1
+    assert found[-1]["fault"] == "flood"
+    assert found[-1]["detail"].startswith(f"{150 - MAX_FAULTS} more datagrams were not "
+                                          "recorded")
+    verify = checks.Verifier("root", ["LEDGER-003"], "t")
+    checks.check_no_engine_fault(verify, Run("root", SCENARIOS["default"], "real",
+                                             result=result), "LEDGER-003")
+    assert len(verify.violations["LEDGER-003"]) == MAX_FAULTS + 1
+    assert verify.violations["LEDGER-003"][-1].observed.startswith(
+        "a flood datagram from the run's processes, in no hook open: 50 more datagrams")
+
+
+def test_descriptors_sent_with_a_datagram_never_block_the_supervisor():
+    """Two descriptors of a full pipe: not a confirmation; closed, never written to."""
+    result = hostile_run(hostile_hook="create_container", datagram="full_pipe")
+    assert result.exit_code == 0 and result.timed_out is None
+    assert not faults(result)  # a well-formed event without snapshot, from the master
+
+
 # --- forged datagrams ------------------------------------------------------------------------
 
 def test_a_datagram_naming_another_pid_is_a_forgery_named_by_the_kernels_pid():
