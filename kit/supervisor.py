@@ -331,8 +331,9 @@ class Supervisor:
         the kernel contradicts (LEDGER-003). ``confirmed``: the sender waits while we read
         its thread's credentials."""
         if truncated:
-            return self.engine_fault("malformed", sender, f"a datagram longer than "
-                                     f"{MAX_EVENT} bytes", data)
+            return self.engine_fault("malformed", sender, f"a truncated datagram (longer "
+                                     f"than {MAX_EVENT} bytes, or with more than "
+                                     f"{linux.MAX_PASSED_FDS} descriptors)", data)
         event, problem = parse_datagram(data)
         if event is not None:
             problem = check_event(event)

@@ -63,7 +63,7 @@ MALFORMED = {
     "not_json": "not JSON",
     "deep": "not JSON (maximum recursion depth",
     "empty": "not JSON",
-    "oversized": f"a datagram longer than {L.MAX_EVENT} bytes",
+    "oversized": f"a truncated datagram (longer than {L.MAX_EVENT} bytes",
     "nan": "not JSON (NaN is not JSON)",
     "unknown_kind": "unknown event kind 'coffee'",
     "supervisor_kind": "a 'exit' event, which only the supervisor writes",
