@@ -1,4 +1,4 @@
-"""Who sent a ledger datagram: the kernel's word (SCM_CREDENTIALS), checked against the kit's processes."""
+"""Who sent a ledger datagram: the kernel's word (SCM_CREDENTIALS) against the kit's processes."""
 
 from __future__ import annotations
 
