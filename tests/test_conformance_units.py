@@ -295,7 +295,8 @@ def test_the_report_validator_finds_inconsistencies():
     doc.update(schema_version=1, results=[entry, dict(entry)], runs=[], unchecked=[],
                known_failures=[], summary={"passed": 1, "total": 1},
                environment={"kernel": "", "python": "", "uid": 0, "user_namespaces": True,
-                            "flows": {}, "backend": {}})
+                            "flows": {}, "backend": {}},
+               suite_version="0", generated="now", engine={"name": "e", "origin": "o"})
     problems = report.validate(doc)
     assert any("second entry" in p for p in problems)
     assert any("refers to run 'root/x'" in p for p in problems)
