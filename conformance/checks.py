@@ -238,13 +238,19 @@ def _caps_text(names: list[str]) -> str:
     return f"{len(names)} capabilities [{', '.join(names[:4])}, …]"
 
 
+def thread_label(t: dict[str, Any]) -> str:
+    """``thread TID ("name")``: the thread a violation is about, as the snapshot names it."""
+    name = t.get("name")
+    return f"thread {t.get('tid')}" + (f" ({name!r})" if name else "")
+
+
 def _thread_text(t: dict[str, Any], what: str = "uid") -> str:
     caps = t.get("caps", {})
     if what == "uid":
-        return f"thread {t.get('tid')}: uid real/effective/saved/fs {t.get('uid')}"
+        return f"{thread_label(t)}: uid real/effective/saved/fs {t.get('uid')}"
     if what == "nnp":
-        return f"thread {t.get('tid')}: no_new_privs {t.get('no_new_privs')}"
-    return (f"thread {t.get('tid')}: " + ", ".join(
+        return f"{thread_label(t)}: no_new_privs {t.get('no_new_privs')}"
+    return (f"{thread_label(t)}: " + ", ".join(
         f"{k} {_caps_text(caps.get(k, []))}" for k in
         ("effective", "permitted", "inheritable", "ambient", "bounding")))
 
@@ -411,10 +417,30 @@ def check_privileges(verify: Verifier, run: Run, requirement: str) -> None:
             verify.fail(requirement, expected=f"hooks of the {role} to check",
                         observed=f"no hook of the {role} was recorded", run=run, role=role)
             continue
+        if role == "rpc":
+            events = events + method_events(run)
         for event in events:
             for expect in cell:
                 if event["kind"] in expect.at:
                     _check_aspect(verify, run, facts, event, expect)
+
+
+def method_events(run: Run) -> list[dict[str, Any]]:
+    """The RPC server's state around every method, as events of kind ``rpc_method_enter``
+    and ``rpc_method_return`` whose snapshot holds every thread (from the ``rpc_call``
+    records that carry every thread and the uid map)."""
+    out = []
+    for call in events_of(run, "rpc_call", role="rpc"):
+        creds = call.get("creds") or {}
+        for moment, kind in zip(("before", "after"), X.METHOD_KINDS):
+            seen = creds.get(moment) or {}
+            if not seen.get("threads") or "uid_map" not in seen:
+                continue
+            out.append({**call, "kind": kind,
+                        "snapshot": {"threads": seen["threads"], "uid_map": seen["uid_map"],
+                                     "securebits": seen.get("securebits"),
+                                     "root": seen.get("root")}})
+    return out
 
 
 def parse_payload_status(stdout: str) -> dict[str, Any] | None:
@@ -491,12 +517,12 @@ def check_payload(verify: Verifier, run: Run, requirement: str) -> None:
                         role="stage2", hook="start_process")
             continue
         if isinstance(aspect, X.SameIdsAsStage2):
-            want = {"uid": stage2["uid"][:2], "gid": stage2["gid"][:2]}
-            got = {"uid": payload["uid"][:2], "gid": payload["gid"][:2]}
-            verify.check(requirement, got == want, expected=f"{aspect.describe()}: real/"
-                         f"effective uid {want['uid']}, gid {want['gid']}",
-                         observed=f"the payload's real/effective uid {got['uid']}, gid "
-                         f"{got['gid']}", run=run, event=event, role="payload")
+            securebits = (event.get("snapshot") or {}).get("securebits")
+            wrong = exec_changes(stage2, payload, securebits)
+            verify.check(requirement, not wrong, expected=f"{aspect.describe()}, as exec "
+                         "derives it from stage 2's whole credential",
+                         observed=lambda: "the payload's " + "; ".join(wrong), run=run,
+                         event=event, role="payload")
         elif isinstance(aspect, X.CapsWithinStage2):
             allowed = set(stage2["caps"]["permitted"])
             extra = {kind: sorted(set(payload["caps"][kind]) - allowed)
@@ -512,6 +538,50 @@ def check_payload(verify: Verifier, run: Run, requirement: str) -> None:
                          run=run, event=event, role="payload")
         else:
             raise SuiteError(f"payload aspect {aspect!r} not implemented")
+
+
+#: securebits: SECBIT_NOROOT (exec does not treat uid 0 as having every file capability).
+_SECBIT_NOROOT = 1 << 0
+
+
+def exec_credential(stage2: dict[str, Any], securebits: Any) -> dict[str, Any]:
+    """What exec of a plain binary (no setuid bit, no file capabilities) makes of stage 2's
+    credential: saved and fs ids become the effective one; without root, the permitted and
+    effective sets become the ambient set; with root (and no SECBIT_NOROOT), permitted
+    becomes inheritable | bounding, effective too when the effective uid is 0, ambient
+    empty. Groups, no_new_privs, seccomp, inheritable and bounding sets are kept."""
+    uid, gid, caps = stage2["uid"], stage2["gid"], stage2["caps"]
+    root = 0 in uid[:2] and not (isinstance(securebits, int) and securebits & _SECBIT_NOROOT)
+    if root:
+        permitted = sorted(set(caps["inheritable"]) | set(caps["bounding"]))
+        effective, ambient = (permitted if uid[1] == 0 else []), []
+    else:
+        permitted = effective = ambient = sorted(caps["ambient"])
+    return {"uid": [uid[0], uid[1], uid[1], uid[1]], "gid": [gid[0], gid[1], gid[1], gid[1]],
+            "groups": sorted(stage2.get("groups") or []),
+            "no_new_privs": stage2.get("no_new_privs"), "seccomp": stage2.get("seccomp"),
+            "caps": {"effective": effective, "permitted": permitted, "ambient": ambient,
+                     "inheritable": sorted(caps["inheritable"]),
+                     "bounding": sorted(caps["bounding"])}}
+
+
+def exec_changes(stage2: dict[str, Any], payload: dict[str, Any], securebits: Any
+                 ) -> list[str]:
+    """How the payload's credential differs from what exec derives from stage 2's at
+    start_process: ids, groups, no_new_privs and seccomp exactly; each capability set at
+    most the derived one (the kit may still narrow it, never widen it)."""
+    want = exec_credential(stage2, securebits)
+    out = [f"{name} {payload.get(name)} (exec gives {want[name]})"
+           for name in ("uid", "gid", "no_new_privs", "seccomp")
+           if payload.get(name) != want[name]]
+    if sorted(payload.get("groups") or []) != want["groups"]:
+        out.append(f"groups {payload.get('groups')} (exec gives {want['groups']})")
+    for kind, allowed in want["caps"].items():
+        extra = sorted(set(payload["caps"][kind]) - set(allowed))
+        if extra:
+            out.append(f"{kind} capabilities {_caps_text(extra)} beyond what exec gives "
+                       f"{_caps_text(allowed)}")
+    return out
 
 
 def check_payload_fds(verify: Verifier, run: Run, requirement: str) -> None:
@@ -668,15 +738,47 @@ def check_config_calls(verify: Verifier, run: Run, engine_name: str,
     verify.check(requirement, first is not second, expected="a new object on every call of "
                  "config()", observed=f"two calls returned the same {type(first).__name__} "
                  f"object (id {id(first):#x})", hook="config")
-    if first is second or not dataclasses.is_dataclass(first):
+    if first is second:
         return
-    shared = [f.name for f in dataclasses.fields(first)
-              if isinstance(getattr(first, f.name), (list, dict, set))
-              or dataclasses.is_dataclass(getattr(first, f.name))]
-    shared = [name for name in shared if getattr(first, name) is getattr(second, name)]
-    verify.check(requirement, not shared, expected="no mutable field value shared between "
-                 "two configs", observed=lambda: f"fields {', '.join(shared)} are the same "
-                 "object in both", hook="config")
+    mine = {id(obj): path for path, obj in mutable_parts(first)}
+    shared = [f"{path} (also {mine[id(obj)]} of the first)" for path, obj in
+              mutable_parts(second) if id(obj) in mine]
+    verify.check(requirement, not shared, expected="no mutable object shared between two "
+                 "configs, at any depth", observed=lambda: f"{', '.join(shared[:4])} "
+                 "is the same object in both", hook="config")
+
+
+_IMMUTABLE = (str, bytes, int, float, complex, bool, type(None))
+
+
+def mutable_parts(root: Any, path: str = "config") -> list[tuple[str, Any]]:
+    """(path, object) of every mutable object reachable from ``root``, ``root`` included:
+    lists, dicts, sets, bytearrays and (unfrozen) dataclass instances, at any depth, also
+    inside tuples, frozensets and frozen dataclasses. Each object once, cycles included."""
+    import dataclasses
+
+    out: list[tuple[str, Any]] = []
+    seen: set[int] = set()
+    todo: list[tuple[str, Any]] = [(path, root)]
+    while todo:
+        where, obj = todo.pop()
+        if isinstance(obj, _IMMUTABLE) or isinstance(obj, type) or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        instance = dataclasses.is_dataclass(obj)
+        if isinstance(obj, (list, dict, set, bytearray)) or (
+                instance and not type(obj).__dataclass_params__.frozen):
+            out.append((where, obj))
+        if isinstance(obj, dict):
+            todo += [(f"{where}[{key!r}]", value) for key, value in obj.items()]
+        elif isinstance(obj, (list, tuple)):
+            todo += [(f"{where}[{i}]", value) for i, value in enumerate(obj)]
+        elif isinstance(obj, (set, frozenset)):
+            todo += [(f"{where}{{…}}", value) for value in obj]
+        elif instance:
+            todo += [(f"{where}.{f.name}", getattr(obj, f.name, None))
+                     for f in dataclasses.fields(obj)]
+    return out
 
 
 def check_distinct_processes(verify: Verifier, run: Run, requirement: str) -> None:
@@ -1153,10 +1255,48 @@ def check_sigchld_recorded(verify: Verifier, run: Run, requirement: str) -> None
                  role="master")
 
 
+#: SPEC §4: "changes no credential" compares all of these (securebits: the process's).
+CREDENTIAL_FIELDS = ("uid", "gid", "groups", "caps.effective", "caps.permitted",
+                     "caps.inheritable", "caps.bounding", "caps.ambient", "no_new_privs",
+                     "seccomp", "securebits")
+
+
+def credential(thread: dict[str, Any], securebits: Any = None) -> dict[str, Any]:
+    """A thread's whole credential, field by field (capability sets as sorted lists)."""
+    out: dict[str, Any] = {}
+    for name in CREDENTIAL_FIELDS:
+        if name == "securebits":
+            out[name] = securebits
+        elif name.startswith("caps."):
+            out[name] = sorted((thread.get("caps") or {}).get(name[5:]) or [])
+        else:
+            out[name] = thread.get(name)
+    return out
+
+
+def credential_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """``field before -> after`` for every field of two credentials that differs."""
+    return [f"{name} {_short(before[name])} -> {_short(after[name])}"
+            for name in CREDENTIAL_FIELDS if before.get(name) != after.get(name)]
+
+
+def _short(value: Any) -> str:
+    return _caps_text(value) if isinstance(value, list) and value and isinstance(
+        value[0], str) else str(value)
+
+
+def _method_credentials(seen: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """tid -> whole credential of every thread a creds record holds (the serving thread's
+    own fields when it holds no thread list)."""
+    threads = seen.get("threads") or [{"tid": None, **seen}]
+    return {t.get("tid"): credential(t, seen.get("securebits")) for t in threads}
+
+
 def check_rpc_methods_restore_credentials(verify: Verifier, run: Run,
                                           requirement: str) -> None:
-    """The kit records the RPC server thread's credentials before and after every method:
-    what a method raised it must have lowered again by the time it returns."""
+    """The kit records the RPC server's credentials before and after every method: every
+    thread leaves the method with the whole credential it entered with (what a method raised
+    on its own thread it must have lowered again; no other thread may change at all)."""
     run = verify.used(run.usable())
     calls = [e for e in events_of(run, "rpc_call", role="rpc") if e.get("creds")]
     if not calls:
@@ -1166,14 +1306,17 @@ def check_rpc_methods_restore_credentials(verify: Verifier, run: Run,
         before, after = event["creds"]["before"], event["creds"]["after"]
         if before is None or after is None:
             continue
-        same = (before["uid"] == after["uid"] and before["gid"] == after["gid"]
-                and before["caps"]["effective"] == after["caps"]["effective"])
-        verify.check(requirement, same, expected=f"{event.get('method')} returns with the "
-                     f"credentials it started with: uid {before['uid']}, effective "
-                     f"{_caps_text(before['caps']['effective'])}",
-                     observed=lambda after=after: f"uid {after['uid']}, effective "
-                     f"{_caps_text(after['caps']['effective'])}",
-                     run=run, event=event, role="rpc")
+        was, now = _method_credentials(before), _method_credentials(after)
+        for tid in sorted(set(was) & set(now), key=str):
+            changes = credential_changes(was[tid], now[tid])
+            thread = next((t for t in after.get("threads") or [] if t.get("tid") == tid),
+                          {"tid": tid})
+            verify.check(requirement, not changes, expected=f"{event.get('method')} returns "
+                         f"with every thread's whole credential as it started "
+                         f"({', '.join(CREDENTIAL_FIELDS)})",
+                         observed=lambda thread=thread, changes=changes:
+                         f"{thread_label(thread)}: " + "; ".join(changes),
+                         run=run, event=event, role="rpc")
 
 
 def check_only_the_container_reaped(verify: Verifier, run: Run, requirement: str) -> None:

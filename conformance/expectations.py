@@ -24,6 +24,9 @@ from typing import Any
 FLOWS = ("root", "suid", "userns", "fakeroot", "hybrid")
 ROLES = ("stage1", "master", "rpc", "stage2")
 HOOK_KINDS = ("hook_enter", "hook_return", "hook_raise")
+#: The RPC server's credentials around every method, read from its ``rpc_call`` records (SPEC
+#: §4: the table holds at every RPC method entry and return, on every thread).
+METHOD_KINDS = ("rpc_method_enter", "rpc_method_return")
 
 ZERO, INVOKER, MAPS_TO_U, ROOT_AS_U, TARGET = "0", "U", "maps to U", "0 = U on the host", \
     "target uid"
@@ -124,11 +127,11 @@ class NoNewPrivs:
 
 @dataclass(frozen=True)
 class SameIdsAsStage2:
-    """(The payload) the real and effective uid and gid that stage 2 had when start_process
-    began: exec keeps them."""
+    """(The payload) the whole credential that stage 2 had when start_process began, as
+    exec derives it (uids, gids, groups, no_new_privs, seccomp, capabilities)."""
 
     def describe(self) -> str:
-        return "the real and effective uid and gid stage 2 had when start_process began"
+        return "the credential stage 2 had when start_process began"
 
 
 @dataclass(frozen=True)
@@ -148,13 +151,13 @@ class Expect:
     """One aspect of a cell of the privilege table, tagged with its requirement.
 
     ``scope``: ``process`` checks every thread of the snapshot, ``thread`` only the thread
-    that runs the hook. ``at``: the event kinds it applies to (escalation is only probed at
-    entry)."""
+    that runs the hook (SPEC §4 makes every rule hold for every thread: no row uses it). ``at``:
+    the event kinds it applies to (escalation is only probed at hook entry)."""
 
     requirement: str
     aspect: Aspect
     scope: str = "process"
-    at: tuple[str, ...] = HOOK_KINDS
+    at: tuple[str, ...] = HOOK_KINDS + METHOD_KINDS
 
 
 def _suid_stage1() -> tuple[Expect, ...]:
@@ -170,7 +173,7 @@ def _user_stage1() -> tuple[Expect, ...]:
 
 def _suid_master() -> tuple[Expect, ...]:
     return (Expect("PRIV-MASTER-001", Uids(INVOKER, INVOKER, ZERO)),
-            Expect("PRIV-MASTER-002", Caps("effective", ()), scope="thread"),
+            Expect("PRIV-MASTER-002", Caps("effective", ())),
             Expect("PRIV-MASTER-003", Escalation(True), at=("hook_enter",)))
 
 

@@ -108,7 +108,8 @@ _ENTRIES = (
     # --- §2 rule 3, §1: state ------------------------------------------------------------------
     _r("STATE-001", "MUST", "§1", "state",
        "config() returns a fresh, empty engine config in every process: the same JSON in "
-       "stage 1, the master, the RPC server and stage 2."),
+       "stage 1, the master, the RPC server and stage 2; two calls share no mutable object "
+       "at any depth."),
     _r("STATE-002", "MUST", "§2 rule 3", "state",
        "Stage 1, the master, the RPC server and stage 2 are distinct processes, and stage 1 "
        "has exited before any later process runs a hook, so stage-1 globals cannot leak."),
@@ -130,8 +131,8 @@ _ENTRIES = (
        "Master hooks run as uid 0 in the root flow; with r=e=U and saved uid 0 in the suid "
        "and hybrid flows; with a saved uid that maps to U in the userns flow."),
     _r("PRIV-MASTER-002", "MUST", "§4", "master",
-       "In the suid and hybrid flows the effective capabilities of a master hook's thread "
-       "are empty at entry and again at return."),
+       "In the suid and hybrid flows the effective capabilities of every thread of the "
+       "master are empty at every hook entry and again at return."),
     _r("PRIV-MASTER-003", "MUST", "§4", "master",
        "Privilege escalation from the master is possible in the suid and hybrid flows (saved "
        "uid 0) and impossible in the userns flow."),
@@ -149,7 +150,9 @@ _ENTRIES = (
        "In the userns and fakeroot flows the RPC server has no host privilege."),
     _r("PRIV-RPC-004", "MUST", "§4", "rpc",
        "An RPC method that raises capabilities does so on its own thread and restores them "
-       "before it returns."),
+       "before it returns: every thread leaves the method with the whole credential it "
+       "entered with (uids and gids r/e/s/fs, groups, the five capability sets, securebits, "
+       "no_new_privs, seccomp mode)."),
     _r("RPC-001", "MUST", "§2, §6", "rpc",
        "Every RPC call is served by the RPC server while create_container runs, and is "
        "recorded."),
@@ -187,8 +190,9 @@ _ENTRIES = (
        "began: what is left in the bounding, inheritable or ambient set does not widen them "
        "at exec."),
     _r("PRIV-PAYLOAD-003", "MUST", "§4", "stage2",
-       "The payload runs with the real and effective uid and gid that stage 2 had when "
-       "start_process began: start_process changes no credential before the exec."),
+       "The payload runs with the credential that stage 2 had when start_process began, as "
+       "exec derives it: start_process changes no credential before the exec (uids and gids, "
+       "groups, no_new_privs, seccomp mode, and no capability beyond what exec gives)."),
     _r("FD-001", "MUST", "§1, §5", "stage2",
        "The payload inherits no file descriptor but 0, 1, 2 and those the StarterConfig keeps "
        "(keep_file_descriptor)."),

@@ -129,6 +129,7 @@ def thread_state(status: dict[str, str], tid: int) -> dict[str, Any]:
     """One thread's credentials from its parsed ``status`` file."""
     return {
         "tid": tid,
+        "name": status.get("Name", ""),  # comm: lets a violation name the thread
         "uid": _ids(status["Uid"]),  # real, effective, saved, fs
         "gid": _ids(status["Gid"]),
         "groups": _ids(status.get("Groups", "")),

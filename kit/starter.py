@@ -885,8 +885,8 @@ class RPCServerProcess:
         rearm_parent_death(self.parent)
 
     def _creds(self) -> dict[str, Any] | None:
-        """The calling thread's credentials (uids, gids, capability sets, no_new_privs) and
-        the process's root directory."""
+        """The calling thread's credentials (uids, gids, capability sets, no_new_privs), the
+        process's root directory, and every thread's whole credential."""
         if not self.c.req.probes:
             return None
         try:
@@ -896,8 +896,11 @@ class RPCServerProcess:
         me = own_thread(snap)
         if me is None:
             return None
+        # Every thread and the user namespace's map too: the privilege rules hold for every
+        # thread around every method (SPEC §4), not only for the one serving it.
         return {**{k: me[k] for k in ("uid", "gid", "caps", "no_new_privs")},
-                "root": snap.get("root")}
+                "root": snap.get("root"), "threads": snap["threads"],
+                "uid_map": snap.get("uid_map"), "securebits": snap.get("securebits")}
 
     def main(self) -> NoReturn:
         code = EXIT_FATAL
