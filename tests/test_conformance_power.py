@@ -1,0 +1,152 @@
+"""The checks over the whole domain of their SPEC sentence (issue 14), fed violations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from conformance import checks
+from test_conformance_units import G, U, hook, make_run, snapshot
+
+
+def _with_helper(snap, **changes):
+    """``snap`` plus a second thread named ``helper`` (tid 11) with ``changes``."""
+    helper = {**snap["threads"][0], "tid": 11, "name": "helper"}
+    for key, value in changes.items():
+        if key in ("effective", "permitted", "inheritable", "bounding", "ambient"):
+            helper["caps"] = {**helper["caps"], key: list(value)}
+        else:
+            helper[key] = value
+    return {**snap, "threads": [snap["threads"][0], helper]}
+
+
+def test_a_master_helper_thread_with_effective_capabilities_breaks_priv_master_002():
+    clean = snapshot(uid=(U, U, 0, U), prm=("CAP_SYS_ADMIN",))
+    run = make_run("suid", [
+        hook("hook_enter", "master", "create_container", clean, tid=10,
+             escalation={"host_escalation": True}),
+        hook("hook_return", "master", "create_container",
+             _with_helper(clean, effective=["CAP_SYS_ADMIN"]), tid=10),
+    ])
+    verify = checks.Verifier("suid", ["PRIV-MASTER-002"], "t")
+    checks.check_privileges(verify, run, "PRIV-MASTER-002")
+    (violation,) = verify.violations["PRIV-MASTER-002"]
+    assert violation.observed.startswith("thread 11 ('helper'): effective [CAP_SYS_ADMIN]")
+
+
+def _rpc_call(before, after, method="reference.mkdir", tid=10):
+    return {"kind": "rpc_call", "role": "rpc", "method": method, "tid": tid, "ok": True,
+            "creds": {"before": before, "after": after}}
+
+
+def _creds(snap):
+    me = snap["threads"][0]
+    return {**{k: me[k] for k in ("uid", "gid", "caps", "no_new_privs")}, "root": [1, 2],
+            "threads": snap["threads"], "uid_map": snap["uid_map"],
+            "securebits": snap["securebits"]}
+
+
+def test_a_thread_with_euid_0_after_an_rpc_method_breaks_priv_rpc_001():
+    server = snapshot(uid=(U, U, 0, U), eff=("CAP_SYS_ADMIN",), prm=("CAP_SYS_ADMIN",))
+    after = _with_helper(server, uid=[U, 0, 0, 0])
+    run = make_run("suid", [
+        hook("hook_enter", "rpc", "config", server),
+        hook("hook_return", "rpc", "config", server),
+        _rpc_call(_creds(server), _creds(server)),
+        _rpc_call(_creds(server), _creds(after), method="reference.mount"),
+    ])
+    verify = checks.Verifier("suid", ["PRIV-RPC-001"], "t")
+    checks.check_privileges(verify, run, "PRIV-RPC-001")
+    assert verify.checks["PRIV-RPC-001"] == 6  # two hooks, two methods × entry and return
+    (violation,) = verify.violations["PRIV-RPC-001"]
+    assert violation.event["kind"] == "rpc_method_return"
+    assert violation.event["method"] == "reference.mount"
+    assert "thread 11 ('helper')" in violation.observed
+
+
+def test_a_creds_record_without_every_thread_is_not_taken_as_the_whole_process():
+    server = snapshot(uid=(U, U, 0, U), eff=("CAP_SYS_ADMIN",), prm=("CAP_SYS_ADMIN",))
+    partial = {k: v for k, v in _creds(server).items() if k not in ("threads", "uid_map")}
+    run = make_run("suid", [_rpc_call(partial, partial)])
+    assert checks.method_events(run) == []
+
+
+def test_an_rpc_method_that_leaves_any_field_of_the_credential_changed_breaks_priv_rpc_004():
+    server = snapshot(uid=(0, 0, 0, 0))
+    for changed, seen in ((dict(uid=[0, 0, 0, 65534]), "uid [0, 0, 0, 0] -> [0, 0, 0, 65534]"),
+                          (dict(groups=[27]), "groups [] -> [27]"),
+                          (dict(ambient=["CAP_CHOWN"]), "caps.ambient [] -> [CAP_CHOWN]"),
+                          (dict(no_new_privs=True), "no_new_privs False -> True"),
+                          (dict(seccomp=2), "seccomp 0 -> 2")):
+        after = _with_helper(server)
+        thread = {**after["threads"][0]}
+        for key, value in changed.items():
+            if key == "ambient":
+                thread["caps"] = {**thread["caps"], "ambient": value}
+            else:
+                thread[key] = value
+        after = {**after, "threads": [thread, after["threads"][1]]}
+        run = make_run("root", [_rpc_call(_creds(_with_helper(server)), _creds(after))])
+        verify = checks.Verifier("root", ["PRIV-RPC-004"], "t")
+        checks.check_rpc_methods_restore_credentials(verify, run, "PRIV-RPC-004")
+        (violation,) = verify.violations["PRIV-RPC-004"]
+        assert violation.observed == f"thread 10: {seen}", changed
+    run = make_run("root", [_rpc_call(_creds(server), _creds(server))])
+    verify = checks.Verifier("root", ["PRIV-RPC-004"], "t")
+    checks.check_rpc_methods_restore_credentials(verify, run, "PRIV-RPC-004")
+    assert verify.checks["PRIV-RPC-004"] == 1 and not verify.violations["PRIV-RPC-004"]
+
+
+def _thread(uid=(U, U, U, U), gid=(G, G, G, G), groups=(), inh=(), prm=(), eff=(), amb=(),
+            bnd=("CAP_CHOWN", "CAP_KILL"), nnp=False, seccomp=0):
+    return {"tid": 1, "uid": list(uid), "gid": list(gid), "groups": list(groups),
+            "caps": {"effective": list(eff), "permitted": list(prm), "inheritable": list(inh),
+                     "bounding": list(bnd), "ambient": list(amb)},
+            "no_new_privs": nnp, "seccomp": seccomp}
+
+
+def test_exec_derives_the_payload_credential_from_stage_2s():
+    root = _thread(uid=(0, 0, 0, 0), gid=(0, 0, 0, 0), prm=("CAP_CHOWN",), eff=("CAP_CHOWN",))
+    payload = _thread(uid=(0, 0, 0, 0), gid=(0, 0, 0, 0), prm=("CAP_CHOWN", "CAP_KILL"),
+                      eff=("CAP_CHOWN", "CAP_KILL"))
+    assert checks.exec_changes(root, payload, 0) == []  # root: permitted = bounding at exec
+    assert checks.exec_changes(root, payload, 1) != []  # SECBIT_NOROOT: nothing from root
+    user = _thread(uid=(U, U, 0, 7), prm=("CAP_KILL",))
+    assert checks.exec_changes(user, _thread(), 0) == []  # saved and fs uid become U
+
+
+def test_start_process_changing_any_part_of_the_credential_breaks_priv_payload_003():
+    stage2 = _thread()
+    for payload, seen in ((_thread(groups=(27,)), "groups [27]"),
+                          (_thread(gid=(G, 0, 0, 0)), "gid"),
+                          (_thread(nnp=True), "no_new_privs True"),
+                          (_thread(seccomp=2), "seccomp 2"),
+                          (_thread(amb=("CAP_KILL",), prm=("CAP_KILL",), eff=("CAP_KILL",)),
+                           "ambient capabilities [CAP_KILL]")):
+        changes = checks.exec_changes(stage2, payload, 0)
+        assert changes and any(c.startswith(seen) for c in changes), (seen, changes)
+
+
+@dataclass
+class _Inner:
+    items: list[int] = field(default_factory=list)
+
+
+_SHARED: list[int] = []
+
+
+@dataclass
+class _Config:
+    name: str = "x"
+    nested: dict[str, tuple[_Inner, ...]] = field(default_factory=dict)
+
+
+def test_a_mutable_object_shared_at_any_depth_is_found_with_its_path():
+    first, second = _Config(nested={"a": (_Inner(_SHARED),)}), _Config(
+        nested={"a": (_Inner(_SHARED),)})
+    mine = {id(obj) for _, obj in checks.mutable_parts(first)}
+    shared = [path for path, obj in checks.mutable_parts(second) if id(obj) in mine]
+    assert shared == ["config.nested['a'][0].items"]
+    fresh = _Config(nested={"a": (_Inner([]),)})
+    assert not [p for p, o in checks.mutable_parts(fresh) if id(o) in mine]
+    assert [p for p, _ in checks.mutable_parts(fresh)] == [
+        "config", "config.nested", "config.nested['a'][0]", "config.nested['a'][0].items"]
