@@ -44,6 +44,7 @@ from typing import Any, Callable, Sequence
 
 from conformance import requirements
 from conformance.expectations import FLOWS
+from reference_engines.mutants.base import MECHANISMS
 
 BACKENDS = ("real", "fake")
 #: The baselines: (label, engine spec). They must pass everything in every flow.
@@ -57,6 +58,11 @@ SESSION_TIMEOUT = 600.0
 #: requirements the suite does not check (``unchecked`` in the catalogue) and those only a known
 #: survivor (a mutant's ``gap``) breaks are listed on their own, from their own reasons.
 EXCEPTIONS: dict[str, str] = {}
+
+#: MUST requirements that mutants break by one mechanism only (issue 14 asks for two where
+#: two exist), with the reason. Requirements whose mutants are all starter mutants need no
+#: entry (:func:`one_mechanism` gives their reason).
+MECHANISM_EXCEPTIONS: dict[str, str] = {}
 
 
 # --- the zoo and its declarations ------------------------------------------------------------
@@ -74,6 +80,7 @@ class Target:
     hook_timeout: float | None = None
     baseline: bool = False
     cost: float = 1.0
+    mechanism: str = ""
 
     @property
     def slug(self) -> str:
@@ -98,7 +105,8 @@ def mutant_targets(only: Sequence[str] = ()) -> list[Target]:
         cost = len(mutant.flows) * (2.5 if mutant.cooperative else 1.0) \
             + (3.0 if mutant.hook_timeout else 0.0)
         out.append(Target(name, engine_spec(mutant), tuple(mutant.killed_by), tuple(mutant.flows),
-                          mutant.bug, mutant.gap, mutant.hook_timeout, cost=cost))
+                          mutant.bug, mutant.gap, mutant.hook_timeout, cost=cost,
+                          mechanism=mutant.mechanism))
     unknown = [n for n in only if not any(n in (t.label, t.slug) for t in out)]
     if unknown:
         raise ValueError(f"unknown mutant(s): {', '.join(unknown)}")
@@ -129,6 +137,9 @@ def declaration_problems() -> list[str]:
             problems.append(f"{name}: no bug description")
         if not mutant.killed_by:
             problems.append(f"{name}: declares no requirement that kills it")
+        if mutant.mechanism not in MECHANISMS:
+            problems.append(f"{name}: unknown mechanism {mutant.mechanism!r} (known: "
+                            f"{', '.join(MECHANISMS)})")
         bad_flows = [f for f in mutant.flows if f not in FLOWS]
         if not mutant.flows or bad_flows:
             problems.append(f"{name}: flows {list(mutant.flows)} (known: {', '.join(FLOWS)})")
@@ -196,6 +207,36 @@ def not_killed_by_a_mutant() -> dict[str, str]:
     return out
 
 
+def declared_mechanisms() -> dict[str, list[str]]:
+    """Requirement → the mechanisms of the mutants (not known survivors) that declare it."""
+    out: dict[str, set[str]] = {}
+    for mutant in zoo():
+        if not mutant.gap:
+            for req in mutant.killed_by:
+                out.setdefault(req, set()).add(mutant.mechanism)
+    return {req: sorted(found) for req, found in out.items()}
+
+
+def one_mechanism() -> dict[str, str]:
+    """Every MUST requirement that mutants declare by fewer than two mechanisms, with the
+    reason (:data:`MECHANISM_EXCEPTIONS`, or: only the starter can break it) — or ``""``
+    when there is none (a second mechanism is missing from the zoo)."""
+    out = {}
+    for req, found in declared_mechanisms().items():
+        entry = requirements.CATALOGUE.get(req)
+        if entry is None or entry.level != "MUST" or len(found) >= 2:
+            continue
+        if req in MECHANISM_EXCEPTIONS:
+            out[req] = MECHANISM_EXCEPTIONS[req]
+        elif found == ["starter"]:
+            out[req] = ("a rule of the starter (the kit's own order, processes, error "
+                        "handling or set-up): an engine's thread, syscall, value or path "
+                        "cannot break it")
+        else:
+            out[req] = ""
+    return out
+
+
 def uncovered() -> list[str]:
     """MUST requirements without a mutant and without a reason."""
     return [req for req, why in not_killed_by_a_mutant().items() if not why]
@@ -216,6 +257,21 @@ def stale_exceptions() -> list[str]:
             out.append(f"{req}: killer of {', '.join(covered[req])}; remove the exception")
         elif entry.unchecked:
             out.append(f"{req}: not checked by the suite; its reason is the catalogue's")
+    return out
+
+
+def stale_mechanism_exceptions() -> list[str]:
+    """Entries of :data:`MECHANISM_EXCEPTIONS` that are wrong: unknown, not MUST, or killed
+    by two mechanisms after all."""
+    declared = declared_mechanisms()
+    out = []
+    for req in MECHANISM_EXCEPTIONS:
+        entry = requirements.CATALOGUE.get(req)
+        if entry is None or entry.level != "MUST":
+            out.append(f"{req}: not a known MUST requirement")
+        elif len(declared.get(req, [])) >= 2:
+            out.append(f"{req}: declared by mechanisms {', '.join(declared[req])}; remove the "
+                       "exception")
     return out
 
 
@@ -332,6 +388,7 @@ def entries_for(target: Target, backend: str, doc: dict[str, Any]) -> list[dict[
                     "backend": backend, "declared": list(target.declared), "failed": failed,
                     "broken": broken, "killed": killed, "status": status, "bug": target.bug,
                     "gap": target.gap, "baseline": target.baseline,
+                    "mechanism": target.mechanism,
                     "seconds": round(float(doc.get("seconds", 0.0)), 2),
                     "error": doc.get("error")})
     return out
@@ -341,7 +398,8 @@ def _unavailable(target: Target, backend: str, why: str) -> list[dict[str, Any]]
     return [{"mutant": target.label, "slug": target.slug, "flow": flow, "backend": backend,
              "declared": list(target.declared), "failed": [], "broken": [], "killed": False,
              "status": "not-configured", "bug": target.bug, "gap": target.gap,
-             "baseline": target.baseline, "seconds": 0.0, "error": why}
+             "baseline": target.baseline, "mechanism": target.mechanism, "seconds": 0.0,
+             "error": why}
             for flow in target.flows]
 
 
@@ -397,6 +455,15 @@ class Matrix:
         its declared requirements kills proves nothing about this one)."""
         declared = {req for e in self._real_mutant_entries() for req in e["declared"]}
         return sorted(declared - self.shown())
+
+    def mechanisms(self) -> dict[str, list[str]]:
+        """Requirement → the mechanisms of the mutants it was shown to kill (real backend:
+        it failed for a mutant that declares it)."""
+        out: dict[str, set[str]] = {}
+        for e in self._real_mutant_entries():
+            for req in set(e["declared"]) & set(e["failed"]):
+                out.setdefault(req, set()).add(e.get("mechanism") or "direct")
+        return {req: sorted(found) for req, found in sorted(out.items())}
 
     def _by_target(self) -> dict[str, list[dict[str, Any]]]:
         out: dict[str, list[dict[str, Any]]] = {}
@@ -507,6 +574,11 @@ def table(matrix: Matrix) -> str:
     musts = must_requirements()
     lines.append(f"MUST requirements shown to kill a mutant that declares them (real backend): "
                  f"{len(matrix.shown() & set(musts))}/{len(musts)}")
+    shown = matrix.mechanisms()
+    pairs = sum(len(found) for req, found in shown.items() if req in musts)
+    several = sum(1 for req, found in shown.items() if req in musts and len(found) >= 2)
+    lines.append(f"requirements × mechanisms shown (real backend, MUST): {pairs}; "
+                 f"{several} MUST requirements killed by two mechanisms or more")
     lines.append(f"{len(matrix._by_target())} sessions in {matrix.seconds:.0f} s")
     return "\n".join(lines)
 
@@ -515,6 +587,22 @@ def coverage_text() -> str:
     lines = ["MUST requirements no mutant is declared to be killed by:"]
     for req, why in not_killed_by_a_mutant().items():
         lines.append(f"  {req}: {why or 'NO MUTANT AND NO REASON'}")
+    lines.append("MUST requirements killed by one mechanism only (the exceptions):")
+    for req, why in one_mechanism().items():
+        lines.append(f"  {req}: {why or 'NO SECOND MECHANISM AND NO REASON'}")
+    return "\n".join(lines)
+
+
+def mechanism_table(matrix: Matrix | None = None) -> str:
+    """Requirement × mechanism as Markdown: the mutants declared (and, given a matrix, the
+    mechanisms shown to kill it in the real backend)."""
+    declared = declared_mechanisms()
+    shown = matrix.mechanisms() if matrix is not None else {}
+    lines = ["| requirement | mechanisms declared | shown to kill (real) |", "|---|---|---|"]
+    for req in requirements.CATALOGUE:
+        if req in declared:
+            lines.append(f"| {req} | {', '.join(declared[req])} | "
+                         f"{', '.join(shown.get(req, [])) or '-'} |")
     return "\n".join(lines)
 
 
@@ -523,14 +611,14 @@ def listing() -> str:
     declared killers, flows, bug)."""
     from reference_engines.mutants import engine_spec
 
-    lines = ["| mutant | killed by | flows | bug |", "|---|---|---|---|"]
+    lines = ["| mutant | killed by | flows | mechanism | bug |", "|---|---|---|---|---|"]
     for mutant in zoo():
         gap = f" **Known survivor**: {mutant.gap}." if mutant.gap else ""
         name = f"mutant-{mutant.slug}"
         spec = engine_spec(mutant)
         shown = f"`{name}`" + (f" (`--engine={spec}`)" if spec != name else "")
         lines.append(f"| {shown} | {', '.join(mutant.killed_by)} | "
-                     f"{', '.join(mutant.flows)} | {mutant.bug}.{gap} |")
+                     f"{', '.join(mutant.flows)} | {mutant.mechanism} | {mutant.bug}.{gap} |")
     return "\n".join(lines)
 
 
@@ -540,11 +628,15 @@ def main(json_path: str | None, backend: str, jobs: int, only: Sequence[str] = (
     if list_only:
         print(listing())
         print()
+        print(mechanism_table())
+        print()
         print(coverage_text())
         return 0
     matrix = run_matrix(backend, jobs, only, progress=lambda line: print(line, flush=True))
     print()
     print(table(matrix))
+    print()
+    print(mechanism_table(matrix))
     print()
     print(coverage_text())
     problems = matrix.verdict()
@@ -552,6 +644,9 @@ def main(json_path: str | None, backend: str, jobs: int, only: Sequence[str] = (
         problems += [f"{req}: no mutant is declared to be killed by it and EXCEPTIONS gives "
                      "no reason" for req in uncovered()]
         problems += [f"EXCEPTIONS: {p}" for p in stale_exceptions()]
+        problems += [f"{req}: one mechanism kills it and MECHANISM_EXCEPTIONS gives no "
+                     "reason" for req, why in one_mechanism().items() if not why]
+        problems += [f"MECHANISM_EXCEPTIONS: {p}" for p in stale_mechanism_exceptions()]
     if json_path:
         with open(json_path, "w") as f:
             json.dump(matrix.entries, f, indent=1)

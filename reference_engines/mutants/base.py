@@ -8,7 +8,10 @@ one rule of ``SPEC.md``. It says so in four class attributes, read by the kill m
 - ``bug``: one line saying what it does wrong;
 - ``killed_by``: the requirement IDs (:mod:`conformance.requirements`) that must fail for it;
 - ``flows``: the flows in which its bug shows (the matrix checks it there, and only there;
-  one flow is enough for a bug that is the same in every flow).
+  one flow is enough for a bug that is the same in every flow);
+- ``mechanism``: how it breaks the rule (a key of :data:`MECHANISMS`): the kill matrix counts,
+  per requirement, how many mechanisms kill it, so that a check is proven over the whole
+  domain of its sentence, not along the one path a first mutant took.
 
 Optional: ``rpc`` (its RPC methods class, default the reference's), ``cooperative`` (wrap it
 with :func:`conformance.cooperation.cooperative` so that the suite's fault-injection and
@@ -20,7 +23,8 @@ survivor, reported as such and not counted).
 from __future__ import annotations
 
 import os
-from typing import ClassVar
+import threading
+from typing import Callable, ClassVar
 
 from kit import linux
 from kit.system import current
@@ -32,6 +36,20 @@ ROLE_BY_NAME = {"kit-stage1": "stage1", "kit-master": "master", "kit-rpc": "rpc"
                 "kit-container": "stage2"}
 #: The uid and gid a mutant switches to when it wants "an unprivileged user" (nobody).
 NOBODY = 65534
+
+#: How a mutant breaks its rule (issue 14: two mechanisms per MUST rule where two exist).
+MECHANISMS: dict[str, str] = {
+    "direct": "the plain way: in the hook's own thread, by a library call, at the top level, "
+              "on the path as spelled, in the field the rule names",
+    "helper-thread": "in a thread the engine starts, not the one that runs the hook",
+    "raw-syscall": "by a raw system call through ctypes (a credential change of the calling "
+                   "thread only, which glibc's wrappers would make on every thread)",
+    "child-process": "in a child process the engine starts",
+    "nested-value": "in a value nested below the top level",
+    "symlink": "through a symbolic link on the way of a path",
+    "other-field": "in another field of the same rule than the one a first mutant changes",
+    "starter": "in the kit (a starter mutant): a rule only the starter can break",
+}
 
 
 class Mutant(ReferenceEngine):
@@ -45,6 +63,7 @@ class Mutant(ReferenceEngine):
     cooperative: ClassVar[bool] = False
     hook_timeout: ClassVar[float | None] = None
     gap: ClassVar[str | None] = None
+    mechanism: ClassVar[str] = "direct"
 
 
 def registered_name(mutant: type[Mutant]) -> str:
@@ -87,3 +106,35 @@ def refuse_real_host(slug: str) -> None:
             f"mutant-{slug} changes the host's namespaces on purpose and refuses to outside a "
             "sandbox: run it with `python -m conformance mutants`, which runs every mutant in "
             "throwaway mount and uts namespaces")
+
+
+def on_helper_thread(action: Callable[[], None], name: str = "engine-helper") -> None:
+    """Run ``action`` on a new daemon thread named ``name`` that then stays, blocked, until
+    its process ends or execs (the thread a mutant leaves with the wrong privileges); returns
+    once ``action`` ran (its error, if any, is raised here)."""
+    done = threading.Event()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        linux.set_name(name)
+        try:
+            action()
+        except BaseException as exc:  # handed to the caller
+            failure.append(exc)
+        done.set()
+        threading.Event().wait()
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    if not done.wait(10.0):
+        raise TimeoutError(f"the helper thread {name} did not run")
+    if failure:
+        raise failure[0]
+
+
+def thread_setresuid(ruid: int, euid: int, suid: int) -> bool:
+    """setresuid of the calling thread only, by the raw system call, in the real backend
+    (the fake backend's model has no per-thread uids): True when it was made."""
+    if current().name != "real":
+        return False
+    linux.thread_setresuid(ruid, euid, suid)
+    return True

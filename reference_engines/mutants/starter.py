@@ -95,6 +95,7 @@ class StarterMutant(Mutant):
 
     #: Fault injection and join-only scenarios: most starter bugs are on the error paths.
     cooperative: ClassVar[bool] = True
+    mechanism: ClassVar[str] = "starter"
     #: The bug leaves the container without the namespaces the engine asked for, so the
     #: reference's create_container would mount on the host's /proc and /tmp (hiding them
     #: from everything, the kill matrix's own sandbox included) and set the host's hostname:
