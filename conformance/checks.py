@@ -819,12 +819,20 @@ def check_rpc_shares_namespaces(verify: Verifier, run: Run, requirement: str) ->
                     f"{'recorded' if rpc else 'missing'}", run=run)
         return
     want = _ns(stage2)
-    for event in rpc:
-        got = _ns(event)
-        differ = sorted(k for k in X.NAMESPACE_KINDS if got.get(k) != want.get(k))
+    # Every thread of the server, at its hooks and around every method (SPEC §4): a thread
+    # may unshare or setns on its own.
+    for event in rpc + method_events(run):
+        snap = _snapshot(event)  # a method record has no process-wide "ns"
+        views = ([("the process", snap["ns"])] if "ns" in snap else []) + [
+            (thread_label(t), t["ns"]) for t in snap["threads"] if t.get("ns")]
+        differ = [(who, k, got.get(k)) for who, got in views for k in X.NAMESPACE_KINDS
+                  if got.get(k) != want.get(k)
+                  and (who == "the process" or got.get(k) is not None)]  # a thread ending
         verify.check(requirement, not differ, expected=f"the namespaces of stage 2 "
-                     f"(#{stage2['seq']})", observed=lambda: "different " + ", ".join(
-                         f"{k} ({got.get(k)} vs {want.get(k)})" for k in differ),
+                     f"(#{stage2['seq']}) in every thread",
+                     observed=lambda differ=differ: "different: " + ", ".join(
+                         f"{who}: {k} {ino} (stage 2: {want.get(k)})"
+                         for who, k, ino in differ[:4]),
                      run=run, event=event)
 
 

@@ -44,7 +44,6 @@ from typing import Any, Callable, Sequence
 
 from conformance import requirements
 from conformance.expectations import FLOWS
-from reference_engines.mutants.base import MECHANISMS
 
 BACKENDS = ("real", "fake")
 #: The baselines: (label, engine spec). They must pass everything in every flow.
@@ -62,7 +61,42 @@ EXCEPTIONS: dict[str, str] = {}
 #: MUST requirements that mutants break by one mechanism only (issue 14 asks for two where
 #: two exist), with the reason. Requirements whose mutants are all starter mutants need no
 #: entry (:func:`one_mechanism` gives their reason).
-MECHANISM_EXCEPTIONS: dict[str, str] = {}
+MECHANISM_EXCEPTIONS: dict[str, str] = {
+    "PRIV-MASTER-003": "the setuid master regains privilege only through its saved uid 0, "
+                       "which is process-wide (the probe forks from the kit's thread, so a "
+                       "hook thread's raw setresuid does not reach it): dropping it is the "
+                       "one way; in the userns flow an engine cannot make escalation possible",
+    "PRIV-STAGE2-003": "no_new_privs cannot be cleared once set: not asking for it is the one "
+                       "way to break the rule",
+    "PRIV-PAYLOAD-002": "exec widens a root payload's capabilities to inheritable | bounding "
+                        "and capset keeps the inheritable set within the bounding set, so the "
+                        "bounding set is the one source; the ambient set a non-root payload "
+                        "keeps is within stage 2's permitted set by the kernel's rules",
+    "NS-006": "the container's uid map is the StarterConfig's add_uid_mappings, written by "
+              "the starter: a wrong line is the one way",
+    "NS-007": "whether the container gets a user namespace is one switch (the StarterConfig's "
+              "namespace flags)",
+    "ORDER-009": "the starter calls post_start_process; an engine makes it run twice only by "
+                 "calling it itself (the mutant)",
+    "ORDER-011": "the starter calls cleanup_container; an engine breaks its count or order "
+                 "only by ending the master (the mutant)",
+    "ORDER-013": "the starter calls these hooks; an engine breaks the count only by blocking "
+                 "the run (the mutant)",
+    "RPC-001": "a call outside create_container needs a connection that outlives it: a "
+               "thread holding a duplicate (the mutant) is the way",
+    "RPC-002": "the request's name is one string built by the engine's RPC client: the wrong "
+               "prefix (the mutant) is the way",
+    "RPC-003": "the server's exit status is the process's: a method ending it (the mutant) is "
+               "the way an engine changes it",
+    "SIG-003": "the returned wait status is one value",
+    "EXIT-001": "the run's exit code comes from the one status monitor_container returns",
+    "EXIT-002": "the run's exit code comes from the one status monitor_container returns",
+    "SIG-005": "SIGCHLD reaches the master unless its disposition is ignore: one kernel state, "
+               "however it is set",
+    "CLEAN-002": "one hook (cleanup_container) that raises on partial setup",
+    "JOIN-001": "the StarterConfig's join-only switch is the one way",
+    "JOIN-002": "the StarterConfig's namespace paths are the one way",
+}
 
 
 # --- the zoo and its declarations ------------------------------------------------------------
@@ -124,6 +158,7 @@ def declaration_problems() -> list[str]:
     mutant in which no test checks a requirement it declares (for the capabilities it has), a
     missing or duplicate name, no bug or no requirement."""
     from conformance.catalogue import tests_by_requirement
+    from reference_engines.mutants.base import MECHANISMS
 
     index = tests_by_requirement()
     problems = []

@@ -198,7 +198,8 @@ _ENTRIES = (
        "(keep_file_descriptor)."),
     # --- §4, §5 namespaces ---------------------------------------------------------------------
     _r("NS-001", "MUST", "§4", "namespaces",
-       "Stage 2 and the RPC server share all seven namespaces."),
+       "Stage 2 and the RPC server share all seven namespaces, on every thread of the RPC "
+       "server at its hooks and around every method."),
     _r("NS-002", "MUST", "§4", "namespaces",
        "Stage 2 and the RPC server share their root directory."),
     _r("NS-003", "MUST", "§4", "namespaces",

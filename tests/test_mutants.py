@@ -20,7 +20,7 @@ from reference_engines.mutants import (
 )
 
 ENTRY_KEYS = {"mutant", "slug", "flow", "backend", "declared", "failed", "broken", "killed",
-              "status", "bug", "gap", "baseline", "seconds", "error"}
+              "status", "bug", "gap", "baseline", "mechanism", "seconds", "error"}
 
 
 def _needs_root() -> None:
@@ -102,6 +102,49 @@ def test_every_must_requirement_is_killed_by_a_mutant_or_the_table_says_why_not(
     assert M.stale_exceptions() == []
 
 
+def test_every_must_requirement_has_two_mechanisms_or_the_table_says_why_not():
+    assert [req for req, why in M.one_mechanism().items() if not why] == []
+    assert M.stale_mechanism_exceptions() == []
+    declared = M.declared_mechanisms()
+    # The rules issue 14 names: every thread, the whole credential, every depth, resolved paths.
+    for req in ("PRIV-MASTER-001", "PRIV-MASTER-002", "PRIV-RPC-002", "PRIV-STAGE1-002",
+                "PRIV-STAGE2-001", "NS-001", "NS-003", "SIG-004"):
+        assert "helper-thread" in declared[req], req
+    for req in ("PRIV-MASTER-001", "PRIV-RPC-001", "PRIV-STAGE1-001"):
+        assert "raw-syscall" in declared[req], req
+    assert "other-field" in declared["PRIV-RPC-004"] and "other-field" in declared[
+        "PRIV-PAYLOAD-003"]
+    assert "nested-value" in declared["STATE-001"] and "symlink" in declared["CLEAN-001"]
+
+
+def test_an_unknown_mechanism_is_a_declaration_problem(monkeypatch):
+    from reference_engines.mutants.base import MECHANISMS
+    from reference_engines.mutants.mechanisms import SharedNestedList
+
+    monkeypatch.setattr(SharedNestedList, "mechanism", "telepathy")
+    assert [p for p in M.declaration_problems() if "telepathy" in p] == [
+        "mutant-config-shared-nested-list: unknown mechanism 'telepathy' (known: "
+        + ", ".join(MECHANISMS) + ")"]
+
+
+def _entry(mutant, mechanism, declared, failed, backend="real", baseline=False, gap=None):
+    return {"mutant": mutant, "slug": mutant, "flow": "root", "backend": backend,
+            "declared": declared, "failed": failed, "broken": [], "killed": bool(
+                set(declared) & set(failed)), "status": "killed", "bug": "", "gap": gap,
+            "baseline": baseline, "mechanism": mechanism, "seconds": 0.0, "error": None}
+
+
+def test_the_matrix_counts_a_mechanism_only_where_a_declared_requirement_failed():
+    matrix = M.Matrix(entries=[
+        _entry("a", "direct", ["R-1"], ["R-1", "R-2"]),  # R-2 failed but is not declared
+        _entry("b", "helper-thread", ["R-1", "R-3"], ["R-1"]),  # R-3 declared, not failed
+        _entry("c", "symlink", ["R-1"], ["R-1"], backend="fake"),  # fake: not counted
+        _entry("d", "raw-syscall", ["R-1"], ["R-1"], gap="a known survivor"),
+        _entry("reference", "", [], ["R-1"], baseline=True),
+    ])
+    assert matrix.mechanisms() == {"R-1": ["direct", "helper-thread"]}
+
+
 #: Sessions at a time: most of a session's time is spent waiting (hooks that hang until
 #: their timeout, payloads that wait for signals), so twice the CPUs keeps them busy.
 JOBS = min(6, 2 * (os.cpu_count() or 1))
@@ -143,6 +186,10 @@ def test_the_kill_matrix_kills_every_mutant_and_passes_the_reference(tmp_path,
     assert matrix.unproven() == []  # every declared requirement failed for one of its mutants
     shown = {req for e in real for req in set(e["declared"]) & set(e["failed"])}
     assert set(M.must_requirements()) <= shown  # every MUST has a mutant that it kills
+    mechanisms = matrix.mechanisms()  # a MUST declared by two mechanisms kills by two
+    assert [req for req, found in M.declared_mechanisms().items()
+            if req in M.must_requirements() and len(found) >= 2
+            and len(mechanisms.get(req, [])) < 2] == []
 
     if fake:
         killed, decidable, total = matrix.killed_fraction("fake")

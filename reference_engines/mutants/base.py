@@ -48,6 +48,9 @@ MECHANISMS: dict[str, str] = {
     "nested-value": "in a value nested below the top level",
     "symlink": "through a symbolic link on the way of a path",
     "other-field": "in another field of the same rule than the one a first mutant changes",
+    "other-hook": "in another hook or process than the one a first mutant acts in",
+    "partial": "on part of the domain only (one of the id maps, some of the signals) where a "
+               "first mutant breaks all of it",
     "starter": "in the kit (a starter mutant): a rule only the starter can break",
 }
 

@@ -17,6 +17,7 @@ class LeavesAProcess(Mutant):
     bug = ("post_start_process starts a helper daemon (in a session of its own) and nothing "
            "ever stops it")
     killed_by = ("CLEAN-001",)
+    mechanism = "child-process"
     flows = ("root", "userns")
 
     def post_start_process(self, ctx, pid) -> None:  # type: ignore[override]

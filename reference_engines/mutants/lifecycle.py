@@ -41,6 +41,7 @@ class PostStartHangs(Mutant):
     slug = "post-start-hangs"
     bug = ("post_start_process waits for a readiness notification that nothing ever sends")
     killed_by = ("ERR-009",)
+    mechanism = "other-hook"
     flows = ("root",)
     hook_timeout = HANG_TIMEOUT
 
@@ -52,7 +53,7 @@ class PostStartKillsTheMaster(Mutant):
     slug = "post-start-kills-master"
     bug = ("post_start_process kills its own process (a stand-in for a crash in native code): "
            "the master never runs cleanup_container")
-    killed_by = ("ERR-010", "ORDER-011")
+    killed_by = ("ERR-010", "ORDER-011", "LEDGER-002")
     flows = ("root",)
 
     def post_start_process(self, ctx, pid) -> None:  # type: ignore[override]
@@ -64,6 +65,7 @@ class PrepareConfigExits(Mutant):
     bug = ("prepare_config ends stage 1 itself (os._exit(0)) once the StarterConfig is filled: "
            "the starter never gets it")
     killed_by = ("ERR-010", "LEDGER-002")
+    mechanism = "other-hook"
     flows = ("root",)
 
     def prepare_config(self, starter_config: StarterConfig) -> None:
@@ -89,6 +91,7 @@ class ClosesTheRPCConnectionEarly(Mutant):
     bug = ("create_container closes the RPC connection once the hostname is set, before its "
            "mounts: the remaining calls fail")
     killed_by = ("ERR-011",)
+    mechanism = "other-hook"
     flows = ("root",)
 
     def create_container(self, ctx, pid, rpc_conn) -> None:  # type: ignore[override]

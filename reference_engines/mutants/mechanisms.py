@@ -9,6 +9,10 @@ matrix counts, per requirement, the mechanisms that kill it.
 from __future__ import annotations
 
 import os
+import queue
+import subprocess
+import tempfile
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,8 +21,9 @@ from kit.rpc.client import RPCClient
 from kit.starter_config import StarterConfig
 from kit.system import current
 from reference_engines.minimal import ReferenceConfig, ReferenceRPC
+from reference_engines.minimal.engine import FORWARDED_SIGNALS, MONITOR_POLL
 from reference_engines.mutants.base import (
-    NOBODY, Mutant, on_helper_thread, process_role, thread_setresuid,
+    NOBODY, Mutant, on_helper_thread, process_role, refuse_real_host, thread_setresuid,
 )
 
 
@@ -308,9 +313,186 @@ class RPCMethodFollowsSymlink(Mutant):
         super()._build_bind_root(_CacheThroughALink(rpc, self), cfg)  # type: ignore[arg-type]
 
 
+# --- part of the domain, another hook, a child process ----------------------------------------
+
+
+class UnsharingHelperRPC(ReferenceRPC):
+    """sethostname starts a helper thread that unshares a uts namespace of its own."""
+
+    def sethostname(self, name: str) -> None:
+        super().sethostname(name)
+        on_helper_thread(lambda: current().unshare(["uts"]), "uts-helper")
+
+
+class RPCHelperThreadOwnUts(Mutant):
+    slug = "rpc-helper-thread-own-uts"
+    bug = ("the RPC method sethostname starts a helper thread that unshares a uts namespace "
+           "of its own (to try names out) and keeps running in it")
+    killed_by = ("NS-001",)
+    flows = ("root",)
+    mechanism = "helper-thread"
+    rpc = UnsharingHelperRPC
+
+
+class HybridGidMapTooWide(Mutant):
+    slug = "hybrid-gid-map-too-wide"
+    bug = ("prepare_config (hybrid flow) maps the uid right but 65536 gids from the invoking "
+           "user's gid on, as if the user owned the host gids that follow theirs")
+    killed_by = ("NS-012",)
+    flows = ("hybrid",)
+    mechanism = "partial"
+
+    def prepare_config(self, starter_config: StarterConfig) -> None:
+        super().prepare_config(starter_config)
+        sc = starter_config
+        if sc.flow == "hybrid":
+            sc.gid_mappings.clear()
+            sc.add_gid_mappings([(0, sc.invoker_gid, 65536)])
+
+
+class StartProcessLeaksTheMasterFd(Mutant):
+    slug = "start-process-leaks-master-fd"
+    bug = ("start_process makes the descriptor the starter hands it (master_fd) inheritable "
+           "'for the payload's supervisor': the payload gets a descriptor nobody kept")
+    killed_by = ("FD-001",)
+    flows = ("root",)
+    mechanism = "other-field"
+
+    def start_process(self, master_fd: int) -> None:
+        if master_fd >= 0:
+            os.set_inheritable(master_fd, True)
+        super().start_process(master_fd)
+
+
+class StartProcessRaisesAmbient(Mutant):
+    slug = "start-process-raises-ambient"
+    bug = ("the setuid flow configures CAP_NET_BIND_SERVICE permitted and inheritable but not "
+           "ambient, and start_process raises it into the ambient set before the exec: the "
+           "unprivileged payload keeps it")
+    killed_by = ("PRIV-PAYLOAD-001", "PRIV-PAYLOAD-003")
+    flows = ("suid",)
+    mechanism = "other-hook"
+
+    def prepare_config(self, starter_config: StarterConfig) -> None:
+        super().prepare_config(starter_config)
+        if starter_config.flow == "suid":
+            for kind in ("effective", "permitted", "inheritable", "bounding"):
+                starter_config.set_capabilities(kind, ["CAP_NET_BIND_SERVICE"])
+
+    def start_process(self, master_fd: int) -> None:
+        try:
+            current().set_ambient(linux.caps_to_mask(["CAP_NET_BIND_SERVICE"]))
+        except OSError:
+            pass  # not configured in this flow
+        super().start_process(master_fd)
+
+
+class MonitorHelperThreadReaps(Mutant):
+    slug = "monitor-helper-thread-reaps"
+    bug = ("monitor_container leaves reaping to a helper thread that waits for any child "
+           "(waitpid(-1)) and hands over the container's status when it sees it")
+    killed_by = ("SIG-004",)
+    flows = ("root",)
+    mechanism = "helper-thread"
+
+    def monitor_container(self, pid, signals) -> int:  # type: ignore[override]
+        statuses: queue.Queue[int] = queue.Queue()
+
+        def reap() -> None:
+            while True:
+                try:
+                    found, status = os.waitpid(-1, 0)
+                except ChildProcessError:
+                    return
+                if found == pid:
+                    statuses.put(status)
+                    return
+        threading.Thread(target=reap, name="reaper", daemon=True).start()
+        while True:
+            sig = signals.get(timeout=MONITOR_POLL)
+            if sig in FORWARDED_SIGNALS:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            try:
+                return statuses.get_nowait()
+            except queue.Empty:
+                pass
+
+
+class HostnameByAChildProcess(Mutant):
+    slug = "host-hostname-child-process"
+    bug = ("create_container runs hostname(1) from the master, in the host's uts namespace, "
+           "instead of asking the RPC server (it restores the name in cleanup)")
+    killed_by = ("NS-010",)
+    flows = ("root",)
+    mechanism = "child-process"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._previous: str | None = None
+
+    def create_container(self, ctx, pid, rpc_conn) -> None:  # type: ignore[override]
+        cfg = self.common.engine_config
+        if cfg.hostname is not None:
+            refuse_real_host(self.slug)
+            self._previous = current().gethostname()
+            _host_command(["hostname", cfg.hostname],
+                          lambda: current().sethostname(cfg.hostname))
+            cfg.hostname = None  # done (in the wrong namespace)
+        super().create_container(ctx, pid, rpc_conn)
+
+    def cleanup_container(self, ctx, fatal, status) -> None:  # type: ignore[override]
+        previous, self._previous = self._previous, None
+        if previous is not None:
+            _host_command(["hostname", previous], lambda: current().sethostname(previous))
+        super().cleanup_container(ctx, fatal, status)
+
+
+class MountByAChildProcess(Mutant):
+    slug = "host-mount-child-process"
+    bug = ("create_container runs mount(8) from the master to stage files on a tmpfs: the "
+           "mount is made in the host's mount namespace (it is unmounted in cleanup)")
+    killed_by = ("NS-011",)
+    flows = ("root",)
+    mechanism = "child-process"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._staging: str | None = None
+
+    def create_container(self, ctx, pid, rpc_conn) -> None:  # type: ignore[override]
+        refuse_real_host(self.slug)
+        path = self._staging = tempfile.mkdtemp(prefix="mutant-staging-")
+        _host_command(["mount", "-t", "tmpfs", "-o", "size=64k,nosuid,nodev", "tmpfs", path],
+                      lambda: current().mount("tmpfs", path, "tmpfs", ["nosuid", "nodev"],
+                                              "size=64k"))
+        super().create_container(ctx, pid, rpc_conn)
+
+    def cleanup_container(self, ctx, fatal, status) -> None:  # type: ignore[override]
+        path, self._staging = self._staging, None
+        if path is not None:
+            _host_command(["umount", "-l", path], lambda: current().umount(path, detach=True))
+            os.rmdir(path)
+        super().cleanup_container(ctx, fatal, status)
+
+
+def _host_command(argv: list[str], modelled: Any) -> None:
+    """Run ``argv`` as a child process in the real backend (only ever inside the kill
+    matrix's sandbox: :func:`refuse_real_host` ran first); in the fake backend a child would
+    act on the real host, so the model gets the same change (``modelled``) instead."""
+    if current().name == "real":
+        subprocess.run(argv, check=True, stdin=subprocess.DEVNULL, capture_output=True)
+    else:
+        modelled()
+
+
 MUTANTS = (MasterHelperThreadCapabilities, MasterHelperThreadRoot, MasterHookThreadRawRoot,
            MasterHelperThreadInContainerNet, Stage1HelperThreadWithoutCapabilities,
            Stage1RawSetresuid, Stage2HelperThreadAsNobody, Stage2DropsAPermittedCapability,
            RPCMethodHelperThreadCapabilities, RPCMethodLeavesEffectiveRoot,
            RPCMethodLeavesGroups, StartProcessAddsAGroup, SharedNestedList,
-           RPCMethodFollowsSymlink)
+           RPCMethodFollowsSymlink, RPCHelperThreadOwnUts, HybridGidMapTooWide,
+           StartProcessLeaksTheMasterFd, StartProcessRaisesAmbient, MonitorHelperThreadReaps,
+           HostnameByAChildProcess, MountByAChildProcess)

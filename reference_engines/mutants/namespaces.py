@@ -146,6 +146,7 @@ class LeavesAMountInTheHostNamespace(MountInTheHostNamespace):
     bug = ("create_container mounts a tmpfs in the host's mount namespace and cleanup_container "
            "forgets it: the mount outlives the run")
     killed_by = ("CLEAN-001",)
+    mechanism = "other-field"
     unmount_in_cleanup = False
 
 

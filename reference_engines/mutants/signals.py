@@ -40,6 +40,7 @@ class MonitorTwoSlotBuffer(Mutant):
     bug = ("monitor_container queues the signals to forward in a two-slot buffer that it never "
            "empties (like upstream's channel): from the third signal on, nothing is forwarded")
     killed_by = ("SIG-002",)
+    mechanism = "partial"
     flows = ("root",)
 
     def monitor_container(self, pid, signals) -> int:  # type: ignore[override]

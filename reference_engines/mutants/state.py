@@ -49,6 +49,7 @@ class Stage1GlobalState(Mutant):
     bug = ("prepare_config keeps the validated command line in a module global and "
            "start_process reads it there: stage 2 is another process, the global is empty")
     killed_by = ("ERR-011",)
+    mechanism = "other-hook"
     flows = ("root",)
 
     def prepare_config(self, starter_config: StarterConfig) -> None:
