@@ -300,11 +300,10 @@ def _check_aspect(verify: Verifier, run: Run, facts: Facts, event: dict[str, Any
     req = expect.requirement
     if isinstance(aspect, X.Uids):
         bad = [t for t in _threads(event, expect.scope)
-               if not all(_id_ok(sym, t["uid"][i], snap, facts) for i, sym in
-                          enumerate((aspect.real, aspect.effective, aspect.saved)))]
+               if not all(_id_ok(sym, t["uid"][i], snap, facts) for i, (_, sym) in
+                          enumerate(aspect.slots[:len(t["uid"])]))]
         expected = ", ".join(f"{slot} uid {_symbol_text(sym, facts)}" for slot, sym in
-                             (("real", aspect.real), ("effective", aspect.effective),
-                              ("saved", aspect.saved)) if sym is not None)
+                             aspect.slots if sym is not None)
         verify.check(req, not bad, expected=expected + " in every thread",
                      observed=lambda: f"{_thread_text(bad[0])}; uid_map {snap.get('uid_map')}",
                      **where)
@@ -738,6 +737,10 @@ def check_config_calls(verify: Verifier, run: Run, engine_name: str,
     verify.check(requirement, first is not second, expected="a new object on every call of "
                  "config()", observed=f"two calls returned the same {type(first).__name__} "
                  f"object (id {id(first):#x})", hook="config")
+    again = second.to_json()
+    verify.check(requirement, again == got, expected=f"the same JSON from every call of "
+                 f"config(): {str(got)[:200]}", observed=f"the second call returned "
+                 f"{str(again)[:300]}", hook="config")
     if first is second:
         return
     mine = {id(obj): path for path, obj in mutable_parts(first)}

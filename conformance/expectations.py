@@ -53,16 +53,22 @@ for _role, _hooks in ROLE_HOOKS.items():
 
 @dataclass(frozen=True)
 class Uids:
-    """Real, effective and saved uid (one of the symbols above, or None)."""
+    """Real, effective and saved uid (one of the symbols above, or None). The fs uid is the
+    fourth uid SPEC §4 reads: the kernel keeps it equal to the effective one (setresuid,
+    exec), so a cell that constrains the effective uid constrains it the same way."""
 
     real: str | None
     effective: str | None
     saved: str | None
 
+    @property
+    def slots(self) -> tuple[tuple[str, str | None], ...]:
+        """(name, symbol) of the real, effective, saved and fs uid, in snapshot order."""
+        return (("real", self.real), ("effective", self.effective), ("saved", self.saved),
+                ("fs", self.effective))
+
     def describe(self) -> str:
-        parts = [f"{name}={value}" for name, value in
-                 (("real", self.real), ("effective", self.effective), ("saved", self.saved))
-                 if value is not None]
+        parts = [f"{name}={value}" for name, value in self.slots if value is not None]
         return "uid " + ", ".join(parts)
 
 

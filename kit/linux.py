@@ -34,6 +34,7 @@ _SYSCALLS = {
     "pivot_root": (155, 41),
     "setresuid": (117, 147),
     "setresgid": (119, 149),
+    "setfsuid": (122, 151),
     "capget": (125, 90),
     "capset": (126, 91),
     "setgroups": (116, 159),
@@ -267,6 +268,12 @@ def thread_setresuid(ruid: int, euid: int, suid: int) -> None:
     """setresuid for the calling thread only (glibc's wrapper changes every thread)."""
     _check(_libc.syscall(ctypes.c_long(_nr("setresuid")), ctypes.c_int(ruid), ctypes.c_int(euid),
                          ctypes.c_int(suid)), "setresuid (thread)")
+
+
+def thread_setfsuid(fsuid: int) -> int:
+    """setfsuid for the calling thread; returns the previous fs uid (the call reports no
+    error: compare with what it returns)."""
+    return int(_libc.syscall(ctypes.c_long(_nr("setfsuid")), ctypes.c_int(fsuid)))
 
 
 def thread_setresgid(rgid: int, egid: int, sgid: int) -> None:

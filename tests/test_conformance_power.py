@@ -150,3 +150,61 @@ def test_a_mutable_object_shared_at_any_depth_is_found_with_its_path():
     assert not [p for p, o in checks.mutable_parts(fresh) if id(o) in mine]
     assert [p for p, _ in checks.mutable_parts(fresh)] == [
         "config", "config.nested", "config.nested['a'][0]", "config.nested['a'][0].items"]
+
+
+def test_a_changed_fs_uid_breaks_a_uid_rule_on_that_thread():
+    server = snapshot(uid=(U, U, 0, U), eff=("CAP_SYS_ADMIN",), prm=("CAP_SYS_ADMIN",))
+    run = make_run("suid", [
+        hook("hook_enter", "rpc", "config", server),
+        hook("hook_return", "rpc", "config", _with_helper(server, uid=[U, U, 0, 0])),
+    ])
+    verify = checks.Verifier("suid", ["PRIV-RPC-001"], "t")
+    checks.check_privileges(verify, run, "PRIV-RPC-001")
+    (violation,) = verify.violations["PRIV-RPC-001"]
+    assert violation.expected == f"effective uid U ({U}), fs uid U ({U}) in every thread"
+    assert violation.observed.startswith("thread 11 ('helper'): uid real/effective/saved/fs "
+                                         f"[{U}, {U}, 0, 0]")
+
+
+def test_an_rpc_thread_in_a_namespace_of_its_own_breaks_ns_001():
+    from test_conformance_units import CONTAINER_NS
+
+    stage2 = snapshot(uid=(0, 0, 0, 0), ns=CONTAINER_NS)
+    server = snapshot(uid=(0, 0, 0, 0), ns=CONTAINER_NS)
+    server["threads"][0]["ns"] = dict(CONTAINER_NS)
+    own_uts = _with_helper(server, ns={**CONTAINER_NS, "uts": 4026539999})
+    run = make_run("root", [
+        hook("hook_enter", "rpc", "config", server),
+        _rpc_call(_creds(server), _creds(own_uts)),
+        hook("hook_enter", "stage2", "start_process", stage2),
+    ])
+    verify = checks.Verifier("root", ["NS-001"], "t")
+    checks.check_rpc_shares_namespaces(verify, run, "NS-001")
+    assert verify.checks["NS-001"] == 3  # the hook, the method's entry and return
+    (violation,) = verify.violations["NS-001"]
+    assert violation.event["kind"] == "rpc_method_return"
+    assert violation.observed == (f"different: thread 11 ('helper'): uts 4026539999 "
+                                  f"(stage 2: {CONTAINER_NS['uts']})")
+
+
+def test_thread_setfsuid_changes_the_calling_thread_only():
+    import os
+    import threading
+
+    from kit import linux
+
+    if os.geteuid() != 0:
+        import pytest
+
+        pytest.skip("setfsuid to another uid needs CAP_SETUID")
+    seen: list[str] = []
+
+    def change() -> None:
+        linux.thread_setfsuid(65534)
+        with open("/proc/thread-self/status") as f:
+            seen.append(next(line for line in f if line.startswith("Uid:")))
+    worker = threading.Thread(target=change)
+    worker.start()
+    worker.join()
+    assert seen[0].split()[1:] == ["0", "0", "0", "65534"]
+    assert os.getresuid() == (0, 0, 0) and linux.thread_setfsuid(-1) == 0  # -1: a query

@@ -141,3 +141,12 @@ def thread_setresuid(ruid: int, euid: int, suid: int) -> bool:
         return False
     linux.thread_setresuid(ruid, euid, suid)
     return True
+
+
+def thread_setfsuid(fsuid: int) -> bool:
+    """setfsuid of the calling thread, in the real backend (the fake backend's model has no
+    fs uid of its own): True when it was made."""
+    if current().name != "real":
+        return False
+    linux.thread_setfsuid(fsuid)
+    return True

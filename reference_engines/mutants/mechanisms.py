@@ -23,7 +23,8 @@ from kit.system import current
 from reference_engines.minimal import ReferenceConfig, ReferenceRPC
 from reference_engines.minimal.engine import FORWARDED_SIGNALS, MONITOR_POLL
 from reference_engines.mutants.base import (
-    NOBODY, Mutant, on_helper_thread, process_role, refuse_real_host, thread_setresuid,
+    NOBODY, Mutant, on_helper_thread, process_role, refuse_real_host, thread_setfsuid,
+    thread_setresuid,
 )
 
 
@@ -121,6 +122,19 @@ class Stage1RawSetresuid(Mutant):
         thread_setresuid(NOBODY, NOBODY, 0)
 
 
+class Stage1FsUidNobody(Mutant):
+    slug = "stage1-fsuid-nobody"
+    bug = ("prepare_config (root flow) reads the user's files with fs uid nobody (setfsuid) "
+           "and returns without switching back: stage 1 is no longer uid 0 in every way")
+    killed_by = ("PRIV-STAGE1-001",)
+    flows = ("root",)
+    mechanism = "other-field"
+
+    def prepare_config(self, starter_config: StarterConfig) -> None:
+        super().prepare_config(starter_config)
+        thread_setfsuid(NOBODY)
+
+
 class Stage2HelperThreadAsNobody(Mutant):
     slug = "stage2-helper-thread-nobody"
     bug = ("init_config, in stage 2 (root flow), starts a helper thread that switches itself "
@@ -192,6 +206,24 @@ class RPCMethodLeavesEffectiveRoot(Mutant):
     rpc = RawRootRPC
 
 
+class FsRootRPC(ReferenceRPC):
+    """sethostname takes fs uid 0 (allowed: 0 is the saved uid) and keeps it."""
+
+    def sethostname(self, name: str) -> None:
+        thread_setfsuid(0)
+        super().sethostname(name)
+
+
+class RPCMethodLeavesFsUidRoot(Mutant):
+    slug = "rpc-method-fsuid-root"
+    bug = ("the RPC method sethostname (setuid flow) switches its fs uid to 0 through the "
+           "saved uid to reach root's files and does not switch back")
+    killed_by = ("PRIV-RPC-001", "PRIV-RPC-004")
+    flows = ("suid",)
+    mechanism = "other-field"
+    rpc = FsRootRPC
+
+
 class GroupsRPC(ReferenceRPC):
     """sethostname adds a supplementary group to the server and leaves it there."""
 
@@ -253,6 +285,25 @@ class SharedNestedList(Mutant):
 
     def config(self) -> NestedSharedConfig:
         return NestedSharedConfig()
+
+
+class ConfigCountsItsCalls(Mutant):
+    slug = "config-counts-calls"
+    bug = ("config() names the container after how many configs this process made: the first "
+           "call in every process gives the same config, the next ones do not")
+    killed_by = ("STATE-001",)
+    flows = ("root",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._made = 0
+
+    def config(self) -> ReferenceConfig:
+        cfg = super().config()
+        if self._made:
+            cfg.hostname = f"{cfg.hostname}-{self._made}"
+        self._made += 1
+        return cfg
 
 
 # --- paths: a symlink on the way ------------------------------------------------------------------
@@ -490,9 +541,10 @@ def _host_command(argv: list[str], modelled: Any) -> None:
 
 MUTANTS = (MasterHelperThreadCapabilities, MasterHelperThreadRoot, MasterHookThreadRawRoot,
            MasterHelperThreadInContainerNet, Stage1HelperThreadWithoutCapabilities,
-           Stage1RawSetresuid, Stage2HelperThreadAsNobody, Stage2DropsAPermittedCapability,
-           RPCMethodHelperThreadCapabilities, RPCMethodLeavesEffectiveRoot,
-           RPCMethodLeavesGroups, StartProcessAddsAGroup, SharedNestedList,
+           Stage1RawSetresuid, Stage1FsUidNobody, Stage2HelperThreadAsNobody,
+           Stage2DropsAPermittedCapability, RPCMethodHelperThreadCapabilities,
+           RPCMethodLeavesEffectiveRoot, RPCMethodLeavesFsUidRoot, RPCMethodLeavesGroups,
+           StartProcessAddsAGroup, SharedNestedList, ConfigCountsItsCalls,
            RPCMethodFollowsSymlink, RPCHelperThreadOwnUts, HybridGidMapTooWide,
            StartProcessLeaksTheMasterFd, StartProcessRaisesAmbient, MonitorHelperThreadReaps,
            HostnameByAChildProcess, MountByAChildProcess)
