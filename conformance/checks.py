@@ -1296,11 +1296,15 @@ def _short(value: Any) -> str:
         value[0], str) else str(value)
 
 
-def _method_credentials(seen: dict[str, Any]) -> dict[int, dict[str, Any]]:
-    """tid -> whole credential of every thread a creds record holds (the serving thread's
-    own fields when it holds no thread list)."""
-    threads = seen.get("threads") or [{"tid": None, **seen}]
-    return {t.get("tid"): credential(t, seen.get("securebits")) for t in threads}
+def _method_credentials(seen: dict[str, Any]) -> dict[Any, dict[str, Any]]:
+    """The whole credential of the serving thread (key ``"serving"``: the record's own
+    fields) and of every thread the record lists, by tid. A method may mount a new /proc,
+    which numbers threads anew: threads are compared where both records know the tid, the
+    serving thread always."""
+    out: dict[Any, dict[str, Any]] = {"serving": credential(seen, seen.get("securebits"))}
+    for t in seen.get("threads") or []:
+        out[t.get("tid")] = credential(t, seen.get("securebits"))
+    return out
 
 
 def check_rpc_methods_restore_credentials(verify: Verifier, run: Run,
@@ -1318,10 +1322,14 @@ def check_rpc_methods_restore_credentials(verify: Verifier, run: Run,
         if before is None or after is None:
             continue
         was, now = _method_credentials(before), _method_credentials(after)
+        serving = (was["serving"], now["serving"])
         for tid in sorted(set(was) & set(now), key=str):
+            if tid != "serving" and (was[tid], now[tid]) == serving and serving[0] != serving[1]:
+                continue  # the serving thread itself, already reported
             changes = credential_changes(was[tid], now[tid])
             thread = next((t for t in after.get("threads") or [] if t.get("tid") == tid),
-                          {"tid": tid})
+                          {"tid": event.get("tid") if tid == "serving" else tid,
+                           "name": "serving the method" if tid == "serving" else None})
             verify.check(requirement, not changes, expected=f"{event.get('method')} returns "
                          f"with every thread's whole credential as it started "
                          f"({', '.join(CREDENTIAL_FIELDS)})",

@@ -898,7 +898,8 @@ class RPCServerProcess:
             return None
         # Every thread and the user namespace's map too: the privilege rules hold for every
         # thread around every method (SPEC §4), not only for the one serving it.
-        return {**{k: me[k] for k in ("uid", "gid", "caps", "no_new_privs")},
+        return {**{k: me.get(k) for k in ("uid", "gid", "groups", "caps", "no_new_privs",
+                                          "seccomp")},
                 "root": snap.get("root"), "threads": snap["threads"],
                 "uid_map": snap.get("uid_map"), "securebits": snap.get("securebits")}
 

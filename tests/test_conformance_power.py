@@ -40,7 +40,8 @@ def _rpc_call(before, after, method="reference.mkdir", tid=10):
 
 def _creds(snap):
     me = snap["threads"][0]
-    return {**{k: me[k] for k in ("uid", "gid", "caps", "no_new_privs")}, "root": [1, 2],
+    return {**{k: me[k] for k in ("uid", "gid", "groups", "caps", "no_new_privs", "seccomp")},
+            "root": [1, 2],
             "threads": snap["threads"], "uid_map": snap["uid_map"],
             "securebits": snap["securebits"]}
 
@@ -89,11 +90,26 @@ def test_an_rpc_method_that_leaves_any_field_of_the_credential_changed_breaks_pr
         verify = checks.Verifier("root", ["PRIV-RPC-004"], "t")
         checks.check_rpc_methods_restore_credentials(verify, run, "PRIV-RPC-004")
         (violation,) = verify.violations["PRIV-RPC-004"]
-        assert violation.observed == f"thread 10: {seen}", changed
+        assert violation.observed == f"thread 10 ('serving the method'): {seen}", changed
     run = make_run("root", [_rpc_call(_creds(server), _creds(server))])
     verify = checks.Verifier("root", ["PRIV-RPC-004"], "t")
     checks.check_rpc_methods_restore_credentials(verify, run, "PRIV-RPC-004")
-    assert verify.checks["PRIV-RPC-004"] == 1 and not verify.violations["PRIV-RPC-004"]
+    assert verify.checks["PRIV-RPC-004"] == 2 and not verify.violations["PRIV-RPC-004"]
+
+
+def test_a_method_that_renumbers_threads_is_still_compared_on_its_serving_thread():
+    """A method that mounts a new /proc changes the tids the records use: the serving
+    thread's own fields are compared all the same (mutant-rpc-method-keeps-caps)."""
+    server = snapshot(uid=(U, U, 0, U), eff=("CAP_SYS_ADMIN",), prm=("CAP_SYS_ADMIN",
+                                                                       "CAP_CHOWN"))
+    raised = snapshot(uid=(U, U, 0, U), eff=("CAP_CHOWN", "CAP_SYS_ADMIN"),
+                      prm=("CAP_SYS_ADMIN", "CAP_CHOWN"), tid=2)
+    run = make_run("suid", [_rpc_call(_creds(server), _creds(raised), method="x.mount")])
+    verify = checks.Verifier("suid", ["PRIV-RPC-004"], "t")
+    checks.check_rpc_methods_restore_credentials(verify, run, "PRIV-RPC-004")
+    (violation,) = verify.violations["PRIV-RPC-004"]
+    assert violation.observed == ("thread 10 ('serving the method'): caps.effective "
+                                  "[CAP_SYS_ADMIN] -> [CAP_CHOWN, CAP_SYS_ADMIN]")
 
 
 def _thread(uid=(U, U, U, U), gid=(G, G, G, G), groups=(), inh=(), prm=(), eff=(), amb=(),
