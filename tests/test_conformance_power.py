@@ -224,3 +224,71 @@ def test_thread_setfsuid_changes_the_calling_thread_only():
     worker.join()
     assert seen[0].split()[1:] == ["0", "0", "0", "65534"]
     assert os.getresuid() == (0, 0, 0) and linux.thread_setfsuid(-1) == 0  # -1: a query
+
+
+def _exec_and_compare(prepare) -> list[str]:
+    """In a forked child: ``prepare()`` the credential, then exec /bin/cat of its own status;
+    what :func:`checks.exec_changes` finds between the two (the kernel's exec vs the model)."""
+    import subprocess
+
+    from conftest import in_child
+    from kit import linux
+    from kit.probe import thread_state
+
+    def child() -> list[str]:
+        prepare()
+        before = thread_state(linux.read_status("/proc/thread-self/status"), 0)
+        text = subprocess.run(["/bin/cat", "/proc/self/status"], capture_output=True,
+                              text=True, check=True).stdout
+        status = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+        after = thread_state({k: v.strip() for k, v in status.items()}, 0)
+        securebits = linux.get_securebits()
+        derived = checks.exec_credential(before, securebits)["caps"]
+        actual = {kind: sorted(names) for kind, names in after["caps"].items()}
+        # The model is exact here (the check itself only requires "at most").
+        return checks.exec_changes(before, after, securebits) + (
+            [f"model {derived} != kernel {actual}"] if derived != actual else [])
+    result = in_child(child)
+    assert "ok" in result, result
+    return result["ok"]
+
+
+def _needs_root() -> None:
+    import os
+
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("setting up another credential needs root")
+
+
+def test_the_exec_model_matches_the_kernel_for_root_with_a_small_bounding_set():
+    _needs_root()
+    from kit import linux
+
+    def prepare() -> None:
+        keep = linux.caps_to_mask(["CAP_CHOWN", "CAP_KILL", "CAP_SETPCAP"])
+        for cap in range(linux.cap_last() + 1):
+            if not keep >> cap & 1 and linux.bounding_has(cap):
+                linux.bounding_drop(cap)
+        linux.capset(linux.caps_to_mask(["CAP_KILL"]), keep,
+                     linux.caps_to_mask(["CAP_CHOWN"]))
+    assert _exec_and_compare(prepare) == []
+
+
+def test_the_exec_model_matches_the_kernel_for_a_user_with_an_ambient_capability():
+    _needs_root()
+    import os
+
+    from kit import linux
+
+    def prepare() -> None:
+        bind = linux.caps_to_mask(["CAP_NET_BIND_SERVICE"])
+        os.setgroups([])
+        linux.set_keepcaps(True)
+        os.setresgid(65534, 65534, 65534)
+        os.setresuid(65534, 65534, 65534)
+        linux.set_keepcaps(False)
+        linux.capset(bind, bind, bind)
+        linux.ambient_raise(linux.CAPABILITIES.index("CAP_NET_BIND_SERVICE"))
+    assert _exec_and_compare(prepare) == []
