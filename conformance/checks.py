@@ -1094,9 +1094,10 @@ def check_host_view(verify: Verifier, run: Run, requirement: str, what: str) -> 
                      "after the run", observed=f"it is {after!r}", run=run, role="master")
     elif what == "mounts":
         new = notes.get("new_mounts_during") or []
-        verify.check(requirement, not new, expected=f"no new mount in the host's mount "
-                     f"namespace while the run lasts ({watched})",
-                     observed=lambda: "new: " + ", ".join(new[:5]), run=run, role="master")
+        verify.check(requirement, not new, expected=f"no new or changed mount (options, "
+                     f"propagation) in the host's mount namespace while the run lasts "
+                     f"({watched})", observed=lambda: "new or changed: " + ", ".join(new[:5]),
+                     run=run, role="master")
     else:
         raise SuiteError(f"unknown host view {what!r}")
 

@@ -228,7 +228,8 @@ _ENTRIES = (
        "after it as before (the container's is set in its own uts namespace)."),
     _r("NS-011", "MUST", "§2, §4", "namespaces",
        "While the run lasts, the host's mount namespace gets no mount it did not have before "
-       "(the container's mounts are made in its own mount namespace)."),
+       "and no mount of it changes its options or propagation (the container's mounts are "
+       "made in its own mount namespace)."),
     _r("NS-012", "MUST", "§3", "namespaces",
        "The container's user namespace maps no host id but U's uid and gid, and in the "
        "fakeroot and hybrid flows U's subordinate ids (/etc/subuid, /etc/subgid)."),

@@ -198,16 +198,27 @@ SESSION_HOSTNAME = socket.gethostname()
 
 
 def host_view() -> dict[str, Any]:
-    """What the launcher sees of the host: its hostname and the mounts of its mount
-    namespace (mount id, mount point)."""
+    """What the launcher sees of the host: its hostname, the mounts of its mount namespace
+    (mount id, mount point) and each mount's options and propagation (mount id -> the
+    mountinfo fields between the mount point and the "-")."""
     with open("/proc/self/mountinfo") as f:
-        mounts = sorted({(line.split()[0], line.split()[4]) for line in f})
-    return {"hostname": socket.gethostname(), "mounts": mounts}
+        lines = [line.split() for line in f]
+    mounts = sorted({(fields[0], fields[4]) for fields in lines})
+    state = {fields[0]: " ".join(fields[5:fields.index("-")]) for fields in lines
+             if "-" in fields}
+    return {"hostname": socket.gethostname(), "mounts": mounts, "state": state}
 
 
 def _new_mounts(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Mounts that are new, and mounts whose options or propagation changed (SPEC §11: the
+    host's mount table does not change while a run lasts)."""
     old = {tuple(m) for m in before["mounts"]}
-    return [f"{point} (mount id {mid})" for mid, point in now["mounts"] if (mid, point) not in old]
+    out = [f"{point} (mount id {mid})" for mid, point in now["mounts"] if (mid, point) not in old]
+    was, points = before.get("state") or {}, dict(map(tuple, now["mounts"]))
+    out += [f"{points.get(mid, '?')} (mount id {mid}) changed: {was[mid]} -> {state}"
+            for mid, state in (now.get("state") or {}).items()
+            if mid in was and was[mid] != state]
+    return out
 
 
 def _payload_running(starter_pid: int | None, marker: str) -> int | None:

@@ -292,3 +292,20 @@ def test_the_exec_model_matches_the_kernel_for_a_user_with_an_ambient_capability
         linux.capset(bind, bind, bind)
         linux.ambient_raise(linux.CAPABILITIES.index("CAP_NET_BIND_SERVICE"))
     assert _exec_and_compare(prepare) == []
+
+
+def test_a_host_mount_whose_propagation_or_options_change_is_reported():
+    from conformance.scenario import _new_mounts, host_view
+
+    before = {"mounts": [["20", "/"], ["21", "/proc"]],
+              "state": {"20": "rw,relatime shared:1", "21": "rw,nosuid"}}
+    same = {"mounts": [["20", "/"], ["21", "/proc"]], "state": dict(before["state"])}
+    assert _new_mounts(before, same) == []
+    private = {**same, "state": {**same["state"], "20": "rw,relatime"}}
+    assert _new_mounts(before, private) == [
+        "/ (mount id 20) changed: rw,relatime shared:1 -> rw,relatime"]
+    extra = {"mounts": same["mounts"] + [["99", "/mnt"]], "state": {**same["state"],
+                                                                    "99": "ro"}}
+    assert _new_mounts(before, extra) == ["/mnt (mount id 99)"]
+    view = host_view()  # the real mountinfo parses: every mount has its state
+    assert {mid for mid, _ in view["mounts"]} == set(view["state"])

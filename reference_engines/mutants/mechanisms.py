@@ -529,6 +529,33 @@ class MountByAChildProcess(Mutant):
         super().cleanup_container(ctx, fatal, status)
 
 
+class HostPropagationChanged(Mutant):
+    slug = "host-propagation-changed"
+    bug = ("create_container makes / private from the master, in the host's mount namespace "
+           "(meaning the container's, which it never entered), and sets it back in cleanup")
+    killed_by = ("NS-011",)
+    flows = ("root",)
+    mechanism = "other-field"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._previous: str | None = None
+
+    def create_container(self, ctx, pid, rpc_conn) -> None:  # type: ignore[override]
+        refuse_real_host(self.slug)
+        previous = current().propagation("/")
+        if previous not in (None, "private"):
+            self._previous = previous
+            current().set_propagation("/", "private")
+        super().create_container(ctx, pid, rpc_conn)
+
+    def cleanup_container(self, ctx, fatal, status) -> None:  # type: ignore[override]
+        previous, self._previous = self._previous, None
+        if previous is not None:
+            current().set_propagation("/", previous)
+        super().cleanup_container(ctx, fatal, status)
+
+
 def _host_command(argv: list[str], modelled: Any) -> None:
     """Run ``argv`` as a child process in the real backend (only ever inside the kill
     matrix's sandbox: :func:`refuse_real_host` ran first); in the fake backend a child would
@@ -547,4 +574,4 @@ MUTANTS = (MasterHelperThreadCapabilities, MasterHelperThreadRoot, MasterHookThr
            StartProcessAddsAGroup, SharedNestedList, ConfigCountsItsCalls,
            RPCMethodFollowsSymlink, RPCHelperThreadOwnUts, HybridGidMapTooWide,
            StartProcessLeaksTheMasterFd, StartProcessRaisesAmbient, MonitorHelperThreadReaps,
-           HostnameByAChildProcess, MountByAChildProcess)
+           HostnameByAChildProcess, MountByAChildProcess, HostPropagationChanged)
