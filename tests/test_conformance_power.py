@@ -309,3 +309,24 @@ def test_a_host_mount_whose_propagation_or_options_change_is_reported():
     assert _new_mounts(before, extra) == ["/mnt (mount id 99)"]
     view = host_view()  # the real mountinfo parses: every mount has its state
     assert {mid for mid, _ in view["mounts"]} == set(view["state"])
+
+
+def test_config_giving_another_json_on_its_second_call_breaks_state_001():
+    from reference_engines.mutants import register
+
+    register()  # the zoo's config-counts-calls: the second config() differs
+    from kit import registry
+
+    first = registry.find("mutant-config-counts-calls").factory().config().to_json()
+    stage1 = {"kind": "hook_return", "role": "stage1", "hook": "config",
+              "result": {"type": "ReferenceConfig", "json": first}}
+    run = make_run("root", [stage1])
+    verify = checks.Verifier("root", ["STATE-001"], "t")
+    checks.check_config_calls(verify, run, "mutant-config-counts-calls", "STATE-001")
+    (violation,) = verify.violations["STATE-001"]
+    assert "'hostname': 'kit-container-1'" in violation.observed
+    assert violation.observed.startswith("the second call returned")
+    verify = checks.Verifier("root", ["STATE-001"], "t")
+    checks.check_config_calls(verify, make_run("root", [dict(stage1)]), "reference",
+                              "STATE-001")
+    assert verify.checks["STATE-001"] == 4 and not verify.violations["STATE-001"]
