@@ -322,17 +322,13 @@ def _check_aspect(verify: Verifier, run: Run, facts: Facts, event: dict[str, Any
         elif aspect.kind == "configured":
             configured = _configured_caps(facts)
 
+            # An unset set is empty, the bounding set included (SPEC §4 "default none", §5).
             def wrong(t: dict[str, Any]) -> bool:
-                for kind, want in configured.items():
-                    if kind == "bounding" and want is None:
-                        continue  # unchanged by default
-                    if set(t["caps"][kind]) != set(want or ()):
-                        return True
-                return False
+                return any(set(t["caps"][kind]) != set(want or ())
+                           for kind, want in configured.items())
             bad = [t for t in threads if wrong(t)]
-            expected = "capabilities as configured: " + ", ".join(
-                f"{k} {_caps_text(v or [])}" for k, v in configured.items()
-                if not (k == "bounding" and v is None))
+            expected = "capabilities as configured (an unset set empty): " + ", ".join(
+                f"{k} {_caps_text(v or [])}" for k, v in configured.items())
         else:
             raise SuiteError(f"unknown Caps kind {aspect.kind!r}")
         if aspect.kind != "configured":

@@ -330,3 +330,19 @@ def test_config_giving_another_json_on_its_second_call_breaks_state_001():
     checks.check_config_calls(verify, make_run("root", [dict(stage1)]), "reference",
                               "STATE-001")
     assert verify.checks["STATE-001"] == 4 and not verify.violations["STATE-001"]
+
+
+def test_a_bounding_set_the_starter_config_leaves_unset_must_be_empty_in_stage_2():
+    caps = {"effective": ["CAP_KILL"], "permitted": ["CAP_KILL"], "inheritable": None,
+            "ambient": None, "bounding": None}
+    config = {"kind": "starter_config", "role": "starter",
+              "config": {"requests": {"capabilities": caps}}}
+    full = snapshot(uid=(0, 0, 0, 0), eff=("CAP_KILL",), prm=("CAP_KILL",))
+    empty = snapshot(uid=(0, 0, 0, 0), eff=("CAP_KILL",), prm=("CAP_KILL",), bnd=())
+    for snap, violations in ((empty, 0), (full, 1)):
+        run = make_run("root", [config, hook("hook_enter", "stage2", "start_process", snap)])
+        verify = checks.Verifier("root", ["PRIV-STAGE2-002"], "t")
+        checks.check_privileges(verify, run, "PRIV-STAGE2-002")
+        assert len(verify.violations["PRIV-STAGE2-002"]) == violations
+    assert "bounding [CAP_CHOWN, CAP_SYS_ADMIN]" in verify.violations["PRIV-STAGE2-002"][
+        0].observed

@@ -426,6 +426,27 @@ class IgnoresMountPropagation(StarterMutant):
         _wrap_system("set_propagation", make)
 
 
+class BoundingKeptWhenUnset(StarterMutant):
+    slug = "starter-bounding-kept-when-unset"
+    bug = ("stage 2 limits its bounding set only when the StarterConfig sets one: an engine "
+           "that leaves it unset gets the starter's whole bounding set instead of none")
+    killed_by = ("PRIV-STAGE2-002", "PRIV-PAYLOAD-002")
+    flows = ("root",)
+
+    def prepare_config(self, starter_config: StarterConfig) -> None:
+        super().prepare_config(starter_config)
+        starter_config.capabilities["bounding"] = None  # left unset (SPEC §5: empty)
+
+    @staticmethod
+    def mutate() -> None:
+        def make(original: Callable[..., Any]) -> Callable[..., Any]:
+            def limit_bounding(system: Any, keep: int) -> None:
+                if _process() != "kit-container":
+                    original(system, keep)
+            return limit_bounding
+        _wrap_system("limit_bounding", make)
+
+
 class _ChrootRPC(ReferenceRPC):
     """The reference's RPC methods with ``pivot_root`` done as a chroot of the RPC server
     (which moves the container process too, as long as the two share their fs struct)."""
@@ -768,7 +789,7 @@ MUTANTS: tuple[type[StarterMutant], ...] = (
     MasterHooksBeforeNamespaces, MasterHooksInOneThread, Stage2BeforeCreateReturns,
     PostStartAfterStage2Failure, CleanupAfterStage1Failure, HookInTheWrongProcess,
     WrongPidToMasterHooks, NoNewPidNamespace, SkipsTheIpcNamespace, MountNamespaceFirst,
-    IgnoresMountPropagation, RPCServerOwnFs,
+    IgnoresMountPropagation, RPCServerOwnFs, BoundingKeptWhenUnset,
     MasterStaysInTheHostUserNamespace, UserNamespaceFlowsRunAsRoot, SetuidStage1KeepsSavedRoot,
     NoStarterConfigValidation, StarterConfigRecordedLate, Stage1FailureIgnored,
     CreateFailureIgnored, PostStartFailureIgnored, MonitorFailureIgnored, CleanupFailureIsFatal,
