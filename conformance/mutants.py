@@ -68,10 +68,6 @@ MECHANISM_EXCEPTIONS: dict[str, str] = {
                        "one way; in the userns flow an engine cannot make escalation possible",
     "PRIV-STAGE2-003": "no_new_privs cannot be cleared once set: not asking for it is the one "
                        "way to break the rule",
-    "PRIV-PAYLOAD-002": "exec widens a root payload's capabilities to inheritable | bounding "
-                        "and capset keeps the inheritable set within the bounding set, so the "
-                        "bounding set is the one source; the ambient set a non-root payload "
-                        "keeps is within stage 2's permitted set by the kernel's rules",
     "NS-006": "the container's uid map is the StarterConfig's add_uid_mappings, written by "
               "the starter: a wrong line is the one way",
     "NS-007": "whether the container gets a user namespace is one switch (the StarterConfig's "
