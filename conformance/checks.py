@@ -541,17 +541,19 @@ _SECBIT_NOROOT = 1 << 0
 
 def exec_credential(stage2: dict[str, Any], securebits: Any) -> dict[str, Any]:
     """What exec of a plain binary (no setuid bit, no file capabilities) makes of stage 2's
-    credential: saved and fs ids become the effective one; without root, the permitted and
-    effective sets become the ambient set; with root (and no SECBIT_NOROOT), permitted
-    becomes inheritable | bounding, effective too when the effective uid is 0, ambient
-    empty. Groups, no_new_privs, seccomp, inheritable and bounding sets are kept."""
+    credential: saved and fs ids become the effective one; the ambient set is kept; without
+    root, permitted and effective become the ambient set; with root (a real or effective uid
+    0, and no SECBIT_NOROOT), permitted becomes bounding | inheritable | ambient, effective
+    too when the effective uid is 0 (else the ambient set). Groups, no_new_privs, seccomp,
+    inheritable and bounding sets are kept."""
     uid, gid, caps = stage2["uid"], stage2["gid"], stage2["caps"]
     root = 0 in uid[:2] and not (isinstance(securebits, int) and securebits & _SECBIT_NOROOT)
+    ambient = sorted(caps["ambient"])
     if root:
-        permitted = sorted(set(caps["inheritable"]) | set(caps["bounding"]))
-        effective, ambient = (permitted if uid[1] == 0 else []), []
+        permitted = sorted(set(caps["inheritable"]) | set(caps["bounding"]) | set(ambient))
+        effective = permitted if uid[1] == 0 else ambient
     else:
-        permitted = effective = ambient = sorted(caps["ambient"])
+        permitted = effective = ambient
     return {"uid": [uid[0], uid[1], uid[1], uid[1]], "gid": [gid[0], gid[1], gid[1], gid[1]],
             "groups": sorted(stage2.get("groups") or []),
             "no_new_privs": stage2.get("no_new_privs"), "seccomp": stage2.get("seccomp"),

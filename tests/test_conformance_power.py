@@ -346,3 +346,18 @@ def test_a_bounding_set_the_starter_config_leaves_unset_must_be_empty_in_stage_2
         assert len(verify.violations["PRIV-STAGE2-002"]) == violations
     assert "bounding [CAP_CHOWN, CAP_SYS_ADMIN]" in verify.violations["PRIV-STAGE2-002"][
         0].observed
+
+
+def test_the_exec_model_matches_the_kernel_for_root_with_an_ambient_capability():
+    _needs_root()
+    from kit import linux
+
+    def prepare() -> None:
+        bind = linux.caps_to_mask(["CAP_NET_BIND_SERVICE"])
+        keep = bind | linux.caps_to_mask(["CAP_CHOWN"])
+        for cap in range(linux.cap_last() + 1):
+            if not keep >> cap & 1 and linux.bounding_has(cap):
+                linux.bounding_drop(cap)
+        linux.capset(bind, keep, bind)
+        linux.ambient_raise(linux.CAPABILITIES.index("CAP_NET_BIND_SERVICE"))
+    assert _exec_and_compare(prepare) == []
