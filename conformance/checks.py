@@ -431,10 +431,14 @@ def method_events(run: Run) -> list[dict[str, Any]]:
             seen = creds.get(moment) or {}
             if not seen.get("threads") or "uid_map" not in seen:
                 continue
+            # Every thread of a process is in one user namespace (setns into another needs a
+            # single-threaded process): the first thread's namespaces stand for the process's.
+            ns = next((t["ns"] for t in seen["threads"] if t.get("ns")), None)
             out.append({**call, "kind": kind,
                         "snapshot": {"threads": seen["threads"], "uid_map": seen["uid_map"],
                                      "securebits": seen.get("securebits"),
-                                     "root": seen.get("root")}})
+                                     "root": seen.get("root"),
+                                     **({"ns": dict(ns)} if ns else {})}})
     return out
 
 
@@ -823,8 +827,9 @@ def check_rpc_shares_namespaces(verify: Verifier, run: Run, requirement: str) ->
     # Every thread of the server, at its hooks and around every method (SPEC §4): a thread
     # may unshare or setns on its own.
     for event in rpc + method_events(run):
-        snap = _snapshot(event)  # a method record has no process-wide "ns"
-        views = ([("the process", snap["ns"])] if "ns" in snap else []) + [
+        snap = _snapshot(event)  # a method record's "ns" is its first thread's
+        process = "ns" in snap and event["kind"] not in X.METHOD_KINDS
+        views = ([("the process", snap["ns"])] if process else []) + [
             (thread_label(t), t["ns"]) for t in snap["threads"] if t.get("ns")]
         differ = [(who, k, got.get(k)) for who, got in views for k in X.NAMESPACE_KINDS
                   if got.get(k) != want.get(k)
