@@ -564,6 +564,14 @@ def _stat(pid: int | str) -> bytes | None:
         return None
 
 
+def thread_name(tid: int) -> str:
+    """``comm`` of thread ``tid`` of the calling process ("" when it is gone)."""
+    try:
+        return read_file(f"/proc/self/task/{tid}/comm").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
 def process_name(pid: int | str = "self") -> str | None:
     """``comm`` of ``pid`` (also readable for a zombie), None when it is gone."""
     stat = _stat(pid)

@@ -97,19 +97,27 @@ class Normaliser:
             out.extend(t["ns"] for t in e["snapshot"]["threads"] if "ns" in t)
         if e["kind"] == "namespaces":
             out.append(e["ns"])
+        if e["kind"] == "rpc_call":  # every thread of the RPC server around the method
+            for seen in (e.get("creds") or {}).values():
+                if isinstance(seen, dict):
+                    out.extend(t["ns"] for t in seen.get("threads") or [] if "ns" in t)
         return out
 
     def ns(self, ns: dict[str, int]) -> dict[str, str]:
         return {kind: self.labels[(kind, ino)] for kind, ino in ns.items()}
 
+    def threads(self, threads: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The distinct thread states (every field but the tid)."""
+        states = {json.dumps({k: (self.ns(v) if k == "ns" else v) for k, v in t.items()
+                              if k != "tid"}, sort_keys=True)
+                  for t in threads}
+        return [json.loads(s) for s in sorted(states)]
+
     def snapshot(self, snap: dict[str, Any] | None) -> dict[str, Any] | None:
         if snap is None:
             return None
-        states = {json.dumps({k: (self.ns(v) if k == "ns" else v) for k, v in t.items()
-                              if k != "tid"}, sort_keys=True)
-                  for t in snap["threads"]}
         out = self.value(dict(snap))
-        out["threads"] = [json.loads(s) for s in sorted(states)]
+        out["threads"] = self.threads(snap["threads"])
         out["ns"] = self.ns(snap["ns"])
         out["nspid"] = [_pid(p) for p in snap["nspid"]]
         return out
@@ -126,6 +134,9 @@ class Normaliser:
             out["ppid"] = _pid(e["ppid"]) if STARTER_REPORTS_MODEL_PPID else "<ppid>"
         elif kind == "rpc_call":
             out.pop("duration_ms")
+            for moment, seen in (e.get("creds") or {}).items():
+                if isinstance(seen, dict) and "threads" in seen:
+                    out["creds"][moment]["threads"] = self.threads(seen["threads"])
         elif kind == "namespaces":
             out["ns"] = self.ns(e["ns"])
         elif kind == "hook_return" and isinstance(e.get("result"), dict):

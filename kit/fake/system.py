@@ -845,6 +845,7 @@ class FakeSystem(System):
                 c = p.thread_creds.get(tid, p.cred)
                 threads.append({
                     "tid": tid,
+                    "name": linux.thread_name(tid),  # the real thread's, as the probe's
                     "uid": [m.from_kuid_munged(me.userns, u) for u in c.uid],
                     "gid": [m.from_kgid_munged(me.userns, g) for g in c.gid],
                     "groups": [m.from_kgid_munged(me.userns, g) for g in c.groups],
