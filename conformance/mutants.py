@@ -23,10 +23,10 @@ The exit status is 1 when a mutant survives in the real backend, a baseline fail
 a known gap is killed, a declaration is wrong, or a MUST requirement is neither the declared
 killer of a mutant nor listed in :data:`EXCEPTIONS` with the reason.
 
-Every session runs in throwaway mount and uts namespaces when the matrix runs as root
-(``unshare --mount --uts``): "the host" of the mutants that change it on purpose (its
-hostname, its mount table) is that sandbox, which vanishes with the session, and its
-temporary directory is removed afterwards.
+As root, every lifecycle of a session runs in the kit's host sandbox (:mod:`kit.sandbox`):
+"the host" of the mutants that change it on purpose (its hostname, its mount table) is that
+sandbox, which vanishes with the run; the session's temporary directory is removed
+afterwards.
 """
 
 from __future__ import annotations
@@ -318,25 +318,6 @@ def backend_available(backend: str) -> tuple[bool, str]:
                    f"(it accepts: {', '.join(getattr(plugin, 'BACKENDS', ('real',)))})")
 
 
-def sandbox_prefix() -> list[str]:
-    """``unshare`` into throwaway mount and uts namespaces (as root; / shared within the
-    sandbox only), recording their inode numbers for the mutants
-    (:data:`reference_engines.mutants.base.SANDBOX_ENV`); else nothing (the mutants that
-    change the host then refuse to)."""
-    from reference_engines.mutants.base import SANDBOX_ENV
-
-    tool = shutil.which("unshare")
-    if os.geteuid() != 0 or tool is None:
-        return []
-    # / of the sandbox is made shared again (a peer group of its own, cut off from the real
-    # host by --propagation private), as on most hosts: a container that keeps the host's
-    # propagation then shows it (NS-008).
-    record = (f'mount --make-rshared / && {SANDBOX_ENV}="$(stat -L -c %i /proc/self/ns/mnt):'
-              f'$(stat -L -c %i /proc/self/ns/uts)" exec "$@"')
-    return [tool, "--mount", "--uts", "--propagation", "private", "--", "/bin/sh", "-c",
-            record, "sandbox"]
-
-
 def _environment(tmpdir: str) -> dict[str, str]:
     # The matrix measures the suite, not the kit: coverage of the kit's own test run must
     # not follow it into hundreds of sessions (that alone multiplies CI time).
@@ -357,7 +338,7 @@ def run_session(target: Target, backend: str, workdir: str,
     os.makedirs(tmpdir, exist_ok=True)
     for path in (workdir, tmpdir):
         os.chmod(path, 0o755)  # the run directories inside belong to U
-    command = [*sandbox_prefix(), sys.executable, "-m", "pytest", "-q", "-p",
+    command = [sys.executable, "-m", "pytest", "-q", "-p",
                "no:cacheprovider", "-p", "no:hypothesispytest", "-p", "no:xdist",
                f"--engine={target.engine}",
                f"--backend={backend}", f"--flow={','.join(target.flows)}",

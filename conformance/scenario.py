@@ -19,6 +19,7 @@ from typing import Any
 
 from conformance.capabilities import FAULT_FIELD, FAULTS, JOIN_FIELD
 from conformance.expectations import ERROR_PATHS, FORWARDED_SIGNALS
+from kit.sandbox import host_path
 
 #: Exit code of the signal-forwarding payload when every forwarded signal arrived.
 ALL_SIGNALS_ARRIVED = 42
@@ -175,6 +176,8 @@ class JoinScenario(Scenario):
             paths = {k: f"/proc/{helper.pid}/ns/{k}" for k in self.join_kinds}
             notes = {"targets": {k: os.stat(p).st_ino for k, p in paths.items()},
                      "paths": paths}
+            # In the kit's host sandbox, the host's processes are under another path.
+            paths = {k: host_path(p, _sandboxed(flow, options)) for k, p in paths.items()}
             config = {**self.config(), JOIN_FIELD: paths}
             result = launcher.run(engine, flow, list(self.argv), engine_config=config,
                                   **options)
@@ -188,6 +191,19 @@ class JoinScenario(Scenario):
                 helper.wait()
 
 
+def _sandboxed(flow: str, options: dict[str, Any]) -> bool:
+    """Whether the kit runs a lifecycle with these launcher options in its host sandbox."""
+    from kit.sandbox import default_on
+
+    if options.get("sandbox") is not None:
+        return bool(options["sandbox"])
+    backend = options.get("backend", "real")
+    if backend == "auto":
+        from kit.environment import backend_for
+        backend = backend_for(flow)[0]
+    return default_on(backend)
+
+
 #: Marker in the host-view payload's command line, so the suite can find the payload.
 HOST_VIEW_MARKER = "conformance-host-view"
 
@@ -197,16 +213,61 @@ HOST_VIEW_MARKER = "conformance-host-view"
 SESSION_HOSTNAME = socket.gethostname()
 
 
-def host_view() -> dict[str, Any]:
+def host_view(pid: int | None = None, uts: _UtsReader | None = None) -> dict[str, Any]:
     """What the launcher sees of the host: its hostname, the mounts of its mount namespace
     (mount id, mount point) and each mount's options and propagation (mount id -> the
-    mountinfo fields between the mount point and the "-")."""
-    with open("/proc/self/mountinfo") as f:
+    mountinfo fields between the mount point and the "-"); with ``pid`` (the kit's host
+    sandbox's init) and ``uts`` (a reader in its uts namespace), of the host the run sees."""
+    with open(f"/proc/{pid or 'self'}/mountinfo") as f:
         lines = [line.split() for line in f]
     mounts = sorted({(fields[0], fields[4]) for fields in lines})
     state = {fields[0]: " ".join(fields[5:fields.index("-")]) for fields in lines
              if "-" in fields}
-    return {"hostname": socket.gethostname(), "mounts": mounts, "state": state}
+    hostname = socket.gethostname() if uts is None else uts.hostname()
+    return {"hostname": hostname, "mounts": mounts, "state": state}
+
+
+class _UtsReader:
+    """A helper process in another process's uts namespace that answers each newline on
+    its stdin with that namespace's hostname (no thread of the suite's process may enter a
+    namespace)."""
+
+    _CODE = ("import os, sys\n"
+             "from kit import linux\n"
+             "linux.setns(os.open(sys.argv[1], os.O_RDONLY), linux.CLONE_NEWUTS)\n"
+             "print('ready', flush=True)\n"
+             "for _ in sys.stdin:\n"
+             "    print(os.uname().nodename, flush=True)\n")
+
+    def __init__(self, pid: int) -> None:
+        import kit
+        path = os.path.dirname(os.path.dirname(os.path.abspath(kit.__file__)))
+        self._lock = threading.Lock()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", self._CODE, f"/proc/{pid}/ns/uts"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": path})
+        if self._proc.stdout.readline().strip() != "ready":
+            self.close()
+            raise OSError(f"cannot read the hostname of process {pid}'s uts namespace")
+
+    def hostname(self) -> str:
+        with self._lock:
+            try:
+                self._proc.stdin.write("\n")
+                self._proc.stdin.flush()
+            except (BrokenPipeError, ValueError):
+                raise OSError("the uts reader is gone") from None
+            line = self._proc.stdout.readline()
+        if not line:
+            raise OSError("the uts reader is gone")
+        return line.rstrip("\n")
+
+    def close(self) -> None:
+        with self._lock:
+            self._proc.kill()
+            self._proc.wait()
+            for f in (self._proc.stdin, self._proc.stdout):
+                f.close()
 
 
 def _new_mounts(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -242,19 +303,47 @@ class _HostWatcher:
     """Looks at the host (:func:`host_view`) every few milliseconds in a thread, and keeps
     every hostname and every new mount it saw."""
 
-    def __init__(self, before: dict[str, Any]) -> None:
+    def __init__(self, before: dict[str, Any], sandboxed: bool = False) -> None:
         self.before = before
+        #: The run's host will be the kit's host sandbox: the launcher's own host (shared
+        #: with whatever else runs on the machine) is not the run's to answer for.
+        self.sandboxed = sandboxed
         self.hostnames: list[str] = []
         self.mounts: list[str] = []
         self.looks = 0
+        self.sandbox_pid: int | None = None
+        self._uts: _UtsReader | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="conformance-host-view",
                                         daemon=True)
         self._thread.start()
 
+    def follow(self, sandbox: dict[str, Any] | None) -> None:
+        """Watch the kit's host sandbox of the run from now on (the host the run sees),
+        from its state before the starter was forked."""
+        if sandbox is None:
+            return
+        try:
+            uts = _UtsReader(sandbox["sandbox_pid"])
+            # Options and propagation from now: the supervisor sent the mounts only.
+            state = host_view(sandbox["sandbox_pid"])["state"]
+        except OSError:  # the run is already over: nothing to follow
+            return
+        with self._lock:
+            self.before = {"hostname": self.before["hostname"],
+                           "mounts": [tuple(m) for m in sandbox["sandbox_mounts"]],
+                           "state": state}
+            self._uts = uts
+            self.sandbox_pid = sandbox["sandbox_pid"]
+
     def look(self) -> None:
-        now = host_view()
+        if self.sandboxed and self.sandbox_pid is None:
+            return
+        try:
+            now = host_view(self.sandbox_pid, self._uts)
+        except OSError:  # the sandbox is gone: the run is over
+            return
         with self._lock:
             self.looks += 1
             if now["hostname"] != self.before["hostname"] \
@@ -272,6 +361,8 @@ class _HostWatcher:
         self._stop.set()
         self._thread.join()
         self.look()
+        if self._uts is not None:
+            self._uts.close()
 
 
 @dataclass(frozen=True)
@@ -284,7 +375,7 @@ class HostViewScenario(Scenario):
         from kit import launcher
 
         before = {**host_view(), "hostname": SESSION_HOSTNAME}
-        watcher = _HostWatcher(before)
+        watcher = _HostWatcher(before, _sandboxed(flow, options))
         notes: dict[str, Any] = {"hostname_before": before["hostname"], "payload_pid": None}
         try:
             read_end, write_end = os.pipe()
@@ -297,6 +388,7 @@ class HostViewScenario(Scenario):
                 raise
             finally:
                 os.close(read_end)
+            watcher.follow(handle.sandbox)
             try:
                 notes.update(self._while_the_payload_runs(handle, watcher))
             finally:

@@ -6,7 +6,8 @@ Measures, interleaved (A B C … A B C …) after a warm-up, the median wall tim
 * ``ctypes_minimal`` — fork → unshare(same namespaces) → fork → exec ``/bin/true`` from this
   lean process;
 * ``full``           — one kit lifecycle of the reference engine, root flow, same namespaces,
-  payload ``/bin/true``, probes and ledger on;
+  payload ``/bin/true``, probes and ledger on, in the host sandbox (:mod:`kit.sandbox`);
+* ``no_sandbox``     — the same without the host sandbox (its cost is the difference);
 * ``no_probes``      — the same without privilege snapshots and escalation probes;
 * ``fake``           — the same in the fake backend (when the kit has it);
 * ``userns``         — the userns flow (as the unprivileged test user).
@@ -198,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         "unshare": bench_unshare,
         "ctypes_minimal": bench_ctypes_minimal,
         "full": _lifecycle("root"),
+        "no_sandbox": _lifecycle("root", sandbox=False),
         "no_probes": _lifecycle("root", probes=False),
     }
     if fake_available():
@@ -228,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     ratios = {"full_vs_unshare": ratio("full", "unshare"),
               "full_vs_minimal": ratio("full", "ctypes_minimal"),
               "no_probes_vs_unshare": ratio("no_probes", "unshare"),
-              "fake_vs_full": ratio("fake", "full")}
+              "fake_vs_full": ratio("fake", "full"),
+              "sandbox_vs_no_sandbox": ratio("full", "no_sandbox")}
     report = {"samples": args.samples, "medians": medians, "ratios": ratios,
               "breakdown": breakdown(last_full) if last_full else {},
               "probe_ms": probe_cost(), "ledger_event_us": round(ledger_cost(), 2)}
@@ -246,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     print("hook durations (ms, probes included):")
     for name, value in report["breakdown"].get("hooks_ms", {}).items():
         print(f"  {name:34} {value}")
+    cost = medians["full"] - medians["no_sandbox"]
+    report["sandbox_cost_ms"] = round(cost, 3)
+    print(f"host sandbox: {cost:+.2f} ms per lifecycle "
+          f"({100 * cost / medians['no_sandbox']:+.1f} % of one without it)")
     print(f"one snapshot: {report['probe_ms']['snapshot']:.2f} ms, one escalation probe: "
           f"{report['probe_ms']['escalation']:.2f} ms, one ledger event: "
           f"{report['ledger_event_us']:.1f} µs")

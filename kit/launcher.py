@@ -228,10 +228,14 @@ class RunHandle:
                                else _PidFD.open(self.supervisor_pid))
         self._result = os.fdopen(res_r, "rb")
         line = self._result.readline()
-        words = line.split()
+        words = line.split(maxsplit=3)
         started = line.startswith(b"started") and len(words) >= 3
         self.starter_pid: int | None = int(words[1]) if started else None
         self.run_dir: str | None = os.fsdecode(words[2]) if started else None
+        #: A run in the host sandbox (:mod:`kit.sandbox`): ``{"sandbox_pid": its init's pid,
+        #: "sandbox_mounts": [[mount id, mount point]…] before the starter was forked}``.
+        self.sandbox: dict[str, Any] | None = (json.loads(words[3])
+                                               if started and len(words) > 3 else None)
         self._first = b"" if started else line
         self._done = False
 
@@ -399,7 +403,8 @@ def make_request(engine: str, flow: str, argv: list[str], *,
                  engine_config: dict[str, Any] | None = None, user: str | int | None = None,
                  backend: str = "real", hook_timeout: float = DEFAULT_HOOK_TIMEOUT,
                  run_timeout: float = DEFAULT_RUN_TIMEOUT, probes: bool = True,
-                 container_id: str | None = None) -> RunRequest:
+                 container_id: str | None = None, sandbox: bool | None = None,
+                 shared_dirs: list[str] | None = None) -> RunRequest:
     try:
         invoker = Invoker.resolve(user)
     except ValueError:
@@ -411,7 +416,7 @@ def make_request(engine: str, flow: str, argv: list[str], *,
         invoker=invoker.__dict__, backend=backend,
         container_id=container_id or f"kit-{uuid.uuid4().hex[:12]}",
         hook_timeout=hook_timeout, run_timeout=run_timeout, probes=probes,
-        sys_path=_import_path())
+        sys_path=_import_path(), sandbox=sandbox, shared_dirs=list(shared_dirs or []))
 
 
 def start(engine: str, flow: str, argv: list[str], *, capture: bool = True,
@@ -428,7 +433,9 @@ def run(engine: str, flow: str, argv: list[str], *, capture: bool = True,
     """Run one lifecycle of ``engine`` in ``flow`` with payload ``argv`` and wait for it.
 
     Options: ``engine_config`` (dict merged into the engine config), ``user`` (the invoking
-    user U), ``backend``, ``hook_timeout``, ``run_timeout``, ``probes``, ``container_id``.
+    user U), ``backend``, ``hook_timeout``, ``run_timeout``, ``probes``, ``container_id``,
+    ``sandbox`` (the host sandbox, :mod:`kit.sandbox`; default: on as root in the real
+    backend), ``shared_dirs`` (host directories a sandboxed run may write).
     ``capture`` collects the payload's stdout/stderr into the result (else inherited).
     ``pass_fds`` are open in the starter under the same numbers (for
     ``StarterConfig.keep_file_descriptor``).

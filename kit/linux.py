@@ -161,6 +161,14 @@ def ns_inodes(directory: str = "/proc/self/ns") -> dict[str, int | None]:
     return out
 
 
+#: The inode number of the initial user namespace (PROC_USER_INIT_INO), the same everywhere.
+INITIAL_USER_NS_INODE = 0xEFFFFFFD
+
+
+def in_initial_user_namespace() -> bool:
+    return ns_inode("user") == INITIAL_USER_NS_INODE
+
+
 def ns_path(kind: str, pid: int | str = "self") -> str:
     return f"/proc/{pid}/ns/{NAMESPACES[kind][1]}"
 
@@ -260,6 +268,26 @@ def path_identity(path: str = "/") -> str | None:
 def unescape_mountinfo(field: str) -> str:
     """A mountinfo path field with its octal escapes (``\\040`` for a space…) decoded."""
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+#: Per-mount flags as mountinfo's fifth column names them (for a bind remount).
+MOUNTINFO_FLAGS = {"ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV,
+                   "noexec": MS_NOEXEC, "noatime": 0x400, "nodiratime": 0x800,
+                   "relatime": 0x200000, "strictatime": 0x1000000}
+
+
+def mount_table(pid: int | str = "self") -> list[tuple[int, str, int]]:
+    """(mount id, mount point, MS_* per-mount flags) of every mount of ``pid``'s mount
+    namespace, in mountinfo order (a parent before its children)."""
+    table = []
+    for line in read_file(f"/proc/{pid}/mountinfo").decode(errors="surrogateescape") \
+            .splitlines():
+        fields = line.split()
+        flags = 0
+        for name in fields[5].split(","):
+            flags |= MOUNTINFO_FLAGS.get(name, 0)
+        table.append((int(fields[0]), unescape_mountinfo(fields[4]), flags))
+    return table
 
 
 # --- credentials and capabilities ---------------------------------------------------------
@@ -555,10 +583,10 @@ def set_name(name: str) -> None:
     prctl(PR_SET_NAME, ctypes.addressof(buf))
 
 
-def _stat(pid: int | str) -> bytes | None:
+def _stat(pid: int | str, proc: str = "/proc") -> bytes | None:
     """``/proc/PID/stat`` ("pid (comm) state ppid …"), None when the process is gone."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
+        with open(f"{proc}/{pid}/stat", "rb") as f:
             return f.read()
     except OSError:
         return None
@@ -580,9 +608,10 @@ def process_name(pid: int | str = "self") -> str | None:
     return stat[stat.index(b"(") + 1:stat.rindex(b")")].decode(errors="replace")
 
 
-def process_state(pid: int) -> str | None:
-    """State letter of ``pid`` (R, S, D, Z…), None when it is gone."""
-    stat = _stat(pid)
+def process_state(pid: int, proc: str = "/proc") -> str | None:
+    """State letter of ``pid`` (R, S, D, Z…), None when it is gone; ``proc``: the proc
+    file system that numbers it (another pid namespace's, say)."""
+    stat = _stat(pid, proc)
     return None if stat is None else stat[stat.rindex(b")") + 2:].split()[0].decode()
 
 

@@ -85,6 +85,13 @@ class RunRequest:
     #: (device, inode) of the host user namespace (SPEC §4): the launcher's, recorded where
     #: the run is requested and carried to every process of the run.
     host_userns: list[int] | None = None
+    #: Run inside the kit's host sandbox (:mod:`kit.sandbox`). None: yes when launched as
+    #: root in the real backend, unless ``KIT_SANDBOX=0`` (the fake backend and non-root
+    #: launches are not sandboxed).
+    sandbox: bool | None = None
+    #: Host directories the run may write when sandboxed (bound in read-write); the run's
+    #: temporary directory and the coverage directory always are.
+    shared_dirs: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.host_userns is None:
@@ -99,6 +106,11 @@ class RunRequest:
             raise ValueError(f"unknown backend {self.backend!r} (known: real, fake, auto)")
         if self.hook_timeout <= 0 or self.run_timeout <= 0:
             raise ValueError("timeouts must be positive")
+        if self.sandbox is None:  # resolved where the run is requested, like the backend
+            from kit.sandbox import default_on
+            self.sandbox = default_on(self.backend)
+        elif self.sandbox and self.backend != "real":
+            raise ValueError("only the real backend runs in the host sandbox")
 
     def user(self) -> Invoker:
         if self.invoker is None:

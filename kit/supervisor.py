@@ -11,7 +11,9 @@ temporary directory.
 Usage (by :mod:`kit.launcher`): ``python -m kit.supervisor REQUEST_FD RESULT_FD``. The
 request is a :class:`kit.request.RunRequest` as JSON; the result, written when the run is
 over, is ``{"exit_code", "reason", "ledger", "leaks", "timed_out"}``. The first line on
-RESULT_FD is ``started <starter pid> <run dir>`` as soon as the starter exists.
+RESULT_FD is ``started <starter pid> <run dir>`` as soon as the starter exists, followed, for
+a run in the host sandbox, by ``{"sandbox_pid", "sandbox_mounts"}`` (JSON: its init's host pid,
+its mount table before the starter was forked).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import time
 from typing import Any
 
 from kit import linux, probe, registry, rundir
+from kit import sandbox as host_sandbox
 from kit.ledger import (EXCERPT, MAX_EVENT, SCHEMA_VERSION, LedgerWriter, check_event,
                         ledger_socketpair, parse_datagram)
 from kit.request import RunRequest
@@ -45,19 +48,19 @@ MAX_EVENTS = 100_000
 MAX_FAULTS = 100
 
 
-def _mount_points() -> set[tuple[str, str]]:
-    """(mount id, mount point) of the host mount namespace."""
+def _mount_points(pid: int | str = "self") -> set[tuple[str, str]]:
+    """(mount id, mount point) of the host mount namespace (``pid``'s: the sandbox's)."""
     points = set()
-    with open("/proc/self/mountinfo") as f:
+    with open(f"/proc/{pid}/mountinfo") as f:
         for line in f:
             fields = line.split()
             points.add((fields[0], fields[4]))
     return points
 
 
-def _netns() -> set[str]:
+def _netns(root: str = "") -> set[str]:
     try:
-        return set(os.listdir(NETNS_DIR))
+        return set(os.listdir(root + NETNS_DIR))
     except OSError:
         return set()
 
@@ -98,6 +101,7 @@ class Supervisor:
         self.senders = Senders(current().modelled_pids)
         # The fake backend's snapshots are its model's, not the kernel's to confirm.
         self.outside_check = current().name == "real" and request.probes
+        self.sandbox: host_sandbox.HostSandbox | None = None
 
     # -- ledger ------------------------------------------------------------------------------
     def record(self, event: dict[str, Any], datagram: bytes | None = None) -> None:
@@ -127,8 +131,6 @@ class Supervisor:
     def run(self, result_fd: int) -> dict[str, Any]:
         req = self.req
         linux.set_child_subreaper()
-        mounts_before = _mount_points()
-        netns_before = _netns()
         run_dir, lock_fd = rundir.create()
         self.run_dir = run_dir
         # The launcher's death (then the zygote's) reaches us as SIGTERM: the run goes, and
@@ -138,8 +140,28 @@ class Supervisor:
         if os.getuid() == 0:
             os.chown(run_dir, user.uid, user.gid)
         os.chmod(run_dir, 0o755)
+        if req.sandbox:
+            try:
+                self.sandbox = host_sandbox.start([run_dir, *_coverage_dirs(),
+                                                   *req.shared_dirs])
+            except BaseException:
+                rundir.remove(run_dir, lock_fd)
+                raise
+        try:
+            return self._run(result_fd, run_dir, lock_fd)
+        finally:
+            if self.sandbox is not None:
+                host_sandbox.end(self.sandbox)
+
+    def _run(self, result_fd: int, run_dir: str, lock_fd: int) -> dict[str, Any]:
+        req, user, box = self.req, self.req.user(), self.sandbox
+        host = "self" if box is None else box.init_pid
+        host_root = "" if box is None else f"/proc/{box.init_pid}/root"
+        mounts_before = _mount_points(host)
+        netns_before = _netns(host_root)
         os.environ["TMPDIR"] = run_dir
         tempfile.tempdir = run_dir
+        host_before = self.host_snapshot()
 
         if req.probes:
             _configure_probes(req, run_dir)
@@ -154,10 +176,14 @@ class Supervisor:
             reader.close()
             os.close(lock_fd)  # held by the supervisor alone: its death frees the directory
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            if box is not None:
+                _enter_sandbox(box, writer)
             Starter(req, writer).main()
         writer.close()
         self.senders.add_starter(pid)
-        os.write(result_fd, f"started {pid} {run_dir}\n".encode())
+        seen = "" if box is None else " " + json.dumps(
+            {"sandbox_pid": box.init_pid, "sandbox_mounts": sorted(mounts_before)})
+        os.write(result_fd, f"started {pid} {run_dir}{seen}\n".encode())
         status = self.collect(reader, pid)
         reader.close()
         code, reason = self.exit_code(status)
@@ -170,15 +196,17 @@ class Supervisor:
         # Leaks: every check runs after every run, whatever happened. Processes the kit
         # itself is already killing (parent-death signals) get a short grace period.
         leftovers = self._living_descendants(grace=0.25)
-        for p in leftovers:
-            self.leak("process", f"pid {p}: {_cmdline(p)}")
+        for p, argv in leftovers.items():
+            where = "" if box is None else " in the sandbox"
+            self.leak("process", f"pid {p}{where}: {argv}")
         if leftovers:
             self.kill_tree()
-        for mount_id, point in sorted(_mount_points() - mounts_before):
+        for mount_id, point in sorted(_mount_points(host) - mounts_before):
             self.leak("mount", f"{point} (mount id {mount_id}) in the host mount namespace")
-        for name in sorted(_netns() - netns_before):
+        for name in sorted(_netns(host_root) - netns_before):
             self.leak("netns", f"{NETNS_DIR}/{name}")
         probe.remove_setuid_binary(run_dir)
+        self.host_diff(host_before)
         try:
             left = sorted(os.listdir(run_dir))
         except OSError:
@@ -224,6 +252,36 @@ class Supervisor:
         parts.append(b"]}}")
         return b"".join(parts)
 
+    # -- the host sandbox's two call points for the host diff (kit.hostdiff) -----------------
+    def host_snapshot(self) -> Any:
+        """The sandbox's state, before the starter is forked (None: no sandbox or no diff)."""
+        hostdiff = _hostdiff()
+        if self.sandbox is None or hostdiff is None:
+            return None
+        return hostdiff.snapshot(self.sandbox)
+
+    def host_diff(self, before: Any) -> None:
+        """After the run, before the sandbox is torn down: every change to the sandbox's
+        "host" becomes a ``host_change`` event."""
+        hostdiff = _hostdiff()
+        if before is None or self.sandbox is None or hostdiff is None:
+            return
+        for change in hostdiff.diff(before, hostdiff.snapshot(self.sandbox)):
+            to_json = getattr(change, "to_json", None)
+            self.emit("host_change", change=to_json() if to_json else
+                      dict(getattr(change, "__dict__", {"detail": str(change)})))
+
+    def _run_alive(self) -> bool:
+        """Whether a process of the run other than the sandbox's init is left."""
+        if self.sandbox is None:
+            return self._has_children()
+        return bool(host_sandbox.processes(self.sandbox))
+
+    def _run_processes(self) -> list[int]:
+        """Host pids of the run's processes (the sandbox's init is not one)."""
+        spared = None if self.sandbox is None else self.sandbox.init_pid
+        return [p for p in linux.descendants(os.getpid()) if p != spared]
+
     @staticmethod
     def _has_children() -> bool:
         """Whether any child (living or zombie) is left. We are a subreaper: every living
@@ -234,14 +292,19 @@ class Supervisor:
             return False
         return True
 
-    def _living_descendants(self, grace: float) -> list[int]:
+    def _living_descendants(self, grace: float) -> dict[int, str]:
+        """pid -> command line of each process of the run still alive (in the sandbox: as
+        the sandbox numbers them)."""
         deadline = time.monotonic() + grace
         while True:
             reap_exited_children()
-            if not self._has_children():
-                return []
-            alive = [p for p in linux.descendants(os.getpid())
-                     if linux.process_state(p) not in ("Z", None)]
+            if self.sandbox is not None:
+                alive = host_sandbox.processes(self.sandbox)
+            elif not self._has_children():
+                alive = {}
+            else:
+                alive = {p: _cmdline(p) for p in linux.descendants(os.getpid())
+                         if linux.process_state(p) not in ("Z", None)}
             if not alive or time.monotonic() >= deadline:
                 return alive
             time.sleep(0.005)
@@ -389,12 +452,14 @@ class Supervisor:
         self.kill_tree()
 
     def kill_tree(self) -> None:
-        """SIGKILL every descendant until none is left; reap them (we are the subreaper)."""
+        """SIGKILL every descendant until none is left; reap them (we are the subreaper).
+        The sandbox's init is spared (the host diff still reads the sandbox through it): its
+        end, later, ends whatever this missed."""
         for _ in range(200):
             reap_exited_children()
-            if not self._has_children():
+            if not self._run_alive():
                 return
-            for p in linux.descendants(os.getpid()):
+            for p in self._run_processes():
                 try:
                     os.kill(p, signal.SIGKILL)
                 except ProcessLookupError:
@@ -422,6 +487,36 @@ def _release(fds: list[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+def _enter_sandbox(box: host_sandbox.HostSandbox, writer: socket.socket) -> None:
+    """In the starter, before anything else: into the host sandbox, or die saying why."""
+    try:
+        host_sandbox.enter(box)
+    except BaseException as exc:
+        LedgerWriter(writer, "starter").emit("starter_error", stage="sandbox",
+                                             message=f"entering the host sandbox: {exc}")
+        os._exit(EXIT_FATAL)
+
+
+def _coverage_dirs() -> list[str]:
+    """The directory coverage data files of a measured run go to: the real one, or the
+    run's processes lose their coverage."""
+    cov = sys.modules.get("coverage")
+    current = getattr(getattr(cov, "Coverage", None), "current", None)
+    instance = current() if current is not None else None
+    if instance is None:
+        return []
+    return [os.path.dirname(os.path.abspath(instance.config.data_file))]
+
+
+def _hostdiff() -> Any:
+    """:mod:`kit.hostdiff` when it exists (another part of the kit), else None."""
+    try:
+        from kit import hostdiff  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return hostdiff
 
 
 def reap_exited_children() -> None:
@@ -461,6 +556,8 @@ def preload(request: RunRequest) -> bool:
             ipr.link_lookup(ifname="lo")
     import traceback
     traceback.format_exception(ValueError("warm-up"))  # pulls in lazy imports of traceback
+    host_sandbox.confine_preload()
+    _hostdiff()
     _preloaded.add(key)
     return True
 

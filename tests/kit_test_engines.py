@@ -9,8 +9,11 @@
 from __future__ import annotations
 
 import ctypes
+import errno
+import json
 import os
 import select
+import socket
 import subprocess
 import tempfile
 import threading
@@ -482,3 +485,105 @@ class HostileEngine(ReferenceEngine):
     def start_process(self, master_fd):  # type: ignore[override]
         self._hostile("start_process")
         super().start_process(master_fd)
+@dataclass
+class HostAttackConfig(ReferenceConfig):
+    """What :class:`HostAttackEngine` tries, where, and against which host objects."""
+
+    acts: list[str] = None  # type: ignore[assignment]  # names of HostAttackEngine.ACTS
+    hostile_hook: str = "create_container"
+    hostile_role: str = "master"
+    then: str = ""  # after the acts: "" (go on) | hang | segv
+    unique: str = ""  # the file /etc/<unique>; the hostname hostile-<unique>
+    umount_path: str = ""
+    remount_path: str = ""
+    tmpfs_path: str = ""
+    victim_pid: int = 0
+    report_dir: str = ""  # <role>-<hook>.json: each act's outcome ("done" or the errno name)
+
+
+#: The comm of every process of the hostile engine's re-forking daemon.
+DAEMON_NAME = "kit-hostile-d"
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _reforking_daemon(report_dir: str) -> None:
+    """Detach, then keep forking a successor and exiting: no pid lives long."""
+    if os.fork() != 0:
+        return
+    try:
+        os.setsid()
+        linux.set_name(DAEMON_NAME)
+        for fd in range(3, 1024):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        while True:
+            if os.fork() != 0:
+                os._exit(0)
+            time.sleep(0.002)
+    except BaseException as exc:
+        _write(os.path.join(report_dir, "daemon.error"), repr(exc))
+    finally:
+        os._exit(1)
+
+
+class HostAttackEngine(ReferenceEngine):
+    """The reference engine that, in one hook and process, tries to change the host: each
+    act of ``acts`` in turn (its outcome recorded in ``report_dir``), then ``then``."""
+
+    engine_name = "test-host-attack"
+    rpc_methods = ReferenceRPC
+    ACTS = {
+        "write_etc": lambda c: _write(f"/etc/{c.unique}", "hostile\n"),
+        "umount": lambda c: linux.umount(c.umount_path),
+        "remount_ro": lambda c: linux.mount(None, c.remount_path, None, linux.MS_REMOUNT
+                                            | linux.MS_BIND | linux.MS_RDONLY),
+        "mount_tmpfs": lambda c: linux.mount("tmpfs", c.tmpfs_path, "tmpfs", 0, "size=64k"),
+        "hostname": lambda c: socket.sethostname(f"hostile-{c.unique}"),
+        "sysctl_net": lambda c: _write("/proc/sys/net/ipv4/ip_forward", "1\n"),
+        "sysctl_vm": lambda c: _write("/proc/sys/vm/stat_interval", "7\n"),
+        "daemon": lambda c: _reforking_daemon(c.report_dir),
+        "kill": lambda c: os.kill(c.victim_pid, 9),
+    }
+
+    def config(self) -> HostAttackConfig:
+        cfg = HostAttackConfig()
+        cfg.acts = []
+        return cfg
+
+    def _attack(self, hook: str, cfg: HostAttackConfig | None = None) -> None:
+        cfg = cfg or self.common.engine_config
+        if cfg.hostile_hook != hook or cfg.hostile_role != current_role():
+            return
+        outcomes = {}
+        for act in cfg.acts:
+            try:
+                self.ACTS[act](cfg)
+                outcomes[act] = "done"
+            except OSError as exc:
+                outcomes[act] = errno.errorcode.get(exc.errno or 0, str(exc))
+        if cfg.report_dir:
+            _write(os.path.join(cfg.report_dir, f"{current_role()}-{hook}.json"),
+                   json.dumps(outcomes))
+        if cfg.then == "hang":
+            while True:
+                time.sleep(1)
+        if cfg.then == "segv":
+            ctypes.string_at(0)
+
+    def prepare_config(self, starter_config):  # type: ignore[override]
+        self._attack("prepare_config")
+        super().prepare_config(starter_config)
+
+    def create_container(self, ctx, pid, rpc_conn):  # type: ignore[override]
+        self._attack("create_container")
+        super().create_container(ctx, pid, rpc_conn)
+
+    def cleanup_container(self, ctx, fatal, status):  # type: ignore[override]
+        self._attack("cleanup_container")
+        super().cleanup_container(ctx, fatal, status)

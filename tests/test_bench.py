@@ -19,11 +19,15 @@ def test_kit_bench_writes_the_medians_and_ratios_it_promises(tmp_path):
                            "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(out.read_text())
-    assert set(doc["medians"]) == {"unshare", "ctypes_minimal", "full", "no_probes", "fake",
-                                   "userns"}
+    assert set(doc["medians"]) == {"unshare", "ctypes_minimal", "full", "no_sandbox",
+                                   "no_probes", "fake", "userns"}
     assert all(v > 0 for v in doc["medians"].values())
     assert set(doc["ratios"]) == {"full_vs_unshare", "full_vs_minimal",
-                                  "no_probes_vs_unshare", "fake_vs_full"}
+                                  "no_probes_vs_unshare", "fake_vs_full",
+                                  "sandbox_vs_no_sandbox"}
+    assert doc["sandbox_cost_ms"] == pytest.approx(doc["medians"]["full"]
+                                                   - doc["medians"]["no_sandbox"], abs=1e-3)
+    assert "host sandbox:" in proc.stdout
     assert doc["breakdown"]["marks_ms"]["payload exec'd"] is not None
     assert "prepare_config" in " ".join(doc["breakdown"]["hooks_ms"])
     assert "where a full lifecycle's time goes" in proc.stdout

@@ -126,6 +126,7 @@ def test_hung_hook_is_killed_and_named(hook, role):
 def test_create_container_waiting_for_the_container_is_a_named_timeout(shared_dir):
     marker = os.path.join(shared_dir, "payload-started")
     result = run(FAULT, "root", ["/bin/sh", "-c", f"touch {marker}"], hook_timeout=1.0,
+                 shared_dirs=[shared_dir],
                  engine_config={"fault_hook": "create_container",
                                 "fault_action": "wait_container", "marker": marker,
                                 "mount_tmp": False})

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from kit.launcher import run
+from kit.sandbox import host_path
 
 JOIN = "kit_test_engines:JoinEngine"
 
@@ -28,9 +29,10 @@ def target_namespaces():
 
 def test_join_only_run_calls_only_the_join_hooks(target_namespaces):
     pid = target_namespaces
+    # As root the run is in the kit's host sandbox, which sees the host's /proc elsewhere.
+    proc = host_path(f"/proc/{pid}", os.geteuid() == 0)
     result = run(JOIN, "root", ["/bin/hostname"],
-                 engine_config={"join": {"uts": f"/proc/{pid}/ns/uts",
-                                         "net": f"/proc/{pid}/ns/net"}})
+                 engine_config={"join": {"uts": f"{proc}/ns/uts", "net": f"{proc}/ns/net"}})
     assert result.exit_code == 0, result.reason
     assert result.stdout.strip() == "joined-ns"
     hooks = list(result.ledger.hooks())
@@ -40,7 +42,8 @@ def test_join_only_run_calls_only_the_join_hooks(target_namespaces):
     stage2 = result.ledger.first("hook_enter", hook="start_process")
     assert stage2["snapshot"]["ns"]["uts"] == os.stat(f"/proc/{pid}/ns/uts").st_ino
     assert stage2["snapshot"]["ns"]["net"] == os.stat(f"/proc/{pid}/ns/net").st_ino
-    assert stage2["snapshot"]["ns"]["pid"] == os.stat("/proc/self/ns/pid").st_ino
+    run_host = result.ledger.first("hook_enter", hook="prepare_config")["snapshot"]["ns"]
+    assert stage2["snapshot"]["ns"]["pid"] == run_host["pid"]  # no pid namespace of its own
     assert result.leaks == []
 
 

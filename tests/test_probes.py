@@ -33,7 +33,7 @@ def reports(tmp_path_factory):
 
 
 def report_run(flow, shared_dir):
-    result = run(REPORT, flow, ["/bin/true"],
+    result = run(REPORT, flow, ["/bin/true"], shared_dirs=[shared_dir],
                  engine_config={"report_dir": shared_dir, "mount_tmp": False})
     assert result.exit_code == 0, result.reason
     return result

@@ -28,7 +28,7 @@ def wait_for(path: str, timeout: float = 10.0) -> None:
 def test_signal_to_the_run_reaches_the_payload(signum, code, shared_dir):
     ready = os.path.join(shared_dir, "ready")
     handle = start("reference", "root", ["/bin/sh", "-c", TRAP.format(ready=ready)],
-                   engine_config={"mount_tmp": False})
+                   shared_dirs=[shared_dir], engine_config={"mount_tmp": False})
     wait_for(ready)
     handle.send_signal(signum)
     result = handle.wait()
@@ -42,7 +42,7 @@ def test_signals_in_the_setuid_flow_reach_the_payload(shared_dir):
     require_flow("suid")
     ready = os.path.join(shared_dir, "ready")
     handle = start("reference", "suid", ["/bin/sh", "-c", TRAP.format(ready=ready)],
-                   engine_config={"mount_tmp": False})
+                   shared_dirs=[shared_dir], engine_config={"mount_tmp": False})
     wait_for(ready)
     handle.send_signal(signal.SIGTERM)
     assert handle.wait().exit_code == 42
@@ -60,7 +60,7 @@ def test_killed_payload_exits_128_plus_signal():
 def test_no_signal_is_dropped(shared_dir):
     ready = os.path.join(shared_dir, "ready")
     handle = start("reference", "root", ["/bin/sh", "-c", TRAP.format(ready=ready)],
-                   engine_config={"mount_tmp": False})
+                   shared_dirs=[shared_dir], engine_config={"mount_tmp": False})
     wait_for(ready)
     # Distinct signals, each sent once the previous one was taken: every one must reach the
     # channel, in order (upstream's two-slot channel would drop some).

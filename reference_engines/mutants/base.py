@@ -27,6 +27,7 @@ import threading
 from typing import Callable, ClassVar
 
 from kit import linux
+from kit.sandbox import SANDBOX_ENV
 from kit.system import current
 from reference_engines.minimal import ReferenceEngine, ReferenceRPC
 
@@ -81,15 +82,10 @@ def process_role() -> str | None:
     return ROLE_BY_NAME.get(linux.process_name("self") or "")
 
 
-#: Set by the kill matrix in the throwaway namespaces it runs each session in: the inode
-#: numbers of their mount and uts namespaces, ``MNT:UTS``.
-SANDBOX_ENV = "CONFORMANCE_MUTANT_SANDBOX"
-
-
 def host_is_sandbox() -> bool:
-    """True when this process's mount and uts namespaces are the throwaway ones the kill
-    matrix made for this session (``unshare --mount --uts``, recorded in
-    :data:`SANDBOX_ENV`): a mutant that changes "the host" then changes only them."""
+    """True when this process's mount and uts namespaces are those of the kit's host sandbox
+    (:mod:`kit.sandbox`, which records them in :data:`kit.sandbox.SANDBOX_ENV`): a mutant
+    that changes "the host" then changes only the sandbox, thrown away after the run."""
     try:
         here = ":".join(str(os.stat(f"/proc/self/ns/{kind}").st_ino) for kind in ("mnt", "uts"))
     except OSError:
@@ -103,12 +99,12 @@ class HostDamageRefused(RuntimeError):
 
 def refuse_real_host(slug: str) -> None:
     """Raise unless changing "the host" is harmless here: a fake backend (the model takes the
-    change) or a sandbox made by the kill matrix."""
+    change) or the kit's host sandbox."""
     if current().name == "real" and not host_is_sandbox():
         raise HostDamageRefused(
-            f"mutant-{slug} changes the host's namespaces on purpose and refuses to outside a "
-            "sandbox: run it with `python -m conformance mutants`, which runs every mutant in "
-            "throwaway mount and uts namespaces")
+            f"mutant-{slug} changes the host's namespaces on purpose and refuses to outside the "
+            "kit's host sandbox: run it as root in the real backend (the kit then runs every "
+            "lifecycle in throwaway namespaces)")
 
 
 def on_helper_thread(action: Callable[[], None], name: str = "engine-helper") -> None:

@@ -1,0 +1,499 @@
+"""The per-run host sandbox: the "host" a real-backend run sees when the kit is launched as root.
+
+The engine under test runs as root; without a sandbox a buggy one changes the real machine.
+Each run therefore happens inside new mount, uts, ipc, net (``lo`` up) and pid namespaces of
+the launch user namespace (so credentials, capabilities and the flows mean what they mean on
+the host), over a copy-on-write view of the root file system (SPEC §11):
+
+- ``/`` is an overlay: the real root file system as its lower layer, an upper layer on a
+  tmpfs that only the sandbox has; the host's other mounts are bound in read-only, except the
+  places a run legitimately writes (:data:`WRITABLE`: copy-on-write as well) and the
+  directories the kit shares with the run (its temporary directory, the coverage directory);
+- ``/proc`` is a fresh proc of the new pid namespace with ``/proc/sys`` (but ``net.*``) and
+  the host-global knobs read-only; ``/sys`` a fresh read-only sysfs; ``/dev`` a tmpfs with the
+  harmless devices, a fresh devpts, ``/dev/shm`` and ``/dev/mqueue``;
+- ``/`` is made shared (a peer group of the sandbox's own), as on most hosts.
+
+Pid 1 of the sandbox is a small init (a fork of the supervisor) that builds all this, then
+only reaps orphans. The supervisor, which keeps the host's namespaces and ``/proc``, forks the
+starter into the sandbox's pid namespace; the starter enters init's other namespaces
+(:func:`enter`). When init ends (asked with SIGTERM, so that it saves its coverage data, else
+SIGKILLed), the kernel ends every process of the run; the namespaces, mounts and the tmpfs go
+with their last reference (:func:`end`).
+
+This protects the host from mistakes, not from a hostile root: a process that is root in the
+launch user namespace may still undo the sandbox's read-only mounts, mount a new proc, or use
+raw devices. The seccomp filter (:func:`confine`) refuses the host-global system calls.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import signal
+import stat
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+from kit import linux
+
+#: Set in the environment of a sandboxed run's processes: ``MNT:UTS``, the inode numbers of
+#: the sandbox's mount and uts namespaces (code that changes "the host" on purpose, such as
+#: the kill matrix's mutants, checks it is in there).
+SANDBOX_ENV = "KIT_HOST_SANDBOX"
+#: ``KIT_SANDBOX=0`` turns the default host sandbox off (debugging, comparisons).
+SWITCH_ENV = "KIT_SANDBOX"
+#: Where a run legitimately writes: when the host has a separate mount there, the sandbox
+#: gets a copy-on-write view of it (under the root overlay they are copy-on-write anyway).
+WRITABLE = ("/tmp", "/var/tmp", "/run", "/var/run")
+#: Made afresh for the sandbox, never bound from the host.
+RECREATED = ("/proc", "/sys", "/dev")
+#: Device nodes made like the host's (a container runtime's default set).
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0",
+             "stdout": "/proc/self/fd/1", "stderr": "/proc/self/fd/2", "ptmx": "pts/ptmx"}
+#: Under /proc: host-global knobs that stay read-only (``/proc/sys/net`` is per network
+#: namespace, so writable again).
+PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs")
+NS_KINDS = ("mount", "uts", "ipc", "net")
+#: The host's /proc, read-only, inside the sandbox (whose /proc numbers only its own
+#: processes): what a run is asked to join by path (``/proc/PID/ns/uts`` of a host process)
+#: is there, under :func:`host_path`.
+HOST_PROC = "/dev/kit-host/proc"
+_READY_TIMEOUT = 10.0
+_STOP_GRACE = 2.0
+
+
+class SandboxError(RuntimeError):
+    """The sandbox could not be built (the run does not start)."""
+
+
+@dataclass
+class HostSandbox:
+    """One run's sandbox, as the supervisor holds it (the host diff reads it).
+
+    ``init_pid``: the host pid of the sandbox's pid 1 (its ``/proc/PID/root``, ``ns/*`` and
+    ``mountinfo`` are the sandbox's). ``upper_dir``: a path, valid in the supervisor, of the
+    root overlay's upper layer (every path the run created, changed or deleted); the
+    supervisor holds it open, so it stays readable after init is gone. ``upper_dirs``: the
+    same for every copy-on-write mount, by mount point (``"/"`` included).
+    """
+
+    init_pid: int
+    upper_dir: str
+    upper_dirs: dict[str, str] = field(default_factory=dict)
+    scratch: str = ""
+    ns_fds: dict[str, int] = field(default_factory=dict)
+    held_fds: list[int] = field(default_factory=list)
+
+
+def default_on(backend: str) -> bool:
+    """Whether a run in ``backend`` is sandboxed when its request does not say: as root of
+    the initial user namespace in the real backend, unless ``KIT_SANDBOX=0``. (In another
+    user namespace the kernel refuses the overlay: it will not clone a root whose submounts
+    are locked, "failed to clone lowerpath".)"""
+    return (backend == "real" and os.geteuid() == 0 and linux.in_initial_user_namespace()
+            and os.environ.get(SWITCH_ENV, "1") != "0")
+
+
+def host_path(path: str, sandboxed: bool) -> str:
+    """Where the host's ``/proc/...`` path is seen by a run (sandboxed or not)."""
+    if sandboxed and (path == "/proc" or path.startswith("/proc/")):
+        return HOST_PROC + path[len("/proc"):]
+    return path
+
+
+# --- in the supervisor ------------------------------------------------------------------------
+
+def start(shared: list[str]) -> HostSandbox:
+    """Build a sandbox (called once per supervisor: it unshares the pid namespace that the
+    supervisor's later children are born in). ``shared``: host directories the run may write
+    (bound in read-write at the same path)."""
+    scratch = tempfile.mkdtemp(prefix="kit-sandbox-")
+    os.chmod(scratch, 0o700)
+    try:
+        linux.unshare(linux.CLONE_NEWPID)
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(rfd)
+            _init_main(scratch, [os.path.realpath(p) for p in shared if os.path.isdir(p)], wfd)
+        os.close(wfd)
+        sandbox = HostSandbox(init_pid=pid, upper_dir="", scratch=scratch)
+        try:
+            uppers = _await_ready(rfd)
+            _hold(sandbox, uppers)
+            # The sandbox no longer needs it (its old root is detached): gone now, it cannot
+            # outlive a supervisor that is killed.
+            _remove_scratch(scratch)
+        except BaseException:
+            end(sandbox)
+            raise
+        finally:
+            os.close(rfd)
+    except BaseException:
+        _remove_scratch(scratch)
+        raise
+    return sandbox
+
+
+def _await_ready(rfd: int) -> dict[str, int]:
+    """Init's report: ``{mount point: fd number in init}`` of the upper layers, or raise."""
+    data = b""
+    deadline = time.monotonic() + _READY_TIMEOUT
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([rfd], [], [], left)[0]:
+            raise SandboxError(f"the host sandbox was not built within {_READY_TIMEOUT} s")
+        chunk = os.read(rfd, 65536)
+        if not chunk:
+            break
+        data += chunk
+    text = data.decode(errors="replace")
+    if not text.startswith("ready "):
+        raise SandboxError(f"the host sandbox could not be built: {text or 'init died'}")
+    uppers: dict[str, int] = {}
+    for item in text[len("ready "):].split("\0"):
+        if item:
+            point, _, fd = item.rpartition("=")
+            uppers[point] = int(fd)
+    return uppers
+
+
+def _hold(sandbox: HostSandbox, uppers: dict[str, int]) -> None:
+    """Open what the supervisor needs from init while it lives: its namespaces (for
+    :func:`enter`) and the upper layers (kept readable after teardown)."""
+    pid = sandbox.init_pid
+    for kind in NS_KINDS:
+        sandbox.ns_fds[kind] = os.open(linux.ns_path(kind, pid), os.O_RDONLY | os.O_CLOEXEC)
+    for point, fd in uppers.items():
+        held = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        sandbox.held_fds.append(held)
+        sandbox.upper_dirs[point] = f"/proc/{os.getpid()}/fd/{held}"
+    sandbox.upper_dir = sandbox.upper_dirs["/"]
+
+
+def enter(sandbox: HostSandbox) -> None:
+    """In a child of the supervisor (already in the sandbox's pid namespace): enter the
+    sandbox's other namespaces. Entering the mount namespace moves root and cwd to its root."""
+    for kind in NS_KINDS:
+        linux.setns(sandbox.ns_fds[kind], linux.NAMESPACES[kind][0])
+    for fd in [*sandbox.ns_fds.values(), *sandbox.held_fds]:
+        os.close(fd)
+    os.environ[SANDBOX_ENV] = ":".join(str(linux.ns_inode(k)) for k in ("mount", "uts"))
+    os.chdir("/")
+    confine()
+
+
+def confine() -> None:
+    """THE place where a sandboxed run's processes get the host-global system call filter
+    (clock setting, modules, reboot, kexec, swapon…) of :mod:`kit.seccomp`, once it exists.
+    Called in the starter, before it drops any privilege: every process of the run inherits
+    it."""
+    try:
+        from kit import seccomp  # type: ignore[attr-defined]
+    except ImportError:
+        return
+    install = getattr(seccomp, "install_host_filter", None)
+    if install is not None:
+        install()
+
+
+def confine_preload() -> None:
+    """Import what :func:`confine` needs while the supervisor still may (see
+    :func:`kit.supervisor.preload`)."""
+    try:
+        from kit import seccomp  # type: ignore[attr-defined]  # noqa: F401
+    except ImportError:
+        pass
+
+
+def processes(sandbox: HostSandbox, scans: int = 3) -> dict[int, str]:
+    """The living processes of the sandbox other than init: pid (as the sandbox numbers
+    them) -> command line, from the sandbox's own /proc. "None" takes ``scans`` scans in a
+    row that find none: a daemon that keeps re-forking can exit between being listed and
+    being looked at, after a successor the listing had already passed."""
+    for _ in range(scans):
+        found = _scan(f"/proc/{sandbox.init_pid}/root/proc")
+        if found:
+            return found
+    return {}
+
+
+def _scan(proc: str) -> dict[int, str]:
+    try:
+        names = os.listdir(proc)
+    except OSError:
+        return {}
+    found = {}
+    for name in names:
+        if not name.isdigit() or name == "1":
+            continue
+        if linux.process_state(int(name), proc) in ("Z", None):
+            continue
+        try:
+            argv = linux.read_file(f"{proc}/{name}/cmdline")
+        except OSError:
+            continue  # gone meanwhile
+        found[int(name)] = argv.replace(b"\0", b" ").decode(errors="replace").strip() or "?"
+    return found
+
+
+def end(sandbox: HostSandbox) -> None:
+    """Tear the sandbox down: end init (the kernel then kills every process of its pid
+    namespace), reap it, close what the supervisor held, remove the scratch directory.
+    Nothing it held survives: its mounts and network namespace go with their last process
+    and file descriptor."""
+    _stop_init(sandbox.init_pid)
+    for fd in [*sandbox.ns_fds.values(), *sandbox.held_fds]:
+        os.close(fd)
+    sandbox.ns_fds, sandbox.held_fds = {}, []
+    _remove_scratch(sandbox.scratch)
+
+
+def _stop_init(init: int) -> None:
+    """Ask init to exit (it saves its coverage data, when measured, on the way out), SIGKILL
+    it if it has not within :data:`_STOP_GRACE` s, and reap it. Every child is reaped
+    meanwhile: init's exit waits (zap_pid_ns_processes) until each pid of its namespace is
+    freed, a zombie starter of ours included."""
+    try:
+        pidfd = os.pidfd_open(init)
+    except OSError:
+        pidfd = None
+    try:
+        _signal(init, signal.SIGTERM)
+        deadline = time.monotonic() + _STOP_GRACE
+        killed = False
+        while True:
+            if _reaped(init):
+                return
+            if not killed and time.monotonic() >= deadline:
+                _signal(init, signal.SIGKILL)
+                killed = True
+            if pidfd is not None:
+                select.select([pidfd], [], [], 0.05)
+            else:
+                time.sleep(0.005)
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _reaped(init: int) -> bool:
+    """Reap every child that has exited; True once init is reaped (or is no child)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return True
+        if pid == init:
+            return True
+        if pid == 0:
+            return False
+
+
+def _remove_scratch(scratch: str) -> None:
+    try:
+        os.rmdir(scratch)
+    except FileNotFoundError:
+        pass
+
+
+# --- in the sandbox's init ------------------------------------------------------------------
+
+def _init_main(scratch: str, shared: list[str], ready_fd: int) -> NoReturn:
+    """Pid 1 of the sandbox: build it, report, then reap orphans until killed."""
+    try:
+        linux.set_parent_death_signal(signal.SIGKILL)
+        linux.set_name("kit-sandbox")
+        _close_other_fds(ready_fd)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the supervisor's handler
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, signal.SIGTERM})
+        linux.unshare(linux.ns_flags(NS_KINDS))
+        linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+        linux.link_up("lo")
+        uppers = _build_root(scratch, shared)
+        items = "".join(f"{point}={fd}\0" for point, fd in uppers.items())
+        os.write(ready_fd, f"ready {items}".encode())
+    except BaseException as exc:
+        try:
+            os.write(ready_fd, f"{type(exc).__name__}: {exc}".encode())
+        finally:
+            os._exit(1)
+    os.close(ready_fd)
+    _reap_forever()
+
+
+def _close_other_fds(keep: int) -> None:
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd != keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _reap_forever() -> NoReturn:
+    """Reap orphans until the supervisor, outside the pid namespace (sender pid 0 as seen
+    from in here), asks init to exit. A SIGTERM from a process of the run is ignored: pid 1
+    must outlive the run."""
+    while True:
+        info = signal.sigwaitinfo({signal.SIGCHLD, signal.SIGTERM})
+        if info.si_signo == signal.SIGTERM:
+            if info.si_pid == 0:
+                os._exit(0)
+            continue
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+
+
+def _build_root(scratch: str, shared: list[str]) -> dict[str, int]:
+    """Build the sandbox's root and pivot into it; returns ``{mount point: fd}`` of the
+    copy-on-write upper layers (held open by init)."""
+    linux.mount("kit-sandbox", scratch, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=0700")
+    new = os.path.join(scratch, "root")
+    os.mkdir(new)
+    uppers = {"/": _overlay("/", new, os.path.join(scratch, "cow", "0"))}
+    for i, (point, flags) in enumerate(_host_submounts(scratch), start=1):
+        target = new + point
+        if point in WRITABLE:
+            uppers[point] = _overlay(point, target, os.path.join(scratch, "cow", str(i)))
+        else:
+            _bind(point, target, flags | linux.MS_RDONLY)
+    _make_proc(new)
+    _make_sys(new)
+    _make_dev(new)
+    for path in shared:
+        _bind(path, new + path, 0)
+    os.chdir(new)
+    linux.pivot_root(".", ".")
+    linux.umount(".", linux.MNT_DETACH)  # the old root, stacked under the new one
+    os.chdir("/")
+    linux.mount(None, "/", None, linux.MS_REC | linux.MS_SHARED)
+    return uppers
+
+
+def _overlay(lower: str, target: str, state: str) -> int:
+    """Mount a copy-on-write view of ``lower`` on ``target``; returns an fd of its upper
+    layer."""
+    upper, work = os.path.join(state, "upper"), os.path.join(state, "work")
+    os.makedirs(upper)
+    os.makedirs(work)
+    options = f"lowerdir={_escape(lower)},upperdir={_escape(upper)},workdir={_escape(work)}"
+    try:
+        linux.mount("kit-sandbox", target, "overlay", 0, options)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        # Launched in a user namespace that is not the initial one: no trusted.* xattrs.
+        linux.mount("kit-sandbox", target, "overlay", 0, options + ",userxattr")
+    return os.open(upper, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def _escape(path: str) -> str:
+    return path.replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
+
+
+def _host_submounts(scratch: str) -> list[tuple[str, int]]:
+    """The host's mounts to reproduce, topmost per mount point, parents first: every one but
+    ``/``, those under :data:`RECREATED` and the sandbox's own."""
+    top: dict[str, int] = {}
+    for _, point, flags in linux.mount_table():
+        if point == "/" or _under(point, RECREATED) or _under(point, (scratch,)):
+            continue
+        top.pop(point, None)  # a later mount at the same point hides the earlier one
+        top[point] = flags
+    return list(top.items())
+
+
+def _under(path: str, roots: tuple[str, ...] | list[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
+
+
+def _bind(source: str, target: str, flags: int) -> None:
+    """Bind ``source`` on ``target`` (one mount, not its submounts), then apply the
+    per-mount ``flags`` (MS_RDONLY, MS_NOSUID…) by a bind remount."""
+    try:
+        linux.mount(source, target, None, linux.MS_BIND)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:  # the mount point is hidden or gone: nothing to show
+            return
+        raise
+    linux.mount(None, target, None, linux.MS_BIND | linux.MS_REMOUNT | flags)
+
+
+def _make_proc(new: str) -> None:
+    proc = new + "/proc"
+    nosuid_noexec = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
+    linux.mount("proc", proc, "proc", nosuid_noexec)
+    bound = [f"{proc}/{name}" for name in PROC_READ_ONLY if os.path.exists(f"{proc}/{name}")]
+    for path in bound:
+        linux.mount(path, path, None, linux.MS_BIND)
+    net = proc + "/sys/net"
+    linux.mount(net, net, None, linux.MS_BIND)  # stays rw: per network namespace
+    for path in bound:
+        linux.mount(None, path, None,
+                    linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | nosuid_noexec)
+
+
+def _make_sys(new: str) -> None:
+    linux.mount("sysfs", new + "/sys", "sysfs",
+                linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+
+
+def _make_dev(new: str) -> None:
+    """A tmpfs /dev as a container runtime makes it. Beneath it, hidden, a proc and a sysfs
+    with nothing mounted over any of their directories: the kernel lets a user namespace
+    mount proc or sysfs only when such a fully visible one exists in its mount namespace
+    (``mount_too_revealing``), and the sandbox's own /proc has read-only binds over
+    /proc/sys and friends. On the host, /proc is fully visible: so it must stay here for
+    the user-namespace flows."""
+    dev = new + "/dev"
+    flags = linux.MS_NOSUID | linux.MS_NOEXEC
+    linux.mount("kit-sandbox", dev, "tmpfs", flags, "mode=0755,size=64k")
+    for name, fstype in (("proc", "proc"), ("sys", "sysfs")):
+        os.mkdir(f"{dev}/{name}")
+        linux.mount(fstype, f"{dev}/{name}", fstype, 0)
+    linux.mount("tmpfs", dev, "tmpfs", flags, "mode=0755,size=64k")  # covers them
+    for name in DEVICES:  # made, not bound: a mount less each to copy and to tear down
+        try:
+            rdev = os.stat(f"/dev/{name}").st_rdev
+        except FileNotFoundError:
+            continue
+        try:
+            os.mknod(f"{dev}/{name}", stat.S_IFCHR | 0o666, rdev)
+            os.chmod(f"{dev}/{name}", 0o666)  # mknod applies the umask
+        except PermissionError:  # in a user namespace that is not the initial one
+            open(f"{dev}/{name}", "w").close()
+            linux.mount(f"/dev/{name}", f"{dev}/{name}", None, linux.MS_BIND)
+    os.mkdir(f"{dev}/pts")
+    linux.mount("devpts", f"{dev}/pts", "devpts", linux.MS_NOSUID | linux.MS_NOEXEC,
+                "newinstance,ptmxmode=0666,mode=0620")
+    os.mkdir(f"{dev}/shm")
+    linux.mount("shm", f"{dev}/shm", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC,
+                "mode=1777")
+    os.mkdir(f"{dev}/mqueue")
+    linux.mount("mqueue", f"{dev}/mqueue", "mqueue",
+                linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+    for name, target in DEV_LINKS.items():
+        os.symlink(target, f"{dev}/{name}")
+    host_proc = new + HOST_PROC
+    os.makedirs(host_proc)
+    _bind("/proc", host_proc, linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV
+          | linux.MS_NOEXEC)

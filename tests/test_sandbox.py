@@ -1,0 +1,313 @@
+"""The kit's host sandbox (kit/sandbox.py): an engine that attacks the host, run through the
+kit as root with no outer sandbox, leaves the real host as it was.
+
+Each test makes its own host objects to attack (tmpfs mounts in a temporary directory, a
+victim process) and removes them; everything else it checks is only read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from typing import Any, Iterator
+
+import pytest
+
+from kit import linux, sandbox
+from kit.launcher import RunResult, run
+
+from kit_test_engines import DAEMON_NAME
+
+HOSTILE = "kit_test_engines:HostAttackEngine"
+ALL_ACTS = ["write_etc", "mount_tmpfs", "hostname", "sysctl_net", "sysctl_vm", "daemon",
+            "kill"]
+SYSCTLS = ("/proc/sys/net/ipv4/ip_forward", "/proc/sys/vm/stat_interval")
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the host sandbox needs root")
+
+
+def _host_mounts() -> list[str]:
+    """The host's mount table, every field that can change (ids, options, propagation)."""
+    with open("/proc/self/mountinfo") as f:
+        return sorted(f.read().splitlines())
+
+
+def _processes_named(name: str) -> list[int]:
+    return [p for p in linux.process_parents() if linux.process_name(p) == name]
+
+
+def _in_namespace(kind: str, inode: int) -> list[int]:
+    """Host processes in the namespace ``kind`` with that inode."""
+    found = []
+    for pid in linux.process_parents():
+        try:
+            if linux.ns_inode(kind, pid) == inode:
+                found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
+def _host_state() -> dict[str, Any]:
+    # (Not /tmp/kit-sandbox-*: other sessions on the machine make and remove theirs.)
+    state: dict[str, Any] = {"hostname": socket.gethostname(), "mounts": _host_mounts(),
+                             "netns": sorted(os.listdir("/run/netns"))
+                             if os.path.isdir("/run/netns") else []}
+    for path in SYSCTLS:
+        with open(path) as f:
+            state[path] = f.read()
+    return state
+
+
+@pytest.fixture
+def targets(shared_dir: str) -> Iterator[dict[str, Any]]:
+    """Host objects for the engine to attack: a directory (to mount on), a victim process,
+    a unique /etc name. (Host mounts to unmount: see test_mount_attacks_….)"""
+    base = tempfile.mkdtemp(prefix="kit-sbtest-")
+    mount_on = os.path.join(base, "mount_on")
+    os.mkdir(mount_on)
+    victim = subprocess.Popen(["/bin/sleep", "600"])
+    unique = f"kit-sandbox-test-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        yield {"tmpfs_path": mount_on, "victim_pid": victim.pid, "unique": unique,
+               "report_dir": shared_dir, "victim": victim}
+    finally:
+        victim.kill()
+        victim.wait()
+        shutil.rmtree(base, ignore_errors=True)
+        if os.path.exists(f"/etc/{unique}"):  # only if the sandbox failed
+            os.unlink(f"/etc/{unique}")
+
+
+def _attack(targets: dict[str, Any], acts: list[str], **config: Any) -> RunResult:
+    engine_config = {k: v for k, v in targets.items() if k != "victim"}
+    engine_config.update(acts=acts, **config)
+    return run(HOSTILE, "root", ["/bin/true"], engine_config=engine_config,
+               shared_dirs=[targets["report_dir"]], hook_timeout=2.0)
+
+
+def _outcomes(targets: dict[str, Any], role: str, hook: str) -> dict[str, str]:
+    with open(os.path.join(targets["report_dir"], f"{role}-{hook}.json")) as f:
+        return json.load(f)
+
+
+def _sandbox_namespaces(result: RunResult) -> dict[str, int]:
+    """The namespaces the run saw as the host's (stage 1's first snapshot)."""
+    for e in result.events:
+        if e.get("role") == "stage1" and e.get("snapshot"):
+            return e["snapshot"]["ns"]
+    raise AssertionError("no stage 1 snapshot in the ledger")
+
+
+def _assert_host_unchanged(before: dict[str, Any], targets: dict[str, Any],
+                           result: RunResult) -> None:
+    after = _host_state()
+    assert not os.path.exists(f"/etc/{targets['unique']}")
+    for key in before:
+        assert after[key] == before[key], key
+    assert targets["victim"].poll() is None, "the host process the engine killed is dead"
+    assert _processes_named(DAEMON_NAME) == []
+    ns = _sandbox_namespaces(result)
+    host_ns = linux.ns_inodes()
+    for kind in ("pid", "net", "mount", "uts", "ipc"):
+        assert ns[kind] != host_ns[kind], f"the run was in the host's {kind} namespace"
+        assert _in_namespace(kind, ns[kind]) == [], f"a process is left in the sandbox's {kind}"
+    assert not os.path.exists(result.ledger.events[0]["run_dir"])
+
+
+def test_an_engine_that_attacks_the_host_changes_only_its_sandbox(targets):
+    before = _host_state()
+    result = _attack(targets, ALL_ACTS)
+    _assert_host_unchanged(before, targets, result)
+
+    # Each attack happened, in the sandbox (else an unchanged host proves nothing) ...
+    outcomes = _outcomes(targets, "master", "create_container")
+    assert outcomes == {**dict.fromkeys(ALL_ACTS, "done"), "sysctl_vm": "EROFS",
+                        "kill": "ESRCH"}
+    # ... and what outlived the run is reported: the daemon (with its command line) and the
+    # tmpfs mount, both in the sandbox.
+    leaks = {(leak["what"], leak["detail"].split(":")[0].split(" (")[0]) for leak in result.leaks}
+    assert ("mount", targets["tmpfs_path"]) in leaks
+    assert any(what == "process" for what, _ in leaks)
+    assert all("python" in leak["detail"] or "kit" in leak["detail"]
+               for leak in result.leaks if leak["what"] == "process")
+
+
+@pytest.mark.parametrize("then", ["hang", "segv"])
+def test_the_sandbox_ends_when_the_run_times_out_or_the_master_crashes(targets, then):
+    before = _host_state()
+    result = _attack(targets, ["write_etc", "mount_tmpfs", "hostname", "daemon"], then=then)
+    assert result.exit_code == 255
+    if then == "hang":
+        assert result.timed_out and result.timed_out["hook"] == "create_container"
+    else:
+        assert "signal 11" in result.reason
+    _assert_host_unchanged(before, targets, result)
+    assert _outcomes(targets, "master", "create_container") == dict.fromkeys(
+        ["write_etc", "mount_tmpfs", "hostname", "daemon"], "done")
+
+
+def test_stage_1_writing_the_host_is_contained_too(targets):
+    before = _host_state()
+    result = _attack(targets, ["write_etc", "hostname"], hostile_hook="prepare_config",
+                     hostile_role="stage1")
+    assert result.exit_code == 0, result
+    _assert_host_unchanged(before, targets, result)
+    assert _outcomes(targets, "stage1", "prepare_config") == {"write_etc": "done",
+                                                              "hostname": "done"}
+
+
+def test_the_run_sees_a_fresh_proc_a_read_only_proc_sys_and_lo_up(shared_dir):
+    out = os.path.join(shared_dir, "view")
+    script = ("cat /proc/self/mountinfo > {o}.mounts; ls /proc > {o}.proc; "
+              "cat /sys/class/net/lo/operstate /sys/class/net/lo/flags > {o}.lo; "
+              "(echo 1 > /proc/sys/vm/stat_interval) 2> {o}.vm; true").format(o=out)
+    result = run("reference", "root", ["/bin/sh", "-c", script], shared_dirs=[shared_dir],
+                 engine_config={"mount_proc": False, "mount_tmp": False})
+    assert result.exit_code == 0, result
+    pids = [int(n) for n in open(out + ".proc").read().split() if n.isdigit()]
+    assert 1 in pids and max(pids) < 1000, "the run sees processes outside its pid namespace"
+    assert "Read-only" in open(out + ".vm").read()
+    assert int(open(out + ".lo").read().split()[1], 16) & 1  # IFF_UP
+    mounts = {line.split()[4]: line.split()[5] for line in open(out + ".mounts")}
+    assert mounts["/proc/sys"].startswith("ro") and mounts["/proc/sys/net"].startswith("rw")
+    assert mounts["/sys"].startswith("ro")
+
+
+def test_the_coverage_and_shared_directories_are_the_real_ones(shared_dir):
+    marker = os.path.join(shared_dir, "written-in-the-sandbox")
+    no_tmpfs = {"mount_tmp": False}  # the container sees the host's /tmp
+    result = run("reference", "root", ["/bin/sh", "-c", f"echo x > {marker}"],
+                 shared_dirs=[shared_dir], engine_config=no_tmpfs)
+    assert result.exit_code == 0, result
+    assert open(marker).read() == "x\n"
+    not_shared = run("reference", "root", ["/bin/sh", "-c", f"echo y > {marker}"],
+                     engine_config=no_tmpfs)
+    assert not_shared.exit_code == 0
+    assert open(marker).read() == "x\n", "a directory not shared was written through"
+
+
+def test_without_the_sandbox_the_run_is_in_the_host_namespaces():
+    result = run("reference", "root", ["/bin/true"], sandbox=False)
+    assert result.exit_code == 0, result
+    ns = _sandbox_namespaces(result)
+    assert ns["mount"] == linux.ns_inode("mount") and ns["net"] == linux.ns_inode("net")
+
+
+def test_the_request_switch():
+    from kit.launcher import make_request
+    assert make_request("reference", "root", ["/bin/true"]).sandbox is True
+    assert make_request("reference", "root", ["/bin/true"], backend="fake").sandbox is False
+    assert make_request("reference", "root", ["/bin/true"], sandbox=False).sandbox is False
+    with pytest.raises(ValueError, match="only the real backend"):
+        make_request("reference", "root", ["/bin/true"], backend="fake", sandbox=True)
+
+
+def test_host_paths_point_into_the_hosts_proc():
+    assert sandbox.host_path("/proc/42/ns/uts", True) == f"{sandbox.HOST_PROC}/42/ns/uts"
+    assert sandbox.host_path("/proc/42/ns/uts", False) == "/proc/42/ns/uts"
+    assert sandbox.host_path("/procfs/x", True) == "/procfs/x"
+
+
+def _wait_for(condition: Any, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_killing_the_supervisor_ends_the_sandbox(targets):
+    from kit.launcher import start
+    before = _host_state()
+    engine_config = {k: v for k, v in targets.items() if k != "victim"}
+    engine_config.update(acts=["write_etc", "mount_tmpfs", "daemon"], then="hang")
+    handle = start(HOSTILE, "root", ["/bin/true"], engine_config=engine_config,
+                   shared_dirs=[targets["report_dir"]], hook_timeout=30.0)
+    init = handle.sandbox["sandbox_pid"]
+    pid_ns = linux.ns_inode("pid", init)
+    init_fd = os.pidfd_open(init)
+    try:
+        report = os.path.join(targets["report_dir"], "master-create_container.json")
+        assert _wait_for(lambda: os.path.exists(report), 20), "the attack never happened"
+        handle.kill()
+        import select
+        assert select.select([init_fd], [], [], 10)[0], "the sandbox's init outlived its supervisor"
+    finally:
+        os.close(init_fd)
+    assert _wait_for(lambda: not _in_namespace("pid", pid_ns), 10), "processes outlived it"
+    assert _processes_named(DAEMON_NAME) == []
+    after = _host_state()
+    assert {k: after[k] for k in before} == before
+    assert not os.path.exists(f"/etc/{targets['unique']}")
+    assert not os.path.exists(handle.run_dir)
+
+
+@pytest.mark.parametrize("flow", ["userns", "fakeroot", "hybrid"])
+def test_a_user_namespace_can_mount_proc_in_the_sandbox(flow):
+    """The sandbox's /proc has read-only binds over /proc/sys and friends; the kernel lets a
+    user namespace mount proc only when a fully visible one exists (the sandbox keeps one,
+    hidden under /dev): the reference engine mounts proc in its container."""
+    from conftest import require_flow
+    require_flow(flow)
+    result = run("reference", flow, ["/bin/true"], engine_config={"mount_proc": True})
+    assert result.exit_code == 0, result
+    assert result.ledger.document["run"]["sandbox"] is True
+
+
+def test_the_sandbox_is_off_by_default_as_root_of_another_user_namespace():
+    from conftest import in_child
+
+    def as_root_of_a_child_user_namespace() -> list[bool]:
+        linux.unshare(linux.CLONE_NEWUSER)
+        linux.write_id_maps("self", [(0, 0, 1)], [(0, 0, 1)], deny_setgroups=True)
+        return [os.geteuid() == 0, linux.in_initial_user_namespace(),
+                sandbox.default_on("real")]
+
+    assert sandbox.default_on("real") and linux.in_initial_user_namespace()
+    assert in_child(as_root_of_a_child_user_namespace) == {"ok": [True, False, False]}
+
+
+def test_mount_attacks_on_host_mounts_change_only_the_sandbox(shared_dir):
+    """The engine unmounts one host mount and remounts another read-only. The test's own
+    mounts to attack are made in a private mount namespace of a child, which launches the
+    kit from there: other tests running meanwhile never see them (the kit's sandbox copies
+    the launcher's mount namespace, so for the run they are host mounts like any other)."""
+    from conftest import in_child
+
+    def attack_from_a_private_mount_namespace() -> dict[str, Any]:
+        linux.unshare(linux.CLONE_NEWNS)
+        linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+        base = tempfile.mkdtemp(prefix="kit-sbtest-")
+        paths = {name: os.path.join(base, name) for name in ("umount", "remount")}
+        for path in paths.values():
+            os.mkdir(path)
+            linux.mount("tmpfs", path, "tmpfs", linux.MS_NOSUID, "size=64k")
+        try:
+            before = _host_mounts()
+            result = run(HOSTILE, "root", ["/bin/true"], shared_dirs=[shared_dir],
+                         engine_config={"acts": ["umount", "remount_ro"],
+                                        "umount_path": paths["umount"],
+                                        "remount_path": paths["remount"],
+                                        "report_dir": shared_dir})
+            return {"exit": result.exit_code, "unchanged": _host_mounts() == before,
+                    "outcomes": _outcomes({"report_dir": shared_dir}, "master",
+                                          "create_container")}
+        finally:
+            for path in paths.values():
+                try:
+                    linux.umount(path, linux.MNT_DETACH)
+                except OSError:  # unmounted by the engine: the sandbox failed
+                    pass
+            shutil.rmtree(base, ignore_errors=True)
+
+    before = _host_mounts()
+    assert in_child(attack_from_a_private_mount_namespace) == {"ok": {
+        "exit": 0, "unchanged": True, "outcomes": {"umount": "done", "remount_ro": "done"}}}
+    assert _host_mounts() == before
