@@ -22,6 +22,14 @@ HOSTILE = "kit_test_engines:HostileEngine"
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the real backend as root")
 
 
+@pytest.fixture(autouse=True)
+def _outside_the_host_sandbox(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests name the kit's processes by the pids the supervisor sees (kernel_pid):
+    in the kit's host sandbox the ledger numbers them in the sandbox's pid namespace, while
+    an engine fault names the supervisor's view of its sender."""
+    monkeypatch.setenv("KIT_SANDBOX", "0")
+
+
 def hostile_run(flow: str = "root", **cfg) -> RunResult:
     result = run(HOSTILE, flow, ["/bin/true"], user="kit-test",
                  engine_config={"leak_tempdir": True, **cfg})
