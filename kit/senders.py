@@ -122,10 +122,13 @@ def check_snapshot(kernel_pid: int, event: dict[str, Any], confirmed: bool) -> s
         return f"its sending thread {event['tid']} is not a thread of pid {kernel_pid}"
     task, status = found
     threads = snap["threads"] if isinstance(snap["threads"], list) else []
-    # The snapshot numbers threads as the sender's /proc does: in the kit's host sandbox
-    # that is the sandbox's pid namespace, one of the thread's NSpid levels, not ours.
-    names = {task, event["tid"], *(int(n) for n in status.get("NSpid", "").split())}
-    mine = next((t for t in threads if isinstance(t, dict) and t.get("tid") in names), None)
+    entries = [t for t in threads if isinstance(t, dict)]
+    mine = next((t for t in entries if t.get("tid") in (task, event["tid"])), None)
+    if mine is None:
+        # The snapshot numbers threads as the sender's /proc does: in the kit's host sandbox,
+        # a process in a pid namespace of its own (the RPC server) reads the sandbox's.
+        levels = {int(n) for n in status.get("NSpid", "").split()}
+        mine = next((t for t in entries if t.get("tid") in levels), None)
     if mine is None:
         return f"its snapshot has no entry for its sending thread {event['tid']}"
     kernel = _as_inside(kernel_pid, probe.thread_state(status, task))
