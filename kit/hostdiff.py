@@ -1,0 +1,457 @@
+"""The host diff: a run's host sandbox read from outside before and after, and compared.
+
+SPEC §11: after a run the host is as it was before. In the real backend as root the host a run
+sees is the kit's sandbox, so its state before the starter is forked and after the run, both
+read by the supervisor (which keeps the real host's ``/proc``), tell every change the run made:
+
+- files: the overlay's upper layer lists every path created, changed or deleted (a whiteout is a
+  character device 0/0, a replaced directory carries the ``trusted.overlay.opaque`` xattr);
+- mounts of the sandbox's mount namespace (``/proc/<init>/mountinfo``): added, removed, options,
+  propagation;
+- hostname and domainname, the writable sysctls (``net.*`` of the sandbox's network namespace),
+  network links, addresses and routes (netlink, through pyroute2), SysV IPC objects and POSIX
+  message queues: read by a short-lived thread that joined the sandbox's uts, ipc and net
+  namespaces (those files and sockets show the reader's namespace);
+- named network namespaces (``/run/netns`` in the sandbox) and the processes of its pid
+  namespace.
+
+What cannot be seen here: writes to file systems that are not the overlay (a fresh tmpfs the
+sandbox mounts, bind mounts of the real host), and anything outside the sandbox's namespaces.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from kit import linux
+
+#: Object kinds, in report order.
+KINDS = ("file", "mount", "hostname", "domainname", "sysctl", "link", "address", "route",
+         "netns", "ipc", "mqueue", "process")
+
+#: A regular file up to this size is compared by content, a larger one by size and mtime.
+HASH_LIMIT = 1 << 20
+
+_OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
+
+
+class Sandbox(Protocol):
+    """What the diff needs of a host sandbox (kit.sandbox provides it)."""
+
+    init_pid: int  # pid 1 of the sandbox's pid namespace, as the supervisor sees it
+    upper_dir: str  # a path through which the overlay's upper layer can be walked
+
+
+@dataclass(frozen=True)
+class HostChange:
+    """One object of the host that differs: ``before``/``after`` None when it did not exist."""
+
+    kind: str
+    name: str
+    before: str | None
+    after: str | None
+
+    def describe(self) -> str:
+        if self.before is None:
+            return f"{self.kind} {self.name} created ({self.after})"
+        if self.after is None:
+            return f"{self.kind} {self.name} removed (was {self.before})"
+        return f"{self.kind} {self.name} changed: {self.before} -> {self.after}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "name": self.name, "before": self.before,
+                "after": self.after}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> HostChange:
+        return cls(str(doc["kind"]), str(doc["name"]), doc.get("before"), doc.get("after"))
+
+
+@dataclass
+class HostState:
+    """Every object of a sandbox, by kind then name, as one comparable string each.
+    ``lower`` is, for each path of the upper layer, what the real host has there (None: nothing);
+    ``errors`` what could not be read (a kind that could not be read is not compared)."""
+
+    objects: dict[str, dict[str, str]] = field(default_factory=dict)
+    lower: dict[str, str | None] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+# --- files: the overlay's upper layer -----------------------------------------------------------
+
+def _describe_path(path: str, st: os.stat_result) -> str:
+    mode = stat.S_IMODE(st.st_mode)
+    head = f"{mode:04o} {st.st_uid}:{st.st_gid}"
+    if stat.S_ISREG(st.st_mode):
+        if st.st_size <= HASH_LIMIT:
+            with open(path, "rb") as f:
+                digest = hashlib.blake2b(f.read(), digest_size=8).hexdigest()
+            return f"file {head} {st.st_size} bytes {digest}"
+        return f"file {head} {st.st_size} bytes mtime {st.st_mtime_ns}"
+    if stat.S_ISDIR(st.st_mode):
+        return f"dir {head}"
+    if stat.S_ISLNK(st.st_mode):
+        return f"symlink -> {os.readlink(path)}"
+    if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+        kind = "chardev" if stat.S_ISCHR(st.st_mode) else "blockdev"
+        return f"{kind} {head} {os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    return f"{stat.S_IFMT(st.st_mode):o} {head}"  # fifo, socket
+
+
+def _lower(rel: str, lower_dir: str) -> str | None:
+    path = os.path.join(lower_dir, rel.lstrip("/"))
+    try:
+        return _describe_path(path, os.lstat(path))
+    except OSError:
+        return None
+
+
+def _is_opaque(path: str) -> bool:
+    for name in _OPAQUE_XATTRS:
+        try:
+            if os.getxattr(path, name, follow_symlinks=False) == b"y":
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _upper_entry(path: str, st: os.stat_result) -> str:
+    if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+        return "whiteout"
+    if stat.S_ISDIR(st.st_mode) and _is_opaque(path):
+        return "opaque " + _describe_path(path, st)
+    return _describe_path(path, st)
+
+
+def read_files(upper_dir: str, lower_dir: str = "/") -> tuple[dict[str, str],
+                                                                dict[str, str | None]]:
+    """Every entry of the upper layer (``/etc/x`` → its description) and, for each, what the
+    lower layer has there. A directory that is only a copied-up parent (same type, mode and
+    owner as below) is left out: its mtime moved because an entry in it changed, which is
+    listed by itself."""
+    upper: dict[str, str] = {}
+    lower: dict[str, str | None] = {}
+    todo = [("", upper_dir)]
+    while todo:
+        rel_dir, real_dir = todo.pop()
+        with os.scandir(real_dir) as entries:
+            for entry in entries:
+                rel = f"{rel_dir}/{entry.name}"
+                st = entry.stat(follow_symlinks=False)
+                desc = _upper_entry(entry.path, st)
+                below = _lower(rel, lower_dir)
+                if stat.S_ISDIR(st.st_mode):
+                    todo.append((rel, entry.path))
+                    if desc == below:
+                        continue
+                upper[rel] = desc
+                lower[rel] = below
+    return upper, lower
+
+
+# --- mounts -------------------------------------------------------------------------------------
+
+def _propagation(optional: list[str]) -> str:
+    # Peer group numbers differ between otherwise equal sandboxes: only the kinds count.
+    kinds = sorted({tag.split(":")[0] for tag in optional}) or ["private"]
+    return ",".join(kinds)
+
+
+def read_mounts(mountinfo: str) -> dict[str, str]:
+    """Each mount of a mountinfo file, by mount point (``/mnt [2]`` for the second mount stacked
+    on ``/mnt``): file system, source, root, options, super block options and propagation. Mount
+    ids and device numbers are left out (they differ between equal sandboxes)."""
+    mounts: dict[str, str] = {}
+    with open(mountinfo) as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            point = linux.unescape_mountinfo(fields[4])
+            name, n = point, 1
+            while name in mounts:
+                n += 1
+                name = f"{point} [{n}]"
+            fstype, source, sopts = (fields[sep + 1:sep + 4] + ["", "", ""])[:3]
+            mounts[name] = (f"{fstype} {linux.unescape_mountinfo(source)} root "
+                            f"{linux.unescape_mountinfo(fields[3])} {fields[5]} ({sopts}) "
+                            f"{_propagation(fields[6:sep])}")
+    return mounts
+
+
+# --- inside the namespaces: uts, ipc, net -------------------------------------------------------
+
+def _read(path: str) -> str:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, 65536).decode(errors="replace").strip()
+    finally:
+        os.close(fd)
+
+
+def read_sysctls(root: str = "/proc/sys/net") -> dict[str, str]:
+    """Every writable sysctl under ``root`` (``net.ipv4.ip_forward`` → its value), as the
+    calling thread's network namespace has them."""
+    values: dict[str, str] = {}
+    todo = [root]
+    while todo:
+        with os.scandir(todo.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    todo.append(entry.path)
+                    continue
+                if not entry.stat().st_mode & 0o222:
+                    continue
+                try:
+                    value = _read(entry.path)
+                except OSError as exc:  # write-only, or EINVAL for some per-device entries
+                    value = f"unreadable: {exc.strerror}"
+                name = entry.path[len("/proc/sys/"):].replace("/", ".")
+                values[name] = " ".join(value.split())
+    return values
+
+
+def read_sysvipc() -> dict[str, str]:
+    """SysV message queues, semaphore sets and shared memory segments of the calling thread's
+    ipc namespace: by kind, key and id; their permissions and owner (not times or counters)."""
+    objects: dict[str, str] = {}
+    for kind in ("msg", "sem", "shm"):
+        with open(f"/proc/sysvipc/{kind}") as f:
+            header = f.readline().split()
+            for line in f:
+                row = dict(zip(header, line.split()))
+                keep = [f"perms {row.get('perms')}", f"uid {row.get('uid')}",
+                        f"gid {row.get('gid')}"]
+                if kind == "shm":
+                    keep.append(f"size {row.get('size')}")
+                objects[f"{kind} key {row.get('key')} id {row.get(kind + 'id')}"] = \
+                    " ".join(keep)
+    return objects
+
+
+def read_mqueues() -> dict[str, str]:
+    """POSIX message queues of the calling thread's ipc namespace (a detached mqueue mount:
+    it lists the namespace the mounting thread is in)."""
+    fd = linux.detached_mount("mqueue")
+    try:
+        queues = {}
+        for name in os.listdir(fd):
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            queues["/" + name] = f"{stat.S_IMODE(st.st_mode):04o} {st.st_uid}:{st.st_gid}"
+        return queues
+    finally:
+        os.close(fd)
+
+
+def _attr(msg: Any, name: str) -> Any:
+    return msg.get(name) if hasattr(msg, "get") else None
+
+
+def read_network() -> dict[str, dict[str, str]]:
+    """Links, addresses and routes of the calling thread's network namespace (pyroute2)."""
+    from pyroute2 import IPRoute  # imported once by the supervisor's preload, cheap here
+
+    links: dict[str, str] = {}
+    addresses: dict[str, str] = {}
+    routes: dict[str, str] = {}
+    with IPRoute(groups=0) as ipr:
+        names = {}
+        for link in ipr.get_links():
+            name = str(_attr(link, "IFLA_IFNAME"))
+            names[link["index"]] = name
+            info = _attr(link, "IFLA_LINKINFO")
+            kind = _attr(info, "IFLA_INFO_KIND") if info is not None else None
+            links[name] = (f"{kind or 'device'} flags {link['flags']:#x} mtu "
+                           f"{_attr(link, 'IFLA_MTU')} address {_attr(link, 'IFLA_ADDRESS')} "
+                           f"state {_attr(link, 'IFLA_OPERSTATE')}")
+        for addr in ipr.get_addr():
+            dev = names.get(addr["index"], str(addr["index"]))
+            addresses[f"{dev} {_attr(addr, 'IFA_ADDRESS')}/{addr['prefixlen']}"] = \
+                f"scope {addr['scope']} flags {_attr(addr, 'IFA_FLAGS')}"
+        for route in ipr.get_routes():
+            table = _attr(route, "RTA_TABLE") or route["table"]
+            dst = _attr(route, "RTA_DST") or ("default" if route["family"] == 2 else "::")
+            dev = names.get(_attr(route, "RTA_OIF"), "-")
+            name = (f"table {table} type {route['type']} {dst}/{route['dst_len']} dev {dev} "
+                    f"via {_attr(route, 'RTA_GATEWAY') or '-'}")
+            routes[name] = (f"proto {route['proto']} scope {route['scope']} metric "
+                            f"{_attr(route, 'RTA_PRIORITY')} src {_attr(route, 'RTA_PREFSRC')}")
+    return {"link": links, "address": addresses, "route": routes}
+
+
+def _join(init_pid: int, kind: str) -> None:
+    fd = os.open(linux.ns_path(kind, init_pid), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        linux.setns(fd, linux.NAMESPACES[kind][0])
+    finally:
+        os.close(fd)
+
+
+#: What a thread that joined the sandbox's namespaces reads: kind → reader (or kinds at once).
+_INSIDE: tuple[tuple[str, tuple[str, ...], Callable[[], Any]], ...] = (
+    ("uts", ("hostname",), lambda: {"hostname": {"": _read("/proc/sys/kernel/hostname")}}),
+    ("uts", ("domainname",),
+     lambda: {"domainname": {"": _read("/proc/sys/kernel/domainname")}}),
+    ("net", ("sysctl",), lambda: {"sysctl": read_sysctls()}),
+    ("net", ("link", "address", "route"), read_network),
+    ("ipc", ("ipc",), lambda: {"ipc": read_sysvipc()}),
+    ("ipc", ("mqueue",), lambda: {"mqueue": read_mqueues()}),
+)
+
+
+def _read_inside(init_pid: int, state: HostState) -> None:
+    """In this (short-lived) thread: join the sandbox's uts, ipc and net namespaces and read
+    what they hold. setns of these kinds affects the calling thread only."""
+    joined: dict[str, str | None] = {}
+    for ns_kind, kinds, reader in _INSIDE:
+        if ns_kind not in joined:
+            try:
+                _join(init_pid, ns_kind)
+                joined[ns_kind] = None
+            except OSError as exc:
+                joined[ns_kind] = f"cannot join its {ns_kind} namespace: {exc}"
+        try:
+            if joined[ns_kind] is not None:
+                raise OSError(joined[ns_kind])
+            state.objects.update(reader())
+        except Exception as exc:  # one unreadable kind must not hide the others
+            for kind in kinds:
+                state.errors[kind] = f"{type(exc).__name__}: {exc}"
+
+
+def read_processes(init_pid: int) -> dict[str, str]:
+    """The processes of the sandbox's pid namespace (pid as it sees them → command line), from
+    its own ``/proc`` (checked to be the proc of that pid namespace)."""
+    proc = f"/proc/{init_pid}/root/proc"
+    own = os.readlink(f"/proc/{init_pid}/ns/pid")
+    try:
+        ours = os.readlink(f"{proc}/1/ns/pid") == own
+    except OSError:
+        ours = False
+    if not ours:  # its /proc was unmounted or covered: the slow way, through ours
+        return _processes_in(own)
+    processes = {}
+    for name in os.listdir(proc):
+        if name.isdigit():
+            try:
+                with open(f"{proc}/{name}/cmdline", "rb") as f:
+                    argv = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+                argv = argv or f"[{_read(f'{proc}/{name}/comm')}]"  # a zombie has no argv
+            except OSError:
+                continue  # exited meanwhile
+            processes[f"pid {name}"] = argv
+    return processes
+
+
+def _processes_in(pid_ns: str) -> dict[str, str]:
+    """The processes of pid namespace ``pid_ns`` (``pid:[…]``), found in this process's /proc
+    and named by their pid in that namespace (the last of NSpid)."""
+    processes = {}
+    for name in os.listdir("/proc"):
+        try:
+            if not name.isdigit() or os.readlink(f"/proc/{name}/ns/pid") != pid_ns:
+                continue
+            nspid = linux.read_status(f"/proc/{name}/status")["NSpid"].split()[-1]
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                argv = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            processes[f"pid {nspid}"] = argv or f"[{_read(f'/proc/{name}/comm')}]"
+        except (OSError, KeyError):
+            continue  # exited meanwhile, or a kernel thread
+    return processes
+
+
+def read_netns(init_pid: int) -> dict[str, str]:
+    """Named network namespaces of the sandbox (its ``/run/netns``)."""
+    try:
+        names = os.listdir(f"/proc/{init_pid}/root/run/netns")
+    except FileNotFoundError:
+        return {}
+    return {name: "netns" for name in names}
+
+
+def _outside(state: HostState, kind: str, reader: Callable[[], dict[str, str]]) -> None:
+    try:
+        state.objects[kind] = reader()
+    except Exception as exc:
+        state.errors[kind] = f"{type(exc).__name__}: {exc}"
+
+
+def _root_alone() -> tuple[str, int | None]:
+    """A path to this process's root file system without the mounts on it: what an overlay
+    with ``lowerdir=/`` has below (``/dev/null`` there is not the devtmpfs one). Without the
+    privilege to clone it, ``/`` (wrong only under a mount point)."""
+    try:
+        fd = linux.clone_mount("/")
+    except OSError:
+        return "/", None
+    return f"/proc/self/fd/{fd}", fd
+
+
+def snapshot(sandbox: Sandbox, lower_dir: str | None = None) -> HostState:
+    """The state of ``sandbox``, read from outside it (``lower_dir``: the overlay's lower
+    layer as this process sees it; by default the root file system, ``lowerdir=/``)."""
+    state = HostState()
+    pid = sandbox.init_pid
+    inside = threading.Thread(target=_read_inside, args=(pid, state), name="kit-hostdiff")
+    inside.start()
+
+    def files() -> dict[str, str]:
+        below, fd = (lower_dir, None) if lower_dir is not None else _root_alone()
+        try:
+            upper, state.lower = read_files(sandbox.upper_dir, below)
+        finally:
+            if fd is not None:
+                os.close(fd)
+        return upper
+
+    _outside(state, "file", files)
+    _outside(state, "mount", lambda: read_mounts(f"/proc/{pid}/mountinfo"))
+    _outside(state, "netns", lambda: read_netns(pid))
+    _outside(state, "process", lambda: read_processes(pid))
+    inside.join()
+    return state
+
+
+def diff(before: HostState, after: HostState) -> list[HostChange]:
+    """Every object that differs between two snapshots of one sandbox, in :data:`KINDS` order
+    then by name. A kind that either snapshot could not read is reported as a change of
+    kind ``unreadable`` (the diff cannot vouch for it)."""
+    changes: list[HostChange] = []
+    for kind in KINDS:
+        if kind in before.errors or kind in after.errors:
+            changes.append(HostChange("unreadable", kind, before.errors.get(kind),
+                                      after.errors.get(kind)))
+            continue
+        old = before.objects.get(kind, {})
+        new = after.objects.get(kind, {})
+        for name in sorted(old.keys() | new.keys()):
+            was, now = old.get(name), new.get(name)
+            if kind == "file":
+                was, now = _file_sides(name, before, after)
+            if was != now:
+                changes.append(HostChange(kind, name or kind, was, now))
+    return changes
+
+
+def _file_sides(path: str, before: HostState, after: HostState) -> tuple[str | None, str | None]:
+    """What the path was before and is after, seen through the overlay: an upper entry hides
+    the lower one (a whiteout hides it as if deleted)."""
+    lower = after.lower.get(path, before.lower.get(path))
+
+    def merged(state: HostState) -> str | None:
+        entry = state.objects["file"].get(path)
+        if entry is None:
+            return lower
+        return None if entry == "whiteout" else entry.removeprefix("opaque ")
+
+    was, now = merged(before), merged(after)
+    if was == now and before.objects["file"].get(path, "").startswith("opaque ") != \
+            after.objects["file"].get(path, "").startswith("opaque "):
+        now = f"{now} (replaced: its old entries hidden)"
+    return was, now

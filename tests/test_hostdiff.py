@@ -1,0 +1,321 @@
+"""The host diff (kit/hostdiff.py) on a sandbox this test owns: each kind of change is named,
+an unchanged sandbox diffs empty.
+
+The fixture is sandbox-like: a forked child unshares mount, uts, ipc, net and pid namespaces,
+mounts an overlay (lower ``/``, upper on a tmpfs) and forks pid 1 of the new pid namespace,
+which mounts a fresh ``/proc`` in the overlay, brings ``lo`` up, chroots into the overlay and
+runs the Python snippets the test sends it. It exposes ``init_pid`` and ``upper_dir`` as the
+kit's sandbox does. Nothing it does reaches the real host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import struct
+import tempfile
+import time
+from dataclasses import asdict
+from typing import Any, Iterator
+
+import pytest
+
+from kit import hostdiff, linux
+from kit.hostdiff import HostChange, HostState
+from conftest import in_child
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, overlay)")
+
+
+def _send(fd: int, data: bytes) -> None:
+    os.write(fd, struct.pack("!I", len(data)) + data)
+
+
+def _recv(fd: int) -> bytes:
+    head = b""
+    while len(head) < 4:
+        chunk = os.read(fd, 4 - len(head))
+        if not chunk:
+            raise EOFError("the sandbox's init is gone")
+        head += chunk
+    (size,) = struct.unpack("!I", head)
+    data = b""
+    while len(data) < size:
+        data += os.read(fd, size - len(data))
+    return data
+
+
+def _init(base: str, commands: int, replies: int) -> None:
+    """pid 1 of the sandbox: finish it, then run what the test sends."""
+    root = f"{base}/root"
+    linux.mount("proc", f"{root}/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV
+                | linux.MS_NOEXEC)
+    linux.link_up("lo")
+    upper = os.open(f"{base}/upper", os.O_PATH | os.O_DIRECTORY)
+    os.chroot(root)
+    os.chdir("/")
+    _send(replies, json.dumps({"upper_fd": upper}).encode())
+    while True:
+        try:
+            code = _recv(commands).decode()
+        except EOFError:
+            os._exit(0)
+        try:
+            exec(code, {"__name__": "sandbox"})
+            reply = {"ok": True}
+        except BaseException as exc:
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        _send(replies, json.dumps(reply).encode())
+
+
+def _outer(base: str, commands: int, replies: int) -> None:
+    """The forked child: new namespaces, the overlay, then pid 1."""
+    linux.unshare(linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC
+                  | linux.CLONE_NEWNET | linux.CLONE_NEWPID)
+    linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+    linux.mount("tmpfs", base, "tmpfs", 0, "mode=0700")
+    for name in ("upper", "work", "root"):
+        os.mkdir(f"{base}/{name}")
+    linux.mount("overlay", f"{base}/root", "overlay", 0,
+                f"lowerdir=/,upperdir={base}/upper,workdir={base}/work")
+    linux.mount("/dev", f"{base}/root/dev", None, linux.MS_BIND | linux.MS_REC)
+    pid = os.fork()
+    if pid == 0:
+        _init(base, commands, replies)
+    _send(replies, json.dumps({"init_pid": pid}).encode())
+    os.waitpid(pid, 0)
+    os._exit(0)
+
+
+class OwnSandbox:
+    """A sandbox-like set of namespaces with the two attributes the diff reads."""
+
+    def __init__(self) -> None:
+        self.base = tempfile.mkdtemp(prefix="kit-hostdiff-")
+        cmd_r, self._cmd = os.pipe()
+        self._reply, reply_w = os.pipe()
+        self.outer = os.fork()
+        if self.outer == 0:
+            try:
+                os.close(self._cmd)
+                os.close(self._reply)
+                _outer(self.base, cmd_r, reply_w)
+            finally:
+                os._exit(1)
+        os.close(cmd_r)
+        os.close(reply_w)
+        # Two messages, in either order: pid 1's pid (from its parent) and its upper fd.
+        ready = {**json.loads(_recv(self._reply)), **json.loads(_recv(self._reply))}
+        self.init_pid: int = ready["init_pid"]
+        self.upper_dir = f"/proc/{self.init_pid}/fd/{ready['upper_fd']}"
+
+    def run(self, code: str) -> None:
+        """Run Python ``code`` in the sandbox's pid 1 (chrooted in the overlay)."""
+        _send(self._cmd, code.encode())
+        reply = json.loads(_recv(self._reply))
+        assert reply == {"ok": True}, reply
+
+    def sh(self, command: str) -> None:
+        self.run(f"import subprocess; subprocess.run({command!r}, shell=True, check=True)")
+
+    def close(self) -> None:
+        with_pidfd = os.pidfd_open(self.init_pid)
+        try:
+            os.kill(self.init_pid, signal.SIGKILL)  # ends its pid namespace, mounts and all
+        finally:
+            os.close(with_pidfd)
+        os.waitpid(self.outer, 0)
+        os.close(self._cmd)
+        os.close(self._reply)
+        os.rmdir(self.base)
+
+
+@pytest.fixture
+def sandbox() -> Iterator[OwnSandbox]:
+    box = OwnSandbox()
+    try:
+        yield box
+    finally:
+        box.close()
+
+
+def snap(box: OwnSandbox) -> HostState:
+    """A snapshot taken in a forked child (the pytest process never joins a namespace)."""
+    out = in_child(lambda: asdict(hostdiff.snapshot(box)))
+    assert "ok" in out, out
+    return HostState(**out["ok"])
+
+
+def changes(box: OwnSandbox, code: str = "", shell: str = "") -> list[HostChange]:
+    before = snap(box)
+    assert not before.errors, before.errors
+    if code:
+        box.run(code)
+    if shell:
+        box.sh(shell)
+    after = snap(box)
+    assert not after.errors, after.errors
+    return hostdiff.diff(before, after)
+
+
+def named(found: list[HostChange], kind: str, name: str) -> HostChange:
+    hits = [c for c in found if c.kind == kind and c.name == name]
+    assert hits, f"no {kind} {name} in {[c.describe() for c in found]}"
+    return hits[0]
+
+
+# --- no false positives ---------------------------------------------------------------------
+
+def test_an_unchanged_sandbox_diffs_empty(sandbox: OwnSandbox) -> None:
+    # Reads touch atimes and /proc, and a short-lived process comes and goes: none of it is a
+    # change of the host.
+    found = changes(sandbox, shell="cat /etc/passwd /proc/self/status /proc/sys/net/ipv4/"
+                    "ip_forward >/dev/null; ls -R /etc >/dev/null; true")
+    assert found == []
+
+
+def test_the_snapshot_sees_a_real_sandbox_not_the_host(sandbox: OwnSandbox) -> None:
+    state = snap(sandbox)
+    assert state.errors == {}
+    assert set(state.objects["link"]) == {"lo"}  # a fresh net namespace, whatever the host has
+    assert set(state.objects["process"]) == {"pid 1"}
+    assert "/" in state.objects["mount"] and "/proc" in state.objects["mount"]
+    assert "net.ipv4.ip_forward" in state.objects["sysctl"]
+    assert state.objects["file"] == {}
+
+
+# --- each kind of object: the change is named --------------------------------------------------
+
+def test_a_file_created_changed_or_deleted_under_etc_is_named(sandbox: OwnSandbox) -> None:
+    name = f"kit-hostdiff-{os.getpid()}"
+    found = changes(sandbox, shell=f"echo x > /etc/{name}; echo y >> /etc/hostname; "
+                    "rm /etc/issue; chmod 700 /opt")
+    created = named(found, "file", f"/etc/{name}")
+    assert created.before is None and created.after.startswith("file 0644 0:0 2 bytes")
+    changed = named(found, "file", "/etc/hostname")
+    assert changed.before is not None and changed.after is not None
+    assert changed.before != changed.after
+    deleted = named(found, "file", "/etc/issue")
+    assert deleted.before is not None and deleted.after is None
+    chmod = named(found, "file", "/opt")
+    assert chmod.after.startswith("dir 0700")
+    assert not os.path.exists(f"/etc/{name}")  # the real host has none of it
+
+
+def test_a_replaced_directory_is_named(sandbox: OwnSandbox) -> None:
+    # rm -r then mkdir: overlayfs marks the new directory opaque instead of whiting out each
+    # old entry; the diff says its old entries are hidden.
+    found = changes(sandbox, shell="rm -r /etc/default && mkdir /etc/default && "
+                    "chmod --reference=/etc /etc/default")
+    replaced = named(found, "file", "/etc/default")
+    assert "replaced" in replaced.after
+
+
+def test_a_file_rewritten_with_its_own_content_is_no_change(sandbox: OwnSandbox) -> None:
+    found = changes(sandbox, shell="cp -p /etc/hostname /tmp/h && cat /tmp/h > /etc/hostname "
+                    "&& rm /tmp/h")
+    assert found == []
+
+
+def test_mounts_added_remounted_and_repropagated_are_named(sandbox: OwnSandbox) -> None:
+    found = changes(sandbox, shell="mount -t tmpfs kit-test /mnt && mount -o remount,ro "
+                    "/proc && mount --make-shared /")
+    added = named(found, "mount", "/mnt")
+    assert added.before is None and added.after.startswith("tmpfs kit-test")
+    remounted = named(found, "mount", "/proc")
+    assert " ro," in remounted.after and " rw," in remounted.before
+    shared = named(found, "mount", "/")
+    assert shared.after.endswith("shared") and shared.before.endswith("private")
+
+
+def test_a_mount_removed_is_named(sandbox: OwnSandbox) -> None:
+    sandbox.sh("mount -t tmpfs kit-test /mnt")
+    found = changes(sandbox, shell="umount /mnt")
+    removed = named(found, "mount", "/mnt")
+    assert removed.after is None
+
+
+def test_a_mount_stacked_on_another_is_named(sandbox: OwnSandbox) -> None:
+    found = changes(sandbox, shell="mount -t tmpfs kit-test /proc")
+    assert named(found, "mount", "/proc [2]").after.startswith("tmpfs")
+
+
+def test_hostname_and_domainname_are_named(sandbox: OwnSandbox) -> None:
+    found = changes(sandbox, code="import socket; socket.sethostname('kit-evil')\n"
+                    "open('/proc/sys/kernel/domainname', 'w').write('kit-evil-domain')")
+    assert named(found, "hostname", "hostname").after == "kit-evil"
+    assert named(found, "domainname", "domainname").after == "kit-evil-domain"
+    assert os.uname().nodename != "kit-evil"
+
+
+def test_a_net_sysctl_is_named(sandbox: OwnSandbox) -> None:
+    found = changes(sandbox, shell="echo 1 > /proc/sys/net/ipv4/ip_forward")
+    change = named(found, "sysctl", "net.ipv4.ip_forward")
+    assert (change.before, change.after) == ("0", "1")
+
+
+def test_links_addresses_and_routes_are_named(sandbox: OwnSandbox) -> None:
+    found = changes(sandbox, shell="ip link add kit-veth0 type veth peer name kit-veth1 && "
+                    "ip addr add 10.254.7.1/24 dev kit-veth0 && ip link set kit-veth0 up && "
+                    "ip link set kit-veth1 up && ip route add 10.254.8.0/24 via 10.254.7.2 && "
+                    "ip link set lo mtu 1500")
+    assert named(found, "link", "kit-veth0").before is None
+    assert named(found, "link", "kit-veth0").after.startswith("veth ")
+    assert "mtu 1500" in named(found, "link", "lo").after
+    assert named(found, "address", "kit-veth0 10.254.7.1/24").before is None
+    route = named(found, "route", "table 254 type 1 10.254.8.0/24 dev kit-veth0 via 10.254.7.2")
+    assert route.before is None
+
+
+def test_a_named_network_namespace_is_named(sandbox: OwnSandbox) -> None:
+    found = changes(sandbox, shell="ip netns add kit-test-ns")
+    assert named(found, "netns", "kit-test-ns").before is None
+    assert any(c.kind == "mount" and c.name.startswith("/run/netns/kit-test-ns")
+               for c in found)
+    assert not os.path.exists("/run/netns/kit-test-ns")
+
+
+def test_sysv_ipc_objects_and_posix_message_queues_are_named(sandbox: OwnSandbox) -> None:
+    found = changes(sandbox, code=(
+        "import ctypes, os\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "assert libc.shmget(0x6b697401, 4096, 0o1600) >= 0\n"
+        "assert libc.msgget(0x6b697402, 0o1640) >= 0\n"
+        "assert libc.mq_open(b'/kit-test-queue', os.O_CREAT | os.O_RDWR, 0o600, None) >= 0\n"))
+    assert any(c.kind == "ipc" and c.name.startswith("shm key 1802073089 ") for c in found)
+    assert any(c.kind == "ipc" and c.name.startswith("msg key 1802073090 ") for c in found)
+    assert named(found, "mqueue", "/kit-test-queue").after == "0600 0:0"
+
+
+def test_a_process_left_in_the_sandbox_is_named(sandbox: OwnSandbox) -> None:
+    found = changes(sandbox, code="import subprocess; subprocess.Popen(['sleep', '3600'])")
+    (left,) = [c for c in found if c.kind == "process"]
+    assert left.before is None and left.after == "sleep 3600"
+
+
+def test_an_unreadable_kind_is_reported_not_skipped(sandbox: OwnSandbox) -> None:
+    state = snap(sandbox)
+    broken = HostState({k: dict(v) for k, v in state.objects.items() if k != "mount"},
+                       dict(state.lower), {"mount": "OSError: gone"})
+    found = hostdiff.diff(state, broken)
+    assert found == [HostChange("unreadable", "mount", None, "OSError: gone")]
+
+
+# --- cost ---------------------------------------------------------------------------------------
+
+def test_a_snapshot_costs_a_few_milliseconds(sandbox: OwnSandbox) -> None:
+    def measure() -> float:
+        hostdiff.snapshot(sandbox)  # warm: pyroute2's lazy imports
+        times = []
+        for _ in range(15):
+            start = time.perf_counter()
+            hostdiff.snapshot(sandbox)
+            times.append(time.perf_counter() - start)
+        return sorted(times)[len(times) // 2]
+
+    out = in_child(measure)
+    median = out["ok"]
+    print(f"snapshot median {median * 1000:.2f} ms")
+    assert median < 0.05  # generous under the shared machine's load; ~3 ms when idle
