@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import select
+import socket
 import stat
 import threading
 from dataclasses import dataclass, field
@@ -455,3 +457,109 @@ def _file_sides(path: str, before: HostState, after: HostState) -> tuple[str | N
             after.objects["file"].get(path, "").startswith("opaque "):
         now = f"{now} (replaced: its old entries hidden)"
     return was, now
+
+
+# --- during the run: what the ledger can tell ---------------------------------------------------
+
+#: Kinds watched while the run goes on (SPEC §11: not even transiently; NS-010, NS-011).
+WATCHED = ("hostname", "domainname", "mount")
+
+Hook = tuple[str, str, int]  # (role, hook, pid)
+
+
+class HostWatch:
+    """One run's host diff, held by the supervisor: the sandbox's state before the starter is
+    forked (:meth:`__init__`), its hostname, domainname and mount table looked at after every
+    batch of ledger events while the run goes on (:meth:`look`), and at the end every change
+    (:meth:`finish`), each watched one with the hooks that were open when it appeared."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self.sandbox = sandbox
+        # Opened before the snapshot: a mount made after it wakes the first poll.
+        self._mountinfo: int | None = os.open(f"/proc/{sandbox.init_pid}/mountinfo",
+                                              os.O_RDONLY | os.O_CLOEXEC)
+        _mounts_changed(self._mountinfo)
+        self.before = snapshot(sandbox)
+        self.last = {kind: dict(self.before.objects.get(kind, {})) for kind in WATCHED}
+        self.seen: dict[tuple[str, str], dict[str, Any]] = {}  # first sighting of each change
+        self.open: set[Hook] = set()
+        self.window: set[Hook] = set()  # hooks open at some moment since the last look
+        self.looks = 0
+        self._joined = False
+
+    def start(self) -> None:
+        """After the starter is forked, in the supervisor (single-threaded): join the
+        sandbox's uts namespace (a uname there is the sandbox's hostname, for the price of a
+        system call) and open its mountinfo (poll tells when its mount table changes)."""
+        _join(self.sandbox.init_pid, "uts")
+        self._joined = True
+
+    def note(self, event: dict[str, Any]) -> None:
+        """Keep track of the open hooks (every ledger event goes through here)."""
+        kind, role, pid = event.get("kind"), str(event.get("role")), event.get("pid", 0)
+        if kind == "hook_enter":
+            hook = (role, str(event.get("hook")), pid)
+            self.open.add(hook)
+            self.window.add(hook)
+        elif kind in ("hook_return", "hook_raise"):
+            self.open.discard((role, str(event.get("hook")), pid))
+        elif kind == "stage2_exec":
+            self.open = {h for h in self.open if h[:2] != ("stage2", "start_process")}
+            payload = ("payload", "after exec", pid)
+            self.open.add(payload)
+            self.window.add(payload)
+
+    def look(self) -> None:
+        """After a batch of ledger events: any watched object that changed since the last
+        look appeared while one of the hooks of the window was open (the window holds every
+        hook open since the last look: events of the batch were sent before this look)."""
+        if self._mountinfo is None or not self._joined:
+            return
+        self.looks += 1
+        now = {"hostname": {"": socket.gethostname()},
+               "domainname": {"": _read("/proc/sys/kernel/domainname")}}
+        if _mounts_changed(self._mountinfo):
+            now["mount"] = read_mounts(f"/proc/{self.sandbox.init_pid}/mountinfo")
+        for kind, objects in now.items():
+            last = self.last[kind]
+            for name in last.keys() | objects.keys():
+                if last.get(name) != objects.get(name):
+                    self.seen.setdefault((kind, name or kind), {
+                        "value": objects.get(name), "hooks": sorted(self.window)})
+            self.last[kind] = objects
+        self.window = set(self.open)
+
+    def finish(self) -> dict[str, Any]:
+        """After the run: the fields of the ledger's ``host_changes`` event. Each change is
+        ``HostChange.to_json()`` with ``hooks`` (open when it appeared; None when the ledger
+        cannot tell) and ``transient`` (seen during the run, gone at its end)."""
+        self.look()
+        if self._mountinfo is not None:
+            os.close(self._mountinfo)
+            self._mountinfo = None
+        after = snapshot(self.sandbox)
+        out = []
+        final = diff(self.before, after)
+        for change in final:
+            seen = self.seen.get((change.kind, change.name))
+            out.append({**change.to_json(), "transient": False,
+                        "hooks": _hooks_json(seen["hooks"]) if seen else None})
+        named = {(c.kind, c.name) for c in final}
+        for (kind, name), seen in self.seen.items():
+            if (kind, name) not in named:
+                was = self.before.objects.get(kind, {}).get("" if name == kind else name)
+                out.append({"kind": kind, "name": name, "before": was, "after": seen["value"],
+                            "transient": True, "hooks": _hooks_json(seen["hooks"])})
+        return {"changes": out, "errors": {**self.before.errors, **after.errors},
+                "looks": self.looks}
+
+
+def _hooks_json(hooks: list[Hook]) -> list[dict[str, Any]]:
+    return [{"role": role, "hook": hook, "pid": pid} for role, hook, pid in hooks]
+
+
+def _mounts_changed(fd: int) -> bool:
+    """Whether the mount table of a mountinfo file changed since the last poll of ``fd``."""
+    poller = select.poll()
+    poller.register(fd, select.POLLPRI)
+    return any(ev & (select.POLLPRI | select.POLLERR) for _, ev in poller.poll(0))

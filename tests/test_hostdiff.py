@@ -319,3 +319,53 @@ def test_a_snapshot_costs_a_few_milliseconds(sandbox: OwnSandbox) -> None:
     median = out["ok"]
     print(f"snapshot median {median * 1000:.2f} ms")
     assert median < 0.05  # generous under the shared machine's load; ~3 ms when idle
+
+
+# --- during the run: transient changes and the hook that made them -----------------------------
+
+def test_the_watch_names_a_transient_change_and_the_hook_open_when_it_appeared(
+        sandbox: OwnSandbox) -> None:
+    hostname = os.uname().nodename  # the sandbox's at the start (the child joins its uts ns)
+
+    def run() -> dict[str, Any]:
+        watch = hostdiff.HostWatch(sandbox)
+        watch.start()
+        watch.note({"kind": "hook_enter", "role": "master", "hook": "create_container",
+                    "pid": 7})
+        sandbox.run("import socket; socket.sethostname('kit-evil')")
+        watch.look()
+        watch.note({"kind": "hook_return", "role": "master", "hook": "create_container",
+                    "pid": 7})
+        watch.look()
+        watch.note({"kind": "hook_enter", "role": "master", "hook": "cleanup_container",
+                    "pid": 7})
+        sandbox.run(f"import socket; socket.sethostname({hostname!r})\n"
+                    "import subprocess; subprocess.run(['mount', '-t', 'tmpfs', 'x', '/mnt'])")
+        watch.note({"kind": "hook_return", "role": "master", "hook": "cleanup_container",
+                    "pid": 7})
+        watch.look()
+        return watch.finish()
+
+    out = in_child(run)
+    assert "ok" in out, out
+    doc = out["ok"]
+    assert doc["errors"] == {} and doc["looks"] == 4
+    by_name = {c["name"]: c for c in doc["changes"]}
+    host = by_name["hostname"]
+    assert host["transient"] and host["after"] == "kit-evil"
+    assert host["hooks"] == [{"role": "master", "hook": "create_container", "pid": 7}]
+    mount = by_name["/mnt"]
+    assert not mount["transient"] and mount["before"] is None
+    assert mount["hooks"] == [{"role": "master", "hook": "cleanup_container", "pid": 7}]
+
+
+def test_a_change_the_watch_did_not_see_has_no_hooks(sandbox: OwnSandbox) -> None:
+    def run() -> dict[str, Any]:
+        watch = hostdiff.HostWatch(sandbox)
+        watch.start()
+        sandbox.sh("echo 1 > /proc/sys/net/ipv4/ip_forward")
+        return watch.finish()
+
+    out = in_child(run)
+    change = next(c for c in out["ok"]["changes"] if c["name"] == "net.ipv4.ip_forward")
+    assert change["after"] == "1" and change["hooks"] is None
