@@ -1572,6 +1572,71 @@ def check_no_leaks(verify: Verifier, run: Run, requirement: str) -> None:
                  run=run, event=next((e for e in run.events if e.get("kind") == "leak"), None))
 
 
+#: Requirement → the kinds of host objects (kit.hostdiff.KINDS) it covers.
+HOST_KINDS = {"HOST-001": ("file",), "HOST-002": ("mount",),
+              "HOST-003": ("hostname", "domainname"), "HOST-004": ("sysctl",),
+              "HOST-005": ("link", "address", "route"), "HOST-006": ("netns",),
+              "HOST-007": ("ipc", "mqueue"), "HOST-008": ("process",),
+              "HOST-009": ("hostname", "domainname", "mount")}
+
+
+def _host_change_text(change: dict[str, Any]) -> str:
+    kind, name = change.get("kind"), change.get("name")
+    before, after = change.get("before"), change.get("after")
+    if change.get("transient"):
+        text = f"{kind} {name} was {after!r} for a while (back to {before!r} by the end)"
+    elif before is None:
+        text = f"{kind} {name} created: {after}"
+    elif after is None:
+        text = f"{kind} {name} removed (was {before})"
+    else:
+        text = f"{kind} {name} changed: {before} -> {after}"
+    hooks = change.get("hooks")
+    if hooks:
+        text += "; appeared while open: " + ", ".join(
+            f"{h.get('hook')} ({h.get('role')} pid {h.get('pid')})" for h in hooks)
+    elif hooks is not None:
+        text += "; appeared while no hook was open"
+    return text
+
+
+def check_host(verify: Verifier, run: Run, requirement: str) -> None:
+    """HOST-*: the run's host diff (the supervisor's ``host_changes`` event, kit.hostdiff)
+    names no object of the requirement's kinds; HOST-009 every watched change seen while the
+    run went on, even one undone by its end."""
+    run = verify.used(run.usable())
+    kernel_only(run, "the host's state")
+    event = next((e for e in run.events if e.get("kind") == "host_changes"), None)
+    if event is None:
+        import pytest
+
+        from conformance.outcomes import NOT_CONFIGURED_PREFIX
+        pytest.skip(f"{NOT_CONFIGURED_PREFIX}run {run.id} had no host sandbox to diff (the "
+                    "real backend launched as root runs in one)")
+    kinds = HOST_KINDS[requirement]
+    errors = event.get("errors") or {}
+    for kind in kinds:
+        if kind in errors:
+            raise HarnessError(f"run {run.id}: the host diff could not read {kind}: "
+                               f"{errors[kind]}")
+    during = requirement == "HOST-009"
+    found = [c for c in event.get("changes") or [] if c.get("kind") in kinds
+             and (c.get("transient") or c.get("hooks") is not None if during
+                  else not c.get("transient"))]
+    for change in found:
+        hooks = change.get("hooks") or []
+        one = hooks[0] if len(hooks) == 1 else {
+            # several hooks open at once, or none known: not the supervisor that recorded it
+            "role": "/".join(sorted({str(h.get("role")) for h in hooks})) or "unknown"}
+        verify.fail(requirement, expected=f"{change.get('kind')} {change.get('name')} "
+                    f"{'unchanged while the run lasts' if during else 'as before the run'}: "
+                    f"{change.get('before') if change.get('before') is not None else 'absent'}",
+                    observed=_host_change_text(change), run=run, event=event,
+                    role=one.get("role"), hook=one.get("hook"))
+    if not found:
+        verify.check(requirement, True, expected="", observed="", run=run)
+
+
 def check_cleanup_returned(verify: Verifier, run: Run, requirement: str) -> None:
     run = verify.used(run.usable())
     raised = hook_events(run, "master", "cleanup_container", ("hook_raise",))

@@ -492,6 +492,8 @@ def describe(event: dict[str, Any]) -> str:
                f"{event.get('seconds')} s"
     if kind == "leak":
         return f"leak: {event.get('what')} {shorten(event.get('detail'), 60)}"
+    if kind == "host_changes":
+        return f"host diff: {len(event.get('changes') or [])} change(s)"
     if kind == "starter_exit":
         return f"starter exits {event.get('code')}"
     if kind == "exit":

@@ -1,4 +1,4 @@
-"""The requirement catalogue: every rule of ``SPEC.md`` §2–§8 with a stable ID and a level.
+"""The requirement catalogue: every rule of ``SPEC.md`` §2–§8 and §11 with a stable ID and a level.
 
 Each entry is one sentence that a check can decide, a level (MUST, SHOULD, MAY, as in
 RFC 2119), the section of ``SPEC.md`` it comes from, and the group (hook or concern) it is
@@ -32,6 +32,7 @@ GROUPS: tuple[tuple[str, str], ...] = (
     ("cleanup", "Cleanup (cleanup_container)"),
     ("join", "Join-only runs"),
     ("ledger", "The ledger"),
+    ("host", "The host: nothing a run changes outlives it (the host diff)"),
 )
 
 
@@ -313,6 +314,31 @@ _ENTRIES = (
        "Engine code never writes to the ledger: every datagram on the ledger socket is a "
        "well-formed event of the schema, sent by the kit process whose role and pid it names "
        "(the kernel names the sender)."),
+    # --- §11 the host (HOST-050, HOST-051 are reserved for the seccomp filter) -------------------
+    _r("HOST-001", "MUST", "§11", "host",
+       "After a run the host's file system is as before: no path created, deleted, or changed "
+       "in content, type, mode or owner."),
+    _r("HOST-002", "MUST", "§11", "host",
+       "After a run the host's mount table is as before: no mount added or removed, none with "
+       "other options or another propagation."),
+    _r("HOST-003", "MUST", "§11", "host",
+       "After a run the host's hostname and domainname are as before."),
+    _r("HOST-004", "MUST", "§11", "host",
+       "After a run every sysctl a run can write (net.* of the host's network namespace) has "
+       "the value it had before."),
+    _r("HOST-005", "MUST", "§11", "host",
+       "After a run the host's network links, addresses and routes are as before."),
+    _r("HOST-006", "MUST", "§11", "host",
+       "After a run the host has the named network namespaces (/run/netns) it had before."),
+    _r("HOST-007", "MUST", "§11", "host",
+       "After a run the host has the SysV IPC objects and POSIX message queues it had before, "
+       "with the same owners and permissions."),
+    _r("HOST-008", "MUST", "§11", "host",
+       "After a run the host has the processes it had before: none of the run's outlives it, "
+       "none of the host's is killed."),
+    _r("HOST-009", "MUST", "§11, §2, §4", "host",
+       "While the run lasts the host's hostname, domainname and mount table do not change, not "
+       "even for a moment (the suite looks after every batch of ledger events)."),
 )
 
 CATALOGUE: dict[str, Requirement] = {}

@@ -132,15 +132,15 @@ def _upper_entry(path: str, st: os.stat_result) -> str:
     return _describe_path(path, st)
 
 
-def read_files(upper_dir: str, lower_dir: str = "/") -> tuple[dict[str, str],
-                                                                dict[str, str | None]]:
-    """Every entry of the upper layer (``/etc/x`` → its description) and, for each, what the
-    lower layer has there. A directory that is only a copied-up parent (same type, mode and
-    owner as below) is left out: its mtime moved because an entry in it changed, which is
-    listed by itself."""
+def read_files(upper_dir: str, lower_dir: str = "/", point: str = "/"
+               ) -> tuple[dict[str, str], dict[str, str | None]]:
+    """Every entry of the upper layer of the overlay mounted on ``point`` (``/etc/x`` → its
+    description) and, for each, what the lower layer has there. A directory that is only a
+    copied-up parent (same type, mode and owner as below) is left out: its mtime moved
+    because an entry in it changed, which is listed by itself."""
     upper: dict[str, str] = {}
     lower: dict[str, str | None] = {}
-    todo = [("", upper_dir)]
+    todo = [(point.rstrip("/"), upper_dir)]
     while todo:
         rel_dir, real_dir = todo.pop()
         with os.scandir(real_dir) as entries:
@@ -148,7 +148,7 @@ def read_files(upper_dir: str, lower_dir: str = "/") -> tuple[dict[str, str],
                 rel = f"{rel_dir}/{entry.name}"
                 st = entry.stat(follow_symlinks=False)
                 desc = _upper_entry(entry.path, st)
-                below = _lower(rel, lower_dir)
+                below = _lower(rel[len(point.rstrip("/")):], lower_dir)
                 if stat.S_ISDIR(st.st_mode):
                     todo.append((rel, entry.path))
                     if desc == below:
@@ -384,35 +384,45 @@ def _outside(state: HostState, kind: str, reader: Callable[[], dict[str, str]]) 
         state.errors[kind] = f"{type(exc).__name__}: {exc}"
 
 
-def _root_alone() -> tuple[str, int | None]:
-    """A path to this process's root file system without the mounts on it: what an overlay
-    with ``lowerdir=/`` has below (``/dev/null`` there is not the devtmpfs one). Without the
-    privilege to clone it, ``/`` (wrong only under a mount point)."""
+def _mount_alone(point: str) -> tuple[str, int | None]:
+    """A path to the file system mounted on ``point`` without the mounts on it: what an
+    overlay with ``lowerdir=point`` has below (``/dev/null`` under ``/`` is not the devtmpfs
+    one). Without the privilege to clone it, ``point`` (wrong only under a mount point)."""
     try:
-        fd = linux.clone_mount("/")
+        fd = linux.clone_mount(point)
     except OSError:
-        return "/", None
+        return point, None
     return f"/proc/self/fd/{fd}", fd
 
 
+def _read_all_files(sandbox: Sandbox, lower_dir: str | None,
+                    state: HostState) -> dict[str, str]:
+    """The upper layers of every copy-on-write mount of the sandbox (``upper_dirs`` by mount
+    point when it has several, else ``upper_dir`` for ``/``)."""
+    uppers = getattr(sandbox, "upper_dirs", None) or {"/": sandbox.upper_dir}
+    files: dict[str, str] = {}
+    for point, upper_dir in sorted(uppers.items()):
+        below, fd = (lower_dir, None) if lower_dir is not None else _mount_alone(point)
+        try:
+            found, lower = read_files(upper_dir, below, point)
+        finally:
+            if fd is not None:
+                os.close(fd)
+        files.update(found)
+        state.lower.update(lower)
+    return files
+
+
 def snapshot(sandbox: Sandbox, lower_dir: str | None = None) -> HostState:
-    """The state of ``sandbox``, read from outside it (``lower_dir``: the overlay's lower
-    layer as this process sees it; by default the root file system, ``lowerdir=/``)."""
+    """The state of ``sandbox``, read from outside it (``lower_dir``: the lower layer of its
+    root overlay as this process sees it; by default the file system mounted on each
+    copy-on-write mount point, alone)."""
     state = HostState()
     pid = sandbox.init_pid
     inside = threading.Thread(target=_read_inside, args=(pid, state), name="kit-hostdiff")
     inside.start()
 
-    def files() -> dict[str, str]:
-        below, fd = (lower_dir, None) if lower_dir is not None else _root_alone()
-        try:
-            upper, state.lower = read_files(sandbox.upper_dir, below)
-        finally:
-            if fd is not None:
-                os.close(fd)
-        return upper
-
-    _outside(state, "file", files)
+    _outside(state, "file", lambda: _read_all_files(sandbox, lower_dir, state))
     _outside(state, "mount", lambda: read_mounts(f"/proc/{pid}/mountinfo"))
     _outside(state, "netns", lambda: read_netns(pid))
     _outside(state, "process", lambda: read_processes(pid))

@@ -50,6 +50,15 @@ class RunResult:
     def events(self) -> list[dict[str, Any]]:
         return self.ledger.events
 
+    @property
+    def host_changes(self) -> list[dict[str, Any]] | None:
+        """What the run changed on its host (SPEC §11, ``kit.hostdiff``): None when the run
+        had no host sandbox to diff."""
+        for e in self.ledger.events:
+            if e["kind"] == "host_changes":
+                return list(e["changes"])
+        return None
+
     def problems(self) -> list[str]:
         """Every error the ledger records, one line each (for messages and the CLI)."""
         lines = []
@@ -73,6 +82,9 @@ class RunResult:
                              f"): {e['detail']}")
             elif kind == "leak":
                 lines.append(f"leak: {e['what']}: {e['detail']}")
+            elif kind == "host_changes":
+                lines += [f"host: {c['kind']} {c['name']}: {c['before']!r} -> {c['after']!r}"
+                          for c in e["changes"]]
         if not lines and self.exit_code == 255:
             lines.append(self.reason)
         return lines

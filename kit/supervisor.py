@@ -102,6 +102,7 @@ class Supervisor:
         # The fake backend's snapshots are its model's, not the kernel's to confirm.
         self.outside_check = current().name == "real" and request.probes
         self.sandbox: host_sandbox.HostSandbox | None = None
+        self.host: Any = None  # the sandbox's kit.hostdiff.HostWatch
 
     # -- ledger ------------------------------------------------------------------------------
     def record(self, event: dict[str, Any], datagram: bytes | None = None) -> None:
@@ -123,6 +124,8 @@ class Supervisor:
             self.open_hooks.pop((role, event.get("hook")), None)
         elif kind in ("stage2_exec", "stage2_failed"):
             self.open_hooks.pop(("stage2", "start_process"), None)
+        if self.host is not None:
+            self.host.note(event)
 
     def emit(self, kind: str, **fields: Any) -> None:
         self.record(self.me.emit(kind, **fields))
@@ -161,7 +164,6 @@ class Supervisor:
         netns_before = _netns(host_root)
         os.environ["TMPDIR"] = run_dir
         tempfile.tempdir = run_dir
-        host_before = self.host_snapshot()
 
         if req.probes:
             _configure_probes(req, run_dir)
@@ -171,6 +173,7 @@ class Supervisor:
                   probes=req.probes, hook_timeout=req.hook_timeout, run_dir=run_dir,
                   host_userns=req.host_userns)
         sys.stdout.flush()
+        self.watch_host()
         pid = os.fork()
         if pid == 0:
             reader.close()
@@ -181,6 +184,8 @@ class Supervisor:
             Starter(req, writer).main()
         writer.close()
         self.senders.add_starter(pid)
+        if self.host is not None:
+            self.host.start()
         seen = "" if box is None else " " + json.dumps(
             {"sandbox_pid": box.init_pid, "sandbox_mounts": sorted(mounts_before)})
         os.write(result_fd, f"started {pid} {run_dir}{seen}\n".encode())
@@ -196,6 +201,7 @@ class Supervisor:
         # Leaks: every check runs after every run, whatever happened. Processes the kit
         # itself is already killing (parent-death signals) get a short grace period.
         leftovers = self._living_descendants(grace=0.25)
+        self.host_diff()
         for p, argv in leftovers.items():
             where = "" if box is None else " in the sandbox"
             self.leak("process", f"pid {p}{where}: {argv}")
@@ -206,7 +212,6 @@ class Supervisor:
         for name in sorted(_netns(host_root) - netns_before):
             self.leak("netns", f"{NETNS_DIR}/{name}")
         probe.remove_setuid_binary(run_dir)
-        self.host_diff(host_before)
         try:
             left = sorted(os.listdir(run_dir))
         except OSError:
@@ -252,25 +257,6 @@ class Supervisor:
         parts.append(b"]}}")
         return b"".join(parts)
 
-    # -- the host sandbox's two call points for the host diff (kit.hostdiff) -----------------
-    def host_snapshot(self) -> Any:
-        """The sandbox's state, before the starter is forked (None: no sandbox or no diff)."""
-        hostdiff = _hostdiff()
-        if self.sandbox is None or hostdiff is None:
-            return None
-        return hostdiff.snapshot(self.sandbox)
-
-    def host_diff(self, before: Any) -> None:
-        """After the run, before the sandbox is torn down: every change to the sandbox's
-        "host" becomes a ``host_change`` event."""
-        hostdiff = _hostdiff()
-        if before is None or self.sandbox is None or hostdiff is None:
-            return
-        for change in hostdiff.diff(before, hostdiff.snapshot(self.sandbox)):
-            to_json = getattr(change, "to_json", None)
-            self.emit("host_change", change=to_json() if to_json else
-                      dict(getattr(change, "__dict__", {"detail": str(change)})))
-
     def _run_alive(self) -> bool:
         """Whether a process of the run other than the sandbox's init is left."""
         if self.sandbox is None:
@@ -308,6 +294,23 @@ class Supervisor:
             if not alive or time.monotonic() >= deadline:
                 return alive
             time.sleep(0.005)
+
+    def watch_host(self) -> None:
+        """Before the starter is forked: the host diff of the run's sandbox begins (SPEC §11;
+        without a sandbox the host is not diffed)."""
+        if self.sandbox is not None:
+            from kit.hostdiff import HostWatch
+            self.host = HostWatch(self.sandbox)
+
+    def host_diff(self) -> None:
+        """After the run, before the sandbox is torn down: every change of its host, and the
+        hooks open when a watched one appeared, as the ledger's ``host_changes`` event."""
+        if self.host is not None:
+            start = time.perf_counter()
+            fields = self.host.finish()
+            self.host = None
+            self.emit("host_changes", **fields, cost_ms=round((time.perf_counter() - start)
+                                                               * 1000, 3))
 
     def leak(self, what: str, detail: str) -> None:
         self.leaks.append({"what": what, "detail": detail})
@@ -375,6 +378,8 @@ class Supervisor:
                 data, sender, fds, truncated = linux.recv_with_sender(reader, MAX_EVENT,
                                                                       socket.MSG_DONTWAIT)
             except BlockingIOError:
+                if self.host is not None:
+                    self.host.look()  # after a batch: the hooks open since the last look
                 return True
             if not data and sender is None and not fds:
                 return False
@@ -510,15 +515,6 @@ def _coverage_dirs() -> list[str]:
     return [os.path.dirname(os.path.abspath(instance.config.data_file))]
 
 
-def _hostdiff() -> Any:
-    """:mod:`kit.hostdiff` when it exists (another part of the kit), else None."""
-    try:
-        from kit import hostdiff  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return hostdiff
-
-
 def reap_exited_children() -> None:
     """Reap every child that has exited, without blocking."""
     while True:
@@ -557,7 +553,6 @@ def preload(request: RunRequest) -> bool:
     import traceback
     traceback.format_exception(ValueError("warm-up"))  # pulls in lazy imports of traceback
     host_sandbox.confine_preload()
-    _hostdiff()
     _preloaded.add(key)
     return True
 

@@ -369,3 +369,112 @@ def test_a_change_the_watch_did_not_see_has_no_hooks(sandbox: OwnSandbox) -> Non
     out = in_child(run)
     change = next(c for c in out["ok"]["changes"] if c["name"] == "net.ipv4.ip_forward")
     assert change["after"] == "1" and change["hooks"] is None
+
+
+# --- the supervisor records the diff; the HOST checks read it ----------------------------------
+
+def test_the_supervisor_records_the_diff_of_its_sandbox_in_the_ledger(sandbox: OwnSandbox
+                                                                      ) -> None:
+    from kit.launcher import make_request
+    from kit.supervisor import Supervisor, preload
+
+    def run() -> dict[str, Any]:
+        request = make_request("reference", "root", ["/bin/true"])
+        preload(request)
+        supervisor = Supervisor(request)
+        supervisor.sandbox = sandbox
+        r, w = os.pipe()
+        result = supervisor.run(w)
+        os.close(r)
+        os.close(w)
+        events = result["ledger"]["events"]
+        return {"exit": result["exit_code"],
+                "host": [e for e in events if e["kind"] == "host_changes"],
+                "last": [e["kind"] for e in events[-2:]]}
+
+    out = in_child(run)
+    assert "ok" in out, out
+    doc = out["ok"]
+    assert doc["exit"] == 0
+    (event,) = doc["host"]
+    # A whole lifecycle's ledger traffic went by: the unchanged sandbox diffs empty.
+    assert event["changes"] == [] and event["errors"] == {}
+    assert event["looks"] >= 2 and event["cost_ms"] > 0
+    assert doc["last"][-1] == "exit"
+
+
+def _run_with(changes: list[dict[str, Any]], errors: dict[str, str] | None = None) -> Any:
+    from types import SimpleNamespace
+
+    from conformance.runs import Run
+    from conformance.scenario import SCENARIOS
+
+    events = [{"kind": "run_start", "role": "supervisor"},
+              {"kind": "host_changes", "role": "supervisor", "changes": changes,
+               "errors": errors or {}, "looks": 3}]
+    for i, event in enumerate(events):
+        event.update(seq=i, pid=100, tid=100, t=i)
+    ledger = SimpleNamespace(events=events, document={"schema_version": 1, "events": events})
+    result = SimpleNamespace(exit_code=0, reason="exited", ledger=ledger, leaks=[],
+                             timed_out=None, stdout="", stderr="")
+    return Run("root", SCENARIOS["default"], "real", result=result)
+
+
+FILE_WRITTEN = {"kind": "file", "name": "/etc/kit-evil", "before": None,
+                "after": "file 0644 0:0 2 bytes 00ff", "transient": False,
+                "hooks": None}
+HOSTNAME_FLIPPED = {"kind": "hostname", "name": "hostname", "before": "vm",
+                    "after": "kit-evil", "transient": True,
+                    "hooks": [{"role": "master", "hook": "create_container", "pid": 9}]}
+
+
+@pytest.mark.parametrize("req,change,names", [
+    ("HOST-001", FILE_WRITTEN, "file /etc/kit-evil created: file 0644 0:0 2 bytes"),
+    ("HOST-009", HOSTNAME_FLIPPED, "hostname hostname was 'kit-evil' for a while"),
+])
+def test_a_host_change_fails_its_requirement_naming_the_object_and_the_hook(
+        req: str, change: dict[str, Any], names: str) -> None:
+    from conformance import checks
+
+    verify = checks.Verifier("root", [req], "t")
+    checks.check_host(verify, _run_with([change]), req)
+    (violation,) = verify.violations[req]
+    text = verify.render(req)
+    assert names in text
+    if change["hooks"]:
+        assert "role: master   hook: create_container" in text
+        assert "appeared while open: create_container (master pid 9)" in text
+    else:
+        assert "flow: root   role: unknown\n" in text
+
+
+def test_a_change_fails_only_the_requirement_of_its_kind() -> None:
+    from conformance import checks
+
+    run = _run_with([FILE_WRITTEN, HOSTNAME_FLIPPED])
+    verify = checks.Verifier("root", list(checks.HOST_KINDS), "t")
+    for req in checks.HOST_KINDS:
+        checks.check_host(verify, run, req)
+    failed = sorted(req for req, found in verify.violations.items() if found)
+    # The undone hostname change is a transient one: HOST-009, not HOST-003.
+    assert failed == ["HOST-001", "HOST-009"]
+
+
+def test_a_kind_the_diff_could_not_read_breaks_its_requirement_instead_of_passing() -> None:
+    from conformance import checks
+    from conformance.runs import HarnessError
+
+    verify = checks.Verifier("root", ["HOST-004"], "t")
+    with pytest.raises(HarnessError, match="could not read sysctl: OSError: nope"):
+        checks.check_host(verify, _run_with([], {"sysctl": "OSError: nope"}), "HOST-004")
+
+
+def test_a_run_without_a_sandbox_is_not_configured_for_the_host_checks() -> None:
+    from conformance import checks
+    from conformance.outcomes import NOT_CONFIGURED_PREFIX
+
+    run = _run_with([])
+    run.result.ledger.events.pop()
+    verify = checks.Verifier("root", ["HOST-001"], "t")
+    with pytest.raises(pytest.skip.Exception, match=NOT_CONFIGURED_PREFIX):
+        checks.check_host(verify, run, "HOST-001")
