@@ -197,26 +197,51 @@ def _read(path: str) -> str:
         os.close(fd)
 
 
+#: Whether each sysctl file is writable by its mode: the same in every network namespace, so
+#: stat'ed once per process (a per-device file of a new link is stat'ed when first seen).
+_sysctl_writable: dict[str, bool] = {}
+
+
 def read_sysctls(root: str = "/proc/sys/net") -> dict[str, str]:
     """Every writable sysctl under ``root`` (``net.ipv4.ip_forward`` → its value), as the
-    calling thread's network namespace has them."""
+    calling thread's network namespace has them. Each file is opened relative to its
+    directory: half a thousand of them, the path walks add up."""
     values: dict[str, str] = {}
     todo = [root]
     while todo:
-        with os.scandir(todo.pop()) as entries:
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    todo.append(entry.path)
-                    continue
-                if not entry.stat().st_mode & 0o222:
-                    continue
-                try:
-                    value = _read(entry.path)
-                except OSError as exc:  # write-only, or EINVAL for some per-device entries
-                    value = f"unreadable: {exc.strerror}"
-                name = entry.path[len("/proc/sys/"):].replace("/", ".")
-                values[name] = " ".join(value.split())
+        path = todo.pop()
+        dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            with os.scandir(dfd) as entries:
+                for entry in entries:
+                    name = entry.name
+                    full = f"{path}/{name}"
+                    if entry.is_dir(follow_symlinks=False):
+                        todo.append(full)
+                        continue
+                    writable = _sysctl_writable.get(full)
+                    if writable is None:
+                        writable = _sysctl_writable[full] = bool(
+                            os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode & 0o222)
+                    if writable:
+                        values[full[10:].replace("/", ".")] = _read_at(dfd, name)
+        finally:
+            os.close(dfd)
     return values
+
+
+def _read_at(dfd: int, name: str) -> str:
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dfd)
+    except OSError as exc:
+        return f"unreadable: {exc.strerror}"
+    try:
+        raw = os.read(fd, 65536)
+    except OSError as exc:  # write-only, or EINVAL for some per-device entries
+        return f"unreadable: {exc.strerror}"
+    finally:
+        os.close(fd)
+    return raw.decode(errors="replace").strip().replace("\t", " ")
 
 
 def read_sysvipc() -> dict[str, str]:
@@ -307,24 +332,98 @@ _INSIDE: tuple[tuple[str, tuple[str, ...], Callable[[], Any]], ...] = (
 )
 
 
-def _read_inside(init_pid: int, state: HostState) -> None:
-    """In this (short-lived) thread: join the sandbox's uts, ipc and net namespaces and read
-    what they hold. setns of these kinds affects the calling thread only."""
-    joined: dict[str, str | None] = {}
-    for ns_kind, kinds, reader in _INSIDE:
-        if ns_kind not in joined:
-            try:
-                _join(init_pid, ns_kind)
-                joined[ns_kind] = None
-            except OSError as exc:
-                joined[ns_kind] = f"cannot join its {ns_kind} namespace: {exc}"
+INSIDE_KINDS = frozenset(kind for _, kinds, _ in _INSIDE for kind in kinds)
+
+
+def _read_inside(init_pid: int, state: HostState, only: frozenset[str] = INSIDE_KINDS,
+                 then: Callable[[], None] | None = None) -> None:
+    """In this (short-lived) thread: join the sandbox's uts, net and ipc namespaces, read the
+    kinds ``only`` of what they hold, then call ``then`` there. setns of these kinds affects
+    the calling thread only."""
+    failed: dict[str, str] = {}
+    for ns_kind in ("uts", "net", "ipc"):
         try:
-            if joined[ns_kind] is not None:
-                raise OSError(joined[ns_kind])
+            _join(init_pid, ns_kind)
+        except OSError as exc:
+            failed[ns_kind] = f"cannot join its {ns_kind} namespace: {exc}"
+    for ns_kind, kinds, reader in _INSIDE:
+        if not only.intersection(kinds):
+            continue
+        try:
+            if ns_kind in failed:
+                raise OSError(failed[ns_kind])
             state.objects.update(reader())
         except Exception as exc:  # one unreadable kind must not hide the others
             for kind in kinds:
                 state.errors[kind] = f"{type(exc).__name__}: {exc}"
+    if then is not None:
+        then()
+
+
+def _in_thread(fn: Callable[[], Any]) -> Any:
+    """``fn()`` in a new thread (whose namespaces it may change): its result, or its error."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["ok"] = fn()
+        except BaseException as exc:
+            out["error"] = exc
+
+    thread = threading.Thread(target=run, name="kit-hostdiff")
+    thread.start()
+    thread.join()
+    if "error" in out:
+        raise out["error"]
+    return out["ok"]
+
+
+def _fresh(reader: Callable[[], Any]) -> Any:
+    """``reader()`` in a new network namespace with ``lo`` up, as a fresh sandbox has it (a
+    thread may unshare a network namespace alone)."""
+    def run() -> Any:
+        linux.unshare(linux.CLONE_NEWNET)
+        linux.link_up("lo")
+        return reader()
+    return _in_thread(run)
+
+
+#: The sysctls of a fresh sandbox (``net.*`` of a new network namespace with ``lo`` up): the
+#: same for every run, so read once (:func:`prime`) by the long-lived process that forks the
+#: supervisors, instead of twice per run.
+_fresh_sysctls: dict[str, str] | None = None
+
+
+def prime() -> None:
+    """Read what every fresh sandbox has, once per process (the zygote, before it forks)."""
+    global _fresh_sysctls
+    if _fresh_sysctls is None:
+        _fresh_sysctls = _fresh(read_sysctls)
+
+
+#: rtnetlink multicast groups whose messages tell that links, addresses, routes, rules or
+#: per-device settings (netconf) changed: LINK, IPV4_IFADDR, IPV4_ROUTE, IPV4_RULE,
+#: IPV6_IFADDR, IPV6_ROUTE, IPV6_RULE, IPV4_NETCONF, IPV6_NETCONF.
+_NET_GROUPS = sum(1 << (group - 1) for group in (1, 5, 7, 8, 9, 11, 19, 24, 25))
+
+
+def _subscribe() -> socket.socket:
+    """A netlink socket of the calling thread's network namespace that queues a message for
+    every change of its links, addresses and routes."""
+    sock = socket.socket(socket.AF_NETLINK,
+                         socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+                         socket.NETLINK_ROUTE)
+    sock.bind((0, _NET_GROUPS))
+    return sock
+
+
+def _notified(sock: socket.socket) -> bool:
+    try:
+        return bool(sock.recv(65536))
+    except BlockingIOError:
+        return False
+    except OSError:  # ENOBUFS: so many changes that the queue overflowed
+        return True
 
 
 def read_processes(init_pid: int) -> dict[str, str]:
@@ -489,13 +588,40 @@ class HostWatch:
         self._mountinfo: int | None = os.open(f"/proc/{sandbox.init_pid}/mountinfo",
                                               os.O_RDONLY | os.O_CLOEXEC)
         _mounts_changed(self._mountinfo)
-        self.before = snapshot(sandbox)
+        self._net: socket.socket | None = None
+        self.before = self._snapshot(sysctls=_fresh_sysctls is None, subscribe=True)
+        if _fresh_sysctls is not None:
+            self.before.objects["sysctl"] = _fresh_sysctls
         self.last = {kind: dict(self.before.objects.get(kind, {})) for kind in WATCHED}
         self.seen: dict[tuple[str, str], dict[str, Any]] = {}  # first sighting of each change
         self.open: set[Hook] = set()
         self.window: set[Hook] = set()  # hooks open at some moment since the last look
         self.looks = 0
         self._joined = False
+
+    def _snapshot(self, sysctls: bool, subscribe: bool = False, network: bool = False
+                  ) -> HostState:
+        """What :func:`snapshot` reads, but the sysctls only when ``sysctls`` and links,
+        addresses and routes only when ``network``; with ``subscribe``, the netlink socket
+        that tells whether those changed."""
+        state = HostState()
+        only = INSIDE_KINDS - {"sysctl", "link", "address", "route"}
+        only |= {"sysctl"} if sysctls else set()
+        only |= {"link", "address", "route"} if network else set()
+
+        def then() -> None:
+            if subscribe:
+                self._net = _subscribe()
+        pid = self.sandbox.init_pid
+        inside = threading.Thread(target=_read_inside, args=(pid, state, only, then),
+                                  name="kit-hostdiff")
+        inside.start()
+        _outside(state, "file", lambda: _read_all_files(self.sandbox, None, state))
+        _outside(state, "mount", lambda: read_mounts(f"/proc/{pid}/mountinfo"))
+        _outside(state, "netns", lambda: read_netns(pid))
+        _outside(state, "process", lambda: read_processes(pid))
+        inside.join()
+        return state
 
     def start(self) -> None:
         """After the starter is forked, in the supervisor (single-threaded): join the
@@ -547,7 +673,17 @@ class HostWatch:
         if self._mountinfo is not None:
             os.close(self._mountinfo)
             self._mountinfo = None
-        after = snapshot(self.sandbox)
+        network = self._net is None or _notified(self._net)
+        if self._net is not None:
+            self._net.close()
+        after = self._snapshot(sysctls=True, network=network)
+        if network:  # changed (or not watched): compared with a fresh sandbox's
+            self.before.objects.update(_fresh(read_network))
+        template = self.before.objects.get("sysctl")
+        if template is _fresh_sysctls and after.objects.get("sysctl") != template:
+            # A different value, or the cached template is stale: the host's defaults for
+            # new network namespaces moved since it was read. Read a fresh one now.
+            self.before.objects["sysctl"] = _fresh(read_sysctls)
         out = []
         final = diff(self.before, after)
         for change in final:

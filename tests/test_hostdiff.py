@@ -478,3 +478,70 @@ def test_a_run_without_a_sandbox_is_not_configured_for_the_host_checks() -> None
     verify = checks.Verifier("root", ["HOST-001"], "t")
     with pytest.raises(pytest.skip.Exception, match=NOT_CONFIGURED_PREFIX):
         checks.check_host(verify, run, "HOST-001")
+
+
+# --- the watch's economies: a cached fresh sandbox, netlink notifications ----------------------
+
+def _watched(box: OwnSandbox, shell: str = "", stale: bool = False) -> dict[str, Any]:
+    """A HostWatch around ``shell`` run in ``box``, with the fresh sandbox's sysctls cached
+    first (as the zygote does), made stale on purpose with ``stale``."""
+    def run() -> dict[str, Any]:
+        hostdiff.prime()
+        if stale:
+            hostdiff._fresh_sysctls = {**hostdiff._fresh_sysctls, "net.ipv4.ip_forward": "7"}
+        watch = hostdiff.HostWatch(box)
+        watch.start()
+        if shell:
+            box.sh(shell)
+        return watch.finish()
+
+    out = in_child(run)
+    assert "ok" in out, out
+    return out["ok"]
+
+
+def test_a_fresh_sandbox_is_what_the_cache_says_no_false_positive(sandbox: OwnSandbox) -> None:
+    doc = _watched(sandbox, "cat /proc/sys/net/ipv4/ip_forward >/dev/null; ip addr >/dev/null")
+    assert doc == {"changes": [], "errors": {}, "looks": 1}
+
+
+def test_a_stale_cache_is_read_again_not_reported(sandbox: OwnSandbox) -> None:
+    assert _watched(sandbox, stale=True)["changes"] == []
+
+
+def test_the_watch_names_a_sysctl_against_the_cache(sandbox: OwnSandbox) -> None:
+    doc = _watched(sandbox, "echo 1 > /proc/sys/net/ipv4/ip_forward")
+    change = next(c for c in doc["changes"] if c["name"] == "net.ipv4.ip_forward")
+    assert (change["before"], change["after"]) == ("0", "1")
+
+
+def test_the_watch_names_a_link_it_was_notified_of(sandbox: OwnSandbox) -> None:
+    doc = _watched(sandbox, "ip link add kit-veth0 type veth peer name kit-veth1")
+    names = {(c["kind"], c["name"]) for c in doc["changes"]}
+    assert {("link", "kit-veth0"), ("link", "kit-veth1")} <= names
+
+
+def test_the_watch_names_an_address_and_a_route_on_lo(sandbox: OwnSandbox) -> None:
+    doc = _watched(sandbox, "ip addr add 10.254.9.1/32 dev lo && ip route add 10.254.10.0/24 "
+                   "dev lo")
+    names = {(c["kind"], c["name"]) for c in doc["changes"]}
+    assert ("address", "lo 10.254.9.1/32") in names
+    assert ("route", "table 254 type 1 10.254.10.0/24 dev lo via -") in names
+
+
+def test_the_watch_costs_a_few_milliseconds_per_run(sandbox: OwnSandbox) -> None:
+    def measure() -> dict[str, float]:
+        hostdiff.prime()
+        cpu, wall = [], []
+        for _ in range(15):
+            w0, c0 = time.perf_counter(), time.process_time()
+            watch = hostdiff.HostWatch(sandbox)
+            watch.finish()
+            cpu.append(time.process_time() - c0)
+            wall.append(time.perf_counter() - w0)
+        return {"cpu": sorted(cpu)[7], "wall": sorted(wall)[7]}
+
+    out = in_child(measure)["ok"]
+    print(f"watch (before + after) median: {out['cpu'] * 1000:.2f} ms CPU, "
+          f"{out['wall'] * 1000:.2f} ms wall")
+    assert out["cpu"] < 0.02  # generous under the shared machine's load; see the README
