@@ -1,0 +1,143 @@
+"""Mutants that change the host and leave it changed (SPEC §11), one per kind of object the
+host diff compares: a file under /etc, a mount, the domainname, a sysctl, a network link, a
+named network namespace, a SysV shared memory segment, a daemon.
+
+They run only inside the kit's own host sandbox (``kit.sandbox``: an overlay root and new
+uts, net, ipc namespaces), where their damage is thrown away with the sandbox; anywhere else
+(the real host, the fake backend, the kill matrix's older mount-and-uts sandbox, whose /etc is
+the real one) they refuse. Until the kit has that sandbox they are known survivors.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import subprocess
+from typing import ClassVar
+
+from reference_engines.mutants.base import HostDamageRefused, Mutant
+
+#: Why these mutants survive where the kit has no host sandbox to diff.
+_NO_SANDBOX = None if importlib.util.find_spec("kit.sandbox") else (
+    "the host diff needs the kit's host sandbox (kit.sandbox), which this kit does not have")
+
+
+def in_kit_sandbox() -> bool:
+    """True when this process's mount and uts namespaces are a kit host sandbox's (the sandbox
+    records their inodes in its processes' environment)."""
+    if _NO_SANDBOX:
+        return False
+    from kit import sandbox
+    try:
+        here = ":".join(str(os.stat(f"/proc/self/ns/{kind}").st_ino) for kind in ("mnt", "uts"))
+    except OSError:
+        return False
+    return os.environ.get(sandbox.SANDBOX_ENV) == here
+
+
+def refuse_outside_kit_sandbox(slug: str) -> None:
+    if not in_kit_sandbox():
+        raise HostDamageRefused(f"mutant-{slug} changes the host and leaves it changed: it runs "
+                                "only in the kit's host sandbox (real backend, as root)")
+
+
+class HostMutant(Mutant):
+    """create_container (master, in the host's namespaces) does :meth:`damage`, never undone."""
+
+    gap: ClassVar[str | None] = _NO_SANDBOX
+
+    def damage(self) -> None:
+        raise NotImplementedError
+
+    def create_container(self, ctx, pid, rpc_conn) -> None:  # type: ignore[override]
+        if not _NO_SANDBOX:  # without a kit sandbox, a known survivor that harms nothing
+            refuse_outside_kit_sandbox(self.slug)
+            self.damage()
+        super().create_container(ctx, pid, rpc_conn)
+
+
+class FileUnderEtc(HostMutant):
+    slug = "host-file-etc"
+    bug = "create_container writes a state file under the host's /etc and never removes it"
+    killed_by = ("HOST-001",)
+
+    def damage(self) -> None:
+        with open("/etc/kit-mutant-state", "w") as f:
+            f.write("container state\n")
+
+
+class HostSysctl(HostMutant):
+    slug = "host-sysctl"
+    bug = "create_container turns on net.ipv4.ip_forward in the host's network namespace"
+    killed_by = ("HOST-004",)
+
+    def damage(self) -> None:
+        with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
+            f.write("1\n")
+
+
+class HostDomainname(HostMutant):
+    slug = "host-domainname"
+    bug = "create_container sets the domainname in the master, in the host's uts namespace"
+    killed_by = ("HOST-003", "HOST-009")
+
+    def damage(self) -> None:
+        with open("/proc/sys/kernel/domainname", "w") as f:
+            f.write("mutant.example\n")
+
+
+class HostLink(HostMutant):
+    slug = "host-link"
+    bug = "create_container adds a bridge to the host's network namespace and leaves it there"
+    killed_by = ("HOST-005",)
+
+    def damage(self) -> None:
+        subprocess.run(["ip", "link", "add", "kit-mutant0", "type", "bridge"], check=True,
+                       stdin=subprocess.DEVNULL, capture_output=True)
+
+
+class HostMountLeft(HostMutant):
+    slug = "host-mount-left"
+    bug = "create_container mounts a tmpfs on the host's /mnt from the master and leaves it"
+    killed_by = ("HOST-002", "HOST-009")
+
+    def damage(self) -> None:
+        from kit.system import current
+        current().mount("tmpfs", "/mnt", "tmpfs", ["nosuid", "nodev"], "size=64k")
+
+
+class HostNamedNetns(HostMutant):
+    slug = "host-named-netns"
+    bug = "create_container creates a named network namespace on the host (ip netns add)"
+    killed_by = ("HOST-006", "HOST-002", "HOST-009")
+
+    def damage(self) -> None:
+        subprocess.run(["ip", "netns", "add", "kit-mutant"], check=True,
+                       stdin=subprocess.DEVNULL, capture_output=True)
+
+
+class HostSharedMemory(HostMutant):
+    slug = "host-sysv-shm"
+    bug = "create_container creates a SysV shared memory segment on the host and never removes it"
+    killed_by = ("HOST-007",)
+
+    def damage(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.shmget(0x6b6d7574, 4096, 0o1600) < 0:  # IPC_CREAT | 0600
+            raise OSError(ctypes.get_errno(), "shmget")
+
+
+class HostDaemon(HostMutant):
+    slug = "host-daemon"
+    bug = "create_container starts a helper daemon on the host that outlives the run"
+    killed_by = ("HOST-008", "CLEAN-001")
+
+    def damage(self) -> None:
+        subprocess.Popen(["setsid", "sleep", "3600"], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+
+
+MUTANTS = (FileUnderEtc, HostMountLeft, HostDomainname, HostSysctl, HostLink, HostNamedNetns,
+           HostSharedMemory, HostDaemon)
