@@ -1623,6 +1623,11 @@ def check_host(verify: Verifier, run: Run, requirement: str) -> None:
     found = [c for c in event.get("changes") or [] if c.get("kind") in kinds
              and (c.get("transient") or c.get("hooks") is not None if during
                   else not c.get("transient"))]
+    omitted = {k: n for k, n in (event.get("omitted") or {}).items() if k in kinds}
+    if omitted and not during:
+        verify.fail(requirement, expected="the host as before the run", observed=", ".join(
+            f"{n} more change(s) of {k} not listed" for k, n in sorted(omitted.items())),
+            run=run, event=event, role="unknown")
     for change in found:
         hooks = change.get("hooks") or []
         one = hooks[0] if len(hooks) == 1 else {
@@ -1633,7 +1638,7 @@ def check_host(verify: Verifier, run: Run, requirement: str) -> None:
                     f"{change.get('before') if change.get('before') is not None else 'absent'}",
                     observed=_host_change_text(change), run=run, event=event,
                     role=one.get("role"), hook=one.get("hook"))
-    if not found:
+    if not found and not omitted:
         verify.check(requirement, True, expected="", observed="", run=run)
 
 

@@ -36,6 +36,10 @@ from kit import linux
 KINDS = ("file", "mount", "hostname", "domainname", "sysctl", "link", "address", "route",
          "netns", "ipc", "mqueue", "process")
 
+#: Changes a run's ledger lists at most (the rest are counted): an engine that writes a
+#: million files must not make a ledger of gigabytes.
+MAX_CHANGES = 500
+
 #: A regular file up to this size is compared by content, a larger one by size and mtime.
 HASH_LIMIT = 1 << 20
 
@@ -696,8 +700,11 @@ class HostWatch:
                 was = self.before.objects.get(kind, {}).get("" if name == kind else name)
                 out.append({"kind": kind, "name": name, "before": was, "after": seen["value"],
                             "transient": True, "hooks": _hooks_json(seen["hooks"])})
-        return {"changes": out, "errors": {**self.before.errors, **after.errors},
-                "looks": self.looks}
+        omitted: dict[str, int] = {}
+        for change in out[MAX_CHANGES:]:
+            omitted[change["kind"]] = omitted.get(change["kind"], 0) + 1
+        return {"changes": out[:MAX_CHANGES], "omitted": omitted,
+                "errors": {**self.before.errors, **after.errors}, "looks": self.looks}
 
 
 def _hooks_json(hooks: list[Hook]) -> list[dict[str, Any]]:

@@ -48,7 +48,7 @@ EVENT_KINDS: dict[str, tuple[str, ...]] = {
     "process_exit": ("child_role", "child_pid", "status"),
     "leak": ("what", "detail"),
     "model_limit": ("reason",),
-    "host_changes": ("changes", "errors", "looks", "cost_ms"),
+    "host_changes": ("changes", "omitted", "errors", "looks", "cost_ms"),
     "foreign_reap": ("child_pid", "detail"),
     "starter_exit": ("code",),
     "exit": ("code", "reason"),

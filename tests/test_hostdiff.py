@@ -47,16 +47,23 @@ def _recv(fd: int) -> bytes:
     return data
 
 
+#: Mount points that get a copy-on-write overlay of their own (lower: the host's directory
+#: there), as the kit's sandbox gives the places a run legitimately writes.
+COW = ("/var/tmp",)
+
+
 def _init(base: str, commands: int, replies: int) -> None:
     """pid 1 of the sandbox: finish it, then run what the test sends."""
     root = f"{base}/root"
     linux.mount("proc", f"{root}/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV
                 | linux.MS_NOEXEC)
     linux.link_up("lo")
-    upper = os.open(f"{base}/upper", os.O_PATH | os.O_DIRECTORY)
+    uppers = {"/": os.open(f"{base}/upper", os.O_PATH | os.O_DIRECTORY)}
+    for i, point in enumerate(COW):
+        uppers[point] = os.open(f"{base}/cow{i}/upper", os.O_PATH | os.O_DIRECTORY)
     os.chroot(root)
     os.chdir("/")
-    _send(replies, json.dumps({"upper_fd": upper}).encode())
+    _send(replies, json.dumps({"upper_fds": uppers}).encode())
     while True:
         try:
             code = _recv(commands).decode()
@@ -81,6 +88,11 @@ def _outer(base: str, commands: int, replies: int) -> None:
     linux.mount("overlay", f"{base}/root", "overlay", 0,
                 f"lowerdir=/,upperdir={base}/upper,workdir={base}/work")
     linux.mount("/dev", f"{base}/root/dev", None, linux.MS_BIND | linux.MS_REC)
+    for i, point in enumerate(COW):
+        for name in ("upper", "work"):
+            os.makedirs(f"{base}/cow{i}/{name}")
+        linux.mount("overlay", f"{base}/root{point}", "overlay", 0,
+                    f"lowerdir={point},upperdir={base}/cow{i}/upper,workdir={base}/cow{i}/work")
     pid = os.fork()
     if pid == 0:
         _init(base, commands, replies)
@@ -109,7 +121,9 @@ class OwnSandbox:
         # Two messages, in either order: pid 1's pid (from its parent) and its upper fd.
         ready = {**json.loads(_recv(self._reply)), **json.loads(_recv(self._reply))}
         self.init_pid: int = ready["init_pid"]
-        self.upper_dir = f"/proc/{self.init_pid}/fd/{ready['upper_fd']}"
+        self.upper_dirs = {point: f"/proc/{self.init_pid}/fd/{fd}"
+                           for point, fd in ready["upper_fds"].items()}
+        self.upper_dir = self.upper_dirs["/"]
 
     def run(self, code: str) -> None:
         """Run Python ``code`` in the sandbox's pid 1 (chrooted in the overlay)."""
@@ -204,6 +218,14 @@ def test_a_file_created_changed_or_deleted_under_etc_is_named(sandbox: OwnSandbo
     assert not os.path.exists(f"/etc/{name}")  # the real host has none of it
 
 
+def test_a_file_in_a_second_copy_on_write_mount_is_named_by_its_full_path(
+        sandbox: OwnSandbox) -> None:
+    name = f"kit-hostdiff-{os.getpid()}"
+    found = changes(sandbox, shell=f"echo x > /var/tmp/{name}")
+    assert [(c.kind, c.name, c.before) for c in found] == [("file", f"/var/tmp/{name}", None)]
+    assert not os.path.exists(f"/var/tmp/{name}")
+
+
 def test_a_replaced_directory_is_named(sandbox: OwnSandbox) -> None:
     # rm -r then mkdir: overlayfs marks the new directory opaque instead of whiting out each
     # old entry; the diff says its old entries are hidden.
@@ -293,6 +315,14 @@ def test_a_process_left_in_the_sandbox_is_named(sandbox: OwnSandbox) -> None:
     found = changes(sandbox, code="import subprocess; subprocess.Popen(['sleep', '3600'])")
     (left,) = [c for c in found if c.kind == "process"]
     assert left.before is None and left.after == "sleep 3600"
+
+
+def test_a_process_of_the_sandbox_killed_by_the_run_is_named(sandbox: OwnSandbox) -> None:
+    sandbox.run("import subprocess; globals()['__builtins__']['kit_victim'] = "
+                "subprocess.Popen(['sleep', '3601'])")
+    found = changes(sandbox, code="kit_victim.kill(); kit_victim.wait()")
+    (gone,) = [c for c in found if c.kind == "process"]
+    assert gone.before == "sleep 3601" and gone.after is None
 
 
 def test_an_unreadable_kind_is_reported_not_skipped(sandbox: OwnSandbox) -> None:
@@ -403,7 +433,8 @@ def test_the_supervisor_records_the_diff_of_its_sandbox_in_the_ledger(sandbox: O
     assert doc["last"][-1] == "exit"
 
 
-def _run_with(changes: list[dict[str, Any]], errors: dict[str, str] | None = None) -> Any:
+def _run_with(changes: list[dict[str, Any]], errors: dict[str, str] | None = None,
+              event: dict[str, Any] | None = None) -> Any:
     from types import SimpleNamespace
 
     from conformance.runs import Run
@@ -411,7 +442,7 @@ def _run_with(changes: list[dict[str, Any]], errors: dict[str, str] | None = Non
 
     events = [{"kind": "run_start", "role": "supervisor"},
               {"kind": "host_changes", "role": "supervisor", "changes": changes,
-               "errors": errors or {}, "looks": 3}]
+               "errors": errors or {}, "looks": 3, **(event or {})}]
     for i, event in enumerate(events):
         event.update(seq=i, pid=100, tid=100, t=i)
     ledger = SimpleNamespace(events=events, document={"schema_version": 1, "events": events})
@@ -502,7 +533,7 @@ def _watched(box: OwnSandbox, shell: str = "", stale: bool = False) -> dict[str,
 
 def test_a_fresh_sandbox_is_what_the_cache_says_no_false_positive(sandbox: OwnSandbox) -> None:
     doc = _watched(sandbox, "cat /proc/sys/net/ipv4/ip_forward >/dev/null; ip addr >/dev/null")
-    assert doc == {"changes": [], "errors": {}, "looks": 1}
+    assert doc == {"changes": [], "omitted": {}, "errors": {}, "looks": 1}
 
 
 def test_a_stale_cache_is_read_again_not_reported(sandbox: OwnSandbox) -> None:
@@ -527,6 +558,21 @@ def test_the_watch_names_an_address_and_a_route_on_lo(sandbox: OwnSandbox) -> No
     names = {(c["kind"], c["name"]) for c in doc["changes"]}
     assert ("address", "lo 10.254.9.1/32") in names
     assert ("route", "table 254 type 1 10.254.10.0/24 dev lo via -") in names
+
+
+def test_past_the_limit_changes_are_counted_by_kind_and_still_fail(sandbox: OwnSandbox
+                                                                    ) -> None:
+    from conformance import checks
+
+    count = hostdiff.MAX_CHANGES + 2
+    doc = _watched(sandbox, f"mkdir /etc/kit-many && cd /etc/kit-many && seq {count} | "
+                   "xargs touch")
+    assert len(doc["changes"]) == hostdiff.MAX_CHANGES
+    assert doc["omitted"] == {"file": count + 1 - hostdiff.MAX_CHANGES}
+    unlisted = {**doc, "changes": []}  # even when none of its kind made the list
+    verify = checks.Verifier("root", ["HOST-001"], "t")
+    checks.check_host(verify, _run_with([], event=unlisted), "HOST-001")
+    assert "3 more change(s) of file not listed" in verify.render("HOST-001")
 
 
 def test_the_watch_costs_a_few_milliseconds_per_run(sandbox: OwnSandbox) -> None:
