@@ -118,8 +118,16 @@ class OwnSandbox:
                 os._exit(1)
         os.close(cmd_r)
         os.close(reply_w)
-        # Two messages, in either order: pid 1's pid (from its parent) and its upper fd.
-        ready = {**json.loads(_recv(self._reply)), **json.loads(_recv(self._reply))}
+        try:
+            # Two messages, in either order: pid 1's pid (from its parent) and its upper fds.
+            ready = {**json.loads(_recv(self._reply)), **json.loads(_recv(self._reply))}
+        except BaseException:
+            os.close(self._cmd)  # pid 1, if any, reads EOF and exits
+            os.close(self._reply)
+            os.kill(self.outer, signal.SIGKILL)
+            os.waitpid(self.outer, 0)
+            os.rmdir(self.base)
+            raise
         self.init_pid: int = ready["init_pid"]
         self.upper_dirs = {point: f"/proc/{self.init_pid}/fd/{fd}"
                            for point, fd in ready["upper_fds"].items()}
