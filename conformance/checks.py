@@ -1086,6 +1086,17 @@ def check_host_view(verify: Verifier, run: Run, requirement: str, what: str) -> 
         raise HarnessError(f"run {run.id} has no view of the host: {notes.get('error')}")
     watched = (f"watched {notes.get('looks', 0)} times during the run"
                + (f"; {notes['error']}" if notes.get("error") else ""))
+    # In a host sandbox, "the host" the engine can reach is the sandbox: the supervisor
+    # watched its hostname and mount table (kit.hostdiff), the launcher's view is the real
+    # host's, which the sandbox keeps unchanged.
+    kinds = ("hostname",) if what == "hostname" else ("mount",)
+    for change in _seen_in_sandbox(run, kinds):
+        hooks = change.get("hooks") or []
+        verify.fail(requirement, expected=f"the host's {what} unchanged while the run lasts "
+                    "(the host sandbox's, watched by the supervisor)",
+                    observed=_host_change_text(change), run=run,
+                    role=hooks[0].get("role") if len(hooks) == 1 else "master",
+                    hook=hooks[0].get("hook") if len(hooks) == 1 else None)
     if what == "hostname":
         before = notes["hostname_before"]
         seen = notes.get("hostnames_during") or []
@@ -1598,6 +1609,15 @@ def _host_change_text(change: dict[str, Any]) -> str:
     elif hooks is not None:
         text += "; appeared while no hook was open"
     return text
+
+
+def _seen_in_sandbox(run: Run, kinds: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Changes of ``kinds`` that the supervisor saw in the run's host sandbox while the run
+    went on (none without a sandbox); for mounts, only new ones (NS-011's rule)."""
+    event = next((e for e in run.events if e.get("kind") == "host_changes"), None)
+    return [c for c in (event or {}).get("changes") or []
+            if c.get("kind") in kinds and (c.get("transient") or c.get("hooks") is not None)
+            and (c.get("kind") != "mount" or c.get("before") is None)]
 
 
 def check_host(verify: Verifier, run: Run, requirement: str) -> None:

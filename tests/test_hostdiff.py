@@ -599,3 +599,25 @@ def test_the_watch_costs_a_few_milliseconds_per_run(sandbox: OwnSandbox) -> None
     print(f"watch (before + after) median: {out['cpu'] * 1000:.2f} ms CPU, "
           f"{out['wall'] * 1000:.2f} ms wall")
     assert out["cpu"] < 0.02  # generous under the shared machine's load; see the README
+
+
+def test_ns_010_and_ns_011_see_the_sandboxs_hostname_and_new_mounts_not_only_the_real_hosts(
+        ) -> None:
+    from conformance import checks
+
+    mount = {"kind": "mount", "name": "/tmp/mutant-staging-x", "before": None,
+             "after": "tmpfs tmpfs root / rw (rw) shared", "transient": True,
+             "hooks": [{"role": "master", "hook": "create_container", "pid": 9}]}
+    remount = {**mount, "name": "/", "before": "overlay ...", "after": "overlay ... ro"}
+    run = _run_with([HOSTNAME_FLIPPED, mount, remount])
+    run.notes.update(hostname_before="vm", hostname_after="vm", hostnames_during=[],
+                     new_mounts_during=[], looks=5)
+    verify = checks.Verifier("root", ["NS-010", "NS-011"], "t")
+    checks.check_host_view(verify, run, "NS-010", "hostname")
+    checks.check_host_view(verify, run, "NS-011", "mounts")
+    (hostname,) = verify.violations["NS-010"]
+    assert "hostname hostname was 'kit-evil' for a while" in hostname.observed
+    assert (hostname.role, hostname.hook) == ("master", "create_container")
+    # NS-011 is about new mounts; a changed one is HOST-002's (and HOST-009's) business.
+    (new,) = verify.violations["NS-011"]
+    assert new.observed.startswith("mount /tmp/mutant-staging-x")
