@@ -516,15 +516,17 @@ def _read_all_files(sandbox: Sandbox, lower_dir: str | None,
     return files
 
 
-def snapshot(sandbox: Sandbox, lower_dir: str | None = None) -> HostState:
+def snapshot(sandbox: Sandbox, lower_dir: str | None = None,
+             only: frozenset[str] = INSIDE_KINDS,
+             then: Callable[[], None] | None = None) -> HostState:
     """The state of ``sandbox``, read from outside it (``lower_dir``: the lower layer of its
     root overlay as this process sees it; by default the file system mounted on each
-    copy-on-write mount point, alone)."""
+    copy-on-write mount point, alone). ``only`` and ``then``: see :func:`_read_inside`."""
     state = HostState()
     pid = sandbox.init_pid
-    inside = threading.Thread(target=_read_inside, args=(pid, state), name="kit-hostdiff")
+    inside = threading.Thread(target=_read_inside, args=(pid, state, only, then),
+                              name="kit-hostdiff")
     inside.start()
-
     _outside(state, "file", lambda: _read_all_files(sandbox, lower_dir, state))
     _outside(state, "mount", lambda: read_mounts(f"/proc/{pid}/mountinfo"))
     _outside(state, "netns", lambda: read_netns(pid))
@@ -608,7 +610,6 @@ class HostWatch:
         """What :func:`snapshot` reads, but the sysctls only when ``sysctls`` and links,
         addresses and routes only when ``network``; with ``subscribe``, the netlink socket
         that tells whether those changed."""
-        state = HostState()
         only = INSIDE_KINDS - {"sysctl", "link", "address", "route"}
         only |= {"sysctl"} if sysctls else set()
         only |= {"link", "address", "route"} if network else set()
@@ -616,16 +617,7 @@ class HostWatch:
         def then() -> None:
             if subscribe:
                 self._net = _subscribe()
-        pid = self.sandbox.init_pid
-        inside = threading.Thread(target=_read_inside, args=(pid, state, only, then),
-                                  name="kit-hostdiff")
-        inside.start()
-        _outside(state, "file", lambda: _read_all_files(self.sandbox, None, state))
-        _outside(state, "mount", lambda: read_mounts(f"/proc/{pid}/mountinfo"))
-        _outside(state, "netns", lambda: read_netns(pid))
-        _outside(state, "process", lambda: read_processes(pid))
-        inside.join()
-        return state
+        return snapshot(self.sandbox, only=only, then=then)
 
     def start(self) -> None:
         """After the starter is forked, in the supervisor (single-threaded): join the

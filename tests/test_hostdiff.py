@@ -343,20 +343,21 @@ def test_an_unreadable_kind_is_reported_not_skipped(sandbox: OwnSandbox) -> None
 
 # --- cost ---------------------------------------------------------------------------------------
 
-def test_a_snapshot_costs_a_few_milliseconds(sandbox: OwnSandbox) -> None:
+def test_a_full_snapshot_costs_a_few_milliseconds_of_cpu(sandbox: OwnSandbox) -> None:
+    # CPU time, not wall time: the shared machine's load stretches the latter tenfold.
     def measure() -> float:
         hostdiff.snapshot(sandbox)  # warm: pyroute2's lazy imports
         times = []
         for _ in range(15):
-            start = time.perf_counter()
+            start = time.process_time()
             hostdiff.snapshot(sandbox)
-            times.append(time.perf_counter() - start)
+            times.append(time.process_time() - start)
         return sorted(times)[len(times) // 2]
 
     out = in_child(measure)
     median = out["ok"]
-    print(f"snapshot median {median * 1000:.2f} ms")
-    assert median < 0.05  # generous under the shared machine's load; ~3 ms when idle
+    print(f"full snapshot median {median * 1000:.2f} ms CPU")
+    assert median < 0.03
 
 
 # --- during the run: transient changes and the hook that made them -----------------------------
