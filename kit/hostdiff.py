@@ -339,57 +339,65 @@ _INSIDE: tuple[tuple[str, tuple[str, ...], Callable[[], Any]], ...] = (
 INSIDE_KINDS = frozenset(kind for _, kinds, _ in _INSIDE for kind in kinds)
 
 
-def _read_inside(init_pid: int, state: HostState, only: frozenset[str] = INSIDE_KINDS,
-                 then: Callable[[], None] | None = None) -> None:
-    """In this (short-lived) thread: join the sandbox's uts, net and ipc namespaces, read the
-    kinds ``only`` of what they hold, then call ``then`` there. setns of these kinds affects
-    the calling thread only."""
-    failed: dict[str, str] = {}
-    for ns_kind in ("uts", "net", "ipc"):
-        try:
-            _join(init_pid, ns_kind)
-        except OSError as exc:
-            failed[ns_kind] = f"cannot join its {ns_kind} namespace: {exc}"
-    for ns_kind, kinds, reader in _INSIDE:
-        if not only.intersection(kinds):
-            continue
-        try:
-            if ns_kind in failed:
-                raise OSError(failed[ns_kind])
-            state.objects.update(reader())
-        except Exception as exc:  # one unreadable kind must not hide the others
-            for kind in kinds:
-                state.errors[kind] = f"{type(exc).__name__}: {exc}"
-    if then is not None:
-        then()
+_INSIDE_NS = ("uts", "net", "ipc")
 
 
-def _in_thread(fn: Callable[[], Any]) -> Any:
-    """``fn()`` in a new thread (whose namespaces it may change): its result, or its error."""
-    out: dict[str, Any] = {}
+class Inside:
+    """The calling thread in the sandbox's uts, net and ipc namespaces, until :meth:`leave`
+    (setns of these kinds moves the calling thread alone). ``failed``: the namespaces it could
+    not join, with why."""
 
-    def run() -> None:
-        try:
-            out["ok"] = fn()
-        except BaseException as exc:
-            out["error"] = exc
+    def __init__(self, init_pid: int) -> None:
+        self.own = {ns: os.open(f"/proc/thread-self/ns/{linux.NAMESPACES[ns][1]}",
+                                os.O_RDONLY | os.O_CLOEXEC) for ns in _INSIDE_NS}
+        self.failed: dict[str, str] = {}
+        for ns in _INSIDE_NS:
+            try:
+                _join(init_pid, ns)
+            except OSError as exc:
+                self.failed[ns] = f"cannot join its {ns} namespace: {exc}"
 
-    thread = threading.Thread(target=run, name="kit-hostdiff")
-    thread.start()
-    thread.join()
-    if "error" in out:
-        raise out["error"]
-    return out["ok"]
+    def read(self, state: HostState, only: frozenset[str] = INSIDE_KINDS) -> None:
+        """The kinds ``only`` of what the joined namespaces hold, into ``state``."""
+        for ns, kinds, reader in _INSIDE:
+            if not only.intersection(kinds):
+                continue
+            try:
+                if ns in self.failed:
+                    raise OSError(self.failed[ns])
+                state.objects.update(reader())
+            except Exception as exc:  # one unreadable kind must not hide the others
+                for kind in kinds:
+                    state.errors[kind] = f"{type(exc).__name__}: {exc}"
+
+    def leave(self) -> None:
+        for ns, fd in self.own.items():
+            try:
+                linux.setns(fd, linux.NAMESPACES[ns][0])
+            finally:
+                os.close(fd)
+        self.own = {}
+
+
+def _read_inside(init_pid: int, state: HostState, only: frozenset[str]) -> None:
+    """In a short-lived thread: join the sandbox's namespaces and read them."""
+    Inside(init_pid).read(state, only)  # the thread ends: no need to leave
 
 
 def _fresh(reader: Callable[[], Any]) -> Any:
-    """``reader()`` in a new network namespace with ``lo`` up, as a fresh sandbox has it (a
-    thread may unshare a network namespace alone)."""
-    def run() -> Any:
+    """``reader()`` in a new network namespace with ``lo`` up, as a fresh sandbox has it; the
+    calling thread goes back to its own network namespace. No thread: a process that
+    unshared a pid namespace (the supervisor of a sandbox) cannot start one."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
         linux.unshare(linux.CLONE_NEWNET)
-        linux.link_up("lo")
-        return reader()
-    return _in_thread(run)
+        try:
+            linux.link_up("lo")
+            return reader()
+        finally:
+            linux.setns(own, linux.CLONE_NEWNET)
+    finally:
+        os.close(own)
 
 
 #: The sysctls of a fresh sandbox (``net.*`` of a new network namespace with ``lo`` up): the
@@ -517,21 +525,27 @@ def _read_all_files(sandbox: Sandbox, lower_dir: str | None,
 
 
 def snapshot(sandbox: Sandbox, lower_dir: str | None = None,
-             only: frozenset[str] = INSIDE_KINDS,
-             then: Callable[[], None] | None = None) -> HostState:
+             only: frozenset[str] = INSIDE_KINDS, inside: Inside | None = None) -> HostState:
     """The state of ``sandbox``, read from outside it (``lower_dir``: the lower layer of its
     root overlay as this process sees it; by default the file system mounted on each
-    copy-on-write mount point, alone). ``only`` and ``then``: see :func:`_read_inside`."""
+    copy-on-write mount point, alone). The per-namespace kinds (``only`` of them) are read by
+    ``inside`` (this thread, already in the sandbox's namespaces), else by a short-lived
+    thread that joins them."""
     state = HostState()
     pid = sandbox.init_pid
-    inside = threading.Thread(target=_read_inside, args=(pid, state, only, then),
-                              name="kit-hostdiff")
-    inside.start()
+    thread = None
+    if inside is not None:
+        inside.read(state, only)
+    else:
+        thread = threading.Thread(target=_read_inside, args=(pid, state, only),
+                                  name="kit-hostdiff")
+        thread.start()
     _outside(state, "file", lambda: _read_all_files(sandbox, lower_dir, state))
     _outside(state, "mount", lambda: read_mounts(f"/proc/{pid}/mountinfo"))
     _outside(state, "netns", lambda: read_netns(pid))
     _outside(state, "process", lambda: read_processes(pid))
-    inside.join()
+    if thread is not None:
+        thread.join()
     return state
 
 
@@ -586,7 +600,13 @@ class HostWatch:
     """One run's host diff, held by the supervisor: the sandbox's state before the starter is
     forked (:meth:`__init__`), its hostname, domainname and mount table looked at after every
     batch of ledger events while the run goes on (:meth:`look`), and at the end every change
-    (:meth:`finish`), each watched one with the hooks that were open when it appeared."""
+    (:meth:`finish`), each watched one with the hooks that were open when it appeared.
+
+    From :meth:`__init__` to :meth:`finish` the calling thread is in the sandbox's uts, net
+    and ipc namespaces (then back in its own): a uname there is the sandbox's hostname for the
+    price of a system call, and no thread is needed (a supervisor that unshared a pid
+    namespace for the sandbox cannot start one). The starter, forked meanwhile, enters them
+    anyway."""
 
     def __init__(self, sandbox: Sandbox) -> None:
         self.sandbox = sandbox
@@ -594,8 +614,11 @@ class HostWatch:
         self._mountinfo: int | None = os.open(f"/proc/{sandbox.init_pid}/mountinfo",
                                               os.O_RDONLY | os.O_CLOEXEC)
         _mounts_changed(self._mountinfo)
+        self.inside: Inside | None = Inside(sandbox.init_pid)
         self._net: socket.socket | None = None
-        self.before = self._snapshot(sysctls=_fresh_sysctls is None, subscribe=True)
+        if "net" not in self.inside.failed:
+            self._net = _subscribe()  # before the snapshot: no change falls in between
+        self.before = self._snapshot(sysctls=_fresh_sysctls is None)
         if _fresh_sysctls is not None:
             self.before.objects["sysctl"] = _fresh_sysctls
         self.last = {kind: dict(self.before.objects.get(kind, {})) for kind in WATCHED}
@@ -605,26 +628,17 @@ class HostWatch:
         self.looks = 0
         self._joined = False
 
-    def _snapshot(self, sysctls: bool, subscribe: bool = False, network: bool = False
-                  ) -> HostState:
+    def _snapshot(self, sysctls: bool, network: bool = False) -> HostState:
         """What :func:`snapshot` reads, but the sysctls only when ``sysctls`` and links,
-        addresses and routes only when ``network``; with ``subscribe``, the netlink socket
-        that tells whether those changed."""
+        addresses and routes only when ``network``."""
         only = INSIDE_KINDS - {"sysctl", "link", "address", "route"}
         only |= {"sysctl"} if sysctls else set()
         only |= {"link", "address", "route"} if network else set()
-
-        def then() -> None:
-            if subscribe:
-                self._net = _subscribe()
-        return snapshot(self.sandbox, only=only, then=then)
+        return snapshot(self.sandbox, only=frozenset(only), inside=self.inside)
 
     def start(self) -> None:
-        """After the starter is forked, in the supervisor (single-threaded): join the
-        sandbox's uts namespace (a uname there is the sandbox's hostname, for the price of a
-        system call) and open its mountinfo (poll tells when its mount table changes)."""
-        _join(self.sandbox.init_pid, "uts")
-        self._joined = True
+        """After the starter is forked: the looks begin."""
+        self._joined = "uts" not in (self.inside.failed if self.inside else {"uts": ""})
 
     def note(self, event: dict[str, Any]) -> None:
         """Keep track of the open hooks (every ledger event goes through here)."""
@@ -673,6 +687,9 @@ class HostWatch:
         if self._net is not None:
             self._net.close()
         after = self._snapshot(sysctls=True, network=network)
+        if self.inside is not None:
+            self.inside.leave()
+            self.inside = None
         if network:  # changed (or not watched): compared with a fresh sandbox's
             self.before.objects.update(_fresh(read_network))
         template = self.before.objects.get("sysctl")

@@ -16,6 +16,7 @@ import shutil
 import signal
 import struct
 import tempfile
+import threading
 import time
 from dataclasses import asdict
 from typing import Any, Iterator
@@ -524,9 +525,13 @@ def test_a_run_without_a_sandbox_is_not_configured_for_the_host_checks() -> None
 
 def _watched(box: OwnSandbox, shell: str = "", stale: bool = False) -> dict[str, Any]:
     """A HostWatch around ``shell`` run in ``box``, with the fresh sandbox's sysctls cached
-    first (as the zygote does), made stale on purpose with ``stale``."""
+    first (as the zygote does), made stale on purpose with ``stale``; in a process that
+    cannot start a thread, as the supervisor of a sandbox (it unshared a pid namespace)."""
     def run() -> dict[str, Any]:
         hostdiff.prime()
+        linux.unshare(linux.CLONE_NEWPID)
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            threading.Thread(target=lambda: None).start()
         if stale:
             hostdiff._fresh_sysctls = {**hostdiff._fresh_sysctls, "net.ipv4.ip_forward": "7"}
         watch = hostdiff.HostWatch(box)
