@@ -554,6 +554,8 @@ def diff(before: HostState, after: HostState) -> list[HostChange]:
     then by name. A kind that either snapshot could not read is reported as a change of
     kind ``unreadable`` (the diff cannot vouch for it)."""
     changes: list[HostChange] = []
+    links = {name for name in before.objects.get("link", {}).keys()
+             ^ after.objects.get("link", {}).keys()}
     for kind in KINDS:
         if kind in before.errors or kind in after.errors:
             changes.append(HostChange("unreadable", kind, before.errors.get(kind),
@@ -565,9 +567,18 @@ def diff(before: HostState, after: HostState) -> list[HostChange]:
             was, now = old.get(name), new.get(name)
             if kind == "file":
                 was, now = _file_sides(name, before, after)
+            elif kind == "sysctl" and (was is None or now is None) and _of_link(name, links):
+                continue  # a link's own settings come and go with it: the link is named
             if was != now:
                 changes.append(HostChange(kind, name or kind, was, now))
     return changes
+
+
+def _of_link(sysctl: str, links: set[str]) -> bool:
+    """Whether ``sysctl`` is a per-device setting (``net.ipv4.conf.DEV.x``,
+    ``net.ipv6.neigh.DEV.x``…) of one of ``links``."""
+    parts = sysctl.split(".")
+    return len(parts) > 4 and parts[2] in ("conf", "neigh") and parts[3] in links
 
 
 def _file_sides(path: str, before: HostState, after: HostState) -> tuple[str | None, str | None]:

@@ -282,9 +282,12 @@ def test_hostname_and_domainname_are_named(sandbox: OwnSandbox) -> None:
 
 
 def test_a_net_sysctl_is_named(sandbox: OwnSandbox) -> None:
-    found = changes(sandbox, shell="echo 1 > /proc/sys/net/ipv4/ip_forward")
+    found = changes(sandbox, shell="echo 1 > /proc/sys/net/ipv4/ip_forward && "
+                    "echo 2 > /proc/sys/net/ipv4/conf/lo/rp_filter")
     change = named(found, "sysctl", "net.ipv4.ip_forward")
     assert (change.before, change.after) == ("0", "1")
+    # A setting of a link that was there before is a sysctl change of its own.
+    assert named(found, "sysctl", "net.ipv4.conf.lo.rp_filter").after == "2"
 
 
 def test_links_addresses_and_routes_are_named(sandbox: OwnSandbox) -> None:
@@ -294,6 +297,8 @@ def test_links_addresses_and_routes_are_named(sandbox: OwnSandbox) -> None:
                     "ip link set lo mtu 1500")
     assert named(found, "link", "kit-veth0").before is None
     assert named(found, "link", "kit-veth0").after.startswith("veth ")
+    # Their per-device sysctls come with the links: named by them, not one by one.
+    assert not [c for c in found if c.kind == "sysctl" and "kit-veth" in c.name]
     assert "mtu 1500" in named(found, "link", "lo").after
     assert named(found, "address", "kit-veth0 10.254.7.1/24").before is None
     route = named(found, "route", "table 254 type 1 10.254.8.0/24 dev kit-veth0 via 10.254.7.2")

@@ -83,8 +83,10 @@ class HostDomainname(HostMutant):
     killed_by = ("HOST-003", "HOST-009")
 
     def damage(self) -> None:
-        with open("/proc/sys/kernel/domainname", "w") as f:
-            f.write("mutant.example\n")
+        name = b"mutant.example"
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.setdomainname(name, len(name)) < 0:
+            raise OSError(ctypes.get_errno(), "setdomainname")
 
 
 class HostLink(HostMutant):
