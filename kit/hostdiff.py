@@ -632,7 +632,9 @@ class HostWatch:
         self.before = self._snapshot(sysctls=_fresh_sysctls is None)
         if _fresh_sysctls is not None:
             self.before.objects["sysctl"] = _fresh_sysctls
-        self.last = {kind: dict(self.before.objects.get(kind, {})) for kind in WATCHED}
+        self.last = {kind: dict(self.before.objects.get(kind, {}))
+                     for kind in (*WATCHED, "file")}
+        self._usage = self._upper_usage()
         self.seen: dict[tuple[str, str], dict[str, Any]] = {}  # first sighting of each change
         self.open: set[Hook] = set()
         self.window: set[Hook] = set()  # hooks open at some moment since the last look
@@ -677,6 +679,10 @@ class HostWatch:
                "domainname": {"": _read("/proc/sys/kernel/domainname")}}
         if _mounts_changed(self._mountinfo):
             now["mount"] = read_mounts(f"/proc/{self.sandbox.init_pid}/mountinfo")
+        usage = self._upper_usage()
+        if usage != self._usage:  # a file was copied up, created, grown or deleted
+            self._usage = usage
+            now["file"] = _read_all_files(self.sandbox, None, HostState())
         for kind, objects in now.items():
             last = self.last[kind]
             for name in last.keys() | objects.keys():
@@ -685,6 +691,20 @@ class HostWatch:
                         "value": objects.get(name), "hooks": sorted(self.window)})
             self.last[kind] = objects
         self.window = set(self.open)
+
+    def _upper_usage(self) -> tuple[int, ...]:
+        """Free blocks and inodes of the file systems of the upper layers: one statvfs each
+        tells, for nothing, whether a look must walk them (a rewrite in place that keeps the
+        size is missed: that change is still in the diff, without the hooks)."""
+        uppers = getattr(self.sandbox, "upper_dirs", None) or {"/": self.sandbox.upper_dir}
+        usage: list[int] = []
+        for path in sorted(uppers.values()):
+            try:
+                st = os.statvfs(path)
+            except OSError:
+                continue
+            usage += (st.f_bfree, st.f_ffree)
+        return tuple(usage)
 
     def finish(self) -> dict[str, Any]:
         """After the run: the fields of the ledger's ``host_changes`` event. Each change is
@@ -716,7 +736,7 @@ class HostWatch:
                         "hooks": _hooks_json(seen["hooks"]) if seen else None})
         named = {(c.kind, c.name) for c in final}
         for (kind, name), seen in self.seen.items():
-            if (kind, name) not in named:
+            if (kind, name) not in named and kind in WATCHED:  # a temporary file is allowed
                 was = self.before.objects.get(kind, {}).get("" if name == kind else name)
                 out.append({"kind": kind, "name": name, "before": was, "after": seen["value"],
                             "transient": True, "hooks": _hooks_json(seen["hooks"])})

@@ -404,6 +404,28 @@ def test_the_watch_names_a_transient_change_and_the_hook_open_when_it_appeared(
     assert mount["hooks"] == [{"role": "master", "hook": "cleanup_container", "pid": 7}]
 
 
+def test_the_watch_names_the_hook_open_when_a_file_appeared(sandbox: OwnSandbox) -> None:
+    def run() -> dict[str, Any]:
+        watch = hostdiff.HostWatch(sandbox)
+        watch.start()
+        watch.note({"kind": "hook_enter", "role": "stage1", "hook": "prepare_config", "pid": 5})
+        watch.look()
+        sandbox.sh("echo state > /etc/kit-hostdiff-state && echo tmp > /tmp/kit-scratch")
+        watch.note({"kind": "hook_return", "role": "stage1", "hook": "prepare_config",
+                    "pid": 5})
+        watch.look()
+        watch.note({"kind": "hook_enter", "role": "master", "hook": "cleanup_container",
+                    "pid": 7})
+        sandbox.sh("rm /tmp/kit-scratch")  # a temporary file, gone by the end: allowed
+        watch.look()
+        return watch.finish()
+
+    doc = in_child(run)["ok"]
+    (change,) = doc["changes"]
+    assert change["name"] == "/etc/kit-hostdiff-state" and not change["transient"]
+    assert change["hooks"] == [{"role": "stage1", "hook": "prepare_config", "pid": 5}]
+
+
 def test_a_change_the_watch_did_not_see_has_no_hooks(sandbox: OwnSandbox) -> None:
     def run() -> dict[str, Any]:
         watch = hostdiff.HostWatch(sandbox)
