@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import struct
 import tempfile
@@ -654,3 +653,16 @@ def test_ns_010_and_ns_011_see_the_sandboxs_hostname_and_new_mounts_not_only_the
     # NS-011 is about new mounts; a changed one is HOST-002's (and HOST-009's) business.
     (new,) = verify.violations["NS-011"]
     assert new.observed.startswith("mount /tmp/mutant-staging-x")
+
+
+def test_the_run_result_lists_the_host_changes_and_says_them_among_its_problems() -> None:
+    from kit.launcher import RunResult
+    from kit.ledger import Ledger
+
+    events = [{"seq": 0, "kind": "host_changes", "role": "supervisor", "changes":
+               [FILE_WRITTEN], "errors": {}, "looks": 2, "omitted": {}, "cost_ms": 1.0}]
+    result = RunResult(0, "exited", Ledger({"schema_version": 1, "events": events}))
+    assert result.host_changes == [FILE_WRITTEN]
+    assert "host: file /etc/kit-evil: None -> 'file 0644 0:0 2 bytes 00ff'" in result.problems()
+    assert RunResult(0, "exited", Ledger({"schema_version": 1, "events": []})
+                     ).host_changes is None
