@@ -410,7 +410,10 @@ def prime() -> None:
     """Read what every fresh sandbox has, once per process (the zygote, before it forks)."""
     global _fresh_sysctls
     if _fresh_sysctls is None:
-        _fresh_sysctls = _fresh(read_sysctls)
+        try:
+            _fresh_sysctls = _fresh(read_sysctls)
+        except OSError:
+            pass  # no network namespace here (a root without CAP_SYS_ADMIN): read per run
 
 
 #: rtnetlink multicast groups whose messages tell that links, addresses, routes, rules or

@@ -666,3 +666,17 @@ def test_the_run_result_lists_the_host_changes_and_says_them_among_its_problems(
     assert "host: file /etc/kit-evil: None -> 'file 0644 0:0 2 bytes 00ff'" in result.problems()
     assert RunResult(0, "exited", Ledger({"schema_version": 1, "events": []})
                      ).host_changes is None
+
+
+def test_priming_where_no_network_namespace_can_be_made_leaves_the_cache_empty() -> None:
+    def run() -> Any:
+        from kit import linux as kernel
+
+        def refuse(flags: int) -> None:
+            raise PermissionError(1, "unshare: Operation not permitted")
+        hostdiff._fresh_sysctls = None
+        kernel.unshare = refuse  # this child's only
+        hostdiff.prime()
+        return hostdiff._fresh_sysctls
+
+    assert in_child(run) == {"ok": None}
