@@ -93,6 +93,7 @@ class HostLink(HostMutant):
     slug = "host-link"
     bug = "create_container adds a bridge to the host's network namespace and leaves it there"
     killed_by = ("HOST-005",)
+    mechanism = "child-process"
 
     def damage(self) -> None:
         subprocess.run(["ip", "link", "add", "kit-mutant0", "type", "bridge"], check=True,
@@ -113,6 +114,7 @@ class HostNamedNetns(HostMutant):
     slug = "host-named-netns"
     bug = "create_container creates a named network namespace on the host (ip netns add)"
     killed_by = ("HOST-006", "HOST-002", "HOST-009")
+    mechanism = "child-process"
 
     def damage(self) -> None:
         subprocess.run(["ip", "netns", "add", "kit-mutant"], check=True,
@@ -134,6 +136,7 @@ class HostDaemon(HostMutant):
     slug = "host-daemon"
     bug = "create_container starts a helper daemon on the host that outlives the run"
     killed_by = ("HOST-008", "CLEAN-001")
+    mechanism = "child-process"
 
     def damage(self) -> None:
         subprocess.Popen(["setsid", "sleep", "3600"], stdin=subprocess.DEVNULL,
