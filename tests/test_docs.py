@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -199,12 +198,8 @@ def _assert_conformant_in_every_flow(venv: Venv, engine: str) -> None:
     flows = doc["environment"]["flows"]
     assert {f for f in FLOWS if flows[f]["selected"] and flows[f]["backend"] == "real"} == \
         set(FLOWS), flows
-    # The HOST checks need the kit's host sandbox: not-configured where the kit has none.
-    no_sandbox = importlib.util.find_spec("kit.sandbox") is None
     bad = [(r["requirement"], r["flow"], r["outcome"]) for r in doc["results"]
-           if r["outcome"] not in ("passed", "not-supported")
-           and not (no_sandbox and r["requirement"].startswith("HOST-")
-                    and r["outcome"] == "not-configured")]
+           if r["outcome"] not in ("passed", "not-supported")]
     assert not bad, bad
     assert {r["flow"] for r in doc["results"] if r["outcome"] == "passed"} == set(FLOWS)
 
