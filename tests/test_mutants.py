@@ -15,7 +15,6 @@ import pytest
 
 from conformance import mutants as M
 from conformance import requirements
-from reference_engines.mutants import host as host_mutants
 from reference_engines.mutants import (
     ENGINE_MUTANTS, MUTANTS, STARTER_MUTANTS, by_name, engine_spec, registered_name,
 )
@@ -37,9 +36,7 @@ def test_the_zoo_has_at_least_30_mutants_and_one_for_every_group_of_the_catalogu
     killable = [m for m in MUTANTS if not m.gap]
     assert len(killable) >= 30
     groups = {requirements.CATALOGUE[req].group for m in killable for req in m.killed_by}
-    # The host group's mutants need the kit's host sandbox: survivors where it is missing.
-    pending = {"host"} if host_mutants._NO_SANDBOX else set()
-    assert groups | pending == {key for key, _ in requirements.GROUPS}
+    assert groups == {key for key, _ in requirements.GROUPS}
 
 
 def test_every_engine_mutant_is_registered_under_its_name_with_an_entry_point():

@@ -4,31 +4,22 @@ named network namespace, a SysV shared memory segment, a daemon.
 
 They run only inside the kit's own host sandbox (``kit.sandbox``: an overlay root and new
 uts, net, ipc namespaces), where their damage is thrown away with the sandbox; anywhere else
-(the real host, the fake backend, the kill matrix's older mount-and-uts sandbox, whose /etc is
-the real one) they refuse. Until the kit has that sandbox they are known survivors.
+(the real host, the fake backend) they refuse.
 """
 
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import os
 import subprocess
-from typing import ClassVar
 
+from kit import sandbox
 from reference_engines.mutants.base import HostDamageRefused, Mutant
-
-#: Why these mutants survive where the kit has no host sandbox to diff.
-_NO_SANDBOX = None if importlib.util.find_spec("kit.sandbox") else (
-    "the host diff needs the kit's host sandbox (kit.sandbox), which this kit does not have")
 
 
 def in_kit_sandbox() -> bool:
     """True when this process's mount and uts namespaces are a kit host sandbox's (the sandbox
     records their inodes in its processes' environment)."""
-    if _NO_SANDBOX:
-        return False
-    from kit import sandbox
     try:
         here = ":".join(str(os.stat(f"/proc/self/ns/{kind}").st_ino) for kind in ("mnt", "uts"))
     except OSError:
@@ -45,15 +36,12 @@ def refuse_outside_kit_sandbox(slug: str) -> None:
 class HostMutant(Mutant):
     """create_container (master, in the host's namespaces) does :meth:`damage`, never undone."""
 
-    gap: ClassVar[str | None] = _NO_SANDBOX
-
     def damage(self) -> None:
         raise NotImplementedError
 
     def create_container(self, ctx, pid, rpc_conn) -> None:  # type: ignore[override]
-        if not _NO_SANDBOX:  # without a kit sandbox, a known survivor that harms nothing
-            refuse_outside_kit_sandbox(self.slug)
-            self.damage()
+        refuse_outside_kit_sandbox(self.slug)
+        self.damage()
         super().create_container(ctx, pid, rpc_conn)
 
 
