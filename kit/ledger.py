@@ -94,7 +94,10 @@ class LedgerWriter:
     def for_role(self, role: str) -> LedgerWriter:
         return LedgerWriter(self.sock, role, self.confirm)
 
-    def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
+    def emit(self, kind: str, refresh: Callable[[], Any] | None = None,
+             **fields: Any) -> dict[str, Any]:
+        """Send one event. ``refresh`` reads the snapshot again when the supervisor's own
+        read disagreed with the one sent (a credential change in between)."""
         if kind not in EVENT_KINDS:
             raise ValueError(f"unknown ledger event kind {kind!r}")
         event = {"t": time.monotonic_ns(), "kind": kind, "role": self.role,
@@ -107,7 +110,13 @@ class LedgerWriter:
                 data = json.dumps(event).encode()
             try:
                 if self.confirm and isinstance(event.get("snapshot"), dict):
-                    confirm_send(self.sock, data)
+                    for _ in range(SNAPSHOT_ATTEMPTS):
+                        if confirm_send(self.sock, data) != RETRY:
+                            break
+                        if refresh is not None:
+                            event["snapshot"] = refresh()
+                            data = json.dumps(event, separators=(",", ":"),
+                                              default=repr).encode()
                 else:
                     self.sock.send(data)
             except OSError:
@@ -118,19 +127,28 @@ class LedgerWriter:
 #: How long a sender waits for the supervisor's confirmation at most (it never takes that
 #: long: the supervisor does nothing else; a dead one closes the pipe at once).
 CONFIRM_TIMEOUT = 30.0
+#: The supervisor's answers on a confirmation pipe: the snapshot agreed with its own read,
+#: or it did not and the sender is to read its snapshot again and resend.
+CONFIRMED, RETRY = b"k", b"r"
+#: How many snapshots in a row may disagree with the supervisor's read before that counts as
+#: a forgery: another thread's process-wide credential change (glibc's set*id reaches every
+#: thread) can fall between a snapshot and the supervisor's read of it.
+SNAPSHOT_ATTEMPTS = 3
 
 
-def confirm_send(sock: socket.socket, data: bytes) -> None:
-    """Send ``data`` with the write end of a new pipe and wait until the supervisor writes
-    to it or closes it: meanwhile the calling thread's credentials cannot change, so the
-    supervisor's own read of them (``/proc/PID/task/TID/status``) is the snapshot's
-    outside check, which engine code in this process cannot fake (LEDGER-003)."""
+def confirm_send(sock: socket.socket, data: bytes) -> bytes:
+    """Send ``data`` with the write end of a new pipe and wait until the supervisor answers
+    on it (or closes it): it reads the calling thread's credentials itself
+    (``/proc/PID/task/TID/status``) meanwhile, the snapshot's outside check that engine code
+    in this process cannot fake (LEDGER-003). Returns the answer (empty: none)."""
     r, w = os.pipe2(os.O_CLOEXEC)
     try:
         sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [w]))])
         os.close(w)
         w = -1
-        select.select([r], [], [], CONFIRM_TIMEOUT)
+        if select.select([r], [], [], CONFIRM_TIMEOUT)[0]:
+            return os.read(r, 1)
+        return b""
     finally:
         os.close(r)
         if w >= 0:

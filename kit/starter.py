@@ -195,7 +195,7 @@ class HookRunner:
         snap = self._snap()
         extra = {"caller": caller} if caller != "kit" else {}
         self.ledger.emit("hook_enter", hook=hook, snapshot=snap, escalation=self._escalation(snap),
-                         args=arguments, **extra)
+                         args=arguments, refresh=self._snap, **extra)
 
     def call(self, hook: str, fn: Callable[..., Any], *args: Any) -> Any:
         """Call ``fn``, the engine's (instrumented) hook, as the kit."""
@@ -223,12 +223,12 @@ class HookRunner:
                 result = original(*args, **kwargs)
             except BaseException as exc:
                 self.ledger.emit("hook_raise", hook=hook, snapshot=self._snap(),
-                                 error=describe_error(exc))
+                                 error=describe_error(exc), refresh=self._snap)
                 if by_kit:
                     raise HookFailed(hook, exc) from exc
                 raise  # the engine's own call gets its own exception back
             self.ledger.emit("hook_return", hook=hook, snapshot=self._snap(),
-                             result=_summary(result))
+                             result=_summary(result), refresh=self._snap)
             return result
         return recorded
 

@@ -33,8 +33,9 @@ from typing import Any
 
 from kit import linux, probe, registry, rundir
 from kit import sandbox as host_sandbox
-from kit.ledger import (EXCERPT, MAX_EVENT, SCHEMA_VERSION, LedgerWriter, check_event,
-                        ledger_socketpair, parse_datagram)
+from kit.ledger import (CONFIRMED, EXCERPT, MAX_EVENT, RETRY, SCHEMA_VERSION,
+                        SNAPSHOT_ATTEMPTS, LedgerWriter, check_event, ledger_socketpair,
+                        parse_datagram)
 from kit.request import RunRequest
 from kit.senders import PROCESS_ROLES, Senders, check_snapshot
 from kit.starter import EXIT_FATAL, UNTIMED_HOOKS, Starter, default_signals
@@ -97,6 +98,8 @@ class Supervisor:
         self.timed_out: dict[str, Any] | None = None
         self.me = LedgerWriter(None, "supervisor")
         self.faults = 0
+        # (kernel pid, tid) -> snapshots in a row that disagreed with our own read
+        self._mismatches: dict[tuple[int, Any], int] = {}
         self.dropped = 0  # datagrams beyond MAX_EVENTS or MAX_FAULTS
         self.senders = Senders(current().modelled_pids)
         # The fake backend's snapshots are its model's, not the kernel's to confirm.
@@ -383,36 +386,51 @@ class Supervisor:
                 return True
             if not data and sender is None and not fds:
                 return False
+            answer = CONFIRMED
             try:
                 if len(self.events) >= MAX_EVENTS:
                     self.dropped += 1
                 else:
-                    self.admit(data, sender, truncated, confirmed=_is_pipe(fds))
+                    answer = self.admit(data, sender, truncated, confirmed=_is_pipe(fds))
             finally:
-                _release(fds)
+                _release(fds, answer)
         return True
 
     def admit(self, data: bytes, sender: int | None, truncated: bool,
-              confirmed: bool = False) -> None:
+              confirmed: bool = False) -> bytes:
         """Record a datagram of the run's processes, or an engine fault in its place when it
         is malformed, does not come from the process it names, or carries a snapshot that
         the kernel contradicts (LEDGER-003). ``confirmed``: the sender waits while we read
-        its thread's credentials."""
+        its thread's credentials. Returns the answer for its confirmation pipe: RETRY asks
+        it to read its snapshot again and resend (:data:`kit.ledger.SNAPSHOT_ATTEMPTS`)."""
         if truncated:
-            return self.engine_fault("malformed", sender, f"a truncated datagram (longer "
-                                     f"than {MAX_EVENT} bytes, or with more than "
-                                     f"{linux.MAX_PASSED_FDS} descriptors)", data)
+            self.engine_fault("malformed", sender, f"a truncated datagram (longer than "
+                              f"{MAX_EVENT} bytes, or with more than "
+                              f"{linux.MAX_PASSED_FDS} descriptors)", data)
+            return CONFIRMED
         event, problem = parse_datagram(data)
         if event is not None:
             problem = check_event(event)
         if problem is not None:
-            return self.engine_fault("malformed", sender, problem, data)
+            self.engine_fault("malformed", sender, problem, data)
+            return CONFIRMED
         problem = self.senders.check(sender, event)
         if problem is None and self.outside_check and sender:
             problem = check_snapshot(sender, event, confirmed)
+            thread = (sender, event.get("tid"))
+            if problem is not None and confirmed:
+                # Another thread's process-wide credential change may have fallen between
+                # the snapshot and our read: the sender reads it again, a few times.
+                seen = self._mismatches.get(thread, 0) + 1
+                if seen < SNAPSHOT_ATTEMPTS:
+                    self._mismatches[thread] = seen
+                    return RETRY
+            self._mismatches.pop(thread, None)
         if problem is not None:
-            return self.engine_fault("forged", sender, problem, data)
+            self.engine_fault("forged", sender, problem, data)
+            return CONFIRMED
         self.record(event, data)
+        return CONFIRMED
 
     def engine_fault(self, fault: str, sender: int | None, detail: str, data: bytes) -> None:
         self.faults += 1
@@ -482,13 +500,13 @@ def _is_pipe(fds: list[int]) -> bool:
         return False
 
 
-def _release(fds: list[int]) -> None:
+def _release(fds: list[int], answer: bytes = CONFIRMED) -> None:
     """Answer a confirmation pipe (never blocking: a sender may hand us a full pipe) and
     close every descriptor a datagram brought."""
     if _is_pipe(fds):
         with contextlib.suppress(OSError):
             os.set_blocking(fds[0], False)
-            os.write(fds[0], b"k")
+            os.write(fds[0], answer)
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)

@@ -349,9 +349,13 @@ def fake_probe(how: str) -> None:
             writer.confirm = False
         return
     real = probe.snapshot
+    lies = [1 if how == "caps-once" else -1]  # how many snapshots to fake (-1: all)
 
     def innocent() -> dict:
         snap = real()
+        if lies[0] == 0:
+            return snap
+        lies[0] -= 1
         for thread in snap["threads"]:
             thread["caps"] = {k: [] for k in thread["caps"]}
         return snap
@@ -367,7 +371,8 @@ class HostileConfig(ReferenceConfig):
     leak_tempdir: bool = False  # the leak checks must still see this
     out: str = ""  # create_container appends what each RPC call gave here
     die: str = ""  # container | rpc: killed during create_container, which then waits
-    fake_probe: str = ""  # in create_container: "caps" fakes the snapshots, "unconfirmed"
+    fake_probe: str = ""  # in create_container: "caps" fakes the snapshots ("caps-once": the
+    # next one only), "unconfirmed"
     # sends them without waiting for the supervisor's outside check
 
 

@@ -444,6 +444,16 @@ def test_a_snapshot_faked_in_the_process_is_contradicted_by_the_supervisors_own_
     assert "master create_container" in ledger_003(result)
 
 
+def test_a_snapshot_that_disagrees_once_is_read_again_not_called_forged():
+    # Another thread's process-wide credential change (glibc's set*id reaches every thread)
+    # can fall between a snapshot and the supervisor's read: the sender reads it again.
+    result = hostile_run(fake_probe="caps-once")
+    assert not faults(result), faults(result)
+    returned = [e for e in result.ledger.select("hook_return", role="master")
+                if e["hook"] == "create_container"]
+    assert returned and any(t["caps"]["effective"] for t in returned[0]["snapshot"]["threads"])
+
+
 def test_a_snapshot_sent_without_waiting_for_the_outside_check_is_refused():
     result = hostile_run(fake_probe="unconfirmed")
     fault = faults(result)[0]
