@@ -1659,6 +1659,32 @@ def check_host(verify: Verifier, run: Run, requirement: str) -> None:
                     observed=_host_change_text(change), run=run, event=event,
                     role=one.get("role"), hook=one.get("hook"))
     if not found and not omitted:
+def check_refused_calls(verify: Verifier, run: Run, requirement: str, category: str) -> None:
+    """HOST-050 (``category="system-interface"``, fake backend), HOST-051 (``"host-global"``):
+    every call the run's seccomp filter refused (``syscall_refused``) is a violation that
+    names the call, the hook and the process role."""
+    from kit.seccomp import SYSTEM_INTERFACE, describe_refusal
+
+    run = verify.used(run.usable())
+    refused = [e for e in run.events
+               if e.get("kind") == "syscall_refused" and e.get("category") == category]
+    what = ("engine bypassed the system interface" if category == SYSTEM_INTERFACE
+            else "engine made a host-global system call")
+    for event in refused:
+        verify.fail(requirement, expected=f"no {category} system call (refused with EPERM)",
+                    observed=f"{what}: {describe_refusal(event)}", run=run, event=event,
+                    role=event.get("process_role"), hook=event.get("hook"))
+    if refused:
+        return
+    installed = next((e for e in run.events if e.get("kind") == "seccomp_filter"), None)
+    if category == SYSTEM_INTERFACE and run.backend != "fake":
+        verify.vacuous(requirement, "real backend: the kernel (in the host sandbox) answers "
+                       "privileged calls; the system interface is not bypassed there")
+    elif installed is None or not installed.get("filter") or installed.get("error"):
+        why = (installed or {}).get("error") or (installed or {}).get("reason") or \
+            "the run has no seccomp filter"
+        verify.vacuous(requirement, f"no call was watched: {why}")
+    else:
         verify.check(requirement, True, expected="", observed="", run=run)
 
 

@@ -339,6 +339,16 @@ _ENTRIES = (
     _r("HOST-009", "MUST", "§11, §2, §4", "host",
        "While the run lasts the host's hostname, domainname and mount table do not change, not "
        "even for a moment (the suite looks after every batch of ledger events)."),
+    # --- §9, §11 the host: system calls refused by the kit's seccomp filter ----------------------
+    _r("HOST-050", "MUST", "§9, §11", "host",
+       "In the fake backend no process of the run makes a privileged system call around the "
+       "kit's system interface (the mount family, pivot_root, chroot, unshare, setns or a "
+       "namespace-creating clone, sethostname, setdomainname, the set*id family, setgroups, "
+       "capset…): the kit refuses each with EPERM and records it, and none may be tried."),
+    _r("HOST-051", "MUST", "§11", "host",
+       "No process of the run makes a host-global system call (setting the clock, loading or "
+       "removing kernel modules, reboot, kexec, swapon/swapoff, acct…): the kit refuses each "
+       "with EPERM and records it, and none may be tried."),
 )
 
 CATALOGUE: dict[str, Requirement] = {}

@@ -51,6 +51,9 @@ EVENT_KINDS: dict[str, tuple[str, ...]] = {
     "host_changes": ("changes", "omitted", "errors", "looks", "cost_ms"),
     "foreign_reap": ("child_pid", "detail"),
     "starter_exit": ("code",),
+    "seccomp_filter": ("filter", "syscalls", "error", "reason"),
+    "syscall_refused": ("syscall", "nr", "args", "category", "errno", "answered", "target_tid",
+                        "target", "process_role", "hook"),
     "exit": ("code", "reason"),
     "engine_fault": ("fault", "sender_pid", "sender_role", "open_hooks", "detail", "excerpt"),
 }

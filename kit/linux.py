@@ -42,6 +42,7 @@ _SYSCALLS = {
     "fsconfig": (431, 431),
     "fsmount": (432, 432),
     "open_tree": (428, 428),
+    "seccomp": (317, 277),
 }
 
 
@@ -733,3 +734,66 @@ def process_ids(pid: int) -> tuple[int, list[int]] | None:
         return int(status["PPid"]), [int(p) for p in status["NSpid"].split()]
     except (OSError, KeyError, ValueError):
         return None
+# --- seccomp ----------------------------------------------------------------------------------
+
+SECCOMP_SET_MODE_FILTER = 1
+SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
+AUDIT_ARCH_X86_64 = 0xC000003E
+#: struct seccomp_notif (80 bytes): id, pid, flags, then struct seccomp_data (nr, arch,
+#: instruction_pointer, args[6]).
+_NOTIF = struct.Struct("=QIIiIQ6Q")
+#: struct seccomp_notif_resp (24 bytes): id, val, error, flags.
+_NOTIF_RESP = struct.Struct("=QqiI")
+# _IOWR('!', 0, struct seccomp_notif), _IOWR('!', 1, struct seccomp_notif_resp),
+# _IOW('!', 2, __u64).
+SECCOMP_IOCTL_NOTIF_RECV = 0xC0000000 | _NOTIF.size << 16 | 0x21 << 8 | 0
+SECCOMP_IOCTL_NOTIF_SEND = 0xC0000000 | _NOTIF_RESP.size << 16 | 0x21 << 8 | 1
+SECCOMP_IOCTL_NOTIF_ID_VALID = 0x40000000 | 8 << 16 | 0x21 << 8 | 2
+_SOCK_FILTER = struct.Struct("=HBBI")
+
+
+def seccomp_install_filter(program: list[tuple[int, int, int, int]], listener: bool) -> int | None:
+    """Load a classic BPF program (``(code, jt, jf, k)`` instructions) as a seccomp filter on
+    the calling thread; the listener fd (close-on-exec) when ``listener``. The caller needs
+    no_new_privs or CAP_SYS_ADMIN in its user namespace (the kernel's rule)."""
+    raw = b"".join(_SOCK_FILTER.pack(*ins) for ins in program)
+    buf = ctypes.create_string_buffer(raw, len(raw))
+    fprog = struct.pack("=HxxxxxxQ", len(program), ctypes.addressof(buf))
+    fbuf = ctypes.create_string_buffer(fprog, len(fprog))
+    flags = SECCOMP_FILTER_FLAG_NEW_LISTENER if listener else 0
+    fd = _check(_libc.syscall(ctypes.c_long(_nr("seccomp")), ctypes.c_uint(SECCOMP_SET_MODE_FILTER),
+                              ctypes.c_uint(flags), fbuf), "seccomp(SET_MODE_FILTER)")
+    return fd if listener else None
+
+
+def seccomp_notif_recv(listener: int) -> dict[str, object]:
+    """One pending notification (``SECCOMP_IOCTL_NOTIF_RECV``): id, pid (the calling thread,
+    as the caller's pid namespace numbers it), nr, arch, args. ENOENT when the notification
+    went away (its thread was killed) before it was read."""
+    buf = bytearray(_NOTIF.size)  # the kernel requires a zeroed struct
+    fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_RECV, buf, True)
+    nid, pid, _flags, nr, arch, _ip, *args = _NOTIF.unpack(buf)
+    return {"id": nid, "pid": pid, "nr": nr, "arch": arch, "args": args}
+
+
+def seccomp_notif_id_valid(listener: int, notif_id: int) -> bool:
+    """Whether the notification is still pending (its thread still waits for the answer)."""
+    try:
+        fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_ID_VALID, struct.pack("=Q", notif_id))
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return False
+        raise
+    return True
+
+
+def seccomp_notif_send_error(listener: int, notif_id: int, err: int) -> bool:
+    """Answer a notification: the system call fails with ``err``. False when the
+    notification went stale (the thread was killed, or a signal interrupted the call)."""
+    try:
+        fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_SEND, _NOTIF_RESP.pack(notif_id, 0, -err, 0))
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return False
+        raise
+    return True

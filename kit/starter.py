@@ -31,7 +31,7 @@ import threading
 import traceback
 from typing import Any, Callable, NoReturn
 
-from kit import linux, probe, registry
+from kit import linux, probe, registry, seccomp
 from kit.contract import (
     Common, ConfigError, Context, Engine, EngineConfig, Operations, SignalChannel, dumps,
 )
@@ -327,8 +327,10 @@ def _status_to_code(status: int) -> int:
 class Starter:
     """One run's starter, in the starter process. :meth:`main` never returns."""
 
-    def __init__(self, request: RunRequest, ledger_sock: socket.socket) -> None:
+    def __init__(self, request: RunRequest, ledger_sock: socket.socket,
+                 filter_channel: socket.socket | None = None) -> None:
         self.req = request
+        self.filter_channel = filter_channel
         self.user: Invoker = request.user()
         self.system = current()
         self.ledger_sock = ledger_sock
@@ -357,6 +359,13 @@ class Starter:
     def main(self) -> NoReturn:
         code = EXIT_FATAL
         try:
+            if self.filter_channel is not None:
+                # First, while the starter still has the launcher's privilege and before
+                # any engine code: the fake backend's containment, or (real backend, as
+                # root) the host-global refusals. (Until the host sandbox installs the
+                # latter itself, kit/sandbox.py, this is where they come from.)
+                seccomp.install_for_run(self.req.backend, self.filter_channel)
+                self.filter_channel = None
             linux.set_name("kit-starter")
             default_signals()
             self.parent = os.getppid()

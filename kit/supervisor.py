@@ -31,7 +31,7 @@ import tempfile
 import time
 from typing import Any
 
-from kit import linux, probe, registry, rundir
+from kit import linux, probe, registry, rundir, seccomp
 from kit import sandbox as host_sandbox
 from kit.ledger import (CONFIRMED, EXCERPT, MAX_EVENT, RETRY, SCHEMA_VERSION,
                         SNAPSHOT_ATTEMPTS, LedgerWriter, check_event, ledger_socketpair,
@@ -106,6 +106,7 @@ class Supervisor:
         self.outside_check = current().name == "real" and request.probes
         self.sandbox: host_sandbox.HostSandbox | None = None
         self.host: Any = None  # the sandbox's kit.hostdiff.HostWatch
+        self.listener: int | None = None  # the run's seccomp filter's (kit.seccomp)
 
     # -- ledger ------------------------------------------------------------------------------
     def record(self, event: dict[str, Any], datagram: bytes | None = None) -> None:
@@ -171,6 +172,7 @@ class Supervisor:
         if req.probes:
             _configure_probes(req, run_dir)
         reader, writer = ledger_socketpair()
+        filter_here, filter_there = socket.socketpair()
         self.emit("run_start", engine=req.engine, flow=req.flow, backend=req.backend,
                   invoker={"uid": user.uid, "gid": user.gid, "name": user.name},
                   probes=req.probes, hook_timeout=req.hook_timeout, run_dir=run_dir,
@@ -184,16 +186,23 @@ class Supervisor:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             if box is not None:
                 _enter_sandbox(box, writer)
-            Starter(req, writer).main()
+            filter_here.close()
+            Starter(req, writer, filter_there).main()
         writer.close()
+        filter_there.close()
         self.senders.add_starter(pid)
         if self.host is not None:
             self.host.start()
         seen = "" if box is None else " " + json.dumps(
             {"sandbox_pid": box.init_pid, "sandbox_mounts": sorted(mounts_before)})
         os.write(result_fd, f"started {pid} {run_dir}{seen}\n".encode())
+        self.listener, info = seccomp.receive_listener(filter_here, req.run_timeout)
+        filter_here.close()
+        self.emit("seccomp_filter", **info)
         status = self.collect(reader, pid)
+        self._drain_notifications()
         reader.close()
+        seccomp.resolve_rpc_methods(self.events)
         code, reason = self.exit_code(status)
         if self.dropped:
             self.emit("engine_fault", fault="flood", sender_pid=None, sender_role=None,
@@ -224,6 +233,9 @@ class Supervisor:
         rundir.remove(run_dir, lock_fd)
         for limit in current().model_limits():
             self.emit("model_limit", reason=limit)
+        if self.listener is not None:
+            os.close(self.listener)  # a call still filtered now fails with ENOSYS
+            self.listener = None
         self.emit("exit", code=code, reason=reason)
         return {"exit_code": code, "reason": reason, "leaks": self.leaks,
                 "timed_out": self.timed_out,
@@ -339,6 +351,8 @@ class Supervisor:
         poller = select.poll()
         poller.register(reader.fileno(), select.POLLIN)
         poller.register(pidfd, select.POLLIN)
+        if self.listener is not None:
+            poller.register(self.listener, select.POLLIN)
         run_deadline = time.monotonic() + self.req.run_timeout
         status: int | None = None
         reader_open = True
@@ -350,8 +364,14 @@ class Supervisor:
                     self.on_timeout(now >= run_deadline)
                     break
                 ready = poller.poll(max(1, int((deadline - now) * 1000) + 1))
-                for fd, _ in ready:
+                for fd, ev in ready:
                     if fd == pidfd:
+                        continue
+                    if fd == self.listener:
+                        if reader_open:  # the hook_enter of the refused call's hook first
+                            self._read_events(reader)
+                        if not self._on_notification(ev):
+                            poller.unregister(fd)
                         continue
                     if reader_open and not self._read_events(reader):
                         poller.unregister(reader.fileno())
@@ -451,6 +471,32 @@ class Supervisor:
         self.emit("engine_fault", fault=fault, sender_pid=sender, sender_role=role,
                   open_hooks=hooks, detail=detail,
                   excerpt=data[:EXCERPT].decode("utf-8", "replace"))
+
+    def _on_notification(self, revents: int) -> bool:
+        """Answer and record one refused system call; False once no process is left under
+        the filter (the listener hangs up)."""
+        assert self.listener is not None
+        if revents & select.POLLIN:
+            refusal = seccomp.handle_notification(self.listener)
+            if refusal is not None:
+                role, hook = seccomp.attribute(self.events, refusal["target"])
+                self.emit("syscall_refused", **refusal, process_role=role, hook=hook)
+            return True
+        return not revents & (select.POLLHUP | select.POLLERR | select.POLLNVAL)
+
+    def _drain_notifications(self) -> None:
+        """Answer the refusals still pending once the starter is gone (from processes it
+        left behind: they are leaks, killed later, but their calls are refused and
+        recorded all the same)."""
+        if self.listener is None:
+            return
+        poller = select.poll()
+        poller.register(self.listener, select.POLLIN)
+        for _ in range(1000):
+            ready = poller.poll(0)
+            if not ready or not ready[0][1] & select.POLLIN:
+                return
+            self._on_notification(ready[0][1])
 
     def on_timeout(self, whole_run: bool) -> None:
         if whole_run:

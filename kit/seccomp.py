@@ -1,0 +1,397 @@
+"""Seccomp filters of a run: fake-backend containment and host-global refusals (SPEC §9, §11).
+
+Two lists of system calls, each refused through seccomp user notification: the thread that
+makes one stops in the kernel, the supervisor (which holds the filter's listener and is not
+under the filter) reads the call, records it in the ledger with the process role and the
+hook open in it, and answers EPERM. Nothing in the list ever runs.
+
+- :data:`CONTAINMENT` (category ``system-interface``): the privileged calls an engine could
+  make around :mod:`kit.system`. In the fake backend the model stands for the kernel, so the
+  same call made directly would change the real host (as root) or be invisible to the model.
+- :data:`HOST_GLOBAL` (category ``host-global``): calls whose effect no namespace confines
+  (the clock, kernel modules, reboot, kexec, swap, process accounting…). The real backend's
+  starter runs under them when launched as root; the fake backend under both lists.
+
+The filter is classic BPF: check the architecture (x86-64 only), refuse x32 system call
+numbers, then compare the call number with each entry (a few entries also test an argument,
+e.g. clone's namespace flags). Filters are inherited by every child and kept across exec, so
+one filter installed early in the starter covers stage 1, the master, the container side,
+the RPC server, stage 2 and the payload.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import platform
+import select
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from kit import linux
+
+SYSTEM_INTERFACE = "system-interface"
+HOST_GLOBAL_CATEGORY = "host-global"
+
+#: x86-64 system call numbers (asm/unistd_64.h) of every call a rule names.
+SYSCALLS_X86_64: dict[str, int] = {
+    "mount": 165, "umount2": 166, "open_tree": 428, "move_mount": 429, "fsopen": 430,
+    "fsconfig": 431, "fsmount": 432, "fspick": 433, "mount_setattr": 442, "pivot_root": 155,
+    "chroot": 161, "unshare": 272, "setns": 308, "clone": 56, "clone3": 435,
+    "sethostname": 170, "setdomainname": 171, "setuid": 105, "setgid": 106, "setreuid": 113,
+    "setregid": 114, "setresuid": 117, "setresgid": 119, "setfsuid": 122, "setfsgid": 123,
+    "setgroups": 116, "capset": 126, "ptrace": 101, "process_vm_writev": 311,
+    "pidfd_getfd": 438, "mknod": 133, "mknodat": 259,
+    "settimeofday": 164, "clock_settime": 227, "clock_adjtime": 305, "adjtimex": 159,
+    "init_module": 175, "finit_module": 313, "delete_module": 176, "reboot": 169,
+    "kexec_load": 246, "kexec_file_load": 320, "swapon": 167, "swapoff": 168, "acct": 163,
+    "iopl": 172, "ioperm": 173, "quotactl": 179, "quotactl_fd": 443,
+    "open_by_handle_at": 304, "add_key": 248, "request_key": 249, "keyctl": 250, "bpf": 321,
+    "vhangup": 153, "syslog": 103,
+}
+_X32_SYSCALL_BIT = 0x40000000
+_NAMESPACE_FLAGS = (linux.CLONE_NEWNS | linux.CLONE_NEWCGROUP | linux.CLONE_NEWUTS
+                    | linux.CLONE_NEWIPC | linux.CLONE_NEWUSER | linux.CLONE_NEWPID
+                    | linux.CLONE_NEWNET)
+_S_IFMT, _S_IFCHR, _S_IFBLK = 0o170000, 0o020000, 0o060000
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Refuse ``syscall``: always, or only when argument ``arg`` (its low 32 bits) matches:
+    any bit of ``mask`` set (no ``values``), or ``arg & mask`` (``arg`` when ``mask`` is 0)
+    equal to one of ``values``."""
+
+    syscall: str
+    category: str
+    arg: int | None = None
+    mask: int = 0
+    values: tuple[int, ...] = ()
+
+
+def _rules(category: str, names: str) -> tuple[Rule, ...]:
+    return tuple(Rule(name, category) for name in names.split())
+
+
+#: Why each call of the fake backend's list, by group:
+#: - the mount family, pivot_root, chroot: the model keeps the mount tables and roots;
+#: - unshare, setns, clone with a namespace flag: the model creates and joins namespaces
+#:   (a plain fork, a thread and clone(CLONE_FS) stay allowed: the kit needs them);
+#: - sethostname, setdomainname: a real call outside a uts namespace renames the host;
+#: - the set*id family, setgroups, capset: the model holds every credential (the kit's fake
+#:   starter changes none for real, kit/fake/system.py); a real change would make the
+#:   ledger lie, and as root would give away or regain real privilege;
+#: - mknod(at) of a character or block device: device nodes on the real file system;
+#: - ptrace, process_vm_writev, pidfd_getfd: they reach a process outside the filter (the
+#:   supervisor, the launcher) and could make it act, or take its listener, for the engine.
+#: Left allowed: prctl (dropping a capability from the bounding set changes nothing outside
+#: the process), seccomp (an engine's own filter only narrows), kill (the run's pid
+#: containment is the sandbox's and the supervisor's business), and file writes (the host
+#: diff's: a file system path cannot be judged from a system call's registers).
+CONTAINMENT: tuple[Rule, ...] = (
+    _rules(SYSTEM_INTERFACE, "mount umount2 open_tree move_mount fsopen fsconfig fsmount "
+                             "fspick mount_setattr pivot_root chroot unshare setns "
+                             "sethostname setdomainname setuid setgid setreuid setregid "
+                             "setresuid setresgid setfsuid setfsgid setgroups capset ptrace "
+                             "process_vm_writev pidfd_getfd")
+    + (Rule("clone", SYSTEM_INTERFACE, arg=0, mask=_NAMESPACE_FLAGS),
+       Rule("mknod", SYSTEM_INTERFACE, arg=1, mask=_S_IFMT, values=(_S_IFCHR, _S_IFBLK)),
+       Rule("mknodat", SYSTEM_INTERFACE, arg=2, mask=_S_IFMT, values=(_S_IFCHR, _S_IFBLK)))
+)
+
+#: Why each call of the host-global list: no namespace confines its effect, and neither the
+#: kit nor an engine's lifecycle needs it.
+#: - settimeofday, clock_settime, clock_adjtime, adjtimex: the clock (adjtimex's modes live
+#:   in memory, so a read-only adjtimex is refused too: nothing here reads the NTP state);
+#: - init_module, finit_module, delete_module: kernel modules;
+#: - reboot, kexec_load, kexec_file_load: the machine itself;
+#: - swapon, swapoff, acct, quotactl(_fd): swap areas, process accounting, disk quotas;
+#: - iopl, ioperm: raw I/O ports; vhangup: hangs up the launcher's terminal;
+#: - open_by_handle_at: opens a file by handle, past the sandbox's mount namespace;
+#: - add_key, request_key, keyctl: kernel keyrings are not namespaced (root's user keyring
+#:   is the host's and outlives the run);
+#: - bpf: programs attached to host-wide hooks and maps pinned in /sys/fs/bpf outlive it;
+#: - syslog only for the actions that change the host's log (read-clear 4, clear 5,
+#:   console off/on/level 6–8); reading the kernel log stays allowed.
+HOST_GLOBAL: tuple[Rule, ...] = (
+    _rules(HOST_GLOBAL_CATEGORY, "settimeofday clock_settime clock_adjtime adjtimex "
+                                 "init_module finit_module delete_module reboot kexec_load "
+                                 "kexec_file_load swapon swapoff acct quotactl quotactl_fd "
+                                 "iopl ioperm vhangup open_by_handle_at add_key request_key "
+                                 "keyctl bpf")
+    + (Rule("syslog", HOST_GLOBAL_CATEGORY, arg=0, values=(4, 5, 6, 7, 8)),)
+)
+
+# --- classic BPF --------------------------------------------------------------------------------
+
+_LD_ABS = 0x20  # BPF_LD | BPF_W | BPF_ABS
+_ALU_AND = 0x54  # BPF_ALU | BPF_AND | BPF_K
+_JEQ, _JGE, _JSET = 0x15, 0x35, 0x45  # BPF_JMP | BPF_J* | BPF_K
+_RET = 0x06  # BPF_RET | BPF_K
+RET_ALLOW = 0x7FFF0000
+RET_USER_NOTIF = 0x7FC00000
+RET_ERRNO = 0x00050000
+RET_KILL_PROCESS = 0x80000000
+_OFF_NR, _OFF_ARCH = 0, 4
+
+
+def _off_arg(index: int) -> int:
+    return 16 + 8 * index  # the low 32 bits (little-endian) of seccomp_data.args[index]
+
+
+class _Assembler:
+    """Instructions with symbolic forward jump targets, resolved to 8-bit offsets."""
+
+    def __init__(self) -> None:
+        self.code: list[tuple[int, Any, Any, int]] = []
+        self.labels: dict[str, int] = {}
+
+    def op(self, code: int, k: int, jt: str | int = 0, jf: str | int = 0) -> None:
+        self.code.append((code, jt, jf, k))
+
+    def label(self, name: str) -> None:
+        self.labels[name] = len(self.code)
+
+    def program(self) -> list[tuple[int, int, int, int]]:
+        out = []
+        for i, (code, jt, jf, k) in enumerate(self.code):
+            offs = [self.labels[j] - i - 1 if isinstance(j, str) else j for j in (jt, jf)]
+            if not all(0 <= o <= 255 for o in offs):
+                raise ValueError(f"BPF jump out of range at instruction {i}: {offs}")
+            out.append((code, offs[0], offs[1], k))
+        return out
+
+
+def build_program(rules: Iterable[Rule], table: dict[str, int] = SYSCALLS_X86_64
+                  ) -> list[tuple[int, int, int, int]]:
+    """The filter for ``rules``: x86-64 only (another architecture, e.g. a 32-bit
+    ``int 0x80``, kills the process: its numbers mean other calls), x32 numbers notified,
+    each rule's call notified (when its argument test matches), clone3 ENOSYS, the rest
+    allowed."""
+    rules = list(rules)
+    asm = _Assembler()
+    asm.op(_LD_ABS, _OFF_ARCH)
+    asm.op(_JEQ, linux.AUDIT_ARCH_X86_64, 0, "kill")
+    asm.op(_LD_ABS, _OFF_NR)
+    asm.op(_JGE, _X32_SYSCALL_BIT, "notify", 0)
+    # clone3 passes its flags in memory, which a filter cannot read: answer ENOSYS, as a
+    # kernel without clone3 would, and glibc falls back to clone, whose flags are checked.
+    asm.op(_JEQ, table["clone3"], "enosys", 0)
+    for i, rule in enumerate(rules):
+        asm.op(_JEQ, table[rule.syscall], "notify" if rule.arg is None else f"test{i}", 0)
+    asm.op(_RET, RET_ALLOW)
+    for i, rule in enumerate(rules):
+        if rule.arg is None:
+            continue
+        asm.label(f"test{i}")
+        asm.op(_LD_ABS, _off_arg(rule.arg))
+        if not rule.values:
+            asm.op(_JSET, rule.mask, "notify", 0)
+        else:
+            if rule.mask:
+                asm.op(_ALU_AND, rule.mask)
+            for value in rule.values:
+                asm.op(_JEQ, value, "notify", 0)
+        asm.op(_RET, RET_ALLOW)
+    asm.label("notify")
+    asm.op(_RET, RET_USER_NOTIF)
+    asm.label("enosys")
+    asm.op(_RET, RET_ERRNO | errno.ENOSYS)
+    asm.label("kill")
+    asm.op(_RET, RET_KILL_PROCESS)
+    return asm.program()
+
+
+# --- installing (in the starter) ------------------------------------------------------------
+
+class Unavailable(Exception):
+    """The filter cannot be installed here (architecture, kernel): the reason."""
+
+
+def rules_for(backend: str, privileged: bool) -> tuple[str, tuple[Rule, ...]] | None:
+    """(filter name, rules) a run's starter installs, None for none. The fake backend: both
+    lists, as root or not. The real backend: the host-global list, only when launched with
+    CAP_SYS_ADMIN (an unprivileged launcher cannot make these calls anyway, and installing
+    a filter without CAP_SYS_ADMIN needs no_new_privs, which would change every flow)."""
+    if backend == "fake":
+        return "fake-containment", CONTAINMENT + HOST_GLOBAL
+    if privileged:
+        return "host-global", HOST_GLOBAL
+    return None
+
+
+def _has_sys_admin() -> bool:
+    return bool(linux.capget()[0] >> linux.CAP_NUMBERS["CAP_SYS_ADMIN"] & 1)
+
+
+def install(rules: tuple[Rule, ...]) -> int:
+    """Install a filter for ``rules`` on the calling thread (and so on everything it starts
+    later); its listener fd. Without CAP_SYS_ADMIN, no_new_privs is set first (the kernel
+    requires it): only the fake backend does that, and its ledger's no_new_privs is the
+    model's, read once before the starter exists, never the process's."""
+    if platform.machine() != "x86_64":
+        raise Unavailable(f"seccomp filters are written for x86-64, not {platform.machine()}")
+    program = build_program(rules)
+    if not _has_sys_admin():
+        linux.set_no_new_privs()
+    fd = linux.seccomp_install_filter(program, listener=True)
+    assert fd is not None
+    return fd
+
+
+def install_for_run(backend: str, channel: socket.socket) -> None:
+    """In the starter, before anything else: install the run's filter and hand its listener
+    to the supervisor over ``channel`` (SCM_RIGHTS, with a JSON description), keeping no
+    copy (an engine holding the listener could answer its own calls). A filter that cannot
+    be installed is described instead; the supervisor records why."""
+    choice = rules_for(backend, _has_sys_admin())
+    try:
+        if choice is None:
+            info: dict[str, Any] = {"filter": None, "reason": "real backend without "
+                                    "CAP_SYS_ADMIN: no host-global filter is needed"}
+            channel.sendall(json.dumps(info).encode())
+            return
+        name, rules = choice
+        try:
+            fd = install(rules)
+        except (Unavailable, OSError) as exc:
+            channel.sendall(json.dumps({"filter": name, "error": str(exc)}).encode())
+            return
+        info = {"filter": name, "syscalls": sorted({r.syscall for r in rules})}
+        try:
+            socket.send_fds(channel, [json.dumps(info).encode()], [fd])
+        finally:
+            os.close(fd)
+    finally:
+        channel.close()
+
+
+# --- the supervisor's side ------------------------------------------------------------------
+
+def receive_listener(channel: socket.socket, timeout: float
+                     ) -> tuple[int | None, dict[str, Any]]:
+    """(listener fd or None, the starter's description of its filter), waiting at most
+    ``timeout`` seconds for the starter (which sends it first thing)."""
+    deadline = time.monotonic() + timeout
+    poller = select.poll()
+    poller.register(channel.fileno(), select.POLLIN)
+    while not poller.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+        if time.monotonic() >= deadline:
+            return None, {"filter": None, "error": "the starter sent no filter in time"}
+    try:
+        data, fds, _, _ = socket.recv_fds(channel, 65536, 1)
+        info = json.loads(data) if data else {"filter": None,
+                                              "error": "the starter died before its filter"}
+    except (OSError, ValueError) as exc:
+        return None, {"filter": None, "error": f"filter hand-over failed: {exc}"}
+    if not isinstance(info, dict):
+        info = {"filter": None, "error": "bad filter description"}
+    fd = fds[0] if fds else None
+    for extra in fds[1:]:
+        os.close(extra)
+    return fd, info
+
+
+_NAMES = {nr: name for name, nr in SYSCALLS_X86_64.items()}
+_CATEGORY = {rule.syscall: rule.category for rule in CONTAINMENT + HOST_GLOBAL}
+
+
+def _thread_ids(tid: int) -> dict[str, Any] | None:
+    """The kernel's view of a notifying thread, read before it is answered: its process
+    (Tgid) and both ids as the innermost pid namespace numbers them (what the ledger
+    records), and the innermost ids of all its process's threads."""
+    try:
+        status = linux.read_status(f"/proc/{tid}/status")
+        tgid = int(status["Tgid"])
+        own = int(status.get("NSpid", str(tid)).split()[-1])
+        ptgid = int(status.get("NStgid", str(tgid)).split()[-1])
+        siblings = []
+        for t in os.listdir(f"/proc/{tgid}/task"):
+            st = linux.read_status(f"/proc/{tgid}/task/{t}/status")
+            siblings.append(int(st.get("NSpid", t).split()[-1]))
+    except (OSError, ValueError, KeyError):
+        return None
+    return {"tgid": tgid, "ns_tid": own, "ns_tgid": ptgid, "ns_threads": sorted(siblings)}
+
+
+def handle_notification(listener: int) -> dict[str, Any] | None:
+    """Read one notification, answer EPERM; the refusal's record (None when the
+    notification was gone before it could be read). Never raises for a stale id or a
+    dying process: the record then says it was not answered."""
+    try:
+        notif = linux.seccomp_notif_recv(listener)
+    except OSError:
+        return None
+    nr = int(notif["nr"])  # type: ignore[arg-type]
+    name = _NAMES.get(nr, f"x32 system call {nr & ~_X32_SYSCALL_BIT}" if nr & _X32_SYSCALL_BIT
+                      else f"system call {nr}")
+    tid = int(notif["pid"])  # type: ignore[arg-type]
+    ids = _thread_ids(tid)
+    try:
+        answered = linux.seccomp_notif_send_error(listener, int(notif["id"]),  # type: ignore
+                                                  errno.EPERM)
+    except OSError:
+        answered = False
+    return {"syscall": name, "nr": nr, "args": [f"{a:#x}" for a in notif["args"]],  # type: ignore
+            "category": _CATEGORY.get(name, SYSTEM_INTERFACE), "errno": "EPERM",
+            "answered": answered, "target_tid": tid, "target": ids}
+
+
+def attribute(events: list[dict[str, Any]], target: dict[str, Any] | None
+              ) -> tuple[str | None, str | None]:
+    """(process role, hook) of a notifying thread, from the ledger so far: the role of the
+    latest event of that thread (else of its process's threads), and the innermost hook
+    open on that thread (else the hooks open in its process)."""
+    if target is None:
+        return None, None
+    tids = set(target["ns_threads"]) | {target["ns_tid"], target["ns_tgid"]}
+    own = [e for e in events if e.get("tid") == target["ns_tid"]]
+    mine = own or [e for e in events if e.get("tid") in tids]
+    if not mine:
+        return None, None
+    role = mine[-1].get("role")
+    if role == "stage2" and any(e.get("kind") == "stage2_exec" for e in events):
+        return "stage2", "the payload (after exec)"
+    hook = _open_hook(own) or _open_hook([e for e in mine if e.get("role") == role])
+    return role, hook
+
+
+def _open_hook(events: list[dict[str, Any]]) -> str | None:
+    """The hooks entered and not yet left in ``events`` (one thread's, or a process's),
+    innermost first, joined with " or "."""
+    open_hooks: list[tuple[Any, str]] = []
+    for e in events:
+        kind, hook = e.get("kind"), e.get("hook")
+        if kind == "hook_enter":
+            open_hooks.append((e.get("tid"), hook))
+        elif kind in ("hook_return", "hook_raise"):
+            for i in range(len(open_hooks) - 1, -1, -1):
+                if open_hooks[i] == (e.get("tid"), hook):
+                    del open_hooks[i]
+                    break
+    if not open_hooks:
+        return None
+    names = list(dict.fromkeys(h for _, h in reversed(open_hooks)))
+    return " or ".join(names)
+
+
+def resolve_rpc_methods(events: list[dict[str, Any]]) -> None:
+    """Name the RPC method of each refusal made in the RPC server: its call is recorded
+    (``rpc_call``) when it returns, after the refusal."""
+    for i, e in enumerate(events):
+        if e.get("kind") != "syscall_refused" or e.get("process_role") != "rpc":
+            continue
+        tids = set((e.get("target") or {}).get("ns_threads", ()))
+        call = next((c for c in events[i + 1:] if c.get("kind") == "rpc_call"
+                     and (not tids or c.get("tid") in tids)), None)
+        if call is not None and e.get("hook") is None:
+            e["hook"] = f"RPC method {call.get('method')}"
+
+
+def describe_refusal(event: dict[str, Any]) -> str:
+    """``sethostname in create_container (master)``: a refusal as the suite names it."""
+    where = event.get("hook") or "no hook"
+    return f"{event.get('syscall')} in {where} ({event.get('process_role') or 'unknown process'})"
