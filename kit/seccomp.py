@@ -349,13 +349,13 @@ def attribute(events: list[dict[str, Any]], target: dict[str, Any] | None
         return None, None
     tids = set(target["ns_threads"]) | {target["ns_tid"], target["ns_tgid"]}
     own = [e for e in events if e.get("tid") == target["ns_tid"]]
-    mine = own or [e for e in events if e.get("tid") in tids]
-    if not mine:
+    process = [e for e in events if e.get("tid") in tids]
+    if not process:
         return None, None
-    role = mine[-1].get("role")
+    role = (own or process)[-1].get("role")
     if role == "stage2" and any(e.get("kind") == "stage2_exec" for e in events):
         return "stage2", "the payload (after exec)"
-    hook = _open_hook(own) or _open_hook([e for e in mine if e.get("role") == role])
+    hook = _open_hook(own) or _open_hook([e for e in process if e.get("role") == role])
     return role, hook
 
 

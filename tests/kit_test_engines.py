@@ -592,3 +592,114 @@ class HostAttackEngine(ReferenceEngine):
     def cleanup_container(self, ctx, fatal, status):  # type: ignore[override]
         self._attack("cleanup_container")
         super().cleanup_container(ctx, fatal, status)
+
+
+# --- bypassing the system interface (kit/seccomp.py) ---------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+#: A mount point that does not exist: a mount that reached the kernel would fail (ENOENT),
+#: never mount anything.
+NO_SUCH_PATH = b"/nonexistent-kit-bypass-target"
+
+
+def _errno_of(call) -> int:  # type: ignore[no-untyped-def]
+    """0 when ``call`` succeeded, else the errno it failed with."""
+    try:
+        result = call()
+    except OSError as exc:
+        return exc.errno or -1
+    if isinstance(result, int) and result < 0:
+        return ctypes.get_errno()
+    return 0
+
+
+#: Each call is harmless if it ever reached the kernel: the host's own hostname, setresuid
+#: that keeps every id, chroot to /, a mount on a missing path, a uts namespace of the
+#: calling process only, swapoff of a missing file, removing a module that does not exist.
+BYPASS_CALLS = {
+    "sethostname": lambda: socket.sethostname(socket.gethostname()),
+    "setresuid": lambda: os.setresuid(-1, -1, -1),
+    "chroot": lambda: os.chroot("/"),
+    "mount": lambda: _libc.mount(b"none", NO_SUCH_PATH, b"tmpfs", ctypes.c_ulong(0), None),
+    "unshare": lambda: _libc.unshare(ctypes.c_int(linux.CLONE_NEWUTS)),
+    "swapoff": lambda: _libc.swapoff(NO_SUCH_PATH),
+    "delete_module": lambda: _libc.syscall(ctypes.c_long(176), b"kit_no_such_module",
+                                           ctypes.c_uint(os.O_NONBLOCK)),
+}
+SYSTEM_INTERFACE_CALLS = ["sethostname", "setresuid", "chroot", "mount", "unshare"]
+
+
+def bypass(calls: list[str], where: str, report_dir: str) -> dict[str, int]:
+    """Make each call directly (not through kit.system); errno by call, also written to
+    ``report_dir/<where>.json`` when a directory is given."""
+    out = {call: _errno_of(BYPASS_CALLS[call]) for call in calls}
+    if report_dir:
+        with open(os.path.join(report_dir, f"{where}.json"), "w") as f:
+            json.dump(out, f)
+    return out
+
+
+@dataclass
+class BypassConfig(ReferenceConfig):
+    #: hook name (or "rpc" for an RPC method called from create_container) -> calls.
+    bypass: dict[str, list[str]] = None  # type: ignore[assignment]
+    report_dir: str = ""
+
+
+class BypassRPC(ReferenceRPC):
+    def bypass(self, calls: list[str]) -> dict[str, int]:
+        cfg = self.engine.common.engine_config
+        return bypass(calls, "rpc-bypass", cfg.report_dir)
+
+
+class BypassEngine(ReferenceEngine):
+    """The reference engine, plus privileged calls made directly from its hooks and from an
+    RPC method (by default: sethostname in create_container, chroot in the RPC method)."""
+
+    engine_name = "test-bypass"
+    rpc_methods = BypassRPC
+
+    def config(self) -> BypassConfig:
+        cfg = BypassConfig()
+        cfg.bypass = {"create_container": ["sethostname"], "rpc": ["chroot"]}
+        return cfg
+
+    def _bypass(self, hook: str, cfg: BypassConfig | None = None) -> None:
+        cfg = cfg or self.common.engine_config
+        if cfg.bypass.get(hook):
+            bypass(cfg.bypass[hook], f"{current_role()}-{hook}", cfg.report_dir)
+
+    def prepare_config(self, starter_config):  # type: ignore[override]
+        self._bypass("prepare_config")
+        super().prepare_config(starter_config)
+
+    def create_container(self, ctx, pid, rpc_conn):  # type: ignore[override]
+        self._bypass("create_container")
+        cfg = self.common.engine_config
+        if cfg.bypass.get("rpc"):
+            from kit.rpc import RPCClient
+            RPCClient(rpc_conn, self.common.engine_name).bypass(calls=cfg.bypass["rpc"])
+        super().create_container(ctx, pid, rpc_conn)
+
+    def post_start_process(self, ctx, pid):  # type: ignore[override]
+        self._bypass("post_start_process")
+
+    def cleanup_container(self, ctx, fatal, status):  # type: ignore[override]
+        self._bypass("cleanup_container")
+
+    def start_process(self, master_fd):  # type: ignore[override]
+        self._bypass("start_process")
+        super().start_process(master_fd)
+
+
+class HostGlobalEngine(BypassEngine):
+    """Host-global calls only (safe in the real backend): swapoff of a missing file in
+    create_container, removing a missing module in an RPC method."""
+
+    engine_name = "test-host-global"
+    rpc_methods = BypassRPC
+
+    def config(self) -> BypassConfig:
+        cfg = BypassConfig()
+        cfg.bypass = {"create_container": ["swapoff"], "rpc": ["delete_module"]}
+        return cfg

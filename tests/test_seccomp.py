@@ -1,0 +1,368 @@
+"""The run's seccomp filters (kit/seccomp.py): fake-backend containment and host-global
+refusals, recorded by the supervisor with the process role and hook; HOST-050 and HOST-051.
+
+The filter itself is tested in a forked child (never in the pytest process): a grandchild
+installs it and makes the calls, the child answers the notifications as the supervisor does.
+The lifecycle tests run :class:`kit_test_engines.BypassEngine`, whose hooks and RPC method
+make privileged calls directly (each harmless if it ever reached the kernel).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import platform
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from conftest import ALL_FLOWS, host_state, in_child
+from kit import linux, seccomp
+from kit.launcher import run
+from kit.request import Invoker
+
+ROOT = Path(__file__).resolve().parent.parent
+BYPASS = "kit_test_engines:BypassEngine"
+HOST_GLOBAL_ENGINE = "kit_test_engines:HostGlobalEngine"
+EVERY_PLACE = {"prepare_config": ["sethostname", "setresuid"],
+               "create_container": ["sethostname", "setresuid", "chroot", "mount", "unshare"],
+               "rpc": ["sethostname", "setresuid", "chroot", "mount", "unshare"],
+               "post_start_process": ["chroot"], "cleanup_container": ["mount"],
+               "start_process": ["unshare"]}
+#: (role, hook as recorded) of each place of EVERY_PLACE.
+PLACES = {"prepare_config": ("stage1", "prepare_config"),
+          "create_container": ("master", "create_container"),
+          "rpc": ("rpc", "RPC method test-bypass.bypass"),
+          "post_start_process": ("master", "post_start_process"),
+          "cleanup_container": ("master", "cleanup_container"),
+          "start_process": ("stage2", "start_process")}
+SYSCALL = {"sethostname": "sethostname", "setresuid": "setresuid", "chroot": "chroot",
+           "mount": "mount", "unshare": "unshare"}
+
+pytestmark = pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 filters")
+
+
+def host_view() -> dict[str, Any]:
+    """What the bypassing calls would change on the real host if they got through."""
+    with open("/proc/sys/kernel/domainname") as f:
+        domain = f.read()
+    return {"hostname": socket.gethostname(), "domainname": domain,
+            **host_state()}
+
+
+# --- the filter, in a child ---------------------------------------------------------------------
+
+def filtered(rules: tuple[seccomp.Rule, ...], calls: Callable[[], Any],
+             on_notify: Callable[[int], Any] | None = None) -> dict[str, Any]:
+    """In a forked child (the "supervisor"): fork a grandchild that installs ``rules`` and
+    runs ``calls()``; answer its notifications with :func:`kit.seccomp.handle_notification`
+    (or ``on_notify(listener)``). ``{"result": calls()'s result, "refused": [records]}``."""
+    def supervise() -> dict[str, Any]:
+        here, there = socket.socketpair()
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            here.close()
+            os.close(rfd)
+            try:
+                fd = seccomp.install(rules)
+                socket.send_fds(there, [b"{}"], [fd])
+                os.close(fd)
+                out = {"result": calls()}
+            except BaseException as exc:
+                out = {"error": f"{type(exc).__name__}: {exc}"}
+            os.write(wfd, json.dumps(out).encode())
+            os._exit(0)
+        there.close()
+        os.close(wfd)
+        listener, _ = seccomp.receive_listener(here, 10)
+        assert listener is not None
+        refused: list[Any] = []
+        poller = select.poll()
+        poller.register(listener, select.POLLIN)
+        poller.register(rfd, select.POLLIN)
+        data = b""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            for fd, ev in poller.poll(1000):
+                if fd == listener and ev & select.POLLIN:
+                    refused.append((on_notify or seccomp.handle_notification)(listener))
+                elif fd == listener:
+                    poller.unregister(listener)
+                elif fd == rfd:
+                    chunk = os.read(rfd, 65536)
+                    data += chunk
+                    if not chunk:
+                        poller.unregister(rfd)
+                        deadline = 0
+        os.waitpid(pid, 0)
+        os.close(listener)
+        return {**json.loads(data or b'{"error": "no result"}'), "refused": refused}
+    out = in_child(supervise)
+    assert "ok" in out, out
+    return out["ok"]
+
+
+libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _raw(nr: int, *args: int) -> int:
+    """A raw system call: 0 or the errno it failed with."""
+    rc = libc.syscall(ctypes.c_long(nr), *(ctypes.c_long(a) for a in args))
+    return ctypes.get_errno() if rc < 0 else 0
+
+
+def _clone(flags: int) -> int:
+    """clone(flags) whose child exits at once: 0 or the errno."""
+    try:
+        pid = linux.clone(flags)
+    except OSError as exc:
+        return exc.errno or -1
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return 0
+
+
+def test_the_program_checks_the_architecture_then_the_call_numbers():
+    prog = seccomp.build_program(seccomp.CONTAINMENT + seccomp.HOST_GLOBAL)
+    assert prog[0] == (0x20, 0, 0, 4)  # load seccomp_data.arch
+    assert prog[1][0] == 0x15 and prog[1][3] == linux.AUDIT_ARCH_X86_64
+    assert prog[-1] == (0x06, 0, 0, seccomp.RET_KILL_PROCESS)  # any other architecture
+    numbers = {ins[3] for ins in prog if ins[0] == 0x15}
+    for rule in seccomp.CONTAINMENT + seccomp.HOST_GLOBAL:
+        assert seccomp.SYSCALLS_X86_64[rule.syscall] in numbers, rule.syscall
+
+
+def test_a_refused_call_fails_with_eperm_and_is_recorded_with_its_arguments():
+    out = filtered(seccomp.CONTAINMENT, lambda: {
+        "sethostname": _raw(170, 0, 0), "setresuid": _raw(117, -1, -1, -1),
+        "getpid": _raw(39)})
+    assert out["result"] == {"sethostname": errno.EPERM, "setresuid": errno.EPERM,
+                             "getpid": 0}
+    calls = [(r["syscall"], r["category"], r["errno"], r["answered"]) for r in out["refused"]]
+    assert calls == [("sethostname", "system-interface", "EPERM", True),
+                     ("setresuid", "system-interface", "EPERM", True)]
+    assert out["refused"][1]["args"][:3] == ["0xffffffffffffffff"] * 3
+
+
+def test_clone_is_refused_only_with_a_namespace_flag_and_clone3_gets_enosys():
+    # Boundary: a plain fork and clone(CLONE_FS) (the kit's own) pass; each namespace flag
+    # alone is refused; clone3 (flags in memory) answers ENOSYS without a notification.
+    def calls() -> dict[str, int]:
+        out = {"fork": _clone(0), "CLONE_FS": _clone(linux.CLONE_FS)}
+        for kind, (flag, _) in linux.NAMESPACES.items():
+            out[kind] = _clone(flag)
+        out["clone3"] = _raw(435, 0, 0)
+        return out
+    out = filtered(seccomp.CONTAINMENT, calls)
+    assert out["result"]["fork"] == 0 and out["result"]["CLONE_FS"] == 0
+    for kind in linux.NAMESPACES:
+        assert out["result"][kind] == errno.EPERM, kind
+    assert out["result"]["clone3"] == errno.ENOSYS
+    refused = [r["syscall"] for r in out["refused"]]
+    assert refused == ["clone"] * len(linux.NAMESPACES)
+    flags = [int(r["args"][0], 16) & seccomp._NAMESPACE_FLAGS for r in out["refused"]]
+    assert flags == [flag for flag, _ in linux.NAMESPACES.values()]
+
+
+def test_argument_tests_refuse_devices_and_log_clearing_only():
+    # Boundary: mknod of a fifo passes, of a character device is refused; syslog's
+    # "size of buffer" (10) passes, "clear" (5) is refused.
+    where = tempfile.mkdtemp(prefix="kit-seccomp-")
+    try:
+        def calls() -> dict[str, int]:
+            return {"fifo": _mknod(f"{where}/fifo", 0o010600),
+                    "chr": _mknod(f"{where}/null", 0o020600, os.makedev(1, 3)),
+                    "syslog_size": _raw(103, 10, 0, 0), "syslog_clear": _raw(103, 5, 0, 0)}
+        out = filtered(seccomp.CONTAINMENT + seccomp.HOST_GLOBAL, calls)
+        assert out["result"] == {"fifo": 0, "chr": errno.EPERM, "syslog_size": 0,
+                                 "syslog_clear": errno.EPERM}, out
+        assert [r["syscall"] for r in out["refused"]] == ["mknodat", "syslog"]
+        assert os.path.exists(f"{where}/fifo") and not os.path.exists(f"{where}/null")
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+
+
+def _mknod(path: str, mode: int, dev: int = 0) -> int:
+    try:
+        os.mknod(path, mode, dev)
+    except OSError as exc:
+        return exc.errno or -1
+    return 0
+
+
+def test_x32_numbers_are_refused_and_recorded():
+    out = filtered(seccomp.CONTAINMENT, lambda: _raw(0x40000000 | 165, 0, 0, 0, 0, 0))
+    assert out["result"] == errno.EPERM
+    assert out["refused"][0]["syscall"] == "x32 system call 165"
+
+
+def test_a_stale_notification_never_blocks_or_crashes_the_supervisor():
+    # The notifying process dies between the poll and the answer (and before the read):
+    # send reports the id stale, handle_notification returns None; nothing raises.
+    seen: dict[str, Any] = {}
+
+    def kill_then_answer(listener: int) -> Any:
+        notif = linux.seccomp_notif_recv(listener)
+        tid = int(notif["pid"])  # type: ignore[arg-type]
+        seen["valid_before"] = linux.seccomp_notif_id_valid(listener, int(notif["id"]))
+        os.kill(tid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while linux.seccomp_notif_id_valid(listener, int(notif["id"])):
+            assert time.monotonic() < deadline
+        seen["sent"] = linux.seccomp_notif_send_error(listener, int(notif["id"]), errno.EPERM)
+        return seen
+
+    out = filtered(seccomp.CONTAINMENT, lambda: _raw(170, 0, 0), on_notify=kill_then_answer)
+    assert out["refused"] == [{"valid_before": True, "sent": False}]
+    assert "result" not in out  # the caller was killed mid-call
+
+    def die_before_read(listener: int) -> Any:
+        tid = _waiting_tid(listener)
+        os.kill(tid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while linux.process_state(tid) != "Z":  # dead, not yet reaped
+            assert time.monotonic() < deadline
+        return seccomp.handle_notification(listener)
+    out = filtered(seccomp.CONTAINMENT, lambda: _raw(170, 0, 0), on_notify=die_before_read)
+    assert out["refused"] == [None]
+
+
+def _waiting_tid(listener: int) -> int:
+    """The process stopped in a notified call (the grandchild: our only child)."""
+    for pid in linux.descendants(os.getpid()):
+        return pid
+    raise AssertionError("no child")
+
+
+# --- lifecycles ---------------------------------------------------------------------------------
+
+def refusals(result: Any) -> list[dict[str, Any]]:
+    return [e for e in result.ledger.events if e["kind"] == "syscall_refused"]
+
+
+def reports(directory: str) -> dict[str, dict[str, int]]:
+    return {name[:-5]: json.loads(Path(directory, name).read_text())
+            for name in os.listdir(directory) if name.endswith(".json")}
+
+
+@pytest.mark.parametrize("flow", ALL_FLOWS)
+def test_fake_backend_refuses_every_direct_call_in_every_process(flow, shared_dir):
+    before = host_view()
+    result = run(BYPASS, flow, ["/bin/sh", "-c", "exit 7"], backend="fake",
+                 engine_config={"bypass": EVERY_PLACE, "report_dir": shared_dir})
+    assert result.exit_code == 7, result.reason
+    # What each hook got back: EPERM for every call.
+    got = reports(shared_dir)
+    for place, calls in EVERY_PLACE.items():
+        role, hook = PLACES[place]
+        name = "rpc-bypass" if place == "rpc" else f"{role}-{hook}"
+        assert got[name] == {call: errno.EPERM for call in calls}, (place, got)
+    # What the ledger says: each call, with its process role and hook.
+    recorded = {(e["syscall"], e["process_role"], e["hook"]) for e in refusals(result)}
+    for place, calls in EVERY_PLACE.items():
+        role, hook = PLACES[place]
+        for call in calls:
+            assert (SYSCALL[call], role, hook) in recorded, (call, place, sorted(recorded))
+    assert all(e["answered"] and e["errno"] == "EPERM" for e in refusals(result))
+    assert host_view() == before
+
+
+def test_fake_backend_ledger_keeps_the_models_no_new_privs(shared_dir):
+    # The starter sets no_new_privs for real only when it lacks CAP_SYS_ADMIN; as root it
+    # does not, and in either case the ledger shows the model's value (the suid flow's stage
+    # 2 sets it, stage 1 of the root flow does not).
+    for flow, role, want in (("root", "stage1", False), ("suid", "stage2", True)):
+        result = run("reference", flow, ["/bin/true"], backend="fake")
+        enter = next(e for e in result.ledger.events if e["kind"] == "hook_enter"
+                     and e["role"] == role)
+        assert [t["no_new_privs"] for t in enter["snapshot"]["threads"]] == [want], flow
+
+
+def test_real_backend_refuses_host_global_calls_as_root(shared_dir):
+    if os.geteuid() != 0:
+        pytest.skip("the host-global filter is installed when launched as root")
+    result = run(HOST_GLOBAL_ENGINE, "root", ["/bin/sh", "-c", "exit 7"], backend="real",
+                 engine_config={"report_dir": shared_dir})
+    assert result.exit_code == 7, result.reason
+    filt = next(e for e in result.ledger.events if e["kind"] == "seccomp_filter")
+    assert filt["filter"] == "host-global"
+    got = reports(shared_dir)
+    assert got["master-create_container"] == {"swapoff": errno.EPERM}
+    assert got["rpc-bypass"] == {"delete_module": errno.EPERM}
+    recorded = {(e["syscall"], e["category"], e["process_role"], e["hook"])
+                for e in refusals(result)}
+    assert recorded == {("swapoff", "host-global", "master", "create_container"),
+                        ("delete_module", "host-global", "rpc",
+                         "RPC method test-host-global.bypass")}
+
+
+# --- the conformance suite: HOST-050 / HOST-051 -------------------------------------------------
+
+def suite(engine: str, backend: str, flows: str, workdir: str,
+          as_user: bool = False) -> dict[str, Any]:
+    out = os.path.join(workdir, "report.json")
+    cmd = [sys.executable, "-m", "pytest", f"--engine={engine}", f"--backend={backend}",
+           f"--flow={flows}", "-p", "no:xdist", "-p", "no:cacheprovider", "-q",
+           f"--conformance-report={out}", "-k", "HOST or host or hostname"]
+    if as_user:
+        cmd = ["runuser", "-u", Invoker.resolve().name, "--"] + cmd
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert os.path.exists(out), proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out) as f:
+        report = json.load(f)
+    report["_stdout"] = proc.stdout
+    return report
+
+
+def results(report: dict[str, Any], req: str) -> list[dict[str, Any]]:
+    return [r for r in report["results"] if r.get("requirement") == req]
+
+
+@pytest.mark.parametrize("as_user", [False, True], ids=["root", "unprivileged"])
+def test_host_050_fails_naming_the_call_the_hook_and_the_process(as_user):
+    if as_user and os.geteuid() != 0:
+        pytest.skip("needs root to run the suite as the test user")
+    workdir = tempfile.mkdtemp(prefix="kit-seccomp-suite-")
+    os.chmod(workdir, 0o777)
+    before = host_view()
+    try:
+        report = suite(BYPASS, "fake", "root,userns", workdir, as_user)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    found = results(report, "HOST-050")
+    assert found and all(r["outcome"] == "failed" for r in found), found
+    text = json.dumps(found)
+    assert "engine bypassed the system interface: sethostname in create_container (master)" \
+        in text
+    assert "chroot in RPC method test-bypass.bypass (rpc)" in text
+    assert all(r["outcome"] == "passed" for r in results(report, "HOST-051"))
+    assert host_view() == before
+
+
+def test_host_051_fails_for_a_host_global_call_in_the_real_backend():
+    if os.geteuid() != 0:
+        pytest.skip("the host-global filter is installed when launched as root")
+    workdir = tempfile.mkdtemp(prefix="kit-seccomp-suite-")
+    try:
+        report = suite(HOST_GLOBAL_ENGINE, "real", "root", workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    found = results(report, "HOST-051")
+    assert found and all(r["outcome"] == "failed" for r in found), found
+    assert "engine made a host-global system call: swapoff in create_container (master)" \
+        in json.dumps(found)
+    assert all(r["outcome"] != "failed" for r in results(report, "HOST-050"))
