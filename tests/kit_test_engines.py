@@ -633,9 +633,10 @@ def bypass(calls: list[str], where: str, report_dir: str) -> dict[str, int]:
     """Make each call directly (not through kit.system); errno by call, also written to
     ``report_dir/<where>.json`` when a directory is given."""
     out = {call: _errno_of(BYPASS_CALLS[call]) for call in calls}
-    if report_dir:
+    if report_dir:  # with the process's real no_new_privs (the kit's filter may set it)
+        nnp = int(linux.read_status().get("NoNewPrivs", "-1"))
         with open(os.path.join(report_dir, f"{where}.json"), "w") as f:
-            json.dump(out, f)
+            json.dump({"errno": out, "no_new_privs": nnp}, f)
     return out
 
 

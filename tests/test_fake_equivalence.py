@@ -17,7 +17,8 @@ What is normalised, and why:
   uses ``system.getppid()``.
 - namespace inode numbers: relabelled ``host`` (the namespace stage 1 is in) or
   ``new-KIND-N`` in order of first appearance (per role, in a fixed role order).
-- ``backend`` of ``run_start`` (the one intended difference), ``duration_ms`` of RPC calls,
+- ``backend`` of ``run_start`` (the one intended difference, with the seccomp filter that
+  follows from it: ``filter`` and ``syscalls`` of ``seccomp_filter``), ``duration_ms`` of RPC calls,
   the Python object ``id`` in a hook's result summary, the run's ``container_id`` wherever
   it appears (hook arguments), the host pid of the container wherever it appears
   (``container_pid``, hook arguments ``pid``).
@@ -137,6 +138,9 @@ class Normaliser:
             for moment, seen in (e.get("creds") or {}).items():
                 if isinstance(seen, dict) and "threads" in seen:
                     out["creds"][moment]["threads"] = self.threads(seen["threads"])
+        elif kind == "seccomp_filter":  # fake: containment + host-global; real: host-global
+            out.pop("filter", None)
+            out.pop("syscalls", None)
         elif kind == "namespaces":
             out["ns"] = self.ns(e["ns"])
         elif kind == "hook_return" and isinstance(e.get("result"), dict):

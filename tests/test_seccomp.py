@@ -47,8 +47,6 @@ PLACES = {"prepare_config": ("stage1", "prepare_config"),
           "post_start_process": ("master", "post_start_process"),
           "cleanup_container": ("master", "cleanup_container"),
           "start_process": ("stage2", "start_process")}
-SYSCALL = {"sethostname": "sethostname", "setresuid": "setresuid", "chroot": "chroot",
-           "mount": "mount", "unshare": "unshare"}
 
 pytestmark = pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 filters")
 
@@ -253,9 +251,27 @@ def refusals(result: Any) -> list[dict[str, Any]]:
     return [e for e in result.ledger.events if e["kind"] == "syscall_refused"]
 
 
-def reports(directory: str) -> dict[str, dict[str, int]]:
-    return {name[:-5]: json.loads(Path(directory, name).read_text())
+def reports(directory: str, key: str = "errno") -> dict[str, Any]:
+    """What each bypassing place wrote: the errno of each call (or the process's real
+    no_new_privs), by place."""
+    return {name[:-5]: json.loads(Path(directory, name).read_text())[key]
             for name in os.listdir(directory) if name.endswith(".json")}
+
+
+def check_every_place(events: list[dict[str, Any]], directory: str) -> None:
+    """Every call of EVERY_PLACE got EPERM, and the ledger names it with role and hook."""
+    got = reports(directory)
+    for place, calls in EVERY_PLACE.items():
+        role, hook = PLACES[place]
+        name = "rpc-bypass" if place == "rpc" else f"{role}-{hook}"
+        assert got[name] == {call: errno.EPERM for call in calls}, (place, got)
+    refused = [e for e in events if e["kind"] == "syscall_refused"]
+    recorded = {(e["syscall"], e["process_role"], e["hook"]) for e in refused}
+    for place, calls in EVERY_PLACE.items():
+        role, hook = PLACES[place]
+        for call in calls:
+            assert (call, role, hook) in recorded, (call, place, sorted(recorded))
+    assert refused and all(e["answered"] and e["errno"] == "EPERM" for e in refused)
 
 
 @pytest.mark.parametrize("flow", ALL_FLOWS)
@@ -264,19 +280,7 @@ def test_fake_backend_refuses_every_direct_call_in_every_process(flow, shared_di
     result = run(BYPASS, flow, ["/bin/sh", "-c", "exit 7"], backend="fake",
                  engine_config={"bypass": EVERY_PLACE, "report_dir": shared_dir})
     assert result.exit_code == 7, result.reason
-    # What each hook got back: EPERM for every call.
-    got = reports(shared_dir)
-    for place, calls in EVERY_PLACE.items():
-        role, hook = PLACES[place]
-        name = "rpc-bypass" if place == "rpc" else f"{role}-{hook}"
-        assert got[name] == {call: errno.EPERM for call in calls}, (place, got)
-    # What the ledger says: each call, with its process role and hook.
-    recorded = {(e["syscall"], e["process_role"], e["hook"]) for e in refusals(result)}
-    for place, calls in EVERY_PLACE.items():
-        role, hook = PLACES[place]
-        for call in calls:
-            assert (SYSCALL[call], role, hook) in recorded, (call, place, sorted(recorded))
-    assert all(e["answered"] and e["errno"] == "EPERM" for e in refusals(result))
+    check_every_place(result.ledger.events, shared_dir)
     assert host_view() == before
 
 
@@ -300,6 +304,8 @@ def test_real_backend_refuses_host_global_calls_as_root(shared_dir):
     filt = next(e for e in result.ledger.events if e["kind"] == "seccomp_filter")
     assert filt["filter"] == "host-global"
     got = reports(shared_dir)
+    assert reports(shared_dir, "no_new_privs") == {"master-create_container": 0,
+                                                   "rpc-bypass": 0}  # as root: not needed
     assert got["master-create_container"] == {"swapoff": errno.EPERM}
     assert got["rpc-bypass"] == {"delete_module": errno.EPERM}
     recorded = {(e["syscall"], e["category"], e["process_role"], e["hook"])
@@ -307,6 +313,39 @@ def test_real_backend_refuses_host_global_calls_as_root(shared_dir):
     assert recorded == {("swapoff", "host-global", "master", "create_container"),
                         ("delete_module", "host-global", "rpc",
                          "RPC method test-host-global.bypass")}
+
+
+@pytest.mark.parametrize("flow", ["root", "userns"])
+def test_fake_backend_refuses_every_direct_call_launched_unprivileged(flow):
+    # Launched as U: the starter has no CAP_SYS_ADMIN, so it sets no_new_privs for real to
+    # install the filter; the ledger still shows the model's no_new_privs (stage 1 of the
+    # root flow runs as the model's root, without it).
+    if os.geteuid() != 0:
+        pytest.skip("needs root to launch as the test user")
+    user = Invoker.resolve()
+    workdir = tempfile.mkdtemp(prefix="kit-seccomp-unpriv-")
+    os.chmod(workdir, 0o1777)
+    before = host_view()
+    try:
+        ledger = os.path.join(workdir, "run.ledger")
+        cmd = ["runuser", "-u", user.name, "--", sys.executable, "-m", "kit", "run",
+               "--backend", "fake", "--engine", BYPASS, "--flow", flow, "--ledger", ledger,
+               "--config", json.dumps({"bypass": EVERY_PLACE, "report_dir": workdir}),
+               "--", "/bin/sh", "-c", "exit 7"]
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, env=env,
+                              timeout=300)
+        assert proc.returncode == 7, proc.stderr[-3000:]
+        with open(ledger) as f:
+            events = json.load(f)["events"]
+        assert events[0]["invoker"]["uid"] == user.uid
+        check_every_place(events, workdir)
+        assert set(reports(workdir, "no_new_privs").values()) == {1}  # really set
+        stage1 = next(e for e in events if e["kind"] == "hook_enter" and e["role"] == "stage1")
+        assert [t["no_new_privs"] for t in stage1["snapshot"]["threads"]] == [False]
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    assert host_view() == before
 
 
 # --- the conformance suite: HOST-050 / HOST-051 -------------------------------------------------
