@@ -12,6 +12,9 @@ Measures, interleaved (A B C … A B C …) after a warm-up, the median wall tim
 * ``fake``           — the same in the fake backend (when the kit has it);
 * ``userns``         — the userns flow (as the unprivileged test user).
 
+Also the fake backend's seccomp filter: the time to install it, and what it adds to each
+system call it lets through (the ``fake`` case includes both).
+
 It prints each median, the ratios, and where the time of a full lifecycle goes (per stage
 and hook, from the ledger's timestamps; probe cost; ledger cost). ``--json FILE`` writes
 ``{"medians": {...ms}, "ratios": {...}, "samples": N, "breakdown": {...}}``.
@@ -129,6 +132,44 @@ def probe_cost(n: int = 200) -> dict[str, float]:
     return out
 
 
+def seccomp_cost(batches: int = 200, per_batch: int = 500) -> dict[str, float]:
+    """The fake backend's filter (kit/seccomp.py), measured in a forked child: ms to build
+    and install it with its listener, and ns it adds to each system call it lets through
+    (getppid, median per-call time of batches, after minus before)."""
+    from kit import seccomp
+
+    def per_call() -> float:
+        samples = []
+        for _ in range(batches):
+            t = time.perf_counter_ns()
+            for _ in range(per_batch):
+                os.getppid()
+            samples.append((time.perf_counter_ns() - t) / per_batch)
+        return statistics.median(samples)
+
+    seccomp.warm()  # as the zygote does
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            before = per_call()
+            t = time.perf_counter()
+            os.close(seccomp.install(seccomp.FAKE_RULES))
+            install_ms = (time.perf_counter() - t) * 1000
+            out = {"install_ms": round(install_ms, 3),
+                   "per_syscall_ns": round(per_call() - before, 1),
+                   "syscall_ns_unfiltered": round(before, 1)}
+        except Exception as exc:
+            out = {"error": repr(exc)}  # type: ignore[dict-item]
+        os.write(w, json.dumps(out).encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    return json.loads(data)
+
+
 def breakdown(result: RunResult) -> dict[str, Any]:
     """Where the time of one lifecycle went, from the ledger's monotonic timestamps."""
     events = result.ledger.events
@@ -234,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
               "sandbox_vs_no_sandbox": ratio("full", "no_sandbox")}
     report = {"samples": args.samples, "medians": medians, "ratios": ratios,
               "breakdown": breakdown(last_full) if last_full else {},
-              "probe_ms": probe_cost(), "ledger_event_us": round(ledger_cost(), 2)}
+              "probe_ms": probe_cost(), "ledger_event_us": round(ledger_cost(), 2),
+              "seccomp": seccomp_cost()}
 
     print(f"{'case':16} {'median ms':>10}")
     for name, value in medians.items():
@@ -256,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"one snapshot: {report['probe_ms']['snapshot']:.2f} ms, one escalation probe: "
           f"{report['probe_ms']['escalation']:.2f} ms, one ledger event: "
           f"{report['ledger_event_us']:.1f} µs")
+    sc = report["seccomp"]
+    print(f"the fake backend's seccomp filter: install {sc.get('install_ms')} ms, "
+          f"+{sc.get('per_syscall_ns')} ns per system call let through "
+          f"(getppid unfiltered {sc.get('syscall_ns_unfiltered')} ns)")
     if args.suite:
         report["suite"] = suite_scaling(args.suite)
         print(f"conformance suite ({args.suite}): -n 0 {report['suite']['n0_s']} s, "

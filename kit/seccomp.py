@@ -22,6 +22,7 @@ the RPC server, stage 2 and the payload.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import platform
@@ -125,6 +126,10 @@ HOST_GLOBAL: tuple[Rule, ...] = (
     + (Rule("syslog", HOST_GLOBAL_CATEGORY, arg=0, values=(4, 5, 6, 7, 8)),)
 )
 
+#: The fake backend's filter: both lists (as root, a direct host-global call would reach the
+#: real host too).
+FAKE_RULES: tuple[Rule, ...] = CONTAINMENT + HOST_GLOBAL
+
 # --- classic BPF --------------------------------------------------------------------------------
 
 _LD_ABS = 0x20  # BPF_LD | BPF_W | BPF_ABS
@@ -205,6 +210,20 @@ def build_program(rules: Iterable[Rule], table: dict[str, int] = SYSCALLS_X86_64
     return asm.program()
 
 
+@functools.lru_cache(maxsize=None)
+def program(rules: tuple[Rule, ...]) -> tuple[tuple[int, int, int, int], ...]:
+    """:func:`build_program`, once per process (see :func:`warm`)."""
+    return tuple(build_program(rules))
+
+
+def warm() -> None:
+    """Build both filters now (the zygote, before it forks the runs): a starter then finds
+    them built instead of building one in every run."""
+    if platform.machine() == "x86_64":
+        program(FAKE_RULES)
+        program(HOST_GLOBAL)
+
+
 # --- installing (in the starter) ------------------------------------------------------------
 
 class Unavailable(Exception):
@@ -217,7 +236,7 @@ def rules_for(backend: str, privileged: bool) -> tuple[str, tuple[Rule, ...]] | 
     CAP_SYS_ADMIN (an unprivileged launcher cannot make these calls anyway, and installing
     a filter without CAP_SYS_ADMIN needs no_new_privs, which would change every flow)."""
     if backend == "fake":
-        return "fake-containment", CONTAINMENT + HOST_GLOBAL
+        return "fake-containment", FAKE_RULES
     if privileged:
         return "host-global", HOST_GLOBAL
     return None
@@ -227,17 +246,17 @@ def _has_sys_admin() -> bool:
     return bool(linux.capget()[0] >> linux.CAP_NUMBERS["CAP_SYS_ADMIN"] & 1)
 
 
-def install(rules: tuple[Rule, ...]) -> int:
+def install(rules: tuple[Rule, ...], privileged: bool | None = None) -> int:
     """Install a filter for ``rules`` on the calling thread (and so on everything it starts
     later); its listener fd. Without CAP_SYS_ADMIN, no_new_privs is set first (the kernel
     requires it): only the fake backend does that, and its ledger's no_new_privs is the
     model's, read once before the starter exists, never the process's."""
     if platform.machine() != "x86_64":
         raise Unavailable(f"seccomp filters are written for x86-64, not {platform.machine()}")
-    program = build_program(rules)
-    if not _has_sys_admin():
+    prog = list(program(rules))
+    if not (_has_sys_admin() if privileged is None else privileged):
         linux.set_no_new_privs()
-    fd = linux.seccomp_install_filter(program, listener=True)
+    fd = linux.seccomp_install_filter(prog, listener=True)
     assert fd is not None
     return fd
 
@@ -247,7 +266,8 @@ def install_for_run(backend: str, channel: socket.socket) -> None:
     to the supervisor over ``channel`` (SCM_RIGHTS, with a JSON description), keeping no
     copy (an engine holding the listener could answer its own calls). A filter that cannot
     be installed is described instead; the supervisor records why."""
-    choice = rules_for(backend, _has_sys_admin())
+    privileged = _has_sys_admin()
+    choice = rules_for(backend, privileged)
     try:
         if choice is None:
             info: dict[str, Any] = {"filter": None, "reason": "real backend without "
@@ -256,7 +276,7 @@ def install_for_run(backend: str, channel: socket.socket) -> None:
             return
         name, rules = choice
         try:
-            fd = install(rules)
+            fd = install(rules, privileged)
         except (Unavailable, OSError) as exc:
             channel.sendall(json.dumps({"filter": name, "error": str(exc)}).encode())
             return

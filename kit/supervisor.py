@@ -617,6 +617,7 @@ def preload(request: RunRequest) -> bool:
     if request.backend != "fake" and os.geteuid() == 0:
         from kit import hostdiff
         hostdiff.prime()  # what every fresh host sandbox has, read once for all runs
+    seccomp.warm()
     import traceback
     traceback.format_exception(ValueError("warm-up"))  # pulls in lazy imports of traceback
     host_sandbox.confine_preload()

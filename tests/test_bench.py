@@ -31,6 +31,7 @@ def test_kit_bench_writes_the_medians_and_ratios_it_promises(tmp_path):
     assert doc["breakdown"]["marks_ms"]["payload exec'd"] is not None
     assert "prepare_config" in " ".join(doc["breakdown"]["hooks_ms"])
     assert "where a full lifecycle's time goes" in proc.stdout
+    assert doc["seccomp"]["install_ms"] > 0 and "per_syscall_ns" in doc["seccomp"]
 
 
 def test_rpc_bench_compares_mock_and_socketpair(tmp_path):
