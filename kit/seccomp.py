@@ -261,11 +261,13 @@ def install(rules: tuple[Rule, ...], privileged: bool | None = None) -> int:
     return fd
 
 
-def install_for_run(backend: str, channel: socket.socket) -> None:
+def install_for_run(backend: str, channel: socket.socket) -> str | None:
     """In the starter, before anything else: install the run's filter and hand its listener
     to the supervisor over ``channel`` (SCM_RIGHTS, with a JSON description), keeping no
     copy (an engine holding the listener could answer its own calls). A filter that cannot
-    be installed is described instead; the supervisor records why."""
+    be installed is described instead (the supervisor records why); the result is then why
+    the run must not go on: the fake backend as root without its containment would let an
+    engine's direct calls change the real host. None: go on."""
     privileged = _has_sys_admin()
     choice = rules_for(backend, privileged)
     try:
@@ -273,18 +275,21 @@ def install_for_run(backend: str, channel: socket.socket) -> None:
             info: dict[str, Any] = {"filter": None, "reason": "real backend without "
                                     "CAP_SYS_ADMIN: no host-global filter is needed"}
             channel.sendall(json.dumps(info).encode())
-            return
+            return None
         name, rules = choice
         try:
             fd = install(rules, privileged)
         except (Unavailable, OSError) as exc:
             channel.sendall(json.dumps({"filter": name, "error": str(exc)}).encode())
-            return
+            if backend == "fake" and privileged:
+                return f"the fake backend's containment could not be installed: {exc}"
+            return None
         info = {"filter": name, "syscalls": sorted({r.syscall for r in rules})}
         try:
             socket.send_fds(channel, [json.dumps(info).encode()], [fd])
         finally:
             os.close(fd)
+        return None
     finally:
         channel.close()
 

@@ -364,8 +364,10 @@ class Starter:
                 # any engine code: the fake backend's containment, or (real backend, as
                 # root) the host-global refusals. (Until the host sandbox installs the
                 # latter itself, kit/sandbox.py, this is where they come from.)
-                seccomp.install_for_run(self.req.backend, self.filter_channel)
+                refused = seccomp.install_for_run(self.req.backend, self.filter_channel)
                 self.filter_channel = None
+                if refused:
+                    raise StageFailed(refused)
             linux.set_name("kit-starter")
             default_signals()
             self.parent = os.getppid()

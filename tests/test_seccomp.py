@@ -405,3 +405,127 @@ def test_host_051_fails_for_a_host_global_call_in_the_real_backend():
     assert "engine made a host-global system call: swapoff in create_container (master)" \
         in json.dumps(found)
     assert all(r["outcome"] != "failed" for r in results(report, "HOST-050"))
+
+
+# --- pieces, on hand-made data ------------------------------------------------------------------
+
+def test_the_fake_backend_as_root_does_not_run_without_its_containment():
+    if os.geteuid() != 0:
+        pytest.skip("the fail-closed rule is for a privileged starter")
+
+    def attempt(backend: str) -> dict[str, Any]:
+        def broken(rules: Any, privileged: Any = None) -> int:
+            raise seccomp.Unavailable("no seccomp here")
+        seccomp.install = broken  # this child only
+        here, there = socket.socketpair()
+        verdict = seccomp.install_for_run(backend, there)
+        fd, info = seccomp.receive_listener(here, 5)
+        return {"verdict": verdict, "fd": fd, "info": info, "closed": there.fileno() == -1}
+
+    fake = in_child(lambda: attempt("fake"))["ok"]
+    assert fake["verdict"] == ("the fake backend's containment could not be installed: "
+                               "no seccomp here")
+    assert fake["fd"] is None and fake["info"] == {"filter": "fake-containment",
+                                                   "error": "no seccomp here"}
+    assert fake["closed"]
+    real = in_child(lambda: attempt("real"))["ok"]
+    assert real["verdict"] is None and real["info"]["error"] == "no seccomp here"
+
+
+def _run(backend: str, events: list[dict[str, Any]]) -> Any:
+    from types import SimpleNamespace
+
+    from conformance.runs import Run
+    from conformance.scenario import SCENARIOS
+    full = [{"kind": "run_start", "role": "supervisor"}] + events
+    for i, e in enumerate(full):
+        e.update(seq=i, t=i, pid=e.get("pid", 100), tid=e.get("tid", 100))
+    ledger = SimpleNamespace(events=full, document={"schema_version": 1, "events": full})
+    result = SimpleNamespace(exit_code=0, reason="exited", ledger=ledger, leaks=[],
+                             timed_out=None, stdout="", stderr="")
+    return Run("root", SCENARIOS["default"], backend, result=result)
+
+
+FILTER = {"kind": "seccomp_filter", "role": "supervisor", "filter": "fake-containment",
+          "syscalls": ["sethostname"]}
+
+
+def refusal(syscall: str, category: str, role: str | None, hook: str | None) -> dict[str, Any]:
+    return {"kind": "syscall_refused", "role": "supervisor", "syscall": syscall,
+            "category": category, "errno": "EPERM", "answered": True, "process_role": role,
+            "hook": hook}
+
+
+def test_host_050_names_each_refused_call_and_host_051_only_host_global_ones():
+    from conformance import checks
+    run = _run("fake", [dict(FILTER),
+                        refusal("sethostname", "system-interface", "master", "create_container"),
+                        refusal("chroot", "system-interface", "rpc", "RPC method e.bind"),
+                        refusal("swapon", "host-global", "stage1", "prepare_config")])
+    verify = checks.Verifier("root", ["HOST-050", "HOST-051"], "t")
+    checks.check_refused_calls(verify, run, "HOST-050", "system-interface")
+    checks.check_refused_calls(verify, run, "HOST-051", "host-global")
+    text = verify.render("HOST-050")
+    assert text.startswith("HOST-050 [MUST] SPEC §9, §11: ")
+    assert "role: master   hook: create_container" in text
+    assert ("observed: engine bypassed the system interface: sethostname in "
+            "create_container (master)") in text
+    assert "chroot in RPC method e.bind (rpc)" in text
+    assert "swapon" not in text
+    (v,) = verify.violations["HOST-051"]
+    assert v.observed == ("engine made a host-global system call: swapon in prepare_config "
+                          "(stage1)")
+
+
+def test_host_050_is_not_passed_when_nothing_was_watched():
+    from conformance import checks
+    for backend, events, why in (
+            ("fake", [{"kind": "seccomp_filter", "role": "supervisor",
+                       "filter": "fake-containment", "error": "no seccomp"}], "no seccomp"),
+            ("fake", [], "the run has no seccomp filter"),
+            ("real", [dict(FILTER, filter="host-global")], "real backend")):
+        verify = checks.Verifier("root", ["HOST-050"], "t")
+        checks.check_refused_calls(verify, _run(backend, events), "HOST-050",
+                                   "system-interface")
+        assert not verify.violations["HOST-050"] and why in verify.notes["HOST-050"], backend
+    verify = checks.Verifier("root", ["HOST-050"], "t")
+    checks.check_refused_calls(verify, _run("fake", [dict(FILTER)]), "HOST-050",
+                               "system-interface")
+    assert verify.checks["HOST-050"] == 1 and "HOST-050" not in verify.notes
+
+
+def _ids(tid: int, tgid: int, threads: list[int]) -> dict[str, Any]:
+    return {"tgid": tgid, "ns_tid": tid, "ns_tgid": tgid, "ns_threads": threads}
+
+
+def test_a_refusal_is_attributed_to_the_thread_its_process_and_its_open_hook():
+    enter = {"kind": "hook_enter", "role": "master"}
+    events = [
+        {"kind": "hook_enter", "role": "master", "hook": "config", "tid": 50},
+        {"kind": "hook_return", "role": "master", "hook": "config", "tid": 50},
+        dict(enter, hook="create_container", tid=51),
+        dict(enter, hook="monitor_container", tid=52),
+        {"kind": "hook_enter", "role": "rpc", "hook": "config", "tid": 2},
+        {"kind": "hook_return", "role": "rpc", "hook": "config", "tid": 2},
+    ]
+    # The hook's own thread.
+    assert seccomp.attribute(events, _ids(51, 50, [50, 51, 52])) == ("master",
+                                                                     "create_container")
+    # The main thread (its own hooks returned) and a thread the engine started: the hooks
+    # open in the process, innermost first.
+    for tid in (50, 53):
+        assert seccomp.attribute(events, _ids(tid, 50, [50, 51, 52, 53])) == (
+            "master", "monitor_container or create_container")
+    # Unknown process; no target at all (it died before it could be read).
+    assert seccomp.attribute(events, _ids(900, 900, [900])) == (None, None)
+    assert seccomp.attribute(events, None) == (None, None)
+    # The RPC server: the method is named by the rpc_call recorded when it returns.
+    refused = {"kind": "syscall_refused", "process_role": "rpc", "hook": None,
+               "target": _ids(2, 2, [2])}
+    later = [refused, {"kind": "rpc_call", "role": "rpc", "tid": 2, "method": "e.bind"}]
+    seccomp.resolve_rpc_methods(events + later)
+    assert refused["hook"] == "RPC method e.bind"
+    # Stage 2 after exec is the payload.
+    done = [{"kind": "hook_enter", "role": "stage2", "hook": "start_process", "tid": 1},
+            {"kind": "stage2_exec", "role": "master", "tid": 51}]
+    assert seccomp.attribute(done, _ids(1, 1, [1])) == ("stage2", "the payload (after exec)")
