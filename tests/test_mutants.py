@@ -185,7 +185,8 @@ def test_the_kill_matrix_kills_every_mutant_and_passes_the_reference(tmp_path,
     assert matrix.verdict() == []
     assert matrix.unproven() == []  # every declared requirement failed for one of its mutants
     shown = {req for e in real for req in set(e["declared"]) & set(e["failed"])}
-    assert set(M.must_requirements()) <= shown  # every MUST has a mutant that it kills
+    # every MUST has a mutant that it kills, or the table says why no real one can
+    assert set(M.must_requirements()) <= shown | set(M.EXCEPTIONS)
     mechanisms = matrix.mechanisms()  # a MUST declared by two mechanisms kills by two
     assert [req for req, found in M.declared_mechanisms().items()
             if req in M.must_requirements() and len(found) >= 2

@@ -13,8 +13,9 @@ Areas: :mod:`.privileges` (stage 1, master, RPC server, stage 2, payload),
 :mod:`.namespaces`, :mod:`.lifecycle` (hangs, crashes, errors, the RPC connection),
 :mod:`.signals`, :mod:`.cleanup`, :mod:`.state`, :mod:`.join`, :mod:`.mechanisms` (rules a
 first mutant breaks, broken by another mechanism: a helper thread, a raw system call, a nested
-value, a symlink, another field), :mod:`.host` (changes of the host that outlive the run) and
-:mod:`.gaps` (known survivors: bugs the suite cannot see yet, with the reason).
+value, a symlink, another field), :mod:`.host` (changes of the host that outlive the run),
+:mod:`.syscalls` (system calls the kit refuses) and :mod:`.gaps` (known survivors: bugs the
+suite cannot see yet, with the reason).
 
 :mod:`.starter` holds the starter mutants: the reference engine run by a kit with one bug, for
 the rules only the starter can break. They have no entry point: ``--engine`` names their
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 from reference_engines.mutants import (
     cleanup, gaps, host, join, lifecycle, mechanisms, namespaces, privileges, signals, starter,
-    state,
+    state, syscalls,
 )
 from reference_engines.mutants.base import Mutant, registered_name
 
@@ -37,7 +38,7 @@ __all__ = ["ENGINE_MUTANTS", "MUTANTS", "Mutant", "STARTER_MUTANTS", "by_name", 
 ENGINE_MUTANTS: tuple[type[Mutant], ...] = (
     *privileges.MUTANTS, *namespaces.MUTANTS, *lifecycle.MUTANTS, *signals.MUTANTS,
     *cleanup.MUTANTS, *state.MUTANTS, *join.MUTANTS, *gaps.MUTANTS, *mechanisms.MUTANTS,
-    *host.MUTANTS,
+    *host.MUTANTS, *syscalls.MUTANTS,
 )
 #: Starter mutants: each registered only through its own spec (:func:`engine_spec`).
 STARTER_MUTANTS: tuple[type[Mutant], ...] = starter.MUTANTS
