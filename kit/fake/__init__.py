@@ -49,6 +49,15 @@ Design
   which exists in the model only), relative to the model's initial user namespace, the one
   the kit was launched in.
 
+Containment: calls that bypass the model
+----------------------------------------
+An engine that makes a privileged call itself (not through the system interface) would act
+on the real kernel: every process of a fake run is under the seccomp filter of
+:mod:`kit.seccomp` (installed by the starter before anything else), so the call fails with
+EPERM, the supervisor records it and HOST-050 fails. The kit's own fake code needs none of
+the refused calls: credentials, namespaces, mounts and hostnames are the model's; it forks
+(plain ``fork``, ``clone(CLONE_FS)``) and starts threads, which stay allowed.
+
 Out of scope: what only the kernel can decide
 ----------------------------------------------
 A fake run proves the lifecycle and the privilege *decisions* of the starter and of an
@@ -73,7 +82,8 @@ real processes. Report these as not-configured in fake mode, never as passed:
 - file permission checks against the model's credentials are done for the calls the
   system interface offers (mkdir, chdir, chroot, /proc id-map files), not for other file
   access; seccomp, LSMs (AppArmor, SELinux, Yama), rlimits and ``user.max_*_namespaces``
-  limits are not modelled (seccomp mode is read from the real process);
+  limits are not modelled (seccomp mode is read from the real process: 2, under the kit's
+  own filter);
 - mount propagation between peers, mount visibility (a model tmpfs does not hide what
   is under it), ``mount_too_revealing`` for proc/sysfs in a user namespace, ``CLONE_FS``
   sharing of a real fs struct after an ``unshare(CLONE_NEWNS)``;
