@@ -20,7 +20,7 @@ import re
 import signal
 import socket
 import struct
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 _libc = ctypes.CDLL(None, use_errno=True)
 # PyDLL keeps the GIL across the call: required for clone, whose child resumes in the
@@ -766,14 +766,24 @@ def seccomp_install_filter(program: list[tuple[int, int, int, int]], listener: b
     return fd if listener else None
 
 
-def seccomp_notif_recv(listener: int) -> dict[str, object]:
-    """One pending notification (``SECCOMP_IOCTL_NOTIF_RECV``): id, pid (the calling thread,
-    as the caller's pid namespace numbers it), nr, arch, args. ENOENT when the notification
-    went away (its thread was killed) before it was read."""
+class SeccompNotif(NamedTuple):
+    """A seccomp user notification: its id, the calling thread (as the receiver's pid
+    namespace numbers it), the call's number, architecture and six arguments."""
+
+    id: int
+    pid: int
+    nr: int
+    arch: int
+    args: tuple[int, ...]
+
+
+def seccomp_notif_recv(listener: int) -> SeccompNotif:
+    """One pending notification (``SECCOMP_IOCTL_NOTIF_RECV``). ENOENT when it went away
+    (its thread was killed) before it was read."""
     buf = bytearray(_NOTIF.size)  # the kernel requires a zeroed struct
     fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_RECV, buf, True)
     nid, pid, _flags, nr, arch, _ip, *args = _NOTIF.unpack(buf)
-    return {"id": nid, "pid": pid, "nr": nr, "arch": arch, "args": args}
+    return SeccompNotif(nid, pid, nr, arch, tuple(args))
 
 
 def seccomp_notif_id_valid(listener: int, notif_id: int) -> bool:

@@ -294,6 +294,15 @@ def install_for_run(backend: str, channel: socket.socket) -> str | None:
         channel.close()
 
 
+def install_host_global_filter(channel: socket.socket) -> str | None:
+    """The host sandbox's entry point (kit/sandbox.py): the host-global refusals on the
+    calling thread and everything it starts later, when it has CAP_SYS_ADMIN, with the
+    listener sent over ``channel`` to the process that answers (the supervisor:
+    :func:`receive_listener`, then its poll loop). Today the real backend's starter calls
+    :func:`install_for_run` itself, first thing (kit/starter.py ``Starter.main``)."""
+    return install_for_run("real", channel)
+
+
 # --- the supervisor's side ------------------------------------------------------------------
 
 def receive_listener(channel: socket.socket, timeout: float
@@ -350,19 +359,17 @@ def handle_notification(listener: int) -> dict[str, Any] | None:
         notif = linux.seccomp_notif_recv(listener)
     except OSError:
         return None
-    nr = int(notif["nr"])  # type: ignore[arg-type]
+    nr = notif.nr
     name = _NAMES.get(nr, f"x32 system call {nr & ~_X32_SYSCALL_BIT}" if nr & _X32_SYSCALL_BIT
                       else f"system call {nr}")
-    tid = int(notif["pid"])  # type: ignore[arg-type]
-    ids = _thread_ids(tid)
+    ids = _thread_ids(notif.pid)
     try:
-        answered = linux.seccomp_notif_send_error(listener, int(notif["id"]),  # type: ignore
-                                                  errno.EPERM)
+        answered = linux.seccomp_notif_send_error(listener, notif.id, errno.EPERM)
     except OSError:
         answered = False
-    return {"syscall": name, "nr": nr, "args": [f"{a:#x}" for a in notif["args"]],  # type: ignore
+    return {"syscall": name, "nr": nr, "args": [f"{a:#x}" for a in notif.args],
             "category": _CATEGORY.get(name, SYSTEM_INTERFACE), "errno": "EPERM",
-            "answered": answered, "target_tid": tid, "target": ids}
+            "answered": answered, "target_tid": notif.pid, "target": ids}
 
 
 def attribute(events: list[dict[str, Any]], target: dict[str, Any] | None

@@ -214,13 +214,12 @@ def test_a_stale_notification_never_blocks_or_crashes_the_supervisor():
 
     def kill_then_answer(listener: int) -> Any:
         notif = linux.seccomp_notif_recv(listener)
-        tid = int(notif["pid"])  # type: ignore[arg-type]
-        seen["valid_before"] = linux.seccomp_notif_id_valid(listener, int(notif["id"]))
-        os.kill(tid, signal.SIGKILL)
+        seen["valid_before"] = linux.seccomp_notif_id_valid(listener, notif.id)
+        os.kill(notif.pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while linux.seccomp_notif_id_valid(listener, int(notif["id"])):
+        while linux.seccomp_notif_id_valid(listener, notif.id):
             assert time.monotonic() < deadline
-        seen["sent"] = linux.seccomp_notif_send_error(listener, int(notif["id"]), errno.EPERM)
+        seen["sent"] = linux.seccomp_notif_send_error(listener, notif.id, errno.EPERM)
         return seen
 
     out = filtered(seccomp.CONTAINMENT, lambda: _raw(170, 0, 0), on_notify=kill_then_answer)
