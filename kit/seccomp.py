@@ -272,8 +272,10 @@ def install_for_run(backend: str, channel: socket.socket) -> str | None:
     choice = rules_for(backend, privileged)
     try:
         if choice is None:
-            info: dict[str, Any] = {"filter": None, "reason": "real backend without "
-                                    "CAP_SYS_ADMIN: no host-global filter is needed"}
+            info: dict[str, Any] = {"filter": None, "reason": (
+                "real backend launched without CAP_SYS_ADMIN: the kernel refuses every "
+                "host-global call to it (they need capabilities of the initial user "
+                "namespace)")}
             channel.sendall(json.dumps(info).encode())
             return None
         name, rules = choice

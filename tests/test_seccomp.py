@@ -403,7 +403,7 @@ def test_host_051_fails_for_a_host_global_call_in_the_real_backend():
     assert found and all(r["outcome"] == "failed" for r in found), found
     assert "engine made a host-global system call: swapoff in create_container (master)" \
         in json.dumps(found)
-    assert all(r["outcome"] == "not-configured" for r in results(report, "HOST-050"))
+    assert all(r["outcome"] == "passed" for r in results(report, "HOST-050"))
 
 
 # --- pieces, on hand-made data ------------------------------------------------------------------
@@ -477,15 +477,15 @@ def test_host_050_names_each_refused_call_and_host_051_only_host_global_ones():
 
 
 def test_host_050_is_not_passed_when_nothing_was_watched():
-    # Not-configured (a skip with the suite's prefix), never passed, when no filter watched
-    # the run or the backend is the real one (its kernel answers the calls).
+    # Not-configured (a skip with the suite's prefix), never passed, when the filter the run
+    # should have had is missing; a pass with a note where the rule is empty: HOST-050 in
+    # the real backend (its kernel answers), HOST-051 launched without privilege.
     from conformance import checks
     from conformance.outcomes import NOT_CONFIGURED_PREFIX
     for backend, events, why in (
             ("fake", [{"kind": "seccomp_filter", "role": "supervisor",
                        "filter": "fake-containment", "error": "no seccomp"}], "no seccomp"),
-            ("fake", [], "the run has no seccomp filter"),
-            ("real", [dict(FILTER, filter="host-global")], "real backend")):
+            ("fake", [], "the run has no seccomp filter")):
         verify = checks.Verifier("root", ["HOST-050"], "t")
         with pytest.raises(pytest.skip.Exception) as skipped:
             checks.check_refused_calls(verify, _run(backend, events), "HOST-050",
@@ -493,10 +493,22 @@ def test_host_050_is_not_passed_when_nothing_was_watched():
         assert str(skipped.value.msg).startswith(NOT_CONFIGURED_PREFIX) and \
             why in skipped.value.msg, backend
         assert not verify.violations["HOST-050"] and verify.checks["HOST-050"] == 0
+    unprivileged = {"kind": "seccomp_filter", "role": "supervisor", "filter": None,
+                    "reason": "launched without CAP_SYS_ADMIN"}
+    for backend, events, req, category, why in (
+            ("real", [dict(FILTER, filter="host-global")], "HOST-050", "system-interface",
+             "a rule of the fake backend"),
+            ("real", [unprivileged], "HOST-051", "host-global",
+             "no filter by design: launched without CAP_SYS_ADMIN")):
+        verify = checks.Verifier("root", [req], "t")
+        checks.check_refused_calls(verify, _run(backend, events), req, category)
+        assert verify.checks[req] == 1 and not verify.violations[req]
+        assert verify.notes[req].startswith(why), verify.notes
     verify = checks.Verifier("root", ["HOST-050"], "t")
     checks.check_refused_calls(verify, _run("fake", [dict(FILTER)]), "HOST-050",
                                "system-interface")
     assert verify.checks["HOST-050"] == 1 and not verify.violations["HOST-050"]
+    assert "HOST-050" not in verify.notes
 
 
 def _ids(tid: int, tgid: int, threads: list[int]) -> dict[str, Any]:
