@@ -331,6 +331,9 @@ def receive_listener(channel: socket.socket, timeout: float
     return fd, info
 
 
+#: Refusals the supervisor records per run; the rest are answered and counted (an engine
+#: that retries a refused call in a loop must not grow the ledger without bound).
+MAX_RECORDED = 1000
 _NAMES = {nr: name for name, nr in SYSCALLS_X86_64.items()}
 _CATEGORY = {rule.syscall: rule.category for rule in CONTAINMENT + HOST_GLOBAL}
 

@@ -107,6 +107,7 @@ class Supervisor:
         self.sandbox: host_sandbox.HostSandbox | None = None
         self.host: Any = None  # the sandbox's kit.hostdiff.HostWatch
         self.listener: int | None = None  # the run's seccomp filter's (kit.seccomp)
+        self.refusals = 0  # calls it refused; the first seccomp.MAX_RECORDED are recorded
 
     # -- ledger ------------------------------------------------------------------------------
     def record(self, event: dict[str, Any], datagram: bytes | None = None) -> None:
@@ -198,7 +199,8 @@ class Supervisor:
         os.write(result_fd, f"started {pid} {run_dir}{seen}\n".encode())
         self.listener, info = seccomp.receive_listener(filter_here, req.run_timeout)
         filter_here.close()
-        self.emit("seccomp_filter", **info)
+        self.emit("seccomp_filter", **{k: info[k] for k in ("filter", "syscalls", "error",
+                                                          "reason") if k in info})
         status = self.collect(reader, pid)
         self._drain_notifications()
         reader.close()
@@ -236,6 +238,8 @@ class Supervisor:
         if self.listener is not None:
             os.close(self.listener)  # a call still filtered now fails with ENOSYS
             self.listener = None
+        if self.refusals > seccomp.MAX_RECORDED:
+            self.emit("syscalls_unrecorded", count=self.refusals - seccomp.MAX_RECORDED)
         self.emit("exit", code=code, reason=reason)
         return {"exit_code": code, "reason": reason, "leaks": self.leaks,
                 "timed_out": self.timed_out,
@@ -478,7 +482,10 @@ class Supervisor:
         assert self.listener is not None
         if revents & select.POLLIN:
             refusal = seccomp.handle_notification(self.listener)
-            if refusal is not None:
+            if refusal is None:
+                return True
+            self.refusals += 1
+            if self.refusals <= seccomp.MAX_RECORDED:  # an engine looping on one call
                 role, hook = seccomp.attribute(self.events, refusal["target"])
                 self.emit("syscall_refused", **refusal, process_role=role, hook=hook)
             return True

@@ -546,3 +546,17 @@ def test_a_refusal_is_attributed_to_the_thread_its_process_and_its_open_hook():
     done = [{"kind": "hook_enter", "role": "stage2", "hook": "start_process", "tid": 1},
             {"kind": "stage2_exec", "role": "master", "tid": 51}]
     assert seccomp.attribute(done, _ids(1, 1, [1])) == ("stage2", "the payload (after exec)")
+
+
+@pytest.mark.parametrize("extra", [0, 3])
+def test_refusals_beyond_the_ledgers_cap_are_answered_and_counted(extra):
+    # Boundary: an engine retrying a refused call in a loop. The first MAX_RECORDED are
+    # recorded one by one, the rest only counted; every call still gets EPERM.
+    calls = ["chroot"] * (seccomp.MAX_RECORDED + extra)
+    result = run(BYPASS, "root", ["/bin/true"], backend="fake", run_timeout=120,
+                 engine_config={"bypass": {"create_container": calls}})
+    assert result.exit_code == 0, result.reason
+    assert len(refusals(result)) == seccomp.MAX_RECORDED
+    unrecorded = [e["count"] for e in result.ledger.events
+                  if e["kind"] == "syscalls_unrecorded"]
+    assert unrecorded == ([extra] if extra else [])
