@@ -385,6 +385,10 @@ def attribute(events: list[dict[str, Any]], target: dict[str, Any] | None
     if target is None:
         return None, None
     tids = set(target["ns_threads"]) | {target["ns_tid"], target["ns_tgid"]}
+    # Only well-formed events: the ledger socket is open to engine code, which could send
+    # anything (a list for a tid, a dict for a hook).
+    events = [e for e in events if type(e.get("tid")) is int
+              and isinstance(e.get("role"), str) and isinstance(e.get("hook", ""), str)]
     own = [e for e in events if e.get("tid") == target["ns_tid"]]
     process = [e for e in events if e.get("tid") in tids]
     if not process:
@@ -421,9 +425,11 @@ def resolve_rpc_methods(events: list[dict[str, Any]]) -> None:
     for i, e in enumerate(events):
         if e.get("kind") != "syscall_refused" or e.get("process_role") != "rpc":
             continue
-        tids = set((e.get("target") or {}).get("ns_threads", ()))
+        target = e.get("target")
+        threads = target.get("ns_threads") if isinstance(target, dict) else None
+        tids = {t for t in threads if type(t) is int} if isinstance(threads, list) else set()
         call = next((c for c in events[i + 1:] if c.get("kind") == "rpc_call"
-                     and (not tids or c.get("tid") in tids)), None)
+                     and type(c.get("tid")) is int and (not tids or c["tid"] in tids)), None)
         if call is not None and e.get("hook") is None:
             e["hook"] = f"RPC method {call.get('method')}"
 

@@ -540,8 +540,17 @@ def test_a_refusal_is_attributed_to_the_thread_its_process_and_its_open_hook():
     refused = {"kind": "syscall_refused", "process_role": "rpc", "hook": None,
                "target": _ids(2, 2, [2])}
     later = [refused, {"kind": "rpc_call", "role": "rpc", "tid": 2, "method": "e.bind"}]
-    seccomp.resolve_rpc_methods(events + later)
+    forged_refusals = [{"kind": "syscall_refused", "process_role": "rpc", "target": "x"},
+                       {"kind": "syscall_refused", "process_role": "rpc",
+                        "target": {"ns_threads": [[2]]}}]
+    seccomp.resolve_rpc_methods(events + forged_refusals + later)
     assert refused["hook"] == "RPC method e.bind"
+    # Forged events (engine code can write to the ledger socket) are ignored, never fatal.
+    forged = [{"kind": "hook_enter", "role": "master", "hook": ["x"], "tid": 51},
+              {"kind": "hook_enter", "role": "master", "hook": "x", "tid": [51]},
+              {"kind": "hook_enter", "role": {"a": 1}, "hook": "x", "tid": 51}]
+    assert seccomp.attribute(events + forged, _ids(51, 50, [50, 51])) == (
+        "master", "create_container")
     # Stage 2 after exec is the payload.
     done = [{"kind": "hook_enter", "role": "stage2", "hook": "start_process", "tid": 1},
             {"kind": "stage2_exec", "role": "master", "tid": 51}]
