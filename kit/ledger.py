@@ -53,7 +53,7 @@ EVENT_KINDS: dict[str, tuple[str, ...]] = {
     "starter_exit": ("code",),
     "seccomp_filter": ("filter", "syscalls", "error", "reason"),
     "syscall_refused": ("syscall", "nr", "args", "category", "errno", "answered", "target_tid",
-                        "target", "process_role", "hook"),
+                        "target", "process_role", "hook", "strings"),
     "syscalls_unrecorded": ("count",),  # refused beyond kit.seccomp.MAX_RECORDED
     "exit": ("code", "reason"),
     "engine_fault": ("fault", "sender_pid", "sender_role", "open_hooks", "detail", "excerpt"),

@@ -786,6 +786,16 @@ def seccomp_notif_recv(listener: int) -> SeccompNotif:
     return SeccompNotif(nid, pid, nr, arch, tuple(args))
 
 
+def read_memory(pid: int, address: int, size: int) -> bytes:
+    """``size`` bytes at ``address`` of process (or thread) ``pid`` (``/proc/PID/mem``; needs
+    ptrace access to it); fewer at the end of a mapping."""
+    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.pread(fd, size, address)
+    finally:
+        os.close(fd)
+
+
 def seccomp_notif_id_valid(listener: int, notif_id: int) -> bool:
     """Whether the notification is still pending (its thread still waits for the answer)."""
     try:

@@ -331,6 +331,14 @@ def receive_listener(channel: socket.socket, timeout: float
     return fd, info
 
 
+#: Arguments that point to a string, by call: index, or (index, index of its length) for a
+#: name that is not NUL-terminated. Recorded for the reader (the path, the host name).
+STRING_ARGS: dict[str, tuple[int | tuple[int, int], ...]] = {
+    "sethostname": ((0, 1),), "setdomainname": ((0, 1),), "chroot": (0,),
+    "pivot_root": (0, 1), "mount": (0, 1, 2), "umount2": (0,), "swapon": (0,),
+    "swapoff": (0,), "acct": (0,), "delete_module": (0,), "mknod": (0,), "mknodat": (1,),
+}
+_MAX_STRING = 256
 #: Refusals the supervisor records per run; the rest are answered and counted (an engine
 #: that retries a refused call in a loop must not grow the ledger without bound).
 MAX_RECORDED = 1000
@@ -368,13 +376,39 @@ def handle_notification(listener: int) -> dict[str, Any] | None:
     name = _NAMES.get(nr, f"x32 system call {nr & ~_X32_SYSCALL_BIT}" if nr & _X32_SYSCALL_BIT
                       else f"system call {nr}")
     ids = _thread_ids(notif.pid)
+    strings = _strings(listener, notif, name)
     try:
         answered = linux.seccomp_notif_send_error(listener, notif.id, errno.EPERM)
     except OSError:
         answered = False
-    return {"syscall": name, "nr": nr, "args": [f"{a:#x}" for a in notif.args],
-            "category": _CATEGORY.get(name, SYSTEM_INTERFACE), "errno": "EPERM",
-            "answered": answered, "target_tid": notif.pid, "target": ids}
+    record = {"syscall": name, "nr": nr, "args": [f"{a:#x}" for a in notif.args],
+              "category": _CATEGORY.get(name, SYSTEM_INTERFACE), "errno": "EPERM",
+              "answered": answered, "target_tid": notif.pid, "target": ids}
+    if strings:
+        record["strings"] = strings
+    return record
+
+
+def _strings(listener: int, notif: linux.SeccompNotif, name: str) -> list[str | None]:
+    """The call's string arguments, read from the calling thread's memory while it waits;
+    kept only if the notification is still pending afterwards (else the memory may already
+    belong to something else). None for a NULL or unreadable pointer."""
+    out: list[str | None] = []
+    for spec in STRING_ARGS.get(name, ()):
+        index, size = spec if isinstance(spec, tuple) else (spec, None)
+        address = notif.args[index]
+        length = min(notif.args[size], _MAX_STRING) if size is not None else _MAX_STRING
+        try:
+            raw = linux.read_memory(notif.pid, address, length) if address else None
+        except (OSError, OverflowError, ValueError):
+            raw = None
+        out.append(None if raw is None else
+                   raw.split(b"\0", 1)[0].decode(errors="backslashreplace"))
+    try:
+        still = linux.seccomp_notif_id_valid(listener, notif.id)
+    except OSError:
+        still = False
+    return out if still else []
 
 
 def attribute(events: list[dict[str, Any]], target: dict[str, Any] | None
@@ -435,6 +469,10 @@ def resolve_rpc_methods(events: list[dict[str, Any]]) -> None:
 
 
 def describe_refusal(event: dict[str, Any]) -> str:
-    """``sethostname in create_container (master)``: a refusal as the suite names it."""
+    """``sethostname in create_container (master): 'box'``: a refusal as the suite names
+    it (with its string arguments, when they could be read)."""
     where = event.get("hook") or "no hook"
-    return f"{event.get('syscall')} in {where} ({event.get('process_role') or 'unknown process'})"
+    strings = event.get("strings") or []
+    shown = f": {', '.join(repr(s) for s in strings)}" if strings else ""
+    return (f"{event.get('syscall')} in {where} "
+            f"({event.get('process_role') or 'unknown process'}){shown}")

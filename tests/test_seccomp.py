@@ -271,6 +271,11 @@ def check_every_place(events: list[dict[str, Any]], directory: str) -> None:
         for call in calls:
             assert (call, role, hook) in recorded, (call, place, sorted(recorded))
     assert refused and all(e["answered"] and e["errno"] == "EPERM" for e in refused)
+    # The string arguments, read from the caller's memory before it was answered.
+    strings = {e["syscall"]: e.get("strings") for e in refused}
+    assert strings["chroot"] == ["/"]
+    assert strings["mount"] == ["none", "/nonexistent-kit-bypass-target", "tmpfs"]
+    assert strings["sethostname"] == [socket.gethostname()]
 
 
 @pytest.mark.parametrize("flow", ALL_FLOWS)
@@ -458,7 +463,8 @@ def refusal(syscall: str, category: str, role: str | None, hook: str | None) -> 
 def test_host_050_names_each_refused_call_and_host_051_only_host_global_ones():
     from conformance import checks
     run = _run("fake", [dict(FILTER),
-                        refusal("sethostname", "system-interface", "master", "create_container"),
+                        dict(refusal("sethostname", "system-interface", "master",
+                                     "create_container"), strings=["box"]),
                         refusal("chroot", "system-interface", "rpc", "RPC method e.bind"),
                         refusal("swapon", "host-global", "stage1", "prepare_config")])
     verify = checks.Verifier("root", ["HOST-050", "HOST-051"], "t")
@@ -468,7 +474,7 @@ def test_host_050_names_each_refused_call_and_host_051_only_host_global_ones():
     assert text.startswith("HOST-050 [MUST] SPEC §9, §11: ")
     assert "role: master   hook: create_container" in text
     assert ("observed: engine bypassed the system interface: sethostname in "
-            "create_container (master)") in text
+            "create_container (master): 'box'") in text
     assert "chroot in RPC method e.bind (rpc)" in text
     assert "swapon" not in text
     (v,) = verify.violations["HOST-051"]
