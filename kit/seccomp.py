@@ -170,12 +170,12 @@ class _Assembler:
         return out
 
 
-def build_program(rules: Iterable[Rule], table: dict[str, int] = SYSCALLS_X86_64
-                  ) -> list[tuple[int, int, int, int]]:
+def build_program(rules: Iterable[Rule], table: dict[str, int] = SYSCALLS_X86_64,
+                  notify: bool = True) -> list[tuple[int, int, int, int]]:
     """The filter for ``rules``: x86-64 only (another architecture, e.g. a 32-bit
     ``int 0x80``, kills the process: its numbers mean other calls), x32 numbers notified,
     each rule's call notified (when its argument test matches), clone3 ENOSYS, the rest
-    allowed."""
+    allowed. Without ``notify``, refused calls fail with EPERM at once, unrecorded."""
     rules = list(rules)
     asm = _Assembler()
     asm.op(_LD_ABS, _OFF_ARCH)
@@ -202,7 +202,7 @@ def build_program(rules: Iterable[Rule], table: dict[str, int] = SYSCALLS_X86_64
                 asm.op(_JEQ, value, "notify", 0)
         asm.op(_RET, RET_ALLOW)
     asm.label("notify")
-    asm.op(_RET, RET_USER_NOTIF)
+    asm.op(_RET, RET_USER_NOTIF if notify else RET_ERRNO | errno.EPERM)
     asm.label("enosys")
     asm.op(_RET, RET_ERRNO | errno.ENOSYS)
     asm.label("kill")
@@ -211,9 +211,10 @@ def build_program(rules: Iterable[Rule], table: dict[str, int] = SYSCALLS_X86_64
 
 
 @functools.lru_cache(maxsize=None)
-def program(rules: tuple[Rule, ...]) -> tuple[tuple[int, int, int, int], ...]:
+def program(rules: tuple[Rule, ...], notify: bool = True
+            ) -> tuple[tuple[int, int, int, int], ...]:
     """:func:`build_program`, once per process (see :func:`warm`)."""
-    return tuple(build_program(rules))
+    return tuple(build_program(rules, notify=notify))
 
 
 def warm() -> None:
@@ -246,19 +247,34 @@ def _has_sys_admin() -> bool:
     return bool(linux.capget()[0] >> linux.CAP_NUMBERS["CAP_SYS_ADMIN"] & 1)
 
 
-def install(rules: tuple[Rule, ...], privileged: bool | None = None) -> int:
+def install(rules: tuple[Rule, ...], privileged: bool | None = None,
+            notify: bool = True) -> int | None:
     """Install a filter for ``rules`` on the calling thread (and so on everything it starts
-    later); its listener fd. Without CAP_SYS_ADMIN, no_new_privs is set first (the kernel
-    requires it): only the fake backend does that, and its ledger's no_new_privs is the
-    model's, read once before the starter exists, never the process's."""
+    later); its listener fd (None without ``notify``: refused calls then fail at once).
+    Without CAP_SYS_ADMIN, no_new_privs is set first (the kernel requires it): only the fake
+    backend does that, and its ledger's no_new_privs is the model's, read once before the
+    starter exists, never the process's."""
     if platform.machine() != "x86_64":
         raise Unavailable(f"seccomp filters are written for x86-64, not {platform.machine()}")
-    prog = list(program(rules))
+    prog = list(program(rules, notify))
     if not (_has_sys_admin() if privileged is None else privileged):
         linux.set_no_new_privs()
-    fd = linux.seccomp_install_filter(prog, listener=True)
-    assert fd is not None
-    return fd
+    return linux.seccomp_install_filter(prog, listener=notify)
+
+
+def _install_recorded_or_not(rules: tuple[Rule, ...], privileged: bool
+                             ) -> tuple[int | None, str | None]:
+    """(listener, None), or (None, why the refusals go unrecorded) when a filter above
+    already has a listener (the kernel allows one per chain, EBUSY: the kit run inside a
+    kit run): the calls are still refused, with EPERM at once."""
+    try:
+        return install(rules, privileged), None
+    except OSError as exc:
+        if exc.errno != errno.EBUSY:
+            raise
+    install(rules, privileged, notify=False)
+    return None, ("refused but not recorded: a seccomp filter with a listener is already "
+                  "installed above this run (the kit run inside a kit run?)")
 
 
 def install_for_run(backend: str, channel: socket.socket) -> str | None:
@@ -280,13 +296,16 @@ def install_for_run(backend: str, channel: socket.socket) -> str | None:
             return None
         name, rules = choice
         try:
-            fd = install(rules, privileged)
+            fd, unrecorded = _install_recorded_or_not(rules, privileged)
         except (Unavailable, OSError) as exc:
             channel.sendall(json.dumps({"filter": name, "error": str(exc)}).encode())
             if backend == "fake" and privileged:
                 return f"the fake backend's containment could not be installed: {exc}"
             return None
         info = {"filter": name, "syscalls": sorted({r.syscall for r in rules})}
+        if fd is None:
+            channel.sendall(json.dumps({**info, "error": unrecorded}).encode())
+            return None
         try:
             socket.send_fds(channel, [json.dumps(info).encode()], [fd])
         finally:

@@ -75,6 +75,7 @@ def filtered(rules: tuple[seccomp.Rule, ...], calls: Callable[[], Any],
             os.close(rfd)
             try:
                 fd = seccomp.install(rules)
+                assert fd is not None
                 socket.send_fds(there, [b"{}"], [fd])
                 os.close(fd)
                 out = {"result": calls()}
@@ -434,6 +435,25 @@ def test_the_fake_backend_as_root_does_not_run_without_its_containment():
     assert fake["closed"]
     real = in_child(lambda: attempt("real"))["ok"]
     assert real["verdict"] is None and real["info"]["error"] == "no seccomp here"
+
+
+def test_under_an_outer_listener_calls_are_still_refused_but_not_recorded():
+    # The kernel allows one listener per filter chain (EBUSY for a second): the kit run
+    # inside a kit run. The starter's filter then refuses with EPERM at once, and says the
+    # refusals go unrecorded (HOST-050 is then not-configured, never passed).
+    def nested() -> dict[str, Any]:
+        outer = seccomp.install(())  # an outer kit's filter: a listener, refusing nothing
+        here, there = socket.socketpair()
+        verdict = seccomp.install_for_run("fake", there)
+        fd, info = seccomp.receive_listener(here, 5)
+        return {"verdict": verdict, "fd": fd, "info": info, "outer": outer is not None,
+                "sethostname": _raw(170, 0, 0), "getpid": _raw(39)}
+
+    out = in_child(nested)["ok"]
+    assert out["outer"] and out["verdict"] is None and out["fd"] is None
+    assert out["info"]["filter"] == "fake-containment"
+    assert out["info"]["error"].startswith("refused but not recorded")
+    assert out["sethostname"] == errno.EPERM and out["getpid"] == 0
 
 
 def _run(backend: str, events: list[dict[str, Any]]) -> Any:
