@@ -30,7 +30,7 @@ import select
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from kit import linux
 
@@ -374,13 +374,29 @@ def _thread_ids(tid: int) -> dict[str, Any] | None:
         tgid = int(status["Tgid"])
         own = int(status.get("NSpid", str(tid)).split()[-1])
         ptgid = int(status.get("NStgid", str(tgid)).split()[-1])
+        parent = _parent_ids(int(status["PPid"]))
         siblings = []
         for t in os.listdir(f"/proc/{tgid}/task"):
             st = linux.read_status(f"/proc/{tgid}/task/{t}/status")
             siblings.append(int(st.get("NSpid", t).split()[-1]))
     except (OSError, ValueError, KeyError):
         return None
-    return {"tgid": tgid, "ns_tid": own, "ns_tgid": ptgid, "ns_threads": sorted(siblings)}
+    return {"tgid": tgid, "ns_tid": own, "ns_tgid": ptgid, "ns_threads": sorted(siblings),
+            "parent": parent}
+
+
+def _parent_ids(ppid: int) -> dict[str, Any] | None:
+    """The innermost ids of a process's parent and its threads (a child the engine forked
+    has no ledger events of its own: it is named by its parent's)."""
+    try:
+        status = linux.read_status(f"/proc/{ppid}/status")
+        tgid = int(status.get("NStgid", str(ppid)).split()[-1])
+        threads = [int(linux.read_status(f"/proc/{ppid}/task/{t}/status")
+                       .get("NSpid", t).split()[-1]) for t in os.listdir(f"/proc/{ppid}/task")]
+    except (OSError, ValueError, KeyError):
+        return None
+    return {"tgid": ppid, "ns_tid": tgid, "ns_tgid": tgid, "ns_threads": sorted(threads),
+            "parent": None}
 
 
 def handle_notification(listener: int) -> dict[str, Any] | None:
@@ -430,11 +446,20 @@ def _strings(listener: int, notif: linux.SeccompNotif, name: str) -> list[str | 
     return out if still else []
 
 
-def attribute(events: list[dict[str, Any]], target: dict[str, Any] | None
+#: Roles one process has in turn (the starter becomes the master, the container stage 2).
+_SAME_PROCESS = {"starter": ("starter", "master"), "master": ("starter", "master"),
+                 "container": ("container", "stage2"), "stage2": ("container", "stage2")}
+
+
+def attribute(events: list[dict[str, Any]], target: dict[str, Any] | None,
+              role_of: Callable[[int], str | None] | None = None
               ) -> tuple[str | None, str | None]:
-    """(process role, hook) of a notifying thread, from the ledger so far: the role of the
-    latest event of that thread (else of its process's threads), and the innermost hook
-    open on that thread (else the hooks open in its process)."""
+    """(process role, hook) of a notifying thread, from the ledger so far. ``role_of``: the
+    kit process a kernel pid is (the supervisor's senders, known by SO_PASSCRED), which
+    tells processes apart whose namespace-local tids coincide (the master in the sandbox's
+    pid namespace, the container side in its own). Else the role of the latest event of
+    that thread (or of its process's threads). The hook: the innermost one open on that
+    thread, else the hooks open in its process."""
     if target is None:
         return None, None
     tids = set(target["ns_threads"]) | {target["ns_tid"], target["ns_tgid"]}
@@ -442,10 +467,16 @@ def attribute(events: list[dict[str, Any]], target: dict[str, Any] | None
     # anything (a list for a tid, a dict for a hook).
     events = [e for e in events if type(e.get("tid")) is int
               and isinstance(e.get("role"), str) and isinstance(e.get("hook", ""), str)]
+    known = role_of(target["tgid"]) if role_of is not None and "tgid" in target else None
+    if known is not None:
+        family = _SAME_PROCESS.get(known, (known,))
+        events = [e for e in events if e["role"] in family]
     own = [e for e in events if e.get("tid") == target["ns_tid"]]
     process = [e for e in events if e.get("tid") in tids]
     if not process:
-        return None, None
+        parent = target.get("parent")
+        role, hook = attribute(events, parent, role_of) if parent else (None, None)
+        return role, f"{hook or 'no hook'} (in a child process)" if role else None
     role = (own or process)[-1].get("role")
     if role == "stage2" and any(e.get("kind") == "stage2_exec" for e in events):
         return "stage2", "the payload (after exec)"

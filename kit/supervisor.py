@@ -486,7 +486,8 @@ class Supervisor:
                 return True
             self.refusals += 1
             if self.refusals <= seccomp.MAX_RECORDED:  # an engine looping on one call
-                role, hook = seccomp.attribute(self.events, refusal["target"])
+                role, hook = seccomp.attribute(self.events, refusal["target"],
+                                               self.senders.role_of)
                 self.emit("syscall_refused", **refusal, process_role=role, hook=hook)
             return True
         return not revents & (select.POLLHUP | select.POLLERR | select.POLLNVAL)

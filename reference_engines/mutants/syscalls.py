@@ -4,6 +4,7 @@ supervisor records it, and a HOST requirement names it."""
 from __future__ import annotations
 
 import ctypes
+import os
 
 from reference_engines.mutants.base import Mutant
 
@@ -24,4 +25,24 @@ class MakesAHostGlobalCall(Mutant):
         libc.swapoff(NO_SUCH_SWAP)  # refused with EPERM, ignored as a careless engine would
 
 
-MUTANTS = (MakesAHostGlobalCall,)
+class MakesAHostGlobalCallInAChild(Mutant):
+    slug = "host-global-call-in-a-child"
+    bug = ("create_container forks a helper process that tries to unload a kernel module "
+           "(delete_module): a host-global call, from a process the engine started")
+    killed_by = ("HOST-051",)
+    flows = ("root",)
+    mechanism = "child-process"
+
+    def create_container(self, ctx, pid, rpc_conn) -> None:  # type: ignore[override]
+        child = os.fork()
+        if child == 0:
+            libc = ctypes.CDLL(None, use_errno=True)
+            # A module that does not exist: had the call reached the kernel, ENOENT.
+            libc.syscall(ctypes.c_long(176), b"mutant_no_such_module",
+                         ctypes.c_uint(os.O_NONBLOCK))
+            os._exit(0)
+        os.waitpid(child, 0)
+        super().create_container(ctx, pid, rpc_conn)
+
+
+MUTANTS = (MakesAHostGlobalCall, MakesAHostGlobalCallInAChild)
