@@ -1659,6 +1659,9 @@ def check_host(verify: Verifier, run: Run, requirement: str) -> None:
                     observed=_host_change_text(change), run=run, event=event,
                     role=one.get("role"), hook=one.get("hook"))
     if not found and not omitted:
+        verify.check(requirement, True, expected="", observed="", run=run)
+
+
 def check_refused_calls(verify: Verifier, run: Run, requirement: str, category: str) -> None:
     """HOST-050 (``category="system-interface"``, fake backend), HOST-051 (``"host-global"``):
     every call the run's seccomp filter refused (``syscall_refused``) is a violation that
