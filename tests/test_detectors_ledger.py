@@ -1,0 +1,203 @@
+"""The ledger's own checks fed violations: validate, decode_checked, the writer's limits."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+from kit import ledger
+from kit.ledger import (COMMON_KEYS, EVENT_KINDS, MAX_EVENT, SCHEMA_VERSION, Ledger,
+                        LedgerWriter, decode, decode_checked, ledger_socketpair, validate)
+
+
+def event(seq: int, kind: str = "signal", role: str = "master", **extra: object) -> dict:
+    return {"seq": seq, "t": 10 + seq, "kind": kind, "role": role, "pid": 5, "tid": 5, **extra}
+
+
+def document(events: list[dict]) -> dict:
+    return {"schema_version": SCHEMA_VERSION, "run": {}, "events": events}
+
+
+VALID = [event(0, "run_start", "supervisor"), event(1, "hook_enter", "stage1", hook="config"),
+         event(2, "exit", "supervisor")]
+
+
+def test_a_valid_ledger_has_no_problem():
+    assert validate(document([dict(e) for e in VALID])) == []
+    assert validate(document([])) == []
+
+
+def test_events_out_of_order_are_reported_with_their_index_and_seq():
+    swapped = [VALID[0], VALID[2], VALID[1]]
+    assert validate(document(swapped)) == ["event 1: seq 2 out of order",
+                                           "event 2: seq 1 out of order"]
+
+
+def test_a_repeated_and_a_skipped_seq_are_reported():
+    events = [event(0), event(0), event(3)]
+    assert validate(document(events)) == ["event 1: seq 0 out of order",
+                                          "event 2: seq 3 out of order"]
+
+
+def test_a_seq_that_is_not_a_number_is_out_of_order():
+    assert validate(document([{**event(0), "seq": "0"}])) == ["event 0: seq '0' out of order"]
+
+
+@pytest.mark.parametrize("key", COMMON_KEYS)
+def test_each_missing_common_key_is_named(key):
+    events = [dict(e) for e in VALID]
+    del events[1][key]
+    problems = validate(document(events))
+    kind = events[1].get("kind")
+    assert f"event 1 ({kind}): missing {key!r}" in problems
+    # only that one key is reported (and, for seq/kind/role, what follows from it)
+    assert all(p.startswith("event 1") for p in problems), problems
+
+
+def test_an_unknown_kind_is_named():
+    assert validate(document([event(0, "hook_entered")])) == [
+        "event 0: unknown kind 'hook_entered'"]
+
+
+def test_an_unknown_role_is_named_for_a_known_kind():
+    assert validate(document([event(0, "signal", "stage3")])) == [
+        "event 0: unknown role 'stage3'"]
+
+
+def test_every_known_kind_and_role_is_accepted():
+    events = [event(i, kind, role) for i, (kind, role) in
+              enumerate((k, r) for k in EVENT_KINDS for r in ledger.ROLES)]
+    assert validate(document(events)) == []
+
+
+@pytest.mark.parametrize("version", [None, 0, 2, "1", 1.5])
+def test_a_wrong_schema_version_is_named(version):
+    doc = document(list(VALID))
+    if version is None:
+        del doc["schema_version"]
+    else:
+        doc["schema_version"] = version
+    assert validate(doc) == [f"schema_version {version!r} != {SCHEMA_VERSION}"]
+
+
+@pytest.mark.parametrize("events", [None, {"0": VALID[0]}, "events"])
+def test_events_that_are_not_a_list_are_reported(events):
+    doc = {"schema_version": SCHEMA_VERSION, "events": events}
+    if events is None:
+        del doc["events"]
+    assert validate(doc) == ["events is not a list"]
+    doc["schema_version"] = 7
+    assert validate(doc) == ["schema_version 7 != 1", "events is not a list"]
+
+
+# -- decoding datagrams ---------------------------------------------------------------------
+
+def test_a_decodable_datagram_is_the_event():
+    data = json.dumps(event(0)).encode()
+    assert decode_checked(data) == (event(0), True)
+    assert decode(data) == event(0)
+
+
+@pytest.mark.parametrize("data,why", [
+    (b'{"kind": "signal"', "Expecting"),
+    (b"\xff\xfe\x00garbage", "garbage"),
+    (b"[1, 2]", "not an event object"),
+    (b'"kind"', "not an event object"),
+    (b'{"role": "master"}', "not an event object"),
+    (b"", "Expecting value"),
+])
+def test_an_undecodable_datagram_becomes_a_starter_error_quoting_it(data, why):
+    got, ok = decode_checked(data)
+    assert ok is False
+    assert got["kind"] == "starter_error" and got["stage"] == "ledger"
+    assert got["role"] == "supervisor" and got["pid"] == 0 and got["tid"] == 0
+    assert isinstance(got["t"], int) and got["t"] > 0
+    assert got["message"].startswith("undecodable ledger datagram (")
+    assert why in got["message"]
+    assert repr(data[:200]) in got["message"]
+    assert validate(document([{**got, "seq": 0}])) == []
+
+
+def test_the_quoted_datagram_is_cut_at_200_bytes():
+    data = b"x" * 199 + b"YZ"
+    message = decode_checked(data)[0]["message"]
+    assert repr(data[:200]) in message and "Z" not in message.split(": ", 1)[1]
+
+
+# -- the writer -----------------------------------------------------------------------------
+
+def test_an_unknown_role_or_kind_is_refused_naming_it():
+    with pytest.raises(ValueError, match="unknown ledger role 'stage3'"):
+        LedgerWriter(None, "stage3")
+    with pytest.raises(ValueError, match="unknown ledger event kind 'hook_entered'"):
+        LedgerWriter(None, "master").emit("hook_entered")
+
+
+def test_an_event_carries_the_common_keys_and_its_fields():
+    reader, writer = ledger_socketpair()
+    with reader, writer:
+        got = LedgerWriter(writer, "stage2").emit("stage2_failed", message="m")
+        sent = json.loads(reader.recv(MAX_EVENT + 4096))
+    assert sent == got
+    assert set(got) == {"t", "kind", "role", "pid", "tid", "message"}
+    assert got["kind"] == "stage2_failed" and got["role"] == "stage2" and got["message"] == "m"
+    assert LedgerWriter(writer, "master").for_role("rpc").role == "rpc"
+
+
+def _sent_size(writer: LedgerWriter, reader: socket.socket, pad: int) -> dict:
+    writer.emit("fatal", message="", error="p" * pad)
+    return json.loads(reader.recv(4 * MAX_EVENT))
+
+
+def test_an_event_of_max_size_is_sent_whole_and_one_byte_more_is_truncated():
+    reader, sock = ledger_socketpair()
+    with reader, sock:
+        writer = LedgerWriter(sock, "master")
+        base = len(json.dumps(_sent_size(writer, reader, 0), separators=(",", ":")))
+        exact = _sent_size(writer, reader, MAX_EVENT - base)
+        over = _sent_size(writer, reader, MAX_EVENT - base + 1)
+    assert len(exact["error"]) == MAX_EVENT - base and "truncated" not in exact
+    assert over["truncated"] == MAX_EVENT + 1
+    assert set(over) == {"t", "kind", "role", "pid", "tid", "truncated"}
+    assert over["kind"] == "fatal" and over["role"] == "master"
+
+
+def test_a_writer_whose_reader_is_gone_does_not_raise():
+    reader, sock = ledger_socketpair()
+    reader.close()
+    with sock:
+        assert LedgerWriter(sock, "master").emit("exit", code=0, reason="r")["code"] == 0
+
+
+def test_the_socketpair_is_seqpacket_and_close_on_exec():
+    reader, writer = ledger_socketpair()
+    with reader, writer:
+        for s in (reader, writer):
+            assert s.type == socket.SOCK_SEQPACKET
+            assert s.get_inheritable() is False
+        assert writer.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= 4 << 20
+        assert reader.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= 4 << 20
+        # one datagram per event: two sends never merge
+        writer.send(b"a")
+        writer.send(b"b")
+        assert reader.recv(10) == b"a" and reader.recv(10) == b"b"
+
+
+# -- the query helper -----------------------------------------------------------------------
+
+def test_ledger_queries_select_by_kind_and_fields():
+    events = [event(0, "hook_enter", "stage1", hook="config"),
+              event(1, "hook_return", "stage1", hook="config"),
+              event(2, "hook_enter", "master", hook="create_container"),
+              event(3, "signal", "master", signum=17)]
+    led = Ledger(document(events))
+    assert list(led.hooks()) == [("stage1", "config"), ("master", "create_container")]
+    assert [e["seq"] for e in led.select("hook_enter")] == [0, 2]
+    assert [e["seq"] for e in led.select(["hook_enter", "signal"], role="master")] == [2, 3]
+    assert [e["seq"] for e in led.select(None, hook="config")] == [0, 1]
+    assert led.select("hook_enter", role="rpc") == []
+    assert led.first("hook_enter", role="master")["seq"] == 2
+    assert led.first("exit") is None
+    assert json.loads(led.to_json()) == document(events)
