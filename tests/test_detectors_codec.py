@@ -1,0 +1,307 @@
+"""The RPC codec's limits fed violations: the frame size at and one past its maximum, the
+descriptor count, truncated frames, bad bodies; every rejection closes what it received."""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import socket
+import struct
+from typing import Iterator
+
+import pytest
+
+from kit.rpc.codec import (HEADER, MAX_FDS, MAX_FRAME, FrameError, close_fds, decode_body,
+                           encode_body, recv_frame, send_body, send_frame)
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair()
+    for s in (a, b):
+        s.settimeout(10)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def body_of(size: int) -> bytes:
+    """A JSON object body of exactly ``size`` bytes."""
+    head = b'{"p":"'
+    return head + b"x" * (size - len(head) - 2) + b'"}'
+
+
+def pipes(n: int) -> list[int]:
+    """``n`` open descriptors (read ends of pipes) to send."""
+    fds = []
+    for _ in range(n):
+        r, w = os.pipe()
+        os.close(w)
+        fds.append(r)
+    return fds
+
+
+def raw_send(sock: socket.socket, data: bytes, fds: list[int] = ()) -> None:
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+    sock.sendmsg([data], anc)
+
+
+def raises(kind: str, sock: socket.socket, match: str | None = None) -> FrameError:
+    with pytest.raises(FrameError, match=match) as info:
+        recv_frame(sock)
+    assert info.value.kind == kind
+    return info.value
+
+
+# -- the frame size --------------------------------------------------------------------------
+
+def test_a_body_of_exactly_the_maximum_is_sent_and_received(pair):
+    a, b = pair
+    body = body_of(MAX_FRAME)
+    assert len(encode_body(json.loads(body))) == MAX_FRAME
+    send_body(a, body)
+    obj, fds = recv_frame(b)
+    assert len(obj["p"]) == MAX_FRAME - 8 and fds == []
+
+
+def test_one_byte_past_the_maximum_is_refused_before_sending(pair):
+    a, b = pair
+    body = body_of(MAX_FRAME + 1)
+    with pytest.raises(FrameError, match=f"frame of {MAX_FRAME + 1} bytes exceeds the maximum "
+                                         f"of {MAX_FRAME}") as info:
+        send_body(a, body)
+    assert info.value.kind == FrameError.OVERSIZED and not info.value.recoverable
+    with pytest.raises(FrameError, match=f"frame of {MAX_FRAME + 1} bytes") as info:
+        encode_body(json.loads(body))
+    assert info.value.kind == FrameError.OVERSIZED
+    with pytest.raises(FrameError) as info:
+        send_frame(a, json.loads(body))
+    assert info.value.kind == FrameError.OVERSIZED
+    b.setblocking(False)
+    with pytest.raises(BlockingIOError):  # nothing was written
+        b.recv(1)
+
+
+def test_an_announced_length_one_past_the_maximum_is_refused_unread(pair):
+    a, b = pair
+    a.sendall(HEADER.pack(MAX_FRAME + 1) + b"{}")
+    err = raises(FrameError.OVERSIZED, b, f"frame of {MAX_FRAME + 1} bytes exceeds")
+    assert not err.recoverable
+    assert b.recv(10) == b"{}"  # the body was left unread
+
+
+def test_an_announced_length_of_the_maximum_is_read(pair):
+    a, b = pair
+    a.sendall(HEADER.pack(MAX_FRAME) + body_of(MAX_FRAME))
+    assert len(recv_frame(b)[0]["p"]) == MAX_FRAME - 8
+
+
+def test_an_empty_body_is_invalid_json_and_recoverable(pair):
+    a, b = pair
+    a.sendall(HEADER.pack(0) + HEADER.pack(2) + b"{}")
+    err = raises(FrameError.INVALID_JSON, b, "not valid JSON")
+    assert err.recoverable
+    assert recv_frame(b) == ({}, [])
+
+
+# -- truncated frames ------------------------------------------------------------------------
+
+def test_a_clean_eof_at_a_frame_boundary_is_none(pair):
+    a, b = pair
+    send_frame(a, {"x": 1})
+    a.shutdown(socket.SHUT_WR)
+    assert recv_frame(b) == ({"x": 1}, [])
+    assert recv_frame(b) is None
+
+
+@pytest.mark.parametrize("got", [1, 2, 3])
+def test_eof_inside_the_header_is_truncated_naming_how_much(pair, got):
+    a, b = pair
+    a.sendall(HEADER.pack(2)[:got])
+    a.shutdown(socket.SHUT_WR)
+    err = raises(FrameError.TRUNCATED, b, rf"inside a frame header \({got} of 4 bytes\)")
+    assert not err.recoverable
+
+
+@pytest.mark.parametrize("got", [0, 1, 9])
+def test_eof_inside_the_body_is_truncated_naming_how_much(pair, got):
+    a, b = pair
+    a.sendall(HEADER.pack(10) + b"x" * got)
+    a.shutdown(socket.SHUT_WR)
+    err = raises(FrameError.TRUNCATED, b, rf"inside a frame body \({got} of 10 bytes\)")
+    assert not err.recoverable
+
+
+def test_eof_after_descriptors_without_a_byte_is_truncated_and_closes_them(pair):
+    a, b = pair
+    fds = pipes(1)
+    before = open_fds()
+    raw_send(a, HEADER.pack(2)[:1], fds)
+    a.shutdown(socket.SHUT_WR)
+    raises(FrameError.TRUNCATED, b)
+    assert open_fds() == before
+    close_fds(fds)
+
+
+def test_a_frame_arriving_in_pieces_is_reassembled(pair):
+    a, b = pair
+    data = HEADER.pack(9) + b'{"a":"b"}'
+    for i in range(len(data)):
+        a.send(data[i:i + 1])
+    assert recv_frame(b) == ({"a": "b"}, [])
+
+
+# -- descriptors -----------------------------------------------------------------------------
+
+def test_the_maximum_number_of_descriptors_arrives(pair):
+    a, b = pair
+    fds = pipes(MAX_FDS)
+    send_frame(a, {"n": MAX_FDS}, fds)
+    obj, got = recv_frame(b)
+    assert obj == {"n": MAX_FDS} and len(got) == MAX_FDS
+    assert all(os.get_inheritable(fd) is False for fd in got)
+    assert [os.fstat(x).st_ino for x in got] == [os.fstat(x).st_ino for x in fds]
+    close_fds(got + fds)
+
+
+def test_one_descriptor_past_the_maximum_is_refused_before_sending(pair):
+    a, b = pair
+    fds = pipes(MAX_FDS + 1)
+    with pytest.raises(FrameError, match=f"{MAX_FDS + 1} file descriptors exceed the maximum "
+                                         f"of {MAX_FDS}") as info:
+        send_frame(a, {}, fds)
+    assert info.value.kind == FrameError.TOO_MANY_FDS
+    assert all(os.fstat(fd) for fd in fds)  # the caller's fds stay open
+    close_fds(fds)
+
+
+def test_one_descriptor_past_the_maximum_received_is_refused_and_closed(pair):
+    a, b = pair
+    fds = pipes(MAX_FDS + 1)
+    before = open_fds()
+    raw_send(a, HEADER.pack(8) + b'{"id":7}', fds)
+    send_frame(a, {"next": 1})
+    err = raises(FrameError.TOO_MANY_FDS, b, f"more than {MAX_FDS}")
+    assert err.recoverable and err.obj == {"id": 7}
+    assert open_fds() == before
+    assert recv_frame(b) == ({"next": 1}, [])
+    close_fds(fds)
+
+
+def test_far_too_many_descriptors_are_truncated_by_the_kernel_and_refused(pair):
+    a, b = pair
+    fds = pipes(40)
+    before = open_fds()
+    raw_send(a, HEADER.pack(2) + b"{}", fds)
+    raises(FrameError.TOO_MANY_FDS, b)
+    assert open_fds() == before
+    close_fds(fds)
+
+
+def test_descriptors_with_the_body_are_unexpected_and_closed(pair):
+    a, b = pair
+    fds = pipes(2)
+    before = open_fds()
+    a.sendall(HEADER.pack(8))
+    raw_send(a, b'{"id":3}', fds)
+    err = raises(FrameError.UNEXPECTED_FDS, b, "inside a frame body")
+    assert err.recoverable and err.obj == {"id": 3}
+    assert open_fds() == before
+    close_fds(fds)
+
+
+def test_descriptors_with_a_bad_body_are_closed(pair):
+    a, b = pair
+    fds = pipes(3)
+    before = open_fds()
+    raw_send(a, HEADER.pack(3) + b"[1]", fds)
+    err = raises(FrameError.NOT_OBJECT, b)
+    assert err.obj is None
+    assert open_fds() == before
+    close_fds(fds)
+
+
+@pytest.mark.parametrize("bad", [-1, True, "3", 2.0, None])
+def test_a_bad_descriptor_is_refused_before_sending(pair, bad):
+    a, b = pair
+    with pytest.raises(FrameError, match=f"not a file descriptor: {bad!r}") as info:
+        send_frame(a, {}, [bad])
+    assert info.value.kind == FrameError.UNENCODABLE and info.value.recoverable
+
+
+# -- bodies ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body,kind,message", [
+    (b"\xff{}", FrameError.INVALID_UTF8, "not valid UTF-8: invalid start byte at byte 0"),
+    (b'{"a":"\xc3"}', FrameError.INVALID_UTF8, "at byte 6"),
+    (b'{"a":NaN}', FrameError.INVALID_JSON, "NaN is not valid JSON"),
+    (b'{"a":-Infinity}', FrameError.INVALID_JSON, "-Infinity is not valid JSON"),
+    (b'{"a":1e999}', FrameError.INVALID_JSON, "number 1e999 is out of range"),
+    (b'{"a":-1e999}', FrameError.INVALID_JSON, "out of range"),
+    (b'{"a":1,"b":2,"a":3}', FrameError.INVALID_JSON, "duplicate key 'a'"),
+    (b'{"a":{"b":1,"b":1}}', FrameError.INVALID_JSON, "duplicate key 'b'"),
+    (b"[" * 100000 + b"]" * 100000, FrameError.INVALID_JSON, "nested too deeply"),
+    (b'{"a":', FrameError.INVALID_JSON, "not valid JSON"),
+    (b"1" * 5000, FrameError.INVALID_JSON, "not valid JSON"),
+    (b"[]", FrameError.NOT_OBJECT, "must be a JSON object, not an array"),
+    (b"null", FrameError.NOT_OBJECT, "not null"),
+    (b"true", FrameError.NOT_OBJECT, "not a boolean"),
+    (b"1.5", FrameError.NOT_OBJECT, "not a number"),
+    (b"7", FrameError.NOT_OBJECT, "not a number"),
+    (b'"s"', FrameError.NOT_OBJECT, "not a string"),
+])
+def test_a_bad_body_is_refused_naming_why(body, kind, message):
+    with pytest.raises(FrameError, match=message) as info:
+        decode_body(body)
+    assert info.value.kind == kind and info.value.recoverable
+
+
+def test_a_large_but_finite_number_and_unicode_are_fine():
+    assert decode_body(b'{"a":1e308,"b":"\\u00e9\\ud800","c":[1,{}]}') == {
+        "a": 1e308, "b": "\u00e9\ud800", "c": [1, {}]}
+    assert decode_body('{"é":"✓"}'.encode()) == {"é": "✓"}
+
+
+@pytest.mark.parametrize("obj,kind,message", [
+    ([], FrameError.NOT_OBJECT, "must carry a JSON object, not list"),
+    ({"a": float("nan")}, FrameError.UNENCODABLE, "not JSON-serialisable"),
+    ({"a": float("inf")}, FrameError.UNENCODABLE, "not JSON-serialisable"),
+    ({(1, 2): 1}, FrameError.UNENCODABLE, "not JSON-serialisable"),
+    ({"a": object()}, FrameError.UNENCODABLE, "not JSON-serialisable"),
+    ({"a": b"x"}, FrameError.UNENCODABLE, "not JSON-serialisable"),
+])
+def test_an_unencodable_object_is_refused_naming_why(obj, kind, message):
+    with pytest.raises(FrameError, match=message) as info:
+        encode_body(obj)
+    assert info.value.kind == kind
+
+
+def test_the_encoding_is_compact_ascii_and_keeps_lone_surrogates():
+    assert encode_body({"a": [1, "é"], "b": "\ud800"}) == b'{"a":[1,"\\u00e9"],"b":"\\ud800"}'
+
+
+def test_a_frame_round_trips_with_its_header(pair):
+    a, b = pair
+    send_frame(a, {"k": "v"})
+    assert b.recv(100) == struct.pack(">I", 9) + b'{"k":"v"}'
+
+
+def test_close_fds_ignores_descriptors_already_closed():
+    r, w = os.pipe()
+    os.close(w)
+    close_fds([w, r, r])
+    with pytest.raises(OSError):
+        os.fstat(r)
+
+
+def test_which_kinds_leave_the_stream_in_sync():
+    assert {k for k in (FrameError.OVERSIZED, FrameError.TRUNCATED, FrameError.INVALID_UTF8,
+                        FrameError.INVALID_JSON, FrameError.NOT_OBJECT, FrameError.TOO_MANY_FDS,
+                        FrameError.UNEXPECTED_FDS, FrameError.UNENCODABLE)
+            if not FrameError(k, "m").recoverable} == {"oversized", "truncated"}
