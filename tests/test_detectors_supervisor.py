@@ -1,0 +1,375 @@
+"""The supervisor's detectors fed real violations: a leaked mount, named network namespace,
+process and temporary file, hooks that hang, raise or return, the run timer, a starter that
+crashes. The real Supervisor.run runs in a forked child of the test in a mount namespace of
+its own (``/`` made private first), with a scripted starter in place of the kit's: whatever
+the script leaks lives and dies in that sandbox, never on the host."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import pytest
+
+from kit import linux, supervisor
+from kit.launcher import make_request
+from kit.ledger import LedgerWriter
+
+from conftest import in_child
+
+Script = Callable[[LedgerWriter], int]
+
+
+def _enter_sandbox() -> None:
+    """A mount namespace of this (forked, single-threaded) process, ``/`` private in it, so
+    no mount made from here on reaches the host."""
+    linux.unshare(linux.ns_flags(["mount"]))
+    linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+
+
+def _scripted_starter(script: Script) -> type:
+    class ScriptedStarter:
+        """Stands for :class:`kit.starter.Starter`: runs ``script`` and exits with its code."""
+
+        def __init__(self, request: Any, sock: Any) -> None:
+            self.ledger = LedgerWriter(sock, "starter")
+
+        def main(self) -> None:
+            code = 70
+            try:
+                code = script(self.ledger)
+            finally:
+                os._exit(code)
+    return ScriptedStarter
+
+
+def supervise(script: Script, setup: Callable[[], None] = lambda: None,
+              **options: Any) -> dict[str, Any]:
+    """Run the real supervisor over ``script`` in a sandboxed child; its result, the
+    seconds the run took, and the descendants still alive after it."""
+    request = make_request("reference", "root", ["/bin/true"], **options)
+
+    def child() -> dict[str, Any]:
+        _enter_sandbox()
+        setup()
+        supervisor.Starter = _scripted_starter(script)
+        r, w = os.pipe()
+        started = time.monotonic()
+        result = supervisor.Supervisor(request).run(w)
+        seconds = time.monotonic() - started
+        os.close(w)
+        first = os.read(r, 4096).decode()
+        alive = [p for p in linux.descendants(os.getpid())
+                 if linux.process_state(p) not in ("Z", None)]
+        return {**result, "seconds": seconds, "alive": alive, "first_line": first}
+
+    out = in_child(child)
+    assert "ok" in out, out
+    return out["ok"]
+
+
+def finish(ledger: LedgerWriter, code: int = 0) -> int:
+    ledger.emit("starter_exit", code=code)
+    return code
+
+
+def kinds(result: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    return [e for e in result["ledger"]["events"] if e["kind"] == kind]
+
+
+# -- a clean run --------------------------------------------------------------------------------
+
+def test_a_clean_run_has_no_leak_and_no_timeout():
+    result = supervise(finish)
+    assert (result["exit_code"], result["reason"]) == (0, "exited")
+    assert result["leaks"] == [] and result["timed_out"] is None and result["alive"] == []
+    assert result["first_line"].startswith("started ")
+    assert [e["kind"] for e in result["ledger"]["events"]] == [
+        "run_start", "starter_exit", "exit"]
+
+
+# -- leaks --------------------------------------------------------------------------------------
+
+def test_a_mount_left_in_the_host_mount_namespace_is_reported_naming_it(tmp_path):
+    target = tmp_path / "leaked"
+    target.mkdir()
+
+    def leaks_a_mount(ledger: LedgerWriter) -> int:
+        linux.mount("kit-leak", str(target), "tmpfs", 0, "size=64k")
+        return finish(ledger)
+
+    result = supervise(leaks_a_mount)
+    assert [(leak["what"], leak["detail"].split(" (")[0]) for leak in result["leaks"]] == [
+        ("mount", str(target))]
+    assert result["leaks"][0]["detail"].endswith(") in the host mount namespace")
+    assert "mount id " in result["leaks"][0]["detail"]
+    assert [e["detail"] for e in kinds(result, "leak")] == [result["leaks"][0]["detail"]]
+    assert result["exit_code"] == 0  # a leak is reported, not turned into the exit code
+
+
+def test_a_mount_removed_during_the_run_is_not_a_leak(tmp_path):
+    target = tmp_path / "before"
+    target.mkdir()
+
+    def removes_a_mount(ledger: LedgerWriter) -> int:
+        linux.umount(str(target))
+        return finish(ledger)
+
+    result = supervise(removes_a_mount,
+                       setup=lambda: linux.mount("kit-pre", str(target), "tmpfs", 0))
+    assert result["leaks"] == []
+
+
+def test_a_mount_over_a_mount_point_that_existed_is_reported(tmp_path):
+    target = tmp_path / "stacked"
+    target.mkdir()
+
+    def stacks_a_mount(ledger: LedgerWriter) -> int:
+        linux.mount("kit-leak", str(target), "tmpfs", 0)
+        return finish(ledger)
+
+    result = supervise(stacks_a_mount,
+                       setup=lambda: linux.mount("kit-pre", str(target), "tmpfs", 0))
+    assert [leak["detail"].split(" (")[0] for leak in result["leaks"]] == [str(target)]
+
+
+def test_a_named_network_namespace_left_behind_is_reported_naming_it(tmp_path):
+    netns_dir = tmp_path / "netns"
+    netns_dir.mkdir()
+    (netns_dir / "was-there").touch()
+
+    def leaks_a_netns(ledger: LedgerWriter) -> int:
+        # as `ip netns add` does: a new net namespace bound onto a file in the netns dir
+        path = netns_dir / "kit-leaked"
+        path.touch()
+        linux.unshare(linux.ns_flags(["net"]))
+        linux.mount("/proc/self/ns/net", str(path), None, linux.MS_BIND)
+        return finish(ledger)
+
+    def setup() -> None:
+        supervisor.NETNS_DIR = str(netns_dir)
+
+    result = supervise(leaks_a_netns, setup=setup)
+    leaks = {leak["what"]: leak["detail"] for leak in result["leaks"]}
+    assert leaks["netns"] == f"{netns_dir}/kit-leaked"
+    assert leaks["mount"].startswith(f"{netns_dir}/kit-leaked (mount id ")
+    assert len(result["leaks"]) == 2
+
+
+def test_a_process_left_behind_is_reported_naming_it_and_killed():
+    def leaks_a_process(ledger: LedgerWriter) -> int:
+        pid = os.fork()
+        if pid == 0:
+            os.setsid()
+            linux.set_name("kit-leaked")
+            signal.pause()
+            os._exit(0)
+        return finish(ledger)
+
+    result = supervise(leaks_a_process)
+    [leak] = result["leaks"]
+    assert leak["what"] == "process"
+    assert leak["detail"].startswith("pid ") and ": " in leak["detail"]
+    pid = int(leak["detail"].split()[1].rstrip(":"))
+    assert leak["detail"].split(": ", 1)[1] not in ("", "?")
+    assert result["alive"] == []  # killed and reaped by the supervisor
+    assert not os.path.exists(f"/proc/{pid}/status") or linux.process_state(pid) in ("Z", None)
+
+
+def test_a_process_that_exited_unreaped_is_not_a_leak():
+    def leaves_a_zombie(ledger: LedgerWriter) -> int:
+        if os.fork() == 0:
+            os._exit(0)
+        return finish(ledger)
+
+    result = supervise(leaves_a_zombie)
+    assert result["leaks"] == [] and result["alive"] == []
+
+
+def test_a_file_left_in_the_run_directory_is_reported_naming_it():
+    run_dirs = []
+
+    def leaks_files(ledger: LedgerWriter) -> int:
+        tmp = os.environ["TMPDIR"]
+        run_dirs.append(tmp)
+        for name in ("b-left", "a-left"):
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write("x")
+        return finish(ledger)
+
+    result = supervise(leaks_files)
+    assert result["leaks"] == [{"what": "tempdir", "detail":
+                                "left in the run's temporary directory: a-left, b-left"}]
+    run_dir = result["ledger"]["events"][0]["run_dir"]
+    assert not os.path.exists(run_dir)  # removed after the check
+
+
+def test_every_leak_kind_is_reported_in_one_run(tmp_path):
+    target = tmp_path / "m"
+    target.mkdir()
+
+    def leaks_everything(ledger: LedgerWriter) -> int:
+        linux.mount("kit-leak", str(target), "tmpfs", 0)
+        open(os.path.join(os.environ["TMPDIR"], "f"), "w").close()
+        if os.fork() == 0:
+            signal.pause()
+            os._exit(0)
+        return finish(ledger)
+
+    result = supervise(leaks_everything)
+    assert sorted(leak["what"] for leak in result["leaks"]) == ["mount", "process", "tempdir"]
+    assert result["alive"] == []
+
+
+# -- the hook timer -----------------------------------------------------------------------------
+
+T = 1.0  # hook timeout of the timer tests (seconds)
+
+
+def opens(hook: str, role: str = "master") -> Script:
+    def script(ledger: LedgerWriter) -> int:
+        ledger.for_role(role).emit("hook_enter", hook=hook)
+        signal.pause()
+        return 0
+    return script
+
+
+def test_a_hung_hook_is_reported_naming_it_and_its_process_after_its_timeout():
+    result = supervise(opens("create_container"), hook_timeout=T)
+    timed_out = result["timed_out"]
+    assert (timed_out["hook"], timed_out["hook_role"], timed_out["seconds"]) == (
+        "create_container", "master", T)
+    assert timed_out["whole_run"] is False
+    assert [h["hook"] for h in timed_out["open_hooks"]] == ["create_container"]
+    assert result["seconds"] >= T
+    assert result["exit_code"] == 255
+    assert result["reason"] == f"hook timeout: create_container in master did not return " \
+                               f"within {T} s"
+    [event] = kinds(result, "hook_timeout")
+    assert event["hook"] == "create_container" and event["hook_role"] == "master"
+    assert event["hook_pid"] > 0
+    assert result["alive"] == [] and result["leaks"] == []
+
+
+@pytest.mark.parametrize("closing", ["hook_raise", "hook_return"])
+def test_a_hook_that_ends_after_a_while_is_no_timeout(closing):
+    def ends_late(ledger: LedgerWriter) -> int:
+        master = ledger.for_role("master")
+        master.emit("hook_enter", hook="create_container")
+        time.sleep(T * 0.3)  # the hook's own work, before it raises or returns
+        master.emit(closing, hook="create_container")
+        time.sleep(T * 1.2)  # the run goes on past the hook's deadline
+        return finish(ledger)
+
+    result = supervise(ends_late, hook_timeout=T)
+    assert result["timed_out"] is None, result["timed_out"]
+    assert (result["exit_code"], result["reason"]) == (0, "exited")
+    assert result["seconds"] >= T * 1.5
+
+
+def test_a_hook_ended_by_another_role_is_still_open():
+    def wrong_role(ledger: LedgerWriter) -> int:
+        ledger.for_role("master").emit("hook_enter", hook="create_container")
+        ledger.for_role("rpc").emit("hook_return", hook="create_container")
+        ledger.for_role("stage2").emit("hook_raise", hook="create_container")
+        signal.pause()
+        return 0
+
+    result = supervise(wrong_role, hook_timeout=T)
+    assert result["timed_out"]["hook"] == "create_container"
+    assert result["timed_out"]["hook_role"] == "master"
+
+
+def test_stage2_exec_ends_start_process_and_its_absence_is_a_timeout():
+    def execs(ledger: LedgerWriter) -> int:
+        stage2 = ledger.for_role("stage2")
+        stage2.emit("hook_enter", hook="start_process")
+        stage2.emit("stage2_exec")
+        time.sleep(T * 1.3)
+        return finish(ledger)
+
+    assert supervise(execs, hook_timeout=T)["timed_out"] is None
+    result = supervise(opens("start_process", "stage2"), hook_timeout=T)
+    assert (result["timed_out"]["hook"], result["timed_out"]["hook_role"]) == (
+        "start_process", "stage2")
+
+
+def test_stage2_failed_ends_start_process():
+    def fails(ledger: LedgerWriter) -> int:
+        stage2 = ledger.for_role("stage2")
+        stage2.emit("hook_enter", hook="start_process")
+        stage2.emit("stage2_failed", message="m")
+        time.sleep(T * 1.3)
+        return finish(ledger)
+
+    assert supervise(fails, hook_timeout=T)["timed_out"] is None
+
+
+def test_the_oldest_of_two_hung_hooks_is_named_and_both_are_listed():
+    def two(ledger: LedgerWriter) -> int:
+        ledger.for_role("master").emit("hook_enter", hook="create_container")
+        time.sleep(0.2)
+        ledger.for_role("rpc").emit("hook_enter", hook="init_config")
+        signal.pause()
+        return 0
+
+    timed_out = supervise(two, hook_timeout=T)["timed_out"]
+    assert (timed_out["hook"], timed_out["hook_role"]) == ("create_container", "master")
+    assert [(h["role"], h["hook"]) for h in timed_out["open_hooks"]] == [
+        ("master", "create_container"), ("rpc", "init_config")]
+    first, second = timed_out["open_hooks"]
+    assert first["open_for"] >= T and first["open_for"] > second["open_for"]
+
+
+def test_an_untimed_hook_runs_until_the_run_timeout_which_names_it():
+    result = supervise(opens("monitor_container"), hook_timeout=0.2, run_timeout=T)
+    timed_out = result["timed_out"]
+    assert result["seconds"] >= T
+    assert timed_out["whole_run"] is True and timed_out["seconds"] == T
+    assert (timed_out["hook"], timed_out["hook_role"]) == ("monitor_container", "master")
+    assert timed_out["open_hooks"] == []
+    assert result["reason"] == f"hook timeout: monitor_container in master did not return " \
+                               f"within {T} s"
+
+
+def test_a_run_with_no_open_hook_times_out_as_a_whole():
+    def hangs(ledger: LedgerWriter) -> int:
+        signal.pause()
+        return 0
+
+    result = supervise(hangs, run_timeout=T)
+    assert result["timed_out"]["whole_run"] is True
+    assert result["seconds"] >= T and result["alive"] == []
+    assert result["exit_code"] == 255
+
+
+def test_the_run_timer_names_a_hook_still_open():
+    result = supervise(opens("post_start_process"), hook_timeout=30.0, run_timeout=T)
+    timed_out = result["timed_out"]
+    assert timed_out["whole_run"] is True and timed_out["seconds"] == T
+    assert (timed_out["hook"], timed_out["hook_role"]) == ("post_start_process", "master")
+
+
+# -- how the starter ended ------------------------------------------------------------------------
+
+def test_a_starter_exit_code_is_the_runs():
+    result = supervise(lambda ledger: finish(ledger, 7))
+    assert (result["exit_code"], result["reason"]) == (7, "exited")
+
+
+def test_a_starter_that_exits_without_finishing_is_a_crash_naming_its_code():
+    result = supervise(lambda ledger: 3)
+    assert (result["exit_code"], result["reason"]) == (
+        255, "master crashed: exited 3 without finishing the run")
+
+
+def test_a_starter_killed_by_a_signal_is_a_crash_naming_the_signal():
+    def killed(ledger: LedgerWriter) -> int:
+        os.kill(os.getpid(), signal.SIGKILL)
+        return 0
+
+    result = supervise(killed)
+    assert (result["exit_code"], result["reason"]) == (
+        255, f"master crashed: killed by signal {signal.SIGKILL.value}")
