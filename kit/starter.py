@@ -24,6 +24,7 @@ import functools
 import json
 import os
 import queue
+import resource
 import select
 import signal
 import socket
@@ -1001,7 +1002,10 @@ class Stage2:
         ledger_fd = self.c.starter.ledger_sock.fileno()
         keep.add(ledger_fd)  # close-on-exec: gone with the exec
         fd = 3
-        for k in sorted(keep | {65536}):
+        # Up to the hard limit, not a fixed 65536: hosts often allow far more open fds, and
+        # one above a fixed bound would reach the payload.
+        ceiling = max(resource.getrlimit(resource.RLIMIT_NOFILE)[1], 65536, *keep) + 1
+        for k in sorted(keep | {ceiling}):
             if k >= fd:
                 os.closerange(fd, k)
                 fd = k + 1
