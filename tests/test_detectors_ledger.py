@@ -201,3 +201,9 @@ def test_ledger_queries_select_by_kind_and_fields():
     assert led.first("hook_enter", role="master")["seq"] == 2
     assert led.first("exit") is None
     assert json.loads(led.to_json()) == document(events)
+
+
+def test_a_long_valid_ledger_has_no_problem():
+    # seq numbers past the small integers CPython caches: compared by value, not identity
+    events = [event(int(str(i))) for i in range(600)]
+    assert validate(document(events)) == []
