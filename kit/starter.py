@@ -329,7 +329,10 @@ class Starter:
     """One run's starter, in the starter process. :meth:`main` never returns."""
 
     def __init__(self, request: RunRequest, ledger_sock: socket.socket,
-                 filter_channel: socket.socket | None = None) -> None:
+                 filter_channel: socket.socket | None = None, parent: int | None = None) -> None:
+        # The supervisor's pid, known before the fork: read after it (getppid), it would be
+        # the reaper's pid if the supervisor died in between, and the starter would live on.
+        self.parent = parent
         self.req = request
         self.filter_channel = filter_channel
         self.user: Invoker = request.user()
@@ -371,7 +374,8 @@ class Starter:
                     raise StageFailed(refused)
             linux.set_name("kit-starter")
             default_signals()
-            self.parent = os.getppid()
+            if self.parent is None:
+                self.parent = os.getppid()
             self.become_invoker()
             rearm_parent_death(self.parent)
             self.ledger.emit("process_start", ppid=self.system.getppid(),

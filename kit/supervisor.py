@@ -180,6 +180,9 @@ class Supervisor:
                   host_userns=req.host_userns)
         sys.stdout.flush()
         self.watch_host()
+        # The starter checks its parent against this pid (read after the fork, it could be
+        # a reaper's); in the sandbox's pid namespace it cannot see it and reads its own.
+        me = os.getpid() if box is None else None
         pid = os.fork()
         if pid == 0:
             reader.close()
@@ -188,7 +191,7 @@ class Supervisor:
             if box is not None:
                 _enter_sandbox(box, writer)
             filter_here.close()
-            Starter(req, writer, filter_there).main()
+            Starter(req, writer, filter_there, parent=me).main()
         writer.close()
         filter_there.close()
         self.senders.add_starter(pid)

@@ -33,7 +33,7 @@ def _scripted_starter(script: Script) -> type:
     class ScriptedStarter:
         """Stands for :class:`kit.starter.Starter`: runs ``script`` and exits with its code."""
 
-        def __init__(self, request: Any, sock: Any) -> None:
+        def __init__(self, request: Any, sock: Any, parent: int | None = None) -> None:
             self.ledger = LedgerWriter(sock, "starter")
 
         def main(self) -> None:
