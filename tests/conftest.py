@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -90,6 +91,25 @@ def host_state() -> dict[str, Any]:
                      if linux.process_state(p) not in ("Z", None) and p != _zygote_pid()],
         "netns": sorted(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else [],
     }
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 10.0,
+               what: str = "the condition") -> Any:
+    """Poll ``condition()`` until it is true (returned) or ``timeout`` seconds pass (an
+    assertion naming ``what``): a test waits for what it needs, never for a fixed time that
+    a loaded machine may not honour."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"waited {timeout} s for {what}"
+        time.sleep(0.002)
+    return value
+
+
+def signal_taken(pid: int, signum: int) -> bool:
+    """Whether ``signum`` is no longer pending for process ``pid`` (taken, or never sent)."""
+    status = linux.read_status(f"/proc/{pid}/status")
+    return not any(int(status.get(k, "0"), 16) >> (signum - 1) & 1
+                   for k in ("ShdPnd", "SigPnd"))
 
 
 def in_child(fn: Callable[[], Any]) -> dict[str, Any]:

@@ -37,7 +37,8 @@ class FaultConfig(ReferenceConfig):
     fault_hook: str = ""
     fault_action: str = "raise"  # raise | hang | exit | segv | return | wait_container | leak_*
     fault_role: str = ""
-    marker: str = ""  # a file the payload creates; wait_container waits for it
+    marker: str = ""  # a file the payload creates (wait_container waits for it), or that
+    # hang creates once it hangs (a test waits for it)
 
 
 class FaultEngine(ReferenceEngine):
@@ -55,6 +56,8 @@ class FaultEngine(ReferenceEngine):
         if action == "raise":
             raise RuntimeError(f"injected fault in {hook}")
         if action == "hang":
+            if cfg.marker:
+                open(cfg.marker, "w").close()
             while True:
                 time.sleep(1)
         if action == "exit":

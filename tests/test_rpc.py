@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import array
 import errno
+import fcntl
 import json
 import os
 import socket
 import struct
+import termios
 import threading
 import time
 from typing import Any, Callable
@@ -36,6 +38,8 @@ from kit.rpc import (
     serve,
 )
 from kit.rpc.messages import Reply
+
+from conftest import wait_until
 
 ENGINE = "test"
 TIMEOUT = 5.0
@@ -154,6 +158,11 @@ METHODS: dict[str, Callable[..., Any]] = {
 
 def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+def queued(sock: socket.socket) -> int:
+    """Bytes received on ``sock`` and not read yet."""
+    return struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0" * 4))[0]
 
 
 class ServerThread:
@@ -622,7 +631,8 @@ def test_fds_inside_body_rejected(srv: ServerThread) -> None:
     data = frame_bytes(request(9, "test.add", {"a": 1}))
     fds = make_fds(2)
     send_raw(srv.sock, data[:4])
-    time.sleep(0.05)  # let the server read the header alone
+    # the server has read the header alone (nothing left queued on its end)
+    wait_until(lambda: queued(srv.server_sock) == 0, what="the server to read the header")
     send_raw(srv.sock, data[4:], fds)
     assert_error(read_reply(srv.sock), "ProtocolError", "unexpected_fds", "inside a frame body", id=9)
     assert_still_serving(srv.sock)

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import pytest
 
 import test_rpc as real
+from conftest import wait_until
 from kit import system as kit_system
 from kit.registry import RegistryError
 from kit.rpc import FileDescriptor, ProtocolError, RPCClient, RPCMethodError, WithFds, recv_frame, send_frame
@@ -63,6 +64,11 @@ class MockServer:
     @property
     def records(self) -> list[dict]:
         return self.transport.server_records
+
+    @property
+    def server_sock(self) -> socket.socket:
+        """The end the requests are read from (the relay's, standing for the server's)."""
+        return self.transport._relay.c_peer
 
     def client(self) -> RPCClient:
         return self.transport.client()
@@ -454,7 +460,7 @@ def test_injected_replies_keep_request_order(t: MockTransport) -> None:
     assert real.BLOCKED.wait(TIMEOUT)
     send_frame(t.client_socket, request(2, "test.add", {"a": 1}))
     send_frame(t.client_socket, request(3, "test.add", {"a": 3}))
-    time.sleep(0.05)
+    wait_until(lambda: len(t.calls) == 3, what="the mock to read the pipelined requests")
     real.BLOCK.set()
     replies = [read_reply(t.client_socket) for _ in range(3)]
     assert [r.id for r in replies] == [1, 2, 3]
@@ -525,7 +531,7 @@ def test_close_during_a_long_delay_is_prompt(no_leak: None) -> None:
     transport = MockTransport(ENGINE, METHODS)
     transport.inject(Fault.delay(60))
     send_frame(transport.client_socket, request(1, "test.add", {"a": 1}))
-    time.sleep(0.05)
+    wait_until(lambda: transport.calls, what="the delayed request to arrive")
     start = time.monotonic()
     transport.close()
     assert time.monotonic() - start < 3

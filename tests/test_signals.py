@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from conftest import signal_taken, wait_until
 from kit.launcher import start
 
 # pid 1 of a pid namespace only gets signals it has a handler for: the payload traps them.
@@ -68,7 +69,8 @@ def test_no_signal_is_dropped(shared_dir):
             signal.SIGPROF, signal.SIGTSTP]
     for signum in sent:
         handle.send_signal(signum)
-        time.sleep(0.01)
+        wait_until(lambda: signal_taken(handle.starter_pid, signum),
+                   what=f"the master to take {signal.Signals(signum).name}")
     handle.send_signal(signal.SIGTERM)
     result = handle.wait()
     assert result.exit_code == 42
