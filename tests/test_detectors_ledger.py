@@ -8,8 +8,10 @@ import socket
 import pytest
 
 from kit import ledger
+from kit.launcher import make_request
 from kit.ledger import (COMMON_KEYS, EVENT_KINDS, MAX_EVENT, SCHEMA_VERSION, Ledger,
                         LedgerWriter, decode, decode_checked, ledger_socketpair, validate)
+from kit.supervisor import Supervisor
 
 
 def event(seq: int, kind: str = "signal", role: str = "master", **extra: object) -> dict:
@@ -164,6 +166,20 @@ def test_an_event_of_max_size_is_sent_whole_and_one_byte_more_is_truncated():
     assert over["kind"] == "fatal" and over["role"] == "master"
 
 
+def test_the_event_limit_is_what_the_supervisor_reads_whole():
+    # The supervisor receives datagrams of up to 1 MiB: a larger event would arrive cut.
+    assert MAX_EVENT == 1 << 20
+    reader, sock = ledger_socketpair()
+    with reader, sock:
+        writer = LedgerWriter(sock, "master")
+        base = len(json.dumps(_sent_size(writer, reader, 0), separators=(",", ":")))
+        writer.emit("fatal", message="", error="p" * (MAX_EVENT - base))
+        sup = Supervisor(make_request("reference", "root", ["/bin/true"]))
+        assert sup._read_events(reader) is True
+    [event] = sup.events
+    assert len(event["error"]) == MAX_EVENT - base and event["kind"] == "fatal"
+
+
 def test_a_writer_whose_reader_is_gone_does_not_raise():
     reader, sock = ledger_socketpair()
     reader.close()
@@ -177,8 +193,12 @@ def test_the_socketpair_is_seqpacket_and_close_on_exec():
         for s in (reader, writer):
             assert s.type == socket.SOCK_SEQPACKET
             assert s.get_inheritable() is False
-        assert writer.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= 4 << 20
-        assert reader.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= 4 << 20
+        # 4 MiB asked (the kernel doubles what it grants, up to net.core.[rw]mem_max)
+        for sock, opt, limit in ((writer, socket.SO_SNDBUF, "wmem_max"),
+                                 (reader, socket.SO_RCVBUF, "rmem_max")):
+            with open(f"/proc/sys/net/core/{limit}") as f:
+                granted = min(4 << 20, int(f.read()))
+            assert sock.getsockopt(socket.SOL_SOCKET, opt) == 2 * granted, limit
         # one datagram per event: two sends never merge
         writer.send(b"a")
         writer.send(b"b")
@@ -192,15 +212,19 @@ def test_ledger_queries_select_by_kind_and_fields():
               event(1, "hook_return", "stage1", hook="config"),
               event(2, "hook_enter", "master", hook="create_container"),
               event(3, "signal", "master", signum=17)]
+    events.append(event(4, "exit", "supervisor"))  # no hook: never asked for one
     led = Ledger(document(events))
     assert list(led.hooks()) == [("stage1", "config"), ("master", "create_container")]
     assert [e["seq"] for e in led.select("hook_enter")] == [0, 2]
-    assert [e["seq"] for e in led.select(["hook_enter", "signal"], role="master")] == [2, 3]
+    master = "".join(["mas", "ter"])  # equal to, not the same object as, the events' role
+    assert [e["seq"] for e in led.select(["hook_enter", "signal"], role=master)] == [2, 3]
+    assert led.first("hook_enter")["seq"] == 0
     assert [e["seq"] for e in led.select(None, hook="config")] == [0, 1]
     assert led.select("hook_enter", role="rpc") == []
     assert led.first("hook_enter", role="master")["seq"] == 2
-    assert led.first("exit") is None
+    assert led.first("exit", role="master") is None
     assert json.loads(led.to_json()) == document(events)
+    assert led.to_json().startswith('{\n "schema_version": 1,\n "run": {},\n "events": [\n  {')
 
 
 def test_a_long_valid_ledger_has_no_problem():
