@@ -284,8 +284,12 @@ class RunHandle:
                 env={**os.environ, "PYTHONPATH": os.pathsep.join(request.sys_path)})
         finally:
             os.close(req_r)
-        with os.fdopen(req_w, "wb") as f:
-            f.write(json.dumps(request.to_json()).encode())
+        try:
+            with os.fdopen(req_w, "wb") as f:
+                f.write(json.dumps(request.to_json()).encode())
+        except BrokenPipeError:
+            raise LaunchError(f"the run's supervisor exited ({proc.wait()}) before it read "
+                              "the request") from None
         self._popen = proc
         return proc.pid
 
