@@ -406,3 +406,16 @@ def test_validation_runs_on_the_config_as_it_crossed_in_json():
     assert copy.to_json() == s.to_json()
     assert copy.flow == "suid" and copy.invoker_uid == 1000 and copy.is_suid
     rejects(copy, "effective capabilities must be a subset")
+
+
+def test_only_the_capabilities_outside_are_named():
+    # sets that overlap both ways: the message names the difference, nothing else
+    s = sc()
+    s.set_capabilities("permitted", ["chown", "net_raw"])
+    s.set_capabilities("effective", ["chown", "kill"])
+    rejects(s, r"not permitted: CAP_KILL$")
+    s = sc()
+    s.set_capabilities("permitted", ["chown", "kill", "net_raw"])
+    s.set_capabilities("inheritable", ["kill", "net_raw"])
+    s.set_capabilities("ambient", ["chown", "kill"])
+    rejects(s, r"must be both permitted and inheritable: CAP_CHOWN$")
