@@ -305,3 +305,30 @@ def test_which_kinds_leave_the_stream_in_sync():
                         FrameError.INVALID_JSON, FrameError.NOT_OBJECT, FrameError.TOO_MANY_FDS,
                         FrameError.UNEXPECTED_FDS, FrameError.UNENCODABLE)
             if not FrameError(k, "m").recoverable} == {"oversized", "truncated"}
+
+
+def test_descriptor_zero_is_a_descriptor(pair):
+    a, b = pair
+    send_frame(a, {"stdin": True}, [0])
+    obj, fds = recv_frame(b)
+    assert obj == {"stdin": True} and len(fds) == 1
+    assert os.path.sameopenfile(fds[0], 0)
+    close_fds(fds)
+
+
+def test_the_duplicate_key_named_is_the_repeated_one():
+    with pytest.raises(FrameError, match="duplicate key 'b'"):
+        decode_body(b'{"a":1,"b":2,"b":3}')
+
+
+def test_credentials_in_the_control_data_are_not_taken_for_descriptors(pair):
+    # with SO_PASSCRED the kernel attaches SCM_CREDENTIALS (pid, uid, gid) to every message
+    a, b = pair
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    keep = pipes(1)
+    send_frame(a, {"x": 1})
+    send_frame(a, {"y": 2}, keep)
+    assert recv_frame(b) == ({"x": 1}, [])
+    obj, fds = recv_frame(b)
+    assert obj == {"y": 2} and len(fds) == 1 and os.path.sameopenfile(fds[0], keep[0])
+    close_fds(fds + keep)
