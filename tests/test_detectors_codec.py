@@ -332,3 +332,9 @@ def test_credentials_in_the_control_data_are_not_taken_for_descriptors(pair):
     obj, fds = recv_frame(b)
     assert obj == {"y": 2} and len(fds) == 1 and os.path.sameopenfile(fds[0], keep[0])
     close_fds(fds + keep)
+
+
+def test_the_wire_limits_are_the_documented_ones():
+    # part of the wire contract (exported by kit.rpc): a peer built against them relies on
+    # 1 MiB bodies and 16 descriptors per frame
+    assert (MAX_FRAME, MAX_FDS) == (1 << 20, 16)
