@@ -38,8 +38,13 @@ def test_facts_of_each_flow(flow):
 
 
 def test_an_unknown_attribute_is_an_attribute_error():
-    with pytest.raises(AttributeError, match="target_euid"):
+    with pytest.raises(AttributeError) as info:
         sc().target_euid  # noqa: B018
+    assert info.value.args == ("target_euid",)
+    bare = StarterConfig.__new__(StarterConfig)  # before __init__ (copy, unpickling)
+    with pytest.raises(AttributeError) as info:
+        bare.target_uid  # noqa: B018
+    assert info.value.args == ("target_uid",)
     assert sc().mount_propagation == "rprivate" and sc().target_uid is None
 
 
