@@ -424,3 +424,18 @@ def test_only_the_capabilities_outside_are_named():
     s.set_capabilities("inheritable", ["kill", "net_raw"])
     s.set_capabilities("ambient", ["chown", "kill"])
     rejects(s, r"must be both permitted and inheritable: CAP_CHOWN$")
+
+
+def test_a_capability_both_permitted_and_inheritable_is_bounded_too():
+    s = sc()
+    s.set_capabilities("permitted", ["chown", "kill"])
+    s.set_capabilities("inheritable", ["kill"])
+    s.set_capabilities("bounding", ["chown"])
+    rejects(s, r"outside the bounding set: CAP_KILL$")
+
+
+def test_ranges_apart_or_adjacent_at_large_ids_do_not_overlap():
+    s = sc()
+    userns(s, [(0, 100000, 5), (10, 200000, 5), (1000, 300000, 500), (1500, 400000, 100)],
+           [(0, 1000, 1)])
+    s.validate()
