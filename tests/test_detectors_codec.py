@@ -338,3 +338,11 @@ def test_the_wire_limits_are_the_documented_ones():
     # part of the wire contract (exported by kit.rpc): a peer built against them relies on
     # 1 MiB bodies and 16 descriptors per frame
     assert (MAX_FRAME, MAX_FDS) == (1 << 20, 16)
+
+
+def test_an_overflowing_number_is_quoted_up_to_40_characters():
+    text = "1234567890" * 5 + "e999"
+    with pytest.raises(FrameError) as info:
+        decode_body(b'{"a":' + text.encode() + b"}")
+    assert f"number {text[:40]} is out of range" in str(info.value)
+    assert f"number {text[:41]} " not in str(info.value)
