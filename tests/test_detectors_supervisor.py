@@ -373,3 +373,32 @@ def test_a_starter_killed_by_a_signal_is_a_crash_naming_the_signal():
     result = supervise(killed)
     assert (result["exit_code"], result["reason"]) == (
         255, f"master crashed: killed by signal {signal.SIGKILL.value}")
+
+
+def _unread(sock: Any) -> int:
+    """Bytes this socket sent that the peer has not read yet (SIOCOUTQ)."""
+    import fcntl
+    import struct
+    import termios
+    return struct.unpack("i", fcntl.ioctl(sock.sock, termios.TIOCOUTQ, b"\0" * 4))[0]
+
+
+def test_a_hook_that_returned_in_time_is_no_timeout_when_the_supervisor_was_late():
+    # The supervisor is stopped (not scheduled, as on a loaded machine) past the hook's
+    # deadline, while the hook's return waits in its socket: the return was in time.
+    from conftest import wait_until
+
+    def returns_while_supervisor_stopped(ledger: LedgerWriter) -> int:
+        supervisor_pid = os.getppid()
+        master = ledger.for_role("master")
+        master.emit("hook_enter", hook="create_container")
+        wait_until(lambda: _unread(master) == 0, what="the supervisor to read hook_enter")
+        os.kill(supervisor_pid, signal.SIGSTOP)
+        master.emit("hook_return", hook="create_container")
+        time.sleep(T * 1.5)  # the supervisor misses the deadline
+        os.kill(supervisor_pid, signal.SIGCONT)
+        return finish(ledger)
+
+    result = supervise(returns_while_supervisor_stopped, hook_timeout=T)
+    assert result["timed_out"] is None, result["timed_out"]
+    assert (result["exit_code"], result["reason"]) == (0, "exited")
