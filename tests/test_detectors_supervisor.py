@@ -63,6 +63,8 @@ def supervise(script: Script, setup: Callable[[], None] = lambda: None,
         first = os.read(r, 4096).decode()
         alive = [p for p in linux.descendants(os.getpid())
                  if linux.process_state(p) not in ("Z", None)]
+        for pid in alive:  # what a broken supervisor left: never outlives the test
+            os.kill(pid, signal.SIGKILL)
         return {**result, "seconds": seconds, "alive": alive, "first_line": first}
 
     out = in_child(child)
@@ -402,3 +404,13 @@ def test_a_hook_that_returned_in_time_is_no_timeout_when_the_supervisor_was_late
     result = supervise(returns_while_supervisor_stopped, hook_timeout=T)
     assert result["timed_out"] is None, result["timed_out"]
     assert (result["exit_code"], result["reason"]) == (0, "exited")
+
+
+def test_a_hung_hook_is_reported_at_its_timeout_not_later():
+    timeout = 2.0
+    result = supervise(opens("create_container"), hook_timeout=timeout)
+    [enter] = kinds(result, "hook_enter")
+    [fired] = kinds(result, "hook_timeout")
+    waited = (fired["t"] - enter["t"]) / 1e9  # CLOCK_MONOTONIC in both processes
+    # at the timeout, with room for a loaded machine's scheduling, far from twice it
+    assert timeout <= waited < timeout + 0.9, waited
