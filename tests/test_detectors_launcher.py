@@ -113,7 +113,7 @@ def test_a_supervisor_that_ends_without_a_result_is_a_launch_error(monkeypatch, 
     assert handle.starter_pid is None and handle.run_dir is None
     with pytest.raises(LaunchError, match="the run has no starter process"):
         handle.send_signal(15)
-    with pytest.raises(LaunchError, match="the run's supervisor ended without a result"):
+    with pytest.raises(LaunchError, match=r"the run's supervisor \(pid \d+\) ended without writing the run's result"):
         handle.wait()
 
 
