@@ -8,7 +8,6 @@ import socket
 import pytest
 
 from kit import ledger
-from kit.launcher import make_request
 from kit.ledger import (COMMON_KEYS, EVENT_KINDS, MAX_EVENT, SCHEMA_VERSION, Ledger,
                         LedgerWriter, decode, decode_checked, ledger_socketpair, validate)
 
