@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from conftest import host_state, wait_until
+from conftest import host_state
 from kit.launcher import run
 
 FAULT = "kit_test_engines:FaultEngine"
@@ -176,14 +176,19 @@ def test_error_rows_hold_in_unprivileged_flows(flow):
     assert result.timed_out["hook"] == "start_process"
 
 
-def test_killing_the_supervisor_takes_the_whole_run_down(flow, shared_dir):
+def test_killing_the_supervisor_takes_the_whole_run_down(flow):
     from kit import linux
     from kit.launcher import start
-    hanging = os.path.join(shared_dir, "hanging")
+    import time
     handle = start(FAULT, flow, ["/bin/true"], hook_timeout=30,
-                   engine_config={"fault_hook": "cleanup_container", "fault_action": "hang",
-                                  "marker": hanging})
-    wait_until(lambda: os.path.exists(hanging), what="the master to hang in cleanup_container")
+                   engine_config={"fault_hook": "cleanup_container", "fault_action": "hang"})
+    deadline = time.monotonic() + 10
+    # The master is in cleanup_container (hanging) once the container has gone.
+    while linux.process_state(handle.starter_pid) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)
     handle.kill()
-    wait_until(lambda: linux.process_state(handle.starter_pid) in (None, "Z"), timeout=5,
-               what="the master to die with its supervisor")
+    deadline = time.monotonic() + 5
+    while linux.process_state(handle.starter_pid) not in (None, "Z"):
+        assert time.monotonic() < deadline, "the master survived its supervisor"
+        time.sleep(0.01)
