@@ -329,7 +329,8 @@ class Starter:
     """One run's starter, in the starter process. :meth:`main` never returns."""
 
     def __init__(self, request: RunRequest, ledger_sock: socket.socket,
-                 filter_channel: socket.socket | None = None, parent: int | None = None) -> None:
+                 filter_channel: socket.socket | None = None,
+                 parent: int | None = None) -> None:
         # The supervisor's pid, known before the fork: read after it (getppid), it would be
         # the reaper's pid if the supervisor died in between, and the starter would live on.
         self.parent = parent
