@@ -252,11 +252,8 @@ def _errname(exc: OSError) -> str:
     return errno.errorcode.get(exc.errno or 0, str(exc.errno))
 
 
-def _setuid_outcome(spawned: tuple[int, int] | str) -> str:
-    """``X<euid>`` printed by the setuid binary, or ``X!<why>``."""
-    if isinstance(spawned, str):
-        return spawned
-    pid, rfd = spawned
+def _collect(pid: int, rfd: int) -> bytes:
+    """What child ``pid`` wrote to ``rfd`` until EOF; then the child is reaped."""
     out = b""
     try:
         while chunk := os.read(rfd, 256):
@@ -265,9 +262,16 @@ def _setuid_outcome(spawned: tuple[int, int] | str) -> str:
         os.close(rfd)
         try:
             os.waitpid(pid, 0)
-        except ChildProcessError:  # reaped by a SIGCHLD handler inherited from the engine
+        except ChildProcessError:  # reaped already: by a SIGCHLD handler or waitpid(-1)
             pass
-    text = out.decode(errors="replace").strip()
+    return out
+
+
+def _setuid_outcome(spawned: tuple[int, int] | str) -> str:
+    """``X<euid>`` printed by the setuid binary, or ``X!<why>``."""
+    if isinstance(spawned, str):
+        return spawned
+    text = _collect(*spawned).decode(errors="replace").strip()
     return "X" + text if text.isdigit() else "X!output:" + text[:60].replace(" ", "_")
 
 
@@ -302,17 +306,7 @@ def escalation() -> dict[str, Any]:
         os._exit(code)
     probe_children.add(pid)
     os.close(wfd)
-    data = b""
-    try:
-        while chunk := os.read(rfd, 256):
-            data += chunk
-    finally:
-        os.close(rfd)
-        try:
-            os.waitpid(pid, 0)
-        except ChildProcessError:  # an engine reaped it (waitpid(-1)): not our problem here
-            pass
-    words = data.decode().split()
+    words = _collect(pid, rfd).decode().split()
     raised: list[str] = []
     setuid_euid: int | None = None
     untried = "the probe child failed"
