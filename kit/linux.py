@@ -649,9 +649,10 @@ def thread_name(tid: int) -> str:
         return ""
 
 
-def process_name(pid: int | str = "self") -> str | None:
-    """``comm`` of ``pid`` (also readable for a zombie), None when it is gone."""
-    stat = _stat(pid)
+def process_name(pid: int | str = "self", proc: str = "/proc") -> str | None:
+    """``comm`` of ``pid`` (also readable for a zombie), None when it is gone; ``proc``: the
+    proc file system that numbers it."""
+    stat = _stat(pid, proc)
     if stat is None:
         return None
     return stat[stat.index(b"(") + 1:stat.rindex(b")")].decode(errors="replace")

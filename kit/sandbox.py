@@ -238,7 +238,14 @@ def _scan(proc: str) -> dict[int, str]:
             argv = linux.read_file(f"{proc}/{name}/cmdline")
         except OSError:
             continue  # gone meanwhile
-        found[int(name)] = argv.replace(b"\0", b" ").decode(errors="replace").strip() or "?"
+        text = argv.replace(b"\0", b" ").decode(errors="replace").strip()
+        if not text:
+            # An empty command line: the process is exiting (its memory is gone) or went
+            # zombie since its state was read; one that is still there is named by comm.
+            if linux.process_state(int(name), proc) in ("Z", None):
+                continue
+            text = f"[{linux.process_name(int(name), proc) or '?'}]"
+        found[int(name)] = text
     return found
 
 
