@@ -1,5 +1,4 @@
-"""The engine registry: ``register_operations``, ``register_rpc_methods``,
-``serve_rpc_requests``, and finding engines by name, entry point or ``module:attribute``.
+"""The engine registry: registering engines and finding them by name, entry point or import path.
 
 Unlike upstream, registering a name twice is an error, and an RPC method that cannot be
 served is an error at registration (not a silent skip).
@@ -11,6 +10,7 @@ import functools
 import importlib
 import importlib.metadata
 import inspect
+import re
 import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -124,15 +124,23 @@ def available() -> dict[str, str]:
 
 
 def find(spec: str) -> Registration:
-    """Find an engine by registered name, ``kit.engines`` entry point name, or
-    ``module:attribute`` (an Operations subclass, registered under its ``engine_name`` class
-    attribute with the RPC methods class in its ``rpc_methods`` attribute, if any; or a
-    function that registers engines).
+    """Find an engine by registered name, ``kit.engines`` entry point name, or import path
+    ``module:attribute``, which names one of:
 
-    An unknown name raises :class:`RegistryError` listing the known ones.
+    - an Operations subclass or instance: registered under its ``engine_name`` attribute
+      (else the attribute's name), with the RPC methods class of its ``rpc_methods``
+      attribute, if any;
+    - a callable that registers exactly one engine, or returns an Operations subclass or
+      instance (registered as above).
+
+    The spec travels as is to every process of a run, which resolves it again (the callable
+    runs once per process). An unknown name or a bad import path raises
+    :class:`RegistryError` saying what to change.
     """
     if spec in _engines:
         return _engines[spec]
+    if ":" in spec:
+        return _from_import_path(spec)
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         if ep.name == spec:
             _call_registrar(ep.load(), f"entry point {ep.name} = {ep.value}")
@@ -143,63 +151,122 @@ def find(spec: str) -> Registration:
     # One registrar may register several engines under other names: try them all. A broken
     # third-party entry point is named as a warning; it never hides "unknown engine".
     broken: list[str] = []
-    if ":" not in spec:
-        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-            try:
-                _call_registrar(ep.load(), f"entry point {ep.name} = {ep.value}")
-            except RegistryError:
-                continue
-            except Exception as exc:  # the package's own import or registrar failed
-                broken.append(f"entry point {ep.name} = {ep.value} is broken: "
-                              f"{type(exc).__name__}: {exc}")
-                continue
-            if spec in _engines:
-                return _engines[spec]
-    if ":" in spec:
-        module_name, _, attr = spec.partition(":")
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:
-            module = importlib.import_module(module_name)
-            target = getattr(module, attr)
-        except (ImportError, AttributeError) as exc:
-            raise RegistryError(f"cannot load engine {spec!r}: {exc}") from None
-        if isinstance(target, type) and issubclass(target, Operations):
-            # The class may name itself (``engine_name``) and its RPC methods
-            # (``rpc_methods``); both are registered on first use.
-            name = getattr(target, "engine_name", None) or spec
-            if name not in _engines:
-                register_operations(name, target)
-                methods = getattr(target, "rpc_methods", None)
-                if methods is not None:
-                    register_rpc_methods(name, methods)
-            return _engines[name]
-        if spec in _registered_by:  # this registrar already ran in this process
-            return _engines[_registered_by[spec]]
-        before = set(_engines)
-        _call_registrar(target, spec)
-        new = sorted(set(_engines) - before)
-        if len(new) == 1:
-            _registered_by[spec] = new[0]
-            return _engines[new[0]]
-        raise RegistryError(f"{spec} registered {len(new)} engines ({', '.join(new) or 'none'});"
-                            " name one of them instead")
+            _call_registrar(ep.load(), f"entry point {ep.name} = {ep.value}")
+        except RegistryError:
+            continue
+        except Exception as exc:  # the package's own import or registrar failed
+            broken.append(f"entry point {ep.name} = {ep.value} is broken: "
+                          f"{type(exc).__name__}: {exc}")
+            continue
+        if spec in _engines:
+            return _engines[spec]
     raise RegistryError(unknown_engine(spec, broken))
 
 
-#: Names of the mutant zoo (reference_engines/mutants): broken on purpose, never suggested.
-MUTANT_PREFIX = "mutant-"
-
-
 def unknown_engine(spec: str, broken: list[str] | tuple[str, ...] = ()) -> str:
-    """The "unknown engine" message: the engines one can use (the mutant zoo only counted),
-    then each broken entry point as a warning."""
-    names = list(available())
-    usable = [n for n in names if not n.startswith(MUTANT_PREFIX)]
-    mutants = len(names) - len(usable)
-    text = f"unknown engine {spec!r}; known engines: {', '.join(usable) or 'none'}"
-    if mutants:
-        text += (f" (and {mutants} mutants of the zoo, broken on purpose: python -m "
-                 "conformance mutants --list)")
+    """The "unknown engine" message: the engines one can use, then each broken entry point as
+    a warning."""
+    text = (f"unknown engine {spec!r}; known engines: {', '.join(available()) or 'none'}; "
+            "or name one by import path, MODULE:ATTRIBUTE")
     return text + "".join(f"\nwarning: {line}" for line in broken)
+
+
+#: An import path: dotted module name, one colon, an attribute name.
+_IMPORT_PATH = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*")
+
+
+def _from_import_path(spec: str) -> Registration:
+    """The engine an import path ``module:attribute`` names: an Operations subclass or
+    instance, or a callable that registers exactly one engine or returns one."""
+    if not _IMPORT_PATH.fullmatch(spec):
+        raise RegistryError(f"engine {spec!r}: not an import path: write MODULE:ATTRIBUTE, "
+                            "e.g. mypkg.engine:register (a dotted module name, one colon, "
+                            "an attribute name)")
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if missing and (module_name == missing or module_name.startswith(missing + ".")):
+            raise RegistryError(
+                f"cannot load engine {spec!r}: no module named {missing!r} on the import path: "
+                "install the package that holds it, or add the directory that holds it to "
+                "PYTHONPATH (python -m adds the current directory)") from None
+        raise RegistryError(f"cannot load engine {spec!r}: importing {module_name} failed: "
+                            f"{type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # the engine's own module raised while it was imported
+        raise RegistryError(f"cannot load engine {spec!r}: importing {module_name} failed: "
+                            f"{type(exc).__name__}: {exc}") from exc
+    if not hasattr(module, attr):
+        offered = sorted(name for name, value in vars(module).items()
+                         if not name.startswith("_") and callable(value)
+                         and getattr(value, "__module__", None) == module.__name__)
+        hint = f" (it defines: {', '.join(offered[:12])}{' …' if len(offered) > 12 else ''})" \
+            if offered else ""
+        raise RegistryError(f"cannot load engine {spec!r}: module {module_name} "
+                            f"({getattr(module, '__file__', None) or 'no file'}) has no "
+                            f"attribute {attr!r}{hint}")
+    target = getattr(module, attr)
+    if _is_operations(target):
+        return _register_returned(spec, attr, target)
+    if spec in _registered_by:  # this callable already ran in this process
+        return _engines[_registered_by[spec]]
+    if not callable(target):
+        raise RegistryError(f"engine {spec!r}: {target!r} is neither an Operations subclass "
+                            "nor a callable that registers or returns an engine")
+    before = set(_engines)
+    try:
+        returned = target()
+    except RegistryError:
+        raise
+    except Exception as exc:
+        raise RegistryError(f"engine {spec!r}: calling it raised {type(exc).__name__}: "
+                            f"{exc}") from exc
+    new = sorted(set(_engines) - before)
+    if returned is not None:
+        if not _is_operations(returned):
+            raise RegistryError(f"engine {spec!r}: it returned {returned!r:.200}: return an "
+                                "Operations subclass or instance, or None after registering "
+                                "one engine")
+        if new:
+            raise RegistryError(f"engine {spec!r}: it both registered {', '.join(new)} and "
+                                "returned an engine: do one of the two")
+        reg = _register_returned(spec, attr, returned)
+        _registered_by[spec] = reg.name
+        return reg
+    if len(new) == 1:
+        _registered_by[spec] = new[0]
+        return _engines[new[0]]
+    if not new:
+        raise RegistryError(f"engine {spec!r}: it returned None and registered no engine: "
+                            "return an Operations subclass or instance, or call "
+                            "kit.registry.register_operations in it")
+    raise RegistryError(f"engine {spec!r}: it registered {len(new)} engines "
+                        f"({', '.join(new)}); name one of them instead")
+
+
+def _is_operations(obj: Any) -> bool:
+    return (isinstance(obj, type) and issubclass(obj, Operations)) or isinstance(obj, Operations)
+
+
+def _register_returned(spec: str, attr: str, target: Any) -> Registration:
+    """Register an Operations subclass or instance named by an import path (or returned by
+    one) under its ``engine_name`` attribute, else under the attribute's name, with the RPC
+    methods class of its ``rpc_methods`` attribute, if any; once per process."""
+    name = getattr(target, "engine_name", None) or attr
+    if name in _engines:
+        known = _engines[name]
+        if known.origin != _origin_of(target):
+            raise RegistryError(f"engine {spec!r}: the name {name!r} is already registered "
+                                f"by {known.origin}: give the class another engine_name")
+        return known
+    register_operations(name, target)
+    methods = getattr(target, "rpc_methods", None)
+    if methods is not None:
+        register_rpc_methods(name, methods)
+    return _engines[name]
 
 
 def _call_registrar(target: Any, where: str) -> None:

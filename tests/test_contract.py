@@ -199,3 +199,51 @@ def test_engines_found_by_entry_point_and_module_attribute(clean_registry):
     assert reg.name == "test-fault" and "mount" in reg.rpc_specs
     with pytest.raises(registry.RegistryError, match="cannot load engine"):
         registry.find("no_such_module:Thing")
+
+
+# --- engines named by import path -------------------------------------------------------------
+
+def test_an_import_path_may_name_a_callable_that_returns_the_engine(clean_registry):
+    reg = registry.find("import_path_engines:make_engine")
+    assert reg.name == "import-path-returned" and "sethostname" in reg.rpc_specs
+    assert registry.find("import_path_engines:make_engine") is reg  # once per process
+    assert registry.find("import_path_engines:make_instance") is reg  # the same class
+    assert registry.find("import_path_engines:Unnamed").name == "Unnamed"
+    assert registry.make_engine("import_path_engines:make_engine").name == reg.name
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("no_such_package_of_kit_tests.engine:register",
+     "cannot load engine 'no_such_package_of_kit_tests.engine:register': no module named "
+     "'no_such_package_of_kit_tests' on the import path: install the package that holds it, "
+     "or add the directory that holds it to PYTHONPATH"),
+    ("import_path_broken:register",
+     "cannot load engine 'import_path_broken:register': importing import_path_broken failed: "
+     "ModuleNotFoundError: No module named 'no_such_dependency_of_the_engine'"),
+    ("import_path_engines:regster",
+     "module import_path_engines \\(/.*/import_path_engines.py\\) has no attribute "
+     "'regster' \\(it defines: Returned, Unnamed, make_engine, make_instance, raises, "
+     "registers_nothing, registers_two, returns_a_string\\)"),
+    ("import_path_engines:registers_nothing",
+     "engine 'import_path_engines:registers_nothing': it returned None and registered no "
+     "engine: return an Operations subclass or instance, or call "
+     "kit.registry.register_operations in it"),
+    ("import_path_engines:returns_a_string",
+     "it returned 'import-path-returned': return an Operations subclass or instance, or None "
+     "after registering one engine"),
+    ("import_path_engines:registers_two",
+     "it registered 2 engines \\(import-path-one, import-path-two\\); name one of them "
+     "instead"),
+    ("import_path_engines:raises",
+     "engine 'import_path_engines:raises': calling it raised FileNotFoundError: \\[Errno 2\\] "
+     "the engine's config file is missing"),
+    ("import_path_engines:NOT_CALLABLE",
+     "42 is neither an Operations subclass nor a callable that registers or returns an "
+     "engine"),
+    ("import_path_engines:", "not an import path: write MODULE:ATTRIBUTE"),
+    ("import path engines:x", "not an import path: write MODULE:ATTRIBUTE"),
+    ("a.b:c:d", "not an import path: write MODULE:ATTRIBUTE"),
+])
+def test_a_bad_import_path_says_what_to_change(clean_registry, spec, message):
+    with pytest.raises(registry.RegistryError, match=message):
+        registry.find(spec)
