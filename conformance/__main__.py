@@ -1,12 +1,10 @@
 """``python -m conformance catalogue``: print the requirement catalogue as Markdown; ``spec``:
 print the contract;
-``report``: render a saved JSON report; ``diff``: compare two reports; ``mutants``: the kill
-matrix of the mutant zoo."""
+``report``: render a saved JSON report; ``diff``: compare two reports."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -31,17 +29,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                                        "regressed")
     diff.add_argument("old")
     diff.add_argument("new")
-    mutants = sub.add_parser("mutants", help="the kill matrix: run the suite against every "
-                                             "mutant engine of the zoo; exit 1 if one "
-                                             "survives or the reference fails anything")
-    mutants.add_argument("--json", metavar="FILE", help="write the matrix entries there")
-    mutants.add_argument("--backend", choices=("real", "fake", "both"), default="real")
-    mutants.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 2,
-                         help="pytest sessions at a time (default: the number of CPUs)")
-    mutants.add_argument("--mutant", action="append", default=[], metavar="SLUG",
-                         help="only this mutant (repeatable)")
-    mutants.add_argument("--list", action="store_true",
-                         help="print the zoo and the requirements no mutant kills; run nothing")
     args = parser.parse_args(argv)
     if args.command == "catalogue":
         from conformance.catalogue import markdown
@@ -53,10 +40,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         from conformance.render import report_command
 
         return report_command(args.json, args.out, args.strict)
-    elif args.command == "mutants":
-        from conformance.mutants import main as mutants_main
-
-        return mutants_main(args.json, args.backend, args.jobs, args.mutant, args.list)
     elif args.command == "diff":
         from conformance.diff import diff_command
 

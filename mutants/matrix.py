@@ -1,11 +1,12 @@
 """The kill matrix: does the suite fail every mutant of the zoo, for the right reason?
 
-``python -m conformance mutants --json FILE [--backend real|fake|both] [-j N]`` runs the
-conformance suite once against every mutant of :mod:`reference_engines.mutants` (one pytest
-process per mutant, ``--engine=mutant-…``, in the flows its bug shows in, up to N at a time),
-and once against the reference engine and its cooperating variant (the baselines, every flow).
-Each session writes a conformance report; for every mutant and flow the matrix compares the
-requirements that failed with those the mutant declares (``killed_by``):
+``python -m mutants --json FILE [--backend real|fake|both] [-j N] [--shard K/N]`` (from the
+repository's root) runs the conformance suite once against every mutant of :mod:`mutants.zoo`
+(one pytest process per mutant, ``--engine=`` the import path of its registration function,
+in the flows its bug shows in, up to N at a time), and once against the reference engine and
+its cooperating variant (the baselines, every flow). Each session writes a conformance
+report; for every mutant and flow the matrix compares the requirements that failed with those
+the mutant declares (``killed_by``):
 
 - **killed**: a declared requirement failed in that flow;
 - **survived**: none did (the suite misses the bug, or the mutant does not do what it says);
@@ -22,6 +23,10 @@ closed: remove the ``gap``). The JSON is a list of entries, one per target, flow
 The exit status is 1 when a mutant survives in the real backend, a baseline fails anything,
 a known gap is killed, a declaration is wrong, or a MUST requirement is neither the declared
 killer of a mutant nor listed in :data:`EXCEPTIONS` with the reason.
+
+``--shard K/N`` runs the K-th of N disjoint parts of the sessions (:func:`shard`), for N CI
+jobs; ``--combine FILE…`` judges their JSON files together (a requirement a mutant declares
+must fail for one of its mutants, which may have run in another shard).
 
 As root, every lifecycle of a session runs in the kit's host sandbox (:mod:`kit.sandbox`):
 "the host" of the mutants that change it on purpose (its hostname, its mount table) is that
@@ -45,6 +50,10 @@ from typing import Any, Callable, Sequence
 from conformance import requirements
 from conformance.expectations import FLOWS
 
+#: The checkout's root: the directory that holds the ``mutants`` package, put on the import
+#: path of every session (the zoo is not installed; the sessions run in temporary directories).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 BACKENDS = ("real", "fake")
 #: The baselines: (label, engine spec). They must pass everything in every flow.
 BASELINES = (("reference", "reference"),
@@ -53,7 +62,7 @@ BASELINES = (("reference", "reference"),
 SESSION_TIMEOUT = 600.0
 
 #: MUST requirements no mutant of the real backend can break, with the reason (the starter
-#: mutants, :mod:`reference_engines.mutants.starter`, break the rules only the kit can break;
+#: mutants, :mod:`mutants.zoo.starter`, break the rules only the kit can break;
 #: the requirements the suite does not check, ``unchecked`` in the catalogue, and those only a
 #: known survivor, a mutant's ``gap``, breaks are listed on their own, from their own reasons).
 EXCEPTIONS: dict[str, str] = {
@@ -128,14 +137,14 @@ class Target:
 
 
 def zoo() -> list[type]:
-    from reference_engines.mutants import MUTANTS
+    from mutants.zoo import MUTANTS
 
     return list(MUTANTS)
 
 
 def mutant_targets(only: Sequence[str] = ()) -> list[Target]:
     """The mutants (all, or those whose slug or name is in ``only``)."""
-    from reference_engines.mutants import engine_spec, registered_name
+    from mutants.zoo import engine_spec, registered_name
 
     out = []
     for mutant in zoo():
@@ -159,12 +168,41 @@ def baseline_targets() -> list[Target]:
             for label, spec in BASELINES]
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` → (K, N), 1 ≤ K ≤ N; a ValueError naming the bad value otherwise."""
+    k, slash, n = text.partition("/")
+    try:
+        index, count = int(k), int(n)
+    except ValueError:
+        index = count = 0
+    if not slash or count < 1 or not 1 <= index <= count:
+        raise ValueError(f"--shard {text!r}: write K/N with 1 <= K <= N, e.g. 2/4")
+    return index, count
+
+
+def shard(targets: Sequence[Target], index: int, count: int) -> list[Target]:
+    """The ``index``-th (1-based) of ``count`` disjoint parts of ``targets``, in their order.
+
+    Deterministic and balanced by estimated cost: the targets, costliest first (ties by
+    label), each go to the part with the least cost so far (ties: the lowest part). The same
+    targets give the same parts on every machine, and the parts cover them exactly once."""
+    if not 1 <= index <= count:
+        raise ValueError(f"shard {index}/{count}: need 1 <= K <= N")
+    load = [0.0] * count
+    part: dict[str, int] = {}
+    for target in sorted(targets, key=lambda t: (-t.cost, t.label)):
+        lightest = min(range(count), key=lambda i: (load[i], i))
+        load[lightest] += target.cost
+        part[target.label] = lightest + 1
+    return [t for t in targets if part[t.label] == index]
+
+
 def declaration_problems() -> list[str]:
     """Mutant declarations that cannot be right: an unknown requirement or flow, a flow of the
     mutant in which no test checks a requirement it declares (for the capabilities it has), a
     missing or duplicate name, no bug or no requirement."""
     from conformance.catalogue import tests_by_requirement
-    from reference_engines.mutants.base import MECHANISMS
+    from mutants.zoo.base import MECHANISMS
 
     index = tests_by_requirement()
     problems = []
@@ -335,6 +373,7 @@ def _environment(tmpdir: str) -> dict[str, str]:
            if not k.startswith(("PYTEST_", "CONFORMANCE_", "COVERAGE_"))
            and k != "COV_CORE_SOURCE"}
     env["TMPDIR"] = tmpdir
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, *filter(None, [env.get("PYTHONPATH")])])
     return env
 
 
@@ -431,11 +470,14 @@ class Matrix:
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
-    def verdict(self) -> list[str]:
-        """Why the matrix fails (empty: it passes)."""
+    def verdict(self, whole: bool = True) -> list[str]:
+        """Why the matrix fails (empty: it passes). ``whole=False`` for one shard: a
+        requirement declared by mutants may have failed for one in another shard, so
+        :meth:`unproven` is left to ``--combine``."""
         out = list(self.problems)
-        out += [f"{req}: declared by mutants, failed for none of them" for req in
-                self.unproven()]
+        if whole:
+            out += [f"{req}: declared by mutants, failed for none of them" for req in
+                    self.unproven()]
         for label, flows in self._by_target().items():
             first = flows[0]
             backend = first["backend"]
@@ -518,13 +560,17 @@ FOCUSED_BACKENDS = ("fake",)
 
 def run_matrix(backend: str = "real", jobs: int = 2, only: Sequence[str] = (),
                baselines: bool = True,
-               progress: Callable[[str], None] | None = None) -> Matrix:
+               progress: Callable[[str], None] | None = None,
+               part: tuple[int, int] | None = None) -> Matrix:
     """Run the suite against the baselines and every mutant (or ``only`` those) in
-    ``backend`` (``real``, ``fake`` or ``both``), ``jobs`` sessions at a time."""
+    ``backend`` (``real``, ``fake`` or ``both``), ``jobs`` sessions at a time; ``part``
+    (K, N): only the K-th of N shards of those targets (:func:`shard`)."""
     start = time.monotonic()
     backends = BACKENDS if backend == "both" else (backend,)
     matrix = Matrix(problems=declaration_problems())
     targets = (baseline_targets() if baselines else []) + mutant_targets(only)
+    if part is not None:
+        targets = shard(targets, *part)
     work: list[tuple[Target, str]] = []
     for name in backends:
         ok, why = backend_available(name)
@@ -629,24 +675,43 @@ def mechanism_table(matrix: Matrix | None = None) -> str:
 
 
 def listing() -> str:
-    """The zoo as a Markdown table (name, the ``--engine`` value when it is not the name,
-    declared killers, flows, bug)."""
-    from reference_engines.mutants import engine_spec
+    """The zoo as a Markdown table (name and ``--engine`` value, declared killers, flows,
+    mechanism, bug)."""
+    from mutants.zoo import engine_spec
 
     lines = ["| mutant | killed by | flows | mechanism | bug |", "|---|---|---|---|---|"]
     for mutant in zoo():
         gap = f" **Known survivor**: {mutant.gap}." if mutant.gap else ""
         name = f"mutant-{mutant.slug}"
         spec = engine_spec(mutant)
-        shown = f"`{name}`" + (f" (`--engine={spec}`)" if spec != name else "")
+        shown = f"`{name}` (`--engine={spec}`)"
         lines.append(f"| {shown} | {', '.join(mutant.killed_by)} | "
                      f"{', '.join(mutant.flows)} | {mutant.mechanism} | {mutant.bug}.{gap} |")
     return "\n".join(lines)
 
 
+def load_entries(paths: Sequence[str]) -> list[dict[str, Any]]:
+    """The entries of the matrix JSON files ``paths`` (one per shard), as one list; a
+    ValueError naming the file that is not such a list."""
+    entries: list[dict[str, Any]] = []
+    for path in paths:
+        try:
+            with open(path) as f:
+                doc = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"--combine {path}: cannot read a matrix: {exc}") from None
+        if not isinstance(doc, list) or not all(isinstance(e, dict) and "mutant" in e
+                                                 for e in doc):
+            raise ValueError(f"--combine {path}: not a matrix (a JSON list of entries, as "
+                             "--json writes)")
+        entries += doc
+    return entries
+
+
 def main(json_path: str | None, backend: str, jobs: int, only: Sequence[str] = (),
-         list_only: bool = False) -> int:
-    """``python -m conformance mutants``."""
+         list_only: bool = False, part: tuple[int, int] | None = None,
+         combine: Sequence[str] = ()) -> int:
+    """``python -m mutants``."""
     if list_only:
         print(listing())
         print()
@@ -654,14 +719,18 @@ def main(json_path: str | None, backend: str, jobs: int, only: Sequence[str] = (
         print()
         print(coverage_text())
         return 0
-    matrix = run_matrix(backend, jobs, only, progress=lambda line: print(line, flush=True))
+    if combine:
+        matrix = Matrix(entries=load_entries(combine), problems=declaration_problems())
+    else:
+        matrix = run_matrix(backend, jobs, only, progress=lambda line: print(line, flush=True),
+                            part=part)
     print()
     print(table(matrix))
     print()
     print(mechanism_table(matrix))
     print()
     print(coverage_text())
-    problems = matrix.verdict()
+    problems = matrix.verdict(whole=part is None)
     if not only:
         problems += [f"{req}: no mutant is declared to be killed by it and EXCEPTIONS gives "
                      "no reason" for req in uncovered()]
@@ -673,6 +742,10 @@ def main(json_path: str | None, backend: str, jobs: int, only: Sequence[str] = (
         with open(json_path, "w") as f:
             json.dump(matrix.entries, f, indent=1)
         print(f"matrix: {json_path}")
+    if part is not None:
+        print(f"\nshard {part[0]}/{part[1]}: whether every declared requirement failed for "
+              "one of its mutants is judged over all shards: python -m mutants --combine "
+              "SHARD.json…")
     if problems:
         print("\nthe matrix fails:")
         for p in problems:

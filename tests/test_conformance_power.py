@@ -312,12 +312,11 @@ def test_a_host_mount_whose_propagation_or_options_change_is_reported():
 
 
 def test_config_giving_another_json_on_its_second_call_breaks_state_001():
-    from reference_engines.mutants import register
-
-    register()  # the zoo's config-counts-calls: the second config() differs
     from kit import registry
 
-    first = registry.find("mutant-config-counts-calls").factory().config().to_json()
+    # the zoo's config-counts-calls: the second config() differs
+    reg = registry.find("mutants.zoo:register_config_counts_calls")
+    first = reg.factory().config().to_json()
     stage1 = {"kind": "hook_return", "role": "stage1", "hook": "config",
               "result": {"type": "ReferenceConfig", "json": first}}
     run = make_run("root", [stage1])

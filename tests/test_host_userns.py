@@ -415,7 +415,7 @@ PRIVILEGE_MUTANTS = ("master-gives-up-privilege", "ambient-caps-for-user",
                      "starter-userns-flows-as-root", "starter-setuid-stage1-keeps-saved-root",
                      "master-keeps-euid-root")
 MAPS = (65536, 4294967295)
-MATRIX = ("import json, sys; from conformance import mutants as M; "
+MATRIX = ("import json, sys; from mutants import matrix as M; "
           "m = M.run_matrix('real', 2, sys.argv[1:], baselines=False); "
           "print(json.dumps(m.entries))")
 

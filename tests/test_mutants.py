@@ -1,4 +1,4 @@
-"""The mutant zoo (reference_engines/mutants) and its kill matrix (conformance/mutants.py).
+"""The mutant zoo (mutants/zoo) and its kill matrix (mutants/matrix.py).
 
 Every mutant breaks one rule; the conformance suite must fail it with a requirement it
 declares, in every flow it declares, while the reference engine passes everything. The
@@ -13,9 +13,10 @@ import os
 
 import pytest
 
-from conformance import mutants as M
 from conformance import requirements
-from reference_engines.mutants import (
+from kit import registry
+from mutants import matrix as M
+from mutants.zoo import (
     ENGINE_MUTANTS, MUTANTS, STARTER_MUTANTS, by_name, engine_spec, registered_name,
 )
 
@@ -39,25 +40,39 @@ def test_the_zoo_has_at_least_30_mutants_and_one_for_every_group_of_the_catalogu
     assert groups == {key for key, _ in requirements.GROUPS}
 
 
-def test_every_engine_mutant_is_registered_under_its_name_with_an_entry_point():
+def test_no_mutant_is_an_entry_point_and_each_engine_mutant_has_its_own_import_path():
+    """The zoo is not installed: each engine mutant is named by the import path of its own
+    registration function, which registers it alone."""
     from importlib.metadata import entry_points
 
     names = {ep.name for ep in entry_points(group="kit.engines")}
-    assert {registered_name(m) for m in ENGINE_MUTANTS} <= names
+    assert not [n for n in names if n.startswith("mutant-")]
+    assert not [ep.value for ep in entry_points(group="kit.engines") if "mutants" in ep.value]
     assert all(registered_name(m).startswith("mutant-") for m in MUTANTS)
+    before = set(registry.registered())
+    try:
+        for mutant in ENGINE_MUTANTS:
+            spec = engine_spec(mutant)
+            assert spec.startswith("mutants.zoo:register_"), spec
+            assert registry.find(spec).name == registered_name(mutant)
+            assert registry.find(spec) is registry.find(registered_name(mutant))
+        assert set(registry.registered()) - before == {registered_name(m)
+                                                        for m in ENGINE_MUTANTS} - before
+    finally:
+        for name in set(registry.registered()) - before:
+            registry.unregister(name)
 
 
 def test_starter_mutants_have_no_entry_point_and_one_spec_each():
-    """Registering a starter mutant mutates the kit of the registering process: an entry
-    point would let the lookup of an unknown engine name (which tries every registrar)
-    mutate a zygote by accident."""
+    """Registering a starter mutant mutates the kit of the registering process: it is named
+    only by the import path of its own registration function, never looked up by name."""
     from importlib.metadata import entry_points
 
     names = {ep.name for ep in entry_points(group="kit.engines")}
     assert not {registered_name(m) for m in STARTER_MUTANTS} & names
     specs = [engine_spec(m) for m in STARTER_MUTANTS]
     assert len(set(specs)) == len(specs) == len(STARTER_MUTANTS) >= 25
-    assert all(s.startswith("reference_engines.mutants.starter:register_") for s in specs)
+    assert all(s.startswith("mutants.zoo.starter:register_") for s in specs)
 
 
 _REGISTER_TWO = """
@@ -70,7 +85,7 @@ assert starter.HookRunner.init_engine is not original, "the kit was not mutated"
 assert registry.find(sys.argv[1]) is reg  # the same registration, mutated once
 try:
     registry.find(sys.argv[2])
-except RuntimeError as exc:
+except registry.RegistryError as exc:
     print("refused:", exc)
 else:
     raise SystemExit("a second starter mutant was accepted")
@@ -82,7 +97,7 @@ def test_a_starter_mutant_mutates_only_the_process_that_registers_it(tmp_path):
     import sys
 
     from kit import starter
-    from reference_engines.mutants import starter as starter_mutants
+    from mutants.zoo import starter as starter_mutants
 
     original = starter.HookRunner.init_engine
     script = tmp_path / "register_two.py"
@@ -90,10 +105,11 @@ def test_a_starter_mutant_mutates_only_the_process_that_registers_it(tmp_path):
     done = subprocess.run(
         [sys.executable, str(script), starter_mutants.ConfigTwice.spec(),
          starter_mutants.PrepareConfigTwice.spec()],
-        capture_output=True, text=True, timeout=60, cwd=os.getcwd())
+        capture_output=True, text=True, timeout=60, cwd=os.getcwd(),
+        env={**os.environ, "PYTHONPATH": M.ROOT})
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "refused: mutant-starter-prepare-config-twice: this process's kit is already " \
-           "mutated by mutant-starter-config-twice" in done.stdout
+    assert "calling it raised RuntimeError: mutant-starter-prepare-config-twice: this " \
+           "process's kit is already mutated by mutant-starter-config-twice" in done.stdout
     assert starter.HookRunner.init_engine is original  # importing the module changed nothing
 
 
@@ -118,8 +134,8 @@ def test_every_must_requirement_has_two_mechanisms_or_the_table_says_why_not():
 
 
 def test_an_unknown_mechanism_is_a_declaration_problem(monkeypatch):
-    from reference_engines.mutants.base import MECHANISMS
-    from reference_engines.mutants.mechanisms import SharedNestedList
+    from mutants.zoo.base import MECHANISMS
+    from mutants.zoo.mechanisms import SharedNestedList
 
     monkeypatch.setattr(SharedNestedList, "mechanism", "telepathy")
     assert [p for p in M.declaration_problems() if "telepathy" in p] == [
@@ -198,9 +214,53 @@ def test_the_kill_matrix_kills_every_mutant_and_passes_the_reference(tmp_path,
         assert total == killable
 
 
-def test_the_listing_names_every_mutant_and_how_to_run_a_starter_mutant():
+def test_the_listing_names_every_mutant_and_how_to_run_it():
     text = M.listing()
     for mutant in MUTANTS:
-        assert f"`{registered_name(mutant)}`" in text
-    for mutant in STARTER_MUTANTS:
-        assert f"(`--engine={engine_spec(mutant)}`)" in text
+        assert f"`{registered_name(mutant)}` (`--engine={engine_spec(mutant)}`)" in text
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 7])
+def test_the_shards_partition_the_sessions_the_same_way_every_time(count):
+    targets = M.baseline_targets() + M.mutant_targets()
+    parts = [M.shard(targets, k, count) for k in range(1, count + 1)]
+    labels = [t.label for part in parts for t in part]
+    assert sorted(labels) == sorted(t.label for t in targets)  # each exactly once
+    assert len(labels) == len(set(labels))
+    assert parts == [M.shard(list(reversed(targets)), k, count)[::-1]
+                     for k in range(1, count + 1)]  # the order given does not matter
+    costs = [sum(t.cost for t in part) for part in parts]
+    heaviest = max(t.cost for t in targets)
+    assert max(costs) - min(costs) <= heaviest  # balanced by cost
+
+
+@pytest.mark.parametrize("text", ["0/2", "3/2", "2", "a/b", "1/0", "-1/2", "1/2/3"])
+def test_a_bad_shard_is_refused_with_the_form_to_write(text):
+    with pytest.raises(ValueError, match=r"--shard .*: write K/N with 1 <= K <= N"):
+        M.parse_shard(text)
+
+
+def test_python_m_mutants_refuses_a_bad_shard_and_a_bad_combine_file(tmp_path):
+    import subprocess
+    import sys
+
+    def mutants(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "mutants", *args], capture_output=True,
+                              text=True, cwd=M.ROOT, timeout=120)
+
+    proc = mutants("--shard", "5/4")
+    assert proc.returncode == 2 and "--shard '5/4': write K/N" in proc.stderr
+    bad = tmp_path / "shard.json"
+    bad.write_text('{"not": "a list"}')
+    proc = mutants("--combine", str(bad))
+    assert proc.returncode == 2
+    assert f"--combine {bad}: not a matrix" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_shard_leaves_the_unproven_requirements_to_the_combined_verdict():
+    # Mutant b declares R-2 and failed only R-1: R-2 is unproven over the whole matrix,
+    # but in one shard another shard's mutant may have proven it.
+    matrix = M.Matrix(entries=[_entry("a", "direct", ["R-1"], ["R-1"]),
+                               _entry("b", "direct", ["R-1", "R-2"], ["R-1"])])
+    assert matrix.verdict(whole=False) == []
+    assert matrix.verdict() == ["R-2: declared by mutants, failed for none of them"]

@@ -1,13 +1,15 @@
 """The mutant zoo: variants of the reference engine that each break one rule of ``SPEC.md``.
 
-Each mutant is registered as ``mutant-<slug>`` (entry points ``kit.engines``, all pointing to
-:func:`register`) and declares the requirement IDs that must catch it, the flows where its bug
-shows and a one-line description (:mod:`reference_engines.mutants.base`). The kill matrix
-(``python -m conformance mutants``, :mod:`conformance.mutants`) runs the conformance suite
-against every one of them and checks that each is killed by a requirement it declares:
+Each mutant is registered as ``mutant-<slug>`` by a registration function of its own, named
+by import path (:func:`engine_spec`; the zoo is not installed, so it has no ``kit.engines``
+entry point) and declares the requirement IDs that must catch it, the flows where its bug
+shows and a one-line description (:mod:`mutants.zoo.base`). The kill matrix
+(``python -m mutants``, :mod:`mutants.matrix`) runs the conformance suite against every one
+of them and checks that each is killed by a requirement it declares. From the repository's
+root:
 
-    pytest --engine=mutant-master-keeps-euid-root --flow suid    # one by hand
-    python -m conformance mutants --json matrix.json -j 2          # all of them
+    python -m pytest --engine=mutants.zoo:register_master_keeps_euid_root --flow suid
+    python -m mutants --json matrix.json -j 2                  # all of them
 
 Areas: :mod:`.privileges` (stage 1, master, RPC server, stage 2, payload),
 :mod:`.namespaces`, :mod:`.lifecycle` (hangs, crashes, errors, the RPC connection),
@@ -18,23 +20,24 @@ value, a symlink, another field), :mod:`.host` (changes of the host that outlive
 suite cannot see yet, with the reason).
 
 :mod:`.starter` holds the starter mutants: the reference engine run by a kit with one bug, for
-the rules only the starter can break. They have no entry point: ``--engine`` names their
-registration function (:func:`engine_spec`), which mutates the kit of the process that calls
-it.
+the rules only the starter can break. Their registration functions live there and mutate the
+kit of the process that calls them.
 """
 
 from __future__ import annotations
 
-from reference_engines.mutants import (
+from typing import Callable
+
+from mutants.zoo import (
     cleanup, gaps, host, join, lifecycle, mechanisms, namespaces, privileges, signals, starter,
     state, syscalls,
 )
-from reference_engines.mutants.base import Mutant, registered_name
+from mutants.zoo.base import Mutant, registered_name
 
 __all__ = ["ENGINE_MUTANTS", "MUTANTS", "Mutant", "STARTER_MUTANTS", "by_name", "engine_spec",
-           "register", "registered_name"]
+           "register", "registered_name", "registrar_name"]
 
-#: Engine mutants, by area: registered by :func:`register` (one entry point each).
+#: Engine mutants, by area: each registered by its own function (:func:`engine_spec`).
 ENGINE_MUTANTS: tuple[type[Mutant], ...] = (
     *privileges.MUTANTS, *namespaces.MUTANTS, *lifecycle.MUTANTS, *signals.MUTANTS,
     *cleanup.MUTANTS, *state.MUTANTS, *join.MUTANTS, *gaps.MUTANTS, *mechanisms.MUTANTS,
@@ -46,12 +49,19 @@ STARTER_MUTANTS: tuple[type[Mutant], ...] = starter.MUTANTS
 MUTANTS: tuple[type[Mutant], ...] = (*ENGINE_MUTANTS, *STARTER_MUTANTS)
 
 
+def registrar_name(mutant: type[Mutant]) -> str:
+    """The name of the function that registers ``mutant``: ``register_<slug>``, dashes as
+    underscores."""
+    return "register_" + mutant.slug.replace("-", "_")
+
+
 def engine_spec(mutant: type[Mutant]) -> str:
-    """What ``--engine`` takes to run ``mutant``: its registered name for an engine mutant,
-    its registration function's ``module:attribute`` for a starter mutant."""
+    """What ``--engine`` takes to run ``mutant``: the import path of its registration
+    function (in this module for an engine mutant, in :mod:`.starter` for a starter
+    mutant)."""
     if issubclass(mutant, starter.StarterMutant):
         return mutant.spec()
-    return registered_name(mutant)
+    return f"{__name__}:{registrar_name(mutant)}"
 
 
 def by_name() -> dict[str, type[Mutant]]:
@@ -65,19 +75,31 @@ def by_name() -> dict[str, type[Mutant]]:
     return out
 
 
-def register() -> None:
-    """Register every engine mutant and its RPC methods (once per process); starter mutants
-    are left out (registering one mutates the kit)."""
+def _register(mutant: type[Mutant]) -> None:
     from conformance.cooperation import cooperative
     from kit.registry import register_operations, register_rpc_methods, registered
 
-    from reference_engines.minimal import register as register_reference
-
-    register_reference()
-    known = registered()
-    for mutant in ENGINE_MUTANTS:
-        name = registered_name(mutant)
-        if name in known:
-            continue
+    name = registered_name(mutant)
+    if name not in registered():
         register_operations(name, cooperative(mutant) if mutant.cooperative else mutant)
         register_rpc_methods(name, mutant.rpc)
+
+
+def _registrar(mutant: type[Mutant]) -> Callable[[], None]:
+    def register() -> None:
+        _register(mutant)
+
+    register.__name__ = register.__qualname__ = registrar_name(mutant)
+    register.__doc__ = f"Register {registered_name(mutant)}: {mutant.bug}."
+    return register
+
+
+for _mutant in ENGINE_MUTANTS:
+    globals()[registrar_name(_mutant)] = _registrar(_mutant)
+
+
+def register() -> None:
+    """Register every engine mutant and its RPC methods (for tests that look mutants up by
+    name in one process); starter mutants are left out (registering one mutates the kit)."""
+    for mutant in ENGINE_MUTANTS:
+        _register(mutant)

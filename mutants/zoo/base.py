@@ -2,7 +2,7 @@
 
 A mutant is a subclass of the reference engine (or of its RPC methods) that breaks exactly
 one rule of ``SPEC.md``. It says so in four class attributes, read by the kill matrix
-(:mod:`conformance.mutants`):
+(:mod:`mutants.matrix`):
 
 - ``slug``: its name; it is registered as ``mutant-<slug>``;
 - ``bug``: one line saying what it does wrong;

@@ -9,7 +9,7 @@ import os
 import subprocess
 import tempfile
 
-from reference_engines.mutants.base import Mutant
+from mutants.zoo.base import Mutant
 
 
 class LeavesAProcess(Mutant):

@@ -16,7 +16,7 @@ import os
 from kit.system import current
 from reference_engines.minimal import ReferenceRPC
 from reference_engines.minimal.engine import FORWARDED_SIGNALS, MONITOR_POLL
-from reference_engines.mutants.base import Mutant
+from mutants.zoo.base import Mutant
 
 
 class PostStartCalledTwice(Mutant):

@@ -14,7 +14,7 @@ import os
 import subprocess
 
 from kit import sandbox
-from reference_engines.mutants.base import HostDamageRefused, Mutant
+from mutants.zoo.base import HostDamageRefused, Mutant
 
 
 def in_kit_sandbox() -> bool:

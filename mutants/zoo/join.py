@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from conformance.cooperation import cooperative
 from kit.starter_config import StarterConfig
-from reference_engines.mutants.base import Mutant
+from mutants.zoo.base import Mutant
 
 
 class _CooperativeMutant(cooperative(Mutant)):  # type: ignore[misc]

@@ -12,7 +12,7 @@ import time
 from kit.rpc import RPCClient
 from kit.starter_config import StarterConfig
 from reference_engines.minimal import ReferenceRPC
-from reference_engines.mutants.base import Mutant
+from mutants.zoo.base import Mutant
 
 #: Hook timeout (seconds) the matrix uses for the mutants that hang on purpose.
 HANG_TIMEOUT = 2.0

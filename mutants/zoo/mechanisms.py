@@ -22,7 +22,7 @@ from kit.starter_config import StarterConfig
 from kit.system import current
 from reference_engines.minimal import ReferenceConfig, ReferenceRPC
 from reference_engines.minimal.engine import FORWARDED_SIGNALS, MONITOR_POLL
-from reference_engines.mutants.base import (
+from mutants.zoo.base import (
     NOBODY, Mutant, on_helper_thread, process_role, refuse_real_host, thread_setfsuid,
     thread_setresuid,
 )

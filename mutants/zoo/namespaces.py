@@ -3,7 +3,7 @@ the RPC server's namespaces, and work done in the host's namespaces instead of t
 container's.
 
 The mutants that change "the host" (its hostname, its mount namespace) refuse to run unless
-the host is a sandbox (:func:`reference_engines.mutants.base.refuse_real_host`), and undo
+the host is a sandbox (:func:`mutants.zoo.base.refuse_real_host`), and undo
 what they did in cleanup_container, except the one whose bug is not to.
 """
 
@@ -16,7 +16,7 @@ from kit.rpc import RPCClient
 from kit.starter_config import StarterConfig
 from kit.system import current
 from reference_engines.minimal import ReferenceRPC
-from reference_engines.mutants.base import Mutant, process_role, refuse_real_host
+from mutants.zoo.base import Mutant, process_role, refuse_real_host
 
 
 class RPCServerOwnMountNamespace(Mutant):

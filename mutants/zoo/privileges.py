@@ -12,7 +12,7 @@ import os
 from kit import linux
 from kit.starter_config import StarterConfig
 from kit.system import current
-from reference_engines.mutants.base import NOBODY, Mutant, process_role
+from mutants.zoo.base import NOBODY, Mutant, process_role
 
 # --- stage 1 -------------------------------------------------------------------------------
 

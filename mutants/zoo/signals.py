@@ -8,7 +8,7 @@ import os
 import signal
 
 from reference_engines.minimal.engine import FORWARDED_SIGNALS, MONITOR_POLL
-from reference_engines.mutants.base import Mutant
+from mutants.zoo.base import Mutant
 
 
 def _reap(pid: int) -> int | None:

@@ -11,12 +11,10 @@ How the change gets into the run
     Registering a starter mutant applies its change to the kit *of the registering process*:
     :func:`registrar` makes one registration function per mutant, reachable only by its
     explicit ``module:attribute`` spec (:meth:`StarterMutant.spec`, e.g.
-    ``reference_engines.mutants.starter:register_starter_config_twice``). The kit's zygote
+    ``mutants.zoo.starter:register_starter_config_twice``). The kit's zygote
     registers the engine of a run before it forks the supervisor, so every process of the
-    run inherits the change. That is also why these mutants have **no** ``kit.engines``
-    entry point: looking up an unknown engine name tries every entry point's registrar, and
-    must never mutate the kit of a process by accident. Use them only in a process of their
-    own (the kill matrix runs one pytest session, hence one zygote, per mutant).
+    run inherits the change. Use them only in a process of their own (the kill matrix runs
+    one pytest session, hence one zygote, per mutant).
 
 Some bugs are races in a real starter (a master that does not wait for the container to be
 ready, say); the mutants make them deterministic with a short sleep on the losing side.
@@ -39,8 +37,8 @@ from kit.rpc import server as rpc_server
 from kit.starter_config import StarterConfig
 from kit.system import RealSystem, current
 from reference_engines.minimal import ReferenceRPC
-from reference_engines.mutants.base import HostDamageRefused, Mutant
-from reference_engines.mutants.lifecycle import HANG_TIMEOUT
+from mutants.zoo.base import HostDamageRefused, Mutant
+from mutants.zoo.lifecycle import HANG_TIMEOUT
 
 #: How long the losing side of a made-deterministic race waits (seconds).
 RACE_DELAY = 0.2

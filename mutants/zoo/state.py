@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from kit.starter_config import StarterConfig
 from reference_engines.minimal import ReferenceConfig
 from reference_engines.minimal.engine import DEFAULT_NAMESPACES
-from reference_engines.mutants.base import Mutant
+from mutants.zoo.base import Mutant
 
 #: What SharedConfig.config returns, every time.
 _SHARED_CONFIG = ReferenceConfig()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-from reference_engines.mutants.base import Mutant
+from mutants.zoo.base import Mutant
 
 #: A swap file that does not exist: had the call reached the kernel, it would fail (ENOENT).
 NO_SUCH_SWAP = b"/nonexistent-mutant-swap-file"

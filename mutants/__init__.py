@@ -1,0 +1,1 @@
+"""The kit's mutation apparatus, run from a checkout: the mutant zoo and its kill matrix."""
