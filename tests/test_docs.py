@@ -149,6 +149,34 @@ class Venv:
         return proc.stdout
 
 
+def _build_wheel(wheels: Path) -> Path:
+    """The kit's wheel, built from the checkout into ``wheels``."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels),
+                    str(ROOT)], check=True, capture_output=True, timeout=600, cwd=wheels.parent)
+    (wheel,) = wheels.glob("engine_kit-*.whl")
+    return wheel
+
+
+def test_the_wheel_carries_no_mutant_module_and_no_mutant_entry_point(tmp_path: Path) -> None:
+    """The mutant zoo and the kill matrix are the kit's own test apparatus (mutants/, run from
+    a checkout): a pip install gets neither the modules nor an engine name of theirs."""
+    import configparser
+    import zipfile
+
+    with zipfile.ZipFile(_build_wheel(tmp_path / "wheels")) as wheel:
+        names = wheel.namelist()
+        (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+        text = wheel.read(entry_points).decode()
+    assert names and not [n for n in names if "mutant" in n.lower()], names
+    assert {n.split("/", 1)[0] for n in names if n.endswith(".py")} == {
+        "kit", "conformance", "reference_engines"}
+    parser = configparser.ConfigParser(delimiters=("=",))
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # names keep their case
+    parser.read_string(text)
+    assert dict(parser["kit.engines"]) == {"reference": "reference_engines.minimal:register"}
+    assert "mutant" not in text.lower()
+
+
 @pytest.fixture
 def wheel_venv() -> Iterator[Venv]:
     """A fresh virtualenv of Debian's python3 with the kit installed from its built wheel,
@@ -158,15 +186,12 @@ def wheel_venv() -> Iterator[Venv]:
     top = Path(tempfile.mkdtemp(prefix="kit-docs-", dir="/var/tmp"))
     try:
         top.chmod(0o755)
-        wheels, work = top / "wheels", top / "work"
+        work = top / "work"
         work.mkdir()
-        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w",
-                        str(wheels), str(ROOT)], check=True, capture_output=True, timeout=600,
-                       cwd=top)
+        wheel = _build_wheel(top / "wheels")
         subprocess.run(["/usr/bin/python3", "-m", "venv", str(top / "venv")], check=True,
                        timeout=120)
         venv = Venv(top / "venv", work)
-        (wheel,) = wheels.glob("engine_kit-*.whl")
         venv.run(venv.bin / "python", "-m", "pip", "install", "-q", wheel)
         yield venv
     finally:
@@ -209,6 +234,8 @@ def test_the_readme_engine_and_a_kit_new_package_from_the_wheel_pass_every_flow(
     # One test, not three: under pytest-xdist a module fixture would be built per worker.
     out = wheel_venv.run(wheel_venv.bin / "python", "-m", "conformance", "spec")
     assert out.startswith("# The engine contract") and "## 11. The host" in out
+    out = wheel_venv.run(wheel_venv.bin / "python", "-m", "kit", "engines")
+    assert out == "reference\tentry point reference_engines.minimal:register\n"  # no mutant
 
     package = _readme_engine_package(wheel_venv.work.parent)
     wheel_venv.run(wheel_venv.bin / "python", "-m", "pip", "install", "-q", package)
