@@ -708,6 +708,17 @@ def load_entries(paths: Sequence[str]) -> list[dict[str, Any]]:
     return entries
 
 
+def missing_targets(entries: Sequence[dict[str, Any]]) -> list[str]:
+    """The targets (baselines and mutants) that no entry is of: a shard missing from
+    ``--combine``."""
+    seen = {e["mutant"] for e in entries}
+    missing = [t.label for t in baseline_targets() + mutant_targets() if t.label not in seen]
+    if not missing:
+        return []
+    return [f"{len(missing)} targets ran in none of the combined shards (is one missing?): "
+            f"{', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}"]
+
+
 def main(json_path: str | None, backend: str, jobs: int, only: Sequence[str] = (),
          list_only: bool = False, part: tuple[int, int] | None = None,
          combine: Sequence[str] = ()) -> int:
@@ -731,6 +742,8 @@ def main(json_path: str | None, backend: str, jobs: int, only: Sequence[str] = (
     print()
     print(coverage_text())
     problems = matrix.verdict(whole=part is None)
+    if combine:
+        problems += missing_targets(matrix.entries)
     if not only:
         problems += [f"{req}: no mutant is declared to be killed by it and EXCEPTIONS gives "
                      "no reason" for req in uncovered()]

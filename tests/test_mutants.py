@@ -264,3 +264,15 @@ def test_a_shard_leaves_the_unproven_requirements_to_the_combined_verdict():
                                _entry("b", "direct", ["R-1", "R-2"], ["R-1"])])
     assert matrix.verdict(whole=False) == []
     assert matrix.verdict() == ["R-2: declared by mutants, failed for none of them"]
+
+
+def test_combined_shards_must_cover_every_target():
+    targets = M.baseline_targets() + M.mutant_targets()
+    entries = [{"mutant": t.label} for t in targets]
+    assert M.missing_targets(entries) == []
+    first_two = [e for e in entries if e["mutant"] in {t.label for t in targets[:2]}]
+    assert M.missing_targets(entries[2:]) == [
+        f"2 targets ran in none of the combined shards (is one missing?): "
+        f"{targets[0].label}, {targets[1].label}"]
+    assert first_two and M.missing_targets(first_two)[0].startswith(
+        f"{len(targets) - 2} targets ran in none")
