@@ -105,8 +105,11 @@ def register_rpc_methods(name: str, methods: type) -> None:
 
 
 def unregister(name: str) -> None:
-    """Remove ``name`` (for tests of the registry itself)."""
+    """Remove ``name`` (for tests of the registry itself), and the import paths that named
+    it (their callables run again on the next lookup)."""
     _engines.pop(name, None)
+    for spec in [spec for spec, registered in _registered_by.items() if registered == name]:
+        del _registered_by[spec]
 
 
 def registered() -> dict[str, Registration]:

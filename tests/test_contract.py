@@ -247,3 +247,10 @@ def test_an_import_path_may_name_a_callable_that_returns_the_engine(clean_regist
 def test_a_bad_import_path_says_what_to_change(clean_registry, spec, message):
     with pytest.raises(registry.RegistryError, match=message):
         registry.find(spec)
+
+
+def test_unregistering_an_engine_forgets_the_import_path_that_named_it(clean_registry):
+    registry.find("import_path_engines:make_engine")
+    registry.unregister("import-path-returned")
+    assert "import-path-returned" not in registry.registered()
+    assert registry.find("import_path_engines:make_engine").name == "import-path-returned"
