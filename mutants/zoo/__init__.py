@@ -28,6 +28,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from conformance.cooperation import cooperative
+from kit.registry import register_operations, register_rpc_methods, registered
 from mutants.zoo import (
     cleanup, gaps, host, join, lifecycle, mechanisms, namespaces, privileges, signals, starter,
     state, syscalls,
@@ -35,7 +37,7 @@ from mutants.zoo import (
 from mutants.zoo.base import Mutant, registered_name
 
 __all__ = ["ENGINE_MUTANTS", "MUTANTS", "Mutant", "STARTER_MUTANTS", "by_name", "engine_spec",
-           "register", "registered_name", "registrar_name"]
+           "registered_name", "registrar_name"]
 
 #: Engine mutants, by area: each registered by its own function (:func:`engine_spec`).
 ENGINE_MUTANTS: tuple[type[Mutant], ...] = (
@@ -76,9 +78,6 @@ def by_name() -> dict[str, type[Mutant]]:
 
 
 def _register(mutant: type[Mutant]) -> None:
-    from conformance.cooperation import cooperative
-    from kit.registry import register_operations, register_rpc_methods, registered
-
     name = registered_name(mutant)
     if name not in registered():
         register_operations(name, cooperative(mutant) if mutant.cooperative else mutant)
@@ -96,10 +95,3 @@ def _registrar(mutant: type[Mutant]) -> Callable[[], None]:
 
 for _mutant in ENGINE_MUTANTS:
     globals()[registrar_name(_mutant)] = _registrar(_mutant)
-
-
-def register() -> None:
-    """Register every engine mutant and its RPC methods (for tests that look mutants up by
-    name in one process); starter mutants are left out (registering one mutates the kit)."""
-    for mutant in ENGINE_MUTANTS:
-        _register(mutant)
