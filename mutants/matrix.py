@@ -764,5 +764,7 @@ def main(json_path: str | None, backend: str, jobs: int, only: Sequence[str] = (
         for p in problems:
             print(f"  {p}")
         return 1
-    print("\nevery mutant was killed by a requirement it declares; the baselines passed")
+    where = f" of shard {part[0]}/{part[1]}" if part is not None else ""
+    print(f"\nevery mutant{where} was killed by a requirement it declares; the baselines "
+          f"passed")
     return 0
