@@ -29,11 +29,14 @@ import os
 import shutil
 import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from kit import linux
+from kit import linux, probe, seccomp
 from kit.launcher import RunResult, run
 from kit.ledger import LedgerWriter
 
@@ -82,7 +85,7 @@ def _lifecycle(flow: str, **options: Any) -> Callable[[], RunResult]:
 
 def fake_available() -> bool:
     try:
-        import kit.fake  # noqa: F401
+        import kit.fake  # noqa: F401, PLC0415  (the probe itself: does it import here?)
     except ImportError:
         return False
     return True
@@ -90,7 +93,6 @@ def fake_available() -> bool:
 
 def ledger_cost(n: int = 2000) -> float:
     """Median µs to emit one hook event (with a typical snapshot) to a SEQPACKET socket."""
-    from kit import probe
     reader, writer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     w = LedgerWriter(writer, "master")
     snap = probe.snapshot()
@@ -110,9 +112,7 @@ def ledger_cost(n: int = 2000) -> float:
 def probe_cost(n: int = 200) -> dict[str, float]:
     """Median ms of one snapshot and one escalation probe in this process (with a setuid
     binary to exec, as in a run, where this process can provide one)."""
-    import tempfile
 
-    from kit import probe
     out = {}
     work = tempfile.mkdtemp(prefix="kit-bench-")
     os.chmod(work, 0o755)
@@ -136,7 +136,6 @@ def seccomp_cost(batches: int = 200, per_batch: int = 500) -> dict[str, float]:
     """The fake backend's filter (kit/seccomp.py), measured in a forked child: ms to build
     and install it with its listener, and ns it adds to each system call it lets through
     (getppid, median per-call time of batches, after minus before)."""
-    from kit import seccomp
 
     def per_call() -> float:
         samples = []
@@ -161,7 +160,7 @@ def seccomp_cost(batches: int = 200, per_batch: int = 500) -> dict[str, float]:
             out = {"install_ms": round(install_ms, 3),
                    "per_syscall_ns": round(per_call() - before, 1),
                    "syscall_ns_unfiltered": round(before, 1)}
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 the child reports any failure as JSON
             out = {"error": repr(exc)}  # type: ignore[dict-item]
         os.write(w, json.dumps(out).encode())
         os._exit(0)
@@ -210,8 +209,6 @@ def breakdown(result: RunResult) -> dict[str, Any]:
 def suite_scaling(engine: str, repeats: int = 3) -> dict[str, float]:
     """Median wall seconds of the whole conformance suite with ``-n 0`` and ``-n 2``
     (interleaved), and the speed-up."""
-    import subprocess
-
     times: dict[str, list[float]] = {"n0": [], "n2": []}
     for _ in range(repeats):
         for key, workers in (("n0", "0"), ("n2", "2")):
@@ -227,7 +224,9 @@ def suite_scaling(engine: str, repeats: int = 3) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kit.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m kit.bench", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--samples", type=int, default=30, help="samples per case (≥ 30)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", metavar="FILE", help="write medians and ratios as JSON")

@@ -25,7 +25,8 @@ import socket
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from kit.rpc import RPCClient, serve
 from kit.rpc.mock import MockTransport
@@ -141,7 +142,8 @@ def report(result: dict[str, Any]) -> str:
         f"RPC round trips: {result['samples']} samples x {result['calls_per_sample']} calls, "
         f"payload {result['payload_bytes']} bytes, warm-up {result['warmup_calls']} calls each, "
         "interleaved mock/real",
-        f"{'transport':<28}{'median calls/s':>15}{'p25':>10}{'p75':>10}{'min':>10}{'max':>10}{'us/call':>9}",
+        f"{'transport':<28}{'median calls/s':>15}{'p25':>10}{'p75':>10}"
+        f"{'min':>10}{'max':>10}{'us/call':>9}",
     ]
     for name, label in (("mock", "mock (MockTransport)"), ("real", "real (socketpair + fork)")):
         s = result[name]
@@ -165,12 +167,20 @@ def _positive(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kit.bench_rpc", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m kit.bench_rpc", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--samples", type=_positive, default=31,
                         help=f"samples per transport (at least {MIN_SAMPLES}; default 31)")
-    parser.add_argument("--calls", type=_positive, default=200, help="calls per sample (default 200)")
-    parser.add_argument("--warmup", type=int, default=500, help="warm-up calls per transport (default 500)")
-    parser.add_argument("--payload", type=int, default=64, help="size of the echoed string in bytes (default 64)")
+    parser.add_argument(
+        "--calls", type=_positive, default=200, help="calls per sample (default 200)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=500, help="warm-up calls per transport (default 500)"
+    )
+    parser.add_argument(
+        "--payload", type=int, default=64, help="size of the echoed string in bytes (default 64)"
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     args = parser.parse_args(argv)
     if args.samples < MIN_SAMPLES:

@@ -13,8 +13,8 @@ import argparse
 import json
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from kit import environment, preflight, registry
 from kit.launcher import LaunchError, start

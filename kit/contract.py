@@ -23,8 +23,14 @@ if typing.TYPE_CHECKING:
     from kit.starter_config import StarterConfig
 
 __all__ = [
-    "Operations", "Engine", "Common", "EngineConfig", "Context", "SignalChannel",
-    "ConfigError", "WaitStatus",
+    "Common",
+    "ConfigError",
+    "Context",
+    "Engine",
+    "EngineConfig",
+    "Operations",
+    "SignalChannel",
+    "WaitStatus",
 ]
 
 
@@ -295,7 +301,7 @@ class Operations(abc.ABC):
         returning is a failure too ("stage 2 returned").
         """
 
-    def post_start_process(self, ctx: Context, pid: int) -> None:
+    def post_start_process(self, ctx: Context, pid: int) -> None:  # noqa: B027 optional hook
         """Runs in the master once, after the payload was exec'd (never after a stage 2
         failure). Raising makes the run fatal (exit 255). Default: nothing."""
 

@@ -36,7 +36,7 @@ def _probe(name: str, uid: int | None, gid: int | None, kinds: list[str],
                 linux.write_id_maps("self", [(me, me, 1)], [(group, group, 1)], True)
         except OSError as exc:
             message = f"{step} failed: {os.strerror(exc.errno) if exc.errno else exc}"
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 the forked probe reports any failure
             message = f"{step} failed: {exc!r}"
         os.write(wfd, message.encode())
         os._exit(0)

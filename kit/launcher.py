@@ -222,8 +222,9 @@ class RunHandle:
                  stdin: int | IO[Any] | None = None, pass_fds: tuple[int, ...] = ()) -> None:
         self.request = request
         self.capture = capture
-        self._out = tempfile.TemporaryFile() if capture else None
-        self._err = tempfile.TemporaryFile() if capture else None
+        # Closed by wait(), after the run wrote them: they outlive this method.
+        self._out = tempfile.TemporaryFile() if capture else None  # noqa: SIM115
+        self._err = tempfile.TemporaryFile() if capture else None  # noqa: SIM115
         res_r, res_w = os.pipe()
         try:
             if os.environ.get("KIT_ZYGOTE", "1") == "0":

@@ -19,7 +19,11 @@ import select
 import socket
 import threading
 import time
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from kit.contract import Engine
+from kit.system import current
 
 SCHEMA_VERSION = 1
 MAX_EVENT = 1 << 20
@@ -92,7 +96,6 @@ class LedgerWriter:
         self.pid = os.getpid()
         # The pid as the process sees it (1 for stage 2 in a new pid namespace); the fake
         # backend models it, hence the system interface.
-        from kit.system import current
         self._getpid = lambda: current().getpid()
 
     def for_role(self, role: str) -> LedgerWriter:
@@ -195,7 +198,6 @@ def _text(v: Any) -> bool:
 
 
 def _hook(v: Any) -> bool:
-    from kit.contract import Engine
     return isinstance(v, str) and v in Engine.HOOKS
 
 
@@ -327,7 +329,7 @@ def validate(ledger: dict[str, Any]) -> list[str]:
         problems.append(f"schema_version {ledger.get('schema_version')!r} != {SCHEMA_VERSION}")
     events = ledger.get("events")
     if not isinstance(events, list):
-        return problems + ["events is not a list"]
+        return [*problems, "events is not a list"]
     for i, ev in enumerate(events):
         for key in COMMON_KEYS:
             if key not in ev:

@@ -9,7 +9,6 @@ Python 3.11 has no ``os.unshare``/``os.setns`` and no capability calls, hence ct
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import fcntl
@@ -20,7 +19,9 @@ import re
 import signal
 import socket
 import struct
-from typing import Iterable, NamedTuple
+import threading
+from collections.abc import Iterable
+from typing import NamedTuple
 
 _libc = ctypes.CDLL(None, use_errno=True)
 # PyDLL keeps the GIL across the call: required for clone, whose child resumes in the
@@ -671,7 +672,6 @@ def proc_tid() -> int:
     try:
         return int(os.readlink("/proc/thread-self").rsplit("/", 1)[1])
     except (OSError, ValueError):
-        import threading
         return threading.get_native_id()
 
 

@@ -30,8 +30,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from kit import registry
-from kit.contract import ConfigError, Engine, EngineConfig
+from kit import linux, registry
+from kit.contract import Common, ConfigError, Engine, EngineConfig
+from kit.starter_config import StarterConfig
 
 
 @dataclass(frozen=True)
@@ -52,11 +53,11 @@ def check(spec: str, engine_config: dict[str, Any] | None = None) -> list[Proble
         reg = registry.find(spec)
     except registry.RegistryError as exc:
         return [Problem(spec, "registration", str(exc))]
-    except Exception as exc:  # the engine's module failed to import or to register
+    except Exception as exc:  # noqa: BLE001 the engine's module failed to import or to register
         return [Problem(spec, "registration", f"loading it raised {type(exc).__name__}: {exc}")]
     try:
         operations = reg.factory()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 the engine's constructor may raise anything
         return [Problem(reg.name, "registration", f"make the operations class constructible "
                         f"without arguments: creating it raised {type(exc).__name__}: {exc}")]
     problems = _config(reg.name, operations, engine_config)
@@ -68,7 +69,7 @@ def _config(name: str, operations: Any, engine_config: dict[str, Any] | None
             ) -> list[Problem]:
     try:
         cfg = operations.config()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 the engine's config() may raise anything
         return [Problem(name, "config", f"make config() return a fresh EngineConfig without "
                         f"raising: it raised {type(exc).__name__}: {exc}")]
     if not isinstance(cfg, EngineConfig) or not dataclasses.is_dataclass(cfg):
@@ -100,7 +101,7 @@ def _rpc_methods(reg: registry.Registration, operations: Any) -> list[Problem]:
         return []
     try:
         instance = reg.rpc_methods(Engine(name=reg.name, operations=operations))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 the engine's RPC methods class may raise anything
         return [Problem(reg.name, "rpc_methods", f"make {reg.rpc_methods.__qualname__}(engine) "
                         f"constructible as the RPC server builds it: it raised "
                         f"{type(exc).__name__}: {exc}")]
@@ -151,7 +152,7 @@ def _stage1_in_child(spec: str, flow: str, uid: int, gid: int, groups: list[int]
         code = 0
         try:
             os.write(wfd, (_child(spec, flow, uid, gid, groups) or "").encode()[:65536])
-        except BaseException:
+        except BaseException:  # noqa: BLE001 a forked child must reach os._exit
             code = 1
         os._exit(code)
     os.close(wfd)
@@ -177,10 +178,6 @@ def _child(spec: str, flow: str, uid: int, gid: int, groups: list[int]) -> str |
     """In the forked child: become U, run config, init_config and prepare_config as stage 1
     of ``flow`` does, and return why the StarterConfig is invalid (None when it is valid, or
     when something else than its validation failed)."""
-    from kit import linux
-    from kit.contract import Common
-    from kit.starter_config import StarterConfig
-
     if os.geteuid() == 0:
         os.setgroups(groups)
         os.setresgid(gid, gid, gid)
@@ -194,7 +191,7 @@ def _child(spec: str, flow: str, uid: int, gid: int, groups: list[int]) -> str |
         ops.init_config(Common(engine.name, "kit-preflight", cfg), flow in ("suid", "hybrid"))
         sconf = StarterConfig(flow, uid, gid)
         ops.prepare_config(sconf)
-    except Exception:
+    except Exception:  # noqa: BLE001 engine code; not a StarterConfig problem
         return None  # not a StarterConfig problem: the lifecycle names it as root cause
     try:
         sconf.validate()

@@ -13,8 +13,9 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from kit import linux
 
@@ -301,7 +302,7 @@ def escalation() -> dict[str, Any]:
         try:
             os.close(rfd)
             os.write(wfd, " ".join(_try_escalation(binary)).encode() + b"\n")
-        except BaseException:
+        except BaseException:  # noqa: BLE001 a forked child must reach os._exit
             code = 1
         os._exit(code)
     probe_children.add(pid)

@@ -12,10 +12,13 @@ import importlib.metadata
 import inspect
 import re
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from kit.contract import Engine, Operations
+from kit.rpc.methods import RPCMethodError, check_method
+from kit.rpc.server import serve
 
 ENTRY_POINT_GROUP = "kit.engines"
 
@@ -77,8 +80,6 @@ def register_rpc_methods(name: str, methods: type) -> None:
     ``methods(engine)``. Every public method's signature is checked now: a method that cannot
     be served (``*args``, missing or non-JSON annotations…) raises :class:`RegistryError`.
     """
-    from kit.rpc.methods import RPCMethodError, check_method
-
     reg = _engines.get(name)
     if reg is None:
         raise RegistryError(f"register_rpc_methods: engine {name!r} is not registered "
@@ -159,7 +160,7 @@ def find(spec: str) -> Registration:
             _call_registrar(ep.load(), f"entry point {ep.name} = {ep.value}")
         except RegistryError:
             continue
-        except Exception as exc:  # the package's own import or registrar failed
+        except Exception as exc:  # noqa: BLE001 the package's own import or registrar failed
             broken.append(f"entry point {ep.name} = {ep.value} is broken: "
                           f"{type(exc).__name__}: {exc}")
             continue
@@ -297,8 +298,6 @@ def serve_rpc_requests(engine: Engine, conn: socket.socket,
     before and after every method. ``reserved_fds``: descriptors no method may return (the
     kit's ledger socket).
     """
-    from kit.rpc.server import serve
-
     reg = find(engine.name)
     if reg.rpc_methods is None:
         methods: dict[str, Any] = {}

@@ -8,6 +8,8 @@ import pwd
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from kit.probe import host_userns
+from kit.sandbox import default_on
 from kit.starter_config import FLOWS
 
 DEFAULT_HOOK_TIMEOUT = 5.0
@@ -95,19 +97,18 @@ class RunRequest:
 
     def __post_init__(self) -> None:
         if self.host_userns is None:
-            from kit.probe import host_userns
             self.host_userns = list(host_userns())
         if self.flow not in FLOWS:
             raise ValueError(f"unknown flow {self.flow!r} (known: {', '.join(FLOWS)})")
         if self.backend == "auto":  # resolved here, once, where the run is requested
-            from kit.environment import backend_for
+            # kit.environment imports this module (Invoker): imported here, not at the top.
+            from kit.environment import backend_for  # noqa: PLC0415  (import cycle)
             self.backend = backend_for(self.flow)[0]
         if self.backend not in ("real", "fake"):
             raise ValueError(f"unknown backend {self.backend!r} (known: real, fake, auto)")
         if self.hook_timeout <= 0 or self.run_timeout <= 0:
             raise ValueError("timeouts must be positive")
         if self.sandbox is None:  # resolved where the run is requested, like the backend
-            from kit.sandbox import default_on
             self.sandbox = default_on(self.backend)
         elif self.sandbox and self.backend != "real":
             raise ValueError("only the real backend runs in the host sandbox")

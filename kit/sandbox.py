@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass, field
 from typing import NoReturn
 
-from kit import linux
+from kit import linux, seccomp
 
 #: Set in the environment of a sandboxed run's processes: ``MNT:UTS``, the inode numbers of
 #: the sandbox's mount and uts namespaces (code that changes "the host" on purpose, such as
@@ -193,10 +193,6 @@ def confine() -> None:
     (clock setting, modules, reboot, kexec, swapon…) of :mod:`kit.seccomp`, once it exists.
     Called in the starter, before it drops any privilege: every process of the run inherits
     it."""
-    try:
-        from kit import seccomp  # type: ignore[attr-defined]
-    except ImportError:
-        return
     install = getattr(seccomp, "install_host_filter", None)
     if install is not None:
         install()
@@ -204,11 +200,7 @@ def confine() -> None:
 
 def confine_preload() -> None:
     """Import what :func:`confine` needs while the supervisor still may (see
-    :func:`kit.supervisor.preload`)."""
-    try:
-        from kit import seccomp  # type: ignore[attr-defined]  # noqa: F401
-    except ImportError:
-        pass
+    :func:`kit.supervisor.preload`): :mod:`kit.seccomp` is imported with this module."""
 
 
 def processes(sandbox: HostSandbox, scans: int = 3) -> dict[int, str]:
@@ -332,7 +324,7 @@ def _init_main(scratch: str, shared: list[str], ready_fd: int) -> NoReturn:
         uppers = _build_root(scratch, shared)
         items = "".join(f"{point}={fd}\0" for point, fd in uppers.items())
         os.write(ready_fd, f"ready {items}".encode())
-    except BaseException as exc:
+    except BaseException as exc:  # noqa: BLE001 the sandbox's init reports any failure
         try:
             os.write(ready_fd, f"{type(exc).__name__}: {exc}".encode())
         finally:

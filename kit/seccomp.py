@@ -29,8 +29,9 @@ import platform
 import select
 import socket
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from kit import linux
 
@@ -93,14 +94,14 @@ def _rules(category: str, names: str) -> tuple[Rule, ...]:
 #: containment is the sandbox's and the supervisor's business), and file writes (the host
 #: diff's: a file system path cannot be judged from a system call's registers).
 CONTAINMENT: tuple[Rule, ...] = (
-    _rules(SYSTEM_INTERFACE, "mount umount2 open_tree move_mount fsopen fsconfig fsmount "
-                             "fspick mount_setattr pivot_root chroot unshare setns "
-                             "sethostname setdomainname setuid setgid setreuid setregid "
-                             "setresuid setresgid setfsuid setfsgid setgroups capset ptrace "
-                             "process_vm_writev pidfd_getfd")
-    + (Rule("clone", SYSTEM_INTERFACE, arg=0, mask=_NAMESPACE_FLAGS),
-       Rule("mknod", SYSTEM_INTERFACE, arg=1, mask=_S_IFMT, values=(_S_IFCHR, _S_IFBLK)),
-       Rule("mknodat", SYSTEM_INTERFACE, arg=2, mask=_S_IFMT, values=(_S_IFCHR, _S_IFBLK)))
+    *_rules(SYSTEM_INTERFACE, "mount umount2 open_tree move_mount fsopen fsconfig fsmount "
+                              "fspick mount_setattr pivot_root chroot unshare setns "
+                              "sethostname setdomainname setuid setgid setreuid setregid "
+                              "setresuid setresgid setfsuid setfsgid setgroups capset ptrace "
+                              "process_vm_writev pidfd_getfd"),
+    Rule("clone", SYSTEM_INTERFACE, arg=0, mask=_NAMESPACE_FLAGS),
+    Rule("mknod", SYSTEM_INTERFACE, arg=1, mask=_S_IFMT, values=(_S_IFCHR, _S_IFBLK)),
+    Rule("mknodat", SYSTEM_INTERFACE, arg=2, mask=_S_IFMT, values=(_S_IFCHR, _S_IFBLK)),
 )
 
 #: Why each call of the host-global list: no namespace confines its effect, and neither the
@@ -116,14 +117,14 @@ CONTAINMENT: tuple[Rule, ...] = (
 #:   is the host's and outlives the run);
 #: - bpf: programs attached to host-wide hooks and maps pinned in /sys/fs/bpf outlive it;
 #: - syslog only for the actions that change the host's log (read-clear 4, clear 5,
-#:   console off/on/level 6–8); reading the kernel log stays allowed.
+#:   console off/on/level 6-8); reading the kernel log stays allowed.
 HOST_GLOBAL: tuple[Rule, ...] = (
-    _rules(HOST_GLOBAL_CATEGORY, "settimeofday clock_settime clock_adjtime adjtimex "
-                                 "init_module finit_module delete_module reboot kexec_load "
-                                 "kexec_file_load swapon swapoff acct quotactl quotactl_fd "
-                                 "iopl ioperm vhangup open_by_handle_at add_key request_key "
-                                 "keyctl bpf")
-    + (Rule("syslog", HOST_GLOBAL_CATEGORY, arg=0, values=(4, 5, 6, 7, 8)),)
+    *_rules(HOST_GLOBAL_CATEGORY, "settimeofday clock_settime clock_adjtime adjtimex "
+                                  "init_module finit_module delete_module reboot kexec_load "
+                                  "kexec_file_load swapon swapoff acct quotactl quotactl_fd "
+                                  "iopl ioperm vhangup open_by_handle_at add_key request_key "
+                                  "keyctl bpf"),
+    Rule("syslog", HOST_GLOBAL_CATEGORY, arg=0, values=(4, 5, 6, 7, 8)),
 )
 
 #: The fake backend's filter: both lists (as root, a direct host-global call would reach the
@@ -210,7 +211,7 @@ def build_program(rules: Iterable[Rule], table: dict[str, int] = SYSCALLS_X86_64
     return asm.program()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def program(rules: tuple[Rule, ...], notify: bool = True
             ) -> tuple[tuple[int, int, int, int], ...]:
     """:func:`build_program`, once per process (see :func:`warm`)."""

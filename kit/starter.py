@@ -30,11 +30,19 @@ import signal
 import socket
 import threading
 import traceback
-from typing import Any, Callable, NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 from kit import linux, probe, registry, seccomp
 from kit.contract import (
-    Common, ConfigError, Context, Engine, EngineConfig, Operations, SignalChannel, dumps,
+    Common,
+    ConfigError,
+    Context,
+    Engine,
+    EngineConfig,
+    Operations,
+    SignalChannel,
+    dumps,
 )
 from kit.ledger import LedgerWriter
 from kit.request import Invoker, RunRequest
@@ -163,7 +171,7 @@ class HookRunner:
             return None
         try:
             return self.system.snapshot()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 a probe failure is recorded, never fatal
             return {"probe_error": f"{type(exc).__name__}: {exc}"}
 
     def _escalation(self, snap: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -182,7 +190,7 @@ class HookRunner:
             return {**cached, "cached": True}
         try:
             result = self.system.escalation()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 a probe failure is recorded, never fatal
             return {"probe_error": f"{type(exc).__name__}: {exc}"}
         if key is not None:
             self._probe_cache[key] = result
@@ -191,7 +199,7 @@ class HookRunner:
     def enter(self, hook: str, args: tuple[Any, ...] = (),
               kwargs: dict[str, Any] | None = None, caller: str = "kit") -> None:
         names = HOOK_PARAMETERS.get(hook, ())
-        arguments = {name: _argument(value) for name, value in zip(names, args)}
+        arguments = {name: _argument(value) for name, value in zip(names, args, strict=False)}
         arguments.update({name: _argument(value) for name, value in (kwargs or {}).items()})
         snap = self._snap()
         extra = {"caller": caller} if caller != "kit" else {}
@@ -391,7 +399,7 @@ class Starter:
                 code = self.run_container(common_json, sconf)
         except StageFailed as exc:
             self.ledger.emit("starter_error", stage="starter", message=str(exc))
-        except BaseException as exc:  # a kit bug: report, never hang
+        except BaseException as exc:  # noqa: BLE001 a kit bug: report, never hang
             self.ledger.emit("starter_error", stage="starter", message=describe_error(exc)[
                 "traceback"])
         self.ledger.emit("starter_exit", code=code)
@@ -444,7 +452,7 @@ class Starter:
             code = 0
         except HookFailed:
             pass  # the ledger has the hook_raise
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 stage 1 reports any failure, then exits
             self.ledger.for_role("stage1").emit(
                 "starter_error", stage="stage1", message=describe_error(exc)["traceback"])
         _exit(code)
@@ -575,7 +583,7 @@ class Master:
         try:
             self.hooks.init_engine(engine, self.common_json["engine_config"],
                                    self.common_json["container_id"], False)
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 engine code may raise anything
             self.ledger.emit("fatal", message=f"master initialisation failed: {_unwrap(exc)}")
             os.kill(self.pid, signal.SIGKILL)
             os.waitpid(self.pid, 0)
@@ -612,7 +620,7 @@ class Master:
         try:
             self.hooks.call("cleanup_container", engine.operations.cleanup_container,
                             self.ctx, fatal, status)
-        except BaseException:
+        except BaseException:  # noqa: BLE001 engine code may raise anything
             pass  # recorded by the hook runner; the exit code is unchanged
         if fatal is not None or status is None:
             return EXIT_FATAL
@@ -697,7 +705,7 @@ class Master:
         try:
             self.hooks.call("create_container", self.engine.operations.create_container,
                             self.ctx, self.pid, self.rpc_sock)
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 engine code may raise anything
             stop_watch()
             self.rpc_sock.close()
             _send(self.sock, "A")
@@ -764,7 +772,7 @@ class Master:
         try:
             self.hooks.call("post_start_process", self.engine.operations.post_start_process,
                             self.ctx, self.pid)
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 engine code may raise anything
             self.events.put(("fatal", _unwrap(exc)))
 
     def _wait_for_exec(self) -> bool:
@@ -788,7 +796,7 @@ class Master:
             status = self.hooks.call("monitor_container",
                                      self.engine.operations.monitor_container,
                                      self.pid, self.signals)
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 engine code may raise anything
             self.events.put(("fatal", _unwrap(exc)))
             self.events.put(("monitor_failed", None))
             return
@@ -833,7 +841,7 @@ class Container:
             self.ledger.emit("process_start", ppid=self.system.getppid(),
                              nspid=[self.system.getpid()])
             self.setup_namespaces()
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 the container reports any failure, then exits
             _send(self.sock, "E" + f"namespace setup failed: {type(exc).__name__}: {exc}")
             _exit(EXIT_FATAL)
         rpc_pid = None
@@ -908,7 +916,7 @@ class RPCServerProcess:
             return None
         try:
             snap = self.c.system.snapshot()
-        except Exception:
+        except Exception:  # noqa: BLE001 a probe failure: no credentials to record
             return None
         me = own_thread(snap)
         if me is None:
@@ -951,7 +959,7 @@ class RPCServerProcess:
             code = registry.serve_rpc_requests(
                 engine, self.c.rpc_sock, on_call=on_call, around=around,
                 reserved_fds=(self.c.starter.ledger_sock.fileno(),))
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 engine code may raise anything
             self.ledger.emit("starter_error", stage="rpc_server",
                              message=describe_error(exc)["traceback"])
         _exit(code)
@@ -1041,7 +1049,7 @@ class Stage2:
             os._exit = reported_exit  # type: ignore[assignment]
             hooks.call("start_process", engine.operations.start_process, master_fd)
             message = "stage 2 returned: start_process must exec the payload or exit"
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 engine code may raise anything
             err = _unwrap(exc)
             message = f"start_process failed: {type(err).__name__}: {err}"
         _send(sock, "F" + message)

@@ -7,9 +7,11 @@ a message naming the setting.
 
 from __future__ import annotations
 
+import itertools
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from kit.contract import ConfigError
 from kit.linux import CAP_NUMBERS, NAMESPACES
@@ -240,7 +242,7 @@ class StarterConfig:
         for name, maps in (("add_uid_mappings", s.uid_mappings),
                            ("add_gid_mappings", s.gid_mappings)):
             spans = sorted((c, c + n) for c, _, n in maps)
-            if any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
+            if any(a[1] > b[0] for a, b in itertools.pairwise(spans)):
                 raise ConfigError(f"{name}: container ranges overlap: {maps}")
         if s.namespace_join_only:
             created = self.namespaces_created()

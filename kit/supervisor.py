@@ -29,13 +29,24 @@ import stat
 import sys
 import tempfile
 import time
+import traceback
 from typing import Any
 
-from kit import linux, probe, registry, rundir, seccomp
+import kit.rpc.server  # noqa: F401  (imported while privileged, for the RPC server)
+from kit import hostdiff, linux, probe, registry, rundir, seccomp
 from kit import sandbox as host_sandbox
-from kit.ledger import (CONFIRMED, EXCERPT, MAX_EVENT, RETRY, SCHEMA_VERSION,
-                        SNAPSHOT_ATTEMPTS, LedgerWriter, check_event, ledger_socketpair,
-                        parse_datagram)
+from kit.ledger import (
+    CONFIRMED,
+    EXCERPT,
+    MAX_EVENT,
+    RETRY,
+    SCHEMA_VERSION,
+    SNAPSHOT_ATTEMPTS,
+    LedgerWriter,
+    check_event,
+    ledger_socketpair,
+    parse_datagram,
+)
 from kit.request import RunRequest
 from kit.senders import PROCESS_ROLES, Senders, check_snapshot
 from kit.starter import EXIT_FATAL, UNTIMED_HOOKS, Starter, default_signals
@@ -81,7 +92,9 @@ def _configure_probes(req: RunRequest, run_dir: str) -> None:
     if req.backend == "real":
         binary = probe.provide_setuid_binary(run_dir)
     else:
-        from kit.fake import ROOT_FLOWS
+        # The fake backend is imported only for fake runs: real runs fork from a leaner
+        # process (fork cost grows with the forking process's memory).
+        from kit.fake import ROOT_FLOWS  # noqa: PLC0415  (lazy: fake runs only)
         root = os.geteuid() == 0 or req.flow in ROOT_FLOWS
         binary = probe.SetuidBinary(os.path.join(run_dir, probe.SETUID_DIR, "id"),
                                     unavailable="" if root else "launched-without-root")
@@ -269,7 +282,7 @@ class Supervisor:
             return json.dumps(result).encode()  # the layout below would reorder keys
         parts = [json.dumps(head)[:-1].encode(), b', "ledger": ', json.dumps(rest)[:-1].encode(),
                  b', "events": [']
-        for i, (event, datagram) in enumerate(zip(self.events, self._datagrams)):
+        for i, (event, datagram) in enumerate(zip(self.events, self._datagrams, strict=True)):
             if i:
                 parts.append(b", ")
             if datagram is None:
@@ -321,8 +334,7 @@ class Supervisor:
         """Before the starter is forked: the host diff of the run's sandbox begins (SPEC §11;
         without a sandbox the host is not diffed)."""
         if self.sandbox is not None:
-            from kit.hostdiff import HostWatch
-            self.host = HostWatch(self.sandbox)
+            self.host = hostdiff.HostWatch(self.sandbox)
 
     def host_diff(self) -> None:
         """After the run, before the sandbox is torn down: every change of its host, and the
@@ -515,7 +527,7 @@ class Supervisor:
             role, hook = open_hooks[0]
             seconds = self.req.run_timeout
         else:
-            (role, hook), (_, pid) = min(self.open_hooks.items(), key=lambda kv: kv[1][0])
+            (role, hook), _ = min(self.open_hooks.items(), key=lambda kv: kv[1][0])
             seconds = self.req.hook_timeout
         # Every hook still open, oldest first: a hook blocked on another process's hung
         # hook (create_container on an RPC method, say) is listed with it.
@@ -573,7 +585,7 @@ def _enter_sandbox(box: host_sandbox.HostSandbox, writer: socket.socket) -> None
     """In the starter, before anything else: into the host sandbox, or die saying why."""
     try:
         host_sandbox.enter(box)
-    except BaseException as exc:
+    except BaseException as exc:  # noqa: BLE001 any failure is reported in the ledger
         LedgerWriter(writer, "starter").emit("starter_error", stage="sandbox",
                                              message=f"entering the host sandbox: {exc}")
         os._exit(EXIT_FATAL)
@@ -614,22 +626,19 @@ def preload(request: RunRequest) -> bool:
         if entry not in sys.path:
             sys.path.insert(0, entry)
     registry.find(request.engine)
-    import kit.rpc.server  # noqa: F401
     if request.backend == "fake":
-        import kit.fake  # noqa: F401  (the model replaces the kernel)
+        import kit.fake  # noqa: F401, PLC0415  (the model replaces the kernel; fake runs only)
     if "pyroute2" in sys.modules:
         # The engine uses pyroute2 (the kit does not: it brings lo up with an ioctl). One
         # netlink round trip pulls in the modules pyroute2 imports lazily, which an
         # unprivileged uid may not be able to read.
-        from pyroute2 import IPRoute
+        from pyroute2 import IPRoute  # noqa: PLC0415  (~110 ms; only if the engine uses it)
 
         with IPRoute() as ipr:
             ipr.link_lookup(ifname="lo")
     if request.backend != "fake" and os.geteuid() == 0:
-        from kit import hostdiff
         hostdiff.prime()  # what every fresh host sandbox has, read once for all runs
     seccomp.warm()
-    import traceback
     traceback.format_exception(ValueError("warm-up"))  # pulls in lazy imports of traceback
     host_sandbox.confine_preload()
     _preloaded.add(key)
@@ -644,9 +653,9 @@ def prepare_backend(request: RunRequest) -> Any:
     if request.backend != "fake":
         return None
     try:
-        from kit.fake import prepare
+        from kit.fake import prepare  # noqa: PLC0415  (lazy: fake runs only, see above)
         return prepare(request)
-    except Exception:
+    except Exception:  # noqa: BLE001 the supervisor computes it again and reports the error
         return None
 
 
@@ -655,7 +664,7 @@ def _backend(request: RunRequest, prepared: Any = None
     """The run's system interface, installed before the starter is forked: the kernel
     (as is), or the fake backend's model (:mod:`kit.fake`)."""
     if request.backend == "fake":
-        from kit.fake import installed
+        from kit.fake import installed  # noqa: PLC0415  (lazy: fake runs only, see above)
         return installed(request, prepared)
     return contextlib.nullcontext()
 
@@ -674,7 +683,7 @@ def run_supervised(request: RunRequest, result_fd: int, prepared: Any = None) ->
             supervisor = Supervisor(request)
             result = supervisor.run(result_fd)
         data = supervisor.encode(result)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 any failure becomes the run's result, never a hang
         result = {"exit_code": EXIT_FATAL, "reason": f"supervisor error: {exc!r}",
                   "leaks": [], "timed_out": None, "ledger": None, "error": repr(exc)}
         data = json.dumps(result).encode()

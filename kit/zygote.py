@@ -33,7 +33,7 @@ import tempfile
 from kit import linux, rundir
 from kit.request import RunRequest
 from kit.starter import default_signals
-from kit.supervisor import prepare_backend, preload, run_supervised
+from kit.supervisor import preload, prepare_backend, run_supervised
 
 MAX_MESSAGE = 1 << 20
 FIXED_FDS = 4  # stdin, stdout, stderr, result
@@ -61,7 +61,7 @@ def _place_fds(received: list[int], targets: list[int]) -> int:
     """In the run's child: stdio and pass-through fds at their numbers; returns the result
     fd. Everything else the zygote had open is closed."""
     wanted = {0: received[0], 1: received[1], 2: received[2]}
-    for target, fd in zip(targets, received[FIXED_FDS:]):
+    for target, fd in zip(targets, received[FIXED_FDS:], strict=True):
         wanted[target] = fd
     # Move every source out of the way first, so no dup2 clobbers another source.
     high = {target: os.dup2(fd, 1000 + i) for i, (target, fd) in enumerate(wanted.items())}
@@ -114,7 +114,7 @@ def serve(control: socket.socket) -> int:
                 raise ValueError(f"expected {FIXED_FDS + len(targets)} fds, got {len(fds)}")
             if preload(request):
                 _settle()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 engine imports may raise anything
             for fd in fds:
                 os.close(fd)
             control.send(json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode())

@@ -95,15 +95,17 @@ real processes. Report these as not-configured in fake mode, never as passed:
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
+from kit import system as kit_system  # not "system": that name is kit.fake.system
 from kit.fake.model import Cred, Model
 from kit.fake.system import FakeSystem, initial_state
 
 #: Flows whose starter begins as root (real or emulated setuid).
 ROOT_FLOWS = ("root", "suid", "hybrid")
 
-__all__ = ["Cred", "FakeSystem", "Model", "ROOT_FLOWS", "installed", "prepare"]
+__all__ = ["ROOT_FLOWS", "Cred", "FakeSystem", "Model", "installed", "prepare"]
 
 
 def prepare(request: Any) -> tuple[dict[str, Any], Any]:
@@ -120,13 +122,11 @@ def installed(request: Any, initial: tuple[dict[str, Any], Any] | None = None
     system interface of this process and of everything it forks until the block ends; the
     model is removed afterwards. ``initial``: what :func:`prepare` returned (in this
     process or in its parent, just before the fork)."""
-    from kit import system
-
     fake = FakeSystem.create(needs_root=request.flow in ROOT_FLOWS, initial=initial)
-    previous = system.current()
-    system.use(fake)
+    previous = kit_system.current()
+    kit_system.use(fake)
     try:
         yield fake
     finally:
-        system.use(previous)
+        kit_system.use(previous)
         fake.close()

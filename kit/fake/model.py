@@ -37,8 +37,9 @@ from __future__ import annotations
 import errno
 import os
 import posixpath
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from kit.linux import CAP_NUMBERS, NAMESPACES
 
@@ -538,9 +539,8 @@ class Model:
         kinds = [k for k in KINDS if k in asked]
         if clone and share_fs and ("user" in kinds or "mount" in kinds):
             raise fail(errno.EINVAL, "clone(CLONE_NEWUSER or CLONE_NEWNS with CLONE_FS)")
-        if "user" in kinds:
-            if not clone and (task.threads > 1):
-                raise fail(errno.EINVAL, "unshare(CLONE_NEWUSER) in a multithreaded process")
+        if "user" in kinds and not clone and task.threads > 1:
+            raise fail(errno.EINVAL, "unshare(CLONE_NEWUSER) in a multithreaded process")
         others = [k for k in kinds if k != "user"]
         if "pid" in kinds:
             pidc = self.ns(task.pid_for_children)
@@ -640,13 +640,12 @@ class Model:
             return True
         t = target["cred"]
         fsuid, fsgid = cred.uid[3], cred.gid[3]
-        if not (fsuid == t["uid"][0] == t["uid"][1] == t["uid"][2]
-                and fsgid == t["gid"][0] == t["gid"][1] == t["gid"][2]):
-            if not self.capable(cred, t["userns"], CAP_SYS_PTRACE):
-                return False
-        if target["dumpable"] != SUID_DUMP_USER and not self.capable(
-                cred, self.initial("user"), CAP_SYS_PTRACE):
+        same_ids = (fsuid == t["uid"][0] == t["uid"][1] == t["uid"][2]
+                    and fsgid == t["gid"][0] == t["gid"][1] == t["gid"][2])
+        if not same_ids and not self.capable(cred, t["userns"], CAP_SYS_PTRACE):
             return False
+        if target["dumpable"] != SUID_DUMP_USER:
+            return self.capable(cred, self.initial("user"), CAP_SYS_PTRACE)
         return True
 
     def may_open_write(self, cred: Cred, owner: tuple[int, int], mode: int = 0o644) -> bool:
@@ -669,9 +668,9 @@ class Model:
                   and self.from_kgid(cred.userns, gid) is not None)
         if not mapped:
             return False
-        if self.capable(cred, cred.userns, CAP_DAC_OVERRIDE):
-            if is_dir or not want & 1 or mode & 0o111:
-                return True
+        if self.capable(cred, cred.userns, CAP_DAC_OVERRIDE) and (
+                is_dir or not want & 1 or mode & 0o111):
+            return True
         if want & 2 == 0 and self.capable(cred, cred.userns, CAP_DAC_READ_SEARCH):
             return is_dir or not want & 1
         return False
@@ -793,9 +792,9 @@ class Model:
         best = None
         for m in mounts:
             t = m["target"]
-            if path == t or path.startswith(t.rstrip("/") + "/"):
-                if best is None or len(t) >= len(best["target"]):
-                    best = m
+            under = path == t or path.startswith(t.rstrip("/") + "/")
+            if under and (best is None or len(t) >= len(best["target"])):
+                best = m
         return best
 
     def mount(self, cred: Cred, mntns: int, source: str | None, target: str,

@@ -42,7 +42,8 @@ import shutil
 import struct
 import tempfile
 import threading
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 HEADER = struct.Struct("<QQ")  # generation, body length
 MARSHAL_VERSION = 4

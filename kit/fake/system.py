@@ -22,12 +22,20 @@ import socket
 import stat
 import tempfile
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from kit import linux, probe
 from kit.fake.model import (
-    CAP_SYS_CHROOT, FIRST_SYNTHETIC_ID, KINDS, Cred, Model, Task, fail, resolve,
+    CAP_SYS_CHROOT,
+    FIRST_SYNTHETIC_ID,
+    KINDS,
+    Cred,
+    Model,
+    Task,
+    fail,
+    resolve,
 )
 from kit.fake.store import Store
 from kit.probe import FULL_MAP

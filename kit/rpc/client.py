@@ -19,13 +19,21 @@ import builtins
 import functools
 import socket
 import threading
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from .codec import FrameError, close_fds, recv_frame, send_frame
-from .messages import ErrorInfo, ProtocolError, UnknownMethodError, make_request, parse_reply, split_method_name
+from .messages import (
+    ErrorInfo,
+    ProtocolError,
+    UnknownMethodError,
+    make_request,
+    parse_reply,
+    split_method_name,
+)
 from .methods import FileDescriptor, WithFds
 
-__all__ = ["RPCClient", "RemoteError", "REMOTE_BUILTIN_ERRORS", "exception_from_error"]
+__all__ = ["REMOTE_BUILTIN_ERRORS", "RPCClient", "RemoteError", "exception_from_error"]
 
 
 class RemoteError(Exception):
@@ -43,12 +51,38 @@ class RemoteError(Exception):
 # classes constructible from one message; never BaseException-only ones or StopIteration).
 REMOTE_BUILTIN_ERRORS: frozenset[str] = frozenset(
     {
-        "Exception", "ValueError", "TypeError", "KeyError", "IndexError", "LookupError", "RuntimeError",
-        "NotImplementedError", "RecursionError", "AttributeError", "AssertionError", "ArithmeticError",
-        "ZeroDivisionError", "OverflowError", "UnicodeError", "EOFError", "OSError", "PermissionError",
-        "FileNotFoundError", "FileExistsError", "IsADirectoryError", "NotADirectoryError", "TimeoutError",
-        "ProcessLookupError", "ChildProcessError", "BlockingIOError", "InterruptedError", "ConnectionError",
-        "BrokenPipeError", "ConnectionResetError", "ConnectionRefusedError", "ConnectionAbortedError",
+        "Exception",
+        "ValueError",
+        "TypeError",
+        "KeyError",
+        "IndexError",
+        "LookupError",
+        "RuntimeError",
+        "NotImplementedError",
+        "RecursionError",
+        "AttributeError",
+        "AssertionError",
+        "ArithmeticError",
+        "ZeroDivisionError",
+        "OverflowError",
+        "UnicodeError",
+        "EOFError",
+        "OSError",
+        "PermissionError",
+        "FileNotFoundError",
+        "FileExistsError",
+        "IsADirectoryError",
+        "NotADirectoryError",
+        "TimeoutError",
+        "ProcessLookupError",
+        "ChildProcessError",
+        "BlockingIOError",
+        "InterruptedError",
+        "ConnectionError",
+        "BrokenPipeError",
+        "ConnectionResetError",
+        "ConnectionRefusedError",
+        "ConnectionAbortedError",
     }
 )
 _KIT_ERRORS: dict[str, type[Exception]] = {
@@ -163,7 +197,9 @@ class RPCClient:
             raise
         if frame is None:
             self._broken = "the RPC server closed the connection"
-            raise ConnectionError(f"the RPC server closed the connection before replying to {full!r}")
+            raise ConnectionError(
+                f"the RPC server closed the connection before replying to {full!r}"
+            )
         obj, rfds = frame
         try:
             reply = parse_reply(obj)
@@ -171,7 +207,10 @@ class RPCClient:
                 self._broken = f"reply id {reply.id} for request id {rid}"
                 raise ProtocolError(f"reply to {full!r}: 'id' is {reply.id}, expected {rid}")
             if reply.fds != len(rfds):
-                raise ProtocolError(f"reply to {full!r}: 'fds' declares {reply.fds} descriptor(s), {len(rfds)} attached")
+                raise ProtocolError(
+                    f"reply to {full!r}: 'fds' declares {reply.fds} descriptor(s), "
+                    f"{len(rfds)} attached"
+                )
         except ProtocolError:
             close_fds(rfds)
             raise

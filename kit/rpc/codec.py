@@ -29,19 +29,20 @@ import math
 import os
 import socket
 import struct
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 __all__ = [
-    "MAX_FRAME",
-    "MAX_FDS",
     "HEADER",
+    "MAX_FDS",
+    "MAX_FRAME",
     "FrameError",
-    "send_frame",
-    "send_body",
-    "recv_frame",
-    "encode_body",
-    "decode_body",
     "close_fds",
+    "decode_body",
+    "encode_body",
+    "recv_frame",
+    "send_body",
+    "send_frame",
 ]
 
 MAX_FRAME = 1 << 20
@@ -127,7 +128,9 @@ def encode_body(obj: dict[str, Any]) -> bytes:
     Raises :class:`FrameError` (``UNENCODABLE`` or ``OVERSIZED``).
     """
     if not isinstance(obj, dict):
-        raise FrameError(FrameError.NOT_OBJECT, f"a frame must carry a JSON object, not {type(obj).__name__}")
+        raise FrameError(
+            FrameError.NOT_OBJECT, f"a frame must carry a JSON object, not {type(obj).__name__}"
+        )
     bad_key = _non_string_key(obj)
     if bad_key is not _NO_KEY:
         # json.dumps would turn 1, True, None into "1", "true", "null" (and merge {1: …,
@@ -141,7 +144,9 @@ def encode_body(obj: dict[str, Any]) -> bytes:
         raise FrameError(FrameError.UNENCODABLE, f"not JSON-serialisable: {exc}") from None
     body = text.encode("ascii")
     if len(body) > MAX_FRAME:
-        raise FrameError(FrameError.OVERSIZED, f"frame of {len(body)} bytes exceeds the maximum of {MAX_FRAME}")
+        raise FrameError(
+            FrameError.OVERSIZED, f"frame of {len(body)} bytes exceeds the maximum of {MAX_FRAME}"
+        )
     return body
 
 
@@ -180,17 +185,27 @@ def decode_body(body: bytes) -> dict[str, Any]:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise FrameError(FrameError.INVALID_UTF8, f"frame body is not valid UTF-8: {exc.reason} at byte {exc.start}") from None
+        raise FrameError(
+            FrameError.INVALID_UTF8,
+            f"frame body is not valid UTF-8: {exc.reason} at byte {exc.start}",
+        ) from None
     try:
         obj = json.loads(
-            text, parse_constant=_reject_constant, parse_float=_finite_float, object_pairs_hook=_no_duplicate_keys
+            text,
+            parse_constant=_reject_constant,
+            parse_float=_finite_float,
+            object_pairs_hook=_no_duplicate_keys,
         )
     except RecursionError:
-        raise FrameError(FrameError.INVALID_JSON, "frame body is not valid JSON: nested too deeply") from None
+        raise FrameError(
+            FrameError.INVALID_JSON, "frame body is not valid JSON: nested too deeply"
+        ) from None
     except ValueError as exc:  # includes json.JSONDecodeError and the int-digits limit
         raise FrameError(FrameError.INVALID_JSON, f"frame body is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
-        raise FrameError(FrameError.NOT_OBJECT, f"frame body must be a JSON object, not {_json_type(obj)}")
+        raise FrameError(
+            FrameError.NOT_OBJECT, f"frame body must be a JSON object, not {_json_type(obj)}"
+        )
     return obj
 
 
@@ -225,12 +240,17 @@ def send_body(sock: socket.socket, body: bytes, fds: Sequence[int] = ()) -> None
     as :func:`send_frame`."""
     fds = list(fds)
     if len(fds) > MAX_FDS:
-        raise FrameError(FrameError.TOO_MANY_FDS, f"{len(fds)} file descriptors exceed the maximum of {MAX_FDS} per frame")
+        raise FrameError(
+            FrameError.TOO_MANY_FDS,
+            f"{len(fds)} file descriptors exceed the maximum of {MAX_FDS} per frame",
+        )
     for fd in fds:
         if isinstance(fd, bool) or not isinstance(fd, int) or fd < 0:
             raise FrameError(FrameError.UNENCODABLE, f"not a file descriptor: {fd!r}")
     if len(body) > MAX_FRAME:
-        raise FrameError(FrameError.OVERSIZED, f"frame of {len(body)} bytes exceeds the maximum of {MAX_FRAME}")
+        raise FrameError(
+            FrameError.OVERSIZED, f"frame of {len(body)} bytes exceeds the maximum of {MAX_FRAME}"
+        )
     data = memoryview(HEADER.pack(len(body)) + body)
     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
     while data:
@@ -289,11 +309,16 @@ def recv_frame(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
             if n == 0:
                 if got == 0 and not fds:
                     return None
-                raise FrameError(FrameError.TRUNCATED, f"connection closed inside a frame header ({got} of {HEADER.size} bytes)")
+                raise FrameError(
+                    FrameError.TRUNCATED,
+                    f"connection closed inside a frame header ({got} of {HEADER.size} bytes)",
+                )
             got += n
         (length,) = HEADER.unpack(header)
         if length > MAX_FRAME:
-            raise FrameError(FrameError.OVERSIZED, f"frame of {length} bytes exceeds the maximum of {MAX_FRAME}")
+            raise FrameError(
+                FrameError.OVERSIZED, f"frame of {length} bytes exceeds the maximum of {MAX_FRAME}"
+            )
         nheader_fds = len(fds)
         body = bytearray(length)
         view = memoryview(body)
@@ -302,7 +327,10 @@ def recv_frame(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
             n, trunc = _recv_some(sock, view[got:], fds)
             ctrunc |= trunc
             if n == 0:
-                raise FrameError(FrameError.TRUNCATED, f"connection closed inside a frame body ({got} of {length} bytes)")
+                raise FrameError(
+                    FrameError.TRUNCATED,
+                    f"connection closed inside a frame body ({got} of {length} bytes)",
+                )
             got += n
         # The frame is fully consumed: every error below leaves the stream in sync.
         obj = decode_body(bytes(body))

@@ -15,8 +15,8 @@ the test there).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import pytest
 
@@ -49,9 +49,13 @@ class MockFactory:
         if system is _DEFAULT:
             system = None if isinstance(methods, Mapping) else RecordingSystem()
         if methods is None:
-            transport = MockTransport.for_engine(engine_name, system=system, timeout=timeout, **options)
+            transport = MockTransport.for_engine(
+                engine_name, system=system, timeout=timeout, **options
+            )
         else:
-            transport = MockTransport(engine_name, methods, system=system, timeout=timeout, **options)
+            transport = MockTransport(
+                engine_name, methods, system=system, timeout=timeout, **options
+            )
         self.made.append(transport)
         return transport
 

@@ -29,19 +29,19 @@ from typing import Any
 from .codec import MAX_FDS
 
 __all__ = [
-    "ProtocolError",
-    "UnknownMethodError",
-    "Request",
-    "Reply",
-    "ErrorInfo",
     "MAX_ID",
-    "split_method_name",
-    "make_request",
-    "parse_request",
-    "make_result",
-    "make_error",
-    "parse_reply",
+    "ErrorInfo",
+    "ProtocolError",
+    "Reply",
+    "Request",
+    "UnknownMethodError",
     "error_info",
+    "make_error",
+    "make_request",
+    "make_result",
+    "parse_reply",
+    "parse_request",
+    "split_method_name",
 ]
 
 MAX_ID = (1 << 63) - 1
@@ -123,7 +123,9 @@ def _check_nfds(value: Any) -> None:
         raise ProtocolError(f"'fds' must be an integer in [0, {MAX_FDS}], got {value!r:.80}")
 
 
-def _check_keys(obj: dict[str, Any], what: str, required: set[str], optional: set[str] = set()) -> None:
+def _check_keys(
+    obj: dict[str, Any], what: str, required: set[str], optional: frozenset[str] = frozenset()
+) -> None:
     missing = sorted(required - obj.keys())
     if missing:
         raise ProtocolError(f"{what}: missing field {missing[0]!r}")
@@ -199,7 +201,7 @@ def error_info(exc: BaseException) -> ErrorInfo:
     message: str
     try:
         message = _describe(exc)
-    except Exception:  # an exception whose __str__ fails must still be reportable
+    except Exception:  # noqa: BLE001 an exception whose __str__ fails must still be reportable
         message = f"<unprintable {type(exc).__name__} object>"
     if isinstance(exc, OSError) and _is_int(exc.errno):
         errno = exc.errno
@@ -244,11 +246,13 @@ def parse_reply(obj: Any) -> Reply:
         if not isinstance(err["type"], str) or not err["type"]:
             raise ProtocolError(f"'error.type' must be a non-empty string, got {err['type']!r:.80}")
         if err["errno"] is not None and not _is_int(err["errno"]):
-            raise ProtocolError(f"'error.errno' must be an integer or null, got {err['errno']!r:.80}")
+            raise ProtocolError(
+                f"'error.errno' must be an integer or null, got {err['errno']!r:.80}"
+            )
         if not isinstance(err["message"], str):
             raise ProtocolError(f"'error.message' must be a string, got {err['message']!r:.80}")
         return Reply(id=obj["id"], error=ErrorInfo(err["type"], err["errno"], err["message"]))
-    _check_keys(obj, "reply", {"id", "result"}, {"fds"})
+    _check_keys(obj, "reply", {"id", "result"}, frozenset({"fds"}))
     _check_id(obj["id"])
     nfds = obj.get("fds", 0)
     _check_nfds(nfds)

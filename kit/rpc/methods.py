@@ -23,15 +23,16 @@ import functools
 import inspect
 import types
 import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 __all__ = [
     "FileDescriptor",
-    "WithFds",
-    "RPCMethodError",
     "MethodSpec",
     "Param",
+    "RPCMethodError",
+    "WithFds",
     "check_method",
 ]
 
@@ -61,7 +62,15 @@ class RPCMethodError(TypeError):
     """A callable cannot be served as an RPC method (raised at registration)."""
 
 
-_JSON_NAMES = {str: "str", int: "int", float: "float", bool: "bool", type(None): "None", list: "list", dict: "dict"}
+_JSON_NAMES = {
+    str: "str",
+    int: "int",
+    float: "float",
+    bool: "bool",
+    type(None): "None",
+    list: "list",
+    dict: "dict",
+}
 
 
 def _json_type_name(value: Any) -> str:
@@ -105,7 +114,9 @@ def _compile(tp: Any) -> _Checker:
     if tp is None:
         tp = type(None)
     if tp is FileDescriptor:
-        raise _Unsupported("FileDescriptor is only allowed as a parameter's whole annotation (or with | None)")
+        raise _Unsupported(
+            "FileDescriptor is only allowed as a parameter's whole annotation (or with | None)"
+        )
     if tp in (str, int, float, bool, type(None), list, dict):
         return _scalar(tp, _type_name(tp))
     origin = typing.get_origin(tp)
@@ -129,7 +140,9 @@ def _compile(tp: Any) -> _Checker:
         if not args:
             return _scalar(dict, "dict")
         if args[0] is not str:
-            raise _Unsupported(f"dict keys must be str (JSON object keys), not {_type_name(args[0])}")
+            raise _Unsupported(
+                f"dict keys must be str (JSON object keys), not {_type_name(args[0])}"
+            )
         val = _compile(args[1])
 
         def check_dict(value: Any, path: str) -> str | None:
@@ -147,7 +160,7 @@ def _compile(tp: Any) -> _Checker:
     if origin is typing.Union or origin is types.UnionType:
         alts = [_compile(a) for a in args]
         # For Optional[X] the mismatch detail of X is the useful message (e.g. "[1] must be int").
-        not_none = [c for a, c in zip(args, alts) if a is not type(None)]
+        not_none = [c for a, c in zip(args, alts, strict=True) if a is not type(None)]
 
         def check_union(value: Any, path: str) -> str | None:
             errors = [a(value, path) for a in alts]
@@ -231,8 +244,8 @@ class MethodSpec:
                     continue
                 if isinstance(value, bool) or not isinstance(value, int):
                     raise TypeError(
-                        f"{where}: argument {p.name!r} is a FileDescriptor and must be the index of an "
-                        f"attached descriptor, got {_json_type_name(value)}"
+                        f"{where}: argument {p.name!r} is a FileDescriptor and must be the "
+                        f"index of an attached descriptor, got {_json_type_name(value)}"
                     )
                 if not 0 <= value < len(fds):
                     raise TypeError(
@@ -251,7 +264,8 @@ class MethodSpec:
         if len(used) != len(fds):
             unused = len(fds) - len(used)
             raise TypeError(
-                f"{where}: {unused} file descriptor(s) attached but not used by any FileDescriptor argument"
+                f"{where}: {unused} file descriptor(s) attached but not used by any "
+                "FileDescriptor argument"
             )
         return kwargs
 
@@ -262,7 +276,8 @@ def _namespace_target(func: Callable[..., Any]) -> Any:
     while isinstance(target, functools.partial):
         target = target.func
     if not (inspect.isfunction(target) or inspect.ismethod(target)):
-        call = getattr(type(target), "__call__", None)
+        # The class's __call__ function, for its signature; not a test of callability.
+        call = getattr(type(target), "__call__", None)  # noqa: B004
         if inspect.isfunction(call):
             target = call
     return target
@@ -281,9 +296,10 @@ def _resolve(name: str, param: str, annotation: Any, target: Any) -> Any:
     shim.__wrapped__ = target  # type: ignore[attr-defined]
     try:
         return typing.get_type_hints(shim)[param]
-    except Exception as exc:  # NameError, SyntaxError, TypeError from a bad annotation
+    except Exception as exc:  # noqa: BLE001 NameError, SyntaxError, TypeError from a bad annotation
         raise RPCMethodError(
-            f"RPC method {name!r}, parameter {param!r}: cannot resolve the annotation {annotation!r}: {exc}"
+            f"RPC method {name!r}, parameter {param!r}: cannot resolve the annotation "
+            f"{annotation!r}: {exc}"
         ) from None
 
 

@@ -64,10 +64,13 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from kit import system as kit_system
+from kit.contract import Common, Engine, Operations
+from kit.registry import RegistryError, find
 
 from .client import RPCClient
 from .codec import HEADER, MAX_FRAME, FrameError, close_fds, decode_body, encode_body
@@ -75,7 +78,7 @@ from .messages import MAX_ID, ErrorInfo, ProtocolError, make_error, parse_reply,
 from .methods import MethodSpec
 from .server import CallRecord, prepare_methods, serve
 
-__all__ = ["MockTransport", "Fault", "Rule", "Call", "RecordingSystem", "SystemCall"]
+__all__ = ["Call", "Fault", "MockTransport", "RecordingSystem", "Rule", "SystemCall"]
 
 _FD_SIZE = array.array("i").itemsize
 _SCM_MAX_FD = 253  # the kernel's limit per message: the relay never truncates what it relays
@@ -106,7 +109,9 @@ class Fault:
 
     def __post_init__(self) -> None:
         if self.phase not in _PHASES:
-            raise ValueError(f"Fault.{self.kind}: phase must be 'request' or 'reply', got {self.phase!r}")
+            raise ValueError(
+                f"Fault.{self.kind}: phase must be 'request' or 'reply', got {self.phase!r}"
+            )
 
     @classmethod
     def errno(cls, code: int, message: str | None = None) -> Fault:
@@ -129,7 +134,11 @@ class Fault:
         """Hold the frame *seconds* before forwarding it (nothing else moves meanwhile: the
         server answers one request at a time anyway). A client socket timeout shorter than
         that raises ``TimeoutError`` in the client."""
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds < 3600:
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, (int, float))
+            or not 0 <= seconds < 3600
+        ):
             raise ValueError(f"Fault.delay: seconds must be within [0, 3600), got {seconds!r}")
         return cls("delay", phase, seconds=float(seconds))
 
@@ -321,7 +330,9 @@ def _write(sock: socket.socket, data: bytes, marks: Sequence[tuple[int, list[int
         end = cuts[i + 1] if i + 1 < len(cuts) else len(data)
         chunk = view[start:end]
         fds = fds_at.get(start, [])
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+        anc = (
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+        )
         while chunk or anc:
             try:
                 sent = sock.sendmsg([chunk], anc, socket.MSG_NOSIGNAL)
@@ -416,7 +427,9 @@ class _Pending:
 
 
 class _Relay:
-    def __init__(self, transport: MockTransport, c_peer: socket.socket, s_peer: socket.socket, wake: int) -> None:
+    def __init__(
+        self, transport: MockTransport, c_peer: socket.socket, s_peer: socket.socket, wake: int
+    ) -> None:
         self.t = transport
         self.c_peer = c_peer
         self.s_peer = s_peer
@@ -448,7 +461,7 @@ class _Relay:
                     if not flow.reading and fd in polled:
                         poller.unregister(fd)
                         polled.discard(fd)
-        except BaseException as exc:  # a bug here: never leave the client waiting for a reply
+        except BaseException as exc:  # noqa: BLE001 a bug: never leave the client waiting
             self.t.relay_error = exc
             self._cut()
         finally:
@@ -514,7 +527,9 @@ class _Relay:
             self.delaying = False
 
     # -- requests ------------------------------------------------------------------------------
-    def _record_request(self, frame: bytes | None, marks: list[tuple[int, list[int]]], bad: str | None = None) -> Call:
+    def _record_request(
+        self, frame: bytes | None, marks: list[tuple[int, list[int]]], bad: str | None = None
+    ) -> Call:
         obj: Any = None
         if frame is not None:
             try:
@@ -561,7 +576,9 @@ class _Relay:
                 call.faults.append("errno")
                 close_fds(_marks_fds(marks))
                 code = fault.code if fault.code is not None else _errno.EIO
-                exc = OSError(code, fault.message if fault.message is not None else os.strerror(code))
+                exc = OSError(
+                    code, fault.message if fault.message is not None else os.strerror(code)
+                )
                 info = ErrorInfo(type(exc).__name__, code, exc.strerror or "")
                 body = encode_body(make_error(call.id, info))
                 reply = HEADER.pack(len(body)) + body
@@ -578,7 +595,9 @@ class _Relay:
 
     # -- replies -------------------------------------------------------------------------------
     def _reply(self, frame: bytes, marks: list[tuple[int, list[int]]]) -> None:
-        if not self.pending or self.pending[0].synthetic is not None:  # no request waits: relay as is
+        if (
+            not self.pending or self.pending[0].synthetic is not None
+        ):  # no request waits: relay as is
             self._send(self.down, frame, marks)
             return
         entry = self.pending.popleft()
@@ -586,7 +605,11 @@ class _Relay:
         try:
             reply = parse_reply(decode_body(frame[HEADER.size :]))
         except (FrameError, ProtocolError) as exc:
-            call.error = {"type": "ProtocolError", "errno": None, "message": f"undecodable reply: {exc}"}
+            call.error = {
+                "type": "ProtocolError",
+                "errno": None,
+                "message": f"undecodable reply: {exc}",
+            }
         else:
             call.result = reply.result
             call.error = None if reply.error is None else reply.error.to_json()
@@ -664,13 +687,13 @@ def _public_methods(obj: Any) -> dict[str, Callable[..., Any]]:
 def _as_engine(name: str, engine: Any) -> Any:
     """A :class:`kit.contract.Engine` from an Engine or an Operations instance (whose
     ``init_config`` ran)."""
-    from kit.contract import Engine, Operations
-
     if engine is None or isinstance(engine, Engine):
         return engine
     if isinstance(engine, Operations):
         return Engine(name=name, operations=engine, common=getattr(engine, "common", None))
-    raise TypeError(f"engine must be a kit.contract.Engine or Operations instance, got {type(engine).__name__}")
+    raise TypeError(
+        f"engine must be a kit.contract.Engine or Operations instance, got {type(engine).__name__}"
+    )
 
 
 class MockTransport:
@@ -737,8 +760,12 @@ class MockTransport:
         if timeout is not None:
             self.client_socket.settimeout(timeout)
         self._relay = _Relay(self, c_peer, s_peer, self._wake_r)
-        self._server_thread = threading.Thread(target=self._serve, name=f"kit-rpc-mock-server[{engine_name}]", daemon=True)
-        self._relay_thread = threading.Thread(target=self._relay.run, name=f"kit-rpc-mock-relay[{engine_name}]", daemon=True)
+        self._server_thread = threading.Thread(
+            target=self._serve, name=f"kit-rpc-mock-server[{engine_name}]", daemon=True
+        )
+        self._relay_thread = threading.Thread(
+            target=self._relay.run, name=f"kit-rpc-mock-relay[{engine_name}]", daemon=True
+        )
         try:
             self._server_thread.start()
             self._relay_thread.start()
@@ -765,15 +792,14 @@ class MockTransport:
         a fresh one is made from the registration, with *config* (default: the engine's
         ``config()``) as its engine config and container id ``"mock"``.
         """
-        from kit.contract import Common, Engine
-        from kit.registry import RegistryError, find
-
         reg = find(name)
         if reg.rpc_methods is None:
             raise RegistryError(f"engine {reg.name!r} registers no RPC methods")
         if engine is None:
             ops = reg.factory()
-            ops.init_config(Common(reg.name, "mock", ops.config() if config is None else config), False)
+            ops.init_config(
+                Common(reg.name, "mock", ops.config() if config is None else config), False
+            )
             engine = Engine(name=reg.name, operations=ops, common=ops.common)
         elif config is not None:
             raise TypeError("for_engine: give engine= or config=, not both")
@@ -782,14 +808,19 @@ class MockTransport:
     def _method_table(self, methods: Any) -> dict[str, Callable[..., Any]]:
         if isinstance(methods, Mapping):
             if self.system is not None:
-                raise TypeError("system= replaces the system interface of a methods class or instance, not of a mapping")
+                raise TypeError(
+                    "system= replaces the system interface of a methods class or instance, "
+                    "not of a mapping"
+                )
             table = {}
             for key, func in methods.items():
                 if not isinstance(key, str):
                     raise TypeError(f"method names must be strings, got {key!r}")
                 engine, dot, _ = key.rpartition(".")
                 if dot and engine != self.engine_name:
-                    raise ValueError(f"method {key!r} does not belong to engine {self.engine_name!r}")
+                    raise ValueError(
+                        f"method {key!r} does not belong to engine {self.engine_name!r}"
+                    )
                 table[key if dot else f"{self.engine_name}.{key}"] = func
             return table
         if isinstance(methods, type):
@@ -805,7 +836,9 @@ class MockTransport:
         if self.system is not None:
             instance.system = self.system
         self.instance = instance
-        table = {f"{self.engine_name}.{attr}": func for attr, func in _public_methods(instance).items()}
+        table = {
+            f"{self.engine_name}.{attr}": func for attr, func in _public_methods(instance).items()
+        }
         if not table:
             raise TypeError(f"{type(instance).__qualname__} has no public methods to serve")
         return table
@@ -813,8 +846,10 @@ class MockTransport:
     # -- threads -------------------------------------------------------------------------------
     def _serve(self) -> None:
         try:
-            self.exit_code = serve(self._server_sock, self._specs, on_call=self.server_records.append)
-        except BaseException as exc:  # surfaced by wait_server() and close()
+            self.exit_code = serve(
+                self._server_sock, self._specs, on_call=self.server_records.append
+            )
+        except BaseException as exc:  # noqa: BLE001 surfaced by wait_server() and close()
             self.server_error = exc
         finally:
             self._server_sock.close()  # like the RPC server process exiting
@@ -822,7 +857,9 @@ class MockTransport:
     def _new_call(self, **fields: Any) -> Call:
         with self._lock:
             self._per_method[fields["method"]] += 1
-            call = Call(index=len(self._calls) + 1, nth=self._per_method[fields["method"]], **fields)
+            call = Call(
+                index=len(self._calls) + 1, nth=self._per_method[fields["method"]], **fields
+            )
             self._calls.append(call)
         return call
 
@@ -841,7 +878,12 @@ class MockTransport:
         return RPCClient(self.client_socket, self.engine_name)
 
     def inject(
-        self, fault: Fault, *, on_call: int | None = None, method: str | None = None, times: int | None = None
+        self,
+        fault: Fault,
+        *,
+        on_call: int | None = None,
+        method: str | None = None,
+        times: int | None = None,
     ) -> Rule:
         """Apply *fault* to matching calls; returns the :class:`Rule` (``rule.hits`` counts
         the calls it hit).
@@ -857,9 +899,13 @@ class MockTransport:
         """
         if not isinstance(fault, Fault):
             raise TypeError(f"inject: expected a Fault, got {fault!r}")
-        if on_call is not None and (isinstance(on_call, bool) or not isinstance(on_call, int) or on_call < 1):
+        if on_call is not None and (
+            isinstance(on_call, bool) or not isinstance(on_call, int) or on_call < 1
+        ):
             raise ValueError(f"inject: on_call must be an integer >= 1, got {on_call!r}")
-        if times is not None and (isinstance(times, bool) or not isinstance(times, int) or times < 1):
+        if times is not None and (
+            isinstance(times, bool) or not isinstance(times, int) or times < 1
+        ):
             raise ValueError(f"inject: times must be an integer >= 1, got {times!r}")
         if method is not None and (not isinstance(method, str) or not method):
             raise ValueError(f"inject: method must be a method name, got {method!r}")
@@ -893,7 +939,9 @@ class MockTransport:
         Raises ``TimeoutError`` if it still runs, or what ``serve`` raised."""
         self._server_thread.join(timeout)
         if self._server_thread.is_alive():
-            raise TimeoutError(f"the mock RPC server of {self.engine_name!r} still runs after {timeout} s")
+            raise TimeoutError(
+                f"the mock RPC server of {self.engine_name!r} still runs after {timeout} s"
+            )
         if self.server_error is not None:
             raise self.server_error
         assert self.exit_code is not None
@@ -929,8 +977,10 @@ class MockTransport:
             t.join(max(0.0, deadline - time.monotonic()))
         alive = [t.name for t in threads if t.is_alive()]
         if alive:
-            raise RuntimeError(f"MockTransport.close: {', '.join(alive)} did not stop within {timeout} s "
-                               "(a served method does not return?)")
+            raise RuntimeError(
+                f"MockTransport.close: {', '.join(alive)} did not stop within {timeout} s "
+                "(a served method does not return?)"
+            )
         self._closed = True
         if self._outer_system is not None and kit_system.current() is self.system:
             kit_system.use(self._outer_system)
@@ -951,7 +1001,7 @@ class MockTransport:
             return
         try:
             self.close()
-        except Exception:
+        except Exception:  # noqa: BLE001 the with block's exception is the interesting one
             pass  # the exception of the with block is the interesting one
 
     def __repr__(self) -> str:

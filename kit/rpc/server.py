@@ -36,10 +36,12 @@ from __future__ import annotations
 import os
 import socket
 import time
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from .codec import FrameError, close_fds, encode_body, recv_frame, send_body, send_frame
 from .messages import (
+    MAX_ID,
     ErrorInfo,
     ProtocolError,
     UnknownMethodError,
@@ -48,11 +50,10 @@ from .messages import (
     make_result,
     parse_request,
     split_method_name,
-    MAX_ID,
 )
 from .methods import MethodSpec, RPCMethodError, WithFds, check_method
 
-__all__ = ["serve", "prepare_methods", "CallRecord"]
+__all__ = ["CallRecord", "prepare_methods", "serve"]
 
 CallRecord = dict[str, Any]
 """``{"method": str | None, "args": dict | None, "ok": bool, "error": dict | None,
@@ -67,7 +68,9 @@ _METHOD_ERRORS = (Exception, SystemExit, KeyboardInterrupt)
 _GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 
 
-def prepare_methods(methods: Mapping[str, MethodSpec | Callable[..., Any]]) -> dict[str, MethodSpec]:
+def prepare_methods(
+    methods: Mapping[str, MethodSpec | Callable[..., Any]],
+) -> dict[str, MethodSpec]:
     """Validate a method table: keys are ``"<engine>.<method>"``, values a :class:`MethodSpec`
     or a plain callable (checked with :func:`check_method`). Raises ``RPCMethodError``."""
     specs: dict[str, MethodSpec] = {}
@@ -157,8 +160,13 @@ def _returned_fds(fds: Any) -> tuple[list[int], list[str]]:
 
 
 class _Server:
-    def __init__(self, conn: socket.socket, specs: dict[str, MethodSpec], on_call: Callable[[CallRecord], None] | None,
-                 reserved: Sequence[int] = ()):
+    def __init__(
+        self,
+        conn: socket.socket,
+        specs: dict[str, MethodSpec],
+        on_call: Callable[[CallRecord], None] | None,
+        reserved: Sequence[int] = (),
+    ):
         self.conn = conn
         self.specs = specs
         self.on_call = on_call
@@ -174,7 +182,12 @@ class _Server:
                     return 0
                 start = time.monotonic()
                 obj = exc.obj or {}
-                self._fail(start, _request_id(obj), obj, ProtocolError(f"malformed frame ({exc.kind}): {exc}"))
+                self._fail(
+                    start,
+                    _request_id(obj),
+                    obj,
+                    ProtocolError(f"malformed frame ({exc.kind}): {exc}"),
+                )
                 if not exc.recoverable:
                     self._shutdown()
                     return 0
@@ -216,12 +229,17 @@ class _Server:
         try:
             req = parse_request(obj)
             if req.fds != len(fds):
-                raise ProtocolError(f"request field 'fds' declares {req.fds} descriptor(s) but {len(fds)} were attached")
+                raise ProtocolError(
+                    f"request field 'fds' declares {req.fds} descriptor(s) but {len(fds)} "
+                    "were attached"
+                )
             spec = self.specs.get(req.method)
             if spec is None:
                 raise UnknownMethodError(f"unknown method {req.method!r}")
             kwargs = spec.bind(req.args, fds)
-        except Exception as exc:  # ProtocolError, TypeError from bind
+        # ProtocolError, UnknownMethodError, TypeError from bind; whatever else a malformed
+        # request provokes is replied to as well, and its descriptors closed.
+        except Exception as exc:  # noqa: BLE001
             close_fds(fds)
             self._fail(start, rid, obj, exc)
             return
@@ -253,17 +271,31 @@ class _Server:
         finally:
             close_fds(out_fds)
 
-    def _reply(self, start: float, rid: int, obj: dict[str, Any], result: Any, out_fds: list[int]) -> None:
+    def _reply(
+        self, start: float, rid: int, obj: dict[str, Any], result: Any, out_fds: list[int]
+    ) -> None:
         try:
             reply = make_result(rid, result, len(out_fds))
         except ProtocolError as exc:  # too many descriptors returned
-            self._fail(start, rid, obj, ProtocolError(f"method {obj['method']!r} returned an invalid result: {exc}"))
+            self._fail(
+                start,
+                rid,
+                obj,
+                ProtocolError(f"method {obj['method']!r} returned an invalid result: {exc}"),
+            )
             return
         try:
             body = encode_body(reply)
         except FrameError as exc:
-            kind: type[Exception] = TypeError if exc.kind == FrameError.UNENCODABLE else ProtocolError
-            self._fail(start, rid, obj, kind(f"method {obj['method']!r} returned an unsendable result: {exc}"))
+            kind: type[Exception] = (
+                TypeError if exc.kind == FrameError.UNENCODABLE else ProtocolError
+            )
+            self._fail(
+                start,
+                rid,
+                obj,
+                kind(f"method {obj['method']!r} returned an unsendable result: {exc}"),
+            )
             return
         # Record first so that the ledger entry exists before the client sees the reply.
         self._record(start, obj, None)
