@@ -168,7 +168,8 @@ def seccomp_cost(batches: int = 200, per_batch: int = 500) -> dict[str, float]:
     with os.fdopen(r, "rb") as f:
         data = f.read()
     os.waitpid(pid, 0)
-    return json.loads(data)
+    costs: dict[str, float] = json.loads(data)
+    return costs
 
 
 def breakdown(result: RunResult) -> dict[str, Any]:
@@ -176,10 +177,10 @@ def breakdown(result: RunResult) -> dict[str, Any]:
     events = result.ledger.events
     t0 = events[0]["t"]
 
-    def at(pred: Callable[[dict], bool]) -> float | None:
+    def at(pred: Callable[[dict[str, Any]], bool]) -> float | None:
         for e in events:
             if pred(e):
-                return (e["t"] - t0) / 1e6
+                return float((e["t"] - t0) / 1e6)
         return None
 
     marks = {
@@ -283,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in medians.items():
         print(f"{name:16} {value:10.2f}")
     print()
-    for name, value in ratios.items():
-        print(f"{name:22} {'n/a' if value is None else f'{value:.2f}'}")
+    for name, ratio_value in ratios.items():
+        print(f"{name:22} {'n/a' if ratio_value is None else f'{ratio_value:.2f}'}")
     print()
     print("where a full lifecycle's time goes (ms since the supervisor's first event):")
     for name, value in report["breakdown"].get("marks_ms", {}).items():

@@ -23,7 +23,7 @@ def _probe(name: str, uid: int | None, gid: int | None, kinds: list[str],
         try:
             os.close(rfd)
             step = "become the test user"
-            if uid is not None and os.getuid() == 0:
+            if uid is not None and gid is not None and os.getuid() == 0:
                 os.setgroups([])
                 os.setresgid(gid, gid, gid)
                 os.setresuid(uid, uid, uid)

@@ -733,7 +733,7 @@ class HostWatch:
             # A different value, or the cached template is stale: the host's defaults for
             # new network namespaces moved since it was read. Read a fresh one now.
             self.before.objects["sysctl"] = _fresh(read_sysctls)
-        out = []
+        out: list[dict[str, Any]] = []
         final = diff(self.before, after)
         for change in final:
             seen = self.seen.get((change.kind, change.name))
@@ -746,8 +746,8 @@ class HostWatch:
                 out.append({"kind": kind, "name": name, "before": was, "after": seen["value"],
                             "transient": True, "hooks": _hooks_json(seen["hooks"])})
         omitted: dict[str, int] = {}
-        for change in out[MAX_CHANGES:]:
-            omitted[change["kind"]] = omitted.get(change["kind"], 0) + 1
+        for extra in out[MAX_CHANGES:]:
+            omitted[extra["kind"]] = omitted.get(extra["kind"], 0) + 1
         return {"changes": out[:MAX_CHANGES], "omitted": omitted,
                 "errors": {**self.before.errors, **after.errors}, "looks": self.looks}
 

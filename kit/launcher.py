@@ -165,7 +165,8 @@ class Zygote:
                 reply = b""
         if not reply:
             raise LaunchError(self.death_notice())
-        return json.loads(reply).get("status")
+        status: int | None = json.loads(reply).get("status")
+        return status
 
 
 def _returncode(code: int) -> str:
@@ -251,6 +252,7 @@ class RunHandle:
                                                if started and len(words) > 3 else None)
         self._first = b"" if started else line
         self._done = False
+        self._final: RunResult | None = None
 
     def _stdio(self, stdin: int | IO[Any] | None) -> tuple[int, int, int, list[int]]:
         opened = []
@@ -327,6 +329,8 @@ class RunHandle:
 
     def wait(self) -> RunResult:
         if self._done:
+            if self._final is None:
+                raise LaunchError("wait(): the run's result was already found unreadable")
             return self._final
         data = self._first + self._result.read()
         self._result.close()
@@ -362,8 +366,8 @@ class RunHandle:
             if getattr(self, "_popen", None) is not None:
                 how = _returncode(self._popen.wait())
             else:
-                status = Zygote.get_existing().exit_status(self.supervisor_pid) \
-                    if Zygote.get_existing() else None
+                zygote = Zygote.get_existing()
+                status = zygote.exit_status(self.supervisor_pid) if zygote else None
                 how = "ended" if status is None else describe_status(status)
         except LaunchError as exc:  # the zygote died, and its supervisors with it
             how = f"died with its parent: {exc}"

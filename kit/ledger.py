@@ -96,7 +96,7 @@ class LedgerWriter:
         self.pid = os.getpid()
         # The pid as the process sees it (1 for stage 2 in a new pid namespace); the fake
         # backend models it, hence the system interface.
-        self._getpid = lambda: current().getpid()
+        self._getpid: Callable[[], int] = lambda: current().getpid()
 
     def for_role(self, role: str) -> LedgerWriter:
         return LedgerWriter(self.sock, role, self.confirm)

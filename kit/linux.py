@@ -124,7 +124,7 @@ def clone(flags: int) -> int:
     after_parent()
     if pid < 0:
         raise OSError(err, f"clone({flags:#x}): {os.strerror(err)}")
-    return pid
+    return int(pid)
 
 
 def ns_inode(kind: str, pid: int | str = "self") -> int:
@@ -544,9 +544,8 @@ def _link_flags(s: socket.socket, ifname: str) -> int:
     except OSError as exc:
         if exc.errno == errno.ENODEV:
             raise OSError(errno.ENODEV, f"no network interface {ifname!r}") from None
-        raise OSError(exc.errno, f"SIOCGIFFLAGS({ifname!r}): {os.strerror(exc.errno)}") \
-            from None
-    return _IFREQ_FLAGS.unpack(reply)[1]
+        raise OSError(exc.errno, f"SIOCGIFFLAGS({ifname!r}): {exc.strerror}") from None
+    return int(_IFREQ_FLAGS.unpack(reply)[1])
 
 
 def link_up(ifname: str) -> None:
@@ -558,8 +557,7 @@ def link_up(ifname: str) -> None:
         try:  # even when already up: the kernel checks CAP_NET_ADMIN first (EPERM)
             fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, _ifreq(ifname, flags | IFF_UP))
         except OSError as exc:
-            raise OSError(exc.errno, f"SIOCSIFFLAGS({ifname!r}): {os.strerror(exc.errno)}") \
-                from None
+            raise OSError(exc.errno, f"SIOCSIFFLAGS({ifname!r}): {exc.strerror}") from None
 
 
 # --- /proc ----------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ def sweep(parent: str | None = None) -> list[str]:
     """Remove every run directory in ``parent`` (the temporary directory) whose lock nobody
     holds: its supervisor died without removing it. Returns what was removed."""
     parent = parent or tempfile.gettempdir()
-    removed = []
+    removed: list[str] = []
     try:
         names = [n for n in os.listdir(parent) if n.startswith(LOCKED)]
     except OSError:

@@ -488,7 +488,7 @@ def attribute(events: list[dict[str, Any]], target: dict[str, Any] | None,
 def _open_hook(events: list[dict[str, Any]]) -> str | None:
     """The hooks entered and not yet left in ``events`` (one thread's, or a process's),
     innermost first, joined with " or "."""
-    open_hooks: list[tuple[Any, str]] = []
+    open_hooks: list[tuple[Any, str | None]] = []
     for e in events:
         kind, hook = e.get("kind"), e.get("hook")
         if kind == "hook_enter":
@@ -500,7 +500,7 @@ def _open_hook(events: list[dict[str, Any]]) -> str | None:
                     break
     if not open_hooks:
         return None
-    names = list(dict.fromkeys(h for _, h in reversed(open_hooks)))
+    names = list(dict.fromkeys(str(h) for _, h in reversed(open_hooks)))
     return " or ".join(names)
 
 

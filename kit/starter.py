@@ -170,7 +170,8 @@ class HookRunner:
         if not self.probes:
             return None
         try:
-            return self.system.snapshot()
+            snap: dict[str, Any] = self.system.snapshot()
+            return snap
         except Exception as exc:  # noqa: BLE001 a probe failure is recorded, never fatal
             return {"probe_error": f"{type(exc).__name__}: {exc}"}
 
@@ -189,7 +190,7 @@ class HookRunner:
         if cached is not None:
             return {**cached, "cached": True}
         try:
-            result = self.system.escalation()
+            result: dict[str, Any] = self.system.escalation()
         except Exception as exc:  # noqa: BLE001 a probe failure is recorded, never fatal
             return {"probe_error": f"{type(exc).__name__}: {exc}"}
         if key is not None:
@@ -575,9 +576,9 @@ class Master:
                              message=message or "container process died during setup")
             self.sock.close()
             self.rpc_sock.close()
-            _, status = os.waitpid(self.pid, 0)
+            _, wstatus = os.waitpid(self.pid, 0)
             self.ledger.emit("process_exit", child_role="container", child_pid=self.pid,
-                             status=status)
+                             status=wstatus)
             return EXIT_FATAL
         engine = registry.make_engine(self.starter.req.engine)
         try:
@@ -663,7 +664,8 @@ class Master:
             except queue.Empty:
                 break
             if kind == "status":
-                return value
+                status: int | None = value
+                return status
             if kind == "monitor_failed":
                 break
         try:

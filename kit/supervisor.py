@@ -139,7 +139,7 @@ class Supervisor:
             self.open_hooks[(role, event["hook"])] = (
                 time.monotonic() + self.req.hook_timeout, event.get("pid", 0))
         elif kind in ("hook_return", "hook_raise"):
-            self.open_hooks.pop((role, event.get("hook")), None)
+            self.open_hooks.pop((role, event.get("hook", "")), None)
         elif kind in ("stage2_exec", "stage2_failed"):
             self.open_hooks.pop(("stage2", "start_process"), None)
         if self.host is not None:
@@ -405,7 +405,9 @@ class Supervisor:
             os.close(pidfd)
         if status is None:
             try:
-                _, status = os.waitpid(starter_pid, os.WNOHANG) or (0, None)
+                # WNOHANG: pid 0 (and status 0) while the starter still runs.
+                pid, raw = os.waitpid(starter_pid, os.WNOHANG)
+                status = raw if pid else None
             except ChildProcessError:
                 status = None
         return status
@@ -450,8 +452,8 @@ class Supervisor:
         event, problem = parse_datagram(data)
         if event is not None:
             problem = check_event(event)
-        if problem is not None:
-            self.engine_fault("malformed", sender, problem, data)
+        if event is None or problem is not None:
+            self.engine_fault("malformed", sender, problem or "undecodable event", data)
             return CONFIRMED
         problem = self.senders.check(sender, event)
         if problem is None and self.outside_check and sender:
@@ -481,7 +483,7 @@ class Supervisor:
         if role is None and sender:  # engine code's own child: its parent's hooks
             ids = linux.process_ids(sender)
             hooks_of = self.senders.role_of(ids[0]) if ids else None
-            if hooks_of is not None:
+            if ids and hooks_of is not None:
                 detail += f" (a child of the {hooks_of} process, pid {ids[0]})"
         roles = PROCESS_ROLES.get(hooks_of or "", frozenset())
         if hooks_of == "rpc":  # an RPC method runs for the master's create_container

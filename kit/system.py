@@ -110,8 +110,8 @@ class RealSystem(System):
 
     def write_id_maps(self, pid: int | str, uid_map: list[list[int]], gid_map: list[list[int]],
                       deny_setgroups: bool) -> None:
-        linux.write_id_maps(pid, [tuple(m) for m in uid_map], [tuple(m) for m in gid_map],
-                            deny_setgroups)
+        linux.write_id_maps(pid, [(a, b, n) for a, b, n in uid_map],
+                            [(a, b, n) for a, b, n in gid_map], deny_setgroups)
 
     # -- credentials -------------------------------------------------------------------------
     def setresuid(self, ruid: int, euid: int, suid: int) -> None:

@@ -180,7 +180,8 @@ class Model:
 
     def ns(self, nsid: int) -> dict[str, Any]:
         try:
-            return self.s["ns"][str(nsid)]
+            ns: dict[str, Any] = self.s["ns"][str(nsid)]
+            return ns
         except KeyError:
             raise fail(errno.ENOENT, f"namespace {nsid}") from None
 
@@ -216,17 +217,19 @@ class Model:
         if ident < 0 or ident >= INVALID_ID:
             return None
         for ns in self._chain(userns):
-            ident = _map_down(ns[which], ident)
-            if ident is None:
+            down = _map_down(ns[which], ident)
+            if down is None:
                 return None
+            ident = down
         return ident
 
     def _from_kid(self, userns: int, kid: int, which: str) -> int | None:
-        ident: int | None = kid
+        ident = kid
         for ns in reversed(self._chain(userns)):
-            ident = _map_up(ns[which], ident)
-            if ident is None:
+            up = _map_up(ns[which], ident)
+            if up is None:
                 return None
+            ident = up
         return ident
 
     def make_kuid(self, userns: int, uid: int) -> int | None:
@@ -393,8 +396,8 @@ class Model:
     def userns_may_setgroups(self, userns: int) -> bool:
         ns = self.ns(userns)
         if ns.get("parent") is None:
-            return ns.get("setgroups", "allow") == "allow"
-        return bool(ns["gid_map"]) and ns["setgroups"] == "allow"
+            return bool(ns.get("setgroups", "allow") == "allow")
+        return bool(ns["gid_map"]) and bool(ns["setgroups"] == "allow")
 
     # -- capability sets ----------------------------------------------------------------------
     def capset(self, cred: Cred, eff: int, prm: int, inh: int) -> Cred:
@@ -842,10 +845,11 @@ class Model:
         if types:
             if len(types) != 1 or fl - types - {"rec"}:
                 raise fail(errno.EINVAL, "mount: exactly one propagation type")
-            if self.top_mount(mounts, target) is None:
+            top = self.top_mount(mounts, target)
+            if top is None:
                 raise fail(errno.EINVAL, f"mount: {target} is not a mount point")
             kind = types.pop()
-            tops = [self.top_mount(mounts, target)]
+            tops = [top]
             if "rec" in fl:
                 prefix = target.rstrip("/") + "/"
                 tops = [m for m in mounts if m["target"] == target
@@ -854,9 +858,9 @@ class Model:
                 m["propagation"] = kind
             return
         if "move" in fl:
-            if source is None or self.top_mount(mounts, source) is None:
+            moved = None if source is None else self.top_mount(mounts, source)
+            if source is None or moved is None:
                 raise fail(errno.EINVAL, f"mount: move of {source}: not a mount point")
-            moved = self.top_mount(mounts, source)
             if moved.get("locked"):
                 raise fail(errno.EINVAL, "mount: move of a locked mount")
             prefix = source.rstrip("/") + "/"

@@ -285,7 +285,7 @@ class FakeSystem(System):
     def _fs(self, st: dict[str, Any]) -> dict[str, Any]:
         """This process's fs struct (a fresh one, recorded only in a write transaction)."""
         key = str(self._proc.fs)
-        fs = st["fs"].get(key)
+        fs: dict[str, Any] | None = st["fs"].get(key)
         if fs is None:
             fs = {"cwd": "/", "root": None}
             if self._store.writing:
@@ -294,7 +294,8 @@ class FakeSystem(System):
 
     def _root(self, st: dict[str, Any]) -> str:
         fs = self._fs(st)
-        return fs["root"] or Model(st).ns(self._proc.ns["mount"])["root"]
+        root: str = fs["root"] or Model(st).ns(self._proc.ns["mount"])["root"]
+        return root
 
     def _host(self, st: dict[str, Any], path: str) -> str:
         return resolve(self._root(st), self._fs(st)["cwd"], path)
@@ -470,6 +471,7 @@ class FakeSystem(System):
             who, name = match.groups()
             if name != "pid_for_children" and name not in _NS_NAMES:
                 raise fail(errno.ENOENT, path)
+            entry: dict[str, Any] | None
             if who in ("self", "thread-self") or int(who) == os.getpid():
                 entry = self._proc.entry()
             else:
@@ -644,7 +646,10 @@ class FakeSystem(System):
         self._change(lambda m, c: m.ambient_clear(c))
         for cap in range(64):
             if mask >> cap & 1:
-                self._change(lambda m, c, cap=cap: m.ambient_raise(c, cap))
+                def raise_cap(m: Model, c: Cred, cap: int = cap) -> Cred:
+                    return m.ambient_raise(c, cap)
+
+                self._change(raise_cap)
 
     def set_no_new_privs(self) -> None:
         def nnp(m: Model, c: Cred) -> Cred:

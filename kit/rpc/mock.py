@@ -616,9 +616,10 @@ class _Relay:
             call.reply_fds = reply.fds
         call.answered = True
         self._deliver(entry, frame, marks)
-        while self.pending and self.pending[0].synthetic is not None:
+        # A fresh name: mypy would keep the narrowing of self.pending[0] from above.
+        while self.pending and (head := self.pending[0]).synthetic is not None:
             entry = self.pending.popleft()
-            self._deliver(entry, entry.synthetic, [])
+            self._deliver(entry, head.synthetic, [])
 
     def _deliver(self, entry: _Pending, frame: bytes, marks: list[tuple[int, list[int]]]) -> None:
         call = entry.call
