@@ -22,5 +22,12 @@ SUITE_VERSION = "0.1.0"
 from conformance.capabilities import Capabilities, register_capabilities  # noqa: E402
 from conformance.markers import flows, requirement, requires, scenarios  # noqa: E402
 
-__all__ = ["SUITE_VERSION", "Capabilities", "register_capabilities", "requirement",
-           "requires", "scenarios", "flows"]
+__all__ = [
+           "SUITE_VERSION",
+           "Capabilities",
+           "flows",
+           "register_capabilities",
+           "requirement",
+           "requires",
+           "scenarios",
+]

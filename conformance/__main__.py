@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+
+from conformance.catalogue import markdown
+from conformance.diff import diff_command
+from conformance.render import report_command
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -31,18 +35,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     diff.add_argument("new")
     args = parser.parse_args(argv)
     if args.command == "catalogue":
-        from conformance.catalogue import markdown
-
         sys.stdout.write(markdown())
     elif args.command == "spec":
         sys.stdout.write((Path(__file__).parent / "SPEC.md").read_text())
     elif args.command == "report":
-        from conformance.render import report_command
-
         return report_command(args.json, args.out, args.strict)
     elif args.command == "diff":
-        from conformance.diff import diff_command
-
         return diff_command(args.old, args.new)
     return 0
 

@@ -12,13 +12,31 @@ flow and process role, and quotes the ledger event where it was observed.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, NoReturn
+from typing import Any, NoReturn
+
+import pytest
 
 from conformance import expectations as X
 from conformance import requirements
+from conformance.cooperation import RPC_PROBES
+from conformance.outcomes import NOT_CONFIGURED_PREFIX
 from conformance.runs import HarnessError, Run
+from conformance.scenario import (
+    ALL_SIGNALS_ARRIVED,
+    SIGNAL_MASK_BASE,
+    decode_signal_exit,
+    fault_scenario,
+    parse_fds,
+)
+from kit import registry
+from kit.ledger import validate
+from kit.probe import host_privilege, thread_state
+from kit.seccomp import SYSTEM_INTERFACE, describe_refusal
 from kit.starter_config import split_propagation
 
 MAX_SHOWN = 3  # violations rendered per requirement
@@ -380,8 +398,6 @@ def host_userns(run: Run) -> list[int]:
 
 
 def _host_privilege(snap: dict[str, Any], run: Run) -> bool:
-    from kit.probe import host_privilege
-
     return host_privilege(snap, host_userns(run))
 
 
@@ -427,7 +443,7 @@ def method_events(run: Run) -> list[dict[str, Any]]:
     out = []
     for call in events_of(run, "rpc_call", role="rpc"):
         creds = call.get("creds") or {}
-        for moment, kind in zip(("before", "after"), X.METHOD_KINDS):
+        for moment, kind in zip(("before", "after"), X.METHOD_KINDS, strict=True):
             seen = creds.get(moment) or {}
             if not seen.get("threads") or "uid_map" not in seen:
                 continue
@@ -445,8 +461,6 @@ def method_events(run: Run) -> list[dict[str, Any]]:
 def parse_payload_status(stdout: str) -> dict[str, Any] | None:
     """A snapshot-like dict from the default payload's output (``/proc/self/status`` then
     ``/proc/self/uid_map``)."""
-    from kit.probe import thread_state
-
     status: dict[str, str] = {}
     uid_map: list[list[int]] = []
     for line in stdout.splitlines():
@@ -467,10 +481,6 @@ def kernel_only(run: Run, what: str) -> None:
     """Report the test not-configured when ``run`` used the fake backend: ``what`` is only
     decided by the kernel (SPEC §9: never passed in fake mode)."""
     if run.backend == "fake":
-        import pytest
-
-        from conformance.outcomes import NOT_CONFIGURED_PREFIX
-
         pytest.skip(f"{NOT_CONFIGURED_PREFIX}fake backend: {what} is decided by the kernel, "
                     "not by the model")
 
@@ -588,8 +598,6 @@ def exec_changes(stage2: dict[str, Any], payload: dict[str, Any], securebits: An
 def check_payload_fds(verify: Verifier, run: Run, requirement: str) -> None:
     """FD-001: the ``fds`` payload lists its open descriptors; only the standard ones and
     those the StarterConfig keeps may be there."""
-    from conformance.scenario import parse_fds
-
     run = verify.used(run.usable())
     found = parse_fds(run.result.stdout)
     if found is None:
@@ -631,7 +639,7 @@ def check_rules(verify: Verifier, run: Run, requirement: str) -> None:
             ok = n >= rule.at_least and (rule.at_most is None or n <= rule.at_most)
             verify.check(requirement, ok, expected=rule.describe(),
                          observed=f"{n} recorded" + (
-                             f" (at {', '.join('#%d' % e['seq'] for e in found[:6])})"
+                             f" (at {', '.join('#' + str(e['seq']) for e in found[:6])})"
                              if found else ""),
                          run=run, event=found[rule.at_most] if rule.at_most is not None
                          and n > rule.at_most else None,
@@ -717,16 +725,13 @@ def check_config_calls(verify: Verifier, run: Run, engine_name: str,
     with the JSON that stage 1's ``config()`` returned in ``run``, sharing no mutable value (a
     shared object or a shared mutable default would carry one caller's changes to the
     next)."""
-    import dataclasses
-
-    from kit import registry
 
     run = verify.used(run.usable())
     try:
         ops = registry.find(engine_name).factory()
         first, second = ops.config(), ops.config()
         got = first.to_json()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 engine code may raise anything
         verify.fail(requirement, expected="config() callable in any process",
                     observed=f"it raised {type(exc).__name__}: {exc}", hook="config")
         return
@@ -760,14 +765,12 @@ def mutable_parts(root: Any, path: str = "config") -> list[tuple[str, Any]]:
     """(path, object) of every mutable object reachable from ``root``, ``root`` included:
     lists, dicts, sets, bytearrays and (unfrozen) dataclass instances, at any depth, also
     inside tuples, frozensets and frozen dataclasses. Each object once, cycles included."""
-    import dataclasses
-
     out: list[tuple[str, Any]] = []
     seen: set[int] = set()
     todo: list[tuple[str, Any]] = [(path, root)]
     while todo:
         where, obj = todo.pop()
-        if isinstance(obj, _IMMUTABLE) or isinstance(obj, type) or id(obj) in seen:
+        if isinstance(obj, (*_IMMUTABLE, type)) or id(obj) in seen:
             continue
         seen.add(id(obj))
         instance = dataclasses.is_dataclass(obj)
@@ -941,7 +944,7 @@ def check_namespace_order(verify: Verifier, run: Run, requirement: str) -> None:
         want = "starter" if kind in _STARTER_KINDS else "container"
         verify.check(requirement, side == want, expected=f"the {kind} namespace entered in the "
                      f"{want}", observed=f"entered in the {side}", run=run, event=ev)
-    for (before, _, _), (kind, side, ev) in zip(entered, entered[1:]):
+    for (before, _, _), (kind, _, ev) in itertools.pairwise(entered):
         verify.check(requirement, rank.get(kind, -1) > rank.get(before, len(rank)),
                      expected=f"namespaces entered in the order {', '.join(NS_ENTRY_ORDER)}",
                      observed=f"{kind} entered after {before}", run=run, event=ev)
@@ -1003,7 +1006,7 @@ def check_requested_namespaces(verify: Verifier, run: Run, requirement: str) -> 
 def check_user_ns_map(verify: Verifier, run: Run, requirement: str) -> None:
     run = verify.used(run.usable())
     facts = Facts(run)
-    inside_sym, outside_sym = X.USER_NS_MAP[run.flow]
+    inside_sym, _ = X.USER_NS_MAP[run.flow]
     inside = facts.uid if inside_sym == X.INVOKER else 0
     stage2 = _stage2_event(run)
     if stage2 is None:
@@ -1198,8 +1201,6 @@ def check_rpc_probes(verify: Verifier, run: Run) -> None:
     """RPC-005 and RPC-006 on the rpc-probe scenario: the server's record of every probe
     frame (:data:`conformance.cooperation.RPC_PROBES`, in order, then the engine's own calls,
     then an oversized frame header)."""
-    from conformance.cooperation import RPC_PROBES
-
     run = verify.used(run.usable())
     calls = events_of(run, "rpc_call")
     probes, later = calls[:len(RPC_PROBES)], calls[len(RPC_PROBES):]
@@ -1207,7 +1208,8 @@ def check_rpc_probes(verify: Verifier, run: Run) -> None:
         verify.check(req, len(probes) == len(RPC_PROBES),
                      expected=f"one record per probe frame ({', '.join(RPC_PROBES)})",
                      observed=f"{len(probes)} record(s) before the server stopped", run=run)
-    for name, call in zip(RPC_PROBES, probes):
+    # Fewer records than probes is reported above; the ones that came are checked.
+    for name, call in zip(RPC_PROBES, probes, strict=False):
         req = "RPC-005" if name == "pickle" else "RPC-006"
         ok, seen = _error_reply(call, _PROBE_ERRORS[name])
         verify.check(req, ok, expected=f"the {name} probe answered with a {_PROBE_ERRORS[name]} "
@@ -1266,7 +1268,7 @@ def check_monitor_status(verify: Verifier, run: Run, requirement: str) -> None:
     code = (128 + os.WTERMSIG(status) if os.WIFSIGNALED(status)
             else os.WEXITSTATUS(status) if os.WIFEXITED(status) else None)
     verify.check(requirement, code == want, expected=f"the container's wait status "
-                 f"({'killed by signal %d' % (want - 128) if want > 128 else 'exited %d' % want})",
+                 f"({f'killed by signal {want - 128}' if want > 128 else f'exited {want}'})",
                  observed=f"wait status {status:#x} ("
                  + (f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
                     else f"exited {os.WEXITSTATUS(status)}") + ")",
@@ -1380,8 +1382,6 @@ def check_signals_recorded(verify: Verifier, run: Run, requirement: str) -> None
 
 
 def check_signals_forwarded(verify: Verifier, run: Run, requirement: str) -> None:
-    from conformance.scenario import ALL_SIGNALS_ARRIVED, SIGNAL_MASK_BASE, decode_signal_exit
-
     run = verify.used(run.usable())
     sent = run.notes.get("sent") or []
     if len(sent) != len(X.FORWARDED_SIGNALS):
@@ -1628,9 +1628,6 @@ def check_host(verify: Verifier, run: Run, requirement: str) -> None:
     kernel_only(run, "the host's state")
     event = next((e for e in run.events if e.get("kind") == "host_changes"), None)
     if event is None:
-        import pytest
-
-        from conformance.outcomes import NOT_CONFIGURED_PREFIX
         pytest.skip(f"{NOT_CONFIGURED_PREFIX}run {run.id} had no host sandbox to diff (the "
                     "real backend launched as root runs in one)")
     kinds = HOST_KINDS[requirement]
@@ -1666,8 +1663,6 @@ def check_refused_calls(verify: Verifier, run: Run, requirement: str, category: 
     """HOST-050 (``category="system-interface"``, fake backend), HOST-051 (``"host-global"``):
     every call the run's seccomp filter refused (``syscall_refused``) is a violation that
     names the call, the hook and the process role."""
-    from kit.seccomp import SYSTEM_INTERFACE, describe_refusal
-
     run = verify.used(run.usable())
     refused = [e for e in run.events
                if e.get("kind") == "syscall_refused" and e.get("category") == category]
@@ -1694,10 +1689,6 @@ def check_refused_calls(verify: Verifier, run: Run, requirement: str, category: 
 
 def not_configured(why: str) -> NoReturn:
     """Report the test not-configured: what it checks cannot be decided in this run."""
-    import pytest
-
-    from conformance.outcomes import NOT_CONFIGURED_PREFIX
-
     pytest.skip(f"{NOT_CONFIGURED_PREFIX}{why}")
 
 
@@ -1734,8 +1725,6 @@ def check_join_only_hooks(verify: Verifier, run: Run, requirement: str) -> None:
 
 
 def check_ledger_schema(verify: Verifier, run: Run, requirement: str) -> None:
-    from kit.ledger import validate
-
     run = verify.used(run.usable())
     problems = validate(run.result.ledger.document)
     # A datagram the supervisor refused for its schema never reached the document: it is a
@@ -1876,8 +1865,6 @@ def error_runs(verify: Verifier, lifecycle: Any, paths: Iterable[str]
     """The runs in which one of the error ``paths`` happened: the fault-injection runs the
     engine supports, and the ``exec-failure`` run when it took one of these paths. When there
     is none, every requirement of the test is reported not-supported."""
-    from conformance.scenario import fault_scenario
-
     paths = list(paths)
     found: list[tuple[Run, X.ErrorPath]] = []
     for path in paths:

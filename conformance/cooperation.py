@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import pickle
 import threading
 from typing import Any
 
 from conformance.capabilities import FAULT_FIELD, FAULTS, JOIN_FIELD, Capabilities
+from kit.registry import find, register_operations, register_rpc_methods, registered
+from kit.rpc.codec import HEADER, MAX_FRAME, encode_body, recv_frame, send_body
+from kit.rpc.messages import make_request
 
 REFERENCE_NAME = "reference-cooperative"
 
@@ -147,12 +151,6 @@ def probe_rpc_server(conn: Any, engine_name: str, phase: str) -> list[dict[str, 
     An engine that implements the fault-injection protocol itself calls this from its
     create_container for ``conformance_fault = "create_container:rpc-probe"``.
     """
-    import pickle
-
-    from kit.registry import find
-    from kit.rpc.codec import HEADER, MAX_FRAME, encode_body, recv_frame, send_body
-    from kit.rpc.messages import make_request
-
     if phase == "after":
         conn.sendall(HEADER.pack(MAX_FRAME + 1))
         reply = recv_frame(conn)
@@ -178,8 +176,8 @@ def probe_rpc_server(conn: Any, engine_name: str, phase: str) -> list[dict[str, 
 
 def register_reference() -> None:
     """Register the reference engine with both protocols as ``reference-cooperative``."""
-    from kit.registry import register_operations, register_rpc_methods, registered
-    from reference_engines.minimal import ReferenceEngine, ReferenceRPC
+    # Engines import this module at run time: only this registrar loads the reference engine.
+    from reference_engines.minimal import ReferenceEngine, ReferenceRPC  # noqa: PLC0415
 
     if REFERENCE_NAME not in registered():
         register_operations(REFERENCE_NAME, cooperative(ReferenceEngine))

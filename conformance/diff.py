@@ -14,13 +14,29 @@ The exit status is 1 when there is a regression, 0 otherwise (2 when a report is
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 from conformance.outcomes import (
-    BROKEN, FAILED, NOT_CONFIGURED, NOT_DECIDED, NOT_SUPPORTED, PASSED, XFAIL,
+    BROKEN,
+    FAILED,
+    NOT_CONFIGURED,
+    NOT_DECIDED,
+    NOT_SUPPORTED,
+    PASSED,
+    XFAIL,
 )
-from conformance.render import LEVEL_RANK, SYMBOLS, md_span, md_text, shorten, violation_digest
+from conformance.render import (
+    LEVEL_RANK,
+    SYMBOLS,
+    ReportError,
+    load,
+    md_span,
+    md_text,
+    shorten,
+    violation_digest,
+)
 
 BAD = (FAILED, BROKEN, NOT_DECIDED)  # not decided: a run failed early, the engine's fault
 GOOD = (PASSED, XFAIL)
@@ -128,10 +144,6 @@ def markdown(old: dict[str, Any], new: dict[str, Any],
 def diff_command(old_path: str, new_path: str) -> int:
     """``python -m conformance diff``: print the Markdown; 1 if there is a regression, 2 if a
     report cannot be read."""
-    import sys
-
-    from conformance.render import ReportError, load
-
     try:
         old, new = load(old_path), load(new_path)
     except ReportError as exc:

@@ -27,7 +27,8 @@ MARKERS = {
 
 
 def _mark(name: str, args: tuple[str, ...]) -> pytest.MarkDecorator:
-    import pytest  # here, not at import: engines import conformance.cooperation at run time
+    # Here, not at import: engines import conformance.cooperation at run time, without pytest.
+    import pytest  # noqa: PLC0415
 
     return getattr(pytest.mark, name)(*args)
 

@@ -17,8 +17,9 @@ Outcome classes (one per requirement, flow and test):
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from conformance import requirements
 from conformance.expectations import FLOWS

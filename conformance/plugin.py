@@ -21,9 +21,10 @@ import json
 import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -31,6 +32,10 @@ from conformance import SUITE_VERSION, outcomes, rootcause
 from conformance.capabilities import Capabilities
 from conformance.expectations import FLOWS
 from conformance.markers import MARKERS, declared
+
+# The function-level imports below are deliberate: pytest loads this plugin (entry point
+# pytest11) in every session where the kit is installed, with or without --engine, and
+# importing the suite's modules up front costs about 130 ms (300 ms without bytecode caches).
 
 ENV_ENGINE = "CONFORMANCE_ENGINE"
 BACKENDS = ("real", "fake", "auto")
@@ -145,7 +150,7 @@ class ConformanceState:
 
     def cache(self) -> Any:
         if self._cache is None:
-            from conformance.runs import RunCache
+            from conformance.runs import RunCache  # noqa: PLC0415 (lazy, see the top)
 
             parallel = max(1, (os.cpu_count() or 2) // max(1, self.xdist_workers))
             self._cache = RunCache(self.engine, dict(self.backends), self.hook_timeout,
@@ -167,7 +172,7 @@ class ConformanceState:
         if flow in self._prefetched:
             return
         self._prefetched.add(flow)
-        from conformance.scenario import SCENARIOS
+        from conformance.scenario import SCENARIOS  # noqa: PLC0415 (lazy, see the top)
 
         wanted: list[str] = []
         for item in session.items:
@@ -202,10 +207,12 @@ def _flow_backend(asked: str, flow: str, env: dict[str, tuple[bool, str]]) -> st
 
 
 def _make_state(config: pytest.Config, engine: str, source: str) -> ConformanceState:
-    from kit import environment, registry
-
-    from conformance import capabilities as caps_module
-    from conformance.catalogue import SuiteDeclarationError, tests_by_requirement
+    from conformance import capabilities as caps_module  # noqa: PLC0415 (lazy, see the top)
+    from conformance.catalogue import (  # noqa: PLC0415 (lazy, see the top)
+        SuiteDeclarationError,
+        tests_by_requirement,
+    )
+    from kit import environment, registry  # noqa: PLC0415 (lazy, see the top)
 
     backend = config.getoption("backend") or "auto"
     if backend not in BACKENDS:
@@ -215,10 +222,10 @@ def _make_state(config: pytest.Config, engine: str, source: str) -> ConformanceS
         reg = registry.find(engine)
     except registry.RegistryError as exc:
         raise pytest.UsageError(f"conformance: engine from {source}: {exc}") from None
-    except Exception as exc:  # the engine module itself failed to import
+    except Exception as exc:  # noqa: BLE001 the engine module itself failed to import
         raise pytest.UsageError(f"conformance: cannot load engine {engine!r} (from {source}): "
                                 f"{type(exc).__name__}: {exc}") from None
-    from kit import preflight
+    from kit import preflight  # noqa: PLC0415 (lazy, see the top)
 
     _preflight(engine, source, preflight.check(engine))
     try:
@@ -248,7 +255,7 @@ def _make_state(config: pytest.Config, engine: str, source: str) -> ConformanceS
     strict_source = ("--conformance-strict" if strict_option else
                      "pytest's strict option" if strict_ini else "off")
     try:
-        from kit.request import Invoker
+        from kit.request import Invoker  # noqa: PLC0415 (lazy, see the top)
 
         invoker: dict[str, Any] | None = dict(vars(Invoker.resolve()))
     except ValueError:
@@ -303,7 +310,7 @@ def pytest_configure(config: pytest.Config) -> None:
             # An engine named by the ini file or the environment adds the suite: a plain
             # ``pytest`` in the engine's repository still runs the repository's own tests.
             own = [a for a in config.args if Path(a).resolve() != SUITE_DIR]
-            config.args = own + [str(SUITE_DIR)]
+            config.args = [*own, str(SUITE_DIR)]
             state.own_tests = own
             state.notes.append(f"collecting your tests ({', '.join(own)}) and the installed "
                                f"suite {SUITE_DIR} (engine from {source})")
@@ -361,7 +368,7 @@ class Lifecycle:
         self.declared = declared_scenarios
 
     def unavailable(self, name: str) -> str | None:
-        from conformance.scenario import SCENARIOS
+        from conformance.scenario import SCENARIOS  # noqa: PLC0415 (lazy, see the top)
 
         scenario = SCENARIOS[name]
         missing = self.state.supports(scenario.requires)
@@ -374,7 +381,7 @@ class Lifecycle:
 
     def optional(self, name: str) -> Any:
         """The run, or None when the engine lacks a capability the scenario needs."""
-        from conformance.checks import SuiteError
+        from conformance.checks import SuiteError  # noqa: PLC0415 (lazy, see the top)
 
         if name not in self.declared:
             raise SuiteError(f"scenario {name!r} is read but not declared with @scenarios")
@@ -406,7 +413,7 @@ def lifecycle(request: pytest.FixtureRequest, flow: str) -> Lifecycle:
 @pytest.fixture
 def verify(request: pytest.FixtureRequest, flow: str) -> Any:
     """The test's :class:`conformance.checks.Verifier`."""
-    from conformance.checks import Verifier
+    from conformance.checks import Verifier  # noqa: PLC0415 (lazy, see the top)
 
     info = request.node.stash.get(ITEM, None)
     verifier = Verifier(flow, declared(request.node, "requirement"),
@@ -569,7 +576,7 @@ class SessionPlugin:
         xdist 3.8 relies on)."""
         if not self.state.group_by_flow:
             return None
-        from xdist.scheduler import LoadScopeScheduling
+        from xdist.scheduler import LoadScopeScheduling  # noqa: PLC0415 (lazy, see the top)
 
         class FlowScheduling(LoadScopeScheduling):
             def _split_scope(self, nodeid: str) -> str:
@@ -594,7 +601,7 @@ class SessionPlugin:
             session.config.workeroutput["conformance_runs"] = docs  # type: ignore[attr-defined]
             return
         state.all_runs = docs + state.worker_runs
-        from conformance import render, report
+        from conformance import render, report  # noqa: PLC0415 (lazy, see the top)
 
         doc = report.build(state, state.results, state.all_runs)
         state.verdict = render.verdict(doc)
@@ -609,7 +616,7 @@ class SessionPlugin:
             path.write_text(json.dumps(doc, indent=1))
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        from conformance.render import wrap
+        from conformance.render import wrap  # noqa: PLC0415 (lazy, see the top)
 
         state = self.state
         if state.worker is not None:
@@ -651,7 +658,7 @@ class SessionPlugin:
 
 def _root_cause_lines(group: rootcause.Group, width: int) -> list[str]:
     """A root cause: what to change first, the results it left undecided, its traceback."""
-    from conformance.render import wrap
+    from conformance.render import wrap  # noqa: PLC0415 (lazy, see the top)
 
     cause = group.cause or {}
     lines = wrap(f"ROOT CAUSE: {group.message.removeprefix('not decided: ')}", width)

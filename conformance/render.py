@@ -21,15 +21,25 @@ from __future__ import annotations
 import html
 import json
 import re
+import sys
+import textwrap
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from conformance import report as schema
 from conformance import rootcause
 from conformance.expectations import FLOWS
 from conformance.outcomes import (
-    BROKEN, FAILED, NOT_CONFIGURED, NOT_DECIDED, NOT_SUPPORTED, OUTCOMES, PASSED, STRICT_PREFIX,
+    BROKEN,
+    FAILED,
+    NOT_CONFIGURED,
+    NOT_DECIDED,
+    NOT_SUPPORTED,
+    OUTCOMES,
+    PASSED,
+    STRICT_PREFIX,
     XFAIL,
 )
 
@@ -141,7 +151,7 @@ def verdict(doc: dict[str, Any], strict: bool | None = None) -> Verdict:
             flows = sorted({e["flow"] for e in skipped_env}, key=_flow_key)
             return Verdict(NOTHING_RAN, "nothing could run here", [
                 f"every result is not-configured (flows {', '.join(flows)}): this machine "
-                "cannot run them"] + _reasons_not_configured(doc, skipped_env), strict=strict)
+                "cannot run them", *_reasons_not_configured(doc, skipped_env)], strict=strict)
         return Verdict(HARNESS_ERROR, "harness error", [
             "no requirement was decided: every result is not-supported"], strict=strict)
     failing, warnings = [], []
@@ -182,8 +192,8 @@ def verdict(doc: dict[str, Any], strict: bool | None = None) -> Verdict:
         reqs = len({e["requirement"] for e in broken})
         return Verdict(HARNESS_ERROR, "harness error", [
             f"{len(broken)} result(s) in {reqs} requirement(s) are broken: the harness could "
-            "not decide them (see their messages)"] + coverage, [], broken, warnings, strict)
-    reasons = [f"every MUST that ran passed ({len(decided)} results decided)"] + coverage
+            "not decide them (see their messages)", *coverage], [], broken, warnings, strict)
+    reasons = [f"every MUST that ran passed ({len(decided)} results decided)", *coverage]
     if warnings:
         reasons.append(f"{len(warnings)} failed SHOULD/MAY result(s), not counted without "
                        "--strict")
@@ -631,8 +641,8 @@ def summary_markdown(doc: dict[str, Any], v: Verdict | None = None,
             for e in group:
                 lines = clean(e["message"] or "(no message)").splitlines()
                 if len(lines) > max_message_lines:
-                    lines = lines[:max_message_lines] + [
-                        f"… {len(lines) - max_message_lines} more lines in report.html"]
+                    lines = [*lines[:max_message_lines],
+                             f"… {len(lines) - max_message_lines} more lines in report.html"]
                 out.extend([f"**{md_text(e['flow'])}** ({md_span(e['test'])}, backend "
                             f"{md_text(e['backend'])}):", "", *md_code("\n".join(lines)), ""])
 
@@ -692,8 +702,6 @@ def wrap(text: Any, width: int, indent: str = "", subsequent: str | None = None
          ) -> list[str]:
     """``text`` on lines of at most ``width`` columns, broken between words only (a single
     word longer than a line, such as a long path, gets a line of its own, uncut)."""
-    import textwrap
-
     sub = indent + "    " if subsequent is None else subsequent
     one = " ".join(clean(text).split())
     return textwrap.wrap(one, width=max(width, len(sub) + 20), initial_indent=indent,
@@ -1212,8 +1220,6 @@ def write(doc: dict[str, Any], out_dir: str | Path, strict: bool | None = None
 def report_command(path: str, out_dir: str | None, strict: bool | None = None) -> int:
     """``python -m conformance report``: render a saved report; the exit status is its
     verdict (2 when the file is not a readable report, or the reports cannot be written)."""
-    import sys
-
     try:
         doc = load(path)
     except ReportError as exc:

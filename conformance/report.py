@@ -40,6 +40,7 @@ from typing import Any
 import pytest
 
 from conformance import SUITE_VERSION, requirements, rootcause, schema
+from conformance.catalogue import tests_by_requirement
 from conformance.outcomes import NOT_DECIDED, OUTCOMES, Results
 
 #: 2: the not-decided outcome and root_causes; version 1 reports are read too.
@@ -52,8 +53,6 @@ TOP_KEYS = ("schema_version", "suite_version", "generated", "engine", "environme
 
 
 def build(state: Any, results: Results, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    from conformance.catalogue import tests_by_requirement
-
     entries = results.merged()
     env = state.environment
     index = tests_by_requirement()
@@ -61,7 +60,7 @@ def build(state: Any, results: Results, runs: list[dict[str, Any]]) -> dict[str,
     return {
         "schema_version": SCHEMA_VERSION,
         "suite_version": SUITE_VERSION,
-        "generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "generated": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "engine": {"spec": state.engine, "name": state.engine_name, "source": state.engine_source,
                    "origin": state.origin, "capabilities": state.capabilities,
                    "capabilities_source": state.capabilities_source},

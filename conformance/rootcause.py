@@ -9,8 +9,11 @@ run's headline instead of as dozens of failures with one cause.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
+
+from conformance.outcomes import NOT_DECIDED
 
 #: Ledger events that mean something went wrong in the run.
 BAD_KINDS = ("hook_raise", "hook_timeout", "starter_error", "fatal", "stage2_failed")
@@ -112,7 +115,7 @@ def _from_event(event: dict[str, Any]) -> RootCause:
 
 #: Hooks whose failure the master turns into a fatal error (SPEC §2's error table).
 _FATAL_AFTER = ("create_container", "post_start_process", "monitor_container")
-_MASTER_HOOKS = _FATAL_AFTER + ("cleanup_container",)
+_MASTER_HOOKS = (*_FATAL_AFTER, "cleanup_container")
 
 
 def _expected(event: dict[str, Any], target: str) -> bool:
@@ -187,8 +190,6 @@ class Group:
 
 def groups(results: Iterable[dict[str, Any]], runs: Iterable[dict[str, Any]]) -> list[Group]:
     """The not-decided results grouped by their root cause, largest group first."""
-    from conformance.outcomes import NOT_DECIDED
-
     by_message: dict[str, Group] = {}
     for entry in results:
         if entry.get("outcome") == NOT_DECIDED:

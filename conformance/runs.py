@@ -115,7 +115,7 @@ class RunCache:
         except HelperError as exc:
             run.not_configured = str(exc)
             run.error = f"not configured: {exc}"
-        except Exception as exc:  # LaunchError, a kit bug
+        except Exception as exc:  # noqa: BLE001 LaunchError, a kit bug: the run is broken
             run.error = f"{type(exc).__name__}: {exc}"
         run.seconds = time.monotonic() - start
         if run.result is not None:

@@ -17,9 +17,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import kit
 from conformance.capabilities import FAULT_FIELD, FAULTS, JOIN_FIELD
 from conformance.expectations import ERROR_PATHS, FORWARDED_SIGNALS
-from kit.sandbox import host_path
+from kit import launcher, linux
+from kit.environment import backend_for
+from kit.sandbox import default_on, host_path
 
 #: Exit code of the signal-forwarding payload when every forwarded signal arrived.
 ALL_SIGNALS_ARRIVED = 42
@@ -38,7 +41,7 @@ def _python() -> str:
 def _signal_script() -> str:
     names = [s[3:] for s in FORWARDED_SIGNALS]  # HUP INT USR1 USR2 TERM
     flags = [f"s{i}" for i in range(len(names))]
-    traps = "; ".join(f"trap '{flag}=1' {name}" for flag, name in zip(flags, names))
+    traps = "; ".join(f"trap '{flag}=1' {name}" for flag, name in zip(flags, names, strict=True))
     total = "+".join(f"{flag}" for flag in flags)
     mask = "+".join(f"{1 << i}*{flag}" for i, flag in enumerate(flags))
     return (f"{' '.join(f'{flag}=0' for flag in flags)}; {traps}; n=0; "
@@ -77,8 +80,6 @@ class Scenario:
 
     def start(self, engine: str, flow: str, options: dict[str, Any]) -> tuple[Any, dict]:
         """Run it; returns (RunResult, notes). Subclasses drive the run."""
-        from kit import launcher
-
         return launcher.run(engine, flow, list(self.argv), engine_config=self.config(),
                             **options), {}
 
@@ -89,8 +90,6 @@ class SignalScenario(Scenario):
     its traps (read from its own ``/proc/PID/status`` SigCgt), and waits for the run."""
 
     def start(self, engine: str, flow: str, options: dict[str, Any]) -> tuple[Any, dict]:
-        from kit import launcher, linux
-
         handle = launcher.start(engine, flow, list(self.argv), engine_config=self.config(),
                                 **options)
         notes: dict[str, Any] = {"sent": [], "payload_pid": None}
@@ -156,8 +155,6 @@ class JoinScenario(Scenario):
     join_kinds: tuple[str, ...] = ("uts", "ipc")
 
     def start(self, engine: str, flow: str, options: dict[str, Any]) -> tuple[Any, dict]:
-        from kit import launcher
-
         flags = {"uts": 0x04000000, "ipc": 0x08000000}
         mask = sum(flags[k] for k in self.join_kinds)
         code = ("import ctypes, os, sys\n"
@@ -193,13 +190,10 @@ class JoinScenario(Scenario):
 
 def _sandboxed(flow: str, options: dict[str, Any]) -> bool:
     """Whether the kit runs a lifecycle with these launcher options in its host sandbox."""
-    from kit.sandbox import default_on
-
     if options.get("sandbox") is not None:
         return bool(options["sandbox"])
     backend = options.get("backend", "real")
     if backend == "auto":
-        from kit.environment import backend_for
         backend = backend_for(flow)[0]
     return default_on(backend)
 
@@ -240,7 +234,6 @@ class _UtsReader:
              "    print(os.uname().nodename, flush=True)\n")
 
     def __init__(self, pid: int) -> None:
-        import kit
         path = os.path.dirname(os.path.dirname(os.path.abspath(kit.__file__)))
         self._lock = threading.Lock()
         self._proc = subprocess.Popen(
@@ -285,8 +278,6 @@ def _new_mounts(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
 def _payload_running(starter_pid: int | None, marker: str) -> int | None:
     """The pid of the run's payload, found by the marker in its command line (before the exec
     stage 2 still has the kit's command line)."""
-    from kit import linux
-
     if starter_pid is None:
         return None
     for pid in linux.descendants(starter_pid):
@@ -372,8 +363,6 @@ class HostViewScenario(Scenario):
     suite writes once it has looked). The notes hold what changed."""
 
     def start(self, engine: str, flow: str, options: dict[str, Any]) -> tuple[Any, dict]:
-        from kit import launcher
-
         before = {**host_view(), "hostname": SESSION_HOSTNAME}
         watcher = _HostWatcher(before, _sandboxed(flow, options))
         notes: dict[str, Any] = {"hostname_before": before["hostname"], "payload_pid": None}

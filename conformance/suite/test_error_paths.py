@@ -8,11 +8,20 @@ fail without any, so those paths are also checked when an engine takes them.
 
 from conformance import requirement, requires, scenarios
 from conformance.checks import (
-    check_cleanup_returned, check_error_path, check_no_crash, check_no_failure, check_no_hang,
-    error_runs, events_of, hook_events,
+    check_cleanup_returned,
+    check_error_path,
+    check_no_crash,
+    check_no_failure,
+    check_no_hang,
+    error_runs,
+    events_of,
+    hook_events,
 )
 from conformance.expectations import (
-    CLEANUP_AFTER_FAILURE, FATAL_PATHS, STAGE1_FAILURE_PATHS, STAGE2_FAILURE_PATHS,
+    CLEANUP_AFTER_FAILURE,
+    FATAL_PATHS,
+    STAGE1_FAILURE_PATHS,
+    STAGE2_FAILURE_PATHS,
     UNFAILING_SCENARIOS,
 )
 from conformance.scenario import fault_scenario

@@ -2,7 +2,11 @@
 
 from conformance import requirement, scenarios
 from conformance.checks import (
-    check_hook_roles, check_init_flag, check_master_pids, check_pid_one, check_rules,
+    check_hook_roles,
+    check_init_flag,
+    check_master_pids,
+    check_pid_one,
+    check_rules,
 )
 
 #: Successful runs every order rule is checked on.

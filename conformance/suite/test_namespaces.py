@@ -2,8 +2,16 @@
 
 from conformance import flows, requirement, scenarios
 from conformance.checks import (
-    check_host_view, check_master_not_shared, check_master_user_ns, check_mount_propagation,
-    check_namespace_order, check_new_user_ns, check_requested_namespaces, check_shared_root, check_rpc_shares_namespaces, check_user_ns_host_ids,
+    check_host_view,
+    check_master_not_shared,
+    check_master_user_ns,
+    check_mount_propagation,
+    check_namespace_order,
+    check_new_user_ns,
+    check_requested_namespaces,
+    check_rpc_shares_namespaces,
+    check_shared_root,
+    check_user_ns_host_ids,
     check_user_ns_map,
 )
 from conformance.expectations import MAPPABLE_HOST_IDS, USER_NS_MAP

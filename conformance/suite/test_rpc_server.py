@@ -2,8 +2,12 @@
 
 from conformance import flows, requirement, requires, scenarios
 from conformance.checks import (
-    check_privileges, check_rpc_calls_during_create, check_rpc_method_names,
-    check_rpc_methods_restore_credentials, check_rpc_probes, check_rpc_sequential,
+    check_privileges,
+    check_rpc_calls_during_create,
+    check_rpc_method_names,
+    check_rpc_methods_restore_credentials,
+    check_rpc_probes,
+    check_rpc_sequential,
     check_rpc_server_exit,
 )
 from conformance.expectations import privilege_flows

@@ -2,8 +2,12 @@
 
 from conformance import requirement, scenarios
 from conformance.checks import (
-    check_exit_code, check_monitor_status, check_only_the_container_reaped,
-    check_sigchld_recorded, check_signals_forwarded, check_signals_recorded,
+    check_exit_code,
+    check_monitor_status,
+    check_only_the_container_reaped,
+    check_sigchld_recorded,
+    check_signals_forwarded,
+    check_signals_recorded,
 )
 
 

@@ -2,7 +2,10 @@
 
 from conformance import requirement, scenarios
 from conformance.checks import (
-    check_config_calls, check_distinct_processes, check_fresh_config, check_rules,
+    check_config_calls,
+    check_distinct_processes,
+    check_fresh_config,
+    check_rules,
 )
 
 
