@@ -314,7 +314,7 @@ def _check_aspect(verify: Verifier, run: Run, facts: Facts, event: dict[str, Any
                   expect: X.Expect) -> None:
     aspect = expect.aspect
     snap = _snapshot(event)
-    where = dict(run=run, event=event)
+    where: dict[str, Any] = dict(run=run, event=event)
     req = expect.requirement
     if isinstance(aspect, X.Uids):
         bad = [t for t in _threads(event, expect.scope)
@@ -520,7 +520,7 @@ def check_payload(verify: Verifier, run: Run, requirement: str) -> None:
                          role="payload")
             continue
         event, stage2 = _start_process_thread(run)
-        if stage2 is None:
+        if stage2 is None or event is None:
             verify.fail(requirement, expected="stage 2's snapshot at start_process to compare "
                         "with", observed="no start_process entry with a snapshot", run=run,
                         role="stage2", hook="start_process")
@@ -839,7 +839,7 @@ def check_rpc_shares_namespaces(verify: Verifier, run: Run, requirement: str) ->
                   and (who == "the process" or got.get(k) is not None)]  # a thread ending
         verify.check(requirement, not differ, expected=f"the namespaces of stage 2 "
                      f"(#{stage2['seq']}) in every thread",
-                     observed=lambda differ=differ: "different: " + ", ".join(
+                     observed=lambda: "different: " + ", ".join(
                          f"{who}: {k} {ino} (stage 2: {want.get(k)})"
                          for who, k, ino in differ[:4]),
                      run=run, event=event)
@@ -1008,6 +1008,8 @@ def check_user_ns_map(verify: Verifier, run: Run, requirement: str) -> None:
     facts = Facts(run)
     inside_sym, _ = X.USER_NS_MAP[run.flow]
     inside = facts.uid if inside_sym == X.INVOKER else 0
+    if inside is None:
+        raise SuiteError(f"run {run.id}: its run_start event names no invoking user")
     stage2 = _stage2_event(run)
     if stage2 is None:
         verify.fail(requirement, expected="stage 2 hooks", observed="none", run=run)
@@ -1067,6 +1069,8 @@ def check_user_ns_host_ids(verify: Verifier, run: Run, requirement: str) -> None
     snap = _snapshot(stage2)
     for map_name, own, subfile in (("uid_map", facts.uid, "/etc/subuid"),
                                    ("gid_map", facts.gid, "/etc/subgid")):
+        if own is None:
+            raise SuiteError(f"run {run.id}: its run_start event names no invoking user")
         allowed = [(own, 1)] if X.INVOKER in allowed_kinds else []
         if X.SUBORDINATE in allowed_kinds:
             allowed += _subordinate_ranges(subfile, name, facts.uid)
@@ -1254,6 +1258,8 @@ def check_exit_code(verify: Verifier, run: Run, requirement: str,
 def check_monitor_status(verify: Verifier, run: Run, requirement: str) -> None:
     run = verify.used(run.usable())
     want = run.scenario.expected_exit
+    if want is None:
+        raise SuiteError(f"scenario {run.scenario.name!r} has no fixed exit status to check")
     returns = hook_events(run, "master", "monitor_container", ("hook_return",))
     if not returns:
         verify.fail(requirement, expected="monitor_container returned a wait status",
@@ -1350,7 +1356,7 @@ def check_rpc_methods_restore_credentials(verify: Verifier, run: Run,
             verify.check(requirement, not changes, expected=f"{event.get('method')} returns "
                          f"with every thread's whole credential as it started "
                          f"({', '.join(CREDENTIAL_FIELDS)})",
-                         observed=lambda thread=thread, changes=changes:
+                         observed=lambda:
                          f"{thread_label(thread)}: " + "; ".join(changes),
                          run=run, event=event, role="rpc")
 
@@ -1378,7 +1384,8 @@ def check_signals_recorded(verify: Verifier, run: Run, requirement: str) -> None
         found = [e for e in recorded if e.get("name") == name]
         verify.check(requirement, bool(found), expected=f"{name} recorded by the master",
                      observed=f"signals recorded: "
-                     f"{sorted({e.get('name') for e in recorded})}", run=run, role="master")
+                     f"{sorted({e.get('name') for e in recorded}, key=str)}", run=run,
+                     role="master")
 
 
 def check_signals_forwarded(verify: Verifier, run: Run, requirement: str) -> None:

@@ -61,12 +61,13 @@ def cooperative(ops: type, *, faults: bool = True, join: bool = True) -> type:
             """See Capabilities.join_only."""
             return join
 
-    class Cooperative(ops):  # type: ignore[misc, valid-type]
+    class Cooperative(ops):
         conformance_capabilities = CooperativeCapabilities
 
         def config(self) -> Any:
             base = super().config()
-            cfg = _extended(type(base))()
+            cls: type = type(base)
+            cfg = _extended(cls)()
             for f in dataclasses.fields(base):
                 setattr(cfg, f.name, getattr(base, f.name))
             return cfg

@@ -57,7 +57,7 @@ def declared(obj: Any, name: str) -> list[str]:
     """The arguments of every ``name`` mark on a test function (or item), in order."""
     out: list[str] = []
     if hasattr(obj, "iter_markers"):
-        marks = list(obj.iter_markers(name))  # type: ignore[attr-defined]
+        marks = list(obj.iter_markers(name))
     else:
         marks = [m for m in getattr(obj, "pytestmark", []) if m.name == name]
     for mark in marks:

@@ -21,7 +21,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,8 +80,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("engine", "conformance: the engine to check (like --engine)", default="")
 
 
-def _engine_setting(config: pytest.Config) -> tuple[str | None, str | None]:
-    """(engine, where it came from): command line, then ini option, then environment."""
+def _engine_setting(config: pytest.Config) -> tuple[str, str] | None:
+    """(engine, where it came from): command line, then ini option, then environment; None
+    when no engine is named."""
     value = config.getoption("engine")
     if value is not None and not value.strip():
         raise pytest.UsageError(
@@ -97,7 +98,7 @@ def _engine_setting(config: pytest.Config) -> tuple[str | None, str | None]:
     value = os.environ.get(ENV_ENGINE)
     if value:
         return value, f"the environment variable {ENV_ENGINE}"
-    return None, None
+    return None
 
 
 @dataclass
@@ -297,9 +298,10 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", text)
     # Set on every item; known to pytest even when pytest-xdist is not loaded (-p no:xdist).
     config.addinivalue_line("markers", "xdist_group(name): pytest-xdist scheduling group")
-    engine, source = _engine_setting(config)
-    if engine is None:
+    setting = _engine_setting(config)
+    if setting is None:
         return
+    engine, source = setting
     state = _make_state(config, engine, source)
     config.stash[STATE] = state
     if config.args_source != pytest.Config.ArgsSource.ARGS:
@@ -553,11 +555,13 @@ class SessionPlugin:
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]
-                                  ) -> Iterator[None]:
+                                  ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
         report = yield
         info = item.stash.get(ITEM, None)
         if info is not None:
-            report.conformance = _entries(item, info, call, report, self.state)
+            # An extra attribute pytest-xdist serialises with the report to the controller.
+            report.conformance = _entries(  # type: ignore[attr-defined]
+                item, info, call, report, self.state)
             if call.excinfo is not None and isinstance(call.excinfo.value, (
                     ConformanceFailure, HarnessFailure)):
                 report.longrepr = str(call.excinfo.value)  # the violations, not our frames

@@ -23,7 +23,7 @@ import json
 import re
 import sys
 import textwrap
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,7 +154,8 @@ def verdict(doc: dict[str, Any], strict: bool | None = None) -> Verdict:
                 "cannot run them", *_reasons_not_configured(doc, skipped_env)], strict=strict)
         return Verdict(HARNESS_ERROR, "harness error", [
             "no requirement was decided: every result is not-supported"], strict=strict)
-    failing, warnings = [], []
+    failing: list[dict[str, Any]] = []
+    warnings: list[dict[str, Any]] = []
     for e in results:
         if e["outcome"] == FAILED:
             (failing if strict or e["level"] == "MUST" or environment_failure(e)
@@ -213,7 +214,8 @@ def must_coverage(doc: dict[str, Any]) -> list[str]:
     for e in doc["results"]:
         if e.get("level") == "MUST":
             musts.setdefault(e["flow"], {}).setdefault(e["outcome"], []).append(e)
-    counts, why_flows = [], {}
+    counts: list[str] = []
+    why_flows: dict[str, list[str]] = {}
     for flow in sorted(musts, key=_flow_key):
         by = musts[flow]
         total = sum(len(v) for v in by.values())
@@ -316,7 +318,7 @@ def event_refs(entry: dict[str, Any]) -> list[tuple[str | None, int]]:
     return out
 
 
-def first_lines(message: str, n: int = 1) -> str:
+def first_lines(message: Any, n: int = 1) -> str:
     lines = [line.strip() for line in str(message or "").splitlines() if line.strip()]
     return " / ".join(lines[:n])
 
@@ -340,9 +342,9 @@ def violation_digest(message: str) -> str:
     return lines[1] if len(lines) > 1 else (lines[0] if lines else "")
 
 
-def shorten(text: str, width: int) -> str:
-    """``text`` on one line (runs of white space collapsed, leading indentation kept), at
-    most ``width`` characters."""
+def shorten(text: Any, width: int) -> str:
+    """``text`` (any value, as str() shows it) on one line (runs of white space collapsed,
+    leading indentation kept), at most ``width`` characters."""
     text = str(text)
     indent = text[:len(text) - len(text.lstrip(" "))]
     text = indent + " ".join(text.split())
@@ -468,7 +470,8 @@ def describe(event: dict[str, Any]) -> str:
             if not isinstance(result, dict) else f" → {result.get('type', 'object')}"
         return f"{event.get('hook')} returned{shown}"
     if kind == "hook_raise":
-        err = event.get("error") if isinstance(event.get("error"), dict) else {}
+        raw_err = event.get("error")
+        err = raw_err if isinstance(raw_err, dict) else {}
         return f"{event.get('hook')} raised {err.get('type')}: {shorten(err.get('message'), 60)}"
     if kind == "process_start":
         return f"started (pid {event.get('pid')}, ppid {event.get('ppid')})"
@@ -477,7 +480,8 @@ def describe(event: dict[str, Any]) -> str:
                f"{event.get('status')}"
     if kind == "rpc_call":
         status = "ok" if event.get("ok") else f"error {shorten(event.get('error'), 50)}"
-        args = event.get("args") if isinstance(event.get("args"), dict) else {}
+        raw_args = event.get("args")
+        args = raw_args if isinstance(raw_args, dict) else {}
         brief = ", ".join(f"{k}={shorten(json.dumps(v), 18)}" for k, v in list(args.items())[:2])
         return f"{event.get('method')}({brief}) {status}"
     if kind == "signal":
@@ -890,7 +894,7 @@ def sequence_svg(run: dict[str, Any], highlight: set[int] | None = None) -> str:
     hooks are activation bars coloured by the privilege state at entry, with the state as
     text on the right; arrows for forks, RPC calls, the exec notice and exits."""
     highlight = highlight or set()
-    events = sorted(run_events(run), key=lambda e: e.get("seq") if isinstance(
+    events = sorted(run_events(run), key=lambda e: e["seq"] if isinstance(
         e.get("seq"), int) else -1)
     run_id = str(run.get("id"))
     roles = [r for r in LANES if any(e.get("role") == r for e in events)]
@@ -1007,7 +1011,7 @@ def sequence_svg(run: dict[str, Any], highlight: set[int] | None = None) -> str:
         level = privilege_level(event) if kind == "hook_enter" else ""
         if level == "host":
             cls = "t-host"
-        arrowhead = {"hook_enter": "▶", "hook_return": "◀", "hook_raise": "✖"}.get(kind, " ")
+        arrowhead = {"hook_enter": "▶", "hook_return": "◀", "hook_raise": "✖"}.get(str(kind), " ")
         seq = event.get("seq")
         label = f"#{seq:<3} {role:<10}{arrowhead} {text}"
         parts.append(f'<g id="{event_anchor(run_id, seq)}"><title>{_e(event_title(event))}'
@@ -1038,7 +1042,8 @@ LEGEND = ('<div class="legend meta"><span><i class="lv" style="background:#cf222
           'namespace</span></div>')
 
 
-def _event_block(doc: dict[str, Any], run_id: str | None, seq: int, drawn: set[str]) -> str:
+def _event_block(doc: dict[str, Any], run_id: str | None, seq: int,
+                 drawn: Container[str | None]) -> str:
     event = find_event(doc, run_id, seq)
     out = [f'<div class="event"><div><b>ledger event</b> <code>{_e(event_title(event))}</code>'
            f' in run <code>{_e(run_id)}</code>']
@@ -1133,16 +1138,16 @@ def html_report(doc: dict[str, Any], v: Verdict | None = None) -> str:
                        "</th></tr>")
         tds = []
         for flow in flows:
-            e = cells.get(flow)
-            if e is None:
+            entry = cells.get(flow)
+            if entry is None:
                 tds.append('<td class="o o-none"></td>')
                 continue
-            sym, label = HTML_SYMBOLS[e["outcome"]]
+            sym, label = HTML_SYMBOLS[entry["outcome"]]
             cell = f"{sym} {_e(label)}"
-            if e["outcome"] in BAD or e in v.warnings:
-                cell = f'<a href="#f-{_slug(e["requirement"])}-{_slug(flow)}">{cell}</a>'
-            tip = first_lines(e["message"], 2) or e["outcome"]
-            tds.append(f'<td class="o o-{e["outcome"]}" data-outcome="{e["outcome"]}" '
+            if entry["outcome"] in BAD or entry in v.warnings:
+                cell = f'<a href="#f-{_slug(entry["requirement"])}-{_slug(flow)}">{cell}</a>'
+            tip = first_lines(entry["message"], 2) or entry["outcome"]
+            tds.append(f'<td class="o o-{entry["outcome"]}" data-outcome="{entry["outcome"]}" '
                        f'title="{_e(shorten(tip, 300))}">{cell}</td>')
         out.append(f'<tr data-requirement="{_e(first["requirement"])}"><td><b>'
                    f'{_e(first["requirement"])}</b></td><td>{_e(first["level"])}</td>'

@@ -80,7 +80,8 @@ def _last_line(text: str) -> str:
 def _from_event(event: dict[str, Any]) -> RootCause:
     kind = event.get("kind")
     role = str(event.get("role"))
-    error = event.get("error") if isinstance(event.get("error"), dict) else {}
+    raw = event.get("error")
+    error = raw if isinstance(raw, dict) else {}
     trace = str(error.get("traceback") or "")
     if kind == "hook_raise":
         hook = str(event.get("hook"))
@@ -131,7 +132,7 @@ def _expected(event: dict[str, Any], target: str) -> bool:
     return kind == "fatal" and target in _FATAL_AFTER
 
 
-def find(scenario: str, events: Iterable[dict[str, Any]]) -> RootCause | None:
+def find(scenario: str, events: Iterable[Any]) -> RootCause | None:
     """The root cause of a run of ``scenario`` with these ledger events, or None when the run
     went as the scenario asks (successfully, or failing where its fault targets)."""
     target = expected_hook(scenario)
@@ -161,8 +162,10 @@ def early(events: Iterable[dict[str, Any]]) -> bool:
 
 def of_run_doc(run: dict[str, Any]) -> RootCause | None:
     """The root cause of a run as the JSON report stores it (``runs[i]``)."""
-    ledger = run.get("ledger") if isinstance(run.get("ledger"), dict) else {}
-    events = ledger.get("events") if isinstance(ledger.get("events"), list) else []
+    raw_ledger = run.get("ledger")
+    ledger = raw_ledger if isinstance(raw_ledger, dict) else {}
+    raw_events = ledger.get("events")
+    events = raw_events if isinstance(raw_events, list) else []
     cause = find(str(run.get("scenario", "")), events)
     if cause is None:
         return None

@@ -104,10 +104,10 @@ class SignalScenario(Scenario):
         for name in FORWARDED_SIGNALS:
             wanted |= 1 << (signal.Signals[name].value - 1)
 
-        def drive() -> None:
+        def drive(starter_pid: int, pidfd: int) -> None:
             deadline = time.monotonic() + 20
             while not done.is_set() and time.monotonic() < deadline:
-                for pid in linux.descendants(handle.starter_pid):
+                for pid in linux.descendants(starter_pid):
                     if _caught_mask(pid) & wanted == wanted:
                         notes["payload_pid"] = pid
                         for name in FORWARDED_SIGNALS:
@@ -122,8 +122,9 @@ class SignalScenario(Scenario):
             notes.setdefault("error", "the payload never installed its signal traps")
 
         driver = None
-        if pidfd is not None:
-            driver = threading.Thread(target=drive, name="conformance-signals", daemon=True)
+        if pidfd is not None and handle.starter_pid is not None:
+            driver = threading.Thread(target=drive, args=(handle.starter_pid, pidfd),
+                                      name="conformance-signals", daemon=True)
             driver.start()
         try:
             result = handle.wait()
@@ -165,6 +166,7 @@ class JoinScenario(Scenario):
                 "sys.stdin.read()\n")
         helper = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, text=True)
+        assert helper.stdin is not None and helper.stdout is not None  # both are PIPE
         try:
             ready, _, _ = select.select([helper.stdout], [], [], 10)
             line = helper.stdout.readline().strip() if ready else "timeout"
@@ -239,18 +241,20 @@ class _UtsReader:
         self._proc = subprocess.Popen(
             [sys.executable, "-c", self._CODE, f"/proc/{pid}/ns/uts"], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": path})
-        if self._proc.stdout.readline().strip() != "ready":
+        assert self._proc.stdin is not None and self._proc.stdout is not None  # both are PIPE
+        self._stdin, self._stdout = self._proc.stdin, self._proc.stdout
+        if self._stdout.readline().strip() != "ready":
             self.close()
             raise OSError(f"cannot read the hostname of process {pid}'s uts namespace")
 
     def hostname(self) -> str:
         with self._lock:
             try:
-                self._proc.stdin.write("\n")
-                self._proc.stdin.flush()
+                self._stdin.write("\n")
+                self._stdin.flush()
             except (BrokenPipeError, ValueError):
                 raise OSError("the uts reader is gone") from None
-            line = self._proc.stdout.readline()
+            line = self._stdout.readline()
         if not line:
             raise OSError("the uts reader is gone")
         return line.rstrip("\n")
@@ -259,7 +263,7 @@ class _UtsReader:
         with self._lock:
             self._proc.kill()
             self._proc.wait()
-            for f in (self._proc.stdin, self._proc.stdout):
+            for f in (self._stdin, self._stdout):
                 f.close()
 
 
