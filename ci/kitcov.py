@@ -23,9 +23,10 @@ import ast
 import os
 import shutil
 import sqlite3
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 MIN_COVERAGE = (7, 10)  # [run] patch = subprocess and the .pth file that starts children
 CORRUPT_DIR = "corrupt"
@@ -37,7 +38,7 @@ class CoverageSetupError(RuntimeError):
 
 def require_coverage() -> Any:
     try:
-        import coverage
+        import coverage  # noqa: PLC0415 (so that its absence gets the message below)
     except ImportError:
         raise CoverageSetupError("coverage is not installed in this interpreter "
                                  "(pip install 'coverage>=7.10')") from None
@@ -219,7 +220,7 @@ def unexecuted(cov: Any, targets: Iterable[tuple[str, str]]) -> list[FunctionCov
             continue
         try:
             _, statements, _, missing, _ = cov.analysis2(str(full))
-        except Exception as exc:  # not measured at all
+        except Exception as exc:  # noqa: BLE001 whatever coverage raises: not measured
             fc.problem = f"not measured ({type(exc).__name__}: {exc})"
             continue
         first, last = span

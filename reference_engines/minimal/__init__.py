@@ -7,7 +7,7 @@ from reference_engines.minimal.engine import ReferenceConfig, ReferenceEngine
 from reference_engines.minimal.rpc import ReferenceRPC
 
 NAME = "reference"
-__all__ = ["ReferenceConfig", "ReferenceEngine", "ReferenceRPC", "register", "NAME"]
+__all__ = ["NAME", "ReferenceConfig", "ReferenceEngine", "ReferenceRPC", "register"]
 
 
 def register() -> None:

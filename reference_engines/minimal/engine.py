@@ -19,13 +19,21 @@ from dataclasses import dataclass, field
 
 from kit import system
 from kit.contract import (
-    ConfigError, Context, EngineConfig, Operations, SignalChannel, WaitStatus,
+    ConfigError,
+    Context,
+    EngineConfig,
+    Operations,
+    SignalChannel,
+    WaitStatus,
 )
 from kit.linux import CAP_NUMBERS, NAMESPACES
 from kit.rpc import RPCClient
 from kit.starter_config import StarterConfig, normalize_capability
 from reference_engines.minimal.rpc import (
-    HOST_BIND_DIRS, ROOT_PREFIX, hostname_error, path_error,
+    HOST_BIND_DIRS,
+    ROOT_PREFIX,
+    hostname_error,
+    path_error,
 )
 
 #: Capabilities stage 2 keeps in the root flow unless the config says otherwise: Docker's
@@ -154,10 +162,9 @@ def validate_config(cfg: ReferenceConfig, sc: StarterConfig) -> list[str]:
             raise ConfigError(f"capabilities: {', '.join(missing)} not in this host's "
                               "bounding set")
 
-    if cfg.target_uid is not None or cfg.target_gids:
-        if not root:
-            raise ConfigError("target_uid/target_gids: only a root caller can choose the "
-                              f"container's ids (flow {sc.flow})")
+    if (cfg.target_uid is not None or cfg.target_gids) and not root:
+        raise ConfigError("target_uid/target_gids: only a root caller can choose the "
+                          f"container's ids (flow {sc.flow})")
     if cfg.target_uid is not None and not 0 <= cfg.target_uid <= MAX_ID:
         raise ConfigError(f"target_uid: {cfg.target_uid} is not a valid uid")
     for gid in cfg.target_gids:
