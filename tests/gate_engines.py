@@ -25,7 +25,7 @@ class SloppyMasterEngine(ReferenceEngine):
 
     def create_container(self, ctx, pid, rpc_conn):  # type: ignore[override]
         super().create_container(ctx, pid, rpc_conn)
-        ruid, euid, suid = os.getresuid()
+        ruid, _euid, suid = os.getresuid()
         if ruid != 0 and suid == 0:
             os.seteuid(0)  # the bug: privilege regained and kept for the rest of the run
 

@@ -18,7 +18,9 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from kit import linux
 from reference_engines.minimal.engine import FORWARDED_SIGNALS, ReferenceConfig, ReferenceEngine
@@ -67,11 +69,10 @@ class FaultEngine(ReferenceEngine):
         if action == "wait_container":  # the classic deadlock: wait for the payload
             while not os.path.exists(cfg.marker):
                 time.sleep(0.01)
-        if action == "leak_process":
-            if os.fork() == 0:
-                os.setsid()
-                time.sleep(60)
-                os._exit(0)
+        if action == "leak_process" and os.fork() == 0:
+            os.setsid()
+            time.sleep(60)
+            os._exit(0)
         if action == "leak_tempdir":
             tempfile.mkdtemp(prefix="leaked-")
 
@@ -403,7 +404,7 @@ class HostileRPC(ReferenceRPC):
         return WithFds(0, [os.dup(_ledger_writer().sock.fileno())])  # type: ignore
 
     def int_keys(self) -> dict:
-        return {1: "a", True: "c"}
+        return {1: "c"}  # an int key: JSON objects have str keys only
 
     def alive(self) -> str:
         return "yes"
@@ -546,7 +547,7 @@ class HostAttackEngine(ReferenceEngine):
 
     engine_name = "test-host-attack"
     rpc_methods = ReferenceRPC
-    ACTS = {
+    ACTS: ClassVar[dict[str, Callable[[Any], Any]]] = {
         "write_etc": lambda c: _write(f"/etc/{c.unique}", "hostile\n"),
         "umount": lambda c: linux.umount(c.umount_path),
         "remount_ro": lambda c: linux.mount(None, c.remount_path, None, linux.MS_REMOUNT

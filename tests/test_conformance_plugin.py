@@ -18,7 +18,7 @@ import pytest
 
 import kit.environment
 import kit.launcher
-import kit.registry  # noqa: F401  (kept loaded across inner sessions: one registry, one zygote)
+import kit.registry
 from conformance import report
 from conformance.requirements import CATALOGUE
 
@@ -369,8 +369,8 @@ def test_junit_xml_carries_the_requirement_ids(tester):
 
 def test_xdist_gives_the_same_results_as_one_process(tester):
     args = ["--engine=reference", "--flow=root,userns"]
-    one = tester.runpytest_subprocess(*args, "--conformance-report=one.json")
-    two = tester.runpytest_subprocess(*args, "-n", "2", "--conformance-report=two.json")
+    tester.runpytest_subprocess(*args, "--conformance-report=one.json")
+    tester.runpytest_subprocess(*args, "-n", "2", "--conformance-report=two.json")
     docs = [_report(tester.path / name) for name in ("one.json", "two.json")]
     keys = [{(r["requirement"], r["flow"], r["test"]): r["outcome"] for r in d["results"]}
             for d in docs]

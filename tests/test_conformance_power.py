@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from conformance import checks
 from test_conformance_units import G, U, hook, make_run, snapshot
+
+from conformance import checks
 
 
 def _with_helper(snap, **changes):
@@ -232,6 +233,7 @@ def _exec_and_compare(prepare) -> list[str]:
     import subprocess
 
     from conftest import in_child
+
     from kit import linux
     from kit.probe import thread_state
 

@@ -8,9 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from conformance import capabilities, checks, expectations as X, outcomes, report, requirements
+from conformance import capabilities, catalogue, checks, outcomes, report, requirements
+from conformance import expectations as X
 from conformance.capabilities import Capabilities
-from conformance import catalogue
 from conformance.runs import Run
 from conformance.scenario import SCENARIOS, decode_signal_exit
 from kit import probe
@@ -128,7 +128,7 @@ def test_a_suid_master_hook_with_effective_capabilities_at_return_is_a_violation
     verify = checks.Verifier("suid", ["PRIV-MASTER-002"], "t")
     checks.check_privileges(verify, run, "PRIV-MASTER-002")
     assert verify.checks["PRIV-MASTER-002"] == 2
-    (violation,) = verify.violations["PRIV-MASTER-002"]
+    (_violation,) = verify.violations["PRIV-MASTER-002"]
     text = verify.render("PRIV-MASTER-002")
     assert text.startswith("PRIV-MASTER-002 [MUST] SPEC §4: ")
     assert "flow: suid   role: master   hook: create_container" in text

@@ -8,12 +8,22 @@ import json
 import os
 import socket
 import struct
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 
-from kit.rpc.codec import (HEADER, MAX_FDS, MAX_FRAME, FrameError, close_fds, decode_body,
-                           encode_body, recv_frame, send_body, send_frame)
+from kit.rpc.codec import (
+    HEADER,
+    MAX_FDS,
+    MAX_FRAME,
+    FrameError,
+    close_fds,
+    decode_body,
+    encode_body,
+    recv_frame,
+    send_body,
+    send_frame,
+)
 
 
 @pytest.fixture
@@ -171,7 +181,7 @@ def test_the_maximum_number_of_descriptors_arrives(pair):
 
 
 def test_one_descriptor_past_the_maximum_is_refused_before_sending(pair):
-    a, b = pair
+    a, _b = pair
     fds = pipes(MAX_FDS + 1)
     with pytest.raises(FrameError, match=f"{MAX_FDS + 1} file descriptors exceed the maximum "
                                          f"of {MAX_FDS}") as info:
@@ -229,7 +239,7 @@ def test_descriptors_with_a_bad_body_are_closed(pair):
 
 @pytest.mark.parametrize("bad", [-1, True, "3", 2.0, None])
 def test_a_bad_descriptor_is_refused_before_sending(pair, bad):
-    a, b = pair
+    a, _b = pair
     with pytest.raises(FrameError, match=f"not a file descriptor: {bad!r}") as info:
         send_frame(a, {}, [bad])
     assert info.value.kind == FrameError.UNENCODABLE and info.value.recoverable

@@ -11,12 +11,11 @@ import subprocess
 import sys
 
 import pytest
+from conftest import host_state, wait_until
 
 from kit import launcher
 from kit.launcher import LaunchError, RunHandle, Zygote, make_request, run, start
 from kit.zygote import FIXED_FDS
-
-from conftest import host_state, wait_until
 
 
 @pytest.fixture
@@ -113,7 +112,10 @@ def test_a_supervisor_that_ends_without_a_result_is_a_launch_error(monkeypatch, 
     assert handle.starter_pid is None and handle.run_dir is None
     with pytest.raises(LaunchError, match="the run has no starter process"):
         handle.send_signal(15)
-    with pytest.raises(LaunchError, match=r"the run's supervisor \(pid \d+\) ended without writing the run's result"):
+    with pytest.raises(
+        LaunchError,
+        match=r"the run's supervisor \(pid \d+\) ended without writing the run's result",
+    ):
         handle.wait()
 
 

@@ -8,8 +8,18 @@ import socket
 import pytest
 
 from kit import ledger
-from kit.ledger import (COMMON_KEYS, EVENT_KINDS, MAX_EVENT, SCHEMA_VERSION, Ledger,
-                        LedgerWriter, decode, decode_checked, ledger_socketpair, validate)
+from kit.ledger import (
+    COMMON_KEYS,
+    EVENT_KINDS,
+    MAX_EVENT,
+    SCHEMA_VERSION,
+    Ledger,
+    LedgerWriter,
+    decode,
+    decode_checked,
+    ledger_socketpair,
+    validate,
+)
 
 
 def event(seq: int, kind: str = "signal", role: str = "master", **extra: object) -> dict:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import socket
 
+from conftest import in_child, wait_until
+
 from kit import linux
 from kit.launcher import make_request
 from kit.ledger import decode
 from kit.starter import EXIT_FATAL, Starter
-
-from conftest import in_child, wait_until
 
 
 def _starter_outliving(flow: str) -> dict:

@@ -9,8 +9,14 @@ import pytest
 
 from kit.contract import ConfigError
 from kit.linux import CAP_NUMBERS, NAMESPACES
-from kit.starter_config import (CAPABILITY_SETS, FLOWS, PROPAGATIONS, StarterConfig,
-                                normalize_capability, split_propagation)
+from kit.starter_config import (
+    CAPABILITY_SETS,
+    FLOWS,
+    PROPAGATIONS,
+    StarterConfig,
+    normalize_capability,
+    split_propagation,
+)
 
 
 def sc(flow: str = "root") -> StarterConfig:
@@ -97,7 +103,7 @@ def test_capability_names_are_normalized_deduplicated_and_sorted_by_number():
     assert s.capabilities["permitted"] == ["CAP_CHOWN", "CAP_KILL", "CAP_SYS_ADMIN"]
     assert normalize_capability("net_raw", "x") == "CAP_NET_RAW"
     assert normalize_capability("CAP_NET_RAW", "x") == "CAP_NET_RAW"
-    with pytest.raises(ConfigError, match="^x: unknown capability 'CAP_'$"):
+    with pytest.raises(ConfigError, match=r"^x: unknown capability 'CAP_'$"):
         normalize_capability("CAP_", "x")
     last = max(CAP_NUMBERS, key=CAP_NUMBERS.__getitem__)
     assert normalize_capability(last.lower(), "x") == last

@@ -9,15 +9,15 @@ from __future__ import annotations
 import os
 import signal
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
+from conftest import in_child
 
 from kit import linux, supervisor
 from kit.launcher import make_request
 from kit.ledger import LedgerWriter
-
-from conftest import in_child
 
 Script = Callable[[LedgerWriter], int]
 

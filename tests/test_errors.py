@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from conftest import host_state
+
 from kit.launcher import run
 
 FAULT = "kit_test_engines:FaultEngine"
@@ -177,9 +177,10 @@ def test_error_rows_hold_in_unprivileged_flows(flow):
 
 
 def test_killing_the_supervisor_takes_the_whole_run_down(flow):
+    import time
+
     from kit import linux
     from kit.launcher import start
-    import time
     handle = start(FAULT, flow, ["/bin/true"], hook_timeout=30,
                    engine_config={"fault_hook": "cleanup_container", "fault_action": "hang"})
     deadline = time.monotonic() + 10

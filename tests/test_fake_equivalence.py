@@ -50,11 +50,10 @@ import json
 from typing import Any
 
 import pytest
+from conftest import ALL_FLOWS, require_flow
 
 import kit.starter
 from kit.launcher import run
-
-from conftest import ALL_FLOWS, require_flow
 
 PAYLOAD = ["/bin/sh", "-c", "exit 7"]
 ROLE_ORDER = ("supervisor", "starter", "stage1", "master", "container", "rpc", "stage2")
@@ -197,7 +196,7 @@ def _diff(real: dict[str, Any], fake: dict[str, Any]) -> list[str]:
                 else:
                     walk(a[k], b[k], f"{path}.{k}")
         elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-            for i, (x, y) in enumerate(zip(a, b)):
+            for i, (x, y) in enumerate(zip(a, b, strict=True)):
                 walk(x, y, f"{path}[{i}]")
         elif a != b:
             lines.append(f"{path}: real {json.dumps(a)[:300]} fake {json.dumps(b)[:300]}")

@@ -15,8 +15,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ALL_FLOWS, host_state
+
 from kit import environment, probe
 from kit.launcher import make_request, run
 from kit.ledger import validate
@@ -265,7 +265,7 @@ def test_unprivileged_user_cannot_set_the_host_hostname_through_the_model():
 def test_auto_resolves_per_flow():
     for flow in ALL_FLOWS:
         backend, why = environment.backend_for(flow)
-        ok, real_why = environment.flows()[flow]
+        ok, _real_why = environment.flows()[flow]
         assert backend == ("real" if ok else "fake") and why
         assert make_request("reference", flow, ["/bin/true"], backend="auto").backend == \
             backend

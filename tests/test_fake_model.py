@@ -22,9 +22,17 @@ import sys
 import pytest
 
 from kit.fake.model import (
-    CAP_NET_ADMIN, CAP_SETPCAP, CAP_SYS_ADMIN, FIRST_SYNTHETIC_ID,
-    SECBIT_KEEP_CAPS, SECBIT_KEEP_CAPS_LOCKED, SECBIT_NO_CAP_AMBIENT_RAISE, Cred, Model,
-    Task, resolve,
+    CAP_NET_ADMIN,
+    CAP_SETPCAP,
+    CAP_SYS_ADMIN,
+    FIRST_SYNTHETIC_ID,
+    SECBIT_KEEP_CAPS,
+    SECBIT_KEEP_CAPS_LOCKED,
+    SECBIT_NO_CAP_AMBIENT_RAISE,
+    Cred,
+    Model,
+    Task,
+    resolve,
 )
 from kit.linux import CAP_NUMBERS
 from kit.request import Invoker
@@ -290,7 +298,7 @@ def test_setgroups_in_a_namespace_that_allows_it():
 def test_unshare_needs_cap_sys_admin_unless_with_a_user_namespace():
     m = make_model()
     raises(errno.EPERM, m.plan_namespaces, user(), task(), ["net"], clone=False)
-    c, ns, pidc = m.plan_namespaces(user(), task(), ["user", "net", "uts", "pid"],
+    _c, ns, pidc = m.plan_namespaces(user(), task(), ["user", "net", "uts", "pid"],
                                     clone=False)
     assert ns["net"] != INIT["net"] and m.ns(ns["net"])["owner"] == ns["user"]
     assert ns["pid"] == INIT["pid"] and pidc != INIT["pid"]  # pid: for children only
@@ -382,7 +390,7 @@ def test_mount_permissions_and_filesystem_types():
     raises(errno.ENODEV, mount, m, root(), INIT["mount"], "x", "/tmp", "nofs", [])
     raises(errno.ENOTDIR, mount, m, root(), INIT["mount"], "tmpfs", "/etc/hosts", "tmpfs",
            [])
-    c, ns, pidc = m.plan_namespaces(user(), task(), ["user", "mount", "pid"], clone=True)
+    c, ns, _pidc = m.plan_namespaces(user(), task(), ["user", "mount", "pid"], clone=True)
     mount(m, c, ns["mount"], "tmpfs", "/tmp", "tmpfs", ["nosuid"])
     raises(errno.EPERM, mount, m, c, ns["mount"], "/dev/sda1", "/tmp", "ext4", [])
     # proc belongs to the owner of the mounter's pid namespace.
@@ -512,66 +520,125 @@ def scenarios(u: int, g: int) -> dict[str, list[list]]:
     become_u = [["setgroups", []], ["setresgid", g, g, g], ["setresuid", u, u, u]]
     suid = [["setgroups", []], ["setresgid", g, g, g], ["setresuid", u, 0, 0]]
     return {
-        "become user, then back to root": become_u + [["setresuid", 0, 0, 0],
-                                                      ["setresgid", 0, 0, 0],
-                                                      ["setgroups", [0]], ["getresuid"]],
-        "setuid master and re-gaining euid 0": suid + [
-            ["setresuid", u, u, -1], ["getresuid"], ["setresuid", -1, 0, -1],
-            ["setresuid", u, u, -1], ["setresuid", 12345, 12345, 12345]],
-        "keep caps then capset": [["set_keepcaps", True]] + become_u + [
+        "become user, then back to root": [
+            *become_u,
+            ["setresuid", 0, 0, 0],
+            ["setresgid", 0, 0, 0],
+            ["setgroups", [0]],
+            ["getresuid"],
+        ],
+        "setuid master and re-gaining euid 0": [
+            *suid,
+            ["setresuid", u, u, -1],
+            ["getresuid"],
+            ["setresuid", -1, 0, -1],
+            ["setresuid", u, u, -1],
+            ["setresuid", 12345, 12345, 12345],
+        ],
+        "keep caps then capset": [
+            ["set_keepcaps", True],
+            *become_u,
             ["set_keepcaps", False],
             ["caps", ["CAP_SYS_ADMIN"], ["CAP_SYS_ADMIN", "CAP_KILL"], []],
             ["caps", ["CAP_KILL"], ["CAP_SYS_ADMIN"], []],
             ["caps", [], ["CAP_SYS_ADMIN", "CAP_NET_RAW"], []],
             ["caps", [], ["CAP_SYS_ADMIN"], ["CAP_NET_RAW"]],
-            ["bounding", []]],
-        "the RPC server's drop": suid + [
+            ["bounding", []],
+        ],
+        "the RPC server's drop": [
+            *suid,
             ["bounding", ["CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETPCAP"]],
-            ["set_keepcaps", True], ["setresuid", u, u, -1], ["set_keepcaps", False],
-            ["caps", ["CAP_SYS_ADMIN"], ["CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETPCAP"], []]],
+            ["set_keepcaps", True],
+            ["setresuid", u, u, -1],
+            ["set_keepcaps", False],
+            ["caps", ["CAP_SYS_ADMIN"], ["CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETPCAP"], []],
+        ],
         "stage 2 with ambient": [
             ["bounding", ["CAP_CHOWN", "CAP_NET_RAW", "CAP_KILL", "CAP_SETPCAP"]],
-            ["set_keepcaps", True], ["setresuid", u, u, u], ["set_keepcaps", False],
+            ["set_keepcaps", True],
+            ["setresuid", u, u, u],
+            ["set_keepcaps", False],
             ["caps", ["CAP_CHOWN"], ["CAP_CHOWN", "CAP_NET_RAW"], ["CAP_NET_RAW"]],
-            ["ambient", ["CAP_NET_RAW"]], ["ambient", ["CAP_CHOWN"]],
+            ["ambient", ["CAP_NET_RAW"]],
+            ["ambient", ["CAP_CHOWN"]],
             ["caps", ["CAP_CHOWN"], ["CAP_CHOWN", "CAP_NET_RAW"], ["CAP_KILL"]],
-            ["caps", [], ["CAP_CHOWN"], ["CAP_NET_RAW"]], ["set_no_new_privs"]],
-        "dumpable": [["set_dumpable", False], ["setresuid", 0, 0, 0],
-                     ["setresgid", 0, 0, 0], ["set_dumpable", True], ["setresgid", g, g, 0],
-                     ["set_dumpable", True], ["setresuid", 0, u, 0]],
-        "unprivileged user: no namespaces without a user namespace": become_u + [
-            ["set_dumpable", True], ["unshare", ["net"]], ["unshare", ["uts"]],
-            ["sethostname", "nope"], ["unshare", ["user"]],
-            ["maps", [[u, u, 1]], [[g, g, 1]], False]],
-        "userns: self map, then namespaces inside": become_u + [
-            ["set_dumpable", True], ["unshare", ["user"]],
-            ["maps", [[u, u, 1]], [[g, g, 1]], True], ["getresuid"],
-            ["setresuid", 0, 0, 0], ["unshare", ["net", "uts", "mount", "ipc", "cgroup"]],
-            ["sethostname", "box"], ["link_up", "lo"], ["link_up", "nosuchif0"],
+            ["caps", [], ["CAP_CHOWN"], ["CAP_NET_RAW"]],
+            ["set_no_new_privs"],
+        ],
+        "dumpable": [
+            ["set_dumpable", False],
+            ["setresuid", 0, 0, 0],
+            ["setresgid", 0, 0, 0],
+            ["set_dumpable", True],
+            ["setresgid", g, g, 0],
+            ["set_dumpable", True],
+            ["setresuid", 0, u, 0],
+        ],
+        "unprivileged user: no namespaces without a user namespace": [
+            *become_u,
+            ["set_dumpable", True],
+            ["unshare", ["net"]],
+            ["unshare", ["uts"]],
+            ["sethostname", "nope"],
+            ["unshare", ["user"]],
+            ["maps", [[u, u, 1]], [[g, g, 1]], False],
+        ],
+        "userns: self map, then namespaces inside": [
+            *become_u,
+            ["set_dumpable", True],
+            ["unshare", ["user"]],
+            ["maps", [[u, u, 1]], [[g, g, 1]], True],
+            ["getresuid"],
+            ["setresuid", 0, 0, 0],
+            ["unshare", ["net", "uts", "mount", "ipc", "cgroup"]],
+            ["sethostname", "box"],
+            ["link_up", "lo"],
+            ["link_up", "nosuchif0"],
             ["set_propagation", "/", "rprivate"],
             ["mount", "tmpfs", "/tmp", "tmpfs", ["nosuid"], "size=1m"],
             ["mount", None, "/proc", None, ["bind", "remount", "ro"]],
-            ["mount", "x", "/tmp", "nosuchfs", []], ["umount", "/tmp"],
-            ["umount", "/proc", True], ["setgroups", []]],
-        "fakeroot: map 0 to U": become_u + [
-            ["set_dumpable", True], ["unshare", ["user"]],
-            ["maps", [[0, u, 1]], [[0, g, 1]], True], ["getresuid"], ["setresuid", 0, 0, 0],
-            ["setresuid", 1, 1, 1], ["set_keepcaps", True], ["setresuid", 0, 0, -1]],
+            ["mount", "x", "/tmp", "nosuchfs", []],
+            ["umount", "/tmp"],
+            ["umount", "/proc", True],
+            ["setgroups", []],
+        ],
+        "fakeroot: map 0 to U": [
+            *become_u,
+            ["set_dumpable", True],
+            ["unshare", ["user"]],
+            ["maps", [[0, u, 1]], [[0, g, 1]], True],
+            ["getresuid"],
+            ["setresuid", 0, 0, 0],
+            ["setresuid", 1, 1, 1],
+            ["set_keepcaps", True],
+            ["setresuid", 0, 0, -1],
+        ],
         "flags locked in a less privileged mount namespace": [
-            ["unshare", ["mount"]], ["set_propagation", "/", "rprivate"],
-            ["mount", "tmpfs", "/tmp", "tmpfs", ["nosuid", "nodev"], "size=1m"]] + become_u + [
-            ["set_dumpable", True], ["unshare", ["user"]],
-            ["maps", [[0, u, 1]], [[0, g, 1]], True], ["unshare", ["mount"]],
+            ["unshare", ["mount"]],
+            ["set_propagation", "/", "rprivate"],
+            ["mount", "tmpfs", "/tmp", "tmpfs", ["nosuid", "nodev"], "size=1m"],
+            *become_u,
+            ["set_dumpable", True],
+            ["unshare", ["user"]],
+            ["maps", [[0, u, 1]], [[0, g, 1]], True],
+            ["unshare", ["mount"]],
             ["mount", None, "/tmp", None, ["bind", "remount", "ro"]],
             ["mount", None, "/tmp", None, ["bind", "remount", "ro", "nosuid", "nodev"]],
-            ["umount", "/tmp"], ["umount", "/tmp", True],
-            ["mount", "tmpfs", "/tmp", "tmpfs", [], "size=1m"], ["umount", "/tmp"]],
+            ["umount", "/tmp"],
+            ["umount", "/tmp", True],
+            ["mount", "tmpfs", "/tmp", "tmpfs", [], "size=1m"],
+            ["umount", "/tmp"],
+        ],
         "root: mount namespace": [
-            ["unshare", ["mount"]], ["set_propagation", "/", "rprivate"],
+            ["unshare", ["mount"]],
+            ["set_propagation", "/", "rprivate"],
             ["mount", "tmpfs", "/tmp", "tmpfs", ["nosuid", "nodev"], "size=1m"],
             ["mount", None, "/etc", None, ["bind", "remount", "ro"]],
-            ["mount", None, "/tmp", None, ["shared", "slave"]], ["umount", "/tmp"],
-            ["umount", "/tmp"], ["umount", "/no/such/dir"]],
+            ["mount", None, "/tmp", None, ["shared", "slave"]],
+            ["umount", "/tmp"],
+            ["umount", "/tmp"],
+            ["umount", "/no/such/dir"],
+        ],
     }
 
 

@@ -12,11 +12,10 @@ import os
 import signal
 
 import pytest
+from conftest import in_child
 
 from kit.fake import store as store_mod
 from kit.fake.store import HEADER, Store, StoreError
-
-from conftest import in_child
 
 
 @pytest.fixture
@@ -81,12 +80,11 @@ def test_an_unchanged_generation_reuses_the_cached_document(store, monkeypatch):
 def test_an_aborted_transaction_leaves_no_trace(store):
     store.read()
     generation = store.generation
-    with pytest.raises(RuntimeError):
-        with store.transaction() as st:
-            st["n"] = 99
-            st["ns"]["1"]["hostname"] = "changed in place"
-            st["items"].append("lost")
-            raise RuntimeError("abort")
+    with pytest.raises(RuntimeError), store.transaction() as st:
+        st["n"] = 99
+        st["ns"]["1"]["hostname"] = "changed in place"
+        st["items"].append("lost")
+        raise RuntimeError("abort")
     with store.transaction(write=False) as st:
         assert st == {"n": 0, "items": [], "ns": {"1": {"kind": "uts"}}}
     assert in_child(store.read) == {"ok": {"n": 0, "items": [], "ns": {"1": {"kind": "uts"}}}}
@@ -168,9 +166,9 @@ def test_checking_catches_a_read_only_transaction_that_changes_the_document(stor
                                                                              monkeypatch):
     monkeypatch.setenv(store_mod.CHECK_ENV, "1")
     checked = Store(store.path)
-    with pytest.raises(StoreError, match="read-only transaction changed"):
-        with checked.transaction(write=False) as st:
-            st["n"] = 5
+    with (pytest.raises(StoreError, match="read-only transaction changed"),
+          checked.transaction(write=False) as st):
+        st["n"] = 5
     assert checked.read()["n"] == 0  # and the change is gone
 
 
@@ -184,9 +182,8 @@ def test_checking_catches_a_write_of_anything_but_plain_json(store, monkeypatch,
                                                              message):
     monkeypatch.setenv(store_mod.CHECK_ENV, "1")
     checked = Store(store.path)
-    with pytest.raises(StoreError, match=message):
-        with checked.transaction() as st:
-            bad(st)
+    with pytest.raises(StoreError, match=message), checked.transaction() as st:
+        bad(st)
     assert checked.read() == {"n": 0, "items": [], "ns": {"1": {"kind": "uts"}}}
 
 

@@ -104,12 +104,12 @@ def test_gate_as_an_ordinary_user_runs_the_user_namespace_flows_and_strict_fails
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
     env.pop("KIT_TEST_USER", None)
     try:
-        proc = subprocess.run(as_user + ["--out", str(out / "lenient")], capture_output=True,
+        proc = subprocess.run([*as_user, "--out", str(out / "lenient")], capture_output=True,
                               text=True, env=env, cwd="/", timeout=600)
         assert proc.returncode == 0, explain(proc)
         assert "not configured on this machine" in proc.stdout
         assert "needs uid 0" in (out / "lenient" / "summary.md").read_text()
-        proc = subprocess.run(as_user + ["--strict", "--out", str(out / "strict")],
+        proc = subprocess.run([*as_user, "--strict", "--out", str(out / "strict")],
                               capture_output=True, text=True, env=env, cwd="/", timeout=600)
         assert proc.returncode == 1, explain(proc)
         summary = (out / "strict" / "summary.md").read_text()

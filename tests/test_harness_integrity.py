@@ -219,7 +219,7 @@ def test_a_hostile_rpc_reply_is_an_error_reply_and_the_server_goes_on(method, tm
     assert result.exit_code == 0, result
     lines = out.read_text().splitlines()
     assert len(lines) == 4, lines  # two calls, each answered and followed by a live server
-    for reply, alive in zip(lines[::2], lines[1::2]):
+    for reply, alive in zip(lines[::2], lines[1::2], strict=False):
         assert reply.startswith(f"{method}: {RPC_REPLIES[method]}"), reply
         assert alive == "alive: yes"
     calls = result.ledger.select("rpc_call", method=f"test-hostile.{method}")

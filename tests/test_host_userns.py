@@ -287,7 +287,7 @@ def test_no_host_privilege_check_fails_a_permitted_capability_in_the_recorded_na
 
     verify = checks.Verifier("userns", ["PRIV-STAGE1-004"], "t")
     checks.check_privileges(verify, _stage1_run([4, HOST_USER]), "PRIV-STAGE1-004")
-    (violation,) = verify.violations["PRIV-STAGE1-004"]
+    (_violation,) = verify.violations["PRIV-STAGE1-004"]
     text = verify.render("PRIV-STAGE1-004")
     assert f"user namespace {HOST_USER} (host)" in text and "CAP_SYS_ADMIN" in text
     assert "role: stage1" in text and "hook: config" in text

@@ -17,14 +17,15 @@ import struct
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
+from conftest import in_child
 
 from kit import hostdiff, linux
 from kit.hostdiff import HostChange, HostState
-from conftest import in_child
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, overlay)")
 
@@ -505,7 +506,7 @@ def test_a_host_change_fails_its_requirement_naming_the_object_and_the_hook(
 
     verify = checks.Verifier("root", [req], "t")
     checks.check_host(verify, _run_with([change]), req)
-    (violation,) = verify.violations[req]
+    (_violation,) = verify.violations[req]
     text = verify.render(req)
     assert names in text
     if change["hooks"]:

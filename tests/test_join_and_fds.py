@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 
 import pytest
 
@@ -59,8 +58,13 @@ def test_joining_a_missing_namespace_fails_cleanly():
 def test_kept_fd_reaches_the_payload_and_others_do_not():
     read_end, write_end = os.pipe()
     try:
-        result = run(JOIN, "root", ["/bin/sh", "-c", f"echo kept > /proc/self/fd/{write_end}; ls /proc/self/fd"],
-                     engine_config={"keep_fds": [write_end]}, pass_fds=(write_end,))
+        result = run(
+            JOIN,
+            "root",
+            ["/bin/sh", "-c", f"echo kept > /proc/self/fd/{write_end}; ls /proc/self/fd"],
+            engine_config={"keep_fds": [write_end]},
+            pass_fds=(write_end,),
+        )
         os.close(write_end)
         write_end = -1
         assert result.exit_code == 0, result.stderr

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from conftest import host_state
+
 from kit.launcher import run
 from kit.ledger import validate
 

@@ -11,9 +11,9 @@ import os
 import subprocess
 import sys
 
-from kit import linux, probe
-
 from conftest import in_child
+
+from kit import linux, probe
 
 
 def errno_of(fn, *args) -> str:

@@ -17,7 +17,12 @@ from conformance import requirements
 from kit import registry
 from mutants import matrix as M
 from mutants.zoo import (
-    ENGINE_MUTANTS, MUTANTS, STARTER_MUTANTS, by_name, engine_spec, registered_name,
+    ENGINE_MUTANTS,
+    MUTANTS,
+    STARTER_MUTANTS,
+    by_name,
+    engine_spec,
+    registered_name,
 )
 
 ENTRY_KEYS = {"mutant", "slug", "flow", "backend", "declared", "failed", "broken", "killed",

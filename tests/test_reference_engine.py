@@ -19,7 +19,8 @@ import stat
 import tempfile
 import threading
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -30,7 +31,11 @@ from kit.rpc import RPCClient, serve
 from kit.starter_config import StarterConfig
 from reference_engines.minimal import engine as engine_mod
 from reference_engines.minimal.engine import (
-    BIND_DEVICES, DEFAULT_NAMESPACES, ROOT_DEFAULT_CAPS, ReferenceConfig, ReferenceEngine,
+    BIND_DEVICES,
+    DEFAULT_NAMESPACES,
+    ROOT_DEFAULT_CAPS,
+    ReferenceConfig,
+    ReferenceEngine,
 )
 from reference_engines.minimal.rpc import HOST_BIND_DIRS, ROOT_PREFIX, ReferenceRPC
 
@@ -540,7 +545,7 @@ def test_rpc_good_calls_reach_the_system_interface(made_root):
     assert rec.calls[1] == ("mount", ("tmpfs", root + "/dev", "tmpfs", ["nosuid"],
                                       "mode=0755,size=64k"))
     assert rec.calls[2] == ("mount", ("/usr", root + "/usr", None, ["bind"], None))
-    op, (src, target, fstype, flags, data) = rec.calls[3]
+    op, (src, target, fstype, flags, _data) = rec.calls[3]
     assert (op, src, target, fstype) == ("mount", None, root + "/usr", None)
     assert flags[:4] == ["bind", "remount", "ro", "nodev"]  # plus flags kept from the source
     rec.calls.clear()
@@ -567,7 +572,7 @@ def test_rpc_errors_keep_their_type_and_errno_over_the_wire(made_root):
         with pytest.raises(PermissionError) as info:
             client.mount(source="/root", target="/usr", fstype=None, flags=["bind"], data=None)
         assert info.value.errno == errno.EPERM and "not allowed" in str(info.value)
-        with pytest.raises(ValueError, match="'..' components"):
+        with pytest.raises(ValueError, match=r"'..' components"):
             client.mkdir(path="/../x", mode=0o755)
         with pytest.raises(FileNotFoundError) as info:
             client.mkdir(path="/a/b", mode=0o755)
@@ -644,7 +649,7 @@ def test_create_container_bind_rootfs_with_real_mounts(run_tmp):
         client = RPCClient(master_sock, "reference")
         with pytest.raises(PermissionError, match="out of reach after pivot_root"):
             client.mount(source="/usr", target="/usr", fstype=None, flags=["bind"], data=None)
-        with pytest.raises(ValueError, match="'..' components"):
+        with pytest.raises(ValueError, match=r"'..' components"):
             client.mkdir(path="/../etc/evil", mode=0o755)
     finally:
         master_sock.close()
@@ -775,7 +780,7 @@ def test_start_process_reports_a_missing_payload_and_cwd(tmp_path):
     with pytest.raises(FileNotFoundError, match="cwd: cannot enter '/nonexistent/dir'"):
         eng.start_process(-1)
     eng = make_engine(ReferenceConfig(argv=[str(not_executable)], cwd=cwd))
-    with pytest.raises(PermissionError, match="cannot execute payload '.*/data': Permission"):
+    with pytest.raises(PermissionError, match=r"cannot execute payload '.*/data': Permission"):
         eng.start_process(-1)
     assert os.getcwd() == cwd
 

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import errno
 import socket
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -32,7 +33,6 @@ from kit import linux
 from kit.contract import Common, Context
 from kit.rpc.mock import Fault, MockTransport, RecordingSystem
 from reference_engines.minimal.engine import ReferenceConfig, ReferenceEngine
-
 
 CONTAINER_PID = 4242  # any number: the reference engine's create_container does not use it
 
@@ -76,7 +76,9 @@ def run_create_container(eng: ReferenceEngine, transport: MockTransport) -> None
 # --------------------------------------------------------------------------- the happy path
 
 
-def test_create_container_sets_the_hostname_and_mounts_proc_and_tmp(rpc_mock: Any, host_untouched: None) -> None:
+def test_create_container_sets_the_hostname_and_mounts_proc_and_tmp(
+    rpc_mock: Any, host_untouched: None
+) -> None:
     eng = make_engine()  # rootfs "host", hostname "kit-container", mount_proc, mount_tmp
     transport = rpc_mock("reference", engine=eng)
 
@@ -112,7 +114,9 @@ def test_create_container_sets_the_hostname_and_mounts_proc_and_tmp(rpc_mock: An
         ({"mount_proc": False}, ("mount", "/proc")),
     ],
 )
-def test_the_config_decides_the_calls(rpc_mock: Any, host_untouched: None, fields: dict, absent: tuple) -> None:
+def test_the_config_decides_the_calls(
+    rpc_mock: Any, host_untouched: None, fields: dict, absent: tuple
+) -> None:
     eng = make_engine(**fields)
     transport = rpc_mock("reference", engine=eng)
     run_create_container(eng, transport)
@@ -125,7 +129,9 @@ def test_the_config_decides_the_calls(rpc_mock: Any, host_untouched: None, field
 # --------------------------------------------------------------------------- error paths
 
 
-def test_mount_refused_with_eperm_raises_a_permission_error(rpc_mock: Any, host_untouched: None) -> None:
+def test_mount_refused_with_eperm_raises_a_permission_error(
+    rpc_mock: Any, host_untouched: None
+) -> None:
     eng = make_engine()
     transport = rpc_mock("reference", engine=eng)
     transport.inject(Fault.errno(errno.EPERM), method="mount")
@@ -218,5 +224,5 @@ def test_prepare_config_records_the_host_namespaces_and_users_cannot_set_them() 
     eng.prepare_config(sc)
     assert eng.common.engine_config.host_namespaces == {
         kind: linux.ns_inode(kind) for kind in GUARDED_NAMESPACES}
-    with pytest.raises(ConfigError, match="^host_namespaces: "):
+    with pytest.raises(ConfigError, match=r"^host_namespaces: "):
         validate_config(ReferenceConfig(argv=["/bin/true"], host_namespaces={"uts": 1}), sc)

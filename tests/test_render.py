@@ -17,7 +17,7 @@ import pytest
 
 from conformance import diff, render
 from conformance import report as schema
-from conformance.outcomes import Results, STRICT_PREFIX
+from conformance.outcomes import STRICT_PREFIX, Results
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "ci"))
@@ -299,13 +299,13 @@ def test_diff_lists_regressions_first_and_exits_1(tmp_path):
     (tmp_path / "old.json").write_text(json.dumps(old))
     (tmp_path / "new.json").write_text(json.dumps(new))
     cli = [sys.executable, "-m", "conformance", "diff"]
-    proc = subprocess.run(cli + [str(tmp_path / "old.json"), str(tmp_path / "new.json")],
+    proc = subprocess.run([*cli, str(tmp_path / "old.json"), str(tmp_path / "new.json")],
                           capture_output=True, text=True)
     assert proc.returncode == 1 and "❌ **2 regressions**" in proc.stdout
-    proc = subprocess.run(cli + [str(tmp_path / "new.json"), str(tmp_path / "new.json")],
+    proc = subprocess.run([*cli, str(tmp_path / "new.json"), str(tmp_path / "new.json")],
                           capture_output=True, text=True)
     assert proc.returncode == 0 and "no requirement changed outcome" in proc.stdout
-    proc = subprocess.run(cli + [str(tmp_path / "old.json"), str(tmp_path / "nope.json")],
+    proc = subprocess.run([*cli, str(tmp_path / "old.json"), str(tmp_path / "nope.json")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "nope.json" in proc.stderr
 

@@ -15,12 +15,10 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from test_render import make_doc
 
 from conformance import diff, render, rootcause, schema
 from conformance import report as report_module
-from conformance.outcomes import Results
-
-from test_render import ledger, make_doc
 
 ROOT = Path(__file__).resolve().parent.parent
 

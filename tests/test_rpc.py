@@ -16,9 +16,11 @@ import struct
 import termios
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
+from conftest import wait_until
 
 from kit.rpc import (
     MAX_FDS,
@@ -38,8 +40,6 @@ from kit.rpc import (
     serve,
 )
 from kit.rpc.messages import Reply
-
-from conftest import wait_until
 
 ENGINE = "test"
 TIMEOUT = 5.0
@@ -72,7 +72,7 @@ def echo(
 
 def fail(kind: str, message: str = "boom") -> None:
     if kind == "enoent":
-        open("/nonexistent/kit-rpc-test", encoding="utf-8")
+        open("/nonexistent/kit-rpc-test", encoding="utf-8")  # noqa: SIM115 raises ENOENT
     if kind == "eacces":
         raise PermissionError(errno.EACCES, "Permission denied", "/secret")
     if kind == "eperm_rename":
@@ -149,7 +149,23 @@ def block() -> str:
 
 METHODS: dict[str, Callable[..., Any]] = {
     f"{ENGINE}.{f.__name__}": f
-    for f in (add, scale, echo, fail, read_fd, read_two, make_pipe, bad_fds, pass_back, unserialisable, huge, nan, length, sleep, block)
+    for f in (
+        add,
+        scale,
+        echo,
+        fail,
+        read_fd,
+        read_two,
+        make_pipe,
+        bad_fds,
+        pass_back,
+        unserialisable,
+        huge,
+        nan,
+        length,
+        sleep,
+        block,
+    )
 }
 
 
@@ -174,7 +190,9 @@ class ServerThread:
         self.sock.settimeout(TIMEOUT)
         self.result: int | None = None
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(METHODS if methods is None else methods,), daemon=True)
+        self.thread = threading.Thread(
+            target=self._run, args=(METHODS if methods is None else methods,), daemon=True
+        )
         self.thread.start()
 
     def _run(self, methods: dict[str, Any]) -> None:
@@ -238,7 +256,7 @@ def read_reply(sock: socket.socket) -> Reply:
     return parse_reply(obj)
 
 
-def assert_error(reply: Reply, type_: str, *fragments: str, id: int | None | object = ...) -> None:
+def assert_error(reply: Reply, type_: str, *fragments: str, id: int | object | None = ...) -> None:
     assert reply.error is not None, f"expected an error reply, got {reply}"
     assert reply.error.type == type_, reply.error
     for fragment in fragments:
@@ -268,7 +286,13 @@ def test_round_trip_results(srv: ServerThread) -> None:
     assert c.add(a=5) == 5
     assert c.scale(x=3) == 6  # int accepted for float
     assert c.scale(x=1.5, factor=0.5) == 0.75
-    got = c.echo(text="héllo \u2603 \ud800", items=[1, 2], mapping={"k": ["v"]}, flag=True, anything={"x": [None]})
+    got = c.echo(
+        text="héllo \u2603 \ud800",
+        items=[1, 2],
+        mapping={"k": ["v"]},
+        flag=True,
+        anything={"x": [None]},
+    )
     assert got == {
         "text": "héllo \u2603 \ud800",
         "items": [1, 2],
@@ -276,7 +300,13 @@ def test_round_trip_results(srv: ServerThread) -> None:
         "flag": True,
         "anything": {"x": [None]},
     }
-    assert c.echo() == {"text": None, "items": None, "mapping": None, "flag": False, "anything": None}
+    assert c.echo() == {
+        "text": None,
+        "items": None,
+        "mapping": None,
+        "flag": False,
+        "anything": None,
+    }
     assert c.sleep(seconds=0) is None
 
 
@@ -320,12 +350,14 @@ def test_errno_survives_as_oserror_subclass(srv: ServerThread) -> None:
     assert info3.value.errno == errno.EPERM and "'/a' -> '/b'" in str(info3.value)
     with pytest.raises(OSError) as info4:
         c.fail(kind="oserror_noerrno", message="plain")
-    assert type(info4.value) is OSError and info4.value.errno is None and str(info4.value) == "plain"
+    assert (
+        type(info4.value) is OSError and info4.value.errno is None and str(info4.value) == "plain"
+    )
 
 
 def test_builtin_and_custom_exceptions(srv: ServerThread) -> None:
     c = srv.client()
-    with pytest.raises(ValueError, match="^bad value$") as v:
+    with pytest.raises(ValueError, match=r"^bad value$") as v:
         c.fail(kind="value", message="bad value")
     assert v.value.remote_type == "ValueError"
     with pytest.raises(KeyError) as k:
@@ -345,7 +377,7 @@ def test_builtin_and_custom_exceptions(srv: ServerThread) -> None:
 
 def test_unknown_method(srv: ServerThread) -> None:
     c = srv.client()
-    with pytest.raises(UnknownMethodError, match="unknown method 'test.nope'"):
+    with pytest.raises(UnknownMethodError, match=r"unknown method 'test.nope'"):
         c.nope()
     send_frame(srv.sock, request(7, "other.add", {"a": 1}))
     assert_error(read_reply(srv.sock), "UnknownMethodError", "unknown method 'other.add'", id=7)
@@ -379,7 +411,7 @@ def test_private_names_rejected_locally_and_at_registration() -> None:
             c.call("_secret")
         with pytest.raises(AttributeError):
             c._secret  # noqa: B018 -- attribute sugar never reaches private names
-        with pytest.raises(RPCMethodError, match="private method .* is never served"):
+        with pytest.raises(RPCMethodError, match=r"private method .* is never served"):
             serve(b, {"test._secret": add})
         with pytest.raises(RPCMethodError, match="private method '__init__'"):
             serve(b, {"test.__init__": check_method("init", add)})
@@ -389,12 +421,18 @@ def test_private_names_rejected_locally_and_at_registration() -> None:
     "obj, fragments",
     [
         ({"id": 1, "method": "test.add", "args": {}}, ["missing field 'fds'"]),
-        ({"id": 1, "method": "test.add", "args": {}, "fds": 0, "extra": 1}, ["unknown field 'extra'"]),
+        (
+            {"id": 1, "method": "test.add", "args": {}, "fds": 0, "extra": 1},
+            ["unknown field 'extra'"],
+        ),
         ({"id": True, "method": "test.add", "args": {}, "fds": 0}, ["'id'"]),
         ({"id": -1, "method": "test.add", "args": {}, "fds": 0}, ["'id'"]),
         ({"id": 1, "method": 5, "args": {}, "fds": 0}, ["'method' must be a string"]),
         ({"id": 1, "method": "test.add", "args": [], "fds": 0}, ["'args' must be an object"]),
-        ({"id": 1, "method": "test.add", "args": {"a b": 1}, "fds": 0}, ["invalid argument name 'a b'"]),
+        (
+            {"id": 1, "method": "test.add", "args": {"a b": 1}, "fds": 0},
+            ["invalid argument name 'a b'"],
+        ),
         ({"id": 1, "method": "test.add", "args": {}, "fds": -1}, ["'fds'"]),
         ({"id": 1, "method": "test.add", "args": {}, "fds": 99}, ["'fds'"]),
     ],
@@ -418,15 +456,32 @@ def test_schema_violations(srv: ServerThread, obj: dict, fragments: list[str]) -
         ("add", {"a": None}, "argument 'a' must be int, got None", TypeError),
         ("scale", {"x": False}, "argument 'x' must be float, got bool", TypeError),
         ("echo", {"items": [1, "2"]}, "argument 'items'[1] must be int, got str", TypeError),
-        ("echo", {"mapping": {"k": [1]}}, "argument 'mapping'['k'][0] must be str, got int", TypeError),
-        ("echo", {"mapping": []}, "argument 'mapping' must be dict[str, list[str]] | None, got list", TypeError),
+        (
+            "echo",
+            {"mapping": {"k": [1]}},
+            "argument 'mapping'['k'][0] must be str, got int",
+            TypeError,
+        ),
+        (
+            "echo",
+            {"mapping": []},
+            "argument 'mapping' must be dict[str, list[str]] | None, got list",
+            TypeError,
+        ),
         ("echo", {"flag": 1}, "argument 'flag' must be bool, got int", TypeError),
         ("echo", {"anything": "x"}, "argument 'anything' must be", TypeError),
-        ("read_fd", {"fd": 0}, "refers to descriptor #0, but 0 descriptor(s) were attached", TypeError),
+        (
+            "read_fd",
+            {"fd": 0},
+            "refers to descriptor #0, but 0 descriptor(s) were attached",
+            TypeError,
+        ),
         ("read_fd", {"fd": "0"}, "argument 'fd' is a FileDescriptor", TypeError),
     ],
 )
-def test_bad_arguments(srv: ServerThread, method: str, args: dict, fragment: str, exc: type) -> None:
+def test_bad_arguments(
+    srv: ServerThread, method: str, args: dict, fragment: str, exc: type
+) -> None:
     c = srv.client()
     with pytest.raises(exc) as info:
         c.call(method, **args)
@@ -449,7 +504,9 @@ def test_client_rejects_unencodable_arguments_without_sending(srv: ServerThread)
 
 def test_unsendable_results(srv: ServerThread) -> None:
     c = srv.client()
-    with pytest.raises(TypeError, match="method 'test.unserialisable' returned an unsendable result"):
+    with pytest.raises(
+        TypeError, match=r"method 'test.unserialisable' returned an unsendable result"
+    ):
         c.unserialisable()
     with pytest.raises(TypeError, match="returned an unsendable result"):
         c.nan()
@@ -465,8 +522,16 @@ def test_unsendable_results(srv: ServerThread) -> None:
 
 
 def test_invalid_utf8(srv: ServerThread) -> None:
-    send_raw(srv.sock, frame_bytes(b'{"id": 1, "method": "test.add", "args": {"a": "\xff"}, "fds": 0}'))
-    assert_error(read_reply(srv.sock), "ProtocolError", "malformed frame (invalid_utf8)", "not valid UTF-8", id=None)
+    send_raw(
+        srv.sock, frame_bytes(b'{"id": 1, "method": "test.add", "args": {"a": "\xff"}, "fds": 0}')
+    )
+    assert_error(
+        read_reply(srv.sock),
+        "ProtocolError",
+        "malformed frame (invalid_utf8)",
+        "not valid UTF-8",
+        id=None,
+    )
     assert_still_serving(srv.sock)
     assert srv.records[0]["method"] is None and srv.records[0]["ok"] is False
 
@@ -491,17 +556,26 @@ def test_invalid_json(srv: ServerThread, body: bytes, fragment: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "body, what", [(b"[1, 2]", "an array"), (b'"x"', "a string"), (b"null", "null"), (b"3", "a number")]
+    "body, what",
+    [(b"[1, 2]", "an array"), (b'"x"', "a string"), (b"null", "null"), (b"3", "a number")],
 )
 def test_json_not_an_object(srv: ServerThread, body: bytes, what: str) -> None:
     send_raw(srv.sock, frame_bytes(body))
-    assert_error(read_reply(srv.sock), "ProtocolError", f"must be a JSON object, not {what}", id=None)
+    assert_error(
+        read_reply(srv.sock), "ProtocolError", f"must be a JSON object, not {what}", id=None
+    )
     assert_still_serving(srv.sock)
 
 
 def test_oversized_frame_replies_then_closes(srv: ServerThread) -> None:
     send_raw(srv.sock, struct.pack(">I", MAX_FRAME + 1) + b"{}")
-    assert_error(read_reply(srv.sock), "ProtocolError", "oversized", f"exceeds the maximum of {MAX_FRAME}", id=None)
+    assert_error(
+        read_reply(srv.sock),
+        "ProtocolError",
+        "oversized",
+        f"exceeds the maximum of {MAX_FRAME}",
+        id=None,
+    )
     assert recv_frame(srv.sock) is None  # shut down: the stream cannot be resynchronised
     assert srv.wait() == 0
 
@@ -606,14 +680,24 @@ def test_fds_where_none_expected(srv: ServerThread) -> None:
     fds = make_fds(2)
     send_frame(srv.sock, request(4, "test.add", {"a": 1}, nfds=2), fds)
     assert_error(
-        read_reply(srv.sock), "TypeError", "method 'test.add': 2 file descriptor(s) attached but not used", id=4
+        read_reply(srv.sock),
+        "TypeError",
+        "method 'test.add': 2 file descriptor(s) attached but not used",
+        id=4,
     )
     # undeclared: "fds": 0 but one attached
     send_frame(srv.sock, request(5, "test.add", {"a": 1}), fds[:1])
-    assert_error(read_reply(srv.sock), "ProtocolError", "'fds' declares 0 descriptor(s) but 1 were attached", id=5)
+    assert_error(
+        read_reply(srv.sock),
+        "ProtocolError",
+        "'fds' declares 0 descriptor(s) but 1 were attached",
+        id=5,
+    )
     # declared and used, but one too many attached
     send_frame(srv.sock, request(6, "test.read_fd", {"fd": 1}, nfds=2), fds)
-    assert_error(read_reply(srv.sock), "TypeError", "1 file descriptor(s) attached but not used", id=6)
+    assert_error(
+        read_reply(srv.sock), "TypeError", "1 file descriptor(s) attached but not used", id=6
+    )
     # the same descriptor used twice
     send_frame(srv.sock, request(7, "test.read_two", {"first": 0, "second": 0}, nfds=1), fds[:1])
     assert_error(read_reply(srv.sock), "TypeError", "argument 'second' reuses descriptor #0", id=7)
@@ -634,7 +718,9 @@ def test_fds_inside_body_rejected(srv: ServerThread) -> None:
     # the server has read the header alone (nothing left queued on its end)
     wait_until(lambda: queued(srv.server_sock) == 0, what="the server to read the header")
     send_raw(srv.sock, data[4:], fds)
-    assert_error(read_reply(srv.sock), "ProtocolError", "unexpected_fds", "inside a frame body", id=9)
+    assert_error(
+        read_reply(srv.sock), "ProtocolError", "unexpected_fds", "inside a frame body", id=9
+    )
     assert_still_serving(srv.sock)
     for fd in fds:
         os.close(fd)
@@ -644,7 +730,9 @@ def test_fds_inside_body_rejected(srv: ServerThread) -> None:
 def test_too_many_fds(srv: ServerThread, count: int) -> None:
     fds = make_fds(count)
     send_raw(srv.sock, frame_bytes(request(11, "test.add", {"a": 1}, nfds=0)), fds)
-    assert_error(read_reply(srv.sock), "ProtocolError", "too_many_fds", f"more than {MAX_FDS}", id=11)
+    assert_error(
+        read_reply(srv.sock), "ProtocolError", "too_many_fds", f"more than {MAX_FDS}", id=11
+    )
     assert_still_serving(srv.sock)
     for fd in fds:
         os.close(fd)
@@ -734,7 +822,7 @@ def test_client_rejects_malformed_reply() -> None:
         t.start()
         with pytest.raises(ProtocolError, match="unknown field 'extra'"):
             c.add(a=1)
-        with pytest.raises(ProtocolError, match="'error.errno'"):
+        with pytest.raises(ProtocolError, match=r"'error.errno'"):
             c.add(a=1)
         t.join()
 

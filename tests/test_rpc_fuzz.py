@@ -53,7 +53,9 @@ def fail(kind: str) -> None:
     raise ValueError(kind)
 
 
-def echo(text: str | None = None, items: list[int] | None = None, mapping: dict | None = None) -> list:
+def echo(
+    text: str | None = None, items: list[int] | None = None, mapping: dict | None = None
+) -> list:
     return [text, items, mapping]
 
 
@@ -136,21 +138,53 @@ def run_server(chunks: list[tuple[bytes, int]]) -> tuple[list[Any], list[dict]]:
 
 # --------------------------------------------------------------------------- strategies
 
-json_scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=12)
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=12)
+)
 json_values = st.recursive(
     json_scalars,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
     max_leaves=6,
 )
 method_names = st.sampled_from(
-    ["fuzz.add", "fuzz.echo", "fuzz.read_fd", "fuzz.fail", "fuzz.nope", "fuzz._secret", "fuzz.__init__",
-     "fuzz.__class__", "other.add", "fuzz", "fuzz.", ".add", "fuzz.add.x", "fuzz.a-b"]
+    [
+        "fuzz.add",
+        "fuzz.echo",
+        "fuzz.read_fd",
+        "fuzz.fail",
+        "fuzz.nope",
+        "fuzz._secret",
+        "fuzz.__init__",
+        "fuzz.__class__",
+        "other.add",
+        "fuzz",
+        "fuzz.",
+        ".add",
+        "fuzz.add.x",
+        "fuzz.a-b",
+    ]
 ) | st.text(max_size=12)
-arg_names = st.sampled_from(["a", "b", "text", "items", "mapping", "fd", "other", "kind", "zzz", "_x", "__class__"]) | st.text(max_size=5)
+arg_names = st.sampled_from(
+    ["a", "b", "text", "items", "mapping", "fd", "other", "kind", "zzz", "_x", "__class__"]
+) | st.text(max_size=5)
 
 valid_requests = st.one_of(
-    st.builds(lambda a, b: ("fuzz.add", {"a": a, "b": b}, 0), st.integers(-(2**64), 2**64), st.integers(-5, 5)),
-    st.builds(lambda t, i: ("fuzz.echo", {"text": t, "items": i}, 0), st.text(max_size=20) | st.none(), st.lists(st.integers(), max_size=5)),
+    st.builds(
+        lambda a, b: ("fuzz.add", {"a": a, "b": b}, 0),
+        st.integers(-(2**64), 2**64),
+        st.integers(-5, 5),
+    ),
+    st.builds(
+        lambda t, i: ("fuzz.echo", {"text": t, "items": i}, 0),
+        st.text(max_size=20) | st.none(),
+        st.lists(st.integers(), max_size=5),
+    ),
     st.just(("fuzz.read_fd", {"fd": 0}, 1)),
     st.just(("fuzz.read_fd", {"fd": 1, "other": 0}, 2)),
     st.builds(lambda k: ("fuzz.fail", {"kind": k}, 0), st.sampled_from(["os", "value", "x"])),
@@ -162,7 +196,12 @@ def request_objects(draw: st.DrawFn) -> tuple[Any, int]:
     """A request-shaped object (valid or structurally broken) and the fds to attach."""
     if draw(st.booleans()):
         method, args, nfds = draw(valid_requests)
-        obj: dict[str, Any] = {"id": draw(st.integers(0, 2**63 - 1)), "method": method, "args": args, "fds": nfds}
+        obj: dict[str, Any] = {
+            "id": draw(st.integers(0, 2**63 - 1)),
+            "method": method,
+            "args": args,
+            "fds": nfds,
+        }
         attach = nfds
     else:
         obj = {
@@ -173,7 +212,11 @@ def request_objects(draw: st.DrawFn) -> tuple[Any, int]:
         }
         attach = draw(st.integers(0, 3))
     # At most one structural tweak (one draw: generation cost matters at 2000 examples).
-    tweak = draw(st.sampled_from(["none"] * 6 + ["drop:id", "drop:method", "drop:args", "drop:fds", "extra", "fds"]))
+    tweak = draw(
+        st.sampled_from(
+            ["none"] * 6 + ["drop:id", "drop:method", "drop:args", "drop:fds", "extra", "fds"]
+        )
+    )
     if tweak.startswith("drop:"):
         del obj[tweak[5:]]
     elif tweak == "extra":
@@ -192,7 +235,10 @@ def mutated(draw: st.DrawFn, body: bytes) -> bytes:
         if op == "flip" and pos < len(data):
             data[pos] ^= 1 << draw(st.integers(0, 7))
         elif op == "insert":
-            data[pos:pos] = draw(st.binary(min_size=1, max_size=4) | st.sampled_from([b'"', b"{", b"]", b",", b"\\", b"\xff", b"\xc3"]))
+            data[pos:pos] = draw(
+                st.binary(min_size=1, max_size=4)
+                | st.sampled_from([b'"', b"{", b"]", b",", b"\\", b"\xff", b"\xc3"])
+            )
         elif op == "delete":
             del data[pos : pos + draw(st.integers(1, 4))]
         elif op == "truncate":
@@ -230,8 +276,12 @@ def test_wellframed_garbage_gets_one_reply_each(frames: list[tuple[bytes, int]])
     """Every well-framed frame, however bad its content, gets exactly one reply (its
     method's result or an error), and the server still answers a good request afterwards."""
     before = fd_count()
-    good = json.dumps({"id": 77, "method": "fuzz.add", "args": {"a": 40, "b": 2}, "fds": 0}).encode()
-    replies, records = run_server([(frame(body), attach) for body, attach in frames] + [(frame(good), 0)])
+    good = json.dumps(
+        {"id": 77, "method": "fuzz.add", "args": {"a": 40, "b": 2}, "fds": 0}
+    ).encode()
+    replies, records = run_server(
+        [(frame(body), attach) for body, attach in frames] + [(frame(good), 0)]
+    )
     assert len(replies) == len(frames) + 1, replies
     assert len(records) == len(frames) + 1
     assert replies[-1].id == 77 and replies[-1].result == 42
@@ -252,7 +302,9 @@ def raw_streams(draw: st.DrawFn) -> list[tuple[bytes, int]]:
         else:
             body, _ = draw(frame_bodies())
             if kind == "badlen":
-                length = draw(st.integers(0, 2**32 - 1) | st.integers(max(0, len(body) - 3), len(body) + 3))
+                length = draw(
+                    st.integers(0, 2**32 - 1) | st.integers(max(0, len(body) - 3), len(body) + 3)
+                )
                 data = struct.pack(">I", length) + body
             else:
                 data = frame(body)

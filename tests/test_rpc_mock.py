@@ -16,16 +16,12 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
-
 import test_rpc as real
 from conftest import wait_until
-from kit import system as kit_system
-from kit.registry import RegistryError
-from kit.rpc import FileDescriptor, ProtocolError, RPCClient, RPCMethodError, WithFds, recv_frame, send_frame
-from kit.rpc.mock import Fault, MockTransport, RecordingSystem, Rule
 from test_rpc import (
     ENGINE,
     METHODS,
@@ -41,7 +37,18 @@ from test_rpc import (
     send_raw,
 )
 
-
+from kit import system as kit_system
+from kit.registry import RegistryError
+from kit.rpc import (
+    FileDescriptor,
+    ProtocolError,
+    RPCClient,
+    RPCMethodError,
+    WithFds,
+    recv_frame,
+    send_frame,
+)
+from kit.rpc.mock import Fault, MockTransport, RecordingSystem, Rule
 
 # --------------------------------------------------------------------------- helpers
 
@@ -58,7 +65,9 @@ class MockServer:
     """``test_rpc.ServerThread``'s interface, served through a MockTransport."""
 
     def __init__(self, methods: dict[str, Any] | None = None) -> None:
-        self.transport = MockTransport(ENGINE, METHODS if methods is None else methods, timeout=TIMEOUT)
+        self.transport = MockTransport(
+            ENGINE, METHODS if methods is None else methods, timeout=TIMEOUT
+        )
         self.sock = self.transport.client_socket
 
     @property
@@ -126,7 +135,12 @@ def _expand(func: Any) -> list[tuple[dict[str, Any], str]] | None:
                     value = value.values
                 elif len(names) == 1:
                     value = (value,)
-                expanded.append(({**kwargs, **dict(zip(names, value))}, f"{cid}-{i}" if cid else str(i)))
+                expanded.append(
+                    (
+                        {**kwargs, **dict(zip(names, value, strict=False))},
+                        f"{cid}-{i}" if cid else str(i),
+                    )
+                )
         combos = expanded
     params = list(inspect.signature(func).parameters)[1:]
     return combos if set(params) == covered else None
@@ -141,7 +155,9 @@ def _reused_cases() -> list[Any]:
         if not params or params[0] != "srv":
             continue
         combos = _expand(func)
-        assert combos is not None, f"test_rpc.{name}: parameters not all parametrized; adapt _expand"
+        assert combos is not None, (
+            f"test_rpc.{name}: parameters not all parametrized; adapt _expand"
+        )
         for kwargs, cid in combos:
             cases.append(pytest.param(func, kwargs, id=f"{name}[{cid}]" if cid else name))
     return cases
@@ -153,10 +169,19 @@ REUSED = _reused_cases()
 def test_reuse_covers_the_bad_inputs() -> None:
     names = {case.values[0].__name__ for case in REUSED}
     assert {
-        "test_unknown_method", "test_bad_method_names", "test_schema_violations", "test_bad_arguments",
-        "test_invalid_utf8", "test_invalid_json", "test_json_not_an_object", "test_oversized_frame_replies_then_closes",
-        "test_fds_where_none_expected", "test_fds_inside_body_rejected", "test_too_many_fds",
-        "test_unsendable_results", "test_client_rejects_unencodable_arguments_without_sending",
+        "test_unknown_method",
+        "test_bad_method_names",
+        "test_schema_violations",
+        "test_bad_arguments",
+        "test_invalid_utf8",
+        "test_invalid_json",
+        "test_json_not_an_object",
+        "test_oversized_frame_replies_then_closes",
+        "test_fds_where_none_expected",
+        "test_fds_inside_body_rejected",
+        "test_too_many_fds",
+        "test_unsendable_results",
+        "test_client_rejects_unencodable_arguments_without_sending",
     } <= names
     assert len(REUSED) > 60
 
@@ -235,18 +260,34 @@ def test_calls_are_recorded(t: MockTransport) -> None:
     os.close(w)
     assert c.read_fd(fd=FileDescriptor(r)) == "data"
     os.close(r)
-    value, fds = c.make_pipe(data="x")
+    _value, fds = c.make_pipe(data="x")
     os.close(fds[0])
     assert t.names == ["add", "fail", "read_fd", "make_pipe"]
     ok, failed, with_fd, returned_fd = t.calls
-    assert (ok.index, ok.method, ok.args, ok.result, ok.error, ok.id) == (1, "test.add", {"a": 1, "b": 2}, 3, None, 1)
+    assert (ok.index, ok.method, ok.args, ok.result, ok.error, ok.id) == (
+        1,
+        "test.add",
+        {"a": 1, "b": 2},
+        3,
+        None,
+        1,
+    )
     assert ok.ok and ok.answered and ok.delivered and ok.faults == [] and ok.duration >= 0
-    assert failed.error["type"] == "FileNotFoundError" and failed.errno == errno.ENOENT and not failed.ok
+    assert (
+        failed.error["type"] == "FileNotFoundError"
+        and failed.errno == errno.ENOENT
+        and not failed.ok
+    )
     assert "'/nonexistent/kit-rpc-test'" in failed.error["message"]
     assert with_fd.fds == 1 and with_fd.args == {"fd": 0}
     assert returned_fd.reply_fds == 1 and returned_fd.result == {"made": True}
     assert t.calls_to("add") == [ok] and t.calls_to("test.fail") == [failed]
-    assert [r["method"] for r in t.server_records] == ["test.add", "test.fail", "test.read_fd", "test.make_pipe"]
+    assert [r["method"] for r in t.server_records] == [
+        "test.add",
+        "test.fail",
+        "test.read_fd",
+        "test.make_pipe",
+    ]
 
 
 def test_bad_frames_are_recorded(t: MockTransport) -> None:
@@ -286,7 +327,11 @@ def test_errno_fault_by_method(t: MockTransport) -> None:
     assert [r["method"] for r in t.server_records] == ["test.scale"]  # add never ran
     first = t.calls[0]
     assert first.faults == ["errno"] and first.answered and first.delivered
-    assert first.error == {"type": "PermissionError", "errno": errno.EPERM, "message": "Operation not permitted"}
+    assert first.error == {
+        "type": "PermissionError",
+        "errno": errno.EPERM,
+        "message": "Operation not permitted",
+    }
 
 
 def test_errno_fault_full_name_and_message(t: MockTransport) -> None:
@@ -301,13 +346,25 @@ def test_on_call_counts_all_calls_or_calls_to_the_method(t: MockTransport) -> No
     t.inject(Fault.errno(errno.EBUSY), on_call=2, method="scale")  # the 2nd call to scale
     c = t.client()
     outcomes = []
-    for method, args in [("scale", {"x": 1}), ("add", {"a": 1}), ("add", {"a": 2}), ("scale", {"x": 2}), ("scale", {"x": 3})]:
+    for method, args in [
+        ("scale", {"x": 1}),
+        ("add", {"a": 1}),
+        ("add", {"a": 2}),
+        ("scale", {"x": 2}),
+        ("scale", {"x": 3}),
+    ]:
         try:
             outcomes.append(c.call(method, **args))
         except OSError as exc:
             outcomes.append(errno.errorcode[exc.errno])
     assert outcomes == [2, "EIO", 2, "EBUSY", 6]
-    assert [(call.name, call.nth) for call in t.calls] == [("scale", 1), ("add", 1), ("add", 2), ("scale", 2), ("scale", 3)]
+    assert [(call.name, call.nth) for call in t.calls] == [
+        ("scale", 1),
+        ("add", 1),
+        ("add", 2),
+        ("scale", 2),
+        ("scale", 3),
+    ]
 
 
 def test_times_and_clear(t: MockTransport) -> None:
@@ -328,7 +385,9 @@ def test_drop_request(t: MockTransport) -> None:
     t.inject(Fault.drop(), on_call=2)
     c = t.client()
     assert c.add(a=1) == 1
-    with pytest.raises(ConnectionError, match="closed the connection before replying to 'test.add'"):
+    with pytest.raises(
+        ConnectionError, match=r"closed the connection before replying to 'test.add'"
+    ):
         c.add(a=2)
     with pytest.raises(ConnectionError, match="unusable"):
         c.add(a=3)
@@ -377,12 +436,14 @@ def test_delay_request_then_errno(t: MockTransport) -> None:
     assert t.calls[0].faults == ["delay", "errno"]
 
 
-@pytest.mark.parametrize("keep, where", [(None, "frame body"), (2, "frame header"), (4, "frame body")])
+@pytest.mark.parametrize(
+    "keep, where", [(None, "frame body"), (2, "frame header"), (4, "frame body")]
+)
 def test_truncate_reply(t: MockTransport, keep: int | None, where: str) -> None:
     t.inject(Fault.truncate(keep), method="echo")
     c = t.client()
     # The server went away mid-reply: a connection error, like a dead server.
-    with pytest.raises(ConnectionError, match="in the middle of the reply to 'test.echo'"):
+    with pytest.raises(ConnectionError, match=r"in the middle of the reply to 'test.echo'"):
         c.echo(text="hello")
     with pytest.raises(ConnectionError, match="unusable"):
         c.add(a=1)
@@ -407,7 +468,9 @@ def test_truncate_request(t: MockTransport, keep: int | None) -> None:
 def test_corrupt_reply_is_a_protocol_error_and_the_stream_stays_in_sync(t: MockTransport) -> None:
     t.inject(Fault.corrupt(), on_call=1)
     c = t.client()
-    with pytest.raises(ProtocolError, match="bad reply to 'test.add': frame body is not valid UTF-8"):
+    with pytest.raises(
+        ProtocolError, match=r"bad reply to 'test.add': frame body is not valid UTF-8"
+    ):
         c.add(a=1)
     assert c.add(a=2) == 2  # a bad body is recoverable: the client is not broken
     assert t.calls[0].faults == ["corrupt"] and t.calls[0].result == 1
@@ -436,7 +499,9 @@ def test_corrupt_request_gets_an_error_reply_and_the_server_keeps_serving(t: Moc
 
 def test_corrupt_length_header(t: MockTransport) -> None:
     t.inject(Fault.corrupt(at=0, data=b"\xff"), on_call=1)
-    with pytest.raises(ProtocolError, match="bad reply to 'test.add': frame of .* bytes exceeds the maximum"):
+    with pytest.raises(
+        ProtocolError, match=r"bad reply to 'test.add': frame of .* bytes exceeds the maximum"
+    ):
         t.client().add(a=1)
 
 
@@ -464,7 +529,11 @@ def test_injected_replies_keep_request_order(t: MockTransport) -> None:
     real.BLOCK.set()
     replies = [read_reply(t.client_socket) for _ in range(3)]
     assert [r.id for r in replies] == [1, 2, 3]
-    assert replies[0].result == "released" and replies[1].error.errno == errno.EPERM and replies[2].result == 3
+    assert (
+        replies[0].result == "released"
+        and replies[1].error.errno == errno.EPERM
+        and replies[2].result == 3
+    )
 
 
 def test_fault_and_inject_arguments_are_checked(t: MockTransport) -> None:
@@ -543,7 +612,7 @@ def test_close_with_a_hung_method_raises_and_can_be_retried(no_leak: None) -> No
     real.BLOCKED.clear()
     send_frame(transport.client_socket, request(1, "test.block"))
     assert real.BLOCKED.wait(TIMEOUT)
-    with pytest.raises(RuntimeError, match="did not stop within 0.2 s"):
+    with pytest.raises(RuntimeError, match=r"did not stop within 0.2 s"):
         transport.close(timeout=0.2)
     assert not transport.closed
     real.BLOCK.set()
@@ -551,7 +620,9 @@ def test_close_with_a_hung_method_raises_and_can_be_retried(no_leak: None) -> No
     assert transport.closed and transport.exit_code == 0
 
 
-def test_a_relay_bug_surfaces_instead_of_hanging(monkeypatch: pytest.MonkeyPatch, no_leak: None) -> None:
+def test_a_relay_bug_surfaces_instead_of_hanging(
+    monkeypatch: pytest.MonkeyPatch, no_leak: None
+) -> None:
     from kit.rpc import mock
 
     def broken(self: Any, frame: bytes, marks: list) -> None:

@@ -82,11 +82,17 @@ def test_replies() -> None:
         ({"id": 1, "result": 1, "fds": -1}, "'fds'"),
         ({"id": 1, "error": "x"}, "'error' must be an object"),
         ({"id": 1, "error": {"type": "T", "errno": None}}, "missing field 'message'"),
-        ({"id": 1, "error": {"type": "T", "errno": None, "message": "", "x": 1}}, "unknown field 'x'"),
+        (
+            {"id": 1, "error": {"type": "T", "errno": None, "message": "", "x": 1}},
+            "unknown field 'x'",
+        ),
         ({"id": 1, "error": {"type": "", "errno": None, "message": ""}}, "'error.type'"),
         ({"id": 1, "error": {"type": "T", "errno": True, "message": ""}}, "'error.errno'"),
         ({"id": 1, "error": {"type": "T", "errno": None, "message": 5}}, "'error.message'"),
-        ({"id": 1, "error": {"type": "T", "errno": None, "message": ""}, "fds": 1}, "unknown field 'fds'"),
+        (
+            {"id": 1, "error": {"type": "T", "errno": None, "message": ""}, "fds": 1},
+            "unknown field 'fds'",
+        ),
     ],
 )
 def test_parse_reply_rejects(obj: Any, fragment: str) -> None:
@@ -112,10 +118,20 @@ def test_exception_from_error_mapping() -> None:
     assert type(exc) is FileExistsError and exc.errno == 17
     exc = exception_from_error(ErrorInfo("SomeCustomOSError", 13, "denied"))
     assert type(exc) is PermissionError and exc.remote_type == "SomeCustomOSError"
-    assert type(exception_from_error(ErrorInfo("NotImplementedError", None, "m"))) is NotImplementedError
+    assert (
+        type(exception_from_error(ErrorInfo("NotImplementedError", None, "m")))
+        is NotImplementedError
+    )
     assert type(exception_from_error(ErrorInfo("LookupError", None, "m"))) is LookupError
     # Names outside the whitelist never instantiate arbitrary builtins.
-    for name in ("SystemExit", "KeyboardInterrupt", "StopIteration", "GeneratorExit", "eval", "__import__"):
+    for name in (
+        "SystemExit",
+        "KeyboardInterrupt",
+        "StopIteration",
+        "GeneratorExit",
+        "eval",
+        "__import__",
+    ):
         exc = exception_from_error(ErrorInfo(name, None, "m"))
         assert type(exc).__name__ == "RemoteError" and exc.remote_type == name
 
@@ -154,7 +170,7 @@ def test_check_method_accepts_supported_annotations() -> None:
 def _varargs(*args: int) -> None: ...
 def _varkw(**kw: int) -> None: ...
 def _posonly(a: int, /) -> None: ...
-def _unannotated(a) -> None: ...  # noqa: ANN001
+def _unannotated(a) -> None: ...
 def _tuple(a: tuple) -> None: ...
 def _set(a: "set[int]") -> None: ...
 def _intkeys(a: Dict[int, str]) -> None: ...
@@ -198,7 +214,7 @@ def test_check_method_rejects(func: Any, fragment: str) -> None:
 
 @pytest.mark.parametrize("name", ["_hidden", "__init__", "eng._x", "eng.__call__", "not-ident", ""])
 def test_check_method_rejects_names(name: str) -> None:
-    with pytest.raises(RPCMethodError, match="never servable|not an identifier"):
+    with pytest.raises(RPCMethodError, match=r"never servable|not an identifier"):
         check_method(name, good)
 
 
@@ -243,7 +259,17 @@ def test_check_method_on_other_callables() -> None:
 
 def test_bind_types_and_fds() -> None:
     spec = check_method("eng.good", good)
-    base = {"a": "x", "b": 1, "c": 2, "d": False, "e": [1, "x"], "f": {"k": None}, "g": None, "h": [1], "i": {"k": [None, "s"]}}
+    base = {
+        "a": "x",
+        "b": 1,
+        "c": 2,
+        "d": False,
+        "e": [1, "x"],
+        "f": {"k": None},
+        "g": None,
+        "h": [1],
+        "i": {"k": [None, "s"]},
+    }
     assert spec.bind(base) == base
     r, w = os.pipe()
     try:
@@ -251,7 +277,9 @@ def test_bind_types_and_fds() -> None:
         assert bound["fd"] == w and bound["ofd"] == r and isinstance(bound["fd"], FileDescriptor)
         assert repr(bound["fd"]) == f"FileDescriptor({w})"
         assert spec.bind({**base, "ofd": None}, [])["ofd"] is None
-        with pytest.raises(TypeError, match="method 'eng.good': argument 'fd' refers to descriptor #2"):
+        with pytest.raises(
+            TypeError, match=r"method 'eng.good': argument 'fd' refers to descriptor #2"
+        ):
             spec.bind({**base, "fd": 2}, [r, w])
         with pytest.raises(TypeError, match="argument 'fd' is a FileDescriptor"):
             spec.bind({**base, "fd": True}, [r])
@@ -290,7 +318,7 @@ def test_bind_rejects(change: dict, fragment: str) -> None:
 
 def test_bind_missing_and_not_a_dict() -> None:
     spec = check_method("eng.good", good)
-    with pytest.raises(TypeError, match="method 'eng.good': missing required argument 'a'"):
+    with pytest.raises(TypeError, match=r"method 'eng.good': missing required argument 'a'"):
         spec.bind({})
     with pytest.raises(TypeError, match="arguments must be an object, got list"):
         spec.bind([])  # type: ignore[arg-type]

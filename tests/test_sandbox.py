@@ -14,15 +14,16 @@ import socket
 import subprocess
 import tempfile
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
+from conftest import wait_until
+from kit_test_engines import DAEMON_NAME
 
 from kit import linux, sandbox
 from kit.launcher import RunResult, run
-
-from conftest import wait_until
-from kit_test_engines import DAEMON_NAME
 
 HOSTILE = "kit_test_engines:HostAttackEngine"
 ALL_ACTS = ["write_etc", "mount_tmpfs", "hostname", "sysctl_net", "sysctl_vm", "daemon",
@@ -119,7 +120,7 @@ def _assert_host_unchanged(before: dict[str, Any], targets: dict[str, Any],
         assert ns[kind] != host_ns[kind], f"the run was in the host's {kind} namespace"
         # Killed processes of a torn-down sandbox may take a moment to go on a loaded
         # machine; one still there after the deadline was left behind.
-        wait_until(lambda: _in_namespace(kind, ns[kind]) == [],
+        wait_until(lambda kind=kind: _in_namespace(kind, ns[kind]) == [],
                    what=f"no process left in the sandbox's {kind} namespace")
     assert not os.path.exists(result.ledger.events[0]["run_dir"])
 
@@ -168,17 +169,18 @@ def test_stage_1_writing_the_host_is_contained_too(targets):
 
 def test_the_run_sees_a_fresh_proc_a_read_only_proc_sys_and_lo_up(shared_dir):
     out = os.path.join(shared_dir, "view")
-    script = ("cat /proc/self/mountinfo > {o}.mounts; ls /proc > {o}.proc; "
-              "cat /sys/class/net/lo/operstate /sys/class/net/lo/flags > {o}.lo; "
-              "(echo 1 > /proc/sys/vm/stat_interval) 2> {o}.vm; true").format(o=out)
+    script = (f"cat /proc/self/mountinfo > {out}.mounts; ls /proc > {out}.proc; "
+              f"cat /sys/class/net/lo/operstate /sys/class/net/lo/flags > {out}.lo; "
+              f"(echo 1 > /proc/sys/vm/stat_interval) 2> {out}.vm; true")
     result = run("reference", "root", ["/bin/sh", "-c", script], shared_dirs=[shared_dir],
                  engine_config={"mount_proc": False, "mount_tmp": False})
     assert result.exit_code == 0, result
-    pids = [int(n) for n in open(out + ".proc").read().split() if n.isdigit()]
+    pids = [int(n) for n in Path(out + ".proc").read_text().split() if n.isdigit()]
     assert 1 in pids and max(pids) < 1000, "the run sees processes outside its pid namespace"
-    assert "Read-only" in open(out + ".vm").read()
-    assert int(open(out + ".lo").read().split()[1], 16) & 1  # IFF_UP
-    mounts = {line.split()[4]: line.split()[5] for line in open(out + ".mounts")}
+    assert "Read-only" in Path(out + ".vm").read_text()
+    assert int(Path(out + ".lo").read_text().split()[1], 16) & 1  # IFF_UP
+    lines = Path(out + ".mounts").read_text().splitlines()
+    mounts = {line.split()[4]: line.split()[5] for line in lines}
     assert mounts["/proc/sys"].startswith("ro") and mounts["/proc/sys/net"].startswith("rw")
     assert mounts["/sys"].startswith("ro")
 
@@ -189,11 +191,11 @@ def test_the_coverage_and_shared_directories_are_the_real_ones(shared_dir):
     result = run("reference", "root", ["/bin/sh", "-c", f"echo x > {marker}"],
                  shared_dirs=[shared_dir], engine_config=no_tmpfs)
     assert result.exit_code == 0, result
-    assert open(marker).read() == "x\n"
+    assert Path(marker).read_text() == "x\n"
     not_shared = run("reference", "root", ["/bin/sh", "-c", f"echo y > {marker}"],
                      engine_config=no_tmpfs)
     assert not_shared.exit_code == 0
-    assert open(marker).read() == "x\n", "a directory not shared was written through"
+    assert Path(marker).read_text() == "x\n", "a directory not shared was written through"
 
 
 def test_without_the_sandbox_the_run_is_in_the_host_namespaces():

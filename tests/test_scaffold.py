@@ -10,6 +10,7 @@ import pytest
 from kit.cli import main
 from kit.scaffold import Names, ScaffoldError, write_package
 
+
 @pytest.mark.parametrize("name", ["", "My-Engine", "my.engine", "1box", "my engine", "class",
                                   "box-", "-box"])
 def test_a_name_that_cannot_be_a_package_is_refused_naming_it(name: str, tmp_path: Path,

@@ -22,12 +22,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
-
 from conftest import ALL_FLOWS, host_state, in_child
+
 from kit import linux, seccomp
 from kit.launcher import run
 from kit.request import Invoker
@@ -361,7 +362,7 @@ def suite(engine: str, backend: str, flows: str, workdir: str,
            f"--flow={flows}", "-p", "no:xdist", "-p", "no:cacheprovider", "-q",
            f"--conformance-report={out}", "-k", "HOST or host or hostname"]
     if as_user:
-        cmd = ["runuser", "-u", Invoker.resolve().name, "--"] + cmd
+        cmd = ["runuser", "-u", Invoker.resolve().name, "--", *cmd]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert os.path.exists(out), proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -460,7 +461,7 @@ def _run(backend: str, events: list[dict[str, Any]]) -> Any:
 
     from conformance.runs import Run
     from conformance.scenario import SCENARIOS
-    full = [{"kind": "run_start", "role": "supervisor"}] + events
+    full = [{"kind": "run_start", "role": "supervisor"}, *events]
     for i, e in enumerate(full):
         e.update(seq=i, t=i, pid=e.get("pid", 100), tid=e.get("tid", 100))
     ledger = SimpleNamespace(events=full, document={"schema_version": 1, "events": full})

@@ -7,8 +7,8 @@ import signal
 import time
 
 import pytest
-
 from conftest import signal_taken, wait_until
+
 from kit.launcher import start
 
 # pid 1 of a pid namespace only gets signals it has a handler for: the payload traps them.
@@ -69,14 +69,14 @@ def test_no_signal_is_dropped(shared_dir):
             signal.SIGPROF, signal.SIGTSTP]
     for signum in sent:
         handle.send_signal(signum)
-        wait_until(lambda: signal_taken(handle.starter_pid, signum),
+        wait_until(lambda signum=signum: signal_taken(handle.starter_pid, signum),
                    what=f"the master to take {signal.Signals(signum).name}")
     handle.send_signal(signal.SIGTERM)
     result = handle.wait()
     assert result.exit_code == 42
     received = [e["signum"] for e in result.ledger.select("signal")
                 if e["signum"] != signal.SIGCHLD]
-    assert received == sent + [signal.SIGTERM]
+    assert received == [*sent, signal.SIGTERM]
 
 
 def test_exit_code_of_payload_in_every_flow(flow):

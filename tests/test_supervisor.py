@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import os
 
+from conftest import in_child
+
 from kit import system
 from kit.launcher import make_request
 from kit.ledger import decode_checked
 from kit.supervisor import Supervisor, _backend, prepare_backend
-
-from conftest import in_child
 
 DATAGRAMS = [
     # as LedgerWriter.emit sends them
@@ -50,7 +50,7 @@ def test_the_encoded_result_decodes_to_the_result_itself():
     assert [list(e) for e in decoded] == [list(e) for e in json.loads(json.dumps(sup.events))]
     assert [e["seq"] for e in decoded] == list(range(len(DATAGRAMS) + 2))
     assert decoded[2]["signum"] == 18 and decoded[2]["name"] == "SIGCHLD"
-    assert decoded[3]["seq"] == 3 and list(decoded[3])[0] == "seq"
+    assert decoded[3]["seq"] == 3 and next(iter(decoded[3])) == "seq"
     assert decoded[4]["kind"] == decoded[5]["kind"] == "starter_error"
 
 
