@@ -98,17 +98,23 @@ def markdown() -> str:
     index = tests_by_requirement(tests)
     total = len(requirements.CATALOGUE)
     checked = sum(1 for r in requirements.CATALOGUE if index[r])
+    kit = sum(1 for r in requirements.CATALOGUE.values() if r.subject == requirements.KIT)
     lines = ["# Conformance requirements", "",
              f"{total} requirements from SPEC.md §1–§8; {checked} are checked by "
              f"{len(tests)} tests of the suite, {total - checked} cannot be decided from a "
              "lifecycle run (the reason is given).", "",
              "Levels follow RFC 2119. Each test runs once per flow it applies to; the report "
-             "has one result per requirement and flow.", ""]
+             "has one result per requirement and flow.", "",
+             f"Subject: who can break the requirement. {total - kit} are the engine's: the "
+             f"engine's verdict counts these only. {kit} are the kit's (no engine code can "
+             "break them): in an engine's run they are the harness's self-check on that "
+             "machine, one line of the summary; a failing one is a harness error (exit 2).", ""]
     for _, title, reqs in requirements.by_group():
         if not reqs:
             continue
-        lines += [f"## {title}", "", "| ID | Level | Requirement | SPEC | Checked by |",
-                  "|---|---|---|---|---|"]
+        lines += [f"## {title}", "",
+                  "| ID | Level | Subject | Requirement | SPEC | Checked by |",
+                  "|---|---|---|---|---|---|"]
         for req in reqs:
             decls = index[req.id]
             if decls:
@@ -118,8 +124,8 @@ def markdown() -> str:
                     for d in decls)
             else:
                 checked_by = f"not checked: {req.unchecked or 'no test yet'}"
-            lines.append(f"| {req.id} | {req.level} | {req.text} | {req.section} | "
-                         f"{checked_by} |")
+            lines.append(f"| {req.id} | {req.level} | {req.subject} | {req.text} | "
+                         f"{req.section} | {checked_by} |")
         lines.append("")
     lines += ["## Engine capabilities", "",
               "Tests that need a capability the engine does not declare are reported "

@@ -137,9 +137,10 @@ def known_failure(entries: Iterable[KnownFailure], requirement: str, flow: str
 def result(requirement: str, flow: str, backend: str, outcome: str, test: str, message: str,
            runs: Iterable[str] = (), checks: int = 0) -> dict[str, Any]:
     req = requirements.get(requirement)
-    return {"requirement": requirement, "level": req.level, "section": req.section,
-            "text": req.text, "flow": flow, "backend": backend, "outcome": outcome,
-            "test": test, "message": message, "runs": list(runs), "checks": checks}
+    return {"requirement": requirement, "subject": req.subject, "level": req.level,
+            "section": req.section, "text": req.text, "flow": flow, "backend": backend,
+            "outcome": outcome, "test": test, "message": message, "runs": list(runs),
+            "checks": checks}
 
 
 class Results:

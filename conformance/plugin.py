@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from conformance import SUITE_VERSION, outcomes, rootcause
+from conformance import SUITE_VERSION, outcomes, requirements, rootcause
 from conformance.capabilities import Capabilities
 from conformance.expectations import FLOWS
 from conformance.markers import MARKERS, declared
@@ -609,9 +609,12 @@ class SessionPlugin:
 
         doc = report.build(state, state.results, state.all_runs)
         state.verdict = render.verdict(doc)
-        if session.exitstatus == pytest.ExitCode.OK and state.verdict.code == 1:
+        check = state.verdict.self_check
+        if session.exitstatus == pytest.ExitCode.OK and (
+                state.verdict.code == 1 or (check is not None and not check.ok)):
             # a run failed early (its results are not decided), or --strict and a MUST
-            # requirement could not be checked: neither shows as a failed test
+            # requirement could not be checked, or a kit requirement was excused as a known
+            # failure: none shows as a failed test
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
         if state.report_path:
             path = Path(state.report_path)
@@ -626,14 +629,16 @@ class SessionPlugin:
         if state.worker is not None:
             return
         width = max(60, min(terminalreporter._tw.fullwidth, 120))
-        merged = state.results.merged()
+        # the engine's results only: the kit's are the self-check line among the reasons
+        everything = state.results.merged()
+        merged = [e for e in everything if e["subject"] == requirements.ENGINE]
         summary = outcomes.Results.summary(merged)
         terminalreporter.section("conformance")
         counts = ", ".join(f"{summary[o]} {o}" for o in outcomes.OUTCOMES)
         lines = wrap(f"engine {state.engine_name}: {summary['total']} results "
                      f"(requirement x flow): {counts}", width)
         v = state.verdict
-        if not summary["total"]:
+        if not everything:
             lines += wrap(f"the conformance suite did not run (engine {state.engine} from "
                           f"{state.engine_source}): no conformance test was selected", width)
         elif v is not None:
@@ -652,7 +657,7 @@ class SessionPlugin:
                      f"time) in {wall:.1f} s of wall time")
         if state.report_path:
             lines.append(f"report: {state.report_path}")
-        if state.own_tests is not None and summary["total"]:
+        if state.own_tests is not None and everything:
             lines += wrap(f"the conformance suite ran too (engine {state.engine} from "
                           f"{state.engine_source}), beside your tests in "
                           f"{', '.join(state.own_tests)}", width)

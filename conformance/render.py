@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from conformance import report as schema
-from conformance import rootcause
+from conformance import requirements, rootcause
 from conformance.expectations import FLOWS
 from conformance.outcomes import (
     BROKEN,
@@ -41,6 +41,7 @@ from conformance.outcomes import (
     PASSED,
     STRICT_PREFIX,
     XFAIL,
+    Results,
 )
 
 #: Exit codes of a verdict (and of ``ci/gate``).
@@ -120,14 +121,110 @@ class Verdict:
     warnings: list[dict[str, Any]] = field(default_factory=list)  # failed, not counted
     strict: bool = False
     root_causes: list[rootcause.Group] = field(default_factory=list)
+    self_check: SelfCheck | None = None  # the kit requirements of the run
 
     @property
     def ok(self) -> bool:
         return self.code == CONFORMANT
 
 
+# --- the two subjects: the engine's results, and the kit's self-check --------------------------
+
+def subject_of(entry: dict[str, Any]) -> str:
+    """``engine`` or ``kit`` of a result (a report older than schema 3 has no ``subject``:
+    the catalogue's is used)."""
+    subject = entry.get("subject")
+    return subject if isinstance(subject, str) else requirements.subject_of(
+        str(entry.get("requirement")))
+
+
+def engine_view(doc: dict[str, Any]) -> dict[str, Any]:
+    """The report as the engine's verdict and tables see it: engine results only, their
+    counts recomputed (the kit's results stay in ``doc`` and the JSON)."""
+    results = [e for e in doc["results"] if subject_of(e) == requirements.ENGINE]
+    unchecked = [u for u in doc.get("unchecked") or []
+                 if requirements.subject_of(str(u.get("requirement"))) == requirements.ENGINE]
+    if len(results) == len(doc["results"]) and len(unchecked) == len(doc.get("unchecked") or []):
+        return doc
+    return {**doc, "results": results, "summary": Results.summary(results),
+            "unchecked": unchecked}
+
+
+@dataclass
+class SelfCheck:
+    """The kit requirements of an engine's run: the harness checking itself on this machine."""
+
+    checked: list[str] = field(default_factory=list)  # decided in at least one flow
+    failing: dict[str, list[str]] = field(default_factory=dict)  # requirement -> flows
+    not_checked: int = 0  # kit requirements with results, none decided here
+    entries: list[dict[str, Any]] = field(default_factory=list)  # the failing results
+
+    @property
+    def ok(self) -> bool:
+        return not self.failing
+
+    def line(self) -> str:
+        if not self.checked:
+            return ("harness self-check on this machine: no kit requirement could be checked "
+                    f"({self.not_checked} not decided here)")
+        text = (f"harness self-check on this machine: {len(self.checked) - len(self.failing)}"
+                f"/{len(self.checked)} kit requirements hold")
+        if self.not_checked:
+            text += f" ({self.not_checked} not checked here)"
+        if self.failing:
+            text += "; failing: " + ", ".join(f"{req} [{','.join(flows)}]"
+                                               for req, flows in self.failing.items())
+        return text
+
+
+def self_check(doc: dict[str, Any]) -> SelfCheck | None:
+    """The kit requirements' results summed up (None when the run has none). A kit result
+    that failed, broke or was excused as a known failure does not hold: no engine can break
+    these rules, so an engine's known-failures file cannot excuse them either."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for e in doc["results"]:
+        if subject_of(e) == requirements.KIT:
+            groups.setdefault(e["requirement"], []).append(e)
+    if not groups:
+        return None
+    check = SelfCheck()
+    for req, group in groups.items():
+        decided = [e for e in group if e["outcome"] in (PASSED, FAILED, BROKEN, XFAIL)
+                   and not environment_failure(e)]
+        if not decided:
+            check.not_checked += 1
+            continue
+        check.checked.append(req)
+        bad = [e for e in decided if e["outcome"] != PASSED]
+        if bad:
+            check.failing[req] = sorted({e["flow"] for e in bad}, key=_flow_key)
+            check.entries += bad
+    return check
+
+
 def verdict(doc: dict[str, Any], strict: bool | None = None) -> Verdict:
-    """What the report means for a pipeline.
+    """What the report means for a pipeline: the engine's verdict (:func:`engine_verdict`,
+    engine requirements only) with the kit's self-check line; a kit requirement that does not
+    hold makes it a harness error (2), whatever the engine did, since the harness that judged
+    the engine is broken on this machine."""
+    strict = bool(doc.get("environment", {}).get("strict")) if strict is None else strict
+    v = engine_verdict(engine_view(doc), strict)
+    check = self_check(doc)
+    v.self_check = check
+    if check is None:
+        return v
+    if check.ok:
+        v.reasons.append(check.line())
+        return v
+    return Verdict(HARNESS_ERROR, "harness error", [
+        check.line() + ": the kit itself broke a rule no engine can break, so this run "
+        "cannot judge the engine; report it to the kit with conformance.json",
+        *[f"engine: {v.title}: {r}" if i == 0 else r for i, r in enumerate(v.reasons)]],
+        v.failing, v.broken, v.warnings, strict, v.root_causes, check)
+
+
+def engine_verdict(doc: dict[str, Any], strict: bool) -> Verdict:
+    """The engine's verdict from its own results.
 
     - 1, not conformant: a run failed early (its root cause leaves results not decided), or a
       MUST failed (with ``strict``: anything failed, or a MUST could not be checked: not
@@ -137,11 +234,10 @@ def verdict(doc: dict[str, Any], strict: bool | None = None) -> Verdict:
     - 3, nothing ran: no result was decided because this environment could run none of it;
     - 0, conformant: otherwise (failed SHOULD/MAY results are listed as warnings).
     """
-    strict = bool(doc.get("environment", {}).get("strict")) if strict is None else strict
     results = doc["results"]
     if not results:
-        return Verdict(HARNESS_ERROR, "harness error", ["the report has no results: no "
-                       "conformance test ran"], strict=strict)
+        return Verdict(HARNESS_ERROR, "harness error", ["the report has no engine results: "
+                       "no conformance test of an engine requirement ran"], strict=strict)
     decided = [e for e in results if e["outcome"] in (PASSED, FAILED, BROKEN, XFAIL, NOT_DECIDED)
                and not environment_failure(e)]
     skipped_env = [e for e in results if e["outcome"] == NOT_CONFIGURED
@@ -621,6 +717,7 @@ def _md_root_causes(groups: list[rootcause.Group]) -> list[str]:
 def summary_markdown(doc: dict[str, Any], v: Verdict | None = None,
                      max_message_lines: int = 30) -> str:
     v = v or verdict(doc)
+    doc = engine_view(doc)  # the kit's results are the one self-check line of the reasons
     icon = {CONFORMANT: "✅", NOT_CONFORMANT: "❌", HARNESS_ERROR: "💥",
             NOTHING_RAN: "⬜"}[v.code]
     eng = doc["engine"].get("name")
@@ -715,6 +812,7 @@ def wrap(text: Any, width: int, indent: str = "", subsequent: str | None = None
 
 def terminal_summary(doc: dict[str, Any], v: Verdict, width: int = 100,
                      max_failures: int = 8, max_lines: int = 30) -> list[str]:
+    doc = engine_view(doc)
     eng = doc["engine"]
     lines = wrap(f"engine {eng.get('name')} ({eng.get('origin')}), suite "
                  f"{doc.get('suite_version')}", width)
@@ -1063,6 +1161,7 @@ def _event_block(doc: dict[str, Any], run_id: str | None, seq: int,
 
 def html_report(doc: dict[str, Any], v: Verdict | None = None) -> str:
     v = v or verdict(doc)
+    doc = engine_view(doc)
     eng = doc["engine"]
     env = doc["environment"]
     shown = ([(e, "") for e in v.failing] + [(e, " broken") for e in v.broken]

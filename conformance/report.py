@@ -1,9 +1,9 @@
 """The machine-readable report (``--conformance-report PATH``) and its schema.
 
-Schema version 2 (published as JSON Schema: ``conformance/report.schema.json``)::
+Schema version 3 (published as JSON Schema: ``conformance/report.schema.json``)::
 
     {
-      "schema_version": 1,
+      "schema_version": 3,
       "suite_version": "0.1.0",
       "generated": "2025-01-01T00:00:00+00:00",
       "engine": {"spec", "name", "source", "origin", "capabilities": {name: bool},
@@ -13,9 +13,9 @@ Schema version 2 (published as JSON Schema: ``conformance/report.schema.json``):
                       "flows": {flow: {"runnable", "reason", "selected", "backend"}},
                       "backend": {flow: backend}, "xdist_workers", "strict"},
       "summary": {outcome: count, ..., "total"},
-      "results": [{"requirement", "level", "section", "text", "flow", "backend", "outcome",
-                   "test", "tests", "message", "runs", "checks"}],
-      "unchecked": [{"requirement", "level", "section", "text", "reason"}],
+      "results": [{"requirement", "subject", "level", "section", "text", "flow", "backend",
+                   "outcome", "test", "tests", "message", "runs", "checks"}],
+      "unchecked": [{"requirement", "subject", "level", "section", "text", "reason"}],
       "known_failures": [{"requirement", "flows", "reason", "where"}],
       "root_causes": [{"headline", "hook", "role", "error", "advice", "traceback", "run",
                        "results", "flows", "runs"}],   (optional: runs that failed early)
@@ -27,7 +27,8 @@ Schema version 2 (published as JSON Schema: ``conformance/report.schema.json``):
 ``results`` has one entry per requirement × flow that the session decided (``checks``: how many
 individual checks were made; ``tests``: every test that decided it, ``test`` the one whose
 outcome is reported); ``runs`` holds the full ledger of every lifecycle run the results refer
-to.
+to. ``subject`` (version 3) is ``engine`` or ``kit``: who can break the requirement
+(:mod:`conformance.requirements`); the verdict counts engine results only.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ from conformance import SUITE_VERSION, requirements, rootcause, schema
 from conformance.catalogue import tests_by_requirement
 from conformance.outcomes import NOT_DECIDED, OUTCOMES, Results
 
-#: 2: the not-decided outcome and root_causes; version 1 reports are read too.
-SCHEMA_VERSION = 2
+#: 2: the not-decided outcome and root_causes; 3: every result's subject (engine or kit).
+#: Versions 1 and 2 are read too (their results are given the catalogue's subject).
+SCHEMA_VERSION = 3
 
 RESULT_KEYS = ("requirement", "level", "section", "text", "flow", "backend", "outcome", "test",
                "tests", "message", "runs", "checks")
@@ -81,8 +83,8 @@ def build(state: Any, results: Results, runs: list[dict[str, Any]]) -> dict[str,
         },
         "summary": Results.summary(entries),
         "results": entries,
-        "unchecked": [{"requirement": r.id, "level": r.level, "section": r.section,
-                       "text": r.text, "reason": r.unchecked or "no test yet"}
+        "unchecked": [{"requirement": r.id, "subject": r.subject, "level": r.level,
+                       "section": r.section, "text": r.text, "reason": r.unchecked or "no test yet"}
                       for r in requirements.CATALOGUE.values() if not index[r.id]],
         "known_failures": [{"requirement": k.requirement, "flows": list(k.flows),
                             "reason": k.reason, "where": k.where()} for k in state.known],
@@ -103,6 +105,7 @@ def validate(doc: Any) -> list[str]:
     problems = schema.validate(doc)
     if problems:
         return problems
+    version = doc["schema_version"]
     counts = {o: 0 for o in OUTCOMES}
     seen = set()
     run_ids = {r.get("id") for r in doc["runs"]}
@@ -116,6 +119,13 @@ def validate(doc: Any) -> list[str]:
         elif entry["level"] != requirements.CATALOGUE[entry["requirement"]].level:
             problems.append(f"results[{i}]: level {entry['level']!r} of "
                             f"{entry['requirement']} is wrong")
+        elif version >= 3 and entry.get("subject") != requirements.subject_of(
+                entry["requirement"]):
+            # a verdict reads the subject: a result moved to the other side would hide or
+            # blame wrongly
+            problems.append(f"results[{i}]: subject {entry.get('subject')!r} of "
+                            f"{entry['requirement']} is wrong (the catalogue says "
+                            f"{requirements.subject_of(entry['requirement'])!r})")
         if entry["outcome"] not in counts:
             problems.append(f"results[{i}]: unknown outcome {entry['outcome']!r}")
         else:

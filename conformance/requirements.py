@@ -7,6 +7,11 @@ has one result per requirement and flow. ``unchecked`` says why no test of this 
 decide a rule (the reason is printed in the catalogue and the report), so nothing is
 silently counted as passed.
 
+``subject`` says who can break a rule: ``engine`` (an engine's hooks, RPC methods or
+StarterConfig can) or ``kit`` (only the kit's own starter, RPC server or ledger can, whatever
+the engine does). The engine's verdict counts engine requirements only; in an engine's run the
+kit requirements are a self-check of the harness on that machine (:mod:`conformance.render`).
+
 ``python -m conformance catalogue`` prints this catalogue as Markdown with the tests that
 check each entry. IDs are stable: never renumber; retire an entry instead.
 """
@@ -16,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 LEVELS = ("MUST", "SHOULD", "MAY")
+ENGINE, KIT = "engine", "kit"
+SUBJECTS = (ENGINE, KIT)
 
 #: Groups in catalogue order: (key, title).
 GROUPS: tuple[tuple[str, str], ...] = (
@@ -44,10 +51,14 @@ class Requirement:
     section: str
     group: str
     unchecked: str | None = None
+    subject: str = ENGINE
 
     def __post_init__(self) -> None:
         if self.level not in LEVELS:
             raise ValueError(f"{self.id}: unknown level {self.level!r}")
+        if self.subject not in SUBJECTS:
+            raise ValueError(f"{self.id}: unknown subject {self.subject!r} (known: "
+                             f"{', '.join(SUBJECTS)})")
         if self.group not in dict(GROUPS):
             raise ValueError(f"{self.id}: unknown group {self.group!r}")
 
@@ -57,8 +68,15 @@ class Requirement:
 
 
 def _r(id: str, level: str, section: str, group: str, text: str,
-       unchecked: str | None = None) -> Requirement:
-    return Requirement(id, level, text, section, group, unchecked)
+       unchecked: str | None = None, subject: str = ENGINE) -> Requirement:
+    return Requirement(id, level, text, section, group, unchecked, subject)
+
+
+# A rule is the kit's when no engine code can break it: the starter alone orders the processes,
+# creates the namespaces, drops privilege in the unprivileged flows (where nothing can regain
+# it), frames RPC and writes the ledger. A rule the engine can break through a hook, an RPC
+# method, its StarterConfig or a hook it calls itself (the kit records those calls too) is the
+# engine's, even when the kit could break it as well.
 
 
 _ENTRIES = (
@@ -68,23 +86,29 @@ _ENTRIES = (
        "each exactly once, before any other hook of that process."),
     _r("ORDER-002", "MUST", "§2 rule 1", "order",
        "init_config's privileged_stage1 flag is true only in stage 1 of the suid and hybrid "
-       "flows."),
+       "flows.",
+       subject=KIT),
     _r("ORDER-003", "MUST", "§2 rule 2", "order",
        "prepare_config runs exactly once per run, in stage 1."),
     _r("ORDER-004", "MUST", "§2 rule 2", "order",
-       "prepare_config returns before any container namespace exists."),
+       "prepare_config returns before any container namespace exists.",
+       subject=KIT),
     _r("ORDER-005", "MUST", "§2 rule 4", "order",
        "create_container, the start waiter (post_start_process) and monitor_container start "
-       "only after the container's namespaces are ready."),
+       "only after the container's namespaces are ready.",
+       subject=KIT),
     _r("ORDER-006", "MUST", "§2 rule 4", "order",
        "create_container, the start waiter (post_start_process) and monitor_container run "
-       "concurrently, each in its own thread of the master."),
+       "concurrently, each in its own thread of the master.",
+       subject=KIT),
     _r("ORDER-007", "MUST", "§2 rule 5", "order",
        "start_process begins only after create_container returned and the RPC connection "
-       "closed (the RPC server exited)."),
+       "closed (the RPC server exited).",
+       subject=KIT),
     _r("ORDER-008", "MUST", "§2 rule 5", "order",
        "A create_container that blocks waiting for the container is reported as a hook "
-       "timeout naming create_container."),
+       "timeout naming create_container.",
+       subject=KIT),
     _r("ORDER-009", "MUST", "§2 rule 6", "order",
        "post_start_process runs at most once, and only after the payload was exec'd."),
     _r("ORDER-010", "MUST", "§2 rule 6", "order",
@@ -93,7 +117,8 @@ _ENTRIES = (
        "cleanup_container runs exactly once per master run, after every other master hook "
        "returned."),
     _r("ORDER-012", "MUST", "§2 rule 7", "order",
-       "cleanup_container does not run when stage 1 or the namespace setup failed."),
+       "cleanup_container does not run when stage 1 or the namespace setup failed.",
+       subject=KIT),
     _r("ORDER-013", "MUST", "§1, §2", "order",
        "In a successful run create_container, monitor_container and start_process each run "
        "exactly once."),
@@ -103,9 +128,11 @@ _ENTRIES = (
        "start_process in stage 2; the RPC server runs no hook but config and init_config."),
     _r("PID-001", "MUST", "§2 rule 9", "order",
        "The pid given to create_container, post_start_process and monitor_container is the "
-       "container's pid as the master sees it."),
+       "container's pid as the master sees it.",
+       subject=KIT),
     _r("PID-002", "MUST", "§2 rule 9", "order",
-       "With a new pid namespace, stage 2 sees itself as pid 1."),
+       "With a new pid namespace, stage 2 sees itself as pid 1.",
+       subject=KIT),
     # --- §2 rule 3, §1: state ------------------------------------------------------------------
     _r("STATE-001", "MUST", "§1", "state",
        "config() returns a fresh, empty engine config in every process: the same JSON in "
@@ -113,10 +140,12 @@ _ENTRIES = (
        "at any depth."),
     _r("STATE-002", "MUST", "§2 rule 3", "state",
        "Stage 1, the master, the RPC server and stage 2 are distinct processes, and stage 1 "
-       "has exited before any later process runs a hook, so stage-1 globals cannot leak."),
+       "has exited before any later process runs a hook, so stage-1 globals cannot leak.",
+       subject=KIT),
     _r("STATE-003", "MUST", "§2 rule 3, §5", "state",
        "Stage 1 hands its result over as JSON: the starter records the StarterConfig it "
-       "received before any container namespace exists."),
+       "received before any container namespace exists.",
+       subject=KIT),
     # --- §4 stage 1 --------------------------------------------------------------------------
     _r("PRIV-STAGE1-001", "MUST", "§4", "stage1",
        "Stage 1 hooks run as uid 0 in the root flow and with r=e=s=U in every other flow."),
@@ -124,9 +153,11 @@ _ENTRIES = (
        "Stage 1 hooks have full capabilities in the root flow and no capabilities at all in "
        "the suid and hybrid flows."),
     _r("PRIV-STAGE1-003", "MUST", "§4", "stage1",
-       "In the suid and hybrid flows, privilege escalation from stage 1 is impossible."),
+       "In the suid and hybrid flows, privilege escalation from stage 1 is impossible.",
+       subject=KIT),
     _r("PRIV-STAGE1-004", "MUST", "§4", "stage1",
-       "In the userns and fakeroot flows, stage 1 has no host privilege."),
+       "In the userns and fakeroot flows, stage 1 has no host privilege.",
+       subject=KIT),
     # --- §4 master -----------------------------------------------------------------------------
     _r("PRIV-MASTER-001", "MUST", "§4", "master",
        "Master hooks run as uid 0 in the root flow; with r=e=U and saved uid 0 in the suid "
@@ -138,7 +169,8 @@ _ENTRIES = (
        "Privilege escalation from the master is possible in the suid and hybrid flows (saved "
        "uid 0) and impossible in the userns flow."),
     _r("PRIV-MASTER-004", "MUST", "§4", "master",
-       "In the userns and fakeroot flows the master has no host privilege."),
+       "In the userns and fakeroot flows the master has no host privilege.",
+       subject=KIT),
     # --- §4 RPC server, §6 RPC -------------------------------------------------------------------
     _r("PRIV-RPC-001", "MUST", "§4", "rpc",
        "The RPC server runs as uid 0 in the root flow, with effective uid U in the suid flow, "
@@ -148,7 +180,8 @@ _ENTRIES = (
        "In the suid and hybrid flows the RPC server has only CAP_SYS_ADMIN effective and a "
        "bounding set smaller than the master's."),
     _r("PRIV-RPC-003", "MUST", "§4", "rpc",
-       "In the userns and fakeroot flows the RPC server has no host privilege."),
+       "In the userns and fakeroot flows the RPC server has no host privilege.",
+       subject=KIT),
     _r("PRIV-RPC-004", "MUST", "§4", "rpc",
        "An RPC method that raises capabilities does so on its own thread and restores them "
        "before it returns: every thread leaves the method with the whole credential it "
@@ -162,16 +195,20 @@ _ENTRIES = (
     _r("RPC-003", "MUST", "§2, §6", "rpc",
        "The RPC server exits 0 when the client closes the connection."),
     _r("RPC-004", "MUST", "§6", "rpc",
-       "The RPC server handles one request at a time."),
+       "The RPC server handles one request at a time.",
+       subject=KIT),
     _r("RPC-005", "MUST", "§6", "rpc",
-       "RPC frames are length-prefixed JSON with a maximum size; no pickle, no eval."),
+       "RPC frames are length-prefixed JSON with a maximum size; no pickle, no eval.",
+       subject=KIT),
     _r("RPC-006", "MUST", "§6", "rpc",
        "An unknown method, a malformed frame or bad arguments get an error reply (errno and "
-       "message survive) and the server keeps serving."),
+       "message survive) and the server keeps serving.",
+       subject=KIT),
     _r("RPC-007", "MAY", "§6", "rpc",
        "File descriptors may ride along with an RPC request (SCM_RIGHTS).",
        unchecked="a property of the kit's RPC transport, checked by the kit's own unit tests "
-                 "(tests/test_rpc*.py)"),
+                 "(tests/test_rpc*.py)",
+       subject=KIT),
     # --- §4 stage 2 and payload -----------------------------------------------------------
     _r("PRIV-STAGE2-001", "MUST", "§4", "stage2",
        "Stage 2 runs with r=e=s=the target uid (default 0) in the root flow, r=e=s=U in the "
@@ -208,10 +245,12 @@ _ENTRIES = (
        "the container."),
     _r("NS-004", "MUST", "§3, §4", "namespaces",
        "The master's user namespace is the host's in the root, suid and hybrid flows and the "
-       "container's in the userns and fakeroot flows."),
+       "container's in the userns and fakeroot flows.",
+       subject=KIT),
     _r("NS-005", "MUST", "§5", "namespaces",
        "Every namespace the StarterConfig asks to create is new for the container, and one "
-       "given by path is joined (a path wins over creating)."),
+       "given by path is joined (a path wins over creating).",
+       subject=KIT),
     _r("NS-006", "MUST", "§3", "namespaces",
        "The container's user namespace maps U to U in the userns flow and 0 to U in the "
        "fakeroot and hybrid flows."),
@@ -220,10 +259,12 @@ _ENTRIES = (
        "flows."),
     _r("NS-008", "MUST", "§5", "namespaces",
        "A new mount namespace gets the configured propagation on / before anything is "
-       "mounted."),
+       "mounted.",
+       subject=KIT),
     _r("NS-009", "MUST", "§5", "namespaces",
        "Namespaces are entered in the order user, pid (in the starter, before the fork), then "
-       "net, uts, ipc, cgroup, mount (on the container side)."),
+       "net, uts, ipc, cgroup, mount (on the container side).",
+       subject=KIT),
     _r("NS-010", "MUST", "§2, §4", "namespaces",
        "The run leaves the host's hostname alone: it is the same while the run lasts and "
        "after it as before (the container's is set in its own uts namespace)."),
@@ -236,11 +277,13 @@ _ENTRIES = (
        "fakeroot and hybrid flows U's subordinate ids (/etc/subuid, /etc/subgid)."),
     _r("SC-001", "MUST", "§5", "namespaces",
        "An invalid StarterConfig (e.g. effective capabilities not a subset of permitted) is "
-       "rejected before any namespace exists, with a message that names the setting."),
+       "rejected before any namespace exists, with a message that names the setting.",
+       subject=KIT),
     # --- §7, §2 rule 8 signals and exit ----------------------------------------------------------
     _r("SIG-001", "MUST", "§7", "signals",
        "Every signal the master receives becomes an entry on the signals channel (and in the "
-       "ledger)."),
+       "ledger).",
+       subject=KIT),
     _r("SIG-002", "MUST", "§7", "signals",
        "monitor_container forwards SIGINT, SIGTERM, SIGHUP, SIGUSR1 and SIGUSR2 to the "
        "container."),
@@ -257,32 +300,40 @@ _ENTRIES = (
        "When the payload is killed by a signal, the run's exit code is 128 + the signal "
        "number."),
     _r("EXIT-003", "MUST", "§2 rule 8", "signals",
-       "The run's exit code is 255 when a fatal error occurred."),
+       "The run's exit code is 255 when a fatal error occurred.",
+       subject=KIT),
     # --- §2 error table --------------------------------------------------------------------------
     _r("ERR-001", "MUST", "§2 error table", "errors",
-       "When prepare_config raises, no further hook runs and the run exits 255."),
+       "When prepare_config raises, no further hook runs and the run exits 255.",
+       subject=KIT),
     _r("ERR-002", "MUST", "§2 error table", "errors",
        "When create_container raises, cleanup_container gets \"container creation failed: "
-       "…\", stage 2 never starts and the run exits 255."),
+       "…\", stage 2 never starts and the run exits 255.",
+       subject=KIT),
     _r("ERR-003", "MUST", "§2 error table", "errors",
        "When start_process raises, stage 2 reports the failure, post_start_process does not "
        "run, cleanup_container runs with the container's status (exited 255) and the run "
        "exits 255."),
     _r("ERR-004", "MUST", "§2 error table", "errors",
        "When post_start_process raises, cleanup_container runs with that error and the run "
-       "exits 255."),
+       "exits 255.",
+       subject=KIT),
     _r("ERR-005", "MUST", "§2 error table", "errors",
        "When monitor_container raises, cleanup_container runs with that error and the run "
-       "exits 255."),
+       "exits 255.",
+       subject=KIT),
     _r("ERR-006", "MUST", "§2 error table", "errors",
        "When cleanup_container raises, the error is reported and the exit code is "
-       "unchanged."),
+       "unchanged.",
+       subject=KIT),
     _r("ERR-007", "MUST", "§2 error table", "errors",
        "A hook that does not return within its timeout gets the run's whole process tree "
-       "killed, and the report names the hook."),
+       "killed, and the report names the hook.",
+       subject=KIT),
     _r("ERR-008", "MUST", "§2 rule 10", "errors",
        "A start_process that returns instead of exec'ing is a failure (\"stage 2 "
-       "returned\")."),
+       "returned\").",
+       subject=KIT),
     _r("ERR-009", "MUST", "§2 rule 5, error table", "errors",
        "In a run that nothing asks to fail, no hook hangs: none runs into the hook timeout "
        "(create_container never waits for the container)."),
@@ -306,7 +357,8 @@ _ENTRIES = (
        "In a join-only run stage 2 is in the namespaces given by path."),
     # --- §8 ledger -------------------------------------------------------------------------------
     _r("LEDGER-001", "MUST", "§8", "ledger",
-       "Every run's ledger is valid against the versioned ledger schema."),
+       "Every run's ledger is valid against the versioned ledger schema.",
+       subject=KIT),
     _r("LEDGER-002", "MUST", "§8", "ledger",
        "Every hook entry is recorded with a privilege snapshot and is followed by its return "
        "or raise (start_process excepted: it execs)."),
@@ -367,6 +419,13 @@ def get(req_id: str) -> Requirement:
         return CATALOGUE[req_id]
     except KeyError:
         raise UnknownRequirement(f"unknown requirement ID {req_id!r}") from None
+
+
+def subject_of(req_id: str) -> str:
+    """``engine`` or ``kit``; an ID the catalogue does not know (an old report) is the
+    engine's, so that nothing is hidden from its verdict."""
+    req = CATALOGUE.get(req_id)
+    return req.subject if req is not None else ENGINE
 
 
 def by_group() -> list[tuple[str, str, list[Requirement]]]:

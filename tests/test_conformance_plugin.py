@@ -387,7 +387,7 @@ def test_the_catalogue_command_prints_every_requirement_with_its_tests():
     out = subprocess.run([sys.executable, "-m", "conformance", "catalogue"], cwd="/",
                          capture_output=True, text=True, check=True).stdout
     for req in CATALOGUE.values():
-        assert f"| {req.id} | {req.level} | {req.text} |" in out
+        assert f"| {req.id} | {req.level} | {req.subject} | {req.text} |" in out
     assert "## Lifecycle order and counts" in out
     assert "`test_lifecycle_order.py::test_each_process_calls_config_then_init_config_once" \
            "_before_any_other_hook`" in out

@@ -86,7 +86,8 @@ def make_doc(entries: list[tuple[str, str, str, str]], strict: bool = False,
 
     results = Results()
     for i, (req, flow, outcome, message) in enumerate(entries):
-        entry = {"requirement": req, "level": requirements.get(req).level,
+        entry = {"requirement": req, "subject": requirements.get(req).subject,
+                 "level": requirements.get(req).level,
                  "section": requirements.get(req).section, "text": requirements.get(req).text,
                  "flow": flow, "backend": "real", "outcome": outcome,
                  "test": f"test_x.py::test_{i}[{flow}]", "message": message,
@@ -136,10 +137,19 @@ def test_every_must_passing_is_conformant():
     assert (v.code, v.failing, v.broken) == (render.CONFORMANT, [], [])
 
 
+def engine_may(doc: dict) -> dict:
+    """``doc`` with RPC-007, the catalogue's only MAY (a kit requirement), standing in for a
+    MAY of the engine."""
+    for e in doc["results"]:
+        if e["requirement"] == "RPC-007":
+            e["subject"] = "engine"
+    return doc
+
+
 def test_a_failed_must_is_non_conformant_and_listed_first():
-    doc = make_doc([("RPC-007", "root", "failed", "may"),
-                    ("ORDER-001", "root", "passed", ""),
-                    ("PRIV-MASTER-001", "suid", "failed", VIOLATION)])
+    doc = engine_may(make_doc([("RPC-007", "root", "failed", "may"),
+                               ("ORDER-001", "root", "passed", ""),
+                               ("PRIV-MASTER-001", "suid", "failed", VIOLATION)]))
     v = render.verdict(doc)
     assert v.code == render.NOT_CONFORMANT
     assert [e["requirement"] for e in v.failing] == ["PRIV-MASTER-001"]
@@ -147,7 +157,8 @@ def test_a_failed_must_is_non_conformant_and_listed_first():
 
 
 def test_strict_counts_any_failure_and_anything_not_configured():
-    doc = make_doc([("RPC-007", "root", "failed", "may"), ("ORDER-001", "root", "passed", "")])
+    doc = engine_may(make_doc([("RPC-007", "root", "failed", "may"),
+                               ("ORDER-001", "root", "passed", "")]))
     assert render.verdict(doc).code == render.CONFORMANT
     assert render.verdict(doc, strict=True).code == render.NOT_CONFORMANT
     doc = make_doc([("ORDER-001", "root", "passed", ""),
@@ -184,6 +195,81 @@ def test_no_results_or_nothing_decided_is_a_harness_error():
     assert render.verdict(doc).code == render.HARNESS_ERROR
 
 
+# --- two subjects: the engine's verdict, the kit's self-check ---------------------------------
+
+SELF_CHECK = "harness self-check on this machine: "
+
+
+def test_a_failing_kit_requirement_is_a_harness_error_in_one_self_check_line(tmp_path):
+    doc = make_doc([("ORDER-001", "root", "passed", ""), ("PRIV-MASTER-001", "suid", "passed", ""),
+                    ("ORDER-007", "root", "failed", VIOLATION),
+                    ("ORDER-007", "suid", "failed", VIOLATION), ("SIG-001", "root", "passed", "")])
+    v = render.verdict(doc)
+    line = SELF_CHECK + "1/2 kit requirements hold; failing: ORDER-007 [root,suid]"
+    assert (v.code, v.title, v.failing) == (render.HARNESS_ERROR, "harness error", [])
+    assert v.reasons[0].startswith(line)
+    assert v.reasons[1].startswith("engine: conformant: every MUST that ran passed")
+    term = render.terminal_summary(doc, v, width=120)
+    assert term[1].startswith("HARNESS ERROR (exit 2): " + line)
+    assert sum(SELF_CHECK in t for t in term) == 1 and "failures" not in "".join(term)
+    assert "2 results: 2 passed" in "\n".join(term)  # the engine's results only
+    v, paths = render.write(doc, tmp_path)
+    md = paths["summary"].read_text()
+    assert md.startswith("# 💥 Conformance of `e`: harness error (exit 2)")
+    assert md.count(SELF_CHECK) == 1 and "ORDER-007 \\[root,suid\\]" in md
+    assert "| ORDER-007 |" not in md and "| SIG-001 |" not in md and "| ORDER-001 |" in md
+    assert "**2 results: 2 passed" in md
+    page = paths["html"].read_text()
+    assert page.count(SELF_CHECK) == 1 and 'data-exit="2"' in page
+    assert 'data-requirement="ORDER-007"' not in page
+
+
+def test_the_verdict_counts_engine_musts_only_and_adds_the_self_check_line():
+    doc = make_doc([("ORDER-001", "root", "passed", ""), ("PRIV-MASTER-001", "root", "failed",
+                                                         VIOLATION),
+                    ("ORDER-004", "root", "passed", ""), ("SIG-001", "root", "passed", ""),
+                    ("ORDER-008", "root", "not-supported", "does not declare capability "
+                                                           "fault_injection")])
+    v = render.verdict(doc)
+    assert v.code == render.NOT_CONFORMANT
+    assert [e["requirement"] for e in v.failing] == ["PRIV-MASTER-001"]
+    assert "1 failed result (1 MUST) in 1 requirement" in v.reasons
+    assert "MUST requirements checked: root 2 of 2" in v.reasons  # ORDER-004/8, SIG-001: kit
+    assert v.reasons[-1] == SELF_CHECK + "2/2 kit requirements hold (1 not checked here)"
+    ok = make_doc([("ORDER-001", "root", "passed", ""), ("SIG-001", "root", "passed", "")])
+    v = render.verdict(ok)
+    assert v.code == render.CONFORMANT
+    assert v.reasons[0] == "every MUST that ran passed (1 results decided)"
+    assert v.reasons[-1] == SELF_CHECK + "1/1 kit requirements hold"
+
+
+def test_a_kit_requirement_excused_as_a_known_failure_still_fails_the_self_check():
+    v = render.verdict(make_doc([("ORDER-001", "root", "passed", ""),
+                                 ("SIG-001", "root", "xfail", "known failure: ours")]))
+    assert v.code == render.HARNESS_ERROR
+    assert v.reasons[0].startswith(SELF_CHECK + "0/1 kit requirements hold; failing: SIG-001")
+
+
+def test_a_schema_3_report_names_every_results_subject_and_the_catalogues():
+    doc = make_doc([("ORDER-001", "root", "passed", ""), ("SIG-001", "root", "passed", "")])
+    assert [e["subject"] for e in doc["results"]] == ["engine", "kit"]
+    assert schema.validate(doc) == []
+    del doc["results"][0]["subject"]
+    doc["results"][1]["subject"] = "engine"
+    assert schema.validate(doc) == [
+        "results[0]: subject None of ORDER-001 is wrong (the catalogue says 'engine')",
+        "results[1]: subject 'engine' of SIG-001 is wrong (the catalogue says 'kit')"]
+    doc["results"][1]["subject"] = "harness"
+    assert "$.results[1].subject: 'harness' is not one of ['engine', 'kit']" in \
+        schema.validate(doc)
+    old = make_doc([("ORDER-001", "root", "passed", ""), ("SIG-001", "root", "failed", "x")])
+    for e in old["results"]:
+        del e["subject"]
+    old["schema_version"] = 2  # read too: the catalogue gives each result its subject
+    assert schema.validate(old) == []
+    assert render.verdict(old).code == render.HARNESS_ERROR
+
+
 def test_load_rejects_what_is_not_a_report(tmp_path):
     bad = tmp_path / "bad.json"
     for text, why in (("{", "not JSON"), ("[]", "JSON object"),
@@ -212,17 +298,17 @@ def test_summary_md_names_the_failing_requirement_first_with_its_message():
 
 
 def test_terminal_summary_fits_one_screen():
-    entries = [(r, f, "failed", VIOLATION) for r in ("ORDER-001", "ORDER-003", "ORDER-004",
-                                                     "ORDER-005", "ORDER-006", "ORDER-007",
-                                                     "ORDER-009", "ORDER-011", "ORDER-013",
-                                                     "ORDER-014")
+    entries = [(r, f, "failed", VIOLATION) for r in ("ORDER-001", "ORDER-003", "ORDER-009",
+                                                     "ORDER-010", "ORDER-011", "ORDER-013",
+                                                     "ORDER-014", "PRIV-MASTER-001",
+                                                     "PRIV-MASTER-002", "PRIV-MASTER-003")
                for f in ("root", "suid", "userns", "fakeroot", "hybrid")]
     doc = make_doc(entries)
     lines = render.terminal_summary(doc, render.verdict(doc), width=100)
     assert len(lines) <= 30 and max(map(len, lines)) <= 100
     assert lines[1].startswith("NOT CONFORMANT (exit 1)")
     more = re.search(r"… and (\d+) more requirement\(s\)", lines[-1])
-    listed = sum(1 for line in lines if re.match(r"  ORDER-\d+ \[MUST\]", line))
+    listed = sum(1 for line in lines if re.match(r"  [A-Z-]+-\d+ \[MUST\]", line))
     assert more and listed >= 3 and listed + int(more.group(1)) == 10
 
 

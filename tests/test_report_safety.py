@@ -33,9 +33,9 @@ HOSTILE = [
     "1. item", "- item", "> quote", "<details open>", "|", "~~strike~~", "<https://a.example>",
 ]
 #: Fields the kit or the suite controls and the renderers key on (kept as they are).
-STRUCTURAL = {"requirement", "level", "outcome", "kind", "role", "flow", "scenario", "backend",
-              "hook", "hook_role", "child_role", "id", "runs", "section", "stage", "tests",
-              "test", "schema_version", "suite_version", "flows"}
+STRUCTURAL = {"requirement", "subject", "level", "outcome", "kind", "role", "flow", "scenario",
+              "backend", "hook", "hook_role", "child_role", "id", "runs", "section", "stage",
+              "tests", "test", "schema_version", "suite_version", "flows"}
 
 
 def engine_doc() -> dict:
