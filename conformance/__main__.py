@@ -1,6 +1,7 @@
 """``python -m conformance catalogue``: print the requirement catalogue as Markdown; ``spec``:
 print the contract;
-``report``: render a saved JSON report; ``diff``: compare two reports."""
+``report``: render a saved JSON report; ``diff``: compare two reports; ``gate``: the
+conformance gate of a pipeline."""
 
 from __future__ import annotations
 
@@ -15,9 +16,18 @@ from conformance.render import report_command
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["gate"]:  # its own parser: everything after "--" goes to pytest
+        from conformance.gate import main as gate_main
+
+        return gate_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m conformance",
                                      description="the engine conformance suite")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("gate", add_help=False,
+                   help="the conformance suite as one pipeline step: junit.xml, "
+                        "conformance.json, summary.md, report.html; exit 0 conformant, 1 not, "
+                        "2 harness or usage error, 3 nothing could run here (gate --help)")
     sub.add_parser("catalogue", help="print every requirement, grouped by hook or concern, "
                                      "with the tests that check it (Markdown)")
     sub.add_parser("spec", help="print the contract the suite checks (SPEC.md)")

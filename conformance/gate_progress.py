@@ -1,4 +1,4 @@
-"""A pytest plugin ``ci/gate`` loads (``-p gate_progress``) to draw its progress line.
+"""The pytest plugin the gate loads (``-p conformance.gate_progress``) for its progress line.
 
 On the controller (never in a pytest-xdist worker) it writes one JSON object per line to the
 file descriptor named by ``$KIT_GATE_PROGRESS_FD``: ``{"total": N}`` once the tests are

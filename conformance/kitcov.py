@@ -1,6 +1,6 @@
-"""Coverage across forks, uids and namespaces, for ``ci/coverage`` and ``ci/gate --coverage``.
+"""Coverage across forks, uids and namespaces, for ``ci/coverage`` and ``gate --coverage``.
 
-How it works (``/work/shared/ENVIRONMENT.md``, "Coverage across forks and namespaces"): the
+How it works (the kit's README.md, "Coverage across forks and namespaces"): the
 command runs with ``COVERAGE_PROCESS_START`` naming a config with ``parallel = true`` and
 ``patch = _exit, subprocess, execv``; coverage's ``.pth`` file starts measuring in every
 Python process of the environment (pytest, its xdist workers, the kit's zygote and

@@ -10,10 +10,10 @@
   expandable to the ledger events it quotes, and a sequence diagram of one lifecycle per
   flow drawn from its ledger — processes as lanes, hooks in order, the privilege state at
   each hook;
-- :func:`terminal_summary` — the one-screen summary ``ci/gate`` prints.
+- :func:`terminal_summary` — the one-screen summary the gate prints.
 
 ``python -m conformance report conformance.json --out DIR`` writes both files from a saved
-report; ``ci/gate`` writes them after its run.
+report; the gate (:mod:`conformance.gate`) writes them after its run.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from conformance.outcomes import (
     Results,
 )
 
-#: Exit codes of a verdict (and of ``ci/gate``).
+#: Exit codes of a verdict (and of the gate).
 CONFORMANT, NOT_CONFORMANT, HARNESS_ERROR, NOTHING_RAN = 0, 1, 2, 3
 
 SUMMARY_MD, REPORT_HTML = "summary.md", "report.html"

@@ -85,6 +85,42 @@ def test_gate_rejects_a_mutant_of_the_zoo_named_by_import_path(tmp_path):
     assert headings[0] == "### ❌ PRIV-MASTER-001 [MUST] failed in suid"
 
 
+def test_a_kit_requirement_failing_is_a_harness_error_not_an_engine_failure(tmp_path):
+    out = tmp_path / "out"
+    proc = gate("--engine", "gate_engines:broken_kit", "--flow", "root", "--out", str(out))
+    assert proc.returncode == 2, explain(proc)
+    line = "harness self-check on this machine: "
+    screen = " ".join(proc.stdout.split())
+    assert re.search(r"HARNESS ERROR \(exit 2\): harness self-check on this machine: "
+                     r"(\d+)/\1?\d* kit requirements hold", screen), screen
+    assert "failing: ORDER-002 [root]" in screen and "NOT CONFORMANT" not in screen
+    assert "engine: conformant: every MUST that ran passed" in screen
+    summary = (out / "summary.md").read_text()
+    assert summary.startswith("# 💥 Conformance of `gate-broken-kit`: harness error (exit 2)")
+    assert summary.count(line) == 1 and "ORDER-002 \\[root\\]" in summary
+    assert "### " not in summary.split("## Requirements × flows")[0]  # no engine failure
+    assert "| ORDER-002 |" not in summary
+    assert (out / "report.html").read_text().count(line) == 1
+    doc = render.load(out / "conformance.json")  # every result names its subject
+    results = {r["requirement"]: r for r in doc["results"]}
+    assert results["ORDER-002"]["outcome"] == "failed"
+    assert results["ORDER-002"]["subject"] == "kit"
+    assert {r["subject"] for r in doc["results"]} == {"engine", "kit"}
+    assert not [r for r in doc["results"] if r["subject"] == "engine"
+                and r["outcome"] in ("failed", "broken")]
+
+
+def test_the_gate_is_a_command_of_the_package_and_ci_gate_a_thin_wrapper(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "conformance", "gate", "--engine", "",
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert proc.returncode == 2, explain(proc)
+    assert proc.stderr.startswith("python -m conformance gate: --engine is empty")
+    code = [line for line in GATE.read_text().splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+    assert len(code) <= 30 and "from conformance.gate import main" in GATE.read_text()
+
+
 def test_gate_exits_3_when_nothing_can_run_here(tmp_path):
     out = tmp_path / "out"
     proc = gate("--engine", "reference", "--backend", "real", "--flow", "suid,userns",
@@ -121,8 +157,9 @@ def test_gate_as_an_ordinary_user_runs_the_user_namespace_flows_and_strict_fails
 
 def test_progress_plugin_reports_the_total_then_each_finished_test():
     rfd, wfd = os.pipe()
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "ci"), "KIT_GATE_PROGRESS_FD": str(wfd)}
-    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "gate_progress",
+    env = {**os.environ, "KIT_GATE_PROGRESS_FD": str(wfd)}
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p",
+                             "conformance.gate_progress",
                              "-p", "no:cacheprovider", "--engine=reference", "--flow=root",
                              "-k", "ORDER-001 or PRIV-STAGE1-001"],
                             cwd=ROOT, env=env, pass_fds=(wfd,), stdout=subprocess.DEVNULL)
@@ -235,8 +272,7 @@ def test_coverage_passes_on_the_commands_failure_and_no_tests(tmp_path):
 
 
 def test_kitcov_sets_aside_corrupt_data_files(tmp_path):
-    sys.path.insert(0, str(ROOT / "ci"))
-    import kitcov
+    from conformance import kitcov
 
     data = Path(tempfile.mkdtemp(prefix="kit-cov-test-", dir="/var/tmp"))
     try:
@@ -275,7 +311,9 @@ def test_templates_run_the_gate_and_keep_the_artifacts():
     github = (ROOT / "kit/templates/ci/github-actions.yml").read_text()
     gitlab = (ROOT / "kit/templates/ci/gitlab-ci.yml").read_text()
     for text in (github, gitlab):
-        assert "ci/gate --engine" in text and "conformance-out" in text
+        # the packaged gate: an engine's repository has the kit installed, not checked out
+        assert "/bin/python -m conformance gate --engine" in text and "conformance-out" in text
+        assert "ci/gate" not in text
         assert "apparmor_restrict_unprivileged_userns" in text
     assert "actions/upload-artifact" in github and "if: always()" in github
     assert "artifacts:" in gitlab and "when: always" in gitlab
