@@ -341,6 +341,10 @@ def test_the_json_report_follows_its_schema(tester):
     assert isinstance(env["user_namespaces"], bool)
     assert {r["flow"] for r in doc["results"]} == {"root"}
     assert all(r["requirement"] in CATALOGUE and r["level"] == "MUST" for r in doc["results"])
+    # every result names its subject, the catalogue's: the verdict counts the engine's only
+    assert all(r["subject"] == CATALOGUE[r["requirement"]].subject for r in doc["results"])
+    assert {r["subject"] for r in doc["results"]} == {"engine", "kit"}
+    assert report.validate(doc) == []
     assert doc["summary"]["broken"] == 0
     assert doc["summary"]["passed"] > 40
     runs = {r["id"]: r for r in doc["runs"]}

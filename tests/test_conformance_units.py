@@ -30,6 +30,19 @@ def test_the_catalogue_has_at_least_40_requirements_with_stable_ids_and_levels()
         assert req.section.startswith("§") and req.text.endswith(".")
 
 
+def test_every_requirement_names_its_subject_and_an_unknown_one_is_refused():
+    subjects = {r.subject for r in requirements.CATALOGUE.values()}
+    assert subjects == set(requirements.SUBJECTS) == {"engine", "kit"}
+    kit = {r.id for r in requirements.CATALOGUE.values() if r.subject == "kit"}
+    # rules of the starter alone; engine-breakable ones (its hooks call hooks, its RPC
+    # methods, its StarterConfig) stay the engine's
+    assert {"ERR-001", "RPC-005", "SIG-001", "NS-009", "SC-001"} <= kit
+    assert not kit & {"ORDER-001", "ORDER-003", "NS-002", "PRIV-STAGE2-004", "ERR-003"}
+    with pytest.raises(ValueError, match="X-001: unknown subject 'harness'"):
+        requirements.Requirement("X-001", "MUST", "t.", "§1", "order", subject="harness")
+    assert requirements.subject_of("NO-SUCH-001") == "engine"  # nothing hidden from a verdict
+
+
 def test_every_requirement_is_checked_by_a_test_or_says_why_not():
     index = catalogue.tests_by_requirement()
     for req in requirements.CATALOGUE.values():
