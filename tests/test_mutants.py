@@ -118,6 +118,16 @@ def test_a_starter_mutant_mutates_only_the_process_that_registers_it(tmp_path):
     assert starter.HookRunner.init_engine is original  # importing the module changed nothing
 
 
+def test_no_engine_mutant_breaks_a_kit_requirement():
+    # a rule an engine can break is the engine's: its verdict must count it
+    kit = {r.id for r in requirements.CATALOGUE.values() if r.subject == requirements.KIT}
+    broken_by_engines = {(m.slug, req) for m in ENGINE_MUTANTS for req in m.killed_by
+                         if req in kit}
+    assert broken_by_engines == set()
+    starter = {req for m in STARTER_MUTANTS for req in m.killed_by}
+    assert kit - starter == {"RPC-007"}  # unchecked: the kit's transport, its own unit tests
+
+
 def test_every_must_requirement_is_killed_by_a_mutant_or_the_table_says_why_not():
     assert M.uncovered() == []
     assert M.stale_exceptions() == []

@@ -247,6 +247,8 @@ def test_strict_fails_the_session_when_a_must_requirement_was_not_supported(tmp_
     assert f"not checked in root: {len(unsupported)} not-supported (declare capability " \
         in out
     assert "flows not checked (not selected): suid, userns, fakeroot, hybrid" in out
+    assert re.search(r"harness self-check on this machine: (\d+)/\1 kit requirements hold",
+                     " ".join(out.split()))
     strict, _ = suite("reference", tmp_path, "--flow=root", "--conformance-strict")
     assert strict.returncode == 1
     assert (f"NOT CONFORMANT: strict: {len(unsupported)} result(s) could not be checked "
