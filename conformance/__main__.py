@@ -12,14 +12,13 @@ from pathlib import Path
 
 from conformance.catalogue import markdown
 from conformance.diff import diff_command
+from conformance.gate import main as gate_main
 from conformance.render import report_command
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["gate"]:  # its own parser: everything after "--" goes to pytest
-        from conformance.gate import main as gate_main
-
         return gate_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m conformance",
                                      description="the engine conformance suite")

@@ -44,6 +44,9 @@ from pathlib import Path
 from typing import Any
 
 from conformance import kitcov, render
+from conformance.plugin import SUITE_DIR
+from kit import preflight, registry
+from kit.request import Invoker
 
 PROG = "python -m conformance gate"
 USAGE_ERROR = 2
@@ -151,9 +154,6 @@ class Progress:
 
 def _starter_configs(args: argparse.Namespace) -> list[Any]:
     """Preflight of the StarterConfig in the selected unprivileged flows (kit.preflight)."""
-    from kit import preflight
-    from kit.request import Invoker
-
     try:
         user = Invoker.resolve()
     except ValueError:
@@ -165,8 +165,6 @@ def _starter_configs(args: argparse.Namespace) -> list[Any]:
 
 def engine_classes(spec: str) -> tuple[Any, list[type]]:
     """The engine's registration and its classes (Operations, RPC methods)."""
-    from kit import registry
-
     reg = registry.find(spec)
     module, _, qual = reg.origin.partition(":")
     classes: list[type] = []
@@ -183,8 +181,6 @@ def engine_classes(spec: str) -> tuple[Any, list[type]]:
 
 
 def pytest_command(args: argparse.Namespace, out: Path) -> list[str]:
-    from conformance.plugin import SUITE_DIR
-
     cmd = [sys.executable, "-m", "pytest", str(SUITE_DIR), f"--engine={args.engine}",
            f"--conformance-report={out / 'conformance.json'}",
            f"--junitxml={out / 'junit.xml'}", "-o", "junit_suite_name=conformance",
@@ -341,8 +337,6 @@ def main(argv: list[str], prog: str = PROG) -> int:
         return usage("--engine is empty: name the engine to check, e.g. --engine reference, "
                     "--engine my_package:MyEngine or a kit.engines entry point (python -m kit "
                     "engines lists them)")
-    from kit import preflight
-
     problems = preflight.check(args.engine) or _starter_configs(args)
     if problems:  # before any lifecycle: one message per problem, usage/engine error exit
         return usage(f"--engine {args.engine}: preflight failed, no lifecycle was run:\n  "
@@ -351,12 +345,12 @@ def main(argv: list[str], prog: str = PROG) -> int:
         reg, classes = engine_classes(args.engine)
     except LookupError as exc:  # kit.registry.RegistryError
         return usage(f"--engine {args.engine}: {exc}")
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 (the engine's own import may raise anything)
         return usage(f"--engine {args.engine}: cannot load it: {type(exc).__name__}: {exc}")
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    for name in FILES + ("pytest.log", "coverage.txt", "coverage.xml"):
+    for name in (*FILES, "pytest.log", "coverage.txt", "coverage.xml"):
         (out / name).unlink(missing_ok=True)  # never leave a stale report behind
     env = dict(os.environ)
     cov = None
@@ -399,7 +393,7 @@ def main(argv: list[str], prog: str = PROG) -> int:
         print(tail(out / "pytest.log"), file=sys.stderr)
         return USAGE_ERROR
 
-    verdict, paths = render.write(doc, out, strict=args.strict or None)
+    verdict, _paths = render.write(doc, out, strict=args.strict or None)
     code = verdict.code
     width = min(shutil.get_terminal_size().columns, 120) if sys.stdout.isatty() else 120
     lines = render.terminal_summary(doc, verdict, width=max(width, 70))  # the flow table: 68
@@ -410,7 +404,7 @@ def main(argv: list[str], prog: str = PROG) -> int:
             code = cov_code
     for line in lines:
         print(line)
-    written = [out / name for name in FILES + ("coverage.txt", "coverage.xml")
+    written = [out / name for name in (*FILES, "coverage.txt", "coverage.xml")
                if (out / name).exists()]
     print("written: " + " ".join(_shown(p) for p in written))
     runs = doc["runs"]

@@ -22,7 +22,6 @@ from typing import Any
 
 import kit.starter
 from kit.registry import register_operations, register_rpc_methods, registered
-
 from reference_engines.minimal.engine import ReferenceEngine
 from reference_engines.minimal.rpc import ReferenceRPC
 
