@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from kit import linux
+from reference_engines.bind_rootfs import BindRootfsEngine, BindRootfsRPC
 from reference_engines.minimal.engine import FORWARDED_SIGNALS, ReferenceConfig, ReferenceEngine
 from reference_engines.minimal.rpc import ReferenceRPC
 
@@ -244,19 +245,11 @@ class NoCapabilitiesConfiguredEngine(ReferenceEngine):
             del starter_config.set_capabilities
 
 
-@dataclass
-class BindRootConfig(ReferenceConfig):
-    rootfs: str = "bind"
-
-
-class BindRootEngine(ReferenceEngine):
-    """The reference engine in its documented ``rootfs: "bind"`` mode, by default."""
+class BindRootEngine(BindRootfsEngine):
+    """The bind-rootfs example engine (``reference-bind``), named by import path."""
 
     engine_name = "test-bind-root"
-    rpc_methods = ReferenceRPC
-
-    def config(self) -> BindRootConfig:
-        return BindRootConfig()
+    rpc_methods = BindRootfsRPC
 
 
 # --- hostile engine code: forged ledger datagrams, hostile RPC replies ---------------------

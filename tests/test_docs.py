@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = ("README.md", "conformance/README.md", "reference_engines/minimal/README.md")
+DOCS = ("README.md", "conformance/README.md", "reference_engines/minimal/README.md",
+        "reference_engines/bind_rootfs/README.md")
 FLOWS = ("root", "suid", "userns", "fakeroot", "hybrid")
 MARKER = re.compile(r"<!-- doc-test: (?P<spec>.*?) -->")
 #: How a block is tested: the first word of its marker.
@@ -173,7 +174,9 @@ def test_the_wheel_carries_no_mutant_module_and_no_mutant_entry_point(tmp_path: 
     parser = configparser.ConfigParser(delimiters=("=",))
     parser.optionxform = str  # type: ignore[assignment,method-assign]  # names keep their case
     parser.read_string(text)
-    assert dict(parser["kit.engines"]) == {"reference": "reference_engines.minimal:register"}
+    assert dict(parser["kit.engines"]) == {
+        "reference": "reference_engines.minimal:register",
+        "reference-bind": "reference_engines.bind_rootfs:register"}
     assert "mutant" not in text.lower()
 
 
@@ -235,7 +238,9 @@ def test_the_readme_engine_and_a_kit_new_package_from_the_wheel_pass_every_flow(
     out = wheel_venv.run(wheel_venv.bin / "python", "-m", "conformance", "spec")
     assert out.startswith("# The engine contract") and "## 11. The host" in out
     out = wheel_venv.run(wheel_venv.bin / "python", "-m", "kit", "engines")
-    assert out == "reference\tentry point reference_engines.minimal:register\n"  # no mutant
+    assert out == ("reference\tentry point reference_engines.minimal:register\n"
+                   "reference-bind\tentry point reference_engines.bind_rootfs:register\n"
+                   )  # no mutant
 
     package = _readme_engine_package(wheel_venv.work.parent)
     wheel_venv.run(wheel_venv.bin / "python", "-m", "pip", "install", "-q", package)

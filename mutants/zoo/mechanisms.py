@@ -20,6 +20,7 @@ from kit import linux
 from kit.rpc.client import RPCClient
 from kit.starter_config import StarterConfig
 from kit.system import current
+from reference_engines.bind_rootfs import BindRootfsEngine, BindRootfsRPC
 from reference_engines.minimal import ReferenceConfig, ReferenceRPC
 from reference_engines.minimal.engine import FORWARDED_SIGNALS, MONITOR_POLL
 from mutants.zoo.base import (
@@ -309,9 +310,9 @@ class ConfigCountsItsCalls(Mutant):
 # --- paths: a symlink on the way ------------------------------------------------------------------
 
 
-class FollowsSymlinksRPC(ReferenceRPC):
-    """mkdir without the reference's walk: a symbolic link on the way is followed, as the host
-    resolves it (before pivot_root an absolute link target is a host path)."""
+class FollowsSymlinksRPC(BindRootfsRPC):
+    """mkdir without the bind example's walk: a symbolic link on the way is followed, as the
+    host resolves it (before pivot_root an absolute link target is a host path)."""
 
     def mkdir(self, path: str, mode: int) -> None:
         root = self._need_root("mkdir")
@@ -345,7 +346,7 @@ class _CacheThroughALink:
             self._rpc.mkdir(path=f"{CACHE_LINK}/mutant-cache", mode=0o755)
 
 
-class RPCMethodFollowsSymlink(Mutant):
+class RPCMethodFollowsSymlink(Mutant, BindRootfsEngine):
     slug = "rpc-follows-symlink"
     bug = ("the RPC method mkdir follows a symbolic link on the way: the cache directory "
            f"create_container asks for under {CACHE_LINK} (a link to a host directory) lands "
@@ -355,13 +356,9 @@ class RPCMethodFollowsSymlink(Mutant):
     mechanism = "symlink"
     rpc = FollowsSymlinksRPC
 
-    def config(self):  # type: ignore[override]
-        cfg = super().config()
-        cfg.rootfs = "bind"  # the mode with a container root to walk out of
-        return cfg
-
-    def _build_bind_root(self, rpc: RPCClient, cfg) -> None:  # type: ignore[override]
-        super()._build_bind_root(_CacheThroughALink(rpc, self), cfg)  # type: ignore[arg-type]
+    # The bind example: the engine with a container root to walk out of.
+    def prepare_rootfs(self, rpc: RPCClient, cfg) -> None:  # type: ignore[override]
+        super().prepare_rootfs(_CacheThroughALink(rpc, self), cfg)  # type: ignore[arg-type]
 
 
 # --- part of the domain, another hook, a child process ----------------------------------------

@@ -15,7 +15,7 @@ import tempfile
 from kit.rpc import RPCClient
 from kit.starter_config import StarterConfig
 from kit.system import current
-from reference_engines.minimal import ReferenceRPC
+from reference_engines.bind_rootfs import BindRootfsEngine, BindRootfsRPC
 from mutants.zoo.base import Mutant, process_role, refuse_real_host
 
 
@@ -150,8 +150,8 @@ class LeavesAMountInTheHostNamespace(MountInTheHostNamespace):
     unmount_in_cleanup = False
 
 
-class RPCFollowsDotDot(ReferenceRPC):
-    """mkdir without the checks of the reference's: no '..' refusal, no normalisation."""
+class RPCFollowsDotDot(BindRootfsRPC):
+    """mkdir without the bind example's checks: no '..' refusal, no normalisation."""
 
     def mkdir(self, path: str, mode: int) -> None:
         root = self._need_root("mkdir")
@@ -180,7 +180,7 @@ class _CacheNextToTmp:
             self._rpc.mkdir(path=CACHE, mode=0o755)
 
 
-class RPCMethodFollowsDotDot(Mutant):
+class RPCMethodFollowsDotDot(Mutant, BindRootfsEngine):
     slug = "rpc-follows-dotdot"
     bug = ("the RPC method mkdir does not refuse '..': the cache directory create_container "
            f"asks for as {CACHE} lands outside the container root, on the host")
@@ -188,13 +188,9 @@ class RPCMethodFollowsDotDot(Mutant):
     flows = ("root",)
     rpc = RPCFollowsDotDot
 
-    def config(self):  # type: ignore[override]
-        cfg = super().config()
-        cfg.rootfs = "bind"  # the mode with a container root to walk out of
-        return cfg
-
-    def _build_bind_root(self, rpc: RPCClient, cfg) -> None:  # type: ignore[override]
-        super()._build_bind_root(_CacheNextToTmp(rpc), cfg)  # type: ignore[arg-type]
+    # The bind example: the engine with a container root to walk out of.
+    def prepare_rootfs(self, rpc: RPCClient, cfg) -> None:  # type: ignore[override]
+        super().prepare_rootfs(_CacheNextToTmp(rpc), cfg)  # type: ignore[arg-type]
 
 
 MUTANTS = (RPCServerOwnMountNamespace, UsernsMapsRoot, UsernsWithoutNamespaces,

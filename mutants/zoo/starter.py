@@ -36,7 +36,7 @@ from kit.ledger import LedgerWriter
 from kit.rpc import server as rpc_server
 from kit.starter_config import StarterConfig
 from kit.system import RealSystem, current
-from reference_engines.minimal import ReferenceRPC
+from reference_engines.bind_rootfs import BindRootfsEngine, BindRootfsRPC
 from mutants.zoo.base import HostDamageRefused, Mutant
 from mutants.zoo.lifecycle import HANG_TIMEOUT
 
@@ -445,8 +445,8 @@ class BoundingKeptWhenUnset(StarterMutant):
         _wrap_system("limit_bounding", make)
 
 
-class _ChrootRPC(ReferenceRPC):
-    """The reference's RPC methods with ``pivot_root`` done as a chroot of the RPC server
+class _ChrootRPC(BindRootfsRPC):
+    """The bind example's RPC methods with ``pivot_root`` done as a chroot of the RPC server
     (which moves the container process too, as long as the two share their fs struct)."""
 
     def pivot_root(self, new_root: str) -> None:
@@ -460,18 +460,13 @@ class _ChrootRPC(ReferenceRPC):
         self.pivoted = True
 
 
-class RPCServerOwnFs(StarterMutant):
+class RPCServerOwnFs(StarterMutant, BindRootfsEngine):
     slug = "starter-rpc-server-own-fs"
     bug = ("the container process clones the RPC server without CLONE_FS, so the root an RPC "
-           "method sets (this engine: the reference with a bind rootfs, entered by chroot) is "
+           "method sets (this engine: the bind-rootfs example, entered by chroot) is "
            "not stage 2's")
     killed_by = ("NS-002",)
     rpc = _ChrootRPC
-
-    def config(self) -> Any:
-        cfg = super().config()
-        cfg.rootfs = "bind"
-        return cfg
 
     @staticmethod
     def mutate() -> None:
