@@ -72,7 +72,7 @@ real processes. Report these as not-configured in fake mode, never as passed:
 - anything an engine reads from the kernel directly instead of through the system
   interface (``os.getuid()``, ``/proc/self/*``, ``os.path.ismount``, ``os.statvfs``,
   ``os.stat`` of a mounted filesystem, files created in a filesystem the model mounted —
-  e.g. the reference engine's ``rootfs: "bind"``, which checks mount points with
+  e.g. the bind-rootfs example engine (``reference-bind``), which checks mount points with
   ``os.path.ismount``): the model's mounts do not exist for the real VFS;
 - pid namespace teardown (the kernel kills every process of a pid namespace when its
   pid 1 exits; the model only refuses later forks into it with ENOMEM), signal delivery
