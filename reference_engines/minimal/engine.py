@@ -184,8 +184,10 @@ class ReferenceEngine(Operations):
                       flags=["nosuid", "nodev"], data="mode=1777,size=16m")
 
     def start_process(self, master_fd: int) -> None:
-        """Stage 2, the container process, with the target credentials, capabilities and
-        no_new_privs the kit applied (SPEC §4). Exec the payload; never return."""
+        """Stage 2, the container process, as the kit left it. root: the target ids (default
+        0) and the configured capabilities; suid, userns: U; fakeroot, hybrid: root of the
+        user namespace (U on the host); non-root: no capabilities, no_new_privs. Exec the
+        payload; never return."""
         cfg: ReferenceConfig = self.common.engine_config
         try:
             os.chdir(cfg.cwd)
