@@ -79,7 +79,7 @@ def run_create_container(eng: ReferenceEngine, transport: MockTransport) -> None
 def test_create_container_sets_the_hostname_and_mounts_proc_and_tmp(
     rpc_mock: Any, host_untouched: None
 ) -> None:
-    eng = make_engine()  # rootfs "host", hostname "kit-container", mount_proc, mount_tmp
+    eng = make_engine()  # the host's root, hostname "kit-container", mount_proc, mount_tmp
     transport = rpc_mock("reference", engine=eng)
 
     run_create_container(eng, transport)
