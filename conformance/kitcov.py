@@ -166,7 +166,8 @@ class FunctionCoverage:
 
     @property
     def ok(self) -> bool:
-        return self.problem is None and self.executed > 0
+        # A body of only a docstring has no statement to see executed: nothing to fault.
+        return self.problem is None and (self.executed > 0 or self.statements == 0)
 
     @property
     def pct(self) -> float:
@@ -176,6 +177,8 @@ class FunctionCoverage:
         where = f"{self.path}::{self.qualname}"
         if self.problem:
             return f"{where}: {self.problem}"
+        if not self.statements:
+            return f"{where}: no statements to measure (a docstring only)"
         state = "executed" if self.ok else "NOT EXECUTED"
         return f"{where}: {state}, {self.executed}/{self.statements} statements ({self.pct:.0f} %)"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conformance import render
+from conformance import kitcov, render
 
 ROOT = Path(__file__).resolve().parent.parent
 GATE = ROOT / "ci" / "gate"
@@ -272,7 +272,6 @@ def test_coverage_passes_on_the_commands_failure_and_no_tests(tmp_path):
 
 
 def test_kitcov_sets_aside_corrupt_data_files(tmp_path):
-    from conformance import kitcov
 
     data = Path(tempfile.mkdtemp(prefix="kit-cov-test-", dir="/var/tmp"))
     try:
@@ -324,3 +323,11 @@ def test_templates_run_the_gate_and_keep_the_artifacts():
         return
     assert yaml.safe_load(github)["jobs"] and yaml.safe_load(gitlab)
 
+
+
+@pytest.mark.parametrize(("statements", "executed", "ok"), [(0, 0, True), (3, 0, False),
+                                                              (3, 1, True)])
+def test_kitcov_a_docstring_only_hook_is_not_reported_unexecuted(statements, executed, ok):
+    fc = kitcov.FunctionCoverage("engine.py", "Engine.post_start_process", statements, executed)
+    assert fc.ok is ok
+    assert ("NOT EXECUTED" in fc.describe()) is (not ok)
