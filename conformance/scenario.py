@@ -22,7 +22,7 @@ from conformance.capabilities import FAULT_FIELD, FAULTS, JOIN_FIELD
 from conformance.expectations import ERROR_PATHS, FORWARDED_SIGNALS
 from kit import launcher, linux
 from kit.environment import backend_for
-from kit.sandbox import default_on, host_path
+from kit.sandbox import default_on, join_path
 
 #: Exit code of the signal-forwarding payload when every forwarded signal arrived.
 ALL_SIGNALS_ARRIVED = 42
@@ -175,11 +175,13 @@ class JoinScenario(Scenario):
             paths = {k: f"/proc/{helper.pid}/ns/{k}" for k in self.join_kinds}
             notes = {"targets": {k: os.stat(p).st_ino for k, p in paths.items()},
                      "paths": paths}
-            # In the kit's host sandbox, the host's processes are under another path.
-            paths = {k: host_path(p, _sandboxed(flow, options)) for k, p in paths.items()}
-            config = {**self.config(), JOIN_FIELD: paths}
+            # The request gives the run these namespaces; in the kit's host sandbox (which
+            # reaches no host process's namespaces) they are under another path.
+            sandboxed = _sandboxed(flow, options)
+            config = {**self.config(),
+                      JOIN_FIELD: {k: join_path(k, p, sandboxed) for k, p in paths.items()}}
             result = launcher.run(engine, flow, list(self.argv), engine_config=config,
-                                  **options)
+                                  join_namespaces=paths, **options)
             return result, notes
         finally:
             helper.stdin.close()

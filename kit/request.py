@@ -94,6 +94,10 @@ class RunRequest:
     #: Host directories the run may write when sandboxed (bound in read-write); the run's
     #: temporary directory and the coverage directory always are.
     shared_dirs: list[str] = field(default_factory=list)
+    #: Namespaces made for the run to join (kind -> path as the launcher sees it; uts, ipc,
+    #: net): in the host sandbox the run finds them at ``kit.sandbox.join_path`` (nothing
+    #: else of the host's namespaces is reachable from there); unsandboxed, at the path.
+    join_namespaces: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.host_userns is None:
@@ -112,6 +116,9 @@ class RunRequest:
             self.sandbox = default_on(self.backend)
         elif self.sandbox and self.backend != "real":
             raise ValueError("only the real backend runs in the host sandbox")
+        if self.join_namespaces:
+            from kit.sandbox import check_join_kinds
+            check_join_kinds(self.join_namespaces)
 
     def user(self) -> Invoker:
         if self.invoker is None:

@@ -59,10 +59,16 @@ DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0",
 #: namespace, so writable again).
 PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs")
 NS_KINDS = ("mount", "uts", "ipc", "net")
-#: The host's /proc, read-only, inside the sandbox (whose /proc numbers only its own
-#: processes): what a run is asked to join by path (``/proc/PID/ns/uts`` of a host process)
-#: is there, under :func:`host_path`.
-HOST_PROC = "/dev/kit-host/proc"
+#: Where a sandboxed run finds the namespaces its request gives it to join
+#: (``RunRequest.join_namespaces``): ``/dev/kit-join/<kind>``, bound there before the run.
+#: Nothing of the host's /proc is in the sandbox: from a host process's ``ns/*`` root would
+#: setns into the host's namespaces.
+JOIN_DIR = "/dev/kit-join"
+#: The kinds a run may be given to join: none leads back to the host (a mount namespace
+#: holds the host's file systems; pid and user namespaces have the host's as ancestors).
+JOIN_KINDS = ("uts", "ipc", "net")
+#: ioctl_ns(2) NS_GET_NSTYPE: the CLONE_NEW* kind of a namespace file.
+_NS_GET_NSTYPE = 0xB703
 _READY_TIMEOUT = 10.0
 _STOP_GRACE = 2.0
 
@@ -99,11 +105,19 @@ def default_on(backend: str) -> bool:
             and os.environ.get(SWITCH_ENV, "1") != "0")
 
 
-def host_path(path: str, sandboxed: bool) -> str:
-    """Where the host's ``/proc/...`` path is seen by a run (sandboxed or not)."""
-    if sandboxed and (path == "/proc" or path.startswith("/proc/")):
-        return HOST_PROC + path[len("/proc"):]
-    return path
+def join_path(kind: str, path: str, sandboxed: bool) -> str:
+    """Where a run finds the ``kind`` namespace at ``path`` (as the launcher sees it) that
+    its request gives it to join (``join_namespaces``): the path itself, or in the host
+    sandbox :data:`JOIN_DIR`/``kind``."""
+    return f"{JOIN_DIR}/{kind}" if sandboxed else path
+
+
+def check_join_kinds(namespaces: dict[str, str]) -> None:
+    """Raise ValueError for a kind a run may not be given to join (where it is requested)."""
+    bad = sorted(set(namespaces) - set(JOIN_KINDS))
+    if bad:
+        raise ValueError(f"join_namespaces: {', '.join(bad)} cannot be given to a run (only "
+                         f"{', '.join(JOIN_KINDS)}: the others lead back to the host)")
 
 
 # --- in the supervisor ------------------------------------------------------------------------
@@ -138,6 +152,69 @@ def start(shared: list[str]) -> HostSandbox:
         _remove_scratch(scratch)
         raise
     return sandbox
+
+
+def provide_joins(sandbox: HostSandbox, namespaces: dict[str, str]) -> None:
+    """Bind each namespace of ``namespaces`` (kind -> path as the supervisor sees it) on
+    :data:`JOIN_DIR`/kind in the sandbox, before the host diff's first look. Each must be a
+    namespace of that kind made for the run: the supervisor's own (the host's) is refused.
+    The binding is done by a short-lived child: born in the sandbox's pid namespace, it sees
+    its own descriptors in the sandbox's /proc once it has entered the mount namespace."""
+    check_join_kinds(namespaces)
+    fds: dict[str, int] = {}
+    try:
+        for kind, path in namespaces.items():
+            fds[kind] = _open_namespace(kind, path)
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(rfd)
+                linux.setns(sandbox.ns_fds["mount"], linux.CLONE_NEWNS)
+                os.makedirs(JOIN_DIR, exist_ok=True)
+                for kind, fd in fds.items():
+                    os.close(os.open(f"{JOIN_DIR}/{kind}", os.O_CREAT | os.O_WRONLY, 0o444))
+                    linux.mount(f"/proc/self/fd/{fd}", f"{JOIN_DIR}/{kind}", None,
+                                linux.MS_BIND)
+            except BaseException as exc:
+                os.write(wfd, f"{type(exc).__name__}: {exc}".encode())
+                os._exit(1)
+            os._exit(0)
+        os.close(wfd)
+        with os.fdopen(rfd, "rb") as f:
+            error = f.read().decode(errors="replace")
+        _, status = os.waitpid(pid, 0)
+        if status != 0:
+            raise SandboxError("the namespaces to join could not be bound in the host "
+                               f"sandbox: {error or os.waitstatus_to_exitcode(status)}")
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def _open_namespace(kind: str, path: str) -> int:
+    """An fd of the ``kind`` namespace at ``path``, checked: of that kind, not the host's."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SandboxError(f"join_namespaces: cannot open the {kind} namespace {path}: "
+                           f"{exc.strerror}") from None
+    try:
+        try:
+            nstype = fcntl.ioctl(fd, _NS_GET_NSTYPE)
+        except OSError:
+            raise SandboxError(f"join_namespaces: {path} is not a namespace file") from None
+        if nstype != linux.NAMESPACES[kind][0]:
+            raise SandboxError(f"join_namespaces: {path} is not a {kind} namespace")
+        if os.fstat(fd).st_ino == linux.ns_inode(kind):
+            raise SandboxError(f"join_namespaces: {path} is the host's own {kind} namespace; "
+                               "give the run one made for it (unshare in a helper process)")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _await_ready(rfd: int) -> dict[str, int]:
@@ -176,16 +253,31 @@ def _hold(sandbox: HostSandbox, uppers: dict[str, int]) -> None:
     sandbox.upper_dir = sandbox.upper_dirs["/"]
 
 
-def enter(sandbox: HostSandbox) -> None:
+def enter(sandbox: HostSandbox, keep: set[int]) -> None:
     """In a child of the supervisor (already in the sandbox's pid namespace): enter the
-    sandbox's other namespaces. Entering the mount namespace moves root and cwd to its root."""
+    sandbox's other namespaces, and close every descriptor but ``keep`` (what the run
+    inherits on purpose). Entering the mount namespace moves root and cwd to its root; the
+    supervisor's other descriptors (its own namespaces, held by the host diff to go back to
+    them, directories and files of the host's /proc) would lead out of the sandbox."""
     for kind in NS_KINDS:
         linux.setns(sandbox.ns_fds[kind], linux.NAMESPACES[kind][0])
-    for fd in [*sandbox.ns_fds.values(), *sandbox.held_fds]:
-        os.close(fd)
+    for fd in open_fds() - keep:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
     os.environ[SANDBOX_ENV] = ":".join(str(linux.ns_inode(k)) for k in ("mount", "uts"))
     os.chdir("/")
     confine()
+
+
+def open_fds() -> set[int]:
+    """The calling process's open file descriptors."""
+    fd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return {int(name) for name in os.listdir(fd)} - {fd}
+    finally:
+        os.close(fd)
 
 
 def confine() -> None:
@@ -492,7 +584,3 @@ def _make_dev(new: str) -> None:
                 linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
     for name, target in DEV_LINKS.items():
         os.symlink(target, f"{dev}/{name}")
-    host_proc = new + HOST_PROC
-    os.makedirs(host_proc)
-    _bind("/proc", host_proc, linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV
-          | linux.MS_NOEXEC)

@@ -151,6 +151,9 @@ class Supervisor:
     # -- the run -----------------------------------------------------------------------------
     def run(self, result_fd: int) -> dict[str, Any]:
         req = self.req
+        # What the run may inherit from here: stdio and the launcher's pass-through fds (not
+        # the result pipe, nor anything the supervisor opens for itself from now on).
+        self.inherited = host_sandbox.open_fds() - {result_fd}
         linux.set_child_subreaper()
         run_dir, lock_fd = rundir.create()
         self.run_dir = run_dir
@@ -165,7 +168,11 @@ class Supervisor:
             try:
                 self.sandbox = host_sandbox.start([run_dir, *_coverage_dirs(),
                                                    *req.shared_dirs])
+                if req.join_namespaces:
+                    host_sandbox.provide_joins(self.sandbox, req.join_namespaces)
             except BaseException:
+                if self.sandbox is not None:
+                    host_sandbox.end(self.sandbox)
                 rundir.remove(run_dir, lock_fd)
                 raise
         try:
@@ -201,9 +208,10 @@ class Supervisor:
             reader.close()
             os.close(lock_fd)  # held by the supervisor alone: its death frees the directory
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            if box is not None:
-                _enter_sandbox(box, writer)
             filter_here.close()
+            if box is not None:
+                _enter_sandbox(box, writer, self.inherited | {writer.fileno(),
+                                                              filter_there.fileno()})
             Starter(req, writer, filter_there, parent=me).main()
         writer.close()
         filter_there.close()
@@ -583,10 +591,12 @@ def _release(fds: list[int], answer: bytes = CONFIRMED) -> None:
             os.close(fd)
 
 
-def _enter_sandbox(box: host_sandbox.HostSandbox, writer: socket.socket) -> None:
-    """In the starter, before anything else: into the host sandbox, or die saying why."""
+def _enter_sandbox(box: host_sandbox.HostSandbox, writer: socket.socket,
+                   keep: set[int]) -> None:
+    """In the starter, before anything else: into the host sandbox with only the ``keep``
+    descriptors, or die saying why."""
     try:
-        host_sandbox.enter(box)
+        host_sandbox.enter(box, keep)
     except BaseException as exc:  # noqa: BLE001 any failure is reported in the ledger
         LedgerWriter(writer, "starter").emit("starter_error", stage="sandbox",
                                              message=f"entering the host sandbox: {exc}")

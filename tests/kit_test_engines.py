@@ -534,6 +534,70 @@ def _reforking_daemon(report_dir: str) -> None:
         os._exit(1)
 
 
+#: ioctl_ns(2): the owning user namespace, the parent (pid and user namespaces).
+_NS_GET_USERNS, _NS_GET_PARENT = 0xB701, 0xB702
+
+
+def _namespace_files() -> list[str]:
+    """Every path of the run's view that may be a namespace file: /proc/*/ns/*, the fds and
+    threads of every process it sees, and all of /dev (links followed by the stat)."""
+    paths = []
+    for pid in (n for n in os.listdir("/proc") if n.isdigit()):
+        for sub in ("ns", "fd"):
+            try:
+                paths += [f"/proc/{pid}/{sub}/{n}" for n in os.listdir(f"/proc/{pid}/{sub}")]
+            except OSError:
+                pass
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                paths += [f"/proc/{pid}/task/{tid}/ns/{n}"
+                          for n in os.listdir(f"/proc/{pid}/task/{tid}/ns")]
+        except OSError:
+            pass
+    for top, dirs, files in os.walk("/dev"):
+        paths += [os.path.join(top, n) for n in dirs + files]
+    return paths
+
+
+def _ns_escape(report_dir: str) -> None:
+    """Try to enter every namespace a path leads to (and each one's owner and parent, by
+    ioctl): each setns in a child of its own. Report the inodes of those entered."""
+    nsfs = os.stat("/proc/self/ns/uts").st_dev
+    fds: dict[int, int] = {}  # inode -> fd: each namespace once
+    for path in _namespace_files():
+        try:
+            st = os.stat(path)
+            if st.st_dev == nsfs and st.st_ino not in fds:
+                fds[st.st_ino] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            pass
+    import fcntl
+    for fd in list(fds.values()):
+        for request in (_NS_GET_USERNS, _NS_GET_PARENT):
+            try:
+                found = fcntl.ioctl(fd, request)
+            except OSError:
+                continue
+            if os.fstat(found).st_ino in fds:
+                os.close(found)
+            else:
+                fds[os.fstat(found).st_ino] = found
+    entered, refused = set(), 0
+    for fd in fds.values():
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if _libc.setns(fd, 0) == 0 else 1)
+        _, status = os.waitpid(pid, 0)
+        if status == 0:
+            entered.add(os.fstat(fd).st_ino)
+        else:
+            refused += 1
+    for fd in fds.values():
+        os.close(fd)
+    _write(os.path.join(report_dir, "ns-escape.json"),
+           json.dumps({"tried": len(fds), "refused": refused, "entered": sorted(entered)}))
+
+
 class HostAttackEngine(ReferenceEngine):
     """The reference engine that, in one hook and process, tries to change the host: each
     act of ``acts`` in turn (its outcome recorded in ``report_dir``), then ``then``."""
@@ -551,6 +615,7 @@ class HostAttackEngine(ReferenceEngine):
         "sysctl_vm": lambda c: _write("/proc/sys/vm/stat_interval", "7\n"),
         "daemon": lambda c: _reforking_daemon(c.report_dir),
         "kill": lambda c: os.kill(c.victim_pid, 9),
+        "ns_escape": lambda c: _ns_escape(c.report_dir),
     }
 
     def config(self) -> HostAttackConfig:

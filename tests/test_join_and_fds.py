@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from kit.launcher import run
-from kit.sandbox import host_path
+from kit.sandbox import join_path
 
 JOIN = "kit_test_engines:JoinEngine"
 
@@ -28,10 +28,13 @@ def target_namespaces():
 
 def test_join_only_run_calls_only_the_join_hooks(target_namespaces):
     pid = target_namespaces
-    # As root the run is in the kit's host sandbox, which sees the host's /proc elsewhere.
-    proc = host_path(f"/proc/{pid}", os.geteuid() == 0)
-    result = run(JOIN, "root", ["/bin/hostname"],
-                 engine_config={"join": {"uts": f"{proc}/ns/uts", "net": f"{proc}/ns/net"}})
+    # As root the run is in the kit's host sandbox, which reaches no host process's
+    # namespaces: the request gives it these two, and the sandbox shows them elsewhere.
+    given = {kind: f"/proc/{pid}/ns/{kind}" for kind in ("uts", "net")}
+    sandboxed = os.geteuid() == 0
+    result = run(JOIN, "root", ["/bin/hostname"], join_namespaces=given,
+                 engine_config={"join": {k: join_path(k, p, sandboxed)
+                                         for k, p in given.items()}})
     assert result.exit_code == 0, result.reason
     assert result.stdout.strip() == "joined-ns"
     hooks = list(result.ledger.hooks())

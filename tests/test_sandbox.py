@@ -86,11 +86,12 @@ def targets(shared_dir: str) -> Iterator[dict[str, Any]]:
             os.unlink(f"/etc/{unique}")
 
 
-def _attack(targets: dict[str, Any], acts: list[str], **config: Any) -> RunResult:
+def _attack(targets: dict[str, Any], acts: list[str], hook_timeout: float = 2.0,
+            **config: Any) -> RunResult:
     engine_config = {k: v for k, v in targets.items() if k != "victim"}
     engine_config.update(acts=acts, **config)
     return run(HOSTILE, "root", ["/bin/true"], engine_config=engine_config,
-               shared_dirs=[targets["report_dir"]], hook_timeout=2.0)
+               shared_dirs=[targets["report_dir"]], hook_timeout=hook_timeout)
 
 
 def _outcomes(targets: dict[str, Any], role: str, hook: str) -> dict[str, str]:
@@ -214,10 +215,20 @@ def test_the_request_switch():
         make_request("reference", "root", ["/bin/true"], backend="fake", sandbox=True)
 
 
-def test_host_paths_point_into_the_hosts_proc():
-    assert sandbox.host_path("/proc/42/ns/uts", True) == f"{sandbox.HOST_PROC}/42/ns/uts"
-    assert sandbox.host_path("/proc/42/ns/uts", False) == "/proc/42/ns/uts"
-    assert sandbox.host_path("/procfs/x", True) == "/procfs/x"
+def test_no_path_in_the_sandbox_leads_into_a_host_namespace(targets):
+    """Root in the sandbox tries setns on every namespace file it can find (/proc/*/ns,
+    /proc/*/fd, /dev/**, and each one's owner and parent): it enters none of the host's
+    mount, uts, ipc, net or pid namespaces. (The user, cgroup and time namespaces are the
+    launch ones by design, SPEC §11.)"""
+    result = _attack(targets, ["ns_escape"], hook_timeout=30.0)
+    assert result.exit_code == 0, result
+    with open(os.path.join(targets["report_dir"], "ns-escape.json")) as f:
+        report = json.load(f)
+    ns = _sandbox_namespaces(result)
+    host = linux.ns_inodes()
+    sandboxed = ("mount", "uts", "ipc", "net", "pid")
+    assert {ns[k] for k in sandboxed} <= set(report["entered"]), "the probe entered nothing"
+    assert set(report["entered"]).isdisjoint(host[k] for k in sandboxed), report
 
 
 def _wait_for(condition: Any, seconds: float) -> bool:
@@ -317,3 +328,14 @@ def test_mount_attacks_on_host_mounts_change_only_the_sandbox(shared_dir):
     assert in_child(attack_from_a_private_mount_namespace) == {"ok": {
         "exit": 0, "unchanged": True, "outcomes": {"umount": "done", "remount_ro": "done"}}}
     assert _host_mounts() == before
+
+
+def test_a_run_is_never_given_the_hosts_own_namespaces_or_a_mount_one():
+    from kit.launcher import LaunchError, make_request
+    with pytest.raises(ValueError, match="mount cannot be given to a run"):
+        make_request("reference", "root", ["/bin/true"],
+                     join_namespaces={"mount": "/proc/self/ns/mnt"})
+    with pytest.raises(LaunchError, match="the host's own uts namespace"):
+        run("reference", "root", ["/bin/true"], join_namespaces={"uts": "/proc/self/ns/uts"})
+    with pytest.raises(LaunchError, match="is not a ipc namespace"):
+        run("reference", "root", ["/bin/true"], join_namespaces={"ipc": "/proc/self/ns/net"})
