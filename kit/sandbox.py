@@ -23,7 +23,11 @@ with their last reference (:func:`end`).
 
 This protects the host from mistakes, not from a hostile root: a process that is root in the
 launch user namespace may still undo the sandbox's read-only mounts, mount a new proc, or use
-raw devices. The seccomp filter (:func:`confine`) refuses the host-global system calls.
+raw devices. The host-global system calls (clock, modules, reboot, swap…) are refused by
+:mod:`kit.seccomp`'s filter, installed in one place for both backends, sandboxed or not: the
+starter, first thing (``seccomp.install_for_run``); every process of the run descends from
+it. Init, which runs no engine code but which root in the sandbox could ptrace, gets the same
+rules on itself (:func:`_confine_init`).
 """
 
 from __future__ import annotations
@@ -268,7 +272,6 @@ def enter(sandbox: HostSandbox, keep: set[int]) -> None:
             pass
     os.environ[SANDBOX_ENV] = ":".join(str(linux.ns_inode(k)) for k in ("mount", "uts"))
     os.chdir("/")
-    confine()
 
 
 def open_fds() -> set[int]:
@@ -278,21 +281,6 @@ def open_fds() -> set[int]:
         return {int(name) for name in os.listdir(fd)} - {fd}
     finally:
         os.close(fd)
-
-
-def confine() -> None:
-    """THE place where a sandboxed run's processes get the host-global system call filter
-    (clock setting, modules, reboot, kexec, swapon…) of :mod:`kit.seccomp`, once it exists.
-    Called in the starter, before it drops any privilege: every process of the run inherits
-    it."""
-    install = getattr(seccomp, "install_host_filter", None)
-    if install is not None:
-        install()
-
-
-def confine_preload() -> None:
-    """Import what :func:`confine` needs while the supervisor still may (see
-    :func:`kit.supervisor.preload`): :mod:`kit.seccomp` is imported with this module."""
 
 
 def processes(sandbox: HostSandbox, scans: int = 3) -> dict[int, str]:
@@ -414,6 +402,7 @@ def _init_main(scratch: str, shared: list[str], ready_fd: int) -> NoReturn:
         linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
         linux.link_up("lo")
         uppers = _build_root(scratch, shared)
+        _confine_init()
         items = "".join(f"{point}={fd}\0" for point, fd in uppers.items())
         os.write(ready_fd, f"ready {items}".encode())
     except BaseException as exc:  # noqa: BLE001 the sandbox's init reports any failure
@@ -423,6 +412,17 @@ def _init_main(scratch: str, shared: list[str], ready_fd: int) -> NoReturn:
             os._exit(1)
     os.close(ready_fd)
     _reap_forever()
+
+
+def _confine_init() -> None:
+    """The host-global rules on init itself: no engine code runs here, but root in the
+    sandbox may ptrace pid 1 and make it call anything. Refused at once, not recorded (a
+    listener per filter chain: the run's is the starter's); where the filter cannot be
+    installed at all, the starter's attempt records why in the ledger."""
+    try:
+        seccomp.install(seccomp.HOST_GLOBAL, privileged=True, notify=False)
+    except seccomp.Unavailable:
+        pass
 
 
 def _close_other_fds(keep: int) -> None:

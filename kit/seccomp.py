@@ -10,7 +10,11 @@ hook open in it, and answers EPERM. Nothing in the list ever runs.
   same call made directly would change the real host (as root) or be invisible to the model.
 - :data:`HOST_GLOBAL` (category ``host-global``): calls whose effect no namespace confines
   (the clock, kernel modules, reboot, kexec, swap, process accounting…). The real backend's
-  starter runs under them when launched as root; the fake backend under both lists.
+  starter runs under them when launched as root, in the host sandbox or not (the sandbox's
+  init too, without a listener: :mod:`kit.sandbox`); the fake backend under both lists.
+
+The one place a run's filter is installed is the starter, first thing
+(:func:`install_for_run`, from ``kit.starter.Starter.main``).
 
 The filter is classic BPF: check the architecture (x86-64 only), refuse x32 system call
 numbers, then compare the call number with each entry (a few entries also test an argument,
@@ -314,15 +318,6 @@ def install_for_run(backend: str, channel: socket.socket) -> str | None:
         return None
     finally:
         channel.close()
-
-
-def install_host_global_filter(channel: socket.socket) -> str | None:
-    """The host sandbox's entry point (kit/sandbox.py): the host-global refusals on the
-    calling thread and everything it starts later, when it has CAP_SYS_ADMIN, with the
-    listener sent over ``channel`` to the process that answers (the supervisor:
-    :func:`receive_listener`, then its poll loop). Today the real backend's starter calls
-    :func:`install_for_run` itself, first thing (kit/starter.py ``Starter.main``)."""
-    return install_for_run("real", channel)
 
 
 # --- the supervisor's side ------------------------------------------------------------------

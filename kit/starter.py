@@ -376,8 +376,8 @@ class Starter:
             if self.filter_channel is not None:
                 # First, while the starter still has the launcher's privilege and before
                 # any engine code: the fake backend's containment, or (real backend, as
-                # root) the host-global refusals. (Until the host sandbox installs the
-                # latter itself, kit/sandbox.py, this is where they come from.)
+                # root, in the host sandbox or not) the host-global refusals. The one place
+                # a run's filter is installed: every process of the run descends from here.
                 refused = seccomp.install_for_run(self.req.backend, self.filter_channel)
                 self.filter_channel = None
                 if refused:

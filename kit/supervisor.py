@@ -652,7 +652,6 @@ def preload(request: RunRequest) -> bool:
         hostdiff.prime()  # what every fresh host sandbox has, read once for all runs
     seccomp.warm()
     traceback.format_exception(ValueError("warm-up"))  # pulls in lazy imports of traceback
-    host_sandbox.confine_preload()
     _preloaded.add(key)
     return True
 

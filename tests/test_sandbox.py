@@ -339,3 +339,22 @@ def test_a_run_is_never_given_the_hosts_own_namespaces_or_a_mount_one():
         run("reference", "root", ["/bin/true"], join_namespaces={"uts": "/proc/self/ns/uts"})
     with pytest.raises(LaunchError, match="is not a ipc namespace"):
         run("reference", "root", ["/bin/true"], join_namespaces={"ipc": "/proc/self/ns/net"})
+
+
+def test_every_process_of_the_sandbox_is_under_the_host_global_filter(shared_dir):
+    """The starter's filter covers the run (its descendants); init, which root in the
+    sandbox could ptrace, carries its own."""
+    from kit.launcher import start
+    out = os.path.join(shared_dir, "status")
+    handle = start("reference", "root", ["/bin/sh", "-c", f"cat /proc/self/status > {out}; "
+                                         "exec sleep 60"], shared_dirs=[shared_dir],
+                   engine_config={"mount_tmp": False})
+    init = handle.sandbox["sandbox_pid"]
+    try:
+        assert wait_until(lambda: os.path.exists(out) and "Seccomp:" in open(out).read(),
+                          what="the payload's status")
+        init_status = linux.read_status(f"/proc/{init}/status")
+    finally:
+        handle.kill()
+    assert init_status["Seccomp"] == "2" and init_status["NoNewPrivs"] == "0"
+    assert linux.read_status(out)["Seccomp"] == "2"
