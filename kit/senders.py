@@ -46,6 +46,13 @@ class Senders:
 
     own_pids: Callable[[int], set[int]] = field(default=lambda pid: set())
     processes: dict[int, KitProcess] = field(default_factory=dict)
+    #: A kernel pid as the ledger numbers the run's processes (in the host sandbox, its pid
+    #: namespace's number; None when gone): what the messages show.
+    number: Callable[[int], int | None] = field(default=lambda pid: pid)
+
+    def _shown(self, kernel_pid: int) -> str:
+        numbered = self.number(kernel_pid)
+        return str(kernel_pid) + " (gone: not renumbered)" if numbered is None else str(numbered)
 
     def add_starter(self, kernel_pid: int) -> None:
         self.processes[kernel_pid] = KitProcess("starter", None)
@@ -70,29 +77,31 @@ class Senders:
             return self._register(kernel_pid, role, claimed)
         if role not in PROCESS_ROLES[known.role]:
             return (f"it claims role {role} but comes from the {known.role} process "
-                    f"(pid {kernel_pid})")
+                    f"(pid {self._shown(kernel_pid)})")
         if known.pids is None:
             ids = linux.process_ids(kernel_pid)
             known.pids = None if ids is None else self._pids(kernel_pid, ids[1])
         if known.pids is not None and claimed not in known.pids:
-            return f"it claims pid {claimed} but its sender is pid {kernel_pid}"
+            return f"it claims pid {claimed} but its sender is pid {self._shown(kernel_pid)}"
         return None
 
     def _register(self, kernel_pid: int, role: str, claimed: int) -> str | None:
         if role not in PARENT:
-            return (f"pid {kernel_pid} is not a process of the kit (it claims role {role}, "
-                    f"which is the {self.role_of_name(role)})")
+            return (f"pid {self._shown(kernel_pid)} is not a process of the kit (it claims "
+                    f"role {role}, which is the {self.role_of_name(role)})")
         ids = linux.process_ids(kernel_pid)
         if ids is not None:
             parent = self.processes.get(ids[0])
             if parent is None or parent.role != PARENT[role]:
-                return (f"pid {kernel_pid} is not a process of the kit: it claims role {role} "
-                        f"but its parent, pid {ids[0]}, is not the {PARENT[role]} process")
+                return (f"pid {self._shown(kernel_pid)} is not a process of the kit: it claims "
+                        f"role {role} but its parent, pid {self._shown(ids[0])}, is not the "
+                        f"{PARENT[role]} process")
             if claimed not in self._pids(kernel_pid, ids[1]):
-                return f"it claims pid {claimed} but its sender is pid {kernel_pid}"
+                return (f"it claims pid {claimed} but its sender is pid "
+                        f"{self._shown(kernel_pid)}")
         if self.taken(role):
-            return (f"pid {kernel_pid} is not a process of the kit: the {role} process is "
-                    f"another (it claims role {role})")
+            return (f"pid {self._shown(kernel_pid)} is not a process of the kit: the {role} "
+                    f"process is another (it claims role {role})")
         # Gone already (a short-lived stage 1 on a busy machine): first come, first served;
         # the real process's own datagram then shows up as the impostor's double.
         self.processes[kernel_pid] = KitProcess(

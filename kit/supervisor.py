@@ -114,13 +114,14 @@ class Supervisor:
         # (kernel pid, tid) -> snapshots in a row that disagreed with our own read
         self._mismatches: dict[tuple[int, Any], int] = {}
         self.dropped = 0  # datagrams beyond MAX_EVENTS or MAX_FAULTS
-        self.senders = Senders(current().modelled_pids)
+        self.senders = Senders(current().modelled_pids, number=self.run_pid)
         # The fake backend's snapshots are its model's, not the kernel's to confirm.
         self.outside_check = current().name == "real" and request.probes
         self.sandbox: host_sandbox.HostSandbox | None = None
         self.host: Any = None  # the sandbox's kit.hostdiff.HostWatch
         self.listener: int | None = None  # the run's seccomp filter's (kit.seccomp)
         self.refusals = 0  # calls it refused; the first seccomp.MAX_RECORDED are recorded
+        self._level: int | None = None  # see run_pid
 
     # -- ledger ------------------------------------------------------------------------------
     def record(self, event: dict[str, Any], datagram: bytes | None = None) -> None:
@@ -492,14 +493,33 @@ class Supervisor:
             ids = linux.process_ids(sender)
             hooks_of = self.senders.role_of(ids[0]) if ids else None
             if ids and hooks_of is not None:
-                detail += f" (a child of the {hooks_of} process, pid {ids[0]})"
+                detail += f" (a child of the {hooks_of} process, pid {self.run_pid(ids[0])})"
+        numbered = self.run_pid(sender)
+        if sender and numbered is None:
+            detail += " (its sender was gone before the run's number of it could be read)"
         roles = PROCESS_ROLES.get(hooks_of or "", frozenset())
         if hooks_of == "rpc":  # an RPC method runs for the master's create_container
             roles = roles | {"master"}
         hooks = [f"{r} {h}" for (r, h) in self.open_hooks if r in roles]
-        self.emit("engine_fault", fault=fault, sender_pid=sender, sender_role=role,
+        self.emit("engine_fault", fault=fault, sender_pid=numbered, sender_role=role,
                   open_hooks=hooks, detail=detail,
                   excerpt=data[:EXCERPT].decode("utf-8", "replace"))
+
+    def run_pid(self, kernel_pid: int | None) -> int | None:
+        """A pid as the supervisor's pid namespace numbers it (SO_PASSCRED, seccomp, /proc)
+        numbered as the ledger numbers the run's processes: in the host sandbox, as its pid
+        namespace does (the kit's processes' own events, leaks); None when the process is
+        gone or not in the sandbox. Unsandboxed, the pid itself."""
+        if kernel_pid is None or self.sandbox is None:
+            return kernel_pid
+        if self._level is None:
+            own = linux.process_ids(os.getpid())
+            assert own is not None, "the supervisor cannot read its own /proc status"
+            self._level = len(own[1])  # the sandbox's pid namespace is one below ours
+        ids = linux.process_ids(kernel_pid)
+        if ids is None or len(ids[1]) <= self._level:
+            return None
+        return ids[1][self._level]
 
     def _on_notification(self, revents: int) -> bool:
         """Answer and record one refused system call; False once no process is left under
@@ -513,9 +533,19 @@ class Supervisor:
             if self.refusals <= seccomp.MAX_RECORDED:  # an engine looping on one call
                 role, hook = seccomp.attribute(self.events, refusal["target"],
                                                self.senders.role_of)
+                self._renumber(refusal)
                 self.emit("syscall_refused", **refusal, process_role=role, hook=hook)
             return True
         return not revents & (select.POLLHUP | select.POLLERR | select.POLLNVAL)
+
+    def _renumber(self, refusal: dict[str, Any]) -> None:
+        """The kernel pids of a refusal (after its attribution, which needs them) in the
+        ledger's numbering (:meth:`run_pid`)."""
+        refusal["target_tid"] = self.run_pid(refusal["target_tid"])
+        target = refusal.get("target")
+        while isinstance(target, dict):
+            target["tgid"] = self.run_pid(target.get("tgid"))
+            target = target.get("parent")
 
     def _drain_notifications(self) -> None:
         """Answer the refusals still pending once the starter is gone (from processes it

@@ -24,9 +24,9 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the real backend as r
 
 @pytest.fixture(autouse=True)
 def _outside_the_host_sandbox(monkeypatch: pytest.MonkeyPatch) -> None:
-    """These tests name the kit's processes by the pids the supervisor sees (kernel_pid):
-    in the kit's host sandbox the ledger numbers them in the sandbox's pid namespace, while
-    an engine fault names the supervisor's view of its sender."""
+    """Several engines here write reports to directories the kit's host sandbox does not
+    share, and the supervisor-kill test looks for leftovers on the host. (Engine faults in
+    the sandbox number their senders as the ledger does: tests/test_sandbox.py.)"""
     monkeypatch.setenv("KIT_SANDBOX", "0")
 
 

@@ -358,3 +358,21 @@ def test_every_process_of_the_sandbox_is_under_the_host_global_filter(shared_dir
         handle.kill()
     assert init_status["Seccomp"] == "2" and init_status["NoNewPrivs"] == "0"
     assert linux.read_status(out)["Seccomp"] == "2"
+
+
+def test_engine_faults_and_refusals_number_processes_as_the_ledger_does():
+    """In the sandbox the kit's processes number themselves in its pid namespace; the
+    supervisor's records of a forged datagram's sender and of a refused call's thread use
+    the same numbers, not the host's."""
+    result = run("kit_test_engines:HostileEngine", "root", ["/bin/true"],
+                 engine_config={"hostile_hook": "create_container", "datagram": "not_json"})
+    master = result.ledger.first("process_start", role="starter")["pid"]
+    (fault,) = result.ledger.select("engine_fault")
+    assert fault["sender_pid"] == master and fault["sender_role"] == "starter"
+
+    result = run("kit_test_engines:HostGlobalEngine", "root", ["/bin/true"])
+    enter = result.ledger.first("hook_enter", role="master", hook="create_container")
+    (refusal,) = [e for e in result.ledger.select("syscall_refused")
+                  if e["process_role"] == "master"]
+    assert refusal["target_tid"] == enter["tid"]
+    assert refusal["target"]["tgid"] == enter["pid"] == refusal["target"]["ns_tgid"]
