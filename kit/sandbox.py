@@ -98,6 +98,9 @@ class HostSandbox:
     scratch: str = ""
     ns_fds: dict[str, int] = field(default_factory=dict)
     held_fds: list[int] = field(default_factory=list)
+    #: Init is this process's child (:func:`end` stops and reaps it); else its builder's (the
+    #: zygote ends it once the supervisor that adopted it is gone: kit.zygote).
+    own_init: bool = True
 
 
 def default_on(backend: str) -> bool:
@@ -124,38 +127,74 @@ def check_join_kinds(namespaces: dict[str, str]) -> None:
                          f"{', '.join(JOIN_KINDS)}: the others lead back to the host)")
 
 
-# --- in the supervisor ------------------------------------------------------------------------
+# --- in the supervisor (or the zygote, ahead) ------------------------------------------------
 
-def start(shared: list[str]) -> HostSandbox:
-    """Build a sandbox (called once per supervisor: it unshares the pid namespace that the
-    supervisor's later children are born in). ``shared``: host directories the run may write
-    (bound in read-write at the same path)."""
+@dataclass
+class Building:
+    """A sandbox whose init is building it (:func:`build`): taken over with :func:`adopt`, by
+    the process that built it or by a child of that process. ``builder``: the pid of init's
+    parent, which reaps it."""
+
+    init_pid: int
+    ready_fd: int
+    scratch: str
+    builder: int
+
+
+def build(shared: list[str]) -> Building:
+    """Fork a new sandbox's init, which builds it while the caller goes on. ``shared``: host
+    directories the run may write (bound in read-write at the same path). The caller's own
+    later children stay in its pid namespace: only :func:`adopt` puts them in the sandbox's."""
     scratch = tempfile.mkdtemp(prefix="kit-sandbox-")
     os.chmod(scratch, 0o700)
+    own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     try:
         linux.unshare(linux.CLONE_NEWPID)
-        rfd, wfd = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(rfd)
-            _init_main(scratch, [os.path.realpath(p) for p in shared if os.path.isdir(p)], wfd)
-        os.close(wfd)
-        sandbox = HostSandbox(init_pid=pid, upper_dir="", scratch=scratch)
         try:
-            uppers = _await_ready(rfd)
-            _hold(sandbox, uppers)
-            # The sandbox no longer needs it (its old root is detached): gone now, it cannot
-            # outlive a supervisor that is killed.
-            _remove_scratch(scratch)
-        except BaseException:
-            end(sandbox)
-            raise
+            rfd, wfd = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                os.close(rfd)
+                _init_main(scratch, [os.path.realpath(p) for p in shared if os.path.isdir(p)],
+                           wfd)
         finally:
-            os.close(rfd)
+            linux.setns(own, linux.CLONE_NEWPID)  # our next children: in our namespace
+        os.close(wfd)
     except BaseException:
         _remove_scratch(scratch)
         raise
+    finally:
+        os.close(own)
+    return Building(init_pid=pid, ready_fd=rfd, scratch=scratch, builder=os.getpid())
+
+
+def adopt(building: Building) -> HostSandbox:
+    """Wait until the sandbox is built and take it over (once per supervisor: the caller's
+    later children are born in the sandbox's pid namespace, and it can start no thread)."""
+    sandbox = HostSandbox(init_pid=building.init_pid, upper_dir="", scratch=building.scratch,
+                          own_init=building.builder == os.getpid())
+    try:
+        uppers = _await_ready(building.ready_fd)
+        _hold(sandbox, uppers)
+        # The sandbox no longer needs it (its old root is detached): gone now, it cannot
+        # outlive a supervisor that is killed.
+        _remove_scratch(building.scratch)
+        fd = os.open(linux.ns_path("pid", building.init_pid), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            linux.setns(fd, linux.CLONE_NEWPID)
+        finally:
+            os.close(fd)
+    except BaseException:
+        end(sandbox)
+        raise
+    finally:
+        os.close(building.ready_fd)
     return sandbox
+
+
+def start(shared: list[str]) -> HostSandbox:
+    """Build a sandbox and take it over (:func:`build`, :func:`adopt`)."""
+    return adopt(build(shared))
 
 
 def provide_joins(sandbox: HostSandbox, namespaces: dict[str, str]) -> None:
@@ -323,10 +362,12 @@ def _scan(proc: str) -> dict[int, str]:
 
 def end(sandbox: HostSandbox) -> None:
     """Tear the sandbox down: end init (the kernel then kills every process of its pid
-    namespace), reap it, close what the supervisor held, remove the scratch directory.
-    Nothing it held survives: its mounts and network namespace go with their last process
-    and file descriptor."""
-    _stop_init(sandbox.init_pid)
+    namespace) and reap it when it is our child, close what the supervisor held, remove the
+    scratch directory. Nothing it held survives: its mounts and network namespace go with
+    their last process and file descriptor. An init built by the zygote is the zygote's to
+    end, as soon as the supervisor is gone: the run's result does not wait for it."""
+    if sandbox.own_init:
+        _stop_init(sandbox.init_pid)
     for fd in [*sandbox.ns_fds.values(), *sandbox.held_fds]:
         os.close(fd)
     sandbox.ns_fds, sandbox.held_fds = {}, []

@@ -19,6 +19,7 @@ its mount table before the starter was forked).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import select
@@ -30,6 +31,7 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass
 from typing import Any
 
 import kit.rpc.server  # noqa: F401  (imported while privileged, for the RPC server)
@@ -150,13 +152,17 @@ class Supervisor:
         self.record(self.me.emit(kind, **fields))
 
     # -- the run -----------------------------------------------------------------------------
-    def run(self, result_fd: int) -> dict[str, Any]:
+    def run(self, result_fd: int, ahead: Ahead | None = None) -> dict[str, Any]:
+        """The run; ``ahead``: its directory and sandbox, made by the zygote
+        (:func:`prepare_ahead`), else made here."""
         req = self.req
         # What the run may inherit from here: stdio and the launcher's pass-through fds (not
         # the result pipe, nor anything the supervisor opens for itself from now on).
         self.inherited = host_sandbox.open_fds() - {result_fd}
+        if ahead is not None:
+            self.inherited -= ahead.fds()
         linux.set_child_subreaper()
-        run_dir, lock_fd = rundir.create()
+        run_dir, lock_fd = rundir.create() if ahead is None else (ahead.run_dir, ahead.lock_fd)
         self.run_dir = run_dir
         # The launcher's death (then the zygote's) reaches us as SIGTERM: the run goes, and
         # so does its directory, which nobody else may remove while its lock is held.
@@ -167,8 +173,15 @@ class Supervisor:
         os.chmod(run_dir, 0o755)
         if req.sandbox:
             try:
-                self.sandbox = host_sandbox.start([run_dir, *_coverage_dirs(),
+                if ahead is None:
+                    building = host_sandbox.build([run_dir, *_coverage_dirs(),
                                                    *req.shared_dirs])
+                elif ahead.building is None:
+                    raise host_sandbox.SandboxError(f"the host sandbox could not be built "
+                                                    f"ahead: {ahead.error}")
+                else:
+                    building = ahead.building
+                self.sandbox = host_sandbox.adopt(building)
                 if req.join_namespaces:
                     host_sandbox.provide_joins(self.sandbox, req.join_namespaces)
             except BaseException:
@@ -308,9 +321,13 @@ class Supervisor:
         return bool(host_sandbox.processes(self.sandbox))
 
     def _run_processes(self) -> list[int]:
-        """Host pids of the run's processes (the sandbox's init is not one)."""
-        spared = None if self.sandbox is None else self.sandbox.init_pid
-        return [p for p in linux.descendants(os.getpid()) if p != spared]
+        """Host pids of the run's processes: our descendants and, in the sandbox, its init's
+        (orphans go to init, which may be the zygote's child), init itself spared."""
+        if self.sandbox is None:
+            return linux.descendants(os.getpid())
+        init = self.sandbox.init_pid
+        found = set(linux.descendants(os.getpid())) | set(linux.descendants(init))
+        return sorted(found - {init})
 
     @staticmethod
     def _has_children() -> bool:
@@ -621,6 +638,47 @@ def _release(fds: list[int], answer: bytes = CONFIRMED) -> None:
             os.close(fd)
 
 
+@dataclass
+class Ahead:
+    """What the zygote makes for its next sandboxed run while the current one goes on: a run
+    directory (locked) and a host sandbox being built for it (or why it could not be)."""
+
+    run_dir: str
+    lock_fd: int
+    building: host_sandbox.Building | None
+    error: str = ""
+
+    def fds(self) -> set[int]:
+        return {self.lock_fd} | ({self.building.ready_fd} if self.building else set())
+
+    def moved(self, numbers: dict[int, int]) -> Ahead:
+        """The same, its descriptors renumbered (``numbers``: old -> new)."""
+        building = None if self.building is None else dataclasses.replace(
+            self.building, ready_fd=numbers[self.building.ready_fd])
+        return dataclasses.replace(self, lock_fd=numbers[self.lock_fd], building=building)
+
+    def discard(self) -> None:
+        """In the zygote: after the fork that handed it over, or when it goes unused."""
+        for fd in self.fds():
+            os.close(fd)
+
+
+def prepare_ahead() -> Ahead:
+    """A run directory and a host sandbox for a request that binds no other directory (the
+    zygote, between runs: the run then only adopts them)."""
+    run_dir, lock_fd = rundir.create()
+    try:
+        building = host_sandbox.build([run_dir, *_coverage_dirs()])
+    except Exception as exc:  # reported by the run that would have used it
+        return Ahead(run_dir, lock_fd, None, f"{type(exc).__name__}: {exc}")
+    return Ahead(run_dir, lock_fd, building)
+
+
+def fits_ahead(request: RunRequest) -> bool:
+    """Whether a run of ``request`` can take what :func:`prepare_ahead` made."""
+    return bool(request.sandbox) and not request.shared_dirs
+
+
 def _enter_sandbox(box: host_sandbox.HostSandbox, writer: socket.socket,
                    keep: set[int]) -> None:
     """In the starter, before anything else: into the host sandbox with only the ``keep``
@@ -710,10 +768,12 @@ def _backend(request: RunRequest, prepared: Any = None
     return contextlib.nullcontext()
 
 
-def run_supervised(request: RunRequest, result_fd: int, prepared: Any = None) -> None:
+def run_supervised(request: RunRequest, result_fd: int, prepared: Any = None,
+                   ahead: Ahead | None = None) -> None:
     """Supervise one run in this process and write its result to ``result_fd`` (closed).
     ``prepared``: what :func:`prepare_backend` returned for ``request`` (in this process or
-    in its parent, just before the fork)."""
+    in its parent, just before the fork); ``ahead``: what :func:`prepare_ahead` made for it
+    (in the parent)."""
     # SIGTERM (default action: die) until the supervisor handles it with its cleanup.
     linux.set_parent_death_signal(signal.SIGTERM)
     linux.set_name("kit-supervisor")
@@ -722,7 +782,7 @@ def run_supervised(request: RunRequest, result_fd: int, prepared: Any = None) ->
         preload(request)
         with _backend(request, prepared):
             supervisor = Supervisor(request)
-            result = supervisor.run(result_fd)
+            result = supervisor.run(result_fd, ahead)
         data = supervisor.encode(result)
     except Exception as exc:  # noqa: BLE001 any failure becomes the run's result, never a hang
         result = {"exit_code": EXIT_FATAL, "reason": f"supervisor error: {exc!r}",

@@ -33,7 +33,14 @@ import tempfile
 from kit import linux, rundir
 from kit.request import RunRequest
 from kit.starter import default_signals
-from kit.supervisor import preload, prepare_backend, run_supervised
+from kit.supervisor import (
+    Ahead,
+    fits_ahead,
+    prepare_ahead,
+    prepare_backend,
+    preload,
+    run_supervised,
+)
 
 MAX_MESSAGE = 1 << 20
 FIXED_FDS = 4  # stdin, stdout, stderr, result
@@ -41,10 +48,16 @@ KEPT_STATUSES = 256
 
 #: Wait statuses of the supervisors reaped, by pid (the newest KEPT_STATUSES).
 exit_statuses: dict[int, int] = {}
+#: A pidfd of the init of each host sandbox built here, by the pid of the supervisor that
+#: took it: ended as soon as that supervisor is gone (its result does not wait for the
+#: teardown), with SIGTERM (init saves its coverage data) or, after a supervisor that was
+#: killed, SIGKILL.
+sandbox_inits: dict[int, int] = {}
 
 
 def reap() -> None:
-    """Reap every exited child, keeping its wait status for the launcher's questions."""
+    """Reap every exited child, keeping its wait status for the launcher's questions, and end
+    the host sandbox of each supervisor reaped."""
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -52,21 +65,32 @@ def reap() -> None:
             return
         if pid == 0:
             return
+        init = sandbox_inits.pop(pid, None)
+        if init is not None:
+            try:
+                signal.pidfd_send_signal(init, signal.SIGKILL if os.WIFSIGNALED(status)
+                                         else signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            os.close(init)
         exit_statuses[pid] = status
         while len(exit_statuses) > KEPT_STATUSES:
             del exit_statuses[next(iter(exit_statuses))]
 
 
-def _place_fds(received: list[int], targets: list[int]) -> int:
+def _place_fds(received: list[int], targets: list[int], extra: set[int] = frozenset()
+               ) -> tuple[int, dict[int, int]]:
     """In the run's child: stdio and pass-through fds at their numbers; returns the result
-    fd. Everything else the zygote had open is closed."""
+    fd and where each of ``extra`` (the zygote's own, for the supervisor) now is. Everything
+    else the zygote had open is closed."""
     wanted = {0: received[0], 1: received[1], 2: received[2]}
     for target, fd in zip(targets, received[FIXED_FDS:], strict=True):
         wanted[target] = fd
     # Move every source out of the way first, so no dup2 clobbers another source.
     high = {target: os.dup2(fd, 1000 + i) for i, (target, fd) in enumerate(wanted.items())}
     result_high = os.dup2(received[3], 1000 + len(high))
-    keep = set(high.values()) | {result_high}
+    extra_high = {fd: os.dup2(fd, 1001 + len(high) + i) for i, fd in enumerate(sorted(extra))}
+    keep = set(high.values()) | {result_high} | set(extra_high.values())
     for fd in sorted(set(int(x) for x in os.listdir("/proc/self/fd")) - keep):
         try:
             os.close(fd)
@@ -78,7 +102,11 @@ def _place_fds(received: list[int], targets: list[int]) -> int:
     result_fd = os.dup(result_high)
     os.close(result_high)
     os.set_inheritable(result_fd, False)
-    return result_fd
+    moved = {}
+    for old, fd in extra_high.items():
+        moved[old] = os.dup(fd)
+        os.close(fd)
+    return result_fd, moved
 
 
 def _settle() -> None:
@@ -93,6 +121,33 @@ def _settle() -> None:
 
 
 def serve(control: socket.socket) -> int:
+    # The next sandboxed run's directory and host sandbox, made while a run goes on: that
+    # run then only adopts them (kit.supervisor.prepare_ahead).
+    spare: list[Ahead | None] = [None]
+    try:
+        return _serve(control, spare)
+    finally:
+        if spare[0] is not None:
+            _drop(spare[0])
+
+
+def _drop(ahead: Ahead) -> None:
+    """An unused sandbox made ahead: init dies with us (its parent-death signal), or now."""
+    if ahead.building is not None:
+        try:
+            os.kill(ahead.building.init_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            os.rmdir(ahead.building.scratch)
+        except OSError:
+            pass
+    if ahead.building is not None:
+        os.close(ahead.building.ready_fd)
+    rundir.remove(ahead.run_dir, ahead.lock_fd)
+
+
+def _serve(control: socket.socket, spare: list[Ahead | None]) -> int:
     while True:
         reap()
         try:
@@ -122,22 +177,39 @@ def serve(control: socket.socket) -> int:
         # Here the code is warm and the pages our own: what the supervisor would compute
         # first, cold, right after the fork, costs a fraction of it.
         prepared = prepare_backend(request)
+        ahead = None
+        if fits_ahead(request):
+            ahead, spare[0] = spare[0] or prepare_ahead(), None
+        init_fd = None
+        if ahead is not None and ahead.building is not None:
+            init_fd = os.pidfd_open(ahead.building.init_pid)
+        # Until the new supervisor is in sandbox_inits: reap() must not see it go before.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
                 control.close()
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
                 os.setsid()
-                result_fd = _place_fds(fds, targets)
-                run_supervised(request, result_fd, prepared)
+                result_fd, moved = _place_fds(fds, targets, ahead.fds() if ahead else set())
+                run_supervised(request, result_fd, prepared,
+                               ahead.moved(moved) if ahead else None)
                 code = 0
             finally:
                 os._exit(code)
         prepared = None
         for fd in fds:
             os.close(fd)
+        if init_fd is not None:
+            sandbox_inits[pid] = init_fd
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+        if ahead is not None:
+            ahead.discard()  # the supervisor's now: its lock is the supervisor's alone
         control.send(json.dumps({"pid": pid}).encode())
+        if ahead is not None:
+            spare[0] = prepare_ahead()  # while that run goes on
 
 
 def main(argv: list[str]) -> int:

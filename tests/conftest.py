@@ -80,6 +80,12 @@ def _zygote_pid() -> int | None:
     return Zygote._instance.proc.pid if Zygote._instance is not None else None
 
 
+def zygotes_sandbox(pid: int) -> bool:
+    """Whether ``pid`` is the init of a host sandbox the launcher's zygote holds."""
+    return linux.process_name(pid) == "kit-sandbox" and \
+        linux.process_parents().get(pid) == _zygote_pid()
+
+
 def host_state() -> dict[str, Any]:
     """What a run must not change on the host, as seen from the pytest process."""
     with open("/proc/self/mountinfo") as f:
@@ -87,9 +93,11 @@ def host_state() -> dict[str, Any]:
     return {
         "fds": sorted(os.listdir("/proc/self/fd")),
         "mounts": mounts,
-        # Living descendants, but the launcher's long-lived zygote.
+        # Living descendants, but the launcher's long-lived zygote and the host sandboxes it
+        # holds (the next run's, built ahead; a finished run's, ending as it is asked).
         "children": [f"{p} {linux.process_name(p)}" for p in linux.descendants(os.getpid())
-                     if linux.process_state(p) not in ("Z", None) and p != _zygote_pid()],
+                     if linux.process_state(p) not in ("Z", None) and p != _zygote_pid()
+                     and not zygotes_sandbox(p)],
         "netns": sorted(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else [],
     }
 

@@ -376,3 +376,22 @@ def test_engine_faults_and_refusals_number_processes_as_the_ledger_does():
                   if e["process_role"] == "master"]
     assert refusal["target_tid"] == enter["tid"]
     assert refusal["target"]["tgid"] == enter["pid"] == refusal["target"]["ns_tgid"]
+
+
+def test_the_zygote_builds_the_next_sandbox_while_a_run_goes_on():
+    """A sandboxed run through the zygote adopts a sandbox built ahead (the zygote's child,
+    running before the run was asked for); a run with directories to share builds its own."""
+    from conftest import _zygote_pid, zygotes_sandbox
+    from kit.launcher import start
+    assert run("reference", "root", ["/bin/true"]).exit_code == 0
+    zygote = _zygote_pid()
+    spares = wait_until(lambda: [p for p in linux.descendants(zygote) if zygotes_sandbox(p)
+                                 and linux.process_state(p) == "S"],
+                        what="a sandbox built ahead")
+    handle = start("reference", "root", ["/bin/true"])
+    assert handle.sandbox["sandbox_pid"] in spares
+    assert handle.wait().exit_code == 0
+    with tempfile.TemporaryDirectory() as shared:
+        handle = start("reference", "root", ["/bin/true"], shared_dirs=[shared])
+        assert linux.process_parents().get(handle.sandbox["sandbox_pid"]) != zygote
+        assert handle.wait().exit_code == 0
