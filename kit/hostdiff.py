@@ -624,7 +624,9 @@ class HostWatch:
     namespace for the sandbox cannot start one). The starter, forked meanwhile, enters them
     anyway."""
 
-    def __init__(self, sandbox: Sandbox) -> None:
+    def __init__(self, sandbox: Sandbox, before: HostState | None = None) -> None:
+        """``before``: the sandbox's state read ahead (:func:`fresh_state`, by the zygote
+        that built it: nothing but its idle init has run in it since), else read now."""
         self.sandbox = sandbox
         # Opened before the snapshot: a mount made after it wakes the first poll.
         self._mountinfo: int | None = os.open(f"/proc/{sandbox.init_pid}/mountinfo",
@@ -634,9 +636,7 @@ class HostWatch:
         self._net: socket.socket | None = None
         if "net" not in self.inside.failed:
             self._net = _subscribe()  # before the snapshot: no change falls in between
-        self.before = self._snapshot(sysctls=_fresh_sysctls is None)
-        if _fresh_sysctls is not None:
-            self.before.objects["sysctl"] = _fresh_sysctls
+        self.before = before if before is not None else fresh_state(sandbox, self.inside)
         self.last = {kind: dict(self.before.objects.get(kind, {}))
                      for kind in (*WATCHED, "file")}
         self._usage = self._upper_usage()
@@ -647,12 +647,7 @@ class HostWatch:
         self._joined = False
 
     def _snapshot(self, sysctls: bool, network: bool = False) -> HostState:
-        """What :func:`snapshot` reads, but the sysctls only when ``sysctls`` and links,
-        addresses and routes only when ``network``."""
-        only = INSIDE_KINDS - {"sysctl", "link", "address", "route"}
-        only |= {"sysctl"} if sysctls else set()
-        only |= {"link", "address", "route"} if network else set()
-        return snapshot(self.sandbox, only=frozenset(only), inside=self.inside)
+        return _partial(self.sandbox, self.inside, sysctls, network)
 
     def start(self) -> None:
         """After the starter is forked: the looks begin."""
@@ -750,6 +745,27 @@ class HostWatch:
             omitted[extra["kind"]] = omitted.get(extra["kind"], 0) + 1
         return {"changes": out[:MAX_CHANGES], "omitted": omitted,
                 "errors": {**self.before.errors, **after.errors}, "looks": self.looks}
+
+
+def _partial(sandbox: Sandbox, inside: Inside | None, sysctls: bool,
+             network: bool = False) -> HostState:
+    """What :func:`snapshot` reads, but the sysctls only when ``sysctls`` and links,
+    addresses and routes only when ``network``."""
+    only = INSIDE_KINDS - {"sysctl", "link", "address", "route"}
+    only |= {"sysctl"} if sysctls else set()
+    only |= {"link", "address", "route"} if network else set()
+    return snapshot(sandbox, only=frozenset(only), inside=inside)
+
+
+def fresh_state(sandbox: Sandbox, inside: Inside | None = None) -> HostState:
+    """A sandbox's state before its run: the sysctls are a fresh sandbox's (:func:`prime`),
+    links, addresses and routes are read after the run only if they changed. ``inside``:
+    the calling thread is in its namespaces; else a short-lived thread reads them (the
+    zygote, which must never move its own thread)."""
+    state = _partial(sandbox, inside, sysctls=_fresh_sysctls is None)
+    if _fresh_sysctls is not None:
+        state.objects["sysctl"] = _fresh_sysctls
+    return state
 
 
 def _hooks_json(hooks: list[Hook]) -> list[dict[str, Any]]:

@@ -139,6 +139,16 @@ class Building:
     ready_fd: int
     scratch: str
     builder: int
+    #: Init's report, once read (:func:`wait_ready`): {mount point: fd in init} of the
+    #: copy-on-write upper layers.
+    uppers: dict[str, int] | None = None
+
+    def wait_ready(self) -> dict[str, int]:
+        """Wait until init has built the sandbox (or raise SandboxError saying why); the
+        upper layers, each as a path through init's descriptors (valid while it lives)."""
+        if self.uppers is None:
+            self.uppers = _await_ready(self.ready_fd)
+        return {point: f"/proc/{self.init_pid}/fd/{fd}" for point, fd in self.uppers.items()}
 
 
 def build(shared: list[str]) -> Building:
@@ -174,8 +184,9 @@ def adopt(building: Building) -> HostSandbox:
     sandbox = HostSandbox(init_pid=building.init_pid, upper_dir="", scratch=building.scratch,
                           own_init=building.builder == os.getpid())
     try:
-        uppers = _await_ready(building.ready_fd)
-        _hold(sandbox, uppers)
+        building.wait_ready()
+        assert building.uppers is not None
+        _hold(sandbox, building.uppers)
         # The sandbox no longer needs it (its old root is detached): gone now, it cannot
         # outlive a supervisor that is killed.
         _remove_scratch(building.scratch)

@@ -190,12 +190,15 @@ class Supervisor:
                 rundir.remove(run_dir, lock_fd)
                 raise
         try:
-            return self._run(result_fd, run_dir, lock_fd)
+            # The state read ahead holds unless the supervisor changed the sandbox since.
+            before = ahead.before if ahead is not None and not req.join_namespaces else None
+            return self._run(result_fd, run_dir, lock_fd, before)
         finally:
             if self.sandbox is not None:
                 host_sandbox.end(self.sandbox)
 
-    def _run(self, result_fd: int, run_dir: str, lock_fd: int) -> dict[str, Any]:
+    def _run(self, result_fd: int, run_dir: str, lock_fd: int,
+             before: Any = None) -> dict[str, Any]:
         req, user, box = self.req, self.req.user(), self.sandbox
         host = "self" if box is None else box.init_pid
         host_root = "" if box is None else f"/proc/{box.init_pid}/root"
@@ -213,7 +216,7 @@ class Supervisor:
                   probes=req.probes, hook_timeout=req.hook_timeout, run_dir=run_dir,
                   host_userns=req.host_userns)
         sys.stdout.flush()
-        self.watch_host()
+        self.watch_host(before)
         # The starter checks its parent against this pid (read after the fork, it could be
         # a reaper's); in the sandbox's pid namespace it cannot see it and reads its own.
         me = os.getpid() if box is None else None
@@ -356,11 +359,11 @@ class Supervisor:
                 return alive
             time.sleep(0.005)
 
-    def watch_host(self) -> None:
+    def watch_host(self, before: Any = None) -> None:
         """Before the starter is forked: the host diff of the run's sandbox begins (SPEC §11;
-        without a sandbox the host is not diffed)."""
+        without a sandbox the host is not diffed), from ``before`` when it was read ahead."""
         if self.sandbox is not None:
-            self.host = hostdiff.HostWatch(self.sandbox)
+            self.host = hostdiff.HostWatch(self.sandbox, before)
 
     def host_diff(self) -> None:
         """After the run, before the sandbox is torn down: every change of its host, and the
@@ -647,6 +650,8 @@ class Ahead:
     lock_fd: int
     building: host_sandbox.Building | None
     error: str = ""
+    #: The sandbox's state before any run (kit.hostdiff.fresh_state), read ahead too.
+    before: Any = None
 
     def fds(self) -> set[int]:
         return {self.lock_fd} | ({self.building.ready_fd} if self.building else set())
@@ -671,7 +676,13 @@ def prepare_ahead() -> Ahead:
         building = host_sandbox.build([run_dir, *_coverage_dirs()])
     except Exception as exc:  # reported by the run that would have used it
         return Ahead(run_dir, lock_fd, None, f"{type(exc).__name__}: {exc}")
-    return Ahead(run_dir, lock_fd, building)
+    try:
+        uppers = building.wait_ready()
+    except host_sandbox.SandboxError:
+        return Ahead(run_dir, lock_fd, building)  # the run's adopt reports it
+    view = host_sandbox.HostSandbox(init_pid=building.init_pid, upper_dir=uppers["/"],
+                                    upper_dirs=uppers, own_init=False)
+    return Ahead(run_dir, lock_fd, building, before=hostdiff.fresh_state(view))
 
 
 def fits_ahead(request: RunRequest) -> bool:
