@@ -14,12 +14,14 @@ the host), over a copy-on-write view of the root file system (SPEC §11):
   harmless devices, a fresh devpts, ``/dev/shm`` and ``/dev/mqueue``;
 - ``/`` is made shared (a peer group of the sandbox's own), as on most hosts.
 
-Pid 1 of the sandbox is a small init (a fork of the supervisor) that builds all this, then
-only reaps orphans. The supervisor, which keeps the host's namespaces and ``/proc``, forks the
-starter into the sandbox's pid namespace; the starter enters init's other namespaces
-(:func:`enter`). When init ends (asked with SIGTERM, so that it saves its coverage data, else
-SIGKILLed), the kernel ends every process of the run; the namespaces, mounts and the tmpfs go
-with their last reference (:func:`end`).
+Pid 1 of the sandbox is a small init that builds all this, then only reaps orphans. It is
+forked (:func:`build`) by the zygote, which builds the next run's sandbox while a run goes on,
+or by a supervisor that builds its own. The supervisor, which keeps the host's namespaces and
+``/proc``, takes it over (:func:`adopt`) and forks the starter into the sandbox's pid
+namespace; the starter enters init's other namespaces (:func:`enter`). When init ends (asked
+by its parent with SIGTERM, so that it saves its coverage data, else SIGKILLed; it dies with
+its parent), the kernel ends every process of the run; the namespaces, mounts and the tmpfs
+go with their last reference (:func:`end`).
 
 This protects the host from mistakes, not from a hostile root: a process that is root in the
 launch user namespace may still undo the sandbox's read-only mounts, mount a new proc, or use
@@ -148,6 +150,9 @@ class Building:
         upper layers, each as a path through init's descriptors (valid while it lives)."""
         if self.uppers is None:
             self.uppers = _await_ready(self.ready_fd)
+            # Init no longer needs it (its old root is detached): gone now, it cannot outlive
+            # a builder that is killed.
+            _remove_scratch(self.scratch)
         return {point: f"/proc/{self.init_pid}/fd/{fd}" for point, fd in self.uppers.items()}
 
 
@@ -187,9 +192,6 @@ def adopt(building: Building) -> HostSandbox:
         building.wait_ready()
         assert building.uppers is not None
         _hold(sandbox, building.uppers)
-        # The sandbox no longer needs it (its old root is detached): gone now, it cannot
-        # outlive a supervisor that is killed.
-        _remove_scratch(building.scratch)
         fd = os.open(linux.ns_path("pid", building.init_pid), os.O_RDONLY | os.O_CLOEXEC)
         try:
             linux.setns(fd, linux.CLONE_NEWPID)
@@ -201,11 +203,6 @@ def adopt(building: Building) -> HostSandbox:
     finally:
         os.close(building.ready_fd)
     return sandbox
-
-
-def start(shared: list[str]) -> HostSandbox:
-    """Build a sandbox and take it over (:func:`build`, :func:`adopt`)."""
-    return adopt(build(shared))
 
 
 def provide_joins(sandbox: HostSandbox, namespaces: dict[str, str]) -> None:

@@ -2,14 +2,19 @@
 
 Starting a fresh interpreter and importing the kit and the engine costs far more than a
 whole lifecycle; the zygote pays it once per launcher process. It never changes its own
-credentials or namespaces: each run happens in a forked child that becomes the run's
+credentials or namespaces (building a host sandbox, it sets the pid namespace of one child,
+init's, and restores its own at once): each run happens in a forked child that becomes the run's
 supervisor (:mod:`kit.supervisor`), in its own session.
 
 Every process of a run is forked from it, directly or not, so it is kept cheap to fork:
 after new imports it collects, freezes (``gc.freeze``) and returns its free heap pages to the
 kernel; the kit itself does not import pyroute2 (``lo`` goes up with an ioctl); and what a
 supervisor would first compute cold, right after the fork, it computes here, warm (the fake
-backend's initial model; the temporary directory).
+backend's initial model; the temporary directory). For the host sandbox it goes further: right
+after forking a sandboxed run's supervisor it makes the next run's directory and host sandbox,
+and reads the sandbox's state before any run (kit.supervisor.prepare_ahead), while that run
+goes on; the next supervisor only adopts them. Their init is the zygote's child: the zygote
+ends it once the supervisor that adopted it is gone, off the path of the run's result.
 
 Protocol on the control socket (``SOCK_SEQPACKET``, one datagram per message):
 launcher → zygote: ``{"request": RunRequest JSON, "targets": [fd numbers]}`` with the file
