@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kit.probe import host_userns
-from kit.sandbox import default_on
+from kit.sandbox import check_join_kinds, default_on
 from kit.starter_config import FLOWS
 
 DEFAULT_HOOK_TIMEOUT = 5.0
@@ -117,7 +117,6 @@ class RunRequest:
         elif self.sandbox and self.backend != "real":
             raise ValueError("only the real backend runs in the host sandbox")
         if self.join_namespaces:
-            from kit.sandbox import check_join_kinds
             check_join_kinds(self.join_namespaces)
 
     def user(self) -> Invoker:

@@ -35,6 +35,7 @@ rules on itself (:func:`_confine_init`).
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import select
 import signal
@@ -145,7 +146,7 @@ class Building:
     #: copy-on-write upper layers.
     uppers: dict[str, int] | None = None
 
-    def wait_ready(self) -> dict[str, int]:
+    def wait_ready(self) -> dict[str, str]:
         """Wait until init has built the sandbox (or raise SandboxError saying why); the
         upper layers, each as a path through init's descriptors (valid while it lives)."""
         if self.uppers is None:
@@ -227,7 +228,7 @@ def provide_joins(sandbox: HostSandbox, namespaces: dict[str, str]) -> None:
                     os.close(os.open(f"{JOIN_DIR}/{kind}", os.O_CREAT | os.O_WRONLY, 0o444))
                     linux.mount(f"/proc/self/fd/{fd}", f"{JOIN_DIR}/{kind}", None,
                                 linux.MS_BIND)
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 the child reports any failure
                 os.write(wfd, f"{type(exc).__name__}: {exc}".encode())
                 os._exit(1)
             os._exit(0)
@@ -245,8 +246,6 @@ def provide_joins(sandbox: HostSandbox, namespaces: dict[str, str]) -> None:
 
 def _open_namespace(kind: str, path: str) -> int:
     """An fd of the ``kind`` namespace at ``path``, checked: of that kind, not the host's."""
-    import fcntl
-
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:

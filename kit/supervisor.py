@@ -674,7 +674,7 @@ def prepare_ahead() -> Ahead:
     run_dir, lock_fd = rundir.create()
     try:
         building = host_sandbox.build([run_dir, *_coverage_dirs()])
-    except Exception as exc:  # reported by the run that would have used it
+    except Exception as exc:  # noqa: BLE001 reported by the run that would have used it
         return Ahead(run_dir, lock_fd, None, f"{type(exc).__name__}: {exc}")
     try:
         uppers = building.wait_ready()

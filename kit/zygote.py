@@ -34,6 +34,7 @@ import signal
 import socket
 import sys
 import tempfile
+from collections.abc import Collection
 
 from kit import linux, rundir
 from kit.request import RunRequest
@@ -41,9 +42,9 @@ from kit.starter import default_signals
 from kit.supervisor import (
     Ahead,
     fits_ahead,
+    preload,
     prepare_ahead,
     prepare_backend,
-    preload,
     run_supervised,
 )
 
@@ -83,7 +84,7 @@ def reap() -> None:
             del exit_statuses[next(iter(exit_statuses))]
 
 
-def _place_fds(received: list[int], targets: list[int], extra: set[int] = frozenset()
+def _place_fds(received: list[int], targets: list[int], extra: Collection[int] = ()
                ) -> tuple[int, dict[int, int]]:
     """In the run's child: stdio and pass-through fds at their numbers; returns the result
     fd and where each of ``extra`` (the zygote's own, for the supervisor) now is. Everything

@@ -351,7 +351,7 @@ def test_every_process_of_the_sandbox_is_under_the_host_global_filter(shared_dir
                    engine_config={"mount_tmp": False})
     init = handle.sandbox["sandbox_pid"]
     try:
-        assert wait_until(lambda: os.path.exists(out) and "Seccomp:" in open(out).read(),
+        assert wait_until(lambda: os.path.exists(out) and "Seccomp:" in Path(out).read_text(),
                           what="the payload's status")
         init_status = linux.read_status(f"/proc/{init}/status")
     finally:
@@ -382,6 +382,7 @@ def test_the_zygote_builds_the_next_sandbox_while_a_run_goes_on():
     """A sandboxed run through the zygote adopts a sandbox built ahead (the zygote's child,
     running before the run was asked for); a run with directories to share builds its own."""
     from conftest import _zygote_pid, zygotes_sandbox
+
     from kit.launcher import start
     assert run("reference", "root", ["/bin/true"]).exit_code == 0
     zygote = _zygote_pid()
