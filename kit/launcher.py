@@ -426,7 +426,8 @@ def make_request(engine: str, flow: str, argv: list[str], *,
                  run_timeout: float = DEFAULT_RUN_TIMEOUT, probes: bool = True,
                  container_id: str | None = None, sandbox: bool | None = None,
                  shared_dirs: list[str] | None = None,
-                 join_namespaces: dict[str, str] | None = None) -> RunRequest:
+                 join_namespaces: dict[str, str] | None = None,
+                 inject: str | None = None) -> RunRequest:
     try:
         invoker = Invoker.resolve(user)
     except ValueError:
@@ -439,7 +440,7 @@ def make_request(engine: str, flow: str, argv: list[str], *,
         container_id=container_id or f"kit-{uuid.uuid4().hex[:12]}",
         hook_timeout=hook_timeout, run_timeout=run_timeout, probes=probes,
         sys_path=_import_path(), sandbox=sandbox, shared_dirs=list(shared_dirs or []),
-        join_namespaces=dict(join_namespaces or {}))
+        join_namespaces=dict(join_namespaces or {}), inject=inject)
 
 
 def start(engine: str, flow: str, argv: list[str], *, capture: bool = True,
@@ -459,7 +460,8 @@ def run(engine: str, flow: str, argv: list[str], *, capture: bool = True,
     user U), ``backend``, ``hook_timeout``, ``run_timeout``, ``probes``, ``container_id``,
     ``sandbox`` (the host sandbox, :mod:`kit.sandbox`; default: on as root in the real
     backend), ``shared_dirs`` (host directories a sandboxed run may write),
-    ``join_namespaces`` (namespaces made for the run to join: ``kit.sandbox.join_path``).
+    ``join_namespaces`` (namespaces made for the run to join: ``kit.sandbox.join_path``),
+    ``inject`` (a fault the kit injects around the engine's hooks, :data:`kit.inject.INJECTIONS`).
     ``capture`` collects the payload's stdout/stderr into the result (else inherited).
     ``pass_fds`` are open in the starter under the same numbers (for
     ``StarterConfig.keep_file_descriptor``).

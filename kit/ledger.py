@@ -60,6 +60,7 @@ EVENT_KINDS: dict[str, tuple[str, ...]] = {
                         "target", "process_role", "hook", "strings"),
     "syscalls_unrecorded": ("count",),  # refused beyond kit.seccomp.MAX_RECORDED
     "exit": ("code", "reason"),
+    "kit_injected": ("hook", "fault", "detail"),  # a fault the kit made (RunRequest.inject)
     "engine_fault": ("fault", "sender_pid", "sender_role", "open_hooks", "detail", "excerpt"),
 }
 COMMON_KEYS = ("seq", "t", "kind", "role", "pid", "tid")
@@ -250,9 +251,11 @@ FIELD_TYPES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
                 "error": (_opt(_of(dict)), "an object or null")},
 }
 _TYPES_OF = {"hook_enter": "hook", "hook_return": "hook", "hook_raise": "hook",
-             "stage2_failed": "message", "fatal": "message", "starter_error": "message"}
+             "kit_injected": "hook", "stage2_failed": "message", "fatal": "message",
+             "starter_error": "message"}
 REQUIRED: dict[str, tuple[str, ...]] = {
     "hook_enter": ("hook",), "hook_return": ("hook",), "hook_raise": ("hook",),
+    "kit_injected": ("hook", "fault"),
     "process_exit": ("child_role", "child_pid"), "container_start": ("container_pid",),
     "signal": ("signum",), "rpc_call": ("ok",)}
 

@@ -8,6 +8,7 @@ import pwd
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from kit.inject import validate as validate_injection
 from kit.probe import host_userns
 from kit.sandbox import check_join_kinds, default_on
 from kit.starter_config import FLOWS
@@ -98,8 +99,13 @@ class RunRequest:
     #: net): in the host sandbox the run finds them at ``kit.sandbox.join_path`` (nothing
     #: else of the host's namespaces is reachable from there); unsandboxed, at the path.
     join_namespaces: dict[str, str] = field(default_factory=dict)
+    #: A fault the kit injects into its own processes around the engine's hooks (a key of
+    #: :data:`kit.inject.INJECTIONS`), to exercise the starter's error paths without the
+    #: engine's cooperation; the ledger records it as a ``kit_injected`` event.
+    inject: str | None = None
 
     def __post_init__(self) -> None:
+        validate_injection(self.inject)
         if self.host_userns is None:
             self.host_userns = list(host_userns())
         if self.flow not in FLOWS:

@@ -33,7 +33,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from kit import linux, probe, registry, seccomp
+from kit import inject, linux, probe, registry, seccomp
 from kit.contract import (
     Common,
     ConfigError,
@@ -221,7 +221,9 @@ class HookRunner:
         again) — by wrapping them on the instance."""
         for hook in HOOK_PARAMETERS:
             original = getattr(ops, hook)
-            setattr(ops, hook, self._recorded(hook, original))
+            # A fault the run asked the kit to inject goes inside the record: the ledger
+            # shows the hook raising, and the kit_injected event says who made it raise.
+            setattr(ops, hook, self._recorded(hook, inject.wrap(hook, original, self.ledger)))
 
     def _recorded(self, hook: str, original: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(original)
@@ -344,6 +346,7 @@ class Starter:
         # the reaper's pid if the supervisor died in between, and the starter would live on.
         self.parent = parent
         self.req = request
+        inject.arm(request.inject)  # before any process of the run is forked
         self.filter_channel = filter_channel
         self.user: Invoker = request.user()
         self.system = current()
