@@ -27,7 +27,9 @@ FAULT_FIELD = "conformance_fault"
 #: Engine-config field mapping namespace kind to path (``join_only``).
 JOIN_FIELD = "conformance_join"
 
-#: Values of FAULT_FIELD the suite uses, and what the engine must do for each.
+#: Values of FAULT_FIELD, and what the engine must do for each. The suite asks an engine for
+#: the faults of its own requirements only (``fault:*`` scenarios, today start_process); the
+#: kit makes every other one itself (kit.inject, the same names, ``inject:*`` scenarios).
 FAULTS = {
     "prepare_config": "raise an exception in prepare_config",
     "prepare_config:invalid": "request an invalid StarterConfig in prepare_config: effective "
@@ -36,7 +38,7 @@ FAULTS = {
     "create_container:hang": "block in create_container (never return)",
     "create_container:rpc-probe": "before its own RPC calls, send the RPC server what it must "
                                   "refuse and survive, and after them a frame too large to "
-                                  "read: conformance.cooperation.probe_rpc_server does both",
+                                  "read: kit.inject.probe_rpc_server does both",
     "start_process": "raise an exception in start_process",
     "start_process:return": "return from start_process without exec'ing",
     "post_start_process": "raise an exception in post_start_process",
@@ -57,7 +59,8 @@ class Capabilities:
     @property
     def fault_injection(self) -> bool:
         """The engine config accepts ``conformance_fault`` (a key of FAULTS) and the engine
-        then fails in that hook as FAULTS says."""
+        then fails in that hook as FAULTS says (needed only for the error paths of engine
+        requirements: the kit injects the others itself)."""
         return False
 
     @property

@@ -1,9 +1,11 @@
 """A ready-made implementation of the suite's cooperation protocols, for any engine.
 
-The error-path and join-only tests need the engine to fail, hang or join on request (SPEC §2
-error table, §5). :func:`cooperative` derives, from an engine's Operations class, a class
-that honours the two engine-config fields of :mod:`conformance.capabilities` and declares
-the capabilities ``fault_injection`` and ``join_only``:
+The error paths of the engine's own requirements (start_process raising) and the join-only
+tests need the engine to fail or join on request (SPEC §2 error table, §5); the error paths of
+the kit's requirements are made by the kit itself (:mod:`kit.inject`) and need nothing.
+:func:`cooperative` derives, from an engine's Operations class, a class that honours the two
+engine-config fields of :mod:`conformance.capabilities` and declares the capabilities
+``fault_injection`` and ``join_only``:
 
     from conformance.cooperation import cooperative
     register_operations("myengine-under-test", cooperative(MyEngine))
@@ -19,14 +21,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import pickle
 import threading
 from typing import Any
 
 from conformance.capabilities import FAULT_FIELD, FAULTS, JOIN_FIELD, Capabilities
-from kit.registry import find, register_operations, register_rpc_methods, registered
-from kit.rpc.codec import HEADER, MAX_FRAME, encode_body, recv_frame, send_body
-from kit.rpc.messages import make_request
+from kit.inject import PROBE_METHOD, RPC_PROBES, probe_rpc_server
+from kit.registry import register_operations, register_rpc_methods, registered
+
+# The RPC probes are the kit's (kit.inject): re-exported for engines that implement the
+# fault-injection protocol themselves and call them from their own create_container.
+__all__ = ["PROBE_METHOD", "REFERENCE_NAME", "RPC_PROBES", "FaultInjected", "cooperative",
+           "probe_rpc_server", "register_reference"]
 
 REFERENCE_NAME = "reference-cooperative"
 
@@ -134,45 +139,6 @@ def cooperative(ops: type, *, faults: bool = True, join: bool = True) -> type:
 
     Cooperative.__name__ = Cooperative.__qualname__ = f"Cooperative{ops.__name__}"
     return Cooperative
-
-
-#: What :func:`probe_rpc_server` sends first, in this order (the suite finds the server's
-#: record of each by position: RPC-005, RPC-006).
-RPC_PROBES = ("unknown-method", "unknown-argument", "malformed-json", "pickle")
-#: The method name of the unknown-method probe (after ``<engine>.``).
-PROBE_METHOD = "conformance_no_such_method"
-
-
-def probe_rpc_server(conn: Any, engine_name: str, phase: str) -> list[dict[str, Any]]:
-    """Send the RPC server, on the connection create_container got, what it must answer with
-    an error and survive (``phase="before"`` the engine's own calls: :data:`RPC_PROBES`), or
-    a frame header announcing more than the maximum size (``phase="after"``: the server
-    answers with an error and ends the connection). Returns the replies read.
-
-    An engine that implements the fault-injection protocol itself calls this from its
-    create_container for ``conformance_fault = "create_container:rpc-probe"``.
-    """
-    if phase == "after":
-        conn.sendall(HEADER.pack(MAX_FRAME + 1))
-        reply = recv_frame(conn)
-        return [reply[0]] if reply else []
-    served = sorted(find(engine_name).rpc_specs)
-    # A method the engine serves, given an argument it does not take (or, for an engine
-    # without RPC methods, another unknown method).
-    known = f"{engine_name}.{served[0] if served else PROBE_METHOD}"
-    request = make_request(1, f"{engine_name}.{PROBE_METHOD}", {})
-    bodies = [encode_body(request),
-              encode_body(make_request(2, known, {"conformance_no_such_argument": 1})),
-              b'{"id": 3, "method": ',
-              pickle.dumps(make_request(4, known, {}))]
-    replies = []
-    for body in bodies:
-        send_body(conn, body)
-        reply = recv_frame(conn)
-        if reply is None:
-            break  # the server hung up: the suite sees it in the ledger
-        replies.append(reply[0])
-    return replies
 
 
 def register_reference() -> None:

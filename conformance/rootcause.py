@@ -66,9 +66,11 @@ def expected_hook(scenario: str) -> str | None:
     """The hook a scenario asks to fail (None: the scenario asks for no failure)."""
     if scenario == "exec-failure":
         return "start_process"  # the payload path does not exist: stage 2 must fail
-    if scenario.startswith("fault:"):
-        fault = scenario[len("fault:"):]
-        return None if fault == "create_container:rpc-probe" else fault.split(":")[0]
+    # fault: the engine fails on request; inject: the kit makes the hook fail (kit.inject)
+    for prefix in ("fault:", "inject:"):
+        if scenario.startswith(prefix):
+            fault = scenario[len(prefix):]
+            return None if fault == "create_container:rpc-probe" else fault.split(":")[0]
     return None
 
 
@@ -136,12 +138,16 @@ def find(scenario: str, events: Iterable[Any]) -> RootCause | None:
     """The root cause of a run of ``scenario`` with these ledger events, or None when the run
     went as the scenario asks (successfully, or failing where its fault targets)."""
     target = expected_hook(scenario)
+    # The kit's injection starts at its kit_injected record: an engine's hook that failed on
+    # its own before the kit could inject anything is the engine's root cause.
+    by_kit = scenario.startswith("inject:")
     started = False
     for event in events:
         if not isinstance(event, dict):
             continue
         kind = event.get("kind")
-        if target is not None and kind == "hook_enter" and event.get("hook") == target:
+        if target is not None and event.get("hook") == target \
+                and kind == ("kit_injected" if by_kit else "hook_enter"):
             started = True
         if kind not in BAD_KINDS:
             continue

@@ -104,6 +104,8 @@ class RunCache:
             timeout = min(timeout or SHORT_HOOK_TIMEOUT, SHORT_HOOK_TIMEOUT)
         if timeout is not None:
             options["hook_timeout"] = timeout
+        if scenario.inject is not None:
+            options["inject"] = scenario.inject
         return options
 
     def _execute(self, flow: str, scenario: Scenario) -> Run:

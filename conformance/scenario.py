@@ -20,14 +20,23 @@ from typing import Any
 import kit
 from conformance.capabilities import FAULT_FIELD, FAULTS, JOIN_FIELD
 from conformance.expectations import ERROR_PATHS, FORWARDED_SIGNALS
+from conformance.requirements import KIT, subject_of
 from kit import launcher, linux
 from kit.environment import backend_for
+from kit.inject import INJECTIONS
 from kit.sandbox import default_on, join_path
 
 #: Exit code of the signal-forwarding payload when every forwarded signal arrived.
 ALL_SIGNALS_ARRIVED = 42
 #: Exit code base of that payload when some did not: 10 + bit mask (bit i = signal i arrived).
 SIGNAL_MASK_BASE = 10
+
+
+def fault_scenario_name(requirement: str) -> str:
+    """``inject:FAULT`` when the kit makes the error path of ``requirement`` (a kit
+    requirement), else ``fault:FAULT`` (the engine fails on request)."""
+    path = ERROR_PATHS[requirement]
+    return f"{'inject' if subject_of(path.requirement) == KIT else 'fault'}:{path.fault}"
 
 
 def _python() -> str:
@@ -74,6 +83,9 @@ class Scenario:
     flows: tuple[str, ...] | None = None  # None: every flow
     short_hook_timeout: bool = False  # the hang scenarios: a 1 s hook timeout
     fault: str | None = None
+    #: A fault the kit injects into its own processes (RunRequest.inject): no capability
+    #: needed, and the ledger marks it as the kit's.
+    inject: str | None = None
 
     def config(self) -> dict[str, Any]:
         return dict(self.engine_config)
@@ -475,25 +487,37 @@ _LIST: list[Scenario] = [
                  ("/bin/true",), 0, requires=("host_payloads", "join_only"),
                  flows=("root", "suid")),
 ]
-for _path in {p.fault: p for p in ERROR_PATHS.values()}.values():
-    assert _path.fault in FAULTS, _path.fault
+# An error path of a kit requirement is made by the kit itself (RunRequest.inject), in every
+# engine's run; one of an engine requirement needs the engine's own failure (its cooperation,
+# capability fault_injection).
+for _req, _path in ERROR_PATHS.items():
+    assert _path.fault in FAULTS and _path.fault in INJECTIONS, _path.fault
+    _name = fault_scenario_name(_req)
+    if _name in {s.name for s in _LIST}:
+        continue  # ORDER-008 is ERR-007's run
+    _by_kit = subject_of(_req) == KIT
     _LIST.append(Scenario(
-        f"fault:{_path.fault}", f"the engine fails on request: {FAULTS[_path.fault]}", _EXIT_7,
+        _name, (f"the kit injects a fault: {INJECTIONS[_path.fault]}" if _by_kit else
+                f"the engine fails on request: {FAULTS[_path.fault]}"), _EXIT_7,
         7 if _path.exit_code is None else _path.exit_code,
-        engine_config=((FAULT_FIELD, _path.fault),),
-        requires=("host_payloads", "fault_injection"),
-        short_hook_timeout=_path.fault.endswith(":hang"), fault=_path.fault))
+        engine_config=() if _by_kit else ((FAULT_FIELD, _path.fault),),
+        requires=("host_payloads",) if _by_kit else ("host_payloads", "fault_injection"),
+        short_hook_timeout=_path.fault.endswith(":hang"), fault=_path.fault,
+        inject=_path.fault if _by_kit else None))
 
+# RPC-005 and RPC-006 are the kit's: its RPC server is probed from the kit's side.
 _LIST.append(Scenario(
-    "rpc-probe", "create_container sends the RPC server an unknown method, an unknown "
-    "argument, malformed JSON and a pickle before its own calls, and an oversized frame "
-    "after them", ("/bin/true",), 0,
-    engine_config=((FAULT_FIELD, "create_container:rpc-probe"),),
-    requires=("host_payloads", "fault_injection"), fault="create_container:rpc-probe"))
+    "rpc-probe", "the kit sends the RPC server an unknown method, an unknown argument, "
+    "malformed JSON and a pickle before the engine's create_container, and an oversized frame "
+    "after it", ("/bin/true",), 0, fault="create_container:rpc-probe",
+    inject="create_container:rpc-probe"))
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in _LIST}
 
 
 def fault_scenario(requirement: str) -> str:
     """The scenario name that makes the error path of ``requirement`` happen."""
-    return f"fault:{ERROR_PATHS[requirement].fault}"
+    name = fault_scenario_name(requirement)
+    if name not in SCENARIOS:
+        raise KeyError(f"no scenario makes the error path of {requirement!r}")
+    return name

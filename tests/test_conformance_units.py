@@ -12,7 +12,7 @@ from conformance import capabilities, catalogue, checks, outcomes, report, requi
 from conformance import expectations as X
 from conformance.capabilities import Capabilities
 from conformance.runs import Run
-from conformance.scenario import SCENARIOS, decode_signal_exit
+from conformance.scenario import SCENARIOS, decode_signal_exit, fault_scenario
 from kit import probe
 
 U, G = 999, 995
@@ -87,7 +87,7 @@ def test_order_rules_and_error_paths_refer_to_known_things():
     for req, path in X.ERROR_PATHS.items():
         assert req in requirements.CATALOGUE
         assert path.fault in capabilities.FAULTS
-        assert f"fault:{path.fault}" in SCENARIOS
+        assert fault_scenario(req) in SCENARIOS
 
 
 def test_the_signal_payload_reports_which_signals_it_missed():

@@ -1,12 +1,16 @@
 """Error paths: what the run looks like when a hook fails (SPEC §2 error table, rules 5–8, 10;
 §5 StarterConfig validation).
 
-Failing on purpose needs the engine's cooperation (capability ``fault_injection``); a payload
-that does not exist makes start_process (or an engine that checks it early, prepare_config)
-fail without any, so those paths are also checked when an engine takes them.
+The error paths of kit requirements are made by the kit itself (``RunRequest.inject``, the
+``inject:*`` scenarios), in every engine's run; the engine's own hooks after the injected
+failure (cleanup_container) still run and are checked. Only an engine requirement's own
+failure (start_process raising) needs the engine's cooperation (capability
+``fault_injection``); a payload that does not exist makes start_process (or an engine that
+checks it early, prepare_config) fail without any, so those paths are also checked when an
+engine takes them.
 """
 
-from conformance import requirement, requires, scenarios
+from conformance import requirement, scenarios
 from conformance.checks import (
     check_cleanup_returned,
     check_error_path,
@@ -44,7 +48,6 @@ def test_prepare_config_raising_stops_the_run_with_exit_255_and_no_further_hook(
 
 
 @requirement("ERR-002")
-@requires("fault_injection")
 @scenarios(*_faults("ERR-002"))
 def test_create_container_raising_cleans_up_with_container_creation_failed_and_exits_255(
         lifecycle, verify):
@@ -59,35 +62,30 @@ def test_start_process_raising_is_a_stage_2_failure_without_post_start_process(l
 
 
 @requirement("ERR-004")
-@requires("fault_injection")
 @scenarios(*_faults("ERR-004"))
 def test_post_start_process_raising_cleans_up_with_the_error_and_exits_255(lifecycle, verify):
     _error_path(lifecycle, verify, "ERR-004")
 
 
 @requirement("ERR-005")
-@requires("fault_injection")
 @scenarios(*_faults("ERR-005"))
 def test_monitor_container_raising_cleans_up_with_the_error_and_exits_255(lifecycle, verify):
     _error_path(lifecycle, verify, "ERR-005")
 
 
 @requirement("ERR-006")
-@requires("fault_injection")
 @scenarios(*_faults("ERR-006"))
 def test_cleanup_container_raising_is_reported_and_keeps_the_exit_code(lifecycle, verify):
     _error_path(lifecycle, verify, "ERR-006")
 
 
 @requirement("ERR-007")
-@requires("fault_injection")
 @scenarios(*_faults("ERR-007"))
 def test_a_hook_that_hangs_gets_the_process_tree_killed_and_is_named(lifecycle, verify):
     _error_path(lifecycle, verify, "ERR-007")
 
 
 @requirement("ORDER-008")
-@requires("fault_injection")
 @scenarios(*_faults("ORDER-008"))
 def test_create_container_waiting_for_the_container_is_reported_as_its_hook_timeout(
         lifecycle, verify):
@@ -95,14 +93,12 @@ def test_create_container_waiting_for_the_container_is_reported_as_its_hook_time
 
 
 @requirement("ERR-008")
-@requires("fault_injection")
 @scenarios(*_faults("ERR-008"))
 def test_start_process_returning_instead_of_exec_is_a_stage_2_failure(lifecycle, verify):
     _error_path(lifecycle, verify, "ERR-008")
 
 
 @requirement("SC-001")
-@requires("fault_injection")
 @scenarios(*_faults("SC-001"))
 def test_an_invalid_starter_config_is_rejected_before_any_namespace_exists(lifecycle, verify):
     _error_path(lifecycle, verify, "SC-001")
@@ -131,7 +127,6 @@ def test_cleanup_container_does_not_run_when_stage_1_failed(lifecycle, verify):
 
 
 @requirement("EXIT-003")
-@requires("fault_injection")
 @scenarios(*_faults(*FATAL_PATHS))
 def test_a_fatal_error_makes_the_run_exit_255(lifecycle, verify):
     for run, _ in error_runs(verify, lifecycle, FATAL_PATHS):

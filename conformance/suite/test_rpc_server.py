@@ -1,6 +1,6 @@
 """The RPC server and the RPC calls of create_container (SPEC §2, §4, §6)."""
 
-from conformance import flows, requirement, requires, scenarios
+from conformance import flows, requirement, scenarios
 from conformance.checks import (
     check_privileges,
     check_rpc_calls_during_create,
@@ -67,9 +67,9 @@ def test_rpc_server_handles_one_request_at_a_time(lifecycle, verify):
 
 
 @requirement("RPC-005", "RPC-006")
-@requires("fault_injection")
 @scenarios("rpc-probe")
 def test_rpc_server_answers_bad_frames_with_errors_and_keeps_serving(lifecycle, verify):
-    """create_container sends an unknown method, an unknown argument, malformed JSON and a
-    pickle, then its own calls, then a header announcing an oversized frame."""
+    """The kit sends, from create_container's side of the connection, an unknown method, an
+    unknown argument, malformed JSON and a pickle, then the engine makes its own calls, then
+    the kit sends a header announcing an oversized frame."""
     check_rpc_probes(verify, lifecycle("rpc-probe"))
