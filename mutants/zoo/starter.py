@@ -91,8 +91,9 @@ def _wrap_hook_call(change: Callable[..., Any]) -> None:
 class StarterMutant(Mutant):
     """A mutant whose bug is in the kit: :meth:`mutate` changes the kit of this process."""
 
-    #: Fault injection and join-only scenarios: most starter bugs are on the error paths.
-    cooperative: ClassVar[bool] = True
+    #: The plain reference engine: the error paths of the kit's requirements are made by the
+    #: kit itself (kit.inject), so a starter bug there is caught without the engine's help.
+    cooperative: ClassVar[bool] = False
     mechanism: ClassVar[str] = "starter"
     #: The bug leaves the container without the namespaces the engine asked for, so the
     #: reference's create_container would mount on the host's /proc and /tmp (hiding them
@@ -302,6 +303,7 @@ class PostStartAfterStage2Failure(StarterMutant):
     slug = "starter-post-start-after-stage2-failure"
     bug = "the master's start waiter takes every end of stage 2, even a failure, for the exec"
     killed_by = ("ORDER-010", "ERR-003", "ERR-008")
+    cooperative = True  # ERR-003 is the engine's: start_process fails on the engine's request
 
     @staticmethod
     def mutate() -> None:
