@@ -1,0 +1,122 @@
+"""The kit's own fault injection (RunRequest.inject): every fault kind, on the plain reference
+engine, shows in the ledger as the kit's, and the engine's later hooks still run."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from conformance import expectations as X
+from conformance import rootcause
+from conformance.capabilities import FAULTS
+from conformance.requirements import KIT, subject_of
+from conformance.scenario import SCENARIOS, fault_scenario
+from kit import inject, launcher
+from kit.ledger import check_event
+from kit.request import RunRequest
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="real lifecycles in the root flow")
+
+#: What the engine's hook does in each kind: called or not, and how the hook ends.
+RAISES = ("prepare_config", "create_container", "start_process", "post_start_process",
+          "monitor_container", "cleanup_container")
+
+
+def _run(fault: str) -> launcher.RunResult:
+    timeout = 1.0 if fault.endswith(":hang") else 5.0
+    return launcher.run("reference", "root", ["/bin/sh", "-c", "exit 7"], inject=fault,
+                        hook_timeout=timeout, backend="real")
+
+
+def _events(result: launcher.RunResult, kind: str, **match: str) -> list[dict]:
+    return [e for e in result.events if e["kind"] == kind
+            and all(e.get(k) == v for k, v in match.items())]
+
+
+def test_the_kit_knows_every_fault_of_the_engine_protocol_by_the_same_name():
+    assert list(inject.INJECTIONS) == list(FAULTS)
+
+
+def test_an_unknown_fault_is_refused_by_name_where_the_run_is_requested():
+    with pytest.raises(ValueError, match=r"inject: unknown fault 'create_container:oops' "
+                       r"\(known: prepare_config, "):
+        RunRequest(engine="reference", flow="root", argv=["/bin/true"],
+                   inject="create_container:oops", backend="fake")
+
+
+def test_the_ledger_schema_takes_the_kit_injected_event_and_only_its_keys():
+    event = {"seq": 1, "t": 0, "kind": "kit_injected", "role": "master", "pid": 2, "tid": 2,
+             "hook": "create_container", "fault": "create_container", "detail": "x"}
+    assert check_event(event) is None
+    assert "outside the schema" in str(check_event({**event, "engine": "mine"}))
+    assert "a hook of the contract" in str(check_event({**event, "hook": "no_such_hook"}))
+    assert "without 'fault'" in str(check_event({k: v for k, v in event.items()
+                                                  if k != "fault"}))
+
+
+@pytest.mark.parametrize("fault", list(inject.INJECTIONS))
+def test_each_fault_is_made_by_the_kit_and_recorded_as_the_kits(fault):
+    result = _run(fault)
+    hook = fault.split(":")[0]
+    made = _events(result, "kit_injected", fault=fault)
+    assert len(made) == 1, result.problems()
+    assert made[0]["hook"] == hook and made[0]["detail"].startswith(inject.INJECTIONS[fault])
+    entered = _events(result, "hook_enter", hook=hook)
+    assert entered and entered[0]["seq"] < made[0]["seq"]  # inside the engine's hook record
+    raised = _events(result, "hook_raise", hook=hook)
+    if fault in RAISES:
+        # the kit's exception type, never one an engine raises: nobody takes it for a bug
+        assert [e["error"]["type"] for e in raised] == ["InjectedFault"]
+        assert "injected by the kit" in raised[0]["error"]["message"]
+    else:
+        assert raised == []
+    path = next((p for p in X.ERROR_PATHS.values() if p.fault == fault), None)
+    if path is not None and path.exit_code is not None:
+        assert result.exit_code == path.exit_code, (result.reason, result.problems())
+    if path is not None and path.cleanup:
+        # the engine's own later hook runs after the kit's failure, and returns
+        assert _events(result, "hook_enter", hook="cleanup_container", role="master")
+    if fault == "create_container:hang":
+        assert (result.timed_out or {}).get("hook") == "create_container"
+    if fault == "prepare_config:invalid":
+        assert any("set_capabilities" in e["message"]
+                   for e in _events(result, "starter_error", stage="starter_config"))
+    if fault == "create_container:rpc-probe":
+        calls = _events(result, "rpc_call")
+        assert [c["ok"] for c in calls[:len(inject.RPC_PROBES)]] == [False] * 4
+        assert result.exit_code == 7
+
+
+def test_the_engine_hook_runs_before_an_injected_raise_and_not_instead_of_a_hang():
+    created = _run("create_container")
+    assert _events(created, "rpc_call")  # the reference's create_container made its calls
+    hung = _run("create_container:hang")
+    assert not _events(hung, "rpc_call")  # the kit blocked in its place
+
+
+def test_kit_requirements_use_the_kits_injection_and_need_no_capability():
+    for req, path in X.ERROR_PATHS.items():
+        scenario = SCENARIOS[fault_scenario(req)]
+        if subject_of(req) == KIT:
+            assert scenario.inject == path.fault and "fault_injection" not in scenario.requires
+            assert scenario.config() == {}
+        else:  # the engine's own failure: its cooperation
+            assert scenario.inject is None and "fault_injection" in scenario.requires
+    assert SCENARIOS["rpc-probe"].inject == "create_container:rpc-probe"
+    assert "fault_injection" not in SCENARIOS["rpc-probe"].requires
+
+
+def test_an_engine_hook_failing_before_the_kit_injects_is_the_engines_root_cause():
+    enter = {"kind": "hook_enter", "role": "stage1", "hook": "prepare_config"}
+    own = {"kind": "hook_raise", "role": "stage1", "hook": "prepare_config",
+           "error": {"type": "RuntimeError", "message": "the engine's own bug"}}
+    cause = rootcause.find("inject:prepare_config:invalid", [enter, own])
+    assert cause is not None and "the engine's own bug" in cause.error
+    made = {"kind": "kit_injected", "role": "stage1", "hook": "prepare_config",
+            "fault": "prepare_config:invalid"}
+    refused = {"kind": "starter_error", "role": "starter", "stage": "starter_config",
+               "message": "set_capabilities: effective capabilities must be a subset"}
+    assert rootcause.find("inject:prepare_config:invalid", [enter, made, refused]) is None
+    kit_raise = {**own, "error": {"type": "InjectedFault", "message": "injected by the kit"}}
+    assert rootcause.find("inject:prepare_config", [enter, made, kit_raise]) is None
