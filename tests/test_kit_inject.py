@@ -3,7 +3,12 @@ engine, shows in the ledger as the kit's, and the engine's later hooks still run
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -120,3 +125,50 @@ def test_an_engine_hook_failing_before_the_kit_injects_is_the_engines_root_cause
     assert rootcause.find("inject:prepare_config:invalid", [enter, made, refused]) is None
     kit_raise = {**own, "error": {"type": "InjectedFault", "message": "injected by the kit"}}
     assert rootcause.find("inject:prepare_config", [enter, made, kit_raise]) is None
+
+
+# --- the suite: the kit's self-check needs no cooperation ------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+#: The kit requirements whose error paths only the kit's injection makes on a plain engine.
+INJECTED = ("ERR-002", "ERR-004", "ERR-005", "ERR-006", "ERR-007", "ERR-008", "ORDER-008",
+            "SC-001", "EXIT-003", "RPC-005", "RPC-006")
+
+
+def _suite(engine: str, tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    report = tmp_path / "conformance.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(ROOT), str(ROOT / "tests")))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", f"--engine={engine}", "--flow=root", "-p", "no:xdist",
+         "-p", "no:cacheprovider", "-q", f"--conformance-report={report}", *args],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert report.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, json.loads(report.read_text())
+
+
+def test_the_plain_reference_checks_every_kit_requirement_of_its_flow(tmp_path):
+    proc, doc = _suite("reference", tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    screen = " ".join(proc.stdout.split())
+    found = re.search(r"harness self-check on this machine: (\d+)/(\d+) kit requirements "
+                      r"hold(?: \((\d+) not checked here\))?", screen)
+    assert found, screen[-3000:]
+    held, checked, unchecked = found.groups()
+    # every kit requirement that applies to the root flow (RPC-007 is the kit's own tests')
+    assert held == checked and unchecked is None, found.group(0)
+    outcome = {e["requirement"]: e["outcome"] for e in doc["results"]}
+    assert {req: outcome.get(req) for req in INJECTED} == dict.fromkeys(INJECTED, "passed")
+    assert doc["engine"]["capabilities"]["fault_injection"] is False  # no cooperation
+    kit_runs = {r["scenario"] for r in doc["runs"] if r["scenario"].startswith("inject:")}
+    assert len(kit_runs) == 8 and all(not r["engine_config"] for r in doc["runs"]
+                                      if r["scenario"] in kit_runs)
+
+
+def test_a_starter_mutant_on_the_error_paths_is_caught_without_cooperation(tmp_path):
+    spec = "mutants.zoo.starter:register_starter_create_failure_ignored"
+    proc, doc = _suite(spec, tmp_path, "-k", "create_container_raising")
+    failed = {e["requirement"] for e in doc["results"] if e["outcome"] == "failed"}
+    assert "ERR-002" in failed, proc.stdout[-3000:]
+    assert doc["engine"]["capabilities"]["fault_injection"] is False  # the plain reference
+    assert "harness self-check on this machine: 0/1 kit requirements hold; failing: " \
+           "ERR-002 [root]" in " ".join(proc.stdout.split())
