@@ -2,7 +2,12 @@
 
 Measures, interleaved (A B C … A B C …) after a warm-up, the median wall time of:
 
-* ``unshare``        — util-linux ``unshare -m -p -u -i -n -f /bin/true`` (the baseline);
+* ``unshare``        — util-linux ``unshare -m -p -u -i -n -f /bin/true`` (the kernel's floor);
+* ``runc``           — ``runc run`` of a trivial container: a static ``true`` in a minimal bundle
+  (``runc spec``'s defaults: the same five namespaces, ``/proc``, ``/dev``…) that the bench
+  writes to a temporary directory; the runtime a user would otherwise reach for. Skipped,
+  with the reason in the JSON (``runc``), when runc is not installed (Debian: ``apt-get
+  install runc``) or the bench has no static ``true`` for this machine;
 * ``ctypes_minimal`` — fork → unshare(same namespaces) → fork → exec ``/bin/true`` from this
   lean process;
 * ``full``           — one kit lifecycle of the reference engine, root flow, same namespaces,
@@ -15,10 +20,15 @@ Measures, interleaved (A B C … A B C …) after a warm-up, the median wall tim
 Also the fake backend's seccomp filter: the time to install it, and what it adds to each
 system call it lets through (the ``fake`` case includes both).
 
+Besides wall time, the CPU time of each case (user + system, the bench and every process it
+or its zygote forked and reaped; a lifecycle is CPU-bound, and CPU time is less noisy than
+wall time on a shared machine): ``cpu_ms``, the mean per run.
+
 It prints each median, the ratios, and where the time of a full lifecycle goes (per stage
 and hook, from the ledger's timestamps; probe cost; ledger cost). ``--json FILE`` writes
-``{"medians": {...ms}, "ratios": {...}, "samples": N, "breakdown": {...}}``.
-A benchmark, not a test: nothing here asserts a time.
+``{"medians": {...ms}, "cpu_ms": {...}, "ratios": {...}, "samples": N, "runc": {...},
+"breakdown": {...}}``; ``sandbox_overhead`` is the host sandbox's share of a full lifecycle
+(0.10: 10 %). A benchmark, not a test: nothing here asserts a time.
 """
 
 from __future__ import annotations
@@ -26,9 +36,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -37,7 +49,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kit import linux, probe, seccomp
-from kit.launcher import RunResult, run
+from kit.launcher import RunResult, Zygote, start
 from kit.ledger import LedgerWriter
 
 NAMESPACES = ["mount", "pid", "uts", "ipc", "net"]
@@ -74,13 +86,124 @@ def bench_ctypes_minimal() -> None:
         raise RuntimeError(f"minimal lifecycle failed: {status}")
 
 
+#: ``exit(0)`` on x86-64: mov eax, 60 (exit); xor edi, edi; syscall.
+_EXIT0_X86_64 = bytes([0xB8, 0x3C, 0, 0, 0, 0x31, 0xFF, 0x0F, 0x05])
+
+
+def static_true() -> bytes | None:
+    """A static ELF executable that exits 0 (129 bytes, no libc to load), or None when the
+    bench has none for this machine's architecture."""
+    if os.uname().machine != "x86_64":
+        return None
+    base, code_at = 0x400000, 64 + 56  # one ELF header, one program header, then the code
+    size = code_at + len(_EXIT0_X86_64)
+    header = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8) + struct.pack(
+        "<HHIQQQIHHHHHH", 2, 0x3E, 1, base + code_at, 64, 0, 0, 64, 56, 1, 0, 0, 0)
+    segment = struct.pack("<IIQQQQQQ", 1, 5, 0, base, base, size, size, 0x1000)  # PT_LOAD r-x
+    return header + segment + _EXIT0_X86_64
+
+
+class RuncCase:
+    """``runc run`` of a trivial container in a bundle of its own (a temporary directory the
+    bench removes; runc's state lives there too, not in ``/run/runc``)."""
+
+    def __init__(self, runc: str, work: str) -> None:
+        self.runc = runc
+        self.work = work
+        self.bundle = os.path.join(work, "bundle")
+        self.state = os.path.join(work, "state")
+        self.count = 0
+
+    @classmethod
+    def setup(cls) -> tuple[RuncCase | None, dict[str, Any]]:
+        """(the case, what the JSON says about runc), or (None, the reason it is skipped)."""
+        runc = shutil.which("runc")
+        if runc is None:
+            return None, {"skipped": "runc is not installed (Debian: apt-get install -y "
+                                     "--no-install-recommends runc)"}
+        binary = static_true()
+        if binary is None:
+            return None, {"skipped": f"no static true for {os.uname().machine} in the bench"}
+        version = subprocess.run([runc, "--version"], capture_output=True, text=True,
+                                 check=False).stdout.splitlines()
+        work = tempfile.mkdtemp(prefix="kit-bench-runc-")
+        case = cls(runc, work)
+        try:
+            rootfs = os.path.join(case.bundle, "rootfs")
+            os.makedirs(rootfs)
+            with open(os.path.join(rootfs, "true"), "wb") as f:
+                f.write(binary)
+            os.chmod(os.path.join(rootfs, "true"), 0o755)
+            subprocess.run([runc, "spec", "--bundle", case.bundle], check=True,
+                           capture_output=True)
+            path = os.path.join(case.bundle, "config.json")
+            with open(path) as f:
+                spec = json.load(f)
+            spec["process"]["terminal"] = False  # no console: stdio inherited, as in the kit
+            spec["process"]["args"] = ["/true"]
+            with open(path, "w") as f:
+                json.dump(spec, f)
+            case.once()
+        except (OSError, subprocess.CalledProcessError, RuntimeError, KeyError) as exc:
+            case.close()
+            return None, {"skipped": f"runc cannot run the bench's bundle here: {exc}"}
+        return case, {"version": version[0] if version else "", "bundle": "runc spec, "
+                      "terminal off, args /true (a static exit(0))"}
+
+    def once(self) -> None:
+        self.count += 1
+        _spawn_wait([self.runc, "--root", self.state, "run", "--bundle", self.bundle,
+                     f"kit-bench-{os.getpid()}-{self.count}"])
+
+    def close(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process, its reaped children, and the zygote with
+    its reaped children (the supervisors of the lifecycles: the zygote is not reaped until
+    the bench ends, so its own counters are read from ``/proc``, in clock ticks)."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    zygote = Zygote.get_existing()
+    if zygote is not None:
+        with open(f"/proc/{zygote.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        # utime, stime, cutime, cstime: fields 14-17 of proc(5), 12-15 after "pid (comm)".
+        total += sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def _lifecycle(flow: str, **options: Any) -> Callable[[], RunResult]:
     def once() -> RunResult:
-        result = run("reference", flow, ["/bin/true"], engine_config=ENGINE_CONFIG, **options)
+        handle = start("reference", flow, ["/bin/true"], engine_config=ENGINE_CONFIG,
+                       **options)
+        result = handle.wait()
         if result.exit_code != 0:
             raise RuntimeError(f"{flow} lifecycle failed: {result}")
+        _reaped.append(handle.supervisor_pid)
         return result
     return once
+
+
+#: Supervisors whose run is over but which the zygote may not have reaped yet.
+_reaped: list[int] = []
+
+
+def await_reaped(timeout: float = 5.0) -> None:
+    """Wait until the zygote has reaped the supervisors of the runs measured so far: until
+    then their CPU time is not in the zygote's counters (:func:`cpu_seconds`)."""
+    deadline = time.monotonic() + timeout
+    while _reaped:
+        if linux.process_state(_reaped[-1]) is None:
+            _reaped.pop()
+        elif time.monotonic() > deadline:
+            raise RuntimeError(f"the zygote did not reap supervisor {_reaped[-1]} in "
+                               f"{timeout} s")
+        else:
+            time.sleep(0.0002)
 
 
 def fake_available() -> bool:
@@ -238,26 +361,43 @@ def main(argv: list[str] | None = None) -> int:
         print("kit.bench: needs root (the root flow and util-linux unshare)", file=sys.stderr)
         return 2
 
-    cases: dict[str, Callable[[], Any]] = {
-        "unshare": bench_unshare,
+    runc, runc_info = RuncCase.setup()
+    try:
+        return _measure(args, runc, runc_info)
+    finally:
+        if runc is not None:
+            runc.close()
+
+
+def _measure(args: argparse.Namespace, runc: RuncCase | None,
+             runc_info: dict[str, Any]) -> int:
+    cases: dict[str, Callable[[], Any]] = {"unshare": bench_unshare}
+    if runc is not None:
+        cases["runc"] = runc.once
+    cases.update({
         "ctypes_minimal": bench_ctypes_minimal,
         "full": _lifecycle("root"),
         "no_sandbox": _lifecycle("root", sandbox=False),
         "no_probes": _lifecycle("root", probes=False),
-    }
+    })
     if fake_available():
         cases["fake"] = _lifecycle("root", backend="fake")
     cases["userns"] = _lifecycle("userns")
     samples: dict[str, list[float]] = {name: [] for name in cases}
+    cpu: dict[str, float] = {name: 0.0 for name in cases}
     for _ in range(args.warmup):
         for fn in cases.values():
             fn()
+    await_reaped()
     last_full: RunResult | None = None
     for i in range(args.samples):
         for name, fn in cases.items():
+            c = cpu_seconds()
             t = time.perf_counter()
             out = fn()
             samples[name].append((time.perf_counter() - t) * 1000)
+            await_reaped()  # not timed: the zygote reaps after the run is over
+            cpu[name] += cpu_seconds() - c
             if name == "full":
                 last_full = out
         if sys.stderr.isatty():
@@ -266,23 +406,33 @@ def main(argv: list[str] | None = None) -> int:
         print(file=sys.stderr)
 
     medians = {name: round(statistics.median(v), 3) for name, v in samples.items()}
+    cpu_ms = {name: round(1000 * v / args.samples, 2) for name, v in cpu.items()}
 
-    def ratio(a: str, b: str) -> float | None:
-        return round(medians[a] / medians[b], 2) if a in medians and b in medians else None
+    def ratio(a: str, b: str, of: dict[str, float] = medians) -> float | None:
+        return round(of[a] / of[b], 2) if a in of and b in of and of[b] > 0 else None
 
-    ratios = {"full_vs_unshare": ratio("full", "unshare"),
+    ratios = {"full_vs_runc": ratio("full", "runc"),
+              "no_probes_vs_runc": ratio("no_probes", "runc"),
+              "full_vs_unshare": ratio("full", "unshare"),
               "full_vs_minimal": ratio("full", "ctypes_minimal"),
               "no_probes_vs_unshare": ratio("no_probes", "unshare"),
               "fake_vs_full": ratio("fake", "full"),
-              "sandbox_vs_no_sandbox": ratio("full", "no_sandbox")}
-    report = {"samples": args.samples, "medians": medians, "ratios": ratios,
+              "sandbox_vs_no_sandbox": ratio("full", "no_sandbox"),
+              "sandbox_overhead": round((medians["full"] - medians["no_sandbox"])
+                                        / medians["full"], 3),
+              "cpu_full_vs_runc": ratio("full", "runc", cpu_ms),
+              "cpu_no_probes_vs_runc": ratio("no_probes", "runc", cpu_ms)}
+    report = {"samples": args.samples, "medians": medians, "cpu_ms": cpu_ms, "ratios": ratios,
+              "runc": runc_info,
               "breakdown": breakdown(last_full) if last_full else {},
               "probe_ms": probe_cost(), "ledger_event_us": round(ledger_cost(), 2),
               "seccomp": seccomp_cost()}
 
-    print(f"{'case':16} {'median ms':>10}")
+    print(f"{'case':16} {'median ms':>10} {'cpu ms':>8}")
     for name, value in medians.items():
-        print(f"{name:16} {value:10.2f}")
+        print(f"{name:16} {value:10.2f} {cpu_ms[name]:8.2f}")
+    if "skipped" in runc_info:
+        print(f"runc: skipped: {runc_info['skipped']}")
     print()
     for name, ratio_value in ratios.items():
         print(f"{name:22} {'n/a' if ratio_value is None else f'{ratio_value:.2f}'}")

@@ -19,12 +19,25 @@ def test_kit_bench_writes_the_medians_and_ratios_it_promises(tmp_path):
                            "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(out.read_text())
-    assert set(doc["medians"]) == {"unshare", "ctypes_minimal", "full", "no_sandbox",
-                                   "no_probes", "fake", "userns"}
+    cases = {"unshare", "ctypes_minimal", "full", "no_sandbox", "no_probes", "fake", "userns"}
+    if "skipped" not in doc["runc"]:
+        cases.add("runc")
+    assert set(doc["medians"]) == cases
+    assert set(doc["cpu_ms"]) == cases
     assert all(v > 0 for v in doc["medians"].values())
-    assert set(doc["ratios"]) == {"full_vs_unshare", "full_vs_minimal",
-                                  "no_probes_vs_unshare", "fake_vs_full",
-                                  "sandbox_vs_no_sandbox"}
+    assert all(v >= 0 for v in doc["cpu_ms"].values())
+    assert set(doc["ratios"]) == {"full_vs_runc", "no_probes_vs_runc", "full_vs_unshare",
+                                  "full_vs_minimal", "no_probes_vs_unshare", "fake_vs_full",
+                                  "sandbox_vs_no_sandbox", "sandbox_overhead",
+                                  "cpu_full_vs_runc", "cpu_no_probes_vs_runc"}
+    if "runc" in cases:
+        assert doc["ratios"]["full_vs_runc"] == pytest.approx(
+            doc["medians"]["full"] / doc["medians"]["runc"], abs=0.01)
+        assert doc["runc"]["version"].startswith("runc version")
+    else:
+        assert doc["ratios"]["full_vs_runc"] is None and doc["runc"]["skipped"]
+    assert doc["ratios"]["sandbox_overhead"] == pytest.approx(
+        doc["sandbox_cost_ms"] / doc["medians"]["full"], abs=1e-3)
     assert doc["sandbox_cost_ms"] == pytest.approx(doc["medians"]["full"]
                                                    - doc["medians"]["no_sandbox"], abs=1e-3)
     assert "host sandbox:" in proc.stdout
@@ -32,6 +45,26 @@ def test_kit_bench_writes_the_medians_and_ratios_it_promises(tmp_path):
     assert "prepare_config" in " ".join(doc["breakdown"]["hooks_ms"])
     assert "where a full lifecycle's time goes" in proc.stdout
     assert doc["seccomp"]["install_ms"] > 0 and "per_syscall_ns" in doc["seccomp"]
+
+
+def test_static_true_exits_zero_without_a_libc(tmp_path):
+    from kit import bench
+    binary = bench.static_true()
+    if binary is None:
+        pytest.skip(f"the bench has no static true for {os.uname().machine}")
+    path = tmp_path / "true"
+    path.write_bytes(binary)
+    path.chmod(0o755)
+    assert subprocess.run([str(path)]).returncode == 0
+    assert b"ld-linux" not in binary  # static: no interpreter for a bundle without /lib
+
+
+def test_runc_case_is_skipped_with_the_reason_when_runc_is_missing(monkeypatch):
+    from kit import bench
+    monkeypatch.setenv("PATH", "/nonexistent")
+    case, info = bench.RuncCase.setup()
+    assert case is None
+    assert "runc is not installed" in info["skipped"]
 
 
 def test_rpc_bench_compares_mock_and_socketpair(tmp_path):
