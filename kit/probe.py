@@ -2,8 +2,8 @@
 
 :func:`snapshot` reads, for every thread, the credentials and capability sets from
 ``/proc/self/task/TID/status`` (the kernel's own report), plus the process's namespaces, id
-maps, securebits and dumpable flag. :func:`escalation` forks a throwaway child that tries each
-way to regain privilege and reports what each did; the hooked process itself is never changed.
+maps, securebits and dumpable flag. :func:`escalation` starts a throwaway thread that tries each
+way to regain privilege and reports what each did; the hooked thread itself is never changed.
 "Host privilege" is relative to the host user namespace, the one the kit was launched in, known
 by its identity (:func:`host_userns`), never by the content of a uid map.
 """
@@ -13,6 +13,8 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +27,35 @@ FULL_MAP = [[0, 0, 4294967295]]
 
 #: pids of escalation-probe children (their SIGCHLD is the kit's, not the engine's business).
 probe_children: set[int] = set()
+#: Held from before a probe starts a child until its pid is in :data:`probe_children`: a
+#: SIGCHLD from a pid not (yet) there is told apart under it (:func:`is_probe_child`).
+probe_children_lock = threading.Lock()
+#: Held while a probe thread lives, and while a snapshot reads the threads: a snapshot in
+#: another thread (the master runs hooks concurrently) never sees a probe thread, whose
+#: credentials are the probe's, not the process's.
+_probe_lock = threading.Lock()
+#: How long a probe thread may take to be gone from ``/proc`` after it returned.
+PROBE_THREAD_EXIT_TIMEOUT = 5.0
+
+
+def _new_locks() -> None:
+    # A child forked while another thread held a lock would wait for it forever.
+    global probe_children_lock, _probe_lock
+    probe_children_lock = threading.Lock()
+    _probe_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_locks)
+
+
+def is_probe_child(pid: int) -> bool:
+    """Whether ``pid`` is (or was) a probe's child, and forget it: for a SIGCHLD handler,
+    which may run before the probe recorded the pid it just started."""
+    with probe_children_lock:
+        if pid in probe_children:
+            probe_children.discard(pid)
+            return True
+    return False
 
 #: Why the setuid-exec way was not tried.
 UNTRIED_NO_BINARY = "no-setuid-binary"  # the kit could not provide one (launched without root)
@@ -152,7 +183,13 @@ def _thread_ns(tid: int) -> dict[str, int | None]:
 
 
 def snapshot() -> dict[str, Any]:
-    """Privilege state of the calling process, every thread included."""
+    """Privilege state of the calling process, every thread included (a probe thread of
+    :func:`escalation` excepted: it is waited for)."""
+    with _probe_lock:
+        return _snapshot()
+
+
+def _snapshot() -> dict[str, Any]:
     threads = []
     nspid: list[int] = []
     leader = linux.proc_self()  # /proc/self/ns is the thread group leader's
@@ -186,12 +223,11 @@ def snapshot() -> dict[str, Any]:
 
 
 def _own_capabilities() -> tuple[int, int, int]:
-    """(effective, permitted, inheritable) of the calling process, which must have one
-    thread (the escalation child): read from its ``/proc/self/status``, which a freshly
-    forked child does for a fraction of what ``capget`` through ctypes costs it there; else
+    """(effective, permitted, inheritable) of the calling thread (the probe's): read from
+    its ``/proc/thread-self/status``, cheaper than ``capget`` through ctypes; else
     ``capget``."""
     try:
-        status = linux.read_file("/proc/self/status")
+        status = linux.read_file("/proc/thread-self/status")
         masks = []
         for key in (b"\nCapEff:", b"\nCapPrm:", b"\nCapInh:"):
             start = status.index(key) + len(key)
@@ -218,7 +254,8 @@ def _try_raise_caps() -> list[str]:
 
 def _try_setresuid() -> list[str]:
     try:
-        os.setresuid(0, 0, 0)
+        # The calling thread's only: glibc's setresuid would change every thread.
+        linux.thread_setresuid(0, 0, 0)
     except OSError:
         return []
     return ["U"]
@@ -237,10 +274,12 @@ def _spawn_setuid(binary: SetuidBinary | None) -> tuple[int, int] | str:
         return f"X!{UNTRIED_UNREACHABLE}:{_errname(exc)}"
     if (st.st_dev, st.st_ino) != (binary.dev, binary.ino):
         return f"X!{UNTRIED_UNREACHABLE}:other-file"  # another file there (another root)
-    rfd, wfd = os.pipe()
+    rfd, wfd = os.pipe2(os.O_CLOEXEC)  # other threads' children must not hold it open
     try:
-        pid = os.posix_spawn(binary.path, [binary.path, "-u"], {}, file_actions=[
-            (os.POSIX_SPAWN_DUP2, wfd, 1), (os.POSIX_SPAWN_DUP2, wfd, 2)])
+        with probe_children_lock:
+            pid = os.posix_spawn(binary.path, [binary.path, "-u"], {}, file_actions=[
+                (os.POSIX_SPAWN_DUP2, wfd, 1), (os.POSIX_SPAWN_DUP2, wfd, 2)])
+            probe_children.add(pid)
     except OSError as exc:
         os.close(rfd)
         return "X!exec:" + _errname(exc)
@@ -286,31 +325,41 @@ def _try_escalation(binary: SetuidBinary | None) -> list[str]:
 
 
 def escalation() -> dict[str, Any]:
-    """Try to regain privilege from a throwaway child of the calling thread, each way on its
-    own (``SPEC.md`` §4): setresuid(0, 0, 0); raising the permitted capabilities into the
-    effective set (without regaining uid 0 first); exec of the run's setuid-root binary
-    (``id -u``: the effective uid it prints). The calling process is never changed.
+    """Try to regain privilege from a throwaway thread of the calling thread, which starts
+    with its credentials, each way on its own (``SPEC.md`` §4): setresuid(0, 0, 0);
+    raising the permitted capabilities into the effective set (without regaining uid 0
+    first); exec of the run's setuid-root binary (``id -u``: the effective uid it prints).
+    Credentials are per thread in the kernel and the probe changes only its own, so the
+    calling thread and its siblings are never changed. Returns when the probe thread is
+    gone from ``/proc`` too, so that no later snapshot sees it.
 
     Returns :func:`escalation_result`'s dictionary.
     """
     host = in_host_userns()
     binary = _setuid_binary
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - measured through the ledger, not in-process coverage
-        code = 0
+    words: list[str] = []
+    failure: list[BaseException] = []
+    tids: list[int | None] = []
+
+    def probe_thread() -> None:
         try:
-            os.close(rfd)
-            os.write(wfd, " ".join(_try_escalation(binary)).encode() + b"\n")
-        except BaseException:  # noqa: BLE001 a forked child must reach os._exit
-            code = 1
-        os._exit(code)
-    probe_children.add(pid)
-    os.close(wfd)
-    words = _collect(pid, rfd).decode().split()
+            tids.append(_proc_tid())
+            words.extend(_try_escalation(binary))
+        except BaseException as exc:  # noqa: BLE001 re-raised by the caller, below
+            failure.append(exc)
+
+    with _probe_lock:
+        thread = threading.Thread(target=probe_thread, name="kit-probe", daemon=True)
+        thread.start()
+        thread.join()
+        if tids and tids[0] is not None:
+            _await_thread_gone(tids[0])
+    if failure:
+        raise RuntimeError(f"the escalation probe thread failed: "
+                           f"{type(failure[0]).__name__}: {failure[0]}") from failure[0]
     raised: list[str] = []
     setuid_euid: int | None = None
-    untried = "the probe child failed"
+    untried = "the probe thread reported nothing"
     for w in words:
         if w.startswith("C"):
             raised = linux.mask_to_caps(int(w[1:], 16))
@@ -320,6 +369,26 @@ def escalation() -> dict[str, Any]:
             setuid_euid = int(w[1:])
     return escalation_result(setresuid_root="U" in words, raised=raised,
                              setuid_euid=setuid_euid, untried=untried, host_userns=host)
+
+
+def _proc_tid() -> int | None:
+    """The calling thread's id as the mounted ``/proc`` numbers it (None: not there)."""
+    try:
+        return int(os.readlink("/proc/thread-self").rsplit("/", 1)[1])
+    except (OSError, ValueError):
+        return None
+
+
+def _await_thread_gone(tid: int) -> None:
+    """Wait until thread ``tid`` (joined: it has returned) has left ``/proc/self/task``: the
+    kernel removes it a moment after the thread library reports it finished."""
+    deadline = time.monotonic() + PROBE_THREAD_EXIT_TIMEOUT
+    path = f"/proc/self/task/{tid}"
+    while os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the escalation probe thread {tid} was still in {path} "
+                               f"{PROBE_THREAD_EXIT_TIMEOUT} s after it returned")
+        time.sleep(0.00002)
 
 
 def escalation_result(*, setresuid_root: bool, raised: list[str], setuid_euid: int | None,

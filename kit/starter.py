@@ -680,8 +680,8 @@ class Master:
     def _signal_loop(self) -> None:
         while True:
             info = signal.sigwaitinfo(MASTER_SIGNALS)
-            if info.si_signo == signal.SIGCHLD and info.si_pid in probe.probe_children:
-                probe.probe_children.discard(info.si_pid)
+            if info.si_signo == signal.SIGCHLD and info.si_pid != self.pid \
+                    and probe.is_probe_child(info.si_pid):
                 # The exit of one of the kit's own probe children: not the engine's business,
                 # unless the container's SIGCHLD was merged into it (standard signals
                 # coalesce): peek, without reaping, whether the container has exited.

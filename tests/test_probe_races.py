@@ -24,3 +24,62 @@ def test_snapshot_survives_threads_exiting_while_it_reads():
             t.join()
         count += 1
     assert count > 50
+
+
+def _in_child(fn) -> int:
+    """Run ``fn`` in a forked child (its credential changes stay there); its exit code."""
+    import os
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = fn()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_the_escalation_probe_thread_is_gone_when_it_returns():
+    import os
+    before = set(os.listdir("/proc/self/task"))
+    result = probe.escalation()
+    assert set(os.listdir("/proc/self/task")) == before
+    assert "host_escalation" in result
+
+
+def test_a_concurrent_snapshot_never_sees_a_probe_thread_with_raised_credentials():
+    """The master runs hooks in threads at once: one hook's probe thread (raising the
+    permitted capabilities, regaining uid 0) must not show in another's snapshot."""
+    import os
+
+    from kit import linux
+
+    def scenario() -> int:
+        # A setuid master's state: saved uid 0, nothing effective, all permitted.
+        os.setresgid(65534, 65534, 0)
+        linux.set_keepcaps(True)
+        os.setresuid(65534, 65534, 0)
+        linux.capset(0, linux.capget()[1], 0)
+        stop = threading.Event()
+        seen: list[dict] = []
+
+        def snapshots() -> None:
+            while not stop.is_set():
+                for t in probe.snapshot()["threads"]:
+                    if t["caps"]["effective"] or 0 in t["uid"][:2]:
+                        seen.append(t)
+
+        watcher = threading.Thread(target=snapshots)
+        watcher.start()
+        results = [probe.escalation() for _ in range(40)]
+        stop.set()
+        watcher.join()
+        assert all(r["setresuid_root"] and r["raise_caps"] for r in results), results[0]
+        assert seen == [], seen[:1]
+        return 0
+
+    if os.geteuid() != 0:
+        import pytest
+        pytest.skip("needs root to reach a setuid master's credentials")
+    assert _in_child(scenario) == 0
