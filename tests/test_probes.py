@@ -106,3 +106,34 @@ def test_escalation_probe_says_possible_only_where_privilege_remains(flow):
         # Stage 1 is plain U: no host privilege (a setuid binary could still be exec'd).
         assert not probe.host_privilege(stage1["snapshot"])
         assert stage1["escalation"]["setuid_exec"] is True
+
+
+def test_the_setuid_probe_binary_prints_the_effective_uid_it_runs_with(tmp_path):
+    """Whatever the kit puts there (its own static program, or a copy of id), it answers
+    as ``id -u`` does: the effective uid, which its set-user-ID bit makes 0."""
+    import subprocess
+    if os.geteuid() != 0:
+        pytest.skip("only root can make a setuid-root binary")
+    tmp_path.chmod(0o755)
+    binary = probe.provide_setuid_binary(str(tmp_path))
+    assert binary.unavailable == "" and os.stat(binary.path).st_mode & 0o4000
+
+    def as_nobody(*extra: str) -> str:
+        proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                               *extra, binary.path, "-u"], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    assert as_nobody() == "0\n"  # the set-user-ID bit counts
+    assert as_nobody("--no-new-privs") == "65534\n"  # and here it does not
+    program = probe.euid_program()
+    if program is not None:
+        assert open(binary.path, "rb").read() == program
+        for uid in (7, 10, 1234567):  # every digit, carried and not
+            plain = tmp_path / "plain"
+            plain.write_bytes(program)
+            plain.chmod(0o755)
+            out = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}",
+                                  "--clear-groups", str(plain)], capture_output=True,
+                                 text=True).stdout
+            assert out == f"{uid}\n"
