@@ -347,12 +347,35 @@ def validate(ledger: dict[str, Any]) -> list[str]:
     return problems
 
 
+def _name_caps(event: dict[str, Any]) -> None:
+    """Capability masks of an event's snapshot and RPC credentials (the datagrams' compact
+    form, :func:`kit.probe.snapshot`) as lists of names, in place: what a ledger shows."""
+    from kit.probe import named_caps
+
+    def threads(entries: Any) -> None:
+        for t in entries if isinstance(entries, list) else ():
+            if isinstance(t, dict) and "caps" in t:
+                t["caps"] = named_caps(t["caps"])
+
+    snap = event.get("snapshot")
+    if isinstance(snap, dict):
+        threads(snap.get("threads"))
+    creds = event.get("creds")
+    for side in creds.values() if isinstance(creds, dict) else ():
+        if isinstance(side, dict):
+            if "caps" in side:
+                side["caps"] = named_caps(side["caps"])
+            threads(side.get("threads"))
+
+
 class Ledger:
     """A collected ledger with helpers to query it (used by tests and the suite)."""
 
     def __init__(self, document: dict[str, Any]) -> None:
         self.document = document
         self.events: list[dict[str, Any]] = document["events"]
+        for event in self.events:
+            _name_caps(event)
 
     def select(self, kind: str | Iterable[str] | None = None, **match: Any
                ) -> list[dict[str, Any]]:

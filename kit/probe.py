@@ -184,6 +184,19 @@ def _caps(field: str) -> list[str]:
     return linux.mask_to_caps(int(field, 16))
 
 
+def _mask(field: str) -> int:
+    return int(field, 16)
+
+
+def named_caps(caps: Any) -> Any:
+    """A thread's capability sets with every mask (the ledger datagrams' form, see
+    :func:`snapshot`) as the list of capability names; anything else is left as it is."""
+    if not isinstance(caps, dict):
+        return caps
+    return {k: linux.mask_to_caps(v) if type(v) is int and 0 <= v < 1 << 64 else v
+            for k, v in caps.items()}
+
+
 def _read_map(path: str) -> list[list[int]]:
     try:
         text = linux.read_file(path).decode()
@@ -192,8 +205,10 @@ def _read_map(path: str) -> list[list[int]]:
     return [[int(x) for x in line.split()] for line in text.splitlines() if line.strip()]
 
 
-def thread_state(status: dict[str, str], tid: int) -> dict[str, Any]:
-    """One thread's credentials from its parsed ``status`` file."""
+def thread_state(status: dict[str, str], tid: int, masks: bool = False) -> dict[str, Any]:
+    """One thread's credentials from its parsed ``status`` file; ``masks``: each capability
+    set as its integer mask instead of a list of names."""
+    cap = _mask if masks else _caps
     return {
         "tid": tid,
         "name": status.get("Name", ""),  # comm: lets a violation name the thread
@@ -201,11 +216,11 @@ def thread_state(status: dict[str, str], tid: int) -> dict[str, Any]:
         "gid": _ids(status["Gid"]),
         "groups": _ids(status.get("Groups", "")),
         "caps": {
-            "effective": _caps(status["CapEff"]),
-            "permitted": _caps(status["CapPrm"]),
-            "inheritable": _caps(status["CapInh"]),
-            "bounding": _caps(status["CapBnd"]),
-            "ambient": _caps(status.get("CapAmb", "0")),
+            "effective": cap(status["CapEff"]),
+            "permitted": cap(status["CapPrm"]),
+            "inheritable": cap(status["CapInh"]),
+            "bounding": cap(status["CapBnd"]),
+            "ambient": cap(status.get("CapAmb", "0")),
         },
         "no_new_privs": status.get("NoNewPrivs", "0") == "1",
         "seccomp": int(status.get("Seccomp", "0")),
@@ -217,14 +232,16 @@ def _thread_ns(tid: int) -> dict[str, int | None]:
     return linux.ns_inodes(f"/proc/self/task/{tid}/ns")
 
 
-def snapshot() -> dict[str, Any]:
+def snapshot(masks: bool = False) -> dict[str, Any]:
     """Privilege state of the calling process, every thread included (a probe thread of
-    :func:`escalation` excepted: it is waited for)."""
+    :func:`escalation` excepted: it is waited for). ``masks``: capability sets as integer
+    masks, the form a ledger datagram carries (a fifth of the JSON: names are most of a
+    snapshot); :class:`kit.ledger.Ledger` turns them back into names (:func:`named_caps`)."""
     with _probe_lock:
-        return _snapshot()
+        return _snapshot(masks)
 
 
-def _snapshot() -> dict[str, Any]:
+def _snapshot(masks: bool) -> dict[str, Any]:
     threads = []
     nspid: list[int] = []
     leader = linux.proc_self()  # /proc/self/ns is the thread group leader's
@@ -234,7 +251,7 @@ def _snapshot() -> dict[str, Any]:
             status = linux.read_status(f"/proc/self/task/{tid}/status")
         except (FileNotFoundError, ProcessLookupError):  # the thread ended meanwhile (ESRCH)
             continue
-        state = thread_state(status, tid)
+        state = thread_state(status, tid, masks)
         state["ns"] = _thread_ns(tid)
         if tid != leader and all(ino is None for ino in state["ns"].values()):
             continue  # it ended between its status and its namespaces

@@ -141,6 +141,7 @@ def check_snapshot(kernel_pid: int, event: dict[str, Any], confirmed: bool) -> s
         mine = next((t for t in entries if t.get("tid") in levels), None)
     if mine is None:
         return f"its snapshot has no entry for its sending thread {event['tid']}"
+    mine = {**mine, "caps": probe.named_caps(mine.get("caps"))}  # masks on the wire
     kernel = _as_inside(kernel_pid, probe.thread_state(status, task))
     for key in CHECKED_FIELDS:
         if mine.get(key) != kernel[key]:

@@ -152,6 +152,14 @@ def own_thread(snap: dict[str, Any]) -> dict[str, Any] | None:
     return next((t for t in snap["threads"] if t["tid"] == tid), None)
 
 
+def wire_snapshot(system: System) -> dict[str, Any]:
+    """A snapshot for the ledger: in the real backend with capability masks as integers (a
+    fifth of the JSON to encode, send, check and decode; the Ledger names them again)."""
+    if system.name == "real":
+        return probe.snapshot(masks=True)
+    return system.snapshot()
+
+
 _calls = threading.local()  # kit_hook: the hook the kit is calling on this thread, if any
 
 
@@ -170,8 +178,7 @@ class HookRunner:
         if not self.probes:
             return None
         try:
-            snap: dict[str, Any] = self.system.snapshot()
-            return snap
+            return wire_snapshot(self.system)
         except Exception as exc:  # noqa: BLE001 a probe failure is recorded, never fatal
             return {"probe_error": f"{type(exc).__name__}: {exc}"}
 
@@ -920,7 +927,7 @@ class RPCServerProcess:
         if not self.c.req.probes:
             return None
         try:
-            snap = self.c.system.snapshot()
+            snap = wire_snapshot(self.c.system)
         except Exception:  # noqa: BLE001 a probe failure: no credentials to record
             return None
         me = own_thread(snap)

@@ -348,8 +348,8 @@ def fake_probe(how: str) -> None:
     real = probe.snapshot
     lies = [1 if how == "caps-once" else -1]  # how many snapshots to fake (-1: all)
 
-    def innocent() -> dict:
-        snap = real()
+    def innocent(*args: object, **kwargs: object) -> dict:
+        snap = real(*args, **kwargs)
         if lies[0] == 0:
             return snap
         lies[0] -= 1

@@ -137,3 +137,30 @@ def test_the_setuid_probe_binary_prints_the_effective_uid_it_runs_with(tmp_path)
                                   "--clear-groups", str(plain)], capture_output=True,
                                  text=True).stdout
             assert out == f"{uid}\n"
+
+
+def test_snapshot_masks_on_the_wire_are_names_in_the_ledger():
+    """Datagrams carry capability masks (a fifth of the JSON); a Ledger shows names, for the
+    snapshot's threads and the RPC credentials alike, and leaves anything else alone."""
+    from kit.ledger import Ledger
+    wire = probe.snapshot(masks=True)
+    names = probe.snapshot()
+    mine = wire["threads"][0]["caps"]
+    assert all(type(v) is int for v in mine.values())
+    assert probe.named_caps(mine) == names["threads"][0]["caps"]
+    effective = linux.caps_to_mask(["CAP_CHOWN", "CAP_KILL"])
+    creds = {"caps": {"effective": effective, "bounding": ["CAP_KILL"]},
+             "threads": [{"tid": 1, "caps": {"permitted": 1, "ambient": True,
+                                              "inheritable": -1}}]}
+    ledger = Ledger({"schema_version": 1, "events": [
+        {"kind": "hook_enter", "snapshot": {"threads": [{"tid": 1, "caps": {"effective": 0}}]}},
+        {"kind": "rpc_call", "creds": {"before": creds, "after": None}},
+        {"kind": "hook_return", "snapshot": {"probe_error": "x"}}]})
+    first, call, last = ledger.events
+    assert first["snapshot"]["threads"][0]["caps"] == {"effective": []}
+    before = call["creds"]["before"]
+    assert before["caps"] == {"effective": ["CAP_CHOWN", "CAP_KILL"], "bounding": ["CAP_KILL"]}
+    # A mask is a non-negative integer: a boolean or a negative number stays as sent.
+    assert before["threads"][0]["caps"] == {"permitted": ["CAP_CHOWN"], "ambient": True,
+                                            "inheritable": -1}
+    assert last["snapshot"] == {"probe_error": "x"}
