@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from kit.contract import Engine
+from kit.probe import named_caps
 from kit.system import current
 
 SCHEMA_VERSION = 1
@@ -350,8 +351,6 @@ def validate(ledger: dict[str, Any]) -> list[str]:
 def _name_caps(event: dict[str, Any]) -> None:
     """Capability masks of an event's snapshot and RPC credentials (the datagrams' compact
     form, :func:`kit.probe.snapshot`) as lists of names, in place: what a ledger shows."""
-    from kit.probe import named_caps
-
     def threads(entries: Any) -> None:
         for t in entries if isinstance(entries, list) else ():
             if isinstance(t, dict) and "caps" in t:

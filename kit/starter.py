@@ -157,7 +157,8 @@ def wire_snapshot(system: System) -> dict[str, Any]:
     fifth of the JSON to encode, send, check and decode; the Ledger names them again)."""
     if system.name == "real":
         return probe.snapshot(masks=True)
-    return system.snapshot()
+    snap: dict[str, Any] = system.snapshot()
+    return snap
 
 
 _calls = threading.local()  # kit_hook: the hook the kit is calling on this thread, if any

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
+from pathlib import Path
 
 import pytest
 
@@ -128,7 +129,7 @@ def test_the_setuid_probe_binary_prints_the_effective_uid_it_runs_with(tmp_path)
     assert as_nobody("--no-new-privs") == "65534\n"  # and here it does not
     program = probe.euid_program()
     if program is not None:
-        assert open(binary.path, "rb").read() == program
+        assert Path(binary.path).read_bytes() == program
         for uid in (7, 10, 1234567):  # every digit, carried and not
             plain = tmp_path / "plain"
             plain.write_bytes(program)
