@@ -169,11 +169,15 @@ def cpu_seconds() -> float:
         total += usage.ru_utime + usage.ru_stime
     zygote = Zygote.get_existing()
     if zygote is not None:
-        with open(f"/proc/{zygote.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        # utime, stime, cutime, cstime: fields 14-17 of proc(5), 12-15 after "pid (comm)".
-        total += sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+        total += _zygote_ticks(zygote.proc.pid) / os.sysconf("SC_CLK_TCK")
     return total
+
+
+def _zygote_ticks(zygote: int) -> int:
+    with open(f"/proc/{zygote}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # utime, stime, cutime, cstime: fields 14-17 of proc(5), 12-15 after "pid (comm)".
+    return sum(int(x) for x in fields[11:15])
 
 
 def _lifecycle(flow: str, **options: Any) -> Callable[[], RunResult]:
@@ -193,8 +197,10 @@ _reaped: list[int] = []
 
 
 def await_reaped(timeout: float = 5.0) -> None:
-    """Wait until the zygote has reaped the supervisors of the runs measured so far: until
-    then their CPU time is not in the zygote's counters (:func:`cpu_seconds`)."""
+    """Wait until the zygote has reaped the supervisors of the runs measured so far, and has
+    settled (it ends a run's host sandbox after its supervisor is gone): until then their
+    CPU time is not in the zygote's counters (:func:`cpu_seconds`), and would be counted in
+    the next case."""
     deadline = time.monotonic() + timeout
     while _reaped:
         if linux.process_state(_reaped[-1]) is None:
@@ -204,6 +210,24 @@ def await_reaped(timeout: float = 5.0) -> None:
                                f"{timeout} s")
         else:
             time.sleep(0.0002)
+    zygote = Zygote.get_existing()
+    if zygote is not None:
+        _await_settled(zygote.proc.pid, deadline)
+
+
+def _await_settled(zygote: int, deadline: float, quiet: int = 3) -> None:
+    """Until every child of the zygote sleeps (none exiting, none a zombie) and the zygote's
+    CPU counters stay the same for ``quiet`` reads 5 ms apart (they count in clock ticks)."""
+    last, same = -1, 0
+    while same < quiet:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the zygote (pid {zygote}) did not settle after a run")
+        busy = any(linux.process_state(pid) != "S"
+                   for pid, parent in linux.process_parents().items() if parent == zygote)
+        now = _zygote_ticks(zygote)
+        same = 0 if busy or now != last else same + 1
+        last = now
+        time.sleep(0.005)
 
 
 def fake_available() -> bool:
@@ -396,8 +420,10 @@ def _measure(args: argparse.Namespace, runc: RuncCase | None,
             t = time.perf_counter()
             out = fn()
             samples[name].append((time.perf_counter() - t) * 1000)
+            waiting = time.process_time()
             await_reaped()  # not timed: the zygote reaps after the run is over
-            cpu[name] += cpu_seconds() - c
+            waiting = time.process_time() - waiting  # the bench's own reads of /proc
+            cpu[name] += cpu_seconds() - c - waiting
             if name == "full":
                 last_full = out
         if sys.stderr.isatty():
