@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Iterator, Mapping
 
 from kit import linux
 from kit.request import Invoker
+from kit.starter_config import FLOWS
 
 
 def _probe(name: str, uid: int | None, gid: int | None, kinds: list[str],
@@ -47,42 +49,88 @@ def _probe(name: str, uid: int | None, gid: int | None, kinds: list[str],
     return (False, f"{name}: {message}") if message else (True, "")
 
 
-@functools.cache
-def flows() -> dict[str, tuple[bool, str]]:
-    """flow -> (can run for real, why), each decided by trying what its runs need."""
-    root = os.geteuid() == 0
-    out: dict[str, tuple[bool, str]] = {}
-    try:
-        user = Invoker.resolve()
-        user_ok, user_why = True, f"invoking user U = {user.name} ({user.uid})"
-    except ValueError as exc:
-        user, user_ok, user_why = None, False, str(exc)
-    if root:
-        ok, why = _probe("root", None, None, ["mount", "uts", "ipc", "net", "pid"], False)
-        out["root"] = (True, "running as root; namespaces can be created") if ok else \
-            (False, why)
-    else:
-        out["root"] = (False, "needs uid 0")
-    for flow in ("suid", "hybrid"):
+#: The flows as ``python -m kit flows`` lists them: root, the emulated setuid starter's, then
+#: the user namespace ones.
+SHOWN_ORDER = ("root", "suid", "hybrid", "userns", "fakeroot")
+
+
+class Flows(Mapping[str, tuple[bool, str]]):
+    """flow -> (can run for real, why), each decided by trying what its runs need, on first
+    look: a run asks for one flow and pays only for that flow's probes (the root flow's
+    namespaces, the test user's user namespace), each made once per process."""
+
+    def __init__(self) -> None:
+        self._decided: dict[str, tuple[bool, str]] = {}
+        self._user: tuple[Invoker | None, str] | None = None
+        self._userns: tuple[bool, str] | None = None
+
+    def __getitem__(self, flow: str) -> tuple[bool, str]:
+        if flow not in self._decided:
+            if flow not in FLOWS:
+                raise KeyError(flow)
+            self._decided[flow] = self._decide(flow)
+        return self._decided[flow]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(SHOWN_ORDER)
+
+    def __len__(self) -> int:
+        return len(FLOWS)
+
+    def __repr__(self) -> str:
+        return f"Flows({dict(self._decided)!r}, probed {len(self._decided)}/{len(FLOWS)})"
+
+    def user(self) -> tuple[Invoker | None, str]:
+        """The invoking user U (None when there is none) and what to say about it."""
+        if self._user is None:
+            try:
+                user = Invoker.resolve()
+                self._user = user, f"invoking user U = {user.name} ({user.uid})"
+            except ValueError as exc:
+                self._user = None, str(exc)
+        return self._user
+
+    def userns(self) -> tuple[bool, str]:
+        """Whether U can create a user namespace and map itself in it (the userns and
+        fakeroot flows; the hybrid flow's container)."""
+        if self._userns is None:
+            user, user_why = self.user()
+            if user is None:
+                self._userns = (False, user_why)
+            else:
+                ok, why = _probe(f"user namespace as uid {user.uid}", user.uid, user.gid,
+                                 ["user"], True)
+                self._userns = (True, f"unprivileged user namespaces work; {user_why}") \
+                    if ok else (False, why)
+        return self._userns
+
+    def _decide(self, flow: str) -> tuple[bool, str]:
+        root = os.geteuid() == 0
+        if flow == "root":
+            if not root:
+                return (False, "needs uid 0")
+            ok, why = _probe("root", None, None, ["mount", "uts", "ipc", "net", "pid"], False)
+            return (True, "running as root; namespaces can be created") if ok else (False, why)
+        if flow in ("userns", "fakeroot"):
+            return self.userns()
+        # suid and hybrid: the setuid starter is emulated as root, for U
         if not root:
-            out[flow] = (False, "needs root to emulate the setuid starter")
-        elif not out["root"][0]:
-            out[flow] = out["root"]
-        elif not user_ok:
-            out[flow] = (False, user_why)
-        else:
-            out[flow] = (True, f"setuid starter emulated as root; {user_why}")
-    if user is None:
-        ns = (False, user_why)
-    else:
-        ok, why = _probe(f"user namespace as uid {user.uid}", user.uid, user.gid,
-                         ["user"], True)
-        ns = (True, f"unprivileged user namespaces work; {user_why}") if ok else (False, why)
-    out["userns"] = ns
-    out["fakeroot"] = ns
-    if out["hybrid"][0] and not ns[0]:
-        out["hybrid"] = ns
-    return out
+            return (False, "needs root to emulate the setuid starter")
+        if not self["root"][0]:
+            return self["root"]
+        user, user_why = self.user()
+        if user is None:
+            return (False, user_why)
+        if flow == "hybrid" and not self.userns()[0]:
+            return self.userns()
+        return (True, f"setuid starter emulated as root; {user_why}")
+
+
+@functools.cache
+def flows() -> Flows:
+    """flow -> (can run for real, why) for this process; a flow is probed when it is first
+    looked up (``dict(flows())`` probes them all)."""
+    return Flows()
 
 
 def userns_note() -> str | None:
