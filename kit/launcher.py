@@ -217,18 +217,30 @@ def _import_path() -> list[str]:
 
 
 class RunHandle:
-    """A run in progress: :meth:`send_signal` to the master, :meth:`wait` for the result."""
+    """A run in progress: :meth:`send_signal` to the master, :meth:`wait` for the result.
+
+    ``fork_here``: fork the supervisor from this process instead of asking the zygote (a
+    one-shot caller such as the CLI, which would otherwise pay for a second interpreter and
+    its imports). This process must be single-threaded and is the supervisor's parent: it
+    imports the engine (as the zygote would) and reaps the supervisor in :meth:`wait`.
+    """
 
     def __init__(self, request: RunRequest, *, capture: bool = True,
-                 stdin: int | IO[Any] | None = None, pass_fds: tuple[int, ...] = ()) -> None:
+                 stdin: int | IO[Any] | None = None, pass_fds: tuple[int, ...] = (),
+                 fork_here: bool = False) -> None:
         self.request = request
         self.capture = capture
+        #: The supervisor's wait status once this process has reaped it (``fork_here``).
+        self._own_child = False
+        self._status: int | None = None
         # Closed by wait(), after the run wrote them: they outlive this method.
         self._out = tempfile.TemporaryFile() if capture else None  # noqa: SIM115
         self._err = tempfile.TemporaryFile() if capture else None  # noqa: SIM115
         res_r, res_w = os.pipe()
         try:
-            if os.environ.get("KIT_ZYGOTE", "1") == "0":
+            if fork_here:
+                self.supervisor_pid = self._fork_here(request, stdin, res_w, pass_fds)
+            elif os.environ.get("KIT_ZYGOTE", "1") == "0":
                 self.supervisor_pid = self._exec_supervisor(request, stdin, res_w, pass_fds)
             else:
                 self.supervisor_pid = self._fork_supervisor(request, stdin, res_w, pass_fds)
@@ -239,7 +251,7 @@ class RunHandle:
         finally:
             os.close(res_w)
         self._supervisor_fd = (None if getattr(self, "_popen", None) is not None
-                               else _PidFD.open(self.supervisor_pid))
+                               or self._own_child else _PidFD.open(self.supervisor_pid))
         self._result = os.fdopen(res_r, "rb")
         line = self._result.readline()
         words = line.split(maxsplit=3)
@@ -274,6 +286,48 @@ class RunHandle:
         finally:
             for fd in opened:
                 os.close(fd)
+
+    def _fork_here(self, request: RunRequest, stdin: int | IO[Any] | None, res_w: int,
+                   pass_fds: tuple[int, ...]) -> int:
+        """Fork the supervisor from this process, which does what the zygote would first."""
+        threads = threading.active_count()
+        if threads != 1:  # a fork would copy locks that other threads hold
+            raise LaunchError(f"fork_here needs a single-threaded launcher, this process has "
+                              f"{threads} threads: start the run without fork_here (the zygote "
+                              "forks it)")
+        # Imported here: the zygote's modules are only needed by a launcher that forks.
+        from kit import rundir, supervisor, zygote
+        from kit.starter import default_signals
+
+        if supervisor.preload(request):
+            zygote.settle()
+        prepared = supervisor.prepare_backend(request)
+        in_fd, out_fd, err_fd, opened = self._stdio(stdin)
+        try:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the supervisor; its result goes through res_w
+                code = 1
+                try:
+                    default_signals()
+                    os.setsid()
+                    result_fd, _ = zygote.place_fds([in_fd, out_fd, err_fd, res_w,
+                                                     *pass_fds], list(pass_fds))
+                    rundir.sweep()  # run directories of supervisors that died early
+                    supervisor.run_supervised(request, result_fd, prepared)
+                    code = 0
+                finally:
+                    os._exit(code)
+        finally:
+            for fd in opened:
+                os.close(fd)
+        self._own_child = True
+        return pid
+
+    def _reap(self) -> int:
+        """Reap the supervisor this process forked; its wait status."""
+        if self._status is None:
+            _, self._status = os.waitpid(self.supervisor_pid, 0)
+        return self._status
 
     def _exec_supervisor(self, request: RunRequest, stdin: int | IO[Any] | None, res_w: int,
                          pass_fds: tuple[int, ...]) -> int:
@@ -336,6 +390,8 @@ class RunHandle:
         self._result.close()
         if getattr(self, "_popen", None) is not None:
             self._popen.wait()
+        elif self._own_child:
+            self._reap()
         else:  # the zygote reaps it; it exits right after closing the result pipe
             self._await_supervisor_exit()
         stdout = stderr = ""
@@ -365,6 +421,8 @@ class RunHandle:
         try:
             if getattr(self, "_popen", None) is not None:
                 how = _returncode(self._popen.wait())
+            elif self._own_child:
+                how = describe_status(self._reap())
             else:
                 zygote = Zygote.get_existing()
                 status = zygote.exit_status(self.supervisor_pid) if zygote else None
@@ -415,7 +473,10 @@ class RunHandle:
             os.kill(self.supervisor_pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        self._await_supervisor_exit()
+        if self._own_child:
+            self._reap()
+        else:
+            self._await_supervisor_exit()
         if self.run_dir and os.path.basename(self.run_dir).startswith("kit-run-"):
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
@@ -445,10 +506,11 @@ def make_request(engine: str, flow: str, argv: list[str], *,
 
 def start(engine: str, flow: str, argv: list[str], *, capture: bool = True,
           stdin: int | IO[Any] | None = None, pass_fds: tuple[int, ...] = (),
-          **options: Any) -> RunHandle:
-    """Start a run without waiting; see :func:`run` for the options."""
+          fork_here: bool = False, **options: Any) -> RunHandle:
+    """Start a run without waiting; see :func:`run` for the options and :class:`RunHandle`
+    for ``fork_here``."""
     return RunHandle(make_request(engine, flow, argv, **options), capture=capture, stdin=stdin,
-                     pass_fds=tuple(pass_fds))
+                     pass_fds=tuple(pass_fds), fork_here=fork_here)
 
 
 def run(engine: str, flow: str, argv: list[str], *, capture: bool = True,

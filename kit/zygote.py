@@ -84,8 +84,8 @@ def reap() -> None:
             del exit_statuses[next(iter(exit_statuses))]
 
 
-def _place_fds(received: list[int], targets: list[int], extra: Collection[int] = ()
-               ) -> tuple[int, dict[int, int]]:
+def place_fds(received: list[int], targets: list[int], extra: Collection[int] = ()
+              ) -> tuple[int, dict[int, int]]:
     """In the run's child: stdio and pass-through fds at their numbers; returns the result
     fd and where each of ``extra`` (the zygote's own, for the supervisor) now is. Everything
     else the zygote had open is closed."""
@@ -115,7 +115,7 @@ def _place_fds(received: list[int], targets: list[int], extra: Collection[int] =
     return result_fd, moved
 
 
-def _settle() -> None:
+def settle() -> None:
     """After new imports, before the forks: make this process cheap to fork. Garbage goes
     and the heap's free pages go back to the kernel (fork copies the page table of every
     mapped page: ~0.1 ms less per fork with the reference engine); what is left is frozen
@@ -174,7 +174,7 @@ def _serve(control: socket.socket, spare: list[Ahead | None]) -> int:
             if len(fds) != FIXED_FDS + len(targets):
                 raise ValueError(f"expected {FIXED_FDS + len(targets)} fds, got {len(fds)}")
             if preload(request):
-                _settle()
+                settle()
         except Exception as exc:  # noqa: BLE001 engine imports may raise anything
             for fd in fds:
                 os.close(fd)
@@ -199,7 +199,7 @@ def _serve(control: socket.socket, spare: list[Ahead | None]) -> int:
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
                 os.setsid()
-                result_fd, moved = _place_fds(fds, targets, ahead.fds() if ahead else set())
+                result_fd, moved = place_fds(fds, targets, ahead.fds() if ahead else set())
                 run_supervised(request, result_fd, prepared,
                                ahead.moved(moved) if ahead else None)
                 code = 0
