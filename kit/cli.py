@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import signal
 import sys
@@ -19,7 +20,6 @@ from pathlib import Path
 from kit import environment, preflight, registry
 from kit.launcher import LaunchError, start
 from kit.request import DEFAULT_HOOK_TIMEOUT, DEFAULT_RUN_TIMEOUT
-from kit.scaffold import ScaffoldError, write_package
 from kit.starter_config import FLOWS
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
@@ -44,8 +44,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds a hook may take (default %(default)s)")
     r.add_argument("--run-timeout", type=float, default=DEFAULT_RUN_TIMEOUT,
                    help="seconds the whole run may take (default %(default)s)")
-    r.add_argument("--no-probes", action="store_true",
-                   help="skip privilege snapshots and escalation probes")
+    r.add_argument("--probes", action=argparse.BooleanOptionalAction, default=None,
+                   help="take privilege snapshots and run escalation probes at every hook "
+                   "(default: with --ledger, the only place they are shown)")
     r.add_argument("argv", nargs="+", metavar="CMD", help="the payload, after --")
     sub.add_parser("flows", help="which backend each flow runs on here (real where the "
                    "machine allows it, else fake), and why")
@@ -72,11 +73,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"kit run: {problem}", file=sys.stderr)
         return 2
+    # What exists now lives as long as this process: frozen, no collection walks it (here
+    # or in the forked run, whose pages it would copy); the collector is back on for the run.
+    gc.freeze()
+    gc.enable()
     try:
+        # A one-shot run: the supervisor is forked from this process (no zygote, no second
+        # interpreter to start and import the kit into).
         handle = start(args.engine, args.flow, args.argv, capture=False, stdin=sys.stdin,
                        engine_config=engine_config, user=args.user, backend=args.backend,
                        hook_timeout=args.hook_timeout, run_timeout=args.run_timeout,
-                       probes=not args.no_probes)
+                       probes=args.probes if args.probes is not None else bool(args.ledger),
+                       fork_here=True)
     except (registry.RegistryError, ValueError, LaunchError) as exc:
         print(f"kit run: {exc}", file=sys.stderr)
         return 2
@@ -108,6 +116,8 @@ def cmd_engines() -> int:
 
 
 def cmd_new(args: argparse.Namespace) -> int:
+    from kit.scaffold import ScaffoldError, write_package  # only here: not a run's cost
+
     directory = Path(args.dir or args.name)
     try:
         written = write_package(args.name, directory)

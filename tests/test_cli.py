@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import threading
+import time
+
+import pytest
+
+from kit import environment
+from kit.launcher import LaunchError, start
+from kit.starter_config import FLOWS
 
 
 def kit(*args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -59,3 +68,89 @@ def test_help_names_the_subcommands():
     assert proc.returncode == 0
     for word in ("run", "flows", "engines"):
         assert word in proc.stdout
+
+
+def test_a_run_forks_its_supervisor_from_the_cli_process_itself():
+    # The payload waits on its stdin (the CLI's, handed through) while the test looks at the
+    # CLI's children: the run's supervisor, and no zygote (a second interpreter).
+    proc = subprocess.Popen([sys.executable, "-m", "kit", "run", "--engine", "reference",
+                             "--flow", "root", "--", "/bin/sh", "-c", "read line; exit 3"],
+                            stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        names: list[str] = []
+        deadline = time.monotonic() + 60
+        while not {"kit-supervisor", "kit-zygote"} & set(names) and time.monotonic() < deadline:
+            names = [_comm(pid) for pid in _children(proc.pid)]
+            time.sleep(0.01)
+        assert "kit-supervisor" in names and "kit-zygote" not in names, names
+        _, err = proc.communicate("go\n", timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 3, err
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return ""
+
+
+def test_fork_here_refuses_a_process_with_other_threads():
+    release = threading.Event()
+    helper = threading.Thread(target=release.wait)
+    helper.start()
+    try:
+        with pytest.raises(LaunchError, match=r"single-threaded launcher, this process has "
+                                              r"\d+ threads"):
+            start("reference", "root", ["/bin/true"], fork_here=True)
+    finally:
+        release.set()
+        helper.join()
+
+
+def test_probes_run_only_when_the_ledger_is_kept_unless_asked(tmp_path):
+    def snapshots(*options: str) -> int:
+        ledger = tmp_path / "ledger.json"
+        proc = kit("run", "--engine", "reference", "--flow", "root", "--ledger", str(ledger),
+                   *options, "--", "/bin/true")
+        assert proc.returncode == 0, proc.stderr
+        return sum(1 for e in json.loads(ledger.read_text())["events"] if e.get("snapshot"))
+
+    assert snapshots() > 0
+    assert snapshots("--no-probes") == 0
+    help_text = kit("run", "--help").stdout
+    assert "--probes" in help_text and "with --ledger" in help_text
+
+
+def test_auto_probes_only_the_flow_asked_for(monkeypatch):
+    probed: list[str] = []
+    real_probe = environment._probe
+
+    def recording(name, *args):
+        probed.append(name)
+        return real_probe(name, *args)
+
+    monkeypatch.setattr(environment, "_probe", recording)
+    flows = environment.Flows()
+    flows["root"]
+    assert probed == ["root"] if os.geteuid() == 0 else probed == []
+    flows["root"], flows["suid"]  # decided once; suid needs nothing more than root and U
+    assert len(probed) == (1 if os.geteuid() == 0 else 0)
+    flows["userns"], flows["fakeroot"], flows["hybrid"]  # one user namespace probe for all
+    assert len(probed) == (2 if os.geteuid() == 0 else 1)
+    assert [n for n in probed if n != "root"][0].startswith("user namespace as uid")
+    assert list(flows) == list(environment.SHOWN_ORDER)
+    assert sorted(environment.SHOWN_ORDER) == sorted(FLOWS)
+    with pytest.raises(KeyError):
+        flows["rootless"]
