@@ -1,7 +1,6 @@
 """``python -m conformance catalogue``: print the requirement catalogue as Markdown; ``spec``:
-print the contract;
-``report``: render a saved JSON report; ``diff``: compare two reports; ``gate``: the
-conformance gate of a pipeline."""
+print the contract; ``report``: render a saved JSON report, or merge shard reports
+(``--merge``); ``diff``: compare two reports; ``gate``: the conformance gate of a pipeline."""
 
 from __future__ import annotations
 
@@ -14,6 +13,7 @@ from conformance.catalogue import markdown
 from conformance.diff import diff_command
 from conformance.gate import main as gate_main
 from conformance.render import report_command
+from conformance.report import merge_command
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -31,10 +31,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      "with the tests that check it (Markdown)")
     sub.add_parser("spec", help="print the contract the suite checks (SPEC.md)")
     report = sub.add_parser("report", help="render summary.md and report.html from a saved "
-                                           "JSON report; exit status: its verdict (0 "
-                                           "conformant, 1 not, 2 harness error, 3 nothing ran)")
-    report.add_argument("json", help="the JSON report (--conformance-report)")
-    report.add_argument("--out", metavar="DIR", help="where to write (default: beside it)")
+                                           "JSON report, or merge shard reports (--merge); "
+                                           "exit status: its verdict (0 conformant, 1 not, 2 "
+                                           "harness error or shards that do not merge, 3 "
+                                           "nothing ran)")
+    report.add_argument("json", nargs="+", help="the JSON report (--conformance-report); "
+                        "with --merge, every shard's")
+    report.add_argument("--merge", action="store_true",
+                        help="merge the reports of one session's shards (one per flow or per "
+                        "runner) into one: conformance.json, summary.md and report.html in "
+                        "--out DIR; each shard's environment is kept")
+    report.add_argument("--out", metavar="DIR", help="where to write (default: beside it; "
+                        "required with --merge)")
     report.add_argument("--strict", action="store_true", default=None,
                         help="any failure, and anything not configured, is non-conformant")
     diff = sub.add_parser("diff", help="requirements whose outcome changed between two "
@@ -48,7 +56,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "spec":
         sys.stdout.write((Path(__file__).parent / "SPEC.md").read_text())
     elif args.command == "report":
-        return report_command(args.json, args.out, args.strict)
+        if args.merge:
+            return merge_command(args.json, args.out, args.strict)
+        if len(args.json) != 1:
+            parser.error(f"report: one JSON report, got {len(args.json)} (to merge shard "
+                         "reports, add --merge)")
+        return report_command(args.json[0], args.out, args.strict)
     elif args.command == "diff":
         return diff_command(args.old, args.new)
     return 0

@@ -42,6 +42,7 @@ import pytest
 
 from conformance import SUITE_VERSION, requirements, rootcause, schema
 from conformance.catalogue import tests_by_requirement
+from conformance.expectations import FLOWS
 from conformance.outcomes import NOT_DECIDED, OUTCOMES, Results
 
 #: 2: the not-decided outcome and root_causes; 3: every result's subject (engine or kit).
@@ -90,10 +91,15 @@ def build(state: Any, results: Results, runs: list[dict[str, Any]]) -> dict[str,
                             "reason": k.reason, "where": k.where()} for k in state.known],
         "runs": sorted(runs, key=lambda r: (r.get("flow", ""), r.get("scenario", ""),
                                             r.get("worker", ""))),
-        "root_causes": [{**(g.cause or {"headline": g.message.removeprefix("not decided: ")}),
-                         "results": len(g.results), "flows": g.flows, "runs": g.runs}
-                        for g in rootcause.groups(entries, runs)],
+        "root_causes": _root_causes(entries, runs),
     }
+
+
+def _root_causes(entries: list[dict[str, Any]], runs: list[dict[str, Any]]
+                 ) -> list[dict[str, Any]]:
+    return [{**(g.cause or {"headline": g.message.removeprefix("not decided: ")}),
+             "results": len(g.results), "flows": g.flows, "runs": g.runs}
+            for g in rootcause.groups(entries, runs)]
 
 
 def validate(doc: Any) -> list[str]:
@@ -147,3 +153,144 @@ def validate(doc: Any) -> list[str]:
         if run.get("error") is None and "ledger" not in run:
             problems.append(f"runs[{i}] ({run.get('id')}) has no ledger")
     return problems
+
+
+# --- merging shard reports ----------------------------------------------------------------------
+
+class MergeError(ValueError):
+    """Shard reports that cannot make one report; the message names the shards and what
+    differs."""
+
+
+#: What every shard of one session shares: (what, how to read it from a report).
+_SAME = (("schema version", lambda d: d["schema_version"]),
+         ("suite version", lambda d: d["suite_version"]),
+         ("engine", lambda d: f"{d['engine'].get('name')} ({d['engine'].get('origin')})"),
+         ("engine capabilities", lambda d: d["engine"].get("capabilities")),
+         ("--strict", lambda d: bool(d["environment"].get("strict"))))
+
+
+def _result_key(entry: dict[str, Any]) -> tuple[Any, ...]:
+    # A subject, where results have one, is part of what a result is about.
+    return entry["requirement"], entry["flow"], entry.get("subject")
+
+
+def merge(shards: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """One report from the reports of one session's shards (``(name, report)`` each, e.g. one
+    per flow or per runner), as if one session had run them all.
+
+    Results are united; a result two shards both decided (a flow run on two runners) is kept
+    once, with both shards' runs, when they agree on its outcome and backend. A run id two
+    shards share (the same flow and scenario) gets ``@shardN`` on the later shard's.
+    ``environment`` is the first shard's, with each flow described by the shard that ran it;
+    ``shards`` keeps every shard's own environment. Raises :class:`MergeError` for shards of
+    different engines, schema or suite versions or strictness, and for overlapping results
+    that disagree.
+    """
+    if len(shards) < 2:
+        raise MergeError(f"give two or more shard reports to merge, got {len(shards)}")
+    first_name, first = shards[0]
+    for name, doc in shards[1:]:
+        for what, read in _SAME:
+            if read(doc) != read(first):
+                raise MergeError(f"{name} and {first_name} differ in {what} ({read(doc)!r} "
+                                 f"against {read(first)!r}): merge only the shards of one "
+                                 "session (one engine, one kit version, the same options)")
+    merged: dict[tuple[Any, ...], dict[str, Any]] = {}
+    decided_by: dict[tuple[Any, ...], str] = {}
+    runs: list[dict[str, Any]] = []
+    taken: set[str] = set()
+    described: list[dict[str, Any]] = []
+    known: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for index, (name, doc) in enumerate(shards, 1):
+        renamed = {}
+        for run in doc["runs"]:
+            new_id = run["id"] if run["id"] not in taken else f"{run['id']}@shard{index}"
+            renamed[run["id"]] = new_id
+            taken.add(new_id)
+            runs.append({**run, "id": new_id})
+        for entry in doc["results"]:
+            entry = {**entry, "runs": [renamed.get(r, r) for r in entry["runs"]]}
+            key = _result_key(entry)
+            have = merged.get(key)
+            if have is None:
+                merged[key] = entry
+                decided_by[key] = name
+            elif (have["outcome"], have["backend"]) != (entry["outcome"], entry["backend"]):
+                raise MergeError(
+                    f"{entry['requirement']} in flow {entry['flow']}: {decided_by[key]} says "
+                    f"{have['outcome']} ({have['backend']} backend), {name} says "
+                    f"{entry['outcome']} ({entry['backend']} backend): shards that overlap "
+                    "must agree; look at the two runners' environments, or shard without "
+                    "overlap")
+            else:
+                have["runs"] = sorted(set(have["runs"]) | set(entry["runs"]))
+        for k in doc["known_failures"]:
+            known.setdefault((k["requirement"], tuple(k["flows"]), k["reason"]), k)
+        env = doc["environment"]
+        described.append({
+            "report": name, "generated": doc["generated"], "environment": env,
+            "flows": [f for f, info in env["flows"].items() if info.get("selected")],
+            "results": len(doc["results"]), "runs": [renamed[r["id"]] for r in doc["runs"]]})
+    order = {r: i for i, r in enumerate(requirements.CATALOGUE)}
+    entries = sorted(merged.values(), key=lambda e: (
+        order.get(e["requirement"], len(order)),
+        FLOWS.index(e["flow"]) if e["flow"] in FLOWS else len(FLOWS), str(e.get("subject"))))
+    runs.sort(key=lambda r: (r.get("flow", ""), r.get("scenario", ""), r.get("worker", ""),
+                             r["id"]))
+    return {
+        **first,
+        "generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "environment": _merged_environment([doc["environment"] for _, doc in shards]),
+        "summary": Results.summary(entries),
+        "results": entries,
+        "known_failures": list(known.values()),
+        "runs": runs,
+        "root_causes": _root_causes(entries, runs),
+        "shards": described,
+    }
+
+
+def _merged_environment(envs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first shard's environment, each flow as the shard that selected it saw it."""
+    out = {**envs[0], "flows": {}, "backend": {}}
+    for flow in dict.fromkeys(f for env in envs for f in env["flows"]):
+        seen = [env for env in envs if flow in env["flows"]]
+        env = next((e for e in seen if e["flows"][flow].get("selected")), seen[0])
+        out["flows"][flow] = env["flows"][flow]
+        out["backend"][flow] = env["backend"].get(flow, env["flows"][flow].get("backend"))
+    return out
+
+
+def merge_command(paths: list[str], out_dir: str | None, strict: bool | None = None) -> int:
+    """``python -m conformance report --merge A.json B.json … --out DIR``: write the merged
+    ``conformance.json``, ``summary.md`` and ``report.html`` into DIR; the exit status is the
+    merged verdict, 2 when the shards cannot be merged (the message says why)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from conformance import render
+
+    if not out_dir:
+        print("conformance report --merge: give --out DIR (where the merged report goes)",
+              file=sys.stderr)
+        return render.HARNESS_ERROR
+    try:
+        doc = merge([(path, render.load(path)) for path in paths])
+    except (render.ReportError, MergeError) as exc:
+        print(f"conformance report --merge: {exc}", file=sys.stderr)
+        return render.HARNESS_ERROR
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        merged_path = Path(out_dir) / "conformance.json"
+        merged_path.write_text(json.dumps(doc))
+        v, written = render.write(doc, out_dir, strict)
+    except OSError as exc:
+        print(f"conformance report --merge: cannot write into {out_dir}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return render.HARNESS_ERROR
+    for line in render.terminal_summary(doc, v):
+        print(line)
+    print(f"merged {len(paths)} shards: {merged_path} {written['summary']} {written['html']}")
+    return v.code
