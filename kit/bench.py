@@ -17,7 +17,8 @@ Measures, interleaved (A B C … A B C …) after a warm-up, the median wall tim
 * ``fake``           — the same in the fake backend (when the kit has it);
 * ``userns``         — the userns flow (as the unprivileged test user).
 
-Also the fake backend's seccomp filter: the time to install it, and what it adds to each
+Also a one-shot ``python -m kit run`` against ``python -c pass`` (``cli_vs_python``), and the
+fake backend's seccomp filter: the time to install it, and what it adds to each
 system call it lets through (the ``fake`` case includes both).
 
 Besides wall time, the CPU time of each case (user + system, the bench and every process it
@@ -371,6 +372,38 @@ def suite_scaling(engine: str, repeats: int = 3) -> dict[str, float]:
     return {"n0_s": round(n0, 2), "n2_s": round(n2, 2), "speedup": round(n0 / n2, 2)}
 
 
+def cli_vs_python(samples: int = 30, warmup: int = 2) -> dict[str, float]:
+    """A one-shot ``python -m kit run --engine reference --flow root -- /bin/true`` against a
+    bare ``python -c pass`` of the same interpreter, interleaved: median wall ms of each and
+    ``ratio`` (the issue's ``cli_vs_python``), with ``cpu_ratio`` from the CPU time of each
+    process tree. Bytecode caches are used (``PYTHONDONTWRITEBYTECODE`` unset), as on a user's
+    machine; the first, cache-writing runs are part of the warm-up."""
+    cases = {"python": [sys.executable, "-c", "pass"],
+             "cli": [sys.executable, "-m", "kit", "run", "--engine", "reference", "--flow",
+                     "root", "--", "/bin/true"]}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    wall: dict[str, list[float]] = {name: [] for name in cases}
+    cpu: dict[str, list[float]] = {name: [] for name in cases}
+    for i in range(warmup + samples):
+        for name, argv in cases.items():
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            t = time.perf_counter()
+            code = subprocess.run(argv, env=env, cwd="/", stdin=subprocess.DEVNULL).returncode
+            elapsed = time.perf_counter() - t
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            if code != 0:
+                raise RuntimeError(f"{' '.join(argv)} exited {code}")
+            if i >= warmup:
+                wall[name].append(elapsed * 1000)
+                cpu[name].append((after.ru_utime + after.ru_stime - before.ru_utime
+                                  - before.ru_stime) * 1000)
+    med = {name: statistics.median(v) for name, v in wall.items()}
+    cpu_med = {name: statistics.median(v) for name, v in cpu.items()}
+    return {"cli_ms": round(med["cli"], 2), "python_ms": round(med["python"], 2),
+            "ratio": round(med["cli"] / med["python"], 2),
+            "cpu_ratio": round(cpu_med["cli"] / cpu_med["python"], 2)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m kit.bench", description=__doc__.splitlines()[0]
@@ -448,8 +481,10 @@ def _measure(args: argparse.Namespace, runc: RuncCase | None,
                                         / medians["full"], 3),
               "cpu_full_vs_runc": ratio("full", "runc", cpu_ms),
               "cpu_no_probes_vs_runc": ratio("no_probes", "runc", cpu_ms)}
+    report_cli = cli_vs_python(args.samples, args.warmup)
+    ratios["cli_vs_python"] = report_cli["ratio"]
     report = {"samples": args.samples, "medians": medians, "cpu_ms": cpu_ms, "ratios": ratios,
-              "runc": runc_info,
+              "runc": runc_info, "cli": report_cli,
               "breakdown": breakdown(last_full) if last_full else {},
               "probe_ms": probe_cost(), "ledger_event_us": round(ledger_cost(), 2),
               "seccomp": seccomp_cost()}
@@ -462,6 +497,8 @@ def _measure(args: argparse.Namespace, runc: RuncCase | None,
     print()
     for name, ratio_value in ratios.items():
         print(f"{name:22} {'n/a' if ratio_value is None else f'{ratio_value:.2f}'}")
+    print(f"one-shot CLI {report_cli['cli_ms']} ms, python -c pass {report_cli['python_ms']} "
+          f"ms (CPU ratio {report_cli['cpu_ratio']})")
     print()
     print("where a full lifecycle's time goes (ms since the supervisor's first event):")
     for name, value in report["breakdown"].get("marks_ms", {}).items():

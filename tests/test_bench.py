@@ -29,7 +29,9 @@ def test_kit_bench_writes_the_medians_and_ratios_it_promises(tmp_path):
     assert set(doc["ratios"]) == {"full_vs_runc", "no_probes_vs_runc", "full_vs_unshare",
                                   "full_vs_minimal", "no_probes_vs_unshare", "fake_vs_full",
                                   "sandbox_vs_no_sandbox", "sandbox_overhead",
-                                  "cpu_full_vs_runc", "cpu_no_probes_vs_runc"}
+                                  "cpu_full_vs_runc", "cpu_no_probes_vs_runc", "cli_vs_python"}
+    assert doc["cli"]["cli_ms"] > doc["cli"]["python_ms"] > 0
+    assert doc["ratios"]["cli_vs_python"] == doc["cli"]["ratio"]
     if "runc" in cases:
         assert doc["ratios"]["full_vs_runc"] == pytest.approx(
             doc["medians"]["full"] / doc["medians"]["runc"], abs=0.01)
