@@ -299,9 +299,12 @@ class RunHandle:
         from kit import rundir, supervisor, zygote
         from kit.starter import default_signals
 
-        if supervisor.preload(request):
-            zygote.settle()
-        prepared = supervisor.prepare_backend(request)
+        try:  # what the zygote would answer with {"error": ...}
+            if supervisor.preload(request):
+                zygote.settle()
+            prepared = supervisor.prepare_backend(request)
+        except Exception as exc:
+            raise LaunchError(f"{type(exc).__name__}: {exc}") from exc
         in_fd, out_fd, err_fd, opened = self._stdio(stdin)
         try:
             pid = os.fork()

@@ -154,3 +154,13 @@ def test_auto_probes_only_the_flow_asked_for(monkeypatch):
     assert sorted(environment.SHOWN_ORDER) == sorted(FLOWS)
     with pytest.raises(KeyError):
         flows["rootless"]
+
+
+def test_fork_here_reports_an_engine_it_cannot_load_as_a_launch_error():
+    proc = subprocess.run(
+        [sys.executable, "-c", "from kit.launcher import LaunchError, start\n"
+         "try:\n    start('no-such-engine', 'root', ['/bin/true'], fork_here=True)\n"
+         "except LaunchError as exc:\n    print('LaunchError:', exc)\n"],
+        capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("LaunchError: RegistryError:") and "no-such-engine" in proc.stdout
