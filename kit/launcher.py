@@ -230,7 +230,7 @@ class RunHandle:
                  fork_here: bool = False) -> None:
         self.request = request
         self.capture = capture
-        #: The supervisor's wait status once this process has reaped it (``fork_here``).
+        #: ``fork_here``: the supervisor is this process's child, reaped here; its wait status.
         self._own_child = False
         self._status: int | None = None
         # Closed by wait(), after the run wrote them: they outlive this method.
