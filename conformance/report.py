@@ -34,8 +34,11 @@ to. ``subject`` (version 3) is ``engine`` or ``kit``: who can break the requirem
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -240,7 +243,7 @@ def merge(shards: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
                              r["id"]))
     return {
         **first,
-        "generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "generated": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "environment": _merged_environment([doc["environment"] for _, doc in shards]),
         "summary": Results.summary(entries),
         "results": entries,
@@ -266,11 +269,7 @@ def merge_command(paths: list[str], out_dir: str | None, strict: bool | None = N
     """``python -m conformance report --merge A.json B.json … --out DIR``: write the merged
     ``conformance.json``, ``summary.md`` and ``report.html`` into DIR; the exit status is the
     merged verdict, 2 when the shards cannot be merged (the message says why)."""
-    import json
-    import sys
-    from pathlib import Path
-
-    from conformance import render
+    from conformance import render  # noqa: PLC0415  (render imports this module)
 
     if not out_dir:
         print("conformance report --merge: give --out DIR (where the merged report goes)",

@@ -116,7 +116,7 @@ def cmd_engines() -> int:
 
 
 def cmd_new(args: argparse.Namespace) -> int:
-    from kit.scaffold import ScaffoldError, write_package  # only here: not a run's cost
+    from kit.scaffold import ScaffoldError, write_package  # noqa: PLC0415  (not a run's cost)
 
     directory = Path(args.dir or args.name)
     try:

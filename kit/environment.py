@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 from kit import linux
 from kit.request import Invoker

@@ -296,8 +296,8 @@ class RunHandle:
                               f"{threads} threads: start the run without fork_here (the zygote "
                               "forks it)")
         # Imported here: the zygote's modules are only needed by a launcher that forks.
-        from kit import rundir, supervisor, zygote
-        from kit.starter import default_signals
+        from kit import rundir, supervisor, zygote  # noqa: PLC0415
+        from kit.starter import default_signals  # noqa: PLC0415
 
         try:  # what the zygote would answer with {"error": ...}
             if supervisor.preload(request):

@@ -149,7 +149,7 @@ def test_auto_probes_only_the_flow_asked_for(monkeypatch):
     assert len(probed) == (1 if os.geteuid() == 0 else 0)
     flows["userns"], flows["fakeroot"], flows["hybrid"]  # one user namespace probe for all
     assert len(probed) == (2 if os.geteuid() == 0 else 1)
-    assert [n for n in probed if n != "root"][0].startswith("user namespace as uid")
+    assert next(n for n in probed if n != "root").startswith("user namespace as uid")
     assert list(flows) == list(environment.SHOWN_ORDER)
     assert sorted(environment.SHOWN_ORDER) == sorted(FLOWS)
     with pytest.raises(KeyError):

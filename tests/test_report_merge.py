@@ -55,7 +55,7 @@ def test_merged_shards_equal_the_unsharded_session(sessions, tmp_path):
     shards = merged["shards"]
     assert [s["report"] for s in shards] == [str(sessions["root"]), str(sessions["suid,userns"])]
     assert [s["flows"] for s in shards] == [["root"], ["suid", "userns"]]
-    for shard, path in zip(shards, (sessions["root"], sessions["suid,userns"])):
+    for shard, path in zip(shards, (sessions["root"], sessions["suid,userns"]), strict=True):
         assert shard["environment"] == json.loads(path.read_text())["environment"]
     assert "conformant (exit 0)" in (tmp_path / "merged" / "summary.md").read_text()
     assert "<html" in (tmp_path / "merged" / "report.html").read_text()
