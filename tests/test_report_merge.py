@@ -45,7 +45,12 @@ def test_merged_shards_equal_the_unsharded_session(sessions, tmp_path):
     assert proc.returncode == render.verdict(whole).code == 0, proc.stderr
     merged = render.load(tmp_path / "merged" / "conformance.json")
     assert report.validate(merged) == []
-    assert merged["results"] == whole["results"]  # same entries, same order, same messages
+    # Same entries, same order, same outcomes and messages; ``checks`` (how many individual
+    # checks a result's ledgers gave) varies from one session to the next, sharded or not.
+    def without_checks(results: list[dict]) -> list[dict]:
+        return [{k: v for k, v in entry.items() if k != "checks"} for entry in results]
+
+    assert without_checks(merged["results"]) == without_checks(whole["results"])
     assert merged["summary"] == whole["summary"]
     assert render.verdict(merged) == render.verdict(whole)
     assert sorted(r["id"] for r in merged["runs"]) == sorted(r["id"] for r in whole["runs"])
