@@ -7,6 +7,8 @@ import importlib.machinery
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -71,3 +73,39 @@ def test_every_module_has_tests_that_exist_and_the_reviewed_list_is_well_formed(
     for entry in json.loads(mutation.EQUIVALENT.read_text()):
         assert set(entry) == {"file", "operator", "mutation", "reason"}, entry
         assert (ROOT / entry["file"]).is_file() and entry["reason"]
+
+
+SCOPED = '''
+def outer():
+    def inner():
+        return 1
+    return inner
+
+
+class Box:
+    @staticmethod
+    def check(x):
+        return x > 0
+
+    def other(self):
+        return 2
+'''
+
+
+def test_a_scoped_run_keeps_the_named_functions_with_their_decorators():
+    assert mutation.function_spans(SCOPED, ["outer"]) == [(2, 5)]
+    assert mutation.function_spans(SCOPED, ["Box.check"]) == [(9, 11)]
+    assert mutation.function_spans(SCOPED, ["inner", "other"]) == [(3, 4), (13, 14)]
+
+
+def test_a_scope_naming_a_missing_function_is_refused_naming_it():
+    with pytest.raises(ValueError, match="no function Box.gone, nothing in the module"):
+        mutation.function_spans(SCOPED, ["Box.gone", "nothing", "outer"])
+    # a class is not a function: its methods are named one by one
+    with pytest.raises(ValueError, match="no function Box in"):
+        mutation.function_spans(SCOPED, ["Box"])
+
+
+def test_the_command_line_refuses_a_scope_not_in_the_module(capsys):
+    assert mutation.main(["--functions", "Supervisor.no_such_method", "kit/supervisor.py"]) == 2
+    assert "Supervisor.no_such_method" in capsys.readouterr().err
