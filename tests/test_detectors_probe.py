@@ -1,0 +1,203 @@
+"""The privilege probes fed real credentials: a forked child takes a uid set, capabilities or a
+user namespace of its own, and the test asserts what ``probe.snapshot`` + ``host_privilege``
+and ``probe.escalation`` report for it (behaviour, not how the probes read it)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from kit import linux, probe
+
+from conftest import in_child
+
+U = 1000  # an unprivileged uid (no such user needed)
+CAP_SETUID = 7
+
+
+def as_credentials(uids: tuple[int, int, int], keep_caps: bool = False,
+                   then: Callable[[], None] = lambda: None) -> Callable[[], dict[str, Any]]:
+    """In the child: setresuid to ``uids``, every capability dropped (or, with ``keep_caps``,
+    the permitted set kept as the kernel leaves it), run ``then``; report host_privilege of
+    its snapshot and its escalation verdict."""
+    def child() -> dict[str, Any]:
+        linux.set_keepcaps(keep_caps)
+        os.setresgid(U, U, U)
+        os.setresuid(*uids)
+        if not keep_caps:
+            # a uid 0 left in the set keeps the permitted capabilities: dropped, so that
+            # only the uid can make the verdict
+            linux.capset(0, 0, 0)
+        then()
+        snap = probe.snapshot()
+        return {"privileged": probe.host_privilege(snap), "escalation": probe.escalation(),
+                "uid": snap["threads"][0]["uid"], "permitted": snap["threads"][0]["caps"][
+                    "permitted"]}
+    return child
+
+
+def report(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    out = in_child(fn)
+    assert "ok" in out, out
+    return out["ok"]
+
+
+@pytest.fixture(autouse=True)
+def no_setuid_binary() -> Iterator[None]:
+    before = probe.setuid_binary()
+    probe.configure(None, None)
+    yield
+    probe.configure(None, before)
+
+
+# -- host_privilege: uid 0 in any of real, effective, saved; or a permitted capability --------
+
+@pytest.mark.parametrize("uids", [(U, U, 0), (U, 0, U), (0, U, U)],
+                         ids=["saved", "effective", "real"])
+def test_a_uid_0_in_any_of_real_effective_saved_is_host_privilege(uids):
+    r = report(as_credentials(uids))
+    assert (r["uid"][:3], r["permitted"]) == (list(uids), [])
+    assert r["privileged"] is True
+
+
+def test_a_fully_dropped_process_has_no_host_privilege():
+    r = report(as_credentials((U, U, U)))
+    assert (r["uid"], r["permitted"]) == ([U] * 4, [])
+    assert r["privileged"] is False
+
+
+def test_a_permitted_capability_without_uid_0_is_host_privilege():
+    r = report(as_credentials((U, U, U), keep_caps=True))
+    assert r["uid"] == [U] * 4 and "cap_setuid" in [c.lower() for c in r["permitted"]]
+    assert r["privileged"] is True
+
+
+def test_fs_uid_0_alone_is_not_host_privilege():
+    def fs_root_only() -> None:
+        # with the permitted caps kept: CAP_SETUID effective to set fsuid 0, then every
+        # capability dropped
+        linux.capset(1 << CAP_SETUID, 1 << CAP_SETUID, 0)
+        linux.thread_setfsuid(0)
+        linux.capset(0, 0, 0)
+
+    r = report(as_credentials((U, U, U), keep_caps=True, then=fs_root_only))
+    assert (r["uid"], r["permitted"]) == ([U, U, U, 0], [])
+    assert r["privileged"] is False
+
+
+def test_a_privileged_second_thread_makes_the_process_privileged():
+    # the main thread drops alone (raw syscall); the other thread keeps saved uid 0
+    def child() -> dict[str, Any]:
+        os.setresgid(U, U, U)
+        os.setresuid(U, U, 0)  # every thread
+        linux.capset(0, 0, 0)  # this thread, before the helper copies its credentials
+        ready, done = threading.Event(), threading.Event()
+        helper = threading.Thread(target=lambda: (ready.set(), done.wait(30)))
+        helper.start()
+        ready.wait(30)
+        linux.thread_setresuid(U, U, U)  # this thread only
+        snap = probe.snapshot()
+        done.set()
+        helper.join()
+        return {"privileged": probe.host_privilege(snap),
+                "uids": sorted(t["uid"][2] for t in snap["threads"]),
+                "caps": [t["caps"]["permitted"] for t in snap["threads"]]}
+
+    r = report(child)
+    assert r["uids"] == [0, U] and r["caps"] == [[], []]
+    assert r["privileged"] is True
+
+
+def test_uid_0_in_a_user_namespace_of_its_own_is_no_host_privilege():
+    def in_userns() -> dict[str, Any]:
+        linux.unshare(linux.ns_flags(["user"]))
+        for name, line in (("setgroups", "deny"), ("gid_map", f"0 {U} 1"),
+                           ("uid_map", f"0 {U} 1")):
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(line)
+        snap = probe.snapshot()
+        return {"privileged": probe.host_privilege(snap), "uid": snap["threads"][0]["uid"],
+                "permitted": bool(snap["threads"][0]["caps"]["permitted"]),
+                "escalation": probe.escalation()}
+
+    def child() -> dict[str, Any]:
+        os.setresgid(U, U, U)
+        os.setresuid(U, U, U)
+        linux.set_dumpable(True)  # a setresuid child may write its own maps again
+        return in_userns()
+
+    r = report(child)
+    assert r["uid"] == [0] * 4 and r["permitted"] is True  # root in there, all caps
+    assert r["privileged"] is False
+    esc = r["escalation"]
+    assert esc["host_userns"] is False and esc["host_escalation"] is False
+    assert esc["setresuid_root"] is True  # it is uid 0 there: the way works, harmlessly
+
+
+def test_a_snapshot_from_an_unknown_user_namespace_counts_as_the_hosts():
+    snap = probe.snapshot()
+    snap["ns"] = {**snap["ns"], "user": None}
+    # this test process is root: unknown must not be taken for "another namespace"
+    assert probe.host_privilege(snap) is True
+    assert probe.host_privilege(snap, host=(0, -1)) is True
+    snap["ns"]["user"] = 4026531837 + 12345
+    assert probe.host_privilege(snap, host=(0, 4026531837 + 12345)) is True
+    assert probe.host_privilege(snap, host=(0, 1)) is False
+
+
+# -- escalation: each way back to privilege, on its own ---------------------------------------
+
+def test_a_saved_uid_0_escalates_through_setresuid():
+    esc = report(as_credentials((U, U, 0)))["escalation"]
+    assert esc["host_userns"] is True
+    assert (esc["setresuid_root"], esc["raise_caps"]) == (True, [])
+    assert esc["host_escalation"] is True
+
+
+def test_permitted_capabilities_escalate_by_raising_them():
+    esc = report(as_credentials((U, U, U), keep_caps=True))["escalation"]
+    # each way on its own: the raised capabilities are lowered before setresuid is tried
+    assert esc["setresuid_root"] is False
+    assert "cap_setuid" in [c.lower() for c in esc["raise_caps"]]
+    assert esc["host_escalation"] is True
+
+
+def test_a_fully_dropped_process_cannot_escalate_and_says_why_setuid_was_untried():
+    esc = report(as_credentials((U, U, U)))["escalation"]
+    assert (esc["setresuid_root"], esc["raise_caps"], esc["setuid_exec"]) == (False, [], None)
+    assert esc["setuid_exec_untried"] == probe.UNTRIED_NO_BINARY
+    assert esc["host_escalation"] is False
+
+
+@pytest.fixture
+def setuid_binary() -> Iterator[probe.SetuidBinary]:
+    directory = tempfile.mkdtemp(prefix="kit-probe-")
+    os.chmod(directory, 0o755)  # the unprivileged child must reach the binary
+    try:
+        yield probe.provide_setuid_binary(directory)
+    finally:
+        shutil.rmtree(directory)
+
+
+@pytest.mark.parametrize("nnp", [False, True], ids=["setuid-counts", "no-new-privs"])
+def test_the_setuid_binary_escalates_unless_no_new_privs(setuid_binary, nnp):
+    probe.configure(None, setuid_binary)
+    then = (lambda: linux.set_no_new_privs()) if nnp else (lambda: None)
+    esc = report(as_credentials((U, U, U), then=then))["escalation"]
+    assert esc["setuid_exec_euid"] == (U if nnp else 0)
+    assert esc["setuid_exec"] is (not nnp)
+    assert "setuid_exec_untried" not in esc
+    assert esc["host_escalation"] is (not nnp)
+
+
+def test_a_setuid_binary_replaced_by_another_file_is_untried_naming_why(setuid_binary):
+    other = probe.SetuidBinary(setuid_binary.path, setuid_binary.dev, setuid_binary.ino + 1)
+    probe.configure(None, other)
+    esc = report(as_credentials((U, U, U)))["escalation"]
+    assert esc["setuid_exec"] is None
+    assert esc["setuid_exec_untried"] == f"{probe.UNTRIED_UNREACHABLE}:other-file"
