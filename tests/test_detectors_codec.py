@@ -445,3 +445,32 @@ def test_a_receive_interrupted_by_a_raising_signal_handler_is_retried(pair, inte
         a.shutdown(socket.SHUT_RDWR)  # wakes a thread still blocked on the pair
         sender.join(10)
     assert interrupting_alarm and "recvmsg_into" in interrupting_alarm[0]
+
+
+@pytest.mark.parametrize("obj, key", [
+    ({1: "a"}, "1 (int)"),
+    ({"a": {"b": [{"c": 1}, {None: 2}]}}, "None (NoneType)"),  # nested in a list in a dict
+    ({"a": ({"x": 1}, [{True: 0}])}, "True (bool)"),  # in a tuple, then a list
+    ({"a": 1, "b": {2.5: "x"}}, "2.5 (float)"),  # after a string key with a plain value
+], ids=["top", "list-in-dict", "tuple-list", "after-plain-value"])
+def test_a_non_string_key_anywhere_is_refused_naming_it(obj, key):
+    # json.dumps would turn it into a string key: the peer would get another object
+    with pytest.raises(FrameError, match=f"object key {re.escape(key)} is not a string") as info:
+        encode_body(obj)
+    assert info.value.kind == FrameError.UNENCODABLE
+
+
+def test_a_shared_or_cyclic_container_is_looked_at_once_and_a_cycle_is_refused():
+    # A container seen twice is not a cycle: the key check goes on past it to the bad key
+    # (listed first: the check takes the last value first, so it meets the repeat before).
+    shared = {"k": 1}
+    with pytest.raises(FrameError, match="object key 3 "):
+        encode_body({"z": {3: 0}, "a": shared, "b": shared})
+    shared_list: list = [{"k": 1}]
+    with pytest.raises(FrameError, match="object key 4 "):
+        encode_body({"z": {4: 0}, "a": shared_list, "b": shared_list})
+    cyclic: dict = {"a": 1}
+    cyclic["self"] = cyclic
+    with pytest.raises(FrameError, match="Circular reference") as info:
+        encode_body(cyclic)
+    assert info.value.kind == FrameError.UNENCODABLE
