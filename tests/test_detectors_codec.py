@@ -474,3 +474,24 @@ def test_a_shared_or_cyclic_container_is_looked_at_once_and_a_cycle_is_refused()
     with pytest.raises(FrameError, match="Circular reference") as info:
         encode_body(cyclic)
     assert info.value.kind == FrameError.UNENCODABLE
+
+
+class _EqualToAll:
+    """A key that claims to equal anything: the check must not ask it."""
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    def __ne__(self, other: object) -> bool:
+        return False
+
+    def __hash__(self) -> int:
+        return 0
+
+    def __repr__(self) -> str:
+        return "<equal to all>"
+
+
+def test_a_key_of_any_type_is_named_even_one_that_equals_everything():
+    with pytest.raises(FrameError, match=r"object key <equal to all> \(_EqualToAll\) is not"):
+        encode_body({"a": {_EqualToAll(): 1}})
