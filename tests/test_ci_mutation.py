@@ -99,7 +99,7 @@ def test_a_scoped_run_keeps_the_named_functions_with_their_decorators():
 
 
 def test_a_scope_naming_a_missing_function_is_refused_naming_it():
-    with pytest.raises(ValueError, match="no function Box.gone, nothing in the module"):
+    with pytest.raises(ValueError, match=r"no function Box\.gone, nothing in the module"):
         mutation.function_spans(SCOPED, ["Box.gone", "nothing", "outer"])
     # a class is not a function: its methods are named one by one
     with pytest.raises(ValueError, match="no function Box in"):

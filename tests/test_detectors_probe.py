@@ -8,13 +8,13 @@ import os
 import shutil
 import tempfile
 import threading
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
+from conftest import in_child
 
 from kit import linux, probe
-
-from conftest import in_child
 
 U = 1000  # an unprivileged uid (no such user needed)
 CAP_SETUID = 7
