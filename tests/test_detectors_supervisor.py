@@ -77,7 +77,10 @@ def supervise(script: Script, setup: Callable[[], None] = lambda: None,
                  if linux.process_state(p) not in ("Z", None)]
         for pid in alive:  # what a broken supervisor left: never outlives the test
             os.kill(pid, signal.SIGKILL)
-        return {**result, "seconds": seconds, "alive": alive, "first_line": first}
+        with open("/proc/self/mountinfo") as f:  # mount point -> id, after the run
+            mount_ids = {line.split()[4]: line.split()[0] for line in f}
+        return {**result, "seconds": seconds, "alive": alive, "first_line": first,
+                "mount_ids": mount_ids}
 
     out = in_child(child)
     assert "ok" in out, out
@@ -119,7 +122,7 @@ def test_a_mount_left_in_the_host_mount_namespace_is_reported_naming_it(tmp_path
     assert [(leak["what"], leak["detail"].split(" (")[0]) for leak in result["leaks"]] == [
         ("mount", str(target))]
     assert result["leaks"][0]["detail"].endswith(") in the host mount namespace")
-    assert "mount id " in result["leaks"][0]["detail"]
+    assert f"(mount id {result['mount_ids'][str(target)]})" in result["leaks"][0]["detail"]
     assert [e["detail"] for e in kinds(result, "leak")] == [result["leaks"][0]["detail"]]
     assert result["exit_code"] == 0  # a leak is reported, not turned into the exit code
 
