@@ -356,27 +356,47 @@ def test_stage2_failed_ends_start_process():
     assert supervise(fails, hook_timeout=T)["timed_out"] is None
 
 
-def test_the_oldest_of_two_hung_hooks_is_named_and_both_are_listed():
+@pytest.mark.parametrize("rpc_first", [False, True], ids=["master-first", "rpc-first"])
+def test_the_oldest_of_two_hung_hooks_is_named_and_both_are_listed(rpc_first):
+    # in both orders: the oldest is neither the lowest pid (the starter's) nor the first role
+    # by name ("master")
     def two(ledger: LedgerWriter) -> int:
-        ledger.for_role("master").emit("hook_enter", hook="create_container")
-        time.sleep(0.2)
+        entered_r, entered_w = os.pipe()
 
         def rpc_server() -> None:
             ledger.for_role("rpc").emit("hook_enter", hook="init_config")
+            os.write(entered_w, b"e")
             signal.pause()
+
         def container() -> None:  # the RPC server is the container's child, as in the kit
             as_process(ledger, "rpc", rpc_server)
             signal.pause()
-        as_process(ledger, "container", container)
+
+        def master() -> None:
+            ledger.for_role("master").emit("hook_enter", hook="create_container")
+
+        def rpc() -> None:
+            as_process(ledger, "container", container)
+            os.read(entered_r, 1)
+
+        for step in ((rpc, master) if rpc_first else (master, rpc)):
+            step()
+            time.sleep(0.2)  # the second hook opens that much later
         signal.pause()
         return 0
 
-    timed_out = supervise(two, hook_timeout=T)["timed_out"]
-    assert (timed_out["hook"], timed_out["hook_role"]) == ("create_container", "master")
-    assert [(h["role"], h["hook"]) for h in timed_out["open_hooks"]] == [
-        ("master", "create_container"), ("rpc", "init_config")]
+    result = supervise(two, hook_timeout=T)
+    timed_out = result["timed_out"]
+    order = [("master", "create_container"), ("rpc", "init_config")]
+    if rpc_first:
+        order.reverse()
+    assert (timed_out["hook_role"], timed_out["hook"]) == order[0]
+    assert [(h["role"], h["hook"]) for h in timed_out["open_hooks"]] == order
     first, second = timed_out["open_hooks"]
     assert first["open_for"] >= T and first["open_for"] > second["open_for"]
+    [fired] = kinds(result, "hook_timeout")
+    [enter] = [e for e in kinds(result, "hook_enter") if e["role"] == order[0][0]]
+    assert fired["hook_pid"] == enter["pid"] > 0  # the process of the hook it names
 
 
 def test_an_untimed_hook_runs_until_the_run_timeout_which_names_it():
