@@ -71,8 +71,13 @@ def test_every_module_has_tests_that_exist_and_the_reviewed_list_is_well_formed(
         assert all((ROOT / t).is_file() for t in tests), tests
     import json
     for entry in json.loads(mutation.EQUIVALENT.read_text()):
-        assert set(entry) == {"file", "operator", "mutation", "reason"}, entry
-        assert (ROOT / entry["file"]).is_file() and entry["reason"]
+        # each survivor either has the reason it is equivalent or names the test that kills it
+        verdict = {"reason", "killed_by"} & set(entry)
+        assert len(verdict) == 1 and set(entry) == {"file", "operator", "mutation", *verdict}
+        assert (ROOT / entry["file"]).is_file() and entry[verdict.pop()]
+        if "killed_by" in entry:
+            path, test = entry["killed_by"].split(" ")[0].split("::")
+            assert f"def {test.split('[')[0]}(" in (ROOT / path).read_text(), entry
 
 
 SCOPED = '''
