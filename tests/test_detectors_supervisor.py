@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -69,8 +70,11 @@ def supervise(script: Script, setup: Callable[[], None] = lambda: None,
         supervisor.Starter = _scripted_starter(script)
         r, w = os.pipe()
         started = time.monotonic()
-        result = supervisor.Supervisor(request).run(w)
+        sup = supervisor.Supervisor(request)
+        result = sup.run(w)
         seconds = time.monotonic() - started
+        # what the launcher gets: the result encoded with the datagrams spliced in as sent
+        encoded_as_is = json.loads(sup.encode(result)) == json.loads(json.dumps(result))
         os.close(w)
         first = os.read(r, 4096).decode()
         alive = [p for p in linux.descendants(os.getpid())
@@ -80,10 +84,11 @@ def supervise(script: Script, setup: Callable[[], None] = lambda: None,
         with open("/proc/self/mountinfo") as f:  # mount point -> id, after the run
             mount_ids = {line.split()[4]: line.split()[0] for line in f}
         return {**result, "seconds": seconds, "alive": alive, "first_line": first,
-                "mount_ids": mount_ids}
+                "mount_ids": mount_ids, "encoded_as_is": encoded_as_is}
 
     out = in_child(child)
     assert "ok" in out, out
+    assert out["ok"]["encoded_as_is"], "the encoded result is not the result"
     return out["ok"]
 
 
@@ -394,6 +399,7 @@ def test_the_oldest_of_two_hung_hooks_is_named_and_both_are_listed(rpc_first):
     assert [(h["role"], h["hook"]) for h in timed_out["open_hooks"]] == order
     first, second = timed_out["open_hooks"]
     assert first["open_for"] >= T and first["open_for"] > second["open_for"]
+    assert all(round(h["open_for"], 3) == h["open_for"] for h in (first, second))  # ms
     [fired] = kinds(result, "hook_timeout")
     [enter] = [e for e in kinds(result, "hook_enter") if e["role"] == order[0][0]]
     assert fired["hook_pid"] == enter["pid"] > 0  # the process of the hook it names
@@ -449,6 +455,25 @@ def test_a_starter_killed_by_a_signal_is_a_crash_naming_the_signal():
     result = supervise(killed)
     assert (result["exit_code"], result["reason"]) == (
         255, f"master crashed: killed by signal {signal.SIGKILL.value}")
+
+
+def test_a_datagram_with_whitespace_around_its_object_is_encoded_again_not_spliced():
+    # json.loads takes whitespace around an object; the result's splice (the datagram as
+    # sent, its last byte replaced by ',"seq":N}') must not, or the result is not JSON
+    def sends_padded(ledger: LedgerWriter) -> int:
+        master = ledger.for_role("master")
+        for kind, pad_before, pad_after in (("hook_enter", b"", b"\n"),
+                                            ("hook_return", b" ", b"")):
+            event = {"t": time.monotonic_ns(), "kind": kind, "role": "master",
+                     "pid": os.getpid(), "tid": threading.get_native_id(),
+                     "hook": "create_container"}
+            master.sock.send(pad_before + json.dumps(event).encode() + pad_after)
+        return finish(ledger)
+
+    result = supervise(sends_padded)  # asserts the encoded result decodes to the result
+    padded = [e["kind"] for e in result["ledger"]["events"] if e["role"] == "master"]
+    assert padded == ["hook_enter", "hook_return"], result["ledger"]["events"]
+    assert kinds(result, "engine_fault") == []
 
 
 def _unread(sock: Any) -> int:
