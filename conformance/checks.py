@@ -35,9 +35,9 @@ from conformance.scenario import (
 )
 from kit import registry
 from kit.ledger import validate
+from kit.linux import split_propagation
 from kit.probe import host_privilege, thread_state
 from kit.seccomp import SYSTEM_INTERFACE, describe_refusal
-from kit.starter_config import split_propagation
 
 MAX_SHOWN = 3  # violations rendered per requirement
 

@@ -816,3 +816,19 @@ def seccomp_notif_send_error(listener: int, notif_id: int, err: int) -> bool:
             return False
         raise
     return True
+
+
+# --- mount propagation ----------------------------------------------------------------------
+
+#: Propagation types a mount can be given (``r…``: recursively).
+PROPAGATIONS = ("private", "rprivate", "slave", "rslave", "shared", "rshared",
+                "unbindable", "runbindable")
+
+
+def split_propagation(propagation: str) -> tuple[str, bool]:
+    """``("private", True)`` for ``rprivate``: the propagation type and whether it applies
+    recursively (the ``r`` prefix). A name that is not one of :data:`PROPAGATIONS` comes back
+    as it is, not recursive (mount then names it as an unknown flag)."""
+    if propagation in PROPAGATIONS and propagation.startswith("r"):
+        return propagation[1:], True
+    return propagation, False

@@ -14,21 +14,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kit.contract import ConfigError
-from kit.linux import CAP_NUMBERS, NAMESPACES
+from kit.linux import CAP_NUMBERS, NAMESPACES, PROPAGATIONS
 
 CAPABILITY_SETS = ("effective", "permitted", "inheritable", "bounding", "ambient")
-PROPAGATIONS = ("private", "rprivate", "slave", "rslave", "shared", "rshared",
-                "unbindable", "runbindable")
 FLOWS = ("root", "suid", "userns", "fakeroot", "hybrid")
-
-
-def split_propagation(propagation: str) -> tuple[str, bool]:
-    """``("private", True)`` for ``rprivate``: the propagation type and whether it applies
-    recursively (the ``r`` prefix). A name that is not one of :data:`PROPAGATIONS` comes back
-    as it is, not recursive (mount then names it as an unknown flag)."""
-    if propagation in PROPAGATIONS and propagation.startswith("r"):
-        return propagation[1:], True
-    return propagation, False
 
 
 def normalize_capability(name: str, setting: str) -> str:

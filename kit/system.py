@@ -14,7 +14,6 @@ from collections.abc import Iterable
 from typing import Any
 
 from kit import linux, probe
-from kit.starter_config import split_propagation
 
 
 class System:
@@ -57,7 +56,7 @@ class System:
     # -- mounts (built on mount) ------------------------------------------------------------
     def set_propagation(self, target: str, propagation: str) -> None:
         """``private``, ``rslave``… on ``target`` (r prefix = recursive)."""
-        kind, recursive = split_propagation(propagation)
+        kind, recursive = linux.split_propagation(propagation)
         self.mount(None, target, None, [kind, "rec"] if recursive else [kind])
 
     def modelled_pids(self, kernel_pid: int) -> set[int]:

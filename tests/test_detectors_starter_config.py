@@ -8,14 +8,12 @@ import os
 import pytest
 
 from kit.contract import ConfigError
-from kit.linux import CAP_NUMBERS, NAMESPACES
+from kit.linux import CAP_NUMBERS, NAMESPACES, PROPAGATIONS, split_propagation
 from kit.starter_config import (
     CAPABILITY_SETS,
     FLOWS,
-    PROPAGATIONS,
     StarterConfig,
     normalize_capability,
-    split_propagation,
 )
 
 
