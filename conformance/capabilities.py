@@ -29,7 +29,7 @@ JOIN_FIELD = "conformance_join"
 
 #: Values of FAULT_FIELD, and what the engine must do for each. The suite asks an engine for
 #: the faults of its own requirements only (``fault:*`` scenarios, today start_process); the
-#: kit makes every other one itself (kit.inject, the same names, ``inject:*`` scenarios).
+#: kit makes every other one itself (kit.starter.inject, the same names, ``inject:*`` scenarios).
 FAULTS = {
     "prepare_config": "raise an exception in prepare_config",
     "prepare_config:invalid": "request an invalid StarterConfig in prepare_config: effective "
@@ -38,7 +38,7 @@ FAULTS = {
     "create_container:hang": "block in create_container (never return)",
     "create_container:rpc-probe": "before its own RPC calls, send the RPC server what it must "
                                   "refuse and survive, and after them a frame too large to "
-                                  "read: kit.inject.probe_rpc_server does both",
+                                  "read: kit.starter.inject.probe_rpc_server does both",
     "start_process": "raise an exception in start_process",
     "start_process:return": "return from start_process without exec'ing",
     "post_start_process": "raise an exception in post_start_process",

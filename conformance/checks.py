@@ -34,10 +34,10 @@ from conformance.scenario import (
     parse_fds,
 )
 from kit import registry
-from kit.ledger import validate
-from kit.linux import split_propagation
-from kit.probe import host_privilege, thread_state
-from kit.seccomp import SYSTEM_INTERFACE, describe_refusal
+from kit.ledger.probe import host_privilege, thread_state
+from kit.ledger.record import validate
+from kit.run.seccomp import SYSTEM_INTERFACE, describe_refusal
+from kit.system.linux import split_propagation
 
 MAX_SHOWN = 3  # violations rendered per requirement
 
@@ -1094,7 +1094,7 @@ def check_host_view(verify: Verifier, run: Run, requirement: str, what: str) -> 
     watched = (f"watched {notes.get('looks', 0)} times during the run"
                + (f"; {notes['error']}" if notes.get("error") else ""))
     # In a host sandbox, "the host" the engine can reach is the sandbox: the supervisor
-    # watched its hostname and mount table (kit.hostdiff), the launcher's view is the real
+    # watched its hostname and mount table (kit.run.hostdiff), the launcher's view is the real
     # host's, which the sandbox keeps unchanged.
     kinds = ("hostname",) if what == "hostname" else ("mount",)
     for change in _seen_in_sandbox(run, kinds):
@@ -1590,7 +1590,7 @@ def check_no_leaks(verify: Verifier, run: Run, requirement: str) -> None:
                  run=run, event=next((e for e in run.events if e.get("kind") == "leak"), None))
 
 
-#: Requirement → the kinds of host objects (kit.hostdiff.KINDS) it covers.
+#: Requirement → the kinds of host objects (kit.run.hostdiff.KINDS) it covers.
 HOST_KINDS = {"HOST-001": ("file",), "HOST-002": ("mount",),
               "HOST-003": ("hostname", "domainname"), "HOST-004": ("sysctl",),
               "HOST-005": ("link", "address", "route"), "HOST-006": ("netns",),
@@ -1628,7 +1628,7 @@ def _seen_in_sandbox(run: Run, kinds: tuple[str, ...]) -> list[dict[str, Any]]:
 
 
 def check_host(verify: Verifier, run: Run, requirement: str) -> None:
-    """HOST-*: the run's host diff (the supervisor's ``host_changes`` event, kit.hostdiff)
+    """HOST-*: the run's host diff (the supervisor's ``host_changes`` event, kit.run.hostdiff)
     names no object of the requirement's kinds; HOST-009 every watched change seen while the
     run went on, even one undone by its end."""
     run = verify.used(run.usable())

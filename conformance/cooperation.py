@@ -2,7 +2,7 @@
 
 The error paths of the engine's own requirements (start_process raising) and the join-only
 tests need the engine to fail or join on request (SPEC §2 error table, §5); the error paths of
-the kit's requirements are made by the kit itself (:mod:`kit.inject`) and need nothing.
+the kit's requirements are made by the kit itself (:mod:`kit.starter.inject`) and need nothing.
 :func:`cooperative` derives, from an engine's Operations class, a class that honours the two
 engine-config fields of :mod:`conformance.capabilities` and declares the capabilities
 ``fault_injection`` and ``join_only``:
@@ -25,10 +25,10 @@ import threading
 from typing import Any
 
 from conformance.capabilities import FAULT_FIELD, FAULTS, JOIN_FIELD, Capabilities
-from kit.inject import PROBE_METHOD, RPC_PROBES, probe_rpc_server
 from kit.registry import register_operations, register_rpc_methods, registered
+from kit.starter.inject import PROBE_METHOD, RPC_PROBES, probe_rpc_server
 
-# The RPC probes are the kit's (kit.inject): re-exported for engines that implement the
+# The RPC probes are the kit's (kit.starter.inject): re-exported for engines that implement the
 # fault-injection protocol themselves and call them from their own create_container.
 __all__ = ["PROBE_METHOD", "REFERENCE_NAME", "RPC_PROBES", "FaultInjected", "cooperative",
            "probe_rpc_server", "register_reference"]

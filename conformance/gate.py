@@ -46,7 +46,7 @@ from typing import Any
 from conformance import kitcov, render
 from conformance.plugin import SUITE_DIR
 from kit import preflight, registry
-from kit.request import Invoker
+from kit.run.request import Invoker
 
 PROG = "python -m conformance gate"
 USAGE_ERROR = 2

@@ -213,7 +213,8 @@ def _make_state(config: pytest.Config, engine: str, source: str) -> ConformanceS
         SuiteDeclarationError,
         tests_by_requirement,
     )
-    from kit import environment, registry  # noqa: PLC0415 (lazy, see the top)
+    from kit import registry  # noqa: PLC0415 (lazy, see the top)
+    from kit.run import environment  # noqa: PLC0415 (lazy, see the top)
 
     backend = config.getoption("backend") or "auto"
     if backend not in BACKENDS:
@@ -256,7 +257,7 @@ def _make_state(config: pytest.Config, engine: str, source: str) -> ConformanceS
     strict_source = ("--conformance-strict" if strict_option else
                      "pytest's strict option" if strict_ini else "off")
     try:
-        from kit.request import Invoker  # noqa: PLC0415 (lazy, see the top)
+        from kit.run.request import Invoker  # noqa: PLC0415 (lazy, see the top)
 
         invoker: dict[str, Any] | None = dict(vars(Invoker.resolve()))
     except ValueError:

@@ -66,7 +66,7 @@ def expected_hook(scenario: str) -> str | None:
     """The hook a scenario asks to fail (None: the scenario asks for no failure)."""
     if scenario == "exec-failure":
         return "start_process"  # the payload path does not exist: stage 2 must fail
-    # fault: the engine fails on request; inject: the kit makes the hook fail (kit.inject)
+    # fault: the engine fails on request; inject: the kit makes the hook fail (kit.starter.inject)
     for prefix in ("fault:", "inject:"):
         if scenario.startswith(prefix):
             fault = scenario[len(prefix):]

@@ -32,7 +32,7 @@ class Run:
     flow: str
     scenario: Scenario
     backend: str
-    result: Any = None  # kit.launcher.RunResult
+    result: Any = None  # kit.run.launcher.RunResult
     error: str | None = None
     not_configured: str | None = None  # this machine cannot prepare the scenario
     notes: dict[str, Any] = field(default_factory=dict)

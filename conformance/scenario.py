@@ -21,10 +21,11 @@ import kit
 from conformance.capabilities import FAULT_FIELD, FAULTS, JOIN_FIELD
 from conformance.expectations import ERROR_PATHS, FORWARDED_SIGNALS
 from conformance.requirements import KIT, subject_of
-from kit import launcher, linux
-from kit.environment import backend_for
-from kit.inject import INJECTIONS
-from kit.sandbox import default_on, join_path
+from kit.run import launcher
+from kit.run.environment import backend_for
+from kit.run.sandbox import default_on, join_path
+from kit.starter.inject import INJECTIONS
+from kit.system import linux
 
 #: Exit code of the signal-forwarding payload when every forwarded signal arrived.
 ALL_SIGNALS_ARRIVED = 42

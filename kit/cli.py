@@ -17,10 +17,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from kit import environment, preflight, registry
-from kit.launcher import LaunchError, start
-from kit.request import DEFAULT_HOOK_TIMEOUT, DEFAULT_RUN_TIMEOUT
-from kit.starter_config import FLOWS
+from kit import preflight, registry
+from kit.run import environment
+from kit.run.launcher import LaunchError, start
+from kit.run.request import DEFAULT_HOOK_TIMEOUT, DEFAULT_RUN_TIMEOUT
+from kit.starter.config import FLOWS
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 

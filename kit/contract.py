@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 if typing.TYPE_CHECKING:
-    from kit.starter_config import StarterConfig
+    from kit.starter.config import StarterConfig
 
 __all__ = [
     "Common",

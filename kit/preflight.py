@@ -30,9 +30,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from kit import linux, registry
+from kit import registry
 from kit.contract import Common, ConfigError, Engine, EngineConfig
-from kit.starter_config import StarterConfig
+from kit.starter.config import StarterConfig
+from kit.system import linux
 
 
 @dataclass(frozen=True)

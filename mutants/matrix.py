@@ -28,7 +28,7 @@ killer of a mutant nor listed in :data:`EXCEPTIONS` with the reason.
 jobs; ``--combine FILE…`` judges their JSON files together (a requirement a mutant declares
 must fail for one of its mutants, which may have run in another shard).
 
-As root, every lifecycle of a session runs in the kit's host sandbox (:mod:`kit.sandbox`):
+As root, every lifecycle of a session runs in the kit's host sandbox (:mod:`kit.run.sandbox`):
 "the host" of the mutants that change it on purpose (its hostname, its mount table) is that
 sandbox, which vanishes with the run; the session's temporary directory is removed
 afterwards.

@@ -97,7 +97,7 @@ class InvalidUnlessPrivilegedEngine(ReferenceEngine):
     rpc_methods = ReferenceRPC
 
     def prepare_config(self, starter_config):  # type: ignore[override]
-        from kit import linux
+        from kit.system import linux
 
         super().prepare_config(starter_config)
         if os.geteuid() != 0 and linux.get_no_new_privs():

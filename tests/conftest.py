@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from kit import environment, linux
+from kit.run import environment
+from kit.system import linux
 
 PYTEST_PID = os.getpid()
 
@@ -46,7 +47,7 @@ def _no_privileged_calls_in_pytest() -> Iterator[None]:
 def _zygote_started_first() -> None:
     """The launcher's zygote (and its control socket) lives for the whole session: start it
     before any test measures the process's fds and children."""
-    from kit.launcher import Zygote
+    from kit.run.launcher import Zygote
     if os.environ.get("KIT_ZYGOTE", "1") != "0":
         Zygote.get()
 
@@ -76,7 +77,7 @@ def shared_dir() -> Iterator[str]:
 
 
 def _zygote_pid() -> int | None:
-    from kit.launcher import Zygote
+    from kit.run.launcher import Zygote
     return Zygote._instance.proc.pid if Zygote._instance is not None else None
 
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from kit import linux
+from kit.system import linux
 from reference_engines.bind_rootfs import BindRootfsEngine, BindRootfsRPC
 from reference_engines.minimal.engine import FORWARDED_SIGNALS, ReferenceConfig, ReferenceEngine
 from reference_engines.minimal.rpc import ReferenceRPC
@@ -258,7 +258,7 @@ def _ledger_writer():
     """The kit's ledger writer of this process, found the way hostile engine code would."""
     import gc
 
-    from kit.ledger import LedgerWriter
+    from kit.ledger.record import LedgerWriter
     return next(o for o in gc.get_objects()
                 if isinstance(o, LedgerWriter) and o.sock is not None)
 
@@ -338,8 +338,8 @@ def send_hostile(name: str, role: str) -> None:
 
 def fake_probe(how: str) -> None:
     """Engine code lying about its privileges in the kit's own snapshots, from inside."""
-    from kit import probe
-    from kit.ledger import LedgerWriter
+    from kit.ledger import probe
+    from kit.ledger.record import LedgerWriter
     if how == "unconfirmed":
         for writer in (o for o in __import__("gc").get_objects()
                        if isinstance(o, LedgerWriter)):
@@ -656,7 +656,7 @@ class HostAttackEngine(ReferenceEngine):
         super().cleanup_container(ctx, fatal, status)
 
 
-# --- bypassing the system interface (kit/seccomp.py) ---------------------------------------
+# --- bypassing the system interface (kit/run/seccomp.py) ---------------------------------------
 
 _libc = ctypes.CDLL(None, use_errno=True)
 #: A mount point that does not exist: a mount that reached the kernel would fail (ENOENT),

@@ -136,7 +136,7 @@ def test_preflight_stops_the_session_with_one_error_naming_engine_and_hook(tmp_p
 # --- preflight of the StarterConfig (kit.preflight.starter_configs) -----------------------------
 
 def _u():
-    from kit.request import Invoker
+    from kit.run.request import Invoker
 
     try:
         return Invoker.resolve()

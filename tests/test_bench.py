@@ -1,5 +1,5 @@
 """The benchmarks keep their output contract (a smoke run with tiny samples: no timing is
-asserted here; timings are for `python -m kit.bench` itself)."""
+asserted here; timings are for `python -m bench.lifecycle` itself)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def test_kit_bench_writes_the_medians_and_ratios_it_promises(tmp_path):
     if os.geteuid() != 0:
         pytest.skip("the bench runs the root flow and util-linux unshare")
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "kit.bench", "--samples", "2", "--warmup", "0",
+    proc = subprocess.run([sys.executable, "-m", "bench.lifecycle", "--samples", "2", "--warmup", "0",
                            "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(out.read_text())
@@ -50,7 +50,7 @@ def test_kit_bench_writes_the_medians_and_ratios_it_promises(tmp_path):
 
 
 def test_static_true_exits_zero_without_a_libc(tmp_path):
-    from kit import bench
+    from bench import lifecycle as bench
     binary = bench.static_true()
     if binary is None:
         pytest.skip(f"the bench has no static true for {os.uname().machine}")
@@ -62,7 +62,7 @@ def test_static_true_exits_zero_without_a_libc(tmp_path):
 
 
 def test_runc_case_is_skipped_with_the_reason_when_runc_is_missing(monkeypatch):
-    from kit import bench
+    from bench import lifecycle as bench
     monkeypatch.setenv("PATH", "/nonexistent")
     case, info = bench.RuncCase.setup()
     assert case is None
@@ -71,7 +71,7 @@ def test_runc_case_is_skipped_with_the_reason_when_runc_is_missing(monkeypatch):
 
 def test_rpc_bench_compares_mock_and_socketpair(tmp_path):
     out = tmp_path / "rpc.json"
-    proc = subprocess.run([sys.executable, "-m", "kit.bench_rpc", "--samples", "30", "--calls",
+    proc = subprocess.run([sys.executable, "-m", "bench.rpc", "--samples", "30", "--calls",
                            "5", "--warmup", "5", "--json", str(out)], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -112,5 +112,5 @@ def test_a_scope_naming_a_missing_function_is_refused_naming_it():
 
 
 def test_the_command_line_refuses_a_scope_not_in_the_module(capsys):
-    assert mutation.main(["--functions", "Supervisor.no_such_method", "kit/supervisor.py"]) == 2
+    assert mutation.main(["--functions", "Supervisor.no_such_method", "kit/run/supervisor.py"]) == 2
     assert "Supervisor.no_such_method" in capsys.readouterr().err

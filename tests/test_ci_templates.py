@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from kit.starter_config import FLOWS
+from kit.starter.config import FLOWS
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "kit" / "templates" / "ci"
 

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from kit import environment
-from kit.launcher import LaunchError, start
-from kit.starter_config import FLOWS
+from kit.run import environment
+from kit.run.launcher import LaunchError, start
+from kit.starter.config import FLOWS
 
 
 def kit(*args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -158,7 +158,7 @@ def test_auto_probes_only_the_flow_asked_for(monkeypatch):
 
 def test_fork_here_reports_an_engine_it_cannot_load_as_a_launch_error():
     proc = subprocess.run(
-        [sys.executable, "-c", "from kit.launcher import LaunchError, start\n"
+        [sys.executable, "-c", "from kit.run.launcher import LaunchError, start\n"
          "try:\n    start('no-such-engine', 'root', ['/bin/true'], fork_here=True)\n"
          "except LaunchError as exc:\n    print('LaunchError:', exc)\n"],
         capture_output=True, text=True, timeout=60)

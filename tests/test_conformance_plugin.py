@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-import kit.environment
-import kit.launcher
 import kit.registry
+import kit.run.environment
+import kit.run.launcher
 from conformance import report
 from conformance.requirements import CATALOGUE
 
@@ -199,9 +199,9 @@ def test_requirement_ids_select_tests_with_k(tester):
 # --- outcomes -----------------------------------------------------------------------------------
 
 def _not_runnable(monkeypatch, flow: str) -> None:
-    flows = dict(kit.environment.flows())
+    flows = dict(kit.run.environment.flows())
     flows[flow] = (False, "pretend: no user namespaces here")
-    monkeypatch.setattr(kit.environment, "flows", lambda: flows)
+    monkeypatch.setattr(kit.run.environment, "flows", lambda: flows)
 
 
 def test_a_flow_the_machine_cannot_run_is_not_configured_with_its_reason(tester, monkeypatch):
@@ -240,9 +240,9 @@ def test_a_missing_capability_is_not_supported_never_passed(tester):
 
 def test_a_harness_error_is_broken_not_failed(tester, monkeypatch):
     def launch_fails(*args, **kwargs):
-        raise kit.launcher.LaunchError("pretend: the supervisor could not start")
+        raise kit.run.launcher.LaunchError("pretend: the supervisor could not start")
 
-    monkeypatch.setattr(kit.launcher, "run", launch_fails)
+    monkeypatch.setattr(kit.run.launcher, "run", launch_fails)
     result = tester.runpytest("--engine=reference", "--flow=root", "-k", "ORDER-003",
                               "--conformance-report=r.json")
     assert result.ret == pytest.ExitCode.TESTS_FAILED

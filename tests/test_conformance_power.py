@@ -208,7 +208,7 @@ def test_thread_setfsuid_changes_the_calling_thread_only():
     import os
     import threading
 
-    from kit import linux
+    from kit.system import linux
 
     if os.geteuid() != 0:
         import pytest
@@ -234,8 +234,8 @@ def _exec_and_compare(prepare) -> list[str]:
 
     from conftest import in_child
 
-    from kit import linux
-    from kit.probe import thread_state
+    from kit.ledger.probe import thread_state
+    from kit.system import linux
 
     def child() -> list[str]:
         prepare()
@@ -266,7 +266,7 @@ def _needs_root() -> None:
 
 def test_the_exec_model_matches_the_kernel_for_root_with_a_small_bounding_set():
     _needs_root()
-    from kit import linux
+    from kit.system import linux
 
     def prepare() -> None:
         keep = linux.caps_to_mask(["CAP_CHOWN", "CAP_KILL", "CAP_SETPCAP"])
@@ -282,7 +282,7 @@ def test_the_exec_model_matches_the_kernel_for_a_user_with_an_ambient_capability
     _needs_root()
     import os
 
-    from kit import linux
+    from kit.system import linux
 
     def prepare() -> None:
         bind = linux.caps_to_mask(["CAP_NET_BIND_SERVICE"])
@@ -351,7 +351,7 @@ def test_a_bounding_set_the_starter_config_leaves_unset_must_be_empty_in_stage_2
 
 def test_the_exec_model_matches_the_kernel_for_root_with_an_ambient_capability():
     _needs_root()
-    from kit import linux
+    from kit.system import linux
 
     def prepare() -> None:
         bind = linux.caps_to_mask(["CAP_NET_BIND_SERVICE"])

@@ -13,7 +13,7 @@ from conformance import expectations as X
 from conformance.capabilities import Capabilities
 from conformance.runs import Run
 from conformance.scenario import SCENARIOS, decode_signal_exit, fault_scenario
-from kit import probe
+from kit.ledger import probe
 
 U, G = 999, 995
 HOST_NS = {k: 4026531830 + i for i, k in enumerate(X.NAMESPACE_KINDS)}

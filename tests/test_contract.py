@@ -8,7 +8,7 @@ import pytest
 
 from kit import registry
 from kit.contract import ConfigError, EngineConfig, Operations
-from kit.starter_config import StarterConfig
+from kit.starter.config import StarterConfig
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from kit.launcher import run
+from kit.run.launcher import run
 
 CAPS = "kit_test_engines:CapsEngine"
 STATUS = ["/bin/sh", "-c", "grep -E '^(Uid|Gid|Groups|Cap|NoNewPrivs)' /proc/self/status"]

@@ -13,16 +13,16 @@ import sys
 import pytest
 from conftest import host_state, wait_until
 
-from kit import launcher
-from kit.launcher import LaunchError, RunHandle, Zygote, make_request, run, start
-from kit.zygote import FIXED_FDS
+from kit.run import launcher
+from kit.run.launcher import LaunchError, RunHandle, Zygote, make_request, run, start
+from kit.run.zygote import FIXED_FDS
 
 
 @pytest.fixture
 def zygote():
     """A zygote of the test's own (not the session's): its control socket and process."""
     control, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    proc = subprocess.Popen([sys.executable, "-m", "kit.zygote", str(child_end.fileno())],
+    proc = subprocess.Popen([sys.executable, "-m", "kit.run.zygote", str(child_end.fileno())],
                             pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL, cwd="/",
                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     child_end.close()
@@ -101,7 +101,7 @@ def test_a_run_of_an_unknown_engine_is_a_launch_error_naming_it():
 
 
 def test_a_supervisor_that_ends_without_a_result_is_a_launch_error(monkeypatch, tmp_path):
-    # a "supervisor" that reads its request (argv: -m kit.supervisor REQUEST_FD RESULT_FD)
+    # a "supervisor" that reads its request (argv: -m kit.run.supervisor REQUEST_FD RESULT_FD)
     # and exits without a word
     fake = tmp_path / "supervisor"
     fake.write_text('#!/bin/sh\nexec cat "/proc/self/fd/$3" >/dev/null\n')

@@ -7,8 +7,8 @@ import socket
 
 import pytest
 
-from kit import ledger
-from kit.ledger import (
+from kit.ledger import record as ledger
+from kit.ledger.record import (
     COMMON_KEYS,
     EVENT_KINDS,
     MAX_EVENT,

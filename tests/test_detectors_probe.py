@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 from conftest import in_child
 
-from kit import linux, probe
+from kit.ledger import probe
+from kit.system import linux
 
 U = 1000  # an unprivileged uid (no such user needed)
 CAP_SETUID = 7

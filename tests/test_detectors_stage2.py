@@ -9,7 +9,7 @@ import os
 import socket
 from types import SimpleNamespace
 
-from kit.launcher import run
+from kit.run.launcher import run
 from kit.starter import Stage2
 
 JOIN = "kit_test_engines:JoinEngine"

@@ -7,10 +7,10 @@ import socket
 
 from conftest import in_child, wait_until
 
-from kit import linux
-from kit.launcher import make_request
-from kit.ledger import decode
+from kit.ledger.record import decode
+from kit.run.launcher import make_request
 from kit.starter import EXIT_FATAL, Starter
+from kit.system import linux
 
 
 def _starter_outliving(flow: str) -> dict:

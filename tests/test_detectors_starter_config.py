@@ -8,13 +8,13 @@ import os
 import pytest
 
 from kit.contract import ConfigError
-from kit.linux import CAP_NUMBERS, NAMESPACES, PROPAGATIONS, split_propagation
-from kit.starter_config import (
+from kit.starter.config import (
     CAPABILITY_SETS,
     FLOWS,
     StarterConfig,
     normalize_capability,
 )
+from kit.system.linux import CAP_NUMBERS, NAMESPACES, PROPAGATIONS, split_propagation
 
 
 def sc(flow: str = "root") -> StarterConfig:

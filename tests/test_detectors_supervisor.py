@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 from conftest import in_child
 
-from kit import linux, supervisor
-from kit.launcher import make_request
-from kit.ledger import LedgerWriter
+from kit.ledger.record import LedgerWriter
+from kit.run import supervisor
+from kit.run.launcher import make_request
+from kit.system import linux
 
 Script = Callable[[LedgerWriter], int]
 

@@ -7,7 +7,7 @@ import os
 import pytest
 from conftest import host_state
 
-from kit.launcher import run
+from kit.run.launcher import run
 
 FAULT = "kit_test_engines:FaultEngine"
 
@@ -179,8 +179,8 @@ def test_error_rows_hold_in_unprivileged_flows(flow):
 def test_killing_the_supervisor_takes_the_whole_run_down(flow):
     import time
 
-    from kit import linux
-    from kit.launcher import start
+    from kit.run.launcher import start
+    from kit.system import linux
     handle = start(FAULT, flow, ["/bin/true"], hook_timeout=30,
                    engine_config={"fault_hook": "cleanup_container", "fault_action": "hang"})
     deadline = time.monotonic() + 10

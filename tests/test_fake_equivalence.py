@@ -53,7 +53,7 @@ import pytest
 from conftest import ALL_FLOWS, require_flow
 
 import kit.starter
-from kit.launcher import run
+from kit.run.launcher import run
 
 PAYLOAD = ["/bin/sh", "-c", "exit 7"]
 ROLE_ORDER = ("supervisor", "starter", "stage1", "master", "container", "rpc", "stage2")

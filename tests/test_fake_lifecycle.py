@@ -17,9 +17,10 @@ import sys
 import pytest
 from conftest import ALL_FLOWS, host_state
 
-from kit import environment, probe
-from kit.launcher import make_request, run
-from kit.ledger import validate
+from kit.ledger import probe
+from kit.ledger.record import validate
+from kit.run import environment
+from kit.run.launcher import make_request, run
 
 FAULT = "kit_test_engines:FaultEngine"
 JOIN = "kit_test_engines:JoinEngine"

@@ -3,10 +3,10 @@ kernel's permission errors.
 
 Two kinds of tests:
 
-- unit tests of :class:`kit.fake.model.Model` on a synthetic state (pure; nothing changes
+- unit tests of :class:`kit.system.fake.model.Model` on a synthetic state (pure; nothing changes
   in any process);
 - differential tests: the same sequence of system-interface calls on the kernel
-  (:class:`kit.system.RealSystem`) and on the model (:class:`kit.fake.FakeSystem`), each in a
+  (:class:`kit.system.RealSystem`) and on the model (:class:`kit.system.fake.FakeSystem`), each in a
   forked child of a helper interpreter (never in the pytest process), must give the same
   errno for every call and the same final privilege snapshot.
 """
@@ -21,7 +21,8 @@ import sys
 
 import pytest
 
-from kit.fake.model import (
+from kit.run.request import Invoker
+from kit.system.fake.model import (
     CAP_NET_ADMIN,
     CAP_SETPCAP,
     CAP_SYS_ADMIN,
@@ -34,8 +35,7 @@ from kit.fake.model import (
     Task,
     resolve,
 )
-from kit.linux import CAP_NUMBERS
-from kit.request import Invoker
+from kit.system.linux import CAP_NUMBERS
 
 KINDS = ("user", "pid", "net", "uts", "ipc", "cgroup", "mount")
 INIT = {kind: 4026531835 + i for i, kind in enumerate(KINDS)}
@@ -445,8 +445,9 @@ def test_resolve_paths_against_root_and_cwd():
 
 DIFF_HELPER = r'''
 import json, os, sys
-from kit import linux, system
-from kit.fake import FakeSystem
+from kit.system import linux
+from kit import system
+from kit.system.fake import FakeSystem
 
 scenarios = json.loads(sys.argv[1])
 

@@ -14,8 +14,8 @@ import signal
 import pytest
 from conftest import in_child
 
-from kit.fake import store as store_mod
-from kit.fake.store import HEADER, Store, StoreError
+from kit.system.fake import store as store_mod
+from kit.system.fake.store import HEADER, Store, StoreError
 
 
 @pytest.fixture
@@ -194,7 +194,7 @@ def test_every_flow_keeps_the_stores_rules():
     import sys
 
     code = ("import json\n"
-            "from kit.launcher import run\n"
+            "from kit.run.launcher import run\n"
             "out = {}\n"
             "for flow in ('root', 'suid', 'userns', 'fakeroot', 'hybrid'):\n"
             "    r = run('reference', flow, ['/bin/true'], backend='fake',\n"

@@ -16,8 +16,8 @@ import pytest
 HELPER = r'''
 import errno, json, os, sys, tempfile, threading
 from kit import system
-from kit.fake import FakeSystem, installed
-from kit.request import RunRequest
+from kit.system.fake import FakeSystem, installed
+from kit.run.request import RunRequest
 
 U, G = 4242, 4242
 out = {}

@@ -21,8 +21,8 @@ import tempfile
 
 import pytest
 
-from kit.request import Invoker
-from kit.starter_config import FLOWS
+from kit.run.request import Invoker
+from kit.starter.config import FLOWS
 
 HELPER = r'''
 import ctypes, json, os, platform, struct, subprocess, sys

@@ -258,7 +258,7 @@ def test_coverage_fails_when_forked_code_shows_as_unexecuted(tmp_path):
     # never save their data: exactly the loss the check exists to catch.
     proc = run_coverage(coverage_config(tmp_path, patches=False), *LIFECYCLE)
     assert proc.returncode == 1, explain(proc)
-    assert "ci/coverage: FAILED: forked code shows as unexecuted: kit/starter.py::Stage2.main" \
+    assert "ci/coverage: FAILED: forked code shows as unexecuted: kit/starter/__init__.py::Stage2.main" \
         in proc.stdout
     assert re.match(r"\d+ passed.* in [\d.]+s", proc.stdout.splitlines()[-1])  # still last
 
@@ -282,15 +282,15 @@ def test_kitcov_sets_aside_corrupt_data_files(tmp_path):
         (data / ".coverage.host.pid2.XyZ").write_bytes(b"SQLite format 3\0garbage")
         env = kitcov.child_environment(rc, {"COVERAGE_PROCESS_CONFIG": "outer"})
         assert "COVERAGE_PROCESS_CONFIG" not in env
-        subprocess.run([sys.executable, "-c", "import kit.linux"], env=env, check=True)
+        subprocess.run([sys.executable, "-c", "import kit.system.linux"], env=env, check=True)
         combined = kitcov.combine(rc, data / ".coverage")
         assert combined.files == 1 and len(combined.corrupt) == 2
         assert sorted(p.name for p in (data / "corrupt").iterdir()) == [
             ".coverage.host.pid1.XyZ", ".coverage.host.pid2.XyZ"]
         cov = kitcov.load(rc, data / ".coverage")
         assert kitcov.percent(cov, [str(ROOT / "kit" / "linux.py")]) > 0
-        missing = kitcov.unexecuted(cov, [(str(ROOT / "kit/starter.py"), "Stage2.main"),
-                                          (str(ROOT / "kit/linux.py"), "no_such_function")])
+        missing = kitcov.unexecuted(cov, [(str(ROOT / "kit/starter/__init__.py"), "Stage2.main"),
+                                          (str(ROOT / "kit/system/linux.py"), "no_such_function")])
         assert [fc.ok for fc in missing] == [False, False]
         assert "no such function" in missing[1].describe()
     finally:

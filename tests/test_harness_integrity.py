@@ -13,9 +13,9 @@ import pytest
 from conformance import checks
 from conformance.runs import Run
 from conformance.scenario import SCENARIOS
-from kit import ledger as L
-from kit.launcher import RunResult, run
-from kit.senders import KitProcess, Senders
+from kit.ledger import record as L
+from kit.ledger.senders import KitProcess, Senders
+from kit.run.launcher import RunResult, run
 
 HOSTILE = "kit_test_engines:HostileEngine"
 
@@ -102,7 +102,7 @@ def test_a_malformed_datagram_from_create_container_is_an_engine_fault(name):
 
 
 def test_a_flood_of_bad_datagrams_is_recorded_up_to_a_limit_and_counted():
-    from kit.supervisor import MAX_FAULTS
+    from kit.run.supervisor import MAX_FAULTS
     result = hostile_run(hostile_hook="create_container", datagram="flood")
     found = faults(result)
     assert len(found) == MAX_FAULTS + 1
@@ -273,7 +273,7 @@ def test_senders_refuse_a_second_claimant_of_a_role_and_a_role_of_another_proces
 
 
 def test_a_zero_length_datagram_is_not_mistaken_for_the_end_of_the_ledger():
-    from kit import linux
+    from kit.system import linux
     reader, writer = L.ledger_socketpair()
     with reader, writer:
         writer.send(b"")
@@ -322,7 +322,8 @@ def wait_until(condition, what: str, timeout: float = 10.0) -> None:
 
 
 def hanging_run():
-    from kit import launcher, linux
+    from kit.run import launcher
+    from kit.system import linux
     handle = launcher.start(FAULT, "root", ["/bin/true"], hook_timeout=60,
                             engine_config={"fault_hook": "create_container",
                                            "fault_action": "hang"})
@@ -331,14 +332,14 @@ def hanging_run():
 
 
 def gone(pid: int) -> bool:
-    from kit import linux
+    from kit.system import linux
     return linux.process_state(pid) in (None, "Z")
 
 
 @pytest.fixture
 def own_zygote():
     """A zygote of this test's own (the session's stays untouched)."""
-    from kit.launcher import Zygote
+    from kit.run.launcher import Zygote
     saved = Zygote._instance
     Zygote._instance = Zygote()
     yield Zygote._instance
@@ -350,7 +351,7 @@ def own_zygote():
 def test_a_killed_supervisor_is_named_with_its_signal_and_what_it_left(own_zygote):
     import signal as signals
 
-    from kit.launcher import LaunchError
+    from kit.run.launcher import LaunchError
     handle = hanging_run()
     os.kill(handle.supervisor_pid, signals.SIGKILL)
     with pytest.raises(LaunchError) as err:
@@ -366,7 +367,7 @@ def test_a_killed_supervisor_is_named_with_its_signal_and_what_it_left(own_zygot
 def test_a_killed_zygote_is_named_for_the_runs_it_took_along(own_zygote):
     import signal as signals
 
-    from kit.launcher import LaunchError
+    from kit.run.launcher import LaunchError
     handle = hanging_run()
     os.kill(own_zygote.proc.pid, signals.SIGKILL)
     with pytest.raises(LaunchError) as err:
@@ -385,7 +386,8 @@ def test_a_killed_zygote_is_named_for_the_runs_it_took_along(own_zygote):
 LAUNCHER = """
 import sys, time
 sys.path.insert(0, {tests!r})
-from kit import launcher, linux
+from kit.run import launcher
+from kit.system import linux
 h = launcher.start({engine!r}, "root", ["/bin/true"], hook_timeout=60,
                    engine_config={{"fault_hook": "create_container", "fault_action": "hang"}})
 while linux.process_name(h.starter_pid) != "kit-master":
@@ -415,7 +417,7 @@ def test_the_run_directory_goes_when_the_launcher_is_killed():
 
 
 def test_a_dead_owners_run_directory_is_swept_and_a_live_ones_is_kept(tmp_path):
-    from kit import rundir
+    from kit.run import rundir
     live, live_fd = rundir.create(str(tmp_path))
     dead, dead_fd = rundir.create(str(tmp_path))
     os.close(dead_fd)  # its owner is gone: nobody holds the lock

@@ -16,7 +16,8 @@ import sys
 
 import pytest
 
-from kit import linux, probe
+from kit.ledger import probe
+from kit.system import linux
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "tests", "userns_launch.py")
@@ -24,8 +25,10 @@ U, G = 4242, 4242
 
 HELPER = r'''
 import json, os, sys, tempfile
-from kit import linux, probe, system
-from kit.fake import FakeSystem
+from kit.system import linux
+from kit.ledger import probe
+from kit import system
+from kit.system.fake import FakeSystem
 
 U, G = 4242, 4242
 BIND = 1 << 10  # CAP_NET_BIND_SERVICE

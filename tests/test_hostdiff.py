@@ -1,4 +1,4 @@
-"""The host diff (kit/hostdiff.py) on a sandbox this test owns: each kind of change is named,
+"""The host diff (kit/run/hostdiff.py) on a sandbox this test owns: each kind of change is named,
 an unchanged sandbox diffs empty.
 
 The fixture is sandbox-like: a forked child unshares mount, uts, ipc, net and pid namespaces,
@@ -24,8 +24,9 @@ from typing import Any
 import pytest
 from conftest import in_child
 
-from kit import hostdiff, linux
-from kit.hostdiff import HostChange, HostState
+from kit.run import hostdiff
+from kit.run.hostdiff import HostChange, HostState
+from kit.system import linux
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, overlay)")
 
@@ -442,8 +443,8 @@ def test_a_change_the_watch_did_not_see_has_no_hooks(sandbox: OwnSandbox) -> Non
 
 def test_the_supervisor_records_the_diff_of_its_sandbox_in_the_ledger(sandbox: OwnSandbox
                                                                       ) -> None:
-    from kit.launcher import make_request
-    from kit.supervisor import Supervisor, preload
+    from kit.run.launcher import make_request
+    from kit.run.supervisor import Supervisor, preload
 
     def run() -> dict[str, Any]:
         request = make_request("reference", "root", ["/bin/true"])
@@ -657,8 +658,8 @@ def test_ns_010_and_ns_011_see_the_sandboxs_hostname_and_new_mounts_not_only_the
 
 
 def test_the_run_result_lists_the_host_changes_and_says_them_among_its_problems() -> None:
-    from kit.launcher import RunResult
-    from kit.ledger import Ledger
+    from kit.ledger.record import Ledger
+    from kit.run.launcher import RunResult
 
     events = [{"seq": 0, "kind": "host_changes", "role": "supervisor", "changes":
                [FILE_WRITTEN], "errors": {}, "looks": 2, "omitted": {}, "cost_ms": 1.0}]

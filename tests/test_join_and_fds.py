@@ -7,8 +7,8 @@ import subprocess
 
 import pytest
 
-from kit.launcher import run
-from kit.sandbox import join_path
+from kit.run.launcher import run
+from kit.run.sandbox import join_path
 
 JOIN = "kit_test_engines:JoinEngine"
 

@@ -17,9 +17,10 @@ from conformance import rootcause
 from conformance.capabilities import FAULTS
 from conformance.requirements import KIT, subject_of
 from conformance.scenario import SCENARIOS, fault_scenario
-from kit import inject, launcher
-from kit.ledger import check_event
-from kit.request import RunRequest
+from kit.ledger.record import check_event
+from kit.run import launcher
+from kit.run.request import RunRequest
+from kit.starter import inject
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="real lifecycles in the root flow")
 

@@ -7,8 +7,8 @@ import os
 import pytest
 from conftest import host_state
 
-from kit.launcher import run
-from kit.ledger import validate
+from kit.ledger.record import validate
+from kit.run.launcher import run
 
 #: (role, hook) in the order SPEC §2 has them, for the reference engine.
 STAGE1 = [("stage1", "config"), ("stage1", "init_config"), ("stage1", "prepare_config")]
@@ -116,7 +116,7 @@ def test_namespaces_are_entered_in_order_with_private_propagation(flow, runs):
 
 
 def test_mount_propagation_is_read_from_mountinfo(tmp_path):
-    from kit import linux
+    from kit.system import linux
 
     assert linux.propagation_type(["shared:3", "master:1"]) == "shared"
     assert linux.propagation_type(["master:1"]) == "slave"

@@ -51,7 +51,7 @@ def test_mypy_is_strict_on_the_kit_and_checks_every_body_of_conformance(tmp_path
     untyped = tmp_path / "untyped.py"
     untyped.write_text("def f(x):\n    return x\n")
     cache = tmp_path / "mypy-cache"
-    kit = _mypy("kit/rundir.py", untyped, cache)
+    kit = _mypy("kit/run/rundir.py", untyped, cache)
     assert kit.returncode == 1 and "[no-untyped-def]" in kit.stdout, kit.stdout + kit.stderr
     assert _mypy("conformance/diff.py", untyped, cache).returncode == 0
     # Not strict, but an unannotated function's body is still checked.

@@ -1,4 +1,4 @@
-"""kit.linux: the calls that replaced heavier ones (an ioctl for pyroute2's netlink, link
+"""kit.system.linux: the calls that replaced heavier ones (an ioctl for pyroute2's netlink, link
 targets for stat, one read for a text file) answer exactly as before.
 
 Namespace changes happen in forked children of the pytest process, never in it.
@@ -13,7 +13,8 @@ import sys
 
 from conftest import in_child
 
-from kit import linux, probe
+from kit.ledger import probe
+from kit.system import linux
 
 
 def errno_of(fn, *args) -> str:
@@ -91,8 +92,8 @@ def test_the_kit_itself_does_not_import_pyroute2():
     engine imports it); the kit brings lo up with an ioctl, so a real run's zygote and
     supervisor do not carry its ~100 modules."""
     code = ("import sys\n"
-            "from kit.launcher import make_request\n"
-            "from kit.supervisor import preload\n"
+            "from kit.run.launcher import make_request\n"
+            "from kit.run.supervisor import preload\n"
             "preload(make_request('reference', 'root', ['/bin/true'], backend='real'))\n"
             "preload(make_request('reference', 'root', ['/bin/true'], backend='fake'))\n"
             "print('pyroute2' in sys.modules)\n")

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from kit.launcher import run
+from kit.run.launcher import run
 
 PIDFD_ENGINE = "kit_test_engines:PidfdMonitorEngine"
 

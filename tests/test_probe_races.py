@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from kit import probe
+from kit.ledger import probe
 
 
 def test_snapshot_survives_threads_exiting_while_it_reads():
@@ -53,7 +53,7 @@ def test_a_concurrent_snapshot_never_sees_a_probe_thread_with_raised_credentials
     permitted capabilities, regaining uid 0) must not show in another's snapshot."""
     import os
 
-    from kit import linux
+    from kit.system import linux
 
     def scenario() -> int:
         # A setuid master's state: saved uid 0, nothing effective, all permitted.

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from kit import linux, probe
-from kit.launcher import run
+from kit.ledger import probe
+from kit.run.launcher import run
+from kit.system import linux
 
 REPORT = "kit_test_engines:ReportEngine"
 NS_NAMES = {"mnt": "mount"}
@@ -143,7 +144,7 @@ def test_the_setuid_probe_binary_prints_the_effective_uid_it_runs_with(tmp_path)
 def test_snapshot_masks_on_the_wire_are_names_in_the_ledger():
     """Datagrams carry capability masks (a fifth of the JSON); a Ledger shows names, for the
     snapshot's threads and the RPC credentials alike, and leaves anything else alone."""
-    from kit.ledger import Ledger
+    from kit.ledger.record import Ledger
     wire = probe.snapshot(masks=True)
     names = probe.snapshot()
     mine = wire["threads"][0]["caps"]

@@ -4,7 +4,7 @@ cleanup units, and whole lifecycles of both engines in every flow.
 
 Unit tests run in the pytest process (the RPC methods with a recording system interface);
 the real-mount tests run the RPC server in a forked child with its own mount namespace; the
-in-flow tests go through ``kit.launcher``. The soak test runs 200 lifecycles (20 with
+in-flow tests go through ``kit.run.launcher``. The soak test runs 200 lifecycles (20 with
 ``KIT_ZYGOTE=0`` unless ``KIT_SOAK=1``).
 """
 
@@ -26,11 +26,12 @@ from typing import Any
 
 import pytest
 
-from kit import environment, linux
 from kit.contract import Common, ConfigError, Context, Engine, SignalChannel
-from kit.launcher import RunHandle, run, start
 from kit.rpc import RPCClient, serve
-from kit.starter_config import StarterConfig
+from kit.run import environment
+from kit.run.launcher import RunHandle, run, start
+from kit.starter.config import StarterConfig
+from kit.system import linux
 from reference_engines.bind_rootfs.engine import BIND_DEVICES, BindRootfsEngine
 from reference_engines.bind_rootfs.rpc import HOST_BIND_DIRS, ROOT_PREFIX, BindRootfsRPC
 from reference_engines.minimal import engine as engine_mod

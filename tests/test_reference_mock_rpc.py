@@ -4,10 +4,10 @@ This is the pattern to copy for your own engine. No namespaces, no fork, no root
 
 1. Build the engine as the master would: ``ReferenceEngine()`` then ``init_config`` with a
    :class:`~kit.contract.Common` carrying the config under test.
-2. ``rpc_mock("reference", engine=eng)`` (fixture from ``kit.rpc.fixtures``) serves the
+2. ``rpc_mock("reference", engine=eng)`` (fixture from ``kit.testing.fixtures``) serves the
    engine's registered RPC class -- the real methods, real argument checks, real codec and
    server dispatch -- with its system interface replaced by a
-   :class:`~kit.rpc.mock.RecordingSystem`: the privileged calls the methods would make
+   :class:`~kit.testing.rpc_mock.RecordingSystem`: the privileged calls the methods would make
    (mount, sethostname…) are recorded, never performed.
 3. Call ``create_container(ctx, pid, transport.client_socket)``: ``client_socket`` is a real
    connected unix socket, what the kit passes as ``rpc_conn``.
@@ -29,9 +29,9 @@ from typing import Any
 
 import pytest
 
-from kit import linux
 from kit.contract import Common, Context
-from kit.rpc.mock import Fault, MockTransport, RecordingSystem
+from kit.system import linux
+from kit.testing.rpc_mock import Fault, MockTransport, RecordingSystem
 from reference_engines.minimal.engine import ReferenceConfig, ReferenceEngine
 
 CONTAINER_PID = 4242  # any number: the reference engine's create_container does not use it
@@ -61,7 +61,7 @@ def host_untouched(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         return call
 
     for name in ("mount", "umount", "pivot_root"):
-        monkeypatch.setattr(linux, name, forbidden(f"kit.linux.{name}"))
+        monkeypatch.setattr(linux, name, forbidden(f"kit.system.linux.{name}"))
     monkeypatch.setattr(socket, "sethostname", forbidden("socket.sethostname"))
     mounts, hostname = host_mounts(), socket.gethostname()
     yield
@@ -216,7 +216,7 @@ def test_the_rpc_methods_refuse_a_namespace_that_is_still_the_hosts(rpc_mock: An
 
 def test_prepare_config_records_the_host_namespaces_and_users_cannot_set_them() -> None:
     from kit.contract import ConfigError
-    from kit.starter_config import StarterConfig
+    from kit.starter.config import StarterConfig
     from reference_engines.minimal.engine import GUARDED_NAMESPACES, validate_config
 
     eng = make_engine()

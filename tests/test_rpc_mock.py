@@ -1,4 +1,4 @@
-"""The mock RPC transport (kit.rpc.mock): the same codec and server as a real socketpair, call
+"""The mock RPC transport (kit.testing.rpc_mock): the same codec and server as a real socketpair, call
 recording, fault injection, and no descriptor or thread left behind.
 
 Every test of ``tests/test_rpc.py`` that takes the ``srv`` server (round trips, typed errors,
@@ -48,7 +48,7 @@ from kit.rpc import (
     recv_frame,
     send_frame,
 )
-from kit.rpc.mock import Fault, MockTransport, RecordingSystem, Rule
+from kit.testing.rpc_mock import Fault, MockTransport, RecordingSystem, Rule
 
 # --------------------------------------------------------------------------- helpers
 
@@ -623,7 +623,7 @@ def test_close_with_a_hung_method_raises_and_can_be_retried(no_leak: None) -> No
 def test_a_relay_bug_surfaces_instead_of_hanging(
     monkeypatch: pytest.MonkeyPatch, no_leak: None
 ) -> None:
-    from kit.rpc import mock
+    from kit.testing import rpc_mock as mock
 
     def broken(self: Any, frame: bytes, marks: list) -> None:
         raise RuntimeError("relay bug")
@@ -732,7 +732,7 @@ def test_rpc_mock_fixture(rpc_mock: Any) -> None:
 
 
 def test_mock_factory_closes_everything(no_leak: None) -> None:
-    from kit.rpc.fixtures import MockFactory  # imported here: pytest_plugins loads the module
+    from kit.testing.fixtures import MockFactory  # imported here: pytest_plugins loads the module
 
     factory = MockFactory()
     made = [factory(ENGINE, METHODS) for _ in range(3)]

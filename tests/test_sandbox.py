@@ -1,4 +1,4 @@
-"""The kit's host sandbox (kit/sandbox.py): an engine that attacks the host, run through the
+"""The kit's host sandbox (kit/run/sandbox.py): an engine that attacks the host, run through the
 kit as root with no outer sandbox, leaves the real host as it was.
 
 Each test makes its own host objects to attack (tmpfs mounts in a temporary directory, a
@@ -22,8 +22,9 @@ import pytest
 from conftest import wait_until
 from kit_test_engines import DAEMON_NAME
 
-from kit import linux, sandbox
-from kit.launcher import RunResult, run
+from kit.run import sandbox
+from kit.run.launcher import RunResult, run
+from kit.system import linux
 
 HOSTILE = "kit_test_engines:HostAttackEngine"
 ALL_ACTS = ["write_etc", "mount_tmpfs", "hostname", "sysctl_net", "sysctl_vm", "daemon",
@@ -207,7 +208,7 @@ def test_without_the_sandbox_the_run_is_in_the_host_namespaces():
 
 
 def test_the_request_switch():
-    from kit.launcher import make_request
+    from kit.run.launcher import make_request
     assert make_request("reference", "root", ["/bin/true"]).sandbox is True
     assert make_request("reference", "root", ["/bin/true"], backend="fake").sandbox is False
     assert make_request("reference", "root", ["/bin/true"], sandbox=False).sandbox is False
@@ -241,7 +242,7 @@ def _wait_for(condition: Any, seconds: float) -> bool:
 
 
 def test_killing_the_supervisor_ends_the_sandbox(targets):
-    from kit.launcher import start
+    from kit.run.launcher import start
     before = _host_state()
     engine_config = {k: v for k, v in targets.items() if k != "victim"}
     engine_config.update(acts=["write_etc", "mount_tmpfs", "daemon"], then="hang")
@@ -331,7 +332,7 @@ def test_mount_attacks_on_host_mounts_change_only_the_sandbox(shared_dir):
 
 
 def test_a_run_is_never_given_the_hosts_own_namespaces_or_a_mount_one():
-    from kit.launcher import LaunchError, make_request
+    from kit.run.launcher import LaunchError, make_request
     with pytest.raises(ValueError, match="mount cannot be given to a run"):
         make_request("reference", "root", ["/bin/true"],
                      join_namespaces={"mount": "/proc/self/ns/mnt"})
@@ -344,7 +345,7 @@ def test_a_run_is_never_given_the_hosts_own_namespaces_or_a_mount_one():
 def test_every_process_of_the_sandbox_is_under_the_host_global_filter(shared_dir):
     """The starter's filter covers the run (its descendants); init, which root in the
     sandbox could ptrace, carries its own."""
-    from kit.launcher import start
+    from kit.run.launcher import start
     out = os.path.join(shared_dir, "status")
     handle = start("reference", "root", ["/bin/sh", "-c", f"cat /proc/self/status > {out}; "
                                          "exec sleep 60"], shared_dirs=[shared_dir],
@@ -383,7 +384,7 @@ def test_the_zygote_builds_the_next_sandbox_while_a_run_goes_on():
     running before the run was asked for); a run with directories to share builds its own."""
     from conftest import _zygote_pid, zygotes_sandbox
 
-    from kit.launcher import start
+    from kit.run.launcher import start
     assert run("reference", "root", ["/bin/true"]).exit_code == 0
     zygote = _zygote_pid()
     spares = wait_until(lambda: [p for p in linux.descendants(zygote) if zygotes_sandbox(p)

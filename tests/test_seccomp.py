@@ -1,4 +1,4 @@
-"""The run's seccomp filters (kit/seccomp.py): fake-backend containment and host-global
+"""The run's seccomp filters (kit/run/seccomp.py): fake-backend containment and host-global
 refusals, recorded by the supervisor with the process role and hook; HOST-050 and HOST-051.
 
 The filter itself is tested in a forked child (never in the pytest process): a grandchild
@@ -29,9 +29,10 @@ from typing import Any
 import pytest
 from conftest import ALL_FLOWS, host_state, in_child
 
-from kit import linux, seccomp
-from kit.launcher import run
-from kit.request import Invoker
+from kit.run import seccomp
+from kit.run.launcher import run
+from kit.run.request import Invoker
+from kit.system import linux
 
 ROOT = Path(__file__).resolve().parent.parent
 BYPASS = "kit_test_engines:BypassEngine"
@@ -65,7 +66,7 @@ def host_view() -> dict[str, Any]:
 def filtered(rules: tuple[seccomp.Rule, ...], calls: Callable[[], Any],
              on_notify: Callable[[int], Any] | None = None) -> dict[str, Any]:
     """In a forked child (the "supervisor"): fork a grandchild that installs ``rules`` and
-    runs ``calls()``; answer its notifications with :func:`kit.seccomp.handle_notification`
+    runs ``calls()``; answer its notifications with :func:`kit.run.seccomp.handle_notification`
     (or ``on_notify(listener)``). ``{"result": calls()'s result, "refused": [records]}``."""
     def supervise() -> dict[str, Any]:
         here, there = socket.socketpair()

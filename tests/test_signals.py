@@ -9,7 +9,7 @@ import time
 import pytest
 from conftest import signal_taken, wait_until
 
-from kit.launcher import start
+from kit.run.launcher import start
 
 # pid 1 of a pid namespace only gets signals it has a handler for: the payload traps them.
 TRAP = ("trap 'exit 42' TERM; trap 'exit 43' USR1; trap 'exit 44' HUP; trap 'exit 45' INT; "

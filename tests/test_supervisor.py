@@ -9,9 +9,9 @@ import os
 from conftest import in_child
 
 from kit import system
-from kit.launcher import make_request
-from kit.ledger import decode_checked
-from kit.supervisor import Supervisor, _backend, prepare_backend
+from kit.ledger.record import decode_checked
+from kit.run.launcher import make_request
+from kit.run.supervisor import Supervisor, _backend, prepare_backend
 
 DATAGRAMS = [
     # as LedgerWriter.emit sends them

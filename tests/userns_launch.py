@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-from kit import linux
+from kit.system import linux
 
 
 def main(argv: list[str]) -> int:

@@ -26,8 +26,8 @@ import os
 import threading
 from typing import Callable, ClassVar
 
-from kit import linux
-from kit.sandbox import SANDBOX_ENV
+from kit.system import linux
+from kit.run.sandbox import SANDBOX_ENV
 from kit.system import current
 from reference_engines.minimal import ReferenceEngine, ReferenceRPC
 
@@ -84,7 +84,7 @@ def process_role() -> str | None:
 
 def host_is_sandbox() -> bool:
     """True when this process's mount and uts namespaces are those of the kit's host sandbox
-    (:mod:`kit.sandbox`, which records them in :data:`kit.sandbox.SANDBOX_ENV`): a mutant
+    (:mod:`kit.run.sandbox`, which records them in :data:`kit.run.sandbox.SANDBOX_ENV`): a mutant
     that changes "the host" then changes only the sandbox, thrown away after the run."""
     try:
         here = ":".join(str(os.stat(f"/proc/self/ns/{kind}").st_ino) for kind in ("mnt", "uts"))

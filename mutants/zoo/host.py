@@ -2,7 +2,7 @@
 host diff compares: a file under /etc, a mount, the domainname, a sysctl, a network link, a
 named network namespace, a SysV shared memory segment, a daemon.
 
-They run only inside the kit's own host sandbox (``kit.sandbox``: an overlay root and new
+They run only inside the kit's own host sandbox (``kit.run.sandbox``: an overlay root and new
 uts, net, ipc namespaces), where their damage is thrown away with the sandbox; anywhere else
 (the real host, the fake backend) they refuse.
 """
@@ -13,7 +13,7 @@ import ctypes
 import os
 import subprocess
 
-from kit import sandbox
+from kit.run import sandbox
 from mutants.zoo.base import HostDamageRefused, Mutant
 
 

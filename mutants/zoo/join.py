@@ -5,7 +5,7 @@ suite's ``conformance_join`` request."""
 from __future__ import annotations
 
 from conformance.cooperation import cooperative
-from kit.starter_config import StarterConfig
+from kit.starter.config import StarterConfig
 from mutants.zoo.base import Mutant
 
 

@@ -10,7 +10,7 @@ import threading
 import time
 
 from kit.rpc import RPCClient
-from kit.starter_config import StarterConfig
+from kit.starter.config import StarterConfig
 from reference_engines.minimal import ReferenceRPC
 from mutants.zoo.base import Mutant
 

@@ -16,9 +16,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from kit import linux
+from kit.system import linux
 from kit.rpc.client import RPCClient
-from kit.starter_config import StarterConfig
+from kit.starter.config import StarterConfig
 from kit.system import current
 from reference_engines.bind_rootfs import BindRootfsEngine, BindRootfsRPC
 from reference_engines.minimal import ReferenceConfig, ReferenceRPC

@@ -13,7 +13,7 @@ import os
 import tempfile
 
 from kit.rpc import RPCClient
-from kit.starter_config import StarterConfig
+from kit.starter.config import StarterConfig
 from kit.system import current
 from reference_engines.bind_rootfs import BindRootfsEngine, BindRootfsRPC
 from mutants.zoo.base import Mutant, process_role, refuse_real_host

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 
-from kit import linux
-from kit.starter_config import StarterConfig
+from kit.system import linux
+from kit.starter.config import StarterConfig
 from kit.system import current
 from mutants.zoo.base import NOBODY, Mutant, process_role
 

@@ -29,12 +29,12 @@ import threading
 import time
 from typing import Any, Callable, ClassVar
 
-from kit import linux
+from kit.system import linux
 from kit import starter as S
 from kit.contract import Context, dumps
-from kit.ledger import LedgerWriter
+from kit.ledger.record import LedgerWriter
 from kit.rpc import server as rpc_server
-from kit.starter_config import StarterConfig
+from kit.starter.config import StarterConfig
 from kit.system import RealSystem, current
 from reference_engines.bind_rootfs import BindRootfsEngine, BindRootfsRPC
 from mutants.zoo.base import HostDamageRefused, Mutant
@@ -50,7 +50,7 @@ def _process() -> str:
 
 
 def _system_classes() -> list[type]:
-    from kit.fake.system import FakeSystem
+    from kit.system.fake.system import FakeSystem
 
     return [RealSystem, FakeSystem]
 
@@ -92,7 +92,7 @@ class StarterMutant(Mutant):
     """A mutant whose bug is in the kit: :meth:`mutate` changes the kit of this process."""
 
     #: The plain reference engine: the error paths of the kit's requirements are made by the
-    #: kit itself (kit.inject), so a starter bug there is caught without the engine's help.
+    #: kit itself (kit.starter.inject), so a starter bug there is caught without the engine's help.
     cooperative: ClassVar[bool] = False
     mechanism: ClassVar[str] = "starter"
     #: The bug leaves the container without the namespaces the engine asked for, so the
@@ -669,7 +669,7 @@ class HookTimeoutUnnamed(StarterMutant):
 
     @staticmethod
     def mutate() -> None:
-        from kit.supervisor import Supervisor
+        from kit.run.supervisor import Supervisor
 
         def make_emit(original: Callable[..., Any]) -> Callable[..., Any]:
             def emit(supervisor: Supervisor, kind: str, **fields: Any) -> None:

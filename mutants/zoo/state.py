@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kit.starter_config import StarterConfig
+from kit.starter.config import StarterConfig
 from reference_engines.minimal import ReferenceConfig
 from reference_engines.minimal.engine import DEFAULT_NAMESPACES
 from mutants.zoo.base import Mutant

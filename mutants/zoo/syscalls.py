@@ -1,4 +1,4 @@
-"""Mutants that make a system call the kit refuses (SPEC §11): kit/seccomp.py stops it, the
+"""Mutants that make a system call the kit refuses (SPEC §11): kit/run/seccomp.py stops it, the
 supervisor records it, and a HOST requirement names it."""
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import tempfile
 
 from kit.contract import ConfigError, Context, WaitStatus
 from kit.rpc import RPCClient
-from kit.starter_config import StarterConfig
+from kit.starter.config import StarterConfig
 from reference_engines.bind_rootfs.rpc import HOST_BIND_DIRS, ROOT_PREFIX
 from reference_engines.minimal.engine import ReferenceConfig, ReferenceEngine
 

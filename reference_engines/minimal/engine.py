@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 
 from kit import system
 from kit.contract import ConfigError, Context, EngineConfig, Operations, SignalChannel, WaitStatus
-from kit.linux import NAMESPACES, mask_to_caps, read_status
 from kit.rpc import RPCClient
-from kit.starter_config import StarterConfig, normalize_capability
+from kit.starter.config import StarterConfig, normalize_capability
+from kit.system.linux import NAMESPACES, mask_to_caps, read_status
 from reference_engines.minimal.rpc import hostname_error, path_error
 
 #: What stage 2 keeps in the root flow unless configured: Docker's default without NET_RAW.

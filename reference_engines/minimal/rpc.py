@@ -9,7 +9,7 @@ import re
 
 from kit import system
 from kit.contract import Engine
-from kit.linux import MOUNT_FLAGS
+from kit.system.linux import MOUNT_FLAGS
 
 #: Flags a new mount may carry; bind, remount, move and propagation changes are refused.
 MOUNT_OPTIONS = ("ro", "nosuid", "nodev", "noexec")

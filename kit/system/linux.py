@@ -53,7 +53,7 @@ def _nr(name: str) -> int:
         return x86
     if _MACHINE in ("aarch64", "arm64"):
         return arm
-    raise OSError(f"kit.linux: unsupported architecture {_MACHINE!r}")
+    raise OSError(f"kit.system.linux: unsupported architecture {_MACHINE!r}")
 
 
 def _check(result: int, what: str) -> int:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kit import linux
+from kit.system import linux
 
 SNAPSHOT_KEYS = ("threads", "securebits", "dumpable", "ns", "uid_map", "gid_map", "nspid",
                  "root")
@@ -236,7 +236,7 @@ def snapshot(masks: bool = False) -> dict[str, Any]:
     """Privilege state of the calling process, every thread included (a probe thread of
     :func:`escalation` excepted: it is waited for). ``masks``: capability sets as integer
     masks, the form a ledger datagram carries (a fifth of the JSON: names are most of a
-    snapshot); :class:`kit.ledger.Ledger` turns them back into names (:func:`named_caps`)."""
+    snapshot); :class:`kit.ledger.record.Ledger` turns them back into names (:func:`named_caps`)."""
     with _probe_lock:
         return _snapshot(masks)
 

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from kit import linux
+from kit.system import linux
 
 #: Object kinds, in report order.
 KINDS = ("file", "mount", "hostname", "domainname", "sysctl", "link", "address", "route",
@@ -48,7 +48,7 @@ _OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
 
 
 class Sandbox(Protocol):
-    """What the diff needs of a host sandbox (kit.sandbox provides it)."""
+    """What the diff needs of a host sandbox (kit.run.sandbox provides it)."""
 
     init_pid: int  # pid 1 of the sandbox's pid namespace, as the supervisor sees it
     upper_dir: str  # a path through which the overlay's upper layer can be walked

@@ -8,8 +8,8 @@ tree killed and the ledger names the hook), and checks that nothing was left beh
 processes, mounts in the host mount namespace, named network namespaces, files in the run's
 temporary directory.
 
-Usage (by :mod:`kit.launcher`): ``python -m kit.supervisor REQUEST_FD RESULT_FD``. The
-request is a :class:`kit.request.RunRequest` as JSON; the result, written when the run is
+Usage (by :mod:`kit.run.launcher`): ``python -m kit.run.supervisor REQUEST_FD RESULT_FD``. The
+request is a :class:`kit.run.request.RunRequest` as JSON; the result, written when the run is
 over, is ``{"exit_code", "reason", "ledger", "leaks", "timed_out"}``. The first line on
 RESULT_FD is ``started <starter pid> <run dir>`` as soon as the starter exists, followed, for
 a run in the host sandbox, by ``{"sandbox_pid", "sandbox_mounts"}`` (JSON: its init's host pid,
@@ -35,9 +35,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import kit.rpc.server  # noqa: F401  (imported while privileged, for the RPC server)
-from kit import hostdiff, linux, probe, registry, rundir, seccomp
-from kit import sandbox as host_sandbox
-from kit.ledger import (
+from kit import registry
+from kit.ledger import probe
+from kit.ledger.record import (
     CONFIRMED,
     EXCERPT,
     MAX_EVENT,
@@ -49,10 +49,12 @@ from kit.ledger import (
     ledger_socketpair,
     parse_datagram,
 )
-from kit.request import RunRequest
-from kit.senders import PROCESS_ROLES, Senders, check_snapshot
+from kit.ledger.senders import PROCESS_ROLES, Senders, check_snapshot
+from kit.run import hostdiff, rundir, seccomp
+from kit.run import sandbox as host_sandbox
+from kit.run.request import RunRequest
 from kit.starter import EXIT_FATAL, UNTIMED_HOOKS, Starter, default_signals
-from kit.system import current
+from kit.system import current, linux
 
 NETNS_DIR = "/run/netns"
 #: Datagrams read in one go: then the timeouts get their turn, even under a flood.
@@ -96,7 +98,7 @@ def _configure_probes(req: RunRequest, run_dir: str) -> None:
     else:
         # The fake backend is imported only for fake runs: real runs fork from a leaner
         # process (fork cost grows with the forking process's memory).
-        from kit.fake import ROOT_FLOWS  # noqa: PLC0415  (lazy: fake runs only)
+        from kit.system.fake import ROOT_FLOWS  # noqa: PLC0415  (lazy: fake runs only)
         root = os.geteuid() == 0 or req.flow in ROOT_FLOWS
         binary = probe.SetuidBinary(os.path.join(run_dir, probe.SETUID_DIR, "id"),
                                     unavailable="" if root else "launched-without-root")
@@ -120,8 +122,8 @@ class Supervisor:
         # The fake backend's snapshots are its model's, not the kernel's to confirm.
         self.outside_check = current().name == "real" and request.probes
         self.sandbox: host_sandbox.HostSandbox | None = None
-        self.host: Any = None  # the sandbox's kit.hostdiff.HostWatch
-        self.listener: int | None = None  # the run's seccomp filter's (kit.seccomp)
+        self.host: Any = None  # the sandbox's kit.run.hostdiff.HostWatch
+        self.listener: int | None = None  # the run's seccomp filter's (kit.run.seccomp)
         self.refusals = 0  # calls it refused; the first seccomp.MAX_RECORDED are recorded
         self._level: int | None = None  # see run_pid
 
@@ -472,7 +474,7 @@ class Supervisor:
         is malformed, does not come from the process it names, or carries a snapshot that
         the kernel contradicts (LEDGER-003). ``confirmed``: the sender waits while we read
         its thread's credentials. Returns the answer for its confirmation pipe: RETRY asks
-        it to read its snapshot again and resend (:data:`kit.ledger.SNAPSHOT_ATTEMPTS`)."""
+        it to read its snapshot again and resend (:data:`kit.ledger.record.SNAPSHOT_ATTEMPTS`)."""
         if truncated:
             self.engine_fault("malformed", sender, f"a truncated datagram (longer than "
                               f"{MAX_EVENT} bytes, or with more than "
@@ -650,7 +652,7 @@ class Ahead:
     lock_fd: int
     building: host_sandbox.Building | None
     error: str = ""
-    #: The sandbox's state before any run (kit.hostdiff.fresh_state), read ahead too.
+    #: The sandbox's state before any run (kit.run.hostdiff.fresh_state), read ahead too.
     before: Any = None
 
     def fds(self) -> set[int]:
@@ -738,7 +740,7 @@ def preload(request: RunRequest) -> bool:
             sys.path.insert(0, entry)
     registry.find(request.engine)
     if request.backend == "fake":
-        import kit.fake  # noqa: F401, PLC0415  (the model replaces the kernel; fake runs only)
+        import kit.system.fake  # noqa: F401, PLC0415  (the model replaces the kernel; fake runs only)
     if "pyroute2" in sys.modules:
         # The engine uses pyroute2 (the kit does not: it brings lo up with an ioctl). One
         # netlink round trip pulls in the modules pyroute2 imports lazily, which an
@@ -763,7 +765,7 @@ def prepare_backend(request: RunRequest) -> Any:
     if request.backend != "fake":
         return None
     try:
-        from kit.fake import prepare  # noqa: PLC0415  (lazy: fake runs only, see above)
+        from kit.system.fake import prepare  # noqa: PLC0415  (lazy: fake runs only, see above)
         return prepare(request)
     except Exception:  # noqa: BLE001 the supervisor computes it again and reports the error
         return None
@@ -772,9 +774,9 @@ def prepare_backend(request: RunRequest) -> Any:
 def _backend(request: RunRequest, prepared: Any = None
              ) -> contextlib.AbstractContextManager[Any]:
     """The run's system interface, installed before the starter is forked: the kernel
-    (as is), or the fake backend's model (:mod:`kit.fake`)."""
+    (as is), or the fake backend's model (:mod:`kit.system.fake`)."""
     if request.backend == "fake":
-        from kit.fake import installed  # noqa: PLC0415  (lazy: fake runs only, see above)
+        from kit.system.fake import installed  # noqa: PLC0415  (lazy: fake runs only, see above)
         return installed(request, prepared)
     return contextlib.nullcontext()
 
@@ -807,7 +809,7 @@ def run_supervised(request: RunRequest, result_fd: int, prepared: Any = None,
 
 
 def main(argv: list[str]) -> int:
-    """``python -m kit.supervisor REQUEST_FD RESULT_FD``: one run in a fresh interpreter."""
+    """``python -m kit.run.supervisor REQUEST_FD RESULT_FD``: one run in a fresh interpreter."""
     req_fd, result_fd = int(argv[0]), int(argv[1])
     default_signals()
     with os.fdopen(req_fd, "rb") as f:

@@ -1,6 +1,6 @@
 """The launcher: starts a lifecycle run from any process (pytest, the CLI) and collects it.
 
-The run itself happens in a fresh, lean supervisor process (:mod:`kit.supervisor`), never in
+The run itself happens in a fresh, lean supervisor process (:mod:`kit.run.supervisor`), never in
 the caller: no thread of the caller ever calls unshare, setns or setresuid.
 
 >>> result = run("reference", "root", ["/bin/sh", "-c", "exit 7"])
@@ -25,9 +25,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from kit import linux
-from kit.ledger import Ledger
-from kit.request import DEFAULT_HOOK_TIMEOUT, DEFAULT_RUN_TIMEOUT, Invoker, RunRequest
+from kit.ledger.record import Ledger
+from kit.run.request import DEFAULT_HOOK_TIMEOUT, DEFAULT_RUN_TIMEOUT, Invoker, RunRequest
+from kit.system import linux
 
 
 class LaunchError(RuntimeError):
@@ -52,7 +52,7 @@ class RunResult:
 
     @property
     def host_changes(self) -> list[dict[str, Any]] | None:
-        """What the run changed on its host (SPEC §11, ``kit.hostdiff``): None when the run
+        """What the run changed on its host (SPEC §11, ``kit.run.hostdiff``): None when the run
         had no host sandbox to diff."""
         for e in self.ledger.events:
             if e["kind"] == "host_changes":
@@ -95,7 +95,7 @@ class RunResult:
 
 
 class Zygote:
-    """The launcher's handle on its zygote process (:mod:`kit.zygote`), started on first use.
+    """The launcher's handle on its zygote process (:mod:`kit.run.zygote`), started on first use.
 
     One per launcher process; thread-safe. Set ``KIT_ZYGOTE=0`` to start every run in a
     fresh interpreter instead (slower; useful when debugging imports).
@@ -108,7 +108,7 @@ class Zygote:
         self.control, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "kit.zygote", str(child_end.fileno())],
+                [sys.executable, "-m", "kit.run.zygote", str(child_end.fileno())],
                 pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL, cwd="/",
                 start_new_session=True,
                 env={**os.environ, "PYTHONPATH": os.pathsep.join(_import_path())})
@@ -258,7 +258,7 @@ class RunHandle:
         started = line.startswith(b"started") and len(words) >= 3
         self.starter_pid: int | None = int(words[1]) if started else None
         self.run_dir: str | None = os.fsdecode(words[2]) if started else None
-        #: A run in the host sandbox (:mod:`kit.sandbox`): ``{"sandbox_pid": its init's pid,
+        #: A run in the host sandbox (:mod:`kit.run.sandbox`): ``{"sandbox_pid": its init's pid,
         #: "sandbox_mounts": [[mount id, mount point]…] before the starter was forked}``.
         self.sandbox: dict[str, Any] | None = (json.loads(words[3])
                                                if started and len(words) > 3 else None)
@@ -296,7 +296,7 @@ class RunHandle:
                               f"{threads} threads: start the run without fork_here (the zygote "
                               "forks it)")
         # Imported here: the zygote's modules are only needed by a launcher that forks.
-        from kit import rundir, supervisor, zygote  # noqa: PLC0415
+        from kit.run import rundir, supervisor, zygote  # noqa: PLC0415
         from kit.starter import default_signals  # noqa: PLC0415
 
         try:  # what the zygote would answer with {"error": ...}
@@ -337,7 +337,7 @@ class RunHandle:
         req_r, req_w = os.pipe()
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "kit.supervisor", str(req_r), str(res_w)],
+                [sys.executable, "-m", "kit.run.supervisor", str(req_r), str(res_w)],
                 stdin=subprocess.DEVNULL if stdin is None else stdin,
                 stdout=self._out, stderr=self._err, pass_fds=(req_r, res_w, *pass_fds),
                 cwd="/", start_new_session=True,
@@ -523,10 +523,10 @@ def run(engine: str, flow: str, argv: list[str], *, capture: bool = True,
 
     Options: ``engine_config`` (dict merged into the engine config), ``user`` (the invoking
     user U), ``backend``, ``hook_timeout``, ``run_timeout``, ``probes``, ``container_id``,
-    ``sandbox`` (the host sandbox, :mod:`kit.sandbox`; default: on as root in the real
+    ``sandbox`` (the host sandbox, :mod:`kit.run.sandbox`; default: on as root in the real
     backend), ``shared_dirs`` (host directories a sandboxed run may write),
-    ``join_namespaces`` (namespaces made for the run to join: ``kit.sandbox.join_path``),
-    ``inject`` (a fault the kit injects around the engine's hooks, :data:`kit.inject.INJECTIONS`).
+    ``join_namespaces`` (namespaces made for the run to join: ``kit.run.sandbox.join_path``),
+    ``inject`` (a fault the kit injects around the engine's hooks, :data:`kit.starter.inject.INJECTIONS`).
     ``capture`` collects the payload's stdout/stderr into the result (else inherited).
     ``pass_fds`` are open in the starter under the same numbers (for
     ``StarterConfig.keep_file_descriptor``).

@@ -10,7 +10,7 @@ Locking: a thread lock (threads of one process) and, for the outermost transacti
 thread, ``lockf`` on the file (processes; released by the kernel if the holder dies, so a
 killed process never wedges the run). Transactions nest within a thread. After a fork the
 child starts with a fresh thread lock and no file lock (POSIX record locks are not inherited)
-— :meth:`Store.after_fork_in_child` must be called there (:mod:`kit.fake.system` does it
+— :meth:`Store.after_fork_in_child` must be called there (:mod:`kit.system.fake.system` does it
 from ``os.register_at_fork``).
 
 Format: a 16-byte header — the *generation* (incremented by every write) and the length of
@@ -215,7 +215,7 @@ class Store:
     def _check_unchanged(self) -> None:
         if self._state is not None and self._state != _decode(self._body):
             self._forget()
-            raise StoreError("kit.fake: a read-only transaction changed the model's document")
+            raise StoreError("kit.system.fake: a read-only transaction changed the model's document")
 
     # -- fork ---------------------------------------------------------------------------------
     def before_fork(self) -> None:
@@ -253,9 +253,9 @@ def _decode(body: bytes) -> dict[str, Any]:
     try:
         state = marshal.loads(body)
     except (EOFError, ValueError, TypeError) as exc:
-        raise ValueError(f"kit.fake: the model store is corrupt ({exc})") from None
+        raise ValueError(f"kit.system.fake: the model store is corrupt ({exc})") from None
     if not isinstance(state, dict):
-        raise ValueError("kit.fake: the model store does not hold a document")
+        raise ValueError("kit.system.fake: the model store does not hold a document")
     return state
 
 
@@ -266,16 +266,16 @@ def _check_plain_json(state: dict[str, Any]) -> None:
     try:
         same = json.loads(json.dumps(state)) == state
     except (TypeError, ValueError) as exc:
-        raise StoreError(f"kit.fake: the model's document is not JSON data: {exc}") from None
+        raise StoreError(f"kit.system.fake: the model's document is not JSON data: {exc}") from None
     if not same:
-        raise StoreError("kit.fake: the model's document is not plain JSON data (a tuple or "
+        raise StoreError("kit.system.fake: the model's document is not plain JSON data (a tuple or "
                          "a non-string key?)")
     seen: set[int] = set()
     todo: list[Any] = [state]
     while todo:
         obj = todo.pop()
         if id(obj) in seen:
-            raise StoreError(f"kit.fake: the model's document holds one object in two "
+            raise StoreError(f"kit.system.fake: the model's document holds one object in two "
                              f"places: {obj!r:.200}")
         seen.add(id(obj))
         todo.extend(v for v in (obj.values() if isinstance(obj, dict) else obj)
@@ -287,7 +287,7 @@ def _pread(fd: int, size: int, offset: int) -> bytes:
     while len(data) < size:
         chunk = os.pread(fd, size - len(data), offset + len(data))
         if not chunk:
-            raise OSError(f"kit.fake: the model store is truncated ({len(data)}/{size} "
+            raise OSError(f"kit.system.fake: the model store is truncated ({len(data)}/{size} "
                              f"bytes at offset {offset})")
         data += chunk
     return data

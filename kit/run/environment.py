@@ -7,9 +7,9 @@ import functools
 import os
 from collections.abc import Iterator, Mapping
 
-from kit import linux
-from kit.request import Invoker
-from kit.starter_config import FLOWS
+from kit.run.request import Invoker
+from kit.starter.config import FLOWS
+from kit.system import linux
 
 
 def _probe(name: str, uid: int | None, gid: int | None, kinds: list[str],

@@ -1,6 +1,6 @@
 """The starter: runs one engine lifecycle in real processes (``SPEC.md`` §2, §3, §5).
 
-Process tree of one run (the supervisor forks the starter; see :mod:`kit.supervisor`)::
+Process tree of one run (the supervisor forks the starter; see :mod:`kit.run.supervisor`)::
 
     starter (becomes the master)
       ├─ stage 1: config, init_config, prepare_config → Common + StarterConfig as JSON
@@ -33,7 +33,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from kit import inject, linux, probe, registry, seccomp
+from kit import registry
 from kit.contract import (
     Common,
     ConfigError,
@@ -44,10 +44,13 @@ from kit.contract import (
     SignalChannel,
     dumps,
 )
-from kit.ledger import LedgerWriter
-from kit.request import Invoker, RunRequest
-from kit.starter_config import StarterConfig
-from kit.system import System, current
+from kit.ledger import probe
+from kit.ledger.record import LedgerWriter
+from kit.run import seccomp
+from kit.run.request import Invoker, RunRequest
+from kit.starter import inject
+from kit.starter.config import StarterConfig
+from kit.system import System, current, linux
 
 EXIT_FATAL = 255
 STAGE2_NAME = "kit-stage2"

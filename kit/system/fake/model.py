@@ -1,7 +1,7 @@
 """The kernel's rules, as functions over a JSON-able state (no system call in here).
 
 :class:`Model` wraps one state document (the shared store's content, see
-:mod:`kit.fake.store`) and answers, for a credential :class:`Cred`, what the kernel would do:
+:mod:`kit.system.fake.store`) and answers, for a credential :class:`Cred`, what the kernel would do:
 the capability check of ``cap_capable()``, id mapping through user namespaces, the
 credential transitions of ``setresuid``/``setresgid``/``setgroups``/``capset``/``prctl``
 (with the capability effects of ``cap_emulate_setxuid``), namespace creation and joining
@@ -41,7 +41,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kit.linux import CAP_NUMBERS, NAMESPACES
+from kit.system.linux import CAP_NUMBERS, NAMESPACES
 
 KINDS = tuple(NAMESPACES)  # user, pid, net, uts, ipc, cgroup, mount
 OVERFLOW_ID = 65534  # /proc/sys/kernel/overflowuid: what an unmapped id reads as

@@ -26,7 +26,7 @@ go with their last reference (:func:`end`).
 This protects the host from mistakes, not from a hostile root: a process that is root in the
 launch user namespace may still undo the sandbox's read-only mounts, mount a new proc, or use
 raw devices. The host-global system calls (clock, modules, reboot, swap…) are refused by
-:mod:`kit.seccomp`'s filter, installed in one place for both backends, sandboxed or not: the
+:mod:`kit.run.seccomp`'s filter, installed in one place for both backends, sandboxed or not: the
 starter, first thing (``seccomp.install_for_run``); every process of the run descends from
 it. Init, which runs no engine code but which root in the sandbox could ptrace, gets the same
 rules on itself (:func:`_confine_init`).
@@ -45,7 +45,8 @@ import time
 from dataclasses import dataclass, field
 from typing import NoReturn
 
-from kit import linux, seccomp
+from kit.run import seccomp
+from kit.system import linux
 
 #: Set in the environment of a sandboxed run's processes: ``MNT:UTS``, the inode numbers of
 #: the sandbox's mount and uts namespaces (code that changes "the host" on purpose, such as
@@ -102,7 +103,7 @@ class HostSandbox:
     ns_fds: dict[str, int] = field(default_factory=dict)
     held_fds: list[int] = field(default_factory=list)
     #: Init is this process's child (:func:`end` stops and reaps it); else its builder's (the
-    #: zygote ends it once the supervisor that adopted it is gone: kit.zygote).
+    #: zygote ends it once the supervisor that adopted it is gone: kit.run.zygote).
     own_init: bool = True
 
 

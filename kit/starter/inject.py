@@ -119,7 +119,7 @@ def _engine_name(hook: Callable[..., Any]) -> str:
     common = getattr(getattr(hook, "__self__", None), "common", None)
     name = getattr(common, "engine_name", None)
     if not isinstance(name, str):
-        raise RuntimeError("kit.inject: create_container is not a method of an initialised "
+        raise RuntimeError("kit.starter.inject: create_container is not a method of an initialised "
                            "engine (no common.engine_name): cannot name its RPC methods")
     return name
 

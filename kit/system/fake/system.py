@@ -4,7 +4,7 @@ Per-process state (credentials of each thread, the namespaces the process is in,
 its dumpable flag) lives in the :class:`FakeSystem` object of the process and is copied by
 ``fork`` exactly as the kernel copies it (``os.register_at_fork`` keeps the copy right for
 forks the kit does not make itself). Shared state (namespaces, the registry of real pids,
-fs structs, directories made only in the model) lives in the :class:`~kit.fake.store.Store`.
+fs structs, directories made only in the model) lives in the :class:`~kit.system.fake.store.Store`.
 
 Nothing here changes a real credential or namespace. Real effects are limited to: forking
 (``clone`` really forks; with ``share_fs`` through the real ``clone(CLONE_FS)``, which needs
@@ -26,8 +26,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kit import linux, probe
-from kit.fake.model import (
+from kit.ledger import probe
+from kit.ledger.probe import FULL_MAP
+from kit.system import System, linux
+from kit.system.fake.model import (
     CAP_SYS_CHROOT,
     FIRST_SYNTHETIC_ID,
     KINDS,
@@ -37,9 +39,7 @@ from kit.fake.model import (
     fail,
     resolve,
 )
-from kit.fake.store import Store
-from kit.probe import FULL_MAP
-from kit.system import System
+from kit.system.fake.store import Store
 
 _NS_PATH = re.compile(r"/proc/(self|thread-self|\d+)(?:/task/\d+)?/ns/([a-z_]+)")
 #: /proc/PID/ns names -> the kit's kind names.
@@ -437,7 +437,7 @@ class FakeSystem(System):
 
     def privileged(self) -> bool:
         """euid 0 in the host user namespace: the model's initial one, the namespace the kit
-        was launched in (as :meth:`escalation` and :func:`kit.probe.host_privilege` judge)."""
+        was launched in (as :meth:`escalation` and :func:`kit.ledger.probe.host_privilege` judge)."""
         with self._store.transaction(write=False) as st:
             cred = self._cred()
             return cred.userns == Model(st).initial("user") and cred.uid[1] == 0
@@ -841,7 +841,7 @@ class FakeSystem(System):
 
     # -- probes ---------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
-        """:func:`kit.probe.snapshot`'s structure, from the model (threads by real tid)."""
+        """:func:`kit.ledger.probe.snapshot`'s structure, from the model (threads by real tid)."""
         status = linux.read_status()
         seccomp = int(status.get("Seccomp", "0"))
         real_nspid = [int(x) for x in status.get("NSpid", str(os.getpid())).split()]
@@ -898,7 +898,7 @@ class FakeSystem(System):
         return real_nspid + [pid for _, pid in p.levels]
 
     def escalation(self) -> dict[str, Any]:
-        """:func:`kit.probe.escalation`'s answer by the model's rules, each way tried on its
+        """:func:`kit.ledger.probe.escalation`'s answer by the model's rules, each way tried on its
         own copy of the calling thread's credentials: setresuid(0, 0, 0); raising the
         permitted capabilities; exec of the run's setuid-root binary."""
         with self._store.transaction(write=False) as st:

@@ -1,10 +1,10 @@
 """Round-trip benchmark of the RPC transport: the in-process mock vs a real socketpair.
 
-    python -m kit.bench_rpc [--samples 31] [--calls 200] [--warmup 500] [--payload 64] [--json FILE]
+    python -m bench.rpc [--samples 31] [--calls 200] [--warmup 500] [--payload 64] [--json FILE]
 
 - *real*: a ``socket.socketpair()`` with :func:`kit.rpc.server.serve` in a forked child (the
   shape of a real run: client in the master, server in another process);
-- *mock*: :class:`kit.rpc.mock.MockTransport` (server and relay in threads of this process).
+- *mock*: :class:`kit.testing.rpc_mock.MockTransport` (server and relay in threads of this process).
 
 Both serve the same ``bench.echo(data: str) -> str`` and are driven by an
 :class:`~kit.rpc.client.RPCClient`. After a warm-up on each, samples alternate A B A B (mock,
@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kit.rpc import RPCClient, serve
-from kit.rpc.mock import MockTransport
+from kit.testing.rpc_mock import MockTransport
 
 ENGINE = "bench"
 MIN_SAMPLES = 30
@@ -168,7 +168,7 @@ def _positive(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m kit.bench_rpc", description=__doc__.split("\n\n")[0]
+        prog="python -m bench.rpc", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--samples", type=_positive, default=31,
                         help=f"samples per transport (at least {MIN_SAMPLES}; default 31)")

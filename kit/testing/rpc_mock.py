@@ -71,12 +71,18 @@ from typing import Any
 from kit import system as kit_system
 from kit.contract import Common, Engine, Operations
 from kit.registry import RegistryError, find
-
-from .client import RPCClient
-from .codec import HEADER, MAX_FRAME, FrameError, close_fds, decode_body, encode_body
-from .messages import MAX_ID, ErrorInfo, ProtocolError, make_error, parse_reply, split_method_name
-from .methods import MethodSpec
-from .server import CallRecord, prepare_methods, serve
+from kit.rpc.client import RPCClient
+from kit.rpc.codec import HEADER, MAX_FRAME, FrameError, close_fds, decode_body, encode_body
+from kit.rpc.messages import (
+    MAX_ID,
+    ErrorInfo,
+    ProtocolError,
+    make_error,
+    parse_reply,
+    split_method_name,
+)
+from kit.rpc.methods import MethodSpec
+from kit.rpc.server import CallRecord, prepare_methods, serve
 
 __all__ = ["Call", "Fault", "MockTransport", "RecordingSystem", "Rule", "SystemCall"]
 

@@ -1,6 +1,6 @@
-"""pytest fixtures for :mod:`kit.rpc.mock`.
+"""pytest fixtures for :mod:`kit.testing.rpc_mock`.
 
-Load them in a test module with ``pytest_plugins = ["kit.rpc.fixtures"]`` (or register this
+Load them in a test module with ``pytest_plugins = ["kit.testing.fixtures"]`` (or register this
 module as a plugin). ``rpc_mock`` is a factory::
 
     def test_create_container(rpc_mock):
@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from .mock import MockTransport, RecordingSystem
+from kit.testing.rpc_mock import MockTransport, RecordingSystem
 
 __all__ = ["MockFactory", "rpc_mock"]
 
@@ -73,7 +73,7 @@ class MockFactory:
 
 @pytest.fixture
 def rpc_mock() -> Iterator[Callable[..., MockTransport]]:
-    """A factory of :class:`~kit.rpc.mock.MockTransport` objects, closed at teardown (see
+    """A factory of :class:`~kit.testing.rpc_mock.MockTransport` objects, closed at teardown (see
     :class:`MockFactory`)."""
     factory = MockFactory()
     try:

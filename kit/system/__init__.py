@@ -2,7 +2,7 @@
 
 The starter and engines never call the kernel directly; they call the active
 :class:`System` (``kit.system.current()``). :class:`RealSystem` acts on the kernel through
-:mod:`kit.linux`. A fake implementation (a model of namespaces, mounts and credentials) can
+:mod:`kit.system.linux`. A fake implementation (a model of namespaces, mounts and credentials) can
 be swapped in for machines without namespaces (``SPEC.md`` §9).
 """
 
@@ -13,7 +13,8 @@ import socket
 from collections.abc import Iterable
 from typing import Any
 
-from kit import linux, probe
+from kit.ledger import probe
+from kit.system import linux
 
 
 class System:
@@ -159,7 +160,7 @@ class RealSystem(System):
     # -- mounts and files ---------------------------------------------------------------------
     def mount(self, source: str | None, target: str, fstype: str | None = None,
               flags: Iterable[str] = (), data: str | None = None) -> None:
-        """mount(2); ``flags`` are names from :data:`kit.linux.MOUNT_FLAGS`."""
+        """mount(2); ``flags`` are names from :data:`kit.system.linux.MOUNT_FLAGS`."""
         mask = 0
         for name in flags:
             if name not in linux.MOUNT_FLAGS:

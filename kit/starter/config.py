@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kit.contract import ConfigError
-from kit.linux import CAP_NUMBERS, NAMESPACES, PROPAGATIONS
+from kit.system.linux import CAP_NUMBERS, NAMESPACES, PROPAGATIONS
 
 CAPABILITY_SETS = ("effective", "permitted", "inheritable", "bounding", "ambient")
 FLOWS = ("root", "suid", "userns", "fakeroot", "hybrid")

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from kit.contract import Engine
-from kit.probe import named_caps
+from kit.ledger.probe import named_caps
 from kit.system import current
 
 SCHEMA_VERSION = 1
@@ -59,7 +59,7 @@ EVENT_KINDS: dict[str, tuple[str, ...]] = {
     "seccomp_filter": ("filter", "syscalls", "error", "reason"),
     "syscall_refused": ("syscall", "nr", "args", "category", "errno", "answered", "target_tid",
                         "target", "process_role", "hook", "strings"),
-    "syscalls_unrecorded": ("count",),  # refused beyond kit.seccomp.MAX_RECORDED
+    "syscalls_unrecorded": ("count",),  # refused beyond kit.run.seccomp.MAX_RECORDED
     "exit": ("code", "reason"),
     "kit_injected": ("hook", "fault", "detail"),  # a fault the kit made (RunRequest.inject)
     "engine_fault": ("fault", "sender_pid", "sender_role", "open_hooks", "detail", "excerpt"),
@@ -350,7 +350,7 @@ def validate(ledger: dict[str, Any]) -> list[str]:
 
 def _name_caps(event: dict[str, Any]) -> None:
     """Capability masks of an event's snapshot and RPC credentials (the datagrams' compact
-    form, :func:`kit.probe.snapshot`) as lists of names, in place: what a ledger shows."""
+    form, :func:`kit.ledger.probe.snapshot`) as lists of names, in place: what a ledger shows."""
     def threads(entries: Any) -> None:
         for t in entries if isinstance(entries, list) else ():
             if isinstance(t, dict) and "caps" in t:

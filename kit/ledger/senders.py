@@ -6,7 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kit import linux, probe
+from kit.ledger import probe
+from kit.system import linux
 
 #: What the supervisor compares between a snapshot's entry for the sending thread and its own
 #: read of that thread (the rest of the snapshot is the process's, or other threads', which

@@ -7,7 +7,7 @@ the real one; the processes, order, sockets, RPC and ledger of a run are the rea
 
 Design
 ------
-- **The model** (:mod:`kit.fake.model`): the kernel's rules as functions over JSON data —
+- **The model** (:mod:`kit.system.fake.model`): the kernel's rules as functions over JSON data —
   user namespaces with their owner, level, uid/gid maps and ``setgroups`` state; kernel ids
   (kuids) translated through the maps; ``cap_capable`` (a capability in one's own user
   namespace, or ownership of a child namespace); the credential transitions
@@ -24,14 +24,14 @@ Design
   propagation, pivot_root and chroot on per-mount-namespace tables; hostname per uts
   namespace; interfaces per network namespace. Refusals are ``OSError`` with the kernel's
   errno.
-- **Shared state** (:mod:`kit.fake.store`): namespaces, the registry that maps real pids
+- **Shared state** (:mod:`kit.system.fake.store`): namespaces, the registry that maps real pids
   to their model namespaces, pids and credentials (for ``/proc/PID/ns/KIND`` paths and
   ``write_id_maps(PID)``) and the fs structs live in one document of JSON data that every
   process of the run reaches (a private file created by the supervisor before it forks the
   starter; ``lockf`` + a thread lock; reopened per transaction so that closing every fd,
   as stage 2 does, is harmless; ``marshal``-encoded with a generation number, so that a
   process decodes it again only after another process wrote it).
-- **Per-process state** (:class:`kit.fake.system.ProcState`): credentials of each thread,
+- **Per-process state** (:class:`kit.system.fake.system.ProcState`): credentials of each thread,
   namespaces, pid namespace for children, model pids, dumpable — in the process, copied
   by ``fork`` like the kernel copies them (``os.register_at_fork``).
 - ``clone`` really forks (``clone(CLONE_FS)`` for ``share_fs``: no privilege needed) and
@@ -43,7 +43,7 @@ Design
   (root, suid, hybrid) run by a non-root user starts the model as uid/gid 0 with every
   capability of the real bounding set (the set a real root has on this machine).
 - **Probes**: :meth:`FakeSystem.snapshot` and :meth:`FakeSystem.escalation` return the
-  structures of :func:`kit.probe.snapshot` and :func:`kit.probe.escalation`, computed from
+  structures of :func:`kit.ledger.probe.snapshot` and :func:`kit.ledger.probe.escalation`, computed from
   the model (threads listed by real tid; no probe child is forked): each escalation way by
   its own rule (setresuid, capset, and ``bprm_fill_uid`` for the run's setuid-root binary,
   which exists in the model only), relative to the model's initial user namespace, the one
@@ -53,7 +53,7 @@ Containment: calls that bypass the model
 ----------------------------------------
 An engine that makes a privileged call itself (not through the system interface) would act
 on the real kernel: every process of a fake run is under the seccomp filter of
-:mod:`kit.seccomp` (installed by the starter before anything else), so the call fails with
+:mod:`kit.run.seccomp` (installed by the starter before anything else), so the call fails with
 EPERM, the supervisor records it and HOST-050 fails. The kit's own fake code needs none of
 the refused calls: credentials, namespaces, mounts and hostnames are the model's; it forks
 (plain ``fork``, ``clone(CLONE_FS)``) and starts threads, which stay allowed.
@@ -98,9 +98,9 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from kit import system as kit_system  # not "system": that name is kit.fake.system
-from kit.fake.model import Cred, Model
-from kit.fake.system import FakeSystem, initial_state
+from kit import system as kit_system  # not "system": that name is kit.system.fake.system
+from kit.system.fake.model import Cred, Model
+from kit.system.fake.system import FakeSystem, initial_state
 
 #: Flows whose starter begins as root (real or emulated setuid).
 ROOT_FLOWS = ("root", "suid", "hybrid")
@@ -109,7 +109,7 @@ __all__ = ["ROOT_FLOWS", "Cred", "FakeSystem", "Model", "installed", "prepare"]
 
 
 def prepare(request: Any) -> tuple[dict[str, Any], Any]:
-    """The model :func:`installed` starts from (:func:`kit.fake.system.initial_state`),
+    """The model :func:`installed` starts from (:func:`kit.system.fake.system.initial_state`),
     computed ahead of time: the zygote computes it just before it forks the run's
     supervisor, which has its credentials, namespaces and view of the host."""
     return initial_state(request.flow in ROOT_FLOWS)
@@ -118,7 +118,7 @@ def prepare(request: Any) -> tuple[dict[str, Any], Any]:
 @contextlib.contextmanager
 def installed(request: Any, initial: tuple[dict[str, Any], Any] | None = None
               ) -> Iterator[FakeSystem]:
-    """Make a :class:`FakeSystem` for ``request`` (a :class:`kit.request.RunRequest`) the
+    """Make a :class:`FakeSystem` for ``request`` (a :class:`kit.run.request.RunRequest`) the
     system interface of this process and of everything it forks until the block ends; the
     model is removed afterwards. ``initial``: what :func:`prepare` returned (in this
     process or in its parent, just before the fork)."""

@@ -1,4 +1,4 @@
-"""``python -m kit.bench``: what one lifecycle costs, against the kernel's own cost.
+"""``python -m bench.lifecycle``: what one lifecycle costs, against the kernel's own cost.
 
 Measures, interleaved (A B C … A B C …) after a warm-up, the median wall time of:
 
@@ -11,7 +11,7 @@ Measures, interleaved (A B C … A B C …) after a warm-up, the median wall tim
 * ``ctypes_minimal`` — fork → unshare(same namespaces) → fork → exec ``/bin/true`` from this
   lean process;
 * ``full``           — one kit lifecycle of the reference engine, root flow, same namespaces,
-  payload ``/bin/true``, probes and ledger on, in the host sandbox (:mod:`kit.sandbox`);
+  payload ``/bin/true``, probes and ledger on, in the host sandbox (:mod:`kit.run.sandbox`);
 * ``no_sandbox``     — the same without the host sandbox (its cost is the difference);
 * ``no_probes``      — the same without privilege snapshots and escalation probes;
 * ``fake``           — the same in the fake backend (when the kit has it);
@@ -49,9 +49,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kit import linux, probe, seccomp
-from kit.launcher import RunResult, Zygote, start
-from kit.ledger import LedgerWriter
+from kit.ledger import probe
+from kit.ledger.record import LedgerWriter
+from kit.run import seccomp
+from kit.run.launcher import RunResult, Zygote, start
+from kit.system import linux
 
 NAMESPACES = ["mount", "pid", "uts", "ipc", "net"]
 ENGINE_CONFIG = {"namespaces": NAMESPACES}
@@ -233,7 +235,7 @@ def _await_settled(zygote: int, deadline: float, quiet: int = 3) -> None:
 
 def fake_available() -> bool:
     try:
-        import kit.fake  # noqa: F401, PLC0415  (the probe itself: does it import here?)
+        import kit.system.fake  # noqa: F401, PLC0415  (the probe itself: does it import here?)
     except ImportError:
         return False
     return True
@@ -281,7 +283,7 @@ def probe_cost(n: int = 200) -> dict[str, float]:
 
 
 def seccomp_cost(batches: int = 200, per_batch: int = 500) -> dict[str, float]:
-    """The fake backend's filter (kit/seccomp.py), measured in a forked child: ms to build
+    """The fake backend's filter (kit/run/seccomp.py), measured in a forked child: ms to build
     and install it with its listener, and ns it adds to each system call it lets through
     (getppid, median per-call time of batches, after minus before)."""
 
@@ -406,7 +408,7 @@ def cli_vs_python(samples: int = 30, warmup: int = 2) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m kit.bench", description=__doc__.splitlines()[0]
+        prog="python -m bench.lifecycle", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--samples", type=int, default=30, help="samples per case (≥ 30)")
     parser.add_argument("--warmup", type=int, default=3)
@@ -415,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time the whole conformance suite with -n 0 and -n 2")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
-        print("kit.bench: needs root (the root flow and util-linux unshare)", file=sys.stderr)
+        print("bench.lifecycle: needs root (the root flow and util-linux unshare)", file=sys.stderr)
         return 2
 
     runc, runc_info = RuncCase.setup()

@@ -8,10 +8,10 @@ import pwd
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from kit.inject import validate as validate_injection
-from kit.probe import host_userns
-from kit.sandbox import check_join_kinds, default_on
-from kit.starter_config import FLOWS
+from kit.ledger.probe import host_userns
+from kit.run.sandbox import check_join_kinds, default_on
+from kit.starter.config import FLOWS
+from kit.starter.inject import validate as validate_injection
 
 DEFAULT_HOOK_TIMEOUT = 5.0
 DEFAULT_RUN_TIMEOUT = 60.0
@@ -88,7 +88,7 @@ class RunRequest:
     #: (device, inode) of the host user namespace (SPEC §4): the launcher's, recorded where
     #: the run is requested and carried to every process of the run.
     host_userns: list[int] | None = None
-    #: Run inside the kit's host sandbox (:mod:`kit.sandbox`). None: yes when launched as
+    #: Run inside the kit's host sandbox (:mod:`kit.run.sandbox`). None: yes when launched as
     #: root in the real backend, unless ``KIT_SANDBOX=0`` (the fake backend and non-root
     #: launches are not sandboxed).
     sandbox: bool | None = None
@@ -96,11 +96,11 @@ class RunRequest:
     #: temporary directory and the coverage directory always are.
     shared_dirs: list[str] = field(default_factory=list)
     #: Namespaces made for the run to join (kind -> path as the launcher sees it; uts, ipc,
-    #: net): in the host sandbox the run finds them at ``kit.sandbox.join_path`` (nothing
+    #: net): in the host sandbox the run finds them at ``kit.run.sandbox.join_path`` (nothing
     #: else of the host's namespaces is reachable from there); unsandboxed, at the path.
     join_namespaces: dict[str, str] = field(default_factory=dict)
     #: A fault the kit injects into its own processes around the engine's hooks (a key of
-    #: :data:`kit.inject.INJECTIONS`), to exercise the starter's error paths without the
+    #: :data:`kit.starter.inject.INJECTIONS`), to exercise the starter's error paths without the
     #: engine's cooperation; the ledger records it as a ``kit_injected`` event.
     inject: str | None = None
 
@@ -111,8 +111,8 @@ class RunRequest:
         if self.flow not in FLOWS:
             raise ValueError(f"unknown flow {self.flow!r} (known: {', '.join(FLOWS)})")
         if self.backend == "auto":  # resolved here, once, where the run is requested
-            # kit.environment imports this module (Invoker): imported here, not at the top.
-            from kit.environment import backend_for  # noqa: PLC0415  (import cycle)
+            # kit.run.environment imports this module (Invoker): imported here, not at the top.
+            from kit.run.environment import backend_for  # noqa: PLC0415  (import cycle)
             self.backend = backend_for(self.flow)[0]
         if self.backend not in ("real", "fake"):
             raise ValueError(f"unknown backend {self.backend!r} (known: real, fake, auto)")

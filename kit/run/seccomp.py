@@ -11,7 +11,7 @@ hook open in it, and answers EPERM. Nothing in the list ever runs.
 - :data:`HOST_GLOBAL` (category ``host-global``): calls whose effect no namespace confines
   (the clock, kernel modules, reboot, kexec, swap, process accounting…). The real backend's
   starter runs under them when launched as root, in the host sandbox or not (the sandbox's
-  init too, without a listener: :mod:`kit.sandbox`); the fake backend under both lists.
+  init too, without a listener: :mod:`kit.run.sandbox`); the fake backend under both lists.
 
 The one place a run's filter is installed is the starter, first thing
 (:func:`install_for_run`, from ``kit.starter.Starter.main``).
@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from kit import linux
+from kit.system import linux
 
 SYSTEM_INTERFACE = "system-interface"
 HOST_GLOBAL_CATEGORY = "host-global"
@@ -88,7 +88,7 @@ def _rules(category: str, names: str) -> tuple[Rule, ...]:
 #:   (a plain fork, a thread and clone(CLONE_FS) stay allowed: the kit needs them);
 #: - sethostname, setdomainname: a real call outside a uts namespace renames the host;
 #: - the set*id family, setgroups, capset: the model holds every credential (the kit's fake
-#:   starter changes none for real, kit/fake/system.py); a real change would make the
+#:   starter changes none for real, kit/system/fake/system.py); a real change would make the
 #:   ledger lie, and as root would give away or regain real privilege;
 #: - mknod(at) of a character or block device: device nodes on the real file system;
 #: - ptrace, process_vm_writev, pidfd_getfd: they reach a process outside the filter (the

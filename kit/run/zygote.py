@@ -4,7 +4,7 @@ Starting a fresh interpreter and importing the kit and the engine costs far more
 whole lifecycle; the zygote pays it once per launcher process. It never changes its own
 credentials or namespaces (building a host sandbox, it sets the pid namespace of one child,
 init's, and restores its own at once): each run happens in a forked child that becomes the run's
-supervisor (:mod:`kit.supervisor`), in its own session.
+supervisor (:mod:`kit.run.supervisor`), in its own session.
 
 Every process of a run is forked from it, directly or not, so it is kept cheap to fork:
 after new imports it collects, freezes (``gc.freeze``) and returns its free heap pages to the
@@ -12,7 +12,7 @@ kernel; the kit itself does not import pyroute2 (``lo`` goes up with an ioctl); 
 supervisor would first compute cold, right after the fork, it computes here, warm (the fake
 backend's initial model; the temporary directory). For the host sandbox it goes further: right
 after forking a sandboxed run's supervisor it makes the next run's directory and host sandbox,
-and reads the sandbox's state before any run (kit.supervisor.prepare_ahead), while that run
+and reads the sandbox's state before any run (kit.run.supervisor.prepare_ahead), while that run
 goes on; the next supervisor only adopts them. Their init is the zygote's child: the zygote
 ends it once the supervisor that adopted it is gone, off the path of the run's result.
 
@@ -36,10 +36,9 @@ import sys
 import tempfile
 from collections.abc import Collection
 
-from kit import linux, rundir
-from kit.request import RunRequest
-from kit.starter import default_signals
-from kit.supervisor import (
+from kit.run import rundir
+from kit.run.request import RunRequest
+from kit.run.supervisor import (
     Ahead,
     fits_ahead,
     preload,
@@ -47,6 +46,8 @@ from kit.supervisor import (
     prepare_backend,
     run_supervised,
 )
+from kit.starter import default_signals
+from kit.system import linux
 
 MAX_MESSAGE = 1 << 20
 FIXED_FDS = 4  # stdin, stdout, stderr, result
@@ -128,7 +129,7 @@ def settle() -> None:
 
 def serve(control: socket.socket) -> int:
     # The next sandboxed run's directory and host sandbox, made while a run goes on: that
-    # run then only adopts them (kit.supervisor.prepare_ahead).
+    # run then only adopts them (kit.run.supervisor.prepare_ahead).
     spare: list[Ahead | None] = [None]
     try:
         return _serve(control, spare)

@@ -1,0 +1,1 @@
+"""Running one lifecycle: launcher, zygote, supervisor, host sandbox and diff."""
