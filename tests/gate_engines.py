@@ -20,7 +20,7 @@ import functools
 import os
 from typing import Any
 
-import kit.starter
+import kit.starter.common
 from kit.registry import register_operations, register_rpc_methods, registered
 from reference_engines.minimal.engine import ReferenceEngine
 from reference_engines.minimal.rpc import ReferenceRPC
@@ -49,7 +49,7 @@ class WrongExitEngine(ReferenceEngine):
 def broken_kit() -> None:
     """Register ``gate-broken-kit`` (the reference engine) and break the kit's starter in this
     process and the processes it starts (the registrar runs wherever the engine is found)."""
-    runner = kit.starter.HookRunner
+    runner = kit.starter.common.HookRunner
     if not getattr(runner.init_engine, "broken_by_gate_engines", False):
         original = runner.init_engine
 

@@ -10,7 +10,7 @@ import socket
 from types import SimpleNamespace
 
 from kit.run.launcher import run
-from kit.starter import Stage2
+from kit.starter.stage2 import Stage2
 
 JOIN = "kit_test_engines:JoinEngine"
 

@@ -9,7 +9,8 @@ from conftest import in_child, wait_until
 
 from kit.ledger.record import decode
 from kit.run.launcher import make_request
-from kit.starter import EXIT_FATAL, Starter
+from kit.starter.common import EXIT_FATAL
+from kit.starter.stage1 import Starter
 from kit.system import linux
 
 

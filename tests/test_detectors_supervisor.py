@@ -34,7 +34,7 @@ def _enter_sandbox() -> None:
 
 def _scripted_starter(script: Script) -> type:
     class ScriptedStarter:
-        """Stands for :class:`kit.starter.Starter`: runs ``script`` and exits with its code."""
+        """Stands for :class:`kit.starter.stage1.Starter`: runs ``script`` and exits with its code."""
 
         def __init__(self, request: Any, sock: Any, filter_channel: Any = None,
                      parent: int | None = None) -> None:

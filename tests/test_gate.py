@@ -258,7 +258,7 @@ def test_coverage_fails_when_forked_code_shows_as_unexecuted(tmp_path):
     # never save their data: exactly the loss the check exists to catch.
     proc = run_coverage(coverage_config(tmp_path, patches=False), *LIFECYCLE)
     assert proc.returncode == 1, explain(proc)
-    assert "ci/coverage: FAILED: forked code shows as unexecuted: kit/starter/__init__.py::Stage2.main" \
+    assert "ci/coverage: FAILED: forked code shows as unexecuted: kit/starter/stage2.py::Stage2.main" \
         in proc.stdout
     assert re.match(r"\d+ passed.* in [\d.]+s", proc.stdout.splitlines()[-1])  # still last
 
@@ -288,8 +288,8 @@ def test_kitcov_sets_aside_corrupt_data_files(tmp_path):
         assert sorted(p.name for p in (data / "corrupt").iterdir()) == [
             ".coverage.host.pid1.XyZ", ".coverage.host.pid2.XyZ"]
         cov = kitcov.load(rc, data / ".coverage")
-        assert kitcov.percent(cov, [str(ROOT / "kit" / "linux.py")]) > 0
-        missing = kitcov.unexecuted(cov, [(str(ROOT / "kit/starter/__init__.py"), "Stage2.main"),
+        assert kitcov.percent(cov, [str(ROOT / "kit" / "system" / "linux.py")]) > 0
+        missing = kitcov.unexecuted(cov, [(str(ROOT / "kit/starter/stage2.py"), "Stage2.main"),
                                           (str(ROOT / "kit/system/linux.py"), "no_such_function")])
         assert [fc.ok for fc in missing] == [False, False]
         assert "no such function" in missing[1].describe()

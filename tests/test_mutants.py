@@ -82,11 +82,12 @@ def test_starter_mutants_have_no_entry_point_and_one_spec_each():
 
 _REGISTER_TWO = """
 import sys
-from kit import registry, starter
-original = starter.HookRunner.init_engine
+from kit import registry
+from kit.starter import common
+original = common.HookRunner.init_engine
 reg = registry.find(sys.argv[1])
 assert reg.name == "mutant-starter-config-twice", reg.name
-assert starter.HookRunner.init_engine is not original, "the kit was not mutated"
+assert common.HookRunner.init_engine is not original, "the kit was not mutated"
 assert registry.find(sys.argv[1]) is reg  # the same registration, mutated once
 try:
     registry.find(sys.argv[2])
@@ -101,10 +102,10 @@ def test_a_starter_mutant_mutates_only_the_process_that_registers_it(tmp_path):
     import subprocess
     import sys
 
-    from kit import starter
+    from kit.starter import common
     from mutants.zoo import starter as starter_mutants
 
-    original = starter.HookRunner.init_engine
+    original = common.HookRunner.init_engine
     script = tmp_path / "register_two.py"
     script.write_text(_REGISTER_TWO)
     done = subprocess.run(
@@ -115,7 +116,7 @@ def test_a_starter_mutant_mutates_only_the_process_that_registers_it(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "calling it raised RuntimeError: mutant-starter-prepare-config-twice: this " \
            "process's kit is already mutated by mutant-starter-config-twice" in done.stdout
-    assert starter.HookRunner.init_engine is original  # importing the module changed nothing
+    assert common.HookRunner.init_engine is original  # importing the module changed nothing
 
 
 def test_no_engine_mutant_breaks_a_kit_requirement():

@@ -297,7 +297,7 @@ class RunHandle:
                               "forks it)")
         # Imported here: the zygote's modules are only needed by a launcher that forks.
         from kit.run import rundir, supervisor, zygote  # noqa: PLC0415
-        from kit.starter import default_signals  # noqa: PLC0415
+        from kit.starter.common import default_signals  # noqa: PLC0415
 
         try:  # what the zygote would answer with {"error": ...}
             if supervisor.preload(request):

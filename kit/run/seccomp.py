@@ -14,7 +14,7 @@ hook open in it, and answers EPERM. Nothing in the list ever runs.
   init too, without a listener: :mod:`kit.run.sandbox`); the fake backend under both lists.
 
 The one place a run's filter is installed is the starter, first thing
-(:func:`install_for_run`, from ``kit.starter.Starter.main``).
+(:func:`install_for_run`, from ``kit.starter.stage1.Starter.main``).
 
 The filter is classic BPF: check the architecture (x86-64 only), refuse x32 system call
 numbers, then compare the call number with each entry (a few entries also test an argument,

@@ -53,7 +53,8 @@ from kit.ledger.senders import PROCESS_ROLES, Senders, check_snapshot
 from kit.run import hostdiff, rundir, seccomp
 from kit.run import sandbox as host_sandbox
 from kit.run.request import RunRequest
-from kit.starter import EXIT_FATAL, UNTIMED_HOOKS, Starter, default_signals
+from kit.starter.common import EXIT_FATAL, UNTIMED_HOOKS, default_signals
+from kit.starter.stage1 import Starter
 from kit.system import current, linux
 
 NETNS_DIR = "/run/netns"

@@ -46,7 +46,7 @@ from kit.run.supervisor import (
     prepare_backend,
     run_supervised,
 )
-from kit.starter import default_signals
+from kit.starter.common import default_signals
 from kit.system import linux
 
 MAX_MESSAGE = 1 << 20

@@ -30,7 +30,8 @@ import time
 from typing import Any, Callable, ClassVar
 
 from kit.system import linux
-from kit import starter as S
+from kit.starter import common, container, master, stage1
+from kit.starter import rpc_server as rpc_server_role
 from kit.contract import Context, dumps
 from kit.ledger.record import LedgerWriter
 from kit.rpc import server as rpc_server
@@ -81,11 +82,11 @@ def _leave_out(method: str, process: str, kind: str) -> None:
 
 def _wrap_hook_call(change: Callable[..., Any]) -> None:
     """Route every ``HookRunner.call`` through ``change(original, runner, hook, fn, *args)``."""
-    original = S.HookRunner.call
+    original = common.HookRunner.call
 
-    def call(runner: S.HookRunner, hook: str, fn: Callable[..., Any], *args: Any) -> Any:
+    def call(runner: common.HookRunner, hook: str, fn: Callable[..., Any], *args: Any) -> Any:
         return change(original, runner, hook, fn, *args)
-    S.HookRunner.call = call  # type: ignore[method-assign]
+    common.HookRunner.call = call  # type: ignore[method-assign]
 
 
 class StarterMutant(Mutant):
@@ -133,12 +134,12 @@ class ConfigTwice(StarterMutant):
     @staticmethod
     def mutate() -> None:
         def make(original: Callable[..., Any]) -> Callable[..., Any]:
-            def init_engine(runner: S.HookRunner, engine: Any, *args: Any) -> Any:
+            def init_engine(runner: common.HookRunner, engine: Any, *args: Any) -> Any:
                 common = original(runner, engine, *args)
                 runner.call("config", engine.operations.config)
                 return common
             return init_engine
-        _wrap(S.HookRunner, "init_engine", make)
+        _wrap(common.HookRunner, "init_engine", make)
 
 
 class PrivilegedStage1Everywhere(StarterMutant):
@@ -149,11 +150,11 @@ class PrivilegedStage1Everywhere(StarterMutant):
     @staticmethod
     def mutate() -> None:
         def make(original: Callable[..., Any]) -> Callable[..., Any]:
-            def init_engine(runner: S.HookRunner, engine: Any, config_json: Any,
+            def init_engine(runner: common.HookRunner, engine: Any, config_json: Any,
                             container_id: str, privileged_stage1: bool) -> Any:
                 return original(runner, engine, config_json, container_id, True)
             return init_engine
-        _wrap(S.HookRunner, "init_engine", make)
+        _wrap(common.HookRunner, "init_engine", make)
 
 
 class PrepareConfigTwice(StarterMutant):
@@ -163,7 +164,7 @@ class PrepareConfigTwice(StarterMutant):
 
     @staticmethod
     def mutate() -> None:
-        def change(original: Callable[..., Any], runner: S.HookRunner, hook: str,
+        def change(original: Callable[..., Any], runner: common.HookRunner, hook: str,
                    fn: Callable[..., Any], *args: Any) -> Any:
             if hook == "prepare_config":
                 original(runner, hook, fn, *args)
@@ -180,13 +181,13 @@ class Stage1HandsOverEarly(StarterMutant):
 
     @staticmethod
     def mutate() -> None:
-        S.Starter.run_stage1 = _run_stage1_without_waiting  # type: ignore[method-assign]
+        stage1.Starter.run_stage1 = _run_stage1_without_waiting  # type: ignore[method-assign]
 
 
 def _hand_over_before_prepare_config(wfd: int) -> None:
     """In stage 1: write the result to the starter's pipe (``wfd``) when prepare_config is
     about to be called, then call it (its changes are lost)."""
-    def change(original: Callable[..., Any], runner: S.HookRunner, hook: str,
+    def change(original: Callable[..., Any], runner: common.HookRunner, hook: str,
                fn: Callable[..., Any], *args: Any) -> Any:
         if hook != "prepare_config":
             return original(runner, hook, fn, *args)
@@ -201,7 +202,7 @@ def _hand_over_before_prepare_config(wfd: int) -> None:
     _wrap_hook_call(change)
 
 
-def _run_stage1_without_waiting(self: S.Starter) -> tuple[dict[str, Any], StarterConfig]:
+def _run_stage1_without_waiting(self: stage1.Starter) -> tuple[dict[str, Any], StarterConfig]:
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -212,7 +213,7 @@ def _run_stage1_without_waiting(self: S.Starter) -> tuple[dict[str, Any], Starte
     with os.fdopen(rfd, "rb") as f:
         data = f.read()
     if not data:  # the bug: stage 1 is neither waited for nor its exit status checked
-        raise S.StageFailed("stage 1 sent nothing")
+        raise common.StageFailed("stage 1 sent nothing")
     doc = json.loads(data)
     return doc["common"], StarterConfig.from_json(doc["starter_config"])
 
@@ -226,22 +227,22 @@ class MasterHooksBeforeNamespaces(StarterMutant):
     @staticmethod
     def mutate() -> None:
         sent: list[bool] = []
-        original_send = S._send
+        original_send = common._send
 
         def send(sock: Any, data: str) -> None:
             if data == "R" and sent:
                 return  # already said so, too early
             original_send(sock, data)
-        S._send = send
+        common._send = send
 
         def make(original: Callable[..., Any]) -> Callable[..., Any]:
-            def setup_namespaces(container: S.Container) -> None:
+            def setup_namespaces(container: container.Container) -> None:
                 original_send(container.sock, "R")
                 sent.append(True)
                 time.sleep(RACE_DELAY)
                 original(container)
             return setup_namespaces
-        _wrap(S.Container, "setup_namespaces", make)
+        _wrap(container.Container, "setup_namespaces", make)
 
 
 class MasterHooksInOneThread(StarterMutant):
@@ -251,13 +252,13 @@ class MasterHooksInOneThread(StarterMutant):
 
     @staticmethod
     def mutate() -> None:
-        start_waiter, monitor = S.Master._start_waiter, S.Master._monitor
+        start_waiter, monitor = master.Master._start_waiter, master.Master._monitor
 
-        def sequential(master: S.Master) -> None:
+        def sequential(master: master.Master) -> None:
             start_waiter(master)
             monitor(master)
-        S.Master._start_waiter = lambda master: None  # type: ignore[method-assign]
-        S.Master._monitor = sequential  # type: ignore[method-assign]
+        master.Master._start_waiter = lambda master: None  # type: ignore[method-assign]
+        master.Master._monitor = sequential  # type: ignore[method-assign]
 
 
 class Stage2BeforeCreateReturns(StarterMutant):
@@ -269,34 +270,34 @@ class Stage2BeforeCreateReturns(StarterMutant):
     @staticmethod
     def mutate() -> None:
         sent: list[bool] = []
-        original_send = S._send
+        original_send = common._send
 
         def send(sock: Any, data: str) -> None:
             if data == "G" and sent:
                 return
             original_send(sock, data)
-        S._send = send
+        common._send = send
 
         def make_create(original: Callable[..., Any]) -> Callable[..., Any]:
-            def create(master: S.Master) -> None:
+            def create(master: master.Master) -> None:
                 master.go_sent.set()
                 original_send(master.sock, "G")
                 sent.append(True)
                 time.sleep(RACE_DELAY)
                 original(master)
             return create
-        _wrap(S.Master, "_create", make_create)
+        _wrap(master.Master, "_create", make_create)
 
         def make_rpc(original: Callable[..., Any]) -> Callable[..., Any]:
-            def main(rpc: S.RPCServerProcess) -> None:
+            def main(rpc: rpc_server_role.RPCServerProcess) -> None:
                 middle = os.getpid()
                 if os.fork() != 0:
-                    S._exit(0)
+                    common._exit(0)
                 while os.getppid() == middle:  # reparented to the container (its pid 1)
                     time.sleep(0.001)
                 original(rpc)
             return main
-        _wrap(S.RPCServerProcess, "main", make_rpc)
+        _wrap(rpc_server_role.RPCServerProcess, "main", make_rpc)
 
 
 class PostStartAfterStage2Failure(StarterMutant):
@@ -308,11 +309,11 @@ class PostStartAfterStage2Failure(StarterMutant):
     @staticmethod
     def mutate() -> None:
         def make(original: Callable[..., Any]) -> Callable[..., Any]:
-            def wait_for_exec(master: S.Master) -> bool:
+            def wait_for_exec(master: master.Master) -> bool:
                 original(master)
                 return True
             return wait_for_exec
-        _wrap(S.Master, "_wait_for_exec", make)
+        _wrap(master.Master, "_wait_for_exec", make)
 
 
 class CleanupAfterStage1Failure(StarterMutant):
@@ -323,24 +324,24 @@ class CleanupAfterStage1Failure(StarterMutant):
     @staticmethod
     def mutate() -> None:
         def make(original: Callable[..., Any]) -> Callable[..., Any]:
-            def run_stage1(starter: S.Starter) -> Any:
+            def run_stage1(starter: stage1.Starter) -> Any:
                 try:
                     return original(starter)
-                except S.StageFailed as exc:
+                except common.StageFailed as exc:
                     from kit import registry
 
-                    hooks = S.HookRunner(starter.ledger.for_role("master"), starter.system,
+                    hooks = common.HookRunner(starter.ledger.for_role("master"), starter.system,
                                          starter.req.probes)
                     ops = registry.make_engine(starter.req.engine).operations
                     hooks.instrument(ops)
                     try:
                         hooks.call("cleanup_container", ops.cleanup_container, Context(),
                                    exc, None)
-                    except S.HookFailed:
+                    except common.HookFailed:
                         pass
                     raise
             return run_stage1
-        _wrap(S.Starter, "run_stage1", make)
+        _wrap(stage1.Starter, "run_stage1", make)
 
 
 class HookInTheWrongProcess(StarterMutant):
@@ -351,14 +352,14 @@ class HookInTheWrongProcess(StarterMutant):
     @staticmethod
     def mutate() -> None:
         def make(original: Callable[..., Any]) -> Callable[..., Any]:
-            def init_engine(runner: S.HookRunner, engine: Any, *args: Any) -> Any:
+            def init_engine(runner: common.HookRunner, engine: Any, *args: Any) -> Any:
                 common = original(runner, engine, *args)
                 if runner.ledger.role == "stage2":
                     runner.call("post_start_process", engine.operations.post_start_process,
                                 Context(), os.getpid())
                 return common
             return init_engine
-        _wrap(S.HookRunner, "init_engine", make)
+        _wrap(common.HookRunner, "init_engine", make)
 
 
 # --- pids and namespaces (SPEC §3, §5) ---------------------------------------------------------
@@ -371,7 +372,7 @@ class WrongPidToMasterHooks(StarterMutant):
 
     @staticmethod
     def mutate() -> None:
-        def change(original: Callable[..., Any], runner: S.HookRunner, hook: str,
+        def change(original: Callable[..., Any], runner: common.HookRunner, hook: str,
                    fn: Callable[..., Any], *args: Any) -> Any:
             if hook in ("create_container", "post_start_process"):
                 args = (args[0], 1, *args[2:])
@@ -406,7 +407,7 @@ class MountNamespaceFirst(StarterMutant):
 
     @staticmethod
     def mutate() -> None:
-        S.CONTAINER_NS_ORDER = ("mount", "net", "uts", "ipc", "cgroup")
+        container.CONTAINER_NS_ORDER = ("mount", "net", "uts", "ipc", "cgroup")
 
 
 class IgnoresMountPropagation(StarterMutant):
@@ -512,12 +513,12 @@ class UserNamespaceFlowsRunAsRoot(StarterMutant):
     @staticmethod
     def mutate() -> None:
         def make_invoker(original: Callable[..., Any]) -> Callable[..., Any]:
-            def become_invoker(starter: S.Starter) -> None:
+            def become_invoker(starter: stage1.Starter) -> None:
                 if starter.req.flow not in ("userns", "fakeroot"):
                     original(starter)
             return become_invoker
-        _wrap(S.Starter, "become_invoker", make_invoker)
-        S.Starter._write_maps = lambda starter, pid, sconf: None  # type: ignore[method-assign]
+        _wrap(stage1.Starter, "become_invoker", make_invoker)
+        stage1.Starter._write_maps = lambda starter, pid, sconf: None  # type: ignore[method-assign]
         _leave_out("clone", "kit-starter", "user")
         _skip_joining_the_container_user_namespace()
 
@@ -581,11 +582,11 @@ class StarterConfigRecordedLate(StarterMutant):
 def _swallow(role_hook: tuple[str, str],
              instead: Callable[..., Any] = lambda *args: None) -> Callable[..., Any]:
     """A HookRunner.call change that ignores the failure of one hook of one role."""
-    def change(original: Callable[..., Any], runner: S.HookRunner, hook: str,
+    def change(original: Callable[..., Any], runner: common.HookRunner, hook: str,
                fn: Callable[..., Any], *args: Any) -> Any:
         try:
             return original(runner, hook, fn, *args)
-        except S.HookFailed:
+        except common.HookFailed:
             if (runner.ledger.role, hook) != role_hook:
                 raise
             return instead(*args)
@@ -643,7 +644,7 @@ class CleanupFailureIsFatal(StarterMutant):
     @staticmethod
     def mutate() -> None:
         _wrap_hook_call(_swallow(("master", "cleanup_container"),
-                                 lambda *args: S._exit(S.EXIT_FATAL)))
+                                 lambda *args: common._exit(common.EXIT_FATAL)))
 
 
 class FatalErrorExitsZero(StarterMutant):
@@ -654,11 +655,11 @@ class FatalErrorExitsZero(StarterMutant):
     @staticmethod
     def mutate() -> None:
         def make(original: Callable[..., Any]) -> Callable[..., Any]:
-            def main(master: S.Master) -> int:
+            def main(master: master.Master) -> int:
                 code = original(master)
-                return 0 if code == S.EXIT_FATAL else code
+                return 0 if code == common.EXIT_FATAL else code
             return main
-        _wrap(S.Master, "main", make)
+        _wrap(master.Master, "main", make)
 
 
 class HookTimeoutUnnamed(StarterMutant):
@@ -751,12 +752,12 @@ class MasterMissesSIGUSR1(StarterMutant):
     @staticmethod
     def mutate() -> None:
         def make(original: Callable[..., Any]) -> Callable[..., Any]:
-            def main(master: S.Master) -> int:
-                S.MASTER_SIGNALS.discard(signal.SIGUSR1)  # this process's copy only
+            def main(master: master.Master) -> int:
+                master.MASTER_SIGNALS.discard(signal.SIGUSR1)  # this process's copy only
                 signal.signal(signal.SIGUSR1, signal.SIG_IGN)
                 return original(master)
             return main
-        _wrap(S.Master, "main", make)
+        _wrap(master.Master, "main", make)
 
 
 class LedgerWithoutThreadIds(StarterMutant):

@@ -1,0 +1,251 @@
+"""Stage 1: the starter before it becomes the master (SPEC §2, §5)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+from typing import Any, NoReturn
+
+from kit import registry
+from kit.contract import (
+    ConfigError,
+    dumps,
+)
+from kit.ledger.record import LedgerWriter
+from kit.run import seccomp
+from kit.run.request import Invoker, RunRequest
+from kit.starter import inject
+from kit.starter.common import (
+    EXIT_FATAL,
+    HookFailed,
+    HookRunner,
+    StageFailed,
+    _exit,
+    _recv_control,
+    _send,
+    _status_to_code,
+    default_signals,
+    describe_error,
+    rearm_parent_death,
+)
+from kit.starter.config import StarterConfig
+from kit.starter.container import Container
+from kit.starter.master import Master
+from kit.system import current, linux
+
+
+class Starter:
+    """One run's starter, in the starter process. :meth:`main` never returns."""
+
+    def __init__(self, request: RunRequest, ledger_sock: socket.socket,
+                 filter_channel: socket.socket | None = None,
+                 parent: int | None = None) -> None:
+        # The supervisor's pid, known before the fork: read after it (getppid), it would be
+        # the reaper's pid if the supervisor died in between, and the starter would live on.
+        self.parent = parent
+        self.req = request
+        inject.arm(request.inject)  # before any process of the run is forked
+        self.filter_channel = filter_channel
+        self.user: Invoker = request.user()
+        self.system = current()
+        self.ledger_sock = ledger_sock
+        self.ledger = LedgerWriter(ledger_sock, "starter",
+                                   confirm=self.system.name == "real" and request.probes)
+        self.hooks = HookRunner(self.ledger, self.system, request.probes)
+
+    # -- invoker state ---------------------------------------------------------------------
+    def become_invoker(self) -> None:
+        """Put the starter in the state the flow's caller leaves it in (SPEC §3)."""
+        flow, u = self.req.flow, self.user
+        if flow == "root" and self.system.privileged():
+            return
+        if not self.system.privileged():
+            if flow == "root":
+                raise StageFailed("flow root: needs uid 0")
+            if flow in ("suid", "hybrid"):
+                raise StageFailed(f"flow {flow}: needs root to emulate the setuid starter")
+            return  # already U
+        if flow in ("suid", "hybrid"):
+            self.system.emulate_setuid_exec(u.uid, u.gid, u.groups)
+        else:
+            self.system.become_user(u.uid, u.gid, u.groups)
+            self.system.set_dumpable(True)  # uid maps and /proc need it after setresuid
+
+    def main(self) -> NoReturn:
+        code = EXIT_FATAL
+        try:
+            if self.filter_channel is not None:
+                # First, while the starter still has the launcher's privilege and before
+                # any engine code: the fake backend's containment, or (real backend, as
+                # root, in the host sandbox or not) the host-global refusals. The one place
+                # a run's filter is installed: every process of the run descends from here.
+                refused = seccomp.install_for_run(self.req.backend, self.filter_channel)
+                self.filter_channel = None
+                if refused:
+                    raise StageFailed(refused)
+            linux.set_name("kit-starter")
+            default_signals()
+            if self.parent is None:
+                self.parent = os.getppid()
+            self.become_invoker()
+            rearm_parent_death(self.parent)
+            self.ledger.emit("process_start", ppid=self.system.getppid(),
+                             nspid=[self.system.getpid()])
+            common_json, sconf = self.run_stage1()
+            self.ledger.emit("starter_config", config=sconf.to_json())
+            try:
+                sconf.validate()
+            except ConfigError as exc:
+                self.ledger.emit("starter_error", stage="starter_config", message=str(exc))
+            else:
+                code = self.run_container(common_json, sconf)
+        except StageFailed as exc:
+            self.ledger.emit("starter_error", stage="starter", message=str(exc))
+        except BaseException as exc:  # noqa: BLE001 a kit bug: report, never hang
+            self.ledger.emit("starter_error", stage="starter", message=describe_error(exc)[
+                "traceback"])
+        self.ledger.emit("starter_exit", code=code)
+        _exit(code)
+
+    # -- stage 1 ---------------------------------------------------------------------------
+    def run_stage1(self) -> tuple[dict[str, Any], StarterConfig]:
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(rfd)
+            self._stage1_child(wfd)
+        os.close(wfd)
+        with os.fdopen(rfd, "rb") as f:
+            data = f.read()
+        _, status = os.waitpid(pid, 0)
+        self.ledger.emit("process_exit", child_role="stage1", child_pid=pid, status=status)
+        if status != 0 or not data:
+            raise StageFailed(f"stage 1 failed (exit code {_status_to_code(status)})")
+        doc = json.loads(data)
+        return doc["common"], StarterConfig.from_json(doc["starter_config"])
+
+    def _stage1_child(self, wfd: int) -> NoReturn:
+        code = EXIT_FATAL
+        self.system_parent = os.getppid()
+        try:
+            rearm_parent_death(self.system_parent)
+            linux.set_name("kit-stage1")
+            ledger = self.ledger.for_role("stage1")
+            u = self.user
+            if self.req.flow in ("suid", "hybrid"):
+                # Stage 1 of the setuid starter runs with every privilege dropped.
+                self.system.become_user(u.uid, u.gid, u.groups)
+                self.system.set_no_new_privs()
+                rearm_parent_death(self.system_parent)
+            ledger.emit("process_start", ppid=self.system.getppid(),
+                             nspid=[self.system.getpid()])
+            hooks = HookRunner(ledger, self.system, self.req.probes)
+            engine = registry.make_engine(self.req.engine)
+            config_json = dict(self.req.engine_config)
+            if self.req.argv:
+                config_json["argv"] = list(self.req.argv)
+            privileged = self.req.flow in ("suid", "hybrid")
+            common = hooks.init_engine(engine, config_json, self.req.container_id, privileged)
+            sconf = StarterConfig(self.req.flow, u.uid if self.req.flow != "root" else 0,
+                                  u.gid if self.req.flow != "root" else 0)
+            hooks.call("prepare_config", engine.operations.prepare_config, sconf)
+            os.write(wfd, dumps({"common": common.to_json(),
+                                 "starter_config": sconf.to_json()}).encode())
+            code = 0
+        except HookFailed:
+            pass  # the ledger has the hook_raise
+        except BaseException as exc:  # noqa: BLE001 stage 1 reports any failure, then exits
+            self.ledger.for_role("stage1").emit(
+                "starter_error", stage="stage1", message=describe_error(exc)["traceback"])
+        _exit(code)
+
+    # -- namespaces and the container process ----------------------------------------------
+    def _write_maps(self, pid: int, sconf: StarterConfig) -> None:
+        uid_map, gid_map = sconf.uid_mappings, sconf.gid_mappings
+        if not self.system.privileged():
+            euid, egid = self.system.getresuid()[1], self.system.getresgid()[1]
+            for name, maps, own in (("add_uid_mappings", uid_map, euid),
+                                    ("add_gid_mappings", gid_map, egid)):
+                if len(maps) != 1 or maps[0][1] != own or maps[0][2] != 1:
+                    raise StageFailed(f"{name}: {maps} needs privilege (an unprivileged "
+                                      f"starter can map only its own id {own}, size 1)")
+            if sconf.allow_setgroups:
+                raise StageFailed("set_allow_setgroups: an unprivileged starter must deny "
+                                  "setgroups in the user namespace")
+        self.system.write_id_maps(pid, uid_map, gid_map,
+                                  deny_setgroups=not sconf.allow_setgroups)
+
+    def run_container(self, common_json: dict[str, Any], sconf: StarterConfig) -> int:
+        """Create/join namespaces, start the container process, run the master."""
+        created = sconf.namespaces_created()
+        joined = dict(sconf.ns_paths)
+        # user and pid: in the starter, before the fork (joined by path here; created by
+        # the clone so that the new pid namespace is owned by a new user namespace).
+        starter_joined = [kind for kind in ("user", "pid") if kind in joined]
+        for kind in starter_joined:
+            self.system.setns(kind, joined[kind])
+        clone_kinds = [k for k in ("user", "pid") if k in created]
+        master_sock, container_sock = socket.socketpair()
+        rpc_master, rpc_server = socket.socketpair()
+        for s in (master_sock, container_sock, rpc_master, rpc_server):
+            s.set_inheritable(False)
+
+        # A sentinel child, older than the container, that exits at once: a monitor that
+        # reaps any child (waitpid(-1)) takes it first, and the master sees it gone.
+        self.sentinel = os.fork()
+        if self.sentinel == 0:
+            _exit(0)
+        pid = self.system.clone(clone_kinds)
+        if pid == 0:
+            master_sock.close()
+            rpc_master.close()
+            Container(self, common_json, sconf, container_sock, rpc_server).main()
+        container_sock.close()
+        rpc_server.close()
+        self.ledger.emit("container_start", container_pid=pid, created=clone_kinds,
+                         joined=starter_joined)
+
+        try:
+            if "user" in created:
+                self._write_maps(pid, sconf)
+                if not sconf.hybrid_workflow:
+                    self.system.setns("user", f"/proc/{pid}/ns/user")
+                    rearm_parent_death(self.parent)
+        except (OSError, StageFailed) as exc:
+            self.ledger.emit("starter_error", stage="user_namespace", message=str(exc))
+            _send(master_sock, "A")
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return EXIT_FATAL
+        if self.req.flow in ("suid", "hybrid"):
+            # The setuid master: r=e=U, saved uid 0, no effective capabilities.
+            self.system.drop_effective(self.user.uid)
+            rearm_parent_death(self.parent)
+        _send(master_sock, "M")
+
+        if sconf.namespace_join_only:
+            return self._join_only_master(pid, master_sock, rpc_master)
+        return Master(self, common_json, sconf, pid, master_sock, rpc_master).main()
+
+    def _join_only_master(self, pid: int, master_sock: socket.socket,
+                          rpc_master: socket.socket) -> int:
+        rpc_master.close()
+        os.waitpid(self.sentinel, 0)  # no monitor in a join-only run
+        kind, message = _recv_control(master_sock)
+        if kind == "E":
+            self.ledger.emit("starter_error", stage="namespaces", message=message)
+        elif kind == "R":
+            _send(master_sock, "G")
+            kind, message = _recv_control(master_sock)
+            if kind == "F":
+                self.ledger.emit("stage2_failed", message=message)
+            else:
+                self.ledger.emit("stage2_exec")
+        master_sock.close()
+        _, status = os.waitpid(pid, 0)
+        self.ledger.emit("process_exit", child_role="container", child_pid=pid, status=status)
+        return EXIT_FATAL if kind == "E" else _status_to_code(status)
+
+
