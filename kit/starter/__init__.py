@@ -11,9 +11,6 @@ Process tree of one run (the supervisor forks the starter; see :mod:`kit.run.sup
 The master runs ``create_container``, the start waiter (→ ``post_start_process``) and
 ``monitor_container`` in threads, then ``cleanup_container`` once.
 
-Master ↔ container control bytes on the master socket: ``M`` (uid maps written, go on with
-namespace setup), ``R`` (namespaces ready, RPC server started), ``E…`` (setup failed, message
-follows), ``G`` (create_container done, start stage 2), ``A`` (abort), ``F…`` (stage 2
-failed, message follows). EOF after ``G`` without ``F`` means the payload was exec'd (the
-container's end is close-on-exec).
+The master and the container talk in one-byte control messages
+(:class:`kit.starter.control.Control`).
 """

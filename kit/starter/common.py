@@ -23,6 +23,7 @@ from kit.contract import (
 from kit.ledger import probe
 from kit.ledger.record import LedgerWriter
 from kit.starter import inject
+from kit.starter.control import Control
 from kit.system import System, linux
 
 EXIT_FATAL = 255
@@ -252,7 +253,7 @@ def _recv_control(sock: socket.socket) -> tuple[str, str]:
     if not head:
         return "", ""
     kind = head.decode()
-    if kind in "EF":
+    if kind in (Control.SETUP_FAILED, Control.STAGE2_FAILED):
         chunks = []
         while data := sock.recv(65536):
             chunks.append(data)

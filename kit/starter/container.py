@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from kit.starter.common import EXIT_FATAL, _exit, _recv_control, _send, rearm_parent_death
 from kit.starter.config import StarterConfig
+from kit.starter.control import Control
 from kit.starter.rpc_server import RPCServerProcess
 from kit.starter.stage2 import Stage2, _inside_id
 from kit.system import linux
@@ -42,7 +43,7 @@ class Container:
             linux.set_name("kit-container")
             linux.set_parent_death_signal(signal.SIGKILL)
             kind, _ = _recv_control(self.sock)  # uid maps are written
-            if kind != "M":
+            if kind != Control.MAPS_WRITTEN:
                 _exit(EXIT_FATAL)
             if self.sconf.hybrid_workflow:
                 # Cloned by the setuid starter (kuids U, 0, 0): become the id U maps to in
@@ -56,7 +57,7 @@ class Container:
                              nspid=[self.system.getpid()])
             self.setup_namespaces()
         except BaseException as exc:  # noqa: BLE001 the container reports any failure, then exits
-            _send(self.sock, "E" + f"namespace setup failed: {type(exc).__name__}: {exc}")
+            _send(self.sock, Control.SETUP_FAILED + f"namespace setup failed: {type(exc).__name__}: {exc}")
             _exit(EXIT_FATAL)
         rpc_pid = None
         if not self.sconf.namespace_join_only:
@@ -66,11 +67,11 @@ class Container:
                 self.sock.close()
                 RPCServerProcess(self, parent).main()
         self.rpc_sock.close()
-        _send(self.sock, "R")
+        _send(self.sock, Control.READY)
         if rpc_pid is not None:
             _, status = os.waitpid(rpc_pid, 0)
             self.ledger.emit("process_exit", child_role="rpc", child_pid=rpc_pid, status=status)
-        if self.sock.recv(1) != b"G":
+        if self.sock.recv(1) != Control.GO.encode():
             _exit(EXIT_FATAL)  # create_container failed: stage 2 never starts
         Stage2(self).main()
 

@@ -30,6 +30,7 @@ from kit.starter.common import (
     describe_error,
 )
 from kit.starter.config import StarterConfig
+from kit.starter.control import Control
 from kit.system import linux
 
 if TYPE_CHECKING:
@@ -67,7 +68,7 @@ class Master:
         linux.set_name("kit-master")
         signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
         kind, message = _recv_control(self.sock)
-        if kind != "R":
+        if kind != Control.READY:
             self.ledger.emit("starter_error", stage="namespaces",
                              message=message or "container process died during setup")
             self.sock.close()
@@ -206,7 +207,7 @@ class Master:
         except BaseException as exc:  # noqa: BLE001 engine code may raise anything
             stop_watch()
             self.rpc_sock.close()
-            _send(self.sock, "A")
+            _send(self.sock, Control.ABORT)
             err = _unwrap(exc)
             self.events.put(("fatal", ContainerCreationFailed(
                 f"container creation failed: {type(err).__name__}: {err}")))
@@ -214,7 +215,7 @@ class Master:
         stop_watch()
         self.rpc_sock.close()  # the RPC server exits; then stage 2 may start
         self.go_sent.set()
-        _send(self.sock, "G")
+        _send(self.sock, Control.GO)
 
     def _watch_creation(self) -> Callable[[], None]:
         """Until the returned function is called: if the container process dies (its
@@ -277,7 +278,7 @@ class Master:
         """True once the payload was exec'd; False when stage 2 failed or never started."""
         kind, message = _recv_control(self.sock)
         self.sock.close()
-        if kind == "F":
+        if kind == Control.STAGE2_FAILED:
             self.ledger.emit("stage2_failed", message=message)
             return False
         if not self.go_sent.is_set():

@@ -32,6 +32,7 @@ from kit.starter.common import (
 )
 from kit.starter.config import StarterConfig
 from kit.starter.container import Container
+from kit.starter.control import Control
 from kit.starter.master import Master
 from kit.system import current, linux
 
@@ -215,7 +216,7 @@ class Starter:
                     rearm_parent_death(self.parent)
         except (OSError, StageFailed) as exc:
             self.ledger.emit("starter_error", stage="user_namespace", message=str(exc))
-            _send(master_sock, "A")
+            _send(master_sock, Control.ABORT)
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
             return EXIT_FATAL
@@ -223,7 +224,7 @@ class Starter:
             # The setuid master: r=e=U, saved uid 0, no effective capabilities.
             self.system.drop_effective(self.user.uid)
             rearm_parent_death(self.parent)
-        _send(master_sock, "M")
+        _send(master_sock, Control.MAPS_WRITTEN)
 
         if sconf.namespace_join_only:
             return self._join_only_master(pid, master_sock, rpc_master)
@@ -234,18 +235,18 @@ class Starter:
         rpc_master.close()
         os.waitpid(self.sentinel, 0)  # no monitor in a join-only run
         kind, message = _recv_control(master_sock)
-        if kind == "E":
+        if kind == Control.SETUP_FAILED:
             self.ledger.emit("starter_error", stage="namespaces", message=message)
-        elif kind == "R":
-            _send(master_sock, "G")
+        elif kind == Control.READY:
+            _send(master_sock, Control.GO)
             kind, message = _recv_control(master_sock)
-            if kind == "F":
+            if kind == Control.STAGE2_FAILED:
                 self.ledger.emit("stage2_failed", message=message)
             else:
                 self.ledger.emit("stage2_exec")
         master_sock.close()
         _, status = os.waitpid(pid, 0)
         self.ledger.emit("process_exit", child_role="container", child_pid=pid, status=status)
-        return EXIT_FATAL if kind == "E" else _status_to_code(status)
+        return EXIT_FATAL if kind == Control.SETUP_FAILED else _status_to_code(status)
 
 

@@ -18,6 +18,7 @@ from kit.starter.common import (
     default_signals,
     rearm_parent_death,
 )
+from kit.starter.control import Control
 from kit.system import linux
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ class Stage2:
 
             def reported_exit(code: int) -> NoReturn:  # exiting is allowed; tell the master
                 if os.getpid() == me:  # not in a child forked by the engine or a probe
-                    _send(sock, f"Fstart_process exited with code {code} instead of exec")
+                    _send(sock, Control.STAGE2_FAILED + f"start_process exited with code {code} instead of exec")
                 _REAL_EXIT(code)
 
             os._exit = reported_exit  # type: ignore[assignment]
@@ -111,7 +112,7 @@ class Stage2:
         except BaseException as exc:  # noqa: BLE001 engine code may raise anything
             err = _unwrap(exc)
             message = f"start_process failed: {type(err).__name__}: {err}"
-        _send(sock, "F" + message)
+        _send(sock, Control.STAGE2_FAILED + message)
         _exit(EXIT_FATAL)
 
 

@@ -30,6 +30,7 @@ import time
 from typing import Any, Callable, ClassVar
 
 from kit.system import linux
+from kit.starter.control import Control
 from kit.starter import common, container, master, stage1
 from kit.starter import rpc_server as rpc_server_role
 from kit.contract import Context, dumps
@@ -237,7 +238,7 @@ class MasterHooksBeforeNamespaces(StarterMutant):
 
         def make(original: Callable[..., Any]) -> Callable[..., Any]:
             def setup_namespaces(container: container.Container) -> None:
-                original_send(container.sock, "R")
+                original_send(container.sock, Control.READY)
                 sent.append(True)
                 time.sleep(RACE_DELAY)
                 original(container)
@@ -281,7 +282,7 @@ class Stage2BeforeCreateReturns(StarterMutant):
         def make_create(original: Callable[..., Any]) -> Callable[..., Any]:
             def create(master: master.Master) -> None:
                 master.go_sent.set()
-                original_send(master.sock, "G")
+                original_send(master.sock, Control.GO)
                 sent.append(True)
                 time.sleep(RACE_DELAY)
                 original(master)
