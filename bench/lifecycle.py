@@ -67,8 +67,18 @@ def _spawn_wait(argv: list[str]) -> None:
 
 
 def bench_unshare() -> None:
-    _spawn_wait([shutil.which("unshare") or "/usr/bin/unshare", "-m", "-p", "-u", "-i", "-n",
-                 "-f", "/bin/true"])
+    _spawn_wait(
+        [
+            shutil.which("unshare") or "/usr/bin/unshare",
+            "-m",
+            "-p",
+            "-u",
+            "-i",
+            "-n",
+            "-f",
+            "/bin/true",
+        ]
+    )
 
 
 def bench_ctypes_minimal() -> None:
@@ -100,8 +110,12 @@ def static_true() -> bytes | None:
         return None
     base, code_at = 0x400000, 64 + 56  # one ELF header, one program header, then the code
     size = code_at + len(_EXIT0_X86_64)
-    header = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8) + struct.pack(
-        "<HHIQQQIHHHHHH", 2, 0x3E, 1, base + code_at, 64, 0, 0, 64, 56, 1, 0, 0, 0)
+    header = (
+        b"\x7fELF"
+        + bytes([2, 1, 1, 0])
+        + bytes(8)
+        + struct.pack("<HHIQQQIHHHHHH", 2, 0x3E, 1, base + code_at, 64, 0, 0, 64, 56, 1, 0, 0, 0)
+    )
     segment = struct.pack("<IIQQQQQQ", 1, 5, 0, base, base, size, size, 0x1000)  # PT_LOAD r-x
     return header + segment + _EXIT0_X86_64
 
@@ -122,13 +136,16 @@ class RuncCase:
         """(the case, what the JSON says about runc), or (None, the reason it is skipped)."""
         runc = shutil.which("runc")
         if runc is None:
-            return None, {"skipped": "runc is not installed (Debian: apt-get install -y "
-                                     "--no-install-recommends runc)"}
+            return None, {
+                "skipped": "runc is not installed (Debian: apt-get install -y "
+                "--no-install-recommends runc)"
+            }
         binary = static_true()
         if binary is None:
             return None, {"skipped": f"no static true for {os.uname().machine} in the bench"}
-        version = subprocess.run([runc, "--version"], capture_output=True, text=True,
-                                 check=False).stdout.splitlines()
+        version = subprocess.run(
+            [runc, "--version"], capture_output=True, text=True, check=False
+        ).stdout.splitlines()
         work = tempfile.mkdtemp(prefix="kit-bench-runc-")
         case = cls(runc, work)
         try:
@@ -137,8 +154,7 @@ class RuncCase:
             with open(os.path.join(rootfs, "true"), "wb") as f:
                 f.write(binary)
             os.chmod(os.path.join(rootfs, "true"), 0o755)
-            subprocess.run([runc, "spec", "--bundle", case.bundle], check=True,
-                           capture_output=True)
+            subprocess.run([runc, "spec", "--bundle", case.bundle], check=True, capture_output=True)
             path = os.path.join(case.bundle, "config.json")
             with open(path) as f:
                 spec = json.load(f)
@@ -150,13 +166,24 @@ class RuncCase:
         except (OSError, subprocess.CalledProcessError, RuntimeError, KeyError) as exc:
             case.close()
             return None, {"skipped": f"runc cannot run the bench's bundle here: {exc}"}
-        return case, {"version": version[0] if version else "", "bundle": "runc spec, "
-                      "terminal off, args /true (a static exit(0))"}
+        return case, {
+            "version": version[0] if version else "",
+            "bundle": "runc spec, terminal off, args /true (a static exit(0))",
+        }
 
     def once(self) -> None:
         self.count += 1
-        _spawn_wait([self.runc, "--root", self.state, "run", "--bundle", self.bundle,
-                     f"kit-bench-{os.getpid()}-{self.count}"])
+        _spawn_wait(
+            [
+                self.runc,
+                "--root",
+                self.state,
+                "run",
+                "--bundle",
+                self.bundle,
+                f"kit-bench-{os.getpid()}-{self.count}",
+            ]
+        )
 
     def close(self) -> None:
         shutil.rmtree(self.work, ignore_errors=True)
@@ -185,13 +212,13 @@ def _zygote_ticks(zygote: int) -> int:
 
 def _lifecycle(flow: str, **options: Any) -> Callable[[], RunResult]:
     def once() -> RunResult:
-        handle = start("reference", flow, ["/bin/true"], engine_config=ENGINE_CONFIG,
-                       **options)
+        handle = start("reference", flow, ["/bin/true"], engine_config=ENGINE_CONFIG, **options)
         result = handle.wait()
         if result.exit_code != 0:
             raise RuntimeError(f"{flow} lifecycle failed: {result}")
         _reaped.append(handle.supervisor_pid)
         return result
+
     return once
 
 
@@ -209,8 +236,7 @@ def await_reaped(timeout: float = 5.0) -> None:
         if linux.process_state(_reaped[-1]) is None:
             _reaped.pop()
         elif time.monotonic() > deadline:
-            raise RuntimeError(f"the zygote did not reap supervisor {_reaped[-1]} in "
-                               f"{timeout} s")
+            raise RuntimeError(f"the zygote did not reap supervisor {_reaped[-1]} in {timeout} s")
         else:
             time.sleep(0.0002)
     zygote = Zygote.get_existing()
@@ -225,8 +251,11 @@ def _await_settled(zygote: int, deadline: float, quiet: int = 3) -> None:
     while same < quiet:
         if time.monotonic() > deadline:
             raise RuntimeError(f"the zygote (pid {zygote}) did not settle after a run")
-        busy = any(linux.process_state(pid) != "S"
-                   for pid, parent in linux.process_parents().items() if parent == zygote)
+        busy = any(
+            linux.process_state(pid) != "S"
+            for pid, parent in linux.process_parents().items()
+            if parent == zygote
+        )
         now = _zygote_ticks(zygote)
         same = 0 if busy or now != last else same + 1
         last = now
@@ -307,9 +336,11 @@ def seccomp_cost(batches: int = 200, per_batch: int = 500) -> dict[str, float]:
             if listener is not None:
                 os.close(listener)
             install_ms = (time.perf_counter() - t) * 1000
-            out = {"install_ms": round(install_ms, 3),
-                   "per_syscall_ns": round(per_call() - before, 1),
-                   "syscall_ns_unfiltered": round(before, 1)}
+            out = {
+                "install_ms": round(install_ms, 3),
+                "per_syscall_ns": round(per_call() - before, 1),
+                "syscall_ns_unfiltered": round(before, 1),
+            }
         except Exception as exc:  # noqa: BLE001 the child reports any failure as JSON
             out = {"error": repr(exc)}  # type: ignore[dict-item]
         os.write(w, json.dumps(out).encode())
@@ -335,14 +366,17 @@ def breakdown(result: RunResult) -> dict[str, Any]:
 
     marks = {
         "starter started": at(lambda e: e["kind"] == "process_start" and e["role"] == "starter"),
-        "stage 1 done": at(lambda e: e["kind"] == "process_exit"
-                           and e.get("child_role") == "stage1"),
+        "stage 1 done": at(
+            lambda e: e["kind"] == "process_exit" and e.get("child_role") == "stage1"
+        ),
         "namespaces ready": at(lambda e: e["kind"] == "namespaces"),
-        "create_container returned": at(lambda e: e["kind"] == "hook_return"
-                                        and e.get("hook") == "create_container"),
+        "create_container returned": at(
+            lambda e: e["kind"] == "hook_return" and e.get("hook") == "create_container"
+        ),
         "payload exec'd": at(lambda e: e["kind"] == "stage2_exec"),
-        "cleanup returned": at(lambda e: e["kind"] == "hook_return"
-                               and e.get("hook") == "cleanup_container"),
+        "cleanup returned": at(
+            lambda e: e["kind"] == "hook_return" and e.get("hook") == "cleanup_container"
+        ),
         "run over": (events[-1]["t"] - t0) / 1e6,
     }
     hooks: dict[str, float] = {}
@@ -353,8 +387,10 @@ def breakdown(result: RunResult) -> dict[str, Any]:
             open_[key] = e["t"]
         elif e["kind"] in ("hook_return", "hook_raise") and key in open_:
             hooks[f"{key[0]}.{key[1]}"] = round((e["t"] - open_.pop(key)) / 1e6, 3)
-    return {"marks_ms": {k: round(v, 3) if v is not None else None for k, v in marks.items()},
-            "hooks_ms": hooks}
+    return {
+        "marks_ms": {k: round(v, 3) if v is not None else None for k, v in marks.items()},
+        "hooks_ms": hooks,
+    }
 
 
 def suite_scaling(engine: str, repeats: int = 3) -> dict[str, float]:
@@ -364,9 +400,22 @@ def suite_scaling(engine: str, repeats: int = 3) -> dict[str, float]:
     for _ in range(repeats):
         for key, workers in (("n0", "0"), ("n2", "2")):
             t = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-m", "pytest", f"--engine={engine}", "-q",
-                                   "-p", "no:cacheprovider", "-n", workers],
-                                  capture_output=True, text=True, cwd="/")
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pytest",
+                    f"--engine={engine}",
+                    "-q",
+                    "-p",
+                    "no:cacheprovider",
+                    "-n",
+                    workers,
+                ],
+                capture_output=True,
+                text=True,
+                cwd="/",
+            )
             times[key].append(time.perf_counter() - t)
             if proc.returncode not in (0, 1):
                 raise RuntimeError(f"suite run failed ({proc.returncode}): {proc.stdout[-500:]}")
@@ -380,9 +429,21 @@ def cli_vs_python(samples: int = 30, warmup: int = 2) -> dict[str, float]:
     ``ratio`` (the issue's ``cli_vs_python``), with ``cpu_ratio`` from the CPU time of each
     process tree. Bytecode caches are used (``PYTHONDONTWRITEBYTECODE`` unset), as on a user's
     machine; the first, cache-writing runs are part of the warm-up."""
-    cases = {"python": [sys.executable, "-c", "pass"],
-             "cli": [sys.executable, "-m", "kit", "run", "--engine", "reference", "--flow",
-                     "root", "--", "/bin/true"]}
+    cases = {
+        "python": [sys.executable, "-c", "pass"],
+        "cli": [
+            sys.executable,
+            "-m",
+            "kit",
+            "run",
+            "--engine",
+            "reference",
+            "--flow",
+            "root",
+            "--",
+            "/bin/true",
+        ],
+    }
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     wall: dict[str, list[float]] = {name: [] for name in cases}
     cpu: dict[str, list[float]] = {name: [] for name in cases}
@@ -397,13 +458,17 @@ def cli_vs_python(samples: int = 30, warmup: int = 2) -> dict[str, float]:
                 raise RuntimeError(f"{' '.join(argv)} exited {code}")
             if i >= warmup:
                 wall[name].append(elapsed * 1000)
-                cpu[name].append((after.ru_utime + after.ru_stime - before.ru_utime
-                                  - before.ru_stime) * 1000)
+                cpu[name].append(
+                    (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) * 1000
+                )
     med = {name: statistics.median(v) for name, v in wall.items()}
     cpu_med = {name: statistics.median(v) for name, v in cpu.items()}
-    return {"cli_ms": round(med["cli"], 2), "python_ms": round(med["python"], 2),
-            "ratio": round(med["cli"] / med["python"], 2),
-            "cpu_ratio": round(cpu_med["cli"] / cpu_med["python"], 2)}
+    return {
+        "cli_ms": round(med["cli"], 2),
+        "python_ms": round(med["python"], 2),
+        "ratio": round(med["cli"] / med["python"], 2),
+        "cpu_ratio": round(cpu_med["cli"] / cpu_med["python"], 2),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -413,8 +478,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=30, help="samples per case (≥ 30)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", metavar="FILE", help="write medians and ratios as JSON")
-    parser.add_argument("--suite", metavar="ENGINE",
-                        help="also time the whole conformance suite with -n 0 and -n 2")
+    parser.add_argument(
+        "--suite", metavar="ENGINE", help="also time the whole conformance suite with -n 0 and -n 2"
+    )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("bench.lifecycle: needs root (the root flow and util-linux unshare)", file=sys.stderr)
@@ -428,17 +494,18 @@ def main(argv: list[str] | None = None) -> int:
             runc.close()
 
 
-def _measure(args: argparse.Namespace, runc: RuncCase | None,
-             runc_info: dict[str, Any]) -> int:
+def _measure(args: argparse.Namespace, runc: RuncCase | None, runc_info: dict[str, Any]) -> int:
     cases: dict[str, Callable[[], Any]] = {"unshare": bench_unshare}
     if runc is not None:
         cases["runc"] = runc.once
-    cases.update({
-        "ctypes_minimal": bench_ctypes_minimal,
-        "full": _lifecycle("root"),
-        "no_sandbox": _lifecycle("root", sandbox=False),
-        "no_probes": _lifecycle("root", probes=False),
-    })
+    cases.update(
+        {
+            "ctypes_minimal": bench_ctypes_minimal,
+            "full": _lifecycle("root"),
+            "no_sandbox": _lifecycle("root", sandbox=False),
+            "no_probes": _lifecycle("root", probes=False),
+        }
+    )
     if fake_available():
         cases["fake"] = _lifecycle("root", backend="fake")
     cases["userns"] = _lifecycle("userns")
@@ -472,24 +539,32 @@ def _measure(args: argparse.Namespace, runc: RuncCase | None,
     def ratio(a: str, b: str, of: dict[str, float] = medians) -> float | None:
         return round(of[a] / of[b], 2) if a in of and b in of and of[b] > 0 else None
 
-    ratios = {"full_vs_runc": ratio("full", "runc"),
-              "no_probes_vs_runc": ratio("no_probes", "runc"),
-              "full_vs_unshare": ratio("full", "unshare"),
-              "full_vs_minimal": ratio("full", "ctypes_minimal"),
-              "no_probes_vs_unshare": ratio("no_probes", "unshare"),
-              "fake_vs_full": ratio("fake", "full"),
-              "sandbox_vs_no_sandbox": ratio("full", "no_sandbox"),
-              "sandbox_overhead": round((medians["full"] - medians["no_sandbox"])
-                                        / medians["full"], 3),
-              "cpu_full_vs_runc": ratio("full", "runc", cpu_ms),
-              "cpu_no_probes_vs_runc": ratio("no_probes", "runc", cpu_ms)}
+    ratios = {
+        "full_vs_runc": ratio("full", "runc"),
+        "no_probes_vs_runc": ratio("no_probes", "runc"),
+        "full_vs_unshare": ratio("full", "unshare"),
+        "full_vs_minimal": ratio("full", "ctypes_minimal"),
+        "no_probes_vs_unshare": ratio("no_probes", "unshare"),
+        "fake_vs_full": ratio("fake", "full"),
+        "sandbox_vs_no_sandbox": ratio("full", "no_sandbox"),
+        "sandbox_overhead": round((medians["full"] - medians["no_sandbox"]) / medians["full"], 3),
+        "cpu_full_vs_runc": ratio("full", "runc", cpu_ms),
+        "cpu_no_probes_vs_runc": ratio("no_probes", "runc", cpu_ms),
+    }
     report_cli = cli_vs_python(args.samples, args.warmup)
     ratios["cli_vs_python"] = report_cli["ratio"]
-    report = {"samples": args.samples, "medians": medians, "cpu_ms": cpu_ms, "ratios": ratios,
-              "runc": runc_info, "cli": report_cli,
-              "breakdown": breakdown(last_full) if last_full else {},
-              "probe_ms": probe_cost(), "ledger_event_us": round(ledger_cost(), 2),
-              "seccomp": seccomp_cost()}
+    report = {
+        "samples": args.samples,
+        "medians": medians,
+        "cpu_ms": cpu_ms,
+        "ratios": ratios,
+        "runc": runc_info,
+        "cli": report_cli,
+        "breakdown": breakdown(last_full) if last_full else {},
+        "probe_ms": probe_cost(),
+        "ledger_event_us": round(ledger_cost(), 2),
+        "seccomp": seccomp_cost(),
+    }
 
     print(f"{'case':16} {'median ms':>10} {'cpu ms':>8}")
     for name, value in medians.items():
@@ -499,8 +574,10 @@ def _measure(args: argparse.Namespace, runc: RuncCase | None,
     print()
     for name, ratio_value in ratios.items():
         print(f"{name:22} {'n/a' if ratio_value is None else f'{ratio_value:.2f}'}")
-    print(f"one-shot CLI {report_cli['cli_ms']} ms, python -c pass {report_cli['python_ms']} "
-          f"ms (CPU ratio {report_cli['cpu_ratio']})")
+    print(
+        f"one-shot CLI {report_cli['cli_ms']} ms, python -c pass {report_cli['python_ms']} "
+        f"ms (CPU ratio {report_cli['cpu_ratio']})"
+    )
     print()
     print("where a full lifecycle's time goes (ms since the supervisor's first event):")
     for name, value in report["breakdown"].get("marks_ms", {}).items():
@@ -510,19 +587,27 @@ def _measure(args: argparse.Namespace, runc: RuncCase | None,
         print(f"  {name:34} {value}")
     cost = medians["full"] - medians["no_sandbox"]
     report["sandbox_cost_ms"] = round(cost, 3)
-    print(f"host sandbox: {cost:+.2f} ms per lifecycle "
-          f"({100 * cost / medians['no_sandbox']:+.1f} % of one without it)")
-    print(f"one snapshot: {report['probe_ms']['snapshot']:.2f} ms, one escalation probe: "
-          f"{report['probe_ms']['escalation']:.2f} ms, one ledger event: "
-          f"{report['ledger_event_us']:.1f} µs")
+    print(
+        f"host sandbox: {cost:+.2f} ms per lifecycle "
+        f"({100 * cost / medians['no_sandbox']:+.1f} % of one without it)"
+    )
+    print(
+        f"one snapshot: {report['probe_ms']['snapshot']:.2f} ms, one escalation probe: "
+        f"{report['probe_ms']['escalation']:.2f} ms, one ledger event: "
+        f"{report['ledger_event_us']:.1f} µs"
+    )
     sc = report["seccomp"]
-    print(f"the fake backend's seccomp filter: install {sc.get('install_ms')} ms, "
-          f"+{sc.get('per_syscall_ns')} ns per system call let through "
-          f"(getppid unfiltered {sc.get('syscall_ns_unfiltered')} ns)")
+    print(
+        f"the fake backend's seccomp filter: install {sc.get('install_ms')} ms, "
+        f"+{sc.get('per_syscall_ns')} ns per system call let through "
+        f"(getppid unfiltered {sc.get('syscall_ns_unfiltered')} ns)"
+    )
     if args.suite:
         report["suite"] = suite_scaling(args.suite)
-        print(f"conformance suite ({args.suite}): -n 0 {report['suite']['n0_s']} s, "
-              f"-n 2 {report['suite']['n2_s']} s, speed-up {report['suite']['speedup']}")
+        print(
+            f"conformance suite ({args.suite}): -n 0 {report['suite']['n0_s']} s, "
+            f"-n 2 {report['suite']['n2_s']} s, speed-up {report['suite']['speedup']}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

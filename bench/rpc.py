@@ -94,8 +94,13 @@ def summary(values: list[float]) -> dict[str, Any]:
     }
 
 
-def bench(samples: int, calls: int, warmup: int, payload_size: int,
-          progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def bench(
+    samples: int,
+    calls: int,
+    warmup: int,
+    payload_size: int,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     payload = "x" * payload_size
     real_client, pid = start_real_server()
     mock = None
@@ -170,8 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.rpc", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--samples", type=_positive, default=31,
-                        help=f"samples per transport (at least {MIN_SAMPLES}; default 31)")
+    parser.add_argument(
+        "--samples",
+        type=_positive,
+        default=31,
+        help=f"samples per transport (at least {MIN_SAMPLES}; default 31)",
+    )
     parser.add_argument(
         "--calls", type=_positive, default=200, help="calls per sample (default 200)"
     )
@@ -187,8 +196,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--samples must be at least {MIN_SAMPLES} (the median needs them)")
     if args.warmup < 0 or args.payload < 0:
         parser.error("--warmup and --payload must be >= 0")
-    result = bench(args.samples, args.calls, args.warmup, args.payload,
-                   progress=lambda msg: print(msg, file=sys.stderr))
+    result = bench(
+        args.samples,
+        args.calls,
+        args.warmup,
+        args.payload,
+        progress=lambda msg: print(msg, file=sys.stderr),
+    )
     print(report(result))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

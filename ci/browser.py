@@ -15,9 +15,18 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run", "--hide-scrollbars",
-         "--disable-default-apps", "--disable-sync", "--mute-audio")
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--hide-scrollbars",
+    "--disable-default-apps",
+    "--disable-sync",
+    "--mute-audio",
+)
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome")
 
 
@@ -43,16 +52,23 @@ def _offline_prefix() -> list[str]:
 def run(url_or_path: str | Path, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:
     exe = find()
     if exe is None:
-        raise BrowserError("no chromium found (install Debian's 'chromium', e.g. "
-                           "KIT_WITH_BROWSER=1 ci/setup, or set KIT_CHROMIUM)")
+        raise BrowserError(
+            "no chromium found (install Debian's 'chromium', e.g. "
+            "KIT_WITH_BROWSER=1 ci/setup, or set KIT_CHROMIUM)"
+        )
     target = str(url_or_path)
     if "://" not in target:
         target = Path(target).resolve().as_uri()
     with tempfile.TemporaryDirectory(prefix="kit-chromium-") as profile:
         argv = [*_offline_prefix(), exe, *FLAGS, f"--user-data-dir={profile}", *args, target]
         try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                                  env={**os.environ, "HOME": profile})
+            proc = subprocess.run(
+                argv,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env={**os.environ, "HOME": profile},
+            )
         except subprocess.TimeoutExpired:
             raise BrowserError(f"chromium did not finish within {timeout} s: {argv}") from None
     if proc.returncode != 0:
@@ -65,8 +81,9 @@ def dump_dom(path: str | Path, timeout: float = 90) -> str:
     return run(path, "--dump-dom", timeout=timeout).stdout
 
 
-def screenshot(path: str | Path, png: str | Path, width: int = 1400, height: int = 1800,
-               timeout: float = 90) -> Path:
+def screenshot(
+    path: str | Path, png: str | Path, width: int = 1400, height: int = 1800, timeout: float = 90
+) -> Path:
     """A PNG of the page's first ``width`` × ``height`` pixels."""
     png = Path(png).resolve()
     png.parent.mkdir(parents=True, exist_ok=True)

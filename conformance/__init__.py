@@ -23,11 +23,11 @@ from conformance.capabilities import Capabilities, register_capabilities  # noqa
 from conformance.markers import flows, requirement, requires, scenarios  # noqa: E402
 
 __all__ = [
-           "SUITE_VERSION",
-           "Capabilities",
-           "flows",
-           "register_capabilities",
-           "requirement",
-           "requires",
-           "scenarios",
+    "SUITE_VERSION",
+    "Capabilities",
+    "flows",
+    "register_capabilities",
+    "requirement",
+    "requires",
+    "scenarios",
 ]

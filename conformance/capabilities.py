@@ -33,12 +33,12 @@ JOIN_FIELD = "conformance_join"
 FAULTS = {
     "prepare_config": "raise an exception in prepare_config",
     "prepare_config:invalid": "request an invalid StarterConfig in prepare_config: effective "
-                              "capabilities not a subset of permitted",
+    "capabilities not a subset of permitted",
     "create_container": "raise an exception in create_container",
     "create_container:hang": "block in create_container (never return)",
     "create_container:rpc-probe": "before its own RPC calls, send the RPC server what it must "
-                                  "refuse and survive, and after them a frame too large to "
-                                  "read: kit.starter.inject.probe_rpc_server does both",
+    "refuse and survive, and after them a frame too large to "
+    "read: kit.starter.inject.probe_rpc_server does both",
     "start_process": "raise an exception in start_process",
     "start_process:return": "return from start_process without exec'ing",
     "post_start_process": "raise an exception in post_start_process",
@@ -73,8 +73,7 @@ class Capabilities:
     @classmethod
     def names(cls) -> list[str]:
         """Every capability name, in declaration order."""
-        return [name for name, value in vars(Capabilities).items()
-                if isinstance(value, property)]
+        return [name for name, value in vars(Capabilities).items() if isinstance(value, property)]
 
     @classmethod
     def describe(cls, name: str) -> str:
@@ -88,23 +87,24 @@ class Capabilities:
         for name in self.names():
             value = getattr(self, name)
             if not isinstance(value, bool):
-                raise TypeError(f"capability {name} of {type(self).__qualname__} is "
-                                f"{value!r}, not a bool")
+                raise TypeError(
+                    f"capability {name} of {type(self).__qualname__} is {value!r}, not a bool"
+                )
             out[name] = value
         return out
 
 
 class UnknownCapability(KeyError):
     def __str__(self) -> str:
-        return (f"unknown capability {self.args[0]!r} "
-                f"(known: {', '.join(Capabilities.names())})")
+        return f"unknown capability {self.args[0]!r} (known: {', '.join(Capabilities.names())})"
 
 
 _registered: dict[str, Capabilities] = {}
 
 
-def register_capabilities(engine_name: str, capabilities: type[Capabilities] | Capabilities
-                          ) -> None:
+def register_capabilities(
+    engine_name: str, capabilities: type[Capabilities] | Capabilities
+) -> None:
     """Declare the capabilities of ``engine_name`` (a Capabilities subclass or instance)."""
     _registered[engine_name] = _instance(capabilities, f"register_capabilities({engine_name!r})")
 
@@ -113,8 +113,9 @@ def _instance(value: Any, where: str) -> Capabilities:
     if isinstance(value, type) and issubclass(value, Capabilities):
         value = value()
     if not isinstance(value, Capabilities):
-        raise TypeError(f"{where}: expected a conformance.Capabilities subclass or instance, "
-                        f"got {value!r}")
+        raise TypeError(
+            f"{where}: expected a conformance.Capabilities subclass or instance, got {value!r}"
+        )
     value.as_dict()  # every property must be a bool
     return value
 
@@ -127,6 +128,8 @@ def for_engine(registration: Any) -> tuple[Capabilities, str]:
     target = factory if isinstance(factory, type) else type(factory())
     declared = getattr(target, "conformance_capabilities", None)
     if declared is not None:
-        return (_instance(declared, f"{target.__qualname__}.conformance_capabilities"),
-                f"{target.__qualname__}.conformance_capabilities")
+        return (
+            _instance(declared, f"{target.__qualname__}.conformance_capabilities"),
+            f"{target.__qualname__}.conformance_capabilities",
+        )
     return Capabilities(), "defaults (none declared)"

@@ -42,8 +42,9 @@ class SuiteDeclarationError(ValueError):
 
 def suite_modules() -> list[str]:
     package = importlib.import_module(SUITE_PACKAGE)
-    return sorted(m.name for m in pkgutil.iter_modules(package.__path__)
-                  if m.name.startswith("test_"))
+    return sorted(
+        m.name for m in pkgutil.iter_modules(package.__path__) if m.name.startswith("test_")
+    )
 
 
 def suite_tests() -> list[TestDeclaration]:
@@ -55,9 +56,13 @@ def suite_tests() -> list[TestDeclaration]:
             if not attr.startswith("test_") or not inspect.isfunction(fn):
                 continue
             decl = TestDeclaration(
-                name, attr, tuple(declared(fn, "requirement")),
-                tuple(declared(fn, "flows")) or FLOWS, tuple(declared(fn, "scenarios")),
-                tuple(declared(fn, "requires")))
+                name,
+                attr,
+                tuple(declared(fn, "requirement")),
+                tuple(declared(fn, "flows")) or FLOWS,
+                tuple(declared(fn, "scenarios")),
+                tuple(declared(fn, "requires")),
+            )
             validate(decl)
             out.append(decl)
     return out
@@ -78,12 +83,14 @@ def validate(decl: TestDeclaration) -> None:
     known = Capabilities.names()
     for cap in decl.requires:
         if cap not in known:
-            raise SuiteDeclarationError(f"{decl.id}: unknown capability {cap!r} "
-                                        f"(known: {', '.join(known)})")
+            raise SuiteDeclarationError(
+                f"{decl.id}: unknown capability {cap!r} (known: {', '.join(known)})"
+            )
 
 
-def tests_by_requirement(tests: list[TestDeclaration] | None = None
-                         ) -> dict[str, list[TestDeclaration]]:
+def tests_by_requirement(
+    tests: list[TestDeclaration] | None = None,
+) -> dict[str, list[TestDeclaration]]:
     tests = suite_tests() if tests is None else tests
     out: dict[str, list[TestDeclaration]] = {r: [] for r in requirements.CATALOGUE}
     for decl in tests:
@@ -99,43 +106,64 @@ def markdown() -> str:
     total = len(requirements.CATALOGUE)
     checked = sum(1 for r in requirements.CATALOGUE if index[r])
     kit = sum(1 for r in requirements.CATALOGUE.values() if r.subject == requirements.KIT)
-    lines = ["# Conformance requirements", "",
-             f"{total} requirements from SPEC.md §1–§8; {checked} are checked by "
-             f"{len(tests)} tests of the suite, {total - checked} cannot be decided from a "
-             "lifecycle run (the reason is given).", "",
-             "Levels follow RFC 2119. Each test runs once per flow it applies to; the report "
-             "has one result per requirement and flow.", "",
-             f"Subject: who can break the requirement. {total - kit} are the engine's: the "
-             f"engine's verdict counts these only. {kit} are the kit's (no engine code can "
-             "break them): in an engine's run they are the harness's self-check on that "
-             "machine, one line of the summary; a failing one is a harness error (exit 2).", ""]
+    lines = [
+        "# Conformance requirements",
+        "",
+        f"{total} requirements from SPEC.md §1–§8; {checked} are checked by "
+        f"{len(tests)} tests of the suite, {total - checked} cannot be decided from a "
+        "lifecycle run (the reason is given).",
+        "",
+        "Levels follow RFC 2119. Each test runs once per flow it applies to; the report "
+        "has one result per requirement and flow.",
+        "",
+        f"Subject: who can break the requirement. {total - kit} are the engine's: the "
+        f"engine's verdict counts these only. {kit} are the kit's (no engine code can "
+        "break them): in an engine's run they are the harness's self-check on that "
+        "machine, one line of the summary; a failing one is a harness error (exit 2).",
+        "",
+    ]
     for _, title, reqs in requirements.by_group():
         if not reqs:
             continue
-        lines += [f"## {title}", "",
-                  "| ID | Level | Subject | Requirement | SPEC | Checked by |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            f"## {title}",
+            "",
+            "| ID | Level | Subject | Requirement | SPEC | Checked by |",
+            "|---|---|---|---|---|---|",
+        ]
         for req in reqs:
             decls = index[req.id]
             if decls:
                 checked_by = "<br>".join(
-                    f"`{d.id}`" + ("" if d.flows == FLOWS else f" ({', '.join(d.flows)})")
+                    f"`{d.id}`"
+                    + ("" if d.flows == FLOWS else f" ({', '.join(d.flows)})")
                     + (f" needs {', '.join(d.requires)}" if d.requires else "")
-                    for d in decls)
+                    for d in decls
+                )
             else:
                 checked_by = f"not checked: {req.unchecked or 'no test yet'}"
-            lines.append(f"| {req.id} | {req.level} | {req.subject} | {req.text} | "
-                         f"{req.section} | {checked_by} |")
+            lines.append(
+                f"| {req.id} | {req.level} | {req.subject} | {req.text} | "
+                f"{req.section} | {checked_by} |"
+            )
         lines.append("")
-    lines += ["## Engine capabilities", "",
-              "Tests that need a capability the engine does not declare are reported "
-              "not-supported.", "", "| Capability | Default | Meaning |", "|---|---|---|"]
+    lines += [
+        "## Engine capabilities",
+        "",
+        "Tests that need a capability the engine does not declare are reported not-supported.",
+        "",
+        "| Capability | Default | Meaning |",
+        "|---|---|---|",
+    ]
     defaults = Capabilities().as_dict()
     for name in Capabilities.names():
-        lines.append(f"| `{name}` | {'yes' if defaults[name] else 'no'} | "
-                     f"{Capabilities.describe(name)} |")
+        lines.append(
+            f"| `{name}` | {'yes' if defaults[name] else 'no'} | {Capabilities.describe(name)} |"
+        )
     lines += ["", "## Scenarios", "", "| Scenario | Payload | Needs |", "|---|---|---|"]
     for scenario in SCENARIOS.values():
-        lines.append(f"| `{scenario.name}` | {scenario.description} | "
-                     f"{', '.join(scenario.requires) or '-'} |")
+        lines.append(
+            f"| `{scenario.name}` | {scenario.description} | "
+            f"{', '.join(scenario.requires) or '-'} |"
+        )
     return "\n".join(lines) + "\n"

@@ -48,6 +48,7 @@ class SuiteError(Exception):
 
 # --- violations and the verifier -------------------------------------------------------------
 
+
 def describe_event(event: dict[str, Any] | None) -> str:
     if event is None:
         return "(no event)"
@@ -71,8 +72,10 @@ def describe_run(run: Run) -> str:
             problems.append(f"starter_error {ev.get('stage')}: {str(ev.get('message'))[:200]}")
         elif kind == "hook_raise":
             err = ev.get("error") or {}
-            problems.append(f"{ev.get('role')} {ev.get('hook')} raised {err.get('type')}: "
-                            f"{str(err.get('message'))[:200]}")
+            problems.append(
+                f"{ev.get('role')} {ev.get('hook')} raised {err.get('type')}: "
+                f"{str(err.get('message'))[:200]}"
+            )
         elif kind in ("stage2_failed", "fatal"):
             problems.append(f"{kind}: {str(ev.get('message'))[:200]}")
         elif kind == "hook_timeout":
@@ -103,9 +106,11 @@ class Violation:
         if hook:
             where.append(f"hook: {hook}")
         lines = [req.headline()] if headline else []
-        lines += ["  " + "   ".join(where),
-                  f"  expected: {self.expected}",
-                  f"  observed: {self.observed}"]
+        lines += [
+            "  " + "   ".join(where),
+            f"  expected: {self.expected}",
+            f"  observed: {self.observed}",
+        ]
         if self.event is not None:
             lines.append(f"  ledger event: {describe_event(self.event)}")
         if self.run is not None:
@@ -128,26 +133,36 @@ class Verifier:
 
     def _declared(self, req: str) -> None:
         if req not in self.checks:
-            raise SuiteError(f"{self.test} checks {req} but declares only "
-                             f"{', '.join(self.declared)}")
+            raise SuiteError(
+                f"{self.test} checks {req} but declares only {', '.join(self.declared)}"
+            )
 
     def used(self, run: Run) -> Run:
         if run.id not in self.runs:
             self.runs.append(run.id)
         return run
 
-    def check(self, req: str, ok: bool, *, expected: str,
-              observed: str | Callable[[], str], run: Run | None = None,
-              event: dict[str, Any] | None = None, role: str | None = None,
-              hook: str | None = None) -> bool:
+    def check(
+        self,
+        req: str,
+        ok: bool,
+        *,
+        expected: str,
+        observed: str | Callable[[], str],
+        run: Run | None = None,
+        event: dict[str, Any] | None = None,
+        role: str | None = None,
+        hook: str | None = None,
+    ) -> bool:
         self._declared(req)
         self.checks[req] += 1
         if run is not None:
             self.used(run)
         if not ok:
             text = observed() if callable(observed) else observed
-            self.violations[req].append(Violation(req, expected, text, self.flow, role, hook,
-                                                  event, run))
+            self.violations[req].append(
+                Violation(req, expected, text, self.flow, role, hook, event, run)
+            )
         return ok
 
     def fail(self, req: str, **kwargs: Any) -> None:
@@ -175,16 +190,28 @@ class Verifier:
 
 # --- helpers on runs ---------------------------------------------------------------------------
 
-def hook_events(run: Run, role: str | None = None, hook: str | None = None,
-                kinds: tuple[str, ...] = X.HOOK_KINDS) -> list[dict[str, Any]]:
-    return [e for e in run.events if e.get("kind") in kinds
-            and (role is None or e.get("role") == role)
-            and (hook is None or e.get("hook") == hook)]
+
+def hook_events(
+    run: Run,
+    role: str | None = None,
+    hook: str | None = None,
+    kinds: tuple[str, ...] = X.HOOK_KINDS,
+) -> list[dict[str, Any]]:
+    return [
+        e
+        for e in run.events
+        if e.get("kind") in kinds
+        and (role is None or e.get("role") == role)
+        and (hook is None or e.get("hook") == hook)
+    ]
 
 
 def events_of(run: Run, kind: str, **match: Any) -> list[dict[str, Any]]:
-    return [e for e in run.events if e.get("kind") == kind
-            and all(e.get(k) == v for k, v in match.items())]
+    return [
+        e
+        for e in run.events
+        if e.get("kind") == kind and all(e.get(k) == v for k, v in match.items())
+    ]
 
 
 def to_host(value: int, idmap: list[list[int]]) -> int | None:
@@ -206,7 +233,8 @@ class Facts:
         self.gid: int | None = invoker.get("gid")
         configs = events_of(run, "starter_config")
         self.starter_config: dict[str, Any] | None = (
-            configs[0]["config"].get("requests") if configs else None)
+            configs[0]["config"].get("requests") if configs else None
+        )
 
     def first_snapshot(self, role: str) -> dict[str, Any] | None:
         for e in hook_events(run=self.run, role=role):
@@ -237,8 +265,10 @@ class Facts:
 def _snapshot(event: dict[str, Any]) -> dict[str, Any]:
     snap = event.get("snapshot")
     if not snap:
-        raise HarnessError(f"ledger event {describe_event(event)} has no privilege snapshot "
-                           "(were probes disabled?)")
+        raise HarnessError(
+            f"ledger event {describe_event(event)} has no privilege snapshot "
+            "(were probes disabled?)"
+        )
     return snap
 
 
@@ -268,12 +298,14 @@ def _thread_text(t: dict[str, Any], what: str = "uid") -> str:
         return f"{thread_label(t)}: uid real/effective/saved/fs {t.get('uid')}"
     if what == "nnp":
         return f"{thread_label(t)}: no_new_privs {t.get('no_new_privs')}"
-    return (f"{thread_label(t)}: " + ", ".join(
-        f"{k} {_caps_text(caps.get(k, []))}" for k in
-        ("effective", "permitted", "inheritable", "ambient", "bounding")))
+    return f"{thread_label(t)}: " + ", ".join(
+        f"{k} {_caps_text(caps.get(k, []))}"
+        for k in ("effective", "permitted", "inheritable", "ambient", "bounding")
+    )
 
 
 # --- privilege table (SPEC §4) ---------------------------------------------------------------
+
 
 def _id_ok(symbol: str | None, value: int, snap: dict[str, Any], facts: Facts) -> bool:
     if symbol is None:
@@ -306,35 +338,58 @@ def _symbol_text(symbol: str, facts: Facts) -> str:
 
 def _configured_caps(facts: Facts) -> dict[str, list[str] | None]:
     caps = (facts.starter_config or {}).get("capabilities") or {}
-    return {k: caps.get(k) for k in ("effective", "permitted", "inheritable", "ambient",
-                                     "bounding")}
+    return {
+        k: caps.get(k) for k in ("effective", "permitted", "inheritable", "ambient", "bounding")
+    }
 
 
-def _check_aspect(verify: Verifier, run: Run, facts: Facts, event: dict[str, Any],
-                  expect: X.Expect) -> None:
+def _check_aspect(
+    verify: Verifier, run: Run, facts: Facts, event: dict[str, Any], expect: X.Expect
+) -> None:
     aspect = expect.aspect
     snap = _snapshot(event)
     where: dict[str, Any] = dict(run=run, event=event)
     req = expect.requirement
     if isinstance(aspect, X.Uids):
-        bad = [t for t in _threads(event, expect.scope)
-               if not all(_id_ok(sym, t["uid"][i], snap, facts) for i, (_, sym) in
-                          enumerate(aspect.slots[:len(t["uid"])]))]
-        expected = ", ".join(f"{slot} uid {_symbol_text(sym, facts)}" for slot, sym in
-                             aspect.slots if sym is not None)
-        verify.check(req, not bad, expected=expected + " in every thread",
-                     observed=lambda: f"{_thread_text(bad[0])}; uid_map {snap.get('uid_map')}",
-                     **where)
+        bad = [
+            t
+            for t in _threads(event, expect.scope)
+            if not all(
+                _id_ok(sym, t["uid"][i], snap, facts)
+                for i, (_, sym) in enumerate(aspect.slots[: len(t["uid"])])
+            )
+        ]
+        expected = ", ".join(
+            f"{slot} uid {_symbol_text(sym, facts)}"
+            for slot, sym in aspect.slots
+            if sym is not None
+        )
+        verify.check(
+            req,
+            not bad,
+            expected=expected + " in every thread",
+            observed=lambda: f"{_thread_text(bad[0])}; uid_map {snap.get('uid_map')}",
+            **where,
+        )
     elif isinstance(aspect, X.Caps):
         threads = _threads(event, expect.scope)
         if aspect.kind == "full":
-            bad = [t for t in threads if not t["caps"]["bounding"] or not (
-                set(t["caps"]["effective"]) == set(t["caps"]["permitted"])
-                == set(t["caps"]["bounding"]))]
+            bad = [
+                t
+                for t in threads
+                if not t["caps"]["bounding"]
+                or not (
+                    set(t["caps"]["effective"])
+                    == set(t["caps"]["permitted"])
+                    == set(t["caps"]["bounding"])
+                )
+            ]
         elif aspect.kind == "none":
-            bad = [t for t in threads if any(t["caps"][k] for k in
-                                             ("effective", "permitted", "inheritable",
-                                              "ambient"))]
+            bad = [
+                t
+                for t in threads
+                if any(t["caps"][k] for k in ("effective", "permitted", "inheritable", "ambient"))
+            ]
         elif aspect.kind == "effective":
             bad = [t for t in threads if set(t["caps"]["effective"]) != set(aspect.names)]
         elif aspect.kind == "configured":
@@ -342,45 +397,70 @@ def _check_aspect(verify: Verifier, run: Run, facts: Facts, event: dict[str, Any
 
             # An unset set is empty, the bounding set included (SPEC §4 "default none", §5).
             def wrong(t: dict[str, Any]) -> bool:
-                return any(set(t["caps"][kind]) != set(want or ())
-                           for kind, want in configured.items())
+                return any(
+                    set(t["caps"][kind]) != set(want or ()) for kind, want in configured.items()
+                )
+
             bad = [t for t in threads if wrong(t)]
             expected = "capabilities as configured (an unset set empty): " + ", ".join(
-                f"{k} {_caps_text(v or [])}" for k, v in configured.items())
+                f"{k} {_caps_text(v or [])}" for k, v in configured.items()
+            )
         else:
             raise SuiteError(f"unknown Caps kind {aspect.kind!r}")
         if aspect.kind != "configured":
             expected = aspect.describe()
-        verify.check(req, not bad, expected=expected,
-                     observed=lambda: _thread_text(bad[0], "caps"), **where)
+        verify.check(
+            req, not bad, expected=expected, observed=lambda: _thread_text(bad[0], "caps"), **where
+        )
     elif isinstance(aspect, X.BoundingSmallerThan):
         other = facts.first_snapshot(aspect.role)
         if other is None:
-            verify.fail(req, expected=f"a {aspect.role} snapshot to compare with",
-                        observed=f"no hook of the {aspect.role} was recorded", **where)
+            verify.fail(
+                req,
+                expected=f"a {aspect.role} snapshot to compare with",
+                observed=f"no hook of the {aspect.role} was recorded",
+                **where,
+            )
             return
         theirs = set(other["threads"][0]["caps"]["bounding"])
-        bad = [t for t in _threads(event, expect.scope)
-               if not set(t["caps"]["bounding"]) < theirs]
-        verify.check(req, not bad, expected=f"{aspect.describe()} ({len(theirs)} "
-                                            "capabilities)",
-                     observed=lambda: _thread_text(bad[0], "caps"), **where)
+        bad = [t for t in _threads(event, expect.scope) if not set(t["caps"]["bounding"]) < theirs]
+        verify.check(
+            req,
+            not bad,
+            expected=f"{aspect.describe()} ({len(theirs)} capabilities)",
+            observed=lambda: _thread_text(bad[0], "caps"),
+            **where,
+        )
     elif isinstance(aspect, X.Escalation):
         esc = event.get("escalation")
         if esc is None:
             raise HarnessError(f"{describe_event(event)} has no escalation probe result")
-        verify.check(req, bool(esc.get("host_escalation")) == aspect.possible,
-                     expected=aspect.describe(),
-                     observed=lambda: f"escalation probe {esc}", **where)
+        verify.check(
+            req,
+            bool(esc.get("host_escalation")) == aspect.possible,
+            expected=aspect.describe(),
+            observed=lambda: f"escalation probe {esc}",
+            **where,
+        )
     elif isinstance(aspect, X.NoHostPrivilege):
         privileged = _host_privilege(snap, run)
-        verify.check(req, not privileged, expected=aspect.describe() + " (no uid 0 and no "
-                     "permitted capability in the host user namespace)",
-                     observed=lambda: _privilege_text(snap, run), **where)
+        verify.check(
+            req,
+            not privileged,
+            expected=aspect.describe() + " (no uid 0 and no "
+            "permitted capability in the host user namespace)",
+            observed=lambda: _privilege_text(snap, run),
+            **where,
+        )
     elif isinstance(aspect, X.NoNewPrivs):
         bad = [t for t in _threads(event, expect.scope) if t["no_new_privs"] != aspect.value]
-        verify.check(req, not bad, expected=aspect.describe(),
-                     observed=lambda: _thread_text(bad[0], "nnp"), **where)
+        verify.check(
+            req,
+            not bad,
+            expected=aspect.describe(),
+            observed=lambda: _thread_text(bad[0], "nnp"),
+            **where,
+        )
     else:
         raise SuiteError(f"unknown aspect {aspect!r}")
 
@@ -389,11 +469,13 @@ def host_userns(run: Run) -> list[int]:
     """(device, inode) of the user namespace the run was launched in (SPEC §4), as the
     supervisor recorded it: host privilege is judged against it, never against a uid map."""
     start = events_of(run, "run_start")
-    host = (start[0].get("host_userns") if start else None) or \
-        (run.result.ledger.document.get("run") or {}).get("host_userns")
+    host = (start[0].get("host_userns") if start else None) or (
+        run.result.ledger.document.get("run") or {}
+    ).get("host_userns")
     if not host:
-        raise HarnessError("the ledger does not record the host user namespace "
-                           "(run_start has no host_userns)")
+        raise HarnessError(
+            "the ledger does not record the host user namespace (run_start has no host_userns)"
+        )
     return list(host)
 
 
@@ -402,8 +484,9 @@ def _host_privilege(snap: dict[str, Any], run: Run) -> bool:
 
 
 def _privilege_text(snap: dict[str, Any], run: Run) -> str:
-    culprits = [t for t in snap.get("threads", []) if 0 in t["uid"][:3]
-                or t["caps"]["permitted"]] or snap.get("threads", [])[:1]
+    culprits = [
+        t for t in snap.get("threads", []) if 0 in t["uid"][:3] or t["caps"]["permitted"]
+    ] or snap.get("threads", [])[:1]
     userns = (snap.get("ns") or {}).get("user")
     where = "host" if userns in (None, host_userns(run)[1]) else "not the host's"
     text = f"user namespace {userns} ({where}), uid_map {snap.get('uid_map')}"
@@ -417,16 +500,24 @@ def check_privileges(verify: Verifier, run: Run, requirement: str) -> None:
     """Every hook snapshot of every role the privilege table constrains for ``requirement``
     in this flow."""
     facts = Facts(verify.used(run.usable()))
-    roles = [role for role in X.PRIVILEGES
-             if any(e.requirement == requirement for e in X.PRIVILEGES[role].get(run.flow, ()))]
+    roles = [
+        role
+        for role in X.PRIVILEGES
+        if any(e.requirement == requirement for e in X.PRIVILEGES[role].get(run.flow, ()))
+    ]
     if not roles:
         raise SuiteError(f"the privilege table has no row for {requirement} in {run.flow}")
     for role in roles:
         cell = [e for e in X.PRIVILEGES[role][run.flow] if e.requirement == requirement]
         events = hook_events(run, role)
         if not events:
-            verify.fail(requirement, expected=f"hooks of the {role} to check",
-                        observed=f"no hook of the {role} was recorded", run=run, role=role)
+            verify.fail(
+                requirement,
+                expected=f"hooks of the {role} to check",
+                observed=f"no hook of the {role} was recorded",
+                run=run,
+                role=role,
+            )
             continue
         if role == "rpc":
             events = events + method_events(run)
@@ -450,11 +541,19 @@ def method_events(run: Run) -> list[dict[str, Any]]:
             # Every thread of a process is in one user namespace (setns into another needs a
             # single-threaded process): the first thread's namespaces stand for the process's.
             ns = next((t["ns"] for t in seen["threads"] if t.get("ns")), None)
-            out.append({**call, "kind": kind,
-                        "snapshot": {"threads": seen["threads"], "uid_map": seen["uid_map"],
-                                     "securebits": seen.get("securebits"),
-                                     "root": seen.get("root"),
-                                     **({"ns": dict(ns)} if ns else {})}})
+            out.append(
+                {
+                    **call,
+                    "kind": kind,
+                    "snapshot": {
+                        "threads": seen["threads"],
+                        "uid_map": seen["uid_map"],
+                        "securebits": seen.get("securebits"),
+                        "root": seen.get("root"),
+                        **({"ns": dict(ns)} if ns else {}),
+                    },
+                }
+            )
     return out
 
 
@@ -481,8 +580,10 @@ def kernel_only(run: Run, what: str) -> None:
     """Report the test not-configured when ``run`` used the fake backend: ``what`` is only
     decided by the kernel (SPEC §9: never passed in fake mode)."""
     if run.backend == "fake":
-        pytest.skip(f"{NOT_CONFIGURED_PREFIX}fake backend: {what} is decided by the kernel, "
-                    "not by the model")
+        pytest.skip(
+            f"{NOT_CONFIGURED_PREFIX}fake backend: {what} is decided by the kernel, "
+            "not by the model"
+        )
 
 
 def _start_process_thread(run: Run) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
@@ -503,9 +604,14 @@ def check_payload(verify: Verifier, run: Run, requirement: str) -> None:
     kernel_only(run, "the payload's credentials after exec")
     snap = parse_payload_status(run.result.stdout)
     if snap is None:
-        verify.fail(requirement, expected="the payload's own /proc/self/status and "
-                    "/proc/self/uid_map on its standard output",
-                    observed=f"stdout {run.result.stdout[:300]!r}", run=run, role="payload")
+        verify.fail(
+            requirement,
+            expected="the payload's own /proc/self/status and "
+            "/proc/self/uid_map on its standard output",
+            observed=f"stdout {run.result.stdout[:300]!r}",
+            run=run,
+            role="payload",
+        )
         return
     payload = snap["threads"][0]
     for expect in cell:
@@ -514,37 +620,60 @@ def check_payload(verify: Verifier, run: Run, requirement: str) -> None:
             # exec keeps the user namespace: the payload's is stage 2's at start_process
             _, stage2 = _start_process_thread(run)
             snap["ns"] = {"user": (stage2 or {}).get("ns", {}).get("user")}
-            verify.check(requirement, not _host_privilege(snap, run),
-                         expected=aspect.describe(),
-                         observed=lambda: _privilege_text(snap, run), run=run,
-                         role="payload")
+            verify.check(
+                requirement,
+                not _host_privilege(snap, run),
+                expected=aspect.describe(),
+                observed=lambda: _privilege_text(snap, run),
+                run=run,
+                role="payload",
+            )
             continue
         event, stage2 = _start_process_thread(run)
         if stage2 is None or event is None:
-            verify.fail(requirement, expected="stage 2's snapshot at start_process to compare "
-                        "with", observed="no start_process entry with a snapshot", run=run,
-                        role="stage2", hook="start_process")
+            verify.fail(
+                requirement,
+                expected="stage 2's snapshot at start_process to compare with",
+                observed="no start_process entry with a snapshot",
+                run=run,
+                role="stage2",
+                hook="start_process",
+            )
             continue
         if isinstance(aspect, X.SameIdsAsStage2):
             securebits = (event.get("snapshot") or {}).get("securebits")
             wrong = exec_changes(stage2, payload, securebits)
-            verify.check(requirement, not wrong, expected=f"{aspect.describe()}, as exec "
-                         "derives it from stage 2's whole credential",
-                         observed=lambda: "the payload's " + "; ".join(wrong), run=run,
-                         event=event, role="payload")
+            verify.check(
+                requirement,
+                not wrong,
+                expected=f"{aspect.describe()}, as exec derives it from stage 2's whole credential",
+                observed=lambda: "the payload's " + "; ".join(wrong),
+                run=run,
+                event=event,
+                role="payload",
+            )
         elif isinstance(aspect, X.CapsWithinStage2):
             allowed = set(stage2["caps"]["permitted"])
-            extra = {kind: sorted(set(payload["caps"][kind]) - allowed)
-                     for kind in ("effective", "permitted", "ambient")}
+            extra = {
+                kind: sorted(set(payload["caps"][kind]) - allowed)
+                for kind in ("effective", "permitted", "ambient")
+            }
             extra = {kind: names for kind, names in extra.items() if names}
-            verify.check(requirement, not extra, expected=f"{aspect.describe()} "
-                         f"{_caps_text(sorted(allowed))}",
-                         observed=lambda: "the payload has " + "; ".join(
-                             f"{kind} {_caps_text(names)}" for kind, names in extra.items())
-                         + f" (stage 2's bounding set {_caps_text(stage2['caps']['bounding'])},"
-                         f" inheritable {_caps_text(stage2['caps']['inheritable'])}, ambient "
-                         f"{_caps_text(stage2['caps']['ambient'])})",
-                         run=run, event=event, role="payload")
+            verify.check(
+                requirement,
+                not extra,
+                expected=f"{aspect.describe()} {_caps_text(sorted(allowed))}",
+                observed=lambda: (
+                    "the payload has "
+                    + "; ".join(f"{kind} {_caps_text(names)}" for kind, names in extra.items())
+                    + f" (stage 2's bounding set {_caps_text(stage2['caps']['bounding'])},"
+                    f" inheritable {_caps_text(stage2['caps']['inheritable'])}, ambient "
+                    f"{_caps_text(stage2['caps']['ambient'])})"
+                ),
+                run=run,
+                event=event,
+                role="payload",
+            )
         else:
             raise SuiteError(f"payload aspect {aspect!r} not implemented")
 
@@ -568,30 +697,41 @@ def exec_credential(stage2: dict[str, Any], securebits: Any) -> dict[str, Any]:
         effective = permitted if uid[1] == 0 else ambient
     else:
         permitted = effective = ambient
-    return {"uid": [uid[0], uid[1], uid[1], uid[1]], "gid": [gid[0], gid[1], gid[1], gid[1]],
-            "groups": sorted(stage2.get("groups") or []),
-            "no_new_privs": stage2.get("no_new_privs"), "seccomp": stage2.get("seccomp"),
-            "caps": {"effective": effective, "permitted": permitted, "ambient": ambient,
-                     "inheritable": sorted(caps["inheritable"]),
-                     "bounding": sorted(caps["bounding"])}}
+    return {
+        "uid": [uid[0], uid[1], uid[1], uid[1]],
+        "gid": [gid[0], gid[1], gid[1], gid[1]],
+        "groups": sorted(stage2.get("groups") or []),
+        "no_new_privs": stage2.get("no_new_privs"),
+        "seccomp": stage2.get("seccomp"),
+        "caps": {
+            "effective": effective,
+            "permitted": permitted,
+            "ambient": ambient,
+            "inheritable": sorted(caps["inheritable"]),
+            "bounding": sorted(caps["bounding"]),
+        },
+    }
 
 
-def exec_changes(stage2: dict[str, Any], payload: dict[str, Any], securebits: Any
-                 ) -> list[str]:
+def exec_changes(stage2: dict[str, Any], payload: dict[str, Any], securebits: Any) -> list[str]:
     """How the payload's credential differs from what exec derives from stage 2's at
     start_process: ids, groups, no_new_privs and seccomp exactly; each capability set at
     most the derived one (the kit may still narrow it, never widen it)."""
     want = exec_credential(stage2, securebits)
-    out = [f"{name} {payload.get(name)} (exec gives {want[name]})"
-           for name in ("uid", "gid", "no_new_privs", "seccomp")
-           if payload.get(name) != want[name]]
+    out = [
+        f"{name} {payload.get(name)} (exec gives {want[name]})"
+        for name in ("uid", "gid", "no_new_privs", "seccomp")
+        if payload.get(name) != want[name]
+    ]
     if sorted(payload.get("groups") or []) != want["groups"]:
         out.append(f"groups {payload.get('groups')} (exec gives {want['groups']})")
     for kind, allowed in want["caps"].items():
         extra = sorted(set(payload["caps"][kind]) - set(allowed))
         if extra:
-            out.append(f"{kind} capabilities {_caps_text(extra)} beyond what exec gives "
-                       f"{_caps_text(allowed)}")
+            out.append(
+                f"{kind} capabilities {_caps_text(extra)} beyond what exec gives "
+                f"{_caps_text(allowed)}"
+            )
     return out
 
 
@@ -601,20 +741,32 @@ def check_payload_fds(verify: Verifier, run: Run, requirement: str) -> None:
     run = verify.used(run.usable())
     found = parse_fds(run.result.stdout)
     if found is None:
-        verify.fail(requirement, expected="the payload's list of its open file descriptors on "
-                    "its standard output", observed=f"stdout {run.result.stdout[:300]!r} "
-                    f"({describe_run(run)})", run=run, role="payload")
+        verify.fail(
+            requirement,
+            expected="the payload's list of its open file descriptors on its standard output",
+            observed=f"stdout {run.result.stdout[:300]!r} ({describe_run(run)})",
+            run=run,
+            role="payload",
+        )
         return
     kept = (Facts(run).starter_config or {}).get("keep_fds") or []
     allowed = set(X.PAYLOAD_STANDARD_FDS) | set(kept)
     extra = {fd: target for fd, target in sorted(found.items()) if fd not in allowed}
-    verify.check(requirement, not extra, expected=f"only fds {sorted(allowed)} (0, 1, 2 and "
-                 f"those kept: {sorted(kept)})", observed=lambda: "also open: " + ", ".join(
-                     f"{fd} -> {target}" for fd, target in extra.items()), run=run,
-                 role="payload", event=exit_event(run))
+    verify.check(
+        requirement,
+        not extra,
+        expected=f"only fds {sorted(allowed)} (0, 1, 2 and those kept: {sorted(kept)})",
+        observed=lambda: (
+            "also open: " + ", ".join(f"{fd} -> {target}" for fd, target in extra.items())
+        ),
+        run=run,
+        role="payload",
+        event=exit_event(run),
+    )
 
 
 # --- order rules (SPEC §2) ----------------------------------------------------------------------
+
 
 def check_rules(verify: Verifier, run: Run, requirement: str) -> None:
     run = verify.used(run.usable())
@@ -627,42 +779,74 @@ def check_rules(verify: Verifier, run: Run, requirement: str) -> None:
             firsts = [e["seq"] for e in events if rule.first.matches(e)]
             for then in (e for e in events if rule.then.matches(e)):
                 ok = any(seq < then["seq"] for seq in firsts)
-                verify.check(requirement, ok, expected=rule.describe(),
-                             observed=lambda: (f"it came at #{then['seq']}, " + (
-                                 f"the first {rule.first.describe()} only at #{firsts[0]}"
-                                 if firsts else f"and no {rule.first.describe()} was "
-                                                "recorded")),
-                             run=run, event=then)
+                verify.check(
+                    requirement,
+                    ok,
+                    expected=rule.describe(),
+                    observed=lambda: (
+                        f"it came at #{then['seq']}, "
+                        + (
+                            f"the first {rule.first.describe()} only at #{firsts[0]}"
+                            if firsts
+                            else f"and no {rule.first.describe()} was recorded"
+                        )
+                    ),
+                    run=run,
+                    event=then,
+                )
         elif isinstance(rule, X.Count):
             found = [e for e in events if rule.point.matches(e)]
             n = len(found)
             ok = n >= rule.at_least and (rule.at_most is None or n <= rule.at_most)
-            verify.check(requirement, ok, expected=rule.describe(),
-                         observed=f"{n} recorded" + (
-                             f" (at {', '.join('#' + str(e['seq']) for e in found[:6])})"
-                             if found else ""),
-                         run=run, event=found[rule.at_most] if rule.at_most is not None
-                         and n > rule.at_most else None,
-                         role=rule.point.role, hook=rule.point.hook)
+            verify.check(
+                requirement,
+                ok,
+                expected=rule.describe(),
+                observed=f"{n} recorded"
+                + (f" (at {', '.join('#' + str(e['seq']) for e in found[:6])})" if found else ""),
+                run=run,
+                event=found[rule.at_most]
+                if rule.at_most is not None and n > rule.at_most
+                else None,
+                role=rule.point.role,
+                hook=rule.point.hook,
+            )
         elif isinstance(rule, X.FirstHooks):
-            entered = [e for e in events if e.get("kind") == "hook_enter"
-                       and e.get("role") == rule.role]
+            entered = [
+                e for e in events if e.get("kind") == "hook_enter" and e.get("role") == rule.role
+            ]
             if not entered:
                 continue  # the Count rules report a missing process
-            first = [e["hook"] for e in entered[:len(rule.hooks)]]
-            verify.check(requirement, tuple(first) == rule.hooks, expected=rule.describe(),
-                         observed=f"the {rule.role} entered {', '.join(first)} first",
-                         run=run, event=entered[0], role=rule.role)
+            first = [e["hook"] for e in entered[: len(rule.hooks)]]
+            verify.check(
+                requirement,
+                tuple(first) == rule.hooks,
+                expected=rule.describe(),
+                observed=f"the {rule.role} entered {', '.join(first)} first",
+                run=run,
+                event=entered[0],
+                role=rule.role,
+            )
         elif isinstance(rule, X.DistinctThreads):
-            entered = [e for e in events if e.get("kind") == "hook_enter"
-                       and e.get("role") == rule.role and e.get("hook") in rule.hooks]
+            entered = [
+                e
+                for e in events
+                if e.get("kind") == "hook_enter"
+                and e.get("role") == rule.role
+                and e.get("hook") in rule.hooks
+            ]
             tids = [(e["hook"], e["tid"]) for e in entered]
             distinct = len({tid for _, tid in tids}) == len(tids)
-            verify.check(requirement, distinct and len(entered) >= 2,
-                         expected=rule.describe(),
-                         observed=", ".join(f"{hook} in thread {tid}" for hook, tid in tids)
-                         or "none of them ran", run=run, role=rule.role,
-                         event=entered[-1] if entered else None)
+            verify.check(
+                requirement,
+                distinct and len(entered) >= 2,
+                expected=rule.describe(),
+                observed=", ".join(f"{hook} in thread {tid}" for hook, tid in tids)
+                or "none of them ran",
+                run=run,
+                role=rule.role,
+                event=entered[-1] if entered else None,
+            )
         else:
             raise SuiteError(f"unknown rule {rule!r}")
 
@@ -672,10 +856,14 @@ def check_hook_roles(verify: Verifier, run: Run, requirement: str) -> None:
     run = verify.used(run.usable())
     for event in hook_events(run, kinds=("hook_enter",)):
         allowed = X.HOOK_ROLES.get(event["hook"], frozenset())
-        verify.check(requirement, event["role"] in allowed,
-                     expected=f"{event['hook']} only in {', '.join(sorted(allowed))}",
-                     observed=f"{event['hook']} ran in the {event['role']}", run=run,
-                     event=event)
+        verify.check(
+            requirement,
+            event["role"] in allowed,
+            expected=f"{event['hook']} only in {', '.join(sorted(allowed))}",
+            observed=f"{event['hook']} ran in the {event['role']}",
+            run=run,
+            event=event,
+        )
 
 
 def check_pid_one(verify: Verifier, run: Run, requirement: str) -> None:
@@ -687,40 +875,66 @@ def check_pid_one(verify: Verifier, run: Run, requirement: str) -> None:
         return
     events = hook_events(run, "stage2")
     if not events:
-        verify.fail(requirement, expected="stage 2 hooks", observed="none recorded", run=run,
-                    role="stage2")
+        verify.fail(
+            requirement, expected="stage 2 hooks", observed="none recorded", run=run, role="stage2"
+        )
     for event in events:
-        verify.check(requirement, event.get("pid") == 1, expected="stage 2 sees itself as "
-                     "pid 1", observed=f"pid {event.get('pid')}", run=run, event=event)
+        verify.check(
+            requirement,
+            event.get("pid") == 1,
+            expected="stage 2 sees itself as pid 1",
+            observed=f"pid {event.get('pid')}",
+            run=run,
+            event=event,
+        )
 
 
 # --- state (SPEC §1, §2 rule 3) ---------------------------------------------------------------
+
 
 def check_fresh_config(verify: Verifier, run: Run, requirement: str) -> None:
     run = verify.used(run.usable())
     returns = hook_events(run, hook="config", kinds=("hook_return",))
     reference = next((e for e in returns if e["role"] == "stage1"), None)
     if reference is None:
-        verify.fail(requirement, expected="config() returned in stage 1",
-                    observed="no return of config in stage 1", run=run, role="stage1")
+        verify.fail(
+            requirement,
+            expected="config() returned in stage 1",
+            observed="no return of config in stage 1",
+            run=run,
+            role="stage1",
+        )
         return
-    want = (reference.get("result") or {})
+    want = reference.get("result") or {}
     for event in returns:
         got = event.get("result") or {}
-        same = (isinstance(got, dict) and got.get("type") == want.get("type")
-                and got.get("json") == want.get("json"))
-        verify.check(requirement, same, expected=f"the same fresh config as stage 1's "
-                     f"config() (#{reference['seq']}): {str(want.get('json'))[:200]}",
-                     observed=f"{str(got)[:300]}", run=run, event=event)
+        same = (
+            isinstance(got, dict)
+            and got.get("type") == want.get("type")
+            and got.get("json") == want.get("json")
+        )
+        verify.check(
+            requirement,
+            same,
+            expected=f"the same fresh config as stage 1's "
+            f"config() (#{reference['seq']}): {str(want.get('json'))[:200]}",
+            observed=f"{str(got)[:300]}",
+            run=run,
+            event=event,
+        )
     roles = {e["role"] for e in returns}
     for role in X.ROLES:
-        verify.check(requirement, role in roles, expected=f"config() returned in the {role}",
-                     observed=f"roles that returned from config: {sorted(roles)}", run=run,
-                     role=role)
+        verify.check(
+            requirement,
+            role in roles,
+            expected=f"config() returned in the {role}",
+            observed=f"roles that returned from config: {sorted(roles)}",
+            run=run,
+            role=role,
+        )
 
 
-def check_config_calls(verify: Verifier, run: Run, engine_name: str,
-                       requirement: str) -> None:
+def check_config_calls(verify: Verifier, run: Run, engine_name: str, requirement: str) -> None:
     """STATE-001, in the suite's own process: two calls of ``config()`` return two objects
     with the JSON that stage 1's ``config()`` returned in ``run``, sharing no mutable value (a
     shared object or a shared mutable default would carry one caller's changes to the
@@ -732,30 +946,54 @@ def check_config_calls(verify: Verifier, run: Run, engine_name: str,
         first, second = ops.config(), ops.config()
         got = first.to_json()
     except Exception as exc:  # noqa: BLE001 engine code may raise anything
-        verify.fail(requirement, expected="config() callable in any process",
-                    observed=f"it raised {type(exc).__name__}: {exc}", hook="config")
+        verify.fail(
+            requirement,
+            expected="config() callable in any process",
+            observed=f"it raised {type(exc).__name__}: {exc}",
+            hook="config",
+        )
         return
     stage1 = next((e for e in hook_events(run, "stage1", "config", ("hook_return",))), None)
     want = ((stage1 or {}).get("result") or {}).get("json")
-    verify.check(requirement, stage1 is not None and got == want, expected="the fresh config "
-                 f"stage 1's config() returned: {str(want)[:200]}",
-                 observed=f"config() returned {str(got)[:300]} here", run=run, event=stage1,
-                 hook="config")
-    verify.check(requirement, first is not second, expected="a new object on every call of "
-                 "config()", observed=f"two calls returned the same {type(first).__name__} "
-                 f"object (id {id(first):#x})", hook="config")
+    verify.check(
+        requirement,
+        stage1 is not None and got == want,
+        expected=f"the fresh config stage 1's config() returned: {str(want)[:200]}",
+        observed=f"config() returned {str(got)[:300]} here",
+        run=run,
+        event=stage1,
+        hook="config",
+    )
+    verify.check(
+        requirement,
+        first is not second,
+        expected="a new object on every call of config()",
+        observed=f"two calls returned the same {type(first).__name__} object (id {id(first):#x})",
+        hook="config",
+    )
     again = second.to_json()
-    verify.check(requirement, again == got, expected=f"the same JSON from every call of "
-                 f"config(): {str(got)[:200]}", observed=f"the second call returned "
-                 f"{str(again)[:300]}", hook="config")
+    verify.check(
+        requirement,
+        again == got,
+        expected=f"the same JSON from every call of config(): {str(got)[:200]}",
+        observed=f"the second call returned {str(again)[:300]}",
+        hook="config",
+    )
     if first is second:
         return
     mine = {id(obj): path for path, obj in mutable_parts(first)}
-    shared = [f"{path} (also {mine[id(obj)]} of the first)" for path, obj in
-              mutable_parts(second) if id(obj) in mine]
-    verify.check(requirement, not shared, expected="no mutable object shared between two "
-                 "configs, at any depth", observed=lambda: f"{', '.join(shared[:4])} "
-                 "is the same object in both", hook="config")
+    shared = [
+        f"{path} (also {mine[id(obj)]} of the first)"
+        for path, obj in mutable_parts(second)
+        if id(obj) in mine
+    ]
+    verify.check(
+        requirement,
+        not shared,
+        expected="no mutable object shared between two configs, at any depth",
+        observed=lambda: f"{', '.join(shared[:4])} is the same object in both",
+        hook="config",
+    )
 
 
 _IMMUTABLE = (str, bytes, int, float, complex, bool, type(None))
@@ -775,7 +1013,8 @@ def mutable_parts(root: Any, path: str = "config") -> list[tuple[str, Any]]:
         seen.add(id(obj))
         instance = dataclasses.is_dataclass(obj)
         if isinstance(obj, (list, dict, set, bytearray)) or (
-                instance and not type(obj).__dataclass_params__.frozen):
+            instance and not type(obj).__dataclass_params__.frozen
+        ):
             out.append((where, obj))
         if isinstance(obj, dict):
             todo += [(f"{where}[{key!r}]", value) for key, value in obj.items()]
@@ -784,8 +1023,9 @@ def mutable_parts(root: Any, path: str = "config") -> list[tuple[str, Any]]:
         elif isinstance(obj, (set, frozenset)):
             todo += [(f"{where}{{…}}", value) for value in obj]
         elif instance:
-            todo += [(f"{where}.{f.name}", getattr(obj, f.name, None))
-                     for f in dataclasses.fields(obj)]
+            todo += [
+                (f"{where}.{f.name}", getattr(obj, f.name, None)) for f in dataclasses.fields(obj)
+            ]
     return out
 
 
@@ -795,18 +1035,31 @@ def check_distinct_processes(verify: Verifier, run: Run, requirement: str) -> No
     for role in X.ROLES:
         events = hook_events(run, role)
         if not events:
-            verify.fail(requirement, expected=f"hooks of the {role}", observed="none "
-                        "recorded", run=run, role=role)
+            verify.fail(
+                requirement,
+                expected=f"hooks of the {role}",
+                observed="none recorded",
+                run=run,
+                role=role,
+            )
             continue
         key = ((events[0].get("snapshot") or {}).get("ns", {}).get("pid"), events[0]["pid"])
-        verify.check(requirement, key not in seen, expected="a process of its own for each of "
-                     "stage 1, master, RPC server, stage 2",
-                     observed=lambda: f"the {role} is the same process as the {seen[key]} "
-                     f"(pid {key[1]} in pid namespace {key[0]})", run=run, event=events[0])
+        verify.check(
+            requirement,
+            key not in seen,
+            expected="a process of its own for each of stage 1, master, RPC server, stage 2",
+            observed=lambda: (
+                f"the {role} is the same process as the {seen[key]} "
+                f"(pid {key[1]} in pid namespace {key[0]})"
+            ),
+            run=run,
+            event=events[0],
+        )
         seen.setdefault(key, role)
 
 
 # --- namespaces (SPEC §3, §4, §5) ---------------------------------------------------------------
+
 
 def _ns(event: dict[str, Any]) -> dict[str, int]:
     return _snapshot(event)["ns"]
@@ -822,9 +1075,13 @@ def check_rpc_shares_namespaces(verify: Verifier, run: Run, requirement: str) ->
     stage2 = _stage2_event(run)
     rpc = hook_events(run, "rpc")
     if stage2 is None or not rpc:
-        verify.fail(requirement, expected="hooks of both stage 2 and the RPC server",
-                    observed=f"stage 2 {'recorded' if stage2 else 'missing'}, RPC server "
-                    f"{'recorded' if rpc else 'missing'}", run=run)
+        verify.fail(
+            requirement,
+            expected="hooks of both stage 2 and the RPC server",
+            observed=f"stage 2 {'recorded' if stage2 else 'missing'}, RPC server "
+            f"{'recorded' if rpc else 'missing'}",
+            run=run,
+        )
         return
     want = _ns(stage2)
     # Every thread of the server, at its hooks and around every method (SPEC §4): a thread
@@ -833,16 +1090,27 @@ def check_rpc_shares_namespaces(verify: Verifier, run: Run, requirement: str) ->
         snap = _snapshot(event)  # a method record's "ns" is its first thread's
         process = "ns" in snap and event["kind"] not in X.METHOD_KINDS
         views = ([("the process", snap["ns"])] if process else []) + [
-            (thread_label(t), t["ns"]) for t in snap["threads"] if t.get("ns")]
-        differ = [(who, k, got.get(k)) for who, got in views for k in X.NAMESPACE_KINDS
-                  if got.get(k) != want.get(k)
-                  and (who == "the process" or got.get(k) is not None)]  # a thread ending
-        verify.check(requirement, not differ, expected=f"the namespaces of stage 2 "
-                     f"(#{stage2['seq']}) in every thread",
-                     observed=lambda: "different: " + ", ".join(
-                         f"{who}: {k} {ino} (stage 2: {want.get(k)})"
-                         for who, k, ino in differ[:4]),
-                     run=run, event=event)
+            (thread_label(t), t["ns"]) for t in snap["threads"] if t.get("ns")
+        ]
+        differ = [
+            (who, k, got.get(k))
+            for who, got in views
+            for k in X.NAMESPACE_KINDS
+            if got.get(k) != want.get(k) and (who == "the process" or got.get(k) is not None)
+        ]  # a thread ending
+        verify.check(
+            requirement,
+            not differ,
+            expected=f"the namespaces of stage 2 (#{stage2['seq']}) in every thread",
+            observed=lambda: (
+                "different: "
+                + ", ".join(
+                    f"{who}: {k} {ino} (stage 2: {want.get(k)})" for who, k, ino in differ[:4]
+                )
+            ),
+            run=run,
+            event=event,
+        )
 
 
 def check_master_not_shared(verify: Verifier, run: Run, requirement: str) -> None:
@@ -852,8 +1120,12 @@ def check_master_not_shared(verify: Verifier, run: Run, requirement: str) -> Non
     created = [k for k in X.NOT_SHARED_WITH_MASTER if k in facts.created()]
     master = hook_events(run, "master")
     if stage2 is None or not master:
-        verify.fail(requirement, expected="hooks of both the master and stage 2",
-                    observed="one of them is missing", run=run)
+        verify.fail(
+            requirement,
+            expected="hooks of both the master and stage 2",
+            observed="one of them is missing",
+            run=run,
+        )
         return
     if not created:
         verify.vacuous(requirement, "no pid, net, uts, ipc or cgroup namespace is created")
@@ -863,10 +1135,14 @@ def check_master_not_shared(verify: Verifier, run: Run, requirement: str) -> Non
         # The process's namespaces and each thread's: a hook thread may setns on its own.
         views = [_ns(event)] + [t["ns"] for t in _snapshot(event)["threads"] if t.get("ns")]
         shared = [k for k in created if any(v.get(k) == container.get(k) for v in views)]
-        verify.check(requirement, not shared, expected="none of the container's "
-                     f"{', '.join(created)} namespaces",
-                     observed=lambda: f"shares {', '.join(shared)} with stage 2 "
-                     f"(#{stage2['seq']})", run=run, event=event)
+        verify.check(
+            requirement,
+            not shared,
+            expected=f"none of the container's {', '.join(created)} namespaces",
+            observed=lambda: f"shares {', '.join(shared)} with stage 2 (#{stage2['seq']})",
+            run=run,
+            event=event,
+        )
 
 
 def check_master_user_ns(verify: Verifier, run: Run, requirement: str) -> None:
@@ -876,15 +1152,21 @@ def check_master_user_ns(verify: Verifier, run: Run, requirement: str) -> None:
     stage2 = _stage2_event(run)
     host = facts.host_ns
     if stage2 is None or host is None:
-        verify.fail(requirement, expected="hooks of stage 1 and stage 2", observed="missing",
-                    run=run)
+        verify.fail(
+            requirement, expected="hooks of stage 1 and stage 2", observed="missing", run=run
+        )
         return
     want = host["user"] if whose == "host" else _ns(stage2)["user"]
     for event in hook_events(run, "master"):
         got = _ns(event)["user"]
-        verify.check(requirement, got == want, expected=f"the {whose}'s user namespace "
-                     f"({want})", observed=f"user namespace {got} (host {host['user']}, "
-                     f"container {_ns(stage2)['user']})", run=run, event=event)
+        verify.check(
+            requirement,
+            got == want,
+            expected=f"the {whose}'s user namespace ({want})",
+            observed=f"user namespace {got} (host {host['user']}, container {_ns(stage2)['user']})",
+            run=run,
+            event=event,
+        )
 
 
 def check_shared_root(verify: Verifier, run: Run, requirement: str) -> None:
@@ -913,9 +1195,14 @@ def check_shared_root(verify: Verifier, run: Run, requirement: str) -> None:
         verify.vacuous(requirement, "the RPC server recorded no snapshot")
         return
     rpc_root, event = last
-    verify.check(requirement, rpc_root is not None and snap.get("root") == rpc_root,
-                 expected=f"stage 2's root is the RPC server's ({rpc_root} at #{event['seq']})",
-                 observed=f"stage 2's root is {snap.get('root')}", run=run, event=enters[0])
+    verify.check(
+        requirement,
+        rpc_root is not None and snap.get("root") == rpc_root,
+        expected=f"stage 2's root is the RPC server's ({rpc_root} at #{event['seq']})",
+        observed=f"stage 2's root is {snap.get('root')}",
+        run=run,
+        event=enters[0],
+    )
 
 
 #: SPEC §5: user and pid in the starter (before the fork), then the container side. Written
@@ -932,22 +1219,39 @@ def check_namespace_order(verify: Verifier, run: Run, requirement: str) -> None:
     rank = {kind: i for i, kind in enumerate(NS_ENTRY_ORDER)}
     entered: list[tuple[str, str, dict[str, Any]]] = []
     for ev in events_of(run, "container_start"):
-        entered += [(kind, "starter", ev) for kind in (ev.get("joined") or [])
-                    + (ev.get("created") or [])]
+        entered += [
+            (kind, "starter", ev) for kind in (ev.get("joined") or []) + (ev.get("created") or [])
+        ]
     setups = events_of(run, "namespaces")
     for ev in setups:
-        verify.check(requirement, isinstance(ev.get("order"), list),
-                     expected="the container side records the order it entered namespaces in",
-                     observed="no order recorded", run=run, event=ev)
+        verify.check(
+            requirement,
+            isinstance(ev.get("order"), list),
+            expected="the container side records the order it entered namespaces in",
+            observed="no order recorded",
+            run=run,
+            event=ev,
+        )
         entered += [(kind, "container", ev) for _, kind in ev.get("order") or []]
     for kind, side, ev in entered:
         want = "starter" if kind in _STARTER_KINDS else "container"
-        verify.check(requirement, side == want, expected=f"the {kind} namespace entered in the "
-                     f"{want}", observed=f"entered in the {side}", run=run, event=ev)
+        verify.check(
+            requirement,
+            side == want,
+            expected=f"the {kind} namespace entered in the {want}",
+            observed=f"entered in the {side}",
+            run=run,
+            event=ev,
+        )
     for (before, _, _), (kind, _, ev) in itertools.pairwise(entered):
-        verify.check(requirement, rank.get(kind, -1) > rank.get(before, len(rank)),
-                     expected=f"namespaces entered in the order {', '.join(NS_ENTRY_ORDER)}",
-                     observed=f"{kind} entered after {before}", run=run, event=ev)
+        verify.check(
+            requirement,
+            rank.get(kind, -1) > rank.get(before, len(rank)),
+            expected=f"namespaces entered in the order {', '.join(NS_ENTRY_ORDER)}",
+            observed=f"{kind} entered after {before}",
+            run=run,
+            event=ev,
+        )
     if not entered:
         verify.vacuous(requirement, "the run entered no namespace")
 
@@ -957,19 +1261,32 @@ def check_mount_propagation(verify: Verifier, run: Run, requirement: str) -> Non
     the container process right after it set it), before any RPC call could mount."""
     run = verify.used(run.usable())
     configs = events_of(run, "starter_config")
-    wanted = ((configs[0].get("config") or {}).get("requests") or {}).get(
-        "mount_propagation") if configs else None
+    wanted = (
+        ((configs[0].get("config") or {}).get("requests") or {}).get("mount_propagation")
+        if configs
+        else None
+    )
     base = split_propagation(wanted)[0] if wanted else wanted
     setups = [ev for ev in events_of(run, "namespaces") if "mount" in (ev.get("created") or [])]
     calls = events_of(run, "rpc_call")
     for ev in setups:
-        verify.check(requirement, ev.get("propagation") == base,
-                     expected=f"/ is {base} (mount_propagation {wanted!r})",
-                     observed=f"/ is {ev.get('propagation')}", run=run, event=ev)
+        verify.check(
+            requirement,
+            ev.get("propagation") == base,
+            expected=f"/ is {base} (mount_propagation {wanted!r})",
+            observed=f"/ is {ev.get('propagation')}",
+            run=run,
+            event=ev,
+        )
         early = [c for c in calls if c["seq"] < ev["seq"]]
-        verify.check(requirement, not early, expected="the propagation set before any RPC "
-                     "call", observed=lambda: f"{early[0].get('method')} came first", run=run,
-                     event=early[0] if early else ev)
+        verify.check(
+            requirement,
+            not early,
+            expected="the propagation set before any RPC call",
+            observed=lambda: f"{early[0].get('method')} came first",
+            run=run,
+            event=early[0] if early else ev,
+        )
     if not setups:
         verify.vacuous(requirement, "no new mount namespace")
 
@@ -980,25 +1297,37 @@ def check_requested_namespaces(verify: Verifier, run: Run, requirement: str) -> 
     stage2 = _stage2_event(run)
     host = facts.host_ns
     if stage2 is None or host is None or facts.starter_config is None:
-        verify.fail(requirement, expected="a StarterConfig and hooks of stage 1 and 2",
-                    observed="missing", run=run)
+        verify.fail(
+            requirement,
+            expected="a StarterConfig and hooks of stage 1 and 2",
+            observed="missing",
+            run=run,
+        )
         return
     got = _ns(stage2)
     for kind in facts.created():
-        verify.check(requirement, got.get(kind) != host.get(kind),
-                     expected=f"a new {kind} namespace (the StarterConfig creates it)",
-                     observed=f"the host's {kind} namespace {got.get(kind)}", run=run,
-                     event=stage2)
+        verify.check(
+            requirement,
+            got.get(kind) != host.get(kind),
+            expected=f"a new {kind} namespace (the StarterConfig creates it)",
+            observed=f"the host's {kind} namespace {got.get(kind)}",
+            run=run,
+            event=stage2,
+        )
     # Every namespace the suite asked the engine to join (the join scenario's notes), whether
     # or not the StarterConfig passed it on.
     targets = run.notes.get("targets") or {}
     paths = {**(run.notes.get("paths") or {}), **facts.joined()}
     for kind, inode in targets.items():
-        verify.check(requirement, got.get(kind) == inode,
-                     expected=f"the {kind} namespace joined at {paths.get(kind)} ({inode})",
-                     observed=f"{kind} namespace {got.get(kind)}" + (
-                         "" if kind in facts.joined() else
-                         f" (the StarterConfig does not join {kind})"), run=run, event=stage2)
+        verify.check(
+            requirement,
+            got.get(kind) == inode,
+            expected=f"the {kind} namespace joined at {paths.get(kind)} ({inode})",
+            observed=f"{kind} namespace {got.get(kind)}"
+            + ("" if kind in facts.joined() else f" (the StarterConfig does not join {kind})"),
+            run=run,
+            event=stage2,
+        )
     if not facts.created() and not facts.joined():
         verify.vacuous(requirement, "the StarterConfig asks for no namespace")
 
@@ -1016,8 +1345,14 @@ def check_user_ns_map(verify: Verifier, run: Run, requirement: str) -> None:
         return
     idmap = _snapshot(stage2)["uid_map"]
     ok = to_host(inside, idmap) == facts.uid
-    verify.check(requirement, ok, expected=f"a uid map of {inside} to U ({facts.uid})",
-                 observed=f"uid_map {idmap}", run=run, event=stage2)
+    verify.check(
+        requirement,
+        ok,
+        expected=f"a uid map of {inside} to U ({facts.uid})",
+        observed=f"uid_map {idmap}",
+        run=run,
+        event=stage2,
+    )
 
 
 def check_new_user_ns(verify: Verifier, run: Run, requirement: str) -> None:
@@ -1026,14 +1361,20 @@ def check_new_user_ns(verify: Verifier, run: Run, requirement: str) -> None:
     stage2 = _stage2_event(run)
     host = facts.host_ns
     if stage2 is None or host is None:
-        verify.fail(requirement, expected="hooks of stage 1 and stage 2", observed="missing",
-                    run=run)
+        verify.fail(
+            requirement, expected="hooks of stage 1 and stage 2", observed="missing", run=run
+        )
         return
     new = _ns(stage2)["user"] != host["user"]
     want = X.NEW_USER_NS[run.flow]
-    verify.check(requirement, new == want, expected="a new user namespace" if want else
-                 "the host's user namespace", observed=f"user namespace "
-                 f"{_ns(stage2)['user']} (host {host['user']})", run=run, event=stage2)
+    verify.check(
+        requirement,
+        new == want,
+        expected="a new user namespace" if want else "the host's user namespace",
+        observed=f"user namespace {_ns(stage2)['user']} (host {host['user']})",
+        run=run,
+        event=stage2,
+    )
 
 
 def _subordinate_ranges(path: str, user: str | None, uid: int | None) -> list[tuple[int, int]]:
@@ -1043,8 +1384,12 @@ def _subordinate_ranges(path: str, user: str | None, uid: int | None) -> list[tu
         with open(path) as f:
             for line in f:
                 parts = line.strip().split(":")
-                if len(parts) == 3 and parts[0] in (user, str(uid)) and parts[1].isdigit() \
-                        and parts[2].isdigit():
+                if (
+                    len(parts) == 3
+                    and parts[0] in (user, str(uid))
+                    and parts[1].isdigit()
+                    and parts[2].isdigit()
+                ):
                     ranges.append((int(parts[1]), int(parts[2])))
     except OSError:
         pass
@@ -1065,10 +1410,12 @@ def check_user_ns_host_ids(verify: Verifier, run: Run, requirement: str) -> None
         return
     allowed_kinds = X.MAPPABLE_HOST_IDS[run.flow]
     start = events_of(run, "run_start")
-    name = ((start[0].get("invoker") or {}).get("name") if start else None)
+    name = (start[0].get("invoker") or {}).get("name") if start else None
     snap = _snapshot(stage2)
-    for map_name, own, subfile in (("uid_map", facts.uid, "/etc/subuid"),
-                                   ("gid_map", facts.gid, "/etc/subgid")):
+    for map_name, own, subfile in (
+        ("uid_map", facts.uid, "/etc/subuid"),
+        ("gid_map", facts.gid, "/etc/subgid"),
+    ):
         if own is None:
             raise SuiteError(f"run {run.id}: its run_start event names no invoking user")
         allowed = [(own, 1)] if X.INVOKER in allowed_kinds else []
@@ -1076,11 +1423,18 @@ def check_user_ns_host_ids(verify: Verifier, run: Run, requirement: str) -> None
             allowed += _subordinate_ranges(subfile, name, facts.uid)
         for inside, outside, count in snap.get(map_name) or []:
             ok = any(first <= outside and outside + count <= first + n for first, n in allowed)
-            verify.check(requirement, ok, expected=f"a {map_name} reaching only host ids "
-                         + ", ".join(f"{first}" if n == 1 else f"{first}-{first + n - 1}"
-                                     for first, n in allowed),
-                         observed=f"{map_name} line {inside} {outside} {count} maps host ids "
-                         f"{outside}-{outside + count - 1}", run=run, event=stage2)
+            verify.check(
+                requirement,
+                ok,
+                expected=f"a {map_name} reaching only host ids "
+                + ", ".join(
+                    f"{first}" if n == 1 else f"{first}-{first + n - 1}" for first, n in allowed
+                ),
+                observed=f"{map_name} line {inside} {outside} {count} maps host ids "
+                f"{outside}-{outside + count - 1}",
+                run=run,
+                event=stage2,
+            )
 
 
 def check_host_view(verify: Verifier, run: Run, requirement: str, what: str) -> None:
@@ -1091,39 +1445,62 @@ def check_host_view(verify: Verifier, run: Run, requirement: str, what: str) -> 
     notes = run.notes
     if "hostname_after" not in notes:
         raise HarnessError(f"run {run.id} has no view of the host: {notes.get('error')}")
-    watched = (f"watched {notes.get('looks', 0)} times during the run"
-               + (f"; {notes['error']}" if notes.get("error") else ""))
+    watched = f"watched {notes.get('looks', 0)} times during the run" + (
+        f"; {notes['error']}" if notes.get("error") else ""
+    )
     # In a host sandbox, "the host" the engine can reach is the sandbox: the supervisor
     # watched its hostname and mount table (kit.run.hostdiff), the launcher's view is the real
     # host's, which the sandbox keeps unchanged.
     kinds = ("hostname",) if what == "hostname" else ("mount",)
     for change in _seen_in_sandbox(run, kinds):
         hooks = change.get("hooks") or []
-        verify.fail(requirement, expected=f"the host's {what} unchanged while the run lasts "
-                    "(the host sandbox's, watched by the supervisor)",
-                    observed=_host_change_text(change), run=run,
-                    role=hooks[0].get("role") if len(hooks) == 1 else "master",
-                    hook=hooks[0].get("hook") if len(hooks) == 1 else None)
+        verify.fail(
+            requirement,
+            expected=f"the host's {what} unchanged while the run lasts "
+            "(the host sandbox's, watched by the supervisor)",
+            observed=_host_change_text(change),
+            run=run,
+            role=hooks[0].get("role") if len(hooks) == 1 else "master",
+            hook=hooks[0].get("hook") if len(hooks) == 1 else None,
+        )
     if what == "hostname":
         before = notes["hostname_before"]
         seen = notes.get("hostnames_during") or []
-        verify.check(requirement, not seen, expected=f"the host's hostname {before!r} while the "
-                     f"run lasts ({watched})", observed=f"the host's hostname was also "
-                     f"{', '.join(map(repr, seen))}", run=run, role="master")
+        verify.check(
+            requirement,
+            not seen,
+            expected=f"the host's hostname {before!r} while the run lasts ({watched})",
+            observed=f"the host's hostname was also {', '.join(map(repr, seen))}",
+            run=run,
+            role="master",
+        )
         after = notes["hostname_after"]
-        verify.check(requirement, after == before, expected=f"the host's hostname {before!r} "
-                     "after the run", observed=f"it is {after!r}", run=run, role="master")
+        verify.check(
+            requirement,
+            after == before,
+            expected=f"the host's hostname {before!r} after the run",
+            observed=f"it is {after!r}",
+            run=run,
+            role="master",
+        )
     elif what == "mounts":
         new = notes.get("new_mounts_during") or []
-        verify.check(requirement, not new, expected=f"no new or changed mount (options, "
-                     f"propagation) in the host's mount namespace while the run lasts "
-                     f"({watched})", observed=lambda: "new or changed: " + ", ".join(new[:5]),
-                     run=run, role="master")
+        verify.check(
+            requirement,
+            not new,
+            expected=f"no new or changed mount (options, "
+            f"propagation) in the host's mount namespace while the run lasts "
+            f"({watched})",
+            observed=lambda: "new or changed: " + ", ".join(new[:5]),
+            run=run,
+            role="master",
+        )
     else:
         raise SuiteError(f"unknown host view {what!r}")
 
 
 # --- RPC (SPEC §6) -------------------------------------------------------------------------------
+
 
 def check_rpc_calls_during_create(verify: Verifier, run: Run, requirement: str) -> None:
     run = verify.used(run.usable())
@@ -1131,21 +1508,30 @@ def check_rpc_calls_during_create(verify: Verifier, run: Run, requirement: str) 
     enter = hook_events(run, "master", "create_container", ("hook_enter",))
     done = hook_events(run, "master", "create_container", ("hook_return", "hook_raise"))
     if not enter or not done:
-        verify.fail(requirement, expected="create_container entered and returned",
-                    observed="missing", run=run, role="master", hook="create_container")
+        verify.fail(
+            requirement,
+            expected="create_container entered and returned",
+            observed="missing",
+            run=run,
+            role="master",
+            hook="create_container",
+        )
         return
     lo, hi = enter[0]["seq"], done[0]["seq"]
     for call in calls:
-        verify.check(requirement, call.get("role") == "rpc" and lo < call["seq"] < hi,
-                     expected=f"served by the RPC server while create_container ran "
-                     f"(#{lo}..#{hi})", observed=f"{call.get('method')} recorded by "
-                     f"the {call.get('role')} at #{call['seq']}", run=run, event=call)
+        verify.check(
+            requirement,
+            call.get("role") == "rpc" and lo < call["seq"] < hi,
+            expected=f"served by the RPC server while create_container ran (#{lo}..#{hi})",
+            observed=f"{call.get('method')} recorded by the {call.get('role')} at #{call['seq']}",
+            run=run,
+            event=call,
+        )
     if not calls:
         verify.vacuous(requirement, "the engine made no RPC call")
 
 
-def check_rpc_method_names(verify: Verifier, run: Run, requirement: str,
-                           engine_name: str) -> None:
+def check_rpc_method_names(verify: Verifier, run: Run, requirement: str, engine_name: str) -> None:
     run = verify.used(run.usable())
     calls = events_of(run, "rpc_call")
     if not calls:
@@ -1153,20 +1539,29 @@ def check_rpc_method_names(verify: Verifier, run: Run, requirement: str,
         return
     for call in calls:
         method = str(call.get("method"))
-        verify.check(requirement, method.startswith(engine_name + ".") and
-                     len(method) > len(engine_name) + 1,
-                     expected=f"a method named \"{engine_name}.<method>\"",
-                     observed=f"method {method!r}", run=run, event=call)
+        verify.check(
+            requirement,
+            method.startswith(engine_name + ".") and len(method) > len(engine_name) + 1,
+            expected=f"a method named \"{engine_name}.<method>\"",
+            observed=f"method {method!r}",
+            run=run,
+            event=call,
+        )
 
 
 def check_rpc_server_exit(verify: Verifier, run: Run, requirement: str) -> None:
     run = verify.used(run.usable())
     exits = events_of(run, "process_exit", child_role="rpc")
-    verify.check(requirement, len(exits) == 1 and exits[0].get("status") == 0,
-                 expected="the RPC server exits with status 0 once the client closed",
-                 observed=", ".join(f"status {e.get('status')}" for e in exits) or
-                 "no exit of the RPC server was recorded", run=run,
-                 event=exits[0] if exits else None, role="rpc")
+    verify.check(
+        requirement,
+        len(exits) == 1 and exits[0].get("status") == 0,
+        expected="the RPC server exits with status 0 once the client closed",
+        observed=", ".join(f"status {e.get('status')}" for e in exits)
+        or "no exit of the RPC server was recorded",
+        run=run,
+        event=exits[0] if exits else None,
+        role="rpc",
+    )
 
 
 def check_rpc_sequential(verify: Verifier, run: Run, requirement: str) -> None:
@@ -1176,29 +1571,43 @@ def check_rpc_sequential(verify: Verifier, run: Run, requirement: str) -> None:
     for call in calls:
         if previous is not None:
             started = call["t"] - float(call.get("duration_ms") or 0) * 1e6
-            verify.check(requirement, started >= previous["t"] - 5e4
-                         and call.get("tid") == previous.get("tid"),
-                         expected="each request served after the previous one was answered, "
-                         "by the same thread", observed=f"{call.get('method')} started "
-                         f"{(previous['t'] - started) / 1e6:.3f} ms before "
-                         f"{previous.get('method')} (#{previous['seq']}) was answered",
-                         run=run, event=call)
+            verify.check(
+                requirement,
+                started >= previous["t"] - 5e4 and call.get("tid") == previous.get("tid"),
+                expected="each request served after the previous one was answered, "
+                "by the same thread",
+                observed=f"{call.get('method')} started "
+                f"{(previous['t'] - started) / 1e6:.3f} ms before "
+                f"{previous.get('method')} (#{previous['seq']}) was answered",
+                run=run,
+                event=call,
+            )
         previous = call
     if len(calls) < 2:
         verify.vacuous(requirement, f"{len(calls)} RPC call(s): nothing can overlap")
 
 
 #: What the RPC server must answer to each probe of the rpc-probe scenario (the error type).
-_PROBE_ERRORS = {"unknown-method": "UnknownMethodError", "unknown-argument": "TypeError",
-                 "malformed-json": "ProtocolError", "pickle": "ProtocolError"}
+_PROBE_ERRORS = {
+    "unknown-method": "UnknownMethodError",
+    "unknown-argument": "TypeError",
+    "malformed-json": "ProtocolError",
+    "pickle": "ProtocolError",
+}
 
 
 def _error_reply(call: dict[str, Any], want: str) -> tuple[bool, str]:
     err = call.get("error") or {}
-    ok = (call.get("ok") is False and err.get("type") == want and "errno" in err
-          and bool(err.get("message")))
-    return ok, (f"ok={call.get('ok')}, error {err.get('type')} (errno {err.get('errno')!r}): "
-                f"{str(err.get('message'))[:160]!r}")
+    ok = (
+        call.get("ok") is False
+        and err.get("type") == want
+        and "errno" in err
+        and bool(err.get("message"))
+    )
+    return ok, (
+        f"ok={call.get('ok')}, error {err.get('type')} (errno {err.get('errno')!r}): "
+        f"{str(err.get('message'))[:160]!r}"
+    )
 
 
 def check_rpc_probes(verify: Verifier, run: Run) -> None:
@@ -1207,37 +1616,63 @@ def check_rpc_probes(verify: Verifier, run: Run) -> None:
     then an oversized frame header)."""
     run = verify.used(run.usable())
     calls = events_of(run, "rpc_call")
-    probes, later = calls[:len(RPC_PROBES)], calls[len(RPC_PROBES):]
+    probes, later = calls[: len(RPC_PROBES)], calls[len(RPC_PROBES) :]
     for req in ("RPC-005", "RPC-006"):
-        verify.check(req, len(probes) == len(RPC_PROBES),
-                     expected=f"one record per probe frame ({', '.join(RPC_PROBES)})",
-                     observed=f"{len(probes)} record(s) before the server stopped", run=run)
+        verify.check(
+            req,
+            len(probes) == len(RPC_PROBES),
+            expected=f"one record per probe frame ({', '.join(RPC_PROBES)})",
+            observed=f"{len(probes)} record(s) before the server stopped",
+            run=run,
+        )
     # Fewer records than probes is reported above; the ones that came are checked.
     for name, call in zip(RPC_PROBES, probes, strict=False):
         req = "RPC-005" if name == "pickle" else "RPC-006"
         ok, seen = _error_reply(call, _PROBE_ERRORS[name])
-        verify.check(req, ok, expected=f"the {name} probe answered with a {_PROBE_ERRORS[name]} "
-                     "error reply carrying errno and message", observed=seen, run=run,
-                     event=call)
+        verify.check(
+            req,
+            ok,
+            expected=f"the {name} probe answered with a {_PROBE_ERRORS[name]} "
+            "error reply carrying errno and message",
+            observed=seen,
+            run=run,
+            event=call,
+        )
     if len(probes) == len(RPC_PROBES):
-        verify.check("RPC-006", bool(later), expected="the server keeps serving after the "
-                     "probes", observed="nothing more was served", run=run,
-                     event=probes[-1])
+        verify.check(
+            "RPC-006",
+            bool(later),
+            expected="the server keeps serving after the probes",
+            observed="nothing more was served",
+            run=run,
+            event=probes[-1],
+        )
         served = [c for c in later[:-1] if c.get("ok")]
         if len(later) > 1:
-            verify.check("RPC-006", bool(served), expected="the engine's own calls after the "
-                         "probes are served", observed=f"{len(later) - 1} call(s), none served",
-                         run=run, event=later[0])
+            verify.check(
+                "RPC-006",
+                bool(served),
+                expected="the engine's own calls after the probes are served",
+                observed=f"{len(later) - 1} call(s), none served",
+                run=run,
+                event=later[0],
+            )
     oversized = later[-1] if later else None
-    ok, seen = (_error_reply(oversized, "ProtocolError") if oversized
-                else (False, "no record"))
+    ok, seen = _error_reply(oversized, "ProtocolError") if oversized else (False, "no record")
     ok = ok and "exceeds" in str((oversized or {}).get("error", {}).get("message"))
-    verify.check("RPC-005", ok, expected="a frame announcing more than the maximum size "
-                 "refused with a ProtocolError naming the size", observed=seen, run=run,
-                 event=oversized)
+    verify.check(
+        "RPC-005",
+        ok,
+        expected="a frame announcing more than the maximum size "
+        "refused with a ProtocolError naming the size",
+        observed=seen,
+        run=run,
+        event=oversized,
+    )
 
 
 # --- signals and exit (SPEC §7, §2 rule 8) ---------------------------------------------------
+
 
 def exit_event(run: Run) -> dict[str, Any] | None:
     """The ledger's record of the run's exit code (written by the supervisor)."""
@@ -1245,14 +1680,20 @@ def exit_event(run: Run) -> dict[str, Any] | None:
     return exits[-1] if exits else None
 
 
-def check_exit_code(verify: Verifier, run: Run, requirement: str,
-                    expected: int | None = None) -> None:
+def check_exit_code(
+    verify: Verifier, run: Run, requirement: str, expected: int | None = None
+) -> None:
     run = verify.used(run.usable())
     want = run.scenario.expected_exit if expected is None else expected
-    verify.check(requirement, run.result.exit_code == want,
-                 expected=f"exit code {want} ({run.scenario.description})",
-                 observed=f"exit code {run.result.exit_code} ({run.result.reason})", run=run,
-                 event=exit_event(run), role="master")
+    verify.check(
+        requirement,
+        run.result.exit_code == want,
+        expected=f"exit code {want} ({run.scenario.description})",
+        observed=f"exit code {run.result.exit_code} ({run.result.reason})",
+        run=run,
+        event=exit_event(run),
+        role="master",
+    )
 
 
 def check_monitor_status(verify: Verifier, run: Run, requirement: str) -> None:
@@ -1262,37 +1703,76 @@ def check_monitor_status(verify: Verifier, run: Run, requirement: str) -> None:
         raise SuiteError(f"scenario {run.scenario.name!r} has no fixed exit status to check")
     returns = hook_events(run, "master", "monitor_container", ("hook_return",))
     if not returns:
-        verify.fail(requirement, expected="monitor_container returned a wait status",
-                    observed="no return of monitor_container", run=run, role="master",
-                    hook="monitor_container")
+        verify.fail(
+            requirement,
+            expected="monitor_container returned a wait status",
+            observed="no return of monitor_container",
+            run=run,
+            role="master",
+            hook="monitor_container",
+        )
         return
     status = returns[0].get("result")
     if not isinstance(status, int) or isinstance(status, bool):
-        verify.fail(requirement, expected="a wait status (int)", observed=repr(status),
-                    run=run, event=returns[0])
+        verify.fail(
+            requirement,
+            expected="a wait status (int)",
+            observed=repr(status),
+            run=run,
+            event=returns[0],
+        )
         return
-    code = (128 + os.WTERMSIG(status) if os.WIFSIGNALED(status)
-            else os.WEXITSTATUS(status) if os.WIFEXITED(status) else None)
-    verify.check(requirement, code == want, expected=f"the container's wait status "
-                 f"({f'killed by signal {want - 128}' if want > 128 else f'exited {want}'})",
-                 observed=f"wait status {status:#x} ("
-                 + (f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
-                    else f"exited {os.WEXITSTATUS(status)}") + ")",
-                 run=run, event=returns[0])
+    code = (
+        128 + os.WTERMSIG(status)
+        if os.WIFSIGNALED(status)
+        else os.WEXITSTATUS(status)
+        if os.WIFEXITED(status)
+        else None
+    )
+    verify.check(
+        requirement,
+        code == want,
+        expected=f"the container's wait status "
+        f"({f'killed by signal {want - 128}' if want > 128 else f'exited {want}'})",
+        observed=f"wait status {status:#x} ("
+        + (
+            f"killed by signal {os.WTERMSIG(status)}"
+            if os.WIFSIGNALED(status)
+            else f"exited {os.WEXITSTATUS(status)}"
+        )
+        + ")",
+        run=run,
+        event=returns[0],
+    )
 
 
 def check_sigchld_recorded(verify: Verifier, run: Run, requirement: str) -> None:
     run = verify.used(run.usable())
     chld = [e for e in events_of(run, "signal", role="master") if e.get("name") == "SIGCHLD"]
-    verify.check(requirement, bool(chld), expected="the container's exit recorded as a "
-                 "SIGCHLD of the master", observed="no SIGCHLD recorded", run=run,
-                 role="master")
+    verify.check(
+        requirement,
+        bool(chld),
+        expected="the container's exit recorded as a SIGCHLD of the master",
+        observed="no SIGCHLD recorded",
+        run=run,
+        role="master",
+    )
 
 
 #: SPEC §4: "changes no credential" compares all of these (securebits: the process's).
-CREDENTIAL_FIELDS = ("uid", "gid", "groups", "caps.effective", "caps.permitted",
-                     "caps.inheritable", "caps.bounding", "caps.ambient", "no_new_privs",
-                     "seccomp", "securebits")
+CREDENTIAL_FIELDS = (
+    "uid",
+    "gid",
+    "groups",
+    "caps.effective",
+    "caps.permitted",
+    "caps.inheritable",
+    "caps.bounding",
+    "caps.ambient",
+    "no_new_privs",
+    "seccomp",
+    "securebits",
+)
 
 
 def credential(thread: dict[str, Any], securebits: Any = None) -> dict[str, Any]:
@@ -1310,13 +1790,19 @@ def credential(thread: dict[str, Any], securebits: Any = None) -> dict[str, Any]
 
 def credential_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     """``field before -> after`` for every field of two credentials that differs."""
-    return [f"{name} {_short(before[name])} -> {_short(after[name])}"
-            for name in CREDENTIAL_FIELDS if before.get(name) != after.get(name)]
+    return [
+        f"{name} {_short(before[name])} -> {_short(after[name])}"
+        for name in CREDENTIAL_FIELDS
+        if before.get(name) != after.get(name)
+    ]
 
 
 def _short(value: Any) -> str:
-    return _caps_text(value) if isinstance(value, list) and value and isinstance(
-        value[0], str) else str(value)
+    return (
+        _caps_text(value)
+        if isinstance(value, list) and value and isinstance(value[0], str)
+        else str(value)
+    )
 
 
 def _method_credentials(seen: dict[str, Any]) -> dict[Any, dict[str, Any]]:
@@ -1330,8 +1816,7 @@ def _method_credentials(seen: dict[str, Any]) -> dict[Any, dict[str, Any]]:
     return out
 
 
-def check_rpc_methods_restore_credentials(verify: Verifier, run: Run,
-                                          requirement: str) -> None:
+def check_rpc_methods_restore_credentials(verify: Verifier, run: Run, requirement: str) -> None:
     """The kit records the RPC server's credentials before and after every method: every
     thread leaves the method with the whole credential it entered with (what a method raised
     on its own thread it must have lowered again; no other thread may change at all)."""
@@ -1350,15 +1835,24 @@ def check_rpc_methods_restore_credentials(verify: Verifier, run: Run,
             if tid != "serving" and (was[tid], now[tid]) == serving and serving[0] != serving[1]:
                 continue  # the serving thread itself, already reported
             changes = credential_changes(was[tid], now[tid])
-            thread = next((t for t in after.get("threads") or [] if t.get("tid") == tid),
-                          {"tid": event.get("tid") if tid == "serving" else tid,
-                           "name": "serving the method" if tid == "serving" else None})
-            verify.check(requirement, not changes, expected=f"{event.get('method')} returns "
-                         f"with every thread's whole credential as it started "
-                         f"({', '.join(CREDENTIAL_FIELDS)})",
-                         observed=lambda:
-                         f"{thread_label(thread)}: " + "; ".join(changes),
-                         run=run, event=event, role="rpc")
+            thread = next(
+                (t for t in after.get("threads") or [] if t.get("tid") == tid),
+                {
+                    "tid": event.get("tid") if tid == "serving" else tid,
+                    "name": "serving the method" if tid == "serving" else None,
+                },
+            )
+            verify.check(
+                requirement,
+                not changes,
+                expected=f"{event.get('method')} returns "
+                f"with every thread's whole credential as it started "
+                f"({', '.join(CREDENTIAL_FIELDS)})",
+                observed=lambda: f"{thread_label(thread)}: " + "; ".join(changes),
+                run=run,
+                event=event,
+                role="rpc",
+            )
 
 
 def check_only_the_container_reaped(verify: Verifier, run: Run, requirement: str) -> None:
@@ -1366,144 +1860,255 @@ def check_only_the_container_reaped(verify: Verifier, run: Run, requirement: str
     reaps any child takes it, and the master records a ``foreign_reap`` event."""
     run = verify.used(run.usable())
     reaped = events_of(run, "foreign_reap", role="master")
-    verify.check(requirement, not reaped, expected="only the container's pid reaped by the "
-                 "engine", observed=lambda: reaped[0].get("detail", ""), run=run,
-                 event=reaped[0] if reaped else None, role="master")
+    verify.check(
+        requirement,
+        not reaped,
+        expected="only the container's pid reaped by the engine",
+        observed=lambda: reaped[0].get("detail", ""),
+        run=run,
+        event=reaped[0] if reaped else None,
+        role="master",
+    )
 
 
 def check_signals_recorded(verify: Verifier, run: Run, requirement: str) -> None:
     run = verify.used(run.usable())
     sent = run.notes.get("sent") or []
     if not sent:
-        verify.fail(requirement, expected=f"the suite sends {', '.join(X.FORWARDED_SIGNALS)} "
-                    "to the master once the payload runs", observed="nothing was sent: "
-                    f"{run.notes.get('error', 'unknown reason')}", run=run, role="master")
+        verify.fail(
+            requirement,
+            expected=f"the suite sends {', '.join(X.FORWARDED_SIGNALS)} "
+            "to the master once the payload runs",
+            observed=f"nothing was sent: {run.notes.get('error', 'unknown reason')}",
+            run=run,
+            role="master",
+        )
         return
     recorded = [e for e in events_of(run, "signal", role="master")]
     for name in sent:
         found = [e for e in recorded if e.get("name") == name]
-        verify.check(requirement, bool(found), expected=f"{name} recorded by the master",
-                     observed=f"signals recorded: "
-                     f"{sorted({e.get('name') for e in recorded}, key=str)}", run=run,
-                     role="master")
+        verify.check(
+            requirement,
+            bool(found),
+            expected=f"{name} recorded by the master",
+            observed=f"signals recorded: {sorted({e.get('name') for e in recorded}, key=str)}",
+            run=run,
+            role="master",
+        )
 
 
 def check_signals_forwarded(verify: Verifier, run: Run, requirement: str) -> None:
     run = verify.used(run.usable())
     sent = run.notes.get("sent") or []
     if len(sent) != len(X.FORWARDED_SIGNALS):
-        verify.fail(requirement, expected=f"{', '.join(X.FORWARDED_SIGNALS)} sent to the "
-                    "master while the payload runs", observed=f"sent {sent}: "
-                    f"{run.notes.get('error', '')}", run=run, role="master",
-                    hook="monitor_container")
+        verify.fail(
+            requirement,
+            expected=f"{', '.join(X.FORWARDED_SIGNALS)} sent to the master while the payload runs",
+            observed=f"sent {sent}: {run.notes.get('error', '')}",
+            run=run,
+            role="master",
+            hook="monitor_container",
+        )
         return
     code = run.result.exit_code
     missing = decode_signal_exit(code)
     returns = hook_events(run, "master", "monitor_container", ("hook_return",))
     if missing is None:
-        observed = (f"exit code {code}, which the payload never exits with (it exits "
-                    f"{ALL_SIGNALS_ARRIVED}, or {SIGNAL_MASK_BASE} + the mask of the signals "
-                    "it received): the exit code does not come from the payload")
+        observed = (
+            f"exit code {code}, which the payload never exits with (it exits "
+            f"{ALL_SIGNALS_ARRIVED}, or {SIGNAL_MASK_BASE} + the mask of the signals "
+            "it received): the exit code does not come from the payload"
+        )
     else:
         observed = f"exit code {code}: the payload did not receive {', '.join(missing)}"
-    verify.check(requirement, missing == [], expected="the payload received "
-                 f"{', '.join(X.FORWARDED_SIGNALS)} (it then exits {ALL_SIGNALS_ARRIVED})",
-                 observed=observed, run=run, role="master", hook="monitor_container",
-                 event=returns[0] if returns else exit_event(run))
+    verify.check(
+        requirement,
+        missing == [],
+        expected="the payload received "
+        f"{', '.join(X.FORWARDED_SIGNALS)} (it then exits {ALL_SIGNALS_ARRIVED})",
+        observed=observed,
+        run=run,
+        role="master",
+        hook="monitor_container",
+        event=returns[0] if returns else exit_event(run),
+    )
 
 
 # --- error paths (SPEC §2 error table) ------------------------------------------------------
+
 
 def raised_in(run: Run, role: str, hook: str) -> bool:
     return bool(hook_events(run, role, hook, ("hook_raise",)))
 
 
-def check_error_path(verify: Verifier, run: Run, requirement: str,
-                     path: X.ErrorPath | None = None) -> None:
+def check_error_path(
+    verify: Verifier, run: Run, requirement: str, path: X.ErrorPath | None = None
+) -> None:
     run = verify.used(run.usable())
     path = path or X.ERROR_PATHS[requirement]
     res = run.result
     req = requirement
     want_exit = run.scenario.expected_exit if path.exit_code is None else path.exit_code
-    verify.check(req, res.exit_code == want_exit, expected=f"exit code {want_exit}",
-                 observed=f"exit code {res.exit_code} ({res.reason})", run=run,
-                 event=exit_event(run), role="master")
+    verify.check(
+        req,
+        res.exit_code == want_exit,
+        expected=f"exit code {want_exit}",
+        observed=f"exit code {res.exit_code} ({res.reason})",
+        run=run,
+        event=exit_event(run),
+        role="master",
+    )
     if path.raised:
         role, hook = path.raised
-        verify.check(req, raised_in(run, role, hook), expected=f"{hook} raised in the {role}",
-                     observed="no hook_raise of it was recorded", run=run, role=role, hook=hook)
+        verify.check(
+            req,
+            raised_in(run, role, hook),
+            expected=f"{hook} raised in the {role}",
+            observed="no hook_raise of it was recorded",
+            run=run,
+            role=role,
+            hook=hook,
+        )
     for role in path.absent_roles:
         found = hook_events(run, role, kinds=("hook_enter",))
-        verify.check(req, not found, expected=f"no hook of the {role} runs",
-                     observed=lambda: f"{found[0]['hook']} ran", run=run,
-                     event=found[0] if found else None, role=role)
+        verify.check(
+            req,
+            not found,
+            expected=f"no hook of the {role} runs",
+            observed=lambda: f"{found[0]['hook']} ran",
+            run=run,
+            event=found[0] if found else None,
+            role=role,
+        )
     for role, hook in path.absent_hooks:
         found = hook_events(run, role, hook, ("hook_enter",))
-        verify.check(req, not found, expected=f"{hook} does not run",
-                     observed=f"{hook} ran", run=run, event=found[0] if found else None,
-                     role=role, hook=hook)
+        verify.check(
+            req,
+            not found,
+            expected=f"{hook} does not run",
+            observed=f"{hook} ran",
+            run=run,
+            event=found[0] if found else None,
+            role=role,
+            hook=hook,
+        )
     if path.cleanup is not None:
         found = hook_events(run, "master", "cleanup_container", ("hook_enter",))
         want = 1 if path.cleanup else 0
-        verify.check(req, len(found) == want, expected=f"cleanup_container runs {want} time(s)",
-                     observed=f"it ran {len(found)} time(s)", run=run,
-                     event=found[0] if found else None, role="master", hook="cleanup_container")
+        verify.check(
+            req,
+            len(found) == want,
+            expected=f"cleanup_container runs {want} time(s)",
+            observed=f"it ran {len(found)} time(s)",
+            run=run,
+            event=found[0] if found else None,
+            role="master",
+            hook="cleanup_container",
+        )
     fatals = events_of(run, "fatal", role="master")
     if path.fatal is not None:
         match = [e for e in fatals if path.fatal in str(e.get("message"))]
-        verify.check(req, bool(match), expected="the master's fatal error" + (
-            f" \"{path.fatal}: …\"" if path.fatal else ""),
-            observed=", ".join(repr(e.get("message")) for e in fatals) or "no fatal error "
-            "recorded", run=run, role="master")
+        verify.check(
+            req,
+            bool(match),
+            expected="the master's fatal error" + (f" \"{path.fatal}: …\"" if path.fatal else ""),
+            observed=", ".join(repr(e.get("message")) for e in fatals) or "no fatal error recorded",
+            run=run,
+            role="master",
+        )
     if path.no_fatal:
-        verify.check(req, not fatals, expected="no fatal error (cleanup_container gets None)",
-                     observed=lambda: f"fatal {fatals[0].get('message')!r}", run=run,
-                     event=fatals[0] if fatals else None)
+        verify.check(
+            req,
+            not fatals,
+            expected="no fatal error (cleanup_container gets None)",
+            observed=lambda: f"fatal {fatals[0].get('message')!r}",
+            run=run,
+            event=fatals[0] if fatals else None,
+        )
     if path.stage2_failed is not None:
         failed = events_of(run, "stage2_failed")
         match = [e for e in failed if path.stage2_failed in str(e.get("message"))]
-        verify.check(req, bool(match), expected="stage 2 reports its failure" + (
-            f" (\"{path.stage2_failed}\")" if path.stage2_failed else ""),
-            observed=", ".join(repr(e.get("message")) for e in failed) or "no stage-2 failure "
-            "recorded", run=run, role="stage2")
+        verify.check(
+            req,
+            bool(match),
+            expected="stage 2 reports its failure"
+            + (f" (\"{path.stage2_failed}\")" if path.stage2_failed else ""),
+            observed=", ".join(repr(e.get("message")) for e in failed)
+            or "no stage-2 failure recorded",
+            run=run,
+            role="stage2",
+        )
         execs = events_of(run, "stage2_exec")
-        verify.check(req, not execs, expected="no exec of the payload",
-                     observed="stage2_exec recorded", run=run,
-                     event=execs[0] if execs else None)
+        verify.check(
+            req,
+            not execs,
+            expected="no exec of the payload",
+            observed="stage2_exec recorded",
+            run=run,
+            event=execs[0] if execs else None,
+        )
     if path.container_exit is not None:
         returns = hook_events(run, "master", "monitor_container", ("hook_return",))
         if returns and isinstance(returns[0].get("result"), int):
             status = returns[0]["result"]
             code = os.waitstatus_to_exitcode(status)
-            verify.check(req, code == path.container_exit, expected=f"the container exited "
-                         f"{path.container_exit}", observed=f"wait status {status:#x} "
-                         f"(exit code {code})", run=run, event=returns[0])
+            verify.check(
+                req,
+                code == path.container_exit,
+                expected=f"the container exited {path.container_exit}",
+                observed=f"wait status {status:#x} (exit code {code})",
+                run=run,
+                event=returns[0],
+            )
     if path.timeout is not None:
         role, hook = path.timeout
         timed = res.timed_out or {}
-        verify.check(req, timed.get("hook") == hook and timed.get("hook_role") == role,
-                     expected=f"a hook timeout naming {hook} in the {role}",
-                     observed=f"timed_out {res.timed_out!r}", run=run, role=role, hook=hook)
+        verify.check(
+            req,
+            timed.get("hook") == hook and timed.get("hook_role") == role,
+            expected=f"a hook timeout naming {hook} in the {role}",
+            observed=f"timed_out {res.timed_out!r}",
+            run=run,
+            role=role,
+            hook=hook,
+        )
         left = [leak for leak in res.leaks if leak.get("what") == "process"]
-        verify.check(req, not left, expected="the run's whole process tree killed",
-                     observed=lambda: f"left behind: {left}", run=run)
+        verify.check(
+            req,
+            not left,
+            expected="the run's whole process tree killed",
+            observed=lambda: f"left behind: {left}",
+            run=run,
+        )
     if path.starter_error is not None:
         stage, text = path.starter_error
         errors = events_of(run, "starter_error")
         match = [e for e in errors if e.get("stage") == stage and text in str(e.get("message"))]
-        verify.check(req, bool(match), expected=f"rejected by the starter ({stage}) with a "
-                     f"message naming {text}", observed=", ".join(
-                         f"{e.get('stage')}: {e.get('message')!r}" for e in errors)
-                     or "no starter error recorded", run=run, role="starter")
-    if path.cleanup_fatal is not None or path.cleanup_gets_no_fatal or path.cleanup_exit \
-            is not None:
+        verify.check(
+            req,
+            bool(match),
+            expected=f"rejected by the starter ({stage}) with a message naming {text}",
+            observed=", ".join(f"{e.get('stage')}: {e.get('message')!r}" for e in errors)
+            or "no starter error recorded",
+            run=run,
+            role="starter",
+        )
+    if (
+        path.cleanup_fatal is not None
+        or path.cleanup_gets_no_fatal
+        or path.cleanup_exit is not None
+    ):
         _check_cleanup_arguments(verify, run, req, path)
     if path.no_namespaces:
-        created = events_of(run, "namespaces") + events_of(run, "process_start",
-                                                           role="container")
-        verify.check(req, not created, expected="no container namespace created",
-                     observed=lambda: f"{describe_event(created[0])}", run=run,
-                     event=created[0] if created else None)
+        created = events_of(run, "namespaces") + events_of(run, "process_start", role="container")
+        verify.check(
+            req,
+            not created,
+            expected="no container namespace created",
+            observed=lambda: f"{describe_event(created[0])}",
+            run=run,
+            event=created[0] if created else None,
+        )
 
 
 def hook_args(event: dict[str, Any]) -> dict[str, Any] | None:
@@ -1525,19 +2130,34 @@ def _check_cleanup_arguments(verify: Verifier, run: Run, req: str, path: X.Error
     fatal, status = args.get("fatal"), args.get("status")
     if path.cleanup_fatal is not None:
         message = (fatal or {}).get("message", "") if isinstance(fatal, dict) else str(fatal)
-        verify.check(req, fatal is not None and path.cleanup_fatal in message,
-                     expected="cleanup_container gets the fatal error" + (
-                         f" \"{path.cleanup_fatal}: …\"" if path.cleanup_fatal else ""),
-                     observed=f"fatal={fatal!r}", run=run, event=event)
+        verify.check(
+            req,
+            fatal is not None and path.cleanup_fatal in message,
+            expected="cleanup_container gets the fatal error"
+            + (f" \"{path.cleanup_fatal}: …\"" if path.cleanup_fatal else ""),
+            observed=f"fatal={fatal!r}",
+            run=run,
+            event=event,
+        )
     if path.cleanup_gets_no_fatal:
-        verify.check(req, fatal is None, expected="cleanup_container gets no fatal error",
-                     observed=f"fatal={fatal!r}", run=run, event=event)
+        verify.check(
+            req,
+            fatal is None,
+            expected="cleanup_container gets no fatal error",
+            observed=f"fatal={fatal!r}",
+            run=run,
+            event=event,
+        )
     if path.cleanup_exit is not None:
         code = os.waitstatus_to_exitcode(status) if isinstance(status, int) else None
-        verify.check(req, code == path.cleanup_exit, expected=f"cleanup_container gets the "
-                     f"container's status (exited {path.cleanup_exit})",
-                     observed=f"status={status!r}" + (f" (exit code {code})" if code is not None
-                                                      else ""), run=run, event=event)
+        verify.check(
+            req,
+            code == path.cleanup_exit,
+            expected=f"cleanup_container gets the container's status (exited {path.cleanup_exit})",
+            observed=f"status={status!r}" + (f" (exit code {code})" if code is not None else ""),
+            run=run,
+            event=event,
+        )
 
 
 def check_init_flag(verify: Verifier, run: Run, requirement: str) -> None:
@@ -1548,13 +2168,18 @@ def check_init_flag(verify: Verifier, run: Run, requirement: str) -> None:
         verify.unsupported(requirement, "the kit's ledger does not record hook arguments")
         return
     if not events:
-        verify.fail(requirement, expected="init_config calls", observed="none recorded",
-                    run=run)
+        verify.fail(requirement, expected="init_config calls", observed="none recorded", run=run)
     for event in events:
         want = event["role"] == "stage1" and run.flow in ("suid", "hybrid")
         got = (hook_args(event) or {}).get("privileged_stage1")
-        verify.check(requirement, got is want, expected=f"privileged_stage1={want}",
-                     observed=f"privileged_stage1={got!r}", run=run, event=event)
+        verify.check(
+            requirement,
+            got is want,
+            expected=f"privileged_stage1={want}",
+            observed=f"privileged_stage1={got!r}",
+            run=run,
+            event=event,
+        )
 
 
 def check_master_pids(verify: Verifier, run: Run, requirement: str) -> None:
@@ -1562,40 +2187,63 @@ def check_master_pids(verify: Verifier, run: Run, requirement: str) -> None:
     it: the pid the starter recorded when it started the container)."""
     run = verify.used(run.usable())
     started = events_of(run, "container_start")
-    events = [e for e in hook_events(run, "master", kinds=("hook_enter",))
-              if e["hook"] in ("create_container", "post_start_process", "monitor_container")]
+    events = [
+        e
+        for e in hook_events(run, "master", kinds=("hook_enter",))
+        if e["hook"] in ("create_container", "post_start_process", "monitor_container")
+    ]
     if not started or (events and all(hook_args(e) is None for e in events)):
-        verify.unsupported(requirement, "the kit's ledger does not record the container's pid "
-                           "or the hook arguments")
+        verify.unsupported(
+            requirement,
+            "the kit's ledger does not record the container's pid or the hook arguments",
+        )
         return
     container_pid = started[0].get("container_pid")
     if not events:
-        verify.fail(requirement, expected="master hooks", observed="none recorded", run=run,
-                    role="master")
+        verify.fail(
+            requirement, expected="master hooks", observed="none recorded", run=run, role="master"
+        )
     for event in events:
         got = (hook_args(event) or {}).get("pid")
-        verify.check(requirement, got == container_pid, expected=f"pid {container_pid}, the "
-                     f"container as the master sees it (#{started[0]['seq']})",
-                     observed=f"pid {got!r}", run=run, event=event)
+        verify.check(
+            requirement,
+            got == container_pid,
+            expected=f"pid {container_pid}, the "
+            f"container as the master sees it (#{started[0]['seq']})",
+            observed=f"pid {got!r}",
+            run=run,
+            event=event,
+        )
 
 
 # --- cleanup, join-only, ledger ------------------------------------------------------------
 
+
 def check_no_leaks(verify: Verifier, run: Run, requirement: str) -> None:
     run = verify.used(run.usable())
     leaks = run.result.leaks
-    verify.check(requirement, not leaks, expected="nothing left behind",
-                 observed=lambda: "; ".join(f"{leak.get('what')}: {leak.get('detail')}"
-                                            for leak in leaks),
-                 run=run, event=next((e for e in run.events if e.get("kind") == "leak"), None))
+    verify.check(
+        requirement,
+        not leaks,
+        expected="nothing left behind",
+        observed=lambda: "; ".join(f"{leak.get('what')}: {leak.get('detail')}" for leak in leaks),
+        run=run,
+        event=next((e for e in run.events if e.get("kind") == "leak"), None),
+    )
 
 
 #: Requirement → the kinds of host objects (kit.run.hostdiff.KINDS) it covers.
-HOST_KINDS = {"HOST-001": ("file",), "HOST-002": ("mount",),
-              "HOST-003": ("hostname", "domainname"), "HOST-004": ("sysctl",),
-              "HOST-005": ("link", "address", "route"), "HOST-006": ("netns",),
-              "HOST-007": ("ipc", "mqueue"), "HOST-008": ("process",),
-              "HOST-009": ("hostname", "domainname", "mount")}
+HOST_KINDS = {
+    "HOST-001": ("file",),
+    "HOST-002": ("mount",),
+    "HOST-003": ("hostname", "domainname"),
+    "HOST-004": ("sysctl",),
+    "HOST-005": ("link", "address", "route"),
+    "HOST-006": ("netns",),
+    "HOST-007": ("ipc", "mqueue"),
+    "HOST-008": ("process",),
+    "HOST-009": ("hostname", "domainname", "mount"),
+}
 
 
 def _host_change_text(change: dict[str, Any]) -> str:
@@ -1612,7 +2260,8 @@ def _host_change_text(change: dict[str, Any]) -> str:
     hooks = change.get("hooks")
     if hooks:
         text += "; appeared while open: " + ", ".join(
-            f"{h.get('hook')} ({h.get('role')} pid {h.get('pid')})" for h in hooks)
+            f"{h.get('hook')} ({h.get('role')} pid {h.get('pid')})" for h in hooks
+        )
     elif hooks is not None:
         text += "; appeared while no hook was open"
     return text
@@ -1622,9 +2271,13 @@ def _seen_in_sandbox(run: Run, kinds: tuple[str, ...]) -> list[dict[str, Any]]:
     """Changes of ``kinds`` that the supervisor saw in the run's host sandbox while the run
     went on (none without a sandbox); for mounts, only new ones (NS-011's rule)."""
     event = next((e for e in run.events if e.get("kind") == "host_changes"), None)
-    return [c for c in (event or {}).get("changes") or []
-            if c.get("kind") in kinds and (c.get("transient") or c.get("hooks") is not None)
-            and (c.get("kind") != "mount" or c.get("before") is None)]
+    return [
+        c
+        for c in (event or {}).get("changes") or []
+        if c.get("kind") in kinds
+        and (c.get("transient") or c.get("hooks") is not None)
+        and (c.get("kind") != "mount" or c.get("before") is None)
+    ]
 
 
 def check_host(verify: Verifier, run: Run, requirement: str) -> None:
@@ -1635,33 +2288,55 @@ def check_host(verify: Verifier, run: Run, requirement: str) -> None:
     kernel_only(run, "the host's state")
     event = next((e for e in run.events if e.get("kind") == "host_changes"), None)
     if event is None:
-        pytest.skip(f"{NOT_CONFIGURED_PREFIX}run {run.id} had no host sandbox to diff (the "
-                    "real backend launched as root runs in one)")
+        pytest.skip(
+            f"{NOT_CONFIGURED_PREFIX}run {run.id} had no host sandbox to diff (the "
+            "real backend launched as root runs in one)"
+        )
     kinds = HOST_KINDS[requirement]
     errors = event.get("errors") or {}
     for kind in kinds:
         if kind in errors:
-            raise HarnessError(f"run {run.id}: the host diff could not read {kind}: "
-                               f"{errors[kind]}")
+            raise HarnessError(f"run {run.id}: the host diff could not read {kind}: {errors[kind]}")
     during = requirement == "HOST-009"
-    found = [c for c in event.get("changes") or [] if c.get("kind") in kinds
-             and (c.get("transient") or c.get("hooks") is not None if during
-                  else not c.get("transient"))]
+    found = [
+        c
+        for c in event.get("changes") or []
+        if c.get("kind") in kinds
+        and (c.get("transient") or c.get("hooks") is not None if during else not c.get("transient"))
+    ]
     omitted = {k: n for k, n in (event.get("omitted") or {}).items() if k in kinds}
     if omitted and not during:
-        verify.fail(requirement, expected="the host as before the run", observed=", ".join(
-            f"{n} more change(s) of {k} not listed" for k, n in sorted(omitted.items())),
-            run=run, event=event, role="unknown")
+        verify.fail(
+            requirement,
+            expected="the host as before the run",
+            observed=", ".join(
+                f"{n} more change(s) of {k} not listed" for k, n in sorted(omitted.items())
+            ),
+            run=run,
+            event=event,
+            role="unknown",
+        )
     for change in found:
         hooks = change.get("hooks") or []
-        one = hooks[0] if len(hooks) == 1 else {
-            # several hooks open at once, or none known: not the supervisor that recorded it
-            "role": "/".join(sorted({str(h.get("role")) for h in hooks})) or "unknown"}
-        verify.fail(requirement, expected=f"{change.get('kind')} {change.get('name')} "
-                    f"{'unchanged while the run lasts' if during else 'as before the run'}: "
-                    f"{change.get('before') if change.get('before') is not None else 'absent'}",
-                    observed=_host_change_text(change), run=run, event=event,
-                    role=one.get("role"), hook=one.get("hook"))
+        one = (
+            hooks[0]
+            if len(hooks) == 1
+            else {
+                # several hooks open at once, or none known: not the supervisor that recorded it
+                "role": "/".join(sorted({str(h.get("role")) for h in hooks})) or "unknown"
+            }
+        )
+        verify.fail(
+            requirement,
+            expected=f"{change.get('kind')} {change.get('name')} "
+            f"{'unchanged while the run lasts' if during else 'as before the run'}: "
+            f"{change.get('before') if change.get('before') is not None else 'absent'}",
+            observed=_host_change_text(change),
+            run=run,
+            event=event,
+            role=one.get("role"),
+            hook=one.get("hook"),
+        )
     if not found and not omitted:
         verify.check(requirement, True, expected="", observed="", run=run)
 
@@ -1671,20 +2346,35 @@ def check_refused_calls(verify: Verifier, run: Run, requirement: str, category: 
     every call the run's seccomp filter refused (``syscall_refused``) is a violation that
     names the call, the hook and the process role."""
     run = verify.used(run.usable())
-    refused = [e for e in run.events
-               if e.get("kind") == "syscall_refused" and e.get("category") == category]
-    what = ("engine bypassed the system interface" if category == SYSTEM_INTERFACE
-            else "engine made a host-global system call")
+    refused = [
+        e
+        for e in run.events
+        if e.get("kind") == "syscall_refused" and e.get("category") == category
+    ]
+    what = (
+        "engine bypassed the system interface"
+        if category == SYSTEM_INTERFACE
+        else "engine made a host-global system call"
+    )
     for event in refused:
-        verify.fail(requirement, expected=f"no {category} system call (refused with EPERM)",
-                    observed=f"{what}: {describe_refusal(event)}", run=run, event=event,
-                    role=event.get("process_role"), hook=event.get("hook"))
+        verify.fail(
+            requirement,
+            expected=f"no {category} system call (refused with EPERM)",
+            observed=f"{what}: {describe_refusal(event)}",
+            run=run,
+            event=event,
+            role=event.get("process_role"),
+            hook=event.get("hook"),
+        )
     if refused:
         return
     installed = next((e for e in run.events if e.get("kind") == "seccomp_filter"), None)
     if category == SYSTEM_INTERFACE and run.backend != "fake":
-        verify.vacuous(requirement, "a rule of the fake backend: in the real backend the "
-                       "kernel itself answers an engine's privileged calls")
+        verify.vacuous(
+            requirement,
+            "a rule of the fake backend: in the real backend the "
+            "kernel itself answers an engine's privileged calls",
+        )
     elif installed is not None and installed.get("filter") is None and installed.get("reason"):
         verify.vacuous(requirement, f"no filter by design: {installed['reason']}")
     elif installed is None or not installed.get("filter") or installed.get("error"):
@@ -1703,32 +2393,57 @@ def check_cleanup_returned(verify: Verifier, run: Run, requirement: str) -> None
     run = verify.used(run.usable())
     raised = hook_events(run, "master", "cleanup_container", ("hook_raise",))
     returned = hook_events(run, "master", "cleanup_container", ("hook_return",))
-    verify.check(requirement, bool(returned) and not raised, expected="cleanup_container "
-                 "returns without raising after the failure",
-                 observed=lambda: (f"it raised {raised[0]['error'].get('type')}: "
-                                   f"{raised[0]['error'].get('message')}" if raised
-                                   else "it did not run"),
-                 run=run, event=raised[0] if raised else None, role="master",
-                 hook="cleanup_container")
+    verify.check(
+        requirement,
+        bool(returned) and not raised,
+        expected="cleanup_container returns without raising after the failure",
+        observed=lambda: (
+            f"it raised {raised[0]['error'].get('type')}: {raised[0]['error'].get('message')}"
+            if raised
+            else "it did not run"
+        ),
+        run=run,
+        event=raised[0] if raised else None,
+        role="master",
+        hook="cleanup_container",
+    )
 
 
-JOIN_HOOKS = {"stage1": {"config", "init_config", "prepare_config"},
-              "stage2": {"config", "init_config", "start_process"}}
+JOIN_HOOKS = {
+    "stage1": {"config", "init_config", "prepare_config"},
+    "stage2": {"config", "init_config", "start_process"},
+}
 
 
 def check_join_only_hooks(verify: Verifier, run: Run, requirement: str) -> None:
     run = verify.used(run.usable())
     for event in hook_events(run, kinds=("hook_enter",)):
         allowed = JOIN_HOOKS.get(event["role"], set())
-        verify.check(requirement, event["hook"] in allowed, expected="only config, "
-                     "init_config, prepare_config and start_process", observed=f"{event['hook']}"
-                     f" ran in the {event['role']}", run=run, event=event)
+        verify.check(
+            requirement,
+            event["hook"] in allowed,
+            expected="only config, init_config, prepare_config and start_process",
+            observed=f"{event['hook']} ran in the {event['role']}",
+            run=run,
+            event=event,
+        )
     started = hook_events(run, "stage2", "start_process", ("hook_enter",))
-    verify.check(requirement, bool(started), expected="start_process runs",
-                 observed="it did not run", run=run, role="stage2", hook="start_process")
-    verify.check(requirement, run.result.exit_code == run.scenario.expected_exit,
-                 expected=f"exit code {run.scenario.expected_exit}",
-                 observed=f"exit code {run.result.exit_code} ({run.result.reason})", run=run)
+    verify.check(
+        requirement,
+        bool(started),
+        expected="start_process runs",
+        observed="it did not run",
+        run=run,
+        role="stage2",
+        hook="start_process",
+    )
+    verify.check(
+        requirement,
+        run.result.exit_code == run.scenario.expected_exit,
+        expected=f"exit code {run.scenario.expected_exit}",
+        observed=f"exit code {run.result.exit_code} ({run.result.reason})",
+        run=run,
+    )
 
 
 def check_ledger_schema(verify: Verifier, run: Run, requirement: str) -> None:
@@ -1736,10 +2451,17 @@ def check_ledger_schema(verify: Verifier, run: Run, requirement: str) -> None:
     problems = validate(run.result.ledger.document)
     # A datagram the supervisor refused for its schema never reached the document: it is a
     # schema violation all the same (its sender is LEDGER-003's business).
-    problems += [f"a datagram refused by the supervisor: {e.get('detail')}"
-                 for e in events_of(run, "engine_fault", fault="malformed")]
-    verify.check(requirement, not problems, expected="a ledger valid against its schema",
-                 observed=lambda: "; ".join(problems[:5]), run=run)
+    problems += [
+        f"a datagram refused by the supervisor: {e.get('detail')}"
+        for e in events_of(run, "engine_fault", fault="malformed")
+    ]
+    verify.check(
+        requirement,
+        not problems,
+        expected="a ledger valid against its schema",
+        observed=lambda: "; ".join(problems[:5]),
+        run=run,
+    )
 
 
 def check_no_engine_fault(verify: Verifier, run: Run, requirement: str) -> None:
@@ -1747,15 +2469,22 @@ def check_no_engine_fault(verify: Verifier, run: Run, requirement: str) -> None:
     run = verify.used(run.usable())
     for event in events_of(run, "engine_fault"):
         role = event.get("sender_role")
-        sender = f"pid {event.get('sender_pid')}" + (f" (the {role} process)" if role else
-                                                      " (no process of the kit)")
+        sender = f"pid {event.get('sender_pid')}" + (
+            f" (the {role} process)" if role else " (no process of the kit)"
+        )
         if event.get("sender_pid") is None:
             sender = "the run's processes"
         hooks = ", ".join(event.get("open_hooks") or []) or "no hook open"
-        verify.check(requirement, False, expected="only the kit's own events on the ledger",
-                     observed=f"a {event.get('fault')} datagram from {sender}, in {hooks}: "
-                     f"{event.get('detail')}; it read {event.get('excerpt')!r}",
-                     run=run, event=event, role=role)
+        verify.check(
+            requirement,
+            False,
+            expected="only the kit's own events on the ledger",
+            observed=f"a {event.get('fault')} datagram from {sender}, in {hooks}: "
+            f"{event.get('detail')}; it read {event.get('excerpt')!r}",
+            run=run,
+            event=event,
+            role=role,
+        )
     verify.check(requirement, True, expected="", observed="", run=run)
 
 
@@ -1774,9 +2503,15 @@ def unfinished_hooks(run: Run) -> list[dict[str, Any]]:
     for i, event in enumerate(events):
         if event.get("kind") != "hook_enter" or event["hook"] == "start_process":
             continue
-        done = [e for e in events[i + 1:] if e.get("kind") in ("hook_return", "hook_raise")
-                and e.get("role") == event["role"] and e.get("pid") == event["pid"]
-                and e.get("tid") == event["tid"] and e.get("hook") == event["hook"]]
+        done = [
+            e
+            for e in events[i + 1 :]
+            if e.get("kind") in ("hook_return", "hook_raise")
+            and e.get("role") == event["role"]
+            and e.get("pid") == event["pid"]
+            and e.get("tid") == event["tid"]
+            and e.get("hook") == event["hook"]
+        ]
         if done or any(seq > event["seq"] for seq in timeouts):
             continue
         if event["role"] in _CONTAINER_SIDE and fatals:
@@ -1790,25 +2525,45 @@ def check_hook_pairs(verify: Verifier, run: Run, requirement: str) -> None:
     run = verify.used(run.usable())
     for event in run.events:
         if event.get("kind") == "hook_enter":
-            verify.check(requirement, bool(event.get("snapshot")), expected="a privilege "
-                         "snapshot at hook entry", observed="none", run=run, event=event)
+            verify.check(
+                requirement,
+                bool(event.get("snapshot")),
+                expected="a privilege snapshot at hook entry",
+                observed="none",
+                run=run,
+                event=event,
+            )
     for event in unfinished_hooks(run):
-        verify.check(requirement, False, expected="a hook_return or hook_raise for this "
-                     "entry", observed="none recorded", run=run, event=event)
+        verify.check(
+            requirement,
+            False,
+            expected="a hook_return or hook_raise for this entry",
+            observed="none recorded",
+            run=run,
+            event=event,
+        )
 
 
 # --- runs that nothing asks to fail (ERR-009..011) ------------------------------------------
+
 
 def check_no_hang(verify: Verifier, run: Run, requirement: str) -> None:
     """ERR-009: no hook of the run ran into the hook timeout."""
     run = verify.used(run.usable())
     timed = run.result.timed_out
     event = next((e for e in run.events if e.get("kind") == "hook_timeout"), None)
-    verify.check(requirement, timed is None, expected="every hook returns within the hook "
-                 "timeout", observed=lambda: f"{timed.get('hook')} in the {timed.get('hook_role')}"
-                 f" did not return within {timed.get('seconds')} s (still open: "
-                 f"{', '.join(h['role'] + ' ' + h['hook'] for h in timed.get('open_hooks', []))})",
-                 run=run, event=event)
+    verify.check(
+        requirement,
+        timed is None,
+        expected="every hook returns within the hook timeout",
+        observed=lambda: (
+            f"{timed.get('hook')} in the {timed.get('hook_role')}"
+            f" did not return within {timed.get('seconds')} s (still open: "
+            f"{', '.join(h['role'] + ' ' + h['hook'] for h in timed.get('open_hooks', []))})"
+        ),
+        run=run,
+        event=event,
+    )
 
 
 #: Prefix of the supervisor's reason when the master died without finishing the run.
@@ -1821,17 +2576,35 @@ def check_no_crash(verify: Verifier, run: Run, requirement: str) -> None:
     master finished the run."""
     run = verify.used(run.usable())
     res = run.result
-    verify.check(requirement, not res.reason.startswith(_MASTER_CRASHED),
-                 expected="the master finishes the run", observed=res.reason, run=run,
-                 event=exit_event(run), role="master")
+    verify.check(
+        requirement,
+        not res.reason.startswith(_MASTER_CRASHED),
+        expected="the master finishes the run",
+        observed=res.reason,
+        run=run,
+        event=exit_event(run),
+        role="master",
+    )
     for event in unfinished_hooks(run):
-        verify.check(requirement, False, expected=f"{event['hook']} returns or raises",
-                     observed=f"its process ended inside it ({describe_run(run)})", run=run,
-                     event=event)
+        verify.check(
+            requirement,
+            False,
+            expected=f"{event['hook']} returns or raises",
+            observed=f"its process ended inside it ({describe_run(run)})",
+            run=run,
+            event=event,
+        )
     died = [e for e in events_of(run, "stage2_failed") if _STAGE2_DIED in str(e.get("message"))]
-    verify.check(requirement, not died, expected="stage 2 execs the payload or reports why not",
-                 observed="stage 2 died before the exec", run=run,
-                 event=died[0] if died else None, role="stage2", hook="start_process")
+    verify.check(
+        requirement,
+        not died,
+        expected="stage 2 execs the payload or reports why not",
+        observed="stage 2 died before the exec",
+        run=run,
+        event=died[0] if died else None,
+        role="stage2",
+        hook="start_process",
+    )
 
 
 def check_no_failure(verify: Verifier, run: Run, requirement: str) -> None:
@@ -1840,21 +2613,42 @@ def check_no_failure(verify: Verifier, run: Run, requirement: str) -> None:
     run = verify.used(run.usable())
     for event in hook_events(run, kinds=("hook_raise",)):
         err = event.get("error") or {}
-        verify.check(requirement, False, expected="no hook raises",
-                     observed=f"{event['hook']} raised {err.get('type')}: "
-                     f"{str(err.get('message'))[:300]}", run=run, event=event)
-    failed = [e for e in events_of(run, "stage2_failed")
-              if _STAGE2_DIED not in str(e.get("message"))]
+        verify.check(
+            requirement,
+            False,
+            expected="no hook raises",
+            observed=f"{event['hook']} raised {err.get('type')}: {str(err.get('message'))[:300]}",
+            run=run,
+            event=event,
+        )
+    failed = [
+        e for e in events_of(run, "stage2_failed") if _STAGE2_DIED not in str(e.get("message"))
+    ]
     for event in failed:
-        verify.check(requirement, False, expected="start_process execs the payload",
-                     observed=f"stage 2: {event.get('message')}", run=run, event=event)
-    hung_or_crashed = run.result.timed_out is not None or bool(unfinished_hooks(run)) \
+        verify.check(
+            requirement,
+            False,
+            expected="start_process execs the payload",
+            observed=f"stage 2: {event.get('message')}",
+            run=run,
+            event=event,
+        )
+    hung_or_crashed = (
+        run.result.timed_out is not None
+        or bool(unfinished_hooks(run))
         or run.result.reason.startswith(_MASTER_CRASHED)
+    )
     if not hung_or_crashed and not failed:
         execs = events_of(run, "stage2_exec")
-        verify.check(requirement, bool(execs), expected="the payload is exec'd",
-                     observed=lambda: f"no exec was recorded ({describe_run(run)})", run=run,
-                     role="stage2", hook="start_process")
+        verify.check(
+            requirement,
+            bool(execs),
+            expected="the payload is exec'd",
+            observed=lambda: f"no exec was recorded ({describe_run(run)})",
+            run=run,
+            role="stage2",
+            hook="start_process",
+        )
 
 
 # --- which runs show an error path ---------------------------------------------------------------
@@ -1867,8 +2661,9 @@ NATURAL_TRIGGERS: dict[str, Callable[[Run], bool]] = {
 }
 
 
-def error_runs(verify: Verifier, lifecycle: Any, paths: Iterable[str]
-               ) -> list[tuple[Run, X.ErrorPath]]:
+def error_runs(
+    verify: Verifier, lifecycle: Any, paths: Iterable[str]
+) -> list[tuple[Run, X.ErrorPath]]:
     """The runs in which one of the error ``paths`` happened: the fault-injection runs the
     engine supports, and the ``exec-failure`` run when it took one of these paths. When there
     is none, every requirement of the test is reported not-supported."""
@@ -1887,8 +2682,7 @@ def error_runs(verify: Verifier, lifecycle: Any, paths: Iterable[str]
             taken = [p for p in natural if NATURAL_TRIGGERS[p](run)]
             found += [(run, X.ERROR_PATHS[p]) for p in taken]
             if not taken:
-                why += (f", and the exec-failure run did not take this path "
-                        f"({describe_run(run)})")
+                why += f", and the exec-failure run did not take this path ({describe_run(run)})"
     if not found:
         for req in verify.declared:
             verify.unsupported(req, why)

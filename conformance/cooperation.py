@@ -30,8 +30,15 @@ from kit.starter.inject import PROBE_METHOD, RPC_PROBES, probe_rpc_server
 
 # The RPC probes are the kit's (kit.starter.inject): re-exported for engines that implement the
 # fault-injection protocol themselves and call them from their own create_container.
-__all__ = ["PROBE_METHOD", "REFERENCE_NAME", "RPC_PROBES", "FaultInjected", "cooperative",
-           "probe_rpc_server", "register_reference"]
+__all__ = [
+    "PROBE_METHOD",
+    "REFERENCE_NAME",
+    "RPC_PROBES",
+    "FaultInjected",
+    "cooperative",
+    "probe_rpc_server",
+    "register_reference",
+]
 
 REFERENCE_NAME = "reference-cooperative"
 
@@ -45,9 +52,12 @@ def _extended(base: type) -> type:
     """``base`` (an EngineConfig dataclass) plus the two cooperation fields."""
     return dataclasses.make_dataclass(
         f"Cooperative{base.__name__}",
-        [(FAULT_FIELD, str | None, dataclasses.field(default=None)),
-         (JOIN_FIELD, dict[str, str], dataclasses.field(default_factory=dict))],
-        bases=(base,))
+        [
+            (FAULT_FIELD, str | None, dataclasses.field(default=None)),
+            (JOIN_FIELD, dict[str, str], dataclasses.field(default_factory=dict)),
+        ],
+        bases=(base,),
+    )
 
 
 def cooperative(ops: type, *, faults: bool = True, join: bool = True) -> type:
@@ -80,8 +90,9 @@ def cooperative(ops: type, *, faults: bool = True, join: bool = True) -> type:
         def _fault(self, hook: str) -> str | None:
             fault = getattr(self.common.engine_config, FAULT_FIELD, None)
             if fault is not None and fault not in FAULTS:
-                raise ValueError(f"{FAULT_FIELD}: unknown fault {fault!r} "
-                                 f"(known: {', '.join(FAULTS)})")
+                raise ValueError(
+                    f"{FAULT_FIELD}: unknown fault {fault!r} (known: {', '.join(FAULTS)})"
+                )
             if fault is not None and fault.split(":")[0] == hook:
                 return fault
             return None

@@ -43,9 +43,13 @@ GOOD = (PASSED, XFAIL)
 UNDECIDED = (NOT_CONFIGURED, NOT_SUPPORTED, None)
 
 #: (key, heading) in the order the Markdown lists them.
-CLASSES = (("regressions", "❌ Regressions"), ("fixed", "✅ Fixed"),
-           ("undecided", "⬜ No longer decided"), ("decided", "➕ Newly decided"),
-           ("other", "🔁 Other changes"))
+CLASSES = (
+    ("regressions", "❌ Regressions"),
+    ("fixed", "✅ Fixed"),
+    ("undecided", "⬜ No longer decided"),
+    ("decided", "➕ Newly decided"),
+    ("other", "🔁 Other changes"),
+)
 
 
 @dataclass(frozen=True)
@@ -87,8 +91,15 @@ def compare(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list[Change]]
         assert ref is not None
         # the message that explains the change: the failing side's
         why = b if new_outcome in BAD else a if old_outcome in BAD else ref
-        change = Change(key[0], ref["level"], key[1], ref["text"], old_outcome, new_outcome,
-                        str((why or ref).get("message") or ""))
+        change = Change(
+            key[0],
+            ref["level"],
+            key[1],
+            ref["text"],
+            old_outcome,
+            new_outcome,
+            str((why or ref).get("message") or ""),
+        )
         out[change.kind].append(change)
     for changes in out.values():
         changes.sort(key=lambda c: LEVEL_RANK.get(c.level, 9))  # stable: keeps report order
@@ -107,36 +118,60 @@ def _cell(text: str) -> str:
 
 def _describe(doc: dict[str, Any]) -> str:
     eng = doc.get("engine", {})
-    return (f"{md_span(eng.get('name'))} ({md_text(eng.get('origin'))}), suite "
-            f"{md_text(doc.get('suite_version'))}, {md_text(doc.get('generated'))}, "
-            f"{doc['summary'].get('total', 0)} results")
+    return (
+        f"{md_span(eng.get('name'))} ({md_text(eng.get('origin'))}), suite "
+        f"{md_text(doc.get('suite_version'))}, {md_text(doc.get('generated'))}, "
+        f"{doc['summary'].get('total', 0)} results"
+    )
 
 
-def markdown(old: dict[str, Any], new: dict[str, Any],
-             changes: dict[str, list[Change]] | None = None) -> str:
+def markdown(
+    old: dict[str, Any], new: dict[str, Any], changes: dict[str, list[Change]] | None = None
+) -> str:
     changes = compare(old, new) if changes is None else changes
     n = {key: len(items) for key, items in changes.items()}
     total = sum(n.values())
-    verdict = ("❌ **{} regression{}**".format(n["regressions"], "s" if n["regressions"] != 1
-                                              else "") if n["regressions"] else "✅ no regression")
-    out = ["## Conformance diff", "", f"- old: {_describe(old)}", f"- new: {_describe(new)}", "",
-           verdict + (f"; {total} requirement result{'s' if total != 1 else ''} changed outcome: "
-                      + ", ".join(f"{n[key]} {title.split(' ', 1)[1].lower()}"
-                                  for key, title in CLASSES if n[key])
-                      if total else "; no requirement changed outcome."), ""]
+    verdict = (
+        "❌ **{} regression{}**".format(n["regressions"], "s" if n["regressions"] != 1 else "")
+        if n["regressions"]
+        else "✅ no regression"
+    )
+    out = [
+        "## Conformance diff",
+        "",
+        f"- old: {_describe(old)}",
+        f"- new: {_describe(new)}",
+        "",
+        verdict
+        + (
+            f"; {total} requirement result{'s' if total != 1 else ''} changed outcome: "
+            + ", ".join(
+                f"{n[key]} {title.split(' ', 1)[1].lower()}" for key, title in CLASSES if n[key]
+            )
+            if total
+            else "; no requirement changed outcome."
+        ),
+        "",
+    ]
     for key, title in CLASSES:
         items = changes[key]
         if not items:
             continue
-        out += [f"### {title} ({len(items)})", "",
-                "| Requirement | Level | Flow | Old | New | Why |", "|---|---|---|---|---|---|"]
+        out += [
+            f"### {title} ({len(items)})",
+            "",
+            "| Requirement | Level | Flow | Old | New | Why |",
+            "|---|---|---|---|---|---|",
+        ]
         for c in items:
             why = violation_digest(c.message) if c.new in BAD or c.old in BAD else ""
             if why and c.kind == "fixed":
                 why = "was: " + why
             why = why or shorten(c.text, 120)
-            out.append(f"| {md_text(c.requirement)} | {md_text(c.level)} | {md_text(c.flow)} "
-                       f"| {_outcome(c.old)} | {_outcome(c.new)} | {_cell(shorten(why, 240))} |")
+            out.append(
+                f"| {md_text(c.requirement)} | {md_text(c.level)} | {md_text(c.flow)} "
+                f"| {_outcome(c.old)} | {_outcome(c.new)} | {_cell(shorten(why, 240))} |"
+            )
         out.append("")
     return "\n".join(out) + "\n"
 

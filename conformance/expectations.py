@@ -28,16 +28,27 @@ HOOK_KINDS = ("hook_enter", "hook_return", "hook_raise")
 #: §4: the table holds at every RPC method entry and return, on every thread).
 METHOD_KINDS = ("rpc_method_enter", "rpc_method_return")
 
-ZERO, INVOKER, MAPS_TO_U, ROOT_AS_U, TARGET = "0", "U", "maps to U", "0 = U on the host", \
-    "target uid"
+ZERO, INVOKER, MAPS_TO_U, ROOT_AS_U, TARGET = (
+    "0",
+    "U",
+    "maps to U",
+    "0 = U on the host",
+    "target uid",
+)
 
 # --- §1: which process runs which hook ---------------------------------------------------------
 
 #: Hooks each process role calls in a successful run, in order of first call.
 ROLE_HOOKS: dict[str, tuple[str, ...]] = {
     "stage1": ("config", "init_config", "prepare_config"),
-    "master": ("config", "init_config", "create_container", "post_start_process",
-               "monitor_container", "cleanup_container"),
+    "master": (
+        "config",
+        "init_config",
+        "create_container",
+        "post_start_process",
+        "monitor_container",
+        "cleanup_container",
+    ),
     "rpc": ("config", "init_config"),
     "stage2": ("config", "init_config", "start_process"),
 }
@@ -50,6 +61,7 @@ for _role, _hooks in ROLE_HOOKS.items():
 
 
 # --- §4: the privilege table -------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Uids:
@@ -64,8 +76,12 @@ class Uids:
     @property
     def slots(self) -> tuple[tuple[str, str | None], ...]:
         """(name, symbol) of the real, effective, saved and fs uid, in snapshot order."""
-        return (("real", self.real), ("effective", self.effective), ("saved", self.saved),
-                ("fs", self.effective))
+        return (
+            ("real", self.real),
+            ("effective", self.effective),
+            ("saved", self.saved),
+            ("fs", self.effective),
+        )
 
     def describe(self) -> str:
         parts = [f"{name}={value}" for name, value in self.slots if value is not None]
@@ -109,8 +125,7 @@ class Escalation:
     possible: bool
 
     def describe(self) -> str:
-        return "escalation to host privilege " + ("possible" if self.possible else
-                                                  "impossible")
+        return "escalation to host privilege " + ("possible" if self.possible else "impossible")
 
 
 @dataclass(frozen=True)
@@ -148,8 +163,16 @@ class CapsWithinStage2:
         return "no capability outside stage 2's permitted set at start_process"
 
 
-Aspect = (Uids | Caps | BoundingSmallerThan | Escalation | NoHostPrivilege | NoNewPrivs
-          | SameIdsAsStage2 | CapsWithinStage2)
+Aspect = (
+    Uids
+    | Caps
+    | BoundingSmallerThan
+    | Escalation
+    | NoHostPrivilege
+    | NoNewPrivs
+    | SameIdsAsStage2
+    | CapsWithinStage2
+)
 
 
 @dataclass(frozen=True)
@@ -167,32 +190,42 @@ class Expect:
 
 
 def _suid_stage1() -> tuple[Expect, ...]:
-    return (Expect("PRIV-STAGE1-001", Uids(INVOKER, INVOKER, INVOKER)),
-            Expect("PRIV-STAGE1-002", Caps("none")),
-            Expect("PRIV-STAGE1-003", Escalation(False), at=("hook_enter",)))
+    return (
+        Expect("PRIV-STAGE1-001", Uids(INVOKER, INVOKER, INVOKER)),
+        Expect("PRIV-STAGE1-002", Caps("none")),
+        Expect("PRIV-STAGE1-003", Escalation(False), at=("hook_enter",)),
+    )
 
 
 def _user_stage1() -> tuple[Expect, ...]:
-    return (Expect("PRIV-STAGE1-001", Uids(INVOKER, INVOKER, INVOKER)),
-            Expect("PRIV-STAGE1-004", NoHostPrivilege()))
+    return (
+        Expect("PRIV-STAGE1-001", Uids(INVOKER, INVOKER, INVOKER)),
+        Expect("PRIV-STAGE1-004", NoHostPrivilege()),
+    )
 
 
 def _suid_master() -> tuple[Expect, ...]:
-    return (Expect("PRIV-MASTER-001", Uids(INVOKER, INVOKER, ZERO)),
-            Expect("PRIV-MASTER-002", Caps("effective", ())),
-            Expect("PRIV-MASTER-003", Escalation(True), at=("hook_enter",)))
+    return (
+        Expect("PRIV-MASTER-001", Uids(INVOKER, INVOKER, ZERO)),
+        Expect("PRIV-MASTER-002", Caps("effective", ())),
+        Expect("PRIV-MASTER-003", Escalation(True), at=("hook_enter",)),
+    )
 
 
 def _fakeroot_stage2() -> tuple[Expect, ...]:
-    return (Expect("PRIV-STAGE2-001", Uids(ROOT_AS_U, ROOT_AS_U, ROOT_AS_U)),
-            Expect("PRIV-STAGE2-004", NoHostPrivilege()))
+    return (
+        Expect("PRIV-STAGE2-001", Uids(ROOT_AS_U, ROOT_AS_U, ROOT_AS_U)),
+        Expect("PRIV-STAGE2-004", NoHostPrivilege()),
+    )
 
 
 #: role -> flow -> what every hook snapshot of that role must show (SPEC §4).
 PRIVILEGES: dict[str, dict[str, tuple[Expect, ...]]] = {
     "stage1": {
-        "root": (Expect("PRIV-STAGE1-001", Uids(ZERO, ZERO, ZERO)),
-                 Expect("PRIV-STAGE1-002", Caps("full"))),
+        "root": (
+            Expect("PRIV-STAGE1-001", Uids(ZERO, ZERO, ZERO)),
+            Expect("PRIV-STAGE1-002", Caps("full")),
+        ),
         "suid": _suid_stage1(),
         "userns": _user_stage1(),
         "fakeroot": _user_stage1(),
@@ -201,32 +234,46 @@ PRIVILEGES: dict[str, dict[str, tuple[Expect, ...]]] = {
     "master": {
         "root": (Expect("PRIV-MASTER-001", Uids(ZERO, ZERO, ZERO)),),
         "suid": _suid_master(),
-        "userns": (Expect("PRIV-MASTER-001", Uids(None, None, MAPS_TO_U)),
-                   Expect("PRIV-MASTER-003", Escalation(False), at=("hook_enter",)),
-                   Expect("PRIV-MASTER-004", NoHostPrivilege())),
+        "userns": (
+            Expect("PRIV-MASTER-001", Uids(None, None, MAPS_TO_U)),
+            Expect("PRIV-MASTER-003", Escalation(False), at=("hook_enter",)),
+            Expect("PRIV-MASTER-004", NoHostPrivilege()),
+        ),
         "fakeroot": (Expect("PRIV-MASTER-004", NoHostPrivilege()),),
         "hybrid": _suid_master(),
     },
     "rpc": {
         "root": (Expect("PRIV-RPC-001", Uids(ZERO, ZERO, ZERO)),),
-        "suid": (Expect("PRIV-RPC-001", Uids(None, INVOKER, None)),
-                 Expect("PRIV-RPC-002", Caps("effective", ("CAP_SYS_ADMIN",))),
-                 Expect("PRIV-RPC-002", BoundingSmallerThan("master"))),
+        "suid": (
+            Expect("PRIV-RPC-001", Uids(None, INVOKER, None)),
+            Expect("PRIV-RPC-002", Caps("effective", ("CAP_SYS_ADMIN",))),
+            Expect("PRIV-RPC-002", BoundingSmallerThan("master")),
+        ),
         "userns": (Expect("PRIV-RPC-003", NoHostPrivilege()),),
-        "fakeroot": (Expect("PRIV-RPC-001", Uids(None, ZERO, None)),
-                     Expect("PRIV-RPC-003", NoHostPrivilege())),
-        "hybrid": (Expect("PRIV-RPC-001", Uids(None, MAPS_TO_U, None)),
-                   Expect("PRIV-RPC-002", Caps("effective", ("CAP_SYS_ADMIN",))),
-                   Expect("PRIV-RPC-002", BoundingSmallerThan("master"))),
+        "fakeroot": (
+            Expect("PRIV-RPC-001", Uids(None, ZERO, None)),
+            Expect("PRIV-RPC-003", NoHostPrivilege()),
+        ),
+        "hybrid": (
+            Expect("PRIV-RPC-001", Uids(None, MAPS_TO_U, None)),
+            Expect("PRIV-RPC-002", Caps("effective", ("CAP_SYS_ADMIN",))),
+            Expect("PRIV-RPC-002", BoundingSmallerThan("master")),
+        ),
     },
     "stage2": {
-        "root": (Expect("PRIV-STAGE2-001", Uids(TARGET, TARGET, TARGET)),
-                 Expect("PRIV-STAGE2-002", Caps("configured"))),
-        "suid": (Expect("PRIV-STAGE2-001", Uids(INVOKER, INVOKER, INVOKER)),
-                 Expect("PRIV-STAGE2-002", Caps("configured")),
-                 Expect("PRIV-STAGE2-003", NoNewPrivs(True))),
-        "userns": (Expect("PRIV-STAGE2-001", Uids(MAPS_TO_U, MAPS_TO_U, MAPS_TO_U)),
-                   Expect("PRIV-STAGE2-004", NoHostPrivilege())),
+        "root": (
+            Expect("PRIV-STAGE2-001", Uids(TARGET, TARGET, TARGET)),
+            Expect("PRIV-STAGE2-002", Caps("configured")),
+        ),
+        "suid": (
+            Expect("PRIV-STAGE2-001", Uids(INVOKER, INVOKER, INVOKER)),
+            Expect("PRIV-STAGE2-002", Caps("configured")),
+            Expect("PRIV-STAGE2-003", NoNewPrivs(True)),
+        ),
+        "userns": (
+            Expect("PRIV-STAGE2-001", Uids(MAPS_TO_U, MAPS_TO_U, MAPS_TO_U)),
+            Expect("PRIV-STAGE2-004", NoHostPrivilege()),
+        ),
         "fakeroot": _fakeroot_stage2(),
         "hybrid": _fakeroot_stage2(),
     },
@@ -235,8 +282,10 @@ PRIVILEGES: dict[str, dict[str, tuple[Expect, ...]]] = {
 #: The payload after exec (read from its own /proc/self/status): flow -> expectations.
 PAYLOAD: dict[str, tuple[Expect, ...]] = {
     flow: ((Expect("PRIV-PAYLOAD-001", NoHostPrivilege()),) if flow != "root" else ())
-    + (Expect("PRIV-PAYLOAD-002", CapsWithinStage2()),
-       Expect("PRIV-PAYLOAD-003", SameIdsAsStage2()))
+    + (
+        Expect("PRIV-PAYLOAD-002", CapsWithinStage2()),
+        Expect("PRIV-PAYLOAD-003", SameIdsAsStage2()),
+    )
     for flow in FLOWS
 }
 #: FD-001: descriptors every payload may have open (besides those the StarterConfig keeps).
@@ -245,41 +294,63 @@ PAYLOAD_STANDARD_FDS = (0, 1, 2)
 
 def privilege_flows(requirement: str) -> tuple[str, ...]:
     """The flows in which the privilege table says something for ``requirement``."""
-    found = {flow for table in (*PRIVILEGES.values(), PAYLOAD) for flow, cell in table.items()
-             if any(e.requirement == requirement for e in cell)}
+    found = {
+        flow
+        for table in (*PRIVILEGES.values(), PAYLOAD)
+        for flow, cell in table.items()
+        if any(e.requirement == requirement for e in cell)
+    }
     return tuple(f for f in FLOWS if f in found)
 
 
 def privilege_roles(requirement: str) -> tuple[str, ...]:
-    return tuple(role for role, table in PRIVILEGES.items()
-                 if any(e.requirement == requirement for cell in table.values() for e in cell))
+    return tuple(
+        role
+        for role, table in PRIVILEGES.items()
+        if any(e.requirement == requirement for cell in table.values() for e in cell)
+    )
 
 
 # --- §3, §4, §5: namespaces ----------------------------------------------------------------------
 
 #: NS-004: whose user namespace the master is in.
-MASTER_USER_NS: dict[str, str] = {"root": "host", "suid": "host", "hybrid": "host",
-                                  "userns": "container", "fakeroot": "container"}
+MASTER_USER_NS: dict[str, str] = {
+    "root": "host",
+    "suid": "host",
+    "hybrid": "host",
+    "userns": "container",
+    "fakeroot": "container",
+}
 #: NS-007: whether the container gets a new user namespace.
-NEW_USER_NS: dict[str, bool] = {"root": False, "suid": False, "userns": True,
-                                "fakeroot": True, "hybrid": True}
+NEW_USER_NS: dict[str, bool] = {
+    "root": False,
+    "suid": False,
+    "userns": True,
+    "fakeroot": True,
+    "hybrid": True,
+}
 #: NS-006: the uid-map line (inside id, host id) the container's user namespace must have.
-USER_NS_MAP: dict[str, tuple[str, str]] = {"userns": (INVOKER, INVOKER),
-                                          "fakeroot": (ZERO, INVOKER),
-                                          "hybrid": (ZERO, INVOKER)}
+USER_NS_MAP: dict[str, tuple[str, str]] = {
+    "userns": (INVOKER, INVOKER),
+    "fakeroot": (ZERO, INVOKER),
+    "hybrid": (ZERO, INVOKER),
+}
 #: NS-012: host ids the container's user namespace may map, per flow: ``INVOKER`` (U's uid in
 #: the uid map, U's gid in the gid map) and ``SUBORDINATE`` (U's ranges in /etc/subuid and
 #: /etc/subgid).
 SUBORDINATE = "U's subordinate ids"
-MAPPABLE_HOST_IDS: dict[str, tuple[str, ...]] = {"userns": (INVOKER,),
-                                                 "fakeroot": (INVOKER, SUBORDINATE),
-                                                 "hybrid": (INVOKER, SUBORDINATE)}
+MAPPABLE_HOST_IDS: dict[str, tuple[str, ...]] = {
+    "userns": (INVOKER,),
+    "fakeroot": (INVOKER, SUBORDINATE),
+    "hybrid": (INVOKER, SUBORDINATE),
+}
 #: NS-003: namespaces the master must not share with the container when created for it.
 NOT_SHARED_WITH_MASTER = ("pid", "net", "uts", "ipc", "cgroup")
 NAMESPACE_KINDS = ("mount", "pid", "net", "uts", "ipc", "user", "cgroup")
 
 
 # --- §2: order rules -----------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Point:
@@ -292,10 +363,12 @@ class Point:
 
     def matches(self, event: dict[str, Any]) -> bool:
         kinds = (self.kind,) if isinstance(self.kind, str) else self.kind
-        return (event.get("kind") in kinds
-                and (self.role is None or event.get("role") == self.role)
-                and (self.hook is None or event.get("hook") == self.hook)
-                and all(event.get(k) == v for k, v in self.fields))
+        return (
+            event.get("kind") in kinds
+            and (self.role is None or event.get("role") == self.role)
+            and (self.hook is None or event.get("hook") == self.hook)
+            and all(event.get(k) == v for k, v in self.fields)
+        )
 
     def describe(self) -> str:
         kinds = self.kind if isinstance(self.kind, str) else "/".join(self.kind)
@@ -381,33 +454,46 @@ _RPC_EXIT = Point("process_exit", "container", fields=(("child_role", "rpc"),))
 #: Order and count rules of a successful run (SPEC §2), tagged with their requirement.
 ORDER_RULES: tuple[Rule, ...] = (
     *(FirstHooks("ORDER-001", role, ("config", "init_config")) for role in ROLES),
-    *(Count("ORDER-001", enter(role, hook), 1, 1)
-      for role in ROLES for hook in ("config", "init_config")),
+    *(
+        Count("ORDER-001", enter(role, hook), 1, 1)
+        for role in ROLES
+        for hook in ("config", "init_config")
+    ),
     Count("ORDER-003", Point("hook_enter", hook="prepare_config"), 1, 1),
     Count("ORDER-003", enter("stage1", "prepare_config"), 1, 1),
     Before("ORDER-004", returned("stage1", "prepare_config"), Point("starter_config")),
     Before("ORDER-004", returned("stage1", "prepare_config"), _CONTAINER_START),
     Before("ORDER-004", returned("stage1", "prepare_config"), Point("namespaces")),
-    *(Before("ORDER-005", Point("namespaces"), enter("master", hook))
-      for hook in ("create_container", "post_start_process", "monitor_container")),
-    DistinctThreads("ORDER-006", "master",
-                    ("create_container", "post_start_process", "monitor_container")),
-    Before("ORDER-007", returned("master", "create_container"), Point("process_start",
-                                                                      "stage2")),
-    Before("ORDER-007", returned("master", "create_container"), enter("stage2",
-                                                                      "start_process")),
+    *(
+        Before("ORDER-005", Point("namespaces"), enter("master", hook))
+        for hook in ("create_container", "post_start_process", "monitor_container")
+    ),
+    DistinctThreads(
+        "ORDER-006", "master", ("create_container", "post_start_process", "monitor_container")
+    ),
+    Before("ORDER-007", returned("master", "create_container"), Point("process_start", "stage2")),
+    Before("ORDER-007", returned("master", "create_container"), enter("stage2", "start_process")),
     Before("ORDER-007", _RPC_EXIT, enter("stage2", "start_process")),
     Count("ORDER-009", enter("master", "post_start_process"), 0, 1),
     Before("ORDER-009", Point("stage2_exec"), enter("master", "post_start_process")),
     Count("ORDER-011", enter("master", "cleanup_container"), 1, 1),
-    *(Before("ORDER-011", returned("master", hook), enter("master", "cleanup_container"))
-      for hook in ("create_container", "post_start_process", "monitor_container")),
-    *(Count("ORDER-013", enter(role, hook), 1, 1) for role, hook in (
-        ("master", "create_container"), ("master", "monitor_container"),
-        ("stage2", "start_process"))),
+    *(
+        Before("ORDER-011", returned("master", hook), enter("master", "cleanup_container"))
+        for hook in ("create_container", "post_start_process", "monitor_container")
+    ),
+    *(
+        Count("ORDER-013", enter(role, hook), 1, 1)
+        for role, hook in (
+            ("master", "create_container"),
+            ("master", "monitor_container"),
+            ("stage2", "start_process"),
+        )
+    ),
     Count("STATE-002", _STAGE1_EXIT, 1, 1),
-    *(Before("STATE-002", _STAGE1_EXIT, Point("hook_enter", role))
-      for role in ("master", "rpc", "stage2")),
+    *(
+        Before("STATE-002", _STAGE1_EXIT, Point("hook_enter", role))
+        for role in ("master", "rpc", "stage2")
+    ),
     Before("STATE-003", Point("starter_config"), _CONTAINER_START),
     Count("STATE-003", Point("starter_config", "starter"), 1, 1),
 )
@@ -418,6 +504,7 @@ def rules_for(requirement: str) -> tuple[Rule, ...]:
 
 
 # --- §2: the error table -------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ErrorPath:
@@ -447,33 +534,96 @@ class ErrorPath:
     notes: tuple[str, ...] = field(default=())
 
 
-ERROR_PATHS: dict[str, ErrorPath] = {p.requirement: p for p in (
-    ErrorPath("ERR-001", "prepare_config", 255, raised=("stage1", "prepare_config"),
-              absent_roles=("master", "rpc", "stage2"), cleanup=False, no_namespaces=True),
-    ErrorPath("ERR-002", "create_container", 255, raised=("master", "create_container"),
-              absent_roles=("stage2",), absent_hooks=(("master", "post_start_process"),),
-              cleanup=True, fatal="container creation failed",
-              cleanup_fatal="container creation failed"),
-    ErrorPath("ERR-003", "start_process", 255, raised=("stage2", "start_process"),
-              absent_hooks=(("master", "post_start_process"),), cleanup=True, no_fatal=True,
-              stage2_failed="", container_exit=255, cleanup_gets_no_fatal=True,
-              cleanup_exit=255),
-    ErrorPath("ERR-004", "post_start_process", 255, raised=("master", "post_start_process"),
-              cleanup=True, fatal="", cleanup_fatal=""),
-    ErrorPath("ERR-005", "monitor_container", 255, raised=("master", "monitor_container"),
-              cleanup=True, fatal="", cleanup_fatal=""),
-    ErrorPath("ERR-006", "cleanup_container", None, raised=("master", "cleanup_container"),
-              cleanup=True),
-    ErrorPath("ERR-007", "create_container:hang", 255, timeout=("master", "create_container"),
-              absent_roles=("stage2",)),
-    ErrorPath("ERR-008", "start_process:return", 255,
-              absent_hooks=(("master", "post_start_process"),), cleanup=True,
-              stage2_failed="stage 2 returned", container_exit=255,
-              cleanup_gets_no_fatal=True, cleanup_exit=255),
-    ErrorPath("SC-001", "prepare_config:invalid", 255,
-              absent_roles=("master", "rpc", "stage2"), cleanup=False, no_namespaces=True,
-              starter_error=("starter_config", "set_capabilities")),
-)}
+ERROR_PATHS: dict[str, ErrorPath] = {
+    p.requirement: p
+    for p in (
+        ErrorPath(
+            "ERR-001",
+            "prepare_config",
+            255,
+            raised=("stage1", "prepare_config"),
+            absent_roles=("master", "rpc", "stage2"),
+            cleanup=False,
+            no_namespaces=True,
+        ),
+        ErrorPath(
+            "ERR-002",
+            "create_container",
+            255,
+            raised=("master", "create_container"),
+            absent_roles=("stage2",),
+            absent_hooks=(("master", "post_start_process"),),
+            cleanup=True,
+            fatal="container creation failed",
+            cleanup_fatal="container creation failed",
+        ),
+        ErrorPath(
+            "ERR-003",
+            "start_process",
+            255,
+            raised=("stage2", "start_process"),
+            absent_hooks=(("master", "post_start_process"),),
+            cleanup=True,
+            no_fatal=True,
+            stage2_failed="",
+            container_exit=255,
+            cleanup_gets_no_fatal=True,
+            cleanup_exit=255,
+        ),
+        ErrorPath(
+            "ERR-004",
+            "post_start_process",
+            255,
+            raised=("master", "post_start_process"),
+            cleanup=True,
+            fatal="",
+            cleanup_fatal="",
+        ),
+        ErrorPath(
+            "ERR-005",
+            "monitor_container",
+            255,
+            raised=("master", "monitor_container"),
+            cleanup=True,
+            fatal="",
+            cleanup_fatal="",
+        ),
+        ErrorPath(
+            "ERR-006",
+            "cleanup_container",
+            None,
+            raised=("master", "cleanup_container"),
+            cleanup=True,
+        ),
+        ErrorPath(
+            "ERR-007",
+            "create_container:hang",
+            255,
+            timeout=("master", "create_container"),
+            absent_roles=("stage2",),
+        ),
+        ErrorPath(
+            "ERR-008",
+            "start_process:return",
+            255,
+            absent_hooks=(("master", "post_start_process"),),
+            cleanup=True,
+            stage2_failed="stage 2 returned",
+            container_exit=255,
+            cleanup_gets_no_fatal=True,
+            cleanup_exit=255,
+        ),
+        ErrorPath(
+            "SC-001",
+            "prepare_config:invalid",
+            255,
+            absent_roles=("master", "rpc", "stage2"),
+            cleanup=False,
+            no_namespaces=True,
+            starter_error=("starter_config", "set_capabilities"),
+        ),
+    )
+}
 #: ORDER-008 is ERR-007's run seen from rule 5 (create_container waiting for the container).
 ERROR_PATHS["ORDER-008"] = ERROR_PATHS["ERR-007"]
 

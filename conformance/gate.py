@@ -57,40 +57,83 @@ COV_DATA = "/var/tmp/kit-gate-coverage"
 
 def parse(argv: list[str], prog: str = PROG) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog=prog, description="Run the conformance suite against an engine and write "
+        prog=prog,
+        description="Run the conformance suite against an engine and write "
         "junit.xml, conformance.json, summary.md and report.html. Exit 0 conformant, 1 not "
-        "conformant, 2 harness or usage error, 3 nothing could run here.")
-    parser.add_argument("--engine", required=True, metavar="NAME",
-                        help="registered name, kit.engines entry point or module:attribute")
-    parser.add_argument("--flow", action="append", default=[], metavar="FLOW[,FLOW]",
-                        help="flows to check (default all: root, suid, userns, fakeroot, "
-                             "hybrid; those this machine cannot run are not-configured)")
-    parser.add_argument("--backend", metavar="NAME", help="backend of the runs (the plugin's "
-                        "--backend; default: the plugin's default)")
-    parser.add_argument("--strict", action="store_true",
-                        help="any failure, and any flow or scenario that cannot run here, "
-                             "makes the engine non-conformant")
-    parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
-                        help=f"where to write the reports (default ./{DEFAULT_OUT})")
-    parser.add_argument("-n", "--numprocesses", default="0", metavar="N",
-                        help="pytest-xdist workers (default 0: none; the suite already runs "
-                             "lifecycles in parallel, xdist pays off only for slow engines)")
+        "conformant, 2 harness or usage error, 3 nothing could run here.",
+    )
+    parser.add_argument(
+        "--engine",
+        required=True,
+        metavar="NAME",
+        help="registered name, kit.engines entry point or module:attribute",
+    )
+    parser.add_argument(
+        "--flow",
+        action="append",
+        default=[],
+        metavar="FLOW[,FLOW]",
+        help="flows to check (default all: root, suid, userns, fakeroot, "
+        "hybrid; those this machine cannot run are not-configured)",
+    )
+    parser.add_argument(
+        "--backend",
+        metavar="NAME",
+        help="backend of the runs (the plugin's --backend; default: the plugin's default)",
+    )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="any failure, and any flow or scenario that cannot run here, "
+        "makes the engine non-conformant",
+    )
+    parser.add_argument(
+        "--out",
+        default=DEFAULT_OUT,
+        metavar="DIR",
+        help=f"where to write the reports (default ./{DEFAULT_OUT})",
+    )
+    parser.add_argument(
+        "-n",
+        "--numprocesses",
+        default="0",
+        metavar="N",
+        help="pytest-xdist workers (default 0: none; the suite already runs "
+        "lifecycles in parallel, xdist pays off only for slow engines)",
+    )
     parser.add_argument("--known-failures", metavar="FILE", help="the engine's known failures")
     parser.add_argument("--hook-timeout", metavar="SECONDS", help="per-hook timeout of runs")
-    parser.add_argument("--coverage", action="store_true",
-                        help="measure the engine package's coverage in every process (stage "
-                             "1, master, RPC server, stage 2): coverage.txt and coverage.xml")
-    parser.add_argument("--cov-source", action="append", default=[], metavar="PKG",
-                        help="package or directory to measure (repeatable; default: the "
-                             "top-level package of the engine's classes)")
-    parser.add_argument("--cov-fail-under", type=float, metavar="PCT",
-                        help="with --coverage: exit 1 when the total is below PCT")
-    parser.add_argument("--cov-data", default=COV_DATA, metavar="DIR",
-                        help=f"with --coverage: data directory, writable by every uid of a "
-                             f"run (default {COV_DATA}; not /tmp, which engines mount over)")
+    parser.add_argument(
+        "--coverage",
+        action="store_true",
+        help="measure the engine package's coverage in every process (stage "
+        "1, master, RPC server, stage 2): coverage.txt and coverage.xml",
+    )
+    parser.add_argument(
+        "--cov-source",
+        action="append",
+        default=[],
+        metavar="PKG",
+        help="package or directory to measure (repeatable; default: the "
+        "top-level package of the engine's classes)",
+    )
+    parser.add_argument(
+        "--cov-fail-under",
+        type=float,
+        metavar="PCT",
+        help="with --coverage: exit 1 when the total is below PCT",
+    )
+    parser.add_argument(
+        "--cov-data",
+        default=COV_DATA,
+        metavar="DIR",
+        help=f"with --coverage: data directory, writable by every uid of a "
+        f"run (default {COV_DATA}; not /tmp, which engines mount over)",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress line")
-    parser.add_argument("pytest_args", nargs=argparse.REMAINDER,
-                        help="after --: more pytest arguments")
+    parser.add_argument(
+        "pytest_args", nargs=argparse.REMAINDER, help="after --: more pytest arguments"
+    )
     args = parser.parse_args(argv)
     if args.pytest_args[:1] == ["--"]:
         args.pytest_args = args.pytest_args[1:]
@@ -103,9 +146,18 @@ def fail(message: str, code: int = USAGE_ERROR, prog: str = PROG) -> int:
     """Print ``message`` once, wrapped between words to the screen, and return ``code``."""
     width = max(60, min(shutil.get_terminal_size().columns, 120))
     for i, line in enumerate(f"{prog}: {message}".splitlines()):
-        print("\n".join(textwrap.wrap(line, width, subsequent_indent="    " if i == 0 else
-                                       "      ", break_long_words=False,
-                                       break_on_hyphens=False)), file=sys.stderr)
+        print(
+            "\n".join(
+                textwrap.wrap(
+                    line,
+                    width,
+                    subsequent_indent="    " if i == 0 else "      ",
+                    break_long_words=False,
+                    break_on_hyphens=False,
+                )
+            ),
+            file=sys.stderr,
+        )
     return code
 
 
@@ -141,8 +193,10 @@ class Progress:
         width = 28
         filled = int(width * self.done / self.total) if self.total else 0
         bar = "#" * filled + "." * (width - filled)
-        text = (f"\r  [{bar}] {self.done}/{self.total or '?'} tests · {self.failed} failed "
-                f"results · flow {self.flow or '-'} · {time.monotonic() - self.started:.0f} s ")
+        text = (
+            f"\r  [{bar}] {self.done}/{self.total or '?'} tests · {self.failed} failed "
+            f"results · flow {self.flow or '-'} · {time.monotonic() - self.started:.0f} s "
+        )
         self.stream.write(text)
         self.stream.flush()
 
@@ -159,8 +213,9 @@ def _starter_configs(args: argparse.Namespace) -> list[Any]:
     except ValueError:
         return []  # no U here: those flows are not-configured, the suite says so
     flows = [f.strip() for value in args.flow for f in value.split(",") if f.strip()]
-    return preflight.starter_configs(args.engine, flows or preflight.UNPRIVILEGED_FLOWS,
-                                     user.uid, user.gid, user.groups)
+    return preflight.starter_configs(
+        args.engine, flows or preflight.UNPRIVILEGED_FLOWS, user.uid, user.gid, user.groups
+    )
 
 
 def engine_classes(spec: str) -> tuple[Any, list[type]]:
@@ -181,10 +236,23 @@ def engine_classes(spec: str) -> tuple[Any, list[type]]:
 
 
 def pytest_command(args: argparse.Namespace, out: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "pytest", str(SUITE_DIR), f"--engine={args.engine}",
-           f"--conformance-report={out / 'conformance.json'}",
-           f"--junitxml={out / 'junit.xml'}", "-o", "junit_suite_name=conformance",
-           "-p", "conformance.gate_progress", "-p", "no:cacheprovider", "-q", "-rfE"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(SUITE_DIR),
+        f"--engine={args.engine}",
+        f"--conformance-report={out / 'conformance.json'}",
+        f"--junitxml={out / 'junit.xml'}",
+        "-o",
+        "junit_suite_name=conformance",
+        "-p",
+        "conformance.gate_progress",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        "-rfE",
+    ]
     cmd += [f"--flow={flow}" for flow in args.flow]
     if args.backend:
         cmd.append(f"--backend={args.backend}")
@@ -208,8 +276,14 @@ def run_pytest(cmd: list[str], env: dict[str, str], log: Path, progress: bool) -
         fds = (wfd,)
         bar = Progress(rfd, sys.stderr)
     with open(log, "wb") as sink:
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env,
-                                pass_fds=fds, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=env,
+            pass_fds=fds,
+            stdin=subprocess.DEVNULL,
+        )
         for fd in fds:
             os.close(fd)
         try:
@@ -234,6 +308,7 @@ def tail(path: Path, lines: int = 15) -> str:
 
 # --- coverage of the engine ---------------------------------------------------------------------
 
+
 class EngineCoverage:
     def __init__(self, args: argparse.Namespace, classes: list[type]) -> None:
         self.kitcov = kitcov
@@ -249,8 +324,9 @@ class EngineCoverage:
     def environment(self, env: dict[str, str]) -> dict[str, str]:
         return self.kitcov.child_environment(self.config, env)
 
-    def finish(self, doc: dict[str, Any] | None, out: Path, fail_under: float | None
-               ) -> tuple[int, list[str]]:
+    def finish(
+        self, doc: dict[str, Any] | None, out: Path, fail_under: float | None
+    ) -> tuple[int, list[str]]:
         """(exit code contribution, lines to print)."""
         kitcov = self.kitcov
         lines: list[str] = []
@@ -262,23 +338,33 @@ class EngineCoverage:
         with open(out / "coverage.txt", "w") as f:
             total = float(cov.report(file=f))
         cov.xml_report(outfile=str(out / "coverage.xml"))
-        lines.append(f"coverage of {', '.join(self.sources)}: {total:.1f} % ({combined.files} "
-                     "data files" + (f", {len(combined.corrupt)} corrupt set aside" if
-                                     combined.corrupt else "") + ")")
+        lines.append(
+            f"coverage of {', '.join(self.sources)}: {total:.1f} % ({combined.files} "
+            "data files"
+            + (f", {len(combined.corrupt)} corrupt set aside" if combined.corrupt else "")
+            + ")"
+        )
         code = 0
         targets = self.hook_targets(doc or {})
         checked = kitcov.unexecuted(cov, [(path, qual) for path, qual, _ in targets])
         lost = [fc for fc in checked if not fc.ok]
         if targets:
             where = {(p, q): w for p, q, w in targets}
-            lines.append("  code the ledger saw run in forked processes: " + ", ".join(
-                f"{fc.qualname} ({where[(fc.path, fc.qualname)]}) "
-                f"{'ok' if fc.ok else 'NOT EXECUTED'}" for fc in checked))
+            lines.append(
+                "  code the ledger saw run in forked processes: "
+                + ", ".join(
+                    f"{fc.qualname} ({where[(fc.path, fc.qualname)]}) "
+                    f"{'ok' if fc.ok else 'NOT EXECUTED'}"
+                    for fc in checked
+                )
+            )
         if lost:
             code = USAGE_ERROR
-            lines.append("coverage: the ledger saw these run, but coverage shows them "
-                         "unexecuted: the measurement lost the forked processes: "
-                         + "; ".join(fc.describe() for fc in lost))
+            lines.append(
+                "coverage: the ledger saw these run, but coverage shows them "
+                "unexecuted: the measurement lost the forked processes: "
+                + "; ".join(fc.describe() for fc in lost)
+            )
         if fail_under is not None and total < fail_under:
             code = code or 1
             lines.append(f"coverage: {total:.1f} % is below --cov-fail-under {fail_under:g}")
@@ -290,7 +376,7 @@ class EngineCoverage:
         code (within the measured sources) that the ledger saw run."""
         seen: dict[str, set[str]] = {}
         for run in doc.get("runs", []):
-            for event in ((run.get("ledger") or {}).get("events") or []):
+            for event in (run.get("ledger") or {}).get("events") or []:
                 if event.get("kind") == "hook_enter":
                     seen.setdefault(str(event.get("hook")), set()).add(str(event.get("role")))
                 elif event.get("kind") == "rpc_call" and event.get("ok"):
@@ -320,6 +406,7 @@ class EngineCoverage:
 
 # --- main ---------------------------------------------------------------------------------------
 
+
 def main(argv: list[str], prog: str = PROG) -> int:
     """Run the gate with the command line ``argv``; ``prog`` is the command's name in messages
     (``ci/gate`` from the checkout's wrapper)."""
@@ -331,16 +418,22 @@ def main(argv: list[str], prog: str = PROG) -> int:
 
     plugins = {ep.name for ep in importlib.metadata.entry_points(group="pytest11")}
     if "conformance" not in plugins:
-        return usage(f"the conformance pytest plugin is not installed for {sys.executable} "
-                     "(pip install engine-kit, or pip install -e on the kit's checkout)")
+        return usage(
+            f"the conformance pytest plugin is not installed for {sys.executable} "
+            "(pip install engine-kit, or pip install -e on the kit's checkout)"
+        )
     if not args.engine.strip():
-        return usage("--engine is empty: name the engine to check, e.g. --engine reference, "
-                    "--engine my_package:MyEngine or a kit.engines entry point (python -m kit "
-                    "engines lists them)")
+        return usage(
+            "--engine is empty: name the engine to check, e.g. --engine reference, "
+            "--engine my_package:MyEngine or a kit.engines entry point (python -m kit "
+            "engines lists them)"
+        )
     problems = preflight.check(args.engine) or _starter_configs(args)
     if problems:  # before any lifecycle: one message per problem, usage/engine error exit
-        return usage(f"--engine {args.engine}: preflight failed, no lifecycle was run:\n  "
-                    + "\n  ".join(str(p) for p in problems))
+        return usage(
+            f"--engine {args.engine}: preflight failed, no lifecycle was run:\n  "
+            + "\n  ".join(str(p) for p in problems)
+        )
     try:
         reg, classes = engine_classes(args.engine)
     except LookupError as exc:  # kit.registry.RegistryError
@@ -362,8 +455,11 @@ def main(argv: list[str], prog: str = PROG) -> int:
         env = cov.environment(env)
     cmd = pytest_command(args, out)
     progress = sys.stderr.isatty() and not args.quiet
-    print(f"{prog}: engine {reg.name} ({reg.origin}); running the conformance suite "
-          f"(log: {out / 'pytest.log'})", flush=True)
+    print(
+        f"{prog}: engine {reg.name} ({reg.origin}); running the conformance suite "
+        f"(log: {out / 'pytest.log'})",
+        flush=True,
+    )
     try:
         rc = run_pytest(cmd, env, out / "pytest.log", progress)
     except KeyboardInterrupt:
@@ -377,9 +473,11 @@ def main(argv: list[str], prog: str = PROG) -> int:
     if rc == 5:
         problem = "pytest collected no test (exit 5)"
     elif rc not in (0, 1):
-        problem = {2: "pytest was interrupted or could not collect the suite (exit 2)",
-                   3: "pytest internal error (exit 3)",
-                   4: "pytest usage error (exit 4)"}.get(rc, f"pytest exited {rc}")
+        problem = {
+            2: "pytest was interrupted or could not collect the suite (exit 2)",
+            3: "pytest internal error (exit 3)",
+            4: "pytest usage error (exit 4)",
+        }.get(rc, f"pytest exited {rc}")
     elif not report_path.exists():
         problem = f"pytest exited {rc} but wrote no report"
     doc = None
@@ -404,15 +502,23 @@ def main(argv: list[str], prog: str = PROG) -> int:
             code = cov_code
     for line in lines:
         print(line)
-    written = [out / name for name in (*FILES, "coverage.txt", "coverage.xml")
-               if (out / name).exists()]
+    written = [
+        out / name for name in (*FILES, "coverage.txt", "coverage.xml") if (out / name).exists()
+    ]
     print("written: " + " ".join(_shown(p) for p in written))
     runs = doc["runs"]
     lifecycle = sum(float(r.get("seconds") or 0) for r in runs)
-    outcome = ("conformant" if code == 0 else verdict.title if code == verdict.code
-               else "coverage check failed")
-    print(f"took {seconds:.1f} s ({len(runs)} lifecycle runs, {lifecycle:.1f} s of lifecycle "
-          f"time); exit {code}: {outcome}")
+    outcome = (
+        "conformant"
+        if code == 0
+        else verdict.title
+        if code == verdict.code
+        else "coverage check failed"
+    )
+    print(
+        f"took {seconds:.1f} s ({len(runs)} lifecycle runs, {lifecycle:.1f} s of lifecycle "
+        f"time); exit {code}: {outcome}"
+    )
     return code
 
 
@@ -420,4 +526,3 @@ def _shown(path: Path) -> str:
     """``path`` relative to the working directory when it is inside it."""
     cwd = Path.cwd()
     return str(path.relative_to(cwd)) if path.is_relative_to(cwd) else str(path)
-

@@ -61,8 +61,9 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if not finished:
         return
     entries = getattr(report, "conformance", None) or []
-    bad = sum(1 for e in entries if isinstance(e, dict) and e.get("outcome") in ("failed",
-                                                                                  "broken"))
+    bad = sum(
+        1 for e in entries if isinstance(e, dict) and e.get("outcome") in ("failed", "broken")
+    )
     _send(nodeid=report.nodeid, outcome=report.outcome, failed=bad)
 
 

@@ -40,12 +40,15 @@ def require_coverage() -> Any:
     try:
         import coverage  # noqa: PLC0415 (so that its absence gets the message below)
     except ImportError:
-        raise CoverageSetupError("coverage is not installed in this interpreter "
-                                 "(pip install 'coverage>=7.10')") from None
+        raise CoverageSetupError(
+            "coverage is not installed in this interpreter (pip install 'coverage>=7.10')"
+        ) from None
     version = tuple(int(p) for p in coverage.__version__.split(".")[:2] if p.isdigit())
     if version < MIN_COVERAGE:
-        raise CoverageSetupError(f"coverage {coverage.__version__} is too old: measuring "
-                                 "forked and exec'd children needs coverage>=7.10")
+        raise CoverageSetupError(
+            f"coverage {coverage.__version__} is too old: measuring "
+            "forked and exec'd children needs coverage>=7.10"
+        )
     return coverage
 
 
@@ -72,9 +75,17 @@ def child_environment(config_file: Path, env: dict[str, str] | None = None) -> d
 
 def write_config(path: Path, data_file: Path, sources: Sequence[str]) -> Path:
     """A ``.coveragerc`` measuring ``sources`` (packages or directories) across processes."""
-    lines = ["# written by engine-kit ci (kitcov.write_config)", "[run]", "parallel = true",
-             "patch =", "    _exit", "    subprocess", "    execv",
-             f"data_file = {Path(data_file).resolve()}", "source ="]
+    lines = [
+        "# written by engine-kit ci (kitcov.write_config)",
+        "[run]",
+        "parallel = true",
+        "patch =",
+        "    _exit",
+        "    subprocess",
+        "    execv",
+        f"data_file = {Path(data_file).resolve()}",
+        "source =",
+    ]
     lines += [f"    {s}" for s in sources]
     lines += ["", "[report]", "show_missing = false", ""]
     path = Path(path)
@@ -126,7 +137,8 @@ def combine(config_file: Path, data_file: Path, append: bool = False) -> Combine
         raise CoverageSetupError(
             f"no coverage data in {data_file.parent}: no measured process saved its data "
             "(is coverage>=7.10 installed in the interpreter that ran the command, and may "
-            "every uid write that directory?)")
+            "every uid write that directory?)"
+        )
     cov = coverage.Coverage(config_file=str(config_file), data_file=str(data_file))
     if append and data_file.exists():
         cov.load()
@@ -155,6 +167,7 @@ def percent(cov: Any, include: Sequence[str]) -> float:
 
 
 # --- code that only runs in forked children -----------------------------------------------------
+
 
 @dataclass
 class FunctionCoverage:
@@ -191,8 +204,10 @@ def function_span(source: str, qualname: str) -> tuple[int, int] | None:
     for i, name in enumerate(parts):
         found = None
         for node in scope:
-            if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) \
-                    and node.name == name:
+            if (
+                isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                and node.name == name
+            ):
                 found = node
                 break
         if found is None:

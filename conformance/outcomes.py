@@ -29,8 +29,15 @@ NOT_SUPPORTED, NOT_CONFIGURED, XFAIL = "not-supported", "not-configured", "xfail
 NOT_DECIDED = "not-decided"
 OUTCOMES = (PASSED, FAILED, BROKEN, NOT_SUPPORTED, NOT_CONFIGURED, XFAIL, NOT_DECIDED)
 #: When several tests decide the same requirement in the same flow, the worst outcome wins.
-SEVERITY = {FAILED: 6, NOT_DECIDED: 5, BROKEN: 4, XFAIL: 3, NOT_CONFIGURED: 2,
-            NOT_SUPPORTED: 1, PASSED: 0}
+SEVERITY = {
+    FAILED: 6,
+    NOT_DECIDED: 5,
+    BROKEN: 4,
+    XFAIL: 3,
+    NOT_CONFIGURED: 2,
+    NOT_SUPPORTED: 1,
+    PASSED: 0,
+}
 
 NOT_SUPPORTED_PREFIX = "not-supported: "
 NOT_CONFIGURED_PREFIX = "not-configured: "
@@ -40,15 +47,16 @@ STRICT_PREFIX = "not-configured (strict): "
 def skip_outcome(reason: str) -> tuple[str, str]:
     """(outcome, message) of a skipped test from its skip reason."""
     if reason.startswith("Skipped: "):
-        reason = reason[len("Skipped: "):]
+        reason = reason[len("Skipped: ") :]
     if reason.startswith(NOT_SUPPORTED_PREFIX):
-        return NOT_SUPPORTED, reason[len(NOT_SUPPORTED_PREFIX):]
+        return NOT_SUPPORTED, reason[len(NOT_SUPPORTED_PREFIX) :]
     if reason.startswith(NOT_CONFIGURED_PREFIX):
-        return NOT_CONFIGURED, reason[len(NOT_CONFIGURED_PREFIX):]
+        return NOT_CONFIGURED, reason[len(NOT_CONFIGURED_PREFIX) :]
     return NOT_CONFIGURED, reason
 
 
 # --- known failures --------------------------------------------------------------------------
+
 
 class KnownFailuresError(ValueError):
     """The known-failures file is invalid (a usage error)."""
@@ -66,12 +74,15 @@ class KnownFailure:
         return f"{self.source}:{self.line}"
 
 
-_ENTRY = re.compile(r"^(?P<req>[A-Z][A-Z0-9]*(?:-[A-Z0-9]+)+)\s*(?:\[(?P<flows>[^\]]*)\])?"
-                    r"\s*(?::\s*(?P<reason>.*))?$")
+_ENTRY = re.compile(
+    r"^(?P<req>[A-Z][A-Z0-9]*(?:-[A-Z0-9]+)+)\s*(?:\[(?P<flows>[^\]]*)\])?"
+    r"\s*(?::\s*(?P<reason>.*))?$"
+)
 
 
-def parse_known_failures(text: str, source: str,
-                         tests_by_requirement: dict[str, list[Any]]) -> list[KnownFailure]:
+def parse_known_failures(
+    text: str, source: str, tests_by_requirement: dict[str, list[Any]]
+) -> list[KnownFailure]:
     """Entries of a known-failures file, one per line::
 
         # comment
@@ -90,33 +101,43 @@ def parse_known_failures(text: str, source: str,
             continue
         match = _ENTRY.match(line)
         if not match:
-            problems.append(f"{source}:{number}: cannot parse {raw.strip()!r} (expected "
-                            "'REQUIREMENT[flow,…]: reason')")
+            problems.append(
+                f"{source}:{number}: cannot parse {raw.strip()!r} (expected "
+                "'REQUIREMENT[flow,…]: reason')"
+            )
             continue
         req, reason = match["req"], (match["reason"] or "").strip()
         flows = tuple(f.strip() for f in (match["flows"] or "").split(",") if f.strip())
         if not reason:
-            problems.append(f"{source}:{number}: {req}: every known failure needs a reason "
-                            "(write 'REQUIREMENT[flows]: reason')")
+            problems.append(
+                f"{source}:{number}: {req}: every known failure needs a reason "
+                "(write 'REQUIREMENT[flows]: reason')"
+            )
             continue
         if req not in requirements.CATALOGUE:
             problems.append(f"{source}:{number}: unknown requirement {req!r}")
             continue
         unknown = [f for f in flows if f not in FLOWS]
         if unknown:
-            problems.append(f"{source}:{number}: unknown flow(s) {', '.join(unknown)} (known: "
-                            f"{', '.join(FLOWS)})")
+            problems.append(
+                f"{source}:{number}: unknown flow(s) {', '.join(unknown)} (known: "
+                f"{', '.join(FLOWS)})"
+            )
             continue
         flows = flows or FLOWS
         tests = tests_by_requirement.get(req) or []
         for flow in flows:
             if (req, flow) in seen:
-                problems.append(f"{source}:{number}: {req}[{flow}] is already listed at line "
-                                f"{seen[(req, flow)]}")
+                problems.append(
+                    f"{source}:{number}: {req}[{flow}] is already listed at line "
+                    f"{seen[(req, flow)]}"
+                )
             elif not any(flow in t.flows for t in tests):
                 why = requirements.get(req).unchecked
-                problems.append(f"{source}:{number}: {req}[{flow}] matches no test of the "
-                                "suite" + (f" ({why})" if why and not tests else ""))
+                problems.append(
+                    f"{source}:{number}: {req}[{flow}] matches no test of the "
+                    "suite" + (f" ({why})" if why and not tests else "")
+                )
             seen[(req, flow)] = number
         entries.append(KnownFailure(req, flows, reason, source, number))
     if problems:
@@ -124,8 +145,9 @@ def parse_known_failures(text: str, source: str,
     return entries
 
 
-def known_failure(entries: Iterable[KnownFailure], requirement: str, flow: str
-                  ) -> KnownFailure | None:
+def known_failure(
+    entries: Iterable[KnownFailure], requirement: str, flow: str
+) -> KnownFailure | None:
     for entry in entries:
         if entry.requirement == requirement and flow in entry.flows:
             return entry
@@ -134,13 +156,32 @@ def known_failure(entries: Iterable[KnownFailure], requirement: str, flow: str
 
 # --- results of a session --------------------------------------------------------------------
 
-def result(requirement: str, flow: str, backend: str, outcome: str, test: str, message: str,
-           runs: Iterable[str] = (), checks: int = 0) -> dict[str, Any]:
+
+def result(
+    requirement: str,
+    flow: str,
+    backend: str,
+    outcome: str,
+    test: str,
+    message: str,
+    runs: Iterable[str] = (),
+    checks: int = 0,
+) -> dict[str, Any]:
     req = requirements.get(requirement)
-    return {"requirement": requirement, "subject": req.subject, "level": req.level,
-            "section": req.section, "text": req.text, "flow": flow, "backend": backend,
-            "outcome": outcome, "test": test, "message": message, "runs": list(runs),
-            "checks": checks}
+    return {
+        "requirement": requirement,
+        "subject": req.subject,
+        "level": req.level,
+        "section": req.section,
+        "text": req.text,
+        "flow": flow,
+        "backend": backend,
+        "outcome": outcome,
+        "test": test,
+        "message": message,
+        "runs": list(runs),
+        "checks": checks,
+    }
 
 
 class Results:
@@ -177,12 +218,15 @@ class Results:
             have["runs"] = sorted(set(have["runs"]) | set(entry["runs"]))
             have["checks"] += entry["checks"]
             if SEVERITY[entry["outcome"]] > SEVERITY[have["outcome"]]:
-                have.update(outcome=entry["outcome"], test=entry["test"],
-                            message=entry["message"])
+                have.update(outcome=entry["outcome"], test=entry["test"], message=entry["message"])
         order = {r: i for i, r in enumerate(requirements.CATALOGUE)}
-        return sorted(merged.values(), key=lambda e: (order[e["requirement"]],
-                                                      FLOWS.index(e["flow"])
-                                                      if e["flow"] in FLOWS else 99))
+        return sorted(
+            merged.values(),
+            key=lambda e: (
+                order[e["requirement"]],
+                FLOWS.index(e["flow"]) if e["flow"] in FLOWS else 99,
+            ),
+        )
 
     @staticmethod
     def summary(entries: list[dict[str, Any]]) -> dict[str, int]:

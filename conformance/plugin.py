@@ -53,30 +53,55 @@ class ConformanceFailure(AssertionError):
 
 # --- options and configuration -----------------------------------------------------------------
 
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("conformance", "engine conformance suite (SPEC.md)")
-    group.addoption("--engine", metavar="NAME",
-                    help="run the conformance suite against this engine: a registered name, "
-                         "a kit.engines entry point or module:attribute (also: ini option "
-                         f"'engine', env {ENV_ENGINE})")
-    group.addoption("--flow", action="append", default=[], metavar="FLOW[,FLOW…]",
-                    help=f"flows to check (repeatable or comma-separated; default all: "
-                         f"{', '.join(FLOWS)}; those this machine cannot run are reported "
-                         "not-configured)")
-    group.addoption("--backend", metavar="NAME", default=None,
-                    help="backend of the runs: real (the kernel), fake (a model: no root or "
-                    "namespaces needed) or auto (default: real for each flow this machine can "
-                    "run, fake for the others)")
-    group.addoption("--conformance-report", metavar="PATH",
-                    help="write the JSON conformance report to PATH")
-    group.addoption("--conformance-strict", action="store_true", default=False,
-                    help="a flow or scenario this machine cannot run is a failure (also "
-                         "enabled by pytest's --strict)")
-    group.addoption("--known-failures", metavar="FILE",
-                    help="the engine's known failures: 'REQUIREMENT[flow,…]: reason' per line")
-    group.addoption("--hook-timeout", type=float, default=None, metavar="SECONDS",
-                    help="seconds a hook may take before the run is killed (kit default "
-                         "when omitted)")
+    group.addoption(
+        "--engine",
+        metavar="NAME",
+        help="run the conformance suite against this engine: a registered name, "
+        "a kit.engines entry point or module:attribute (also: ini option "
+        f"'engine', env {ENV_ENGINE})",
+    )
+    group.addoption(
+        "--flow",
+        action="append",
+        default=[],
+        metavar="FLOW[,FLOW…]",
+        help=f"flows to check (repeatable or comma-separated; default all: "
+        f"{', '.join(FLOWS)}; those this machine cannot run are reported "
+        "not-configured)",
+    )
+    group.addoption(
+        "--backend",
+        metavar="NAME",
+        default=None,
+        help="backend of the runs: real (the kernel), fake (a model: no root or "
+        "namespaces needed) or auto (default: real for each flow this machine can "
+        "run, fake for the others)",
+    )
+    group.addoption(
+        "--conformance-report", metavar="PATH", help="write the JSON conformance report to PATH"
+    )
+    group.addoption(
+        "--conformance-strict",
+        action="store_true",
+        default=False,
+        help="a flow or scenario this machine cannot run is a failure (also "
+        "enabled by pytest's --strict)",
+    )
+    group.addoption(
+        "--known-failures",
+        metavar="FILE",
+        help="the engine's known failures: 'REQUIREMENT[flow,…]: reason' per line",
+    )
+    group.addoption(
+        "--hook-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="seconds a hook may take before the run is killed (kit default when omitted)",
+    )
     parser.addini("engine", "conformance: the engine to check (like --engine)", default="")
 
 
@@ -88,7 +113,8 @@ def _engine_setting(config: pytest.Config) -> tuple[str, str] | None:
         raise pytest.UsageError(
             "conformance: --engine is empty: name the engine to check, e.g. "
             "--engine=reference, --engine=my_package:MyEngine or a kit.engines entry point "
-            "(python -m kit engines lists them)")
+            "(python -m kit engines lists them)"
+        )
     if value:
         return value, "the command line (--engine)"
     value = config.getini("engine")
@@ -154,8 +180,13 @@ class ConformanceState:
             from conformance.runs import RunCache  # noqa: PLC0415 (lazy, see the top)
 
             parallel = max(1, (os.cpu_count() or 2) // max(1, self.xdist_workers))
-            self._cache = RunCache(self.engine, dict(self.backends), self.hook_timeout,
-                                   parallel=min(parallel, 3), worker=self.worker or "main")
+            self._cache = RunCache(
+                self.engine,
+                dict(self.backends),
+                self.hook_timeout,
+                parallel=min(parallel, 3),
+                worker=self.worker or "main",
+            )
         return self._cache
 
     def root_cause(self, run_id: str) -> tuple[Any, bool]:
@@ -182,9 +213,12 @@ class ConformanceState:
                 continue
             for name in info.scenarios:
                 scenario = SCENARIOS.get(name)
-                if (scenario is not None and name not in wanted
-                        and not self.supports(scenario.requires)
-                        and (scenario.flows is None or flow in scenario.flows)):
+                if (
+                    scenario is not None
+                    and name not in wanted
+                    and not self.supports(scenario.requires)
+                    and (scenario.flows is None or flow in scenario.flows)
+                ):
                     wanted.append(name)
         for name in wanted:
             self.cache().submit(flow, name)
@@ -194,8 +228,9 @@ def _parse_flows(values: list[str]) -> tuple[str, ...]:
     asked = [f.strip() for value in values for f in value.split(",") if f.strip()]
     unknown = [f for f in asked if f not in FLOWS]
     if unknown:
-        raise pytest.UsageError(f"--flow: unknown flow(s) {', '.join(unknown)} "
-                                f"(known: {', '.join(FLOWS)})")
+        raise pytest.UsageError(
+            f"--flow: unknown flow(s) {', '.join(unknown)} (known: {', '.join(FLOWS)})"
+        )
     return tuple(f for f in FLOWS if f in asked) if asked else FLOWS
 
 
@@ -218,15 +253,18 @@ def _make_state(config: pytest.Config, engine: str, source: str) -> ConformanceS
 
     backend = config.getoption("backend") or "auto"
     if backend not in BACKENDS:
-        raise pytest.UsageError(f"--backend {backend}: unknown backend "
-                                f"(known: {', '.join(BACKENDS)})")
+        raise pytest.UsageError(
+            f"--backend {backend}: unknown backend (known: {', '.join(BACKENDS)})"
+        )
     try:
         reg = registry.find(engine)
     except registry.RegistryError as exc:
         raise pytest.UsageError(f"conformance: engine from {source}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 the engine module itself failed to import
-        raise pytest.UsageError(f"conformance: cannot load engine {engine!r} (from {source}): "
-                                f"{type(exc).__name__}: {exc}") from None
+        raise pytest.UsageError(
+            f"conformance: cannot load engine {engine!r} (from {source}): "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
     from kit import preflight  # noqa: PLC0415 (lazy, see the top)
 
     _preflight(engine, source, preflight.check(engine))
@@ -254,8 +292,13 @@ def _make_state(config: pytest.Config, engine: str, source: str) -> ConformanceS
             raise pytest.UsageError(str(exc)) from None
     strict_option = bool(config.getoption("conformance_strict"))
     strict_ini = bool(config.getini("strict"))
-    strict_source = ("--conformance-strict" if strict_option else
-                     "pytest's strict option" if strict_ini else "off")
+    strict_source = (
+        "--conformance-strict"
+        if strict_option
+        else "pytest's strict option"
+        if strict_ini
+        else "off"
+    )
     try:
         from kit.run.request import Invoker  # noqa: PLC0415 (lazy, see the top)
 
@@ -270,28 +313,49 @@ def _make_state(config: pytest.Config, engine: str, source: str) -> ConformanceS
     env = dict(environment.flows())
     backends = {flow: _flow_backend(backend, flow, env) for flow in FLOWS}
     if workerinput is None and invoker is not None:  # once per session, on the controller
-        _preflight(engine, source, preflight.starter_configs(
-            engine, flows, invoker["uid"], invoker["gid"], list(invoker.get("groups") or [])))
+        _preflight(
+            engine,
+            source,
+            preflight.starter_configs(
+                engine, flows, invoker["uid"], invoker["gid"], list(invoker.get("groups") or [])
+            ),
+        )
     return ConformanceState(
-        engine=engine, engine_source=source, engine_name=reg.name, origin=reg.origin,
-        capabilities=declared_caps, capabilities_source=cap_source, backend=backend,
+        engine=engine,
+        engine_source=source,
+        engine_name=reg.name,
+        origin=reg.origin,
+        capabilities=declared_caps,
+        capabilities_source=cap_source,
+        backend=backend,
         backends=backends,
-        flows=flows, flows_source=flows_source, environment=env,
-        invoker=invoker, strict=strict_option or strict_ini, strict_source=strict_source,
-        hook_timeout=hook_timeout, known=known,
-        known_source=known_path, report_path=config.getoption("conformance_report"),
+        flows=flows,
+        flows_source=flows_source,
+        environment=env,
+        invoker=invoker,
+        strict=strict_option or strict_ini,
+        strict_source=strict_source,
+        hook_timeout=hook_timeout,
+        known=known,
+        known_source=known_path,
+        report_path=config.getoption("conformance_report"),
         worker=workerinput["workerid"] if workerinput else None,
-        xdist_workers=int(workerinput.get("workercount", 1)) if workerinput
-        else int(numprocesses) if isinstance(numprocesses, int) else 1)
+        xdist_workers=int(workerinput.get("workercount", 1))
+        if workerinput
+        else int(numprocesses)
+        if isinstance(numprocesses, int)
+        else 1,
+    )
 
 
 def _preflight(engine: str, source: str, problems: list[Any]) -> None:
     """Stop the session before any lifecycle: one message naming the engine, the hook and
     what to change for each problem (kit.preflight)."""
     if problems:
-        raise pytest.UsageError(f"conformance: preflight of engine {engine!r} (from {source}) "
-                                "failed, no lifecycle was run:\n  "
-                                + "\n  ".join(str(p) for p in problems))
+        raise pytest.UsageError(
+            f"conformance: preflight of engine {engine!r} (from {source}) "
+            "failed, no lifecycle was run:\n  " + "\n  ".join(str(p) for p in problems)
+        )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -316,10 +380,14 @@ def pytest_configure(config: pytest.Config) -> None:
             own = [a for a in config.args if Path(a).resolve() != SUITE_DIR]
             config.args = [*own, str(SUITE_DIR)]
             state.own_tests = own
-            state.notes.append(f"collecting your tests ({', '.join(own)}) and the installed "
-                               f"suite {SUITE_DIR} (engine from {source})")
-    if getattr(config, "workerinput", None) is None and \
-            getattr(config.option, "dist", "no") == "load":
+            state.notes.append(
+                f"collecting your tests ({', '.join(own)}) and the installed "
+                f"suite {SUITE_DIR} (engine from {source})"
+            )
+    if (
+        getattr(config, "workerinput", None) is None
+        and getattr(config.option, "dist", "no") == "load"
+    ):
         # The tests of one flow go to one worker, so every lifecycle runs once per session
         # (see SessionPlugin.pytest_xdist_make_scheduler).
         state.group_by_flow = True
@@ -336,14 +404,17 @@ UNUSED_PLUGINS = {"hypothesispytest": "--hypothesis-"}
 def _drop_unused_plugins(config: pytest.Config, state: ConformanceState) -> None:
     for name, option_prefix in UNUSED_PLUGINS.items():
         plugin = config.pluginmanager.get_plugin(name)
-        if plugin is None or any(str(arg).startswith(option_prefix) or str(arg).endswith(name)
-                                 for arg in config.invocation_params.args):  # asked for
+        if plugin is None or any(
+            str(arg).startswith(option_prefix) or str(arg).endswith(name)
+            for arg in config.invocation_params.args
+        ):  # asked for
             continue
         config.pluginmanager.unregister(plugin)
         state.notes.append(f"plugin {name} not loaded: the suite does not use it")
 
 
 # --- parametrization and fixtures (always present; inert without an engine) ---------------------
+
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "flow" not in metafunc.fixturenames:
@@ -362,8 +433,10 @@ def flow(request: pytest.FixtureRequest) -> str:
         pytest.skip("conformance suite: no engine selected (use --engine NAME)")
     name = getattr(request, "param", None)
     if name is None:
-        raise pytest.UsageError(f"{request.node.nodeid}: a conformance test needs "
-                                "@requirement(...) to be parametrized with flows")
+        raise pytest.UsageError(
+            f"{request.node.nodeid}: a conformance test needs "
+            "@requirement(...) to be parametrized with flows"
+        )
     ok, why = state.environment.get(name, (False, "unknown flow"))
     if state.backends.get(name) == "fake":
         ok = True  # the model needs neither root nor namespaces
@@ -371,8 +444,9 @@ def flow(request: pytest.FixtureRequest) -> str:
         ok, why = False, "no unprivileged invoking user U (set KIT_TEST_USER or create one)"
     if not ok:
         if state.strict:
-            pytest.fail(f"{outcomes.STRICT_PREFIX}flow {name} cannot run here: {why}",
-                        pytrace=False)
+            pytest.fail(
+                f"{outcomes.STRICT_PREFIX}flow {name} cannot run here: {why}", pytrace=False
+            )
         pytest.skip(f"{outcomes.NOT_CONFIGURED_PREFIX}flow {name} cannot run here: {why}")
     return name
 
@@ -380,8 +454,13 @@ def flow(request: pytest.FixtureRequest) -> str:
 class Lifecycle:
     """``lifecycle("default")``: the cached run of a scenario in the test's flow."""
 
-    def __init__(self, state: ConformanceState, flow: str, session: pytest.Session,
-                 declared_scenarios: list[str]) -> None:
+    def __init__(
+        self,
+        state: ConformanceState,
+        flow: str,
+        session: pytest.Session,
+        declared_scenarios: list[str],
+    ) -> None:
         self.state = state
         self.flow = flow
         self.session = session
@@ -393,8 +472,10 @@ class Lifecycle:
         scenario = SCENARIOS[name]
         missing = self.state.supports(scenario.requires)
         if missing:
-            return "; ".join(f"the engine does not declare capability {c} "
-                             f"({Capabilities.describe(c)})" for c in missing)
+            return "; ".join(
+                f"the engine does not declare capability {c} ({Capabilities.describe(c)})"
+                for c in missing
+            )
         if scenario.flows is not None and self.flow not in scenario.flows:
             return f"scenario {name} does not apply to flow {self.flow}"
         return None
@@ -436,8 +517,9 @@ def verify(request: pytest.FixtureRequest, flow: str) -> Any:
     from conformance.checks import Verifier  # noqa: PLC0415 (lazy, see the top)
 
     info = request.node.stash.get(ITEM, None)
-    verifier = Verifier(flow, declared(request.node, "requirement"),
-                        info.test if info else request.node.nodeid)
+    verifier = Verifier(
+        flow, declared(request.node, "requirement"), info.test if info else request.node.nodeid
+    )
     request.node.stash[VERIFIER] = verifier
     return verifier
 
@@ -464,8 +546,9 @@ class SessionPlugin:
     # -- header ------------------------------------------------------------------------------
     def pytest_report_header(self, config: pytest.Config) -> list[str]:
         s = self.state
-        cannot = [f"{f} ({why})" for f, (ok, why) in s.environment.items()
-                  if not ok and f in s.flows]
+        cannot = [
+            f"{f} ({why})" for f, (ok, why) in s.environment.items() if not ok and f in s.flows
+        ]
         caps = ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in s.capabilities.items())
         lines = [
             f"conformance: engine {s.engine!r} from {s.engine_source} -> {s.engine_name} "
@@ -474,12 +557,18 @@ class SessionPlugin:
             f"{', '.join(f'{f}={s.backends[f]}' for f in s.flows)}); "
             f"flows {', '.join(s.flows)} ({s.flows_source})"
             + (f"; not configured here: {'; '.join(cannot)}" if cannot else "")
-            + (f"; invoking user U = {s.invoker['name']} ({s.invoker['uid']})"
-               if s.invoker else ""),
+            + (
+                f"; invoking user U = {s.invoker['name']} ({s.invoker['uid']})" if s.invoker else ""
+            ),
             f"conformance: capabilities from {s.capabilities_source}: {caps}",
-            (f"conformance: strict on (from {s.strict_source}): an environment skip is a "
-             "failure" if s.strict else "conformance: strict off") + f"; known "
-            f"failures: {len(s.known)}" + (f" from {s.known_source}" if s.known_source else "")
+            (
+                f"conformance: strict on (from {s.strict_source}): an environment skip is a failure"
+                if s.strict
+                else "conformance: strict off"
+            )
+            + f"; known "
+            f"failures: {len(s.known)}"
+            + (f" from {s.known_source}" if s.known_source else "")
             + (f"; report: {s.report_path}" if s.report_path else ""),
         ]
         lines += [f"conformance: {note}" for note in s.notes]
@@ -487,8 +576,9 @@ class SessionPlugin:
 
     # -- collection ------------------------------------------------------------------------------
     @pytest.hookimpl(tryfirst=True)
-    def pytest_collection_modifyitems(self, session: pytest.Session, config: pytest.Config,
-                                      items: list[pytest.Item]) -> None:
+    def pytest_collection_modifyitems(
+        self, session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+    ) -> None:
         keep, drop = [], []
         for item in items:
             reqs = declared(item, "requirement")
@@ -505,13 +595,21 @@ class SessionPlugin:
                 entry = outcomes.known_failure(self.state.known, req, flow)
                 if entry is not None:
                     known[req] = entry
-            item.stash[ITEM] = ItemInfo(reqs, flow, declared(item, "scenarios"),
-                                        declared(item, "requires"), _test_id(item), known)
+            item.stash[ITEM] = ItemInfo(
+                reqs,
+                flow,
+                declared(item, "scenarios"),
+                declared(item, "requires"),
+                _test_id(item),
+                known,
+            )
             for req in reqs:
                 item.extra_keyword_matches.add(req)
                 item.user_properties.append(("requirement", req))
-            item.user_properties += [("flow", flow),
-                                     ("backend", self.state.backends.get(flow, "real"))]
+            item.user_properties += [
+                ("flow", flow),
+                ("backend", self.state.backends.get(flow, "real")),
+            ]
             item.add_marker(pytest.mark.xdist_group(flow))
             keep.append(item)
         if drop:
@@ -526,9 +624,13 @@ class SessionPlugin:
             return
         missing = self.state.supports(info.requires)
         if missing:
-            pytest.skip(outcomes.NOT_SUPPORTED_PREFIX + "; ".join(
-                f"the engine does not declare capability {c} ({Capabilities.describe(c)})"
-                for c in missing))
+            pytest.skip(
+                outcomes.NOT_SUPPORTED_PREFIX
+                + "; ".join(
+                    f"the engine does not declare capability {c} ({Capabilities.describe(c)})"
+                    for c in missing
+                )
+            )
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(self, item: pytest.Item) -> Iterator[None]:
@@ -545,8 +647,9 @@ class SessionPlugin:
                 verdicts = _root_cause_first(self.state, item, verdicts)
             item.stash[OUTCOMES] = verdicts
             undecided = {m for o, m in verdicts.values() if o == outcomes.NOT_DECIDED}
-            if undecided and not any(o in (outcomes.FAILED, outcomes.BROKEN)
-                                     for o, _ in verdicts.values()):
+            if undecided and not any(
+                o in (outcomes.FAILED, outcomes.BROKEN) for o, _ in verdicts.values()
+            ):
                 pytest.skip("; ".join(sorted(undecided)))
             raise
         verdicts = _root_cause_first(self.state, item, _evaluate(item, info))
@@ -562,26 +665,29 @@ class SessionPlugin:
         xfailed = [msg for outcome, msg in verdicts.values() if outcome == outcomes.XFAIL]
         if xfailed:
             pytest.xfail("; ".join(xfailed))
-        undecided = {msg for outcome, msg in verdicts.values()
-                     if outcome == outcomes.NOT_DECIDED}
+        undecided = {msg for outcome, msg in verdicts.values() if outcome == outcomes.NOT_DECIDED}
         if undecided:  # the session fails at its end, under the run's one headline
             pytest.skip("; ".join(sorted(undecided)))
         if all(outcome == outcomes.NOT_SUPPORTED for outcome, _ in verdicts.values()):
-            pytest.skip(outcomes.NOT_SUPPORTED_PREFIX + "; ".join(
-                msg for _, msg in verdicts.values()))
+            pytest.skip(
+                outcomes.NOT_SUPPORTED_PREFIX + "; ".join(msg for _, msg in verdicts.values())
+            )
         return result
 
     @pytest.hookimpl(wrapper=True)
-    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]
-                                  ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
         report = yield
         info = item.stash.get(ITEM, None)
         if info is not None:
             # An extra attribute pytest-xdist serialises with the report to the controller.
             report.conformance = _entries(  # type: ignore[attr-defined]
-                item, info, call, report, self.state)
-            if call.excinfo is not None and isinstance(call.excinfo.value, (
-                    ConformanceFailure, HarnessFailure)):
+                item, info, call, report, self.state
+            )
+            if call.excinfo is not None and isinstance(
+                call.excinfo.value, (ConformanceFailure, HarnessFailure)
+            ):
                 report.longrepr = str(call.excinfo.value)  # the violations, not our frames
         return report
 
@@ -629,7 +735,8 @@ class SessionPlugin:
         state.verdict = render.verdict(doc)
         check = state.verdict.self_check
         if session.exitstatus == pytest.ExitCode.OK and (
-                state.verdict.code == 1 or (check is not None and not check.ok)):
+            state.verdict.code == 1 or (check is not None and not check.ok)
+        ):
             # a run failed early (its results are not decided), or --strict and a MUST
             # requirement could not be checked, or a kit requirement was excused as a known
             # failure: none shows as a failed test
@@ -653,12 +760,18 @@ class SessionPlugin:
         summary = outcomes.Results.summary(merged)
         terminalreporter.section("conformance")
         counts = ", ".join(f"{summary[o]} {o}" for o in outcomes.OUTCOMES)
-        lines = wrap(f"engine {state.engine_name}: {summary['total']} results "
-                     f"(requirement x flow): {counts}", width)
+        lines = wrap(
+            f"engine {state.engine_name}: {summary['total']} results "
+            f"(requirement x flow): {counts}",
+            width,
+        )
         v = state.verdict
         if not everything:
-            lines += wrap(f"the conformance suite did not run (engine {state.engine} from "
-                          f"{state.engine_source}): no conformance test was selected", width)
+            lines += wrap(
+                f"the conformance suite did not run (engine {state.engine} from "
+                f"{state.engine_source}): no conformance test was selected",
+                width,
+            )
         elif v is not None:
             lines += wrap(f"{v.title.upper()}: " + (v.reasons[0] if v.reasons else ""), width)
             lines += [line for r in v.reasons[1:] for line in wrap(r, width, "  ")]
@@ -667,18 +780,27 @@ class SessionPlugin:
         for entry in merged:
             if entry["outcome"] in (outcomes.FAILED, outcomes.BROKEN):
                 first = entry["message"].splitlines()[0] if entry["message"] else ""
-                lines += wrap(f"{entry['outcome'].upper()} {entry['requirement']}"
-                              f"[{entry['flow']}] {first}", width, "  ", " " * 6)
+                lines += wrap(
+                    f"{entry['outcome'].upper()} {entry['requirement']}[{entry['flow']}] {first}",
+                    width,
+                    "  ",
+                    " " * 6,
+                )
         wall = time.monotonic() - state.started
         busy = sum(r.get("seconds") or 0 for r in state.all_runs)
-        lines.append(f"{len(state.all_runs)} lifecycles ({busy:.1f} s of lifecycle "
-                     f"time) in {wall:.1f} s of wall time")
+        lines.append(
+            f"{len(state.all_runs)} lifecycles ({busy:.1f} s of lifecycle "
+            f"time) in {wall:.1f} s of wall time"
+        )
         if state.report_path:
             lines.append(f"report: {state.report_path}")
         if state.own_tests is not None and everything:
-            lines += wrap(f"the conformance suite ran too (engine {state.engine} from "
-                          f"{state.engine_source}), beside your tests in "
-                          f"{', '.join(state.own_tests)}", width)
+            lines += wrap(
+                f"the conformance suite ran too (engine {state.engine} from "
+                f"{state.engine_source}), beside your tests in "
+                f"{', '.join(state.own_tests)}",
+                width,
+            )
         for line in lines:
             terminalreporter.line(line)
 
@@ -692,8 +814,12 @@ def _root_cause_lines(group: rootcause.Group, width: int) -> list[str]:
     if cause.get("advice"):
         lines += wrap(f"what to change: {cause['advice']}", width, "  ")
     flows = [f for f in FLOWS if f in group.flows]
-    lines += wrap(f"{len(group.results)} result(s) not decided in {', '.join(flows)} "
-                  f"({len(group.runs)} runs)", width, "  ")
+    lines += wrap(
+        f"{len(group.results)} result(s) not decided in {', '.join(flows)} "
+        f"({len(group.runs)} runs)",
+        width,
+        "  ",
+    )
     if "Traceback" in str(cause.get("traceback")):
         lines.append(f"  traceback (run {cause.get('run')}):")
         lines += ["    " + line for line in str(cause["traceback"]).rstrip().splitlines()]
@@ -705,6 +831,7 @@ class HarnessFailure(Exception):
 
 
 # --- outcomes -----------------------------------------------------------------------------------
+
 
 def _known_message(entry: outcomes.KnownFailure) -> str:
     return f"known failure ({entry.where()}): {entry.reason}"
@@ -730,15 +857,19 @@ def _evaluate(item: pytest.Item, info: ItemInfo) -> dict[str, tuple[str, str]]:
         elif verifier.checks[req] == 0:
             out[req] = (outcomes.BROKEN, f"{req}: {info.test} made no check of it")
         elif known is not None:
-            out[req] = (outcomes.FAILED, f"{req}: unexpected pass: listed as a "
-                        f"{_known_message(known)}, but every check passed; remove the entry")
+            out[req] = (
+                outcomes.FAILED,
+                f"{req}: unexpected pass: listed as a "
+                f"{_known_message(known)}, but every check passed; remove the entry",
+            )
         else:
             out[req] = (outcomes.PASSED, verifier.notes.get(req, ""))
     return out
 
 
-def _root_cause_first(state: ConformanceState, item: pytest.Item,
-                      verdicts: dict[str, tuple[str, str]]) -> dict[str, tuple[str, str]]:
+def _root_cause_first(
+    state: ConformanceState, item: pytest.Item, verdicts: dict[str, tuple[str, str]]
+) -> dict[str, tuple[str, str]]:
     """Verdicts read from runs that failed early become not-decided under the run's root
     cause: a failure (or a missing check) whose every violation comes from such a run, and a
     pass whose every run never reached the payload."""
@@ -763,8 +894,9 @@ def _root_cause_first(state: ConformanceState, item: pytest.Item,
     return out
 
 
-def _outcomes_after_exception(item: pytest.Item, info: ItemInfo, exc: BaseException
-                              ) -> dict[str, tuple[str, str]]:
+def _outcomes_after_exception(
+    item: pytest.Item, info: ItemInfo, exc: BaseException
+) -> dict[str, tuple[str, str]]:
     verifier = item.stash.get(VERIFIER, None)
     if isinstance(exc, pytest.skip.Exception):
         outcome, message = outcomes.skip_outcome(str(exc.msg))
@@ -781,30 +913,46 @@ def _outcomes_after_exception(item: pytest.Item, info: ItemInfo, exc: BaseExcept
     return out
 
 
-def _entries(item: pytest.Item, info: ItemInfo, call: pytest.CallInfo[None],
-             report: pytest.TestReport, state: ConformanceState) -> list[dict[str, Any]]:
+def _entries(
+    item: pytest.Item,
+    info: ItemInfo,
+    call: pytest.CallInfo[None],
+    report: pytest.TestReport,
+    state: ConformanceState,
+) -> list[dict[str, Any]]:
     verifier = item.stash.get(VERIFIER, None)
     runs = list(verifier.runs) if verifier is not None else []
 
     def entries(pairs: dict[str, tuple[str, str]]) -> list[dict[str, Any]]:
-        return [outcomes.result(req, info.flow, state.backends.get(info.flow, "real"), outcome,
-                                info.test, message,
-                                runs, verifier.checks.get(req, 0) if verifier else 0)
-                for req, (outcome, message) in pairs.items()]
+        return [
+            outcomes.result(
+                req,
+                info.flow,
+                state.backends.get(info.flow, "real"),
+                outcome,
+                info.test,
+                message,
+                runs,
+                verifier.checks.get(req, 0) if verifier else 0,
+            )
+            for req, (outcome, message) in pairs.items()
+        ]
 
     if call.when == "setup":
         if report.skipped:
-            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(
-                report.longrepr)
+            reason = (
+                report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            )
             outcome, message = outcomes.skip_outcome(reason)
             return entries({req: (outcome, message) for req in info.requirements})
         if report.failed:
             text = call.excinfo.exconly() if call.excinfo else str(report.longrepr)
             if outcomes.STRICT_PREFIX in text:
-                message = text[text.index(outcomes.STRICT_PREFIX):]
+                message = text[text.index(outcomes.STRICT_PREFIX) :]
                 return entries({req: (outcomes.FAILED, message) for req in info.requirements})
-            return entries({req: (outcomes.BROKEN, f"setup error: {text}")
-                            for req in info.requirements})
+            return entries(
+                {req: (outcomes.BROKEN, f"setup error: {text}") for req in info.requirements}
+            )
         return []
     if call.when == "call":
         verdicts = item.stash.get(OUTCOMES, None)
@@ -814,6 +962,7 @@ def _entries(item: pytest.Item, info: ItemInfo, call: pytest.CallInfo[None],
         return entries(verdicts)
     if report.failed:  # teardown error
         text = call.excinfo.exconly() if call.excinfo else str(report.longrepr)
-        return entries({req: (outcomes.BROKEN, f"teardown error: {text}")
-                        for req in info.requirements})
+        return entries(
+            {req: (outcomes.BROKEN, f"teardown error: {text}") for req in info.requirements}
+        )
     return []

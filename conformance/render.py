@@ -50,21 +50,39 @@ CONFORMANT, NOT_CONFORMANT, HARNESS_ERROR, NOTHING_RAN = 0, 1, 2, 3
 SUMMARY_MD, REPORT_HTML = "summary.md", "report.html"
 
 #: Outcome -> (symbol, short label) in tables.
-SYMBOLS = {PASSED: ("✅", "pass"), FAILED: ("❌", "FAIL"), BROKEN: ("💥", "broken"),
-           NOT_SUPPORTED: ("➖", "n/s"), NOT_CONFIGURED: ("⬜", "n/c"),
-           XFAIL: ("⚠️", "xfail"), NOT_DECIDED: ("⛔", "n/d")}
+SYMBOLS = {
+    PASSED: ("✅", "pass"),
+    FAILED: ("❌", "FAIL"),
+    BROKEN: ("💥", "broken"),
+    NOT_SUPPORTED: ("➖", "n/s"),
+    NOT_CONFIGURED: ("⬜", "n/c"),
+    XFAIL: ("⚠️", "xfail"),
+    NOT_DECIDED: ("⛔", "n/d"),
+}
 #: The same in HTML, in characters every common font has (no emoji font needed).
-HTML_SYMBOLS = {PASSED: ("✓", "pass"), FAILED: ("✗", "FAIL"), BROKEN: ("⚠", "broken"),
-                NOT_SUPPORTED: ("–", "n/s"), NOT_CONFIGURED: ("○", "n/c"),
-                XFAIL: ("!", "xfail"), NOT_DECIDED: ("⊘", "n/d")}
+HTML_SYMBOLS = {
+    PASSED: ("✓", "pass"),
+    FAILED: ("✗", "FAIL"),
+    BROKEN: ("⚠", "broken"),
+    NOT_SUPPORTED: ("–", "n/s"),
+    NOT_CONFIGURED: ("○", "n/c"),
+    XFAIL: ("!", "xfail"),
+    NOT_DECIDED: ("⊘", "n/d"),
+}
 BAD = (FAILED, BROKEN, NOT_DECIDED)
 LEVEL_RANK = {"MUST": 0, "SHOULD": 1, "MAY": 2}
 
 #: Ledger roles drawn as lanes, left to right (the kit's process tree, roughly).
 LANES = ("launcher", "supervisor", "starter", "stage1", "master", "container", "rpc", "stage2")
 #: The lane a process is forked from.
-PARENT = {"starter": "supervisor", "stage1": "starter", "container": "starter",
-          "master": "starter", "rpc": "container", "stage2": "container"}
+PARENT = {
+    "starter": "supervisor",
+    "stage1": "starter",
+    "container": "starter",
+    "master": "starter",
+    "rpc": "container",
+    "stage2": "container",
+}
 FULL_MAP = [[0, 0, 4294967295]]
 
 
@@ -85,8 +103,9 @@ def load(path: str | Path) -> dict[str, Any]:
     except ValueError as exc:
         raise ReportError(f"{path}: not JSON ({exc})") from None
     except RecursionError:
-        raise ReportError(f"{path}: not a conformance report (JSON nested too deeply to "
-                          "read)") from None
+        raise ReportError(
+            f"{path}: not a conformance report (JSON nested too deeply to read)"
+        ) from None
     return checked(doc, str(path))
 
 
@@ -99,12 +118,15 @@ def checked(doc: Any, where: str = "report") -> dict[str, Any]:
         problems = [f"malformed ({type(exc).__name__}: {exc})"]
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise ReportError(f"{where}: not a valid conformance report (schema "
-                          f"{schema.SCHEMA_VERSION}): {'; '.join(problems[:5])}{more}")
+        raise ReportError(
+            f"{where}: not a valid conformance report (schema "
+            f"{schema.SCHEMA_VERSION}): {'; '.join(problems[:5])}{more}"
+        )
     return doc
 
 
 # --- the verdict ------------------------------------------------------------------------------
+
 
 def environment_failure(entry: dict[str, Any]) -> bool:
     """A result that failed only because the environment could not run it (strict runs)."""
@@ -130,24 +152,30 @@ class Verdict:
 
 # --- the two subjects: the engine's results, and the kit's self-check --------------------------
 
+
 def subject_of(entry: dict[str, Any]) -> str:
     """``engine`` or ``kit`` of a result (a report older than schema 3 has no ``subject``:
     the catalogue's is used)."""
     subject = entry.get("subject")
-    return subject if isinstance(subject, str) else requirements.subject_of(
-        str(entry.get("requirement")))
+    return (
+        subject
+        if isinstance(subject, str)
+        else requirements.subject_of(str(entry.get("requirement")))
+    )
 
 
 def engine_view(doc: dict[str, Any]) -> dict[str, Any]:
     """The report as the engine's verdict and tables see it: engine results only, their
     counts recomputed (the kit's results stay in ``doc`` and the JSON)."""
     results = [e for e in doc["results"] if subject_of(e) == requirements.ENGINE]
-    unchecked = [u for u in doc.get("unchecked") or []
-                 if requirements.subject_of(str(u.get("requirement"))) == requirements.ENGINE]
+    unchecked = [
+        u
+        for u in doc.get("unchecked") or []
+        if requirements.subject_of(str(u.get("requirement"))) == requirements.ENGINE
+    ]
     if len(results) == len(doc["results"]) and len(unchecked) == len(doc.get("unchecked") or []):
         return doc
-    return {**doc, "results": results, "summary": Results.summary(results),
-            "unchecked": unchecked}
+    return {**doc, "results": results, "summary": Results.summary(results), "unchecked": unchecked}
 
 
 @dataclass
@@ -165,15 +193,20 @@ class SelfCheck:
 
     def line(self) -> str:
         if not self.checked:
-            return ("harness self-check on this machine: no kit requirement could be checked "
-                    f"({self.not_checked} not decided here)")
-        text = (f"harness self-check on this machine: {len(self.checked) - len(self.failing)}"
-                f"/{len(self.checked)} kit requirements hold")
+            return (
+                "harness self-check on this machine: no kit requirement could be checked "
+                f"({self.not_checked} not decided here)"
+            )
+        text = (
+            f"harness self-check on this machine: {len(self.checked) - len(self.failing)}"
+            f"/{len(self.checked)} kit requirements hold"
+        )
         if self.not_checked:
             text += f" ({self.not_checked} not checked here)"
         if self.failing:
-            text += "; failing: " + ", ".join(f"{req} [{','.join(flows)}]"
-                                               for req, flows in self.failing.items())
+            text += "; failing: " + ", ".join(
+                f"{req} [{','.join(flows)}]" for req, flows in self.failing.items()
+            )
         return text
 
 
@@ -189,8 +222,11 @@ def self_check(doc: dict[str, Any]) -> SelfCheck | None:
         return None
     check = SelfCheck()
     for req, group in groups.items():
-        decided = [e for e in group if e["outcome"] in (PASSED, FAILED, BROKEN, XFAIL)
-                   and not environment_failure(e)]
+        decided = [
+            e
+            for e in group
+            if e["outcome"] in (PASSED, FAILED, BROKEN, XFAIL) and not environment_failure(e)
+        ]
         if not decided:
             check.not_checked += 1
             continue
@@ -216,11 +252,21 @@ def verdict(doc: dict[str, Any], strict: bool | None = None) -> Verdict:
     if check.ok:
         v.reasons.append(check.line())
         return v
-    return Verdict(HARNESS_ERROR, "harness error", [
-        check.line() + ": the kit itself broke a rule no engine can break, so this run "
-        "cannot judge the engine; report it to the kit with conformance.json",
-        *[f"engine: {v.title}: {r}" if i == 0 else r for i, r in enumerate(v.reasons)]],
-        v.failing, v.broken, v.warnings, strict, v.root_causes, check)
+    return Verdict(
+        HARNESS_ERROR,
+        "harness error",
+        [
+            check.line() + ": the kit itself broke a rule no engine can break, so this run "
+            "cannot judge the engine; report it to the kit with conformance.json",
+            *[f"engine: {v.title}: {r}" if i == 0 else r for i, r in enumerate(v.reasons)],
+        ],
+        v.failing,
+        v.broken,
+        v.warnings,
+        strict,
+        v.root_causes,
+        check,
+    )
 
 
 def engine_verdict(doc: dict[str, Any], strict: bool) -> Verdict:
@@ -236,64 +282,111 @@ def engine_verdict(doc: dict[str, Any], strict: bool) -> Verdict:
     """
     results = doc["results"]
     if not results:
-        return Verdict(HARNESS_ERROR, "harness error", ["the report has no engine results: "
-                       "no conformance test of an engine requirement ran"], strict=strict)
-    decided = [e for e in results if e["outcome"] in (PASSED, FAILED, BROKEN, XFAIL, NOT_DECIDED)
-               and not environment_failure(e)]
-    skipped_env = [e for e in results if e["outcome"] == NOT_CONFIGURED
-                   or environment_failure(e)]
+        return Verdict(
+            HARNESS_ERROR,
+            "harness error",
+            ["the report has no engine results: no conformance test of an engine requirement ran"],
+            strict=strict,
+        )
+    decided = [
+        e
+        for e in results
+        if e["outcome"] in (PASSED, FAILED, BROKEN, XFAIL, NOT_DECIDED)
+        and not environment_failure(e)
+    ]
+    skipped_env = [e for e in results if e["outcome"] == NOT_CONFIGURED or environment_failure(e)]
     if not decided:
         if skipped_env:
             flows = sorted({e["flow"] for e in skipped_env}, key=_flow_key)
-            return Verdict(NOTHING_RAN, "nothing could run here", [
-                f"every result is not-configured (flows {', '.join(flows)}): this machine "
-                "cannot run them", *_reasons_not_configured(doc, skipped_env)], strict=strict)
-        return Verdict(HARNESS_ERROR, "harness error", [
-            "no requirement was decided: every result is not-supported"], strict=strict)
+            return Verdict(
+                NOTHING_RAN,
+                "nothing could run here",
+                [
+                    f"every result is not-configured (flows {', '.join(flows)}): this machine "
+                    "cannot run them",
+                    *_reasons_not_configured(doc, skipped_env),
+                ],
+                strict=strict,
+            )
+        return Verdict(
+            HARNESS_ERROR,
+            "harness error",
+            ["no requirement was decided: every result is not-supported"],
+            strict=strict,
+        )
     failing: list[dict[str, Any]] = []
     warnings: list[dict[str, Any]] = []
     for e in results:
         if e["outcome"] == FAILED:
-            (failing if strict or e["level"] == "MUST" or environment_failure(e)
-             else warnings).append(e)
-        elif strict and e["outcome"] in (NOT_CONFIGURED, NOT_SUPPORTED) and (
-                e["outcome"] == NOT_CONFIGURED or e["level"] == "MUST"):
+            (
+                failing if strict or e["level"] == "MUST" or environment_failure(e) else warnings
+            ).append(e)
+        elif (
+            strict
+            and e["outcome"] in (NOT_CONFIGURED, NOT_SUPPORTED)
+            and (e["outcome"] == NOT_CONFIGURED or e["level"] == "MUST")
+        ):
             failing.append(e)
     failing.sort(key=lambda e: LEVEL_RANK.get(e["level"], 9))
     broken = [e for e in results if e["outcome"] == BROKEN]
     causes = rootcause.groups(results, doc.get("runs") or [])
     coverage = must_coverage(doc)
     if causes or failing:
-        reasons = [f"{g.message.removeprefix('not decided: ')} ({len(g.results)} result"
-                   f"{'s' if len(g.results) != 1 else ''} not decided)" for g in causes]
+        reasons = [
+            f"{g.message.removeprefix('not decided: ')} ({len(g.results)} result"
+            f"{'s' if len(g.results) != 1 else ''} not decided)"
+            for g in causes
+        ]
         failed = [e for e in failing if e["outcome"] == FAILED]
         unchecked = [e for e in failing if e["outcome"] != FAILED]
         if failed:
             reqs = len({e["requirement"] for e in failed})
             musts = sum(1 for e in failed if e["level"] == "MUST")
-            what = (f"{len(failed)} failed result{'s' if len(failed) != 1 else ''} "
-                    f"({musts} MUST) in {reqs} requirement{'s' if reqs != 1 else ''}")
+            what = (
+                f"{len(failed)} failed result{'s' if len(failed) != 1 else ''} "
+                f"({musts} MUST) in {reqs} requirement{'s' if reqs != 1 else ''}"
+            )
             reasons.append(what + (" (strict: any failure counts)" if strict else ""))
         if unchecked:
-            reasons.append(f"strict: {len(unchecked)} result(s) could not be checked "
-                           f"({sum(1 for e in unchecked if e['outcome'] == NOT_SUPPORTED)} "
-                           f"MUST not-supported, "
-                           f"{sum(1 for e in unchecked if e['outcome'] == NOT_CONFIGURED)} "
-                           "not-configured)")
+            reasons.append(
+                f"strict: {len(unchecked)} result(s) could not be checked "
+                f"({sum(1 for e in unchecked if e['outcome'] == NOT_SUPPORTED)} "
+                f"MUST not-supported, "
+                f"{sum(1 for e in unchecked if e['outcome'] == NOT_CONFIGURED)} "
+                "not-configured)"
+            )
         if broken:
-            reasons.append(f"{len(broken)} more result(s) broken: the harness could not "
-                           "decide them")
-        return Verdict(NOT_CONFORMANT, "NOT conformant", reasons + coverage, failing, broken,
-                       warnings, strict, causes)
+            reasons.append(
+                f"{len(broken)} more result(s) broken: the harness could not decide them"
+            )
+        return Verdict(
+            NOT_CONFORMANT,
+            "NOT conformant",
+            reasons + coverage,
+            failing,
+            broken,
+            warnings,
+            strict,
+            causes,
+        )
     if broken:
         reqs = len({e["requirement"] for e in broken})
-        return Verdict(HARNESS_ERROR, "harness error", [
-            f"{len(broken)} result(s) in {reqs} requirement(s) are broken: the harness could "
-            "not decide them (see their messages)", *coverage], [], broken, warnings, strict)
+        return Verdict(
+            HARNESS_ERROR,
+            "harness error",
+            [
+                f"{len(broken)} result(s) in {reqs} requirement(s) are broken: the harness could "
+                "not decide them (see their messages)",
+                *coverage,
+            ],
+            [],
+            broken,
+            warnings,
+            strict,
+        )
     reasons = [f"every MUST that ran passed ({len(decided)} results decided)", *coverage]
     if warnings:
-        reasons.append(f"{len(warnings)} failed SHOULD/MAY result(s), not counted without "
-                       "--strict")
+        reasons.append(f"{len(warnings)} failed SHOULD/MAY result(s), not counted without --strict")
     if skipped_env:
         reasons.append(f"{len(skipped_env)} result(s) not configured on this machine")
     return Verdict(CONFORMANT, "conformant", reasons, [], [], warnings, strict)
@@ -341,15 +434,20 @@ def _missing(by: dict[str, list[dict[str, Any]]]) -> str:
                 caps[cap] = caps.get(cap, 0) + 1
             if not found:
                 other.append(f"{e['requirement']}: {first_lines(e.get('message'))[:80]}")
-        why = ([f"declare capability {', '.join(f'{c} ({n})' for c, n in caps.items())}"]
-               if caps else []) + other
+        why = (
+            [f"declare capability {', '.join(f'{c} ({n})' for c, n in caps.items())}"]
+            if caps
+            else []
+        ) + other
         missing.append(f"{len(by[NOT_SUPPORTED])} not-supported ({'; '.join(why)})")
     if by.get(NOT_CONFIGURED):
         why = sorted({first_lines(e.get("message"))[:120] for e in by[NOT_CONFIGURED]})
-        missing.append(f"{len(by[NOT_CONFIGURED])} not-configured ({'; '.join(why[:3])}"
-                       + (f"; {len(why) - 3} more reasons" if len(why) > 3 else "") + ")")
-    for outcome, label in ((NOT_DECIDED, "not decided (the run failed early)"),
-                           (BROKEN, "broken")):
+        missing.append(
+            f"{len(by[NOT_CONFIGURED])} not-configured ({'; '.join(why[:3])}"
+            + (f"; {len(why) - 3} more reasons" if len(why) > 3 else "")
+            + ")"
+        )
+    for outcome, label in ((NOT_DECIDED, "not decided (the run failed early)"), (BROKEN, "broken")):
         if by.get(outcome):
             missing.append(f"{len(by[outcome])} {label}")
     return "; ".join(missing)
@@ -371,6 +469,7 @@ def _reasons_not_configured(doc: dict[str, Any], entries: list[dict[str, Any]]) 
 
 # --- helpers on results -----------------------------------------------------------------------
 
+
 def by_requirement(entries: Iterable[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
     """(requirement, its entries) in first-seen order."""
     groups: dict[str, list[dict[str, Any]]] = {}
@@ -388,8 +487,10 @@ def flows_of(doc: dict[str, Any]) -> list[str]:
 def matrix_rows(doc: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, dict[str, Any]]]]:
     """(first entry, {flow: entry}) per requirement: failing or broken ones first, then the
     rest in catalogue order."""
-    rows = [(entries[0], {e["flow"]: e for e in entries})
-            for _, entries in by_requirement(doc["results"])]
+    rows = [
+        (entries[0], {e["flow"]: e for e in entries})
+        for _, entries in by_requirement(doc["results"])
+    ]
     return sorted(rows, key=lambda row: not any(e["outcome"] in BAD for e in row[1].values()))
 
 
@@ -442,9 +543,9 @@ def shorten(text: Any, width: int) -> str:
     """``text`` (any value, as str() shows it) on one line (runs of white space collapsed,
     leading indentation kept), at most ``width`` characters."""
     text = str(text)
-    indent = text[:len(text) - len(text.lstrip(" "))]
+    indent = text[: len(text) - len(text.lstrip(" "))]
     text = indent + " ".join(text.split())
-    return text if len(text) <= width else text[:width - 1] + "…"
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def find_run(doc: dict[str, Any], run_id: str | None) -> dict[str, Any] | None:
@@ -468,6 +569,7 @@ def find_event(doc: dict[str, Any], run_id: str | None, seq: int) -> dict[str, A
 
 
 # --- privilege state of an event ---------------------------------------------------------------
+
 
 def hooked_thread(event: dict[str, Any]) -> dict[str, Any] | None:
     snap = event.get("snapshot") or {}
@@ -493,8 +595,10 @@ def userns_text(snap: dict[str, Any]) -> str:
         return "userns ?"
     if umap == FULL_MAP:
         return "host userns"
-    return "userns " + ",".join(f"{inside}→{outside}" + (f"+{count - 1}" if count > 1 else "")
-                                for inside, outside, count in umap)
+    return "userns " + ",".join(
+        f"{inside}→{outside}" + (f"+{count - 1}" if count > 1 else "")
+        for inside, outside, count in umap
+    )
 
 
 def privilege_level(event: dict[str, Any]) -> str:
@@ -562,8 +666,13 @@ def describe(event: dict[str, Any]) -> str:
         return text
     if kind == "hook_return":
         result = event.get("result")
-        shown = "" if result is None else f" → {shorten(json.dumps(result), 30)}" \
-            if not isinstance(result, dict) else f" → {result.get('type', 'object')}"
+        shown = (
+            ""
+            if result is None
+            else f" → {shorten(json.dumps(result), 30)}"
+            if not isinstance(result, dict)
+            else f" → {result.get('type', 'object')}"
+        )
         return f"{event.get('hook')} returned{shown}"
     if kind == "hook_raise":
         raw_err = event.get("error")
@@ -572,8 +681,10 @@ def describe(event: dict[str, Any]) -> str:
     if kind == "process_start":
         return f"started (pid {event.get('pid')}, ppid {event.get('ppid')})"
     if kind == "process_exit":
-        return f"{event.get('child_role')} (pid {event.get('child_pid')}) exited, status " \
-               f"{event.get('status')}"
+        return (
+            f"{event.get('child_role')} (pid {event.get('child_pid')}) exited, status "
+            f"{event.get('status')}"
+        )
     if kind == "rpc_call":
         status = "ok" if event.get("ok") else f"error {shorten(event.get('error'), 50)}"
         raw_args = event.get("args")
@@ -583,12 +694,15 @@ def describe(event: dict[str, Any]) -> str:
     if kind == "signal":
         return f"signal {event.get('name')} from pid {event.get('sender')}"
     if kind == "container_start":
-        return f"container pid {event.get('container_pid')}, created " \
-               f"{','.join(event.get('created') or []) or 'no namespace'}"
+        return (
+            f"container pid {event.get('container_pid')}, created "
+            f"{','.join(event.get('created') or []) or 'no namespace'}"
+        )
     if kind == "namespaces":
         joined = event.get("joined") or {}
-        return f"namespaces created {','.join(event.get('created') or []) or '-'}" + \
-            (f"; joined {','.join(joined)}" if joined else "")
+        return f"namespaces created {','.join(event.get('created') or []) or '-'}" + (
+            f"; joined {','.join(joined)}" if joined else ""
+        )
     if kind == "starter_config":
         return "StarterConfig received from stage 1"
     if kind == "stage2_exec":
@@ -598,8 +712,10 @@ def describe(event: dict[str, Any]) -> str:
     if kind == "starter_error":
         return f"starter error ({event.get('stage')}): {shorten(event.get('message'), 70)}"
     if kind == "hook_timeout":
-        return f"hook timeout: {event.get('hook_role')} {event.get('hook')} after " \
-               f"{event.get('seconds')} s"
+        return (
+            f"hook timeout: {event.get('hook_role')} {event.get('hook')} after "
+            f"{event.get('seconds')} s"
+        )
     if kind == "leak":
         return f"leak: {event.get('what')} {shorten(event.get('detail'), 60)}"
     if kind == "host_changes":
@@ -609,8 +725,10 @@ def describe(event: dict[str, Any]) -> str:
     if kind == "exit":
         return f"run exit code {event.get('code')} ({event.get('reason')})"
     if kind == "run_start":
-        return f"run of {event.get('engine')}, flow {event.get('flow')}, " \
-               f"{event.get('backend')} backend"
+        return (
+            f"run of {event.get('engine')}, flow {event.get('flow')}, "
+            f"{event.get('backend')} backend"
+        )
     return str(kind)
 
 
@@ -627,8 +745,10 @@ def event_title(event: dict[str, Any] | None) -> str:
 
 # --- summary.md -------------------------------------------------------------------------------
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u200b-\u200f\u202a-\u202e"
-                      r"\u2066-\u2069\ufeff]")
+_CONTROL = re.compile(
+    r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u200b-\u200f\u202a-\u202e"
+    r"\u2066-\u2069\ufeff]"
+)
 #: Markdown punctuation that opens an inline construct anywhere (code, emphasis, link, table
 #: cell, strike-through, escape); escaped with a backslash outside code blocks.
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]|~])")
@@ -648,9 +768,17 @@ def md_text(text: Any) -> str:
     one = " ".join(clean(text).split())
     one = one.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     one = _MD_SPECIAL.sub(r"\\\1", one)
-    one = _MD_LEADING.sub(lambda m: m.group(1) + (m.group(2)[:-1] + "\\" + m.group(2)[-1]
-                                                  if m.group(2)[0].isdigit()
-                                                  else "\\" + m.group(2)), one)
+    one = _MD_LEADING.sub(
+        lambda m: (
+            m.group(1)
+            + (
+                m.group(2)[:-1] + "\\" + m.group(2)[-1]
+                if m.group(2)[0].isdigit()
+                else "\\" + m.group(2)
+            )
+        ),
+        one,
+    )
     # GitHub links a bare "www." or "scheme://" by itself: break both with an entity
     return re.sub(r"(?i)www\.", "www&#46;", one).replace("://", "&#58;//")
 
@@ -682,47 +810,69 @@ def _engine_line(doc: dict[str, Any]) -> str:
     eng = doc.get("engine", {})
     env = doc.get("environment", {})
     backends = sorted(set((env.get("backend") or {}).values())) or ["?"]
-    return (f"engine {md_span(eng.get('name'))} ({md_text(eng.get('origin'))}) · suite "
-            f"{md_text(doc.get('suite_version'))} · {md_text(doc.get('generated'))} · kernel "
-            f"{md_text(env.get('kernel'))} · Python {md_text(env.get('python'))} · backend "
-            f"{md_text(', '.join(map(str, backends)))}" + (" · strict" if env.get("strict")
-                                                           else ""))
+    return (
+        f"engine {md_span(eng.get('name'))} ({md_text(eng.get('origin'))}) · suite "
+        f"{md_text(doc.get('suite_version'))} · {md_text(doc.get('generated'))} · kernel "
+        f"{md_text(env.get('kernel'))} · Python {md_text(env.get('python'))} · backend "
+        f"{md_text(', '.join(map(str, backends)))}" + (" · strict" if env.get("strict") else "")
+    )
 
 
 def _counts_line(summary: dict[str, int]) -> str:
     return f"{summary.get('total', 0)} results: " + ", ".join(
-        f"{summary.get(o, 0)} {o}" for o in OUTCOMES)
+        f"{summary.get(o, 0)} {o}" for o in OUTCOMES
+    )
 
 
 def _md_root_causes(groups: list[rootcause.Group]) -> list[str]:
-    out = ["## Root causes: runs that failed early", "",
-           "Each result below was read from a run that failed before it could show anything "
-           "else: fix the cause, and they are decided again.", ""]
+    out = [
+        "## Root causes: runs that failed early",
+        "",
+        "Each result below was read from a run that failed before it could show anything "
+        "else: fix the cause, and they are decided again.",
+        "",
+    ]
     for g in groups:
         cause = g.cause or {}
-        out += [f"### {SYMBOLS[NOT_DECIDED][0]} {md_text(g.message.removeprefix('not decided: '))}",
-                ""]
+        out += [
+            f"### {SYMBOLS[NOT_DECIDED][0]} {md_text(g.message.removeprefix('not decided: '))}",
+            "",
+        ]
         if cause.get("advice"):
             out += [f"**What to change:** {md_text(cause['advice'])}", ""]
         reqs = [req for req, _ in by_requirement(g.results)]
-        out += [f"{len(g.results)} result(s) in {len(reqs)} requirement(s) not decided, in "
-                f"{md_text(', '.join(sorted(g.flows, key=_flow_key)))}: "
-                + md_text(", ".join(reqs)), "", f"runs: {md_text(', '.join(g.runs))}", ""]
+        out += [
+            f"{len(g.results)} result(s) in {len(reqs)} requirement(s) not decided, in "
+            f"{md_text(', '.join(sorted(g.flows, key=_flow_key)))}: " + md_text(", ".join(reqs)),
+            "",
+            f"runs: {md_text(', '.join(g.runs))}",
+            "",
+        ]
         if "Traceback" in str(cause.get("traceback")):
-            out += [f"Traceback (run {md_text(cause.get('run'))}):", "",
-                    *md_code(cause["traceback"]), ""]
+            out += [
+                f"Traceback (run {md_text(cause.get('run'))}):",
+                "",
+                *md_code(cause["traceback"]),
+                "",
+            ]
     return out
 
 
-def summary_markdown(doc: dict[str, Any], v: Verdict | None = None,
-                     max_message_lines: int = 30) -> str:
+def summary_markdown(
+    doc: dict[str, Any], v: Verdict | None = None, max_message_lines: int = 30
+) -> str:
     v = v or verdict(doc)
     doc = engine_view(doc)  # the kit's results are the one self-check line of the reasons
-    icon = {CONFORMANT: "✅", NOT_CONFORMANT: "❌", HARNESS_ERROR: "💥",
-            NOTHING_RAN: "⬜"}[v.code]
+    icon = {CONFORMANT: "✅", NOT_CONFORMANT: "❌", HARNESS_ERROR: "💥", NOTHING_RAN: "⬜"}[v.code]
     eng = doc["engine"].get("name")
-    out = [f"# {icon} Conformance of {md_span(eng)}: {v.title} (exit {v.code})", "",
-           _engine_line(doc), "", f"**{_counts_line(doc['summary'])}**", ""]
+    out = [
+        f"# {icon} Conformance of {md_span(eng)}: {v.title} (exit {v.code})",
+        "",
+        _engine_line(doc),
+        "",
+        f"**{_counts_line(doc['summary'])}**",
+        "",
+    ]
     out += [f"- {md_text(reason)}" for reason in v.reasons] + [""]
     if v.root_causes:
         out += _md_root_causes(v.root_causes)
@@ -735,17 +885,32 @@ def summary_markdown(doc: dict[str, Any], v: Verdict | None = None,
             first = group[0]
             flows = ", ".join(e["flow"] for e in group)
             outcome = first["outcome"]
-            out.extend([f"### {SYMBOLS.get(outcome, ('?',))[0]} {md_text(req)} "
-                        f"[{md_text(first['level'])}] {md_text(outcome)} in "
-                        f"{md_text(flows)}", "",
-                        f"> {md_text(first['text'])} (SPEC {md_text(first['section'])})", ""])
+            out.extend(
+                [
+                    f"### {SYMBOLS.get(outcome, ('?',))[0]} {md_text(req)} "
+                    f"[{md_text(first['level'])}] {md_text(outcome)} in "
+                    f"{md_text(flows)}",
+                    "",
+                    f"> {md_text(first['text'])} (SPEC {md_text(first['section'])})",
+                    "",
+                ]
+            )
             for e in group:
                 lines = clean(e["message"] or "(no message)").splitlines()
                 if len(lines) > max_message_lines:
-                    lines = [*lines[:max_message_lines],
-                             f"… {len(lines) - max_message_lines} more lines in report.html"]
-                out.extend([f"**{md_text(e['flow'])}** ({md_span(e['test'])}, backend "
-                            f"{md_text(e['backend'])}):", "", *md_code("\n".join(lines)), ""])
+                    lines = [
+                        *lines[:max_message_lines],
+                        f"… {len(lines) - max_message_lines} more lines in report.html",
+                    ]
+                out.extend(
+                    [
+                        f"**{md_text(e['flow'])}** ({md_span(e['test'])}, backend "
+                        f"{md_text(e['backend'])}):",
+                        "",
+                        *md_code("\n".join(lines)),
+                        "",
+                    ]
+                )
 
     section("Failures", v.failing)
     section("Broken: the harness could not decide these", v.broken)
@@ -753,71 +918,100 @@ def summary_markdown(doc: dict[str, Any], v: Verdict | None = None,
 
     flows = flows_of(doc)
     legend = " · ".join(f"{sym} {o}" for o, (sym, _) in SYMBOLS.items())
-    out += ["## Requirements × flows", "",
-            f"Failing requirements first, then the catalogue's order. {legend} · "
-            "blank: the requirement does not apply to the flow, or the flow was not selected.",
-            "", "| Requirement | Level | " + " | ".join(md_text(f) for f in flows)
-            + " | Text |", "|---|---|" + "---|" * len(flows) + "---|"]
+    out += [
+        "## Requirements × flows",
+        "",
+        f"Failing requirements first, then the catalogue's order. {legend} · "
+        "blank: the requirement does not apply to the flow, or the flow was not selected.",
+        "",
+        "| Requirement | Level | " + " | ".join(md_text(f) for f in flows) + " | Text |",
+        "|---|---|" + "---|" * len(flows) + "---|",
+    ]
     for first, cells in matrix_rows(doc):
-        marks = [SYMBOLS.get(cells[f]["outcome"], ("?",))[0] if f in cells else ""
-                 for f in flows]
-        out.append(f"| {md_text(first['requirement'])} | {md_text(first['level'])} | "
-                   + " | ".join(marks) + f" | {_md_cell(first['text'])} |")
+        marks = [SYMBOLS.get(cells[f]["outcome"], ("?",))[0] if f in cells else "" for f in flows]
+        out.append(
+            f"| {md_text(first['requirement'])} | {md_text(first['level'])} | "
+            + " | ".join(marks)
+            + f" | {_md_cell(first['text'])} |"
+        )
     out.append("")
 
     env = doc["environment"]
-    out += ["## Flows on the machine that ran the suite", "",
-            "| flow | selected | runs here | backend | " + " | ".join(OUTCOMES) + " | reason |",
-            "|---|---|---|---|" + "---|" * len(OUTCOMES) + "---|"]
+    out += [
+        "## Flows on the machine that ran the suite",
+        "",
+        "| flow | selected | runs here | backend | " + " | ".join(OUTCOMES) + " | reason |",
+        "|---|---|---|---|" + "---|" * len(OUTCOMES) + "---|",
+    ]
     counts = per_flow_counts(doc)
     for flow, info in sorted((env.get("flows") or {}).items(), key=lambda kv: _flow_key(kv[0])):
         c = counts.get(flow, {})
-        out.append(f"| {md_text(flow)} | {'yes' if info.get('selected') else 'no'} | "
-                   f"{'yes' if info.get('runnable') else 'no'} | "
-                   f"{md_text((env.get('backend') or {}).get(flow, info.get('backend', '')))} | "
-                   + " | ".join(str(c.get(o, 0)) for o in OUTCOMES)
-                   + f" | {_md_cell(info.get('reason', ''))} |")
+        out.append(
+            f"| {md_text(flow)} | {'yes' if info.get('selected') else 'no'} | "
+            f"{'yes' if info.get('runnable') else 'no'} | "
+            f"{md_text((env.get('backend') or {}).get(flow, info.get('backend', '')))} | "
+            + " | ".join(str(c.get(o, 0)) for o in OUTCOMES)
+            + f" | {_md_cell(info.get('reason', ''))} |"
+        )
     out.append("")
     if doc.get("unchecked"):
-        out += ["<details><summary>Requirements no lifecycle run can decide "
-                f"({len(doc['unchecked'])})</summary>", ""]
-        out += [f"- **{md_text(u['requirement'])}** [{md_text(u['level'])}] "
-                f"{md_text(u['text'])} — *{md_text(u['reason'])}*" for u in doc["unchecked"]]
+        out += [
+            "<details><summary>Requirements no lifecycle run can decide "
+            f"({len(doc['unchecked'])})</summary>",
+            "",
+        ]
+        out += [
+            f"- **{md_text(u['requirement'])}** [{md_text(u['level'])}] "
+            f"{md_text(u['text'])} — *{md_text(u['reason'])}*"
+            for u in doc["unchecked"]
+        ]
         out += ["", "</details>", ""]
     if doc.get("known_failures"):
         out += ["## Known failures declared by the engine", ""]
-        out += [f"- {md_text(k['requirement'])}[{md_text(','.join(map(str, k['flows'])))}"
-                f"]: {md_text(k['reason'])} ({md_text(k['where'])})"
-                for k in doc["known_failures"]]
+        out += [
+            f"- {md_text(k['requirement'])}[{md_text(','.join(map(str, k['flows'])))}"
+            f"]: {md_text(k['reason'])} ({md_text(k['where'])})"
+            for k in doc["known_failures"]
+        ]
         out.append("")
     runs = doc["runs"]
     seconds = sum(float(r.get("seconds") or 0) for r in runs)
-    out.append(f"{len(runs)} lifecycle runs ({seconds:.1f} s of lifecycle time). "
-               "report.html has every failure's ledger events and a sequence diagram per flow.")
+    out.append(
+        f"{len(runs)} lifecycle runs ({seconds:.1f} s of lifecycle time). "
+        "report.html has every failure's ledger events and a sequence diagram per flow."
+    )
     return "\n".join(out) + "\n"
 
 
 # --- the one-screen terminal summary -------------------------------------------------------------
 
-def wrap(text: Any, width: int, indent: str = "", subsequent: str | None = None
-         ) -> list[str]:
+
+def wrap(text: Any, width: int, indent: str = "", subsequent: str | None = None) -> list[str]:
     """``text`` on lines of at most ``width`` columns, broken between words only (a single
     word longer than a line, such as a long path, gets a line of its own, uncut)."""
     sub = indent + "    " if subsequent is None else subsequent
     one = " ".join(clean(text).split())
-    return textwrap.wrap(one, width=max(width, len(sub) + 20), initial_indent=indent,
-                         subsequent_indent=sub, break_on_hyphens=False,
-                         break_long_words=False) or [indent.rstrip()]
+    return textwrap.wrap(
+        one,
+        width=max(width, len(sub) + 20),
+        initial_indent=indent,
+        subsequent_indent=sub,
+        break_on_hyphens=False,
+        break_long_words=False,
+    ) or [indent.rstrip()]
 
 
-def terminal_summary(doc: dict[str, Any], v: Verdict, width: int = 100,
-                     max_failures: int = 8, max_lines: int = 30) -> list[str]:
+def terminal_summary(
+    doc: dict[str, Any], v: Verdict, width: int = 100, max_failures: int = 8, max_lines: int = 30
+) -> list[str]:
     doc = engine_view(doc)
     eng = doc["engine"]
-    lines = wrap(f"engine {eng.get('name')} ({eng.get('origin')}), suite "
-                 f"{doc.get('suite_version')}", width)
-    lines += wrap(f"{v.title.upper()} (exit {v.code}): " + (v.reasons[0] if v.reasons else ""),
-                  width)
+    lines = wrap(
+        f"engine {eng.get('name')} ({eng.get('origin')}), suite {doc.get('suite_version')}", width
+    )
+    lines += wrap(
+        f"{v.title.upper()} (exit {v.code}): " + (v.reasons[0] if v.reasons else ""), width
+    )
     for reason in v.reasons[1:]:
         lines += wrap(reason, width, "  ")
     lines += wrap(_counts_line(doc["summary"]), width)
@@ -837,9 +1031,13 @@ def terminal_summary(doc: dict[str, Any], v: Verdict, width: int = 100,
         lines += wrap(f"root cause: {g.message.removeprefix('not decided: ')}", width)
         if cause.get("advice"):
             lines += wrap(f"what to change: {cause['advice']}", width, "  ")
-        lines += wrap(f"{len(g.results)} result(s) not decided in "
-                      f"{', '.join(sorted(g.flows, key=_flow_key))}: see summary.md for the "
-                      "traceback", width, "  ")
+        lines += wrap(
+            f"{len(g.results)} result(s) not decided in "
+            f"{', '.join(sorted(g.flows, key=_flow_key))}: see summary.md for the "
+            "traceback",
+            width,
+            "  ",
+        )
     shown = v.failing or v.broken
     if shown:
         lines.append("failures, MUST first:" if v.failing else "broken results:")
@@ -848,23 +1046,28 @@ def terminal_summary(doc: dict[str, Any], v: Verdict, width: int = 100,
         for req, group in groups[:max_failures]:
             first = group[0]
             flows = ",".join(e["flow"] for e in group)
-            more = (wrap(f"{req} [{first['level']}] {flows}: {first['text']}", width, "  ",
-                         " " * 6) + wrap(violation_digest(first["message"]), width, " " * 6))
+            more = wrap(
+                f"{req} [{first['level']}] {flows}: {first['text']}", width, "  ", " " * 6
+            ) + wrap(violation_digest(first["message"]), width, " " * 6)
             if listed and len(lines) + len(more) + 2 > max_lines:
                 break  # one screen: the rest is in summary.md
             lines += more
             listed += 1
         if len(groups) > listed:
-            lines.append(f"  … and {len(groups) - listed} more requirement(s): see "
-                         "summary.md")
+            lines.append(f"  … and {len(groups) - listed} more requirement(s): see summary.md")
     if v.warnings:
-        lines += wrap("warnings (not counted): " + ", ".join(
-            f"{req}[{','.join(e['flow'] for e in g)}]" for req, g in by_requirement(v.warnings)),
-            width)
+        lines += wrap(
+            "warnings (not counted): "
+            + ", ".join(
+                f"{req}[{','.join(e['flow'] for e in g)}]" for req, g in by_requirement(v.warnings)
+            ),
+            width,
+        )
     return lines
 
 
 # --- report.html ------------------------------------------------------------------------------
+
 
 def _e(text: Any) -> str:
     """``text`` as inert HTML text or attribute value, control characters replaced."""
@@ -964,8 +1167,9 @@ def _badge(outcome: str) -> str:
 class _Diagrams:
     """Which runs get a diagram, and the anchors of their rows."""
 
-    def __init__(self, doc: dict[str, Any], refs: set[tuple[str | None, int]],
-                 max_extra: int = 6) -> None:
+    def __init__(
+        self, doc: dict[str, Any], refs: set[tuple[str | None, int]], max_extra: int = 6
+    ) -> None:
         self.per_flow: list[dict[str, Any]] = []
         for flow in flows_of(doc) or list(FLOWS):
             runs = [r for r in doc["runs"] if r.get("flow") == flow and run_events(r)]
@@ -992,8 +1196,9 @@ def sequence_svg(run: dict[str, Any], highlight: set[int] | None = None) -> str:
     hooks are activation bars coloured by the privilege state at entry, with the state as
     text on the right; arrows for forks, RPC calls, the exec notice and exits."""
     highlight = highlight or set()
-    events = sorted(run_events(run), key=lambda e: e["seq"] if isinstance(
-        e.get("seq"), int) else -1)
+    events = sorted(
+        run_events(run), key=lambda e: e["seq"] if isinstance(e.get("seq"), int) else -1
+    )
     run_id = str(run.get("id"))
     roles = [r for r in LANES if any(e.get("role") == r for e in events)]
     roles += sorted({str(e.get("role")) for e in events} - set(roles))
@@ -1014,19 +1219,23 @@ def sequence_svg(run: dict[str, Any], highlight: set[int] | None = None) -> str:
         if event.get("seq") in highlight:
             parts.append(f'<rect class="hl" x="0" y="{y}" width="{width}" height="{row_h}"/>')
         elif i % 2:
-            parts.append(f'<rect class="stripe" x="0" y="{y}" width="{width}" '
-                         f'height="{row_h}"/>')
+            parts.append(f'<rect class="stripe" x="0" y="{y}" width="{width}" height="{row_h}"/>')
     # lanes: header and lifeline over the role's lifetime
     for role in roles:
         rows = [i for i, e in enumerate(events) if e.get("role") == role]
         first = next(e for e in events if e.get("role") == role)
         x = x_of[role]
-        parts.append(f'<text class="lane-head" x="{x}" y="16" text-anchor="middle">'
-                     f'{_e(role)}</text>')
-        parts.append(f'<text class="pid" x="{x}" y="30" text-anchor="middle">pid '
-                     f'{_e(first.get("pid"))}</text>')
-        parts.append(f'<line class="lifeline" x1="{x}" y1="{y_of(rows[0]) - 8}" x2="{x}" '
-                     f'y2="{y_of(rows[-1]) + 8}"/>')
+        parts.append(
+            f'<text class="lane-head" x="{x}" y="16" text-anchor="middle">{_e(role)}</text>'
+        )
+        parts.append(
+            f'<text class="pid" x="{x}" y="30" text-anchor="middle">pid '
+            f'{_e(first.get("pid"))}</text>'
+        )
+        parts.append(
+            f'<line class="lifeline" x1="{x}" y1="{y_of(rows[0]) - 8}" x2="{x}" '
+            f'y2="{y_of(rows[-1]) + 8}"/>'
+        )
     # activation bars
     open_bars: dict[tuple[Any, Any, Any], tuple[int, int, str]] = {}
     depth_used: dict[str, set[int]] = {}
@@ -1055,8 +1264,9 @@ def sequence_svg(run: dict[str, Any], highlight: set[int] | None = None) -> str:
         y1 = y_of(start) - 7
         y2 = y_of(end) + 7
         dash = "" if closed else ' stroke-dasharray="3 2"'
-        parts.append(f'<rect class="bar lv-{level}" x="{x}" y="{y1}" width="10" '
-                     f'height="{y2 - y1}"{dash}/>')
+        parts.append(
+            f'<rect class="bar lv-{level}" x="{x}" y="{y1}" width="10" height="{y2 - y1}"{dash}/>'
+        )
     # arrows and markers, and the text column
     enter_text: dict[tuple[Any, Any, Any], str] = {}
 
@@ -1065,13 +1275,15 @@ def sequence_svg(run: dict[str, Any], highlight: set[int] | None = None) -> str:
             return
         x1, x2 = x_of[src], x_of[dst]
         step = 6 if x2 > x1 else -6
-        parts.append(f'<line class="arrow {cls}" x1="{x1}" y1="{y}" x2="{x2 - step}" '
-                     f'y2="{y}"/>')
-        parts.append(f'<path class="marker" d="M{x2} {y} L{x2 - step} {y - 4} '
-                     f'L{x2 - step} {y + 4} Z"/>')
+        parts.append(f'<line class="arrow {cls}" x1="{x1}" y1="{y}" x2="{x2 - step}" y2="{y}"/>')
+        parts.append(
+            f'<path class="marker" d="M{x2} {y} L{x2 - step} {y - 4} L{x2 - step} {y + 4} Z"/>'
+        )
         if label:
-            parts.append(f'<text class="pid" x="{(x1 + x2) // 2}" y="{y - 3}" '
-                         f'text-anchor="middle">{_e(label)}</text>')
+            parts.append(
+                f'<text class="pid" x="{(x1 + x2) // 2}" y="{y - 3}" '
+                f'text-anchor="middle">{_e(label)}</text>'
+            )
 
     for i, event in enumerate(events):
         y = y_of(i)
@@ -1085,13 +1297,25 @@ def sequence_svg(run: dict[str, Any], highlight: set[int] | None = None) -> str:
             arrow("stage2", role, y, "", "exec")
         elif kind == "process_exit":
             arrow(str(event.get("child_role")), role, y, "exit", f"exit {event.get('status')}")
-        elif kind in ("signal", "exit", "starter_exit", "container_start", "namespaces",
-                      "starter_config", "run_start", "leak", "fatal", "stage2_failed",
-                      "starter_error", "hook_timeout"):
+        elif kind in (
+            "signal",
+            "exit",
+            "starter_exit",
+            "container_start",
+            "namespaces",
+            "starter_config",
+            "run_start",
+            "leak",
+            "fatal",
+            "stage2_failed",
+            "starter_error",
+            "hook_timeout",
+        ):
             bad = kind in ("leak", "fatal", "stage2_failed", "starter_error", "hook_timeout")
             x = x_of.get(role, 0)
-            parts.append(f'<circle class="marker{" bad" if bad else ""}" cx="{x}" cy="{y}" '
-                         f'r="3.5"/>')
+            parts.append(
+                f'<circle class="marker{" bad" if bad else ""}" cx="{x}" cy="{y}" r="3.5"/>'
+            )
             if bad:
                 cls = "t-host"
         text = describe(event)
@@ -1112,49 +1336,64 @@ def sequence_svg(run: dict[str, Any], highlight: set[int] | None = None) -> str:
         arrowhead = {"hook_enter": "▶", "hook_return": "◀", "hook_raise": "✖"}.get(str(kind), " ")
         seq = event.get("seq")
         label = f"#{seq:<3} {role:<10}{arrowhead} {text}"
-        parts.append(f'<g id="{event_anchor(run_id, seq)}"><title>{_e(event_title(event))}'
-                     f'</title><text x="{text_x}" y="{y + 4}"'
-                     f'{f" class={chr(34)}{cls}{chr(34)}" if cls else ""}>'
-                     f'{_e(shorten(label, 56))}</text>')
+        parts.append(
+            f'<g id="{event_anchor(run_id, seq)}"><title>{_e(event_title(event))}'
+            f'</title><text x="{text_x}" y="{y + 4}"'
+            f'{f" class={chr(34)}{cls}{chr(34)}" if cls else ""}>'
+            f'{_e(shorten(label, 56))}</text>'
+        )
         if state:
-            parts.append(f'<text x="{state_x}" y="{y + 4}" class="'
-                         f'{"t-muted" if state == "(unchanged)" else cls or "t-muted"}">'
-                         f'{_e(shorten(state, 60))}</text>')
+            parts.append(
+                f'<text x="{state_x}" y="{y + 4}" class="'
+                f'{"t-muted" if state == "(unchanged)" else cls or "t-muted"}">'
+                f'{_e(shorten(state, 60))}</text>'
+            )
         parts.append("</g>")
-    parts.append(f'<text class="pid" x="{text_x}" y="16">event</text>'
-                 f'<text class="pid" x="{state_x}" y="16">privilege state of the hooked '
-                 'thread: uid real/effective/saved</text>')
-    return (f'<svg class="sequence" xmlns="http://www.w3.org/2000/svg" width="{width}" '
-            f'height="{height}" viewBox="0 0 {width} {height}" role="img" '
-            f'aria-label="sequence diagram of run {_e(run_id)}" data-run="{_e(run_id)}">'
-            + "".join(parts) + "</svg>")
+    parts.append(
+        f'<text class="pid" x="{text_x}" y="16">event</text>'
+        f'<text class="pid" x="{state_x}" y="16">privilege state of the hooked '
+        'thread: uid real/effective/saved</text>'
+    )
+    return (
+        f'<svg class="sequence" xmlns="http://www.w3.org/2000/svg" width="{width}" '
+        f'height="{height}" viewBox="0 0 {width} {height}" role="img" '
+        f'aria-label="sequence diagram of run {_e(run_id)}" data-run="{_e(run_id)}">'
+        + "".join(parts)
+        + "</svg>"
+    )
 
 
-LEGEND = ('<div class="legend meta"><span><i class="lv" style="background:#cf222e"></i>host '
-          'privilege effective (euid 0 or effective caps, host user ns)</span>'
-          '<span><i style="background:#d4a72c"></i>regainable (saved uid 0 or permitted caps, '
-          'host user ns)</span><span><i style="background:#218bff"></i>privileged only inside '
-          'a user namespace</span><span><i style="background:#8ddb8c"></i>unprivileged</span>'
-          '<span>bars: a hook from entry to return (dashed: never returned); text on the right: '
-          'uid real/effective/saved, effective (permitted) capabilities, no_new_privs, user '
-          'namespace</span></div>')
+LEGEND = (
+    '<div class="legend meta"><span><i class="lv" style="background:#cf222e"></i>host '
+    'privilege effective (euid 0 or effective caps, host user ns)</span>'
+    '<span><i style="background:#d4a72c"></i>regainable (saved uid 0 or permitted caps, '
+    'host user ns)</span><span><i style="background:#218bff"></i>privileged only inside '
+    'a user namespace</span><span><i style="background:#8ddb8c"></i>unprivileged</span>'
+    '<span>bars: a hook from entry to return (dashed: never returned); text on the right: '
+    'uid real/effective/saved, effective (permitted) capabilities, no_new_privs, user '
+    'namespace</span></div>'
+)
 
 
-def _event_block(doc: dict[str, Any], run_id: str | None, seq: int,
-                 drawn: Container[str | None]) -> str:
+def _event_block(
+    doc: dict[str, Any], run_id: str | None, seq: int, drawn: Container[str | None]
+) -> str:
     event = find_event(doc, run_id, seq)
-    out = [f'<div class="event"><div><b>ledger event</b> <code>{_e(event_title(event))}</code>'
-           f' in run <code>{_e(run_id)}</code>']
+    out = [
+        f'<div class="event"><div><b>ledger event</b> <code>{_e(event_title(event))}</code>'
+        f' in run <code>{_e(run_id)}</code>'
+    ]
     if event is not None and run_id in drawn:
-        out.append(f' · <a href="#{event_anchor(str(run_id), seq)}">in the sequence '
-                   'diagram</a>')
+        out.append(f' · <a href="#{event_anchor(str(run_id), seq)}">in the sequence diagram</a>')
     out.append("</div>")
     if event is not None:
         out.append(f'<div>{_e(describe(event))}</div>')
         if event.get("snapshot"):
             out.append(f'<div class="priv">{_e(privilege_text(event))}</div>')
-        out.append("<details><summary>raw event (JSON)</summary><pre>"
-                   f"{_e(json.dumps(event, indent=1))}</pre></details>")
+        out.append(
+            "<details><summary>raw event (JSON)</summary><pre>"
+            f"{_e(json.dumps(event, indent=1))}</pre></details>"
+        )
     out.append("</div>")
     return "".join(out)
 
@@ -1164,77 +1403,104 @@ def html_report(doc: dict[str, Any], v: Verdict | None = None) -> str:
     doc = engine_view(doc)
     eng = doc["engine"]
     env = doc["environment"]
-    shown = ([(e, "") for e in v.failing] + [(e, " broken") for e in v.broken]
-             + [(e, " warning") for e in v.warnings])
+    shown = (
+        [(e, "") for e in v.failing]
+        + [(e, " broken") for e in v.broken]
+        + [(e, " warning") for e in v.warnings]
+    )
     refs = {ref for e, _ in shown for ref in event_refs(e)}
     diagrams = _Diagrams(doc, refs)
     title = f"Conformance of {eng.get('name')}: {v.title}"
-    out = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
-           '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
-           'style-src \'unsafe-inline\'; img-src data:">',
-           '<meta name="viewport" content="width=device-width, initial-scale=1">',
-           f"<title>{_e(title)}</title><style>{CSS}</style></head><body>",
-           f'<h1>Conformance of <code>{_e(eng.get("name"))}</code> '
-           f'<span id="verdict" class="verdict v{v.code}" data-exit="{v.code}">'
-           f'{_e(v.title)} (exit {v.code})</span></h1>',
-           f'<p class="meta">{_e(_engine_line(doc).replace("`", ""))}</p>',
-           '<p class="pills" id="counts">' + "".join(
-               f'<span class="o-{o}{" zero" if not doc["summary"].get(o) else ""}">'
-               f'{doc["summary"].get(o, 0)} {_e(o)}</span>'
-               for o in OUTCOMES) + f'<span>{doc["summary"].get("total", 0)} results</span></p>',
-           "<ul>" + "".join(f"<li>{_e(r)}</li>" for r in v.reasons) + "</ul>"]
+    out = [
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
+        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
+        'style-src \'unsafe-inline\'; img-src data:">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{_e(title)}</title><style>{CSS}</style></head><body>",
+        f'<h1>Conformance of <code>{_e(eng.get("name"))}</code> '
+        f'<span id="verdict" class="verdict v{v.code}" data-exit="{v.code}">'
+        f'{_e(v.title)} (exit {v.code})</span></h1>',
+        f'<p class="meta">{_e(_engine_line(doc).replace("`", ""))}</p>',
+        '<p class="pills" id="counts">'
+        + "".join(
+            f'<span class="o-{o}{" zero" if not doc["summary"].get(o) else ""}">'
+            f'{doc["summary"].get(o, 0)} {_e(o)}</span>'
+            for o in OUTCOMES
+        )
+        + f'<span>{doc["summary"].get("total", 0)} results</span></p>',
+        "<ul>" + "".join(f"<li>{_e(r)}</li>" for r in v.reasons) + "</ul>",
+    ]
 
     if v.root_causes:
         out.append('<h2 id="root-causes">Root causes: runs that failed early</h2>')
         for i, g in enumerate(v.root_causes):
             cause = g.cause or {}
             reqs = [req for req, _ in by_requirement(g.results)]
-            out.append(f'<details class="failure root-cause" id="root-cause-{i}" open><summary>'
-                       f'{_badge(NOT_DECIDED)} <b>{_e(g.message.removeprefix("not decided: "))}'
-                       f'</b></summary>')
+            out.append(
+                f'<details class="failure root-cause" id="root-cause-{i}" open><summary>'
+                f'{_badge(NOT_DECIDED)} <b>{_e(g.message.removeprefix("not decided: "))}'
+                f'</b></summary>'
+            )
             if cause.get("advice"):
                 out.append(f'<p><b>What to change:</b> {_e(cause["advice"])}</p>')
-            out.append(f'<div class="meta">{len(g.results)} result(s) in {len(reqs)} '
-                       f'requirement(s) not decided, in {_e(", ".join(g.flows))}: '
-                       f'{_e(", ".join(reqs))} · runs {_e(", ".join(g.runs))}</div>')
+            out.append(
+                f'<div class="meta">{len(g.results)} result(s) in {len(reqs)} '
+                f'requirement(s) not decided, in {_e(", ".join(g.flows))}: '
+                f'{_e(", ".join(reqs))} · runs {_e(", ".join(g.runs))}</div>'
+            )
             if "Traceback" in str(cause.get("traceback")):
                 out.append(f'<pre class="traceback">{_e(cause["traceback"])}</pre>')
             out.append("</details>")
     if shown:
-        out.append(f'<h2 id="failures">Failures ({len(v.failing)})'
-                   + (f", broken ({len(v.broken)})" if v.broken else "")
-                   + (f", warnings ({len(v.warnings)})" if v.warnings else "") + "</h2>")
+        out.append(
+            f'<h2 id="failures">Failures ({len(v.failing)})'
+            + (f", broken ({len(v.broken)})" if v.broken else "")
+            + (f", warnings ({len(v.warnings)})" if v.warnings else "")
+            + "</h2>"
+        )
         for e, cls in shown:
             anchor = f"f-{_slug(e['requirement'])}-{_slug(e['flow'])}"
-            out.append(f'<details class="failure{cls}" id="{anchor}" '
-                       f'data-requirement="{_e(e["requirement"])}" data-flow="{_e(e["flow"])}">'
-                       f'<summary>{_badge(e["outcome"])} <b>{_e(e["requirement"])}</b> '
-                       f'[{_e(e["level"])}] in <b>{_e(e["flow"])}</b> — {_e(e["text"])}'
-                       '</summary>')
-            out.append(f'<div class="meta">test <code>{_e(e["test"])}</code> · backend '
-                       f'{_e(e["backend"])} · SPEC {_e(e["section"])} · runs '
-                       f'{_e(", ".join(e.get("runs") or []) or "-")}</div>')
+            out.append(
+                f'<details class="failure{cls}" id="{anchor}" '
+                f'data-requirement="{_e(e["requirement"])}" data-flow="{_e(e["flow"])}">'
+                f'<summary>{_badge(e["outcome"])} <b>{_e(e["requirement"])}</b> '
+                f'[{_e(e["level"])}] in <b>{_e(e["flow"])}</b> — {_e(e["text"])}'
+                '</summary>'
+            )
+            out.append(
+                f'<div class="meta">test <code>{_e(e["test"])}</code> · backend '
+                f'{_e(e["backend"])} · SPEC {_e(e["section"])} · runs '
+                f'{_e(", ".join(e.get("runs") or []) or "-")}</div>'
+            )
             out.append(f'<pre class="message">{_e(e["message"] or "(no message)")}</pre>')
             for run_id, seq in event_refs(e)[:6]:
                 out.append(_event_block(doc, run_id, seq, diagrams.drawn))
             out.append("</details>")
 
     flows = flows_of(doc)
-    out.append('<h2 id="matrix">Requirements × flows</h2><p class="meta">Failing '
-               "requirements first, then the catalogue's order; hover a cell for its message, "
-               "click a failure to jump to it.</p>")
-    out.append('<table class="matrix" id="results"><thead><tr><th>Requirement</th>'
-               "<th>Level</th>" + "".join(f"<th>{_e(f)}</th>" for f in flows)
-               + "<th>Text</th></tr></thead><tbody>")
+    out.append(
+        '<h2 id="matrix">Requirements × flows</h2><p class="meta">Failing '
+        "requirements first, then the catalogue's order; hover a cell for its message, "
+        "click a failure to jump to it.</p>"
+    )
+    out.append(
+        '<table class="matrix" id="results"><thead><tr><th>Requirement</th>'
+        "<th>Level</th>"
+        + "".join(f"<th>{_e(f)}</th>" for f in flows)
+        + "<th>Text</th></tr></thead><tbody>"
+    )
     rows = matrix_rows(doc)
     failing_rows = sum(1 for _, cells in rows if any(c["outcome"] in BAD for c in cells.values()))
     for i, (first, cells) in enumerate(rows):
         if i == 0 and failing_rows:
-            out.append(f'<tr class="group"><th colspan="{len(flows) + 3}">Failing or broken '
-                       f"({failing_rows})</th></tr>")
+            out.append(
+                f'<tr class="group"><th colspan="{len(flows) + 3}">Failing or broken '
+                f"({failing_rows})</th></tr>"
+            )
         if i == failing_rows and failing_rows:
-            out.append(f'<tr class="group"><th colspan="{len(flows) + 3}">Everything else'
-                       "</th></tr>")
+            out.append(
+                f'<tr class="group"><th colspan="{len(flows) + 3}">Everything else</th></tr>'
+            )
         tds = []
         for flow in flows:
             entry = cells.get(flow)
@@ -1246,16 +1512,23 @@ def html_report(doc: dict[str, Any], v: Verdict | None = None) -> str:
             if entry["outcome"] in BAD or entry in v.warnings:
                 cell = f'<a href="#f-{_slug(entry["requirement"])}-{_slug(flow)}">{cell}</a>'
             tip = first_lines(entry["message"], 2) or entry["outcome"]
-            tds.append(f'<td class="o o-{entry["outcome"]}" data-outcome="{entry["outcome"]}" '
-                       f'title="{_e(shorten(tip, 300))}">{cell}</td>')
-        out.append(f'<tr data-requirement="{_e(first["requirement"])}"><td><b>'
-                   f'{_e(first["requirement"])}</b></td><td>{_e(first["level"])}</td>'
-                   + "".join(tds) + f'<td class="text">{_e(first["text"])}</td></tr>')
+            tds.append(
+                f'<td class="o o-{entry["outcome"]}" data-outcome="{entry["outcome"]}" '
+                f'title="{_e(shorten(tip, 300))}">{cell}</td>'
+            )
+        out.append(
+            f'<tr data-requirement="{_e(first["requirement"])}"><td><b>'
+            f'{_e(first["requirement"])}</b></td><td>{_e(first["level"])}</td>'
+            + "".join(tds)
+            + f'<td class="text">{_e(first["text"])}</td></tr>'
+        )
     out.append("</tbody></table>")
 
-    out.append('<h2 id="sequence">Lifecycles: one sequence diagram per flow</h2>'
-               '<p class="meta">Drawn from each run\'s ledger: the processes of the run as '
-               "lanes, every event in the order the supervisor received it.</p>" + LEGEND)
+    out.append(
+        '<h2 id="sequence">Lifecycles: one sequence diagram per flow</h2>'
+        '<p class="meta">Drawn from each run\'s ledger: the processes of the run as '
+        "lanes, every event in the order the supervisor received it.</p>" + LEGEND
+    )
     first_open = True
     for run in diagrams.per_flow + diagrams.extra:
         rid = str(run.get("id"))
@@ -1263,53 +1536,76 @@ def html_report(doc: dict[str, Any], v: Verdict | None = None) -> str:
         is_open = first_open or bool(hl)
         first_open = False
         extra = "" if run in diagrams.per_flow else " (quoted by a failure)"
-        out.append(f'<details class="flow" id="run-{_slug(rid)}" data-flow='
-                   f'"{_e(run.get("flow"))}"{" open" if is_open else ""}><summary>'
-                   f'{_e(run.get("flow"))}: run <code>{_e(rid)}</code>{extra} — exit '
-                   f'{_e(run.get("exit_code"))} ({_e(run.get("reason"))}), '
-                   f'{len(run_events(run))} events, {_e(run.get("seconds"))} s</summary>')
+        out.append(
+            f'<details class="flow" id="run-{_slug(rid)}" data-flow='
+            f'"{_e(run.get("flow"))}"{" open" if is_open else ""}><summary>'
+            f'{_e(run.get("flow"))}: run <code>{_e(rid)}</code>{extra} — exit '
+            f'{_e(run.get("exit_code"))} ({_e(run.get("reason"))}), '
+            f'{len(run_events(run))} events, {_e(run.get("seconds"))} s</summary>'
+        )
         out.append(f'<div class="scroll">{sequence_svg(run, hl)}</div>')
         out.append("</details>")
 
-    out.append('<h2 id="environment">Environment</h2><table><thead><tr><th>flow</th>'
-               "<th>selected</th><th>runs here</th><th>backend</th><th>reason</th></tr></thead>"
-               "<tbody>")
+    out.append(
+        '<h2 id="environment">Environment</h2><table><thead><tr><th>flow</th>'
+        "<th>selected</th><th>runs here</th><th>backend</th><th>reason</th></tr></thead>"
+        "<tbody>"
+    )
     for flow, info in sorted((env.get("flows") or {}).items(), key=lambda kv: _flow_key(kv[0])):
-        out.append(f"<tr><td>{_e(flow)}</td><td>{'yes' if info.get('selected') else 'no'}</td>"
-                   f"<td>{'yes' if info.get('runnable') else 'no'}</td><td>"
-                   f"{_e((env.get('backend') or {}).get(flow, info.get('backend', '')))}</td>"
-                   f"<td>{_e(info.get('reason', ''))}</td></tr>")
+        out.append(
+            f"<tr><td>{_e(flow)}</td><td>{'yes' if info.get('selected') else 'no'}</td>"
+            f"<td>{'yes' if info.get('runnable') else 'no'}</td><td>"
+            f"{_e((env.get('backend') or {}).get(flow, info.get('backend', '')))}</td>"
+            f"<td>{_e(info.get('reason', ''))}</td></tr>"
+        )
     out.append("</tbody></table>")
     invoker = env.get("invoker") or {}
-    caps = ", ".join(f"{k}={'yes' if val else 'no'}"
-                     for k, val in (eng.get("capabilities") or {}).items())
-    out.append(f'<p class="meta">kernel {_e(env.get("kernel"))} {_e(env.get("machine"))} · '
-               f'Python {_e(env.get("python"))} · pytest {_e(env.get("pytest"))} · uid '
-               f'{_e(env.get("uid"))} · invoking user U {_e(invoker.get("name"))} '
-               f'({_e(invoker.get("uid"))}) · engine capabilities '
-               f'({_e(eng.get("capabilities_source"))}): {_e(caps)} · engine from '
-               f'{_e(eng.get("source"))}</p>')
+    caps = ", ".join(
+        f"{k}={'yes' if val else 'no'}" for k, val in (eng.get("capabilities") or {}).items()
+    )
+    out.append(
+        f'<p class="meta">kernel {_e(env.get("kernel"))} {_e(env.get("machine"))} · '
+        f'Python {_e(env.get("python"))} · pytest {_e(env.get("pytest"))} · uid '
+        f'{_e(env.get("uid"))} · invoking user U {_e(invoker.get("name"))} '
+        f'({_e(invoker.get("uid"))}) · engine capabilities '
+        f'({_e(eng.get("capabilities_source"))}): {_e(caps)} · engine from '
+        f'{_e(eng.get("source"))}</p>'
+    )
     if doc.get("known_failures"):
-        out.append("<h2>Known failures declared by the engine</h2><ul>" + "".join(
-            f"<li><b>{_e(k['requirement'])}</b>[{_e(','.join(k['flows']))}]: {_e(k['reason'])}"
-            f" <span class=meta>({_e(k['where'])})</span></li>" for k in doc["known_failures"])
-            + "</ul>")
+        out.append(
+            "<h2>Known failures declared by the engine</h2><ul>"
+            + "".join(
+                f"<li><b>{_e(k['requirement'])}</b>[{_e(','.join(k['flows']))}]: {_e(k['reason'])}"
+                f" <span class=meta>({_e(k['where'])})</span></li>"
+                for k in doc["known_failures"]
+            )
+            + "</ul>"
+        )
     if doc.get("unchecked"):
-        out.append(f"<details><summary>Requirements no lifecycle run can decide "
-                   f"({len(doc['unchecked'])})</summary><ul>" + "".join(
-                       f"<li><b>{_e(u['requirement'])}</b> [{_e(u['level'])}] {_e(u['text'])}"
-                       f" — <i>{_e(u['reason'])}</i></li>" for u in doc["unchecked"])
-                   + "</ul></details>")
-    out.append(f'<p class="meta">Rendered from the JSON report (schema '
-               f'{_e(doc.get("schema_version"))}) by conformance.render; '
-               f'{len(doc["runs"])} lifecycle runs.</p></body></html>')
+        out.append(
+            f"<details><summary>Requirements no lifecycle run can decide "
+            f"({len(doc['unchecked'])})</summary><ul>"
+            + "".join(
+                f"<li><b>{_e(u['requirement'])}</b> [{_e(u['level'])}] {_e(u['text'])}"
+                f" — <i>{_e(u['reason'])}</i></li>"
+                for u in doc["unchecked"]
+            )
+            + "</ul></details>"
+        )
+    out.append(
+        f'<p class="meta">Rendered from the JSON report (schema '
+        f'{_e(doc.get("schema_version"))}) by conformance.render; '
+        f'{len(doc["runs"])} lifecycle runs.</p></body></html>'
+    )
     return "\n".join(out) + "\n"
 
 
 # --- writing ----------------------------------------------------------------------------------
 
-def write(doc: dict[str, Any], out_dir: str | Path, strict: bool | None = None
-          ) -> tuple[Verdict, dict[str, Path]]:
+
+def write(
+    doc: dict[str, Any], out_dir: str | Path, strict: bool | None = None
+) -> tuple[Verdict, dict[str, Path]]:
     """Write ``summary.md`` and ``report.html`` into ``out_dir``; return the verdict and the
     paths."""
     v = verdict(doc, strict)
@@ -1332,8 +1628,10 @@ def report_command(path: str, out_dir: str | None, strict: bool | None = None) -
     try:
         v, paths = write(doc, out_dir or Path(path).resolve().parent, strict)
     except OSError as exc:
-        print(f"conformance report: cannot write into {out_dir}: {exc.strerror or exc}",
-              file=sys.stderr)
+        print(
+            f"conformance report: cannot write into {out_dir}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
         return HARNESS_ERROR
     for line in terminal_summary(doc, v):
         print(line)

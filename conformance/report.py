@@ -52,10 +52,32 @@ from conformance.outcomes import NOT_DECIDED, OUTCOMES, Results
 #: Versions 1 and 2 are read too (their results are given the catalogue's subject).
 SCHEMA_VERSION = 3
 
-RESULT_KEYS = ("requirement", "level", "section", "text", "flow", "backend", "outcome", "test",
-               "tests", "message", "runs", "checks")
-TOP_KEYS = ("schema_version", "suite_version", "generated", "engine", "environment",
-            "summary", "results", "unchecked", "known_failures", "runs")
+RESULT_KEYS = (
+    "requirement",
+    "level",
+    "section",
+    "text",
+    "flow",
+    "backend",
+    "outcome",
+    "test",
+    "tests",
+    "message",
+    "runs",
+    "checks",
+)
+TOP_KEYS = (
+    "schema_version",
+    "suite_version",
+    "generated",
+    "engine",
+    "environment",
+    "summary",
+    "results",
+    "unchecked",
+    "known_failures",
+    "runs",
+)
 
 
 def build(state: Any, results: Results, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -67,19 +89,33 @@ def build(state: Any, results: Results, runs: list[dict[str, Any]]) -> dict[str,
         "schema_version": SCHEMA_VERSION,
         "suite_version": SUITE_VERSION,
         "generated": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "engine": {"spec": state.engine, "name": state.engine_name, "source": state.engine_source,
-                   "origin": state.origin, "capabilities": state.capabilities,
-                   "capabilities_source": state.capabilities_source},
+        "engine": {
+            "spec": state.engine,
+            "name": state.engine_name,
+            "source": state.engine_source,
+            "origin": state.origin,
+            "capabilities": state.capabilities,
+            "capabilities_source": state.capabilities_source,
+        },
         "environment": {
-            "kernel": platform.release(), "machine": platform.machine(),
-            "python": platform.python_version(), "pytest": pytest.__version__,
-            "uid": os.getuid(), "euid": os.geteuid(),
+            "kernel": platform.release(),
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+            "pytest": pytest.__version__,
+            "uid": os.getuid(),
+            "euid": os.geteuid(),
             "user_namespaces": bool(env.get("userns", (False, ""))[0]),
             "user_namespaces_reason": env.get("userns", (False, ""))[1],
             "invoker": user,
-            "flows": {flow: {"runnable": ok, "reason": why, "selected": flow in state.flows,
-                             "backend": state.backends.get(flow, state.backend)}
-                      for flow, (ok, why) in env.items()},
+            "flows": {
+                flow: {
+                    "runnable": ok,
+                    "reason": why,
+                    "selected": flow in state.flows,
+                    "backend": state.backends.get(flow, state.backend),
+                }
+                for flow, (ok, why) in env.items()
+            },
             "backend": {flow: state.backends.get(flow, state.backend) for flow in env},
             "backend_requested": state.backend,
             "xdist_workers": state.xdist_workers,
@@ -87,22 +123,44 @@ def build(state: Any, results: Results, runs: list[dict[str, Any]]) -> dict[str,
         },
         "summary": Results.summary(entries),
         "results": entries,
-        "unchecked": [{"requirement": r.id, "subject": r.subject, "level": r.level,
-                       "section": r.section, "text": r.text, "reason": r.unchecked or "no test yet"}
-                      for r in requirements.CATALOGUE.values() if not index[r.id]],
-        "known_failures": [{"requirement": k.requirement, "flows": list(k.flows),
-                            "reason": k.reason, "where": k.where()} for k in state.known],
-        "runs": sorted(runs, key=lambda r: (r.get("flow", ""), r.get("scenario", ""),
-                                            r.get("worker", ""))),
+        "unchecked": [
+            {
+                "requirement": r.id,
+                "subject": r.subject,
+                "level": r.level,
+                "section": r.section,
+                "text": r.text,
+                "reason": r.unchecked or "no test yet",
+            }
+            for r in requirements.CATALOGUE.values()
+            if not index[r.id]
+        ],
+        "known_failures": [
+            {
+                "requirement": k.requirement,
+                "flows": list(k.flows),
+                "reason": k.reason,
+                "where": k.where(),
+            }
+            for k in state.known
+        ],
+        "runs": sorted(
+            runs, key=lambda r: (r.get("flow", ""), r.get("scenario", ""), r.get("worker", ""))
+        ),
         "root_causes": _root_causes(entries, runs),
     }
 
 
-def _root_causes(entries: list[dict[str, Any]], runs: list[dict[str, Any]]
-                 ) -> list[dict[str, Any]]:
-    return [{**(g.cause or {"headline": g.message.removeprefix("not decided: ")}),
-             "results": len(g.results), "flows": g.flows, "runs": g.runs}
-            for g in rootcause.groups(entries, runs)]
+def _root_causes(entries: list[dict[str, Any]], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {
+            **(g.cause or {"headline": g.message.removeprefix("not decided: ")}),
+            "results": len(g.results),
+            "flows": g.flows,
+            "runs": g.runs,
+        }
+        for g in rootcause.groups(entries, runs)
+    ]
 
 
 def validate(doc: Any) -> list[str]:
@@ -126,15 +184,17 @@ def validate(doc: Any) -> list[str]:
         if entry["requirement"] not in requirements.CATALOGUE:
             problems.append(f"results[{i}]: unknown requirement {entry['requirement']!r}")
         elif entry["level"] != requirements.CATALOGUE[entry["requirement"]].level:
-            problems.append(f"results[{i}]: level {entry['level']!r} of "
-                            f"{entry['requirement']} is wrong")
-        elif version >= 3 and entry.get("subject") != requirements.subject_of(
-                entry["requirement"]):
+            problems.append(
+                f"results[{i}]: level {entry['level']!r} of {entry['requirement']} is wrong"
+            )
+        elif version >= 3 and entry.get("subject") != requirements.subject_of(entry["requirement"]):
             # a verdict reads the subject: a result moved to the other side would hide or
             # blame wrongly
-            problems.append(f"results[{i}]: subject {entry.get('subject')!r} of "
-                            f"{entry['requirement']} is wrong (the catalogue says "
-                            f"{requirements.subject_of(entry['requirement'])!r})")
+            problems.append(
+                f"results[{i}]: subject {entry.get('subject')!r} of "
+                f"{entry['requirement']} is wrong (the catalogue says "
+                f"{requirements.subject_of(entry['requirement'])!r})"
+            )
         if entry["outcome"] not in counts:
             problems.append(f"results[{i}]: unknown outcome {entry['outcome']!r}")
         else:
@@ -148,8 +208,9 @@ def validate(doc: Any) -> list[str]:
                 problems.append(f"results[{i}] refers to run {run!r} that is not in runs")
     for outcome, n in counts.items():
         if doc["summary"].get(outcome, 0 if outcome == NOT_DECIDED else None) != n:
-            problems.append(f"summary[{outcome!r}] = {doc['summary'].get(outcome)!r}, "
-                            f"results have {n}")
+            problems.append(
+                f"summary[{outcome!r}] = {doc['summary'].get(outcome)!r}, results have {n}"
+            )
     if doc["summary"].get("total") != len(doc["results"]):
         problems.append("summary total != number of results")
     for i, run in enumerate(doc["runs"]):
@@ -160,17 +221,20 @@ def validate(doc: Any) -> list[str]:
 
 # --- merging shard reports ----------------------------------------------------------------------
 
+
 class MergeError(ValueError):
     """Shard reports that cannot make one report; the message names the shards and what
     differs."""
 
 
 #: What every shard of one session shares: (what, how to read it from a report).
-_SAME = (("schema version", lambda d: d["schema_version"]),
-         ("suite version", lambda d: d["suite_version"]),
-         ("engine", lambda d: f"{d['engine'].get('name')} ({d['engine'].get('origin')})"),
-         ("engine capabilities", lambda d: d["engine"].get("capabilities")),
-         ("--strict", lambda d: bool(d["environment"].get("strict"))))
+_SAME = (
+    ("schema version", lambda d: d["schema_version"]),
+    ("suite version", lambda d: d["suite_version"]),
+    ("engine", lambda d: f"{d['engine'].get('name')} ({d['engine'].get('origin')})"),
+    ("engine capabilities", lambda d: d["engine"].get("capabilities")),
+    ("--strict", lambda d: bool(d["environment"].get("strict"))),
+)
 
 
 def _result_key(entry: dict[str, Any]) -> tuple[Any, ...]:
@@ -196,9 +260,11 @@ def merge(shards: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     for name, doc in shards[1:]:
         for what, read in _SAME:
             if read(doc) != read(first):
-                raise MergeError(f"{name} and {first_name} differ in {what} ({read(doc)!r} "
-                                 f"against {read(first)!r}): merge only the shards of one "
-                                 "session (one engine, one kit version, the same options)")
+                raise MergeError(
+                    f"{name} and {first_name} differ in {what} ({read(doc)!r} "
+                    f"against {read(first)!r}): merge only the shards of one "
+                    "session (one engine, one kit version, the same options)"
+                )
     merged: dict[tuple[Any, ...], dict[str, Any]] = {}
     decided_by: dict[tuple[Any, ...], str] = {}
     runs: list[dict[str, Any]] = []
@@ -225,22 +291,35 @@ def merge(shards: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
                     f"{have['outcome']} ({have['backend']} backend), {name} says "
                     f"{entry['outcome']} ({entry['backend']} backend): shards that overlap "
                     "must agree; look at the two runners' environments, or shard without "
-                    "overlap")
+                    "overlap"
+                )
             else:
                 have["runs"] = sorted(set(have["runs"]) | set(entry["runs"]))
         for k in doc["known_failures"]:
             known.setdefault((k["requirement"], tuple(k["flows"]), k["reason"]), k)
         env = doc["environment"]
-        described.append({
-            "report": name, "generated": doc["generated"], "environment": env,
-            "flows": [f for f, info in env["flows"].items() if info.get("selected")],
-            "results": len(doc["results"]), "runs": [renamed[r["id"]] for r in doc["runs"]]})
+        described.append(
+            {
+                "report": name,
+                "generated": doc["generated"],
+                "environment": env,
+                "flows": [f for f, info in env["flows"].items() if info.get("selected")],
+                "results": len(doc["results"]),
+                "runs": [renamed[r["id"]] for r in doc["runs"]],
+            }
+        )
     order = {r: i for i, r in enumerate(requirements.CATALOGUE)}
-    entries = sorted(merged.values(), key=lambda e: (
-        order.get(e["requirement"], len(order)),
-        FLOWS.index(e["flow"]) if e["flow"] in FLOWS else len(FLOWS), str(e.get("subject"))))
-    runs.sort(key=lambda r: (r.get("flow", ""), r.get("scenario", ""), r.get("worker", ""),
-                             r["id"]))
+    entries = sorted(
+        merged.values(),
+        key=lambda e: (
+            order.get(e["requirement"], len(order)),
+            FLOWS.index(e["flow"]) if e["flow"] in FLOWS else len(FLOWS),
+            str(e.get("subject")),
+        ),
+    )
+    runs.sort(
+        key=lambda r: (r.get("flow", ""), r.get("scenario", ""), r.get("worker", ""), r["id"])
+    )
     return {
         **first,
         "generated": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -272,8 +351,10 @@ def merge_command(paths: list[str], out_dir: str | None, strict: bool | None = N
     from conformance import render  # noqa: PLC0415  (render imports this module)
 
     if not out_dir:
-        print("conformance report --merge: give --out DIR (where the merged report goes)",
-              file=sys.stderr)
+        print(
+            "conformance report --merge: give --out DIR (where the merged report goes)",
+            file=sys.stderr,
+        )
         return render.HARNESS_ERROR
     try:
         doc = merge([(path, render.load(path)) for path in paths])
@@ -286,8 +367,10 @@ def merge_command(paths: list[str], out_dir: str | None, strict: bool | None = N
         merged_path.write_text(json.dumps(doc))
         v, written = render.write(doc, out_dir, strict)
     except OSError as exc:
-        print(f"conformance report --merge: cannot write into {out_dir}: "
-              f"{exc.strerror or exc}", file=sys.stderr)
+        print(
+            f"conformance report --merge: cannot write into {out_dir}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
         return render.HARNESS_ERROR
     for line in render.terminal_summary(doc, v):
         print(line)

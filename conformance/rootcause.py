@@ -17,22 +17,30 @@ from conformance.outcomes import NOT_DECIDED
 
 #: Ledger events that mean something went wrong in the run.
 BAD_KINDS = ("hook_raise", "hook_timeout", "starter_error", "fatal", "stage2_failed")
-HOOKS = ("config", "init_config", "prepare_config", "create_container", "start_process",
-         "post_start_process", "monitor_container", "cleanup_container")
+HOOKS = (
+    "config",
+    "init_config",
+    "prepare_config",
+    "create_container",
+    "start_process",
+    "post_start_process",
+    "monitor_container",
+    "cleanup_container",
+)
 #: Prefix of the message of every result a root cause leaves undecided.
 PREFIX = "not decided: the run failed at "
 
 #: Starter stages whose error is the engine's StarterConfig or engine config.
 _STAGE_ADVICE = {
     "starter_config": "fix the StarterConfig that prepare_config fills (stage 1): the starter "
-                      "rejected it",
+    "rejected it",
     "engine_config": "fix config()/the engine config: the starter could not decode it "
-                     "(config() must return an EngineConfig dataclass of JSON-visible fields)",
+    "(config() must return an EngineConfig dataclass of JSON-visible fields)",
     "stage1": "fix stage 1 (config, init_config, prepare_config): it failed",
     "user_namespace": "check the user namespace the StarterConfig asks for: the starter could "
-                      "not set it up",
+    "not set it up",
     "namespaces": "check the namespaces the StarterConfig asks to create or join: the starter "
-                  "could not set them up",
+    "could not set them up",
     "rpc_server": "fix the engine's RPC methods: the RPC server failed",
 }
 
@@ -58,8 +66,14 @@ class RootCause:
         return f"not decided: {self.headline}"
 
     def to_json(self) -> dict[str, Any]:
-        return {"headline": self.headline, "hook": self.hook, "role": self.role,
-                "error": self.error, "advice": self.advice, "traceback": self.traceback}
+        return {
+            "headline": self.headline,
+            "hook": self.hook,
+            "role": self.role,
+            "error": self.error,
+            "advice": self.advice,
+            "traceback": self.traceback,
+        }
 
 
 def expected_hook(scenario: str) -> str | None:
@@ -69,7 +83,7 @@ def expected_hook(scenario: str) -> str | None:
     # fault: the engine fails on request; inject: the kit makes the hook fail (kit.starter.inject)
     for prefix in ("fault:", "inject:"):
         if scenario.startswith(prefix):
-            fault = scenario[len(prefix):]
+            fault = scenario[len(prefix) :]
             return None if fault == "create_container:rpc-probe" else fault.split(":")[0]
     return None
 
@@ -88,30 +102,51 @@ def _from_event(event: dict[str, Any]) -> RootCause:
     if kind == "hook_raise":
         hook = str(event.get("hook"))
         text = f"{error.get('type')}: {error.get('message')}"
-        return RootCause(hook, role, text, f"make {hook} ({role}) not raise in a run that "
-                         f"asks for no failure: it raised {text}", trace)
+        return RootCause(
+            hook,
+            role,
+            text,
+            f"make {hook} ({role}) not raise in a run that asks for no failure: it raised {text}",
+            trace,
+        )
     if kind == "hook_timeout":
         hook, role = str(event.get("hook")), str(event.get("hook_role") or role)
         text = f"hook timeout: no return within {event.get('seconds')} s"
-        hint = (" (SPEC §2 rule 5: create_container must not wait for the container)"
-                if hook == "create_container" else "")
+        hint = (
+            " (SPEC §2 rule 5: create_container must not wait for the container)"
+            if hook == "create_container"
+            else ""
+        )
         return RootCause(hook, role, text, f"make {hook} ({role}) return in time{hint}", "")
     message = str(event.get("message") or "")
     if kind == "starter_error":
         stage = str(event.get("stage"))
         text = _last_line(message) if "Traceback" in message else message
         advice = _STAGE_ADVICE.get(stage, f"the starter failed at {stage}")
-        return RootCause(stage, "starter", f"starter error: {text}", f"{advice}: {text}",
-                         message if "Traceback" in message else "")
+        return RootCause(
+            stage,
+            "starter",
+            f"starter error: {text}",
+            f"{advice}: {text}",
+            message if "Traceback" in message else "",
+        )
     hook = message.split(" ", 1)[0]
     if kind == "stage2_failed":
-        return RootCause("start_process", "stage2", f"stage 2 failed: {message}",
-                         f"make start_process (stage2) exec the payload: {message}", "")
+        return RootCause(
+            "start_process",
+            "stage2",
+            f"stage 2 failed: {message}",
+            f"make start_process (stage2) exec the payload: {message}",
+            "",
+        )
     # fatal: the master's first fatal error (a wrong return value has no hook_raise)
     text = f"{error.get('type') or 'fatal'}: {message}"
     if hook in HOOKS:
-        what = (f"make {hook} ({role}) return what SPEC §1 asks of it" if " returned " in message
-                else f"fix {hook} ({role})")
+        what = (
+            f"make {hook} ({role}) return what SPEC §1 asks of it"
+            if " returned " in message
+            else f"fix {hook} ({role})"
+        )
         return RootCause(hook, role, text, f"{what}: {message}", trace)
     return RootCause("master", role, text, f"fix the master's hooks: {message}", trace)
 
@@ -146,8 +181,11 @@ def find(scenario: str, events: Iterable[Any]) -> RootCause | None:
         if not isinstance(event, dict):
             continue
         kind = event.get("kind")
-        if target is not None and event.get("hook") == target \
-                and kind == ("kit_injected" if by_kit else "hook_enter"):
+        if (
+            target is not None
+            and event.get("hook") == target
+            and kind == ("kit_injected" if by_kit else "hook_enter")
+        ):
             started = True
         if kind not in BAD_KINDS:
             continue
@@ -175,8 +213,9 @@ def of_run_doc(run: dict[str, Any]) -> RootCause | None:
     cause = find(str(run.get("scenario", "")), events)
     if cause is None:
         return None
-    return RootCause(cause.hook, cause.role, cause.error, cause.advice, cause.traceback,
-                     str(run.get("id", "")))
+    return RootCause(
+        cause.hook, cause.role, cause.error, cause.advice, cause.traceback, str(run.get("id", ""))
+    )
 
 
 @dataclass

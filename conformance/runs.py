@@ -54,25 +54,42 @@ class Run:
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
-            "id": self.id, "flow": self.flow, "scenario": self.scenario.name,
-            "backend": self.backend, "argv": list(self.scenario.argv),
-            "engine_config": self.scenario.config(), "worker": self.worker,
-            "seconds": round(self.seconds, 3), "notes": self.notes, "error": self.error,
+            "id": self.id,
+            "flow": self.flow,
+            "scenario": self.scenario.name,
+            "backend": self.backend,
+            "argv": list(self.scenario.argv),
+            "engine_config": self.scenario.config(),
+            "worker": self.worker,
+            "seconds": round(self.seconds, 3),
+            "notes": self.notes,
+            "error": self.error,
             "not_configured": self.not_configured,
         }
         if self.result is not None:
-            doc.update(exit_code=self.result.exit_code, reason=self.result.reason,
-                       leaks=self.result.leaks, timed_out=self.result.timed_out,
-                       stdout=self.result.stdout[-4000:], stderr=self.result.stderr[-4000:],
-                       ledger=self.result.ledger.document)
+            doc.update(
+                exit_code=self.result.exit_code,
+                reason=self.result.reason,
+                leaks=self.result.leaks,
+                timed_out=self.result.timed_out,
+                stdout=self.result.stdout[-4000:],
+                stderr=self.result.stderr[-4000:],
+                ledger=self.result.ledger.document,
+            )
         return doc
 
 
 class RunCache:
     """Runs of one engine, by (flow, scenario name), done at most once each."""
 
-    def __init__(self, engine: str, backends: dict[str, str] | str, hook_timeout: float | None,
-                 parallel: int = 2, worker: str = "main") -> None:
+    def __init__(
+        self,
+        engine: str,
+        backends: dict[str, str] | str,
+        hook_timeout: float | None,
+        parallel: int = 2,
+        worker: str = "main",
+    ) -> None:
         self.engine = engine
         # The backend of each flow's runs (real or fake); one name for every flow is fine.
         self.backends = backends if isinstance(backends, dict) else {}
@@ -82,7 +99,8 @@ class RunCache:
         self._lock = threading.Lock()
         self._futures: dict[tuple[str, str], concurrent.futures.Future[Run]] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=max(1, parallel), thread_name_prefix="conformance-run")
+            max_workers=max(1, parallel), thread_name_prefix="conformance-run"
+        )
 
     def submit(self, flow: str, name: str) -> concurrent.futures.Future[Run]:
         with self._lock:
@@ -112,8 +130,7 @@ class RunCache:
         run = Run(flow, scenario, self.backend(flow), worker=self.worker)
         start = time.monotonic()
         try:
-            run.result, run.notes = scenario.start(self.engine, flow,
-                                                   self._options(flow, scenario))
+            run.result, run.notes = scenario.start(self.engine, flow, self._options(flow, scenario))
         except HelperError as exc:
             run.not_configured = str(exc)
             run.error = f"not configured: {exc}"
@@ -123,8 +140,10 @@ class RunCache:
         if run.result is not None:
             limits = run.result.ledger.select("model_limit")
             if limits:
-                run.not_configured = ("the fake backend's model cannot build this setup "
-                                      f"(SPEC §9): {limits[0].get('reason')}")
+                run.not_configured = (
+                    "the fake backend's model cannot build this setup "
+                    f"(SPEC §9): {limits[0].get('reason')}"
+                )
         return run
 
     def finished(self) -> list[Run]:

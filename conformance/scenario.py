@@ -54,10 +54,12 @@ def _signal_script() -> str:
     traps = "; ".join(f"trap '{flag}=1' {name}" for flag, name in zip(flags, names, strict=True))
     total = "+".join(f"{flag}" for flag in flags)
     mask = "+".join(f"{1 << i}*{flag}" for i, flag in enumerate(flags))
-    return (f"{' '.join(f'{flag}=0' for flag in flags)}; {traps}; n=0; "
-            f"while [ $(({total})) -lt {len(flags)} ] && [ $n -lt 250 ]; do sleep 0.02; "
-            f"n=$((n+1)); done; [ $(({total})) -eq {len(flags)} ] && exit "
-            f"{ALL_SIGNALS_ARRIVED}; exit $(({SIGNAL_MASK_BASE}+{mask}))")
+    return (
+        f"{' '.join(f'{flag}=0' for flag in flags)}; {traps}; n=0; "
+        f"while [ $(({total})) -lt {len(flags)} ] && [ $n -lt 250 ]; do sleep 0.02; "
+        f"n=$((n+1)); done; [ $(({total})) -eq {len(flags)} ] && exit "
+        f"{ALL_SIGNALS_ARRIVED}; exit $(({SIGNAL_MASK_BASE}+{mask}))"
+    )
 
 
 def decode_signal_exit(code: int) -> list[str] | None:
@@ -93,8 +95,9 @@ class Scenario:
 
     def start(self, engine: str, flow: str, options: dict[str, Any]) -> tuple[Any, dict]:
         """Run it; returns (RunResult, notes). Subclasses drive the run."""
-        return launcher.run(engine, flow, list(self.argv), engine_config=self.config(),
-                            **options), {}
+        return launcher.run(
+            engine, flow, list(self.argv), engine_config=self.config(), **options
+        ), {}
 
 
 @dataclass(frozen=True)
@@ -103,8 +106,9 @@ class SignalScenario(Scenario):
     its traps (read from its own ``/proc/PID/status`` SigCgt), and waits for the run."""
 
     def start(self, engine: str, flow: str, options: dict[str, Any]) -> tuple[Any, dict]:
-        handle = launcher.start(engine, flow, list(self.argv), engine_config=self.config(),
-                                **options)
+        handle = launcher.start(
+            engine, flow, list(self.argv), engine_config=self.config(), **options
+        )
         notes: dict[str, Any] = {"sent": [], "payload_pid": None}
         done = threading.Event()
         pidfd = None
@@ -136,8 +140,12 @@ class SignalScenario(Scenario):
 
         driver = None
         if pidfd is not None and handle.starter_pid is not None:
-            driver = threading.Thread(target=drive, args=(handle.starter_pid, pidfd),
-                                      name="conformance-signals", daemon=True)
+            driver = threading.Thread(
+                target=drive,
+                args=(handle.starter_pid, pidfd),
+                name="conformance-signals",
+                daemon=True,
+            )
             driver.start()
         try:
             result = handle.wait()
@@ -171,14 +179,17 @@ class JoinScenario(Scenario):
     def start(self, engine: str, flow: str, options: dict[str, Any]) -> tuple[Any, dict]:
         flags = {"uts": 0x04000000, "ipc": 0x08000000}
         mask = sum(flags[k] for k in self.join_kinds)
-        code = ("import ctypes, os, sys\n"
-                "libc = ctypes.CDLL(None, use_errno=True)\n"
-                f"if libc.unshare({mask}) != 0:\n"
-                "    print('error', os.strerror(ctypes.get_errno()), flush=True); sys.exit(1)\n"
-                "print('ready', flush=True)\n"
-                "sys.stdin.read()\n")
-        helper = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True)
+        code = (
+            "import ctypes, os, sys\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\n"
+            f"if libc.unshare({mask}) != 0:\n"
+            "    print('error', os.strerror(ctypes.get_errno()), flush=True); sys.exit(1)\n"
+            "print('ready', flush=True)\n"
+            "sys.stdin.read()\n"
+        )
+        helper = subprocess.Popen(
+            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
         assert helper.stdin is not None and helper.stdout is not None  # both are PIPE
         try:
             ready, _, _ = select.select([helper.stdout], [], [], 10)
@@ -186,15 +197,22 @@ class JoinScenario(Scenario):
             if line != "ready":
                 raise HelperError(f"could not create namespaces to join: {line}")
             paths = {k: f"/proc/{helper.pid}/ns/{k}" for k in self.join_kinds}
-            notes = {"targets": {k: os.stat(p).st_ino for k, p in paths.items()},
-                     "paths": paths}
+            notes = {"targets": {k: os.stat(p).st_ino for k, p in paths.items()}, "paths": paths}
             # The request gives the run these namespaces; in the kit's host sandbox (which
             # reaches no host process's namespaces) they are under another path.
             sandboxed = _sandboxed(flow, options)
-            config = {**self.config(),
-                      JOIN_FIELD: {k: join_path(k, p, sandboxed) for k, p in paths.items()}}
-            result = launcher.run(engine, flow, list(self.argv), engine_config=config,
-                                  join_namespaces=paths, **options)
+            config = {
+                **self.config(),
+                JOIN_FIELD: {k: join_path(k, p, sandboxed) for k, p in paths.items()},
+            }
+            result = launcher.run(
+                engine,
+                flow,
+                list(self.argv),
+                engine_config=config,
+                join_namespaces=paths,
+                **options,
+            )
             return result, notes
         finally:
             helper.stdin.close()
@@ -232,8 +250,9 @@ def host_view(pid: int | None = None, uts: _UtsReader | None = None) -> dict[str
     with open(f"/proc/{pid or 'self'}/mountinfo") as f:
         lines = [line.split() for line in f]
     mounts = sorted({(fields[0], fields[4]) for fields in lines})
-    state = {fields[0]: " ".join(fields[5:fields.index("-")]) for fields in lines
-             if "-" in fields}
+    state = {
+        fields[0]: " ".join(fields[5 : fields.index("-")]) for fields in lines if "-" in fields
+    }
     hostname = socket.gethostname() if uts is None else uts.hostname()
     return {"hostname": hostname, "mounts": mounts, "state": state}
 
@@ -243,19 +262,25 @@ class _UtsReader:
     its stdin with that namespace's hostname (no thread of the suite's process may enter a
     namespace)."""
 
-    _CODE = ("import os, sys\n"
-             "from kit import linux\n"
-             "linux.setns(os.open(sys.argv[1], os.O_RDONLY), linux.CLONE_NEWUTS)\n"
-             "print('ready', flush=True)\n"
-             "for _ in sys.stdin:\n"
-             "    print(os.uname().nodename, flush=True)\n")
+    _CODE = (
+        "import os, sys\n"
+        "from kit import linux\n"
+        "linux.setns(os.open(sys.argv[1], os.O_RDONLY), linux.CLONE_NEWUTS)\n"
+        "print('ready', flush=True)\n"
+        "for _ in sys.stdin:\n"
+        "    print(os.uname().nodename, flush=True)\n"
+    )
 
     def __init__(self, pid: int) -> None:
         path = os.path.dirname(os.path.dirname(os.path.abspath(kit.__file__)))
         self._lock = threading.Lock()
         self._proc = subprocess.Popen(
-            [sys.executable, "-c", self._CODE, f"/proc/{pid}/ns/uts"], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": path})
+            [sys.executable, "-c", self._CODE, f"/proc/{pid}/ns/uts"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": path},
+        )
         assert self._proc.stdin is not None and self._proc.stdout is not None  # both are PIPE
         self._stdin, self._stdout = self._proc.stdin, self._proc.stdout
         if self._stdout.readline().strip() != "ready":
@@ -288,9 +313,11 @@ def _new_mounts(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     old = {tuple(m) for m in before["mounts"]}
     out = [f"{point} (mount id {mid})" for mid, point in now["mounts"] if (mid, point) not in old]
     was, points = before.get("state") or {}, dict(map(tuple, now["mounts"]))
-    out += [f"{points.get(mid, '?')} (mount id {mid}) changed: {was[mid]} -> {state}"
-            for mid, state in (now.get("state") or {}).items()
-            if mid in was and was[mid] != state]
+    out += [
+        f"{points.get(mid, '?')} (mount id {mid}) changed: {was[mid]} -> {state}"
+        for mid, state in (now.get("state") or {}).items()
+        if mid in was and was[mid] != state
+    ]
     return out
 
 
@@ -325,8 +352,7 @@ class _HostWatcher:
         self._uts: _UtsReader | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="conformance-host-view",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, name="conformance-host-view", daemon=True)
         self._thread.start()
 
     def follow(self, sandbox: dict[str, Any] | None) -> None:
@@ -341,9 +367,11 @@ class _HostWatcher:
         except OSError:  # the run is already over: nothing to follow
             return
         with self._lock:
-            self.before = {"hostname": self.before["hostname"],
-                           "mounts": [tuple(m) for m in sandbox["sandbox_mounts"]],
-                           "state": state}
+            self.before = {
+                "hostname": self.before["hostname"],
+                "mounts": [tuple(m) for m in sandbox["sandbox_mounts"]],
+                "state": state,
+            }
             self._uts = uts
             self.sandbox_pid = sandbox["sandbox_pid"]
 
@@ -356,8 +384,7 @@ class _HostWatcher:
             return
         with self._lock:
             self.looks += 1
-            if now["hostname"] != self.before["hostname"] \
-                    and now["hostname"] not in self.hostnames:
+            if now["hostname"] != self.before["hostname"] and now["hostname"] not in self.hostnames:
                 self.hostnames.append(now["hostname"])
             for mount in _new_mounts(self.before, now):
                 if mount not in self.mounts:
@@ -388,9 +415,14 @@ class HostViewScenario(Scenario):
         try:
             read_end, write_end = os.pipe()
             try:
-                handle = launcher.start(engine, flow, list(self.argv),
-                                        engine_config=self.config(), stdin=read_end,
-                                        **options)
+                handle = launcher.start(
+                    engine,
+                    flow,
+                    list(self.argv),
+                    engine_config=self.config(),
+                    stdin=read_end,
+                    **options,
+                )
             except BaseException:
                 os.close(write_end)
                 raise
@@ -405,9 +437,13 @@ class HostViewScenario(Scenario):
         finally:
             watcher.stop()
         after = host_view()
-        notes.update(hostnames_during=watcher.hostnames, new_mounts_during=watcher.mounts,
-                     looks=watcher.looks, hostname_after=after["hostname"],
-                     new_mounts_after=_new_mounts(before, after))
+        notes.update(
+            hostnames_during=watcher.hostnames,
+            new_mounts_during=watcher.mounts,
+            looks=watcher.looks,
+            hostname_after=after["hostname"],
+            new_mounts_after=_new_mounts(before, after),
+        )
         return result, notes
 
     @staticmethod
@@ -447,7 +483,8 @@ _FDS_SCRIPT = (
     "        target = os.readlink('/proc/self/fd/%d' % fd)\n"
     "    except OSError:\n"
     "        target = '?'\n"
-    "    print('fd', fd, target)\n")
+    "    print('fd', fd, target)\n"
+)
 
 
 def parse_fds(stdout: str) -> dict[int, str] | None:
@@ -467,26 +504,59 @@ class HelperError(RuntimeError):
 _EXIT_7 = ("/bin/sh", "-c", "exit 7")
 
 _LIST: list[Scenario] = [
-    Scenario("default", "a payload that prints its own /proc/self/status and uid_map, exit 0",
-             ("/bin/cat", "/proc/self/status", "/proc/self/uid_map"), 0),
+    Scenario(
+        "default",
+        "a payload that prints its own /proc/self/status and uid_map, exit 0",
+        ("/bin/cat", "/proc/self/status", "/proc/self/uid_map"),
+        0,
+    ),
     Scenario("exit-code", "a payload that exits 7", _EXIT_7, 7),
-    SignalScenario("signals", "a payload that traps the forwarded signals; the suite sends "
-                   "each of them once to the master", ("/bin/sh", "-c", _signal_script()),
-                   ALL_SIGNALS_ARRIVED),
-    Scenario("signal-death", "a payload that dies of SIGSEGV",
-             (_python(), "-S", "-c", "import ctypes, resource; "
-              "resource.setrlimit(resource.RLIMIT_CORE, (0, 0)); ctypes.string_at(0)"),
-             128 + signal.SIGSEGV),
-    HostViewScenario("host-view", "a payload that waits while the suite watches the host's "
-                     "hostname and mount namespace", ("/bin/sh", "-c", "read line; exit 0",
-                                                      HOST_VIEW_MARKER), 0),
-    Scenario("fds", "a payload that lists its own open file descriptors",
-             (_python(), "-S", "-I", "-c", _FDS_SCRIPT), 0),
-    Scenario("exec-failure", "a payload path that does not exist",
-             ("/nonexistent/conformance-payload",), None, requires=()),
-    JoinScenario("join", "a join-only run into a helper's uts and ipc namespaces",
-                 ("/bin/true",), 0, requires=("host_payloads", "join_only"),
-                 flows=("root", "suid")),
+    SignalScenario(
+        "signals",
+        "a payload that traps the forwarded signals; the suite sends "
+        "each of them once to the master",
+        ("/bin/sh", "-c", _signal_script()),
+        ALL_SIGNALS_ARRIVED,
+    ),
+    Scenario(
+        "signal-death",
+        "a payload that dies of SIGSEGV",
+        (
+            _python(),
+            "-S",
+            "-c",
+            "import ctypes, resource; "
+            "resource.setrlimit(resource.RLIMIT_CORE, (0, 0)); ctypes.string_at(0)",
+        ),
+        128 + signal.SIGSEGV,
+    ),
+    HostViewScenario(
+        "host-view",
+        "a payload that waits while the suite watches the host's hostname and mount namespace",
+        ("/bin/sh", "-c", "read line; exit 0", HOST_VIEW_MARKER),
+        0,
+    ),
+    Scenario(
+        "fds",
+        "a payload that lists its own open file descriptors",
+        (_python(), "-S", "-I", "-c", _FDS_SCRIPT),
+        0,
+    ),
+    Scenario(
+        "exec-failure",
+        "a payload path that does not exist",
+        ("/nonexistent/conformance-payload",),
+        None,
+        requires=(),
+    ),
+    JoinScenario(
+        "join",
+        "a join-only run into a helper's uts and ipc namespaces",
+        ("/bin/true",),
+        0,
+        requires=("host_payloads", "join_only"),
+        flows=("root", "suid"),
+    ),
 ]
 # An error path of a kit requirement is made by the kit itself (RunRequest.inject), in every
 # engine's run; one of an engine requirement needs the engine's own failure (its cooperation,
@@ -497,21 +567,37 @@ for _req, _path in ERROR_PATHS.items():
     if _name in {s.name for s in _LIST}:
         continue  # ORDER-008 is ERR-007's run
     _by_kit = subject_of(_req) == KIT
-    _LIST.append(Scenario(
-        _name, (f"the kit injects a fault: {INJECTIONS[_path.fault]}" if _by_kit else
-                f"the engine fails on request: {FAULTS[_path.fault]}"), _EXIT_7,
-        7 if _path.exit_code is None else _path.exit_code,
-        engine_config=() if _by_kit else ((FAULT_FIELD, _path.fault),),
-        requires=("host_payloads",) if _by_kit else ("host_payloads", "fault_injection"),
-        short_hook_timeout=_path.fault.endswith(":hang"), fault=_path.fault,
-        inject=_path.fault if _by_kit else None))
+    _LIST.append(
+        Scenario(
+            _name,
+            (
+                f"the kit injects a fault: {INJECTIONS[_path.fault]}"
+                if _by_kit
+                else f"the engine fails on request: {FAULTS[_path.fault]}"
+            ),
+            _EXIT_7,
+            7 if _path.exit_code is None else _path.exit_code,
+            engine_config=() if _by_kit else ((FAULT_FIELD, _path.fault),),
+            requires=("host_payloads",) if _by_kit else ("host_payloads", "fault_injection"),
+            short_hook_timeout=_path.fault.endswith(":hang"),
+            fault=_path.fault,
+            inject=_path.fault if _by_kit else None,
+        )
+    )
 
 # RPC-005 and RPC-006 are the kit's: its RPC server is probed from the kit's side.
-_LIST.append(Scenario(
-    "rpc-probe", "the kit sends the RPC server an unknown method, an unknown argument, "
-    "malformed JSON and a pickle before the engine's create_container, and an oversized frame "
-    "after it", ("/bin/true",), 0, fault="create_container:rpc-probe",
-    inject="create_container:rpc-probe"))
+_LIST.append(
+    Scenario(
+        "rpc-probe",
+        "the kit sends the RPC server an unknown method, an unknown argument, "
+        "malformed JSON and a pickle before the engine's create_container, and an oversized frame "
+        "after it",
+        ("/bin/true",),
+        0,
+        fault="create_container:rpc-probe",
+        inject="create_container:rpc-probe",
+    )
+)
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in _LIST}
 

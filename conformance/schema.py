@@ -79,8 +79,9 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
-def _check(value: Any, schema: dict[str, Any], root: dict[str, Any], path: str,
-           problems: list[str]) -> None:
+def _check(
+    value: Any, schema: dict[str, Any], root: dict[str, Any], path: str, problems: list[str]
+) -> None:
     if len(problems) >= MAX_PROBLEMS:
         return
     schema = _resolve(schema, root)
@@ -101,8 +102,13 @@ def _check(value: Any, schema: dict[str, Any], root: dict[str, Any], path: str,
         problems.append(f"{path}: {value} is below the minimum {schema['minimum']}")
 
 
-def _check_object(value: dict[str, Any], schema: dict[str, Any], root: dict[str, Any],
-                  path: str, problems: list[str]) -> None:
+def _check_object(
+    value: dict[str, Any],
+    schema: dict[str, Any],
+    root: dict[str, Any],
+    path: str,
+    problems: list[str],
+) -> None:
     for key in schema.get("required", ()):
         if key not in value:
             problems.append(f"{path}: missing key {key!r}")
@@ -118,8 +124,9 @@ def _check_object(value: dict[str, Any], schema: dict[str, Any], root: dict[str,
             _check(item, extra, root, where, problems)
 
 
-def _check_array(value: list[Any], schema: dict[str, Any], root: dict[str, Any], path: str,
-                 problems: list[str]) -> None:
+def _check_array(
+    value: list[Any], schema: dict[str, Any], root: dict[str, Any], path: str, problems: list[str]
+) -> None:
     if len(value) < schema.get("minItems", 0):
         problems.append(f"{path}: {len(value)} items, at least {schema['minItems']} expected")
     if "maxItems" in schema and len(value) > schema["maxItems"]:
@@ -134,4 +141,4 @@ def _check_array(value: list[Any], schema: dict[str, Any], root: dict[str, Any],
 
 def _short(value: Any, width: int = 60) -> str:
     text = json.dumps(value) if not isinstance(value, str) else repr(value)
-    return text if len(text) <= width else text[:width - 1] + "…"
+    return text if len(text) <= width else text[: width - 1] + "…"

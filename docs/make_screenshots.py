@@ -42,15 +42,28 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="kit-docs-") as tmp:
         out = Path(tmp) / "out"
         env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
-        proc = subprocess.run([str(ROOT / "ci" / "gate"), "--engine",
-                               "gate_engines:SloppyMasterEngine", "--flow", "root,suid",
-                               "--out", str(out), "-q"], env=env, cwd=ROOT)
+        proc = subprocess.run(
+            [
+                str(ROOT / "ci" / "gate"),
+                "--engine",
+                "gate_engines:SloppyMasterEngine",
+                "--flow",
+                "root,suid",
+                "--out",
+                str(out),
+                "-q",
+            ],
+            env=env,
+            cwd=ROOT,
+        )
         if proc.returncode != 1:
             print(f"expected the gate to reject the engine (exit 1), got {proc.returncode}")
             return 1
         html = (out / "report.html").read_text()
-        pages = {"report-overview": (OVERVIEW_CSS, True, 1280, 1300),
-                 "report-sequence": (SEQUENCE_CSS, False, 1460, 1180)}
+        pages = {
+            "report-overview": (OVERVIEW_CSS, True, 1280, 1300),
+            "report-sequence": (SEQUENCE_CSS, False, 1460, 1180),
+        }
         for name, (css, open_first, width, height) in pages.items():
             page = Path(tmp) / f"{name}.html"
             page.write_text(view(html, css, open_first))

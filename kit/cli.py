@@ -30,34 +30,64 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m kit", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run one engine lifecycle; exits with the payload's code")
-    r.add_argument("--engine", required=True,
-                   help="registered name, kit.engines entry point, or module:attribute")
+    r.add_argument(
+        "--engine",
+        required=True,
+        help="registered name, kit.engines entry point, or module:attribute",
+    )
     r.add_argument("--flow", required=True, choices=FLOWS)
-    r.add_argument("--backend", default="auto", choices=environment.BACKENDS,
-                   help="real: the kernel; fake: a model, no namespace or privilege needed; "
-                   "auto: real where this machine can run the flow, else fake (default)")
-    r.add_argument("--user", help="the unprivileged invoking user U (name or uid; default "
-                   "$KIT_TEST_USER, kit-test, nobody)")
+    r.add_argument(
+        "--backend",
+        default="auto",
+        choices=environment.BACKENDS,
+        help="real: the kernel; fake: a model, no namespace or privilege needed; "
+        "auto: real where this machine can run the flow, else fake (default)",
+    )
+    r.add_argument(
+        "--user",
+        help="the unprivileged invoking user U (name or uid; default "
+        "$KIT_TEST_USER, kit-test, nobody)",
+    )
     r.add_argument("--ledger", metavar="FILE", help="write the run's ledger (JSON) to FILE")
-    r.add_argument("--config", metavar="JSON", default="{}",
-                   help="engine config fields as a JSON object")
-    r.add_argument("--hook-timeout", type=float, default=DEFAULT_HOOK_TIMEOUT,
-                   help="seconds a hook may take (default %(default)s)")
-    r.add_argument("--run-timeout", type=float, default=DEFAULT_RUN_TIMEOUT,
-                   help="seconds the whole run may take (default %(default)s)")
-    r.add_argument("--probes", action=argparse.BooleanOptionalAction, default=None,
-                   help="take privilege snapshots and run escalation probes at every hook "
-                   "(default: with --ledger, the only place they are shown)")
+    r.add_argument(
+        "--config", metavar="JSON", default="{}", help="engine config fields as a JSON object"
+    )
+    r.add_argument(
+        "--hook-timeout",
+        type=float,
+        default=DEFAULT_HOOK_TIMEOUT,
+        help="seconds a hook may take (default %(default)s)",
+    )
+    r.add_argument(
+        "--run-timeout",
+        type=float,
+        default=DEFAULT_RUN_TIMEOUT,
+        help="seconds the whole run may take (default %(default)s)",
+    )
+    r.add_argument(
+        "--probes",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="take privilege snapshots and run escalation probes at every hook "
+        "(default: with --ledger, the only place they are shown)",
+    )
     r.add_argument("argv", nargs="+", metavar="CMD", help="the payload, after --")
-    sub.add_parser("flows", help="which backend each flow runs on here (real where the "
-                   "machine allows it, else fake), and why")
+    sub.add_parser(
+        "flows",
+        help="which backend each flow runs on here (real where the "
+        "machine allows it, else fake), and why",
+    )
     sub.add_parser("engines", help="registered engines: name, then where it comes from")
-    n = sub.add_parser("new", help="write a new engine package: pyproject with the kit.engines "
-                       "entry point, the engine (each hook says where it runs and with which "
-                       "privileges), its RPC methods, a unit test using rpc_mock, a CI workflow")
+    n = sub.add_parser(
+        "new",
+        help="write a new engine package: pyproject with the kit.engines "
+        "entry point, the engine (each hook says where it runs and with which "
+        "privileges), its RPC methods, a unit test using rpc_mock, a CI workflow",
+    )
     n.add_argument("name", metavar="ENGINE_NAME", help="e.g. my-engine (package my_engine)")
-    n.add_argument("dir", nargs="?", metavar="DIR", help="where (new or empty; default: "
-                   "./ENGINE_NAME)")
+    n.add_argument(
+        "dir", nargs="?", metavar="DIR", help="where (new or empty; default: ./ENGINE_NAME)"
+    )
     return p
 
 
@@ -81,11 +111,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         # A one-shot run: the supervisor is forked from this process (no zygote, no second
         # interpreter to start and import the kit into).
-        handle = start(args.engine, args.flow, args.argv, capture=False, stdin=sys.stdin,
-                       engine_config=engine_config, user=args.user, backend=args.backend,
-                       hook_timeout=args.hook_timeout, run_timeout=args.run_timeout,
-                       probes=args.probes if args.probes is not None else bool(args.ledger),
-                       fork_here=True)
+        handle = start(
+            args.engine,
+            args.flow,
+            args.argv,
+            capture=False,
+            stdin=sys.stdin,
+            engine_config=engine_config,
+            user=args.user,
+            backend=args.backend,
+            hook_timeout=args.hook_timeout,
+            run_timeout=args.run_timeout,
+            probes=args.probes if args.probes is not None else bool(args.ledger),
+            fork_here=True,
+        )
     except (registry.RegistryError, ValueError, LaunchError) as exc:
         print(f"kit run: {exc}", file=sys.stderr)
         return 2
@@ -128,8 +167,10 @@ def cmd_new(args: argparse.Namespace) -> int:
     for path in written:
         print(f"wrote {path}")
     where = directory if directory.is_absolute() else Path(".") / directory
-    print(f"next: pip install {where} && pytest {where}/tests && pytest --engine={args.name}"
-          "  (as root, to check every flow)")
+    print(
+        f"next: pip install {where} && pytest {where}/tests && pytest --engine={args.name}"
+        "  (as root, to check every flow)"
+    )
     return 0
 
 

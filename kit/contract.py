@@ -73,8 +73,9 @@ class EngineConfig:
         names = {f.name for f in dataclasses.fields(self)}
         for key, value in data.items():
             if key not in names:
-                raise ConfigError(f"{where}: unknown field {key!r} "
-                                  f"(known: {', '.join(sorted(names))})")
+                raise ConfigError(
+                    f"{where}: unknown field {key!r} (known: {', '.join(sorted(names))})"
+                )
             setattr(self, key, _load(hints[key], value, f"{where}.{key}"))
 
     @classmethod
@@ -93,8 +94,9 @@ def _dump(value: Any) -> Any:
         return {str(k): _dump(v) for k, v in value.items()}
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
-    raise ConfigError(f"engine config value {value!r} of type {type(value).__name__} "
-                      "is not JSON-representable")
+    raise ConfigError(
+        f"engine config value {value!r} of type {type(value).__name__} is not JSON-representable"
+    )
 
 
 def _load(hint: Any, value: Any, where: str) -> Any:
@@ -160,11 +162,15 @@ class Common:
     engine_config: EngineConfig
 
     def to_json(self) -> dict[str, Any]:
-        return {"engine_name": self.engine_name, "container_id": self.container_id,
-                "engine_config": self.engine_config.to_json()}
+        return {
+            "engine_name": self.engine_name,
+            "container_id": self.container_id,
+            "engine_config": self.engine_config.to_json(),
+        }
 
 
 # --- runtime objects handed to hooks ----------------------------------------------------------
+
 
 class Context:
     """The ``ctx`` of master hooks: a cancel event and an optional deadline.
@@ -227,6 +233,7 @@ WaitStatus = int
 
 
 # --- the operations ------------------------------------------------------------------------
+
 
 class Operations(abc.ABC):
     """The eight operations of an engine, called by the kit's starter.
@@ -314,8 +321,9 @@ class Operations(abc.ABC):
         """
 
     @abc.abstractmethod
-    def cleanup_container(self, ctx: Context, fatal: BaseException | None,
-                          status: WaitStatus | None) -> None:
+    def cleanup_container(
+        self, ctx: Context, fatal: BaseException | None, status: WaitStatus | None
+    ) -> None:
         """Tear everything down. Runs exactly once per master run, after the first fatal
         error (``fatal``) or the container's exit (``status``). Must tolerate any partial
         setup and be idempotent. Raising is reported; the exit code is unchanged."""
@@ -329,8 +337,14 @@ class Engine:
     operations: Operations
     common: Common | None = None
     HOOKS: ClassVar[tuple[str, ...]] = (
-        "config", "init_config", "prepare_config", "create_container", "start_process",
-        "post_start_process", "monitor_container", "cleanup_container",
+        "config",
+        "init_config",
+        "prepare_config",
+        "create_container",
+        "start_process",
+        "post_start_process",
+        "monitor_container",
+        "cleanup_container",
     )
 
 

@@ -59,36 +59,65 @@ def check(spec: str, engine_config: dict[str, Any] | None = None) -> list[Proble
     try:
         operations = reg.factory()
     except Exception as exc:  # noqa: BLE001 the engine's constructor may raise anything
-        return [Problem(reg.name, "registration", f"make the operations class constructible "
-                        f"without arguments: creating it raised {type(exc).__name__}: {exc}")]
+        return [
+            Problem(
+                reg.name,
+                "registration",
+                f"make the operations class constructible "
+                f"without arguments: creating it raised {type(exc).__name__}: {exc}",
+            )
+        ]
     problems = _config(reg.name, operations, engine_config)
     problems += _rpc_methods(reg, operations)
     return problems
 
 
-def _config(name: str, operations: Any, engine_config: dict[str, Any] | None
-            ) -> list[Problem]:
+def _config(name: str, operations: Any, engine_config: dict[str, Any] | None) -> list[Problem]:
     try:
         cfg = operations.config()
     except Exception as exc:  # noqa: BLE001 the engine's config() may raise anything
-        return [Problem(name, "config", f"make config() return a fresh EngineConfig without "
-                        f"raising: it raised {type(exc).__name__}: {exc}")]
+        return [
+            Problem(
+                name,
+                "config",
+                f"make config() return a fresh EngineConfig without "
+                f"raising: it raised {type(exc).__name__}: {exc}",
+            )
+        ]
     if not isinstance(cfg, EngineConfig) or not dataclasses.is_dataclass(cfg):
-        return [Problem(name, "config", "return an instance of a @dataclass subclass of "
-                        "kit.EngineConfig from config() (every process calls it): it returned "
-                        f"{type(cfg).__name__} {_short(cfg)}")]
+        return [
+            Problem(
+                name,
+                "config",
+                "return an instance of a @dataclass subclass of "
+                "kit.EngineConfig from config() (every process calls it): it returned "
+                f"{type(cfg).__name__} {_short(cfg)}",
+            )
+        ]
     try:
         data = cfg.to_json()
         text = json.dumps(data)
         again = type(cfg).from_json(json.loads(text)).to_json()
     except (ConfigError, TypeError, ValueError) as exc:
-        return [Problem(name, "config", "make every field of the engine config a JSON value "
-                        "or a nested EngineConfig (only JSON crosses from stage 1 to the "
-                        f"later processes): {exc}")]
+        return [
+            Problem(
+                name,
+                "config",
+                "make every field of the engine config a JSON value "
+                "or a nested EngineConfig (only JSON crosses from stage 1 to the "
+                f"later processes): {exc}",
+            )
+        ]
     if again != data:
-        return [Problem(name, "config", "make the engine config survive the JSON round trip "
-                        f"from stage 1 to the later processes: {_short(data)} came back as "
-                        f"{_short(again)}")]
+        return [
+            Problem(
+                name,
+                "config",
+                "make the engine config survive the JSON round trip "
+                f"from stage 1 to the later processes: {_short(data)} came back as "
+                f"{_short(again)}",
+            )
+        ]
     if engine_config is not None:
         try:
             type(cfg).from_json(engine_config)
@@ -103,20 +132,32 @@ def _rpc_methods(reg: registry.Registration, operations: Any) -> list[Problem]:
     try:
         instance = reg.rpc_methods(Engine(name=reg.name, operations=operations))
     except Exception as exc:  # noqa: BLE001 the engine's RPC methods class may raise anything
-        return [Problem(reg.name, "rpc_methods", f"make {reg.rpc_methods.__qualname__}(engine) "
-                        f"constructible as the RPC server builds it: it raised "
-                        f"{type(exc).__name__}: {exc}")]
+        return [
+            Problem(
+                reg.name,
+                "rpc_methods",
+                f"make {reg.rpc_methods.__qualname__}(engine) "
+                f"constructible as the RPC server builds it: it raised "
+                f"{type(exc).__name__}: {exc}",
+            )
+        ]
     missing = [m for m in reg.rpc_specs if not callable(getattr(instance, m, None))]
     if missing:
-        return [Problem(reg.name, "rpc_methods", f"make {', '.join(missing)} callable methods "
-                        f"of {reg.rpc_methods.__qualname__} instances (the RPC server serves "
-                        "them from one)")]
+        return [
+            Problem(
+                reg.name,
+                "rpc_methods",
+                f"make {', '.join(missing)} callable methods "
+                f"of {reg.rpc_methods.__qualname__} instances (the RPC server serves "
+                "them from one)",
+            )
+        ]
     return []
 
 
 def _short(value: Any, width: int = 120) -> str:
     text = repr(value)
-    return text if len(text) <= width else text[:width - 1] + "…"
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 #: Flows whose stage 1 runs as U without privilege (preflight may run prepare_config there).
@@ -125,8 +166,9 @@ UNPRIVILEGED_FLOWS = ("suid", "userns", "fakeroot", "hybrid")
 PREPARE_TIMEOUT = 10.0
 
 
-def starter_configs(spec: str, flows: list[str] | tuple[str, ...], uid: int, gid: int,
-                    groups: list[int]) -> list[Problem]:
+def starter_configs(
+    spec: str, flows: list[str] | tuple[str, ...], uid: int, gid: int, groups: list[int]
+) -> list[Problem]:
     """Problems of the StarterConfig ``prepare_config`` fills in each unprivileged flow of
     ``flows``, found by running stage 1's hooks as U (``uid``/``gid``) in a forked child.
     Only a StarterConfig that the starter would reject is a problem here."""
@@ -138,14 +180,19 @@ def starter_configs(spec: str, flows: list[str] | tuple[str, ...], uid: int, gid
             reason = _stage1_in_child(spec, flow, uid, gid, groups)
             if reason:
                 by_reason.setdefault(reason, []).append(flow)
-    return [Problem(spec, "prepare_config", f"fix the StarterConfig that prepare_config fills "
-                    f"in the {', '.join(fl)} flow{'s' if len(fl) > 1 else ''} (stage 1, run "
-                    f"as the invoking user): the starter would refuse it: {reason}")
-            for reason, fl in by_reason.items()]
+    return [
+        Problem(
+            spec,
+            "prepare_config",
+            f"fix the StarterConfig that prepare_config fills "
+            f"in the {', '.join(fl)} flow{'s' if len(fl) > 1 else ''} (stage 1, run "
+            f"as the invoking user): the starter would refuse it: {reason}",
+        )
+        for reason, fl in by_reason.items()
+    ]
 
 
-def _stage1_in_child(spec: str, flow: str, uid: int, gid: int, groups: list[int]
-                     ) -> str | None:
+def _stage1_in_child(spec: str, flow: str, uid: int, gid: int, groups: list[int]) -> str | None:
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child's coverage is its own process

@@ -53,22 +53,24 @@ def register_operations(name: str, operations: type[Operations] | Operations) ->
     a run) or an instance. Registering a name twice raises :class:`RegistryError`.
     """
     if not isinstance(name, str) or not name or name.strip() != name or "." in name:
-        raise RegistryError(f"invalid engine name {name!r}: a non-empty string without dots "
-                            "or surrounding spaces")
+        raise RegistryError(
+            f"invalid engine name {name!r}: a non-empty string without dots or surrounding spaces"
+        )
     if name in _engines:
-        raise RegistryError(f"engine {name!r} is already registered "
-                            f"(by {_engines[name].origin})")
+        raise RegistryError(f"engine {name!r} is already registered (by {_engines[name].origin})")
     if isinstance(operations, type) and issubclass(operations, Operations):
         if inspect.isabstract(operations):
             missing = ", ".join(sorted(operations.__abstractmethods__))
-            raise RegistryError(f"engine {name!r}: {operations.__qualname__} does not "
-                                f"implement {missing}")
+            raise RegistryError(
+                f"engine {name!r}: {operations.__qualname__} does not implement {missing}"
+            )
         factory: Callable[[], Operations] = operations
     elif isinstance(operations, Operations):
         factory = lambda: operations  # noqa: E731  (the very instance, in each process)
     else:
-        raise RegistryError(f"engine {name!r}: expected an Operations subclass or instance, "
-                            f"got {operations!r}")
+        raise RegistryError(
+            f"engine {name!r}: expected an Operations subclass or instance, got {operations!r}"
+        )
     _engines[name] = Registration(name, factory, _origin_of(operations))
 
 
@@ -82,11 +84,15 @@ def register_rpc_methods(name: str, methods: type) -> None:
     """
     reg = _engines.get(name)
     if reg is None:
-        raise RegistryError(f"register_rpc_methods: engine {name!r} is not registered "
-                            "(call register_operations first)")
+        raise RegistryError(
+            f"register_rpc_methods: engine {name!r} is not registered "
+            "(call register_operations first)"
+        )
     if reg.rpc_methods is not None:
-        raise RegistryError(f"RPC methods for engine {name!r} are already registered "
-                            f"({_origin_of(reg.rpc_methods)})")
+        raise RegistryError(
+            f"RPC methods for engine {name!r} are already registered "
+            f"({_origin_of(reg.rpc_methods)})"
+        )
     if not isinstance(methods, type):
         raise RegistryError(f"register_rpc_methods({name!r}): expected a class, got {methods!r}")
     specs = {}
@@ -99,8 +105,9 @@ def register_rpc_methods(name: str, methods: type) -> None:
         except RPCMethodError as exc:
             raise RegistryError(f"register_rpc_methods({name!r}): {exc}") from None
     if not specs:
-        raise RegistryError(f"register_rpc_methods({name!r}): {methods.__qualname__} has no "
-                            "public methods to serve")
+        raise RegistryError(
+            f"register_rpc_methods({name!r}): {methods.__qualname__} has no public methods to serve"
+        )
     reg.rpc_methods = methods
     reg.rpc_specs = specs
 
@@ -150,8 +157,9 @@ def find(spec: str) -> Registration:
             _call_registrar(ep.load(), f"entry point {ep.name} = {ep.value}")
             if spec in _engines:
                 return _engines[spec]
-            raise RegistryError(f"entry point {ep.name} = {ep.value} did not register an "
-                                f"engine named {spec!r}")
+            raise RegistryError(
+                f"entry point {ep.name} = {ep.value} did not register an engine named {spec!r}"
+            )
     # One registrar may register several engines under other names: try them all. A broken
     # third-party entry point is named as a warning; it never hides "unknown engine".
     broken: list[str] = []
@@ -161,8 +169,9 @@ def find(spec: str) -> Registration:
         except RegistryError:
             continue
         except Exception as exc:  # noqa: BLE001 the package's own import or registrar failed
-            broken.append(f"entry point {ep.name} = {ep.value} is broken: "
-                          f"{type(exc).__name__}: {exc}")
+            broken.append(
+                f"entry point {ep.name} = {ep.value} is broken: {type(exc).__name__}: {exc}"
+            )
             continue
         if spec in _engines:
             return _engines[spec]
@@ -172,8 +181,10 @@ def find(spec: str) -> Registration:
 def unknown_engine(spec: str, broken: list[str] | tuple[str, ...] = ()) -> str:
     """The "unknown engine" message: the engines one can use, then each broken entry point as
     a warning."""
-    text = (f"unknown engine {spec!r}; known engines: {', '.join(available()) or 'none'}; "
-            "or name one by import path, MODULE:ATTRIBUTE")
+    text = (
+        f"unknown engine {spec!r}; known engines: {', '.join(available()) or 'none'}; "
+        "or name one by import path, MODULE:ATTRIBUTE"
+    )
     return text + "".join(f"\nwarning: {line}" for line in broken)
 
 
@@ -185,9 +196,11 @@ def _from_import_path(spec: str) -> Registration:
     """The engine an import path ``module:attribute`` names: an Operations subclass or
     instance, or a callable that registers exactly one engine or returns one."""
     if not _IMPORT_PATH.fullmatch(spec):
-        raise RegistryError(f"engine {spec!r}: not an import path: write MODULE:ATTRIBUTE, "
-                            "e.g. mypkg.engine:register (a dotted module name, one colon, "
-                            "an attribute name)")
+        raise RegistryError(
+            f"engine {spec!r}: not an import path: write MODULE:ATTRIBUTE, "
+            "e.g. mypkg.engine:register (a dotted module name, one colon, "
+            "an attribute name)"
+        )
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -197,46 +210,67 @@ def _from_import_path(spec: str) -> Registration:
             raise RegistryError(
                 f"cannot load engine {spec!r}: no module named {missing!r} on the import path: "
                 "install the package that holds it, or add the directory that holds it to "
-                "PYTHONPATH (python -m adds the current directory)") from None
-        raise RegistryError(f"cannot load engine {spec!r}: importing {module_name} failed: "
-                            f"{type(exc).__name__}: {exc}") from exc
+                "PYTHONPATH (python -m adds the current directory)"
+            ) from None
+        raise RegistryError(
+            f"cannot load engine {spec!r}: importing {module_name} failed: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
     except Exception as exc:  # the engine's own module raised while it was imported
-        raise RegistryError(f"cannot load engine {spec!r}: importing {module_name} failed: "
-                            f"{type(exc).__name__}: {exc}") from exc
+        raise RegistryError(
+            f"cannot load engine {spec!r}: importing {module_name} failed: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
     if not hasattr(module, attr):
-        offered = sorted(name for name, value in vars(module).items()
-                         if not name.startswith("_") and callable(value)
-                         and getattr(value, "__module__", None) == module.__name__)
-        hint = f" (it defines: {', '.join(offered[:12])}{' …' if len(offered) > 12 else ''})" \
-            if offered else ""
-        raise RegistryError(f"cannot load engine {spec!r}: module {module_name} "
-                            f"({getattr(module, '__file__', None) or 'no file'}) has no "
-                            f"attribute {attr!r}{hint}")
+        offered = sorted(
+            name
+            for name, value in vars(module).items()
+            if not name.startswith("_")
+            and callable(value)
+            and getattr(value, "__module__", None) == module.__name__
+        )
+        hint = (
+            f" (it defines: {', '.join(offered[:12])}{' …' if len(offered) > 12 else ''})"
+            if offered
+            else ""
+        )
+        raise RegistryError(
+            f"cannot load engine {spec!r}: module {module_name} "
+            f"({getattr(module, '__file__', None) or 'no file'}) has no "
+            f"attribute {attr!r}{hint}"
+        )
     target = getattr(module, attr)
     if _is_operations(target):
         return _register_returned(spec, attr, target)
     if spec in _registered_by:  # this callable already ran in this process
         return _engines[_registered_by[spec]]
     if not callable(target):
-        raise RegistryError(f"engine {spec!r}: {target!r} is neither an Operations subclass "
-                            "nor a callable that registers or returns an engine")
+        raise RegistryError(
+            f"engine {spec!r}: {target!r} is neither an Operations subclass "
+            "nor a callable that registers or returns an engine"
+        )
     before = set(_engines)
     try:
         returned = target()
     except RegistryError:
         raise
     except Exception as exc:
-        raise RegistryError(f"engine {spec!r}: calling it raised {type(exc).__name__}: "
-                            f"{exc}") from exc
+        raise RegistryError(
+            f"engine {spec!r}: calling it raised {type(exc).__name__}: {exc}"
+        ) from exc
     new = sorted(set(_engines) - before)
     if returned is not None:
         if not _is_operations(returned):
-            raise RegistryError(f"engine {spec!r}: it returned {returned!r:.200}: return an "
-                                "Operations subclass or instance, or None after registering "
-                                "one engine")
+            raise RegistryError(
+                f"engine {spec!r}: it returned {returned!r:.200}: return an "
+                "Operations subclass or instance, or None after registering "
+                "one engine"
+            )
         if new:
-            raise RegistryError(f"engine {spec!r}: it both registered {', '.join(new)} and "
-                                "returned an engine: do one of the two")
+            raise RegistryError(
+                f"engine {spec!r}: it both registered {', '.join(new)} and "
+                "returned an engine: do one of the two"
+            )
         reg = _register_returned(spec, attr, returned)
         _registered_by[spec] = reg.name
         return reg
@@ -244,11 +278,15 @@ def _from_import_path(spec: str) -> Registration:
         _registered_by[spec] = new[0]
         return _engines[new[0]]
     if not new:
-        raise RegistryError(f"engine {spec!r}: it returned None and registered no engine: "
-                            "return an Operations subclass or instance, or call "
-                            "kit.registry.register_operations in it")
-    raise RegistryError(f"engine {spec!r}: it registered {len(new)} engines "
-                        f"({', '.join(new)}); name one of them instead")
+        raise RegistryError(
+            f"engine {spec!r}: it returned None and registered no engine: "
+            "return an Operations subclass or instance, or call "
+            "kit.registry.register_operations in it"
+        )
+    raise RegistryError(
+        f"engine {spec!r}: it registered {len(new)} engines "
+        f"({', '.join(new)}); name one of them instead"
+    )
 
 
 def _is_operations(obj: Any) -> bool:
@@ -263,8 +301,10 @@ def _register_returned(spec: str, attr: str, target: Any) -> Registration:
     if name in _engines:
         known = _engines[name]
         if known.origin != _origin_of(target):
-            raise RegistryError(f"engine {spec!r}: the name {name!r} is already registered "
-                                f"by {known.origin}: give the class another engine_name")
+            raise RegistryError(
+                f"engine {spec!r}: the name {name!r} is already registered "
+                f"by {known.origin}: give the class another engine_name"
+            )
         return known
     register_operations(name, target)
     methods = getattr(target, "rpc_methods", None)
@@ -275,8 +315,7 @@ def _register_returned(spec: str, attr: str, target: Any) -> Registration:
 
 def _call_registrar(target: Any, where: str) -> None:
     if not callable(target):
-        raise RegistryError(f"{where}: expected a callable that registers engines, got "
-                            f"{target!r}")
+        raise RegistryError(f"{where}: expected a callable that registers engines, got {target!r}")
     target()
 
 
@@ -286,10 +325,13 @@ def make_engine(name: str) -> Engine:
     return Engine(name=reg.name, operations=reg.factory())
 
 
-def serve_rpc_requests(engine: Engine, conn: socket.socket,
-                       on_call: Callable[[dict[str, Any]], None] | None = None,
-                       around: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None,
-                       reserved_fds: tuple[int, ...] = ()) -> int:
+def serve_rpc_requests(
+    engine: Engine,
+    conn: socket.socket,
+    on_call: Callable[[dict[str, Any]], None] | None = None,
+    around: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None,
+    reserved_fds: tuple[int, ...] = (),
+) -> int:
     """Serve ``engine``'s registered RPC methods on ``conn`` until the client closes it.
 
     Runs in the RPC server process. Returns the process exit status (0 when the client

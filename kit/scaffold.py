@@ -36,7 +36,8 @@ class Names:
         if not _NAME.fullmatch(engine):
             raise ScaffoldError(
                 f"engine name {engine!r}: use lower-case letters and digits, words joined by "
-                "'-' or '_', starting with a letter (it names the Python package too)")
+                "'-' or '_', starting with a letter (it names the Python package too)"
+            )
         package = engine.replace("-", "_")
         if keyword.iskeyword(package):
             raise ScaffoldError(f"engine name {engine!r}: {package!r} is a Python keyword")
@@ -44,9 +45,12 @@ class Names:
         return cls(engine, package, camel.removesuffix("Engine") or camel)
 
     def fill(self, text: str) -> str:
-        return (text.replace("__ENGINE_NAME__", self.engine)
-                .replace("__DIST_NAME__", f"{self.engine}-engine")
-                .replace("__PACKAGE__", self.package).replace("__BASE__", self.base))
+        return (
+            text.replace("__ENGINE_NAME__", self.engine)
+            .replace("__DIST_NAME__", f"{self.engine}-engine")
+            .replace("__PACKAGE__", self.package)
+            .replace("__BASE__", self.base)
+        )
 
 
 def _workflow(names: Names) -> str:
@@ -61,9 +65,10 @@ def write_package(engine: str, directory: Path) -> list[Path]:
     names = Names.of(engine)
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise ScaffoldError(f"{directory}: exists and is not an empty directory; name a new one")
-    contents = {rel.format(package=names.package): names.fill((TEMPLATES / "engine" / tmpl)
-                                                             .read_text())
-                for tmpl, rel in _FILES.items()}
+    contents = {
+        rel.format(package=names.package): names.fill((TEMPLATES / "engine" / tmpl).read_text())
+        for tmpl, rel in _FILES.items()
+    }
     contents[".github/workflows/conformance.yml"] = _workflow(names)
     written = []
     for rel, text in contents.items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from mutants import matrix
 
@@ -14,20 +14,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mutants",
         description="the kill matrix: run the conformance suite against every mutant of the "
-                    "zoo; exit 1 if one survives or the reference fails anything")
+        "zoo; exit 1 if one survives or the reference fails anything",
+    )
     parser.add_argument("--json", metavar="FILE", help="write the matrix entries there")
     parser.add_argument("--backend", choices=("real", "fake", "both"), default="real")
-    parser.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 2,
-                        help="pytest sessions at a time (default: the number of CPUs)")
-    parser.add_argument("--mutant", action="append", default=[], metavar="SLUG",
-                        help="only this mutant (repeatable; the baselines run too)")
-    parser.add_argument("--shard", metavar="K/N",
-                        help="run only the K-th of N disjoint, cost-balanced parts of the "
-                             "sessions (the same parts on every machine)")
-    parser.add_argument("--combine", nargs="+", metavar="FILE",
-                        help="judge the --json files of every shard together; run nothing")
-    parser.add_argument("--list", action="store_true",
-                        help="print the zoo and the requirements no mutant kills; run nothing")
+    parser.add_argument(
+        "-j",
+        "--jobs",
+        type=int,
+        default=os.cpu_count() or 2,
+        help="pytest sessions at a time (default: the number of CPUs)",
+    )
+    parser.add_argument(
+        "--mutant",
+        action="append",
+        default=[],
+        metavar="SLUG",
+        help="only this mutant (repeatable; the baselines run too)",
+    )
+    parser.add_argument(
+        "--shard",
+        metavar="K/N",
+        help="run only the K-th of N disjoint, cost-balanced parts of the "
+        "sessions (the same parts on every machine)",
+    )
+    parser.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="FILE",
+        help="judge the --json files of every shard together; run nothing",
+    )
+    parser.add_argument(
+        "--list",
+        action="store_true",
+        help="print the zoo and the requirements no mutant kills; run nothing",
+    )
     args = parser.parse_args(argv)
     part = None
     if args.shard is not None:
@@ -38,8 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.combine and (part or args.mutant or args.list):
         parser.error("--combine judges saved shards: it takes no --shard, --mutant or --list")
     try:
-        return matrix.main(args.json, args.backend, args.jobs, args.mutant, args.list, part,
-                           args.combine or ())
+        return matrix.main(
+            args.json, args.backend, args.jobs, args.mutant, args.list, part, args.combine or ()
+        )
     except ValueError as exc:  # an unknown --mutant, an unreadable --combine file
         print(f"python -m mutants: {exc}", file=sys.stderr)
         return 2

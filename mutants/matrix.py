@@ -44,8 +44,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from conformance import requirements
 from conformance.expectations import FLOWS
@@ -56,8 +57,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BACKENDS = ("real", "fake")
 #: The baselines: (label, engine spec). They must pass everything in every flow.
-BASELINES = (("reference", "reference"),
-             ("reference-cooperative", "conformance.cooperation:register_reference"))
+BASELINES = (
+    ("reference", "reference"),
+    ("reference-cooperative", "conformance.cooperation:register_reference"),
+)
 #: Seconds one pytest session may take before the matrix kills it.
 SESSION_TIMEOUT = 600.0
 
@@ -67,10 +70,10 @@ SESSION_TIMEOUT = 600.0
 #: known survivor, a mutant's ``gap``, breaks are listed on their own, from their own reasons).
 EXCEPTIONS: dict[str, str] = {
     "HOST-050": "a rule of the fake backend (in the real backend the kernel answers an "
-                "engine's privileged calls, and the rule holds by definition): "
-                "tests/test_seccomp.py runs an engine that "
-                "bypasses the system interface from every hook and an RPC method, as root and "
-                "as the test user, and shows HOST-050 failing for each call",
+    "engine's privileged calls, and the rule holds by definition): "
+    "tests/test_seccomp.py runs an engine that "
+    "bypasses the system interface from every hook and an RPC method, as root and "
+    "as the test user, and shows HOST-050 failing for each call",
 }
 
 #: MUST requirements that mutants break by one mechanism only (issue 14 asks for two where
@@ -78,43 +81,53 @@ EXCEPTIONS: dict[str, str] = {
 #: entry (:func:`one_mechanism` gives their reason).
 MECHANISM_EXCEPTIONS: dict[str, str] = {
     "PRIV-MASTER-003": "the setuid master regains privilege only through its saved uid 0, "
-                       "which is process-wide (the probe forks from the kit's thread, so a "
-                       "hook thread's raw setresuid does not reach it): dropping it is the "
-                       "one way; in the userns flow an engine cannot make escalation possible",
+    "which is process-wide (the probe forks from the kit's thread, so a "
+    "hook thread's raw setresuid does not reach it): dropping it is the "
+    "one way; in the userns flow an engine cannot make escalation possible",
     "PRIV-STAGE2-003": "no_new_privs cannot be cleared once set: not asking for it is the one "
-                       "way to break the rule",
+    "way to break the rule",
     "NS-006": "the container's uid map is the StarterConfig's add_uid_mappings, written by "
-              "the starter: a wrong line is the one way",
+    "the starter: a wrong line is the one way",
     "NS-007": "whether the container gets a user namespace is one switch (the StarterConfig's "
-              "namespace flags)",
+    "namespace flags)",
     "ORDER-009": "the starter calls post_start_process; an engine makes it run twice only by "
-                 "calling it itself (the mutant)",
+    "calling it itself (the mutant)",
     "ORDER-011": "the starter calls cleanup_container; an engine breaks its count or order "
-                 "only by ending the master (the mutant)",
+    "only by ending the master (the mutant)",
     "ORDER-013": "the starter calls these hooks; an engine breaks the count only by blocking "
-                 "the run (the mutant)",
+    "the run (the mutant)",
     "RPC-001": "a call outside create_container needs a connection that outlives it: a "
-               "thread holding a duplicate (the mutant) is the way",
+    "thread holding a duplicate (the mutant) is the way",
     "RPC-002": "the request's name is one string built by the engine's RPC client: the wrong "
-               "prefix (the mutant) is the way",
+    "prefix (the mutant) is the way",
     "RPC-003": "the server's exit status is the process's: a method ending it (the mutant) is "
-               "the way an engine changes it",
+    "the way an engine changes it",
     "SIG-003": "the returned wait status is one value",
     "EXIT-001": "the run's exit code comes from the one status monitor_container returns",
     "EXIT-002": "the run's exit code comes from the one status monitor_container returns",
     "SIG-005": "SIGCHLD reaches the master unless its disposition is ignore: one kernel state, "
-               "however it is set",
+    "however it is set",
     "CLEAN-002": "one hook (cleanup_container) that raises on partial setup",
     "JOIN-001": "the StarterConfig's join-only switch is the one way",
     "JOIN-002": "the StarterConfig's namespace paths are the one way",
-    **{req: "the host diff reads the sandbox's state from outside, after the run: how the "
-            "change was made (hook thread, helper thread, child, raw call) does not reach it"
-       for req in ("HOST-001", "HOST-003", "HOST-004", "HOST-005", "HOST-006", "HOST-007",
-                   "HOST-008")},
+    **{
+        req: "the host diff reads the sandbox's state from outside, after the run: how the "
+        "change was made (hook thread, helper thread, child, raw call) does not reach it"
+        for req in (
+            "HOST-001",
+            "HOST-003",
+            "HOST-004",
+            "HOST-005",
+            "HOST-006",
+            "HOST-007",
+            "HOST-008",
+        )
+    },
 }
 
 
 # --- the zoo and its declarations ------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Target:
@@ -133,7 +146,7 @@ class Target:
 
     @property
     def slug(self) -> str:
-        return self.label[len("mutant-"):] if self.label.startswith("mutant-") else self.label
+        return self.label[len("mutant-") :] if self.label.startswith("mutant-") else self.label
 
 
 def zoo() -> list[type]:
@@ -151,11 +164,22 @@ def mutant_targets(only: Sequence[str] = ()) -> list[Target]:
         name = registered_name(mutant)
         if only and name not in only and mutant.slug not in only:
             continue
-        cost = len(mutant.flows) * (2.5 if mutant.cooperative else 1.0) \
-            + (3.0 if mutant.hook_timeout else 0.0)
-        out.append(Target(name, engine_spec(mutant), tuple(mutant.killed_by), tuple(mutant.flows),
-                          mutant.bug, mutant.gap, mutant.hook_timeout, cost=cost,
-                          mechanism=mutant.mechanism))
+        cost = len(mutant.flows) * (2.5 if mutant.cooperative else 1.0) + (
+            3.0 if mutant.hook_timeout else 0.0
+        )
+        out.append(
+            Target(
+                name,
+                engine_spec(mutant),
+                tuple(mutant.killed_by),
+                tuple(mutant.flows),
+                mutant.bug,
+                mutant.gap,
+                mutant.hook_timeout,
+                cost=cost,
+                mechanism=mutant.mechanism,
+            )
+        )
     unknown = [n for n in only if not any(n in (t.label, t.slug) for t in out)]
     if unknown:
         raise ValueError(f"unknown mutant(s): {', '.join(unknown)}")
@@ -163,9 +187,16 @@ def mutant_targets(only: Sequence[str] = ()) -> list[Target]:
 
 
 def baseline_targets() -> list[Target]:
-    return [Target(label, spec, baseline=True, bug="the reference: must pass everything",
-                   cost=len(FLOWS) * (2.5 if "cooperat" in label else 1.0))
-            for label, spec in BASELINES]
+    return [
+        Target(
+            label,
+            spec,
+            baseline=True,
+            bug="the reference: must pass everything",
+            cost=len(FLOWS) * (2.5 if "cooperat" in label else 1.0),
+        )
+        for label, spec in BASELINES
+    ]
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -217,8 +248,9 @@ def declaration_problems() -> list[str]:
         if not mutant.killed_by:
             problems.append(f"{name}: declares no requirement that kills it")
         if mutant.mechanism not in MECHANISMS:
-            problems.append(f"{name}: unknown mechanism {mutant.mechanism!r} (known: "
-                            f"{', '.join(MECHANISMS)})")
+            problems.append(
+                f"{name}: unknown mechanism {mutant.mechanism!r} (known: {', '.join(MECHANISMS)})"
+            )
         bad_flows = [f for f in mutant.flows if f not in FLOWS]
         if not mutant.flows or bad_flows:
             problems.append(f"{name}: flows {list(mutant.flows)} (known: {', '.join(FLOWS)})")
@@ -227,13 +259,20 @@ def declaration_problems() -> list[str]:
         if unknown or mutant.gap:
             continue  # a known survivor may name a requirement nothing checks yet
         caps = _capabilities(mutant)
-        tested = {f for req in mutant.killed_by for decl in index[req]
-                  if set(decl.requires) <= caps for f in decl.flows}
+        tested = {
+            f
+            for req in mutant.killed_by
+            for decl in index[req]
+            if set(decl.requires) <= caps
+            for f in decl.flows
+        }
         for flow in mutant.flows:
             if flow not in tested:
-                problems.append(f"{name}: none of {', '.join(mutant.killed_by)} is checked in "
-                                f"flow {flow} for this mutant (tested in "
-                                f"{', '.join(sorted(tested)) or 'no flow'})")
+                problems.append(
+                    f"{name}: none of {', '.join(mutant.killed_by)} is checked in "
+                    f"flow {flow} for this mutant (tested in "
+                    f"{', '.join(sorted(tested)) or 'no flow'})"
+                )
     return problems
 
 
@@ -269,8 +308,12 @@ def not_killed_by_a_mutant() -> dict[str, str]:
     reason it has none: an exception (:data:`EXCEPTIONS`), not checked by the suite, or only a
     known survivor breaks it — or ``""`` when there is no reason (a hole in the zoo)."""
     covered = killers()
-    gaps = {req: f"known survivor mutant-{m.slug}: {m.gap}" for m in zoo() if m.gap
-            for req in m.killed_by}
+    gaps = {
+        req: f"known survivor mutant-{m.slug}: {m.gap}"
+        for m in zoo()
+        if m.gap
+        for req in m.killed_by
+    }
     out = {}
     for req in must_requirements():
         if req in covered:
@@ -308,9 +351,11 @@ def one_mechanism() -> dict[str, str]:
         if req in MECHANISM_EXCEPTIONS:
             out[req] = MECHANISM_EXCEPTIONS[req]
         elif found == ["starter"]:
-            out[req] = ("a rule of the starter (the kit's own order, processes, error "
-                        "handling or set-up): an engine's thread, syscall, value or path "
-                        "cannot break it")
+            out[req] = (
+                "a rule of the starter (the kit's own order, processes, error "
+                "handling or set-up): an engine's thread, syscall, value or path "
+                "cannot break it"
+            )
         else:
             out[req] = ""
     return out
@@ -349,12 +394,14 @@ def stale_mechanism_exceptions() -> list[str]:
         if entry is None or entry.level != "MUST":
             out.append(f"{req}: not a known MUST requirement")
         elif len(declared.get(req, [])) >= 2:
-            out.append(f"{req}: declared by mechanisms {', '.join(declared[req])}; remove the "
-                       "exception")
+            out.append(
+                f"{req}: declared by mechanisms {', '.join(declared[req])}; remove the exception"
+            )
     return out
 
 
 # --- running the suite ------------------------------------------------------------------------
+
 
 def backend_available(backend: str) -> tuple[bool, str]:
     """Whether the suite accepts ``--backend backend`` (the fake backend comes later)."""
@@ -362,23 +409,26 @@ def backend_available(backend: str) -> tuple[bool, str]:
 
     if backend in getattr(plugin, "BACKENDS", ("real",)):
         return True, ""
-    return False, (f"the conformance suite does not accept --backend {backend} yet "
-                   f"(it accepts: {', '.join(getattr(plugin, 'BACKENDS', ('real',)))})")
+    return False, (
+        f"the conformance suite does not accept --backend {backend} yet "
+        f"(it accepts: {', '.join(getattr(plugin, 'BACKENDS', ('real',)))})"
+    )
 
 
 def _environment(tmpdir: str) -> dict[str, str]:
     # The matrix measures the suite, not the kit: coverage of the kit's own test run must
     # not follow it into hundreds of sessions (that alone multiplies CI time).
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PYTEST_", "CONFORMANCE_", "COVERAGE_"))
-           and k != "COV_CORE_SOURCE"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PYTEST_", "CONFORMANCE_", "COVERAGE_")) and k != "COV_CORE_SOURCE"
+    }
     env["TMPDIR"] = tmpdir
     env["PYTHONPATH"] = os.pathsep.join([ROOT, *filter(None, [env.get("PYTHONPATH")])])
     return env
 
 
-def run_session(target: Target, backend: str, workdir: str,
-                focus: bool = False) -> dict[str, Any]:
+def run_session(target: Target, backend: str, workdir: str, focus: bool = False) -> dict[str, Any]:
     """One pytest session of the suite against ``target``; returns its report (parsed) or
     ``{"error": …}``, plus ``seconds``. ``focus``: only the tests of the requirements the
     mutant declares (``-k``; the lifecycles of the other scenarios are then not run)."""
@@ -387,30 +437,53 @@ def run_session(target: Target, backend: str, workdir: str,
     os.makedirs(tmpdir, exist_ok=True)
     for path in (workdir, tmpdir):
         os.chmod(path, 0o755)  # the run directories inside belong to U
-    command = [sys.executable, "-m", "pytest", "-q", "-p",
-               "no:cacheprovider", "-p", "no:hypothesispytest", "-p", "no:xdist",
-               f"--engine={target.engine}",
-               f"--backend={backend}", f"--flow={','.join(target.flows)}",
-               f"--conformance-report={report}"]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "no:hypothesispytest",
+        "-p",
+        "no:xdist",
+        f"--engine={target.engine}",
+        f"--backend={backend}",
+        f"--flow={','.join(target.flows)}",
+        f"--conformance-report={report}",
+    ]
     if target.hook_timeout:
         command.append(f"--hook-timeout={target.hook_timeout}")
     if focus and target.declared and not target.baseline:
         command += ["-k", " or ".join(target.declared)]
     start = time.monotonic()
     try:
-        proc = subprocess.run(command, cwd=workdir, env=_environment(tmpdir),
-                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                              timeout=SESSION_TIMEOUT)
+        proc = subprocess.run(
+            command,
+            cwd=workdir,
+            env=_environment(tmpdir),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=SESSION_TIMEOUT,
+        )
     except subprocess.TimeoutExpired as exc:
-        return {"error": f"the session took more than {SESSION_TIMEOUT:.0f} s: "
-                         f"{(exc.stdout or '')[-1000:]}", "seconds": SESSION_TIMEOUT}
+        return {
+            "error": f"the session took more than {SESSION_TIMEOUT:.0f} s: "
+            f"{(exc.stdout or '')[-1000:]}",
+            "seconds": SESSION_TIMEOUT,
+        }
     seconds = time.monotonic() - start
     try:
         with open(report) as f:
             doc = json.load(f)
     except (OSError, ValueError):
-        return {"error": f"no report (pytest exit {proc.returncode}): "
-                         f"{(proc.stdout + proc.stderr)[-1500:]}", "seconds": seconds}
+        return {
+            "error": f"no report (pytest exit {proc.returncode}): "
+            f"{(proc.stdout + proc.stderr)[-1500:]}",
+            "seconds": seconds,
+        }
     doc["seconds"] = seconds
     return doc
 
@@ -425,8 +498,9 @@ def entries_for(target: Target, backend: str, doc: dict[str, Any]) -> list[dict[
         results = by_flow.get(flow, [])
         # A result a failed-early run left undecided still detects the mutant (its root cause
         # is the engine's fault).
-        failed = sorted({r["requirement"] for r in results
-                         if r["outcome"] in ("failed", "not-decided")})
+        failed = sorted(
+            {r["requirement"] for r in results if r["outcome"] in ("failed", "not-decided")}
+        )
         broken = sorted({r["requirement"] for r in results if r["outcome"] == "broken"})
         declared = set(target.declared)
         killed = bool(declared & set(failed))
@@ -438,30 +512,57 @@ def entries_for(target: Target, backend: str, doc: dict[str, Any]) -> list[dict[
             status = "killed"
         elif declared & set(broken):
             status = "broken"
-        elif any(r["requirement"] in declared and r["outcome"] in ("passed", "xfail")
-                 for r in results):
+        elif any(
+            r["requirement"] in declared and r["outcome"] in ("passed", "xfail") for r in results
+        ):
             status = "survived"
         elif target.gap and not any(r["requirement"] in declared for r in results):
             status = "survived"  # a known survivor: nothing checks what it breaks
         else:
             status = "not-configured"
-        out.append({"mutant": target.label, "slug": target.slug, "flow": flow,
-                    "backend": backend, "declared": list(target.declared), "failed": failed,
-                    "broken": broken, "killed": killed, "status": status, "bug": target.bug,
-                    "gap": target.gap, "baseline": target.baseline,
-                    "mechanism": target.mechanism,
-                    "seconds": round(float(doc.get("seconds", 0.0)), 2),
-                    "error": doc.get("error")})
+        out.append(
+            {
+                "mutant": target.label,
+                "slug": target.slug,
+                "flow": flow,
+                "backend": backend,
+                "declared": list(target.declared),
+                "failed": failed,
+                "broken": broken,
+                "killed": killed,
+                "status": status,
+                "bug": target.bug,
+                "gap": target.gap,
+                "baseline": target.baseline,
+                "mechanism": target.mechanism,
+                "seconds": round(float(doc.get("seconds", 0.0)), 2),
+                "error": doc.get("error"),
+            }
+        )
     return out
 
 
 def _unavailable(target: Target, backend: str, why: str) -> list[dict[str, Any]]:
-    return [{"mutant": target.label, "slug": target.slug, "flow": flow, "backend": backend,
-             "declared": list(target.declared), "failed": [], "broken": [], "killed": False,
-             "status": "not-configured", "bug": target.bug, "gap": target.gap,
-             "baseline": target.baseline, "mechanism": target.mechanism, "seconds": 0.0,
-             "error": why}
-            for flow in target.flows]
+    return [
+        {
+            "mutant": target.label,
+            "slug": target.slug,
+            "flow": flow,
+            "backend": backend,
+            "declared": list(target.declared),
+            "failed": [],
+            "broken": [],
+            "killed": False,
+            "status": "not-configured",
+            "bug": target.bug,
+            "gap": target.gap,
+            "baseline": target.baseline,
+            "mechanism": target.mechanism,
+            "seconds": 0.0,
+            "error": why,
+        }
+        for flow in target.flows
+    ]
 
 
 @dataclass
@@ -476,42 +577,54 @@ class Matrix:
         :meth:`unproven` is left to ``--combine``."""
         out = list(self.problems)
         if whole:
-            out += [f"{req}: declared by mutants, failed for none of them" for req in
-                    self.unproven()]
+            out += [
+                f"{req}: declared by mutants, failed for none of them" for req in self.unproven()
+            ]
         for label, flows in self._by_target().items():
             first = flows[0]
             backend = first["backend"]
             statuses = {e["status"] for e in flows}
             where = f"{label} ({backend})"
             if first["baseline"]:
-                bad = [e for e in flows if e["status"] != "passed"
-                       and e["status"] != "not-configured"]
+                bad = [
+                    e for e in flows if e["status"] != "passed" and e["status"] != "not-configured"
+                ]
                 for e in bad:
                     error = f"; {e['error']}" if e["error"] else ""
-                    out.append(f"{where}: the baseline {e['status']} in {e['flow']}: failed "
-                               f"{', '.join(e['failed']) or '-'}, broken "
-                               f"{', '.join(e['broken']) or '-'}{error}")
+                    out.append(
+                        f"{where}: the baseline {e['status']} in {e['flow']}: failed "
+                        f"{', '.join(e['failed']) or '-'}, broken "
+                        f"{', '.join(e['broken']) or '-'}{error}"
+                    )
             elif first["gap"]:
                 if "killed" in statuses and backend == "real":
-                    out.append(f"{where}: a known survivor was killed; its gap closed, remove "
-                               "it from the mutant")
+                    out.append(
+                        f"{where}: a known survivor was killed; its gap closed, remove "
+                        "it from the mutant"
+                    )
             elif backend == "real" and statuses & {"survived", "broken"}:
                 for e in flows:
                     if e["status"] in ("survived", "broken"):
-                        out.append(f"{where}: {e['status']} in {e['flow']} (declared "
-                                   f"{', '.join(e['declared'])}; failed "
-                                   f"{', '.join(e['failed']) or 'nothing'})"
-                                   + (f": {e['error'][:300]}" if e["error"] else ""))
+                        out.append(
+                            f"{where}: {e['status']} in {e['flow']} (declared "
+                            f"{', '.join(e['declared'])}; failed "
+                            f"{', '.join(e['failed']) or 'nothing'})"
+                            + (f": {e['error'][:300]}" if e["error"] else "")
+                        )
         return out
 
     def _real_mutant_entries(self) -> list[dict[str, Any]]:
-        return [e for e in self.entries
-                if e["backend"] == "real" and not e["baseline"] and not e["gap"]]
+        return [
+            e for e in self.entries if e["backend"] == "real" and not e["baseline"] and not e["gap"]
+        ]
 
     def shown(self) -> set[str]:
         """Requirements that failed, in the real backend, for a mutant that declares them."""
-        return {req for e in self._real_mutant_entries()
-                for req in set(e["declared"]) & set(e["failed"])}
+        return {
+            req
+            for e in self._real_mutant_entries()
+            for req in set(e["declared"]) & set(e["failed"])
+        }
 
     def unproven(self) -> list[str]:
         """Requirements that mutants declare but that failed for none of them in the real
@@ -558,10 +671,14 @@ class Matrix:
 FOCUSED_BACKENDS = ("fake",)
 
 
-def run_matrix(backend: str = "real", jobs: int = 2, only: Sequence[str] = (),
-               baselines: bool = True,
-               progress: Callable[[str], None] | None = None,
-               part: tuple[int, int] | None = None) -> Matrix:
+def run_matrix(
+    backend: str = "real",
+    jobs: int = 2,
+    only: Sequence[str] = (),
+    baselines: bool = True,
+    progress: Callable[[str], None] | None = None,
+    part: tuple[int, int] | None = None,
+) -> Matrix:
     """Run the suite against the baselines and every mutant (or ``only`` those) in
     ``backend`` (``real``, ``fake`` or ``both``), ``jobs`` sessions at a time; ``part``
     (K, N): only the K-th of N shards of those targets (:func:`shard`)."""
@@ -580,8 +697,9 @@ def run_matrix(backend: str = "real", jobs: int = 2, only: Sequence[str] = (),
             else:
                 matrix.entries += _unavailable(target, name, why)
     work.sort(key=lambda item: -item[0].cost)
-    root = tempfile.mkdtemp(prefix="kit-mutants-", dir="/var/tmp" if os.path.isdir(
-        "/var/tmp") else None)
+    root = tempfile.mkdtemp(
+        prefix="kit-mutants-", dir="/var/tmp" if os.path.isdir("/var/tmp") else None
+    )
     os.chmod(root, 0o755)
 
     def one(index: int, target: Target, name: str) -> list[dict[str, Any]]:
@@ -598,36 +716,52 @@ def run_matrix(backend: str = "real", jobs: int = 2, only: Sequence[str] = (),
 
     try:
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            futures = [pool.submit(one, i, target, name) for i, (target, name) in
-                       enumerate(work)]
+            futures = [pool.submit(one, i, target, name) for i, (target, name) in enumerate(work)]
             for future in futures:
                 matrix.entries += future.result()
     finally:
         shutil.rmtree(root, ignore_errors=True)
     order = {t.label: i for i, t in enumerate(targets)}
-    matrix.entries.sort(key=lambda e: (e["backend"], order.get(e["mutant"], 999),
-                                       FLOWS.index(e["flow"])))
+    matrix.entries.sort(
+        key=lambda e: (e["backend"], order.get(e["mutant"], 999), FLOWS.index(e["flow"]))
+    )
     matrix.seconds = time.monotonic() - start
     return matrix
 
 
 # --- output ------------------------------------------------------------------------------------
 
-_MARK = {"killed": "killed", "survived": "SURVIVED", "broken": "BROKEN", "passed": "passed",
-         "failed": "FAILED", "not-configured": "n/c"}
+_MARK = {
+    "killed": "killed",
+    "survived": "SURVIVED",
+    "broken": "BROKEN",
+    "passed": "passed",
+    "failed": "FAILED",
+    "not-configured": "n/c",
+}
 
 
 def _line(flows: list[dict[str, Any]]) -> str:
     first = flows[0]
     cells = ", ".join(f"{e['flow']} {_MARK[e['status']]}" for e in flows)
     other = sorted({r for e in flows for r in e["failed"]} - set(first["declared"]))
-    tag = (" (known gap)" if first["gap"] and first["backend"] == "real" else
-           " (a known gap of the real backend)" if first["gap"] else "")
-    return (f"{first['mutant']:<38} {first['backend']:<4} {cells}{tag}  "
-            f"[{', '.join(first['declared']) or 'baseline'}]"
-            + (f"  also failed: {', '.join(other[:6])}{' …' if len(other) > 6 else ''}"
-               if other and not first["baseline"] else "")
-            + f"  {first['seconds']:.1f}s")
+    tag = (
+        " (known gap)"
+        if first["gap"] and first["backend"] == "real"
+        else " (a known gap of the real backend)"
+        if first["gap"]
+        else ""
+    )
+    return (
+        f"{first['mutant']:<38} {first['backend']:<4} {cells}{tag}  "
+        f"[{', '.join(first['declared']) or 'baseline'}]"
+        + (
+            f"  also failed: {', '.join(other[:6])}{' …' if len(other) > 6 else ''}"
+            if other and not first["baseline"]
+            else ""
+        )
+        + f"  {first['seconds']:.1f}s"
+    )
 
 
 def table(matrix: Matrix) -> str:
@@ -635,18 +769,23 @@ def table(matrix: Matrix) -> str:
     for name in BACKENDS:
         killed, decidable, total = matrix.killed_fraction(name)
         if total:
-            lines.append(f"{name} backend: {killed}/{total} mutants killed "
-                         f"({100 * killed / total:.0f} %)" + (
-                             f"; {total - decidable} not decidable there (n/c)"
-                             if decidable < total else ""))
+            lines.append(
+                f"{name} backend: {killed}/{total} mutants killed "
+                f"({100 * killed / total:.0f} %)"
+                + (f"; {total - decidable} not decidable there (n/c)" if decidable < total else "")
+            )
     musts = must_requirements()
-    lines.append(f"MUST requirements shown to kill a mutant that declares them (real backend): "
-                 f"{len(matrix.shown() & set(musts))}/{len(musts)}")
+    lines.append(
+        f"MUST requirements shown to kill a mutant that declares them (real backend): "
+        f"{len(matrix.shown() & set(musts))}/{len(musts)}"
+    )
     shown = matrix.mechanisms()
     pairs = sum(len(found) for req, found in shown.items() if req in musts)
     several = sum(1 for req, found in shown.items() if req in musts and len(found) >= 2)
-    lines.append(f"requirements × mechanisms shown (real backend, MUST): {pairs}; "
-                 f"{several} MUST requirements killed by two mechanisms or more")
+    lines.append(
+        f"requirements × mechanisms shown (real backend, MUST): {pairs}; "
+        f"{several} MUST requirements killed by two mechanisms or more"
+    )
     lines.append(f"{len(matrix._by_target())} sessions in {matrix.seconds:.0f} s")
     return "\n".join(lines)
 
@@ -669,8 +808,9 @@ def mechanism_table(matrix: Matrix | None = None) -> str:
     lines = ["| requirement | mechanisms declared | shown to kill (real) |", "|---|---|---|"]
     for req in requirements.CATALOGUE:
         if req in declared:
-            lines.append(f"| {req} | {', '.join(declared[req])} | "
-                         f"{', '.join(shown.get(req, [])) or '-'} |")
+            lines.append(
+                f"| {req} | {', '.join(declared[req])} | {', '.join(shown.get(req, [])) or '-'} |"
+            )
     return "\n".join(lines)
 
 
@@ -685,8 +825,10 @@ def listing() -> str:
         name = f"mutant-{mutant.slug}"
         spec = engine_spec(mutant)
         shown = f"`{name}` (`--engine={spec}`)"
-        lines.append(f"| {shown} | {', '.join(mutant.killed_by)} | "
-                     f"{', '.join(mutant.flows)} | {mutant.mechanism} | {mutant.bug}.{gap} |")
+        lines.append(
+            f"| {shown} | {', '.join(mutant.killed_by)} | "
+            f"{', '.join(mutant.flows)} | {mutant.mechanism} | {mutant.bug}.{gap} |"
+        )
     return "\n".join(lines)
 
 
@@ -700,10 +842,10 @@ def load_entries(paths: Sequence[str]) -> list[dict[str, Any]]:
                 doc = json.load(f)
         except (OSError, ValueError) as exc:
             raise ValueError(f"--combine {path}: cannot read a matrix: {exc}") from None
-        if not isinstance(doc, list) or not all(isinstance(e, dict) and "mutant" in e
-                                                 for e in doc):
-            raise ValueError(f"--combine {path}: not a matrix (a JSON list of entries, as "
-                             "--json writes)")
+        if not isinstance(doc, list) or not all(isinstance(e, dict) and "mutant" in e for e in doc):
+            raise ValueError(
+                f"--combine {path}: not a matrix (a JSON list of entries, as --json writes)"
+            )
         entries += doc
     return entries
 
@@ -715,13 +857,21 @@ def missing_targets(entries: Sequence[dict[str, Any]]) -> list[str]:
     missing = [t.label for t in baseline_targets() + mutant_targets() if t.label not in seen]
     if not missing:
         return []
-    return [f"{len(missing)} targets ran in none of the combined shards (is one missing?): "
-            f"{', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}"]
+    return [
+        f"{len(missing)} targets ran in none of the combined shards (is one missing?): "
+        f"{', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}"
+    ]
 
 
-def main(json_path: str | None, backend: str, jobs: int, only: Sequence[str] = (),
-         list_only: bool = False, part: tuple[int, int] | None = None,
-         combine: Sequence[str] = ()) -> int:
+def main(
+    json_path: str | None,
+    backend: str,
+    jobs: int,
+    only: Sequence[str] = (),
+    list_only: bool = False,
+    part: tuple[int, int] | None = None,
+    combine: Sequence[str] = (),
+) -> int:
     """``python -m mutants``."""
     if list_only:
         print(listing())
@@ -733,8 +883,9 @@ def main(json_path: str | None, backend: str, jobs: int, only: Sequence[str] = (
     if combine:
         matrix = Matrix(entries=load_entries(combine), problems=declaration_problems())
     else:
-        matrix = run_matrix(backend, jobs, only, progress=lambda line: print(line, flush=True),
-                            part=part)
+        matrix = run_matrix(
+            backend, jobs, only, progress=lambda line: print(line, flush=True), part=part
+        )
     print()
     print(table(matrix))
     print()
@@ -745,26 +896,32 @@ def main(json_path: str | None, backend: str, jobs: int, only: Sequence[str] = (
     if combine:
         problems += missing_targets(matrix.entries)
     if not only:
-        problems += [f"{req}: no mutant is declared to be killed by it and EXCEPTIONS gives "
-                     "no reason" for req in uncovered()]
+        problems += [
+            f"{req}: no mutant is declared to be killed by it and EXCEPTIONS gives no reason"
+            for req in uncovered()
+        ]
         problems += [f"EXCEPTIONS: {p}" for p in stale_exceptions()]
-        problems += [f"{req}: one mechanism kills it and MECHANISM_EXCEPTIONS gives no "
-                     "reason" for req, why in one_mechanism().items() if not why]
+        problems += [
+            f"{req}: one mechanism kills it and MECHANISM_EXCEPTIONS gives no reason"
+            for req, why in one_mechanism().items()
+            if not why
+        ]
         problems += [f"MECHANISM_EXCEPTIONS: {p}" for p in stale_mechanism_exceptions()]
     if json_path:
         with open(json_path, "w") as f:
             json.dump(matrix.entries, f, indent=1)
         print(f"matrix: {json_path}")
     if part is not None:
-        print(f"\nshard {part[0]}/{part[1]}: whether every declared requirement failed for "
-              "one of its mutants is judged over all shards: python -m mutants --combine "
-              "SHARD.json…")
+        print(
+            f"\nshard {part[0]}/{part[1]}: whether every declared requirement failed for "
+            "one of its mutants is judged over all shards: python -m mutants --combine "
+            "SHARD.json…"
+        )
     if problems:
         print("\nthe matrix fails:")
         for p in problems:
             print(f"  {p}")
         return 1
     where = f" of shard {part[0]}/{part[1]}" if part is not None else ""
-    print(f"\nevery mutant{where} was killed by a requirement it declares; the baselines "
-          f"passed")
+    print(f"\nevery mutant{where} was killed by a requirement it declares; the baselines passed")
     return 0

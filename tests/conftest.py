@@ -28,13 +28,22 @@ def _guarded(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
         if os.getpid() == PYTEST_PID:
             raise AssertionError(f"{name} called in the pytest process")
         return func(*args, **kwargs)
+
     return guard
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _no_privileged_calls_in_pytest() -> Iterator[None]:
-    patched = [(linux, "unshare"), (linux, "setns"), (linux, "clone"), (os, "setresuid"),
-               (os, "setresgid"), (os, "setuid"), (os, "seteuid"), (os, "setgroups")]
+    patched = [
+        (linux, "unshare"),
+        (linux, "setns"),
+        (linux, "clone"),
+        (os, "setresuid"),
+        (os, "setresgid"),
+        (os, "setuid"),
+        (os, "seteuid"),
+        (os, "setgroups"),
+    ]
     saved = [(mod, name, getattr(mod, name)) for mod, name in patched]
     for mod, name, func in saved:
         setattr(mod, name, _guarded(f"{mod.__name__}.{name}", func))
@@ -48,6 +57,7 @@ def _zygote_started_first() -> None:
     """The launcher's zygote (and its control socket) lives for the whole session: start it
     before any test measures the process's fds and children."""
     from kit.run.launcher import Zygote
+
     if os.environ.get("KIT_ZYGOTE", "1") != "0":
         Zygote.get()
 
@@ -78,13 +88,16 @@ def shared_dir() -> Iterator[str]:
 
 def _zygote_pid() -> int | None:
     from kit.run.launcher import Zygote
+
     return Zygote._instance.proc.pid if Zygote._instance is not None else None
 
 
 def zygotes_sandbox(pid: int) -> bool:
     """Whether ``pid`` is the init of a host sandbox the launcher's zygote holds."""
-    return linux.process_name(pid) == "kit-sandbox" and \
-        linux.process_parents().get(pid) == _zygote_pid()
+    return (
+        linux.process_name(pid) == "kit-sandbox"
+        and linux.process_parents().get(pid) == _zygote_pid()
+    )
 
 
 def host_state() -> dict[str, Any]:
@@ -96,15 +109,20 @@ def host_state() -> dict[str, Any]:
         "mounts": mounts,
         # Living descendants, but the launcher's long-lived zygote and the host sandboxes it
         # holds (the next run's, built ahead; a finished run's, ending as it is asked).
-        "children": [f"{p} {linux.process_name(p)}" for p in linux.descendants(os.getpid())
-                     if linux.process_state(p) not in ("Z", None) and p != _zygote_pid()
-                     and not zygotes_sandbox(p)],
+        "children": [
+            f"{p} {linux.process_name(p)}"
+            for p in linux.descendants(os.getpid())
+            if linux.process_state(p) not in ("Z", None)
+            and p != _zygote_pid()
+            and not zygotes_sandbox(p)
+        ],
         "netns": sorted(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else [],
     }
 
 
-def wait_until(condition: Callable[[], Any], timeout: float = 10.0,
-               what: str = "the condition") -> Any:
+def wait_until(
+    condition: Callable[[], Any], timeout: float = 10.0, what: str = "the condition"
+) -> Any:
     """Poll ``condition()`` until it is true (returned) or ``timeout`` seconds pass (an
     assertion naming ``what``): a test waits for what it needs, never for a fixed time that
     a loaded machine may not honour."""
@@ -118,8 +136,7 @@ def wait_until(condition: Callable[[], Any], timeout: float = 10.0,
 def signal_taken(pid: int, signum: int) -> bool:
     """Whether ``signum`` is no longer pending for process ``pid`` (taken, or never sent)."""
     status = linux.read_status(f"/proc/{pid}/status")
-    return not any(int(status.get(k, "0"), 16) >> (signum - 1) & 1
-                   for k in ("ShdPnd", "SigPnd"))
+    return not any(int(status.get(k, "0"), 16) >> (signum - 1) & 1 for k in ("ShdPnd", "SigPnd"))
 
 
 def in_child(fn: Callable[[], Any]) -> dict[str, Any]:

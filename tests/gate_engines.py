@@ -54,8 +54,9 @@ def broken_kit() -> None:
         original = runner.init_engine
 
         @functools.wraps(original)
-        def init_engine(self: Any, engine: Any, config_json: Any, container_id: str,
-                        privileged_stage1: bool) -> Any:
+        def init_engine(
+            self: Any, engine: Any, config_json: Any, container_id: str, privileged_stage1: bool
+        ) -> Any:
             return original(self, engine, config_json, container_id, True)
 
         init_engine.broken_by_gate_engines = True  # type: ignore[attr-defined]

@@ -27,8 +27,13 @@ from reference_engines.bind_rootfs import BindRootfsEngine, BindRootfsRPC
 from reference_engines.minimal.engine import FORWARDED_SIGNALS, ReferenceConfig, ReferenceEngine
 from reference_engines.minimal.rpc import ReferenceRPC
 
-ROLE_BY_NAME = {"kit-stage1": "stage1", "kit-master": "master", "kit-rpc": "rpc",
-                "kit-container": "stage2", "kit-stage2": "stage2"}
+ROLE_BY_NAME = {
+    "kit-stage1": "stage1",
+    "kit-master": "master",
+    "kit-rpc": "rpc",
+    "kit-container": "stage2",
+    "kit-stage2": "stage2",
+}
 
 
 def current_role() -> str:
@@ -127,13 +132,18 @@ class ReportEngine(ReferenceEngine):
         pid = os.getpid()
         tid = threading.get_native_id()
         with open(base + ".status", "wb") as out:
-            subprocess.run(["/bin/cat", f"/proc/{pid}/task/{tid}/status"], stdout=out,
-                           check=True)
+            subprocess.run(["/bin/cat", f"/proc/{pid}/task/{tid}/status"], stdout=out, check=True)
         with open(base + ".ns", "wb") as out:
-            subprocess.run(["/usr/bin/stat", "-L", "-c", "%n %i"] +
-                           [f"/proc/{pid}/ns/{n}" for n in
-                            ("user", "pid", "net", "uts", "ipc", "cgroup", "mnt")],
-                           stdout=out, stderr=subprocess.DEVNULL, check=False)
+            subprocess.run(
+                ["/usr/bin/stat", "-L", "-c", "%n %i"]
+                + [
+                    f"/proc/{pid}/ns/{n}"
+                    for n in ("user", "pid", "net", "uts", "ipc", "cgroup", "mnt")
+                ],
+                stdout=out,
+                stderr=subprocess.DEVNULL,
+                check=False,
+            )
 
     def prepare_config(self, starter_config):  # type: ignore[override]
         self._report("prepare_config")
@@ -254,20 +264,29 @@ class BindRootEngine(BindRootfsEngine):
 
 # --- hostile engine code: forged ledger datagrams, hostile RPC replies ---------------------
 
+
 def _ledger_writer():
     """The kit's ledger writer of this process, found the way hostile engine code would."""
     import gc
 
     from kit.ledger.record import LedgerWriter
-    return next(o for o in gc.get_objects()
-                if isinstance(o, LedgerWriter) and o.sock is not None)
+
+    return next(o for o in gc.get_objects() if isinstance(o, LedgerWriter) and o.sock is not None)
 
 
 def _event(role: str, kind: str, **fields) -> bytes:
     import json
-    return json.dumps({"t": time.monotonic_ns(), "kind": kind, "role": role,
-                       "pid": os.getpid(), "tid": threading.get_native_id(),
-                       **fields}).encode()
+
+    return json.dumps(
+        {
+            "t": time.monotonic_ns(),
+            "kind": kind,
+            "role": role,
+            "pid": os.getpid(),
+            "tid": threading.get_native_id(),
+            **fields,
+        }
+    ).encode()
 
 
 def hostile_datagram(name: str, role: str) -> bytes:
@@ -285,11 +304,12 @@ def hostile_datagram(name: str, role: str) -> bytes:
         "supervisor_kind": lambda: _event(role, "exit", code=0, reason="exited"),
         "extra_key": lambda: _event(role, "stage2_exec", bogus=1),
         "bad_type": lambda: _event(role, "process_exit", child_role="rpc", child_pid="1"),
-        "other_role": lambda: _event("supervisor" if role == "rpc" else "rpc",
-                                     "starter_error", stage="x", message="forged"),
-        "other_pid": lambda: _event(role, "starter_error", stage="x",
-                                    message="forged").replace(
-            f'"pid": {os.getpid()},'.encode(), f'"pid": {os.getpid() + 7},'.encode()),
+        "other_role": lambda: _event(
+            "supervisor" if role == "rpc" else "rpc", "starter_error", stage="x", message="forged"
+        ),
+        "other_pid": lambda: _event(role, "starter_error", stage="x", message="forged").replace(
+            f'"pid": {os.getpid()},'.encode(), f'"pid": {os.getpid() + 7},'.encode()
+        ),
         "bare_hook": lambda: _event(role, **hook)[:-1] + b', "args": {}}',
     }
     return table[name]()
@@ -303,8 +323,7 @@ def send_hostile(name: str, role: str) -> None:
         if os.fork() == 0:
             try:  # stays until its parent ends (the kit's leak check waits for that)
                 linux.set_parent_death_signal(9)
-                sock.send(_event(claimed, "process_start", ppid=os.getppid(),
-                                 nspid=[os.getpid()]))
+                sock.send(_event(claimed, "process_start", ppid=os.getppid(), nspid=[os.getpid()]))
                 os.close(ready_w)
                 while True:
                     time.sleep(1)
@@ -328,8 +347,11 @@ def send_hostile(name: str, role: str) -> None:
             pass
         import array
         import socket as socket_module
-        sock.sendmsg([_event(role, "stage2_exec")], [(
-            socket_module.SOL_SOCKET, socket_module.SCM_RIGHTS, array.array("i", [w, w]))])
+
+        sock.sendmsg(
+            [_event(role, "stage2_exec")],
+            [(socket_module.SOL_SOCKET, socket_module.SCM_RIGHTS, array.array("i", [w, w]))],
+        )
         os.close(w)
         os.close(r)
         return
@@ -340,9 +362,9 @@ def fake_probe(how: str) -> None:
     """Engine code lying about its privileges in the kit's own snapshots, from inside."""
     from kit.ledger import probe
     from kit.ledger.record import LedgerWriter
+
     if how == "unconfirmed":
-        for writer in (o for o in __import__("gc").get_objects()
-                       if isinstance(o, LedgerWriter)):
+        for writer in (o for o in __import__("gc").get_objects() if isinstance(o, LedgerWriter)):
             writer.confirm = False
         return
     real = probe.snapshot
@@ -356,6 +378,7 @@ def fake_probe(how: str) -> None:
         for thread in snap["threads"]:
             thread["caps"] = {k: [] for k in thread["caps"]}
         return snap
+
     probe.snapshot = innocent
 
 
@@ -389,11 +412,13 @@ class HostileRPC(ReferenceRPC):
         import gc
 
         from kit.rpc.methods import WithFds
+
         server = next(o for o in gc.get_objects() if type(o).__name__ == "RPCServerProcess")
         return WithFds(0, [server.c.rpc_sock.fileno()])  # type: ignore[return-value]
 
     def ledger_dup(self) -> int:
         from kit.rpc.methods import WithFds
+
         return WithFds(0, [os.dup(_ledger_writer().sock.fileno())])  # type: ignore
 
     def int_keys(self) -> dict:
@@ -435,6 +460,7 @@ class HostileEngine(ReferenceEngine):
 
     def create_container(self, ctx, pid, rpc_conn):  # type: ignore[override]
         from kit.rpc import RPCClient
+
         self._hostile("create_container")
         cfg = self.common.engine_config
         if cfg.fake_probe:
@@ -487,6 +513,8 @@ class HostileEngine(ReferenceEngine):
     def start_process(self, master_fd):  # type: ignore[override]
         self._hostile("start_process")
         super().start_process(master_fd)
+
+
 @dataclass
 class HostAttackConfig(ReferenceConfig):
     """What :class:`HostAttackEngine` tries, where, and against which host objects."""
@@ -550,8 +578,10 @@ def _namespace_files() -> list[str]:
                 pass
         try:
             for tid in os.listdir(f"/proc/{pid}/task"):
-                paths += [f"/proc/{pid}/task/{tid}/ns/{n}"
-                          for n in os.listdir(f"/proc/{pid}/task/{tid}/ns")]
+                paths += [
+                    f"/proc/{pid}/task/{tid}/ns/{n}"
+                    for n in os.listdir(f"/proc/{pid}/task/{tid}/ns")
+                ]
         except OSError:
             pass
     for top, dirs, files in os.walk("/dev"):
@@ -572,6 +602,7 @@ def _ns_escape(report_dir: str) -> None:
         except OSError:
             pass
     import fcntl
+
     for fd in list(fds.values()):
         for request in (_NS_GET_USERNS, _NS_GET_PARENT):
             try:
@@ -594,8 +625,10 @@ def _ns_escape(report_dir: str) -> None:
             refused += 1
     for fd in fds.values():
         os.close(fd)
-    _write(os.path.join(report_dir, "ns-escape.json"),
-           json.dumps({"tried": len(fds), "refused": refused, "entered": sorted(entered)}))
+    _write(
+        os.path.join(report_dir, "ns-escape.json"),
+        json.dumps({"tried": len(fds), "refused": refused, "entered": sorted(entered)}),
+    )
 
 
 class HostAttackEngine(ReferenceEngine):
@@ -607,8 +640,9 @@ class HostAttackEngine(ReferenceEngine):
     ACTS: ClassVar[dict[str, Callable[[Any], Any]]] = {
         "write_etc": lambda c: _write(f"/etc/{c.unique}", "hostile\n"),
         "umount": lambda c: linux.umount(c.umount_path),
-        "remount_ro": lambda c: linux.mount(None, c.remount_path, None, linux.MS_REMOUNT
-                                            | linux.MS_BIND | linux.MS_RDONLY),
+        "remount_ro": lambda c: linux.mount(
+            None, c.remount_path, None, linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY
+        ),
         "mount_tmpfs": lambda c: linux.mount("tmpfs", c.tmpfs_path, "tmpfs", 0, "size=64k"),
         "hostname": lambda c: socket.sethostname(f"hostile-{c.unique}"),
         "sysctl_net": lambda c: _write("/proc/sys/net/ipv4/ip_forward", "1\n"),
@@ -635,8 +669,9 @@ class HostAttackEngine(ReferenceEngine):
             except OSError as exc:
                 outcomes[act] = errno.errorcode.get(exc.errno or 0, str(exc))
         if cfg.report_dir:
-            _write(os.path.join(cfg.report_dir, f"{current_role()}-{hook}.json"),
-                   json.dumps(outcomes))
+            _write(
+                os.path.join(cfg.report_dir, f"{current_role()}-{hook}.json"), json.dumps(outcomes)
+            )
         if cfg.then == "hang":
             while True:
                 time.sleep(1)
@@ -685,8 +720,9 @@ BYPASS_CALLS = {
     "mount": lambda: _libc.mount(b"none", NO_SUCH_PATH, b"tmpfs", ctypes.c_ulong(0), None),
     "unshare": lambda: _libc.unshare(ctypes.c_int(linux.CLONE_NEWUTS)),
     "swapoff": lambda: _libc.swapoff(NO_SUCH_PATH),
-    "delete_module": lambda: _libc.syscall(ctypes.c_long(176), b"kit_no_such_module",
-                                           ctypes.c_uint(os.O_NONBLOCK)),
+    "delete_module": lambda: _libc.syscall(
+        ctypes.c_long(176), b"kit_no_such_module", ctypes.c_uint(os.O_NONBLOCK)
+    ),
 }
 SYSTEM_INTERFACE_CALLS = ["sethostname", "setresuid", "chroot", "mount", "unshare"]
 
@@ -741,6 +777,7 @@ class BypassEngine(ReferenceEngine):
         cfg = self.common.engine_config
         if cfg.bypass.get("rpc"):
             from kit.rpc import RPCClient
+
             RPCClient(rpc_conn, self.common.engine_name).bypass(calls=cfg.bypass["rpc"])
         super().create_container(ctx, pid, rpc_conn)
 

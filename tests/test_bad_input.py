@@ -18,17 +18,16 @@ GATE_USAGE_ERROR = 2
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the real root flow needs root")
 
 
-def run(*argv: str, cwd: Path, pythonpath: str = str(ROOT / "tests")
-        ) -> subprocess.CompletedProcess:
+def run(
+    *argv: str, cwd: Path, pythonpath: str = str(ROOT / "tests")
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": pythonpath}
     env.pop("CONFORMANCE_ENGINE", None)
-    return subprocess.run(list(argv), capture_output=True, text=True, cwd=cwd, env=env,
-                          timeout=300)
+    return subprocess.run(list(argv), capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
 def pytest_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-q",
-            *args]
+    return [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-q", *args]
 
 
 def one_screen(text: str) -> bool:
@@ -64,32 +63,48 @@ def test_an_ini_engine_adds_the_suite_to_the_repositorys_own_tests(tmp_path):
     # naming the repository's own tests runs them alone, and says the suite did not run
     proc = run(*pytest_cmd("--flow=root", "test_own.py"), cwd=tmp_path)
     assert proc.returncode == 0 and "1 passed" in proc.stdout
-    assert "the conformance suite did not run (engine reference from the ini option" in \
-        " ".join(proc.stdout.split())
+    assert "the conformance suite did not run (engine reference from the ini option" in " ".join(
+        proc.stdout.split()
+    )
 
 
 def _broken_entry_point(where: Path) -> str:
     """A third-party distribution whose kit.engines entry point cannot be imported."""
     info = where / "broken_engine_pkg-1.0.dist-info"
     info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-engine-pkg\n"
-                                   "Version: 1.0\n")
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-engine-pkg\nVersion: 1.0\n")
     (info / "entry_points.txt").write_text(
-        "[kit.engines]\nbroken-thing = no_such_module_for_kit_tests:register\n")
+        "[kit.engines]\nbroken-thing = no_such_module_for_kit_tests:register\n"
+    )
     return f"{where}{os.pathsep}{ROOT / 'tests'}"
 
 
 def test_a_broken_entry_point_is_a_warning_after_the_unknown_engine_error(tmp_path):
     path = _broken_entry_point(tmp_path / "site")
-    proc = run(sys.executable, "-m", "kit", "run", "--engine", "nosuch", "--flow", "root",
-               "--", "/bin/true", cwd=tmp_path, pythonpath=path)
+    proc = run(
+        sys.executable,
+        "-m",
+        "kit",
+        "run",
+        "--engine",
+        "nosuch",
+        "--flow",
+        "root",
+        "--",
+        "/bin/true",
+        cwd=tmp_path,
+        pythonpath=path,
+    )
     assert proc.returncode == 2
     err = proc.stderr
-    assert err.startswith("kit run: engine nosuch: registration: unknown engine 'nosuch'; "
-                          "known engines: ")
+    assert err.startswith(
+        "kit run: engine nosuch: registration: unknown engine 'nosuch'; known engines: "
+    )
     assert err.count("unknown engine 'nosuch'") == 1
-    assert ("warning: entry point broken-thing = no_such_module_for_kit_tests:register is "
-            "broken: ModuleNotFoundError") in err
+    assert (
+        "warning: entry point broken-thing = no_such_module_for_kit_tests:register is "
+        "broken: ModuleNotFoundError"
+    ) in err
     known = err.split("known engines: ", 1)[1].split("\n", 1)[0]
     assert "reference" in known and "mutant-" not in known
     assert one_screen(err)
@@ -100,40 +115,67 @@ def test_a_broken_entry_point_is_a_warning_after_the_unknown_engine_error(tmp_pa
 
 
 def test_kit_run_refuses_an_unknown_engine_config_field_before_any_process(tmp_path):
-    proc = run(sys.executable, "-m", "kit", "run", "--engine", "reference", "--flow", "root",
-               "--config", '{"nope": 1}', "--", "/bin/true", cwd=tmp_path)
+    proc = run(
+        sys.executable,
+        "-m",
+        "kit",
+        "run",
+        "--engine",
+        "reference",
+        "--flow",
+        "root",
+        "--config",
+        '{"nope": 1}',
+        "--",
+        "/bin/true",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
     assert proc.stderr.count("unknown field 'nope'") == 1, proc.stderr
     assert proc.stderr.startswith("kit run: engine reference: config: fix the engine config")
     assert one_screen(proc.stderr) and "stage 1" not in proc.stderr
 
 
-@pytest.mark.parametrize("engine, hook, text", [
-    ("DictConfigEngine", "config", "return an instance of a @dataclass subclass of "
-     "kit.EngineConfig from config() (every process calls it): it returned dict {}"),
-    ("SetConfigEngine", "config", "make every field of the engine config a JSON value"),
-    ("UnservableRPCEngine", "rpc_methods", "make _RPCNeedsMore(engine) constructible"),
-    ("EffectiveNotPermittedEngine", "prepare_config", "fix the StarterConfig that "
-     "prepare_config fills in the suid, userns, fakeroot, hybrid flows (stage 1, run as the "
-     "invoking user): the starter would refuse it: set_capabilities: effective capabilities "
-     "must be a subset of permitted"),
-])
-def test_preflight_stops_the_session_with_one_error_naming_engine_and_hook(tmp_path, engine,
-                                                                           hook, text):
+@pytest.mark.parametrize(
+    "engine, hook, text",
+    [
+        (
+            "DictConfigEngine",
+            "config",
+            "return an instance of a @dataclass subclass of "
+            "kit.EngineConfig from config() (every process calls it): it returned dict {}",
+        ),
+        ("SetConfigEngine", "config", "make every field of the engine config a JSON value"),
+        ("UnservableRPCEngine", "rpc_methods", "make _RPCNeedsMore(engine) constructible"),
+        (
+            "EffectiveNotPermittedEngine",
+            "prepare_config",
+            "fix the StarterConfig that "
+            "prepare_config fills in the suid, userns, fakeroot, hybrid flows (stage 1, run as the "
+            "invoking user): the starter would refuse it: set_capabilities: effective capabilities "
+            "must be a subset of permitted",
+        ),
+    ],
+)
+def test_preflight_stops_the_session_with_one_error_naming_engine_and_hook(
+    tmp_path, engine, hook, text
+):
     proc = run(*pytest_cmd(f"--engine=author_engines:{engine}"), cwd=tmp_path)
     assert proc.returncode == PYTEST_USAGE_ERROR
     out = " ".join((proc.stdout + proc.stderr).split())
     assert out.count("preflight of engine") == 1 and "no lifecycle was run" in out
     assert f": {hook}: {text}" in out
     assert "FAILED" not in out and "lifecycles" not in out
-    gate = run(str(GATE), f"--engine=author_engines:{engine}", "--out", str(tmp_path / "o"),
-               cwd=tmp_path)
+    gate = run(
+        str(GATE), f"--engine=author_engines:{engine}", "--out", str(tmp_path / "o"), cwd=tmp_path
+    )
     flat = " ".join(gate.stderr.split())
     assert gate.returncode == GATE_USAGE_ERROR and flat.count("preflight failed") == 1
     assert f": {hook}: {text}" in flat
 
 
 # --- preflight of the StarterConfig (kit.preflight.starter_configs) -----------------------------
+
 
 def _u():
     from kit.run.request import Invoker
@@ -156,8 +198,12 @@ def test_preflight_runs_prepare_config_as_the_invoking_user_with_no_new_privs(mo
     assert str(problems[0]).startswith(f"engine {spec}: prepare_config: fix the StarterConfig")
     # the root flow's prepare_config is never run here (it would run as root)
     assert preflight.starter_configs(spec, ["root"], u.uid, u.gid, u.groups) == []
-    assert preflight.starter_configs("reference", list(preflight.UNPRIVILEGED_FLOWS),
-                                     u.uid, u.gid, u.groups) == []
+    assert (
+        preflight.starter_configs(
+            "reference", list(preflight.UNPRIVILEGED_FLOWS), u.uid, u.gid, u.groups
+        )
+        == []
+    )
 
 
 def test_preflight_gives_no_verdict_on_a_prepare_config_that_hangs(monkeypatch):
@@ -169,31 +215,58 @@ def test_preflight_gives_no_verdict_on_a_prepare_config_that_hangs(monkeypatch):
     monkeypatch.setattr(preflight, "PREPARE_TIMEOUT", 0.5)
     u = _u()
     start = time.monotonic()
-    assert preflight.starter_configs("author_engines:HangingPrepareEngine", ["userns"],
-                                     u.uid, u.gid, u.groups) == []
+    assert (
+        preflight.starter_configs(
+            "author_engines:HangingPrepareEngine", ["userns"], u.uid, u.gid, u.groups
+        )
+        == []
+    )
     assert time.monotonic() - start < 5  # the child was killed at the deadline
 
 
 # --- engines named by import path (MODULE:ATTRIBUTE) ------------------------------------------
 
+
 def _front_end(which: str, spec: str, tmp_path: Path) -> tuple[list[str], int]:
     """The command that checks or runs engine ``spec``, and its usage-error exit code."""
     if which == "kit run":
-        return [sys.executable, "-m", "kit", "run", "--engine", spec, "--flow", "root", "--",
-                "/bin/true"], 2
+        return [
+            sys.executable,
+            "-m",
+            "kit",
+            "run",
+            "--engine",
+            spec,
+            "--flow",
+            "root",
+            "--",
+            "/bin/true",
+        ], 2
     if which == "pytest":
         return pytest_cmd(f"--engine={spec}", "--flow=root"), PYTEST_USAGE_ERROR
-    return [str(GATE), "--engine", spec, "--flow", "root", "--out",
-            str(tmp_path / "out")], GATE_USAGE_ERROR
+    return [
+        str(GATE),
+        "--engine",
+        spec,
+        "--flow",
+        "root",
+        "--out",
+        str(tmp_path / "out"),
+    ], GATE_USAGE_ERROR
 
 
 @pytest.mark.parametrize("which", ["kit run", "pytest", "ci/gate"])
-@pytest.mark.parametrize("spec, message", [
-    ("no_such_module_of_kit_tests:register",
-     "no module named 'no_such_module_of_kit_tests' on the import path"),
-    ("import_path_engines:regster", "has no attribute 'regster'"),
-    ("import_path_engines:registers_nothing", "it returned None and registered no engine"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (
+            "no_such_module_of_kit_tests:register",
+            "no module named 'no_such_module_of_kit_tests' on the import path",
+        ),
+        ("import_path_engines:regster", "has no attribute 'regster'"),
+        ("import_path_engines:registers_nothing", "it returned None and registered no engine"),
+    ],
+)
 def test_a_bad_import_path_is_one_message_in_every_front_end(tmp_path, which, spec, message):
     command, usage_error = _front_end(which, spec, tmp_path)
     proc = run(*command, cwd=tmp_path)
@@ -210,12 +283,28 @@ def test_an_import_path_engine_is_resolved_in_every_process_of_a_run(tmp_path):
     RPC server, container), each of which resolves it again: the callable returns the
     engine, no process has it registered beforehand."""
     ledger = tmp_path / "ledger.json"
-    proc = run(sys.executable, "-m", "kit", "run", "--engine", "import_path_engines:make_engine",
-               "--flow", "suid", "--ledger", str(ledger), "--", "/bin/sh", "-c", "exit 7",
-               cwd=tmp_path)
+    proc = run(
+        sys.executable,
+        "-m",
+        "kit",
+        "run",
+        "--engine",
+        "import_path_engines:make_engine",
+        "--flow",
+        "suid",
+        "--ledger",
+        str(ledger),
+        "--",
+        "/bin/sh",
+        "-c",
+        "exit 7",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 7, proc.stderr
     doc = json.loads(ledger.read_text())
     roles = {e["role"] for e in doc["events"] if e["kind"] == "hook_enter"}
     assert {"stage1", "master", "stage2"} <= roles
-    assert any(e["kind"] == "rpc_call" and e.get("method") == "import-path-returned.sethostname"
-               for e in doc["events"]), sorted({e["kind"] for e in doc["events"]})
+    assert any(
+        e["kind"] == "rpc_call" and e.get("method") == "import-path-returned.sethostname"
+        for e in doc["events"]
+    ), sorted({e["kind"] for e in doc["events"]})

@@ -15,8 +15,22 @@ def test_kit_bench_writes_the_medians_and_ratios_it_promises(tmp_path):
     if os.geteuid() != 0:
         pytest.skip("the bench runs the root flow and util-linux unshare")
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "bench.lifecycle", "--samples", "2", "--warmup", "0",
-                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.lifecycle",
+            "--samples",
+            "2",
+            "--warmup",
+            "0",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(out.read_text())
     cases = {"unshare", "ctypes_minimal", "full", "no_sandbox", "no_probes", "fake", "userns"}
@@ -26,22 +40,34 @@ def test_kit_bench_writes_the_medians_and_ratios_it_promises(tmp_path):
     assert set(doc["cpu_ms"]) == cases
     assert all(v > 0 for v in doc["medians"].values())
     assert all(v >= 0 for v in doc["cpu_ms"].values())
-    assert set(doc["ratios"]) == {"full_vs_runc", "no_probes_vs_runc", "full_vs_unshare",
-                                  "full_vs_minimal", "no_probes_vs_unshare", "fake_vs_full",
-                                  "sandbox_vs_no_sandbox", "sandbox_overhead",
-                                  "cpu_full_vs_runc", "cpu_no_probes_vs_runc", "cli_vs_python"}
+    assert set(doc["ratios"]) == {
+        "full_vs_runc",
+        "no_probes_vs_runc",
+        "full_vs_unshare",
+        "full_vs_minimal",
+        "no_probes_vs_unshare",
+        "fake_vs_full",
+        "sandbox_vs_no_sandbox",
+        "sandbox_overhead",
+        "cpu_full_vs_runc",
+        "cpu_no_probes_vs_runc",
+        "cli_vs_python",
+    }
     assert doc["cli"]["cli_ms"] > doc["cli"]["python_ms"] > 0
     assert doc["ratios"]["cli_vs_python"] == doc["cli"]["ratio"]
     if "runc" in cases:
         assert doc["ratios"]["full_vs_runc"] == pytest.approx(
-            doc["medians"]["full"] / doc["medians"]["runc"], abs=0.01)
+            doc["medians"]["full"] / doc["medians"]["runc"], abs=0.01
+        )
         assert doc["runc"]["version"].startswith("runc version")
     else:
         assert doc["ratios"]["full_vs_runc"] is None and doc["runc"]["skipped"]
     assert doc["ratios"]["sandbox_overhead"] == pytest.approx(
-        doc["sandbox_cost_ms"] / doc["medians"]["full"], abs=1e-3)
-    assert doc["sandbox_cost_ms"] == pytest.approx(doc["medians"]["full"]
-                                                   - doc["medians"]["no_sandbox"], abs=1e-3)
+        doc["sandbox_cost_ms"] / doc["medians"]["full"], abs=1e-3
+    )
+    assert doc["sandbox_cost_ms"] == pytest.approx(
+        doc["medians"]["full"] - doc["medians"]["no_sandbox"], abs=1e-3
+    )
     assert "host sandbox:" in proc.stdout
     assert doc["breakdown"]["marks_ms"]["payload exec'd"] is not None
     assert "prepare_config" in " ".join(doc["breakdown"]["hooks_ms"])
@@ -51,6 +77,7 @@ def test_kit_bench_writes_the_medians_and_ratios_it_promises(tmp_path):
 
 def test_static_true_exits_zero_without_a_libc(tmp_path):
     from bench import lifecycle as bench
+
     binary = bench.static_true()
     if binary is None:
         pytest.skip(f"the bench has no static true for {os.uname().machine}")
@@ -63,6 +90,7 @@ def test_static_true_exits_zero_without_a_libc(tmp_path):
 
 def test_runc_case_is_skipped_with_the_reason_when_runc_is_missing(monkeypatch):
     from bench import lifecycle as bench
+
     monkeypatch.setenv("PATH", "/nonexistent")
     case, info = bench.RuncCase.setup()
     assert case is None
@@ -71,9 +99,24 @@ def test_runc_case_is_skipped_with_the_reason_when_runc_is_missing(monkeypatch):
 
 def test_rpc_bench_compares_mock_and_socketpair(tmp_path):
     out = tmp_path / "rpc.json"
-    proc = subprocess.run([sys.executable, "-m", "bench.rpc", "--samples", "30", "--calls",
-                           "5", "--warmup", "5", "--json", str(out)], capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.rpc",
+            "--samples",
+            "30",
+            "--calls",
+            "5",
+            "--warmup",
+            "5",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(out.read_text())
     text = json.dumps(doc)

@@ -42,10 +42,12 @@ def test_the_mutated_line_and_its_number_come_from_the_diff():
 
 
 def test_annotations_are_found_only_where_they_are_never_evaluated():
-    source = ("from __future__ import annotations\n"
-              "x: int | None = None\n"
-              "def f(a: str | bytes, *, b: int = 1) -> dict | None:\n"
-              "    return a | b\n")
+    source = (
+        "from __future__ import annotations\n"
+        "x: int | None = None\n"
+        "def f(a: str | bytes, *, b: int = 1) -> dict | None:\n"
+        "    return a | b\n"
+    )
     spans = mutation.annotation_spans(source)
     assert ((2, 3), (2, 13)) in spans and ((3, 9), (3, 20)) in spans
     assert ((3, 28), (3, 31)) in spans and ((3, 40), (3, 51)) in spans
@@ -54,15 +56,23 @@ def test_annotations_are_found_only_where_they_are_never_evaluated():
 
 
 def test_a_survivor_gets_its_reviewed_verdict_or_unreviewed():
-    reviewed = [{"file": "kit/x.py", "operator": "op", "mutation": "a = 1", "reason": "why"},
-                {"file": "kit/x.py", "operator": "op", "mutation": "b = 1",
-                 "killed_by": "tests/t.py::test"}]
+    reviewed = [
+        {"file": "kit/x.py", "operator": "op", "mutation": "a = 1", "reason": "why"},
+        {
+            "file": "kit/x.py",
+            "operator": "op",
+            "mutation": "b = 1",
+            "killed_by": "tests/t.py::test",
+        },
+    ]
     survivor = {"file": "kit/x.py", "line": 3, "operator": "op", "mutation": "a = 1"}
     assert mutation.reviewed(reviewed, survivor) == {"reason": "why"}
     assert mutation.reviewed(reviewed, {**survivor, "mutation": "b = 1"}) == {
-        "killed_by": "tests/t.py::test"}
+        "killed_by": "tests/t.py::test"
+    }
     assert mutation.reviewed(reviewed, {**survivor, "operator": "other"}) == {
-        "reason": "unreviewed"}
+        "reason": "unreviewed"
+    }
 
 
 def test_every_module_has_tests_that_exist_and_the_reviewed_list_is_well_formed():
@@ -70,6 +80,7 @@ def test_every_module_has_tests_that_exist_and_the_reviewed_list_is_well_formed(
         assert (ROOT / module).is_file(), module
         assert all((ROOT / t).is_file() for t in tests), tests
     import json
+
     for entry in json.loads(mutation.EQUIVALENT.read_text()):
         # each survivor either has the reason it is equivalent or names the test that kills it
         verdict = {"reason", "killed_by"} & set(entry)

@@ -32,8 +32,9 @@ def test_github_actions_runs_a_matrix_of_flow_shards_and_merges_them():
     upload = next(s for s in shard["steps"] if s.get("uses", "").startswith("actions/upload"))
     assert "${{ strategy.job-index }}" in upload["with"]["name"] and upload["if"] == "always()"
     assert merge["needs"] == "conformance" and merge["if"] == "always()"
-    download = next(s for s in merge["steps"]
-                    if s.get("uses", "").startswith("actions/download-artifact"))
+    download = next(
+        s for s in merge["steps"] if s.get("uses", "").startswith("actions/download-artifact")
+    )
     assert download["with"]["pattern"] == upload["with"]["name"].split("$")[0] + "*"
     merged = "\n".join(step.get("run", "") for step in merge["steps"])
     assert f"report --merge {download['with']['path']}/*/conformance.json" in merged

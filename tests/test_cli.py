@@ -17,14 +17,26 @@ from kit.starter.config import FLOWS
 
 
 def kit(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kit", *args], capture_output=True, text=True,
-                          timeout=120, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "kit", *args], capture_output=True, text=True, timeout=120, **kwargs
+    )
 
 
 def test_run_exits_with_the_payloads_code_and_writes_the_ledger(flow, tmp_path):
     ledger = tmp_path / "ledger.json"
-    proc = kit("run", "--engine", "reference", "--flow", flow, "--ledger", str(ledger), "--",
-               "/bin/sh", "-c", "exit 7")
+    proc = kit(
+        "run",
+        "--engine",
+        "reference",
+        "--flow",
+        flow,
+        "--ledger",
+        str(ledger),
+        "--",
+        "/bin/sh",
+        "-c",
+        "exit 7",
+    )
     assert proc.returncode == 7, proc.stderr
     doc = json.loads(ledger.read_text())
     hooks = [(e["role"], e["hook"]) for e in doc["events"] if e["kind"] == "hook_enter"]
@@ -33,8 +45,17 @@ def test_run_exits_with_the_payloads_code_and_writes_the_ledger(flow, tmp_path):
 
 
 def test_run_reports_engine_errors_on_stderr():
-    proc = kit("run", "--engine", "reference", "--flow", "root", "--config",
-               '{"hostname": ""}', "--", "/bin/true")
+    proc = kit(
+        "run",
+        "--engine",
+        "reference",
+        "--flow",
+        "root",
+        "--config",
+        '{"hostname": ""}',
+        "--",
+        "/bin/true",
+    )
     assert proc.returncode == 255
     assert "prepare_config raised ConfigError: hostname" in proc.stderr
 
@@ -42,8 +63,9 @@ def test_run_reports_engine_errors_on_stderr():
 def test_run_rejects_unknown_engine_and_bad_config():
     proc = kit("run", "--engine", "nope", "--flow", "root", "--", "/bin/true")
     assert proc.returncode == 2 and "unknown engine 'nope'" in proc.stderr
-    proc = kit("run", "--engine", "reference", "--flow", "root", "--config", "[1]", "--",
-               "/bin/true")
+    proc = kit(
+        "run", "--engine", "reference", "--flow", "root", "--config", "[1]", "--", "/bin/true"
+    )
     assert proc.returncode == 2 and "--config" in proc.stderr
 
 
@@ -51,8 +73,7 @@ def test_flows_lists_every_flow_with_a_reason():
     proc = kit("flows")
     assert proc.returncode == 0
     lines = proc.stdout.split("\n\n")[0].splitlines()  # then a user namespace note, if any
-    assert [line.split()[0] for line in lines] == ["root", "suid", "hybrid", "userns",
-                                                   "fakeroot"]
+    assert [line.split()[0] for line in lines] == ["root", "suid", "hybrid", "userns", "fakeroot"]
     assert all(len(line.split(None, 2)) == 3 for line in lines)
 
 
@@ -73,9 +94,25 @@ def test_help_names_the_subcommands():
 def test_a_run_forks_its_supervisor_from_the_cli_process_itself():
     # The payload waits on its stdin (the CLI's, handed through) while the test looks at the
     # CLI's children: the run's supervisor, and no zygote (a second interpreter).
-    proc = subprocess.Popen([sys.executable, "-m", "kit", "run", "--engine", "reference",
-                             "--flow", "root", "--", "/bin/sh", "-c", "read line; exit 3"],
-                            stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kit",
+            "run",
+            "--engine",
+            "reference",
+            "--flow",
+            "root",
+            "--",
+            "/bin/sh",
+            "-c",
+            "read line; exit 3",
+        ],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         names: list[str] = []
         deadline = time.monotonic() + 60
@@ -111,8 +148,11 @@ def test_fork_here_refuses_a_process_with_other_threads():
     helper = threading.Thread(target=release.wait)
     helper.start()
     try:
-        with pytest.raises(LaunchError, match=r"single-threaded launcher, this process has "
-                                              r"\d+ threads"):
+        with pytest.raises(
+            LaunchError,
+            match=r"single-threaded launcher, this process has "
+            r"\d+ threads",
+        ):
             start("reference", "root", ["/bin/true"], fork_here=True)
     finally:
         release.set()
@@ -122,8 +162,18 @@ def test_fork_here_refuses_a_process_with_other_threads():
 def test_probes_run_only_when_the_ledger_is_kept_unless_asked(tmp_path):
     def snapshots(*options: str) -> int:
         ledger = tmp_path / "ledger.json"
-        proc = kit("run", "--engine", "reference", "--flow", "root", "--ledger", str(ledger),
-                   *options, "--", "/bin/true")
+        proc = kit(
+            "run",
+            "--engine",
+            "reference",
+            "--flow",
+            "root",
+            "--ledger",
+            str(ledger),
+            *options,
+            "--",
+            "/bin/true",
+        )
         assert proc.returncode == 0, proc.stderr
         return sum(1 for e in json.loads(ledger.read_text())["events"] if e.get("snapshot"))
 
@@ -158,9 +208,16 @@ def test_auto_probes_only_the_flow_asked_for(monkeypatch):
 
 def test_fork_here_reports_an_engine_it_cannot_load_as_a_launch_error():
     proc = subprocess.run(
-        [sys.executable, "-c", "from kit.run.launcher import LaunchError, start\n"
-         "try:\n    start('no-such-engine', 'root', ['/bin/true'], fork_here=True)\n"
-         "except LaunchError as exc:\n    print('LaunchError:', exc)\n"],
-        capture_output=True, text=True, timeout=60)
+        [
+            sys.executable,
+            "-c",
+            "from kit.run.launcher import LaunchError, start\n"
+            "try:\n    start('no-such-engine', 'root', ['/bin/true'], fork_here=True)\n"
+            "except LaunchError as exc:\n    print('LaunchError:', exc)\n",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("LaunchError: RegistryError:") and "no-such-engine" in proc.stdout

@@ -67,20 +67,23 @@ def _results(doc: dict) -> dict[tuple[str, str], dict]:
 
 def _mutant(tester: InnerPytest, module: str, name: str, body: str) -> str:
     """A module registering a variant of the reference engine; returns its engine spec."""
-    source = "\n".join([
-        "from kit.registry import register_operations, register_rpc_methods, registered",
-        "from reference_engines.minimal import ReferenceEngine, ReferenceRPC",
-        "",
-        "",
-        "class Mutant(ReferenceEngine):",
-        textwrap.indent(textwrap.dedent(body).strip(), "    "),
-        "",
-        "",
-        "def register():",
-        f"    if {name!r} not in registered():",
-        f"        register_operations({name!r}, Mutant)",
-        f"        register_rpc_methods({name!r}, ReferenceRPC)",
-        ""])
+    source = "\n".join(
+        [
+            "from kit.registry import register_operations, register_rpc_methods, registered",
+            "from reference_engines.minimal import ReferenceEngine, ReferenceRPC",
+            "",
+            "",
+            "class Mutant(ReferenceEngine):",
+            textwrap.indent(textwrap.dedent(body).strip(), "    "),
+            "",
+            "",
+            "def register():",
+            f"    if {name!r} not in registered():",
+            f"        register_operations({name!r}, Mutant)",
+            f"        register_rpc_methods({name!r}, ReferenceRPC)",
+            "",
+        ]
+    )
     tester.makepyfile(**{module: source})
     return f"{module}:register"
 
@@ -93,6 +96,7 @@ def monitor_container(self, pid, signals):
 
 
 # --- activation and options ------------------------------------------------------------------
+
 
 def test_without_an_engine_the_plugin_does_nothing(tester):
     tester.makepyfile(test_plain="def test_plain():\n    pass\n")
@@ -137,7 +141,8 @@ def test_the_environment_variable_is_used_last(tester, monkeypatch):
     result = tester.runpytest("--co")
     assert result.ret == 0
     result.stdout.fnmatch_lines(
-        ["conformance: engine 'reference' from the environment variable CONFORMANCE_ENGINE*"])
+        ["conformance: engine 'reference' from the environment variable CONFORMANCE_ENGINE*"]
+    )
 
 
 def test_an_unknown_engine_fails_at_once_listing_the_known_ones(tester):
@@ -154,8 +159,9 @@ def test_an_unknown_backend_is_a_usage_error_naming_the_known_ones(tester):
 
 
 def test_the_fake_backend_runs_every_flow_and_says_so(tester):
-    result = tester.runpytest("--engine=reference", "--backend=fake", "-k", "ORDER-003",
-                              "--conformance-report=r.json")
+    result = tester.runpytest(
+        "--engine=reference", "--backend=fake", "-k", "ORDER-003", "--conformance-report=r.json"
+    )
     assert result.ret == 0
     results = _results(_report(tester.path / "r.json"))
     assert {flow for (_, flow) in results} == {"root", "suid", "userns", "fakeroot", "hybrid"}
@@ -165,8 +171,9 @@ def test_the_fake_backend_runs_every_flow_and_says_so(tester):
 
 def test_auto_uses_the_fake_backend_for_a_flow_the_machine_cannot_run(tester, monkeypatch):
     _not_runnable(monkeypatch, "userns")
-    result = tester.runpytest("--engine=reference", "--flow=root,userns", "-k", "ORDER-003",
-                              "--conformance-report=r.json")
+    result = tester.runpytest(
+        "--engine=reference", "--flow=root,userns", "-k", "ORDER-003", "--conformance-report=r.json"
+    )
     assert result.ret == 0
     results = _results(_report(tester.path / "r.json"))
     assert results[("ORDER-003", "root")]["backend"] == "real"
@@ -175,8 +182,9 @@ def test_auto_uses_the_fake_backend_for_a_flow_the_machine_cannot_run(tester, mo
 
 
 def test_flows_are_given_repeated_or_comma_separated(tester):
-    result = tester.runpytest("--engine=reference", "--co", "-q", "--flow", "root,suid",
-                              "--flow=userns")
+    result = tester.runpytest(
+        "--engine=reference", "--co", "-q", "--flow", "root,suid", "--flow=userns"
+    )
     lines = [line for line in result.stdout.lines if "::test_" in line]
     flows = {line.rsplit("[", 1)[1].rstrip("]") for line in lines}
     assert flows == {"root", "suid", "userns"}
@@ -198,6 +206,7 @@ def test_requirement_ids_select_tests_with_k(tester):
 
 # --- outcomes -----------------------------------------------------------------------------------
 
+
 def _not_runnable(monkeypatch, flow: str) -> None:
     flows = dict(kit.run.environment.flows())
     flows[flow] = (False, "pretend: no user namespaces here")
@@ -206,8 +215,14 @@ def _not_runnable(monkeypatch, flow: str) -> None:
 
 def test_a_flow_the_machine_cannot_run_is_not_configured_with_its_reason(tester, monkeypatch):
     _not_runnable(monkeypatch, "userns")
-    result = tester.runpytest("--engine=reference", "--backend=real", "--flow=userns", "-k",
-                              "ORDER-003", "--conformance-report=r.json")
+    result = tester.runpytest(
+        "--engine=reference",
+        "--backend=real",
+        "--flow=userns",
+        "-k",
+        "ORDER-003",
+        "--conformance-report=r.json",
+    )
     assert result.ret == 0
     result.assert_outcomes(skipped=1)
     entry = _results(_report(tester.path / "r.json"))[("ORDER-003", "userns")]
@@ -218,8 +233,15 @@ def test_a_flow_the_machine_cannot_run_is_not_configured_with_its_reason(tester,
 @pytest.mark.parametrize("option", ["--strict", "--conformance-strict"])
 def test_strict_mode_turns_an_environment_skip_into_a_failure(tester, monkeypatch, option):
     _not_runnable(monkeypatch, "userns")
-    result = tester.runpytest("--engine=reference", "--backend=real", "--flow=userns", "-k",
-                              "ORDER-003", option, "--conformance-report=r.json")
+    result = tester.runpytest(
+        "--engine=reference",
+        "--backend=real",
+        "--flow=userns",
+        "-k",
+        "ORDER-003",
+        option,
+        "--conformance-report=r.json",
+    )
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.stdout.fnmatch_lines(["*strict on*"])
     entry = _results(_report(tester.path / "r.json"))[("ORDER-003", "userns")]
@@ -228,8 +250,13 @@ def test_strict_mode_turns_an_environment_skip_into_a_failure(tester, monkeypatc
 
 
 def test_a_missing_capability_is_not_supported_never_passed(tester):
-    result = tester.runpytest("--engine=reference", "--flow=root", "-k", "ERR-002 or JOIN-001",
-                              "--conformance-report=r.json")
+    result = tester.runpytest(
+        "--engine=reference",
+        "--flow=root",
+        "-k",
+        "ERR-002 or JOIN-001",
+        "--conformance-report=r.json",
+    )
     assert result.ret == 0
     results = _results(_report(tester.path / "r.json"))
     assert results[("JOIN-001", "root")]["outcome"] == "not-supported"
@@ -243,8 +270,9 @@ def test_a_harness_error_is_broken_not_failed(tester, monkeypatch):
         raise kit.run.launcher.LaunchError("pretend: the supervisor could not start")
 
     monkeypatch.setattr(kit.run.launcher, "run", launch_fails)
-    result = tester.runpytest("--engine=reference", "--flow=root", "-k", "ORDER-003",
-                              "--conformance-report=r.json")
+    result = tester.runpytest(
+        "--engine=reference", "--flow=root", "-k", "ORDER-003", "--conformance-report=r.json"
+    )
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     entry = _results(_report(tester.path / "r.json"))[("ORDER-003", "root")]
     assert entry["outcome"] == "broken"
@@ -253,18 +281,21 @@ def test_a_harness_error_is_broken_not_failed(tester, monkeypatch):
 
 def test_a_failure_names_requirement_expected_observed_flow_role_and_event(tester):
     spec = _mutant(tester, "mutant_exit_a", "wrong-exit-a", WRONG_EXIT)
-    result = tester.runpytest(f"--engine={spec}", "--flow=root", "-k", "EXIT-001",
-                              "--conformance-report=r.json")
+    result = tester.runpytest(
+        f"--engine={spec}", "--flow=root", "-k", "EXIT-001", "--conformance-report=r.json"
+    )
     assert result.ret == pytest.ExitCode.TESTS_FAILED
-    result.stdout.fnmatch_lines([
-        "EXIT-001 [[]MUST] SPEC §2 rule 8, §7: The run's exit code equals the payload's exit"
-        " code.",
-        "  flow: root   role: master",
-        "  expected: exit code 7 (a payload that exits 7)",
-        "  observed: exit code 0 (exited)",
-        "  ledger event: #* exit role=supervisor pid=* tid=*",
-        "  run: root/exit-code: exit 0 (exited)",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "EXIT-001 [[]MUST] SPEC §2 rule 8, §7: The run's exit code equals the payload's exit"
+            " code.",
+            "  flow: root   role: master",
+            "  expected: exit code 7 (a payload that exits 7)",
+            "  observed: exit code 0 (exited)",
+            "  ledger event: #* exit role=supervisor pid=* tid=*",
+            "  run: root/exit-code: exit 0 (exited)",
+        ]
+    )
     entry = _results(_report(tester.path / "r.json"))[("EXIT-001", "root")]
     assert entry["outcome"] == "failed"
     assert "expected: exit code 7" in entry["message"]
@@ -272,9 +303,13 @@ def test_a_failure_names_requirement_expected_observed_flow_role_and_event(teste
 
 
 def test_a_cooperating_engine_gets_its_error_paths_checked(tester):
-    result = tester.runpytest("--engine=conformance.cooperation:register_reference",
-                              "--flow=root", "-k", "ERR-003 or ERR-006 or JOIN-002",
-                              "--conformance-report=r.json")
+    result = tester.runpytest(
+        "--engine=conformance.cooperation:register_reference",
+        "--flow=root",
+        "-k",
+        "ERR-003 or ERR-006 or JOIN-002",
+        "--conformance-report=r.json",
+    )
     assert result.ret == 0, result.stdout.str()
     doc = _report(tester.path / "r.json")
     results = _results(doc)
@@ -289,17 +324,23 @@ def test_a_cooperating_engine_gets_its_error_paths_checked(tester):
 
 # --- known failures ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("content, message", [
-    ("EXIT-001[root]\n", "*every known failure needs a reason*"),
-    ("EXIT-001[root]:   \n", "*every known failure needs a reason*"),
-    ("EXIT-999: whatever\n", "*unknown requirement 'EXIT-999'*"),
-    ("EXIT-001[rootless]: whatever\n", "*unknown flow(s) rootless*"),
-    ("RPC-007: no test can decide it\n", "*RPC-007[[]root] matches no test of the suite*"),
-    ("JOIN-001[userns]: join-only runs exist in root and suid only\n",
-     "*JOIN-001[[]userns] matches no test*"),
-    ("EXIT-001: a\nEXIT-001[root]: b\n", "*EXIT-001[[]root] is already listed at line 1*"),
-    ("this is not an entry\n", "*cannot parse*"),
-])
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("EXIT-001[root]\n", "*every known failure needs a reason*"),
+        ("EXIT-001[root]:   \n", "*every known failure needs a reason*"),
+        ("EXIT-999: whatever\n", "*unknown requirement 'EXIT-999'*"),
+        ("EXIT-001[rootless]: whatever\n", "*unknown flow(s) rootless*"),
+        ("RPC-007: no test can decide it\n", "*RPC-007[[]root] matches no test of the suite*"),
+        (
+            "JOIN-001[userns]: join-only runs exist in root and suid only\n",
+            "*JOIN-001[[]userns] matches no test*",
+        ),
+        ("EXIT-001: a\nEXIT-001[root]: b\n", "*EXIT-001[[]root] is already listed at line 1*"),
+        ("this is not an entry\n", "*cannot parse*"),
+    ],
+)
 def test_an_invalid_known_failures_file_is_a_usage_error(tester, content, message):
     tester.path.joinpath("known.txt").write_text(content)
     result = tester.runpytest("--engine=reference", "--known-failures=known.txt")
@@ -310,9 +351,16 @@ def test_an_invalid_known_failures_file_is_a_usage_error(tester, content, messag
 def test_a_known_failure_that_fails_is_xfail_with_its_reason(tester):
     spec = _mutant(tester, "mutant_exit_b", "wrong-exit-b", WRONG_EXIT)
     tester.path.joinpath("known.txt").write_text(
-        "# known failures of wrong-exit-b\nEXIT-001[root]: monitor_container returns 0\n")
-    result = tester.runpytest(f"--engine={spec}", "--flow=root", "-k", "EXIT-001",
-                              "--known-failures=known.txt", "--conformance-report=r.json")
+        "# known failures of wrong-exit-b\nEXIT-001[root]: monitor_container returns 0\n"
+    )
+    result = tester.runpytest(
+        f"--engine={spec}",
+        "--flow=root",
+        "-k",
+        "EXIT-001",
+        "--known-failures=known.txt",
+        "--conformance-report=r.json",
+    )
     assert result.ret == 0
     result.assert_outcomes(xfailed=1)
     doc = _report(tester.path / "r.json")
@@ -324,8 +372,14 @@ def test_a_known_failure_that_fails_is_xfail_with_its_reason(tester):
 
 def test_a_known_failure_that_passes_is_reported(tester):
     tester.path.joinpath("known.txt").write_text("ORDER-003: pretend it fails\n")
-    result = tester.runpytest("--engine=reference", "--flow=root", "-k", "ORDER-003",
-                              "--known-failures=known.txt", "--conformance-report=r.json")
+    result = tester.runpytest(
+        "--engine=reference",
+        "--flow=root",
+        "-k",
+        "ORDER-003",
+        "--known-failures=known.txt",
+        "--conformance-report=r.json",
+    )
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.stdout.fnmatch_lines(["*ORDER-003: unexpected pass*remove the entry*"])
     entry = _results(_report(tester.path / "r.json"))[("ORDER-003", "root")]
@@ -334,9 +388,11 @@ def test_a_known_failure_that_passes_is_reported(tester):
 
 # --- the report ---------------------------------------------------------------------------------
 
+
 def test_the_json_report_follows_its_schema(tester):
-    result = tester.runpytest("--engine=reference", "--flow=root",
-                              "--conformance-report=out/report.json")
+    result = tester.runpytest(
+        "--engine=reference", "--flow=root", "--conformance-report=out/report.json"
+    )
     assert result.ret == 0, result.stdout.str()
     doc = _report(tester.path / "out" / "report.json")
     assert doc["schema_version"] == report.SCHEMA_VERSION
@@ -361,15 +417,17 @@ def test_the_json_report_follows_its_schema(tester):
 
 
 def test_junit_xml_carries_the_requirement_ids(tester):
-    result = tester.runpytest("--engine=reference", "--flow=root", "-k", "ORDER-003 or NS-001",
-                              "--junitxml=junit.xml")
+    result = tester.runpytest(
+        "--engine=reference", "--flow=root", "-k", "ORDER-003 or NS-001", "--junitxml=junit.xml"
+    )
     assert result.ret == 0
     cases = ET.parse(tester.path / "junit.xml").getroot().iter("testcase")
     properties = {}
     for case in cases:
         for prop in case.iter("property"):
-            properties.setdefault(case.get("name"), []).append((prop.get("name"),
-                                                               prop.get("value")))
+            properties.setdefault(case.get("name"), []).append(
+                (prop.get("name"), prop.get("value"))
+            )
     assert len(properties) == 2
     for name, props in properties.items():
         assert ("flow", "root") in props and ("backend", "real") in props
@@ -383,8 +441,9 @@ def test_xdist_gives_the_same_results_as_one_process(tester):
     tester.runpytest_subprocess(*args, "--conformance-report=one.json")
     tester.runpytest_subprocess(*args, "-n", "2", "--conformance-report=two.json")
     docs = [_report(tester.path / name) for name in ("one.json", "two.json")]
-    keys = [{(r["requirement"], r["flow"], r["test"]): r["outcome"] for r in d["results"]}
-            for d in docs]
+    keys = [
+        {(r["requirement"], r["flow"], r["test"]): r["outcome"] for r in d["results"]} for d in docs
+    ]
     assert keys[0] == keys[1]
     # each lifecycle ran once, on one worker, and its ledger reached the controller
     ids = [r["id"] for r in docs[1]["runs"]]
@@ -394,12 +453,20 @@ def test_xdist_gives_the_same_results_as_one_process(tester):
 
 # --- the catalogue -------------------------------------------------------------------------------
 
+
 def test_the_catalogue_command_prints_every_requirement_with_its_tests():
-    out = subprocess.run([sys.executable, "-m", "conformance", "catalogue"], cwd="/",
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "conformance", "catalogue"],
+        cwd="/",
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     for req in CATALOGUE.values():
         assert f"| {req.id} | {req.level} | {req.subject} | {req.text} |" in out
     assert "## Lifecycle order and counts" in out
-    assert "`test_lifecycle_order.py::test_each_process_calls_config_then_init_config_once" \
-           "_before_any_other_hook`" in out
+    assert (
+        "`test_lifecycle_order.py::test_each_process_calls_config_then_init_config_once"
+        "_before_any_other_hook`" in out
+    )
     assert "not checked: a property of the kit's RPC transport" in out

@@ -22,12 +22,26 @@ def _with_helper(snap, **changes):
 
 def test_a_master_helper_thread_with_effective_capabilities_breaks_priv_master_002():
     clean = snapshot(uid=(U, U, 0, U), prm=("CAP_SYS_ADMIN",))
-    run = make_run("suid", [
-        hook("hook_enter", "master", "create_container", clean, tid=10,
-             escalation={"host_escalation": True}),
-        hook("hook_return", "master", "create_container",
-             _with_helper(clean, effective=["CAP_SYS_ADMIN"]), tid=10),
-    ])
+    run = make_run(
+        "suid",
+        [
+            hook(
+                "hook_enter",
+                "master",
+                "create_container",
+                clean,
+                tid=10,
+                escalation={"host_escalation": True},
+            ),
+            hook(
+                "hook_return",
+                "master",
+                "create_container",
+                _with_helper(clean, effective=["CAP_SYS_ADMIN"]),
+                tid=10,
+            ),
+        ],
+    )
     verify = checks.Verifier("suid", ["PRIV-MASTER-002"], "t")
     checks.check_privileges(verify, run, "PRIV-MASTER-002")
     (violation,) = verify.violations["PRIV-MASTER-002"]
@@ -35,27 +49,39 @@ def test_a_master_helper_thread_with_effective_capabilities_breaks_priv_master_0
 
 
 def _rpc_call(before, after, method="reference.mkdir", tid=10):
-    return {"kind": "rpc_call", "role": "rpc", "method": method, "tid": tid, "ok": True,
-            "creds": {"before": before, "after": after}}
+    return {
+        "kind": "rpc_call",
+        "role": "rpc",
+        "method": method,
+        "tid": tid,
+        "ok": True,
+        "creds": {"before": before, "after": after},
+    }
 
 
 def _creds(snap):
     me = snap["threads"][0]
-    return {**{k: me[k] for k in ("uid", "gid", "groups", "caps", "no_new_privs", "seccomp")},
-            "root": [1, 2],
-            "threads": snap["threads"], "uid_map": snap["uid_map"],
-            "securebits": snap["securebits"]}
+    return {
+        **{k: me[k] for k in ("uid", "gid", "groups", "caps", "no_new_privs", "seccomp")},
+        "root": [1, 2],
+        "threads": snap["threads"],
+        "uid_map": snap["uid_map"],
+        "securebits": snap["securebits"],
+    }
 
 
 def test_a_thread_with_euid_0_after_an_rpc_method_breaks_priv_rpc_001():
     server = snapshot(uid=(U, U, 0, U), eff=("CAP_SYS_ADMIN",), prm=("CAP_SYS_ADMIN",))
     after = _with_helper(server, uid=[U, 0, 0, 0])
-    run = make_run("suid", [
-        hook("hook_enter", "rpc", "config", server),
-        hook("hook_return", "rpc", "config", server),
-        _rpc_call(_creds(server), _creds(server)),
-        _rpc_call(_creds(server), _creds(after), method="reference.mount"),
-    ])
+    run = make_run(
+        "suid",
+        [
+            hook("hook_enter", "rpc", "config", server),
+            hook("hook_return", "rpc", "config", server),
+            _rpc_call(_creds(server), _creds(server)),
+            _rpc_call(_creds(server), _creds(after), method="reference.mount"),
+        ],
+    )
     verify = checks.Verifier("suid", ["PRIV-RPC-001"], "t")
     checks.check_privileges(verify, run, "PRIV-RPC-001")
     assert verify.checks["PRIV-RPC-001"] == 6  # two hooks, two methods × entry and return
@@ -74,11 +100,13 @@ def test_a_creds_record_without_every_thread_is_not_taken_as_the_whole_process()
 
 def test_an_rpc_method_that_leaves_any_field_of_the_credential_changed_breaks_priv_rpc_004():
     server = snapshot(uid=(0, 0, 0, 0))
-    for changed, seen in ((dict(uid=[0, 0, 0, 65534]), "uid [0, 0, 0, 0] -> [0, 0, 0, 65534]"),
-                          (dict(groups=[27]), "groups [] -> [27]"),
-                          (dict(ambient=["CAP_CHOWN"]), "caps.ambient [] -> [CAP_CHOWN]"),
-                          (dict(no_new_privs=True), "no_new_privs False -> True"),
-                          (dict(seccomp=2), "seccomp 0 -> 2")):
+    for changed, seen in (
+        (dict(uid=[0, 0, 0, 65534]), "uid [0, 0, 0, 0] -> [0, 0, 0, 65534]"),
+        (dict(groups=[27]), "groups [] -> [27]"),
+        (dict(ambient=["CAP_CHOWN"]), "caps.ambient [] -> [CAP_CHOWN]"),
+        (dict(no_new_privs=True), "no_new_privs False -> True"),
+        (dict(seccomp=2), "seccomp 0 -> 2"),
+    ):
         after = _with_helper(server)
         thread = {**after["threads"][0]}
         for key, value in changed.items():
@@ -101,30 +129,60 @@ def test_an_rpc_method_that_leaves_any_field_of_the_credential_changed_breaks_pr
 def test_a_method_that_renumbers_threads_is_still_compared_on_its_serving_thread():
     """A method that mounts a new /proc changes the tids the records use: the serving
     thread's own fields are compared all the same (mutant-rpc-method-keeps-caps)."""
-    server = snapshot(uid=(U, U, 0, U), eff=("CAP_SYS_ADMIN",), prm=("CAP_SYS_ADMIN",
-                                                                       "CAP_CHOWN"))
-    raised = snapshot(uid=(U, U, 0, U), eff=("CAP_CHOWN", "CAP_SYS_ADMIN"),
-                      prm=("CAP_SYS_ADMIN", "CAP_CHOWN"), tid=2)
+    server = snapshot(uid=(U, U, 0, U), eff=("CAP_SYS_ADMIN",), prm=("CAP_SYS_ADMIN", "CAP_CHOWN"))
+    raised = snapshot(
+        uid=(U, U, 0, U),
+        eff=("CAP_CHOWN", "CAP_SYS_ADMIN"),
+        prm=("CAP_SYS_ADMIN", "CAP_CHOWN"),
+        tid=2,
+    )
     run = make_run("suid", [_rpc_call(_creds(server), _creds(raised), method="x.mount")])
     verify = checks.Verifier("suid", ["PRIV-RPC-004"], "t")
     checks.check_rpc_methods_restore_credentials(verify, run, "PRIV-RPC-004")
     (violation,) = verify.violations["PRIV-RPC-004"]
-    assert violation.observed == ("thread 10 ('serving the method'): caps.effective "
-                                  "[CAP_SYS_ADMIN] -> [CAP_CHOWN, CAP_SYS_ADMIN]")
+    assert violation.observed == (
+        "thread 10 ('serving the method'): caps.effective "
+        "[CAP_SYS_ADMIN] -> [CAP_CHOWN, CAP_SYS_ADMIN]"
+    )
 
 
-def _thread(uid=(U, U, U, U), gid=(G, G, G, G), groups=(), inh=(), prm=(), eff=(), amb=(),
-            bnd=("CAP_CHOWN", "CAP_KILL"), nnp=False, seccomp=0):
-    return {"tid": 1, "uid": list(uid), "gid": list(gid), "groups": list(groups),
-            "caps": {"effective": list(eff), "permitted": list(prm), "inheritable": list(inh),
-                     "bounding": list(bnd), "ambient": list(amb)},
-            "no_new_privs": nnp, "seccomp": seccomp}
+def _thread(
+    uid=(U, U, U, U),
+    gid=(G, G, G, G),
+    groups=(),
+    inh=(),
+    prm=(),
+    eff=(),
+    amb=(),
+    bnd=("CAP_CHOWN", "CAP_KILL"),
+    nnp=False,
+    seccomp=0,
+):
+    return {
+        "tid": 1,
+        "uid": list(uid),
+        "gid": list(gid),
+        "groups": list(groups),
+        "caps": {
+            "effective": list(eff),
+            "permitted": list(prm),
+            "inheritable": list(inh),
+            "bounding": list(bnd),
+            "ambient": list(amb),
+        },
+        "no_new_privs": nnp,
+        "seccomp": seccomp,
+    }
 
 
 def test_exec_derives_the_payload_credential_from_stage_2s():
     root = _thread(uid=(0, 0, 0, 0), gid=(0, 0, 0, 0), prm=("CAP_CHOWN",), eff=("CAP_CHOWN",))
-    payload = _thread(uid=(0, 0, 0, 0), gid=(0, 0, 0, 0), prm=("CAP_CHOWN", "CAP_KILL"),
-                      eff=("CAP_CHOWN", "CAP_KILL"))
+    payload = _thread(
+        uid=(0, 0, 0, 0),
+        gid=(0, 0, 0, 0),
+        prm=("CAP_CHOWN", "CAP_KILL"),
+        eff=("CAP_CHOWN", "CAP_KILL"),
+    )
     assert checks.exec_changes(root, payload, 0) == []  # root: permitted = bounding at exec
     assert checks.exec_changes(root, payload, 1) != []  # SECBIT_NOROOT: nothing from root
     user = _thread(uid=(U, U, 0, 7), prm=("CAP_KILL",))
@@ -133,12 +191,16 @@ def test_exec_derives_the_payload_credential_from_stage_2s():
 
 def test_start_process_changing_any_part_of_the_credential_breaks_priv_payload_003():
     stage2 = _thread()
-    for payload, seen in ((_thread(groups=(27,)), "groups [27]"),
-                          (_thread(gid=(G, 0, 0, 0)), "gid"),
-                          (_thread(nnp=True), "no_new_privs True"),
-                          (_thread(seccomp=2), "seccomp 2"),
-                          (_thread(amb=("CAP_KILL",), prm=("CAP_KILL",), eff=("CAP_KILL",)),
-                           "ambient capabilities [CAP_KILL]")):
+    for payload, seen in (
+        (_thread(groups=(27,)), "groups [27]"),
+        (_thread(gid=(G, 0, 0, 0)), "gid"),
+        (_thread(nnp=True), "no_new_privs True"),
+        (_thread(seccomp=2), "seccomp 2"),
+        (
+            _thread(amb=("CAP_KILL",), prm=("CAP_KILL",), eff=("CAP_KILL",)),
+            "ambient capabilities [CAP_KILL]",
+        ),
+    ):
         changes = checks.exec_changes(stage2, payload, 0)
         assert changes and any(c.startswith(seen) for c in changes), (seen, changes)
 
@@ -158,29 +220,39 @@ class _Config:
 
 
 def test_a_mutable_object_shared_at_any_depth_is_found_with_its_path():
-    first, second = _Config(nested={"a": (_Inner(_SHARED),)}), _Config(
-        nested={"a": (_Inner(_SHARED),)})
+    first, second = (
+        _Config(nested={"a": (_Inner(_SHARED),)}),
+        _Config(nested={"a": (_Inner(_SHARED),)}),
+    )
     mine = {id(obj) for _, obj in checks.mutable_parts(first)}
     shared = [path for path, obj in checks.mutable_parts(second) if id(obj) in mine]
     assert shared == ["config.nested['a'][0].items"]
     fresh = _Config(nested={"a": (_Inner([]),)})
     assert not [p for p, o in checks.mutable_parts(fresh) if id(o) in mine]
     assert [p for p, _ in checks.mutable_parts(fresh)] == [
-        "config", "config.nested", "config.nested['a'][0]", "config.nested['a'][0].items"]
+        "config",
+        "config.nested",
+        "config.nested['a'][0]",
+        "config.nested['a'][0].items",
+    ]
 
 
 def test_a_changed_fs_uid_breaks_a_uid_rule_on_that_thread():
     server = snapshot(uid=(U, U, 0, U), eff=("CAP_SYS_ADMIN",), prm=("CAP_SYS_ADMIN",))
-    run = make_run("suid", [
-        hook("hook_enter", "rpc", "config", server),
-        hook("hook_return", "rpc", "config", _with_helper(server, uid=[U, U, 0, 0])),
-    ])
+    run = make_run(
+        "suid",
+        [
+            hook("hook_enter", "rpc", "config", server),
+            hook("hook_return", "rpc", "config", _with_helper(server, uid=[U, U, 0, 0])),
+        ],
+    )
     verify = checks.Verifier("suid", ["PRIV-RPC-001"], "t")
     checks.check_privileges(verify, run, "PRIV-RPC-001")
     (violation,) = verify.violations["PRIV-RPC-001"]
     assert violation.expected == f"effective uid U ({U}), fs uid U ({U}) in every thread"
-    assert violation.observed.startswith("thread 11 ('helper'): uid real/effective/saved/fs "
-                                         f"[{U}, {U}, 0, 0]")
+    assert violation.observed.startswith(
+        f"thread 11 ('helper'): uid real/effective/saved/fs [{U}, {U}, 0, 0]"
+    )
 
 
 def test_an_rpc_thread_in_a_namespace_of_its_own_breaks_ns_001():
@@ -190,18 +262,22 @@ def test_an_rpc_thread_in_a_namespace_of_its_own_breaks_ns_001():
     server = snapshot(uid=(0, 0, 0, 0), ns=CONTAINER_NS)
     server["threads"][0]["ns"] = dict(CONTAINER_NS)
     own_uts = _with_helper(server, ns={**CONTAINER_NS, "uts": 4026539999})
-    run = make_run("root", [
-        hook("hook_enter", "rpc", "config", server),
-        _rpc_call(_creds(server), _creds(own_uts)),
-        hook("hook_enter", "stage2", "start_process", stage2),
-    ])
+    run = make_run(
+        "root",
+        [
+            hook("hook_enter", "rpc", "config", server),
+            _rpc_call(_creds(server), _creds(own_uts)),
+            hook("hook_enter", "stage2", "start_process", stage2),
+        ],
+    )
     verify = checks.Verifier("root", ["NS-001"], "t")
     checks.check_rpc_shares_namespaces(verify, run, "NS-001")
     assert verify.checks["NS-001"] == 3  # the hook, the method's entry and return
     (violation,) = verify.violations["NS-001"]
     assert violation.event["kind"] == "rpc_method_return"
-    assert violation.observed == (f"different: thread 11 ('helper'): uts 4026539999 "
-                                  f"(stage 2: {CONTAINER_NS['uts']})")
+    assert violation.observed == (
+        f"different: thread 11 ('helper'): uts 4026539999 (stage 2: {CONTAINER_NS['uts']})"
+    )
 
 
 def test_thread_setfsuid_changes_the_calling_thread_only():
@@ -220,6 +296,7 @@ def test_thread_setfsuid_changes_the_calling_thread_only():
         linux.thread_setfsuid(65534)
         with open("/proc/thread-self/status") as f:
             seen.append(next(line for line in f if line.startswith("Uid:")))
+
     worker = threading.Thread(target=change)
     worker.start()
     worker.join()
@@ -240,8 +317,9 @@ def _exec_and_compare(prepare) -> list[str]:
     def child() -> list[str]:
         prepare()
         before = thread_state(linux.read_status("/proc/thread-self/status"), 0)
-        text = subprocess.run(["/bin/cat", "/proc/self/status"], capture_output=True,
-                              text=True, check=True).stdout
+        text = subprocess.run(
+            ["/bin/cat", "/proc/self/status"], capture_output=True, text=True, check=True
+        ).stdout
         status = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
         after = thread_state({k: v.strip() for k, v in status.items()}, 0)
         securebits = linux.get_securebits()
@@ -249,7 +327,9 @@ def _exec_and_compare(prepare) -> list[str]:
         actual = {kind: sorted(names) for kind, names in after["caps"].items()}
         # The model is exact here (the check itself only requires "at most").
         return checks.exec_changes(before, after, securebits) + (
-            [f"model {derived} != kernel {actual}"] if derived != actual else [])
+            [f"model {derived} != kernel {actual}"] if derived != actual else []
+        )
+
     result = in_child(child)
     assert "ok" in result, result
     return result["ok"]
@@ -273,8 +353,8 @@ def test_the_exec_model_matches_the_kernel_for_root_with_a_small_bounding_set():
         for cap in range(linux.cap_last() + 1):
             if not keep >> cap & 1 and linux.bounding_has(cap):
                 linux.bounding_drop(cap)
-        linux.capset(linux.caps_to_mask(["CAP_KILL"]), keep,
-                     linux.caps_to_mask(["CAP_CHOWN"]))
+        linux.capset(linux.caps_to_mask(["CAP_KILL"]), keep, linux.caps_to_mask(["CAP_CHOWN"]))
+
     assert _exec_and_compare(prepare) == []
 
 
@@ -293,21 +373,24 @@ def test_the_exec_model_matches_the_kernel_for_a_user_with_an_ambient_capability
         linux.set_keepcaps(False)
         linux.capset(bind, bind, bind)
         linux.ambient_raise(linux.CAPABILITIES.index("CAP_NET_BIND_SERVICE"))
+
     assert _exec_and_compare(prepare) == []
 
 
 def test_a_host_mount_whose_propagation_or_options_change_is_reported():
     from conformance.scenario import _new_mounts, host_view
 
-    before = {"mounts": [["20", "/"], ["21", "/proc"]],
-              "state": {"20": "rw,relatime shared:1", "21": "rw,nosuid"}}
+    before = {
+        "mounts": [["20", "/"], ["21", "/proc"]],
+        "state": {"20": "rw,relatime shared:1", "21": "rw,nosuid"},
+    }
     same = {"mounts": [["20", "/"], ["21", "/proc"]], "state": dict(before["state"])}
     assert _new_mounts(before, same) == []
     private = {**same, "state": {**same["state"], "20": "rw,relatime"}}
     assert _new_mounts(before, private) == [
-        "/ (mount id 20) changed: rw,relatime shared:1 -> rw,relatime"]
-    extra = {"mounts": same["mounts"] + [["99", "/mnt"]], "state": {**same["state"],
-                                                                    "99": "ro"}}
+        "/ (mount id 20) changed: rw,relatime shared:1 -> rw,relatime"
+    ]
+    extra = {"mounts": same["mounts"] + [["99", "/mnt"]], "state": {**same["state"], "99": "ro"}}
     assert _new_mounts(before, extra) == ["/mnt (mount id 99)"]
     view = host_view()  # the real mountinfo parses: every mount has its state
     assert {mid for mid, _ in view["mounts"]} == set(view["state"])
@@ -319,8 +402,12 @@ def test_config_giving_another_json_on_its_second_call_breaks_state_001():
     # the zoo's config-counts-calls: the second config() differs
     reg = registry.find("mutants.zoo:register_config_counts_calls")
     first = reg.factory().config().to_json()
-    stage1 = {"kind": "hook_return", "role": "stage1", "hook": "config",
-              "result": {"type": "ReferenceConfig", "json": first}}
+    stage1 = {
+        "kind": "hook_return",
+        "role": "stage1",
+        "hook": "config",
+        "result": {"type": "ReferenceConfig", "json": first},
+    }
     run = make_run("root", [stage1])
     verify = checks.Verifier("root", ["STATE-001"], "t")
     checks.check_config_calls(verify, run, "mutant-config-counts-calls", "STATE-001")
@@ -328,16 +415,23 @@ def test_config_giving_another_json_on_its_second_call_breaks_state_001():
     assert "'hostname': 'kit-container-1'" in violation.observed
     assert violation.observed.startswith("the second call returned")
     verify = checks.Verifier("root", ["STATE-001"], "t")
-    checks.check_config_calls(verify, make_run("root", [dict(stage1)]), "reference",
-                              "STATE-001")
+    checks.check_config_calls(verify, make_run("root", [dict(stage1)]), "reference", "STATE-001")
     assert verify.checks["STATE-001"] == 4 and not verify.violations["STATE-001"]
 
 
 def test_a_bounding_set_the_starter_config_leaves_unset_must_be_empty_in_stage_2():
-    caps = {"effective": ["CAP_KILL"], "permitted": ["CAP_KILL"], "inheritable": None,
-            "ambient": None, "bounding": None}
-    config = {"kind": "starter_config", "role": "starter",
-              "config": {"requests": {"capabilities": caps}}}
+    caps = {
+        "effective": ["CAP_KILL"],
+        "permitted": ["CAP_KILL"],
+        "inheritable": None,
+        "ambient": None,
+        "bounding": None,
+    }
+    config = {
+        "kind": "starter_config",
+        "role": "starter",
+        "config": {"requests": {"capabilities": caps}},
+    }
     full = snapshot(uid=(0, 0, 0, 0), eff=("CAP_KILL",), prm=("CAP_KILL",))
     empty = snapshot(uid=(0, 0, 0, 0), eff=("CAP_KILL",), prm=("CAP_KILL",), bnd=())
     for snap, violations in ((empty, 0), (full, 1)):
@@ -345,8 +439,7 @@ def test_a_bounding_set_the_starter_config_leaves_unset_must_be_empty_in_stage_2
         verify = checks.Verifier("root", ["PRIV-STAGE2-002"], "t")
         checks.check_privileges(verify, run, "PRIV-STAGE2-002")
         assert len(verify.violations["PRIV-STAGE2-002"]) == violations
-    assert "bounding [CAP_CHOWN, CAP_SYS_ADMIN]" in verify.violations["PRIV-STAGE2-002"][
-        0].observed
+    assert "bounding [CAP_CHOWN, CAP_SYS_ADMIN]" in verify.violations["PRIV-STAGE2-002"][0].observed
 
 
 def test_the_exec_model_matches_the_kernel_for_root_with_an_ambient_capability():
@@ -361,4 +454,5 @@ def test_the_exec_model_matches_the_kernel_for_root_with_an_ambient_capability()
                 linux.bounding_drop(cap)
         linux.capset(bind, keep, bind)
         linux.ambient_raise(linux.CAPABILITIES.index("CAP_NET_BIND_SERVICE"))
+
     assert _exec_and_compare(prepare) == []

@@ -22,6 +22,7 @@ CONTAINER_NS = {k: 4026532170 + i for i, k in enumerate(X.NAMESPACE_KINDS)}
 
 # --- the catalogue ---------------------------------------------------------------------------
 
+
 def test_the_catalogue_has_at_least_40_requirements_with_stable_ids_and_levels():
     assert len(requirements.CATALOGUE) >= 40
     for req in requirements.CATALOGUE.values():
@@ -65,6 +66,7 @@ def test_catalogue_groups_cover_every_requirement():
 
 # --- the expectation tables -------------------------------------------------------------------
 
+
 def test_the_privilege_table_has_a_cell_for_every_role_and_flow():
     for role in X.ROLES:
         assert set(X.PRIVILEGES[role]) == set(X.FLOWS), role
@@ -98,14 +100,42 @@ def test_the_signal_payload_reports_which_signals_it_missed():
 
 # --- checks on hand-made ledgers ----------------------------------------------------------------
 
-def snapshot(uid=(U, U, U, U), ns=HOST_NS, uid_map=((0, 0, 4294967295),), eff=(), prm=(),
-             bnd=("CAP_CHOWN", "CAP_SYS_ADMIN"), tid=10, nnp=False):
-    return {"threads": [{"tid": tid, "uid": list(uid), "gid": [G] * 4, "groups": [],
-                         "caps": {"effective": list(eff), "permitted": list(prm),
-                                  "inheritable": [], "bounding": list(bnd), "ambient": []},
-                         "no_new_privs": nnp, "seccomp": 0}],
-            "ns": dict(ns), "uid_map": [list(m) for m in uid_map], "gid_map": [],
-            "securebits": 0, "dumpable": 1, "nspid": [tid]}
+
+def snapshot(
+    uid=(U, U, U, U),
+    ns=HOST_NS,
+    uid_map=((0, 0, 4294967295),),
+    eff=(),
+    prm=(),
+    bnd=("CAP_CHOWN", "CAP_SYS_ADMIN"),
+    tid=10,
+    nnp=False,
+):
+    return {
+        "threads": [
+            {
+                "tid": tid,
+                "uid": list(uid),
+                "gid": [G] * 4,
+                "groups": [],
+                "caps": {
+                    "effective": list(eff),
+                    "permitted": list(prm),
+                    "inheritable": [],
+                    "bounding": list(bnd),
+                    "ambient": [],
+                },
+                "no_new_privs": nnp,
+                "seccomp": 0,
+            }
+        ],
+        "ns": dict(ns),
+        "uid_map": [list(m) for m in uid_map],
+        "gid_map": [],
+        "securebits": 0,
+        "dumpable": 1,
+        "nspid": [tid],
+    }
 
 
 def make_run(flow, events, exit_code=0, scenario="default"):
@@ -117,8 +147,15 @@ def make_run(flow, events, exit_code=0, scenario="default"):
         event.setdefault("t", i * 1000)
         event["seq"] = i
     ledger = SimpleNamespace(events=full, document={"schema_version": 1, "events": full})
-    result = SimpleNamespace(exit_code=exit_code, reason="exited", ledger=ledger, leaks=[],
-                             timed_out=None, stdout="", stderr="")
+    result = SimpleNamespace(
+        exit_code=exit_code,
+        reason="exited",
+        ledger=ledger,
+        leaks=[],
+        timed_out=None,
+        stdout="",
+        stderr="",
+    )
     return Run(flow, SCENARIOS[scenario], "real", result=result)
 
 
@@ -133,11 +170,20 @@ def hook(kind, role, name, snap, **extra):
 def test_a_suid_master_hook_with_effective_capabilities_at_return_is_a_violation():
     good = snapshot(uid=(U, U, 0, U), prm=("CAP_SYS_ADMIN",))
     bad = snapshot(uid=(U, U, 0, U), eff=("CAP_SYS_ADMIN",), prm=("CAP_SYS_ADMIN",))
-    run = make_run("suid", [
-        hook("hook_enter", "master", "create_container", good, tid=10,
-             escalation={"host_escalation": True}),
-        hook("hook_return", "master", "create_container", bad, tid=10),
-    ])
+    run = make_run(
+        "suid",
+        [
+            hook(
+                "hook_enter",
+                "master",
+                "create_container",
+                good,
+                tid=10,
+                escalation={"host_escalation": True},
+            ),
+            hook("hook_return", "master", "create_container", bad, tid=10),
+        ],
+    )
     verify = checks.Verifier("suid", ["PRIV-MASTER-002"], "t")
     checks.check_privileges(verify, run, "PRIV-MASTER-002")
     assert verify.checks["PRIV-MASTER-002"] == 2
@@ -152,11 +198,15 @@ def test_a_suid_master_hook_with_effective_capabilities_at_return_is_a_violation
 
 def test_escalation_must_be_possible_for_the_setuid_master_and_impossible_in_stage_1():
     master = snapshot(uid=(U, U, 0, U), prm=("CAP_SYS_ADMIN",))
-    run = make_run("suid", [
-        hook("hook_enter", "stage1", "config", snapshot(),
-             escalation={"host_escalation": True}),
-        hook("hook_enter", "master", "config", master, escalation={"host_escalation": False}),
-    ])
+    run = make_run(
+        "suid",
+        [
+            hook(
+                "hook_enter", "stage1", "config", snapshot(), escalation={"host_escalation": True}
+            ),
+            hook("hook_enter", "master", "config", master, escalation={"host_escalation": False}),
+        ],
+    )
     for req in ("PRIV-STAGE1-003", "PRIV-MASTER-003"):
         verify = checks.Verifier("suid", [req], "t")
         checks.check_privileges(verify, run, req)
@@ -165,12 +215,15 @@ def test_escalation_must_be_possible_for_the_setuid_master_and_impossible_in_sta
 
 def test_start_process_before_create_container_returned_breaks_order_007():
     stage2 = snapshot(ns=CONTAINER_NS)
-    run = make_run("root", [
-        hook("hook_enter", "master", "create_container", snapshot()),
-        hook("hook_enter", "stage2", "start_process", stage2),
-        hook("hook_return", "master", "create_container", snapshot()),
-        {"kind": "process_exit", "role": "container", "child_role": "rpc", "status": 0},
-    ])
+    run = make_run(
+        "root",
+        [
+            hook("hook_enter", "master", "create_container", snapshot()),
+            hook("hook_enter", "stage2", "start_process", stage2),
+            hook("hook_return", "master", "create_container", snapshot()),
+            {"kind": "process_exit", "role": "container", "child_role": "rpc", "status": 0},
+        ],
+    )
     verify = checks.Verifier("root", ["ORDER-007"], "t")
     checks.check_rules(verify, run, "ORDER-007")
     messages = [v.observed for v in verify.violations["ORDER-007"]]
@@ -180,14 +233,20 @@ def test_start_process_before_create_container_returned_breaks_order_007():
 
 
 def test_the_master_sharing_the_containers_net_namespace_breaks_ns_003():
-    starter_config = {"kind": "starter_config", "role": "starter",
-                      "config": {"requests": {"ns_flags": ["pid", "net"], "ns_paths": {}}}}
+    starter_config = {
+        "kind": "starter_config",
+        "role": "starter",
+        "config": {"requests": {"ns_flags": ["pid", "net"], "ns_paths": {}}},
+    }
     shared = dict(HOST_NS, net=CONTAINER_NS["net"])
-    run = make_run("root", [starter_config,
-                            hook("hook_enter", "master", "monitor_container",
-                                 snapshot(ns=shared)),
-                            hook("hook_enter", "stage2", "start_process",
-                                 snapshot(ns=CONTAINER_NS))])
+    run = make_run(
+        "root",
+        [
+            starter_config,
+            hook("hook_enter", "master", "monitor_container", snapshot(ns=shared)),
+            hook("hook_enter", "stage2", "start_process", snapshot(ns=CONTAINER_NS)),
+        ],
+    )
     verify = checks.Verifier("root", ["NS-003"], "t")
     checks.check_master_not_shared(verify, run, "NS-003")
     (violation,) = verify.violations["NS-003"]
@@ -195,11 +254,14 @@ def test_the_master_sharing_the_containers_net_namespace_breaks_ns_003():
 
 
 def test_master_hooks_given_another_pid_than_the_containers_break_pid_001():
-    run = make_run("root", [
-        {"kind": "container_start", "role": "starter", "container_pid": 4242, "created": []},
-        hook("hook_enter", "master", "create_container", snapshot(), args={"pid": 4242}),
-        hook("hook_enter", "master", "monitor_container", snapshot(), args={"pid": 1}),
-    ])
+    run = make_run(
+        "root",
+        [
+            {"kind": "container_start", "role": "starter", "container_pid": 4242, "created": []},
+            hook("hook_enter", "master", "create_container", snapshot(), args={"pid": 4242}),
+            hook("hook_enter", "master", "monitor_container", snapshot(), args={"pid": 1}),
+        ],
+    )
     verify = checks.Verifier("root", ["PID-001"], "t")
     checks.check_master_pids(verify, run, "PID-001")
     (violation,) = verify.violations["PID-001"]
@@ -208,12 +270,25 @@ def test_master_hooks_given_another_pid_than_the_containers_break_pid_001():
 
 def test_init_config_told_privileged_outside_stage_1_breaks_order_002():
     common = {"engine_name": "e", "container_id": "c"}
-    run = make_run("suid", [
-        hook("hook_enter", "stage1", "init_config", snapshot(),
-             args={"common": common, "privileged_stage1": True}),
-        hook("hook_enter", "master", "init_config", snapshot(),
-             args={"common": common, "privileged_stage1": True}),
-    ])
+    run = make_run(
+        "suid",
+        [
+            hook(
+                "hook_enter",
+                "stage1",
+                "init_config",
+                snapshot(),
+                args={"common": common, "privileged_stage1": True},
+            ),
+            hook(
+                "hook_enter",
+                "master",
+                "init_config",
+                snapshot(),
+                args={"common": common, "privileged_stage1": True},
+            ),
+        ],
+    )
     verify = checks.Verifier("suid", ["ORDER-002"], "t")
     checks.check_init_flag(verify, run, "ORDER-002")
     (violation,) = verify.violations["ORDER-002"]
@@ -228,10 +303,12 @@ def test_a_check_of_an_undeclared_requirement_is_a_suite_error():
 
 
 def test_the_payloads_own_status_is_read_from_its_output():
-    out = ("Name:\tcat\nPid:\t7\nUid:\t999\t999\t999\t999\nGid:\t995\t995\t995\t995\n"
-           "CapInh:\t0000000000000000\nCapPrm:\t0000000000200000\nCapEff:\t0000000000200000\n"
-           "CapBnd:\t000001ffffffffff\nCapAmb:\t0000000000000000\n"
-           "         0          0 4294967295\n")
+    out = (
+        "Name:\tcat\nPid:\t7\nUid:\t999\t999\t999\t999\nGid:\t995\t995\t995\t995\n"
+        "CapInh:\t0000000000000000\nCapPrm:\t0000000000200000\nCapEff:\t0000000000200000\n"
+        "CapBnd:\t000001ffffffffff\nCapAmb:\t0000000000000000\n"
+        "         0          0 4294967295\n"
+    )
     snap = checks.parse_payload_status(out)
     assert snap["threads"][0]["caps"]["permitted"] == ["CAP_SYS_ADMIN"]
     host = probe.host_userns()
@@ -242,6 +319,7 @@ def test_the_payloads_own_status_is_read_from_its_output():
 
 
 # --- capabilities --------------------------------------------------------------------------------
+
 
 def test_capabilities_are_properties_with_one_line_docstrings():
     assert Capabilities.names() == ["host_payloads", "fault_injection", "join_only"]
@@ -275,13 +353,18 @@ def test_an_engine_declares_capabilities_on_its_operations_class_or_by_registrat
 
 # --- known failures, outcomes, report ------------------------------------------------------------
 
+
 def test_known_failures_need_a_reason_and_a_matching_test():
     index = catalogue.tests_by_requirement()
     entries = outcomes.parse_known_failures(
         "# comment\n\nPRIV-MASTER-002[suid]: upstream keeps CAP_SETUID\nEXIT-002: why\n",
-        "k.txt", index)
+        "k.txt",
+        index,
+    )
     assert [(e.requirement, e.flows, e.line) for e in entries] == [
-        ("PRIV-MASTER-002", ("suid",), 3), ("EXIT-002", X.FLOWS, 4)]
+        ("PRIV-MASTER-002", ("suid",), 3),
+        ("EXIT-002", X.FLOWS, 4),
+    ]
     assert outcomes.known_failure(entries, "PRIV-MASTER-002", "hybrid") is None
     with pytest.raises(outcomes.KnownFailuresError, match="matches no test"):
         outcomes.parse_known_failures("PRIV-MASTER-002[root]: no such cell\n", "k.txt", index)
@@ -290,11 +373,15 @@ def test_known_failures_need_a_reason_and_a_matching_test():
 def test_several_tests_of_one_requirement_and_flow_merge_into_the_worst_outcome():
     results = outcomes.Results()
     results.add("a", "call", [outcomes.result("EXIT-001", "root", "real", "passed", "a", "")])
-    results.add("b", "setup", [outcomes.result("EXIT-001", "root", "real", "not-configured",
-                                               "b", "why")])
+    results.add(
+        "b", "setup", [outcomes.result("EXIT-001", "root", "real", "not-configured", "b", "why")]
+    )
     results.add("c", "call", [outcomes.result("EXIT-001", "suid", "real", "passed", "c", "")])
-    results.add("c", "teardown", [outcomes.result("EXIT-001", "suid", "real", "broken", "c",
-                                                  "teardown error")])
+    results.add(
+        "c",
+        "teardown",
+        [outcomes.result("EXIT-001", "suid", "real", "broken", "c", "teardown error")],
+    )
     merged = {(e["requirement"], e["flow"]): e for e in results.merged()}
     assert merged[("EXIT-001", "root")]["outcome"] == "not-configured"
     assert merged[("EXIT-001", "root")]["tests"] == ["a", "b"]
@@ -305,11 +392,25 @@ def test_the_report_validator_finds_inconsistencies():
     entry = outcomes.result("EXIT-001", "root", "real", "passed", "t", "", ["root/x"])
     entry["tests"] = ["t"]
     doc = {key: {} for key in report.TOP_KEYS}
-    doc.update(schema_version=1, results=[entry, dict(entry)], runs=[], unchecked=[],
-               known_failures=[], summary={"passed": 1, "total": 1},
-               environment={"kernel": "", "python": "", "uid": 0, "user_namespaces": True,
-                            "flows": {}, "backend": {}},
-               suite_version="0", generated="now", engine={"name": "e", "origin": "o"})
+    doc.update(
+        schema_version=1,
+        results=[entry, dict(entry)],
+        runs=[],
+        unchecked=[],
+        known_failures=[],
+        summary={"passed": 1, "total": 1},
+        environment={
+            "kernel": "",
+            "python": "",
+            "uid": 0,
+            "user_namespaces": True,
+            "flows": {},
+            "backend": {},
+        },
+        suite_version="0",
+        generated="now",
+        engine={"name": "e", "origin": "o"},
+    )
     problems = report.validate(doc)
     assert any("second entry" in p for p in problems)
     assert any("refers to run 'root/x'" in p for p in problems)

@@ -16,8 +16,9 @@ def status_of(stdout: str) -> dict[str, str]:
 
 
 def test_target_uid_and_gids_in_the_root_flow():
-    result = run("reference", "root", STATUS,
-                 engine_config={"target_uid": 1234, "target_gids": [2345, 77]})
+    result = run(
+        "reference", "root", STATUS, engine_config={"target_uid": 1234, "target_gids": [2345, 77]}
+    )
     assert result.exit_code == 0, result.stderr
     status = status_of(result.stdout)
     assert status["Uid"].split() == ["1234"] * 4
@@ -28,11 +29,19 @@ def test_target_uid_and_gids_in_the_root_flow():
 
 
 def test_five_capability_sets_applied_exactly():
-    caps = {"bounding": ["CAP_CHOWN", "CAP_NET_RAW", "CAP_KILL"],
-            "permitted": ["CAP_CHOWN", "CAP_NET_RAW"], "effective": ["CAP_CHOWN"],
-            "inheritable": ["CAP_NET_RAW"], "ambient": ["CAP_NET_RAW"]}
-    result = run(CAPS, "root", STATUS, engine_config={
-        "caps": caps, "target_uid": 1234, "target_gids": [1234]})
+    caps = {
+        "bounding": ["CAP_CHOWN", "CAP_NET_RAW", "CAP_KILL"],
+        "permitted": ["CAP_CHOWN", "CAP_NET_RAW"],
+        "effective": ["CAP_CHOWN"],
+        "inheritable": ["CAP_NET_RAW"],
+        "ambient": ["CAP_NET_RAW"],
+    }
+    result = run(
+        CAPS,
+        "root",
+        STATUS,
+        engine_config={"caps": caps, "target_uid": 1234, "target_gids": [1234]},
+    )
     assert result.exit_code == 0, result.stderr
     snap = result.ledger.first("hook_enter", hook="start_process")["snapshot"]["threads"][0]
     for kind, names in caps.items():
@@ -64,8 +73,12 @@ def test_loopback_is_up_in_the_new_network_namespace():
 
 @pytest.mark.parametrize("propagation,tag", [("rprivate", None), ("rshared", "shared:")])
 def test_mount_propagation_of_the_container_root(propagation, tag):
-    result = run(CAPS, "root", ["/bin/sh", "-c", "grep ' / / ' /proc/self/mountinfo"],
-                 engine_config={"propagation": propagation})
+    result = run(
+        CAPS,
+        "root",
+        ["/bin/sh", "-c", "grep ' / / ' /proc/self/mountinfo"],
+        engine_config={"propagation": propagation},
+    )
     assert result.exit_code == 0, result.stderr
     line = result.stdout.strip()
     if tag is None:

@@ -78,6 +78,7 @@ def raises(kind: str, sock: socket.socket, match: str | None = None) -> FrameErr
 
 # -- the frame size --------------------------------------------------------------------------
 
+
 def test_a_body_of_exactly_the_maximum_is_sent_and_received(pair):
     a, b = pair
     body = body_of(MAX_FRAME)
@@ -90,8 +91,9 @@ def test_a_body_of_exactly_the_maximum_is_sent_and_received(pair):
 def test_one_byte_past_the_maximum_is_refused_before_sending(pair):
     a, b = pair
     body = body_of(MAX_FRAME + 1)
-    with pytest.raises(FrameError, match=f"frame of {MAX_FRAME + 1} bytes exceeds the maximum "
-                                         f"of {MAX_FRAME}") as info:
+    with pytest.raises(
+        FrameError, match=f"frame of {MAX_FRAME + 1} bytes exceeds the maximum of {MAX_FRAME}"
+    ) as info:
         send_body(a, body)
     assert info.value.kind == FrameError.OVERSIZED and not info.value.recoverable
     with pytest.raises(FrameError, match=f"frame of {MAX_FRAME + 1} bytes") as info:
@@ -128,6 +130,7 @@ def test_an_empty_body_is_invalid_json_and_recoverable(pair):
 
 
 # -- truncated frames ------------------------------------------------------------------------
+
 
 def test_a_clean_eof_at_a_frame_boundary_is_none(pair):
     a, b = pair
@@ -170,11 +173,12 @@ def test_a_frame_arriving_in_pieces_is_reassembled(pair):
     a, b = pair
     data = HEADER.pack(9) + b'{"a":"b"}'
     for i in range(len(data)):
-        a.send(data[i:i + 1])
+        a.send(data[i : i + 1])
     assert recv_frame(b) == ({"a": "b"}, [])
 
 
 # -- descriptors -----------------------------------------------------------------------------
+
 
 def test_the_maximum_number_of_descriptors_arrives(pair):
     a, b = pair
@@ -190,8 +194,9 @@ def test_the_maximum_number_of_descriptors_arrives(pair):
 def test_one_descriptor_past_the_maximum_is_refused_before_sending(pair):
     a, _b = pair
     fds = pipes(MAX_FDS + 1)
-    with pytest.raises(FrameError, match=f"{MAX_FDS + 1} file descriptors exceed the maximum "
-                                         f"of {MAX_FDS}") as info:
+    with pytest.raises(
+        FrameError, match=f"{MAX_FDS + 1} file descriptors exceed the maximum of {MAX_FDS}"
+    ) as info:
         send_frame(a, {}, fds)
     assert info.value.kind == FrameError.TOO_MANY_FDS
     assert all(os.fstat(fd) for fd in fds)  # the caller's fds stay open
@@ -254,25 +259,29 @@ def test_a_bad_descriptor_is_refused_before_sending(pair, bad):
 
 # -- bodies ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("body,kind,message", [
-    (b"\xff{}", FrameError.INVALID_UTF8, "not valid UTF-8: invalid start byte at byte 0"),
-    (b'{"a":"\xc3"}', FrameError.INVALID_UTF8, "at byte 6"),
-    (b'{"a":NaN}', FrameError.INVALID_JSON, "NaN is not valid JSON"),
-    (b'{"a":-Infinity}', FrameError.INVALID_JSON, "-Infinity is not valid JSON"),
-    (b'{"a":1e999}', FrameError.INVALID_JSON, "number 1e999 is out of range"),
-    (b'{"a":-1e999}', FrameError.INVALID_JSON, "out of range"),
-    (b'{"a":1,"b":2,"a":3}', FrameError.INVALID_JSON, "duplicate key 'a'"),
-    (b'{"a":{"b":1,"b":1}}', FrameError.INVALID_JSON, "duplicate key 'b'"),
-    (b"[" * 100000 + b"]" * 100000, FrameError.INVALID_JSON, "nested too deeply"),
-    (b'{"a":', FrameError.INVALID_JSON, "not valid JSON"),
-    (b"1" * 5000, FrameError.INVALID_JSON, "not valid JSON"),
-    (b"[]", FrameError.NOT_OBJECT, "must be a JSON object, not an array"),
-    (b"null", FrameError.NOT_OBJECT, "not null"),
-    (b"true", FrameError.NOT_OBJECT, "not a boolean"),
-    (b"1.5", FrameError.NOT_OBJECT, "not a number"),
-    (b"7", FrameError.NOT_OBJECT, "not a number"),
-    (b'"s"', FrameError.NOT_OBJECT, "not a string"),
-])
+
+@pytest.mark.parametrize(
+    "body,kind,message",
+    [
+        (b"\xff{}", FrameError.INVALID_UTF8, "not valid UTF-8: invalid start byte at byte 0"),
+        (b'{"a":"\xc3"}', FrameError.INVALID_UTF8, "at byte 6"),
+        (b'{"a":NaN}', FrameError.INVALID_JSON, "NaN is not valid JSON"),
+        (b'{"a":-Infinity}', FrameError.INVALID_JSON, "-Infinity is not valid JSON"),
+        (b'{"a":1e999}', FrameError.INVALID_JSON, "number 1e999 is out of range"),
+        (b'{"a":-1e999}', FrameError.INVALID_JSON, "out of range"),
+        (b'{"a":1,"b":2,"a":3}', FrameError.INVALID_JSON, "duplicate key 'a'"),
+        (b'{"a":{"b":1,"b":1}}', FrameError.INVALID_JSON, "duplicate key 'b'"),
+        (b"[" * 100000 + b"]" * 100000, FrameError.INVALID_JSON, "nested too deeply"),
+        (b'{"a":', FrameError.INVALID_JSON, "not valid JSON"),
+        (b"1" * 5000, FrameError.INVALID_JSON, "not valid JSON"),
+        (b"[]", FrameError.NOT_OBJECT, "must be a JSON object, not an array"),
+        (b"null", FrameError.NOT_OBJECT, "not null"),
+        (b"true", FrameError.NOT_OBJECT, "not a boolean"),
+        (b"1.5", FrameError.NOT_OBJECT, "not a number"),
+        (b"7", FrameError.NOT_OBJECT, "not a number"),
+        (b'"s"', FrameError.NOT_OBJECT, "not a string"),
+    ],
+)
 def test_a_bad_body_is_refused_naming_why(body, kind, message):
     with pytest.raises(FrameError, match=message) as info:
         decode_body(body)
@@ -281,18 +290,24 @@ def test_a_bad_body_is_refused_naming_why(body, kind, message):
 
 def test_a_large_but_finite_number_and_unicode_are_fine():
     assert decode_body(b'{"a":1e308,"b":"\\u00e9\\ud800","c":[1,{}]}') == {
-        "a": 1e308, "b": "\u00e9\ud800", "c": [1, {}]}
+        "a": 1e308,
+        "b": "\u00e9\ud800",
+        "c": [1, {}],
+    }
     assert decode_body('{"é":"✓"}'.encode()) == {"é": "✓"}
 
 
-@pytest.mark.parametrize("obj,kind,message", [
-    ([], FrameError.NOT_OBJECT, "must carry a JSON object, not list"),
-    ({"a": float("nan")}, FrameError.UNENCODABLE, "not JSON-serialisable"),
-    ({"a": float("inf")}, FrameError.UNENCODABLE, "not JSON-serialisable"),
-    ({(1, 2): 1}, FrameError.UNENCODABLE, "not JSON-serialisable"),
-    ({"a": object()}, FrameError.UNENCODABLE, "not JSON-serialisable"),
-    ({"a": b"x"}, FrameError.UNENCODABLE, "not JSON-serialisable"),
-])
+@pytest.mark.parametrize(
+    "obj,kind,message",
+    [
+        ([], FrameError.NOT_OBJECT, "must carry a JSON object, not list"),
+        ({"a": float("nan")}, FrameError.UNENCODABLE, "not JSON-serialisable"),
+        ({"a": float("inf")}, FrameError.UNENCODABLE, "not JSON-serialisable"),
+        ({(1, 2): 1}, FrameError.UNENCODABLE, "not JSON-serialisable"),
+        ({"a": object()}, FrameError.UNENCODABLE, "not JSON-serialisable"),
+        ({"a": b"x"}, FrameError.UNENCODABLE, "not JSON-serialisable"),
+    ],
+)
 def test_an_unencodable_object_is_refused_naming_why(obj, kind, message):
     with pytest.raises(FrameError, match=message) as info:
         encode_body(obj)
@@ -318,10 +333,20 @@ def test_close_fds_ignores_descriptors_already_closed():
 
 
 def test_which_kinds_leave_the_stream_in_sync():
-    assert {k for k in (FrameError.OVERSIZED, FrameError.TRUNCATED, FrameError.INVALID_UTF8,
-                        FrameError.INVALID_JSON, FrameError.NOT_OBJECT, FrameError.TOO_MANY_FDS,
-                        FrameError.UNEXPECTED_FDS, FrameError.UNENCODABLE)
-            if not FrameError(k, "m").recoverable} == {"oversized", "truncated"}
+    assert {
+        k
+        for k in (
+            FrameError.OVERSIZED,
+            FrameError.TRUNCATED,
+            FrameError.INVALID_UTF8,
+            FrameError.INVALID_JSON,
+            FrameError.NOT_OBJECT,
+            FrameError.TOO_MANY_FDS,
+            FrameError.UNEXPECTED_FDS,
+            FrameError.UNENCODABLE,
+        )
+        if not FrameError(k, "m").recoverable
+    } == {"oversized", "truncated"}
 
 
 def test_descriptor_zero_is_a_descriptor(pair):
@@ -447,12 +472,16 @@ def test_a_receive_interrupted_by_a_raising_signal_handler_is_retried(pair, inte
     assert interrupting_alarm and "recvmsg_into" in interrupting_alarm[0]
 
 
-@pytest.mark.parametrize("obj, key", [
-    ({1: "a"}, "1 (int)"),
-    ({"a": {"b": [{"c": 1}, {None: 2}]}}, "None (NoneType)"),  # nested in a list in a dict
-    ({"a": ({"x": 1}, [{True: 0}])}, "True (bool)"),  # in a tuple, then a list
-    ({"a": 1, "b": {2.5: "x"}}, "2.5 (float)"),  # after a string key with a plain value
-], ids=["top", "list-in-dict", "tuple-list", "after-plain-value"])
+@pytest.mark.parametrize(
+    "obj, key",
+    [
+        ({1: "a"}, "1 (int)"),
+        ({"a": {"b": [{"c": 1}, {None: 2}]}}, "None (NoneType)"),  # nested in a list in a dict
+        ({"a": ({"x": 1}, [{True: 0}])}, "True (bool)"),  # in a tuple, then a list
+        ({"a": 1, "b": {2.5: "x"}}, "2.5 (float)"),  # after a string key with a plain value
+    ],
+    ids=["top", "list-in-dict", "tuple-list", "after-plain-value"],
+)
 def test_a_non_string_key_anywhere_is_refused_naming_it(obj, key):
     # json.dumps would turn it into a string key: the peer would get another object
     with pytest.raises(FrameError, match=f"object key {re.escape(key)} is not a string") as info:

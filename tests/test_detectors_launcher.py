@@ -22,9 +22,13 @@ from kit.run.zygote import FIXED_FDS
 def zygote():
     """A zygote of the test's own (not the session's): its control socket and process."""
     control, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    proc = subprocess.Popen([sys.executable, "-m", "kit.run.zygote", str(child_end.fileno())],
-                            pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL, cwd="/",
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kit.run.zygote", str(child_end.fileno())],
+        pass_fds=(child_end.fileno(),),
+        stdin=subprocess.DEVNULL,
+        cwd="/",
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     child_end.close()
     yield control, proc
     control.close()
@@ -49,25 +53,45 @@ def request_json(engine: str = "reference") -> dict:
     return make_request(engine, "root", ["/bin/true"]).to_json()
 
 
-@pytest.mark.parametrize("message,nfds,error", [
-    (b"not json", FIXED_FDS, "JSONDecodeError: Expecting value"),
-    (b'{"targets": []}', FIXED_FDS, "KeyError: 'request'"),
-    (json.dumps({"request": request_json(), "targets": [9]}).encode(), FIXED_FDS,
-     f"ValueError: expected {FIXED_FDS + 1} fds, got {FIXED_FDS}"),
-    (json.dumps({"request": request_json()}).encode(), FIXED_FDS - 1,
-     f"ValueError: expected {FIXED_FDS} fds, got {FIXED_FDS - 1}"),
-    (json.dumps({"request": request_json()}).encode(), FIXED_FDS + 1,
-     f"ValueError: expected {FIXED_FDS} fds, got {FIXED_FDS + 1}"),
-    (json.dumps({"request": request_json("no-such-engine")}).encode(), FIXED_FDS,
-     "no-such-engine"),
-    (json.dumps({"request": {**request_json(), "flow": "rootless"}}).encode(), FIXED_FDS,
-     "unknown flow 'rootless'"),
-])
+@pytest.mark.parametrize(
+    "message,nfds,error",
+    [
+        (b"not json", FIXED_FDS, "JSONDecodeError: Expecting value"),
+        (b'{"targets": []}', FIXED_FDS, "KeyError: 'request'"),
+        (
+            json.dumps({"request": request_json(), "targets": [9]}).encode(),
+            FIXED_FDS,
+            f"ValueError: expected {FIXED_FDS + 1} fds, got {FIXED_FDS}",
+        ),
+        (
+            json.dumps({"request": request_json()}).encode(),
+            FIXED_FDS - 1,
+            f"ValueError: expected {FIXED_FDS} fds, got {FIXED_FDS - 1}",
+        ),
+        (
+            json.dumps({"request": request_json()}).encode(),
+            FIXED_FDS + 1,
+            f"ValueError: expected {FIXED_FDS} fds, got {FIXED_FDS + 1}",
+        ),
+        (
+            json.dumps({"request": request_json("no-such-engine")}).encode(),
+            FIXED_FDS,
+            "no-such-engine",
+        ),
+        (
+            json.dumps({"request": {**request_json(), "flow": "rootless"}}).encode(),
+            FIXED_FDS,
+            "unknown flow 'rootless'",
+        ),
+    ],
+)
 def test_a_bad_request_is_answered_with_an_error_naming_it_and_the_fds_closed(
-        zygote, message, nfds, error):
+    zygote, message, nfds, error
+):
     control, proc = zygote
-    assert ask(control, json.dumps({"request": request_json(), "targets": "x"}).encode(),
-               FIXED_FDS)["error"].startswith("ValueError")  # warm: imports done
+    assert ask(
+        control, json.dumps({"request": request_json(), "targets": "x"}).encode(), FIXED_FDS
+    )["error"].startswith("ValueError")  # warm: imports done
     before = zygote_fds(proc)
     answer = ask(control, message, nfds)
     assert set(answer) == {"error"} and error in answer["error"], answer

@@ -30,8 +30,11 @@ def document(events: list[dict]) -> dict:
     return {"schema_version": SCHEMA_VERSION, "run": {}, "events": events}
 
 
-VALID = [event(0, "run_start", "supervisor"), event(1, "hook_enter", "stage1", hook="config"),
-         event(2, "exit", "supervisor")]
+VALID = [
+    event(0, "run_start", "supervisor"),
+    event(1, "hook_enter", "stage1", hook="config"),
+    event(2, "exit", "supervisor"),
+]
 
 
 def test_a_valid_ledger_has_no_problem():
@@ -41,14 +44,18 @@ def test_a_valid_ledger_has_no_problem():
 
 def test_events_out_of_order_are_reported_with_their_index_and_seq():
     swapped = [VALID[0], VALID[2], VALID[1]]
-    assert validate(document(swapped)) == ["event 1: seq 2 out of order",
-                                           "event 2: seq 1 out of order"]
+    assert validate(document(swapped)) == [
+        "event 1: seq 2 out of order",
+        "event 2: seq 1 out of order",
+    ]
 
 
 def test_a_repeated_and_a_skipped_seq_are_reported():
     events = [event(0), event(0), event(3)]
-    assert validate(document(events)) == ["event 1: seq 0 out of order",
-                                          "event 2: seq 3 out of order"]
+    assert validate(document(events)) == [
+        "event 1: seq 0 out of order",
+        "event 2: seq 3 out of order",
+    ]
 
 
 def test_a_seq_that_is_not_a_number_is_out_of_order():
@@ -68,17 +75,19 @@ def test_each_missing_common_key_is_named(key):
 
 def test_an_unknown_kind_is_named():
     assert validate(document([event(0, "hook_entered")])) == [
-        "event 0: unknown kind 'hook_entered'"]
+        "event 0: unknown kind 'hook_entered'"
+    ]
 
 
 def test_an_unknown_role_is_named_for_a_known_kind():
-    assert validate(document([event(0, "signal", "stage3")])) == [
-        "event 0: unknown role 'stage3'"]
+    assert validate(document([event(0, "signal", "stage3")])) == ["event 0: unknown role 'stage3'"]
 
 
 def test_every_known_kind_and_role_is_accepted():
-    events = [event(i, kind, role) for i, (kind, role) in
-              enumerate((k, r) for k in EVENT_KINDS for r in ledger.ROLES)]
+    events = [
+        event(i, kind, role)
+        for i, (kind, role) in enumerate((k, r) for k in EVENT_KINDS for r in ledger.ROLES)
+    ]
     assert validate(document(events)) == []
 
 
@@ -104,20 +113,24 @@ def test_events_that_are_not_a_list_are_reported(events):
 
 # -- decoding datagrams ---------------------------------------------------------------------
 
+
 def test_a_decodable_datagram_is_the_event():
     data = json.dumps(event(0)).encode()
     assert decode_checked(data) == (event(0), True)
     assert decode(data) == event(0)
 
 
-@pytest.mark.parametrize("data,why", [
-    (b'{"kind": "signal"', "Expecting"),
-    (b"\xff\xfe\x00garbage", "garbage"),
-    (b"[1, 2]", "not an event object"),
-    (b'"kind"', "not an event object"),
-    (b'{"role": "master"}', "not an event object"),
-    (b"", "Expecting value"),
-])
+@pytest.mark.parametrize(
+    "data,why",
+    [
+        (b'{"kind": "signal"', "Expecting"),
+        (b"\xff\xfe\x00garbage", "garbage"),
+        (b"[1, 2]", "not an event object"),
+        (b'"kind"', "not an event object"),
+        (b'{"role": "master"}', "not an event object"),
+        (b"", "Expecting value"),
+    ],
+)
 def test_an_undecodable_datagram_becomes_a_starter_error_quoting_it(data, why):
     got, ok = decode_checked(data)
     assert ok is False
@@ -137,6 +150,7 @@ def test_the_quoted_datagram_is_cut_at_200_bytes():
 
 
 # -- the writer -----------------------------------------------------------------------------
+
 
 def test_an_unknown_role_or_kind_is_refused_naming_it():
     with pytest.raises(ValueError, match="unknown ledger role 'stage3'"):
@@ -199,8 +213,10 @@ def test_the_socketpair_is_seqpacket_and_close_on_exec():
             assert s.type == socket.SOCK_SEQPACKET
             assert s.get_inheritable() is False
         # 4 MiB asked (the kernel doubles what it grants, up to net.core.[rw]mem_max)
-        for sock, opt, limit in ((writer, socket.SO_SNDBUF, "wmem_max"),
-                                 (reader, socket.SO_RCVBUF, "rmem_max")):
+        for sock, opt, limit in (
+            (writer, socket.SO_SNDBUF, "wmem_max"),
+            (reader, socket.SO_RCVBUF, "rmem_max"),
+        ):
             with open(f"/proc/sys/net/core/{limit}") as f:
                 granted = min(4 << 20, int(f.read()))
             assert sock.getsockopt(socket.SOL_SOCKET, opt) == 2 * granted, limit
@@ -212,11 +228,14 @@ def test_the_socketpair_is_seqpacket_and_close_on_exec():
 
 # -- the query helper -----------------------------------------------------------------------
 
+
 def test_ledger_queries_select_by_kind_and_fields():
-    events = [event(0, "hook_enter", "stage1", hook="config"),
-              event(1, "hook_return", "stage1", hook="config"),
-              event(2, "hook_enter", "master", hook="create_container"),
-              event(3, "signal", "master", signum=17)]
+    events = [
+        event(0, "hook_enter", "stage1", hook="config"),
+        event(1, "hook_return", "stage1", hook="config"),
+        event(2, "hook_enter", "master", hook="create_container"),
+        event(3, "signal", "master", signum=17),
+    ]
     events.append(event(4, "exit", "supervisor"))  # no hook: never asked for one
     # decoded as the launcher gets it: strings equal to, not the same objects as, literals
     led = Ledger(json.loads(json.dumps(document(events))))

@@ -21,11 +21,13 @@ U = 1000  # an unprivileged uid (no such user needed)
 CAP_SETUID = 7
 
 
-def as_credentials(uids: tuple[int, int, int], keep_caps: bool = False,
-                   then: Callable[[], None] = lambda: None) -> Callable[[], dict[str, Any]]:
+def as_credentials(
+    uids: tuple[int, int, int], keep_caps: bool = False, then: Callable[[], None] = lambda: None
+) -> Callable[[], dict[str, Any]]:
     """In the child: setresuid to ``uids``, every capability dropped (or, with ``keep_caps``,
     the permitted set kept as the kernel leaves it), run ``then``; report host_privilege of
     its snapshot and its escalation verdict."""
+
     def child() -> dict[str, Any]:
         linux.set_keepcaps(keep_caps)
         os.setresgid(U, U, U)
@@ -36,9 +38,13 @@ def as_credentials(uids: tuple[int, int, int], keep_caps: bool = False,
             linux.capset(0, 0, 0)
         then()
         snap = probe.snapshot()
-        return {"privileged": probe.host_privilege(snap), "escalation": probe.escalation(),
-                "uid": snap["threads"][0]["uid"], "permitted": snap["threads"][0]["caps"][
-                    "permitted"]}
+        return {
+            "privileged": probe.host_privilege(snap),
+            "escalation": probe.escalation(),
+            "uid": snap["threads"][0]["uid"],
+            "permitted": snap["threads"][0]["caps"]["permitted"],
+        }
+
     return child
 
 
@@ -58,8 +64,10 @@ def no_setuid_binary() -> Iterator[None]:
 
 # -- host_privilege: uid 0 in any of real, effective, saved; or a permitted capability --------
 
-@pytest.mark.parametrize("uids", [(U, U, 0), (U, 0, U), (0, U, U)],
-                         ids=["saved", "effective", "real"])
+
+@pytest.mark.parametrize(
+    "uids", [(U, U, 0), (U, 0, U), (0, U, U)], ids=["saved", "effective", "real"]
+)
 def test_a_uid_0_in_any_of_real_effective_saved_is_host_privilege(uids):
     r = report(as_credentials(uids))
     assert (r["uid"][:3], r["permitted"]) == (list(uids), [])
@@ -105,9 +113,11 @@ def test_a_privileged_second_thread_makes_the_process_privileged():
         snap = probe.snapshot()
         done.set()
         helper.join()
-        return {"privileged": probe.host_privilege(snap),
-                "uids": sorted(t["uid"][2] for t in snap["threads"]),
-                "caps": [t["caps"]["permitted"] for t in snap["threads"]]}
+        return {
+            "privileged": probe.host_privilege(snap),
+            "uids": sorted(t["uid"][2] for t in snap["threads"]),
+            "caps": [t["caps"]["permitted"] for t in snap["threads"]],
+        }
 
     r = report(child)
     assert r["uids"] == [0, U] and r["caps"] == [[], []]
@@ -117,14 +127,16 @@ def test_a_privileged_second_thread_makes_the_process_privileged():
 def test_uid_0_in_a_user_namespace_of_its_own_is_no_host_privilege():
     def in_userns() -> dict[str, Any]:
         linux.unshare(linux.ns_flags(["user"]))
-        for name, line in (("setgroups", "deny"), ("gid_map", f"0 {U} 1"),
-                           ("uid_map", f"0 {U} 1")):
+        for name, line in (("setgroups", "deny"), ("gid_map", f"0 {U} 1"), ("uid_map", f"0 {U} 1")):
             with open(f"/proc/self/{name}", "w") as f:
                 f.write(line)
         snap = probe.snapshot()
-        return {"privileged": probe.host_privilege(snap), "uid": snap["threads"][0]["uid"],
-                "permitted": bool(snap["threads"][0]["caps"]["permitted"]),
-                "escalation": probe.escalation()}
+        return {
+            "privileged": probe.host_privilege(snap),
+            "uid": snap["threads"][0]["uid"],
+            "permitted": bool(snap["threads"][0]["caps"]["permitted"]),
+            "escalation": probe.escalation(),
+        }
 
     def child() -> dict[str, Any]:
         os.setresgid(U, U, U)
@@ -152,6 +164,7 @@ def test_a_snapshot_from_an_unknown_user_namespace_counts_as_the_hosts():
 
 
 # -- escalation: each way back to privilege, on its own ---------------------------------------
+
 
 def test_a_saved_uid_0_escalates_through_setresuid():
     esc = report(as_credentials((U, U, 0)))["escalation"]

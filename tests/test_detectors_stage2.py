@@ -17,8 +17,9 @@ JOIN = "kit_test_engines:JoinEngine"
 
 def _stage2(keep_fds: list[int], ledger_sock: socket.socket) -> Stage2:
     stage2 = Stage2.__new__(Stage2)  # only what close_fds reads: the config and the ledger
-    stage2.c = SimpleNamespace(sconf=SimpleNamespace(keep_fds=keep_fds),
-                               starter=SimpleNamespace(ledger_sock=ledger_sock))
+    stage2.c = SimpleNamespace(
+        sconf=SimpleNamespace(keep_fds=keep_fds), starter=SimpleNamespace(ledger_sock=ledger_sock)
+    )
     return stage2
 
 
@@ -50,8 +51,13 @@ def close_fds_in_child(layout: dict[str, int | None]) -> dict[str, object]:
                 os.set_inheritable(fd, False)  # close_fds must make them inheritable
             _stage2(keep, ledger_a).close_fds(w)
             left = sorted(int(x) for x in os.listdir("/proc/self/fd"))
-            report = {"fds": fds, "left": left, "master": w, "ledger": ledger_a.fileno(),
-                      "inheritable": {str(fd): os.get_inheritable(fd) for fd in keep}}
+            report = {
+                "fds": fds,
+                "left": left,
+                "master": w,
+                "ledger": ledger_a.fileno(),
+                "inheritable": {str(fd): os.get_inheritable(fd) for fd in keep},
+            }
             os.write(w, json.dumps(report).encode())
             code = 0
         finally:
@@ -76,18 +82,31 @@ def check(report: dict) -> None:
     extra = sorted(set(left) - set(want))
     # exactly one extra: the descriptor os.listdir itself had open (the lowest free one)
     assert len(extra) == 1 and set(want) <= set(left), (left, want, report["fds"])
-    closed = [name for name, fd in report["fds"].items()
-              if not name.startswith("keep") and fd in left and fd not in extra]
+    closed = [
+        name
+        for name, fd in report["fds"].items()
+        if not name.startswith("keep") and fd in left and fd not in extra
+    ]
     assert closed == [], f"not closed: {closed}"
     assert all(report["inheritable"].values()), report["inheritable"]
 
 
 def test_several_kept_fds_stay_and_the_fd_after_each_is_closed():
-    report = close_fds_in_child({
-        "a": None, "keep1": None, "after_keep1": None, "b": None,
-        "keep2": None, "keep3": None, "after_keep3": None, "c": None,
-        "keep_high": 300, "after_high": 301, "way_up": 5000,
-    })
+    report = close_fds_in_child(
+        {
+            "a": None,
+            "keep1": None,
+            "after_keep1": None,
+            "b": None,
+            "keep2": None,
+            "keep3": None,
+            "after_keep3": None,
+            "c": None,
+            "keep_high": 300,
+            "after_high": 301,
+            "way_up": 5000,
+        }
+    )
     check(report)
     fds = report["fds"]
     # the layout is what the test means: adjacent kept fds, each followed by a closed one
@@ -119,10 +138,16 @@ def test_a_whole_run_hands_the_payload_exactly_the_kept_fds():
     for fd in passed:
         os.set_inheritable(fd, True)
     try:
-        script = "; ".join(f"echo ok{fd} > /proc/self/fd/{fd}" for fd in kept) + \
-            "; ls /proc/self/fd"
-        result = run(JOIN, "root", ["/bin/sh", "-c", script], engine_config={"keep_fds": kept},
-                     pass_fds=passed)
+        script = (
+            "; ".join(f"echo ok{fd} > /proc/self/fd/{fd}" for fd in kept) + "; ls /proc/self/fd"
+        )
+        result = run(
+            JOIN,
+            "root",
+            ["/bin/sh", "-c", script],
+            engine_config={"keep_fds": kept},
+            pass_fds=passed,
+        )
         assert result.exit_code == 0, result.stderr
         assert os.read(pipes[0][0], 100) == f"ok{kept[0]}\n".encode()
         assert os.read(pipes[2][0], 100) == f"ok{kept[1]}\n".encode()

@@ -31,8 +31,9 @@ def _starter_outliving(flow: str) -> dict:
                 Starter(request, writer, parent=me).main()
             os._exit(0)
         os.waitpid(supervisor, 0)  # the supervisor died; its starter is ours now
-        starter = wait_until(lambda: [p for p in linux.descendants(os.getpid())],
-                             what="the starter")[0]
+        starter = wait_until(
+            lambda: [p for p in linux.descendants(os.getpid())], what="the starter"
+        )[0]
         os.write(go_w, b"g")
         _, status = os.waitpid(starter, 0)
         writer.close()

@@ -29,6 +29,7 @@ def userns(s: StarterConfig, uid_maps=((0, 1000, 1),), gid_maps=((0, 1000, 1),))
 
 # -- facts -------------------------------------------------------------------------------------
 
+
 def test_an_unknown_flow_is_refused_naming_it():
     with pytest.raises(ConfigError, match=r"unknown flow 'setuid' \(known: root, suid, userns"):
         StarterConfig("setuid", 0, 0)
@@ -53,6 +54,7 @@ def test_an_unknown_attribute_is_an_attribute_error():
 
 
 # -- setters: bad values -------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("setter", ["set_target_uid", "set_target_gids"])
 @pytest.mark.parametrize("bad", [-1, 2**32 - 1, 2**32, True, False, "0", 1.0, None])
@@ -79,19 +81,28 @@ def test_target_gids_take_any_iterable_and_replace():
 
 
 def test_an_unknown_capability_set_is_refused_naming_it():
-    with pytest.raises(ConfigError, match=r"^set_capabilities: unknown capability set "
-                                          r"'effectiv' \(known: effective, permitted, "
-                                          r"inheritable, bounding, ambient\)$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^set_capabilities: unknown capability set "
+        r"'effectiv' \(known: effective, permitted, "
+        r"inheritable, bounding, ambient\)$",
+    ):
         sc().set_capabilities("effectiv", [])
 
 
 @pytest.mark.parametrize("kind", CAPABILITY_SETS)
 def test_an_unknown_capability_is_refused_naming_the_set_and_the_name(kind):
-    with pytest.raises(ConfigError, match=rf"^set_capabilities\({kind}\): unknown capability "
-                                          r"'sys_adminn'$"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"^set_capabilities\({kind}\): unknown capability "
+        r"'sys_adminn'$",
+    ):
         sc().set_capabilities(kind, ["chown", "sys_adminn"])
-    with pytest.raises(ConfigError, match=rf"^set_capabilities\({kind}\): capability name must "
-                                          r"be a string, got 21$"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"^set_capabilities\({kind}\): capability name must "
+        r"be a string, got 21$",
+    ):
         sc().set_capabilities(kind, [21])
 
 
@@ -126,8 +137,11 @@ def test_ns_flags_are_kept_in_the_kit_order():
 
 @pytest.mark.parametrize("path", ["proc/1/ns/net", "", None, 3, b"/proc/1/ns/net"])
 def test_a_namespace_path_that_is_not_absolute_is_refused(path):
-    with pytest.raises(ConfigError, match=rf"^set_ns_path\(net\): path must be absolute, "
-                                          rf"got {path!r}"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"^set_ns_path\(net\): path must be absolute, "
+        rf"got {path!r}",
+    ):
         sc().set_ns_path("net", path)
 
 
@@ -143,8 +157,11 @@ def test_a_path_wins_over_creating():
 
 @pytest.mark.parametrize("bad", ["rslaves", "", "RPRIVATE", None])
 def test_an_unknown_propagation_is_refused_naming_it(bad):
-    with pytest.raises(ConfigError, match=rf"^set_mount_propagation: unknown propagation "
-                                          rf"{bad!r}"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"^set_mount_propagation: unknown propagation "
+        rf"{bad!r}",
+    ):
         sc().set_mount_propagation(bad)
 
 
@@ -163,8 +180,11 @@ def test_an_unknown_propagation_splits_as_itself():
 @pytest.mark.parametrize("setter", ["add_uid_mappings", "add_gid_mappings"])
 @pytest.mark.parametrize("bad", [(0, 1000), (0, 1000, 1, 1), (0, "x", 1), None, 5])
 def test_a_mapping_that_is_not_a_triple_is_refused(setter, bad):
-    with pytest.raises(ConfigError, match=rf"^{setter}: mapping must be \(container id, host "
-                                          rf"id, size\), got "):
+    with pytest.raises(
+        ConfigError,
+        match=rf"^{setter}: mapping must be \(container id, host "
+        rf"id, size\), got ",
+    ):
         getattr(sc(), setter)([bad])
 
 
@@ -197,13 +217,17 @@ def test_fds_to_keep_are_kept_once_in_order():
     assert s.keep_fds == [0, 2, 1]
 
 
-@pytest.mark.parametrize("setter,field", [
-    ("set_no_new_privs", "no_new_privs"), ("set_hybrid_workflow", "hybrid_workflow"),
-    ("set_allow_setgroups", "allow_setgroups"),
-    ("set_master_propagate_mount", "master_propagate_mount"),
-    ("set_namespace_join_only", "namespace_join_only"),
-    ("set_bring_loopback_interface", "bring_loopback_interface"),
-])
+@pytest.mark.parametrize(
+    "setter,field",
+    [
+        ("set_no_new_privs", "no_new_privs"),
+        ("set_hybrid_workflow", "hybrid_workflow"),
+        ("set_allow_setgroups", "allow_setgroups"),
+        ("set_master_propagate_mount", "master_propagate_mount"),
+        ("set_namespace_join_only", "namespace_join_only"),
+        ("set_bring_loopback_interface", "bring_loopback_interface"),
+    ],
+)
 def test_flags_default_to_false_and_set_to_a_bool(setter, field):
     s = sc()
     assert getattr(s, field) is False
@@ -216,6 +240,7 @@ def test_flags_default_to_false_and_set_to_a_bool(setter, field):
 
 
 # -- validate: invalid combinations ----------------------------------------------------------
+
 
 def rejects(s: StarterConfig, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -232,8 +257,11 @@ def test_effective_not_within_permitted_names_the_extra_capabilities():
     s = sc()
     s.set_capabilities("permitted", ["chown"])
     s.set_capabilities("effective", ["kill", "chown", "sys_admin"])
-    rejects(s, r"^set_capabilities: effective capabilities must be a subset of permitted; "
-               r"not permitted: CAP_KILL, CAP_SYS_ADMIN$")
+    rejects(
+        s,
+        r"^set_capabilities: effective capabilities must be a subset of permitted; "
+        r"not permitted: CAP_KILL, CAP_SYS_ADMIN$",
+    )
 
 
 def test_effective_equal_to_permitted_or_empty_is_valid():
@@ -251,16 +279,20 @@ def test_effective_with_permitted_unset_is_rejected():
     rejects(s, "not permitted: CAP_CHOWN$")
 
 
-@pytest.mark.parametrize("permitted,inheritable", [(["chown"], []), ([], ["chown"]),
-                                                   (None, None), (["kill"], ["chown"])])
+@pytest.mark.parametrize(
+    "permitted,inheritable", [(["chown"], []), ([], ["chown"]), (None, None), (["kill"], ["chown"])]
+)
 def test_ambient_outside_permitted_and_inheritable_names_it(permitted, inheritable):
     s = sc()
     for kind, names in (("permitted", permitted), ("inheritable", inheritable)):
         if names is not None:
             s.set_capabilities(kind, names)
     s.set_capabilities("ambient", ["chown"])
-    rejects(s, r"^set_capabilities: ambient capabilities must be both permitted and "
-               r"inheritable: CAP_CHOWN$")
+    rejects(
+        s,
+        r"^set_capabilities: ambient capabilities must be both permitted and "
+        r"inheritable: CAP_CHOWN$",
+    )
 
 
 def test_ambient_within_permitted_and_inheritable_is_valid():
@@ -275,8 +307,11 @@ def test_a_capability_outside_a_set_bounding_set_is_named(kind):
     s = sc()
     s.set_capabilities(kind, ["chown", "kill"])
     s.set_capabilities("bounding", ["chown"])
-    rejects(s, r"^set_capabilities: permitted/inheritable capabilities outside the bounding "
-               r"set: CAP_KILL$")
+    rejects(
+        s,
+        r"^set_capabilities: permitted/inheritable capabilities outside the bounding "
+        r"set: CAP_KILL$",
+    )
     s.set_capabilities("bounding", ["chown", "kill"])
     s.validate()
 
@@ -296,8 +331,11 @@ def test_a_user_namespace_through_the_setuid_starter_needs_hybrid(flow, how):
         userns(s)
     else:
         s.set_ns_path("user", "/proc/1/ns/user")
-    rejects(s, r"^set_ns_flags: a user namespace through the setuid starter needs "
-               r"set_hybrid_workflow \(hybrid flow\)$")
+    rejects(
+        s,
+        r"^set_ns_flags: a user namespace through the setuid starter needs "
+        r"set_hybrid_workflow \(hybrid flow\)$",
+    )
 
 
 @pytest.mark.parametrize("flow", ["root", "userns", "fakeroot"])
@@ -305,16 +343,22 @@ def test_hybrid_outside_the_setuid_starter_is_rejected_naming_the_flow(flow):
     s = sc(flow)
     userns(s)
     s.set_hybrid_workflow()
-    rejects(s, rf"^set_hybrid_workflow: the hybrid workflow needs the setuid starter "
-               rf"\(flow '{flow}'\)$")
+    rejects(
+        s,
+        rf"^set_hybrid_workflow: the hybrid workflow needs the setuid starter "
+        rf"\(flow '{flow}'\)$",
+    )
 
 
 @pytest.mark.parametrize("flow", ["suid", "hybrid"])
 def test_hybrid_without_creating_a_user_namespace_is_rejected(flow):
     s = sc(flow)
     s.set_hybrid_workflow()
-    rejects(s, r"^set_hybrid_workflow: the hybrid workflow creates a user namespace; add "
-               r"'user' to set_ns_flags$")
+    rejects(
+        s,
+        r"^set_hybrid_workflow: the hybrid workflow creates a user namespace; add "
+        r"'user' to set_ns_flags$",
+    )
 
 
 @pytest.mark.parametrize("flow", ["suid", "hybrid"])
@@ -333,8 +377,11 @@ def test_mappings_without_a_created_user_namespace_are_rejected(setter, user):
         s.set_ns_flags(["user"])
         s.set_ns_path("user", "/proc/1/ns/user")
     getattr(s, setter)([(0, 0, 1)])
-    rejects(s, r"^add_uid_mappings/add_gid_mappings: mappings need a user namespace that the "
-               r"starter creates")
+    rejects(
+        s,
+        r"^add_uid_mappings/add_gid_mappings: mappings need a user namespace that the "
+        r"starter creates",
+    )
 
 
 @pytest.mark.parametrize("missing", ["uid", "gid"])
@@ -371,8 +418,11 @@ def test_join_only_creating_a_namespace_is_rejected_naming_it():
     s.set_namespace_join_only()
     s.set_ns_path("net", "/proc/1/ns/net")
     s.set_ns_flags(["uts", "ipc", "net"])
-    rejects(s, r"^set_namespace_join_only: a join-only run cannot create namespaces "
-               r"\(set_ns_flags asks for uts, ipc\)$")
+    rejects(
+        s,
+        r"^set_namespace_join_only: a join-only run cannot create namespaces "
+        r"\(set_ns_flags asks for uts, ipc\)$",
+    )
 
 
 def test_join_only_without_a_namespace_to_join_is_rejected():
@@ -440,6 +490,9 @@ def test_a_capability_both_permitted_and_inheritable_is_bounded_too():
 
 def test_ranges_apart_or_adjacent_at_large_ids_do_not_overlap():
     s = sc()
-    userns(s, [(0, 100000, 5), (10, 200000, 5), (1000, 300000, 500), (1500, 400000, 100)],
-           [(0, 1000, 1)])
+    userns(
+        s,
+        [(0, 100000, 5), (10, 200000, 5), (1000, 300000, 500), (1500, 400000, 100)],
+        [(0, 1000, 1)],
+    )
     s.validate()

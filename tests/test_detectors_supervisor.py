@@ -34,18 +34,22 @@ def _enter_sandbox() -> None:
 
 def _scripted_starter(script: Script) -> type:
     class ScriptedStarter:
-        """Stands for :class:`kit.starter.stage1.Starter`: runs ``script`` and exits with its code."""
+        """Stands for :class:`kit.starter.stage1.Starter`: runs ``script``, exits with its code."""
 
-        def __init__(self, request: Any, sock: Any, filter_channel: Any = None,
-                     parent: int | None = None) -> None:
+        def __init__(
+            self, request: Any, sock: Any, filter_channel: Any = None, parent: int | None = None
+        ) -> None:
             self.ledger = LedgerWriter(sock, "starter")
             self.ledger.supervisor_pid = parent  # type: ignore[attr-defined]
             # The supervisor waits (up to the run timeout) for the starter's seccomp filter
             # before it reads the ledger: say at once that there is none, or every timer
             # would start a run timeout late.
             if filter_channel is not None:
-                filter_channel.sendall(json.dumps(
-                    {"filter": None, "reason": "a scripted starter installs none"}).encode())
+                filter_channel.sendall(
+                    json.dumps(
+                        {"filter": None, "reason": "a scripted starter installs none"}
+                    ).encode()
+                )
                 filter_channel.close()
 
         def main(self) -> None:
@@ -54,11 +58,13 @@ def _scripted_starter(script: Script) -> type:
                 code = script(self.ledger)
             finally:
                 os._exit(code)
+
     return ScriptedStarter
 
 
-def supervise(script: Script, setup: Callable[[], None] = lambda: None,
-              **options: Any) -> dict[str, Any]:
+def supervise(
+    script: Script, setup: Callable[[], None] = lambda: None, **options: Any
+) -> dict[str, Any]:
     """Run the real supervisor over ``script`` in a sandboxed child; its result, the
     seconds the run took, and the descendants still alive after it."""
     # the test's own sandbox (a mount namespace) stands for the host: not the kit's
@@ -78,14 +84,21 @@ def supervise(script: Script, setup: Callable[[], None] = lambda: None,
         encoded_as_is = json.loads(sup.encode(result)) == json.loads(json.dumps(result))
         os.close(w)
         first = os.read(r, 4096).decode()
-        alive = [p for p in linux.descendants(os.getpid())
-                 if linux.process_state(p) not in ("Z", None)]
+        alive = [
+            p for p in linux.descendants(os.getpid()) if linux.process_state(p) not in ("Z", None)
+        ]
         for pid in alive:  # what a broken supervisor left: never outlives the test
             os.kill(pid, signal.SIGKILL)
         with open("/proc/self/mountinfo") as f:  # mount point -> id, after the run
             mount_ids = {line.split()[4]: line.split()[0] for line in f}
-        return {**result, "seconds": seconds, "alive": alive, "first_line": first,
-                "mount_ids": mount_ids, "encoded_as_is": encoded_as_is}
+        return {
+            **result,
+            "seconds": seconds,
+            "alive": alive,
+            "first_line": first,
+            "mount_ids": mount_ids,
+            "encoded_as_is": encoded_as_is,
+        }
 
     out = in_child(child)
     assert "ok" in out, out
@@ -104,6 +117,7 @@ def kinds(result: dict[str, Any], kind: str) -> list[dict[str, Any]]:
 
 # -- a clean run --------------------------------------------------------------------------------
 
+
 def test_a_clean_run_has_no_leak_and_no_timeout():
     result = supervise(finish)
     assert (result["exit_code"], result["reason"]) == (0, "exited")
@@ -116,6 +130,7 @@ def test_a_clean_run_has_no_leak_and_no_timeout():
 
 # -- leaks --------------------------------------------------------------------------------------
 
+
 def test_a_mount_left_in_the_host_mount_namespace_is_reported_naming_it(tmp_path):
     target = tmp_path / "leaked"
     target.mkdir()
@@ -126,7 +141,8 @@ def test_a_mount_left_in_the_host_mount_namespace_is_reported_naming_it(tmp_path
 
     result = supervise(leaks_a_mount)
     assert [(leak["what"], leak["detail"].split(" (")[0]) for leak in result["leaks"]] == [
-        ("mount", str(target))]
+        ("mount", str(target))
+    ]
     assert result["leaks"][0]["detail"].endswith(") in the host mount namespace")
     assert f"(mount id {result['mount_ids'][str(target)]})" in result["leaks"][0]["detail"]
     assert [e["detail"] for e in kinds(result, "leak")] == [result["leaks"][0]["detail"]]
@@ -141,8 +157,9 @@ def test_a_mount_removed_during_the_run_is_not_a_leak(tmp_path):
         linux.umount(str(target))
         return finish(ledger)
 
-    result = supervise(removes_a_mount,
-                       setup=lambda: linux.mount("kit-pre", str(target), "tmpfs", 0))
+    result = supervise(
+        removes_a_mount, setup=lambda: linux.mount("kit-pre", str(target), "tmpfs", 0)
+    )
     assert result["leaks"] == []
 
 
@@ -154,8 +171,9 @@ def test_a_mount_over_a_mount_point_that_existed_is_reported(tmp_path):
         linux.mount("kit-leak", str(target), "tmpfs", 0)
         return finish(ledger)
 
-    result = supervise(stacks_a_mount,
-                       setup=lambda: linux.mount("kit-pre", str(target), "tmpfs", 0))
+    result = supervise(
+        stacks_a_mount, setup=lambda: linux.mount("kit-pre", str(target), "tmpfs", 0)
+    )
     assert [leak["detail"].split(" (")[0] for leak in result["leaks"]] == [str(target)]
 
 
@@ -224,8 +242,9 @@ def test_a_file_left_in_the_run_directory_is_reported_naming_it():
         return finish(ledger)
 
     result = supervise(leaks_files)
-    assert result["leaks"] == [{"what": "tempdir", "detail":
-                                "left in the run's temporary directory: a-left, b-left"}]
+    assert result["leaks"] == [
+        {"what": "tempdir", "detail": "left in the run's temporary directory: a-left, b-left"}
+    ]
     run_dir = result["ledger"]["events"][0]["run_dir"]
     assert not os.path.exists(run_dir)  # removed after the check
 
@@ -257,6 +276,7 @@ def opens(hook: str, role: str = "master") -> Script:
         ledger.for_role(role).emit("hook_enter", hook=hook)
         signal.pause()
         return 0
+
     return script
 
 
@@ -264,13 +284,17 @@ def test_a_hung_hook_is_reported_naming_it_and_its_process_after_its_timeout():
     result = supervise(opens("create_container"), hook_timeout=T)
     timed_out = result["timed_out"]
     assert (timed_out["hook"], timed_out["hook_role"], timed_out["seconds"]) == (
-        "create_container", "master", T)
+        "create_container",
+        "master",
+        T,
+    )
     assert timed_out["whole_run"] is False
     assert [h["hook"] for h in timed_out["open_hooks"]] == ["create_container"]
     assert result["seconds"] >= T
     assert result["exit_code"] == 255
-    assert result["reason"] == f"hook timeout: create_container in master did not return " \
-                               f"within {T} s"
+    assert (
+        result["reason"] == f"hook timeout: create_container in master did not return within {T} s"
+    )
     [event] = kinds(result, "hook_timeout")
     assert event["hook"] == "create_container" and event["hook_role"] == "master"
     assert event["hook_pid"] > 0
@@ -314,8 +338,9 @@ def as_process(ledger: LedgerWriter, first_role: str, body: Callable[[], None]) 
     if pid == 0:
         code = 70
         try:
-            ledger.for_role(first_role).emit("process_start", ppid=os.getppid(),
-                                             nspid=[os.getpid()])
+            ledger.for_role(first_role).emit(
+                "process_start", ppid=os.getppid(), nspid=[os.getpid()]
+            )
             body()
             code = 0
         finally:
@@ -329,6 +354,7 @@ def test_stage2_exec_ends_start_process_and_its_absence_is_a_timeout():
             stage2 = ledger.for_role("stage2")
             stage2.emit("hook_enter", hook="start_process")
             stage2.emit("stage2_exec")
+
         os.waitpid(as_process(ledger, "container", container), 0)
         time.sleep(T * 1.3)  # past the hook's deadline: closed by stage2_exec, not open
         return finish(ledger)
@@ -337,6 +363,7 @@ def test_stage2_exec_ends_start_process_and_its_absence_is_a_timeout():
         def container() -> None:
             ledger.for_role("stage2").emit("hook_enter", hook="start_process")
             signal.pause()
+
         as_process(ledger, "container", container)
         signal.pause()
         return 0
@@ -344,10 +371,14 @@ def test_stage2_exec_ends_start_process_and_its_absence_is_a_timeout():
     result = supervise(execs, hook_timeout=T)
     assert result["timed_out"] is None and kinds(result, "engine_fault") == [], result
     assert [e["kind"] for e in result["ledger"]["events"] if e["role"] == "stage2"] == [
-        "hook_enter", "stage2_exec"]
+        "hook_enter",
+        "stage2_exec",
+    ]
     result = supervise(hangs_in_start_process, hook_timeout=T)
     assert (result["timed_out"]["hook"], result["timed_out"]["hook_role"]) == (
-        "start_process", "stage2")
+        "start_process",
+        "stage2",
+    )
     assert result["alive"] == []
 
 
@@ -385,7 +416,7 @@ def test_the_oldest_of_two_hung_hooks_is_named_and_both_are_listed(rpc_first):
             as_process(ledger, "container", container)
             os.read(entered_r, 1)
 
-        for step in ((rpc, master) if rpc_first else (master, rpc)):
+        for step in (rpc, master) if rpc_first else (master, rpc):
             step()
             time.sleep(0.2)  # the second hook opens that much later
         signal.pause()
@@ -413,8 +444,9 @@ def test_an_untimed_hook_runs_until_the_run_timeout_which_names_it():
     assert timed_out["whole_run"] is True and timed_out["seconds"] == T
     assert (timed_out["hook"], timed_out["hook_role"]) == ("monitor_container", "master")
     assert timed_out["open_hooks"] == []
-    assert result["reason"] == f"hook timeout: monitor_container in master did not return " \
-                               f"within {T} s"
+    assert (
+        result["reason"] == f"hook timeout: monitor_container in master did not return within {T} s"
+    )
 
 
 def test_a_run_with_no_open_hook_times_out_as_a_whole():
@@ -437,6 +469,7 @@ def test_the_run_timer_names_a_hook_still_open():
 
 # -- how the starter ended ------------------------------------------------------------------------
 
+
 def test_a_starter_exit_code_is_the_runs():
     result = supervise(lambda ledger: finish(ledger, 7))
     assert (result["exit_code"], result["reason"]) == (7, "exited")
@@ -445,7 +478,9 @@ def test_a_starter_exit_code_is_the_runs():
 def test_a_starter_that_exits_without_finishing_is_a_crash_naming_its_code():
     result = supervise(lambda ledger: 3)
     assert (result["exit_code"], result["reason"]) == (
-        255, "master crashed: exited 3 without finishing the run")
+        255,
+        "master crashed: exited 3 without finishing the run",
+    )
 
 
 def test_a_starter_killed_by_a_signal_is_a_crash_naming_the_signal():
@@ -455,7 +490,9 @@ def test_a_starter_killed_by_a_signal_is_a_crash_naming_the_signal():
 
     result = supervise(killed)
     assert (result["exit_code"], result["reason"]) == (
-        255, f"master crashed: killed by signal {signal.SIGKILL.value}")
+        255,
+        f"master crashed: killed by signal {signal.SIGKILL.value}",
+    )
 
 
 def test_a_datagram_with_whitespace_around_its_object_is_encoded_again_not_spliced():
@@ -463,11 +500,15 @@ def test_a_datagram_with_whitespace_around_its_object_is_encoded_again_not_splic
     # sent, its last byte replaced by ',"seq":N}') must not, or the result is not JSON
     def sends_padded(ledger: LedgerWriter) -> int:
         master = ledger.for_role("master")
-        for kind, pad_before, pad_after in (("hook_enter", b"", b"\n"),
-                                            ("hook_return", b" ", b"")):
-            event = {"t": time.monotonic_ns(), "kind": kind, "role": "master",
-                     "pid": os.getpid(), "tid": threading.get_native_id(),
-                     "hook": "create_container"}
+        for kind, pad_before, pad_after in (("hook_enter", b"", b"\n"), ("hook_return", b" ", b"")):
+            event = {
+                "t": time.monotonic_ns(),
+                "kind": kind,
+                "role": "master",
+                "pid": os.getpid(),
+                "tid": threading.get_native_id(),
+                "hook": "create_container",
+            }
             master.sock.send(pad_before + json.dumps(event).encode() + pad_after)
         return finish(ledger)
 
@@ -482,6 +523,7 @@ def _unread(sock: Any) -> int:
     import fcntl
     import struct
     import termios
+
     return struct.unpack("i", fcntl.ioctl(sock.sock, termios.TIOCOUTQ, b"\0" * 4))[0]
 
 
@@ -491,16 +533,20 @@ def test_a_hook_that_returned_in_time_is_no_timeout_when_the_supervisor_was_late
     # starter cannot stop it (the run's seccomp filter refuses signals to the supervisor): a
     # process forked before the run, outside the filter, does, when the script asks.
     from conftest import wait_until
+
     pipes: dict[str, int] = {}
 
     def stopper(supervisor_pid: int) -> None:
         os.read(pipes["ask"], 1)
         # stopped while it waits in poll for the next datagram, the hook's return
-        wait_until(lambda: linux.process_state(supervisor_pid) == "S",
-                   what="the supervisor to wait for the next datagram")
+        wait_until(
+            lambda: linux.process_state(supervisor_pid) == "S",
+            what="the supervisor to wait for the next datagram",
+        )
         os.kill(supervisor_pid, signal.SIGSTOP)
-        wait_until(lambda: linux.process_state(supervisor_pid) == "T",
-                   what="the supervisor to stop")
+        wait_until(
+            lambda: linux.process_state(supervisor_pid) == "T", what="the supervisor to stop"
+        )
         os.write(pipes["stopped_w"], b"s")
         os.read(pipes["ask"], 1)  # the hook returned meanwhile
         time.sleep(T * 1.5)  # the supervisor misses the hook's deadline
@@ -531,7 +577,9 @@ def test_a_hook_that_returned_in_time_is_no_timeout_when_the_supervisor_was_late
     result = supervise(returns_while_supervisor_stopped, setup=setup, hook_timeout=T)
     assert result["timed_out"] is None, result["timed_out"]
     assert (result["exit_code"], result["reason"]) == (0, "exited"), (
-        result["reason"], [(e["kind"], e.get("detail")) for e in result["ledger"]["events"]])
+        result["reason"],
+        [(e["kind"], e.get("detail")) for e in result["ledger"]["events"]],
+    )
     [enter] = kinds(result, "hook_enter")
     [exited] = kinds(result, "starter_exit")
     assert (exited["t"] - enter["t"]) / 1e9 < T  # the hook ended in time, the reading did not

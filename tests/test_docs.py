@@ -17,8 +17,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = ("README.md", "conformance/README.md", "reference_engines/minimal/README.md",
-        "reference_engines/bind_rootfs/README.md")
+DOCS = (
+    "README.md",
+    "conformance/README.md",
+    "reference_engines/minimal/README.md",
+    "reference_engines/bind_rootfs/README.md",
+)
 FLOWS = ("root", "suid", "userns", "fakeroot", "hybrid")
 MARKER = re.compile(r"<!-- doc-test: (?P<spec>.*?) -->")
 #: How a block is tested: the first word of its marker.
@@ -65,8 +69,9 @@ def blocks(doc: str) -> Iterator[Block]:
             i += 1
         previous = next((lines[j] for j in range(start - 1, -1, -1) if lines[j].strip()), "")
         found = MARKER.fullmatch(previous.strip())
-        yield Block(doc, start + 1, found["spec"] if found else None,
-                    "\n".join(lines[start + 1:i]) + "\n")
+        yield Block(
+            doc, start + 1, found["spec"] if found else None, "\n".join(lines[start + 1 : i]) + "\n"
+        )
         i += 1
 
 
@@ -79,8 +84,9 @@ def test_every_code_block_says_how_it_is_tested() -> None:
         if block.spec is None:
             problems.append(f"{block.where()}: no '<!-- doc-test: … -->' line before the block")
         elif block.kind not in KINDS:
-            problems.append(f"{block.where()}: unknown doc-test kind {block.kind!r} "
-                            f"(known: {', '.join(KINDS)})")
+            problems.append(
+                f"{block.where()}: unknown doc-test kind {block.kind!r} (known: {', '.join(KINDS)})"
+            )
         elif block.kind == "skip:" and not block.spec.removeprefix("skip:").strip():
             problems.append(f"{block.where()}: a skipped block must say why")
     assert not problems, "\n".join(problems)
@@ -92,32 +98,41 @@ def test_the_contract_shipped_in_the_package_is_the_teams() -> None:
     if not shared.exists():
         pytest.skip("no shared/SPEC.md beside the checkout")
     assert (ROOT / "conformance" / "SPEC.md").read_text() == shared.read_text(), (
-        "conformance/SPEC.md differs from the team's shared/SPEC.md: copy it again")
+        "conformance/SPEC.md differs from the team's shared/SPEC.md: copy it again"
+    )
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("COVERAGE", "PYTEST", "KIT_ENGINE")) and k != "PYTHONPATH"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("COVERAGE", "PYTEST", "KIT_ENGINE")) and k != "PYTHONPATH"
+    }
     env.update(extra)
     return env
 
 
-def _run_sh(block: Block, cwd: Path, env: dict[str, str], engine: str | None = None
-            ) -> subprocess.CompletedProcess[str]:
+def _run_sh(
+    block: Block, cwd: Path, env: dict[str, str], engine: str | None = None
+) -> subprocess.CompletedProcess[str]:
     code = block.code if engine is None else block.code.replace("myengine", engine)
-    proc = subprocess.run(["/bin/bash", "-c", code], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        ["/bin/bash", "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
     expect = block.option("expect")
     out = proc.stdout.strip().splitlines()
     assert proc.returncode == 0 and (expect is None or (out and out[-1] == expect)), (
         f"{block.where()}: exit {proc.returncode}, expected last line {expect!r}\n"
-        f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
     return proc
 
 
-@pytest.mark.parametrize("block", [b for b in ALL_BLOCKS
-                                   if b.kind == "sh" and b.option("engine") is None],
-                         ids=lambda b: b.where())
+@pytest.mark.parametrize(
+    "block",
+    [b for b in ALL_BLOCKS if b.kind == "sh" and b.option("engine") is None],
+    ids=lambda b: b.where(),
+)
 def test_a_shell_block_runs_from_the_checkout(block: Block) -> None:
     if os.getuid() != 0:
         pytest.skip("the documented commands are run as root")
@@ -126,6 +141,7 @@ def test_a_shell_block_runs_from_the_checkout(block: Block) -> None:
 
 
 # -- the README's engine and `kit new`, installed from the kit's wheel ------------------------
+
 
 @dataclass
 class Venv:
@@ -138,22 +154,38 @@ class Venv:
 
     def env(self) -> dict[str, str]:
         # No compiler on PATH: a fresh install must not need one.
-        return _clean_env(PATH=f"{self.bin}:/nonexistent", CC="/bin/false",
-                          KIT_PYTHON=str(self.bin / "python"), VIRTUAL_ENV=str(self.root),
-                          HOME=str(self.work))
+        return _clean_env(
+            PATH=f"{self.bin}:/nonexistent",
+            CC="/bin/false",
+            KIT_PYTHON=str(self.bin / "python"),
+            VIRTUAL_ENV=str(self.root),
+            HOME=str(self.work),
+        )
 
     def run(self, *argv: str | Path, cwd: Path | None = None) -> str:
-        proc = subprocess.run([str(a) for a in argv], cwd=cwd or self.work, env=self.env(),
-                              capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, (f"{argv}: exit {proc.returncode}\n{proc.stdout[-4000:]}\n"
-                                      f"{proc.stderr[-4000:]}")
+        proc = subprocess.run(
+            [str(a) for a in argv],
+            cwd=cwd or self.work,
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert proc.returncode == 0, (
+            f"{argv}: exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
         return proc.stdout
 
 
 def _build_wheel(wheels: Path) -> Path:
     """The kit's wheel, built from the checkout into ``wheels``."""
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels),
-                    str(ROOT)], check=True, capture_output=True, timeout=600, cwd=wheels.parent)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(ROOT)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+        cwd=wheels.parent,
+    )
     (wheel,) = wheels.glob("engine_kit-*.whl")
     return wheel
 
@@ -170,13 +202,17 @@ def test_the_wheel_carries_no_mutant_module_and_no_mutant_entry_point(tmp_path: 
         text = wheel.read(entry_points).decode()
     assert names and not [n for n in names if "mutant" in n.lower()], names
     assert {n.split("/", 1)[0] for n in names if n.endswith(".py")} == {
-        "kit", "conformance", "reference_engines"}
+        "kit",
+        "conformance",
+        "reference_engines",
+    }
     parser = configparser.ConfigParser(delimiters=("=",))
     parser.optionxform = str  # type: ignore[assignment,method-assign]  # names keep their case
     parser.read_string(text)
     assert dict(parser["kit.engines"]) == {
         "reference": "reference_engines.minimal:register",
-        "reference-bind": "reference_engines.bind_rootfs:register"}
+        "reference-bind": "reference_engines.bind_rootfs:register",
+    }
     assert "mutant" not in text.lower()
 
 
@@ -192,8 +228,9 @@ def wheel_venv() -> Iterator[Venv]:
         work = top / "work"
         work.mkdir()
         wheel = _build_wheel(top / "wheels")
-        subprocess.run(["/usr/bin/python3", "-m", "venv", str(top / "venv")], check=True,
-                       timeout=120)
+        subprocess.run(
+            ["/usr/bin/python3", "-m", "venv", str(top / "venv")], check=True, timeout=120
+        )
         venv = Venv(top / "venv", work)
         venv.run(venv.bin / "python", "-m", "pip", "install", "-q", wheel)
         yield venv
@@ -214,33 +251,46 @@ def _readme_engine_package(where: Path) -> Path:
         '[build-system]\nrequires = ["setuptools>=61"]\nbuild-backend = "setuptools.build_meta"\n'
         '[project]\nname = "mypkg"\nversion = "0.1.0"\ndependencies = ["engine-kit"]\n'
         f'[project.entry-points."kit.engines"]\n{name} = "mypkg.engine:register"\n'
-        '[tool.setuptools]\npackages = ["mypkg"]\n')
+        '[tool.setuptools]\npackages = ["mypkg"]\n'
+    )
     return package
 
 
 def _assert_conformant_in_every_flow(venv: Venv, engine: str) -> None:
     report = venv.work / f"{engine}.json"
-    venv.run(venv.bin / "pytest", "-q", "-p", "no:cacheprovider", f"--engine={engine}",
-             f"--conformance-report={report}")
+    venv.run(
+        venv.bin / "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        f"--engine={engine}",
+        f"--conformance-report={report}",
+    )
     doc = json.loads(report.read_text())
     flows = doc["environment"]["flows"]
-    assert {f for f in FLOWS if flows[f]["selected"] and flows[f]["backend"] == "real"} == \
-        set(FLOWS), flows
-    bad = [(r["requirement"], r["flow"], r["outcome"]) for r in doc["results"]
-           if r["outcome"] not in ("passed", "not-supported")]
+    assert {f for f in FLOWS if flows[f]["selected"] and flows[f]["backend"] == "real"} == set(
+        FLOWS
+    ), flows
+    bad = [
+        (r["requirement"], r["flow"], r["outcome"])
+        for r in doc["results"]
+        if r["outcome"] not in ("passed", "not-supported")
+    ]
     assert not bad, bad
     assert {r["flow"] for r in doc["results"] if r["outcome"] == "passed"} == set(FLOWS)
 
 
 def test_the_readme_engine_and_a_kit_new_package_from_the_wheel_pass_every_flow(
-        wheel_venv: Venv) -> None:
+    wheel_venv: Venv,
+) -> None:
     # One test, not three: under pytest-xdist a module fixture would be built per worker.
     out = wheel_venv.run(wheel_venv.bin / "python", "-m", "conformance", "spec")
     assert out.startswith("# The engine contract") and "## 11. The host" in out
     out = wheel_venv.run(wheel_venv.bin / "python", "-m", "kit", "engines")
-    assert out == ("reference\tentry point reference_engines.minimal:register\n"
-                   "reference-bind\tentry point reference_engines.bind_rootfs:register\n"
-                   )  # no mutant
+    assert out == (
+        "reference\tentry point reference_engines.minimal:register\n"
+        "reference-bind\tentry point reference_engines.bind_rootfs:register\n"
+    )  # no mutant
 
     package = _readme_engine_package(wheel_venv.work.parent)
     wheel_venv.run(wheel_venv.bin / "python", "-m", "pip", "install", "-q", package)

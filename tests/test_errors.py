@@ -12,12 +12,22 @@ from kit.run.launcher import run
 FAULT = "kit_test_engines:FaultEngine"
 
 
-def fault_run(hook: str, action: str = "raise", role: str = "", flow: str = "root",
-              argv: list[str] | None = None, **options):
+def fault_run(
+    hook: str,
+    action: str = "raise",
+    role: str = "",
+    flow: str = "root",
+    argv: list[str] | None = None,
+    **options,
+):
     before = host_state()
-    result = run(FAULT, flow, argv or ["/bin/sh", "-c", "exit 3"],
-                 engine_config={"fault_hook": hook, "fault_action": action,
-                                "fault_role": role}, **options)
+    result = run(
+        FAULT,
+        flow,
+        argv or ["/bin/sh", "-c", "exit 3"],
+        engine_config={"fault_hook": hook, "fault_action": action, "fault_role": role},
+        **options,
+    )
     after = host_state()
     assert before == after, "the run changed the host"
     assert not os.path.exists(result.ledger.first("run_start")["run_dir"])
@@ -37,17 +47,20 @@ def cleanup_args(result) -> dict:
 def test_prepare_config_raises_no_further_hook_exit_255():
     result = fault_run("prepare_config")
     assert result.exit_code == 255
-    assert hooks(result) == [("stage1", "config"), ("stage1", "init_config"),
-                             ("stage1", "prepare_config")]
-    assert result.ledger.first("hook_raise")["error"]["message"] == \
-        "injected fault in prepare_config"
+    assert hooks(result) == [
+        ("stage1", "config"),
+        ("stage1", "init_config"),
+        ("stage1", "prepare_config"),
+    ]
+    assert (
+        result.ledger.first("hook_raise")["error"]["message"] == "injected fault in prepare_config"
+    )
     assert result.leaks == []
 
 
 def test_invalid_starter_config_rejected_before_any_namespace():
     # bounding set without the permitted caps: rejected with the setting's name.
-    result = run("reference", "root", ["/bin/true"],
-                 engine_config={"capabilities": ["not_a_cap"]})
+    result = run("reference", "root", ["/bin/true"], engine_config={"capabilities": ["not_a_cap"]})
     assert result.exit_code == 255
     error = result.ledger.first("hook_raise")
     assert "unknown capability 'not_a_cap'" in error["error"]["message"]
@@ -61,7 +74,8 @@ def test_create_container_raises_cleanup_gets_creation_failed():
     assert fatal and fatal[0]["message"].startswith("container creation failed: RuntimeError")
     assert not [h for h in hooks(result) if h[0] == "stage2"], "stage 2 must never start"
     assert [h for h in hooks(result) if h[1] == "cleanup_container"] == [
-        ("master", "cleanup_container")]
+        ("master", "cleanup_container")
+    ]
     assert not result.ledger.select("hook_enter", hook="post_start_process")
     assert result.leaks == []
 
@@ -99,23 +113,26 @@ def test_cleanup_raises_is_reported_exit_code_unchanged():
     assert result.ledger.first("hook_raise", hook="cleanup_container")
 
 
-@pytest.mark.parametrize("hook,role", [
-    ("prepare_config", "stage1"),
-    ("create_container", "master"),
-    ("post_start_process", "master"),
-    ("cleanup_container", "master"),
-    ("start_process", "stage2"),
-    ("init_config", "rpc"),
-])
+@pytest.mark.parametrize(
+    "hook,role",
+    [
+        ("prepare_config", "stage1"),
+        ("create_container", "master"),
+        ("post_start_process", "master"),
+        ("cleanup_container", "master"),
+        ("start_process", "stage2"),
+        ("init_config", "rpc"),
+    ],
+)
 def test_hung_hook_is_killed_and_named(hook, role):
     result = fault_run(hook, "hang", role=role, hook_timeout=1.0)
     assert result.exit_code == 255
     event = result.ledger.first("hook_timeout")
     assert {"role": role, "hook": hook} in [
-        {"role": h["role"], "hook": h["hook"]} for h in event["open_hooks"]]
+        {"role": h["role"], "hook": h["hook"]} for h in event["open_hooks"]
+    ]
     if role == "rpc":  # create_container, blocked on the RPC server, may expire first
-        assert (event["hook_role"], event["hook"]) in (("master", "create_container"),
-                                                       (role, hook))
+        assert (event["hook_role"], event["hook"]) in (("master", "create_container"), (role, hook))
     else:
         assert (event["hook_role"], event["hook"]) == (role, hook)
         assert f"hook timeout: {hook} in {role}" in result.reason
@@ -125,27 +142,38 @@ def test_hung_hook_is_killed_and_named(hook, role):
 
 def test_create_container_waiting_for_the_container_is_a_named_timeout(shared_dir):
     marker = os.path.join(shared_dir, "payload-started")
-    result = run(FAULT, "root", ["/bin/sh", "-c", f"touch {marker}"], hook_timeout=1.0,
-                 shared_dirs=[shared_dir],
-                 engine_config={"fault_hook": "create_container",
-                                "fault_action": "wait_container", "marker": marker,
-                                "mount_tmp": False})
+    result = run(
+        FAULT,
+        "root",
+        ["/bin/sh", "-c", f"touch {marker}"],
+        hook_timeout=1.0,
+        shared_dirs=[shared_dir],
+        engine_config={
+            "fault_hook": "create_container",
+            "fault_action": "wait_container",
+            "marker": marker,
+            "mount_tmp": False,
+        },
+    )
     assert result.timed_out["hook"] == "create_container"
     assert not os.path.exists(marker), "stage 2 must not start before create_container returns"
 
 
 @pytest.mark.parametrize("action", ["exit", "segv"])
-@pytest.mark.parametrize("hook,role", [("create_container", "master"),
-                                       ("prepare_config", "stage1"),
-                                       ("start_process", "stage2")])
+@pytest.mark.parametrize(
+    "hook,role",
+    [("create_container", "master"), ("prepare_config", "stage1"), ("start_process", "stage2")],
+)
 def test_crashing_hook_leaves_nothing_behind(hook, role, action):
     result = fault_run(hook, action, role=role)
     if role == "stage2":
         # start_process may exit instead of exec'ing: its code is the container's.
         assert result.exit_code == (3 if action == "exit" else 128 + 11)
         assert result.ledger.first("stage2_failed")["message"] == (
-            "start_process exited with code 3 instead of exec" if action == "exit"
-            else "stage 2 died before exec")
+            "start_process exited with code 3 instead of exec"
+            if action == "exit"
+            else "stage 2 died before exec"
+        )
     else:
         assert result.exit_code == 255
         assert result.reason.startswith("master crashed") or role == "stage1"
@@ -168,6 +196,7 @@ def test_leaked_temp_dir_is_reported_and_removed():
 @pytest.mark.parametrize("flow", ["suid", "userns", "fakeroot", "hybrid"])
 def test_error_rows_hold_in_unprivileged_flows(flow):
     from conftest import require_flow
+
     require_flow(flow)
     result = fault_run("create_container", flow=flow)
     assert result.exit_code == 255
@@ -181,8 +210,14 @@ def test_killing_the_supervisor_takes_the_whole_run_down(flow):
 
     from kit.run.launcher import start
     from kit.system import linux
-    handle = start(FAULT, flow, ["/bin/true"], hook_timeout=30,
-                   engine_config={"fault_hook": "cleanup_container", "fault_action": "hang"})
+
+    handle = start(
+        FAULT,
+        flow,
+        ["/bin/true"],
+        hook_timeout=30,
+        engine_config={"fault_hook": "cleanup_container", "fault_action": "hang"},
+    )
     deadline = time.monotonic() + 10
     # The master is in cleanup_container (hanging) once the container has gone.
     while linux.process_state(handle.starter_pid) is None and time.monotonic() < deadline:

@@ -74,8 +74,9 @@ class Normaliser:
         self.events = document["events"]
         self.container_id = document["run"]["container_id"]
         self.labels: dict[tuple[str, int], str] = {}
-        host = next(e for e in self.events if e["kind"] == "hook_enter"
-                    and e["role"] == "stage1")["snapshot"]["ns"]
+        host = next(e for e in self.events if e["kind"] == "hook_enter" and e["role"] == "stage1")[
+            "snapshot"
+        ]["ns"]
         for kind, ino in host.items():
             self.labels[(kind, ino)] = "host"
         counters: dict[str, int] = {}
@@ -108,9 +109,13 @@ class Normaliser:
 
     def threads(self, threads: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The distinct thread states (every field but the tid)."""
-        states = {json.dumps({k: (self.ns(v) if k == "ns" else v) for k, v in t.items()
-                              if k != "tid"}, sort_keys=True)
-                  for t in threads}
+        states = {
+            json.dumps(
+                {k: (self.ns(v) if k == "ns" else v) for k, v in t.items() if k != "tid"},
+                sort_keys=True,
+            )
+            for t in threads
+        }
         return [json.loads(s) for s in sorted(states)]
 
     def snapshot(self, snap: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -191,8 +196,9 @@ def _diff(real: dict[str, Any], fake: dict[str, Any]) -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):
             for k in sorted(set(a) | set(b), key=str):
                 if k not in a or k not in b:
-                    lines.append(f"{path}.{k}: real {a.get(k, '<absent>')!r} "
-                                 f"fake {b.get(k, '<absent>')!r}")
+                    lines.append(
+                        f"{path}.{k}: real {a.get(k, '<absent>')!r} fake {b.get(k, '<absent>')!r}"
+                    )
                 else:
                     walk(a[k], b[k], f"{path}.{k}")
         elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
@@ -216,8 +222,7 @@ def both(flow: str, cache: dict) -> tuple[Any, Any]:
             # The model stands for the kernel, not for the host sandbox around a real run
             # (its own pid numbering, the host diff's event): the real side runs without it.
             options = {"sandbox": False} if backend == "real" else {}
-            cache[(flow, backend)] = run("reference", flow, PAYLOAD, backend=backend,
-                                         **options)
+            cache[(flow, backend)] = run("reference", flow, PAYLOAD, backend=backend, **options)
     return cache[(flow, "real")], cache[(flow, "fake")]
 
 
@@ -234,9 +239,11 @@ def test_fake_ledger_equals_real_ledger(flow, ledgers):
     problems = []
     for name in r:
         if len(r[name]) != len(f[name]):
-            problems.append(f"{name}: real has {len(r[name])} events, fake {len(f[name])}: "
-                            f"{[e['kind'] if isinstance(e, dict) else e for e in r[name]]} vs "
-                            f"{[e['kind'] if isinstance(e, dict) else e for e in f[name]]}")
+            problems.append(
+                f"{name}: real has {len(r[name])} events, fake {len(f[name])}: "
+                f"{[e['kind'] if isinstance(e, dict) else e for e in r[name]]} vs "
+                f"{[e['kind'] if isinstance(e, dict) else e for e in f[name]]}"
+            )
             continue
         problems += [f"{name}{line}" for line in _diff(r[name], f[name])]
     assert not problems, f"flow {flow}: fake differs from real:\n" + "\n".join(problems[:40])
@@ -249,10 +256,20 @@ def test_every_hook_snapshot_and_escalation_is_compared(flow, ledgers):
     require_flow(flow)
     real, _ = both(flow, ledgers)
     streams = Normaliser(real.ledger.document).streams()
-    hooks = [e for events in streams.values() for e in events
-             if isinstance(e, dict) and e["kind"] == "hook_enter"]
+    hooks = [
+        e
+        for events in streams.values()
+        for e in events
+        if isinstance(e, dict) and e["kind"] == "hook_enter"
+    ]
     assert len(hooks) == len(real.ledger.select("hook_enter"))
     for e in hooks:
         assert e["snapshot"]["threads"] and e["escalation"] is not None
-        assert set(e["snapshot"]["threads"][0]) >= {"uid", "gid", "groups", "caps",
-                                                     "no_new_privs", "seccomp"}
+        assert set(e["snapshot"]["threads"][0]) >= {
+            "uid",
+            "gid",
+            "groups",
+            "caps",
+            "no_new_privs",
+            "seccomp",
+        }

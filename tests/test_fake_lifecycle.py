@@ -60,6 +60,7 @@ def thread0(event: dict) -> dict:
 
 # --- the lifecycle ------------------------------------------------------------------------
 
+
 def test_exit_code_backend_and_no_leaks(fflow, runs):
     result = lifecycle(fflow, runs)
     assert result.exit_code == 7, str(result)
@@ -78,13 +79,15 @@ def test_hook_order(fflow, runs):
     assert [h for h in hooks if h[0] == "stage2"] == STAGE2
     assert [h for h in hooks if h[0] == "rpc"] == [("rpc", "config"), ("rpc", "init_config")]
     master = [h[1] for h in hooks if h[0] == "master"]
-    assert sorted(master[2:]) == sorted(["create_container", "monitor_container",
-                                         "post_start_process", "cleanup_container"])
+    assert sorted(master[2:]) == sorted(
+        ["create_container", "monitor_container", "post_start_process", "cleanup_container"]
+    )
     assert master[-1] == "cleanup_container"
     events = result.ledger.events
     seq = {(e["role"], e["kind"], e.get("hook")): e["seq"] for e in events}
-    rpc_exit = next(e["seq"] for e in events
-                    if e["kind"] == "process_exit" and e.get("child_role") == "rpc")
+    rpc_exit = next(
+        e["seq"] for e in events if e["kind"] == "process_exit" and e.get("child_role") == "rpc"
+    )
     stage2_first = min(e["seq"] for e in events if e["role"] == "stage2")
     assert seq[("master", "hook_return", "create_container")] < rpc_exit < stage2_first
     exec_seq = next(e["seq"] for e in events if e["kind"] == "stage2_exec")
@@ -94,7 +97,10 @@ def test_hook_order(fflow, runs):
 def test_rpc_calls_reached_the_model(fflow, runs):
     calls = lifecycle(fflow, runs).ledger.select("rpc_call")
     assert [(c["method"], c["ok"]) for c in calls] == [
-        ("reference.sethostname", True), ("reference.mount", True), ("reference.mount", True)]
+        ("reference.sethostname", True),
+        ("reference.mount", True),
+        ("reference.mount", True),
+    ]
 
 
 def test_pids_and_namespaces(fflow, runs):
@@ -116,16 +122,20 @@ def test_pids_and_namespaces(fflow, runs):
     host_user = stage1["snapshot"]["ns"]["user"] == os.stat("/proc/self/ns/user").st_ino
     assert host_user  # the model's initial namespaces are the real ones
     created = result.ledger.first("namespaces")
-    assert created["ns"] == stage2["snapshot"]["ns"] or created["ns"]["pid"] == \
-        stage2["snapshot"]["ns"]["pid"]
+    assert (
+        created["ns"] == stage2["snapshot"]["ns"]
+        or created["ns"]["pid"] == stage2["snapshot"]["ns"]["pid"]
+    )
 
 
 def test_privileges_per_flow(fflow, runs):
     """SPEC §4, read from the model."""
     result = lifecycle(fflow, runs)
     u = result.ledger.first("run_start")["invoker"]
-    stage1, stage2 = hook(result, "stage1", "prepare_config"), hook(result, "stage2",
-                                                                      "start_process")
+    stage1, stage2 = (
+        hook(result, "stage1", "prepare_config"),
+        hook(result, "stage2", "start_process"),
+    )
     master, rpc = hook(result, "master", "create_container"), hook(result, "rpc", "config")
     s1, s2, m, r = (thread0(e) for e in (stage1, stage2, master, rpc))
     if fflow == "root":
@@ -178,20 +188,30 @@ def test_every_hook_has_a_snapshot_of_every_thread(fflow, runs):
         assert set(snap) == set(probe.SNAPSHOT_KEYS)
         assert set(snap["ns"]) == set(NS_KINDS)
         assert snap["threads"] and event["escalation"] is not None
-        assert set(event["escalation"]) >= {"setresuid_root", "raise_caps", "setuid_exec",
-                                            "host_userns", "host_escalation"}
+        assert set(event["escalation"]) >= {
+            "setresuid_root",
+            "raise_caps",
+            "setuid_exec",
+            "host_userns",
+            "host_escalation",
+        }
     post = hook(result, "master", "post_start_process")
     assert len(post["snapshot"]["threads"]) >= 3  # the master's hook threads, by real tid
 
 
 # --- the error table in fake mode -----------------------------------------------------------
 
-def fault(hook_name: str, action: str = "raise", role: str = "", flow: str = "root",
-          **options):
+
+def fault(hook_name: str, action: str = "raise", role: str = "", flow: str = "root", **options):
     before = host_state()
-    result = run(FAULT, flow, ["/bin/sh", "-c", "exit 3"], backend="fake",
-                 engine_config={"fault_hook": hook_name, "fault_action": action,
-                                "fault_role": role}, **options)
+    result = run(
+        FAULT,
+        flow,
+        ["/bin/sh", "-c", "exit 3"],
+        backend="fake",
+        engine_config={"fault_hook": hook_name, "fault_action": action, "fault_role": role},
+        **options,
+    )
     assert before == host_state()
     assert result.leaks == []
     return result
@@ -234,8 +254,15 @@ def test_join_only_run_joins_by_path():
     # namespaces by their real inode numbers (here the host's, the model's initial ones).
     other = subprocess.Popen(["sleep", "60"])
     try:
-        result = run(JOIN, "root", ["/bin/true"], backend="fake", engine_config={
-            "join": {"uts": f"/proc/{other.pid}/ns/uts", "net": f"/proc/{other.pid}/ns/net"}})
+        result = run(
+            JOIN,
+            "root",
+            ["/bin/true"],
+            backend="fake",
+            engine_config={
+                "join": {"uts": f"/proc/{other.pid}/ns/uts", "net": f"/proc/{other.pid}/ns/net"}
+            },
+        )
     finally:
         other.kill()
         other.wait()
@@ -243,46 +270,73 @@ def test_join_only_run_joins_by_path():
     assert [h for h in result.ledger.hooks()] == STAGE1 + STAGE2
     stage2 = hook(result, "stage2", "start_process")
     assert stage2["snapshot"]["ns"]["uts"] == os.stat("/proc/self/ns/uts").st_ino
-    result = run(JOIN, "root", ["/bin/true"], backend="fake",
-                 engine_config={"join": {"uts": "/proc/999999999/ns/uts"}})
+    result = run(
+        JOIN,
+        "root",
+        ["/bin/true"],
+        backend="fake",
+        engine_config={"join": {"uts": "/proc/999999999/ns/uts"}},
+    )
     assert result.exit_code == 255
     assert "999999999" in result.ledger.first("starter_error")["message"]
 
 
 def test_unprivileged_user_cannot_set_the_host_hostname_through_the_model():
     # userns flow without a uts namespace of its own: the host's hostname is refused.
-    result = run("reference", "userns", ["/bin/true"], backend="fake",
-                 engine_config={"namespaces": ["mount", "pid", "net", "ipc", "cgroup"],
-                                "hostname": None})
+    result = run(
+        "reference",
+        "userns",
+        ["/bin/true"],
+        backend="fake",
+        engine_config={"namespaces": ["mount", "pid", "net", "ipc", "cgroup"], "hostname": None},
+    )
     assert result.exit_code == 0, str(result)
-    result = run("reference", "suid", ["/bin/true"], backend="fake",
-                 engine_config={"namespaces": ["mount", "pid"], "hostname": None,
-                                "mount_tmp": False})
+    result = run(
+        "reference",
+        "suid",
+        ["/bin/true"],
+        backend="fake",
+        engine_config={"namespaces": ["mount", "pid"], "hostname": None, "mount_tmp": False},
+    )
     assert result.exit_code == 0, str(result)
 
 
 # --- backend selection ------------------------------------------------------------------------
+
 
 def test_auto_resolves_per_flow():
     for flow in ALL_FLOWS:
         backend, why = environment.backend_for(flow)
         ok, _real_why = environment.flows()[flow]
         assert backend == ("real" if ok else "fake") and why
-        assert make_request("reference", flow, ["/bin/true"], backend="auto").backend == \
-            backend
+        assert make_request("reference", flow, ["/bin/true"], backend="auto").backend == backend
     with pytest.raises(ValueError):
         make_request("reference", "root", ["/bin/true"], backend="magic")
 
 
 def kit_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kit", *args], capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "kit", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_run_with_the_fake_backend(tmp_path):
     ledger = tmp_path / "ledger.json"
-    proc = kit_cli("run", "--backend", "fake", "--engine", "reference", "--flow", "hybrid",
-                   "--ledger", str(ledger), "--", "/bin/sh", "-c", "exit 7")
+    proc = kit_cli(
+        "run",
+        "--backend",
+        "fake",
+        "--engine",
+        "reference",
+        "--flow",
+        "hybrid",
+        "--ledger",
+        str(ledger),
+        "--",
+        "/bin/sh",
+        "-c",
+        "exit 7",
+    )
     assert proc.returncode == 7, proc.stderr
     doc = json.loads(ledger.read_text())
     assert doc["events"][0]["backend"] == "fake" and doc["run"]["backend"] == "fake"
@@ -298,6 +352,7 @@ def test_cli_flows_shows_the_choice_and_the_reason():
 
 
 def test_cli_rejects_an_unknown_backend():
-    proc = kit_cli("run", "--backend", "magic", "--engine", "reference", "--flow", "root",
-                   "--", "/bin/true")
+    proc = kit_cli(
+        "run", "--backend", "magic", "--engine", "reference", "--flow", "root", "--", "/bin/true"
+    )
     assert proc.returncode == 2 and "--backend" in proc.stderr

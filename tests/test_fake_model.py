@@ -55,29 +55,80 @@ def bit(*names: str) -> int:
 def make_model() -> Model:
     owner = {"owner": INIT["user"], "initial": True}
     ns = {
-        str(INIT["user"]): {"kind": "user", "parent": None, "level": 0, "owner": 0,
-                            "group": 0, "uid_map": None, "gid_map": None, "initial": True,
-                            "shown_uid_map": FULL_MAP, "shown_gid_map": FULL_MAP,
-                            "setgroups": "allow", "parent_could_setfcap": True},
-        str(INIT["pid"]): {"kind": "pid", "parent": None, "level": 0, "last_pid": 0,
-                           "init": None, **owner},
-        str(INIT["uts"]): {"kind": "uts", "hostname": "host", "domainname": "(none)",
-                           **owner},
+        str(INIT["user"]): {
+            "kind": "user",
+            "parent": None,
+            "level": 0,
+            "owner": 0,
+            "group": 0,
+            "uid_map": None,
+            "gid_map": None,
+            "initial": True,
+            "shown_uid_map": FULL_MAP,
+            "shown_gid_map": FULL_MAP,
+            "setgroups": "allow",
+            "parent_could_setfcap": True,
+        },
+        str(INIT["pid"]): {
+            "kind": "pid",
+            "parent": None,
+            "level": 0,
+            "last_pid": 0,
+            "init": None,
+            **owner,
+        },
+        str(INIT["uts"]): {"kind": "uts", "hostname": "host", "domainname": "(none)", **owner},
         str(INIT["net"]): {"kind": "net", "links": {"lo": True, "eth0": True}, **owner},
         str(INIT["ipc"]): {"kind": "ipc", **owner},
         str(INIT["cgroup"]): {"kind": "cgroup", **owner},
-        str(INIT["mount"]): {"kind": "mount", "root": "/", **owner, "mounts": [
-            {"id": 1, "target": "/", "source": "/dev/sda1", "fstype": "ext4", "flags": [],
-             "locked_flags": [], "locked": False, "propagation": "shared", "bind": False,
-             "data": None},
-            {"id": 2, "target": "/proc", "source": "proc", "fstype": "proc",
-             "flags": ["nodev", "noexec", "nosuid"], "locked_flags": [], "locked": False,
-             "propagation": "shared", "bind": False, "data": None}]},
+        str(INIT["mount"]): {
+            "kind": "mount",
+            "root": "/",
+            **owner,
+            "mounts": [
+                {
+                    "id": 1,
+                    "target": "/",
+                    "source": "/dev/sda1",
+                    "fstype": "ext4",
+                    "flags": [],
+                    "locked_flags": [],
+                    "locked": False,
+                    "propagation": "shared",
+                    "bind": False,
+                    "data": None,
+                },
+                {
+                    "id": 2,
+                    "target": "/proc",
+                    "source": "proc",
+                    "fstype": "proc",
+                    "flags": ["nodev", "noexec", "nosuid"],
+                    "locked_flags": [],
+                    "locked": False,
+                    "propagation": "shared",
+                    "bind": False,
+                    "data": None,
+                },
+            ],
+        },
     }
-    return Model({"version": 1, "cap_last": 40, "suid_dumpable": 0,
-                  "filesystems": ["ext4", "proc", "tmpfs", "sysfs"], "init": dict(INIT),
-                  "next_ns": FIRST_SYNTHETIC_ID, "next_mount": 100, "next_fs": 1, "ns": ns,
-                  "procs": {}, "fs": {}, "paths": {}})
+    return Model(
+        {
+            "version": 1,
+            "cap_last": 40,
+            "suid_dumpable": 0,
+            "filesystems": ["ext4", "proc", "tmpfs", "sysfs"],
+            "init": dict(INIT),
+            "next_ns": FIRST_SYNTHETIC_ID,
+            "next_mount": 100,
+            "next_fs": 1,
+            "ns": ns,
+            "procs": {},
+            "fs": {},
+            "paths": {},
+        }
+    )
 
 
 def root() -> Cred:
@@ -100,6 +151,7 @@ def raises(err: int, fn, *args, **kwargs):
 
 
 # --- uid changes and capabilities (capabilities(7), "Effect of user ID changes") -----------
+
 
 def test_root_to_user_clears_permitted_effective_and_ambient():
     m = make_model()
@@ -212,6 +264,7 @@ def test_keepcaps_locked():
 
 # --- user namespaces ------------------------------------------------------------------------
 
+
 def test_new_user_namespace_gives_every_capability_there_only():
     m = make_model()
     c, ns = m.create_user_ns(user(), chrooted=False)
@@ -295,18 +348,17 @@ def test_setgroups_in_a_namespace_that_allows_it():
 
 # --- other namespaces ---------------------------------------------------------------------------
 
+
 def test_unshare_needs_cap_sys_admin_unless_with_a_user_namespace():
     m = make_model()
     raises(errno.EPERM, m.plan_namespaces, user(), task(), ["net"], clone=False)
-    _c, ns, pidc = m.plan_namespaces(user(), task(), ["user", "net", "uts", "pid"],
-                                    clone=False)
+    _c, ns, pidc = m.plan_namespaces(user(), task(), ["user", "net", "uts", "pid"], clone=False)
     assert ns["net"] != INIT["net"] and m.ns(ns["net"])["owner"] == ns["user"]
     assert ns["pid"] == INIT["pid"] and pidc != INIT["pid"]  # pid: for children only
     assert m.ns(ns["net"])["links"] == {"lo": False}
     assert m.ns(ns["uts"])["hostname"] == "host"
     raises(errno.EINVAL, m.plan_namespaces, user(), task(threads=2), ["user"], clone=False)
-    raises(errno.EINVAL, m.plan_namespaces, root(), task(), ["user"], clone=True,
-           share_fs=True)
+    raises(errno.EINVAL, m.plan_namespaces, root(), task(), ["user"], clone=True, share_fs=True)
     _, child_ns, _ = m.plan_namespaces(root(), task(), ["pid"], clone=True)
     assert child_ns["pid"] != INIT["pid"]  # the child of clone is in it
 
@@ -371,6 +423,7 @@ def test_proc_files_owner_and_ptrace():
 
 # --- mounts ---------------------------------------------------------------------------------
 
+
 def _exists(path: str) -> bool:
     return path in ("/", "/tmp", "/proc", "/etc", "/etc/hosts", "/new", "/new/old")
 
@@ -388,14 +441,12 @@ def test_mount_permissions_and_filesystem_types():
     raises(errno.EPERM, mount, m, user(), INIT["mount"], "tmpfs", "/tmp", "tmpfs", [])
     raises(errno.ENOENT, mount, m, root(), INIT["mount"], "tmpfs", "/nope", "tmpfs", [])
     raises(errno.ENODEV, mount, m, root(), INIT["mount"], "x", "/tmp", "nofs", [])
-    raises(errno.ENOTDIR, mount, m, root(), INIT["mount"], "tmpfs", "/etc/hosts", "tmpfs",
-           [])
+    raises(errno.ENOTDIR, mount, m, root(), INIT["mount"], "tmpfs", "/etc/hosts", "tmpfs", [])
     c, ns, _pidc = m.plan_namespaces(user(), task(), ["user", "mount", "pid"], clone=True)
     mount(m, c, ns["mount"], "tmpfs", "/tmp", "tmpfs", ["nosuid"])
     raises(errno.EPERM, mount, m, c, ns["mount"], "/dev/sda1", "/tmp", "ext4", [])
     # proc belongs to the owner of the mounter's pid namespace.
-    raises(errno.EPERM, mount, m, c, ns["mount"], "proc", "/proc", "proc", [],
-           pidns=INIT["pid"])
+    raises(errno.EPERM, mount, m, c, ns["mount"], "proc", "/proc", "proc", [], pidns=INIT["pid"])
     mount(m, c, ns["mount"], "proc", "/proc", "proc", [], pidns=ns["pid"])
     top = m.top_mount(m.ns(ns["mount"])["mounts"], "/proc")
     assert top["fstype"] == "proc" and top["pidns"] == ns["pid"]
@@ -410,8 +461,7 @@ def test_a_less_privileged_copy_locks_flags_and_mounts():
     assert copy["locked"] and set(copy["locked_flags"]) == {"nosuid", "nodev", "noexec"}
     assert copy["propagation"] == "slave"  # shared becomes slave
     raises(errno.EPERM, mount, m, c, mnt, None, "/proc", None, ["bind", "remount", "ro"])
-    mount(m, c, mnt, None, "/proc", None, ["bind", "remount", "ro", "nosuid", "nodev",
-                                           "noexec"])
+    mount(m, c, mnt, None, "/proc", None, ["bind", "remount", "ro", "nosuid", "nodev", "noexec"])
     raises(errno.EINVAL, m.umount, c, mnt, "/proc", True)  # MNT_LOCKED
     raises(errno.EINVAL, mount, m, c, mnt, None, "/etc", None, ["private"])  # not a mount
     raises(errno.EINVAL, mount, m, c, mnt, None, "/", None, ["private", "shared"])
@@ -649,8 +699,13 @@ def differential():
         pytest.skip("the differential tests start as root, like the kit's root flow")
     u = Invoker.resolve()
     cases = scenarios(u.uid, u.gid)
-    proc = subprocess.run([sys.executable, "-c", DIFF_HELPER, json.dumps(cases)],
-                          capture_output=True, text=True, timeout=300, cwd="/")
+    proc = subprocess.run(
+        [sys.executable, "-c", DIFF_HELPER, json.dumps(cases)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd="/",
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -665,6 +720,7 @@ def test_model_answers_like_the_kernel(differential, name):
 
 def test_differential_scenarios_exercise_refusals(differential):
     # Not vacuous: the kernel refused many of these calls, with several errnos.
-    errnos = {r for case in differential.values() for r in case["real"]["results"]
-              if isinstance(r, int)}
+    errnos = {
+        r for case in differential.values() for r in case["real"]["results"] if isinstance(r, int)
+    }
     assert {errno.EPERM, errno.EINVAL}.issubset(errnos)

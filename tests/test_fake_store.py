@@ -54,8 +54,7 @@ def test_a_write_in_one_process_is_seen_by_another(store):
 def test_an_unchanged_generation_reuses_the_cached_document(store, monkeypatch):
     decoded = []
     real_decode = store_mod._decode
-    monkeypatch.setattr(store_mod, "_decode", lambda body: decoded.append(1) or
-                        real_decode(body))
+    monkeypatch.setattr(store_mod, "_decode", lambda body: decoded.append(1) or real_decode(body))
     with store.transaction(write=False) as first:
         pass
     with store.transaction(write=False) as second:
@@ -162,24 +161,27 @@ def test_a_truncated_store_is_an_error(store):
         fresh.read()
 
 
-def test_checking_catches_a_read_only_transaction_that_changes_the_document(store,
-                                                                             monkeypatch):
+def test_checking_catches_a_read_only_transaction_that_changes_the_document(store, monkeypatch):
     monkeypatch.setenv(store_mod.CHECK_ENV, "1")
     checked = Store(store.path)
-    with (pytest.raises(StoreError, match="read-only transaction changed"),
-          checked.transaction(write=False) as st):
+    with (
+        pytest.raises(StoreError, match="read-only transaction changed"),
+        checked.transaction(write=False) as st,
+    ):
         st["n"] = 5
     assert checked.read()["n"] == 0  # and the change is gone
 
 
-@pytest.mark.parametrize("bad, message", [
-    (lambda st: st.__setitem__("t", (1, 2)), "not plain JSON"),
-    (lambda st: st.__setitem__(3, "x"), "not plain JSON"),
-    (lambda st: st.__setitem__("s", {1, 2}), "not JSON data"),
-    (lambda st: st.__setitem__("alias", st["items"]), "one object in two places"),
-])
-def test_checking_catches_a_write_of_anything_but_plain_json(store, monkeypatch, bad,
-                                                             message):
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (lambda st: st.__setitem__("t", (1, 2)), "not plain JSON"),
+        (lambda st: st.__setitem__(3, "x"), "not plain JSON"),
+        (lambda st: st.__setitem__("s", {1, 2}), "not JSON data"),
+        (lambda st: st.__setitem__("alias", st["items"]), "one object in two places"),
+    ],
+)
+def test_checking_catches_a_write_of_anything_but_plain_json(store, monkeypatch, bad, message):
     monkeypatch.setenv(store_mod.CHECK_ENV, "1")
     checked = Store(store.path)
     with pytest.raises(StoreError, match=message), checked.transaction() as st:
@@ -193,18 +195,25 @@ def test_every_flow_keeps_the_stores_rules():
     import subprocess
     import sys
 
-    code = ("import json\n"
-            "from kit.run.launcher import run\n"
-            "out = {}\n"
-            "for flow in ('root', 'suid', 'userns', 'fakeroot', 'hybrid'):\n"
-            "    r = run('reference', flow, ['/bin/true'], backend='fake',\n"
-            "            engine_config={'namespaces': ['mount', 'pid', 'uts', 'ipc', 'net']})\n"
-            "    out[flow] = [r.exit_code, r.problems()]\n"
-            "print(json.dumps(out))\n")
-    env = {**os.environ, store_mod.CHECK_ENV: "1",
-           "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300, cwd="/", env=env)
+    code = (
+        "import json\n"
+        "from kit.run.launcher import run\n"
+        "out = {}\n"
+        "for flow in ('root', 'suid', 'userns', 'fakeroot', 'hybrid'):\n"
+        "    r = run('reference', flow, ['/bin/true'], backend='fake',\n"
+        "            engine_config={'namespaces': ['mount', 'pid', 'uts', 'ipc', 'net']})\n"
+        "    out[flow] = [r.exit_code, r.problems()]\n"
+        "print(json.dumps(out))\n"
+    )
+    env = {
+        **os.environ,
+        store_mod.CHECK_ENV: "1",
+        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/", env=env
+    )
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == {flow: [0, []] for flow in
-                                       ("root", "suid", "userns", "fakeroot", "hybrid")}
+    assert json.loads(proc.stdout) == {
+        flow: [0, []] for flow in ("root", "suid", "userns", "fakeroot", "hybrid")
+    }

@@ -238,14 +238,27 @@ for name in sys.argv[1].split(","):
 print(json.dumps(results))
 '''
 
-SCENARIOS = ("pids", "dead_pid_namespace", "maps_and_setns", "unprivileged_maps",
-             "closed_fds", "threads", "files", "installed")
+SCENARIOS = (
+    "pids",
+    "dead_pid_namespace",
+    "maps_and_setns",
+    "unprivileged_maps",
+    "closed_fds",
+    "threads",
+    "files",
+    "installed",
+)
 
 
 @pytest.fixture(scope="module")
 def results():
-    proc = subprocess.run([sys.executable, "-c", HELPER, ",".join(SCENARIOS)],
-                          capture_output=True, text=True, timeout=120, cwd="/")
+    proc = subprocess.run(
+        [sys.executable, "-c", HELPER, ",".join(SCENARIOS)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd="/",
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     for name, res in out.items():

@@ -131,9 +131,21 @@ def unprivileged_report():
     os.chmod(workdir, 0o777)
     try:
         proc = subprocess.run(
-            [sys.executable, "-c", HELPER, sys.executable, workdir, str(user.uid),
-             str(user.gid), ",".join(FLOWS)],
-            capture_output=True, text=True, timeout=600, cwd=workdir)
+            [
+                sys.executable,
+                "-c",
+                HELPER,
+                sys.executable,
+                workdir,
+                str(user.uid),
+                str(user.gid),
+                ",".join(FLOWS),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=workdir,
+        )
         assert proc.returncode == 0, proc.stderr
         report = json.loads(proc.stdout)
         assert "error" not in report, report
@@ -185,11 +197,13 @@ def test_every_flow_runs_in_fake_mode_unprivileged(unprivileged_report, flow):
     assert len({h for _, h in hooks}) == 8
     leaks = [e for e in ledger["events"] if e["kind"] == "leak"]
     assert leaks == []
-    stage2 = next(e for e in ledger["events"] if e["kind"] == "hook_enter"
-                  and e["hook"] == "start_process")
+    stage2 = next(
+        e for e in ledger["events"] if e["kind"] == "hook_enter" and e["hook"] == "start_process"
+    )
     assert stage2["pid"] == 1 and stage2["snapshot"]["nspid"] == [1]
-    stage1 = next(e for e in ledger["events"] if e["kind"] == "hook_enter"
-                  and e["role"] == "stage1")
+    stage1 = next(
+        e for e in ledger["events"] if e["kind"] == "hook_enter" and e["role"] == "stage1"
+    )
     # The model, not the real process, is root where the flow needs it.
     expected_stage1_uid = 0 if flow == "root" else u.uid
     assert stage1["snapshot"]["threads"][0]["uid"][0] == expected_stage1_uid

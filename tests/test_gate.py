@@ -25,17 +25,21 @@ FOUR = ("junit.xml", "conformance.json", "summary.md", "report.html")
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the gate's real flows need root")
 
 
-def gate(*args: str, env: dict[str, str] | None = None, timeout: float = 600
-         ) -> subprocess.CompletedProcess:
+def gate(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """``ci/gate ARGS`` executed directly (its shebang finds the checkout's venv)."""
     full = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), **(env or {})}
-    return subprocess.run([str(GATE), *args], capture_output=True, text=True, env=full,
-                          cwd=ROOT, timeout=timeout)
+    return subprocess.run(
+        [str(GATE), *args], capture_output=True, text=True, env=full, cwd=ROOT, timeout=timeout
+    )
 
 
 def explain(proc: subprocess.CompletedProcess) -> str:
-    return f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n" \
-           f"{proc.stderr[-4000:]}"
+    return (
+        f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n"
+        f"{proc.stderr[-4000:]}"
+    )
 
 
 def test_gate_passes_the_reference_engine_and_writes_the_four_files(tmp_path):
@@ -48,8 +52,11 @@ def test_gate_passes_the_reference_engine_and_writes_the_four_files(tmp_path):
     assert doc["summary"]["failed"] == doc["summary"]["broken"] == 0
     suite = ET.parse(out / "junit.xml").getroot()
     assert int(suite.find("testsuite").get("tests")) > 100
-    assert (out / "summary.md").read_text().startswith(
-        "# ✅ Conformance of `reference`: conformant (exit 0)")
+    assert (
+        (out / "summary.md")
+        .read_text()
+        .startswith("# ✅ Conformance of `reference`: conformant (exit 0)")
+    )
     assert 'data-exit="0"' in (out / "report.html").read_text()
     assert "CONFORMANT (exit 0)" in proc.stdout and "took " in proc.stdout
     assert len(proc.stdout.splitlines()) <= 25  # one screen
@@ -57,14 +64,18 @@ def test_gate_passes_the_reference_engine_and_writes_the_four_files(tmp_path):
 
 def test_gate_rejects_a_broken_engine_and_names_the_failing_requirement_first(tmp_path):
     out = tmp_path / "out"
-    proc = gate("--engine", "gate_engines:SloppyMasterEngine", "--flow", "root,suid",
-                "--out", str(out))
+    proc = gate(
+        "--engine", "gate_engines:SloppyMasterEngine", "--flow", "root,suid", "--out", str(out)
+    )
     assert proc.returncode == 1, explain(proc)
     summary = (out / "summary.md").read_text()
     headings = [line for line in summary.splitlines() if line.startswith("### ")]
     assert headings[0] == "### ❌ PRIV-MASTER-001 [MUST] failed in suid", summary[:2000]
-    rows = [line for line in summary.splitlines() if line.startswith("| PRIV") or
-            line.startswith("| ORDER")]
+    rows = [
+        line
+        for line in summary.splitlines()
+        if line.startswith("| PRIV") or line.startswith("| ORDER")
+    ]
     assert rows[0].startswith("| PRIV-MASTER-001 | MUST |")
     assert "effective uid U (999)" in summary and "ledger event: #" in summary
     assert "NOT CONFORMANT (exit 1)" in proc.stdout
@@ -76,12 +87,20 @@ def test_gate_rejects_a_broken_engine_and_names_the_failing_requirement_first(tm
 def test_gate_rejects_a_mutant_of_the_zoo_named_by_import_path(tmp_path):
     out = tmp_path / "out"
     # The zoo is not installed: its directory goes on the import path, as for any engine.
-    proc = gate("--engine", "mutants.zoo:register_master_keeps_euid_root", "--flow", "suid",
-                "--out", str(out), env={"PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{ROOT}"})
+    proc = gate(
+        "--engine",
+        "mutants.zoo:register_master_keeps_euid_root",
+        "--flow",
+        "suid",
+        "--out",
+        str(out),
+        env={"PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{ROOT}"},
+    )
     assert proc.returncode == 1, explain(proc)
     assert "ci/gate: engine mutant-master-keeps-euid-root (" in proc.stdout
-    headings = [line for line in (out / "summary.md").read_text().splitlines()
-                if line.startswith("### ")]
+    headings = [
+        line for line in (out / "summary.md").read_text().splitlines() if line.startswith("### ")
+    ]
     assert headings[0] == "### ❌ PRIV-MASTER-001 [MUST] failed in suid"
 
 
@@ -91,8 +110,11 @@ def test_a_kit_requirement_failing_is_a_harness_error_not_an_engine_failure(tmp_
     assert proc.returncode == 2, explain(proc)
     line = "harness self-check on this machine: "
     screen = " ".join(proc.stdout.split())
-    assert re.search(r"HARNESS ERROR \(exit 2\): harness self-check on this machine: "
-                     r"(\d+)/\1?\d* kit requirements hold", screen), screen
+    assert re.search(
+        r"HARNESS ERROR \(exit 2\): harness self-check on this machine: "
+        r"(\d+)/\1?\d* kit requirements hold",
+        screen,
+    ), screen
     assert "failing: ORDER-002 [root]" in screen and "NOT CONFORMANT" not in screen
     assert "engine: conformant: every MUST that ran passed" in screen
     summary = (out / "summary.md").read_text()
@@ -106,25 +128,52 @@ def test_a_kit_requirement_failing_is_a_harness_error_not_an_engine_failure(tmp_
     assert results["ORDER-002"]["outcome"] == "failed"
     assert results["ORDER-002"]["subject"] == "kit"
     assert {r["subject"] for r in doc["results"]} == {"engine", "kit"}
-    assert not [r for r in doc["results"] if r["subject"] == "engine"
-                and r["outcome"] in ("failed", "broken")]
+    assert not [
+        r
+        for r in doc["results"]
+        if r["subject"] == "engine" and r["outcome"] in ("failed", "broken")
+    ]
 
 
 def test_the_gate_is_a_command_of_the_package_and_ci_gate_a_thin_wrapper(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "conformance", "gate", "--engine", "",
-                           "--out", str(tmp_path / "out")], capture_output=True, text=True,
-                          cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "conformance",
+            "gate",
+            "--engine",
+            "",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2, explain(proc)
     assert proc.stderr.startswith("python -m conformance gate: --engine is empty")
-    code = [line for line in GATE.read_text().splitlines()
-            if line.strip() and not line.lstrip().startswith("#")]
+    code = [
+        line
+        for line in GATE.read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
     assert len(code) <= 30 and "from conformance.gate import main" in GATE.read_text()
 
 
 def test_gate_exits_3_when_nothing_can_run_here(tmp_path):
     out = tmp_path / "out"
-    proc = gate("--engine", "reference", "--backend", "real", "--flow", "suid,userns",
-                "--out", str(out), env={"KIT_TEST_USER": "no-such-user-of-the-kit"})
+    proc = gate(
+        "--engine",
+        "reference",
+        "--backend",
+        "real",
+        "--flow",
+        "suid,userns",
+        "--out",
+        str(out),
+        env={"KIT_TEST_USER": "no-such-user-of-the-kit"},
+    )
     assert proc.returncode == 3, explain(proc)
     assert "NOTHING COULD RUN HERE (exit 3)" in proc.stdout
     assert "no such user" in proc.stdout
@@ -135,18 +184,41 @@ def test_gate_as_an_ordinary_user_runs_the_user_namespace_flows_and_strict_fails
     # As on a hosted runner without sudo: root (and suid, hybrid) cannot run for real.
     out = Path(tempfile.mkdtemp(prefix="kit-gate-user-", dir="/var/tmp"))
     os.chmod(out, 0o777)
-    as_user = ["runuser", "-u", "kit-test", "--", str(GATE), "--engine", "reference",
-               "--backend", "real", "--flow", "root,userns"]
+    as_user = [
+        "runuser",
+        "-u",
+        "kit-test",
+        "--",
+        str(GATE),
+        "--engine",
+        "reference",
+        "--backend",
+        "real",
+        "--flow",
+        "root,userns",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
     env.pop("KIT_TEST_USER", None)
     try:
-        proc = subprocess.run([*as_user, "--out", str(out / "lenient")], capture_output=True,
-                              text=True, env=env, cwd="/", timeout=600)
+        proc = subprocess.run(
+            [*as_user, "--out", str(out / "lenient")],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd="/",
+            timeout=600,
+        )
         assert proc.returncode == 0, explain(proc)
         assert "not configured on this machine" in proc.stdout
         assert "needs uid 0" in (out / "lenient" / "summary.md").read_text()
-        proc = subprocess.run([*as_user, "--strict", "--out", str(out / "strict")],
-                              capture_output=True, text=True, env=env, cwd="/", timeout=600)
+        proc = subprocess.run(
+            [*as_user, "--strict", "--out", str(out / "strict")],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd="/",
+            timeout=600,
+        )
         assert proc.returncode == 1, explain(proc)
         summary = (out / "strict" / "summary.md").read_text()
         assert "(strict: any failure counts)" in summary
@@ -158,11 +230,26 @@ def test_gate_as_an_ordinary_user_runs_the_user_namespace_flows_and_strict_fails
 def test_progress_plugin_reports_the_total_then_each_finished_test():
     rfd, wfd = os.pipe()
     env = {**os.environ, "KIT_GATE_PROGRESS_FD": str(wfd)}
-    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p",
-                             "conformance.gate_progress",
-                             "-p", "no:cacheprovider", "--engine=reference", "--flow=root",
-                             "-k", "ORDER-001 or PRIV-STAGE1-001"],
-                            cwd=ROOT, env=env, pass_fds=(wfd,), stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "conformance.gate_progress",
+            "-p",
+            "no:cacheprovider",
+            "--engine=reference",
+            "--flow=root",
+            "-k",
+            "ORDER-001 or PRIV-STAGE1-001",
+        ],
+        cwd=ROOT,
+        env=env,
+        pass_fds=(wfd,),
+        stdout=subprocess.DEVNULL,
+    )
     os.close(wfd)
     with os.fdopen(rfd) as pipe:
         messages = [json.loads(line) for line in pipe]
@@ -172,14 +259,17 @@ def test_progress_plugin_reports_the_total_then_each_finished_test():
     assert all(m["failed"] == 0 and m["nodeid"].endswith("[root]") for m in messages[1:])
 
 
-@pytest.mark.parametrize("args, message", [
-    (("--engine", "no-such-engine"), "unknown engine 'no-such-engine'"),
-    (("--engine", "gate_engines:NoSuchClass"), "--engine gate_engines:NoSuchClass"),
-    (("--engine", "reference", "--flow", "nosuchflow"), "unknown flow(s) nosuchflow"),
-    (("--engine", "reference", "--known-failures", "/nonexistent/kf"), "--known-failures"),
-    (("--flow", "root"), "the following arguments are required: --engine"),
-    (("--engine", "reference", "--", "--no-such-pytest-option"), "pytest usage error (exit 4)"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--engine", "no-such-engine"), "unknown engine 'no-such-engine'"),
+        (("--engine", "gate_engines:NoSuchClass"), "--engine gate_engines:NoSuchClass"),
+        (("--engine", "reference", "--flow", "nosuchflow"), "unknown flow(s) nosuchflow"),
+        (("--engine", "reference", "--known-failures", "/nonexistent/kf"), "--known-failures"),
+        (("--flow", "root"), "the following arguments are required: --engine"),
+        (("--engine", "reference", "--", "--no-such-pytest-option"), "pytest usage error (exit 4)"),
+    ],
+)
 def test_gate_usage_errors_exit_2(tmp_path, args, message):
     proc = gate("--out", str(tmp_path / "out"), *args)
     assert proc.returncode == 2, explain(proc)
@@ -190,8 +280,19 @@ def test_gate_coverage_measures_the_engine_in_every_process(tmp_path):
     out = tmp_path / "out"
     data = Path(tempfile.mkdtemp(prefix="kit-gate-test-", dir="/var/tmp"))
     try:
-        proc = gate("--engine", "reference", "--flow", "suid,fakeroot", "--coverage",
-                    "--cov-data", str(data), "--cov-fail-under", "10", "--out", str(out))
+        proc = gate(
+            "--engine",
+            "reference",
+            "--flow",
+            "suid,fakeroot",
+            "--coverage",
+            "--cov-data",
+            str(data),
+            "--cov-fail-under",
+            "10",
+            "--out",
+            str(out),
+        )
     finally:
         shutil.rmtree(data, ignore_errors=True)
     assert proc.returncode == 0, explain(proc)
@@ -199,57 +300,86 @@ def test_gate_coverage_measures_the_engine_in_every_process(tmp_path):
     assert "reference_engines/minimal/engine.py" in text
     assert ET.parse(out / "coverage.xml").getroot().tag == "coverage"
     line = next(line for line in proc.stdout.splitlines() if "forked processes" in line)
-    for hook in ("ReferenceEngine.prepare_config (stage1) ok",
-                 "ReferenceEngine.create_container (master) ok",
-                 "ReferenceRPC.mount (rpc) ok", "ReferenceEngine.start_process (stage2) ok"):
+    for hook in (
+        "ReferenceEngine.prepare_config (stage1) ok",
+        "ReferenceEngine.create_container (master) ok",
+        "ReferenceRPC.mount (rpc) ok",
+        "ReferenceEngine.start_process (stage2) ok",
+    ):
         assert hook in line, line
 
 
 def test_gate_runs_from_a_bare_environment_through_its_shebang(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    proc = subprocess.run([str(GATE), "--help"], capture_output=True, text=True, env=env,
-                          cwd=tmp_path)
+    proc = subprocess.run(
+        [str(GATE), "--help"], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
     assert proc.returncode == 0, explain(proc)
-    assert "Exit 0 conformant, 1 not conformant, 2 harness or usage error, 3 nothing" in \
-        " ".join(proc.stdout.split())
+    assert "Exit 0 conformant, 1 not conformant, 2 harness or usage error, 3 nothing" in " ".join(
+        proc.stdout.split()
+    )
     proc = subprocess.run([sys.executable, str(GATE), "--help"], capture_output=True, text=True)
     assert proc.returncode == 0, explain(proc)
 
 
 # --- ci/coverage ---------------------------------------------------------------------------------
 
+
 def coverage_config(tmp: Path, patches: bool) -> Path:
     """A config like pyproject's, with its own data directory (never the outer run's)."""
     data = Path(tempfile.mkdtemp(prefix="kit-cov-test-", dir="/var/tmp"))
     patch = "patch =\n    _exit\n    subprocess\n    execv\n" if patches else ""
     rc = tmp / "coveragerc"
-    rc.write_text(f"[run]\nparallel = true\n{patch}source =\n    kit\n"
-                  f"data_file = {data}/.coverage\n")
+    rc.write_text(
+        f"[run]\nparallel = true\n{patch}source =\n    kit\ndata_file = {data}/.coverage\n"
+    )
     return rc
 
 
 def run_coverage(rc: Path, *command: str) -> subprocess.CompletedProcess:
     try:
-        return subprocess.run([str(COVERAGE), "--config", str(rc), "--fail-under", "0", "--",
-                               *command], capture_output=True, text=True, cwd=ROOT,
-                              timeout=600)
+        return subprocess.run(
+            [str(COVERAGE), "--config", str(rc), "--fail-under", "0", "--", *command],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=600,
+        )
     finally:
-        data = next(line.split("=", 1)[1].strip() for line in rc.read_text().splitlines()
-                    if line.startswith("data_file"))
+        data = next(
+            line.split("=", 1)[1].strip()
+            for line in rc.read_text().splitlines()
+            if line.startswith("data_file")
+        )
         shutil.rmtree(Path(data).parent, ignore_errors=True)
 
 
-LIFECYCLE = (str(ROOT / ".venv/bin/python"), "-m", "pytest", "-q", "-p", "no:cacheprovider",
-             "tests/test_lifecycle.py", "-k", "every_hook_runs_in_its_process_in_order")
+LIFECYCLE = (
+    str(ROOT / ".venv/bin/python"),
+    "-m",
+    "pytest",
+    "-q",
+    "-p",
+    "no:cacheprovider",
+    "tests/test_lifecycle.py",
+    "-k",
+    "every_hook_runs_in_its_process_in_order",
+)
 
 
 def test_coverage_sees_code_that_only_runs_in_forked_children(tmp_path):
     proc = run_coverage(coverage_config(tmp_path, patches=True), *LIFECYCLE)
     assert proc.returncode == 0, explain(proc)
-    for name in ("Starter._stage1_child", "Container.setup_namespaces", "Stage2.main",
-                 "RPCServerProcess.main", "Supervisor.run"):
-        assert any(line.startswith("  ok ") and name in line
-                   for line in proc.stdout.splitlines()), (name, proc.stdout[-3000:])
+    for name in (
+        "Starter._stage1_child",
+        "Container.setup_namespaces",
+        "Stage2.main",
+        "RPCServerProcess.main",
+        "Supervisor.run",
+    ):
+        assert any(
+            line.startswith("  ok ") and name in line for line in proc.stdout.splitlines()
+        ), (name, proc.stdout[-3000:])
     assert re.match(r"\d+ passed.* in [\d.]+s", proc.stdout.splitlines()[-1])
 
 
@@ -258,15 +388,26 @@ def test_coverage_fails_when_forked_code_shows_as_unexecuted(tmp_path):
     # never save their data: exactly the loss the check exists to catch.
     proc = run_coverage(coverage_config(tmp_path, patches=False), *LIFECYCLE)
     assert proc.returncode == 1, explain(proc)
-    assert "ci/coverage: FAILED: forked code shows as unexecuted: kit/starter/stage2.py::Stage2.main" \
+    assert (
+        "ci/coverage: FAILED: forked code shows as unexecuted: kit/starter/stage2.py::Stage2.main"
         in proc.stdout
+    )
     assert re.match(r"\d+ passed.* in [\d.]+s", proc.stdout.splitlines()[-1])  # still last
 
 
 def test_coverage_passes_on_the_commands_failure_and_no_tests(tmp_path):
-    proc = run_coverage(coverage_config(tmp_path, patches=True), str(ROOT / ".venv/bin/python"),
-                        "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gate.py",
-                        "-k", "no_test_matches_this")
+    proc = run_coverage(
+        coverage_config(tmp_path, patches=True),
+        str(ROOT / ".venv/bin/python"),
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "tests/test_gate.py",
+        "-k",
+        "no_test_matches_this",
+    )
     assert proc.returncode == 5, explain(proc)  # pytest's "no tests ran" is a failure
     assert "(pytest: no tests ran)" in proc.stdout
 
@@ -286,11 +427,18 @@ def test_kitcov_sets_aside_corrupt_data_files(tmp_path):
         combined = kitcov.combine(rc, data / ".coverage")
         assert combined.files == 1 and len(combined.corrupt) == 2
         assert sorted(p.name for p in (data / "corrupt").iterdir()) == [
-            ".coverage.host.pid1.XyZ", ".coverage.host.pid2.XyZ"]
+            ".coverage.host.pid1.XyZ",
+            ".coverage.host.pid2.XyZ",
+        ]
         cov = kitcov.load(rc, data / ".coverage")
         assert kitcov.percent(cov, [str(ROOT / "kit" / "system" / "linux.py")]) > 0
-        missing = kitcov.unexecuted(cov, [(str(ROOT / "kit/starter/stage2.py"), "Stage2.main"),
-                                          (str(ROOT / "kit/system/linux.py"), "no_such_function")])
+        missing = kitcov.unexecuted(
+            cov,
+            [
+                (str(ROOT / "kit/starter/stage2.py"), "Stage2.main"),
+                (str(ROOT / "kit/system/linux.py"), "no_such_function"),
+            ],
+        )
         assert [fc.ok for fc in missing] == [False, False]
         assert "no such function" in missing[1].describe()
     finally:
@@ -324,9 +472,9 @@ def test_templates_run_the_gate_and_keep_the_artifacts():
     assert yaml.safe_load(github)["jobs"] and yaml.safe_load(gitlab)
 
 
-
-@pytest.mark.parametrize(("statements", "executed", "ok"), [(0, 0, True), (3, 0, False),
-                                                              (3, 1, True)])
+@pytest.mark.parametrize(
+    ("statements", "executed", "ok"), [(0, 0, True), (3, 0, False), (3, 1, True)]
+)
 def test_kitcov_a_docstring_only_hook_is_not_reported_unexecuted(statements, executed, ok):
     fc = kitcov.FunctionCoverage("engine.py", "Engine.post_start_process", statements, executed)
     assert fc.ok is ok

@@ -31,8 +31,9 @@ def _outside_the_host_sandbox(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def hostile_run(flow: str = "root", **cfg) -> RunResult:
-    result = run(HOSTILE, flow, ["/bin/true"], user="kit-test",
-                 engine_config={"leak_tempdir": True, **cfg})
+    result = run(
+        HOSTILE, flow, ["/bin/true"], user="kit-test", engine_config={"leak_tempdir": True, **cfg}
+    )
     # The supervisor survived and finished: the leak checks ran (they see the tempdir the
     # engine leaked on purpose) and the ledger ends with the run's exit.
     assert result.events[-1]["kind"] == "exit", result
@@ -57,8 +58,9 @@ def kernel_pid(result: RunResult, role: str) -> int:
 def ledger_003(result: RunResult) -> str:
     """The LEDGER-003 failure message of this run, as the suite renders it."""
     verify = checks.Verifier("root", ["LEDGER-003"], "t")
-    checks.check_no_engine_fault(verify, Run("root", SCENARIOS["default"], "real",
-                                             result=result), "LEDGER-003")
+    checks.check_no_engine_fault(
+        verify, Run("root", SCENARIOS["default"], "real", result=result), "LEDGER-003"
+    )
     assert verify.violations["LEDGER-003"], "LEDGER-003 passed a run with an engine fault"
     return verify.render("LEDGER-003")
 
@@ -103,18 +105,20 @@ def test_a_malformed_datagram_from_create_container_is_an_engine_fault(name):
 
 def test_a_flood_of_bad_datagrams_is_recorded_up_to_a_limit_and_counted():
     from kit.run.supervisor import MAX_FAULTS
+
     result = hostile_run(hostile_hook="create_container", datagram="flood")
     found = faults(result)
     assert len(found) == MAX_FAULTS + 1
     assert found[-1]["fault"] == "flood"
-    assert found[-1]["detail"].startswith(f"{150 - MAX_FAULTS} more datagrams were not "
-                                          "recorded")
+    assert found[-1]["detail"].startswith(f"{150 - MAX_FAULTS} more datagrams were not recorded")
     verify = checks.Verifier("root", ["LEDGER-003"], "t")
-    checks.check_no_engine_fault(verify, Run("root", SCENARIOS["default"], "real",
-                                             result=result), "LEDGER-003")
+    checks.check_no_engine_fault(
+        verify, Run("root", SCENARIOS["default"], "real", result=result), "LEDGER-003"
+    )
     assert len(verify.violations["LEDGER-003"]) == MAX_FAULTS + 1
     assert verify.violations["LEDGER-003"][-1].observed.startswith(
-        "a flood datagram from the run's processes, in no hook open: 50 more datagrams")
+        "a flood datagram from the run's processes, in no hook open: 50 more datagrams"
+    )
 
 
 def test_descriptors_sent_with_a_datagram_never_block_the_supervisor():
@@ -125,6 +129,7 @@ def test_descriptors_sent_with_a_datagram_never_block_the_supervisor():
 
 
 # --- forged datagrams ------------------------------------------------------------------------
+
 
 def test_a_datagram_naming_another_pid_is_a_forgery_named_by_the_kernels_pid():
     result = hostile_run(hostile_hook="create_container", datagram="other_pid")
@@ -139,8 +144,10 @@ def test_a_datagram_naming_another_role_is_a_forgery():
     result = hostile_run(hostile_hook="create_container", datagram="other_role")
     (fault,) = faults(result)
     assert fault["fault"] == "forged"
-    assert fault["detail"] == ("it claims role rpc but comes from the starter process "
-                               f"(pid {kernel_pid(result, 'master')})")
+    assert fault["detail"] == (
+        "it claims role rpc but comes from the starter process "
+        f"(pid {kernel_pid(result, 'master')})"
+    )
 
 
 @pytest.mark.parametrize("claimed", ["rpc", "stage1", "container"])
@@ -150,22 +157,25 @@ def test_a_child_of_engine_code_posing_as_a_kit_process_is_a_forgery(claimed):
     assert fault["fault"] == "forged"
     assert fault["sender_role"] is None
     assert f"it claims role {claimed}" in fault["detail"]
-    assert f"a child of the starter process, pid {kernel_pid(result, 'master')}" \
-        in fault["detail"]
+    assert f"a child of the starter process, pid {kernel_pid(result, 'master')}" in fault["detail"]
     assert fault["open_hooks"] == ["master create_container"]
     message = ledger_003(result)
     assert f"pid {fault['sender_pid']} (no process of the kit)" in message
 
 
-@pytest.mark.parametrize("hook,role,datagram,fault_kind", [
-    ("prepare_config", "stage1", "not_json", "malformed"),
-    ("init_config", "stage1", "other_pid", "forged"),
-    ("start_process", "stage2", "list_hook_full", "malformed"),
-    ("post_start_process", "master", "supervisor_kind", "malformed"),
-    ("cleanup_container", "master", "oversized", "malformed"),
-])
+@pytest.mark.parametrize(
+    "hook,role,datagram,fault_kind",
+    [
+        ("prepare_config", "stage1", "not_json", "malformed"),
+        ("init_config", "stage1", "other_pid", "forged"),
+        ("start_process", "stage2", "list_hook_full", "malformed"),
+        ("post_start_process", "master", "supervisor_kind", "malformed"),
+        ("cleanup_container", "master", "oversized", "malformed"),
+    ],
+)
 def test_hostile_datagrams_from_other_hooks_and_processes_name_the_process(
-        hook, role, datagram, fault_kind):
+    hook, role, datagram, fault_kind
+):
     result = hostile_run(hostile_hook=hook, hostile_role=role, datagram=datagram)
     (fault,) = faults(result)
     assert fault["fault"] == fault_kind
@@ -178,8 +188,10 @@ def test_a_hostile_datagram_from_an_rpc_method_names_the_rpc_server():
     result = hostile_run(rpc_calls=["hostile_send:other_role"])
     (fault,) = faults(result)
     assert fault["sender_role"] == "rpc"
-    assert fault["sender_pid"] not in (kernel_pid(result, "master"),
-                                       kernel_pid(result, "container"))
+    assert fault["sender_pid"] not in (
+        kernel_pid(result, "master"),
+        kernel_pid(result, "container"),
+    )
     assert fault["open_hooks"] == ["master create_container"]
 
 
@@ -192,8 +204,14 @@ def test_forgeries_are_caught_in_the_unprivileged_flows_too(flow):
 
 
 def test_the_fake_backend_attributes_datagrams_too():
-    result = run(HOSTILE, "userns", ["/bin/true"], user="kit-test", backend="fake",
-                 engine_config={"hostile_hook": "start_process", "datagram": "other_pid"})
+    result = run(
+        HOSTILE,
+        "userns",
+        ["/bin/true"],
+        user="kit-test",
+        backend="fake",
+        engine_config={"hostile_hook": "start_process", "datagram": "other_pid"},
+    )
     (fault,) = faults(result)
     assert fault["fault"] == "forged" and fault["sender_role"] == "container"
 
@@ -204,11 +222,10 @@ RPC_REPLIES = {
     "exits": "RemoteError: SystemExit: 3",
     "interrupted": "RemoteError: KeyboardInterrupt",
     "own_connection": "PermissionError: method 'test-hostile.own_connection' returned file "
-                      "descriptor(s)",
-    "ledger_dup": "PermissionError: method 'test-hostile.ledger_dup' returned file "
-                  "descriptor(s)",
+    "descriptor(s)",
+    "ledger_dup": "PermissionError: method 'test-hostile.ledger_dup' returned file descriptor(s)",
     "int_keys": "TypeError: method 'test-hostile.int_keys' returned an unsendable result: "
-                "not JSON-serialisable: object key 1 (int) is not a string",
+    "not JSON-serialisable: object key 1 (int) is not a string",
 }
 
 
@@ -230,9 +247,17 @@ def test_a_hostile_rpc_reply_is_an_error_reply_and_the_server_goes_on(method, tm
 
 # --- the schema checks on their own: boundaries ----------------------------------------------
 
+
 def _valid(**fields) -> dict:
-    return {"t": 1, "kind": "stage2_failed", "role": "stage2", "pid": 1, "tid": 1,
-            "message": "m", **fields}
+    return {
+        "t": 1,
+        "kind": "stage2_failed",
+        "role": "stage2",
+        "pid": 1,
+        "tid": 1,
+        "message": "m",
+        **fields,
+    }
 
 
 def test_check_event_bounds_names_and_texts():
@@ -254,8 +279,14 @@ def test_check_event_refuses_booleans_for_integers_and_missing_common_keys():
 
 
 def test_a_kit_event_truncated_by_its_writer_is_still_valid():
-    event = {"t": 1, "kind": "hook_enter", "role": "master", "pid": 1, "tid": 1,
-             "truncated": 5 << 20}
+    event = {
+        "t": 1,
+        "kind": "hook_enter",
+        "role": "master",
+        "pid": 1,
+        "tid": 1,
+        "truncated": 5 << 20,
+    }
     assert L.check_event(event) is None
 
 
@@ -266,7 +297,8 @@ def test_senders_refuse_a_second_claimant_of_a_role_and_a_role_of_another_proces
     ok = {"role": "stage1", "pid": me}
     assert senders.check(me, ok) is None
     assert senders.check(me, {"role": "rpc", "pid": me}) == (
-        f"it claims role rpc but comes from the stage1 process (pid {me})")
+        f"it claims role rpc but comes from the stage1 process (pid {me})"
+    )
     assert "the stage1 process is another" in senders.check(1 << 23, ok)  # no such pid
     assert senders.check(None, ok) == "the kernel gave no credentials with it"
     assert "outside the supervisor's pid namespace" in senders.check(0, ok)
@@ -274,6 +306,7 @@ def test_senders_refuse_a_second_claimant_of_a_role_and_a_role_of_another_proces
 
 def test_a_zero_length_datagram_is_not_mistaken_for_the_end_of_the_ledger():
     from kit.system import linux
+
     reader, writer = L.ledger_socketpair()
     with reader, writer:
         writer.send(b"")
@@ -286,17 +319,28 @@ def test_a_zero_length_datagram_is_not_mistaken_for_the_end_of_the_ledger():
 
 # --- the master's hook learns of a death at once ---------------------------------------------
 
+
 @pytest.mark.parametrize("flow", ["root", "suid"])
-@pytest.mark.parametrize("die,reason", [
-    ("container", "the container process (pid {pid}) died"),  # ": killed by signal 9"
-    # follows unless the engine's monitor reaped it first
-    ("rpc", "the RPC server ended (its end of the connection was closed)"),
-])
+@pytest.mark.parametrize(
+    "die,reason",
+    [
+        ("container", "the container process (pid {pid}) died"),  # ": killed by signal 9"
+        # follows unless the engine's monitor reaped it first
+        ("rpc", "the RPC server ended (its end of the connection was closed)"),
+    ],
+)
 def test_create_container_learns_at_once_that_the_container_or_rpc_server_died(
-        die, reason, flow, shared_dir):
+    die, reason, flow, shared_dir
+):
     out = Path(shared_dir) / "seen"  # the suid master writes it as U
-    result = run(HOSTILE, flow, ["/bin/true"], user="kit-test", hook_timeout=20,
-                 engine_config={"die": die, "out": str(out)})
+    result = run(
+        HOSTILE,
+        flow,
+        ["/bin/true"],
+        user="kit-test",
+        hook_timeout=20,
+        engine_config={"die": die, "out": str(out)},
+    )
     line, seen_reason = out.read_text().splitlines()
     cancelled, waited, call_took, call = line.split()
     assert cancelled == "True", "ctx.wait(30) returned without the cancellation"
@@ -324,15 +368,21 @@ def wait_until(condition, what: str, timeout: float = 10.0) -> None:
 def hanging_run():
     from kit.run import launcher
     from kit.system import linux
-    handle = launcher.start(FAULT, "root", ["/bin/true"], hook_timeout=60,
-                            engine_config={"fault_hook": "create_container",
-                                           "fault_action": "hang"})
+
+    handle = launcher.start(
+        FAULT,
+        "root",
+        ["/bin/true"],
+        hook_timeout=60,
+        engine_config={"fault_hook": "create_container", "fault_action": "hang"},
+    )
     wait_until(lambda: linux.process_name(handle.starter_pid) == "kit-master", "the master")
     return handle
 
 
 def gone(pid: int) -> bool:
     from kit.system import linux
+
     return linux.process_state(pid) in (None, "Z")
 
 
@@ -340,6 +390,7 @@ def gone(pid: int) -> bool:
 def own_zygote():
     """A zygote of this test's own (the session's stays untouched)."""
     from kit.run.launcher import Zygote
+
     saved = Zygote._instance
     Zygote._instance = Zygote()
     yield Zygote._instance
@@ -352,6 +403,7 @@ def test_a_killed_supervisor_is_named_with_its_signal_and_what_it_left(own_zygot
     import signal as signals
 
     from kit.run.launcher import LaunchError
+
     handle = hanging_run()
     os.kill(handle.supervisor_pid, signals.SIGKILL)
     with pytest.raises(LaunchError) as err:
@@ -359,7 +411,8 @@ def test_a_killed_supervisor_is_named_with_its_signal_and_what_it_left(own_zygot
     assert str(err.value).startswith(
         f"the run's supervisor (pid {handle.supervisor_pid}) ended without writing the "
         f"run's result: killed by signal 9 (SIGKILL); left behind: the run directory "
-        f"{handle.run_dir}, removed now")
+        f"{handle.run_dir}, removed now"
+    )
     assert not os.path.exists(handle.run_dir)
     wait_until(lambda: gone(handle.starter_pid), "the starter's end (parent-death signal)")
 
@@ -368,16 +421,22 @@ def test_a_killed_zygote_is_named_for_the_runs_it_took_along(own_zygote):
     import signal as signals
 
     from kit.run.launcher import LaunchError
+
     handle = hanging_run()
     os.kill(own_zygote.proc.pid, signals.SIGKILL)
     with pytest.raises(LaunchError) as err:
         handle.wait()
-    assert (f"the run's supervisor (pid {handle.supervisor_pid}) ended without writing the "
-            f"run's result: died with its parent: the kit's zygote process "
-            f"(pid {own_zygote.proc.pid}) died: killed by signal 9 (SIGKILL)") in str(err.value)
+    assert (
+        f"the run's supervisor (pid {handle.supervisor_pid}) ended without writing the "
+        f"run's result: died with its parent: the kit's zygote process "
+        f"(pid {own_zygote.proc.pid}) died: killed by signal 9 (SIGKILL)"
+    ) in str(err.value)
     assert not os.path.exists(handle.run_dir)
-    with pytest.raises(LaunchError, match=rf"zygote process \(pid {own_zygote.proc.pid}\) "
-                                          r"died: killed by signal 9"):
+    with pytest.raises(
+        LaunchError,
+        match=rf"zygote process \(pid {own_zygote.proc.pid}\) "
+        r"died: killed by signal 9",
+    ):
         own_zygote.spawn(handle.request, [0, 1, 2, 2], [])
 
 
@@ -403,8 +462,11 @@ def test_the_run_directory_goes_when_the_launcher_is_killed():
     import sys
 
     code = LAUNCHER.format(tests=os.path.dirname(__file__), engine=FAULT)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                            cwd=os.path.dirname(os.path.dirname(__file__)))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
     try:
         run_dir, supervisor, starter = proc.stdout.readline().split()
         assert os.path.isdir(run_dir)
@@ -418,6 +480,7 @@ def test_the_run_directory_goes_when_the_launcher_is_killed():
 
 def test_a_dead_owners_run_directory_is_swept_and_a_live_ones_is_kept(tmp_path):
     from kit.run import rundir
+
     live, live_fd = rundir.create(str(tmp_path))
     dead, dead_fd = rundir.create(str(tmp_path))
     os.close(dead_fd)  # its owner is gone: nobody holds the lock
@@ -433,6 +496,7 @@ def test_a_dead_owners_run_directory_is_swept_and_a_live_ones_is_kept(tmp_path):
 
 
 # --- a snapshot engine code fakes from inside its process ------------------------------------
+
 
 def test_a_snapshot_faked_in_the_process_is_contradicted_by_the_supervisors_own_read():
     result = hostile_run(fake_probe="caps")
@@ -453,16 +517,20 @@ def test_a_snapshot_that_disagrees_once_is_read_again_not_called_forged():
     # can fall between a snapshot and the supervisor's read: the sender reads it again.
     result = hostile_run(fake_probe="caps-once")
     assert not faults(result), faults(result)
-    returned = [e for e in result.ledger.select("hook_return", role="master")
-                if e["hook"] == "create_container"]
+    returned = [
+        e
+        for e in result.ledger.select("hook_return", role="master")
+        if e["hook"] == "create_container"
+    ]
     assert returned and any(t["caps"]["effective"] for t in returned[0]["snapshot"]["threads"])
 
 
 def test_a_snapshot_sent_without_waiting_for_the_outside_check_is_refused():
     result = hostile_run(fake_probe="unconfirmed")
     fault = faults(result)[0]
-    assert fault["detail"] == ("its snapshot came without waiting for the supervisor's "
-                               "outside check")
+    assert fault["detail"] == (
+        "its snapshot came without waiting for the supervisor's outside check"
+    )
     assert fault["sender_pid"] == kernel_pid(result, "master")
 
 
@@ -472,5 +540,8 @@ def test_snapshots_in_a_user_namespace_agree_with_the_outside_read(flow):
     process sees (0): no false alarm."""
     result = run("reference", flow, ["/bin/true"], user="kit-test")
     assert result.exit_code == 0 and not faults(result)
-    assert any(t["uid"][0] == 0 for e in result.ledger.select("hook_enter", role="rpc")
-               for t in e["snapshot"]["threads"])
+    assert any(
+        t["uid"][0] == 0
+        for e in result.ledger.select("hook_enter", role="rpc")
+        for t in e["snapshot"]["threads"]
+    )

@@ -146,8 +146,13 @@ def scenarios() -> dict[str, dict[str, dict]]:
     _needs_root()
     out = {}
     for backend in ("real", "fake"):
-        proc = subprocess.run([sys.executable, "-c", HELPER, backend], capture_output=True,
-                              text=True, timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
+        proc = subprocess.run(
+            [sys.executable, "-c", HELPER, backend],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PYTHONPATH": ROOT},
+        )
         assert proc.returncode == 0, proc.stderr
         out[backend] = json.loads(proc.stdout)
     return out
@@ -165,6 +170,7 @@ def esc(scenarios, backend, name):
 
 # --- host privilege: the failing side of each predicate ---------------------------------------
 
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_only_a_saved_uid_0_is_host_privilege(scenarios, backend):
     r = scenarios[backend]["only_saved_root"]
@@ -174,8 +180,7 @@ def test_only_a_saved_uid_0_is_host_privilege(scenarios, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_one_permitted_capability_in_the_host_user_namespace_is_host_privilege(scenarios,
-                                                                              backend):
+def test_one_permitted_capability_in_the_host_user_namespace_is_host_privilege(scenarios, backend):
     r = scenarios[backend]["permitted_bind"]
     assert r["uid"][:3] == [U, U, U]
     assert r["host_privilege"] is True
@@ -205,8 +210,11 @@ def test_privileged_agrees_with_host_privilege_of_the_same_state(scenarios, back
 
 def test_host_privilege_is_judged_against_the_given_identity_not_the_uid_map():
     me = linux.userns_identity()
-    snap = {"threads": [{"uid": [0, 0, 0, 0], "caps": {"permitted": ["CAP_CHOWN"]}}],
-            "uid_map": [[0, 0, 65536]], "ns": {"user": me[1]}}
+    snap = {
+        "threads": [{"uid": [0, 0, 0, 0], "caps": {"permitted": ["CAP_CHOWN"]}}],
+        "uid_map": [[0, 0, 65536]],
+        "ns": {"user": me[1]},
+    }
     assert probe.host_privilege(snap, me) is True  # launched in a namespace mapping 0 0 65536
     snap_full = dict(snap, uid_map=probe.FULL_MAP)
     assert probe.host_privilege(snap_full, [me[0], me[1] + 1]) is False  # full map, not ours
@@ -226,9 +234,12 @@ def test_a_full_range_map_in_a_child_namespace_is_not_the_host():
             os.write(ready_w, b"u")
             os.read(go_r, 1)
             snap = probe.snapshot()
-            report = {"uid_map": snap["uid_map"], "host": probe.host_privilege(snap),
-                      "uid": snap["threads"][0]["uid"],
-                      "escalation": probe.escalation()}
+            report = {
+                "uid_map": snap["uid_map"],
+                "host": probe.host_privilege(snap),
+                "uid": snap["threads"][0]["uid"],
+                "escalation": probe.escalation(),
+            }
         except BaseException as exc:
             report = {"error": repr(exc)}
         os.write(out_w, json.dumps(report).encode())
@@ -265,23 +276,50 @@ def _stage1_run(host_userns: list[int] | None):
     from conformance.runs import Run
     from conformance.scenario import SCENARIOS
 
-    snap = {"threads": [{"tid": 10, "uid": [U] * 4, "gid": [G] * 4, "groups": [],
-                         "caps": {"effective": [], "permitted": ["CAP_SYS_ADMIN"],
-                                  "inheritable": [], "bounding": ["CAP_SYS_ADMIN"],
-                                  "ambient": []},
-                         "no_new_privs": False, "seccomp": 0}],
-            "ns": {"user": HOST_USER}, "uid_map": probe.FULL_MAP, "gid_map": [],
-            "securebits": 0, "dumpable": 1, "nspid": [10]}
+    snap = {
+        "threads": [
+            {
+                "tid": 10,
+                "uid": [U] * 4,
+                "gid": [G] * 4,
+                "groups": [],
+                "caps": {
+                    "effective": [],
+                    "permitted": ["CAP_SYS_ADMIN"],
+                    "inheritable": [],
+                    "bounding": ["CAP_SYS_ADMIN"],
+                    "ambient": [],
+                },
+                "no_new_privs": False,
+                "seccomp": 0,
+            }
+        ],
+        "ns": {"user": HOST_USER},
+        "uid_map": probe.FULL_MAP,
+        "gid_map": [],
+        "securebits": 0,
+        "dumpable": 1,
+        "nspid": [10],
+    }
     start = {"kind": "run_start", "role": "supervisor", "invoker": {"uid": U, "gid": G}}
     if host_userns is not None:
         start["host_userns"] = host_userns
-    events = [start, {"kind": "hook_enter", "role": "stage1", "hook": "config",
-                      "snapshot": snap, "escalation": {"host_escalation": False}}]
+    events = [
+        start,
+        {
+            "kind": "hook_enter",
+            "role": "stage1",
+            "hook": "config",
+            "snapshot": snap,
+            "escalation": {"host_escalation": False},
+        },
+    ]
     for i, event in enumerate(events):
         event.update(seq=i, pid=100, tid=10, t=i)
     ledger = SimpleNamespace(events=events, document={"schema_version": 1, "events": events})
-    result = SimpleNamespace(exit_code=0, reason="exited", ledger=ledger, leaks=[],
-                             timed_out=None, stdout="", stderr="")
+    result = SimpleNamespace(
+        exit_code=0, reason="exited", ledger=ledger, leaks=[], timed_out=None, stdout="", stderr=""
+    )
     return Run("userns", SCENARIOS["default"], "real", result=result)
 
 
@@ -317,9 +355,11 @@ def test_a_ledger_without_the_host_identity_is_a_harness_error():
 
 # --- escalation: each way tried on its own -----------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_setuid_master_can_raise_its_permitted_capabilities_without_regaining_uid_0(
-        scenarios, backend):
+    scenarios, backend
+):
     e = esc(scenarios, backend, "saved_root")
     assert len(e["raise_caps"]) >= 30  # every permitted capability (40 here), not []
     assert e["setresuid_root"] is True and e["setuid_exec"] is True
@@ -342,15 +382,27 @@ def test_the_setuid_binary_is_really_executed_even_with_saved_uid_0(scenarios, b
     assert e["setuid_exec"] is True and e["setuid_exec_euid"] == 0  # was derived: False
     assert e["raise_caps"] == [] and e["setresuid_root"] is True
     e = esc(scenarios, backend, "plain_user")
-    assert e == {"setresuid_root": False, "raise_caps": [], "setuid_exec": True,
-                 "setuid_exec_euid": 0, "host_userns": True, "host_escalation": True}
+    assert e == {
+        "setresuid_root": False,
+        "raise_caps": [],
+        "setuid_exec": True,
+        "setuid_exec_euid": 0,
+        "host_userns": True,
+        "host_escalation": True,
+    }
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_new_privs_makes_the_setuid_bit_inert(scenarios, backend):
     e = esc(scenarios, backend, "plain_user_nnp")
-    assert e == {"setresuid_root": False, "raise_caps": [], "setuid_exec": False,
-                 "setuid_exec_euid": U, "host_userns": True, "host_escalation": False}
+    assert e == {
+        "setresuid_root": False,
+        "raise_caps": [],
+        "setuid_exec": False,
+        "setuid_exec_euid": U,
+        "host_userns": True,
+        "host_escalation": False,
+    }
     e = esc(scenarios, backend, "saved_root_nnp")
     assert e["setuid_exec"] is False and e["setuid_exec_euid"] == U
     assert e["setresuid_root"] is True  # no_new_privs does not stop setresuid
@@ -414,29 +466,44 @@ def test_another_file_at_the_binary_path_is_not_taken_for_it(tmp_path):
 
 #: Mutants that declare escalation or host-privilege requirements (and the setuid master's
 #: credential rule): on a plain host the suite kills them; inside a user namespace too.
-PRIVILEGE_MUTANTS = ("master-gives-up-privilege", "ambient-caps-for-user",
-                     "starter-userns-flows-as-root", "starter-setuid-stage1-keeps-saved-root",
-                     "master-keeps-euid-root")
+PRIVILEGE_MUTANTS = (
+    "master-gives-up-privilege",
+    "ambient-caps-for-user",
+    "starter-userns-flows-as-root",
+    "starter-setuid-stage1-keeps-saved-root",
+    "master-keeps-euid-root",
+)
 MAPS = (65536, 4294967295)
-MATRIX = ("import json, sys; from mutants import matrix as M; "
-          "m = M.run_matrix('real', 2, sys.argv[1:], baselines=False); "
-          "print(json.dumps(m.entries))")
+MATRIX = (
+    "import json, sys; from mutants import matrix as M; "
+    "m = M.run_matrix('real', 2, sys.argv[1:], baselines=False); "
+    "print(json.dumps(m.entries))"
+)
 
 
 def _environment() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PYTEST_", "CONFORMANCE_", "COVERAGE_"))
-           and k != "COV_CORE_SOURCE"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PYTEST_", "CONFORMANCE_", "COVERAGE_")) and k != "COV_CORE_SOURCE"
+    }
     env["PYTHONPATH"] = ROOT
     return env
 
 
-def in_userns(count: int, argv: list[str], timeout: float = 600
-              ) -> subprocess.CompletedProcess[str]:
+def in_userns(
+    count: int, argv: list[str], timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
     """``argv`` as root of a new user namespace mapping ``0 0 count`` (uids and gids)."""
-    return subprocess.run([sys.executable, LAUNCH, str(count), "--", *argv], cwd=ROOT,
-                          env=_environment(), capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, LAUNCH, str(count), "--", *argv],
+        cwd=ROOT,
+        env=_environment(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def _matrix(count: int | None) -> dict[tuple[str, str], dict]:
@@ -446,8 +513,15 @@ def _matrix(count: int | None) -> dict[tuple[str, str], dict]:
     if count is not None:
         proc = in_userns(count, command)
     else:
-        proc = subprocess.run(command, cwd=ROOT, env=_environment(), capture_output=True,
-                              text=True, timeout=600, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            command,
+            cwd=ROOT,
+            env=_environment(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+            stdin=subprocess.DEVNULL,
+        )
     assert proc.returncode == 0, proc.stderr[-3000:]
     entries = json.loads(proc.stdout.splitlines()[-1])
     return {(e["mutant"], e["flow"]): e for e in entries}
@@ -471,28 +545,44 @@ def test_flows_says_the_kit_runs_inside_a_non_initial_user_namespace(count):
 
 
 @pytest.mark.parametrize("count", MAPS)
-def test_the_reference_engine_passes_everything_launched_inside_a_user_namespace(
-        count, tmp_path):
+def test_the_reference_engine_passes_everything_launched_inside_a_user_namespace(count, tmp_path):
     _needs_root()
     report = tmp_path / "report.json"
     os.chmod(tmp_path, 0o755)
-    proc = in_userns(count, [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                             "-p", "no:xdist", "--engine=reference", "--backend=real",
-                             f"--conformance-report={report}"])
+    proc = in_userns(
+        count,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:xdist",
+            "--engine=reference",
+            "--backend=real",
+            f"--conformance-report={report}",
+        ],
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     doc = json.loads(report.read_text())
     summary = doc["summary"]
     assert summary.get("failed", 0) == 0 and summary.get("broken", 0) == 0, summary
     assert summary.get("passed", 0) >= 300, summary
     assert {r["backend"] for r in doc["results"]} == {"real"}
-    escalation = [r for r in doc["results"] if r["requirement"] == "PRIV-MASTER-003"
-                  and r["flow"] in ("suid", "hybrid")]
+    escalation = [
+        r
+        for r in doc["results"]
+        if r["requirement"] == "PRIV-MASTER-003" and r["flow"] in ("suid", "hybrid")
+    ]
     assert [r["outcome"] for r in escalation] == ["passed", "passed"]
 
 
 @pytest.mark.parametrize("count", MAPS)
 def test_privilege_mutants_are_killed_inside_a_user_namespace_as_on_the_host(
-        count, plain_host_matrix):
+    count, plain_host_matrix
+):
     inside = _matrix(count)
     assert set(inside) == set(plain_host_matrix)
     assert {mutant for mutant, _ in inside} == {f"mutant-{m}" for m in PRIVILEGE_MUTANTS}

@@ -57,8 +57,7 @@ COW = ("/var/tmp",)
 def _init(base: str, commands: int, replies: int) -> None:
     """pid 1 of the sandbox: finish it, then run what the test sends."""
     root = f"{base}/root"
-    linux.mount("proc", f"{root}/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV
-                | linux.MS_NOEXEC)
+    linux.mount("proc", f"{root}/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
     linux.link_up("lo")
     uppers = {"/": os.open(f"{base}/upper", os.O_PATH | os.O_DIRECTORY)}
     for i, point in enumerate(COW):
@@ -81,20 +80,35 @@ def _init(base: str, commands: int, replies: int) -> None:
 
 def _outer(base: str, commands: int, replies: int) -> None:
     """The forked child: new namespaces, the overlay, then pid 1."""
-    linux.unshare(linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC
-                  | linux.CLONE_NEWNET | linux.CLONE_NEWPID)
+    linux.unshare(
+        linux.CLONE_NEWNS
+        | linux.CLONE_NEWUTS
+        | linux.CLONE_NEWIPC
+        | linux.CLONE_NEWNET
+        | linux.CLONE_NEWPID
+    )
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
     linux.mount("tmpfs", base, "tmpfs", 0, "mode=0700")
     for name in ("upper", "work", "root"):
         os.mkdir(f"{base}/{name}")
-    linux.mount("overlay", f"{base}/root", "overlay", 0,
-                f"lowerdir=/,upperdir={base}/upper,workdir={base}/work")
+    linux.mount(
+        "overlay",
+        f"{base}/root",
+        "overlay",
+        0,
+        f"lowerdir=/,upperdir={base}/upper,workdir={base}/work",
+    )
     linux.mount("/dev", f"{base}/root/dev", None, linux.MS_BIND | linux.MS_REC)
     for i, point in enumerate(COW):
         for name in ("upper", "work"):
             os.makedirs(f"{base}/cow{i}/{name}")
-        linux.mount("overlay", f"{base}/root{point}", "overlay", 0,
-                    f"lowerdir={point},upperdir={base}/cow{i}/upper,workdir={base}/cow{i}/work")
+        linux.mount(
+            "overlay",
+            f"{base}/root{point}",
+            "overlay",
+            0,
+            f"lowerdir={point},upperdir={base}/cow{i}/upper,workdir={base}/cow{i}/work",
+        )
     pid = os.fork()
     if pid == 0:
         _init(base, commands, replies)
@@ -131,8 +145,9 @@ class OwnSandbox:
             os.rmdir(self.base)
             raise
         self.init_pid: int = ready["init_pid"]
-        self.upper_dirs = {point: f"/proc/{self.init_pid}/fd/{fd}"
-                           for point, fd in ready["upper_fds"].items()}
+        self.upper_dirs = {
+            point: f"/proc/{self.init_pid}/fd/{fd}" for point, fd in ready["upper_fds"].items()
+        }
         self.upper_dir = self.upper_dirs["/"]
 
     def run(self, code: str) -> None:
@@ -192,11 +207,15 @@ def named(found: list[HostChange], kind: str, name: str) -> HostChange:
 
 # --- no false positives ---------------------------------------------------------------------
 
+
 def test_an_unchanged_sandbox_diffs_empty(sandbox: OwnSandbox) -> None:
     # Reads touch atimes and /proc, and a short-lived process comes and goes: none of it is a
     # change of the host.
-    found = changes(sandbox, shell="cat /etc/passwd /proc/self/status /proc/sys/net/ipv4/"
-                    "ip_forward >/dev/null; ls -R /etc >/dev/null; true")
+    found = changes(
+        sandbox,
+        shell="cat /etc/passwd /proc/self/status /proc/sys/net/ipv4/"
+        "ip_forward >/dev/null; ls -R /etc >/dev/null; true",
+    )
     assert found == []
 
 
@@ -212,10 +231,13 @@ def test_the_snapshot_sees_a_real_sandbox_not_the_host(sandbox: OwnSandbox) -> N
 
 # --- each kind of object: the change is named --------------------------------------------------
 
+
 def test_a_file_created_changed_or_deleted_under_etc_is_named(sandbox: OwnSandbox) -> None:
     name = f"kit-hostdiff-{os.getpid()}"
-    found = changes(sandbox, shell=f"echo x > /etc/{name}; echo y >> /etc/hostname; "
-                    "rm /etc/issue; chmod 700 /opt")
+    found = changes(
+        sandbox,
+        shell=f"echo x > /etc/{name}; echo y >> /etc/hostname; rm /etc/issue; chmod 700 /opt",
+    )
     created = named(found, "file", f"/etc/{name}")
     assert created.before is None and created.after.startswith("file 0644 0:0 2 bytes")
     changed = named(found, "file", "/etc/hostname")
@@ -229,7 +251,8 @@ def test_a_file_created_changed_or_deleted_under_etc_is_named(sandbox: OwnSandbo
 
 
 def test_a_file_in_a_second_copy_on_write_mount_is_named_by_its_full_path(
-        sandbox: OwnSandbox) -> None:
+    sandbox: OwnSandbox,
+) -> None:
     name = f"kit-hostdiff-{os.getpid()}"
     found = changes(sandbox, shell=f"echo x > /var/tmp/{name}")
     assert [(c.kind, c.name, c.before) for c in found] == [("file", f"/var/tmp/{name}", None)]
@@ -239,21 +262,26 @@ def test_a_file_in_a_second_copy_on_write_mount_is_named_by_its_full_path(
 def test_a_replaced_directory_is_named(sandbox: OwnSandbox) -> None:
     # rm -r then mkdir: overlayfs marks the new directory opaque instead of whiting out each
     # old entry; the diff says its old entries are hidden.
-    found = changes(sandbox, shell="rm -r /etc/default && mkdir /etc/default && "
-                    "chmod --reference=/etc /etc/default")
+    found = changes(
+        sandbox,
+        shell="rm -r /etc/default && mkdir /etc/default && chmod --reference=/etc /etc/default",
+    )
     replaced = named(found, "file", "/etc/default")
     assert "replaced" in replaced.after
 
 
 def test_a_file_rewritten_with_its_own_content_is_no_change(sandbox: OwnSandbox) -> None:
-    found = changes(sandbox, shell="cp -p /etc/hostname /tmp/h && cat /tmp/h > /etc/hostname "
-                    "&& rm /tmp/h")
+    found = changes(
+        sandbox, shell="cp -p /etc/hostname /tmp/h && cat /tmp/h > /etc/hostname && rm /tmp/h"
+    )
     assert found == []
 
 
 def test_mounts_added_remounted_and_repropagated_are_named(sandbox: OwnSandbox) -> None:
-    found = changes(sandbox, shell="mount -t tmpfs kit-test /mnt && mount -o remount,ro "
-                    "/proc && mount --make-shared /")
+    found = changes(
+        sandbox,
+        shell="mount -t tmpfs kit-test /mnt && mount -o remount,ro /proc && mount --make-shared /",
+    )
     added = named(found, "mount", "/mnt")
     assert added.before is None and added.after.startswith("tmpfs kit-test")
     remounted = named(found, "mount", "/proc")
@@ -275,16 +303,22 @@ def test_a_mount_stacked_on_another_is_named(sandbox: OwnSandbox) -> None:
 
 
 def test_hostname_and_domainname_are_named(sandbox: OwnSandbox) -> None:
-    found = changes(sandbox, code="import socket; socket.sethostname('kit-evil')\n"
-                    "open('/proc/sys/kernel/domainname', 'w').write('kit-evil-domain')")
+    found = changes(
+        sandbox,
+        code="import socket; socket.sethostname('kit-evil')\n"
+        "open('/proc/sys/kernel/domainname', 'w').write('kit-evil-domain')",
+    )
     assert named(found, "hostname", "hostname").after == "kit-evil"
     assert named(found, "domainname", "domainname").after == "kit-evil-domain"
     assert os.uname().nodename != "kit-evil"
 
 
 def test_a_net_sysctl_is_named(sandbox: OwnSandbox) -> None:
-    found = changes(sandbox, shell="echo 1 > /proc/sys/net/ipv4/ip_forward && "
-                    "echo 2 > /proc/sys/net/ipv4/conf/lo/rp_filter")
+    found = changes(
+        sandbox,
+        shell="echo 1 > /proc/sys/net/ipv4/ip_forward && "
+        "echo 2 > /proc/sys/net/ipv4/conf/lo/rp_filter",
+    )
     change = named(found, "sysctl", "net.ipv4.ip_forward")
     assert (change.before, change.after) == ("0", "1")
     # A setting of a link that was there before is a sysctl change of its own.
@@ -292,10 +326,13 @@ def test_a_net_sysctl_is_named(sandbox: OwnSandbox) -> None:
 
 
 def test_links_addresses_and_routes_are_named(sandbox: OwnSandbox) -> None:
-    found = changes(sandbox, shell="ip link add kit-veth0 type veth peer name kit-veth1 && "
-                    "ip addr add 10.254.7.1/24 dev kit-veth0 && ip link set kit-veth0 up && "
-                    "ip link set kit-veth1 up && ip route add 10.254.8.0/24 via 10.254.7.2 && "
-                    "ip link set lo mtu 1500")
+    found = changes(
+        sandbox,
+        shell="ip link add kit-veth0 type veth peer name kit-veth1 && "
+        "ip addr add 10.254.7.1/24 dev kit-veth0 && ip link set kit-veth0 up && "
+        "ip link set kit-veth1 up && ip route add 10.254.8.0/24 via 10.254.7.2 && "
+        "ip link set lo mtu 1500",
+    )
     assert named(found, "link", "kit-veth0").before is None
     assert named(found, "link", "kit-veth0").after.startswith("veth ")
     # Their per-device sysctls come with the links: named by them, not one by one.
@@ -309,18 +346,21 @@ def test_links_addresses_and_routes_are_named(sandbox: OwnSandbox) -> None:
 def test_a_named_network_namespace_is_named(sandbox: OwnSandbox) -> None:
     found = changes(sandbox, shell="ip netns add kit-test-ns")
     assert named(found, "netns", "kit-test-ns").before is None
-    assert any(c.kind == "mount" and c.name.startswith("/run/netns/kit-test-ns")
-               for c in found)
+    assert any(c.kind == "mount" and c.name.startswith("/run/netns/kit-test-ns") for c in found)
     assert not os.path.exists("/run/netns/kit-test-ns")
 
 
 def test_sysv_ipc_objects_and_posix_message_queues_are_named(sandbox: OwnSandbox) -> None:
-    found = changes(sandbox, code=(
-        "import ctypes, os\n"
-        "libc = ctypes.CDLL(None, use_errno=True)\n"
-        "assert libc.shmget(0x6b697401, 4096, 0o1600) >= 0\n"
-        "assert libc.msgget(0x6b697402, 0o1640) >= 0\n"
-        "assert libc.mq_open(b'/kit-test-queue', os.O_CREAT | os.O_RDWR, 0o600, None) >= 0\n"))
+    found = changes(
+        sandbox,
+        code=(
+            "import ctypes, os\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\n"
+            "assert libc.shmget(0x6b697401, 4096, 0o1600) >= 0\n"
+            "assert libc.msgget(0x6b697402, 0o1640) >= 0\n"
+            "assert libc.mq_open(b'/kit-test-queue', os.O_CREAT | os.O_RDWR, 0o600, None) >= 0\n"
+        ),
+    )
     assert any(c.kind == "ipc" and c.name.startswith("shm key 1802073089 ") for c in found)
     assert any(c.kind == "ipc" and c.name.startswith("msg key 1802073090 ") for c in found)
     assert named(found, "mqueue", "/kit-test-queue").after == "0600 0:0"
@@ -333,8 +373,10 @@ def test_a_process_left_in_the_sandbox_is_named(sandbox: OwnSandbox) -> None:
 
 
 def test_a_process_of_the_sandbox_killed_by_the_run_is_named(sandbox: OwnSandbox) -> None:
-    sandbox.run("import subprocess; globals()['__builtins__']['kit_victim'] = "
-                "subprocess.Popen(['sleep', '3601'])")
+    sandbox.run(
+        "import subprocess; globals()['__builtins__']['kit_victim'] = "
+        "subprocess.Popen(['sleep', '3601'])"
+    )
     found = changes(sandbox, code="kit_victim.kill(); kit_victim.wait()")
     (gone,) = [c for c in found if c.kind == "process"]
     assert gone.before == "sleep 3601" and gone.after is None
@@ -342,13 +384,17 @@ def test_a_process_of_the_sandbox_killed_by_the_run_is_named(sandbox: OwnSandbox
 
 def test_an_unreadable_kind_is_reported_not_skipped(sandbox: OwnSandbox) -> None:
     state = snap(sandbox)
-    broken = HostState({k: dict(v) for k, v in state.objects.items() if k != "mount"},
-                       dict(state.lower), {"mount": "OSError: gone"})
+    broken = HostState(
+        {k: dict(v) for k, v in state.objects.items() if k != "mount"},
+        dict(state.lower),
+        {"mount": "OSError: gone"},
+    )
     found = hostdiff.diff(state, broken)
     assert found == [HostChange("unreadable", "mount", None, "OSError: gone")]
 
 
 # --- cost ---------------------------------------------------------------------------------------
+
 
 def test_a_full_snapshot_costs_a_few_milliseconds_of_cpu(sandbox: OwnSandbox) -> None:
     # CPU time, not wall time: the shared machine's load stretches the latter tenfold.
@@ -369,26 +415,26 @@ def test_a_full_snapshot_costs_a_few_milliseconds_of_cpu(sandbox: OwnSandbox) ->
 
 # --- during the run: transient changes and the hook that made them -----------------------------
 
+
 def test_the_watch_names_a_transient_change_and_the_hook_open_when_it_appeared(
-        sandbox: OwnSandbox) -> None:
+    sandbox: OwnSandbox,
+) -> None:
     hostname = os.uname().nodename  # the sandbox's at the start (the child joins its uts ns)
 
     def run() -> dict[str, Any]:
         watch = hostdiff.HostWatch(sandbox)
         watch.start()
-        watch.note({"kind": "hook_enter", "role": "master", "hook": "create_container",
-                    "pid": 7})
+        watch.note({"kind": "hook_enter", "role": "master", "hook": "create_container", "pid": 7})
         sandbox.run("import socket; socket.sethostname('kit-evil')")
         watch.look()
-        watch.note({"kind": "hook_return", "role": "master", "hook": "create_container",
-                    "pid": 7})
+        watch.note({"kind": "hook_return", "role": "master", "hook": "create_container", "pid": 7})
         watch.look()
-        watch.note({"kind": "hook_enter", "role": "master", "hook": "cleanup_container",
-                    "pid": 7})
-        sandbox.run(f"import socket; socket.sethostname({hostname!r})\n"
-                    "import subprocess; subprocess.run(['mount', '-t', 'tmpfs', 'x', '/mnt'])")
-        watch.note({"kind": "hook_return", "role": "master", "hook": "cleanup_container",
-                    "pid": 7})
+        watch.note({"kind": "hook_enter", "role": "master", "hook": "cleanup_container", "pid": 7})
+        sandbox.run(
+            f"import socket; socket.sethostname({hostname!r})\n"
+            "import subprocess; subprocess.run(['mount', '-t', 'tmpfs', 'x', '/mnt'])"
+        )
+        watch.note({"kind": "hook_return", "role": "master", "hook": "cleanup_container", "pid": 7})
         watch.look()
         return watch.finish()
 
@@ -412,11 +458,9 @@ def test_the_watch_names_the_hook_open_when_a_file_appeared(sandbox: OwnSandbox)
         watch.note({"kind": "hook_enter", "role": "stage1", "hook": "prepare_config", "pid": 5})
         watch.look()
         sandbox.sh("echo state > /etc/kit-hostdiff-state && echo tmp > /tmp/kit-scratch")
-        watch.note({"kind": "hook_return", "role": "stage1", "hook": "prepare_config",
-                    "pid": 5})
+        watch.note({"kind": "hook_return", "role": "stage1", "hook": "prepare_config", "pid": 5})
         watch.look()
-        watch.note({"kind": "hook_enter", "role": "master", "hook": "cleanup_container",
-                    "pid": 7})
+        watch.note({"kind": "hook_enter", "role": "master", "hook": "cleanup_container", "pid": 7})
         sandbox.sh("rm /tmp/kit-scratch")  # a temporary file, gone by the end: allowed
         watch.look()
         return watch.finish()
@@ -441,8 +485,8 @@ def test_a_change_the_watch_did_not_see_has_no_hooks(sandbox: OwnSandbox) -> Non
 
 # --- the supervisor records the diff; the HOST checks read it ----------------------------------
 
-def test_the_supervisor_records_the_diff_of_its_sandbox_in_the_ledger(sandbox: OwnSandbox
-                                                                      ) -> None:
+
+def test_the_supervisor_records_the_diff_of_its_sandbox_in_the_ledger(sandbox: OwnSandbox) -> None:
     from kit.run.launcher import make_request
     from kit.run.supervisor import Supervisor, preload
 
@@ -456,9 +500,11 @@ def test_the_supervisor_records_the_diff_of_its_sandbox_in_the_ledger(sandbox: O
         os.close(r)
         os.close(w)
         events = result["ledger"]["events"]
-        return {"exit": result["exit_code"],
-                "host": [e for e in events if e["kind"] == "host_changes"],
-                "last": [e["kind"] for e in events[-2:]]}
+        return {
+            "exit": result["exit_code"],
+            "host": [e for e in events if e["kind"] == "host_changes"],
+            "last": [e["kind"] for e in events[-2:]],
+        }
 
     out = in_child(run)
     assert "ok" in out, out
@@ -471,38 +517,64 @@ def test_the_supervisor_records_the_diff_of_its_sandbox_in_the_ledger(sandbox: O
     assert doc["last"][-1] == "exit"
 
 
-def _run_with(changes: list[dict[str, Any]], errors: dict[str, str] | None = None,
-              event: dict[str, Any] | None = None) -> Any:
+def _run_with(
+    changes: list[dict[str, Any]],
+    errors: dict[str, str] | None = None,
+    event: dict[str, Any] | None = None,
+) -> Any:
     from types import SimpleNamespace
 
     from conformance.runs import Run
     from conformance.scenario import SCENARIOS
 
-    events = [{"kind": "run_start", "role": "supervisor"},
-              {"kind": "host_changes", "role": "supervisor", "changes": changes,
-               "errors": errors or {}, "looks": 3, **(event or {})}]
+    events = [
+        {"kind": "run_start", "role": "supervisor"},
+        {
+            "kind": "host_changes",
+            "role": "supervisor",
+            "changes": changes,
+            "errors": errors or {},
+            "looks": 3,
+            **(event or {}),
+        },
+    ]
     for i, event in enumerate(events):
         event.update(seq=i, pid=100, tid=100, t=i)
     ledger = SimpleNamespace(events=events, document={"schema_version": 1, "events": events})
-    result = SimpleNamespace(exit_code=0, reason="exited", ledger=ledger, leaks=[],
-                             timed_out=None, stdout="", stderr="")
+    result = SimpleNamespace(
+        exit_code=0, reason="exited", ledger=ledger, leaks=[], timed_out=None, stdout="", stderr=""
+    )
     return Run("root", SCENARIOS["default"], "real", result=result)
 
 
-FILE_WRITTEN = {"kind": "file", "name": "/etc/kit-evil", "before": None,
-                "after": "file 0644 0:0 2 bytes 00ff", "transient": False,
-                "hooks": None}
-HOSTNAME_FLIPPED = {"kind": "hostname", "name": "hostname", "before": "vm",
-                    "after": "kit-evil", "transient": True,
-                    "hooks": [{"role": "master", "hook": "create_container", "pid": 9}]}
+FILE_WRITTEN = {
+    "kind": "file",
+    "name": "/etc/kit-evil",
+    "before": None,
+    "after": "file 0644 0:0 2 bytes 00ff",
+    "transient": False,
+    "hooks": None,
+}
+HOSTNAME_FLIPPED = {
+    "kind": "hostname",
+    "name": "hostname",
+    "before": "vm",
+    "after": "kit-evil",
+    "transient": True,
+    "hooks": [{"role": "master", "hook": "create_container", "pid": 9}],
+}
 
 
-@pytest.mark.parametrize("req,change,names", [
-    ("HOST-001", FILE_WRITTEN, "file /etc/kit-evil created: file 0644 0:0 2 bytes"),
-    ("HOST-009", HOSTNAME_FLIPPED, "hostname hostname was 'kit-evil' for a while"),
-])
+@pytest.mark.parametrize(
+    "req,change,names",
+    [
+        ("HOST-001", FILE_WRITTEN, "file /etc/kit-evil created: file 0644 0:0 2 bytes"),
+        ("HOST-009", HOSTNAME_FLIPPED, "hostname hostname was 'kit-evil' for a while"),
+    ],
+)
 def test_a_host_change_fails_its_requirement_naming_the_object_and_the_hook(
-        req: str, change: dict[str, Any], names: str) -> None:
+    req: str, change: dict[str, Any], names: str
+) -> None:
     from conformance import checks
 
     verify = checks.Verifier("root", [req], "t")
@@ -551,10 +623,12 @@ def test_a_run_without_a_sandbox_is_not_configured_for_the_host_checks() -> None
 
 # --- the watch's economies: a cached fresh sandbox, netlink notifications ----------------------
 
+
 def _watched(box: OwnSandbox, shell: str = "", stale: bool = False) -> dict[str, Any]:
     """A HostWatch around ``shell`` run in ``box``, with the fresh sandbox's sysctls cached
     first (as the zygote does), made stale on purpose with ``stale``; in a process that
     cannot start a thread, as the supervisor of a sandbox (it unshared a pid namespace)."""
+
     def run() -> dict[str, Any]:
         hostdiff.prime()
         linux.unshare(linux.CLONE_NEWPID)
@@ -595,20 +669,19 @@ def test_the_watch_names_a_link_it_was_notified_of(sandbox: OwnSandbox) -> None:
 
 
 def test_the_watch_names_an_address_and_a_route_on_lo(sandbox: OwnSandbox) -> None:
-    doc = _watched(sandbox, "ip addr add 10.254.9.1/32 dev lo && ip route add 10.254.10.0/24 "
-                   "dev lo")
+    doc = _watched(
+        sandbox, "ip addr add 10.254.9.1/32 dev lo && ip route add 10.254.10.0/24 dev lo"
+    )
     names = {(c["kind"], c["name"]) for c in doc["changes"]}
     assert ("address", "lo 10.254.9.1/32") in names
     assert ("route", "table 254 type 1 10.254.10.0/24 dev lo via -") in names
 
 
-def test_past_the_limit_changes_are_counted_by_kind_and_still_fail(sandbox: OwnSandbox
-                                                                    ) -> None:
+def test_past_the_limit_changes_are_counted_by_kind_and_still_fail(sandbox: OwnSandbox) -> None:
     from conformance import checks
 
     count = hostdiff.MAX_CHANGES + 2
-    doc = _watched(sandbox, f"mkdir /etc/kit-many && cd /etc/kit-many && seq {count} | "
-                   "xargs touch")
+    doc = _watched(sandbox, f"mkdir /etc/kit-many && cd /etc/kit-many && seq {count} | xargs touch")
     assert len(doc["changes"]) == hostdiff.MAX_CHANGES
     assert doc["omitted"] == {"file": count + 1 - hostdiff.MAX_CHANGES}
     unlisted = {**doc, "changes": []}  # even when none of its kind made the list
@@ -630,22 +703,35 @@ def test_the_watch_costs_a_few_milliseconds_per_run(sandbox: OwnSandbox) -> None
         return {"cpu": sorted(cpu)[7], "wall": sorted(wall)[7]}
 
     out = in_child(measure)["ok"]
-    print(f"watch (before + after) median: {out['cpu'] * 1000:.2f} ms CPU, "
-          f"{out['wall'] * 1000:.2f} ms wall")
+    print(
+        f"watch (before + after) median: {out['cpu'] * 1000:.2f} ms CPU, "
+        f"{out['wall'] * 1000:.2f} ms wall"
+    )
     assert out["cpu"] < 0.02  # generous under the shared machine's load; see the README
 
 
-def test_ns_010_and_ns_011_see_the_sandboxs_hostname_and_new_mounts_not_only_the_real_hosts(
-        ) -> None:
+def test_ns_010_and_ns_011_see_the_sandboxs_hostname_and_new_mounts_not_only_the_real_hosts() -> (
+    None
+):
     from conformance import checks
 
-    mount = {"kind": "mount", "name": "/tmp/mutant-staging-x", "before": None,
-             "after": "tmpfs tmpfs root / rw (rw) shared", "transient": True,
-             "hooks": [{"role": "master", "hook": "create_container", "pid": 9}]}
+    mount = {
+        "kind": "mount",
+        "name": "/tmp/mutant-staging-x",
+        "before": None,
+        "after": "tmpfs tmpfs root / rw (rw) shared",
+        "transient": True,
+        "hooks": [{"role": "master", "hook": "create_container", "pid": 9}],
+    }
     remount = {**mount, "name": "/", "before": "overlay ...", "after": "overlay ... ro"}
     run = _run_with([HOSTNAME_FLIPPED, mount, remount])
-    run.notes.update(hostname_before="vm", hostname_after="vm", hostnames_during=[],
-                     new_mounts_during=[], looks=5)
+    run.notes.update(
+        hostname_before="vm",
+        hostname_after="vm",
+        hostnames_during=[],
+        new_mounts_during=[],
+        looks=5,
+    )
     verify = checks.Verifier("root", ["NS-010", "NS-011"], "t")
     checks.check_host_view(verify, run, "NS-010", "hostname")
     checks.check_host_view(verify, run, "NS-011", "mounts")
@@ -661,21 +747,29 @@ def test_the_run_result_lists_the_host_changes_and_says_them_among_its_problems(
     from kit.ledger.record import Ledger
     from kit.run.launcher import RunResult
 
-    events = [{"seq": 0, "kind": "host_changes", "role": "supervisor", "changes":
-               [FILE_WRITTEN], "errors": {}, "looks": 2, "omitted": {}, "cost_ms": 1.0}]
+    events = [
+        {
+            "seq": 0,
+            "kind": "host_changes",
+            "role": "supervisor",
+            "changes": [FILE_WRITTEN],
+            "errors": {},
+            "looks": 2,
+            "omitted": {},
+            "cost_ms": 1.0,
+        }
+    ]
     result = RunResult(0, "exited", Ledger({"schema_version": 1, "events": events}))
     assert result.host_changes == [FILE_WRITTEN]
     assert "host: file /etc/kit-evil: None -> 'file 0644 0:0 2 bytes 00ff'" in result.problems()
-    assert RunResult(0, "exited", Ledger({"schema_version": 1, "events": []})
-                     ).host_changes is None
+    assert RunResult(0, "exited", Ledger({"schema_version": 1, "events": []})).host_changes is None
 
 
 def test_priming_where_no_network_namespace_can_be_made_leaves_the_cache_empty() -> None:
     def run() -> Any:
         # A root without CAP_SYS_ADMIN, as in some containers: unshare says EPERM.
         effective, permitted, inheritable = linux.capget()
-        linux.capset(effective & ~(1 << linux.CAP_NUMBERS["CAP_SYS_ADMIN"]), permitted,
-                     inheritable)
+        linux.capset(effective & ~(1 << linux.CAP_NUMBERS["CAP_SYS_ADMIN"]), permitted, inheritable)
         hostdiff._fresh_sysctls = None
         hostdiff.prime()
         return hostdiff._fresh_sysctls

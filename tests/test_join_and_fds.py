@@ -16,9 +16,18 @@ JOIN = "kit_test_engines:JoinEngine"
 @pytest.fixture
 def target_namespaces():
     """A process in its own uts+net namespaces (made by util-linux, not by pytest)."""
-    proc = subprocess.Popen(["unshare", "--uts", "--net", "/bin/sh", "-c",
-                             "hostname joined-ns; echo ready; exec sleep 60"],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            "unshare",
+            "--uts",
+            "--net",
+            "/bin/sh",
+            "-c",
+            "hostname joined-ns; echo ready; exec sleep 60",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "ready"
     yield proc.pid
     proc.kill()
@@ -32,15 +41,24 @@ def test_join_only_run_calls_only_the_join_hooks(target_namespaces):
     # namespaces: the request gives it these two, and the sandbox shows them elsewhere.
     given = {kind: f"/proc/{pid}/ns/{kind}" for kind in ("uts", "net")}
     sandboxed = os.geteuid() == 0
-    result = run(JOIN, "root", ["/bin/hostname"], join_namespaces=given,
-                 engine_config={"join": {k: join_path(k, p, sandboxed)
-                                         for k, p in given.items()}})
+    result = run(
+        JOIN,
+        "root",
+        ["/bin/hostname"],
+        join_namespaces=given,
+        engine_config={"join": {k: join_path(k, p, sandboxed) for k, p in given.items()}},
+    )
     assert result.exit_code == 0, result.reason
     assert result.stdout.strip() == "joined-ns"
     hooks = list(result.ledger.hooks())
-    assert hooks == [("stage1", "config"), ("stage1", "init_config"),
-                     ("stage1", "prepare_config"), ("stage2", "config"),
-                     ("stage2", "init_config"), ("stage2", "start_process")]
+    assert hooks == [
+        ("stage1", "config"),
+        ("stage1", "init_config"),
+        ("stage1", "prepare_config"),
+        ("stage2", "config"),
+        ("stage2", "init_config"),
+        ("stage2", "start_process"),
+    ]
     stage2 = result.ledger.first("hook_enter", hook="start_process")
     assert stage2["snapshot"]["ns"]["uts"] == os.stat(f"/proc/{pid}/ns/uts").st_ino
     assert stage2["snapshot"]["ns"]["net"] == os.stat(f"/proc/{pid}/ns/net").st_ino
@@ -50,8 +68,9 @@ def test_join_only_run_calls_only_the_join_hooks(target_namespaces):
 
 
 def test_joining_a_missing_namespace_fails_cleanly():
-    result = run(JOIN, "root", ["/bin/true"],
-                 engine_config={"join": {"uts": "/proc/999999999/ns/uts"}})
+    result = run(
+        JOIN, "root", ["/bin/true"], engine_config={"join": {"uts": "/proc/999999999/ns/uts"}}
+    )
     assert result.exit_code == 255
     error = result.ledger.first("starter_error")
     assert "namespace setup failed" in error["message"] and "999999999" in error["message"]
@@ -84,5 +103,7 @@ def test_kept_fd_reaches_the_payload_and_others_do_not():
 def test_keeping_an_fd_that_is_not_open_is_rejected():
     result = run(JOIN, "root", ["/bin/true"], engine_config={"keep_fds": [250]})
     assert result.exit_code == 255
-    assert "keep_file_descriptor: fd 250 is not open" in result.ledger.first(
-        "starter_error")["message"]
+    assert (
+        "keep_file_descriptor: fd 250 is not open"
+        in result.ledger.first("starter_error")["message"]
+    )

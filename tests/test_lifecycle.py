@@ -48,13 +48,21 @@ def test_every_hook_runs_in_its_process_in_order(flow, runs):
     assert [h for h in hooks if h[0] == "stage2"] == STAGE2
     assert [h for h in hooks if h[0] == "rpc"] == [("rpc", "config"), ("rpc", "init_config")]
     master = [h[1] for h in hooks if h[0] == "master"]
-    assert sorted(master[2:]) == sorted(["create_container", "monitor_container",
-                                         "post_start_process", "cleanup_container"])
+    assert sorted(master[2:]) == sorted(
+        ["create_container", "monitor_container", "post_start_process", "cleanup_container"]
+    )
     assert master[-1] == "cleanup_container"
     # Each of the eight hooks appears.
     assert {h for _, h in hooks} == {
-        "config", "init_config", "prepare_config", "create_container", "start_process",
-        "post_start_process", "monitor_container", "cleanup_container"}
+        "config",
+        "init_config",
+        "prepare_config",
+        "create_container",
+        "start_process",
+        "post_start_process",
+        "monitor_container",
+        "cleanup_container",
+    }
 
 
 def test_every_hook_entry_has_a_snapshot(flow, runs):
@@ -70,8 +78,9 @@ def test_stage2_starts_after_create_container_returned_and_rpc_closed(flow, runs
     events = lifecycle(flow, runs).ledger.events
     seq = {(e["role"], e["kind"], e.get("hook")): e["seq"] for e in events}
     cc_return = seq[("master", "hook_return", "create_container")]
-    rpc_exit = next(e["seq"] for e in events
-                    if e["kind"] == "process_exit" and e.get("child_role") == "rpc")
+    rpc_exit = next(
+        e["seq"] for e in events if e["kind"] == "process_exit" and e.get("child_role") == "rpc"
+    )
     stage2_first = min(e["seq"] for e in events if e["role"] == "stage2")
     assert cc_return < rpc_exit < stage2_first
 
@@ -79,8 +88,7 @@ def test_stage2_starts_after_create_container_returned_and_rpc_closed(flow, runs
 def test_post_start_only_after_exec(flow, runs):
     events = lifecycle(flow, runs).ledger.events
     exec_seq = next(e["seq"] for e in events if e["kind"] == "stage2_exec")
-    posts = [e for e in events if e["kind"] == "hook_enter"
-             and e["hook"] == "post_start_process"]
+    posts = [e for e in events if e["kind"] == "hook_enter" and e["hook"] == "post_start_process"]
     assert len(posts) == 1 and posts[0]["seq"] > exec_seq
 
 
@@ -105,11 +113,15 @@ def test_namespaces_are_entered_in_order_with_private_propagation(flow, runs):
     ledger = lifecycle(flow, runs).ledger
     started = ledger.first("container_start")
     setup = ledger.first("namespaces")
-    assert started["created"] == (["user", "pid"] if flow != "root" and flow != "suid"
-                                  else ["pid"]) and started["joined"] == []
-    assert setup["order"] == [["unshare", kind] for kind in ("net", "uts", "ipc", "cgroup",
-                                                              "mount")
-                              if kind in setup["created"]]
+    assert (
+        started["created"] == (["user", "pid"] if flow != "root" and flow != "suid" else ["pid"])
+        and started["joined"] == []
+    )
+    assert setup["order"] == [
+        ["unshare", kind]
+        for kind in ("net", "uts", "ipc", "cgroup", "mount")
+        if kind in setup["created"]
+    ]
     assert setup["propagation"] == "private"
     first_call = ledger.first("rpc_call")
     assert first_call is None or first_call["seq"] > setup["seq"]

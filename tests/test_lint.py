@@ -12,31 +12,52 @@ BIN = Path(sys.executable).parent
 
 def _ruff(path: str, source: str) -> subprocess.CompletedProcess[str]:
     """``ruff check`` of ``source`` as if it were the file ``path`` of the checkout."""
-    return subprocess.run([str(BIN / "ruff"), "check", "--no-cache", "--output-format",
-                           "concise", "--stdin-filename", path, "-"], input=source,
-                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    return subprocess.run(
+        [
+            str(BIN / "ruff"),
+            "check",
+            "--no-cache",
+            "--output-format",
+            "concise",
+            "--stdin-filename",
+            path,
+            "-",
+        ],
+        input=source,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
 
 
 def _mypy(path: str, source: Path, cache: Path) -> subprocess.CompletedProcess[str]:
     """mypy with the project's configuration on the module at ``path``, its text replaced by
     ``source`` (the cache, shared by the calls of one test, outside the checkout)."""
-    return subprocess.run([str(BIN / "mypy"), "--cache-dir", str(cache), "--shadow-file", path,
-                           str(source), path], capture_output=True, text=True, cwd=ROOT,
-                          timeout=120)
+    return subprocess.run(
+        [str(BIN / "mypy"), "--cache-dir", str(cache), "--shadow-file", path, str(source), path],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
 
 
 BLIND = "def f() -> None:\n    try:\n        pass\n    except Exception:\n        pass\n"
 LATE_IMPORT = "def g() -> None:\n    import os\n\n    os.getpid()\n"
 
 
-@pytest.mark.parametrize("source, code", [
-    ("import os\n", "F401"),
-    (BLIND, "BLE001"),
-    (LATE_IMPORT, "PLC0415"),
-    ("x = 1  \n", "W291"),
-    ("from typing import List\n\nx: List[int] = []\n", "UP035"),
-    (f"x = '{'y' * 100}'\n", "E501"),
-])
+@pytest.mark.parametrize(
+    "source, code",
+    [
+        ("import os\n", "F401"),
+        (BLIND, "BLE001"),
+        (LATE_IMPORT, "PLC0415"),
+        ("x = 1  \n", "W291"),
+        ("from typing import List\n\nx: List[int] = []\n", "UP035"),
+        (f"x = '{'y' * 100}'\n", "E501"),
+    ],
+)
 def test_ruff_flags_a_violation_in_the_kit(source: str, code: str) -> None:
     proc = _ruff("kit/example.py", source)
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -58,5 +79,6 @@ def test_mypy_is_strict_on_the_kit_and_checks_every_body_of_conformance(tmp_path
     wrong = tmp_path / "wrong.py"
     wrong.write_text("def f(x):\n    n: int = 'text'\n    return n\n")
     conformance = _mypy("conformance/diff.py", wrong, cache)
-    assert conformance.returncode == 1 and "[assignment]" in conformance.stdout, \
+    assert conformance.returncode == 1 and "[assignment]" in conformance.stdout, (
         conformance.stdout + conformance.stderr
+    )

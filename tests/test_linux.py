@@ -39,13 +39,26 @@ def test_link_up_brings_loopback_up_in_a_new_network_namespace():
         too_long = errno_of(linux.link_up, "x" * 20)
         os.setresgid(65534, 65534, 65534)
         os.setresuid(65534, 65534, 65534)
-        return {"before": before, "after": after, "again": again, "missing": missing,
-                "too_long": too_long, "unprivileged": errno_of(linux.link_up, "lo")}
+        return {
+            "before": before,
+            "after": after,
+            "again": again,
+            "missing": missing,
+            "too_long": too_long,
+            "unprivileged": errno_of(linux.link_up, "lo"),
+        }
 
     out = in_child(scenario)
-    assert out == {"ok": {"before": 0, "after": linux.IFF_UP, "again": "ok",
-                          "missing": "ENODEV", "too_long": "ENODEV",
-                          "unprivileged": "EPERM"}}
+    assert out == {
+        "ok": {
+            "before": 0,
+            "after": linux.IFF_UP,
+            "again": "ok",
+            "missing": "ENODEV",
+            "too_long": "ENODEV",
+            "unprivileged": "EPERM",
+        }
+    }
 
 
 def test_link_flags_of_the_host_loopback_match_sysfs():
@@ -56,8 +69,10 @@ def test_link_flags_of_the_host_loopback_match_sysfs():
 
 
 def test_ns_inodes_are_the_inodes_stat_reports():
-    by_stat = {kind: os.stat(f"/proc/self/ns/{name}").st_ino
-               for kind, (_, name) in linux.NAMESPACES.items()}
+    by_stat = {
+        kind: os.stat(f"/proc/self/ns/{name}").st_ino
+        for kind, (_, name) in linux.NAMESPACES.items()
+    }
     assert linux.ns_inodes() == by_stat
     tid = linux.proc_tid()
     assert linux.ns_inodes(f"/proc/self/task/{tid}/ns") == by_stat
@@ -91,15 +106,22 @@ def test_the_kit_itself_does_not_import_pyroute2():
     """pyroute2 stays installed for engines that use it (the supervisor warms it up when an
     engine imports it); the kit brings lo up with an ioctl, so a real run's zygote and
     supervisor do not carry its ~100 modules."""
-    code = ("import sys\n"
-            "from kit.run.launcher import make_request\n"
-            "from kit.run.supervisor import preload\n"
-            "preload(make_request('reference', 'root', ['/bin/true'], backend='real'))\n"
-            "preload(make_request('reference', 'root', ['/bin/true'], backend='fake'))\n"
-            "print('pyroute2' in sys.modules)\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120, cwd="/", env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                              p for p in sys.path if p)})
+    code = (
+        "import sys\n"
+        "from kit.run.launcher import make_request\n"
+        "from kit.run.supervisor import preload\n"
+        "preload(make_request('reference', 'root', ['/bin/true'], backend='real'))\n"
+        "preload(make_request('reference', 'root', ['/bin/true'], backend='fake'))\n"
+        "print('pyroute2' in sys.modules)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd="/",
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"
 
@@ -114,8 +136,11 @@ def test_the_escalation_child_reads_its_capabilities_like_capget():
         linux.set_keepcaps(True)
         os.setresuid(65534, 65534, 65534)  # permitted kept, effective cleared
         linux.capset(0, keep, 0)
-        return {"same": list(probe._own_capabilities()) == list(linux.capget()),
-                "caps": list(probe._own_capabilities()), "escalation": probe.escalation()}
+        return {
+            "same": list(probe._own_capabilities()) == list(linux.capget()),
+            "caps": list(probe._own_capabilities()),
+            "escalation": probe.escalation(),
+        }
 
     out = in_child(scenario)["ok"]
     keep = linux.caps_to_mask(["CAP_SETUID", "CAP_NET_ADMIN"])

@@ -25,8 +25,23 @@ from mutants.zoo import (
     registered_name,
 )
 
-ENTRY_KEYS = {"mutant", "slug", "flow", "backend", "declared", "failed", "broken", "killed",
-              "status", "bug", "gap", "baseline", "mechanism", "seconds", "error"}
+ENTRY_KEYS = {
+    "mutant",
+    "slug",
+    "flow",
+    "backend",
+    "declared",
+    "failed",
+    "broken",
+    "killed",
+    "status",
+    "bug",
+    "gap",
+    "baseline",
+    "mechanism",
+    "seconds",
+    "error",
+}
 
 
 def _needs_root() -> None:
@@ -61,8 +76,10 @@ def test_no_mutant_is_an_entry_point_and_each_engine_mutant_has_its_own_import_p
             assert spec.startswith("mutants.zoo:register_"), spec
             assert registry.find(spec).name == registered_name(mutant)
             assert registry.find(spec) is registry.find(registered_name(mutant))
-        assert set(registry.registered()) - before == {registered_name(m)
-                                                        for m in ENGINE_MUTANTS} - before
+        assert (
+            set(registry.registered()) - before
+            == {registered_name(m) for m in ENGINE_MUTANTS} - before
+        )
     finally:
         for name in set(registry.registered()) - before:
             registry.unregister(name)
@@ -109,21 +126,30 @@ def test_a_starter_mutant_mutates_only_the_process_that_registers_it(tmp_path):
     script = tmp_path / "register_two.py"
     script.write_text(_REGISTER_TWO)
     done = subprocess.run(
-        [sys.executable, str(script), starter_mutants.ConfigTwice.spec(),
-         starter_mutants.PrepareConfigTwice.spec()],
-        capture_output=True, text=True, timeout=60, cwd=os.getcwd(),
-        env={**os.environ, "PYTHONPATH": M.ROOT})
+        [
+            sys.executable,
+            str(script),
+            starter_mutants.ConfigTwice.spec(),
+            starter_mutants.PrepareConfigTwice.spec(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=os.getcwd(),
+        env={**os.environ, "PYTHONPATH": M.ROOT},
+    )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "calling it raised RuntimeError: mutant-starter-prepare-config-twice: this " \
-           "process's kit is already mutated by mutant-starter-config-twice" in done.stdout
+    assert (
+        "calling it raised RuntimeError: mutant-starter-prepare-config-twice: this "
+        "process's kit is already mutated by mutant-starter-config-twice" in done.stdout
+    )
     assert common.HookRunner.init_engine is original  # importing the module changed nothing
 
 
 def test_no_engine_mutant_breaks_a_kit_requirement():
     # a rule an engine can break is the engine's: its verdict must count it
     kit = {r.id for r in requirements.CATALOGUE.values() if r.subject == requirements.KIT}
-    broken_by_engines = {(m.slug, req) for m in ENGINE_MUTANTS for req in m.killed_by
-                         if req in kit}
+    broken_by_engines = {(m.slug, req) for m in ENGINE_MUTANTS for req in m.killed_by if req in kit}
     assert broken_by_engines == set()
     starter = {req for m in STARTER_MUTANTS for req in m.killed_by}
     assert kit - starter == {"RPC-007"}  # unchecked: the kit's transport, its own unit tests
@@ -139,13 +165,22 @@ def test_every_must_requirement_has_two_mechanisms_or_the_table_says_why_not():
     assert M.stale_mechanism_exceptions() == []
     declared = M.declared_mechanisms()
     # The rules issue 14 names: every thread, the whole credential, every depth, resolved paths.
-    for req in ("PRIV-MASTER-001", "PRIV-MASTER-002", "PRIV-RPC-002", "PRIV-STAGE1-002",
-                "PRIV-STAGE2-001", "NS-001", "NS-003", "SIG-004"):
+    for req in (
+        "PRIV-MASTER-001",
+        "PRIV-MASTER-002",
+        "PRIV-RPC-002",
+        "PRIV-STAGE1-002",
+        "PRIV-STAGE2-001",
+        "NS-001",
+        "NS-003",
+        "SIG-004",
+    ):
         assert "helper-thread" in declared[req], req
     for req in ("PRIV-MASTER-001", "PRIV-RPC-001", "PRIV-STAGE1-001"):
         assert "raw-syscall" in declared[req], req
-    assert "other-field" in declared["PRIV-RPC-004"] and "other-field" in declared[
-        "PRIV-PAYLOAD-003"]
+    assert (
+        "other-field" in declared["PRIV-RPC-004"] and "other-field" in declared["PRIV-PAYLOAD-003"]
+    )
     assert "nested-value" in declared["STATE-001"] and "symlink" in declared["CLEAN-001"]
 
 
@@ -156,24 +191,41 @@ def test_an_unknown_mechanism_is_a_declaration_problem(monkeypatch):
     monkeypatch.setattr(SharedNestedList, "mechanism", "telepathy")
     assert [p for p in M.declaration_problems() if "telepathy" in p] == [
         "mutant-config-shared-nested-list: unknown mechanism 'telepathy' (known: "
-        + ", ".join(MECHANISMS) + ")"]
+        + ", ".join(MECHANISMS)
+        + ")"
+    ]
 
 
 def _entry(mutant, mechanism, declared, failed, backend="real", baseline=False, gap=None):
-    return {"mutant": mutant, "slug": mutant, "flow": "root", "backend": backend,
-            "declared": declared, "failed": failed, "broken": [], "killed": bool(
-                set(declared) & set(failed)), "status": "killed", "bug": "", "gap": gap,
-            "baseline": baseline, "mechanism": mechanism, "seconds": 0.0, "error": None}
+    return {
+        "mutant": mutant,
+        "slug": mutant,
+        "flow": "root",
+        "backend": backend,
+        "declared": declared,
+        "failed": failed,
+        "broken": [],
+        "killed": bool(set(declared) & set(failed)),
+        "status": "killed",
+        "bug": "",
+        "gap": gap,
+        "baseline": baseline,
+        "mechanism": mechanism,
+        "seconds": 0.0,
+        "error": None,
+    }
 
 
 def test_the_matrix_counts_a_mechanism_only_where_a_declared_requirement_failed():
-    matrix = M.Matrix(entries=[
-        _entry("a", "direct", ["R-1"], ["R-1", "R-2"]),  # R-2 failed but is not declared
-        _entry("b", "helper-thread", ["R-1", "R-3"], ["R-1"]),  # R-3 declared, not failed
-        _entry("c", "symlink", ["R-1"], ["R-1"], backend="fake"),  # fake: not counted
-        _entry("d", "raw-syscall", ["R-1"], ["R-1"], gap="a known survivor"),
-        _entry("reference", "", [], ["R-1"], baseline=True),
-    ])
+    matrix = M.Matrix(
+        entries=[
+            _entry("a", "direct", ["R-1"], ["R-1", "R-2"]),  # R-2 failed but is not declared
+            _entry("b", "helper-thread", ["R-1", "R-3"], ["R-1"]),  # R-3 declared, not failed
+            _entry("c", "symlink", ["R-1"], ["R-1"], backend="fake"),  # fake: not counted
+            _entry("d", "raw-syscall", ["R-1"], ["R-1"], gap="a known survivor"),
+            _entry("reference", "", [], ["R-1"], baseline=True),
+        ]
+    )
     assert matrix.mechanisms() == {"R-1": ["direct", "helper-thread"]}
 
 
@@ -182,8 +234,7 @@ def test_the_matrix_counts_a_mechanism_only_where_a_declared_requirement_failed(
 JOBS = min(6, 2 * (os.cpu_count() or 1))
 
 
-def test_the_kill_matrix_kills_every_mutant_and_passes_the_reference(tmp_path,
-                                                                     record_property):
+def test_the_kill_matrix_kills_every_mutant_and_passes_the_reference(tmp_path, record_property):
     """The real backend must kill every mutant but the known survivors; the fake backend
     (when the suite accepts it) runs too, and the fraction it kills is recorded."""
     _needs_root()
@@ -206,9 +257,12 @@ def test_the_kill_matrix_kills_every_mutant_and_passes_the_reference(tmp_path,
     assert [e for e in baselines if e["status"] not in ("passed", "not-configured")] == []
     assert all(e["status"] == "passed" for e in baselines if e["backend"] == "real")
 
-    survivors = [f"{e['mutant']}[{e['flow']}]: failed {e['failed']}, broken {e['broken']}, "
-                 f"error {e['error']}" for e in real
-                 if not e["baseline"] and not e["gap"] and e["status"] != "killed"]
+    survivors = [
+        f"{e['mutant']}[{e['flow']}]: failed {e['failed']}, broken {e['broken']}, "
+        f"error {e['error']}"
+        for e in real
+        if not e["baseline"] and not e["gap"] and e["status"] != "killed"
+    ]
     assert survivors == []
     killable = len([m for m in MUTANTS if not m.gap])
     assert matrix.killed_fraction("real") == (killable, killable, killable)
@@ -220,9 +274,11 @@ def test_the_kill_matrix_kills_every_mutant_and_passes_the_reference(tmp_path,
     # every MUST has a mutant that it kills, or the table says why no real one can
     assert set(M.must_requirements()) <= shown | set(M.EXCEPTIONS)
     mechanisms = matrix.mechanisms()  # a MUST declared by two mechanisms kills by two
-    assert [req for req, found in M.declared_mechanisms().items()
-            if req in M.must_requirements() and len(found) >= 2
-            and len(mechanisms.get(req, [])) < 2] == []
+    assert [
+        req
+        for req, found in M.declared_mechanisms().items()
+        if req in M.must_requirements() and len(found) >= 2 and len(mechanisms.get(req, [])) < 2
+    ] == []
 
     if fake:
         killed, decidable, total = matrix.killed_fraction("fake")
@@ -243,8 +299,9 @@ def test_the_shards_partition_the_sessions_the_same_way_every_time(count):
     labels = [t.label for part in parts for t in part]
     assert sorted(labels) == sorted(t.label for t in targets)  # each exactly once
     assert len(labels) == len(set(labels))
-    assert parts == [M.shard(list(reversed(targets)), k, count)[::-1]
-                     for k in range(1, count + 1)]  # the order given does not matter
+    assert parts == [
+        M.shard(list(reversed(targets)), k, count)[::-1] for k in range(1, count + 1)
+    ]  # the order given does not matter
     costs = [sum(t.cost for t in part) for part in parts]
     heaviest = max(t.cost for t in targets)
     assert max(costs) - min(costs) <= heaviest  # balanced by cost
@@ -261,8 +318,13 @@ def test_python_m_mutants_refuses_a_bad_shard_and_a_bad_combine_file(tmp_path):
     import sys
 
     def mutants(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "mutants", *args], capture_output=True,
-                              text=True, cwd=M.ROOT, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "mutants", *args],
+            capture_output=True,
+            text=True,
+            cwd=M.ROOT,
+            timeout=120,
+        )
 
     proc = mutants("--shard", "5/4")
     assert proc.returncode == 2 and "--shard '5/4': write K/N" in proc.stderr
@@ -276,8 +338,12 @@ def test_python_m_mutants_refuses_a_bad_shard_and_a_bad_combine_file(tmp_path):
 def test_a_shard_leaves_the_unproven_requirements_to_the_combined_verdict():
     # Mutant b declares R-2 and failed only R-1: R-2 is unproven over the whole matrix,
     # but in one shard another shard's mutant may have proven it.
-    matrix = M.Matrix(entries=[_entry("a", "direct", ["R-1"], ["R-1"]),
-                               _entry("b", "direct", ["R-1", "R-2"], ["R-1"])])
+    matrix = M.Matrix(
+        entries=[
+            _entry("a", "direct", ["R-1"], ["R-1"]),
+            _entry("b", "direct", ["R-1", "R-2"], ["R-1"]),
+        ]
+    )
     assert matrix.verdict(whole=False) == []
     assert matrix.verdict() == ["R-2: declared by mutants, failed for none of them"]
 
@@ -289,6 +355,8 @@ def test_combined_shards_must_cover_every_target():
     first_two = [e for e in entries if e["mutant"] in {t.label for t in targets[:2]}]
     assert M.missing_targets(entries[2:]) == [
         f"2 targets ran in none of the combined shards (is one missing?): "
-        f"{targets[0].label}, {targets[1].label}"]
+        f"{targets[0].label}, {targets[1].label}"
+    ]
     assert first_two and M.missing_targets(first_two)[0].startswith(
-        f"{len(targets) - 2} targets ran in none")
+        f"{len(targets) - 2} targets ran in none"
+    )

@@ -29,6 +29,7 @@ def test_snapshot_survives_threads_exiting_while_it_reads():
 def _in_child(fn) -> int:
     """Run ``fn`` in a forked child (its credential changes stay there); its exit code."""
     import os
+
     pid = os.fork()
     if pid == 0:
         code = 1
@@ -42,6 +43,7 @@ def _in_child(fn) -> int:
 
 def test_the_escalation_probe_thread_is_gone_when_it_returns():
     import os
+
     before = set(os.listdir("/proc/self/task"))
     result = probe.escalation()
     assert set(os.listdir("/proc/self/task")) == before
@@ -81,5 +83,6 @@ def test_a_concurrent_snapshot_never_sees_a_probe_thread_with_raised_credentials
 
     if os.geteuid() != 0:
         import pytest
+
         pytest.skip("needs root to reach a setuid master's credentials")
     assert _in_child(scenario) == 0

@@ -35,8 +35,13 @@ def reports(tmp_path_factory):
 
 
 def report_run(flow, shared_dir):
-    result = run(REPORT, flow, ["/bin/true"], shared_dirs=[shared_dir],
-                 engine_config={"report_dir": shared_dir, "mount_tmp": False})
+    result = run(
+        REPORT,
+        flow,
+        ["/bin/true"],
+        shared_dirs=[shared_dir],
+        engine_config={"report_dir": shared_dir, "mount_tmp": False},
+    )
     assert result.exit_code == 0, result.reason
     return result
 
@@ -46,12 +51,16 @@ def test_snapshots_match_the_kernel(flow, shared_dir):
     files = sorted(glob.glob(os.path.join(shared_dir, "*.status")))
     checked, ns_checked = set(), set()
     for path in files:
-        role, hook = os.path.basename(path)[:-len(".status")].split("-", 1)
+        role, hook = os.path.basename(path)[: -len(".status")].split("-", 1)
         with open(path) as f:
             status = parse_status(f.read())
-        with open(path[:-len(".status")] + ".ns") as f:
-            ns = {NS_NAMES.get(p.split()[0].rsplit("/", 1)[1], p.split()[0].rsplit("/", 1)[1]):
-                  int(p.split()[1]) for p in f.read().splitlines()}
+        with open(path[: -len(".status")] + ".ns") as f:
+            ns = {
+                NS_NAMES.get(p.split()[0].rsplit("/", 1)[1], p.split()[0].rsplit("/", 1)[1]): int(
+                    p.split()[1]
+                )
+                for p in f.read().splitlines()
+            }
         event = result.ledger.first("hook_enter", role=role, hook=hook)
         assert event is not None, (role, hook)
         snap = event["snapshot"]
@@ -61,9 +70,13 @@ def test_snapshots_match_the_kernel(flow, shared_dir):
         assert thread["uid"] == [int(x) for x in status["Uid"].split()], where
         assert thread["gid"] == [int(x) for x in status["Gid"].split()], where
         assert thread["groups"] == [int(x) for x in status["Groups"].split()], where
-        for key, field in (("effective", "CapEff"), ("permitted", "CapPrm"),
-                           ("inheritable", "CapInh"), ("bounding", "CapBnd"),
-                           ("ambient", "CapAmb")):
+        for key, field in (
+            ("effective", "CapEff"),
+            ("permitted", "CapPrm"),
+            ("inheritable", "CapInh"),
+            ("bounding", "CapBnd"),
+            ("ambient", "CapAmb"),
+        ):
             assert thread["caps"][key] == caps(status[field]), (where, key)
         assert thread["no_new_privs"] == (status["NoNewPrivs"] == "1"), where
         assert thread["seccomp"] == int(status["Seccomp"]), where
@@ -71,9 +84,13 @@ def test_snapshots_match_the_kernel(flow, shared_dir):
             assert snap["ns"] == ns, where
             ns_checked.add((role, hook))
         checked.add((role, hook))
-    assert checked == {("stage1", "prepare_config"), ("master", "create_container"),
-                       ("master", "post_start_process"), ("master", "cleanup_container"),
-                       ("stage2", "start_process")}
+    assert checked == {
+        ("stage1", "prepare_config"),
+        ("master", "create_container"),
+        ("master", "post_start_process"),
+        ("master", "cleanup_container"),
+        ("stage2", "start_process"),
+    }
     if flow == "root":
         assert ns_checked == checked
 
@@ -114,6 +131,7 @@ def test_the_setuid_probe_binary_prints_the_effective_uid_it_runs_with(tmp_path)
     """Whatever the kit puts there (its own static program, or a copy of id), it answers
     as ``id -u`` does: the effective uid, which its set-user-ID bit makes 0."""
     import subprocess
+
     if os.geteuid() != 0:
         pytest.skip("only root can make a setuid-root binary")
     tmp_path.chmod(0o755)
@@ -121,8 +139,19 @@ def test_the_setuid_probe_binary_prints_the_effective_uid_it_runs_with(tmp_path)
     assert binary.unavailable == "" and os.stat(binary.path).st_mode & 0o4000
 
     def as_nobody(*extra: str) -> str:
-        proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                               *extra, binary.path, "-u"], capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                *extra,
+                binary.path,
+                "-u",
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
 
@@ -135,9 +164,11 @@ def test_the_setuid_probe_binary_prints_the_effective_uid_it_runs_with(tmp_path)
             plain = tmp_path / "plain"
             plain.write_bytes(program)
             plain.chmod(0o755)
-            out = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}",
-                                  "--clear-groups", str(plain)], capture_output=True,
-                                 text=True).stdout
+            out = subprocess.run(
+                ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", str(plain)],
+                capture_output=True,
+                text=True,
+            ).stdout
             assert out == f"{uid}\n"
 
 
@@ -145,24 +176,38 @@ def test_snapshot_masks_on_the_wire_are_names_in_the_ledger():
     """Datagrams carry capability masks (a fifth of the JSON); a Ledger shows names, for the
     snapshot's threads and the RPC credentials alike, and leaves anything else alone."""
     from kit.ledger.record import Ledger
+
     wire = probe.snapshot(masks=True)
     names = probe.snapshot()
     mine = wire["threads"][0]["caps"]
     assert all(type(v) is int for v in mine.values())
     assert probe.named_caps(mine) == names["threads"][0]["caps"]
     effective = linux.caps_to_mask(["CAP_CHOWN", "CAP_KILL"])
-    creds = {"caps": {"effective": effective, "bounding": ["CAP_KILL"]},
-             "threads": [{"tid": 1, "caps": {"permitted": 1, "ambient": True,
-                                              "inheritable": -1}}]}
-    ledger = Ledger({"schema_version": 1, "events": [
-        {"kind": "hook_enter", "snapshot": {"threads": [{"tid": 1, "caps": {"effective": 0}}]}},
-        {"kind": "rpc_call", "creds": {"before": creds, "after": None}},
-        {"kind": "hook_return", "snapshot": {"probe_error": "x"}}]})
+    creds = {
+        "caps": {"effective": effective, "bounding": ["CAP_KILL"]},
+        "threads": [{"tid": 1, "caps": {"permitted": 1, "ambient": True, "inheritable": -1}}],
+    }
+    ledger = Ledger(
+        {
+            "schema_version": 1,
+            "events": [
+                {
+                    "kind": "hook_enter",
+                    "snapshot": {"threads": [{"tid": 1, "caps": {"effective": 0}}]},
+                },
+                {"kind": "rpc_call", "creds": {"before": creds, "after": None}},
+                {"kind": "hook_return", "snapshot": {"probe_error": "x"}},
+            ],
+        }
+    )
     first, call, last = ledger.events
     assert first["snapshot"]["threads"][0]["caps"] == {"effective": []}
     before = call["creds"]["before"]
     assert before["caps"] == {"effective": ["CAP_CHOWN", "CAP_KILL"], "bounding": ["CAP_KILL"]}
     # A mask is a non-negative integer: a boolean or a negative number stays as sent.
-    assert before["threads"][0]["caps"] == {"permitted": ["CAP_CHOWN"], "ambient": True,
-                                            "inheritable": -1}
+    assert before["threads"][0]["caps"] == {
+        "permitted": ["CAP_CHOWN"],
+        "ambient": True,
+        "inheritable": -1,
+    }
     assert last["snapshot"] == {"probe_error": "x"}

@@ -46,8 +46,15 @@ from reference_engines.minimal.rpc import ReferenceRPC
 FLOWS = ("root", "suid", "userns", "fakeroot", "hybrid")
 NON_ROOT = ("suid", "userns", "fakeroot", "hybrid")
 U_UID, U_GID = 999, 995  # any unprivileged ids: prepare_config only compares and copies them
-BIND_RPC_METHODS = ("make_root", "mkdir", "create_file", "symlink", "mount", "pivot_root",
-                    "sethostname")
+BIND_RPC_METHODS = (
+    "make_root",
+    "mkdir",
+    "create_file",
+    "symlink",
+    "mount",
+    "pivot_root",
+    "sethostname",
+)
 ENGINES = ("reference", "reference-bind")
 
 
@@ -62,8 +69,9 @@ def need_root() -> None:
         pytest.skip("needs root")
 
 
-def make_engine(cfg: ReferenceConfig, cls: type[ReferenceEngine] = ReferenceEngine
-                ) -> ReferenceEngine:
+def make_engine(
+    cfg: ReferenceConfig, cls: type[ReferenceEngine] = ReferenceEngine
+) -> ReferenceEngine:
     eng = cls()
     eng.init_config(Common("reference", "kit-test", cfg), False)
     return eng
@@ -84,6 +92,7 @@ def prepare(flow: str, **fields: Any) -> StarterConfig:
 
 # ============================================================================ config (JSON)
 
+
 def roundtrip(cfg: ReferenceConfig) -> ReferenceConfig:
     return ReferenceConfig.from_json(json.loads(json.dumps(cfg.to_json())))
 
@@ -98,10 +107,17 @@ def test_default_config_roundtrip_is_exact():
 
 def test_full_config_roundtrip_is_exact():
     cfg = ReferenceConfig(
-        argv=["/bin/sh", "-c", "echo 'quoted \"x\"' ünïcode"], env={"A": "1", "EMPTY": ""},
-        cwd="/usr/lib", hostname=None, namespaces=["pid", "mount"],
-        capabilities=["CAP_KILL", "chown"], target_uid=4294967294, target_gids=[0, 5, 100],
-        mount_proc=False, mount_tmp=False)
+        argv=["/bin/sh", "-c", "echo 'quoted \"x\"' ünïcode"],
+        env={"A": "1", "EMPTY": ""},
+        cwd="/usr/lib",
+        hostname=None,
+        namespaces=["pid", "mount"],
+        capabilities=["CAP_KILL", "chown"],
+        target_uid=4294967294,
+        target_gids=[0, 5, 100],
+        mount_proc=False,
+        mount_tmp=False,
+    )
     back = roundtrip(cfg)
     assert back == cfg
     assert back.to_json() == cfg.to_json()
@@ -142,25 +158,42 @@ VALIDATION_ERRORS = [
     ("root", {"namespaces": ["mount", "time"]}, "namespaces: unknown namespace 'time'"),
     ("fakeroot", {"namespaces": ["user", "mount"]}, "namespaces: 'user' is chosen by the flow"),
     ("root", {"namespaces": ["pid", "pid"]}, "namespaces: 'pid' is listed twice"),
-    ("root", {"hostname": "h" * 65}, "hostname: is 65 characters long, the kernel allows at "
-                                     "most 64"),
+    (
+        "root",
+        {"hostname": "h" * 65},
+        "hostname: is 65 characters long, the kernel allows at most 64",
+    ),
     ("root", {"hostname": ""}, "hostname: must not be empty"),
     ("root", {"hostname": "-bad"}, "hostname: '-bad' is not a valid hostname"),
     ("root", {"hostname": "a b"}, "hostname: 'a b' is not a valid hostname"),
-    ("root", {"namespaces": ["mount", "pid"]}, "hostname: setting one needs the 'uts' "
-                                               "namespace"),
-    ("root", {"namespaces": ["mount", "uts"]}, "mount_proc: a new /proc needs the 'mount' and "
-                                               "'pid' namespaces"),
-    ("root", {"namespaces": ["uts", "pid"], "mount_proc": False},
-     "mount_tmp: a tmpfs /tmp needs the 'mount' namespace"),
+    ("root", {"namespaces": ["mount", "pid"]}, "hostname: setting one needs the 'uts' namespace"),
+    (
+        "root",
+        {"namespaces": ["mount", "uts"]},
+        "mount_proc: a new /proc needs the 'mount' and 'pid' namespaces",
+    ),
+    (
+        "root",
+        {"namespaces": ["uts", "pid"], "mount_proc": False},
+        "mount_tmp: a tmpfs /tmp needs the 'mount' namespace",
+    ),
     ("root", {"capabilities": ["CAP_BOGUS"]}, "capabilities: unknown capability 'CAP_BOGUS'"),
     ("root", {"capabilities": ["not_a_cap"]}, "capabilities: unknown capability 'not_a_cap'"),
-    ("suid", {"capabilities": ["sys_admin"]}, "capabilities: a non-root caller (flow suid) "
-                                              "keeps no capabilities; got CAP_SYS_ADMIN"),
-    ("fakeroot", {"capabilities": ["CAP_CHOWN"]}, "capabilities: a non-root caller (flow "
-                                                  "fakeroot)"),
-    ("suid", {"target_uid": 0}, "target_uid/target_gids: only a root caller can choose the "
-                                "container's ids (flow suid)"),
+    (
+        "suid",
+        {"capabilities": ["sys_admin"]},
+        "capabilities: a non-root caller (flow suid) keeps no capabilities; got CAP_SYS_ADMIN",
+    ),
+    (
+        "fakeroot",
+        {"capabilities": ["CAP_CHOWN"]},
+        "capabilities: a non-root caller (flow fakeroot)",
+    ),
+    (
+        "suid",
+        {"target_uid": 0},
+        "target_uid/target_gids: only a root caller can choose the container's ids (flow suid)",
+    ),
     ("userns", {"target_uid": 1000}, "target_uid/target_gids: only a root caller"),
     ("fakeroot", {"target_gids": [0]}, "target_uid/target_gids: only a root caller"),
     ("hybrid", {"target_uid": 0}, "target_uid/target_gids: only a root caller"),
@@ -170,9 +203,11 @@ VALIDATION_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("flow,fields,message", VALIDATION_ERRORS,
-                         ids=[f"{f}-{m.split(':')[0]}-{i}"
-                              for i, (f, _, m) in enumerate(VALIDATION_ERRORS)])
+@pytest.mark.parametrize(
+    "flow,fields,message",
+    VALIDATION_ERRORS,
+    ids=[f"{f}-{m.split(':')[0]}-{i}" for i, (f, _, m) in enumerate(VALIDATION_ERRORS)],
+)
 def test_prepare_config_rejects_with_the_field_named(flow, fields, message):
     cfg = ReferenceConfig(argv=["/bin/true"])
     for name, value in fields.items():
@@ -188,13 +223,17 @@ def test_prepare_config_rejects_with_the_field_named(flow, fields, message):
 
 
 def test_the_bind_example_needs_the_mount_namespace():
-    cfg = ReferenceConfig(argv=["/bin/true"], namespaces=["pid", "uts"], mount_proc=False,
-                          mount_tmp=False)
+    cfg = ReferenceConfig(
+        argv=["/bin/true"], namespaces=["pid", "uts"], mount_proc=False, mount_tmp=False
+    )
     sc = starter_config("root")
     untouched = sc.to_json()
     make_engine(cfg).prepare_config(starter_config("root"))  # fine for the host rootfs
-    with pytest.raises(ConfigError, match=r"^namespaces: the bind root file system needs the "
-                                          r"'mount' namespace"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^namespaces: the bind root file system needs the "
+        r"'mount' namespace",
+    ):
         make_engine(cfg, BindRootfsEngine).prepare_config(sc)
     assert sc.to_json() == untouched, "a refused config must not fill the StarterConfig"
     # Everything else is the reference's validation.
@@ -207,20 +246,25 @@ def test_the_bind_example_needs_the_mount_namespace():
 
 def test_capability_outside_the_bounding_set_is_rejected(monkeypatch):
     monkeypatch.setattr(engine_mod, "_host_bounding", lambda: set(ROOT_DEFAULT_CAPS))
-    with pytest.raises(ConfigError, match=r"^capabilities: CAP_SYS_TIME not in this host's "
-                                          r"bounding set"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^capabilities: CAP_SYS_TIME not in this host's "
+        r"bounding set",
+    ):
         prepare("root", capabilities=["CAP_KILL", "sys_time"])
 
 
 def test_default_root_caps_skip_what_the_host_cannot_grant(monkeypatch):
-    monkeypatch.setattr(engine_mod, "_host_bounding",
-                        lambda: set(ROOT_DEFAULT_CAPS) - {"CAP_MKNOD"})
+    monkeypatch.setattr(
+        engine_mod, "_host_bounding", lambda: set(ROOT_DEFAULT_CAPS) - {"CAP_MKNOD"}
+    )
     sc = prepare("root")
     assert "CAP_MKNOD" not in sc.capabilities["permitted"]
     assert len(sc.capabilities["permitted"]) == len(ROOT_DEFAULT_CAPS) - 1
 
 
 # ========================================================= prepare_config: what it asks for
+
 
 @pytest.mark.parametrize("flow", FLOWS)
 def test_prepare_config_requests(flow):
@@ -242,10 +286,13 @@ def test_prepare_config_requests(flow):
     else:
         assert caps["effective"] == caps["permitted"] == caps["bounding"] == []
     assert caps["ambient"] is None and caps["inheritable"] is None
-    maps = {"root": ([], []), "suid": ([], []),
-            "userns": ([[U_UID, U_UID, 1]], [[U_GID, U_GID, 1]]),
-            "fakeroot": ([[0, U_UID, 1]], [[0, U_GID, 1]]),
-            "hybrid": ([[0, U_UID, 1]], [[0, U_GID, 1]])}[flow]
+    maps = {
+        "root": ([], []),
+        "suid": ([], []),
+        "userns": ([[U_UID, U_UID, 1]], [[U_GID, U_GID, 1]]),
+        "fakeroot": ([[0, U_UID, 1]], [[0, U_GID, 1]]),
+        "hybrid": ([[0, U_UID, 1]], [[0, U_GID, 1]]),
+    }[flow]
     assert (sc.uid_mappings, sc.gid_mappings) == maps
     assert sc.target_uid is None and sc.target_gids == []
 
@@ -269,6 +316,7 @@ def test_prepare_config_without_net_skips_loopback():
 
 
 # ======================================================= RPC methods: argument checks (unit)
+
 
 class RecordingSystem:
     """Stands in for kit.system: records privileged calls; mkdir really creates the
@@ -309,8 +357,7 @@ def run_tmp(monkeypatch) -> Iterator[str]:
     shutil.rmtree(base, ignore_errors=True)
 
 
-def make_rpc(cls: type[ReferenceRPC] = BindRootfsRPC, **fields: Any
-             ) -> tuple[Any, RecordingSystem]:
+def make_rpc(cls: type[ReferenceRPC] = BindRootfsRPC, **fields: Any) -> tuple[Any, RecordingSystem]:
     cfg = ReferenceConfig(argv=["/bin/true"])
     for name, value in fields.items():
         setattr(cfg, name, value)
@@ -359,35 +406,110 @@ def any_rpc(request, run_tmp) -> tuple[ReferenceRPC, RecordingSystem, str | None
 
 # Calls that both engines' RPC methods refuse: (method, kwargs, exception, errno, message).
 MOUNT_BAD_CALLS = [
-    ("mount", {"source": "tmpfs", "target": "/proc", "fstype": "tmpfs", "flags": ["bogus"],
-               "data": None}, ValueError, None, "unknown mount flags ['bogus']"),
-    ("mount", {"source": "tmpfs", "target": "/proc", "fstype": "tmpfs", "flags": "ro",
-               "data": None}, ValueError, None, "flags must be a list"),
-    ("mount", {"source": None, "target": "/proc", "fstype": None, "flags": ["move"],
-               "data": None}, PermissionError, errno.EPERM, "['move'] are not allowed"),
-    ("mount", {"source": None, "target": "/proc", "fstype": None, "flags": ["shared"],
-               "data": None}, PermissionError, errno.EPERM, "['shared'] are not allowed"),
-    ("mount", {"source": "/dev/vda", "target": "/proc", "fstype": "ext4", "flags": [],
-               "data": None}, PermissionError, errno.EPERM,
-     "filesystem type 'ext4' is not allowed"),
-    ("mount", {"source": None, "target": "/proc", "fstype": None, "flags": [], "data": None},
-     PermissionError, errno.EPERM, "filesystem type None is not allowed"),
-    ("mount", {"source": "/dev/vda", "target": "/proc", "fstype": "tmpfs", "flags": [],
-               "data": None}, ValueError, None, "source of a tmpfs mount must be null"),
-    ("mount", {"source": "tmpfs", "target": "/proc", "fstype": "tmpfs", "flags": [],
-               "data": "uid=0"}, ValueError, None, "tmpfs option 'uid=0' is not allowed"),
-    ("mount", {"source": "tmpfs", "target": "/proc", "fstype": "tmpfs", "flags": [],
-               "data": "size=1m,mode=0755;x"}, ValueError, None, "is not allowed"),
-    ("mount", {"source": "tmpfs", "target": "/proc", "fstype": "tmpfs", "flags": [],
-               "data": "size=1\0"}, ValueError, None, "data must be a short string"),
-    ("mount", {"source": "tmpfs", "target": "/", "fstype": "tmpfs", "flags": [],
-               "data": None}, PermissionError, errno.EPERM, "over the container root"),
-    ("mount", {"source": "tmpfs", "target": "/../proc", "fstype": "tmpfs", "flags": [],
-               "data": None}, ValueError, None, "'..' components"),
-    ("mount", {"source": "tmpfs", "target": "proc", "fstype": "tmpfs", "flags": [],
-               "data": None}, ValueError, None, "must be an absolute path"),
-    ("mount", {"source": "tmpfs", "target": "/nope", "fstype": "tmpfs", "flags": [],
-               "data": None}, FileNotFoundError, errno.ENOENT, "is not a directory"),
+    (
+        "mount",
+        {"source": "tmpfs", "target": "/proc", "fstype": "tmpfs", "flags": ["bogus"], "data": None},
+        ValueError,
+        None,
+        "unknown mount flags ['bogus']",
+    ),
+    (
+        "mount",
+        {"source": "tmpfs", "target": "/proc", "fstype": "tmpfs", "flags": "ro", "data": None},
+        ValueError,
+        None,
+        "flags must be a list",
+    ),
+    (
+        "mount",
+        {"source": None, "target": "/proc", "fstype": None, "flags": ["move"], "data": None},
+        PermissionError,
+        errno.EPERM,
+        "['move'] are not allowed",
+    ),
+    (
+        "mount",
+        {"source": None, "target": "/proc", "fstype": None, "flags": ["shared"], "data": None},
+        PermissionError,
+        errno.EPERM,
+        "['shared'] are not allowed",
+    ),
+    (
+        "mount",
+        {"source": "/dev/vda", "target": "/proc", "fstype": "ext4", "flags": [], "data": None},
+        PermissionError,
+        errno.EPERM,
+        "filesystem type 'ext4' is not allowed",
+    ),
+    (
+        "mount",
+        {"source": None, "target": "/proc", "fstype": None, "flags": [], "data": None},
+        PermissionError,
+        errno.EPERM,
+        "filesystem type None is not allowed",
+    ),
+    (
+        "mount",
+        {"source": "/dev/vda", "target": "/proc", "fstype": "tmpfs", "flags": [], "data": None},
+        ValueError,
+        None,
+        "source of a tmpfs mount must be null",
+    ),
+    (
+        "mount",
+        {"source": "tmpfs", "target": "/proc", "fstype": "tmpfs", "flags": [], "data": "uid=0"},
+        ValueError,
+        None,
+        "tmpfs option 'uid=0' is not allowed",
+    ),
+    (
+        "mount",
+        {
+            "source": "tmpfs",
+            "target": "/proc",
+            "fstype": "tmpfs",
+            "flags": [],
+            "data": "size=1m,mode=0755;x",
+        },
+        ValueError,
+        None,
+        "is not allowed",
+    ),
+    (
+        "mount",
+        {"source": "tmpfs", "target": "/proc", "fstype": "tmpfs", "flags": [], "data": "size=1\0"},
+        ValueError,
+        None,
+        "data must be a short string",
+    ),
+    (
+        "mount",
+        {"source": "tmpfs", "target": "/", "fstype": "tmpfs", "flags": [], "data": None},
+        PermissionError,
+        errno.EPERM,
+        "over the container root",
+    ),
+    (
+        "mount",
+        {"source": "tmpfs", "target": "/../proc", "fstype": "tmpfs", "flags": [], "data": None},
+        ValueError,
+        None,
+        "'..' components",
+    ),
+    (
+        "mount",
+        {"source": "tmpfs", "target": "proc", "fstype": "tmpfs", "flags": [], "data": None},
+        ValueError,
+        None,
+        "must be an absolute path",
+    ),
+    (
+        "mount",
+        {"source": "tmpfs", "target": "/nope", "fstype": "tmpfs", "flags": [], "data": None},
+        FileNotFoundError,
+        errno.ENOENT,
+        "is not a directory",
+    ),
     ("sethostname", {"name": "h" * 65}, ValueError, None, "65 characters long"),
     ("sethostname", {"name": ""}, ValueError, None, "must not be empty"),
     ("sethostname", {"name": "bad_name"}, ValueError, None, "not a valid hostname"),
@@ -395,10 +517,12 @@ MOUNT_BAD_CALLS = [
 ]
 
 
-@pytest.mark.parametrize("method,kwargs,exc,err,message", MOUNT_BAD_CALLS,
-                         ids=[f"{c[0]}-{i}" for i, c in enumerate(MOUNT_BAD_CALLS)])
-def test_rpc_bad_argument_is_refused_by_both_engines(any_rpc, method, kwargs, exc, err,
-                                                     message):
+@pytest.mark.parametrize(
+    "method,kwargs,exc,err,message",
+    MOUNT_BAD_CALLS,
+    ids=[f"{c[0]}-{i}" for i, c in enumerate(MOUNT_BAD_CALLS)],
+)
+def test_rpc_bad_argument_is_refused_by_both_engines(any_rpc, method, kwargs, exc, err, message):
     rpc, rec, root = any_rpc
     before = tree(root) if root else None
     with pytest.raises(exc) as info:
@@ -414,8 +538,11 @@ def test_rpc_bad_argument_is_refused_by_both_engines(any_rpc, method, kwargs, ex
 def test_the_host_rootfs_rpc_refuses_bind_mounts_and_remounts():
     rpc, rec = make_rpc(ReferenceRPC)
     for flags in (["bind"], ["bind", "rec"], ["bind", "remount", "ro"], ["remount"]):
-        with pytest.raises(PermissionError, match=r"mount flags \[.*'(bind|remount)'.*\] are "
-                                                  r"not allowed") as info:
+        with pytest.raises(
+            PermissionError,
+            match=r"mount flags \[.*'(bind|remount)'.*\] are "
+            r"not allowed",
+        ) as info:
             rpc.mount(source="/usr", target="/usr", fstype=None, flags=flags, data=None)
         assert info.value.errno == errno.EPERM
     assert not hasattr(rpc, "make_root") and not hasattr(rpc, "pivot_root")
@@ -433,79 +560,240 @@ BIND_BAD_CALLS = [
     ("mkdir", {"path": "/x" * 2100, "mode": 0o755}, ValueError, None, "longer than"),
     ("mkdir", {"path": "/x", "mode": 0o4755}, ValueError, None, "mode must be within"),
     ("mkdir", {"path": "/x", "mode": -1}, ValueError, None, "mode must be within"),
-    ("mkdir", {"path": "/usr", "mode": 0o755}, FileExistsError, errno.EEXIST,
-     "'/usr' already exists"),
-    ("mkdir", {"path": "/nope/x", "mode": 0o755}, FileNotFoundError, errno.ENOENT,
-     "parent directory of '/nope/x' does not exist"),
-    ("mkdir", {"path": "/bin/x", "mode": 0o755}, PermissionError, errno.EPERM,
-     "goes through the symbolic link '/bin'"),
-    ("mkdir", {"path": "/escape/evil", "mode": 0o755}, PermissionError, errno.EPERM,
-     "goes through the symbolic link '/escape'"),
-    ("create_file", {"path": "/dev/zero", "mode": 0o777}, ValueError, None,
-     "mode must be within 0o0..0o666"),
-    ("create_file", {"path": "/dev/null", "mode": 0o666}, FileExistsError, errno.EEXIST,
-     "already exists"),
-    ("create_file", {"path": "/escape/passwd", "mode": 0o666}, PermissionError, errno.EPERM,
-     "symbolic link"),
+    (
+        "mkdir",
+        {"path": "/usr", "mode": 0o755},
+        FileExistsError,
+        errno.EEXIST,
+        "'/usr' already exists",
+    ),
+    (
+        "mkdir",
+        {"path": "/nope/x", "mode": 0o755},
+        FileNotFoundError,
+        errno.ENOENT,
+        "parent directory of '/nope/x' does not exist",
+    ),
+    (
+        "mkdir",
+        {"path": "/bin/x", "mode": 0o755},
+        PermissionError,
+        errno.EPERM,
+        "goes through the symbolic link '/bin'",
+    ),
+    (
+        "mkdir",
+        {"path": "/escape/evil", "mode": 0o755},
+        PermissionError,
+        errno.EPERM,
+        "goes through the symbolic link '/escape'",
+    ),
+    (
+        "create_file",
+        {"path": "/dev/zero", "mode": 0o777},
+        ValueError,
+        None,
+        "mode must be within 0o0..0o666",
+    ),
+    (
+        "create_file",
+        {"path": "/dev/null", "mode": 0o666},
+        FileExistsError,
+        errno.EEXIST,
+        "already exists",
+    ),
+    (
+        "create_file",
+        {"path": "/escape/passwd", "mode": 0o666},
+        PermissionError,
+        errno.EPERM,
+        "symbolic link",
+    ),
     ("create_file", {"path": "dev/zero", "mode": 0o666}, ValueError, None, "absolute"),
-    ("symlink", {"target": "../../etc", "path": "/x"}, ValueError, None,
-     "link target must not contain '..'"),
+    (
+        "symlink",
+        {"target": "../../etc", "path": "/x"},
+        ValueError,
+        None,
+        "link target must not contain '..'",
+    ),
     ("symlink", {"target": "", "path": "/x"}, ValueError, None, "invalid link target"),
     ("symlink", {"target": "a\0b", "path": "/x"}, ValueError, None, "invalid link target"),
-    ("symlink", {"target": "usr/lib", "path": "/usr"}, FileExistsError, errno.EEXIST,
-     "'/usr' already exists"),
-    ("symlink", {"target": "usr/lib", "path": "/bin"}, PermissionError, errno.EPERM,
-     "goes through the symbolic link '/bin'"),
-    ("symlink", {"target": "x", "path": "/bin/sh"}, PermissionError, errno.EPERM,
-     "symbolic link"),
-    ("mount", {"source": None, "target": "/proc", "fstype": None,
-               "flags": ["bind", "shared"], "data": None}, PermissionError, errno.EPERM,
-     "mount flags ['shared'] are not allowed"),
-    ("mount", {"source": "tmpfs", "target": "/proc", "fstype": "tmpfs", "flags": ["rec"],
-               "data": None}, ValueError, None, "'rec' applies to bind mounts only"),
-    ("mount", {"source": "tmpfs", "target": "/proc", "fstype": "tmpfs",
-               "flags": ["remount"], "data": None}, ValueError, None,
-     "only bind mounts can be remounted"),
-    ("mount", {"source": "tmpfs", "target": "/escape", "fstype": "tmpfs", "flags": [],
-               "data": None}, PermissionError, errno.EPERM, "symbolic link '/escape'"),
-    ("mount", {"source": "/root", "target": "/usr", "fstype": None, "flags": ["bind"],
-               "data": None}, PermissionError, errno.EPERM,
-     "bind source '/root' is not allowed"),
-    ("mount", {"source": "/usr/../root", "target": "/usr", "fstype": None,
-               "flags": ["bind"], "data": None}, PermissionError, errno.EPERM, "not allowed"),
-    ("mount", {"source": "/", "target": "/usr", "fstype": None, "flags": ["bind", "rec"],
-               "data": None}, PermissionError, errno.EPERM, "bind source '/' is not allowed"),
-    ("mount", {"source": "/usr", "target": "/usr", "fstype": "tmpfs", "flags": ["bind"],
-               "data": None}, ValueError, None, "takes no fstype or data"),
-    ("mount", {"source": "/usr", "target": "/dev/null", "fstype": None, "flags": ["bind"],
-               "data": None}, ValueError, None, "must be a directory like '/usr'"),
-    ("mount", {"source": "/dev/null", "target": "/usr", "fstype": None, "flags": ["bind"],
-               "data": None}, ValueError, None, "must be a file like '/dev/null'"),
-    ("mount", {"source": "/dev/zero", "target": "/dev/zero", "fstype": None,
-               "flags": ["bind"], "data": None}, FileNotFoundError, errno.ENOENT,
-     "target '/dev/zero' does not exist"),
-    ("mount", {"source": "/usr", "target": "/", "fstype": None, "flags": ["bind"],
-               "data": None}, PermissionError, errno.EPERM, "over the container root"),
-    ("mount", {"source": "/usr", "target": "/usr", "fstype": None,
-               "flags": ["bind", "remount", "ro"], "data": None}, ValueError, None,
-     "a remount takes no source"),
-    ("mount", {"source": None, "target": "/usr", "fstype": None,
-               "flags": ["bind", "remount", "ro"], "data": None}, ValueError, None,
-     "'/usr' is not a mount point"),
-    ("pivot_root", {"new_root": "/tmp"}, PermissionError, errno.EPERM,
-     "is not the container root made by make_root"),
+    (
+        "symlink",
+        {"target": "usr/lib", "path": "/usr"},
+        FileExistsError,
+        errno.EEXIST,
+        "'/usr' already exists",
+    ),
+    (
+        "symlink",
+        {"target": "usr/lib", "path": "/bin"},
+        PermissionError,
+        errno.EPERM,
+        "goes through the symbolic link '/bin'",
+    ),
+    ("symlink", {"target": "x", "path": "/bin/sh"}, PermissionError, errno.EPERM, "symbolic link"),
+    (
+        "mount",
+        {
+            "source": None,
+            "target": "/proc",
+            "fstype": None,
+            "flags": ["bind", "shared"],
+            "data": None,
+        },
+        PermissionError,
+        errno.EPERM,
+        "mount flags ['shared'] are not allowed",
+    ),
+    (
+        "mount",
+        {"source": "tmpfs", "target": "/proc", "fstype": "tmpfs", "flags": ["rec"], "data": None},
+        ValueError,
+        None,
+        "'rec' applies to bind mounts only",
+    ),
+    (
+        "mount",
+        {
+            "source": "tmpfs",
+            "target": "/proc",
+            "fstype": "tmpfs",
+            "flags": ["remount"],
+            "data": None,
+        },
+        ValueError,
+        None,
+        "only bind mounts can be remounted",
+    ),
+    (
+        "mount",
+        {"source": "tmpfs", "target": "/escape", "fstype": "tmpfs", "flags": [], "data": None},
+        PermissionError,
+        errno.EPERM,
+        "symbolic link '/escape'",
+    ),
+    (
+        "mount",
+        {"source": "/root", "target": "/usr", "fstype": None, "flags": ["bind"], "data": None},
+        PermissionError,
+        errno.EPERM,
+        "bind source '/root' is not allowed",
+    ),
+    (
+        "mount",
+        {
+            "source": "/usr/../root",
+            "target": "/usr",
+            "fstype": None,
+            "flags": ["bind"],
+            "data": None,
+        },
+        PermissionError,
+        errno.EPERM,
+        "not allowed",
+    ),
+    (
+        "mount",
+        {"source": "/", "target": "/usr", "fstype": None, "flags": ["bind", "rec"], "data": None},
+        PermissionError,
+        errno.EPERM,
+        "bind source '/' is not allowed",
+    ),
+    (
+        "mount",
+        {"source": "/usr", "target": "/usr", "fstype": "tmpfs", "flags": ["bind"], "data": None},
+        ValueError,
+        None,
+        "takes no fstype or data",
+    ),
+    (
+        "mount",
+        {"source": "/usr", "target": "/dev/null", "fstype": None, "flags": ["bind"], "data": None},
+        ValueError,
+        None,
+        "must be a directory like '/usr'",
+    ),
+    (
+        "mount",
+        {"source": "/dev/null", "target": "/usr", "fstype": None, "flags": ["bind"], "data": None},
+        ValueError,
+        None,
+        "must be a file like '/dev/null'",
+    ),
+    (
+        "mount",
+        {
+            "source": "/dev/zero",
+            "target": "/dev/zero",
+            "fstype": None,
+            "flags": ["bind"],
+            "data": None,
+        },
+        FileNotFoundError,
+        errno.ENOENT,
+        "target '/dev/zero' does not exist",
+    ),
+    (
+        "mount",
+        {"source": "/usr", "target": "/", "fstype": None, "flags": ["bind"], "data": None},
+        PermissionError,
+        errno.EPERM,
+        "over the container root",
+    ),
+    (
+        "mount",
+        {
+            "source": "/usr",
+            "target": "/usr",
+            "fstype": None,
+            "flags": ["bind", "remount", "ro"],
+            "data": None,
+        },
+        ValueError,
+        None,
+        "a remount takes no source",
+    ),
+    (
+        "mount",
+        {
+            "source": None,
+            "target": "/usr",
+            "fstype": None,
+            "flags": ["bind", "remount", "ro"],
+            "data": None,
+        },
+        ValueError,
+        None,
+        "'/usr' is not a mount point",
+    ),
+    (
+        "pivot_root",
+        {"new_root": "/tmp"},
+        PermissionError,
+        errno.EPERM,
+        "is not the container root made by make_root",
+    ),
     ("pivot_root", {"new_root": "relative"}, ValueError, None, "absolute"),
     ("make_root", {"path": "/tmp/x"}, FileExistsError, errno.EEXIST, "is already made"),
 ]
 
 
-@pytest.mark.parametrize("method,kwargs,exc,err,message", BIND_BAD_CALLS,
-                         ids=[f"{c[0]}-{i}" for i, c in enumerate(BIND_BAD_CALLS)])
-def test_bind_rpc_bad_argument_is_refused_and_changes_nothing(made_root, method, kwargs, exc,
-                                                              err, message):
+@pytest.mark.parametrize(
+    "method,kwargs,exc,err,message",
+    BIND_BAD_CALLS,
+    ids=[f"{c[0]}-{i}" for i, c in enumerate(BIND_BAD_CALLS)],
+)
+def test_bind_rpc_bad_argument_is_refused_and_changes_nothing(
+    made_root, method, kwargs, exc, err, message
+):
     rpc, rec, root = made_root
-    if method == "mount" and kwargs.get("source") == "/dev/null" \
-            and not os.path.exists("/dev/null"):
+    if (
+        method == "mount"
+        and kwargs.get("source") == "/dev/null"
+        and not os.path.exists("/dev/null")
+    ):
         pytest.skip("no /dev/null")
     before = tree(root)
     with pytest.raises(exc) as info:
@@ -563,17 +851,20 @@ def test_bind_rpc_make_root_checks(run_tmp):
         rpc_nomnt.make_root(path=good)
     assert rec_nomnt.calls == []
     rpc.make_root(path=good)
-    assert rec.calls == [("mount", ("tmpfs", good, "tmpfs", ["nosuid", "nodev"],
-                                    "mode=0755,size=1m,nr_inodes=1024"))]
+    assert rec.calls == [
+        ("mount", ("tmpfs", good, "tmpfs", ["nosuid", "nodev"], "mode=0755,size=1m,nr_inodes=1024"))
+    ]
     assert rpc.root == good
 
 
 def test_bind_rpc_without_a_root_creates_nothing_on_the_host(run_tmp):
     rpc, rec = make_rpc()
     before = tree(run_tmp)
-    for method, kwargs in (("mkdir", {"path": "/kit-ref-evil", "mode": 0o755}),
-                           ("create_file", {"path": "/kit-ref-evil", "mode": 0o644}),
-                           ("symlink", {"target": "x", "path": "/kit-ref-evil"})):
+    for method, kwargs in (
+        ("mkdir", {"path": "/kit-ref-evil", "mode": 0o755}),
+        ("create_file", {"path": "/kit-ref-evil", "mode": 0o644}),
+        ("symlink", {"target": "x", "path": "/kit-ref-evil"}),
+    ):
         with pytest.raises(PermissionError, match="no container root was made"):
             getattr(rpc, method)(**kwargs)
     with pytest.raises(PermissionError, match="not the container root made by make_root"):
@@ -589,16 +880,17 @@ def test_host_rpc_mounts_on_the_container_namespace_paths():
     rpc.mount(source="proc", target="/proc", fstype="proc", flags=["nosuid"], data=None)
     rpc.mount(source=None, target="/tmp", fstype="tmpfs", flags=[], data="mode=1777")
     rpc.sethostname(name="my-host.example")
-    assert rec.calls == [("mount", ("proc", "/proc", "proc", ["nosuid"], None)),
-                         ("mount", ("tmpfs", "/tmp", "tmpfs", [], "mode=1777")),
-                         ("sethostname", ("my-host.example",))]
+    assert rec.calls == [
+        ("mount", ("proc", "/proc", "proc", ["nosuid"], None)),
+        ("mount", ("tmpfs", "/tmp", "tmpfs", [], "mode=1777")),
+        ("sethostname", ("my-host.example",)),
+    ]
 
 
 @pytest.mark.parametrize("cls", [ReferenceRPC, BindRootfsRPC])
 def test_rpc_refuses_to_touch_host_namespaces(cls):
     rpc, rec = make_rpc(cls, namespaces=["ipc"], hostname=None)
-    with pytest.raises(PermissionError, match="no mount namespace; refusing to change the "
-                                              "host's"):
+    with pytest.raises(PermissionError, match="no mount namespace; refusing to change the host's"):
         rpc.mount(source="tmpfs", target="/tmp", fstype="tmpfs", flags=[], data=None)
     with pytest.raises(PermissionError, match="no uts namespace"):
         rpc.sethostname(name="evil")
@@ -611,21 +903,27 @@ def test_rpc_refuses_to_touch_host_namespaces(cls):
 def test_bind_rpc_good_calls_reach_the_system_interface(made_root):
     rpc, rec, root = made_root
     rpc.sethostname(name="my-host.example")
-    rpc.mount(source="tmpfs", target="/dev", fstype="tmpfs", flags=["nosuid"],
-              data="mode=0755,size=64k")
-    rpc.mount(source="/usr", target="/usr", fstype=None, flags=["bind", "ro", "nodev"],
-              data=None)
+    rpc.mount(
+        source="tmpfs", target="/dev", fstype="tmpfs", flags=["nosuid"], data="mode=0755,size=64k"
+    )
+    rpc.mount(source="/usr", target="/usr", fstype=None, flags=["bind", "ro", "nodev"], data=None)
     assert rec.calls[0] == ("sethostname", ("my-host.example",))
-    assert rec.calls[1] == ("mount", ("tmpfs", root + "/dev", "tmpfs", ["nosuid"],
-                                      "mode=0755,size=64k"))
+    assert rec.calls[1] == (
+        "mount",
+        ("tmpfs", root + "/dev", "tmpfs", ["nosuid"], "mode=0755,size=64k"),
+    )
     assert rec.calls[2] == ("mount", ("/usr", root + "/usr", None, ["bind"], None))
     op, (src, target, fstype, flags, _data) = rec.calls[3]
     assert (op, src, target, fstype) == ("mount", None, root + "/usr", None)
     assert flags[:4] == ["bind", "remount", "ro", "nodev"]  # plus flags kept from the source
     rec.calls.clear()
     rpc.pivot_root(new_root=root)
-    assert rec.calls == [("chdir", (root,)), ("pivot_root", (".", ".")),
-                         ("umount", (".", True)), ("chdir", ("/",))]
+    assert rec.calls == [
+        ("chdir", (root,)),
+        ("pivot_root", (".", ".")),
+        ("umount", (".", True)),
+        ("chdir", ("/",)),
+    ]
     assert rpc.root == "/" and rpc.pivoted
     rec.calls.clear()
     with pytest.raises(PermissionError, match="already done"):
@@ -664,6 +962,7 @@ def test_rpc_errors_keep_their_type_and_errno_over_the_wire(made_root):
 
 # ====================================================== real mounts: RPC server in a child
 
+
 def _host_mounts() -> list[str]:
     with open("/proc/self/mountinfo") as f:
         return sorted(line.split()[4] for line in f)
@@ -675,19 +974,24 @@ def _child_rpc_server(sock: socket.socket, report_w: int, cfg: ReferenceConfig) 
     code = 1
     try:
         from kit.system import current
+
         linux.unshare(linux.CLONE_NEWNS | linux.CLONE_NEWUTS)
         current().set_propagation("/", "rprivate")
         eng = Engine("reference", BindRootfsEngine(), Common("reference", "kit-test", cfg))
         rpc = BindRootfsRPC(eng)
         serve(sock, {f"reference.{m}": getattr(rpc, m) for m in BIND_RPC_METHODS})
-        report = {"ls": sorted(os.listdir("/")), "dev": sorted(os.listdir("/dev")),
-                  "hostname": socket.gethostname(), "sh": os.path.exists("/usr/bin/sh"),
-                  "bin": os.readlink("/bin") if os.path.islink("/bin") else None,
-                  "root_ro": bool(os.statvfs("/").f_flag & os.ST_RDONLY),
-                  "usr_ro": bool(os.statvfs("/usr").f_flag & os.ST_RDONLY),
-                  "tmp_rw": not os.statvfs("/tmp").f_flag & os.ST_RDONLY,
-                  "null_chr": stat.S_ISCHR(os.stat("/dev/null").st_mode),
-                  "pivoted": rpc.pivoted}
+        report = {
+            "ls": sorted(os.listdir("/")),
+            "dev": sorted(os.listdir("/dev")),
+            "hostname": socket.gethostname(),
+            "sh": os.path.exists("/usr/bin/sh"),
+            "bin": os.readlink("/bin") if os.path.islink("/bin") else None,
+            "root_ro": bool(os.statvfs("/").f_flag & os.ST_RDONLY),
+            "usr_ro": bool(os.statvfs("/usr").f_flag & os.ST_RDONLY),
+            "tmp_rw": not os.statvfs("/tmp").f_flag & os.ST_RDONLY,
+            "null_chr": stat.S_ISCHR(os.stat("/dev/null").st_mode),
+            "pivoted": rpc.pivoted,
+        }
         os.write(report_w, json.dumps(report).encode())
         code = 0
     except BaseException as exc:  # reported to the parent through the pipe
@@ -750,6 +1054,7 @@ def test_bind_example_create_container_with_real_mounts(run_tmp):
 
 # ======================================================= monitor_container, cleanup (unit)
 
+
 def _fork_child(body) -> int:
     pid = os.fork()
     if pid == 0:
@@ -782,8 +1087,7 @@ def test_monitor_forwards_only_the_usual_signals_and_returns_the_status():
     assert os.waitstatus_to_exitcode(status) == 42
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
-                                 signal.SIGUSR2])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2])
 def test_monitor_forwards_each_usual_signal(sig):
     ready_r, ready_w = os.pipe()
 
@@ -854,8 +1158,11 @@ def test_start_process_reports_a_missing_payload_and_cwd(tmp_path):
     not_executable.write_text("not a program")
     not_executable.chmod(0o644)
     eng = make_engine(ReferenceConfig(argv=["/nonexistent/payload"], cwd=cwd))
-    with pytest.raises(FileNotFoundError, match=r"payload '/nonexistent/payload' not found in "
-                                                r"the container's root file system"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"payload '/nonexistent/payload' not found in "
+        r"the container's root file system",
+    ):
         eng.start_process(-1)
     eng = make_engine(ReferenceConfig(argv=["/bin/true"], cwd="/nonexistent/dir"))
     with pytest.raises(FileNotFoundError, match="cwd: cannot enter '/nonexistent/dir'"):
@@ -868,6 +1175,7 @@ def test_start_process_reports_a_missing_payload_and_cwd(tmp_path):
 
 # ================================================================== whole lifecycles
 
+
 def invoker_uid(result) -> int:
     return result.ledger.first("run_start")["invoker"]["uid"]
 
@@ -876,14 +1184,23 @@ def status_fields(text: str) -> dict[str, str]:
     out = {}
     for line in text.splitlines():
         key, sep, value = line.partition(":")
-        if sep and key in ("Pid", "NSpid", "Uid", "Gid", "CapEff", "CapPrm", "CapBnd",
-                           "NoNewPrivs"):
+        if sep and key in (
+            "Pid",
+            "NSpid",
+            "Uid",
+            "Gid",
+            "CapEff",
+            "CapPrm",
+            "CapBnd",
+            "NoNewPrivs",
+        ):
             out[key] = value.strip()
     return out
 
 
-PAYLOAD = ("hostname; echo $$; echo ---; cat /proc/self/status; echo ---; ls /proc; echo ---; "
-           "ls /; exit 7")
+PAYLOAD = (
+    "hostname; echo $$; echo ---; cat /proc/self/status; echo ---; ls /proc; echo ---; ls /; exit 7"
+)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -891,8 +1208,7 @@ PAYLOAD = ("hostname; echo $$; echo ---; cat /proc/self/status; echo ---; ls /pr
 def test_lifecycle_in_every_flow(flow, engine):
     need_flow(flow)
     hostname = f"{engine}-{flow}"
-    result = run(engine, flow, ["/bin/sh", "-c", PAYLOAD],
-                 engine_config={"hostname": hostname})
+    result = run(engine, flow, ["/bin/sh", "-c", PAYLOAD], engine_config={"hostname": hostname})
     assert result.exit_code == 7, (result.reason, result.stderr)
     assert result.leaks == []
     head, status, procs, root = result.stdout.split("---\n")
@@ -907,16 +1223,20 @@ def test_lifecycle_in_every_flow(flow, engine):
     assert fields["Uid"].split() == [str(uid)] * 4
     if flow == "root":
         expected = sorted(set(ROOT_DEFAULT_CAPS) & engine_mod._host_bounding())
-        assert linux.mask_to_caps(int(fields["CapEff"], 16)) == \
-            sorted(expected, key=linux.CAP_NUMBERS.__getitem__)
+        assert linux.mask_to_caps(int(fields["CapEff"], 16)) == sorted(
+            expected, key=linux.CAP_NUMBERS.__getitem__
+        )
         assert fields["NoNewPrivs"] == "0"
     else:
         assert int(fields["CapEff"], 16) == 0 and int(fields["CapPrm"], 16) == 0
         assert fields["NoNewPrivs"] == "1"
     top = set(root.split())
     if engine == "reference-bind":
-        assert top == {p.lstrip("/") for p in HOST_BIND_DIRS if os.path.lexists(p)} | \
-            {"dev", "proc", "tmp"}
+        assert top == {p.lstrip("/") for p in HOST_BIND_DIRS if os.path.lexists(p)} | {
+            "dev",
+            "proc",
+            "tmp",
+        }
     else:
         assert "work" in top and "home" in top
     hooks = [h for h in result.ledger.hooks() if h[0] == "master"]
@@ -933,8 +1253,7 @@ def container_pid(handle: RunHandle) -> int | None:
 def signalled_run(flow: str, engine: str, sig: int) -> tuple[Any, int]:
     code = 40 + sig
     name = signal.Signals(sig).name[3:]
-    script = (f'trap "exit {code}" {name}; touch /tmp/ready; '
-              "while :; do sleep 0.05; done")
+    script = f'trap "exit {code}" {name}; touch /tmp/ready; while :; do sleep 0.05; done'
     handle = start(engine, flow, ["/bin/sh", "-c", script], probes=False)
     try:
         deadline = time.monotonic() + 20
@@ -950,15 +1269,25 @@ def signalled_run(flow: str, engine: str, sig: int) -> tuple[Any, int]:
 
 
 BIND = "reference-bind"
-SIGNAL_CASES = [("root", "reference", signal.SIGTERM), ("root", BIND, signal.SIGINT),
-                ("suid", BIND, signal.SIGTERM), ("suid", "reference", signal.SIGHUP),
-                ("userns", BIND, signal.SIGTERM), ("userns", "reference", signal.SIGUSR1),
-                ("fakeroot", BIND, signal.SIGTERM), ("fakeroot", "reference", signal.SIGUSR2),
-                ("hybrid", BIND, signal.SIGTERM), ("hybrid", "reference", signal.SIGHUP)]
+SIGNAL_CASES = [
+    ("root", "reference", signal.SIGTERM),
+    ("root", BIND, signal.SIGINT),
+    ("suid", BIND, signal.SIGTERM),
+    ("suid", "reference", signal.SIGHUP),
+    ("userns", BIND, signal.SIGTERM),
+    ("userns", "reference", signal.SIGUSR1),
+    ("fakeroot", BIND, signal.SIGTERM),
+    ("fakeroot", "reference", signal.SIGUSR2),
+    ("hybrid", BIND, signal.SIGTERM),
+    ("hybrid", "reference", signal.SIGHUP),
+]
 
 
-@pytest.mark.parametrize("flow,engine,sig", SIGNAL_CASES,
-                         ids=[f"{f}-{e}-{signal.Signals(s).name}" for f, e, s in SIGNAL_CASES])
+@pytest.mark.parametrize(
+    "flow,engine,sig",
+    SIGNAL_CASES,
+    ids=[f"{f}-{e}-{signal.Signals(s).name}" for f, e, s in SIGNAL_CASES],
+)
 def test_signals_reach_the_payload(flow, engine, sig):
     need_flow(flow)
     result, code = signalled_run(flow, engine, sig)
@@ -970,10 +1299,12 @@ def test_signals_reach_the_payload(flow, engine, sig):
 
 def test_env_and_cwd_reach_the_payload():
     need_flow("suid")
-    result = run(BIND, "suid",
-                 ["/bin/sh", "-c", 'echo "$FOO|$PATH|${HOME-unset}|$(pwd)"'],
-                 engine_config={"cwd": "/usr/lib",
-                                "env": {"FOO": "bar baz", "PATH": "/usr/bin:/bin"}})
+    result = run(
+        BIND,
+        "suid",
+        ["/bin/sh", "-c", 'echo "$FOO|$PATH|${HOME-unset}|$(pwd)"'],
+        engine_config={"cwd": "/usr/lib", "env": {"FOO": "bar baz", "PATH": "/usr/bin:/bin"}},
+    )
     assert result.exit_code == 0, result.stderr
     assert result.stdout.strip() == "bar baz|/usr/bin:/bin|unset|/usr/lib"
     assert result.leaks == []
@@ -985,8 +1316,11 @@ def test_missing_payload_is_a_clear_stage2_failure():
     result = run(BIND, "userns", [host_only])
     assert result.exit_code == 255
     failed = result.ledger.select("stage2_failed")
-    assert failed and f"payload {host_only!r} not found in the container's root file " \
-        "system" in failed[0]["message"]
+    assert (
+        failed
+        and f"payload {host_only!r} not found in the container's root file system"
+        in failed[0]["message"]
+    )
     hooks = [h[1] for h in result.ledger.hooks() if h[0] == "master"]
     assert "post_start_process" not in hooks and "cleanup_container" in hooks
     assert result.leaks == []
@@ -1021,20 +1355,24 @@ def test_failed_create_container_leaves_nothing(flow):
     assert result.exit_code == 255
     fatal = result.ledger.first("fatal")["message"]
     assert "container creation failed" in fatal and "injected pivot_root failure" in fatal
-    assert not [e for e in result.ledger.select("hook_raise")
-                if e["hook"] == "cleanup_container"]
+    assert not [e for e in result.ledger.select("hook_raise") if e["hook"] == "cleanup_container"]
     assert result.leaks == []  # the root directory is gone, no mount, no process
 
 
 # ============================================================================ soak
+
 
 def living_descendants() -> list[int]:
     """This process's descendants, zombies left out (the launcher's zygote reaps the last
     run's supervisor only when it forks the next one), and the host sandboxes the zygote
     holds (the next run's, built ahead, is a new one after every sandboxed run)."""
     from conftest import zygotes_sandbox
-    return sorted(p for p in linux.descendants(os.getpid())
-                  if linux.process_state(p) not in ("Z", None) and not zygotes_sandbox(p))
+
+    return sorted(
+        p
+        for p in linux.descendants(os.getpid())
+        if linux.process_state(p) not in ("Z", None) and not zygotes_sandbox(p)
+    )
 
 
 def test_consecutive_runs_leak_nothing():
@@ -1060,15 +1398,19 @@ def test_consecutive_runs_leak_nothing():
         flow = flows[i % len(flows)]
         engine = ENGINES[(i // len(flows)) % 2]
         result = run(engine, flow, ["/bin/sh", "-c", f"exit {i % 7}"], probes=False)
-        assert (result.exit_code, result.leaks) == (i % 7, []), \
-            (i, flow, engine, result.reason, result.stderr)
+        assert (result.exit_code, result.leaks) == (i % 7, []), (
+            i,
+            flow,
+            engine,
+            result.reason,
+            result.stderr,
+        )
         run_dirs.append(result.ledger.first("run_start")["run_dir"])
     assert [d for d in run_dirs if os.path.lexists(d)] == []
     assert sorted(os.listdir("/proc/self/fd")) == fds_before
     assert _host_mounts() == mounts_before
     # Nothing new survives (the last run's supervisor may take a moment to exit).
     deadline = time.monotonic() + 5
-    while not set(living_descendants()) <= set(children_before) \
-            and time.monotonic() < deadline:
+    while not set(living_descendants()) <= set(children_before) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert set(living_descendants()) <= set(children_before)

@@ -58,6 +58,7 @@ def host_untouched(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     def forbidden(name: str) -> Callable[..., None]:
         def call(*args: Any, **kwargs: Any) -> None:
             raise AssertionError(f"{name}{args} reached the host")
+
         return call
 
     for name in ("mount", "umount", "pivot_root"):
@@ -197,8 +198,9 @@ def test_a_slow_rpc_server_times_out(rpc_mock: Any, host_untouched: None) -> Non
         run_create_container(eng, transport)
 
 
-def test_the_rpc_methods_refuse_a_namespace_that_is_still_the_hosts(rpc_mock: Any,
-                                                                     host_untouched: None) -> None:
+def test_the_rpc_methods_refuse_a_namespace_that_is_still_the_hosts(
+    rpc_mock: Any, host_untouched: None
+) -> None:
     """prepare_config recorded the host's namespaces; a starter that did not create the uts
     namespace asked for (here: the system says the RPC server's is the host's) gets EPERM
     instead of a changed host hostname."""
@@ -223,6 +225,7 @@ def test_prepare_config_records_the_host_namespaces_and_users_cannot_set_them() 
     sc = StarterConfig("root", 0, 0)
     eng.prepare_config(sc)
     assert eng.common.engine_config.host_namespaces == {
-        kind: linux.ns_inode(kind) for kind in GUARDED_NAMESPACES}
+        kind: linux.ns_inode(kind) for kind in GUARDED_NAMESPACES
+    }
     with pytest.raises(ConfigError, match=r"^host_namespaces: "):
         validate_config(ReferenceConfig(argv=["/bin/true"], host_namespaces={"uts": 1}), sc)

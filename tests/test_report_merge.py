@@ -18,9 +18,24 @@ from conformance.outcomes import FAILED, PASSED, Results
 
 def _session(out: Path, flows: str) -> Path:
     path = out / f"{flows.replace(',', '_')}.json"
-    proc = subprocess.run([sys.executable, "-m", "pytest", "--engine=reference", "--flow", flows,
-                           "-q", "-p", "no:cacheprovider", f"--conformance-report={path}"],
-                          capture_output=True, text=True, timeout=600, cwd=out)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--engine=reference",
+            "--flow",
+            flows,
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--conformance-report={path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=out,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:]
     return path
 
@@ -45,6 +60,7 @@ def test_merged_shards_equal_the_unsharded_session(sessions, tmp_path):
     assert proc.returncode == render.verdict(whole).code == 0, proc.stderr
     merged = render.load(tmp_path / "merged" / "conformance.json")
     assert report.validate(merged) == []
+
     # Same entries, same order, same outcomes and messages; ``checks`` (how many individual
     # checks a result's ledgers gave) varies from one session to the next, sharded or not.
     def without_checks(results: list[dict]) -> list[dict]:
@@ -101,10 +117,16 @@ def test_overlapping_shards_that_disagree_are_refused(sessions, tmp_path):
     entry = next(e for e in changed["results"] if e["outcome"] == PASSED)
     entry["outcome"], entry["message"] = FAILED, "pretend: another kernel"
     changed["summary"] = Results.summary(changed["results"])
-    proc = _merge(sessions["root"], _write(tmp_path, "other-runner.json", changed),
-                  out=tmp_path / "m")
-    _refused(proc, f"{entry['requirement']} in flow {entry['flow']}", "says passed",
-             "says failed", "must agree")
+    proc = _merge(
+        sessions["root"], _write(tmp_path, "other-runner.json", changed), out=tmp_path / "m"
+    )
+    _refused(
+        proc,
+        f"{entry['requirement']} in flow {entry['flow']}",
+        "says passed",
+        "says failed",
+        "must agree",
+    )
 
 
 def test_overlapping_shards_that_agree_merge_into_one_result_each(sessions, tmp_path):
@@ -120,17 +142,24 @@ def test_overlapping_shards_that_agree_merge_into_one_result_each(sessions, tmp_
     assert any(run.endswith("@shard2") for run in first["runs"]) and set(first["runs"]) <= ids
 
 
-@pytest.mark.parametrize("args,message", [
-    (("--merge", "ONE"), "give two or more shard reports"),
-    (("--merge", "ONE", "ONE"), "give --out DIR"),
-    (("ONE", "ONE"), "to merge shard reports, add --merge"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (("--merge", "ONE"), "give two or more shard reports"),
+        (("--merge", "ONE", "ONE"), "give --out DIR"),
+        (("ONE", "ONE"), "to merge shard reports, add --merge"),
+    ],
+)
 def test_merge_usage_errors_exit_2(sessions, tmp_path, args, message):
     args = tuple(str(sessions["root"]) if a == "ONE" else a for a in args)
     if message != "give --out DIR":
         args += ("--out", str(tmp_path / "m"))
-    proc = subprocess.run([sys.executable, "-m", "conformance", "report", *args],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "conformance", "report", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     _refused(proc, message)
 
 

@@ -24,38 +24,113 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: Strings an engine controls can hold anything: these try to leave their block.
 HOSTILE = [
-    "```", "````````", "~~~", "\n```\n# escaped heading\n```\n", "<img src=x onerror=alert(1)>",
-    "<a href='javascript:alert(1)'>click</a>", "</pre></details></svg><script>alert(1)</script>",
-    "\"><b x=\"", "' onmouseover='x", "]]>", "-->", "<!--", "\n# heading\n", "\n| a | b |\n",
-    "[link](http://evil.example)", "![img](http://evil.example/x.png)", "**bold** _em_",
-    "\x1b[31mred\x1b[0m", "\r\n\r", "\x00\x07\x08", "\u202eevil\u202c", "\n\n---\n", "&amp;",
-    "${{ secrets.TOKEN }}", "http://evil.example", "www.evil.example", "\\", "`", "\t",
-    "1. item", "- item", "> quote", "<details open>", "|", "~~strike~~", "<https://a.example>",
+    "```",
+    "````````",
+    "~~~",
+    "\n```\n# escaped heading\n```\n",
+    "<img src=x onerror=alert(1)>",
+    "<a href='javascript:alert(1)'>click</a>",
+    "</pre></details></svg><script>alert(1)</script>",
+    "\"><b x=\"",
+    "' onmouseover='x",
+    "]]>",
+    "-->",
+    "<!--",
+    "\n# heading\n",
+    "\n| a | b |\n",
+    "[link](http://evil.example)",
+    "![img](http://evil.example/x.png)",
+    "**bold** _em_",
+    "\x1b[31mred\x1b[0m",
+    "\r\n\r",
+    "\x00\x07\x08",
+    "\u202eevil\u202c",
+    "\n\n---\n",
+    "&amp;",
+    "${{ secrets.TOKEN }}",
+    "http://evil.example",
+    "www.evil.example",
+    "\\",
+    "`",
+    "\t",
+    "1. item",
+    "- item",
+    "> quote",
+    "<details open>",
+    "|",
+    "~~strike~~",
+    "<https://a.example>",
 ]
 #: Fields the kit or the suite controls and the renderers key on (kept as they are).
-STRUCTURAL = {"requirement", "subject", "level", "outcome", "kind", "role", "flow", "scenario",
-              "backend", "hook", "hook_role", "child_role", "id", "runs", "section", "stage",
-              "tests", "test", "schema_version", "suite_version", "flows"}
+STRUCTURAL = {
+    "requirement",
+    "subject",
+    "level",
+    "outcome",
+    "kind",
+    "role",
+    "flow",
+    "scenario",
+    "backend",
+    "hook",
+    "hook_role",
+    "child_role",
+    "id",
+    "runs",
+    "section",
+    "stage",
+    "tests",
+    "test",
+    "schema_version",
+    "suite_version",
+    "flows",
+}
 
 
 def engine_doc() -> dict:
     """A report whose runs recorded a leftover process, a raising hook and RPC errors, and
     whose results carry messages quoting them."""
-    entries = [("ORDER-001", "root", "passed", ""), ("PRIV-MASTER-001", "suid", "failed", ""),
-               ("EXIT-001", "root", "not-decided", ""), ("CLEAN-001", "suid", "failed", ""),
-               ("NS-001", "root", "broken", "harness error")]
+    entries = [
+        ("ORDER-001", "root", "passed", ""),
+        ("PRIV-MASTER-001", "suid", "failed", ""),
+        ("EXIT-001", "root", "not-decided", ""),
+        ("CLEAN-001", "suid", "failed", ""),
+        ("NS-001", "root", "broken", "harness error"),
+    ]
     doc = make_doc(entries)
     for run in doc["runs"]:
         events = run["ledger"]["events"]
         extra = [
-            {"kind": "leak", "role": "supervisor", "pid": 1, "tid": 1, "what": "process",
-             "detail": "pid 77 argv ['sleep', '100']"},
-            {"kind": "hook_raise", "role": "master", "pid": 10, "tid": 11,
-             "hook": "cleanup_container", "error": {"type": "OSError", "message": "umount",
-                                                    "traceback": "Traceback (most recent "
-                                                    "call last):\n  boom\nOSError: umount"}},
-            {"kind": "rpc_call", "role": "rpc", "pid": 2, "tid": 2, "method": "e.mount",
-             "args": {"target": "/x"}, "ok": False, "error": "EPERM mounting /x"},
+            {
+                "kind": "leak",
+                "role": "supervisor",
+                "pid": 1,
+                "tid": 1,
+                "what": "process",
+                "detail": "pid 77 argv ['sleep', '100']",
+            },
+            {
+                "kind": "hook_raise",
+                "role": "master",
+                "pid": 10,
+                "tid": 11,
+                "hook": "cleanup_container",
+                "error": {
+                    "type": "OSError",
+                    "message": "umount",
+                    "traceback": "Traceback (most recent call last):\n  boom\nOSError: umount",
+                },
+            },
+            {
+                "kind": "rpc_call",
+                "role": "rpc",
+                "pid": 2,
+                "tid": 2,
+                "method": "e.mount",
+                "args": {"target": "/x"},
+                "ok": False,
+                "error": "EPERM mounting /x",
+            },
         ]
         for event in extra:
             event["seq"] = len(events)
@@ -63,20 +138,36 @@ def engine_doc() -> dict:
         run["stdout"], run["stderr"], run["argv"] = "out", "err", ["/bin/true", "arg"]
     for e in doc["results"]:
         if e["outcome"] == "failed":
-            e["message"] = (f"{e['requirement']} [MUST] text\n  flow: {e['flow']}   role: "
-                            "master   hook: create_container\n  expected: a thing\n  observed: "
-                            "a leftover process pid 77 argv ['sleep', '100']\n  ledger event: "
-                            f"#20 leak role=supervisor pid=1 tid=1\n  run: {e['flow']}/default")
-    doc["known_failures"] = [{"requirement": "ORDER-001", "flows": ["root"],
-                              "reason": "upstream does the same", "where": "kf.txt:1"}]
-    doc["unchecked"] = [{"requirement": "NS-002", "level": "MUST", "section": "§4",
-                         "text": "a text", "reason": "no test yet"}]
+            e["message"] = (
+                f"{e['requirement']} [MUST] text\n  flow: {e['flow']}   role: "
+                "master   hook: create_container\n  expected: a thing\n  observed: "
+                "a leftover process pid 77 argv ['sleep', '100']\n  ledger event: "
+                f"#20 leak role=supervisor pid=1 tid=1\n  run: {e['flow']}/default"
+            )
+    doc["known_failures"] = [
+        {
+            "requirement": "ORDER-001",
+            "flows": ["root"],
+            "reason": "upstream does the same",
+            "where": "kf.txt:1",
+        }
+    ]
+    doc["unchecked"] = [
+        {
+            "requirement": "NS-002",
+            "level": "MUST",
+            "section": "§4",
+            "text": "a text",
+            "reason": "no test yet",
+        }
+    ]
     return doc
 
 
 def transformed(doc: dict, change) -> dict:
     """``doc`` with ``change`` applied to every string value that is not structural, then the
     not-decided results pointed at their run's (changed) root cause."""
+
     def walk(value, key=None):
         if isinstance(value, dict):
             return {k: (v if k in STRUCTURAL else walk(v, k)) for k, v in value.items()}
@@ -94,6 +185,7 @@ def transformed(doc: dict, change) -> dict:
 
 
 # --- parsing the output ------------------------------------------------------------------------
+
 
 class _Structure(HTMLParser):
     def __init__(self) -> None:
@@ -179,8 +271,9 @@ def test_fuzzed_engine_strings_cannot_change_the_structure_of_the_reports(seed):
     assert all(re.fullmatch(r"[A-Za-z0-9_-]+", i) for i in bad.ids)
     for text in (md_bad, html_bad):
         assert not CONTROL.search(text)
-    assert md_structure(diff.markdown(benign, hostile)) == \
-        md_structure(diff.markdown(benign, benign))
+    assert md_structure(diff.markdown(benign, hostile)) == md_structure(
+        diff.markdown(benign, benign)
+    )
 
 
 def test_a_leftover_process_argv_stays_inside_its_code_block():
@@ -200,6 +293,7 @@ def test_a_leftover_process_argv_stays_inside_its_code_block():
 
 # --- the schema ---------------------------------------------------------------------------
 
+
 def test_the_published_schema_is_a_file_of_the_package_and_versioned():
     data = json.loads(schema.SCHEMA_FILE.read_text())
     assert schema.SCHEMA_FILE.parent.name == "conformance"
@@ -210,8 +304,11 @@ def test_the_published_schema_is_a_file_of_the_package_and_versioned():
 def test_a_string_seq_is_refused_before_it_reaches_an_element_id():
     doc = make_doc([("ORDER-001", "root", "passed", "")])
     doc["runs"][0]["ledger"]["events"][3]["seq"] = '3" onmouseover="alert(1)'
-    with pytest.raises(render.ReportError, match=r"\$\.runs\[0\]\.ledger\.events\[3\]\.seq: "
-                       "expected integer, got string"):
+    with pytest.raises(
+        render.ReportError,
+        match=r"\$\.runs\[0\]\.ledger\.events\[3\]\.seq: "
+        "expected integer, got string",
+    ):
         render.checked(doc)
     # and the renderer alone (no validation) still cannot put it into an attribute
     html = render.html_report(doc)
@@ -219,18 +316,27 @@ def test_a_string_seq_is_refused_before_it_reaches_an_element_id():
 
 
 def bad_attributes(html: str) -> list[str]:
-    return [f"{tag} {attrs}" for tag, attrs in html_structure(html).tags
-            if any(a.startswith("on") for a in attrs)]
+    return [
+        f"{tag} {attrs}"
+        for tag, attrs in html_structure(html).tags
+        if any(a.startswith("on") for a in attrs)
+    ]
 
 
-@pytest.mark.parametrize("path, value, message", [
-    (("results", 0, "checks"), "3", r"\$\.results\[0\]\.checks: expected integer"),
-    (("results", 0, "outcome"), "great", r"\$\.results\[0\]\.outcome: 'great' is not one of"),
-    (("results",), {"a": 1}, r"\$\.results: expected array, got object"),
-    (("runs", 0, "ledger", "events", 0, "snapshot"), {"threads": [{"uid": [1]}]},
-     r"threads\[0\]\.uid: 1 items, at least 4"),
-    (("engine", "name"), ["x"], r"\$\.engine\.name: expected string, got array"),
-])
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        (("results", 0, "checks"), "3", r"\$\.results\[0\]\.checks: expected integer"),
+        (("results", 0, "outcome"), "great", r"\$\.results\[0\]\.outcome: 'great' is not one of"),
+        (("results",), {"a": 1}, r"\$\.results: expected array, got object"),
+        (
+            ("runs", 0, "ledger", "events", 0, "snapshot"),
+            {"threads": [{"uid": [1]}]},
+            r"threads\[0\]\.uid: 1 items, at least 4",
+        ),
+        (("engine", "name"), ["x"], r"\$\.engine\.name: expected string, got array"),
+    ],
+)
 def test_wrongly_typed_fields_are_refused_with_their_path(path, value, message):
     doc = make_doc([("ORDER-001", "root", "passed", "")])
     target = doc
@@ -266,9 +372,15 @@ def test_a_validator_boundary_at_the_depth_limit():
 
 # --- the commands ------------------------------------------------------------------------------
 
+
 def _command(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "conformance", *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "conformance", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
+    )
 
 
 def _bad_files(tmp_path: Path) -> dict[str, Path]:
@@ -277,9 +389,15 @@ def _bad_files(tmp_path: Path) -> dict[str, Path]:
     wrong["results"][0]["runs"] = "root/default"
     typed = copy.deepcopy(good)
     typed["runs"][0]["ledger"]["events"][2]["seq"] = "2"
-    files = {"not json": "{results: [", "deep": "[" * 200_000 + "]" * 200_000,
-             "array": "[1, 2]", "wrong types": json.dumps(wrong),
-             "string seq": json.dumps(typed), "binary": None, "empty": ""}
+    files = {
+        "not json": "{results: [",
+        "deep": "[" * 200_000 + "]" * 200_000,
+        "array": "[1, 2]",
+        "wrong types": json.dumps(wrong),
+        "string seq": json.dumps(typed),
+        "binary": None,
+        "empty": "",
+    }
     out = {}
     for name, text in files.items():
         path = tmp_path / f"{name.replace(' ', '-')}.json"
@@ -295,9 +413,11 @@ def _bad_files(tmp_path: Path) -> dict[str, Path]:
 
 def test_report_and_diff_refuse_bad_files_with_exit_2_and_one_message(tmp_path):
     for name, path in _bad_files(tmp_path).items():
-        for args in (("report", str(path), "--out", str(tmp_path / "o")),
-                     ("diff", str(path), str(tmp_path / "good.json")),
-                     ("diff", str(tmp_path / "good.json"), str(path))):
+        for args in (
+            ("report", str(path), "--out", str(tmp_path / "o")),
+            ("diff", str(path), str(tmp_path / "good.json")),
+            ("diff", str(tmp_path / "good.json"), str(path)),
+        ):
             proc = _command(*args, cwd=tmp_path)
             assert proc.returncode == 2, (name, args, proc.stderr[-2000:])
             assert "Traceback" not in proc.stderr and "RecursionError" not in proc.stderr, name

@@ -1,5 +1,5 @@
-"""The mock RPC transport (kit.testing.rpc_mock): the same codec and server as a real socketpair, call
-recording, fault injection, and no descriptor or thread left behind.
+"""The mock RPC transport (kit.testing.rpc_mock): the same codec and server as a real
+socketpair, call recording, fault injection, and no descriptor or thread left behind.
 
 Every test of ``tests/test_rpc.py`` that takes the ``srv`` server (round trips, typed errors,
 every bad request, bad frame and descriptor misuse) runs again here against a MockTransport,
@@ -563,9 +563,16 @@ def test_fault_and_inject_arguments_are_checked(t: MockTransport) -> None:
 
 def test_no_descriptor_or_thread_left_after_any_fault(no_leak: None) -> None:
     faults = [
-        Fault.drop(), Fault.drop(phase="reply"), Fault.truncate(), Fault.truncate(phase="request"),
-        Fault.corrupt(), Fault.corrupt(phase="request"), Fault.close(), Fault.errno(errno.EPERM),
-        Fault.delay(0.01), Fault.delay(0.01, phase="request"),
+        Fault.drop(),
+        Fault.drop(phase="reply"),
+        Fault.truncate(),
+        Fault.truncate(phase="request"),
+        Fault.corrupt(),
+        Fault.corrupt(phase="request"),
+        Fault.close(),
+        Fault.errno(errno.EPERM),
+        Fault.delay(0.01),
+        Fault.delay(0.01, phase="request"),
     ]
     for fault in faults:
         with MockTransport(ENGINE, METHODS, timeout=TIMEOUT) as transport:
@@ -707,8 +714,10 @@ def test_methods_instance_and_class(no_leak: None) -> None:
 
 
 def test_recording_system() -> None:
-    rec = RecordingSystem(results={"gethostname": "box", "ns_inode": lambda kind, pid="self": 42},
-                          errors={"mount": PermissionError(errno.EPERM, "no")})
+    rec = RecordingSystem(
+        results={"gethostname": "box", "ns_inode": lambda kind, pid="self": 42},
+        errors={"mount": PermissionError(errno.EPERM, "no")},
+    )
     assert rec.gethostname() == "box" and rec.ns_inode("mount") == 42 and rec.chdir("/") is None
     with pytest.raises(PermissionError):
         rec.mount("tmpfs", "/x", "tmpfs", ["nosuid"], None)
@@ -741,7 +750,6 @@ def test_mock_factory_closes_everything(no_leak: None) -> None:
     assert all(m.closed for m in made) and factory.made == []
 
 
-
 class LooksUpTheSystemPerCall:
     """RPC methods that ask for the system interface when called, not when built."""
 
@@ -753,7 +761,8 @@ class LooksUpTheSystemPerCall:
 
 
 def test_a_method_that_looks_up_the_system_per_call_is_recorded_too(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     def reached_the_host(name: str) -> None:
         raise AssertionError(f"sethostname({name!r}) reached the host's kernel")
 

@@ -29,7 +29,12 @@ def test_request_round_trip() -> None:
     assert obj == {"id": 1, "method": "eng.mount", "args": {"source": "/a", "n": [1]}, "fds": 2}
     req = parse_request(obj)
     assert (req.id, req.method, req.engine, req.name, req.args, req.fds) == (
-        1, "eng.mount", "eng", "mount", {"source": "/a", "n": [1]}, 2,
+        1,
+        "eng.mount",
+        "eng",
+        "mount",
+        {"source": "/a", "n": [1]},
+        2,
     )
     assert parse_request(make_request(0, "my-engine.v2.do_it", {})).engine == "my-engine.v2"
 

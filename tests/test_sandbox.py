@@ -27,8 +27,7 @@ from kit.run.launcher import RunResult, run
 from kit.system import linux
 
 HOSTILE = "kit_test_engines:HostAttackEngine"
-ALL_ACTS = ["write_etc", "mount_tmpfs", "hostname", "sysctl_net", "sysctl_vm", "daemon",
-            "kill"]
+ALL_ACTS = ["write_etc", "mount_tmpfs", "hostname", "sysctl_net", "sysctl_vm", "daemon", "kill"]
 SYSCTLS = ("/proc/sys/net/ipv4/ip_forward", "/proc/sys/vm/stat_interval")
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the host sandbox needs root")
@@ -58,9 +57,11 @@ def _in_namespace(kind: str, inode: int) -> list[int]:
 
 def _host_state() -> dict[str, Any]:
     # (Not /tmp/kit-sandbox-*: other sessions on the machine make and remove theirs.)
-    state: dict[str, Any] = {"hostname": socket.gethostname(), "mounts": _host_mounts(),
-                             "netns": sorted(os.listdir("/run/netns"))
-                             if os.path.isdir("/run/netns") else []}
+    state: dict[str, Any] = {
+        "hostname": socket.gethostname(),
+        "mounts": _host_mounts(),
+        "netns": sorted(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else [],
+    }
     for path in SYSCTLS:
         with open(path) as f:
             state[path] = f.read()
@@ -77,8 +78,13 @@ def targets(shared_dir: str) -> Iterator[dict[str, Any]]:
     victim = subprocess.Popen(["/bin/sleep", "600"])
     unique = f"kit-sandbox-test-{os.getpid()}-{time.monotonic_ns()}"
     try:
-        yield {"tmpfs_path": mount_on, "victim_pid": victim.pid, "unique": unique,
-               "report_dir": shared_dir, "victim": victim}
+        yield {
+            "tmpfs_path": mount_on,
+            "victim_pid": victim.pid,
+            "unique": unique,
+            "report_dir": shared_dir,
+            "victim": victim,
+        }
     finally:
         victim.kill()
         victim.wait()
@@ -87,12 +93,19 @@ def targets(shared_dir: str) -> Iterator[dict[str, Any]]:
             os.unlink(f"/etc/{unique}")
 
 
-def _attack(targets: dict[str, Any], acts: list[str], hook_timeout: float = 2.0,
-            **config: Any) -> RunResult:
+def _attack(
+    targets: dict[str, Any], acts: list[str], hook_timeout: float = 2.0, **config: Any
+) -> RunResult:
     engine_config = {k: v for k, v in targets.items() if k != "victim"}
     engine_config.update(acts=acts, **config)
-    return run(HOSTILE, "root", ["/bin/true"], engine_config=engine_config,
-               shared_dirs=[targets["report_dir"]], hook_timeout=hook_timeout)
+    return run(
+        HOSTILE,
+        "root",
+        ["/bin/true"],
+        engine_config=engine_config,
+        shared_dirs=[targets["report_dir"]],
+        hook_timeout=hook_timeout,
+    )
 
 
 def _outcomes(targets: dict[str, Any], role: str, hook: str) -> dict[str, str]:
@@ -108,8 +121,9 @@ def _sandbox_namespaces(result: RunResult) -> dict[str, int]:
     raise AssertionError("no stage 1 snapshot in the ledger")
 
 
-def _assert_host_unchanged(before: dict[str, Any], targets: dict[str, Any],
-                           result: RunResult) -> None:
+def _assert_host_unchanged(
+    before: dict[str, Any], targets: dict[str, Any], result: RunResult
+) -> None:
     after = _host_state()
     assert not os.path.exists(f"/etc/{targets['unique']}")
     for key in before:
@@ -122,8 +136,10 @@ def _assert_host_unchanged(before: dict[str, Any], targets: dict[str, Any],
         assert ns[kind] != host_ns[kind], f"the run was in the host's {kind} namespace"
         # Killed processes of a torn-down sandbox may take a moment to go on a loaded
         # machine; one still there after the deadline was left behind.
-        wait_until(lambda kind=kind: _in_namespace(kind, ns[kind]) == [],
-                   what=f"no process left in the sandbox's {kind} namespace")
+        wait_until(
+            lambda kind=kind: _in_namespace(kind, ns[kind]) == [],
+            what=f"no process left in the sandbox's {kind} namespace",
+        )
     assert not os.path.exists(result.ledger.events[0]["run_dir"])
 
 
@@ -134,15 +150,17 @@ def test_an_engine_that_attacks_the_host_changes_only_its_sandbox(targets):
 
     # Each attack happened, in the sandbox (else an unchanged host proves nothing) ...
     outcomes = _outcomes(targets, "master", "create_container")
-    assert outcomes == {**dict.fromkeys(ALL_ACTS, "done"), "sysctl_vm": "EROFS",
-                        "kill": "ESRCH"}
+    assert outcomes == {**dict.fromkeys(ALL_ACTS, "done"), "sysctl_vm": "EROFS", "kill": "ESRCH"}
     # ... and what outlived the run is reported: the daemon (with its command line) and the
     # tmpfs mount, both in the sandbox.
     leaks = {(leak["what"], leak["detail"].split(":")[0].split(" (")[0]) for leak in result.leaks}
     assert ("mount", targets["tmpfs_path"]) in leaks
     assert any(what == "process" for what, _ in leaks)
-    assert all("python" in leak["detail"] or "kit" in leak["detail"]
-               for leak in result.leaks if leak["what"] == "process")
+    assert all(
+        "python" in leak["detail"] or "kit" in leak["detail"]
+        for leak in result.leaks
+        if leak["what"] == "process"
+    )
 
 
 @pytest.mark.parametrize("then", ["hang", "segv"])
@@ -156,26 +174,37 @@ def test_the_sandbox_ends_when_the_run_times_out_or_the_master_crashes(targets, 
         assert "signal 11" in result.reason
     _assert_host_unchanged(before, targets, result)
     assert _outcomes(targets, "master", "create_container") == dict.fromkeys(
-        ["write_etc", "mount_tmpfs", "hostname", "daemon"], "done")
+        ["write_etc", "mount_tmpfs", "hostname", "daemon"], "done"
+    )
 
 
 def test_stage_1_writing_the_host_is_contained_too(targets):
     before = _host_state()
-    result = _attack(targets, ["write_etc", "hostname"], hostile_hook="prepare_config",
-                     hostile_role="stage1")
+    result = _attack(
+        targets, ["write_etc", "hostname"], hostile_hook="prepare_config", hostile_role="stage1"
+    )
     assert result.exit_code == 0, result
     _assert_host_unchanged(before, targets, result)
-    assert _outcomes(targets, "stage1", "prepare_config") == {"write_etc": "done",
-                                                              "hostname": "done"}
+    assert _outcomes(targets, "stage1", "prepare_config") == {
+        "write_etc": "done",
+        "hostname": "done",
+    }
 
 
 def test_the_run_sees_a_fresh_proc_a_read_only_proc_sys_and_lo_up(shared_dir):
     out = os.path.join(shared_dir, "view")
-    script = (f"cat /proc/self/mountinfo > {out}.mounts; ls /proc > {out}.proc; "
-              f"cat /sys/class/net/lo/operstate /sys/class/net/lo/flags > {out}.lo; "
-              f"(echo 1 > /proc/sys/vm/stat_interval) 2> {out}.vm; true")
-    result = run("reference", "root", ["/bin/sh", "-c", script], shared_dirs=[shared_dir],
-                 engine_config={"mount_proc": False, "mount_tmp": False})
+    script = (
+        f"cat /proc/self/mountinfo > {out}.mounts; ls /proc > {out}.proc; "
+        f"cat /sys/class/net/lo/operstate /sys/class/net/lo/flags > {out}.lo; "
+        f"(echo 1 > /proc/sys/vm/stat_interval) 2> {out}.vm; true"
+    )
+    result = run(
+        "reference",
+        "root",
+        ["/bin/sh", "-c", script],
+        shared_dirs=[shared_dir],
+        engine_config={"mount_proc": False, "mount_tmp": False},
+    )
     assert result.exit_code == 0, result
     pids = [int(n) for n in Path(out + ".proc").read_text().split() if n.isdigit()]
     assert 1 in pids and max(pids) < 1000, "the run sees processes outside its pid namespace"
@@ -190,12 +219,18 @@ def test_the_run_sees_a_fresh_proc_a_read_only_proc_sys_and_lo_up(shared_dir):
 def test_the_coverage_and_shared_directories_are_the_real_ones(shared_dir):
     marker = os.path.join(shared_dir, "written-in-the-sandbox")
     no_tmpfs = {"mount_tmp": False}  # the container sees the host's /tmp
-    result = run("reference", "root", ["/bin/sh", "-c", f"echo x > {marker}"],
-                 shared_dirs=[shared_dir], engine_config=no_tmpfs)
+    result = run(
+        "reference",
+        "root",
+        ["/bin/sh", "-c", f"echo x > {marker}"],
+        shared_dirs=[shared_dir],
+        engine_config=no_tmpfs,
+    )
     assert result.exit_code == 0, result
     assert Path(marker).read_text() == "x\n"
-    not_shared = run("reference", "root", ["/bin/sh", "-c", f"echo y > {marker}"],
-                     engine_config=no_tmpfs)
+    not_shared = run(
+        "reference", "root", ["/bin/sh", "-c", f"echo y > {marker}"], engine_config=no_tmpfs
+    )
     assert not_shared.exit_code == 0
     assert Path(marker).read_text() == "x\n", "a directory not shared was written through"
 
@@ -209,6 +244,7 @@ def test_without_the_sandbox_the_run_is_in_the_host_namespaces():
 
 def test_the_request_switch():
     from kit.run.launcher import make_request
+
     assert make_request("reference", "root", ["/bin/true"]).sandbox is True
     assert make_request("reference", "root", ["/bin/true"], backend="fake").sandbox is False
     assert make_request("reference", "root", ["/bin/true"], sandbox=False).sandbox is False
@@ -243,11 +279,18 @@ def _wait_for(condition: Any, seconds: float) -> bool:
 
 def test_killing_the_supervisor_ends_the_sandbox(targets):
     from kit.run.launcher import start
+
     before = _host_state()
     engine_config = {k: v for k, v in targets.items() if k != "victim"}
     engine_config.update(acts=["write_etc", "mount_tmpfs", "daemon"], then="hang")
-    handle = start(HOSTILE, "root", ["/bin/true"], engine_config=engine_config,
-                   shared_dirs=[targets["report_dir"]], hook_timeout=30.0)
+    handle = start(
+        HOSTILE,
+        "root",
+        ["/bin/true"],
+        engine_config=engine_config,
+        shared_dirs=[targets["report_dir"]],
+        hook_timeout=30.0,
+    )
     init = handle.sandbox["sandbox_pid"]
     pid_ns = linux.ns_inode("pid", init)
     init_fd = os.pidfd_open(init)
@@ -256,6 +299,7 @@ def test_killing_the_supervisor_ends_the_sandbox(targets):
         assert _wait_for(lambda: os.path.exists(report), 20), "the attack never happened"
         handle.kill()
         import select
+
         assert select.select([init_fd], [], [], 10)[0], "the sandbox's init outlived its supervisor"
     finally:
         os.close(init_fd)
@@ -273,6 +317,7 @@ def test_a_user_namespace_can_mount_proc_in_the_sandbox(flow):
     user namespace mount proc only when a fully visible one exists (the sandbox keeps one,
     hidden under /dev): the reference engine mounts proc in its container."""
     from conftest import require_flow
+
     require_flow(flow)
     result = run("reference", flow, ["/bin/true"], engine_config={"mount_proc": True})
     assert result.exit_code == 0, result
@@ -285,8 +330,7 @@ def test_the_sandbox_is_off_by_default_as_root_of_another_user_namespace():
     def as_root_of_a_child_user_namespace() -> list[bool]:
         linux.unshare(linux.CLONE_NEWUSER)
         linux.write_id_maps("self", [(0, 0, 1)], [(0, 0, 1)], deny_setgroups=True)
-        return [os.geteuid() == 0, linux.in_initial_user_namespace(),
-                sandbox.default_on("real")]
+        return [os.geteuid() == 0, linux.in_initial_user_namespace(), sandbox.default_on("real")]
 
     assert sandbox.default_on("real") and linux.in_initial_user_namespace()
     assert in_child(as_root_of_a_child_user_namespace) == {"ok": [True, False, False]}
@@ -309,14 +353,23 @@ def test_mount_attacks_on_host_mounts_change_only_the_sandbox(shared_dir):
             linux.mount("tmpfs", path, "tmpfs", linux.MS_NOSUID, "size=64k")
         try:
             before = _host_mounts()
-            result = run(HOSTILE, "root", ["/bin/true"], shared_dirs=[shared_dir],
-                         engine_config={"acts": ["umount", "remount_ro"],
-                                        "umount_path": paths["umount"],
-                                        "remount_path": paths["remount"],
-                                        "report_dir": shared_dir})
-            return {"exit": result.exit_code, "unchanged": _host_mounts() == before,
-                    "outcomes": _outcomes({"report_dir": shared_dir}, "master",
-                                          "create_container")}
+            result = run(
+                HOSTILE,
+                "root",
+                ["/bin/true"],
+                shared_dirs=[shared_dir],
+                engine_config={
+                    "acts": ["umount", "remount_ro"],
+                    "umount_path": paths["umount"],
+                    "remount_path": paths["remount"],
+                    "report_dir": shared_dir,
+                },
+            )
+            return {
+                "exit": result.exit_code,
+                "unchanged": _host_mounts() == before,
+                "outcomes": _outcomes({"report_dir": shared_dir}, "master", "create_container"),
+            }
         finally:
             for path in paths.values():
                 try:
@@ -326,16 +379,19 @@ def test_mount_attacks_on_host_mounts_change_only_the_sandbox(shared_dir):
             shutil.rmtree(base, ignore_errors=True)
 
     before = _host_mounts()
-    assert in_child(attack_from_a_private_mount_namespace) == {"ok": {
-        "exit": 0, "unchanged": True, "outcomes": {"umount": "done", "remount_ro": "done"}}}
+    assert in_child(attack_from_a_private_mount_namespace) == {
+        "ok": {"exit": 0, "unchanged": True, "outcomes": {"umount": "done", "remount_ro": "done"}}
+    }
     assert _host_mounts() == before
 
 
 def test_a_run_is_never_given_the_hosts_own_namespaces_or_a_mount_one():
     from kit.run.launcher import LaunchError, make_request
+
     with pytest.raises(ValueError, match="mount cannot be given to a run"):
-        make_request("reference", "root", ["/bin/true"],
-                     join_namespaces={"mount": "/proc/self/ns/mnt"})
+        make_request(
+            "reference", "root", ["/bin/true"], join_namespaces={"mount": "/proc/self/ns/mnt"}
+        )
     with pytest.raises(LaunchError, match="the host's own uts namespace"):
         run("reference", "root", ["/bin/true"], join_namespaces={"uts": "/proc/self/ns/uts"})
     with pytest.raises(LaunchError, match="is not a ipc namespace"):
@@ -346,14 +402,21 @@ def test_every_process_of_the_sandbox_is_under_the_host_global_filter(shared_dir
     """The starter's filter covers the run (its descendants); init, which root in the
     sandbox could ptrace, carries its own."""
     from kit.run.launcher import start
+
     out = os.path.join(shared_dir, "status")
-    handle = start("reference", "root", ["/bin/sh", "-c", f"cat /proc/self/status > {out}; "
-                                         "exec sleep 60"], shared_dirs=[shared_dir],
-                   engine_config={"mount_tmp": False})
+    handle = start(
+        "reference",
+        "root",
+        ["/bin/sh", "-c", f"cat /proc/self/status > {out}; exec sleep 60"],
+        shared_dirs=[shared_dir],
+        engine_config={"mount_tmp": False},
+    )
     init = handle.sandbox["sandbox_pid"]
     try:
-        assert wait_until(lambda: os.path.exists(out) and "Seccomp:" in Path(out).read_text(),
-                          what="the payload's status")
+        assert wait_until(
+            lambda: os.path.exists(out) and "Seccomp:" in Path(out).read_text(),
+            what="the payload's status",
+        )
         init_status = linux.read_status(f"/proc/{init}/status")
     finally:
         handle.kill()
@@ -365,16 +428,21 @@ def test_engine_faults_and_refusals_number_processes_as_the_ledger_does():
     """In the sandbox the kit's processes number themselves in its pid namespace; the
     supervisor's records of a forged datagram's sender and of a refused call's thread use
     the same numbers, not the host's."""
-    result = run("kit_test_engines:HostileEngine", "root", ["/bin/true"],
-                 engine_config={"hostile_hook": "create_container", "datagram": "not_json"})
+    result = run(
+        "kit_test_engines:HostileEngine",
+        "root",
+        ["/bin/true"],
+        engine_config={"hostile_hook": "create_container", "datagram": "not_json"},
+    )
     master = result.ledger.first("process_start", role="starter")["pid"]
     (fault,) = result.ledger.select("engine_fault")
     assert fault["sender_pid"] == master and fault["sender_role"] == "starter"
 
     result = run("kit_test_engines:HostGlobalEngine", "root", ["/bin/true"])
     enter = result.ledger.first("hook_enter", role="master", hook="create_container")
-    (refusal,) = [e for e in result.ledger.select("syscall_refused")
-                  if e["process_role"] == "master"]
+    (refusal,) = [
+        e for e in result.ledger.select("syscall_refused") if e["process_role"] == "master"
+    ]
     assert refusal["target_tid"] == enter["tid"]
     assert refusal["target"]["tgid"] == enter["pid"] == refusal["target"]["ns_tgid"]
 
@@ -385,11 +453,17 @@ def test_the_zygote_builds_the_next_sandbox_while_a_run_goes_on():
     from conftest import _zygote_pid, zygotes_sandbox
 
     from kit.run.launcher import start
+
     assert run("reference", "root", ["/bin/true"]).exit_code == 0
     zygote = _zygote_pid()
-    spares = wait_until(lambda: [p for p in linux.descendants(zygote) if zygotes_sandbox(p)
-                                 and linux.process_state(p) == "S"],
-                        what="a sandbox built ahead")
+    spares = wait_until(
+        lambda: [
+            p
+            for p in linux.descendants(zygote)
+            if zygotes_sandbox(p) and linux.process_state(p) == "S"
+        ],
+        what="a sandbox built ahead",
+    )
     handle = start("reference", "root", ["/bin/true"])
     assert handle.sandbox["sandbox_pid"] in spares
     assert handle.wait().exit_code == 0

@@ -37,18 +37,23 @@ from kit.system import linux
 ROOT = Path(__file__).resolve().parent.parent
 BYPASS = "kit_test_engines:BypassEngine"
 HOST_GLOBAL_ENGINE = "kit_test_engines:HostGlobalEngine"
-EVERY_PLACE = {"prepare_config": ["sethostname", "setresuid"],
-               "create_container": ["sethostname", "setresuid", "chroot", "mount", "unshare"],
-               "rpc": ["sethostname", "setresuid", "chroot", "mount", "unshare"],
-               "post_start_process": ["chroot"], "cleanup_container": ["mount"],
-               "start_process": ["unshare"]}
+EVERY_PLACE = {
+    "prepare_config": ["sethostname", "setresuid"],
+    "create_container": ["sethostname", "setresuid", "chroot", "mount", "unshare"],
+    "rpc": ["sethostname", "setresuid", "chroot", "mount", "unshare"],
+    "post_start_process": ["chroot"],
+    "cleanup_container": ["mount"],
+    "start_process": ["unshare"],
+}
 #: (role, hook as recorded) of each place of EVERY_PLACE.
-PLACES = {"prepare_config": ("stage1", "prepare_config"),
-          "create_container": ("master", "create_container"),
-          "rpc": ("rpc", "RPC method test-bypass.bypass"),
-          "post_start_process": ("master", "post_start_process"),
-          "cleanup_container": ("master", "cleanup_container"),
-          "start_process": ("stage2", "start_process")}
+PLACES = {
+    "prepare_config": ("stage1", "prepare_config"),
+    "create_container": ("master", "create_container"),
+    "rpc": ("rpc", "RPC method test-bypass.bypass"),
+    "post_start_process": ("master", "post_start_process"),
+    "cleanup_container": ("master", "cleanup_container"),
+    "start_process": ("stage2", "start_process"),
+}
 
 pytestmark = pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 filters")
 
@@ -57,17 +62,21 @@ def host_view() -> dict[str, Any]:
     """What the bypassing calls would change on the real host if they got through."""
     with open("/proc/sys/kernel/domainname") as f:
         domain = f.read()
-    return {"hostname": socket.gethostname(), "domainname": domain,
-            **host_state()}
+    return {"hostname": socket.gethostname(), "domainname": domain, **host_state()}
 
 
 # --- the filter, in a child ---------------------------------------------------------------------
 
-def filtered(rules: tuple[seccomp.Rule, ...], calls: Callable[[], Any],
-             on_notify: Callable[[int], Any] | None = None) -> dict[str, Any]:
+
+def filtered(
+    rules: tuple[seccomp.Rule, ...],
+    calls: Callable[[], Any],
+    on_notify: Callable[[int], Any] | None = None,
+) -> dict[str, Any]:
     """In a forked child (the "supervisor"): fork a grandchild that installs ``rules`` and
     runs ``calls()``; answer its notifications with :func:`kit.run.seccomp.handle_notification`
     (or ``on_notify(listener)``). ``{"result": calls()'s result, "refused": [records]}``."""
+
     def supervise() -> dict[str, Any]:
         here, there = socket.socketpair()
         rfd, wfd = os.pipe()
@@ -110,6 +119,7 @@ def filtered(rules: tuple[seccomp.Rule, ...], calls: Callable[[], Any],
         os.waitpid(pid, 0)
         os.close(listener)
         return {**json.loads(data or b'{"error": "no result"}'), "refused": refused}
+
     out = in_child(supervise)
     assert "ok" in out, out
     return out["ok"]
@@ -147,14 +157,20 @@ def test_the_program_checks_the_architecture_then_the_call_numbers():
 
 
 def test_a_refused_call_fails_with_eperm_and_is_recorded_with_its_arguments():
-    out = filtered(seccomp.CONTAINMENT, lambda: {
-        "sethostname": _raw(170, 0, 0), "setresuid": _raw(117, -1, -1, -1),
-        "getpid": _raw(39)})
-    assert out["result"] == {"sethostname": errno.EPERM, "setresuid": errno.EPERM,
-                             "getpid": 0}
+    out = filtered(
+        seccomp.CONTAINMENT,
+        lambda: {
+            "sethostname": _raw(170, 0, 0),
+            "setresuid": _raw(117, -1, -1, -1),
+            "getpid": _raw(39),
+        },
+    )
+    assert out["result"] == {"sethostname": errno.EPERM, "setresuid": errno.EPERM, "getpid": 0}
     calls = [(r["syscall"], r["category"], r["errno"], r["answered"]) for r in out["refused"]]
-    assert calls == [("sethostname", "system-interface", "EPERM", True),
-                     ("setresuid", "system-interface", "EPERM", True)]
+    assert calls == [
+        ("sethostname", "system-interface", "EPERM", True),
+        ("setresuid", "system-interface", "EPERM", True),
+    ]
     assert out["refused"][1]["args"][:3] == ["0xffffffffffffffff"] * 3
 
 
@@ -167,6 +183,7 @@ def test_clone_is_refused_only_with_a_namespace_flag_and_clone3_gets_enosys():
             out[kind] = _clone(flag)
         out["clone3"] = _raw(435, 0, 0)
         return out
+
     out = filtered(seccomp.CONTAINMENT, calls)
     assert out["result"]["fork"] == 0 and out["result"]["CLONE_FS"] == 0
     for kind in linux.NAMESPACES:
@@ -183,13 +200,22 @@ def test_argument_tests_refuse_devices_and_log_clearing_only():
     # "size of buffer" (10) passes, "clear" (5) is refused.
     where = tempfile.mkdtemp(prefix="kit-seccomp-")
     try:
+
         def calls() -> dict[str, int]:
-            return {"fifo": _mknod(f"{where}/fifo", 0o010600),
-                    "chr": _mknod(f"{where}/null", 0o020600, os.makedev(1, 3)),
-                    "syslog_size": _raw(103, 10, 0, 0), "syslog_clear": _raw(103, 5, 0, 0)}
+            return {
+                "fifo": _mknod(f"{where}/fifo", 0o010600),
+                "chr": _mknod(f"{where}/null", 0o020600, os.makedev(1, 3)),
+                "syslog_size": _raw(103, 10, 0, 0),
+                "syslog_clear": _raw(103, 5, 0, 0),
+            }
+
         out = filtered(seccomp.CONTAINMENT + seccomp.HOST_GLOBAL, calls)
-        assert out["result"] == {"fifo": 0, "chr": errno.EPERM, "syslog_size": 0,
-                                 "syslog_clear": errno.EPERM}, out
+        assert out["result"] == {
+            "fifo": 0,
+            "chr": errno.EPERM,
+            "syslog_size": 0,
+            "syslog_clear": errno.EPERM,
+        }, out
         assert [r["syscall"] for r in out["refused"]] == ["mknodat", "syslog"]
         assert os.path.exists(f"{where}/fifo") and not os.path.exists(f"{where}/null")
     finally:
@@ -236,6 +262,7 @@ def test_a_stale_notification_never_blocks_or_crashes_the_supervisor():
         while linux.process_state(tid) != "Z":  # dead, not yet reaped
             assert time.monotonic() < deadline
         return seccomp.handle_notification(listener)
+
     out = filtered(seccomp.CONTAINMENT, lambda: _raw(170, 0, 0), on_notify=die_before_read)
     assert out["refused"] == [None]
 
@@ -249,6 +276,7 @@ def _waiting_tid(listener: int) -> int:
 
 # --- lifecycles ---------------------------------------------------------------------------------
 
+
 def refusals(result: Any) -> list[dict[str, Any]]:
     return [e for e in result.ledger.events if e["kind"] == "syscall_refused"]
 
@@ -256,8 +284,11 @@ def refusals(result: Any) -> list[dict[str, Any]]:
 def reports(directory: str, key: str = "errno") -> dict[str, Any]:
     """What each bypassing place wrote: the errno of each call (or the process's real
     no_new_privs), by place."""
-    return {name[:-5]: json.loads(Path(directory, name).read_text())[key]
-            for name in os.listdir(directory) if name.endswith(".json")}
+    return {
+        name[:-5]: json.loads(Path(directory, name).read_text())[key]
+        for name in os.listdir(directory)
+        if name.endswith(".json")
+    }
 
 
 def check_every_place(events: list[dict[str, Any]], directory: str) -> None:
@@ -284,8 +315,13 @@ def check_every_place(events: list[dict[str, Any]], directory: str) -> None:
 @pytest.mark.parametrize("flow", ALL_FLOWS)
 def test_fake_backend_refuses_every_direct_call_in_every_process(flow, shared_dir):
     before = host_view()
-    result = run(BYPASS, flow, ["/bin/sh", "-c", "exit 7"], backend="fake",
-                 engine_config={"bypass": EVERY_PLACE, "report_dir": shared_dir})
+    result = run(
+        BYPASS,
+        flow,
+        ["/bin/sh", "-c", "exit 7"],
+        backend="fake",
+        engine_config={"bypass": EVERY_PLACE, "report_dir": shared_dir},
+    )
     assert result.exit_code == 7, result.reason
     check_every_place(result.ledger.events, shared_dir)
     assert host_view() == before
@@ -297,8 +333,9 @@ def test_fake_backend_ledger_keeps_the_models_no_new_privs(shared_dir):
     # 2 sets it, stage 1 of the root flow does not).
     for flow, role, want in (("root", "stage1", False), ("suid", "stage2", True)):
         result = run("reference", flow, ["/bin/true"], backend="fake")
-        enter = next(e for e in result.ledger.events if e["kind"] == "hook_enter"
-                     and e["role"] == role)
+        enter = next(
+            e for e in result.ledger.events if e["kind"] == "hook_enter" and e["role"] == role
+        )
         assert [t["no_new_privs"] for t in enter["snapshot"]["threads"]] == [want], flow
 
 
@@ -311,14 +348,19 @@ def test_real_backend_refuses_host_global_calls_as_root():
     filt = next(e for e in result.ledger.events if e["kind"] == "seccomp_filter")
     assert filt["filter"] == "host-global"
     assert all(e["answered"] and e["errno"] == "EPERM" for e in refusals(result))
-    enter = next(e for e in result.ledger.events if e["kind"] == "hook_enter"
-                 and e["hook"] == "create_container")  # as root: no no_new_privs needed
+    enter = next(
+        e
+        for e in result.ledger.events
+        if e["kind"] == "hook_enter" and e["hook"] == "create_container"
+    )  # as root: no no_new_privs needed
     assert {t["no_new_privs"] for t in enter["snapshot"]["threads"]} == {False}
-    recorded = {(e["syscall"], e["category"], e["process_role"], e["hook"])
-                for e in refusals(result)}
-    assert recorded == {("swapoff", "host-global", "master", "create_container"),
-                        ("delete_module", "host-global", "rpc",
-                         "RPC method test-host-global.bypass")}
+    recorded = {
+        (e["syscall"], e["category"], e["process_role"], e["hook"]) for e in refusals(result)
+    }
+    assert recorded == {
+        ("swapoff", "host-global", "master", "create_container"),
+        ("delete_module", "host-global", "rpc", "RPC method test-host-global.bypass"),
+    }
 
 
 @pytest.mark.parametrize("flow", ["root", "userns"])
@@ -334,13 +376,34 @@ def test_fake_backend_refuses_every_direct_call_launched_unprivileged(flow):
     before = host_view()
     try:
         ledger = os.path.join(workdir, "run.ledger")
-        cmd = ["runuser", "-u", user.name, "--", sys.executable, "-m", "kit", "run",
-               "--backend", "fake", "--engine", BYPASS, "--flow", flow, "--ledger", ledger,
-               "--config", json.dumps({"bypass": EVERY_PLACE, "report_dir": workdir}),
-               "--", "/bin/sh", "-c", "exit 7"]
+        cmd = [
+            "runuser",
+            "-u",
+            user.name,
+            "--",
+            sys.executable,
+            "-m",
+            "kit",
+            "run",
+            "--backend",
+            "fake",
+            "--engine",
+            BYPASS,
+            "--flow",
+            flow,
+            "--ledger",
+            ledger,
+            "--config",
+            json.dumps({"bypass": EVERY_PLACE, "report_dir": workdir}),
+            "--",
+            "/bin/sh",
+            "-c",
+            "exit 7",
+        ]
         env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, env=env,
-                              timeout=300)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, cwd=workdir, env=env, timeout=300
+        )
         assert proc.returncode == 7, proc.stderr[-3000:]
         with open(ledger) as f:
             events = json.load(f)["events"]
@@ -356,12 +419,27 @@ def test_fake_backend_refuses_every_direct_call_launched_unprivileged(flow):
 
 # --- the conformance suite: HOST-050 / HOST-051 -------------------------------------------------
 
-def suite(engine: str, backend: str, flows: str, workdir: str,
-          as_user: bool = False) -> dict[str, Any]:
+
+def suite(
+    engine: str, backend: str, flows: str, workdir: str, as_user: bool = False
+) -> dict[str, Any]:
     out = os.path.join(workdir, "report.json")
-    cmd = [sys.executable, "-m", "pytest", f"--engine={engine}", f"--backend={backend}",
-           f"--flow={flows}", "-p", "no:xdist", "-p", "no:cacheprovider", "-q",
-           f"--conformance-report={out}", "-k", "HOST or host or hostname"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        f"--engine={engine}",
+        f"--backend={backend}",
+        f"--flow={flows}",
+        "-p",
+        "no:xdist",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        f"--conformance-report={out}",
+        "-k",
+        "HOST or host or hostname",
+    ]
     if as_user:
         cmd = ["runuser", "-u", Invoker.resolve().name, "--", *cmd]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
@@ -391,8 +469,7 @@ def test_host_050_fails_naming_the_call_the_hook_and_the_process(as_user):
     found = results(report, "HOST-050")
     assert found and all(r["outcome"] == "failed" for r in found), found
     text = json.dumps(found)
-    assert "engine bypassed the system interface: sethostname in create_container (master)" \
-        in text
+    assert "engine bypassed the system interface: sethostname in create_container (master)" in text
     assert "chroot in RPC method test-bypass.bypass (rpc)" in text
     assert all(r["outcome"] == "passed" for r in results(report, "HOST-051"))
     assert host_view() == before
@@ -408,12 +485,15 @@ def test_host_051_fails_for_a_host_global_call_in_the_real_backend():
         shutil.rmtree(workdir, ignore_errors=True)
     found = results(report, "HOST-051")
     assert found and all(r["outcome"] == "failed" for r in found), found
-    assert "engine made a host-global system call: swapoff in create_container (master)" \
+    assert (
+        "engine made a host-global system call: swapoff in create_container (master)"
         in json.dumps(found)
+    )
     assert all(r["outcome"] == "passed" for r in results(report, "HOST-050"))
 
 
 # --- pieces, on hand-made data ------------------------------------------------------------------
+
 
 def test_the_fake_backend_as_root_does_not_run_without_its_containment():
     if os.geteuid() != 0:
@@ -422,6 +502,7 @@ def test_the_fake_backend_as_root_does_not_run_without_its_containment():
     def attempt(backend: str) -> dict[str, Any]:
         def broken(rules: Any, privileged: Any = None) -> int:
             raise seccomp.Unavailable("no seccomp here")
+
         seccomp.install = broken  # this child only
         here, there = socket.socketpair()
         verdict = seccomp.install_for_run(backend, there)
@@ -429,10 +510,13 @@ def test_the_fake_backend_as_root_does_not_run_without_its_containment():
         return {"verdict": verdict, "fd": fd, "info": info, "closed": there.fileno() == -1}
 
     fake = in_child(lambda: attempt("fake"))["ok"]
-    assert fake["verdict"] == ("the fake backend's containment could not be installed: "
-                               "no seccomp here")
-    assert fake["fd"] is None and fake["info"] == {"filter": "fake-containment",
-                                                   "error": "no seccomp here"}
+    assert fake["verdict"] == (
+        "the fake backend's containment could not be installed: no seccomp here"
+    )
+    assert fake["fd"] is None and fake["info"] == {
+        "filter": "fake-containment",
+        "error": "no seccomp here",
+    }
     assert fake["closed"]
     real = in_child(lambda: attempt("real"))["ok"]
     assert real["verdict"] is None and real["info"]["error"] == "no seccomp here"
@@ -447,8 +531,14 @@ def test_under_an_outer_listener_calls_are_still_refused_but_not_recorded():
         here, there = socket.socketpair()
         verdict = seccomp.install_for_run("fake", there)
         fd, info = seccomp.receive_listener(here, 5)
-        return {"verdict": verdict, "fd": fd, "info": info, "outer": outer is not None,
-                "sethostname": _raw(170, 0, 0), "getpid": _raw(39)}
+        return {
+            "verdict": verdict,
+            "fd": fd,
+            "info": info,
+            "outer": outer is not None,
+            "sethostname": _raw(170, 0, 0),
+            "getpid": _raw(39),
+        }
 
     out = in_child(nested)["ok"]
     assert out["outer"] and out["verdict"] is None and out["fd"] is None
@@ -462,45 +552,69 @@ def _run(backend: str, events: list[dict[str, Any]]) -> Any:
 
     from conformance.runs import Run
     from conformance.scenario import SCENARIOS
+
     full = [{"kind": "run_start", "role": "supervisor"}, *events]
     for i, e in enumerate(full):
         e.update(seq=i, t=i, pid=e.get("pid", 100), tid=e.get("tid", 100))
     ledger = SimpleNamespace(events=full, document={"schema_version": 1, "events": full})
-    result = SimpleNamespace(exit_code=0, reason="exited", ledger=ledger, leaks=[],
-                             timed_out=None, stdout="", stderr="")
+    result = SimpleNamespace(
+        exit_code=0, reason="exited", ledger=ledger, leaks=[], timed_out=None, stdout="", stderr=""
+    )
     return Run("root", SCENARIOS["default"], backend, result=result)
 
 
-FILTER = {"kind": "seccomp_filter", "role": "supervisor", "filter": "fake-containment",
-          "syscalls": ["sethostname"]}
+FILTER = {
+    "kind": "seccomp_filter",
+    "role": "supervisor",
+    "filter": "fake-containment",
+    "syscalls": ["sethostname"],
+}
 
 
 def refusal(syscall: str, category: str, role: str | None, hook: str | None) -> dict[str, Any]:
-    return {"kind": "syscall_refused", "role": "supervisor", "syscall": syscall,
-            "category": category, "errno": "EPERM", "answered": True, "process_role": role,
-            "hook": hook}
+    return {
+        "kind": "syscall_refused",
+        "role": "supervisor",
+        "syscall": syscall,
+        "category": category,
+        "errno": "EPERM",
+        "answered": True,
+        "process_role": role,
+        "hook": hook,
+    }
 
 
 def test_host_050_names_each_refused_call_and_host_051_only_host_global_ones():
     from conformance import checks
-    run = _run("fake", [dict(FILTER),
-                        dict(refusal("sethostname", "system-interface", "master",
-                                     "create_container"), strings=["box"]),
-                        refusal("chroot", "system-interface", "rpc", "RPC method e.bind"),
-                        refusal("swapon", "host-global", "stage1", "prepare_config")])
+
+    run = _run(
+        "fake",
+        [
+            dict(FILTER),
+            dict(
+                refusal("sethostname", "system-interface", "master", "create_container"),
+                strings=["box"],
+            ),
+            refusal("chroot", "system-interface", "rpc", "RPC method e.bind"),
+            refusal("swapon", "host-global", "stage1", "prepare_config"),
+        ],
+    )
     verify = checks.Verifier("root", ["HOST-050", "HOST-051"], "t")
     checks.check_refused_calls(verify, run, "HOST-050", "system-interface")
     checks.check_refused_calls(verify, run, "HOST-051", "host-global")
     text = verify.render("HOST-050")
     assert text.startswith("HOST-050 [MUST] SPEC §9, §11: ")
     assert "role: master   hook: create_container" in text
-    assert ("observed: engine bypassed the system interface: sethostname in "
-            "create_container (master): 'box'") in text
+    assert (
+        "observed: engine bypassed the system interface: sethostname in "
+        "create_container (master): 'box'"
+    ) in text
     assert "chroot in RPC method e.bind (rpc)" in text
     assert "swapon" not in text
     (v,) = verify.violations["HOST-051"]
-    assert v.observed == ("engine made a host-global system call: swapon in prepare_config "
-                          "(stage1)")
+    assert v.observed == (
+        "engine made a host-global system call: swapon in prepare_config (stage1)"
+    )
 
 
 def test_host_050_is_not_passed_when_nothing_was_watched():
@@ -509,31 +623,59 @@ def test_host_050_is_not_passed_when_nothing_was_watched():
     # the real backend (its kernel answers), HOST-051 launched without privilege.
     from conformance import checks
     from conformance.outcomes import NOT_CONFIGURED_PREFIX
+
     for backend, events, why in (
-            ("fake", [{"kind": "seccomp_filter", "role": "supervisor",
-                       "filter": "fake-containment", "error": "no seccomp"}], "no seccomp"),
-            ("fake", [], "the run has no seccomp filter")):
+        (
+            "fake",
+            [
+                {
+                    "kind": "seccomp_filter",
+                    "role": "supervisor",
+                    "filter": "fake-containment",
+                    "error": "no seccomp",
+                }
+            ],
+            "no seccomp",
+        ),
+        ("fake", [], "the run has no seccomp filter"),
+    ):
         verify = checks.Verifier("root", ["HOST-050"], "t")
         with pytest.raises(pytest.skip.Exception) as skipped:
-            checks.check_refused_calls(verify, _run(backend, events), "HOST-050",
-                                       "system-interface")
-        assert str(skipped.value.msg).startswith(NOT_CONFIGURED_PREFIX) and \
-            why in skipped.value.msg, backend
+            checks.check_refused_calls(
+                verify, _run(backend, events), "HOST-050", "system-interface"
+            )
+        assert (
+            str(skipped.value.msg).startswith(NOT_CONFIGURED_PREFIX) and why in skipped.value.msg
+        ), backend
         assert not verify.violations["HOST-050"] and verify.checks["HOST-050"] == 0
-    unprivileged = {"kind": "seccomp_filter", "role": "supervisor", "filter": None,
-                    "reason": "launched without CAP_SYS_ADMIN"}
+    unprivileged = {
+        "kind": "seccomp_filter",
+        "role": "supervisor",
+        "filter": None,
+        "reason": "launched without CAP_SYS_ADMIN",
+    }
     for backend, events, req, category, why in (
-            ("real", [dict(FILTER, filter="host-global")], "HOST-050", "system-interface",
-             "a rule of the fake backend"),
-            ("real", [unprivileged], "HOST-051", "host-global",
-             "no filter by design: launched without CAP_SYS_ADMIN")):
+        (
+            "real",
+            [dict(FILTER, filter="host-global")],
+            "HOST-050",
+            "system-interface",
+            "a rule of the fake backend",
+        ),
+        (
+            "real",
+            [unprivileged],
+            "HOST-051",
+            "host-global",
+            "no filter by design: launched without CAP_SYS_ADMIN",
+        ),
+    ):
         verify = checks.Verifier("root", [req], "t")
         checks.check_refused_calls(verify, _run(backend, events), req, category)
         assert verify.checks[req] == 1 and not verify.violations[req]
         assert verify.notes[req].startswith(why), verify.notes
     verify = checks.Verifier("root", ["HOST-050"], "t")
-    checks.check_refused_calls(verify, _run("fake", [dict(FILTER)]), "HOST-050",
-                               "system-interface")
+    checks.check_refused_calls(verify, _run("fake", [dict(FILTER)]), "HOST-050", "system-interface")
     assert verify.checks["HOST-050"] == 1 and not verify.violations["HOST-050"]
     assert "HOST-050" not in verify.notes
 
@@ -553,34 +695,46 @@ def test_a_refusal_is_attributed_to_the_thread_its_process_and_its_open_hook():
         {"kind": "hook_return", "role": "rpc", "hook": "config", "tid": 2},
     ]
     # The hook's own thread.
-    assert seccomp.attribute(events, _ids(51, 50, [50, 51, 52])) == ("master",
-                                                                     "create_container")
+    assert seccomp.attribute(events, _ids(51, 50, [50, 51, 52])) == ("master", "create_container")
     # The main thread (its own hooks returned) and a thread the engine started: the hooks
     # open in the process, innermost first.
     for tid in (50, 53):
         assert seccomp.attribute(events, _ids(tid, 50, [50, 51, 52, 53])) == (
-            "master", "monitor_container or create_container")
+            "master",
+            "monitor_container or create_container",
+        )
     # Unknown process; no target at all (it died before it could be read).
     assert seccomp.attribute(events, _ids(900, 900, [900])) == (None, None)
     assert seccomp.attribute(events, None) == (None, None)
     # The RPC server: the method is named by the rpc_call recorded when it returns.
-    refused = {"kind": "syscall_refused", "process_role": "rpc", "hook": None,
-               "target": _ids(2, 2, [2])}
+    refused = {
+        "kind": "syscall_refused",
+        "process_role": "rpc",
+        "hook": None,
+        "target": _ids(2, 2, [2]),
+    }
     later = [refused, {"kind": "rpc_call", "role": "rpc", "tid": 2, "method": "e.bind"}]
-    forged_refusals = [{"kind": "syscall_refused", "process_role": "rpc", "target": "x"},
-                       {"kind": "syscall_refused", "process_role": "rpc",
-                        "target": {"ns_threads": [[2]]}}]
+    forged_refusals = [
+        {"kind": "syscall_refused", "process_role": "rpc", "target": "x"},
+        {"kind": "syscall_refused", "process_role": "rpc", "target": {"ns_threads": [[2]]}},
+    ]
     seccomp.resolve_rpc_methods(events + forged_refusals + later)
     assert refused["hook"] == "RPC method e.bind"
     # Forged events (engine code can write to the ledger socket) are ignored, never fatal.
-    forged = [{"kind": "hook_enter", "role": "master", "hook": ["x"], "tid": 51},
-              {"kind": "hook_enter", "role": "master", "hook": "x", "tid": [51]},
-              {"kind": "hook_enter", "role": {"a": 1}, "hook": "x", "tid": 51}]
+    forged = [
+        {"kind": "hook_enter", "role": "master", "hook": ["x"], "tid": 51},
+        {"kind": "hook_enter", "role": "master", "hook": "x", "tid": [51]},
+        {"kind": "hook_enter", "role": {"a": 1}, "hook": "x", "tid": 51},
+    ]
     assert seccomp.attribute(events + forged, _ids(51, 50, [50, 51])) == (
-        "master", "create_container")
+        "master",
+        "create_container",
+    )
     # Stage 2 after exec is the payload.
-    done = [{"kind": "hook_enter", "role": "stage2", "hook": "start_process", "tid": 1},
-            {"kind": "stage2_exec", "role": "master", "tid": 51}]
+    done = [
+        {"kind": "hook_enter", "role": "stage2", "hook": "start_process", "tid": 1},
+        {"kind": "stage2_exec", "role": "master", "tid": 51},
+    ]
     assert seccomp.attribute(done, _ids(1, 1, [1])) == ("stage2", "the payload (after exec)")
 
 
@@ -589,10 +743,15 @@ def test_refusals_beyond_the_ledgers_cap_are_answered_and_counted(extra):
     # Boundary: an engine retrying a refused call in a loop. The first MAX_RECORDED are
     # recorded one by one, the rest only counted; every call still gets EPERM.
     calls = ["chroot"] * (seccomp.MAX_RECORDED + extra)
-    result = run(BYPASS, "root", ["/bin/true"], backend="fake", run_timeout=120,
-                 engine_config={"bypass": {"create_container": calls}})
+    result = run(
+        BYPASS,
+        "root",
+        ["/bin/true"],
+        backend="fake",
+        run_timeout=120,
+        engine_config={"bypass": {"create_container": calls}},
+    )
     assert result.exit_code == 0, result.reason
     assert len(refusals(result)) == seccomp.MAX_RECORDED
-    unrecorded = [e["count"] for e in result.ledger.events
-                  if e["kind"] == "syscalls_unrecorded"]
+    unrecorded = [e["count"] for e in result.ledger.events if e["kind"] == "syscalls_unrecorded"]
     assert unrecorded == ([extra] if extra else [])

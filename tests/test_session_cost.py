@@ -9,20 +9,42 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("hypothesis") is None,
-                                reason="hypothesis is not installed (the kit's test extra)")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("hypothesis") is None,
+    reason="hypothesis is not installed (the kit's test extra)",
+)
 
 
 def _imports(*args: str) -> tuple[set[str], str]:
     """Modules a collect-only conformance session of one requirement imports, and its
     output."""
     proc = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "pytest", "--engine=reference",
-         "--flow=root", "-k", "ORDER-003", "--co", "-p", "no:cacheprovider", *args],
-        capture_output=True, text=True, timeout=120, cwd="/")
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "-m",
+            "pytest",
+            "--engine=reference",
+            "--flow=root",
+            "-k",
+            "ORDER-003",
+            "--co",
+            "-p",
+            "no:cacheprovider",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd="/",
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    modules = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines()
-               if line.startswith("import time:") and "|" in line}
+    modules = {
+        line.rsplit("|", 1)[1].strip()
+        for line in proc.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
     return modules, proc.stdout
 
 

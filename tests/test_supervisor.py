@@ -15,8 +15,18 @@ from kit.run.supervisor import Supervisor, _backend, prepare_backend
 
 DATAGRAMS = [
     # as LedgerWriter.emit sends them
-    json.dumps({"t": 1, "kind": "process_start", "role": "starter", "pid": 7, "tid": 7,
-                "ppid": 1, "nspid": [7]}, separators=(",", ":")).encode(),
+    json.dumps(
+        {
+            "t": 1,
+            "kind": "process_start",
+            "role": "starter",
+            "pid": 7,
+            "tid": 7,
+            "ppid": 1,
+            "nspid": [7],
+        },
+        separators=(",", ":"),
+    ).encode(),
     # not as the kit writes them, but valid: spaces, escapes, a duplicate key, a float
     b'{ "kind" : "signal", "role": "master", "name": "SIG\\u0043HLD", "signum": 17,'
     b' "signum": 18, "x": 1.5e3, "t": 2 }',
@@ -28,22 +38,35 @@ DATAGRAMS = [
     # UTF-16 JSON (json.loads accepts it): not spliced into a UTF-8 document
     json.dumps({"kind": "stage2_failed", "role": "master", "message": "é"}).encode("utf-16"),
     # non-ASCII text as UTF-8 and a lone surrogate escape
-    '{"kind": "stage2_failed", "role": "stage2", "message": "no – such ✓", "s": "\\ud800"}'
-    .encode(),
+    '{"kind": "stage2_failed", "role": "stage2", "message": "no – such ✓", '
+    '"s": "\\ud800"}'.encode(),
 ]
 
 
 def test_the_encoded_result_decodes_to_the_result_itself():
     request = make_request("reference", "root", ["/bin/true"])
     sup = Supervisor(request)
-    sup.emit("run_start", engine="reference", flow="root", backend="real", invoker={},
-             probes=True, hook_timeout=5.0, run_dir="/tmp/x")
+    sup.emit(
+        "run_start",
+        engine="reference",
+        flow="root",
+        backend="real",
+        invoker={},
+        probes=True,
+        hook_timeout=5.0,
+        run_dir="/tmp/x",
+    )
     for datagram in DATAGRAMS:
         event, ok = decode_checked(datagram)
         sup.record(event, datagram if ok else None)
     sup.emit("exit", code=0, reason="exited")
-    result = {"exit_code": 0, "reason": "exited", "leaks": [], "timed_out": None,
-              "ledger": {"schema_version": 1, "run": request.to_json(), "events": sup.events}}
+    result = {
+        "exit_code": 0,
+        "reason": "exited",
+        "leaks": [],
+        "timed_out": None,
+        "ledger": {"schema_version": 1, "run": request.to_json(), "events": sup.events},
+    }
     encoded = sup.encode(result)
     assert json.loads(encoded) == json.loads(json.dumps(result))
     decoded = json.loads(encoded)["ledger"]["events"]
@@ -56,8 +79,13 @@ def test_the_encoded_result_decodes_to_the_result_itself():
 
 def test_a_result_without_a_ledger_is_encoded_as_it_is():
     sup = Supervisor(make_request("reference", "root", ["/bin/true"]))
-    result = {"exit_code": 255, "reason": "supervisor error", "leaks": [],
-              "timed_out": None, "ledger": None}
+    result = {
+        "exit_code": 255,
+        "reason": "supervisor error",
+        "leaks": [],
+        "timed_out": None,
+        "ledger": None,
+    }
     assert json.loads(sup.encode(result)) == result
 
 
@@ -70,10 +98,18 @@ def test_a_fake_backend_prepared_in_the_parent_is_the_childs_own():
     def in_the_child() -> dict:
         with _backend(request, prepared) as fake:
             state = fake.model_state()
-            return {"registered": sorted(state["procs"]), "me": str(os.getpid()),
-                    "uid": list(fake.getresuid()), "current": system.current() is fake}
+            return {
+                "registered": sorted(state["procs"]),
+                "me": str(os.getpid()),
+                "uid": list(fake.getresuid()),
+                "current": system.current() is fake,
+            }
 
     result = in_child(in_the_child)
     out = result.get("ok", result)  # an error shows in the assertion message
-    assert out == {"registered": [out.get("me")], "me": out.get("me"), "uid": [0, 0, 0],
-                   "current": True}, out
+    assert out == {
+        "registered": [out.get("me")],
+        "me": out.get("me"),
+        "uid": [0, 0, 0],
+        "current": True,
+    }, out

@@ -42,22 +42,21 @@ def _error_path(lifecycle, verify, req, paths=None):
 
 @requirement("ERR-001")
 @scenarios(*_faults("ERR-001"), "exec-failure")
-def test_prepare_config_raising_stops_the_run_with_exit_255_and_no_further_hook(lifecycle,
-                                                                                verify):
+def test_prepare_config_raising_stops_the_run_with_exit_255_and_no_further_hook(lifecycle, verify):
     _error_path(lifecycle, verify, "ERR-001")
 
 
 @requirement("ERR-002")
 @scenarios(*_faults("ERR-002"))
 def test_create_container_raising_cleans_up_with_container_creation_failed_and_exits_255(
-        lifecycle, verify):
+    lifecycle, verify
+):
     _error_path(lifecycle, verify, "ERR-002")
 
 
 @requirement("ERR-003")
 @scenarios(*_faults("ERR-003"), "exec-failure")
-def test_start_process_raising_is_a_stage_2_failure_without_post_start_process(lifecycle,
-                                                                              verify):
+def test_start_process_raising_is_a_stage_2_failure_without_post_start_process(lifecycle, verify):
     _error_path(lifecycle, verify, "ERR-003")
 
 
@@ -88,7 +87,8 @@ def test_a_hook_that_hangs_gets_the_process_tree_killed_and_is_named(lifecycle, 
 @requirement("ORDER-008")
 @scenarios(*_faults("ORDER-008"))
 def test_create_container_waiting_for_the_container_is_reported_as_its_hook_timeout(
-        lifecycle, verify):
+    lifecycle, verify
+):
     _error_path(lifecycle, verify, "ORDER-008")
 
 
@@ -110,11 +110,22 @@ def test_post_start_process_does_not_run_after_a_stage_2_failure(lifecycle, veri
     for run, _ in error_runs(verify, lifecycle, STAGE2_FAILURE_PATHS):
         ran = hook_events(run, "master", "post_start_process", ("hook_enter",))
         failed = events_of(run, "stage2_failed")
-        verify.check("ORDER-010", bool(failed), expected="stage 2 reported a failure",
-                     observed="no stage-2 failure recorded", run=run, role="stage2")
-        verify.check("ORDER-010", not ran, expected="no post_start_process after the stage-2 "
-                     "failure", observed="post_start_process ran", run=run,
-                     event=ran[0] if ran else None)
+        verify.check(
+            "ORDER-010",
+            bool(failed),
+            expected="stage 2 reported a failure",
+            observed="no stage-2 failure recorded",
+            run=run,
+            role="stage2",
+        )
+        verify.check(
+            "ORDER-010",
+            not ran,
+            expected="no post_start_process after the stage-2 failure",
+            observed="post_start_process ran",
+            run=run,
+            event=ran[0] if ran else None,
+        )
 
 
 @requirement("ORDER-012")
@@ -122,8 +133,14 @@ def test_post_start_process_does_not_run_after_a_stage_2_failure(lifecycle, veri
 def test_cleanup_container_does_not_run_when_stage_1_failed(lifecycle, verify):
     for run, _ in error_runs(verify, lifecycle, STAGE1_FAILURE_PATHS):
         ran = hook_events(run, "master", "cleanup_container", ("hook_enter",))
-        verify.check("ORDER-012", not ran, expected="no cleanup_container after stage 1 failed",
-                     observed="cleanup_container ran", run=run, event=ran[0] if ran else None)
+        verify.check(
+            "ORDER-012",
+            not ran,
+            expected="no cleanup_container after stage 1 failed",
+            observed="cleanup_container ran",
+            run=run,
+            event=ran[0] if ran else None,
+        )
 
 
 @requirement("EXIT-003")
@@ -131,11 +148,22 @@ def test_cleanup_container_does_not_run_when_stage_1_failed(lifecycle, verify):
 def test_a_fatal_error_makes_the_run_exit_255(lifecycle, verify):
     for run, _ in error_runs(verify, lifecycle, FATAL_PATHS):
         fatal = events_of(run, "fatal")
-        verify.check("EXIT-003", bool(fatal), expected="a fatal error recorded",
-                     observed="none", run=run, role="master")
-        verify.check("EXIT-003", run.result.exit_code == 255, expected="exit code 255",
-                     observed=f"exit code {run.result.exit_code} ({run.result.reason})",
-                     run=run, event=fatal[0] if fatal else None)
+        verify.check(
+            "EXIT-003",
+            bool(fatal),
+            expected="a fatal error recorded",
+            observed="none",
+            run=run,
+            role="master",
+        )
+        verify.check(
+            "EXIT-003",
+            run.result.exit_code == 255,
+            expected="exit code 255",
+            observed=f"exit code {run.result.exit_code} ({run.result.reason})",
+            run=run,
+            event=fatal[0] if fatal else None,
+        )
 
 
 @requirement("CLEAN-002")
@@ -167,5 +195,6 @@ def test_no_hook_ends_its_process_in_a_run_that_nothing_asks_to_fail(lifecycle, 
 @requirement("ERR-011")
 @scenarios(*UNFAILING_SCENARIOS)
 def test_no_hook_raises_and_the_payload_is_execd_in_a_run_that_nothing_asks_to_fail(
-        lifecycle, verify):
+    lifecycle, verify
+):
     _unfailing(lifecycle, verify, "ERR-011", check_no_failure)

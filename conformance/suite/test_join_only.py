@@ -13,7 +13,8 @@ from conformance.checks import check_join_only_hooks, check_requested_namespaces
 @flows("root", "suid")
 @scenarios("join")
 def test_a_join_only_run_calls_only_config_init_config_prepare_config_and_start_process(
-        lifecycle, verify):
+    lifecycle, verify
+):
     check_join_only_hooks(verify, lifecycle("join"), "JOIN-001")
 
 

@@ -20,15 +20,15 @@ def _rules(lifecycle, verify, req):
 
 @requirement("ORDER-001")
 @scenarios(*SUCCESSFUL)
-def test_each_process_calls_config_then_init_config_once_before_any_other_hook(lifecycle,
-                                                                               verify):
+def test_each_process_calls_config_then_init_config_once_before_any_other_hook(lifecycle, verify):
     _rules(lifecycle, verify, "ORDER-001")
 
 
 @requirement("ORDER-002")
 @scenarios(*SUCCESSFUL)
-def test_init_config_is_told_privileged_stage1_only_in_stage_1_of_the_setuid_flows(lifecycle,
-                                                                                   verify):
+def test_init_config_is_told_privileged_stage1_only_in_stage_1_of_the_setuid_flows(
+    lifecycle, verify
+):
     for name in SUCCESSFUL:
         check_init_flag(verify, lifecycle(name), "ORDER-002")
 
@@ -53,15 +53,15 @@ def test_master_hooks_start_only_after_the_namespaces_are_ready(lifecycle, verif
 
 @requirement("ORDER-006")
 @scenarios(*SUCCESSFUL)
-def test_create_container_start_waiter_and_monitor_each_run_in_their_own_thread(lifecycle,
-                                                                                verify):
+def test_create_container_start_waiter_and_monitor_each_run_in_their_own_thread(lifecycle, verify):
     _rules(lifecycle, verify, "ORDER-006")
 
 
 @requirement("ORDER-007")
 @scenarios(*SUCCESSFUL)
 def test_start_process_begins_after_create_container_returned_and_the_rpc_server_exited(
-        lifecycle, verify):
+    lifecycle, verify
+):
     _rules(lifecycle, verify, "ORDER-007")
 
 
@@ -79,8 +79,7 @@ def test_cleanup_container_runs_once_after_every_other_master_hook(lifecycle, ve
 
 @requirement("ORDER-013")
 @scenarios(*SUCCESSFUL)
-def test_create_container_monitor_container_and_start_process_each_run_once(lifecycle,
-                                                                             verify):
+def test_create_container_monitor_container_and_start_process_each_run_once(lifecycle, verify):
     _rules(lifecycle, verify, "ORDER-013")
 
 

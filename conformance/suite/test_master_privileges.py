@@ -16,8 +16,7 @@ def test_master_hooks_run_with_the_uids_of_the_flow(lifecycle, verify):
 @requirement("PRIV-MASTER-002")
 @flows(*privilege_flows("PRIV-MASTER-002"))
 @scenarios("default")
-def test_setuid_master_hooks_have_no_effective_capabilities_at_entry_and_return(lifecycle,
-                                                                                verify):
+def test_setuid_master_hooks_have_no_effective_capabilities_at_entry_and_return(lifecycle, verify):
     check_privileges(verify, lifecycle("default"), "PRIV-MASTER-002")
 
 
@@ -25,7 +24,8 @@ def test_setuid_master_hooks_have_no_effective_capabilities_at_entry_and_return(
 @flows(*privilege_flows("PRIV-MASTER-003"))
 @scenarios("default")
 def test_escalation_from_the_master_is_possible_with_saved_uid_0_and_impossible_in_userns(
-        lifecycle, verify):
+    lifecycle, verify
+):
     check_privileges(verify, lifecycle("default"), "PRIV-MASTER-003")
 
 

@@ -32,43 +32,43 @@ def test_stage_2_starts_in_the_root_directory_the_rpc_server_left(lifecycle, ver
 @requirement("NS-003")
 @scenarios("default")
 def test_the_master_shares_none_of_the_containers_pid_net_uts_ipc_cgroup_namespaces(
-        lifecycle, verify):
+    lifecycle, verify
+):
     check_master_not_shared(verify, lifecycle("default"), "NS-003")
 
 
 @requirement("NS-004")
 @scenarios("default")
 def test_the_masters_user_namespace_is_the_hosts_or_the_containers_as_the_flow_says(
-        lifecycle, verify):
+    lifecycle, verify
+):
     check_master_user_ns(verify, lifecycle("default"), "NS-004")
 
 
 @requirement("NS-005")
 @scenarios("default")
-def test_every_namespace_the_starter_config_asks_for_is_new_for_the_container(lifecycle,
-                                                                              verify):
+def test_every_namespace_the_starter_config_asks_for_is_new_for_the_container(lifecycle, verify):
     check_requested_namespaces(verify, lifecycle("default"), "NS-005")
 
 
 @requirement("NS-006")
 @flows(*USER_NS_MAP)
 @scenarios("default")
-def test_the_containers_user_namespace_maps_the_invoking_user_as_the_flow_says(lifecycle,
-                                                                              verify):
+def test_the_containers_user_namespace_maps_the_invoking_user_as_the_flow_says(lifecycle, verify):
     check_user_ns_map(verify, lifecycle("default"), "NS-006")
 
 
 @requirement("NS-007")
 @scenarios("default")
 def test_the_container_gets_a_new_user_namespace_exactly_in_the_user_namespace_flows(
-        lifecycle, verify):
+    lifecycle, verify
+):
     check_new_user_ns(verify, lifecycle("default"), "NS-007")
 
 
 @requirement("NS-008")
 @scenarios("default")
-def test_a_new_mount_namespace_gets_the_configured_propagation_before_any_mount(lifecycle,
-                                                                              verify):
+def test_a_new_mount_namespace_gets_the_configured_propagation_before_any_mount(lifecycle, verify):
     check_mount_propagation(verify, lifecycle("default"), "NS-008")
 
 
@@ -93,6 +93,5 @@ def test_the_hosts_mount_namespace_gets_no_mount_while_the_run_lasts(lifecycle, 
 @requirement("NS-012")
 @flows(*MAPPABLE_HOST_IDS)
 @scenarios("default")
-def test_the_containers_user_namespace_maps_no_host_id_but_the_invoking_users(lifecycle,
-                                                                              verify):
+def test_the_containers_user_namespace_maps_no_host_id_but_the_invoking_users(lifecycle, verify):
     check_user_ns_host_ids(verify, lifecycle("default"), "NS-012")

@@ -24,7 +24,8 @@ def test_rpc_server_runs_with_the_uids_of_the_flow(lifecycle, verify):
 @flows(*privilege_flows("PRIV-RPC-002"))
 @scenarios("default")
 def test_setuid_rpc_server_has_only_cap_sys_admin_effective_and_a_small_bounding_set(
-        lifecycle, verify):
+    lifecycle, verify
+):
     check_privileges(verify, lifecycle("default"), "PRIV-RPC-002")
 
 
@@ -37,8 +38,7 @@ def test_rpc_server_of_the_user_namespace_flows_has_no_host_privilege(lifecycle,
 
 @requirement("PRIV-RPC-004")
 @scenarios("default")
-def test_an_rpc_method_restores_the_capabilities_it_raised_before_it_returns(lifecycle,
-                                                                            verify):
+def test_an_rpc_method_restores_the_capabilities_it_raised_before_it_returns(lifecycle, verify):
     check_rpc_methods_restore_credentials(verify, lifecycle("default"), "PRIV-RPC-004")
 
 

@@ -19,8 +19,7 @@ def test_every_signal_the_master_receives_is_recorded(lifecycle, verify):
 
 @requirement("SIG-002")
 @scenarios("signals")
-def test_monitor_container_forwards_hup_int_usr1_usr2_term_to_the_container(lifecycle,
-                                                                            verify):
+def test_monitor_container_forwards_hup_int_usr1_usr2_term_to_the_container(lifecycle, verify):
     check_signals_forwarded(verify, lifecycle("signals"), "SIG-002")
 
 
@@ -54,6 +53,5 @@ def test_the_run_exits_with_the_payloads_exit_code(lifecycle, verify):
 
 @requirement("EXIT-002")
 @scenarios("signal-death")
-def test_a_payload_killed_by_a_signal_makes_the_run_exit_128_plus_the_signal(lifecycle,
-                                                                           verify):
+def test_a_payload_killed_by_a_signal_makes_the_run_exit_128_plus_the_signal(lifecycle, verify):
     check_exit_code(verify, lifecycle("signal-death"), "EXIT-002")

@@ -8,16 +8,18 @@ from conformance.expectations import privilege_flows
 @requirement("PRIV-STAGE1-001")
 @flows(*privilege_flows("PRIV-STAGE1-001"))
 @scenarios("default")
-def test_stage_1_runs_as_root_in_the_root_flow_and_as_the_invoking_user_elsewhere(lifecycle,
-                                                                                   verify):
+def test_stage_1_runs_as_root_in_the_root_flow_and_as_the_invoking_user_elsewhere(
+    lifecycle, verify
+):
     check_privileges(verify, lifecycle("default"), "PRIV-STAGE1-001")
 
 
 @requirement("PRIV-STAGE1-002")
 @flows(*privilege_flows("PRIV-STAGE1-002"))
 @scenarios("default")
-def test_stage_1_has_full_capabilities_as_root_and_none_through_the_setuid_starter(lifecycle,
-                                                                                   verify):
+def test_stage_1_has_full_capabilities_as_root_and_none_through_the_setuid_starter(
+    lifecycle, verify
+):
     check_privileges(verify, lifecycle("default"), "PRIV-STAGE1-002")
 
 

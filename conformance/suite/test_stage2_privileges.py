@@ -56,6 +56,5 @@ def test_the_payload_runs_with_the_uids_and_gids_of_stage_2(lifecycle, verify):
 
 @requirement("FD-001")
 @scenarios("fds")
-def test_the_payload_inherits_only_the_standard_and_the_kept_file_descriptors(lifecycle,
-                                                                             verify):
+def test_the_payload_inherits_only_the_standard_and_the_kept_file_descriptors(lifecycle, verify):
     check_payload_fds(verify, lifecycle("fds"), "FD-001")

@@ -31,6 +31,5 @@ def test_stage_1_is_a_separate_process_gone_before_any_later_hook(lifecycle, ver
 
 @requirement("STATE-003")
 @scenarios("default")
-def test_stage_1_hands_over_a_json_starter_config_before_any_namespace_exists(lifecycle,
-                                                                              verify):
+def test_stage_1_hands_over_a_json_starter_config_before_any_namespace_exists(lifecycle, verify):
     check_rules(verify, lifecycle("default"), "STATE-003")

@@ -22,8 +22,7 @@ from typing import Any
 
 from kit.system import linux
 
-SNAPSHOT_KEYS = ("threads", "securebits", "dumpable", "ns", "uid_map", "gid_map", "nspid",
-                 "root")
+SNAPSHOT_KEYS = ("threads", "securebits", "dumpable", "ns", "uid_map", "gid_map", "nspid", "root")
 FULL_MAP = [[0, 0, 4294967295]]
 
 #: pids of escalation-probe children (their SIGCHLD is the kit's, not the engine's business).
@@ -57,6 +56,7 @@ def is_probe_child(pid: int) -> bool:
             probe_children.discard(pid)
             return True
     return False
+
 
 #: Why the setuid-exec way was not tried.
 UNTRIED_NO_BINARY = "no-setuid-binary"  # the kit could not provide one (launched without root)
@@ -123,14 +123,28 @@ def in_host_userns() -> bool:
 #: 0. geteuid; the digits are built backwards below the stack pointer (the red zone), then
 #: write(1, first digit, count) and exit(0).
 _EUID_X86_64 = bytes.fromhex(
-    "b86b000000" "0f05"  # mov eax, 107 (geteuid); syscall
-    "488d7424ff" "c6060a"  # lea rsi, [rsp-1]; mov byte [rsi], 10 (newline)
+    "b86b000000"
+    "0f05"  # mov eax, 107 (geteuid); syscall
+    "488d7424ff"
+    "c6060a"  # lea rsi, [rsp-1]; mov byte [rsi], 10 (newline)
     "b90a000000"  # mov ecx, 10
-    "31d2" "f7f1" "80c230" "48ffce" "8816" "85c0" "75f0"  # do { eax, edx = divmod(eax, 10);
+    "31d2"
+    "f7f1"
+    "80c230"
+    "48ffce"
+    "8816"
+    "85c0"
+    "75f0"  # do { eax, edx = divmod(eax, 10);
     #                                  *--rsi = '0' + edx } while (eax)
-    "488d1424" "4829f2"  # lea rdx, [rsp]; sub rdx, rsi: the count
-    "bf01000000" "b801000000" "0f05"  # write(1, rsi, rdx)
-    "b83c000000" "31ff" "0f05")  # exit(0)
+    "488d1424"
+    "4829f2"  # lea rdx, [rsp]; sub rdx, rsi: the count
+    "bf01000000"
+    "b801000000"
+    "0f05"  # write(1, rsi, rdx)
+    "b83c000000"
+    "31ff"
+    "0f05"
+)  # exit(0)
 
 
 def euid_program() -> bytes | None:
@@ -141,8 +155,12 @@ def euid_program() -> bytes | None:
         return None
     base, code_at = 0x400000, 64 + 56  # the ELF header, one program header, then the code
     size = code_at + len(_EUID_X86_64)
-    header = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8) + struct.pack(
-        "<HHIQQQIHHHHHH", 2, 0x3E, 1, base + code_at, 64, 0, 0, 64, 56, 1, 0, 0, 0)
+    header = (
+        b"\x7fELF"
+        + bytes([2, 1, 1, 0])
+        + bytes(8)
+        + struct.pack("<HHIQQQIHHHHHH", 2, 0x3E, 1, base + code_at, 64, 0, 0, 64, 56, 1, 0, 0, 0)
+    )
     segment = struct.pack("<IIQQQQQQ", 1, 5, 0, base, base, size, size, 0x1000)  # PT_LOAD r-x
     return header + segment + _EUID_X86_64
 
@@ -193,8 +211,10 @@ def named_caps(caps: Any) -> Any:
     :func:`snapshot`) as the list of capability names; anything else is left as it is."""
     if not isinstance(caps, dict):
         return caps
-    return {k: linux.mask_to_caps(v) if type(v) is int and 0 <= v < 1 << 64 else v
-            for k, v in caps.items()}
+    return {
+        k: linux.mask_to_caps(v) if type(v) is int and 0 <= v < 1 << 64 else v
+        for k, v in caps.items()
+    }
 
 
 def _read_map(path: str) -> list[list[int]]:
@@ -283,7 +303,7 @@ def _own_capabilities() -> tuple[int, int, int]:
         masks = []
         for key in (b"\nCapEff:", b"\nCapPrm:", b"\nCapInh:"):
             start = status.index(key) + len(key)
-            masks.append(int(status[start:status.index(b"\n", start)], 16))
+            masks.append(int(status[start : status.index(b"\n", start)], 16))
         return masks[0], masks[1], masks[2]
     except (OSError, ValueError):
         return linux.capget()
@@ -329,8 +349,12 @@ def _spawn_setuid(binary: SetuidBinary | None) -> tuple[int, int] | str:
     rfd, wfd = os.pipe2(os.O_CLOEXEC)  # other threads' children must not hold it open
     try:
         with probe_children_lock:
-            pid = os.posix_spawn(binary.path, [binary.path, "-u"], {}, file_actions=[
-                (os.POSIX_SPAWN_DUP2, wfd, 1), (os.POSIX_SPAWN_DUP2, wfd, 2)])
+            pid = os.posix_spawn(
+                binary.path,
+                [binary.path, "-u"],
+                {},
+                file_actions=[(os.POSIX_SPAWN_DUP2, wfd, 1), (os.POSIX_SPAWN_DUP2, wfd, 2)],
+            )
             probe_children.add(pid)
     except OSError as exc:
         os.close(rfd)
@@ -407,8 +431,9 @@ def escalation() -> dict[str, Any]:
         if tids and tids[0] is not None:
             _await_thread_gone(tids[0])
     if failure:
-        raise RuntimeError(f"the escalation probe thread failed: "
-                           f"{type(failure[0]).__name__}: {failure[0]}") from failure[0]
+        raise RuntimeError(
+            f"the escalation probe thread failed: {type(failure[0]).__name__}: {failure[0]}"
+        ) from failure[0]
     raised: list[str] = []
     setuid_euid: int | None = None
     untried = "the probe thread reported nothing"
@@ -419,8 +444,13 @@ def escalation() -> dict[str, Any]:
             untried = w[2:]
         elif w.startswith("X"):
             setuid_euid = int(w[1:])
-    return escalation_result(setresuid_root="U" in words, raised=raised,
-                             setuid_euid=setuid_euid, untried=untried, host_userns=host)
+    return escalation_result(
+        setresuid_root="U" in words,
+        raised=raised,
+        setuid_euid=setuid_euid,
+        untried=untried,
+        host_userns=host,
+    )
 
 
 def _proc_tid() -> int | None:
@@ -438,13 +468,21 @@ def _await_thread_gone(tid: int) -> None:
     path = f"/proc/self/task/{tid}"
     while os.path.exists(path):
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the escalation probe thread {tid} was still in {path} "
-                               f"{PROBE_THREAD_EXIT_TIMEOUT} s after it returned")
+            raise RuntimeError(
+                f"the escalation probe thread {tid} was still in {path} "
+                f"{PROBE_THREAD_EXIT_TIMEOUT} s after it returned"
+            )
         time.sleep(0.00002)
 
 
-def escalation_result(*, setresuid_root: bool, raised: list[str], setuid_euid: int | None,
-                      untried: str, host_userns: bool) -> dict[str, Any]:
+def escalation_result(
+    *,
+    setresuid_root: bool,
+    raised: list[str],
+    setuid_euid: int | None,
+    untried: str,
+    host_userns: bool,
+) -> dict[str, Any]:
     """The escalation verdict of both backends, from what each way did.
 
     ``setresuid_root``: setresuid(0, 0, 0) worked; ``raise_caps``: the capabilities raised
@@ -464,7 +502,8 @@ def escalation_result(*, setresuid_root: bool, raised: list[str], setuid_euid: i
         result["setuid_exec_euid"] = setuid_euid
     result["host_userns"] = host_userns
     result["host_escalation"] = host_userns and (
-        setresuid_root or bool(raised) or result["setuid_exec"] is True)
+        setresuid_root or bool(raised) or result["setuid_exec"] is True
+    )
     return result
 
 

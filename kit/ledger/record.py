@@ -29,13 +29,20 @@ from kit.system import current
 SCHEMA_VERSION = 1
 MAX_EVENT = 1 << 20
 
-ROLES = ("launcher", "supervisor", "starter", "stage1", "master", "rpc", "container",
-         "stage2")
+ROLES = ("launcher", "supervisor", "starter", "stage1", "master", "rpc", "container", "stage2")
 
 #: kind -> keys it carries besides the common ones.
 EVENT_KINDS: dict[str, tuple[str, ...]] = {
-    "run_start": ("engine", "flow", "backend", "invoker", "probes", "hook_timeout", "run_dir",
-                  "host_userns"),
+    "run_start": (
+        "engine",
+        "flow",
+        "backend",
+        "invoker",
+        "probes",
+        "hook_timeout",
+        "run_dir",
+        "host_userns",
+    ),
     "process_start": ("ppid", "nspid"),
     "hook_enter": ("hook", "snapshot", "escalation", "args", "caller"),
     "hook_return": ("hook", "snapshot", "result"),
@@ -57,8 +64,19 @@ EVENT_KINDS: dict[str, tuple[str, ...]] = {
     "foreign_reap": ("child_pid", "detail"),
     "starter_exit": ("code",),
     "seccomp_filter": ("filter", "syscalls", "error", "reason"),
-    "syscall_refused": ("syscall", "nr", "args", "category", "errno", "answered", "target_tid",
-                        "target", "process_role", "hook", "strings"),
+    "syscall_refused": (
+        "syscall",
+        "nr",
+        "args",
+        "category",
+        "errno",
+        "answered",
+        "target_tid",
+        "target",
+        "process_role",
+        "hook",
+        "strings",
+    ),
     "syscalls_unrecorded": ("count",),  # refused beyond kit.run.seccomp.MAX_RECORDED
     "exit": ("code", "reason"),
     "kit_injected": ("hook", "fault", "detail"),  # a fault the kit made (RunRequest.inject)
@@ -67,8 +85,9 @@ EVENT_KINDS: dict[str, tuple[str, ...]] = {
 COMMON_KEYS = ("seq", "t", "kind", "role", "pid", "tid")
 
 #: Kinds only the supervisor writes: from any process of the run, they are forgeries.
-SUPERVISOR_KINDS = frozenset({"run_start", "hook_timeout", "leak", "exit", "engine_fault",
-                              "model_limit"})
+SUPERVISOR_KINDS = frozenset(
+    {"run_start", "hook_timeout", "leak", "exit", "engine_fault", "model_limit"}
+)
 #: Roles of the processes that share the ledger socket (the others write no datagram).
 RUN_ROLES = frozenset(ROLES) - {"launcher", "supervisor"}
 #: Longest identifier (role, kind, hook, method name…) and any other string in an event.
@@ -103,19 +122,28 @@ class LedgerWriter:
     def for_role(self, role: str) -> LedgerWriter:
         return LedgerWriter(self.sock, role, self.confirm)
 
-    def emit(self, kind: str, refresh: Callable[[], Any] | None = None,
-             **fields: Any) -> dict[str, Any]:
+    def emit(
+        self, kind: str, refresh: Callable[[], Any] | None = None, **fields: Any
+    ) -> dict[str, Any]:
         """Send one event. ``refresh`` reads the snapshot again when the supervisor's own
         read disagreed with the one sent (a credential change in between)."""
         if kind not in EVENT_KINDS:
             raise ValueError(f"unknown ledger event kind {kind!r}")
-        event = {"t": time.monotonic_ns(), "kind": kind, "role": self.role,
-                 "pid": self._getpid(), "tid": threading.get_native_id(), **fields}
+        event = {
+            "t": time.monotonic_ns(),
+            "kind": kind,
+            "role": self.role,
+            "pid": self._getpid(),
+            "tid": threading.get_native_id(),
+            **fields,
+        }
         if self.sock is not None:
             data = json.dumps(event, separators=(",", ":"), default=repr).encode()
             if len(data) > MAX_EVENT:
-                event = {**{k: event[k] for k in ("t", "kind", "role", "pid", "tid")},
-                         "truncated": len(data)}
+                event = {
+                    **{k: event[k] for k in ("t", "kind", "role", "pid", "tid")},
+                    "truncated": len(data),
+                }
                 data = json.dumps(event).encode()
             try:
                 if self.confirm and isinstance(event.get("snapshot"), dict):
@@ -124,8 +152,7 @@ class LedgerWriter:
                             break
                         if refresh is not None:
                             event["snapshot"] = refresh()
-                            data = json.dumps(event, separators=(",", ":"),
-                                              default=repr).encode()
+                            data = json.dumps(event, separators=(",", ":"), default=repr).encode()
                 else:
                     self.sock.send(data)
             except OSError:
@@ -179,6 +206,7 @@ def ledger_socketpair() -> tuple[socket.socket, socket.socket]:
 # An engine runs inside the run's processes and holds the ledger socket: every datagram is
 # checked before the supervisor acts on it (SPEC §8, LEDGER-003).
 
+
 def _int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -219,46 +247,82 @@ def _any(v: Any) -> bool:
 #: must be present, the others are checked when present. Fields with no entry here take
 #: any JSON value.
 FIELD_TYPES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
-    "*": {"t": (_int, "an integer"), "kind": (_name, "a name"),
-          "role": (lambda v: v in RUN_ROLES, f"one of {sorted(RUN_ROLES)}"),
-          "pid": (lambda v: _int(v) and v >= 0, "a pid"),
-          "tid": (lambda v: _int(v) and v >= 0, "a thread id"),
-          "truncated": (_int, "an integer")},
-    "hook": {"hook": (_hook, "a hook of the contract"),
-             "snapshot": (_opt(_of(dict)), "an object or null"),
-             "escalation": (_opt(_of(dict)), "an object or null"),
-             "args": (_of(dict), "an object"), "caller": (lambda v: v in ("kit", "engine"),
-                                                        "kit or engine"),
-             "error": (_of(dict), "an object"), "result": (_any, "")},
-    "rpc_call": {"method": (_opt(_name), "a name or null"), "ok": (_of(bool), "a boolean"),
-                 "args": (_opt(_of(dict)), "an object or null"),
-                 "error": (_opt(_of(dict)), "an object or null"),
-                 "duration_ms": (_number, "a number"),
-                 "creds": (_opt(_of(dict)), "an object or null")},
-    "signal": {"signum": (_int, "an integer"), "name": (_name, "a name"),
-               "sender": (_int, "a pid")},
-    "container_start": {"container_pid": (_int, "a pid"), "created": (_of(list), "a list"),
-                        "joined": (_of(list), "a list")},
-    "namespaces": {"created": (_of(list), "a list"), "joined": (_of(dict), "an object"),
-                   "order": (_of(list), "a list"), "propagation": (_opt(_name), "a name"),
-                   "ns": (_of(dict), "an object")},
+    "*": {
+        "t": (_int, "an integer"),
+        "kind": (_name, "a name"),
+        "role": (lambda v: v in RUN_ROLES, f"one of {sorted(RUN_ROLES)}"),
+        "pid": (lambda v: _int(v) and v >= 0, "a pid"),
+        "tid": (lambda v: _int(v) and v >= 0, "a thread id"),
+        "truncated": (_int, "an integer"),
+    },
+    "hook": {
+        "hook": (_hook, "a hook of the contract"),
+        "snapshot": (_opt(_of(dict)), "an object or null"),
+        "escalation": (_opt(_of(dict)), "an object or null"),
+        "args": (_of(dict), "an object"),
+        "caller": (lambda v: v in ("kit", "engine"), "kit or engine"),
+        "error": (_of(dict), "an object"),
+        "result": (_any, ""),
+    },
+    "rpc_call": {
+        "method": (_opt(_name), "a name or null"),
+        "ok": (_of(bool), "a boolean"),
+        "args": (_opt(_of(dict)), "an object or null"),
+        "error": (_opt(_of(dict)), "an object or null"),
+        "duration_ms": (_number, "a number"),
+        "creds": (_opt(_of(dict)), "an object or null"),
+    },
+    "signal": {
+        "signum": (_int, "an integer"),
+        "name": (_name, "a name"),
+        "sender": (_int, "a pid"),
+    },
+    "container_start": {
+        "container_pid": (_int, "a pid"),
+        "created": (_of(list), "a list"),
+        "joined": (_of(list), "a list"),
+    },
+    "namespaces": {
+        "created": (_of(list), "a list"),
+        "joined": (_of(dict), "an object"),
+        "order": (_of(list), "a list"),
+        "propagation": (_opt(_name), "a name"),
+        "ns": (_of(dict), "an object"),
+    },
     "starter_config": {"config": (_of(dict), "an object")},
     "process_start": {"ppid": (_int, "a pid"), "nspid": (_ints, "a list of pids")},
-    "process_exit": {"child_role": (lambda v: v in ROLES, "a role"),
-                     "child_pid": (_int, "a pid"), "status": (_opt(_int), "a wait status")},
+    "process_exit": {
+        "child_role": (lambda v: v in ROLES, "a role"),
+        "child_pid": (_int, "a pid"),
+        "status": (_opt(_int), "a wait status"),
+    },
     "foreign_reap": {"child_pid": (_int, "a pid"), "detail": (_text, "a text")},
     "starter_exit": {"code": (_int, "an integer")},
-    "message": {"message": (_text, "a text"), "stage": (_name, "a name"),
-                "error": (_opt(_of(dict)), "an object or null")},
+    "message": {
+        "message": (_text, "a text"),
+        "stage": (_name, "a name"),
+        "error": (_opt(_of(dict)), "an object or null"),
+    },
 }
-_TYPES_OF = {"hook_enter": "hook", "hook_return": "hook", "hook_raise": "hook",
-             "kit_injected": "hook", "stage2_failed": "message", "fatal": "message",
-             "starter_error": "message"}
+_TYPES_OF = {
+    "hook_enter": "hook",
+    "hook_return": "hook",
+    "hook_raise": "hook",
+    "kit_injected": "hook",
+    "stage2_failed": "message",
+    "fatal": "message",
+    "starter_error": "message",
+}
 REQUIRED: dict[str, tuple[str, ...]] = {
-    "hook_enter": ("hook",), "hook_return": ("hook",), "hook_raise": ("hook",),
+    "hook_enter": ("hook",),
+    "hook_return": ("hook",),
+    "hook_raise": ("hook",),
     "kit_injected": ("hook", "fault"),
-    "process_exit": ("child_role", "child_pid"), "container_start": ("container_pid",),
-    "signal": ("signum",), "rpc_call": ("ok",)}
+    "process_exit": ("child_role", "child_pid"),
+    "container_start": ("container_pid",),
+    "signal": ("signum",),
+    "rpc_call": ("ok",),
+}
 
 
 def check_event(event: Any) -> str | None:
@@ -321,9 +385,15 @@ def decode_checked(datagram: bytes) -> tuple[dict[str, Any], bool]:
     event, problem = parse_datagram(datagram)
     if event is not None:
         return event, True
-    return {"kind": "starter_error", "role": "supervisor", "stage": "ledger",
-            "message": f"undecodable ledger datagram ({problem}): {datagram[:200]!r}",
-            "pid": 0, "tid": 0, "t": time.monotonic_ns()}, False
+    return {
+        "kind": "starter_error",
+        "role": "supervisor",
+        "stage": "ledger",
+        "message": f"undecodable ledger datagram ({problem}): {datagram[:200]!r}",
+        "pid": 0,
+        "tid": 0,
+        "t": time.monotonic_ns(),
+    }, False
 
 
 def validate(ledger: dict[str, Any]) -> list[str]:
@@ -351,6 +421,7 @@ def validate(ledger: dict[str, Any]) -> list[str]:
 def _name_caps(event: dict[str, Any]) -> None:
     """Capability masks of an event's snapshot and RPC credentials (the datagrams' compact
     form, :func:`kit.ledger.probe.snapshot`) as lists of names, in place: what a ledger shows."""
+
     def threads(entries: Any) -> None:
         for t in entries if isinstance(entries, list) else ():
             if isinstance(t, dict) and "caps" in t:
@@ -376,12 +447,14 @@ class Ledger:
         for event in self.events:
             _name_caps(event)
 
-    def select(self, kind: str | Iterable[str] | None = None, **match: Any
-               ) -> list[dict[str, Any]]:
+    def select(self, kind: str | Iterable[str] | None = None, **match: Any) -> list[dict[str, Any]]:
         kinds = {kind} if isinstance(kind, str) else set(kind) if kind else None
-        return [e for e in self.events
-                if (kinds is None or e["kind"] in kinds)
-                and all(e.get(k) == v for k, v in match.items())]
+        return [
+            e
+            for e in self.events
+            if (kinds is None or e["kind"] in kinds)
+            and all(e.get(k) == v for k, v in match.items())
+        ]
 
     def hooks(self) -> Iterator[tuple[str, str]]:
         """(role, hook) of every hook entry, in order."""

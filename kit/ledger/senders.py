@@ -77,8 +77,10 @@ class Senders:
         if known is None:
             return self._register(kernel_pid, role, claimed)
         if role not in PROCESS_ROLES[known.role]:
-            return (f"it claims role {role} but comes from the {known.role} process "
-                    f"(pid {self._shown(kernel_pid)})")
+            return (
+                f"it claims role {role} but comes from the {known.role} process "
+                f"(pid {self._shown(kernel_pid)})"
+            )
         if known.pids is None:
             ids = linux.process_ids(kernel_pid)
             known.pids = None if ids is None else self._pids(kernel_pid, ids[1])
@@ -88,25 +90,31 @@ class Senders:
 
     def _register(self, kernel_pid: int, role: str, claimed: int) -> str | None:
         if role not in PARENT:
-            return (f"pid {self._shown(kernel_pid)} is not a process of the kit (it claims "
-                    f"role {role}, which is the {self.role_of_name(role)})")
+            return (
+                f"pid {self._shown(kernel_pid)} is not a process of the kit (it claims "
+                f"role {role}, which is the {self.role_of_name(role)})"
+            )
         ids = linux.process_ids(kernel_pid)
         if ids is not None:
             parent = self.processes.get(ids[0])
             if parent is None or parent.role != PARENT[role]:
-                return (f"pid {self._shown(kernel_pid)} is not a process of the kit: it claims "
-                        f"role {role} but its parent, pid {self._shown(ids[0])}, is not the "
-                        f"{PARENT[role]} process")
+                return (
+                    f"pid {self._shown(kernel_pid)} is not a process of the kit: it claims "
+                    f"role {role} but its parent, pid {self._shown(ids[0])}, is not the "
+                    f"{PARENT[role]} process"
+                )
             if claimed not in self._pids(kernel_pid, ids[1]):
-                return (f"it claims pid {claimed} but its sender is pid "
-                        f"{self._shown(kernel_pid)}")
+                return f"it claims pid {claimed} but its sender is pid {self._shown(kernel_pid)}"
         if self.taken(role):
-            return (f"pid {self._shown(kernel_pid)} is not a process of the kit: the {role} "
-                    f"process is another (it claims role {role})")
+            return (
+                f"pid {self._shown(kernel_pid)} is not a process of the kit: the {role} "
+                f"process is another (it claims role {role})"
+            )
         # Gone already (a short-lived stage 1 on a busy machine): first come, first served;
         # the real process's own datagram then shows up as the impostor's double.
         self.processes[kernel_pid] = KitProcess(
-            role, None if ids is None else self._pids(kernel_pid, ids[1]))
+            role, None if ids is None else self._pids(kernel_pid, ids[1])
+        )
         return None
 
     def role_of_name(self, role: str) -> str:
@@ -146,8 +154,10 @@ def check_snapshot(kernel_pid: int, event: dict[str, Any], confirmed: bool) -> s
     kernel = _as_inside(kernel_pid, probe.thread_state(status, task))
     for key in CHECKED_FIELDS:
         if mine.get(key) != kernel[key]:
-            return (f"its snapshot says {key} {mine.get(key)!r} for thread {event['tid']}, "
-                    f"the kernel says {kernel[key]!r}")
+            return (
+                f"its snapshot says {key} {mine.get(key)!r} for thread {event['tid']}, "
+                f"the kernel says {kernel[key]!r}"
+            )
     return _check_ns(kernel_pid, task, mine)
 
 
@@ -160,9 +170,12 @@ def _as_inside(kernel_pid: int, state: dict[str, Any]) -> dict[str, Any]:
     ids into the reader's."""
     uid_map = _read_map(f"/proc/{kernel_pid}/uid_map")
     gid_map = _read_map(f"/proc/{kernel_pid}/gid_map")
-    return {**state, "uid": [_inside(i, uid_map) for i in state["uid"]],
-            "gid": [_inside(i, gid_map) for i in state["gid"]],
-            "groups": [_inside(i, gid_map) for i in state["groups"]]}
+    return {
+        **state,
+        "uid": [_inside(i, uid_map) for i in state["uid"]],
+        "gid": [_inside(i, gid_map) for i in state["gid"]],
+        "groups": [_inside(i, gid_map) for i in state["groups"]],
+    }
 
 
 def _read_map(path: str) -> list[list[int]]:
@@ -187,6 +200,7 @@ def _check_ns(kernel_pid: int, task: int, mine: dict[str, Any]) -> str | None:
     actual = linux.ns_inodes(f"/proc/{kernel_pid}/task/{task}/ns")
     for kind, inode in actual.items():
         if inode is not None and claimed.get(kind) != inode:
-            return (f"its snapshot says {kind} namespace {claimed.get(kind)!r}, the kernel "
-                    f"says {inode}")
+            return (
+                f"its snapshot says {kind} namespace {claimed.get(kind)!r}, the kernel says {inode}"
+            )
     return None

@@ -189,8 +189,9 @@ class RPCClient:
             if not exc.recoverable:
                 self._broken = f"bad reply to {full!r}: {exc}"
             if exc.kind == FrameError.TRUNCATED:  # the server went away mid-reply
-                raise ConnectionError(f"the RPC server closed the connection in the middle "
-                                      f"of the reply to {full!r}") from None
+                raise ConnectionError(
+                    f"the RPC server closed the connection in the middle of the reply to {full!r}"
+                ) from None
             raise ProtocolError(f"bad reply to {full!r}: {exc}") from None
         except BaseException as exc:
             self._broken = f"waiting for the reply to {full!r} failed: {exc!r}"

@@ -135,8 +135,11 @@ def encode_body(obj: dict[str, Any]) -> bytes:
     if bad_key is not _NO_KEY:
         # json.dumps would turn 1, True, None into "1", "true", "null" (and merge {1: …,
         # "1": …}): the receiver would get another object than the one sent.
-        raise FrameError(FrameError.UNENCODABLE, f"not JSON-serialisable: object key "
-                         f"{bad_key!r} ({type(bad_key).__name__}) is not a string")
+        raise FrameError(
+            FrameError.UNENCODABLE,
+            f"not JSON-serialisable: object key "
+            f"{bad_key!r} ({type(bad_key).__name__}) is not a string",
+        )
     try:
         # ensure_ascii: lone surrogates (legal in JSON strings) stay encodable.
         text = json.dumps(obj, ensure_ascii=True, allow_nan=False, separators=(",", ":"))

@@ -255,16 +255,28 @@ class _Server:
             result, out_fds, bad = result.value, *_returned_fds(result.fds)
             if bad:
                 close_fds(out_fds)
-                self._fail(start, req.id, obj, TypeError(
-                    f"method {req.method!r} returned invalid file descriptors: {', '.join(bad)}"))
+                self._fail(
+                    start,
+                    req.id,
+                    obj,
+                    TypeError(
+                        f"method {req.method!r} returned invalid file descriptors: {', '.join(bad)}"
+                    ),
+                )
                 return
             kept = [fd for fd in out_fds if _identity(fd) in self.reserved]
             if kept:
                 # Not closed either: they are the server's own (its connection, the ledger).
                 close_fds([fd for fd in out_fds if fd not in self.reserved.values()])
-                self._fail(start, req.id, obj, PermissionError(
-                    f"method {req.method!r} returned file descriptor(s) {kept} that the server "
-                    "must not give away (its own connection or another reserved descriptor)"))
+                self._fail(
+                    start,
+                    req.id,
+                    obj,
+                    PermissionError(
+                        f"method {req.method!r} returned file descriptor(s) {kept} that the server "
+                        "must not give away (its own connection or another reserved descriptor)"
+                    ),
+                )
                 return
         try:
             self._reply(start, req.id, obj, result, out_fds)

@@ -12,8 +12,9 @@ from kit.starter.config import FLOWS
 from kit.system import linux
 
 
-def _probe(name: str, uid: int | None, gid: int | None, kinds: list[str],
-           self_map: bool) -> tuple[bool, str]:
+def _probe(
+    name: str, uid: int | None, gid: int | None, kinds: list[str], self_map: bool
+) -> tuple[bool, str]:
     """In a forked child (never in this process): optionally become ``uid``, create the
     namespaces ``kinds`` and, for a user namespace, map the user to itself — what the flow's
     run will need. (A user namespace can be created yet unusable: Ubuntu's AppArmor
@@ -98,10 +99,12 @@ class Flows(Mapping[str, tuple[bool, str]]):
             if user is None:
                 self._userns = (False, user_why)
             else:
-                ok, why = _probe(f"user namespace as uid {user.uid}", user.uid, user.gid,
-                                 ["user"], True)
-                self._userns = (True, f"unprivileged user namespaces work; {user_why}") \
-                    if ok else (False, why)
+                ok, why = _probe(
+                    f"user namespace as uid {user.uid}", user.uid, user.gid, ["user"], True
+                )
+                self._userns = (
+                    (True, f"unprivileged user namespaces work; {user_why}") if ok else (False, why)
+                )
         return self._userns
 
     def _decide(self, flow: str) -> tuple[bool, str]:
@@ -141,17 +144,24 @@ def userns_note() -> str | None:
         with open("/proc/self/uid_map") as f:
             lines = [" ".join(line.split()) for line in f if line.strip()]
     except OSError as exc:
-        return f"user namespace: unknown ({exc}); host privilege is judged relative to the " \
+        return (
+            f"user namespace: unknown ({exc}); host privilege is judged relative to the "
             "user namespace the kit is launched in"
+        )
     shown = "; ".join(lines) or "empty"
     if inode == linux.INITIAL_USERNS_INO and lines == ["0 0 4294967295"]:
         return None
-    why = ("its uid_map maps the full range, but its inode is not the initial one's"
-           if lines == ["0 0 4294967295"] else "its uid_map does not map the full range")
-    return (f"user namespace: the kit runs inside a non-initial user namespace (inode "
-            f"{inode}, uid_map '{shown}': {why}); host privilege and escalation are judged "
-            "relative to this namespace, the one the kit is launched in (SPEC §4): what "
-            "its ancestors could do is out of the kit's sight")
+    why = (
+        "its uid_map maps the full range, but its inode is not the initial one's"
+        if lines == ["0 0 4294967295"]
+        else "its uid_map does not map the full range"
+    )
+    return (
+        f"user namespace: the kit runs inside a non-initial user namespace (inode "
+        f"{inode}, uid_map '{shown}': {why}); host privilege and escalation are judged "
+        "relative to this namespace, the one the kit is launched in (SPEC §4): what "
+        "its ancestors could do is out of the kit's sight"
+    )
 
 
 #: Backends a run can ask for; ``auto`` is resolved per flow by :func:`backend_for`.

@@ -34,8 +34,20 @@ from typing import Any, Protocol
 from kit.system import linux
 
 #: Object kinds, in report order.
-KINDS = ("file", "mount", "hostname", "domainname", "sysctl", "link", "address", "route",
-         "netns", "ipc", "mqueue", "process")
+KINDS = (
+    "file",
+    "mount",
+    "hostname",
+    "domainname",
+    "sysctl",
+    "link",
+    "address",
+    "route",
+    "netns",
+    "ipc",
+    "mqueue",
+    "process",
+)
 
 #: Changes a run's ledger lists at most (the rest are counted): an engine that writes a
 #: million files must not make a ledger of gigabytes.
@@ -71,8 +83,7 @@ class HostChange:
         return f"{self.kind} {self.name} changed: {self.before} -> {self.after}"
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "name": self.name, "before": self.before,
-                "after": self.after}
+        return {"kind": self.kind, "name": self.name, "before": self.before, "after": self.after}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> HostChange:
@@ -91,6 +102,7 @@ class HostState:
 
 
 # --- files: the overlay's upper layer -----------------------------------------------------------
+
 
 def _describe_path(path: str, st: os.stat_result) -> str:
     mode = stat.S_IMODE(st.st_mode)
@@ -137,8 +149,9 @@ def _upper_entry(path: str, st: os.stat_result) -> str:
     return _describe_path(path, st)
 
 
-def read_files(upper_dir: str, lower_dir: str = "/", point: str = "/"
-               ) -> tuple[dict[str, str], dict[str, str | None]]:
+def read_files(
+    upper_dir: str, lower_dir: str = "/", point: str = "/"
+) -> tuple[dict[str, str], dict[str, str | None]]:
     """Every entry of the upper layer of the overlay mounted on ``point`` (``/etc/x`` → its
     description) and, for each, what the lower layer has there. A directory that is only a
     copied-up parent (same type, mode and owner as below) is left out: its mtime moved
@@ -153,7 +166,7 @@ def read_files(upper_dir: str, lower_dir: str = "/", point: str = "/"
                 rel = f"{rel_dir}/{entry.name}"
                 st = entry.stat(follow_symlinks=False)
                 desc = _upper_entry(entry.path, st)
-                below = _lower(rel[len(point.rstrip("/")):], lower_dir)
+                below = _lower(rel[len(point.rstrip("/")) :], lower_dir)
                 if stat.S_ISDIR(st.st_mode):
                     todo.append((rel, entry.path))
                     if desc == below:
@@ -164,6 +177,7 @@ def read_files(upper_dir: str, lower_dir: str = "/", point: str = "/"
 
 
 # --- mounts -------------------------------------------------------------------------------------
+
 
 def _propagation(optional: list[str]) -> str:
     # Peer group numbers differ between otherwise equal sandboxes: only the kinds count.
@@ -185,14 +199,17 @@ def read_mounts(mountinfo: str) -> dict[str, str]:
             while name in mounts:
                 n += 1
                 name = f"{point} [{n}]"
-            fstype, source, sopts = [*fields[sep + 1:sep + 4], "", "", ""][:3]
-            mounts[name] = (f"{fstype} {linux.unescape_mountinfo(source)} root "
-                            f"{linux.unescape_mountinfo(fields[3])} {fields[5]} ({sopts}) "
-                            f"{_propagation(fields[6:sep])}")
+            fstype, source, sopts = [*fields[sep + 1 : sep + 4], "", "", ""][:3]
+            mounts[name] = (
+                f"{fstype} {linux.unescape_mountinfo(source)} root "
+                f"{linux.unescape_mountinfo(fields[3])} {fields[5]} ({sopts}) "
+                f"{_propagation(fields[6:sep])}"
+            )
     return mounts
 
 
 # --- inside the namespaces: uts, ipc, net -------------------------------------------------------
+
 
 def _read(path: str) -> str:
     fd = os.open(path, os.O_RDONLY)
@@ -227,7 +244,8 @@ def read_sysctls(root: str = "/proc/sys/net") -> dict[str, str]:
                     writable = _sysctl_writable.get(full)
                     if writable is None:
                         writable = _sysctl_writable[full] = bool(
-                            os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode & 0o222)
+                            os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode & 0o222
+                        )
                     if writable:
                         values[full[10:].replace("/", ".")] = _read_at(dfd, name)
         finally:
@@ -258,12 +276,14 @@ def read_sysvipc() -> dict[str, str]:
             header = f.readline().split()
             for line in f:
                 row = dict(zip(header, line.split(), strict=False))
-                keep = [f"perms {row.get('perms')}", f"uid {row.get('uid')}",
-                        f"gid {row.get('gid')}"]
+                keep = [
+                    f"perms {row.get('perms')}",
+                    f"uid {row.get('uid')}",
+                    f"gid {row.get('gid')}",
+                ]
                 if kind == "shm":
                     keep.append(f"size {row.get('size')}")
-                objects[f"{kind} key {row.get('key')} id {row.get(kind + 'id')}"] = \
-                    " ".join(keep)
+                objects[f"{kind} key {row.get('key')} id {row.get(kind + 'id')}"] = " ".join(keep)
     return objects
 
 
@@ -300,21 +320,28 @@ def read_network() -> dict[str, dict[str, str]]:
             names[link["index"]] = name
             info = _attr(link, "IFLA_LINKINFO")
             kind = _attr(info, "IFLA_INFO_KIND") if info is not None else None
-            links[name] = (f"{kind or 'device'} flags {link['flags']:#x} mtu "
-                           f"{_attr(link, 'IFLA_MTU')} address {_attr(link, 'IFLA_ADDRESS')} "
-                           f"state {_attr(link, 'IFLA_OPERSTATE')}")
+            links[name] = (
+                f"{kind or 'device'} flags {link['flags']:#x} mtu "
+                f"{_attr(link, 'IFLA_MTU')} address {_attr(link, 'IFLA_ADDRESS')} "
+                f"state {_attr(link, 'IFLA_OPERSTATE')}"
+            )
         for addr in ipr.get_addr():
             dev = names.get(addr["index"], str(addr["index"]))
-            addresses[f"{dev} {_attr(addr, 'IFA_ADDRESS')}/{addr['prefixlen']}"] = \
+            addresses[f"{dev} {_attr(addr, 'IFA_ADDRESS')}/{addr['prefixlen']}"] = (
                 f"scope {addr['scope']} flags {_attr(addr, 'IFA_FLAGS')}"
+            )
         for route in ipr.get_routes():
             table = _attr(route, "RTA_TABLE") or route["table"]
             dst = _attr(route, "RTA_DST") or ("default" if route["family"] == 2 else "::")
             dev = names.get(_attr(route, "RTA_OIF"), "-")
-            name = (f"table {table} type {route['type']} {dst}/{route['dst_len']} dev {dev} "
-                    f"via {_attr(route, 'RTA_GATEWAY') or '-'}")
-            routes[name] = (f"proto {route['proto']} scope {route['scope']} metric "
-                            f"{_attr(route, 'RTA_PRIORITY')} src {_attr(route, 'RTA_PREFSRC')}")
+            name = (
+                f"table {table} type {route['type']} {dst}/{route['dst_len']} dev {dev} "
+                f"via {_attr(route, 'RTA_GATEWAY') or '-'}"
+            )
+            routes[name] = (
+                f"proto {route['proto']} scope {route['scope']} metric "
+                f"{_attr(route, 'RTA_PRIORITY')} src {_attr(route, 'RTA_PREFSRC')}"
+            )
     return {"link": links, "address": addresses, "route": routes}
 
 
@@ -329,8 +356,7 @@ def _join(init_pid: int, kind: str) -> None:
 #: What a thread that joined the sandbox's namespaces reads: kind → reader (or kinds at once).
 _INSIDE: tuple[tuple[str, tuple[str, ...], Callable[[], Any]], ...] = (
     ("uts", ("hostname",), lambda: {"hostname": {"": _read("/proc/sys/kernel/hostname")}}),
-    ("uts", ("domainname",),
-     lambda: {"domainname": {"": _read("/proc/sys/kernel/domainname")}}),
+    ("uts", ("domainname",), lambda: {"domainname": {"": _read("/proc/sys/kernel/domainname")}}),
     ("net", ("sysctl",), lambda: {"sysctl": read_sysctls()}),
     ("net", ("link", "address", "route"), read_network),
     ("ipc", ("ipc",), lambda: {"ipc": read_sysvipc()}),
@@ -350,8 +376,12 @@ class Inside:
     not join, with why."""
 
     def __init__(self, init_pid: int) -> None:
-        self.own = {ns: os.open(f"/proc/thread-self/ns/{linux.NAMESPACES[ns][1]}",
-                                os.O_RDONLY | os.O_CLOEXEC) for ns in _INSIDE_NS}
+        self.own = {
+            ns: os.open(
+                f"/proc/thread-self/ns/{linux.NAMESPACES[ns][1]}", os.O_RDONLY | os.O_CLOEXEC
+            )
+            for ns in _INSIDE_NS
+        }
         self.failed: dict[str, str] = {}
         for ns in _INSIDE_NS:
             try:
@@ -427,9 +457,11 @@ _NET_GROUPS = sum(1 << (group - 1) for group in (1, 5, 7, 8, 9, 11, 19, 24, 25))
 def _subscribe() -> socket.socket:
     """A netlink socket of the calling thread's network namespace that queues a message for
     every change of its links, addresses and routes."""
-    sock = socket.socket(socket.AF_NETLINK,
-                         socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
-                         socket.NETLINK_ROUTE)
+    sock = socket.socket(
+        socket.AF_NETLINK,
+        socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+        socket.NETLINK_ROUTE,
+    )
     sock.bind((0, _NET_GROUPS))
     return sock
 
@@ -511,8 +543,7 @@ def _mount_alone(point: str) -> tuple[str, int | None]:
     return f"/proc/self/fd/{fd}", fd
 
 
-def _read_all_files(sandbox: Sandbox, lower_dir: str | None,
-                    state: HostState) -> dict[str, str]:
+def _read_all_files(sandbox: Sandbox, lower_dir: str | None, state: HostState) -> dict[str, str]:
     """The upper layers of every copy-on-write mount of the sandbox (``upper_dirs`` by mount
     point when it has several, else ``upper_dir`` for ``/``)."""
     uppers = getattr(sandbox, "upper_dirs", None) or {"/": sandbox.upper_dir}
@@ -529,8 +560,12 @@ def _read_all_files(sandbox: Sandbox, lower_dir: str | None,
     return files
 
 
-def snapshot(sandbox: Sandbox, lower_dir: str | None = None,
-             only: frozenset[str] = INSIDE_KINDS, inside: Inside | None = None) -> HostState:
+def snapshot(
+    sandbox: Sandbox,
+    lower_dir: str | None = None,
+    only: frozenset[str] = INSIDE_KINDS,
+    inside: Inside | None = None,
+) -> HostState:
     """The state of ``sandbox``, read from outside it (``lower_dir``: the lower layer of its
     root overlay as this process sees it; by default the file system mounted on each
     copy-on-write mount point, alone). The per-namespace kinds (``only`` of them) are read by
@@ -542,8 +577,7 @@ def snapshot(sandbox: Sandbox, lower_dir: str | None = None,
     if inside is not None:
         inside.read(state, only)
     else:
-        thread = threading.Thread(target=_read_inside, args=(pid, state, only),
-                                  name="kit-hostdiff")
+        thread = threading.Thread(target=_read_inside, args=(pid, state, only), name="kit-hostdiff")
         thread.start()
     _outside(state, "file", lambda: _read_all_files(sandbox, lower_dir, state))
     _outside(state, "mount", lambda: read_mounts(f"/proc/{pid}/mountinfo"))
@@ -559,12 +593,15 @@ def diff(before: HostState, after: HostState) -> list[HostChange]:
     then by name. A kind that either snapshot could not read is reported as a change of
     kind ``unreadable`` (the diff cannot vouch for it)."""
     changes: list[HostChange] = []
-    links = {name for name in before.objects.get("link", {}).keys()
-             ^ after.objects.get("link", {}).keys()}
+    links = {
+        name
+        for name in before.objects.get("link", {}).keys() ^ after.objects.get("link", {}).keys()
+    }
     for kind in KINDS:
         if kind in before.errors or kind in after.errors:
-            changes.append(HostChange("unreadable", kind, before.errors.get(kind),
-                                      after.errors.get(kind)))
+            changes.append(
+                HostChange("unreadable", kind, before.errors.get(kind), after.errors.get(kind))
+            )
             continue
         old = before.objects.get(kind, {})
         new = after.objects.get(kind, {})
@@ -598,8 +635,9 @@ def _file_sides(path: str, before: HostState, after: HostState) -> tuple[str | N
         return None if entry == "whiteout" else entry.removeprefix("opaque ")
 
     was, now = merged(before), merged(after)
-    if was == now and before.objects["file"].get(path, "").startswith("opaque ") != \
-            after.objects["file"].get(path, "").startswith("opaque "):
+    if was == now and before.objects["file"].get(path, "").startswith("opaque ") != after.objects[
+        "file"
+    ].get(path, "").startswith("opaque "):
         now = f"{now} (replaced: its old entries hidden)"
     return was, now
 
@@ -629,16 +667,16 @@ class HostWatch:
         that built it: nothing but its idle init has run in it since), else read now."""
         self.sandbox = sandbox
         # Opened before the snapshot: a mount made after it wakes the first poll.
-        self._mountinfo: int | None = os.open(f"/proc/{sandbox.init_pid}/mountinfo",
-                                              os.O_RDONLY | os.O_CLOEXEC)
+        self._mountinfo: int | None = os.open(
+            f"/proc/{sandbox.init_pid}/mountinfo", os.O_RDONLY | os.O_CLOEXEC
+        )
         _mounts_changed(self._mountinfo)
         self.inside: Inside | None = Inside(sandbox.init_pid)
         self._net: socket.socket | None = None
         if "net" not in self.inside.failed:
             self._net = _subscribe()  # before the snapshot: no change falls in between
         self.before = before if before is not None else fresh_state(sandbox, self.inside)
-        self.last = {kind: dict(self.before.objects.get(kind, {}))
-                     for kind in (*WATCHED, "file")}
+        self.last = {kind: dict(self.before.objects.get(kind, {})) for kind in (*WATCHED, "file")}
         self._usage = self._upper_usage()
         self.seen: dict[tuple[str, str], dict[str, Any]] = {}  # first sighting of each change
         self.open: set[Hook] = set()
@@ -675,8 +713,10 @@ class HostWatch:
         if self._mountinfo is None or not self._joined:
             return
         self.looks += 1
-        now = {"hostname": {"": socket.gethostname()},
-               "domainname": {"": _read("/proc/sys/kernel/domainname")}}
+        now = {
+            "hostname": {"": socket.gethostname()},
+            "domainname": {"": _read("/proc/sys/kernel/domainname")},
+        }
         if _mounts_changed(self._mountinfo):
             now["mount"] = read_mounts(f"/proc/{self.sandbox.init_pid}/mountinfo")
         usage = self._upper_usage()
@@ -687,8 +727,10 @@ class HostWatch:
             last = self.last[kind]
             for name in last.keys() | objects.keys():
                 if last.get(name) != objects.get(name):
-                    self.seen.setdefault((kind, name or kind), {
-                        "value": objects.get(name), "hooks": sorted(self.window)})
+                    self.seen.setdefault(
+                        (kind, name or kind),
+                        {"value": objects.get(name), "hooks": sorted(self.window)},
+                    )
             self.last[kind] = objects
         self.window = set(self.open)
 
@@ -732,23 +774,41 @@ class HostWatch:
         final = diff(self.before, after)
         for change in final:
             seen = self.seen.get((change.kind, change.name))
-            out.append({**change.to_json(), "transient": False,
-                        "hooks": _hooks_json(seen["hooks"]) if seen else None})
+            out.append(
+                {
+                    **change.to_json(),
+                    "transient": False,
+                    "hooks": _hooks_json(seen["hooks"]) if seen else None,
+                }
+            )
         named = {(c.kind, c.name) for c in final}
         for (kind, name), seen in self.seen.items():
             if (kind, name) not in named and kind in WATCHED:  # a temporary file is allowed
                 was = self.before.objects.get(kind, {}).get("" if name == kind else name)
-                out.append({"kind": kind, "name": name, "before": was, "after": seen["value"],
-                            "transient": True, "hooks": _hooks_json(seen["hooks"])})
+                out.append(
+                    {
+                        "kind": kind,
+                        "name": name,
+                        "before": was,
+                        "after": seen["value"],
+                        "transient": True,
+                        "hooks": _hooks_json(seen["hooks"]),
+                    }
+                )
         omitted: dict[str, int] = {}
         for extra in out[MAX_CHANGES:]:
             omitted[extra["kind"]] = omitted.get(extra["kind"], 0) + 1
-        return {"changes": out[:MAX_CHANGES], "omitted": omitted,
-                "errors": {**self.before.errors, **after.errors}, "looks": self.looks}
+        return {
+            "changes": out[:MAX_CHANGES],
+            "omitted": omitted,
+            "errors": {**self.before.errors, **after.errors},
+            "looks": self.looks,
+        }
 
 
-def _partial(sandbox: Sandbox, inside: Inside | None, sysctls: bool,
-             network: bool = False) -> HostState:
+def _partial(
+    sandbox: Sandbox, inside: Inside | None, sysctls: bool, network: bool = False
+) -> HostState:
     """What :func:`snapshot` reads, but the sysctls only when ``sysctls`` and links,
     addresses and routes only when ``network``."""
     only = INSIDE_KINDS - {"sysctl", "link", "address", "route"}

@@ -76,15 +76,19 @@ class RunResult:
             elif kind == "hook_timeout":
                 lines.append(f"hook timeout: {e['hook']} in {e['hook_role']}")
             elif kind == "engine_fault":
-                lines.append(f"engine fault: {e['fault']} ledger datagram from pid "
-                             f"{e['sender_pid']} ({e['sender_role'] or 'not a kit process'}"
-                             f"{', in ' + ', '.join(e['open_hooks']) if e['open_hooks'] else ''}"
-                             f"): {e['detail']}")
+                lines.append(
+                    f"engine fault: {e['fault']} ledger datagram from pid "
+                    f"{e['sender_pid']} ({e['sender_role'] or 'not a kit process'}"
+                    f"{', in ' + ', '.join(e['open_hooks']) if e['open_hooks'] else ''}"
+                    f"): {e['detail']}"
+                )
             elif kind == "leak":
                 lines.append(f"leak: {e['what']}: {e['detail']}")
             elif kind == "host_changes":
-                lines += [f"host: {c['kind']} {c['name']}: {c['before']!r} -> {c['after']!r}"
-                          for c in e["changes"]]
+                lines += [
+                    f"host: {c['kind']} {c['name']}: {c['before']!r} -> {c['after']!r}"
+                    for c in e["changes"]
+                ]
         if not lines and self.exit_code == 255:
             lines.append(self.reason)
         return lines
@@ -109,9 +113,12 @@ class Zygote:
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "kit.run.zygote", str(child_end.fileno())],
-                pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL, cwd="/",
+                pass_fds=(child_end.fileno(),),
+                stdin=subprocess.DEVNULL,
+                cwd="/",
                 start_new_session=True,
-                env={**os.environ, "PYTHONPATH": os.pathsep.join(_import_path())})
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(_import_path())},
+            )
         finally:
             child_end.close()
         self.pid = os.getpid()
@@ -225,9 +232,15 @@ class RunHandle:
     imports the engine (as the zygote would) and reaps the supervisor in :meth:`wait`.
     """
 
-    def __init__(self, request: RunRequest, *, capture: bool = True,
-                 stdin: int | IO[Any] | None = None, pass_fds: tuple[int, ...] = (),
-                 fork_here: bool = False) -> None:
+    def __init__(
+        self,
+        request: RunRequest,
+        *,
+        capture: bool = True,
+        stdin: int | IO[Any] | None = None,
+        pass_fds: tuple[int, ...] = (),
+        fork_here: bool = False,
+    ) -> None:
         self.request = request
         self.capture = capture
         #: ``fork_here``: the supervisor is this process's child, reaped here; its wait status.
@@ -250,8 +263,11 @@ class RunHandle:
             raise
         finally:
             os.close(res_w)
-        self._supervisor_fd = (None if getattr(self, "_popen", None) is not None
-                               or self._own_child else _PidFD.open(self.supervisor_pid))
+        self._supervisor_fd = (
+            None
+            if getattr(self, "_popen", None) is not None or self._own_child
+            else _PidFD.open(self.supervisor_pid)
+        )
         self._result = os.fdopen(res_r, "rb")
         line = self._result.readline()
         words = line.split(maxsplit=3)
@@ -260,8 +276,9 @@ class RunHandle:
         self.run_dir: str | None = os.fsdecode(words[2]) if started else None
         #: A run in the host sandbox (:mod:`kit.run.sandbox`): ``{"sandbox_pid": its init's pid,
         #: "sandbox_mounts": [[mount id, mount point]…] before the starter was forked}``.
-        self.sandbox: dict[str, Any] | None = (json.loads(words[3])
-                                               if started and len(words) > 3 else None)
+        self.sandbox: dict[str, Any] | None = (
+            json.loads(words[3]) if started and len(words) > 3 else None
+        )
         self._first = b"" if started else line
         self._done = False
         self._final: RunResult | None = None
@@ -277,24 +294,37 @@ class RunHandle:
         err_fd = self._err.fileno() if self._err is not None else 2
         return in_fd, out_fd, err_fd, opened
 
-    def _fork_supervisor(self, request: RunRequest, stdin: int | IO[Any] | None, res_w: int,
-                         pass_fds: tuple[int, ...]) -> int:
+    def _fork_supervisor(
+        self,
+        request: RunRequest,
+        stdin: int | IO[Any] | None,
+        res_w: int,
+        pass_fds: tuple[int, ...],
+    ) -> int:
         in_fd, out_fd, err_fd, opened = self._stdio(stdin)
         try:
-            return Zygote.get().spawn(request, [in_fd, out_fd, err_fd, res_w, *pass_fds],
-                                      list(pass_fds))
+            return Zygote.get().spawn(
+                request, [in_fd, out_fd, err_fd, res_w, *pass_fds], list(pass_fds)
+            )
         finally:
             for fd in opened:
                 os.close(fd)
 
-    def _fork_here(self, request: RunRequest, stdin: int | IO[Any] | None, res_w: int,
-                   pass_fds: tuple[int, ...]) -> int:
+    def _fork_here(
+        self,
+        request: RunRequest,
+        stdin: int | IO[Any] | None,
+        res_w: int,
+        pass_fds: tuple[int, ...],
+    ) -> int:
         """Fork the supervisor from this process, which does what the zygote would first."""
         threads = threading.active_count()
         if threads != 1:  # a fork would copy locks that other threads hold
-            raise LaunchError(f"fork_here needs a single-threaded launcher, this process has "
-                              f"{threads} threads: start the run without fork_here (the zygote "
-                              "forks it)")
+            raise LaunchError(
+                f"fork_here needs a single-threaded launcher, this process has "
+                f"{threads} threads: start the run without fork_here (the zygote "
+                "forks it)"
+            )
         # Imported here: the zygote's modules are only needed by a launcher that forks.
         from kit.run import rundir, supervisor, zygote  # noqa: PLC0415
         from kit.starter.common import default_signals  # noqa: PLC0415
@@ -313,8 +343,9 @@ class RunHandle:
                 try:
                     default_signals()
                     os.setsid()
-                    result_fd, _ = zygote.place_fds([in_fd, out_fd, err_fd, res_w,
-                                                     *pass_fds], list(pass_fds))
+                    result_fd, _ = zygote.place_fds(
+                        [in_fd, out_fd, err_fd, res_w, *pass_fds], list(pass_fds)
+                    )
                     rundir.sweep()  # run directories of supervisors that died early
                     supervisor.run_supervised(request, result_fd, prepared)
                     code = 0
@@ -332,24 +363,34 @@ class RunHandle:
             _, self._status = os.waitpid(self.supervisor_pid, 0)
         return self._status
 
-    def _exec_supervisor(self, request: RunRequest, stdin: int | IO[Any] | None, res_w: int,
-                         pass_fds: tuple[int, ...]) -> int:
+    def _exec_supervisor(
+        self,
+        request: RunRequest,
+        stdin: int | IO[Any] | None,
+        res_w: int,
+        pass_fds: tuple[int, ...],
+    ) -> int:
         req_r, req_w = os.pipe()
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "kit.run.supervisor", str(req_r), str(res_w)],
                 stdin=subprocess.DEVNULL if stdin is None else stdin,
-                stdout=self._out, stderr=self._err, pass_fds=(req_r, res_w, *pass_fds),
-                cwd="/", start_new_session=True,
-                env={**os.environ, "PYTHONPATH": os.pathsep.join(request.sys_path)})
+                stdout=self._out,
+                stderr=self._err,
+                pass_fds=(req_r, res_w, *pass_fds),
+                cwd="/",
+                start_new_session=True,
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(request.sys_path)},
+            )
         finally:
             os.close(req_r)
         try:
             with os.fdopen(req_w, "wb") as f:
                 f.write(json.dumps(request.to_json()).encode())
         except BrokenPipeError:
-            raise LaunchError(f"the run's supervisor exited ({proc.wait()}) before it read "
-                              "the request") from None
+            raise LaunchError(
+                f"the run's supervisor exited ({proc.wait()}) before it read the request"
+            ) from None
         self._popen = proc
         return proc.pid
 
@@ -408,12 +449,20 @@ class RunHandle:
         try:
             doc = json.loads(data)
         except ValueError:
-            raise LaunchError(f"{self._death_notice()}; stderr: {stderr[-2000:] or '(empty)'}"
-                              ) from None
+            raise LaunchError(
+                f"{self._death_notice()}; stderr: {stderr[-2000:] or '(empty)'}"
+            ) from None
         if doc.get("ledger") is None:
             raise LaunchError(f"{doc.get('reason')}; stderr: {stderr[-2000:]}")
-        self._final = RunResult(doc["exit_code"], doc["reason"], Ledger(doc["ledger"]),
-                                doc["leaks"], doc["timed_out"], stdout, stderr)
+        self._final = RunResult(
+            doc["exit_code"],
+            doc["reason"],
+            Ledger(doc["ledger"]),
+            doc["leaks"],
+            doc["timed_out"],
+            stdout,
+            stderr,
+        )
         self._code = self._final.exit_code
         return self._final
 
@@ -433,22 +482,29 @@ class RunHandle:
         except LaunchError as exc:  # the zygote died, and its supervisors with it
             how = f"died with its parent: {exc}"
         left = self._leftovers()
-        return (f"{who} ended without writing the run's result: {how}"
-                f"{'; left behind: ' + '; '.join(left) if left else '; nothing left behind'}")
+        return (
+            f"{who} ended without writing the run's result: {how}"
+            f"{'; left behind: ' + '; '.join(left) if left else '; nothing left behind'}"
+        )
 
     def _leftovers(self) -> list[str]:
         """What the dead supervisor could not clean up; removed (killed) here."""
         left = []
-        if self.starter_pid is not None and \
-                linux.process_state(self.starter_pid) not in (None, "Z") and \
-                linux.process_name(self.starter_pid) in ("kit-starter", "kit-master"):
+        if (
+            self.starter_pid is not None
+            and linux.process_state(self.starter_pid) not in (None, "Z")
+            and linux.process_name(self.starter_pid) in ("kit-starter", "kit-master")
+        ):
             left.append(f"the starter/master (pid {self.starter_pid}), killed now")
             try:
                 os.kill(self.starter_pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        if self.run_dir and os.path.basename(self.run_dir).startswith("kit-run-") \
-                and os.path.isdir(self.run_dir):
+        if (
+            self.run_dir
+            and os.path.basename(self.run_dir).startswith("kit-run-")
+            and os.path.isdir(self.run_dir)
+        ):
             left.append(f"the run directory {self.run_dir}, removed now")
             shutil.rmtree(self.run_dir, ignore_errors=True)
         return left
@@ -465,8 +521,10 @@ class RunHandle:
                 pidfd.close()
             return
         deadline = time.monotonic() + timeout
-        while linux.process_state(self.supervisor_pid) not in (None, "Z") \
-                and time.monotonic() < deadline:
+        while (
+            linux.process_state(self.supervisor_pid) not in (None, "Z")
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.0005)
 
     def kill(self) -> None:
@@ -484,14 +542,23 @@ class RunHandle:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
-def make_request(engine: str, flow: str, argv: list[str], *,
-                 engine_config: dict[str, Any] | None = None, user: str | int | None = None,
-                 backend: str = "real", hook_timeout: float = DEFAULT_HOOK_TIMEOUT,
-                 run_timeout: float = DEFAULT_RUN_TIMEOUT, probes: bool = True,
-                 container_id: str | None = None, sandbox: bool | None = None,
-                 shared_dirs: list[str] | None = None,
-                 join_namespaces: dict[str, str] | None = None,
-                 inject: str | None = None) -> RunRequest:
+def make_request(
+    engine: str,
+    flow: str,
+    argv: list[str],
+    *,
+    engine_config: dict[str, Any] | None = None,
+    user: str | int | None = None,
+    backend: str = "real",
+    hook_timeout: float = DEFAULT_HOOK_TIMEOUT,
+    run_timeout: float = DEFAULT_RUN_TIMEOUT,
+    probes: bool = True,
+    container_id: str | None = None,
+    sandbox: bool | None = None,
+    shared_dirs: list[str] | None = None,
+    join_namespaces: dict[str, str] | None = None,
+    inject: str | None = None,
+) -> RunRequest:
     try:
         invoker = Invoker.resolve(user)
     except ValueError:
@@ -499,26 +566,56 @@ def make_request(engine: str, flow: str, argv: list[str], *,
             raise
         invoker = Invoker(os.getuid(), os.getgid(), [], "root")  # the root flow has no U
     return RunRequest(
-        engine=engine, flow=flow, argv=list(argv), engine_config=dict(engine_config or {}),
-        invoker=invoker.__dict__, backend=backend,
+        engine=engine,
+        flow=flow,
+        argv=list(argv),
+        engine_config=dict(engine_config or {}),
+        invoker=invoker.__dict__,
+        backend=backend,
         container_id=container_id or f"kit-{uuid.uuid4().hex[:12]}",
-        hook_timeout=hook_timeout, run_timeout=run_timeout, probes=probes,
-        sys_path=_import_path(), sandbox=sandbox, shared_dirs=list(shared_dirs or []),
-        join_namespaces=dict(join_namespaces or {}), inject=inject)
+        hook_timeout=hook_timeout,
+        run_timeout=run_timeout,
+        probes=probes,
+        sys_path=_import_path(),
+        sandbox=sandbox,
+        shared_dirs=list(shared_dirs or []),
+        join_namespaces=dict(join_namespaces or {}),
+        inject=inject,
+    )
 
 
-def start(engine: str, flow: str, argv: list[str], *, capture: bool = True,
-          stdin: int | IO[Any] | None = None, pass_fds: tuple[int, ...] = (),
-          fork_here: bool = False, **options: Any) -> RunHandle:
+def start(
+    engine: str,
+    flow: str,
+    argv: list[str],
+    *,
+    capture: bool = True,
+    stdin: int | IO[Any] | None = None,
+    pass_fds: tuple[int, ...] = (),
+    fork_here: bool = False,
+    **options: Any,
+) -> RunHandle:
     """Start a run without waiting; see :func:`run` for the options and :class:`RunHandle`
     for ``fork_here``."""
-    return RunHandle(make_request(engine, flow, argv, **options), capture=capture, stdin=stdin,
-                     pass_fds=tuple(pass_fds), fork_here=fork_here)
+    return RunHandle(
+        make_request(engine, flow, argv, **options),
+        capture=capture,
+        stdin=stdin,
+        pass_fds=tuple(pass_fds),
+        fork_here=fork_here,
+    )
 
 
-def run(engine: str, flow: str, argv: list[str], *, capture: bool = True,
-        stdin: int | IO[Any] | None = None, pass_fds: tuple[int, ...] = (),
-        **options: Any) -> RunResult:
+def run(
+    engine: str,
+    flow: str,
+    argv: list[str],
+    *,
+    capture: bool = True,
+    stdin: int | IO[Any] | None = None,
+    pass_fds: tuple[int, ...] = (),
+    **options: Any,
+) -> RunResult:
     """Run one lifecycle of ``engine`` in ``flow`` with payload ``argv`` and wait for it.
 
     Options: ``engine_config`` (dict merged into the engine config), ``user`` (the invoking
@@ -526,10 +623,12 @@ def run(engine: str, flow: str, argv: list[str], *, capture: bool = True,
     ``sandbox`` (the host sandbox, :mod:`kit.run.sandbox`; default: on as root in the real
     backend), ``shared_dirs`` (host directories a sandboxed run may write),
     ``join_namespaces`` (namespaces made for the run to join: ``kit.run.sandbox.join_path``),
-    ``inject`` (a fault the kit injects around the engine's hooks, :data:`kit.starter.inject.INJECTIONS`).
+    ``inject`` (a fault the kit injects around the engine's hooks,
+    :data:`kit.starter.inject.INJECTIONS`).
     ``capture`` collects the payload's stdout/stderr into the result (else inherited).
     ``pass_fds`` are open in the starter under the same numbers (for
     ``StarterConfig.keep_file_descriptor``).
     """
-    return start(engine, flow, argv, capture=capture, stdin=stdin, pass_fds=pass_fds,
-                 **options).wait()
+    return start(
+        engine, flow, argv, capture=capture, stdin=stdin, pass_fds=pass_fds, **options
+    ).wait()

@@ -34,22 +34,35 @@ class Invoker:
         ``kit-test``/``nobody`` that exists; a non-root caller is always U itself."""
         if os.getuid() != 0:
             entry = _pw(os.getuid())
-            return cls(os.getuid(), os.getgid(), sorted(set(os.getgroups()) - {os.getgid()}),
-                       entry.pw_name if entry else str(os.getuid()))
-        candidates = [user] if user is not None else (
-            [os.environ[TEST_USER_ENV]] if os.environ.get(TEST_USER_ENV) else
-            list(DEFAULT_TEST_USERS))
+            return cls(
+                os.getuid(),
+                os.getgid(),
+                sorted(set(os.getgroups()) - {os.getgid()}),
+                entry.pw_name if entry else str(os.getuid()),
+            )
+        candidates = (
+            [user]
+            if user is not None
+            else (
+                [os.environ[TEST_USER_ENV]]
+                if os.environ.get(TEST_USER_ENV)
+                else list(DEFAULT_TEST_USERS)
+            )
+        )
         for cand in candidates:
             entry = _pw(cand)
             if entry is not None:
                 if entry.pw_uid == 0:
-                    raise ValueError(f"invoking user {cand!r} is root; the non-root flows "
-                                     "need an unprivileged user")
-                groups = sorted(set(os.getgrouplist(entry.pw_name, entry.pw_gid))
-                                - {entry.pw_gid})
+                    raise ValueError(
+                        f"invoking user {cand!r} is root; the non-root flows "
+                        "need an unprivileged user"
+                    )
+                groups = sorted(set(os.getgrouplist(entry.pw_name, entry.pw_gid)) - {entry.pw_gid})
                 return cls(entry.pw_uid, entry.pw_gid, groups, entry.pw_name)
-        raise ValueError(f"no such user: {', '.join(map(str, candidates))} "
-                         f"(set {TEST_USER_ENV} or create one with ci/setup)")
+        raise ValueError(
+            f"no such user: {', '.join(map(str, candidates))} "
+            f"(set {TEST_USER_ENV} or create one with ci/setup)"
+        )
 
 
 def _pw(user: str | int) -> pwd.struct_passwd | None:
@@ -113,6 +126,7 @@ class RunRequest:
         if self.backend == "auto":  # resolved here, once, where the run is requested
             # kit.run.environment imports this module (Invoker): imported here, not at the top.
             from kit.run.environment import backend_for  # noqa: PLC0415  (import cycle)
+
             self.backend = backend_for(self.flow)[0]
         if self.backend not in ("real", "fake"):
             raise ValueError(f"unknown backend {self.backend!r} (known: real, fake, auto)")

@@ -32,7 +32,7 @@ def create(parent: str | None = None) -> tuple[str, int]:
     Keep the descriptor open for as long as the run lasts, in this process only."""
     made = tempfile.mkdtemp(prefix=NEW_PREFIX, dir=parent)
     fd = _lock(made)
-    path = os.path.join(os.path.dirname(made), LOCKED + os.path.basename(made)[len(NEW_PREFIX):])
+    path = os.path.join(os.path.dirname(made), LOCKED + os.path.basename(made)[len(NEW_PREFIX) :])
     os.rename(made, path)
     return path, fd
 

@@ -61,8 +61,13 @@ WRITABLE = ("/tmp", "/var/tmp", "/run", "/var/run")
 RECREATED = ("/proc", "/sys", "/dev")
 #: Device nodes made like the host's (a container runtime's default set).
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
-DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0",
-             "stdout": "/proc/self/fd/1", "stderr": "/proc/self/fd/2", "ptmx": "pts/ptmx"}
+DEV_LINKS = {
+    "fd": "/proc/self/fd",
+    "stdin": "/proc/self/fd/0",
+    "stdout": "/proc/self/fd/1",
+    "stderr": "/proc/self/fd/2",
+    "ptmx": "pts/ptmx",
+}
 #: Under /proc: host-global knobs that stay read-only (``/proc/sys/net`` is per network
 #: namespace, so writable again).
 PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs")
@@ -112,8 +117,12 @@ def default_on(backend: str) -> bool:
     the initial user namespace in the real backend, unless ``KIT_SANDBOX=0``. (In another
     user namespace the kernel refuses the overlay: it will not clone a root whose submounts
     are locked, "failed to clone lowerpath".)"""
-    return (backend == "real" and os.geteuid() == 0 and linux.in_initial_user_namespace()
-            and os.environ.get(SWITCH_ENV, "1") != "0")
+    return (
+        backend == "real"
+        and os.geteuid() == 0
+        and linux.in_initial_user_namespace()
+        and os.environ.get(SWITCH_ENV, "1") != "0"
+    )
 
 
 def join_path(kind: str, path: str, sandboxed: bool) -> str:
@@ -127,11 +136,14 @@ def check_join_kinds(namespaces: dict[str, str]) -> None:
     """Raise ValueError for a kind a run may not be given to join (where it is requested)."""
     bad = sorted(set(namespaces) - set(JOIN_KINDS))
     if bad:
-        raise ValueError(f"join_namespaces: {', '.join(bad)} cannot be given to a run (only "
-                         f"{', '.join(JOIN_KINDS)}: the others lead back to the host)")
+        raise ValueError(
+            f"join_namespaces: {', '.join(bad)} cannot be given to a run (only "
+            f"{', '.join(JOIN_KINDS)}: the others lead back to the host)"
+        )
 
 
 # --- in the supervisor (or the zygote, ahead) ------------------------------------------------
+
 
 @dataclass
 class Building:
@@ -172,8 +184,7 @@ def build(shared: list[str]) -> Building:
             pid = os.fork()
             if pid == 0:
                 os.close(rfd)
-                _init_main(scratch, [os.path.realpath(p) for p in shared if os.path.isdir(p)],
-                           wfd)
+                _init_main(scratch, [os.path.realpath(p) for p in shared if os.path.isdir(p)], wfd)
         finally:
             linux.setns(own, linux.CLONE_NEWPID)  # our next children: in our namespace
         os.close(wfd)
@@ -188,8 +199,12 @@ def build(shared: list[str]) -> Building:
 def adopt(building: Building) -> HostSandbox:
     """Wait until the sandbox is built and take it over (once per supervisor: the caller's
     later children are born in the sandbox's pid namespace, and it can start no thread)."""
-    sandbox = HostSandbox(init_pid=building.init_pid, upper_dir="", scratch=building.scratch,
-                          own_init=building.builder == os.getpid())
+    sandbox = HostSandbox(
+        init_pid=building.init_pid,
+        upper_dir="",
+        scratch=building.scratch,
+        own_init=building.builder == os.getpid(),
+    )
     try:
         building.wait_ready()
         assert building.uppers is not None
@@ -227,8 +242,7 @@ def provide_joins(sandbox: HostSandbox, namespaces: dict[str, str]) -> None:
                 os.makedirs(JOIN_DIR, exist_ok=True)
                 for kind, fd in fds.items():
                     os.close(os.open(f"{JOIN_DIR}/{kind}", os.O_CREAT | os.O_WRONLY, 0o444))
-                    linux.mount(f"/proc/self/fd/{fd}", f"{JOIN_DIR}/{kind}", None,
-                                linux.MS_BIND)
+                    linux.mount(f"/proc/self/fd/{fd}", f"{JOIN_DIR}/{kind}", None, linux.MS_BIND)
             except BaseException as exc:  # noqa: BLE001 the child reports any failure
                 os.write(wfd, f"{type(exc).__name__}: {exc}".encode())
                 os._exit(1)
@@ -238,8 +252,10 @@ def provide_joins(sandbox: HostSandbox, namespaces: dict[str, str]) -> None:
             error = f.read().decode(errors="replace")
         _, status = os.waitpid(pid, 0)
         if status != 0:
-            raise SandboxError("the namespaces to join could not be bound in the host "
-                               f"sandbox: {error or os.waitstatus_to_exitcode(status)}")
+            raise SandboxError(
+                "the namespaces to join could not be bound in the host "
+                f"sandbox: {error or os.waitstatus_to_exitcode(status)}"
+            )
     finally:
         for fd in fds.values():
             os.close(fd)
@@ -250,8 +266,9 @@ def _open_namespace(kind: str, path: str) -> int:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
-        raise SandboxError(f"join_namespaces: cannot open the {kind} namespace {path}: "
-                           f"{exc.strerror}") from None
+        raise SandboxError(
+            f"join_namespaces: cannot open the {kind} namespace {path}: {exc.strerror}"
+        ) from None
     try:
         try:
             nstype = fcntl.ioctl(fd, _NS_GET_NSTYPE)
@@ -260,8 +277,10 @@ def _open_namespace(kind: str, path: str) -> int:
         if nstype != linux.NAMESPACES[kind][0]:
             raise SandboxError(f"join_namespaces: {path} is not a {kind} namespace")
         if os.fstat(fd).st_ino == linux.ns_inode(kind):
-            raise SandboxError(f"join_namespaces: {path} is the host's own {kind} namespace; "
-                               "give the run one made for it (unshare in a helper process)")
+            raise SandboxError(
+                f"join_namespaces: {path} is the host's own {kind} namespace; "
+                "give the run one made for it (unshare in a helper process)"
+            )
     except BaseException:
         os.close(fd)
         raise
@@ -284,7 +303,7 @@ def _await_ready(rfd: int) -> dict[str, int]:
     if not text.startswith("ready "):
         raise SandboxError(f"the host sandbox could not be built: {text or 'init died'}")
     uppers: dict[str, int] = {}
-    for item in text[len("ready "):].split("\0"):
+    for item in text[len("ready ") :].split("\0"):
         if item:
             point, _, fd = item.rpartition("=")
             uppers[point] = int(fd)
@@ -439,6 +458,7 @@ def _remove_scratch(scratch: str) -> None:
 
 # --- in the sandbox's init ------------------------------------------------------------------
 
+
 def _init_main(scratch: str, shared: list[str], ready_fd: int) -> NoReturn:
     """Pid 1 of the sandbox: build it, report, then reap orphans until killed."""
     try:
@@ -588,13 +608,18 @@ def _make_proc(new: str) -> None:
     net = proc + "/sys/net"
     linux.mount(net, net, None, linux.MS_BIND)  # stays rw: per network namespace
     for path in bound:
-        linux.mount(None, path, None,
-                    linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | nosuid_noexec)
+        linux.mount(
+            None, path, None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | nosuid_noexec
+        )
 
 
 def _make_sys(new: str) -> None:
-    linux.mount("sysfs", new + "/sys", "sysfs",
-                linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+    linux.mount(
+        "sysfs",
+        new + "/sys",
+        "sysfs",
+        linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC,
+    )
 
 
 def _make_dev(new: str) -> None:
@@ -623,13 +648,24 @@ def _make_dev(new: str) -> None:
             open(f"{dev}/{name}", "w").close()
             linux.mount(f"/dev/{name}", f"{dev}/{name}", None, linux.MS_BIND)
     os.mkdir(f"{dev}/pts")
-    linux.mount("devpts", f"{dev}/pts", "devpts", linux.MS_NOSUID | linux.MS_NOEXEC,
-                "newinstance,ptmxmode=0666,mode=0620")
+    linux.mount(
+        "devpts",
+        f"{dev}/pts",
+        "devpts",
+        linux.MS_NOSUID | linux.MS_NOEXEC,
+        "newinstance,ptmxmode=0666,mode=0620",
+    )
     os.mkdir(f"{dev}/shm")
-    linux.mount("shm", f"{dev}/shm", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC,
-                "mode=1777")
+    linux.mount(
+        "shm",
+        f"{dev}/shm",
+        "tmpfs",
+        linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC,
+        "mode=1777",
+    )
     os.mkdir(f"{dev}/mqueue")
-    linux.mount("mqueue", f"{dev}/mqueue", "mqueue",
-                linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+    linux.mount(
+        "mqueue", f"{dev}/mqueue", "mqueue", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
+    )
     for name, target in DEV_LINKS.items():
         os.symlink(target, f"{dev}/{name}")

@@ -44,24 +44,73 @@ HOST_GLOBAL_CATEGORY = "host-global"
 
 #: x86-64 system call numbers (asm/unistd_64.h) of every call a rule names.
 SYSCALLS_X86_64: dict[str, int] = {
-    "mount": 165, "umount2": 166, "open_tree": 428, "move_mount": 429, "fsopen": 430,
-    "fsconfig": 431, "fsmount": 432, "fspick": 433, "mount_setattr": 442, "pivot_root": 155,
-    "chroot": 161, "unshare": 272, "setns": 308, "clone": 56, "clone3": 435,
-    "sethostname": 170, "setdomainname": 171, "setuid": 105, "setgid": 106, "setreuid": 113,
-    "setregid": 114, "setresuid": 117, "setresgid": 119, "setfsuid": 122, "setfsgid": 123,
-    "setgroups": 116, "capset": 126, "ptrace": 101, "process_vm_writev": 311,
-    "pidfd_getfd": 438, "mknod": 133, "mknodat": 259,
-    "settimeofday": 164, "clock_settime": 227, "clock_adjtime": 305, "adjtimex": 159,
-    "init_module": 175, "finit_module": 313, "delete_module": 176, "reboot": 169,
-    "kexec_load": 246, "kexec_file_load": 320, "swapon": 167, "swapoff": 168, "acct": 163,
-    "iopl": 172, "ioperm": 173, "quotactl": 179, "quotactl_fd": 443,
-    "open_by_handle_at": 304, "add_key": 248, "request_key": 249, "keyctl": 250, "bpf": 321,
-    "vhangup": 153, "syslog": 103,
+    "mount": 165,
+    "umount2": 166,
+    "open_tree": 428,
+    "move_mount": 429,
+    "fsopen": 430,
+    "fsconfig": 431,
+    "fsmount": 432,
+    "fspick": 433,
+    "mount_setattr": 442,
+    "pivot_root": 155,
+    "chroot": 161,
+    "unshare": 272,
+    "setns": 308,
+    "clone": 56,
+    "clone3": 435,
+    "sethostname": 170,
+    "setdomainname": 171,
+    "setuid": 105,
+    "setgid": 106,
+    "setreuid": 113,
+    "setregid": 114,
+    "setresuid": 117,
+    "setresgid": 119,
+    "setfsuid": 122,
+    "setfsgid": 123,
+    "setgroups": 116,
+    "capset": 126,
+    "ptrace": 101,
+    "process_vm_writev": 311,
+    "pidfd_getfd": 438,
+    "mknod": 133,
+    "mknodat": 259,
+    "settimeofday": 164,
+    "clock_settime": 227,
+    "clock_adjtime": 305,
+    "adjtimex": 159,
+    "init_module": 175,
+    "finit_module": 313,
+    "delete_module": 176,
+    "reboot": 169,
+    "kexec_load": 246,
+    "kexec_file_load": 320,
+    "swapon": 167,
+    "swapoff": 168,
+    "acct": 163,
+    "iopl": 172,
+    "ioperm": 173,
+    "quotactl": 179,
+    "quotactl_fd": 443,
+    "open_by_handle_at": 304,
+    "add_key": 248,
+    "request_key": 249,
+    "keyctl": 250,
+    "bpf": 321,
+    "vhangup": 153,
+    "syslog": 103,
 }
 _X32_SYSCALL_BIT = 0x40000000
-_NAMESPACE_FLAGS = (linux.CLONE_NEWNS | linux.CLONE_NEWCGROUP | linux.CLONE_NEWUTS
-                    | linux.CLONE_NEWIPC | linux.CLONE_NEWUSER | linux.CLONE_NEWPID
-                    | linux.CLONE_NEWNET)
+_NAMESPACE_FLAGS = (
+    linux.CLONE_NEWNS
+    | linux.CLONE_NEWCGROUP
+    | linux.CLONE_NEWUTS
+    | linux.CLONE_NEWIPC
+    | linux.CLONE_NEWUSER
+    | linux.CLONE_NEWPID
+    | linux.CLONE_NEWNET
+)
 _S_IFMT, _S_IFCHR, _S_IFBLK = 0o170000, 0o020000, 0o060000
 
 
@@ -98,11 +147,14 @@ def _rules(category: str, names: str) -> tuple[Rule, ...]:
 #: containment is the sandbox's and the supervisor's business), and file writes (the host
 #: diff's: a file system path cannot be judged from a system call's registers).
 CONTAINMENT: tuple[Rule, ...] = (
-    *_rules(SYSTEM_INTERFACE, "mount umount2 open_tree move_mount fsopen fsconfig fsmount "
-                              "fspick mount_setattr pivot_root chroot unshare setns "
-                              "sethostname setdomainname setuid setgid setreuid setregid "
-                              "setresuid setresgid setfsuid setfsgid setgroups capset ptrace "
-                              "process_vm_writev pidfd_getfd"),
+    *_rules(
+        SYSTEM_INTERFACE,
+        "mount umount2 open_tree move_mount fsopen fsconfig fsmount "
+        "fspick mount_setattr pivot_root chroot unshare setns "
+        "sethostname setdomainname setuid setgid setreuid setregid "
+        "setresuid setresgid setfsuid setfsgid setgroups capset ptrace "
+        "process_vm_writev pidfd_getfd",
+    ),
     Rule("clone", SYSTEM_INTERFACE, arg=0, mask=_NAMESPACE_FLAGS),
     Rule("mknod", SYSTEM_INTERFACE, arg=1, mask=_S_IFMT, values=(_S_IFCHR, _S_IFBLK)),
     Rule("mknodat", SYSTEM_INTERFACE, arg=2, mask=_S_IFMT, values=(_S_IFCHR, _S_IFBLK)),
@@ -123,11 +175,14 @@ CONTAINMENT: tuple[Rule, ...] = (
 #: - syslog only for the actions that change the host's log (read-clear 4, clear 5,
 #:   console off/on/level 6-8); reading the kernel log stays allowed.
 HOST_GLOBAL: tuple[Rule, ...] = (
-    *_rules(HOST_GLOBAL_CATEGORY, "settimeofday clock_settime clock_adjtime adjtimex "
-                                  "init_module finit_module delete_module reboot kexec_load "
-                                  "kexec_file_load swapon swapoff acct quotactl quotactl_fd "
-                                  "iopl ioperm vhangup open_by_handle_at add_key request_key "
-                                  "keyctl bpf"),
+    *_rules(
+        HOST_GLOBAL_CATEGORY,
+        "settimeofday clock_settime clock_adjtime adjtimex "
+        "init_module finit_module delete_module reboot kexec_load "
+        "kexec_file_load swapon swapoff acct quotactl quotactl_fd "
+        "iopl ioperm vhangup open_by_handle_at add_key request_key "
+        "keyctl bpf",
+    ),
     Rule("syslog", HOST_GLOBAL_CATEGORY, arg=0, values=(4, 5, 6, 7, 8)),
 )
 
@@ -175,8 +230,9 @@ class _Assembler:
         return out
 
 
-def build_program(rules: Iterable[Rule], table: dict[str, int] = SYSCALLS_X86_64,
-                  notify: bool = True) -> list[tuple[int, int, int, int]]:
+def build_program(
+    rules: Iterable[Rule], table: dict[str, int] = SYSCALLS_X86_64, notify: bool = True
+) -> list[tuple[int, int, int, int]]:
     """The filter for ``rules``: x86-64 only (another architecture, e.g. a 32-bit
     ``int 0x80``, kills the process: its numbers mean other calls), x32 numbers notified,
     each rule's call notified (when its argument test matches), clone3 ENOSYS, the rest
@@ -216,8 +272,7 @@ def build_program(rules: Iterable[Rule], table: dict[str, int] = SYSCALLS_X86_64
 
 
 @functools.cache
-def program(rules: tuple[Rule, ...], notify: bool = True
-            ) -> tuple[tuple[int, int, int, int], ...]:
+def program(rules: tuple[Rule, ...], notify: bool = True) -> tuple[tuple[int, int, int, int], ...]:
     """:func:`build_program`, once per process (see :func:`warm`)."""
     return tuple(build_program(rules, notify=notify))
 
@@ -231,6 +286,7 @@ def warm() -> None:
 
 
 # --- installing (in the starter) ------------------------------------------------------------
+
 
 class Unavailable(Exception):
     """The filter cannot be installed here (architecture, kernel): the reason."""
@@ -252,8 +308,9 @@ def _has_sys_admin() -> bool:
     return bool(linux.capget()[0] >> linux.CAP_NUMBERS["CAP_SYS_ADMIN"] & 1)
 
 
-def install(rules: tuple[Rule, ...], privileged: bool | None = None,
-            notify: bool = True) -> int | None:
+def install(
+    rules: tuple[Rule, ...], privileged: bool | None = None, notify: bool = True
+) -> int | None:
     """Install a filter for ``rules`` on the calling thread (and so on everything it starts
     later); its listener fd (None without ``notify``: refused calls then fail at once).
     Without CAP_SYS_ADMIN, no_new_privs is set first (the kernel requires it): only the fake
@@ -267,8 +324,9 @@ def install(rules: tuple[Rule, ...], privileged: bool | None = None,
     return linux.seccomp_install_filter(prog, listener=notify)
 
 
-def _install_recorded_or_not(rules: tuple[Rule, ...], privileged: bool
-                             ) -> tuple[int | None, str | None]:
+def _install_recorded_or_not(
+    rules: tuple[Rule, ...], privileged: bool
+) -> tuple[int | None, str | None]:
     """(listener, None), or (None, why the refusals go unrecorded) when a filter above
     already has a listener (the kernel allows one per chain, EBUSY: the kit run inside a
     kit run): the calls are still refused, with EPERM at once."""
@@ -278,8 +336,10 @@ def _install_recorded_or_not(rules: tuple[Rule, ...], privileged: bool
         if exc.errno != errno.EBUSY:
             raise
     install(rules, privileged, notify=False)
-    return None, ("refused but not recorded: a seccomp filter with a listener is already "
-                  "installed above this run (the kit run inside a kit run?)")
+    return None, (
+        "refused but not recorded: a seccomp filter with a listener is already "
+        "installed above this run (the kit run inside a kit run?)"
+    )
 
 
 def install_for_run(backend: str, channel: socket.socket) -> str | None:
@@ -293,10 +353,14 @@ def install_for_run(backend: str, channel: socket.socket) -> str | None:
     choice = rules_for(backend, privileged)
     try:
         if choice is None:
-            info: dict[str, Any] = {"filter": None, "reason": (
-                "real backend launched without CAP_SYS_ADMIN: the kernel refuses every "
-                "host-global call to it (they need capabilities of the initial user "
-                "namespace)")}
+            info: dict[str, Any] = {
+                "filter": None,
+                "reason": (
+                    "real backend launched without CAP_SYS_ADMIN: the kernel refuses every "
+                    "host-global call to it (they need capabilities of the initial user "
+                    "namespace)"
+                ),
+            }
             channel.sendall(json.dumps(info).encode())
             return None
         name, rules = choice
@@ -322,8 +386,8 @@ def install_for_run(backend: str, channel: socket.socket) -> str | None:
 
 # --- the supervisor's side ------------------------------------------------------------------
 
-def receive_listener(channel: socket.socket, timeout: float
-                     ) -> tuple[int | None, dict[str, Any]]:
+
+def receive_listener(channel: socket.socket, timeout: float) -> tuple[int | None, dict[str, Any]]:
     """(listener fd or None, the starter's description of its filter), waiting at most
     ``timeout`` seconds for the starter (which sends it first thing)."""
     deadline = time.monotonic() + timeout
@@ -334,8 +398,11 @@ def receive_listener(channel: socket.socket, timeout: float
             return None, {"filter": None, "error": "the starter sent no filter in time"}
     try:
         data, fds, _, _ = socket.recv_fds(channel, 65536, 1)
-        info = json.loads(data) if data else {"filter": None,
-                                              "error": "the starter died before its filter"}
+        info = (
+            json.loads(data)
+            if data
+            else {"filter": None, "error": "the starter died before its filter"}
+        )
     except (OSError, ValueError) as exc:
         return None, {"filter": None, "error": f"filter hand-over failed: {exc}"}
     if not isinstance(info, dict):
@@ -349,9 +416,18 @@ def receive_listener(channel: socket.socket, timeout: float
 #: Arguments that point to a string, by call: index, or (index, index of its length) for a
 #: name that is not NUL-terminated. Recorded for the reader (the path, the host name).
 STRING_ARGS: dict[str, tuple[int | tuple[int, int], ...]] = {
-    "sethostname": ((0, 1),), "setdomainname": ((0, 1),), "chroot": (0,),
-    "pivot_root": (0, 1), "mount": (0, 1, 2), "umount2": (0,), "swapon": (0,),
-    "swapoff": (0,), "acct": (0,), "delete_module": (0,), "mknod": (0,), "mknodat": (1,),
+    "sethostname": ((0, 1),),
+    "setdomainname": ((0, 1),),
+    "chroot": (0,),
+    "pivot_root": (0, 1),
+    "mount": (0, 1, 2),
+    "umount2": (0,),
+    "swapon": (0,),
+    "swapoff": (0,),
+    "acct": (0,),
+    "delete_module": (0,),
+    "mknod": (0,),
+    "mknodat": (1,),
 }
 _MAX_STRING = 256
 #: Refusals the supervisor records per run; the rest are answered and counted (an engine
@@ -377,8 +453,13 @@ def _thread_ids(tid: int) -> dict[str, Any] | None:
             siblings.append(int(st.get("NSpid", t).split()[-1]))
     except (OSError, ValueError, KeyError):
         return None
-    return {"tgid": tgid, "ns_tid": own, "ns_tgid": ptgid, "ns_threads": sorted(siblings),
-            "parent": parent}
+    return {
+        "tgid": tgid,
+        "ns_tid": own,
+        "ns_tgid": ptgid,
+        "ns_threads": sorted(siblings),
+        "parent": parent,
+    }
 
 
 def _parent_ids(ppid: int) -> dict[str, Any] | None:
@@ -387,12 +468,19 @@ def _parent_ids(ppid: int) -> dict[str, Any] | None:
     try:
         status = linux.read_status(f"/proc/{ppid}/status")
         tgid = int(status.get("NStgid", str(ppid)).split()[-1])
-        threads = [int(linux.read_status(f"/proc/{ppid}/task/{t}/status")
-                       .get("NSpid", t).split()[-1]) for t in os.listdir(f"/proc/{ppid}/task")]
+        threads = [
+            int(linux.read_status(f"/proc/{ppid}/task/{t}/status").get("NSpid", t).split()[-1])
+            for t in os.listdir(f"/proc/{ppid}/task")
+        ]
     except (OSError, ValueError, KeyError):
         return None
-    return {"tgid": ppid, "ns_tid": tgid, "ns_tgid": tgid, "ns_threads": sorted(threads),
-            "parent": None}
+    return {
+        "tgid": ppid,
+        "ns_tid": tgid,
+        "ns_tgid": tgid,
+        "ns_threads": sorted(threads),
+        "parent": None,
+    }
 
 
 def handle_notification(listener: int) -> dict[str, Any] | None:
@@ -404,17 +492,28 @@ def handle_notification(listener: int) -> dict[str, Any] | None:
     except OSError:
         return None
     nr = notif.nr
-    name = _NAMES.get(nr, f"x32 system call {nr & ~_X32_SYSCALL_BIT}" if nr & _X32_SYSCALL_BIT
-                      else f"system call {nr}")
+    name = _NAMES.get(
+        nr,
+        f"x32 system call {nr & ~_X32_SYSCALL_BIT}"
+        if nr & _X32_SYSCALL_BIT
+        else f"system call {nr}",
+    )
     ids = _thread_ids(notif.pid)
     strings = _strings(listener, notif, name)
     try:
         answered = linux.seccomp_notif_send_error(listener, notif.id, errno.EPERM)
     except OSError:
         answered = False
-    record = {"syscall": name, "nr": nr, "args": [f"{a:#x}" for a in notif.args],
-              "category": _CATEGORY.get(name, SYSTEM_INTERFACE), "errno": "EPERM",
-              "answered": answered, "target_tid": notif.pid, "target": ids}
+    record = {
+        "syscall": name,
+        "nr": nr,
+        "args": [f"{a:#x}" for a in notif.args],
+        "category": _CATEGORY.get(name, SYSTEM_INTERFACE),
+        "errno": "EPERM",
+        "answered": answered,
+        "target_tid": notif.pid,
+        "target": ids,
+    }
     if strings:
         record["strings"] = strings
     return record
@@ -433,8 +532,9 @@ def _strings(listener: int, notif: linux.SeccompNotif, name: str) -> list[str | 
             raw = linux.read_memory(notif.pid, address, length) if address else None
         except (OSError, OverflowError, ValueError):
             raw = None
-        out.append(None if raw is None else
-                   raw.split(b"\0", 1)[0].decode(errors="backslashreplace"))
+        out.append(
+            None if raw is None else raw.split(b"\0", 1)[0].decode(errors="backslashreplace")
+        )
     try:
         still = linux.seccomp_notif_id_valid(listener, notif.id)
     except OSError:
@@ -443,13 +543,19 @@ def _strings(listener: int, notif: linux.SeccompNotif, name: str) -> list[str | 
 
 
 #: Roles one process has in turn (the starter becomes the master, the container stage 2).
-_SAME_PROCESS = {"starter": ("starter", "master"), "master": ("starter", "master"),
-                 "container": ("container", "stage2"), "stage2": ("container", "stage2")}
+_SAME_PROCESS = {
+    "starter": ("starter", "master"),
+    "master": ("starter", "master"),
+    "container": ("container", "stage2"),
+    "stage2": ("container", "stage2"),
+}
 
 
-def attribute(events: list[dict[str, Any]], target: dict[str, Any] | None,
-              role_of: Callable[[int], str | None] | None = None
-              ) -> tuple[str | None, str | None]:
+def attribute(
+    events: list[dict[str, Any]],
+    target: dict[str, Any] | None,
+    role_of: Callable[[int], str | None] | None = None,
+) -> tuple[str | None, str | None]:
     """(process role, hook) of a notifying thread, from the ledger so far. ``role_of``: the
     kit process a kernel pid is (the supervisor's senders, known by SO_PASSCRED), which
     tells processes apart whose namespace-local tids coincide (the master in the sandbox's
@@ -461,8 +567,13 @@ def attribute(events: list[dict[str, Any]], target: dict[str, Any] | None,
     tids = set(target["ns_threads"]) | {target["ns_tid"], target["ns_tgid"]}
     # Only well-formed events: the ledger socket is open to engine code, which could send
     # anything (a list for a tid, a dict for a hook).
-    events = [e for e in events if type(e.get("tid")) is int
-              and isinstance(e.get("role"), str) and isinstance(e.get("hook", ""), str)]
+    events = [
+        e
+        for e in events
+        if type(e.get("tid")) is int
+        and isinstance(e.get("role"), str)
+        and isinstance(e.get("hook", ""), str)
+    ]
     known = role_of(target["tgid"]) if role_of is not None and "tgid" in target else None
     if known is not None:
         family = _SAME_PROCESS.get(known, (known,))
@@ -508,8 +619,16 @@ def resolve_rpc_methods(events: list[dict[str, Any]]) -> None:
         target = e.get("target")
         threads = target.get("ns_threads") if isinstance(target, dict) else None
         tids = {t for t in threads if type(t) is int} if isinstance(threads, list) else set()
-        call = next((c for c in events[i + 1:] if c.get("kind") == "rpc_call"
-                     and type(c.get("tid")) is int and (not tids or c["tid"] in tids)), None)
+        call = next(
+            (
+                c
+                for c in events[i + 1 :]
+                if c.get("kind") == "rpc_call"
+                and type(c.get("tid")) is int
+                and (not tids or c["tid"] in tids)
+            ),
+            None,
+        )
         if call is not None and e.get("hook") is None:
             e["hook"] = f"RPC method {call.get('method')}"
 
@@ -520,5 +639,7 @@ def describe_refusal(event: dict[str, Any]) -> str:
     where = event.get("hook") or "no hook"
     strings = event.get("strings") or []
     shown = f": {', '.join(repr(s) for s in strings)}" if strings else ""
-    return (f"{event.get('syscall')} in {where} "
-            f"({event.get('process_role') or 'unknown process'}){shown}")
+    return (
+        f"{event.get('syscall')} in {where} "
+        f"({event.get('process_role') or 'unknown process'}){shown}"
+    )

@@ -100,9 +100,12 @@ def _configure_probes(req: RunRequest, run_dir: str) -> None:
         # The fake backend is imported only for fake runs: real runs fork from a leaner
         # process (fork cost grows with the forking process's memory).
         from kit.system.fake import ROOT_FLOWS  # noqa: PLC0415  (lazy: fake runs only)
+
         root = os.geteuid() == 0 or req.flow in ROOT_FLOWS
-        binary = probe.SetuidBinary(os.path.join(run_dir, probe.SETUID_DIR, "id"),
-                                    unavailable="" if root else "launched-without-root")
+        binary = probe.SetuidBinary(
+            os.path.join(run_dir, probe.SETUID_DIR, "id"),
+            unavailable="" if root else "launched-without-root",
+        )
     probe.configure(req.host_userns, binary)
 
 
@@ -132,18 +135,24 @@ class Supervisor:
     def record(self, event: dict[str, Any], datagram: bytes | None = None) -> None:
         """Number ``event`` and act on it. ``datagram`` is the JSON it was decoded from, if
         any: the result then reuses it instead of encoding the event again."""
-        if datagram is not None and ("seq" in event or not datagram.startswith(b"{")
-                                     or not datagram.endswith(b"}")):
+        if datagram is not None and (
+            "seq" in event or not datagram.startswith(b"{") or not datagram.endswith(b"}")
+        ):
             datagram = None  # not spliceable: encoded again (with seq where it was)
         event["seq"] = len(self.events)
         self.events.append(event)
         self._datagrams.append(datagram)
         kind = event["kind"]
         role = event.get("role", "?")
-        if kind == "hook_enter" and isinstance(event.get("hook"), str) \
-                and event["hook"] not in UNTIMED_HOOKS:
+        if (
+            kind == "hook_enter"
+            and isinstance(event.get("hook"), str)
+            and event["hook"] not in UNTIMED_HOOKS
+        ):
             self.open_hooks[(role, event["hook"])] = (
-                time.monotonic() + self.req.hook_timeout, event.get("pid", 0))
+                time.monotonic() + self.req.hook_timeout,
+                event.get("pid", 0),
+            )
         elif kind in ("hook_return", "hook_raise"):
             self.open_hooks.pop((role, event.get("hook", "")), None)
         elif kind in ("stage2_exec", "stage2_failed"):
@@ -177,11 +186,11 @@ class Supervisor:
         if req.sandbox:
             try:
                 if ahead is None:
-                    building = host_sandbox.build([run_dir, *_coverage_dirs(),
-                                                   *req.shared_dirs])
+                    building = host_sandbox.build([run_dir, *_coverage_dirs(), *req.shared_dirs])
                 elif ahead.building is None:
-                    raise host_sandbox.SandboxError(f"the host sandbox could not be built "
-                                                    f"ahead: {ahead.error}")
+                    raise host_sandbox.SandboxError(
+                        f"the host sandbox could not be built ahead: {ahead.error}"
+                    )
                 else:
                     building = ahead.building
                 self.sandbox = host_sandbox.adopt(building)
@@ -200,8 +209,9 @@ class Supervisor:
             if self.sandbox is not None:
                 host_sandbox.end(self.sandbox)
 
-    def _run(self, result_fd: int, run_dir: str, lock_fd: int,
-             before: Any = None) -> dict[str, Any]:
+    def _run(
+        self, result_fd: int, run_dir: str, lock_fd: int, before: Any = None
+    ) -> dict[str, Any]:
         req, user, box = self.req, self.req.user(), self.sandbox
         host = "self" if box is None else box.init_pid
         host_root = "" if box is None else f"/proc/{box.init_pid}/root"
@@ -214,10 +224,17 @@ class Supervisor:
             _configure_probes(req, run_dir)
         reader, writer = ledger_socketpair()
         filter_here, filter_there = socket.socketpair()
-        self.emit("run_start", engine=req.engine, flow=req.flow, backend=req.backend,
-                  invoker={"uid": user.uid, "gid": user.gid, "name": user.name},
-                  probes=req.probes, hook_timeout=req.hook_timeout, run_dir=run_dir,
-                  host_userns=req.host_userns)
+        self.emit(
+            "run_start",
+            engine=req.engine,
+            flow=req.flow,
+            backend=req.backend,
+            invoker={"uid": user.uid, "gid": user.gid, "name": user.name},
+            probes=req.probes,
+            hook_timeout=req.hook_timeout,
+            run_dir=run_dir,
+            host_userns=req.host_userns,
+        )
         sys.stdout.flush()
         self.watch_host(before)
         # The starter checks its parent against this pid (read after the fork, it could be
@@ -230,31 +247,44 @@ class Supervisor:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             filter_here.close()
             if box is not None:
-                _enter_sandbox(box, writer, self.inherited | {writer.fileno(),
-                                                              filter_there.fileno()})
+                _enter_sandbox(
+                    box, writer, self.inherited | {writer.fileno(), filter_there.fileno()}
+                )
             Starter(req, writer, filter_there, parent=me).main()
         writer.close()
         filter_there.close()
         self.senders.add_starter(pid)
         if self.host is not None:
             self.host.start()
-        seen = "" if box is None else " " + json.dumps(
-            {"sandbox_pid": box.init_pid, "sandbox_mounts": sorted(mounts_before)})
+        seen = (
+            ""
+            if box is None
+            else " "
+            + json.dumps({"sandbox_pid": box.init_pid, "sandbox_mounts": sorted(mounts_before)})
+        )
         os.write(result_fd, f"started {pid} {run_dir}{seen}\n".encode())
         self.listener, info = seccomp.receive_listener(filter_here, req.run_timeout)
         filter_here.close()
-        self.emit("seccomp_filter", **{k: info[k] for k in ("filter", "syscalls", "error",
-                                                          "reason") if k in info})
+        self.emit(
+            "seccomp_filter",
+            **{k: info[k] for k in ("filter", "syscalls", "error", "reason") if k in info},
+        )
         status = self.collect(reader, pid)
         self._drain_notifications()
         reader.close()
         seccomp.resolve_rpc_methods(self.events)
         code, reason = self.exit_code(status)
         if self.dropped:
-            self.emit("engine_fault", fault="flood", sender_pid=None, sender_role=None,
-                      open_hooks=[], detail=f"{self.dropped} more datagrams were not recorded "
-                      f"(a run records at most {MAX_EVENTS} events and {MAX_FAULTS} faults)",
-                      excerpt="")
+            self.emit(
+                "engine_fault",
+                fault="flood",
+                sender_pid=None,
+                sender_role=None,
+                open_hooks=[],
+                detail=f"{self.dropped} more datagrams were not recorded "
+                f"(a run records at most {MAX_EVENTS} events and {MAX_FAULTS} faults)",
+                excerpt="",
+            )
 
         # Leaks: every check runs after every run, whatever happened. Processes the kit
         # itself is already killing (parent-death signals) get a short grace period.
@@ -285,10 +315,17 @@ class Supervisor:
         if self.refusals > seccomp.MAX_RECORDED:
             self.emit("syscalls_unrecorded", count=self.refusals - seccomp.MAX_RECORDED)
         self.emit("exit", code=code, reason=reason)
-        return {"exit_code": code, "reason": reason, "leaks": self.leaks,
-                "timed_out": self.timed_out,
-                "ledger": {"schema_version": SCHEMA_VERSION, "run": req.to_json(),
-                           "events": self.events}}
+        return {
+            "exit_code": code,
+            "reason": reason,
+            "leaks": self.leaks,
+            "timed_out": self.timed_out,
+            "ledger": {
+                "schema_version": SCHEMA_VERSION,
+                "run": req.to_json(),
+                "events": self.events,
+            },
+        }
 
     def _parent_gone(self, _signum: int, _frame: Any) -> None:
         """SIGTERM, our parent-death signal: nobody will read the result. Kill the run and
@@ -308,8 +345,12 @@ class Supervisor:
         rest = {k: v for k, v in ledger.items() if k != "events"}
         if not head or not rest or list(result)[-1] != "ledger" or list(ledger)[-1] != "events":
             return json.dumps(result).encode()  # the layout below would reorder keys
-        parts = [json.dumps(head)[:-1].encode(), b', "ledger": ', json.dumps(rest)[:-1].encode(),
-                 b', "events": [']
+        parts = [
+            json.dumps(head)[:-1].encode(),
+            b', "ledger": ',
+            json.dumps(rest)[:-1].encode(),
+            b', "events": [',
+        ]
         for i, (event, datagram) in enumerate(zip(self.events, self._datagrams, strict=True)):
             if i:
                 parts.append(b", ")
@@ -356,8 +397,11 @@ class Supervisor:
             elif not self._has_children():
                 alive = {}
             else:
-                alive = {p: _cmdline(p) for p in linux.descendants(os.getpid())
-                         if linux.process_state(p) not in ("Z", None)}
+                alive = {
+                    p: _cmdline(p)
+                    for p in linux.descendants(os.getpid())
+                    if linux.process_state(p) not in ("Z", None)
+                }
             if not alive or time.monotonic() >= deadline:
                 return alive
             time.sleep(0.005)
@@ -375,8 +419,9 @@ class Supervisor:
             start = time.perf_counter()
             fields = self.host.finish()
             self.host = None
-            self.emit("host_changes", **fields, cost_ms=round((time.perf_counter() - start)
-                                                               * 1000, 3))
+            self.emit(
+                "host_changes", **fields, cost_ms=round((time.perf_counter() - start) * 1000, 3)
+            )
 
     def leak(self, what: str, detail: str) -> None:
         self.leaks.append({"what": what, "detail": detail})
@@ -384,9 +429,11 @@ class Supervisor:
 
     def exit_code(self, status: int | None) -> tuple[int, str]:
         if self.timed_out is not None:
-            return EXIT_FATAL, (f"hook timeout: {self.timed_out['hook']} in "
-                                f"{self.timed_out['hook_role']} did not return within "
-                                f"{self.timed_out['seconds']} s")
+            return EXIT_FATAL, (
+                f"hook timeout: {self.timed_out['hook']} in "
+                f"{self.timed_out['hook_role']} did not return within "
+                f"{self.timed_out['seconds']} s"
+            )
         if status is None:
             return EXIT_FATAL, "starter lost"
         if os.WIFSIGNALED(status):
@@ -451,8 +498,9 @@ class Supervisor:
         while batch is None or count < batch:
             count += 1
             try:
-                data, sender, fds, truncated = linux.recv_with_sender(reader, MAX_EVENT,
-                                                                      socket.MSG_DONTWAIT)
+                data, sender, fds, truncated = linux.recv_with_sender(
+                    reader, MAX_EVENT, socket.MSG_DONTWAIT
+                )
             except BlockingIOError:
                 if self.host is not None:
                     self.host.look()  # after a batch: the hooks open since the last look
@@ -469,17 +517,23 @@ class Supervisor:
                 _release(fds, answer)
         return True
 
-    def admit(self, data: bytes, sender: int | None, truncated: bool,
-              confirmed: bool = False) -> bytes:
+    def admit(
+        self, data: bytes, sender: int | None, truncated: bool, confirmed: bool = False
+    ) -> bytes:
         """Record a datagram of the run's processes, or an engine fault in its place when it
         is malformed, does not come from the process it names, or carries a snapshot that
         the kernel contradicts (LEDGER-003). ``confirmed``: the sender waits while we read
         its thread's credentials. Returns the answer for its confirmation pipe: RETRY asks
         it to read its snapshot again and resend (:data:`kit.ledger.record.SNAPSHOT_ATTEMPTS`)."""
         if truncated:
-            self.engine_fault("malformed", sender, f"a truncated datagram (longer than "
-                              f"{MAX_EVENT} bytes, or with more than "
-                              f"{linux.MAX_PASSED_FDS} descriptors)", data)
+            self.engine_fault(
+                "malformed",
+                sender,
+                f"a truncated datagram (longer than "
+                f"{MAX_EVENT} bytes, or with more than "
+                f"{linux.MAX_PASSED_FDS} descriptors)",
+                data,
+            )
             return CONFIRMED
         event, problem = parse_datagram(data)
         if event is not None:
@@ -524,9 +578,15 @@ class Supervisor:
         if hooks_of == "rpc":  # an RPC method runs for the master's create_container
             roles = roles | {"master"}
         hooks = [f"{r} {h}" for (r, h) in self.open_hooks if r in roles]
-        self.emit("engine_fault", fault=fault, sender_pid=numbered, sender_role=role,
-                  open_hooks=hooks, detail=detail,
-                  excerpt=data[:EXCERPT].decode("utf-8", "replace"))
+        self.emit(
+            "engine_fault",
+            fault=fault,
+            sender_pid=numbered,
+            sender_role=role,
+            open_hooks=hooks,
+            detail=detail,
+            excerpt=data[:EXCERPT].decode("utf-8", "replace"),
+        )
 
     def run_pid(self, kernel_pid: int | None) -> int | None:
         """A pid as the supervisor's pid namespace numbers it (SO_PASSCRED, seccomp, /proc)
@@ -554,8 +614,7 @@ class Supervisor:
                 return True
             self.refusals += 1
             if self.refusals <= seccomp.MAX_RECORDED:  # an engine looping on one call
-                role, hook = seccomp.attribute(self.events, refusal["target"],
-                                               self.senders.role_of)
+                role, hook = seccomp.attribute(self.events, refusal["target"], self.senders.role_of)
                 self._renumber(refusal)
                 self.emit("syscall_refused", **refusal, process_role=role, hook=hook)
             return True
@@ -595,15 +654,25 @@ class Supervisor:
         # Every hook still open, oldest first: a hook blocked on another process's hung
         # hook (create_container on an RPC method, say) is listed with it.
         now = time.monotonic()
-        still_open = [{"role": r, "hook": h,
-                       "open_for": round(now - d + self.req.hook_timeout, 3)}
-                      for (r, h), (d, _) in sorted(self.open_hooks.items(),
-                                                   key=lambda kv: kv[1][0])]
-        self.timed_out = {"hook": hook, "hook_role": role, "seconds": seconds,
-                          "whole_run": whole_run, "open_hooks": still_open}
-        self.emit("hook_timeout", hook=hook, hook_role=role,
-                  hook_pid=self.open_hooks.get((role, hook), (0, 0))[1], seconds=seconds,
-                  open_hooks=still_open)
+        still_open = [
+            {"role": r, "hook": h, "open_for": round(now - d + self.req.hook_timeout, 3)}
+            for (r, h), (d, _) in sorted(self.open_hooks.items(), key=lambda kv: kv[1][0])
+        ]
+        self.timed_out = {
+            "hook": hook,
+            "hook_role": role,
+            "seconds": seconds,
+            "whole_run": whole_run,
+            "open_hooks": still_open,
+        }
+        self.emit(
+            "hook_timeout",
+            hook=hook,
+            hook_role=role,
+            hook_pid=self.open_hooks.get((role, hook), (0, 0))[1],
+            seconds=seconds,
+            open_hooks=still_open,
+        )
         self.kill_tree()
 
     def kill_tree(self) -> None:
@@ -661,8 +730,11 @@ class Ahead:
 
     def moved(self, numbers: dict[int, int]) -> Ahead:
         """The same, its descriptors renumbered (``numbers``: old -> new)."""
-        building = None if self.building is None else dataclasses.replace(
-            self.building, ready_fd=numbers[self.building.ready_fd])
+        building = (
+            None
+            if self.building is None
+            else dataclasses.replace(self.building, ready_fd=numbers[self.building.ready_fd])
+        )
         return dataclasses.replace(self, lock_fd=numbers[self.lock_fd], building=building)
 
     def discard(self) -> None:
@@ -683,8 +755,9 @@ def prepare_ahead() -> Ahead:
         uppers = building.wait_ready()
     except host_sandbox.SandboxError:
         return Ahead(run_dir, lock_fd, building)  # the run's adopt reports it
-    view = host_sandbox.HostSandbox(init_pid=building.init_pid, upper_dir=uppers["/"],
-                                    upper_dirs=uppers, own_init=False)
+    view = host_sandbox.HostSandbox(
+        init_pid=building.init_pid, upper_dir=uppers["/"], upper_dirs=uppers, own_init=False
+    )
     return Ahead(run_dir, lock_fd, building, before=hostdiff.fresh_state(view))
 
 
@@ -693,15 +766,15 @@ def fits_ahead(request: RunRequest) -> bool:
     return bool(request.sandbox) and not request.shared_dirs
 
 
-def _enter_sandbox(box: host_sandbox.HostSandbox, writer: socket.socket,
-                   keep: set[int]) -> None:
+def _enter_sandbox(box: host_sandbox.HostSandbox, writer: socket.socket, keep: set[int]) -> None:
     """In the starter, before anything else: into the host sandbox with only the ``keep``
     descriptors, or die saying why."""
     try:
         host_sandbox.enter(box, keep)
     except BaseException as exc:  # noqa: BLE001 any failure is reported in the ledger
-        LedgerWriter(writer, "starter").emit("starter_error", stage="sandbox",
-                                             message=f"entering the host sandbox: {exc}")
+        LedgerWriter(writer, "starter").emit(
+            "starter_error", stage="sandbox", message=f"entering the host sandbox: {exc}"
+        )
         os._exit(EXIT_FATAL)
 
 
@@ -767,23 +840,25 @@ def prepare_backend(request: RunRequest) -> Any:
         return None
     try:
         from kit.system.fake import prepare  # noqa: PLC0415  (lazy: fake runs only, see above)
+
         return prepare(request)
     except Exception:  # noqa: BLE001 the supervisor computes it again and reports the error
         return None
 
 
-def _backend(request: RunRequest, prepared: Any = None
-             ) -> contextlib.AbstractContextManager[Any]:
+def _backend(request: RunRequest, prepared: Any = None) -> contextlib.AbstractContextManager[Any]:
     """The run's system interface, installed before the starter is forked: the kernel
     (as is), or the fake backend's model (:mod:`kit.system.fake`)."""
     if request.backend == "fake":
         from kit.system.fake import installed  # noqa: PLC0415  (lazy: fake runs only, see above)
+
         return installed(request, prepared)
     return contextlib.nullcontext()
 
 
-def run_supervised(request: RunRequest, result_fd: int, prepared: Any = None,
-                   ahead: Ahead | None = None) -> None:
+def run_supervised(
+    request: RunRequest, result_fd: int, prepared: Any = None, ahead: Ahead | None = None
+) -> None:
     """Supervise one run in this process and write its result to ``result_fd`` (closed).
     ``prepared``: what :func:`prepare_backend` returned for ``request`` (in this process or
     in its parent, just before the fork); ``ahead``: what :func:`prepare_ahead` made for it
@@ -799,8 +874,14 @@ def run_supervised(request: RunRequest, result_fd: int, prepared: Any = None,
             result = supervisor.run(result_fd, ahead)
         data = supervisor.encode(result)
     except Exception as exc:  # noqa: BLE001 any failure becomes the run's result, never a hang
-        result = {"exit_code": EXIT_FATAL, "reason": f"supervisor error: {exc!r}",
-                  "leaks": [], "timed_out": None, "ledger": None, "error": repr(exc)}
+        result = {
+            "exit_code": EXIT_FATAL,
+            "reason": f"supervisor error: {exc!r}",
+            "leaks": [],
+            "timed_out": None,
+            "ledger": None,
+            "error": repr(exc),
+        }
         data = json.dumps(result).encode()
     view = memoryview(data)
     while view:

@@ -75,8 +75,9 @@ def reap() -> None:
         init = sandbox_inits.pop(pid, None)
         if init is not None:
             try:
-                signal.pidfd_send_signal(init, signal.SIGKILL if os.WIFSIGNALED(status)
-                                         else signal.SIGTERM)
+                signal.pidfd_send_signal(
+                    init, signal.SIGKILL if os.WIFSIGNALED(status) else signal.SIGTERM
+                )
             except ProcessLookupError:
                 pass
             os.close(init)
@@ -85,8 +86,9 @@ def reap() -> None:
             del exit_statuses[next(iter(exit_statuses))]
 
 
-def place_fds(received: list[int], targets: list[int], extra: Collection[int] = ()
-              ) -> tuple[int, dict[int, int]]:
+def place_fds(
+    received: list[int], targets: list[int], extra: Collection[int] = ()
+) -> tuple[int, dict[int, int]]:
     """In the run's child: stdio and pass-through fds at their numbers; returns the result
     fd and where each of ``extra`` (the zygote's own, for the supervisor) now is. Everything
     else the zygote had open is closed."""
@@ -167,8 +169,11 @@ def _serve(control: socket.socket, spare: list[Ahead | None]) -> int:
             message = json.loads(data)
             if "status_of" in message:
                 reap()
-                control.send(json.dumps(
-                    {"status": exit_statuses.pop(int(message["status_of"]), None)}).encode())
+                control.send(
+                    json.dumps(
+                        {"status": exit_statuses.pop(int(message["status_of"]), None)}
+                    ).encode()
+                )
                 continue
             request = RunRequest.from_json(message["request"])
             targets = [int(t) for t in message.get("targets", [])]
@@ -201,8 +206,7 @@ def _serve(control: socket.socket, spare: list[Ahead | None]) -> int:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
                 os.setsid()
                 result_fd, moved = place_fds(fds, targets, ahead.fds() if ahead else set())
-                run_supervised(request, result_fd, prepared,
-                               ahead.moved(moved) if ahead else None)
+                run_supervised(request, result_fd, prepared, ahead.moved(moved) if ahead else None)
                 code = 0
             finally:
                 os._exit(code)

@@ -52,8 +52,9 @@ def default_signals(for_exec: bool = False) -> None:
                 signal.signal(sig, signal.SIG_DFL)
             continue
         if signal.getsignal(sig) == signal.SIG_IGN:
-            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT
-                          else signal.SIG_DFL)
+            signal.signal(
+                sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+            )
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
 
 
@@ -76,19 +77,27 @@ class ContainerCreationFailed(RuntimeError):
 
 # --- hooks ------------------------------------------------------------------------------------
 
+
 def describe_error(exc: BaseException) -> dict[str, Any]:
-    return {"type": type(exc).__name__, "message": str(exc),
-            "errno": getattr(exc, "errno", None),
-            # whole: the report shows it once as the root cause (a ledger event may be 1 MiB)
-            "traceback": "".join(traceback.format_exception(exc))[-60000:]}
+    return {
+        "type": type(exc).__name__,
+        "message": str(exc),
+        "errno": getattr(exc, "errno", None),
+        # whole: the report shows it once as the root cause (a ledger event may be 1 MiB)
+        "traceback": "".join(traceback.format_exception(exc))[-60000:],
+    }
 
 
 #: Parameter names of the hooks, for the ``args`` of hook_enter events.
 HOOK_PARAMETERS: dict[str, tuple[str, ...]] = {
-    "config": (), "init_config": ("common", "privileged_stage1"),
-    "prepare_config": ("starter_config",), "create_container": ("ctx", "pid", "rpc_conn"),
-    "start_process": ("master_fd",), "post_start_process": ("ctx", "pid"),
-    "monitor_container": ("pid", "signals"), "cleanup_container": ("ctx", "fatal", "status"),
+    "config": (),
+    "init_config": ("common", "privileged_stage1"),
+    "prepare_config": ("starter_config",),
+    "create_container": ("ctx", "pid", "rpc_conn"),
+    "start_process": ("master_fd",),
+    "post_start_process": ("ctx", "pid"),
+    "monitor_container": ("pid", "signals"),
+    "cleanup_container": ("ctx", "fatal", "status"),
 }
 
 
@@ -157,9 +166,20 @@ class HookRunner:
         if not self.probes or snap is None or "probe_error" in snap:
             return None
         me = own_thread(snap)
-        key = None if me is None else json.dumps(
-            [{k: v for k, v in me.items() if k != "tid"}, snap["ns"]["user"], snap["uid_map"],
-             snap["securebits"], snap.get("root")], sort_keys=True)
+        key = (
+            None
+            if me is None
+            else json.dumps(
+                [
+                    {k: v for k, v in me.items() if k != "tid"},
+                    snap["ns"]["user"],
+                    snap["uid_map"],
+                    snap["securebits"],
+                    snap.get("root"),
+                ],
+                sort_keys=True,
+            )
+        )
         cached = self._probe_cache.get(key) if key is not None else None
         if cached is not None:
             return {**cached, "cached": True}
@@ -171,15 +191,27 @@ class HookRunner:
             self._probe_cache[key] = result
         return result
 
-    def enter(self, hook: str, args: tuple[Any, ...] = (),
-              kwargs: dict[str, Any] | None = None, caller: str = "kit") -> None:
+    def enter(
+        self,
+        hook: str,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+        caller: str = "kit",
+    ) -> None:
         names = HOOK_PARAMETERS.get(hook, ())
         arguments = {name: _argument(value) for name, value in zip(names, args, strict=False)}
         arguments.update({name: _argument(value) for name, value in (kwargs or {}).items()})
         snap = self._snap()
         extra = {"caller": caller} if caller != "kit" else {}
-        self.ledger.emit("hook_enter", hook=hook, snapshot=snap, escalation=self._escalation(snap),
-                         args=arguments, refresh=self._snap, **extra)
+        self.ledger.emit(
+            "hook_enter",
+            hook=hook,
+            snapshot=snap,
+            escalation=self._escalation(snap),
+            args=arguments,
+            refresh=self._snap,
+            **extra,
+        )
 
     def call(self, hook: str, fn: Callable[..., Any], *args: Any) -> Any:
         """Call ``fn``, the engine's (instrumented) hook, as the kit."""
@@ -208,25 +240,42 @@ class HookRunner:
             try:
                 result = original(*args, **kwargs)
             except BaseException as exc:
-                self.ledger.emit("hook_raise", hook=hook, snapshot=self._snap(),
-                                 error=describe_error(exc), refresh=self._snap)
+                self.ledger.emit(
+                    "hook_raise",
+                    hook=hook,
+                    snapshot=self._snap(),
+                    error=describe_error(exc),
+                    refresh=self._snap,
+                )
                 if by_kit:
                     raise HookFailed(hook, exc) from exc
                 raise  # the engine's own call gets its own exception back
-            self.ledger.emit("hook_return", hook=hook, snapshot=self._snap(),
-                             result=_summary(result), refresh=self._snap)
+            self.ledger.emit(
+                "hook_return",
+                hook=hook,
+                snapshot=self._snap(),
+                result=_summary(result),
+                refresh=self._snap,
+            )
             return result
+
         return recorded
 
-    def init_engine(self, engine: Engine, config_json: dict[str, Any], container_id: str,
-                    privileged_stage1: bool) -> Common:
+    def init_engine(
+        self,
+        engine: Engine,
+        config_json: dict[str, Any],
+        container_id: str,
+        privileged_stage1: bool,
+    ) -> Common:
         """config then init_config (rule 1); returns the Common given to init_config."""
         ops = engine.operations
         self.instrument(ops)
         cfg = self.call("config", ops.config)
         if not isinstance(cfg, EngineConfig):
-            raise StageFailed(f"{engine.name}.config() returned {type(cfg).__name__}, "
-                              "not an EngineConfig")
+            raise StageFailed(
+                f"{engine.name}.config() returned {type(cfg).__name__}, not an EngineConfig"
+            )
         try:
             cfg.update_from_json(config_json)
         except ConfigError as exc:
@@ -287,7 +336,7 @@ def _unwrap(exc: BaseException) -> BaseException:
 
 
 def _how_ended(pid: int) -> str:
-    """": how" a child that has exited ended, without reaping it (the monitor reaps: when
+    """ ": how" a child that has exited ended, without reaping it (the monitor reaps: when
     it was first, nothing can be told)."""
     try:
         found = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
@@ -309,4 +358,3 @@ def _status_to_code(status: int) -> int:
 
 
 # --- the starter --------------------------------------------------------------------------
-

@@ -37,7 +37,8 @@ class _State:
     target_uid: int | None = None
     target_gids: list[int] = field(default_factory=list)
     capabilities: dict[str, list[str] | None] = field(
-        default_factory=lambda: {k: None for k in CAPABILITY_SETS})
+        default_factory=lambda: {k: None for k in CAPABILITY_SETS}
+    )
     no_new_privs: bool = False
     hybrid_workflow: bool = False
     allow_setgroups: bool = False
@@ -102,11 +103,14 @@ class StarterConfig:
         stage 2. A set never set is empty when stage 2 execs the payload, the bounding set
         included (SPEC §5)."""
         if kind not in CAPABILITY_SETS:
-            raise ConfigError(f"set_capabilities: unknown capability set {kind!r} "
-                              f"(known: {', '.join(CAPABILITY_SETS)})")
+            raise ConfigError(
+                f"set_capabilities: unknown capability set {kind!r} "
+                f"(known: {', '.join(CAPABILITY_SETS)})"
+            )
         self._s.capabilities[kind] = sorted(
             {normalize_capability(n, f"set_capabilities({kind})") for n in names},
-            key=CAP_NUMBERS.__getitem__)
+            key=CAP_NUMBERS.__getitem__,
+        )
 
     def set_no_new_privs(self, value: bool = True) -> None:
         self._s.no_new_privs = bool(value)
@@ -130,15 +134,17 @@ class StarterConfig:
         kinds = list(kinds)
         for kind in kinds:
             if kind not in NAMESPACES:
-                raise ConfigError(f"set_ns_flags: unknown namespace {kind!r} "
-                                  f"(known: {', '.join(NAMESPACES)})")
+                raise ConfigError(
+                    f"set_ns_flags: unknown namespace {kind!r} (known: {', '.join(NAMESPACES)})"
+                )
         self._s.ns_flags = [k for k in NAMESPACES if k in kinds]
 
     def set_ns_path(self, kind: str, path: str) -> None:
         """Join the namespace at ``path`` (e.g. ``/proc/PID/ns/net``); wins over creating."""
         if kind not in NAMESPACES:
-            raise ConfigError(f"set_ns_path: unknown namespace {kind!r} "
-                              f"(known: {', '.join(NAMESPACES)})")
+            raise ConfigError(
+                f"set_ns_path: unknown namespace {kind!r} (known: {', '.join(NAMESPACES)})"
+            )
         if not isinstance(path, str) or not path.startswith("/"):
             raise ConfigError(f"set_ns_path({kind}): path must be absolute, got {path!r}")
         self._s.ns_paths[kind] = path
@@ -146,8 +152,10 @@ class StarterConfig:
     def set_mount_propagation(self, propagation: str) -> None:
         """Propagation applied to ``/`` in a new mount namespace (default ``rprivate``)."""
         if propagation not in PROPAGATIONS:
-            raise ConfigError(f"set_mount_propagation: unknown propagation {propagation!r} "
-                              f"(known: {', '.join(PROPAGATIONS)})")
+            raise ConfigError(
+                f"set_mount_propagation: unknown propagation {propagation!r} "
+                f"(known: {', '.join(PROPAGATIONS)})"
+            )
         self._s.mount_propagation = propagation
 
     def set_master_propagate_mount(self, value: bool = True) -> None:
@@ -200,56 +208,75 @@ class StarterConfig:
         caps = {k: set(v or ()) for k, v in s.capabilities.items()}
         if s.capabilities["effective"] is not None and not caps["effective"] <= caps["permitted"]:
             extra = sorted(caps["effective"] - caps["permitted"])
-            raise ConfigError("set_capabilities: effective capabilities must be a subset of "
-                              f"permitted; not permitted: {', '.join(extra)}")
+            raise ConfigError(
+                "set_capabilities: effective capabilities must be a subset of "
+                f"permitted; not permitted: {', '.join(extra)}"
+            )
         if not caps["ambient"] <= (caps["permitted"] & caps["inheritable"]):
             extra = sorted(caps["ambient"] - (caps["permitted"] & caps["inheritable"]))
-            raise ConfigError("set_capabilities: ambient capabilities must be both permitted "
-                              f"and inheritable: {', '.join(extra)}")
+            raise ConfigError(
+                "set_capabilities: ambient capabilities must be both permitted "
+                f"and inheritable: {', '.join(extra)}"
+            )
         if s.capabilities["bounding"] is not None:
             over = sorted((caps["permitted"] | caps["inheritable"]) - caps["bounding"])
             if over:
-                raise ConfigError("set_capabilities: permitted/inheritable capabilities outside "
-                                  f"the bounding set: {', '.join(over)}")
+                raise ConfigError(
+                    "set_capabilities: permitted/inheritable capabilities outside "
+                    f"the bounding set: {', '.join(over)}"
+                )
         wants_userns = self.uses_namespace("user")
         if self.is_suid and wants_userns and not s.hybrid_workflow:
-            raise ConfigError("set_ns_flags: a user namespace through the setuid starter "
-                              "needs set_hybrid_workflow (hybrid flow)")
+            raise ConfigError(
+                "set_ns_flags: a user namespace through the setuid starter "
+                "needs set_hybrid_workflow (hybrid flow)"
+            )
         if s.hybrid_workflow and not self.is_suid:
-            raise ConfigError("set_hybrid_workflow: the hybrid workflow needs the setuid "
-                              f"starter (flow {self._flow!r})")
+            raise ConfigError(
+                "set_hybrid_workflow: the hybrid workflow needs the setuid "
+                f"starter (flow {self._flow!r})"
+            )
         if s.hybrid_workflow and "user" not in s.ns_flags:
-            raise ConfigError("set_hybrid_workflow: the hybrid workflow creates a user "
-                              "namespace; add 'user' to set_ns_flags")
+            raise ConfigError(
+                "set_hybrid_workflow: the hybrid workflow creates a user "
+                "namespace; add 'user' to set_ns_flags"
+            )
         if (s.uid_mappings or s.gid_mappings) and "user" not in self.namespaces_created():
-            raise ConfigError("add_uid_mappings/add_gid_mappings: mappings need a user "
-                              "namespace that the starter creates (set_ns_flags(['user', …]))")
+            raise ConfigError(
+                "add_uid_mappings/add_gid_mappings: mappings need a user "
+                "namespace that the starter creates (set_ns_flags(['user', …]))"
+            )
         if "user" in self.namespaces_created() and not s.uid_mappings:
             raise ConfigError("add_uid_mappings: a new user namespace needs a uid mapping")
         if "user" in self.namespaces_created() and not s.gid_mappings:
             raise ConfigError("add_gid_mappings: a new user namespace needs a gid mapping")
-        for name, maps in (("add_uid_mappings", s.uid_mappings),
-                           ("add_gid_mappings", s.gid_mappings)):
+        for name, maps in (
+            ("add_uid_mappings", s.uid_mappings),
+            ("add_gid_mappings", s.gid_mappings),
+        ):
             spans = sorted((c, c + n) for c, _, n in maps)
             if any(a[1] > b[0] for a, b in itertools.pairwise(spans)):
                 raise ConfigError(f"{name}: container ranges overlap: {maps}")
         if s.namespace_join_only:
             created = self.namespaces_created()
             if created:
-                raise ConfigError("set_namespace_join_only: a join-only run cannot create "
-                                  f"namespaces (set_ns_flags asks for {', '.join(created)})")
+                raise ConfigError(
+                    "set_namespace_join_only: a join-only run cannot create "
+                    f"namespaces (set_ns_flags asks for {', '.join(created)})"
+                )
             if not s.ns_paths:
-                raise ConfigError("set_namespace_join_only: no namespace to join "
-                                  "(use set_ns_path)")
+                raise ConfigError("set_namespace_join_only: no namespace to join (use set_ns_path)")
         if s.bring_loopback_interface and not self.uses_namespace("net"):
-            raise ConfigError("set_bring_loopback_interface: needs a network namespace "
-                              "(set_ns_flags(['net', …]))")
+            raise ConfigError(
+                "set_bring_loopback_interface: needs a network namespace (set_ns_flags(['net', …]))"
+            )
         for fd in s.keep_fds:
             try:
                 os.fstat(fd)
             except OSError:
-                raise ConfigError(f"keep_file_descriptor: fd {fd} is not open in the "
-                                  "starter") from None
+                raise ConfigError(
+                    f"keep_file_descriptor: fd {fd} is not open in the starter"
+                ) from None
 
 
 def _check_id(value: Any, setting: str) -> None:
@@ -263,8 +290,9 @@ def _check_maps(mappings: Iterable[tuple[int, int, int]], setting: str) -> list[
         try:
             inside, outside, size = (int(x) for x in m)
         except (TypeError, ValueError):
-            raise ConfigError(f"{setting}: mapping must be (container id, host id, size), "
-                              f"got {m!r}") from None
+            raise ConfigError(
+                f"{setting}: mapping must be (container id, host id, size), got {m!r}"
+            ) from None
         if inside < 0 or outside < 0 or size < 1:
             raise ConfigError(f"{setting}: invalid mapping {m!r}")
         out.append([inside, outside, size])

@@ -27,8 +27,14 @@ class Container:
     """The container process (pid 1 of a new pid namespace): namespace setup, the RPC
     server, then stage 2."""
 
-    def __init__(self, starter: Starter, common_json: dict[str, Any], sconf: StarterConfig,
-                 sock: socket.socket, rpc_server_sock: socket.socket) -> None:
+    def __init__(
+        self,
+        starter: Starter,
+        common_json: dict[str, Any],
+        sconf: StarterConfig,
+        sock: socket.socket,
+        rpc_server_sock: socket.socket,
+    ) -> None:
         self.starter = starter
         self.req = starter.req
         self.system = starter.system
@@ -53,11 +59,15 @@ class Container:
                 uid = _inside_id(self.sconf.uid_mappings, u.uid)
                 self.system.become_user(uid, gid, None)
                 rearm_parent_death(sock=self.sock)
-            self.ledger.emit("process_start", ppid=self.system.getppid(),
-                             nspid=[self.system.getpid()])
+            self.ledger.emit(
+                "process_start", ppid=self.system.getppid(), nspid=[self.system.getpid()]
+            )
             self.setup_namespaces()
         except BaseException as exc:  # noqa: BLE001 the container reports any failure, then exits
-            _send(self.sock, Control.SETUP_FAILED + f"namespace setup failed: {type(exc).__name__}: {exc}")
+            _send(
+                self.sock,
+                Control.SETUP_FAILED + f"namespace setup failed: {type(exc).__name__}: {exc}",
+            )
             _exit(EXIT_FATAL)
         rpc_pid = None
         if not self.sconf.namespace_join_only:
@@ -95,8 +105,11 @@ class Container:
             propagation = system.propagation("/")
         if s.bring_loopback_interface:
             system.link_up("lo")
-        self.ledger.emit("namespaces", created=created, joined=dict(s.ns_paths), order=order,
-                         propagation=propagation,
-                         ns={k: system.ns_inode(k) for k in linux.NAMESPACES})
-
-
+        self.ledger.emit(
+            "namespaces",
+            created=created,
+            joined=dict(s.ns_paths),
+            order=order,
+            propagation=propagation,
+            ns={k: system.ns_inode(k) for k in linux.NAMESPACES},
+        )

@@ -18,19 +18,19 @@ from kit.rpc.messages import make_request
 INJECTIONS: dict[str, str] = {
     "prepare_config": "the kit raises after the engine's prepare_config returned",
     "prepare_config:invalid": "the kit makes the StarterConfig invalid after the engine's "
-                              "prepare_config returned: effective capabilities not a subset "
-                              "of permitted",
+    "prepare_config returned: effective capabilities not a subset "
+    "of permitted",
     "create_container": "the kit raises after the engine's create_container returned",
     "create_container:hang": "the kit blocks in place of the engine's create_container, until "
-                             "the hook timeout",
+    "the hook timeout",
     "create_container:rpc-probe": "the kit sends the RPC server what it must refuse and "
-                                  "survive before the engine's create_container, and a frame "
-                                  "too large to read after it",
+    "survive before the engine's create_container, and a frame "
+    "too large to read after it",
     "start_process": "the kit raises in place of the engine's start_process",
     "start_process:return": "the kit returns in place of the engine's start_process (no exec)",
     "post_start_process": "the kit raises after the engine's post_start_process returned",
     "monitor_container": "the kit raises in place of the engine's monitor_container (before "
-                         "waiting)",
+    "waiting)",
     "cleanup_container": "the kit raises after the engine's cleanup_container returned",
 }
 
@@ -42,8 +42,9 @@ PROBE_METHOD = "conformance_no_such_method"
 
 # Faults in which the engine's hook is not called at all: it would block (monitor, a hang)
 # or exec (start_process), so nothing could be injected after it.
-_INSTEAD = frozenset({"create_container:hang", "start_process", "start_process:return",
-                      "monitor_container"})
+_INSTEAD = frozenset(
+    {"create_container:hang", "start_process", "start_process:return", "monitor_container"}
+)
 
 
 class InjectedFault(RuntimeError):
@@ -80,8 +81,12 @@ def wrap(hook: str, original: Callable[..., Any], ledger: Any) -> Callable[..., 
     def record(where: str) -> None:
         # Written at the moment the kit acts: a hook that failed on its own before that is
         # the engine's failure, not the kit's.
-        ledger.emit("kit_injected", hook=hook, fault=fault,
-                    detail=f"{INJECTIONS[fault]} ({where} the engine's hook)")
+        ledger.emit(
+            "kit_injected",
+            hook=hook,
+            fault=fault,
+            detail=f"{INJECTIONS[fault]} ({where} the engine's hook)",
+        )
 
     @functools.wraps(original)
     def injected(*args: Any, **kwargs: Any) -> Any:
@@ -108,8 +113,11 @@ def wrap(hook: str, original: Callable[..., Any], ledger: Any) -> Callable[..., 
             args[0].set_capabilities("permitted", [])
             args[0].set_capabilities("effective", ["CAP_SYS_ADMIN"])
             return result
-        raise InjectedFault(f"{hook} fails: injected by the kit (RunRequest.inject), after "
-                            "the engine's hook returned")
+        raise InjectedFault(
+            f"{hook} fails: injected by the kit (RunRequest.inject), after "
+            "the engine's hook returned"
+        )
+
     return injected
 
 
@@ -119,8 +127,10 @@ def _engine_name(hook: Callable[..., Any]) -> str:
     common = getattr(getattr(hook, "__self__", None), "common", None)
     name = getattr(common, "engine_name", None)
     if not isinstance(name, str):
-        raise RuntimeError("kit.starter.inject: create_container is not a method of an initialised "
-                           "engine (no common.engine_name): cannot name its RPC methods")
+        raise RuntimeError(
+            "kit.starter.inject: create_container is not a method of an initialised "
+            "engine (no common.engine_name): cannot name its RPC methods"
+        )
     return name
 
 
@@ -139,10 +149,12 @@ def probe_rpc_server(conn: Any, engine_name: str, phase: str) -> list[dict[str, 
     # A method the engine serves, given an argument it does not take (or, for an engine
     # without RPC methods, another unknown method).
     known = f"{engine_name}.{served[0] if served else PROBE_METHOD}"
-    bodies = [encode_body(make_request(1, f"{engine_name}.{PROBE_METHOD}", {})),
-              encode_body(make_request(2, known, {"conformance_no_such_argument": 1})),
-              b'{"id": 3, "method": ',
-              pickle.dumps(make_request(4, known, {}))]
+    bodies = [
+        encode_body(make_request(1, f"{engine_name}.{PROBE_METHOD}", {})),
+        encode_body(make_request(2, known, {"conformance_no_such_argument": 1})),
+        b'{"id": 3, "method": ',
+        pickle.dumps(make_request(4, known, {})),
+    ]
     replies = []
     for body in bodies:
         send_body(conn, body)

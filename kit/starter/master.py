@@ -38,8 +38,17 @@ if TYPE_CHECKING:
 
 
 #: Signals the master never blocks (synchronous faults, and the uncatchable ones).
-_UNBLOCKABLE = {signal.SIGKILL, signal.SIGSTOP, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE,
-                signal.SIGILL, signal.SIGTRAP, signal.SIGSYS, signal.SIGABRT}
+_UNBLOCKABLE = {
+    signal.SIGKILL,
+    signal.SIGSTOP,
+    signal.SIGSEGV,
+    signal.SIGBUS,
+    signal.SIGFPE,
+    signal.SIGILL,
+    signal.SIGTRAP,
+    signal.SIGSYS,
+    signal.SIGABRT,
+}
 MASTER_SIGNALS = {s for s in signal.valid_signals() if s not in _UNBLOCKABLE}
 
 
@@ -47,8 +56,15 @@ class Master:
     """The master process: create_container ‖ start waiter ‖ monitor_container, then
     cleanup_container (SPEC §2)."""
 
-    def __init__(self, starter: Starter, common_json: dict[str, Any], sconf: StarterConfig,
-                 pid: int, master_sock: socket.socket, rpc_sock: socket.socket) -> None:
+    def __init__(
+        self,
+        starter: Starter,
+        common_json: dict[str, Any],
+        sconf: StarterConfig,
+        pid: int,
+        master_sock: socket.socket,
+        rpc_sock: socket.socket,
+    ) -> None:
         self.starter = starter
         self.common_json = common_json
         self.sconf = sconf
@@ -69,18 +85,23 @@ class Master:
         signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
         kind, message = _recv_control(self.sock)
         if kind != Control.READY:
-            self.ledger.emit("starter_error", stage="namespaces",
-                             message=message or "container process died during setup")
+            self.ledger.emit(
+                "starter_error",
+                stage="namespaces",
+                message=message or "container process died during setup",
+            )
             self.sock.close()
             self.rpc_sock.close()
             _, wstatus = os.waitpid(self.pid, 0)
-            self.ledger.emit("process_exit", child_role="container", child_pid=self.pid,
-                             status=wstatus)
+            self.ledger.emit(
+                "process_exit", child_role="container", child_pid=self.pid, status=wstatus
+            )
             return EXIT_FATAL
         engine = registry.make_engine(self.starter.req.engine)
         try:
-            self.hooks.init_engine(engine, self.common_json["engine_config"],
-                                   self.common_json["container_id"], False)
+            self.hooks.init_engine(
+                engine, self.common_json["engine_config"], self.common_json["container_id"], False
+            )
         except BaseException as exc:  # noqa: BLE001 engine code may raise anything
             self.ledger.emit("fatal", message=f"master initialisation failed: {_unwrap(exc)}")
             os.kill(self.pid, signal.SIGKILL)
@@ -88,9 +109,14 @@ class Master:
             return EXIT_FATAL
         self.engine = engine
         threading.Thread(target=self._signal_loop, name="kit-signals", daemon=True).start()
-        threads = [threading.Thread(target=fn, name=name, daemon=True) for fn, name in (
-            (self._create, "kit-create"), (self._start_waiter, "kit-start-waiter"),
-            (self._monitor, "kit-monitor"))]
+        threads = [
+            threading.Thread(target=fn, name=name, daemon=True)
+            for fn, name in (
+                (self._create, "kit-create"),
+                (self._start_waiter, "kit-start-waiter"),
+                (self._monitor, "kit-monitor"),
+            )
+        ]
         for t in threads:
             t.start()
 
@@ -116,8 +142,9 @@ class Master:
                 self.ledger.emit("fatal", message=str(fatal), error=describe_error(fatal))
         self.ctx.cancel()
         try:
-            self.hooks.call("cleanup_container", engine.operations.cleanup_container,
-                            self.ctx, fatal, status)
+            self.hooks.call(
+                "cleanup_container", engine.operations.cleanup_container, self.ctx, fatal, status
+            )
         except BaseException:  # noqa: BLE001 engine code may raise anything
             pass  # recorded by the hook runner; the exit code is unchanged
         if fatal is not None or status is None:
@@ -132,9 +159,14 @@ class Master:
         try:
             os.waitpid(sentinel, 0)
         except ChildProcessError:
-            self.ledger.emit("foreign_reap", child_pid=sentinel, detail=(
-                "a child of the master that is not the container (the kit's sentinel) was "
-                "reaped by the engine: monitor_container must reap only the container's pid"))
+            self.ledger.emit(
+                "foreign_reap",
+                child_pid=sentinel,
+                detail=(
+                    "a child of the master that is not the container (the kit's sentinel) was "
+                    "reaped by the engine: monitor_container must reap only the container's pid"
+                ),
+            )
 
     def _await_container_sigchld(self) -> None:
         """Hold the master until the signal thread has recorded the container's SIGCHLD.
@@ -174,8 +206,11 @@ class Master:
     def _signal_loop(self) -> None:
         while True:
             info = signal.sigwaitinfo(MASTER_SIGNALS)
-            if info.si_signo == signal.SIGCHLD and info.si_pid != self.pid \
-                    and probe.is_probe_child(info.si_pid):
+            if (
+                info.si_signo == signal.SIGCHLD
+                and info.si_pid != self.pid
+                and probe.is_probe_child(info.si_pid)
+            ):
                 # The exit of one of the kit's own probe children: not the engine's business,
                 # unless the container's SIGCHLD was merged into it (standard signals
                 # coalesce): peek, without reaping, whether the container has exited.
@@ -186,8 +221,12 @@ class Master:
                 # Let the start waiter tell exec from exit before anyone can reap the
                 # container: a monitor reaps it when it sees this SIGCHLD.
                 self.exec_checked.wait(self.starter.req.hook_timeout)
-            self.ledger.emit("signal", signum=info.si_signo,
-                             name=signal.Signals(info.si_signo).name, sender=info.si_pid)
+            self.ledger.emit(
+                "signal",
+                signum=info.si_signo,
+                name=signal.Signals(info.si_signo).name,
+                sender=info.si_pid,
+            )
             self.signals.put(info.si_signo)
             if info.si_signo == signal.SIGCHLD and info.si_pid == self.pid:
                 self.container_sigchld.set()
@@ -202,15 +241,26 @@ class Master:
     def _create(self) -> None:
         stop_watch = self._watch_creation()
         try:
-            self.hooks.call("create_container", self.engine.operations.create_container,
-                            self.ctx, self.pid, self.rpc_sock)
+            self.hooks.call(
+                "create_container",
+                self.engine.operations.create_container,
+                self.ctx,
+                self.pid,
+                self.rpc_sock,
+            )
         except BaseException as exc:  # noqa: BLE001 engine code may raise anything
             stop_watch()
             self.rpc_sock.close()
             _send(self.sock, Control.ABORT)
             err = _unwrap(exc)
-            self.events.put(("fatal", ContainerCreationFailed(
-                f"container creation failed: {type(err).__name__}: {err}")))
+            self.events.put(
+                (
+                    "fatal",
+                    ContainerCreationFailed(
+                        f"container creation failed: {type(err).__name__}: {err}"
+                    ),
+                )
+            )
             return
         stop_watch()
         self.rpc_sock.close()  # the RPC server exits; then stage 2 may start
@@ -258,6 +308,7 @@ class Master:
             watcher.join()
             for fd in (pidfd, wake_r, wake_w):
                 os.close(fd)
+
         return stop
 
     def _start_waiter(self) -> None:
@@ -269,8 +320,9 @@ class Master:
             return
         self.ledger.emit("stage2_exec")
         try:
-            self.hooks.call("post_start_process", self.engine.operations.post_start_process,
-                            self.ctx, self.pid)
+            self.hooks.call(
+                "post_start_process", self.engine.operations.post_start_process, self.ctx, self.pid
+            )
         except BaseException as exc:  # noqa: BLE001 engine code may raise anything
             self.events.put(("fatal", _unwrap(exc)))
 
@@ -292,18 +344,20 @@ class Master:
 
     def _monitor(self) -> None:
         try:
-            status = self.hooks.call("monitor_container",
-                                     self.engine.operations.monitor_container,
-                                     self.pid, self.signals)
+            status = self.hooks.call(
+                "monitor_container",
+                self.engine.operations.monitor_container,
+                self.pid,
+                self.signals,
+            )
         except BaseException as exc:  # noqa: BLE001 engine code may raise anything
             self.events.put(("fatal", _unwrap(exc)))
             self.events.put(("monitor_failed", None))
             return
         if not isinstance(status, int):
-            self.events.put(("fatal", TypeError(
-                f"monitor_container returned {status!r}, not a wait status")))
+            self.events.put(
+                ("fatal", TypeError(f"monitor_container returned {status!r}, not a wait status"))
+            )
             self.events.put(("monitor_failed", None))
             return
         self.events.put(("status", status))
-
-

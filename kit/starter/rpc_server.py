@@ -23,9 +23,18 @@ if TYPE_CHECKING:
 
 
 #: Capabilities the RPC server keeps permitted (and bounding) in the setuid flows.
-RPC_SERVER_CAPS = ("CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_CHOWN",
-                   "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_SYS_CHROOT", "CAP_MKNOD",
-                   "CAP_NET_ADMIN", "CAP_SETPCAP")
+RPC_SERVER_CAPS = (
+    "CAP_SYS_ADMIN",
+    "CAP_SETUID",
+    "CAP_SETGID",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FOWNER",
+    "CAP_SYS_CHROOT",
+    "CAP_MKNOD",
+    "CAP_NET_ADMIN",
+    "CAP_SETPCAP",
+)
 
 
 class RPCServerProcess:
@@ -66,22 +75,30 @@ class RPCServerProcess:
             return None
         # Every thread and the user namespace's map too: the privilege rules hold for every
         # thread around every method (SPEC §4), not only for the one serving it.
-        return {**{k: me.get(k) for k in ("uid", "gid", "groups", "caps", "no_new_privs",
-                                          "seccomp")},
-                "root": snap.get("root"), "threads": snap["threads"],
-                "uid_map": snap.get("uid_map"), "securebits": snap.get("securebits")}
+        return {
+            **{k: me.get(k) for k in ("uid", "gid", "groups", "caps", "no_new_privs", "seccomp")},
+            "root": snap.get("root"),
+            "threads": snap["threads"],
+            "uid_map": snap.get("uid_map"),
+            "securebits": snap.get("securebits"),
+        }
 
     def main(self) -> NoReturn:
         code = EXIT_FATAL
         try:
             linux.set_name("kit-rpc")
             self.drop_privileges()
-            self.ledger.emit("process_start", ppid=self.c.system.getppid(),
-                             nspid=[self.c.system.getpid()])
+            self.ledger.emit(
+                "process_start", ppid=self.c.system.getppid(), nspid=[self.c.system.getpid()]
+            )
             hooks = HookRunner(self.ledger, self.c.system, self.c.req.probes)
             engine = registry.make_engine(self.c.req.engine)
-            hooks.init_engine(engine, self.c.common_json["engine_config"],
-                              self.c.common_json["container_id"], False)
+            hooks.init_engine(
+                engine,
+                self.c.common_json["engine_config"],
+                self.c.common_json["container_id"],
+                False,
+            )
             observed: list[dict[str, Any]] = []
 
             def around(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -92,6 +109,7 @@ class RPCServerProcess:
                         return method(*args, **kwargs)
                     finally:
                         observed.append({"before": before, "after": self._creds()})
+
                 return observed_method
 
             def on_call(record: dict[str, Any]) -> None:
@@ -100,11 +118,14 @@ class RPCServerProcess:
                 self.ledger.emit("rpc_call", **record, creds=creds)
 
             code = registry.serve_rpc_requests(
-                engine, self.c.rpc_sock, on_call=on_call, around=around,
-                reserved_fds=(self.c.starter.ledger_sock.fileno(),))
+                engine,
+                self.c.rpc_sock,
+                on_call=on_call,
+                around=around,
+                reserved_fds=(self.c.starter.ledger_sock.fileno(),),
+            )
         except BaseException as exc:  # noqa: BLE001 engine code may raise anything
-            self.ledger.emit("starter_error", stage="rpc_server",
-                             message=describe_error(exc)["traceback"])
+            self.ledger.emit(
+                "starter_error", stage="rpc_server", message=describe_error(exc)["traceback"]
+            )
         _exit(code)
-
-

@@ -40,9 +40,13 @@ from kit.system import current, linux
 class Starter:
     """One run's starter, in the starter process. :meth:`main` never returns."""
 
-    def __init__(self, request: RunRequest, ledger_sock: socket.socket,
-                 filter_channel: socket.socket | None = None,
-                 parent: int | None = None) -> None:
+    def __init__(
+        self,
+        request: RunRequest,
+        ledger_sock: socket.socket,
+        filter_channel: socket.socket | None = None,
+        parent: int | None = None,
+    ) -> None:
         # The supervisor's pid, known before the fork: read after it (getppid), it would be
         # the reaper's pid if the supervisor died in between, and the starter would live on.
         self.parent = parent
@@ -52,8 +56,9 @@ class Starter:
         self.user: Invoker = request.user()
         self.system = current()
         self.ledger_sock = ledger_sock
-        self.ledger = LedgerWriter(ledger_sock, "starter",
-                                   confirm=self.system.name == "real" and request.probes)
+        self.ledger = LedgerWriter(
+            ledger_sock, "starter", confirm=self.system.name == "real" and request.probes
+        )
         self.hooks = HookRunner(self.ledger, self.system, request.probes)
 
     # -- invoker state ---------------------------------------------------------------------
@@ -92,8 +97,9 @@ class Starter:
                 self.parent = os.getppid()
             self.become_invoker()
             rearm_parent_death(self.parent)
-            self.ledger.emit("process_start", ppid=self.system.getppid(),
-                             nspid=[self.system.getpid()])
+            self.ledger.emit(
+                "process_start", ppid=self.system.getppid(), nspid=[self.system.getpid()]
+            )
             common_json, sconf = self.run_stage1()
             self.ledger.emit("starter_config", config=sconf.to_json())
             try:
@@ -105,8 +111,9 @@ class Starter:
         except StageFailed as exc:
             self.ledger.emit("starter_error", stage="starter", message=str(exc))
         except BaseException as exc:  # noqa: BLE001 a kit bug: report, never hang
-            self.ledger.emit("starter_error", stage="starter", message=describe_error(exc)[
-                "traceback"])
+            self.ledger.emit(
+                "starter_error", stage="starter", message=describe_error(exc)["traceback"]
+            )
         self.ledger.emit("starter_exit", code=code)
         _exit(code)
 
@@ -140,8 +147,7 @@ class Starter:
                 self.system.become_user(u.uid, u.gid, u.groups)
                 self.system.set_no_new_privs()
                 rearm_parent_death(self.system_parent)
-            ledger.emit("process_start", ppid=self.system.getppid(),
-                             nspid=[self.system.getpid()])
+            ledger.emit("process_start", ppid=self.system.getppid(), nspid=[self.system.getpid()])
             hooks = HookRunner(ledger, self.system, self.req.probes)
             engine = registry.make_engine(self.req.engine)
             config_json = dict(self.req.engine_config)
@@ -149,17 +155,22 @@ class Starter:
                 config_json["argv"] = list(self.req.argv)
             privileged = self.req.flow in ("suid", "hybrid")
             common = hooks.init_engine(engine, config_json, self.req.container_id, privileged)
-            sconf = StarterConfig(self.req.flow, u.uid if self.req.flow != "root" else 0,
-                                  u.gid if self.req.flow != "root" else 0)
+            sconf = StarterConfig(
+                self.req.flow,
+                u.uid if self.req.flow != "root" else 0,
+                u.gid if self.req.flow != "root" else 0,
+            )
             hooks.call("prepare_config", engine.operations.prepare_config, sconf)
-            os.write(wfd, dumps({"common": common.to_json(),
-                                 "starter_config": sconf.to_json()}).encode())
+            os.write(
+                wfd, dumps({"common": common.to_json(), "starter_config": sconf.to_json()}).encode()
+            )
             code = 0
         except HookFailed:
             pass  # the ledger has the hook_raise
         except BaseException as exc:  # noqa: BLE001 stage 1 reports any failure, then exits
             self.ledger.for_role("stage1").emit(
-                "starter_error", stage="stage1", message=describe_error(exc)["traceback"])
+                "starter_error", stage="stage1", message=describe_error(exc)["traceback"]
+            )
         _exit(code)
 
     # -- namespaces and the container process ----------------------------------------------
@@ -167,16 +178,21 @@ class Starter:
         uid_map, gid_map = sconf.uid_mappings, sconf.gid_mappings
         if not self.system.privileged():
             euid, egid = self.system.getresuid()[1], self.system.getresgid()[1]
-            for name, maps, own in (("add_uid_mappings", uid_map, euid),
-                                    ("add_gid_mappings", gid_map, egid)):
+            for name, maps, own in (
+                ("add_uid_mappings", uid_map, euid),
+                ("add_gid_mappings", gid_map, egid),
+            ):
                 if len(maps) != 1 or maps[0][1] != own or maps[0][2] != 1:
-                    raise StageFailed(f"{name}: {maps} needs privilege (an unprivileged "
-                                      f"starter can map only its own id {own}, size 1)")
+                    raise StageFailed(
+                        f"{name}: {maps} needs privilege (an unprivileged "
+                        f"starter can map only its own id {own}, size 1)"
+                    )
             if sconf.allow_setgroups:
-                raise StageFailed("set_allow_setgroups: an unprivileged starter must deny "
-                                  "setgroups in the user namespace")
-        self.system.write_id_maps(pid, uid_map, gid_map,
-                                  deny_setgroups=not sconf.allow_setgroups)
+                raise StageFailed(
+                    "set_allow_setgroups: an unprivileged starter must deny "
+                    "setgroups in the user namespace"
+                )
+        self.system.write_id_maps(pid, uid_map, gid_map, deny_setgroups=not sconf.allow_setgroups)
 
     def run_container(self, common_json: dict[str, Any], sconf: StarterConfig) -> int:
         """Create/join namespaces, start the container process, run the master."""
@@ -205,8 +221,9 @@ class Starter:
             Container(self, common_json, sconf, container_sock, rpc_server).main()
         container_sock.close()
         rpc_server.close()
-        self.ledger.emit("container_start", container_pid=pid, created=clone_kinds,
-                         joined=starter_joined)
+        self.ledger.emit(
+            "container_start", container_pid=pid, created=clone_kinds, joined=starter_joined
+        )
 
         try:
             if "user" in created:
@@ -230,8 +247,9 @@ class Starter:
             return self._join_only_master(pid, master_sock, rpc_master)
         return Master(self, common_json, sconf, pid, master_sock, rpc_master).main()
 
-    def _join_only_master(self, pid: int, master_sock: socket.socket,
-                          rpc_master: socket.socket) -> int:
+    def _join_only_master(
+        self, pid: int, master_sock: socket.socket, rpc_master: socket.socket
+    ) -> int:
         rpc_master.close()
         os.waitpid(self.sentinel, 0)  # no monitor in a join-only run
         kind, message = _recv_control(master_sock)
@@ -248,5 +266,3 @@ class Starter:
         _, status = os.waitpid(pid, 0)
         self.ledger.emit("process_exit", child_role="container", child_pid=pid, status=status)
         return EXIT_FATAL if kind == Control.SETUP_FAILED else _status_to_code(status)
-
-

@@ -90,12 +90,17 @@ class Stage2:
         try:
             self.apply_credentials()
             default_signals(for_exec=True)
-            self.ledger.emit("process_start", ppid=self.c.system.getppid(),
-                             nspid=[self.c.system.getpid()])
+            self.ledger.emit(
+                "process_start", ppid=self.c.system.getppid(), nspid=[self.c.system.getpid()]
+            )
             hooks = HookRunner(self.ledger, self.c.system, self.c.req.probes)
             engine = registry.make_engine(self.c.req.engine)
-            hooks.init_engine(engine, self.c.common_json["engine_config"],
-                              self.c.common_json["container_id"], False)
+            hooks.init_engine(
+                engine,
+                self.c.common_json["engine_config"],
+                self.c.common_json["container_id"],
+                False,
+            )
             master_fd = sock.fileno()
             self.close_fds(master_fd)
             linux.set_name(STAGE2_NAME)
@@ -103,7 +108,11 @@ class Stage2:
 
             def reported_exit(code: int) -> NoReturn:  # exiting is allowed; tell the master
                 if os.getpid() == me:  # not in a child forked by the engine or a probe
-                    _send(sock, Control.STAGE2_FAILED + f"start_process exited with code {code} instead of exec")
+                    _send(
+                        sock,
+                        Control.STAGE2_FAILED
+                        + f"start_process exited with code {code} instead of exec",
+                    )
                 _REAL_EXIT(code)
 
             os._exit = reported_exit  # type: ignore[assignment]

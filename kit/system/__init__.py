@@ -28,8 +28,14 @@ class System:
         raise NotImplementedError(f"{type(self).__name__} does not implement {item}")
 
     # -- credential transitions (built on the primitives) --------------------------------------
-    def become_user(self, uid: int, gid: int, groups: list[int] | None,
-                    saved_uid: int | None = None, keep_caps: bool = False) -> None:
+    def become_user(
+        self,
+        uid: int,
+        gid: int,
+        groups: list[int] | None,
+        saved_uid: int | None = None,
+        keep_caps: bool = False,
+    ) -> None:
         """Set groups (unless None), gids then uids of the whole process: r=e=``uid``,
         saved=``saved_uid`` or ``uid``. ``keep_caps`` keeps the permitted set across the
         change (the kernel clears the effective set)."""
@@ -108,10 +114,19 @@ class RealSystem(System):
     def ns_inode(self, kind: str, pid: int | str = "self") -> int:
         return linux.ns_inode(kind, pid)
 
-    def write_id_maps(self, pid: int | str, uid_map: list[list[int]], gid_map: list[list[int]],
-                      deny_setgroups: bool) -> None:
-        linux.write_id_maps(pid, [(a, b, n) for a, b, n in uid_map],
-                            [(a, b, n) for a, b, n in gid_map], deny_setgroups)
+    def write_id_maps(
+        self,
+        pid: int | str,
+        uid_map: list[list[int]],
+        gid_map: list[list[int]],
+        deny_setgroups: bool,
+    ) -> None:
+        linux.write_id_maps(
+            pid,
+            [(a, b, n) for a, b, n in uid_map],
+            [(a, b, n) for a, b, n in gid_map],
+            deny_setgroups,
+        )
 
     # -- credentials -------------------------------------------------------------------------
     def setresuid(self, ruid: int, euid: int, suid: int) -> None:
@@ -158,14 +173,21 @@ class RealSystem(System):
         linux.set_dumpable(value)
 
     # -- mounts and files ---------------------------------------------------------------------
-    def mount(self, source: str | None, target: str, fstype: str | None = None,
-              flags: Iterable[str] = (), data: str | None = None) -> None:
+    def mount(
+        self,
+        source: str | None,
+        target: str,
+        fstype: str | None = None,
+        flags: Iterable[str] = (),
+        data: str | None = None,
+    ) -> None:
         """mount(2); ``flags`` are names from :data:`kit.system.linux.MOUNT_FLAGS`."""
         mask = 0
         for name in flags:
             if name not in linux.MOUNT_FLAGS:
-                raise ValueError(f"unknown mount flag {name!r} "
-                                 f"(known: {', '.join(linux.MOUNT_FLAGS)})")
+                raise ValueError(
+                    f"unknown mount flag {name!r} (known: {', '.join(linux.MOUNT_FLAGS)})"
+                )
             mask |= linux.MOUNT_FLAGS[name]
         linux.mount(source, target, fstype, mask, data)
 

@@ -114,8 +114,12 @@ def clone(flags: int) -> int:
     syscall.restype = ctypes.c_long
     before()
     pid = syscall(
-        ctypes.c_long(_nr("clone")), ctypes.c_ulong(flags | signal.SIGCHLD),
-        ctypes.c_void_p(0), ctypes.c_void_p(0), ctypes.c_void_p(0), ctypes.c_void_p(0),
+        ctypes.c_long(_nr("clone")),
+        ctypes.c_ulong(flags | signal.SIGCHLD),
+        ctypes.c_void_p(0),
+        ctypes.c_void_p(0),
+        ctypes.c_void_p(0),
+        ctypes.c_void_p(0),
     )
     if pid == 0:
         after_child()
@@ -159,7 +163,7 @@ def ns_inodes(directory: str = "/proc/self/ns") -> dict[str, int | None]:
         for kind, (_, name) in NAMESPACES.items():
             try:
                 target = os.readlink(name, dir_fd=fd)
-                out[kind] = int(target[target.index("[") + 1:target.rindex("]")])
+                out[kind] = int(target[target.index("[") + 1 : target.rindex("]")])
             except (OSError, ValueError):
                 pass
     finally:
@@ -179,8 +183,12 @@ def ns_path(kind: str, pid: int | str = "self") -> str:
     return f"/proc/{pid}/ns/{NAMESPACES[kind][1]}"
 
 
-def write_id_maps(pid: int | str, uid_lines: list[tuple[int, int, int]],
-                  gid_lines: list[tuple[int, int, int]], deny_setgroups: bool) -> None:
+def write_id_maps(
+    pid: int | str,
+    uid_lines: list[tuple[int, int, int]],
+    gid_lines: list[tuple[int, int, int]],
+    deny_setgroups: bool,
+) -> None:
     """Write ``/proc/PID/{setgroups,gid_map,uid_map}`` (each map in a single write)."""
     if deny_setgroups:
         with open(f"/proc/{pid}/setgroups", "w") as f:
@@ -212,18 +220,31 @@ MNT_DETACH = 0x2
 
 #: Mount flag names accepted by the kit's system interface.
 MOUNT_FLAGS: dict[str, int] = {
-    "ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC,
-    "remount": MS_REMOUNT, "bind": MS_BIND, "move": MS_MOVE, "rec": MS_REC,
-    "unbindable": MS_UNBINDABLE, "private": MS_PRIVATE, "slave": MS_SLAVE, "shared": MS_SHARED,
+    "ro": MS_RDONLY,
+    "nosuid": MS_NOSUID,
+    "nodev": MS_NODEV,
+    "noexec": MS_NOEXEC,
+    "remount": MS_REMOUNT,
+    "bind": MS_BIND,
+    "move": MS_MOVE,
+    "rec": MS_REC,
+    "unbindable": MS_UNBINDABLE,
+    "private": MS_PRIVATE,
+    "slave": MS_SLAVE,
+    "shared": MS_SHARED,
 }
 
 
-def mount(source: str | None, target: str, fstype: str | None, flags: int,
-          data: str | None = None) -> None:
+def mount(
+    source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None
+) -> None:
     def b(s: str | None) -> bytes | None:
         return None if s is None else os.fsencode(s)
-    _check(_libc.mount(b(source), b(target), b(fstype), ctypes.c_ulong(flags), b(data)),
-           f"mount({source!r}, {target!r}, {fstype!r}, {flags:#x})")
+
+    _check(
+        _libc.mount(b(source), b(target), b(fstype), ctypes.c_ulong(flags), b(data)),
+        f"mount({source!r}, {target!r}, {fstype!r}, {flags:#x})",
+    )
 
 
 def umount(target: str, flags: int = 0) -> None:
@@ -241,15 +262,35 @@ def detached_mount(fstype: str) -> int:
     mount table changes. Needs CAP_SYS_ADMIN in the caller's mount namespace's owner."""
     syscall = _libc.syscall
     syscall.restype = ctypes.c_long
-    fs = _check(syscall(ctypes.c_long(_nr("fsopen")), ctypes.c_char_p(fstype.encode()),
-                        ctypes.c_uint(FSOPEN_CLOEXEC)), f"fsopen({fstype})")
+    fs = _check(
+        syscall(
+            ctypes.c_long(_nr("fsopen")),
+            ctypes.c_char_p(fstype.encode()),
+            ctypes.c_uint(FSOPEN_CLOEXEC),
+        ),
+        f"fsopen({fstype})",
+    )
     try:
-        _check(syscall(ctypes.c_long(_nr("fsconfig")), ctypes.c_int(fs),
-                       ctypes.c_uint(FSCONFIG_CMD_CREATE), ctypes.c_void_p(0),
-                       ctypes.c_void_p(0), ctypes.c_int(0)), f"fsconfig({fstype}, create)")
-        mnt = _check(syscall(ctypes.c_long(_nr("fsmount")), ctypes.c_int(fs),
-                             ctypes.c_uint(FSMOUNT_CLOEXEC), ctypes.c_uint(0)),
-                     f"fsmount({fstype})")
+        _check(
+            syscall(
+                ctypes.c_long(_nr("fsconfig")),
+                ctypes.c_int(fs),
+                ctypes.c_uint(FSCONFIG_CMD_CREATE),
+                ctypes.c_void_p(0),
+                ctypes.c_void_p(0),
+                ctypes.c_int(0),
+            ),
+            f"fsconfig({fstype}, create)",
+        )
+        mnt = _check(
+            syscall(
+                ctypes.c_long(_nr("fsmount")),
+                ctypes.c_int(fs),
+                ctypes.c_uint(FSMOUNT_CLOEXEC),
+                ctypes.c_uint(0),
+            ),
+            f"fsmount({fstype})",
+        )
     finally:
         os.close(fs)
     try:
@@ -268,15 +309,24 @@ def clone_mount(path: str) -> int:
     Needs CAP_SYS_ADMIN in the caller's mount namespace's owner."""
     syscall = _libc.syscall
     syscall.restype = ctypes.c_long
-    return _check(syscall(ctypes.c_long(_nr("open_tree")), ctypes.c_int(-100),
-                          ctypes.c_char_p(os.fsencode(path)),
-                          ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC)),
-                  f"open_tree({path!r}, clone)")
+    return _check(
+        syscall(
+            ctypes.c_long(_nr("open_tree")),
+            ctypes.c_int(-100),
+            ctypes.c_char_p(os.fsencode(path)),
+            ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC),
+        ),
+        f"open_tree({path!r}, clone)",
+    )
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
-    _check(_libc.syscall(ctypes.c_long(_nr("pivot_root")), os.fsencode(new_root),
-                         os.fsencode(put_old)), f"pivot_root({new_root!r}, {put_old!r})")
+    _check(
+        _libc.syscall(
+            ctypes.c_long(_nr("pivot_root")), os.fsencode(new_root), os.fsencode(put_old)
+        ),
+        f"pivot_root({new_root!r}, {put_old!r})",
+    )
 
 
 def propagation_type(optional_fields: Iterable[str]) -> str:
@@ -301,7 +351,7 @@ def mount_propagation(target: str = "/") -> str | None:
         for line in f:
             fields = line.split()
             if len(fields) > 6 and "-" in fields and unescape_mountinfo(fields[4]) == target:
-                found = propagation_type(fields[6:fields.index("-")])
+                found = propagation_type(fields[6 : fields.index("-")])
     return found
 
 
@@ -321,17 +371,23 @@ def unescape_mountinfo(field: str) -> str:
 
 
 #: Per-mount flags as mountinfo's fifth column names them (for a bind remount).
-MOUNTINFO_FLAGS = {"ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV,
-                   "noexec": MS_NOEXEC, "noatime": 0x400, "nodiratime": 0x800,
-                   "relatime": 0x200000, "strictatime": 0x1000000}
+MOUNTINFO_FLAGS = {
+    "ro": MS_RDONLY,
+    "nosuid": MS_NOSUID,
+    "nodev": MS_NODEV,
+    "noexec": MS_NOEXEC,
+    "noatime": 0x400,
+    "nodiratime": 0x800,
+    "relatime": 0x200000,
+    "strictatime": 0x1000000,
+}
 
 
 def mount_table(pid: int | str = "self") -> list[tuple[int, str, int]]:
     """(mount id, mount point, MS_* per-mount flags) of every mount of ``pid``'s mount
     namespace, in mountinfo order (a parent before its children)."""
     table = []
-    for line in read_file(f"/proc/{pid}/mountinfo").decode(errors="surrogateescape") \
-            .splitlines():
+    for line in read_file(f"/proc/{pid}/mountinfo").decode(errors="surrogateescape").splitlines():
         fields = line.split()
         flags = 0
         for name in fields[5].split(","):
@@ -342,10 +398,18 @@ def mount_table(pid: int | str = "self") -> list[tuple[int, str, int]]:
 
 # --- credentials and capabilities ---------------------------------------------------------
 
+
 def thread_setresuid(ruid: int, euid: int, suid: int) -> None:
     """setresuid for the calling thread only (glibc's wrapper changes every thread)."""
-    _check(_libc.syscall(ctypes.c_long(_nr("setresuid")), ctypes.c_int(ruid), ctypes.c_int(euid),
-                         ctypes.c_int(suid)), "setresuid (thread)")
+    _check(
+        _libc.syscall(
+            ctypes.c_long(_nr("setresuid")),
+            ctypes.c_int(ruid),
+            ctypes.c_int(euid),
+            ctypes.c_int(suid),
+        ),
+        "setresuid (thread)",
+    )
 
 
 def thread_setfsuid(fsuid: int) -> int:
@@ -355,20 +419,59 @@ def thread_setfsuid(fsuid: int) -> int:
 
 
 def thread_setresgid(rgid: int, egid: int, sgid: int) -> None:
-    _check(_libc.syscall(ctypes.c_long(_nr("setresgid")), ctypes.c_int(rgid), ctypes.c_int(egid),
-                         ctypes.c_int(sgid)), "setresgid (thread)")
+    _check(
+        _libc.syscall(
+            ctypes.c_long(_nr("setresgid")),
+            ctypes.c_int(rgid),
+            ctypes.c_int(egid),
+            ctypes.c_int(sgid),
+        ),
+        "setresgid (thread)",
+    )
 
 
 #: Capability names by number (linux/capability.h), CAP_LAST_CAP = 40.
 CAPABILITIES: tuple[str, ...] = (
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
-    "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE",
-    "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK",
-    "CAP_IPC_OWNER", "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE",
-    "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE", "CAP_SYS_RESOURCE",
-    "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE", "CAP_AUDIT_WRITE",
-    "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN", "CAP_SYSLOG",
-    "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ", "CAP_PERFMON", "CAP_BPF",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
     "CAP_CHECKPOINT_RESTORE",
 )
 CAP_NUMBERS = {name: i for i, name in enumerate(CAPABILITIES)}
@@ -394,8 +497,9 @@ def mask_to_caps(mask: int) -> list[str]:
 
 @functools.lru_cache(maxsize=256)
 def _caps_of(mask: int) -> tuple[str, ...]:
-    return tuple(CAPABILITIES[i] if i < len(CAPABILITIES) else f"CAP_{i}"
-                 for i in range(64) if mask >> i & 1)
+    return tuple(
+        CAPABILITIES[i] if i < len(CAPABILITIES) else f"CAP_{i}" for i in range(64) if mask >> i & 1
+    )
 
 
 def capget(tid: int = 0) -> tuple[int, int, int]:
@@ -412,8 +516,15 @@ def capset(effective: int, permitted: int, inheritable: int) -> None:
     """Set the calling thread's capability sets (the kernel's rules apply)."""
     hbuf = ctypes.create_string_buffer(struct.pack("Ii", _CAP_V3, 0), 8)
     lo, hi = 0xFFFFFFFF, 32
-    data = struct.pack("6I", effective & lo, permitted & lo, inheritable & lo,
-                       effective >> hi & lo, permitted >> hi & lo, inheritable >> hi & lo)
+    data = struct.pack(
+        "6I",
+        effective & lo,
+        permitted & lo,
+        inheritable & lo,
+        effective >> hi & lo,
+        permitted >> hi & lo,
+        inheritable >> hi & lo,
+    )
     dbuf = ctypes.create_string_buffer(data, 24)
     _check(_libc.capset(hbuf, dbuf), "capset")
 
@@ -438,8 +549,16 @@ PR_CAP_AMBIENT_CLEAR_ALL = 4
 
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
-    return _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(arg3),
-                              ctypes.c_ulong(arg4), ctypes.c_ulong(arg5)), f"prctl({option})")
+    return _check(
+        _libc.prctl(
+            ctypes.c_int(option),
+            ctypes.c_ulong(arg2),
+            ctypes.c_ulong(arg3),
+            ctypes.c_ulong(arg4),
+            ctypes.c_ulong(arg5),
+        ),
+        f"prctl({option})",
+    )
 
 
 def set_no_new_privs() -> None:
@@ -506,6 +625,7 @@ def signal_ignored(sig: int) -> bool:
 
 # --- memory ------------------------------------------------------------------------------
 
+
 def release_free_memory() -> None:
     """Return the free pages of the C heap to the kernel (glibc ``malloc_trim(0)``; a no-op
     with a C library that has none)."""
@@ -562,6 +682,7 @@ def link_up(ifname: str) -> None:
 
 # --- /proc ----------------------------------------------------------------------------------
 
+
 def read_file(path: str) -> bytes:
     """The whole content of a (small, ``/proc``) file."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -606,7 +727,7 @@ def process_parents() -> dict[int, int]:
         if stat is None:
             continue
         # "pid (comm) state ppid ...": comm may contain spaces and parentheses.
-        table[int(name)] = int(stat[stat.rindex(b")") + 2:].split()[1])
+        table[int(name)] = int(stat[stat.rindex(b")") + 2 :].split()[1])
     return table
 
 
@@ -654,14 +775,14 @@ def process_name(pid: int | str = "self", proc: str = "/proc") -> str | None:
     stat = _stat(pid, proc)
     if stat is None:
         return None
-    return stat[stat.index(b"(") + 1:stat.rindex(b")")].decode(errors="replace")
+    return stat[stat.index(b"(") + 1 : stat.rindex(b")")].decode(errors="replace")
 
 
 def process_state(pid: int, proc: str = "/proc") -> str | None:
     """State letter of ``pid`` (R, S, D, Z…), None when it is gone; ``proc``: the proc
     file system that numbers it (another pid namespace's, say)."""
     stat = _stat(pid, proc)
-    return None if stat is None else stat[stat.rindex(b")") + 2:].split()[0].decode()
+    return None if stat is None else stat[stat.rindex(b")") + 2 :].split()[0].decode()
 
 
 def proc_tid() -> int:
@@ -686,23 +807,28 @@ def pass_credentials(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
 
 
-def recv_with_sender(sock: socket.socket, bufsize: int, flags: int = 0
-                     ) -> tuple[bytes, int | None, list[int], bool]:
+def recv_with_sender(
+    sock: socket.socket, bufsize: int, flags: int = 0
+) -> tuple[bytes, int | None, list[int], bool]:
     """One message of a ``SO_PASSCRED`` socket: (data, the sender's pid as the kernel names
     it here, 0 when the sender is not visible in this pid namespace and None when no
     credentials came, the descriptors that came along (the caller's to close), truncated)."""
     data, ancdata, msg_flags, _ = sock.recvmsg(
-        bufsize, socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(MAX_PASSED_FDS * 4),
-        flags | socket.MSG_CMSG_CLOEXEC)
+        bufsize,
+        socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(MAX_PASSED_FDS * 4),
+        flags | socket.MSG_CMSG_CLOEXEC,
+    )
     pid = None
     fds: list[int] = []
     for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS \
-                and len(payload) >= _UCRED.size:
+        if (
+            level == socket.SOL_SOCKET
+            and kind == socket.SCM_CREDENTIALS
+            and len(payload) >= _UCRED.size
+        ):
             pid = _UCRED.unpack_from(payload)[0]
         elif level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds += [struct.unpack_from("i", payload, 4 * i)[0]
-                    for i in range(len(payload) // 4)]
+            fds += [struct.unpack_from("i", payload, 4 * i)[0] for i in range(len(payload) // 4)]
     return data, pid, fds, bool(msg_flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC))
 
 
@@ -733,6 +859,8 @@ def process_ids(pid: int) -> tuple[int, list[int]] | None:
         return int(status["PPid"]), [int(p) for p in status["NSpid"].split()]
     except (OSError, KeyError, ValueError):
         return None
+
+
 # --- seccomp ----------------------------------------------------------------------------------
 
 SECCOMP_SET_MODE_FILTER = 1
@@ -760,8 +888,15 @@ def seccomp_install_filter(program: list[tuple[int, int, int, int]], listener: b
     fprog = struct.pack("=HxxxxxxQ", len(program), ctypes.addressof(buf))
     fbuf = ctypes.create_string_buffer(fprog, len(fprog))
     flags = SECCOMP_FILTER_FLAG_NEW_LISTENER if listener else 0
-    fd = _check(_libc.syscall(ctypes.c_long(_nr("seccomp")), ctypes.c_uint(SECCOMP_SET_MODE_FILTER),
-                              ctypes.c_uint(flags), fbuf), "seccomp(SET_MODE_FILTER)")
+    fd = _check(
+        _libc.syscall(
+            ctypes.c_long(_nr("seccomp")),
+            ctypes.c_uint(SECCOMP_SET_MODE_FILTER),
+            ctypes.c_uint(flags),
+            fbuf,
+        ),
+        "seccomp(SET_MODE_FILTER)",
+    )
     return fd if listener else None
 
 
@@ -821,8 +956,16 @@ def seccomp_notif_send_error(listener: int, notif_id: int, err: int) -> bool:
 # --- mount propagation ----------------------------------------------------------------------
 
 #: Propagation types a mount can be given (``r…``: recursively).
-PROPAGATIONS = ("private", "rprivate", "slave", "rslave", "shared", "rshared",
-                "unbindable", "runbindable")
+PROPAGATIONS = (
+    "private",
+    "rprivate",
+    "slave",
+    "rslave",
+    "shared",
+    "rshared",
+    "unbindable",
+    "runbindable",
+)
 
 
 def split_propagation(propagation: str) -> tuple[str, bool]:

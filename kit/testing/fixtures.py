@@ -44,8 +44,15 @@ class MockFactory:
     def __init__(self) -> None:
         self.made: list[MockTransport] = []
 
-    def __call__(self, engine_name: str, methods: Any = None, *, system: Any = _DEFAULT,
-                 timeout: float | None = 10.0, **options: Any) -> MockTransport:
+    def __call__(
+        self,
+        engine_name: str,
+        methods: Any = None,
+        *,
+        system: Any = _DEFAULT,
+        timeout: float | None = 10.0,
+        **options: Any,
+    ) -> MockTransport:
         if system is _DEFAULT:
             system = None if isinstance(methods, Mapping) else RecordingSystem()
         if methods is None:

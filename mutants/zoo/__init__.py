@@ -26,24 +26,50 @@ kit of the process that calls them.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from conformance.cooperation import cooperative
 from kit.registry import register_operations, register_rpc_methods, registered
 from mutants.zoo import (
-    cleanup, gaps, host, join, lifecycle, mechanisms, namespaces, privileges, signals, starter,
-    state, syscalls,
+    cleanup,
+    gaps,
+    host,
+    join,
+    lifecycle,
+    mechanisms,
+    namespaces,
+    privileges,
+    signals,
+    starter,
+    state,
+    syscalls,
 )
 from mutants.zoo.base import Mutant, registered_name
 
-__all__ = ["ENGINE_MUTANTS", "MUTANTS", "Mutant", "STARTER_MUTANTS", "by_name", "engine_spec",
-           "registered_name", "registrar_name"]
+__all__ = [
+    "ENGINE_MUTANTS",
+    "MUTANTS",
+    "STARTER_MUTANTS",
+    "Mutant",
+    "by_name",
+    "engine_spec",
+    "registered_name",
+    "registrar_name",
+]
 
 #: Engine mutants, by area: each registered by its own function (:func:`engine_spec`).
 ENGINE_MUTANTS: tuple[type[Mutant], ...] = (
-    *privileges.MUTANTS, *namespaces.MUTANTS, *lifecycle.MUTANTS, *signals.MUTANTS,
-    *cleanup.MUTANTS, *state.MUTANTS, *join.MUTANTS, *gaps.MUTANTS, *mechanisms.MUTANTS,
-    *host.MUTANTS, *syscalls.MUTANTS,
+    *privileges.MUTANTS,
+    *namespaces.MUTANTS,
+    *lifecycle.MUTANTS,
+    *signals.MUTANTS,
+    *cleanup.MUTANTS,
+    *state.MUTANTS,
+    *join.MUTANTS,
+    *gaps.MUTANTS,
+    *mechanisms.MUTANTS,
+    *host.MUTANTS,
+    *syscalls.MUTANTS,
 )
 #: Starter mutants: each registered only through its own spec (:func:`engine_spec`).
 STARTER_MUTANTS: tuple[type[Mutant], ...] = starter.MUTANTS

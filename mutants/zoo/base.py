@@ -24,34 +24,38 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
-from kit.system import linux
 from kit.run.sandbox import SANDBOX_ENV
-from kit.system import current
+from kit.system import current, linux
 from reference_engines.minimal import ReferenceEngine, ReferenceRPC
 
 #: Process names the kit gives its processes while their hooks run (SPEC §2), by role.
 #: Stage 2 is still the container process, named ``kit-container``, until start_process.
-ROLE_BY_NAME = {"kit-stage1": "stage1", "kit-master": "master", "kit-rpc": "rpc",
-                "kit-container": "stage2"}
+ROLE_BY_NAME = {
+    "kit-stage1": "stage1",
+    "kit-master": "master",
+    "kit-rpc": "rpc",
+    "kit-container": "stage2",
+}
 #: The uid and gid a mutant switches to when it wants "an unprivileged user" (nobody).
 NOBODY = 65534
 
 #: How a mutant breaks its rule (issue 14: two mechanisms per MUST rule where two exist).
 MECHANISMS: dict[str, str] = {
     "direct": "the plain way: in the hook's own thread, by a library call, at the top level, "
-              "on the path as spelled, in the field the rule names",
+    "on the path as spelled, in the field the rule names",
     "helper-thread": "in a thread the engine starts, not the one that runs the hook",
     "raw-syscall": "by a raw system call through ctypes (a credential change of the calling "
-                   "thread only, which glibc's wrappers would make on every thread)",
+    "thread only, which glibc's wrappers would make on every thread)",
     "child-process": "in a child process the engine starts",
     "nested-value": "in a value nested below the top level",
     "symlink": "through a symbolic link on the way of a path",
     "other-field": "in another field of the same rule than the one a first mutant changes",
     "other-hook": "in another hook or process than the one a first mutant acts in",
     "partial": "on part of the domain only (one of the id maps, some of the signals) where a "
-               "first mutant breaks all of it",
+    "first mutant breaks all of it",
     "starter": "in the kit (a starter mutant): a rule only the starter can break",
 }
 
@@ -104,7 +108,8 @@ def refuse_real_host(slug: str) -> None:
         raise HostDamageRefused(
             f"mutant-{slug} changes the host's namespaces on purpose and refuses to outside the "
             "kit's host sandbox: run it as root in the real backend (the kit then runs every "
-            "lifecycle in throwaway namespaces)")
+            "lifecycle in throwaway namespaces)"
+        )
 
 
 def on_helper_thread(action: Callable[[], None], name: str = "engine-helper") -> None:
@@ -118,7 +123,7 @@ def on_helper_thread(action: Callable[[], None], name: str = "engine-helper") ->
         linux.set_name(name)
         try:
             action()
-        except BaseException as exc:  # handed to the caller
+        except BaseException as exc:  # noqa: BLE001 (handed to the caller, who raises it)
             failure.append(exc)
         done.set()
         threading.Event().wait()

@@ -14,16 +14,22 @@ from mutants.zoo.base import Mutant
 
 class LeavesAProcess(Mutant):
     slug = "leaks-process"
-    bug = ("post_start_process starts a helper daemon (in a session of its own) and nothing "
-           "ever stops it")
+    bug = (
+        "post_start_process starts a helper daemon (in a session of its own) and nothing "
+        "ever stops it"
+    )
     killed_by = ("CLEAN-001",)
     mechanism = "child-process"
     flows = ("root", "userns")
 
     def post_start_process(self, ctx, pid) -> None:  # type: ignore[override]
-        subprocess.Popen(["/bin/sleep", "30"], stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)
+        subprocess.Popen(
+            ["/bin/sleep", "30"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
 
 class LeavesATemporaryDirectory(Mutant):
@@ -39,9 +45,11 @@ class LeavesATemporaryDirectory(Mutant):
 
 class CleanupNeedsAFullSetup(Mutant):
     slug = "cleanup-needs-full-setup"
-    bug = ("cleanup_container removes the scratch directory create_container made at its end, "
-           "without checking it got that far: after a failed create_container it raises "
-           "(it is neither idempotent nor tolerant of partial setup)")
+    bug = (
+        "cleanup_container removes the scratch directory create_container made at its end, "
+        "without checking it got that far: after a failed create_container it raises "
+        "(it is neither idempotent nor tolerant of partial setup)"
+    )
     killed_by = ("CLEAN-002",)
     flows = ("root",)
     cooperative = True

@@ -14,15 +14,17 @@ from __future__ import annotations
 import os
 
 from kit.system import current
+from mutants.zoo.base import Mutant
 from reference_engines.minimal import ReferenceRPC
 from reference_engines.minimal.engine import FORWARDED_SIGNALS, MONITOR_POLL
-from mutants.zoo.base import Mutant
 
 
 class PostStartCalledTwice(Mutant):
     slug = "post-start-twice"
-    bug = ("monitor_container calls post_start_process again once the container exited, to "
-           "'finish' the start: post_start_process runs twice")
+    bug = (
+        "monitor_container calls post_start_process again once the container exited, to "
+        "'finish' the start: post_start_process runs twice"
+    )
     killed_by = ("ORDER-009",)
     flows = ("root",)
 
@@ -34,8 +36,10 @@ class PostStartCalledTwice(Mutant):
 
 class MonitorReapsAnyChild(Mutant):
     slug = "monitor-reaps-any-child"
-    bug = ("monitor_container reaps with waitpid(-1) and takes the first status it gets for "
-           "the container's (it forwards signals like the reference)")
+    bug = (
+        "monitor_container reaps with waitpid(-1) and takes the first status it gets for "
+        "the container's (it forwards signals like the reference)"
+    )
     killed_by = ("SIG-004",)
     flows = ("root",)
 
@@ -53,17 +57,25 @@ class MonitorReapsAnyChild(Mutant):
 
 
 class CapabilityRaisingRPC(ReferenceRPC):
-    def mount(self, source: str | None, target: str, fstype: str | None, flags: list[str],
-              data: str | None) -> None:
-        effective, permitted, inheritable = current().capabilities()
+    def mount(
+        self,
+        source: str | None,
+        target: str,
+        fstype: str | None,
+        flags: list[str],
+        data: str | None,
+    ) -> None:
+        _effective, permitted, inheritable = current().capabilities()
         current().set_capabilities(permitted, permitted, inheritable)  # never lowered again
         super().mount(source, target, fstype, flags, data)
 
 
 class RPCMethodKeepsCapabilities(Mutant):
     slug = "rpc-method-keeps-caps"
-    bug = ("the RPC method mount raises every permitted capability and does not lower them "
-           "before returning")
+    bug = (
+        "the RPC method mount raises every permitted capability and does not lower them "
+        "before returning"
+    )
     killed_by = ("PRIV-RPC-004",)
     flows = ("suid",)
     rpc = CapabilityRaisingRPC
@@ -71,8 +83,10 @@ class RPCMethodKeepsCapabilities(Mutant):
 
 class MasterJoinsTheContainersNetwork(Mutant):
     slug = "master-joins-container-net"
-    bug = ("create_container joins the container's network namespace on its own thread to "
-           "configure it from the master, and stays there")
+    bug = (
+        "create_container joins the container's network namespace on its own thread to "
+        "configure it from the master, and stays there"
+    )
     killed_by = ("NS-003",)
     flows = ("root",)
 
@@ -81,5 +95,9 @@ class MasterJoinsTheContainersNetwork(Mutant):
         super().create_container(ctx, pid, rpc_conn)
 
 
-MUTANTS = (PostStartCalledTwice, MonitorReapsAnyChild, RPCMethodKeepsCapabilities,
-           MasterJoinsTheContainersNetwork)
+MUTANTS = (
+    PostStartCalledTwice,
+    MonitorReapsAnyChild,
+    RPCMethodKeepsCapabilities,
+    MasterJoinsTheContainersNetwork,
+)

@@ -29,8 +29,10 @@ def in_kit_sandbox() -> bool:
 
 def refuse_outside_kit_sandbox(slug: str) -> None:
     if not in_kit_sandbox():
-        raise HostDamageRefused(f"mutant-{slug} changes the host and leaves it changed: it runs "
-                                "only in the kit's host sandbox (real backend, as root)")
+        raise HostDamageRefused(
+            f"mutant-{slug} changes the host and leaves it changed: it runs "
+            "only in the kit's host sandbox (real backend, as root)"
+        )
 
 
 class HostMutant(Mutant):
@@ -84,8 +86,12 @@ class HostLink(HostMutant):
     mechanism = "child-process"
 
     def damage(self) -> None:
-        subprocess.run(["ip", "link", "add", "kit-mutant0", "type", "bridge"], check=True,
-                       stdin=subprocess.DEVNULL, capture_output=True)
+        subprocess.run(
+            ["ip", "link", "add", "kit-mutant0", "type", "bridge"],
+            check=True,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+        )
 
 
 class HostMountLeft(HostMutant):
@@ -95,6 +101,7 @@ class HostMountLeft(HostMutant):
 
     def damage(self) -> None:
         from kit.system import current
+
         current().mount("tmpfs", "/mnt", "tmpfs", ["nosuid", "nodev"], "size=64k")
 
 
@@ -105,8 +112,12 @@ class HostNamedNetns(HostMutant):
     mechanism = "child-process"
 
     def damage(self) -> None:
-        subprocess.run(["ip", "netns", "add", "kit-mutant"], check=True,
-                       stdin=subprocess.DEVNULL, capture_output=True)
+        subprocess.run(
+            ["ip", "netns", "add", "kit-mutant"],
+            check=True,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+        )
 
 
 class HostSharedMemory(HostMutant):
@@ -116,7 +127,7 @@ class HostSharedMemory(HostMutant):
 
     def damage(self) -> None:
         libc = ctypes.CDLL(None, use_errno=True)
-        if libc.shmget(0x6b6d7574, 4096, 0o1600) < 0:  # IPC_CREAT | 0600
+        if libc.shmget(0x6B6D7574, 4096, 0o1600) < 0:  # IPC_CREAT | 0600
             raise OSError(ctypes.get_errno(), "shmget")
 
 
@@ -127,10 +138,22 @@ class HostDaemon(HostMutant):
     mechanism = "child-process"
 
     def damage(self) -> None:
-        subprocess.Popen(["setsid", "sleep", "3600"], stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)
+        subprocess.Popen(
+            ["setsid", "sleep", "3600"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
 
-MUTANTS = (FileUnderEtc, HostMountLeft, HostDomainname, HostSysctl, HostLink, HostNamedNetns,
-           HostSharedMemory, HostDaemon)
+MUTANTS = (
+    FileUnderEtc,
+    HostMountLeft,
+    HostDomainname,
+    HostSysctl,
+    HostLink,
+    HostNamedNetns,
+    HostSharedMemory,
+    HostDaemon,
+)

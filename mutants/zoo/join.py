@@ -15,8 +15,10 @@ class _CooperativeMutant(cooperative(Mutant)):  # type: ignore[misc]
 
 class JoinOnlyNotRequested(_CooperativeMutant):
     slug = "join-only-not-requested"
-    bug = ("asked to join namespaces, prepare_config sets the paths but not "
-           "set_namespace_join_only: the kit runs create_container and the other master hooks")
+    bug = (
+        "asked to join namespaces, prepare_config sets the paths but not "
+        "set_namespace_join_only: the kit runs create_container and the other master hooks"
+    )
     killed_by = ("JOIN-001",)
     flows = ("root", "suid")
 
@@ -31,8 +33,10 @@ class JoinOnlyNotRequested(_CooperativeMutant):
 
 class JoinDropsANamespace(_CooperativeMutant):
     slug = "join-drops-a-namespace"
-    bug = ("asked to join namespaces, prepare_config joins the uts namespace but forgets the "
-           "ipc one: stage 2 stays in the host's")
+    bug = (
+        "asked to join namespaces, prepare_config joins the uts namespace but forgets the "
+        "ipc one: stage 2 stays in the host's"
+    )
     killed_by = ("JOIN-002",)
     flows = ("root", "suid")
 

@@ -11,8 +11,8 @@ import time
 
 from kit.rpc import RPCClient
 from kit.starter.config import StarterConfig
-from reference_engines.minimal import ReferenceRPC
 from mutants.zoo.base import Mutant
+from reference_engines.minimal import ReferenceRPC
 
 #: Hook timeout (seconds) the matrix uses for the mutants that hang on purpose.
 HANG_TIMEOUT = 2.0
@@ -20,8 +20,10 @@ HANG_TIMEOUT = 2.0
 
 class CreateWaitsForTheContainer(Mutant):
     slug = "create-waits-for-container"
-    bug = ("create_container waits until the container runs its payload before returning; "
-           "stage 2 only starts once it returned: a deadlock")
+    bug = (
+        "create_container waits until the container runs its payload before returning; "
+        "stage 2 only starts once it returned: a deadlock"
+    )
     killed_by = ("ERR-009", "ORDER-013")
     flows = ("root",)
     hook_timeout = HANG_TIMEOUT
@@ -39,7 +41,7 @@ class CreateWaitsForTheContainer(Mutant):
 
 class PostStartHangs(Mutant):
     slug = "post-start-hangs"
-    bug = ("post_start_process waits for a readiness notification that nothing ever sends")
+    bug = "post_start_process waits for a readiness notification that nothing ever sends"
     killed_by = ("ERR-009",)
     mechanism = "other-hook"
     flows = ("root",)
@@ -51,8 +53,10 @@ class PostStartHangs(Mutant):
 
 class PostStartKillsTheMaster(Mutant):
     slug = "post-start-kills-master"
-    bug = ("post_start_process kills its own process (a stand-in for a crash in native code): "
-           "the master never runs cleanup_container")
+    bug = (
+        "post_start_process kills its own process (a stand-in for a crash in native code): "
+        "the master never runs cleanup_container"
+    )
     killed_by = ("ERR-010", "ORDER-011", "LEDGER-002")
     flows = ("root",)
 
@@ -62,8 +66,10 @@ class PostStartKillsTheMaster(Mutant):
 
 class PrepareConfigExits(Mutant):
     slug = "prepare-config-exits"
-    bug = ("prepare_config ends stage 1 itself (os._exit(0)) once the StarterConfig is filled: "
-           "the starter never gets it")
+    bug = (
+        "prepare_config ends stage 1 itself (os._exit(0)) once the StarterConfig is filled: "
+        "the starter never gets it"
+    )
     killed_by = ("ERR-010", "LEDGER-002")
     mechanism = "other-hook"
     flows = ("root",)
@@ -88,8 +94,10 @@ class StartProcessReturns(Mutant):
 
 class ClosesTheRPCConnectionEarly(Mutant):
     slug = "closes-rpc-early"
-    bug = ("create_container closes the RPC connection once the hostname is set, before its "
-           "mounts: the remaining calls fail")
+    bug = (
+        "create_container closes the RPC connection once the hostname is set, before its "
+        "mounts: the remaining calls fail"
+    )
     killed_by = ("ERR-011",)
     mechanism = "other-hook"
     flows = ("root",)
@@ -101,18 +109,34 @@ class ClosesTheRPCConnectionEarly(Mutant):
             rpc.sethostname(name=cfg.hostname)
         rpc_conn.close()  # "the privileged part is done"
         if cfg.mount_proc:
-            rpc.mount(source="proc", target="/proc", fstype="proc",
-                      flags=["nosuid", "nodev", "noexec"], data=None)
+            rpc.mount(
+                source="proc",
+                target="/proc",
+                fstype="proc",
+                flags=["nosuid", "nodev", "noexec"],
+                data=None,
+            )
         if cfg.mount_tmp:
-            rpc.mount(source="tmpfs", target="/tmp", fstype="tmpfs",
-                      flags=["nosuid", "nodev"], data="mode=1777,size=16m")
+            rpc.mount(
+                source="tmpfs",
+                target="/tmp",
+                fstype="tmpfs",
+                flags=["nosuid", "nodev"],
+                data="mode=1777,size=16m",
+            )
 
 
 class ExitingRPC(ReferenceRPC):
     """The server ends itself after the last call it expects (the /tmp mount)."""
 
-    def mount(self, source: str | None, target: str, fstype: str | None, flags: list[str],
-              data: str | None) -> None:
+    def mount(
+        self,
+        source: str | None,
+        target: str,
+        fstype: str | None,
+        flags: list[str],
+        data: str | None,
+    ) -> None:
         super().mount(source, target, fstype, flags, data)
         if target == "/tmp":
             # Not sys.exit: the kit's server answers SystemExit with an error reply and goes
@@ -122,8 +146,10 @@ class ExitingRPC(ReferenceRPC):
 
 class RPCMethodEndsTheServer(Mutant):
     slug = "rpc-method-exits"
-    bug = ("the RPC method that mounts /tmp, the last call it expects, ends the RPC server "
-           "(os._exit) instead of returning")
+    bug = (
+        "the RPC method that mounts /tmp, the last call it expects, ends the RPC server "
+        "(os._exit) instead of returning"
+    )
     killed_by = ("RPC-003",)
     flows = ("root",)
     rpc = ExitingRPC
@@ -131,8 +157,10 @@ class RPCMethodEndsTheServer(Mutant):
 
 class WrongRPCPrefix(Mutant):
     slug = "rpc-wrong-engine-name"
-    bug = ("create_container builds its RPC client with the name 'reference' (copied from the "
-           "reference engine) instead of its own engine name")
+    bug = (
+        "create_container builds its RPC client with the name 'reference' (copied from the "
+        "reference engine) instead of its own engine name"
+    )
     killed_by = ("RPC-002",)
     flows = ("root",)
 
@@ -145,8 +173,10 @@ class WrongRPCPrefix(Mutant):
 
 class RPCCallsAfterCreateReturned(Mutant):
     slug = "rpc-calls-after-create"
-    bug = ("create_container hands a duplicate of the RPC connection to a thread that mounts "
-           "/tmp after create_container returned")
+    bug = (
+        "create_container hands a duplicate of the RPC connection to a thread that mounts "
+        "/tmp after create_container returned"
+    )
     killed_by = ("RPC-001",)
     flows = ("root",)
 
@@ -162,14 +192,27 @@ class RPCCallsAfterCreateReturned(Mutant):
         def later() -> None:
             time.sleep(0.2)  # create_container has long returned
             try:
-                RPCClient(conn, name).mount(source="tmpfs", target="/tmp", fstype="tmpfs",
-                                            flags=["nosuid", "nodev"], data="mode=1777")
+                RPCClient(conn, name).mount(
+                    source="tmpfs",
+                    target="/tmp",
+                    fstype="tmpfs",
+                    flags=["nosuid", "nodev"],
+                    data="mode=1777",
+                )
             finally:
                 conn.close()
 
         threading.Thread(target=later, name="mutant-late-mount", daemon=True).start()
 
 
-MUTANTS = (CreateWaitsForTheContainer, PostStartHangs, PostStartKillsTheMaster,
-           PrepareConfigExits, StartProcessReturns, ClosesTheRPCConnectionEarly,
-           RPCMethodEndsTheServer, WrongRPCPrefix, RPCCallsAfterCreateReturned)
+MUTANTS = (
+    CreateWaitsForTheContainer,
+    PostStartHangs,
+    PostStartKillsTheMaster,
+    PrepareConfigExits,
+    StartProcessReturns,
+    ClosesTheRPCConnectionEarly,
+    RPCMethodEndsTheServer,
+    WrongRPCPrefix,
+    RPCCallsAfterCreateReturned,
+)

@@ -16,17 +16,21 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from kit.system import linux
 from kit.rpc.client import RPCClient
 from kit.starter.config import StarterConfig
-from kit.system import current
+from kit.system import current, linux
+from mutants.zoo.base import (
+    NOBODY,
+    Mutant,
+    on_helper_thread,
+    process_role,
+    refuse_real_host,
+    thread_setfsuid,
+    thread_setresuid,
+)
 from reference_engines.bind_rootfs import BindRootfsEngine, BindRootfsRPC
 from reference_engines.minimal import ReferenceConfig, ReferenceRPC
 from reference_engines.minimal.engine import FORWARDED_SIGNALS, MONITOR_POLL
-from mutants.zoo.base import (
-    NOBODY, Mutant, on_helper_thread, process_role, refuse_real_host, thread_setfsuid,
-    thread_setresuid,
-)
 
 
 def _raise_permitted() -> None:
@@ -41,8 +45,10 @@ def _raise_permitted() -> None:
 
 class MasterHelperThreadCapabilities(Mutant):
     slug = "master-helper-thread-caps"
-    bug = ("create_container (setuid master) starts a helper thread that raises every "
-           "permitted capability into its effective set and keeps running")
+    bug = (
+        "create_container (setuid master) starts a helper thread that raises every "
+        "permitted capability into its effective set and keeps running"
+    )
     killed_by = ("PRIV-MASTER-002",)
     flows = ("suid", "hybrid")
     mechanism = "helper-thread"
@@ -54,8 +60,10 @@ class MasterHelperThreadCapabilities(Mutant):
 
 class MasterHelperThreadRoot(Mutant):
     slug = "master-helper-thread-euid-root"
-    bug = ("create_container (setuid master) starts a helper thread that regains effective "
-           "uid 0 through the saved uid (raw setresuid, that thread only) and keeps running")
+    bug = (
+        "create_container (setuid master) starts a helper thread that regains effective "
+        "uid 0 through the saved uid (raw setresuid, that thread only) and keeps running"
+    )
     killed_by = ("PRIV-MASTER-001",)
     flows = ("suid", "hybrid")
     mechanism = "helper-thread"
@@ -67,9 +75,11 @@ class MasterHelperThreadRoot(Mutant):
 
 class MasterHookThreadRawRoot(Mutant):
     slug = "master-raw-setresuid-root"
-    bug = ("create_container (setuid master) regains effective uid 0 on its own thread by the "
-           "raw setresuid system call (glibc's wrapper would change every thread) and returns "
-           "so")
+    bug = (
+        "create_container (setuid master) regains effective uid 0 on its own thread by the "
+        "raw setresuid system call (glibc's wrapper would change every thread) and returns "
+        "so"
+    )
     killed_by = ("PRIV-MASTER-001",)
     flows = ("suid", "hybrid")
     mechanism = "raw-syscall"
@@ -81,8 +91,10 @@ class MasterHookThreadRawRoot(Mutant):
 
 class MasterHelperThreadInContainerNet(Mutant):
     slug = "master-helper-thread-in-container-net"
-    bug = ("create_container starts a helper thread that joins the container's network "
-           "namespace (to configure it) and stays there: the master shares it")
+    bug = (
+        "create_container starts a helper thread that joins the container's network "
+        "namespace (to configure it) and stays there: the master shares it"
+    )
     killed_by = ("NS-003",)
     flows = ("root",)
     mechanism = "helper-thread"
@@ -94,9 +106,11 @@ class MasterHelperThreadInContainerNet(Mutant):
 
 class Stage1HelperThreadWithoutCapabilities(Mutant):
     slug = "stage1-helper-thread-drops-caps"
-    bug = ("prepare_config (root flow) starts a worker thread that drops its effective "
-           "capabilities 'for safety' and keeps running: stage 1 no longer has full "
-           "capabilities on every thread")
+    bug = (
+        "prepare_config (root flow) starts a worker thread that drops its effective "
+        "capabilities 'for safety' and keeps running: stage 1 no longer has full "
+        "capabilities on every thread"
+    )
     killed_by = ("PRIV-STAGE1-002",)
     flows = ("root",)
     mechanism = "helper-thread"
@@ -107,13 +121,16 @@ class Stage1HelperThreadWithoutCapabilities(Mutant):
         def drop() -> None:
             _, permitted, inheritable = current().capabilities()
             current().set_capabilities(0, permitted, inheritable)
+
         on_helper_thread(drop, "stage1-worker")
 
 
 class Stage1RawSetresuid(Mutant):
     slug = "stage1-raw-setresuid-nobody"
-    bug = ("prepare_config (root flow) switches its own thread to nobody by the raw setresuid "
-           "system call, keeping saved uid 0, and returns like that")
+    bug = (
+        "prepare_config (root flow) switches its own thread to nobody by the raw setresuid "
+        "system call, keeping saved uid 0, and returns like that"
+    )
     killed_by = ("PRIV-STAGE1-001",)
     flows = ("root",)
     mechanism = "raw-syscall"
@@ -125,8 +142,10 @@ class Stage1RawSetresuid(Mutant):
 
 class Stage1FsUidNobody(Mutant):
     slug = "stage1-fsuid-nobody"
-    bug = ("prepare_config (root flow) reads the user's files with fs uid nobody (setfsuid) "
-           "and returns without switching back: stage 1 is no longer uid 0 in every way")
+    bug = (
+        "prepare_config (root flow) reads the user's files with fs uid nobody (setfsuid) "
+        "and returns without switching back: stage 1 is no longer uid 0 in every way"
+    )
     killed_by = ("PRIV-STAGE1-001",)
     flows = ("root",)
     mechanism = "other-field"
@@ -138,8 +157,10 @@ class Stage1FsUidNobody(Mutant):
 
 class Stage2HelperThreadAsNobody(Mutant):
     slug = "stage2-helper-thread-nobody"
-    bug = ("init_config, in stage 2 (root flow), starts a helper thread that switches itself "
-           "to nobody (raw setresuid) and keeps running until the exec")
+    bug = (
+        "init_config, in stage 2 (root flow), starts a helper thread that switches itself "
+        "to nobody (raw setresuid) and keeps running until the exec"
+    )
     killed_by = ("PRIV-STAGE2-001",)
     flows = ("root",)
     mechanism = "helper-thread"
@@ -152,8 +173,10 @@ class Stage2HelperThreadAsNobody(Mutant):
 
 class Stage2DropsAPermittedCapability(Mutant):
     slug = "stage2-drops-a-permitted-cap"
-    bug = ("init_config, in stage 2 (root flow), drops CAP_KILL from its effective and "
-           "permitted sets: stage 2 no longer has exactly the configured capabilities")
+    bug = (
+        "init_config, in stage 2 (root flow), drops CAP_KILL from its effective and "
+        "permitted sets: stage 2 no longer has exactly the configured capabilities"
+    )
     killed_by = ("PRIV-STAGE2-002",)
     flows = ("root",)
     mechanism = "other-field"
@@ -180,9 +203,11 @@ class HelperThreadRPC(ReferenceRPC):
 
 class RPCMethodHelperThreadCapabilities(Mutant):
     slug = "rpc-method-helper-thread-caps"
-    bug = ("the RPC method sethostname starts a helper thread that raises every permitted "
-           "capability and keeps running: the RPC server has more than CAP_SYS_ADMIN "
-           "effective")
+    bug = (
+        "the RPC method sethostname starts a helper thread that raises every permitted "
+        "capability and keeps running: the RPC server has more than CAP_SYS_ADMIN "
+        "effective"
+    )
     killed_by = ("PRIV-RPC-002",)
     flows = ("suid", "hybrid")
     mechanism = "helper-thread"
@@ -199,8 +224,10 @@ class RawRootRPC(ReferenceRPC):
 
 class RPCMethodLeavesEffectiveRoot(Mutant):
     slug = "rpc-method-raw-setresuid-root"
-    bug = ("the RPC method sethostname (setuid flow) regains effective uid 0 on its own "
-           "thread by the raw setresuid system call and does not give it back")
+    bug = (
+        "the RPC method sethostname (setuid flow) regains effective uid 0 on its own "
+        "thread by the raw setresuid system call and does not give it back"
+    )
     killed_by = ("PRIV-RPC-001", "PRIV-RPC-004")
     flows = ("suid",)
     mechanism = "raw-syscall"
@@ -217,8 +244,10 @@ class FsRootRPC(ReferenceRPC):
 
 class RPCMethodLeavesFsUidRoot(Mutant):
     slug = "rpc-method-fsuid-root"
-    bug = ("the RPC method sethostname (setuid flow) switches its fs uid to 0 through the "
-           "saved uid to reach root's files and does not switch back")
+    bug = (
+        "the RPC method sethostname (setuid flow) switches its fs uid to 0 through the "
+        "saved uid to reach root's files and does not switch back"
+    )
     killed_by = ("PRIV-RPC-001", "PRIV-RPC-004")
     flows = ("suid",)
     mechanism = "other-field"
@@ -236,8 +265,10 @@ class GroupsRPC(ReferenceRPC):
 
 class RPCMethodLeavesGroups(Mutant):
     slug = "rpc-method-leaves-groups"
-    bug = ("the RPC method sethostname (root flow) changes the server's supplementary groups "
-           "and does not restore them: a credential other than the capabilities")
+    bug = (
+        "the RPC method sethostname (root flow) changes the server's supplementary groups "
+        "and does not restore them: a credential other than the capabilities"
+    )
     killed_by = ("PRIV-RPC-004",)
     flows = ("root",)
     mechanism = "other-field"
@@ -249,8 +280,10 @@ class RPCMethodLeavesGroups(Mutant):
 
 class StartProcessAddsAGroup(Mutant):
     slug = "start-process-adds-group"
-    bug = ("start_process (root flow) adds a supplementary group before the exec: the payload "
-           "runs with a group stage 2 did not have")
+    bug = (
+        "start_process (root flow) adds a supplementary group before the exec: the payload "
+        "runs with a group stage 2 did not have"
+    )
     killed_by = ("PRIV-PAYLOAD-003",)
     flows = ("root",)
     mechanism = "other-field"
@@ -278,8 +311,10 @@ class NestedSharedConfig(ReferenceConfig):
 
 class SharedNestedList(Mutant):
     slug = "config-shared-nested-list"
-    bug = ("config() returns a fresh config whose mounts dict is fresh too, but the list in "
-           "it is the module's: every config shares it one level down")
+    bug = (
+        "config() returns a fresh config whose mounts dict is fresh too, but the list in "
+        "it is the module's: every config shares it one level down"
+    )
     killed_by = ("STATE-001",)
     flows = ("root",)
     mechanism = "nested-value"
@@ -290,8 +325,10 @@ class SharedNestedList(Mutant):
 
 class ConfigCountsItsCalls(Mutant):
     slug = "config-counts-calls"
-    bug = ("config() names the container after how many configs this process made: the first "
-           "call in every process gives the same config, the next ones do not")
+    bug = (
+        "config() names the container after how many configs this process made: the first "
+        "call in every process gives the same config, the next ones do not"
+    )
     killed_by = ("STATE-001",)
     flows = ("root",)
 
@@ -348,9 +385,11 @@ class _CacheThroughALink:
 
 class RPCMethodFollowsSymlink(Mutant, BindRootfsEngine):
     slug = "rpc-follows-symlink"
-    bug = ("the RPC method mkdir follows a symbolic link on the way: the cache directory "
-           f"create_container asks for under {CACHE_LINK} (a link to a host directory) lands "
-           "outside the container root, on the host")
+    bug = (
+        "the RPC method mkdir follows a symbolic link on the way: the cache directory "
+        f"create_container asks for under {CACHE_LINK} (a link to a host directory) lands "
+        "outside the container root, on the host"
+    )
     killed_by = ("CLEAN-001",)
     flows = ("root",)
     mechanism = "symlink"
@@ -374,8 +413,10 @@ class UnsharingHelperRPC(ReferenceRPC):
 
 class RPCHelperThreadOwnUts(Mutant):
     slug = "rpc-helper-thread-own-uts"
-    bug = ("the RPC method sethostname starts a helper thread that unshares a uts namespace "
-           "of its own (to try names out) and keeps running in it")
+    bug = (
+        "the RPC method sethostname starts a helper thread that unshares a uts namespace "
+        "of its own (to try names out) and keeps running in it"
+    )
     killed_by = ("NS-001",)
     flows = ("root",)
     mechanism = "helper-thread"
@@ -384,8 +425,10 @@ class RPCHelperThreadOwnUts(Mutant):
 
 class HybridGidMapTooWide(Mutant):
     slug = "hybrid-gid-map-too-wide"
-    bug = ("prepare_config (hybrid flow) maps the uid right but 65536 gids from the invoking "
-           "user's gid on, as if the user owned the host gids that follow theirs")
+    bug = (
+        "prepare_config (hybrid flow) maps the uid right but 65536 gids from the invoking "
+        "user's gid on, as if the user owned the host gids that follow theirs"
+    )
     killed_by = ("NS-012",)
     flows = ("hybrid",)
     mechanism = "partial"
@@ -400,8 +443,10 @@ class HybridGidMapTooWide(Mutant):
 
 class StartProcessLeaksTheMasterFd(Mutant):
     slug = "start-process-leaks-master-fd"
-    bug = ("start_process makes the descriptor the starter hands it (master_fd) inheritable "
-           "'for the payload's supervisor': the payload gets a descriptor nobody kept")
+    bug = (
+        "start_process makes the descriptor the starter hands it (master_fd) inheritable "
+        "'for the payload's supervisor': the payload gets a descriptor nobody kept"
+    )
     killed_by = ("FD-001",)
     flows = ("root",)
     mechanism = "other-field"
@@ -414,9 +459,11 @@ class StartProcessLeaksTheMasterFd(Mutant):
 
 class StartProcessRaisesAmbient(Mutant):
     slug = "start-process-raises-ambient"
-    bug = ("the setuid flow configures CAP_NET_BIND_SERVICE permitted and inheritable but not "
-           "ambient, and start_process raises it into the ambient set before the exec: the "
-           "unprivileged payload keeps it")
+    bug = (
+        "the setuid flow configures CAP_NET_BIND_SERVICE permitted and inheritable but not "
+        "ambient, and start_process raises it into the ambient set before the exec: the "
+        "unprivileged payload keeps it"
+    )
     killed_by = ("PRIV-PAYLOAD-001", "PRIV-PAYLOAD-003")
     flows = ("suid",)
     mechanism = "other-hook"
@@ -437,8 +484,10 @@ class StartProcessRaisesAmbient(Mutant):
 
 class MonitorHelperThreadReaps(Mutant):
     slug = "monitor-helper-thread-reaps"
-    bug = ("monitor_container leaves reaping to a helper thread that waits for any child "
-           "(waitpid(-1)) and hands over the container's status when it sees it")
+    bug = (
+        "monitor_container leaves reaping to a helper thread that waits for any child "
+        "(waitpid(-1)) and hands over the container's status when it sees it"
+    )
     killed_by = ("SIG-004",)
     flows = ("root",)
     mechanism = "helper-thread"
@@ -455,6 +504,7 @@ class MonitorHelperThreadReaps(Mutant):
                 if found == pid:
                     statuses.put(status)
                     return
+
         threading.Thread(target=reap, name="reaper", daemon=True).start()
         while True:
             sig = signals.get(timeout=MONITOR_POLL)
@@ -471,8 +521,10 @@ class MonitorHelperThreadReaps(Mutant):
 
 class HostnameByAChildProcess(Mutant):
     slug = "host-hostname-child-process"
-    bug = ("create_container runs hostname(1) from the master, in the host's uts namespace, "
-           "instead of asking the RPC server (it restores the name in cleanup)")
+    bug = (
+        "create_container runs hostname(1) from the master, in the host's uts namespace, "
+        "instead of asking the RPC server (it restores the name in cleanup)"
+    )
     killed_by = ("NS-010",)
     flows = ("root",)
     mechanism = "child-process"
@@ -486,8 +538,7 @@ class HostnameByAChildProcess(Mutant):
         if cfg.hostname is not None:
             refuse_real_host(self.slug)
             self._previous = current().gethostname()
-            _host_command(["hostname", cfg.hostname],
-                          lambda: current().sethostname(cfg.hostname))
+            _host_command(["hostname", cfg.hostname], lambda: current().sethostname(cfg.hostname))
             cfg.hostname = None  # done (in the wrong namespace)
         super().create_container(ctx, pid, rpc_conn)
 
@@ -500,8 +551,10 @@ class HostnameByAChildProcess(Mutant):
 
 class MountByAChildProcess(Mutant):
     slug = "host-mount-child-process"
-    bug = ("create_container runs mount(8) from the master to stage files on a tmpfs: the "
-           "mount is made in the host's mount namespace (it is unmounted in cleanup)")
+    bug = (
+        "create_container runs mount(8) from the master to stage files on a tmpfs: the "
+        "mount is made in the host's mount namespace (it is unmounted in cleanup)"
+    )
     killed_by = ("NS-011",)
     flows = ("root",)
     mechanism = "child-process"
@@ -513,9 +566,10 @@ class MountByAChildProcess(Mutant):
     def create_container(self, ctx, pid, rpc_conn) -> None:  # type: ignore[override]
         refuse_real_host(self.slug)
         path = self._staging = tempfile.mkdtemp(prefix="mutant-staging-")
-        _host_command(["mount", "-t", "tmpfs", "-o", "size=64k,nosuid,nodev", "tmpfs", path],
-                      lambda: current().mount("tmpfs", path, "tmpfs", ["nosuid", "nodev"],
-                                              "size=64k"))
+        _host_command(
+            ["mount", "-t", "tmpfs", "-o", "size=64k,nosuid,nodev", "tmpfs", path],
+            lambda: current().mount("tmpfs", path, "tmpfs", ["nosuid", "nodev"], "size=64k"),
+        )
         super().create_container(ctx, pid, rpc_conn)
 
     def cleanup_container(self, ctx, fatal, status) -> None:  # type: ignore[override]
@@ -528,8 +582,10 @@ class MountByAChildProcess(Mutant):
 
 class HostPropagationChanged(Mutant):
     slug = "host-propagation-changed"
-    bug = ("create_container makes / private from the master, in the host's mount namespace "
-           "(meaning the container's, which it never entered), and sets it back in cleanup")
+    bug = (
+        "create_container makes / private from the master, in the host's mount namespace "
+        "(meaning the container's, which it never entered), and sets it back in cleanup"
+    )
     killed_by = ("NS-011",)
     flows = ("root",)
     mechanism = "other-field"
@@ -563,12 +619,30 @@ def _host_command(argv: list[str], modelled: Any) -> None:
         modelled()
 
 
-MUTANTS = (MasterHelperThreadCapabilities, MasterHelperThreadRoot, MasterHookThreadRawRoot,
-           MasterHelperThreadInContainerNet, Stage1HelperThreadWithoutCapabilities,
-           Stage1RawSetresuid, Stage1FsUidNobody, Stage2HelperThreadAsNobody,
-           Stage2DropsAPermittedCapability, RPCMethodHelperThreadCapabilities,
-           RPCMethodLeavesEffectiveRoot, RPCMethodLeavesFsUidRoot, RPCMethodLeavesGroups,
-           StartProcessAddsAGroup, SharedNestedList, ConfigCountsItsCalls,
-           RPCMethodFollowsSymlink, RPCHelperThreadOwnUts, HybridGidMapTooWide,
-           StartProcessLeaksTheMasterFd, StartProcessRaisesAmbient, MonitorHelperThreadReaps,
-           HostnameByAChildProcess, MountByAChildProcess, HostPropagationChanged)
+MUTANTS = (
+    MasterHelperThreadCapabilities,
+    MasterHelperThreadRoot,
+    MasterHookThreadRawRoot,
+    MasterHelperThreadInContainerNet,
+    Stage1HelperThreadWithoutCapabilities,
+    Stage1RawSetresuid,
+    Stage1FsUidNobody,
+    Stage2HelperThreadAsNobody,
+    Stage2DropsAPermittedCapability,
+    RPCMethodHelperThreadCapabilities,
+    RPCMethodLeavesEffectiveRoot,
+    RPCMethodLeavesFsUidRoot,
+    RPCMethodLeavesGroups,
+    StartProcessAddsAGroup,
+    SharedNestedList,
+    ConfigCountsItsCalls,
+    RPCMethodFollowsSymlink,
+    RPCHelperThreadOwnUts,
+    HybridGidMapTooWide,
+    StartProcessLeaksTheMasterFd,
+    StartProcessRaisesAmbient,
+    MonitorHelperThreadReaps,
+    HostnameByAChildProcess,
+    MountByAChildProcess,
+    HostPropagationChanged,
+)

@@ -15,14 +15,16 @@ import tempfile
 from kit.rpc import RPCClient
 from kit.starter.config import StarterConfig
 from kit.system import current
-from reference_engines.bind_rootfs import BindRootfsEngine, BindRootfsRPC
 from mutants.zoo.base import Mutant, process_role, refuse_real_host
+from reference_engines.bind_rootfs import BindRootfsEngine, BindRootfsRPC
 
 
 class RPCServerOwnMountNamespace(Mutant):
     slug = "rpc-server-own-mount-ns"
-    bug = ("init_config, in the RPC server, unshares a mount namespace of its own 'to keep "
-           "its mounts private': what the RPC methods mount never reaches the container")
+    bug = (
+        "init_config, in the RPC server, unshares a mount namespace of its own 'to keep "
+        "its mounts private': what the RPC methods mount never reaches the container"
+    )
     killed_by = ("NS-001",)
     flows = ("root", "suid", "userns", "fakeroot", "hybrid")
 
@@ -34,8 +36,10 @@ class RPCServerOwnMountNamespace(Mutant):
 
 class UsernsMapsRoot(Mutant):
     slug = "userns-maps-root"
-    bug = ("prepare_config maps container root to the invoking user in the userns flow (the "
-           "fakeroot mapping) instead of mapping the user to itself")
+    bug = (
+        "prepare_config maps container root to the invoking user in the userns flow (the "
+        "fakeroot mapping) instead of mapping the user to itself"
+    )
     killed_by = ("NS-006",)
     flows = ("userns",)
 
@@ -51,8 +55,10 @@ class UsernsMapsRoot(Mutant):
 
 class UsernsWithoutNamespaces(Mutant):
     slug = "userns-without-namespaces"
-    bug = ("prepare_config asks for no namespace at all in the userns flow (no user namespace "
-           "either): the container is the invoking user's plain process on the host")
+    bug = (
+        "prepare_config asks for no namespace at all in the userns flow (no user namespace "
+        "either): the container is the invoking user's plain process on the host"
+    )
     killed_by = ("NS-007",)
     flows = ("userns",)
 
@@ -71,8 +77,10 @@ class UsernsWithoutNamespaces(Mutant):
 
 class HybridMapTooWide(Mutant):
     slug = "hybrid-map-too-wide"
-    bug = ("prepare_config (hybrid flow) maps 65536 container ids from the invoking user's "
-           "uid and gid on, as if the user owned the host ids that follow theirs")
+    bug = (
+        "prepare_config (hybrid flow) maps 65536 container ids from the invoking user's "
+        "uid and gid on, as if the user owned the host ids that follow theirs"
+    )
     killed_by = ("NS-012",)
     flows = ("hybrid",)
 
@@ -88,8 +96,10 @@ class HybridMapTooWide(Mutant):
 
 class HostnameInTheHostNamespace(Mutant):
     slug = "host-hostname"
-    bug = ("create_container sets the hostname from the master, which is in the host's uts "
-           "namespace, instead of through the RPC server (it restores it in cleanup)")
+    bug = (
+        "create_container sets the hostname from the master, which is in the host's uts "
+        "namespace, instead of through the RPC server (it restores it in cleanup)"
+    )
     killed_by = ("NS-010",)
     flows = ("root",)
 
@@ -116,8 +126,10 @@ class HostnameInTheHostNamespace(Mutant):
 
 class MountInTheHostNamespace(Mutant):
     slug = "host-mount"
-    bug = ("create_container mounts a tmpfs from the master, in the host's mount namespace, to "
-           "stage files for the container (it unmounts it in cleanup)")
+    bug = (
+        "create_container mounts a tmpfs from the master, in the host's mount namespace, to "
+        "stage files for the container (it unmounts it in cleanup)"
+    )
     killed_by = ("NS-011",)
     flows = ("root",)
     unmount_in_cleanup = True
@@ -143,8 +155,10 @@ class MountInTheHostNamespace(Mutant):
 
 class LeavesAMountInTheHostNamespace(MountInTheHostNamespace):
     slug = "leaks-host-mount"
-    bug = ("create_container mounts a tmpfs in the host's mount namespace and cleanup_container "
-           "forgets it: the mount outlives the run")
+    bug = (
+        "create_container mounts a tmpfs in the host's mount namespace and cleanup_container "
+        "forgets it: the mount outlives the run"
+    )
     killed_by = ("CLEAN-001",)
     mechanism = "other-field"
     unmount_in_cleanup = False
@@ -182,8 +196,10 @@ class _CacheNextToTmp:
 
 class RPCMethodFollowsDotDot(Mutant, BindRootfsEngine):
     slug = "rpc-follows-dotdot"
-    bug = ("the RPC method mkdir does not refuse '..': the cache directory create_container "
-           f"asks for as {CACHE} lands outside the container root, on the host")
+    bug = (
+        "the RPC method mkdir does not refuse '..': the cache directory create_container "
+        f"asks for as {CACHE} lands outside the container root, on the host"
+    )
     killed_by = ("CLEAN-001",)
     flows = ("root",)
     rpc = RPCFollowsDotDot
@@ -193,6 +209,13 @@ class RPCMethodFollowsDotDot(Mutant, BindRootfsEngine):
         super().prepare_rootfs(_CacheNextToTmp(rpc), cfg)  # type: ignore[arg-type]
 
 
-MUTANTS = (RPCServerOwnMountNamespace, UsernsMapsRoot, UsernsWithoutNamespaces,
-           HybridMapTooWide, HostnameInTheHostNamespace, MountInTheHostNamespace,
-           LeavesAMountInTheHostNamespace, RPCMethodFollowsDotDot)
+MUTANTS = (
+    RPCServerOwnMountNamespace,
+    UsernsMapsRoot,
+    UsernsWithoutNamespaces,
+    HybridMapTooWide,
+    HostnameInTheHostNamespace,
+    MountInTheHostNamespace,
+    LeavesAMountInTheHostNamespace,
+    RPCMethodFollowsDotDot,
+)

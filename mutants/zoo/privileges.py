@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import os
 
-from kit.system import linux
 from kit.starter.config import StarterConfig
-from kit.system import current
+from kit.system import current, linux
 from mutants.zoo.base import NOBODY, Mutant, process_role
 
 # --- stage 1 -------------------------------------------------------------------------------
@@ -19,8 +18,10 @@ from mutants.zoo.base import NOBODY, Mutant, process_role
 
 class Stage1KeepsSavedRoot(Mutant):
     slug = "stage1-keeps-saved-root"
-    bug = ("prepare_config (root flow) switches to nobody for its checks, keeping saved uid 0 "
-           "to switch back later, and returns like that")
+    bug = (
+        "prepare_config (root flow) switches to nobody for its checks, keeping saved uid 0 "
+        "to switch back later, and returns like that"
+    )
     killed_by = ("PRIV-STAGE1-001",)
     flows = ("root",)
 
@@ -32,8 +33,10 @@ class Stage1KeepsSavedRoot(Mutant):
 
 class Stage1ShrinksItsOwnBoundingSet(Mutant):
     slug = "stage1-shrinks-own-bounding"
-    bug = ("prepare_config (root flow) drops the capabilities the container will not get from "
-           "its own bounding set, instead of asking the starter for them")
+    bug = (
+        "prepare_config (root flow) drops the capabilities the container will not get from "
+        "its own bounding set, instead of asking the starter for them"
+    )
     killed_by = ("PRIV-STAGE1-002",)
     flows = ("root",)
 
@@ -49,13 +52,15 @@ class Stage1ShrinksItsOwnBoundingSet(Mutant):
 
 class MasterKeepsEffectiveRoot(Mutant):
     slug = "master-keeps-euid-root"
-    bug = ("create_container (setuid master) regains effective uid 0 through the saved uid to "
-           "work as root, and never drops it again")
+    bug = (
+        "create_container (setuid master) regains effective uid 0 through the saved uid to "
+        "work as root, and never drops it again"
+    )
     killed_by = ("PRIV-MASTER-001",)
     flows = ("suid", "hybrid")
 
     def create_container(self, ctx, pid, rpc_conn) -> None:  # type: ignore[override]
-        ruid, euid, suid = current().getresuid()
+        _ruid, euid, suid = current().getresuid()
         if euid != 0 and suid == 0:
             current().setresuid(-1, 0, -1)
         super().create_container(ctx, pid, rpc_conn)
@@ -63,21 +68,25 @@ class MasterKeepsEffectiveRoot(Mutant):
 
 class MasterKeepsEffectiveCapabilities(Mutant):
     slug = "master-keeps-effective-caps"
-    bug = ("create_container (setuid master) raises every permitted capability into its "
-           "effective set and does not lower them before returning")
+    bug = (
+        "create_container (setuid master) raises every permitted capability into its "
+        "effective set and does not lower them before returning"
+    )
     killed_by = ("PRIV-MASTER-002",)
     flows = ("suid", "hybrid")
 
     def create_container(self, ctx, pid, rpc_conn) -> None:  # type: ignore[override]
-        effective, permitted, inheritable = current().capabilities()
+        _effective, permitted, inheritable = current().capabilities()
         current().set_capabilities(permitted, permitted, inheritable)
         super().create_container(ctx, pid, rpc_conn)
 
 
 class MasterGivesUpPrivilege(Mutant):
     slug = "master-gives-up-privilege"
-    bug = ("init_config 'hardens' the setuid master: drops its saved uid 0 for good and sets "
-           "no_new_privs, so no master hook can regain privilege any more")
+    bug = (
+        "init_config 'hardens' the setuid master: drops its saved uid 0 for good and sets "
+        "no_new_privs, so no master hook can regain privilege any more"
+    )
     killed_by = ("PRIV-MASTER-003",)
     flows = ("suid", "hybrid")
 
@@ -95,8 +104,10 @@ class MasterGivesUpPrivilege(Mutant):
 
 class RPCServerRegainsRoot(Mutant):
     slug = "rpc-server-regains-root"
-    bug = ("init_config, in the setuid RPC server, regains effective uid 0 through the saved "
-           "uid so that the RPC methods run as root")
+    bug = (
+        "init_config, in the setuid RPC server, regains effective uid 0 through the saved "
+        "uid so that the RPC methods run as root"
+    )
     killed_by = ("PRIV-RPC-001",)
     flows = ("suid",)
 
@@ -110,15 +121,17 @@ class RPCServerRegainsRoot(Mutant):
 
 class RPCServerRaisesCapabilities(Mutant):
     slug = "rpc-server-keeps-caps"
-    bug = ("init_config, in the setuid RPC server, raises every permitted capability into the "
-           "effective set for the RPC methods, not only CAP_SYS_ADMIN")
+    bug = (
+        "init_config, in the setuid RPC server, raises every permitted capability into the "
+        "effective set for the RPC methods, not only CAP_SYS_ADMIN"
+    )
     killed_by = ("PRIV-RPC-002",)
     flows = ("suid", "hybrid")
 
     def init_config(self, common, privileged_stage1) -> None:  # type: ignore[override]
         super().init_config(common, privileged_stage1)
         if process_role() == "rpc":
-            effective, permitted, inheritable = current().capabilities()
+            _effective, permitted, inheritable = current().capabilities()
             current().set_capabilities(permitted, permitted, inheritable)
 
 
@@ -127,8 +140,10 @@ class RPCServerRaisesCapabilities(Mutant):
 
 class Stage2DropsToNobody(Mutant):
     slug = "stage2-drops-to-nobody"
-    bug = ("init_config, in stage 2 (root flow), switches the container process to nobody "
-           "behind the starter's back, after the starter applied the target uid")
+    bug = (
+        "init_config, in stage 2 (root flow), switches the container process to nobody "
+        "behind the starter's back, after the starter applied the target uid"
+    )
     killed_by = ("PRIV-STAGE2-001",)
     flows = ("root",)
 
@@ -146,8 +161,10 @@ class Stage2DropsToNobody(Mutant):
 
 class Stage2InheritableCapabilities(Mutant):
     slug = "stage2-inheritable-caps"
-    bug = ("init_config copies the permitted capabilities into the inheritable set (so that "
-           "helpers it execs keep them): stage 2 ends up with capabilities nobody configured")
+    bug = (
+        "init_config copies the permitted capabilities into the inheritable set (so that "
+        "helpers it execs keep them): stage 2 ends up with capabilities nobody configured"
+    )
     killed_by = ("PRIV-STAGE2-002",)
     flows = ("root",)
 
@@ -160,8 +177,10 @@ class Stage2InheritableCapabilities(Mutant):
 
 class NoNoNewPrivs(Mutant):
     slug = "no-no-new-privs"
-    bug = ("prepare_config does not ask for no_new_privs for a non-root caller: a setuid "
-           "binary in the container could raise the payload's privileges")
+    bug = (
+        "prepare_config does not ask for no_new_privs for a non-root caller: a setuid "
+        "binary in the container could raise the payload's privileges"
+    )
     killed_by = ("PRIV-STAGE2-003",)
     flows = ("suid",)
 
@@ -172,8 +191,10 @@ class NoNoNewPrivs(Mutant):
 
 class AmbientCapabilitiesForAUser(Mutant):
     slug = "ambient-caps-for-user"
-    bug = ("prepare_config leaves CAP_NET_BIND_SERVICE in the ambient set of a setuid "
-           "caller's container: the unprivileged payload keeps it across exec")
+    bug = (
+        "prepare_config leaves CAP_NET_BIND_SERVICE in the ambient set of a setuid "
+        "caller's container: the unprivileged payload keeps it across exec"
+    )
     killed_by = ("PRIV-PAYLOAD-001",)
     flows = ("suid",)
 
@@ -186,9 +207,11 @@ class AmbientCapabilitiesForAUser(Mutant):
 
 class BoundingSetLeftFull(Mutant):
     slug = "bounding-left-full"
-    bug = ("prepare_config (root flow) gives the container the host's whole bounding set "
-           "instead of the capabilities it grants: a root payload regains every capability "
-           "at exec")
+    bug = (
+        "prepare_config (root flow) gives the container the host's whole bounding set "
+        "instead of the capabilities it grants: a root payload regains every capability "
+        "at exec"
+    )
     killed_by = ("PRIV-PAYLOAD-002",)
     flows = ("root",)
 
@@ -201,8 +224,10 @@ class BoundingSetLeftFull(Mutant):
 
 class StartProcessBackToRoot(Mutant):
     slug = "start-process-back-to-root"
-    bug = ("runs the payload as nobody by default (root flow), but start_process switches back "
-           "to root before the exec: the payload runs as root although the target is a user")
+    bug = (
+        "runs the payload as nobody by default (root flow), but start_process switches back "
+        "to root before the exec: the payload runs as root although the target is a user"
+    )
     killed_by = ("PRIV-PAYLOAD-003",)
     flows = ("root",)
 
@@ -223,8 +248,10 @@ class StartProcessBackToRoot(Mutant):
 
 class LeaksADescriptor(Mutant):
     slug = "fd-leak"
-    bug = ("start_process opens the container's root directory to check it and leaves the "
-           "descriptor inheritable: the payload gets an open directory it was never given")
+    bug = (
+        "start_process opens the container's root directory to check it and leaves the "
+        "descriptor inheritable: the payload gets an open directory it was never given"
+    )
     killed_by = ("FD-001",)
     flows = ("root", "fakeroot")
 
@@ -234,8 +261,19 @@ class LeaksADescriptor(Mutant):
         super().start_process(master_fd)
 
 
-MUTANTS = (Stage1KeepsSavedRoot, Stage1ShrinksItsOwnBoundingSet, MasterKeepsEffectiveRoot,
-           MasterKeepsEffectiveCapabilities, MasterGivesUpPrivilege, RPCServerRegainsRoot,
-           RPCServerRaisesCapabilities, Stage2DropsToNobody, Stage2InheritableCapabilities,
-           NoNoNewPrivs, AmbientCapabilitiesForAUser, BoundingSetLeftFull,
-           StartProcessBackToRoot, LeaksADescriptor)
+MUTANTS = (
+    Stage1KeepsSavedRoot,
+    Stage1ShrinksItsOwnBoundingSet,
+    MasterKeepsEffectiveRoot,
+    MasterKeepsEffectiveCapabilities,
+    MasterGivesUpPrivilege,
+    RPCServerRegainsRoot,
+    RPCServerRaisesCapabilities,
+    Stage2DropsToNobody,
+    Stage2InheritableCapabilities,
+    NoNoNewPrivs,
+    AmbientCapabilitiesForAUser,
+    BoundingSetLeftFull,
+    StartProcessBackToRoot,
+    LeaksADescriptor,
+)

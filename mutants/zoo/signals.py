@@ -7,8 +7,8 @@ import errno
 import os
 import signal
 
-from reference_engines.minimal.engine import FORWARDED_SIGNALS, MONITOR_POLL
 from mutants.zoo.base import Mutant
+from reference_engines.minimal.engine import FORWARDED_SIGNALS, MONITOR_POLL
 
 
 def _reap(pid: int) -> int | None:
@@ -16,8 +16,9 @@ def _reap(pid: int) -> int | None:
     try:
         wpid, status = os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
-        raise ChildProcessError(errno.ECHILD, f"container process {pid} was reaped by "
-                                "someone else") from None
+        raise ChildProcessError(
+            errno.ECHILD, f"container process {pid} was reaped by someone else"
+        ) from None
     return status if wpid == pid else None
 
 
@@ -37,8 +38,10 @@ class MonitorForwardsNothing(Mutant):
 
 class MonitorTwoSlotBuffer(Mutant):
     slug = "monitor-two-slot-buffer"
-    bug = ("monitor_container queues the signals to forward in a two-slot buffer that it never "
-           "empties (like upstream's channel): from the third signal on, nothing is forwarded")
+    bug = (
+        "monitor_container queues the signals to forward in a two-slot buffer that it never "
+        "empties (like upstream's channel): from the third signal on, nothing is forwarded"
+    )
     killed_by = ("SIG-002",)
     mechanism = "partial"
     flows = ("root",)
@@ -60,8 +63,10 @@ class MonitorTwoSlotBuffer(Mutant):
 
 class MonitorReturnsTheExitCode(Mutant):
     slug = "monitor-returns-exit-code"
-    bug = ("monitor_container returns the container's exit code instead of its wait status "
-           "(which the kit then reads as 'killed by signal 7')")
+    bug = (
+        "monitor_container returns the container's exit code instead of its wait status "
+        "(which the kit then reads as 'killed by signal 7')"
+    )
     killed_by = ("SIG-003", "EXIT-001")
     flows = ("root",)
 
@@ -71,8 +76,10 @@ class MonitorReturnsTheExitCode(Mutant):
 
 class MonitorReportsSignalAsExitCode(Mutant):
     slug = "monitor-signal-as-exit-code"
-    bug = ("monitor_container reports a container killed by signal N as having exited with "
-           "code N, so the run exits N instead of 128 + N")
+    bug = (
+        "monitor_container reports a container killed by signal N as having exited with "
+        "code N, so the run exits N instead of 128 + N"
+    )
     killed_by = ("EXIT-002",)
     flows = ("root",)
 
@@ -85,8 +92,10 @@ class MonitorReportsSignalAsExitCode(Mutant):
 
 class MasterIgnoresSIGCHLD(Mutant):
     slug = "master-ignores-sigchld"
-    bug = ("create_container sets SIGCHLD to SIG_IGN in the master 'to avoid zombies': the "
-           "kernel then sends no SIGCHLD at all and reaps the container itself")
+    bug = (
+        "create_container sets SIGCHLD to SIG_IGN in the master 'to avoid zombies': the "
+        "kernel then sends no SIGCHLD at all and reaps the container itself"
+    )
     killed_by = ("SIG-005",)
     flows = ("root",)
 
@@ -97,5 +106,10 @@ class MasterIgnoresSIGCHLD(Mutant):
         super().create_container(ctx, pid, rpc_conn)
 
 
-MUTANTS = (MonitorForwardsNothing, MonitorTwoSlotBuffer, MonitorReturnsTheExitCode,
-           MonitorReportsSignalAsExitCode, MasterIgnoresSIGCHLD)
+MUTANTS = (
+    MonitorForwardsNothing,
+    MonitorTwoSlotBuffer,
+    MonitorReturnsTheExitCode,
+    MonitorReportsSignalAsExitCode,
+    MasterIgnoresSIGCHLD,
+)

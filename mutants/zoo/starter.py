@@ -27,20 +27,20 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
-from kit.system import linux
-from kit.starter.control import Control
-from kit.starter import common, container, master, stage1
-from kit.starter import rpc_server as rpc_server_role
 from kit.contract import Context, dumps
 from kit.ledger.record import LedgerWriter
 from kit.rpc import server as rpc_server
+from kit.starter import common, container, master, stage1
+from kit.starter import rpc_server as rpc_server_role
 from kit.starter.config import StarterConfig
-from kit.system import RealSystem, current
-from reference_engines.bind_rootfs import BindRootfsEngine, BindRootfsRPC
+from kit.starter.control import Control
+from kit.system import RealSystem, current, linux
 from mutants.zoo.base import HostDamageRefused, Mutant
 from mutants.zoo.lifecycle import HANG_TIMEOUT
+from reference_engines.bind_rootfs import BindRootfsEngine, BindRootfsRPC
 
 #: How long the losing side of a made-deterministic race waits (seconds).
 RACE_DELAY = 0.2
@@ -57,8 +57,7 @@ def _system_classes() -> list[type]:
     return [RealSystem, FakeSystem]
 
 
-def _wrap(owner: Any, name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]
-          ) -> None:
+def _wrap(owner: Any, name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
     """Replace ``owner.name`` by ``make(original)``."""
     setattr(owner, name, make(getattr(owner, name)))
 
@@ -72,12 +71,15 @@ def _wrap_system(name: str, make: Callable[[Callable[..., Any]], Callable[..., A
 def _leave_out(method: str, process: str, kind: str) -> None:
     """In the kit process ``process``, the system interface's ``clone`` or ``unshare``
     leaves namespace ``kind`` out of what it is asked to create."""
+
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
         def without(system: Any, kinds: Any = (), *args: Any, **kwargs: Any) -> Any:
             if _process() == process:
                 kinds = [k for k in kinds if k != kind]
             return original(system, kinds, *args, **kwargs)
+
         return without
+
     _wrap_system(method, make)
 
 
@@ -87,6 +89,7 @@ def _wrap_hook_call(change: Callable[..., Any]) -> None:
 
     def call(runner: common.HookRunner, hook: str, fn: Callable[..., Any], *args: Any) -> Any:
         return change(original, runner, hook, fn, *args)
+
     common.HookRunner.call = call  # type: ignore[method-assign]
 
 
@@ -108,7 +111,8 @@ class StarterMutant(Mutant):
         if self.no_namespaces and current().name == "real":
             raise HostDamageRefused(
                 f"mutant-{self.slug}: the container has none of the namespaces asked for; "
-                "refusing to mount or set the hostname in the host's")
+                "refusing to mount or set the hostname in the host's"
+            )
         super().create_container(ctx, pid, rpc_conn)
 
     @staticmethod
@@ -127,6 +131,7 @@ class StarterMutant(Mutant):
 
 # --- hook order and processes (SPEC §2) --------------------------------------------------------
 
+
 class ConfigTwice(StarterMutant):
     slug = "starter-config-twice"
     bug = "the starter calls config() a second time after init_config in every process"
@@ -139,7 +144,9 @@ class ConfigTwice(StarterMutant):
                 common = original(runner, engine, *args)
                 runner.call("config", engine.operations.config)
                 return common
+
             return init_engine
+
         _wrap(common.HookRunner, "init_engine", make)
 
 
@@ -151,10 +158,17 @@ class PrivilegedStage1Everywhere(StarterMutant):
     @staticmethod
     def mutate() -> None:
         def make(original: Callable[..., Any]) -> Callable[..., Any]:
-            def init_engine(runner: common.HookRunner, engine: Any, config_json: Any,
-                            container_id: str, privileged_stage1: bool) -> Any:
+            def init_engine(
+                runner: common.HookRunner,
+                engine: Any,
+                config_json: Any,
+                container_id: str,
+                privileged_stage1: bool,
+            ) -> Any:
                 return original(runner, engine, config_json, container_id, True)
+
             return init_engine
+
         _wrap(common.HookRunner, "init_engine", make)
 
 
@@ -165,18 +179,26 @@ class PrepareConfigTwice(StarterMutant):
 
     @staticmethod
     def mutate() -> None:
-        def change(original: Callable[..., Any], runner: common.HookRunner, hook: str,
-                   fn: Callable[..., Any], *args: Any) -> Any:
+        def change(
+            original: Callable[..., Any],
+            runner: common.HookRunner,
+            hook: str,
+            fn: Callable[..., Any],
+            *args: Any,
+        ) -> Any:
             if hook == "prepare_config":
                 original(runner, hook, fn, *args)
             return original(runner, hook, fn, *args)
+
         _wrap_hook_call(change)
 
 
 class Stage1HandsOverEarly(StarterMutant):
     slug = "starter-stage1-hands-over-early"
-    bug = ("stage 1 sends its result before it calls prepare_config, and the starter goes on "
-           "without waiting for stage 1 to exit")
+    bug = (
+        "stage 1 sends its result before it calls prepare_config, and the starter goes on "
+        "without waiting for stage 1 to exit"
+    )
     killed_by = ("ORDER-004", "STATE-002")
     no_namespaces = True  # the StarterConfig handed over asks for no namespace
 
@@ -188,18 +210,27 @@ class Stage1HandsOverEarly(StarterMutant):
 def _hand_over_before_prepare_config(wfd: int) -> None:
     """In stage 1: write the result to the starter's pipe (``wfd``) when prepare_config is
     about to be called, then call it (its changes are lost)."""
-    def change(original: Callable[..., Any], runner: common.HookRunner, hook: str,
-               fn: Callable[..., Any], *args: Any) -> Any:
+
+    def change(
+        original: Callable[..., Any],
+        runner: common.HookRunner,
+        hook: str,
+        fn: Callable[..., Any],
+        *args: Any,
+    ) -> Any:
         if hook != "prepare_config":
             return original(runner, hook, fn, *args)
         ops = fn.__wrapped__.__self__  # type: ignore[attr-defined]
-        os.write(wfd, dumps({"common": ops.common.to_json(),
-                             "starter_config": args[0].to_json()}).encode())
+        os.write(
+            wfd,
+            dumps({"common": ops.common.to_json(), "starter_config": args[0].to_json()}).encode(),
+        )
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, wfd)  # the starter sees EOF; stage 1's own write goes nowhere
         os.close(devnull)
         time.sleep(RACE_DELAY)
         return original(runner, hook, fn, *args)
+
     _wrap_hook_call(change)
 
 
@@ -221,8 +252,10 @@ def _run_stage1_without_waiting(self: stage1.Starter) -> tuple[dict[str, Any], S
 
 class MasterHooksBeforeNamespaces(StarterMutant):
     slug = "starter-master-hooks-before-namespaces"
-    bug = ("the container process reports ready before it sets up its namespaces, so the "
-           "master's hooks start while the namespaces are still being made")
+    bug = (
+        "the container process reports ready before it sets up its namespaces, so the "
+        "master's hooks start while the namespaces are still being made"
+    )
     killed_by = ("ORDER-005",)
 
     @staticmethod
@@ -234,6 +267,7 @@ class MasterHooksBeforeNamespaces(StarterMutant):
             if data == "R" and sent:
                 return  # already said so, too early
             original_send(sock, data)
+
         common._send = send
 
         def make(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -242,7 +276,9 @@ class MasterHooksBeforeNamespaces(StarterMutant):
                 sent.append(True)
                 time.sleep(RACE_DELAY)
                 original(container)
+
             return setup_namespaces
+
         _wrap(container.Container, "setup_namespaces", make)
 
 
@@ -258,14 +294,17 @@ class MasterHooksInOneThread(StarterMutant):
         def sequential(master: master.Master) -> None:
             start_waiter(master)
             monitor(master)
+
         master.Master._start_waiter = lambda master: None  # type: ignore[method-assign]
         master.Master._monitor = sequential  # type: ignore[method-assign]
 
 
 class Stage2BeforeCreateReturns(StarterMutant):
     slug = "starter-stage2-before-create-returns"
-    bug = ("the master lets stage 2 start when create_container begins, and the RPC server "
-           "detaches from the container process (which then never waits for it)")
+    bug = (
+        "the master lets stage 2 start when create_container begins, and the RPC server "
+        "detaches from the container process (which then never waits for it)"
+    )
     killed_by = ("ORDER-007",)
 
     @staticmethod
@@ -277,6 +316,7 @@ class Stage2BeforeCreateReturns(StarterMutant):
             if data == "G" and sent:
                 return
             original_send(sock, data)
+
         common._send = send
 
         def make_create(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -286,7 +326,9 @@ class Stage2BeforeCreateReturns(StarterMutant):
                 sent.append(True)
                 time.sleep(RACE_DELAY)
                 original(master)
+
             return create
+
         _wrap(master.Master, "_create", make_create)
 
         def make_rpc(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -297,7 +339,9 @@ class Stage2BeforeCreateReturns(StarterMutant):
                 while os.getppid() == middle:  # reparented to the container (its pid 1)
                     time.sleep(0.001)
                 original(rpc)
+
             return main
+
         _wrap(rpc_server_role.RPCServerProcess, "main", make_rpc)
 
 
@@ -313,7 +357,9 @@ class PostStartAfterStage2Failure(StarterMutant):
             def wait_for_exec(master: master.Master) -> bool:
                 original(master)
                 return True
+
             return wait_for_exec
+
         _wrap(master.Master, "_wait_for_exec", make)
 
 
@@ -331,17 +377,19 @@ class CleanupAfterStage1Failure(StarterMutant):
                 except common.StageFailed as exc:
                     from kit import registry
 
-                    hooks = common.HookRunner(starter.ledger.for_role("master"), starter.system,
-                                         starter.req.probes)
+                    hooks = common.HookRunner(
+                        starter.ledger.for_role("master"), starter.system, starter.req.probes
+                    )
                     ops = registry.make_engine(starter.req.engine).operations
                     hooks.instrument(ops)
                     try:
-                        hooks.call("cleanup_container", ops.cleanup_container, Context(),
-                                   exc, None)
+                        hooks.call("cleanup_container", ops.cleanup_container, Context(), exc, None)
                     except common.HookFailed:
                         pass
                     raise
+
             return run_stage1
+
         _wrap(stage1.Starter, "run_stage1", make)
 
 
@@ -356,28 +404,43 @@ class HookInTheWrongProcess(StarterMutant):
             def init_engine(runner: common.HookRunner, engine: Any, *args: Any) -> Any:
                 common = original(runner, engine, *args)
                 if runner.ledger.role == "stage2":
-                    runner.call("post_start_process", engine.operations.post_start_process,
-                                Context(), os.getpid())
+                    runner.call(
+                        "post_start_process",
+                        engine.operations.post_start_process,
+                        Context(),
+                        os.getpid(),
+                    )
                 return common
+
             return init_engine
+
         _wrap(common.HookRunner, "init_engine", make)
 
 
 # --- pids and namespaces (SPEC §3, §5) ---------------------------------------------------------
 
+
 class WrongPidToMasterHooks(StarterMutant):
     slug = "starter-wrong-pid-to-master-hooks"
-    bug = ("the master passes create_container and post_start_process the container's pid "
-           "as the container sees itself (1), not as the master sees it")
+    bug = (
+        "the master passes create_container and post_start_process the container's pid "
+        "as the container sees itself (1), not as the master sees it"
+    )
     killed_by = ("PID-001",)
 
     @staticmethod
     def mutate() -> None:
-        def change(original: Callable[..., Any], runner: common.HookRunner, hook: str,
-                   fn: Callable[..., Any], *args: Any) -> Any:
+        def change(
+            original: Callable[..., Any],
+            runner: common.HookRunner,
+            hook: str,
+            fn: Callable[..., Any],
+            *args: Any,
+        ) -> Any:
             if hook in ("create_container", "post_start_process"):
                 args = (args[0], 1, *args[2:])
             return original(runner, hook, fn, *args)
+
         _wrap_hook_call(change)
 
 
@@ -413,8 +476,10 @@ class MountNamespaceFirst(StarterMutant):
 
 class IgnoresMountPropagation(StarterMutant):
     slug = "starter-ignores-mount-propagation"
-    bug = ("the container process makes / of its new mount namespace rslave whatever "
-           "propagation the StarterConfig asks for (private by default)")
+    bug = (
+        "the container process makes / of its new mount namespace rslave whatever "
+        "propagation the StarterConfig asks for (private by default)"
+    )
     killed_by = ("NS-008",)
 
     @staticmethod
@@ -424,14 +489,18 @@ class IgnoresMountPropagation(StarterMutant):
                 if _process() == "kit-container":
                     propagation = "rslave"
                 original(system, target, propagation)
+
             return set_propagation
+
         _wrap_system("set_propagation", make)
 
 
 class BoundingKeptWhenUnset(StarterMutant):
     slug = "starter-bounding-kept-when-unset"
-    bug = ("stage 2 limits its bounding set only when the StarterConfig sets one: an engine "
-           "that leaves it unset gets the starter's whole bounding set instead of none")
+    bug = (
+        "stage 2 limits its bounding set only when the StarterConfig sets one: an engine "
+        "that leaves it unset gets the starter's whole bounding set instead of none"
+    )
     killed_by = ("PRIV-STAGE2-002", "PRIV-PAYLOAD-002")
     flows = ("root",)
 
@@ -445,7 +514,9 @@ class BoundingKeptWhenUnset(StarterMutant):
             def limit_bounding(system: Any, keep: int) -> None:
                 if _process() != "kit-container":
                     original(system, keep)
+
             return limit_bounding
+
         _wrap_system("limit_bounding", make)
 
 
@@ -455,8 +526,10 @@ class _ChrootRPC(BindRootfsRPC):
 
     def pivot_root(self, new_root: str) -> None:
         if self.root is None or new_root != self.root or self.pivoted:
-            raise ValueError(f"pivot_root: {new_root!r} is not the container root "
-                             f"({self.root!r}) or the root was changed already")
+            raise ValueError(
+                f"pivot_root: {new_root!r} is not the container root "
+                f"({self.root!r}) or the root was changed already"
+            )
         self.system.chdir(new_root)
         self.system.chroot(".")
         self.system.chdir("/")
@@ -466,9 +539,11 @@ class _ChrootRPC(BindRootfsRPC):
 
 class RPCServerOwnFs(StarterMutant, BindRootfsEngine):
     slug = "starter-rpc-server-own-fs"
-    bug = ("the container process clones the RPC server without CLONE_FS, so the root an RPC "
-           "method sets (this engine: the bind-rootfs example, entered by chroot) is "
-           "not stage 2's")
+    bug = (
+        "the container process clones the RPC server without CLONE_FS, so the root an RPC "
+        "method sets (this engine: the bind-rootfs example, entered by chroot) is "
+        "not stage 2's"
+    )
     killed_by = ("NS-002",)
     rpc = _ChrootRPC
 
@@ -479,7 +554,9 @@ class RPCServerOwnFs(StarterMutant, BindRootfsEngine):
                 if _process() == "kit-container":
                     share_fs = False
                 return original(system, kinds, share_fs)
+
             return clone
+
         _wrap_system("clone", make)
 
 
@@ -489,7 +566,9 @@ def _skip_joining_the_container_user_namespace() -> None:
             if kind == "user" and _process() == "kit-starter" and path.startswith("/proc/"):
                 return
             original(system, kind, path)
+
         return setns
+
     _wrap_system("setns", make)
 
 
@@ -506,8 +585,10 @@ class MasterStaysInTheHostUserNamespace(StarterMutant):
 
 class UserNamespaceFlowsRunAsRoot(StarterMutant):
     slug = "starter-userns-flows-as-root"
-    bug = ("run by root, the starter of the user namespace flows stays root and clones the "
-           "container without a user namespace")
+    bug = (
+        "run by root, the starter of the user namespace flows stays root and clones the "
+        "container without a user namespace"
+    )
     killed_by = ("PRIV-STAGE1-004", "PRIV-MASTER-004", "PRIV-RPC-003", "PRIV-STAGE2-004")
     flows = ("fakeroot",)
 
@@ -517,7 +598,9 @@ class UserNamespaceFlowsRunAsRoot(StarterMutant):
             def become_invoker(starter: stage1.Starter) -> None:
                 if starter.req.flow not in ("userns", "fakeroot"):
                     original(starter)
+
             return become_invoker
+
         _wrap(stage1.Starter, "become_invoker", make_invoker)
         stage1.Starter._write_maps = lambda starter, pid, sconf: None  # type: ignore[method-assign]
         _leave_out("clone", "kit-starter", "user")
@@ -533,17 +616,21 @@ class SetuidStage1KeepsSavedRoot(StarterMutant):
     @staticmethod
     def mutate() -> None:
         def make(original: Callable[..., Any]) -> Callable[..., Any]:
-            def become_user(system: Any, uid: int, gid: int, groups: Any,
-                            *args: Any, **kwargs: Any) -> None:
+            def become_user(
+                system: Any, uid: int, gid: int, groups: Any, *args: Any, **kwargs: Any
+            ) -> None:
                 if _process() == "kit-stage1":
                     system.drop_effective(uid)
                     return
                 original(system, uid, gid, groups, *args, **kwargs)
+
             return become_user
+
         _wrap_system("become_user", make)
 
 
 # --- the StarterConfig and the hand-over (SPEC §4) ------------------------------------------
+
 
 class NoStarterConfigValidation(StarterMutant):
     slug = "starter-no-config-validation"
@@ -557,8 +644,10 @@ class NoStarterConfigValidation(StarterMutant):
 
 class StarterConfigRecordedLate(StarterMutant):
     slug = "starter-config-recorded-late"
-    bug = ("the starter records the StarterConfig it got from stage 1 only once the master "
-           "runs, after the container started")
+    bug = (
+        "the starter records the StarterConfig it got from stage 1 only once the master "
+        "runs, after the container started"
+    )
     killed_by = ("STATE-003",)
 
     @staticmethod
@@ -574,23 +663,34 @@ class StarterConfigRecordedLate(StarterMutant):
                     starter, config = held.pop()
                     original(starter, "starter_config", **config)
                 return original(writer, kind, **fields)
+
             return emit
+
         _wrap(LedgerWriter, "emit", make)
 
 
 # --- the error table and the exit code (SPEC §2, §7) ------------------------------------------
 
-def _swallow(role_hook: tuple[str, str],
-             instead: Callable[..., Any] = lambda *args: None) -> Callable[..., Any]:
+
+def _swallow(
+    role_hook: tuple[str, str], instead: Callable[..., Any] = lambda *args: None
+) -> Callable[..., Any]:
     """A HookRunner.call change that ignores the failure of one hook of one role."""
-    def change(original: Callable[..., Any], runner: common.HookRunner, hook: str,
-               fn: Callable[..., Any], *args: Any) -> Any:
+
+    def change(
+        original: Callable[..., Any],
+        runner: common.HookRunner,
+        hook: str,
+        fn: Callable[..., Any],
+        *args: Any,
+    ) -> Any:
         try:
             return original(runner, hook, fn, *args)
         except common.HookFailed:
             if (runner.ledger.role, hook) != role_hook:
                 raise
             return instead(*args)
+
     return change
 
 
@@ -627,14 +727,17 @@ class PostStartFailureIgnored(StarterMutant):
 
 class MonitorFailureIgnored(StarterMutant):
     slug = "starter-monitor-failure-ignored"
-    bug = ("when monitor_container raises, the master waits for the container itself and "
-           "carries on as if nothing happened")
+    bug = (
+        "when monitor_container raises, the master waits for the container itself and "
+        "carries on as if nothing happened"
+    )
     killed_by = ("ERR-005",)
 
     @staticmethod
     def mutate() -> None:
-        _wrap_hook_call(_swallow(("master", "monitor_container"),
-                                 lambda pid, signals: os.waitpid(pid, 0)[1]))
+        _wrap_hook_call(
+            _swallow(("master", "monitor_container"), lambda pid, signals: os.waitpid(pid, 0)[1])
+        )
 
 
 class CleanupFailureIsFatal(StarterMutant):
@@ -644,8 +747,9 @@ class CleanupFailureIsFatal(StarterMutant):
 
     @staticmethod
     def mutate() -> None:
-        _wrap_hook_call(_swallow(("master", "cleanup_container"),
-                                 lambda *args: common._exit(common.EXIT_FATAL)))
+        _wrap_hook_call(
+            _swallow(("master", "cleanup_container"), lambda *args: common._exit(common.EXIT_FATAL))
+        )
 
 
 class FatalErrorExitsZero(StarterMutant):
@@ -659,7 +763,9 @@ class FatalErrorExitsZero(StarterMutant):
             def main(master: master.Master) -> int:
                 code = original(master)
                 return 0 if code == common.EXIT_FATAL else code
+
             return main
+
         _wrap(master.Master, "main", make)
 
 
@@ -678,7 +784,9 @@ class HookTimeoutUnnamed(StarterMutant):
                 if kind == "hook_timeout":
                     fields.update(hook=None, hook_role=None, open_hooks=[])
                 original(supervisor, kind, **fields)
+
             return emit
+
         _wrap(Supervisor, "emit", make_emit)
 
         def make_on_timeout(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -686,11 +794,14 @@ class HookTimeoutUnnamed(StarterMutant):
                 original(supervisor, whole_run)
                 if supervisor.timed_out is not None:
                     supervisor.timed_out.update(hook=None, hook_role=None, open_hooks=[])
+
             return on_timeout
+
         _wrap(Supervisor, "on_timeout", make_on_timeout)
 
 
 # --- RPC, signals, ledger (SPEC §6, §7, §8) ---------------------------------------------------
+
 
 class RPCRequestsOnThreads(StarterMutant):
     slug = "starter-rpc-request-threads"
@@ -704,7 +815,9 @@ class RPCRequestsOnThreads(StarterMutant):
                 worker = threading.Thread(target=original, args=(server, obj, fds))
                 worker.start()
                 worker.join()
+
             return handle
+
         _wrap(rpc_server._Server, "_handle", make)
 
 
@@ -725,7 +838,9 @@ class RPCServerTakesPickle(StarterMutant):
                     return original(body)
                 except codec.FrameError:
                     return pickle.loads(body)
+
             return decode_body
+
         _wrap(codec, "decode_body", make)
 
 
@@ -741,7 +856,9 @@ class RPCServerQuitsOnUnknownMethod(StarterMutant):
                 original(server, start, rid, obj, exc)
                 if type(exc).__name__ == "UnknownMethodError":
                     server._shutdown()
+
             return fail
+
         _wrap(rpc_server._Server, "_fail", make)
 
 
@@ -757,7 +874,9 @@ class MasterMissesSIGUSR1(StarterMutant):
                 master.MASTER_SIGNALS.discard(signal.SIGUSR1)  # this process's copy only
                 signal.signal(signal.SIGUSR1, signal.SIG_IGN)
                 return original(master)
+
             return main
+
         _wrap(master.Master, "main", make)
 
 
@@ -773,25 +892,55 @@ class LedgerWithoutThreadIds(StarterMutant):
         def emit(writer: LedgerWriter, kind: str, **fields: Any) -> dict[str, Any]:
             if kind != "process_start":
                 return original_emit(writer, kind, **fields)
-            event = {"t": time.monotonic_ns(), "kind": kind, "role": writer.role,
-                     "pid": os.getpid(), **fields}
+            event = {
+                "t": time.monotonic_ns(),
+                "kind": kind,
+                "role": writer.role,
+                "pid": os.getpid(),
+                **fields,
+            }
             if writer.sock is not None:
                 writer.sock.send(json.dumps(event).encode())
             return event
+
         LedgerWriter.emit = emit  # type: ignore[method-assign]
 
 
 MUTANTS: tuple[type[StarterMutant], ...] = (
-    ConfigTwice, PrivilegedStage1Everywhere, PrepareConfigTwice, Stage1HandsOverEarly,
-    MasterHooksBeforeNamespaces, MasterHooksInOneThread, Stage2BeforeCreateReturns,
-    PostStartAfterStage2Failure, CleanupAfterStage1Failure, HookInTheWrongProcess,
-    WrongPidToMasterHooks, NoNewPidNamespace, SkipsTheIpcNamespace, MountNamespaceFirst,
-    IgnoresMountPropagation, RPCServerOwnFs, BoundingKeptWhenUnset,
-    MasterStaysInTheHostUserNamespace, UserNamespaceFlowsRunAsRoot, SetuidStage1KeepsSavedRoot,
-    NoStarterConfigValidation, StarterConfigRecordedLate, Stage1FailureIgnored,
-    CreateFailureIgnored, PostStartFailureIgnored, MonitorFailureIgnored, CleanupFailureIsFatal,
-    FatalErrorExitsZero, HookTimeoutUnnamed, RPCRequestsOnThreads, RPCServerTakesPickle,
-    RPCServerQuitsOnUnknownMethod, MasterMissesSIGUSR1, LedgerWithoutThreadIds,
+    ConfigTwice,
+    PrivilegedStage1Everywhere,
+    PrepareConfigTwice,
+    Stage1HandsOverEarly,
+    MasterHooksBeforeNamespaces,
+    MasterHooksInOneThread,
+    Stage2BeforeCreateReturns,
+    PostStartAfterStage2Failure,
+    CleanupAfterStage1Failure,
+    HookInTheWrongProcess,
+    WrongPidToMasterHooks,
+    NoNewPidNamespace,
+    SkipsTheIpcNamespace,
+    MountNamespaceFirst,
+    IgnoresMountPropagation,
+    RPCServerOwnFs,
+    BoundingKeptWhenUnset,
+    MasterStaysInTheHostUserNamespace,
+    UserNamespaceFlowsRunAsRoot,
+    SetuidStage1KeepsSavedRoot,
+    NoStarterConfigValidation,
+    StarterConfigRecordedLate,
+    Stage1FailureIgnored,
+    CreateFailureIgnored,
+    PostStartFailureIgnored,
+    MonitorFailureIgnored,
+    CleanupFailureIsFatal,
+    FatalErrorExitsZero,
+    HookTimeoutUnnamed,
+    RPCRequestsOnThreads,
+    RPCServerTakesPickle,
+    RPCServerQuitsOnUnknownMethod,
+    MasterMissesSIGUSR1,
+    LedgerWithoutThreadIds,
 )
 
 _mutated: list[str] = []  # the starter mutant applied in this process, if any
@@ -802,20 +951,24 @@ def registrar(mutant: type[StarterMutant]) -> Callable[[], None]:
 
     At most one starter mutant per process: a second one is refused (their changes would
     add up and neither result would mean anything)."""
+
     def register() -> None:
         from conformance.cooperation import cooperative
         from kit.registry import register_operations, register_rpc_methods, registered
 
         name = f"mutant-{mutant.slug}"
         if _mutated and _mutated != [name]:
-            raise RuntimeError(f"{name}: this process's kit is already mutated by "
-                               f"{_mutated[0]}; run each starter mutant in its own process")
+            raise RuntimeError(
+                f"{name}: this process's kit is already mutated by "
+                f"{_mutated[0]}; run each starter mutant in its own process"
+            )
         if name in registered():
             return
         register_operations(name, cooperative(mutant) if mutant.cooperative else mutant)
         register_rpc_methods(name, mutant.rpc)
         mutant.mutate()
         _mutated.append(name)
+
     register.__name__ = register.__qualname__ = mutant.registrar_name()
     register.__doc__ = f"Register mutant-{mutant.slug} and mutate this process's kit: {mutant.bug}."
     return register

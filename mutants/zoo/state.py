@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kit.starter.config import StarterConfig
+from mutants.zoo.base import Mutant
 from reference_engines.minimal import ReferenceConfig
 from reference_engines.minimal.engine import DEFAULT_NAMESPACES
-from mutants.zoo.base import Mutant
 
 #: What SharedConfig.config returns, every time.
 _SHARED_CONFIG = ReferenceConfig()
@@ -31,8 +31,10 @@ class SharedListConfig(ReferenceConfig):
 
 class SharedMutableDefault(Mutant):
     slug = "config-shared-list"
-    bug = ("config()'s namespaces default is the module's list itself (a default_factory that "
-           "returns it, not a copy): every config shares it")
+    bug = (
+        "config()'s namespaces default is the module's list itself (a default_factory that "
+        "returns it, not a copy): every config shares it"
+    )
     killed_by = ("STATE-001",)
     flows = ("root",)
 
@@ -46,8 +48,10 @@ _PREPARED: dict[str, list[str]] = {}
 
 class Stage1GlobalState(Mutant):
     slug = "stage1-global-state"
-    bug = ("prepare_config keeps the validated command line in a module global and "
-           "start_process reads it there: stage 2 is another process, the global is empty")
+    bug = (
+        "prepare_config keeps the validated command line in a module global and "
+        "start_process reads it there: stage 2 is another process, the global is empty"
+    )
     killed_by = ("ERR-011",)
     mechanism = "other-hook"
     flows = ("root",)

@@ -14,8 +14,10 @@ NO_SUCH_SWAP = b"/nonexistent-mutant-swap-file"
 
 class MakesAHostGlobalCall(Mutant):
     slug = "host-global-call"
-    bug = ("cleanup_container turns a swap file off (swapoff): a host-global call that no "
-           "namespace confines")
+    bug = (
+        "cleanup_container turns a swap file off (swapoff): a host-global call that no "
+        "namespace confines"
+    )
     killed_by = ("HOST-051",)
     flows = ("root",)
 
@@ -27,8 +29,10 @@ class MakesAHostGlobalCall(Mutant):
 
 class MakesAHostGlobalCallInAChild(Mutant):
     slug = "host-global-call-in-a-child"
-    bug = ("create_container forks a helper process that tries to unload a kernel module "
-           "(delete_module): a host-global call, from a process the engine started")
+    bug = (
+        "create_container forks a helper process that tries to unload a kernel module "
+        "(delete_module): a host-global call, from a process the engine started"
+    )
     killed_by = ("HOST-051",)
     flows = ("root",)
     mechanism = "child-process"
@@ -38,8 +42,7 @@ class MakesAHostGlobalCallInAChild(Mutant):
         if child == 0:
             libc = ctypes.CDLL(None, use_errno=True)
             # A module that does not exist: had the call reached the kernel, ENOENT.
-            libc.syscall(ctypes.c_long(176), b"mutant_no_such_module",
-                         ctypes.c_uint(os.O_NONBLOCK))
+            libc.syscall(ctypes.c_long(176), b"mutant_no_such_module", ctypes.c_uint(os.O_NONBLOCK))
             os._exit(0)
         os.waitpid(child, 0)
         super().create_container(ctx, pid, rpc_conn)

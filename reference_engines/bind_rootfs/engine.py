@@ -16,8 +16,12 @@ from reference_engines.minimal.engine import ReferenceConfig, ReferenceEngine
 
 #: Device nodes bound from the host into the container's minimal /dev.
 BIND_DEVICES = ("/dev/null", "/dev/zero", "/dev/urandom")
-DEV_LINKS = {"/dev/fd": "/proc/self/fd", "/dev/stdin": "/proc/self/fd/0",
-             "/dev/stdout": "/proc/self/fd/1", "/dev/stderr": "/proc/self/fd/2"}
+DEV_LINKS = {
+    "/dev/fd": "/proc/self/fd",
+    "/dev/stdin": "/proc/self/fd/0",
+    "/dev/stdout": "/proc/self/fd/1",
+    "/dev/stderr": "/proc/self/fd/2",
+}
 
 
 class BindRootfsEngine(ReferenceEngine):
@@ -31,8 +35,7 @@ class BindRootfsEngine(ReferenceEngine):
     def prepare_config(self, starter_config: StarterConfig) -> None:
         """Stage 1, privileges as the reference's: also needs the mount namespace."""
         if "mount" not in self.common.engine_config.namespaces:
-            raise ConfigError("namespaces: the bind root file system needs the 'mount' "
-                              "namespace")
+            raise ConfigError("namespaces: the bind root file system needs the 'mount' namespace")
         super().prepare_config(starter_config)
 
     def prepare_rootfs(self, rpc: RPCClient, cfg: ReferenceConfig) -> None:
@@ -52,28 +55,45 @@ class BindRootfsEngine(ReferenceEngine):
                 rpc.symlink(target=os.readlink(path), path=path)
             elif stat.S_ISDIR(st.st_mode):
                 rpc.mkdir(path=path, mode=0o755)
-                rpc.mount(source=path, target=path, fstype=None,
-                          flags=["bind", "ro", "nosuid", "nodev"], data=None)
+                rpc.mount(
+                    source=path,
+                    target=path,
+                    fstype=None,
+                    flags=["bind", "ro", "nosuid", "nodev"],
+                    data=None,
+                )
         for path, mode in (("/proc", 0o555), ("/tmp", 0o1777), ("/dev", 0o755)):
             rpc.mkdir(path=path, mode=mode)
         super().prepare_rootfs(rpc, cfg)  # /proc and /tmp, now inside the new root
-        rpc.mount(source="tmpfs", target="/dev", fstype="tmpfs",
-                  flags=["nosuid", "noexec"], data="mode=0755,size=64k,nr_inodes=64")
+        rpc.mount(
+            source="tmpfs",
+            target="/dev",
+            fstype="tmpfs",
+            flags=["nosuid", "noexec"],
+            data="mode=0755,size=64k,nr_inodes=64",
+        )
         for device in BIND_DEVICES:
             if os.path.exists(device):
                 rpc.create_file(path=device, mode=0o666)
-                rpc.mount(source=device, target=device, fstype=None,
-                          flags=["bind", "nosuid", "noexec"], data=None)
+                rpc.mount(
+                    source=device,
+                    target=device,
+                    fstype=None,
+                    flags=["bind", "nosuid", "noexec"],
+                    data=None,
+                )
         for link, target in DEV_LINKS.items():
             rpc.symlink(target=target, path=link)
         # Built: the root and /dev become read-only (/tmp stays writable).
         for path in ("/dev", "/"):
-            rpc.mount(source=None, target=path, fstype=None, flags=["bind", "remount", "ro"],
-                      data=None)
+            rpc.mount(
+                source=None, target=path, fstype=None, flags=["bind", "remount", "ro"], data=None
+            )
         rpc.pivot_root(new_root=self._root_dir)
 
-    def cleanup_container(self, ctx: Context, fatal: BaseException | None,
-                          status: WaitStatus | None) -> None:
+    def cleanup_container(
+        self, ctx: Context, fatal: BaseException | None, status: WaitStatus | None
+    ) -> None:
         """Master, exactly once, privileges as create_container: remove the root's directory
         if it was made. Its mounts lived in the container's mount namespace only."""
         path, self._root_dir = self._root_dir, None

@@ -16,11 +16,24 @@ from kit.system.linux import NAMESPACES, mask_to_caps, read_status
 from reference_engines.minimal.rpc import hostname_error, path_error
 
 #: What stage 2 keeps in the root flow unless configured: Docker's default without NET_RAW.
-ROOT_DEFAULT_CAPS = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
-                     "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
-                     "CAP_SYS_CHROOT", "CAP_MKNOD", "CAP_AUDIT_WRITE", "CAP_SETFCAP"]
-FORWARDED_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1,
-                               signal.SIGUSR2})
+ROOT_DEFAULT_CAPS = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_MKNOD",
+    "CAP_AUDIT_WRITE",
+    "CAP_SETFCAP",
+]
+FORWARDED_SIGNALS = frozenset(
+    {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
+)
 #: Created unless configured otherwise; the flow adds ``user``.
 DEFAULT_NAMESPACES = ["mount", "pid", "uts", "ipc", "net", "cgroup"]
 #: The namespaces the RPC methods change: never while they are still the host's.
@@ -36,9 +49,12 @@ MAX_ID = 2**32 - 2
 class ReferenceConfig(EngineConfig):
     """User options; every field crosses processes as JSON. ``argv`` is inherited."""
 
-    env: dict[str, str] = field(default_factory=lambda: {
-        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        "HOME": "/"})  # exactly the payload's environment
+    env: dict[str, str] = field(
+        default_factory=lambda: {
+            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME": "/",
+        }
+    )  # exactly the payload's environment
     cwd: str = "/"
     hostname: str | None = "kit-container"  # None keeps the inherited one
     namespaces: list[str] = field(default_factory=lambda: list(DEFAULT_NAMESPACES))
@@ -75,11 +91,15 @@ def validate_config(cfg: ReferenceConfig, sc: StarterConfig) -> list[str]:
     seen: set[str] = set()
     for kind in cfg.namespaces:
         if kind not in NAMESPACES:
-            raise ConfigError(f"namespaces: unknown namespace {kind!r} "
-                              f"(known: {', '.join(k for k in NAMESPACES if k != 'user')})")
+            raise ConfigError(
+                f"namespaces: unknown namespace {kind!r} "
+                f"(known: {', '.join(k for k in NAMESPACES if k != 'user')})"
+            )
         if kind == "user":
-            raise ConfigError("namespaces: 'user' is chosen by the flow (userns, fakeroot, "
-                              "hybrid), not by the config")
+            raise ConfigError(
+                "namespaces: 'user' is chosen by the flow (userns, fakeroot, "
+                "hybrid), not by the config"
+            )
         if kind in seen:
             raise ConfigError(f"namespaces: {kind!r} is listed twice")
         seen.add(kind)
@@ -87,27 +107,34 @@ def validate_config(cfg: ReferenceConfig, sc: StarterConfig) -> list[str]:
         if (why := hostname_error(cfg.hostname)) is not None:
             raise ConfigError(f"hostname: {why}")
         if "uts" not in seen:
-            raise ConfigError("hostname: setting one needs the 'uts' namespace (or set "
-                              "hostname to null)")
+            raise ConfigError(
+                "hostname: setting one needs the 'uts' namespace (or set hostname to null)"
+            )
     if cfg.mount_proc and not {"mount", "pid"} <= seen:
-        raise ConfigError("mount_proc: a new /proc needs the 'mount' and 'pid' namespaces "
-                          "(or set mount_proc to false)")
+        raise ConfigError(
+            "mount_proc: a new /proc needs the 'mount' and 'pid' namespaces "
+            "(or set mount_proc to false)"
+        )
     if cfg.mount_tmp and "mount" not in seen:
-        raise ConfigError("mount_tmp: a tmpfs /tmp needs the 'mount' namespace (or set "
-                          "mount_tmp to false)")
+        raise ConfigError(
+            "mount_tmp: a tmpfs /tmp needs the 'mount' namespace (or set mount_tmp to false)"
+        )
     if cfg.capabilities is None:  # the default, minus what this host cannot grant
         caps = [c for c in ROOT_DEFAULT_CAPS if c in _host_bounding()] if root else []
     else:
         caps = [normalize_capability(c, "capabilities") for c in cfg.capabilities]
         if caps and not root:
-            raise ConfigError(f"capabilities: a non-root caller (flow {sc.flow}) keeps no "
-                              f"capabilities; got {', '.join(caps)}")
+            raise ConfigError(
+                f"capabilities: a non-root caller (flow {sc.flow}) keeps no "
+                f"capabilities; got {', '.join(caps)}"
+            )
         if missing := [c for c in caps if c not in _host_bounding()]:
-            raise ConfigError(f"capabilities: {', '.join(missing)} not in this host's "
-                              "bounding set")
+            raise ConfigError(f"capabilities: {', '.join(missing)} not in this host's bounding set")
     if (cfg.target_uid is not None or cfg.target_gids) and not root:
-        raise ConfigError("target_uid/target_gids: only a root caller can choose the "
-                          f"container's ids (flow {sc.flow})")
+        raise ConfigError(
+            "target_uid/target_gids: only a root caller can choose the "
+            f"container's ids (flow {sc.flow})"
+        )
     if cfg.target_uid is not None and not 0 <= cfg.target_uid <= MAX_ID:
         raise ConfigError(f"target_uid: {cfg.target_uid} is not a valid uid")
     for gid in cfg.target_gids:
@@ -177,11 +204,21 @@ class ReferenceEngine(Operations):
         """Master, from create_container: the root the payload sees. Here the host's, with a
         new /proc and a tmpfs /tmp in the container's mount namespace only."""
         if cfg.mount_proc:
-            rpc.mount(source="proc", target="/proc", fstype="proc",
-                      flags=["nosuid", "nodev", "noexec"], data=None)
+            rpc.mount(
+                source="proc",
+                target="/proc",
+                fstype="proc",
+                flags=["nosuid", "nodev", "noexec"],
+                data=None,
+            )
         if cfg.mount_tmp:
-            rpc.mount(source="tmpfs", target="/tmp", fstype="tmpfs",
-                      flags=["nosuid", "nodev"], data="mode=1777,size=16m")
+            rpc.mount(
+                source="tmpfs",
+                target="/tmp",
+                fstype="tmpfs",
+                flags=["nosuid", "nodev"],
+                data="mode=1777,size=16m",
+            )
 
     def start_process(self, master_fd: int) -> None:
         """Stage 2, the container process, as the kit left it. root: the target ids (default
@@ -192,17 +229,18 @@ class ReferenceEngine(Operations):
         try:
             os.chdir(cfg.cwd)
         except OSError as exc:
-            raise type(exc)(exc.errno, f"cwd: cannot enter {cfg.cwd!r} in the container: "
-                            f"{exc.strerror}") from None
+            raise type(exc)(
+                exc.errno, f"cwd: cannot enter {cfg.cwd!r} in the container: {exc.strerror}"
+            ) from None
         path = cfg.argv[0]
         if not os.path.exists(path):  # a clearer message than execve's bare ENOENT
-            raise FileNotFoundError(errno.ENOENT, f"payload {path!r} not found in the "
-                                    "container's root file system")
+            raise FileNotFoundError(
+                errno.ENOENT, f"payload {path!r} not found in the container's root file system"
+            )
         try:
             os.execve(path, cfg.argv, cfg.env)
         except OSError as exc:
-            raise type(exc)(exc.errno, f"cannot execute payload {path!r}: "
-                            f"{exc.strerror}") from None
+            raise type(exc)(exc.errno, f"cannot execute payload {path!r}: {exc.strerror}") from None
 
     def post_start_process(self, ctx: Context, pid: int) -> None:
         """Master, once the payload was exec'd; privileges as create_container."""
@@ -222,12 +260,14 @@ class ReferenceEngine(Operations):
             try:
                 wpid, status = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
-                raise ChildProcessError(errno.ECHILD, f"container process {pid} was reaped "
-                                        "by someone else") from None
+                raise ChildProcessError(
+                    errno.ECHILD, f"container process {pid} was reaped by someone else"
+                ) from None
             if wpid == pid:
                 return status
 
-    def cleanup_container(self, ctx: Context, fatal: BaseException | None,
-                          status: WaitStatus | None) -> None:
+    def cleanup_container(
+        self, ctx: Context, fatal: BaseException | None, status: WaitStatus | None
+    ) -> None:
         """Master, exactly once, after any partial setup; privileges as create_container."""
         pass  # nothing to undo: the mounts and hostname die with the container's namespaces

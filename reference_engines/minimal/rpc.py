@@ -22,8 +22,10 @@ ALLOWED_FSTYPES: dict[str, frozenset[str]] = {
 }
 HOSTNAME_MAX = 64
 PATH_MAX = 4096
-_HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-                          r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+_HOSTNAME_RE = re.compile(
+    r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
 _MOUNT_DATA_RE = re.compile(r"[A-Za-z0-9_]+(=[A-Za-z0-9_.%+-]*)?")
 
 
@@ -36,8 +38,10 @@ def hostname_error(name: object) -> str | None:
     if len(name) > HOSTNAME_MAX:
         return f"is {len(name)} characters long, the kernel allows at most {HOSTNAME_MAX}"
     if not _HOSTNAME_RE.fullmatch(name):
-        return (f"{name!r} is not a valid hostname (letters, digits and '-' in labels "
-                "separated by '.'; no leading or trailing '-')")
+        return (
+            f"{name!r} is not a valid hostname (letters, digits and '-' in labels "
+            "separated by '.'; no leading or trailing '-')"
+        )
     return None
 
 
@@ -73,12 +77,12 @@ def check_flags(flags: object, allowed: tuple[str, ...], what: str) -> list[str]
         raise ValueError(f"{what}: flags must be a list of names")
     unknown = [f for f in flags if f not in MOUNT_FLAGS]
     if unknown:
-        raise ValueError(f"{what}: unknown mount flags {unknown} "
-                         f"(known: {', '.join(MOUNT_FLAGS)})")
+        raise ValueError(f"{what}: unknown mount flags {unknown} (known: {', '.join(MOUNT_FLAGS)})")
     refused = [f for f in flags if f not in allowed]
     if refused:
-        raise refuse(f"{what}: mount flags {refused} are not allowed "
-                     f"(allowed: {', '.join(allowed)})")
+        raise refuse(
+            f"{what}: mount flags {refused} are not allowed (allowed: {', '.join(allowed)})"
+        )
     return flags
 
 
@@ -110,48 +114,62 @@ class ReferenceRPC:
         not ask for, or one still the host's (prepare_config recorded the host's inodes)."""
         cfg = self.engine.common.engine_config  # type: ignore[union-attr]
         if kind not in cfg.namespaces:
-            raise refuse(f"{what}: the container has no {kind} namespace; refusing to "
-                         "change the host's")
+            raise refuse(
+                f"{what}: the container has no {kind} namespace; refusing to change the host's"
+            )
         host = cfg.host_namespaces
         if kind in host and self.system.ns_inode(kind) == host[kind]:
-            raise refuse(f"{what}: the {kind} namespace is still the host's (the starter did "
-                         "not create the one prepare_config asked for); refusing to change "
-                         "the host's")
+            raise refuse(
+                f"{what}: the {kind} namespace is still the host's (the starter did "
+                "not create the one prepare_config asked for); refusing to change "
+                "the host's"
+            )
 
     def _host_path(self, path: str, what: str) -> str:
         """Where container path ``path`` is for this process: the same path (the host's root)."""
         return check_path(path, what)
 
-    def mount(self, source: str | None, target: str, fstype: str | None, flags: list[str],
-              data: str | None) -> None:
+    def mount(
+        self,
+        source: str | None,
+        target: str,
+        fstype: str | None,
+        flags: list[str],
+        data: str | None,
+    ) -> None:
         """Mount a new ``fstype`` file system (one of ALLOWED_FSTYPES, with its options in
         ``data``, flags from MOUNT_OPTIONS) on container path ``target``, in the container's
         mount namespace. ``source`` is None or the fstype's name."""
         what = "mount"
         check_flags(flags, MOUNT_OPTIONS, what)
-        if data is not None and (not isinstance(data, str) or len(data) > 256
-                                 or "\0" in data):
+        if data is not None and (not isinstance(data, str) or len(data) > 256 or "\0" in data):
             raise ValueError(f"{what}: data must be a short string, got {data!r}")
         self._need_namespace("mount", what)
         if fstype not in ALLOWED_FSTYPES:
-            raise refuse(f"{what}: filesystem type {fstype!r} is not allowed "
-                         f"(allowed: {', '.join(ALLOWED_FSTYPES)})")
+            raise refuse(
+                f"{what}: filesystem type {fstype!r} is not allowed "
+                f"(allowed: {', '.join(ALLOWED_FSTYPES)})"
+            )
         if source not in (None, fstype):
-            raise ValueError(f"{what}: the source of a {fstype} mount must be null or "
-                             f"{fstype!r}, got {source!r}")
-        for option in (data.split(",") if data else ()):
-            if not _MOUNT_DATA_RE.fullmatch(option) \
-                    or option.split("=")[0] not in ALLOWED_FSTYPES[fstype]:
-                raise ValueError(f"{what}: {fstype} option {option!r} is not allowed "
-                                 f"(allowed: {', '.join(sorted(ALLOWED_FSTYPES[fstype]))})")
+            raise ValueError(
+                f"{what}: the source of a {fstype} mount must be null or {fstype!r}, got {source!r}"
+            )
+        for option in data.split(",") if data else ():
+            if (
+                not _MOUNT_DATA_RE.fullmatch(option)
+                or option.split("=")[0] not in ALLOWED_FSTYPES[fstype]
+            ):
+                raise ValueError(
+                    f"{what}: {fstype} option {option!r} is not allowed "
+                    f"(allowed: {', '.join(sorted(ALLOWED_FSTYPES[fstype]))})"
+                )
         if fstype == "proc":
             self._need_namespace("pid", f"{what} proc")
         full = self._host_path(target, f"{what} target")
         if target == "/":
             raise refuse(f"{what}: refusing to mount over the container root")
         if not os.path.isdir(full):
-            raise FileNotFoundError(errno.ENOENT, f"{what}: target {target!r} is not a "
-                                    "directory")
+            raise FileNotFoundError(errno.ENOENT, f"{what}: target {target!r} is not a directory")
         self.system.mount(fstype, full, fstype, flags, data)
 
     def sethostname(self, name: str) -> None:

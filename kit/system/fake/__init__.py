@@ -43,11 +43,11 @@ Design
   (root, suid, hybrid) run by a non-root user starts the model as uid/gid 0 with every
   capability of the real bounding set (the set a real root has on this machine).
 - **Probes**: :meth:`FakeSystem.snapshot` and :meth:`FakeSystem.escalation` return the
-  structures of :func:`kit.ledger.probe.snapshot` and :func:`kit.ledger.probe.escalation`, computed from
-  the model (threads listed by real tid; no probe child is forked): each escalation way by
-  its own rule (setresuid, capset, and ``bprm_fill_uid`` for the run's setuid-root binary,
-  which exists in the model only), relative to the model's initial user namespace, the one
-  the kit was launched in.
+  structures of :func:`kit.ledger.probe.snapshot` and :func:`kit.ledger.probe.escalation`,
+  computed from the model (threads listed by real tid; no probe child is forked): each
+  escalation way by its own rule (setresuid, capset, and ``bprm_fill_uid`` for the run's
+  setuid-root binary, which exists in the model only), relative to the model's initial user
+  namespace, the one the kit was launched in.
 
 Containment: calls that bypass the model
 ----------------------------------------
@@ -116,8 +116,9 @@ def prepare(request: Any) -> tuple[dict[str, Any], Any]:
 
 
 @contextlib.contextmanager
-def installed(request: Any, initial: tuple[dict[str, Any], Any] | None = None
-              ) -> Iterator[FakeSystem]:
+def installed(
+    request: Any, initial: tuple[dict[str, Any], Any] | None = None
+) -> Iterator[FakeSystem]:
     """Make a :class:`FakeSystem` for ``request`` (a :class:`kit.run.request.RunRequest`) the
     system interface of this process and of everything it forks until the block ends; the
     model is removed afterwards. ``initial``: what :func:`prepare` returned (in this

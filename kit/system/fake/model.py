@@ -77,8 +77,21 @@ CAP_SYS_ADMIN = CAP_NUMBERS["CAP_SYS_ADMIN"]
 CAP_SETFCAP = CAP_NUMBERS["CAP_SETFCAP"]
 
 #: Filesystem types an unprivileged user namespace may mount (FS_USERNS_MOUNT).
-USERNS_MOUNTABLE = frozenset({"proc", "sysfs", "tmpfs", "ramfs", "devpts", "mqueue",
-                              "cgroup", "cgroup2", "fuse", "overlay", "binfmt_misc"})
+USERNS_MOUNTABLE = frozenset(
+    {
+        "proc",
+        "sysfs",
+        "tmpfs",
+        "ramfs",
+        "devpts",
+        "mqueue",
+        "cgroup",
+        "cgroup2",
+        "fuse",
+        "overlay",
+        "binfmt_misc",
+    }
+)
 #: Per-mount flags (the ones ``mount -o remount,bind`` changes and a less privileged mount
 #: namespace locks).
 MNT_FLAGS = ("ro", "nosuid", "nodev", "noexec")
@@ -111,21 +124,50 @@ class Cred:
     userns: int = 0
 
     def copy(self) -> Cred:
-        return Cred(list(self.uid), list(self.gid), list(self.groups), self.eff, self.prm,
-                    self.inh, self.bnd, self.amb, self.securebits, self.no_new_privs,
-                    self.userns)
+        return Cred(
+            list(self.uid),
+            list(self.gid),
+            list(self.groups),
+            self.eff,
+            self.prm,
+            self.inh,
+            self.bnd,
+            self.amb,
+            self.securebits,
+            self.no_new_privs,
+            self.userns,
+        )
 
     def to_json(self) -> dict[str, Any]:
-        return {"uid": list(self.uid), "gid": list(self.gid), "groups": list(self.groups),
-                "eff": self.eff, "prm": self.prm, "inh": self.inh, "bnd": self.bnd,
-                "amb": self.amb, "securebits": self.securebits,
-                "no_new_privs": self.no_new_privs, "userns": self.userns}
+        return {
+            "uid": list(self.uid),
+            "gid": list(self.gid),
+            "groups": list(self.groups),
+            "eff": self.eff,
+            "prm": self.prm,
+            "inh": self.inh,
+            "bnd": self.bnd,
+            "amb": self.amb,
+            "securebits": self.securebits,
+            "no_new_privs": self.no_new_privs,
+            "userns": self.userns,
+        }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Cred:
-        return cls(list(d["uid"]), list(d["gid"]), list(d["groups"]), d["eff"], d["prm"],
-                   d["inh"], d["bnd"], d["amb"], d["securebits"], d["no_new_privs"],
-                   d["userns"])
+        return cls(
+            list(d["uid"]),
+            list(d["gid"]),
+            list(d["groups"]),
+            d["eff"],
+            d["prm"],
+            d["inh"],
+            d["bnd"],
+            d["amb"],
+            d["securebits"],
+            d["no_new_privs"],
+            d["userns"],
+        )
 
 
 @dataclass
@@ -303,8 +345,13 @@ class Model:
     def dumpable_after(self, old: Cred, new: Cred, dumpable: int) -> int:
         """``commit_creds``: a change of euid/egid/fsuid/fsgid or a gain of capabilities
         resets the dumpable flag to ``fs.suid_dumpable``."""
-        if (old.uid[1] != new.uid[1] or old.gid[1] != new.gid[1] or old.uid[3] != new.uid[3]
-                or old.gid[3] != new.gid[3] or not self.cred_cap_issubset(old, new)):
+        if (
+            old.uid[1] != new.uid[1]
+            or old.gid[1] != new.gid[1]
+            or old.uid[3] != new.uid[3]
+            or old.gid[3] != new.gid[3]
+            or not self.cred_cap_issubset(old, new)
+        ):
             return int(self.s["suid_dumpable"])
         return dumpable
 
@@ -341,9 +388,11 @@ class Model:
                 raise fail(errno.EINVAL, f"{what}: {ident} is not mapped in the user namespace")
             wanted.append(k)
         kr, ke, ks = wanted
-        if ((kr is None or kr == old_ids[0]) and (ke is None or (ke == old_ids[1]
-                                                                and ke == old_ids[3]))
-                and (ks is None or ks == old_ids[2])):
+        if (
+            (kr is None or kr == old_ids[0])
+            and (ke is None or (ke == old_ids[1] and ke == old_ids[3]))
+            and (ks is None or ks == old_ids[2])
+        ):
             return cred  # a no-op changes nothing (not even dumpable)
         current = set(old_ids[:3])
         if any(k is not None and k not in current for k in wanted):
@@ -378,8 +427,9 @@ class Model:
     def setgroups(self, cred: Cred, groups: Iterable[int]) -> Cred:
         """``setgroups(2)``: CAP_SETGID and a user namespace that allows it; mapped gids."""
         groups = list(groups)
-        if not (self.capable(cred, cred.userns, CAP_SETGID)
-                and self.userns_may_setgroups(cred.userns)):
+        if not (
+            self.capable(cred, cred.userns, CAP_SETGID) and self.userns_may_setgroups(cred.userns)
+        ):
             raise fail(errno.EPERM, "setgroups")
         if len(groups) > NGROUPS_MAX:
             raise fail(errno.EINVAL, "setgroups")
@@ -405,8 +455,7 @@ class Model:
         inheritable within inheritable|permitted (unless CAP_SETPCAP) and the bounding set."""
         valid = self.full_caps
         eff, prm, inh = eff & valid, prm & valid, inh & valid
-        if (not self.capable(cred, cred.userns, CAP_SETPCAP)
-                and inh & ~(cred.inh | cred.prm)):
+        if not self.capable(cred, cred.userns, CAP_SETPCAP) and inh & ~(cred.inh | cred.prm):
             raise fail(errno.EPERM, "capset: inheritable beyond inheritable|permitted")
         if inh & ~(cred.inh | cred.bnd):
             raise fail(errno.EPERM, "capset: inheritable beyond the bounding set")
@@ -454,8 +503,11 @@ class Model:
     def ambient_raise(self, cred: Cred, cap: int) -> Cred:
         """PR_CAP_AMBIENT_RAISE: the capability must be permitted and inheritable."""
         self._cap_valid(cap, "PR_CAP_AMBIENT_RAISE")
-        if (not cred.prm >> cap & 1 or not cred.inh >> cap & 1
-                or cred.securebits & SECBIT_NO_CAP_AMBIENT_RAISE):
+        if (
+            not cred.prm >> cap & 1
+            or not cred.inh >> cap & 1
+            or cred.securebits & SECBIT_NO_CAP_AMBIENT_RAISE
+        ):
             raise fail(errno.EPERM, "PR_CAP_AMBIENT_RAISE")
         new = cred.copy()
         new.amb |= cap_bit(cap)
@@ -480,13 +532,24 @@ class Model:
             raise fail(errno.ENOSPC, "user namespace nesting")
         if chrooted:
             raise fail(errno.EPERM, "user namespace from a chroot")
-        if (self.from_kuid(cred.userns, cred.uid[1]) is None
-                or self.from_kgid(cred.userns, cred.gid[1]) is None):
+        if (
+            self.from_kuid(cred.userns, cred.uid[1]) is None
+            or self.from_kgid(cred.userns, cred.gid[1]) is None
+        ):
             raise fail(errno.EPERM, "user namespace: the creator's ids are not mapped")
-        nsid = self.add_ns({
-            "kind": "user", "parent": cred.userns, "level": parent["level"] + 1,
-            "owner": cred.uid[1], "group": cred.gid[1], "uid_map": None, "gid_map": None,
-            "setgroups": "allow", "parent_could_setfcap": bool(cred.eff >> CAP_SETFCAP & 1)})
+        nsid = self.add_ns(
+            {
+                "kind": "user",
+                "parent": cred.userns,
+                "level": parent["level"] + 1,
+                "owner": cred.uid[1],
+                "group": cred.gid[1],
+                "uid_map": None,
+                "gid_map": None,
+                "setgroups": "allow",
+                "parent_could_setfcap": bool(cred.eff >> CAP_SETFCAP & 1),
+            }
+        )
         return self.set_cred_user_ns(cred, nsid), nsid
 
     def create_ns(self, kind: str, owner: int, current: int) -> int:
@@ -529,9 +592,9 @@ class Model:
             out.append(c)
         return out
 
-    def plan_namespaces(self, cred: Cred, task: Task, kinds: Iterable[str], *,
-                        clone: bool, share_fs: bool = False
-                        ) -> tuple[Cred, dict[str, int], int]:
+    def plan_namespaces(
+        self, cred: Cred, task: Task, kinds: Iterable[str], *, clone: bool, share_fs: bool = False
+    ) -> tuple[Cred, dict[str, int], int]:
         """New namespaces for ``unshare(kinds)`` (``clone=False``) or for the child of
         ``clone(kinds)``; returns (cred, namespaces, pid namespace for children) of the
         task that gets them. The state is changed only when every check passed."""
@@ -558,12 +621,16 @@ class Model:
                 raise fail(errno.ENOSPC, "user namespace nesting")
             if task.chrooted:
                 raise fail(errno.EPERM, "user namespace from a chroot")
-            if (self.from_kuid(cred.userns, cred.uid[1]) is None
-                    or self.from_kgid(cred.userns, cred.gid[1]) is None):
+            if (
+                self.from_kuid(cred.userns, cred.uid[1]) is None
+                or self.from_kgid(cred.userns, cred.gid[1]) is None
+            ):
                 raise fail(errno.EPERM, "user namespace: the creator's ids are not mapped")
         elif others and not self.capable(cred, userns, CAP_SYS_ADMIN):
-            raise fail(errno.EPERM, f"{'clone' if clone else 'unshare'}"
-                       f"({', '.join(others)}) without CAP_SYS_ADMIN")
+            raise fail(
+                errno.EPERM,
+                f"{'clone' if clone else 'unshare'}({', '.join(others)}) without CAP_SYS_ADMIN",
+            )
         if "user" in kinds:
             new_cred, userns = self.create_user_ns(cred, task.chrooted)
         ns = dict(task.ns)
@@ -580,14 +647,16 @@ class Model:
         return new_cred, ns, pid_for_children
 
     # -- namespaces: joining -------------------------------------------------------------------
-    def install(self, cred: Cred, task: Task, kind: str, nsid: int
-                ) -> tuple[Cred, dict[str, int], int]:
+    def install(
+        self, cred: Cred, task: Task, kind: str, nsid: int
+    ) -> tuple[Cred, dict[str, int], int]:
         """``setns``: the ``*_install`` checks of ``kind``; returns the new (cred,
         namespaces, pid namespace for children)."""
         target = self.ns(nsid)
         if target["kind"] != kind:
-            raise fail(errno.EINVAL, f"setns: namespace {nsid} is a {target['kind']} "
-                       f"namespace, not {kind}")
+            raise fail(
+                errno.EINVAL, f"setns: namespace {nsid} is a {target['kind']} namespace, not {kind}"
+            )
         ns = dict(task.ns)
         pidc = task.pid_for_children
         if kind == "user":
@@ -603,16 +672,20 @@ class Model:
             return self.set_cred_user_ns(cred, nsid), ns, pidc
         owner = target["owner"]
         if kind == "mount":
-            if not (self.capable(cred, owner, CAP_SYS_ADMIN)
-                    and self.capable(cred, cred.userns, CAP_SYS_CHROOT)
-                    and self.capable(cred, cred.userns, CAP_SYS_ADMIN)):
+            if not (
+                self.capable(cred, owner, CAP_SYS_ADMIN)
+                and self.capable(cred, cred.userns, CAP_SYS_CHROOT)
+                and self.capable(cred, cred.userns, CAP_SYS_ADMIN)
+            ):
                 raise fail(errno.EPERM, "setns(mount)")
             if task.fs_users > 1:
                 raise fail(errno.EINVAL, "setns(mount) with a shared fs (CLONE_FS)")
             ns["mount"] = nsid
             return cred, ns, pidc
-        if not (self.capable(cred, owner, CAP_SYS_ADMIN)
-                and self.capable(cred, cred.userns, CAP_SYS_ADMIN)):
+        if not (
+            self.capable(cred, owner, CAP_SYS_ADMIN)
+            and self.capable(cred, cred.userns, CAP_SYS_ADMIN)
+        ):
             raise fail(errno.EPERM, f"setns({kind})")
         if kind == "pid":
             # Only the active pid namespace or one of its descendants.
@@ -643,8 +716,10 @@ class Model:
             return True
         t = target["cred"]
         fsuid, fsgid = cred.uid[3], cred.gid[3]
-        same_ids = (fsuid == t["uid"][0] == t["uid"][1] == t["uid"][2]
-                    and fsgid == t["gid"][0] == t["gid"][1] == t["gid"][2])
+        same_ids = (
+            fsuid == t["uid"][0] == t["uid"][1] == t["uid"][2]
+            and fsgid == t["gid"][0] == t["gid"][1] == t["gid"][2]
+        )
         if not same_ids and not self.capable(cred, t["userns"], CAP_SYS_PTRACE):
             return False
         if target["dumpable"] != SUID_DUMP_USER:
@@ -655,8 +730,9 @@ class Model:
         """``inode_permission(MAY_WRITE)`` on a file of ``owner`` with ``mode``."""
         return self.permission(cred, owner[0], owner[1], mode, 2)
 
-    def permission(self, cred: Cred, uid: int, gid: int, mode: int, want: int,
-                   is_dir: bool = False) -> bool:
+    def permission(
+        self, cred: Cred, uid: int, gid: int, mode: int, want: int, is_dir: bool = False
+    ) -> bool:
         """``generic_permission``: owner/group/other bits, then CAP_DAC_OVERRIDE (and
         CAP_DAC_READ_SEARCH) over an inode whose owner is mapped in the cred's namespace."""
         if cred.uid[3] == uid:
@@ -667,12 +743,15 @@ class Model:
             bits = mode & 7
         if want & ~bits == 0:
             return True
-        mapped = (self.from_kuid(cred.userns, uid) is not None
-                  and self.from_kgid(cred.userns, gid) is not None)
+        mapped = (
+            self.from_kuid(cred.userns, uid) is not None
+            and self.from_kgid(cred.userns, gid) is not None
+        )
         if not mapped:
             return False
         if self.capable(cred, cred.userns, CAP_DAC_OVERRIDE) and (
-                is_dir or not want & 1 or mode & 0o111):
+            is_dir or not want & 1 or mode & 0o111
+        ):
             return True
         if want & 2 == 0 and self.capable(cred, cred.userns, CAP_DAC_READ_SEARCH):
             return is_dir or not want & 1
@@ -710,12 +789,18 @@ class Model:
                 first, lower, count = (int(x) for x in line)
             except (TypeError, ValueError):
                 raise fail(errno.EINVAL, what) from None
-            if (count <= 0 or first < 0 or lower < 0 or first + count - 1 >= INVALID_ID
-                    or lower + count - 1 >= INVALID_ID):
+            if (
+                count <= 0
+                or first < 0
+                or lower < 0
+                or first + count - 1 >= INVALID_ID
+                or lower + count - 1 >= INVALID_ID
+            ):
                 raise fail(errno.EINVAL, f"{what}: bad extent {line}")
             for f, lo, n in extents:
-                if (_ranges_overlap((first, count), (f, n))
-                        or _ranges_overlap((lower, count), (lo, n))):
+                if _ranges_overlap((first, count), (f, n)) or _ranges_overlap(
+                    (lower, count), (lo, n)
+                ):
                     raise fail(errno.EINVAL, f"{what}: overlapping extents")
             extents.append([first, lower, count])
             if len(extents) > MAX_EXTENTS:
@@ -733,14 +818,23 @@ class Model:
             if pmap.get("parent") is None:
                 ok = lower + count - 1 < INVALID_ID
             else:
-                ok = _map_down(pmap[which], lower, count) is not None and make(
-                    parent, lower) is not None
+                ok = (
+                    _map_down(pmap[which], lower, count) is not None
+                    and make(parent, lower) is not None
+                )
             if not ok:
                 raise fail(errno.EPERM, f"{what}: {lower}+{count} not mapped in the parent")
         ns[which] = extents
 
-    def _idmap_permitted(self, cred: Cred, userns: int, ns: dict[str, Any], which: str,
-                         cap: int, extents: list[list[int]]) -> bool:
+    def _idmap_permitted(
+        self,
+        cred: Cred,
+        userns: int,
+        ns: dict[str, Any],
+        which: str,
+        cap: int,
+        extents: list[list[int]],
+    ) -> bool:
         """``new_idmap_permitted`` (+ ``verify_root_map``)."""
         parent = ns["parent"]
         if which == "uid_map" and any(lower == 0 for _, lower, _ in extents):
@@ -800,9 +894,19 @@ class Model:
                 best = m
         return best
 
-    def mount(self, cred: Cred, mntns: int, source: str | None, target: str,
-              fstype: str | None, flags: list[str], data: str | None,
-              exists: Any, is_dir: Any, pidns: int) -> None:
+    def mount(
+        self,
+        cred: Cred,
+        mntns: int,
+        source: str | None,
+        target: str,
+        fstype: str | None,
+        flags: list[str],
+        data: str | None,
+        exists: Any,
+        is_dir: Any,
+        pidns: int,
+    ) -> None:
         """``do_mount``/``path_mount`` on host path ``target`` (already resolved); ``exists``
         and ``is_dir`` answer for host paths, ``pidns`` is the caller's active pid
         namespace (a new proc shows it and belongs to its owner)."""
@@ -818,13 +922,17 @@ class Model:
             m = self.top_mount(mounts, target)
             if m is None:
                 raise fail(errno.EINVAL, f"mount: remount of {target}: not a mount point")
-            if "bind" not in fl and not self.capable(cred, m.get("sb_owner", ns["owner"]),
-                                                     CAP_SYS_ADMIN):
+            if "bind" not in fl and not self.capable(
+                cred, m.get("sb_owner", ns["owner"]), CAP_SYS_ADMIN
+            ):
                 raise fail(errno.EPERM, "mount: remount of the superblock")
             locked = set(m.get("locked_flags", ()))
             if locked - set(mnt_flags):
-                raise fail(errno.EPERM, f"mount: remount of {target} would clear locked "
-                           f"flags {sorted(locked - set(mnt_flags))}")
+                raise fail(
+                    errno.EPERM,
+                    f"mount: remount of {target} would clear locked "
+                    f"flags {sorted(locked - set(mnt_flags))}",
+                )
             m["flags"] = mnt_flags
             return
         if "bind" in fl:
@@ -835,11 +943,16 @@ class Model:
                 raise fail(errno.EINVAL, "mount: bind of an unbindable mount")
             if is_dir(source) != is_dir(target):
                 raise fail(errno.ENOTDIR, "mount: bind of a directory on a file, or back")
-            self._add_mount(ns, target, source, src["fstype"] if src else "none",
-                            sorted(set(src["flags"]) if src else set()),
-                            sorted(set(src.get("locked_flags", ())) if src else set()),
-                            bind=True, sb_owner=src.get("sb_owner", ns["owner"]) if src
-                            else ns["owner"])
+            self._add_mount(
+                ns,
+                target,
+                source,
+                src["fstype"] if src else "none",
+                sorted(set(src["flags"]) if src else set()),
+                sorted(set(src.get("locked_flags", ())) if src else set()),
+                bind=True,
+                sb_owner=src.get("sb_owner", ns["owner"]) if src else ns["owner"],
+            )
             return
         types = fl & set(PROPAGATION_TYPES)
         if types:
@@ -852,8 +965,9 @@ class Model:
             tops = [top]
             if "rec" in fl:
                 prefix = target.rstrip("/") + "/"
-                tops = [m for m in mounts if m["target"] == target
-                        or m["target"].startswith(prefix)]
+                tops = [
+                    m for m in mounts if m["target"] == target or m["target"].startswith(prefix)
+                ]
             for m in tops:
                 m["propagation"] = kind
             return
@@ -868,7 +982,7 @@ class Model:
                 if m is moved:
                     m["target"] = target
                 elif m["target"].startswith(prefix):
-                    m["target"] = target.rstrip("/") + "/" + m["target"][len(prefix):]
+                    m["target"] = target.rstrip("/") + "/" + m["target"][len(prefix) :]
             return
         if not fstype:
             raise fail(errno.EINVAL, "mount: no filesystem type")
@@ -881,28 +995,56 @@ class Model:
             raise fail(errno.EPERM, f"mount: {fstype}: no CAP_SYS_ADMIN over its namespace")
         if not is_dir(target):
             raise fail(errno.ENOTDIR, f"mount: {target} is not a directory")
-        self._add_mount(ns, target, source or fstype, fstype, mnt_flags, [],
-                        data=data, sb_owner=fs_owner,
-                        pidns=pidns if fstype == "proc" else None,
-                        root_inode=self._new_fs_root(cred, fstype, data))
+        self._add_mount(
+            ns,
+            target,
+            source or fstype,
+            fstype,
+            mnt_flags,
+            [],
+            data=data,
+            sb_owner=fs_owner,
+            pidns=pidns if fstype == "proc" else None,
+            root_inode=self._new_fs_root(cred, fstype, data),
+        )
 
-    def _add_mount(self, ns: dict[str, Any], target: str, source: str, fstype: str,
-                   flags: list[str], locked_flags: list[str], bind: bool = False,
-                   data: str | None = None, sb_owner: int | None = None,
-                   pidns: int | None = None,
-                   root_inode: list[int] | None = None) -> None:
+    def _add_mount(
+        self,
+        ns: dict[str, Any],
+        target: str,
+        source: str,
+        fstype: str,
+        flags: list[str],
+        locked_flags: list[str],
+        bind: bool = False,
+        data: str | None = None,
+        sb_owner: int | None = None,
+        pidns: int | None = None,
+        root_inode: list[int] | None = None,
+    ) -> None:
         parent = self.mount_of(ns["mounts"], target)
         propagation = "private"
         if parent is not None and parent["propagation"] in ("shared", "slave"):
             # A mount under a shared (or slave) mount is shared like it, in a new peer group
             # of the namespace (the model does not propagate it to peers).
             propagation = "shared" if parent["propagation"] == "shared" else "private"
-        ns["mounts"].append({
-            "id": self.new_id("next_mount"), "target": target, "source": source,
-            "fstype": fstype, "flags": flags, "locked_flags": locked_flags, "locked": False,
-            "propagation": propagation, "bind": bind, "data": data,
-            "sb_owner": ns["owner"] if sb_owner is None else sb_owner, "pidns": pidns,
-            "root_inode": root_inode})
+        ns["mounts"].append(
+            {
+                "id": self.new_id("next_mount"),
+                "target": target,
+                "source": source,
+                "fstype": fstype,
+                "flags": flags,
+                "locked_flags": locked_flags,
+                "locked": False,
+                "propagation": propagation,
+                "bind": bind,
+                "data": data,
+                "sb_owner": ns["owner"] if sb_owner is None else sb_owner,
+                "pidns": pidns,
+                "root_inode": root_inode,
+            }
+        )
 
     @staticmethod
     def _new_fs_root(cred: Cred, fstype: str, data: str | None) -> list[int] | None:
@@ -933,18 +1075,23 @@ class Model:
             raise fail(errno.EINVAL, f"umount: {target} is locked")
         if m.get("old_root"):
             keep_prefix = ns["root"].rstrip("/") + "/"
-            ns["mounts"] = [x for x in ns["mounts"] if x is not m and (
-                x["target"] == ns["root"] or x["target"].startswith(keep_prefix))]
+            ns["mounts"] = [
+                x
+                for x in ns["mounts"]
+                if x is not m and (x["target"] == ns["root"] or x["target"].startswith(keep_prefix))
+            ]
             return
         prefix = target.rstrip("/") + "/"
-        under = [x for x in ns["mounts"] if x["target"].startswith(prefix)
-                 and ns["mounts"].index(x) > ns["mounts"].index(m)]
+        under = [
+            x
+            for x in ns["mounts"]
+            if x["target"].startswith(prefix) and ns["mounts"].index(x) > ns["mounts"].index(m)
+        ]
         if under and not detach:
             raise fail(errno.EBUSY, f"umount: {target} has mounts below it")
         ns["mounts"] = [x for x in ns["mounts"] if x is not m and x not in under]
 
-    def pivot_root(self, cred: Cred, mntns: int, root: str, new_root: str,
-                   put_old: str) -> None:
+    def pivot_root(self, cred: Cred, mntns: int, root: str, new_root: str, put_old: str) -> None:
         """``pivot_root``: ``new_root`` a mount point that is not the current root, no
         shared mount involved, ``put_old`` at or under ``new_root``."""
         ns = self.ns(mntns)
@@ -966,11 +1113,22 @@ class Model:
             raise fail(errno.EINVAL, "pivot_root: put_old is not under new_root")
         if not (new_root.startswith(root.rstrip("/") + "/")):
             raise fail(errno.EINVAL, "pivot_root: new_root is not under the root")
-        mounts.append({"id": self.new_id("next_mount"), "target": put_old, "source": root,
-                       "fstype": root_m["fstype"], "flags": list(root_m["flags"]),
-                       "locked_flags": list(root_m.get("locked_flags", [])), "locked": False,
-                       "propagation": "private", "bind": False, "data": None,
-                       "old_root": True, "sb_owner": root_m.get("sb_owner", ns["owner"])})
+        mounts.append(
+            {
+                "id": self.new_id("next_mount"),
+                "target": put_old,
+                "source": root,
+                "fstype": root_m["fstype"],
+                "flags": list(root_m["flags"]),
+                "locked_flags": list(root_m.get("locked_flags", [])),
+                "locked": False,
+                "propagation": "private",
+                "bind": False,
+                "data": None,
+                "old_root": True,
+                "sb_owner": root_m.get("sb_owner", ns["owner"]),
+            }
+        )
         ns["root"] = new_root
 
 

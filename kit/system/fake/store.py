@@ -215,7 +215,9 @@ class Store:
     def _check_unchanged(self) -> None:
         if self._state is not None and self._state != _decode(self._body):
             self._forget()
-            raise StoreError("kit.system.fake: a read-only transaction changed the model's document")
+            raise StoreError(
+                "kit.system.fake: a read-only transaction changed the model's document"
+            )
 
     # -- fork ---------------------------------------------------------------------------------
     def before_fork(self) -> None:
@@ -268,18 +270,25 @@ def _check_plain_json(state: dict[str, Any]) -> None:
     except (TypeError, ValueError) as exc:
         raise StoreError(f"kit.system.fake: the model's document is not JSON data: {exc}") from None
     if not same:
-        raise StoreError("kit.system.fake: the model's document is not plain JSON data (a tuple or "
-                         "a non-string key?)")
+        raise StoreError(
+            "kit.system.fake: the model's document is not plain JSON data (a tuple or "
+            "a non-string key?)"
+        )
     seen: set[int] = set()
     todo: list[Any] = [state]
     while todo:
         obj = todo.pop()
         if id(obj) in seen:
-            raise StoreError(f"kit.system.fake: the model's document holds one object in two "
-                             f"places: {obj!r:.200}")
+            raise StoreError(
+                f"kit.system.fake: the model's document holds one object in two "
+                f"places: {obj!r:.200}"
+            )
         seen.add(id(obj))
-        todo.extend(v for v in (obj.values() if isinstance(obj, dict) else obj)
-                    if isinstance(v, (dict, list)))
+        todo.extend(
+            v
+            for v in (obj.values() if isinstance(obj, dict) else obj)
+            if isinstance(v, (dict, list))
+        )
 
 
 def _pread(fd: int, size: int, offset: int) -> bytes:
@@ -287,8 +296,10 @@ def _pread(fd: int, size: int, offset: int) -> bytes:
     while len(data) < size:
         chunk = os.pread(fd, size - len(data), offset + len(data))
         if not chunk:
-            raise OSError(f"kit.system.fake: the model store is truncated ({len(data)}/{size} "
-                             f"bytes at offset {offset})")
+            raise OSError(
+                f"kit.system.fake: the model store is truncated ({len(data)}/{size} "
+                f"bytes at offset {offset})"
+            )
         data += chunk
     return data
 

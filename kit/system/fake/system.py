@@ -63,9 +63,14 @@ class ProcState:
     def entry(self) -> dict[str, Any]:
         """This process in the store's registry (what other processes may look at)."""
         leader = self.thread_creds.get(self.real_pid, self.cred)
-        return {"ns": dict(self.ns), "pidc": self.pid_for_children,
-                "levels": [list(x) for x in self.levels], "cred": leader.to_json(),
-                "dumpable": self.dumpable, "fs": self.fs}
+        return {
+            "ns": dict(self.ns),
+            "pidc": self.pid_for_children,
+            "levels": [list(x) for x in self.levels],
+            "cred": leader.to_json(),
+            "dumpable": self.dumpable,
+            "fs": self.fs,
+        }
 
 
 def _alive(pid: int) -> bool:
@@ -81,8 +86,9 @@ def _read_text(path: str, default: str = "") -> str:
 
 
 def _read_map(path: str) -> list[list[int]]:
-    return [[int(x) for x in line.split()] for line in _read_text(path).splitlines()
-            if line.strip()]
+    return [
+        [int(x) for x in line.split()] for line in _read_text(path).splitlines() if line.strip()
+    ]
 
 
 def _real_mounts() -> list[dict[str, Any]]:
@@ -95,14 +101,22 @@ def _real_mounts() -> list[dict[str, Any]]:
         sep = fields.index("-")
         options = set(fields[5].split(","))
         propagation = linux.propagation_type(fields[6:sep])
-        mounts.append({
-            "id": int(fields[0]), "target": linux.unescape_mountinfo(fields[4]),
-            "source": (linux.unescape_mountinfo(fields[sep + 2]) if len(fields) > sep + 2
-                       else "none"),
-            "fstype": fields[sep + 1],
-            "flags": sorted(f for f in ("ro", "nosuid", "nodev", "noexec") if f in options),
-            "locked_flags": [], "locked": False, "propagation": propagation, "bind": False,
-            "data": None})
+        mounts.append(
+            {
+                "id": int(fields[0]),
+                "target": linux.unescape_mountinfo(fields[4]),
+                "source": (
+                    linux.unescape_mountinfo(fields[sep + 2]) if len(fields) > sep + 2 else "none"
+                ),
+                "fstype": fields[sep + 1],
+                "flags": sorted(f for f in ("ro", "nosuid", "nodev", "noexec") if f in options),
+                "locked_flags": [],
+                "locked": False,
+                "propagation": propagation,
+                "bind": False,
+                "data": None,
+            }
+        )
     return mounts
 
 
@@ -122,8 +136,9 @@ def _real_links() -> dict[str, bool]:
 
 
 def _filesystems() -> list[str]:
-    names = [line.split()[-1] for line in _read_text("/proc/filesystems").splitlines()
-             if line.strip()]
+    names = [
+        line.split()[-1] for line in _read_text("/proc/filesystems").splitlines() if line.strip()
+    ]
     return sorted(set(names) | {"proc", "tmpfs", "sysfs"})
 
 
@@ -150,45 +165,95 @@ def initial_state(needs_root: bool) -> tuple[dict[str, Any], ProcState]:
             nsids[kind] = synthetic
             synthetic += 1
     user = nsids["user"]
-    cred = Cred([ruid, euid, suid, fsuid], [rgid, egid, sgid, fsgid],
-                sorted(os.getgroups()), eff, prm, inh, bnd, amb,
-                securebits=linux.get_securebits(), no_new_privs=linux.get_no_new_privs(),
-                userns=user)
+    cred = Cred(
+        [ruid, euid, suid, fsuid],
+        [rgid, egid, sgid, fsgid],
+        sorted(os.getgroups()),
+        eff,
+        prm,
+        inh,
+        bnd,
+        amb,
+        securebits=linux.get_securebits(),
+        no_new_privs=linux.get_no_new_privs(),
+        userns=user,
+    )
     if needs_root and euid != 0:
-        cred = Cred([0, 0, 0, 0], [0, 0, 0, 0], [], bnd, bnd, 0, bnd, 0, securebits=0,
-                    no_new_privs=cred.no_new_privs, userns=user)
+        cred = Cred(
+            [0, 0, 0, 0],
+            [0, 0, 0, 0],
+            [],
+            bnd,
+            bnd,
+            0,
+            bnd,
+            0,
+            securebits=0,
+            no_new_privs=cred.no_new_privs,
+            userns=user,
+        )
     try:
         suid_dumpable = int(_read_text("/proc/sys/fs/suid_dumpable", "0").strip() or 0)
     except ValueError:
         suid_dumpable = 0
     owner = {"owner": user, "initial": True}
     ns: dict[str, dict[str, Any]] = {
-        str(user): {"kind": "user", "parent": None, "level": 0, "owner": 0, "group": 0,
-                    "uid_map": None, "gid_map": None, "initial": True,
-                    "shown_uid_map": _read_map("/proc/self/uid_map") or FULL_MAP,
-                    "shown_gid_map": _read_map("/proc/self/gid_map") or FULL_MAP,
-                    "setgroups": _read_text("/proc/self/setgroups", "allow").strip()
-                    or "allow", "parent_could_setfcap": True},
-        str(nsids["pid"]): {"kind": "pid", "parent": None, "level": 0, "last_pid": 0,
-                            "init": None, **owner},
-        str(nsids["uts"]): {"kind": "uts", "hostname": socket.gethostname(),
-                            "domainname": _read_text("/proc/sys/kernel/domainname",
-                                                     "(none)").strip(), **owner},
+        str(user): {
+            "kind": "user",
+            "parent": None,
+            "level": 0,
+            "owner": 0,
+            "group": 0,
+            "uid_map": None,
+            "gid_map": None,
+            "initial": True,
+            "shown_uid_map": _read_map("/proc/self/uid_map") or FULL_MAP,
+            "shown_gid_map": _read_map("/proc/self/gid_map") or FULL_MAP,
+            "setgroups": _read_text("/proc/self/setgroups", "allow").strip() or "allow",
+            "parent_could_setfcap": True,
+        },
+        str(nsids["pid"]): {
+            "kind": "pid",
+            "parent": None,
+            "level": 0,
+            "last_pid": 0,
+            "init": None,
+            **owner,
+        },
+        str(nsids["uts"]): {
+            "kind": "uts",
+            "hostname": socket.gethostname(),
+            "domainname": _read_text("/proc/sys/kernel/domainname", "(none)").strip(),
+            **owner,
+        },
         str(nsids["net"]): {"kind": "net", "links": _real_links(), **owner},
         str(nsids["ipc"]): {"kind": "ipc", **owner},
         str(nsids["cgroup"]): {"kind": "cgroup", **owner},
-        str(nsids["mount"]): {"kind": "mount", "root": "/", "mounts": _real_mounts(),
-                              **owner},
+        str(nsids["mount"]): {"kind": "mount", "root": "/", "mounts": _real_mounts(), **owner},
     }
     state = {
-        "version": 1, "cap_last": linux.cap_last(), "suid_dumpable": suid_dumpable,
-        "filesystems": _filesystems(), "init": nsids, "next_ns": FIRST_SYNTHETIC_ID,
-        "next_mount": 1 << 20, "next_fs": 1, "ns": ns, "procs": {},
-        "fs": {"0": {"cwd": os.getcwd(), "root": None}}, "paths": {},
+        "version": 1,
+        "cap_last": linux.cap_last(),
+        "suid_dumpable": suid_dumpable,
+        "filesystems": _filesystems(),
+        "init": nsids,
+        "next_ns": FIRST_SYNTHETIC_ID,
+        "next_mount": 1 << 20,
+        "next_fs": 1,
+        "ns": ns,
+        "procs": {},
+        "fs": {"0": {"cwd": os.getcwd(), "root": None}},
+        "paths": {},
     }
-    proc = ProcState(real_pid=os.getpid(), cred=cred, ns=dict(nsids),
-                     pid_for_children=nsids["pid"], levels=[],
-                     dumpable=linux.get_dumpable(), fs=0)
+    proc = ProcState(
+        real_pid=os.getpid(),
+        cred=cred,
+        ns=dict(nsids),
+        pid_for_children=nsids["pid"],
+        levels=[],
+        dumpable=linux.get_dumpable(),
+        fs=0,
+    )
     return state, proc
 
 
@@ -218,8 +283,11 @@ def activate(system: FakeSystem | None) -> None:
     global _active, _hooks_registered
     _active = system
     if system is not None and not _hooks_registered:
-        os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
-                            after_in_child=_after_fork_in_child)
+        os.register_at_fork(
+            before=_before_fork,
+            after_in_parent=_after_fork_in_parent,
+            after_in_child=_after_fork_in_child,
+        )
         _hooks_registered = True
 
 
@@ -235,8 +303,12 @@ class FakeSystem(System):
         self._fork_cred: Cred | None = None
 
     @classmethod
-    def create(cls, needs_root: bool = False, directory: str | None = None,
-               initial: tuple[dict[str, Any], ProcState] | None = None) -> FakeSystem:
+    def create(
+        cls,
+        needs_root: bool = False,
+        directory: str | None = None,
+        initial: tuple[dict[str, Any], ProcState] | None = None,
+    ) -> FakeSystem:
         """A model of this process (see :func:`initial_state`) with a new store. ``initial``
         is what :func:`initial_state` returned in a process with the same credentials,
         namespaces and working directory (the zygote, just before it forked this one)."""
@@ -312,10 +384,15 @@ class FakeSystem(System):
             threads = len(os.listdir("/proc/self/task"))
         except OSError:
             threads = threading.active_count()
-        return Task(ns=dict(p.ns), pid_for_children=p.pid_for_children,
-                    chrooted=fs["root"] is not None and fs["root"] != mnt_root,
-                    threads=threads, fs_users=max(users, 1), cwd=fs["cwd"],
-                    root=fs["root"] or mnt_root)
+        return Task(
+            ns=dict(p.ns),
+            pid_for_children=p.pid_for_children,
+            chrooted=fs["root"] is not None and fs["root"] != mnt_root,
+            threads=threads,
+            fs_users=max(users, 1),
+            cwd=fs["cwd"],
+            root=fs["root"] or mnt_root,
+        )
 
     def _new_fs(self, st: dict[str, Any]) -> int:
         """A copy of this process's fs struct (fork without CLONE_FS)."""
@@ -437,7 +514,8 @@ class FakeSystem(System):
 
     def privileged(self) -> bool:
         """euid 0 in the host user namespace: the model's initial one, the namespace the kit
-        was launched in (as :meth:`escalation` and :func:`kit.ledger.probe.host_privilege` judge)."""
+        was launched in (as :meth:`escalation` and :func:`kit.ledger.probe.host_privilege`
+        judge)."""
         with self._store.transaction(write=False) as st:
             cred = self._cred()
             return cred.userns == Model(st).initial("user") and cred.uid[1] == 0
@@ -541,8 +619,15 @@ class FakeSystem(System):
         except BaseException:
             self._store.end(commit=False)
             raise
-        child = ProcState(real_pid=0, cred=new, ns=ns, pid_for_children=pidc, levels=levels,
-                          dumpable=p.dumpable, fs=fs)
+        child = ProcState(
+            real_pid=0,
+            cred=new,
+            ns=ns,
+            pid_for_children=pidc,
+            levels=levels,
+            dumpable=p.dumpable,
+            fs=fs,
+        )
         self._store.end(commit=True, keep_locked=True)
         self._cloning = True
         try:
@@ -573,8 +658,13 @@ class FakeSystem(System):
         with self._store.transaction(write=False) as st:
             return self._lookup(st, f"/proc/{pid}/ns/{name}", kind)
 
-    def write_id_maps(self, pid: int | str, uid_map: list[list[int]],
-                      gid_map: list[list[int]], deny_setgroups: bool) -> None:
+    def write_id_maps(
+        self,
+        pid: int | str,
+        uid_map: list[list[int]],
+        gid_map: list[list[int]],
+        deny_setgroups: bool,
+    ) -> None:
         """``/proc/PID/{setgroups,gid_map,uid_map}``, in that order, each a separate write
         (what was written before a refusal stays written, as with the kernel)."""
         error: OSError | None = None
@@ -640,12 +730,14 @@ class FakeSystem(System):
                 if not keep >> cap & 1 and m.bounding_read(c, cap):
                     c = m.bounding_drop(c, cap)
             return c
+
         self._change(drop)
 
     def set_ambient(self, mask: int) -> None:
         self._change(lambda m, c: m.ambient_clear(c))
         for cap in range(64):
             if mask >> cap & 1:
+
                 def raise_cap(m: Model, c: Cred, cap: int = cap) -> Cred:
                     return m.ambient_raise(c, cap)
 
@@ -658,6 +750,7 @@ class FakeSystem(System):
             new = c.copy()
             new.no_new_privs = True
             return new
+
         self._change(nnp)
 
     def set_dumpable(self, value: bool) -> None:
@@ -695,13 +788,20 @@ class FakeSystem(System):
         except OSError:
             return None
 
-    def mount(self, source: str | None, target: str, fstype: str | None = None,
-              flags: Iterable[str] = (), data: str | None = None) -> None:
+    def mount(
+        self,
+        source: str | None,
+        target: str,
+        fstype: str | None = None,
+        flags: Iterable[str] = (),
+        data: str | None = None,
+    ) -> None:
         flags = list(flags)
         for name in flags:
             if name not in linux.MOUNT_FLAGS:
-                raise ValueError(f"unknown mount flag {name!r} "
-                                 f"(known: {', '.join(linux.MOUNT_FLAGS)})")
+                raise ValueError(
+                    f"unknown mount flag {name!r} (known: {', '.join(linux.MOUNT_FLAGS)})"
+                )
         with self._store.transaction() as st:
             m = Model(st)
             host_target = self._host(st, target)
@@ -709,9 +809,18 @@ class FakeSystem(System):
             if source is not None and ("bind" in flags or "move" in flags):
                 host_source = self._host(st, source)
             self._note_model_only_tree(st, m, host_target)
-            m.mount(self._cred(), self._proc.ns["mount"], host_source, host_target, fstype,
-                    flags, data, lambda h: self._exists(st, h), lambda h: self._is_dir(st, h),
-                    self._me().ns["pid"])
+            m.mount(
+                self._cred(),
+                self._proc.ns["mount"],
+                host_source,
+                host_target,
+                fstype,
+                flags,
+                data,
+                lambda h: self._exists(st, h),
+                lambda h: self._is_dir(st, h),
+                self._me().ns["pid"],
+            )
 
     def _note_model_only_tree(self, st: dict[str, Any], m: Model, host_target: str) -> None:
         """Record a mount made inside a file system that only the model mounted.
@@ -727,7 +836,8 @@ class FakeSystem(System):
             return  # a real mount point: the host's file system, which the VFS sees too
         st.setdefault("model_limits", []).append(
             f"a mount on {host_target} inside the {under['fstype']} that only the model "
-            f"mounted at {under['target']}")
+            f"mounted at {under['target']}"
+        )
 
     def model_limits(self) -> list[str]:
         with self._store.transaction(write=False) as st:
@@ -774,8 +884,9 @@ class FakeSystem(System):
         if not self._is_dir(st, host):
             raise fail(errno.ENOTDIR, f"{call}({path!r})")
         inode = self._inode(st, host)
-        if inode is not None and not m.permission(self._cred(), inode[0], inode[1], inode[2],
-                                                  1, is_dir=True):
+        if inode is not None and not m.permission(
+            self._cred(), inode[0], inode[1], inode[2], 1, is_dir=True
+        ):
             raise fail(errno.EACCES, f"{call}({path!r})")
         return host
 
@@ -812,8 +923,9 @@ class FakeSystem(System):
                 raise fail(errno.ENOTDIR, f"mkdir({path!r})")
             inode = self._inode(st, parent)
             cred = self._cred()
-            if inode is not None and not m.permission(cred, inode[0], inode[1], inode[2], 3,
-                                                      is_dir=True):
+            if inode is not None and not m.permission(
+                cred, inode[0], inode[1], inode[2], 3, is_dir=True
+            ):
                 raise fail(errno.EACCES, f"mkdir({path!r})")
             on = m.mount_of(m.ns(self._proc.ns["mount"])["mounts"], parent)
             if on is not None and "ro" in on["flags"]:
@@ -823,9 +935,14 @@ class FakeSystem(System):
             real = host.startswith(tmp.rstrip("/") + "/") and os.path.isdir(parent)
             if real:
                 os.mkdir(host, mode)
-            st["paths"][host] = {"mntns": self._proc.ns["mount"], "dir": True,
-                                 "mode": mode & 0o7777 & ~umask, "uid": cred.uid[3],
-                                 "gid": cred.gid[3], "real": real}
+            st["paths"][host] = {
+                "mntns": self._proc.ns["mount"],
+                "dir": True,
+                "mode": mode & 0o7777 & ~umask,
+                "uid": cred.uid[3],
+                "gid": cred.gid[3],
+                "real": real,
+            }
 
     def sethostname(self, name: str) -> None:
         with self._store.transaction() as st:
@@ -856,23 +973,25 @@ class FakeSystem(System):
             threads = []
             for tid in tids:
                 c = p.thread_creds.get(tid, p.cred)
-                threads.append({
-                    "tid": tid,
-                    "name": linux.thread_name(tid),  # the real thread's, as the probe's
-                    "uid": [m.from_kuid_munged(me.userns, u) for u in c.uid],
-                    "gid": [m.from_kgid_munged(me.userns, g) for g in c.gid],
-                    "groups": [m.from_kgid_munged(me.userns, g) for g in c.groups],
-                    "caps": {
-                        "effective": linux.mask_to_caps(c.eff),
-                        "permitted": linux.mask_to_caps(c.prm),
-                        "inheritable": linux.mask_to_caps(c.inh),
-                        "bounding": linux.mask_to_caps(c.bnd),
-                        "ambient": linux.mask_to_caps(c.amb),
-                    },
-                    "no_new_privs": c.no_new_privs,
-                    "seccomp": seccomp,
-                    "ns": {kind: int(p.ns[kind]) for kind in linux.NAMESPACES},
-                })
+                threads.append(
+                    {
+                        "tid": tid,
+                        "name": linux.thread_name(tid),  # the real thread's, as the probe's
+                        "uid": [m.from_kuid_munged(me.userns, u) for u in c.uid],
+                        "gid": [m.from_kgid_munged(me.userns, g) for g in c.gid],
+                        "groups": [m.from_kgid_munged(me.userns, g) for g in c.groups],
+                        "caps": {
+                            "effective": linux.mask_to_caps(c.eff),
+                            "permitted": linux.mask_to_caps(c.prm),
+                            "inheritable": linux.mask_to_caps(c.inh),
+                            "bounding": linux.mask_to_caps(c.bnd),
+                            "ambient": linux.mask_to_caps(c.amb),
+                        },
+                        "no_new_privs": c.no_new_privs,
+                        "seccomp": seccomp,
+                        "ns": {kind: int(p.ns[kind]) for kind in linux.NAMESPACES},
+                    }
+                )
             return {
                 "threads": threads,
                 "securebits": me.securebits,
@@ -913,15 +1032,20 @@ class FakeSystem(System):
             extra = original.prm & ~original.eff
             if extra:
                 try:
-                    m.capset(original.copy(), original.eff | original.prm, original.prm,
-                             original.inh)
+                    m.capset(
+                        original.copy(), original.eff | original.prm, original.prm, original.inh
+                    )
                     raised = linux.mask_to_caps(extra)
                 except OSError:
                     pass
             euid, untried = self._setuid_exec(st, original)
             return probe.escalation_result(
-                setresuid_root=setresuid_root, raised=raised, setuid_euid=euid,
-                untried=untried, host_userns=original.userns == m.initial("user"))
+                setresuid_root=setresuid_root,
+                raised=raised,
+                setuid_euid=euid,
+                untried=untried,
+                host_userns=original.userns == m.initial("user"),
+            )
 
     def _setuid_exec(self, st: dict[str, Any], cred: Cred) -> tuple[int | None, str]:
         """(euid the run's setuid binary would print, why not tried): reachable when this
@@ -937,8 +1061,8 @@ class FakeSystem(System):
         launch = m.mount_of(m.ns(m.initial("mount"))["mounts"], binary.path)
 
         def where(mount: dict[str, Any] | None) -> tuple[Any, ...] | None:
-            return None if mount is None else (mount["target"], mount["source"],
-                                               mount["fstype"])
+            return None if mount is None else (mount["target"], mount["source"], mount["fstype"])
+
         if self._root(st) != "/" or where(mine) != where(launch) or mine is None:
             return None, f"{probe.UNTRIED_UNREACHABLE}:ENOENT"
         return m.setuid_root_exec_euid(cred, "nosuid" in mine["flags"]), ""
