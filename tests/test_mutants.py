@@ -360,3 +360,22 @@ def test_combined_shards_must_cover_every_target():
     assert first_two and M.missing_targets(first_two)[0].startswith(
         f"{len(targets) - 2} targets ran in none"
     )
+
+
+def test_reference_config_types_the_engine_config_and_refuses_another_class():
+    from conformance.cooperation import cooperative
+    from kit.contract import Common, EngineConfig
+    from mutants.zoo.base import Mutant
+    from reference_engines.minimal import ReferenceConfig
+
+    mutant = Mutant()
+    mutant.init_config(Common("mutant-x", "c1", mutant.config()), False)
+    assert type(mutant.reference_config()) is ReferenceConfig
+    wrapped = cooperative(Mutant)()  # its config() is a subclass made at run time
+    wrapped.init_config(Common("mutant-x", "c1", wrapped.config()), False)
+    assert isinstance(wrapped.reference_config(), ReferenceConfig)
+    mutant.init_config(Common("mutant-x", "c1", EngineConfig()), False)
+    with pytest.raises(
+        TypeError, match="engine config is of class EngineConfig, not ReferenceConfig"
+    ):
+        mutant.reference_config()

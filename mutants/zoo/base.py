@@ -29,7 +29,7 @@ from typing import ClassVar
 
 from kit.run.sandbox import SANDBOX_ENV
 from kit.system import current, linux
-from reference_engines.minimal import ReferenceEngine, ReferenceRPC
+from reference_engines.minimal import ReferenceConfig, ReferenceEngine, ReferenceRPC
 
 #: Process names the kit gives its processes while their hooks run (SPEC §2), by role.
 #: Stage 2 is still the container process, named ``kit-container``, until start_process.
@@ -73,6 +73,18 @@ class Mutant(ReferenceEngine):
     gap: ClassVar[str | None] = None
     mechanism: ClassVar[str] = "direct"
 
+    def reference_config(self) -> ReferenceConfig:
+        """This process's engine config, typed as the reference engine's: the kit types
+        ``common.engine_config`` as the base EngineConfig, while a mutant's is always the
+        ReferenceConfig (or a subclass) that its ``config()`` made."""
+        cfg = self.common.engine_config
+        if not isinstance(cfg, ReferenceConfig):
+            raise TypeError(
+                f"mutant-{self.slug}: its engine config is of class {type(cfg).__qualname__}, not "
+                "ReferenceConfig: its config() must return a ReferenceConfig (or a subclass)"
+            )
+        return cfg
+
 
 def registered_name(mutant: type[Mutant]) -> str:
     """The engine name a mutant is registered under."""
@@ -112,10 +124,10 @@ def refuse_real_host(slug: str) -> None:
         )
 
 
-def on_helper_thread(action: Callable[[], None], name: str = "engine-helper") -> None:
+def on_helper_thread(action: Callable[[], object], name: str = "engine-helper") -> None:
     """Run ``action`` on a new daemon thread named ``name`` that then stays, blocked, until
     its process ends or execs (the thread a mutant leaves with the wrong privileges); returns
-    once ``action`` ran (its error, if any, is raised here)."""
+    once ``action`` ran (its error, if any, is raised here; its result is dropped)."""
     done = threading.Event()
     failure: list[BaseException] = []
 

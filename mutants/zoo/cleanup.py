@@ -6,9 +6,11 @@ run's subreaper and checks the run's temporary directory), and the kit removes i
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import tempfile
 
+from kit.contract import Context, WaitStatus
 from mutants.zoo.base import Mutant
 
 
@@ -22,7 +24,7 @@ class LeavesAProcess(Mutant):
     mechanism = "child-process"
     flows = ("root", "userns")
 
-    def post_start_process(self, ctx, pid) -> None:  # type: ignore[override]
+    def post_start_process(self, ctx: Context, pid: int) -> None:
         subprocess.Popen(
             ["/bin/sleep", "30"],
             stdin=subprocess.DEVNULL,
@@ -38,7 +40,7 @@ class LeavesATemporaryDirectory(Mutant):
     killed_by = ("CLEAN-001",)
     flows = ("root", "suid")
 
-    def create_container(self, ctx, pid, rpc_conn) -> None:  # type: ignore[override]
+    def create_container(self, ctx: Context, pid: int, rpc_conn: socket.socket) -> None:
         tempfile.mkdtemp(prefix="mutant-scratch-")
         super().create_container(ctx, pid, rpc_conn)
 
@@ -54,11 +56,13 @@ class CleanupNeedsAFullSetup(Mutant):
     flows = ("root",)
     cooperative = True
 
-    def create_container(self, ctx, pid, rpc_conn) -> None:  # type: ignore[override]
+    def create_container(self, ctx: Context, pid: int, rpc_conn: socket.socket) -> None:
         super().create_container(ctx, pid, rpc_conn)
         self._scratch = tempfile.mkdtemp(prefix="mutant-scratch-")
 
-    def cleanup_container(self, ctx, fatal, status) -> None:  # type: ignore[override]
+    def cleanup_container(
+        self, ctx: Context, fatal: BaseException | None, status: WaitStatus | None
+    ) -> None:
         super().cleanup_container(ctx, fatal, status)
         os.rmdir(self._scratch)
         del self._scratch

@@ -12,7 +12,9 @@ reports it as a known survivor and fails the day it is killed after all (then re
 from __future__ import annotations
 
 import os
+import socket
 
+from kit.contract import Context, SignalChannel, WaitStatus
 from kit.system import current
 from mutants.zoo.base import Mutant
 from reference_engines.minimal import ReferenceRPC
@@ -28,9 +30,9 @@ class PostStartCalledTwice(Mutant):
     killed_by = ("ORDER-009",)
     flows = ("root",)
 
-    def monitor_container(self, pid, signals) -> int:  # type: ignore[override]
+    def monitor_container(self, pid: int, signals: SignalChannel) -> WaitStatus:
         status = super().monitor_container(pid, signals)
-        self.post_start_process(None, pid)  # type: ignore[arg-type]
+        self.post_start_process(None, pid)  # type: ignore[arg-type]  # monitor has no ctx
         return status
 
 
@@ -43,7 +45,7 @@ class MonitorReapsAnyChild(Mutant):
     killed_by = ("SIG-004",)
     flows = ("root",)
 
-    def monitor_container(self, pid, signals) -> int:  # type: ignore[override]
+    def monitor_container(self, pid: int, signals: SignalChannel) -> WaitStatus:
         while True:  # the reference's loop, but reaping any child
             sig = signals.get(timeout=MONITOR_POLL)
             if sig in FORWARDED_SIGNALS:
@@ -90,7 +92,7 @@ class MasterJoinsTheContainersNetwork(Mutant):
     killed_by = ("NS-003",)
     flows = ("root",)
 
-    def create_container(self, ctx, pid, rpc_conn) -> None:  # type: ignore[override]
+    def create_container(self, ctx: Context, pid: int, rpc_conn: socket.socket) -> None:
         current().setns("net", f"/proc/{pid}/ns/net")
         super().create_container(ctx, pid, rpc_conn)
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+import socket
 import subprocess
 
+from kit.contract import Context
 from kit.run import sandbox
 from mutants.zoo.base import HostDamageRefused, Mutant
 
@@ -41,7 +43,7 @@ class HostMutant(Mutant):
     def damage(self) -> None:
         raise NotImplementedError
 
-    def create_container(self, ctx, pid, rpc_conn) -> None:  # type: ignore[override]
+    def create_container(self, ctx: Context, pid: int, rpc_conn: socket.socket) -> None:
         refuse_outside_kit_sandbox(self.slug)
         self.damage()
         super().create_container(ctx, pid, rpc_conn)

@@ -9,7 +9,7 @@ from kit.starter.config import StarterConfig
 from mutants.zoo.base import Mutant
 
 
-class _CooperativeMutant(cooperative(Mutant)):  # type: ignore[misc]
+class _CooperativeMutant(cooperative(Mutant)):  # type: ignore[misc]  # a class made at run time
     """A mutant that already speaks both cooperation protocols (not wrapped again)."""
 
 

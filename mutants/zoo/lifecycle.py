@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 
+from kit.contract import Context
 from kit.rpc import RPCClient
 from kit.starter.config import StarterConfig
 from mutants.zoo.base import Mutant
@@ -28,7 +30,7 @@ class CreateWaitsForTheContainer(Mutant):
     flows = ("root",)
     hook_timeout = HANG_TIMEOUT
 
-    def create_container(self, ctx, pid, rpc_conn) -> None:  # type: ignore[override]
+    def create_container(self, ctx: Context, pid: int, rpc_conn: socket.socket) -> None:
         super().create_container(ctx, pid, rpc_conn)
         while not ctx.wait(0.01):
             try:
@@ -47,7 +49,7 @@ class PostStartHangs(Mutant):
     flows = ("root",)
     hook_timeout = HANG_TIMEOUT
 
-    def post_start_process(self, ctx, pid) -> None:  # type: ignore[override]
+    def post_start_process(self, ctx: Context, pid: int) -> None:
         threading.Event().wait()
 
 
@@ -60,7 +62,7 @@ class PostStartKillsTheMaster(Mutant):
     killed_by = ("ERR-010", "ORDER-011", "LEDGER-002")
     flows = ("root",)
 
-    def post_start_process(self, ctx, pid) -> None:  # type: ignore[override]
+    def post_start_process(self, ctx: Context, pid: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -86,7 +88,7 @@ class StartProcessReturns(Mutant):
     flows = ("root",)
 
     def start_process(self, master_fd: int) -> None:
-        cfg = self.common.engine_config
+        cfg = self.reference_config()
         os.chdir(cfg.cwd)
         if not os.path.exists(cfg.argv[0]):
             raise FileNotFoundError(cfg.argv[0])
@@ -102,8 +104,8 @@ class ClosesTheRPCConnectionEarly(Mutant):
     mechanism = "other-hook"
     flows = ("root",)
 
-    def create_container(self, ctx, pid, rpc_conn) -> None:  # type: ignore[override]
-        cfg = self.common.engine_config
+    def create_container(self, ctx: Context, pid: int, rpc_conn: socket.socket) -> None:
+        cfg = self.reference_config()
         rpc = RPCClient(rpc_conn, self.common.engine_name)
         if cfg.hostname is not None:
             rpc.sethostname(name=cfg.hostname)
@@ -164,8 +166,8 @@ class WrongRPCPrefix(Mutant):
     killed_by = ("RPC-002",)
     flows = ("root",)
 
-    def create_container(self, ctx, pid, rpc_conn) -> None:  # type: ignore[override]
-        cfg = self.common.engine_config
+    def create_container(self, ctx: Context, pid: int, rpc_conn: socket.socket) -> None:
+        cfg = self.reference_config()
         rpc = RPCClient(rpc_conn, "reference")
         if cfg.hostname is not None:
             rpc.sethostname(name=cfg.hostname)
@@ -180,8 +182,8 @@ class RPCCallsAfterCreateReturned(Mutant):
     killed_by = ("RPC-001",)
     flows = ("root",)
 
-    def create_container(self, ctx, pid, rpc_conn) -> None:  # type: ignore[override]
-        cfg = self.common.engine_config
+    def create_container(self, ctx: Context, pid: int, rpc_conn: socket.socket) -> None:
+        cfg = self.reference_config()
         mount_tmp, cfg.mount_tmp = cfg.mount_tmp, False
         super().create_container(ctx, pid, rpc_conn)
         if not mount_tmp:

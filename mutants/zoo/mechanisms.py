@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import queue
+import socket
 import subprocess
 import tempfile
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from kit.contract import Common, Context, SignalChannel, WaitStatus
 from kit.rpc.client import RPCClient
 from kit.starter.config import StarterConfig
 from kit.system import current, linux
@@ -53,7 +55,7 @@ class MasterHelperThreadCapabilities(Mutant):
     flows = ("suid", "hybrid")
     mechanism = "helper-thread"
 
-    def create_container(self, ctx, pid, rpc_conn) -> None:  # type: ignore[override]
+    def create_container(self, ctx: Context, pid: int, rpc_conn: socket.socket) -> None:
         on_helper_thread(_raise_permitted, "mount-helper")
         super().create_container(ctx, pid, rpc_conn)
 
@@ -68,7 +70,7 @@ class MasterHelperThreadRoot(Mutant):
     flows = ("suid", "hybrid")
     mechanism = "helper-thread"
 
-    def create_container(self, ctx, pid, rpc_conn) -> None:  # type: ignore[override]
+    def create_container(self, ctx: Context, pid: int, rpc_conn: socket.socket) -> None:
         on_helper_thread(lambda: thread_setresuid(-1, 0, -1), "root-helper")
         super().create_container(ctx, pid, rpc_conn)
 
@@ -84,7 +86,7 @@ class MasterHookThreadRawRoot(Mutant):
     flows = ("suid", "hybrid")
     mechanism = "raw-syscall"
 
-    def create_container(self, ctx, pid, rpc_conn) -> None:  # type: ignore[override]
+    def create_container(self, ctx: Context, pid: int, rpc_conn: socket.socket) -> None:
         super().create_container(ctx, pid, rpc_conn)
         thread_setresuid(-1, 0, -1)
 
@@ -99,7 +101,7 @@ class MasterHelperThreadInContainerNet(Mutant):
     flows = ("root",)
     mechanism = "helper-thread"
 
-    def create_container(self, ctx, pid, rpc_conn) -> None:  # type: ignore[override]
+    def create_container(self, ctx: Context, pid: int, rpc_conn: socket.socket) -> None:
         on_helper_thread(lambda: current().setns("net", f"/proc/{pid}/ns/net"), "net-helper")
         super().create_container(ctx, pid, rpc_conn)
 
@@ -165,7 +167,7 @@ class Stage2HelperThreadAsNobody(Mutant):
     flows = ("root",)
     mechanism = "helper-thread"
 
-    def init_config(self, common, privileged_stage1) -> None:  # type: ignore[override]
+    def init_config(self, common: Common, privileged_stage1: bool) -> None:
         super().init_config(common, privileged_stage1)
         if process_role() == "stage2" and current().getresuid()[1] == 0:
             on_helper_thread(lambda: thread_setresuid(NOBODY, NOBODY, NOBODY), "io-helper")
@@ -181,7 +183,7 @@ class Stage2DropsAPermittedCapability(Mutant):
     flows = ("root",)
     mechanism = "other-field"
 
-    def init_config(self, common, privileged_stage1) -> None:  # type: ignore[override]
+    def init_config(self, common: Common, privileged_stage1: bool) -> None:
         super().init_config(common, privileged_stage1)
         if process_role() == "stage2":
             effective, permitted, inheritable = current().capabilities()
@@ -396,8 +398,9 @@ class RPCMethodFollowsSymlink(Mutant, BindRootfsEngine):
     rpc = FollowsSymlinksRPC
 
     # The bind example: the engine with a container root to walk out of.
-    def prepare_rootfs(self, rpc: RPCClient, cfg) -> None:  # type: ignore[override]
-        super().prepare_rootfs(_CacheThroughALink(rpc, self), cfg)  # type: ignore[arg-type]
+    def prepare_rootfs(self, rpc: RPCClient, cfg: ReferenceConfig) -> None:
+        client = _CacheThroughALink(rpc, self)
+        super().prepare_rootfs(client, cfg)  # type: ignore[arg-type]  # duck-types RPCClient
 
 
 # --- part of the domain, another hook, a child process ----------------------------------------
@@ -492,7 +495,7 @@ class MonitorHelperThreadReaps(Mutant):
     flows = ("root",)
     mechanism = "helper-thread"
 
-    def monitor_container(self, pid, signals) -> int:  # type: ignore[override]
+    def monitor_container(self, pid: int, signals: SignalChannel) -> WaitStatus:
         statuses: queue.Queue[int] = queue.Queue()
 
         def reap() -> None:
@@ -533,8 +536,8 @@ class HostnameByAChildProcess(Mutant):
         super().__init__()
         self._previous: str | None = None
 
-    def create_container(self, ctx, pid, rpc_conn) -> None:  # type: ignore[override]
-        cfg = self.common.engine_config
+    def create_container(self, ctx: Context, pid: int, rpc_conn: socket.socket) -> None:
+        cfg = self.reference_config()
         if cfg.hostname is not None:
             refuse_real_host(self.slug)
             self._previous = current().gethostname()
@@ -542,7 +545,9 @@ class HostnameByAChildProcess(Mutant):
             cfg.hostname = None  # done (in the wrong namespace)
         super().create_container(ctx, pid, rpc_conn)
 
-    def cleanup_container(self, ctx, fatal, status) -> None:  # type: ignore[override]
+    def cleanup_container(
+        self, ctx: Context, fatal: BaseException | None, status: WaitStatus | None
+    ) -> None:
         previous, self._previous = self._previous, None
         if previous is not None:
             _host_command(["hostname", previous], lambda: current().sethostname(previous))
@@ -563,7 +568,7 @@ class MountByAChildProcess(Mutant):
         super().__init__()
         self._staging: str | None = None
 
-    def create_container(self, ctx, pid, rpc_conn) -> None:  # type: ignore[override]
+    def create_container(self, ctx: Context, pid: int, rpc_conn: socket.socket) -> None:
         refuse_real_host(self.slug)
         path = self._staging = tempfile.mkdtemp(prefix="mutant-staging-")
         _host_command(
@@ -572,7 +577,9 @@ class MountByAChildProcess(Mutant):
         )
         super().create_container(ctx, pid, rpc_conn)
 
-    def cleanup_container(self, ctx, fatal, status) -> None:  # type: ignore[override]
+    def cleanup_container(
+        self, ctx: Context, fatal: BaseException | None, status: WaitStatus | None
+    ) -> None:
         path, self._staging = self._staging, None
         if path is not None:
             _host_command(["umount", "-l", path], lambda: current().umount(path, detach=True))
@@ -594,7 +601,7 @@ class HostPropagationChanged(Mutant):
         super().__init__()
         self._previous: str | None = None
 
-    def create_container(self, ctx, pid, rpc_conn) -> None:  # type: ignore[override]
+    def create_container(self, ctx: Context, pid: int, rpc_conn: socket.socket) -> None:
         refuse_real_host(self.slug)
         previous = current().propagation("/")
         if previous not in (None, "private"):
@@ -602,7 +609,9 @@ class HostPropagationChanged(Mutant):
             current().set_propagation("/", "private")
         super().create_container(ctx, pid, rpc_conn)
 
-    def cleanup_container(self, ctx, fatal, status) -> None:  # type: ignore[override]
+    def cleanup_container(
+        self, ctx: Context, fatal: BaseException | None, status: WaitStatus | None
+    ) -> None:
         previous, self._previous = self._previous, None
         if previous is not None:
             current().set_propagation("/", previous)

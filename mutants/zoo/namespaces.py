@@ -10,13 +10,16 @@ what they did in cleanup_container, except the one whose bug is not to.
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 
+from kit.contract import Common, Context, WaitStatus
 from kit.rpc import RPCClient
 from kit.starter.config import StarterConfig
 from kit.system import current
 from mutants.zoo.base import Mutant, process_role, refuse_real_host
 from reference_engines.bind_rootfs import BindRootfsEngine, BindRootfsRPC
+from reference_engines.minimal import ReferenceConfig
 
 
 class RPCServerOwnMountNamespace(Mutant):
@@ -28,7 +31,7 @@ class RPCServerOwnMountNamespace(Mutant):
     killed_by = ("NS-001",)
     flows = ("root", "suid", "userns", "fakeroot", "hybrid")
 
-    def init_config(self, common, privileged_stage1) -> None:  # type: ignore[override]
+    def init_config(self, common: Common, privileged_stage1: bool) -> None:
         super().init_config(common, privileged_stage1)
         if process_role() == "rpc":
             current().unshare(["mount"])
@@ -67,7 +70,7 @@ class UsernsWithoutNamespaces(Mutant):
         if sc.flow != "userns":
             super().prepare_config(sc)
             return
-        cfg = self.common.engine_config
+        cfg = self.reference_config()
         cfg.namespaces, cfg.hostname, cfg.mount_proc, cfg.mount_tmp = [], None, False, False
         super().prepare_config(sc)
         sc.set_ns_flags([])
@@ -107,8 +110,8 @@ class HostnameInTheHostNamespace(Mutant):
         super().__init__()
         self._host_hostname: str | None = None
 
-    def create_container(self, ctx, pid, rpc_conn) -> None:  # type: ignore[override]
-        cfg = self.common.engine_config
+    def create_container(self, ctx: Context, pid: int, rpc_conn: socket.socket) -> None:
+        cfg = self.reference_config()
         if cfg.hostname is not None:
             refuse_real_host(self.slug)
             previous = current().gethostname()
@@ -117,7 +120,9 @@ class HostnameInTheHostNamespace(Mutant):
             cfg.hostname = None  # done (in the wrong namespace)
         super().create_container(ctx, pid, rpc_conn)
 
-    def cleanup_container(self, ctx, fatal, status) -> None:  # type: ignore[override]
+    def cleanup_container(
+        self, ctx: Context, fatal: BaseException | None, status: WaitStatus | None
+    ) -> None:
         previous, self._host_hostname = self._host_hostname, None
         if previous is not None:
             current().sethostname(previous)
@@ -138,14 +143,16 @@ class MountInTheHostNamespace(Mutant):
         super().__init__()
         self._staging: str | None = None
 
-    def create_container(self, ctx, pid, rpc_conn) -> None:  # type: ignore[override]
+    def create_container(self, ctx: Context, pid: int, rpc_conn: socket.socket) -> None:
         refuse_real_host(self.slug)
         path = tempfile.mkdtemp(prefix="mutant-staging-")
         self._staging = path
         current().mount("tmpfs", path, "tmpfs", ["nosuid", "nodev"], "size=64k")
         super().create_container(ctx, pid, rpc_conn)
 
-    def cleanup_container(self, ctx, fatal, status) -> None:  # type: ignore[override]
+    def cleanup_container(
+        self, ctx: Context, fatal: BaseException | None, status: WaitStatus | None
+    ) -> None:
         path, self._staging = self._staging, None
         if path is not None and self.unmount_in_cleanup:
             current().umount(path, detach=True)
@@ -205,8 +212,9 @@ class RPCMethodFollowsDotDot(Mutant, BindRootfsEngine):
     rpc = RPCFollowsDotDot
 
     # The bind example: the engine with a container root to walk out of.
-    def prepare_rootfs(self, rpc: RPCClient, cfg) -> None:  # type: ignore[override]
-        super().prepare_rootfs(_CacheNextToTmp(rpc), cfg)  # type: ignore[arg-type]
+    def prepare_rootfs(self, rpc: RPCClient, cfg: ReferenceConfig) -> None:
+        client = _CacheNextToTmp(rpc)
+        super().prepare_rootfs(client, cfg)  # type: ignore[arg-type]  # duck-types RPCClient
 
 
 MUTANTS = (

@@ -8,7 +8,9 @@ like the reference engine's, so that a fake-backend run acts on the model, never
 from __future__ import annotations
 
 import os
+import socket
 
+from kit.contract import Common, Context
 from kit.starter.config import StarterConfig
 from kit.system import current, linux
 from mutants.zoo.base import NOBODY, Mutant, process_role
@@ -59,7 +61,7 @@ class MasterKeepsEffectiveRoot(Mutant):
     killed_by = ("PRIV-MASTER-001",)
     flows = ("suid", "hybrid")
 
-    def create_container(self, ctx, pid, rpc_conn) -> None:  # type: ignore[override]
+    def create_container(self, ctx: Context, pid: int, rpc_conn: socket.socket) -> None:
         _ruid, euid, suid = current().getresuid()
         if euid != 0 and suid == 0:
             current().setresuid(-1, 0, -1)
@@ -75,7 +77,7 @@ class MasterKeepsEffectiveCapabilities(Mutant):
     killed_by = ("PRIV-MASTER-002",)
     flows = ("suid", "hybrid")
 
-    def create_container(self, ctx, pid, rpc_conn) -> None:  # type: ignore[override]
+    def create_container(self, ctx: Context, pid: int, rpc_conn: socket.socket) -> None:
         _effective, permitted, inheritable = current().capabilities()
         current().set_capabilities(permitted, permitted, inheritable)
         super().create_container(ctx, pid, rpc_conn)
@@ -90,7 +92,7 @@ class MasterGivesUpPrivilege(Mutant):
     killed_by = ("PRIV-MASTER-003",)
     flows = ("suid", "hybrid")
 
-    def init_config(self, common, privileged_stage1) -> None:  # type: ignore[override]
+    def init_config(self, common: Common, privileged_stage1: bool) -> None:
         super().init_config(common, privileged_stage1)
         if process_role() == "master":
             ruid, _, suid = current().getresuid()
@@ -111,7 +113,7 @@ class RPCServerRegainsRoot(Mutant):
     killed_by = ("PRIV-RPC-001",)
     flows = ("suid",)
 
-    def init_config(self, common, privileged_stage1) -> None:  # type: ignore[override]
+    def init_config(self, common: Common, privileged_stage1: bool) -> None:
         super().init_config(common, privileged_stage1)
         if process_role() == "rpc":
             _, euid, suid = current().getresuid()
@@ -128,7 +130,7 @@ class RPCServerRaisesCapabilities(Mutant):
     killed_by = ("PRIV-RPC-002",)
     flows = ("suid", "hybrid")
 
-    def init_config(self, common, privileged_stage1) -> None:  # type: ignore[override]
+    def init_config(self, common: Common, privileged_stage1: bool) -> None:
         super().init_config(common, privileged_stage1)
         if process_role() == "rpc":
             _effective, permitted, inheritable = current().capabilities()
@@ -147,7 +149,7 @@ class Stage2DropsToNobody(Mutant):
     killed_by = ("PRIV-STAGE2-001",)
     flows = ("root",)
 
-    def init_config(self, common, privileged_stage1) -> None:  # type: ignore[override]
+    def init_config(self, common: Common, privileged_stage1: bool) -> None:
         super().init_config(common, privileged_stage1)
         if process_role() == "stage2" and current().getresuid()[1] == 0:
             system = current()
@@ -168,7 +170,7 @@ class Stage2InheritableCapabilities(Mutant):
     killed_by = ("PRIV-STAGE2-002",)
     flows = ("root",)
 
-    def init_config(self, common, privileged_stage1) -> None:  # type: ignore[override]
+    def init_config(self, common: Common, privileged_stage1: bool) -> None:
         super().init_config(common, privileged_stage1)
         effective, permitted, inheritable = current().capabilities()
         if permitted & ~inheritable:

@@ -6,7 +6,9 @@ import ctypes
 import errno
 import os
 import signal
+import socket
 
+from kit.contract import Context, SignalChannel, WaitStatus
 from mutants.zoo.base import Mutant
 from reference_engines.minimal.engine import FORWARDED_SIGNALS, MONITOR_POLL
 
@@ -28,7 +30,7 @@ class MonitorForwardsNothing(Mutant):
     killed_by = ("SIG-002",)
     flows = ("root",)
 
-    def monitor_container(self, pid, signals) -> int:  # type: ignore[override]
+    def monitor_container(self, pid: int, signals: SignalChannel) -> WaitStatus:
         while True:
             signals.get(timeout=MONITOR_POLL)
             status = _reap(pid)
@@ -46,7 +48,7 @@ class MonitorTwoSlotBuffer(Mutant):
     mechanism = "partial"
     flows = ("root",)
 
-    def monitor_container(self, pid, signals) -> int:  # type: ignore[override]
+    def monitor_container(self, pid: int, signals: SignalChannel) -> WaitStatus:
         buffered: list[int] = []
         while True:
             sig = signals.get(timeout=MONITOR_POLL)
@@ -70,7 +72,7 @@ class MonitorReturnsTheExitCode(Mutant):
     killed_by = ("SIG-003", "EXIT-001")
     flows = ("root",)
 
-    def monitor_container(self, pid, signals) -> int:  # type: ignore[override]
+    def monitor_container(self, pid: int, signals: SignalChannel) -> WaitStatus:
         return os.waitstatus_to_exitcode(super().monitor_container(pid, signals))
 
 
@@ -83,7 +85,7 @@ class MonitorReportsSignalAsExitCode(Mutant):
     killed_by = ("EXIT-002",)
     flows = ("root",)
 
-    def monitor_container(self, pid, signals) -> int:  # type: ignore[override]
+    def monitor_container(self, pid: int, signals: SignalChannel) -> WaitStatus:
         status = super().monitor_container(pid, signals)
         if os.WIFSIGNALED(status):
             return os.WTERMSIG(status) << 8
@@ -99,7 +101,7 @@ class MasterIgnoresSIGCHLD(Mutant):
     killed_by = ("SIG-005",)
     flows = ("root",)
 
-    def create_container(self, ctx, pid, rpc_conn) -> None:  # type: ignore[override]
+    def create_container(self, ctx: Context, pid: int, rpc_conn: socket.socket) -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.signal.restype = ctypes.c_void_p
         libc.signal(ctypes.c_int(signal.SIGCHLD), ctypes.c_void_p(1))  # SIG_IGN, any thread

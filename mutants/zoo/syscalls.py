@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+import socket
 
+from kit.contract import Context, WaitStatus
 from mutants.zoo.base import Mutant
 
 #: A swap file that does not exist: had the call reached the kernel, it would fail (ENOENT).
@@ -21,7 +23,9 @@ class MakesAHostGlobalCall(Mutant):
     killed_by = ("HOST-051",)
     flows = ("root",)
 
-    def cleanup_container(self, ctx, fatal, status) -> None:  # type: ignore[override]
+    def cleanup_container(
+        self, ctx: Context, fatal: BaseException | None, status: WaitStatus | None
+    ) -> None:
         super().cleanup_container(ctx, fatal, status)
         libc = ctypes.CDLL(None, use_errno=True)
         libc.swapoff(NO_SUCH_SWAP)  # refused with EPERM, ignored as a careless engine would
@@ -37,7 +41,7 @@ class MakesAHostGlobalCallInAChild(Mutant):
     flows = ("root",)
     mechanism = "child-process"
 
-    def create_container(self, ctx, pid, rpc_conn) -> None:  # type: ignore[override]
+    def create_container(self, ctx: Context, pid: int, rpc_conn: socket.socket) -> None:
         child = os.fork()
         if child == 0:
             libc = ctypes.CDLL(None, use_errno=True)
