@@ -87,10 +87,11 @@ def _wrap_hook_call(change: Callable[..., Any]) -> None:
     """Route every ``HookRunner.call`` through ``change(original, runner, hook, fn, *args)``."""
     original = common.HookRunner.call
 
-    def call(runner: common.HookRunner, hook: str, fn: Callable[..., Any], *args: Any) -> Any:
-        return change(original, runner, hook, fn, *args)
+    # The first parameter is named self, as in the method it replaces: mypy matches names.
+    def call(self: common.HookRunner, hook: str, fn: Callable[..., Any], *args: Any) -> Any:
+        return change(original, self, hook, fn, *args)
 
-    common.HookRunner.call = call  # type: ignore[method-assign]
+    common.HookRunner.call = call  # type: ignore[method-assign]  # the mutation
 
 
 class StarterMutant(Mutant):
@@ -204,7 +205,8 @@ class Stage1HandsOverEarly(StarterMutant):
 
     @staticmethod
     def mutate() -> None:
-        stage1.Starter.run_stage1 = _run_stage1_without_waiting  # type: ignore[method-assign]
+        patch = _run_stage1_without_waiting
+        stage1.Starter.run_stage1 = patch  # type: ignore[method-assign]  # the mutation
 
 
 def _hand_over_before_prepare_config(wfd: int) -> None:
@@ -220,7 +222,7 @@ def _hand_over_before_prepare_config(wfd: int) -> None:
     ) -> Any:
         if hook != "prepare_config":
             return original(runner, hook, fn, *args)
-        ops = fn.__wrapped__.__self__  # type: ignore[attr-defined]
+        ops = fn.__wrapped__.__self__  # type: ignore[attr-defined]  # set by functools.wraps
         os.write(
             wfd,
             dumps({"common": ops.common.to_json(), "starter_config": args[0].to_json()}).encode(),
@@ -291,12 +293,15 @@ class MasterHooksInOneThread(StarterMutant):
     def mutate() -> None:
         start_waiter, monitor = master.Master._start_waiter, master.Master._monitor
 
-        def sequential(master: master.Master) -> None:
-            start_waiter(master)
-            monitor(master)
+        def sequential(self: master.Master) -> None:
+            start_waiter(self)
+            monitor(self)
 
-        master.Master._start_waiter = lambda master: None  # type: ignore[method-assign]
-        master.Master._monitor = sequential  # type: ignore[method-assign]
+        def no_waiter(self: master.Master) -> None:
+            """Starts no waiter thread (sequential runs it)."""
+
+        master.Master._start_waiter = no_waiter  # type: ignore[method-assign]  # the mutation
+        master.Master._monitor = sequential  # type: ignore[method-assign]  # the mutation
 
 
 class Stage2BeforeCreateReturns(StarterMutant):
@@ -602,7 +607,11 @@ class UserNamespaceFlowsRunAsRoot(StarterMutant):
             return become_invoker
 
         _wrap(stage1.Starter, "become_invoker", make_invoker)
-        stage1.Starter._write_maps = lambda starter, pid, sconf: None  # type: ignore[method-assign]
+
+        def no_maps(self: stage1.Starter, pid: int, sconf: StarterConfig) -> None:
+            """Writes no uid or gid map."""
+
+        stage1.Starter._write_maps = no_maps  # type: ignore[method-assign]  # the mutation
         _leave_out("clone", "kit-starter", "user")
         _skip_joining_the_container_user_namespace()
 
@@ -639,7 +648,7 @@ class NoStarterConfigValidation(StarterMutant):
 
     @staticmethod
     def mutate() -> None:
-        StarterConfig.validate = lambda sconf: None  # type: ignore[method-assign]
+        StarterConfig.validate = lambda self: None  # type: ignore[method-assign]  # the mutation
 
 
 class StarterConfigRecordedLate(StarterMutant):
@@ -870,10 +879,11 @@ class MasterMissesSIGUSR1(StarterMutant):
     @staticmethod
     def mutate() -> None:
         def make(original: Callable[..., Any]) -> Callable[..., Any]:
-            def main(master: master.Master) -> int:
+            # Not a parameter named master: it would hide the module that owns MASTER_SIGNALS.
+            def main(self: master.Master) -> int:
                 master.MASTER_SIGNALS.discard(signal.SIGUSR1)  # this process's copy only
                 signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-                return original(master)
+                return original(self)
 
             return main
 
@@ -889,21 +899,26 @@ class LedgerWithoutThreadIds(StarterMutant):
     def mutate() -> None:
         original_emit = LedgerWriter.emit
 
-        def emit(writer: LedgerWriter, kind: str, **fields: Any) -> dict[str, Any]:
+        def emit(
+            self: LedgerWriter,
+            kind: str,
+            refresh: Callable[[], Any] | None = None,
+            **fields: Any,
+        ) -> dict[str, Any]:
             if kind != "process_start":
-                return original_emit(writer, kind, **fields)
+                return original_emit(self, kind, refresh, **fields)
             event = {
                 "t": time.monotonic_ns(),
                 "kind": kind,
-                "role": writer.role,
+                "role": self.role,
                 "pid": os.getpid(),
                 **fields,
             }
-            if writer.sock is not None:
-                writer.sock.send(json.dumps(event).encode())
+            if self.sock is not None:
+                self.sock.send(json.dumps(event).encode())
             return event
 
-        LedgerWriter.emit = emit  # type: ignore[method-assign]
+        LedgerWriter.emit = emit  # type: ignore[method-assign]  # the mutation
 
 
 MUTANTS: tuple[type[StarterMutant], ...] = (
