@@ -46,10 +46,14 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from conformance import requirements
 from conformance.expectations import FLOWS
+
+# For annotations only: the zoo itself is imported by the functions that need it (zoo()).
+if TYPE_CHECKING:
+    from mutants.zoo.base import Mutant
 
 #: The checkout's root: the directory that holds the ``mutants`` package, put on the import
 #: path of every session (the zoo is not installed; the sessions run in temporary directories).
@@ -149,7 +153,7 @@ class Target:
         return self.label[len("mutant-") :] if self.label.startswith("mutant-") else self.label
 
 
-def zoo() -> list[type]:
+def zoo() -> list[type[Mutant]]:
     from mutants.zoo import MUTANTS
 
     return list(MUTANTS)
@@ -276,7 +280,7 @@ def declaration_problems() -> list[str]:
     return problems
 
 
-def _capabilities(mutant: type) -> set[str]:
+def _capabilities(mutant: type[Mutant]) -> set[str]:
     """The capabilities a mutant declares once registered (cooperative ones: both
     cooperation protocols)."""
     from conformance.capabilities import Capabilities, _instance
@@ -469,9 +473,11 @@ def run_session(target: Target, backend: str, workdir: str, focus: bool = False)
             timeout=SESSION_TIMEOUT,
         )
     except subprocess.TimeoutExpired as exc:
+        # What the session wrote so far comes as bytes even with text=True (CPython on POSIX).
+        partial = exc.stdout or b""
+        output = partial.decode(errors="replace") if isinstance(partial, bytes) else partial
         return {
-            "error": f"the session took more than {SESSION_TIMEOUT:.0f} s: "
-            f"{(exc.stdout or '')[-1000:]}",
+            "error": f"the session took more than {SESSION_TIMEOUT:.0f} s: {output[-1000:]}",
             "seconds": SESSION_TIMEOUT,
         }
     seconds = time.monotonic() - start
