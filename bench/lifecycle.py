@@ -311,10 +311,11 @@ def probe_cost(n: int = 200) -> dict[str, float]:
     return out
 
 
-def seccomp_cost(batches: int = 200, per_batch: int = 500) -> dict[str, float]:
+def seccomp_cost(batches: int = 200, per_batch: int = 500) -> dict[str, float | str]:
     """The fake backend's filter (kit/run/seccomp.py), measured in a forked child: ms to build
     and install it with its listener, and ns it adds to each system call it lets through
-    (getppid, median per-call time of batches, after minus before)."""
+    (getppid, median per-call time of batches, after minus before); ``{"error": ...}`` when
+    the child failed."""
 
     def per_call() -> float:
         samples = []
@@ -329,6 +330,7 @@ def seccomp_cost(batches: int = 200, per_batch: int = 500) -> dict[str, float]:
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
+        out: dict[str, float | str]  # the costs, or {"error": ...}
         try:
             before = per_call()
             t = time.perf_counter()
@@ -342,14 +344,14 @@ def seccomp_cost(batches: int = 200, per_batch: int = 500) -> dict[str, float]:
                 "syscall_ns_unfiltered": round(before, 1),
             }
         except Exception as exc:  # noqa: BLE001 the child reports any failure as JSON
-            out = {"error": repr(exc)}  # type: ignore[dict-item]
+            out = {"error": repr(exc)}
         os.write(w, json.dumps(out).encode())
         os._exit(0)
     os.close(w)
     with os.fdopen(r, "rb") as f:
         data = f.read()
     os.waitpid(pid, 0)
-    costs: dict[str, float] = json.loads(data)
+    costs: dict[str, float | str] = json.loads(data)
     return costs
 
 
