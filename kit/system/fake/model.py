@@ -1,36 +1,4 @@
-"""The kernel's rules, as functions over a JSON-able state (no system call in here).
-
-:class:`Model` wraps one state document (the shared store's content, see
-:mod:`kit.system.fake.store`) and answers, for a credential :class:`Cred`, what the kernel would do:
-the capability check of ``cap_capable()``, id mapping through user namespaces, the
-credential transitions of ``setresuid``/``setresgid``/``setgroups``/``capset``/``prctl``
-(with the capability effects of ``cap_emulate_setxuid``), namespace creation and joining
-(``create_user_ns``, ``unshare``, ``setns``'s ``*_install``), the id-map files
-(``map_write``/``new_idmap_permitted``/``proc_setgroups_write``), ``/proc/PID`` access
-(``ptrace_may_access``, ``task_dump_owner``) and the mount calls (``path_mount``,
-``umount2``, ``pivot_root``) on a per-mount-namespace table. Every refusal is an ``OSError``
-with the errno the kernel returns; the function names in docstrings are the kernel's
-(Linux 6.x, ``kernel/sys.c``, ``kernel/user_namespace.c``, ``security/commoncap.c``,
-``fs/namespace.c``).
-
-Ids inside a :class:`Cred` are *kernel* ids (kuids/kgids): ids of the model's initial user
-namespace, which stands for the host's. They are translated to and from a namespace's view
-with :meth:`Model.make_kuid`/:meth:`Model.from_kuid` exactly as the kernel does.
-
-Namespace records (``state["ns"][str(id)]``), by ``kind``:
-
-- ``user``: ``parent``, ``level``, ``owner``/``group`` (creator's euid/egid), ``uid_map`` /
-  ``gid_map`` (``None`` until written; lines ``[inside, outside, count]`` with ``outside``
-  in the parent's ids), ``setgroups`` (``allow``/``deny``), ``parent_could_setfcap``;
-- ``pid``: ``owner`` (user ns), ``parent``, ``level``, ``last_pid``, ``init`` (real pid of
-  its pid 1, once there is one);
-- ``uts``: ``owner``, ``hostname``, ``domainname``; ``net``: ``owner``, ``links``
-  (name → up); ``mount``: ``owner``, ``root`` (host path of its root), ``mounts``;
-  ``ipc``, ``cgroup``: ``owner``.
-
-Every record has ``kind`` and, for the initial namespaces, ``initial: true`` (their ids are
-the real namespaces' inode numbers).
-"""
+"""The kernel's rules, as functions over a JSON-able state (no system call in here)."""
 
 from __future__ import annotations
 
@@ -205,7 +173,46 @@ def _ranges_overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
 
 
 class Model:
-    """The kernel rules over ``state`` (a dict; mutated in place by the operations)."""
+    """The kernel rules over ``state`` (a dict; mutated in place by the operations).
+
+    It wraps one state document (the shared store's content, see :mod:`kit.system.fake.store`) and
+    answers, for a credential :class:`Cred`, what the kernel would do: the capability check of
+    ``cap_capable()`` (a capability in one's own user namespace, or ownership of a child namespace),
+    id mapping through user namespaces, the credential transitions of
+    ``setresuid``/``setresgid``/``setgroups``/``capset``/``prctl`` (with the capability effects of
+    ``cap_emulate_setxuid``, capabilities(7) "Effect of user ID changes on capabilities": keep-caps,
+    no-op calls; ``capset``'s subset rules; bounding drop needing CAP_SETPCAP; ambient raise needing
+    permitted ∩ inheritable; no_new_privs; dumpable reset by ``commit_creds``), namespace creation
+    (``create_user_ns`` giving every capability in the new namespace, CAP_SYS_ADMIN over the current
+    or new user namespace for the others, copied mount tables that are locked in a less privileged
+    namespace) and joining (``setns``'s ``*_install``), the id-map files
+    (``map_write``/``new_idmap_permitted``/``proc_setgroups_write``: one write each, ``setgroups``
+    deny before an unprivileged gid map, the DAC check of ``/proc/PID/*`` owned per
+    ``task_dump_owner``), ``/proc/PID`` access (``ptrace_may_access``) and the mount calls
+    (``path_mount``, ``umount2``, ``pivot_root``, propagation, chroot) on a per-mount-namespace
+    table; hostname per uts namespace; interfaces per network namespace. Every refusal is an
+    ``OSError`` with the errno the kernel returns; the function names in docstrings are the kernel's
+    (Linux 6.x, ``kernel/sys.c``, ``kernel/user_namespace.c``, ``security/commoncap.c``,
+    ``fs/namespace.c``).
+
+    Ids inside a :class:`Cred` are *kernel* ids (kuids/kgids): ids of the model's initial user
+    namespace, which stands for the host's. They are translated to and from a namespace's view with
+    :meth:`make_kuid`/:meth:`from_kuid` exactly as the kernel does.
+
+    Namespace records (``state["ns"][str(id)]``), by ``kind``:
+
+    - ``user``: ``parent``, ``level``, ``owner``/``group`` (creator's euid/egid), ``uid_map`` /
+      ``gid_map`` (``None`` until written; lines ``[inside, outside, count]`` with ``outside`` in
+      the parent's ids), ``setgroups`` (``allow``/``deny``), ``parent_could_setfcap``;
+    - ``pid``: ``owner`` (user ns), ``parent``, ``level``, ``last_pid``, ``init`` (real pid of its
+      pid 1, once there is one);
+    - ``uts``: ``owner``, ``hostname``, ``domainname``; ``net``: ``owner``, ``links`` (name → up);
+      ``mount``: ``owner``, ``root`` (host path of its root), ``mounts``; ``ipc``, ``cgroup``:
+      ``owner``.
+
+    Every record has ``kind`` and, for the initial namespaces, ``initial: true`` (their ids are the
+    real namespaces' inode numbers).
+    """
 
     def __init__(self, state: dict[str, Any]) -> None:
         self.s = state

@@ -1,35 +1,4 @@
-"""The shared part of the model: one document that every process of a run can reach.
-
-Namespaces (hostname, mount tables, id maps), the pid registry and the fs structs are shared
-by processes, so they live here, not in a process. The document is a small file in a private
-directory (created by the supervisor before it forks the starter, removed after the run),
-opened anew for every transaction: a process that closes every descriptor (stage 2 does,
-before ``start_process``) still reaches it, and nothing the payload inherits points at it.
-
-Locking: a thread lock (threads of one process) and, for the outermost transaction of a
-thread, ``lockf`` on the file (processes; released by the kernel if the holder dies, so a
-killed process never wedges the run). Transactions nest within a thread. After a fork the
-child starts with a fresh thread lock and no file lock (POSIX record locks are not inherited)
-— :meth:`Store.after_fork_in_child` must be called there (:mod:`kit.system.fake.system` does it
-from ``os.register_at_fork``).
-
-Format: a 16-byte header — the *generation* (incremented by every write) and the length of
-the body, two little-endian unsigned 64-bit integers — then the body: the document as
-``marshal`` data (the file is private to one run, written and read by the same interpreter;
-``marshal`` is several times cheaper than JSON either way).
-
-Caching: each process keeps the document it last read or wrote, with its generation. A
-transaction locks the file and reads the header; only when another process wrote since (the
-generation moved) does it read and decode the body again. A transaction works on the cached
-document itself: the outermost level of a write transaction writes it back with the next
-generation; an aborted transaction (an exception escaped) drops the cache, so whatever it
-changed is gone and the next transaction decodes the file again. A read transaction must not
-change the document (set ``KIT_FAKE_STORE_CHECK=1`` to have every transaction checked: a read
-that changed it, or a write of anything but plain JSON data, raises).
-
-The document holds JSON data only (dicts with string keys, lists, strings, numbers, booleans,
-None), so that what a process reads back is what it wrote, whichever process wrote it.
-"""
+"""The shared part of the model: one document that every process of a run can reach."""
 
 from __future__ import annotations
 
@@ -47,7 +16,7 @@ from typing import Any
 
 HEADER = struct.Struct("<QQ")  # generation, body length
 MARSHAL_VERSION = 4
-#: Check every transaction (see the module docstring); read when the store is created.
+#: Check every transaction (see :class:`Store`); read when the store is created.
 CHECK_ENV = "KIT_FAKE_STORE_CHECK"
 
 
@@ -56,7 +25,40 @@ class StoreError(RuntimeError):
 
 
 class Store:
-    """Transactions over the shared document at ``path``."""
+    """Transactions over the shared document at ``path``.
+
+    Namespaces (hostname, mount tables, id maps), the registry that maps real pids to their model
+    namespaces, pids and credentials (for ``/proc/PID/ns/KIND`` paths and ``write_id_maps(PID)``)
+    and the fs structs are shared by processes, so they live here, not in a process. The document is
+    a small file in a private directory (created by the supervisor before it forks the starter,
+    removed after the run), opened anew for every transaction: a process that closes every
+    descriptor (stage 2 does, before ``start_process``) still reaches it, and nothing the payload
+    inherits points at it.
+
+    Locking: a thread lock (threads of one process) and, for the outermost transaction of a thread,
+    ``lockf`` on the file (processes; released by the kernel if the holder dies, so a killed process
+    never wedges the run). Transactions nest within a thread. After a fork the child starts with a
+    fresh thread lock and no file lock (POSIX record locks are not inherited) —
+    :meth:`after_fork_in_child` must be called there (:mod:`kit.system.fake.system` does it from
+    ``os.register_at_fork``).
+
+    Format: a 16-byte header — the *generation* (incremented by every write) and the length of the
+    body, two little-endian unsigned 64-bit integers — then the body: the document as ``marshal``
+    data (the file is private to one run, written and read by the same interpreter; ``marshal`` is
+    several times cheaper than JSON either way).
+
+    Caching: each process keeps the document it last read or wrote, with its generation. A
+    transaction locks the file and reads the header; only when another process wrote since (the
+    generation moved) does it read and decode the body again. A transaction works on the cached
+    document itself: the outermost level of a write transaction writes it back with the next
+    generation; an aborted transaction (an exception escaped) drops the cache, so whatever it
+    changed is gone and the next transaction decodes the file again. A read transaction must not
+    change the document (set ``KIT_FAKE_STORE_CHECK=1`` to have every transaction checked: a read
+    that changed it, or a write of anything but plain JSON data, raises).
+
+    The document holds JSON data only (dicts with string keys, lists, strings, numbers, booleans,
+    None), so that what a process reads back is what it wrote, whichever process wrote it.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path

@@ -1,16 +1,4 @@
-"""FakeSystem: the system interface on the model instead of the kernel.
-
-Per-process state (credentials of each thread, the namespaces the process is in, its pids,
-its dumpable flag) lives in the :class:`FakeSystem` object of the process and is copied by
-``fork`` exactly as the kernel copies it (``os.register_at_fork`` keeps the copy right for
-forks the kit does not make itself). Shared state (namespaces, the registry of real pids,
-fs structs, directories made only in the model) lives in the :class:`~kit.system.fake.store.Store`.
-
-Nothing here changes a real credential or namespace. Real effects are limited to: forking
-(``clone`` really forks; with ``share_fs`` through the real ``clone(CLONE_FS)``, which needs
-no privilege), ``chdir`` (into directories that really exist), and ``mkdir`` inside the
-run's temporary directory.
-"""
+"""FakeSystem: the system interface on the model instead of the kernel."""
 
 from __future__ import annotations
 
@@ -292,7 +280,43 @@ def activate(system: FakeSystem | None) -> None:
 
 
 class FakeSystem(System):
-    """The model. Create with :meth:`create` in the process that forks the run."""
+    """The model. Create with :meth:`create` in the process that forks the run.
+
+    It implements every method of :class:`kit.system.RealSystem` on the model
+    (:mod:`kit.system.fake.model`); the starter, the engine and the probes call it exactly as they
+    call the real one, and the processes, order, sockets, RPC and ledger of a run are the real ones.
+
+    Per-process state (:class:`ProcState`: credentials of each thread, the namespaces the process is
+    in, its pids, its dumpable flag) lives in this object and is copied by ``fork`` exactly as the
+    kernel copies it (``os.register_at_fork`` keeps the copy right for forks the kit does not make
+    itself). Shared state (namespaces, the registry of real pids, fs structs, directories made only
+    in the model) lives in the :class:`~kit.system.fake.store.Store`.
+
+    Nothing here changes a real credential or namespace. Real effects are limited to: forking
+    (``clone`` really forks and gives the child the new model namespaces; with ``share_fs`` through
+    the real ``clone(CLONE_FS)``, which needs no privilege), ``chdir`` (into directories that really
+    exist), and ``mkdir`` inside the run's temporary directory. ``getpid``/``getppid`` answer in the
+    model's pid namespaces (1 for the first process of a new one).
+
+    Initial state (:func:`initial_state`): the real supervisor's credentials, namespaces (their real
+    inode numbers), hostname, interfaces and mount table — except that a flow that needs root (root,
+    suid, hybrid) run by a non-root user starts the model as uid/gid 0 with every capability of the
+    real bounding set (the set a real root has on this machine).
+
+    Probes: :meth:`snapshot` and :meth:`escalation` return the structures of
+    :func:`kit.ledger.probe.snapshot` and :func:`kit.ledger.probe.escalation`, computed from the
+    model (threads listed by real tid; no probe child is forked): each escalation way by its own
+    rule (setresuid, capset, and ``bprm_fill_uid`` for the run's setuid-root binary, which exists in
+    the model only), relative to the model's initial user namespace, the one the kit was launched
+    in.
+
+    Containment: an engine that makes a privileged call itself (not through the system interface)
+    would act on the real kernel: every process of a fake run is under the seccomp filter of
+    :mod:`kit.run.seccomp` (installed by the starter before anything else), so the call fails with
+    EPERM, the supervisor records it and HOST-050 fails. The kit's own fake code needs none of the
+    refused calls: credentials, namespaces, mounts and hostnames are the model's; it forks (plain
+    ``fork``, ``clone(CLONE_FS)``) and starts threads, which stay allowed.
+    """
 
     name = "fake"
 
