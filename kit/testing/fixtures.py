@@ -1,17 +1,4 @@
-"""pytest fixtures for :mod:`kit.testing.rpc_mock`.
-
-Load them in a test module with ``pytest_plugins = ["kit.testing.fixtures"]`` (or register this
-module as a plugin). ``rpc_mock`` is a factory::
-
-    def test_create_container(rpc_mock):
-        transport = rpc_mock("reference", engine=eng)        # system: a fresh RecordingSystem
-        eng.create_container(Context(), 4242, transport.client_socket)
-        assert transport.names[0] == "sethostname"
-        assert transport.system.names() == ["sethostname", "mount", "mount"]
-
-Every transport it made is closed at teardown (a transport whose threads do not stop fails
-the test there).
-"""
+"""pytest fixtures for :mod:`kit.testing.rpc_mock`."""
 
 from __future__ import annotations
 
@@ -81,7 +68,19 @@ class MockFactory:
 @pytest.fixture
 def rpc_mock() -> Iterator[Callable[..., MockTransport]]:
     """A factory of :class:`~kit.testing.rpc_mock.MockTransport` objects, closed at teardown (see
-    :class:`MockFactory`)."""
+    :class:`MockFactory`).
+
+    Load it in a test module with ``pytest_plugins = ["kit.testing.fixtures"]`` (or register this
+    module as a plugin)::
+
+        def test_create_container(rpc_mock):
+            transport = rpc_mock("reference", engine=eng)        # system: a fresh RecordingSystem
+            eng.create_container(Context(), 4242, transport.client_socket)
+            assert transport.names[0] == "sethostname"
+            assert transport.system.names() == ["sethostname", "mount", "mount"]
+
+    A transport whose threads do not stop at teardown fails the test there.
+    """
     factory = MockFactory()
     try:
         yield factory

@@ -1,57 +1,4 @@
-"""An in-process RPC transport for unit tests: the real codec and server, plus fault injection.
-
-``MockTransport`` lets an engine author test ``create_container`` and the engine's RPC methods
-without namespaces, forks or root (SPEC §6)::
-
-    with MockTransport.for_engine("reference", engine=eng, system=RecordingSystem()) as t:
-        t.inject(Fault.errno(errno.EPERM), method="mount")
-        eng.create_container(Context(), 4242, t.client_socket)   # raises PermissionError
-        assert [c.name for c in t.calls] == ["sethostname", "mount"]
-
-How it is built (nothing is simulated except the faults you ask for)::
-
-    client_socket ==socketpair== [relay thread] ==socketpair== server socket
-    (RPCClient, your engine)     records, injects faults        kit.rpc.server.serve()
-                                                                 in a thread
-
-``client_socket`` is a real connected ``AF_UNIX`` stream socket, exactly what the kit hands to
-``create_container``. Requests and replies are encoded and decoded by :mod:`kit.rpc.codec` on
-both ends and dispatched by :func:`kit.rpc.server.serve`, so codec, schema and dispatch bugs show
-up as they would across processes. The relay in between forwards whole frames byte for byte,
-keeping file descriptors (``SCM_RIGHTS``) attached where they were (with the header or inside
-the body); it decodes a copy of each frame to record the call, and applies injected faults.
-EOF, half-closes and send failures are mirrored to the other side, so the server sees what a
-real RPC server would: a clean EOF ends ``serve`` with 0, a frame cut in the middle too.
-
-Recording: :attr:`MockTransport.calls` lists every request frame that reached the transport as
-a :class:`Call` (method, arguments, result or error, duration, faults), complete before the
-client sees the reply. :attr:`MockTransport.server_records` has the server's own ``on_call``
-records.
-
-Faults (:class:`Fault`), injected on the Nth call, by method name, or both
-(:meth:`MockTransport.inject`):
-
-===========================  ============================================================
-``Fault.errno(code)``        error reply ``OSError(code, strerror)`` built with the codec;
-                             the method does not run (nothing reaches the server)
-``Fault.drop()``             the request is lost and the connection cut: the client gets
-                             ``ConnectionError``; ``phase="reply"``: the method runs, its
-                             reply is lost
-``Fault.delay(s)``           hold the reply (or, ``phase="request"``, the request) *s* seconds
-``Fault.truncate(keep)``     forward only the first *keep* bytes of the reply (or request),
-                             then cut the connection
-``Fault.corrupt(at, data)``  overwrite bytes of the reply (or request) frame; the length is
-                             unchanged, so the stream stays in sync
-``Fault.close()``            deliver the reply, then close the connection cleanly (the server
-                             "exits" after this call)
-===========================  ============================================================
-
-The methods served can have their system interface replaced by a :class:`RecordingSystem`
-(``system=``), so that even the privileged calls the real RPC methods make are only recorded.
-
-Closing the transport (``close()`` or the ``with`` block) stops both threads and closes every
-descriptor it made or received.
-"""
+"""An in-process RPC transport for unit tests: the real codec and server, plus faults."""
 
 from __future__ import annotations
 
@@ -102,6 +49,25 @@ class Fault:
 
     ``phase`` says which frame is hit: ``"request"`` (before the server sees it; the method
     does not run) or ``"reply"`` (the method ran; its reply is affected).
+
+    Faults, injected on the Nth call, by method name, or both (:meth:`MockTransport.inject`):
+
+    ===========================  =======================================================
+    ``Fault.errno(code)``        error reply ``OSError(code, strerror)`` built with the
+                                 codec; the method does not run (nothing reaches the
+                                 server)
+    ``Fault.drop()``             the request is lost and the connection cut: the client
+                                 gets ``ConnectionError``; ``phase="reply"``: the method
+                                 runs, its reply is lost
+    ``Fault.delay(s)``           hold the reply (or, ``phase="request"``, the request)
+                                 *s* seconds
+    ``Fault.truncate(keep)``     forward only the first *keep* bytes of the reply (or
+                                 request), then cut the connection
+    ``Fault.corrupt(at, data)``  overwrite bytes of the reply (or request) frame; the
+                                 length is unchanged, so the stream stays in sync
+    ``Fault.close()``            deliver the reply, then close the connection cleanly
+                                 (the server "exits" after this call)
+    ===========================  =======================================================
     """
 
     kind: str
@@ -704,7 +670,7 @@ def _as_engine(name: str, engine: Any) -> Any:
 
 
 class MockTransport:
-    """An RPC server for *engine_name* in this process, behind a real socket (module doc).
+    """An RPC server for *engine_name* in this process, behind a real socket.
 
     *methods* is what to serve, as ``"<engine_name>.<method>"``:
 
@@ -722,6 +688,39 @@ class MockTransport:
 
     Methods are validated before anything is started (``RPCMethodError``), so a failing
     constructor leaves no thread or descriptor behind.
+
+    It lets an engine author test ``create_container`` and the engine's RPC methods without
+    namespaces, forks or root (SPEC §6)::
+
+        with MockTransport.for_engine("reference", engine=eng, system=RecordingSystem()) as t:
+            t.inject(Fault.errno(errno.EPERM), method="mount")
+            eng.create_container(Context(), 4242, t.client_socket)   # raises PermissionError
+            assert [c.name for c in t.calls] == ["sethostname", "mount"]
+
+    How it is built (nothing is simulated except the faults you ask for)::
+
+        client_socket ==socketpair== [relay thread] ==socketpair== server socket
+        (RPCClient, your engine)     records, injects faults       kit.rpc.server.serve()
+                                                                   in a thread
+
+    :attr:`client_socket` is a real connected ``AF_UNIX`` stream socket, exactly what the kit hands
+    to ``create_container``. Requests and replies are encoded and decoded by :mod:`kit.rpc.codec` on
+    both ends and dispatched by :func:`kit.rpc.server.serve`, so codec, schema and dispatch bugs
+    show up as they would across processes. The relay in between forwards whole frames byte for
+    byte, keeping file descriptors (``SCM_RIGHTS``) attached where they were (with the header or
+    inside the body); it decodes a copy of each frame to record the call, and applies injected
+    faults (:class:`Fault`). EOF, half-closes and send failures are mirrored to the other side, so
+    the server sees what a real RPC server would: a clean EOF ends ``serve`` with 0, a frame cut in
+    the middle too.
+
+    Recording: :attr:`calls` lists every request frame that reached the transport as a :class:`Call`
+    (method, arguments, result or error, duration, faults), complete before the client sees the
+    reply. :attr:`server_records` has the server's own ``on_call`` records.
+
+    The methods served can have their system interface replaced by a :class:`RecordingSystem`
+    (``system=``), so that even the privileged calls the real RPC methods make are only recorded.
+    Closing the transport (``close()`` or the ``with`` block) stops both threads and closes every
+    descriptor it made or received.
     """
 
     def __init__(
