@@ -1,3 +1,5 @@
+"""``python -m kit``: the command line (:mod:`kit.cli`)."""
+
 import gc
 import sys
 

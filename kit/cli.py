@@ -1,11 +1,4 @@
-"""``python -m kit``: run one lifecycle, show which flows this machine can run, list engines.
-
-    python -m kit run --engine NAME --flow FLOW [--backend real|fake|auto] [--ledger FILE] \
-        -- CMD [ARGS…]
-    python -m kit flows      (each flow: the backend auto picks, and why)
-    python -m kit engines
-    python -m kit new ENGINE_NAME [DIR]   (a new engine package that passes the suite)
-"""
+"""``python -m kit``: run one lifecycle, list flows and engines, start a new engine."""
 
 from __future__ import annotations
 
@@ -27,6 +20,14 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signa
 
 
 def _parser() -> argparse.ArgumentParser:
+    """The command line::
+
+        python -m kit run --engine NAME --flow FLOW [--backend real|fake|auto] [--ledger FILE] \
+            -- CMD [ARGS…]
+        python -m kit flows      (each flow: the backend auto picks, and why)
+        python -m kit engines
+        python -m kit new ENGINE_NAME [DIR]   (a new engine package that passes the suite)
+    """
     p = argparse.ArgumentParser(prog="python -m kit", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run one engine lifecycle; exits with the payload's code")

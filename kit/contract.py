@@ -1,10 +1,4 @@
-"""The engine contract: the eight operations an engine implements, and the objects they get.
-
-This restates Apptainer's runtime-engine interface (``internal/pkg/runtime/engine``) for
-Python. The starter (:mod:`kit.starter`) calls the operations in a fixed order, each in its
-own process with a documented privilege state (``SPEC.md`` §2 and §4). The docstrings of
-:class:`Operations` are the contract an engine author codes against.
-"""
+"""The engine contract: the eight operations an engine implements, and the objects they get."""
 
 from __future__ import annotations
 
@@ -244,6 +238,11 @@ class Operations(abc.ABC):
 
     Privilege states below are those of ``SPEC.md`` §4, per flow: root, suid (setuid starter),
     userns, fakeroot, hybrid.
+
+    This restates Apptainer's runtime-engine interface (``internal/pkg/runtime/engine``) for Python.
+    The starter (:mod:`kit.starter`) calls the operations in a fixed order, each in its own process
+    with a documented privilege state (``SPEC.md`` §2 and §4). The docstrings of this class are the
+    contract an engine author codes against.
     """
 
     #: Set by init_config; the decoded Common of this process.

@@ -1,24 +1,4 @@
-"""Preflight: what can be checked about an engine before any lifecycle, without privilege.
-
-- the engine is found and registers (a name, an entry point or ``module:attribute``);
-- ``config()`` returns an :class:`~kit.contract.EngineConfig` dataclass, and its JSON survives
-  the round trip from stage 1 to the later processes (SPEC §2 rule 3); with an engine config
-  given (``kit run --config``) every field of it is known and of the right type;
-- the RPC methods are servable: the class the RPC server instantiates can be built and every
-  registered method is a callable attribute of it.
-
-- :func:`starter_configs`: for each unprivileged flow (suid, userns, fakeroot, hybrid), the
-  StarterConfig that ``prepare_config`` fills is valid (SPEC §5's combinations). Stage 1 runs
-  there as the invoking user U without any privilege, so preflight does the same: a forked
-  child drops to U (groups, gids, uids) with no_new_privs before the engine's code runs, and
-  only the StarterConfig's validation is judged (a hook that raises there may depend on what
-  the starter sets up; the lifecycle reports it as its root cause).
-
-Not run here: ``prepare_config`` of the root flow, which runs as uid 0 with every capability
-and may touch the system; in the caller (a pytest process, as root) it would have privileges
-and side effects outside any run's sandbox. The starter validates that StarterConfig before
-any namespace exists and the suite reports a rejection as the run's root cause.
-"""
+"""Preflight: what can be checked about an engine before any lifecycle, without privilege."""
 
 from __future__ import annotations
 
@@ -49,7 +29,17 @@ class Problem:
 
 
 def check(spec: str, engine_config: dict[str, Any] | None = None) -> list[Problem]:
-    """Every problem preflight finds for the engine ``spec`` (empty: go ahead)."""
+    """Every problem preflight finds for the engine ``spec`` (empty: go ahead).
+
+    What it checks:
+
+    - the engine is found and registers (a name, an entry point or ``module:attribute``);
+    - ``config()`` returns an :class:`~kit.contract.EngineConfig` dataclass, and its JSON survives
+      the round trip from stage 1 to the later processes (SPEC §2 rule 3); with an engine config
+      given (``kit run --config``) every field of it is known and of the right type;
+    - the RPC methods are servable: the class the RPC server instantiates can be built and every
+      registered method is a callable attribute of it.
+    """
     try:
         reg = registry.find(spec)
     except registry.RegistryError as exc:
@@ -171,7 +161,19 @@ def starter_configs(
 ) -> list[Problem]:
     """Problems of the StarterConfig ``prepare_config`` fills in each unprivileged flow of
     ``flows``, found by running stage 1's hooks as U (``uid``/``gid``) in a forked child.
-    Only a StarterConfig that the starter would reject is a problem here."""
+    Only a StarterConfig that the starter would reject is a problem here.
+
+    The flows are suid, userns, fakeroot and hybrid (SPEC §5's combinations). Stage 1 runs there as
+    the invoking user U without any privilege, so preflight does the same: the child drops to U
+    (groups, gids, uids) with no_new_privs before the engine's code runs, and only the
+    StarterConfig's validation is judged (a hook that raises there may depend on what the starter
+    sets up; the lifecycle reports it as its root cause).
+
+    Not run here: ``prepare_config`` of the root flow, which runs as uid 0 with every capability and
+    may touch the system; in the caller (a pytest process, as root) it would have privileges and
+    side effects outside any run's sandbox. The starter validates that StarterConfig before any
+    namespace exists and the suite reports a rejection as the run's root cause.
+    """
     if os.geteuid() == 0 and uid == 0:
         return []  # U must be unprivileged: never run engine code as root here
     by_reason: dict[str, list[str]] = {}

@@ -1,8 +1,4 @@
-"""The engine registry: registering engines and finding them by name, entry point or import path.
-
-Unlike upstream, registering a name twice is an error, and an RPC method that cannot be
-served is an error at registration (not a silent skip).
-"""
+"""The engine registry: registering engines, finding them by name, entry point or path."""
 
 from __future__ import annotations
 
@@ -24,7 +20,11 @@ ENTRY_POINT_GROUP = "kit.engines"
 
 
 class RegistryError(LookupError):
-    """A registration or a lookup failed; the message names the engine or method."""
+    """A registration or a lookup failed; the message names the engine or method.
+
+    Unlike upstream, registering a name twice is an error, and an RPC method that cannot be served
+    is an error at registration (not a silent skip).
+    """
 
 
 @dataclass

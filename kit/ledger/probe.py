@@ -1,12 +1,4 @@
-"""Privilege probes: what the kernel says about the calling process at a hook.
-
-:func:`snapshot` reads, for every thread, the credentials and capability sets from
-``/proc/self/task/TID/status`` (the kernel's own report), plus the process's namespaces, id
-maps, securebits and dumpable flag. :func:`escalation` starts a throwaway thread that tries each
-way to regain privilege and reports what each did; the hooked thread itself is never changed.
-"Host privilege" is relative to the host user namespace, the one the kit was launched in, known
-by its identity (:func:`host_userns`), never by the content of a uid map.
-"""
+"""Privilege probes: what the kernel says about the calling process at a hook."""
 
 from __future__ import annotations
 
@@ -100,7 +92,11 @@ def configure(host: Sequence[int] | None, binary: SetuidBinary | None) -> None:
 
 
 def host_userns() -> tuple[int, int]:
-    """(device, inode) of the host user namespace."""
+    """(device, inode) of the host user namespace.
+
+    "Host privilege" is relative to the host user namespace, the one the kit was launched in, known
+    by its identity, never by the content of a uid map.
+    """
     global _host_userns
     if _host_userns is None:
         _host_userns = linux.userns_identity()
@@ -256,7 +252,11 @@ def snapshot(masks: bool = False) -> dict[str, Any]:
     """Privilege state of the calling process, every thread included (a probe thread of
     :func:`escalation` excepted: it is waited for). ``masks``: capability sets as integer
     masks, the form a ledger datagram carries (a fifth of the JSON: names are most of a
-    snapshot); :class:`kit.ledger.record.Ledger` turns them back into names (:func:`named_caps`)."""
+    snapshot); :class:`kit.ledger.record.Ledger` turns them back into names (:func:`named_caps`).
+
+    Read, for every thread, the credentials and capability sets from ``/proc/self/task/TID/status``
+    (the kernel's own report), plus the process's namespaces, id maps, securebits and dumpable flag.
+    """
     with _probe_lock:
         return _snapshot(masks)
 
@@ -410,6 +410,8 @@ def escalation() -> dict[str, Any]:
     gone from ``/proc`` too, so that no later snapshot sees it.
 
     Returns :func:`escalation_result`'s dictionary.
+
+    The hooked thread itself is never changed.
     """
     host = in_host_userns()
     binary = _setuid_binary

@@ -1,14 +1,4 @@
-"""The ledger: every event of a run, from every process, in one ordered list.
-
-Transport: the supervisor creates a ``SOCK_SEQPACKET`` socketpair (close-on-exec) before it
-forks the starter; every process of the run inherits the writing end and sends one datagram
-per event, so events never interleave and their arrival order respects causality. The
-supervisor numbers them (``seq``) as they arrive.
-
-Schema (``SCHEMA_VERSION`` 1): a ledger is ``{"schema_version": 1, "run": {...}, "events":
-[...]}``. Every event has ``seq``, ``t`` (CLOCK_MONOTONIC ns), ``kind``, ``role``, ``pid`` (as
-the process sees itself), ``tid``; other keys depend on the kind (see :data:`EVENT_KINDS`).
-"""
+"""The ledger: every event of a run, from every process, in one ordered list."""
 
 from __future__ import annotations
 
@@ -193,7 +183,12 @@ def confirm_send(sock: socket.socket, data: bytes) -> bytes:
 
 def ledger_socketpair() -> tuple[socket.socket, socket.socket]:
     """(reader, writer), both close-on-exec so the payload never inherits them; the reader
-    receives each sender's credentials (``SO_PASSCRED``)."""
+    receives each sender's credentials (``SO_PASSCRED``).
+
+    The supervisor creates it before it forks the starter; every process of the run inherits the
+    writing end and sends one datagram per event, so events never interleave and their arrival order
+    respects causality. The supervisor numbers them (``seq``) as they arrive.
+    """
     reader, writer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     writer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
     reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
@@ -439,7 +434,12 @@ def _name_caps(event: dict[str, Any]) -> None:
 
 
 class Ledger:
-    """A collected ledger with helpers to query it (used by tests and the suite)."""
+    """A collected ledger with helpers to query it (used by tests and the suite).
+
+    Schema (``SCHEMA_VERSION`` 1): a ledger is ``{"schema_version": 1, "run": {...}, "events":
+    [...]}``. Every event has ``seq``, ``t`` (CLOCK_MONOTONIC ns), ``kind``, ``role``, ``pid`` (as
+    the process sees itself), ``tid``; other keys depend on the kind (see :data:`EVENT_KINDS`).
+    """
 
     def __init__(self, document: dict[str, Any]) -> None:
         self.document = document

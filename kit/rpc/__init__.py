@@ -1,10 +1,4 @@
-"""RPC transport between the master process and the RPC server process (SPEC §6).
-
-Length-prefixed JSON frames over a connected unix stream socket, file descriptors via
-``SCM_RIGHTS`` (:mod:`.codec`); a strict request/reply schema (:mod:`.messages`); methods
-validated at registration (:mod:`.methods`); the one-request-at-a-time server loop
-(:mod:`.server`) and the client (:mod:`.client`). Standard library only; no pickle, no eval.
-"""
+"""RPC between the master process and the RPC server process (SPEC §6), stdlib only."""
 
 from .client import REMOTE_BUILTIN_ERRORS, RemoteError, RPCClient, exception_from_error
 from .codec import MAX_FDS, MAX_FRAME, FrameError, recv_frame, send_frame

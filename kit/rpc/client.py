@@ -1,17 +1,4 @@
-"""The RPC client used by the master (``create_container``) to call the RPC server.
-
-Usage::
-
-    client = RPCClient(rpc_conn, "myengine")
-    client.call("mount", source="/src", target="/dst")     # -> the method's result
-    client.mount(source="/src", target="/dst")             # the same, as attribute sugar
-    client.read_config(fd=FileDescriptor(r))               # attaches r via SCM_RIGHTS
-    value, fds = client.open_pipe()                        # reply carrying descriptors
-
-A client is not thread-safe: use it from one thread at a time (concurrent use raises
-``RuntimeError`` rather than interleaving frames). A timeout set on the socket
-(``sock.settimeout``) bounds each read/write and surfaces as ``TimeoutError``.
-"""
+"""The RPC client used by the master (``create_container``) to call the RPC server."""
 
 from __future__ import annotations
 
@@ -120,6 +107,18 @@ class RPCClient:
     truncated or undecodable reply, mismatched id, an exception while sending or waiting,
     including a timeout) the stream may be out of sync: the client marks itself broken and
     every later call raises ``ConnectionError``.
+
+    Usage::
+
+        client = RPCClient(rpc_conn, "myengine")
+        client.call("mount", source="/src", target="/dst")     # -> the method's result
+        client.mount(source="/src", target="/dst")             # the same, as attribute sugar
+        client.read_config(fd=FileDescriptor(r))               # attaches r via SCM_RIGHTS
+        value, fds = client.open_pipe()                        # reply carrying descriptors
+
+    A client is not thread-safe: use it from one thread at a time (concurrent use raises
+    ``RuntimeError`` rather than interleaving frames). A timeout set on the socket
+    (``sock.settimeout``) bounds each read/write and surfaces as ``TimeoutError``.
     """
 
     def __init__(self, sock: socket.socket, engine_name: str) -> None:

@@ -1,25 +1,4 @@
-"""Framing of JSON messages (and file descriptors) over a connected unix stream socket.
-
-Wire format of one frame::
-
-    +----------------------+---------------------------+
-    | length: u32, BE      | body: `length` bytes of   |
-    | (the body only)      | UTF-8 JSON, an object     |
-    +----------------------+---------------------------+
-
-File descriptors ride along as one ``SCM_RIGHTS`` control message attached to the
-``sendmsg`` that carries the frame header, so the receiver gets them while reading the
-header. Limits: a body of at most :data:`MAX_FRAME` bytes and at most :data:`MAX_FDS`
-descriptors per frame.
-
-Ownership of descriptors: :func:`send_frame` never closes the caller's descriptors (the kernel
-duplicates them into the receiver). :func:`recv_frame` hands the received descriptors to the
-caller, who then owns them; when it rejects a frame it closes every descriptor received with it
-first, so a bad frame never leaks one.
-
-The sockets must be blocking (a timeout set with ``settimeout`` is fine and surfaces as
-``TimeoutError``). ``EINTR`` and short reads/writes are handled. JSON only: no pickle, no eval.
-"""
+"""Framing of JSON messages (and file descriptors) over a connected unix stream socket."""
 
 from __future__ import annotations
 
@@ -234,6 +213,22 @@ def send_frame(sock: socket.socket, obj: dict[str, Any], fds: Sequence[int] = ()
     than :data:`MAX_FDS` descriptors (``TOO_MANY_FDS``); then nothing was sent. ``OSError``
     from the socket (e.g. ``BrokenPipeError``) propagates; the stream is then unusable.
     The caller keeps ownership of *fds*.
+
+    Wire format of one frame::
+
+        +----------------------+---------------------------+
+        | length: u32, BE      | body: `length` bytes of   |
+        | (the body only)      | UTF-8 JSON, an object     |
+        +----------------------+---------------------------+
+
+    File descriptors ride along as one ``SCM_RIGHTS`` control message attached to the ``sendmsg``
+    that carries the frame header, so the receiver gets them while reading the header. Limits: a
+    body of at most :data:`MAX_FRAME` bytes and at most :data:`MAX_FDS` descriptors per frame. The
+    kernel duplicates the caller's descriptors into the receiver.
+
+    The sockets (here and in :func:`recv_frame`) must be blocking (a timeout set with ``settimeout``
+    is fine and surfaces as ``TimeoutError``). ``EINTR`` and short reads/writes are handled. JSON
+    only: no pickle, no eval.
     """
     send_body(sock, encode_body(obj), fds)
 
@@ -299,6 +294,9 @@ def recv_frame(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
     - ``INVALID_UTF8``, ``INVALID_JSON``, ``NOT_OBJECT``: the body is bad (recoverable).
 
     ``OSError`` from the socket (``ConnectionResetError``, ``TimeoutError``…) propagates.
+
+    The received descriptors are handed to the caller, who then owns them; when a frame is rejected
+    every descriptor received with it is closed first, so a bad frame never leaks one.
     """
     fds: list[int] = []
     try:

@@ -1,24 +1,4 @@
-"""The RPC message schema: building and strictly validating requests and replies.
-
-Request::
-
-    {"id": int >= 0, "method": "<engine>.<method>", "args": {name: JSON value}, "fds": int >= 0}
-
-``fds`` is the number of descriptors attached to the frame. An argument whose parameter is
-annotated ``FileDescriptor`` carries the index of its descriptor in that list.
-
-Reply, success::
-
-    {"id": int, "result": JSON value}            (optionally "fds": int >= 0, descriptors returned)
-
-Reply, failure::
-
-    {"id": int | null, "error": {"type": str, "errno": int | null, "message": str}}
-
-``id`` is ``null`` only when the server could not read the request's id (malformed frame).
-Unknown keys are rejected everywhere; every violation raises :class:`ProtocolError` whose
-message names the offending field.
-"""
+"""The RPC message schema: building and strictly validating requests and replies."""
 
 from __future__ import annotations
 
@@ -56,7 +36,10 @@ _METHOD_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,127}")
 
 class ProtocolError(ValueError):
     """A message does not follow the RPC schema (the message names the bad field), or a
-    frame was malformed. Sent on the wire with type ``"ProtocolError"``."""
+    frame was malformed. Sent on the wire with type ``"ProtocolError"``.
+
+    Unknown keys are rejected everywhere; the message names the offending field.
+    """
 
 
 class UnknownMethodError(ProtocolError):
@@ -65,7 +48,16 @@ class UnknownMethodError(ProtocolError):
 
 @dataclass(frozen=True)
 class Request:
-    """A validated request. ``method`` is the full ``"<engine>.<method>"`` name."""
+    """A validated request. ``method`` is the full ``"<engine>.<method>"`` name.
+
+    On the wire::
+
+        {"id": int >= 0, "method": "<engine>.<method>", "args": {name: JSON value},
+         "fds": int >= 0}
+
+    ``fds`` is the number of descriptors attached to the frame. An argument whose parameter is
+    annotated ``FileDescriptor`` carries the index of its descriptor in that list.
+    """
 
     id: int
     method: str
@@ -95,7 +87,18 @@ class ErrorInfo:
 
 @dataclass(frozen=True)
 class Reply:
-    """A validated reply: exactly one of ``result`` (when ``error`` is None) or ``error``."""
+    """A validated reply: exactly one of ``result`` (when ``error`` is None) or ``error``.
+
+    On the wire, success (optionally with ``"fds": int >= 0``, descriptors returned)::
+
+        {"id": int, "result": JSON value}
+
+    failure::
+
+        {"id": int | null, "error": {"type": str, "errno": int | null, "message": str}}
+
+    ``id`` is ``null`` only when the server could not read the request's id (malformed frame).
+    """
 
     id: int | None
     result: Any = None

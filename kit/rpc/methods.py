@@ -1,21 +1,4 @@
-"""What an RPC method may look like, checked once at registration; argument binding per call.
-
-A servable method is a callable whose every parameter
-
-- is positional-or-keyword or keyword-only (no ``*args``/``**kwargs``, no positional-only),
-- has a type annotation made of: ``str``, ``int``, ``float``, ``bool``, ``list``, ``dict``,
-  ``None``, ``list[X]``, ``dict[str, X]``, unions of those (``X | None``, ``Optional[X]``), or
-  :class:`FileDescriptor` / ``FileDescriptor | None`` (top level only).
-
-String annotations (``from __future__ import annotations``) are resolved with
-``typing.get_type_hints``. The return value must be JSON-serialisable, or a :class:`WithFds`
-to send descriptors back. Names starting with ``_`` are never servable.
-
-Descriptors: on the wire a ``FileDescriptor`` argument is the index of its descriptor in the
-list attached to the request. :meth:`MethodSpec.bind` substitutes the descriptor; every
-attached descriptor must be used by exactly one such argument. The method then owns the
-descriptors it receives (it must close them, or keep them on purpose).
-"""
+"""What an RPC method may look like, checked once at registration; binding per call."""
 
 from __future__ import annotations
 
@@ -222,6 +205,11 @@ class MethodSpec:
         a value of the wrong type (``bool`` is not an ``int``; an ``int`` is accepted for
         ``float``), a bad or reused descriptor index, or a descriptor no argument uses.
         Never closes *fds*: on error the caller still owns them.
+
+        On the wire a ``FileDescriptor`` argument is the index of its descriptor in the list
+        attached to the request; this substitutes the descriptor, and every attached descriptor must
+        be used by exactly one such argument. The method then owns the descriptors it receives (it
+        must close them, or keep them on purpose).
         """
         where = f"method {self.name!r}"
         if not isinstance(args, dict):
@@ -309,6 +297,17 @@ def check_method(name: str, func: Callable[..., Any]) -> MethodSpec:
     *name* is the method name (or ``"<engine>.<method>"``); its last component must be a
     public identifier. Raises :class:`RPCMethodError` naming the method and, where relevant,
     the offending parameter.
+
+    A servable method is a callable whose every parameter
+
+    - is positional-or-keyword or keyword-only (no ``*args``/``**kwargs``, no positional-only),
+    - has a type annotation made of: ``str``, ``int``, ``float``, ``bool``, ``list``, ``dict``,
+      ``None``, ``list[X]``, ``dict[str, X]``, unions of those (``X | None``, ``Optional[X]``), or
+      :class:`FileDescriptor` / ``FileDescriptor | None`` (top level only).
+
+    String annotations (``from __future__ import annotations``) are resolved with
+    ``typing.get_type_hints``. The return value must be JSON-serialisable, or a :class:`WithFds` to
+    send descriptors back. Names starting with ``_`` are never servable.
     """
     if not isinstance(name, str):
         raise RPCMethodError(f"RPC method name must be a string, got {type(name).__name__}")

@@ -1,35 +1,4 @@
-"""The RPC server loop: one request at a time over one connection.
-
-Behaviour by input (every reply follows :mod:`kit.rpc.messages`):
-
-====================================================  =========================================
-input                                                 server
-====================================================  =========================================
-well-formed request, method returns                   result reply
-method raises ``Exception``, ``SystemExit`` or        error reply: class name, errno, message;
-``KeyboardInterrupt``                                 keeps serving
-unknown method                                        ``UnknownMethodError`` reply, keeps serving
-private name (``x._secret``), bad schema              ``ProtocolError`` reply, keeps serving
-bad UTF-8 / JSON / not an object / too many fds       ``ProtocolError`` reply, keeps serving
-declared ``fds`` differs from attached descriptors    ``ProtocolError`` reply, keeps serving
-unknown/missing/mistyped argument, unused fd          ``TypeError`` reply, keeps serving
-result not JSON-serialisable or too large             ``TypeError``/``ProtocolError`` reply
-result with a non-string object key (``{1: "a"}``)    ``TypeError`` reply (JSON would coerce it)
-returned fd is the connection or a reserved one       ``PermissionError`` reply (the descriptors
-                                                      are not sent, and not closed)
-oversized frame (length > MAX_FRAME)                  ``ProtocolError`` reply, then shuts the
-                                                      connection down and returns 0: the body
-                                                      is not read, so the stream cannot be
-                                                      resynchronised
-clean EOF, EOF inside a frame, connection reset       returns 0
-====================================================  =========================================
-
-The return value is the exit code for the RPC server process: 0 in every case above, since the
-server itself did not fail (an oversized frame is the client's fault and was reported to it
-in-band). Exceptions escaping ``serve`` are bugs or a failing ``on_call``.
-
-Error replies have ``"id": null`` when the request's id could not be read.
-"""
+"""The RPC server loop: one request at a time over one connection."""
 
 from __future__ import annotations
 
@@ -103,8 +72,8 @@ def serve(
 
     *methods* maps full names ``"<engine>.<method>"`` to :class:`MethodSpec` objects (or
     callables, validated here before serving; ``RPCMethodError`` if one is not servable).
-    Requests are handled one at a time, in the calling thread. See the module docstring for
-    the reply to every kind of bad input.
+    Requests are handled one at a time, in the calling thread; the reply to every kind of bad
+    input is in the table below.
 
     *on_call*, if given, is called once per answered frame, before its reply is sent, with a
     :data:`CallRecord`; ``method``/``args`` are ``None`` when the frame did not carry usable
@@ -118,6 +87,39 @@ def serve(
 
     *reserved_fds*: descriptors a method must never hand out (besides *conn*), compared by
     the open file they refer to, so a ``dup`` of one is refused too.
+
+    Behaviour by input (every reply follows :mod:`kit.rpc.messages`):
+
+    ================================================  =====================================
+    input                                             server
+    ================================================  =====================================
+    well-formed request, method returns               result reply
+    method raises ``Exception``, ``SystemExit`` or    error reply: class name, errno,
+    ``KeyboardInterrupt``                             message; keeps serving
+    unknown method                                    ``UnknownMethodError`` reply, keeps
+                                                      serving
+    private name (``x._secret``), bad schema          ``ProtocolError`` reply, keeps serving
+    bad UTF-8 / JSON / not an object / too many fds   ``ProtocolError`` reply, keeps serving
+    declared ``fds`` differs from attached            ``ProtocolError`` reply, keeps serving
+    descriptors
+    unknown/missing/mistyped argument, unused fd      ``TypeError`` reply, keeps serving
+    result not JSON-serialisable or too large         ``TypeError``/``ProtocolError`` reply
+    result with a non-string object key               ``TypeError`` reply (JSON would coerce
+    (``{1: "a"}``)                                    it)
+    returned fd is the connection or a reserved one   ``PermissionError`` reply (the
+                                                      descriptors are not sent, and not
+                                                      closed)
+    oversized frame (length > MAX_FRAME)              ``ProtocolError`` reply, then shuts the
+                                                      connection down and returns 0: the
+                                                      body is not read, so the stream cannot
+                                                      be resynchronised
+    clean EOF, EOF inside a frame, connection reset   returns 0
+    ================================================  =====================================
+
+    Error replies have ``"id": null`` when the request's id could not be read. The return value is
+    the exit code for the RPC server process: 0 in every case above, since the server itself did not
+    fail (an oversized frame is the client's fault and was reported to it in-band). Exceptions
+    escaping ``serve`` are bugs or a failing ``on_call``.
     """
     specs = prepare_methods(methods)
     server = _Server(conn, specs, on_call, [conn.fileno(), *reserved_fds])

@@ -1,5 +1,4 @@
-"""What this machine can run for real: one probe per flow, each with a reason; and the
-``auto`` backend's choice per flow (real where the flow can run for real, else fake)."""
+"""What this machine can run for real, per flow, and the ``auto`` backend's choice."""
 
 from __future__ import annotations
 

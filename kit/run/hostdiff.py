@@ -1,23 +1,4 @@
-"""The host diff: a run's host sandbox read from outside before and after, and compared.
-
-SPEC §11: after a run the host is as it was before. In the real backend as root the host a run
-sees is the kit's sandbox, so its state before the starter is forked and after the run, both
-read by the supervisor (which keeps the real host's ``/proc``), tell every change the run made:
-
-- files: the overlay's upper layer lists every path created, changed or deleted (a whiteout is a
-  character device 0/0, a replaced directory carries the ``trusted.overlay.opaque`` xattr);
-- mounts of the sandbox's mount namespace (``/proc/<init>/mountinfo``): added, removed, options,
-  propagation;
-- hostname and domainname, the writable sysctls (``net.*`` of the sandbox's network namespace),
-  network links, addresses and routes (netlink, through pyroute2), SysV IPC objects and POSIX
-  message queues: read by a short-lived thread that joined the sandbox's uts, ipc and net
-  namespaces (those files and sockets show the reader's namespace);
-- named network namespaces (``/run/netns`` in the sandbox) and the processes of its pid
-  namespace.
-
-What cannot be seen here: writes to file systems that are not the overlay (a fresh tmpfs the
-sandbox mounts, bind mounts of the real host), and anything outside the sandbox's namespaces.
-"""
+"""The host diff: a run's host sandbox read from outside before and after, and compared."""
 
 from __future__ import annotations
 
@@ -570,7 +551,26 @@ def snapshot(
     root overlay as this process sees it; by default the file system mounted on each
     copy-on-write mount point, alone). The per-namespace kinds (``only`` of them) are read by
     ``inside`` (this thread, already in the sandbox's namespaces), else by a short-lived
-    thread that joins them."""
+    thread that joins them.
+
+    SPEC §11: after a run the host is as it was before. In the real backend as root the host a run
+    sees is the kit's sandbox, so its state before the starter is forked and after the run, both
+    read by the supervisor (which keeps the real host's ``/proc``), tell every change the run made:
+
+    - files: the overlay's upper layer lists every path created, changed or deleted (a whiteout is a
+      character device 0/0, a replaced directory carries the ``trusted.overlay.opaque`` xattr);
+    - mounts of the sandbox's mount namespace (``/proc/<init>/mountinfo``): added, removed, options,
+      propagation;
+    - hostname and domainname, the writable sysctls (``net.*`` of the sandbox's network namespace),
+      network links, addresses and routes (netlink, through pyroute2), SysV IPC objects and POSIX
+      message queues: read by a short-lived thread that joined the sandbox's uts, ipc and net
+      namespaces (those files and sockets show the reader's namespace);
+    - named network namespaces (``/run/netns`` in the sandbox) and the processes of its pid
+      namespace.
+
+    What cannot be seen here: writes to file systems that are not the overlay (a fresh tmpfs the
+    sandbox mounts, bind mounts of the real host), and anything outside the sandbox's namespaces.
+    """
     state = HostState()
     pid = sandbox.init_pid
     thread = None

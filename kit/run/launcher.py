@@ -1,12 +1,4 @@
-"""The launcher: starts a lifecycle run from any process (pytest, the CLI) and collects it.
-
-The run itself happens in a fresh, lean supervisor process (:mod:`kit.run.supervisor`), never in
-the caller: no thread of the caller ever calls unshare, setns or setresuid.
-
->>> result = run("reference", "root", ["/bin/sh", "-c", "exit 7"])
->>> result.exit_code
-7
-"""
+"""The launcher: starts a lifecycle run from any process (pytest, the CLI) and collects it."""
 
 from __future__ import annotations
 
@@ -628,6 +620,11 @@ def run(
     ``capture`` collects the payload's stdout/stderr into the result (else inherited).
     ``pass_fds`` are open in the starter under the same numbers (for
     ``StarterConfig.keep_file_descriptor``).
+
+    The run itself happens in a fresh, lean supervisor process (:mod:`kit.run.supervisor`), never in
+    the caller: no thread of the caller ever calls unshare, setns or setresuid.
+
+    >>> result = run("reference", "root", ["/bin/sh", "-c", "exit 7"]) >>> result.exit_code 7
     """
     return start(
         engine, flow, argv, capture=capture, stdin=stdin, pass_fds=pass_fds, **options

@@ -1,36 +1,4 @@
-"""The per-run host sandbox: the "host" a real-backend run sees when the kit is launched as root.
-
-The engine under test runs as root; without a sandbox a buggy one changes the real machine.
-Each run therefore happens inside new mount, uts, ipc, net (``lo`` up) and pid namespaces of
-the launch user namespace (so credentials, capabilities and the flows mean what they mean on
-the host), over a copy-on-write view of the root file system (SPEC §11):
-
-- ``/`` is an overlay: the real root file system as its lower layer, an upper layer on a
-  tmpfs that only the sandbox has; the host's other mounts are bound in read-only, except the
-  places a run legitimately writes (:data:`WRITABLE`: copy-on-write as well) and the
-  directories the kit shares with the run (its temporary directory, the coverage directory);
-- ``/proc`` is a fresh proc of the new pid namespace with ``/proc/sys`` (but ``net.*``) and
-  the host-global knobs read-only; ``/sys`` a fresh read-only sysfs; ``/dev`` a tmpfs with the
-  harmless devices, a fresh devpts, ``/dev/shm`` and ``/dev/mqueue``;
-- ``/`` is made shared (a peer group of the sandbox's own), as on most hosts.
-
-Pid 1 of the sandbox is a small init that builds all this, then only reaps orphans. It is
-forked (:func:`build`) by the zygote, which builds the next run's sandbox while a run goes on,
-or by a supervisor that builds its own. The supervisor, which keeps the host's namespaces and
-``/proc``, takes it over (:func:`adopt`) and forks the starter into the sandbox's pid
-namespace; the starter enters init's other namespaces (:func:`enter`). When init ends (asked
-by its parent with SIGTERM, so that it saves its coverage data, else SIGKILLed; it dies with
-its parent), the kernel ends every process of the run; the namespaces, mounts and the tmpfs
-go with their last reference (:func:`end`).
-
-This protects the host from mistakes, not from a hostile root: a process that is root in the
-launch user namespace may still undo the sandbox's read-only mounts, mount a new proc, or use
-raw devices. The host-global system calls (clock, modules, reboot, swap…) are refused by
-:mod:`kit.run.seccomp`'s filter, installed in one place for both backends, sandboxed or not: the
-starter, first thing (``seccomp.install_for_run``); every process of the run descends from
-it. Init, which runs no engine code but which root in the sandbox could ptrace, gets the same
-rules on itself (:func:`_confine_init`).
-"""
+"""The per-run host sandbox: the host a real-backend run sees when launched as root."""
 
 from __future__ import annotations
 
@@ -99,6 +67,37 @@ class HostSandbox:
     root overlay's upper layer (every path the run created, changed or deleted); the
     supervisor holds it open, so it stays readable after init is gone. ``upper_dirs``: the
     same for every copy-on-write mount, by mount point (``"/"`` included).
+
+    The engine under test runs as root; without a sandbox a buggy one changes the real machine. Each
+    run therefore happens inside new mount, uts, ipc, net (``lo`` up) and pid namespaces of the
+    launch user namespace (so credentials, capabilities and the flows mean what they mean on the
+    host), over a copy-on-write view of the root file system (SPEC §11):
+
+    - ``/`` is an overlay: the real root file system as its lower layer, an upper layer on a tmpfs
+      that only the sandbox has; the host's other mounts are bound in read-only, except the places a
+      run legitimately writes (:data:`WRITABLE`: copy-on-write as well) and the directories the kit
+      shares with the run (its temporary directory, the coverage directory);
+    - ``/proc`` is a fresh proc of the new pid namespace with ``/proc/sys`` (but ``net.*``) and the
+      host-global knobs read-only; ``/sys`` a fresh read-only sysfs; ``/dev`` a tmpfs with the
+      harmless devices, a fresh devpts, ``/dev/shm`` and ``/dev/mqueue``;
+    - ``/`` is made shared (a peer group of the sandbox's own), as on most hosts.
+
+    Pid 1 of the sandbox is a small init that builds all this, then only reaps orphans. It is forked
+    (:func:`build`) by the zygote, which builds the next run's sandbox while a run goes on, or by a
+    supervisor that builds its own. The supervisor, which keeps the host's namespaces and ``/proc``,
+    takes it over (:func:`adopt`) and forks the starter into the sandbox's pid namespace; the
+    starter enters init's other namespaces (:func:`enter`). When init ends (asked by its parent with
+    SIGTERM, so that it saves its coverage data, else SIGKILLed; it dies with its parent), the
+    kernel ends every process of the run; the namespaces, mounts and the tmpfs go with their last
+    reference (:func:`end`).
+
+    This protects the host from mistakes, not from a hostile root: a process that is root in the
+    launch user namespace may still undo the sandbox's read-only mounts, mount a new proc, or use
+    raw devices. The host-global system calls (clock, modules, reboot, swap…) are refused by
+    :mod:`kit.run.seccomp`'s filter, installed in one place for both backends, sandboxed or not: the
+    starter, first thing (``seccomp.install_for_run``); every process of the run descends from it.
+    Init, which runs no engine code but which root in the sandbox could ptrace, gets the same rules
+    on itself (:func:`_confine_init`).
     """
 
     init_pid: int

@@ -1,27 +1,4 @@
-"""Seccomp filters of a run: fake-backend containment and host-global refusals (SPEC §9, §11).
-
-Two lists of system calls, each refused through seccomp user notification: the thread that
-makes one stops in the kernel, the supervisor (which holds the filter's listener and is not
-under the filter) reads the call, records it in the ledger with the process role and the
-hook open in it, and answers EPERM. Nothing in the list ever runs.
-
-- :data:`CONTAINMENT` (category ``system-interface``): the privileged calls an engine could
-  make around :mod:`kit.system`. In the fake backend the model stands for the kernel, so the
-  same call made directly would change the real host (as root) or be invisible to the model.
-- :data:`HOST_GLOBAL` (category ``host-global``): calls whose effect no namespace confines
-  (the clock, kernel modules, reboot, kexec, swap, process accounting…). The real backend's
-  starter runs under them when launched as root, in the host sandbox or not (the sandbox's
-  init too, without a listener: :mod:`kit.run.sandbox`); the fake backend under both lists.
-
-The one place a run's filter is installed is the starter, first thing
-(:func:`install_for_run`, from ``kit.starter.stage1.Starter.main``).
-
-The filter is classic BPF: check the architecture (x86-64 only), refuse x32 system call
-numbers, then compare the call number with each entry (a few entries also test an argument,
-e.g. clone's namespace flags). Filters are inherited by every child and kept across exec, so
-one filter installed early in the starter covers stage 1, the master, the container side,
-the RPC server, stage 2 and the payload.
-"""
+"""Seccomp filters of a run: fake-backend containment and host-global refusals."""
 
 from __future__ import annotations
 
@@ -236,7 +213,12 @@ def build_program(
     """The filter for ``rules``: x86-64 only (another architecture, e.g. a 32-bit
     ``int 0x80``, kills the process: its numbers mean other calls), x32 numbers notified,
     each rule's call notified (when its argument test matches), clone3 ENOSYS, the rest
-    allowed. Without ``notify``, refused calls fail with EPERM at once, unrecorded."""
+    allowed. Without ``notify``, refused calls fail with EPERM at once, unrecorded.
+
+    The filter is classic BPF: check the architecture (x86-64 only), refuse x32 system call numbers,
+    then compare the call number with each entry (a few entries also test an argument, e.g. clone's
+    namespace flags).
+    """
     rules = list(rules)
     asm = _Assembler()
     asm.op(_LD_ABS, _OFF_ARCH)
@@ -348,7 +330,26 @@ def install_for_run(backend: str, channel: socket.socket) -> str | None:
     copy (an engine holding the listener could answer its own calls). A filter that cannot
     be installed is described instead (the supervisor records why); the result is then why
     the run must not go on: the fake backend as root without its containment would let an
-    engine's direct calls change the real host. None: go on."""
+    engine's direct calls change the real host. None: go on.
+
+    SPEC §9, §11. Two lists of system calls, each refused through seccomp user notification: the
+    thread that makes one stops in the kernel, the supervisor (which holds the filter's listener and
+    is not under the filter) reads the call, records it in the ledger with the process role and the
+    hook open in it, and answers EPERM. Nothing in the list ever runs.
+
+    - :data:`CONTAINMENT` (category ``system-interface``): the privileged calls an engine could make
+      around :mod:`kit.system`. In the fake backend the model stands for the kernel, so the same
+      call made directly would change the real host (as root) or be invisible to the model.
+    - :data:`HOST_GLOBAL` (category ``host-global``): calls whose effect no namespace confines (the
+      clock, kernel modules, reboot, kexec, swap, process accounting…). The real backend's starter
+      runs under them when launched as root, in the host sandbox or not (the sandbox's init too,
+      without a listener: :mod:`kit.run.sandbox`); the fake backend under both lists.
+
+    This is the one place a run's filter is installed: the starter, first thing (from
+    ``kit.starter.stage1.Starter.main``). Filters are inherited by every child and kept across exec,
+    so one filter installed early in the starter covers stage 1, the master, the container side, the
+    RPC server, stage 2 and the payload.
+    """
     privileged = _has_sys_admin()
     choice = rules_for(backend, privileged)
     try:

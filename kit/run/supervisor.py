@@ -1,20 +1,4 @@
-"""The supervisor: the lean, single-threaded process that owns one run.
-
-It imports everything the run needs (the kit and the engine) before forking the
-starter, so no process of the run imports after a privilege change. It is a child subreaper:
-every process of the run that loses its parent comes back to it, so nothing escapes. It
-collects the ledger, enforces the per-hook timeout (a hung hook gets the run's whole process
-tree killed and the ledger names the hook), and checks that nothing was left behind:
-processes, mounts in the host mount namespace, named network namespaces, files in the run's
-temporary directory.
-
-Usage (by :mod:`kit.run.launcher`): ``python -m kit.run.supervisor REQUEST_FD RESULT_FD``. The
-request is a :class:`kit.run.request.RunRequest` as JSON; the result, written when the run is
-over, is ``{"exit_code", "reason", "ledger", "leaks", "timed_out"}``. The first line on
-RESULT_FD is ``started <starter pid> <run dir>`` as soon as the starter exists, followed, for
-a run in the host sandbox, by ``{"sandbox_pid", "sandbox_mounts"}`` (JSON: its init's host pid,
-its mount table before the starter was forked).
-"""
+"""The supervisor: the lean, single-threaded process that owns one run."""
 
 from __future__ import annotations
 
@@ -110,6 +94,16 @@ def _configure_probes(req: RunRequest, run_dir: str) -> None:
 
 
 class Supervisor:
+    """One run's supervisor.
+
+    It imports everything the run needs (the kit and the engine) before forking the starter, so no
+    process of the run imports after a privilege change. It is a child subreaper: every process of
+    the run that loses its parent comes back to it, so nothing escapes. It collects the ledger,
+    enforces the per-hook timeout (a hung hook gets the run's whole process tree killed and the
+    ledger names the hook), and checks that nothing was left behind: processes, mounts in the host
+    mount namespace, named network namespaces, files in the run's temporary directory.
+    """
+
     def __init__(self, request: RunRequest) -> None:
         self.req = request
         self.events: list[dict[str, Any]] = []
@@ -891,7 +885,14 @@ def run_supervised(
 
 
 def main(argv: list[str]) -> int:
-    """``python -m kit.run.supervisor REQUEST_FD RESULT_FD``: one run in a fresh interpreter."""
+    """``python -m kit.run.supervisor REQUEST_FD RESULT_FD``: one run in a fresh interpreter.
+
+    Used by :mod:`kit.run.launcher`. The request is a :class:`kit.run.request.RunRequest` as JSON;
+    the result, written when the run is over, is ``{"exit_code", "reason", "ledger", "leaks",
+    "timed_out"}``. The first line on RESULT_FD is ``started <starter pid> <run dir>`` as soon as
+    the starter exists, followed, for a run in the host sandbox, by ``{"sandbox_pid",
+    "sandbox_mounts"}`` (JSON: its init's host pid, its mount table before the starter was forked).
+    """
     req_fd, result_fd = int(argv[0]), int(argv[1])
     default_signals()
     with os.fdopen(req_fd, "rb") as f:

@@ -1,29 +1,4 @@
-"""The zygote: a lean, pre-imported, single-threaded process that forks one supervisor per run.
-
-Starting a fresh interpreter and importing the kit and the engine costs far more than a
-whole lifecycle; the zygote pays it once per launcher process. It never changes its own
-credentials or namespaces (building a host sandbox, it sets the pid namespace of one child,
-init's, and restores its own at once): each run happens in a forked child that becomes the run's
-supervisor (:mod:`kit.run.supervisor`), in its own session.
-
-Every process of a run is forked from it, directly or not, so it is kept cheap to fork:
-after new imports it collects, freezes (``gc.freeze``) and returns its free heap pages to the
-kernel; the kit itself does not import pyroute2 (``lo`` goes up with an ioctl); and what a
-supervisor would first compute cold, right after the fork, it computes here, warm (the fake
-backend's initial model; the temporary directory). For the host sandbox it goes further: right
-after forking a sandboxed run's supervisor it makes the next run's directory and host sandbox,
-and reads the sandbox's state before any run (kit.run.supervisor.prepare_ahead), while that run
-goes on; the next supervisor only adopts them. Their init is the zygote's child: the zygote
-ends it once the supervisor that adopted it is gone, off the path of the run's result.
-
-Protocol on the control socket (``SOCK_SEQPACKET``, one datagram per message):
-launcher → zygote: ``{"request": RunRequest JSON, "targets": [fd numbers]}`` with the file
-descriptors attached in this order: stdin, stdout, stderr, the result pipe's write end, then
-one per entry of ``targets`` (each lands under that number in the run). Zygote → launcher:
-``{"pid": supervisor pid}`` or ``{"error": message}``. ``{"status_of": pid}`` asks how a
-supervisor that has exited ended: ``{"status": wait status}``, null when unknown (the zygote
-reaps its children and keeps the last statuses). EOF on the control socket ends the zygote.
-"""
+"""The zygote: a lean, pre-imported, single-threaded process that forks one supervisor per run."""
 
 from __future__ import annotations
 
@@ -157,6 +132,16 @@ def _drop(ahead: Ahead) -> None:
 
 
 def _serve(control: socket.socket, spare: list[Ahead | None]) -> int:
+    """Answer the launcher's messages on the control socket until EOF.
+
+    Protocol (``SOCK_SEQPACKET``, one datagram per message): launcher → zygote: ``{"request":
+    RunRequest JSON, "targets": [fd numbers]}`` with the file descriptors attached in this order:
+    stdin, stdout, stderr, the result pipe's write end, then one per entry of ``targets`` (each
+    lands under that number in the run). Zygote → launcher: ``{"pid": supervisor pid}`` or
+    ``{"error": message}``. ``{"status_of": pid}`` asks how a supervisor that has exited ended:
+    ``{"status": wait status}``, null when unknown (the zygote reaps its children and keeps the last
+    statuses). EOF on the control socket ends the zygote.
+    """
     while True:
         reap()
         try:
@@ -224,6 +209,24 @@ def _serve(control: socket.socket, spare: list[Ahead | None]) -> int:
 
 
 def main(argv: list[str]) -> int:
+    """Run the zygote on the control socket ``argv[0]`` until EOF.
+
+    Starting a fresh interpreter and importing the kit and the engine costs far more than a whole
+    lifecycle; the zygote pays it once per launcher process. It never changes its own credentials or
+    namespaces (building a host sandbox, it sets the pid namespace of one child, init's, and
+    restores its own at once): each run happens in a forked child that becomes the run's supervisor
+    (:mod:`kit.run.supervisor`), in its own session.
+
+    Every process of a run is forked from it, directly or not, so it is kept cheap to fork: after
+    new imports it collects, freezes (``gc.freeze``) and returns its free heap pages to the kernel;
+    the kit itself does not import pyroute2 (``lo`` goes up with an ioctl); and what a supervisor
+    would first compute cold, right after the fork, it computes here, warm (the fake backend's
+    initial model; the temporary directory). For the host sandbox it goes further: right after
+    forking a sandboxed run's supervisor it makes the next run's directory and host sandbox, and
+    reads the sandbox's state before any run (kit.run.supervisor.prepare_ahead), while that run goes
+    on; the next supervisor only adopts them. Their init is the zygote's child: the zygote ends it
+    once the supervisor that adopted it is gone, off the path of the run's result.
+    """
     control = socket.socket(fileno=int(argv[0]))
     default_signals()  # before our own SIGCHLD handler: the launcher's shell may ignore some
     # Reap finished supervisors at once (the handler runs between retries of recv).

@@ -1,9 +1,4 @@
-"""StarterConfig: what ``prepare_config`` asks the starter to do (``SPEC.md`` §5).
-
-The engine fills it in stage 1 through the setters; it crosses to the starter as JSON, where
-:meth:`StarterConfig.validate` rejects invalid combinations before any namespace exists, with
-a message naming the setting.
-"""
+"""StarterConfig: what ``prepare_config`` asks the starter to do (``SPEC.md`` §5)."""
 
 from __future__ import annotations
 
@@ -59,6 +54,10 @@ class StarterConfig:
     Read-only facts: ``flow`` (one of root, suid, userns, fakeroot, hybrid), ``is_suid``
     (started through the setuid starter: suid and hybrid), ``invoker_uid``/``invoker_gid``
     (the real ids of the caller, U in every flow but root).
+
+    The engine fills it in stage 1 through the setters; it crosses to the starter as JSON, where
+    :meth:`validate` rejects invalid combinations before any namespace exists, with a message naming
+    the setting.
     """
 
     def __init__(self, flow: str, invoker_uid: int, invoker_gid: int) -> None:

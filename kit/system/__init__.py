@@ -1,10 +1,4 @@
-"""The system interface: every privileged action of the starter and of engines.
-
-The starter and engines never call the kernel directly; they call the active
-:class:`System` (``kit.system.current()``). :class:`RealSystem` acts on the kernel through
-:mod:`kit.system.linux`. A fake implementation (a model of namespaces, mounts and credentials) can
-be swapped in for machines without namespaces (``SPEC.md`` §9).
-"""
+"""The system interface: every privileged action of the starter and of engines."""
 
 from __future__ import annotations
 
@@ -20,7 +14,13 @@ from kit.system import linux
 class System:
     """The interface. Subclasses implement the primitives; the credential transitions of
     the flows (:meth:`become_user`, :meth:`emulate_setuid_exec`, :meth:`drop_effective`) are
-    written once, here, in terms of them."""
+    written once, here, in terms of them.
+
+    The starter and engines never call the kernel directly; they call the active system
+    (:func:`current`). :class:`RealSystem` acts on the kernel through :mod:`kit.system.linux`; the
+    fake backend (:mod:`kit.system.fake`, a model of namespaces, mounts and credentials) can be
+    swapped in for machines without namespaces (``SPEC.md`` §9).
+    """
 
     name = "abstract"
 

@@ -1,11 +1,4 @@
-"""Raw kernel access: the only module of the kit that calls ctypes.
-
-Everything here is a thin, typed wrapper over one system call or one ``/proc`` file, raising
-``OSError`` with the errno the kernel returned. Policy (what to call, in which order, with
-which values) lives in the callers: :mod:`kit.system` and :mod:`kit.starter`.
-
-Python 3.11 has no ``os.unshare``/``os.setns`` and no capability calls, hence ctypes.
-"""
+"""Raw kernel access: the only module of the kit that calls ctypes."""
 
 from __future__ import annotations
 
@@ -23,6 +16,10 @@ import threading
 from collections.abc import Iterable
 from typing import NamedTuple
 
+# Every function here is a thin, typed wrapper over one system call or one /proc file, raising
+# OSError with the errno the kernel returned; policy (what to call, in which order, with which
+# values) lives in the callers, kit.system and kit.starter. Python 3.11 has no os.unshare or
+# os.setns and no capability calls, hence ctypes.
 _libc = ctypes.CDLL(None, use_errno=True)
 # PyDLL keeps the GIL across the call: required for clone, whose child resumes in the
 # interpreter and must find the GIL held by its only thread.
