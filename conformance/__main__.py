@@ -1,6 +1,4 @@
-"""``python -m conformance catalogue``: print the requirement catalogue as Markdown; ``spec``:
-print the contract; ``report``: render a saved JSON report, or merge shard reports
-(``--merge``); ``diff``: compare two reports; ``gate``: the conformance gate of a pipeline."""
+"""``python -m conformance``: catalogue, spec, report, diff and gate commands."""
 
 from __future__ import annotations
 

@@ -1,21 +1,4 @@
-"""Engine capabilities: what an engine can do beyond the mandatory contract.
-
-Modelled on SQLAlchemy's ``testing/requirements.py``: every capability is one property with a
-one-line docstring, so this class reads as the catalogue of optional features. An engine
-declares what it supports by subclassing :class:`Capabilities` and overriding properties, and
-attaching the class (or an instance) either
-
-- as ``conformance_capabilities`` on its :class:`kit.contract.Operations` class, or
-- with :func:`register_capabilities` (e.g. from the function that registers the engine).
-
-A test that needs a capability says so with ``@requires("name")``; when the engine does not
-declare it, the test's requirements are reported **not-supported** (never passed). Unknown
-names are an error at collection (a closed vocabulary, as runc's ``requires``).
-
-The cooperation protocols (what an engine must do when it declares ``fault_injection`` or
-``join_only``) are described on the properties; :mod:`conformance.cooperation` implements
-both for any engine, as an example and for testing the suite itself.
-"""
+"""Engine capabilities: what an engine can do beyond the mandatory contract."""
 
 from __future__ import annotations
 
@@ -48,7 +31,23 @@ FAULTS = {
 
 
 class Capabilities:
-    """Optional features of an engine. Override a property to return True to declare it."""
+    """Optional features of an engine. Override a property to return True to declare it.
+
+    Modelled on SQLAlchemy's ``testing/requirements.py``: every capability is one property with a
+    one-line docstring, so this class reads as the catalogue of optional features. An engine
+    declares what it supports by subclassing this class and overriding properties, and attaching the
+    class (or an instance) either as ``conformance_capabilities`` on its
+    :class:`kit.contract.Operations` class, or with :func:`register_capabilities` (e.g. from the
+    function that registers the engine).
+
+    A test that needs a capability says so with ``@requires("name")``; when the engine does not
+    declare it, the test's requirements are reported **not-supported** (never passed). Unknown names
+    are an error at collection (a closed vocabulary, as runc's ``requires``).
+
+    The cooperation protocols (what an engine must do when it declares ``fault_injection`` or
+    ``join_only``) are described on the properties; :mod:`conformance.cooperation` implements both
+    for any engine.
+    """
 
     @property
     def host_payloads(self) -> bool:

@@ -1,21 +1,4 @@
-"""A ready-made implementation of the suite's cooperation protocols, for any engine.
-
-The error paths of the engine's own requirements (start_process raising) and the join-only
-tests need the engine to fail or join on request (SPEC §2 error table, §5); the error paths of
-the kit's requirements are made by the kit itself (:mod:`kit.starter.inject`) and need nothing.
-:func:`cooperative` derives, from an engine's Operations class, a class that honours the two
-engine-config fields of :mod:`conformance.capabilities` and declares the capabilities
-``fault_injection`` and ``join_only``:
-
-    from conformance.cooperation import cooperative
-    register_operations("myengine-under-test", cooperative(MyEngine))
-    register_rpc_methods("myengine-under-test", MyRPC)
-
-Everything else is the engine's own code, so the suite still checks the engine's hooks on
-those paths (cleanup_container after a failure, the privileges of a join-only run…).
-``register_reference`` does this for the kit's reference engine:
-``pytest --engine=conformance.cooperation:register_reference``.
-"""
+"""A ready-made implementation of the suite's cooperation protocols, for any engine."""
 
 from __future__ import annotations
 
@@ -61,7 +44,21 @@ def _extended(base: type) -> type:
 
 
 def cooperative(ops: type, *, faults: bool = True, join: bool = True) -> type:
-    """A subclass of the Operations class ``ops`` that fails, hangs or joins on request."""
+    """A subclass of the Operations class ``ops`` that fails, hangs or joins on request.
+
+    The error paths of the engine's own requirements (start_process raising) and the join-only tests
+    need the engine to fail or join on request (SPEC §2 error table, §5); the error paths of the
+    kit's requirements are made by the kit itself (:mod:`kit.starter.inject`) and need nothing. The
+    subclass honours the two engine-config fields of :mod:`conformance.capabilities` and declares
+    the capabilities ``fault_injection`` and ``join_only``::
+
+        from conformance.cooperation import cooperative
+        register_operations("myengine-under-test", cooperative(MyEngine))
+        register_rpc_methods("myengine-under-test", MyRPC)
+
+    Everything else is the engine's own code, so the suite still checks the engine's hooks on those
+    paths (cleanup_container after a failure, the privileges of a join-only run…).
+    """
     declared = getattr(ops, "conformance_capabilities", None) or Capabilities
     base_caps = declared if isinstance(declared, type) else type(declared)
 
@@ -153,7 +150,10 @@ def cooperative(ops: type, *, faults: bool = True, join: bool = True) -> type:
 
 
 def register_reference() -> None:
-    """Register the reference engine with both protocols as ``reference-cooperative``."""
+    """Register the reference engine with both protocols as ``reference-cooperative``.
+
+    Use it as ``pytest --engine=conformance.cooperation:register_reference``.
+    """
     # Engines import this module at run time: only this registrar loads the reference engine.
     from reference_engines.minimal import ReferenceEngine, ReferenceRPC  # noqa: PLC0415
 

@@ -1,16 +1,4 @@
-"""``python -m conformance diff old.json new.json``: which requirements changed outcome.
-
-Results are matched by (requirement, flow). Each change falls in one class, listed in this
-order (Markdown, for a pull-request comment):
-
-- **regressions** — now failed or broken, and not before (also a new result that fails);
-- **fixed** — failed or broken before, now passed or a declared known failure (xfail);
-- **no longer decided** — passed before, now not-configured, not-supported or absent;
-- **newly decided** — passes now, was not decided before;
-- **other changes** — e.g. failed → broken, passed → xfail, not-supported → not-configured.
-
-The exit status is 1 when there is a regression, 0 otherwise (2 when a report is unreadable).
-"""
+"""``python -m conformance diff old.json new.json``: which requirements changed outcome."""
 
 from __future__ import annotations
 
@@ -76,7 +64,17 @@ class Change:
 
 
 def compare(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list[Change]]:
-    """Changes by class; within a class MUST first, then the new report's order."""
+    """Changes by class; within a class MUST first, then the new report's order.
+
+    Results are matched by (requirement, flow). Each change falls in one class, listed in this order
+    (Markdown, for a pull-request comment):
+
+    - **regressions** — now failed or broken, and not before (also a new result that fails);
+    - **fixed** — failed or broken before, now passed or a declared known failure (xfail);
+    - **no longer decided** — passed before, now not-configured, not-supported or absent;
+    - **newly decided** — passes now, was not decided before;
+    - **other changes** — e.g. failed → broken, passed → xfail, not-supported → not-configured.
+    """
     before = {(e["requirement"], e["flow"]): e for e in old["results"]}
     after = {(e["requirement"], e["flow"]): e for e in new["results"]}
     keys = list(after) + [k for k in before if k not in after]

@@ -1,26 +1,14 @@
-"""What the contract expects, as data: the privilege table of ``SPEC.md`` §4, the namespace
-rules, the order rules of §2 and the error table.
-
-Nothing here looks at a ledger; :mod:`conformance.checks` reads these tables and applies them
-to the events of a run. A test says which requirement it decides and the checks find the
-rows tagged with that requirement, so the table is the single place where a cell of the
-contract is written down.
-
-Symbols for ids (uids of a snapshot, real/effective/saved):
-
-- ``ZERO``       the id is 0 in the process's own user namespace;
-- ``INVOKER``    the id is U, literally (the process is in the host user namespace);
-- ``MAPS_TO_U``  the id, translated through the process's uid_map, is U on the host;
-- ``ROOT_AS_U``  the id is 0 in the process's user namespace and that 0 is U on the host;
-- ``TARGET``     the target uid the StarterConfig asks for (0 when none);
-- ``None``       not constrained.
-"""
+"""What the contract expects, as data: privileges, namespaces, order and errors."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
+# The privilege table of SPEC.md §4, the namespace rules, the order rules of §2 and the error table.
+# Nothing here looks at a ledger: conformance.checks reads these tables and applies them to the
+# events of a run. A test says which requirement it decides and the checks find the rows tagged with
+# that requirement, so the table is the single place where a cell of the contract is written down.
 FLOWS = ("root", "suid", "userns", "fakeroot", "hybrid")
 ROLES = ("stage1", "master", "rpc", "stage2")
 HOOK_KINDS = ("hook_enter", "hook_return", "hook_raise")
@@ -28,6 +16,11 @@ HOOK_KINDS = ("hook_enter", "hook_return", "hook_raise")
 #: §4: the table holds at every RPC method entry and return, on every thread).
 METHOD_KINDS = ("rpc_method_enter", "rpc_method_return")
 
+# Symbols for ids (uids of a snapshot, real/effective/saved). ZERO: the id is 0 in the process's own
+# user namespace. INVOKER: the id is U, literally (the process is in the host user namespace).
+# MAPS_TO_U: the id, translated through the process's uid_map, is U on the host. ROOT_AS_U: the id
+# is 0 in the process's user namespace and that 0 is U on the host. TARGET: the target uid the
+# StarterConfig asks for (0 when none). None: not constrained.
 ZERO, INVOKER, MAPS_TO_U, ROOT_AS_U, TARGET = (
     "0",
     "U",

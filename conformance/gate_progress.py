@@ -1,10 +1,4 @@
-"""The pytest plugin the gate loads (``-p conformance.gate_progress``) for its progress line.
-
-On the controller (never in a pytest-xdist worker) it writes one JSON object per line to the
-file descriptor named by ``$KIT_GATE_PROGRESS_FD``: ``{"total": N}`` once the tests are
-known, then ``{"nodeid", "outcome", "failed"}`` per finished test (``failed``: how many of
-its requirement results failed or broke). Without the variable it does nothing.
-"""
+"""The pytest plugin the gate loads (``-p conformance.gate_progress``) for its progress line."""
 
 from __future__ import annotations
 
@@ -15,6 +9,10 @@ from typing import IO, Any
 import pytest
 
 ENV = "KIT_GATE_PROGRESS_FD"
+# On the controller (never in a pytest-xdist worker) it writes one JSON object per line to the file
+# descriptor named by $KIT_GATE_PROGRESS_FD: {"total": N} once the tests are known, then {"nodeid",
+# "outcome", "failed"} per finished test (failed: how many of its requirement results failed or
+# broke). Without the variable it does nothing.
 _out: IO[str] | None = None
 _total_sent = False
 

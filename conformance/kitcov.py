@@ -1,21 +1,4 @@
-"""Coverage across forks, uids and namespaces, for ``ci/coverage`` and ``gate --coverage``.
-
-How it works (the kit's README.md, "Coverage across forks and namespaces"): the
-command runs with ``COVERAGE_PROCESS_START`` naming a config with ``parallel = true`` and
-``patch = _exit, subprocess, execv``; coverage's ``.pth`` file starts measuring in every
-Python process of the environment (pytest, its xdist workers, the kit's zygote and
-supervisors); forked children inherit the running measurement, and save it when they leave
-through ``os._exit`` or ``exec``. Every process writes its own data file into a directory
-that every uid can write (mode 1777) and that no container mounts over (not ``/tmp``: the
-reference engine mounts a tmpfs there). Then the files are combined.
-
-A process killed by SIGKILL (a hook timeout kills the run's whole process tree) can leave a
-data file that is empty or half-written: :func:`combine` sets those aside and says so.
-
-:func:`unexecuted` is the check that matters: code that only runs in forked children
-(stage 1, the master, the RPC server, stage 2, the supervisor) must show as executed.
-If it does not, the measurement lost the children — a broken setup, not untested code.
-"""
+"""Coverage across forks, uids and namespaces, for ``ci/coverage`` and ``gate --coverage``."""
 
 from __future__ import annotations
 
@@ -54,7 +37,17 @@ def require_coverage() -> Any:
 
 def prepare(data_dir: Path, clean: bool = True) -> Path:
     """Create ``data_dir`` with mode 1777 (every uid of a run may write its file); with
-    ``clean``, remove the data of earlier runs."""
+    ``clean``, remove the data of earlier runs.
+
+    How it works (the kit's README.md, "Coverage across forks and namespaces"): the command runs
+    with ``COVERAGE_PROCESS_START`` naming a config with ``parallel = true`` and ``patch = _exit,
+    subprocess, execv``; coverage's ``.pth`` file starts measuring in every Python process of the
+    environment (pytest, its xdist workers, the kit's zygote and supervisors); forked children
+    inherit the running measurement, and save it when they leave through ``os._exit`` or ``exec``.
+    Every process writes its own data file into a directory that every uid can write (mode 1777) and
+    that no container mounts over (not ``/tmp``: the reference engine mounts a tmpfs there). Then
+    the files are combined.
+    """
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(data_dir, 0o1777)
@@ -119,7 +112,11 @@ def _readable(path: Path) -> str | None:
 
 def combine(config_file: Path, data_file: Path, append: bool = False) -> Combined:
     """Combine every ``<data_file>.*`` into ``data_file``; corrupt files (from killed
-    processes) are moved to ``corrupt/`` beside them and listed, never fatal."""
+    processes) are moved to ``corrupt/`` beside them and listed, never fatal.
+
+    A process killed by SIGKILL (a hook timeout kills the run's whole process tree) can leave a data
+    file that is empty or half-written.
+    """
     coverage = require_coverage()
     data_file = Path(data_file)
     result = Combined(data_file)
@@ -222,7 +219,12 @@ def function_span(source: str, qualname: str) -> tuple[int, int] | None:
 
 def unexecuted(cov: Any, targets: Iterable[tuple[str, str]]) -> list[FunctionCoverage]:
     """Coverage of each ``(path, qualname)``; :attr:`FunctionCoverage.ok` is False for one
-    that has no executed statement (or cannot be found)."""
+    that has no executed statement (or cannot be found).
+
+    This is the check that matters: code that only runs in forked children (stage 1, the master, the
+    RPC server, stage 2, the supervisor) must show as executed. If it does not, the measurement lost
+    the children — a broken setup, not untested code.
+    """
     out = []
     for path, qualname in targets:
         fc = FunctionCoverage(path, qualname)

@@ -1,15 +1,4 @@
-"""Decorators that tie a conformance test to what it checks.
-
-``@requirement("ORDER-001", ...)``  the requirement IDs the test decides (see
-                                     :mod:`conformance.requirements`);
-``@scenarios("default", ...)``      the lifecycle scenarios whose runs the test reads (the
-                                     plugin starts those runs ahead of the test);
-``@flows("suid", "hybrid")``        restrict the flows the test is parametrized with
-                                     (default: every flow);
-``@requires("fault_injection")``    an engine capability the test needs (else not-supported).
-
-They are plain pytest marks, so ``pytest -m`` and IDEs see them.
-"""
+"""Decorators that tie a conformance test to what it checks (plain pytest marks)."""
 
 from __future__ import annotations
 

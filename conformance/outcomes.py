@@ -1,18 +1,4 @@
-"""Outcomes of requirements, known failures, and the per-requirement results of a session.
-
-Outcome classes (one per requirement, flow and test):
-
-- ``passed``          every check of the requirement held;
-- ``failed``          a check did not hold (the engine or the kit breaks the contract), or a
-                      known failure passed unexpectedly, or (with ``--strict``) the
-                      environment could not run it;
-- ``broken``          the harness failed (the run could not be made, a suite error);
-- ``not-supported``   the engine does not declare a capability the check needs;
-- ``not-configured``  this machine cannot run the flow or scenario (the reason is given);
-- ``xfail``           listed in the engine's known-failures file, with its reason, and failed;
-- ``not-decided``     the run it reads failed early (a hook raised or hung, the starter failed):
-                      the run's root cause is reported once instead (:mod:`conformance.rootcause`).
-"""
+"""Outcomes of requirements, known failures, and the per-requirement results of a session."""
 
 from __future__ import annotations
 
@@ -24,6 +10,14 @@ from typing import Any
 from conformance import requirements
 from conformance.expectations import FLOWS
 
+# Outcome classes, one per requirement, flow and test. passed: every check of the requirement held.
+# failed: a check did not hold (the engine or the kit breaks the contract), or a known failure
+# passed unexpectedly, or (with --strict) the environment could not run it. broken: the harness
+# failed (the run could not be made, a suite error). not-supported: the engine does not declare a
+# capability the check needs. not-configured: this machine cannot run the flow or scenario (the
+# reason is given). xfail: listed in the engine's known-failures file, with its reason, and failed.
+# not-decided: the run it reads failed early (a hook raised or hung, the starter failed); the run's
+# root cause is reported once instead (conformance.rootcause).
 PASSED, FAILED, BROKEN = "passed", "failed", "broken"
 NOT_SUPPORTED, NOT_CONFIGURED, XFAIL = "not-supported", "not-configured", "xfail"
 NOT_DECIDED = "not-decided"

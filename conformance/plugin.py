@@ -1,19 +1,4 @@
-"""The pytest plugin (entry point ``pytest11: conformance``): ``pytest --engine=NAME``.
-
-Without an engine (no ``--engine``, no ini option ``engine``, no ``CONFORMANCE_ENGINE``) the
-plugin only registers its options and markers: any other test run is unaffected. With an
-engine it
-
-- collects the installed suite (``conformance/suite``) unless paths were given;
-- parametrizes each conformance test with the flows it applies to, deselects the flows not
-  asked for (``--flow``) and reports those this machine cannot run as not-configured
-  (failures with ``--strict``);
-- runs each (flow, scenario) lifecycle once per process, ahead of the tests that read it;
-- turns every test into one outcome per requirement (see :mod:`conformance.outcomes`), with
-  known failures (``--known-failures FILE``) as xfail;
-- writes the JSON report (``--conformance-report PATH``) on the controller, merging the
-  results and ledgers of pytest-xdist workers.
-"""
+"""The pytest plugin (entry point ``pytest11: conformance``): ``pytest --engine=NAME``."""
 
 from __future__ import annotations
 
@@ -359,6 +344,22 @@ def _preflight(engine: str, source: str, problems: list[Any]) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    """Register the markers; with an engine, set the session up.
+
+    Without an engine (no ``--engine``, no ini option ``engine``, no ``CONFORMANCE_ENGINE``) the
+    plugin only registers its options and markers: any other test run is unaffected. With an engine
+    it
+
+    - collects the installed suite (``conformance/suite``) unless paths were given;
+    - parametrizes each conformance test with the flows it applies to, deselects the flows not asked
+      for (``--flow``) and reports those this machine cannot run as not-configured (failures with
+      ``--strict``);
+    - runs each (flow, scenario) lifecycle once per process, ahead of the tests that read it;
+    - turns every test into one outcome per requirement (see :mod:`conformance.outcomes`), with
+      known failures (``--known-failures FILE``) as xfail;
+    - writes the JSON report (``--conformance-report PATH``) on the controller, merging the results
+      and ledgers of pytest-xdist workers.
+    """
     for text in MARKERS.values():
         config.addinivalue_line("markers", text)
     # Set on every item; known to pytest even when pytest-xdist is not loaded (-p no:xdist).

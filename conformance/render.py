@@ -1,20 +1,4 @@
-"""Readable reports from the JSON report (:mod:`conformance.report`), and its verdict.
-
-- :func:`verdict` — what a report means for a pipeline: conformant (exit 0), not conformant
-  (1), harness error (2), nothing could run here (3);
-- :func:`summary_markdown` — ``summary.md``: the verdict, the failures first with their
-  messages, then the table of requirements × flows (Markdown, for PR comments and CI
-  step summaries);
-- :func:`html_report` — ``report.html``: one self-contained page (no script, no external
-  asset; a Content-Security-Policy forbids any fetch): the same table, every failure
-  expandable to the ledger events it quotes, and a sequence diagram of one lifecycle per
-  flow drawn from its ledger — processes as lanes, hooks in order, the privilege state at
-  each hook;
-- :func:`terminal_summary` — the one-screen summary the gate prints.
-
-``python -m conformance report conformance.json --out DIR`` writes both files from a saved
-report; the gate (:mod:`conformance.gate`) writes them after its run.
-"""
+"""Readable reports from the JSON report (:mod:`conformance.report`), and its verdict."""
 
 from __future__ import annotations
 
@@ -242,7 +226,10 @@ def verdict(doc: dict[str, Any], strict: bool | None = None) -> Verdict:
     """What the report means for a pipeline: the engine's verdict (:func:`engine_verdict`,
     engine requirements only) with the kit's self-check line; a kit requirement that does not
     hold makes it a harness error (2), whatever the engine did, since the harness that judged
-    the engine is broken on this machine."""
+    the engine is broken on this machine.
+
+    Exit statuses: conformant 0, not conformant 1, harness error 2, nothing could run here 3.
+    """
     strict = bool(doc.get("environment", {}).get("strict")) if strict is None else strict
     v = engine_verdict(engine_view(doc), strict)
     check = self_check(doc)
@@ -861,6 +848,9 @@ def _md_root_causes(groups: list[rootcause.Group]) -> list[str]:
 def summary_markdown(
     doc: dict[str, Any], v: Verdict | None = None, max_message_lines: int = 30
 ) -> str:
+    """``summary.md``: the verdict, the failures first with their messages, then the table of
+    requirements × flows (Markdown, for PR comments and CI step summaries).
+    """
     v = v or verdict(doc)
     doc = engine_view(doc)  # the kit's results are the one self-check line of the reasons
     icon = {CONFORMANT: "✅", NOT_CONFORMANT: "❌", HARNESS_ERROR: "💥", NOTHING_RAN: "⬜"}[v.code]
@@ -1004,6 +994,7 @@ def wrap(text: Any, width: int, indent: str = "", subsequent: str | None = None)
 def terminal_summary(
     doc: dict[str, Any], v: Verdict, width: int = 100, max_failures: int = 8, max_lines: int = 30
 ) -> list[str]:
+    """The one-screen summary the gate prints."""
     doc = engine_view(doc)
     eng = doc["engine"]
     lines = wrap(
@@ -1399,6 +1390,13 @@ def _event_block(
 
 
 def html_report(doc: dict[str, Any], v: Verdict | None = None) -> str:
+    """``report.html``: one self-contained page.
+
+    No script, no external asset; a Content-Security-Policy forbids any fetch. The same table as
+    :func:`summary_markdown`, every failure expandable to the ledger events it quotes, and a
+    sequence diagram of one lifecycle per flow drawn from its ledger — processes as lanes, hooks in
+    order, the privilege state at each hook.
+    """
     v = v or verdict(doc)
     doc = engine_view(doc)
     eng = doc["engine"]
@@ -1619,7 +1617,11 @@ def write(
 
 def report_command(path: str, out_dir: str | None, strict: bool | None = None) -> int:
     """``python -m conformance report``: render a saved report; the exit status is its
-    verdict (2 when the file is not a readable report, or the reports cannot be written)."""
+    verdict (2 when the file is not a readable report, or the reports cannot be written).
+
+    ``python -m conformance report conformance.json --out DIR`` writes both files; the gate
+    (:mod:`conformance.gate`) writes them after its run.
+    """
     try:
         doc = load(path)
     except ReportError as exc:

@@ -1,35 +1,4 @@
-"""The machine-readable report (``--conformance-report PATH``) and its schema.
-
-Schema version 3 (published as JSON Schema: ``conformance/report.schema.json``)::
-
-    {
-      "schema_version": 3,
-      "suite_version": "0.1.0",
-      "generated": "2025-01-01T00:00:00+00:00",
-      "engine": {"spec", "name", "source", "origin", "capabilities": {name: bool},
-                 "capabilities_source"},
-      "environment": {"kernel", "machine", "python", "pytest", "uid", "euid",
-                      "user_namespaces": bool, "user_namespaces_reason", "invoker",
-                      "flows": {flow: {"runnable", "reason", "selected", "backend"}},
-                      "backend": {flow: backend}, "xdist_workers", "strict"},
-      "summary": {outcome: count, ..., "total"},
-      "results": [{"requirement", "subject", "level", "section", "text", "flow", "backend",
-                   "outcome", "test", "tests", "message", "runs", "checks"}],
-      "unchecked": [{"requirement", "subject", "level", "section", "text", "reason"}],
-      "known_failures": [{"requirement", "flows", "reason", "where"}],
-      "root_causes": [{"headline", "hook", "role", "error", "advice", "traceback", "run",
-                       "results", "flows", "runs"}],   (optional: runs that failed early)
-      "runs": [{"id", "flow", "scenario", "backend", "argv", "engine_config", "worker",
-                "seconds", "notes", "error", "exit_code", "reason", "leaks", "timed_out",
-                "stdout", "stderr", "ledger"}]
-    }
-
-``results`` has one entry per requirement × flow that the session decided (``checks``: how many
-individual checks were made; ``tests``: every test that decided it, ``test`` the one whose
-outcome is reported); ``runs`` holds the full ledger of every lifecycle run the results refer
-to. ``subject`` (version 3) is ``engine`` or ``kit``: who can break the requirement
-(:mod:`conformance.requirements`); the verdict counts engine results only.
-"""
+"""The machine-readable report (``--conformance-report PATH``) and its schema."""
 
 from __future__ import annotations
 
@@ -81,6 +50,39 @@ TOP_KEYS = (
 
 
 def build(state: Any, results: Results, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The report of a session.
+
+    Schema version 3 (published as JSON Schema: ``conformance/report.schema.json``)::
+
+        {
+          "schema_version": 3,
+          "suite_version": "0.1.0",
+          "generated": "2025-01-01T00:00:00+00:00",
+          "engine": {"spec", "name", "source", "origin", "capabilities": {name: bool},
+                     "capabilities_source"},
+          "environment": {"kernel", "machine", "python", "pytest", "uid", "euid",
+                          "user_namespaces": bool, "user_namespaces_reason", "invoker",
+                          "flows": {flow: {"runnable", "reason", "selected", "backend"}},
+                          "backend": {flow: backend}, "xdist_workers", "strict"},
+          "summary": {outcome: count, ..., "total"},
+          "results": [{"requirement", "subject", "level", "section", "text", "flow",
+                       "backend", "outcome", "test", "tests", "message", "runs", "checks"}],
+          "unchecked": [{"requirement", "subject", "level", "section", "text", "reason"}],
+          "known_failures": [{"requirement", "flows", "reason", "where"}],
+          "root_causes": [{"headline", "hook", "role", "error", "advice", "traceback",
+                           "run", "results", "flows", "runs"}],  (optional)
+          "runs": [{"id", "flow", "scenario", "backend", "argv", "engine_config", "worker",
+                    "seconds", "notes", "error", "exit_code", "reason", "leaks",
+                    "timed_out", "stdout", "stderr", "ledger"}]
+        }
+
+    ``results`` has one entry per requirement × flow that the session decided (``checks``: how many
+    individual checks were made; ``tests``: every test that decided it, ``test`` the one whose
+    outcome is reported); ``root_causes`` lists the runs that failed early; ``runs`` holds the full
+    ledger of every lifecycle run the results refer to. ``subject`` (version 3) is ``engine`` or
+    ``kit``: who can break the requirement (:mod:`conformance.requirements`); the verdict counts
+    engine results only.
+    """
     entries = results.merged()
     env = state.environment
     index = tests_by_requirement()

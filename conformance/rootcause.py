@@ -1,11 +1,4 @@
-"""Root cause of a run that failed early: the first thing that went wrong, and what to change.
-
-A run of a scenario that asks for no failure (or, for a fault scenario, a failure before the
-hook the fault targets) is *failed early* when its ledger records a hook that raised or hung,
-a starter error, a fatal error of the master or a stage-2 failure. Every result read from
-such a run is then not decided by it: the plugin reports them as ``not-decided`` under the
-run's headline instead of as dozens of failures with one cause.
-"""
+"""Root cause of a run that failed early: the first thing that went wrong, and what to change."""
 
 from __future__ import annotations
 
@@ -171,7 +164,14 @@ def _expected(event: dict[str, Any], target: str) -> bool:
 
 def find(scenario: str, events: Iterable[Any]) -> RootCause | None:
     """The root cause of a run of ``scenario`` with these ledger events, or None when the run
-    went as the scenario asks (successfully, or failing where its fault targets)."""
+    went as the scenario asks (successfully, or failing where its fault targets).
+
+    A run of a scenario that asks for no failure (or, for a fault scenario, a failure before the
+    hook the fault targets) is *failed early* when its ledger records a hook that raised or hung, a
+    starter error, a fatal error of the master or a stage-2 failure. Every result read from such a
+    run is then not decided by it: the plugin reports them as ``not-decided`` under the run's
+    headline instead of as dozens of failures with one cause.
+    """
     target = expected_hook(scenario)
     # The kit's injection starts at its kit_injected record: an engine's hook that failed on
     # its own before the kit could inject anything is the engine's root cause.

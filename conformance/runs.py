@@ -1,11 +1,4 @@
-"""Lifecycle runs: each (flow, scenario) is run once per pytest process and shared by every
-test that reads it.
-
-Runs are started ahead of the tests that need them, a few at a time in background threads
-(each run is a separate supervisor process, so threads here only wait), and kept with their
-ledger for the report. Under pytest-xdist every worker has its own cache; the plugin groups
-the tests of one flow on one worker so no run is done twice.
-"""
+"""Lifecycle runs: each (flow, scenario) run once per pytest process, shared by its tests."""
 
 from __future__ import annotations
 
@@ -80,7 +73,13 @@ class Run:
 
 
 class RunCache:
-    """Runs of one engine, by (flow, scenario name), done at most once each."""
+    """Runs of one engine, by (flow, scenario name), done at most once each.
+
+    Runs are started ahead of the tests that need them, a few at a time in background threads (each
+    run is a separate supervisor process, so threads here only wait), and kept with their ledger for
+    the report. Under pytest-xdist every worker has its own cache; the plugin groups the tests of
+    one flow on one worker so no run is done twice.
+    """
 
     def __init__(
         self,

@@ -1,8 +1,4 @@
-"""Lifecycle scenarios: which payload and engine config a run uses, and how it is driven.
-
-Each scenario is run at most once per flow and process (see :mod:`conformance.runs`); many
-tests read the same run. Scenarios that need an engine capability name it in ``requires``.
-"""
+"""Lifecycle scenarios: which payload and engine config a run uses, and how it is driven."""
 
 from __future__ import annotations
 
@@ -75,7 +71,11 @@ def decode_signal_exit(code: int) -> list[str] | None:
 
 @dataclass(frozen=True)
 class Scenario:
-    """One kind of lifecycle run."""
+    """One kind of lifecycle run.
+
+    Each scenario is run at most once per flow and process (see :mod:`conformance.runs`); many tests
+    read the same run. Scenarios that need an engine capability name it in ``requires``.
+    """
 
     name: str
     description: str

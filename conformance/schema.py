@@ -1,10 +1,4 @@
-"""The JSON Schema of the report (``report.schema.json``) and a validator of the subset of JSON
-Schema it uses: ``type``, ``enum``, ``properties``, ``required``, ``additionalProperties``,
-``items``, ``minItems``, ``maxItems``, ``minimum`` and local ``$ref`` (no dependency needed).
-
-Validation descends only where the schema does, so its depth is bounded by the schema's;
-:func:`too_deep` bounds the document itself before anything walks it.
-"""
+"""The report's JSON Schema (``report.schema.json``) and a validator for the subset it uses."""
 
 from __future__ import annotations
 
@@ -53,7 +47,13 @@ def too_deep(doc: Any, limit: int = MAX_DEPTH) -> bool:
 
 def validate(doc: Any, schema: dict[str, Any] | None = None) -> list[str]:
     """Problems of ``doc`` against ``schema`` (default: the report's), each with its JSON
-    path, e.g. ``$.runs[0].ledger.events[3].seq: expected integer, got string``."""
+    path, e.g. ``$.runs[0].ledger.events[3].seq: expected integer, got string``.
+
+    The subset: ``type``, ``enum``, ``properties``, ``required``, ``additionalProperties``,
+    ``items``, ``minItems``, ``maxItems``, ``minimum`` and local ``$ref`` (no dependency needed).
+    Validation descends only where the schema does, so its depth is bounded by the schema's;
+    :func:`too_deep` bounds the document itself before anything walks it.
+    """
     root = report_schema() if schema is None else schema
     problems: list[str] = []
     _check(doc, root, root, "$", problems)

@@ -1,7 +1,6 @@
-"""The conformance tests, one module per hook or concern.
+"""The conformance tests, one module per hook or concern."""
 
-Every test is named as the sentence it checks, declares the requirement IDs it decides
-(:mod:`conformance.requirements`) and the scenarios whose runs it reads, and is parametrized
-with the flows it applies to. Test bodies only choose runs and call the generic checks of
-:mod:`conformance.checks`; what is expected lives in :mod:`conformance.expectations`.
-"""
+# Every test is named as the sentence it checks, declares the requirement IDs it decides
+# (conformance.requirements) and the scenarios whose runs it reads, and is parametrized with the
+# flows it applies to. Test bodies only choose runs and call the generic checks of
+# conformance.checks; what is expected lives in conformance.expectations.

@@ -1,14 +1,4 @@
-"""Error paths: what the run looks like when a hook fails (SPEC §2 error table, rules 5–8, 10;
-§5 StarterConfig validation).
-
-The error paths of kit requirements are made by the kit itself (``RunRequest.inject``, the
-``inject:*`` scenarios), in every engine's run; the engine's own hooks after the injected
-failure (cleanup_container) still run and are checked. Only an engine requirement's own
-failure (start_process raising) needs the engine's cooperation (capability
-``fault_injection``); a payload that does not exist makes start_process (or an engine that
-checks it early, prepare_config) fail without any, so those paths are also checked when an
-engine takes them.
-"""
+"""Error paths: what the run looks like when a hook fails (SPEC §2 error table, §5)."""
 
 from conformance import requirement, scenarios
 from conformance.checks import (
@@ -31,6 +21,13 @@ from conformance.expectations import (
 from conformance.scenario import fault_scenario
 
 
+# SPEC §2 error table, rules 5–8, 10; §5 StarterConfig validation. The error paths of kit
+# requirements are made by the kit itself (RunRequest.inject, the inject:* scenarios), in every
+# engine's run; the engine's own hooks after the injected failure (cleanup_container) still run and
+# are checked. Only an engine requirement's own failure (start_process raising) needs the engine's
+# cooperation (capability fault_injection); a payload that does not exist makes start_process (or an
+# engine that checks it early, prepare_config) fail without any, so those paths are also checked
+# when an engine takes them.
 def _faults(*paths):
     return tuple(fault_scenario(p) for p in paths)
 

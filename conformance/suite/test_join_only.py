@@ -1,13 +1,11 @@
-"""Join-only runs: only join namespaces and start the process (SPEC §5).
-
-Needs the engine's cooperation (capability ``join_only``) and the privilege to join
-namespaces, which only the root and setuid flows have.
-"""
+"""Join-only runs: only join namespaces and start the process (SPEC §5)."""
 
 from conformance import flows, requirement, requires, scenarios
 from conformance.checks import check_join_only_hooks, check_requested_namespaces
 
 
+# Needs the engine's cooperation (capability join_only) and the privilege to join namespaces, which
+# only the root and setuid flows have.
 @requirement("JOIN-001")
 @requires("join_only")
 @flows("root", "suid")

@@ -1,5 +1,4 @@
-"""The master (create_container, post_start_process, monitor_container, cleanup_container):
-its privileges in each flow (SPEC §4)."""
+"""The master hooks' privileges in each flow (SPEC §4)."""
 
 from conformance import flows, requirement, scenarios
 from conformance.checks import check_privileges
