@@ -2269,14 +2269,12 @@ def _host_change_text(change: dict[str, Any]) -> str:
 
 def _seen_in_sandbox(run: Run, kinds: tuple[str, ...]) -> list[dict[str, Any]]:
     """Changes of ``kinds`` that the supervisor saw in the run's host sandbox while the run
-    went on (none without a sandbox); for mounts, only new ones (NS-011's rule)."""
+    went on (none without a sandbox); a mount that appeared or changed counts (NS-011)."""
     event = next((e for e in run.events if e.get("kind") == "host_changes"), None)
     return [
         c
         for c in (event or {}).get("changes") or []
-        if c.get("kind") in kinds
-        and (c.get("transient") or c.get("hooks") is not None)
-        and (c.get("kind") != "mount" or c.get("before") is None)
+        if c.get("kind") in kinds and (c.get("transient") or c.get("hooks") is not None)
     ]
 
 

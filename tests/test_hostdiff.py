@@ -451,6 +451,28 @@ def test_the_watch_names_a_transient_change_and_the_hook_open_when_it_appeared(
     assert mount["hooks"] == [{"role": "master", "hook": "cleanup_container", "pid": 7}]
 
 
+def test_the_watch_sees_a_propagation_change_undone_before_the_end(sandbox: OwnSandbox) -> None:
+    # A change of propagation does not wake a poller of mountinfo (only mounts and unmounts
+    # do): the watch must see it anyway, with the hook that made it, although the run undoes
+    # it before its end.
+    def run() -> dict[str, Any]:
+        watch = hostdiff.HostWatch(sandbox)
+        watch.start()
+        watch.note({"kind": "hook_enter", "role": "master", "hook": "create_container", "pid": 7})
+        sandbox.sh("mount --make-shared /")
+        watch.note({"kind": "hook_return", "role": "master", "hook": "create_container", "pid": 7})
+        watch.look()
+        sandbox.sh("mount --make-private /")
+        watch.look()
+        return watch.finish()
+
+    out = in_child(run)
+    assert "ok" in out, out
+    root = {c["name"]: c for c in out["ok"]["changes"]}["/"]
+    assert root["transient"] and root["after"].endswith("shared")
+    assert root["hooks"] == [{"role": "master", "hook": "create_container", "pid": 7}]
+
+
 def test_the_watch_names_the_hook_open_when_a_file_appeared(sandbox: OwnSandbox) -> None:
     def run() -> dict[str, Any]:
         watch = hostdiff.HostWatch(sandbox)

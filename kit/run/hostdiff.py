@@ -671,6 +671,7 @@ class HostWatch:
             f"/proc/{sandbox.init_pid}/mountinfo", os.O_RDONLY | os.O_CLOEXEC
         )
         _mounts_changed(self._mountinfo)
+        self._mount_text = _read(f"/proc/{sandbox.init_pid}/mountinfo")
         self.inside: Inside | None = Inside(sandbox.init_pid)
         self._net: socket.socket | None = None
         if "net" not in self.inside.failed:
@@ -717,7 +718,11 @@ class HostWatch:
             "hostname": {"": socket.gethostname()},
             "domainname": {"": _read("/proc/sys/kernel/domainname")},
         }
-        if _mounts_changed(self._mountinfo):
+        # The kernel wakes a poller of mountinfo for a mount or an unmount, not for a change
+        # of propagation (MS_PRIVATE and kin): the text is compared too, parsed only if new.
+        raw = _read(f"/proc/{self.sandbox.init_pid}/mountinfo")
+        if _mounts_changed(self._mountinfo) or raw != self._mount_text:
+            self._mount_text = raw
             now["mount"] = read_mounts(f"/proc/{self.sandbox.init_pid}/mountinfo")
         usage = self._upper_usage()
         if usage != self._usage:  # a file was copied up, created, grown or deleted

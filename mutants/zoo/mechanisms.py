@@ -590,8 +590,9 @@ class MountByAChildProcess(Mutant):
 class HostPropagationChanged(Mutant):
     slug = "host-propagation-changed"
     bug = (
-        "create_container makes / private from the master, in the host's mount namespace "
-        "(meaning the container's, which it never entered), and sets it back in cleanup"
+        "create_container changes the propagation of / (private to shared, anything else to "
+        "private) from the master, in the host's mount namespace (meaning the container's, "
+        "which it never entered), and sets it back in cleanup"
     )
     killed_by = ("NS-011",)
     flows = ("root",)
@@ -604,9 +605,11 @@ class HostPropagationChanged(Mutant):
     def create_container(self, ctx: Context, pid: int, rpc_conn: socket.socket) -> None:
         refuse_real_host(self.slug)
         previous = current().propagation("/")
-        if previous not in (None, "private"):
+        if previous is not None:
+            # Whatever "/" was, it changes: a sandbox whose root is private already (the
+            # kit's host sandbox may make it so) would otherwise see no change at all.
             self._previous = previous
-            current().set_propagation("/", "private")
+            current().set_propagation("/", "shared" if previous == "private" else "private")
         super().create_container(ctx, pid, rpc_conn)
 
     def cleanup_container(
