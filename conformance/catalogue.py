@@ -99,10 +99,38 @@ def tests_by_requirement(
     return out
 
 
+def checked_by(
+    tests: list[TestDeclaration] | None = None,
+) -> dict[str, tuple[str, ...]]:
+    """requirement ID -> the suite tests (``module.py::function``) that decide it, read from
+    their ``@requirement`` marks; every requirement of the catalogue is a key.
+
+    A requirement with no test must say why (``unchecked``), and one with a reason must have
+    no test: either mismatch means the catalogue and the suite disagree, so it is an error,
+    not an empty cell."""
+    index = tests_by_requirement(tests)
+    problems = []
+    for req in requirements.CATALOGUE.values():
+        if not index[req.id] and not req.unchecked:
+            problems.append(
+                f"{req.id} is decided by no suite test: add @requirement({req.id!r}) to "
+                "the test that decides it, or give the catalogue entry an 'unchecked' reason"
+            )
+        elif index[req.id] and req.unchecked:
+            problems.append(
+                f"{req.id} says no test can decide it ({req.unchecked!r}) but "
+                f"{', '.join(d.id for d in index[req.id])} declares it: drop one of the two"
+            )
+    if problems:
+        raise SuiteDeclarationError("; ".join(problems))
+    return {req: tuple(d.id for d in decls) for req, decls in index.items()}
+
+
 def markdown() -> str:
     """The catalogue as Markdown, grouped by hook or concern."""
     tests = suite_tests()
     index = tests_by_requirement(tests)
+    checked_by(tests)  # the catalogue and the suite must agree before it is printed
     total = len(requirements.CATALOGUE)
     checked = sum(1 for r in requirements.CATALOGUE if index[r])
     kit = sum(1 for r in requirements.CATALOGUE.values() if r.subject == requirements.KIT)
@@ -134,17 +162,16 @@ def markdown() -> str:
         for req in reqs:
             decls = index[req.id]
             if decls:
-                checked_by = "<br>".join(
+                cell = "<br>".join(
                     f"`{d.id}`"
                     + ("" if d.flows == FLOWS else f" ({', '.join(d.flows)})")
                     + (f" needs {', '.join(d.requires)}" if d.requires else "")
                     for d in decls
                 )
             else:
-                checked_by = f"not checked: {req.unchecked or 'no test yet'}"
+                cell = f"not checked: {req.unchecked or 'no test yet'}"
             lines.append(
-                f"| {req.id} | {req.level} | {req.subject} | {req.text} | "
-                f"{req.section} | {checked_by} |"
+                f"| {req.id} | {req.level} | {req.subject} | {req.text} | {req.section} | {cell} |"
             )
         lines.append("")
     lines += [

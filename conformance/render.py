@@ -914,15 +914,20 @@ def summary_markdown(
         f"Failing requirements first, then the catalogue's order. {legend} · "
         "blank: the requirement does not apply to the flow, or the flow was not selected.",
         "",
-        "| Requirement | Level | " + " | ".join(md_text(f) for f in flows) + " | Text |",
-        "|---|---|" + "---|" * len(flows) + "---|",
+        "| Requirement | Level | "
+        + " | ".join(md_text(f) for f in flows)
+        + " | Text | Checked by |",
+        "|---|---|" + "---|" * len(flows) + "---|---|",
     ]
     for first, cells in matrix_rows(doc):
         marks = [SYMBOLS.get(cells[f]["outcome"], ("?",))[0] if f in cells else "" for f in flows]
         out.append(
             f"| {md_text(first['requirement'])} | {md_text(first['level'])} | "
             + " | ".join(marks)
-            + f" | {_md_cell(first['text'])} |"
+            + f" | {_md_cell(first['text'])} | "
+            # reports written before results named their tests have no checked_by
+            + "<br>".join(md_span(t) for t in first.get("checked_by", []))
+            + " |"
         )
     out.append("")
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from conformance import SUITE_VERSION, requirements, rootcause, schema
-from conformance.catalogue import tests_by_requirement
+from conformance.catalogue import checked_by, suite_tests, tests_by_requirement
 from conformance.expectations import FLOWS
 from conformance.outcomes import NOT_DECIDED, OUTCOMES, Results
 
@@ -66,7 +66,8 @@ def build(state: Any, results: Results, runs: list[dict[str, Any]]) -> dict[str,
                           "backend": {flow: backend}, "xdist_workers", "strict"},
           "summary": {outcome: count, ..., "total"},
           "results": [{"requirement", "subject", "level", "section", "text", "flow",
-                       "backend", "outcome", "test", "tests", "message", "runs", "checks"}],
+                       "backend", "outcome", "test", "tests", "checked_by", "message", "runs",
+                       "checks"}],
           "unchecked": [{"requirement", "subject", "level", "section", "text", "reason"}],
           "known_failures": [{"requirement", "flows", "reason", "where"}],
           "root_causes": [{"headline", "hook", "role", "error", "advice", "traceback",
@@ -78,14 +79,18 @@ def build(state: Any, results: Results, runs: list[dict[str, Any]]) -> dict[str,
 
     ``results`` has one entry per requirement × flow that the session decided (``checks``: how many
     individual checks were made; ``tests``: every test that decided it, ``test`` the one whose
-    outcome is reported); ``root_causes`` lists the runs that failed early; ``runs`` holds the full
+    outcome is reported; ``checked_by``: the suite tests whose ``@requirement`` marks name it,
+    whatever ran); ``root_causes`` lists the runs that failed early; ``runs`` holds the full
     ledger of every lifecycle run the results refer to. ``subject`` (version 3) is ``engine`` or
     ``kit``: who can break the requirement (:mod:`conformance.requirements`); the verdict counts
     engine results only.
     """
-    entries = results.merged()
+    tests = suite_tests()
+    index = tests_by_requirement(tests)
+    deciders = checked_by(tests)
+    # each result names the suite tests that decide its requirement, whatever ran this time
+    entries = [{**e, "checked_by": list(deciders[e["requirement"]])} for e in results.merged()]
     env = state.environment
-    index = tests_by_requirement()
     user = state.invoker
     return {
         "schema_version": SCHEMA_VERSION,

@@ -3,7 +3,10 @@ expectation tables, the checks on hand-made ledgers, known failures, outcomes, t
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -51,6 +54,47 @@ def test_every_requirement_is_checked_by_a_test_or_says_why_not():
             assert not index[req.id], f"{req.id} is marked unchecked but has tests"
         else:
             assert index[req.id], f"{req.id} has no test and no reason"
+
+
+def _declared_in_source() -> dict[str, set[str]]:
+    """requirement -> ``module.py::function`` of every suite test whose source carries
+    ``@requirement(...)`` naming it: read from the files, not through the catalogue's import."""
+    out: dict[str, set[str]] = {r: set() for r in requirements.CATALOGUE}
+    for path in sorted((Path(catalogue.__file__).parent / "suite").glob("test_*.py")):
+        for fn in ast.parse(path.read_text()).body:
+            if not isinstance(fn, ast.FunctionDef) or not fn.name.startswith("test_"):
+                continue
+            for deco in fn.decorator_list:
+                if isinstance(deco, ast.Call) and getattr(deco.func, "id", "") == "requirement":
+                    for arg in deco.args:
+                        assert isinstance(arg, ast.Constant), f"{path.name}::{fn.name}"
+                        out[arg.value].add(f"{path.name}::{fn.name}")
+    return out
+
+
+def test_every_catalogue_row_names_exactly_the_tests_the_suite_declares_for_it():
+    rows = catalogue.checked_by()
+    declared = _declared_in_source()
+    assert set(rows) == set(requirements.CATALOGUE)
+    for req in requirements.CATALOGUE.values():
+        assert set(rows[req.id]) == declared[req.id], req.id
+        assert len(rows[req.id]) == len(declared[req.id]), f"{req.id} names a test twice"
+        assert bool(rows[req.id]) != bool(req.unchecked), req.id
+    md = catalogue.markdown()
+    for req_id, tests in rows.items():
+        line = next(line for line in md.splitlines() if line.startswith(f"| {req_id} |"))
+        for test in tests:
+            assert f"`{test}`" in line, (req_id, test)
+
+
+def test_a_requirement_no_suite_test_decides_is_an_error_naming_it():
+    tests = [d for d in catalogue.suite_tests() if "ORDER-003" not in d.requirements]
+    with pytest.raises(catalogue.SuiteDeclarationError, match="ORDER-003 is decided by no"):
+        catalogue.checked_by(tests)
+    unchecked = next(r for r in requirements.CATALOGUE.values() if r.unchecked)
+    claims = dataclasses.replace(catalogue.suite_tests()[0], requirements=(unchecked.id,))
+    with pytest.raises(catalogue.SuiteDeclarationError, match=f"{unchecked.id} says no test"):
+        catalogue.checked_by([*catalogue.suite_tests(), claims])
 
 
 def test_every_suite_test_is_a_sentence_with_declared_scenarios():

@@ -472,6 +472,15 @@ def test_summary_md_names_the_failing_requirement_first_with_its_message():
     assert rows[1].startswith("| ORDER-001 | MUST | ✅ | ✅ |")
 
 
+def test_summary_md_names_the_tests_that_decide_each_requirement():
+    doc = make_doc([("ORDER-001", "root", "passed", "")])
+    doc["results"][0]["checked_by"] = ["test_lifecycle_order.py::test_a", "test_b.py::test_b"]
+    md = render.summary_markdown(doc)
+    assert "| Text | Checked by |" in md
+    row = next(line for line in md.splitlines() if line.startswith("| ORDER-001 |"))
+    assert row.endswith("| `test_lifecycle_order.py::test_a`<br>`test_b.py::test_b` |")
+
+
 def test_terminal_summary_fits_one_screen():
     entries = [
         (r, f, "failed", VIOLATION)
