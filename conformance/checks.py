@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -343,126 +344,283 @@ def _configured_caps(facts: Facts) -> dict[str, list[str] | None]:
     }
 
 
-def _check_aspect(
-    verify: Verifier, run: Run, facts: Facts, event: dict[str, Any], expect: X.Expect
-) -> None:
-    aspect = expect.aspect
-    snap = _snapshot(event)
-    where: dict[str, Any] = dict(run=run, event=event)
-    req = expect.requirement
-    if isinstance(aspect, X.Uids):
+@dataclass(frozen=True)
+class Problem:
+    """Why a rule does not hold: what it expected and what the snapshot showed instead."""
+
+    expected: str
+    observed: str
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One snapshot a privilege rule judges, with what judging it needs.
+
+    ``snap`` is a hook's (or an RPC method's) snapshot, or the payload's as parsed from its
+    output; ``threads`` the threads of it the rule's scope covers; ``event`` the ledger event
+    the snapshot belongs to (for the payload: stage 2's entry to start_process, whose thread
+    is ``stage2``).
+    """
+
+    run: Run
+    facts: Facts
+    snap: dict[str, Any]
+    threads: list[dict[str, Any]]
+    event: dict[str, Any] | None = None
+    stage2: dict[str, Any] | None = None
+
+
+class PrivilegeRule(ABC):
+    """A cell of the privilege table (SPEC §4) that checks and describes itself.
+
+    Subclasses register for the place they judge (``hook``: every hook and RPC method
+    snapshot; ``payload``: the payload after exec) and the aspect type they implement
+    (and, for :class:`~conformance.expectations.Caps`, its kind)."""
+
+    #: Whether the rule compares with stage 2 at start_process (payload rules only).
+    needs_stage2 = False
+
+    def __init__(self, aspect: Any) -> None:
+        self.aspect = aspect
+
+    @abstractmethod
+    def check(self, seen: Seen) -> Problem | None:
+        """None when the rule holds for ``seen``, else what it expected and saw."""
+
+    def describe(self) -> str:
+        text: str = self.aspect.describe()
+        return text
+
+
+#: (place, aspect type, Caps kind or None) -> the rule that judges it: the one table.
+RULES: dict[tuple[str, type, str | None], type[PrivilegeRule]] = {}
+
+
+def _rule(
+    place: str, aspect: type, kind: str | None = None
+) -> Callable[[type[PrivilegeRule]], type[PrivilegeRule]]:
+    def register(cls: type[PrivilegeRule]) -> type[PrivilegeRule]:
+        key = (place, aspect, kind)
+        if key in RULES:
+            raise SuiteError(f"two rules for {key}: {RULES[key].__name__} and {cls.__name__}")
+        RULES[key] = cls
+        return cls
+
+    return register
+
+
+def rule_for(place: str, aspect: Any) -> PrivilegeRule:
+    """The rule that judges ``aspect`` at ``place`` (``hook`` or ``payload``)."""
+    # only Caps has a kind: its kinds are rules of their own
+    key = (place, type(aspect), getattr(aspect, "kind", None))
+    if key not in RULES:
+        raise SuiteError(
+            f"no {place} rule for {aspect!r}: register one with @_rule({place!r}, "
+            f"{type(aspect).__name__}) in conformance.checks"
+        )
+    return RULES[key](aspect)
+
+
+@_rule("hook", X.Uids)
+class UidsRule(PrivilegeRule):
+    aspect: X.Uids
+
+    def check(self, seen: Seen) -> Problem | None:
+        facts, snap = seen.facts, seen.snap
         bad = [
             t
-            for t in _threads(event, expect.scope)
+            for t in seen.threads
             if not all(
                 _id_ok(sym, t["uid"][i], snap, facts)
-                for i, (_, sym) in enumerate(aspect.slots[: len(t["uid"])])
+                for i, (_, sym) in enumerate(self.aspect.slots[: len(t["uid"])])
             )
         ]
+        if not bad:
+            return None
         expected = ", ".join(
             f"{slot} uid {_symbol_text(sym, facts)}"
-            for slot, sym in aspect.slots
+            for slot, sym in self.aspect.slots
             if sym is not None
         )
-        verify.check(
-            req,
-            not bad,
-            expected=expected + " in every thread",
-            observed=lambda: f"{_thread_text(bad[0])}; uid_map {snap.get('uid_map')}",
-            **where,
+        return Problem(
+            expected + " in every thread", f"{_thread_text(bad[0])}; uid_map {snap.get('uid_map')}"
         )
-    elif isinstance(aspect, X.Caps):
-        threads = _threads(event, expect.scope)
-        if aspect.kind == "full":
-            bad = [
-                t
-                for t in threads
-                if not t["caps"]["bounding"]
-                or not (
-                    set(t["caps"]["effective"])
-                    == set(t["caps"]["permitted"])
-                    == set(t["caps"]["bounding"])
-                )
-            ]
-        elif aspect.kind == "none":
-            bad = [
-                t
-                for t in threads
-                if any(t["caps"][k] for k in ("effective", "permitted", "inheritable", "ambient"))
-            ]
-        elif aspect.kind == "effective":
-            bad = [t for t in threads if set(t["caps"]["effective"]) != set(aspect.names)]
-        elif aspect.kind == "configured":
-            configured = _configured_caps(facts)
 
-            # An unset set is empty, the bounding set included (SPEC §4 "default none", §5).
-            def wrong(t: dict[str, Any]) -> bool:
-                return any(
-                    set(t["caps"][kind]) != set(want or ()) for kind, want in configured.items()
-                )
 
-            bad = [t for t in threads if wrong(t)]
-            expected = "capabilities as configured (an unset set empty): " + ", ".join(
-                f"{k} {_caps_text(v or [])}" for k, v in configured.items()
-            )
-        else:
-            raise SuiteError(f"unknown Caps kind {aspect.kind!r}")
-        if aspect.kind != "configured":
-            expected = aspect.describe()
-        verify.check(
-            req, not bad, expected=expected, observed=lambda: _thread_text(bad[0], "caps"), **where
+class _CapsRule(PrivilegeRule):
+    """Every thread in scope has the capability sets the aspect's kind asks for."""
+
+    aspect: X.Caps
+
+    @abstractmethod
+    def wrong(self, thread: dict[str, Any], seen: Seen) -> bool:
+        """Whether ``thread``'s capability sets break the rule."""
+
+    def expected(self, seen: Seen) -> str:
+        return self.describe()
+
+    def check(self, seen: Seen) -> Problem | None:
+        bad = [t for t in seen.threads if self.wrong(t, seen)]
+        if not bad:
+            return None
+        return Problem(self.expected(seen), _thread_text(bad[0], "caps"))
+
+
+@_rule("hook", X.Caps, "full")
+class FullCapsRule(_CapsRule):
+    def wrong(self, thread: dict[str, Any], seen: Seen) -> bool:
+        caps = thread["caps"]
+        return not caps["bounding"] or not (
+            set(caps["effective"]) == set(caps["permitted"]) == set(caps["bounding"])
         )
-    elif isinstance(aspect, X.BoundingSmallerThan):
-        other = facts.first_snapshot(aspect.role)
+
+
+@_rule("hook", X.Caps, "none")
+class NoCapsRule(_CapsRule):
+    def wrong(self, thread: dict[str, Any], seen: Seen) -> bool:
+        return any(thread["caps"][k] for k in ("effective", "permitted", "inheritable", "ambient"))
+
+
+@_rule("hook", X.Caps, "effective")
+class EffectiveCapsRule(_CapsRule):
+    def wrong(self, thread: dict[str, Any], seen: Seen) -> bool:
+        return set(thread["caps"]["effective"]) != set(self.aspect.names)
+
+
+@_rule("hook", X.Caps, "configured")
+class ConfiguredCapsRule(_CapsRule):
+    # An unset set is empty, the bounding set included (SPEC §4 "default none", §5).
+    def wrong(self, thread: dict[str, Any], seen: Seen) -> bool:
+        return any(
+            set(thread["caps"][kind]) != set(want or ())
+            for kind, want in _configured_caps(seen.facts).items()
+        )
+
+    def expected(self, seen: Seen) -> str:
+        return "capabilities as configured (an unset set empty): " + ", ".join(
+            f"{k} {_caps_text(v or [])}" for k, v in _configured_caps(seen.facts).items()
+        )
+
+
+@_rule("hook", X.BoundingSmallerThan)
+class BoundingSmallerThanRule(PrivilegeRule):
+    aspect: X.BoundingSmallerThan
+
+    def check(self, seen: Seen) -> Problem | None:
+        role = self.aspect.role
+        other = seen.facts.first_snapshot(role)
         if other is None:
-            verify.fail(
-                req,
-                expected=f"a {aspect.role} snapshot to compare with",
-                observed=f"no hook of the {aspect.role} was recorded",
-                **where,
+            return Problem(
+                f"a {role} snapshot to compare with", f"no hook of the {role} was recorded"
             )
-            return
         theirs = set(other["threads"][0]["caps"]["bounding"])
-        bad = [t for t in _threads(event, expect.scope) if not set(t["caps"]["bounding"]) < theirs]
-        verify.check(
-            req,
-            not bad,
-            expected=f"{aspect.describe()} ({len(theirs)} capabilities)",
-            observed=lambda: _thread_text(bad[0], "caps"),
-            **where,
+        bad = [t for t in seen.threads if not set(t["caps"]["bounding"]) < theirs]
+        if not bad:
+            return None
+        return Problem(
+            f"{self.describe()} ({len(theirs)} capabilities)", _thread_text(bad[0], "caps")
         )
-    elif isinstance(aspect, X.Escalation):
+
+
+@_rule("hook", X.Escalation)
+class EscalationRule(PrivilegeRule):
+    aspect: X.Escalation
+
+    def check(self, seen: Seen) -> Problem | None:
+        event = seen.event or {}
         esc = event.get("escalation")
         if esc is None:
             raise HarnessError(f"{describe_event(event)} has no escalation probe result")
-        verify.check(
-            req,
-            bool(esc.get("host_escalation")) == aspect.possible,
-            expected=aspect.describe(),
-            observed=lambda: f"escalation probe {esc}",
-            **where,
+        if bool(esc.get("host_escalation")) == self.aspect.possible:
+            return None
+        return Problem(self.describe(), f"escalation probe {esc}")
+
+
+@_rule("hook", X.NoHostPrivilege)
+class NoHostPrivilegeRule(PrivilegeRule):
+    def check(self, seen: Seen) -> Problem | None:
+        if not _host_privilege(seen.snap, seen.run):
+            return None
+        return Problem(
+            self.describe() + " (no uid 0 and no permitted capability in the host user namespace)",
+            _privilege_text(seen.snap, seen.run),
         )
-    elif isinstance(aspect, X.NoHostPrivilege):
-        privileged = _host_privilege(snap, run)
-        verify.check(
-            req,
-            not privileged,
-            expected=aspect.describe() + " (no uid 0 and no "
-            "permitted capability in the host user namespace)",
-            observed=lambda: _privilege_text(snap, run),
-            **where,
+
+
+@_rule("hook", X.NoNewPrivs)
+class NoNewPrivsRule(PrivilegeRule):
+    aspect: X.NoNewPrivs
+
+    def check(self, seen: Seen) -> Problem | None:
+        bad = [t for t in seen.threads if t["no_new_privs"] != self.aspect.value]
+        if not bad:
+            return None
+        return Problem(self.describe(), _thread_text(bad[0], "nnp"))
+
+
+@_rule("payload", X.NoHostPrivilege)
+class PayloadNoHostPrivilegeRule(PrivilegeRule):
+    def check(self, seen: Seen) -> Problem | None:
+        # exec keeps the user namespace: the payload's is stage 2's at start_process
+        snap = {**seen.snap, "ns": {"user": (seen.stage2 or {}).get("ns", {}).get("user")}}
+        if not _host_privilege(snap, seen.run):
+            return None
+        return Problem(self.describe(), _privilege_text(snap, seen.run))
+
+
+@_rule("payload", X.SameIdsAsStage2)
+class SameIdsAsStage2Rule(PrivilegeRule):
+    needs_stage2 = True
+
+    def check(self, seen: Seen) -> Problem | None:
+        assert seen.stage2 is not None and seen.event is not None  # needs_stage2
+        securebits = (seen.event.get("snapshot") or {}).get("securebits")
+        wrong = exec_changes(seen.stage2, seen.threads[0], securebits)
+        if not wrong:
+            return None
+        return Problem(
+            f"{self.describe()}, as exec derives it from stage 2's whole credential",
+            "the payload's " + "; ".join(wrong),
         )
-    elif isinstance(aspect, X.NoNewPrivs):
-        bad = [t for t in _threads(event, expect.scope) if t["no_new_privs"] != aspect.value]
-        verify.check(
-            req,
-            not bad,
-            expected=aspect.describe(),
-            observed=lambda: _thread_text(bad[0], "nnp"),
-            **where,
+
+
+@_rule("payload", X.CapsWithinStage2)
+class CapsWithinStage2Rule(PrivilegeRule):
+    needs_stage2 = True
+
+    def check(self, seen: Seen) -> Problem | None:
+        stage2, payload = seen.stage2, seen.threads[0]
+        assert stage2 is not None  # needs_stage2
+        allowed = set(stage2["caps"]["permitted"])
+        extra = {
+            kind: sorted(set(payload["caps"][kind]) - allowed)
+            for kind in ("effective", "permitted", "ambient")
+        }
+        extra = {kind: names for kind, names in extra.items() if names}
+        if not extra:
+            return None
+        return Problem(
+            f"{self.describe()} {_caps_text(sorted(allowed))}",
+            "the payload has "
+            + "; ".join(f"{kind} {_caps_text(names)}" for kind, names in extra.items())
+            + f" (stage 2's bounding set {_caps_text(stage2['caps']['bounding'])},"
+            f" inheritable {_caps_text(stage2['caps']['inheritable'])}, ambient "
+            f"{_caps_text(stage2['caps']['ambient'])})",
         )
-    else:
-        raise SuiteError(f"unknown aspect {aspect!r}")
+
+
+def apply_rule(
+    verify: Verifier, requirement: str, rule: PrivilegeRule, seen: Seen, **where: Any
+) -> bool:
+    """One check of ``requirement``: ``rule`` judges ``seen``; a problem is a violation."""
+    problem = rule.check(seen)
+    return verify.check(
+        requirement,
+        problem is None,
+        expected=problem.expected if problem else rule.describe(),
+        observed=problem.observed if problem else "",
+        **where,
+    )
 
 
 def host_userns(run: Run) -> list[int]:
@@ -524,7 +682,15 @@ def check_privileges(verify: Verifier, run: Run, requirement: str) -> None:
         for event in events:
             for expect in cell:
                 if event["kind"] in expect.at:
-                    _check_aspect(verify, run, facts, event, expect)
+                    seen = Seen(run, facts, _snapshot(event), _threads(event, expect.scope), event)
+                    apply_rule(
+                        verify,
+                        expect.requirement,
+                        rule_for("hook", expect.aspect),
+                        seen,
+                        run=run,
+                        event=event,
+                    )
 
 
 def method_events(run: Run) -> list[dict[str, Any]]:
@@ -614,23 +780,11 @@ def check_payload(verify: Verifier, run: Run, requirement: str) -> None:
         )
         return
     payload = snap["threads"][0]
+    facts = Facts(run)
     for expect in cell:
-        aspect = expect.aspect
-        if isinstance(aspect, X.NoHostPrivilege):
-            # exec keeps the user namespace: the payload's is stage 2's at start_process
-            _, stage2 = _start_process_thread(run)
-            snap["ns"] = {"user": (stage2 or {}).get("ns", {}).get("user")}
-            verify.check(
-                requirement,
-                not _host_privilege(snap, run),
-                expected=aspect.describe(),
-                observed=lambda: _privilege_text(snap, run),
-                run=run,
-                role="payload",
-            )
-            continue
+        rule = rule_for("payload", expect.aspect)
         event, stage2 = _start_process_thread(run)
-        if stage2 is None or event is None:
+        if rule.needs_stage2 and (stage2 is None or event is None):
             verify.fail(
                 requirement,
                 expected="stage 2's snapshot at start_process to compare with",
@@ -640,42 +794,17 @@ def check_payload(verify: Verifier, run: Run, requirement: str) -> None:
                 hook="start_process",
             )
             continue
-        if isinstance(aspect, X.SameIdsAsStage2):
-            securebits = (event.get("snapshot") or {}).get("securebits")
-            wrong = exec_changes(stage2, payload, securebits)
-            verify.check(
-                requirement,
-                not wrong,
-                expected=f"{aspect.describe()}, as exec derives it from stage 2's whole credential",
-                observed=lambda: "the payload's " + "; ".join(wrong),
-                run=run,
-                event=event,
-                role="payload",
-            )
-        elif isinstance(aspect, X.CapsWithinStage2):
-            allowed = set(stage2["caps"]["permitted"])
-            extra = {
-                kind: sorted(set(payload["caps"][kind]) - allowed)
-                for kind in ("effective", "permitted", "ambient")
-            }
-            extra = {kind: names for kind, names in extra.items() if names}
-            verify.check(
-                requirement,
-                not extra,
-                expected=f"{aspect.describe()} {_caps_text(sorted(allowed))}",
-                observed=lambda: (
-                    "the payload has "
-                    + "; ".join(f"{kind} {_caps_text(names)}" for kind, names in extra.items())
-                    + f" (stage 2's bounding set {_caps_text(stage2['caps']['bounding'])},"
-                    f" inheritable {_caps_text(stage2['caps']['inheritable'])}, ambient "
-                    f"{_caps_text(stage2['caps']['ambient'])})"
-                ),
-                run=run,
-                event=event,
-                role="payload",
-            )
-        else:
-            raise SuiteError(f"payload aspect {aspect!r} not implemented")
+        seen = Seen(run, facts, snap, [payload], event, stage2)
+        # the payload's own rule names no event: there is none of the payload in the ledger
+        apply_rule(
+            verify,
+            requirement,
+            rule,
+            seen,
+            run=run,
+            event=event if rule.needs_stage2 else None,
+            role="payload",
+        )
 
 
 #: securebits: SECBIT_NOROOT (exec does not treat uid 0 as having every file capability).

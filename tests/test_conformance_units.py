@@ -240,6 +240,99 @@ def test_a_suid_master_hook_with_effective_capabilities_at_return_is_a_violation
     assert "ledger event: #2 hook_return role=master hook=create_container" in text
 
 
+def _seen(snap, event=None, stage2=None, config=None):
+    events = [hook("hook_enter", "master", "create_container", snapshot(uid=(U, U, 0, U)))]
+    if config is not None:
+        events.append({"kind": "starter_config", "role": "stage1", "config": {"requests": config}})
+    run = make_run("suid", events)
+    run.result.ledger.events[0]["host_userns"] = [0, HOST_NS["user"]]
+    facts = checks.Facts(run)
+    return checks.Seen(run, facts, snap, snap["threads"], event, stage2)
+
+
+#: place, aspect, a snapshot the rule accepts, one it rejects (and the Seen extras).
+_RULE_CASES = [
+    ("hook", X.Uids(X.ZERO, X.ZERO, X.ZERO), snapshot(uid=(0, 0, 0, 0)), snapshot(), {}),
+    (
+        "hook",
+        X.Caps("full"),
+        snapshot(eff=("CAP_CHOWN", "CAP_SYS_ADMIN"), prm=("CAP_CHOWN", "CAP_SYS_ADMIN")),
+        snapshot(),
+        {},
+    ),
+    ("hook", X.Caps("none"), snapshot(), snapshot(prm=("CAP_CHOWN",)), {}),
+    (
+        "hook",
+        X.Caps("effective", ("CAP_SYS_ADMIN",)),
+        snapshot(eff=("CAP_SYS_ADMIN",)),
+        snapshot(),
+        {},
+    ),
+    (
+        "hook",
+        X.Caps("configured"),
+        snapshot(bnd=("CAP_CHOWN",)),
+        snapshot(),
+        {"config": {"capabilities": {"bounding": ["CAP_CHOWN"]}}},
+    ),
+    ("hook", X.BoundingSmallerThan("master"), snapshot(bnd=("CAP_CHOWN",)), snapshot(), {}),
+    ("hook", X.NoHostPrivilege(), snapshot(), snapshot(uid=(U, U, 0, U)), {}),
+    ("hook", X.NoNewPrivs(True), snapshot(nnp=True), snapshot(), {}),
+    ("payload", X.NoHostPrivilege(), snapshot(), snapshot(uid=(0, 0, 0, 0)), {}),
+    (
+        "payload",
+        X.CapsWithinStage2(),
+        snapshot(),
+        snapshot(prm=("CAP_CHOWN",)),
+        {"stage2": snapshot()["threads"][0]},
+    ),
+    (
+        "payload",
+        X.SameIdsAsStage2(),
+        snapshot(),
+        snapshot(uid=(0, 0, 0, 0)),
+        {"stage2": snapshot(uid=(U, U, U, U))["threads"][0], "event": {"snapshot": snapshot()}},
+    ),
+]
+
+
+@pytest.mark.parametrize("place, aspect, good, bad, extra", _RULE_CASES)
+def test_each_privilege_rule_rejects_a_violation_and_describes_itself(
+    place, aspect, good, bad, extra
+):
+    rule = checks.rule_for(place, aspect)
+    assert rule.describe() == aspect.describe()
+    assert rule.check(_seen(good, **extra)) is None
+    problem = rule.check(_seen(bad, **extra))
+    assert problem is not None and problem.expected and problem.observed
+
+
+def test_escalation_rule_reads_the_probe_of_the_event_and_needs_it():
+    rule = checks.rule_for("hook", X.Escalation(True))
+    snap = snapshot(uid=(U, U, 0, U))
+    assert rule.check(_seen(snap, {"escalation": {"host_escalation": True}})) is None
+    problem = rule.check(_seen(snap, {"escalation": {"host_escalation": False}}))
+    assert problem == checks.Problem(
+        "escalation to host privilege possible", "escalation probe {'host_escalation': False}"
+    )
+    with pytest.raises(checks.HarnessError, match="no escalation probe result"):
+        rule.check(_seen(snap, {"kind": "hook_enter"}))
+
+
+def test_every_aspect_of_the_tables_has_a_rule_and_an_unknown_one_is_a_suite_error():
+    for table in X.PRIVILEGES.values():
+        for cell in table.values():
+            for expect in cell:
+                checks.rule_for("hook", expect.aspect)
+    for cell in X.PAYLOAD.values():
+        for expect in cell:
+            checks.rule_for("payload", expect.aspect)
+    with pytest.raises(checks.SuiteError, match="no hook rule for Caps"):
+        checks.rule_for("hook", X.Caps("most"))
+    with pytest.raises(checks.SuiteError, match="no payload rule for Uids"):
+        checks.rule_for("payload", X.Uids(X.ZERO, None, None))
+
+
 def test_escalation_must_be_possible_for_the_setuid_master_and_impossible_in_stage_1():
     master = snapshot(uid=(U, U, 0, U), prm=("CAP_SYS_ADMIN",))
     run = make_run(
