@@ -897,87 +897,149 @@ def check_payload_fds(verify: Verifier, run: Run, requirement: str) -> None:
 # --- order rules (SPEC §2) ----------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Finding:
+    """One check an order rule made: what broke it (None when it held) and where."""
+
+    problem: Problem | None
+    event: dict[str, Any] | None = None
+    role: str | None = None
+    hook: str | None = None
+
+
+class OrderRule(ABC):
+    """An order or count rule of SPEC §2 that checks a run's events and describes itself."""
+
+    def __init__(self, rule: Any) -> None:
+        self.rule = rule
+
+    @abstractmethod
+    def check(self, events: list[dict[str, Any]]) -> list[Finding]:
+        """One finding per check the rule makes of ``events`` (none when it cannot apply)."""
+
+    def describe(self) -> str:
+        text: str = self.rule.describe()
+        return text
+
+
+#: order rule type -> the rule that judges it.
+ORDER_RULES: dict[type, type[OrderRule]] = {}
+
+
+def _order_rule(rule: type) -> Callable[[type[OrderRule]], type[OrderRule]]:
+    def register(cls: type[OrderRule]) -> type[OrderRule]:
+        if rule in ORDER_RULES:
+            raise SuiteError(f"two rules for {rule.__name__}: {ORDER_RULES[rule].__name__}")
+        ORDER_RULES[rule] = cls
+        return cls
+
+    return register
+
+
+def order_rule_for(rule: Any) -> OrderRule:
+    if type(rule) not in ORDER_RULES:
+        raise SuiteError(
+            f"unknown rule {rule!r}: register one with @_order_rule({type(rule).__name__}) "
+            "in conformance.checks"
+        )
+    return ORDER_RULES[type(rule)](rule)
+
+
+@_order_rule(X.Before)
+class BeforeRule(OrderRule):
+    rule: X.Before
+
+    def check(self, events: list[dict[str, Any]]) -> list[Finding]:
+        first = self.rule.first
+        firsts = [e["seq"] for e in events if first.matches(e)]
+        out = []
+        for then in (e for e in events if self.rule.then.matches(e)):
+            if any(seq < then["seq"] for seq in firsts):
+                out.append(Finding(None, then))
+                continue
+            observed = f"it came at #{then['seq']}, " + (
+                f"the first {first.describe()} only at #{firsts[0]}"
+                if firsts
+                else f"and no {first.describe()} was recorded"
+            )
+            out.append(Finding(Problem(self.describe(), observed), then))
+        return out
+
+
+@_order_rule(X.Count)
+class CountRule(OrderRule):
+    rule: X.Count
+
+    def check(self, events: list[dict[str, Any]]) -> list[Finding]:
+        rule = self.rule
+        found = [e for e in events if rule.point.matches(e)]
+        n = len(found)
+        ok = n >= rule.at_least and (rule.at_most is None or n <= rule.at_most)
+        observed = f"{n} recorded" + (
+            f" (at {', '.join('#' + str(e['seq']) for e in found[:6])})" if found else ""
+        )
+        extra = found[rule.at_most] if rule.at_most is not None and n > rule.at_most else None
+        problem = None if ok else Problem(self.describe(), observed)
+        return [Finding(problem, extra, rule.point.role, rule.point.hook)]
+
+
+@_order_rule(X.FirstHooks)
+class FirstHooksRule(OrderRule):
+    rule: X.FirstHooks
+
+    def check(self, events: list[dict[str, Any]]) -> list[Finding]:
+        role = self.rule.role
+        entered = [e for e in events if e.get("kind") == "hook_enter" and e.get("role") == role]
+        if not entered:
+            return []  # the Count rules report a missing process
+        first = [e["hook"] for e in entered[: len(self.rule.hooks)]]
+        problem = None
+        if tuple(first) != self.rule.hooks:
+            problem = Problem(self.describe(), f"the {role} entered {', '.join(first)} first")
+        return [Finding(problem, entered[0], role)]
+
+
+@_order_rule(X.DistinctThreads)
+class DistinctThreadsRule(OrderRule):
+    rule: X.DistinctThreads
+
+    def check(self, events: list[dict[str, Any]]) -> list[Finding]:
+        rule = self.rule
+        entered = [
+            e
+            for e in events
+            if e.get("kind") == "hook_enter"
+            and e.get("role") == rule.role
+            and e.get("hook") in rule.hooks
+        ]
+        tids = [(e["hook"], e["tid"]) for e in entered]
+        distinct = len({tid for _, tid in tids}) == len(tids)
+        problem = None
+        if not (distinct and len(entered) >= 2):
+            observed = (
+                ", ".join(f"{hook} in thread {tid}" for hook, tid in tids) or "none of them ran"
+            )
+            problem = Problem(self.describe(), observed)
+        return [Finding(problem, entered[-1] if entered else None, rule.role)]
+
+
 def check_rules(verify: Verifier, run: Run, requirement: str) -> None:
     run = verify.used(run.usable())
     rules = X.rules_for(requirement)
     if not rules:
         raise SuiteError(f"no order rule is tagged {requirement}")
-    events = run.events
-    for rule in rules:
-        if isinstance(rule, X.Before):
-            firsts = [e["seq"] for e in events if rule.first.matches(e)]
-            for then in (e for e in events if rule.then.matches(e)):
-                ok = any(seq < then["seq"] for seq in firsts)
-                verify.check(
-                    requirement,
-                    ok,
-                    expected=rule.describe(),
-                    observed=lambda: (
-                        f"it came at #{then['seq']}, "
-                        + (
-                            f"the first {rule.first.describe()} only at #{firsts[0]}"
-                            if firsts
-                            else f"and no {rule.first.describe()} was recorded"
-                        )
-                    ),
-                    run=run,
-                    event=then,
-                )
-        elif isinstance(rule, X.Count):
-            found = [e for e in events if rule.point.matches(e)]
-            n = len(found)
-            ok = n >= rule.at_least and (rule.at_most is None or n <= rule.at_most)
+    for rule in map(order_rule_for, rules):
+        for found in rule.check(run.events):
             verify.check(
                 requirement,
-                ok,
-                expected=rule.describe(),
-                observed=f"{n} recorded"
-                + (f" (at {', '.join('#' + str(e['seq']) for e in found[:6])})" if found else ""),
+                found.problem is None,
+                expected=found.problem.expected if found.problem else rule.describe(),
+                observed=found.problem.observed if found.problem else "",
                 run=run,
-                event=found[rule.at_most]
-                if rule.at_most is not None and n > rule.at_most
-                else None,
-                role=rule.point.role,
-                hook=rule.point.hook,
+                event=found.event,
+                role=found.role,
+                hook=found.hook,
             )
-        elif isinstance(rule, X.FirstHooks):
-            entered = [
-                e for e in events if e.get("kind") == "hook_enter" and e.get("role") == rule.role
-            ]
-            if not entered:
-                continue  # the Count rules report a missing process
-            first = [e["hook"] for e in entered[: len(rule.hooks)]]
-            verify.check(
-                requirement,
-                tuple(first) == rule.hooks,
-                expected=rule.describe(),
-                observed=f"the {rule.role} entered {', '.join(first)} first",
-                run=run,
-                event=entered[0],
-                role=rule.role,
-            )
-        elif isinstance(rule, X.DistinctThreads):
-            entered = [
-                e
-                for e in events
-                if e.get("kind") == "hook_enter"
-                and e.get("role") == rule.role
-                and e.get("hook") in rule.hooks
-            ]
-            tids = [(e["hook"], e["tid"]) for e in entered]
-            distinct = len({tid for _, tid in tids}) == len(tids)
-            verify.check(
-                requirement,
-                distinct and len(entered) >= 2,
-                expected=rule.describe(),
-                observed=", ".join(f"{hook} in thread {tid}" for hook, tid in tids)
-                or "none of them ran",
-                run=run,
-                role=rule.role,
-                event=entered[-1] if entered else None,
-            )
-        else:
-            raise SuiteError(f"unknown rule {rule!r}")
 
 
 def check_hook_roles(verify: Verifier, run: Run, requirement: str) -> None:

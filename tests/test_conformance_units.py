@@ -350,6 +350,46 @@ def test_escalation_must_be_possible_for_the_setuid_master_and_impossible_in_sta
         assert len(verify.violations[req]) == 1, req
 
 
+def _enter(role, hook, tid=1):
+    return {"kind": "hook_enter", "role": role, "hook": hook, "tid": tid}
+
+
+#: an order rule, events it accepts, events that break it.
+_ORDER_CASES = [
+    (
+        X.Before("T", X.enter("master", "a"), X.enter("master", "b")),
+        [_enter("master", "a"), _enter("master", "b")],
+        [_enter("master", "b"), _enter("master", "a")],
+    ),
+    (X.Count("T", X.enter("master", "a"), 1, 1), [_enter("master", "a")], []),
+    (
+        X.FirstHooks("T", "master", ("a", "b")),
+        [_enter("master", "a"), _enter("master", "b")],
+        [_enter("master", "b"), _enter("master", "a")],
+    ),
+    (
+        X.DistinctThreads("T", "master", ("a", "b")),
+        [_enter("master", "a", 1), _enter("master", "b", 2)],
+        [_enter("master", "a", 1), _enter("master", "b", 1)],
+    ),
+]
+
+
+@pytest.mark.parametrize("aspect, good, bad", _ORDER_CASES)
+def test_each_order_rule_rejects_a_violation_and_describes_itself(aspect, good, bad):
+    rule = checks.order_rule_for(aspect)
+    assert rule.describe() == aspect.describe()
+    for events in (good, bad):
+        for i, event in enumerate(events):
+            event["seq"] = i
+    held = rule.check(good)
+    assert held and all(f.problem is None for f in held)
+    broken = [f.problem for f in rule.check(bad) if f.problem]
+    assert broken and all(p.expected == aspect.describe() and p.observed for p in broken)
+    with pytest.raises(checks.SuiteError, match="unknown rule"):
+        checks.order_rule_for(X.enter("master", "a"))
+
+
 def test_start_process_before_create_container_returned_breaks_order_007():
     stage2 = snapshot(ns=CONTAINER_NS)
     run = make_run(
