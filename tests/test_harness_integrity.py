@@ -16,6 +16,7 @@ from conformance.scenario import SCENARIOS
 from kit.ledger import record as L
 from kit.ledger.senders import KitProcess, Senders
 from kit.run.launcher import RunResult, run
+from kit.system import linux
 
 HOSTILE = "kit_test_engines:HostileEngine"
 
@@ -302,6 +303,60 @@ def test_senders_refuse_a_second_claimant_of_a_role_and_a_role_of_another_proces
     assert "the stage1 process is another" in senders.check(1 << 23, ok)  # no such pid
     assert senders.check(None, ok) == "the kernel gave no credentials with it"
     assert "outside the supervisor's pid namespace" in senders.check(0, ok)
+
+
+def test_an_rpc_server_whose_container_died_is_still_the_kits_but_only_then():
+    # The container clones the RPC server and may die (a failing run) before the supervisor
+    # reads the RPC server's first datagram: by then the RPC server's parent is the reaper.
+    senders = Senders()
+    senders.processes[os.getpid()] = KitProcess("starter", None)
+    to_rpc, from_test = os.pipe()  # the "RPC server" waits on it until the test is done
+    die_r, die_w = os.pipe()  # the "container" waits on it before it dies
+    told_r, told_w = os.pipe()
+
+    def wait_for_eof(fd: int, keep: int = -1) -> None:
+        # A child keeps only what it reads (and writes): EOF must reach every reader.
+        for other in (to_rpc, from_test, die_r, die_w, told_r, told_w):
+            if other not in (fd, keep):
+                os.close(other)
+        os.read(fd, 1)
+        os._exit(0)
+
+    container = os.fork()
+    if container == 0:
+        rpc = os.fork()
+        if rpc == 0:
+            wait_for_eof(to_rpc)
+        os.write(told_w, str(rpc).encode().ljust(16))
+        wait_for_eof(die_r)
+    other_child = os.fork()  # a child of the starter that is not the container's
+    if other_child == 0:
+        wait_for_eof(to_rpc)
+    for fd in (to_rpc, die_r, told_w):
+        os.close(fd)
+    rpc = int(os.read(told_r, 16))
+    try:
+        assert senders.check(container, {"role": "container", "pid": container}) is None
+        # While the container lives, a process it did not fork is no RPC server of the kit
+        # (here: another child of the starter).
+        impostor = {"role": "rpc", "pid": other_child}
+        assert "is not the container process" in senders.check(other_child, impostor)
+        os.close(die_w)  # the container dies
+        os.waitpid(container, 0)
+        wait_until(
+            lambda: (linux.process_ids(rpc) or [container])[0] != container,
+            "the RPC server reparented",
+        )
+        assert senders.check(rpc, {"role": "rpc", "pid": rpc}) is None
+        assert "the rpc process is another" in senders.check(other_child, impostor)
+    finally:
+        os.close(from_test)
+        os.close(told_r)
+        os.waitpid(other_child, 0)
+        try:
+            os.waitpid(rpc, 0)  # when this process is its reaper (a subreaper)
+        except ChildProcessError:
+            wait_until(lambda: linux.process_state(rpc) in (None, "Z"), "the RPC server's end")
 
 
 def test_a_zero_length_datagram_is_not_mistaken_for_the_end_of_the_ledger():

@@ -97,7 +97,7 @@ class Senders:
         ids = linux.process_ids(kernel_pid)
         if ids is not None:
             parent = self.processes.get(ids[0])
-            if parent is None or parent.role != PARENT[role]:
+            if (parent is None or parent.role != PARENT[role]) and not self._orphaned(role):
                 return (
                     f"pid {self._shown(kernel_pid)} is not a process of the kit: it claims "
                     f"role {role} but its parent, pid {self._shown(ids[0])}, is not the "
@@ -116,6 +116,14 @@ class Senders:
             role, None if ids is None else self._pids(kernel_pid, ids[1])
         )
         return None
+
+    def _orphaned(self, role: str) -> bool:
+        """Whether the kit process that creates ``role`` has died already: its child, whose
+        first datagram was sent while it lived, now has another parent (the reaper). A run
+        that fails (the master ends the container) can end the parent that soon; a second
+        claimant of the role is still refused (:meth:`taken`)."""
+        creators = [pid for pid, p in self.processes.items() if p.role == PARENT[role]]
+        return bool(creators) and all(linux.process_state(pid) in (None, "Z") for pid in creators)
 
     def role_of_name(self, role: str) -> str:
         for name, roles in PROCESS_ROLES.items():
