@@ -109,12 +109,15 @@ def host_state() -> dict[str, Any]:
         "mounts": mounts,
         # Living descendants, but the launcher's long-lived zygote and the host sandboxes it
         # holds (the next run's, built ahead; a finished run's, ending as it is asked).
+        # A process gone between the listing and the reading of its name (a finished
+        # sandbox's init, reaped by the zygote meanwhile) is no leftover.
         "children": [
-            f"{p} {linux.process_name(p)}"
+            f"{p} {name}"
             for p in linux.descendants(os.getpid())
             if linux.process_state(p) not in ("Z", None)
             and p != _zygote_pid()
             and not zygotes_sandbox(p)
+            and (name := linux.process_name(p)) is not None
         ],
         "netns": sorted(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else [],
     }
