@@ -127,11 +127,13 @@ def test_each_fault_is_made_by_the_kit_and_recorded_as_the_kits(fault):
         assert result.exit_code == 7
 
 
-def test_the_engine_hook_runs_before_an_injected_raise_and_not_instead_of_a_hang():
-    created = _run("create_container")
-    assert _events(created, "rpc_call")  # the reference's create_container made its calls
-    hung = _run("create_container:hang")
-    assert not _events(hung, "rpc_call")  # the kit blocked in its place
+def test_the_engine_hook_runs_before_an_injected_raise_but_not_in_create_container():
+    posted = _run("post_start_process")
+    assert _events(posted, "stage2_exec")  # the payload ran: post_start_process was reached
+    # create_container fails before any setup (what cleanup_container must cope with), and
+    # a hang blocks in its place: the reference's create_container makes no call in either.
+    for fault in ("create_container", "create_container:hang"):
+        assert not _events(_run(fault), "rpc_call"), fault
 
 
 def test_kit_requirements_use_the_kits_injection_and_need_no_capability():

@@ -303,7 +303,7 @@ def check_every_place(events: list[dict[str, Any]], directory: str) -> None:
     for place, calls in EVERY_PLACE.items():
         role, hook = PLACES[place]
         for call in calls:
-            assert (call, role, hook) in recorded, (call, place, sorted(recorded))
+            assert (call, role, hook) in recorded, (call, place, sorted(recorded, key=str))
     assert refused and all(e["answered"] and e["errno"] == "EPERM" for e in refused)
     # The string arguments, read from the caller's memory before it was answered.
     strings = {e["syscall"]: e.get("strings") for e in refused}

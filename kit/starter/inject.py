@@ -20,7 +20,8 @@ INJECTIONS: dict[str, str] = {
     "prepare_config:invalid": "the kit makes the StarterConfig invalid after the engine's "
     "prepare_config returned: effective capabilities not a subset "
     "of permitted",
-    "create_container": "the kit raises after the engine's create_container returned",
+    "create_container": "the kit raises in place of the engine's create_container (nothing "
+    "set up: cleanup_container must cope with that)",
     "create_container:hang": "the kit blocks in place of the engine's create_container, until "
     "the hook timeout",
     "create_container:rpc-probe": "the kit sends the RPC server what it must refuse and "
@@ -42,8 +43,16 @@ PROBE_METHOD = "conformance_no_such_method"
 
 # Faults in which the engine's hook is not called at all: it would block (monitor, a hang)
 # or exec (start_process), so nothing could be injected after it.
+# create_container too: its failure before any setup is what cleanup_container must cope
+# with (CLEAN-002), as an engine whose create_container fails at its start would leave it.
 _INSTEAD = frozenset(
-    {"create_container:hang", "start_process", "start_process:return", "monitor_container"}
+    {
+        "create_container",
+        "create_container:hang",
+        "start_process",
+        "start_process:return",
+        "monitor_container",
+    }
 )
 
 
