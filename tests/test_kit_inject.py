@@ -3,14 +3,11 @@ engine, shows in the ledger as the kit's, and the engine's later hooks still run
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from suite_session import suite
 
 from conformance import expectations as X
 from conformance import rootcause
@@ -177,7 +174,7 @@ def test_an_engine_hook_failing_before_the_kit_injects_is_the_engines_root_cause
 
 # --- the suite: the kit's self-check needs no cooperation ------------------------------------
 
-ROOT = Path(__file__).resolve().parent.parent
+
 #: The kit requirements whose error paths only the kit's injection makes on a plain engine.
 INJECTED = (
     "ERR-002",
@@ -194,36 +191,8 @@ INJECTED = (
 )
 
 
-def _suite(engine: str, tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
-    report = tmp_path / "conformance.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(ROOT), str(ROOT / "tests")))}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            f"--engine={engine}",
-            "--flow=root",
-            "-p",
-            "no:xdist",
-            "-p",
-            "no:cacheprovider",
-            "-q",
-            f"--conformance-report={report}",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=600,
-    )
-    assert report.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc, json.loads(report.read_text())
-
-
 def test_the_plain_reference_checks_every_kit_requirement_of_its_flow(tmp_path):
-    proc, doc = _suite("reference", tmp_path)
+    proc, doc = suite("reference", tmp_path, "--flow=root")
     assert proc.returncode == 0, proc.stdout[-3000:]
     screen = " ".join(proc.stdout.split())
     found = re.search(
@@ -246,7 +215,7 @@ def test_the_plain_reference_checks_every_kit_requirement_of_its_flow(tmp_path):
 
 def test_a_starter_mutant_on_the_error_paths_is_caught_without_cooperation(tmp_path):
     spec = "mutants.zoo.starter:register_starter_create_failure_ignored"
-    proc, doc = _suite(spec, tmp_path, "-k", "create_container_raising")
+    proc, doc = suite(spec, tmp_path, "--flow=root", "-k", "create_container_raising")
     failed = {e["requirement"] for e in doc["results"] if e["outcome"] == "failed"}
     assert "ERR-002" in failed, proc.stdout[-3000:]
     assert doc["engine"]["capabilities"]["fault_injection"] is False  # the plain reference

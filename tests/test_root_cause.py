@@ -3,46 +3,18 @@ not dozens of failed requirements; the verdict says what was checked and what wa
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from suite_session import suite
 
 from conformance import render, rootcause
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the real root flow needs root")
-
-
-def suite(engine: str, tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
-    report = tmp_path / "conformance.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            f"--engine={engine}",
-            "-p",
-            "no:xdist",
-            "-p",
-            "no:cacheprovider",
-            "-q",
-            f"--conformance-report={report}",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=600,
-    )
-    assert report.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc, json.loads(report.read_text())
 
 
 def section(stdout: str) -> str:
