@@ -174,12 +174,3 @@ def backend_for(flow: str) -> tuple[str, str]:
     if ok:
         return "real", why
     return "fake", f"fake: the real backend cannot run it here ({why})"
-
-
-def resolve_backend(backend: str, flow: str) -> str:
-    """``real``/``fake`` as given; ``auto`` as :func:`backend_for` decides for ``flow``."""
-    if backend == "auto":
-        return backend_for(flow)[0]
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
-    return backend

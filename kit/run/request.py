@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import grp
 import os
 import pwd
 from dataclasses import asdict, dataclass, field
@@ -74,13 +73,6 @@ def _pw(user: str | int) -> pwd.struct_passwd | None:
         if isinstance(user, int) or str(user).isdigit():
             return pwd.struct_passwd((str(user), "x", int(user), int(user), "", "/", ""))
         return None
-
-
-def group_name(gid: int) -> str:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return str(gid)
 
 
 @dataclass

@@ -415,18 +415,6 @@ def thread_setfsuid(fsuid: int) -> int:
     return int(_libc.syscall(ctypes.c_long(_nr("setfsuid")), ctypes.c_int(fsuid)))
 
 
-def thread_setresgid(rgid: int, egid: int, sgid: int) -> None:
-    _check(
-        _libc.syscall(
-            ctypes.c_long(_nr("setresgid")),
-            ctypes.c_int(rgid),
-            ctypes.c_int(egid),
-            ctypes.c_int(sgid),
-        ),
-        "setresgid (thread)",
-    )
-
-
 #: Capability names by number (linux/capability.h), CAP_LAST_CAP = 40.
 CAPABILITIES: tuple[str, ...] = (
     "CAP_CHOWN",
@@ -540,7 +528,6 @@ PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
 PR_GET_NO_NEW_PRIVS = 39
 PR_CAP_AMBIENT = 47
-PR_CAP_AMBIENT_IS_SET = 1
 PR_CAP_AMBIENT_RAISE = 2
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 

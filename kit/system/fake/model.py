@@ -29,7 +29,6 @@ SECBIT_KEEP_CAPS = 1 << 4
 SECBIT_KEEP_CAPS_LOCKED = 1 << 5
 SECBIT_NO_CAP_AMBIENT_RAISE = 1 << 6
 
-SUID_DUMP_DISABLE = 0
 SUID_DUMP_USER = 1
 
 CAP_CHOWN = CAP_NUMBERS["CAP_CHOWN"]
@@ -308,15 +307,6 @@ class Model:
         if ns.get("parent") is None:
             return [list(line) for line in ns.get("shown_" + which) or []]
         return [list(line) for line in ns[which] or []]
-
-    def is_ancestor_userns(self, ancestor: int, userns: int) -> bool:
-        """True when ``ancestor`` is ``userns`` or one of its ancestors."""
-        nsid: int | None = userns
-        while nsid is not None:
-            if nsid == ancestor:
-                return True
-            nsid = self.ns(nsid).get("parent")
-        return False
 
     # -- capabilities ------------------------------------------------------------------------
     def capable(self, cred: Cred, target: int, cap: int) -> bool:
