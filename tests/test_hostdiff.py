@@ -372,6 +372,17 @@ def test_a_process_left_in_the_sandbox_is_named(sandbox: OwnSandbox) -> None:
     assert left.before is None and left.after == "sleep 3600"
 
 
+def test_a_zombie_not_reaped_yet_is_dead_not_left_behind(sandbox: OwnSandbox) -> None:
+    # What a run killed at its end looks like until the sandbox's init reaps it.
+    found = changes(
+        sandbox,
+        code="import os, subprocess; p = subprocess.Popen(['true']); "
+        "globals()['__builtins__']['kit_zombie'] = p; "
+        "os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)",
+    )
+    assert [c for c in found if c.kind == "process"] == []
+
+
 def test_a_process_of_the_sandbox_killed_by_the_run_is_named(sandbox: OwnSandbox) -> None:
     sandbox.run(
         "import subprocess; globals()['__builtins__']['kit_victim'] = "

@@ -148,3 +148,49 @@ def test_the_escalation_child_reads_its_capabilities_like_capget():
     # The throwaway child may raise its permitted set into effective: CAP_SETUID does it.
     assert out["escalation"]["raise_caps"] == ["CAP_SETUID", "CAP_NET_ADMIN"]
     assert out["escalation"]["setresuid_root"] is False
+
+
+# --- process_alive: what counts as a process left behind -----------------------------------
+
+
+def _wait_state(pid: int, state: str) -> None:
+    for _ in range(2000):
+        if linux.process_state(pid) == state:
+            return
+        os.sched_yield()
+        subprocess.run(["true"])  # a short pause that never sleeps on a timer
+    raise AssertionError(f"pid {pid} never reached state {state}")
+
+
+def test_process_alive_is_true_for_a_living_child_and_false_for_a_zombie_or_none():
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        assert linux.process_alive(child.pid)
+        child.kill()
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # dead, not reaped
+        assert linux.process_state(child.pid) == "Z"
+        assert not linux.process_alive(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    assert not linux.process_alive(child.pid)
+
+
+def test_process_alive_sees_the_threads_of_a_process_whose_main_thread_exited_alone():
+    # The thread group leader shows "Z" while the other threads run: a daemon that hides
+    # this way is still alive, and the leak checks must say so.
+    exit_nr = {"x86_64": 60, "aarch64": 93}[os.uname().machine]
+    code = (
+        "import ctypes, os, threading, time\n"
+        "threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
+        "os.write(1, b'x')\n"
+        f"ctypes.CDLL(None, use_errno=True).syscall({exit_nr}, 0)  # exit(2): this thread only\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None and child.stdout.read(1) == b"x"
+        _wait_state(child.pid, "Z")  # the leader's state
+        assert linux.process_alive(child.pid)
+    finally:
+        child.kill()
+        child.wait()

@@ -469,11 +469,13 @@ def read_processes(init_pid: int) -> dict[str, str]:
         return _processes_in(own)
     processes = {}
     for name in os.listdir(proc):
-        if name.isdigit():
+        # A process that is exiting or a zombie is not left behind: it is dead, or its exit
+        # (a kill by the supervisor, say) only has to complete.
+        if name.isdigit() and linux.process_alive(int(name), proc):
             try:
                 with open(f"{proc}/{name}/cmdline", "rb") as f:
                     argv = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-                argv = argv or f"[{_read(f'{proc}/{name}/comm')}]"  # a zombie has no argv
+                argv = argv or f"[{_read(f'{proc}/{name}/comm')}]"  # one that began exiting
             except OSError:
                 continue  # exited meanwhile
             processes[f"pid {name}"] = argv
@@ -487,6 +489,8 @@ def _processes_in(pid_ns: str) -> dict[str, str]:
     for name in os.listdir("/proc"):
         try:
             if not name.isdigit() or os.readlink(f"/proc/{name}/ns/pid") != pid_ns:
+                continue
+            if not linux.process_alive(int(name)):
                 continue
             nspid = linux.read_status(f"/proc/{name}/status")["NSpid"].split()[-1]
             with open(f"/proc/{name}/cmdline", "rb") as f:

@@ -369,17 +369,17 @@ def _scan(proc: str) -> dict[int, str]:
     for name in names:
         if not name.isdigit() or name == "1":
             continue
-        if linux.process_state(int(name), proc) in ("Z", None):
-            continue
+        if not linux.process_alive(int(name), proc):
+            continue  # dead, exiting (killed, say) or a zombie init has not reaped yet
         try:
             argv = linux.read_file(f"{proc}/{name}/cmdline")
         except OSError:
             continue  # gone meanwhile
         text = argv.replace(b"\0", b" ").decode(errors="replace").strip()
         if not text:
-            # An empty command line: the process is exiting (its memory is gone) or went
-            # zombie since its state was read; one that is still there is named by comm.
-            if linux.process_state(int(name), proc) in ("Z", None):
+            # An empty command line: the process began exiting since it was looked at (its
+            # memory is gone); one that is still alive is named by comm.
+            if not linux.process_alive(int(name), proc):
                 continue
             text = f"[{linux.process_name(int(name), proc) or '?'}]"
         found[int(name)] = text

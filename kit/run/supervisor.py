@@ -392,9 +392,7 @@ class Supervisor:
                 alive = {}
             else:
                 alive = {
-                    p: _cmdline(p)
-                    for p in linux.descendants(os.getpid())
-                    if linux.process_state(p) not in ("Z", None)
+                    p: _cmdline(p) for p in linux.descendants(os.getpid()) if linux.process_alive(p)
                 }
             if not alive or time.monotonic() >= deadline:
                 return alive

@@ -769,6 +769,30 @@ def process_state(pid: int, proc: str = "/proc") -> str | None:
     return None if stat is None else stat[stat.rindex(b")") + 2 :].split()[0].decode()
 
 
+#: ``PF_EXITING`` in the flags of ``/proc/PID/stat`` (include/linux/sched.h): set first thing
+#: in ``do_exit``, long before the task turns zombie.
+PF_EXITING = 0x4
+
+
+def process_alive(pid: int, proc: str = "/proc") -> bool:
+    """Whether ``pid`` has a thread that is neither dead, a zombie nor exiting. Not the same
+    as its state letter: a killed process is ``R`` or ``D`` (with an empty command line)
+    until its exit completes, and a process whose main thread exited alone shows ``Z`` while
+    its other threads run on."""
+    try:
+        tids = os.listdir(f"{proc}/{pid}/task")
+    except OSError:
+        return False
+    for tid in tids:
+        stat = _stat(f"{pid}/task/{tid}", proc)
+        if stat is None:
+            continue
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        if fields[0] not in (b"Z", b"X", b"x") and not int(fields[6]) & PF_EXITING:
+            return True
+    return False
+
+
 def proc_tid() -> int:
     """The calling thread's id as the mounted ``/proc`` numbers it (which differs from
     gettid() in a new pid namespace until a new /proc is mounted)."""
