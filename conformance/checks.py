@@ -1,14 +1,4 @@
-"""Generic checks: apply the tables of :mod:`conformance.expectations` to the ledger of a run.
-
-A test gets a :class:`Verifier` (the ``verify`` fixture) and calls the check functions below
-with a run and the requirement it decides. Every check is counted per requirement; a check
-that fails records a :class:`Violation` and the test goes on, so one test reports every
-violation of every requirement it declares. At the end the plugin turns the verifier into
-one outcome per requirement (passed, failed, not-supported, xfail…).
-
-A violation names the requirement and its text, the expected and the observed value, the
-flow and process role, and quotes the ledger event where it was observed.
-"""
+"""The checks the suite's tests call: each judges a run's ledger against the expectations."""
 
 from __future__ import annotations
 
@@ -88,6 +78,9 @@ def describe_run(run: Run) -> str:
 
 @dataclass
 class Violation:
+    """A broken rule: the requirement and its text, the expected and the observed value, the
+    flow and process role, and the ledger event where it was observed."""
+
     requirement: str
     expected: str
     observed: str
@@ -120,7 +113,12 @@ class Violation:
 
 
 class Verifier:
-    """Collects the checks of one test, per requirement."""
+    """Collects the checks of one test (the ``verify`` fixture), per requirement it declares.
+
+    Every check is counted per requirement; a check that fails records a :class:`Violation`
+    and the test goes on, so one test reports every violation of every requirement it
+    declares. At the end the plugin turns the verifier into one outcome per requirement
+    (passed, failed, not-supported, xfail…)."""
 
     def __init__(self, flow: str, declared: Iterable[str], test: str = "") -> None:
         self.flow = flow
@@ -131,6 +129,17 @@ class Verifier:
         self.unsupported_reasons: dict[str, str] = {}
         self.notes: dict[str, str] = {}
         self.runs: list[str] = []
+
+    @property
+    def requirement(self) -> str:
+        """The test's one requirement: the ID that a check of a single requirement (every
+        ``check_*`` below but :func:`check_rpc_probes`) attributes its verdicts to."""
+        if len(self.declared) != 1:
+            raise SuiteError(
+                f"{self.test} declares {', '.join(self.declared) or 'no requirement'}: a check "
+                "of one requirement needs a test that declares exactly one"
+            )
+        return self.declared[0]
 
     def _declared(self, req: str) -> None:
         if req not in self.checks:
@@ -654,9 +663,10 @@ def _privilege_text(snap: dict[str, Any], run: Run) -> str:
     return text
 
 
-def check_privileges(verify: Verifier, run: Run, requirement: str) -> None:
-    """Every hook snapshot of every role the privilege table constrains for ``requirement``
-    in this flow."""
+def check_privileges(verify: Verifier, run: Run) -> None:
+    """Every hook snapshot of every role the privilege table constrains for the test's
+    requirement in this flow."""
+    requirement = verify.requirement
     facts = Facts(verify.used(run.usable()))
     roles = [
         role
@@ -762,7 +772,8 @@ def _start_process_thread(run: Run) -> tuple[dict[str, Any] | None, dict[str, An
     return event, threads[0] if threads else None
 
 
-def check_payload(verify: Verifier, run: Run, requirement: str) -> None:
+def check_payload(verify: Verifier, run: Run) -> None:
+    requirement = verify.requirement
     run = verify.used(run.usable())
     cell = [e for e in X.PAYLOAD.get(run.flow, ()) if e.requirement == requirement]
     # In fake mode the payload runs with the launcher's real credentials: nothing the
@@ -864,9 +875,10 @@ def exec_changes(stage2: dict[str, Any], payload: dict[str, Any], securebits: An
     return out
 
 
-def check_payload_fds(verify: Verifier, run: Run, requirement: str) -> None:
+def check_payload_fds(verify: Verifier, run: Run) -> None:
     """FD-001: the ``fds`` payload lists its open descriptors; only the standard ones and
     those the StarterConfig keeps may be there."""
+    requirement = verify.requirement
     run = verify.used(run.usable())
     found = parse_fds(run.result.stdout)
     if found is None:
@@ -1023,7 +1035,8 @@ class DistinctThreadsRule(OrderRule):
         return [Finding(problem, entered[-1] if entered else None, rule.role)]
 
 
-def check_rules(verify: Verifier, run: Run, requirement: str) -> None:
+def check_rules(verify: Verifier, run: Run) -> None:
+    requirement = verify.requirement
     run = verify.used(run.usable())
     rules = X.rules_for(requirement)
     if not rules:
@@ -1042,8 +1055,9 @@ def check_rules(verify: Verifier, run: Run, requirement: str) -> None:
             )
 
 
-def check_hook_roles(verify: Verifier, run: Run, requirement: str) -> None:
+def check_hook_roles(verify: Verifier, run: Run) -> None:
     """ORDER-014: each hook runs only in the roles SPEC §1 assigns to it."""
+    requirement = verify.requirement
     run = verify.used(run.usable())
     for event in hook_events(run, kinds=("hook_enter",)):
         allowed = X.HOOK_ROLES.get(event["hook"], frozenset())
@@ -1057,8 +1071,9 @@ def check_hook_roles(verify: Verifier, run: Run, requirement: str) -> None:
         )
 
 
-def check_pid_one(verify: Verifier, run: Run, requirement: str) -> None:
+def check_pid_one(verify: Verifier, run: Run) -> None:
     """PID-002: with a new pid namespace stage 2 is pid 1 of it."""
+    requirement = verify.requirement
     run = verify.used(run.usable())
     facts = Facts(run)
     if "pid" not in facts.created():
@@ -1083,7 +1098,8 @@ def check_pid_one(verify: Verifier, run: Run, requirement: str) -> None:
 # --- state (SPEC §1, §2 rule 3) ---------------------------------------------------------------
 
 
-def check_fresh_config(verify: Verifier, run: Run, requirement: str) -> None:
+def check_fresh_config(verify: Verifier, run: Run) -> None:
+    requirement = verify.requirement
     run = verify.used(run.usable())
     returns = hook_events(run, hook="config", kinds=("hook_return",))
     reference = next((e for e in returns if e["role"] == "stage1"), None)
@@ -1125,12 +1141,12 @@ def check_fresh_config(verify: Verifier, run: Run, requirement: str) -> None:
         )
 
 
-def check_config_calls(verify: Verifier, run: Run, engine_name: str, requirement: str) -> None:
+def check_config_calls(verify: Verifier, run: Run, engine_name: str) -> None:
     """STATE-001, in the suite's own process: two calls of ``config()`` return two objects
     with the JSON that stage 1's ``config()`` returned in ``run``, sharing no mutable value (a
     shared object or a shared mutable default would carry one caller's changes to the
     next)."""
-
+    requirement = verify.requirement
     run = verify.used(run.usable())
     try:
         ops = registry.find(engine_name).factory()
@@ -1220,7 +1236,8 @@ def mutable_parts(root: Any, path: str = "config") -> list[tuple[str, Any]]:
     return out
 
 
-def check_distinct_processes(verify: Verifier, run: Run, requirement: str) -> None:
+def check_distinct_processes(verify: Verifier, run: Run) -> None:
+    requirement = verify.requirement
     run = verify.used(run.usable())
     seen: dict[tuple[Any, Any], str] = {}
     for role in X.ROLES:
@@ -1261,7 +1278,8 @@ def _stage2_event(run: Run) -> dict[str, Any] | None:
     return events[-1] if events else None
 
 
-def check_rpc_shares_namespaces(verify: Verifier, run: Run, requirement: str) -> None:
+def check_rpc_shares_namespaces(verify: Verifier, run: Run) -> None:
+    requirement = verify.requirement
     run = verify.used(run.usable())
     stage2 = _stage2_event(run)
     rpc = hook_events(run, "rpc")
@@ -1304,7 +1322,8 @@ def check_rpc_shares_namespaces(verify: Verifier, run: Run, requirement: str) ->
         )
 
 
-def check_master_not_shared(verify: Verifier, run: Run, requirement: str) -> None:
+def check_master_not_shared(verify: Verifier, run: Run) -> None:
+    requirement = verify.requirement
     run = verify.used(run.usable())
     facts = Facts(run)
     stage2 = _stage2_event(run)
@@ -1336,7 +1355,8 @@ def check_master_not_shared(verify: Verifier, run: Run, requirement: str) -> Non
         )
 
 
-def check_master_user_ns(verify: Verifier, run: Run, requirement: str) -> None:
+def check_master_user_ns(verify: Verifier, run: Run) -> None:
+    requirement = verify.requirement
     run = verify.used(run.usable())
     facts = Facts(run)
     whose = X.MASTER_USER_NS[run.flow]
@@ -1360,10 +1380,11 @@ def check_master_user_ns(verify: Verifier, run: Run, requirement: str) -> None:
         )
 
 
-def check_shared_root(verify: Verifier, run: Run, requirement: str) -> None:
+def check_shared_root(verify: Verifier, run: Run) -> None:
     """NS-002: stage 2 enters start_process with the root directory the RPC server had after
     its last request (snapshots record the root's identity; the RPC server shares it with the
     container process through CLONE_FS, so a root an RPC method set is stage 2's too)."""
+    requirement = verify.requirement
     run = verify.used(run.usable())
     enters = hook_events(run, "stage2", "start_process", ("hook_enter",))
     snap = (enters[0].get("snapshot") or {}) if enters else {}
@@ -1402,10 +1423,11 @@ NS_ENTRY_ORDER = ("user", "pid", "net", "uts", "ipc", "cgroup", "mount")
 _STARTER_KINDS = ("user", "pid")
 
 
-def check_namespace_order(verify: Verifier, run: Run, requirement: str) -> None:
+def check_namespace_order(verify: Verifier, run: Run) -> None:
     """NS-009: the namespaces the starter joined and created before the fork
     (``container_start``), then those the container process entered (``namespaces``
     ``order``), follow :data:`NS_ENTRY_ORDER`, each on its side."""
+    requirement = verify.requirement
     run = verify.used(run.usable())
     rank = {kind: i for i, kind in enumerate(NS_ENTRY_ORDER)}
     entered: list[tuple[str, str, dict[str, Any]]] = []
@@ -1447,9 +1469,10 @@ def check_namespace_order(verify: Verifier, run: Run, requirement: str) -> None:
         verify.vacuous(requirement, "the run entered no namespace")
 
 
-def check_mount_propagation(verify: Verifier, run: Run, requirement: str) -> None:
+def check_mount_propagation(verify: Verifier, run: Run) -> None:
     """NS-008: a new mount namespace has the StarterConfig's propagation on / (recorded by
     the container process right after it set it), before any RPC call could mount."""
+    requirement = verify.requirement
     run = verify.used(run.usable())
     configs = events_of(run, "starter_config")
     wanted = (
@@ -1482,7 +1505,8 @@ def check_mount_propagation(verify: Verifier, run: Run, requirement: str) -> Non
         verify.vacuous(requirement, "no new mount namespace")
 
 
-def check_requested_namespaces(verify: Verifier, run: Run, requirement: str) -> None:
+def check_requested_namespaces(verify: Verifier, run: Run) -> None:
+    requirement = verify.requirement
     run = verify.used(run.usable())
     facts = Facts(run)
     stage2 = _stage2_event(run)
@@ -1523,7 +1547,8 @@ def check_requested_namespaces(verify: Verifier, run: Run, requirement: str) -> 
         verify.vacuous(requirement, "the StarterConfig asks for no namespace")
 
 
-def check_user_ns_map(verify: Verifier, run: Run, requirement: str) -> None:
+def check_user_ns_map(verify: Verifier, run: Run) -> None:
+    requirement = verify.requirement
     run = verify.used(run.usable())
     facts = Facts(run)
     inside_sym, _ = X.USER_NS_MAP[run.flow]
@@ -1546,7 +1571,8 @@ def check_user_ns_map(verify: Verifier, run: Run, requirement: str) -> None:
     )
 
 
-def check_new_user_ns(verify: Verifier, run: Run, requirement: str) -> None:
+def check_new_user_ns(verify: Verifier, run: Run) -> None:
+    requirement = verify.requirement
     run = verify.used(run.usable())
     facts = Facts(run)
     stage2 = _stage2_event(run)
@@ -1587,8 +1613,9 @@ def _subordinate_ranges(path: str, user: str | None, uid: int | None) -> list[tu
     return ranges
 
 
-def check_user_ns_host_ids(verify: Verifier, run: Run, requirement: str) -> None:
+def check_user_ns_host_ids(verify: Verifier, run: Run) -> None:
     """NS-012: every host id the container's uid and gid maps reach is one the flow may map."""
+    requirement = verify.requirement
     run = verify.used(run.usable())
     facts = Facts(run)
     stage2 = _stage2_event(run)
@@ -1628,9 +1655,10 @@ def check_user_ns_host_ids(verify: Verifier, run: Run, requirement: str) -> None
             )
 
 
-def check_host_view(verify: Verifier, run: Run, requirement: str, what: str) -> None:
+def check_host_view(verify: Verifier, run: Run, what: str) -> None:
     """NS-010 (``what="hostname"``), NS-011 (``what="mounts"``): what the launcher saw of the
     host while the ``host-view`` run lasted and after it (the scenario's notes)."""
+    requirement = verify.requirement
     run = verify.used(run.usable())
     kernel_only(run, "the host's hostname and mount namespace")
     notes = run.notes
@@ -1693,7 +1721,8 @@ def check_host_view(verify: Verifier, run: Run, requirement: str, what: str) -> 
 # --- RPC (SPEC §6) -------------------------------------------------------------------------------
 
 
-def check_rpc_calls_during_create(verify: Verifier, run: Run, requirement: str) -> None:
+def check_rpc_calls_during_create(verify: Verifier, run: Run) -> None:
+    requirement = verify.requirement
     run = verify.used(run.usable())
     calls = events_of(run, "rpc_call")
     enter = hook_events(run, "master", "create_container", ("hook_enter",))
@@ -1722,7 +1751,8 @@ def check_rpc_calls_during_create(verify: Verifier, run: Run, requirement: str) 
         verify.vacuous(requirement, "the engine made no RPC call")
 
 
-def check_rpc_method_names(verify: Verifier, run: Run, requirement: str, engine_name: str) -> None:
+def check_rpc_method_names(verify: Verifier, run: Run, engine_name: str) -> None:
+    requirement = verify.requirement
     run = verify.used(run.usable())
     calls = events_of(run, "rpc_call")
     if not calls:
@@ -1740,7 +1770,8 @@ def check_rpc_method_names(verify: Verifier, run: Run, requirement: str, engine_
         )
 
 
-def check_rpc_server_exit(verify: Verifier, run: Run, requirement: str) -> None:
+def check_rpc_server_exit(verify: Verifier, run: Run) -> None:
+    requirement = verify.requirement
     run = verify.used(run.usable())
     exits = events_of(run, "process_exit", child_role="rpc")
     verify.check(
@@ -1755,7 +1786,8 @@ def check_rpc_server_exit(verify: Verifier, run: Run, requirement: str) -> None:
     )
 
 
-def check_rpc_sequential(verify: Verifier, run: Run, requirement: str) -> None:
+def check_rpc_sequential(verify: Verifier, run: Run) -> None:
+    requirement = verify.requirement
     run = verify.used(run.usable())
     calls = events_of(run, "rpc_call")
     previous = None
@@ -1804,7 +1836,11 @@ def _error_reply(call: dict[str, Any], want: str) -> tuple[bool, str]:
 def check_rpc_probes(verify: Verifier, run: Run) -> None:
     """RPC-005 and RPC-006 on the rpc-probe scenario: the server's record of every probe
     frame (:data:`conformance.cooperation.RPC_PROBES`, in order, then the engine's own calls,
-    then an oversized frame header)."""
+    then an oversized frame header).
+
+    The one check that decides two requirements: its test declares both, and each verdict
+    names its own ID (a pickle or an oversized frame refused: RPC-005; every other probe
+    answered and the serving going on: RPC-006; a record per probe: both)."""
     run = verify.used(run.usable())
     calls = events_of(run, "rpc_call")
     probes, later = calls[: len(RPC_PROBES)], calls[len(RPC_PROBES) :]
@@ -1871,9 +1907,8 @@ def exit_event(run: Run) -> dict[str, Any] | None:
     return exits[-1] if exits else None
 
 
-def check_exit_code(
-    verify: Verifier, run: Run, requirement: str, expected: int | None = None
-) -> None:
+def check_exit_code(verify: Verifier, run: Run, expected: int | None = None) -> None:
+    requirement = verify.requirement
     run = verify.used(run.usable())
     want = run.scenario.expected_exit if expected is None else expected
     verify.check(
@@ -1887,7 +1922,8 @@ def check_exit_code(
     )
 
 
-def check_monitor_status(verify: Verifier, run: Run, requirement: str) -> None:
+def check_monitor_status(verify: Verifier, run: Run) -> None:
+    requirement = verify.requirement
     run = verify.used(run.usable())
     want = run.scenario.expected_exit
     if want is None:
@@ -1937,7 +1973,8 @@ def check_monitor_status(verify: Verifier, run: Run, requirement: str) -> None:
     )
 
 
-def check_sigchld_recorded(verify: Verifier, run: Run, requirement: str) -> None:
+def check_sigchld_recorded(verify: Verifier, run: Run) -> None:
+    requirement = verify.requirement
     run = verify.used(run.usable())
     chld = [e for e in events_of(run, "signal", role="master") if e.get("name") == "SIGCHLD"]
     verify.check(
@@ -2007,10 +2044,11 @@ def _method_credentials(seen: dict[str, Any]) -> dict[Any, dict[str, Any]]:
     return out
 
 
-def check_rpc_methods_restore_credentials(verify: Verifier, run: Run, requirement: str) -> None:
+def check_rpc_methods_restore_credentials(verify: Verifier, run: Run) -> None:
     """The kit records the RPC server's credentials before and after every method: every
     thread leaves the method with the whole credential it entered with (what a method raised
     on its own thread it must have lowered again; no other thread may change at all)."""
+    requirement = verify.requirement
     run = verify.used(run.usable())
     calls = [e for e in events_of(run, "rpc_call", role="rpc") if e.get("creds")]
     if not calls:
@@ -2046,9 +2084,10 @@ def check_rpc_methods_restore_credentials(verify: Verifier, run: Run, requiremen
             )
 
 
-def check_only_the_container_reaped(verify: Verifier, run: Run, requirement: str) -> None:
+def check_only_the_container_reaped(verify: Verifier, run: Run) -> None:
     """The kit gives the master a sentinel child older than the container; a monitor that
     reaps any child takes it, and the master records a ``foreign_reap`` event."""
+    requirement = verify.requirement
     run = verify.used(run.usable())
     reaped = events_of(run, "foreign_reap", role="master")
     verify.check(
@@ -2062,7 +2101,8 @@ def check_only_the_container_reaped(verify: Verifier, run: Run, requirement: str
     )
 
 
-def check_signals_recorded(verify: Verifier, run: Run, requirement: str) -> None:
+def check_signals_recorded(verify: Verifier, run: Run) -> None:
+    requirement = verify.requirement
     run = verify.used(run.usable())
     sent = run.notes.get("sent") or []
     if not sent:
@@ -2088,7 +2128,8 @@ def check_signals_recorded(verify: Verifier, run: Run, requirement: str) -> None
         )
 
 
-def check_signals_forwarded(verify: Verifier, run: Run, requirement: str) -> None:
+def check_signals_forwarded(verify: Verifier, run: Run) -> None:
+    requirement = verify.requirement
     run = verify.used(run.usable())
     sent = run.notes.get("sent") or []
     if len(sent) != len(X.FORWARDED_SIGNALS):
@@ -2132,13 +2173,11 @@ def raised_in(run: Run, role: str, hook: str) -> bool:
     return bool(hook_events(run, role, hook, ("hook_raise",)))
 
 
-def check_error_path(
-    verify: Verifier, run: Run, requirement: str, path: X.ErrorPath | None = None
-) -> None:
+def check_error_path(verify: Verifier, run: Run, path: X.ErrorPath | None = None) -> None:
+    req = verify.requirement
     run = verify.used(run.usable())
-    path = path or X.ERROR_PATHS[requirement]
+    path = path or X.ERROR_PATHS[req]
     res = run.result
-    req = requirement
     want_exit = run.scenario.expected_exit if path.exit_code is None else path.exit_code
     verify.check(
         req,
@@ -2289,7 +2328,7 @@ def check_error_path(
         or path.cleanup_gets_no_fatal
         or path.cleanup_exit is not None
     ):
-        _check_cleanup_arguments(verify, run, req, path)
+        _check_cleanup_arguments(verify, run, path)
     if path.no_namespaces:
         created = events_of(run, "namespaces") + events_of(run, "process_start", role="container")
         verify.check(
@@ -2302,6 +2341,64 @@ def check_error_path(
         )
 
 
+def check_no_post_start_after_stage2_failure(verify: Verifier, run: Run) -> None:
+    """ORDER-010: a run whose stage 2 failed records the failure and no post_start_process."""
+    requirement = verify.requirement
+    ran = hook_events(run, "master", "post_start_process", ("hook_enter",))
+    failed = events_of(run, "stage2_failed")
+    verify.check(
+        requirement,
+        bool(failed),
+        expected="stage 2 reported a failure",
+        observed="no stage-2 failure recorded",
+        run=run,
+        role="stage2",
+    )
+    verify.check(
+        requirement,
+        not ran,
+        expected="no post_start_process after the stage-2 failure",
+        observed="post_start_process ran",
+        run=run,
+        event=ran[0] if ran else None,
+    )
+
+
+def check_no_cleanup_after_stage1_failure(verify: Verifier, run: Run) -> None:
+    """ORDER-012: no cleanup_container in a run whose stage 1 failed."""
+    ran = hook_events(run, "master", "cleanup_container", ("hook_enter",))
+    verify.check(
+        verify.requirement,
+        not ran,
+        expected="no cleanup_container after stage 1 failed",
+        observed="cleanup_container ran",
+        run=run,
+        event=ran[0] if ran else None,
+    )
+
+
+def check_fatal_exit(verify: Verifier, run: Run) -> None:
+    """EXIT-003: a run with a fatal error records it and exits 255."""
+    requirement = verify.requirement
+    fatal = events_of(run, "fatal")
+    verify.check(
+        requirement,
+        bool(fatal),
+        expected="a fatal error recorded",
+        observed="none",
+        run=run,
+        role="master",
+    )
+    verify.check(
+        requirement,
+        run.result.exit_code == 255,
+        expected="exit code 255",
+        observed=f"exit code {run.result.exit_code} ({run.result.reason})",
+        run=run,
+        event=fatal[0] if fatal else None,
+    )
+
+
 def hook_args(event: dict[str, Any]) -> dict[str, Any] | None:
     """The arguments a hook was called with, as the ledger records them (None: not recorded
     by this kit)."""
@@ -2309,7 +2406,8 @@ def hook_args(event: dict[str, Any]) -> dict[str, Any] | None:
     return args if isinstance(args, dict) else None
 
 
-def _check_cleanup_arguments(verify: Verifier, run: Run, req: str, path: X.ErrorPath) -> None:
+def _check_cleanup_arguments(verify: Verifier, run: Run, path: X.ErrorPath) -> None:
+    req = verify.requirement
     entered = hook_events(run, "master", "cleanup_container", ("hook_enter",))
     if not entered:
         return  # reported by the cleanup count
@@ -2351,8 +2449,9 @@ def _check_cleanup_arguments(verify: Verifier, run: Run, req: str, path: X.Error
         )
 
 
-def check_init_flag(verify: Verifier, run: Run, requirement: str) -> None:
+def check_init_flag(verify: Verifier, run: Run) -> None:
     """ORDER-002: init_config's privileged_stage1 is true only in stage 1 of suid/hybrid."""
+    requirement = verify.requirement
     run = verify.used(run.usable())
     events = hook_events(run, hook="init_config", kinds=("hook_enter",))
     if events and all(hook_args(e) is None for e in events):
@@ -2373,9 +2472,10 @@ def check_init_flag(verify: Verifier, run: Run, requirement: str) -> None:
         )
 
 
-def check_master_pids(verify: Verifier, run: Run, requirement: str) -> None:
+def check_master_pids(verify: Verifier, run: Run) -> None:
     """PID-001: the pid given to the master's hooks is the container's (as the master sees
     it: the pid the starter recorded when it started the container)."""
+    requirement = verify.requirement
     run = verify.used(run.usable())
     started = events_of(run, "container_start")
     events = [
@@ -2410,7 +2510,8 @@ def check_master_pids(verify: Verifier, run: Run, requirement: str) -> None:
 # --- cleanup, join-only, ledger ------------------------------------------------------------
 
 
-def check_no_leaks(verify: Verifier, run: Run, requirement: str) -> None:
+def check_no_leaks(verify: Verifier, run: Run) -> None:
+    requirement = verify.requirement
     run = verify.used(run.usable())
     leaks = run.result.leaks
     verify.check(
@@ -2469,10 +2570,11 @@ def _seen_in_sandbox(run: Run, kinds: tuple[str, ...]) -> list[dict[str, Any]]:
     ]
 
 
-def check_host(verify: Verifier, run: Run, requirement: str) -> None:
+def check_host(verify: Verifier, run: Run) -> None:
     """HOST-*: the run's host diff (the supervisor's ``host_changes`` event, kit.run.hostdiff)
     names no object of the requirement's kinds; HOST-009 every watched change seen while the
     run went on, even one undone by its end."""
+    requirement = verify.requirement
     run = verify.used(run.usable())
     kernel_only(run, "the host's state")
     event = next((e for e in run.events if e.get("kind") == "host_changes"), None)
@@ -2530,10 +2632,11 @@ def check_host(verify: Verifier, run: Run, requirement: str) -> None:
         verify.check(requirement, True, expected="", observed="", run=run)
 
 
-def check_refused_calls(verify: Verifier, run: Run, requirement: str, category: str) -> None:
+def check_refused_calls(verify: Verifier, run: Run, category: str) -> None:
     """HOST-050 (``category="system-interface"``, fake backend), HOST-051 (``"host-global"``):
     every call the run's seccomp filter refused (``syscall_refused``) is a violation that
     names the call, the hook and the process role."""
+    requirement = verify.requirement
     run = verify.used(run.usable())
     refused = [
         e
@@ -2578,7 +2681,8 @@ def not_configured(why: str) -> NoReturn:
     pytest.skip(f"{NOT_CONFIGURED_PREFIX}{why}")
 
 
-def check_cleanup_returned(verify: Verifier, run: Run, requirement: str) -> None:
+def check_cleanup_returned(verify: Verifier, run: Run) -> None:
+    requirement = verify.requirement
     run = verify.used(run.usable())
     raised = hook_events(run, "master", "cleanup_container", ("hook_raise",))
     returned = hook_events(run, "master", "cleanup_container", ("hook_return",))
@@ -2604,7 +2708,8 @@ JOIN_HOOKS = {
 }
 
 
-def check_join_only_hooks(verify: Verifier, run: Run, requirement: str) -> None:
+def check_join_only_hooks(verify: Verifier, run: Run) -> None:
+    requirement = verify.requirement
     run = verify.used(run.usable())
     for event in hook_events(run, kinds=("hook_enter",)):
         allowed = JOIN_HOOKS.get(event["role"], set())
@@ -2635,7 +2740,8 @@ def check_join_only_hooks(verify: Verifier, run: Run, requirement: str) -> None:
     )
 
 
-def check_ledger_schema(verify: Verifier, run: Run, requirement: str) -> None:
+def check_ledger_schema(verify: Verifier, run: Run) -> None:
+    requirement = verify.requirement
     run = verify.used(run.usable())
     problems = validate(run.result.ledger.document)
     # A datagram the supervisor refused for its schema never reached the document: it is a
@@ -2653,8 +2759,9 @@ def check_ledger_schema(verify: Verifier, run: Run, requirement: str) -> None:
     )
 
 
-def check_no_engine_fault(verify: Verifier, run: Run, requirement: str) -> None:
+def check_no_engine_fault(verify: Verifier, run: Run) -> None:
     """LEDGER-003: no datagram the supervisor rejected as malformed or forged."""
+    requirement = verify.requirement
     run = verify.used(run.usable())
     for event in events_of(run, "engine_fault"):
         role = event.get("sender_role")
@@ -2710,7 +2817,8 @@ def unfinished_hooks(run: Run) -> list[dict[str, Any]]:
     return out
 
 
-def check_hook_pairs(verify: Verifier, run: Run, requirement: str) -> None:
+def check_hook_pairs(verify: Verifier, run: Run) -> None:
+    requirement = verify.requirement
     run = verify.used(run.usable())
     for event in run.events:
         if event.get("kind") == "hook_enter":
@@ -2736,8 +2844,9 @@ def check_hook_pairs(verify: Verifier, run: Run, requirement: str) -> None:
 # --- runs that nothing asks to fail (ERR-009..011) ------------------------------------------
 
 
-def check_no_hang(verify: Verifier, run: Run, requirement: str) -> None:
+def check_no_hang(verify: Verifier, run: Run) -> None:
     """ERR-009: no hook of the run ran into the hook timeout."""
+    requirement = verify.requirement
     run = verify.used(run.usable())
     timed = run.result.timed_out
     event = next((e for e in run.events if e.get("kind") == "hook_timeout"), None)
@@ -2760,9 +2869,10 @@ _MASTER_CRASHED = "master crashed"
 _STAGE2_DIED = "died before exec"
 
 
-def check_no_crash(verify: Verifier, run: Run, requirement: str) -> None:
+def check_no_crash(verify: Verifier, run: Run) -> None:
     """ERR-010: every hook returned or raised (start_process: exec'd or reported), and the
     master finished the run."""
+    requirement = verify.requirement
     run = verify.used(run.usable())
     res = run.result
     verify.check(
@@ -2796,9 +2906,10 @@ def check_no_crash(verify: Verifier, run: Run, requirement: str) -> None:
     )
 
 
-def check_no_failure(verify: Verifier, run: Run, requirement: str) -> None:
+def check_no_failure(verify: Verifier, run: Run) -> None:
     """ERR-011: no hook raised, start_process did not return, the payload was exec'd (a hang
     or a crash is ERR-009's or ERR-010's)."""
+    requirement = verify.requirement
     run = verify.used(run.usable())
     for event in hook_events(run, kinds=("hook_raise",)):
         err = event.get("error") or {}

@@ -43,7 +43,7 @@ def test_a_master_helper_thread_with_effective_capabilities_breaks_priv_master_0
         ],
     )
     verify = checks.Verifier("suid", ["PRIV-MASTER-002"], "t")
-    checks.check_privileges(verify, run, "PRIV-MASTER-002")
+    checks.check_privileges(verify, run)
     (violation,) = verify.violations["PRIV-MASTER-002"]
     assert violation.observed.startswith("thread 11 ('helper'): effective [CAP_SYS_ADMIN]")
 
@@ -83,7 +83,7 @@ def test_a_thread_with_euid_0_after_an_rpc_method_breaks_priv_rpc_001():
         ],
     )
     verify = checks.Verifier("suid", ["PRIV-RPC-001"], "t")
-    checks.check_privileges(verify, run, "PRIV-RPC-001")
+    checks.check_privileges(verify, run)
     assert verify.checks["PRIV-RPC-001"] == 6  # two hooks, two methods × entry and return
     (violation,) = verify.violations["PRIV-RPC-001"]
     assert violation.event["kind"] == "rpc_method_return"
@@ -117,12 +117,12 @@ def test_an_rpc_method_that_leaves_any_field_of_the_credential_changed_breaks_pr
         after = {**after, "threads": [thread, after["threads"][1]]}
         run = make_run("root", [_rpc_call(_creds(_with_helper(server)), _creds(after))])
         verify = checks.Verifier("root", ["PRIV-RPC-004"], "t")
-        checks.check_rpc_methods_restore_credentials(verify, run, "PRIV-RPC-004")
+        checks.check_rpc_methods_restore_credentials(verify, run)
         (violation,) = verify.violations["PRIV-RPC-004"]
         assert violation.observed == f"thread 10 ('serving the method'): {seen}", changed
     run = make_run("root", [_rpc_call(_creds(server), _creds(server))])
     verify = checks.Verifier("root", ["PRIV-RPC-004"], "t")
-    checks.check_rpc_methods_restore_credentials(verify, run, "PRIV-RPC-004")
+    checks.check_rpc_methods_restore_credentials(verify, run)
     assert verify.checks["PRIV-RPC-004"] == 2 and not verify.violations["PRIV-RPC-004"]
 
 
@@ -138,7 +138,7 @@ def test_a_method_that_renumbers_threads_is_still_compared_on_its_serving_thread
     )
     run = make_run("suid", [_rpc_call(_creds(server), _creds(raised), method="x.mount")])
     verify = checks.Verifier("suid", ["PRIV-RPC-004"], "t")
-    checks.check_rpc_methods_restore_credentials(verify, run, "PRIV-RPC-004")
+    checks.check_rpc_methods_restore_credentials(verify, run)
     (violation,) = verify.violations["PRIV-RPC-004"]
     assert violation.observed == (
         "thread 10 ('serving the method'): caps.effective "
@@ -247,7 +247,7 @@ def test_a_changed_fs_uid_breaks_a_uid_rule_on_that_thread():
         ],
     )
     verify = checks.Verifier("suid", ["PRIV-RPC-001"], "t")
-    checks.check_privileges(verify, run, "PRIV-RPC-001")
+    checks.check_privileges(verify, run)
     (violation,) = verify.violations["PRIV-RPC-001"]
     assert violation.expected == f"effective uid U ({U}), fs uid U ({U}) in every thread"
     assert violation.observed.startswith(
@@ -271,7 +271,7 @@ def test_an_rpc_thread_in_a_namespace_of_its_own_breaks_ns_001():
         ],
     )
     verify = checks.Verifier("root", ["NS-001"], "t")
-    checks.check_rpc_shares_namespaces(verify, run, "NS-001")
+    checks.check_rpc_shares_namespaces(verify, run)
     assert verify.checks["NS-001"] == 3  # the hook, the method's entry and return
     (violation,) = verify.violations["NS-001"]
     assert violation.event["kind"] == "rpc_method_return"
@@ -410,12 +410,12 @@ def test_config_giving_another_json_on_its_second_call_breaks_state_001():
     }
     run = make_run("root", [stage1])
     verify = checks.Verifier("root", ["STATE-001"], "t")
-    checks.check_config_calls(verify, run, "mutant-config-counts-calls", "STATE-001")
+    checks.check_config_calls(verify, run, "mutant-config-counts-calls")
     (violation,) = verify.violations["STATE-001"]
     assert "'hostname': 'kit-container-1'" in violation.observed
     assert violation.observed.startswith("the second call returned")
     verify = checks.Verifier("root", ["STATE-001"], "t")
-    checks.check_config_calls(verify, make_run("root", [dict(stage1)]), "reference", "STATE-001")
+    checks.check_config_calls(verify, make_run("root", [dict(stage1)]), "reference")
     assert verify.checks["STATE-001"] == 4 and not verify.violations["STATE-001"]
 
 
@@ -437,7 +437,7 @@ def test_a_bounding_set_the_starter_config_leaves_unset_must_be_empty_in_stage_2
     for snap, violations in ((empty, 0), (full, 1)):
         run = make_run("root", [config, hook("hook_enter", "stage2", "start_process", snap)])
         verify = checks.Verifier("root", ["PRIV-STAGE2-002"], "t")
-        checks.check_privileges(verify, run, "PRIV-STAGE2-002")
+        checks.check_privileges(verify, run)
         assert len(verify.violations["PRIV-STAGE2-002"]) == violations
     assert "bounding [CAP_CHOWN, CAP_SYS_ADMIN]" in verify.violations["PRIV-STAGE2-002"][0].observed
 

@@ -17,6 +17,7 @@ from conformance.capabilities import Capabilities
 from conformance.runs import Run
 from conformance.scenario import SCENARIOS, decode_signal_exit, fault_scenario
 from kit.ledger import probe
+from kit.starter.inject import RPC_PROBES
 
 U, G = 999, 995
 HOST_NS = {k: 4026531830 + i for i, k in enumerate(X.NAMESPACE_KINDS)}
@@ -229,7 +230,7 @@ def test_a_suid_master_hook_with_effective_capabilities_at_return_is_a_violation
         ],
     )
     verify = checks.Verifier("suid", ["PRIV-MASTER-002"], "t")
-    checks.check_privileges(verify, run, "PRIV-MASTER-002")
+    checks.check_privileges(verify, run)
     assert verify.checks["PRIV-MASTER-002"] == 2
     (_violation,) = verify.violations["PRIV-MASTER-002"]
     text = verify.render("PRIV-MASTER-002")
@@ -346,7 +347,7 @@ def test_escalation_must_be_possible_for_the_setuid_master_and_impossible_in_sta
     )
     for req in ("PRIV-STAGE1-003", "PRIV-MASTER-003"):
         verify = checks.Verifier("suid", [req], "t")
-        checks.check_privileges(verify, run, req)
+        checks.check_privileges(verify, run)
         assert len(verify.violations[req]) == 1, req
 
 
@@ -402,7 +403,7 @@ def test_start_process_before_create_container_returned_breaks_order_007():
         ],
     )
     verify = checks.Verifier("root", ["ORDER-007"], "t")
-    checks.check_rules(verify, run, "ORDER-007")
+    checks.check_rules(verify, run)
     messages = [v.observed for v in verify.violations["ORDER-007"]]
     assert len(messages) == 2
     assert "only at #3" in messages[0]
@@ -425,7 +426,7 @@ def test_the_master_sharing_the_containers_net_namespace_breaks_ns_003():
         ],
     )
     verify = checks.Verifier("root", ["NS-003"], "t")
-    checks.check_master_not_shared(verify, run, "NS-003")
+    checks.check_master_not_shared(verify, run)
     (violation,) = verify.violations["NS-003"]
     assert violation.observed.startswith("shares net with stage 2")
 
@@ -440,7 +441,7 @@ def test_master_hooks_given_another_pid_than_the_containers_break_pid_001():
         ],
     )
     verify = checks.Verifier("root", ["PID-001"], "t")
-    checks.check_master_pids(verify, run, "PID-001")
+    checks.check_master_pids(verify, run)
     (violation,) = verify.violations["PID-001"]
     assert violation.event["hook"] == "monitor_container" and violation.observed == "pid 1"
 
@@ -467,7 +468,7 @@ def test_init_config_told_privileged_outside_stage_1_breaks_order_002():
         ],
     )
     verify = checks.Verifier("suid", ["ORDER-002"], "t")
-    checks.check_init_flag(verify, run, "ORDER-002")
+    checks.check_init_flag(verify, run)
     (violation,) = verify.violations["ORDER-002"]
     assert violation.event["role"] == "master"
     assert violation.expected == "privileged_stage1=False"
@@ -477,6 +478,102 @@ def test_a_check_of_an_undeclared_requirement_is_a_suite_error():
     verify = checks.Verifier("root", ["ORDER-001"], "t")
     with pytest.raises(checks.SuiteError, match="declares only ORDER-001"):
         verify.check("ORDER-003", True, expected="", observed="")
+
+
+def test_a_check_of_one_requirement_takes_it_from_a_test_that_declares_exactly_one():
+    run = make_run("root", [{"kind": "process_exit", "role": "container", "child_role": "rpc"}])
+    verify = checks.Verifier("root", ["RPC-003"], "t")
+    checks.check_rpc_server_exit(verify, run)
+    (violation,) = verify.violations["RPC-003"]
+    assert violation.observed == "status None"
+    for declared in (["RPC-003", "RPC-004"], []):
+        verify = checks.Verifier("root", declared, "t")
+        with pytest.raises(checks.SuiteError, match="needs a test that declares exactly one"):
+            checks.check_rpc_server_exit(verify, run)
+
+
+def _probe_reply(ok, error="ProtocolError", message="refused"):
+    if ok:
+        return {"kind": "rpc_call", "role": "rpc", "ok": True, "method": "e.m"}
+    return {
+        "kind": "rpc_call",
+        "role": "rpc",
+        "ok": False,
+        "method": "e.m",
+        "error": {"type": error, "errno": 22, "message": message},
+    }
+
+
+def _probe_verdicts(served=()):
+    """The violations of RPC-005 and RPC-006 when the probes named in ``served`` are served
+    instead of refused."""
+    errors = {
+        "unknown-method": "UnknownMethodError",
+        "unknown-argument": "TypeError",
+        "malformed-json": "ProtocolError",
+        "pickle": "ProtocolError",
+    }
+    calls = [_probe_reply(name in served, errors[name]) for name in RPC_PROBES]
+    calls += [_probe_reply(True), _probe_reply(False, message="frame of 9 bytes exceeds 8")]
+    verify = checks.Verifier("root", ["RPC-005", "RPC-006"], "t")
+    checks.check_rpc_probes(verify, make_run("root", calls, scenario="rpc-probe"))
+    return {req: len(found) for req, found in verify.violations.items()}
+
+
+def test_the_rpc_probes_attribute_each_verdict_to_its_own_requirement():
+    assert _probe_verdicts() == {"RPC-005": 0, "RPC-006": 0}
+    assert _probe_verdicts({"pickle"}) == {"RPC-005": 1, "RPC-006": 0}
+    assert _probe_verdicts({"unknown-method", "malformed-json"}) == {"RPC-005": 0, "RPC-006": 2}
+
+
+def _failed_run(*events, exit_code=255):
+    return make_run("root", list(events), exit_code=exit_code, scenario="exec-failure")
+
+
+def test_post_start_process_after_a_stage_2_failure_breaks_order_010():
+    verify = checks.Verifier("root", ["ORDER-010"], "t")
+    checks.check_no_post_start_after_stage2_failure(
+        verify, _failed_run(hook("hook_enter", "master", "post_start_process", snapshot()))
+    )
+    missing, ran = verify.violations["ORDER-010"]
+    assert missing.observed == "no stage-2 failure recorded"
+    assert ran.observed == "post_start_process ran" and ran.event["hook"] == "post_start_process"
+
+
+def test_cleanup_container_after_a_stage_1_failure_breaks_order_012():
+    verify = checks.Verifier("root", ["ORDER-012"], "t")
+    checks.check_no_cleanup_after_stage1_failure(
+        verify, _failed_run(hook("hook_enter", "master", "cleanup_container", snapshot()))
+    )
+    (violation,) = verify.violations["ORDER-012"]
+    assert violation.event["hook"] == "cleanup_container"
+
+
+def test_a_fatal_error_without_exit_255_breaks_exit_003():
+    fatal = {"kind": "fatal", "role": "master", "message": "boom"}
+    verify = checks.Verifier("root", ["EXIT-003"], "t")
+    checks.check_fatal_exit(verify, _failed_run(fatal, exit_code=0))
+    (violation,) = verify.violations["EXIT-003"]
+    assert violation.observed == "exit code 0 (exited)" and violation.event["kind"] == "fatal"
+    verify = checks.Verifier("root", ["EXIT-003"], "t")
+    checks.check_fatal_exit(verify, _failed_run())
+    (violation,) = verify.violations["EXIT-003"]
+    assert violation.observed == "none"
+
+
+def test_no_suite_test_body_names_a_requirement_id():
+    # A body takes its requirement from ``verify`` (the test's @requirement marker); an ID
+    # written again in the body could disagree with the marker.
+    for path in sorted((Path(catalogue.__file__).parent / "suite").glob("test_*.py")):
+        for fn in ast.parse(path.read_text()).body:
+            if isinstance(fn, ast.FunctionDef):
+                named = [
+                    node.value
+                    for stmt in fn.body
+                    for node in ast.walk(stmt)
+                    if isinstance(node, ast.Constant) and node.value in requirements.CATALOGUE
+                ]
+                assert not named, f"{path.name}::{fn.name} names {named}"
 
 
 def test_the_payloads_own_status_is_read_from_its_output():

@@ -59,9 +59,7 @@ def kernel_pid(result: RunResult, role: str) -> int:
 def ledger_003(result: RunResult) -> str:
     """The LEDGER-003 failure message of this run, as the suite renders it."""
     verify = checks.Verifier("root", ["LEDGER-003"], "t")
-    checks.check_no_engine_fault(
-        verify, Run("root", SCENARIOS["default"], "real", result=result), "LEDGER-003"
-    )
+    checks.check_no_engine_fault(verify, Run("root", SCENARIOS["default"], "real", result=result))
     assert verify.violations["LEDGER-003"], "LEDGER-003 passed a run with an engine fault"
     return verify.render("LEDGER-003")
 
@@ -113,9 +111,7 @@ def test_a_flood_of_bad_datagrams_is_recorded_up_to_a_limit_and_counted():
     assert found[-1]["fault"] == "flood"
     assert found[-1]["detail"].startswith(f"{150 - MAX_FAULTS} more datagrams were not recorded")
     verify = checks.Verifier("root", ["LEDGER-003"], "t")
-    checks.check_no_engine_fault(
-        verify, Run("root", SCENARIOS["default"], "real", result=result), "LEDGER-003"
-    )
+    checks.check_no_engine_fault(verify, Run("root", SCENARIOS["default"], "real", result=result))
     assert len(verify.violations["LEDGER-003"]) == MAX_FAULTS + 1
     assert verify.violations["LEDGER-003"][-1].observed.startswith(
         "a flood datagram from the run's processes, in no hook open: 50 more datagrams"

@@ -327,7 +327,7 @@ def test_no_host_privilege_check_fails_a_permitted_capability_in_the_recorded_na
     from conformance import checks
 
     verify = checks.Verifier("userns", ["PRIV-STAGE1-004"], "t")
-    checks.check_privileges(verify, _stage1_run([4, HOST_USER]), "PRIV-STAGE1-004")
+    checks.check_privileges(verify, _stage1_run([4, HOST_USER]))
     (_violation,) = verify.violations["PRIV-STAGE1-004"]
     text = verify.render("PRIV-STAGE1-004")
     assert f"user namespace {HOST_USER} (host)" in text and "CAP_SYS_ADMIN" in text
@@ -339,7 +339,7 @@ def test_no_host_privilege_check_passes_the_same_state_in_another_namespace():
 
     verify = checks.Verifier("userns", ["PRIV-STAGE1-004"], "t")
     # its uid map maps the full range: only the identity says it is not the host's
-    checks.check_privileges(verify, _stage1_run([4, OTHER_USER]), "PRIV-STAGE1-004")
+    checks.check_privileges(verify, _stage1_run([4, OTHER_USER]))
     assert verify.violations["PRIV-STAGE1-004"] == []
     assert verify.checks["PRIV-STAGE1-004"] == 1
 
@@ -350,7 +350,7 @@ def test_a_ledger_without_the_host_identity_is_a_harness_error():
 
     verify = checks.Verifier("userns", ["PRIV-STAGE1-004"], "t")
     with pytest.raises(HarnessError, match="host user namespace"):
-        checks.check_privileges(verify, _stage1_run(None), "PRIV-STAGE1-004")
+        checks.check_privileges(verify, _stage1_run(None))
 
 
 # --- escalation: each way tried on its own -----------------------------------------------------

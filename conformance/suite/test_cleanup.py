@@ -14,4 +14,4 @@ def test_nothing_is_left_behind_after_any_run(lifecycle, verify):
     for name in ALL:
         run = lifecycle.optional(name)
         if run is not None:
-            check_no_leaks(verify, run, "CLEAN-001")
+            check_no_leaks(verify, run)

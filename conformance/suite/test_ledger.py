@@ -13,7 +13,7 @@ def test_every_runs_ledger_is_valid_against_the_versioned_schema(lifecycle, veri
     for name in ALL:
         run = lifecycle.optional(name)
         if run is not None:
-            check_ledger_schema(verify, run, "LEDGER-001")
+            check_ledger_schema(verify, run)
 
 
 @requirement("LEDGER-002")
@@ -22,7 +22,7 @@ def test_every_hook_entry_has_a_snapshot_and_a_return_or_raise(lifecycle, verify
     for name in ALL:
         run = lifecycle.optional(name)
         if run is not None:
-            check_hook_pairs(verify, run, "LEDGER-002")
+            check_hook_pairs(verify, run)
 
 
 @requirement("LEDGER-003")
@@ -31,4 +31,4 @@ def test_only_the_kits_processes_write_to_the_ledger(lifecycle, verify):
     for name in ALL:
         run = lifecycle.optional(name)
         if run is not None:
-            check_no_engine_fault(verify, run, "LEDGER-003")
+            check_no_engine_fault(verify, run)

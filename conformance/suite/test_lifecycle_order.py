@@ -13,15 +13,15 @@ from conformance.checks import (
 SUCCESSFUL = ("default", "exit-code")
 
 
-def _rules(lifecycle, verify, req):
+def _rules(lifecycle, verify):
     for name in SUCCESSFUL:
-        check_rules(verify, lifecycle(name), req)
+        check_rules(verify, lifecycle(name))
 
 
 @requirement("ORDER-001")
 @scenarios(*SUCCESSFUL)
 def test_each_process_calls_config_then_init_config_once_before_any_other_hook(lifecycle, verify):
-    _rules(lifecycle, verify, "ORDER-001")
+    _rules(lifecycle, verify)
 
 
 @requirement("ORDER-002")
@@ -30,31 +30,31 @@ def test_init_config_is_told_privileged_stage1_only_in_stage_1_of_the_setuid_flo
     lifecycle, verify
 ):
     for name in SUCCESSFUL:
-        check_init_flag(verify, lifecycle(name), "ORDER-002")
+        check_init_flag(verify, lifecycle(name))
 
 
 @requirement("ORDER-003")
 @scenarios(*SUCCESSFUL)
 def test_prepare_config_runs_exactly_once_in_stage_1(lifecycle, verify):
-    _rules(lifecycle, verify, "ORDER-003")
+    _rules(lifecycle, verify)
 
 
 @requirement("ORDER-004")
 @scenarios(*SUCCESSFUL)
 def test_prepare_config_returns_before_any_container_namespace_exists(lifecycle, verify):
-    _rules(lifecycle, verify, "ORDER-004")
+    _rules(lifecycle, verify)
 
 
 @requirement("ORDER-005")
 @scenarios(*SUCCESSFUL)
 def test_master_hooks_start_only_after_the_namespaces_are_ready(lifecycle, verify):
-    _rules(lifecycle, verify, "ORDER-005")
+    _rules(lifecycle, verify)
 
 
 @requirement("ORDER-006")
 @scenarios(*SUCCESSFUL)
 def test_create_container_start_waiter_and_monitor_each_run_in_their_own_thread(lifecycle, verify):
-    _rules(lifecycle, verify, "ORDER-006")
+    _rules(lifecycle, verify)
 
 
 @requirement("ORDER-007")
@@ -62,42 +62,42 @@ def test_create_container_start_waiter_and_monitor_each_run_in_their_own_thread(
 def test_start_process_begins_after_create_container_returned_and_the_rpc_server_exited(
     lifecycle, verify
 ):
-    _rules(lifecycle, verify, "ORDER-007")
+    _rules(lifecycle, verify)
 
 
 @requirement("ORDER-009")
 @scenarios(*SUCCESSFUL)
 def test_post_start_process_runs_at_most_once_and_only_after_the_exec(lifecycle, verify):
-    _rules(lifecycle, verify, "ORDER-009")
+    _rules(lifecycle, verify)
 
 
 @requirement("ORDER-011")
 @scenarios(*SUCCESSFUL)
 def test_cleanup_container_runs_once_after_every_other_master_hook(lifecycle, verify):
-    _rules(lifecycle, verify, "ORDER-011")
+    _rules(lifecycle, verify)
 
 
 @requirement("ORDER-013")
 @scenarios(*SUCCESSFUL)
 def test_create_container_monitor_container_and_start_process_each_run_once(lifecycle, verify):
-    _rules(lifecycle, verify, "ORDER-013")
+    _rules(lifecycle, verify)
 
 
 @requirement("ORDER-014")
 @scenarios(*SUCCESSFUL)
 def test_each_hook_runs_only_in_the_process_the_contract_assigns_to_it(lifecycle, verify):
     for name in SUCCESSFUL:
-        check_hook_roles(verify, lifecycle(name), "ORDER-014")
+        check_hook_roles(verify, lifecycle(name))
 
 
 @requirement("PID-001")
 @scenarios(*SUCCESSFUL)
 def test_master_hooks_get_the_containers_pid_as_the_master_sees_it(lifecycle, verify):
     for name in SUCCESSFUL:
-        check_master_pids(verify, lifecycle(name), "PID-001")
+        check_master_pids(verify, lifecycle(name))
 
 
 @requirement("PID-002")
 @scenarios("default")
 def test_stage_2_sees_itself_as_pid_1_of_its_new_pid_namespace(lifecycle, verify):
-    check_pid_one(verify, lifecycle("default"), "PID-002")
+    check_pid_one(verify, lifecycle("default"))

@@ -9,14 +9,14 @@ from conformance.expectations import privilege_flows
 @flows(*privilege_flows("PRIV-MASTER-001"))
 @scenarios("default")
 def test_master_hooks_run_with_the_uids_of_the_flow(lifecycle, verify):
-    check_privileges(verify, lifecycle("default"), "PRIV-MASTER-001")
+    check_privileges(verify, lifecycle("default"))
 
 
 @requirement("PRIV-MASTER-002")
 @flows(*privilege_flows("PRIV-MASTER-002"))
 @scenarios("default")
 def test_setuid_master_hooks_have_no_effective_capabilities_at_entry_and_return(lifecycle, verify):
-    check_privileges(verify, lifecycle("default"), "PRIV-MASTER-002")
+    check_privileges(verify, lifecycle("default"))
 
 
 @requirement("PRIV-MASTER-003")
@@ -25,11 +25,11 @@ def test_setuid_master_hooks_have_no_effective_capabilities_at_entry_and_return(
 def test_escalation_from_the_master_is_possible_with_saved_uid_0_and_impossible_in_userns(
     lifecycle, verify
 ):
-    check_privileges(verify, lifecycle("default"), "PRIV-MASTER-003")
+    check_privileges(verify, lifecycle("default"))
 
 
 @requirement("PRIV-MASTER-004")
 @flows(*privilege_flows("PRIV-MASTER-004"))
 @scenarios("default")
 def test_master_of_the_user_namespace_flows_has_no_host_privilege(lifecycle, verify):
-    check_privileges(verify, lifecycle("default"), "PRIV-MASTER-004")
+    check_privileges(verify, lifecycle("default"))

@@ -20,13 +20,13 @@ from conformance.expectations import MAPPABLE_HOST_IDS, USER_NS_MAP
 @requirement("NS-001")
 @scenarios("default")
 def test_stage_2_and_the_rpc_server_share_all_seven_namespaces(lifecycle, verify):
-    check_rpc_shares_namespaces(verify, lifecycle("default"), "NS-001")
+    check_rpc_shares_namespaces(verify, lifecycle("default"))
 
 
 @requirement("NS-002")
 @scenarios("default")
 def test_stage_2_starts_in_the_root_directory_the_rpc_server_left(lifecycle, verify):
-    check_shared_root(verify, lifecycle("default"), "NS-002")
+    check_shared_root(verify, lifecycle("default"))
 
 
 @requirement("NS-003")
@@ -34,7 +34,7 @@ def test_stage_2_starts_in_the_root_directory_the_rpc_server_left(lifecycle, ver
 def test_the_master_shares_none_of_the_containers_pid_net_uts_ipc_cgroup_namespaces(
     lifecycle, verify
 ):
-    check_master_not_shared(verify, lifecycle("default"), "NS-003")
+    check_master_not_shared(verify, lifecycle("default"))
 
 
 @requirement("NS-004")
@@ -42,20 +42,20 @@ def test_the_master_shares_none_of_the_containers_pid_net_uts_ipc_cgroup_namespa
 def test_the_masters_user_namespace_is_the_hosts_or_the_containers_as_the_flow_says(
     lifecycle, verify
 ):
-    check_master_user_ns(verify, lifecycle("default"), "NS-004")
+    check_master_user_ns(verify, lifecycle("default"))
 
 
 @requirement("NS-005")
 @scenarios("default")
 def test_every_namespace_the_starter_config_asks_for_is_new_for_the_container(lifecycle, verify):
-    check_requested_namespaces(verify, lifecycle("default"), "NS-005")
+    check_requested_namespaces(verify, lifecycle("default"))
 
 
 @requirement("NS-006")
 @flows(*USER_NS_MAP)
 @scenarios("default")
 def test_the_containers_user_namespace_maps_the_invoking_user_as_the_flow_says(lifecycle, verify):
-    check_user_ns_map(verify, lifecycle("default"), "NS-006")
+    check_user_ns_map(verify, lifecycle("default"))
 
 
 @requirement("NS-007")
@@ -63,35 +63,35 @@ def test_the_containers_user_namespace_maps_the_invoking_user_as_the_flow_says(l
 def test_the_container_gets_a_new_user_namespace_exactly_in_the_user_namespace_flows(
     lifecycle, verify
 ):
-    check_new_user_ns(verify, lifecycle("default"), "NS-007")
+    check_new_user_ns(verify, lifecycle("default"))
 
 
 @requirement("NS-008")
 @scenarios("default")
 def test_a_new_mount_namespace_gets_the_configured_propagation_before_any_mount(lifecycle, verify):
-    check_mount_propagation(verify, lifecycle("default"), "NS-008")
+    check_mount_propagation(verify, lifecycle("default"))
 
 
 @requirement("NS-009")
 @scenarios("default")
 def test_namespaces_are_entered_user_pid_then_net_uts_ipc_cgroup_mount(lifecycle, verify):
-    check_namespace_order(verify, lifecycle("default"), "NS-009")
+    check_namespace_order(verify, lifecycle("default"))
 
 
 @requirement("NS-010")
 @scenarios("host-view")
 def test_the_hosts_hostname_is_the_same_while_the_run_lasts_and_after(lifecycle, verify):
-    check_host_view(verify, lifecycle("host-view"), "NS-010", "hostname")
+    check_host_view(verify, lifecycle("host-view"), "hostname")
 
 
 @requirement("NS-011")
 @scenarios("host-view")
 def test_the_hosts_mount_namespace_gets_no_mount_while_the_run_lasts(lifecycle, verify):
-    check_host_view(verify, lifecycle("host-view"), "NS-011", "mounts")
+    check_host_view(verify, lifecycle("host-view"), "mounts")
 
 
 @requirement("NS-012")
 @flows(*MAPPABLE_HOST_IDS)
 @scenarios("default")
 def test_the_containers_user_namespace_maps_no_host_id_but_the_invoking_users(lifecycle, verify):
-    check_user_ns_host_ids(verify, lifecycle("default"), "NS-012")
+    check_user_ns_host_ids(verify, lifecycle("default"))

@@ -17,7 +17,7 @@ from conformance.expectations import privilege_flows
 @flows(*privilege_flows("PRIV-RPC-001"))
 @scenarios("default")
 def test_rpc_server_runs_with_the_uids_of_the_flow(lifecycle, verify):
-    check_privileges(verify, lifecycle("default"), "PRIV-RPC-001")
+    check_privileges(verify, lifecycle("default"))
 
 
 @requirement("PRIV-RPC-002")
@@ -26,44 +26,44 @@ def test_rpc_server_runs_with_the_uids_of_the_flow(lifecycle, verify):
 def test_setuid_rpc_server_has_only_cap_sys_admin_effective_and_a_small_bounding_set(
     lifecycle, verify
 ):
-    check_privileges(verify, lifecycle("default"), "PRIV-RPC-002")
+    check_privileges(verify, lifecycle("default"))
 
 
 @requirement("PRIV-RPC-003")
 @flows(*privilege_flows("PRIV-RPC-003"))
 @scenarios("default")
 def test_rpc_server_of_the_user_namespace_flows_has_no_host_privilege(lifecycle, verify):
-    check_privileges(verify, lifecycle("default"), "PRIV-RPC-003")
+    check_privileges(verify, lifecycle("default"))
 
 
 @requirement("PRIV-RPC-004")
 @scenarios("default")
 def test_an_rpc_method_restores_the_capabilities_it_raised_before_it_returns(lifecycle, verify):
-    check_rpc_methods_restore_credentials(verify, lifecycle("default"), "PRIV-RPC-004")
+    check_rpc_methods_restore_credentials(verify, lifecycle("default"))
 
 
 @requirement("RPC-001")
 @scenarios("default")
 def test_every_rpc_call_is_served_and_recorded_while_create_container_runs(lifecycle, verify):
-    check_rpc_calls_during_create(verify, lifecycle("default"), "RPC-001")
+    check_rpc_calls_during_create(verify, lifecycle("default"))
 
 
 @requirement("RPC-002")
 @scenarios("default")
 def test_rpc_requests_name_a_method_of_the_engine_under_test(lifecycle, verify, engine_name):
-    check_rpc_method_names(verify, lifecycle("default"), "RPC-002", engine_name)
+    check_rpc_method_names(verify, lifecycle("default"), engine_name)
 
 
 @requirement("RPC-003")
 @scenarios("default")
 def test_rpc_server_exits_0_when_the_client_closes(lifecycle, verify):
-    check_rpc_server_exit(verify, lifecycle("default"), "RPC-003")
+    check_rpc_server_exit(verify, lifecycle("default"))
 
 
 @requirement("RPC-004")
 @scenarios("default")
 def test_rpc_server_handles_one_request_at_a_time(lifecycle, verify):
-    check_rpc_sequential(verify, lifecycle("default"), "RPC-004")
+    check_rpc_sequential(verify, lifecycle("default"))
 
 
 @requirement("RPC-005", "RPC-006")

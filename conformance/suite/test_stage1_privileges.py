@@ -11,7 +11,7 @@ from conformance.expectations import privilege_flows
 def test_stage_1_runs_as_root_in_the_root_flow_and_as_the_invoking_user_elsewhere(
     lifecycle, verify
 ):
-    check_privileges(verify, lifecycle("default"), "PRIV-STAGE1-001")
+    check_privileges(verify, lifecycle("default"))
 
 
 @requirement("PRIV-STAGE1-002")
@@ -20,18 +20,18 @@ def test_stage_1_runs_as_root_in_the_root_flow_and_as_the_invoking_user_elsewher
 def test_stage_1_has_full_capabilities_as_root_and_none_through_the_setuid_starter(
     lifecycle, verify
 ):
-    check_privileges(verify, lifecycle("default"), "PRIV-STAGE1-002")
+    check_privileges(verify, lifecycle("default"))
 
 
 @requirement("PRIV-STAGE1-003")
 @flows(*privilege_flows("PRIV-STAGE1-003"))
 @scenarios("default")
 def test_escalation_from_stage_1_of_the_setuid_starter_is_impossible(lifecycle, verify):
-    check_privileges(verify, lifecycle("default"), "PRIV-STAGE1-003")
+    check_privileges(verify, lifecycle("default"))
 
 
 @requirement("PRIV-STAGE1-004")
 @flows(*privilege_flows("PRIV-STAGE1-004"))
 @scenarios("default")
 def test_stage_1_of_the_user_namespace_flows_has_no_host_privilege(lifecycle, verify):
-    check_privileges(verify, lifecycle("default"), "PRIV-STAGE1-004")
+    check_privileges(verify, lifecycle("default"))

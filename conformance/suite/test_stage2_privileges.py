@@ -9,52 +9,52 @@ from conformance.expectations import privilege_flows
 @flows(*privilege_flows("PRIV-STAGE2-001"))
 @scenarios("default")
 def test_stage_2_runs_with_the_target_ids_of_the_flow(lifecycle, verify):
-    check_privileges(verify, lifecycle("default"), "PRIV-STAGE2-001")
+    check_privileges(verify, lifecycle("default"))
 
 
 @requirement("PRIV-STAGE2-002")
 @flows(*privilege_flows("PRIV-STAGE2-002"))
 @scenarios("default")
 def test_stage_2_has_exactly_the_configured_capabilities(lifecycle, verify):
-    check_privileges(verify, lifecycle("default"), "PRIV-STAGE2-002")
+    check_privileges(verify, lifecycle("default"))
 
 
 @requirement("PRIV-STAGE2-003")
 @flows(*privilege_flows("PRIV-STAGE2-003"))
 @scenarios("default")
 def test_setuid_stage_2_has_no_new_privs_set(lifecycle, verify):
-    check_privileges(verify, lifecycle("default"), "PRIV-STAGE2-003")
+    check_privileges(verify, lifecycle("default"))
 
 
 @requirement("PRIV-STAGE2-004")
 @flows(*privilege_flows("PRIV-STAGE2-004"))
 @scenarios("default")
 def test_stage_2_of_the_user_namespace_flows_has_no_host_privilege(lifecycle, verify):
-    check_privileges(verify, lifecycle("default"), "PRIV-STAGE2-004")
+    check_privileges(verify, lifecycle("default"))
 
 
 @requirement("PRIV-PAYLOAD-001")
 @flows(*privilege_flows("PRIV-PAYLOAD-001"))
 @scenarios("default")
 def test_the_payload_has_no_host_privilege_in_every_flow_but_root(lifecycle, verify):
-    check_payload(verify, lifecycle("default"), "PRIV-PAYLOAD-001")
+    check_payload(verify, lifecycle("default"))
 
 
 @requirement("PRIV-PAYLOAD-002")
 @flows(*privilege_flows("PRIV-PAYLOAD-002"))
 @scenarios("default")
 def test_the_payload_has_no_capability_stage_2_did_not_have_permitted(lifecycle, verify):
-    check_payload(verify, lifecycle("default"), "PRIV-PAYLOAD-002")
+    check_payload(verify, lifecycle("default"))
 
 
 @requirement("PRIV-PAYLOAD-003")
 @flows(*privilege_flows("PRIV-PAYLOAD-003"))
 @scenarios("default")
 def test_the_payload_runs_with_the_uids_and_gids_of_stage_2(lifecycle, verify):
-    check_payload(verify, lifecycle("default"), "PRIV-PAYLOAD-003")
+    check_payload(verify, lifecycle("default"))
 
 
 @requirement("FD-001")
 @scenarios("fds")
 def test_the_payload_inherits_only_the_standard_and_the_kept_file_descriptors(lifecycle, verify):
-    check_payload_fds(verify, lifecycle("fds"), "FD-001")
+    check_payload_fds(verify, lifecycle("fds"))

@@ -12,24 +12,24 @@ from conformance.checks import (
 @requirement("STATE-001")
 @scenarios("default")
 def test_config_returns_the_same_fresh_empty_config_in_every_process(lifecycle, verify):
-    check_fresh_config(verify, lifecycle("default"), "STATE-001")
+    check_fresh_config(verify, lifecycle("default"))
 
 
 @requirement("STATE-001")
 @scenarios("default")
 def test_config_returns_a_new_object_on_every_call(lifecycle, verify, engine_name):
-    check_config_calls(verify, lifecycle("default"), engine_name, "STATE-001")
+    check_config_calls(verify, lifecycle("default"), engine_name)
 
 
 @requirement("STATE-002")
 @scenarios("default")
 def test_stage_1_is_a_separate_process_gone_before_any_later_hook(lifecycle, verify):
     run = lifecycle("default")
-    check_distinct_processes(verify, run, "STATE-002")
-    check_rules(verify, run, "STATE-002")
+    check_distinct_processes(verify, run)
+    check_rules(verify, run)
 
 
 @requirement("STATE-003")
 @scenarios("default")
 def test_stage_1_hands_over_a_json_starter_config_before_any_namespace_exists(lifecycle, verify):
-    check_rules(verify, lifecycle("default"), "STATE-003")
+    check_rules(verify, lifecycle("default"))
