@@ -1,10 +1,4 @@
-"""The suite's index (which test checks which requirement, in which flows) and the Markdown
-catalogue printed by ``python -m conformance catalogue``.
-
-The index is built by importing the suite modules (``conformance.suite.test_*``) and reading
-the marks of their test functions, so it is the same whether or not pytest runs, and it does
-not depend on ``-k``, ``--flow`` or xdist.
-"""
+"""The suite's index (which test checks which requirement, in which flows) and its catalogue."""
 
 from __future__ import annotations
 
@@ -48,7 +42,10 @@ def suite_modules() -> list[str]:
 
 
 def suite_tests() -> list[TestDeclaration]:
-    """Every conformance test of the installed suite, with what it declares."""
+    """Every conformance test of the installed suite, with what it declares.
+
+    Read by importing the suite modules and reading the marks of their test functions, so the
+    index is the same whether or not pytest runs, whatever ``-k``, ``--flow`` or xdist."""
     out = []
     for name in suite_modules():
         module = importlib.import_module(f"{SUITE_PACKAGE}.{name}")
@@ -127,7 +124,8 @@ def checked_by(
 
 
 def markdown() -> str:
-    """The catalogue as Markdown, grouped by hook or concern."""
+    """The catalogue as Markdown, grouped by hook or concern, with the tests that decide
+    each requirement (``python -m conformance catalogue`` prints it)."""
     tests = suite_tests()
     index = tests_by_requirement(tests)
     checked_by(tests)  # the catalogue and the suite must agree before it is printed

@@ -1,26 +1,14 @@
-"""The requirement catalogue: every rule of ``SPEC.md`` §2–§8 and §11 with a stable ID and a level.
-
-Each entry is one sentence that a check can decide, a level (MUST, SHOULD, MAY, as in
-RFC 2119), the section of ``SPEC.md`` it comes from, and the group (hook or concern) it is
-listed under. Tests declare the IDs they check (``@requirement("ORDER-001")``); the report
-has one result per requirement and flow. ``unchecked`` says why no test of this suite can
-decide a rule (the reason is printed in the catalogue and the report), so nothing is
-silently counted as passed.
-
-``subject`` says who can break a rule: ``engine`` (an engine's hooks, RPC methods or
-StarterConfig can) or ``kit`` (only the kit's own starter, RPC server or ledger can, whatever
-the engine does). The engine's verdict counts engine requirements only; in an engine's run the
-kit requirements are a self-check of the harness on that machine (:mod:`conformance.render`).
-
-``python -m conformance catalogue`` prints this catalogue as Markdown with the tests that
-check each entry. IDs are stable: never renumber; retire an entry instead.
-"""
+"""The requirement catalogue: every rule of ``SPEC.md`` §2–§8 and §11 with a stable ID."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-LEVELS = ("MUST", "SHOULD", "MAY")
+LEVELS = ("MUST", "SHOULD", "MAY")  # as in RFC 2119
+# Who can break a rule: the engine (its hooks, RPC methods or StarterConfig can) or the kit (only
+# its own starter, RPC server or ledger can, whatever the engine does). The engine's verdict
+# counts engine requirements only; in an engine's run the kit's are a self-check of the harness
+# on that machine (conformance.render).
 ENGINE, KIT = "engine", "kit"
 SUBJECTS = (ENGINE, KIT)
 
@@ -47,6 +35,14 @@ GROUPS: tuple[tuple[str, str], ...] = (
 
 @dataclass(frozen=True)
 class Requirement:
+    """One rule: a sentence that a check can decide, its level, the section of ``SPEC.md`` it
+    comes from and the group (hook or concern) it is listed under.
+
+    Tests declare the IDs they check (``@requirement("ORDER-001")``); the report has one
+    result per requirement and flow. ``unchecked`` says why no test of this suite can decide
+    the rule (printed in the catalogue and the report), so nothing is silently counted as
+    passed."""
+
     id: str
     level: str
     text: str
@@ -866,6 +862,7 @@ _ENTRIES = (
     ),
 )
 
+#: ID -> requirement. IDs are stable: never renumber; retire an entry instead.
 CATALOGUE: dict[str, Requirement] = {}
 for _entry in _ENTRIES:
     if _entry.id in CATALOGUE:
