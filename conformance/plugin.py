@@ -514,7 +514,8 @@ def lifecycle(request: pytest.FixtureRequest, flow: str) -> Lifecycle:
 
 @pytest.fixture
 def verify(request: pytest.FixtureRequest, flow: str) -> Any:
-    """The test's :class:`conformance.checks.Verifier`."""
+    """The test's :class:`conformance.checks.Verifier`, carrying the IDs of its
+    ``@requirement`` marker: the checks attribute their verdicts to them."""
     from conformance.checks import Verifier  # noqa: PLC0415 (lazy, see the top)
 
     info = request.node.stash.get(ITEM, None)
