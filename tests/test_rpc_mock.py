@@ -1,5 +1,6 @@
 """The mock RPC transport (kit.testing.rpc_mock): the same codec and server as a real
-socketpair, call recording, fault injection, and no descriptor or thread left behind.
+socketpair, call recording, dispatch faults, and no descriptor or thread left behind; the
+byte-level faults of tests/rpc_wire_faults.py on the kit's client and codec.
 
 Every test of ``tests/test_rpc.py`` that takes the ``srv`` server (round trips, typed errors,
 every bad request, bad frame and descriptor misuse) runs again here against a MockTransport,
@@ -22,6 +23,7 @@ from typing import Any
 import pytest
 import test_rpc as real
 from conftest import wait_until
+from rpc_wire_faults import WireFault, WireTransport
 from test_rpc import (
     ENGINE,
     METHODS,
@@ -76,8 +78,8 @@ class MockServer:
 
     @property
     def server_sock(self) -> socket.socket:
-        """The end the requests are read from (the relay's, standing for the server's)."""
-        return self.transport._relay.c_peer
+        """The end the server reads the requests from."""
+        return self.transport._server_sock
 
     def client(self) -> RPCClient:
         return self.transport.client()
@@ -102,6 +104,14 @@ def msrv() -> Iterator[MockServer]:
 @pytest.fixture
 def t(msrv: MockServer) -> MockTransport:
     return msrv.transport
+
+
+@pytest.fixture
+def w(no_leak: None) -> Iterator[WireTransport]:
+    """test_rpc's methods behind the wire-fault relay."""
+    with WireTransport(ENGINE, METHODS, timeout=TIMEOUT) as wire:
+        yield wire
+    assert wire.exit_code == 0
 
 
 @pytest.fixture
@@ -264,15 +274,14 @@ def test_calls_are_recorded(t: MockTransport) -> None:
     os.close(fds[0])
     assert t.names == ["add", "fail", "read_fd", "make_pipe"]
     ok, failed, with_fd, returned_fd = t.calls
-    assert (ok.index, ok.method, ok.args, ok.result, ok.error, ok.id) == (
+    assert (ok.index, ok.method, ok.args, ok.result, ok.error) == (
         1,
         "test.add",
         {"a": 1, "b": 2},
         3,
         None,
-        1,
     )
-    assert ok.ok and ok.answered and ok.delivered and ok.faults == [] and ok.duration >= 0
+    assert ok.ok and ok.answered and ok.ran and ok.faults == [] and ok.duration >= 0
     assert (
         failed.error["type"] == "FileNotFoundError"
         and failed.errno == errno.ENOENT
@@ -296,9 +305,9 @@ def test_bad_frames_are_recorded(t: MockTransport) -> None:
     send_frame(t.client_socket, request(5, "test.nope"))
     assert_error(read_reply(t.client_socket), "UnknownMethodError", id=5)
     bad, unknown = t.calls
-    assert bad.method is None and bad.args is None and bad.bad_frame.startswith("invalid_json")
-    assert bad.error["type"] == "ProtocolError" and bad.delivered
-    assert unknown.method == "test.nope" and unknown.name == "nope" and unknown.id == 5
+    assert bad.method is None and bad.args is None and "(invalid_json)" in bad.error["message"]
+    assert bad.error["type"] == "ProtocolError" and bad.answered and not bad.ran
+    assert unknown.method == "test.nope" and unknown.name == "nope" and not unknown.ran
     assert unknown.error["type"] == "UnknownMethodError"
 
 
@@ -307,7 +316,7 @@ def test_record_is_complete_before_the_client_sees_the_reply(t: MockTransport) -
     for i in range(30):
         assert c.add(a=i) == i
         last = t.calls[-1]
-        assert last.index == i + 1 and last.nth == i + 1 and last.result == i and last.delivered
+        assert last.index == i + 1 and last.nth == i + 1 and last.result == i and last.answered
 
 
 # --------------------------------------------------------------------------- faults
@@ -324,9 +333,9 @@ def test_errno_fault_by_method(t: MockTransport) -> None:
         assert info.value.remote_type == "PermissionError"
     assert c.scale(x=2) == 4  # other methods are untouched
     assert rule.hits == 2
-    assert [r["method"] for r in t.server_records] == ["test.scale"]  # add never ran
+    assert [c.ran for c in t.calls] == [False, False, True]  # add never ran
     first = t.calls[0]
-    assert first.faults == ["errno"] and first.answered and first.delivered
+    assert first.faults == ["errno"] and first.answered
     assert first.error == {
         "type": "PermissionError",
         "errno": errno.EPERM,
@@ -339,6 +348,17 @@ def test_errno_fault_full_name_and_message(t: MockTransport) -> None:
     with pytest.raises(OSError) as info:
         t.client().echo(text="x")
     assert info.value.errno == errno.ENOSPC and info.value.strerror == "disk full"
+
+
+def test_exception_fault_replaces_the_method(t: MockTransport) -> None:
+    t.inject(Fault.exception(ValueError("bad input")), method="add", times=1)
+    c = t.client()
+    with pytest.raises(ValueError, match="bad input"):
+        c.add(a=1)
+    assert c.add(a=2) == 2
+    refused, ran = t.calls
+    assert refused.faults == ["exception"] and not refused.ran and refused.answered
+    assert refused.error["type"] == "ValueError" and ran.ran and ran.ok
 
 
 def test_on_call_counts_all_calls_or_calls_to_the_method(t: MockTransport) -> None:
@@ -392,9 +412,8 @@ def test_drop_request(t: MockTransport) -> None:
     with pytest.raises(ConnectionError, match="unusable"):
         c.add(a=3)
     assert t.wait_server(TIMEOUT) == 0  # the server saw the connection end
-    assert len(t.server_records) == 1  # the dropped request never reached it
     dropped = t.calls[1]
-    assert dropped.faults == ["drop"] and not dropped.answered and not dropped.delivered
+    assert dropped.faults == ["drop"] and not dropped.answered and not dropped.ran
 
 
 def test_drop_reply_after_the_method_ran(t: MockTransport) -> None:
@@ -404,7 +423,7 @@ def test_drop_reply_after_the_method_ran(t: MockTransport) -> None:
     assert t.wait_server(TIMEOUT) == 0
     assert [r["method"] for r in t.server_records] == ["test.add"]  # it ran
     call = t.calls[0]
-    assert call.answered and call.result == 7 and not call.delivered and call.faults == ["drop"]
+    assert call.answered and call.ran and call.result == 7 and call.faults == ["drop"]
     # a raw client sees a clean EOF and then a broken pipe
     assert recv_frame(t.client_socket) is None
     with pytest.raises(BrokenPipeError):
@@ -439,85 +458,87 @@ def test_delay_request_then_errno(t: MockTransport) -> None:
 @pytest.mark.parametrize(
     "keep, where", [(None, "frame body"), (2, "frame header"), (4, "frame body")]
 )
-def test_truncate_reply(t: MockTransport, keep: int | None, where: str) -> None:
-    t.inject(Fault.truncate(keep), method="echo")
-    c = t.client()
+def test_truncate_reply(w: WireTransport, keep: int | None, where: str) -> None:
+    w.inject(WireFault.truncate(keep), method="echo")
+    c = w.client()
     # The server went away mid-reply: a connection error, like a dead server.
     with pytest.raises(ConnectionError, match=r"in the middle of the reply to 'test.echo'"):
         c.echo(text="hello")
     with pytest.raises(ConnectionError, match="unusable"):
         c.add(a=1)
-    assert t.wait_server(TIMEOUT) == 0
-    call = t.calls[0]
+    assert w.wait_server(TIMEOUT) == 0
+    call = w.calls[0]
     assert call.answered and call.faults == ["truncate"] and not call.delivered
 
 
 @pytest.mark.parametrize("keep", [None, 0, 3, 10])
-def test_truncate_request(t: MockTransport, keep: int | None) -> None:
+def test_truncate_request(w: WireTransport, keep: int | None) -> None:
     fds = make_fds(2)
-    t.inject(Fault.truncate(keep, phase="request"))
+    w.inject(WireFault.truncate(keep, phase="request"))
     with pytest.raises(ConnectionError, match="closed the connection"):
-        t.client().call("read_two", fds=fds, first=0, second=1)
-    assert t.wait_server(TIMEOUT) == 0  # a frame cut short ends serve() quietly
-    assert t.server_records == []  # nothing was answered, nothing ran
-    assert t.calls[0].faults == ["truncate"] and t.calls[0].fds == 2
+        w.client().call("read_two", fds=fds, first=0, second=1)
+    assert w.wait_server(TIMEOUT) == 0  # a frame cut short ends serve() quietly
+    assert w.server_records == []  # nothing was answered, nothing ran
+    assert w.calls[0].faults == ["truncate"] and w.calls[0].fds == 2
     for fd in fds:
         os.close(fd)
 
 
-def test_corrupt_reply_is_a_protocol_error_and_the_stream_stays_in_sync(t: MockTransport) -> None:
-    t.inject(Fault.corrupt(), on_call=1)
-    c = t.client()
+def test_corrupt_reply_is_a_protocol_error_and_the_stream_stays_in_sync(w: WireTransport) -> None:
+    w.inject(WireFault.corrupt(), on_call=1)
+    c = w.client()
     with pytest.raises(
         ProtocolError, match=r"bad reply to 'test.add': frame body is not valid UTF-8"
     ):
         c.add(a=1)
     assert c.add(a=2) == 2  # a bad body is recoverable: the client is not broken
-    assert t.calls[0].faults == ["corrupt"] and t.calls[0].result == 1
+    assert w.calls[0].faults == ["corrupt"] and w.calls[0].result == 1
 
 
-def test_corrupt_reply_id_breaks_the_client(t: MockTransport) -> None:
+def test_corrupt_reply_id_breaks_the_client(w: WireTransport) -> None:
     # reply body: {"id":1,"result":...}: the id's digit is at byte 4 + 6
-    t.inject(Fault.corrupt(at=10, data=b"7"), on_call=1)
-    c = t.client()
+    w.inject(WireFault.corrupt(at=10, data=b"7"), on_call=1)
+    c = w.client()
     with pytest.raises(ProtocolError, match="'id' is 7, expected 1"):
         c.add(a=1)
     with pytest.raises(ConnectionError, match="unusable"):
         c.add(a=1)
 
 
-def test_corrupt_request_gets_an_error_reply_and_the_server_keeps_serving(t: MockTransport) -> None:
-    t.inject(Fault.corrupt(phase="request"), on_call=1)
-    c = t.client()
+def test_corrupt_request_gets_an_error_reply_and_the_server_keeps_serving(
+    w: WireTransport,
+) -> None:
+    w.inject(WireFault.corrupt(phase="request"), on_call=1)
+    c = w.client()
     with pytest.raises(ProtocolError, match=r"malformed frame \(invalid_utf8\)"):
         c.add(a=1)
     assert c.add(a=2) == 2
-    assert_still_serving(t.client_socket)
-    assert t.server_records[0]["method"] is None and not t.server_records[0]["ok"]
-    assert t.calls[0].method == "test.add"  # recorded as sent, before the corruption
+    assert_still_serving(w.client_socket)
+    assert w.server_records[0]["method"] is None and not w.server_records[0]["ok"]
+    assert w.calls[0].method == "test.add"  # recorded as sent, before the corruption
 
 
-def test_corrupt_length_header(t: MockTransport) -> None:
-    t.inject(Fault.corrupt(at=0, data=b"\xff"), on_call=1)
+def test_corrupt_length_header(w: WireTransport) -> None:
+    w.inject(WireFault.corrupt(at=0, data=b"\xff"), on_call=1)
     with pytest.raises(
         ProtocolError, match=r"bad reply to 'test.add': frame of .* bytes exceeds the maximum"
     ):
-        t.client().add(a=1)
+        w.client().add(a=1)
 
 
-def test_close_after_reply(t: MockTransport) -> None:
-    t.inject(Fault.close(), on_call=1)
-    c = t.client()
+def test_close_after_reply(w: WireTransport) -> None:
+    w.inject(WireFault.close(), on_call=1)
+    c = w.client()
     assert c.add(a=1) == 1  # delivered
     with pytest.raises(ConnectionError):
         c.add(a=2)
-    assert t.wait_server(TIMEOUT) == 0
-    assert t.calls[0].faults == ["close"] and t.calls[0].delivered
-    assert len(t.server_records) == 1
+    assert w.wait_server(TIMEOUT) == 0
+    assert w.calls[0].faults == ["close"] and w.calls[0].delivered
+    assert len(w.server_records) == 1
 
 
 def test_injected_replies_keep_request_order(t: MockTransport) -> None:
-    """Pipelined raw requests: the reply made by an errno fault waits for earlier replies."""
+    """Pipelined raw requests: the reply made by an errno fault comes in request order."""
     t.inject(Fault.errno(errno.EPERM), on_call=2)
     real.BLOCK.clear()
     real.BLOCKED.clear()
@@ -545,10 +566,12 @@ def test_fault_and_inject_arguments_are_checked(t: MockTransport) -> None:
         Fault.delay(-1)
     with pytest.raises(ValueError, match="phase"):
         Fault.drop(phase="later")
+    with pytest.raises(ValueError, match="Exception instance"):
+        Fault.exception(ValueError)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="keep"):
-        Fault.truncate(-1)
+        WireFault.truncate(-1)
     with pytest.raises(ValueError, match="data"):
-        Fault.corrupt(data=b"")
+        WireFault.corrupt(data=b"")
     with pytest.raises(ValueError, match="on_call"):
         t.inject(Fault.drop(), on_call=0)
     with pytest.raises(ValueError, match="times"):
@@ -562,20 +585,22 @@ def test_fault_and_inject_arguments_are_checked(t: MockTransport) -> None:
 
 
 def test_no_descriptor_or_thread_left_after_any_fault(no_leak: None) -> None:
-    faults = [
+    faults: list[Fault | WireFault] = [
         Fault.drop(),
         Fault.drop(phase="reply"),
-        Fault.truncate(),
-        Fault.truncate(phase="request"),
-        Fault.corrupt(),
-        Fault.corrupt(phase="request"),
-        Fault.close(),
+        WireFault.truncate(),
+        WireFault.truncate(phase="request"),
+        WireFault.corrupt(),
+        WireFault.corrupt(phase="request"),
+        WireFault.close(),
         Fault.errno(errno.EPERM),
+        Fault.exception(ValueError("no")),
         Fault.delay(0.01),
         Fault.delay(0.01, phase="request"),
     ]
     for fault in faults:
-        with MockTransport(ENGINE, METHODS, timeout=TIMEOUT) as transport:
+        kind = WireTransport if isinstance(fault, WireFault) else MockTransport
+        with kind(ENGINE, METHODS, timeout=TIMEOUT) as transport:
             transport.inject(fault, on_call=2)
             c = transport.client()
             r, w = os.pipe()
@@ -583,12 +608,12 @@ def test_no_descriptor_or_thread_left_after_any_fault(no_leak: None) -> None:
             for i in range(4):
                 try:
                     c.read_two(first=FileDescriptor(r), second=None) if i == 1 else c.add(a=i)
-                except (OSError, ProtocolError):
+                except (OSError, ValueError, ProtocolError):
                     pass
             got = None
             try:
                 got = c.make_pipe(data="x")
-            except (OSError, ProtocolError):
+            except (OSError, ValueError, ProtocolError):
                 pass
             if isinstance(got, WithFds):
                 os.close(got.fds[0])
@@ -630,13 +655,13 @@ def test_close_with_a_hung_method_raises_and_can_be_retried(no_leak: None) -> No
 def test_a_relay_bug_surfaces_instead_of_hanging(
     monkeypatch: pytest.MonkeyPatch, no_leak: None
 ) -> None:
-    from kit.testing import rpc_mock as mock
+    import rpc_wire_faults
 
     def broken(self: Any, frame: bytes, marks: list) -> None:
         raise RuntimeError("relay bug")
 
-    monkeypatch.setattr(mock._Relay, "_reply", broken)
-    transport = MockTransport(ENGINE, METHODS, timeout=TIMEOUT)
+    monkeypatch.setattr(rpc_wire_faults._Relay, "_reply", broken)
+    transport = WireTransport(ENGINE, METHODS, timeout=TIMEOUT)
     with pytest.raises(ConnectionError):
         transport.client().add(a=1)
     with pytest.raises(RuntimeError, match="relay bug"):
@@ -644,7 +669,7 @@ def test_a_relay_bug_surfaces_instead_of_hanging(
     assert transport.closed
 
 
-def test_oversized_request_passes_through(t: MockTransport) -> None:
+def test_oversized_request_is_answered_then_serving_ends(t: MockTransport) -> None:
     data = struct.pack(">I", real.MAX_FRAME + 1) + b"x" * 300_000  # more than a socket buffer
     sender = threading.Thread(target=_send_ignoring_epipe, args=(t.client_socket, data))
     sender.start()
@@ -653,7 +678,8 @@ def test_oversized_request_passes_through(t: MockTransport) -> None:
     sender.join(TIMEOUT)
     assert not sender.is_alive()
     assert t.wait_server(TIMEOUT) == 0
-    assert t.calls[0].bad_frame == "oversized" and t.calls[0].error["type"] == "ProtocolError"
+    assert t.calls[0].method is None and t.calls[0].error["type"] == "ProtocolError"
+    assert "(oversized)" in t.calls[0].error["message"]
 
 
 def _send_ignoring_epipe(sock: socket.socket, data: bytes) -> None:

@@ -1,42 +1,27 @@
-"""An in-process RPC transport for unit tests: the real codec and server, plus faults."""
+"""An in-process RPC server for engine authors' unit tests, with dispatch-level faults."""
 
 from __future__ import annotations
 
-import array
 import collections
-import errno as _errno
 import inspect
 import os
-import select
 import socket
 import threading
-import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kit import system as kit_system
 from kit.contract import Common, Engine, Operations
 from kit.registry import RegistryError, find
 from kit.rpc.client import RPCClient
-from kit.rpc.codec import HEADER, MAX_FRAME, FrameError, close_fds, decode_body, encode_body
-from kit.rpc.messages import (
-    MAX_ID,
-    ErrorInfo,
-    ProtocolError,
-    make_error,
-    parse_reply,
-    split_method_name,
-)
-from kit.rpc.methods import MethodSpec
+from kit.rpc.codec import close_fds
+from kit.rpc.messages import split_method_name
+from kit.rpc.methods import FileDescriptor, MethodSpec, WithFds
 from kit.rpc.server import CallRecord, prepare_methods, serve
 
 __all__ = ["Call", "Fault", "MockTransport", "RecordingSystem", "Rule", "SystemCall"]
 
-_FD_SIZE = array.array("i").itemsize
-_SCM_MAX_FD = 253  # the kernel's limit per message: the relay never truncates what it relays
-_RELAY_ANCBUF = socket.CMSG_SPACE(_SCM_MAX_FD * _FD_SIZE)
-_CHUNK = 1 << 16
 _PHASES = ("request", "reply")
 
 
@@ -45,39 +30,30 @@ _PHASES = ("request", "reply")
 
 @dataclass(frozen=True)
 class Fault:
-    """What to do to one call; build it with the class methods below.
+    """What to do to one call when the server dispatches it; build it with the class methods.
 
-    ``phase`` says which frame is hit: ``"request"`` (before the server sees it; the method
-    does not run) or ``"reply"`` (the method ran; its reply is affected).
+    ``phase`` says when: ``"request"`` (before the method runs) or ``"reply"`` (after it ran;
+    its reply, or its error, is affected).
 
     Faults, injected on the Nth call, by method name, or both (:meth:`MockTransport.inject`):
 
-    ===========================  =======================================================
-    ``Fault.errno(code)``        error reply ``OSError(code, strerror)`` built with the
-                                 codec; the method does not run (nothing reaches the
-                                 server)
-    ``Fault.drop()``             the request is lost and the connection cut: the client
-                                 gets ``ConnectionError``; ``phase="reply"``: the method
-                                 runs, its reply is lost
-    ``Fault.delay(s)``           hold the reply (or, ``phase="request"``, the request)
-                                 *s* seconds
-    ``Fault.truncate(keep)``     forward only the first *keep* bytes of the reply (or
-                                 request), then cut the connection
-    ``Fault.corrupt(at, data)``  overwrite bytes of the reply (or request) frame; the
-                                 length is unchanged, so the stream stays in sync
-    ``Fault.close()``            deliver the reply, then close the connection cleanly
-                                 (the server "exits" after this call)
-    ===========================  =======================================================
+    ==========================  ========================================================
+    ``Fault.errno(code)``       the method does not run; the client raises
+                                ``OSError(code, strerror)`` (``PermissionError`` for EPERM)
+    ``Fault.exception(exc)``    the method does not run; the client gets *exc* as if the
+                                method had raised it
+    ``Fault.drop()``            the connection is cut before the method runs: the client
+                                gets ``ConnectionError``; ``phase="reply"``: the method
+                                runs, its reply is lost
+    ``Fault.delay(s)``          hold the reply (``phase="request"``: the method's start)
+                                *s* seconds
+    ==========================  ========================================================
     """
 
     kind: str
     phase: str
     seconds: float = 0.0
-    keep: int | None = None
-    at: int = HEADER.size
-    data: bytes = b"\xff"
-    code: int | None = None
-    message: str | None = None
+    error: Exception | None = None
 
     def __post_init__(self) -> None:
         if self.phase not in _PHASES:
@@ -87,25 +63,30 @@ class Fault:
 
     @classmethod
     def errno(cls, code: int, message: str | None = None) -> Fault:
-        """Answer with an error reply carrying errno *code* (the client raises
-        ``OSError(code, message)``, e.g. ``PermissionError`` for ``EPERM``). *message* defaults
-        to ``os.strerror(code)``. The request never reaches the server."""
+        """Answer with an error carrying errno *code* (*message* defaults to its strerror)."""
         if isinstance(code, bool) or not isinstance(code, int) or code <= 0:
             raise ValueError(f"Fault.errno: code must be a positive errno number, got {code!r}")
-        return cls("errno", "request", code=code, message=message)
+        return cls(
+            "errno",
+            "request",
+            error=OSError(code, os.strerror(code) if message is None else message),
+        )
+
+    @classmethod
+    def exception(cls, exc: Exception) -> Fault:
+        """Raise *exc* in place of the method (the client sees what ``serve`` makes of it)."""
+        if not isinstance(exc, Exception):
+            raise ValueError(f"Fault.exception: expected an Exception instance, got {exc!r}")
+        return cls("exception", "request", error=exc)
 
     @classmethod
     def drop(cls, phase: str = "request") -> Fault:
-        """Cut the connection: with ``phase="request"`` the request is lost (the method does
-        not run); with ``phase="reply"`` the method runs and its reply is lost. Both ends see
-        the connection go away: the client raises ``ConnectionError``, ``serve`` returns 0."""
+        """Cut the connection; ``serve`` then returns 0, as when the client goes away."""
         return cls("drop", phase)
 
     @classmethod
     def delay(cls, seconds: float, phase: str = "reply") -> Fault:
-        """Hold the frame *seconds* before forwarding it (nothing else moves meanwhile: the
-        server answers one request at a time anyway). A client socket timeout shorter than
-        that raises ``TimeoutError`` in the client."""
+        """Hold the call *seconds*; a shorter client timeout raises ``TimeoutError``."""
         if (
             isinstance(seconds, bool)
             or not isinstance(seconds, (int, float))
@@ -113,37 +94,6 @@ class Fault:
         ):
             raise ValueError(f"Fault.delay: seconds must be within [0, 3600), got {seconds!r}")
         return cls("delay", phase, seconds=float(seconds))
-
-    @classmethod
-    def truncate(cls, keep: int | None = None, phase: str = "reply") -> Fault:
-        """Forward only the first *keep* bytes of the frame (default: the 4-byte header and
-        half of the body), then cut the connection. A truncated reply makes the client raise
-        ``ProtocolError`` (then ``ConnectionError`` on later calls); a truncated request makes
-        the server end quietly (exit 0) and the client get ``ConnectionError``."""
-        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 0):
-            raise ValueError(f"Fault.truncate: keep must be a byte count >= 0, got {keep!r}")
-        return cls("truncate", phase, keep=keep)
-
-    @classmethod
-    def corrupt(cls, at: int = HEADER.size, data: bytes = b"\xff", phase: str = "reply") -> Fault:
-        """Overwrite the frame's bytes at offset *at* (counted from the frame's start: 0-3 is
-        the length header, 4 the first body byte) with *data*; the frame keeps its length.
-        The default makes the body invalid UTF-8: the client raises ``ProtocolError`` for a
-        reply; the server answers a request with a ``ProtocolError`` reply and keeps serving.
-        Overwriting the header changes the announced length: an oversized one is answered
-        like any oversized frame, a smaller one desynchronises the stream (the receiver then
-        waits for bytes that never come: use a client timeout)."""
-        if isinstance(at, bool) or not isinstance(at, int) or at < 0:
-            raise ValueError(f"Fault.corrupt: at must be an offset >= 0, got {at!r}")
-        if not isinstance(data, (bytes, bytearray)) or not data:
-            raise ValueError("Fault.corrupt: data must be non-empty bytes")
-        return cls("corrupt", phase, at=at, data=bytes(data))
-
-    @classmethod
-    def close(cls) -> Fault:
-        """Deliver this call's reply, then close the connection cleanly (both ways): the next
-        call raises ``ConnectionError``; ``serve`` returns 0."""
-        return cls("close", "reply")
 
 
 @dataclass
@@ -177,35 +127,33 @@ class Rule:
 
 @dataclass
 class Call:
-    """One request frame that reached the transport, and what became of it.
+    """One request the server answered (or that a fault cut off), and what became of it.
 
-    ``error`` is the wire form ``{"type", "errno", "message"}``. ``answered``: a reply was
-    produced (by the server, or by an ``errno`` fault); ``delivered``: that whole reply frame
-    was written to the client (possibly corrupted, see ``faults``). ``duration`` is the time
-    in seconds from the request reaching the transport to its reply leaving it, injected
-    delays included.
+    A request the server refused before dispatch (unknown method, bad arguments, a malformed
+    frame) is recorded too, with the server's error; faults never fire for it. ``error`` is the
+    wire form ``{"type", "errno", "message"}``. ``duration`` is the server's time on the call in
+    seconds, injected delays included.
     """
 
     index: int
     """1-based position among all requests of this transport."""
     method: str | None
-    """``"<engine>.<method>"`` as sent; None when the frame could not be read."""
-    args: dict[str, Any] | None
+    """``"<engine>.<method>"`` as sent; None when the frame did not carry a usable one."""
+    args: dict[str, Any] | None = None
     """The arguments as sent (a ``FileDescriptor`` argument is the index of its descriptor)."""
     nth: int = 1
     """1-based position among the calls to the same ``method``."""
-    id: int | None = None
     fds: int = 0
-    """Number of descriptors attached to the request."""
+    """Number of descriptors the method received."""
     result: Any = None
     error: dict[str, Any] | None = None
     reply_fds: int = 0
     answered: bool = False
-    delivered: bool = False
+    """A reply was produced (a ``drop`` fault in the request phase prevents it)."""
+    ran: bool = False
+    """The served method was called."""
     duration: float | None = None
     faults: list[str] = field(default_factory=list)
-    bad_frame: str | None = None
-    """Why the relay could not decode the request (the server's reply says it too)."""
 
     @property
     def name(self) -> str | None:
@@ -279,373 +227,7 @@ class RecordingSystem(kit_system.System):
         return f"<RecordingSystem {len(self.calls)} call(s)>"
 
 
-# --------------------------------------------------------------------------- the relay
-
-
-def _shutdown(sock: socket.socket, how: int) -> None:
-    try:
-        sock.shutdown(how)
-    except OSError:
-        pass
-
-
-def _write(sock: socket.socket, data: bytes, marks: Sequence[tuple[int, list[int]]]) -> None:
-    """Send *data*, attaching each group of descriptors at the offset it arrived at (a mark at
-    offset 0 travels with the header; a later one starts a new ``sendmsg`` so it stays inside
-    the body, as the sender had it)."""
-    cuts = sorted({0, *(off for off, _ in marks)})
-    fds_at: dict[int, list[int]] = collections.defaultdict(list)
-    for off, fds in marks:
-        fds_at[off].extend(fds)
-    view = memoryview(data)
-    for i, start in enumerate(cuts):
-        end = cuts[i + 1] if i + 1 < len(cuts) else len(data)
-        chunk = view[start:end]
-        fds = fds_at.get(start, [])
-        anc = (
-            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
-        )
-        while chunk or anc:
-            try:
-                sent = sock.sendmsg([chunk], anc, socket.MSG_NOSIGNAL)
-            except InterruptedError:
-                continue
-            anc = []
-            chunk = chunk[sent:]
-
-
-def _marks_fds(marks: Sequence[tuple[int, list[int]]]) -> list[int]:
-    return [fd for _, fds in marks for fd in fds]
-
-
-def _request_id(obj: Any) -> int | None:
-    if isinstance(obj, dict):
-        rid = obj.get("id")
-        if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid <= MAX_ID:
-            return rid
-    return None
-
-
-class _Flow:
-    """One direction of the relay: splits what *src* sends into frames for *dst*."""
-
-    def __init__(self, src: socket.socket, dst: socket.socket) -> None:
-        self.src = src
-        self.dst = dst
-        self.buf = bytearray()
-        self.marks: list[tuple[int, list[int]]] = []
-        self.length: int | None = None
-        self.passthrough = False  # after an oversized header: bytes are relayed as they come
-        self.reading = True
-        self.writable = True
-
-    def take(self) -> tuple[bytes, list[tuple[int, list[int]]]]:
-        out = (bytes(self.buf), self.marks)
-        self.buf = bytearray()
-        self.marks = []
-        self.length = None
-        return out
-
-    def read(self) -> tuple[str, tuple[bytes, list[tuple[int, list[int]]]] | None]:
-        """One ``recvmsg``, never past the end of the current frame. Returns ``("more",
-        None)``, or ``(kind, (bytes, marks))`` with kind ``frame``, ``oversized`` (a header
-        announcing more than MAX_FRAME), ``raw`` (passthrough bytes) or ``eof`` (the bytes of
-        an unfinished frame, possibly none)."""
-        if self.passthrough:
-            want = _CHUNK
-        elif self.length is None:
-            want = HEADER.size - len(self.buf)
-        else:
-            want = min(_CHUNK, HEADER.size + self.length - len(self.buf))
-        try:
-            data, anc, _flags, _ = self.src.recvmsg(want, _RELAY_ANCBUF, socket.MSG_CMSG_CLOEXEC)
-        except InterruptedError:
-            return "more", None
-        except OSError:  # reset by the peer, or closed under us while stopping
-            data, anc = b"", []
-        fds: list[int] = []
-        for level, ctype, payload in anc:
-            if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
-                fds.extend(array.array("i", payload[: len(payload) - len(payload) % _FD_SIZE]))
-        if not data:
-            close_fds(fds)
-            return "eof", self.take()
-        if self.passthrough:
-            return "raw", (data, [(0, fds)] if fds else [])
-        if fds:
-            self.marks.append((len(self.buf), fds))
-        self.buf += data
-        if self.length is None:
-            if len(self.buf) < HEADER.size:
-                return "more", None
-            (self.length,) = HEADER.unpack(self.buf)
-            if self.length > MAX_FRAME:
-                self.passthrough = True
-                return "oversized", self.take()
-        if len(self.buf) < HEADER.size + self.length:
-            return "more", None
-        return "frame", self.take()
-
-    def discard(self) -> None:
-        close_fds(_marks_fds(self.take()[1]))
-
-
-@dataclass
-class _Pending:
-    call: Call
-    started: float
-    reply_faults: list[Fault]
-    synthetic: bytes | None = None  # an injected reply waiting for earlier replies
-
-
-class _Relay:
-    def __init__(
-        self, transport: MockTransport, c_peer: socket.socket, s_peer: socket.socket, wake: int
-    ) -> None:
-        self.t = transport
-        self.c_peer = c_peer
-        self.s_peer = s_peer
-        self.wake = wake
-        self.up = _Flow(c_peer, s_peer)  # requests
-        self.down = _Flow(s_peer, c_peer)  # replies
-        self.pending: collections.deque[_Pending] = collections.deque()
-        self.delaying = False  # inside a delay fault: MockTransport.close need not wait
-
-    # -- loop ----------------------------------------------------------------------------------
-    def run(self) -> None:
-        poller = select.poll()
-        flows = {self.c_peer.fileno(): self.up, self.s_peer.fileno(): self.down}
-        poller.register(self.wake, select.POLLIN)
-        for fd in flows:
-            poller.register(fd, select.POLLIN)
-        polled = set(flows)
-        try:
-            while polled and not self.t._stop.is_set():
-                for fd, _ in poller.poll():
-                    if fd == self.wake:
-                        return
-                    flow = flows[fd]
-                    if flow.reading:
-                        self._step(flow)
-                    if self.t._stop.is_set():
-                        return
-                for fd, flow in flows.items():
-                    if not flow.reading and fd in polled:
-                        poller.unregister(fd)
-                        polled.discard(fd)
-        except BaseException as exc:  # noqa: BLE001 a bug: never leave the client waiting
-            self.t.relay_error = exc
-            self._cut()
-        finally:
-            # The sockets stay open (shut down as needed): MockTransport.close closes them
-            # once this thread is gone, so no other thread ever touches a closed descriptor.
-            self.up.discard()
-            self.down.discard()
-
-    def _step(self, flow: _Flow) -> None:
-        kind, payload = flow.read()
-        if payload is None:
-            return
-        data, marks = payload
-        if kind == "eof":
-            if data:
-                self._send(flow, data, marks)
-            flow.reading = False
-            _shutdown(flow.dst, socket.SHUT_WR)  # mirror the EOF
-        elif kind == "raw":
-            self._send(flow, data, marks)
-        elif kind == "oversized":
-            if flow is self.up:
-                call = self._record_request(None, marks, "oversized")
-                self.pending.append(_Pending(call, time.monotonic(), []))
-            self._send(flow, data, marks)
-        elif flow is self.up:
-            self._request(data, marks)
-        else:
-            self._reply(data, marks)
-
-    def _send(self, flow: _Flow, data: bytes, marks: list[tuple[int, list[int]]]) -> bool:
-        """Forward to ``flow.dst``; closes the relay's copies of the descriptors. If the
-        destination is gone, stop reading the source and make its writes fail (EPIPE), as
-        writing to a closed RPC server would."""
-        try:
-            if not flow.writable:
-                return False
-            _write(flow.dst, data, marks)
-            return True
-        except OSError:
-            flow.writable = False
-            flow.reading = False
-            flow.discard()
-            _shutdown(flow.src, socket.SHUT_RD)
-            return False
-        finally:
-            close_fds(_marks_fds(marks))
-
-    def _cut(self) -> None:
-        """Take the connection down both ways (a fault)."""
-        for flow in (self.up, self.down):
-            flow.reading = False
-            flow.writable = False
-        _shutdown(self.c_peer, socket.SHUT_RDWR)
-        _shutdown(self.s_peer, socket.SHUT_RDWR)
-
-    def _wait(self, seconds: float) -> bool:
-        """Sleep; True when the transport is being closed meanwhile."""
-        self.delaying = True
-        try:
-            return self.t._stop.wait(seconds)
-        finally:
-            self.delaying = False
-
-    # -- requests ------------------------------------------------------------------------------
-    def _record_request(
-        self, frame: bytes | None, marks: list[tuple[int, list[int]]], bad: str | None = None
-    ) -> Call:
-        obj: Any = None
-        if frame is not None:
-            try:
-                obj = decode_body(frame[HEADER.size :])
-            except FrameError as exc:
-                bad = f"{exc.kind}: {exc}"
-        method = obj.get("method") if isinstance(obj, dict) else None
-        args = obj.get("args") if isinstance(obj, dict) else None
-        return self.t._new_call(
-            method=method if isinstance(method, str) else None,
-            args=args if isinstance(args, dict) else None,
-            id=_request_id(obj),
-            fds=len(_marks_fds(marks)),
-            bad_frame=bad,
-        )
-
-    def _request(self, frame: bytes, marks: list[tuple[int, list[int]]]) -> None:
-        call = self._record_request(frame, marks)
-        started = time.monotonic()
-        faults = self.t._match(call)
-        reply_faults = [f for f in faults if f.phase == "reply"]
-        for fault in (f for f in faults if f.phase == "request"):
-            if fault.kind == "delay":
-                call.faults.append("delay")
-                if self._wait(fault.seconds):
-                    close_fds(_marks_fds(marks))
-                    return
-            elif fault.kind == "corrupt":
-                call.faults.append("corrupt")
-                frame = _corrupt(frame, fault)
-            elif fault.kind == "drop":
-                call.faults.append("drop")
-                close_fds(_marks_fds(marks))
-                self._cut()
-                return
-            elif fault.kind == "truncate":
-                call.faults.append("truncate")
-                keep = _keep(frame, fault)
-                self._send(self.up, frame[:keep], [m for m in marks if m[0] < keep])
-                close_fds([fd for off, fds in marks if off >= keep for fd in fds])
-                self._cut()
-                return
-            elif fault.kind == "errno":
-                call.faults.append("errno")
-                close_fds(_marks_fds(marks))
-                code = fault.code if fault.code is not None else _errno.EIO
-                exc = OSError(
-                    code, fault.message if fault.message is not None else os.strerror(code)
-                )
-                info = ErrorInfo(type(exc).__name__, code, exc.strerror or "")
-                body = encode_body(make_error(call.id, info))
-                reply = HEADER.pack(len(body)) + body
-                call.answered = True
-                call.error = info.to_json()
-                entry = _Pending(call, started, reply_faults, synthetic=reply)
-                if self.pending:  # keep replies in request order
-                    self.pending.append(entry)
-                else:
-                    self._deliver(entry, reply, [])
-                return
-        self.pending.append(_Pending(call, started, reply_faults))
-        self._send(self.up, frame, marks)
-
-    # -- replies -------------------------------------------------------------------------------
-    def _reply(self, frame: bytes, marks: list[tuple[int, list[int]]]) -> None:
-        if (
-            not self.pending or self.pending[0].synthetic is not None
-        ):  # no request waits: relay as is
-            self._send(self.down, frame, marks)
-            return
-        entry = self.pending.popleft()
-        call = entry.call
-        try:
-            reply = parse_reply(decode_body(frame[HEADER.size :]))
-        except (FrameError, ProtocolError) as exc:
-            call.error = {
-                "type": "ProtocolError",
-                "errno": None,
-                "message": f"undecodable reply: {exc}",
-            }
-        else:
-            call.result = reply.result
-            call.error = None if reply.error is None else reply.error.to_json()
-            call.reply_fds = reply.fds
-        call.answered = True
-        self._deliver(entry, frame, marks)
-        # A fresh name: mypy would keep the narrowing of self.pending[0] from above.
-        while self.pending and (head := self.pending[0]).synthetic is not None:
-            entry = self.pending.popleft()
-            self._deliver(entry, head.synthetic, [])
-
-    def _deliver(self, entry: _Pending, frame: bytes, marks: list[tuple[int, list[int]]]) -> None:
-        call = entry.call
-        close_after = False
-        for fault in entry.reply_faults:
-            if fault.kind == "delay":
-                call.faults.append("delay")
-                if self._wait(fault.seconds):
-                    close_fds(_marks_fds(marks))
-                    return
-            elif fault.kind == "corrupt":
-                call.faults.append("corrupt")
-                frame = _corrupt(frame, fault)
-            elif fault.kind == "drop":
-                call.faults.append("drop")
-                call.duration = time.monotonic() - entry.started
-                close_fds(_marks_fds(marks))
-                self._cut()
-                return
-            elif fault.kind == "truncate":
-                call.faults.append("truncate")
-                call.duration = time.monotonic() - entry.started
-                keep = _keep(frame, fault)
-                self._send(self.down, frame[:keep], [m for m in marks if m[0] < keep])
-                close_fds([fd for off, fds in marks if off >= keep for fd in fds])
-                self._cut()
-                return
-            elif fault.kind == "close":
-                call.faults.append("close")
-                close_after = True
-        # The record is complete before the client can see the reply.
-        call.duration = time.monotonic() - entry.started
-        call.delivered = self.down.writable
-        if not self._send(self.down, frame, marks):
-            call.delivered = False
-        if close_after:
-            self._cut()
-
-
-def _keep(frame: bytes, fault: Fault) -> int:
-    if fault.keep is None:
-        return HEADER.size + (len(frame) - HEADER.size) // 2
-    return min(fault.keep, len(frame) - 1)
-
-
-def _corrupt(frame: bytes, fault: Fault) -> bytes:
-    out = bytearray(frame)
-    at = min(fault.at, len(out) - 1)
-    patch = fault.data[: len(out) - at]
-    out[at : at + len(patch)] = patch
-    return bytes(out)
-
-
-# --------------------------------------------------------------------------- the transport
+# --------------------------------------------------------------------------- helpers
 
 
 def _public_methods(obj: Any) -> dict[str, Callable[..., Any]]:
@@ -669,8 +251,18 @@ def _as_engine(name: str, engine: Any) -> Any:
     )
 
 
+# --------------------------------------------------------------------------- the transport
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 class MockTransport:
-    """An RPC server for *engine_name* in this process, behind a real socket.
+    """An RPC server for *engine_name* in a thread of this process, behind a real socket.
 
     *methods* is what to serve, as ``"<engine_name>.<method>"``:
 
@@ -682,12 +274,10 @@ class MockTransport:
     *engine* is a :class:`kit.contract.Engine`, or an ``Operations`` instance after
     ``init_config`` (wrapped in an Engine). *system*, when given, replaces the system
     interface of the served class/instance: ``kit.system.current()`` returns it while the
-    class is instantiated, and the instance's ``system`` attribute is set to it (how
+    transport is open, and the instance's ``system`` attribute is set to it (how
     ``ReferenceRPC`` and engines modelled on it reach the kernel). *timeout* is set on
-    :attr:`client_socket` (``settimeout``).
-
-    Methods are validated before anything is started (``RPCMethodError``), so a failing
-    constructor leaves no thread or descriptor behind.
+    :attr:`client_socket` (``settimeout``). Methods are validated before anything starts
+    (``RPCMethodError``), so a failing constructor leaves no thread or descriptor behind.
 
     It lets an engine author test ``create_container`` and the engine's RPC methods without
     namespaces, forks or root (SPEC §6)::
@@ -697,30 +287,14 @@ class MockTransport:
             eng.create_container(Context(), 4242, t.client_socket)   # raises PermissionError
             assert [c.name for c in t.calls] == ["sethostname", "mount"]
 
-    How it is built (nothing is simulated except the faults you ask for)::
-
-        client_socket ==socketpair== [relay thread] ==socketpair== server socket
-        (RPCClient, your engine)     records, injects faults       kit.rpc.server.serve()
-                                                                   in a thread
-
-    :attr:`client_socket` is a real connected ``AF_UNIX`` stream socket, exactly what the kit hands
-    to ``create_container``. Requests and replies are encoded and decoded by :mod:`kit.rpc.codec` on
-    both ends and dispatched by :func:`kit.rpc.server.serve`, so codec, schema and dispatch bugs
-    show up as they would across processes. The relay in between forwards whole frames byte for
-    byte, keeping file descriptors (``SCM_RIGHTS``) attached where they were (with the header or
-    inside the body); it decodes a copy of each frame to record the call, and applies injected
-    faults (:class:`Fault`). EOF, half-closes and send failures are mirrored to the other side, so
-    the server sees what a real RPC server would: a clean EOF ends ``serve`` with 0, a frame cut in
-    the middle too.
-
-    Recording: :attr:`calls` lists every request frame that reached the transport as a :class:`Call`
-    (method, arguments, result or error, duration, faults), complete before the client sees the
-    reply. :attr:`server_records` has the server's own ``on_call`` records.
-
-    The methods served can have their system interface replaced by a :class:`RecordingSystem`
-    (``system=``), so that even the privileged calls the real RPC methods make are only recorded.
-    Closing the transport (``close()`` or the ``with`` block) stops both threads and closes every
-    descriptor it made or received.
+    :attr:`client_socket` is one end of an ``AF_UNIX`` socketpair, what the kit hands to
+    ``create_container``; :func:`kit.rpc.server.serve` reads the other end in a thread, so the
+    codec, the schema checks and the dispatch are the ones a real RPC server runs. Faults are
+    applied where the server calls a method (:class:`Fault`). :attr:`calls` records every
+    request as a :class:`Call`, complete before the client sees the reply;
+    :attr:`server_records` has the server's own ``on_call`` records (calls a fault answered
+    included). Closing the transport (``close()`` or the ``with`` block) stops the thread and
+    closes both ends.
     """
 
     def __init__(
@@ -738,7 +312,10 @@ class MockTransport:
         self.system = system
         self.instance: Any = None
         table = self._method_table(methods)
-        self._specs: dict[str, MethodSpec] = prepare_methods(table)
+        self._specs = {
+            name: replace(spec, func=self._dispatcher(spec))
+            for name, spec in prepare_methods(table).items()
+        }
         # While the transport is open the system interface is the recorder for everything in
         # this process, so a method that looks it up at call time (not only in __init__)
         # records too: nothing may reach the host's kernel from a unit test.
@@ -751,33 +328,26 @@ class MockTransport:
         self._calls: list[Call] = []
         self._per_method: collections.Counter[str | None] = collections.Counter()
         self._rules: list[Rule] = []
+        self._dispatched: Call | None = None  # the call in the server's hands, until on_call
         self.server_records: list[CallRecord] = []
         """The server's ``on_call`` records (see :data:`kit.rpc.server.CallRecord`)."""
         self.exit_code: int | None = None
         """What ``serve`` returned (0 once the connection ended), None while it runs."""
         self.server_error: BaseException | None = None
-        self.relay_error: BaseException | None = None
         self._stop = threading.Event()
         self._closed = False
 
-        self.client_socket, c_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        s_peer, self._server_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._wake_r, self._wake_w = os.pipe()
+        self.client_socket, self._server_sock = socket.socketpair(
+            socket.AF_UNIX, socket.SOCK_STREAM
+        )
         if timeout is not None:
             self.client_socket.settimeout(timeout)
-        self._relay = _Relay(self, c_peer, s_peer, self._wake_r)
         self._server_thread = threading.Thread(
             target=self._serve, name=f"kit-rpc-mock-server[{engine_name}]", daemon=True
         )
-        self._relay_thread = threading.Thread(
-            target=self._relay.run, name=f"kit-rpc-mock-relay[{engine_name}]", daemon=True
-        )
         try:
             self._server_thread.start()
-            self._relay_thread.start()
         except BaseException:
-            for sock in (self.client_socket, c_peer, s_peer, self._server_sock):
-                _shutdown(sock, socket.SHUT_RDWR)
             self.close()
             raise
 
@@ -849,34 +419,83 @@ class MockTransport:
             raise TypeError(f"{type(instance).__qualname__} has no public methods to serve")
         return table
 
-    # -- threads -------------------------------------------------------------------------------
+    # -- the server thread ---------------------------------------------------------------------
     def _serve(self) -> None:
         try:
-            self.exit_code = serve(
-                self._server_sock, self._specs, on_call=self.server_records.append
-            )
+            self.exit_code = serve(self._server_sock, self._specs, on_call=self._on_call)
         except BaseException as exc:  # noqa: BLE001 surfaced by wait_server() and close()
             self.server_error = exc
         finally:
-            self._server_sock.close()  # like the RPC server process exiting
+            # Like the RPC server process exiting: the client sees EOF (close() closes it,
+            # once no thread can touch the descriptor any more).
+            _shutdown(self._server_sock)
 
-    def _new_call(self, **fields: Any) -> Call:
+    def _new_call(self, method: str | None, **fields: Any) -> Call:
         with self._lock:
-            self._per_method[fields["method"]] += 1
+            self._per_method[method] += 1
             call = Call(
-                index=len(self._calls) + 1, nth=self._per_method[fields["method"]], **fields
+                index=len(self._calls) + 1, method=method, nth=self._per_method[method], **fields
             )
             self._calls.append(call)
         return call
 
-    def _match(self, call: Call) -> list[Fault]:
+    def _dispatcher(self, spec: MethodSpec) -> Callable[..., Any]:
+        def dispatch(**kwargs: Any) -> Any:
+            return self._dispatch(spec, kwargs)
+
+        return dispatch
+
+    def _dispatch(self, spec: MethodSpec, kwargs: dict[str, Any]) -> Any:
+        """Run one call the server has checked, with the faults that match it."""
+        passed = [v for v in kwargs.values() if isinstance(v, FileDescriptor)]
+        call = self._dispatched = self._new_call(spec.name, fds=len(passed))
         with self._lock:
             faults = []
             for rule in self._rules:
                 if rule.matches(call):
                     rule.hits += 1
                     faults.append(rule.fault)
-            return faults
+        for fault in (f for f in faults if f.phase == "request"):
+            call.faults.append(fault.kind)
+            if fault.kind == "delay" and self._hold(fault.seconds):
+                continue
+            close_fds(passed)  # the method owns them, and it will not run
+            if fault.error is not None:
+                raise fault.error.with_traceback(None)  # one Fault may fire many times
+            _shutdown(self._server_sock)  # the error reply below goes nowhere; serve() ends
+            raise ConnectionAbortedError(f"the mock dropped the connection at {spec.name!r}")
+        call.ran = True
+        try:
+            result = spec.func(**kwargs)
+            if isinstance(result, WithFds):
+                call.result, call.reply_fds = result.value, len(result.fds)
+            else:
+                call.result = result
+            return result
+        finally:
+            for fault in (f for f in faults if f.phase == "reply"):
+                call.faults.append(fault.kind)
+                if fault.kind == "drop" or not self._hold(fault.seconds):
+                    _shutdown(self._server_sock)  # the reply goes nowhere; serve() ends
+
+    def _hold(self, seconds: float) -> bool:
+        """Wait; False, with the connection cut, when the transport is closed meanwhile."""
+        if self._stop.wait(seconds):
+            _shutdown(self._server_sock)
+            return False
+        return True
+
+    def _on_call(self, record: CallRecord) -> None:
+        """Complete the record of the call the server just answered (before it replies)."""
+        self.server_records.append(record)
+        call, self._dispatched = self._dispatched, None
+        if call is None:  # refused before dispatch
+            call = self._new_call(record["method"])
+        call.args = record["args"]
+        call.duration = record["duration_ms"] / 1000.0
+        if call.ran or "drop" not in call.faults:
+            call.answered = True
+            call.error = record["error"]
 
     # -- public API ----------------------------------------------------------------------------
     def client(self) -> RPCClient:
@@ -900,8 +519,8 @@ class MockTransport:
           rule injected late for a call already made never fires. Fires once;
         - *times*: fire at most this many times (default: unlimited without *on_call*).
 
-        Several rules may hit one call: they apply in injection order (delays and corruption
-        first come first; the first of drop/truncate/errno ends the call).
+        Several rules may hit one call: they apply in injection order (delays first come
+        first; the first drop, errno or exception ends the call).
         """
         if not isinstance(fault, Fault):
             raise TypeError(f"inject: expected a Fault, got {fault!r}")
@@ -958,45 +577,33 @@ class MockTransport:
         return self._closed
 
     def close(self, timeout: float = 5.0) -> None:
-        """Close the client socket, let the server see EOF and return, stop the relay, and
-        close every descriptor. Idempotent.
+        """Close the client socket, end the server (a delay fault ends at once) and close its
+        socket. Idempotent.
 
-        Raises ``RuntimeError`` if a thread does not stop within *timeout* (a served method
-        that does not return); nothing is closed behind its back then, and calling ``close``
-        again once the method returned finishes the job. Raises what ``serve`` (or the relay)
+        Raises ``RuntimeError`` if the server thread does not stop within *timeout* (a served
+        method that does not return); nothing is closed behind its back then, and calling
+        ``close`` again once the method returned finishes the job. Raises what ``serve``
         raised, if it raised."""
         if self._closed:
             return
         self.client_socket.close()  # the server sees EOF, as when the kit closes rpc_conn
-        threads = [t for t in (self._relay_thread, self._server_thread) if t.ident is not None]
-        deadline = time.monotonic() + timeout
-        # Normally the relay mirrors the EOF to the server, serve() returns and its socket
-        # closes. Give that a moment, then stop the relay (it may sit in a delay fault, or
-        # the client closed without the server noticing yet).
-        if self._server_thread.ident is not None and not self._relay.delaying:
-            self._server_thread.join(min(timeout, 1.0))
         self._stop.set()
-        os.write(self._wake_w, b"x")
-        for sock in (self._relay.c_peer, self._relay.s_peer):
-            _shutdown(sock, socket.SHUT_RDWR)  # unblocks a relay send and a server recv
-        for t in threads:
-            t.join(max(0.0, deadline - time.monotonic()))
-        alive = [t.name for t in threads if t.is_alive()]
-        if alive:
-            raise RuntimeError(
-                f"MockTransport.close: {', '.join(alive)} did not stop within {timeout} s "
-                "(a served method does not return?)"
-            )
+        # A copy of the client's descriptor may still be open elsewhere (an engine that kept
+        # a dup): the server must end all the same.
+        _shutdown(self._server_sock)
+        if self._server_thread.ident is not None:
+            self._server_thread.join(timeout)
+            if self._server_thread.is_alive():
+                raise RuntimeError(
+                    f"MockTransport.close: {self._server_thread.name} did not stop within "
+                    f"{timeout} s (a served method does not return?)"
+                )
         self._closed = True
         if self._outer_system is not None and kit_system.current() is self.system:
             kit_system.use(self._outer_system)
-        self._relay.c_peer.close()
-        self._relay.s_peer.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-        for error in (self.relay_error, self.server_error):
-            if error is not None:
-                raise error
+        self._server_sock.close()
+        if self.server_error is not None:
+            raise self.server_error
 
     def __enter__(self) -> MockTransport:
         return self
@@ -1008,7 +615,7 @@ class MockTransport:
         try:
             self.close()
         except Exception:  # noqa: BLE001 the with block's exception is the interesting one
-            pass  # the exception of the with block is the interesting one
+            pass
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
