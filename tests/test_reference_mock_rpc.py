@@ -13,8 +13,8 @@ This is the pattern to copy for your own engine. No namespaces, no fork, no root
    connected unix socket, what the kit passes as ``rpc_conn``.
 4. Assert on ``transport.calls`` (what crossed the wire: method, args, result or error) and
    ``transport.system.calls`` (what the RPC methods asked of the kernel).
-5. ``transport.inject(Fault...)`` makes a call fail (an errno, a dropped connection, a delay,
-   a truncated or corrupt frame) to test the engine's error paths.
+5. ``transport.inject(Fault...)`` makes a call fail (an errno, an exception, a dropped
+   connection, a delay) to test the engine's error paths.
 
 The ``host_untouched`` fixture below makes the kernel's mount and hostname calls fail the test
 if anything reached them, and checks that the host's mounts and hostname did not change.
