@@ -1107,6 +1107,7 @@ th, td { border: 1px solid var(--line); padding: 3px 7px; vertical-align: top; }
 th { background: var(--bg); text-align: left; }
 table.matrix td.o { text-align: center; white-space: nowrap; font-weight: 600; width: 74px; }
 table.matrix td.text { color: var(--muted); font-size: 12.5px; }
+table.matrix td.checked-by { font-size: 12px; white-space: nowrap; }
 table.matrix tr.group th { background: #eaeef2; font-weight: 600; }
 td.o a { color: inherit; text-decoration: none; }
 .o-passed { color: var(--pass); background: #dafbe1; }
@@ -1490,19 +1491,19 @@ def html_report(doc: dict[str, Any], v: Verdict | None = None) -> str:
         '<table class="matrix" id="results"><thead><tr><th>Requirement</th>'
         "<th>Level</th>"
         + "".join(f"<th>{_e(f)}</th>" for f in flows)
-        + "<th>Text</th></tr></thead><tbody>"
+        + "<th>Text</th><th>Checked by</th></tr></thead><tbody>"
     )
     rows = matrix_rows(doc)
     failing_rows = sum(1 for _, cells in rows if any(c["outcome"] in BAD for c in cells.values()))
     for i, (first, cells) in enumerate(rows):
         if i == 0 and failing_rows:
             out.append(
-                f'<tr class="group"><th colspan="{len(flows) + 3}">Failing or broken '
+                f'<tr class="group"><th colspan="{len(flows) + 4}">Failing or broken '
                 f"({failing_rows})</th></tr>"
             )
         if i == failing_rows and failing_rows:
             out.append(
-                f'<tr class="group"><th colspan="{len(flows) + 3}">Everything else</th></tr>'
+                f'<tr class="group"><th colspan="{len(flows) + 4}">Everything else</th></tr>'
             )
         tds = []
         for flow in flows:
@@ -1523,7 +1524,10 @@ def html_report(doc: dict[str, Any], v: Verdict | None = None) -> str:
             f'<tr data-requirement="{_e(first["requirement"])}"><td><b>'
             f'{_e(first["requirement"])}</b></td><td>{_e(first["level"])}</td>'
             + "".join(tds)
-            + f'<td class="text">{_e(first["text"])}</td></tr>'
+            + f'<td class="text">{_e(first["text"])}</td><td class="checked-by">'
+            # reports written before results named their tests have no checked_by
+            + "<br>".join(f"<code>{_e(t)}</code>" for t in first.get("checked_by", []))
+            + "</td></tr>"
         )
     out.append("</tbody></table>")
 

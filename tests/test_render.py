@@ -481,6 +481,23 @@ def test_summary_md_names_the_tests_that_decide_each_requirement():
     assert row.endswith("| `test_lifecycle_order.py::test_a`<br>`test_b.py::test_b` |")
 
 
+def test_report_html_names_the_tests_that_decide_each_requirement():
+    doc = make_doc([("ORDER-001", "root", "passed", ""), ("ORDER-003", "root", "passed", "")])
+    (order1,) = [e for e in doc["results"] if e["requirement"] == "ORDER-001"]
+    order1["checked_by"] = ["test_lifecycle_order.py::test_a", "test_b.py::<x>"]
+    # ORDER-003 has none, as in a report from before results named their tests
+    text = render.html_report(doc)
+    assert "<th>Text</th><th>Checked by</th></tr>" in text
+    row = re.search(r'<tr data-requirement="ORDER-001">.*?</tr>', text, re.S)
+    assert row, "ORDER-001 has a row"
+    assert row.group(0).endswith(
+        '<td class="checked-by"><code>test_lifecycle_order.py::test_a</code><br>'
+        "<code>test_b.py::&lt;x&gt;</code></td></tr>"
+    )
+    row = re.search(r'<tr data-requirement="ORDER-003">.*?</tr>', text, re.S)
+    assert row and row.group(0).endswith('<td class="checked-by"></td></tr>')
+
+
 def test_terminal_summary_fits_one_screen():
     entries = [
         (r, f, "failed", VIOLATION)
