@@ -4,7 +4,7 @@
 
 - *real*: a ``socket.socketpair()`` with :func:`kit.rpc.server.serve` in a forked child (the
   shape of a real run: client in the master, server in another process);
-- *mock*: :class:`kit.testing.rpc_mock.MockTransport` (server and relay in threads of this process).
+- *mock*: :class:`kit.testing.rpc_mock.MockTransport` (its server in a thread of this process).
 
 Both serve the same ``bench.echo(data: str) -> str`` and are driven by an
 :class:`~kit.rpc.client.RPCClient`. After a warm-up on each, samples alternate A B A B (mock,

@@ -798,3 +798,39 @@ def test_a_method_that_looks_up_the_system_per_call_is_recorded_too(
         RPCClient(t.client_socket, "late").sethostname(name="box")
         assert t.system.names() == ["sethostname"]
     assert kit_system.current() is before, "the transport must give the system back"
+
+
+def test_truncate_cuts_the_reply_frame_after_the_method_ran(t: MockTransport) -> None:
+    # SPEC §6 names the mock's faults: drop, delay, truncate, close.
+    t.inject(Fault.truncate(), method="add")
+    with pytest.raises(ConnectionError, match=r"in the middle of the reply to 'test\.add'"):
+        t.client().add(a=7)
+    assert t.wait_server(TIMEOUT) == 0
+    call = t.calls[0]
+    assert call.ran and call.result == 7 and call.faults == ["truncate"]
+
+
+def test_truncate_keeps_the_bytes_asked_for(t: MockTransport) -> None:
+    t.inject(Fault.truncate(keep=3), method="add")
+    send_frame(t.client_socket, request(1, "test.add", {"a": 1}))
+    header = t.client_socket.recv(4, socket.MSG_WAITALL)
+    announced = struct.unpack(">I", header)[0]
+    rest = b""
+    while chunk := t.client_socket.recv(1 << 16):
+        rest += chunk
+    assert len(rest) == 3 < announced
+
+
+def test_close_ends_the_connection_after_the_method_ran_without_a_reply(t: MockTransport) -> None:
+    t.inject(Fault.close(), on_call=1)
+    with pytest.raises(ConnectionError, match=r"before replying to 'test\.add'"):
+        t.client().add(a=5)
+    assert t.wait_server(TIMEOUT) == 0
+    call = t.calls[0]
+    assert call.ran and call.faults == ["close"]
+
+
+@pytest.mark.parametrize("keep", [-1, True, 1.5])
+def test_truncate_refuses_a_bad_byte_count(keep: object) -> None:
+    with pytest.raises(ValueError, match=r"Fault\.truncate: keep must be"):
+        Fault.truncate(keep)  # type: ignore[arg-type]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import inspect
 import os
 import socket
@@ -15,7 +16,7 @@ from kit import system as kit_system
 from kit.contract import Common, Engine, Operations
 from kit.registry import RegistryError, find
 from kit.rpc.client import RPCClient
-from kit.rpc.codec import close_fds
+from kit.rpc.codec import HEADER, FrameError, close_fds, encode_body
 from kit.rpc.messages import split_method_name
 from kit.rpc.methods import FileDescriptor, MethodSpec, WithFds
 from kit.rpc.server import CallRecord, prepare_methods, serve
@@ -47,6 +48,10 @@ class Fault:
                                 runs, its reply is lost
     ``Fault.delay(s)``          hold the reply (``phase="request"``: the method's start)
                                 *s* seconds
+    ``Fault.truncate(keep)``    the method runs; its reply frame is cut after *keep* bytes
+                                of its body (default half) and the connection closes: the
+                                client raises ``ConnectionError``
+    ``Fault.close()``           the method runs; the connection closes without a reply
     ==========================  ========================================================
     """
 
@@ -54,6 +59,7 @@ class Fault:
     phase: str
     seconds: float = 0.0
     error: Exception | None = None
+    keep: int | None = None
 
     def __post_init__(self) -> None:
         if self.phase not in _PHASES:
@@ -83,6 +89,19 @@ class Fault:
     def drop(cls, phase: str = "request") -> Fault:
         """Cut the connection; ``serve`` then returns 0, as when the client goes away."""
         return cls("drop", phase)
+
+    @classmethod
+    def truncate(cls, keep: int | None = None) -> Fault:
+        """Send only the first *keep* bytes of the reply's body (None: half of it), then cut
+        the connection, as a server that dies while replying."""
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 0):
+            raise ValueError(f"Fault.truncate: keep must be a byte count >= 0, got {keep!r}")
+        return cls("truncate", "reply", keep=keep)
+
+    @classmethod
+    def close(cls) -> Fault:
+        """Close the connection once the method has run, without its reply."""
+        return cls("close", "reply")
 
     @classmethod
     def delay(cls, seconds: float, phase: str = "reply") -> Fault:
@@ -252,6 +271,18 @@ def _as_engine(name: str, engine: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- the transport
+
+
+def _send_cut_reply(sock: socket.socket, result: Any, keep: int | None) -> None:
+    """The start of a reply frame: its header announces the whole body, *keep* bytes of it
+    follow (fewer than all)."""
+    try:
+        body = encode_body({"id": None, "result": result})
+    except FrameError:
+        body = encode_body({"id": None, "result": None})
+    keep = len(body) // 2 if keep is None else min(keep, len(body) - 1)
+    with contextlib.suppress(OSError):
+        sock.sendall(HEADER.pack(len(body)) + body[:keep])
 
 
 def _shutdown(sock: socket.socket) -> None:
@@ -475,7 +506,9 @@ class MockTransport:
         finally:
             for fault in (f for f in faults if f.phase == "reply"):
                 call.faults.append(fault.kind)
-                if fault.kind == "drop" or not self._hold(fault.seconds):
+                if fault.kind == "truncate":
+                    _send_cut_reply(self._server_sock, call.result, fault.keep)
+                if fault.kind != "delay" or not self._hold(fault.seconds):
                     _shutdown(self._server_sock)  # the reply goes nowhere; serve() ends
 
     def _hold(self, seconds: float) -> bool:
