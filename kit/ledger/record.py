@@ -12,77 +12,23 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from kit.contract import Engine
+# Kinds, their keys and the datagram checks all come from the TypedDicts of events.py; the
+# names re-exported here are the ones this module's users have always read from it.
+from kit.ledger.events import COMMON_FIELDS, FIELDS, SET_ON_ARRIVAL
+from kit.ledger.events import COMMON_KEYS as COMMON_KEYS
+from kit.ledger.events import EVENT_KINDS as EVENT_KINDS
+from kit.ledger.events import MAX_NAME as MAX_NAME
+from kit.ledger.events import MAX_TEXT as MAX_TEXT
+from kit.ledger.events import REQUIRED as REQUIRED
+from kit.ledger.events import ROLES as ROLES
+from kit.ledger.events import RUN_ROLES as RUN_ROLES
+from kit.ledger.events import SUPERVISOR_KINDS as SUPERVISOR_KINDS
 from kit.ledger.probe import named_caps
 from kit.system import current
 
 SCHEMA_VERSION = 1
 MAX_EVENT = 1 << 20
 
-ROLES = ("launcher", "supervisor", "starter", "stage1", "master", "rpc", "container", "stage2")
-
-#: kind -> keys it carries besides the common ones.
-EVENT_KINDS: dict[str, tuple[str, ...]] = {
-    "run_start": (
-        "engine",
-        "flow",
-        "backend",
-        "invoker",
-        "probes",
-        "hook_timeout",
-        "run_dir",
-        "host_userns",
-    ),
-    "process_start": ("ppid", "nspid"),
-    "hook_enter": ("hook", "snapshot", "escalation", "args", "caller"),
-    "hook_return": ("hook", "snapshot", "result"),
-    "hook_raise": ("hook", "snapshot", "error"),
-    "rpc_call": ("method", "args", "ok", "error", "duration_ms", "creds"),
-    "signal": ("signum", "name", "sender"),
-    "container_start": ("container_pid", "created", "joined"),
-    "namespaces": ("created", "joined", "order", "propagation", "ns"),
-    "starter_config": ("config",),
-    "stage2_exec": (),
-    "stage2_failed": ("message",),
-    "fatal": ("message", "error"),
-    "starter_error": ("stage", "message"),
-    "hook_timeout": ("hook", "hook_role", "hook_pid", "seconds", "open_hooks"),
-    "process_exit": ("child_role", "child_pid", "status"),
-    "leak": ("what", "detail"),
-    "model_limit": ("reason",),
-    "host_changes": ("changes", "omitted", "errors", "looks", "cost_ms"),
-    "foreign_reap": ("child_pid", "detail"),
-    "starter_exit": ("code",),
-    "seccomp_filter": ("filter", "syscalls", "error", "reason"),
-    "syscall_refused": (
-        "syscall",
-        "nr",
-        "args",
-        "category",
-        "errno",
-        "answered",
-        "target_tid",
-        "target",
-        "process_role",
-        "hook",
-        "strings",
-    ),
-    "syscalls_unrecorded": ("count",),  # refused beyond kit.run.seccomp.MAX_RECORDED
-    "exit": ("code", "reason"),
-    "kit_injected": ("hook", "fault", "detail"),  # a fault the kit made (RunRequest.inject)
-    "engine_fault": ("fault", "sender_pid", "sender_role", "open_hooks", "detail", "excerpt"),
-}
-COMMON_KEYS = ("seq", "t", "kind", "role", "pid", "tid")
-
-#: Kinds only the supervisor writes: from any process of the run, they are forgeries.
-SUPERVISOR_KINDS = frozenset(
-    {"run_start", "hook_timeout", "leak", "exit", "engine_fault", "model_limit"}
-)
-#: Roles of the processes that share the ledger socket (the others write no datagram).
-RUN_ROLES = frozenset(ROLES) - {"launcher", "supervisor"}
-#: Longest identifier (role, kind, hook, method name…) and any other string in an event.
-MAX_NAME = 256
-MAX_TEXT = 64 << 10
 #: How much of a rejected datagram its engine_fault event quotes.
 EXCERPT = 200
 
@@ -202,124 +148,6 @@ def ledger_socketpair() -> tuple[socket.socket, socket.socket]:
 # checked before the supervisor acts on it (SPEC §8, LEDGER-003).
 
 
-def _int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _opt(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
-    return lambda v: v is None or check(v)
-
-
-def _of(t: type) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, t)
-
-
-def _name(v: Any) -> bool:
-    return isinstance(v, str) and len(v) <= MAX_NAME
-
-
-def _text(v: Any) -> bool:
-    return isinstance(v, str) and len(v) <= MAX_TEXT
-
-
-def _hook(v: Any) -> bool:
-    return isinstance(v, str) and v in Engine.HOOKS
-
-
-def _ints(v: Any) -> bool:
-    return isinstance(v, list) and all(_int(x) for x in v)
-
-
-def _number(v: Any) -> bool:
-    return (_int(v) or isinstance(v, float)) and v == v and abs(v) != float("inf")
-
-
-def _any(v: Any) -> bool:
-    return True
-
-
-#: kind -> field -> (check, what it must be); a field listed as required (``REQUIRED``)
-#: must be present, the others are checked when present. Fields with no entry here take
-#: any JSON value.
-FIELD_TYPES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
-    "*": {
-        "t": (_int, "an integer"),
-        "kind": (_name, "a name"),
-        "role": (lambda v: v in RUN_ROLES, f"one of {sorted(RUN_ROLES)}"),
-        "pid": (lambda v: _int(v) and v >= 0, "a pid"),
-        "tid": (lambda v: _int(v) and v >= 0, "a thread id"),
-        "truncated": (_int, "an integer"),
-    },
-    "hook": {
-        "hook": (_hook, "a hook of the contract"),
-        "snapshot": (_opt(_of(dict)), "an object or null"),
-        "escalation": (_opt(_of(dict)), "an object or null"),
-        "args": (_of(dict), "an object"),
-        "caller": (lambda v: v in ("kit", "engine"), "kit or engine"),
-        "error": (_of(dict), "an object"),
-        "result": (_any, ""),
-    },
-    "rpc_call": {
-        "method": (_opt(_name), "a name or null"),
-        "ok": (_of(bool), "a boolean"),
-        "args": (_opt(_of(dict)), "an object or null"),
-        "error": (_opt(_of(dict)), "an object or null"),
-        "duration_ms": (_number, "a number"),
-        "creds": (_opt(_of(dict)), "an object or null"),
-    },
-    "signal": {
-        "signum": (_int, "an integer"),
-        "name": (_name, "a name"),
-        "sender": (_int, "a pid"),
-    },
-    "container_start": {
-        "container_pid": (_int, "a pid"),
-        "created": (_of(list), "a list"),
-        "joined": (_of(list), "a list"),
-    },
-    "namespaces": {
-        "created": (_of(list), "a list"),
-        "joined": (_of(dict), "an object"),
-        "order": (_of(list), "a list"),
-        "propagation": (_opt(_name), "a name"),
-        "ns": (_of(dict), "an object"),
-    },
-    "starter_config": {"config": (_of(dict), "an object")},
-    "process_start": {"ppid": (_int, "a pid"), "nspid": (_ints, "a list of pids")},
-    "process_exit": {
-        "child_role": (lambda v: v in ROLES, "a role"),
-        "child_pid": (_int, "a pid"),
-        "status": (_opt(_int), "a wait status"),
-    },
-    "foreign_reap": {"child_pid": (_int, "a pid"), "detail": (_text, "a text")},
-    "starter_exit": {"code": (_int, "an integer")},
-    "message": {
-        "message": (_text, "a text"),
-        "stage": (_name, "a name"),
-        "error": (_opt(_of(dict)), "an object or null"),
-    },
-}
-_TYPES_OF = {
-    "hook_enter": "hook",
-    "hook_return": "hook",
-    "hook_raise": "hook",
-    "kit_injected": "hook",
-    "stage2_failed": "message",
-    "fatal": "message",
-    "starter_error": "message",
-}
-REQUIRED: dict[str, tuple[str, ...]] = {
-    "hook_enter": ("hook",),
-    "hook_return": ("hook",),
-    "hook_raise": ("hook",),
-    "kit_injected": ("hook", "fault"),
-    "process_exit": ("child_role", "child_pid"),
-    "container_start": ("container_pid",),
-    "signal": ("signum",),
-    "rpc_call": ("ok",),
-}
-
-
 def check_event(event: Any) -> str | None:
     """What is wrong with an event that a process of the run sent (None when nothing): an
     object, a kind of the schema that such a process may write, the common keys, only the
@@ -331,22 +159,21 @@ def check_event(event: Any) -> str | None:
         return f"unknown event kind {_short(kind)}"
     if kind in SUPERVISOR_KINDS:
         return f"a {kind!r} event, which only the supervisor writes"
-    for key in ("t", "role", "pid", "tid"):
-        if key not in event:
+    fields = FIELDS[kind]
+    for key, field in COMMON_FIELDS.items():
+        if field.required and key not in SET_ON_ARRIVAL and key not in event:
             return f"{kind} event without {key!r}"
-    allowed = set(COMMON_KEYS) | set(EVENT_KINDS[kind]) | {"truncated"}
-    extra = sorted(k for k in event if k not in allowed)
+    extra = sorted(k for k in event if k not in fields)
     if extra:
         return f"{kind} event with keys outside the schema: {_short(extra)}"
     if "truncated" not in event:
-        missing = [k for k in REQUIRED.get(kind, ()) if k not in event]
+        missing = [k for k in REQUIRED[kind] if k not in event]
         if missing:
             return f"{kind} event without {missing[0]!r}"
-    types = {**FIELD_TYPES["*"], **FIELD_TYPES.get(_TYPES_OF.get(kind, kind), {})}
     for key, value in event.items():
-        check, what = types.get(key, (_any, ""))
-        if not check(value):
-            return f"{kind} event: {key} must be {what}, not {_short(value)}"
+        field = fields[key]
+        if key not in SET_ON_ARRIVAL and not field.check(value):
+            return f"{kind} event: {key} must be {field.what}, not {_short(value)}"
     return None
 
 
