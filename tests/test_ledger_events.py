@@ -1,0 +1,222 @@
+"""The event TypedDicts and the datagram validator agree, kind by kind, and both fail loudly."""
+
+from __future__ import annotations
+
+import typing
+from typing import Any
+
+import pytest
+
+from kit.ledger import events as E
+from kit.ledger.record import SUPERVISOR_KINDS, check_event
+
+COMMON: dict[str, Any] = {"t": 7, "role": "master", "pid": 3, "tid": 3}
+
+#: A valid event of every kind, written out by hand (not derived from the annotations the
+#: validator is derived from), with every key the kind has.
+EXAMPLES: dict[str, dict[str, Any]] = {
+    "run_start": {
+        "engine": "reference",
+        "flow": "root",
+        "backend": "real",
+        "invoker": {"uid": 0, "gid": 0, "name": "root"},
+        "probes": True,
+        "hook_timeout": 10.0,
+        "run_dir": "/tmp/run",
+        "host_userns": None,
+    },
+    "process_start": {"ppid": 2, "nspid": [3, 1]},
+    "hook_enter": {
+        "hook": "create_container",
+        "snapshot": {"threads": []},
+        "escalation": None,
+        "args": {"pid": 4},
+        "caller": "kit",
+    },
+    "hook_return": {"hook": "config", "snapshot": None, "result": [1, "anything"]},
+    "hook_raise": {"hook": "prepare_config", "snapshot": None, "error": {"type": "ValueError"}},
+    "rpc_call": {
+        "method": "engine.mount",
+        "args": {"src": "/"},
+        "ok": False,
+        "error": {"type": "OSError"},
+        "duration_ms": 0.25,
+        "creds": None,
+    },
+    "signal": {"signum": 15, "name": "SIGTERM", "sender": 0},
+    "container_start": {"container_pid": 4, "created": ["pid", "mnt"], "joined": []},
+    "namespaces": {
+        "created": ["mnt"],
+        "joined": {},
+        "order": ["mnt"],
+        "propagation": "private",
+        "ns": {"mnt": "mnt:[4026531841]"},
+    },
+    "starter_config": {"config": {"namespaces": []}},
+    "stage2_exec": {},
+    "stage2_failed": {"message": "exec failed"},
+    "fatal": {"message": "boom", "error": None},
+    "starter_error": {"stage": "namespaces", "message": "unshare: EPERM"},
+    "hook_timeout": {
+        "hook": "create_container",
+        "hook_role": "master",
+        "hook_pid": 3,
+        "seconds": 10.0,
+        "open_hooks": [],
+    },
+    "process_exit": {"child_role": "container", "child_pid": 4, "status": 0},
+    "leak": {"what": "mount", "detail": "/mnt"},
+    "model_limit": {"reason": "fake backend"},
+    "host_changes": {"changes": [], "omitted": 0, "errors": [], "looks": 2, "cost_ms": 1.5},
+    "foreign_reap": {"child_pid": 9, "detail": "not ours"},
+    "starter_exit": {"code": 0},
+    "seccomp_filter": {"filter": "kit", "syscalls": ["mount"], "error": None, "reason": None},
+    "syscall_refused": {
+        "syscall": "mount",
+        "nr": 165,
+        "args": [0, 0],
+        "category": "mount",
+        "errno": 1,
+        "answered": True,
+        "target_tid": 4,
+        "target": 4,
+        "process_role": "container",
+        "hook": None,
+        "strings": [],
+    },
+    "syscalls_unrecorded": {"count": 3},
+    "exit": {"code": 0, "reason": "exited 0"},
+    "kit_injected": {"hook": "create_container", "fault": "raise", "detail": "injected"},
+    "engine_fault": {
+        "fault": "malformed",
+        "sender_pid": None,
+        "sender_role": None,
+        "open_hooks": ["master create_container"],
+        "detail": "not JSON",
+        "excerpt": "{",
+    },
+}
+
+#: For each checked type, a JSON value that is not of it.
+WRONG: dict[str, Any] = {
+    "an integer": "1",
+    "a number": "1.0",
+    "a boolean": 1,
+    "a string": 1,
+    "an object": [],
+    "a list": {},
+}
+
+RUN_KINDS = [k for k in E.EVENT_KINDS if k not in SUPERVISOR_KINDS]
+
+
+def example(kind: str, **changes: Any) -> dict[str, Any]:
+    return {**COMMON, "kind": kind, **EXAMPLES[kind], **changes}
+
+
+def test_every_kind_has_an_example_with_exactly_its_keys():
+    assert list(EXAMPLES) == list(E.EVENT_KINDS)
+    for kind, fields in EXAMPLES.items():
+        assert tuple(fields) == E.EVENT_KINDS[kind], kind
+
+
+def test_the_union_and_the_kinds_are_the_same_typeddicts():
+    members = typing.get_args(E.Event)
+    assert [E.kind_of(cls) for cls in members] == list(E.EVENT_KINDS)
+    assert all(typing.is_typeddict(cls) for cls in members)
+    assert E.COMMON_KEYS == ("kind", "seq", "t", "role", "pid", "tid")
+
+
+@pytest.mark.parametrize("kind", RUN_KINDS)
+def test_a_valid_event_of_every_kind_a_run_may_send_passes(kind):
+    assert check_event(example(kind)) is None
+    # the supervisor numbers events: a seq a sender wrote is replaced, never checked
+    assert check_event(example(kind, seq="forged")) is None
+
+
+@pytest.mark.parametrize("kind", sorted(SUPERVISOR_KINDS))
+def test_a_valid_event_of_a_supervisor_kind_is_a_forgery(kind):
+    assert check_event(example(kind)) == f"a {kind!r} event, which only the supervisor writes"
+
+
+@pytest.mark.parametrize("kind", RUN_KINDS)
+def test_each_missing_required_key_of_every_kind_is_named(kind):
+    hints = typing.get_type_hints(E.EVENT_TYPES[kind])
+    required = E.EVENT_TYPES[kind].__required_keys__
+    for key in ("t", "role", "pid", "tid", *E.REQUIRED[kind]):
+        assert key in required and key in hints
+        event = example(kind)
+        del event[key]
+        assert check_event(event) == f"{kind} event without {key!r}"
+    for key in E.EVENT_KINDS[kind]:
+        if key not in E.REQUIRED[kind]:
+            assert key not in required
+            event = example(kind)
+            del event[key]
+            assert check_event(event) is None, key
+    # a kit event cut to its common keys by its writer keeps none of the kind's own
+    assert check_event({**COMMON, "kind": kind, "truncated": 1 << 21}) is None
+
+
+@pytest.mark.parametrize("kind", RUN_KINDS)
+def test_a_wrongly_typed_field_of_every_kind_is_rejected_naming_it(kind):
+    checked = 0
+    for key, field in E.FIELDS[kind].items():
+        if key in ("kind", "seq"):
+            continue
+        bad = next((v for what, v in WRONG.items() if field.what.startswith(what)), None)
+        if field.what.startswith(("a name", "a text", "a hook", "kit or", "one of", "a role")):
+            bad = 5
+        elif field.what in ("a pid", "a thread id", "a wait status", "a list of pids"):
+            bad = "5" if field.what != "a list of pids" else ["5"]
+        if bad is None:
+            # unchecked today (any JSON value): the annotation must say so
+            assert typing.get_type_hints(E.EVENT_TYPES[kind])[key] is Any, key
+            assert check_event(example(kind, **{key: object()})) is None
+            continue
+        problem = check_event(example(kind, **{key: bad}))
+        assert problem == f"{kind} event: {key} must be {field.what}, not {bad!r}", key
+        checked += 1
+    assert checked >= 5  # the common keys at least
+
+
+def test_an_unknown_key_is_outside_the_schema_for_every_kind():
+    for kind in RUN_KINDS:
+        assert check_event(example(kind, engine_said="x")) == (
+            f"{kind} event with keys outside the schema: ['engine_said']"
+        )
+
+
+@pytest.mark.parametrize("role", [[], {}, ["master"]])
+def test_an_unhashable_role_is_rejected_not_a_crash(role):
+    # the supervisor calls this on every datagram: a TypeError here would end the run
+    assert "role must be one of" in str(check_event(example("stage2_exec", role=role)))
+
+
+def test_the_value_rules_bound_names_texts_pids_roles_and_hooks():
+    assert "hook must be a hook of the contract" in str(
+        check_event(example("hook_enter", hook="not_a_hook"))
+    )
+    assert "child_role must be a role" in str(check_event(example("process_exit", child_role="x")))
+    assert "role must be one of" in str(check_event(example("signal", role="supervisor")))
+    assert "tid must be a thread id" in str(check_event(example("signal", tid=-1)))
+    # a pid other than the sender's own may be negative (as before: only typed)
+    assert check_event(example("signal", sender=-1)) is None
+    assert check_event(example("starter_error", stage="s" * E.MAX_NAME)) is None
+    assert "stage must be a name" in str(
+        check_event(example("starter_error", stage="s" * (E.MAX_NAME + 1)))
+    )
+    assert "propagation must be a name" in str(
+        check_event(example("namespaces", propagation="p" * (E.MAX_NAME + 1)))
+    )
+    assert check_event(example("namespaces", propagation=None)) is None
+    assert "duration_ms must be a number" in str(
+        check_event(example("rpc_call", duration_ms=float("nan")))
+    )
+
+
+def test_an_annotation_without_a_check_fails_at_definition():
+    with pytest.raises(TypeError, match="no datagram check"):
+        E.checker(set[int])
+    with pytest.raises(TypeError, match=r"only X \| None unions"):
+        E.checker(int | str)
