@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from kit.ledger import events as E
-from kit.ledger.record import SUPERVISOR_KINDS, check_event
+from kit.ledger import record
+from kit.ledger.record import SUPERVISOR_KINDS, Ledger, check_event
 
 COMMON: dict[str, Any] = {"t": 7, "role": "master", "pid": 3, "tid": 3}
 
@@ -124,7 +125,7 @@ def test_the_union_and_the_kinds_are_the_same_typeddicts():
     members = typing.get_args(E.Event)
     assert [E.kind_of(cls) for cls in members] == list(E.EVENT_KINDS)
     assert all(typing.is_typeddict(cls) for cls in members)
-    assert E.COMMON_KEYS == ("kind", "seq", "t", "role", "pid", "tid")
+    assert E.COMMON_KEYS == ("seq", "t", "kind", "role", "pid", "tid")
 
 
 @pytest.mark.parametrize("kind", RUN_KINDS)
@@ -220,3 +221,23 @@ def test_an_annotation_without_a_check_fails_at_definition():
         E.checker(set[int])
     with pytest.raises(TypeError, match=r"only X \| None unions"):
         E.checker(int | str)
+
+
+def test_the_typed_queries_name_the_typeddict_of_every_kind():
+    # what mypy sees: select/first of a literal kind give that kind's TypedDict
+    for method, wrap in (
+        (Ledger.select, lambda t: list[t]),
+        (Ledger.first, lambda t: t | None),
+    ):
+        overloads = typing.get_overloads(method)
+        by_kind = {}
+        for fn in overloads:
+            hints = typing.get_type_hints(fn, globalns=vars(record))
+            args = typing.get_args(hints["kind"])
+            if typing.get_origin(hints["kind"]) is typing.Literal:
+                by_kind[args[0]] = hints["return"]
+        assert list(by_kind) == list(E.EVENT_KINDS), method
+        for kind, returned in by_kind.items():
+            assert returned == wrap(E.EVENT_TYPES[kind]), kind
+        # and one for any other kind, set of kinds or none, giving the union
+        assert len(overloads) == len(by_kind) + 1

@@ -430,11 +430,10 @@ EVENT_KINDS: dict[str, tuple[str, ...]] = {
     kind: tuple(k for k in fields if k not in COMMON_FIELDS and k != "kind")
     for kind, fields in FIELDS.items()
 }
-#: The keys of every event in a ledger.
-COMMON_KEYS: tuple[str, ...] = (
-    "kind",
-    *(k for k, f in COMMON_FIELDS.items() if f.required),
-)
+_COMMON_REQUIRED = [k for k, f in COMMON_FIELDS.items() if f.required]
+#: The keys of every event in a ledger, in the order a ledger shows them (``kind`` is each
+#: TypedDict's own: a TypedDict may not narrow a key of its base).
+COMMON_KEYS: tuple[str, ...] = (*_COMMON_REQUIRED[:2], "kind", *_COMMON_REQUIRED[2:])
 #: kind -> the keys besides the common ones that a datagram of the kind must carry.
 REQUIRED: dict[str, tuple[str, ...]] = {
     kind: tuple(k for k in keys if FIELDS[kind][k].required) for kind, keys in EVENT_KINDS.items()

@@ -10,10 +10,11 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Literal, overload
 
 # Kinds, their keys and the datagram checks all come from the TypedDicts of events.py; the
 # names re-exported here are the ones this module's users have always read from it.
+from kit.ledger import events as ev
 from kit.ledger.events import COMMON_FIELDS, FIELDS, SET_ON_ARRIVAL
 from kit.ledger.events import COMMON_KEYS as COMMON_KEYS
 from kit.ledger.events import EVENT_KINDS as EVENT_KINDS
@@ -226,17 +227,17 @@ def validate(ledger: dict[str, Any]) -> list[str]:
     events = ledger.get("events")
     if not isinstance(events, list):
         return [*problems, "events is not a list"]
-    for i, ev in enumerate(events):
+    for i, event in enumerate(events):
         for key in COMMON_KEYS:
-            if key not in ev:
-                problems.append(f"event {i} ({ev.get('kind')}): missing {key!r}")
-        kind = ev.get("kind")
+            if key not in event:
+                problems.append(f"event {i} ({event.get('kind')}): missing {key!r}")
+        kind = event.get("kind")
         if kind not in EVENT_KINDS:
             problems.append(f"event {i}: unknown kind {kind!r}")
-        elif ev.get("role") not in ROLES:
-            problems.append(f"event {i}: unknown role {ev.get('role')!r}")
-        if ev.get("seq") != i:
-            problems.append(f"event {i}: seq {ev.get('seq')!r} out of order")
+        elif event.get("role") not in ROLES:
+            problems.append(f"event {i}: unknown role {event.get('role')!r}")
+        if event.get("seq") != i:
+            problems.append(f"event {i}: seq {event.get('seq')!r} out of order")
     return problems
 
 
@@ -264,8 +265,10 @@ class Ledger:
     """A collected ledger with helpers to query it (used by tests and the suite).
 
     Schema (``SCHEMA_VERSION`` 1): a ledger is ``{"schema_version": 1, "run": {...}, "events":
-    [...]}``. Every event has ``seq``, ``t`` (CLOCK_MONOTONIC ns), ``kind``, ``role``, ``pid`` (as
-    the process sees itself), ``tid``; other keys depend on the kind (see :data:`EVENT_KINDS`).
+    [...]}``, each event one of the TypedDicts of :mod:`kit.ledger.events` (:data:`Event`).
+    ``events`` holds them as plain dicts for the readers that probe keys one by one; the
+    queries give each kind its TypedDict (a cast: the supervisor checked every datagram when it
+    arrived, and the events are the same objects).
     """
 
     def __init__(self, document: dict[str, Any]) -> None:
@@ -274,7 +277,66 @@ class Ledger:
         for event in self.events:
             _name_caps(event)
 
-    def select(self, kind: str | Iterable[str] | None = None, **match: Any) -> list[dict[str, Any]]:
+    @overload
+    def select(self, kind: Literal["run_start"], **match: Any) -> list[ev.RunStart]: ...
+    @overload
+    def select(self, kind: Literal["process_start"], **match: Any) -> list[ev.ProcessStart]: ...
+    @overload
+    def select(self, kind: Literal["hook_enter"], **match: Any) -> list[ev.HookEnter]: ...
+    @overload
+    def select(self, kind: Literal["hook_return"], **match: Any) -> list[ev.HookReturn]: ...
+    @overload
+    def select(self, kind: Literal["hook_raise"], **match: Any) -> list[ev.HookRaise]: ...
+    @overload
+    def select(self, kind: Literal["rpc_call"], **match: Any) -> list[ev.RpcCall]: ...
+    @overload
+    def select(self, kind: Literal["signal"], **match: Any) -> list[ev.Signal]: ...
+    @overload
+    def select(self, kind: Literal["container_start"], **match: Any) -> list[ev.ContainerStart]: ...
+    @overload
+    def select(self, kind: Literal["namespaces"], **match: Any) -> list[ev.Namespaces]: ...
+    @overload
+    def select(self, kind: Literal["starter_config"], **match: Any) -> list[ev.StarterConfig]: ...
+    @overload
+    def select(self, kind: Literal["stage2_exec"], **match: Any) -> list[ev.Stage2Exec]: ...
+    @overload
+    def select(self, kind: Literal["stage2_failed"], **match: Any) -> list[ev.Stage2Failed]: ...
+    @overload
+    def select(self, kind: Literal["fatal"], **match: Any) -> list[ev.Fatal]: ...
+    @overload
+    def select(self, kind: Literal["starter_error"], **match: Any) -> list[ev.StarterError]: ...
+    @overload
+    def select(self, kind: Literal["hook_timeout"], **match: Any) -> list[ev.HookTimeout]: ...
+    @overload
+    def select(self, kind: Literal["process_exit"], **match: Any) -> list[ev.ProcessExit]: ...
+    @overload
+    def select(self, kind: Literal["leak"], **match: Any) -> list[ev.Leak]: ...
+    @overload
+    def select(self, kind: Literal["model_limit"], **match: Any) -> list[ev.ModelLimit]: ...
+    @overload
+    def select(self, kind: Literal["host_changes"], **match: Any) -> list[ev.HostChanges]: ...
+    @overload
+    def select(self, kind: Literal["foreign_reap"], **match: Any) -> list[ev.ForeignReap]: ...
+    @overload
+    def select(self, kind: Literal["starter_exit"], **match: Any) -> list[ev.StarterExit]: ...
+    @overload
+    def select(self, kind: Literal["seccomp_filter"], **match: Any) -> list[ev.SeccompFilter]: ...
+    @overload
+    def select(self, kind: Literal["syscall_refused"], **match: Any) -> list[ev.SyscallRefused]: ...
+    @overload
+    def select(
+        self, kind: Literal["syscalls_unrecorded"], **match: Any
+    ) -> list[ev.SyscallsUnrecorded]: ...
+    @overload
+    def select(self, kind: Literal["exit"], **match: Any) -> list[ev.Exit]: ...
+    @overload
+    def select(self, kind: Literal["kit_injected"], **match: Any) -> list[ev.KitInjected]: ...
+    @overload
+    def select(self, kind: Literal["engine_fault"], **match: Any) -> list[ev.EngineFault]: ...
+    @overload
+    def select(self, kind: str | Iterable[str] | None = None, **match: Any) -> list[ev.Event]: ...
+
+    def select(self, kind: str | Iterable[str] | None = None, **match: Any) -> list[Any]:
         kinds = {kind} if isinstance(kind, str) else set(kind) if kind else None
         return [
             e
@@ -285,11 +347,69 @@ class Ledger:
 
     def hooks(self) -> Iterator[tuple[str, str]]:
         """(role, hook) of every hook entry, in order."""
-        for e in self.events:
-            if e["kind"] == "hook_enter":
-                yield e["role"], e["hook"]
+        for e in self.select("hook_enter"):
+            yield e["role"], e["hook"]
 
-    def first(self, kind: str, **match: Any) -> dict[str, Any] | None:
+    @overload
+    def first(self, kind: Literal["run_start"], **match: Any) -> ev.RunStart | None: ...
+    @overload
+    def first(self, kind: Literal["process_start"], **match: Any) -> ev.ProcessStart | None: ...
+    @overload
+    def first(self, kind: Literal["hook_enter"], **match: Any) -> ev.HookEnter | None: ...
+    @overload
+    def first(self, kind: Literal["hook_return"], **match: Any) -> ev.HookReturn | None: ...
+    @overload
+    def first(self, kind: Literal["hook_raise"], **match: Any) -> ev.HookRaise | None: ...
+    @overload
+    def first(self, kind: Literal["rpc_call"], **match: Any) -> ev.RpcCall | None: ...
+    @overload
+    def first(self, kind: Literal["signal"], **match: Any) -> ev.Signal | None: ...
+    @overload
+    def first(self, kind: Literal["container_start"], **match: Any) -> ev.ContainerStart | None: ...
+    @overload
+    def first(self, kind: Literal["namespaces"], **match: Any) -> ev.Namespaces | None: ...
+    @overload
+    def first(self, kind: Literal["starter_config"], **match: Any) -> ev.StarterConfig | None: ...
+    @overload
+    def first(self, kind: Literal["stage2_exec"], **match: Any) -> ev.Stage2Exec | None: ...
+    @overload
+    def first(self, kind: Literal["stage2_failed"], **match: Any) -> ev.Stage2Failed | None: ...
+    @overload
+    def first(self, kind: Literal["fatal"], **match: Any) -> ev.Fatal | None: ...
+    @overload
+    def first(self, kind: Literal["starter_error"], **match: Any) -> ev.StarterError | None: ...
+    @overload
+    def first(self, kind: Literal["hook_timeout"], **match: Any) -> ev.HookTimeout | None: ...
+    @overload
+    def first(self, kind: Literal["process_exit"], **match: Any) -> ev.ProcessExit | None: ...
+    @overload
+    def first(self, kind: Literal["leak"], **match: Any) -> ev.Leak | None: ...
+    @overload
+    def first(self, kind: Literal["model_limit"], **match: Any) -> ev.ModelLimit | None: ...
+    @overload
+    def first(self, kind: Literal["host_changes"], **match: Any) -> ev.HostChanges | None: ...
+    @overload
+    def first(self, kind: Literal["foreign_reap"], **match: Any) -> ev.ForeignReap | None: ...
+    @overload
+    def first(self, kind: Literal["starter_exit"], **match: Any) -> ev.StarterExit | None: ...
+    @overload
+    def first(self, kind: Literal["seccomp_filter"], **match: Any) -> ev.SeccompFilter | None: ...
+    @overload
+    def first(self, kind: Literal["syscall_refused"], **match: Any) -> ev.SyscallRefused | None: ...
+    @overload
+    def first(
+        self, kind: Literal["syscalls_unrecorded"], **match: Any
+    ) -> ev.SyscallsUnrecorded | None: ...
+    @overload
+    def first(self, kind: Literal["exit"], **match: Any) -> ev.Exit | None: ...
+    @overload
+    def first(self, kind: Literal["kit_injected"], **match: Any) -> ev.KitInjected | None: ...
+    @overload
+    def first(self, kind: Literal["engine_fault"], **match: Any) -> ev.EngineFault | None: ...
+    @overload
+    def first(self, kind: str, **match: Any) -> ev.Event | None: ...
+
+    def first(self, kind: str, **match: Any) -> Any:
         found = self.select(kind, **match)
         return found[0] if found else None
 
