@@ -733,7 +733,7 @@ class SessionPlugin:
         state.all_runs = docs + state.worker_runs
         from conformance import render, report  # noqa: PLC0415 (lazy, see the top)
 
-        doc = report.build(state, state.results, state.all_runs)
+        doc: Any = report.build(state, state.results, state.all_runs)  # render reads untyped JSON
         state.verdict = render.verdict(doc)
         check = state.verdict.self_check
         if session.exitstatus == pytest.ExitCode.OK and (

@@ -1,14 +1,16 @@
 """The machine-readable report (``--conformance-report PATH``) and its schema."""
 
-from __future__ import annotations
+# No ``from __future__ import annotations``: the TypedDicts below need their Required and
+# NotRequired wrappers evaluated to know their required keys (Python 3.11).
 
 import datetime
 import json
 import os
 import platform
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NotRequired, TypedDict, cast, get_type_hints
 
 import pytest
 
@@ -21,75 +23,205 @@ from conformance.outcomes import NOT_DECIDED, OUTCOMES, Results
 #: Versions 1 and 2 are read too (their results are given the catalogue's subject).
 SCHEMA_VERSION = 3
 
-RESULT_KEYS = (
-    "requirement",
-    "level",
-    "section",
-    "text",
-    "flow",
-    "backend",
-    "outcome",
-    "test",
-    "tests",
-    "message",
-    "runs",
-    "checks",
-)
-TOP_KEYS = (
-    "schema_version",
-    "suite_version",
-    "generated",
-    "engine",
-    "environment",
-    "summary",
-    "results",
-    "unchecked",
-    "known_failures",
-    "runs",
-)
+# -- the document, as TypedDicts (published as JSON Schema: conformance/report.schema.json; a
+# test keeps the two in agreement). A report is typed once: when this module builds it, or when
+# it passed :func:`validate` (:func:`parse`).
+
+JsonObject = dict[str, Any]
+Level = Literal["MUST", "SHOULD", "MAY"]
+Subject = Literal["engine", "kit"]
+Outcome = Literal[
+    "passed", "failed", "broken", "not-supported", "not-configured", "xfail", "not-decided"
+]
 
 
-def build(state: Any, results: Results, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The report of a session.
+class EngineInfo(TypedDict):
+    spec: NotRequired[str]
+    name: str
+    source: NotRequired[str]
+    origin: str
+    capabilities: NotRequired[dict[str, bool]]
+    capabilities_source: NotRequired[str]
 
-    Schema version 3 (published as JSON Schema: ``conformance/report.schema.json``)::
 
-        {
-          "schema_version": 3,
-          "suite_version": "0.1.0",
-          "generated": "2025-01-01T00:00:00+00:00",
-          "engine": {"spec", "name", "source", "origin", "capabilities": {name: bool},
-                     "capabilities_source"},
-          "environment": {"kernel", "machine", "python", "pytest", "uid", "euid",
-                          "user_namespaces": bool, "user_namespaces_reason", "invoker",
-                          "flows": {flow: {"runnable", "reason", "selected", "backend"}},
-                          "backend": {flow: backend}, "xdist_workers", "strict"},
-          "summary": {outcome: count, ..., "total"},
-          "results": [{"requirement", "subject", "level", "section", "text", "flow",
-                       "backend", "outcome", "test", "tests", "checked_by", "message", "runs",
-                       "checks"}],
-          "unchecked": [{"requirement", "subject", "level", "section", "text", "reason"}],
-          "known_failures": [{"requirement", "flows", "reason", "where"}],
-          "root_causes": [{"headline", "hook", "role", "error", "advice", "traceback",
-                           "run", "results", "flows", "runs"}],  (optional)
-          "runs": [{"id", "flow", "scenario", "backend", "argv", "engine_config", "worker",
-                    "seconds", "notes", "error", "exit_code", "reason", "leaks",
-                    "timed_out", "stdout", "stderr", "ledger"}]
-        }
+class FlowInfo(TypedDict, total=False):
+    runnable: bool
+    reason: str
+    selected: bool
+    backend: str
 
-    ``results`` has one entry per requirement × flow that the session decided (``checks``: how many
-    individual checks were made; ``tests``: every test that decided it, ``test`` the one whose
-    outcome is reported; ``checked_by``: the suite tests whose ``@requirement`` marks name it,
-    whatever ran); ``root_causes`` lists the runs that failed early; ``runs`` holds the full
-    ledger of every lifecycle run the results refer to. ``subject`` (version 3) is ``engine`` or
-    ``kit``: who can break the requirement (:mod:`conformance.requirements`); the verdict counts
-    engine results only.
+
+class Invoker(TypedDict, total=False):
+    name: str
+    uid: int
+
+
+class Environment(TypedDict):
+    kernel: str
+    machine: NotRequired[str]
+    python: str
+    pytest: NotRequired[str]
+    uid: int
+    euid: NotRequired[int]
+    user_namespaces: bool
+    user_namespaces_reason: NotRequired[str]
+    invoker: NotRequired[Invoker | None]
+    flows: dict[str, FlowInfo]
+    backend: dict[str, str]
+    backend_requested: NotRequired[str]
+    xdist_workers: NotRequired[int]
+    strict: NotRequired[bool]
+
+
+class ResultEntry(TypedDict):
+    """One requirement in one flow as the session decided it."""
+
+    requirement: str
+    #: Who can break the requirement (version 3; the catalogue's for older reports).
+    subject: NotRequired[Subject]
+    level: Level
+    section: str
+    text: str
+    flow: str
+    backend: str
+    outcome: Outcome
+    #: The test whose outcome is reported; ``tests``: every test that decided it.
+    test: str
+    tests: list[str]
+    #: The suite tests whose ``@requirement`` marks name it, whatever ran.
+    checked_by: NotRequired[list[str]]
+    message: str | None
+    runs: list[str]
+    #: How many individual checks were made.
+    checks: int
+
+
+class UncheckedEntry(TypedDict):
+    requirement: str
+    subject: NotRequired[Subject]
+    level: Level
+    section: NotRequired[str]
+    text: str
+    reason: str
+
+
+class KnownFailureEntry(TypedDict):
+    requirement: str
+    flows: list[str]
+    reason: str
+    where: str
+
+
+class RootCauseEntry(TypedDict):
+    """A run that failed early, and how many results it left undecided."""
+
+    headline: str
+    hook: NotRequired[str]
+    role: NotRequired[str]
+    error: NotRequired[str]
+    advice: NotRequired[str]
+    traceback: NotRequired[str]
+    run: NotRequired[str]
+    results: NotRequired[int]
+    flows: NotRequired[list[str]]
+    runs: NotRequired[list[str]]
+
+
+class LedgerDocument(TypedDict, total=False):
+    """A run's ledger (:class:`kit.ledger.record.Ledger`); its events as stored JSON (the
+    report's schema types only what a renderer reads of them)."""
+
+    schema_version: int
+    run: JsonObject
+    events: list[JsonObject]
+
+
+class RunEntry(TypedDict):
+    """One lifecycle run (:meth:`conformance.runs.Run.to_json`)."""
+
+    id: str
+    flow: str
+    scenario: str
+    backend: NotRequired[str]
+    argv: NotRequired[list[str]]
+    engine_config: NotRequired[JsonObject]
+    worker: NotRequired[str]
+    seconds: NotRequired[float | None]
+    notes: NotRequired[JsonObject]
+    error: NotRequired[str | None]
+    not_configured: NotRequired[str | None]
+    exit_code: NotRequired[int | None]
+    reason: NotRequired[str | None]
+    leaks: NotRequired[list[Any]]
+    #: Not in the published schema yet (any value is allowed there).
+    timed_out: NotRequired[JsonObject | None]
+    stdout: NotRequired[str]
+    stderr: NotRequired[str]
+    ledger: NotRequired[LedgerDocument | None]
+
+
+class ShardInfo(TypedDict):
+    """One shard of a merged report, as :func:`merge` describes it."""
+
+    report: str
+    generated: str
+    environment: Environment
+    flows: list[str]
+    results: int
+    runs: list[str]
+
+
+class Report(TypedDict):
+    schema_version: int
+    suite_version: str
+    generated: str
+    engine: EngineInfo
+    environment: Environment
+    #: outcome -> count, and ``total``.
+    summary: dict[str, int]
+    results: list[ResultEntry]
+    unchecked: list[UncheckedEntry]
+    known_failures: list[KnownFailureEntry]
+    runs: list[RunEntry]
+    root_causes: NotRequired[list[RootCauseEntry]]
+    #: Only in a merged report; not in the published schema yet.
+    shards: NotRequired[list[ShardInfo]]
+
+
+def _required(cls: type) -> tuple[str, ...]:
+    keys: frozenset[str] = cls.__required_keys__  # type: ignore[attr-defined]
+    return tuple(k for k in get_type_hints(cls) if k in keys)
+
+
+RESULT_KEYS = _required(ResultEntry)
+TOP_KEYS = _required(Report)
+
+
+def _json(value: object) -> Any:
+    """``value`` for the modules that still read a report as untyped JSON (render,
+    rootcause, outcomes)."""
+    return value
+
+
+def build(state: Any, results: Results, runs: Sequence[Mapping[str, Any]]) -> Report:
+    """The report of a session (:class:`Report`, schema version 3).
+
+    ``results`` has one entry per requirement × flow that the session decided;
+    ``root_causes`` lists the runs that failed early; ``runs`` holds the full ledger of every
+    lifecycle run the results refer to. ``subject`` (version 3) is ``engine`` or ``kit``: who
+    can break the requirement (:mod:`conformance.requirements`); the verdict counts engine
+    results only.
     """
     tests = suite_tests()
     index = tests_by_requirement(tests)
     deciders = checked_by(tests)
     # each result names the suite tests that decide its requirement, whatever ran this time
-    entries = [{**e, "checked_by": list(deciders[e["requirement"]])} for e in results.merged()]
+    # The session's own results and runs: typed here, once (they are not read from a file).
+    entries = cast(
+        list[ResultEntry],
+        [{**e, "checked_by": list(deciders[e["requirement"]])} for e in results.merged()],
+    )
+    run_entries = cast(list[RunEntry], list(runs))
     env = state.environment
     user = state.invoker
     return {
@@ -128,13 +260,14 @@ def build(state: Any, results: Results, runs: list[dict[str, Any]]) -> dict[str,
             "xdist_workers": state.xdist_workers,
             "strict": state.strict,
         },
-        "summary": Results.summary(entries),
+        "summary": Results.summary(_json(entries)),
         "results": entries,
         "unchecked": [
             {
                 "requirement": r.id,
-                "subject": r.subject,
-                "level": r.level,
+                # the catalogue's own values, which its tests keep within these literals
+                "subject": cast(Subject, r.subject),
+                "level": cast(Level, r.level),
                 "section": r.section,
                 "text": r.text,
                 "reason": r.unchecked or "no test yet",
@@ -152,25 +285,23 @@ def build(state: Any, results: Results, runs: list[dict[str, Any]]) -> dict[str,
             for k in state.known
         ],
         "runs": sorted(
-            runs, key=lambda r: (r.get("flow", ""), r.get("scenario", ""), r.get("worker", ""))
+            run_entries,
+            key=lambda r: (r.get("flow", ""), r.get("scenario", ""), r.get("worker", "")),
         ),
-        "root_causes": _root_causes(entries, runs),
+        "root_causes": _root_causes(entries, run_entries),
     }
 
 
-def _root_causes(entries: list[dict[str, Any]], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [
-        {
-            **(g.cause or {"headline": g.message.removeprefix("not decided: ")}),
-            "results": len(g.results),
-            "flows": g.flows,
-            "runs": g.runs,
-        }
-        for g in rootcause.groups(entries, runs)
-    ]
+def _root_causes(entries: list[ResultEntry], runs: list[RunEntry]) -> list[RootCauseEntry]:
+    causes: list[RootCauseEntry] = []
+    for g in rootcause.groups(_json(entries), _json(runs)):
+        headline = g.message.removeprefix("not decided: ")
+        cause = cast(RootCauseEntry, g.cause or {"headline": headline})
+        causes.append({**cause, "results": len(g.results), "flows": g.flows, "runs": g.runs})
+    return causes
 
 
-def validate(doc: Any) -> list[str]:
+def validate(doc: object) -> list[str]:
     """Problems of a report (empty when valid): first against the published JSON Schema
     (every type a renderer relies on), then what a schema cannot say (known requirements and
     levels, summary counts, run references)."""
@@ -179,11 +310,13 @@ def validate(doc: Any) -> list[str]:
     problems = schema.validate(doc)
     if problems:
         return problems
-    version = doc["schema_version"]
+    # Every type the schema describes holds from here: what is left are the rules it cannot say.
+    report = cast(Report, doc)
+    version = report["schema_version"]
     counts = {o: 0 for o in OUTCOMES}
     seen = set()
-    run_ids = {r.get("id") for r in doc["runs"]}
-    for i, entry in enumerate(doc["results"]):
+    run_ids = {r.get("id") for r in report["runs"]}
+    for i, entry in enumerate(report["results"]):
         missing = [k for k in RESULT_KEYS if k not in entry]
         if missing:
             problems.append(f"results[{i}] lacks {missing}")
@@ -210,17 +343,17 @@ def validate(doc: Any) -> list[str]:
         if key in seen:
             problems.append(f"results[{i}]: second entry for {key}")
         seen.add(key)
-        for run in entry["runs"]:
-            if run not in run_ids:
-                problems.append(f"results[{i}] refers to run {run!r} that is not in runs")
+        for run_id in entry["runs"]:
+            if run_id not in run_ids:
+                problems.append(f"results[{i}] refers to run {run_id!r} that is not in runs")
     for outcome, n in counts.items():
-        if doc["summary"].get(outcome, 0 if outcome == NOT_DECIDED else None) != n:
+        if report["summary"].get(outcome, 0 if outcome == NOT_DECIDED else None) != n:
             problems.append(
-                f"summary[{outcome!r}] = {doc['summary'].get(outcome)!r}, results have {n}"
+                f"summary[{outcome!r}] = {report['summary'].get(outcome)!r}, results have {n}"
             )
-    if doc["summary"].get("total") != len(doc["results"]):
+    if report["summary"].get("total") != len(report["results"]):
         problems.append("summary total != number of results")
-    for i, run in enumerate(doc["runs"]):
+    for i, run in enumerate(report["runs"]):
         if run.get("error") is None and "ledger" not in run:
             problems.append(f"runs[{i}] ({run.get('id')}) has no ledger")
     return problems
@@ -235,7 +368,7 @@ class MergeError(ValueError):
 
 
 #: What every shard of one session shares: (what, how to read it from a report).
-_SAME = (
+_SAME: tuple[tuple[str, Callable[[Report], object]], ...] = (
     ("schema version", lambda d: d["schema_version"]),
     ("suite version", lambda d: d["suite_version"]),
     ("engine", lambda d: f"{d['engine'].get('name')} ({d['engine'].get('origin')})"),
@@ -244,12 +377,12 @@ _SAME = (
 )
 
 
-def _result_key(entry: dict[str, Any]) -> tuple[Any, ...]:
+def _result_key(entry: ResultEntry) -> tuple[Any, ...]:
     # A subject, where results have one, is part of what a result is about.
     return entry["requirement"], entry["flow"], entry.get("subject")
 
 
-def merge(shards: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+def merge(shards: Sequence[tuple[str, Report]]) -> Report:
     """One report from the reports of one session's shards (``(name, report)`` each, e.g. one
     per flow or per runner), as if one session had run them all.
 
@@ -272,14 +405,14 @@ def merge(shards: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
                     f"against {read(first)!r}): merge only the shards of one "
                     "session (one engine, one kit version, the same options)"
                 )
-    merged: dict[tuple[Any, ...], dict[str, Any]] = {}
+    merged: dict[tuple[Any, ...], ResultEntry] = {}
     decided_by: dict[tuple[Any, ...], str] = {}
-    runs: list[dict[str, Any]] = []
+    runs: list[RunEntry] = []
     taken: set[str] = set()
-    described: list[dict[str, Any]] = []
-    known: dict[tuple[Any, ...], dict[str, Any]] = {}
+    described: list[ShardInfo] = []
+    known: dict[tuple[Any, ...], KnownFailureEntry] = {}
     for index, (name, doc) in enumerate(shards, 1):
-        renamed = {}
+        renamed: dict[str, str] = {}
         for run in doc["runs"]:
             new_id = run["id"] if run["id"] not in taken else f"{run['id']}@shard{index}"
             renamed[run["id"]] = new_id
@@ -306,14 +439,14 @@ def merge(shards: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
             known.setdefault((k["requirement"], tuple(k["flows"]), k["reason"]), k)
         env = doc["environment"]
         described.append(
-            {
-                "report": name,
-                "generated": doc["generated"],
-                "environment": env,
-                "flows": [f for f, info in env["flows"].items() if info.get("selected")],
-                "results": len(doc["results"]),
-                "runs": [renamed[r["id"]] for r in doc["runs"]],
-            }
+            ShardInfo(
+                report=name,
+                generated=doc["generated"],
+                environment=env,
+                flows=[f for f, info in env["flows"].items() if info.get("selected")],
+                results=len(doc["results"]),
+                runs=[renamed[r["id"]] for r in doc["runs"]],
+            )
         )
     order = {r: i for i, r in enumerate(requirements.CATALOGUE)}
     entries = sorted(
@@ -331,7 +464,7 @@ def merge(shards: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
         **first,
         "generated": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "environment": _merged_environment([doc["environment"] for _, doc in shards]),
-        "summary": Results.summary(entries),
+        "summary": Results.summary(_json(entries)),
         "results": entries,
         "known_failures": list(known.values()),
         "runs": runs,
@@ -340,14 +473,16 @@ def merge(shards: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     }
 
 
-def _merged_environment(envs: list[dict[str, Any]]) -> dict[str, Any]:
+def _merged_environment(envs: list[Environment]) -> Environment:
     """The first shard's environment, each flow as the shard that selected it saw it."""
-    out = {**envs[0], "flows": {}, "backend": {}}
+    out: Environment = {**envs[0], "flows": {}, "backend": {}}
     for flow in dict.fromkeys(f for env in envs for f in env["flows"]):
         seen = [env for env in envs if flow in env["flows"]]
         env = next((e for e in seen if e["flows"][flow].get("selected")), seen[0])
         out["flows"][flow] = env["flows"][flow]
-        out["backend"][flow] = env["backend"].get(flow, env["flows"][flow].get("backend"))
+        backend = env["backend"].get(flow, env["flows"][flow].get("backend"))
+        if backend is not None:  # a null one would fail the schema (and the renderer's sort)
+            out["backend"][flow] = backend
     return out
 
 
@@ -364,7 +499,8 @@ def merge_command(paths: list[str], out_dir: str | None, strict: bool | None = N
         )
         return render.HARNESS_ERROR
     try:
-        doc = merge([(path, render.load(path)) for path in paths])
+        # render.load validated each shard: it is a Report from here
+        doc = merge([(path, cast(Report, render.load(path))) for path in paths])
     except (render.ReportError, MergeError) as exc:
         print(f"conformance report --merge: {exc}", file=sys.stderr)
         return render.HARNESS_ERROR
@@ -372,14 +508,14 @@ def merge_command(paths: list[str], out_dir: str | None, strict: bool | None = N
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         merged_path = Path(out_dir) / "conformance.json"
         merged_path.write_text(json.dumps(doc))
-        v, written = render.write(doc, out_dir, strict)
+        v, written = render.write(_json(doc), out_dir, strict)
     except OSError as exc:
         print(
             f"conformance report --merge: cannot write into {out_dir}: {exc.strerror or exc}",
             file=sys.stderr,
         )
         return render.HARNESS_ERROR
-    for line in render.terminal_summary(doc, v):
+    for line in render.terminal_summary(_json(doc), v):
         print(line)
     print(f"merged {len(paths)} shards: {merged_path} {written['summary']} {written['html']}")
     return v.code
