@@ -302,6 +302,13 @@ def hostile_datagram(name: str, role: str) -> bytes:
         "nan": lambda: _event(role, "rpc_call", ok=True).replace(b"}", b',"duration_ms":NaN}'),
         "unknown_kind": lambda: _event(role, "coffee"),
         "supervisor_kind": lambda: _event(role, "exit", code=0, reason="exited"),
+        # An empty host diff sent early would hide the supervisor's, which comes last.
+        "forged_host_changes": lambda: _event(
+            role, "host_changes", changes=[], omitted=0, errors={}, looks=1, cost_ms=0
+        ),
+        "forged_seccomp_filter": lambda: _event(role, "seccomp_filter", filter="none"),
+        "forged_syscall_refused": lambda: _event(role, "syscall_refused", syscall="x"),
+        "forged_syscalls_unrecorded": lambda: _event(role, "syscalls_unrecorded", count=0),
         "extra_key": lambda: _event(role, "stage2_exec", bogus=1),
         "bad_type": lambda: _event(role, "process_exit", child_role="rpc", child_pid="1"),
         "other_role": lambda: _event(

@@ -76,6 +76,10 @@ MALFORMED = {
     "nan": "not JSON (NaN is not JSON)",
     "unknown_kind": "unknown event kind 'coffee'",
     "supervisor_kind": "a 'exit' event, which only the supervisor writes",
+    "forged_host_changes": "a 'host_changes' event, which only the supervisor writes",
+    "forged_seccomp_filter": "a 'seccomp_filter' event, which only the supervisor writes",
+    "forged_syscall_refused": "a 'syscall_refused' event, which only the supervisor writes",
+    "forged_syscalls_unrecorded": "a 'syscalls_unrecorded' event, which only the supervisor",
     "extra_key": "stage2_exec event with keys outside the schema: ['bogus']",
     "bad_type": "process_exit event: child_pid must be a pid, not '1'",
     "bare_hook": None,  # well-formed, from the master as itself: not detectable (see README)

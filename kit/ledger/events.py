@@ -195,8 +195,7 @@ class KitInjected(Common):
     detail: NotRequired[Json]
 
 
-# -- what the supervisor writes itself (its own process; not in SUPERVISOR_KINDS yet, so a
-# datagram of these kinds is accepted, its fields unchecked) ---------------------------------
+# -- what the supervisor writes itself (SUPERVISOR_KINDS: from a process of the run, forged) --
 
 
 class HostChanges(Common):
@@ -321,7 +320,20 @@ Event = Union[  # noqa: UP007  (the members are read at run time: get_args)
 
 #: Kinds only the supervisor writes: from any process of the run, they are forgeries.
 SUPERVISOR_KINDS = frozenset(
-    {"run_start", "hook_timeout", "leak", "exit", "engine_fault", "model_limit"}
+    {
+        "run_start",
+        "hook_timeout",
+        "leak",
+        "exit",
+        "engine_fault",
+        "model_limit",
+        # The checks read these as the kit's word: a forged empty host diff sent before the
+        # supervisor's own would hide every host change.
+        "host_changes",
+        "seccomp_filter",
+        "syscall_refused",
+        "syscalls_unrecorded",
+    }
 )
 #: Keys the supervisor sets on arrival (a sender's value is replaced, so never checked).
 SET_ON_ARRIVAL = frozenset({"seq"})
