@@ -24,6 +24,8 @@ from conformance.markers import MARKERS, declared
 
 ENV_ENGINE = "CONFORMANCE_ENGINE"
 BACKENDS = ("real", "fake", "auto")
+#: --kit-self-check (conformance.runs.SELF_CHECK_MODES, repeated: that module is imported late).
+SELF_CHECK_MODES = ("one", "all", "off")
 SUITE_DIR = Path(__file__).resolve().parent / "suite"
 
 STATE = pytest.StashKey["ConformanceState"]()
@@ -86,6 +88,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         metavar="SECONDS",
         help="seconds a hook may take before the run is killed (kit default when omitted)",
+    )
+    group.addoption(
+        "--kit-self-check",
+        choices=SELF_CHECK_MODES,
+        default="one",
+        help="where the kit checks its own requirements with the faults it injects into its "
+        "own processes: in one flow of the session (default: the first selected one this "
+        "machine can run, in the order root, suid, userns, fakeroot, hybrid), in all of "
+        "them, or off",
     )
     parser.addini("engine", "conformance: the engine to check (like --engine)", default="")
 
@@ -155,6 +166,48 @@ class ConformanceState:
     _causes: dict[str, tuple[Any, bool]] = field(default_factory=dict)
     verdict: Any = None  # conformance.render.Verdict, at the end of the session
     own_tests: list[str] | None = None  # the project's own test paths run beside the suite
+    kit_self_check: str = "one"  # --kit-self-check
+    #: conformance.runs.SelfCheckPlan, once collection chose the flow (or a worker said)
+    self_check_plan: Any = None
+
+    def flow_runnable(self, name: str) -> tuple[bool, str]:
+        """(whether this machine can run flow ``name``, why not)."""
+        ok, why = self.environment.get(name, (False, "unknown flow"))
+        if self.backends.get(name) == "fake":
+            ok = True  # the model needs neither root nor namespaces
+        if self.invoker is None and name != "root":
+            ok, why = False, "no unprivileged invoking user U (set KIT_TEST_USER or create one)"
+        return ok, why
+
+    def plan(self) -> Any:
+        """The session's :class:`conformance.runs.SelfCheckPlan` (before collection chose
+        a flow: the first selected flow this machine can run)."""
+        if self.self_check_plan is None:
+            self.choose_self_check_flow([(f, [SELF_CHECK_ANY]) for f in self.flows])
+        return self.self_check_plan
+
+    def choose_self_check_flow(self, items: list[tuple[str, list[str]]]) -> None:
+        """Choose the flow of ``--kit-self-check=one`` from the (flow, scenarios) of the
+        tests that will run: the first flow that has a test reading a kit-injected run and
+        that this machine can run."""
+        from conformance.runs import (  # noqa: PLC0415 (lazy, see the top)
+            SelfCheckPlan,
+            self_check_flow,
+        )
+        from conformance.scenario import SCENARIOS  # noqa: PLC0415 (lazy, see the top)
+
+        def reads_one(names: list[str]) -> bool:
+            return any(
+                n == SELF_CHECK_ANY or (n in SCENARIOS and SCENARIOS[n].kit_self_check)
+                for n in names
+            )
+
+        candidates = [
+            flow
+            for flow, names in items
+            if flow in self.flows and reads_one(names) and self.flow_runnable(flow)[0]
+        ]
+        self.self_check_plan = SelfCheckPlan(self.kit_self_check, self_check_flow(candidates))
 
     def supports(self, capabilities: list[str] | tuple[str, ...]) -> list[str]:
         """The capabilities among ``capabilities`` the engine does not declare."""
@@ -171,6 +224,7 @@ class ConformanceState:
                 self.hook_timeout,
                 parallel=min(parallel, 3),
                 worker=self.worker or "main",
+                plan=self.plan(),
             )
         return self._cache
 
@@ -203,10 +257,15 @@ class ConformanceState:
                     and name not in wanted
                     and not self.supports(scenario.requires)
                     and (scenario.flows is None or flow in scenario.flows)
+                    and not self.plan().excludes(flow, scenario)
                 ):
                     wanted.append(name)
         for name in wanted:
             self.cache().submit(flow, name)
+
+
+#: A stand-in scenario name: "some test of this flow reads a kit-injected run".
+SELF_CHECK_ANY = "*kit-self-check*"
 
 
 def _parse_flows(values: list[str]) -> tuple[str, ...]:
@@ -321,6 +380,7 @@ def _make_state(config: pytest.Config, engine: str, source: str) -> ConformanceS
         strict=strict_option or strict_ini,
         strict_source=strict_source,
         hook_timeout=hook_timeout,
+        kit_self_check=config.getoption("kit_self_check") or "one",
         known=known,
         known_source=known_path,
         report_path=config.getoption("conformance_report"),
@@ -438,11 +498,7 @@ def flow(request: pytest.FixtureRequest) -> str:
             f"{request.node.nodeid}: a conformance test needs "
             "@requirement(...) to be parametrized with flows"
         )
-    ok, why = state.environment.get(name, (False, "unknown flow"))
-    if state.backends.get(name) == "fake":
-        ok = True  # the model needs neither root nor namespaces
-    if state.invoker is None and name != "root":
-        ok, why = False, "no unprivileged invoking user U (set KIT_TEST_USER or create one)"
+    ok, why = state.flow_runnable(name)
     if not ok:
         if state.strict:
             pytest.fail(
@@ -479,7 +535,15 @@ class Lifecycle:
             )
         if scenario.flows is not None and self.flow not in scenario.flows:
             return f"scenario {name} does not apply to flow {self.flow}"
-        return None
+        return self.not_run(name)
+
+    def not_run(self, name: str) -> str | None:
+        """Why the kit-injected scenario ``name`` is not run in this flow (--kit-self-check),
+        or None."""
+        from conformance.scenario import SCENARIOS  # noqa: PLC0415 (lazy, see the top)
+
+        plan = self.state.plan()
+        return plan.reason() if plan.excludes(self.flow, SCENARIOS[name]) else None
 
     def optional(self, name: str) -> Any:
         """The run, or None when the engine lacks a capability the scenario needs."""
@@ -501,6 +565,9 @@ class Lifecycle:
     def __call__(self, name: str) -> Any:
         run = self.optional(name)
         if run is None:
+            not_run = self.not_run(name)
+            if not_run is not None:  # not the engine's doing: nothing was decided here
+                pytest.skip(outcomes.NOT_CONFIGURED_PREFIX + not_run)
             pytest.skip(outcomes.NOT_SUPPORTED_PREFIX + str(self.unavailable(name)))
         return run
 
@@ -572,6 +639,12 @@ class SessionPlugin:
             f"failures: {len(s.known)}"
             + (f" from {s.known_source}" if s.known_source else "")
             + (f"; report: {s.report_path}" if s.report_path else ""),
+            f"conformance: kit self-check (the kit-injected runs): {s.kit_self_check} "
+            + {
+                "one": "flow (the first selected of root, suid, userns, fakeroot, hybrid)",
+                "all": "flows",
+                "off": "(not run)",
+            }[s.kit_self_check],
         ]
         lines += [f"conformance: {note}" for note in s.notes]
         return lines
@@ -618,6 +691,15 @@ class SessionPlugin:
             config.hook.pytest_deselected(items=drop)
             items[:] = keep
 
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        # After every plugin's deselection (-k, --flow): the flow of --kit-self-check=one is
+        # one whose tests will run. Each xdist worker collects the same items and chooses the
+        # same flow.
+        infos = [item.stash.get(ITEM, None) for item in session.items]
+        self.state.choose_self_check_flow(
+            [(info.flow, info.scenarios) for info in infos if info is not None]
+        )
+
     # -- running ---------------------------------------------------------------------------------
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> None:
@@ -633,6 +715,9 @@ class SessionPlugin:
                     for c in missing
                 )
             )
+        not_run = _self_check_skip(self.state, info)
+        if not_run is not None:
+            pytest.skip(outcomes.NOT_CONFIGURED_PREFIX + not_run)
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(self, item: pytest.Item) -> Iterator[None]:
@@ -655,6 +740,7 @@ class SessionPlugin:
                 pytest.skip("; ".join(sorted(undecided)))
             raise
         verdicts = _root_cause_first(self.state, item, _evaluate(item, info))
+        verdicts = _self_check_view(self.state, info, verdicts)
         item.stash[OUTCOMES] = verdicts
         for req, (outcome, _) in verdicts.items():
             item.user_properties.append(("conformance_outcome", f"{req}: {outcome}"))
@@ -673,6 +759,14 @@ class SessionPlugin:
         if all(outcome == outcomes.NOT_SUPPORTED for outcome, _ in verdicts.values()):
             pytest.skip(
                 outcomes.NOT_SUPPORTED_PREFIX + "; ".join(msg for _, msg in verdicts.values())
+            )
+        if all(
+            outcome in (outcomes.NOT_SUPPORTED, outcomes.NOT_CONFIGURED)
+            for outcome, _ in verdicts.values()
+        ):
+            pytest.skip(
+                outcomes.NOT_CONFIGURED_PREFIX
+                + "; ".join(sorted({msg for _, msg in verdicts.values()}))
             )
         return result
 
@@ -719,6 +813,11 @@ class SessionPlugin:
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
         output = getattr(node, "workeroutput", None) or {}
         self.state.worker_runs.extend(output.get("conformance_runs") or [])
+        if output.get("conformance_self_check"):
+            # the controller collects nothing: the workers chose the flow (all the same one)
+            from conformance.runs import SelfCheckPlan  # noqa: PLC0415 (lazy, see the top)
+
+            self.state.self_check_plan = SelfCheckPlan(**output["conformance_self_check"])
 
     # -- the end ---------------------------------------------------------------------------------
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
@@ -728,7 +827,9 @@ class SessionPlugin:
             state._cache.close()
         docs = [r.to_json() for r in runs]
         if state.worker is not None:
-            session.config.workeroutput["conformance_runs"] = docs  # type: ignore[attr-defined]
+            output = session.config.workeroutput  # type: ignore[attr-defined]
+            output["conformance_runs"] = docs
+            output["conformance_self_check"] = state.plan().to_json()
             return
         state.all_runs = docs + state.worker_runs
         from conformance import render, report  # noqa: PLC0415 (lazy, see the top)
@@ -867,6 +968,48 @@ def _evaluate(item: pytest.Item, info: ItemInfo) -> dict[str, tuple[str, str]]:
         else:
             out[req] = (outcomes.PASSED, verifier.notes.get(req, ""))
     return out
+
+
+def _self_check_skip(state: ConformanceState, info: ItemInfo) -> str | None:
+    """Why a test of the kit's own requirements is not run in its flow (--kit-self-check):
+    every run it reads is kit-injected and not made in this flow, or the self-check is off.
+    None: it runs (a flow this machine cannot run is the flow fixture's to report)."""
+    if not info.requirements or any(
+        requirements.subject_of(r) != requirements.KIT for r in info.requirements
+    ):
+        return None
+    plan = state.plan()
+    if plan.runs_in(info.flow) or not state.flow_runnable(info.flow)[0]:
+        return None
+    if plan.mode == "off":
+        return plan.reason()
+    from conformance.scenario import SCENARIOS  # noqa: PLC0415 (lazy, see the top)
+
+    reads = [SCENARIOS[n] for n in info.scenarios if n in SCENARIOS]
+    if reads and all(s.kit_self_check for s in reads):
+        return plan.reason()
+    return None
+
+
+def _self_check_view(
+    state: ConformanceState, info: ItemInfo, verdicts: dict[str, tuple[str, str]]
+) -> dict[str, tuple[str, str]]:
+    """A kit requirement that its test could not decide because the kit-injected runs it
+    reads are not made in this flow (--kit-self-check) is not-configured, with the flow that
+    checks it: the test read none of them, so nothing the engine declares is missing."""
+    plan = state.plan()
+    if plan.runs_in(info.flow):
+        return verdicts
+    from conformance.scenario import SCENARIOS  # noqa: PLC0415 (lazy, see the top)
+
+    if not any(n in SCENARIOS and SCENARIOS[n].kit_self_check for n in info.scenarios):
+        return verdicts
+    return {
+        req: (outcomes.NOT_CONFIGURED, plan.reason())
+        if outcome == outcomes.NOT_SUPPORTED and requirements.subject_of(req) == requirements.KIT
+        else (outcome, message)
+        for req, (outcome, message) in verdicts.items()
+    }
 
 
 def _root_cause_first(

@@ -170,12 +170,17 @@ class SelfCheck:
     failing: dict[str, list[str]] = field(default_factory=dict)  # requirement -> flows
     not_checked: int = 0  # kit requirements with results, none decided here
     entries: list[dict[str, Any]] = field(default_factory=list)  # the failing results
+    #: --kit-self-check of the session (the report's environment): one, all or off
+    mode: str = "all"
+    flow: str | None = None  # mode one: the flow that ran the kit-injected runs
 
     @property
     def ok(self) -> bool:
         return not self.failing
 
     def line(self) -> str:
+        if self.mode == "off" and not self.checked:
+            return "harness self-check on this machine: not run (--kit-self-check=off)"
         if not self.checked:
             return (
                 "harness self-check on this machine: no kit requirement could be checked "
@@ -191,6 +196,8 @@ class SelfCheck:
             text += "; failing: " + ", ".join(
                 f"{req} [{','.join(flows)}]" for req, flows in self.failing.items()
             )
+        if self.mode == "one" and self.flow is not None:
+            text += f" (kit-injected runs in flow {self.flow}; --kit-self-check=all for every flow)"
         return text
 
 
@@ -204,7 +211,12 @@ def self_check(doc: dict[str, Any]) -> SelfCheck | None:
             groups.setdefault(e["requirement"], []).append(e)
     if not groups:
         return None
-    check = SelfCheck()
+    env = doc.get("environment") or {}
+    how = env.get("kit_self_check") or {}
+    selected = [f for f, d in (env.get("flows") or {}).items() if (d or {}).get("selected")]
+    # with one flow selected, "which flow" says nothing new
+    flow = how.get("flow") if len(selected) > 1 else None
+    check = SelfCheck(mode=str(how.get("mode") or "all"), flow=flow)
     for req, group in groups.items():
         decided = [
             e

@@ -51,6 +51,13 @@ class FlowInfo(TypedDict, total=False):
     backend: str
 
 
+class KitSelfCheck(TypedDict):
+    """--kit-self-check: the flows that ran the kit-injected runs (``flow``: mode one's)."""
+
+    mode: Literal["one", "all", "off"]
+    flow: str | None
+
+
 class Invoker(TypedDict, total=False):
     name: str
     uid: int
@@ -71,6 +78,7 @@ class Environment(TypedDict):
     backend_requested: NotRequired[str]
     xdist_workers: NotRequired[int]
     strict: NotRequired[bool]
+    kit_self_check: NotRequired[KitSelfCheck]
 
 
 class ResultEntry(TypedDict):
@@ -259,6 +267,8 @@ def build(state: Any, results: Results, runs: Sequence[Mapping[str, Any]]) -> Re
             "backend_requested": state.backend,
             "xdist_workers": state.xdist_workers,
             "strict": state.strict,
+            # --kit-self-check: the flow(s) that ran the kit-injected runs
+            "kit_self_check": state.plan().to_json(),
         },
         "summary": Results.summary(_json(entries)),
         "results": entries,

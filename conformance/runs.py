@@ -5,13 +5,71 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from conformance.expectations import FLOWS
 from conformance.scenario import SCENARIOS, HelperError, Scenario
 
 #: Hook timeout of the scenarios that hang on purpose (seconds).
 SHORT_HOOK_TIMEOUT = 1.0
+
+#: ``--kit-self-check``: the flows that run the kit-injected scenarios (the kit checking its
+#: own requirements): ``one`` flow of the session (the default), ``all`` of them, or none.
+SELF_CHECK_MODES = ("one", "all", "off")
+#: With ``one``, the first of these flows that the session selected and can run. The same
+#: order as FLOWS: root first, the flow that needs nothing but root.
+SELF_CHECK_ORDER = FLOWS
+
+
+def self_check_flow(candidates: Iterable[str]) -> str | None:
+    """The flow that runs the kit-injected scenarios with ``--kit-self-check=one``: the
+    first of ``candidates`` in :data:`SELF_CHECK_ORDER` (None: no candidate)."""
+    wanted = set(candidates)
+    return next((f for f in SELF_CHECK_ORDER if f in wanted), None)
+
+
+@dataclass(frozen=True)
+class SelfCheckPlan:
+    """Which flows run the kit-injected scenarios, and what the others say instead.
+
+    The kit's own requirements do not depend on the engine, so the runs made only to check
+    them (:attr:`Scenario.kit_self_check`) are needed once per machine, not once per flow;
+    they were about half of a five-flow session's lifecycles.
+    """
+
+    mode: str = "all"
+    flow: str | None = None  # mode one: the flow that runs them
+
+    def __post_init__(self) -> None:
+        if self.mode not in SELF_CHECK_MODES:
+            raise ValueError(
+                f"--kit-self-check={self.mode}: unknown mode (known: {', '.join(SELF_CHECK_MODES)})"
+            )
+
+    def runs_in(self, flow: str) -> bool:
+        """Whether ``flow`` runs the kit-injected scenarios."""
+        return self.mode == "all" or (self.mode == "one" and flow == self.flow)
+
+    def excludes(self, flow: str, scenario: Scenario) -> bool:
+        """Whether this plan leaves ``scenario`` unrun in ``flow``."""
+        return scenario.kit_self_check and not self.runs_in(flow)
+
+    def reason(self) -> str:
+        """What a kit requirement that a flow did not check says instead (not-configured:
+        nothing was decided, neither passed nor failed)."""
+        if self.mode == "off":
+            return "the kit's self-check was not run (--kit-self-check=off)"
+        if self.flow is None:
+            return (
+                "the kit's self-check ran in no flow of this session "
+                "(--kit-self-check=all for every flow)"
+            )
+        return f"checked in flow {self.flow} (--kit-self-check=all for every flow)"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mode": self.mode, "flow": self.flow if self.mode == "one" else None}
 
 
 class HarnessError(RuntimeError):
@@ -88,8 +146,12 @@ class RunCache:
         hook_timeout: float | None,
         parallel: int = 2,
         worker: str = "main",
+        plan: SelfCheckPlan | None = None,
     ) -> None:
         self.engine = engine
+        # The suite asks only for the runs the plan makes; a request for another is a bug of
+        # the suite, and making the run anyway would hide it (and cost a lifecycle).
+        self.plan = plan or SelfCheckPlan()
         # The backend of each flow's runs (real or fake); one name for every flow is fine.
         self.backends = backends if isinstance(backends, dict) else {}
         self.default_backend = backends if isinstance(backends, str) else "real"
@@ -102,6 +164,8 @@ class RunCache:
         )
 
     def submit(self, flow: str, name: str) -> concurrent.futures.Future[Run]:
+        if self.plan.excludes(flow, SCENARIOS[name]):
+            raise HarnessError(f"run {flow}/{name} is not made here: {self.plan.reason()}")
         with self._lock:
             key = (flow, name)
             if key not in self._futures:

@@ -90,6 +90,12 @@ class Scenario:
     #: needed, and the ledger marks it as the kit's.
     inject: str | None = None
 
+    @property
+    def kit_self_check(self) -> bool:
+        """Whether the run exists only for the kit's self-check: the kit injects a fault into
+        its own processes (``--kit-self-check`` chooses the flows that run it)."""
+        return self.inject is not None
+
     def config(self) -> dict[str, Any]:
         return dict(self.engine_config)
 
