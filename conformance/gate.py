@@ -1,7 +1,8 @@
 """The conformance gate: ``python -m conformance gate`` (and ``ci/gate`` in a checkout)."""
 
 # python -m conformance gate --engine NAME [--flow FLOW[,FLOW]] [--backend B] [--strict]
-#         [--out DIR] [--coverage] [-n N] [--known-failures FILE] [-- PYTEST-ARGS]
+#         [--out DIR] [--coverage] [-n N] [--known-failures FILE]
+#         [--kit-self-check one|all|off] [-- PYTEST-ARGS]
 #
 # The conformance suite as one pipeline step: runs pytest with the conformance plugin against
 # the engine and writes into DIR (default ./conformance-out):
@@ -103,6 +104,14 @@ def parse(argv: list[str], prog: str = PROG) -> argparse.Namespace:
     )
     parser.add_argument("--known-failures", metavar="FILE", help="the engine's known failures")
     parser.add_argument("--hook-timeout", metavar="SECONDS", help="per-hook timeout of runs")
+    parser.add_argument(
+        "--kit-self-check",
+        choices=("one", "all", "off"),
+        default="one",
+        help="flows in which the kit checks its own requirements with the faults it injects "
+        "(the plugin's --kit-self-check): one (default: the first selected flow, in the "
+        "order root, suid, userns, fakeroot, hybrid), all, or off",
+    )
     parser.add_argument(
         "--coverage",
         action="store_true",
@@ -262,6 +271,7 @@ def pytest_command(args: argparse.Namespace, out: Path) -> list[str]:
         cmd.append(f"--known-failures={Path(args.known_failures).resolve()}")
     if args.hook_timeout:
         cmd.append(f"--hook-timeout={args.hook_timeout}")
+    cmd.append(f"--kit-self-check={args.kit_self_check}")
     if str(args.numprocesses) not in ("0", ""):
         cmd += ["-n", str(args.numprocesses)]
     return cmd + list(args.pytest_args)

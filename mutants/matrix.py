@@ -4,7 +4,9 @@
 repository's root) runs the conformance suite once against every mutant of :mod:`mutants.zoo`
 (one pytest process per mutant, ``--engine=`` the import path of its registration function,
 in the flows its bug shows in, up to N at a time), and once against the reference engine and
-its cooperating variant (the baselines, every flow). Each session writes a conformance
+its cooperating variant (the baselines, every flow). Every session runs the kit-injected
+scenarios in each of its flows (``--kit-self-check=all``, not the suite's default of one flow),
+so a starter mutant is judged in every flow it declares. Each session writes a conformance
 report; for every mutant and flow the matrix compares the requirements that failed with those
 the mutant declares (``killed_by``):
 
@@ -432,15 +434,8 @@ def _environment(tmpdir: str) -> dict[str, str]:
     return env
 
 
-def run_session(target: Target, backend: str, workdir: str, focus: bool = False) -> dict[str, Any]:
-    """One pytest session of the suite against ``target``; returns its report (parsed) or
-    ``{"error": …}``, plus ``seconds``. ``focus``: only the tests of the requirements the
-    mutant declares (``-k``; the lifecycles of the other scenarios are then not run)."""
-    report = os.path.join(workdir, "report.json")
-    tmpdir = os.path.join(workdir, "tmp")
-    os.makedirs(tmpdir, exist_ok=True)
-    for path in (workdir, tmpdir):
-        os.chmod(path, 0o755)  # the run directories inside belong to U
+def session_command(target: Target, backend: str, report: str, focus: bool = False) -> list[str]:
+    """The pytest command line of ``target``'s session (see :func:`run_session`)."""
     command = [
         sys.executable,
         "-m",
@@ -456,11 +451,28 @@ def run_session(target: Target, backend: str, workdir: str, focus: bool = False)
         f"--backend={backend}",
         f"--flow={','.join(target.flows)}",
         f"--conformance-report={report}",
+        # A starter mutant breaks a kit requirement in every flow, and an engine mutant may
+        # break an engine rule only in a kit-injected run of one flow: the matrix judges every
+        # flow by every run, so each flow runs the kit-injected scenarios too.
+        "--kit-self-check=all",
     ]
     if target.hook_timeout:
         command.append(f"--hook-timeout={target.hook_timeout}")
     if focus and target.declared and not target.baseline:
         command += ["-k", " or ".join(target.declared)]
+    return command
+
+
+def run_session(target: Target, backend: str, workdir: str, focus: bool = False) -> dict[str, Any]:
+    """One pytest session of the suite against ``target``; returns its report (parsed) or
+    ``{"error": …}``, plus ``seconds``. ``focus``: only the tests of the requirements the
+    mutant declares (``-k``; the lifecycles of the other scenarios are then not run)."""
+    report = os.path.join(workdir, "report.json")
+    tmpdir = os.path.join(workdir, "tmp")
+    os.makedirs(tmpdir, exist_ok=True)
+    for path in (workdir, tmpdir):
+        os.chmod(path, 0o755)  # the run directories inside belong to U
+    command = session_command(target, backend, report, focus)
     start = time.monotonic()
     try:
         proc = subprocess.run(
