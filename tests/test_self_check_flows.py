@@ -10,10 +10,11 @@ from collections import Counter
 import pytest
 from suite_session import suite
 
-from conformance import gate, render
+from conformance import gate, plugin, render
 from conformance.expectations import FLOWS
 from conformance.outcomes import FAILED, NOT_CONFIGURED, PASSED
 from conformance.runs import (
+    SELF_CHECK_MODES,
     SELF_CHECK_ORDER,
     HarnessError,
     RunCache,
@@ -70,6 +71,8 @@ def test_a_plan_names_its_flows_and_what_the_others_say(plan, runs_in, reason):
 def test_an_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="--kit-self-check=some: unknown mode"):
         SelfCheckPlan("some")
+    # the plugin's option (defined before conformance.runs is imported) knows the same modes
+    assert plugin.SELF_CHECK_MODES == SELF_CHECK_MODES
 
 
 def test_the_run_cache_refuses_a_run_its_plan_leaves_out():
