@@ -264,3 +264,18 @@ def test_a_starter_mutant_fails_the_kit_where_the_kit_checks_itself(tmp_path, mo
     check = render.verdict(doc).self_check
     assert check is not None and check.failing == {"ERR-002": failed_in}
     assert render.verdict(doc).code == render.HARNESS_ERROR
+
+
+@real
+def test_strict_does_not_turn_the_flows_that_did_not_check_the_kit_into_failures(tmp_path):
+    proc, doc = suite(
+        "reference",
+        tmp_path,
+        "--flow=root,userns",
+        "--conformance-strict",
+        "-k",
+        "ERR-002 or EXIT-001",  # an engine requirement too: a verdict needs one
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert _results(doc)[("ERR-002", "userns")]["outcome"] == NOT_CONFIGURED
+    assert render.verdict(doc).code == render.CONFORMANT
