@@ -188,6 +188,20 @@ def test_an_event_of_max_size_is_sent_whole_and_one_byte_more_is_truncated():
     assert over["kind"] == "fatal" and over["role"] == "master"
 
 
+def test_an_oversized_event_keeps_the_keys_that_say_what_it_was():
+    # A hook_enter cut to its common keys would be a hook entry of no hook: the checks that
+    # pair entries and returns, and the attribution of refusals, need the hook's name.
+    reader, sock = ledger_socketpair()
+    with reader, sock:
+        LedgerWriter(sock, "master").emit(
+            "hook_enter", hook="create_container", args={"big": "x" * MAX_EVENT}
+        )
+        sent = json.loads(reader.recv(4 * MAX_EVENT))
+    assert sent["hook"] == "create_container" and "args" not in sent
+    assert sent["truncated"] > MAX_EVENT
+    assert ledger.check_event(sent) is None
+
+
 def test_the_event_limit_is_what_the_supervisor_reads_whole():
     # The supervisor receives datagrams of up to 1 MiB: a larger event would arrive cut.
     assert MAX_EVENT == 1 << 20

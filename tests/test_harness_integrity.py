@@ -286,9 +286,12 @@ def test_a_kit_event_truncated_by_its_writer_is_still_valid():
         "role": "master",
         "pid": 1,
         "tid": 1,
+        "hook": "create_container",
         "truncated": 5 << 20,
     }
     assert L.check_event(event) is None
+    del event["hook"]  # a cut event still says which hook it was
+    assert L.check_event(event) == "hook_enter event without 'hook'"
 
 
 def test_senders_refuse_a_second_claimant_of_a_role_and_a_role_of_another_process():

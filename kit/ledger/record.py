@@ -77,11 +77,11 @@ class LedgerWriter:
         if self.sock is not None:
             data = json.dumps(event, separators=(",", ":"), default=repr).encode()
             if len(data) > MAX_EVENT:
-                event = {
-                    **{k: event[k] for k in ("t", "kind", "role", "pid", "tid")},
-                    "truncated": len(data),
-                }
-                data = json.dumps(event).encode()
+                # The keys that say what happened (the hook, the child, the signal: small
+                # scalars) stay, so the event still reads as what it was; the rest goes.
+                kept = ("t", "kind", "role", "pid", "tid", *REQUIRED[kind])
+                event = {**{k: event[k] for k in kept if k in event}, "truncated": len(data)}
+                data = json.dumps(event, default=repr).encode()
             try:
                 if self.confirm and isinstance(event.get("snapshot"), dict):
                     for _ in range(SNAPSHOT_ATTEMPTS):
@@ -167,10 +167,9 @@ def check_event(event: Any) -> str | None:
     extra = sorted(k for k in event if k not in fields)
     if extra:
         return f"{kind} event with keys outside the schema: {_short(extra)}"
-    if "truncated" not in event:
-        missing = [k for k in REQUIRED[kind] if k not in event]
-        if missing:
-            return f"{kind} event without {missing[0]!r}"
+    missing = [k for k in REQUIRED[kind] if k not in event]  # kept even when truncated
+    if missing:
+        return f"{kind} event without {missing[0]!r}"
     for key, value in event.items():
         field = fields[key]
         if key not in SET_ON_ARRIVAL and not field.check(value):
