@@ -123,7 +123,7 @@ class Senders:
         that fails (the master ends the container) can end the parent that soon; a second
         claimant of the role is still refused (:meth:`taken`)."""
         creators = [pid for pid, p in self.processes.items() if p.role == PARENT[role]]
-        return bool(creators) and all(linux.process_state(pid) in (None, "Z") for pid in creators)
+        return bool(creators) and not any(linux.process_alive(pid) for pid in creators)
 
     def role_of_name(self, role: str) -> str:
         for name, roles in PROCESS_ROLES.items():

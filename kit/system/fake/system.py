@@ -62,7 +62,7 @@ class ProcState:
 
 
 def _alive(pid: int) -> bool:
-    return linux.process_state(pid) not in (None, "Z")
+    return linux.process_alive(pid)
 
 
 def _read_text(path: str, default: str = "") -> str:
