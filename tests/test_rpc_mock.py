@@ -319,6 +319,35 @@ def test_record_is_complete_before_the_client_sees_the_reply(t: MockTransport) -
         assert last.index == i + 1 and last.nth == i + 1 and last.result == i and last.answered
 
 
+@pytest.mark.parametrize(
+    "fault",
+    [Fault.drop(), Fault.drop(phase="reply"), Fault.truncate(), Fault.close()],
+    ids=["drop", "drop-reply", "truncate", "close"],
+)
+def test_record_is_complete_when_the_client_sees_a_cut(fault: Fault, no_leak: None) -> None:
+    """Read right after the client's error, with no wait_server(): a fault must not let the
+    client see the connection go before the call's record is complete."""
+    incomplete = []
+    for i in range(150):
+        with MockTransport(ENGINE, METHODS, timeout=TIMEOUT) as transport:
+            transport.inject(fault, on_call=1)
+            c = transport.client()
+            with pytest.raises(ConnectionError):
+                c.add(a=i)
+                c.add(a=i)  # close: the first call is answered, the next one fails
+            call = transport.calls[0]
+            complete = (
+                call.args == {"a": i}
+                and call.duration is not None
+                and call.answered == call.ran
+                and call.faults == [fault.kind]
+                and len(transport.server_records) == 1
+            )
+            if not complete:
+                incomplete.append(repr(call))
+    assert incomplete == [], f"{len(incomplete)} of 150 records incomplete: {incomplete[0]}"
+
+
 # --------------------------------------------------------------------------- faults
 
 

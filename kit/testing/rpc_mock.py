@@ -322,7 +322,8 @@ class MockTransport:
     ``create_container``; :func:`kit.rpc.server.serve` reads the other end in a thread, so the
     codec, the schema checks and the dispatch are the ones a real RPC server runs. Faults are
     applied where the server calls a method (:class:`Fault`). :attr:`calls` records every
-    request as a :class:`Call`, complete before the client sees the reply;
+    request as a :class:`Call`, complete before the client sees the reply (or the connection
+    a fault cuts);
     :attr:`server_records` has the server's own ``on_call`` records (calls a fault answered
     included). Closing the transport (``close()`` or the ``with`` block) stops the thread and
     closes both ends.
@@ -360,6 +361,7 @@ class MockTransport:
         self._per_method: collections.Counter[str | None] = collections.Counter()
         self._rules: list[Rule] = []
         self._dispatched: Call | None = None  # the call in the server's hands, until on_call
+        self._cut: Fault | None = None  # the drop/truncate/close for _on_call to apply
         self.server_records: list[CallRecord] = []
         """The server's ``on_call`` records (see :data:`kit.rpc.server.CallRecord`)."""
         self.exit_code: int | None = None
@@ -477,9 +479,13 @@ class MockTransport:
         return dispatch
 
     def _dispatch(self, spec: MethodSpec, kwargs: dict[str, Any]) -> Any:
-        """Run one call the server has checked, with the faults that match it."""
+        """Run one call the server has checked, with the faults that match it.
+
+        A fault that cuts the connection (drop, truncate, close) is only noted here and
+        applied by :meth:`_on_call`, once the call's record is complete."""
         passed = [v for v in kwargs.values() if isinstance(v, FileDescriptor)]
         call = self._dispatched = self._new_call(spec.name, fds=len(passed))
+        self._cut = None
         with self._lock:
             faults = []
             for rule in self._rules:
@@ -493,7 +499,9 @@ class MockTransport:
             close_fds(passed)  # the method owns them, and it will not run
             if fault.error is not None:
                 raise fault.error.with_traceback(None)  # one Fault may fire many times
-            _shutdown(self._server_sock)  # the error reply below goes nowhere; serve() ends
+            if fault.kind == "drop":
+                self._cut = fault
+            # serve() answers this with an error reply that goes nowhere, then ends.
             raise ConnectionAbortedError(f"the mock dropped the connection at {spec.name!r}")
         call.ran = True
         try:
@@ -506,10 +514,10 @@ class MockTransport:
         finally:
             for fault in (f for f in faults if f.phase == "reply"):
                 call.faults.append(fault.kind)
-                if fault.kind == "truncate":
-                    _send_cut_reply(self._server_sock, call.result, fault.keep)
-                if fault.kind != "delay" or not self._hold(fault.seconds):
-                    _shutdown(self._server_sock)  # the reply goes nowhere; serve() ends
+                if fault.kind != "delay":
+                    self._cut = self._cut or fault  # the first cut decides
+                elif not self._hold(fault.seconds):
+                    break  # the transport is closing: the connection is already cut
 
     def _hold(self, seconds: float) -> bool:
         """Wait; False, with the connection cut, when the transport is closed meanwhile."""
@@ -519,9 +527,11 @@ class MockTransport:
         return True
 
     def _on_call(self, record: CallRecord) -> None:
-        """Complete the record of the call the server just answered (before it replies)."""
+        """Complete the record of the call the server just answered, then apply the cut its
+        faults asked for (serve() sends the reply after this returns)."""
         self.server_records.append(record)
         call, self._dispatched = self._dispatched, None
+        cut, self._cut = self._cut, None
         if call is None:  # refused before dispatch
             call = self._new_call(record["method"])
         call.args = record["args"]
@@ -529,6 +539,12 @@ class MockTransport:
         if call.ran or "drop" not in call.faults:
             call.answered = True
             call.error = record["error"]
+        # Only now may the client learn what became of the call: its record is complete.
+        if cut is None:
+            return
+        if cut.kind == "truncate":
+            _send_cut_reply(self._server_sock, call.result, cut.keep)
+        _shutdown(self._server_sock)  # the reply serve() is about to send goes nowhere
 
     # -- public API ----------------------------------------------------------------------------
     def client(self) -> RPCClient:
