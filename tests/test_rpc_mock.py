@@ -850,13 +850,45 @@ def test_truncate_keeps_the_bytes_asked_for(t: MockTransport) -> None:
     assert len(rest) == 3 < announced
 
 
-def test_close_ends_the_connection_after_the_method_ran_without_a_reply(t: MockTransport) -> None:
+def test_close_delivers_the_reply_then_ends_the_connection(t: MockTransport) -> None:
     t.inject(Fault.close(), on_call=1)
-    with pytest.raises(ConnectionError, match=r"before replying to 'test\.add'"):
-        t.client().add(a=5)
+    c = t.client()
+    assert c.add(a=5) == 5  # the reply goes out
+    with pytest.raises(ConnectionError):
+        c.add(a=6)  # the next call finds the connection closed
     assert t.wait_server(TIMEOUT) == 0
+    assert t.names == ["add"]  # the second request never reached the server
     call = t.calls[0]
-    assert call.ran and call.faults == ["close"]
+    assert call.ran and call.ok and call.result == 5 and call.faults == ["close"]
+    assert recv_frame(t.client_socket) is None  # after the reply: EOF
+
+
+def test_close_delivers_an_error_reply_too(t: MockTransport) -> None:
+    t.inject(Fault.close(), method="fail")
+    c = t.client()
+    with pytest.raises(FileNotFoundError):
+        c.fail(kind="enoent")
+    with pytest.raises(ConnectionError):
+        c.add(a=1)
+    assert t.wait_server(TIMEOUT) == 0 and t.calls[0].faults == ["close"]
+
+
+def test_close_discards_the_requests_queued_behind_the_call(t: MockTransport) -> None:
+    """A server that exits after replying never reads what was pipelined after the call; the
+    descriptors those requests carried are closed (the fixture checks for leaks)."""
+    t.inject(Fault.close(), on_call=1)
+    real.BLOCK.clear()
+    real.BLOCKED.clear()
+    send_frame(t.client_socket, request(1, "test.block"))
+    assert real.BLOCKED.wait(TIMEOUT)
+    fds = make_fds(2)
+    send_frame(t.client_socket, request(2, "test.read_two", {"first": 0, "second": 1}, 2), fds)
+    for fd in fds:
+        os.close(fd)
+    real.BLOCK.set()
+    assert read_reply(t.client_socket).result == "released"
+    assert recv_frame(t.client_socket) is None
+    assert t.wait_server(TIMEOUT) == 0 and t.names == ["block"]
 
 
 @pytest.mark.parametrize("keep", [-1, True, 1.5])

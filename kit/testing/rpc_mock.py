@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import collections
 import contextlib
 import inspect
@@ -16,7 +17,7 @@ from kit import system as kit_system
 from kit.contract import Common, Engine, Operations
 from kit.registry import RegistryError, find
 from kit.rpc.client import RPCClient
-from kit.rpc.codec import HEADER, FrameError, close_fds, encode_body
+from kit.rpc.codec import HEADER, MAX_FDS, FrameError, close_fds, encode_body
 from kit.rpc.messages import split_method_name
 from kit.rpc.methods import FileDescriptor, MethodSpec, WithFds
 from kit.rpc.server import CallRecord, prepare_methods, serve
@@ -24,6 +25,7 @@ from kit.rpc.server import CallRecord, prepare_methods, serve
 __all__ = ["Call", "Fault", "MockTransport", "RecordingSystem", "Rule", "SystemCall"]
 
 _PHASES = ("request", "reply")
+_FD_SIZE = array.array("i").itemsize
 
 
 # --------------------------------------------------------------------------- faults
@@ -51,7 +53,9 @@ class Fault:
     ``Fault.truncate(keep)``    the method runs; its reply frame is cut after *keep* bytes
                                 of its body (default half) and the connection closes: the
                                 client raises ``ConnectionError``
-    ``Fault.close()``           the method runs; the connection closes without a reply
+    ``Fault.close()``           the method runs and its reply (or error) is sent, then
+                                the connection closes: the client gets its result, its
+                                next call raises ``ConnectionError``; ``serve`` returns 0
     ==========================  ========================================================
     """
 
@@ -100,7 +104,10 @@ class Fault:
 
     @classmethod
     def close(cls) -> Fault:
-        """Close the connection once the method has run, without its reply."""
+        """Deliver the call's reply, then close the connection, as a server that exits after
+        this call: the client gets its result (or its error) and its next call raises
+        ``ConnectionError`` (``BrokenPipeError``); requests it had already queued behind
+        this one are discarded; ``serve`` returns 0."""
         return cls("close", "reply")
 
     @classmethod
@@ -290,6 +297,36 @@ def _shutdown(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
+
+
+def _close_after_reply(sock: socket.socket) -> None:
+    """Let the reply about to be sent through, and nothing after it: the server's receiving
+    side is shut, so the client's next request fails (``EPIPE``) and ``serve`` reads EOF and
+    returns; requests already queued behind this call are discarded, as by a server that
+    exits after replying. ``_serve`` shuts the rest down once ``serve`` returned."""
+    try:
+        sock.shutdown(socket.SHUT_RD)
+    except OSError:
+        return
+    # After SHUT_RD nothing more can arrive; what is queued is read and thrown away (with
+    # the descriptors it carries; any beyond the buffer the kernel never installs) until
+    # the EOF, without blocking.
+    ancbuf = socket.CMSG_SPACE(MAX_FDS * _FD_SIZE)
+    while True:
+        try:
+            data, ancdata, _, _ = sock.recvmsg(
+                1 << 16, ancbuf, socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
+            )
+        except InterruptedError:
+            continue
+        except OSError:
+            return
+        for level, ctype, payload in ancdata:
+            if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
+                usable = len(payload) - len(payload) % _FD_SIZE
+                close_fds(list(array.array("i", payload[:usable])))
+        if not data:
+            return
 
 
 class MockTransport:
@@ -544,7 +581,10 @@ class MockTransport:
             return
         if cut.kind == "truncate":
             _send_cut_reply(self._server_sock, call.result, cut.keep)
-        _shutdown(self._server_sock)  # the reply serve() is about to send goes nowhere
+        if cut.kind == "close":
+            _close_after_reply(self._server_sock)
+        else:  # drop, truncate: the reply serve() is about to send goes nowhere
+            _shutdown(self._server_sock)
 
     # -- public API ----------------------------------------------------------------------------
     def client(self) -> RPCClient:
