@@ -430,6 +430,33 @@ def test_times_and_clear(t: MockTransport) -> None:
     assert c.scale(x=1) == 2
 
 
+def test_a_rule_counts_only_the_calls_its_fault_applied_to(t: MockTransport) -> None:
+    ends = t.inject(Fault.errno(errno.EPERM), on_call=1)
+    pre_empted = t.inject(Fault.exception(ValueError("never")), on_call=1)
+    cut = t.inject(Fault.truncate(), times=1)
+    c = t.client()
+    with pytest.raises(PermissionError):
+        c.add(a=1)  # the errno ended the call: the method never ran, nothing to truncate
+    assert (ends.hits, pre_empted.hits, cut.hits) == (1, 0, 0)
+    assert t.calls[0].faults == ["errno"] and not cut.exhausted()
+    with pytest.raises(ConnectionError, match="in the middle of the reply"):
+        c.add(a=2)  # the truncate rule still had its one hit
+    assert cut.hits == 1 and cut.exhausted() and t.calls[1].faults == ["truncate"]
+
+
+def test_the_first_cut_is_the_last_fault_applied(t: MockTransport) -> None:
+    early = t.inject(Fault.delay(0.05), on_call=1)
+    drop = t.inject(Fault.drop(phase="reply"), on_call=1)
+    close = t.inject(Fault.close())
+    late = t.inject(Fault.delay(30))
+    start = time.monotonic()
+    with pytest.raises(ConnectionError, match="before replying"):
+        t.client().add(a=1)
+    assert 0.05 <= time.monotonic() - start < 10
+    assert [r.hits for r in (early, drop, close, late)] == [1, 1, 0, 0]
+    assert t.calls[0].faults == ["delay", "drop"]
+
+
 def test_drop_request(t: MockTransport) -> None:
     t.inject(Fault.drop(), on_call=2)
     c = t.client()

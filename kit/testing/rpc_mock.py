@@ -57,6 +57,9 @@ class Fault:
                                 the connection closes: the client gets its result, its
                                 next call raises ``ConnectionError``; ``serve`` returns 0
     ==========================  ========================================================
+
+    Request-phase faults apply first, then reply-phase ones, each in injection order; the
+    first errno, exception, drop, truncate or close is the last fault applied to the call.
     """
 
     kind: str
@@ -524,13 +527,10 @@ class MockTransport:
         call = self._dispatched = self._new_call(spec.name, fds=len(passed))
         self._cut = None
         with self._lock:
-            faults = []
-            for rule in self._rules:
-                if rule.matches(call):
-                    rule.hits += 1
-                    faults.append(rule.fault)
-        for fault in (f for f in faults if f.phase == "request"):
-            call.faults.append(fault.kind)
+            rules = [rule for rule in self._rules if rule.matches(call)]
+        for rule in (r for r in rules if r.fault.phase == "request"):
+            fault = rule.fault
+            self._applied(rule, call)
             if fault.kind == "delay" and self._hold(fault.seconds):
                 continue
             close_fds(passed)  # the method owns them, and it will not run
@@ -549,12 +549,19 @@ class MockTransport:
                 call.result = result
             return result
         finally:
-            for fault in (f for f in faults if f.phase == "reply"):
-                call.faults.append(fault.kind)
-                if fault.kind != "delay":
-                    self._cut = self._cut or fault  # the first cut decides
-                elif not self._hold(fault.seconds):
+            for rule in (r for r in rules if r.fault.phase == "reply"):
+                self._applied(rule, call)
+                if rule.fault.kind != "delay":
+                    self._cut = rule.fault  # the first cut decides; later rules do not apply
+                    break
+                if not self._hold(rule.fault.seconds):
                     break  # the transport is closing: the connection is already cut
+
+    def _applied(self, rule: Rule, call: Call) -> None:
+        """Count *rule* as hit by *call*: only a fault that takes effect uses up a hit."""
+        with self._lock:
+            rule.hits += 1
+        call.faults.append(rule.fault.kind)
 
     def _hold(self, seconds: float) -> bool:
         """Wait; False, with the connection cut, when the transport is closed meanwhile."""
@@ -608,8 +615,10 @@ class MockTransport:
           rule injected late for a call already made never fires. Fires once;
         - *times*: fire at most this many times (default: unlimited without *on_call*).
 
-        Several rules may hit one call: they apply in injection order (delays first come
-        first; the first drop, errno or exception ends the call).
+        Several rules may hit one call: request-phase faults apply first, then reply-phase
+        ones, each in injection order, and the first errno, exception, drop, truncate or
+        close is the last one applied. A rule counts (``hits``, *times*) only the calls its
+        fault was applied to: a rule that an earlier one pre-empted keeps its hit.
         """
         if not isinstance(fault, Fault):
             raise TypeError(f"inject: expected a Fault, got {fault!r}")
