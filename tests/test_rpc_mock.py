@@ -653,6 +653,9 @@ def test_no_descriptor_or_thread_left_after_any_fault(no_leak: None) -> None:
         Fault.exception(ValueError("no")),
         Fault.delay(0.01),
         Fault.delay(0.01, phase="request"),
+        Fault.truncate(),
+        Fault.truncate(keep=0),
+        Fault.close(),
     ]
     for fault in faults:
         kind = WireTransport if isinstance(fault, WireFault) else MockTransport
