@@ -14,7 +14,7 @@ This is the pattern to copy for your own engine. No namespaces, no fork, no root
 4. Assert on ``transport.calls`` (what crossed the wire: method, args, result or error) and
    ``transport.system.calls`` (what the RPC methods asked of the kernel).
 5. ``transport.inject(Fault...)`` makes a call fail (an errno, an exception, a dropped
-   connection, a delay, a truncated reply, a close after the method ran) to test the
+   connection, a delay, a truncated reply, a reply and then a closed connection) to test the
    engine's error paths.
 
 The ``host_untouched`` fixture below makes the kernel's mount and hostname calls fail the test
