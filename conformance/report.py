@@ -17,7 +17,13 @@ import pytest
 from conformance import SUITE_VERSION, requirements, rootcause, schema
 from conformance.catalogue import checked_by, suite_tests, tests_by_requirement
 from conformance.expectations import FLOWS
-from conformance.outcomes import NOT_DECIDED, OUTCOMES, Results
+from conformance.outcomes import (
+    NOT_CONFIGURED,
+    NOT_DECIDED,
+    NOT_SUPPORTED,
+    OUTCOMES,
+    Results,
+)
 
 #: 2: the not-decided outcome and root_causes; 3: every result's subject (engine or kit).
 #: Versions 1 and 2 are read too (their results are given the catalogue's subject).
@@ -52,10 +58,12 @@ class FlowInfo(TypedDict, total=False):
 
 
 class KitSelfCheck(TypedDict):
-    """--kit-self-check: the flows that ran the kit-injected runs (``flow``: mode one's)."""
+    """--kit-self-check: the flows that ran the kit-only runs (``flow``: mode one's;
+    ``flows``, in a merged report: every flow a shard ran them in)."""
 
     mode: Literal["one", "all", "off"]
     flow: str | None
+    flows: NotRequired[list[str]]
 
 
 class Invoker(TypedDict, total=False):
@@ -229,6 +237,7 @@ def build(state: Any, results: Results, runs: Sequence[Mapping[str, Any]]) -> Re
         list[ResultEntry],
         [{**e, "checked_by": list(deciders[e["requirement"]])} for e in results.merged()],
     )
+    _where_self_checked(entries, state.plan())
     run_entries = cast(list[RunEntry], list(runs))
     env = state.environment
     user = state.invoker
@@ -300,6 +309,30 @@ def build(state: Any, results: Results, runs: Sequence[Mapping[str, Any]]) -> Re
         ),
         "root_causes": _root_causes(entries, run_entries),
     }
+
+
+def _where_self_checked(entries: list[ResultEntry], plan: Any) -> None:
+    """A kit result that says "checked in flow X" (--kit-self-check=one) when X did not
+    decide it either says what happened there instead: its test did not run in X, or it
+    was not-supported or not-configured there too."""
+    if plan.mode != "one" or plan.flow is None:
+        return
+    said = plan.reason()
+    there = {(e["requirement"], e["flow"]): e for e in entries}
+    for entry in entries:
+        if entry["outcome"] != NOT_CONFIGURED or entry["message"] != said:
+            continue
+        other = there.get((entry["requirement"], plan.flow))
+        if other is None:
+            entry["message"] = (
+                f"not checked in this session: its kit-only runs are made in flow {plan.flow} "
+                "only, where its test did not run (--kit-self-check=all for every flow)"
+            )
+        elif other["outcome"] in (NOT_SUPPORTED, NOT_CONFIGURED):
+            entry["message"] = (
+                f"not checked here, nor in flow {plan.flow} where its kit-only runs are made: "
+                f"{other['outcome']} there ({other['message']})"
+            )
 
 
 def _root_causes(entries: list[ResultEntry], runs: list[RunEntry]) -> list[RootCauseEntry]:
@@ -384,7 +417,35 @@ _SAME: tuple[tuple[str, Callable[[Report], object]], ...] = (
     ("engine", lambda d: f"{d['engine'].get('name')} ({d['engine'].get('origin')})"),
     ("engine capabilities", lambda d: d["engine"].get("capabilities")),
     ("--strict", lambda d: bool(d["environment"].get("strict"))),
+    ("--kit-self-check", lambda d: _self_check_of(d["environment"])["mode"]),
 )
+
+
+def _self_check_of(env: Environment) -> KitSelfCheck:
+    # a report from before --kit-self-check ran the kit's runs in every flow
+    return env.get("kit_self_check") or {"mode": "all", "flow": None}
+
+
+def _self_checked_flows(env: Environment) -> list[str]:
+    """The flows in which a shard made the kit-only runs (--kit-self-check)."""
+    how = _self_check_of(env)
+    if "flows" in how:
+        return list(how["flows"])
+    if how["mode"] == "all":
+        return [f for f, info in env["flows"].items() if info.get("selected")]
+    return [how["flow"]] if how["mode"] == "one" and how["flow"] else []
+
+
+def _left_to_another_flow(entry: ResultEntry, env: Environment) -> bool:
+    """Whether ``entry`` is a kit result its shard left not-configured because the shard
+    made its kit-only runs in another flow (or none): nothing was decided there, so a shard
+    that decided it is not contradicted."""
+    subject = entry.get("subject") or requirements.subject_of(entry["requirement"])
+    return (
+        subject == requirements.KIT
+        and entry["outcome"] == NOT_CONFIGURED
+        and entry["flow"] not in _self_checked_flows(env)
+    )
 
 
 def _result_key(entry: ResultEntry) -> tuple[Any, ...]:
@@ -400,9 +461,11 @@ def merge(shards: Sequence[tuple[str, Report]]) -> Report:
     once, with both shards' runs, when they agree on its outcome and backend. A run id two
     shards share (the same flow and scenario) gets ``@shardN`` on the later shard's.
     ``environment`` is the first shard's, with each flow described by the shard that ran it;
-    ``shards`` keeps every shard's own environment. Raises :class:`MergeError` for shards of
-    different engines, schema or suite versions or strictness, and for overlapping results
-    that disagree.
+    ``shards`` keeps every shard's own environment. A kit result one shard left
+    not-configured because it made its kit-only runs in another flow (--kit-self-check=one)
+    is not contradicted by a shard that decided it: the decided one is kept. Raises
+    :class:`MergeError` for shards of different engines, schema or suite versions,
+    strictness or --kit-self-check, and for overlapping results that disagree.
     """
     if len(shards) < 2:
         raise MergeError(f"give two or more shard reports to merge, got {len(shards)}")
@@ -421,6 +484,7 @@ def merge(shards: Sequence[tuple[str, Report]]) -> Report:
     taken: set[str] = set()
     described: list[ShardInfo] = []
     known: dict[tuple[Any, ...], KnownFailureEntry] = {}
+    envs = {name: doc["environment"] for name, doc in shards}
     for index, (name, doc) in enumerate(shards, 1):
         renamed: dict[str, str] = {}
         for run in doc["runs"]:
@@ -432,9 +496,14 @@ def merge(shards: Sequence[tuple[str, Report]]) -> Report:
             entry = {**entry, "runs": [renamed.get(r, r) for r in entry["runs"]]}
             key = _result_key(entry)
             have = merged.get(key)
-            if have is None:
+            if have is None or (
+                _left_to_another_flow(have, envs[decided_by[key]])
+                and not _left_to_another_flow(entry, doc["environment"])
+            ):  # the first shard to say, or the first to decide a kit result
                 merged[key] = entry
                 decided_by[key] = name
+            elif _left_to_another_flow(entry, doc["environment"]):
+                continue  # this shard did not check it: another one did
             elif (have["outcome"], have["backend"]) != (entry["outcome"], entry["backend"]):
                 raise MergeError(
                     f"{entry['requirement']} in flow {entry['flow']}: {decided_by[key]} says "
@@ -484,8 +553,18 @@ def merge(shards: Sequence[tuple[str, Report]]) -> Report:
 
 
 def _merged_environment(envs: list[Environment]) -> Environment:
-    """The first shard's environment, each flow as the shard that selected it saw it."""
+    """The first shard's environment, each flow as the shard that selected it saw it, and
+    the flows each shard made its kit-only runs in."""
     out: Environment = {**envs[0], "flows": {}, "backend": {}}
+    if any("kit_self_check" in env for env in envs):
+        flows = {f for env in envs for f in _self_checked_flows(env)}
+        ordered = [f for f in FLOWS if f in flows]
+        mode = _self_check_of(envs[0])["mode"]
+        out["kit_self_check"] = {
+            "mode": mode,
+            "flow": ordered[0] if mode == "one" and len(ordered) == 1 else None,
+            "flows": ordered,
+        }
     for flow in dict.fromkeys(f for env in envs for f in env["flows"]):
         seen = [env for env in envs if flow in env["flows"]]
         env = next((e for e in seen if e["flows"][flow].get("selected")), seen[0])
