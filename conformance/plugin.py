@@ -94,9 +94,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         choices=SELF_CHECK_MODES,
         default="one",
         help="where the kit checks its own requirements with the faults it injects into its "
-        "own processes: in one flow of the session (default: the first selected one this "
-        "machine can run, in the order root, suid, userns, fakeroot, hybrid), in all of "
-        "them, or off",
+        "own processes and that no engine check reads: in one flow of the session (default: "
+        "the first selected one this machine can run, in the order root, suid, userns, "
+        "fakeroot, hybrid, a real-backend flow first), in all of them, or off",
     )
     parser.addini("engine", "conformance: the engine to check (like --engine)", default="")
 
@@ -167,6 +167,8 @@ class ConformanceState:
     verdict: Any = None  # conformance.render.Verdict, at the end of the session
     own_tests: list[str] | None = None  # the project's own test paths run beside the suite
     kit_self_check: str = "one"  # --kit-self-check
+    #: the kit-only scenarios (conformance.runs.one_flow_scenarios), from the suite's marks
+    one_flow: frozenset[str] = frozenset()
     #: conformance.runs.SelfCheckPlan, once collection chose the flow (or a worker said)
     self_check_plan: Any = None
 
@@ -188,26 +190,24 @@ class ConformanceState:
 
     def choose_self_check_flow(self, items: list[tuple[str, list[str]]]) -> None:
         """Choose the flow of ``--kit-self-check=one`` from the (flow, scenarios) of the
-        tests that will run: the first flow that has a test reading a kit-injected run and
-        that this machine can run."""
-        from conformance.runs import (  # noqa: PLC0415 (lazy, see the top)
-            SelfCheckPlan,
-            self_check_flow,
-        )
-        from conformance.scenario import SCENARIOS  # noqa: PLC0415 (lazy, see the top)
+        tests that will run: the first flow that has a test reading a kit-only run and that
+        this machine can run, one with the real backend before any with the fake one."""
+        from conformance.runs import self_check_flow  # noqa: PLC0415 (lazy, see the top)
 
         def reads_one(names: list[str]) -> bool:
-            return any(
-                n == SELF_CHECK_ANY or (n in SCENARIOS and SCENARIOS[n].kit_self_check)
-                for n in names
-            )
+            return any(n == SELF_CHECK_ANY or n in self.one_flow for n in names)
 
         candidates = [
             flow
             for flow, names in items
             if flow in self.flows and reads_one(names) and self.flow_runnable(flow)[0]
         ]
-        self.self_check_plan = SelfCheckPlan(self.kit_self_check, self_check_flow(candidates))
+        self.set_plan(self.kit_self_check, self_check_flow(candidates, self.backends))
+
+    def set_plan(self, mode: str, flow: str | None) -> None:
+        from conformance.runs import SelfCheckPlan  # noqa: PLC0415 (lazy, see the top)
+
+        self.self_check_plan = SelfCheckPlan(mode, flow, self.one_flow)
 
     def supports(self, capabilities: list[str] | tuple[str, ...]) -> list[str]:
         """The capabilities among ``capabilities`` the engine does not declare."""
@@ -264,7 +264,7 @@ class ConformanceState:
             self.cache().submit(flow, name)
 
 
-#: A stand-in scenario name: "some test of this flow reads a kit-injected run".
+#: A stand-in scenario name: "some test of this flow reads a kit-only run".
 SELF_CHECK_ANY = "*kit-self-check*"
 
 
@@ -290,8 +290,10 @@ def _make_state(config: pytest.Config, engine: str, source: str) -> ConformanceS
     from conformance import capabilities as caps_module  # noqa: PLC0415 (lazy, see the top)
     from conformance.catalogue import (  # noqa: PLC0415 (lazy, see the top)
         SuiteDeclarationError,
+        suite_tests,
         tests_by_requirement,
     )
+    from conformance.runs import one_flow_scenarios  # noqa: PLC0415 (lazy, see the top)
     from kit import registry  # noqa: PLC0415 (lazy, see the top)
     from kit.run import environment  # noqa: PLC0415 (lazy, see the top)
 
@@ -320,7 +322,8 @@ def _make_state(config: pytest.Config, engine: str, source: str) -> ConformanceS
     flows = _parse_flows(config.getoption("flow"))
     flows_source = "--flow" if config.getoption("flow") else "default: every flow"
     try:
-        index = tests_by_requirement()
+        tests = suite_tests()
+        index = tests_by_requirement(tests)
     except SuiteDeclarationError as exc:
         raise pytest.UsageError(f"conformance suite: {exc}") from None
     known: list[outcomes.KnownFailure] = []
@@ -381,6 +384,7 @@ def _make_state(config: pytest.Config, engine: str, source: str) -> ConformanceS
         strict_source=strict_source,
         hook_timeout=hook_timeout,
         kit_self_check=config.getoption("kit_self_check") or "one",
+        one_flow=one_flow_scenarios(tests),
         known=known,
         known_source=known_path,
         report_path=config.getoption("conformance_report"),
@@ -538,7 +542,7 @@ class Lifecycle:
         return self.not_run(name)
 
     def not_run(self, name: str) -> str | None:
-        """Why the kit-injected scenario ``name`` is not run in this flow (--kit-self-check),
+        """Why the kit-only scenario ``name`` is not run in this flow (--kit-self-check),
         or None."""
         from conformance.scenario import SCENARIOS  # noqa: PLC0415 (lazy, see the top)
 
@@ -639,11 +643,12 @@ class SessionPlugin:
             f"failures: {len(s.known)}"
             + (f" from {s.known_source}" if s.known_source else "")
             + (f"; report: {s.report_path}" if s.report_path else ""),
-            f"conformance: kit self-check (the kit-injected runs): {s.kit_self_check} "
+            f"conformance: kit self-check (the kit-only runs: {', '.join(sorted(s.one_flow))})"
             + {
-                "one": "flow (the first selected of root, suid, userns, fakeroot, hybrid)",
-                "all": "flows",
-                "off": "(not run)",
+                "one": " in one flow (the first selected of root, suid, userns, fakeroot, "
+                "hybrid with the real backend, else with the fake one)",
+                "all": " in every flow",
+                "off": ": not made (the kit requirements that read only them are not checked)",
             }[s.kit_self_check],
         ]
         lines += [f"conformance: {note}" for note in s.notes]
@@ -815,9 +820,8 @@ class SessionPlugin:
         self.state.worker_runs.extend(output.get("conformance_runs") or [])
         if output.get("conformance_self_check"):
             # the controller collects nothing: the workers chose the flow (all the same one)
-            from conformance.runs import SelfCheckPlan  # noqa: PLC0415 (lazy, see the top)
-
-            self.state.self_check_plan = SelfCheckPlan(**output["conformance_self_check"])
+            plan = output["conformance_self_check"]
+            self.state.set_plan(plan["mode"], plan["flow"])
 
     # -- the end ---------------------------------------------------------------------------------
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
@@ -971,9 +975,10 @@ def _evaluate(item: pytest.Item, info: ItemInfo) -> dict[str, tuple[str, str]]:
 
 
 def _self_check_skip(state: ConformanceState, info: ItemInfo) -> str | None:
-    """Why a test of the kit's own requirements is not run in its flow (--kit-self-check):
-    every run it reads is kit-injected and not made in this flow, or the self-check is off.
-    None: it runs (a flow this machine cannot run is the flow fixture's to report)."""
+    """Why a test of the kit's own requirements is not run in its flow (--kit-self-check, one
+    rule for one and off): every run it reads is kit-only and not made in this flow. None: it
+    runs (a flow this machine cannot run is the flow fixture's to report); a kit test that
+    reads a run made anyway (the engine's, or one an engine test reads) costs nothing."""
     if not info.requirements or any(
         requirements.subject_of(r) != requirements.KIT for r in info.requirements
     ):
@@ -981,28 +986,19 @@ def _self_check_skip(state: ConformanceState, info: ItemInfo) -> str | None:
     plan = state.plan()
     if plan.runs_in(info.flow) or not state.flow_runnable(info.flow)[0]:
         return None
-    if plan.mode == "off":
-        return plan.reason()
-    from conformance.scenario import SCENARIOS  # noqa: PLC0415 (lazy, see the top)
-
-    reads = [SCENARIOS[n] for n in info.scenarios if n in SCENARIOS]
-    if reads and all(s.kit_self_check for s in reads):
-        return plan.reason()
+    if info.scenarios and len(plan.kit_only(info.scenarios)) == len(info.scenarios):
+        return str(plan.reason())
     return None
 
 
 def _self_check_view(
     state: ConformanceState, info: ItemInfo, verdicts: dict[str, tuple[str, str]]
 ) -> dict[str, tuple[str, str]]:
-    """A kit requirement that its test could not decide because the kit-injected runs it
+    """A kit requirement that its test could not decide because the kit-only runs it
     reads are not made in this flow (--kit-self-check) is not-configured, with the flow that
     checks it: the test read none of them, so nothing the engine declares is missing."""
     plan = state.plan()
-    if plan.runs_in(info.flow):
-        return verdicts
-    from conformance.scenario import SCENARIOS  # noqa: PLC0415 (lazy, see the top)
-
-    if not any(n in SCENARIOS and SCENARIOS[n].kit_self_check for n in info.scenarios):
+    if plan.runs_in(info.flow) or not plan.kit_only(info.scenarios):
         return verdicts
     return {
         req: (outcomes.NOT_CONFIGURED, plan.reason())

@@ -172,7 +172,8 @@ class SelfCheck:
     entries: list[dict[str, Any]] = field(default_factory=list)  # the failing results
     #: --kit-self-check of the session (the report's environment): one, all or off
     mode: str = "all"
-    flow: str | None = None  # mode one: the flow that ran the kit-injected runs
+    #: mode one: the flow that ran the kit-only runs (a merged report's: each shard's)
+    flows: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -196,8 +197,13 @@ class SelfCheck:
             text += "; failing: " + ", ".join(
                 f"{req} [{','.join(flows)}]" for req, flows in self.failing.items()
             )
-        if self.mode == "one" and self.flow is not None:
-            text += f" (kit-injected runs in flow {self.flow}; --kit-self-check=all for every flow)"
+        if self.mode == "one" and self.flows:
+            text += (
+                f" (kit-only runs in flow{'s' if len(self.flows) > 1 else ''} "
+                f"{', '.join(self.flows)}; --kit-self-check=all for every flow)"
+            )
+        elif self.mode == "off":
+            text += " (kit-only runs not made: --kit-self-check=off)"
         return text
 
 
@@ -214,9 +220,13 @@ def self_check(doc: dict[str, Any]) -> SelfCheck | None:
     env = doc.get("environment") or {}
     how = env.get("kit_self_check") or {}
     selected = [f for f, d in (env.get("flows") or {}).items() if (d or {}).get("selected")]
+    flows = how.get("flows")
+    if flows is None:
+        flows = [how["flow"]] if how.get("flow") else []
     # with one flow selected, "which flow" says nothing new
-    flow = how.get("flow") if len(selected) > 1 else None
-    check = SelfCheck(mode=str(how.get("mode") or "all"), flow=flow)
+    check = SelfCheck(
+        mode=str(how.get("mode") or "all"), flows=list(flows) if len(selected) > 1 else []
+    )
     for req, group in groups.items():
         decided = [
             e

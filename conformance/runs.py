@@ -3,44 +3,98 @@
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from conformance.expectations import FLOWS
+from conformance.requirements import ENGINE, subject_of
 from conformance.scenario import SCENARIOS, HelperError, Scenario
+
+if TYPE_CHECKING:
+    from conformance.catalogue import TestDeclaration
 
 #: Hook timeout of the scenarios that hang on purpose (seconds).
 SHORT_HOOK_TIMEOUT = 1.0
 
-#: ``--kit-self-check``: the flows that run the kit-injected scenarios (the kit checking its
-#: own requirements): ``one`` flow of the session (the default), ``all`` of them, or none.
+#: ``--kit-self-check``: the flows that run the kit-only scenarios (the kit checking its own
+#: requirements): ``one`` flow of the session (the default), ``all`` of them, or none.
 SELF_CHECK_MODES = ("one", "all", "off")
-#: With ``one``, the first of these flows that the session selected and can run. The same
-#: order as FLOWS: root first, the flow that needs nothing but root.
+#: With ``one``, the first of these flows that the session selected and can run, a flow with
+#: the real backend before any with the fake one. The same order as FLOWS: root first, the
+#: flow that needs nothing but root.
 SELF_CHECK_ORDER = FLOWS
 
 
-def self_check_flow(candidates: Iterable[str]) -> str | None:
-    """The flow that runs the kit-injected scenarios with ``--kit-self-check=one``: the
-    first of ``candidates`` in :data:`SELF_CHECK_ORDER` (None: no candidate)."""
-    wanted = set(candidates)
-    return next((f for f in SELF_CHECK_ORDER if f in wanted), None)
+def one_flow_scenarios(tests: Iterable[TestDeclaration] | None = None) -> frozenset[str]:
+    """The kit-only scenarios: kit-injected (:attr:`Scenario.kit_self_check`) and declared
+    specifically by no test of an engine requirement. ``--kit-self-check`` makes only these
+    in fewer flows; ``tests``: the suite's declarations (default: the installed suite's).
+
+    A kit-injected run that an engine test declares by name (CLEAN-002 reads the engine's
+    cleanup after each injected failure, ORDER-010 the master after stage 2 returned) shows
+    engine code on a path no other run takes, and that code may behave differently per flow
+    (the privileges differ): it is made in every flow, whatever the mode.
+
+    A test that declares every scenario (HOST-*, CLEAN-001, LEDGER-002/003: checks of every
+    run) does not count, and loses nothing real in the flows that skip the kit-only runs: in
+    them the engine's code takes no path that a run made in every flow does not take too. The
+    kit raises after the engine's prepare_config returned, or makes its StarterConfig invalid
+    (stage 1 fails: no other hook runs), or raises after the engine's cleanup_container
+    returned: the engine ran the default run's path. The kit blocks in place of
+    create_container until the hook timeout: the engine's cleanup then follows a
+    create_container that set nothing up, as after inject:create_container, made in every
+    flow. The RPC probe's frames are refused by the kit's RPC server before any engine
+    method; the engine's hooks run as in the default run.
+    """
+    if tests is None:
+        return _suite_one_flow_scenarios()
+    injected = {name for name, s in SCENARIOS.items() if s.kit_self_check}
+    engine_reads: set[str] = set()
+    for decl in tests:
+        if set(decl.scenarios) >= set(SCENARIOS):  # a check of every run
+            continue
+        if any(subject_of(r) == ENGINE for r in decl.requirements):
+            engine_reads.update(decl.scenarios)
+    return frozenset(injected - engine_reads)
+
+
+@functools.cache
+def _suite_one_flow_scenarios() -> frozenset[str]:
+    from conformance.catalogue import suite_tests  # noqa: PLC0415 (imports the suite)
+
+    return one_flow_scenarios(suite_tests())
+
+
+def self_check_flow(
+    candidates: Iterable[str], backends: Mapping[str, str] | None = None
+) -> str | None:
+    """The flow that runs the kit-only scenarios with ``--kit-self-check=one``: the first of
+    ``candidates`` in :data:`SELF_CHECK_ORDER` whose backend (``backends``: flow -> real or
+    fake) is real, else the first of them (None: no candidate).
+
+    Real first: as non-root with ``--backend=auto`` root runs on the fake model, and the kit
+    checked against its own model only says nothing of the kit on this kernel."""
+    wanted = [f for f in SELF_CHECK_ORDER if f in set(candidates)]
+    real = [f for f in wanted if (backends or {}).get(f, "real") == "real"]
+    return next(iter(real or wanted), None)
 
 
 @dataclass(frozen=True)
 class SelfCheckPlan:
-    """Which flows run the kit-injected scenarios, and what the others say instead.
+    """Which flows run the kit-only scenarios, and what the others say instead.
 
     The kit's own requirements do not depend on the engine, so the runs made only to check
-    them (:attr:`Scenario.kit_self_check`) are needed once per machine, not once per flow;
-    they were about half of a five-flow session's lifecycles.
+    them (:func:`one_flow_scenarios`) are needed once per machine, not once per flow.
     """
 
     mode: str = "all"
     flow: str | None = None  # mode one: the flow that runs them
+    #: the kit-only scenarios (:func:`one_flow_scenarios`); every other run is made in every flow
+    scenarios: frozenset[str] = field(default_factory=one_flow_scenarios)
 
     def __post_init__(self) -> None:
         if self.mode not in SELF_CHECK_MODES:
@@ -49,18 +103,22 @@ class SelfCheckPlan:
             )
 
     def runs_in(self, flow: str) -> bool:
-        """Whether ``flow`` runs the kit-injected scenarios."""
+        """Whether ``flow`` runs the kit-only scenarios."""
         return self.mode == "all" or (self.mode == "one" and flow == self.flow)
 
     def excludes(self, flow: str, scenario: Scenario) -> bool:
         """Whether this plan leaves ``scenario`` unrun in ``flow``."""
-        return scenario.kit_self_check and not self.runs_in(flow)
+        return scenario.name in self.scenarios and not self.runs_in(flow)
+
+    def kit_only(self, names: Iterable[str]) -> list[str]:
+        """The kit-only scenarios among ``names``."""
+        return [n for n in names if n in self.scenarios]
 
     def reason(self) -> str:
         """What a kit requirement that a flow did not check says instead (not-configured:
         nothing was decided, neither passed nor failed)."""
         if self.mode == "off":
-            return "the kit's self-check was not run (--kit-self-check=off)"
+            return "its kit-only runs were not made (--kit-self-check=off)"
         if self.flow is None:
             return (
                 "the kit's self-check ran in no flow of this session "

@@ -92,8 +92,10 @@ class Scenario:
 
     @property
     def kit_self_check(self) -> bool:
-        """Whether the run exists only for the kit's self-check: the kit injects a fault into
-        its own processes (``--kit-self-check`` chooses the flows that run it)."""
+        """Whether the kit injects a fault into its own processes in this run. Such a run
+        checks the kit, and the engine's code after the fault where an engine test reads it:
+        ``--kit-self-check`` limits only those no engine test reads by name
+        (:func:`conformance.runs.one_flow_scenarios`)."""
         return self.inject is not None
 
     def config(self) -> dict[str, Any]:
