@@ -223,10 +223,9 @@ def self_check(doc: dict[str, Any]) -> SelfCheck | None:
     flows = how.get("flows")
     if flows is None:
         flows = [how["flow"]] if how.get("flow") else []
-    # with one flow selected, "which flow" says nothing new
-    check = SelfCheck(
-        mode=str(how.get("mode") or "all"), flows=list(flows) if len(selected) > 1 else []
-    )
+    mode = str(how.get("mode") or "all")
+    # with one flow selected, or all of them self-checked, "which flow" says nothing new
+    check = SelfCheck(mode=mode, flows=list(flows) if mode == "one" and len(selected) > 1 else [])
     for req, group in groups.items():
         decided = [
             e

@@ -1,6 +1,8 @@
 """``python -m conformance report --merge``: shard reports of one session make one report,
-equal to the report of the unsharded session; shards that do not belong together, or that
-overlap and disagree, are refused (exit 2) with a message naming what differs."""
+equal to the report of the unsharded session (with ``--kit-self-check=all``); shards that do
+not belong together, or that overlap and disagree, are refused (exit 2) with a message naming
+what differs. Shards of ``--kit-self-check=one`` merge too, each with its own self-check
+flow."""
 
 from __future__ import annotations
 
@@ -13,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from conformance import render, report
-from conformance.outcomes import FAILED, PASSED, Results
+from conformance.outcomes import FAILED, NOT_CONFIGURED, PASSED, Results
 
 
-def _session(out: Path, flows: str) -> Path:
+def _session(out: Path, flows: str, self_check: str = "all") -> Path:
     path = out / f"{flows.replace(',', '_')}.json"
     proc = subprocess.run(
         [
@@ -26,9 +28,11 @@ def _session(out: Path, flows: str) -> Path:
             "--engine=reference",
             "--flow",
             flows,
-            # each shard would otherwise check the kit in its own first flow (suid in the
-            # second), which one session of the same flows does in root only
-            "--kit-self-check=all",
+            # with one, each shard checks the kit in its own first flow (suid in the second),
+            # which one session of the same flows does in root only: the kit's results in
+            # suid differ (passed there, not-configured in the session), so only all can
+            # make shards equal to one session
+            f"--kit-self-check={self_check}",
             "-q",
             "-p",
             "no:cacheprovider",
@@ -170,3 +174,68 @@ def test_a_file_that_is_not_a_report_is_refused_by_name(sessions, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     _refused(_merge(sessions["root"], bad, out=tmp_path / "m"), str(bad))
+
+
+# --- shards of --kit-self-check=one --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_mode(tmp_path_factory) -> dict[str, Path]:
+    """Shards that each check the kit in their own first flow: two disjoint, one overlapping."""
+    out = tmp_path_factory.mktemp("one")
+    return {f: _session(out, f, "one") for f in ("root,suid", "userns,fakeroot", "suid,userns")}
+
+
+def _by_key(doc: dict) -> dict[tuple[str, str], dict]:
+    return {(e["requirement"], e["flow"]): e for e in doc["results"]}
+
+
+def test_one_mode_shards_merge_and_name_each_self_check_flow(one_mode, tmp_path):
+    proc = _merge(one_mode["root,suid"], one_mode["userns,fakeroot"], out=tmp_path / "m")
+    assert proc.returncode == 0, proc.stderr
+    merged = render.load(tmp_path / "m" / "conformance.json")
+    assert report.validate(merged) == []
+    assert merged["environment"]["kit_self_check"] == {
+        "mode": "one",
+        "flow": None,
+        "flows": ["root", "userns"],
+    }
+    results = _by_key(merged)
+    # ERR-006 reads a kit-only run: decided where each shard self-checked
+    assert results[("ERR-006", "root")]["outcome"] == PASSED
+    assert results[("ERR-006", "userns")]["outcome"] == PASSED
+    assert results[("ERR-006", "suid")]["message"].startswith("checked in flow root")
+    assert results[("ERR-006", "fakeroot")]["message"].startswith("checked in flow userns")
+    line = "(kit-only runs in flows root, userns; --kit-self-check=all for every flow)"
+    assert line in " ".join(proc.stdout.split())
+    assert render.verdict(merged).code == 0
+
+
+@pytest.mark.parametrize("order", [("root,suid", "suid,userns"), ("suid,userns", "root,suid")])
+def test_overlapping_one_mode_shards_keep_the_kit_result_that_was_decided(
+    one_mode, tmp_path, order
+):
+    # suid: the first shard leaves ERR-006 to root, the second decides it
+    first, second = (
+        json.loads(one_mode[name].read_text()) for name in ("root,suid", "suid,userns")
+    )
+    assert _by_key(first)[("ERR-006", "suid")]["outcome"] == NOT_CONFIGURED
+    assert _by_key(second)[("ERR-006", "suid")]["outcome"] == PASSED
+    proc = _merge(*(one_mode[name] for name in order), out=tmp_path / "m")
+    assert proc.returncode == 0, proc.stderr
+    merged = render.load(tmp_path / "m" / "conformance.json")
+    assert report.validate(merged) == []
+    decided = _by_key(merged)[("ERR-006", "suid")]
+    assert decided["outcome"] == PASSED and decided["runs"], decided
+    assert merged["environment"]["kit_self_check"]["flows"] == ["root", "suid"]
+
+    # the engine's results: the union of both shards' (in suid both decided them, alike)
+    def engine(doc: dict) -> dict:
+        return {k: e["outcome"] for k, e in _by_key(doc).items() if e["subject"] == "engine"}
+
+    assert engine(merged) == engine(first) | engine(second)
+
+
+def test_shards_of_different_self_check_modes_are_refused(sessions, one_mode, tmp_path):
+    proc = _merge(sessions["root"], one_mode["userns,fakeroot"], out=tmp_path / "m")
+    _refused(proc, "differ in --kit-self-check ('one' against 'all')")
