@@ -276,7 +276,7 @@ def build(state: Any, results: Results, runs: Sequence[Mapping[str, Any]]) -> Re
             "backend_requested": state.backend,
             "xdist_workers": state.xdist_workers,
             "strict": state.strict,
-            # --kit-self-check: the flow(s) that ran the kit-injected runs
+            # --kit-self-check: the flow(s) that ran the kit-only runs
             "kit_self_check": state.plan().to_json(),
         },
         "summary": Results.summary(_json(entries)),
