@@ -28,6 +28,7 @@ from kit.starter.common import (
     _status_to_code,
     default_signals,
     describe_error,
+    exiting_child,
     rearm_parent_death,
 )
 from kit.starter.config import StarterConfig
@@ -211,9 +212,7 @@ class Starter:
 
         # A sentinel child, older than the container, that exits at once: a monitor that
         # reaps any child (waitpid(-1)) takes it first, and the master sees it gone.
-        self.sentinel = os.fork()
-        if self.sentinel == 0:
-            _exit(0)
+        self.sentinel = exiting_child()
         pid = self.system.clone(clone_kinds)
         if pid == 0:
             master_sock.close()
