@@ -364,6 +364,8 @@ def path_identity(path: str = "/") -> str | None:
 
 def unescape_mountinfo(field: str) -> str:
     """A mountinfo path field with its octal escapes (``\\040`` for a space…) decoded."""
+    if "\\" not in field:
+        return field  # the common case: no regex (compiled anew in each forked process)
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
