@@ -63,7 +63,7 @@ class EngineConfig:
         :class:`ConfigError` naming the field."""
         if not isinstance(data, dict):
             raise ConfigError(f"{where}: expected a JSON object, got {type(data).__name__}")
-        hints = typing.get_type_hints(type(self))
+        hints = field_types(type(self))
         names = {f.name for f in dataclasses.fields(self)}
         for key, value in data.items():
             if key not in names:
@@ -77,6 +77,20 @@ class EngineConfig:
         obj = cls()
         obj.update_from_json(data)
         return obj
+
+
+#: Resolved type hints by config class (see :func:`field_types`).
+FIELD_TYPES: dict[type[EngineConfig], dict[str, Any]] = {}
+
+
+def field_types(cls: type[EngineConfig]) -> dict[str, Any]:
+    """The resolved type hints of a config class, cached: resolving evaluates (compiles)
+    every string annotation, a millisecond in each process of a run unless resolved once
+    before the forks (:meth:`kit.starter.stage1.Starter.main`)."""
+    hints = FIELD_TYPES.get(cls)
+    if hints is None:
+        hints = FIELD_TYPES[cls] = typing.get_type_hints(cls)
+    return hints
 
 
 def _dump(value: Any) -> Any:

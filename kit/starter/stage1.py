@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -11,7 +12,9 @@ from typing import Any, NoReturn
 from kit import registry
 from kit.contract import (
     ConfigError,
+    EngineConfig,
     dumps,
+    field_types,
 )
 from kit.ledger.record import LedgerWriter
 from kit.run import seccomp
@@ -36,6 +39,22 @@ from kit.starter.container import Container
 from kit.starter.control import Control
 from kit.starter.master import Master
 from kit.system import current, linux
+
+
+def resolve_config_types(engine: str) -> None:
+    """Resolve the field types of the engine's config classes (those of the module that
+    defines its operations) here, before the forks: stage 1, the master, the RPC server and
+    stage 2 then find them resolved instead of each evaluating every annotation again."""
+    module = getattr(registry.find(engine).factory, "__module__", None)
+    todo = EngineConfig.__subclasses__()
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if cls.__module__ == module:
+            try:
+                field_types(cls)
+            except Exception:  # noqa: BLE001 the engine's own process reports it
+                pass
 
 
 class Starter:
@@ -101,6 +120,10 @@ class Starter:
             self.ledger.emit(
                 "process_start", ppid=self.system.getppid(), nspid=[self.system.getpid()]
             )
+            resolve_config_types(self.req.engine)
+            # Every object so far is the children's too: frozen, no collection in them
+            # walks (and so copies) the pages it lies on.
+            gc.freeze()
             common_json, sconf = self.run_stage1()
             self.ledger.emit("starter_config", config=sconf.to_json())
             try:
