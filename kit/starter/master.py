@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
 import select
 import signal
 import socket
+import struct
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +54,26 @@ _UNBLOCKABLE = {
 }
 MASTER_SIGNALS = {s for s in signal.valid_signals() if s not in _UNBLOCKABLE}
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_SFD_NONBLOCK = os.O_NONBLOCK
+_SFD_CLOEXEC = os.O_CLOEXEC
+#: struct signalfd_siginfo: 128 bytes, ssi_signo at 0 and ssi_pid at 12.
+_SIGINFO_SIZE = 128
+_SIGINFO = struct.Struct("=I8xI")
+
+
+def open_signalfd(signals: set[signal.Signals]) -> int:
+    """A non-blocking signalfd(2) for ``signals`` (blocked in every thread of the caller)."""
+    sigset = ctypes.create_string_buffer(128)  # sigset_t
+    _libc.sigemptyset(sigset)
+    for sig in signals:
+        _libc.sigaddset(sigset, int(sig))
+    fd: int = _libc.signalfd(-1, sigset, _SFD_NONBLOCK | _SFD_CLOEXEC)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"signalfd: {os.strerror(err)}")
+    return fd
+
 
 class Master:
     """The master process: create_container ‖ start waiter ‖ monitor_container, then
@@ -79,6 +102,20 @@ class Master:
         self.signals = SignalChannel()
         self.ctx = Context()
         self.container_sigchld = threading.Event()
+        # The master's one poll loop (main thread): signals, the creation watch, and wake-ups
+        # from the hook threads (an event, exec checked, a thread done). One thread instead
+        # of a signal thread and a watch thread handing the GIL around.
+        self.poller = select.poll()
+        self.wake_r, self.wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.poller.register(self.wake_r, select.POLLIN)
+        self.sigfd = -1
+        #: The container's SIGCHLD, held (and the signals after it unread) until the start
+        #: waiter has told exec from exit, or until the deadline.
+        self.held: tuple[signal.struct_siginfo, float] | None = None
+        self._pending: list[tuple[int, int]] = []  # read after the held one
+        self.watch_lock = threading.Lock()
+        self.watching: tuple[int, int] | None = None  # (pidfd, rpc dup) while creating
+        self._unwatched: list[tuple[int, int]] = []  # to close, in the loop's thread
 
     def main(self) -> int:
         linux.set_name("kit-master")
@@ -108,13 +145,15 @@ class Master:
             os.waitpid(self.pid, 0)
             return EXIT_FATAL
         self.engine = engine
-        threading.Thread(target=self._signal_loop, name="kit-signals", daemon=True).start()
+        self.sigfd = open_signalfd(MASTER_SIGNALS)
+        self.poller.register(self.sigfd, select.POLLIN)
+        ended = [threading.Event() for _ in range(3)]
         threads = [
-            threading.Thread(target=fn, name=name, daemon=True)
-            for fn, name in (
-                (self._create, "kit-create"),
-                (self._start_waiter, "kit-start-waiter"),
-                (self._monitor, "kit-monitor"),
+            threading.Thread(target=self._waking(fn, end), name=name, daemon=True)
+            for fn, name, end in (
+                (self._create, "kit-create", ended[0]),
+                (self._start_waiter, "kit-start-waiter", ended[1]),
+                (self._monitor, "kit-monitor", ended[2]),
             )
         ]
         for t in threads:
@@ -122,7 +161,8 @@ class Master:
 
         fatal: BaseException | None = None
         status: int | None = None
-        kind, value = self.events.get()
+        value: Any
+        kind, value = self._next_event(None) or ("timeout", None)  # None: no timeout
         if kind == "fatal":
             fatal = value
             self.ledger.emit("fatal", message=str(fatal), error=describe_error(fatal))
@@ -132,6 +172,7 @@ class Master:
             status = value
         if status is not None:
             self._await_container_sigchld()
+        self._serve(lambda: ended[0].is_set() and ended[1].is_set())
         threads[0].join()
         threads[1].join()
         self._check_sentinel()
@@ -147,6 +188,9 @@ class Master:
             )
         except BaseException:  # noqa: BLE001 engine code may raise anything
             pass  # recorded by the hook runner; the exit code is unchanged
+        # What arrived during the cleanup (which runs on this thread), before the exit.
+        self._release_held(force=True)
+        self._read_signals()
         if fatal is not None or status is None:
             return EXIT_FATAL
         return _status_to_code(status)
@@ -177,7 +221,7 @@ class Master:
         When SIGCHLD is ignored (an engine's doing) the kernel sends none: nothing to wait for.
         """
         if not linux.signal_ignored(signal.SIGCHLD):
-            self.container_sigchld.wait(self.starter.req.hook_timeout)
+            self._serve(self.container_sigchld.is_set, self.starter.req.hook_timeout)
 
     def _kill_container(self) -> None:
         try:
@@ -188,10 +232,10 @@ class Master:
     def _await_status(self) -> int | None:
         """After a fatal error: the container's status from the monitor, or our own wait."""
         while True:
-            try:
-                kind, value = self.events.get(timeout=self.starter.req.hook_timeout)
-            except queue.Empty:
+            event = self._next_event(self.starter.req.hook_timeout)
+            if event is None:
                 break
+            kind, value = event
             if kind == "status":
                 status: int | None = value
                 return status
@@ -203,33 +247,129 @@ class Master:
         except ChildProcessError:
             return None
 
-    def _signal_loop(self) -> None:
-        while True:
-            info = signal.sigwaitinfo(MASTER_SIGNALS)
-            if (
-                info.si_signo == signal.SIGCHLD
-                and info.si_pid != self.pid
-                and probe.is_probe_child(info.si_pid)
-            ):
-                # The exit of one of the kit's own probe children: not the engine's business,
-                # unless the container's SIGCHLD was merged into it (standard signals
-                # coalesce): peek, without reaping, whether the container has exited.
-                if not self._container_exited():
-                    continue
-                info = signal.struct_siginfo((signal.SIGCHLD, 0, 0, self.pid, 0, 0, 0))
-            if info.si_signo == signal.SIGCHLD and info.si_pid == self.pid:
-                # Let the start waiter tell exec from exit before anyone can reap the
-                # container: a monitor reaps it when it sees this SIGCHLD.
-                self.exec_checked.wait(self.starter.req.hook_timeout)
-            self.ledger.emit(
-                "signal",
-                signum=info.si_signo,
-                name=signal.Signals(info.si_signo).name,
-                sender=info.si_pid,
+    # -- the poll loop ---------------------------------------------------------------------
+    def _wake(self) -> None:
+        try:
+            os.write(self.wake_w, b"x")
+        except BlockingIOError:
+            pass  # full: the loop wakes anyway
+
+    def _waking(self, fn: Callable[[], None], ended: threading.Event) -> Callable[[], None]:
+        """``fn``, then ``ended`` set and the loop woken (it may wait for the end: a thread
+        is still alive for a moment after its function returned)."""
+
+        def run() -> None:
+            try:
+                fn()
+            finally:
+                ended.set()
+                self._wake()
+
+        return run
+
+    def _put(self, event: tuple[str, Any]) -> None:
+        self.events.put(event)
+        self._wake()
+
+    def _next_event(self, timeout: float | None) -> tuple[str, Any] | None:
+        """The next event of the hook threads, serving the loop meanwhile; None after
+        ``timeout`` seconds without one."""
+        if not self._serve(lambda: not self.events.empty(), timeout):
+            return None
+        return self.events.get_nowait()
+
+    def _serve(self, done: Callable[[], bool], timeout: float | None = None) -> bool:
+        """Record signals and watch the creation until ``done()``; False when ``timeout``
+        seconds passed first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not done():
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                return False
+            wait = None if deadline is None else deadline - now
+            if self.held is not None:
+                wait = (
+                    max(0.0, self.held[1] - now) if wait is None else min(wait, self.held[1] - now)
+                )
+            ready = self.poller.poll(-1 if wait is None else max(1, int(wait * 1000) + 1))
+            for fd, _ in ready:
+                if fd == self.wake_r:
+                    try:
+                        os.read(self.wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                elif fd == self.sigfd:
+                    self._read_signals()
+                else:
+                    self._creation_watch_fired()
+            self._close_unwatched()
+            self._release_held()
+        return True
+
+    def _read_signals(self) -> None:
+        """Record every signal pending on the signalfd, in order, up to one to hold."""
+        while not self._holding():
+            try:
+                data = os.read(self.sigfd, _SIGINFO_SIZE * 16)
+            except BlockingIOError:
+                return
+            self._pending.extend(
+                _SIGINFO.unpack_from(data, offset)
+                for offset in range(0, len(data) - _SIGINFO_SIZE + 1, _SIGINFO_SIZE)
             )
-            self.signals.put(info.si_signo)
-            if info.si_signo == signal.SIGCHLD and info.si_pid == self.pid:
-                self.container_sigchld.set()
+            self._record_pending()
+
+    def _holding(self) -> bool:
+        return self.held is not None
+
+    def _record_pending(self) -> None:
+        """Record the signals read, in arrival order, up to one to hold (the rest wait)."""
+        while self._pending and not self._holding():
+            signo, sender = self._pending.pop(0)
+            self._on_signal(signo, sender)
+
+    def _on_signal(self, signo: int, sender: int) -> None:
+        if signo == signal.SIGCHLD and sender != self.pid and probe.is_probe_child(sender):
+            # The exit of one of the kit's own probe children: not the engine's business,
+            # unless the container's SIGCHLD was merged into it (standard signals
+            # coalesce): peek, without reaping, whether the container has exited.
+            if not self._container_exited():
+                return
+            sender = self.pid
+        info = signal.struct_siginfo((signo, 0, 0, sender, 0, 0, 0))
+        if signo == signal.SIGCHLD and sender == self.pid and not self.exec_checked.is_set():
+            # Let the start waiter tell exec from exit before anyone can reap the
+            # container: a monitor reaps it when it sees this SIGCHLD. Until then no signal
+            # after it is read either (arrival order).
+            self.held = (info, time.monotonic() + self.starter.req.hook_timeout)
+            self.poller.unregister(self.sigfd)
+            return
+        self._record(info)
+
+    def _release_held(self, force: bool = False) -> None:
+        """Record the held SIGCHLD once exec is checked (or its wait is over), then the
+        signals read after it; the signalfd is read again."""
+        if self.held is None:
+            return
+        info, deadline = self.held
+        if not (force or self.exec_checked.is_set() or time.monotonic() >= deadline):
+            return
+        self.held = None
+        self._record(info)
+        self.poller.register(self.sigfd, select.POLLIN)
+        self._record_pending()
+        self._read_signals()
+
+    def _record(self, info: signal.struct_siginfo) -> None:
+        self.ledger.emit(
+            "signal",
+            signum=info.si_signo,
+            name=signal.Signals(info.si_signo).name,
+            sender=info.si_pid,
+        )
+        self.signals.put(info.si_signo)
+        if info.si_signo == signal.SIGCHLD and info.si_pid == self.pid:
+            self.container_sigchld.set()
 
     def _container_exited(self) -> bool:
         try:
@@ -239,7 +379,8 @@ class Master:
         return found is not None
 
     def _create(self) -> None:
-        stop_watch = self._watch_creation()
+        self._watch_creation()
+        stop_watch = self._stop_watch
         try:
             self.hooks.call(
                 "create_container",
@@ -253,7 +394,7 @@ class Master:
             self.rpc_sock.close()
             _send(self.sock, Control.ABORT)
             err = _unwrap(exc)
-            self.events.put(
+            self._put(
                 (
                     "fatal",
                     ContainerCreationFailed(
@@ -267,55 +408,67 @@ class Master:
         self.go_sent.set()
         _send(self.sock, Control.GO)
 
-    def _watch_creation(self) -> Callable[[], None]:
-        """Until the returned function is called: if the container process dies (its
-        pidfd) or the RPC server does (its end of the connection hangs up), cancel ``ctx``
-        with the reason and shut the RPC connection down, so that create_container learns it
-        at once instead of after a wait or a timeout."""
+    def _watch_creation(self) -> None:
+        """Until :meth:`_stop_watch`: if the container process dies (its pidfd) or the RPC
+        server does (its end of the connection hangs up), cancel ``ctx`` with the reason
+        and shut the RPC connection down, so that create_container learns it at once
+        instead of after a wait or a timeout (the loop polls both)."""
         try:
             pidfd = os.pidfd_open(self.pid)
         except OSError:
-            return lambda: None
-        wake_r, wake_w = os.pipe2(os.O_CLOEXEC)
-        poller = select.poll()
-        poller.register(pidfd, select.POLLIN)
-        poller.register(self.rpc_sock.fileno(), select.POLLRDHUP)
-        poller.register(wake_r, select.POLLIN)
+            return
+        # A descriptor of the loop's own: the create thread closes rpc_sock when done, and
+        # its number could be reused while the loop still polls it.
+        rpc = os.dup(self.rpc_sock.fileno())
+        os.set_inheritable(rpc, False)
+        # From the create thread: a poll object may be changed while another thread polls
+        # it (the change counts from its next poll, which the wake-up starts).
+        with self.watch_lock:
+            self.watching = (pidfd, rpc)
+            self.poller.register(pidfd, select.POLLIN)
+            self.poller.register(rpc, select.POLLRDHUP)
+        self._wake()
 
-        def watch() -> None:
-            ready = dict(poller.poll())
-            if wake_r in ready:
-                return
-            if pidfd not in ready and select.select([pidfd], [], [], 0.05)[0]:
-                # The container's death takes its RPC server along, which may hang up
-                # first: the container's end is the reason worth giving.
-                ready[pidfd] = select.POLLIN
-            if pidfd in ready:
-                what = f"the container process (pid {self.pid}) died{_how_ended(self.pid)}"
-            else:
-                what = "the RPC server ended (its end of the connection was closed)"
-            self.ctx.cancel(what)
-            try:
-                self.rpc_sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+    def _stop_watch(self) -> None:
+        """From the create thread: the watch fires no more once this returns."""
+        with self.watch_lock:
+            watched, self.watching = self.watching, None
+        if watched is not None:
+            self._unwatched.append(watched)
+            self._wake()
 
-        watcher = threading.Thread(target=watch, name="kit-create-watch", daemon=True)
-        watcher.start()
+    def _creation_watch_fired(self) -> None:
+        with self.watch_lock:
+            if self.watching is not None:
+                pidfd, _ = self.watching
+                if select.select([pidfd], [], [], 0.05)[0]:
+                    # The container's death takes its RPC server along, which may hang up
+                    # first: the container's end is the reason worth giving.
+                    what = f"the container process (pid {self.pid}) died{_how_ended(self.pid)}"
+                else:
+                    what = "the RPC server ended (its end of the connection was closed)"
+                self.ctx.cancel(what)
+                try:
+                    self.rpc_sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                self._unwatched.append(self.watching)
+                self.watching = None
+        self._close_unwatched()
 
-        def stop() -> None:
-            os.write(wake_w, b"x")
-            watcher.join()
-            for fd in (pidfd, wake_r, wake_w):
+    def _close_unwatched(self) -> None:
+        """Unregister and close what no longer is watched (in the loop's thread only)."""
+        while self._unwatched:
+            for fd in self._unwatched.pop():
+                self.poller.unregister(fd)
                 os.close(fd)
-
-        return stop
 
     def _start_waiter(self) -> None:
         try:
             exec_seen = self._wait_for_exec()
         finally:
             self.exec_checked.set()
+            self._wake()
         if not exec_seen:
             return
         self.ledger.emit("stage2_exec")
@@ -324,7 +477,7 @@ class Master:
                 "post_start_process", self.engine.operations.post_start_process, self.ctx, self.pid
             )
         except BaseException as exc:  # noqa: BLE001 engine code may raise anything
-            self.events.put(("fatal", _unwrap(exc)))
+            self._put(("fatal", _unwrap(exc)))
 
     def _wait_for_exec(self) -> bool:
         """True once the payload was exec'd; False when stage 2 failed or never started."""
@@ -351,13 +504,13 @@ class Master:
                 self.signals,
             )
         except BaseException as exc:  # noqa: BLE001 engine code may raise anything
-            self.events.put(("fatal", _unwrap(exc)))
-            self.events.put(("monitor_failed", None))
+            self._put(("fatal", _unwrap(exc)))
+            self._put(("monitor_failed", None))
             return
         if not isinstance(status, int):
-            self.events.put(
+            self._put(
                 ("fatal", TypeError(f"monitor_container returned {status!r}, not a wait status"))
             )
-            self.events.put(("monitor_failed", None))
+            self._put(("monitor_failed", None))
             return
-        self.events.put(("status", status))
+        self._put(("status", status))
