@@ -28,8 +28,11 @@ wall time on a shared machine): ``cpu_ms``, the mean per run.
 It prints each median, the ratios, and where the time of a full lifecycle goes (per stage
 and hook, from the ledger's timestamps; probe cost; ledger cost). ``--json FILE`` writes
 ``{"medians": {...ms}, "cpu_ms": {...}, "ratios": {...}, "samples": N, "runc": {...},
-"breakdown": {...}}``; ``sandbox_overhead`` is the host sandbox's share of a full lifecycle
-(0.10: 10 %). A benchmark, not a test: nothing here asserts a time.
+"breakdown": {...}, "loadavg": [before, after]}``; ``sandbox_overhead`` is the host sandbox's
+share of a full lifecycle's wall time (0.10: 10 %), ``sandbox_overhead_cpu`` its share of the
+CPU time. ``--cases full,no_sandbox`` times only those cases (no CLI run, no micro-measures):
+the host sandbox's cost alone, in a third of the time. A benchmark, not a test: nothing here
+asserts a time.
 """
 
 from __future__ import annotations
@@ -262,6 +265,12 @@ def _await_settled(zygote: int, deadline: float, quiet: int = 3) -> None:
         time.sleep(0.005)
 
 
+def _loadavg() -> str:
+    """The 1, 5 and 15 minute load averages (a shared machine's wall times depend on them)."""
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
 def fake_available() -> bool:
     try:
         import kit.system.fake  # noqa: F401, PLC0415  (the probe itself: does it import here?)
@@ -483,6 +492,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--suite", metavar="ENGINE", help="also time the whole conformance suite with -n 0 and -n 2"
     )
+    parser.add_argument(
+        "--cases",
+        metavar="NAME,...",
+        help="time only these lifecycle cases (e.g. full,no_sandbox: the host sandbox's cost), "
+        "and skip the one-shot CLI and the micro-measures; ratios of cases left out are n/a",
+    )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("bench.lifecycle: needs root (the root flow and util-linux unshare)", file=sys.stderr)
@@ -511,8 +526,16 @@ def _measure(args: argparse.Namespace, runc: RuncCase | None, runc_info: dict[st
     if fake_available():
         cases["fake"] = _lifecycle("root", backend="fake")
     cases["userns"] = _lifecycle("userns")
+    only = args.cases.split(",") if args.cases else None
+    if only is not None:
+        unknown = sorted(set(only) - set(cases))
+        if unknown:
+            print(f"bench.lifecycle: unknown case(s): {', '.join(unknown)}", file=sys.stderr)
+            return 2
+        cases = {name: fn for name, fn in cases.items() if name in only}
     samples: dict[str, list[float]] = {name: [] for name in cases}
     cpu: dict[str, float] = {name: 0.0 for name in cases}
+    loadavg = [_loadavg()]
     for _ in range(args.warmup):
         for fn in cases.values():
             fn()
@@ -535,11 +558,16 @@ def _measure(args: argparse.Namespace, runc: RuncCase | None, runc_info: dict[st
     if sys.stderr.isatty():
         print(file=sys.stderr)
 
+    loadavg.append(_loadavg())
     medians = {name: round(statistics.median(v), 3) for name, v in samples.items()}
     cpu_ms = {name: round(1000 * v / args.samples, 2) for name, v in cpu.items()}
 
     def ratio(a: str, b: str, of: dict[str, float] = medians) -> float | None:
         return round(of[a] / of[b], 2) if a in of and b in of and of[b] > 0 else None
+
+    def share(a: str, b: str, of: dict[str, float]) -> float | None:
+        """What ``a`` adds to ``b``, as a share of ``a`` (0.10: 10 % of a lifecycle)."""
+        return round((of[a] - of[b]) / of[a], 3) if a in of and b in of and of[a] > 0 else None
 
     ratios = {
         "full_vs_runc": ratio("full", "runc"),
@@ -549,24 +577,29 @@ def _measure(args: argparse.Namespace, runc: RuncCase | None, runc_info: dict[st
         "no_probes_vs_unshare": ratio("no_probes", "unshare"),
         "fake_vs_full": ratio("fake", "full"),
         "sandbox_vs_no_sandbox": ratio("full", "no_sandbox"),
-        "sandbox_overhead": round((medians["full"] - medians["no_sandbox"]) / medians["full"], 3),
+        "sandbox_overhead": share("full", "no_sandbox", medians),
+        "sandbox_overhead_cpu": share("full", "no_sandbox", cpu_ms),
         "cpu_full_vs_runc": ratio("full", "runc", cpu_ms),
         "cpu_no_probes_vs_runc": ratio("no_probes", "runc", cpu_ms),
     }
-    report_cli = cli_vs_python(args.samples, args.warmup)
-    ratios["cli_vs_python"] = report_cli["ratio"]
-    report = {
+    report: dict[str, Any] = {
         "samples": args.samples,
         "medians": medians,
         "cpu_ms": cpu_ms,
         "ratios": ratios,
         "runc": runc_info,
-        "cli": report_cli,
+        "loadavg": loadavg,
         "breakdown": breakdown(last_full) if last_full else {},
-        "probe_ms": probe_cost(),
-        "ledger_event_us": round(ledger_cost(), 2),
-        "seccomp": seccomp_cost(),
     }
+    if only is None:
+        report_cli = cli_vs_python(args.samples, args.warmup)
+        ratios["cli_vs_python"] = report_cli["ratio"]
+        report.update(
+            cli=report_cli,
+            probe_ms=probe_cost(),
+            ledger_event_us=round(ledger_cost(), 2),
+            seccomp=seccomp_cost(),
+        )
 
     print(f"{'case':16} {'median ms':>10} {'cpu ms':>8}")
     for name, value in medians.items():
@@ -576,10 +609,12 @@ def _measure(args: argparse.Namespace, runc: RuncCase | None, runc_info: dict[st
     print()
     for name, ratio_value in ratios.items():
         print(f"{name:22} {'n/a' if ratio_value is None else f'{ratio_value:.2f}'}")
-    print(
-        f"one-shot CLI {report_cli['cli_ms']} ms, python -c pass {report_cli['python_ms']} "
-        f"ms (CPU ratio {report_cli['cpu_ratio']})"
-    )
+    if "cli" in report:
+        print(
+            f"one-shot CLI {report['cli']['cli_ms']} ms, python -c pass "
+            f"{report['cli']['python_ms']} ms (CPU ratio {report['cli']['cpu_ratio']})"
+        )
+    print(f"load average before and after: {loadavg[0]} / {loadavg[1]}")
     print()
     print("where a full lifecycle's time goes (ms since the supervisor's first event):")
     for name, value in report["breakdown"].get("marks_ms", {}).items():
@@ -587,23 +622,27 @@ def _measure(args: argparse.Namespace, runc: RuncCase | None, runc_info: dict[st
     print("hook durations (ms, probes included):")
     for name, value in report["breakdown"].get("hooks_ms", {}).items():
         print(f"  {name:34} {value}")
-    cost = medians["full"] - medians["no_sandbox"]
-    report["sandbox_cost_ms"] = round(cost, 3)
-    print(
-        f"host sandbox: {cost:+.2f} ms per lifecycle "
-        f"({100 * cost / medians['no_sandbox']:+.1f} % of one without it)"
-    )
-    print(
-        f"one snapshot: {report['probe_ms']['snapshot']:.2f} ms, one escalation probe: "
-        f"{report['probe_ms']['escalation']:.2f} ms, one ledger event: "
-        f"{report['ledger_event_us']:.1f} µs"
-    )
-    sc = report["seccomp"]
-    print(
-        f"the fake backend's seccomp filter: install {sc.get('install_ms')} ms, "
-        f"+{sc.get('per_syscall_ns')} ns per system call let through "
-        f"(getppid unfiltered {sc.get('syscall_ns_unfiltered')} ns)"
-    )
+    if "full" in medians and "no_sandbox" in medians:
+        cost = medians["full"] - medians["no_sandbox"]
+        cpu_cost = cpu_ms["full"] - cpu_ms["no_sandbox"]
+        report["sandbox_cost_ms"] = round(cost, 3)
+        report["sandbox_cost_cpu_ms"] = round(cpu_cost, 3)
+        print(
+            f"host sandbox: {cost:+.2f} ms per lifecycle, {100 * cost / medians['full']:+.1f} % "
+            f"of one with it (CPU {cpu_cost:+.2f} ms, {100 * cpu_cost / cpu_ms['full']:+.1f} %)"
+        )
+    if "probe_ms" in report:
+        print(
+            f"one snapshot: {report['probe_ms']['snapshot']:.2f} ms, one escalation probe: "
+            f"{report['probe_ms']['escalation']:.2f} ms, one ledger event: "
+            f"{report['ledger_event_us']:.1f} µs"
+        )
+        sc = report["seccomp"]
+        print(
+            f"the fake backend's seccomp filter: install {sc.get('install_ms')} ms, "
+            f"+{sc.get('per_syscall_ns')} ns per system call let through "
+            f"(getppid unfiltered {sc.get('syscall_ns_unfiltered')} ns)"
+        )
     if args.suite:
         report["suite"] = suite_scaling(args.suite)
         print(
