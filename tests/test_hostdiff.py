@@ -325,6 +325,15 @@ def test_a_net_sysctl_is_named(sandbox: OwnSandbox) -> None:
     assert named(found, "sysctl", "net.ipv4.conf.lo.rp_filter").after == "2"
 
 
+def test_a_sysctl_longer_than_the_first_read_is_read_whole(sandbox: OwnSandbox) -> None:
+    # Every other port reserved: a value of about 2.7 KB, past the small first read.
+    ports = ",".join(str(p) for p in range(40001, 41000, 2))
+    found = changes(sandbox, shell=f"echo {ports} > /proc/sys/net/ipv4/ip_local_reserved_ports")
+    change = named(found, "sysctl", "net.ipv4.ip_local_reserved_ports")
+    assert len(ports) > hostdiff.SYSCTL_FIRST_READ
+    assert (change.before, change.after) == ("", ports)
+
+
 def test_links_addresses_and_routes_are_named(sandbox: OwnSandbox) -> None:
     found = changes(
         sandbox,

@@ -200,6 +200,37 @@ def _read(path: str) -> str:
         os.close(fd)
 
 
+#: Bytes asked of a sysctl by its first read. For each read of a sysctl the kernel allocates
+#: and zeroes a buffer of the size asked for (``proc_sys_call_handler``: ``kvzalloc(count +
+#: 1)``): 64 KiB a read cost about 5 µs of kernel time, for values of a few dozen bytes, half
+#: a thousand times a run. 1023: the kernel's buffer is then one 1 KiB slab object.
+SYSCTL_FIRST_READ = 1023
+#: The most a sysctl's value is read of (as before: a single read of 64 KiB).
+SYSCTL_MAX_READ = 65536
+
+
+def _read_sysctl_fd(fd: int) -> bytes:
+    """A sysctl's value through ``fd``, opened for reading: one small read, and only when it
+    fails or fills its buffer (the value may be cut: a vector of integers cannot be read on
+    from an offset, the kernel formats it whole at each read) a read of the full size from
+    offset 0, exactly what a single read of the full size gives."""
+    try:
+        raw = os.read(fd, SYSCTL_FIRST_READ)
+    except OSError:
+        raw = None  # EINVAL for some per-device entries: the full read says the same, or not
+    if raw is None or len(raw) >= SYSCTL_FIRST_READ:
+        raw = os.pread(fd, SYSCTL_MAX_READ, 0)
+    return raw
+
+
+def _read_sysctl(path: str) -> str:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return _read_sysctl_fd(fd).decode(errors="replace").strip()
+    finally:
+        os.close(fd)
+
+
 #: Whether each sysctl file is writable by its mode: the same in every network namespace, so
 #: stat'ed once per process (a per-device file of a new link is stat'ed when first seen).
 _sysctl_writable: dict[str, bool] = {}
@@ -240,7 +271,7 @@ def _read_at(dfd: int, name: str) -> str:
     except OSError as exc:
         return f"unreadable: {exc.strerror}"
     try:
-        raw = os.read(fd, 65536)
+        raw = _read_sysctl_fd(fd)
     except OSError as exc:  # write-only, or EINVAL for some per-device entries
         return f"unreadable: {exc.strerror}"
     finally:
@@ -336,8 +367,12 @@ def _join(init_pid: int, kind: str) -> None:
 
 #: What a thread that joined the sandbox's namespaces reads: kind → reader (or kinds at once).
 _INSIDE: tuple[tuple[str, tuple[str, ...], Callable[[], Any]], ...] = (
-    ("uts", ("hostname",), lambda: {"hostname": {"": _read("/proc/sys/kernel/hostname")}}),
-    ("uts", ("domainname",), lambda: {"domainname": {"": _read("/proc/sys/kernel/domainname")}}),
+    ("uts", ("hostname",), lambda: {"hostname": {"": _read_sysctl("/proc/sys/kernel/hostname")}}),
+    (
+        "uts",
+        ("domainname",),
+        lambda: {"domainname": {"": _read_sysctl("/proc/sys/kernel/domainname")}},
+    ),
     ("net", ("sysctl",), lambda: {"sysctl": read_sysctls()}),
     ("net", ("link", "address", "route"), read_network),
     ("ipc", ("ipc",), lambda: {"ipc": read_sysvipc()}),
@@ -720,7 +755,7 @@ class HostWatch:
         self.looks += 1
         now = {
             "hostname": {"": socket.gethostname()},
-            "domainname": {"": _read("/proc/sys/kernel/domainname")},
+            "domainname": {"": _read_sysctl("/proc/sys/kernel/domainname")},
         }
         # The kernel wakes a poller of mountinfo for a mount or an unmount, not for a change
         # of propagation (MS_PRIVATE and kin): the text is compared too, parsed only if new.
