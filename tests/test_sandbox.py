@@ -471,3 +471,45 @@ def test_the_zygote_builds_the_next_sandbox_while_a_run_goes_on():
         handle = start("reference", "root", ["/bin/true"], shared_dirs=[shared])
         assert linux.process_parents().get(handle.sandbox["sandbox_pid"]) != zygote
         assert handle.wait().exit_code == 0
+
+
+def test_the_diff_lists_message_queues_through_inits_fd_even_once_unmounted():
+    """The sandbox's POSIX message queues are listed through init's fd of its ipc namespace's
+    mqueue root (no mount of the diff's own on the run's path): a queue made after /dev/mqueue
+    was unmounted in the sandbox is still named."""
+    import ctypes
+
+    from conftest import in_child
+
+    from kit.run import hostdiff
+
+    def body() -> dict[str, Any]:
+        box = sandbox.adopt(sandbox.build([]))  # our children: in the sandbox's pid namespace
+        try:
+            assert box.mqueue_dir, "init reported no mqueue root"
+            watch = hostdiff.HostWatch(box)
+            watch.start()
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    linux.setns(box.ns_fds["ipc"], linux.CLONE_NEWIPC)
+                    linux.setns(box.ns_fds["mount"], linux.CLONE_NEWNS)
+                    linux.umount("/dev/mqueue", linux.MNT_DETACH)
+                    libc = ctypes.CDLL(None, use_errno=True)
+                    name, flags = b"/kit-sbtest-queue", os.O_CREAT | os.O_RDWR
+                    code = 0 if libc.mq_open(name, flags, 0o600, None) >= 0 else 2
+                finally:
+                    os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            assert status == 0, status
+            return {"listed": hostdiff.read_mqueues(box.mqueue_dir), "diff": watch.finish()}
+        finally:
+            sandbox.end(box)
+
+    out = in_child(body)
+    assert "ok" in out, out
+    assert out["ok"]["listed"] == {"/kit-sbtest-queue": "0600 0:0"}
+    changes = {(c["kind"], c["name"]): c["after"] for c in out["ok"]["diff"]["changes"]}
+    assert changes[("mqueue", "/kit-sbtest-queue")] == "0600 0:0"
+    assert ("mount", "/dev/mqueue") in changes

@@ -299,10 +299,16 @@ def read_sysvipc() -> dict[str, str]:
     return objects
 
 
-def read_mqueues() -> dict[str, str]:
-    """POSIX message queues of the calling thread's ipc namespace (a detached mqueue mount:
-    it lists the namespace the mounting thread is in)."""
-    fd = linux.detached_mount("mqueue")
+def read_mqueues(root: str = "") -> dict[str, str]:
+    """POSIX message queues of an ipc namespace: listed in ``root``, a directory that is the
+    root of its message queue file system (one per namespace, however often mounted), else
+    in a detached mqueue mount of the calling thread's namespace (its close waits for an RCU
+    grace period: milliseconds on a loaded machine)."""
+    fd = (
+        os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if root
+        else linux.detached_mount("mqueue")
+    )
     try:
         queues = {}
         for name in os.listdir(fd):
@@ -603,7 +609,8 @@ def snapshot(
     - hostname and domainname, the writable sysctls (``net.*`` of the sandbox's network namespace),
       network links, addresses and routes (netlink, through pyroute2), SysV IPC objects and POSIX
       message queues: read by a short-lived thread that joined the sandbox's uts, ipc and net
-      namespaces (those files and sockets show the reader's namespace);
+      namespaces (those files and sockets show the reader's namespace; the queues are listed
+      from outside when the sandbox holds its ipc namespace's mqueue root, ``mqueue_dir``);
     - named network namespaces (``/run/netns`` in the sandbox) and the processes of its pid
       namespace.
 
@@ -613,6 +620,10 @@ def snapshot(
     state = HostState()
     pid = sandbox.init_pid
     thread = None
+    mqueue_dir = getattr(sandbox, "mqueue_dir", "")
+    if mqueue_dir and "mqueue" in only:  # listed from here: no need to join its namespace
+        only = only - {"mqueue"}
+        _outside(state, "mqueue", lambda: read_mqueues(mqueue_dir))
     if inside is not None:
         inside.read(state, only)
     else:

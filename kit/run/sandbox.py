@@ -48,6 +48,9 @@ JOIN_DIR = "/dev/kit-join"
 #: The kinds a run may be given to join: none leads back to the host (a mount namespace
 #: holds the host's file systems; pid and user namespaces have the host's as ancestors).
 JOIN_KINDS = ("uts", "ipc", "net")
+#: In init's report, the item that is not an upper layer: its fd of the root of the sandbox's
+#: POSIX message queue file system.
+_MQUEUE_ITEM = "mqueue"
 #: ioctl_ns(2) NS_GET_NSTYPE: the CLONE_NEW* kind of a namespace file.
 _NS_GET_NSTYPE = 0xB703
 _READY_TIMEOUT = 10.0
@@ -109,6 +112,11 @@ class HostSandbox:
     #: Init is this process's child (:func:`end` stops and reaps it); else its builder's (the
     #: zygote ends it once the supervisor that adopted it is gone: kit.run.zygote).
     own_init: bool = True
+    #: A path, valid in the supervisor, of the root of the sandbox's POSIX message queue file
+    #: system (its ipc namespace's one instance), held open like the upper layers: the host
+    #: diff lists it from outside, neither joining the namespace nor mounting one ("" when
+    #: unknown: the diff then mounts its own).
+    mqueue_dir: str = ""
 
 
 def default_on(backend: str) -> bool:
@@ -157,12 +165,16 @@ class Building:
     #: Init's report, once read (:func:`wait_ready`): {mount point: fd in init} of the
     #: copy-on-write upper layers.
     uppers: dict[str, int] | None = None
+    #: And init's fd of the root of the sandbox's message queue file system, if it has one.
+    mqueue: int | None = None
 
     def wait_ready(self) -> dict[str, str]:
         """Wait until init has built the sandbox (or raise SandboxError saying why); the
         upper layers, each as a path through init's descriptors (valid while it lives)."""
         if self.uppers is None:
-            self.uppers = _await_ready(self.ready_fd)
+            items = _await_ready(self.ready_fd)
+            self.mqueue = items.pop(_MQUEUE_ITEM, None)
+            self.uppers = items
             # Init no longer needs it (its old root is detached): gone now, it cannot outlive
             # a builder that is killed.
             _remove_scratch(self.scratch)
@@ -207,7 +219,7 @@ def adopt(building: Building) -> HostSandbox:
     try:
         building.wait_ready()
         assert building.uppers is not None
-        _hold(sandbox, building.uppers)
+        _hold(sandbox, building.uppers, building.mqueue)
         fd = os.open(linux.ns_path("pid", building.init_pid), os.O_RDONLY | os.O_CLOEXEC)
         try:
             linux.setns(fd, linux.CLONE_NEWPID)
@@ -287,7 +299,8 @@ def _open_namespace(kind: str, path: str) -> int:
 
 
 def _await_ready(rfd: int) -> dict[str, int]:
-    """Init's report: ``{mount point: fd number in init}`` of the upper layers, or raise."""
+    """Init's report: ``{mount point: fd number in init}`` of the upper layers (and
+    :data:`_MQUEUE_ITEM`: fd number), or raise."""
     data = b""
     deadline = time.monotonic() + _READY_TIMEOUT
     while True:
@@ -309,17 +322,24 @@ def _await_ready(rfd: int) -> dict[str, int]:
     return uppers
 
 
-def _hold(sandbox: HostSandbox, uppers: dict[str, int]) -> None:
+def _hold(sandbox: HostSandbox, uppers: dict[str, int], mqueue: int | None = None) -> None:
     """Open what the supervisor needs from init while it lives: its namespaces (for
-    :func:`enter`) and the upper layers (kept readable after teardown)."""
+    :func:`enter`), the upper layers (kept readable after teardown) and the root of the
+    message queue file system."""
     pid = sandbox.init_pid
     for kind in NS_KINDS:
         sandbox.ns_fds[kind] = os.open(linux.ns_path(kind, pid), os.O_RDONLY | os.O_CLOEXEC)
+
+    def held(fd: int) -> str:
+        mine = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        sandbox.held_fds.append(mine)
+        return f"/proc/{os.getpid()}/fd/{mine}"
+
     for point, fd in uppers.items():
-        held = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        sandbox.held_fds.append(held)
-        sandbox.upper_dirs[point] = f"/proc/{os.getpid()}/fd/{held}"
+        sandbox.upper_dirs[point] = held(fd)
     sandbox.upper_dir = sandbox.upper_dirs["/"]
+    if mqueue is not None:
+        sandbox.mqueue_dir = held(mqueue)
 
 
 def enter(sandbox: HostSandbox, keep: set[int]) -> None:
@@ -524,7 +544,8 @@ def _reap_forever() -> NoReturn:
 
 def _build_root(scratch: str, shared: list[str]) -> dict[str, int]:
     """Build the sandbox's root and pivot into it; returns ``{mount point: fd}`` of the
-    copy-on-write upper layers (held open by init)."""
+    copy-on-write upper layers and ``{"mqueue": fd}`` of the message queue file system's root
+    (held open by init)."""
     linux.mount("kit-sandbox", scratch, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=0700")
     new = os.path.join(scratch, "root")
     os.mkdir(new)
@@ -537,7 +558,7 @@ def _build_root(scratch: str, shared: list[str]) -> dict[str, int]:
             _bind(point, target, flags | linux.MS_RDONLY)
     _make_proc(new)
     _make_sys(new)
-    _make_dev(new)
+    uppers[_MQUEUE_ITEM] = _make_dev(new)
     for path in shared:
         _bind(path, new + path, 0)
     os.chdir(new)
@@ -621,13 +642,14 @@ def _make_sys(new: str) -> None:
     )
 
 
-def _make_dev(new: str) -> None:
-    """A tmpfs /dev as a container runtime makes it. Beneath it, hidden, a proc and a sysfs
-    with nothing mounted over any of their directories: the kernel lets a user namespace
-    mount proc or sysfs only when such a fully visible one exists in its mount namespace
-    (``mount_too_revealing``), and the sandbox's own /proc has read-only binds over
-    /proc/sys and friends. On the host, /proc is fully visible: so it must stay here for
-    the user-namespace flows."""
+def _make_dev(new: str) -> int:
+    """A tmpfs /dev as a container runtime makes it; returns an fd of its ``mqueue``'s root
+    (a run may unmount it: the file system of the ipc namespace stays, with its queues).
+    Beneath it, hidden, a proc and a sysfs with nothing mounted over any of their
+    directories: the kernel lets a user namespace mount proc or sysfs only when such a fully
+    visible one exists in its mount namespace (``mount_too_revealing``), and the sandbox's
+    own /proc has read-only binds over /proc/sys and friends. On the host, /proc is fully
+    visible: so it must stay here for the user-namespace flows."""
     dev = new + "/dev"
     flags = linux.MS_NOSUID | linux.MS_NOEXEC
     linux.mount("kit-sandbox", dev, "tmpfs", flags, "mode=0755,size=64k")
@@ -668,3 +690,4 @@ def _make_dev(new: str) -> None:
     )
     for name, target in DEV_LINKS.items():
         os.symlink(target, f"{dev}/{name}")
+    return os.open(f"{dev}/mqueue", os.O_RDONLY | os.O_DIRECTORY)
