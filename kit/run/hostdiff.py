@@ -170,26 +170,38 @@ def read_mounts(mountinfo: str) -> dict[str, str]:
     """Each mount of a mountinfo file, by mount point (``/mnt [2]`` for the second mount stacked
     on ``/mnt``): file system, source, root, options, super block options and propagation. Mount
     ids and device numbers are left out (they differ between equal sandboxes)."""
-    mounts: dict[str, str] = {}
     with open(mountinfo) as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            point = linux.unescape_mountinfo(fields[4])
-            name, n = point, 1
-            while name in mounts:
-                n += 1
-                name = f"{point} [{n}]"
-            fstype, source, sopts = [*fields[sep + 1 : sep + 4], "", "", ""][:3]
-            mounts[name] = (
-                f"{fstype} {linux.unescape_mountinfo(source)} root "
-                f"{linux.unescape_mountinfo(fields[3])} {fields[5]} ({sopts}) "
-                f"{_propagation(fields[6:sep])}"
-            )
+        return parse_mounts(f.read())
+
+
+def parse_mounts(text: str) -> dict[str, str]:
+    """:func:`read_mounts` of the text of a mountinfo file."""
+    mounts: dict[str, str] = {}
+    for line in text.splitlines():
+        fields = line.split()
+        if not fields:
+            continue
+        sep = fields.index("-")
+        point = linux.unescape_mountinfo(fields[4])
+        name, n = point, 1
+        while name in mounts:
+            n += 1
+            name = f"{point} [{n}]"
+        fstype, source, sopts = [*fields[sep + 1 : sep + 4], "", "", ""][:3]
+        mounts[name] = (
+            f"{fstype} {linux.unescape_mountinfo(source)} root "
+            f"{linux.unescape_mountinfo(fields[3])} {fields[5]} ({sopts}) "
+            f"{_propagation(fields[6:sep])}"
+        )
     return mounts
 
 
 # --- inside the namespaces: uts, ipc, net -------------------------------------------------------
+
+
+def _pread_text(fd: int) -> str:
+    """What :func:`_read` reads, through an open file, from its start."""
+    return os.pread(fd, 65536, 0).decode(errors="replace").strip()
 
 
 def _read(path: str) -> str:
@@ -569,12 +581,21 @@ def _mount_alone(point: str) -> tuple[str, int | None]:
     return f"/proc/self/fd/{fd}", fd
 
 
+def _empty(directory: str) -> bool:
+    with os.scandir(directory) as entries:
+        return next(entries, None) is None
+
+
 def _read_all_files(sandbox: Sandbox, lower_dir: str | None, state: HostState) -> dict[str, str]:
     """The upper layers of every copy-on-write mount of the sandbox (``upper_dirs`` by mount
     point when it has several, else ``upper_dir`` for ``/``)."""
     uppers = getattr(sandbox, "upper_dirs", None) or {"/": sandbox.upper_dir}
     files: dict[str, str] = {}
     for point, upper_dir in sorted(uppers.items()):
+        if lower_dir is None and _empty(upper_dir):
+            # Nothing was copied up, created or deleted there: no lower layer to look at (a
+            # detached copy of the mount costs an RCU grace period when it is closed).
+            continue
         below, fd = (lower_dir, None) if lower_dir is not None else _mount_alone(point)
         try:
             found, lower = read_files(upper_dir, below, point)
@@ -655,6 +676,8 @@ def diff(before: HostState, after: HostState) -> list[HostChange]:
             continue
         old = before.objects.get(kind, {})
         new = after.objects.get(kind, {})
+        if old == new:  # the usual case, and the sysctls are half a thousand names to sort
+            continue
         for name in sorted(old.keys() | new.keys()):
             was, now = old.get(name), new.get(name)
             if kind == "file":
@@ -721,7 +744,15 @@ class HostWatch:
             f"/proc/{sandbox.init_pid}/mountinfo", os.O_RDONLY | os.O_CLOEXEC
         )
         _mounts_changed(self._mountinfo)
-        self._mount_text = _read(f"/proc/{sandbox.init_pid}/mountinfo")
+        self._mount_text = _pread_text(self._mountinfo)
+        # Held for the looks: statvfs of a path through /proc costs a lookup each time.
+        uppers = getattr(sandbox, "upper_dirs", None) or {"/": sandbox.upper_dir}
+        self._uppers: list[int] = []
+        for path in sorted(uppers.values()):
+            try:
+                self._uppers.append(os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+            except OSError:
+                continue
         self.inside: Inside | None = Inside(sandbox.init_pid)
         self._net: socket.socket | None = None
         if "net" not in self.inside.failed:
@@ -770,10 +801,12 @@ class HostWatch:
         }
         # The kernel wakes a poller of mountinfo for a mount or an unmount, not for a change
         # of propagation (MS_PRIVATE and kin): the text is compared too, parsed only if new.
-        raw = _read(f"/proc/{self.sandbox.init_pid}/mountinfo")
-        if _mounts_changed(self._mountinfo) or raw != self._mount_text:
+        # Polled before the read: a change in between is in the text, and polled again next.
+        changed = _mounts_changed(self._mountinfo)
+        raw = _pread_text(self._mountinfo)
+        if changed or raw != self._mount_text:
             self._mount_text = raw
-            now["mount"] = read_mounts(f"/proc/{self.sandbox.init_pid}/mountinfo")
+            now["mount"] = parse_mounts(raw)
         usage = self._upper_usage()
         if usage != self._usage:  # a file was copied up, created, grown or deleted
             self._usage = usage
@@ -793,13 +826,9 @@ class HostWatch:
         """Free blocks and inodes of the file systems of the upper layers: one statvfs each
         tells, for nothing, whether a look must walk them (a rewrite in place that keeps the
         size is missed: that change is still in the diff, without the hooks)."""
-        uppers = getattr(self.sandbox, "upper_dirs", None) or {"/": self.sandbox.upper_dir}
         usage: list[int] = []
-        for path in sorted(uppers.values()):
-            try:
-                st = os.statvfs(path)
-            except OSError:
-                continue
+        for fd in self._uppers:
+            st = os.fstatvfs(fd)
             usage += (st.f_bfree, st.f_ffree)
         return tuple(usage)
 
@@ -811,6 +840,9 @@ class HostWatch:
         if self._mountinfo is not None:
             os.close(self._mountinfo)
             self._mountinfo = None
+        for fd in self._uppers:
+            os.close(fd)
+        self._uppers = []
         network = self._net is None or _notified(self._net)
         if self._net is not None:
             self._net.close()
