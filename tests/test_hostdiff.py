@@ -313,6 +313,33 @@ def test_hostname_and_domainname_are_named(sandbox: OwnSandbox) -> None:
     assert os.uname().nodename != "kit-evil"
 
 
+def test_a_look_reads_hostname_and_domainname_as_their_sysctls_do() -> None:
+    def run() -> list[list[str]]:
+        linux.unshare(linux.CLONE_NEWUTS)
+        seen = []
+        for host, domain in (("kit-a", "kit-b.example"), ("kit-c", "(none)")):
+            with open("/proc/sys/kernel/hostname", "w") as f:
+                f.write(host)
+            with open("/proc/sys/kernel/domainname", "w") as f:
+                f.write(domain)
+            seen.append(
+                [
+                    *hostdiff._uts_names(),
+                    hostdiff._read_sysctl("/proc/sys/kernel/hostname"),
+                    hostdiff._read_sysctl("/proc/sys/kernel/domainname"),
+                ]
+            )
+        return seen
+
+    out = in_child(run)
+    assert out == {
+        "ok": [
+            ["kit-a", "kit-b.example", "kit-a", "kit-b.example"],
+            ["kit-c", "(none)", "kit-c", "(none)"],
+        ]
+    }
+
+
 def test_a_net_sysctl_is_named(sandbox: OwnSandbox) -> None:
     found = changes(
         sandbox,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import select
@@ -795,10 +796,8 @@ class HostWatch:
         if self._mountinfo is None or not self._joined:
             return
         self.looks += 1
-        now = {
-            "hostname": {"": socket.gethostname()},
-            "domainname": {"": _read_sysctl("/proc/sys/kernel/domainname")},
-        }
+        hostname, domainname = _uts_names()
+        now = {"hostname": {"": hostname}, "domainname": {"": domainname}}
         # The kernel wakes a poller of mountinfo for a mount or an unmount, not for a change
         # of propagation (MS_PRIVATE and kin): the text is compared too, parsed only if new.
         # Polled before the read: a change in between is in the text, and polled again next.
@@ -913,6 +912,27 @@ def fresh_state(sandbox: Sandbox, inside: Inside | None = None) -> HostState:
     if _fresh_sysctls is not None:
         state.objects["sysctl"] = _fresh_sysctls
     return state
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+#: Bytes of each field of ``struct utsname`` (``_UTSNAME_LENGTH``), six fields.
+_UTS_FIELD = 65
+
+
+def _uts_names() -> tuple[str, str]:
+    """The hostname and domainname of the calling thread's uts namespace, as their sysctls
+    read (stripped): one uname(2) for both, not an open, read and close of a file."""
+    buf = ctypes.create_string_buffer(6 * _UTS_FIELD)
+    if _libc.uname(buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    raw = buf.raw
+
+    def field(i: int) -> str:
+        value = raw[i * _UTS_FIELD : (i + 1) * _UTS_FIELD].split(b"\0", 1)[0]
+        return value.decode(errors="replace").strip()
+
+    return field(1), field(5)
 
 
 def _hooks_json(hooks: list[Hook]) -> list[dict[str, Any]]:
