@@ -513,3 +513,33 @@ def test_the_diff_lists_message_queues_through_inits_fd_even_once_unmounted():
     changes = {(c["kind"], c["name"]): c["after"] for c in out["ok"]["diff"]["changes"]}
     assert changes[("mqueue", "/kit-sbtest-queue")] == "0600 0:0"
     assert ("mount", "/dev/mqueue") in changes
+
+
+def test_the_cached_host_mount_table_sees_a_mount_and_a_remount():
+    """The zygote reads the host's mount table for each sandbox only when it changed: a
+    mount, an unmount and a read-only remount after a first read are in the next one."""
+    from conftest import in_child
+
+    def body() -> list[Any]:
+        linux.unshare(linux.CLONE_NEWNS)
+        linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+        base = tempfile.mkdtemp(prefix="kit-sbtest-table-")
+        seen = []
+        try:
+
+            def flags_of(point: str) -> int | None:
+                found = [f for _, p, f in sandbox.host_mount_table() if p == point]
+                return found[-1] if found else None
+
+            seen.append(flags_of(base))
+            linux.mount("tmpfs", base, "tmpfs", 0, "size=64k")
+            seen.append(flags_of(base) is not None)
+            linux.mount(None, base, None, linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY)
+            seen.append(bool((flags_of(base) or 0) & linux.MS_RDONLY))
+            linux.umount(base, 0)
+            seen.append(flags_of(base))
+        finally:
+            os.rmdir(base)
+        return seen
+
+    assert in_child(body) == {"ok": [None, True, True, None]}

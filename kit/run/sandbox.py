@@ -187,6 +187,7 @@ def build(shared: list[str]) -> Building:
     later children stay in its pid namespace: only :func:`adopt` puts them in the sandbox's."""
     scratch = tempfile.mkdtemp(prefix="kit-sandbox-")
     os.chmod(scratch, 0o700)
+    table = host_mount_table()  # here, where it is cached: init is a fresh fork each time
     own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     try:
         linux.unshare(linux.CLONE_NEWPID)
@@ -195,7 +196,8 @@ def build(shared: list[str]) -> Building:
             pid = os.fork()
             if pid == 0:
                 os.close(rfd)
-                _init_main(scratch, [os.path.realpath(p) for p in shared if os.path.isdir(p)], wfd)
+                shared = [os.path.realpath(p) for p in shared if os.path.isdir(p)]
+                _init_main(scratch, shared, wfd, table)
         finally:
             linux.setns(own, linux.CLONE_NEWPID)  # our next children: in our namespace
         os.close(wfd)
@@ -478,7 +480,9 @@ def _remove_scratch(scratch: str) -> None:
 # --- in the sandbox's init ------------------------------------------------------------------
 
 
-def _init_main(scratch: str, shared: list[str], ready_fd: int) -> NoReturn:
+def _init_main(
+    scratch: str, shared: list[str], ready_fd: int, table: list[tuple[int, str, int]]
+) -> NoReturn:
     """Pid 1 of the sandbox: build it, report, then reap orphans until killed."""
     try:
         linux.set_parent_death_signal(signal.SIGKILL)
@@ -489,7 +493,7 @@ def _init_main(scratch: str, shared: list[str], ready_fd: int) -> NoReturn:
         linux.unshare(linux.ns_flags(NS_KINDS))
         linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
         linux.link_up("lo")
-        uppers = _build_root(scratch, shared)
+        uppers = _build_root(scratch, shared, table)
         _confine_init()
         items = "".join(f"{point}={fd}\0" for point, fd in uppers.items())
         os.write(ready_fd, f"ready {items}".encode())
@@ -514,13 +518,8 @@ def _confine_init() -> None:
 
 
 def _close_other_fds(keep: int) -> None:
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd > 2 and fd != keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+    os.closerange(3, keep)  # close_range(2): one call each side, no listing
+    os.closerange(max(keep + 1, 3), os.sysconf("SC_OPEN_MAX"))
 
 
 def _reap_forever() -> NoReturn:
@@ -542,7 +541,9 @@ def _reap_forever() -> NoReturn:
                 break
 
 
-def _build_root(scratch: str, shared: list[str]) -> dict[str, int]:
+def _build_root(
+    scratch: str, shared: list[str], table: list[tuple[int, str, int]]
+) -> dict[str, int]:
     """Build the sandbox's root and pivot into it; returns ``{mount point: fd}`` of the
     copy-on-write upper layers and ``{"mqueue": fd}`` of the message queue file system's root
     (held open by init)."""
@@ -550,7 +551,7 @@ def _build_root(scratch: str, shared: list[str]) -> dict[str, int]:
     new = os.path.join(scratch, "root")
     os.mkdir(new)
     uppers = {"/": _overlay("/", new, os.path.join(scratch, "cow", "0"))}
-    for i, (point, flags) in enumerate(_host_submounts(scratch), start=1):
+    for i, (point, flags) in enumerate(_host_submounts(scratch, table), start=1):
         target = new + point
         if point in WRITABLE:
             uppers[point] = _overlay(point, target, os.path.join(scratch, "cow", str(i)))
@@ -590,16 +591,46 @@ def _escape(path: str) -> str:
     return path.replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
 
 
-def _host_submounts(scratch: str) -> list[tuple[str, int]]:
-    """The host's mounts to reproduce, topmost per mount point, parents first: every one but
-    ``/``, those under :data:`RECREATED` and the sandbox's own."""
+def _host_submounts(scratch: str, table: list[tuple[int, str, int]]) -> list[tuple[str, int]]:
+    """The host's mounts to reproduce (``table``: :func:`host_mount_table`), topmost per
+    mount point, parents first: every one but ``/``, those under :data:`RECREATED` and the
+    sandbox's own."""
     top: dict[str, int] = {}
-    for _, point, flags in linux.mount_table():
+    for _, point, flags in table:
         if point == "/" or _under(point, RECREATED) or _under(point, (scratch,)):
             continue
         top.pop(point, None)  # a later mount at the same point hides the earlier one
         top[point] = flags
     return list(top.items())
+
+
+#: (pid, an fd of its /proc/self/mountinfo, the table read): what :func:`host_mount_table`
+#: read last in this process. The pid tells a forked child that the fd is not its own.
+_table_cache: tuple[int, int, list[tuple[int, str, int]]] | None = None
+
+
+def host_mount_table() -> list[tuple[int, str, int]]:
+    """``linux.mount_table()`` of the calling process, read again only when the kernel says
+    it changed: a poller of mountinfo wakes for every mount, unmount and remount (not for a
+    change of propagation, which the table does not hold). The zygote builds a sandbox per
+    run; its mount table, the host's, seldom changes."""
+    global _table_cache
+    if _table_cache is not None and _table_cache[0] == os.getpid():
+        _, fd, table = _table_cache
+        if not _mountinfo_changed(fd):
+            return table
+    else:
+        fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+    _mountinfo_changed(fd)  # cleared before the read: a change after it is seen next time
+    table = linux.mount_table()
+    _table_cache = (os.getpid(), fd, table)
+    return table
+
+
+def _mountinfo_changed(fd: int) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLPRI)
+    return any(ev & (select.POLLPRI | select.POLLERR) for _, ev in poller.poll(0))
 
 
 def _under(path: str, roots: tuple[str, ...] | list[str]) -> bool:
