@@ -543,3 +543,32 @@ def test_the_cached_host_mount_table_sees_a_mount_and_a_remount():
         return seen
 
     assert in_child(body) == {"ok": [None, True, True, None]}
+
+
+def _nice(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[16])  # field 19 of proc(5)
+
+
+def test_the_next_sandbox_is_built_at_a_lower_priority_then_back_to_the_zygotes():
+    """The zygote builds the next run's sandbox niced (it must not slow down the run going
+    on); once built, init and the zygote are back at the zygote's priority, which the next
+    supervisors inherit."""
+    from conftest import _zygote_pid, zygotes_sandbox
+
+    from kit.run import zygote as zygote_module
+
+    assert run("reference", "root", ["/bin/true"]).exit_code == 0
+    zygote = _zygote_pid()
+    spares = wait_until(
+        lambda: [
+            p
+            for p in linux.descendants(zygote)
+            if zygotes_sandbox(p) and linux.process_state(p) == "S"
+        ],
+        what="a sandbox built ahead",
+    )
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    assert zygote_module.AHEAD_NICE > 0
+    assert [_nice(p) for p in spares] == [base] * len(spares)
+    assert _nice(zygote) == base

@@ -57,6 +57,11 @@ _READY_TIMEOUT = 10.0
 _STOP_GRACE = 2.0
 
 
+#: The scheduling priority (nice) init takes once built, when its builder lowered its own
+#: while building (init inherits it at the fork): None, init keeps it.
+priority_when_ready: int | None = None
+
+
 class SandboxError(RuntimeError):
     """The sandbox could not be built (the run does not start)."""
 
@@ -494,6 +499,8 @@ def _init_main(
         linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
         linux.link_up("lo")
         uppers = _build_root(scratch, shared, table)
+        if priority_when_ready is not None:  # built in the background (kit.run.zygote)
+            os.setpriority(os.PRIO_PROCESS, 0, priority_when_ready)
         _confine_init()
         items = "".join(f"{point}={fd}\0" for point, fd in uppers.items())
         os.write(ready_fd, f"ready {items}".encode())

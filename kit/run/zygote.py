@@ -9,9 +9,10 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 from kit.run import rundir
+from kit.run import sandbox as host_sandbox
 from kit.run.request import RunRequest
 from kit.run.supervisor import (
     Ahead,
@@ -205,7 +206,29 @@ def _serve(control: socket.socket, spare: list[Ahead | None]) -> int:
             ahead.discard()  # the supervisor's now: its lock is the supervisor's alone
         control.send(json.dumps({"pid": pid}).encode())
         if ahead is not None:
-            spare[0] = prepare_ahead()  # while that run goes on
+            spare[0] = _in_the_background(prepare_ahead)  # while that run goes on
+
+
+#: How much less the zygote and the init it forks weigh (nice) while they build the next
+#: run's sandbox: that work must not slow down the run going on, and on an idle core it
+#: makes no difference.
+AHEAD_NICE = 10
+
+
+def _in_the_background(make: Callable[[], Ahead]) -> Ahead:
+    """``make()`` at a lower priority (:data:`AHEAD_NICE`): the sandbox's init, forked
+    meanwhile, goes back to ours once built (before it reports ready)."""
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, min(base + AHEAD_NICE, 19))
+    except OSError:
+        return make()
+    host_sandbox.priority_when_ready = base
+    try:
+        return make()
+    finally:
+        host_sandbox.priority_when_ready = None
+        os.setpriority(os.PRIO_PROCESS, 0, base)  # before the next fork: supervisors inherit it
 
 
 def main(argv: list[str]) -> int:
