@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -500,7 +501,8 @@ def _init_main(
         linux.link_up("lo")
         uppers = _build_root(scratch, shared, table)
         if priority_when_ready is not None:  # built in the background (kit.run.zygote)
-            os.setpriority(os.PRIO_PROCESS, 0, priority_when_ready)
+            with contextlib.suppress(OSError):  # else it reaps orphans a little later
+                os.setpriority(os.PRIO_PROCESS, 0, priority_when_ready)
         _confine_init()
         items = "".join(f"{point}={fd}\0" for point, fd in uppers.items())
         os.write(ready_fd, f"ready {items}".encode())

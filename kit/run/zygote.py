@@ -219,10 +219,9 @@ def _in_the_background(make: Callable[[], Ahead]) -> Ahead:
     """``make()`` at a lower priority (:data:`AHEAD_NICE`): the sandbox's init, forked
     meanwhile, goes back to ours once built (before it reports ready)."""
     base = os.getpriority(os.PRIO_PROCESS, 0)
-    try:
-        os.setpriority(os.PRIO_PROCESS, 0, min(base + AHEAD_NICE, 19))
-    except OSError:
-        return make()
+    if not linux.capget()[0] & linux.caps_to_mask(["CAP_SYS_NICE"]):
+        return make()  # we could not go back: the next supervisors would inherit it
+    os.setpriority(os.PRIO_PROCESS, 0, min(base + AHEAD_NICE, 19))
     host_sandbox.priority_when_ready = base
     try:
         return make()
