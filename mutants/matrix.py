@@ -19,8 +19,8 @@ A mutant is killed when it is killed in every flow it declares. The baselines mu
 everything. Mutants with a ``gap`` are known survivors: they must survive (a kill means the gap
 closed: remove the ``gap``). The JSON is a list of entries, one per target, flow and backend::
 
-    {"mutant", "slug", "flow", "backend", "declared", "failed", "broken", "killed", "status",
-     "bug", "gap", "baseline", "seconds", "error"}
+    {"mutant", "slug", "flow", "backend", "declared", "failed", "broken", "killed",
+     "undecided_only", "status", "bug", "gap", "baseline", "seconds", "error"}
 
 The exit status is 1 when a mutant survives in the real backend, a baseline fails anything,
 a known gap is killed, a declaration is wrong, or a MUST requirement is neither the declared
@@ -522,6 +522,12 @@ def entries_for(target: Target, backend: str, doc: dict[str, Any]) -> list[dict[
         broken = sorted({r["requirement"] for r in results if r["outcome"] == "broken"})
         declared = set(target.declared)
         killed = bool(declared & set(failed))
+        # Killed with no declared requirement failing on its own verdict, only left
+        # undecided by a run that failed early: the declared bug, or a crash of the mutant
+        # that would "kill" any declaration. The table lists these for a reader to judge.
+        undecided_only = killed and not any(
+            r["requirement"] in declared and r["outcome"] == "failed" for r in results
+        )
         if doc.get("error"):
             status = "broken"
         elif target.baseline:
@@ -548,6 +554,7 @@ def entries_for(target: Target, backend: str, doc: dict[str, Any]) -> list[dict[
                 "failed": failed,
                 "broken": broken,
                 "killed": killed,
+                "undecided_only": undecided_only,
                 "status": status,
                 "bug": target.bug,
                 "gap": target.gap,
@@ -804,6 +811,15 @@ def table(matrix: Matrix) -> str:
         f"requirements × mechanisms shown (real backend, MUST): {pairs}; "
         f"{several} MUST requirements killed by two mechanisms or more"
     )
+    undecided = sorted(
+        {e["slug"] for e in matrix.entries if e.get("undecided_only") and e["backend"] == "real"}
+    )
+    if undecided:
+        lines.append(
+            f"killed only by results a failed run left undecided (real backend; check that the "
+            f"run failed for the declared bug, not a crash): {len(undecided)}: "
+            + ", ".join(undecided)
+        )
     lines.append(f"{len(matrix._by_target())} sessions in {matrix.seconds:.0f} s")
     return "\n".join(lines)
 

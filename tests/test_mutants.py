@@ -229,6 +229,27 @@ def test_the_matrix_counts_a_mechanism_only_where_a_declared_requirement_failed(
     assert matrix.mechanisms() == {"R-1": ["direct", "helper-thread"]}
 
 
+def test_a_kill_by_undecided_results_only_is_flagged_and_listed():
+    target = M.Target("mutant-crashy", "x:y", declared=("R-1",), flows=("root",))
+
+    def doc(outcome: str) -> dict:
+        return {
+            "results": [
+                {"requirement": "R-1", "flow": "root", "outcome": outcome},
+                {"requirement": "R-9", "flow": "root", "outcome": "not-decided"},
+            ]
+        }
+
+    (by_crash,) = M.entries_for(target, "real", doc("not-decided"))
+    (by_verdict,) = M.entries_for(target, "real", doc("failed"))
+    assert by_crash["killed"] and by_crash["undecided_only"]
+    assert by_verdict["killed"] and not by_verdict["undecided_only"]
+    listed = M.table(M.Matrix(entries=[by_crash]))
+    assert "killed only by results a failed run left undecided" in listed
+    assert listed.split("left undecided", 1)[1].rstrip().splitlines()[0].endswith(": 1: crashy")
+    assert "left undecided" not in M.table(M.Matrix(entries=[by_verdict]))
+
+
 #: Sessions at a time: most of a session's time is spent waiting (hooks that hang until
 #: their timeout, payloads that wait for signals), so twice the CPUs keeps them busy.
 JOBS = min(6, 2 * (os.cpu_count() or 1))
