@@ -393,10 +393,11 @@ def test_stage2_failed_ends_start_process():
     assert supervise(fails, hook_timeout=T)["timed_out"] is None
 
 
-@pytest.mark.parametrize("rpc_first", [False, True], ids=["master-first", "rpc-first"])
-def test_the_oldest_of_two_hung_hooks_is_named_and_both_are_listed(rpc_first):
-    # in both orders: the oldest is neither the lowest pid (the starter's) nor the first role
-    # by name ("master")
+def two_hung_hooks(rpc_first: bool) -> Script:
+    """A script that opens two hooks that hang, 0.2 s apart: the master's
+    ``create_container`` and the RPC server's ``init_config`` (in a process of its own, as
+    in the kit), in that order or the other."""
+
     def two(ledger: LedgerWriter) -> int:
         entered_r, entered_w = os.pipe()
 
@@ -422,6 +423,14 @@ def test_the_oldest_of_two_hung_hooks_is_named_and_both_are_listed(rpc_first):
         signal.pause()
         return 0
 
+    return two
+
+
+@pytest.mark.parametrize("rpc_first", [False, True], ids=["master-first", "rpc-first"])
+def test_the_oldest_of_two_hung_hooks_is_named_and_both_are_listed(rpc_first):
+    # in both orders: the oldest is neither the lowest pid (the starter's) nor the first role
+    # by name ("master")
+    two = two_hung_hooks(rpc_first)
     result = supervise(two, hook_timeout=T)
     timed_out = result["timed_out"]
     order = [("master", "create_container"), ("rpc", "init_config")]
@@ -465,6 +474,28 @@ def test_the_run_timer_names_a_hook_still_open():
     timed_out = result["timed_out"]
     assert timed_out["whole_run"] is True and timed_out["seconds"] == T
     assert (timed_out["hook"], timed_out["hook_role"]) == ("post_start_process", "master")
+
+
+@pytest.mark.parametrize("rpc_first", [False, True], ids=["master-first", "rpc-first"])
+def test_the_run_timer_names_the_oldest_open_hook_not_the_first_by_name(rpc_first):
+    # Both hooks are still open (their own timeout is far) when the run's time is up: the
+    # run timer names the one open longest. By name, ("master", "create_container") sorts
+    # first in both orders; by age, it is first only when the master's hook opened first.
+    result = supervise(two_hung_hooks(rpc_first), hook_timeout=30.0, run_timeout=T)
+    timed_out = result["timed_out"]
+    order = [("master", "create_container"), ("rpc", "init_config")]
+    if rpc_first:
+        order.reverse()
+    assert timed_out["whole_run"] is True and timed_out["seconds"] == T
+    assert (timed_out["hook_role"], timed_out["hook"]) == order[0]
+    assert [(h["role"], h["hook"]) for h in timed_out["open_hooks"]] == order
+    [fired] = kinds(result, "hook_timeout")
+    [enter] = [e for e in kinds(result, "hook_enter") if e["role"] == order[0][0]]
+    assert fired["hook_pid"] == enter["pid"] > 0
+    assert result["reason"] == (
+        f"hook timeout: {order[0][1]} in {order[0][0]} did not return within {T} s"
+    )
+    assert result["alive"] == []
 
 
 # -- how the starter ended ------------------------------------------------------------------------

@@ -636,13 +636,13 @@ class Supervisor:
             self._on_notification(ready[0][1])
 
     def on_timeout(self, whole_run: bool) -> None:
-        if whole_run:
-            open_hooks = sorted(self.open_hooks) or [("master", "monitor_container")]
-            role, hook = open_hooks[0]
-            seconds = self.req.run_timeout
-        else:
+        # The hook named is the one open longest (the earliest deadline: every timed hook
+        # has the same timeout), for the run timer too; with none open, the untimed hook
+        # the run spends its time in.
+        role, hook = ("master", "monitor_container")
+        if self.open_hooks:
             (role, hook), _ = min(self.open_hooks.items(), key=lambda kv: kv[1][0])
-            seconds = self.req.hook_timeout
+        seconds = self.req.run_timeout if whole_run else self.req.hook_timeout
         # Every hook still open, oldest first: a hook blocked on another process's hung
         # hook (create_container on an RPC method, say) is listed with it.
         now = time.monotonic()
