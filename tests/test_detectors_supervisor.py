@@ -625,3 +625,67 @@ def test_a_hung_hook_is_reported_at_its_timeout_not_later():
     waited = (fired["t"] - enter["t"]) / 1e9  # CLOCK_MONOTONIC in both processes
     # at the timeout, with room for a loaded machine's scheduling, far from twice it
     assert timeout <= waited < timeout + 0.9, waited
+
+
+@pytest.mark.parametrize("timer", ["hook", "run"])
+def test_an_end_queued_when_the_supervisor_finds_its_deadline_passed_is_in_time(timer):
+    # The supervisor reads the hook's hook_enter, then is late (descheduled, as on a loaded
+    # machine, between reading a batch and looking at its timers) past a deadline, while
+    # what ends the wait has arrived in time and waits in its queue: the hook's return (its
+    # own timeout), the starter's exit (the run's). It reads what is queued before it times
+    # anything out. The lateness is the test's: the real supervisor, its read of the batch
+    # that holds hook_enter wrapped (in its own forked process) to block there until the
+    # end is queued, then sleep past the deadline.
+    hook = "create_container" if timer == "hook" else "monitor_container"  # the latter untimed
+    pipes: dict[str, int] = {}
+
+    def setup() -> None:
+        pipes["go"], pipes["go_w"] = os.pipe()
+        pipes["sent"], pipes["sent_w"] = os.pipe()
+        collect = supervisor.Supervisor.collect
+        read_events = supervisor.Supervisor._read_events
+
+        def noting_the_starter(self: Any, reader: Any, starter_pid: int) -> Any:
+            pipes["starter"] = starter_pid
+            return collect(self, reader, starter_pid)
+
+        def late_read(self: Any, reader: Any, batch: int | None = supervisor.READ_BATCH) -> bool:
+            # from here on, the run's deadline (set when collecting began) is before this
+            run_deadline = time.monotonic() + self.req.run_timeout
+            more = read_events(self, reader, batch)
+            if "late" in pipes or not kinds({"ledger": {"events": self.events}}, "hook_enter"):
+                return more
+            pipes["late"] = 1
+            os.write(pipes["go_w"], b"g")
+            os.read(pipes["sent"], 1)  # the end is queued: hook_return, starter_exit
+            if timer == "hook":
+                deadline = self.open_hooks[("master", hook)][0]
+            else:
+                os.waitid(os.P_PID, pipes["starter"], os.WEXITED | os.WNOWAIT)  # exited
+                deadline = run_deadline
+            while (left := deadline - time.monotonic()) >= 0:
+                time.sleep(left + 0.01)
+            return more
+
+        supervisor.Supervisor.collect = noting_the_starter  # type: ignore[method-assign]
+        supervisor.Supervisor._read_events = late_read  # type: ignore[method-assign]
+
+    def ends_in_time(ledger: LedgerWriter) -> int:
+        master = ledger.for_role("master")
+        master.emit("hook_enter", hook=hook)
+        os.read(pipes["go"], 1)
+        master.emit("hook_return", hook=hook)
+        ledger.emit("starter_exit", code=0)
+        os.write(pipes["sent_w"], b"s")
+        return 0
+
+    options = {"hook_timeout": T} if timer == "hook" else {"run_timeout": T}
+    result = supervise(ends_in_time, setup=setup, **options)
+    assert result["timed_out"] is None, result["timed_out"]
+    assert (result["exit_code"], result["reason"]) == (0, "exited")
+    assert [e["kind"] for e in result["ledger"]["events"] if e["role"] != "supervisor"] == [
+        "hook_enter",
+        "hook_return",
+        "starter_exit",
+    ]
+    assert result["seconds"] >= T  # the supervisor really was late past the deadline
