@@ -6,6 +6,8 @@ the script leaks lives and dies in that sandbox, never on the host."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import signal
@@ -18,7 +20,7 @@ import pytest
 from conftest import in_child
 
 from kit.ledger.record import LedgerWriter
-from kit.run import supervisor
+from kit.run import seccomp, supervisor
 from kit.run.launcher import make_request
 from kit.system import linux
 
@@ -32,19 +34,21 @@ def _enter_sandbox() -> None:
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
 
 
-def _scripted_starter(script: Script) -> type:
+def _scripted_starter(script: Script, with_filter: bool = False) -> type:
     class ScriptedStarter:
-        """Stands for :class:`kit.starter.stage1.Starter`: runs ``script``, exits with its code."""
+        """Stands for :class:`kit.starter.stage1.Starter`: runs ``script``, exits with its code;
+        ``with_filter``: under the real backend's filter first, as the kit's starter."""
 
         def __init__(
             self, request: Any, sock: Any, filter_channel: Any = None, parent: int | None = None
         ) -> None:
             self.ledger = LedgerWriter(sock, "starter")
             self.ledger.supervisor_pid = parent  # type: ignore[attr-defined]
+            self.filter_channel = filter_channel
             # The supervisor waits (up to the run timeout) for the starter's seccomp filter
             # before it reads the ledger: say at once that there is none, or every timer
             # would start a run timeout late.
-            if filter_channel is not None:
+            if filter_channel is not None and not with_filter:
                 filter_channel.sendall(
                     json.dumps(
                         {"filter": None, "reason": "a scripted starter installs none"}
@@ -55,6 +59,9 @@ def _scripted_starter(script: Script) -> type:
         def main(self) -> None:
             code = 70
             try:
+                if with_filter:
+                    refused = seccomp.install_for_run("real", self.filter_channel)
+                    assert refused is None, refused
                 code = script(self.ledger)
             finally:
                 os._exit(code)
@@ -63,10 +70,15 @@ def _scripted_starter(script: Script) -> type:
 
 
 def supervise(
-    script: Script, setup: Callable[[], None] = lambda: None, **options: Any
+    script: Script,
+    setup: Callable[[], None] = lambda: None,
+    *,
+    with_filter: bool = False,
+    **options: Any,
 ) -> dict[str, Any]:
     """Run the real supervisor over ``script`` in a sandboxed child; its result, the
-    seconds the run took, and the descendants still alive after it."""
+    seconds the run took, and the descendants still alive after it. ``with_filter``: the
+    script runs under the real backend's seccomp filter, its listener the supervisor's."""
     # the test's own sandbox (a mount namespace) stands for the host: not the kit's
     request = make_request("reference", "root", ["/bin/true"], **options)
     request.sandbox = False
@@ -74,7 +86,7 @@ def supervise(
     def child() -> dict[str, Any]:
         _enter_sandbox()
         setup()
-        supervisor.Starter = _scripted_starter(script)
+        supervisor.Starter = _scripted_starter(script, with_filter)
         r, w = os.pipe()
         started = time.monotonic()
         sup = supervisor.Supervisor(request)
@@ -508,6 +520,34 @@ def test_a_starter_exit_code_is_the_runs():
 
 def test_a_starter_that_exits_without_finishing_is_a_crash_naming_its_code():
     result = supervise(lambda ledger: 3)
+    assert (result["exit_code"], result["reason"]) == (
+        255,
+        "master crashed: exited 3 without finishing the run",
+    )
+
+
+def test_a_starter_that_crashes_after_a_refused_call_is_still_a_crash():
+    # Whether the run finished is read from the ledger: its starter_exit event, that kind
+    # exactly. The supervisor's own syscall_refused (recorded while the starter waits in
+    # the refused call) is not it, though it sorts after it.
+    if seccomp.rules_for("real", seccomp._has_sys_admin()) is None:
+        pytest.skip("the real backend installs no filter without CAP_SYS_ADMIN")
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def refused_then_crashes(ledger: LedgerWriter) -> int:
+        timex = ctypes.create_string_buffer(512)  # modes 0: a read, were it not refused
+        rc = libc.syscall(ctypes.c_long(seccomp.SYSCALLS_X86_64["adjtimex"]), timex)
+        refused = rc == -1 and ctypes.get_errno() == errno.EPERM
+        return 3 if refused else 4  # no starter_exit: the run did not finish
+
+    result = supervise(refused_then_crashes, with_filter=True)
+    [refusal] = kinds(result, "syscall_refused")
+    assert (refusal["syscall"], refusal["errno"], refusal["answered"]) == (
+        "adjtimex",
+        "EPERM",
+        True,
+    )
+    assert kinds(result, "starter_exit") == []
     assert (result["exit_code"], result["reason"]) == (
         255,
         "master crashed: exited 3 without finishing the run",
