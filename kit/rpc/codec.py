@@ -8,8 +8,8 @@ import math
 import os
 import socket
 import struct
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 __all__ = [
     "HEADER",
@@ -30,6 +30,8 @@ MAX_FDS = 16
 """Largest number of file descriptors accepted with one frame."""
 
 HEADER = struct.Struct(">I")
+
+_T = TypeVar("_T")
 
 _FD_SIZE = array.array("i").itemsize
 # Room for one descriptor more than allowed, so "too many" is seen as such even when the
@@ -252,25 +254,45 @@ def send_body(sock: socket.socket, body: bytes, fds: Sequence[int] = ()) -> None
     data = memoryview(HEADER.pack(len(body)) + body)
     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
     while data:
-        try:
-            # The first call carries the header and the descriptors; later calls (after a
-            # short write) only the rest of the bytes.
-            sent = sock.sendmsg([data], anc, socket.MSG_NOSIGNAL)
-        except InterruptedError:  # PEP 475 retries already; kept for signal handlers that raise it
-            continue
+        # The first call carries the header and the descriptors; later calls (after a
+        # short write) only the rest of the bytes.
+        sent = _unless_interrupted(sock.sendmsg, [data], anc, socket.MSG_NOSIGNAL)
+        if sent is None:
+            continue  # nothing went out, descriptors included: the same call again
         anc = []
         data = data[sent:]
+
+
+def _unless_interrupted(call: Callable[..., _T], *args: Any) -> _T | None:
+    """``call(*args)`` on a blocking stream socket; None when a signal handler raised
+    InterruptedError inside it, before it sent or received anything.
+
+    PEP 475: CPython retries a call that fails with EINTR itself, so InterruptedError comes
+    only from a handler that raises it. That handler runs either inside the call, on EINTR,
+    when the kernel has sent or received nothing on a stream socket (a partial transfer is
+    returned as a count, not EINTR; descriptors travel with the first byte), or at the next
+    bytecode boundary after the call returned, which would lose its result: the count of a
+    send (which then went out twice, its descriptors too) or the bytes and descriptors of a
+    receive. The call is therefore made from C (``list.extend`` over ``map``), which stores
+    its result before any bytecode runs; an InterruptedError after it is dropped, the
+    result kept. Any other exception from a handler propagates (the stream is then unusable).
+    """
+    result: list[_T] = []
+    try:
+        result.extend(map(call, *([arg] for arg in args)))
+    except InterruptedError:
+        pass
+    return result[0] if result else None
 
 
 def _recv_some(sock: socket.socket, buf: memoryview, fds: list[int]) -> tuple[int, bool]:
     """One ``recvmsg_into``; appends any received descriptors to *fds* (so the caller can
     close them on every path). Returns (bytes read, control data truncated)."""
-    while True:
-        try:
-            nbytes, ancdata, flags, _ = sock.recvmsg_into([buf], _ANCBUF, socket.MSG_CMSG_CLOEXEC)
-            break
-        except InterruptedError:
-            continue
+    while (
+        got := _unless_interrupted(sock.recvmsg_into, [buf], _ANCBUF, socket.MSG_CMSG_CLOEXEC)
+    ) is None:
+        pass  # nothing was read: the same call again
+    nbytes, ancdata, flags, _ = got
     for level, ctype, data in ancdata:
         if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
             usable = len(data) - len(data) % _FD_SIZE
