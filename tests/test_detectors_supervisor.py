@@ -456,6 +456,12 @@ def test_the_oldest_of_two_hung_hooks_is_named_and_both_are_listed(rpc_first):
     [fired] = kinds(result, "hook_timeout")
     [enter] = [e for e in kinds(result, "hook_enter") if e["role"] == order[0][0]]
     assert fired["hook_pid"] == enter["pid"] > 0  # the process of the hook it names
+    # How long each was open, as the supervisor counts it (from reading its hook_enter to
+    # the timeout), is at most the time from its sending to the timeout's event
+    # (CLOCK_MONOTONIC in every process; half a millisecond of rounding).
+    for (role, _), hook in zip(order, (first, second), strict=True):
+        [sent] = [e for e in kinds(result, "hook_enter") if e["role"] == role]
+        assert 0 < hook["open_for"] <= (fired["t"] - sent["t"]) / 1e9 + 0.0005, (hook, sent)
 
 
 def test_an_untimed_hook_runs_until_the_run_timeout_which_names_it():
@@ -479,6 +485,14 @@ def test_a_run_with_no_open_hook_times_out_as_a_whole():
     assert result["timed_out"]["whole_run"] is True
     assert result["seconds"] >= T and result["alive"] == []
     assert result["exit_code"] == 255
+    [fired] = kinds(result, "hook_timeout")
+    # named after the untimed hook the run spends its time in, no process of it known
+    assert (fired["hook"], fired["hook_role"], fired["hook_pid"]) == (
+        "monitor_container",
+        "master",
+        0,
+    )
+    assert fired["open_hooks"] == []
 
 
 def test_the_run_timer_names_a_hook_still_open():
