@@ -4,10 +4,13 @@ and ``probe.escalation`` report for it (behaviour, not how the probes read it)."
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import signal
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -215,3 +218,136 @@ def test_a_setuid_binary_replaced_by_another_file_is_untried_naming_why(setuid_b
     esc = report(as_credentials((U, U, U)))["escalation"]
     assert esc["setuid_exec"] is None
     assert esc["setuid_exec_untried"] == f"{probe.UNTRIED_UNREACHABLE}:other-file"
+
+
+# -- the setuid way's outcomes, each named: real programs in the binary's place -----------------
+
+
+@pytest.fixture
+def program_dir() -> Iterator[str]:
+    directory = tempfile.mkdtemp(prefix="kit-probe-")
+    os.chmod(directory, 0o755)  # the unprivileged child must reach what is in it
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory)
+
+
+def binary_at(path: str) -> probe.SetuidBinary:
+    """``path`` as the run's binary: its identity is the file's own, so the probe execs it."""
+    st = os.stat(path)
+    return probe.SetuidBinary(path, st.st_dev, st.st_ino)
+
+
+def script(directory: str, body: str, mode: int = 0o755) -> str:
+    path = os.path.join(directory, "prog")
+    with open(path, "w") as f:
+        f.write("#!/bin/sh\n" + body)
+    os.chmod(path, mode)
+    return path
+
+
+def escalation_with(binary: probe.SetuidBinary | None) -> dict[str, Any]:
+    probe.configure(None, binary)
+    return report(as_credentials((U, U, U)))["escalation"]
+
+
+WORDS = "no number here but words, and more of them than sixty characters in all"
+
+
+def test_a_binary_that_prints_no_number_is_untried_quoting_its_output_on_stderr(program_dir):
+    # stderr is read too (an exec'd loader's complaint lands there); the quote is cut at 60
+    # characters and its spaces made underscores, so the verdict is one word
+    esc = escalation_with(binary_at(script(program_dir, f"echo '{WORDS}' >&2\n")))
+    assert esc["setuid_exec"] is None
+    assert esc["setuid_exec_untried"] == "output:" + WORDS[:60].replace(" ", "_")
+    assert esc["host_escalation"] is False
+
+
+def test_a_binary_that_cannot_be_executed_is_untried_naming_the_errno(program_dir):
+    esc = escalation_with(binary_at(script(program_dir, "id -u\n", mode=0o644)))
+    assert (esc["setuid_exec"], esc["setuid_exec_untried"]) == (None, "exec:EACCES")
+
+
+def test_a_binary_not_at_its_path_or_unavailable_is_untried_saying_why(program_dir):
+    gone = probe.SetuidBinary(os.path.join(program_dir, "absent"), 1, 2)
+    assert escalation_with(gone)["setuid_exec_untried"] == f"{probe.UNTRIED_UNREACHABLE}:ENOENT"
+    nosuid = probe.SetuidBinary("/bin/true", unavailable="nosuid")
+    assert escalation_with(nosuid)["setuid_exec_untried"] == f"{probe.UNTRIED_NO_BINARY}:nosuid"
+
+
+def test_the_sigchld_of_a_probe_child_is_told_apart_once():
+    """The master's signal loop asks :func:`probe.is_probe_child` for each SIGCHLD: yes for
+    the setuid binary's exit (once: the pid is forgotten then), no for any other child."""
+
+    def child() -> dict[str, Any]:
+        probe.configure(None, binary_at("/bin/true"))  # prints nothing: untried, but spawned
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD])  # the probe thread inherits it
+        esc = probe.escalation()
+        spawned = signal.sigwaitinfo([signal.SIGCHLD]).si_pid
+        other = os.fork()
+        if other == 0:
+            os._exit(0)
+        os.waitpid(other, 0)
+        return {
+            "untried": esc["setuid_exec_untried"],
+            "first": probe.is_probe_child(spawned),
+            "again": probe.is_probe_child(spawned),
+            "other": probe.is_probe_child(other),
+        }
+
+    r = report(child)
+    assert r == {"untried": "output:", "first": True, "again": False, "other": False}
+
+
+def test_capabilities_are_read_from_the_threads_status_without_capget():
+    """The probe reads its own sets from ``/proc/thread-self/status`` (cheaper than capget);
+    with capget out of order the verdict is the same: every permitted capability raised."""
+
+    def no_capget() -> None:
+        def broken(tid: int = 0) -> tuple[int, int, int]:
+            raise OSError(errno.ENOSYS, "capget is not to be called")
+
+        linux.capget = broken  # in the child only
+
+    r = report(as_credentials((U, U, U), keep_caps=True, then=no_capget))
+    assert r["permitted"] and r["escalation"]["raise_caps"] == r["permitted"]
+
+
+# -- the wait for the probe thread to leave /proc ---------------------------------------------
+
+
+def lingering_thread(seconds: float) -> tuple[threading.Thread, int]:
+    """A thread alive for ``seconds`` more, and its tid."""
+    started = threading.Event()
+    tid: list[int] = []
+
+    def body() -> None:
+        tid.append(threading.get_native_id())
+        started.set()
+        time.sleep(seconds)
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    started.wait(10)
+    return thread, tid[0]
+
+
+def test_the_wait_for_a_probe_thread_returns_once_it_is_gone(monkeypatch):
+    monkeypatch.setattr(probe, "PROBE_THREAD_EXIT_TIMEOUT", 2.0)
+    thread, tid = lingering_thread(0.2)
+    began = time.monotonic()
+    probe._await_thread_gone(tid)
+    assert not os.path.exists(f"/proc/self/task/{tid}")
+    assert 0.1 < time.monotonic() - began < 2.0
+    thread.join()
+
+
+def test_the_wait_for_a_probe_thread_gives_up_after_its_timeout(monkeypatch):
+    monkeypatch.setattr(probe, "PROBE_THREAD_EXIT_TIMEOUT", 0.3)
+    thread, tid = lingering_thread(3.0)
+    began = time.monotonic()
+    with pytest.raises(RuntimeError, match=rf"thread {tid} was still in /proc/self/task/{tid} "):
+        probe._await_thread_gone(tid)
+    assert 0.3 <= time.monotonic() - began < 2.0
+    thread.join()
