@@ -8,6 +8,7 @@ import errno
 import os
 import shutil
 import signal
+import struct
 import tempfile
 import threading
 import time
@@ -351,3 +352,150 @@ def test_the_wait_for_a_probe_thread_gives_up_after_its_timeout(monkeypatch):
         probe._await_thread_gone(tid)
     assert 0.3 <= time.monotonic() - began < 2.0
     thread.join()
+
+
+# -- what a snapshot says about namespaces and maps --------------------------------------------
+
+
+def test_the_initial_user_namespace_shows_the_full_map():
+    if not linux.in_initial_user_namespace():
+        pytest.skip("the full identity map is the initial user namespace's")
+    snap = probe.snapshot()
+    assert snap["uid_map"] == snap["gid_map"] == probe.FULL_MAP
+
+
+def test_the_process_namespaces_are_the_leaders_whatever_another_thread_joined():
+    """A thread may unshare a namespace of its own (a net ns): it is listed with it, and the
+    process's namespaces stay the thread group leader's (``/proc/self/ns``)."""
+
+    def child() -> dict[str, Any]:
+        ready, done = threading.Event(), threading.Event()
+
+        def own_net() -> None:
+            linux.unshare(linux.ns_flags(["net"]))  # this thread only
+            ready.set()
+            done.wait(30)
+
+        helper = threading.Thread(target=own_net)
+        helper.start()
+        ready.wait(30)
+        snap = probe.snapshot()
+        done.set()
+        helper.join()
+        leader = os.getpid()
+        return {
+            "process": snap["ns"]["net"],
+            "leader": os.stat("/proc/self/ns/net").st_ino,
+            "threads": {t["tid"] == leader: t["ns"]["net"] for t in snap["threads"]},
+        }
+
+    r = report(child)
+    assert r["process"] == r["leader"] == r["threads"]["true"]
+    assert r["threads"]["false"] not in (None, r["leader"])
+
+
+def test_a_thread_gone_between_its_status_and_its_namespaces_is_left_out(monkeypatch):
+    """A thread that ends after the snapshot read its status has no namespace links left: it
+    is no longer part of the process and is not listed (a list of None inodes is no state)."""
+    stop = threading.Event()
+    victim = threading.Thread(target=stop.wait, args=(30,), daemon=True)
+    victim.start()
+    tid = victim.native_id
+    real = linux.read_status
+
+    def read_status(path: str = "/proc/self/status") -> dict[str, str]:
+        status = real(path)
+        if path == f"/proc/self/task/{tid}/status":
+            # the thread ends right here, and leaves /proc, as one may at any moment
+            stop.set()
+            victim.join()
+            deadline = time.monotonic() + 10
+            while os.path.exists(f"/proc/self/task/{tid}") and time.monotonic() < deadline:
+                time.sleep(0.001)
+        return status
+
+    monkeypatch.setattr(linux, "read_status", read_status)
+    snap = probe.snapshot()
+    assert tid not in [t["tid"] for t in snap["threads"]]
+    assert os.getpid() in [t["tid"] for t in snap["threads"]]
+    assert all(any(i is not None for i in t["ns"].values()) for t in snap["threads"])
+
+
+def test_the_escalation_probe_works_outside_procs_pid_namespace():
+    """Where ``/proc`` is a pid namespace's that the process is not in (a child's, mounted
+    over the host's), the probe thread has no ``/proc/thread-self``: the probe does not wait
+    for it to leave there, and reports as anywhere else."""
+
+    def mount_proc() -> None:  # pid 1 of the new pid namespace
+        linux.mount("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+
+    def new_pid_namespace() -> None:
+        # a process that unshared its children's pid namespace can start no thread: this one
+        # only forks the namespace's pid 1, in the mount namespace it shares with the prober
+        linux.unshare(linux.ns_flags(["pid"]))
+        out = in_child(mount_proc)
+        assert "ok" in out, out
+
+    def child() -> dict[str, Any]:
+        linux.unshare(linux.ns_flags(["mount"]))
+        linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+        out = in_child(new_pid_namespace)
+        assert "ok" in out, out
+        assert not os.path.exists("/proc/thread-self")
+        return probe.escalation()
+
+    esc = report(child)
+    assert esc["setresuid_root"] is True and esc["host_escalation"] is True
+
+
+# -- the setuid binary the kit makes -----------------------------------------------------------
+
+
+def test_the_kits_own_id_program_is_a_well_formed_elf_executable():
+    """The kernel's loader checks little of an ELF header, other loaders (an emulator, a
+    user-space kernel) check it all: every field as the ELF-64 and x86-64 ABIs define it."""
+    program = probe.euid_program()
+    if os.uname().machine != "x86_64":
+        assert program is None  # then ``id`` is copied
+        return
+    assert program is not None
+    ident = program[:16]
+    assert ident[:4] == b"\x7fELF"
+    assert (ident[4], ident[5], ident[6]) == (2, 1, 1)  # ELFCLASS64, little endian, EV_CURRENT
+    (e_type, machine, version, entry, phoff, shoff, flags, ehsize, phentsize, phnum, *sh) = (
+        struct.unpack_from("<HHIQQQIHHHHHH", program, 16)
+    )
+    assert (e_type, machine, version, flags) == (2, 0x3E, 1, 0)  # ET_EXEC, x86-64
+    assert (ehsize, phentsize, phnum, phoff) == (64, 56, 1, 64)
+    assert (shoff, *sh) == (0, 0, 0, 0)  # no section headers
+    p_type, p_flags, offset, vaddr, paddr, filesz, memsz, align = struct.unpack_from(
+        "<IIQQQQQQ", program, phoff
+    )
+    assert (p_type, p_flags) == (1, 5)  # PT_LOAD, readable and executable, not writable
+    assert offset == 0 and vaddr == paddr and filesz == memsz == len(program)
+    assert align >= 4096 and align & (align - 1) == 0 and vaddr % align == offset % align
+    # the entry point is the first byte after the headers, inside the loaded segment
+    assert entry == vaddr + ehsize + phentsize * phnum < vaddr + filesz
+
+
+def test_the_setuid_binary_is_root_owned_in_a_root_owned_directory(program_dir):
+    """Nobody but root may replace the binary: its directory is root's and not writable by
+    others, the binary root's with the set-user-ID bit."""
+    binary = probe.provide_setuid_binary(program_dir)
+    directory = os.stat(os.path.dirname(binary.path))
+    st = os.stat(binary.path)
+    assert (directory.st_uid, directory.st_gid, directory.st_mode & 0o7777) == (0, 0, 0o755)
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (0, 0, 0o4755)
+    assert (binary.dev, binary.ino, binary.unavailable) == (st.st_dev, st.st_ino, "")
+    probe.remove_setuid_binary(program_dir)
+    assert os.listdir(program_dir) == []
+
+
+def test_named_caps_turns_only_64_bit_masks_into_names():
+    top = 1 << 63
+    assert probe.named_caps({"a": top, "b": 1 << 64, "c": 0}) == {
+        "a": ["CAP_63"],
+        "b": 1 << 64,  # no capability set is that wide: not a mask
+        "c": [],
+    }
+    assert probe.named_caps(["CAP_KILL"]) == ["CAP_KILL"]
