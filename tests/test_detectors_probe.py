@@ -165,6 +165,8 @@ def test_a_snapshot_from_an_unknown_user_namespace_counts_as_the_hosts():
     snap["ns"]["user"] = 4026531837 + 12345
     assert probe.host_privilege(snap, host=(0, 4026531837 + 12345)) is True
     assert probe.host_privilege(snap, host=(0, 1)) is False
+    # another namespace whatever the order of the inode numbers
+    assert probe.host_privilege(snap, host=(0, 4026531837 + 12346)) is False
 
 
 # -- escalation: each way back to privilege, on its own ---------------------------------------
@@ -183,6 +185,16 @@ def test_permitted_capabilities_escalate_by_raising_them():
     assert esc["setresuid_root"] is False
     assert "cap_setuid" in [c.lower() for c in esc["raise_caps"]]
     assert esc["host_escalation"] is True
+
+
+def test_only_the_permitted_capabilities_not_yet_effective_are_reported_raised():
+    def one_effective() -> None:
+        linux.capset(1 << CAP_SETUID, linux.capget()[1], 0)
+
+    r = report(as_credentials((U, U, U), keep_caps=True, then=one_effective))
+    raised = r["escalation"]["raise_caps"]
+    assert raised and "CAP_SETUID" not in raised
+    assert sorted([*raised, "CAP_SETUID"]) == sorted(r["permitted"])
 
 
 def test_a_fully_dropped_process_cannot_escalate_and_says_why_setuid_was_untried():
@@ -214,11 +226,12 @@ def test_the_setuid_binary_escalates_unless_no_new_privs(setuid_binary, nnp):
 
 
 def test_a_setuid_binary_replaced_by_another_file_is_untried_naming_why(setuid_binary):
-    other = probe.SetuidBinary(setuid_binary.path, setuid_binary.dev, setuid_binary.ino + 1)
-    probe.configure(None, other)
-    esc = report(as_credentials((U, U, U)))["escalation"]
-    assert esc["setuid_exec"] is None
-    assert esc["setuid_exec_untried"] == f"{probe.UNTRIED_UNREACHABLE}:other-file"
+    for ino in (setuid_binary.ino + 1, setuid_binary.ino - 1):
+        other = probe.SetuidBinary(setuid_binary.path, setuid_binary.dev, ino)
+        probe.configure(None, other)
+        esc = report(as_credentials((U, U, U)))["escalation"]
+        assert esc["setuid_exec"] is None
+        assert esc["setuid_exec_untried"] == f"{probe.UNTRIED_UNREACHABLE}:other-file"
 
 
 # -- the setuid way's outcomes, each named: real programs in the binary's place -----------------
