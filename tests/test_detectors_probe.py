@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import shutil
 import signal
 import struct
@@ -512,3 +513,36 @@ def test_named_caps_turns_only_64_bit_masks_into_names():
         "c": [],
     }
     assert probe.named_caps(["CAP_KILL"]) == ["CAP_KILL"]
+
+
+def test_a_failing_probe_thread_fails_the_escalation_naming_why():
+    """The probe thread's error is the caller's (a hook's probe error in the ledger), never
+    an empty verdict: here no descriptor is left for the setuid binary's output pipe."""
+
+    def child() -> dict[str, Any]:
+        probe.configure(None, binary_at("/bin/true"))
+        highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1, highest + 1))
+        try:
+            while True:  # every free descriptor below the limit taken too
+                os.open("/dev/null", os.O_RDONLY)
+        except OSError as exc:
+            assert exc.errno == errno.EMFILE
+        try:
+            probe.escalation()
+        except RuntimeError as exc:
+            return {"error": str(exc), "cause": type(exc.__cause__).__name__}
+        return {}
+
+    r = report(child)
+    assert r == {
+        "error": "the escalation probe thread failed: OSError: [Errno 24] Too many open files",
+        "cause": "OSError",
+    }
+
+
+def test_the_snapshot_names_the_process_in_each_pid_namespace():
+    snap = probe.snapshot()
+    status = linux.read_status()
+    assert snap["nspid"] == [int(p) for p in status["NSpid"].split()]
+    assert snap["nspid"][-1] == os.getpid()
