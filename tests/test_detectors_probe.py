@@ -408,6 +408,55 @@ def test_the_process_namespaces_are_the_leaders_whatever_another_thread_joined()
     assert r["threads"]["false"] not in (None, r["leader"])
 
 
+def test_the_process_namespaces_are_the_leaders_when_a_thread_has_a_lower_tid():
+    """After pid numbers wrap, a thread's tid may be below its leader's: the process's
+    namespaces are still the leader's, not those of the thread listed first. Made real in a
+    pid namespace of its own, whose next pid is set (``ns_last_pid``) between the fork of the
+    leader and the start of its thread."""
+
+    def leader() -> dict[str, Any]:  # pid 1001 of the new namespace
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write("10")
+        ready, done = threading.Event(), threading.Event()
+
+        def own_net() -> None:
+            linux.unshare(linux.ns_flags(["net"]))
+            ready.set()
+            done.wait(30)
+
+        helper = threading.Thread(target=own_net)
+        helper.start()
+        ready.wait(30)
+        snap = probe.snapshot()
+        done.set()
+        helper.join()
+        return {
+            "tids": [t["tid"] for t in snap["threads"]],
+            "leader": os.getpid(),
+            "process": snap["ns"]["net"],
+            "own": os.stat("/proc/self/ns/net").st_ino,
+        }
+
+    def init() -> dict[str, Any]:  # pid 1: its own /proc, then the leader at pid 1001
+        linux.mount("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write("1000")
+        return report(leader)
+
+    def new_pid_namespace() -> dict[str, Any]:
+        linux.unshare(linux.ns_flags(["pid"]))
+        return report(init)
+
+    def child() -> dict[str, Any]:
+        linux.unshare(linux.ns_flags(["mount"]))
+        linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+        return report(new_pid_namespace)
+
+    r = report(child)
+    assert r["leader"] == 1001 and r["tids"] == [11, 1001]
+    assert r["process"] == r["own"]
+
+
 def test_a_thread_gone_between_its_status_and_its_namespaces_is_left_out(monkeypatch):
     """A thread that ends after the snapshot read its status has no namespace links left: it
     is no longer part of the process and is not listed (a list of None inodes is no state)."""
