@@ -460,10 +460,13 @@ def test_the_process_namespaces_are_the_leaders_when_a_thread_has_a_lower_tid():
 def test_a_thread_gone_between_its_status_and_its_namespaces_is_left_out(monkeypatch):
     """A thread that ends after the snapshot read its status has no namespace links left: it
     is no longer part of the process and is not listed (a list of None inodes is no state)."""
-    stop = threading.Event()
+    stop, later = threading.Event(), threading.Event()
     victim = threading.Thread(target=stop.wait, args=(30,), daemon=True)
     victim.start()
     tid = victim.native_id
+    # a thread listed after the one that ends: the snapshot goes on past the gap
+    bystander = threading.Thread(target=later.wait, args=(30,), daemon=True)
+    bystander.start()
     real = linux.read_status
 
     def read_status(path: str = "/proc/self/status") -> dict[str, str]:
@@ -479,8 +482,11 @@ def test_a_thread_gone_between_its_status_and_its_namespaces_is_left_out(monkeyp
 
     monkeypatch.setattr(linux, "read_status", read_status)
     snap = probe.snapshot()
-    assert tid not in [t["tid"] for t in snap["threads"]]
-    assert os.getpid() in [t["tid"] for t in snap["threads"]]
+    later.set()
+    bystander.join()
+    assert bystander.native_id is not None and bystander.native_id > tid
+    tids = [t["tid"] for t in snap["threads"]]
+    assert tid not in tids and {os.getpid(), bystander.native_id} <= set(tids)
     assert all(any(i is not None for i in t["ns"].values()) for t in snap["threads"])
 
 
@@ -552,6 +558,26 @@ def test_the_setuid_binary_is_root_owned_in_a_root_owned_directory(program_dir):
     assert (binary.dev, binary.ino, binary.unavailable) == (st.st_dev, st.st_ino, "")
     probe.remove_setuid_binary(program_dir)
     assert os.listdir(program_dir) == []
+
+
+def test_the_setuid_binary_is_roots_group_in_a_set_group_id_directory(program_dir):
+    """In a directory whose set-group-ID bit hands its group to what is made in it, the
+    binary and its directory still get root's group."""
+    os.chown(program_dir, 0, 100)
+    os.chmod(program_dir, 0o2755)
+    binary = probe.provide_setuid_binary(program_dir)
+    gids = [os.stat(p).st_gid for p in (os.path.dirname(binary.path), binary.path)]
+    assert gids == [0, 0]
+    probe.remove_setuid_binary(program_dir)
+
+
+def test_the_setuid_binary_is_roots_group_when_made_by_root_with_another_group(program_dir):
+    def child() -> list[int]:
+        os.setresgid(100, 100, 100)  # root (e.g. under ``sudo -g``) with a group of another
+        binary = probe.provide_setuid_binary(program_dir)
+        return [os.stat(p).st_gid for p in (os.path.dirname(binary.path), binary.path)]
+
+    assert report(child) == [0, 0]
 
 
 def test_named_caps_turns_only_64_bit_masks_into_names():
