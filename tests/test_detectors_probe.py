@@ -5,6 +5,7 @@ and ``probe.escalation`` report for it (behaviour, not how the probes read it)."
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 import resource
 import shutil
@@ -490,10 +491,9 @@ def test_a_thread_gone_between_its_status_and_its_namespaces_is_left_out(monkeyp
     assert all(any(i is not None for i in t["ns"].values()) for t in snap["threads"])
 
 
-def test_the_escalation_probe_works_outside_procs_pid_namespace():
-    """Where ``/proc`` is a pid namespace's that the process is not in (a child's, mounted
-    over the host's), the probe thread has no ``/proc/thread-self``: the probe does not wait
-    for it to leave there, and reports as anywhere else."""
+def outside_procs_pid_namespace(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` run where ``/proc`` is a pid namespace's that the process is not in (a
+    child's, mounted over the host's): no ``/proc/self``, ``/proc/thread-self`` there."""
 
     def mount_proc() -> None:  # pid 1 of the new pid namespace
         linux.mount("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
@@ -505,16 +505,41 @@ def test_the_escalation_probe_works_outside_procs_pid_namespace():
         out = in_child(mount_proc)
         assert "ok" in out, out
 
-    def child() -> dict[str, Any]:
+    def child() -> Any:
         linux.unshare(linux.ns_flags(["mount"]))
         linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
         out = in_child(new_pid_namespace)
         assert "ok" in out, out
-        assert not os.path.exists("/proc/thread-self")
-        return probe.escalation()
+        assert not os.path.exists("/proc/self") and not os.path.exists("/proc/thread-self")
+        return fn()
 
-    esc = report(child)
+    return child
+
+
+def test_the_escalation_probe_works_outside_procs_pid_namespace():
+    """There the probe thread cannot read its own status (capget tells its capabilities)
+    and has no ``/proc`` entry to wait for: it reports as anywhere else."""
+
+    def probe_without_effective_caps() -> dict[str, Any]:
+        _, permitted, _ = linux.capget()
+        linux.capset(0, permitted, 0)
+        return {"escalation": probe.escalation(), "permitted": linux.mask_to_caps(permitted)}
+
+    r = report(outside_procs_pid_namespace(probe_without_effective_caps))
+    esc = r["escalation"]
     assert esc["setresuid_root"] is True and esc["host_escalation"] is True
+    assert esc["raise_caps"] == r["permitted"] != []
+
+
+def test_the_probes_import_where_the_user_namespace_cannot_be_read():
+    """The host user namespace read at import may be unknown (no ``/proc/self``): the
+    import does not fail, and an unknown namespace counts as the host's."""
+
+    def reimport() -> bool:
+        importlib.reload(probe)
+        return probe.in_host_userns()
+
+    assert report(outside_procs_pid_namespace(reimport)) is True
 
 
 # -- the setuid binary the kit makes -----------------------------------------------------------
@@ -531,6 +556,7 @@ def test_the_kits_own_id_program_is_a_well_formed_elf_executable():
     ident = program[:16]
     assert ident[:4] == b"\x7fELF"
     assert (ident[4], ident[5], ident[6]) == (2, 1, 1)  # ELFCLASS64, little endian, EV_CURRENT
+    assert ident[7:] == bytes(9)  # the System V ABI, its version 0, padding
     (e_type, machine, version, entry, phoff, shoff, flags, ehsize, phentsize, phnum, *sh) = (
         struct.unpack_from("<HHIQQQIHHHHHH", program, 16)
     )
@@ -558,6 +584,7 @@ def test_the_setuid_binary_is_root_owned_in_a_root_owned_directory(program_dir):
     assert (binary.dev, binary.ino, binary.unavailable) == (st.st_dev, st.st_ino, "")
     probe.remove_setuid_binary(program_dir)
     assert os.listdir(program_dir) == []
+    probe.remove_setuid_binary(program_dir)  # nothing left to remove: no error either
 
 
 def test_the_setuid_binary_is_roots_group_in_a_set_group_id_directory(program_dir):
@@ -576,6 +603,18 @@ def test_the_setuid_binary_is_roots_group_when_made_by_root_with_another_group(p
         os.setresgid(100, 100, 100)  # root (e.g. under ``sudo -g``) with a group of another
         binary = probe.provide_setuid_binary(program_dir)
         return [os.stat(p).st_gid for p in (os.path.dirname(binary.path), binary.path)]
+
+    assert report(child) == [0, 0]
+
+
+def test_the_setuid_binary_is_root_owned_when_made_by_root_with_another_fs_uid(program_dir):
+    def child() -> list[int]:
+        # files are made with the fs uid: another one, every capability kept effective
+        linux.thread_setfsuid(100)
+        _, permitted, _ = linux.capget()
+        linux.capset(permitted, permitted, 0)
+        binary = probe.provide_setuid_binary(program_dir)
+        return [os.stat(p).st_uid for p in (os.path.dirname(binary.path), binary.path)]
 
     assert report(child) == [0, 0]
 
