@@ -199,6 +199,22 @@ def test_only_the_permitted_capabilities_not_yet_effective_are_reported_raised()
     assert sorted([*raised, "CAP_SETUID"]) == sorted(r["permitted"])
 
 
+def test_a_permitted_capability_outside_the_bounding_set_is_raised_too():
+    """Raising touches the effective set only: the inheritable one may not grow past the
+    bounding set, so a probe that also raised it would fail here and report nothing."""
+    cap_sys_admin = 21
+
+    def drop_from_bounding() -> None:
+        _, permitted, _ = linux.capget()
+        linux.capset(permitted, permitted, 0)  # CAP_SETPCAP effective, to drop
+        linux.bounding_drop(cap_sys_admin)
+        linux.capset(0, permitted, 0)
+
+    r = report(as_credentials((U, U, U), keep_caps=True, then=drop_from_bounding))
+    assert "CAP_SYS_ADMIN" in r["permitted"]
+    assert r["escalation"]["raise_caps"] == r["permitted"]
+
+
 def test_a_fully_dropped_process_cannot_escalate_and_says_why_setuid_was_untried():
     esc = report(as_credentials((U, U, U)))["escalation"]
     assert (esc["setresuid_root"], esc["raise_caps"], esc["setuid_exec"]) == (False, [], None)
@@ -413,7 +429,7 @@ def test_the_process_namespaces_are_the_leaders_when_a_thread_has_a_lower_tid():
     """After pid numbers wrap, a thread's tid may be below its leader's: the process's
     namespaces are still the leader's, not those of the thread listed first. Made real in a
     pid namespace of its own, whose next pid is set (``ns_last_pid``) between the fork of the
-    leader and the start of its thread."""
+    leader and the start of its threads (one of them ending mid-snapshot)."""
 
     def leader() -> dict[str, Any]:  # pid 1001 of the new namespace
         with open("/proc/sys/kernel/ns_last_pid", "w") as f:
@@ -428,10 +444,27 @@ def test_the_process_namespaces_are_the_leaders_when_a_thread_has_a_lower_tid():
         helper = threading.Thread(target=own_net)
         helper.start()
         ready.wait(30)
+        # tid 12, below the leader's too, ends between its status and its namespaces
+        stop = threading.Event()
+        ending = threading.Thread(target=stop.wait, args=(30,))
+        ending.start()
+        real = linux.read_status
+
+        def read_status(path: str = "/proc/self/status") -> dict[str, str]:
+            status = real(path)
+            if path == f"/proc/self/task/{ending.native_id}/status":
+                stop.set()
+                ending.join()
+                while os.path.exists(f"/proc/self/task/{ending.native_id}"):
+                    time.sleep(0.001)
+            return status
+
+        linux.read_status = read_status  # in this child only
         snap = probe.snapshot()
         done.set()
         helper.join()
         return {
+            "ending": ending.native_id,
             "tids": [t["tid"] for t in snap["threads"]],
             "leader": os.getpid(),
             "process": snap["ns"]["net"],
@@ -454,7 +487,7 @@ def test_the_process_namespaces_are_the_leaders_when_a_thread_has_a_lower_tid():
         return report(new_pid_namespace)
 
     r = report(child)
-    assert r["leader"] == 1001 and r["tids"] == [11, 1001]
+    assert r["leader"] == 1001 and r["ending"] == 12 and r["tids"] == [11, 1001]
     assert r["process"] == r["own"]
 
 
