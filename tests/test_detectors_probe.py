@@ -4,6 +4,7 @@ and ``probe.escalation`` report for it (behaviour, not how the probes read it)."
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import importlib
 import os
@@ -694,3 +695,113 @@ def test_the_snapshot_names_the_process_in_each_pid_namespace():
     status = linux.read_status()
     assert snap["nspid"] == [int(p) for p in status["NSpid"].split()]
     assert snap["nspid"][-1] == os.getpid()
+
+
+def test_a_binary_identity_is_fixed_once_made():
+    binary = probe.SetuidBinary("/bin/true", 1, 2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        binary.path = "/bin/false"  # type: ignore[misc]
+    assert {binary, probe.SetuidBinary("/bin/true", 1, 2)} == {binary}
+
+
+@pytest.mark.parametrize("offset", [1, -1], ids=["above", "below"])
+def test_another_user_namespace_than_the_hosts_is_told_by_its_identity(offset):
+    """The host user namespace is known by (device, inode): any other, whichever way its
+    inode compares, is not the host's."""
+
+    def child() -> bool:
+        dev, ino = linux.userns_identity()
+        probe.configure((dev, ino + offset), None)
+        return bool(probe.escalation()["host_userns"])
+
+    assert report(child) is False
+
+
+def test_a_nosuid_directory_gives_an_unavailable_binary(program_dir):
+    def child() -> dict[str, Any]:
+        linux.unshare(linux.ns_flags(["mount"]))
+        linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+        linux.mount("tmpfs", program_dir, "tmpfs", linux.MS_NOSUID, "size=1m,mode=755")
+        binary = probe.provide_setuid_binary(program_dir)
+        return {"unavailable": binary.unavailable, "made": os.listdir(program_dir)}
+
+    assert report(child) == {"unavailable": "nosuid", "made": []}
+
+
+def test_the_map_of_a_process_gone_is_empty():
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert probe._read_map(f"/proc/{pid}/uid_map") == []
+
+
+def test_the_setuid_binary_is_reaped_by_the_probe():
+    """No zombie is left for the engine's own waitpid(-1) to find."""
+
+    def child() -> str:
+        probe.configure(None, binary_at("/bin/true"))
+        probe.escalation()
+        try:
+            pid, _ = os.waitpid(-1, 0)
+        except ChildProcessError:
+            return "no child left"
+        return f"child {pid} left"
+
+    assert report(child) == "no child left"
+
+
+def test_a_binary_reaped_by_another_waiter_is_no_error(program_dir):
+    """An engine's thread may reap every child (waitpid(-1)) before the probe waits for its
+    own: here the binary exits at once while a child of its own keeps the output open."""
+    path = script(program_dir, "(sleep 0.5) &\necho 0\n")
+
+    def child() -> dict[str, Any]:
+        probe.configure(None, binary_at(path))
+        stop = threading.Event()
+        reaped: list[int] = []
+
+        def reaper() -> None:
+            while not stop.is_set():
+                try:
+                    pid, _ = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    pid = 0
+                if pid:
+                    reaped.append(pid)
+                time.sleep(0.002)
+
+        thread = threading.Thread(target=reaper)
+        thread.start()
+        try:
+            esc = probe.escalation()
+        finally:
+            stop.set()
+            thread.join()
+        return {"euid": esc["setuid_exec_euid"], "reaped": len(reaped)}
+
+    assert report(child) == {"euid": 0, "reaped": 1}
+
+
+def test_a_refused_capset_is_no_escalation_and_no_error():
+    """A seccomp filter that refuses capset: the permitted capabilities cannot be raised."""
+    if os.uname().machine != "x86_64":
+        pytest.skip("the filter below names x86-64's capset")
+    capset_nr, allow, eperm = 126, 0x7FFF0000, 0x00050000 | errno.EPERM
+    program = [
+        (0x20, 0, 0, 4),  # load the architecture
+        (0x15, 1, 0, linux.AUDIT_ARCH_X86_64),
+        (0x06, 0, 0, allow),
+        (0x20, 0, 0, 0),  # load the system call number
+        (0x15, 0, 1, capset_nr),
+        (0x06, 0, 0, eperm),
+        (0x06, 0, 0, allow),
+    ]
+
+    def refuse_capset() -> None:
+        linux.set_no_new_privs()
+        linux.seccomp_install_filter(program, listener=False)
+
+    r = report(as_credentials((U, U, U), keep_caps=True, then=refuse_capset))
+    assert r["permitted"] and r["escalation"]["raise_caps"] == []
+    assert r["escalation"]["setresuid_root"] is False
