@@ -805,3 +805,13 @@ def test_a_refused_capset_is_no_escalation_and_no_error():
     r = report(as_credentials((U, U, U), keep_caps=True, then=refuse_capset))
     assert r["permitted"] and r["escalation"]["raise_caps"] == []
     assert r["escalation"]["setresuid_root"] is False
+
+
+def test_a_kit_launched_without_root_gives_an_unavailable_binary(program_dir):
+    def child() -> dict[str, Any]:
+        os.setresgid(U, U, U)
+        os.setresuid(U, U, U)
+        binary = probe.provide_setuid_binary(program_dir)
+        return {"unavailable": binary.unavailable, "made": os.listdir(program_dir)}
+
+    assert report(child) == {"unavailable": "launched-without-root", "made": []}
