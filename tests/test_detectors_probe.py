@@ -656,10 +656,11 @@ def test_the_setuid_binary_is_root_owned_when_made_by_root_with_another_fs_uid(p
 
 def test_named_caps_turns_only_64_bit_masks_into_names():
     top = 1 << 63
-    assert probe.named_caps({"a": top, "b": 1 << 64, "c": 0}) == {
+    assert probe.named_caps({"a": top, "b": 1 << 64, "c": 0, "d": 1 << 65}) == {
         "a": ["CAP_63"],
         "b": 1 << 64,  # no capability set is that wide: not a mask
         "c": [],
+        "d": 1 << 65,
     }
     assert probe.named_caps(["CAP_KILL"]) == ["CAP_KILL"]
 
@@ -736,11 +737,13 @@ def test_the_map_of_a_process_gone_is_empty():
     assert probe._read_map(f"/proc/{pid}/uid_map") == []
 
 
-def test_the_setuid_binary_is_reaped_by_the_probe():
-    """No zombie is left for the engine's own waitpid(-1) to find."""
+def test_the_setuid_binary_is_reaped_by_the_probe(program_dir):
+    """No zombie is left for the engine's own waitpid(-1) to find, even from a binary that
+    closes its output before it exits."""
+    path = script(program_dir, "echo 0\nexec >&- 2>&-\nsleep 0.3\n")
 
     def child() -> str:
-        probe.configure(None, binary_at("/bin/true"))
+        probe.configure(None, binary_at(path))
         probe.escalation()
         try:
             pid, _ = os.waitpid(-1, 0)
