@@ -757,7 +757,7 @@ def test_the_setuid_binary_is_reaped_by_the_probe(program_dir):
 def test_a_binary_reaped_by_another_waiter_is_no_error(program_dir):
     """An engine's thread may reap every child (waitpid(-1)) before the probe waits for its
     own: here the binary exits at once while a child of its own keeps the output open."""
-    path = script(program_dir, "(sleep 0.5) &\necho 0\n")
+    path = script(program_dir, "(sleep 1) &\necho 0\n")
 
     def child() -> dict[str, Any]:
         probe.configure(None, binary_at(path))
