@@ -44,9 +44,10 @@ def _in_child(fn) -> int:
 def test_the_escalation_probe_thread_is_gone_when_it_returns():
     import os
 
+    # Only threads that appeared count: one an earlier test left may end meanwhile.
     before = set(os.listdir("/proc/self/task"))
     result = probe.escalation()
-    assert set(os.listdir("/proc/self/task")) == before
+    assert set(os.listdir("/proc/self/task")) - before == set()
     assert "host_escalation" in result
 
 
