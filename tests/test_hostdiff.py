@@ -520,6 +520,36 @@ def test_the_watch_sees_a_propagation_change_undone_before_the_end(sandbox: OwnS
     assert root["hooks"] == [{"role": "master", "hook": "create_container", "pid": 7}]
 
 
+def test_the_watch_reads_a_mount_table_longer_than_a_page_whole(sandbox: OwnSandbox) -> None:
+    # One read of mountinfo returns about a page whatever is asked: a watch that parsed one
+    # read saw mounts past it as removed, and a change there as made in no hook.
+    sandbox.sh(
+        "mkdir -p /mnt/kit-many && for i in $(seq 1 150); do mkdir -p /mnt/kit-many/$i "
+        "&& mount -t tmpfs kit-many-$i /mnt/kit-many/$i; done"
+    )
+    with open(f"/proc/{sandbox.init_pid}/mountinfo", "rb") as f:
+        assert len(f.read()) > 8192  # longer than two pages
+
+    def run() -> dict[str, Any]:
+        watch = hostdiff.HostWatch(sandbox)
+        watch.start()
+        watch.note({"kind": "hook_enter", "role": "master", "hook": "create_container", "pid": 7})
+        sandbox.sh("mount -t tmpfs kit-last /mnt/kit-many/150")  # the table's last line
+        watch.look()
+        watch.note({"kind": "hook_return", "role": "master", "hook": "create_container", "pid": 7})
+        sandbox.sh("umount /mnt/kit-many/150")
+        watch.look()
+        return watch.finish()
+
+    out = in_child(run)
+    assert "ok" in out, out
+    changes = out["ok"]["changes"]
+    assert [c["name"] for c in changes] == ["/mnt/kit-many/150 [2]"], changes
+    (stacked,) = changes
+    assert stacked["transient"]
+    assert stacked["hooks"] == [{"role": "master", "hook": "create_container", "pid": 7}]
+
+
 def test_the_watch_names_the_hook_open_when_a_file_appeared(sandbox: OwnSandbox) -> None:
     def run() -> dict[str, Any]:
         watch = hostdiff.HostWatch(sandbox)

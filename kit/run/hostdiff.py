@@ -201,8 +201,14 @@ def parse_mounts(text: str) -> dict[str, str]:
 
 
 def _pread_text(fd: int) -> str:
-    """What :func:`_read` reads, through an open file, from its start."""
-    return os.pread(fd, 65536, 0).decode(errors="replace").strip()
+    """The whole text of an open ``/proc`` file, from its start. One read of a seq_file
+    (mountinfo) returns at most about a page, however much is asked: read to the end."""
+    chunks = []
+    offset = 0
+    while chunk := os.pread(fd, 65536, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks).decode(errors="replace").strip()
 
 
 def _read(path: str) -> str:
@@ -940,7 +946,9 @@ def _hooks_json(hooks: list[Hook]) -> list[dict[str, Any]]:
 
 
 def _mounts_changed(fd: int) -> bool:
-    """Whether the mount table of a mountinfo file changed since the last poll of ``fd``."""
+    """Whether the mount table of a mountinfo file changed since the last poll of ``fd``
+    (True too when ``fd`` is no longer open: nothing can be known through it)."""
     poller = select.poll()
     poller.register(fd, select.POLLPRI)
-    return any(ev & (select.POLLPRI | select.POLLERR) for _, ev in poller.poll(0))
+    flagged = select.POLLPRI | select.POLLERR | select.POLLNVAL
+    return any(ev & flagged for _, ev in poller.poll(0))
