@@ -545,6 +545,43 @@ def test_the_cached_host_mount_table_sees_a_mount_and_a_remount():
     assert in_child(body) == {"ok": [None, True, True, None]}
 
 
+def test_the_cached_host_mount_table_is_read_again_when_its_fd_was_closed():
+    """A closed descriptor (POLLNVAL) says nothing changed: the cache must not trust it."""
+    from conftest import in_child
+
+    def body() -> bool:
+        linux.unshare(linux.CLONE_NEWNS)
+        linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+        base = tempfile.mkdtemp(prefix="kit-sbtest-table-")
+        try:
+            sandbox.host_mount_table()
+            assert sandbox._table_cache is not None
+            os.close(sandbox._table_cache[1])  # closed behind the cache's back
+            linux.mount("tmpfs", base, "tmpfs", 0, "size=64k")
+            seen = any(p == base for _, p, _ in sandbox.host_mount_table())
+            linux.umount(base, 0)
+            return seen
+        finally:
+            os.rmdir(base)
+
+    assert in_child(body) == {"ok": True}
+
+
+def test_a_forked_child_does_not_inherit_the_cached_host_mount_table():
+    from conftest import in_child
+
+    def body() -> list[bool]:
+        sandbox.host_mount_table()  # this child's cache (the test process keeps none)
+        cached = sandbox._table_cache is not None
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if sandbox._table_cache is None else 1)
+        _, status = os.waitpid(pid, 0)
+        return [cached, os.waitstatus_to_exitcode(status) == 0]
+
+    assert in_child(body) == {"ok": [True, True]}
+
+
 def _nice(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as f:
         return int(f.read().rsplit(")", 1)[1].split()[16])  # field 19 of proc(5)

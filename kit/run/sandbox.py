@@ -528,7 +528,9 @@ def _confine_init() -> None:
 
 def _close_other_fds(keep: int) -> None:
     os.closerange(3, keep)  # close_range(2): one call each side, no listing
-    os.closerange(max(keep + 1, 3), os.sysconf("SC_OPEN_MAX"))
+    # Every number, not SC_OPEN_MAX (the soft limit): a descriptor inherited above it would
+    # stay in pid 1, reachable from the sandbox's root through /proc/1/fd.
+    os.closerange(max(keep + 1, 3), 2**31 - 1)
 
 
 def _reap_forever() -> NoReturn:
@@ -614,8 +616,17 @@ def _host_submounts(scratch: str, table: list[tuple[int, str, int]]) -> list[tup
 
 
 #: (pid, an fd of its /proc/self/mountinfo, the table read): what :func:`host_mount_table`
-#: read last in this process. The pid tells a forked child that the fd is not its own.
+#: read last in this process. Dropped in a forked child (its fd may be closed, its mount
+#: namespace another); the pid is checked too, for a child forked around the hook.
 _table_cache: tuple[int, int, list[tuple[int, str, int]]] | None = None
+
+
+def _forget_table() -> None:
+    global _table_cache
+    _table_cache = None
+
+
+os.register_at_fork(after_in_child=_forget_table)
 
 
 def host_mount_table() -> list[tuple[int, str, int]]:
@@ -628,6 +639,10 @@ def host_mount_table() -> list[tuple[int, str, int]]:
         _, fd, table = _table_cache
         if not _mountinfo_changed(fd):
             return table
+        try:
+            os.fstat(fd)
+        except OSError:  # closed behind our back: open another
+            fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
     else:
         fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
     _mountinfo_changed(fd)  # cleared before the read: a change after it is seen next time
@@ -637,9 +652,12 @@ def host_mount_table() -> list[tuple[int, str, int]]:
 
 
 def _mountinfo_changed(fd: int) -> bool:
+    """Whether the kernel flagged a change of the mount table since the last call; True too
+    when ``fd`` is no longer open (POLLNVAL: nothing can be known through it)."""
     poller = select.poll()
     poller.register(fd, select.POLLPRI)
-    return any(ev & (select.POLLPRI | select.POLLERR) for _, ev in poller.poll(0))
+    flagged = select.POLLPRI | select.POLLERR | select.POLLNVAL
+    return any(ev & flagged for _, ev in poller.poll(0))
 
 
 def _under(path: str, roots: tuple[str, ...] | list[str]) -> bool:
