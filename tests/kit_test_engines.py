@@ -810,3 +810,27 @@ class HostGlobalEngine(BypassEngine):
         cfg = BypassConfig()
         cfg.bypass = {"create_container": ["swapoff"], "rpc": ["delete_module"]}
         return cfg
+
+
+@dataclass
+class SlowCleanupConfig(ReferenceConfig):
+    marker: str = ""  # created once cleanup_container is open
+    release: str = ""  # cleanup_container returns once this exists (or after 30 s)
+
+
+class SlowCleanupEngine(ReferenceEngine):
+    """A cleanup_container that stays open until the test lets it go."""
+
+    engine_name = "test-slow-cleanup"
+    rpc_methods = ReferenceRPC
+
+    def config(self) -> SlowCleanupConfig:
+        return SlowCleanupConfig()
+
+    def cleanup_container(self, ctx, fatal, status):  # type: ignore[override]
+        cfg = self.common.engine_config
+        open(cfg.marker, "w").close()
+        deadline = time.monotonic() + 30
+        while not os.path.exists(cfg.release) and time.monotonic() < deadline:
+            time.sleep(0.01)
+

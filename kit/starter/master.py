@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import queue
 import select
@@ -176,24 +177,48 @@ class Master:
         threads[0].join()
         threads[1].join()
         self._check_sentinel()
-        while not self.events.empty():  # a fatal error of post_start after the status
-            kind, value = self.events.get_nowait()
-            if kind == "fatal" and fatal is None:
-                fatal = value
-                self.ledger.emit("fatal", message=str(fatal), error=describe_error(fatal))
+        fatal = self._late_fatal(fatal)  # a fatal error of post_start after the status
         self.ctx.cancel()
-        try:
-            self.hooks.call(
-                "cleanup_container", engine.operations.cleanup_container, self.ctx, fatal, status
-            )
-        except BaseException:  # noqa: BLE001 engine code may raise anything
-            pass  # recorded by the hook runner; the exit code is unchanged
-        # What arrived during the cleanup (which runs on this thread), before the exit.
+        # On a thread of its own, as the other hooks: the loop goes on reading signals while
+        # the cleanup runs (unread, two of a kind would merge in the kernel, and a cleanup
+        # that hangs until the tree is killed would take those signals along unrecorded).
+        cleaned = threading.Event()
+        cleanup = threading.Thread(
+            target=self._waking(functools.partial(self._cleanup, fatal, status), cleaned),
+            name="kit-cleanup",
+            daemon=True,
+        )
+        cleanup.start()
+        self._serve(cleaned.is_set)
+        cleanup.join()
+        # What arrived as the cleanup ended, before the exit.
         self._release_held(force=True)
         self._read_signals()
         if fatal is not None or status is None:
             return EXIT_FATAL
         return _status_to_code(status)
+
+    def _cleanup(self, fatal: BaseException | None, status: int | None) -> None:
+        try:
+            self.hooks.call(
+                "cleanup_container",
+                self.engine.operations.cleanup_container,
+                self.ctx,
+                fatal,
+                status,
+            )
+        except BaseException:  # noqa: BLE001 engine code may raise anything
+            pass  # recorded by the hook runner; the exit code is unchanged
+
+    def _late_fatal(self, fatal: BaseException | None) -> BaseException | None:
+        """``fatal``, or the first fatal error the hook threads reported since the first
+        event (recorded here)."""
+        while not self.events.empty():
+            kind, value = self.events.get_nowait()
+            if kind == "fatal" and fatal is None:
+                fatal = value
+                self.ledger.emit("fatal", message=str(fatal), error=describe_error(fatal))
+        return fatal
 
     def _check_sentinel(self) -> None:
         """Reap the starter's sentinel child; record it if someone else (the engine) did."""
@@ -213,10 +238,10 @@ class Master:
             )
 
     def _await_container_sigchld(self) -> None:
-        """Hold the master until the signal thread has recorded the container's SIGCHLD.
+        """Hold the master until the loop has recorded the container's SIGCHLD.
 
         A monitor that waits on a pidfd reaps the container as soon as it exits, possibly
-        before the signal thread has taken the SIGCHLD off the pending set: without this
+        before the loop has taken the SIGCHLD off the pending set: without this
         wait the master could finish and exit with the SIGCHLD never recorded (SIG-005).
         When SIGCHLD is ignored (an engine's doing) the kernel sends none: nothing to wait for.
         """
@@ -282,7 +307,13 @@ class Master:
         """Record signals and watch the creation until ``done()``; False when ``timeout``
         seconds passed first."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not done():
+        while True:
+            # First, even when ``done()`` already holds: what the hook threads left to the
+            # loop (a watch to close, a held SIGCHLD to record) is not left for later.
+            self._close_unwatched()
+            self._release_held()
+            if done():
+                return True
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 return False
@@ -302,9 +333,6 @@ class Master:
                     self._read_signals()
                 else:
                     self._creation_watch_fired()
-            self._close_unwatched()
-            self._release_held()
-        return True
 
     def _read_signals(self) -> None:
         """Record every signal pending on the signalfd, in order, up to one to hold."""
