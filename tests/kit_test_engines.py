@@ -834,3 +834,37 @@ class SlowCleanupEngine(ReferenceEngine):
         while not os.path.exists(cfg.release) and time.monotonic() < deadline:
             time.sleep(0.01)
 
+
+
+#: The processes (by name) where WhereConfig's field types were evaluated: a forked process
+#: inherits the list, and with it where its copy of the resolved types came from.
+RESOLVED_IN: list[str] = []
+
+
+def _note_where() -> bool:
+    RESOLVED_IN.append(linux.process_name("self") or "?")
+    return True
+
+
+@dataclass
+class WhereConfig(ReferenceConfig):
+    report: str = ""  # the master writes RESOLVED_IN here (JSON)
+    # An annotation with a side effect: resolving it notes the process that does.
+    noted: _note_where() and int = 0  # type: ignore[valid-type]
+
+
+class WhereEngine(ReferenceEngine):
+    """Reports where the field types of its config were resolved."""
+
+    engine_name = "test-where"
+    rpc_methods = ReferenceRPC
+
+    def config(self) -> WhereConfig:
+        return WhereConfig()
+
+    def init_config(self, common, privileged_stage1):  # type: ignore[override]
+        super().init_config(common, privileged_stage1)
+        cfg = common.engine_config
+        if cfg.report and current_role() == "master":
+            with open(cfg.report, "w") as f:
+                json.dump(RESOLVED_IN, f)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from dataclasses import dataclass, field
 
 from kit.contract import FIELD_TYPES, EngineConfig, field_types
+from kit.run.launcher import start
 from kit.starter.common import default_signals, exiting_child
 from kit.starter.stage1 import resolve_config_types
 
@@ -94,10 +96,28 @@ def test_field_types_are_resolved_once_and_still_checked():
         raise AssertionError("a wrong type passed")
 
 
-def test_the_starter_resolves_the_engines_config_types_before_forking():
+def test_resolving_the_engines_config_types_fills_the_cache():
     from reference_engines.minimal.engine import ReferenceConfig
 
     FIELD_TYPES.pop(ReferenceConfig, None)
     resolve_config_types("reference")
     assert ReferenceConfig in FIELD_TYPES
     assert field_types(ReferenceConfig) is FIELD_TYPES[ReferenceConfig]
+
+
+def test_the_config_types_reach_the_run_resolved_by_the_zygote(shared_dir):
+    # Resolving evaluates the engine's annotations (engine code): the zygote does it where
+    # it imports the engine, and every process of the run inherits the result; none of the
+    # run's processes (the starter above all, with full privileges and outside any hook)
+    # evaluates them again.
+    report = os.path.join(shared_dir, "resolved")
+    result = start(
+        "kit_test_engines:WhereEngine",
+        "root",
+        ["/bin/true"],
+        shared_dirs=[shared_dir],
+        engine_config={"mount_tmp": False, "report": report},
+    ).wait()
+    assert result.exit_code == 0, result.reason
+    with open(report) as f:
+        assert json.load(f) == ["kit-zygote"]

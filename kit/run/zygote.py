@@ -23,6 +23,7 @@ from kit.run.supervisor import (
     run_supervised,
 )
 from kit.starter.common import default_signals
+from kit.starter.stage1 import resolve_config_types
 from kit.system import linux
 
 MAX_MESSAGE = 1 << 20
@@ -166,6 +167,9 @@ def _serve(control: socket.socket, spare: list[Ahead | None]) -> int:
             if len(fds) != FIXED_FDS + len(targets):
                 raise ValueError(f"expected {FIXED_FDS + len(targets)} fds, got {len(fds)}")
             if preload(request):
+                # The engine's annotations are engine code: evaluated here, where its module
+                # was just imported, not in the starter (every starter descends from here).
+                resolve_config_types(request.engine)
                 settle()
         except Exception as exc:  # noqa: BLE001 engine imports may raise anything
             for fd in fds:

@@ -43,8 +43,13 @@ from kit.system import current, linux
 
 def resolve_config_types(engine: str) -> None:
     """Resolve the field types of the engine's config classes (those of the module that
-    defines its operations) here, before the forks: stage 1, the master, the RPC server and
-    stage 2 then find them resolved instead of each evaluating every annotation again."""
+    defines its operations) once, before the forks: stage 1, the master, the RPC server and
+    stage 2 then find them resolved instead of each evaluating every annotation again.
+
+    Resolving evaluates the engine's annotations (engine code), so it runs where the engine
+    module is imported, with the same privilege and outside any hook as that import: the
+    zygote's preload (:mod:`kit.run.zygote`), whose children's children are the starters.
+    A starter forked otherwise resolves them in each process, inside its init_engine."""
     module = getattr(registry.find(engine).factory, "__module__", None)
     todo = EngineConfig.__subclasses__()
     while todo:
@@ -120,9 +125,11 @@ class Starter:
             self.ledger.emit(
                 "process_start", ppid=self.system.getppid(), nspid=[self.system.getpid()]
             )
-            resolve_config_types(self.req.engine)
             # Every object so far is the children's too: frozen, no collection in them
-            # walks (and so copies) the pages it lies on.
+            # walks (and so copies) the pages it lies on. Garbage first: frozen, a cycle
+            # would never be collected, and what it holds (a descriptor) stays open in
+            # every process forked from here.
+            gc.collect()
             gc.freeze()
             common_json, sconf = self.run_stage1()
             self.ledger.emit("starter_config", config=sconf.to_json())
