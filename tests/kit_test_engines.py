@@ -835,6 +835,44 @@ class SlowCleanupEngine(ReferenceEngine):
             time.sleep(0.01)
 
 
+def close_signalfds() -> list[int]:
+    """Close every signalfd of this process (the master's: the kit's own); their numbers."""
+    closed = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            with open(f"/proc/self/fdinfo/{name}") as f:
+                info = f.read()
+        except OSError:
+            continue  # the listing's own descriptor, gone
+        if "sigmask:" in info:
+            os.close(int(name))
+            closed.append(int(name))
+    return closed
+
+
+@dataclass
+class FdCloserConfig(ReferenceConfig):
+    close_in: str = "create_container"  # the master's hook that closes the kit's signalfd
+
+
+class FdCloserEngine(ReferenceEngine):
+    """Closes the master's signalfd (a descriptor the kit opened) in one of its hooks."""
+
+    engine_name = "test-fd-closer"
+    rpc_methods = ReferenceRPC
+
+    def config(self) -> FdCloserConfig:
+        return FdCloserConfig()
+
+    def create_container(self, ctx, pid, rpc_conn):  # type: ignore[override]
+        if self.common.engine_config.close_in == "create_container":
+            close_signalfds()
+        super().create_container(ctx, pid, rpc_conn)
+
+    def cleanup_container(self, ctx, fatal, status):  # type: ignore[override]
+        if self.common.engine_config.close_in == "cleanup_container":
+            close_signalfds()
+
 
 #: The processes (by name) where WhereConfig's field types were evaluated: a forked process
 #: inherits the list, and with it where its copy of the resolved types came from.

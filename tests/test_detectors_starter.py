@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 
+import pytest
 from conftest import in_child, wait_until
 
 from kit.ledger.record import decode
-from kit.run.launcher import make_request
+from kit.run.launcher import make_request, start
 from kit.starter.common import EXIT_FATAL
 from kit.starter.stage1 import Starter
 from kit.system import linux
@@ -51,3 +53,29 @@ def test_a_starter_whose_supervisor_died_before_it_began_exits_at_once():
     for flow in ("root", "suid"):
         result = _starter_outliving(flow)
         assert result == {"code": EXIT_FATAL, "events": []}, (flow, result)
+
+
+@pytest.mark.parametrize("hook", ["create_container", "cleanup_container"])
+def test_engine_code_that_closes_the_masters_signalfd_fails_the_run_by_name(hook):
+    # The master's poll loop reads signals from a signalfd of its own: engine code that
+    # closes it (a blanket close of descriptors in a hook) is named in the ledger as a fatal
+    # error, the run fails, and the signals go on being recorded from a new signalfd.
+    result = start(
+        "kit_test_engines:FdCloserEngine",
+        "root",
+        ["/bin/sh", "-c", "sleep 0.2"],
+        engine_config={"mount_tmp": False, "close_in": hook},
+    ).wait()
+    assert result.exit_code == EXIT_FATAL
+    fatal = result.ledger.select("fatal")
+    assert fatal, result.reason
+    assert "engine code closed a file descriptor of the kit" in fatal[0]["message"]
+    assert "signalfd" in fatal[0]["message"]
+    assert not result.ledger.select("starter_error")
+    sigchld = [
+        e
+        for e in result.ledger.select("signal")
+        if e["signum"] == signal.SIGCHLD
+        and e["sender"] == result.ledger.first("container_start")["container_pid"]
+    ]
+    assert sigchld, "the container's SIGCHLD was not recorded (SIG-005)"

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import ctypes
+import errno
+import fcntl
 import functools
 import os
 import queue
+import resource
 import select
 import signal
 import socket
@@ -58,9 +61,46 @@ MASTER_SIGNALS = {s for s in signal.valid_signals() if s not in _UNBLOCKABLE}
 _libc = ctypes.CDLL(None, use_errno=True)
 _SFD_NONBLOCK = os.O_NONBLOCK
 _SFD_CLOEXEC = os.O_CLOEXEC
+#: The longest the poll loop blocks (seconds).
+_MAX_WAIT = 1.0
 #: struct signalfd_siginfo: 128 bytes, ssi_signo at 0 and ssi_pid at 12.
 _SIGINFO_SIZE = 128
 _SIGINFO = struct.Struct("=I8xI")
+
+
+class KitFdClosed(RuntimeError):
+    """Engine code in the master closed a file descriptor of the kit's poll loop."""
+
+
+def fd_base() -> int:
+    """Where the master's own descriptors go: high, three quarters up to the soft limit (768
+    at the usual 1024), so that engine code closing low numbers (its own, or a range of
+    them) does not hit the kit's; a loss the loop notices all the same is a fatal error."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        soft = 1024
+    return max(3, min(soft, 1024) * 3 // 4)
+
+
+def dup_high(fd: int, base: int) -> int:
+    """A close-on-exec duplicate of ``fd`` at the lowest free number from ``base``, or
+    anywhere when nothing is free up there."""
+    try:
+        high: int = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, base)
+    except OSError:
+        high = os.dup(fd)
+        os.set_inheritable(high, False)
+    return high
+
+
+def move_high(fd: int, base: int) -> int:
+    """``fd`` moved up (see :func:`dup_high`); unmoved when it cannot be duplicated."""
+    try:
+        high = dup_high(fd, base)
+    except OSError:
+        return fd
+    os.close(fd)
+    return high
 
 
 def open_signalfd(signals: set[signal.Signals]) -> int:
@@ -107,9 +147,13 @@ class Master:
         # from the hook threads (an event, exec checked, a thread done). One thread instead
         # of a signal thread and a watch thread handing the GIL around.
         self.poller = select.poll()
-        self.wake_r, self.wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self.poller.register(self.wake_r, select.POLLIN)
+        # Opened after init_config (engine code in this process could close them before),
+        # high up (see fd_base).
+        self.fd_base = fd_base()
+        self.wake_r = self.wake_w = -1
         self.sigfd = -1
+        #: A descriptor of the loop that engine code closed (reported; the run is failed).
+        self.fd_lost: KitFdClosed | None = None
         #: The container's SIGCHLD, held (and the signals after it unread) until the start
         #: waiter has told exec from exit, or until the deadline.
         self.held: tuple[signal.struct_siginfo, float] | None = None
@@ -146,8 +190,8 @@ class Master:
             os.waitpid(self.pid, 0)
             return EXIT_FATAL
         self.engine = engine
-        self.sigfd = open_signalfd(MASTER_SIGNALS)
-        self.poller.register(self.sigfd, select.POLLIN)
+        self._open_wake_pipe()
+        self._open_signalfd()
         ended = [threading.Event() for _ in range(3)]
         threads = [
             threading.Thread(target=self._waking(fn, end), name=name, daemon=True)
@@ -164,9 +208,10 @@ class Master:
         status: int | None = None
         value: Any
         kind, value = self._next_event(None) or ("timeout", None)  # None: no timeout
-        if kind == "fatal":
+        if kind in ("fatal", "fd_lost"):
             fatal = value
-            self.ledger.emit("fatal", message=str(fatal), error=describe_error(fatal))
+            if kind == "fatal":  # fd_lost: recorded as it was found
+                self.ledger.emit("fatal", message=str(fatal), error=describe_error(fatal))
             self._kill_container()
             status = self._await_status()
         else:
@@ -194,7 +239,8 @@ class Master:
         # What arrived as the cleanup ended, before the exit.
         self._release_held(force=True)
         self._read_signals()
-        if fatal is not None or status is None:
+        fatal = self._late_fatal(fatal)  # a descriptor lost during the cleanup
+        if fatal is not None or self.fd_lost is not None or status is None:
             return EXIT_FATAL
         return _status_to_code(status)
 
@@ -211,13 +257,14 @@ class Master:
             pass  # recorded by the hook runner; the exit code is unchanged
 
     def _late_fatal(self, fatal: BaseException | None) -> BaseException | None:
-        """``fatal``, or the first fatal error the hook threads reported since the first
-        event (recorded here)."""
+        """``fatal``, or the first fatal error the hook threads or the loop reported since
+        the first event (recorded here unless the loop did)."""
         while not self.events.empty():
             kind, value = self.events.get_nowait()
-            if kind == "fatal" and fatal is None:
+            if kind in ("fatal", "fd_lost") and fatal is None:
                 fatal = value
-                self.ledger.emit("fatal", message=str(fatal), error=describe_error(fatal))
+                if kind == "fatal":
+                    self.ledger.emit("fatal", message=str(fatal), error=describe_error(fatal))
         return fatal
 
     def _check_sentinel(self) -> None:
@@ -273,11 +320,23 @@ class Master:
             return None
 
     # -- the poll loop ---------------------------------------------------------------------
+    def _open_wake_pipe(self) -> None:
+        r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.wake_r, self.wake_w = move_high(r, self.fd_base), move_high(w, self.fd_base)
+        self.poller.register(self.wake_r, select.POLLIN)
+
+    def _open_signalfd(self) -> None:
+        self.sigfd = move_high(open_signalfd(MASTER_SIGNALS), self.fd_base)
+        if self.held is None:
+            self.poller.register(self.sigfd, select.POLLIN)
+
     def _wake(self) -> None:
         try:
             os.write(self.wake_w, b"x")
         except BlockingIOError:
             pass  # full: the loop wakes anyway
+        except OSError:
+            pass  # the pipe was closed by engine code: the loop finds it on its next round
 
     def _waking(self, fn: Callable[[], None], ended: threading.Event) -> Callable[[], None]:
         """``fn``, then ``ended`` set and the loop woken (it may wait for the end: a thread
@@ -317,22 +376,68 @@ class Master:
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 return False
-            wait = None if deadline is None else deadline - now
+            # At most a second: a descriptor closed under a blocking poll does not wake it.
+            wait = _MAX_WAIT if deadline is None else min(_MAX_WAIT, deadline - now)
             if self.held is not None:
-                wait = (
-                    max(0.0, self.held[1] - now) if wait is None else min(wait, self.held[1] - now)
-                )
-            ready = self.poller.poll(-1 if wait is None else max(1, int(wait * 1000) + 1))
-            for fd, _ in ready:
-                if fd == self.wake_r:
+                wait = min(wait, self.held[1] - now)
+            ready = self.poller.poll(max(1, int(max(0.0, wait) * 1000) + 1))
+            for fd, events in ready:
+                if events & select.POLLNVAL:
+                    self._lost(fd)
+                elif fd == self.wake_r:
                     try:
                         os.read(self.wake_r, 4096)
                     except BlockingIOError:
                         pass
+                    if events & select.POLLHUP:
+                        self._lost(self.wake_w)  # the only writer: it was closed
                 elif fd == self.sigfd:
                     self._read_signals()
                 else:
                     self._creation_watch_fired()
+
+    def _lost(self, fd: int) -> None:
+        """A descriptor of the loop was closed behind its back (engine code in this process:
+        only the kit's threads and the engine's run here): record it as a fatal error, make
+        the loop whole again (the signals are still pending: a new signalfd reads them) and
+        fail the run."""
+        if fd == self.sigfd:
+            what = "the master's signalfd (signals are read from it)"
+            self._forget(fd)
+            self._open_signalfd()
+        elif fd in (self.wake_r, self.wake_w):
+            what = "the master's wake-up pipe (the hook threads wake its poll loop)"
+            for end in (self.wake_r, self.wake_w):
+                self._forget(end, close=end != fd)
+            self._open_wake_pipe()
+        else:
+            what = "the creation watch (the container's pidfd or the RPC connection)"
+            with self.watch_lock:
+                pairs = [p for p in (self.watching, *self._unwatched) if p and fd in p]
+                if self.watching is not None and fd in self.watching:
+                    self.watching = None
+                self._unwatched = [p for p in self._unwatched if fd not in p]
+            for end in {end for pair in pairs for end in pair} | {fd}:
+                self._forget(end, close=end != fd)
+        error = KitFdClosed(
+            f"engine code closed a file descriptor of the kit: fd {fd}, {what}; a hook of "
+            "the master must close only the descriptors it opened"
+        )
+        self.ledger.emit("fatal", message=str(error), error=describe_error(error))
+        if self.fd_lost is None:
+            self.fd_lost = error
+            self._put(("fd_lost", error))
+
+    def _forget(self, fd: int, close: bool = False) -> None:
+        try:
+            self.poller.unregister(fd)
+        except KeyError:
+            pass
+        if close:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # closed already (by engine code): nothing of ours to close
 
     def _read_signals(self) -> None:
         """Record every signal pending on the signalfd, in order, up to one to hold."""
@@ -341,6 +446,11 @@ class Master:
                 data = os.read(self.sigfd, _SIGINFO_SIZE * 16)
             except BlockingIOError:
                 return
+            except OSError as exc:
+                if exc.errno != errno.EBADF:
+                    raise
+                self._lost(self.sigfd)
+                continue
             self._pending.extend(
                 _SIGINFO.unpack_from(data, offset)
                 for offset in range(0, len(data) - _SIGINFO_SIZE + 1, _SIGINFO_SIZE)
@@ -442,13 +552,12 @@ class Master:
         and shut the RPC connection down, so that create_container learns it at once
         instead of after a wait or a timeout (the loop polls both)."""
         try:
-            pidfd = os.pidfd_open(self.pid)
+            pidfd = move_high(os.pidfd_open(self.pid), self.fd_base)
         except OSError:
             return
         # A descriptor of the loop's own: the create thread closes rpc_sock when done, and
         # its number could be reused while the loop still polls it.
-        rpc = os.dup(self.rpc_sock.fileno())
-        os.set_inheritable(rpc, False)
+        rpc = dup_high(self.rpc_sock.fileno(), self.fd_base)
         # From the create thread: a poll object may be changed while another thread polls
         # it (the change counts from its next poll, which the wake-up starts).
         with self.watch_lock:
@@ -488,8 +597,7 @@ class Master:
         """Unregister and close what no longer is watched (in the loop's thread only)."""
         while self._unwatched:
             for fd in self._unwatched.pop():
-                self.poller.unregister(fd)
-                os.close(fd)
+                self._forget(fd, close=True)
 
     def _start_waiter(self) -> None:
         try:
