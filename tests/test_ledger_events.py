@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import typing
 from typing import Any
 
@@ -245,3 +247,77 @@ def test_the_typed_queries_name_the_typeddict_of_every_kind():
             assert returned == wrap(E.EVENT_TYPES[kind]), kind
         # and one for any other kind, set of kinds or none, giving the union
         assert len(overloads) == len(by_kind) + 1
+
+
+def refused(kind: str, key: str, what: str, value: Any) -> str:
+    """The exact verdict on a field of the wrong value (its repr cut at 80 characters)."""
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    return f"{kind} event: {key} must be {what}, not {shown}"
+
+
+def test_a_name_is_at_most_256_characters_and_a_text_at_most_64_kib():
+    # the bounds written out, not read from the module: a changed limit is a changed contract
+    assert check_event(example("signal", name="n" * 256)) is None
+    assert check_event(example("signal", name="n" * 257)) == refused(
+        "signal", "name", "a name", "n" * 257
+    )
+    assert check_event(example("stage2_failed", message="m" * 65536)) is None
+    assert check_event(example("stage2_failed", message="m" * 65537)) == refused(
+        "stage2_failed", "message", "a text", "m" * 65537
+    )
+    assert check_event(example("fatal", message="")) is None
+
+
+def test_the_sender_pid_and_tid_are_refused_below_zero_and_taken_from_zero():
+    # the rule is "not negative": 0 is its lowest accepted value (the supervisor then checks
+    # the claimed pid against the sender's NSpid), -1 its highest refused one
+    for key, what in (("pid", "a pid"), ("tid", "a thread id")):
+        assert check_event(example("stage2_exec", **{key: 0})) is None, key
+        assert check_event(example("stage2_exec", **{key: 1})) is None, key
+        assert check_event(example("stage2_exec", **{key: -1})) == refused(
+            "stage2_exec", key, what, -1
+        )
+
+
+def test_an_infinite_number_is_refused_as_json_can_carry_one():
+    # 1e999 is valid JSON and decodes to inf (no NaN/Infinity constant needed)
+    for text in ("1e999", "-1e999"):
+        event, problem = record.parse_datagram(
+            json.dumps(example("rpc_call"))
+            .replace('"duration_ms": 0.25', '"duration_ms": ' + text)
+            .encode()
+        )
+        assert problem is None and event is not None
+        assert check_event(event) == refused("rpc_call", "duration_ms", "a number", float(text))
+    assert check_event(example("rpc_call", duration_ms=10**400)) is None
+    assert check_event(example("rpc_call", duration_ms=-(10**400))) is None
+    assert check_event(example("rpc_call", duration_ms=-1.5e308)) is None
+
+
+def test_a_union_of_two_types_or_null_fails_at_definition():
+    # only X | None is read: with a second type the check would take the first and refuse
+    # valid values of the other
+    for tp in (int | str | None, None | str | float, dict[str, Any] | list[int] | None):
+        with pytest.raises(TypeError, match=r"only X \| None unions"):
+            E.checker(tp)
+    check, what = E.checker(int | None)
+    assert what == "an integer or null"
+    assert (check(None), check(3), check("3")) == (True, True, False)
+
+
+def test_the_schema_fields_are_read_only():
+    # FIELDS is the validator of every datagram: nothing may loosen it after import
+    field = E.FIELDS["signal"]["signum"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        field.required = False
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        field.check = lambda v: True
+
+
+def test_a_shared_annotation_is_derived_once_for_every_kind():
+    # the import cost (commit "derive the event checks at half the import cost"): a common
+    # key's or a shared alias's annotated rule is derived once, whatever number of kinds
+    # carries it (a plain int or str shares its check anyway)
+    for key in ("role", "pid", "tid"):
+        assert len({id(fields[key].check) for fields in E.FIELDS.values()}) == 1, key
+    assert E.FIELDS["signal"]["name"].check is E.FIELDS["starter_error"]["stage"].check
