@@ -158,15 +158,30 @@ def check_snapshot(kernel_pid: int, event: dict[str, Any], confirmed: bool) -> s
         mine = next((t for t in entries if t.get("tid") in levels), None)
     if mine is None:
         return f"its snapshot has no entry for its sending thread {event['tid']}"
-    mine = {**mine, "caps": probe.named_caps(mine.get("caps"))}  # masks on the wire
-    kernel = _as_inside(kernel_pid, probe.thread_state(status, task))
+    # Masks on the wire: compared as masks when every set is one (a mask names its
+    # capabilities one to one), else as names; a mismatch is told in names either way.
+    kernel = _as_inside(kernel_pid, probe.thread_state(status, task, masks=True))
+    if not _all_masks(mine.get("caps")):
+        mine = {**mine, "caps": probe.named_caps(mine.get("caps"))}
+        kernel["caps"] = probe.named_caps(kernel["caps"])
     for key in CHECKED_FIELDS:
         if mine.get(key) != kernel[key]:
+            said, says = mine.get(key), kernel[key]
+            if key == "caps":
+                said, says = probe.named_caps(said), probe.named_caps(says)
             return (
-                f"its snapshot says {key} {mine.get(key)!r} for thread {event['tid']}, "
-                f"the kernel says {kernel[key]!r}"
+                f"its snapshot says {key} {said!r} for thread {event['tid']}, "
+                f"the kernel says {says!r}"
             )
     return _check_ns(kernel_pid, task, mine)
+
+
+def _all_masks(caps: Any) -> bool:
+    """Whether ``caps`` is a dict of capability masks only (what :func:`probe.named_caps`
+    would name: ints, not bools, of 64 bits)."""
+    return isinstance(caps, dict) and all(
+        type(v) is int and 0 <= v < 1 << 64 for v in caps.values()
+    )
 
 
 OVERFLOW_ID = 65534  # what a process is shown for an id its user namespace does not map
