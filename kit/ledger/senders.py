@@ -135,16 +135,22 @@ class Senders:
         return {nspid[-1]} | self.own_pids(kernel_pid) if nspid else self.own_pids(kernel_pid)
 
 
-def check_snapshot(kernel_pid: int, event: dict[str, Any], confirmed: bool) -> str | None:
+def check_snapshot(
+    kernel_pid: int,
+    event: dict[str, Any],
+    confirmed: bool,
+    tasks: dict[tuple[int, int], int] | None = None,
+) -> str | None:
     """Why the sending thread's entry in ``event``'s snapshot is not what the kernel says of
     it (read here, from outside the process, while the sender waits: ``confirmed``); None
-    when it is. A snapshot without the wait cannot be checked and is refused."""
+    when it is. A snapshot without the wait cannot be checked and is refused. ``tasks``:
+    where each sending thread was found before (kept by the caller, see :func:`find_thread`)."""
     snap = event.get("snapshot")
     if not isinstance(snap, dict) or "threads" not in snap:
         return None  # no snapshot (probes off), or the probe's own error
     if not confirmed:
         return "its snapshot came without waiting for the supervisor's outside check"
-    found = linux.thread_status(kernel_pid, event["tid"])
+    found = find_thread(kernel_pid, event["tid"], tasks)
     if found is None:
         return f"its sending thread {event['tid']} is not a thread of pid {kernel_pid}"
     task, status = found
@@ -182,6 +188,29 @@ def _all_masks(caps: Any) -> bool:
     return isinstance(caps, dict) and all(
         type(v) is int and 0 <= v < 1 << 64 for v in caps.values()
     )
+
+
+def find_thread(
+    kernel_pid: int, tid: int, tasks: dict[tuple[int, int], int] | None = None
+) -> tuple[int, dict[str, str]] | None:
+    """:func:`kit.system.linux.thread_status`, first through the task where ``tasks`` found
+    the thread last time: its status read again says whether it still is that thread (a
+    process's threads calling themselves ``tid`` are one at a time). A hook thread sends
+    several snapshots; the scan lists the process's tasks and reads them one by one."""
+    known = tasks.get((kernel_pid, tid)) if tasks is not None else None
+    if known is not None:
+        try:
+            status = linux.read_status(f"/proc/{kernel_pid}/task/{known}/status")
+        except OSError:
+            status = None
+        if status is not None:
+            nspid = status.get("NSpid", str(known)).split()
+            if nspid and int(nspid[-1]) == tid:
+                return known, status
+    found = linux.thread_status(kernel_pid, tid)
+    if found is not None and tasks is not None:
+        tasks[(kernel_pid, tid)] = found[0]
+    return found
 
 
 OVERFLOW_ID = 65534  # what a process is shown for an id its user namespace does not map

@@ -58,6 +58,9 @@ MAX_FAULTS = 100
 #: credentials and up to linux.MAX_PASSED_FDS descriptors (more are cut: MSG_CTRUNC).
 _UCRED = struct.Struct("iII")
 _ANCILLARY = socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(linux.MAX_PASSED_FDS * 4)
+# Plain ints: the socket module's flags are an enum.Flag, whose | and & run in Python.
+_RECV_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+_CUT = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 
 
 def _mount_points(pid: int | str = "self") -> set[tuple[str, str]]:
@@ -136,6 +139,7 @@ class Supervisor:
         self.refusals = 0  # calls it refused; the first seccomp.MAX_RECORDED are recorded
         self._level: int | None = None  # see run_pid
         self._buffer: mmap.mmap | None = None  # see _receive
+        self._tasks: dict[tuple[int, int], int] = {}  # see kit.ledger.senders.find_thread
 
     # -- ledger ------------------------------------------------------------------------------
     def record(self, event: dict[str, Any], datagram: bytes | None = None) -> None:
@@ -537,9 +541,7 @@ class Supervisor:
         bytearray would zero all 256 of them, every run)."""
         if self._buffer is None:
             self._buffer = mmap.mmap(-1, MAX_EVENT)
-        n, ancdata, msg_flags, _ = reader.recvmsg_into(
-            [self._buffer], _ANCILLARY, socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
-        )
+        n, ancdata, msg_flags, _ = reader.recvmsg_into([self._buffer], _ANCILLARY, _RECV_FLAGS)
         pid = None
         fds: list[int] = []
         for level, kind, payload in ancdata:
@@ -549,7 +551,7 @@ class Supervisor:
                 pid = _UCRED.unpack_from(payload)[0]
             elif kind == socket.SCM_RIGHTS:
                 fds += array.array("i", payload[: len(payload) - len(payload) % 4]).tolist()
-        truncated = bool(msg_flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC))
+        truncated = bool(msg_flags & _CUT)
         return self._buffer[:n], pid, fds, truncated
 
     def admit(
@@ -578,7 +580,7 @@ class Supervisor:
             return CONFIRMED
         problem = self.senders.check(sender, event)
         if problem is None and self.outside_check and sender:
-            problem = check_snapshot(sender, event, confirmed)
+            problem = check_snapshot(sender, event, confirmed, self._tasks)
             thread = (sender, event.get("tid"))
             if problem is not None and confirmed:
                 # Another thread's process-wide credential change may have fallen between
