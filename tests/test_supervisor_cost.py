@@ -1,0 +1,182 @@
+"""The supervisor's cheaper ways of admitting a datagram refuse what the old ways refused."""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import socket
+import threading
+from typing import Any
+
+import pytest
+
+from kit.ledger import probe
+from kit.ledger.record import MAX_EVENT, _no_constant, ledger_socketpair, parse_datagram
+from kit.ledger.senders import _all_masks, check_snapshot, find_thread
+from kit.run.launcher import make_request
+from kit.run.supervisor import Supervisor
+from kit.system import linux
+
+ODD_DATAGRAMS = [
+    b'{"kind": "x", "v": NaN}',  # a constant JSON does not have: refused
+    b'{"kind": "x", "v": -Infinity}',
+    b"\xef\xbb\xbf" + b'{"kind": "x"}',  # a UTF-8 BOM (json.loads reads past it)
+    json.dumps({"kind": "x", "m": "é"}).encode("utf-16"),
+    json.dumps({"kind": "x"}).encode("utf-32-le"),
+    b'{"kind": "x", "s": "\\ud800"}',  # a lone surrogate escape
+    b'{"kind": "x"} trailing',
+    b"[" * 100_000,  # nested too deeply
+    b"\xff\xfe not json",
+    b"",
+    b'{"kind": "x", "kind": "y"}',
+]
+
+
+@pytest.mark.parametrize("datagram", ODD_DATAGRAMS)
+def test_a_datagram_decodes_as_json_loads_decodes_it(datagram: bytes) -> None:
+    try:
+        expected: Any = json.loads(datagram, parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        expected = None
+    event, problem = parse_datagram(datagram)
+    if expected is None or not isinstance(expected, dict) or "kind" not in expected:
+        assert event is None and problem
+    else:
+        assert problem is None and event == expected
+
+
+def _supervisor() -> Supervisor:
+    return Supervisor(make_request("reference", "root", ["/bin/true"]))
+
+
+def test_the_receive_buffer_gives_each_datagram_its_sender_and_descriptors() -> None:
+    reader, writer = ledger_socketpair()
+    sup = _supervisor()
+    r, w = os.pipe()
+    try:
+        writer.sendmsg([b"first"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [w]))])
+        writer.send(b"x" * 5000)
+        writer.send(b"")
+        data, sender, fds, cut = sup._receive(reader)
+        assert (data, sender, cut) == (b"first", os.getpid(), False) and len(fds) == 1
+        assert os.fstat(fds[0]).st_ino == os.fstat(w).st_ino
+        os.close(fds[0])
+        # A longer datagram after a short one: the buffer's old content never shows.
+        assert sup._receive(reader)[:2] == (b"x" * 5000, os.getpid())
+        assert sup._receive(reader)[:3] == (b"", os.getpid(), [])
+        with pytest.raises(BlockingIOError):
+            sup._receive(reader)
+    finally:
+        for fd in (r, w):
+            os.close(fd)
+        reader.close()
+        writer.close()
+
+
+def test_a_datagram_longer_than_the_buffer_is_cut_and_says_so() -> None:
+    reader, writer = ledger_socketpair()
+    sup = _supervisor()
+    try:
+        writer.send(b"y" * (MAX_EVENT + 10))
+        data, _, _, cut = sup._receive(reader)
+        assert cut and len(data) == MAX_EVENT
+        # Five descriptors where four fit: cut too (MSG_CTRUNC), the ones that came kept.
+        pipes = [os.pipe() for _ in range(3)]
+        fds = [fd for pair in pipes for fd in pair][:5]
+        writer.sendmsg([b"z"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        data, _, got, cut = sup._receive(reader)
+        assert data == b"z" and cut and len(got) == linux.MAX_PASSED_FDS
+        for fd in got + [fd for pair in pipes for fd in pair]:
+            os.close(fd)
+    finally:
+        reader.close()
+        writer.close()
+
+
+def _snapshot_event() -> dict[str, Any]:
+    return {
+        "t": 1,
+        "kind": "hook_enter",
+        "role": "master",
+        "pid": os.getpid(),
+        "tid": threading.get_native_id(),
+        "hook": "config",
+        "snapshot": probe.snapshot(masks=True),
+    }
+
+
+def _own(event: dict[str, Any]) -> dict[str, Any]:
+    return next(t for t in event["snapshot"]["threads"] if t["tid"] == event["tid"])
+
+
+def test_a_true_snapshot_passes_with_masks_and_with_names() -> None:
+    event = _snapshot_event()
+    assert check_snapshot(os.getpid(), event, True) is None
+    mine = _own(event)
+    mine["caps"] = probe.named_caps(mine["caps"])
+    assert check_snapshot(os.getpid(), event, True) is None
+
+
+@pytest.mark.parametrize(
+    "forge",
+    [
+        lambda caps: {**caps, "effective": caps["effective"] ^ 1},  # a mask off by one bit
+        lambda caps: {**caps, "ambient": caps["ambient"] | 1 << 40},
+        lambda caps: {**caps, "x": 0},
+        lambda caps: {k: v for k, v in caps.items() if k != "inheritable"},
+        lambda caps: {**probe.named_caps(caps), "permitted": ["CAP_NOT_A_CAP"]},
+        lambda caps: None,
+    ],
+)
+def test_a_forged_capability_set_is_refused_and_told_in_names(forge: Any) -> None:
+    event = _snapshot_event()
+    mine = _own(event)
+    mine["caps"] = forge(mine["caps"])
+    problem = check_snapshot(os.getpid(), event, True)
+    assert problem is not None and problem.startswith("its snapshot says caps ")
+    kernel = problem.split("the kernel says ", 1)[1]
+    assert "'CAP_" in kernel or "[]" in kernel  # names, never a mask
+
+
+def test_a_bool_is_not_a_mask() -> None:
+    """True == 1: a set compared as an int would take a forged ``true`` for CAP_CHOWN."""
+    assert _all_masks({"effective": 0, "permitted": 1 << 63})
+    assert not _all_masks({"effective": True})
+    assert not _all_masks({"effective": 1 << 64})
+    assert not _all_masks({"effective": -1})
+    assert not _all_masks({"effective": ["CAP_CHOWN"]})
+    event = _snapshot_event()
+    mine = _own(event)
+    mine["caps"] = {**mine["caps"], "inheritable": True}
+    assert check_snapshot(os.getpid(), event, True) is not None
+
+
+def test_a_thread_found_before_is_read_again_not_trusted() -> None:
+    pid, me = os.getpid(), threading.get_native_id()
+    tasks: dict[tuple[int, int], int] = {}
+    assert find_thread(pid, me, tasks) == linux.thread_status(pid, me)
+    assert tasks == {(pid, me): me}
+    # Another thread where the cache says: the scan finds the right one and remembers it.
+    other: list[int] = []
+    ready, done = threading.Event(), threading.Event()
+
+    def sibling() -> None:
+        other.append(threading.get_native_id())
+        ready.set()
+        done.wait(10)
+
+    thread = threading.Thread(target=sibling)
+    thread.start()
+    try:
+        ready.wait(10)
+        tasks[(pid, me)] = other[0]
+        found = find_thread(pid, me, tasks)
+        assert found is not None and found[0] == me and tasks[(pid, me)] == me
+        # A task that is gone, or never was: the scan again; a thread that is not there: None.
+        tasks[(pid, me)] = 2**22 + 7
+        assert find_thread(pid, me, tasks) == linux.thread_status(pid, me)
+        assert find_thread(pid, 2**22 + 9, tasks) is None
+    finally:
+        done.set()
+        thread.join()
