@@ -152,10 +152,14 @@ def test_a_bool_is_not_a_mask() -> None:
     assert check_snapshot(os.getpid(), event, True) is not None
 
 
+def _task(found: tuple[int, dict[str, str]] | None) -> int | None:
+    return None if found is None else found[0]
+
+
 def test_a_thread_found_before_is_read_again_not_trusted() -> None:
     pid, me = os.getpid(), threading.get_native_id()
     tasks: dict[tuple[int, int], int] = {}
-    assert find_thread(pid, me, tasks) == linux.thread_status(pid, me)
+    assert _task(find_thread(pid, me, tasks)) == _task(linux.thread_status(pid, me)) == me
     assert tasks == {(pid, me): me}
     # Another thread where the cache says: the scan finds the right one and remembers it.
     other: list[int] = []
@@ -175,8 +179,31 @@ def test_a_thread_found_before_is_read_again_not_trusted() -> None:
         assert found is not None and found[0] == me and tasks[(pid, me)] == me
         # A task that is gone, or never was: the scan again; a thread that is not there: None.
         tasks[(pid, me)] = 2**22 + 7
-        assert find_thread(pid, me, tasks) == linux.thread_status(pid, me)
+        assert _task(find_thread(pid, me, tasks)) == me
         assert find_thread(pid, 2**22 + 9, tasks) is None
     finally:
         done.set()
         thread.join()
+
+
+def test_every_thread_is_found_as_the_full_scan_finds_it() -> None:
+    pid = os.getpid()
+    done = threading.Event()
+    threads = [threading.Thread(target=done.wait, args=(10,)) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        tasks: dict[tuple[int, int], int] = {}
+        for _ in range(2):  # without, then with, what was found before
+            for tid in tids:
+                found, scanned = find_thread(pid, tid, tasks), linux.thread_status(pid, tid)
+                assert found is not None and scanned is not None and found[0] == scanned[0]
+                stable = ("Name", "Uid", "Gid", "NSpid", "CapEff", "Seccomp")
+                assert [found[1][k] for k in stable] == [scanned[1][k] for k in stable]
+        assert find_thread(os.getpid(), 2**22 + 9) is None
+        assert find_thread(2**22 + 11, tids[0]) is None  # no such process
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join()

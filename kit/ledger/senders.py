@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -193,24 +194,46 @@ def _all_masks(caps: Any) -> bool:
 def find_thread(
     kernel_pid: int, tid: int, tasks: dict[tuple[int, int], int] | None = None
 ) -> tuple[int, dict[str, str]] | None:
-    """:func:`kit.system.linux.thread_status`, first through the task where ``tasks`` found
-    the thread last time: its status read again says whether it still is that thread (a
-    process's threads calling themselves ``tid`` are one at a time). A hook thread sends
-    several snapshots; the scan lists the process's tasks and reads them one by one."""
+    """What :func:`kit.system.linux.thread_status` finds, cheaper: first the task where
+    ``tasks`` found the thread last time, its status read again (a process's threads
+    calling themselves ``tid`` are one at a time); else every task, newest first (a hook's
+    snapshot mostly comes from a thread started for the hook), each status parsed only
+    when its NSpid names ``tid``."""
     known = tasks.get((kernel_pid, tid)) if tasks is not None else None
-    if known is not None:
+    found = None if known is None else _thread_if(kernel_pid, str(known), tid)
+    if found is None:
         try:
-            status = linux.read_status(f"/proc/{kernel_pid}/task/{known}/status")
+            listed = os.listdir(f"/proc/{kernel_pid}/task")
         except OSError:
-            status = None
-        if status is not None:
-            nspid = status.get("NSpid", str(known)).split()
-            if nspid and int(nspid[-1]) == tid:
-                return known, status
-    found = linux.thread_status(kernel_pid, tid)
+            return None
+        for task in sorted(listed, key=int, reverse=True):
+            if task != str(known) and (found := _thread_if(kernel_pid, task, tid)):
+                break
     if found is not None and tasks is not None:
         tasks[(kernel_pid, tid)] = found[0]
     return found
+
+
+def _thread_if(kernel_pid: int, task: str, tid: int) -> tuple[int, dict[str, str]] | None:
+    """(task, its parsed status) when task ``task`` of ``kernel_pid`` calls itself ``tid``
+    (the last field of its NSpid; the task's own number without one)."""
+    try:
+        raw = linux.read_file(f"/proc/{kernel_pid}/task/{task}/status")
+    except OSError:
+        return None
+    start = raw.find(b"\nNSpid:")
+    if start < 0:
+        nspid = [task.encode()]
+    else:
+        end = raw.find(b"\n", start + 1)
+        nspid = raw[start + 7 : end if end >= 0 else len(raw)].split()
+    if not nspid or int(nspid[-1]) != tid:
+        return None
+    status: dict[str, str] = {}  # as linux.read_status parses it
+    for line in raw.decode().splitlines():
+        key, _, value = line.partition(":")
+        status[key] = value.strip()
+    return int(task), status
 
 
 OVERFLOW_ID = 65534  # what a process is shown for an id its user namespace does not map
