@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import ctypes
 import json
 import os
 import socket
@@ -207,3 +208,27 @@ def test_every_thread_is_found_as_the_full_scan_finds_it() -> None:
         done.set()
         for thread in threads:
             thread.join()
+
+
+def test_a_thread_named_in_bytes_that_are_not_utf8_is_still_checked() -> None:
+    """Engine code names its threads as it likes; the outside check must not fail on it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    seen: list[dict[str, Any]] = []
+    problems: list[str | None] = []
+    done = threading.Event()
+
+    def named() -> None:
+        # The snapshot first: the kit's own read of the name (linux.read_status) fails too.
+        event = _snapshot_event()
+        libc.prctl(15, ctypes.c_char_p(b"kit\xff\xfeodd"), 0, 0, 0)  # PR_SET_NAME
+        problems.append(check_snapshot(os.getpid(), event, True))
+        found = find_thread(os.getpid(), threading.get_native_id())
+        if found is not None:
+            seen.append(found[1])
+        done.set()
+
+    thread = threading.Thread(target=named)
+    thread.start()
+    thread.join()
+    assert done.is_set() and problems == [None]
+    assert seen and seen[0]["Name"].startswith("kit")

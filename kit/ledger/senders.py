@@ -229,8 +229,11 @@ def _thread_if(kernel_pid: int, task: str, tid: int) -> tuple[int, dict[str, str
         nspid = raw[start + 7 : end if end >= 0 else len(raw)].split()
     if not nspid or int(nspid[-1]) != tid:
         return None
-    status: dict[str, str] = {}  # as linux.read_status parses it
-    for line in raw.decode().splitlines():
+    # As linux.read_status parses it, but a thread's name is any bytes its process chose
+    # (prctl PR_SET_NAME), not always UTF-8: decoding strictly let engine code crash the
+    # supervisor's check with a name.
+    status: dict[str, str] = {}
+    for line in raw.decode(errors="replace").splitlines():
         key, _, value = line.partition(":")
         status[key] = value.strip()
     return int(task), status
