@@ -194,3 +194,20 @@ def test_process_alive_sees_the_threads_of_a_process_whose_main_thread_exited_al
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_thread_named_with_bytes_that_are_not_utf8_is_still_read():
+    # Engine code may name its threads anything (PR_SET_NAME): the kit's snapshot of the
+    # process and the supervisor's reads of its status must not fail on it.
+    def body() -> list[str]:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.prctl(15, ctypes.c_char_p(b"kit-\xff\xfe"), 0, 0, 0) == 0  # PR_SET_NAME
+        names = [t["name"] for t in probe.snapshot()["threads"]]
+        status = linux.read_status(f"/proc/self/task/{linux.proc_tid()}/status")
+        return [*names, status["Name"]]
+
+    out = in_child(body)
+    assert "ok" in out, out
+    assert all(name == "kit-\ufffd\ufffd" for name in out["ok"]), out

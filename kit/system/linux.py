@@ -682,9 +682,10 @@ def read_file(path: str) -> bytes:
 
 
 def read_status(path: str = "/proc/self/status") -> dict[str, str]:
-    """``/proc/.../status`` as a dict of raw field strings."""
+    """``/proc/.../status`` as a dict of raw field strings. ``Name`` is any bytes a thread
+    set (``PR_SET_NAME``), so the text is decoded with replacement, never refused."""
     fields: dict[str, str] = {}
-    for line in read_file(path).decode().splitlines():
+    for line in read_file(path).decode(errors="replace").splitlines():
         key, _, value = line.partition(":")
         fields[key] = value.strip()
     return fields
