@@ -1,16 +1,25 @@
 """Stage 2's fd closing fed real open descriptors: several kept ones (adjacent, apart, high),
 the descriptor just after each kept one, all opened inheritable so Python's close-on-exec
-default hides nothing; and a whole run whose payload lists what it inherited."""
+default hides nothing; and a whole run whose payload lists what it inherited. Stage 2's ids:
+its map arithmetic against the kernel's own translation in a real user namespace, and the
+payload's ids in every flow."""
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import socket
+import tempfile
 from types import SimpleNamespace
 
+import pytest
+
 from kit.run.launcher import run
-from kit.starter.stage2 import Stage2
+from kit.run.request import Invoker
+from kit.starter.config import StarterConfig
+from kit.starter.stage2 import Stage2, _inside_id, _is_mapped
+from kit.system import linux
 
 JOIN = "kit_test_engines:JoinEngine"
 
@@ -33,10 +42,14 @@ def _inheritable_fd(at: int | None = None) -> int:
     return fd
 
 
-def close_fds_in_child(layout: dict[str, int | None]) -> dict[str, object]:
+def close_fds_in_child(
+    layout: dict[str, int | None], soft_after: int | None = None
+) -> dict[str, object]:
     """In a forked child: open an inheritable fd per name of ``layout`` (at that number, or
     the next free one), keep the names starting with "keep", call Stage2.close_fds with a
-    pipe as the master fd, and report over it which fds are left and which inheritable."""
+    pipe as the master fd, and report over it which fds are left and which inheritable.
+    With ``soft_after``: the soft fd limit raised to the hard one for the opening, then
+    lowered to ``soft_after`` (the fds above it stay open, as the kernel leaves them)."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -45,7 +58,12 @@ def close_fds_in_child(layout: dict[str, int | None]) -> dict[str, object]:
             os.close(r)
             ledger_a, ledger_b = socket.socketpair()
             ledger_b.close()
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            if soft_after is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             fds = {name: _inheritable_fd(at) for name, at in layout.items()}
+            if soft_after is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft_after, hard))
             keep = [fd for name, fd in fds.items() if name.startswith("keep")]
             for fd in keep:
                 os.set_inheritable(fd, False)  # close_fds must make them inheritable
@@ -126,6 +144,21 @@ def test_a_kept_fd_at_the_top_of_the_fd_table_stays():
     assert top in report["left"] and top - 1 not in report["left"]
 
 
+HARD_FDS = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+
+
+@pytest.mark.skipif(
+    HARD_FDS == resource.RLIM_INFINITY or HARD_FDS <= 65537,
+    reason=f"the hard fd limit ({HARD_FDS}) is not above 65536: the fixed floor covers it",
+)
+def test_an_fd_below_a_hard_limit_above_65536_is_closed_whatever_the_soft_limit():
+    # The top fd the hard limit allows, past the fixed floor of 65536 and above a soft limit
+    # lowered after it was opened: only a ceiling taken from the hard limit reaches it.
+    report = close_fds_in_child({"a": None, "top": HARD_FDS - 1}, soft_after=1024)
+    check(report)
+    assert HARD_FDS - 1 not in report["left"]
+
+
 def test_kept_fds_below_three_do_not_disturb_the_rest():
     report = close_fds_in_child({"a": None, "keep_b": None, "c": None})
     check(report)
@@ -163,3 +196,165 @@ def test_a_whole_run_hands_the_payload_exactly_the_kept_fds():
                 os.close(fd)
             except OSError:
                 pass
+
+
+# No range where inside equals outside, so that every term of the arithmetic counts; inside
+# starts and sizes that share bits (51 and 5, 1001 and 24) so that no "|" or "^" passes for
+# "+"; a range longer than its host start (2, 10) so that no "%" passes for "-".
+MAPS = [[0, 100000, 10], [51, 3000, 5], [1001, 70000, 24], [5000, 2, 10]]
+# Each range's edges from both sides, an id inside each, and ids no range covers.
+HOST_IDS = [0, 1, 2, 4, 11, 12, 2999, 3000, 3001, 3004, 3005, 12345, 69999, 70000, 70019]
+HOST_IDS += [70023, 70024, 99999, 100000, 100009, 100010]
+INSIDE_IDS = [0, 9, 10, 50, 51, 55, 56, 1000, 1001, 1017, 1024, 1025, 4999, 5000, 5009, 5010]
+INSIDE_IDS += [65534]
+
+
+def kernel_view(maps: list[list[int]]) -> dict[str, dict[str, object]]:
+    """What the kernel makes of ``maps`` as the uid map of a real user namespace (written by
+    this root process, as a runtime's privileged helper writes a child's map): the uid a file
+    owned by each of HOST_IDS shows inside, and whether each of INSIDE_IDS is mapped (a
+    process in the namespace may setresuid to it)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for host_id in HOST_IDS:
+            path = os.path.join(tmp, str(host_id))
+            open(path, "w").close()
+            os.chown(path, host_id, 0)
+        ready_r, ready_w = os.pipe()
+        go_r, go_w = os.pipe()
+        out_r, out_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                for fd in (ready_r, go_w, out_r):
+                    os.close(fd)
+                linux.unshare(linux.CLONE_NEWUSER)  # single-threaded: a fresh fork
+                os.write(ready_w, b"u")
+                assert os.read(go_r, 1) == b"g"
+                # The file's owner as seen inside; tmp stays reachable: the creds are unchanged.
+                inside = {str(h): os.stat(os.path.join(tmp, str(h))).st_uid for h in HOST_IDS}
+                mapped = {}
+                for inside_id in INSIDE_IDS:
+                    probe = os.fork()
+                    if probe == 0:
+                        try:  # EINVAL for an id the map does not cover
+                            os.setresuid(inside_id, inside_id, inside_id)
+                            os._exit(0)
+                        except OSError:
+                            os._exit(1)
+                    mapped[str(inside_id)] = os.waitpid(probe, 0)[1] == 0
+                os.write(out_w, json.dumps({"inside": inside, "mapped": mapped}).encode())
+                code = 0
+            finally:
+                os._exit(code)
+        for fd in (ready_w, go_r, out_w):
+            os.close(fd)
+        try:
+            assert os.read(ready_r, 1) == b"u"
+            with open(f"/proc/{pid}/uid_map", "w") as f:
+                f.write("".join(f"{i} {o} {n}\n" for i, o, n in maps))
+            os.write(go_w, b"g")
+            with os.fdopen(out_r, "rb") as f:
+                data = f.read()
+        finally:
+            for fd in (ready_r, go_w):
+                os.close(fd)
+            _, status = os.waitpid(pid, 0)
+        assert status == 0 and data, status
+        return json.loads(data)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="writing a multi-range uid map needs root")
+def test_the_id_arithmetic_is_the_kernels_translation():
+    seen = kernel_view(MAPS)
+    # the kernel's own answer: an id outside every range is the overflow id
+    with open("/proc/sys/kernel/overflowuid") as f:
+        assert seen["inside"]["12345"] == int(f.read())
+    assert {str(h): _inside_id(MAPS, h) for h in HOST_IDS} == seen["inside"]
+    assert {str(i): _is_mapped(MAPS, i) for i in INSIDE_IDS} == seen["mapped"]
+    # the sample means what it says: each range's first and last id seen, the rest overflow
+    assert sorted(set(seen["inside"].values())) == [
+        *(0, 9, 51, 52, 55, 1001, 1020, 1024, 5000, 5002, 5009, 65534)
+    ]
+    mapped = [int(i) for i, ok in seen["mapped"].items() if ok]
+    assert mapped == [0, 9, 51, 55, 1001, 1017, 1024, 5000, 5009]
+
+
+def _target_stage2(sconf: StarterConfig, uid: int, gid: int) -> Stage2:
+    stage2 = Stage2.__new__(Stage2)  # only what target_ids reads: the config, flow and U
+    stage2.c = SimpleNamespace(
+        sconf=sconf,
+        req=SimpleNamespace(flow=sconf.flow),
+        starter=SimpleNamespace(user=SimpleNamespace(uid=uid, gid=gid)),
+    )
+    return stage2
+
+
+def _userns_config(target_uid: int | None, target_gids: list[int]) -> StarterConfig:
+    sconf = StarterConfig("fakeroot", 4000, 4100)
+    sconf.set_ns_flags(["user"])
+    sconf.add_uid_mappings([(0, 4000, 1), (100, 200000, 10)])
+    sconf.add_gid_mappings([(0, 4100, 1), (100, 300000, 10)])
+    if target_uid is not None:
+        sconf.set_target_uid(target_uid)
+    if target_gids:
+        sconf.set_target_gids(target_gids)
+    return sconf
+
+
+@pytest.mark.parametrize(
+    "target_uid,target_gids,want",
+    [
+        (None, [], (0, [0])),  # U's inside ids
+        (109, [100, 109], (109, [100, 109])),  # the last id of a range is mapped
+        (110, [100, 110], (0, [0])),  # one past it is not: U's ids stay
+        (99, [109, 99], (0, [0])),  # one below a range, and a gid list not wholly mapped
+        (0, [0, 105], (0, [0, 105])),
+    ],
+)
+def test_a_target_id_inside_a_user_namespace_is_used_only_when_mapped(
+    target_uid, target_gids, want
+):
+    stage2 = _target_stage2(_userns_config(target_uid, target_gids), 4000, 4100)
+    assert stage2.target_ids() == want
+
+
+def test_without_a_user_namespace_a_non_root_stage2_is_u_whatever_the_target():
+    sconf = StarterConfig("suid", 4000, 4100)
+    sconf.set_target_uid(0)
+    sconf.set_target_gids([0, 5])
+    assert _target_stage2(sconf, 4000, 4100).target_ids() == (4000, [4100])
+
+
+def test_the_root_flow_defaults_to_uid_and_gid_0():
+    sconf = StarterConfig("root", 0, 0)
+    assert _target_stage2(sconf, 0, 0).target_ids() == (0, [0])
+    sconf.set_target_gids([7, 8])
+    assert _target_stage2(sconf, 0, 0).target_ids() == (0, [7, 8])
+    sconf.set_target_uid(9)
+    assert _target_stage2(sconf, 0, 0).target_ids() == (9, [7, 8])
+
+
+STATUS = ["/bin/sh", "-c", "grep -E '^(Uid|Gid|Groups)' /proc/self/status"]
+
+
+def test_the_payload_runs_with_the_ids_of_its_flow(flow):
+    """SPEC §4, stage 2: root: 0 and no supplementary group; suid and userns: U (mapped to
+    itself in userns), with U's own groups in suid; fakeroot and hybrid: 0 in the namespace."""
+    result = run("reference", flow, STATUS)
+    assert result.exit_code == 0, result.stderr
+    status = {
+        k: v.split() for k, _, v in (line.partition(":") for line in result.stdout.splitlines())
+    }
+    u = Invoker.resolve()
+    if flow == "root":
+        uid, gid, groups = 0, 0, []
+    elif flow in ("suid", "userns"):
+        uid, gid = u.uid, u.gid
+        groups = [str(g) for g in u.groups] if flow == "suid" else []
+    else:
+        uid, gid, groups = 0, 0, []
+    assert status["Uid"] == [str(uid)] * 4, status
+    assert status["Gid"] == [str(gid)] * 4, status
+    if flow != "userns":  # a userns shows unmapped groups as the overflow gid
+        assert sorted(status["Groups"]) == sorted(groups), status
