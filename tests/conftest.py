@@ -110,11 +110,12 @@ def host_state() -> dict[str, Any]:
         # Living descendants, but the launcher's long-lived zygote and the host sandboxes it
         # holds (the next run's, built ahead; a finished run's, ending as it is asked).
         # A process gone between the listing and the reading of its name (a finished
-        # sandbox's init, reaped by the zygote meanwhile) is no leftover.
+        # sandbox's init, reaped by the zygote meanwhile) is no leftover, nor one that the
+        # kit killed and that is still exiting (a loaded machine takes its time).
         "children": [
             f"{p} {name}"
             for p in linux.descendants(os.getpid())
-            if linux.process_state(p) not in ("Z", None)
+            if linux.process_alive(p)
             and p != _zygote_pid()
             and not zygotes_sandbox(p)
             and (name := linux.process_name(p)) is not None
