@@ -578,6 +578,7 @@ def _unavailable(target: Target, backend: str, why: str) -> list[dict[str, Any]]
             "failed": [],
             "broken": [],
             "killed": False,
+            "undecided_only": False,
             "status": "not-configured",
             "bug": target.bug,
             "gap": target.gap,

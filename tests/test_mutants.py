@@ -34,6 +34,7 @@ ENTRY_KEYS = {
     "failed",
     "broken",
     "killed",
+    "undecided_only",
     "status",
     "bug",
     "gap",
