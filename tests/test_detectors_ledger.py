@@ -426,3 +426,38 @@ def test_a_quoted_value_is_cut_to_80_characters(size):
         assert quoted == repr(kind)
     else:
         assert quoted == repr(kind)[:77] + "..." and len(quoted) == 80
+
+
+def test_an_event_missing_several_required_keys_names_the_first():
+    kind = next(
+        k
+        for k, keys in ledger.REQUIRED.items()
+        if len(keys) >= 2 and k not in ledger.SUPERVISOR_KINDS
+    )
+    sent = {"t": 1, "kind": kind, "role": "master", "pid": 5, "tid": 5}
+    assert ledger.check_event(sent) == f"{kind} event without {ledger.REQUIRED[kind][0]!r}"
+
+
+# -- the ledger as the launcher reads it: capability masks named ----------------------------
+
+
+def test_a_ledger_names_the_capability_masks_of_snapshots_and_credentials():
+    snapshot = {"threads": [{"caps": {"effective": 1}}, "caps", {"uid": [0]}]}
+    creds = {"caller": {"caps": {"effective": 1}, "threads": [{"caps": {"permitted": 1}}]}}
+    led = Ledger(
+        document(
+            [
+                event(0, "hook_enter", "master", hook="config", snapshot=snapshot),
+                event(1, "rpc_call", "rpc", creds=creds),
+            ]
+        )
+    )
+    threads = led.events[0]["snapshot"]["threads"]
+    # a thread entry that is not an object is left as it came (no error on a bad one)
+    assert threads == [{"caps": {"effective": ["CAP_CHOWN"]}}, "caps", {"uid": [0]}]
+    assert led.events[1]["creds"] == {
+        "caller": {
+            "caps": {"effective": ["CAP_CHOWN"]},
+            "threads": [{"caps": {"permitted": ["CAP_CHOWN"]}}],
+        }
+    }
