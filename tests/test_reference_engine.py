@@ -1363,15 +1363,16 @@ def test_failed_create_container_leaves_nothing(flow):
 
 
 def living_descendants() -> list[int]:
-    """This process's descendants, zombies left out (the launcher's zygote reaps the last
-    run's supervisor only when it forks the next one), and the host sandboxes the zygote
-    holds (the next run's, built ahead, is a new one after every sandboxed run)."""
+    """This process's living descendants, zombies and exiting ones left out (the launcher's
+    zygote reaps the last run's supervisor only when it forks the next one), and the host
+    sandboxes the zygote holds (the next run's, built ahead, is a new one after every
+    sandboxed run)."""
     from conftest import zygotes_sandbox
 
     return sorted(
         p
         for p in linux.descendants(os.getpid())
-        if linux.process_state(p) not in ("Z", None) and not zygotes_sandbox(p)
+        if linux.process_alive(p) and not zygotes_sandbox(p)
     )
 
 
