@@ -876,3 +876,18 @@ def test_priming_where_no_network_namespace_can_be_made_leaves_the_cache_empty()
         return hostdiff._fresh_sysctls
 
     assert in_child(run) == {"ok": None}
+
+
+def test_reading_a_sandbox_from_a_short_lived_thread_leaks_no_descriptor(
+    sandbox: OwnSandbox,
+) -> None:
+    # The zygote reads each next sandbox's state this way, hundreds of times: it kept three
+    # namespace fds of its own per read, until select() refused a descriptor past 1024.
+    def body() -> int:
+        hostdiff.fresh_state(sandbox)  # warm: lazy imports, cached sysctls
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(5):
+            hostdiff.fresh_state(sandbox)
+        return len(os.listdir("/proc/self/fd")) - before
+
+    assert in_child(body) == {"ok": 0}

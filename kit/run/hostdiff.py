@@ -454,7 +454,12 @@ class Inside:
 
 def _read_inside(init_pid: int, state: HostState, only: frozenset[str]) -> None:
     """In a short-lived thread: join the sandbox's namespaces and read them."""
-    Inside(init_pid).read(state, only)  # the thread ends: no need to leave
+    inside = Inside(init_pid)
+    try:
+        inside.read(state, only)
+    finally:  # the thread ends: it need not go back, but its way back must not leak
+        for fd in inside.own.values():
+            os.close(fd)
 
 
 def _fresh(reader: Callable[[], Any]) -> Any:
