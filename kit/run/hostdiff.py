@@ -5,7 +5,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
-import select
 import socket
 import stat
 import threading
@@ -755,7 +754,7 @@ class HostWatch:
         self._mountinfo: int | None = os.open(
             f"/proc/{sandbox.init_pid}/mountinfo", os.O_RDONLY | os.O_CLOEXEC
         )
-        _mounts_changed(self._mountinfo)
+        linux.mount_table_changed(self._mountinfo)
         self._mount_text = _pread_text(self._mountinfo)
         # Held for the looks: statvfs of a path through /proc costs a lookup each time.
         uppers = getattr(sandbox, "upper_dirs", None) or {"/": sandbox.upper_dir}
@@ -812,7 +811,7 @@ class HostWatch:
         # The kernel wakes a poller of mountinfo for a mount or an unmount, not for a change
         # of propagation (MS_PRIVATE and kin): the text is compared too, parsed only if new.
         # Polled before the read: a change in between is in the text, and polled again next.
-        changed = _mounts_changed(self._mountinfo)
+        changed = linux.mount_table_changed(self._mountinfo)
         raw = _pread_text(self._mountinfo)
         if changed or raw != self._mount_text:
             self._mount_text = raw
@@ -948,12 +947,3 @@ def _uts_names() -> tuple[str, str]:
 
 def _hooks_json(hooks: list[Hook]) -> list[dict[str, Any]]:
     return [{"role": role, "hook": hook, "pid": pid} for role, hook, pid in hooks]
-
-
-def _mounts_changed(fd: int) -> bool:
-    """Whether the mount table of a mountinfo file changed since the last poll of ``fd``
-    (True too when ``fd`` is no longer open: nothing can be known through it)."""
-    poller = select.poll()
-    poller.register(fd, select.POLLPRI)
-    flagged = select.POLLPRI | select.POLLERR | select.POLLNVAL
-    return any(ev & flagged for _, ev in poller.poll(0))

@@ -637,7 +637,7 @@ def host_mount_table() -> list[tuple[int, str, int]]:
     global _table_cache
     if _table_cache is not None and _table_cache[0] == os.getpid():
         _, fd, table = _table_cache
-        if not _mountinfo_changed(fd):
+        if not linux.mount_table_changed(fd):
             return table
         try:
             os.fstat(fd)
@@ -645,19 +645,10 @@ def host_mount_table() -> list[tuple[int, str, int]]:
             fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
     else:
         fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
-    _mountinfo_changed(fd)  # cleared before the read: a change after it is seen next time
+    linux.mount_table_changed(fd)  # cleared before the read: a change after it is seen next time
     table = linux.mount_table()
     _table_cache = (os.getpid(), fd, table)
     return table
-
-
-def _mountinfo_changed(fd: int) -> bool:
-    """Whether the kernel flagged a change of the mount table since the last call; True too
-    when ``fd`` is no longer open (POLLNVAL: nothing can be known through it)."""
-    poller = select.poll()
-    poller.register(fd, select.POLLPRI)
-    flagged = select.POLLPRI | select.POLLERR | select.POLLNVAL
-    return any(ev & flagged for _, ev in poller.poll(0))
 
 
 def _under(path: str, roots: tuple[str, ...] | list[str]) -> bool:

@@ -9,6 +9,7 @@ import functools
 import os
 import platform
 import re
+import select
 import signal
 import socket
 import struct
@@ -770,6 +771,16 @@ def process_state(pid: int, proc: str = "/proc") -> str | None:
     file system that numbers it (another pid namespace's, say)."""
     stat = _stat(pid, proc)
     return None if stat is None else stat[stat.rindex(b")") + 2 :].split()[0].decode()
+
+
+def mount_table_changed(mountinfo_fd: int) -> bool:
+    """Whether the kernel flagged a change of the mount table behind an open mountinfo file
+    since the last call (a mount, unmount or remount; not a change of propagation); True
+    too when the fd is no longer open (POLLNVAL: nothing can be known through it)."""
+    poller = select.poll()
+    poller.register(mountinfo_fd, select.POLLPRI)
+    flagged = select.POLLPRI | select.POLLERR | select.POLLNVAL
+    return any(ev & flagged for _, ev in poller.poll(0))
 
 
 #: ``PF_EXITING`` in the flags of ``/proc/PID/stat`` (include/linux/sched.h): set first thing
