@@ -124,6 +124,20 @@ def host_state() -> dict[str, Any]:
     }
 
 
+def exit_code_in_child(fn: Callable[[], int]) -> int:
+    """Run ``fn`` in a forked child (what it changes of the process stays there: signal
+    state, credentials); the child's exit code, ``fn``'s result (1 when it raises)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = fn()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
 def wait_until(
     condition: Callable[[], Any], timeout: float = 10.0, what: str = "the condition"
 ) -> Any:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
+from conftest import exit_code_in_child
+
 from kit.ledger import probe
 
 
@@ -24,21 +26,6 @@ def test_snapshot_survives_threads_exiting_while_it_reads():
             t.join()
         count += 1
     assert count > 50
-
-
-def _in_child(fn) -> int:
-    """Run ``fn`` in a forked child (its credential changes stay there); its exit code."""
-    import os
-
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            code = fn()
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
 
 
 def test_the_escalation_probe_thread_is_gone_when_it_returns():
@@ -86,4 +73,4 @@ def test_a_concurrent_snapshot_never_sees_a_probe_thread_with_raised_credentials
         import pytest
 
         pytest.skip("needs root to reach a setuid master's credentials")
-    assert _in_child(scenario) == 0
+    assert exit_code_in_child(scenario) == 0

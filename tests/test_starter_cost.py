@@ -7,23 +7,12 @@ import os
 import signal
 from dataclasses import dataclass, field
 
+from conftest import exit_code_in_child
+
 from kit.contract import FIELD_TYPES, EngineConfig, field_types
 from kit.run.launcher import start
 from kit.starter.common import default_signals, exiting_child
 from kit.starter.stage1 import resolve_config_types
-
-
-def in_child(fn) -> int:  # type: ignore[no-untyped-def]
-    """Run ``fn`` in a forked child (it changes process-wide signal state); its exit code."""
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            code = fn()
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
 
 
 def test_the_exiting_child_exits_zero_and_is_a_child_of_its_caller():
@@ -46,7 +35,7 @@ def test_the_exiting_child_leaves_the_signal_mask_and_pending_signals_alone():
             return 3
         return 0
 
-    assert in_child(body) == 0
+    assert exit_code_in_child(body) == 0
 
 
 def test_default_signals_undoes_ignored_signals_and_the_mask():
@@ -70,7 +59,7 @@ def test_default_signals_undoes_ignored_signals_and_the_mask():
             return 7
         return 0
 
-    assert in_child(body) == 0
+    assert exit_code_in_child(body) == 0
 
 
 @dataclass
