@@ -447,12 +447,10 @@ def test_engine_faults_and_refusals_number_processes_as_the_ledger_does():
     assert refusal["target"]["tgid"] == enter["pid"] == refusal["target"]["ns_tgid"]
 
 
-def test_the_zygote_builds_the_next_sandbox_while_a_run_goes_on():
-    """A sandboxed run through the zygote adopts a sandbox built ahead (the zygote's child,
-    running before the run was asked for); a run with directories to share builds its own."""
+def _sandboxes_built_ahead() -> tuple[int, list[int]]:
+    """After a run through the zygote: its pid and the inits of the sandboxes it built
+    ahead, once they wait for their run."""
     from conftest import _zygote_pid, zygotes_sandbox
-
-    from kit.run.launcher import start
 
     assert run("reference", "root", ["/bin/true"]).exit_code == 0
     zygote = _zygote_pid()
@@ -464,6 +462,15 @@ def test_the_zygote_builds_the_next_sandbox_while_a_run_goes_on():
         ],
         what="a sandbox built ahead",
     )
+    return zygote, spares
+
+
+def test_the_zygote_builds_the_next_sandbox_while_a_run_goes_on():
+    """A sandboxed run through the zygote adopts a sandbox built ahead (the zygote's child,
+    running before the run was asked for); a run with directories to share builds its own."""
+    from kit.run.launcher import start
+
+    zygote, spares = _sandboxes_built_ahead()
     handle = start("reference", "root", ["/bin/true"])
     assert handle.sandbox["sandbox_pid"] in spares
     assert handle.wait().exit_code == 0
@@ -591,20 +598,9 @@ def test_the_next_sandbox_is_built_at_a_lower_priority_then_back_to_the_zygotes(
     """The zygote builds the next run's sandbox niced (it must not slow down the run going
     on); once built, init and the zygote are back at the zygote's priority, which the next
     supervisors inherit."""
-    from conftest import _zygote_pid, zygotes_sandbox
-
     from kit.run import zygote as zygote_module
 
-    assert run("reference", "root", ["/bin/true"]).exit_code == 0
-    zygote = _zygote_pid()
-    spares = wait_until(
-        lambda: [
-            p
-            for p in linux.descendants(zygote)
-            if zygotes_sandbox(p) and linux.process_state(p) == "S"
-        ],
-        what="a sandbox built ahead",
-    )
+    zygote, spares = _sandboxes_built_ahead()
     base = os.getpriority(os.PRIO_PROCESS, 0)
     assert zygote_module.AHEAD_NICE > 0
     assert [_nice(p) for p in spares] == [base] * len(spares)
