@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -735,6 +736,57 @@ def test_a_refusal_is_attributed_to_the_thread_its_process_and_its_open_hook():
         {"kind": "stage2_exec", "role": "master", "tid": 51},
     ]
     assert seccomp.attribute(done, _ids(1, 1, [1])) == ("stage2", "the payload (after exec)")
+
+
+def _ending_a_thread_after_listing_own_threads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Make each listing of this process's ``task`` directory end one of its real threads
+    after it is listed and before its entries are read, as a probe thread of the master
+    ends while the supervisor reads a notifying thread's process. Returns the ended ones."""
+    real_listdir = os.listdir
+    own = f"/proc/{os.getpid()}/task"
+    ended: list[int] = []
+
+    def listdir(path: Any) -> list[str]:
+        if str(path) != own:
+            return real_listdir(path)
+        stop = threading.Event()
+        thread = threading.Thread(target=stop.wait, daemon=True)
+        thread.start()
+        try:
+            names = real_listdir(path)  # it is listed...
+            assert str(thread.native_id) in names
+        finally:
+            stop.set()  # ...and gone before it is read
+            thread.join()
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"{own}/{thread.native_id}"):
+            assert time.monotonic() < deadline, "the ended thread stays in /proc"
+            time.sleep(0.001)
+        assert thread.native_id is not None
+        ended.append(thread.native_id)
+        return names
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    return ended
+
+
+def test_a_thread_ending_while_its_process_is_read_leaves_the_caller_attributed(monkeypatch):
+    # A refused call's thread waits in the kernel; its process's other threads come and
+    # go. One that ends between the listing of /proc/PID/task and its read is left out; the
+    # caller and its process are still read (they were lost to it once: the refusal then
+    # had no role and no hook). The same for a parent's threads.
+    ended = _ending_a_thread_after_listing_own_threads(monkeypatch)
+    me = threading.get_native_id()
+    ids = seccomp._thread_ids(me)
+    assert len(ended) == 1 and ids is not None
+    assert (ids["tgid"], ids["ns_tid"], ids["ns_tgid"]) == (os.getpid(), me, os.getpid())
+    assert me in ids["ns_threads"] and ended[0] not in ids["ns_threads"]
+    events = [{"kind": "hook_enter", "role": "master", "hook": "post_start_process", "tid": me}]
+    assert seccomp.attribute(events, ids) == ("master", "post_start_process")
+    parent = seccomp._parent_ids(os.getpid())
+    assert len(ended) == 2 and parent is not None
+    assert parent["tgid"] == os.getpid() and me in parent["ns_threads"]
+    assert ended[1] not in parent["ns_threads"]
 
 
 @pytest.mark.parametrize("extra", [0, 3])

@@ -448,19 +448,30 @@ def _thread_ids(tid: int) -> dict[str, Any] | None:
         own = int(status.get("NSpid", str(tid)).split()[-1])
         ptgid = int(status.get("NStgid", str(tgid)).split()[-1])
         parent = _parent_ids(int(status["PPid"]))
-        siblings = []
-        for t in os.listdir(f"/proc/{tgid}/task"):
-            st = linux.read_status(f"/proc/{tgid}/task/{t}/status")
-            siblings.append(int(st.get("NSpid", t).split()[-1]))
+        siblings = _ns_threads(tgid)
     except (OSError, ValueError, KeyError):
         return None
     return {
         "tgid": tgid,
         "ns_tid": own,
         "ns_tgid": ptgid,
-        "ns_threads": sorted(siblings),
+        "ns_threads": sorted(siblings | {own}),
         "parent": parent,
     }
+
+
+def _ns_threads(tgid: int) -> set[int]:
+    """The innermost ids of a process's threads. A thread that ends between the listing and
+    its read (a probe thread of the master, say) is left out: it is not the caller, whose
+    process and ids stand without it."""
+    ids = set()
+    for t in os.listdir(f"/proc/{tgid}/task"):
+        try:
+            status = linux.read_status(f"/proc/{tgid}/task/{t}/status")
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        ids.add(int(status.get("NSpid", t).split()[-1]))
+    return ids
 
 
 def _parent_ids(ppid: int) -> dict[str, Any] | None:
@@ -469,10 +480,7 @@ def _parent_ids(ppid: int) -> dict[str, Any] | None:
     try:
         status = linux.read_status(f"/proc/{ppid}/status")
         tgid = int(status.get("NStgid", str(ppid)).split()[-1])
-        threads = [
-            int(linux.read_status(f"/proc/{ppid}/task/{t}/status").get("NSpid", t).split()[-1])
-            for t in os.listdir(f"/proc/{ppid}/task")
-        ]
+        threads = _ns_threads(ppid) | {tgid}
     except (OSError, ValueError, KeyError):
         return None
     return {
