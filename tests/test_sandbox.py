@@ -605,3 +605,25 @@ def test_the_next_sandbox_is_built_at_a_lower_priority_then_back_to_the_zygotes(
     assert zygote_module.AHEAD_NICE > 0
     assert [_nice(p) for p in spares] == [base] * len(spares)
     assert _nice(zygote) == base
+
+
+def test_as_root_of_another_user_namespace_the_next_sandbox_is_built_at_the_same_priority():
+    """There CAP_SYS_NICE does not let a process lower its nice value again (the kernel
+    checks it in the initial user namespace): the zygote builds ahead without niceing."""
+    from conftest import in_child
+
+    from kit.run import zygote as zygote_module
+
+    def build_ahead_as_root_of_a_child_user_namespace() -> list[int]:
+        linux.unshare(linux.CLONE_NEWUSER)
+        linux.write_id_maps("self", [(0, 0, 1)], [(0, 0, 1)], deny_setgroups=True)
+        base = os.getpriority(os.PRIO_PROCESS, 0)
+        during = zygote_module._in_the_background(
+            lambda: os.getpriority(os.PRIO_PROCESS, 0)  # type: ignore[arg-type,return-value]
+        )
+        return [base, during, os.getpriority(os.PRIO_PROCESS, 0)]
+
+    out = in_child(build_ahead_as_root_of_a_child_user_namespace)
+    assert "ok" in out, out
+    base, during, after = out["ok"]
+    assert during == after == base

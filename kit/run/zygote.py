@@ -223,7 +223,7 @@ def _in_the_background(make: Callable[[], Ahead]) -> Ahead:
     """``make()`` at a lower priority (:data:`AHEAD_NICE`): the sandbox's init, forked
     meanwhile, goes back to ours once built (before it reports ready)."""
     base = os.getpriority(os.PRIO_PROCESS, 0)
-    if not linux.capget()[0] & linux.caps_to_mask(["CAP_SYS_NICE"]):
+    if not _may_raise_priority():
         return make()  # we could not go back: the next supervisors would inherit it
     os.setpriority(os.PRIO_PROCESS, 0, min(base + AHEAD_NICE, 19))
     host_sandbox.priority_when_ready = base
@@ -232,6 +232,13 @@ def _in_the_background(make: Callable[[], Ahead]) -> Ahead:
     finally:
         host_sandbox.priority_when_ready = None
         os.setpriority(os.PRIO_PROCESS, 0, base)  # before the next fork: supervisors inherit it
+
+
+def _may_raise_priority() -> bool:
+    """Whether this process may lower its nice value again: CAP_SYS_NICE, which the kernel
+    honours in the initial user namespace only (root of another one gets EACCES)."""
+    nice = linux.caps_to_mask(["CAP_SYS_NICE"])
+    return linux.in_initial_user_namespace() and bool(linux.capget()[0] & nice)
 
 
 def main(argv: list[str]) -> int:
