@@ -747,6 +747,20 @@ def _watched(box: OwnSandbox, shell: str = "", stale: bool = False) -> dict[str,
     return out["ok"]
 
 
+def test_the_watch_statvfs_each_file_system_of_the_upper_layers_once(sandbox: OwnSandbox) -> None:
+    """The upper layers of ``/`` and :data:`COW` share one tmpfs: one fd, one statvfs per
+    look (a sandbox split in pieces has dozens of upper layers)."""
+    assert len(sandbox.upper_dirs) == 2
+
+    def run() -> int:
+        watch = hostdiff.HostWatch(sandbox)
+        held = len(watch._uppers)
+        watch.finish()
+        return held
+
+    assert in_child(run) == {"ok": 1}
+
+
 def test_a_fresh_sandbox_is_what_the_cache_says_no_false_positive(sandbox: OwnSandbox) -> None:
     doc = _watched(sandbox, "cat /proc/sys/net/ipv4/ip_forward >/dev/null; ip addr >/dev/null")
     assert doc == {"changes": [], "omitted": {}, "errors": {}, "looks": 1}

@@ -756,14 +756,22 @@ class HostWatch:
         )
         linux.mount_table_changed(self._mountinfo)
         self._mount_text = _pread_text(self._mountinfo)
-        # Held for the looks: statvfs of a path through /proc costs a lookup each time.
+        # Held for the looks: statvfs of a path through /proc costs a lookup each time. One
+        # per file system: a sandbox split in pieces has dozens of upper layers on one tmpfs.
         uppers = getattr(sandbox, "upper_dirs", None) or {"/": sandbox.upper_dir}
         self._uppers: list[int] = []
+        devices: set[int] = set()
         for path in sorted(uppers.values()):
             try:
-                self._uppers.append(os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+                fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             except OSError:
                 continue
+            device = os.fstat(fd).st_dev
+            if device in devices:
+                os.close(fd)
+                continue
+            devices.add(device)
+            self._uppers.append(fd)
         self.inside: Inside | None = Inside(sandbox.init_pid)
         self._net: socket.socket | None = None
         if "net" not in self.inside.failed:
