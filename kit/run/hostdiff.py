@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
+import json
 import os
 import socket
 import stat
@@ -446,6 +448,11 @@ class Inside:
         for ns, fd in self.own.items():
             try:
                 linux.setns(fd, linux.NAMESPACES[ns][0])
+            except PermissionError:
+                # Launched in a user namespace that does not own the launcher's namespaces:
+                # there is no way back. The supervisor, which reads nothing more of them,
+                # stays in the sandbox's until it exits (they outlive init that long).
+                pass
             finally:
                 os.close(fd)
         self.own = {}
@@ -465,6 +472,10 @@ def _fresh(reader: Callable[[], Any]) -> Any:
     """``reader()`` in a new network namespace with ``lo`` up, as a fresh sandbox has it; the
     calling thread goes back to its own network namespace. No thread: a process that
     unshared a pid namespace (the supervisor of a sandbox) cannot start one."""
+    if not linux.in_initial_user_namespace():
+        # The launcher's network namespace may belong to an ancestor user namespace, where
+        # setns back is refused: a forked child makes the new one and reads it.
+        return _fresh_in_child(reader)
     own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
         linux.unshare(linux.CLONE_NEWNET)
@@ -475,6 +486,31 @@ def _fresh(reader: Callable[[], Any]) -> Any:
             linux.setns(own, linux.CLONE_NEWNET)
     finally:
         os.close(own)
+
+
+def _fresh_in_child(reader: Callable[[], Any]) -> Any:
+    """:func:`_fresh` by a forked child: ``reader()``'s JSON-able result, or OSError."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            linux.unshare(linux.CLONE_NEWNET)
+            linux.link_up("lo")
+            data = json.dumps({"ok": reader()}).encode()
+        except BaseException as exc:  # noqa: BLE001 the child reports any failure
+            data = json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode()
+        while data:
+            data = data[os.write(w, data) :]
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = json.loads(f.read() or b'{"error": "the child died"}')
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+    if "error" in out:
+        raise OSError(f"a fresh network namespace: {out['error']}")
+    return out["ok"]
 
 
 #: The sysctls of a fresh sandbox (``net.*`` of a new network namespace with ``lo`` up): the

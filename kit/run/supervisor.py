@@ -793,8 +793,16 @@ def prepare_ahead() -> Ahead:
         uppers = building.wait_ready()
     except host_sandbox.SandboxError:
         return Ahead(run_dir, lock_fd, building)  # the run's adopt reports it
+    # The message queues listed through init's fd of their file system's root: a detached
+    # mqueue mount of the zygote's own would need CAP_SYS_ADMIN over its mount namespace's
+    # owner, which root of a user namespace that is not the initial one may lack.
+    mqueue = "" if building.mqueue is None else f"/proc/{building.init_pid}/fd/{building.mqueue}"
     view = host_sandbox.HostSandbox(
-        init_pid=building.init_pid, upper_dir=uppers["/"], upper_dirs=uppers, own_init=False
+        init_pid=building.init_pid,
+        upper_dir=uppers["/"],
+        upper_dirs=uppers,
+        own_init=False,
+        mqueue_dir=mqueue,
     )
     return Ahead(run_dir, lock_fd, building, before=hostdiff.fresh_state(view))
 
