@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import select
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -536,6 +537,9 @@ class HostAttackConfig(ReferenceConfig):
     tmpfs_path: str = ""
     victim_pid: int = 0
     report_dir: str = ""  # <role>-<hook>.json: each act's outcome ("done" or the errno name)
+    write_paths: list[str] = None  # type: ignore[assignment]  # each written (write_paths)
+    delete_paths: list[str] = None  # type: ignore[assignment]  # each removed (delete_paths)
+    read_only_path: str = ""  # a file to write in a host mount the sandbox binds read-only
 
 
 #: The comm of every process of the hostile engine's re-forking daemon.
@@ -646,6 +650,12 @@ class HostAttackEngine(ReferenceEngine):
     rpc_methods = ReferenceRPC
     ACTS: ClassVar[dict[str, Callable[[Any], Any]]] = {
         "write_etc": lambda c: _write(f"/etc/{c.unique}", "hostile\n"),
+        "write_paths": lambda c: [_write(path, "hostile\n") for path in c.write_paths],
+        "delete_paths": lambda c: [os.unlink(path) for path in c.delete_paths],
+        "write_read_only": lambda c: _write(c.read_only_path, "hostile\n"),
+        "mountinfo": lambda c: shutil.copyfile(
+            "/proc/self/mountinfo", os.path.join(c.report_dir, "mountinfo")
+        ),
         "umount": lambda c: linux.umount(c.umount_path),
         "remount_ro": lambda c: linux.mount(
             None, c.remount_path, None, linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY
@@ -661,7 +671,7 @@ class HostAttackEngine(ReferenceEngine):
 
     def config(self) -> HostAttackConfig:
         cfg = HostAttackConfig()
-        cfg.acts = []
+        cfg.acts, cfg.write_paths, cfg.delete_paths = [], [], []
         return cfg
 
     def _attack(self, hook: str, cfg: HostAttackConfig | None = None) -> None:

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
+from conftest import in_child
 
 from kit.ledger import probe
 from kit.system import linux
@@ -577,6 +581,145 @@ def test_the_reference_engine_passes_everything_launched_inside_a_user_namespace
         if r["requirement"] == "PRIV-MASTER-003" and r["flow"] in ("suid", "hybrid")
     ]
     assert [r["outcome"] for r in escalation] == ["passed", "passed"]
+    # Sandboxed: each run's host diff judged (a run without a sandbox leaves HOST-* not
+    # configured).
+    host = [r["outcome"] for r in doc["results"] if r["requirement"].startswith("HOST-")]
+    assert host and set(host) == {"passed"}, host
+
+
+#: Run inside the user namespace: the hostile engine, only if the kit sandboxes it by
+#: default there (else nothing hostile runs), and the HOST-* verdicts of its result.
+ATTACK = r'''
+import json, sys
+from conformance import checks
+from conformance.runs import Run
+from conformance.scenario import SCENARIOS
+from kit.run import sandbox
+from kit.run.launcher import run
+
+config = json.loads(sys.argv[1])
+out = {"default_on": sandbox.default_on("real")}
+if out["default_on"]:
+    # Plain runs first: the second one adopts a sandbox the zygote built ahead.
+    plain = [run("reference", "root", ["/bin/true"]) for _ in range(2)]
+    out["plain"] = [[r.exit_code, r.host_changes] for r in plain]
+    out["plain_unread"] = [
+        e["errors"] for r in plain for e in r.events if e["kind"] == "host_changes"
+    ]
+    result = run(
+        "kit_test_engines:HostAttackEngine", "root", ["/bin/true"], engine_config=config,
+        shared_dirs=[config["report_dir"]],
+    )
+    out.update(
+        exit=result.exit_code, problems=result.problems(), changes=result.host_changes,
+        sandboxed=result.ledger.document["run"]["sandbox"],
+        unread=[e["errors"] for e in result.events if e["kind"] == "host_changes"],
+    )
+    with open(config["report_dir"] + "/mountinfo") as f:  # the sandbox's, as the run saw it
+        out["uppers"] = sorted(line.split()[4] for line in f if " - overlay " in line)
+    for req in ("HOST-001", "HOST-003"):
+        verify = checks.Verifier("root", [req], "t")
+        checks.check_host(verify, Run("root", SCENARIOS["default"], "real", result=result))
+        out[req] = "\n".join(v.observed for v in verify.violations[req])
+print(json.dumps(out))
+'''
+
+
+@pytest.fixture
+def attack_targets(shared_dir):
+    """Host paths this test owns for the engine to attack, under a directory it makes in
+    /var/tmp: files to write (there, in a subdirectory, and directly in ``/``), files to
+    delete, a directory to mount on."""
+    base = tempfile.mkdtemp(prefix="kit-usernstest-", dir="/var/tmp")
+    os.chmod(base, 0o777)
+    plain, mounted = os.path.join(base, "plain"), os.path.join(base, "mounted")
+    os.mkdir(plain)
+    os.mkdir(mounted)
+    victims = [os.path.join(base, "victim"), os.path.join(plain, "victim")]
+    for victim in victims:
+        with open(victim, "w") as f:
+            f.write("placed\n")
+    unique = f"kit-usernstest-{os.getpid()}-{os.path.basename(base)}"
+    written = [os.path.join(base, "written"), os.path.join(plain, "written"), f"/{unique}"]
+    try:
+        yield {
+            "acts": ["write_paths", "delete_paths", "write_read_only", "hostname", "mountinfo"],
+            "unique": unique,
+            "write_paths": written,
+            "delete_paths": victims,
+            "read_only_path": os.path.join(mounted, "written"),
+            "report_dir": shared_dir,
+        }
+    finally:
+        if os.path.exists(written[-1]):  # only if the sandbox failed
+            os.unlink(written[-1])
+        shutil.rmtree(base)
+
+
+@pytest.mark.parametrize("var_tmp_mounted", [False, True], ids=["plain", "var-tmp-mounted"])
+@pytest.mark.parametrize("count", MAPS)
+def test_a_run_launched_inside_a_user_namespace_changes_only_its_sandbox(
+    count, var_tmp_mounted, attack_targets
+):
+    """Launched as root of a user namespace, where every mount the kit's sandbox copies is
+    locked (no overlay with ``/`` as its lower layer): the run is sandboxed all the same.
+    Its writes (in a directory with a mount under it, in one without, directly in ``/``),
+    deletions and hostname stay in the sandbox, and the run fails HOST-001 naming each
+    path and HOST-003 naming the hostname. The mounts are made in a mount namespace of a
+    child of the test only: a tmpfs on ``mounted`` and another one in it (so the sandbox
+    binds it read-only with its locked submount); with ``var_tmp_mounted``, first /var/tmp
+    bound on itself, a copy-on-write mount point with a mount under it."""
+    _needs_root()
+    config = attack_targets
+    mounted = os.path.dirname(config["read_only_path"])
+    hostname = socket.gethostname()
+
+    def launch_with_mounts_of_our_own() -> dict[str, object]:
+        linux.unshare(linux.CLONE_NEWNS)
+        linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+        if var_tmp_mounted:
+            linux.mount("/var/tmp", "/var/tmp", None, linux.MS_BIND)
+        linux.mount("tmpfs", mounted, "tmpfs", linux.MS_NOSUID, "size=64k")
+        os.mkdir(os.path.join(mounted, "inner"))
+        linux.mount("tmpfs", os.path.join(mounted, "inner"), "tmpfs", 0, "size=64k")
+        env = f"PYTHONPATH={ROOT}:{os.path.join(ROOT, 'tests')}"
+        proc = in_userns(count, ["env", env, sys.executable, "-c", ATTACK, json.dumps(config)])
+        return {"rc": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr[-3000:]}
+
+    proc = in_child(launch_with_mounts_of_our_own)
+    assert "ok" in proc and proc["ok"]["rc"] == 0, proc
+    out = json.loads(proc["ok"]["stdout"].splitlines()[-1])
+    assert out["default_on"] is True and out["sandboxed"] is True, out
+    # The real host, from outside: as it was.
+    assert [p for p in config["write_paths"] if os.path.exists(p)] == []
+    for victim in config["delete_paths"]:
+        with open(victim) as f:
+            assert f.read() == "placed\n", victim
+    assert socket.gethostname() == hostname
+    # Each act happened, in the sandbox; the read-only host mount stayed read-only.
+    with open(os.path.join(config["report_dir"], "master-create_container.json")) as f:
+        assert json.load(f) == {
+            "write_paths": "done",
+            "delete_paths": "done",
+            "write_read_only": "EROFS",
+            "hostname": "done",
+            "mountinfo": "done",
+        }
+    assert out["exit"] == 0, out["problems"]
+    assert out["unread"] == [{}], out["unread"]  # the diff read every kind
+    assert out["plain"] == [[0, []], [0, []]] and out["plain_unread"] == [{}, {}], out
+    files = {c["name"]: (c["before"], c["after"]) for c in out["changes"] if c["kind"] == "file"}
+    assert set(files) == {*config["write_paths"], *config["delete_paths"]}, files
+    for path in config["write_paths"]:
+        assert files[path][0] is None and files[path][1].startswith("file 0644 0:0 8 bytes")
+        assert f"file {path} created: file 0644" in out["HOST-001"]
+    for path in config["delete_paths"]:
+        assert files[path][0].startswith("file 0644 0:0 7 bytes") and files[path][1] is None
+        assert f"file {path} removed (was file 0644" in out["HOST-001"]
+    assert f"hostname hostname changed: {hostname} -> hostile-{config['unique']}" in out["HOST-003"]
+    # Built in pieces: the directory with no mount under it is an overlay of its own.
+    assert os.path.dirname(config["write_paths"][1]) in out["uppers"], out["uppers"]
+    assert ("/var/tmp" in out["uppers"]) is var_tmp_mounted, out["uppers"]
 
 
 @pytest.mark.parametrize("count", MAPS)

@@ -324,16 +324,20 @@ def test_a_user_namespace_can_mount_proc_in_the_sandbox(flow):
     assert result.ledger.document["run"]["sandbox"] is True
 
 
-def test_the_sandbox_is_off_by_default_as_root_of_another_user_namespace():
+def test_the_sandbox_is_on_by_default_as_root_of_another_user_namespace(monkeypatch):
     from conftest import in_child
 
     def as_root_of_a_child_user_namespace() -> list[bool]:
         linux.unshare(linux.CLONE_NEWUSER)
         linux.write_id_maps("self", [(0, 0, 1)], [(0, 0, 1)], deny_setgroups=True)
-        return [os.geteuid() == 0, linux.in_initial_user_namespace(), sandbox.default_on("real")]
+        on = sandbox.default_on("real")
+        os.environ[sandbox.SWITCH_ENV] = "0"
+        off = sandbox.default_on("real")
+        return [os.geteuid() == 0, linux.in_initial_user_namespace(), on, off]
 
+    monkeypatch.delenv(sandbox.SWITCH_ENV, raising=False)
     assert sandbox.default_on("real") and linux.in_initial_user_namespace()
-    assert in_child(as_root_of_a_child_user_namespace) == {"ok": [True, False, False]}
+    assert in_child(as_root_of_a_child_user_namespace) == {"ok": [True, False, True, False]}
 
 
 def test_mount_attacks_on_host_mounts_change_only_the_sandbox(shared_dir):

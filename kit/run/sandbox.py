@@ -85,7 +85,9 @@ class HostSandbox:
     - ``/`` is an overlay: the real root file system as its lower layer, an upper layer on a tmpfs
       that only the sandbox has; the host's other mounts are bound in read-only, except the places a
       run legitimately writes (:data:`WRITABLE`: copy-on-write as well) and the directories the kit
-      shares with the run (its temporary directory, the coverage directory);
+      shares with the run (its temporary directory, the coverage directory). In a user namespace
+      that is not the initial one, where the kernel refuses that overlay, ``/`` is built in pieces
+      (``_Layers._split``);
     - ``/proc`` is a fresh proc of the new pid namespace with ``/proc/sys`` (but ``net.*``) and the
       host-global knobs read-only; ``/sys`` a fresh read-only sysfs; ``/dev`` a tmpfs with the
       harmless devices, a fresh devpts, ``/dev/shm`` and ``/dev/mqueue``;
@@ -126,16 +128,9 @@ class HostSandbox:
 
 
 def default_on(backend: str) -> bool:
-    """Whether a run in ``backend`` is sandboxed when its request does not say: as root of
-    the initial user namespace in the real backend, unless ``KIT_SANDBOX=0``. (In another
-    user namespace the kernel refuses the overlay: it will not clone a root whose submounts
-    are locked, "failed to clone lowerpath".)"""
-    return (
-        backend == "real"
-        and os.geteuid() == 0
-        and linux.in_initial_user_namespace()
-        and os.environ.get(SWITCH_ENV, "1") != "0"
-    )
+    """Whether a run in ``backend`` is sandboxed when its request does not say: as root in
+    the real backend (of any user namespace), unless ``KIT_SANDBOX=0``."""
+    return backend == "real" and os.geteuid() == 0 and os.environ.get(SWITCH_ENV, "1") != "0"
 
 
 def join_path(kind: str, path: str, sandboxed: bool) -> str:
@@ -194,25 +189,41 @@ def build(shared: list[str]) -> Building:
     scratch = tempfile.mkdtemp(prefix="kit-sandbox-")
     os.chmod(scratch, 0o700)
     table = host_mount_table()  # here, where it is cached: init is a fresh fork each time
-    own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        linux.unshare(linux.CLONE_NEWPID)
-        try:
-            rfd, wfd = os.pipe()
-            pid = os.fork()
-            if pid == 0:
-                os.close(rfd)
-                shared = [os.path.realpath(p) for p in shared if os.path.isdir(p)]
-                _init_main(scratch, shared, wfd, table)
-        finally:
-            linux.setns(own, linux.CLONE_NEWPID)  # our next children: in our namespace
+        rfd, wfd = os.pipe()
+        pid = _fork_in_new_pid_namespace()
+        if pid == 0:
+            os.close(rfd)
+            shared = [os.path.realpath(p) for p in shared if os.path.isdir(p)]
+            _init_main(scratch, shared, wfd, table)
         os.close(wfd)
     except BaseException:
         _remove_scratch(scratch)
         raise
+    return Building(init_pid=pid, ready_fd=rfd, scratch=scratch, builder=os.getpid())
+
+
+def _fork_in_new_pid_namespace() -> int:
+    """Fork pid 1 of a new pid namespace; the caller's later children stay in its own.
+    In the initial user namespace: unshare, fork, and back by setns. In another one the
+    caller's pid namespace may belong to an ancestor user namespace, where setns back is
+    refused: the child is cloned with CLONE_NEWPID instead (the builders, the zygote and a
+    supervisor, are single-threaded)."""
+    if not linux.in_initial_user_namespace():
+        return linux.clone(linux.CLONE_NEWPID)
+    own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        linux.unshare(linux.CLONE_NEWPID)
+        try:
+            pid = os.fork()
+        except BaseException:
+            linux.setns(own, linux.CLONE_NEWPID)
+            raise
+        if pid != 0:
+            linux.setns(own, linux.CLONE_NEWPID)  # our next children: in our namespace
+        return pid
     finally:
         os.close(own)
-    return Building(init_pid=pid, ready_fd=rfd, scratch=scratch, builder=os.getpid())
 
 
 def adopt(building: Building) -> HostSandbox:
@@ -561,18 +572,32 @@ def _build_root(
     linux.mount("kit-sandbox", scratch, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=0700")
     new = os.path.join(scratch, "root")
     os.mkdir(new)
-    uppers = {"/": _overlay("/", new, os.path.join(scratch, "cow", "0"))}
-    for i, (point, flags) in enumerate(_host_submounts(scratch, table), start=1):
+    submounts = _host_submounts(scratch, table)
+    points = [point for point, _ in submounts]
+    layers = _Layers(scratch, table)
+    layers.copy_on_write("/", new, [*points, *RECREATED])
+    recursive: list[str] = []  # bound with their submounts (see _bind)
+    views: list[str] = []
+    for point, flags in submounts:
         target = new + point
         if point in WRITABLE:
-            uppers[point] = _overlay(point, target, os.path.join(scratch, "cow", str(i)))
-        else:
-            _bind(point, target, flags | linux.MS_RDONLY)
+            layers.copy_on_write(point, target, points)
+            views.append(point)
+        elif _nearest(point, [*recursive, *views]) in recursive:
+            _remount(target, flags | linux.MS_RDONLY)  # came with that bind, still on top
+        elif _bind(point, target, flags | linux.MS_RDONLY):
+            recursive.append(point)
     _make_proc(new)
     _make_sys(new)
+    uppers = layers.uppers
     uppers[_MQUEUE_ITEM] = _make_dev(new)
     for path in shared:
-        _bind(path, new + path, 0)
+        try:
+            _bind(path, new + path, 0)
+        except PermissionError:
+            # In a user namespace that is not the initial one: the kernel will not clear
+            # the locked flags (nosuid, nodev, noexec, atime) of the host mount there.
+            _remount(new + path, _flags_at(path, table) & ~linux.MS_RDONLY)
     os.chdir(new)
     linux.pivot_root(".", ".")
     linux.umount(".", linux.MNT_DETACH)  # the old root, stacked under the new one
@@ -581,21 +606,188 @@ def _build_root(
     return uppers
 
 
+#: A regular file up to this size in a directory of a split view's skeleton is copied into
+#: it (copy-on-write like the rest); a larger one, or one that cannot be read, is bound in
+#: read-only (a copy per sandbox of a swap file or a disk image is not cheap).
+SKELETON_COPY_LIMIT = 256 << 10
+
+
+@dataclass
+class _Layers:
+    """The copy-on-write mounts of a sandbox being built: their upper layers' fds by mount
+    point, their state in numbered directories of the scratch tmpfs."""
+
+    scratch: str
+    table: list[tuple[int, str, int]]
+    uppers: dict[str, int] = field(default_factory=dict)
+    made: int = 0
+
+    def state(self) -> str:
+        self.made += 1
+        return os.path.join(self.scratch, "cow", str(self.made))
+
+    def copy_on_write(self, point: str, target: str, mounts: list[str]) -> None:
+        """A copy-on-write view of the host directory ``point`` on ``target``; ``mounts``:
+        the host's mount points under it (each gets its own mount afterwards).
+
+        One overlay whose lower layer is ``point``, as in the initial user namespace. In
+        another one, the mounts the kit's mount namespace copied from its parent are locked
+        (MNT_LOCKED: unmounting one would reveal what it covers), and overlayfs will not
+        take a lower layer with a locked mount under it ("failed to clone lowerpath",
+        EINVAL): the view is then split (:meth:`_split`). Decided by trying, not by the
+        namespace alone: a kit whose mounts were made in its own user namespace (a rootless
+        container's root) has none locked, and one overlay is cheaper."""
+        mounts = [m for m in mounts if _below(m, point)]  # those under it
+        try:
+            self.uppers[point] = _overlay(point, target, self.state())
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or not mounts or linux.in_initial_user_namespace():
+                raise
+            self._split(point, target, mounts)
+
+    def _split(self, point: str, target: str, mounts: list[str]) -> None:
+        """The view of ``point`` in pieces: the directories on the way to each mount point
+        (and what else they hold: symlinks, small files) copied into a skeleton on the
+        scratch tmpfs, with no mount under it, made copy-on-write by an overlay; on it, one
+        overlay per directory with no mount point under it, its lower layer the host's
+        directory. Each upper layer is reported at its own mount point: the host diff
+        compares an entry of it with the same path on the host."""
+        state = self.state()
+        skeleton = os.path.join(state, "skeleton")
+        pieces, files = _mirror(point, skeleton, mounts)
+        self.uppers[point] = _overlay(skeleton, target, state)
+        for path in pieces:
+            self.uppers[path] = _overlay(path, target + _rel(path, point), self.state())
+        for path in files:
+            _bind(path, target + _rel(path, point), _flags_at(path, self.table) | linux.MS_RDONLY)
+
+
+def _mirror(point: str, skeleton: str, mounts: list[str]) -> tuple[list[str], list[str]]:
+    """Copy into ``skeleton`` the directories of ``point`` that lead to one of ``mounts``
+    (mode, owner and times as the host's), with each entry they hold: a directory with no
+    mount point under it (left empty: returned, to get an overlay of its own), a mount
+    point (an empty directory or file, to be covered), a symlink, a small regular file; an
+    empty file in place of the others (returned, to get the host's bound on it)."""
+    on_path = {point}
+    for mount in mounts:
+        parent = os.path.dirname(mount)
+        while _below(parent, point) and parent not in on_path:
+            on_path.add(parent)
+            parent = os.path.dirname(parent)
+    covered = set(mounts)
+    pieces: list[str] = []
+    files: list[str] = []
+    os.makedirs(skeleton)
+    dirs = [(point, os.stat(point))]
+    for host_dir, _ in dirs:
+        with os.scandir(host_dir) as entries:
+            for entry in entries:
+                path = entry.path
+                dst = skeleton + _rel(path, point)
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                    target = os.readlink(path) if stat.S_ISLNK(st.st_mode) else ""
+                except FileNotFoundError:  # gone since the listing
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    os.mkdir(dst)
+                    if path in on_path and path not in covered:
+                        dirs.append((path, st))
+                    elif path not in covered:
+                        pieces.append(path)
+                    _same_attributes(dst, st)
+                elif stat.S_ISLNK(st.st_mode):
+                    os.symlink(target, dst)
+                    _same_attributes(dst, st)
+                elif path in covered or not _copied(path, dst, st):
+                    os.close(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                    if path not in covered:
+                        files.append(path)
+    for host_dir, st in reversed(dirs):  # children first: an entry made moves its dir's mtime
+        _same_attributes(skeleton + _rel(host_dir, point), st)
+    return pieces, files
+
+
+def _copied(path: str, dst: str, st: os.stat_result) -> bool:
+    """Copy the small regular file ``path`` to ``dst``; False when it is not one or cannot
+    be read (unmapped owner, say)."""
+    if not stat.S_ISREG(st.st_mode) or st.st_size > SKELETON_COPY_LIMIT:
+        return False
+    try:
+        src = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        data = os.read(src, SKELETON_COPY_LIMIT + 1)
+    finally:
+        os.close(src)
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    _same_attributes(dst, st)
+    return True
+
+
+def _same_attributes(path: str, st: os.stat_result) -> None:
+    """Give ``path`` the owner, mode and times of ``st`` (the host's entry): the host diff
+    leaves out a directory copied up unchanged only when it describes it as the host's."""
+    with contextlib.suppress(OSError):  # an owner this user namespace does not map
+        os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
+    if not stat.S_ISLNK(st.st_mode):
+        os.chmod(path, stat.S_IMODE(st.st_mode))  # after chown, which clears set-id bits
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+def _rel(path: str, point: str) -> str:
+    """``path`` below ``point``, from its ``/``: ``/var/tmp/x`` below ``/var/tmp`` is ``/x``."""
+    return path[len(point.rstrip("/")) :]
+
+
+def _below(path: str, point: str) -> bool:
+    """Whether ``path`` is strictly below ``point``."""
+    return path != point and _under(path, (point,))
+
+
+def _nearest(path: str, points: list[str]) -> str | None:
+    """The nearest of ``points`` at or over ``path``."""
+    return max((p for p in points if _under(path, (p,))), key=len, default=None)
+
+
+def _flags_at(path: str, table: list[tuple[int, str, int]]) -> int:
+    """The per-mount flags of the host mount that holds ``path`` (the topmost one on the
+    nearest mount point over it)."""
+    best, flags = "", 0
+    for _, point, mount_flags in table:
+        if _under(path, (point,)) and len(point) >= len(best):
+            best, flags = point, mount_flags
+    return flags
+
+
 def _overlay(lower: str, target: str, state: str) -> int:
     """Mount a copy-on-write view of ``lower`` on ``target``; returns an fd of its upper
     layer."""
+    global _userxattr
     upper, work = os.path.join(state, "upper"), os.path.join(state, "work")
     os.makedirs(upper)
     os.makedirs(work)
     options = f"lowerdir={_escape(lower)},upperdir={_escape(upper)},workdir={_escape(work)}"
-    try:
-        linux.mount("kit-sandbox", target, "overlay", 0, options)
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:
-            raise
-        # Launched in a user namespace that is not the initial one: no trusted.* xattrs.
-        linux.mount("kit-sandbox", target, "overlay", 0, options + ",userxattr")
+    if not _userxattr:
+        try:
+            linux.mount("kit-sandbox", target, "overlay", 0, options)
+            return os.open(upper, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+    # Launched in a user namespace that is not the initial one: no trusted.* xattrs.
+    linux.mount("kit-sandbox", target, "overlay", 0, options + ",userxattr")
+    _userxattr = True  # for the next overlays of this build (init is a fresh fork each time)
     return os.open(upper, os.O_RDONLY | os.O_DIRECTORY)
+
+
+#: Whether an overlay of this process needed ``userxattr`` (the others will).
+_userxattr = False
 
 
 def _escape(path: str) -> str:
@@ -655,15 +847,30 @@ def _under(path: str, roots: tuple[str, ...] | list[str]) -> bool:
     return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
 
 
-def _bind(source: str, target: str, flags: int) -> None:
+def _bind(source: str, target: str, flags: int) -> bool:
     """Bind ``source`` on ``target`` (one mount, not its submounts), then apply the
-    per-mount ``flags`` (MS_RDONLY, MS_NOSUID…) by a bind remount."""
+    per-mount ``flags`` (MS_RDONLY, MS_NOSUID…) by a bind remount. True when the submounts
+    came too: in a user namespace that is not the initial one, the kernel refuses to bind a
+    mount alone when a locked mount is under it (EINVAL: that would reveal what it covers),
+    so it is bound with them (each is then remounted by the caller, :func:`_remount`)."""
+    recursive = False
     try:
         linux.mount(source, target, None, linux.MS_BIND)
     except OSError as exc:
         if exc.errno == errno.ENOENT:  # the mount point is hidden or gone: nothing to show
-            return
-        raise
+            return False
+        if exc.errno != errno.EINVAL or linux.in_initial_user_namespace():
+            raise
+        linux.mount(source, target, None, linux.MS_BIND | linux.MS_REC)
+        recursive = True
+    _remount(target, flags)
+    return recursive
+
+
+def _remount(target: str, flags: int) -> None:
+    """Set the per-mount ``flags`` of the mount on ``target`` (a bind remount: the flags it
+    is not given are cleared, and where the kernel locked one, refused: ``flags`` are the
+    host's plus MS_RDONLY, which may always be added)."""
     linux.mount(None, target, None, linux.MS_BIND | linux.MS_REMOUNT | flags)
 
 
