@@ -30,6 +30,11 @@ from kit.system import System, linux
 
 EXIT_FATAL = 255
 STAGE2_NAME = "kit-stage2"
+#: The container process's name until stage 2 takes :data:`STAGE2_NAME` (after its hooks
+#: config and init_config).
+CONTAINER_NAME = "kit-container"
+#: Every name the container process carries before the payload's exec renames it.
+PRE_EXEC_NAMES = (CONTAINER_NAME, STAGE2_NAME)
 #: Hooks the supervisor does not time: they wait for the payload by design.
 UNTIMED_HOOKS = ("monitor_container",)
 #: Signals CPython itself ignores at start-up (it wants EPIPE and EFBIG, not death).

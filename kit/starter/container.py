@@ -7,7 +7,14 @@ import signal
 import socket
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from kit.starter.common import EXIT_FATAL, _exit, _recv_control, _send, rearm_parent_death
+from kit.starter.common import (
+    CONTAINER_NAME,
+    EXIT_FATAL,
+    _exit,
+    _recv_control,
+    _send,
+    rearm_parent_death,
+)
 from kit.starter.config import StarterConfig
 from kit.starter.control import Control
 from kit.starter.rpc_server import RPCServerProcess
@@ -46,7 +53,7 @@ class Container:
 
     def main(self) -> NoReturn:
         try:
-            linux.set_name("kit-container")
+            linux.set_name(CONTAINER_NAME)
             linux.set_parent_death_signal(signal.SIGKILL)
             kind, _ = _recv_control(self.sock)  # uid maps are written
             if kind != Control.MAPS_WRITTEN:

@@ -26,7 +26,7 @@ from kit.contract import (
 from kit.ledger import probe
 from kit.starter.common import (
     EXIT_FATAL,
-    STAGE2_NAME,
+    PRE_EXEC_NAMES,
     ContainerCreationFailed,
     HookRunner,
     _how_ended,
@@ -625,8 +625,9 @@ class Master:
         if not self.go_sent.is_set():
             return False  # create_container failed: the container never started stage 2
         # EOF: the close-on-exec end went away, by exec or by death. A dead stage 2 still
-        # carries the kit's process name (exec renames it).
-        if linux.process_name(self.pid) in (STAGE2_NAME, None):
+        # carries a name of the kit's (exec renames it): the container's until its hooks
+        # config and init_config have run, stage 2's after.
+        if linux.process_name(self.pid) in (*PRE_EXEC_NAMES, None):
             self.ledger.emit("stage2_failed", message="stage 2 died before exec")
             return False
         return True
