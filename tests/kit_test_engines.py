@@ -14,6 +14,7 @@ import json
 import os
 import select
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -916,3 +917,99 @@ class WhereEngine(ReferenceEngine):
         if cfg.report and current_role() == "master":
             with open(cfg.report, "w") as f:
                 json.dump(RESOLVED_IN, f)
+
+
+@dataclass
+class AbuseConfig(ReferenceConfig):
+    abuse: str = ""  # what engine code does to the master's descriptors, signals or channel
+    abuse_hook: str = "create_container"  # the master's hook that does it
+    path: str = ""  # a file some abuses use (a regular file dup2'd over a descriptor)
+
+
+def _abuse_master(how: str, rpc_conn: socket.socket | None, cfg: AbuseConfig) -> None:
+    """What :class:`AbuseEngine` does in one of the master's hooks."""
+    if how == "close_rpc_fd" and rpc_conn is not None:
+        os.close(rpc_conn.fileno())  # the kit's descriptor, behind the socket object's back
+    elif how == "close_control_fd":
+        import gc
+
+        master = next(o for o in gc.get_objects() if type(o).__name__ == "Master")
+        os.close(master.sock.fileno())
+    elif how == "closerange":
+        os.closerange(3, 512)
+    elif how in ("devnull_over_signalfd", "file_over_signalfd"):
+        over = os.open(cfg.path if how == "file_over_signalfd" else os.devnull, os.O_RDONLY)
+        for fd in close_signalfds():
+            os.dup2(over, fd, inheritable=False)
+        os.close(over)
+    elif how == "devnull_over_all":
+        over = os.open(os.devnull, os.O_RDONLY)
+        for fd in range(3, 1024):
+            if fd != over:
+                try:
+                    os.dup2(over, fd, inheritable=False)
+                except OSError:
+                    pass
+    elif how == "rt_signal":
+        os.kill(os.getpid(), signal.SIGRTMIN + 1)
+
+
+def _abuse_master_fd(how: str, master_fd: int) -> None:
+    """What :class:`AbuseEngine` writes to the master in start_process, before its exec."""
+    if how == "high_byte":
+        os.write(master_fd, b"\xff")
+    elif how == "ready_byte":
+        os.write(master_fd, b"R")
+    elif how == "flood":
+        # "F" then more than the kit takes; the kit must stop reading, not this writer.
+        os.set_blocking(master_fd, False)
+        chunk = b"F" + b"x" * 65535
+        for _ in range(64):
+            try:
+                os.write(master_fd, chunk)
+            except BlockingIOError:
+                time.sleep(0.01)
+    elif how == "fork_holder" and os.fork() == 0:
+        # A helper that keeps stage 2's end of the channel open long after the exec.
+        os.set_inheritable(master_fd, False)
+        time.sleep(60)
+        os._exit(0)
+
+
+class AbuseEngine(ReferenceEngine):
+    """The reference engine plus engine code that abuses what the master lends it."""
+
+    engine_name = "test-abuse"
+    rpc_methods = ReferenceRPC
+
+    def config(self) -> AbuseConfig:
+        return AbuseConfig()
+
+    def _abuse(self, hook: str, rpc_conn: socket.socket | None = None) -> None:
+        cfg = self.common.engine_config
+        if cfg.abuse_hook == hook:
+            _abuse_master(cfg.abuse, rpc_conn, cfg)
+
+    def create_container(self, ctx, pid, rpc_conn):  # type: ignore[override]
+        super().create_container(ctx, pid, rpc_conn)
+        self._abuse("create_container", rpc_conn)
+
+    def post_start_process(self, ctx, pid):  # type: ignore[override]
+        self._abuse("post_start_process")
+
+    def monitor_container(self, pid, signals):  # type: ignore[override]
+        self._abuse("monitor_container")
+        status = super().monitor_container(pid, signals)
+        returns = self.common.engine_config.abuse
+        if returns == "status_huge":
+            return 1 << 40
+        if returns == "status_true":
+            return True
+        return status
+
+    def cleanup_container(self, ctx, fatal, status):  # type: ignore[override]
+        self._abuse("cleanup_container")
+
+    def start_process(self, master_fd):  # type: ignore[override]
+        _abuse_master_fd(self.common.engine_config.abuse, master_fd)
+        super().start_process(master_fd)

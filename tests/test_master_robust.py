@@ -7,12 +7,13 @@ import os
 import pytest
 
 from kit.run.launcher import RunResult, run
+from kit.starter.common import EXIT_FATAL
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the real backend as root")
 
 FAULT = "kit_test_engines:FaultEngine"
 #: Small limits: every run here must end by itself well before them.
-LIMITS = {"hook_timeout": 10, "run_timeout": 60}
+LIMITS = {"hook_timeout": 5, "run_timeout": 20}
 
 
 def fault_run(engine: str = FAULT, argv: list[str] | None = None, **cfg: object) -> RunResult:
@@ -37,3 +38,73 @@ def test_stage2_dying_in_init_config_is_no_exec(action):
     (failed,) = result.ledger.select("stage2_failed")
     assert failed["message"] == "stage 2 died before exec"
     assert not result.ledger.select("hook_enter", hook="post_start_process")
+
+
+ABUSE = "kit_test_engines:AbuseEngine"
+
+
+def test_engine_code_closing_the_rpc_descriptor_fails_the_run_by_name():
+    result = fault_run(ABUSE, abuse="close_rpc_fd")
+    assert result.exit_code == EXIT_FATAL, result
+    (fatal,) = result.ledger.select("fatal")
+    assert "the RPC connection to the container" in fatal["message"]
+    assert fatal["error"]["type"] == "KitFdClosed"
+    assert not result.ledger.select("stage2_exec")
+    assert result.leaks == []
+    # the cleanup still ran, told why
+    assert result.ledger.select("hook_enter", hook="cleanup_container")
+
+
+def test_a_creation_watch_that_cannot_be_set_up_leaks_no_pidfd(monkeypatch):
+    # The descriptor table full (EMFILE) when the RPC connection is duplicated: the thread
+    # fails (a fatal error, see _waking) and the pidfd opened just before is closed.
+    import errno
+    import socket
+
+    from kit.starter import master as m
+
+    def full(fd: int, base: int) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(m, "dup_high", full)
+    a, b = socket.socketpair()
+    me = object.__new__(m.Master)
+    me.pid, me.rpc_sock, me.fd_base = os.getpid(), a, 3
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError):
+        me._watch_creation()
+    assert set(os.listdir("/proc/self/fd")) <= before
+    a.close()
+    b.close()
+
+
+def test_engine_code_closing_the_control_socket_fails_the_run_by_name():
+    result = fault_run(ABUSE, abuse="close_control_fd")
+    assert result.exit_code == EXIT_FATAL, result
+    fatal = result.ledger.select("fatal")
+    assert fatal and "the control socket to the container" in fatal[0]["message"], fatal
+    assert not result.ledger.select("stage2_exec")
+    assert result.leaks == []
+
+
+def test_a_thread_failing_in_the_kits_code_is_a_fatal_error_naming_it():
+    import errno
+    import queue
+    import threading
+
+    from kit.starter import master as m
+
+    me = object.__new__(m.Master)
+    me.events, me.wake_w = queue.Queue(), -1
+
+    def fails() -> None:
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    ended = threading.Event()
+    thread = threading.Thread(target=me._waking(fails, ended), name="kit-create")
+    thread.start()
+    thread.join()
+    assert ended.is_set()
+    kind, error = me.events.get_nowait()
+    assert kind == "fatal" and isinstance(error, m.KitThreadFailed)
+    assert str(error).startswith("the master's kit-create thread failed in the kit's code")

@@ -72,6 +72,12 @@ class KitFdClosed(RuntimeError):
     """Engine code in the master closed a file descriptor of the kit's poll loop."""
 
 
+class KitThreadFailed(RuntimeError):
+    """A thread of the master failed in the kit's own code (around the engine's hooks): most
+    likely engine code took something of the kit's from under it (a descriptor closed, the
+    descriptor table full); the run is failed rather than left waiting for that thread."""
+
+
 def fd_base() -> int:
     """Where the master's own descriptors go: high, three quarters up to the soft limit (768
     at the usual 1024), so that engine code closing low numbers (its own, or a range of
@@ -345,6 +351,17 @@ class Master:
         def run() -> None:
             try:
                 fn()
+            except BaseException as exc:  # noqa: BLE001 a dead thread would hang the run
+                what = threading.current_thread().name
+                self._put(
+                    (
+                        "fatal",
+                        KitThreadFailed(
+                            f"the master's {what} thread failed in the kit's code: "
+                            f"{type(exc).__name__}: {exc}"
+                        ),
+                    )
+                )
             finally:
                 ended.set()
                 self._wake()
@@ -529,7 +546,7 @@ class Master:
             )
         except BaseException as exc:  # noqa: BLE001 engine code may raise anything
             stop_watch()
-            self.rpc_sock.close()
+            self._close_rpc()
             _send(self.sock, Control.ABORT)
             err = _unwrap(exc)
             self._put(
@@ -542,9 +559,46 @@ class Master:
             )
             return
         stop_watch()
-        self.rpc_sock.close()  # the RPC server exits; then stage 2 may start
+        if not self._close_rpc():  # the RPC server exits; then stage 2 may start
+            _send(self.sock, Control.ABORT)
+            return
         self.go_sent.set()
-        _send(self.sock, Control.GO)
+        try:
+            self.sock.sendall(Control.GO.encode())
+        except OSError as exc:
+            # Stage 2 waits for this byte: unsent, the run would wait for its timeout.
+            self._put(("fatal", self._control_lost(exc)))
+
+    def _control_lost(self, exc: OSError) -> KitFdClosed | OSError:
+        """What a failed call on the control socket to the container is: engine code that
+        closed the kit's descriptor (EBADF), or a plain error."""
+        if exc.errno not in (errno.EBADF, errno.ENOTSOCK):
+            return exc
+        return KitFdClosed(
+            f"engine code closed a file descriptor of the kit: the control socket to the "
+            f"container ({exc.strerror}); a hook of the master must close only the "
+            "descriptors it opened"
+        )
+
+    def _close_rpc(self) -> bool:
+        """Close the RPC connection; False (and a fatal error) when engine code had closed
+        its descriptor behind the socket object's back."""
+        fd = self.rpc_sock.fileno()
+        try:
+            self.rpc_sock.close()
+        except OSError as exc:
+            self._put(
+                (
+                    "fatal",
+                    KitFdClosed(
+                        f"engine code closed a file descriptor of the kit: fd {fd}, the RPC "
+                        f"connection to the container ({exc.strerror}); create_container must "
+                        "leave rpc_conn to the kit, which closes it"
+                    ),
+                )
+            )
+            return False
+        return True
 
     def _watch_creation(self) -> None:
         """Until :meth:`_stop_watch`: if the container process dies (its pidfd) or the RPC
@@ -557,7 +611,11 @@ class Master:
             return
         # A descriptor of the loop's own: the create thread closes rpc_sock when done, and
         # its number could be reused while the loop still polls it.
-        rpc = dup_high(self.rpc_sock.fileno(), self.fd_base)
+        try:
+            rpc = dup_high(self.rpc_sock.fileno(), self.fd_base)
+        except OSError:
+            os.close(pidfd)  # the thread fails (a fatal error); the pidfd must not leak
+            raise
         # From the create thread: a poll object may be changed while another thread polls
         # it (the change counts from its next poll, which the wake-up starts).
         with self.watch_lock:
@@ -617,8 +675,13 @@ class Master:
 
     def _wait_for_exec(self) -> bool:
         """True once the payload was exec'd; False when stage 2 failed or never started."""
-        kind, message = _recv_control(self.sock)
-        self.sock.close()
+        try:
+            kind, message = _recv_control(self.sock)
+        finally:
+            try:
+                self.sock.close()
+            except OSError as exc:
+                self._put(("fatal", self._control_lost(exc)))
         if kind == Control.STAGE2_FAILED:
             self.ledger.emit("stage2_failed", message=message)
             return False
