@@ -108,3 +108,34 @@ def test_a_thread_failing_in_the_kits_code_is_a_fatal_error_naming_it():
     kind, error = me.events.get_nowait()
     assert kind == "fatal" and isinstance(error, m.KitThreadFailed)
     assert str(error).startswith("the master's kit-create thread failed in the kit's code")
+
+
+def test_a_real_time_signal_to_the_master_is_recorded_by_a_name_of_its_own():
+    import signal
+
+    result = fault_run(ABUSE, abuse="rt_signal")
+    assert result.exit_code == 0, result
+    (rt,) = result.ledger.select("signal", signum=signal.SIGRTMIN + 1)
+    assert rt["name"] == "SIGRTMIN+1"
+    assert result.ledger.select("hook_return", hook="cleanup_container")
+
+
+@pytest.mark.parametrize("abuse,shown", [("status_huge", str(1 << 40)), ("status_true", "True")])
+def test_a_monitor_returning_no_wait_status_is_a_named_fatal_error(abuse, shown):
+    result = fault_run(ABUSE, abuse=abuse)
+    assert result.exit_code == EXIT_FATAL, result
+    (fatal,) = result.ledger.select("fatal")
+    assert fatal["message"] == f"monitor_container returned {shown}, not a wait status"
+    assert result.ledger.select("hook_return", hook="cleanup_container")
+    assert result.leaks == []
+
+
+def test_signal_names_cover_the_real_time_signals():
+    import signal
+
+    from kit.system import linux
+
+    assert linux.signal_name(signal.SIGTERM) == "SIGTERM"
+    assert linux.signal_name(signal.SIGRTMIN) == "SIGRTMIN"
+    assert linux.signal_name(signal.SIGRTMIN + 5) == "SIGRTMIN+5"
+    assert linux.signal_name(signal.SIGRTMAX) == "SIGRTMAX"

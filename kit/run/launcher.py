@@ -171,7 +171,7 @@ class Zygote:
 def _returncode(code: int) -> str:
     """A subprocess return code in words."""
     if code < 0:
-        return f"killed by signal {-code} ({signal.Signals(-code).name})"
+        return f"killed by signal {-code} ({linux.signal_name(-code)})"
     return f"exit code {code}"
 
 
@@ -179,7 +179,7 @@ def describe_status(status: int) -> str:
     """A wait status in words."""
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
-        return f"killed by signal {sig} ({signal.Signals(sig).name})"
+        return f"killed by signal {sig} ({linux.signal_name(sig)})"
     return f"exit code {os.waitstatus_to_exitcode(status)}"
 
 

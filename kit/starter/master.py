@@ -122,6 +122,12 @@ def open_signalfd(signals: set[signal.Signals]) -> int:
     return fd
 
 
+def is_wait_status(value: object) -> bool:
+    """Whether ``value`` can be a wait status as waitpid(2) returns it: an int of 16 bits
+    (not a bool, which is an int to Python but no status)."""
+    return type(value) is int and 0 <= value < 1 << 16
+
+
 class Master:
     """The master process: create_container ‖ start waiter ‖ monitor_container, then
     cleanup_container (SPEC §2)."""
@@ -519,7 +525,7 @@ class Master:
         self.ledger.emit(
             "signal",
             signum=info.si_signo,
-            name=signal.Signals(info.si_signo).name,
+            name=linux.signal_name(info.si_signo),
             sender=info.si_pid,
         )
         self.signals.put(info.si_signo)
@@ -707,7 +713,7 @@ class Master:
             self._put(("fatal", _unwrap(exc)))
             self._put(("monitor_failed", None))
             return
-        if not isinstance(status, int):
+        if not is_wait_status(status):
             self._put(
                 ("fatal", TypeError(f"monitor_container returned {status!r}, not a wait status"))
             )

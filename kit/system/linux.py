@@ -601,6 +601,18 @@ def ambient_clear() -> None:
 _SIG_IGN = 1
 
 
+def signal_name(sig: int) -> str:
+    """The name of signal number ``sig``: the enum's, else SIGRTMIN+n (the real-time signals
+    between the two ends have no name of their own), else SIG<number>."""
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        pass
+    if signal.SIGRTMIN < sig < signal.SIGRTMAX:
+        return f"SIGRTMIN+{sig - signal.SIGRTMIN}"
+    return f"SIG{sig}"
+
+
 def signal_ignored(sig: int) -> bool:
     """Whether ``sig`` is ignored in this process, as the kernel has it (an engine may have
     set SIG_IGN through libc, behind the back of Python's own handler table)."""
