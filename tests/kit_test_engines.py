@@ -1013,3 +1013,23 @@ class AbuseEngine(ReferenceEngine):
     def start_process(self, master_fd):  # type: ignore[override]
         _abuse_master_fd(self.common.engine_config.abuse, master_fd)
         super().start_process(master_fd)
+
+
+@dataclass
+class JoinAbuseConfig(JoinConfig):
+    abuse: str = ""  # as AbuseConfig's, in start_process
+
+
+class JoinAbuseEngine(JoinEngine):
+    """A join-only run whose start_process writes to master_fd (see AbuseEngine)."""
+
+    engine_name = "test-join-abuse"
+
+    def config(self) -> JoinAbuseConfig:
+        cfg = JoinAbuseConfig()
+        cfg.join, cfg.keep_fds = {}, []
+        return cfg
+
+    def start_process(self, master_fd):  # type: ignore[override]
+        _abuse_master_fd(self.common.engine_config.abuse, master_fd)
+        super().start_process(master_fd)

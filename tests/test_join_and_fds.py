@@ -107,3 +107,25 @@ def test_keeping_an_fd_that_is_not_open_is_rejected():
         "keep_file_descriptor: fd 250 is not open"
         in result.ledger.first("starter_error")["message"]
     )
+
+
+def test_bytes_on_master_fd_in_a_join_only_run_are_a_named_fatal_error(target_namespaces):
+    given = {"uts": f"/proc/{target_namespaces}/ns/uts"}
+    sandboxed = os.geteuid() == 0
+    result = run(
+        "kit_test_engines:JoinAbuseEngine",
+        "root",
+        ["/bin/sleep", "0.2"],
+        join_namespaces=given,
+        engine_config={
+            "join": {k: join_path(k, p, sandboxed) for k, p in given.items()},
+            "abuse": "high_byte",
+        },
+        hook_timeout=5,
+        run_timeout=20,
+    )
+    assert result.exit_code == 255, result
+    (fatal,) = result.ledger.select("fatal")
+    assert fatal["message"].startswith("engine code in stage 2 wrote to the master's control")
+    assert not result.ledger.select("stage2_exec")
+    assert result.leaks == []

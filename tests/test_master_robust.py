@@ -139,3 +139,49 @@ def test_signal_names_cover_the_real_time_signals():
     assert linux.signal_name(signal.SIGRTMIN) == "SIGRTMIN"
     assert linux.signal_name(signal.SIGRTMIN + 5) == "SIGRTMIN+5"
     assert linux.signal_name(signal.SIGRTMAX) == "SIGRTMAX"
+
+
+@pytest.mark.parametrize(
+    "abuse,detail",
+    [
+        ("high_byte", "b'\\xff' is no control message of the kit's here"),
+        ("ready_byte", "b'R' is no control message of the kit's here"),
+        ("flood", "a failure message longer than 65536 bytes"),
+    ],
+)
+def test_bytes_engine_code_writes_to_master_fd_are_a_named_fatal_error(abuse, detail):
+    result = fault_run(ABUSE, ["/bin/sleep", "0.2"], abuse=abuse)
+    assert result.exit_code == EXIT_FATAL, result
+    fatal = result.ledger.select("fatal")
+    assert fatal, result
+    assert fatal[0]["message"].startswith("engine code in stage 2 wrote to the master's control")
+    assert detail in fatal[0]["message"]
+    assert not result.ledger.select("stage2_exec")
+    assert not result.ledger.select("stage2_failed")
+    assert result.leaks == []
+
+
+def test_the_kits_own_failure_message_fits_the_cap():
+    from kit.starter.common import MAX_CONTROL_MESSAGE, _failure
+    from kit.starter.control import Control
+
+    sent = _failure(Control.STAGE2_FAILED, "\U0001f600" * MAX_CONTROL_MESSAGE)
+    assert len(sent.encode()) - 1 <= MAX_CONTROL_MESSAGE
+    assert sent.endswith("…")
+
+
+def test_a_helper_holding_master_fd_open_is_start_process_not_returning():
+    # The kit tells exec by master_fd's close-on-exec: a child forked by start_process that
+    # keeps it open hides the exec, and start_process stays open until its hook timeout.
+    result = run(
+        ABUSE,
+        "root",
+        ["/bin/sleep", "30"],
+        engine_config={"mount_tmp": False, "abuse": "fork_holder"},
+        hook_timeout=2,
+        run_timeout=20,
+    )
+    assert result.timed_out is not None, result
+    assert (result.timed_out["hook"], result.timed_out["hook_role"]) == ("start_process", "stage2")
+    assert not result.ledger.select("stage2_exec")
+    assert result.leaks == []

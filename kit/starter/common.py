@@ -307,15 +307,45 @@ def _exit(code: int) -> NoReturn:
     _REAL_EXIT(code)
 
 
-def _recv_control(sock: socket.socket) -> tuple[str, str]:
-    """One control byte and, for E/F, the message that follows up to EOF."""
+#: The longest failure message a control socket carries; the kit's own are cut well short
+#: of it (see :func:`_failure`), so that a longer one is not the kit's.
+MAX_CONTROL_MESSAGE = 1 << 16
+#: Characters of a failure message the kit sends (four bytes at most each in UTF-8).
+_MAX_FAILURE_CHARS = MAX_CONTROL_MESSAGE // 8
+
+
+class ControlProtocolError(Exception):
+    """Bytes on a control socket that are no message the kit sends there (engine code in
+    the process at the other end wrote them)."""
+
+
+def _failure(kind: Control, message: str) -> str:
+    """A failure message (E or F), cut to what :func:`_recv_control` accepts."""
+    if len(message) > _MAX_FAILURE_CHARS:
+        message = message[: _MAX_FAILURE_CHARS - 1] + "…"
+    return kind + message
+
+
+def _recv_control(sock: socket.socket, expected: str | None = None) -> tuple[str, str]:
+    """One control byte and, for E/F, the message that follows up to EOF; ``expected``:
+    the control bytes the other end may send here (default: any). Anything else, or a
+    message longer than :data:`MAX_CONTROL_MESSAGE`, raises ControlProtocolError."""
     head = sock.recv(1)
     if not head:
         return "", ""
-    kind = head.decode()
+    kind = head.decode("ascii", errors="replace")
+    if kind not in set(Control) or (expected is not None and kind not in expected):
+        raise ControlProtocolError(f"{head!r} is no control message of the kit's here")
     if kind in (Control.SETUP_FAILED, Control.STAGE2_FAILED):
         chunks = []
+        size = 0
         while data := sock.recv(65536):
+            size += len(data)
+            if size > MAX_CONTROL_MESSAGE:
+                raise ControlProtocolError(
+                    f"a failure message longer than {MAX_CONTROL_MESSAGE} bytes (the kit's "
+                    "are shorter)"
+                )
             chunks.append(data)
         return kind, b"".join(chunks).decode(errors="replace")
     return kind, ""

@@ -11,6 +11,7 @@ from kit.starter.common import (
     CONTAINER_NAME,
     EXIT_FATAL,
     _exit,
+    _failure,
     _recv_control,
     _send,
     rearm_parent_death,
@@ -73,7 +74,9 @@ class Container:
         except BaseException as exc:  # noqa: BLE001 the container reports any failure, then exits
             _send(
                 self.sock,
-                Control.SETUP_FAILED + f"namespace setup failed: {type(exc).__name__}: {exc}",
+                _failure(
+                    Control.SETUP_FAILED, f"namespace setup failed: {type(exc).__name__}: {exc}"
+                ),
             )
             _exit(EXIT_FATAL)
         rpc_pid = None

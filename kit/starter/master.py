@@ -28,6 +28,7 @@ from kit.starter.common import (
     EXIT_FATAL,
     PRE_EXEC_NAMES,
     ContainerCreationFailed,
+    ControlProtocolError,
     HookRunner,
     _how_ended,
     _recv_control,
@@ -120,6 +121,14 @@ def open_signalfd(signals: set[signal.Signals]) -> int:
         err = ctypes.get_errno()
         raise OSError(err, f"signalfd: {os.strerror(err)}")
     return fd
+
+
+def control_abused(exc: ControlProtocolError) -> RuntimeError:
+    """The fatal error of bytes on master_fd that are not the kit's."""
+    return RuntimeError(
+        f"engine code in stage 2 wrote to the master's control socket (master_fd): {exc}; "
+        "start_process must leave master_fd alone (it closes on exec)"
+    )
 
 
 def is_wait_status(value: object) -> bool:
@@ -682,7 +691,12 @@ class Master:
     def _wait_for_exec(self) -> bool:
         """True once the payload was exec'd; False when stage 2 failed or never started."""
         try:
-            kind, message = _recv_control(self.sock)
+            # Stage 2 sends a failure or nothing: its end of the socket is master_fd, which
+            # engine code holds and may write to.
+            kind, message = _recv_control(self.sock, Control.STAGE2_FAILED)
+        except ControlProtocolError as exc:
+            self._put(("fatal", control_abused(exc)))
+            return False
         finally:
             try:
                 self.sock.close()

@@ -22,6 +22,7 @@ from kit.run.request import Invoker, RunRequest
 from kit.starter import inject
 from kit.starter.common import (
     EXIT_FATAL,
+    ControlProtocolError,
     HookFailed,
     HookRunner,
     StageFailed,
@@ -37,7 +38,7 @@ from kit.starter.common import (
 from kit.starter.config import StarterConfig
 from kit.starter.container import Container
 from kit.starter.control import Control
-from kit.starter.master import Master
+from kit.starter.master import Master, control_abused
 from kit.system import current, linux
 
 
@@ -286,12 +287,20 @@ class Starter:
             self.ledger.emit("starter_error", stage="namespaces", message=message)
         elif kind == Control.READY:
             _send(master_sock, Control.GO)
-            kind, message = _recv_control(master_sock)
-            if kind == Control.STAGE2_FAILED:
+            try:
+                kind, message = _recv_control(master_sock, Control.STAGE2_FAILED)
+            except ControlProtocolError as exc:
+                kind, message = Control.ABORT, str(control_abused(exc))
+            if kind == Control.ABORT:
+                self.ledger.emit("fatal", message=message)
+                os.kill(pid, signal.SIGKILL)
+            elif kind == Control.STAGE2_FAILED:
                 self.ledger.emit("stage2_failed", message=message)
             else:
                 self.ledger.emit("stage2_exec")
         master_sock.close()
         _, status = os.waitpid(pid, 0)
         self.ledger.emit("process_exit", child_role="container", child_pid=pid, status=status)
-        return EXIT_FATAL if kind == Control.SETUP_FAILED else _status_to_code(status)
+        if kind in (Control.SETUP_FAILED, Control.ABORT):
+            return EXIT_FATAL
+        return _status_to_code(status)

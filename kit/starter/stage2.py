@@ -13,6 +13,7 @@ from kit.starter.common import (
     STAGE2_NAME,
     HookRunner,
     _exit,
+    _failure,
     _send,
     _unwrap,
     default_signals,
@@ -110,8 +111,10 @@ class Stage2:
                 if os.getpid() == me:  # not in a child forked by the engine or a probe
                     _send(
                         sock,
-                        Control.STAGE2_FAILED
-                        + f"start_process exited with code {code} instead of exec",
+                        _failure(
+                            Control.STAGE2_FAILED,
+                            f"start_process exited with code {code} instead of exec",
+                        ),
                     )
                 _REAL_EXIT(code)
 
@@ -121,7 +124,7 @@ class Stage2:
         except BaseException as exc:  # noqa: BLE001 engine code may raise anything
             err = _unwrap(exc)
             message = f"start_process failed: {type(err).__name__}: {err}"
-        _send(sock, Control.STAGE2_FAILED + message)
+        _send(sock, _failure(Control.STAGE2_FAILED, message))
         _exit(EXIT_FATAL)
 
 
