@@ -846,9 +846,9 @@ class SlowCleanupEngine(ReferenceEngine):
             time.sleep(0.01)
 
 
-def close_signalfds() -> list[int]:
-    """Close every signalfd of this process (the master's: the kit's own); their numbers."""
-    closed = []
+def signalfds() -> list[int]:
+    """The numbers of every signalfd of this process (the master's: the kit's own)."""
+    found = []
     for name in os.listdir("/proc/self/fd"):
         try:
             with open(f"/proc/self/fdinfo/{name}") as f:
@@ -856,8 +856,15 @@ def close_signalfds() -> list[int]:
         except OSError:
             continue  # the listing's own descriptor, gone
         if "sigmask:" in info:
-            os.close(int(name))
-            closed.append(int(name))
+            found.append(int(name))
+    return found
+
+
+def close_signalfds() -> list[int]:
+    """Close every signalfd of this process; their numbers."""
+    closed = signalfds()
+    for fd in closed:
+        os.close(fd)
     return closed
 
 
@@ -939,7 +946,7 @@ def _abuse_master(how: str, rpc_conn: socket.socket | None, cfg: AbuseConfig) ->
         os.closerange(3, 512)
     elif how in ("devnull_over_signalfd", "file_over_signalfd"):
         over = os.open(cfg.path if how == "file_over_signalfd" else os.devnull, os.O_RDONLY)
-        for fd in close_signalfds():
+        for fd in signalfds():
             os.dup2(over, fd, inheritable=False)
         os.close(over)
     elif how == "devnull_over_all":

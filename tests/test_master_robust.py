@@ -185,3 +185,29 @@ def test_a_helper_holding_master_fd_open_is_start_process_not_returning():
     assert (result.timed_out["hook"], result.timed_out["hook_role"]) == ("start_process", "stage2")
     assert not result.ledger.select("stage2_exec")
     assert result.leaks == []
+
+
+def forged_siginfo(path: str) -> None:
+    """A file of two signalfd_siginfo records: SIGTERM and SIGUSR1 from pid 4242."""
+    import signal
+    import struct
+
+    with open(path, "wb") as f:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            f.write(struct.pack("=I8xI", sig, 4242).ljust(128, b"\0"))
+
+
+@pytest.mark.parametrize("abuse", ["devnull_over_signalfd", "file_over_signalfd"])
+@pytest.mark.parametrize("hook", ["create_container", "cleanup_container"])
+def test_another_file_under_the_signalfds_number_is_a_lost_descriptor(abuse, hook, tmp_path):
+    path = str(tmp_path / "siginfo")
+    forged_siginfo(path)
+    os.chmod(tmp_path, 0o755)
+    result = fault_run(ABUSE, abuse=abuse, abuse_hook=hook, path=path)
+    assert result.exit_code == EXIT_FATAL, result
+    fatal = result.ledger.select("fatal")
+    assert fatal, result
+    assert "put another file under its number" in fatal[0]["message"]
+    assert "signalfd" in fatal[0]["message"]
+    assert not [e for e in result.ledger.select("signal") if e.get("sender") == 4242]
+    assert result.leaks == []

@@ -175,6 +175,9 @@ class Master:
         self.sigfd = -1
         #: A descriptor of the loop that engine code closed (reported; the run is failed).
         self.fd_lost: KitFdClosed | None = None
+        #: What each descriptor of the loop refers to when opened: engine code may put
+        #: another file under the number (dup2), which poll cannot tell from ours.
+        self.fd_ids: dict[int, tuple[int, int] | None] = {}
         #: The container's SIGCHLD, held (and the signals after it unread) until the start
         #: waiter has told exec from exit, or until the deadline.
         self.held: tuple[signal.struct_siginfo, float] | None = None
@@ -344,12 +347,26 @@ class Master:
     def _open_wake_pipe(self) -> None:
         r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.wake_r, self.wake_w = move_high(r, self.fd_base), move_high(w, self.fd_base)
+        self._remember(self.wake_r, self.wake_w)
         self.poller.register(self.wake_r, select.POLLIN)
 
     def _open_signalfd(self) -> None:
         self.sigfd = move_high(open_signalfd(MASTER_SIGNALS), self.fd_base)
+        self._remember(self.sigfd)
         if self.held is None:
             self.poller.register(self.sigfd, select.POLLIN)
+
+    def _remember(self, *fds: int) -> None:
+        for fd in fds:
+            self.fd_ids[fd] = linux.fd_identity(fd)
+
+    def _check_fds(self) -> None:
+        """Every descriptor of the loop still the file it was opened as: another one under
+        its number (engine code's dup2: /dev/null always reads as ready and empty, a regular
+        file as forged signals) is a lost descriptor."""
+        for fd, known in list(self.fd_ids.items()):
+            if self.fd_ids.get(fd) == known and linux.fd_identity(fd) != known:
+                self._lost(fd)
 
     def _wake(self) -> None:
         try:
@@ -402,6 +419,7 @@ class Master:
             # First, even when ``done()`` already holds: what the hook threads left to the
             # loop (a watch to close, a held SIGCHLD to record) is not left for later.
             self._close_unwatched()
+            self._check_fds()
             self._release_held()
             if done():
                 return True
@@ -452,8 +470,9 @@ class Master:
             for end in {end for pair in pairs for end in pair} | {fd}:
                 self._forget(end, close=end != fd)
         error = KitFdClosed(
-            f"engine code closed a file descriptor of the kit: fd {fd}, {what}; a hook of "
-            "the master must close only the descriptors it opened"
+            f"engine code closed a file descriptor of the kit (or put another file under its "
+            f"number): fd {fd}, {what}; a hook of the master must close only the "
+            "descriptors it opened"
         )
         self.ledger.emit("fatal", message=str(error), error=describe_error(error))
         if self.fd_lost is None:
@@ -461,6 +480,7 @@ class Master:
             self._put(("fd_lost", error))
 
     def _forget(self, fd: int, close: bool = False) -> None:
+        self.fd_ids.pop(fd, None)
         try:
             self.poller.unregister(fd)
         except KeyError:
@@ -483,11 +503,18 @@ class Master:
                     raise
                 self._lost(self.sigfd)
                 continue
+            if not data or len(data) % _SIGINFO_SIZE or not self._intact(self.sigfd):
+                # Not a signalfd's reads (checked after the read: a dup2 can come between).
+                self._lost(self.sigfd)
+                continue
             self._pending.extend(
                 _SIGINFO.unpack_from(data, offset)
                 for offset in range(0, len(data) - _SIGINFO_SIZE + 1, _SIGINFO_SIZE)
             )
             self._record_pending()
+
+    def _intact(self, fd: int) -> bool:
+        return linux.fd_identity(fd) == self.fd_ids.get(fd)
 
     def _holding(self) -> bool:
         return self.held is not None
@@ -633,6 +660,7 @@ class Master:
             raise
         # From the create thread: a poll object may be changed while another thread polls
         # it (the change counts from its next poll, which the wake-up starts).
+        self._remember(pidfd, rpc)
         with self.watch_lock:
             self.watching = (pidfd, rpc)
             self.poller.register(pidfd, select.POLLIN)

@@ -353,6 +353,17 @@ def mount_propagation(target: str = "/") -> str | None:
     return found
 
 
+def fd_identity(fd: int) -> tuple[int, int] | None:
+    """(device, inode) of what descriptor ``fd`` refers to; None when it is not open. (All
+    anonymous-inode descriptors of a kind may share one: an identity tells a file, a pipe
+    or a socket from another, not one signalfd from another.)"""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def path_identity(path: str = "/") -> str | None:
     """``"DEV:INO"`` of ``path`` (of the calling process's root directory by default); None
     when it cannot be reached."""
