@@ -976,6 +976,9 @@ def _abuse_master_fd(how: str, master_fd: int) -> None:
                 os.write(master_fd, chunk)
             except BlockingIOError:
                 time.sleep(0.01)
+    elif how == "close_ledger":
+        os.close(_ledger_writer().sock.fileno())
+        raise RuntimeError("start_process fails after closing the ledger socket")
     elif how == "fork_holder" and os.fork() == 0:
         # A helper that keeps stage 2's end of the channel open long after the exec.
         os.set_inheritable(master_fd, False)

@@ -211,3 +211,94 @@ def test_another_file_under_the_signalfds_number_is_a_lost_descriptor(abuse, hoo
     assert "signalfd" in fatal[0]["message"]
     assert not [e for e in result.ledger.select("signal") if e.get("sender") == 4242]
     assert result.leaks == []
+
+
+def test_a_hook_closing_a_range_of_low_descriptors_fails_the_run_by_name():
+    # The ledger socket sits high, as the loop's descriptors: the kit's own fatal error and
+    # the rest of the run's events still reach the supervisor.
+    result = fault_run(ABUSE, abuse="closerange")
+    assert result.exit_code == EXIT_FATAL, result
+    fatal = result.ledger.select("fatal")
+    assert fatal and "engine code closed a file descriptor of the kit" in fatal[0]["message"]
+    assert result.ledger.select("hook_return", hook="create_container")
+    assert result.ledger.select("hook_return", hook="cleanup_container")
+    assert result.leaks == []
+
+
+def test_a_hook_putting_dev_null_over_every_descriptor_is_named_by_the_supervisor():
+    result = fault_run(ABUSE, abuse="devnull_over_all")
+    assert result.exit_code == EXIT_FATAL, result
+    assert result.reason.startswith("master crashed: engine code closed the ledger socket"), result
+    assert result.leaks == []
+
+
+def test_stage2_losing_the_ledger_tells_the_master():
+    result = fault_run(ABUSE, abuse="close_ledger")
+    assert result.exit_code == EXIT_FATAL, result
+    (failed,) = result.ledger.select("stage2_failed")
+    assert failed["message"].startswith("engine code closed the ledger socket in stage 2")
+    assert not result.ledger.select("stage2_exec")
+
+
+def _writer_pair():  # type: ignore[no-untyped-def]
+    import socket
+
+    from kit.ledger.record import LedgerWriter
+
+    reader, writer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ledger = LedgerWriter(writer, "master")
+    lost: list[int | None] = []
+    ledger.on_lost = lambda exc: lost.append(exc.errno)
+    return reader, writer, ledger, lost
+
+
+def test_a_ledger_socket_closed_under_the_writer_is_lost():
+    import errno
+
+    reader, writer, ledger, lost = _writer_pair()
+    os.close(writer.fileno())
+    ledger.emit("stage2_exec")
+    assert lost == [errno.EBADF]
+    writer.detach()
+    reader.close()
+
+
+def test_another_file_under_the_ledger_sockets_number_is_lost():
+    import errno
+
+    reader, writer, ledger, lost = _writer_pair()
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, writer.fileno())
+    os.close(null)
+    ledger.emit("stage2_exec")
+    assert lost == [errno.ENOTSOCK]
+    assert ledger.for_role("stage2").on_lost is ledger.on_lost
+    writer.close()
+    reader.close()
+
+
+def test_a_supervisor_gone_is_not_a_lost_ledger():
+    reader, writer, ledger, lost = _writer_pair()
+    reader.close()
+    ledger.emit("stage2_exec")
+    assert lost == []
+    writer.close()
+
+
+def test_a_confirmation_pipe_lost_before_the_send_sends_the_event_unconfirmed(monkeypatch):
+    import errno
+
+    from kit.ledger import record
+
+    reader, writer, ledger, lost = _writer_pair()
+    ledger.confirm = True
+
+    def pipe_closed(sock, data):  # type: ignore[no-untyped-def]
+        raise OSError(errno.EBADF, "Bad file descriptor")  # as sendmsg with a closed pipe end
+
+    monkeypatch.setattr(record, "confirm_send", pipe_closed)
+    ledger.emit("hook_enter", hook="config", snapshot={"threads": []})
+    assert lost == []
+    assert record.decode(reader.recv(1 << 16))["kind"] == "hook_enter"
+    writer.close()
+    reader.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import errno
 import json
 import os
 import select
@@ -25,7 +26,7 @@ from kit.ledger.events import ROLES as ROLES
 from kit.ledger.events import RUN_ROLES as RUN_ROLES
 from kit.ledger.events import SUPERVISOR_KINDS as SUPERVISOR_KINDS
 from kit.ledger.probe import named_caps
-from kit.system import current
+from kit.system import current, linux
 
 SCHEMA_VERSION = 1
 MAX_EVENT = 1 << 20
@@ -34,6 +35,12 @@ MAX_EVENT = 1 << 20
 EXCERPT = 200
 
 _local = threading.local()
+
+#: What a send on the ledger socket fails with when its descriptor is no longer the ledger
+#: socket (closed, or another file under its number): not the supervisor gone.
+LOST_ERRNOS = frozenset(
+    {errno.EBADF, errno.ENOTSOCK, errno.ENOTCONN, errno.EDESTADDRREQ, errno.EOPNOTSUPP}
+)
 
 
 class LedgerWriter:
@@ -51,13 +58,21 @@ class LedgerWriter:
         # Events with a privilege snapshot wait until the supervisor has read the sending
         # thread's credentials from outside this process (see confirm_send).
         self.confirm = confirm
+        #: Called when the socket is lost (see LOST_ERRNOS): the kit's processes exit with
+        #: a reason of their own rather than go on unrecorded. None: ignored.
+        self.on_lost: Callable[[OSError], None] | None = None
+        #: What the socket is: a send failing while it still is lost something else (the
+        #: pipe of a confirmation).
+        self.identity = None if sock is None else linux.fd_identity(sock.fileno())
         self.pid = os.getpid()
         # The pid as the process sees it (1 for stage 2 in a new pid namespace); the fake
         # backend models it, hence the system interface.
         self._getpid: Callable[[], int] = lambda: current().getpid()
 
     def for_role(self, role: str) -> LedgerWriter:
-        return LedgerWriter(self.sock, role, self.confirm)
+        writer = LedgerWriter(self.sock, role, self.confirm)
+        writer.on_lost, writer.identity = self.on_lost, self.identity
+        return writer
 
     def emit(
         self, kind: str, refresh: Callable[[], Any] | None = None, **fields: Any
@@ -92,9 +107,26 @@ class LedgerWriter:
                             data = json.dumps(event, separators=(",", ":"), default=repr).encode()
                 else:
                     self.sock.send(data)
-            except OSError:
-                pass  # the supervisor is gone: the run is being torn down
+            except OSError as exc:
+                self._failed(exc, data)
         return event
+
+    def _failed(self, exc: OSError, data: bytes) -> None:
+        """A send failed: the supervisor is gone (the run is being torn down), or engine code
+        took the socket (:attr:`on_lost`), or only a confirmation's pipe (the event goes
+        unconfirmed, which the supervisor reports)."""
+        if exc.errno not in LOST_ERRNOS or self.sock is None:
+            return
+        if linux.fd_identity(self.sock.fileno()) == self.identity:
+            try:
+                self.sock.send(data)
+                return
+            except OSError as again:
+                exc = again
+            if exc.errno not in LOST_ERRNOS:
+                return
+        if self.on_lost is not None:
+            self.on_lost(exc)
 
 
 #: How long a sender waits for the supervisor's confirmation at most (it never takes that
@@ -113,19 +145,34 @@ def confirm_send(sock: socket.socket, data: bytes) -> bytes:
     """Send ``data`` with the write end of a new pipe and wait until the supervisor answers
     on it (or closes it): it reads the calling thread's credentials itself
     (``/proc/PID/task/TID/status``) meanwhile, the snapshot's outside check that engine code
-    in this process cannot fake (LEDGER-003). Returns the answer (empty: none)."""
+    in this process cannot fake (LEDGER-003). Returns the answer (empty: none). Raises only
+    when ``data`` was not sent."""
     r, w = os.pipe2(os.O_CLOEXEC)
+    # High up, as the ledger socket: engine code closing low numbers leaves them alone.
+    r, w = linux.move_high(r, linux.fd_base()), linux.move_high(w, linux.fd_base())
     try:
         sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [w]))])
+    except OSError:
+        _close_quietly(r, w)
+        raise
+    # Sent: a pipe end lost from here on (engine code) leaves it unconfirmed, not resent.
+    try:
         os.close(w)
-        w = -1
         if select.select([r], [], [], CONFIRM_TIMEOUT)[0]:
             return os.read(r, 1)
         return b""
+    except (OSError, ValueError):
+        return b""
     finally:
-        os.close(r)
-        if w >= 0:
-            os.close(w)
+        _close_quietly(r)
+
+
+def _close_quietly(*fds: int) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # closed already (by engine code)
 
 
 def ledger_socketpair() -> tuple[socket.socket, socket.socket]:

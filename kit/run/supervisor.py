@@ -40,7 +40,7 @@ from kit.ledger.senders import PROCESS_ROLES, Senders, check_snapshot
 from kit.run import hostdiff, rundir, seccomp
 from kit.run import sandbox as host_sandbox
 from kit.run.request import RunRequest
-from kit.starter.common import EXIT_FATAL, UNTIMED_HOOKS, default_signals
+from kit.starter.common import EXIT_FATAL, EXIT_LEDGER_LOST, UNTIMED_HOOKS, default_signals
 from kit.starter.stage1 import Starter
 from kit.system import current, linux
 
@@ -448,6 +448,12 @@ class Supervisor:
             return EXIT_FATAL, f"master crashed: killed by signal {os.WTERMSIG(status)}"
         code = os.WEXITSTATUS(status)
         if not any(e["kind"] == "starter_exit" for e in self.events):
+            if code == EXIT_LEDGER_LOST:
+                return EXIT_FATAL, (
+                    "master crashed: engine code closed the ledger socket (or put another "
+                    f"file under its number), and the master exited {code} with nothing "
+                    "more recorded"
+                )
             return EXIT_FATAL, f"master crashed: exited {code} without finishing the run"
         return code, "exited"
 

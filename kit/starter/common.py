@@ -29,6 +29,9 @@ from kit.starter.control import Control
 from kit.system import System, linux
 
 EXIT_FATAL = 255
+#: The starter's exit code when engine code took its ledger socket (closed it, or put
+#: another file under its number): nothing can be recorded any more, the supervisor names it.
+EXIT_LEDGER_LOST = 254
 STAGE2_NAME = "kit-stage2"
 #: The container process's name until stage 2 takes :data:`STAGE2_NAME` (after its hooks
 #: config and init_config).
@@ -305,6 +308,13 @@ _REAL_EXIT = os._exit  # stage 2 wraps os._exit for the engine; the kit always u
 
 def _exit(code: int) -> NoReturn:
     _REAL_EXIT(code)
+
+
+def ledger_lost(exc: OSError) -> NoReturn:
+    """The kit's processes without a ledger: exit at once (see :data:`EXIT_LEDGER_LOST`);
+    in the starter (the master) the supervisor reports the code, in the others their end
+    shows in the master's events."""
+    _exit(EXIT_LEDGER_LOST)
 
 
 #: The longest failure message a control socket carries; the kit's own are cut well short

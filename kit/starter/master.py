@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import functools
 import os
 import queue
-import resource
 import select
 import signal
 import socket
@@ -40,6 +38,7 @@ from kit.starter.common import (
 from kit.starter.config import StarterConfig
 from kit.starter.control import Control
 from kit.system import linux
+from kit.system.linux import dup_high, fd_base, move_high
 
 if TYPE_CHECKING:
     from kit.starter.stage1 import Starter
@@ -77,37 +76,6 @@ class KitThreadFailed(RuntimeError):
     """A thread of the master failed in the kit's own code (around the engine's hooks): most
     likely engine code took something of the kit's from under it (a descriptor closed, the
     descriptor table full); the run is failed rather than left waiting for that thread."""
-
-
-def fd_base() -> int:
-    """Where the master's own descriptors go: high, three quarters up to the soft limit (768
-    at the usual 1024), so that engine code closing low numbers (its own, or a range of
-    them) does not hit the kit's; a loss the loop notices all the same is a fatal error."""
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if soft == resource.RLIM_INFINITY:
-        soft = 1024
-    return max(3, min(soft, 1024) * 3 // 4)
-
-
-def dup_high(fd: int, base: int) -> int:
-    """A close-on-exec duplicate of ``fd`` at the lowest free number from ``base``, or
-    anywhere when nothing is free up there."""
-    try:
-        high: int = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, base)
-    except OSError:
-        high = os.dup(fd)
-        os.set_inheritable(high, False)
-    return high
-
-
-def move_high(fd: int, base: int) -> int:
-    """``fd`` moved up (see :func:`dup_high`); unmoved when it cannot be duplicated."""
-    try:
-        high = dup_high(fd, base)
-    except OSError:
-        return fd
-    os.close(fd)
-    return high
 
 
 def open_signalfd(signals: set[signal.Signals]) -> int:

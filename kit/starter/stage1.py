@@ -33,6 +33,7 @@ from kit.starter.common import (
     default_signals,
     describe_error,
     exiting_child,
+    ledger_lost,
     rearm_parent_death,
 )
 from kit.starter.config import StarterConfig
@@ -40,6 +41,7 @@ from kit.starter.container import Container
 from kit.starter.control import Control
 from kit.starter.master import Master, control_abused
 from kit.system import current, linux
+from kit.system.linux import dup_high, fd_base
 
 
 def resolve_config_types(engine: str) -> None:
@@ -63,6 +65,18 @@ def resolve_config_types(engine: str) -> None:
                 pass
 
 
+def _moved_high(sock: socket.socket) -> socket.socket:
+    """The ledger socket at a high number, as the master's own descriptors (see
+    :func:`kit.system.linux.fd_base`): engine code closing or overwriting a range of low
+    numbers in a hook leaves it alone. Unmoved when it cannot be."""
+    try:
+        high = dup_high(sock.fileno(), fd_base())
+    except OSError:
+        return sock
+    sock.close()
+    return socket.socket(fileno=high)
+
+
 class Starter:
     """One run's starter, in the starter process. :meth:`main` never returns."""
 
@@ -81,10 +95,11 @@ class Starter:
         self.filter_channel = filter_channel
         self.user: Invoker = request.user()
         self.system = current()
-        self.ledger_sock = ledger_sock
+        self.ledger_sock = _moved_high(ledger_sock)
         self.ledger = LedgerWriter(
-            ledger_sock, "starter", confirm=self.system.name == "real" and request.probes
+            self.ledger_sock, "starter", confirm=self.system.name == "real" and request.probes
         )
+        self.ledger.on_lost = ledger_lost  # every process of the run inherits it
         self.hooks = HookRunner(self.ledger, self.system, request.probes)
 
     # -- invoker state ---------------------------------------------------------------------

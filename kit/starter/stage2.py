@@ -32,6 +32,19 @@ class Stage2:
     def __init__(self, container: Container) -> None:
         self.c = container
         self.ledger = container.ledger.for_role("stage2")
+        self.ledger.on_lost = self._ledger_lost
+
+    def _ledger_lost(self, exc: OSError) -> NoReturn:
+        """Told to the master, whose events still reach the supervisor."""
+        _send(
+            self.c.sock,
+            _failure(
+                Control.STAGE2_FAILED,
+                f"engine code closed the ledger socket in stage 2 (or put another file under "
+                f"its number): {exc.strerror}",
+            ),
+        )
+        _REAL_EXIT(EXIT_FATAL)
 
     def target_ids(self) -> tuple[int, list[int]]:
         """(uid, gids) of stage 2 as the container sees them (SPEC §4)."""

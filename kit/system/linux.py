@@ -9,6 +9,7 @@ import functools
 import os
 import platform
 import re
+import resource
 import select
 import signal
 import socket
@@ -351,6 +352,38 @@ def mount_propagation(target: str = "/") -> str | None:
             if len(fields) > 6 and "-" in fields and unescape_mountinfo(fields[4]) == target:
                 found = propagation_type(fields[6 : fields.index("-")])
     return found
+
+
+def fd_base() -> int:
+    """Where the kit's own descriptors in engine processes go (the master's poll loop, the
+    ledger socket): high, three quarters up to the soft limit (768 at the usual 1024), so
+    that engine code closing low numbers (its own, or a range of them) does not hit the
+    kit's; a loss noticed all the same is a fatal error."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        soft = 1024
+    return max(3, min(soft, 1024) * 3 // 4)
+
+
+def dup_high(fd: int, base: int) -> int:
+    """A close-on-exec duplicate of ``fd`` at the lowest free number from ``base``, or
+    anywhere when nothing is free up there."""
+    try:
+        high: int = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, base)
+    except OSError:
+        high = os.dup(fd)
+        os.set_inheritable(high, False)
+    return high
+
+
+def move_high(fd: int, base: int) -> int:
+    """``fd`` moved up (see :func:`dup_high`); unmoved when it cannot be duplicated."""
+    try:
+        high = dup_high(fd, base)
+    except OSError:
+        return fd
+    os.close(fd)
+    return high
 
 
 def fd_identity(fd: int) -> tuple[int, int] | None:
