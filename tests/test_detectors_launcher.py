@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
 from conftest import host_state, wait_until
@@ -16,6 +18,7 @@ from conftest import host_state, wait_until
 from kit.run import launcher
 from kit.run.launcher import LaunchError, RunHandle, Zygote, make_request, run, start
 from kit.run.zygote import FIXED_FDS
+from kit.system import linux
 
 
 @pytest.fixture
@@ -150,3 +153,84 @@ def test_a_result_without_a_ledger_is_a_launch_error_with_its_reason():
     with pytest.raises(LaunchError) as info:
         RunHandle(request).wait()
     assert "kit_test_engines_missing" in str(info.value)
+
+
+@pytest.fixture
+def own_zygote(monkeypatch):
+    """The launcher's runs go through a zygote of the test's own (one a test may break)."""
+    zygote = Zygote()
+    monkeypatch.setattr(Zygote, "_instance", zygote)
+    yield zygote
+    zygote.control.close()
+    assert zygote.proc.wait(10) == 0
+
+
+def _spare_inits(zygote: Zygote) -> list[int]:
+    """The inits of the sandboxes ``zygote`` built ahead, waiting for their run."""
+    return [
+        p
+        for p in linux.descendants(zygote.proc.pid)
+        if linux.process_name(p) == "kit-sandbox"
+        and linux.process_parents().get(p) == zygote.proc.pid
+        and linux.process_state(p) == "S"
+    ]
+
+
+def test_a_spare_sandbox_whose_init_died_is_rebuilt_and_the_zygote_serves_on(own_zygote):
+    """The init of the sandbox built ahead dies (and the zygote reaps it) before a run takes
+    it: the run gets a sandbox of its own, the zygote lives on."""
+    first = start("reference", "root", ["/bin/true"], sandbox=True)
+    assert first.wait().exit_code == 0 and first.sandbox is not None
+    (init,) = wait_until(
+        lambda: first.sandbox["sandbox_pid"] not in (spares := _spare_inits(own_zygote)) and spares,
+        what="the run's sandbox gone, one built ahead",
+    )
+    pidfd = os.pidfd_open(init)
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    finally:
+        os.close(pidfd)
+    wait_until(
+        lambda: linux.process_parents().get(init) != own_zygote.proc.pid,
+        what="the zygote to reap the spare's init",
+    )
+    handle = start("reference", "root", ["/bin/true"], sandbox=True)
+    assert handle.sandbox is not None and handle.sandbox["sandbox_pid"] != init
+    assert handle.wait().exit_code == 0
+    assert own_zygote.proc.poll() is None
+
+
+def test_a_sandbox_that_fails_to_build_ahead_is_dropped_and_its_reason_kept(tmp_path):
+    """The init of the sandbox built ahead fails: it is gone, its scratch directory too, and
+    init's own words are kept for the run that takes that Ahead."""
+    from conftest import in_child
+
+    from kit.run import rundir, supervisor
+    from kit.run import sandbox as host_sandbox
+
+    def body() -> dict:
+        def broken(*_args: object) -> dict:
+            raise OSError("no root for this sandbox")
+
+        host_sandbox._build_root = broken  # init, forked here, has it too
+        tempfile.tempdir = str(tmp_path)  # the run and scratch directories: ours alone
+        ahead = supervisor.prepare_ahead()
+        rundir.remove(ahead.run_dir, ahead.lock_fd)
+        inits = []
+        while True:
+            try:
+                inits.append(os.wait())
+            except ChildProcessError:
+                break
+        return {
+            "dropped": ahead.building is None,
+            "error": ahead.error,
+            "inits": len(inits),
+            "left": os.listdir(tmp_path),
+        }
+
+    out = in_child(body)
+    assert out["ok"]["dropped"], out
+    assert "no root for this sandbox" in out["ok"]["error"]
+    assert out["ok"]["inits"] == 1  # init exited, reaped here
+    assert out["ok"]["left"] == []

@@ -168,6 +168,9 @@ class Building:
     uppers: dict[str, int] | None = None
     #: And init's fd of the root of the sandbox's message queue file system, if it has one.
     mqueue: int | None = None
+    #: The builder's pidfd of init, opened before init could be reaped: unlike ``init_pid``
+    #: it never names another process (the zygote reaps a spare's init that died at once).
+    pidfd: int | None = None
 
     def wait_ready(self) -> dict[str, str]:
         """Wait until init has built the sandbox (or raise SandboxError saying why); the
@@ -181,6 +184,26 @@ class Building:
             _remove_scratch(self.scratch)
         return {point: f"/proc/{self.init_pid}/fd/{fd}" for point, fd in self.uppers.items()}
 
+    def init_exited(self) -> bool:
+        """Whether init has exited (reaped or not): known from the pidfd only."""
+        if self.pidfd is None:
+            return False
+        poller = select.poll()
+        poller.register(self.pidfd, select.POLLIN)  # readable once the process exited
+        return bool(poller.poll(0))
+
+    def abandon(self) -> None:
+        """By the builder, for a sandbox no run will adopt: init is killed (through the
+        pidfd: its pid may name another process by now) and our descriptors closed."""
+        if self.pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            os.close(self.pidfd)
+            self.pidfd = None
+        os.close(self.ready_fd)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.scratch)
+
 
 def build(shared: list[str]) -> Building:
     """Fork a new sandbox's init, which builds it while the caller goes on. ``shared``: host
@@ -191,16 +214,23 @@ def build(shared: list[str]) -> Building:
     table = host_mount_table()  # here, where it is cached: init is a fresh fork each time
     try:
         rfd, wfd = os.pipe()
-        pid = _fork_in_new_pid_namespace()
-        if pid == 0:
-            os.close(rfd)
-            shared = [os.path.realpath(p) for p in shared if os.path.isdir(p)]
-            _init_main(scratch, shared, wfd, table)
+        # SIGCHLD held until the pidfd is open: a handler that reaps (the zygote's) could
+        # otherwise take an init that died at once before we hold it.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        try:
+            pid = _fork_in_new_pid_namespace()
+            if pid == 0:
+                os.close(rfd)
+                shared = [os.path.realpath(p) for p in shared if os.path.isdir(p)]
+                _init_main(scratch, shared, wfd, table)
+            pidfd = os.pidfd_open(pid)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(wfd)
     except BaseException:
         _remove_scratch(scratch)
         raise
-    return Building(init_pid=pid, ready_fd=rfd, scratch=scratch, builder=os.getpid())
+    return Building(init_pid=pid, ready_fd=rfd, scratch=scratch, builder=os.getpid(), pidfd=pidfd)
 
 
 def _fork_in_new_pid_namespace() -> int:
@@ -249,6 +279,9 @@ def adopt(building: Building) -> HostSandbox:
         raise
     finally:
         os.close(building.ready_fd)
+        if building.pidfd is not None:  # the builder reaps its own init: its pid holds
+            os.close(building.pidfd)
+            building.pidfd = None
     return sandbox
 
 

@@ -777,14 +777,19 @@ class Ahead:
         building = (
             None
             if self.building is None
-            else dataclasses.replace(self.building, ready_fd=numbers[self.building.ready_fd])
+            else dataclasses.replace(
+                self.building, ready_fd=numbers[self.building.ready_fd], pidfd=None
+            )
         )
         return dataclasses.replace(self, lock_fd=numbers[self.lock_fd], building=building)
 
     def discard(self) -> None:
-        """In the zygote: after the fork that handed it over, or when it goes unused."""
+        """In the zygote: after the fork that handed it over."""
         for fd in self.fds():
             os.close(fd)
+        if self.building is not None and self.building.pidfd is not None:
+            os.close(self.building.pidfd)
+            self.building.pidfd = None
 
 
 def prepare_ahead() -> Ahead:
@@ -797,8 +802,9 @@ def prepare_ahead() -> Ahead:
         return Ahead(run_dir, lock_fd, None, f"{type(exc).__name__}: {exc}")
     try:
         uppers = building.wait_ready()
-    except host_sandbox.SandboxError:
-        return Ahead(run_dir, lock_fd, building)  # the run's adopt reports it
+    except host_sandbox.SandboxError as exc:  # init is gone or going: the run reports why
+        building.abandon()
+        return Ahead(run_dir, lock_fd, None, f"{type(exc).__name__}: {exc}")
     # The message queues listed through init's fd of their file system's root: a detached
     # mqueue mount of the zygote's own would need CAP_SYS_ADMIN over its mount namespace's
     # owner, which root of a user namespace that is not the initial one may lack.
@@ -810,7 +816,13 @@ def prepare_ahead() -> Ahead:
         own_init=False,
         mqueue_dir=mqueue,
     )
-    return Ahead(run_dir, lock_fd, building, before=hostdiff.fresh_state(view))
+    try:
+        before = hostdiff.fresh_state(view)
+    except BaseException:
+        building.abandon()
+        rundir.remove(run_dir, lock_fd)
+        raise
+    return Ahead(run_dir, lock_fd, building, before=before)
 
 
 def fits_ahead(request: RunRequest) -> bool:

@@ -120,17 +120,18 @@ def serve(control: socket.socket) -> int:
 def _drop(ahead: Ahead) -> None:
     """An unused sandbox made ahead: init dies with us (its parent-death signal), or now."""
     if ahead.building is not None:
-        try:
-            os.kill(ahead.building.init_pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            os.rmdir(ahead.building.scratch)
-        except OSError:
-            pass
-    if ahead.building is not None:
-        os.close(ahead.building.ready_fd)
+        ahead.building.abandon()
     rundir.remove(ahead.run_dir, ahead.lock_fd)
+
+
+def _take_spare(spare: list[Ahead | None]) -> Ahead:
+    """The sandbox made ahead, or one made now if there is none or it failed: its build
+    failed or its init has died since (reaped by :func:`reap` meanwhile, perhaps)."""
+    ahead, spare[0] = spare[0], None
+    if ahead is not None and (ahead.building is None or ahead.building.init_exited()):
+        _drop(ahead)
+        ahead = None
+    return ahead or prepare_ahead()
 
 
 def _serve(control: socket.socket, spare: list[Ahead | None]) -> int:
@@ -171,23 +172,27 @@ def _serve(control: socket.socket, spare: list[Ahead | None]) -> int:
                 # was just imported, not in the starter (every starter descends from here).
                 resolve_config_types(request.engine)
                 settle()
+            # Here the code is warm and the pages our own: what the supervisor would compute
+            # first, cold, right after the fork, costs a fraction of it.
+            prepared = prepare_backend(request)
+            ahead = _take_spare(spare) if fits_ahead(request) else None
         except Exception as exc:  # noqa: BLE001 engine imports may raise anything
             for fd in fds:
                 os.close(fd)
             control.send(json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode())
             continue
-        # Here the code is warm and the pages our own: what the supervisor would compute
-        # first, cold, right after the fork, costs a fraction of it.
-        prepared = prepare_backend(request)
-        ahead = None
-        if fits_ahead(request):
-            ahead, spare[0] = spare[0] or prepare_ahead(), None
-        init_fd = None
-        if ahead is not None and ahead.building is not None:
-            init_fd = os.pidfd_open(ahead.building.init_pid)
         # Until the new supervisor is in sandbox_inits: reap() must not see it go before.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:  # EAGAIN, ENOMEM: this request fails, the zygote serves on
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+            for fd in fds:
+                os.close(fd)
+            if ahead is not None:
+                _drop(ahead)
+            control.send(json.dumps({"error": f"forking the supervisor: {exc}"}).encode())
+            continue
         if pid == 0:
             code = 1
             try:
@@ -203,14 +208,19 @@ def _serve(control: socket.socket, spare: list[Ahead | None]) -> int:
         prepared = None
         for fd in fds:
             os.close(fd)
-        if init_fd is not None:
-            sandbox_inits[pid] = init_fd
+        building = ahead.building if ahead is not None else None
+        if building is not None and building.pidfd is not None:
+            # Held since the build: init's pid may have been reaped and reused meanwhile.
+            sandbox_inits[pid], building.pidfd = building.pidfd, None
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
         if ahead is not None:
             ahead.discard()  # the supervisor's now: its lock is the supervisor's alone
         control.send(json.dumps({"pid": pid}).encode())
         if ahead is not None:
-            spare[0] = _in_the_background(prepare_ahead)  # while that run goes on
+            try:  # while that run goes on
+                spare[0] = _in_the_background(prepare_ahead)
+            except Exception:  # noqa: BLE001 the next sandboxed request builds its own
+                spare[0] = None
 
 
 #: How much less the zygote and the init it forks weigh (nice) while they build the next
