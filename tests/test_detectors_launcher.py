@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -234,3 +235,46 @@ def test_a_sandbox_that_fails_to_build_ahead_is_dropped_and_its_reason_kept(tmp_
     assert "no root for this sandbox" in out["ok"]["error"]
     assert out["ok"]["inits"] == 1  # init exited, reaped here
     assert out["ok"]["left"] == []
+
+
+@pytest.mark.parametrize("sandbox", [False, True])
+def test_runs_go_on_under_a_low_soft_fd_limit(sandbox):
+    """A launcher whose soft limit on open files is low (``ulimit -n 512``): its zygote's
+    supervisors still place the run's descriptors (none parked out of reach)."""
+    from conftest import exit_code_in_child
+
+    def body() -> int:
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))  # the zygote inherits it
+        try:
+            result = run("reference", "root", ["/bin/sh", "-c", "echo low"], sandbox=sandbox)
+        finally:
+            zygote = Zygote.get_existing()  # this child's own
+            if zygote is not None:
+                zygote.control.close()
+                zygote.proc.wait(10)
+        return 0 if (result.exit_code, result.stdout) == (0, "low\n") else 10
+
+    assert exit_code_in_child(body) == 0
+
+
+def test_a_pass_through_target_above_1000_lands_and_spares_the_result_fd():
+    """place_fds with a target at 1004: every descriptor lands where it is asked, the result
+    fd is the result pipe's, nothing else stays open."""
+    from conftest import exit_code_in_child
+
+    from kit.run.zygote import place_fds
+
+    def body() -> int:
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1100, max(hard, 1100)))
+        fds = [os.pipe()[0] for _ in range(FIXED_FDS + 1)]  # each a file of its own
+        files = [os.fstat(fd)[:2] for fd in fds]
+        result_fd, _ = place_fds(fds, [1004])
+        landed = {n: os.fstat(n)[:2] for n in (0, 1, 2, 1004, result_fd)}
+        order = (0, 1, 2, result_fd, 1004)
+        wrong = [n for n, f in zip(order, files, strict=True) if landed[n] != f]
+        left = {int(n) for n in os.listdir("/proc/self/fd")} - set(landed)
+        return 10 * bool(wrong) + 20 * (len(left) > 1)  # 1: raised; listdir's own fd is left
+
+    assert exit_code_in_child(body) == 0

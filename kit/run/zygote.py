@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import json
 import os
@@ -72,10 +73,16 @@ def place_fds(
     wanted = {0: received[0], 1: received[1], 2: received[2]}
     for target, fd in zip(targets, received[FIXED_FDS:], strict=True):
         wanted[target] = fd
-    # Move every source out of the way first, so no dup2 clobbers another source.
-    high = {target: os.dup2(fd, 1000 + i) for i, (target, fd) in enumerate(wanted.items())}
-    result_high = os.dup2(received[3], 1000 + len(high))
-    extra_high = {fd: os.dup2(fd, 1001 + len(high) + i) for i, fd in enumerate(sorted(extra))}
+    # Park every source above every number in play first, so no dup2 clobbers another source;
+    # F_DUPFD takes the lowest free number from there (fixed numbers may pass the fd limit).
+    floor = max([*received, *wanted, *extra]) + 1
+
+    def park(fd: int) -> int:
+        return fcntl.fcntl(fd, fcntl.F_DUPFD, floor)
+
+    high = {target: park(fd) for target, fd in wanted.items()}
+    result_high = park(received[3])
+    extra_high = {fd: park(fd) for fd in sorted(extra)}
     keep = set(high.values()) | {result_high} | set(extra_high.values())
     for fd in sorted(set(int(x) for x in os.listdir("/proc/self/fd")) - keep):
         try:
