@@ -4,14 +4,17 @@ keeps serving."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import resource
+import select
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import termios
 
 import pytest
 from conftest import host_state, wait_until
@@ -278,3 +281,32 @@ def test_a_pass_through_target_above_1000_lands_and_spares_the_result_fd():
         return 10 * bool(wrong) + 20 * (len(left) > 1)  # 1: raised; listdir's own fd is left
 
     assert exit_code_in_child(body) == 0
+
+
+def test_a_result_already_in_the_pipe_with_the_started_line_is_read_in_order(monkeypatch):
+    """The launcher reads the ``started`` line only once much of the result is in the pipe
+    too (a short run on a busy machine): polled to the end, the result is the run's."""
+    spawn = RunHandle._fork_supervisor
+
+    def late(self: RunHandle, request, stdin, res_w: int, pass_fds) -> int:
+        pid = spawn(self, request, stdin, res_w, pass_fds)
+        pidfd = os.pidfd_open(pid)
+        try:
+            wait_until(
+                lambda: _in_pipe(res_w) > 16384 or select.select([pidfd], [], [], 0)[0],
+                what="the result in the pipe",
+            )
+        finally:
+            os.close(pidfd)
+        return pid
+
+    monkeypatch.setattr(RunHandle, "_fork_supervisor", late)
+    handle = start("reference", "root", ["/bin/true"])
+    assert handle.starter_pid is not None
+    code = wait_until(lambda: handle.poll() is not None and [handle.poll()], what="the end")
+    assert code == [0] and handle.wait().exit_code == 0
+
+
+def _in_pipe(fd: int) -> int:
+    """How many bytes wait in the pipe of ``fd`` (either end)."""
+    return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"), sys.byteorder)

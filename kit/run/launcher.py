@@ -211,6 +211,26 @@ class _PidFD:
         self.close()
 
 
+def _first_line(fd: int) -> tuple[bytes, bytes]:
+    """The first line read from ``fd`` (with its newline; all there was at EOF) and what
+    came after it in the same reads."""
+    data = b""
+    while b"\n" not in data:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            return data, b""
+        data += chunk
+    line, _, rest = data.partition(b"\n")
+    return line + b"\n", rest
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _import_path() -> list[str]:
     return [os.path.abspath(p) for p in sys.path if p and os.path.isdir(p)]
 
@@ -260,8 +280,10 @@ class RunHandle:
             if getattr(self, "_popen", None) is not None or self._own_child
             else _PidFD.open(self.supervisor_pid)
         )
-        self._result = os.fdopen(res_r, "rb")
-        line = self._result.readline()
+        # The raw fd alone, never a buffered reader: bytes a buffer took past the first line
+        # would come back after those poll() reads from the fd.
+        self._result_fd: int | None = res_r
+        line, self._first = _first_line(res_r)
         words = line.split(maxsplit=3)
         started = line.startswith(b"started") and len(words) >= 3
         self.starter_pid: int | None = int(words[1]) if started else None
@@ -271,9 +293,15 @@ class RunHandle:
         self.sandbox: dict[str, Any] | None = (
             json.loads(words[3]) if started and len(words) > 3 else None
         )
-        self._first = b"" if started else line
+        if not started:
+            self._first = line + self._first
         self._done = False
         self._final: RunResult | None = None
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_result_fd", None)  # a handle dropped unwaited (killed, say)
+        if fd is not None:
+            os.close(fd)
 
     def _stdio(self, stdin: int | IO[Any] | None) -> tuple[int, int, int, list[int]]:
         opened = []
@@ -397,7 +425,8 @@ class RunHandle:
         is read as it arrives, so a large one cannot stall the supervisor)."""
         if self._done:
             return self._code
-        fd = self._result.fileno()
+        fd = self._result_fd
+        assert fd is not None
         os.set_blocking(fd, False)
         try:
             while True:
@@ -422,8 +451,12 @@ class RunHandle:
             if self._final is None:
                 raise LaunchError("wait(): the run's result was already found unreadable")
             return self._final
-        data = self._first + self._result.read()
-        self._result.close()
+        fd, self._result_fd = self._result_fd, None
+        assert fd is not None
+        try:
+            data = self._first + _read_all(fd)
+        finally:
+            os.close(fd)
         if getattr(self, "_popen", None) is not None:
             self._popen.wait()
         elif self._own_child:
