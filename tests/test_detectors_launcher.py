@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import termios
+import threading
 
 import pytest
 from conftest import host_state, wait_until
@@ -310,3 +311,43 @@ def test_a_result_already_in_the_pipe_with_the_started_line_is_read_in_order(mon
 def _in_pipe(fd: int) -> int:
     """How many bytes wait in the pipe of ``fd`` (either end)."""
     return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"), sys.byteorder)
+
+
+def test_an_engine_whose_import_hangs_is_a_launch_error_and_the_zygote_replaced(
+    monkeypatch, tmp_path
+):
+    """The zygote imports a run's engine before it answers: an import that never ends is
+    a LaunchError naming it once the zygote's answer is overdue (not a launcher that hangs),
+    that zygote is killed and the next run gets another."""
+    (tmp_path / "kit_hanging_engine.py").write_text("import time\n\ntime.sleep(3600)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(launcher, "ZYGOTE_ANSWER_TIMEOUT", 1.0, raising=False)
+    hung = Zygote()
+    monkeypatch.setattr(Zygote, "_instance", hung)
+    errors: list[str] = []
+
+    def hanging_run() -> None:
+        try:
+            run("kit_hanging_engine:Engine", "root", ["/bin/true"])
+        except LaunchError as exc:
+            errors.append(str(exc))
+
+    thread = threading.Thread(target=hanging_run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: not thread.is_alive(), timeout=30, what="the run's LaunchError")
+    finally:
+        if thread.is_alive():
+            hung.proc.kill()  # lets the thread go
+        thread.join(10)
+        hung.control.close()
+    assert hung.proc.wait(10) == -signal.SIGKILL
+    (error,) = errors
+    assert "did not answer" in error and "kit_hanging_engine:Engine" in error, error
+    fresh = Zygote.get()
+    try:
+        assert fresh is not hung
+        assert run("reference", "root", ["/bin/true"]).exit_code == 0
+    finally:
+        fresh.control.close()
+        fresh.proc.wait(10)

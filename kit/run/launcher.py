@@ -90,6 +90,12 @@ class RunResult:
         return "; ".join([head, *self.problems()])
 
 
+#: How long the zygote may take to answer a request, in seconds: a run's request waits for
+#: the first import of its engine, and perhaps for a host sandbox built then. Past it the
+#: zygote is taken for hung (an engine module whose import blocks), killed and replaced.
+ZYGOTE_ANSWER_TIMEOUT = 60.0
+
+
 class Zygote:
     """The launcher's handle on its zygote process (:mod:`kit.run.zygote`), started on first use.
 
@@ -114,6 +120,11 @@ class Zygote:
         finally:
             child_end.close()
         self.pid = os.getpid()
+        # One exchange at a time (replies come in the order of the requests); not the class's
+        # lock, which get() takes: a zygote that hangs holds up its own exchanges alone.
+        self._talk = threading.Lock()
+        #: Why this zygote was killed, if the launcher killed it.
+        self.killed_because: str | None = None
 
     @classmethod
     def get_existing(cls) -> Zygote | None:
@@ -132,12 +143,9 @@ class Zygote:
     def spawn(self, request: RunRequest, fds: list[int], targets: list[int]) -> int:
         """Start a supervised run; returns the supervisor's pid."""
         message = json.dumps({"request": request.to_json(), "targets": targets}).encode()
-        with self._lock:
-            try:
-                socket.send_fds(self.control, [message], fds)
-                reply = self.control.recv(1 << 16)
-            except OSError:  # EPIPE, ECONNRESET: it is gone
-                reply = b""
+        reply = self._exchange(
+            message, fds, f"importing the engine {request.engine!r} or preparing its run"
+        )
         if not reply:
             raise LaunchError(self.death_notice())
         answer = json.loads(reply)
@@ -145,8 +153,36 @@ class Zygote:
             raise LaunchError(answer["error"])
         return int(answer["pid"])
 
+    def _exchange(self, message: bytes, fds: list[int], doing: str) -> bytes:
+        """Send ``message`` (with ``fds``) and return the reply, b"" when the zygote is gone.
+        A zygote that does not answer within :data:`ZYGOTE_ANSWER_TIMEOUT` (``doing`` what)
+        is killed (its late reply would be taken for the next request's): :meth:`get` then
+        starts another."""
+        with self._talk:
+            try:
+                if fds:
+                    socket.send_fds(self.control, [message], fds)
+                else:
+                    self.control.send(message)
+                poller = select.poll()
+                poller.register(self.control, select.POLLIN)
+                if not poller.poll(ZYGOTE_ANSWER_TIMEOUT * 1000):
+                    self.killed_because = (
+                        f"it did not answer within {ZYGOTE_ANSWER_TIMEOUT:g} s, {doing}"
+                    )
+                    self.proc.kill()
+                    self.proc.wait()
+                    return b""
+                return self.control.recv(1 << 16)
+            except OSError:  # EPIPE, ECONNRESET: it is gone
+                return b""
+
     def death_notice(self) -> str:
         """Why the zygote is gone (it is our child: its exit status is ours to read)."""
+        if self.killed_because is not None:
+            return (
+                f"the kit's zygote process (pid {self.proc.pid}) was killed: {self.killed_because}"
+            )
         try:
             code = self.proc.wait(timeout=2)
         except subprocess.TimeoutExpired:
@@ -156,12 +192,9 @@ class Zygote:
     def exit_status(self, pid: int) -> int | None:
         """The wait status of a supervisor that has exited (None: unknown). Raises
         LaunchError, with the zygote's own death notice, when the zygote is gone."""
-        with self._lock:
-            try:
-                self.control.send(json.dumps({"status_of": pid}).encode())
-                reply = self.control.recv(1 << 16)
-            except OSError:
-                reply = b""
+        reply = self._exchange(
+            json.dumps({"status_of": pid}).encode(), [], "asking how a supervisor ended"
+        )
         if not reply:
             raise LaunchError(self.death_notice())
         status: int | None = json.loads(reply).get("status")
