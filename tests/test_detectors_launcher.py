@@ -16,6 +16,7 @@ import sys
 import tempfile
 import termios
 import threading
+import traceback
 
 import pytest
 from conftest import host_state, wait_until
@@ -351,3 +352,61 @@ def test_an_engine_whose_import_hangs_is_a_launch_error_and_the_zygote_replaced(
     finally:
         fresh.control.close()
         fresh.proc.wait(10)
+
+
+def _with_pid(pid: int) -> int:
+    """A sleeping child of ours that has pid ``pid`` (free now) in our pid namespace, of
+    which we are pid 1: the kernel hands out the number after ns_last_pid."""
+    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+        f.write(str(pid - 1))
+    child = os.fork()
+    if child == 0:
+        os.execv("/bin/sleep", ["sleep", "600"])
+    return child
+
+
+def _signals_after_the_run_in_a_pid_namespace() -> int:
+    """pid 1 of a pid namespace (and a mount namespace with its /proc): a run's supervisor
+    and starter are gone, and their pids name other processes; kill() and send_signal() of
+    the finished run must not reach those. 0: they did not."""
+    linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+    linux.mount("proc", "/proc", "proc", 0)
+    Zygote._instance = None  # ours, in this namespace
+    try:
+        handle = start("reference", "root", ["/bin/true"], sandbox=False)
+        assert handle.wait().exit_code == 0 and handle.starter_pid is not None
+        wait_until(lambda: linux.process_state(handle.supervisor_pid) is None, what="reaped")
+        others = [_with_pid(handle.supervisor_pid), _with_pid(handle.starter_pid)]
+        if others != [handle.supervisor_pid, handle.starter_pid]:
+            return 3  # the pids were not reused: the test shows nothing
+        handle.kill()
+        handle.send_signal(signal.SIGKILL)
+        # Ours now: a SIGKILL already sent wins over it (a group exit starts at the kill).
+        for p in others:
+            os.kill(p, signal.SIGUSR1)
+        ends = [os.WTERMSIG(os.waitpid(p, 0)[1]) for p in others]
+        return 10 * (ends[0] != signal.SIGUSR1) + 20 * (ends[1] != signal.SIGUSR1)
+    finally:
+        zygote = Zygote.get_existing()
+        if zygote is not None:
+            zygote.control.close()
+            zygote.proc.wait(10)
+
+
+def test_kill_and_send_signal_after_the_run_reach_no_process_that_took_its_pids():
+    from conftest import exit_code_in_child
+
+    def body() -> int:
+        linux.unshare(linux.CLONE_NEWPID | linux.CLONE_NEWNS)
+        init = os.fork()  # pid 1 of the new namespace
+        if init == 0:
+            code = 1
+            try:
+                code = _signals_after_the_run_in_a_pid_namespace()
+            except BaseException:
+                traceback.print_exc()  # shown with the failure
+            finally:
+                os._exit(code)
+        return os.waitstatus_to_exitcode(os.waitpid(init, 0)[1])
+
+    assert exit_code_in_child(body) == 0

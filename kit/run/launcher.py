@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -12,7 +13,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import uuid
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -235,6 +235,16 @@ class _PidFD:
         assert self.fd is not None
         return self.fd
 
+    def exited(self) -> bool:
+        poller = select.poll()
+        poller.register(self.fileno(), select.POLLIN)  # readable once the process exited
+        return bool(poller.poll(0))
+
+    def send(self, signum: int) -> None:
+        """Signal the process; a no-op once it is gone."""
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self.fileno(), signum)
+
     def close(self) -> None:
         fd, self.fd = self.fd, None
         if fd is not None:
@@ -328,6 +338,8 @@ class RunHandle:
         )
         if not started:
             self._first = line + self._first
+        # The starter's pid names it only while it lives: signals go through a pidfd.
+        self._starter_fd = self._hold_starter() if self.starter_pid is not None else None
         self._done = False
         self._final: RunResult | None = None
 
@@ -335,6 +347,23 @@ class RunHandle:
         fd = getattr(self, "_result_fd", None)  # a handle dropped unwaited (killed, say)
         if fd is not None:
             os.close(fd)
+
+    def _hold_starter(self) -> _PidFD | None:
+        """A pidfd of the run's starter, a child of the supervisor; None once it is gone
+        (then its pid may already name another process: the parent is read while the
+        pidfd shows it alive)."""
+        assert self.starter_pid is not None
+        pidfd = _PidFD.open(self.starter_pid)
+        if pidfd is None:
+            return None
+        try:
+            parent = int(linux.read_status(f"/proc/{self.starter_pid}/status")["PPid"])
+        except (OSError, KeyError, ValueError):
+            parent = None
+        if parent != self.supervisor_pid or pidfd.exited():
+            pidfd.close()
+            return None
+        return pidfd
 
     def _stdio(self, stdin: int | IO[Any] | None) -> tuple[int, int, int, list[int]]:
         opened = []
@@ -448,10 +477,12 @@ class RunHandle:
         return proc.pid
 
     def send_signal(self, signum: int) -> None:
-        """Send ``signum`` to the master (the starter process) of the run."""
+        """Send ``signum`` to the master (the starter process) of the run; a no-op once the
+        master is gone (its pid may name another process by then)."""
         if self.starter_pid is None:
             raise LaunchError("the run has no starter process")
-        os.kill(self.starter_pid, signum)
+        if self._starter_fd is not None:
+            self._starter_fd.send(signum)
 
     def poll(self) -> int | None:
         """None while the run is in progress, else its exit code (never blocks: the result
@@ -484,6 +515,14 @@ class RunHandle:
             if self._final is None:
                 raise LaunchError("wait(): the run's result was already found unreadable")
             return self._final
+        try:
+            return self._collect()
+        finally:
+            if self._starter_fd is not None:  # the run is over: nothing left to signal
+                self._starter_fd.close()
+                self._starter_fd = None
+
+    def _collect(self) -> RunResult:
         fd, self._result_fd = self._result_fd, None
         assert fd is not None
         try:
@@ -554,10 +593,8 @@ class RunHandle:
             and linux.process_name(self.starter_pid) in ("kit-starter", "kit-master")
         ):
             left.append(f"the starter/master (pid {self.starter_pid}), killed now")
-            try:
-                os.kill(self.starter_pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            if self._starter_fd is not None:
+                self._starter_fd.send(signal.SIGKILL)
         if (
             self.run_dir
             and os.path.basename(self.run_dir).startswith("kit-run-")
@@ -568,30 +605,27 @@ class RunHandle:
         return left
 
     def _await_supervisor_exit(self, timeout: float = 5.0) -> None:
-        """Wait (briefly) until the supervisor, a child of the zygote, is gone."""
-        pidfd, self._supervisor_fd = getattr(self, "_supervisor_fd", None), None
+        """Wait (briefly) until the supervisor, a child of the zygote, is gone (without a
+        pidfd it was gone already: its pid may name another process by now)."""
+        pidfd = getattr(self, "_supervisor_fd", None)
         if pidfd is not None:
-            try:
-                poller = select.poll()
-                poller.register(pidfd.fileno(), select.POLLIN)  # readable once it has exited
-                poller.poll(int(timeout * 1000))
-            finally:
-                pidfd.close()
-            return
-        deadline = time.monotonic() + timeout
-        while (
-            linux.process_state(self.supervisor_pid) not in (None, "Z")
-            and time.monotonic() < deadline
-        ):
-            time.sleep(0.0005)
+            poller = select.poll()
+            poller.register(pidfd.fileno(), select.POLLIN)  # readable once it has exited
+            if poller.poll(int(timeout * 1000)):
+                pidfd.close()  # else kept: kill() may yet need it
+                self._supervisor_fd = None
 
     def kill(self) -> None:
         """Kill the run's supervisor; the run dies with it (parent-death signals), and the
         run's temporary directory, which the supervisor can no longer remove, goes too."""
-        try:
+        # Never by pid once the zygote may have reaped it: that pid may name another process.
+        popen: subprocess.Popen[bytes] | None = getattr(self, "_popen", None)
+        if self._supervisor_fd is not None:
+            self._supervisor_fd.send(signal.SIGKILL)
+        elif popen is not None:
+            popen.kill()  # a no-op once it is reaped
+        elif self._own_child and self._status is None:  # ours, not reaped: the pid is its
             os.kill(self.supervisor_pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         if self._own_child:
             self._reap()
         else:
