@@ -132,3 +132,15 @@ def for_engine(registration: Any) -> tuple[Capabilities, str]:
             f"{target.__qualname__}.conformance_capabilities",
         )
     return Capabilities(), "defaults (none declared)"
+
+
+def collect(registration: Any) -> dict[str, Any]:
+    """In an engine's inspection child (kit.preflight.inspect): its declared capabilities as
+    JSON, ``{"capabilities": {name: bool}, "source": where}``, or ``{"error": message}``."""
+    try:
+        capabilities, source = for_engine(registration)
+        return {"capabilities": capabilities.as_dict(), "source": source}
+    except (TypeError, UnknownCapability) as exc:
+        return {"error": str(exc)}
+    except Exception as exc:  # noqa: BLE001 a property of the engine's own may raise anything
+        return {"error": f"reading its capabilities raised {type(exc).__name__}: {exc}"}

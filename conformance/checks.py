@@ -24,7 +24,7 @@ from conformance.scenario import (
     fault_scenario,
     parse_fds,
 )
-from kit import registry
+from kit import preflight
 from kit.ledger.probe import host_privilege, thread_state
 from kit.ledger.record import validate
 from kit.run.seccomp import SYSTEM_INTERFACE, describe_refusal
@@ -1141,25 +1141,53 @@ def check_fresh_config(verify: Verifier, run: Run) -> None:
         )
 
 
-def check_config_calls(verify: Verifier, run: Run, engine_name: str) -> None:
-    """STATE-001, in the suite's own process: two calls of ``config()`` return two objects
-    with the JSON that stage 1's ``config()`` returned in ``run``, sharing no mutable value (a
-    shared object or a shared mutable default would carry one caller's changes to the
-    next)."""
-    requirement = verify.requirement
-    run = verify.used(run.usable())
+def config_calls(registration: Any) -> dict[str, Any]:
+    """In the engine's inspection child (kit.preflight.inspect): what STATE-001 judges of two
+    calls of ``config()`` there, as JSON: their JSON, whether they are the same object and
+    the mutable parts they share; ``{"error": ...}`` when one of them raised."""
     try:
-        ops = registry.find(engine_name).factory()
+        ops = registration.factory()
         first, second = ops.config(), ops.config()
         got = first.to_json()
+        again = second.to_json()
     except Exception as exc:  # noqa: BLE001 engine code may raise anything
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    mine = {id(obj): path for path, obj in mutable_parts(first)}
+    shared = [
+        f"{path} (also {mine[id(obj)]} of the first)"
+        for path, obj in mutable_parts(second)
+        if id(obj) in mine and first is not second
+    ]
+    return {
+        "json": got,
+        "again": again,
+        "same": first is second,
+        "type": type(first).__name__,
+        "id": id(first),
+        "shared": shared,
+    }
+
+
+def check_config_calls(verify: Verifier, run: Run, engine: str) -> None:
+    """STATE-001, in a process of its own (an inspection child as U: engine code never runs
+    in the suite's process): two calls of ``config()`` of the engine ``engine`` (as named to
+    the suite) return two objects with the JSON that stage 1's ``config()`` returned in
+    ``run``, sharing no mutable value (a shared object or a shared mutable default would carry
+    one caller's changes to the next)."""
+    requirement = verify.requirement
+    run = verify.used(run.usable())
+    found = preflight.inspect(engine, collect={"config_calls": config_calls})
+    seen = found.collected.get("config_calls")
+    if seen is None or "error" in seen:
+        why = "; ".join(str(p) for p in found.problems) or "no result"
         verify.fail(
             requirement,
             expected="config() callable in any process",
-            observed=f"it raised {type(exc).__name__}: {exc}",
+            observed=f"it raised {seen['error']}" if seen else f"the inspection failed: {why}",
             hook="config",
         )
         return
+    got = seen["json"]
     stage1 = next((e for e in hook_events(run, "stage1", "config", ("hook_return",))), None)
     want = ((stage1 or {}).get("result") or {}).get("json")
     verify.check(
@@ -1173,12 +1201,12 @@ def check_config_calls(verify: Verifier, run: Run, engine_name: str) -> None:
     )
     verify.check(
         requirement,
-        first is not second,
+        not seen["same"],
         expected="a new object on every call of config()",
-        observed=f"two calls returned the same {type(first).__name__} object (id {id(first):#x})",
+        observed=f"two calls returned the same {seen['type']} object (id {seen['id']:#x})",
         hook="config",
     )
-    again = second.to_json()
+    again = seen["again"]
     verify.check(
         requirement,
         again == got,
@@ -1186,14 +1214,9 @@ def check_config_calls(verify: Verifier, run: Run, engine_name: str) -> None:
         observed=f"the second call returned {str(again)[:300]}",
         hook="config",
     )
-    if first is second:
+    if seen["same"]:
         return
-    mine = {id(obj): path for path, obj in mutable_parts(first)}
-    shared = [
-        f"{path} (also {mine[id(obj)]} of the first)"
-        for path, obj in mutable_parts(second)
-        if id(obj) in mine
-    ]
+    shared = seen["shared"]
     verify.check(
         requirement,
         not shared,

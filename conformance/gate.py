@@ -46,7 +46,7 @@ from typing import Any
 
 from conformance import kitcov, render
 from conformance.plugin import SUITE_DIR
-from kit import preflight, registry
+from kit import preflight
 from kit.run.request import Invoker
 
 PROG = "python -m conformance gate"
@@ -227,10 +227,12 @@ def _starter_configs(args: argparse.Namespace) -> list[Any]:
     )
 
 
-def engine_classes(spec: str) -> tuple[Any, list[type]]:
-    """The engine's registration and its classes (Operations, RPC methods)."""
-    reg = registry.find(spec)
-    module, _, qual = reg.origin.partition(":")
+def engine_classes(registration: Any) -> list[dict[str, Any]]:
+    """In the engine's inspection child (kit.preflight.inspect): its classes (Operations, RPC
+    methods) as JSON, each ``{"module": its module, "functions": {name: [module, source file,
+    qualname] of the function of that name its MRO finds first, or null when what it finds
+    is no function}}``."""
+    module, _, qual = registration.origin.partition(":")
     classes: list[type] = []
     try:
         obj: Any = importlib.import_module(module)
@@ -239,9 +241,26 @@ def engine_classes(spec: str) -> tuple[Any, list[type]]:
         classes.append(obj if isinstance(obj, type) else type(obj))
     except (ImportError, AttributeError):
         pass
-    if reg.rpc_methods is not None:
-        classes.append(reg.rpc_methods)
-    return reg, classes
+    if registration.rpc_methods is not None:
+        classes.append(registration.rpc_methods)
+    return [{"module": cls.__module__, "functions": _functions(cls)} for cls in classes]
+
+
+def _functions(cls: type) -> dict[str, list[str] | None]:
+    found: dict[str, list[str] | None] = {}
+    for klass in cls.__mro__:
+        for name, value in vars(klass).items():
+            if name in found:
+                continue
+            found[name] = None
+            if inspect.isfunction(value):
+                try:
+                    path = inspect.getsourcefile(value)
+                except TypeError:
+                    continue
+                if path:
+                    found[name] = [value.__module__, path, value.__qualname__]
+    return found
 
 
 def pytest_command(args: argparse.Namespace, out: Path) -> list[str]:
@@ -320,10 +339,10 @@ def tail(path: Path, lines: int = 15) -> str:
 
 
 class EngineCoverage:
-    def __init__(self, args: argparse.Namespace, classes: list[type]) -> None:
+    def __init__(self, args: argparse.Namespace, classes: list[dict[str, Any]]) -> None:
         self.kitcov = kitcov
         kitcov.require_coverage()
-        self.sources = args.cov_source or sorted({c.__module__.split(".")[0] for c in classes})
+        self.sources = args.cov_source or sorted({c["module"].split(".")[0] for c in classes})
         base = kitcov.prepare(Path(args.cov_data), clean=False)
         self.dir = Path(tempfile.mkdtemp(prefix="run-", dir=base))
         kitcov.prepare(self.dir)
@@ -395,21 +414,13 @@ class EngineCoverage:
         out = []
         for name, roles in sorted(seen.items()):
             for cls in self.classes:
-                func = None
-                for klass in cls.__mro__:
-                    if name in vars(klass):
-                        func = vars(klass)[name]
-                        break
-                if func is None or not inspect.isfunction(func):
+                func = cls["functions"].get(name)
+                if func is None:
                     continue
-                if func.__module__.split(".")[0] not in {s.split(".")[0] for s in self.sources}:
+                module, path, qualname = func
+                if module.split(".")[0] not in {s.split(".")[0] for s in self.sources}:
                     continue  # the kit's default, or a base outside the measured sources
-                try:
-                    path = inspect.getsourcefile(func)
-                except TypeError:
-                    continue
-                if path:
-                    out.append((path, func.__qualname__, ",".join(sorted(roles))))
+                out.append((path, qualname, ",".join(sorted(roles))))
                 break
         return out
 
@@ -438,18 +449,15 @@ def main(argv: list[str], prog: str = PROG) -> int:
             "--engine my_package:MyEngine or a kit.engines entry point (python -m kit "
             "engines lists them)"
         )
-    problems = preflight.check(args.engine) or _starter_configs(args)
+    # In a child, as U: the gate never imports the engine itself (SPEC §11).
+    found = preflight.inspect(args.engine, collect={"classes": engine_classes})
+    problems = found.problems or _starter_configs(args)
     if problems:  # before any lifecycle: one message per problem, usage/engine error exit
         return usage(
             f"--engine {args.engine}: preflight failed, no lifecycle was run:\n  "
             + "\n  ".join(str(p) for p in problems)
         )
-    try:
-        reg, classes = engine_classes(args.engine)
-    except LookupError as exc:  # kit.registry.RegistryError
-        return usage(f"--engine {args.engine}: {exc}")
-    except Exception as exc:  # noqa: BLE001 (the engine's own import may raise anything)
-        return usage(f"--engine {args.engine}: cannot load it: {type(exc).__name__}: {exc}")
+    classes = found.collected["classes"]
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -466,7 +474,7 @@ def main(argv: list[str], prog: str = PROG) -> int:
     cmd = pytest_command(args, out)
     progress = sys.stderr.isatty() and not args.quiet
     print(
-        f"{prog}: engine {reg.name} ({reg.origin}); running the conformance suite "
+        f"{prog}: engine {found.name} ({found.origin}); running the conformance suite "
         f"(log: {out / 'pytest.log'})",
         flush=True,
     )

@@ -294,7 +294,7 @@ def _make_state(config: pytest.Config, engine: str, source: str) -> ConformanceS
         tests_by_requirement,
     )
     from conformance.runs import one_flow_scenarios  # noqa: PLC0415 (lazy, see the top)
-    from kit import registry  # noqa: PLC0415 (lazy, see the top)
+    from kit import preflight  # noqa: PLC0415 (lazy, see the top)
     from kit.run import environment  # noqa: PLC0415 (lazy, see the top)
 
     backend = config.getoption("backend") or "auto"
@@ -302,23 +302,20 @@ def _make_state(config: pytest.Config, engine: str, source: str) -> ConformanceS
         raise pytest.UsageError(
             f"--backend {backend}: unknown backend (known: {', '.join(BACKENDS)})"
         )
-    try:
-        reg = registry.find(engine)
-    except registry.RegistryError as exc:
-        raise pytest.UsageError(f"conformance: engine from {source}: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 the engine module itself failed to import
+    # In a child, as U: the engine is never imported here (SPEC §11), where verdicts are made.
+    found = preflight.inspect(engine, collect={"capabilities": caps_module.collect})
+    if found.failure == "registry":
+        raise pytest.UsageError(f"conformance: engine from {source}: {found.failure_message}")
+    if found.failure == "import":
         raise pytest.UsageError(
             f"conformance: cannot load engine {engine!r} (from {source}): "
-            f"{type(exc).__name__}: {exc}"
-        ) from None
-    from kit import preflight  # noqa: PLC0415 (lazy, see the top)
-
-    _preflight(engine, source, preflight.check(engine))
-    try:
-        capabilities, cap_source = caps_module.for_engine(reg)
-        declared_caps = capabilities.as_dict()
-    except (TypeError, caps_module.UnknownCapability) as exc:
-        raise pytest.UsageError(f"conformance: engine {engine!r}: {exc}") from None
+            + found.failure_message.removeprefix("loading it raised ")
+        )
+    _preflight(engine, source, found.problems)
+    declared = found.collected["capabilities"]
+    if "error" in declared:
+        raise pytest.UsageError(f"conformance: engine {engine!r}: {declared['error']}")
+    declared_caps, cap_source = declared["capabilities"], declared["source"]
     flows = _parse_flows(config.getoption("flow"))
     flows_source = "--flow" if config.getoption("flow") else "default: every flow"
     try:
@@ -370,8 +367,8 @@ def _make_state(config: pytest.Config, engine: str, source: str) -> ConformanceS
     return ConformanceState(
         engine=engine,
         engine_source=source,
-        engine_name=reg.name,
-        origin=reg.origin,
+        engine_name=str(found.name),
+        origin=found.origin,
         capabilities=declared_caps,
         capabilities_source=cap_source,
         backend=backend,
@@ -601,6 +598,13 @@ def verify(request: pytest.FixtureRequest, flow: str) -> Any:
 def engine_name(request: pytest.FixtureRequest) -> str:
     """The registered name of the engine under test (prefix of its RPC methods)."""
     return request.config.stash[STATE].engine_name
+
+
+@pytest.fixture
+def engine_spec(request: pytest.FixtureRequest) -> str:
+    """The engine under test as it was named (``--engine``): what a run or an inspection
+    (kit.preflight.inspect) finds it by."""
+    return request.config.stash[STATE].engine
 
 
 # --- the session (only with an engine) -----------------------------------------------------------

@@ -6,14 +6,21 @@ import dataclasses
 import json
 import os
 import select
+import signal
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from kit import registry
 from kit.contract import Common, ConfigError, Engine, EngineConfig
+from kit.run.request import Invoker
 from kit.starter.config import StarterConfig
 from kit.system import linux
+
+
+class EngineNotLoaded(RuntimeError):
+    """The engine's inspection could not load it (its import raised or hung)."""
 
 
 @dataclass(frozen=True)
@@ -28,8 +35,52 @@ class Problem:
         return f"engine {self.engine}: {self.hook}: {self.message}"
 
 
+#: Seconds an inspection may take (the engine's import above all) before its child is killed.
+INSPECT_TIMEOUT = 60.0
+#: The most an inspection's child may write (its JSON result).
+MAX_INSPECTION = 16 << 20
+#: What the inspection's child writes first once the engine is imported.
+IMPORTED = b"imported\n"
+#: The capabilities an inspection's child keeps as U: reading, never writing (see _drop_to_invoker).
+READ_CAPS = ("CAP_DAC_READ_SEARCH",)
+#: The uid and gid an inspection runs as when the caller is root and has no test user U.
+NOBODY = 65534
+
+#: What a caller collects in the inspection's child: a function of the registration that returns
+#: JSON, under a name of the caller's choosing (:attr:`Inspection.collected`).
+Collector = Callable[[registry.Registration], Any]
+
+
+@dataclass
+class Inspection:
+    """What an engine's inspection found, in a child as the invoking user (:func:`inspect`):
+    everything the kit's trusted processes need to know about the engine without importing it.
+    JSON-serialisable (:meth:`to_json`)."""
+
+    spec: str
+    name: str | None = None  # the registration's name; None when it was not found
+    origin: str = ""
+    #: Why the engine could not be found: "registry" (a RegistryError: unknown name, bad
+    #: import path), "import" (its module raised), "timeout" (its import hung), "child"
+    #: (the inspection ended without a result); "" when it was found.
+    failure: str = ""
+    failure_message: str = ""
+    rpc_methods: list[str] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    collected: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Inspection:
+        problems = [Problem(**p) for p in data.get("problems", [])]
+        return cls(**{**data, "problems": problems})
+
+
 def check(spec: str, engine_config: dict[str, Any] | None = None) -> list[Problem]:
-    """Every problem preflight finds for the engine ``spec`` (empty: go ahead).
+    """Every problem preflight finds for the engine ``spec`` (empty: go ahead), found by
+    :func:`inspect` in a child: the caller never imports the engine.
 
     What it checks:
 
@@ -40,12 +91,155 @@ def check(spec: str, engine_config: dict[str, Any] | None = None) -> list[Proble
     - the RPC methods are servable: the class the RPC server instantiates can be built and every
       registered method is a callable attribute of it.
     """
+    return inspect(spec, engine_config).problems
+
+
+def inspect(
+    spec: str,
+    engine_config: dict[str, Any] | None = None,
+    collect: dict[str, Collector] | None = None,
+    timeout: float | None = None,
+) -> Inspection:
+    """Inspect the engine ``spec`` in a forked child that drops to the invoking user U (the
+    test user; ``nobody`` when there is none) with no_new_privs before the engine is imported:
+    the preflight checks of :func:`check`, its registration, and what each of ``collect``
+    returns there. The engine is untrusted code (SPEC §11): its import and hooks never run in
+    the caller, whose verdicts they could forge, nor as root outside a run's sandbox.
+
+    The caller waits up to ``timeout`` seconds (:data:`INSPECT_TIMEOUT`), then kills the child
+    and names the engine's import as what hung."""
+    limit = INSPECT_TIMEOUT if timeout is None else timeout
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child's coverage is its own process
+        os.close(rfd)
+        _inspection_child(wfd, spec, engine_config, collect or {})
+    os.close(wfd)
+    try:
+        data, finished = _read_until(rfd, pid, time.monotonic() + limit)
+    finally:
+        os.close(rfd)
+        status = _reap(pid)
+    imported = data.startswith(IMPORTED)
+    if not finished:
+        what = (
+            "its operations class, config() or its RPC methods class did not return"
+            if imported
+            else "importing it did not finish: make the engine module's top-level code "
+            "return at once (it runs at every import)"
+        )
+        return _failed(spec, "timeout", f"{what} within {limit:g} s (the inspection was killed)")
+    try:
+        return Inspection.from_json(json.loads(data[len(IMPORTED) if imported else 0 :]))
+    except (ValueError, TypeError):
+        return _failed(
+            spec,
+            "child",
+            f"inspecting it ended without a result ({_status(status)}): the engine's "
+            "import or one of its hooks ended the process",
+        )
+
+
+def _failed(spec: str, failure: str, message: str) -> Inspection:
+    problem = Problem(spec, "registration", message)
+    return Inspection(spec, failure=failure, failure_message=message, problems=[problem])
+
+
+def _reap(pid: int) -> int | None:
+    """The wait status of the child ``pid``; None when a SIGCHLD handler (the zygote's)
+    reaped it first."""
+    try:
+        return os.waitpid(pid, 0)[1]
+    except ChildProcessError:
+        return None
+
+
+def _status(status: int | None) -> str:
+    if status is None:
+        return "its exit status was taken by another reaper"
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit status {os.waitstatus_to_exitcode(status)}"
+
+
+def _read_until(rfd: int, pid: int, deadline: float) -> tuple[bytes, bool]:
+    """Everything the child writes on ``rfd`` until EOF, and whether EOF came before
+    ``deadline`` (if not, the child is killed)."""
+    data = b""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([rfd], [], [], left)[0]:
+            os.kill(pid, signal.SIGKILL)
+            return data, False
+        chunk = os.read(rfd, 65536)
+        if not chunk:
+            return data, True
+        data += chunk
+        if len(data) > MAX_INSPECTION:
+            os.kill(pid, signal.SIGKILL)
+            return b"", True
+
+
+def _inspection_child(
+    wfd: int, spec: str, engine_config: dict[str, Any] | None, collect: dict[str, Collector]
+) -> None:  # pragma: no cover - runs in the forked child
+    code = 1
+    try:
+        linux.set_parent_death_signal(signal.SIGKILL)
+        os.closerange(3, wfd)
+        os.closerange(wfd + 1, 65536)
+        _drop_to_invoker()
+        result = _inspect_here(spec, engine_config, collect, wfd).to_json()
+        data = json.dumps(result, default=repr).encode()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(wfd, view) :]
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def _drop_to_invoker() -> None:
+    """Become U (groups, gids, uids) with no_new_privs; as a non-root caller, stay U. Of
+    root's capabilities only :data:`READ_CAPS` stay: the engine's files are found wherever
+    its root caller could read them (a directory only root may read, such as pytest's
+    tmp_path), and nothing of the host can be changed that U could not change."""
+    if os.geteuid() == 0:
+        try:
+            user = Invoker.resolve()
+            uid, gid, groups = user.uid, user.gid, list(user.groups)
+        except ValueError:
+            uid, gid, groups = NOBODY, NOBODY, []
+        linux.set_keepcaps(True)
+        os.setgroups(groups)
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+        keep = linux.caps_to_mask(READ_CAPS)
+        linux.capset(keep, keep, 0)
+        linux.set_keepcaps(False)
+    linux.set_no_new_privs()
+
+
+def _inspect_here(
+    spec: str, engine_config: dict[str, Any] | None, collect: dict[str, Collector], wfd: int
+) -> Inspection:
+    """In the inspection's child: find the engine (then say so on ``wfd``), run the
+    preflight checks, collect."""
     try:
         reg = registry.find(spec)
+        os.write(wfd, IMPORTED)
     except registry.RegistryError as exc:
-        return [Problem(spec, "registration", str(exc))]
+        return _failed(spec, "registry", str(exc))
     except Exception as exc:  # noqa: BLE001 the engine's module failed to import or to register
-        return [Problem(spec, "registration", f"loading it raised {type(exc).__name__}: {exc}")]
+        return _failed(spec, "import", f"loading it raised {type(exc).__name__}: {exc}")
+    found = Inspection(spec, reg.name, reg.origin, rpc_methods=sorted(reg.rpc_specs))
+    found.problems = _checks(reg, engine_config)
+    for key, collector in collect.items():
+        found.collected[key] = collector(reg)
+    return found
+
+
+def _checks(reg: registry.Registration, engine_config: dict[str, Any] | None) -> list[Problem]:
     try:
         operations = reg.factory()
     except Exception as exc:  # noqa: BLE001 the engine's constructor may raise anything

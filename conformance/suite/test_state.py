@@ -17,8 +17,8 @@ def test_config_returns_the_same_fresh_empty_config_in_every_process(lifecycle, 
 
 @requirement("STATE-001")
 @scenarios("default")
-def test_config_returns_a_new_object_on_every_call(lifecycle, verify, engine_name):
-    check_config_calls(verify, lifecycle("default"), engine_name)
+def test_config_returns_a_new_object_on_every_call(lifecycle, verify, engine_spec):
+    check_config_calls(verify, lifecycle("default"), engine_spec)
 
 
 @requirement("STATE-002")

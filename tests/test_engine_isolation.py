@@ -1,0 +1,208 @@
+"""The engine's code never runs in the kit's trusted processes (SPEC §11): only as U in an
+inspection child, and in a run's own processes (its sandbox, as root)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from kit import preflight
+from kit.run.request import Invoker
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: The engine module: at import, it notes who imported it (a file per process in MARKS) and
+#: tries to change the host (a file in HOST, a directory only root can write).
+ENGINE = '''
+import json, os
+for where, name in (({marks!r}, str(os.getpid())), ({host!r}, "from-" + str(os.getpid()))):
+    try:
+        with open(os.path.join(where, name), "w") as f:
+            json.dump({{
+                "pid": os.getpid(),
+                "uid": os.getuid(),
+                "comm": open("/proc/self/comm").read().strip(),
+                "pidns": os.readlink("/proc/self/ns/pid"),
+                "capeff": [
+                    int(line.split()[1], 16)
+                    for line in open("/proc/self/status")
+                    if line.startswith("CapEff:")
+                ][0],
+            }}, f)
+    except OSError:
+        pass
+{tail}
+'''
+REFERENCE = """
+from reference_engines.minimal.engine import ReferenceEngine
+from reference_engines.minimal.rpc import ReferenceRPC
+
+
+class MarkedEngine(ReferenceEngine):
+    engine_name = "test-marked"
+    rpc_methods = ReferenceRPC
+"""
+HANGING = "import time\ntime.sleep(3600)\n"
+
+
+@dataclass
+class Marked:
+    spec: str
+    marks: str  # where the module notes each import (every uid may write there)
+    host: str  # a host directory only root may write
+    module_dir: str
+
+    def imports(self) -> list[dict]:
+        """The imports noted so far (each process once)."""
+        out = []
+        for name in os.listdir(self.marks):
+            with open(os.path.join(self.marks, name)) as f:
+                out.append(json.load(f))
+        return out
+
+
+def _marked(tail: str) -> Iterator[Marked]:
+    module = f"kit_marked_{uuid.uuid4().hex[:12]}"
+    base = tempfile.mkdtemp(prefix="kit-test-marked-", dir="/tmp")
+    marks, host, modules = (os.path.join(base, d) for d in ("marks", "host", "modules"))
+    for path, mode in ((marks, 0o1777), (host, 0o700), (modules, 0o755)):
+        os.mkdir(path)
+        os.chmod(path, mode)
+    os.chmod(base, 0o755)
+    source = ENGINE.format(marks=marks, host=host, tail=tail)
+    Path(modules, f"{module}.py").write_text(source)
+    sys.path.insert(0, modules)
+    try:
+        yield Marked(f"{module}:MarkedEngine", marks, host, modules)
+    finally:
+        sys.path.remove(modules)
+        sys.modules.pop(module, None)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def marked() -> Iterator[Marked]:
+    yield from _marked(REFERENCE)
+
+
+@pytest.fixture
+def hanging() -> Iterator[Marked]:
+    yield from _marked(HANGING)
+
+
+def _u() -> Invoker | None:
+    try:
+        return Invoker.resolve()
+    except ValueError:
+        return None
+
+
+def _as_u(mark: dict) -> bool:
+    """Whether an import ran as the inspection's user (U, or nobody without one), with no
+    capability but reading."""
+    from kit.system import linux
+
+    u = _u()
+    uid = u.uid if u else preflight.NOBODY
+    reading = linux.caps_to_mask(preflight.READ_CAPS)
+    return mark["uid"] == uid and mark["uid"] != 0 and mark["capeff"] & ~reading == 0
+
+
+def test_an_inspection_imports_the_engine_in_a_child_as_u(marked):
+    found = preflight.inspect(marked.spec)
+    assert found.name == "test-marked" and found.failure == "" and found.problems == []
+    assert found.rpc_methods == ["mount", "sethostname"]
+    assert marked.spec.partition(":")[0] not in sys.modules
+    (mark,) = marked.imports()
+    assert mark["pid"] != os.getpid() and _as_u(mark)
+    assert os.stat(os.path.join(marked.marks, str(mark["pid"]))).st_uid == mark["uid"]
+    assert os.listdir(marked.host) == []  # U cannot write there; root could
+
+
+def test_an_inspection_collects_in_the_child_what_the_caller_asks(marked):
+    found = preflight.inspect(marked.spec, collect={"where": lambda reg: [os.getpid(), reg.name]})
+    pid, name = found.collected["where"]
+    assert name == "test-marked" and pid != os.getpid()
+    assert json.loads(json.dumps(found.to_json())) == found.to_json()
+    assert preflight.Inspection.from_json(found.to_json()) == found
+
+
+def test_an_engine_whose_import_hangs_is_named_at_the_inspections_deadline(hanging):
+    started = time.monotonic()
+    found = preflight.inspect(hanging.spec, timeout=1.0)
+    assert found.failure == "timeout" and found.name is None
+    (problem,) = found.problems
+    assert problem.engine == hanging.spec and problem.hook == "registration"
+    assert "importing it did not finish" in problem.message and "within 1 s" in problem.message
+    assert time.monotonic() - started < 30  # not the import's hour: killed, reaped
+    (mark,) = hanging.imports()
+    assert not os.path.exists(f"/proc/{mark['pid']}") or _zombie_free(mark["pid"])
+
+
+def _zombie_free(pid: int) -> bool:
+    """The pid, if it exists, is not our inspection child (it was reaped and reused)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1]) != os.getpid()
+    except OSError:
+        return True
+
+
+def _python(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    paths = [p for p in sys.path if p]
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(paths)},
+    )
+
+
+def test_a_conformance_configure_never_imports_the_engine(marked):
+    code = (
+        "import json, os, sys, pytest\n"
+        "from conformance.plugin import SUITE_DIR\n"
+        "code = pytest.main(['-q', '--collect-only', '-p', 'no:randomly', '-p', 'no:cacheprovider',"
+        " '--engine', sys.argv[1], '--flow', 'root', str(SUITE_DIR)])\n"
+        "print(json.dumps({'code': int(code), 'pid': os.getpid(),"
+        " 'imported': sys.argv[1].split(':')[0] in sys.modules}))\n"
+    )
+    proc = _python(code, marked.spec)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["code"] == 0 and not result["imported"], proc.stdout[-2000:]
+    marks = marked.imports()
+    assert marks and all(m["pid"] != result["pid"] and _as_u(m) for m in marks)
+    assert os.listdir(marked.host) == []
+
+
+def test_state_001_calls_config_in_an_inspection_child_not_in_the_suite(marked):
+    from test_conformance_units import make_run
+
+    from conformance import checks
+    from reference_engines.minimal.engine import ReferenceConfig
+
+    stage1 = {
+        "kind": "hook_return",
+        "role": "stage1",
+        "hook": "config",
+        "result": {"type": "ReferenceConfig", "json": ReferenceConfig().to_json()},
+    }
+    verify = checks.Verifier("root", ["STATE-001"], "t")
+    checks.check_config_calls(verify, make_run("root", [stage1]), marked.spec)
+    assert verify.checks["STATE-001"] == 4 and not verify.violations["STATE-001"]
+    assert marked.spec.partition(":")[0] not in sys.modules
+    marks = marked.imports()
+    assert len(marks) == 1 and all(m["pid"] != os.getpid() and _as_u(m) for m in marks)
