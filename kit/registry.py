@@ -8,6 +8,7 @@ import importlib.metadata
 import inspect
 import re
 import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -125,11 +126,24 @@ def registered() -> dict[str, Registration]:
     return dict(_engines)
 
 
+_entry_points: dict[tuple[str, ...], tuple[importlib.metadata.EntryPoint, ...]] = {}
+
+
+def entry_points() -> tuple[importlib.metadata.EntryPoint, ...]:
+    """The ``kit.engines`` entry points of the distributions on ``sys.path``, read once per
+    ``sys.path``: metadata only, no engine code. The zygote reads them (preload), so a run's
+    starter finds the engine's without scanning every distribution again."""
+    key = tuple(sys.path)
+    if key not in _entry_points:
+        _entry_points[key] = tuple(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+    return _entry_points[key]
+
+
 def available() -> dict[str, str]:
     """Every engine that can be found: registered ones and ``kit.engines`` entry points,
     name → origin."""
     found = {name: reg.origin for name, reg in _engines.items()}
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+    for ep in entry_points():
         found.setdefault(ep.name, f"entry point {ep.value}")
     return dict(sorted(found.items()))
 
@@ -152,7 +166,7 @@ def find(spec: str) -> Registration:
         return _engines[spec]
     if ":" in spec:
         return _from_import_path(spec)
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+    for ep in entry_points():
         if ep.name == spec:
             _call_registrar(ep.load(), f"entry point {ep.name} = {ep.value}")
             if spec in _engines:
@@ -163,7 +177,7 @@ def find(spec: str) -> Registration:
     # One registrar may register several engines under other names: try them all. A broken
     # third-party entry point is named as a warning; it never hides "unknown engine".
     broken: list[str] = []
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+    for ep in entry_points():
         try:
             _call_registrar(ep.load(), f"entry point {ep.name} = {ep.value}")
         except RegistryError:

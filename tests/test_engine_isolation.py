@@ -188,6 +188,57 @@ def test_a_conformance_configure_never_imports_the_engine(marked):
     assert os.listdir(marked.host) == []
 
 
+def test_a_cli_run_never_imports_the_engine_outside_the_run(marked):
+    code = (
+        "import json, os, sys\n"
+        "from kit import cli\n"
+        "code = cli.main(['run', '--engine', sys.argv[1], '--flow', 'root', '--', '/bin/true'])\n"
+        "print(json.dumps({'code': code, 'pid': os.getpid(),"
+        " 'imported': sys.argv[1].split(':')[0] in sys.modules}))\n"
+    )
+    proc = _python(code, marked.spec)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["code"] == 0 and not result["imported"], proc.stderr[-2000:]
+    # The run's own import writes its mark in the sandbox (MARKS is not shared with it).
+    _only_inspections_and_the_run(marked, {result["pid"]}, shared=False)
+
+
+def test_a_run_through_the_zygote_imports_the_engine_in_its_starter(marked, shared_dir):
+    from kit.run.launcher import Zygote, start
+
+    zygote = Zygote.get()
+    handle = start(
+        marked.spec,
+        "root",
+        ["/bin/true"],
+        shared_dirs=[marked.marks],
+    )
+    result = handle.wait()
+    assert result.exit_code == 0, result.reason
+    trusted = {os.getpid(), zygote.proc.pid, handle.supervisor_pid}
+    _only_inspections_and_the_run(marked, trusted, shared=True)
+
+
+def _only_inspections_and_the_run(marked: Marked, trusted: set[int], shared: bool) -> None:
+    """Every import of the engine happened as U (an inspection) or in the run's starter (as
+    root: in the run's sandbox, when there is one), never in ``trusted``; ``shared``: the run
+    could write MARKS (its starter's mark is there)."""
+    from kit.run.sandbox import default_on
+
+    host_pidns = os.readlink("/proc/self/ns/pid")
+    marks = marked.imports()
+    assert any(_as_u(m) for m in marks)  # the inspection
+    for mark in marks:
+        assert mark["pid"] not in trusted or mark["pidns"] != host_pidns, mark
+        assert _as_u(mark) or mark["comm"] == "kit-starter", mark
+    if shared and os.geteuid() == 0:
+        (starter,) = [m for m in marks if m["comm"] == "kit-starter"]
+        assert starter["uid"] == 0
+        if default_on("real"):
+            assert starter["pidns"] != host_pidns  # in the run's sandbox
+    assert os.listdir(marked.host) == []  # the sandbox's writes never reach the host
+
+
 def test_state_001_calls_config_in_an_inspection_child_not_in_the_suite(marked):
     from test_conformance_units import make_run
 

@@ -94,11 +94,11 @@ def test_resolving_the_engines_config_types_fills_the_cache():
     assert field_types(ReferenceConfig) is FIELD_TYPES[ReferenceConfig]
 
 
-def test_the_config_types_reach_the_run_resolved_by_the_zygote(shared_dir):
-    # Resolving evaluates the engine's annotations (engine code): the zygote does it where
-    # it imports the engine, and every process of the run inherits the result; none of the
-    # run's processes (the starter above all, with full privileges and outside any hook)
-    # evaluates them again.
+def test_the_config_types_reach_the_run_resolved_by_the_starter(shared_dir):
+    # Resolving evaluates the engine's annotations (engine code): the starter does it where
+    # it imports the engine, in the run's sandbox, and every later process of the run
+    # inherits the result; none of them evaluates them again, and the zygote (which judges
+    # nothing of the engine's) never does.
     report = os.path.join(shared_dir, "resolved")
     result = start(
         "kit_test_engines:WhereEngine",
@@ -109,4 +109,4 @@ def test_the_config_types_reach_the_run_resolved_by_the_zygote(shared_dir):
     ).wait()
     assert result.exit_code == 0, result.reason
     with open(report) as f:
-        assert json.load(f) == ["kit-zygote"]
+        assert json.load(f) == ["kit-starter"]

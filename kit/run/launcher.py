@@ -284,7 +284,8 @@ class RunHandle:
     ``fork_here``: fork the supervisor from this process instead of asking the zygote (a
     one-shot caller such as the CLI, which would otherwise pay for a second interpreter and
     its imports). This process must be single-threaded and is the supervisor's parent: it
-    imports the engine (as the zygote would) and reaps the supervisor in :meth:`wait`.
+    preloads the kit as the zygote would (never the engine: an inspection child finds it) and
+    reaps the supervisor in :meth:`wait`.
     """
 
     def __init__(

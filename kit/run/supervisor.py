@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import kit.rpc.server  # noqa: F401  (imported while privileged, for the RPC server)
-from kit import registry
+from kit import preflight, registry
 from kit.ledger import probe
 from kit.ledger.record import (
     CONFIRMED,
@@ -110,8 +110,9 @@ def _configure_probes(req: RunRequest, run_dir: str) -> None:
 class Supervisor:
     """One run's supervisor.
 
-    It imports everything the run needs (the kit and the engine) before forking the starter, so no
-    process of the run imports after a privilege change. It is a child subreaper: every process of
+    It imports everything of the kit the run needs before forking the starter, and never the
+    engine (the starter does, before any privilege change, so no process of the run imports
+    after one). It is a child subreaper: every process of
     the run that loses its parent comes back to it, so nothing escapes. It collects the ledger,
     enforces the per-hook timeout (a hung hook gets the run's whole process tree killed and the
     ledger names the hook), and checks that nothing was left behind: processes, mounts in the host
@@ -868,25 +869,28 @@ _preloaded: set[tuple[str, str, tuple[str, ...]]] = set()
 
 
 def preload(request: RunRequest) -> bool:
-    """Import everything the run needs while still privileged (once per process for each
-    engine and import path); True when this call did the work."""
+    """Import everything of the kit the run needs while still privileged (once per process for
+    each engine and import path); True when this call did the work.
+
+    The engine itself is not imported here: the zygote and the supervisors judge the run, and
+    the engine is untrusted code (SPEC §11). Whether it can be found at all is asked of an
+    inspection child, as U (:func:`kit.preflight.inspect`), so a run of an engine that cannot
+    be found is a launch error as before; the run's starter imports it, in the run's sandbox
+    (:func:`kit.starter.stage1.load_engine`)."""
     key = (request.engine, request.backend, tuple(request.sys_path))
     if key in _preloaded:
         return False
     for entry in reversed(request.sys_path):
         if entry not in sys.path:
             sys.path.insert(0, entry)
-    registry.find(request.engine)
+    registry.entry_points()  # metadata only: the starters find the engine's without a scan
+    found = preflight.inspect(request.engine)
+    if found.failure == "registry":
+        raise registry.RegistryError(found.failure_message)
+    if found.failure:
+        raise preflight.EngineNotLoaded(f"engine {request.engine}: {found.failure_message}")
     if request.backend == "fake":
         import kit.system.fake  # noqa: F401, PLC0415  (the model replaces the kernel; fake runs only)
-    if "pyroute2" in sys.modules:
-        # The engine uses pyroute2 (the kit does not: it brings lo up with an ioctl). One
-        # netlink round trip pulls in the modules pyroute2 imports lazily, which an
-        # unprivileged uid may not be able to read.
-        from pyroute2 import IPRoute  # noqa: PLC0415  (~110 ms; only if the engine uses it)
-
-        with IPRoute() as ipr:
-            ipr.link_lookup(ifname="lo")
     if request.backend != "fake" and os.geteuid() == 0:
         hostdiff.prime()  # what every fresh host sandbox has, read once for all runs
     seccomp.warm()

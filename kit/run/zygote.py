@@ -24,7 +24,6 @@ from kit.run.supervisor import (
     run_supervised,
 )
 from kit.starter.common import default_signals
-from kit.starter.stage1 import resolve_config_types
 from kit.system import linux
 
 MAX_MESSAGE = 1 << 20
@@ -175,9 +174,6 @@ def _serve(control: socket.socket, spare: list[Ahead | None]) -> int:
             if len(fds) != FIXED_FDS + len(targets):
                 raise ValueError(f"expected {FIXED_FDS + len(targets)} fds, got {len(fds)}")
             if preload(request):
-                # The engine's annotations are engine code: evaluated here, where its module
-                # was just imported, not in the starter (every starter descends from here).
-                resolve_config_types(request.engine)
                 settle()
             # Here the code is warm and the pages our own: what the supervisor would compute
             # first, cold, right after the fork, costs a fraction of it.
@@ -261,8 +257,9 @@ def _may_raise_priority() -> bool:
 def main(argv: list[str]) -> int:
     """Run the zygote on the control socket ``argv[0]`` until EOF.
 
-    Starting a fresh interpreter and importing the kit and the engine costs far more than a whole
-    lifecycle; the zygote pays it once per launcher process. It never changes its own credentials or
+    Starting a fresh interpreter and importing the kit costs far more than a whole lifecycle; the
+    zygote pays it once per launcher process. It never imports the engine (untrusted code, SPEC
+    §11): each run's starter does, in the run's sandbox. It never changes its own credentials or
     namespaces (building a host sandbox, it sets the pid namespace of one child, init's, and
     restores its own at once): each run happens in a forked child that becomes the run's supervisor
     (:mod:`kit.run.supervisor`), in its own session.

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import sys
 from typing import Any, NoReturn
 
 from kit import registry
@@ -44,6 +45,23 @@ from kit.system import current, linux
 from kit.system.linux import dup_high, fd_base
 
 
+def load_engine(engine: str) -> None:
+    """Import the engine in the starter, before any process of the run is forked and before
+    any privilege change (the run's other processes inherit it, and none imports after a
+    privilege change): the first engine code of a run, in its sandbox and under its seccomp
+    filter; the kit's trusted processes never import it (SPEC §11)."""
+    registry.find(engine)
+    resolve_config_types(engine)
+    if "pyroute2" in sys.modules:
+        # The engine uses pyroute2 (the kit does not: it brings lo up with an ioctl). One
+        # netlink round trip pulls in the modules pyroute2 imports lazily, which an
+        # unprivileged uid may not be able to read.
+        from pyroute2 import IPRoute  # noqa: PLC0415  (~110 ms; only if the engine uses it)
+
+        with IPRoute() as ipr:
+            ipr.link_lookup(ifname="lo")
+
+
 def resolve_config_types(engine: str) -> None:
     """Resolve the field types of the engine's config classes (those of the module that
     defines its operations) once, before the forks: stage 1, the master, the RPC server and
@@ -51,8 +69,7 @@ def resolve_config_types(engine: str) -> None:
 
     Resolving evaluates the engine's annotations (engine code), so it runs where the engine
     module is imported, with the same privilege and outside any hook as that import: the
-    zygote's preload (:mod:`kit.run.zygote`), whose children's children are the starters.
-    A starter forked otherwise resolves them in each process, inside its init_engine."""
+    starter (:func:`load_engine`)."""
     module = getattr(registry.find(engine).factory, "__module__", None)
     todo = EngineConfig.__subclasses__()
     while todo:
@@ -134,6 +151,12 @@ class Starter:
                     raise StageFailed(refused)
             linux.set_name("kit-starter")
             default_signals()
+            try:
+                load_engine(self.req.engine)
+            except Exception as exc:  # noqa: BLE001 the engine's import may raise anything
+                raise StageFailed(
+                    f"importing engine {self.req.engine}: {type(exc).__name__}: {exc}"
+                ) from None
             if self.parent is None:
                 self.parent = os.getppid()
             self.become_invoker()
