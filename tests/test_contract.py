@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
 from kit import registry
 from kit.contract import ConfigError, EngineConfig, Operations
 from kit.starter.config import StarterConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -249,6 +253,24 @@ def test_engines_found_by_entry_point_and_module_attribute(clean_registry):
     assert reg.name == "test-fault" and "mount" in reg.rpc_specs
     with pytest.raises(registry.RegistryError, match="cannot load engine"):
         registry.find("no_such_module:Thing")
+
+
+def test_the_builtin_engines_are_the_kits_own_entry_points():
+    # The table that spares a run of a built-in engine importlib.metadata must say what the
+    # kit's distribution declares, and each entry must load.
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        declared = tomllib.load(f)["project"]["entry-points"][registry.ENTRY_POINT_GROUP]
+    assert declared == registry.BUILTIN_ENGINES
+    for name in declared:
+        assert callable(registry._builtin_registrar(name)), name
+
+
+def test_a_builtin_engine_whose_package_is_missing_is_left_to_the_entry_points(
+    clean_registry, monkeypatch
+):
+    monkeypatch.setitem(registry.BUILTIN_ENGINES, "ghost", "no_such_package_of_kit_tests:register")
+    with pytest.raises(registry.RegistryError, match="unknown engine 'ghost'"):
+        registry.find("ghost")
 
 
 # --- engines named by import path -------------------------------------------------------------

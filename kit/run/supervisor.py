@@ -883,7 +883,8 @@ def preload(request: RunRequest) -> bool:
     for entry in reversed(request.sys_path):
         if entry not in sys.path:
             sys.path.insert(0, entry)
-    registry.entry_points()  # metadata only: the starters find the engine's without a scan
+    if not registry.found_without_entry_points(request.engine):
+        registry.entry_points()  # metadata only: the starters find the engine's without a scan
     found = preflight.inspect(request.engine)
     if found.failure == "registry":
         raise registry.RegistryError(found.failure_message)
