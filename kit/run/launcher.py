@@ -9,17 +9,18 @@ import select
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
-import uuid
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from kit.ledger.record import Ledger
 from kit.run.request import DEFAULT_HOOK_TIMEOUT, DEFAULT_RUN_TIMEOUT, Invoker, RunRequest
 from kit.system import linux
+
+if TYPE_CHECKING:
+    import subprocess
 
 
 class LaunchError(RuntimeError):
@@ -107,6 +108,8 @@ class Zygote:
     _instance: Zygote | None = None
 
     def __init__(self) -> None:
+        import subprocess  # noqa: PLC0415  (with locale, 1.5 ms a one-shot CLI never needs)
+
         self.control, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.proc = subprocess.Popen(
@@ -183,6 +186,8 @@ class Zygote:
             return (
                 f"the kit's zygote process (pid {self.proc.pid}) was killed: {self.killed_because}"
             )
+        import subprocess  # noqa: PLC0415  (imported by __init__ already)
+
         try:
             code = self.proc.wait(timeout=2)
         except subprocess.TimeoutExpired:
@@ -453,6 +458,8 @@ class RunHandle:
         res_w: int,
         pass_fds: tuple[int, ...],
     ) -> int:
+        import subprocess  # noqa: PLC0415  (KIT_ZYGOTE=0 only: see Zygote.__init__)
+
         req_r, req_w = os.pipe()
         try:
             proc = subprocess.Popen(
@@ -665,7 +672,8 @@ def make_request(
         engine_config=dict(engine_config or {}),
         invoker=invoker.__dict__,
         backend=backend,
-        container_id=container_id or f"kit-{uuid.uuid4().hex[:12]}",
+        # 48 random bits, as uuid4().hex[:12] gave them, without importing uuid (and platform).
+        container_id=container_id or f"kit-{os.urandom(6).hex()}",
         hook_timeout=hook_timeout,
         run_timeout=run_timeout,
         probes=probes,

@@ -6,7 +6,6 @@ import errno
 import functools
 import json
 import os
-import platform
 import select
 import socket
 import time
@@ -262,7 +261,7 @@ def program(rules: tuple[Rule, ...], notify: bool = True) -> tuple[tuple[int, in
 def warm() -> None:
     """Build both filters now (the zygote, before it forks the runs): a starter then finds
     them built instead of building one in every run."""
-    if platform.machine() == "x86_64":
+    if os.uname().machine == "x86_64":
         program(FAKE_RULES)
         program(HOST_GLOBAL)
 
@@ -298,8 +297,9 @@ def install(
     Without CAP_SYS_ADMIN, no_new_privs is set first (the kernel requires it): only the fake
     backend does that, and its ledger's no_new_privs is the model's, read once before the
     starter exists, never the process's."""
-    if platform.machine() != "x86_64":
-        raise Unavailable(f"seccomp filters are written for x86-64, not {platform.machine()}")
+    machine = os.uname().machine  # platform.machine(), without importing platform
+    if machine != "x86_64":
+        raise Unavailable(f"seccomp filters are written for x86-64, not {machine}")
     prog = list(program(rules, notify))
     if not (_has_sys_admin() if privileged is None else privileged):
         linux.set_no_new_privs()

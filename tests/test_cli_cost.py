@@ -1,0 +1,50 @@
+"""A one-shot ``python -m kit run`` imports only what a run uses (issue #17; measured with
+``-X importtime``: which modules it imports, not how long they take)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = ("run", "--engine", "reference", "--flow", "root", "--", "/bin/true")
+
+
+def _run_imports() -> set[str]:
+    """Modules a one-shot run of the reference engine imports in the CLI process."""
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "kit", *RUN],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return {
+        line.rsplit("|", 1)[1].strip()
+        for line in proc.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+
+
+@pytest.fixture(scope="module")
+def run_imports() -> set[str]:
+    return _run_imports()
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "importlib.metadata",  # the built-in engines are found without the entry points
+        "platform",  # os.uname() tells the machine
+        "uuid",  # the container id is 48 random bits from os.urandom
+        "_hashlib",  # the host diff's blake2b is hashlib's own, not OpenSSL's
+        "subprocess",  # only a zygote or KIT_ZYGOTE=0 starts an interpreter
+    ],
+)
+def test_a_one_shot_run_does_not_import(run_imports, module):
+    assert "kit.run.supervisor" in run_imports  # the run was forked from this process
+    assert module not in run_imports
