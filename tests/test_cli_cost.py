@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -48,3 +49,43 @@ def run_imports() -> set[str]:
 def test_a_one_shot_run_does_not_import(run_imports, module):
     assert "kit.run.supervisor" in run_imports  # the run was forked from this process
     assert module not in run_imports
+
+
+def test_the_cli_skips_finalization_but_runs_atexit_handlers_and_flushes_stdout():
+    # An object of __main__ is deleted by the interpreter's finalization, which the CLI
+    # skips; the atexit handlers (coverage's) still run, and stdout, a pipe here (block
+    # buffered without PYTHONUNBUFFERED), still reaches the reader whole.
+    script = (
+        "import atexit, os, runpy, sys\n"
+        "class Finalized:\n"
+        "    def __del__(self, write=os.write):\n"
+        "        write(2, b'finalized\\n')\n"
+        "keep = Finalized()\n"
+        "atexit.register(sys.stderr.write, 'atexit ran\\n')\n"
+        "sys.argv = ['kit', 'flows']\n"
+        "runpy.run_module('kit', run_name='__main__', alter_sys=True)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "atexit ran\n"
+    flows = [line.split()[0] for line in proc.stdout.split("\n\n")[0].splitlines()]
+    assert flows == ["root", "suid", "hybrid", "userns", "fakeroot"]
+
+
+def test_the_cli_exits_with_the_payloads_code():
+    proc = subprocess.run(
+        [sys.executable, "-m", "kit", *RUN[:-1], "/bin/sh", "-c", "exit 7"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 7, proc.stderr
