@@ -100,6 +100,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"kit run: --config: {exc}", file=sys.stderr)
         return 2
+    # A one-shot process, which forks its run itself: the auto backend's probe of the flow
+    # (namespaces alone, as root) may take a thread of it rather than a fork of all of it.
+    environment.probe_in_threads()
     problems = preflight.check(args.engine, engine_config)
     if problems:  # one message each, before any process starts
         for problem in problems:

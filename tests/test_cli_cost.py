@@ -3,12 +3,18 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+from conftest import in_child
+
+from kit.run import environment
+from kit.system import linux
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ("run", "--engine", "reference", "--flow", "root", "--", "/bin/true")
@@ -89,3 +95,38 @@ def test_the_cli_exits_with_the_payloads_code():
         cwd=ROOT,
     )
     assert proc.returncode == 7, proc.stderr
+
+
+NS_FILES = ("mnt", "uts", "ipc", "net", "pid_for_children")
+
+
+def _own_namespaces() -> dict[str, int]:
+    return {k: os.stat(f"/proc/thread-self/ns/{k}").st_ino for k in NS_FILES}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the root flow is probed as root")
+def test_the_clis_root_flow_probe_forks_nothing_and_leaves_its_thread_as_it_was():
+    # A fork would write-protect every page of the CLI (each written again then faults). In
+    # a forked child: no thread of the pytest process may change namespace.
+    def probe() -> list[Any]:
+        def no_fork() -> int:
+            raise AssertionError("the probe forked")
+
+        before = _own_namespaces()
+        environment.probe_in_threads()  # as kit run does
+        os.fork = no_fork
+        kinds = ["mount", "uts", "ipc", "net", "pid"]
+        return [environment._probe("root", None, None, kinds, False), _own_namespaces() == before]
+
+    assert in_child(probe) == {"ok": [[True, ""], True]}
+
+
+def test_a_probe_that_cannot_unshare_says_why(monkeypatch):
+    def refused(flags: int) -> None:
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(linux, "unshare", refused)
+    assert environment._probe("root", None, None, ["mount", "net"], False) == (
+        False,
+        "root: unshare(mount, net) failed: Operation not permitted",
+    )
