@@ -32,7 +32,8 @@ and hook, from the ledger's timestamps; probe cost; ledger cost). ``--json FILE`
 ``sandbox_overhead`` (in ``ratios``) is the host sandbox's share of a full lifecycle's wall
 time (0.10: 10 %), ``sandbox_overhead_cpu`` its share of the CPU time. ``--cases
 full,no_sandbox`` times only those cases (no CLI run, no micro-measures): the host
-sandbox's cost alone, in a third of the time. A benchmark, not a test: nothing here asserts
+sandbox's cost alone, in a third of the time; ``--cases cli`` the one-shot CLI alone
+(``cli_vs_python``). A benchmark, not a test: nothing here asserts
 a time.
 """
 
@@ -442,6 +443,10 @@ def suite_scaling(engine: str, repeats: int = 3) -> dict[str, float]:
     }
 
 
+#: The ``--cases`` name of :func:`cli_vs_python`.
+CLI_CASE = "cli"
+
+
 def cli_vs_python(samples: int = 30, warmup: int = 2) -> dict[str, float]:
     """A one-shot ``python -m kit run --engine reference --flow root -- /bin/true`` against a
     bare ``python -c pass`` of the same interpreter, interleaved: median wall ms of each and
@@ -503,8 +508,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cases",
         metavar="NAME,...",
-        help="time only these lifecycle cases (e.g. full,no_sandbox: the host sandbox's cost), "
-        "and skip the one-shot CLI and the micro-measures; ratios of cases left out are n/a",
+        help="time only these cases (e.g. full,no_sandbox: the host sandbox's cost; cli: the "
+        "one-shot CLI against python -c pass) and skip the micro-measures; ratios of cases "
+        "left out are n/a",
     )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -535,7 +541,9 @@ def _measure(args: argparse.Namespace, runc: RuncCase | None, runc_info: dict[st
         cases["fake"] = _lifecycle("root", backend="fake")
     cases["userns"] = _lifecycle("userns")
     only = args.cases.split(",") if args.cases else None
+    cli = only is None or CLI_CASE in only  # the one-shot CLI: a case of its own
     if only is not None:
+        only = [name for name in only if name != CLI_CASE]
         unknown = sorted(set(only) - set(cases))
         if unknown:
             print(f"bench.lifecycle: unknown case(s): {', '.join(unknown)}", file=sys.stderr)
@@ -599,11 +607,12 @@ def _measure(args: argparse.Namespace, runc: RuncCase | None, runc_info: dict[st
         "sandbox_overhead_cpu": share("full", "no_sandbox", cpu_ms),
         "breakdown": breakdown(last_full) if last_full else {},
     }
-    if only is None:
+    if cli:
         report_cli = cli_vs_python(args.samples, args.warmup)
         ratios["cli_vs_python"] = report_cli["ratio"]
+        report["cli"] = report_cli
+    if only is None:
         report.update(
-            cli=report_cli,
             probe_ms=probe_cost(),
             ledger_event_us=round(ledger_cost(), 2),
             seccomp=seccomp_cost(),

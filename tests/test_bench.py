@@ -75,6 +75,27 @@ def test_kit_bench_writes_the_medians_and_ratios_it_promises(tmp_path):
     assert doc["seccomp"]["install_ms"] > 0 and "per_syscall_ns" in doc["seccomp"]
 
 
+def test_the_cli_case_alone_times_the_one_shot_cli_and_nothing_else(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("the bench runs the root flow")
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "bench.lifecycle", "--samples", "2", "--warmup", "0"),
+            *("--cases", "cli", "--json", str(out)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(out.read_text())
+    assert doc["medians"] == {} and "seccomp" not in doc
+    assert doc["cli"]["cli_ms"] > doc["cli"]["python_ms"] > 0
+    assert doc["ratios"]["cli_vs_python"] == doc["cli"]["ratio"]
+    assert "one-shot CLI" in proc.stdout
+
+
 def test_static_true_exits_zero_without_a_libc(tmp_path):
     from bench import lifecycle as bench
 
