@@ -609,6 +609,7 @@ def _measure(args: argparse.Namespace, runc: RuncCase | None, runc_info: dict[st
     }
     if cli:
         report_cli = cli_vs_python(args.samples, args.warmup)
+        loadavg[-1] = _loadavg()  # after everything timed
         ratios["cli_vs_python"] = report_cli["ratio"]
         report["cli"] = report_cli
     if only is None:
