@@ -7,6 +7,7 @@ import json
 import os
 import select
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -108,6 +109,31 @@ def inspect(
 
     The caller waits up to ``timeout`` seconds (:data:`INSPECT_TIMEOUT`), then kills the child
     and names the engine's import as what hung."""
+    result = _inspect(spec, engine_config, collect, timeout)
+    if not result.failure:
+        _found[(spec, tuple(sys.path))] = result
+    return result
+
+
+#: The engines an inspection of this process found, by spec and import path: only whether
+#: and as what, which neither the engine config nor the collectors asked for change.
+_found: dict[tuple[str, tuple[str, ...]], Inspection] = {}
+
+
+def found(spec: str) -> Inspection:
+    """Whether the engine ``spec`` can be found (``failure``), as :func:`inspect` says: that
+    of an inspection this process already made with the same import path (``kit run``'s
+    preflight, then its preload: one inspection child, not two), else a new one."""
+    known = _found.get((spec, tuple(sys.path)))
+    return known if known is not None else inspect(spec)
+
+
+def _inspect(
+    spec: str,
+    engine_config: dict[str, Any] | None,
+    collect: dict[str, Collector] | None,
+    timeout: float | None,
+) -> Inspection:
     limit = INSPECT_TIMEOUT if timeout is None else timeout
     rfd, wfd = os.pipe()
     pid = os.fork()

@@ -130,3 +130,47 @@ def test_a_probe_that_cannot_unshare_says_why(monkeypatch):
         False,
         "root: unshare(mount, net) failed: Operation not permitted",
     )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the run's preload primes as root")
+def test_kit_runs_preflight_and_preload_share_one_inspection_child():
+    # kit run inspects the engine (preflight) and then preloads the run, which asks the
+    # same question: the engine's import, as U, in a child of the CLI. One child, not two.
+    def both() -> list[int]:
+        from kit import preflight
+        from kit.run import supervisor
+        from kit.run.launcher import make_request
+
+        forks = []
+        fork = os.fork
+
+        def counted() -> int:
+            forks.append(1)
+            return fork()
+
+        os.fork = counted
+        assert preflight.check("reference", {}) == []
+        after_check = len(forks)
+        supervisor.preload(make_request("reference", "root", ["/bin/true"]))
+        return [after_check, len(forks)]
+
+    assert in_child(both) == {"ok": [1, 1]}
+
+
+def test_an_engine_not_found_is_inspected_again():
+    def twice() -> list[Any]:
+        from kit import preflight
+
+        forks = []
+        fork = os.fork
+
+        def counted() -> int:
+            forks.append(1)
+            return fork()
+
+        os.fork = counted
+        first = preflight.check("no-such-engine-of-kit-tests")
+        again = preflight.found("no-such-engine-of-kit-tests")
+        return [first[0].hook, again.failure, len(forks)]
+
+    assert in_child(twice) == {"ok": ["registration", "registry", 2]}

@@ -885,7 +885,7 @@ def preload(request: RunRequest) -> bool:
             sys.path.insert(0, entry)
     if not registry.found_without_entry_points(request.engine):
         registry.entry_points()  # metadata only: the starters find the engine's without a scan
-    found = preflight.inspect(request.engine)
+    found = preflight.found(request.engine)
     if found.failure == "registry":
         raise registry.RegistryError(found.failure_message)
     if found.failure:
