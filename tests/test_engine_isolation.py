@@ -257,3 +257,34 @@ def test_state_001_calls_config_in_an_inspection_child_not_in_the_suite(marked):
     assert marked.spec.partition(":")[0] not in sys.modules
     marks = marked.imports()
     assert len(marks) == 1 and all(m["pid"] != os.getpid() and _as_u(m) for m in marks)
+
+
+def test_the_runs_import_of_the_engine_writes_no_bytecode_into_its_sandbox(marked):
+    # The first import of an engine module with no __pycache__ beside it happens in a run's
+    # starter: were bytecode written, the sandbox's copy-on-write layer would list a new
+    # __pycache__ and the host diff would blame the run for the kit's own import.
+    code = (
+        "import json, sys\n"
+        "from kit import cli\n"
+        "code = cli.main(['run', '--engine', sys.argv[1], '--flow', 'root',"
+        " '--ledger', sys.argv[2], '--', '/bin/true'])\n"
+        "print(json.dumps({'code': code}))\n"
+    )
+    ledger = os.path.join(marked.marks, "ledger.json")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, marked.spec, ledger],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**env, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+    )
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["code"] == 0, proc.stderr[-2000:]
+    assert "__pycache__" not in proc.stderr, proc.stderr[-2000:]
+    with open(ledger) as f:
+        events = json.load(f)["events"]
+    changes = [e for e in events if e["kind"] == "host_changes"]
+    if changes:  # sandboxed: the diff ran and found nothing of the kit's own
+        assert not any("__pycache__" in json.dumps(c) for c in changes), changes
+    assert not os.path.exists(os.path.join(marked.module_dir, "__pycache__"))

@@ -49,7 +49,10 @@ def load_engine(engine: str) -> None:
     """Import the engine in the starter, before any process of the run is forked and before
     any privilege change (the run's other processes inherit it, and none imports after a
     privilege change): the first engine code of a run, in its sandbox and under its seccomp
-    filter; the kit's trusted processes never import it (SPEC §11)."""
+    filter; the kit's trusted processes never import it (SPEC §11). No bytecode is written:
+    in the sandbox, a new ``__pycache__`` would be a change of the run's (the kit's own), and
+    unsandboxed it would be root's file in the engine author's tree."""
+    sys.dont_write_bytecode = True
     registry.find(engine)
     resolve_config_types(engine)
     if "pyroute2" in sys.modules:
