@@ -691,16 +691,21 @@ class _Layers:
         self.uppers[point] = _overlay(skeleton, target, state)
         for path in pieces:
             self.uppers[path] = _overlay(path, target + _rel(path, point), self.state())
-        for path in files:
-            _bind(path, target + _rel(path, point), _flags_at(path, self.table) | linux.MS_RDONLY)
+        for path, st in files:
+            flags = _flags_at(path, self.table) | linux.MS_RDONLY
+            _bind_regular_file(path, st, target + _rel(path, point), flags)
 
 
-def _mirror(point: str, skeleton: str, mounts: list[str]) -> tuple[list[str], list[str]]:
+def _mirror(
+    point: str, skeleton: str, mounts: list[str]
+) -> tuple[list[str], list[tuple[str, os.stat_result]]]:
     """Copy into ``skeleton`` the directories of ``point`` that lead to one of ``mounts``
     (mode, owner and times as the host's), with each entry they hold: a directory with no
     mount point under it (left empty: returned, to get an overlay of its own), a mount
-    point (an empty directory or file, to be covered), a symlink, a small regular file; an
-    empty file in place of the others (returned, to get the host's bound on it)."""
+    point (an empty directory or file, to be covered), a symlink, a small regular file, a
+    new FIFO or socket of its own (:func:`_stand_in`); an empty file in place of the others:
+    a larger regular file (returned with its lstat, to get the host's bound on it), a
+    device."""
     on_path = {point}
     for mount in mounts:
         parent = os.path.dirname(mount)
@@ -709,7 +714,7 @@ def _mirror(point: str, skeleton: str, mounts: list[str]) -> tuple[list[str], li
             parent = os.path.dirname(parent)
     covered = set(mounts)
     pieces: list[str] = []
-    files: list[str] = []
+    files: list[tuple[str, os.stat_result]] = []
     os.makedirs(skeleton)
     dirs = [(point, os.stat(point))]
     for host_dir, _ in dirs:
@@ -732,10 +737,10 @@ def _mirror(point: str, skeleton: str, mounts: list[str]) -> tuple[list[str], li
                 elif stat.S_ISLNK(st.st_mode):
                     os.symlink(target, dst)
                     _same_attributes(dst, st)
-                elif path in covered or not _copied(path, dst, st):
+                elif path in covered or not (_copied(path, dst, st) or _stand_in(dst, st)):
                     os.close(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-                    if path not in covered:
-                        files.append(path)
+                    if path not in covered and stat.S_ISREG(st.st_mode):
+                        files.append((path, st))
     for host_dir, st in reversed(dirs):  # children first: an entry made moves its dir's mtime
         _same_attributes(skeleton + _rel(host_dir, point), st)
     return pieces, files
@@ -761,6 +766,36 @@ def _copied(path: str, dst: str, st: os.stat_result) -> bool:
         os.close(fd)
     _same_attributes(dst, st)
     return True
+
+
+def _stand_in(dst: str, st: os.stat_result) -> bool:
+    """Make at ``dst`` a new FIFO or socket like the host's entry ``st``; False for another
+    kind. Never the host's own, bound: a read-only mount stops neither a write to a FIFO
+    nor a connect() to a socket (the host's /run/docker.sock would be the engine's)."""
+    if stat.S_ISFIFO(st.st_mode):
+        os.mkfifo(dst, 0o600)
+    elif stat.S_ISSOCK(st.st_mode):
+        os.mknod(dst, stat.S_IFSOCK | 0o600)  # nobody listens on it: ECONNREFUSED
+    else:
+        return False
+    _same_attributes(dst, st)
+    return True
+
+
+def _bind_regular_file(path: str, st: os.stat_result, target: str, flags: int) -> None:
+    """Bind the host's regular file ``path`` on ``target`` with ``flags``, only if it is
+    still the file ``st`` (its lstat when the skeleton was made): through an O_PATH fd of
+    the file itself, so that nothing swapped in meanwhile (a symlink, a socket) is bound."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:  # gone, or a symlink now: the empty file stays
+        return
+    try:
+        now = os.fstat(fd)
+        if stat.S_ISREG(now.st_mode) and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+            _bind(f"/proc/self/fd/{fd}", target, flags)
+    finally:
+        os.close(fd)
 
 
 def _same_attributes(path: str, st: os.stat_result) -> None:
