@@ -90,7 +90,73 @@ def roots(box):
     return {"seen": seen, "changed": changed, "changes": changes, "pieces": sorted(box.upper_dirs)}
 
 
-PROBES = {"sockets": sockets, "roots": roots}
+def leftover(box, ready_w, seen_w, stop_r):
+    """A process the run left behind, root in the sandbox: it looks for a way out through
+    every other process of the sandbox's /proc until told to stop."""
+    import select
+    from pyroute2 import IPRoute
+
+    linux.setns(box.ns_fds["mount"], linux.CLONE_NEWNS)
+    linux.setns(box.ns_fds["net"], linux.CLONE_NEWNET)
+    os.chdir("/")
+    with IPRoute() as ipr:  # a change of the network: the diff compares with a fresh one
+        ipr.addr("add", index=1, address="10.99.0.1", prefixlen=24)
+    os.write(ready_w, b"r")
+    own = os.stat("/")
+    escaped = []
+    while not select.select([stop_r], [], [], 0.001)[0]:
+        for name in os.listdir("/proc"):
+            if not name.isdigit() or int(name) in (1, os.getpid()):
+                continue
+            try:
+                st = os.stat(f"/proc/{name}/root/")
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) != (own.st_dev, own.st_ino) and name not in escaped:
+                escaped.append(name)
+                os.write(seen_w, b"s")
+    return escaped
+
+
+def fresh(box):
+    """The host diff's end while a leftover process lives (its network changed)."""
+    import select
+
+    watch = hostdiff.HostWatch(box)
+    ready_r, ready_w = os.pipe()
+    seen_r, seen_w = os.pipe()
+    stop_r, stop_w = os.pipe()
+    out_r, out_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(out_w, json.dumps(leftover(box, ready_w, seen_w, stop_r)).encode())
+        except BaseException as exc:
+            os.write(out_w, json.dumps(repr(exc)).encode())
+        finally:
+            os._exit(0)
+    os.close(out_w)
+    os.close(ready_w)  # EOF once the leftover process is gone
+    if not select.select([ready_r], [], [], 30)[0] or not os.read(ready_r, 1):
+        raise AssertionError(f"the leftover process failed: {os.read(out_r, 4096)}")
+
+    def slow_reader():  # the fresh namespace's reader, if forked: until the leftover saw it
+        select.select([seen_r], [], [], 10)
+        return {"link": {}, "address": {}, "route": {}}
+
+    hostdiff.read_network = slow_reader
+    fields = watch.finish()
+    os.write(stop_w, b"x")
+    with os.fdopen(out_r, "rb") as f:
+        escaped = json.loads(f.read() or b'"died"')
+    os.waitpid(pid, 0)
+    changes = [(c["kind"], c["name"]) for c in fields["changes"]]
+    return {"escaped": escaped, "changes": changes, "errors": fields["errors"]}
+
+
+PROBES = {"sockets": sockets, "roots": roots, "fresh": fresh}
+if config["probe"] == "fresh":
+    hostdiff.prime()  # as a supervisor does before it adopts its sandbox (preload)
 box = sandbox.adopt(sandbox.build([]))
 try:
     out = PROBES[config["probe"]](box)
@@ -162,3 +228,16 @@ def test_a_hosts_socket_or_fifo_in_the_skeleton_is_not_reachable(base):
             "big": 1 << 20,
         }
     }, out
+
+
+def test_no_process_of_the_kit_joins_a_sandbox_whose_run_left_processes(base):
+    """The host diff ends while a process the run left behind lives in the sandbox, and
+    the network changed (compared with a fresh sandbox's): no process of the kit appears in
+    the sandbox's pid namespace meanwhile (a child forked there to read a fresh network
+    namespace had the kit's root, namespaces and descriptors, all under /proc/PID). The
+    change is still in the diff: the fresh network was read before the sandbox was
+    adopted."""
+    out = _in_sandbox(base, {"probe": "fresh"}, lambda: None)
+    assert out["escaped"] == [], out
+    assert ["address", "lo 10.99.0.1/24"] in out["changes"], out
+    assert out["errors"] == {}, out

@@ -525,14 +525,37 @@ def _fresh_in_child(reader: Callable[[], Any]) -> Any:
 _fresh_sysctls: dict[str, str] | None = None
 
 
+#: Links, addresses and routes of a fresh sandbox, read by :func:`prime` where a fresh one
+#: cannot be read after the run (:func:`_fresh_network_now`).
+_fresh_network: dict[str, dict[str, str]] | None = None
+
+
 def prime() -> None:
-    """Read what every fresh sandbox has, once per process (the zygote, before it forks)."""
-    global _fresh_sysctls
+    """Read what every fresh sandbox has, once per process (the zygote, before it forks;
+    a supervisor, before it adopts its sandbox)."""
+    global _fresh_sysctls, _fresh_network
     if _fresh_sysctls is None:
         try:
             _fresh_sysctls = _fresh(read_sysctls)
         except OSError:
             pass  # no network namespace here (a root without CAP_SYS_ADMIN): read per run
+    if _fresh_network is None and not linux.in_initial_user_namespace():
+        with contextlib.suppress(OSError):  # the run's diff then says the kinds are unread
+            _fresh_network = _fresh(read_network)
+
+
+def _fresh_network_now() -> dict[str, dict[str, str]]:
+    """Links, addresses and routes of a fresh sandbox, for a supervisor whose run is over.
+    Outside the initial user namespace a fresh one is read by a forked child
+    (:func:`_fresh_in_child`), which the supervisor cannot fork now: born in the sandbox's
+    pid namespace while the run's leftover processes live, it would show them, through
+    /proc/<child>/root, ns/mnt and fd, the kit's own root and namespaces. There, the one
+    :func:`prime` read before the sandbox was adopted (or OSError)."""
+    if linux.in_initial_user_namespace():
+        return dict(_fresh(read_network))
+    if _fresh_network is None:
+        raise OSError("no fresh network namespace was read before the run")
+    return {kind: dict(objects) for kind, objects in _fresh_network.items()}
 
 
 #: rtnetlink multicast groups whose messages tell that links, addresses, routes, rules or
@@ -910,9 +933,17 @@ class HostWatch:
             self.inside.leave()
             self.inside = None
         if network:  # changed (or not watched): compared with a fresh sandbox's
-            self.before.objects.update(_fresh(read_network))
+            try:
+                self.before.objects.update(_fresh_network_now())
+            except OSError as exc:
+                for kind in ("link", "address", "route"):
+                    self.before.errors[kind] = str(exc)
         template = self.before.objects.get("sysctl")
-        if template is _fresh_sysctls and after.objects.get("sysctl") != template:
+        if (
+            template is _fresh_sysctls
+            and after.objects.get("sysctl") != template
+            and linux.in_initial_user_namespace()  # else no fresh one now: see _fresh_network_now
+        ):
             # A different value, or the cached template is stale: the host's defaults for
             # new network namespaces moved since it was read. Read a fresh one now.
             self.before.objects["sysctl"] = _fresh(read_sysctls)
