@@ -102,6 +102,9 @@ def _outer(base: str, commands: int, replies: int) -> None:
     for i, point in enumerate(COW):
         for name in ("upper", "work"):
             os.makedirs(f"{base}/cow{i}/{name}")
+        lower = os.stat(point)  # the overlay's root is its upper's: the host's, as in kit.run
+        os.chown(f"{base}/cow{i}/upper", lower.st_uid, lower.st_gid)
+        os.chmod(f"{base}/cow{i}/upper", lower.st_mode & 0o7777)
         linux.mount(
             "overlay",
             f"{base}/root{point}",
@@ -905,3 +908,19 @@ def test_reading_a_sandbox_from_a_short_lived_thread_leaks_no_descriptor(
         return len(os.listdir("/proc/self/fd")) - before
 
     assert in_child(body) == {"ok": 0}
+
+
+def test_the_root_of_an_upper_layer_is_compared_with_the_lower_layers_root(tmp_path):
+    """The overlay's root is its upper layer's root: a chmod or chown of the mount point in
+    the sandbox changes that directory alone, with no entry in it."""
+    upper, lower = tmp_path / "upper", tmp_path / "lower"
+    upper.mkdir(mode=0o755)
+    lower.mkdir(mode=0o755)
+    os.chmod(upper, 0o755)
+    os.chmod(lower, 0o755)
+    assert hostdiff.read_files(str(upper), str(lower), "/srv") == ({}, {})
+    os.chmod(upper, 0o700)
+    os.chown(upper, 1234, 4321)
+    found, below = hostdiff.read_files(str(upper), str(lower), "/srv")
+    assert found == {"/srv": "dir 0700 1234:4321"}
+    assert below == {"/srv": "dir 0755 0:0"}

@@ -241,3 +241,29 @@ def test_no_process_of_the_kit_joins_a_sandbox_whose_run_left_processes(base):
     assert out["escaped"] == [], out
     assert ["address", "lo 10.99.0.1/24"] in out["changes"], out
     assert out["errors"] == {}, out
+
+
+def test_a_pieces_root_is_the_hosts_directory_and_a_change_of_it_is_in_the_diff(base):
+    """A directory with no mount under it, an overlay of its own: its root shows the host
+    directory's mode, owner and mtime (not its upper layer's: 0755, root's), and a chmod of
+    it in the sandbox is in the host diff."""
+    piece = os.path.join(base, "piece")
+
+    def setup() -> None:
+        os.mkdir(piece)
+        os.chown(piece, 1234, 4321)
+        os.chmod(piece, 0o1750)
+        os.utime(piece, ns=(10**18, 10**18))
+
+    out = _in_sandbox(base, {"probe": "roots", "piece": piece}, setup)
+    assert piece in out["pieces"], out
+    assert out["seen"] == {"ok": [0o1750, 1234, 4321, 10**18]}, out
+    assert out["changed"] == {"ok": None}, out
+    assert out["changes"] == [
+        {
+            "kind": "file",
+            "name": piece,
+            "before": "dir 1750 1234:4321",
+            "after": "dir 0700 1234:4321",
+        }
+    ], out

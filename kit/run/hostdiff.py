@@ -144,9 +144,13 @@ def read_files(
     """Every entry of the upper layer of the overlay mounted on ``point`` (``/etc/x`` → its
     description) and, for each, what the lower layer has there. A directory that is only a
     copied-up parent (same type, mode and owner as below) is left out: its mtime moved
-    because an entry in it changed, which is listed by itself."""
+    because an entry in it changed, which is listed by itself. The upper layer's root is
+    the overlay's (its owner and mode): listed at ``point`` when they are not the lower's."""
     upper: dict[str, str] = {}
     lower: dict[str, str | None] = {}
+    root, lower_root = _root_sides(upper_dir, lower_dir)
+    if root != lower_root:
+        upper[point], lower[point] = root, lower_root
     todo = [(point.rstrip("/"), upper_dir)]
     while todo:
         rel_dir, real_dir = todo.pop()
@@ -163,6 +167,15 @@ def read_files(
                 upper[rel] = desc
                 lower[rel] = below
     return upper, lower
+
+
+def _root_sides(upper_dir: str, lower_dir: str) -> tuple[str, str]:
+    """The descriptions of the roots of an upper layer and of its lower layer (each a
+    directory, through whatever path: /proc/PID/fd/N is followed)."""
+    return (
+        _describe_path(upper_dir, os.stat(upper_dir)),
+        _describe_path(lower_dir, os.stat(lower_dir)),
+    )
 
 
 # --- mounts -------------------------------------------------------------------------------------
@@ -668,9 +681,10 @@ def _read_all_files(sandbox: Sandbox, lower_dir: str | None, state: HostState) -
     uppers = getattr(sandbox, "upper_dirs", None) or {"/": sandbox.upper_dir}
     files: dict[str, str] = {}
     for point, upper_dir in sorted(uppers.items()):
-        if lower_dir is None and _empty(upper_dir):
-            # Nothing was copied up, created or deleted there: no lower layer to look at (a
-            # detached copy of the mount costs an RCU grace period when it is closed).
+        if lower_dir is None and _empty(upper_dir) and len(set(_root_sides(upper_dir, point))) == 1:
+            # Nothing was copied up, created or deleted there, its root is as on the host
+            # (the mount point's top mount is the overlay's lower layer): no lower layer to
+            # look at (a detached copy of the mount costs an RCU grace period when closed).
             continue
         below, fd = (lower_dir, None) if lower_dir is not None else _mount_alone(point)
         try:

@@ -840,6 +840,9 @@ def _overlay(lower: str, target: str, state: str) -> int:
     upper, work = os.path.join(state, "upper"), os.path.join(state, "work")
     os.makedirs(upper)
     os.makedirs(work)
+    # The overlay's root shows its upper directory's owner, mode and times: the lower's, as
+    # on the host (a split /tmp stays 1777, /root 0700); the host diff compares them.
+    _same_attributes(upper, os.stat(lower))
     options = f"lowerdir={_escape(lower)},upperdir={_escape(upper)},workdir={_escape(work)}"
     if not _userxattr:
         try:
