@@ -154,7 +154,15 @@ def fresh(box):
     return {"escaped": escaped, "changes": changes, "errors": fields["errors"]}
 
 
-PROBES = {"sockets": sockets, "roots": roots, "fresh": fresh}
+def uncover(box):
+    """Root in the sandbox unmounts the view of /var/tmp, then writes there."""
+    def look():
+        linux.umount("/var/tmp", linux.MNT_DETACH)
+        return attempt(lambda: os.close(os.open(config["write"], os.O_WRONLY | os.O_CREAT)))
+    return inside(box, look)
+
+
+PROBES = {"sockets": sockets, "roots": roots, "fresh": fresh, "uncover": uncover}
 if config["probe"] == "fresh":
     hostdiff.prime()  # as a supervisor does before it adopts its sandbox (preload)
 box = sandbox.adopt(sandbox.build([]))
@@ -267,3 +275,18 @@ def test_a_pieces_root_is_the_hosts_directory_and_a_change_of_it_is_in_the_diff(
             "after": "dir 0700 1234:4321",
         }
     ], out
+
+
+def test_a_writable_mount_under_a_recursive_bind_is_read_only_under_its_view(base):
+    """/var, a host mount with a locked one under it, comes with its submounts; one of them,
+    /var/tmp, gets a copy-on-write view: unmounting that view in the sandbox uncovers the
+    host's /var/tmp read-only (a write there would be the real host's)."""
+    written = os.path.join(base, "escaped")
+
+    def setup() -> None:  # in the test's own mount namespace: /var/tmp a mount under /var
+        linux.mount("/var", "/var", None, linux.MS_BIND | linux.MS_REC)
+        linux.mount("/var/tmp", "/var/tmp", None, linux.MS_BIND | linux.MS_REC)
+
+    out = _in_sandbox(base, {"probe": "uncover", "write": written}, setup)
+    assert not os.path.exists(written)
+    assert out == {"ok": os.strerror(30)}, out  # EROFS

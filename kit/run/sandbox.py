@@ -620,6 +620,7 @@ def _build_root(
             _remount(target, flags | linux.MS_RDONLY)  # came with that bind, still on top
         elif _bind(point, target, flags | linux.MS_RDONLY):
             recursive.append(point)
+            _read_only_below(target)
     _make_proc(new)
     _make_sys(new)
     uppers = layers.uppers
@@ -936,6 +937,17 @@ def _bind(source: str, target: str, flags: int) -> bool:
         recursive = True
     _remount(target, flags)
     return recursive
+
+
+def _read_only_below(target: str) -> None:
+    """Remount read-only every mount below ``target`` (as this process's mount table has
+    them), which a recursive bind brought with their host flags: a writable one there (the
+    host's /var/tmp under /var) would be the real one once the run unmounted the view
+    stacked on it."""
+    for _, point, flags in linux.mount_table():
+        if _below(point, target):
+            with contextlib.suppress(FileNotFoundError):  # under a mount over its parent
+                _remount(point, flags | linux.MS_RDONLY)
 
 
 def _remount(target: str, flags: int) -> None:
