@@ -924,3 +924,53 @@ def test_the_root_of_an_upper_layer_is_compared_with_the_lower_layers_root(tmp_p
     found, below = hostdiff.read_files(str(upper), str(lower), "/srv")
     assert found == {"/srv": "dir 0700 1234:4321"}
     assert below == {"/srv": "dir 0755 0:0"}
+
+
+@pytest.mark.parametrize("failure", ["fork", "killed", "epipe"])
+def test_a_fresh_namespace_read_by_a_child_fails_cleanly(failure):
+    """``_fresh_in_child`` when the fork fails, the child dies mid-report, or its write
+    fails: OSError, no descriptor or zombie left, and the child never returns into the
+    caller's code."""
+    escaped_r, escaped_w = os.pipe()
+
+    def attempt() -> dict[str, Any]:
+        me, real_write, real_fork = os.getpid(), os.write, os.fork
+
+        def failing_write(fd: int, data: bytes) -> int:
+            if os.getpid() == me:
+                return real_write(fd, data)
+            if failure == "epipe":
+                raise BrokenPipeError(32, "Broken pipe")
+            real_write(fd, data[: len(data) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+            return 0
+
+        def failing_fork() -> int:
+            raise OSError(11, "Resource temporarily unavailable")
+
+        fds = set(os.listdir("/proc/self/fd"))
+        os.write = failing_write  # type: ignore[assignment]
+        if failure == "fork":
+            os.fork = failing_fork  # type: ignore[assignment]
+        try:
+            hostdiff._fresh_in_child(lambda: "x" * 1000)
+            error = ""
+        except Exception as exc:
+            error = "OSError" if isinstance(exc, OSError) else type(exc).__name__
+        finally:
+            os.write, os.fork = real_write, real_fork  # type: ignore[assignment]
+        if os.getpid() != me:  # the child, back in the caller's code
+            os.write(escaped_w, b"x")
+            os._exit(0)
+        try:
+            zombie = os.waitpid(-1, os.WNOHANG)[0] != 0
+        except ChildProcessError:
+            zombie = False
+        return {"error": error, "fds": sorted(set(os.listdir("/proc/self/fd")) ^ fds), "z": zombie}
+
+    out = in_child(attempt)
+    os.close(escaped_w)
+    escaped = os.read(escaped_r, 1)
+    os.close(escaped_r)
+    assert out == {"ok": {"error": "OSError", "fds": [], "z": False}}, out
+    assert escaped == b""

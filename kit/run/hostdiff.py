@@ -510,23 +510,36 @@ def _fresh(reader: Callable[[], Any]) -> Any:
 def _fresh_in_child(reader: Callable[[], Any]) -> Any:
     """:func:`_fresh` by a forked child: ``reader()``'s JSON-able result, or OSError."""
     r, w = os.pipe()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except BaseException:
+        os.close(r)
+        os.close(w)
+        raise
     if pid == 0:
-        try:
+        try:  # never back into the caller's code, whatever fails (EPIPE in the write)
             os.close(r)
-            linux.unshare(linux.CLONE_NEWNET)
-            linux.link_up("lo")
-            data = json.dumps({"ok": reader()}).encode()
-        except BaseException as exc:  # noqa: BLE001 the child reports any failure
-            data = json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode()
-        while data:
-            data = data[os.write(w, data) :]
-        os._exit(0)
+            try:
+                linux.unshare(linux.CLONE_NEWNET)
+                linux.link_up("lo")
+                data = json.dumps({"ok": reader()}).encode()
+            except BaseException as exc:  # noqa: BLE001 the child reports any failure
+                data = json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode()
+            while data:
+                data = data[os.write(w, data) :]
+        finally:
+            os._exit(0)
     os.close(w)
-    with os.fdopen(r, "rb") as f:
-        out = json.loads(f.read() or b'{"error": "the child died"}')
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, 0)
+    try:
+        with os.fdopen(r, "rb") as f:
+            raw = f.read()
+    finally:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+    try:
+        out = json.loads(raw or b'{"error": "the child died"}')
+    except ValueError:  # killed mid-write
+        out = {"error": "the child died while it reported"}
     if "error" in out:
         raise OSError(f"a fresh network namespace: {out['error']}")
     return out["ok"]
