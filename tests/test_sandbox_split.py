@@ -162,7 +162,20 @@ def uncover(box):
     return inside(box, look)
 
 
-PROBES = {"sockets": sockets, "roots": roots, "fresh": fresh, "uncover": uncover}
+def names(box):
+    """What the sandbox shows of a piece named in bytes, or of a directory it cannot list."""
+    def look():
+        if "odd" in config:
+            return os.path.isdir(config["odd"])
+        write = config["inner"] + "/w"
+        return [
+            os.listdir(config["inner"]),
+            attempt(lambda: os.close(os.open(write, os.O_WRONLY | os.O_CREAT))),
+        ]
+    return {"inside": inside(box, look), "pieces": sorted(box.upper_dirs)}
+
+
+PROBES = {"sockets": sockets, "roots": roots, "fresh": fresh, "uncover": uncover, "names": names}
 if config["probe"] == "fresh":
     hostdiff.prime()  # as a supervisor does before it adopts its sandbox (preload)
 box = sandbox.adopt(sandbox.build([]))
@@ -290,3 +303,32 @@ def test_a_writable_mount_under_a_recursive_bind_is_read_only_under_its_view(bas
     out = _in_sandbox(base, {"probe": "uncover", "write": written}, setup)
     assert not os.path.exists(written)
     assert out == {"ok": os.strerror(30)}, out  # EROFS
+
+
+def test_a_piece_named_in_bytes_gets_its_overlay(base):
+    """A directory whose name is not UTF-8 gets its overlay like any other (its mount point
+    goes through init's report as the bytes it is)."""
+    odd = os.path.join(base, os.fsdecode(b"piece-\xff"))
+    out = _in_sandbox(base, {"probe": "names", "odd": odd}, lambda: os.mkdir(odd))
+    assert odd in out["pieces"], out
+    assert out["inside"] == {"ok": True}, out
+
+
+def test_a_directory_root_cannot_list_is_the_hosts_read_only(base):
+    """A directory on the way to a mount point that root of the user namespace may enter
+    but not list (its owner is not mapped there) is the host's, bound read-only with the
+    mount under it."""
+    locked = os.path.join(base, "locked")
+    inner = os.path.join(locked, "inner")
+
+    def setup() -> None:
+        os.mkdir(locked)
+        os.mkdir(inner)
+        os.chown(locked, 100000, 100000)  # above the map (0 0 65536)
+        os.chmod(locked, 0o711)
+        linux.mount("tmpfs", inner, "tmpfs", 0, "size=64k")
+        with open(os.path.join(inner, "placed"), "w"):
+            pass
+
+    out = _in_sandbox(base, {"probe": "names", "inner": inner}, setup)
+    assert out["inside"] == {"ok": [["placed"], os.strerror(30)]}, out

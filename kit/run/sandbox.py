@@ -363,7 +363,7 @@ def _await_ready(rfd: int) -> dict[str, int]:
         if not chunk:
             break
         data += chunk
-    text = data.decode(errors="replace")
+    text = os.fsdecode(data)  # the mount points as os.scandir named them
     if not text.startswith("ready "):
         raise SandboxError(f"the host sandbox could not be built: {text or 'init died'}")
     uppers: dict[str, int] = {}
@@ -549,10 +549,10 @@ def _init_main(
                 os.setpriority(os.PRIO_PROCESS, 0, priority_when_ready)
         _confine_init()
         items = "".join(f"{point}={fd}\0" for point, fd in uppers.items())
-        os.write(ready_fd, f"ready {items}".encode())
+        os.write(ready_fd, os.fsencode(f"ready {items}"))  # a path's bytes, whatever they are
     except BaseException as exc:  # noqa: BLE001 the sandbox's init reports any failure
         try:
-            os.write(ready_fd, f"{type(exc).__name__}: {exc}".encode())
+            os.write(ready_fd, os.fsencode(f"{type(exc).__name__}: {exc}"))
         finally:
             os._exit(1)
     os.close(ready_fd)
@@ -618,6 +618,8 @@ def _build_root(
             views.append(point)
         elif _nearest(point, [*recursive, *views]) in recursive:
             _remount(target, flags | linux.MS_RDONLY)  # came with that bind, still on top
+        elif _nearest(point, [*views, *layers.bound]) in layers.bound:
+            continue  # came with a directory of the skeleton bound whole, read-only
         elif _bind(point, target, flags | linux.MS_RDONLY):
             recursive.append(point)
             _read_only_below(target)
@@ -655,6 +657,9 @@ class _Layers:
     table: list[tuple[int, str, int]]
     uppers: dict[str, int] = field(default_factory=dict)
     made: int = 0
+    #: Directories of a skeleton bound from the host with what is under them, read-only
+    #: (:meth:`_split`: they could not be listed).
+    bound: list[str] = field(default_factory=list)
 
     def state(self) -> str:
         self.made += 1
@@ -688,17 +693,23 @@ class _Layers:
         compares an entry of it with the same path on the host."""
         state = self.state()
         skeleton = os.path.join(state, "skeleton")
-        pieces, files = _mirror(point, skeleton, mounts)
+        unread: list[str] = []
+        pieces, files = _mirror(point, skeleton, mounts, unread)
         self.uppers[point] = _overlay(skeleton, target, state)
         for path in pieces:
             self.uppers[path] = _overlay(path, target + _rel(path, point), self.state())
+        for path in unread:  # the host's, read-only, with the mounts under it
+            flags = _flags_at(path, self.table) | linux.MS_RDONLY
+            if _bind(path, target + _rel(path, point), flags):
+                _read_only_below(target + _rel(path, point))
+            self.bound.append(path)
         for path, st in files:
             flags = _flags_at(path, self.table) | linux.MS_RDONLY
             _bind_regular_file(path, st, target + _rel(path, point), flags)
 
 
 def _mirror(
-    point: str, skeleton: str, mounts: list[str]
+    point: str, skeleton: str, mounts: list[str], unread: list[str]
 ) -> tuple[list[str], list[tuple[str, os.stat_result]]]:
     """Copy into ``skeleton`` the directories of ``point`` that lead to one of ``mounts``
     (mode, owner and times as the host's), with each entry they hold: a directory with no
@@ -706,7 +717,8 @@ def _mirror(
     point (an empty directory or file, to be covered), a symlink, a small regular file, a
     new FIFO or socket of its own (:func:`_stand_in`); an empty file in place of the others:
     a larger regular file (returned with its lstat, to get the host's bound on it), a
-    device."""
+    device. A directory on the way that cannot be listed (its owner unmapped in this user
+    namespace, say) is left empty, appended to ``unread``."""
     on_path = {point}
     for mount in mounts:
         parent = os.path.dirname(mount)
@@ -719,7 +731,12 @@ def _mirror(
     os.makedirs(skeleton)
     dirs = [(point, os.stat(point))]
     for host_dir, _ in dirs:
-        with os.scandir(host_dir) as entries:
+        try:
+            listing = os.scandir(host_dir)
+        except PermissionError:
+            unread.append(host_dir)
+            continue
+        with listing as entries:
             for entry in entries:
                 path = entry.path
                 dst = skeleton + _rel(path, point)
@@ -945,9 +962,15 @@ def _read_only_below(target: str) -> None:
     host's /var/tmp under /var) would be the real one once the run unmounted the view
     stacked on it."""
     for _, point, flags in linux.mount_table():
-        if _below(point, target):
-            with contextlib.suppress(FileNotFoundError):  # under a mount over its parent
-                _remount(point, flags | linux.MS_RDONLY)
+        if not _below(point, target):
+            continue
+        try:
+            _remount(point, flags | linux.MS_RDONLY)
+        except OSError as exc:
+            # Gone under a mount over its parent, or in a directory no one here may enter
+            # (EACCES; not EPERM, a remount refused).
+            if exc.errno not in (errno.ENOENT, errno.EACCES):
+                raise
 
 
 def _remount(target: str, flags: int) -> None:
