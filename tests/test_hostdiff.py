@@ -974,3 +974,19 @@ def test_a_fresh_namespace_read_by_a_child_fails_cleanly(failure):
     os.close(escaped_r)
     assert out == {"ok": {"error": "OSError", "fds": [], "z": False}}, out
     assert escaped == b""
+
+
+def test_in_the_initial_user_namespace_a_refused_way_back_is_an_error():
+    """Leaving the sandbox's namespaces may be refused only where the launch user namespace
+    does not own the launcher's; in the initial one it is a real failure, raised."""
+
+    def leave_unprivileged() -> str:
+        inside = hostdiff.Inside(os.getpid())  # joins its own namespaces: a way back held
+        os.setresuid(65534, 65534, 65534)  # no CAP_SYS_ADMIN left: setns back is refused
+        try:
+            inside.leave()
+        except PermissionError:
+            return "raised"
+        return "swallowed"
+
+    assert in_child(leave_unprivileged) == {"ok": "raised"}

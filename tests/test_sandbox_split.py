@@ -332,3 +332,29 @@ def test_a_directory_root_cannot_list_is_the_hosts_read_only(base):
 
     out = _in_sandbox(base, {"probe": "names", "inner": inner}, setup)
     assert out["inside"] == {"ok": [["placed"], os.strerror(30)]}, out
+
+
+@pytest.mark.parametrize("initial", [True, False], ids=["initial", "other"])
+def test_a_refused_bind_of_a_shared_directory_is_an_error_in_the_initial_namespace(
+    monkeypatch, initial
+):
+    """Only in a user namespace that is not the initial one may the kernel refuse to clear
+    a shared directory's locked flags: the bind is then kept with them. In the initial one
+    the refusal is a real failure, raised."""
+    from kit.run import sandbox
+
+    def refused(source: str, target: str, flags: int) -> bool:
+        raise PermissionError(1, "Operation not permitted")
+
+    remounts: list[tuple[str, int]] = []
+    monkeypatch.setattr(sandbox, "_bind", refused)
+    monkeypatch.setattr(sandbox, "_remount", lambda target, flags: remounts.append((target, flags)))
+    monkeypatch.setattr(linux, "in_initial_user_namespace", lambda: initial)
+    table = [(1, "/", linux.MS_NOSUID | linux.MS_RDONLY)]
+    if initial:
+        with pytest.raises(PermissionError):
+            sandbox._bind_shared("/srv/shared", "/new/srv/shared", table)
+        assert remounts == []
+    else:
+        sandbox._bind_shared("/srv/shared", "/new/srv/shared", table)
+        assert remounts == [("/new/srv/shared", linux.MS_NOSUID)]

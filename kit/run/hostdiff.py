@@ -468,10 +468,11 @@ class Inside:
             try:
                 linux.setns(fd, linux.NAMESPACES[ns][0])
             except PermissionError:
+                if linux.in_initial_user_namespace():
+                    raise  # it owns every namespace: a real failure
                 # Launched in a user namespace that does not own the launcher's namespaces:
                 # there is no way back. The supervisor, which reads nothing more of them,
                 # stays in the sandbox's until it exits (they outlive init that long).
-                pass
             finally:
                 os.close(fd)
         self.own = {}

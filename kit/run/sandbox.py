@@ -628,18 +628,26 @@ def _build_root(
     uppers = layers.uppers
     uppers[_MQUEUE_ITEM] = _make_dev(new)
     for path in shared:
-        try:
-            _bind(path, new + path, 0)
-        except PermissionError:
-            # In a user namespace that is not the initial one: the kernel will not clear
-            # the locked flags (nosuid, nodev, noexec, atime) of the host mount there.
-            _remount(new + path, _flags_at(path, table) & ~linux.MS_RDONLY)
+        _bind_shared(path, new + path, table)
     os.chdir(new)
     linux.pivot_root(".", ".")
     linux.umount(".", linux.MNT_DETACH)  # the old root, stacked under the new one
     os.chdir("/")
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_SHARED)
     return uppers
+
+
+def _bind_shared(path: str, target: str, table: list[tuple[int, str, int]]) -> None:
+    """Bind the host directory ``path`` the run shares with the kit on ``target``,
+    read-write."""
+    try:
+        _bind(path, target, 0)
+    except PermissionError:
+        if linux.in_initial_user_namespace():
+            raise  # nothing is locked there: a real failure
+        # In a user namespace that is not the initial one: the kernel will not clear the
+        # locked flags (nosuid, nodev, noexec, atime) of the host mount there.
+        _remount(target, _flags_at(path, table) & ~linux.MS_RDONLY)
 
 
 #: A regular file up to this size in a directory of a split view's skeleton is copied into
