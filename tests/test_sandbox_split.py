@@ -175,7 +175,21 @@ def names(box):
     return {"inside": inside(box, look), "pieces": sorted(box.upper_dirs)}
 
 
-PROBES = {"sockets": sockets, "roots": roots, "fresh": fresh, "uncover": uncover, "names": names}
+def fds(box):
+    """How many descriptors init and the adopter hold, and whether the pieces are readable."""
+    readable = all(os.path.isdir(path) for path in box.upper_dirs.values())
+    init = len(os.listdir(f"/proc/{box.init_pid}/fd"))
+    return {"pieces": len(box.upper_dirs), "init": init, "held": len(box.held_fds), "ok": readable}
+
+
+PROBES = {
+    "sockets": sockets,
+    "roots": roots,
+    "fresh": fresh,
+    "uncover": uncover,
+    "names": names,
+    "fds": fds,
+}
 if config["probe"] == "fresh":
     hostdiff.prime()  # as a supervisor does before it adopts its sandbox (preload)
 box = sandbox.adopt(sandbox.build([]))
@@ -358,3 +372,16 @@ def test_a_refused_bind_of_a_shared_directory_is_an_error_in_the_initial_namespa
     else:
         sandbox._bind_shared("/srv/shared", "/new/srv/shared", table)
         assert remounts == [("/new/srv/shared", linux.MS_NOSUID)]
+
+
+def test_init_and_the_supervisor_hold_a_few_descriptors_however_many_pieces(base):
+    """A split root of many pieces: one descriptor of the scratch tmpfs holds every upper
+    layer, in init and in the process that adopts the sandbox (not one per piece)."""
+
+    def setup() -> None:
+        for i in range(60):
+            os.mkdir(os.path.join(base, f"piece-{i}"))
+
+    out = _in_sandbox(base, {"probe": "fds"}, setup)
+    assert out["pieces"] > 60 and out["ok"] is True, out
+    assert out["init"] <= 8 and out["held"] <= 2, out

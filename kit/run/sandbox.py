@@ -49,9 +49,11 @@ JOIN_DIR = "/dev/kit-join"
 #: The kinds a run may be given to join: none leads back to the host (a mount namespace
 #: holds the host's file systems; pid and user namespaces have the host's as ancestors).
 JOIN_KINDS = ("uts", "ipc", "net")
-#: In init's report, the item that is not an upper layer: its fd of the root of the sandbox's
-#: POSIX message queue file system.
+#: In init's report, the items that are not an upper layer (each a mount point, a path
+#: relative to the scratch tmpfs): its fd of the root of the sandbox's POSIX message queue
+#: file system, and its fd of the root of the scratch tmpfs, which holds every upper layer.
 _MQUEUE_ITEM = "mqueue"
+_SCRATCH_ITEM = "scratch"
 #: ioctl_ns(2) NS_GET_NSTYPE: the CLONE_NEW* kind of a namespace file.
 _NS_GET_NSTYPE = 0xB703
 _READY_TIMEOUT = 10.0
@@ -163,11 +165,14 @@ class Building:
     ready_fd: int
     scratch: str
     builder: int
-    #: Init's report, once read (:func:`wait_ready`): {mount point: fd in init} of the
-    #: copy-on-write upper layers.
-    uppers: dict[str, int] | None = None
+    #: Init's report, once read (:func:`wait_ready`): {mount point: path below the scratch
+    #: tmpfs's root} of the copy-on-write upper layers.
+    uppers: dict[str, str] | None = None
     #: And init's fd of the root of the sandbox's message queue file system, if it has one.
     mqueue: int | None = None
+    #: And init's fd of the root of the scratch tmpfs: one for every upper layer, however
+    #: many pieces a split root has.
+    scratch_fd: int = -1
     #: The builder's pidfd of init, opened before init could be reaped: unlike ``init_pid``
     #: it never names another process (the zygote reaps a spare's init that died at once).
     pidfd: int | None = None
@@ -177,12 +182,15 @@ class Building:
         upper layers, each as a path through init's descriptors (valid while it lives)."""
         if self.uppers is None:
             items = _await_ready(self.ready_fd)
-            self.mqueue = items.pop(_MQUEUE_ITEM, None)
+            mqueue = items.pop(_MQUEUE_ITEM, None)
+            self.mqueue = None if mqueue is None else int(mqueue)
+            self.scratch_fd = int(items.pop(_SCRATCH_ITEM))
             self.uppers = items
             # Init no longer needs it (its old root is detached): gone now, it cannot outlive
             # a builder that is killed.
             _remove_scratch(self.scratch)
-        return {point: f"/proc/{self.init_pid}/fd/{fd}" for point, fd in self.uppers.items()}
+        root = f"/proc/{self.init_pid}/fd/{self.scratch_fd}"
+        return {point: f"{root}/{rel}" for point, rel in self.uppers.items()}
 
     def init_exited(self) -> bool:
         """Whether init has exited (reaped or not): known from the pidfd only."""
@@ -268,7 +276,7 @@ def adopt(building: Building) -> HostSandbox:
     try:
         building.wait_ready()
         assert building.uppers is not None
-        _hold(sandbox, building.uppers, building.mqueue)
+        _hold(sandbox, building.uppers, building.scratch_fd, building.mqueue)
         fd = os.open(linux.ns_path("pid", building.init_pid), os.O_RDONLY | os.O_CLOEXEC)
         try:
             linux.setns(fd, linux.CLONE_NEWPID)
@@ -350,9 +358,9 @@ def _open_namespace(kind: str, path: str) -> int:
     return fd
 
 
-def _await_ready(rfd: int) -> dict[str, int]:
-    """Init's report: ``{mount point: fd number in init}`` of the upper layers (and
-    :data:`_MQUEUE_ITEM`: fd number), or raise."""
+def _await_ready(rfd: int) -> dict[str, str]:
+    """Init's report: ``{mount point: path below the scratch tmpfs}`` of the upper layers
+    (and :data:`_MQUEUE_ITEM`, :data:`_SCRATCH_ITEM`: fd numbers in init), or raise."""
     data = b""
     deadline = time.monotonic() + _READY_TIMEOUT
     while True:
@@ -366,18 +374,20 @@ def _await_ready(rfd: int) -> dict[str, int]:
     text = os.fsdecode(data)  # the mount points as os.scandir named them
     if not text.startswith("ready "):
         raise SandboxError(f"the host sandbox could not be built: {text or 'init died'}")
-    uppers: dict[str, int] = {}
+    items: dict[str, str] = {}
     for item in text[len("ready ") :].split("\0"):
         if item:
-            point, _, fd = item.rpartition("=")
-            uppers[point] = int(fd)
-    return uppers
+            point, _, value = item.rpartition("=")
+            items[point] = value
+    return items
 
 
-def _hold(sandbox: HostSandbox, uppers: dict[str, int], mqueue: int | None = None) -> None:
+def _hold(
+    sandbox: HostSandbox, uppers: dict[str, str], scratch_fd: int, mqueue: int | None = None
+) -> None:
     """Open what the supervisor needs from init while it lives: its namespaces (for
-    :func:`enter`), the upper layers (kept readable after teardown) and the root of the
-    message queue file system."""
+    :func:`enter`), the scratch tmpfs with the upper layers (kept readable after teardown)
+    and the root of the message queue file system."""
     pid = sandbox.init_pid
     for kind in NS_KINDS:
         sandbox.ns_fds[kind] = os.open(linux.ns_path(kind, pid), os.O_RDONLY | os.O_CLOEXEC)
@@ -387,8 +397,9 @@ def _hold(sandbox: HostSandbox, uppers: dict[str, int], mqueue: int | None = Non
         sandbox.held_fds.append(mine)
         return f"/proc/{os.getpid()}/fd/{mine}"
 
-    for point, fd in uppers.items():
-        sandbox.upper_dirs[point] = held(fd)
+    root = held(scratch_fd)
+    for point, rel in uppers.items():
+        sandbox.upper_dirs[point] = f"{root}/{rel}"
     sandbox.upper_dir = sandbox.upper_dirs["/"]
     if mqueue is not None:
         sandbox.mqueue_dir = held(mqueue)
@@ -543,13 +554,13 @@ def _init_main(
         linux.unshare(linux.ns_flags(NS_KINDS))
         linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
         linux.link_up("lo")
-        uppers = _build_root(scratch, shared, table)
+        items = _build_root(scratch, shared, table)
         if priority_when_ready is not None:  # built in the background (kit.run.zygote)
             with contextlib.suppress(OSError):  # else it reaps orphans a little later
                 os.setpriority(os.PRIO_PROCESS, 0, priority_when_ready)
         _confine_init()
-        items = "".join(f"{point}={fd}\0" for point, fd in uppers.items())
-        os.write(ready_fd, os.fsencode(f"ready {items}"))  # a path's bytes, whatever they are
+        report = "".join(f"{point}={value}\0" for point, value in items.items())
+        os.write(ready_fd, os.fsencode(f"ready {report}"))  # a path's bytes, whatever they are
     except BaseException as exc:  # noqa: BLE001 the sandbox's init reports any failure
         try:
             os.write(ready_fd, os.fsencode(f"{type(exc).__name__}: {exc}"))
@@ -598,11 +609,12 @@ def _reap_forever() -> NoReturn:
 
 def _build_root(
     scratch: str, shared: list[str], table: list[tuple[int, str, int]]
-) -> dict[str, int]:
-    """Build the sandbox's root and pivot into it; returns ``{mount point: fd}`` of the
-    copy-on-write upper layers and ``{"mqueue": fd}`` of the message queue file system's root
-    (held open by init)."""
+) -> dict[str, str]:
+    """Build the sandbox's root and pivot into it; returns ``{mount point: path below the
+    scratch tmpfs}`` of the copy-on-write upper layers, and the fds (held open by init) of
+    the roots of the message queue file system and of the scratch tmpfs."""
     linux.mount("kit-sandbox", scratch, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=0700")
+    scratch_fd = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY)
     new = os.path.join(scratch, "root")
     os.mkdir(new)
     submounts = _host_submounts(scratch, table)
@@ -625,8 +637,9 @@ def _build_root(
             _read_only_below(target)
     _make_proc(new)
     _make_sys(new)
-    uppers = layers.uppers
-    uppers[_MQUEUE_ITEM] = _make_dev(new)
+    items = {point: os.path.relpath(upper, scratch) for point, upper in layers.uppers.items()}
+    items[_MQUEUE_ITEM] = str(_make_dev(new))
+    items[_SCRATCH_ITEM] = str(scratch_fd)
     for path in shared:
         _bind_shared(path, new + path, table)
     os.chdir(new)
@@ -634,7 +647,7 @@ def _build_root(
     linux.umount(".", linux.MNT_DETACH)  # the old root, stacked under the new one
     os.chdir("/")
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_SHARED)
-    return uppers
+    return items
 
 
 def _bind_shared(path: str, target: str, table: list[tuple[int, str, int]]) -> None:
@@ -658,12 +671,12 @@ SKELETON_COPY_LIMIT = 256 << 10
 
 @dataclass
 class _Layers:
-    """The copy-on-write mounts of a sandbox being built: their upper layers' fds by mount
-    point, their state in numbered directories of the scratch tmpfs."""
+    """The copy-on-write mounts of a sandbox being built: their upper layers by mount point,
+    their state in numbered directories of the scratch tmpfs."""
 
     scratch: str
     table: list[tuple[int, str, int]]
-    uppers: dict[str, int] = field(default_factory=dict)
+    uppers: dict[str, str] = field(default_factory=dict)
     made: int = 0
     #: Directories of a skeleton bound from the host with what is under them, read-only
     #: (:meth:`_split`: they could not be listed).
@@ -859,9 +872,8 @@ def _flags_at(path: str, table: list[tuple[int, str, int]]) -> int:
     return flags
 
 
-def _overlay(lower: str, target: str, state: str) -> int:
-    """Mount a copy-on-write view of ``lower`` on ``target``; returns an fd of its upper
-    layer."""
+def _overlay(lower: str, target: str, state: str) -> str:
+    """Mount a copy-on-write view of ``lower`` on ``target``; returns its upper layer."""
     global _userxattr
     upper, work = os.path.join(state, "upper"), os.path.join(state, "work")
     os.makedirs(upper)
@@ -873,14 +885,14 @@ def _overlay(lower: str, target: str, state: str) -> int:
     if not _userxattr:
         try:
             linux.mount("kit-sandbox", target, "overlay", 0, options)
-            return os.open(upper, os.O_RDONLY | os.O_DIRECTORY)
+            return upper
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
     # Launched in a user namespace that is not the initial one: no trusted.* xattrs.
     linux.mount("kit-sandbox", target, "overlay", 0, options + ",userxattr")
     _userxattr = True  # for the next overlays of this build (init is a fresh fork each time)
-    return os.open(upper, os.O_RDONLY | os.O_DIRECTORY)
+    return upper
 
 
 #: Whether an overlay of this process needed ``userxattr`` (the others will).
