@@ -385,3 +385,17 @@ def test_init_and_the_supervisor_hold_a_few_descriptors_however_many_pieces(base
     out = _in_sandbox(base, {"probe": "fds"}, setup)
     assert out["pieces"] > 60 and out["ok"] is True, out
     assert out["init"] <= 8 and out["held"] <= 2, out
+
+
+def test_a_file_swapped_after_the_listing_is_not_copied_into_the_skeleton(tmp_path):
+    """The skeleton copies a small regular file as listed: if another file (a device, here)
+    took its name since, nothing is read from it."""
+    from kit.run import sandbox
+
+    listed = tmp_path / "listed"
+    listed.write_bytes(b"small\n")
+    dst = tmp_path / "copy"
+    assert sandbox._copied("/dev/zero", str(dst), os.lstat(listed)) is False
+    assert not dst.exists()
+    assert sandbox._copied(str(listed), str(dst), os.lstat(listed)) is True
+    assert dst.read_bytes() == b"small\n"

@@ -795,6 +795,9 @@ def _copied(path: str, dst: str, st: os.stat_result) -> bool:
     except OSError:
         return False
     try:
+        now = os.fstat(src)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):  # swapped since the listing
+            return False
         data = os.read(src, SKELETON_COPY_LIMIT + 1)
     finally:
         os.close(src)
