@@ -990,3 +990,19 @@ def test_in_the_initial_user_namespace_a_refused_way_back_is_an_error():
         return "swallowed"
 
     assert in_child(leave_unprivileged) == {"ok": "raised"}
+
+
+def test_no_child_reads_a_fresh_namespace_from_another_pid_namespace():
+    """Once the caller's children are born in another pid namespace (as a supervisor's are
+    after it adopted its sandbox), no child is forked to read a fresh network namespace."""
+
+    def after_unshare() -> str:
+        linux.unshare(linux.CLONE_NEWPID)
+        try:
+            hostdiff._fresh_in_child(lambda: os.getpid())
+        except OSError as exc:
+            return str(exc)
+        return "forked"
+
+    out = in_child(after_unshare)
+    assert out == {"ok": "a fresh network namespace: a child would be born in the sandbox"}

@@ -509,7 +509,15 @@ def _fresh(reader: Callable[[], Any]) -> Any:
 
 
 def _fresh_in_child(reader: Callable[[], Any]) -> Any:
-    """:func:`_fresh` by a forked child: ``reader()``'s JSON-able result, or OSError."""
+    """:func:`_fresh` by a forked child: ``reader()``'s JSON-able result, or OSError.
+    Refused once this process's children are born in another pid namespace (a sandbox's,
+    adopted): there the child would be within reach of the run's processes."""
+    try:  # ENOENT: a new pid namespace that has no init yet
+        children = os.readlink("/proc/self/ns/pid_for_children")
+    except FileNotFoundError:
+        children = ""
+    if children != os.readlink("/proc/self/ns/pid"):
+        raise OSError("a fresh network namespace: a child would be born in the sandbox")
     r, w = os.pipe()
     try:
         pid = os.fork()
