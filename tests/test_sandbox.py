@@ -389,6 +389,36 @@ def test_mount_attacks_on_host_mounts_change_only_the_sandbox(shared_dir):
     assert _host_mounts() == before
 
 
+def test_a_host_namespace_file_mounted_anywhere_is_not_in_the_sandbox(shared_dir):
+    """A namespace file the host has mounted (``ip netns add`` leaves one under /run/netns;
+    container runtimes keep them under /run too) would let root in the sandbox setns into a
+    host namespace: the sandbox reproduces every other host mount, never these. Made in a
+    private mount namespace of a child, which launches the kit from there."""
+    from conftest import in_child
+
+    def from_a_private_mount_namespace() -> dict[str, Any]:
+        linux.unshare(linux.CLONE_NEWNS)
+        linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+        base = tempfile.mkdtemp(prefix="kit-sbtest-")
+        os.chmod(base, 0o755)  # the payload may run as U
+        held = {kind: os.path.join(base, kind) for kind in ("net", "uts")}
+        for kind, path in held.items():
+            open(path, "w").close()
+            linux.mount(f"/proc/self/ns/{kind}", path, None, linux.MS_BIND)
+        try:
+            script = "grep -c ' - nsfs ' /proc/self/mountinfo"
+            result = run("reference", "root", ["/bin/sh", "-c", script], shared_dirs=[shared_dir])
+            return {"exit": result.exit_code, "out": result.stdout.split()}
+        finally:
+            for path in held.values():
+                linux.umount(path, linux.MNT_DETACH)
+            shutil.rmtree(base, ignore_errors=True)
+
+    got = in_child(from_a_private_mount_namespace)
+    # No namespace file is mounted where the payload runs (grep exits 1 on a count of 0).
+    assert got == {"ok": {"exit": 1, "out": ["0"]}}, got
+
+
 def test_a_run_is_never_given_the_hosts_own_namespaces_or_a_mount_one():
     from kit.run.launcher import LaunchError, make_request
 
@@ -539,7 +569,7 @@ def test_the_cached_host_mount_table_sees_a_mount_and_a_remount():
         try:
 
             def flags_of(point: str) -> int | None:
-                found = [f for _, p, f in sandbox.host_mount_table() if p == point]
+                found = [m.flags for m in sandbox.host_mount_table() if m.point == point]
                 return found[-1] if found else None
 
             seen.append(flags_of(base))
@@ -569,7 +599,7 @@ def test_the_cached_host_mount_table_is_read_again_when_its_fd_was_closed():
             assert sandbox._table_cache is not None
             os.close(sandbox._table_cache[1])  # closed behind the cache's back
             linux.mount("tmpfs", base, "tmpfs", 0, "size=64k")
-            seen = any(p == base for _, p, _ in sandbox.host_mount_table())
+            seen = any(m.point == base for m in sandbox.host_mount_table())
             linux.umount(base, 0)
             return seen
         finally:

@@ -364,7 +364,7 @@ def test_a_refused_bind_of_a_shared_directory_is_an_error_in_the_initial_namespa
     monkeypatch.setattr(sandbox, "_bind", refused)
     monkeypatch.setattr(sandbox, "_remount", lambda target, flags: remounts.append((target, flags)))
     monkeypatch.setattr(linux, "in_initial_user_namespace", lambda: initial)
-    table = [(1, "/", linux.MS_NOSUID | linux.MS_RDONLY)]
+    table = [linux.Mount(1, "/", linux.MS_NOSUID | linux.MS_RDONLY, "ext4")]
     if initial:
         with pytest.raises(PermissionError):
             sandbox._bind_shared("/srv/shared", "/new/srv/shared", table)

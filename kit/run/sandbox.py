@@ -28,6 +28,8 @@ SWITCH_ENV = "KIT_SANDBOX"
 WRITABLE = ("/tmp", "/var/tmp", "/run", "/var/run")
 #: Made afresh for the sandbox, never bound from the host.
 RECREATED = ("/proc", "/sys", "/dev")
+#: The file system of namespace files (/proc/PID/ns/*), wherever one is bound.
+NAMESPACE_FS = "nsfs"
 #: Device nodes made like the host's (a container runtime's default set).
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 DEV_LINKS = {
@@ -542,7 +544,7 @@ def _remove_scratch(scratch: str) -> None:
 
 
 def _init_main(
-    scratch: str, shared: list[str], ready_fd: int, table: list[tuple[int, str, int]]
+    scratch: str, shared: list[str], ready_fd: int, table: list[linux.Mount]
 ) -> NoReturn:
     """Pid 1 of the sandbox: build it, report, then reap orphans until killed."""
     try:
@@ -607,9 +609,7 @@ def _reap_forever() -> NoReturn:
                 break
 
 
-def _build_root(
-    scratch: str, shared: list[str], table: list[tuple[int, str, int]]
-) -> dict[str, str]:
+def _build_root(scratch: str, shared: list[str], table: list[linux.Mount]) -> dict[str, str]:
     """Build the sandbox's root and pivot into it; returns ``{mount point: path below the
     scratch tmpfs}`` of the copy-on-write upper layers, and the fds (held open by init) of
     the roots of the message queue file system and of the scratch tmpfs."""
@@ -618,7 +618,9 @@ def _build_root(
     new = os.path.join(scratch, "root")
     os.mkdir(new)
     submounts = _host_submounts(scratch, table)
-    points = [point for point, _ in submounts]
+    # Namespace files count as mount points where the root is built in pieces (a mount
+    # under a directory keeps it from being one overlay), and are never bound.
+    points = [point for point, _ in submounts] + _namespace_files(scratch, table)
     layers = _Layers(scratch, table)
     layers.copy_on_write("/", new, [*points, *RECREATED])
     recursive: list[str] = []  # bound with their submounts (see _bind)
@@ -650,7 +652,7 @@ def _build_root(
     return items
 
 
-def _bind_shared(path: str, target: str, table: list[tuple[int, str, int]]) -> None:
+def _bind_shared(path: str, target: str, table: list[linux.Mount]) -> None:
     """Bind the host directory ``path`` the run shares with the kit on ``target``,
     read-write."""
     try:
@@ -675,7 +677,7 @@ class _Layers:
     their state in numbered directories of the scratch tmpfs."""
 
     scratch: str
-    table: list[tuple[int, str, int]]
+    table: list[linux.Mount]
     uppers: dict[str, str] = field(default_factory=dict)
     made: int = 0
     #: Directories of a skeleton bound from the host with what is under them, read-only
@@ -865,13 +867,13 @@ def _nearest(path: str, points: list[str]) -> str | None:
     return max((p for p in points if _under(path, (p,))), key=len, default=None)
 
 
-def _flags_at(path: str, table: list[tuple[int, str, int]]) -> int:
+def _flags_at(path: str, table: list[linux.Mount]) -> int:
     """The per-mount flags of the host mount that holds ``path`` (the topmost one on the
     nearest mount point over it)."""
     best, flags = "", 0
-    for _, point, mount_flags in table:
-        if _under(path, (point,)) and len(point) >= len(best):
-            best, flags = point, mount_flags
+    for mount in table:
+        if _under(path, (mount.point,)) and len(mount.point) >= len(best):
+            best, flags = mount.point, mount.flags
     return flags
 
 
@@ -906,23 +908,42 @@ def _escape(path: str) -> str:
     return path.replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
 
 
-def _host_submounts(scratch: str, table: list[tuple[int, str, int]]) -> list[tuple[str, int]]:
+def _host_submounts(scratch: str, table: list[linux.Mount]) -> list[tuple[str, int]]:
     """The host's mounts to reproduce (``table``: :func:`host_mount_table`), topmost per
-    mount point, parents first: every one but ``/``, those under :data:`RECREATED` and the
-    sandbox's own."""
+    mount point, parents first: every one but ``/``, those under :data:`RECREATED`, the
+    sandbox's own, and namespace files (:func:`_namespace_files`)."""
     top: dict[str, int] = {}
-    for _, point, flags in table:
-        if point == "/" or _under(point, RECREATED) or _under(point, (scratch,)):
-            continue
-        top.pop(point, None)  # a later mount at the same point hides the earlier one
-        top[point] = flags
+    for mount in _reproducible(scratch, table):
+        top.pop(mount.point, None)  # a later mount at the same point hides the earlier one
+        top[mount.point] = mount.flags
+    for point in _namespace_files(scratch, table):
+        top.pop(point, None)
     return list(top.items())
+
+
+def _namespace_files(scratch: str, table: list[linux.Mount]) -> list[str]:
+    """Where the host has a namespace file mounted, topmost there (``ip netns add`` leaves
+    one under /run/netns, container runtimes keep theirs under /run): bound into the
+    sandbox, it would let root there setns into a host namespace. Each is left as the empty
+    file the host's file system has under it."""
+    top: dict[str, str] = {}
+    for mount in _reproducible(scratch, table):
+        top[mount.point] = mount.fstype
+    return [point for point, fstype in top.items() if fstype == NAMESPACE_FS]
+
+
+def _reproducible(scratch: str, table: list[linux.Mount]) -> list[linux.Mount]:
+    return [
+        m
+        for m in table
+        if m.point != "/" and not _under(m.point, RECREATED) and not _under(m.point, (scratch,))
+    ]
 
 
 #: (pid, an fd of its /proc/self/mountinfo, the table read): what :func:`host_mount_table`
 #: read last in this process. Dropped in a forked child (its fd may be closed, its mount
 #: namespace another); the pid is checked too, for a child forked around the hook.
-_table_cache: tuple[int, int, list[tuple[int, str, int]]] | None = None
+_table_cache: tuple[int, int, list[linux.Mount]] | None = None
 
 
 def _forget_table() -> None:
@@ -933,7 +954,7 @@ def _forget_table() -> None:
 os.register_at_fork(after_in_child=_forget_table)
 
 
-def host_mount_table() -> list[tuple[int, str, int]]:
+def host_mount_table() -> list[linux.Mount]:
     """``linux.mount_table()`` of the calling process, read again only when the kernel says
     it changed: a poller of mountinfo wakes for every mount, unmount and remount (not for a
     change of propagation, which the table does not hold). The zygote builds a sandbox per
@@ -984,16 +1005,34 @@ def _read_only_below(target: str) -> None:
     them), which a recursive bind brought with their host flags: a writable one there (the
     host's /var/tmp under /var) would be the real one once the run unmounted the view
     stacked on it."""
-    for _, point, flags in linux.mount_table():
+    for mount in linux.mount_table():
+        point = mount.point
         if not _below(point, target):
             continue
+        if mount.fstype == NAMESPACE_FS:
+            _leave_out(point, target)
+            continue
         try:
-            _remount(point, flags | linux.MS_RDONLY)
+            _remount(point, mount.flags | linux.MS_RDONLY)
         except OSError as exc:
             # Gone under a mount over its parent, or in a directory no one here may enter
             # (EACCES; not EPERM, a remount refused).
             if exc.errno not in (errno.ENOENT, errno.EACCES):
                 raise
+
+
+def _leave_out(point: str, target: str) -> None:
+    """Unmount a host namespace file that a recursive bind on ``target`` brought; a locked
+    one (a user namespace that is not the initial one cannot unmount it alone) ends the
+    build: a sandbox with a way into a host namespace is no sandbox."""
+    try:
+        linux.umount(point, linux.MNT_DETACH)
+    except OSError as exc:
+        raise SandboxError(
+            f"a host namespace file is mounted at {point!r} under {target!r} and cannot be "
+            f"left out of the sandbox ({exc.strerror}): unmount it on the host, or launch the "
+            "kit where it is not locked (the initial user namespace)"
+        ) from None
 
 
 def _remount(target: str, flags: int) -> None:

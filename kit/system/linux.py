@@ -427,16 +427,28 @@ MOUNTINFO_FLAGS = {
 }
 
 
-def mount_table(pid: int | str = "self") -> list[tuple[int, str, int]]:
-    """(mount id, mount point, MS_* per-mount flags) of every mount of ``pid``'s mount
-    namespace, in mountinfo order (a parent before its children)."""
+class Mount(NamedTuple):
+    """One line of mountinfo: what the kit compares and reproduces of a mount."""
+
+    mount_id: int
+    point: str
+    #: MS_* per-mount flags.
+    flags: int
+    fstype: str
+
+
+def mount_table(pid: int | str = "self") -> list[Mount]:
+    """Every mount of ``pid``'s mount namespace, in mountinfo order (a parent before its
+    children)."""
     table = []
     for line in read_file(f"/proc/{pid}/mountinfo").decode(errors="surrogateescape").splitlines():
         fields = line.split()
         flags = 0
         for name in fields[5].split(","):
             flags |= MOUNTINFO_FLAGS.get(name, 0)
-        table.append((int(fields[0]), unescape_mountinfo(fields[4]), flags))
+        # The optional fields end at " - ", then the file system type.
+        fstype = fields[fields.index("-", 6) + 1]
+        table.append(Mount(int(fields[0]), unescape_mountinfo(fields[4]), flags, fstype))
     return table
 
 
