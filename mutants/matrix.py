@@ -149,6 +149,9 @@ class Target:
     baseline: bool = False
     cost: float = 1.0
     mechanism: str = ""
+    #: Its bug is the supervisor's: applied in every interpreter of the session
+    #: (mutants/site/sitecustomize.py), since the supervisor never imports the engine.
+    in_supervisor: bool = False
 
     @property
     def slug(self) -> str:
@@ -184,6 +187,7 @@ def mutant_targets(only: Sequence[str] = ()) -> list[Target]:
                 mutant.hook_timeout,
                 cost=cost,
                 mechanism=mutant.mechanism,
+                in_supervisor=getattr(mutant, "in_supervisor", False),
             )
         )
     unknown = [n for n in only if not any(n in (t.label, t.slug) for t in out)]
@@ -421,7 +425,11 @@ def backend_available(backend: str) -> tuple[bool, str]:
     )
 
 
-def _environment(tmpdir: str) -> dict[str, str]:
+#: The directory of the sitecustomize that applies a supervisor mutant (Target.in_supervisor).
+SUPERVISOR_SITE = os.path.join(ROOT, "mutants", "site")
+
+
+def _environment(tmpdir: str, target: Target | None = None) -> dict[str, str]:
     # The matrix measures the suite, not the kit: coverage of the kit's own test run must
     # not follow it into hundreds of sessions (that alone multiplies CI time).
     env = {
@@ -431,6 +439,9 @@ def _environment(tmpdir: str) -> dict[str, str]:
     }
     env["TMPDIR"] = tmpdir
     env["PYTHONPATH"] = os.pathsep.join([ROOT, *filter(None, [env.get("PYTHONPATH")])])
+    if target is not None and target.in_supervisor:
+        env["PYTHONPATH"] = os.pathsep.join([SUPERVISOR_SITE, env["PYTHONPATH"]])
+        env["KIT_SUPERVISOR_MUTANT"] = target.slug
     return env
 
 
@@ -478,7 +489,7 @@ def run_session(target: Target, backend: str, workdir: str, focus: bool = False)
         proc = subprocess.run(
             command,
             cwd=workdir,
-            env=_environment(tmpdir),
+            env=_environment(tmpdir, target),
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,

@@ -107,6 +107,9 @@ class StarterMutant(Mutant):
     #: in the real backend such a mutant's create_container refuses (and fails) instead.
     #: The rules it breaks are about stage 1 and show all the same.
     no_namespaces: ClassVar[bool] = False
+    #: The bug is the supervisor's, which never imports the engine: the kill matrix applies
+    #: it in every interpreter of the session instead (mutants/site/sitecustomize.py).
+    in_supervisor: ClassVar[bool] = False
 
     def create_container(self, ctx: Any, pid: int, rpc_conn: Any) -> None:
         if self.no_namespaces and current().name == "real":
@@ -783,6 +786,7 @@ class HookTimeoutUnnamed(StarterMutant):
     bug = "the supervisor kills a run whose hook timed out without saying which hook it was"
     killed_by = ("ERR-007", "ORDER-008")
     hook_timeout = HANG_TIMEOUT
+    in_supervisor = True
 
     @staticmethod
     def mutate() -> None:
