@@ -523,6 +523,76 @@ def test_the_watch_sees_a_propagation_change_undone_before_the_end(sandbox: OwnS
     assert root["hooks"] == [{"role": "master", "hook": "create_container", "pid": 7}]
 
 
+def _counting_uts_names() -> list[int]:
+    """Count the watch's reads of the uts names (in the child that runs the watch)."""
+    calls = [0]
+    real = hostdiff._uts_names
+
+    def counted() -> tuple[str, str]:
+        calls[0] += 1
+        return real()
+
+    hostdiff._uts_names = counted
+    return calls
+
+
+def test_the_watch_reads_the_uts_names_only_after_the_kernel_flags_a_change(
+    sandbox: OwnSandbox,
+) -> None:
+    def run() -> dict[str, Any]:
+        calls = _counting_uts_names()
+        watch = hostdiff.HostWatch(sandbox)
+        watch.start()
+        for _ in range(3):
+            watch.look()
+        quiet = calls[0]
+        watch.note({"kind": "hook_enter", "role": "rpc", "hook": "init_config", "pid": 8})
+        sandbox.run("open('/proc/sys/kernel/domainname', 'w').write('kit-evil-domain')")
+        watch.look()
+        flagged = calls[0]
+        watch.note({"kind": "hook_return", "role": "rpc", "hook": "init_config", "pid": 8})
+        sandbox.run("open('/proc/sys/kernel/domainname', 'w').write('(none)')")
+        watch.look()
+        return {"quiet": quiet, "flagged": flagged, "doc": watch.finish()}
+
+    out = in_child(run)
+    assert "ok" in out, out
+    assert out["ok"]["quiet"] == 0 and out["ok"]["flagged"] == 1
+    (change,) = out["ok"]["doc"]["changes"]
+    assert (change["kind"], change["transient"], change["after"]) == (
+        "domainname",
+        True,
+        "kit-evil-domain",
+    )
+    assert change["hooks"] == [{"role": "rpc", "hook": "init_config", "pid": 8}]
+
+
+def _rename_in_a_uts_namespace_of_its_own() -> int:
+    linux.unshare(linux.CLONE_NEWUTS)
+    with open("/proc/sys/kernel/hostname", "w") as f:
+        return f.write("kit-elsewhere")
+
+
+def test_a_name_changed_in_another_uts_namespace_is_no_change_of_the_sandbox(
+    sandbox: OwnSandbox,
+) -> None:
+    # The kernel flags the names' files at a change in any uts namespace: the look then
+    # reads the sandbox's, unchanged.
+    def run() -> dict[str, Any]:
+        calls = _counting_uts_names()
+        watch = hostdiff.HostWatch(sandbox)
+        watch.start()
+        code = in_child(_rename_in_a_uts_namespace_of_its_own)
+        watch.look()
+        return {"child": code, "calls": calls[0], "doc": watch.finish()}
+
+    out = in_child(run)
+    assert "ok" in out, out
+    assert out["ok"]["child"] == {"ok": len("kit-elsewhere")}
+    assert out["ok"]["calls"] == 1
+    assert out["ok"]["doc"]["changes"] == []
+
+
 def test_the_watch_reads_a_mount_table_longer_than_a_page_whole(sandbox: OwnSandbox) -> None:
     # One read of mountinfo returns about a page whatever is asked: a watch that parsed one
     # read saw mounts past it as removed, and a change there as made in no hook.

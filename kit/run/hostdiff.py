@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import json
 import os
+import select
 import socket
 import stat
 import threading
@@ -855,7 +856,14 @@ class HostWatch:
         self._mountinfo: int | None = os.open(
             f"/proc/{sandbox.init_pid}/mountinfo", os.O_RDONLY | os.O_CLOEXEC
         )
-        linux.mount_table_changed(self._mountinfo)
+        # One poll for the looks: the mount table (mounts, unmounts, remounts) and the uts
+        # names (the kernel flags every sethostname and setdomainname, of any namespace).
+        self._poller = select.poll()
+        self._poller.register(self._mountinfo, select.POLLPRI)
+        self._uts_fds = _uts_watch()
+        for fd in self._uts_fds:
+            self._poller.register(fd, select.POLLPRI)
+        self._poller.poll(0)  # clears the mountinfo flag: a mount from now on wakes a look
         self._mount_text = _pread_text(self._mountinfo)
         # Held for the looks: statvfs of a path through /proc costs a lookup each time. One
         # per file system: a sandbox split in pieces has dozens of upper layers on one tmpfs.
@@ -915,14 +923,17 @@ class HostWatch:
         if self._mountinfo is None or not self._joined:
             return
         self.looks += 1
-        hostname, domainname = _uts_names()
-        now = {"hostname": {"": hostname}, "domainname": {"": domainname}}
+        # Polled before the reads: a change in between is in what is read, and polled again
+        # next time (a flag is cleared by the poll that reports it).
+        flagged = {fd for fd, ev in self._poller.poll(0) if ev & _FLAGGED}
+        now: dict[str, dict[str, str]] = {}
+        if not self._uts_fds or not flagged.isdisjoint(self._uts_fds):
+            hostname, domainname = _uts_names()
+            now = {"hostname": {"": hostname}, "domainname": {"": domainname}}
         # The kernel wakes a poller of mountinfo for a mount or an unmount, not for a change
         # of propagation (MS_PRIVATE and kin): the text is compared too, parsed only if new.
-        # Polled before the read: a change in between is in the text, and polled again next.
-        changed = linux.mount_table_changed(self._mountinfo)
         raw = _pread_text(self._mountinfo)
-        if changed or raw != self._mount_text:
+        if self._mountinfo in flagged or raw != self._mount_text:
             self._mount_text = raw
             now["mount"] = parse_mounts(raw)
         usage = self._upper_usage()
@@ -958,9 +969,9 @@ class HostWatch:
         if self._mountinfo is not None:
             os.close(self._mountinfo)
             self._mountinfo = None
-        for fd in self._uppers:
+        for fd in [*self._uppers, *self._uts_fds]:
             os.close(fd)
-        self._uppers = []
+        self._uppers, self._uts_fds = [], ()
         network = self._net is None or _notified(self._net)
         if self._net is not None:
             self._net.close()
@@ -1039,6 +1050,27 @@ def fresh_state(sandbox: Sandbox, inside: Inside | None = None) -> HostState:
     if _fresh_sysctls is not None:
         state.objects["sysctl"] = _fresh_sysctls
     return state
+
+
+#: What a poll of a mountinfo or a uts sysctl reports when it flags a change (POLLNVAL: the
+#: fd is gone, nothing can be known through it).
+_FLAGGED = select.POLLPRI | select.POLLERR | select.POLLNVAL
+
+
+def _uts_watch() -> tuple[int, ...]:
+    """The hostname and domainname sysctls, open for polling: the kernel flags each open file
+    of them at every change of either name in any uts namespace (``uts_proc_notify``), so a
+    look reads the names only after a change somewhere, not at every look. Empty when they
+    cannot be opened: every look then reads the names."""
+    fds: list[int] = []
+    try:
+        for name in ("hostname", "domainname"):
+            fds.append(os.open(f"/proc/sys/kernel/{name}", os.O_RDONLY | os.O_CLOEXEC))
+    except OSError:
+        for fd in fds:
+            os.close(fd)
+        return ()
+    return tuple(fds)
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
