@@ -971,10 +971,11 @@ def test_reading_a_sandbox_from_a_short_lived_thread_leaks_no_descriptor(
     # The zygote reads each next sandbox's state this way, hundreds of times: it kept three
     # namespace fds of its own per read, until select() refused a descriptor past 1024.
     def body() -> int:
-        hostdiff.fresh_state(sandbox)  # warm: lazy imports, cached sysctls
+        inside = frozenset({"hostname", "ipc"})
+        hostdiff.snapshot(sandbox, only=inside)  # warm: lazy imports
         before = len(os.listdir("/proc/self/fd"))
         for _ in range(5):
-            hostdiff.fresh_state(sandbox)
+            hostdiff.snapshot(sandbox, only=inside)
         return len(os.listdir("/proc/self/fd")) - before
 
     assert in_child(body) == {"ok": 0}
@@ -1076,3 +1077,36 @@ def test_no_child_reads_a_fresh_namespace_from_another_pid_namespace():
 
     out = in_child(after_unshare)
     assert out == {"ok": "a fresh network namespace: a child would be born in the sandbox"}
+
+
+def test_the_state_read_ahead_needs_no_thread_and_the_watch_reads_the_rest_inside(
+    sandbox: OwnSandbox,
+) -> None:
+    # The zygote reads each next sandbox from outside (no thread, no setns); the watch,
+    # in the sandbox's namespaces anyway, reads the names and the SysV IPC objects before
+    # the run: a change of each is named against them, an unchanged sandbox diffs empty.
+    def run(code: str) -> dict[str, Any]:
+        hostdiff.prime()
+        linux.unshare(linux.CLONE_NEWPID)  # as the zygote's supervisors: no thread
+        before = hostdiff.fresh_state(sandbox)
+        ahead = sorted(before.objects)
+        watch = hostdiff.HostWatch(sandbox, before)
+        watch.start()
+        if code:
+            sandbox.run(code)
+        return {"ahead": ahead, "doc": watch.finish()}
+
+    quiet = in_child(lambda: run(""))
+    assert "ok" in quiet, quiet
+    assert quiet["ok"]["ahead"] == ["file", "mount", "netns", "process", "sysctl"]
+    assert quiet["ok"]["doc"]["changes"] == [] and quiet["ok"]["doc"]["errors"] == {}
+    out = in_child(
+        lambda: run(
+            "import ctypes, socket\n"
+            "assert ctypes.CDLL(None).shmget(0x6b697403, 4096, 0o1600) >= 0\n"
+            "socket.sethostname('kit-evil')"
+        )
+    )
+    assert "ok" in out, out
+    names = {(c["kind"], c["name"].split(" id ")[0]) for c in out["ok"]["doc"]["changes"]}
+    assert names == {("hostname", "hostname"), ("ipc", "shm key 1802073091")}
