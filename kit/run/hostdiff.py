@@ -324,18 +324,20 @@ def read_sysvipc() -> dict[str, str]:
     ipc namespace: by kind, key and id; their permissions and owner (not times or counters)."""
     objects: dict[str, str] = {}
     for kind in ("msg", "sem", "shm"):
-        with open(f"/proc/sysvipc/{kind}") as f:
-            header = f.readline().split()
-            for line in f:
-                row = dict(zip(header, line.split(), strict=False))
-                keep = [
-                    f"perms {row.get('perms')}",
-                    f"uid {row.get('uid')}",
-                    f"gid {row.get('gid')}",
-                ]
-                if kind == "shm":
-                    keep.append(f"size {row.get('size')}")
-                objects[f"{kind} key {row.get('key')} id {row.get(kind + 'id')}"] = " ".join(keep)
+        # Raw reads: a text file object costs more than the read of a header alone (the
+        # usual content: a fresh ipc namespace has no object).
+        head, *lines = linux.read_file(f"/proc/sysvipc/{kind}").decode().splitlines()
+        header = head.split()
+        for line in lines:
+            row = dict(zip(header, line.split(), strict=False))
+            keep = [
+                f"perms {row.get('perms')}",
+                f"uid {row.get('uid')}",
+                f"gid {row.get('gid')}",
+            ]
+            if kind == "shm":
+                keep.append(f"size {row.get('size')}")
+            objects[f"{kind} key {row.get('key')} id {row.get(kind + 'id')}"] = " ".join(keep)
     return objects
 
 
@@ -1101,6 +1103,9 @@ def _uts_watch() -> tuple[int, ...]:
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
+#: Looked up once, where the module is imported (the zygote): the first lookup, a dlsym,
+#: cost each supervisor about 0.1 ms.
+_uname = _libc.uname
 #: Bytes of each field of ``struct utsname`` (``_UTSNAME_LENGTH``), six fields.
 _UTS_FIELD = 65
 
@@ -1109,7 +1114,7 @@ def _uts_names() -> tuple[str, str]:
     """The hostname and domainname of the calling thread's uts namespace, as their sysctls
     read (stripped): one uname(2) for both, not an open, read and close of a file."""
     buf = ctypes.create_string_buffer(6 * _UTS_FIELD)
-    if _libc.uname(buf) != 0:
+    if _uname(buf) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     raw = buf.raw
