@@ -259,11 +259,13 @@ def program(rules: tuple[Rule, ...], notify: bool = True) -> tuple[tuple[int, in
 
 
 def warm() -> None:
-    """Build both filters now (the zygote, before it forks the runs): a starter then finds
-    them built instead of building one in every run."""
+    """Build the filters now (the zygote, before it forks the runs): a starter, and the init
+    of each host sandbox (its own, without a listener), then find them built instead of
+    building one in every run."""
     if os.uname().machine == "x86_64":
         program(FAKE_RULES)
         program(HOST_GLOBAL)
+        program(HOST_GLOBAL, False)  # as install() asks: the cache keys by position
 
 
 # --- installing (in the starter) ------------------------------------------------------------
