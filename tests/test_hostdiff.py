@@ -523,17 +523,22 @@ def test_the_watch_sees_a_propagation_change_undone_before_the_end(sandbox: OwnS
     assert root["hooks"] == [{"role": "master", "hook": "create_container", "pid": 7}]
 
 
-def _counting_uts_names() -> list[int]:
-    """Count the watch's reads of the uts names (in the child that runs the watch)."""
+def _counting(name: str) -> list[int]:
+    """Count the calls of ``hostdiff.<name>`` (in the child that runs the watch)."""
     calls = [0]
-    real = hostdiff._uts_names
+    real = getattr(hostdiff, name)
 
-    def counted() -> tuple[str, str]:
+    def counted(*args: Any, **kwargs: Any) -> Any:
         calls[0] += 1
-        return real()
+        return real(*args, **kwargs)
 
-    hostdiff._uts_names = counted
+    setattr(hostdiff, name, counted)
     return calls
+
+
+def _counting_uts_names() -> list[int]:
+    """Count the watch's reads of the uts names."""
+    return _counting("_uts_names")
 
 
 def test_the_watch_reads_the_uts_names_only_after_the_kernel_flags_a_change(
@@ -1110,3 +1115,72 @@ def test_the_state_read_ahead_needs_no_thread_and_the_watch_reads_the_rest_insid
     assert "ok" in out, out
     names = {(c["kind"], c["name"].split(" id ")[0]) for c in out["ok"]["doc"]["changes"]}
     assert names == {("hostname", "hostname"), ("ipc", "shm key 1802073091")}
+
+
+def _sysctls_watched(box: OwnSandbox, shell: str, tamper: str = "") -> dict[str, Any]:
+    """A HostWatch around ``shell``, with the fresh sandbox's sysctls and their layout known
+    (as the zygote has them), ``tamper``ed with first: how often the sysctls were listed,
+    and the diff."""
+
+    def run() -> dict[str, Any]:
+        hostdiff.prime()
+        assert hostdiff._fresh_layout is not None
+        if tamper == "module":  # a module loaded since: it may have brought sysctls
+            hostdiff._modules = lambda: "kit-test-module"
+        elif tamper == "gone":  # a file of the layout is not in this namespace
+            hostdiff._fresh_layout[0]["/proc/sys/net/ipv4"].append(("kit-gone", "net.kit-gone"))
+        listed = _counting("read_sysctls")
+        watch = hostdiff.HostWatch(box)
+        watch.start()
+        box.sh(shell)
+        doc = watch.finish()
+        return {"listed": listed[0], "doc": doc}
+
+    out = in_child(run)
+    assert "ok" in out, out
+    return out["ok"]
+
+
+#: Sysctls whose writes send no netconf notification (the watch cannot tell the network
+#: changed): a default TTL and a per-device setting of lo.
+QUIET_SYSCTLS = (
+    "echo 99 > /proc/sys/net/ipv4/ip_default_ttl && echo 2 > /proc/sys/net/ipv4/conf/lo/arp_ignore"
+)
+QUIET_CHANGES = {
+    "net.ipv4.ip_default_ttl": ["64", "99"],
+    "net.ipv4.conf.lo.arp_ignore": ["0", "2"],
+}
+
+
+def test_the_sysctls_are_read_from_the_fresh_layout_without_a_listing(
+    sandbox: OwnSandbox,
+) -> None:
+    out = _sysctls_watched(sandbox, "cat /proc/sys/net/ipv4/ip_default_ttl >/dev/null")
+    assert out["listed"] == 0
+    assert out["doc"]["changes"] == [] and out["doc"]["errors"] == {}
+
+
+def test_a_sysctl_read_from_the_fresh_layout_is_named_when_changed(sandbox: OwnSandbox) -> None:
+    out = _sysctls_watched(sandbox, QUIET_SYSCTLS)
+    assert out["listed"] == 1  # a fresh sandbox's, read again to tell a change from a stale cache
+    found = {c["name"]: [c["before"], c["after"]] for c in out["doc"]["changes"]}
+    assert found == QUIET_CHANGES
+
+
+@pytest.mark.parametrize("tamper", ["module", "gone"])
+def test_a_layout_that_may_not_be_the_namespaces_is_listed_again(
+    sandbox: OwnSandbox, tamper: str
+) -> None:
+    out = _sysctls_watched(sandbox, QUIET_SYSCTLS, tamper)
+    assert out["listed"] == 2  # the sandbox's sysctls too
+    found = {c["name"]: [c["before"], c["after"]] for c in out["doc"]["changes"]}
+    assert found == QUIET_CHANGES
+
+
+def test_a_link_that_came_has_its_sysctls_listed(sandbox: OwnSandbox) -> None:
+    out = _sysctls_watched(
+        sandbox,
+        "ip link add kit-veth0 type veth peer name kit-veth1 && "
+        "echo 3 > /proc/sys/net/ipv4/conf/kit-veth0/arp_announce && ip link del kit-veth0",
+    )
+    assert out["listed"] == 1

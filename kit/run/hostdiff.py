@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import json
 import os
 import select
@@ -276,10 +277,16 @@ def _read_sysctl(path: str) -> str:
 _sysctl_writable: dict[str, bool] = {}
 
 
-def read_sysctls(root: str = "/proc/sys/net") -> dict[str, str]:
+#: Where the writable sysctls are: directory → [(file, name)], as :func:`read_sysctls`
+#: found them.
+Layout = dict[str, list[tuple[str, str]]]
+
+
+def read_sysctls(root: str = "/proc/sys/net", layout: Layout | None = None) -> dict[str, str]:
     """Every writable sysctl under ``root`` (``net.ipv4.ip_forward`` → its value), as the
-    calling thread's network namespace has them. Each file is opened relative to its
-    directory: half a thousand of them, the path walks add up."""
+    calling thread's network namespace has them; where each file is goes into ``layout``.
+    Each file is opened relative to its directory: half a thousand of them, the path walks
+    add up."""
     values: dict[str, str] = {}
     todo = [root]
     while todo:
@@ -299,16 +306,43 @@ def read_sysctls(root: str = "/proc/sys/net") -> dict[str, str]:
                             os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode & 0o222
                         )
                     if writable:
-                        values[full[10:].replace("/", ".")] = _read_at(dfd, name)
+                        key = full[10:].replace("/", ".")
+                        values[key] = _read_at(dfd, name)
+                        if layout is not None:
+                            layout.setdefault(path, []).append((name, key))
         finally:
             os.close(dfd)
     return values
 
 
-def _read_at(dfd: int, name: str) -> str:
+def read_laid_out_sysctls(layout: Layout) -> dict[str, str] | None:
+    """:func:`read_sysctls` of the files of ``layout`` alone, listing no directory (the
+    kernel makes an entry for each file it lists: the listings were a fifth of the read);
+    None when one of them is not there (the layout is not this namespace's)."""
+    values: dict[str, str] = {}
+    for path, files in layout.items():
+        try:
+            dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            for name, key in files:
+                values[key] = _read_at(dfd, name, gone=None)
+        except FileNotFoundError:
+            return None
+        finally:
+            os.close(dfd)
+    return values
+
+
+def _read_at(dfd: int, name: str, gone: str | None = "unreadable") -> str:
+    """The value of sysctl ``name`` in directory ``dfd``; a file that is not there is
+    ``unreadable`` (listed, then gone), or raises FileNotFoundError with ``gone=None``."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dfd)
     except OSError as exc:
+        if gone is None and exc.errno == errno.ENOENT:
+            raise
         return f"unreadable: {exc.strerror}"
     try:
         raw = _read_sysctl_fd(fd)
@@ -561,6 +595,19 @@ def _fresh_in_child(reader: Callable[[], Any]) -> Any:
 #: same for every run, so read once (:func:`prime`) by the long-lived process that forks the
 #: supervisors, instead of twice per run.
 _fresh_sysctls: dict[str, str] | None = None
+#: Where they are, and the modules loaded then (:func:`_modules`): a sandbox's network
+#: namespace has the same files while no module was loaded or unloaded since and no link
+#: came or went (the rest are registered with each namespace, or with a module).
+_fresh_layout: tuple[Layout, str] | None = None
+
+
+def _modules() -> str:
+    """The names of the loaded modules ("" on a kernel without modules)."""
+    try:
+        text = linux.read_file("/proc/modules").decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+    return " ".join(line.split(" ", 1)[0] for line in text.splitlines())
 
 
 #: Links, addresses and routes of a fresh sandbox, read by :func:`prime` where a fresh one
@@ -571,10 +618,13 @@ _fresh_network: dict[str, dict[str, str]] | None = None
 def prime() -> None:
     """Read what every fresh sandbox has, once per process (the zygote, before it forks;
     a supervisor, before it adopts its sandbox)."""
-    global _fresh_sysctls, _fresh_network
+    global _fresh_sysctls, _fresh_layout, _fresh_network
     if _fresh_sysctls is None:
+        layout: Layout = {}
+        modules = _modules()
         try:
-            _fresh_sysctls = _fresh(read_sysctls)
+            _fresh_sysctls = _fresh(lambda: read_sysctls(layout=layout))
+            _fresh_layout = (layout, modules)
         except OSError:
             pass  # no network namespace here (a root without CAP_SYS_ADMIN): read per run
     if _fresh_network is None and not linux.in_initial_user_namespace():
@@ -594,6 +644,15 @@ def _fresh_network_now() -> dict[str, dict[str, str]]:
     if _fresh_network is None:
         raise OSError("no fresh network namespace was read before the run")
     return {kind: dict(objects) for kind, objects in _fresh_network.items()}
+
+
+def _sysctls_as_laid_out() -> dict[str, str] | None:
+    """The calling thread's network namespace's sysctls, read from a fresh sandbox's layout
+    when it is that namespace's too (:data:`_fresh_layout`; the caller knows that no link
+    came or went); None when it may not be: they must be listed."""
+    if _fresh_layout is None or _fresh_layout[1] != _modules():
+        return None
+    return read_laid_out_sysctls(_fresh_layout[0])
 
 
 #: rtnetlink multicast groups whose messages tell that links, addresses, routes, rules or
@@ -992,7 +1051,13 @@ class HostWatch:
         network = self._net is None or _notified(self._net)
         if self._net is not None:
             self._net.close()
-        after = self._snapshot(sysctls=True, network=network)
+        laid_out = None
+        if not network and self.inside is not None and "net" not in self.inside.failed:
+            # No link came or went: the files are a fresh sandbox's, known without a listing.
+            laid_out = _sysctls_as_laid_out()
+        after = self._snapshot(sysctls=laid_out is None, network=network)
+        if laid_out is not None:
+            after.objects["sysctl"] = laid_out
         if self.inside is not None:
             self.inside.leave()
             self.inside = None
