@@ -1184,3 +1184,24 @@ def test_a_link_that_came_has_its_sysctls_listed(sandbox: OwnSandbox) -> None:
         "echo 3 > /proc/sys/net/ipv4/conf/kit-veth0/arp_announce && ip link del kit-veth0",
     )
     assert out["listed"] == 1
+
+
+def test_a_layout_primed_by_a_forked_child_is_the_fresh_namespaces() -> None:
+    # Outside the initial user namespace a forked child reads the fresh namespace: the
+    # layout must come back from it with the values.
+    def run() -> dict[str, Any]:
+        hostdiff._fresh_sysctls = hostdiff._fresh_layout = None
+        linux.in_initial_user_namespace = lambda: False
+        hostdiff.prime()
+        assert hostdiff._fresh_sysctls is not None and hostdiff._fresh_layout is not None
+        layout = hostdiff._fresh_layout[0]
+        linux.unshare(linux.CLONE_NEWNET)
+        linux.link_up("lo")
+        return {
+            "files": sum(len(files) for files in layout.values()),
+            "same": hostdiff.read_laid_out_sysctls(layout) == hostdiff._fresh_sysctls,
+        }
+
+    out = in_child(run)
+    assert "ok" in out, out
+    assert out["ok"]["files"] > 100 and out["ok"]["same"]

@@ -620,11 +620,11 @@ def prime() -> None:
     a supervisor, before it adopts its sandbox)."""
     global _fresh_sysctls, _fresh_layout, _fresh_network
     if _fresh_sysctls is None:
-        layout: Layout = {}
         modules = _modules()
         try:
-            _fresh_sysctls = _fresh(lambda: read_sysctls(layout=layout))
-            _fresh_layout = (layout, modules)
+            # Both returned: a forked child may be the reader (_fresh_in_child).
+            _fresh_sysctls, layout = _fresh(_sysctls_and_layout)
+            _fresh_layout = (layout, modules) if layout else None
         except OSError:
             pass  # no network namespace here (a root without CAP_SYS_ADMIN): read per run
     if _fresh_network is None and not linux.in_initial_user_namespace():
@@ -644,6 +644,11 @@ def _fresh_network_now() -> dict[str, dict[str, str]]:
     if _fresh_network is None:
         raise OSError("no fresh network namespace was read before the run")
     return {kind: dict(objects) for kind, objects in _fresh_network.items()}
+
+
+def _sysctls_and_layout() -> tuple[dict[str, str], Layout]:
+    layout: Layout = {}
+    return read_sysctls(layout=layout), layout
 
 
 def _sysctls_as_laid_out() -> dict[str, str] | None:
