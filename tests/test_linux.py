@@ -6,6 +6,7 @@ Namespace changes happen in forked children of the pytest process, never in it.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import subprocess
@@ -211,3 +212,33 @@ def test_a_thread_named_with_bytes_that_are_not_utf8_is_still_read():
     out = in_child(body)
     assert "ok" in out, out
     assert all(name == "kit-\ufffd\ufffd" for name in out["ok"]), out
+
+
+def test_the_libc_functions_are_looked_up_at_import_not_in_each_forked_process() -> None:
+    # A lookup is a dlsym plus the pages it writes: paid once by the zygote, not by every
+    # process of every run (a sandbox's init looked up mount and umount2 at each build).
+    found = {name for name in linux._LIBC_FUNCTIONS if name in vars(linux._libc)}
+    assert found == set(linux._LIBC_FUNCTIONS)
+    assert {"mount", "umount2", "prctl"} <= found
+
+
+def test_a_name_is_set_through_one_buffer_size_whatever_its_length() -> None:
+    sizes: list[int] = []
+    real = ctypes.create_string_buffer
+
+    def recording(init: bytes, size: int | None = None) -> ctypes.Array[ctypes.c_char]:
+        buf = real(init, size) if size is not None else real(init)
+        sizes.append(len(buf))
+        return buf
+
+    def run() -> list[str]:
+        ctypes.create_string_buffer = recording
+        names = []
+        for name in ("kit-x", "kit-sandbox", "a-name-longer-than-fifteen"):
+            linux.set_name(name)
+            with open("/proc/thread-self/comm") as f:
+                names.append(f.read().strip())
+        return [*names, *map(str, sizes)]
+
+    out = in_child(run)
+    assert out == {"ok": ["kit-x", "kit-sandbox", "a-name-longer-t", "16", "16", "16"]}

@@ -22,9 +22,26 @@ from typing import NamedTuple
 # values) lives in the callers, kit.system and kit.starter. Python 3.11 has no os.unshare or
 # os.setns and no capability calls, hence ctypes.
 _libc = ctypes.CDLL(None, use_errno=True)
+# Looked up now, in the zygote, not by each process it forks at its first call: there the
+# lookup (a dlsym, and the pages it writes) cost 15-150 us a function (a sandbox's init
+# looked up mount and umount2 at every build).
+_LIBC_FUNCTIONS = (
+    "capget",
+    "capset",
+    "mount",
+    "prctl",
+    "setns",
+    "sigaction",
+    "syscall",
+    "umount2",
+    "unshare",
+)
+for _function in _LIBC_FUNCTIONS:
+    getattr(_libc, _function)
 # PyDLL keeps the GIL across the call: required for clone, whose child resumes in the
 # interpreter and must find the GIL held by its only thread.
 _pylibc = ctypes.PyDLL(None, use_errno=True)
+_pylibc.syscall  # noqa: B018 looked up now, as above
 
 # What platform.machine() answers, without importing platform (1 ms of a one-shot run).
 _MACHINE = os.uname().machine
@@ -802,9 +819,15 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+#: Bytes of a thread's name (``comm``), its final NUL included.
+_TASK_COMM_LEN = 16
+
+
 def set_name(name: str) -> None:
     """Set the calling thread's name (``comm``, 15 bytes)."""
-    buf = ctypes.create_string_buffer(name.encode()[:15])
+    # Always 16 bytes: each size of buffer is a ctypes type of its own, made at its first use
+    # in a process (about 0.1 ms); this one is made once, by the zygote naming itself.
+    buf = ctypes.create_string_buffer(name.encode()[:15], _TASK_COMM_LEN)
     prctl(PR_SET_NAME, ctypes.addressof(buf))
 
 
