@@ -258,14 +258,19 @@ def program(rules: tuple[Rule, ...], notify: bool = True) -> tuple[tuple[int, in
     return tuple(build_program(rules, notify=notify))
 
 
+@functools.cache
+def _compiled(rules: tuple[Rule, ...], notify: bool) -> linux.SockFprog:
+    """:func:`program` as seccomp(2) takes it, once per process (see :func:`warm`)."""
+    return linux.SockFprog(program(rules, notify))
+
+
 def warm() -> None:
     """Build the filters now (the zygote, before it forks the runs): a starter, and the init
     of each host sandbox (its own, without a listener), then find them built instead of
     building one in every run."""
     if os.uname().machine == "x86_64":
-        program(FAKE_RULES)
-        program(HOST_GLOBAL)
-        program(HOST_GLOBAL, False)  # as install() asks: the cache keys by position
+        for rules, notify in ((FAKE_RULES, True), (HOST_GLOBAL, True), (HOST_GLOBAL, False)):
+            _compiled(rules, notify)  # as install() asks: the cache keys by position
 
 
 # --- installing (in the starter) ------------------------------------------------------------
@@ -302,7 +307,7 @@ def install(
     machine = os.uname().machine  # platform.machine(), without importing platform
     if machine != "x86_64":
         raise Unavailable(f"seccomp filters are written for x86-64, not {machine}")
-    prog = list(program(rules, notify))
+    prog = _compiled(rules, notify)
     if not (_has_sys_admin() if privileged is None else privileged):
         linux.set_no_new_privs()
     return linux.seccomp_install_filter(prog, listener=notify)

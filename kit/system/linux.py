@@ -992,21 +992,37 @@ SECCOMP_IOCTL_NOTIF_ID_VALID = 0x40000000 | 8 << 16 | 0x21 << 8 | 2
 _SOCK_FILTER = struct.Struct("=HBBI")
 
 
-def seccomp_install_filter(program: list[tuple[int, int, int, int]], listener: bool) -> int | None:
-    """Load a classic BPF program (``(code, jt, jf, k)`` instructions) as a seccomp filter on
-    the calling thread; the listener fd (close-on-exec) when ``listener``. The caller needs
-    no_new_privs or CAP_SYS_ADMIN in its user namespace (the kernel's rule)."""
-    raw = b"".join(_SOCK_FILTER.pack(*ins) for ins in program)
-    buf = ctypes.create_string_buffer(raw, len(raw))
-    fprog = struct.pack("=HxxxxxxQ", len(program), ctypes.addressof(buf))
-    fbuf = ctypes.create_string_buffer(fprog, len(fprog))
+class SockFprog:
+    """A classic BPF program (``(code, jt, jf, k)`` instructions) as seccomp(2) takes it: a
+    ``struct sock_fprog`` and the instructions it points to. Built once (the zygote), it is
+    only read by each install: packing it and making its ctypes buffers cost a process
+    forked from the zygote about 0.25 ms."""
+
+    def __init__(self, program: Iterable[tuple[int, int, int, int]]) -> None:
+        raw = b"".join(_SOCK_FILTER.pack(*ins) for ins in program)
+        self._instructions = ctypes.create_string_buffer(raw, len(raw))
+        header = struct.pack(
+            "=HxxxxxxQ", len(raw) // _SOCK_FILTER.size, ctypes.addressof(self._instructions)
+        )
+        self.fprog = ctypes.create_string_buffer(header, len(header))
+
+
+def seccomp_install_filter(
+    program: list[tuple[int, int, int, int]] | SockFprog, listener: bool
+) -> int | None:
+    """Load a classic BPF program (``(code, jt, jf, k)`` instructions, or built) as a
+    seccomp filter on the calling thread; the listener fd (close-on-exec) when ``listener``.
+    The caller needs no_new_privs or CAP_SYS_ADMIN in its user namespace (the kernel's
+    rule)."""
+    # Held until the call returns: its fprog points into its instructions.
+    built = program if isinstance(program, SockFprog) else SockFprog(program)
     flags = SECCOMP_FILTER_FLAG_NEW_LISTENER if listener else 0
     fd = _check(
         _libc.syscall(
             ctypes.c_long(_nr("seccomp")),
             ctypes.c_uint(SECCOMP_SET_MODE_FILTER),
             ctypes.c_uint(flags),
-            fbuf,
+            built.fprog,
         ),
         "seccomp(SET_MODE_FILTER)",
     )
