@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -37,7 +38,8 @@ _LIBC_FUNCTIONS = (
     "unshare",
 )
 for _function in _LIBC_FUNCTIONS:
-    getattr(_libc, _function)
+    with contextlib.suppress(AttributeError):  # a libc without it: the call says so
+        getattr(_libc, _function)
 # PyDLL keeps the GIL across the call: required for clone, whose child resumes in the
 # interpreter and must find the GIL held by its only thread.
 _pylibc = ctypes.PyDLL(None, use_errno=True)
