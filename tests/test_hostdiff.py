@@ -1103,18 +1103,22 @@ def test_the_state_read_ahead_needs_no_thread_and_the_watch_reads_the_rest_insid
 
     quiet = in_child(lambda: run(""))
     assert "ok" in quiet, quiet
-    assert quiet["ok"]["ahead"] == ["file", "mount", "netns", "process", "sysctl"]
+    assert quiet["ok"]["ahead"] == ["file", "netns", "process", "sysctl"]
     assert quiet["ok"]["doc"]["changes"] == [] and quiet["ok"]["doc"]["errors"] == {}
     out = in_child(
         lambda: run(
-            "import ctypes, socket\n"
+            "import ctypes, socket, subprocess\n"
             "assert ctypes.CDLL(None).shmget(0x6b697403, 4096, 0o1600) >= 0\n"
-            "socket.sethostname('kit-evil')"
+            "socket.sethostname('kit-evil')\n"
+            "subprocess.run(['mount', '--make-shared', '/'], check=True)"
         )
     )
     assert "ok" in out, out
-    names = {(c["kind"], c["name"].split(" id ")[0]) for c in out["ok"]["doc"]["changes"]}
-    assert names == {("hostname", "hostname"), ("ipc", "shm key 1802073091")}
+    changes = out["ok"]["doc"]["changes"]
+    names = {(c["kind"], c["name"].split(" id ")[0]) for c in changes}
+    assert names == {("hostname", "hostname"), ("ipc", "shm key 1802073091"), ("mount", "/")}
+    (root,) = [c for c in changes if c["kind"] == "mount"]
+    assert root["before"].endswith(" private") and root["after"].endswith(" shared")
 
 
 def _sysctls_watched(box: OwnSandbox, shell: str, tamper: str = "") -> dict[str, Any]:

@@ -791,6 +791,7 @@ def snapshot(
     lower_dir: str | None = None,
     only: frozenset[str] = INSIDE_KINDS,
     inside: Inside | None = None,
+    mounts: bool = True,
 ) -> HostState:
     """The state of ``sandbox``, read from outside it (``lower_dir``: the lower layer of its
     root overlay as this process sees it; by default the file system mounted on each
@@ -827,7 +828,8 @@ def snapshot(
         thread = threading.Thread(target=_read_inside, args=(pid, state, only), name="kit-hostdiff")
         thread.start()
     _outside(state, "file", lambda: _read_all_files(sandbox, lower_dir, state))
-    _outside(state, "mount", lambda: read_mounts(f"/proc/{pid}/mountinfo"))
+    if mounts:
+        _outside(state, "mount", lambda: read_mounts(f"/proc/{pid}/mountinfo"))
     _outside(state, "netns", lambda: read_netns(pid))
     _outside(state, "process", lambda: read_processes(pid))
     if thread is not None:
@@ -966,6 +968,9 @@ class HostWatch:
         else:  # what only a thread in its namespaces reads: this one is in them now
             missing = _BEFORE_INSIDE.difference(before.objects, before.errors)
             self.inside.read(before, _mqueues_from_outside(before, sandbox, missing))
+            if "mount" not in before.objects and "mount" not in before.errors:
+                # Left to us: the mount table just read for the looks is the one before.
+                _outside(before, "mount", lambda: parse_mounts(self._mount_text))
         self.before = before
         self.last = {kind: dict(self.before.objects.get(kind, {})) for kind in (*WATCHED, "file")}
         self._usage = self._upper_usage()
@@ -1137,15 +1142,16 @@ def fresh_state(sandbox: Sandbox, inside: Inside | None = None) -> HostState:
     """A sandbox's state before its run: the sysctls are a fresh sandbox's (:func:`prime`),
     links, addresses and routes are read after the run only if they changed. ``inside``:
     the calling thread is in its namespaces. Else (the zygote, which must never move its own
-    thread) what is read from outside only: :class:`HostWatch` reads the rest in the
-    supervisor, which joins the namespaces anyway (no thread, no setns: about 0.5 ms less of
-    CPU a run); a short-lived thread reads the sysctls only if no fresh sandbox's are known."""
+    thread) what is read from outside only, but the mount table: :class:`HostWatch` reads
+    the rest in the supervisor, which joins the namespaces anyway (no thread, no setns: about
+    0.5 ms less of CPU a run) and reads the mount table for its looks anyway; a short-lived
+    thread reads the sysctls only if no fresh sandbox's are known."""
     if inside is not None:
         state = _partial(sandbox, inside, sysctls=_fresh_sysctls is None)
     else:
         only = {"mqueue"} if getattr(sandbox, "mqueue_dir", "") else set()
         only |= {"sysctl"} if _fresh_sysctls is None else set()
-        state = snapshot(sandbox, only=frozenset(only))
+        state = snapshot(sandbox, only=frozenset(only), mounts=False)
     if _fresh_sysctls is not None:
         state.objects["sysctl"] = _fresh_sysctls
     return state
