@@ -548,13 +548,23 @@ def test_the_watch_reads_the_uts_names_only_after_the_kernel_flags_a_change(
         calls = _counting_uts_names()
         watch = hostdiff.HostWatch(sandbox)
         watch.start()
-        for _ in range(3):
-            watch.look()
-        quiet = calls[0]
+        # The kernel flags a change of the names in any uts namespace, and other tests may
+        # be making sandboxes meanwhile: some run of three looks meets no flag (without the
+        # poll, each look read the names). A flagged look reads them once.
+        quiet = 1
+        for _ in range(50):
+            before = calls[0]
+            for _ in range(3):
+                watch.look()
+            if calls[0] == before:
+                quiet = 0
+                break
+        watch.look()  # whatever was flagged meanwhile is read now
+        before_change = calls[0]
         watch.note({"kind": "hook_enter", "role": "rpc", "hook": "init_config", "pid": 8})
         sandbox.run("open('/proc/sys/kernel/domainname', 'w').write('kit-evil-domain')")
         watch.look()
-        flagged = calls[0]
+        flagged = calls[0] - before_change
         watch.note({"kind": "hook_return", "role": "rpc", "hook": "init_config", "pid": 8})
         sandbox.run("open('/proc/sys/kernel/domainname', 'w').write('(none)')")
         watch.look()
