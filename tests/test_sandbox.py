@@ -40,7 +40,17 @@ def _host_mounts() -> list[str]:
 
 
 def _processes_named(name: str) -> list[int]:
-    return [p for p in linux.process_parents() if linux.process_name(p) == name]
+    """Processes called ``name`` in the host's pid namespace: one in the sandbox of another
+    test running meanwhile (pytest -n) is that run's, and ends with its sandbox."""
+    host = linux.ns_inode("pid", os.getpid())
+    found = []
+    for pid in linux.process_parents():
+        try:
+            if linux.process_name(pid) == name and linux.ns_inode("pid", pid) == host:
+                found.append(pid)
+        except OSError:  # gone meanwhile
+            pass
+    return found
 
 
 def _in_namespace(kind: str, inode: int) -> list[int]:
