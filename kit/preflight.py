@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -11,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from kit import registry
 from kit.contract import Common, ConfigError, Engine, EngineConfig
@@ -38,6 +39,8 @@ class Problem:
 
 #: Seconds an inspection may take (the engine's import above all) before its child is killed.
 INSPECT_TIMEOUT = 60.0
+#: Seconds a non-root caller's intermediate has, after SIGTERM, to kill its descendants.
+KILL_GRACE = 2.0
 #: The most an inspection's child may write (its JSON result).
 MAX_INSPECTION = 16 << 20
 #: What the inspection's child writes first once the engine is imported.
@@ -135,19 +138,13 @@ def _inspect(
     timeout: float | None,
 ) -> Inspection:
     limit = INSPECT_TIMEOUT if timeout is None else timeout
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child's coverage is its own process
-        os.close(rfd)
-        _inspection_child(wfd, spec, engine_config, collect or {})
-    os.close(wfd)
-    try:
-        data, finished = _read_until(rfd, pid, time.monotonic() + limit)
-    finally:
-        os.close(rfd)
-        status = _reap(pid)
-    imported = data.startswith(IMPORTED)
-    if not finished:
+    ended = contained(
+        _drop_to_invoker,
+        lambda wfd: _inspection_child(wfd, spec, engine_config, collect or {}),
+        limit,
+    )
+    imported = ended.data.startswith(IMPORTED)
+    if not ended.in_time:
         what = (
             "its operations class, config() or its RPC methods class did not return"
             if imported
@@ -156,12 +153,12 @@ def _inspect(
         )
         return _failed(spec, "timeout", f"{what} within {limit:g} s (the inspection was killed)")
     try:
-        return Inspection.from_json(json.loads(data[len(IMPORTED) if imported else 0 :]))
+        return Inspection.from_json(json.loads(ended.data[len(IMPORTED) if imported else 0 :]))
     except (ValueError, TypeError):
         return _failed(
             spec,
             "child",
-            f"inspecting it ended without a result ({_status(status)}): the engine's "
+            f"inspecting it ended without a result ({_status(ended.status)}): the engine's "
             "import or one of its hooks ended the process",
         )
 
@@ -169,15 +166,6 @@ def _inspect(
 def _failed(spec: str, failure: str, message: str) -> Inspection:
     problem = Problem(spec, "registration", message)
     return Inspection(spec, failure=failure, failure_message=message, problems=[problem])
-
-
-def _reap(pid: int) -> int | None:
-    """The wait status of the child ``pid``; None when a SIGCHLD handler (the zygote's)
-    reaped it first."""
-    try:
-        return os.waitpid(pid, 0)[1]
-    except ChildProcessError:
-        return None
 
 
 def _status(status: int | None) -> str:
@@ -188,41 +176,286 @@ def _status(status: int | None) -> str:
     return f"exit status {os.waitstatus_to_exitcode(status)}"
 
 
-def _read_until(rfd: int, pid: int, deadline: float) -> tuple[bytes, bool]:
+@dataclass(frozen=True)
+class Ended:
+    """How a contained child (:func:`contained`) ended."""
+
+    data: bytes  # what it wrote on its pipe (empty when it wrote too much)
+    in_time: bool  # it closed the pipe and exited before the deadline
+    status: int | None  # its wait status; None when another reaper took it
+
+
+def contained(drop: Callable[[], None], body: Callable[[int], None], limit: float) -> Ended:
+    """Run ``body(wfd)`` (engine code) in a contained child that first calls ``drop`` to
+    become U, and take what it writes on ``wfd`` until it exits or ``limit`` seconds pass.
+
+    The child and everything it starts are ended by then, whatever the engine does: an
+    intermediate (see :func:`_split`) makes it pid 1 of namespaces of its own (its end ends
+    every descendant; the intermediate's SIGTERM or death ends it), it has no controlling
+    terminal, no descriptor of the caller's but 0-2 on /dev/null and the pipe, a minimal
+    environment, and it dies with the caller even after its drop to U."""
+    rfd, wfd = os.pipe()
+    try:
+        watch = os.pidfd_open(os.getpid())  # the child's way to see we died (see _watch)
+    except BaseException:
+        os.close(rfd)
+        os.close(wfd)
+        raise
+    # SIGCHLD held until the pidfd is open: a reaping handler (the zygote's) could take a
+    # child that died at once, and its pid could be reused before we hold it.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child's coverage is its own process
+            _contained_child(rfd, wfd, watch, drop, body)
+        pidfd = _hold(pid)
+    except BaseException:
+        os.close(rfd)
+        raise
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        os.close(wfd)
+        os.close(watch)
+    deadline = time.monotonic() + limit
+    try:
+        data, eof = _read_until(rfd, deadline)
+    finally:
+        os.close(rfd)
+        exited = _end(pid, pidfd, deadline if eof else time.monotonic())
+    return Ended(data, eof and exited, _reap(pid))
+
+
+def _hold(pid: int) -> int:
+    """A pidfd on the child ``pid``; if none can be opened, the child is killed by pid and
+    reaped (SIGCHLD is still blocked: nothing else can have reaped it, the pid is its)."""
+    try:
+        return os.pidfd_open(pid)
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)
+        _reap(pid)
+        raise
+
+
+def _end(pid: int, pidfd: int, deadline: float) -> bool:
+    """Wait until the intermediate ``pid`` exits or ``deadline`` passes, then end it:
+    SIGTERM (it kills every descendant), SIGKILL after :data:`KILL_GRACE`; whether it had
+    exited in time."""
+    try:
+        exited = _wait_exit(pidfd, deadline)
+        if not exited:  # the intermediate kills and reaps what is below it, then exits
+            _signal(pidfd, signal.SIGTERM)
+            if not _wait_exit(pidfd, time.monotonic() + KILL_GRACE):
+                _signal(pidfd, signal.SIGKILL)  # its child dies with it (death signal)
+        return exited
+    finally:
+        os.close(pidfd)
+
+
+def _wait_exit(pidfd: int, deadline: float) -> bool:
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)  # readable once the process has exited
+    return bool(poller.poll(max(0, int((deadline - time.monotonic()) * 1000))))
+
+
+def _signal(pidfd: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        signal.pidfd_send_signal(pidfd, sig)
+
+
+def _reap(pid: int) -> int | None:
+    """The wait status of the child ``pid`` (exited or killed); None when a SIGCHLD handler
+    (the zygote's) reaped it first."""
+    try:
+        return os.waitpid(pid, 0)[1]
+    except ChildProcessError:
+        return None
+
+
+def _read_until(rfd: int, deadline: float) -> tuple[bytes, bool]:
     """Everything the child writes on ``rfd`` until EOF, and whether EOF came before
-    ``deadline`` (if not, the child is killed)."""
+    ``deadline``; more than :data:`MAX_INSPECTION` bytes count as nothing, at once."""
     data = b""
     while True:
         left = deadline - time.monotonic()
         if left <= 0 or not select.select([rfd], [], [], left)[0]:
-            os.kill(pid, signal.SIGKILL)
             return data, False
         chunk = os.read(rfd, 65536)
         if not chunk:
             return data, True
         data += chunk
         if len(data) > MAX_INSPECTION:
-            os.kill(pid, signal.SIGKILL)
-            return b"", True
+            return b"", False
+
+
+def _contained_child(
+    rfd: int, wfd: int, watch: int, drop: Callable[[], None], body: Callable[[int], None]
+) -> NoReturn:  # pragma: no cover - runs in the forked child
+    code = 1
+    try:
+        os.close(rfd)
+        linux.set_parent_death_signal(signal.SIGKILL)
+        _watch(watch)
+        # The caller's reaping SIGCHLD handler (the zygote's) would race our waits.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        _detach({wfd, watch})
+        watch = _split(watch)
+        drop()
+        linux.set_parent_death_signal(signal.SIGKILL)  # a credential change cleared it
+        _watch(watch)
+        os.close(watch)
+        _minimal_environment()
+        body(wfd)
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def _watch(parent: int) -> None:
+    """Exit if the process ``parent`` (a pidfd) has already died: its death signal, armed
+    just before, would have come too late. (By pidfd: pid 1 of a new namespace has no
+    parent pid to compare.)"""
+    poller = select.poll()
+    poller.register(parent, select.POLLIN)
+    if poller.poll(0):
+        os._exit(1)
+
+
+def _detach(keep: set[int]) -> None:  # pragma: no cover - runs in the forked child
+    """No terminal of the caller's (TIOCSTI could type into its shell): a session of our
+    own, 0-2 on /dev/null, every other descriptor but ``keep`` closed."""
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        if null != fd:
+            os.dup2(null, fd)
+    linux.close_fds_except({0, 1, 2, *keep})
+
+
+#: The namespaces the engine's code runs in, of its own: pid (it is pid 1 there: its exit
+#: ends every descendant), network (no host network for engine code), IPC, UTS, mount.
+_OWN_NAMESPACES = (
+    linux.CLONE_NEWPID
+    | linux.CLONE_NEWNET
+    | linux.CLONE_NEWIPC
+    | linux.CLONE_NEWUTS
+    | linux.CLONE_NEWNS
+)
+
+
+def _split(watch: int) -> int:  # pragma: no cover - runs in the forked child
+    """Make this process an intermediate that never returns; its child returns here, with a
+    pidfd on it, to run the engine's code. (Namespaces are made here, not in the caller:
+    the kit's trusted processes never change theirs.)
+
+    Preferred: the child is pid 1 of :data:`_OWN_NAMESPACES` (a non-root caller's inside a
+    user namespace of its own), so that its end, or the intermediate's (its death signal),
+    ends every descendant. Where the kernel refuses those namespaces (a non-root caller
+    without unprivileged user namespaces, root without CAP_SYS_ADMIN), the intermediate is a subreaper instead: every
+    orphan below it is reparented to it, and at the child's exit or SIGTERM from the caller
+    it kills and reaps them all (best effort: as the same user, one could kill it first)."""
+    _own_namespaces()
+    linux.set_child_subreaper()  # in namespaces too: harmless, and the fallback's whole point
+    linux.set_parent_death_signal(signal.SIGKILL)  # entering a user namespace cleared it
+    _watch(watch)
+    os.close(watch)
+    me = os.pidfd_open(os.getpid())
+    signal.signal(signal.SIGTERM, _stop_intermediate)
+    pid = os.fork()
+    if pid == 0:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        linux.set_parent_death_signal(signal.SIGKILL)
+        _watch(me)
+        return me
+    os.close(me)
+    status = _wait_for(pid)
+    _end_descendants()
+    os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+
+
+def _own_namespaces() -> bool:  # pragma: no cover - runs in the forked child
+    """Enter :data:`_OWN_NAMESPACES` (for a non-root caller in a user namespace mapping it to
+    itself) with mounts that never propagate to the host; False when the kernel refuses."""
+    uid, gid = os.getuid(), os.getgid()
+    try:
+        if os.geteuid() == 0:
+            linux.unshare(_OWN_NAMESPACES)
+        else:
+            linux.unshare(linux.CLONE_NEWUSER | _OWN_NAMESPACES)
+            _map_self(uid, gid)
+        linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+    except OSError:
+        return False
+    return True
+
+
+def _map_self(uid: int, gid: int) -> None:  # pragma: no cover - runs in the forked child
+    maps = (("uid_map", f"{uid} {uid} 1"), ("setgroups", "deny"), ("gid_map", f"{gid} {gid} 1"))
+    for name, text in maps:
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)
+
+
+def _wait_for(pid: int) -> int:  # pragma: no cover - runs in the intermediate
+    """Reap children (orphans reparented to a subreaper) until ``pid`` ends; its status."""
+    while True:
+        got, status = os.waitpid(-1, 0)
+        if got == pid:
+            return status
+
+
+def _stop_intermediate(signum: int, frame: object) -> None:  # pragma: no cover
+    _end_descendants()
+    os._exit(1)
+
+
+def _end_descendants() -> None:  # pragma: no cover - runs in the intermediate
+    """Kill and reap every descendant (a subreaper's orphans are its children) until none
+    is left; a no-op in a user namespace, where the pid 1 child took them with it."""
+    while True:
+        left = linux.descendants(os.getpid())
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        if not left:
+            return
+        time.sleep(0.01)  # the killed ones die and are reparented to us: reap them next
+
+
+#: Environment variables the inspection's child keeps (the engine's import may need them);
+#: the caller's others (tokens, SSH agents, ...) are none of the engine's business.
+KEPT_ENVIRONMENT = (
+    "PATH",
+    "LANG",
+    "LANGUAGE",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "TMPDIR",
+    "PYTHONPATH",
+    "PYTHONHOME",
+    "VIRTUAL_ENV",
+    "KIT_TEST_USER",
+)
+
+
+def _minimal_environment() -> None:  # pragma: no cover - runs in the forked child
+    kept = {k: os.environ[k] for k in KEPT_ENVIRONMENT if k in os.environ}
+    os.environ.clear()
+    os.environ.update(kept)
 
 
 def _inspection_child(
     wfd: int, spec: str, engine_config: dict[str, Any] | None, collect: dict[str, Collector]
 ) -> None:  # pragma: no cover - runs in the forked child
-    code = 1
-    try:
-        linux.set_parent_death_signal(signal.SIGKILL)
-        os.closerange(3, wfd)
-        os.closerange(wfd + 1, 65536)
-        _drop_to_invoker()
-        result = _inspect_here(spec, engine_config, collect, wfd).to_json()
-        data = json.dumps(result, default=repr).encode()
-        view = memoryview(data)
-        while view:
-            view = view[os.write(wfd, view) :]
-        code = 0
-    finally:
-        os._exit(code)
+    result = _inspect_here(spec, engine_config, collect, wfd).to_json()
+    data = json.dumps(result, default=repr).encode()
+    view = memoryview(data)
+    while view:
+        view = view[os.write(wfd, view) :]
 
 
 def _drop_to_invoker() -> None:

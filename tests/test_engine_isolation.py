@@ -3,12 +3,15 @@ inspection child, and in a run's own processes (its sandbox, as root)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,7 +28,16 @@ ROOT = Path(__file__).resolve().parent.parent
 #: The engine module: at import, it notes who imported it (a file per process in MARKS) and
 #: tries to change the host (a file in HOST, a directory only root can write).
 ENGINE = '''
-import json, os
+import ctypes, json, os
+HOLD = {hold!r}  # a file the test owns: whoever holds it open is of this engine's making
+_sig = ctypes.c_int(-1)
+ctypes.CDLL(None).prctl(2, ctypes.byref(_sig), 0, 0, 0)  # PR_GET_PDEATHSIG
+_fds = {{}}
+for _fd in os.listdir("/proc/self/fd"):
+    try:
+        _fds[_fd] = os.readlink("/proc/self/fd/" + _fd)
+    except OSError:
+        pass  # the listing's own descriptor, closed by now
 for where, name in (({marks!r}, str(os.getpid())), ({host!r}, "from-" + str(os.getpid()))):
     try:
         with open(os.path.join(where, name), "w") as f:
@@ -39,6 +51,10 @@ for where, name in (({marks!r}, str(os.getpid())), ({host!r}, "from-" + str(os.g
                     for line in open("/proc/self/status")
                     if line.startswith("CapEff:")
                 ][0],
+                "pdeathsig": _sig.value,
+                "fds": _fds,
+                "environ": sorted(os.environ),
+                "tty": int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[4]),
             }}, f)
     except OSError:
         pass
@@ -62,6 +78,7 @@ class Marked:
     marks: str  # where the module notes each import (every uid may write there)
     host: str  # a host directory only root may write
     module_dir: str
+    hold: str  # a file the engine's processes keep open (see holders)
 
     def imports(self) -> list[dict]:
         """The imports noted so far (each process once)."""
@@ -72,6 +89,19 @@ class Marked:
         return out
 
 
+def holders(path: str) -> list[int]:
+    """The processes (host pids) that hold ``path`` open."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == path:
+                        found.append(int(pid))
+                        break
+    return found
+
+
 def _marked(tail: str) -> Iterator[Marked]:
     module = f"kit_marked_{uuid.uuid4().hex[:12]}"
     base = tempfile.mkdtemp(prefix="kit-test-marked-", dir="/tmp")
@@ -80,12 +110,17 @@ def _marked(tail: str) -> Iterator[Marked]:
         os.mkdir(path)
         os.chmod(path, mode)
     os.chmod(base, 0o755)
-    source = ENGINE.format(marks=marks, host=host, tail=tail)
+    hold = os.path.join(base, "hold")
+    Path(hold).write_text("")
+    source = ENGINE.format(marks=marks, host=host, hold=hold, tail=tail)
     Path(modules, f"{module}.py").write_text(source)
     sys.path.insert(0, modules)
     try:
-        yield Marked(f"{module}:MarkedEngine", marks, host, modules)
+        yield Marked(f"{module}:MarkedEngine", marks, host, modules, hold)
     finally:
+        for pid in holders(hold):  # what the kit failed to end: ours, found by our file
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         sys.path.remove(modules)
         sys.modules.pop(module, None)
         shutil.rmtree(base, ignore_errors=True)
@@ -288,3 +323,101 @@ def test_the_runs_import_of_the_engine_writes_no_bytecode_into_its_sandbox(marke
     if changes:  # sandboxed: the diff ran and found nothing of the kit's own
         assert not any("__pycache__" in json.dumps(c) for c in changes), changes
     assert not os.path.exists(os.path.join(marked.module_dir, "__pycache__"))
+
+
+#: An import that closes every descriptor it may (the pipe to the caller among them: EOF
+#: there), then hangs holding the test's file.
+CLOSES_AND_HANGS = "import time\nos.closerange(3, 4096)\n_h = open(HOLD)\ntime.sleep(3600)\n"
+#: An import that leaves a daemon of its own behind (a new session, holding the test's file),
+#: then registers as usual.
+DAEMON = (
+    "import time\n_h = open(HOLD)\n"
+    "if os.fork() == 0:\n"
+    "    os.setsid()\n"
+    "    if os.fork() == 0:\n"
+    "        time.sleep(3600)\n"
+    "    os._exit(0)\n"
+    "_h.close()\n" + REFERENCE
+)
+
+
+def _inspect_into(box: list[preflight.Inspection], spec: str, timeout: float) -> None:
+    box.append(preflight.inspect(spec, timeout=timeout))
+
+
+def test_an_import_that_closes_the_pipe_and_hangs_is_killed_at_the_deadline():
+    for engine in _marked(CLOSES_AND_HANGS):
+        box: list[preflight.Inspection] = []
+        worker = threading.Thread(target=_inspect_into, args=(box, engine.spec, 1.0))
+        worker.start()
+        worker.join(60)  # the old code waited for the child for ever: an hour here
+        hung = worker.is_alive()
+        for pid in holders(engine.hold):
+            os.kill(pid, signal.SIGKILL)  # lets a hung inspection go (its child dies)
+        worker.join()
+        assert not hung
+        (found,) = box
+        assert found.failure == "timeout" and "importing it did not finish" in found.failure_message
+        assert holders(engine.hold) == []
+
+
+def test_an_imports_own_daemon_ends_with_the_inspection():
+    for engine in _marked(DAEMON):
+        found = preflight.inspect(engine.spec)
+        assert found.failure == "" and found.name == "test-marked", found.failure_message
+        assert holders(engine.hold) == []  # its session and host pid are no escape
+        (mark,) = engine.imports()
+        assert mark["pidns"] != os.readlink("/proc/self/ns/pid")
+
+
+def test_an_inspection_child_dies_with_its_caller_after_the_drop(marked):
+    preflight.inspect(marked.spec)
+    (mark,) = marked.imports()
+    assert _as_u(mark) and mark["pdeathsig"] == signal.SIGKILL  # re-armed after setresuid
+
+
+def test_the_zygote_waits_longer_than_an_inspection():
+    from kit.run.launcher import ZYGOTE_ANSWER_TIMEOUT
+
+    assert ZYGOTE_ANSWER_TIMEOUT >= 2 * preflight.INSPECT_TIMEOUT
+
+
+def test_an_inspection_child_has_no_descriptor_nor_secret_of_the_callers(marked, monkeypatch):
+    monkeypatch.setenv("KIT_TEST_SECRET_TOKEN", "hunter2")
+    found = preflight.inspect(marked.spec)
+    assert found.failure == "", found.failure_message
+    (mark,) = marked.imports()
+    fds = mark["fds"]
+    assert all(fds[fd] == os.devnull for fd in ("0", "1", "2")), fds
+    assert [fd for fd in fds if int(fd) > 2 and fds[fd].startswith("pipe:")] == list(fds)[3:], fds
+    assert len(fds) == 4, fds  # 0-2 and the answer pipe
+    assert "KIT_TEST_SECRET_TOKEN" not in mark["environ"] and "PATH" in mark["environ"]
+
+
+def test_an_inspection_child_has_no_controlling_terminal(marked):
+    code = (
+        "import fcntl, json, sys, termios\n"
+        "from kit import preflight\n"
+        "fcntl.ioctl(0, termios.TIOCSCTTY, 0)\n"
+        "found = preflight.inspect(sys.argv[1])\n"
+        "print(json.dumps(found.failure or 'ok'))\n"
+    )
+    leader, follower = os.openpty()
+    try:
+        paths = [p for p in sys.path if p]
+        proc = subprocess.run(
+            [sys.executable, "-c", code, marked.spec],
+            stdin=follower,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(paths)},
+            start_new_session=True,
+        )
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert proc.stdout.strip() == '"ok"', proc.stderr[-2000:]
+    (mark,) = marked.imports()
+    assert mark["tty"] == 0  # TIOCSTI into the caller's terminal: no terminal to type in

@@ -92,9 +92,11 @@ class RunResult:
 
 
 #: How long the zygote may take to answer a request, in seconds: a run's request waits for
-#: the first import of its engine, and perhaps for a host sandbox built then. Past it the
-#: zygote is taken for hung (an engine module whose import blocks), killed and replaced.
-ZYGOTE_ANSWER_TIMEOUT = 60.0
+#: the engine's first inspection (kit.preflight.INSPECT_TIMEOUT, 60 s, and the kill's grace
+#: after it: an import that hangs is named by the inspection, not taken for a hung zygote),
+#: and perhaps for a host sandbox built then. Past it the zygote is taken for hung, killed
+#: and replaced. (Not imported from kit.preflight: the launcher stays light to import.)
+ZYGOTE_ANSWER_TIMEOUT = 180.0
 
 
 class Zygote:

@@ -405,6 +405,17 @@ def move_high(fd: int, base: int) -> int:
     return high
 
 
+def close_fds_except(keep: Iterable[int]) -> None:
+    """Close every descriptor but ``keep``: every number up to 2**31 - 1, not the soft
+    limit (a descriptor inherited above it would stay open), by close_range(2) per gap."""
+    low = 0
+    for fd in sorted(set(keep)):
+        if fd > low:
+            os.closerange(low, fd)
+        low = max(low, fd + 1)
+    os.closerange(low, 2**31 - 1)
+
+
 def fd_identity(fd: int) -> tuple[int, int] | None:
     """(device, inode) of what descriptor ``fd`` refers to; None when it is not open. (All
     anonymous-inode descriptors of a kind may share one: an identity tells a file, a pipe
