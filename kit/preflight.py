@@ -351,9 +351,10 @@ def _split(watch: int) -> int:  # pragma: no cover - runs in the forked child
     Preferred: the child is pid 1 of :data:`_OWN_NAMESPACES` (a non-root caller's inside a
     user namespace of its own), so that its end, or the intermediate's (its death signal),
     ends every descendant. Where the kernel refuses those namespaces (a non-root caller
-    without unprivileged user namespaces, root without CAP_SYS_ADMIN), the intermediate is a subreaper instead: every
-    orphan below it is reparented to it, and at the child's exit or SIGTERM from the caller
-    it kills and reaps them all (best effort: as the same user, one could kill it first)."""
+    without unprivileged user namespaces, root without CAP_SYS_ADMIN), the intermediate is
+    a subreaper instead: every orphan below it is reparented to it, and at the child's exit
+    or SIGTERM from the caller it kills and reaps them all (best effort: as the same user,
+    one could kill it first)."""
     _own_namespaces()
     linux.set_child_subreaper()  # in namespaces too: harmless, and the fallback's whole point
     linux.set_parent_death_signal(signal.SIGKILL)  # entering a user namespace cleared it
@@ -648,44 +649,34 @@ def starter_configs(
 
 
 def _stage1_in_child(spec: str, flow: str, uid: int, gid: int, groups: list[int]) -> str | None:
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child's coverage is its own process
-        os.close(rfd)
-        code = 0
-        try:
-            os.write(wfd, (_child(spec, flow, uid, gid, groups) or "").encode()[:65536])
-        except BaseException:  # noqa: BLE001 a forked child must reach os._exit
-            code = 1
-        os._exit(code)
-    os.close(wfd)
-    data = b""
-    deadline = time.monotonic() + PREPARE_TIMEOUT
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([rfd], [], [], left)[0]:
-                os.kill(pid, 9)  # no verdict: the lifecycle will show what hangs
-                break
-            chunk = os.read(rfd, 65536)
-            if not chunk:
-                break
-            data += chunk
-    finally:
-        os.close(rfd)
-        os.waitpid(pid, 0)
-    return data.decode(errors="replace") or None
+    """Why the StarterConfig of ``flow`` is invalid, found in a child contained as an
+    inspection's (:func:`contained`); None when it is valid or no verdict came in time."""
+
+    def drop() -> None:
+        _become(uid, gid, groups)
+
+    def body(wfd: int) -> None:
+        os.write(wfd, (_child(spec, flow, uid, gid) or "").encode()[:65536])
+
+    ended = contained(drop, body, PREPARE_TIMEOUT)
+    if not ended.in_time:
+        return None  # no verdict: the lifecycle will show what hangs
+    return ended.data.decode(errors="replace") or None
 
 
-def _child(spec: str, flow: str, uid: int, gid: int, groups: list[int]) -> str | None:
-    """In the forked child: become U, run config, init_config and prepare_config as stage 1
-    of ``flow`` does, and return why the StarterConfig is invalid (None when it is valid, or
-    when something else than its validation failed)."""
+def _become(uid: int, gid: int, groups: list[int]) -> None:  # pragma: no cover - in the child
+    """Become U as stage 1 of an unprivileged flow runs: no capability, no_new_privs."""
     if os.geteuid() == 0:
         os.setgroups(groups)
         os.setresgid(gid, gid, gid)
         os.setresuid(uid, uid, uid)
     linux.set_no_new_privs()
+
+
+def _child(spec: str, flow: str, uid: int, gid: int) -> str | None:
+    """In the contained child, as U: run config, init_config and prepare_config as stage 1
+    of ``flow`` does, and return why the StarterConfig is invalid (None when it is valid, or
+    when something else than its validation failed)."""
     try:
         engine = registry.make_engine(spec)
         ops = engine.operations

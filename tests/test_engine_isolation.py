@@ -421,3 +421,46 @@ def test_an_inspection_child_has_no_controlling_terminal(marked):
     assert proc.stdout.strip() == '"ok"', proc.stderr[-2000:]
     (mark,) = marked.imports()
     assert mark["tty"] == 0  # TIOCSTI into the caller's terminal: no terminal to type in
+
+
+#: prepare_config closes every descriptor it may (EOF on the pipe), then hangs holding the
+#: test's file.
+PREPARE_CLOSES_AND_HANGS = (
+    REFERENCE
+    + """
+
+class HangingEngine(MarkedEngine):
+    def prepare_config(self, starter_config):
+        import time
+        os.closerange(3, 4096)
+        _h = open(HOLD)
+        time.sleep(3600)
+"""
+)
+
+
+def _starter_configs_into(box: list[list[preflight.Problem]], spec: str) -> None:
+    u = _u()
+    assert u is not None
+    box.append(preflight.starter_configs(spec, ["userns"], u.uid, u.gid, list(u.groups)))
+
+
+def test_preflights_stage_1_child_is_contained_as_an_inspection(monkeypatch):
+    if _u() is None:
+        pytest.skip("no unprivileged invoking user here")
+    monkeypatch.setattr(preflight, "PREPARE_TIMEOUT", 1.0)
+    for engine in _marked(PREPARE_CLOSES_AND_HANGS):
+        spec = engine.spec.replace(":MarkedEngine", ":HangingEngine")
+        box: list[list[preflight.Problem]] = []
+        worker = threading.Thread(target=_starter_configs_into, args=(box, spec))
+        worker.start()
+        worker.join(60)  # the old code waited for the child for ever: an hour here
+        hung = worker.is_alive()
+        for pid in holders(engine.hold):
+            os.kill(pid, signal.SIGKILL)  # lets a hung preflight go (its child dies)
+        worker.join()
+        assert not hung and box == [[]]  # no verdict on a hook that hangs
+        assert holders(engine.hold) == []
+        (mark,) = engine.imports()
+        assert mark["pdeathsig"] == signal.SIGKILL and mark["tty"] == 0
+        assert mark["pidns"] != os.readlink("/proc/self/ns/pid")
