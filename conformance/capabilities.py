@@ -134,6 +134,10 @@ def for_engine(registration: Any) -> tuple[Capabilities, str]:
     return Capabilities(), "defaults (none declared)"
 
 
+#: The shape of what :func:`collect` returns (kit.preflight.Shape).
+COLLECTED = ({"capabilities": {str: bool}, "source": str}, {"error": str})
+
+
 def collect(registration: Any) -> dict[str, Any]:
     """In an engine's inspection child (kit.preflight.inspect): its declared capabilities as
     JSON, ``{"capabilities": {name: bool}, "source": where}``, or ``{"error": message}``."""

@@ -1141,6 +1141,20 @@ def check_fresh_config(verify: Verifier, run: Run) -> None:
         )
 
 
+#: The shape of what :func:`config_calls` returns (kit.preflight.Shape).
+CONFIG_CALLS = (
+    {
+        "json": object,
+        "again": object,
+        "same": bool,
+        "type": str,
+        "id": int,
+        "shared": [str],
+    },
+    {"error": str},
+)
+
+
 def config_calls(registration: Any) -> dict[str, Any]:
     """In the engine's inspection child (kit.preflight.inspect): what STATE-001 judges of two
     calls of ``config()`` there, as JSON: their JSON, whether they are the same object and
@@ -1176,7 +1190,7 @@ def check_config_calls(verify: Verifier, run: Run, engine: str) -> None:
     one caller's changes to the next)."""
     requirement = verify.requirement
     run = verify.used(run.usable())
-    found = preflight.inspect(engine, collect={"config_calls": config_calls})
+    found = preflight.inspect(engine, collect={"config_calls": (config_calls, CONFIG_CALLS)})
     seen = found.collected.get("config_calls")
     if seen is None or "error" in seen:
         why = "; ".join(str(p) for p in found.problems) or "no result"

@@ -227,6 +227,10 @@ def _starter_configs(args: argparse.Namespace) -> list[Any]:
     )
 
 
+#: The shape of what :func:`engine_classes` returns (kit.preflight.Shape).
+ENGINE_CLASSES = [{"module": str, "functions": {str: ([(str, type(None))], type(None))}}]
+
+
 def engine_classes(registration: Any) -> list[dict[str, Any]]:
     """In the engine's inspection child (kit.preflight.inspect): its classes (Operations, RPC
     methods) as JSON, each ``{"module": its module, "functions": {name: [module, source file,
@@ -450,7 +454,7 @@ def main(argv: list[str], prog: str = PROG) -> int:
             "engines lists them)"
         )
     # In a child, as U: the gate never imports the engine itself (SPEC §11).
-    found = preflight.inspect(args.engine, collect={"classes": engine_classes})
+    found = preflight.inspect(args.engine, collect={"classes": (engine_classes, ENGINE_CLASSES)})
     problems = found.problems or _starter_configs(args)
     if problems:  # before any lifecycle: one message per problem, usage/engine error exit
         return usage(

@@ -303,7 +303,9 @@ def _make_state(config: pytest.Config, engine: str, source: str) -> ConformanceS
             f"--backend {backend}: unknown backend (known: {', '.join(BACKENDS)})"
         )
     # In a child, as U: the engine is never imported here (SPEC §11), where verdicts are made.
-    found = preflight.inspect(engine, collect={"capabilities": caps_module.collect})
+    found = preflight.inspect(
+        engine, collect={"capabilities": (caps_module.collect, caps_module.COLLECTED)}
+    )
     if found.failure == "registry":
         raise pytest.UsageError(f"conformance: engine from {source}: {found.failure_message}")
     if found.failure == "import":

@@ -53,6 +53,12 @@ NOBODY = 65534
 #: What a caller collects in the inspection's child: a function of the registration that returns
 #: JSON, under a name of the caller's choosing (:attr:`Inspection.collected`).
 Collector = Callable[[registry.Registration], Any]
+#: The shape of a JSON value (:func:`conforms`): a type (``int`` is never a bool; ``object``:
+#: any JSON), ``[shape]`` (a list of it), ``{key: shape}`` (exactly those keys), ``{str:
+#: shape}`` (any string keys), or a tuple of shapes (any one of them).
+Shape = Any
+#: What a caller collects and the shape it expects back (the child's answer is engine-written).
+Collect = tuple[Collector, Shape]
 
 
 @dataclass
@@ -77,9 +83,50 @@ class Inspection:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Inspection:
-        problems = [Problem(**p) for p in data.get("problems", [])]
+    def from_json(cls, data: Any, collected: dict[str, Shape] | None = None) -> Inspection:
+        """The inspection ``data`` describes; ValueError unless it has the shape of one
+        (with ``collected``: exactly those keys, each of its shape)."""
+        shape = dict(_INSPECTION_SHAPE)
+        if collected is not None:
+            shape["collected"] = (collected, {})  # nothing is collected after a failure
+        if not conforms(data, shape):
+            raise ValueError(f"no inspection: {_short(data)}")
+        problems = [Problem(**p) for p in data["problems"]]
         return cls(**{**data, "problems": problems})
+
+
+_PROBLEM_SHAPE = {"engine": str, "hook": str, "message": str}
+_INSPECTION_SHAPE: dict[str, Shape] = {
+    "spec": str,
+    "name": (str, type(None)),
+    "origin": str,
+    "failure": str,
+    "failure_message": str,
+    "rpc_methods": [str],
+    "problems": [_PROBLEM_SHAPE],
+    "collected": {str: object},
+}
+
+
+def conforms(value: Any, shape: Shape) -> bool:
+    """Whether the JSON ``value`` has ``shape`` (see :data:`Shape`)."""
+    if isinstance(shape, tuple):
+        return any(conforms(value, one) for one in shape)
+    if isinstance(shape, list):
+        return isinstance(value, list) and all(conforms(v, shape[0]) for v in value)
+    if isinstance(shape, dict):
+        return isinstance(value, dict) and _conforms_dict(value, shape)
+    if shape is object:
+        return True
+    if shape in (int, float) and isinstance(value, bool):
+        return False
+    return isinstance(value, shape)
+
+
+def _conforms_dict(value: dict[Any, Any], shape: dict[Any, Shape]) -> bool:
+    if list(shape) == [str]:
+        return all(isinstance(k, str) and conforms(v, shape[str]) for k, v in value.items())
+    return set(value) == set(shape) and all(conforms(value[k], s) for k, s in shape.items())
 
 
 def check(spec: str, engine_config: dict[str, Any] | None = None) -> list[Problem]:
@@ -101,14 +148,17 @@ def check(spec: str, engine_config: dict[str, Any] | None = None) -> list[Proble
 def inspect(
     spec: str,
     engine_config: dict[str, Any] | None = None,
-    collect: dict[str, Collector] | None = None,
+    collect: dict[str, Collect] | None = None,
     timeout: float | None = None,
 ) -> Inspection:
     """Inspect the engine ``spec`` in a forked child that drops to the invoking user U (the
     test user; ``nobody`` when there is none) with no_new_privs before the engine is imported:
     the preflight checks of :func:`check`, its registration, and what each of ``collect``
     returns there. The engine is untrusted code (SPEC §11): its import and hooks never run in
-    the caller, whose verdicts they could forge, nor as root outside a run's sandbox.
+    the caller, whose verdicts they could forge, nor as root outside a run's sandbox. Its
+    answer is taken only in the shape of an :class:`Inspection` for ``spec`` whose
+    :attr:`~Inspection.collected` has each shape ``collect`` gives (the engine's code can
+    write on the pipe too); anything else is an inspection failure naming the engine.
 
     The caller waits up to ``timeout`` seconds (:data:`INSPECT_TIMEOUT`), then kills the child
     and names the engine's import as what hung."""
@@ -134,13 +184,14 @@ def found(spec: str) -> Inspection:
 def _inspect(
     spec: str,
     engine_config: dict[str, Any] | None,
-    collect: dict[str, Collector] | None,
+    collect: dict[str, Collect] | None,
     timeout: float | None,
 ) -> Inspection:
     limit = INSPECT_TIMEOUT if timeout is None else timeout
+    collectors = {key: fn for key, (fn, _) in (collect or {}).items()}
     ended = contained(
         _drop_to_invoker,
-        lambda wfd: _inspection_child(wfd, spec, engine_config, collect or {}),
+        lambda wfd: _inspection_child(wfd, spec, engine_config, collectors),
         limit,
     )
     imported = ended.data.startswith(IMPORTED)
@@ -152,15 +203,22 @@ def _inspect(
             "return at once (it runs at every import)"
         )
         return _failed(spec, "timeout", f"{what} within {limit:g} s (the inspection was killed)")
+    shapes = {key: shape for key, (_, shape) in (collect or {}).items()}
     try:
-        return Inspection.from_json(json.loads(ended.data[len(IMPORTED) if imported else 0 :]))
-    except (ValueError, TypeError):
+        answer = Inspection.from_json(
+            json.loads(ended.data[len(IMPORTED) if imported else 0 :]), shapes
+        )
+    except ValueError:  # JSONDecodeError too
         return _failed(
             spec,
             "child",
-            f"inspecting it ended without a result ({_status(ended.status)}): the engine's "
-            "import or one of its hooks ended the process",
+            f"inspecting it ended without a result in the kit's shape "
+            f"({_status(ended.status)}): the engine's import or one of its hooks ended the "
+            "process, or wrote on the inspection's pipe",
         )
+    if answer.spec != spec:
+        return _failed(spec, "child", f"its inspection answered for {answer.spec!r}")
+    return answer
 
 
 def _failed(spec: str, failure: str, message: str) -> Inspection:

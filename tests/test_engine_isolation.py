@@ -166,7 +166,9 @@ def test_an_inspection_imports_the_engine_in_a_child_as_u(marked):
 
 
 def test_an_inspection_collects_in_the_child_what_the_caller_asks(marked):
-    found = preflight.inspect(marked.spec, collect={"where": lambda reg: [os.getpid(), reg.name]})
+    found = preflight.inspect(
+        marked.spec, collect={"where": (lambda reg: [os.getpid(), reg.name], [object])}
+    )
     pid, name = found.collected["where"]
     assert name == "test-marked" and pid != os.getpid()
     assert json.loads(json.dumps(found.to_json())) == found.to_json()
@@ -341,6 +343,25 @@ DAEMON = (
 )
 
 
+#: An import that writes ``{answer}`` (Python source of bytes) on the inspection's pipe, as
+#: valid JSON of the wrong shape, and exits.
+WRONG_SHAPE = (
+    "for _fd in os.listdir('/proc/self/fd'):\n"
+    "    try:\n"
+    "        if int(_fd) >= 3 and os.readlink('/proc/self/fd/' + _fd).startswith('pipe:'):\n"
+    "            os.write(int(_fd), {answer})\n"
+    "    except OSError:\n"
+    "        pass\n"
+    "os._exit(0)\n"
+)
+#: A well-formed inspection of this engine, with what STATE-001 collects in the wrong shape.
+FORGED_CONFIG_CALLS = (
+    'json.dumps({"spec": __name__ + ":MarkedEngine", "name": "x", "origin": "", "failure": "",'
+    ' "failure_message": "", "rpc_methods": [], "problems": [],'
+    ' "collected": {"config_calls": {"json": {}, "same": "no"}}}).encode()'
+)
+
+
 def _inspect_into(box: list[preflight.Inspection], spec: str, timeout: float) -> None:
     box.append(preflight.inspect(spec, timeout=timeout))
 
@@ -464,3 +485,25 @@ def test_preflights_stage_1_child_is_contained_as_an_inspection(monkeypatch):
         (mark,) = engine.imports()
         assert mark["pdeathsig"] == signal.SIGKILL and mark["tty"] == 0
         assert mark["pidns"] != os.readlink("/proc/self/ns/pid")
+
+
+def test_an_answer_of_the_wrong_shape_is_an_inspection_failure():
+    answers = (b"[]", b'{"spec": 1}', b'{"spec": "x", "problems": [{"engine": 1}]}')
+    for answer in answers:
+        for engine in _marked(WRONG_SHAPE.format(answer=repr(answer))):
+            found = preflight.inspect(engine.spec)
+            assert found.failure == "child" and found.name is None, answer
+            (problem,) = found.problems
+            assert problem.engine == engine.spec and "the kit's shape" in problem.message
+
+
+def test_collected_json_of_the_wrong_shape_fails_state_001_not_the_suite():
+    from test_conformance_units import make_run
+
+    from conformance import checks
+
+    for engine in _marked(WRONG_SHAPE.format(answer=FORGED_CONFIG_CALLS)):
+        verify = checks.Verifier("root", ["STATE-001"], "t")
+        checks.check_config_calls(verify, make_run("root", []), engine.spec)
+        (violation,) = verify.violations["STATE-001"]
+        assert "the inspection failed" in str(violation), violation
