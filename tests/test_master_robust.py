@@ -232,10 +232,19 @@ def test_a_hook_putting_dev_null_over_every_descriptor_is_named_by_the_superviso
     # The interpreter's own descriptors go too (libffi's closure mapping, say): the master
     # may die of a signal before it notices the ledger gone. Either way the run fails as a
     # crash of the master, named, and nothing is left behind.
-    lost = "master crashed: engine code closed the ledger socket"
-    assert result.reason.startswith(lost) or re.fullmatch(
-        r"master crashed: killed by signal \d+", result.reason
-    ), result
+    lost = "master crashed: exited 254 with nothing more"
+    assert (
+        result.reason.startswith(lost)
+        and "when engine code closed its ledger socket" in result.reason
+    ) or re.fullmatch(r"master crashed: killed by signal \d+", result.reason), result
+    assert result.leaks == []
+
+
+def test_a_hook_exiting_254_itself_is_not_said_to_have_closed_the_ledger():
+    result = fault_run(ABUSE, abuse="exit_254")
+    assert result.exit_code == EXIT_FATAL, result
+    assert result.reason.startswith("master crashed: exited 254 with nothing more"), result
+    assert "engine code exiting 254 itself looks the same" in result.reason
     assert result.leaks == []
 
 

@@ -449,11 +449,11 @@ class Supervisor:
             return EXIT_FATAL, f"master crashed: killed by signal {os.WTERMSIG(status)}"
         code = os.WEXITSTATUS(status)
         if not any(e["kind"] == "starter_exit" for e in self.events):
-            if code == EXIT_LEDGER_LOST:
+            if code == EXIT_LEDGER_LOST:  # known: the code, not who chose it
                 return EXIT_FATAL, (
-                    "master crashed: engine code closed the ledger socket (or put another "
-                    f"file under its number), and the master exited {code} with nothing "
-                    "more recorded"
+                    f"master crashed: exited {code} with nothing more recorded, as the kit's "
+                    "master does when engine code closed its ledger socket (or put another "
+                    f"file under its number); engine code exiting {code} itself looks the same"
                 )
             return EXIT_FATAL, f"master crashed: exited {code} without finishing the run"
         return code, "exited"
