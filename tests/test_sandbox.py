@@ -671,3 +671,37 @@ def test_as_root_of_another_user_namespace_the_next_sandbox_is_built_at_the_same
     assert "ok" in out, out
     base, during, after = out["ok"]
     assert during == after == base
+
+
+def test_a_build_whose_pidfd_cannot_be_opened_leaves_no_init_nor_descriptor():
+    """pidfd_open failing after the fork (EMFILE): init is killed by pid and reaped while
+    SIGCHLD is still blocked, and both ends of its pipe are closed."""
+    import errno
+    import signal
+
+    from conftest import in_child
+
+    def refuse(pid: int, flags: int = 0) -> int:
+        raise OSError(errno.EMFILE, "refused by the test")
+
+    def body() -> dict[str, Any]:
+        sandbox.host_mount_table()  # its cache holds a descriptor of its own: open it first
+        before = sorted(os.listdir("/proc/self/fd"))
+        os.pidfd_open = refuse  # in this forked child only
+        try:
+            sandbox.build([])
+        except OSError as exc:
+            raised = exc.errno
+        else:
+            raised = 0
+        left = linux.descendants(os.getpid())
+        for pid in left:  # what the old code left running: ended here, not by the test's host
+            os.kill(pid, signal.SIGKILL)
+        return {
+            "raised": raised,
+            "left": left,
+            "fds": sorted(os.listdir("/proc/self/fd")) == before,
+        }
+
+    out = in_child(body)
+    assert out.get("ok") == {"raised": errno.EMFILE, "left": [], "fds": True}, out

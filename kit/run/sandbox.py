@@ -224,6 +224,10 @@ def build(shared: list[str]) -> Building:
     table = host_mount_table()  # here, where it is cached: init is a fresh fork each time
     try:
         rfd, wfd = os.pipe()
+    except BaseException:
+        _remove_scratch(scratch)
+        raise
+    try:
         # SIGCHLD held until the pidfd is open: a handler that reaps (the zygote's) could
         # otherwise take an init that died at once before we hold it.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
@@ -233,14 +237,28 @@ def build(shared: list[str]) -> Building:
                 os.close(rfd)
                 shared = [os.path.realpath(p) for p in shared if os.path.isdir(p)]
                 _init_main(scratch, shared, wfd, table)
-            pidfd = os.pidfd_open(pid)
+            pidfd = _hold_init(pid)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        os.close(wfd)
     except BaseException:
+        os.close(rfd)
         _remove_scratch(scratch)
         raise
+    finally:
+        os.close(wfd)
     return Building(init_pid=pid, ready_fd=rfd, scratch=scratch, builder=os.getpid(), pidfd=pidfd)
+
+
+def _hold_init(pid: int) -> int:
+    """A pidfd on the new init ``pid``; if none can be opened, init is killed by pid and
+    reaped (SIGCHLD is still blocked: no handler can have reaped it, the pid is its)."""
+    try:
+        return os.pidfd_open(pid)
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        raise
 
 
 def _fork_in_new_pid_namespace() -> int:
