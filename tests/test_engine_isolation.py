@@ -507,3 +507,45 @@ def test_collected_json_of_the_wrong_shape_fails_state_001_not_the_suite():
         checks.check_config_calls(verify, make_run("root", []), engine.spec)
         (violation,) = verify.violations["STATE-001"]
         assert "the inspection failed" in str(violation), violation
+
+
+#: In a caller as ``nobody``: inspect the engine argv[1]; with argv[2] == "subreaper", as
+#: where the kernel refuses unprivileged user namespaces (every unshare refused).
+AS_NOBODY = """
+import errno, json, sys
+from kit import preflight
+from kit.system import linux
+
+def refuse(flags):
+    raise OSError(errno.EPERM, "refused by the test")
+
+if sys.argv[2] == "subreaper":
+    linux.unshare = refuse
+found = preflight.inspect(sys.argv[1], timeout=60)
+print(json.dumps([found.failure, found.failure_message]))
+"""
+
+
+@pytest.mark.parametrize("mode", ["userns", "subreaper"])
+def test_a_non_root_callers_inspection_ends_the_imports_daemons(mode):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to start a caller as nobody")
+    for engine in _marked(DAEMON):
+        os.chmod(engine.hold, 0o644)
+        proc = subprocess.run(
+            [sys.executable, "-c", AS_NOBODY, engine.spec, mode],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd="/",
+            env={"PATH": os.environ["PATH"], "PYTHONPATH": f"{ROOT}:{engine.module_dir}"},
+            user=preflight.NOBODY,
+            group=preflight.NOBODY,
+            extra_groups=[],
+        )
+        assert proc.stdout.strip() == '["", ""]', proc.stderr[-2000:]
+        assert holders(engine.hold) == []  # the subreaper, or pid 1's end, took the daemon
+        (mark,) = engine.imports()
+        assert mark["uid"] == preflight.NOBODY and mark["tty"] == 0
+        if mode == "subreaper":
+            assert mark["pidns"] == os.readlink("/proc/self/ns/pid")  # the fallback ran
