@@ -306,12 +306,16 @@ def _make_state(config: pytest.Config, engine: str, source: str) -> ConformanceS
     found = preflight.inspect(
         engine, collect={"capabilities": (caps_module.collect, caps_module.COLLECTED)}
     )
+    where = f"\n{found.failure_traceback}" if found.failure_traceback else ""
     if found.failure == "registry":
-        raise pytest.UsageError(f"conformance: engine from {source}: {found.failure_message}")
+        raise pytest.UsageError(
+            f"conformance: engine from {source}: {found.failure_message}{where}"
+        )
     if found.failure == "import":
         raise pytest.UsageError(
             f"conformance: cannot load engine {engine!r} (from {source}): "
             + found.failure_message.removeprefix("loading it raised ")
+            + where
         )
     _preflight(engine, source, found.problems)
     declared = found.collected["capabilities"]

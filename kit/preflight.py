@@ -10,6 +10,7 @@ import select
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -75,6 +76,9 @@ class Inspection:
     #: (the inspection ended without a result); "" when it was found.
     failure: str = ""
     failure_message: str = ""
+    #: The traceback of what the engine's module raised ("registry", "import"): the child's
+    #: stderr is /dev/null, this is how the author sees where.
+    failure_traceback: str = ""
     rpc_methods: list[str] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     collected: dict[str, Any] = field(default_factory=dict)
@@ -102,6 +106,7 @@ _INSPECTION_SHAPE: dict[str, Shape] = {
     "origin": str,
     "failure": str,
     "failure_message": str,
+    "failure_traceback": str,
     "rpc_methods": [str],
     "problems": [_PROBLEM_SHAPE],
     "collected": {str: object},
@@ -547,13 +552,25 @@ def _inspect_here(
         reg = registry.find(spec)
         os.write(wfd, IMPORTED)
     except registry.RegistryError as exc:
-        return _failed(spec, "registry", str(exc))
+        return _with_traceback(_failed(spec, "registry", str(exc)), exc.__cause__)
     except Exception as exc:  # noqa: BLE001 the engine's module failed to import or to register
-        return _failed(spec, "import", f"loading it raised {type(exc).__name__}: {exc}")
+        failed = _failed(spec, "import", f"loading it raised {type(exc).__name__}: {exc}")
+        return _with_traceback(failed, exc)
     found = Inspection(spec, reg.name, reg.origin, rpc_methods=sorted(reg.rpc_specs))
     found.problems = _checks(reg, engine_config)
     for key, collector in collect.items():
         found.collected[key] = collector(reg)
+    return found
+
+
+#: The most of a traceback an inspection carries back (its last lines: where it was raised).
+MAX_TRACEBACK = 8192
+
+
+def _with_traceback(found: Inspection, exc: BaseException | None) -> Inspection:
+    if exc is not None:
+        text = "".join(traceback.format_exception(exc))
+        found.failure_traceback = text[-MAX_TRACEBACK:]
     return found
 
 

@@ -549,3 +549,15 @@ def test_a_non_root_callers_inspection_ends_the_imports_daemons(mode):
         assert mark["uid"] == preflight.NOBODY and mark["tty"] == 0
         if mode == "subreaper":
             assert mark["pidns"] == os.readlink("/proc/self/ns/pid")  # the fallback ran
+
+
+def test_an_import_error_comes_back_with_its_traceback():
+    tail = "def _where():\n    raise ValueError('the engine module fails here')\n_where()\n"
+    for engine in _marked(tail):
+        found = preflight.inspect(engine.spec)
+        assert found.failure == "registry" and "ValueError" in found.failure_message
+        assert "the engine module fails here" in found.failure_traceback
+        assert (
+            f"{engine.module_dir}/" in found.failure_traceback
+            and "_where" in found.failure_traceback
+        )
