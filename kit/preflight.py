@@ -434,7 +434,19 @@ def _split(watch: int) -> int:  # pragma: no cover - runs in the forked child
     os.close(me)
     status = _wait_for(pid)
     _end_descendants()
-    os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+    _exit_as(status)
+
+
+def _exit_as(status: int) -> NoReturn:  # pragma: no cover - runs in the intermediate
+    """End as the child ended (its exit code, or its signal): the caller reports that."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        linux.set_dumpable(False)  # a SIGSEGV passed on must write no core of ours
+        signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
+        os.kill(os.getpid(), sig)
+        os._exit(128 + sig)  # a signal whose default is not to end a process
+    os._exit(os.WEXITSTATUS(status))
 
 
 def _own_namespaces() -> bool:  # pragma: no cover - runs in the forked child

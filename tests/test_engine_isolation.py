@@ -561,3 +561,10 @@ def test_an_import_error_comes_back_with_its_traceback():
             f"{engine.module_dir}/" in found.failure_traceback
             and "_where" in found.failure_traceback
         )
+
+
+def test_an_import_killed_by_a_signal_is_reported_so():
+    for engine in _marked("import ctypes\nctypes.string_at(0)\n"):  # SIGSEGV, forced
+        found = preflight.inspect(engine.spec)
+        assert found.failure == "child", found.failure_message
+        assert f"killed by signal {signal.SIGSEGV}" in found.failure_message
