@@ -93,7 +93,7 @@ class Inspection:
         shape = dict(_INSPECTION_SHAPE)
         if collected is not None:
             shape["collected"] = (collected, {})  # nothing is collected after a failure
-        if not conforms(data, shape):
+        if not conforms(data, shape) or not _consistent(data, collected):
             raise ValueError(f"no inspection: {_short(data)}")
         problems = [Problem(**p) for p in data["problems"]]
         return cls(**{**data, "problems": problems})
@@ -111,6 +111,14 @@ _INSPECTION_SHAPE: dict[str, Shape] = {
     "problems": [_PROBLEM_SHAPE],
     "collected": {str: object},
 }
+
+
+def _consistent(data: dict[str, Any], collected: dict[str, Shape] | None) -> bool:
+    """A failure has a problem and collected nothing; a success collected every key asked
+    for (the callers index them)."""
+    if data["failure"]:
+        return bool(data["problems"]) and not data["collected"]
+    return collected is None or set(data["collected"]) == set(collected)
 
 
 def conforms(value: Any, shape: Shape) -> bool:

@@ -497,6 +497,28 @@ def test_an_answer_of_the_wrong_shape_is_an_inspection_failure():
             assert problem.engine == engine.spec and "the kit's shape" in problem.message
 
 
+#: Well-formed inspections of this engine that break its rules: a success that collected
+#: nothing of what was asked, a failure with no problem.
+FORGED_INCONSISTENT = (
+    'json.dumps({"spec": __name__ + ":MarkedEngine", "name": "x", "origin": "", "failure":'
+    ' "", "failure_message": "", "failure_traceback": "", "rpc_methods": [], "problems": [],'
+    ' "collected": {}}).encode()',
+    'json.dumps({"spec": __name__ + ":MarkedEngine", "name": None, "origin": "", "failure":'
+    ' "import", "failure_message": "", "failure_traceback": "", "rpc_methods": [],'
+    ' "problems": [], "collected": {}}).encode()',
+)
+
+
+def test_an_inconsistent_answer_is_an_inspection_failure():
+    from conformance import gate
+
+    for answer in FORGED_INCONSISTENT:
+        for engine in _marked(WRONG_SHAPE.format(answer=answer)):
+            collect = {"classes": (gate.engine_classes, gate.ENGINE_CLASSES)}
+            found = preflight.inspect(engine.spec, collect=collect)
+            assert found.failure == "child" and found.problems, answer
+
+
 def test_collected_json_of_the_wrong_shape_fails_state_001_not_the_suite():
     from test_conformance_units import make_run
 
