@@ -288,6 +288,7 @@ def contained(drop: Callable[[], None], body: Callable[[int], None], limit: floa
         os.close(wfd)
         os.close(watch)
     deadline = time.monotonic() + limit
+    eof = False  # an exception while reading (KeyboardInterrupt): the child is ended at once
     try:
         data, eof = _read_until(rfd, deadline)
     finally:

@@ -590,3 +590,17 @@ def test_an_import_killed_by_a_signal_is_reported_so():
         found = preflight.inspect(engine.spec)
         assert found.failure == "child", found.failure_message
         assert f"killed by signal {signal.SIGSEGV}" in found.failure_message
+
+
+def test_an_inspection_interrupted_while_reading_ends_its_child(monkeypatch):
+    def interrupted(rfd: int, deadline: float) -> tuple[bytes, bool]:
+        until = time.monotonic() + 60
+        while not holders(engine.hold) and time.monotonic() < until:
+            time.sleep(0.05)  # a condition with a deadline: the import has begun
+        raise RuntimeError("interrupted by the test")
+
+    for engine in _marked("import time\n_h = open(HOLD)\ntime.sleep(3600)\n"):
+        monkeypatch.setattr(preflight, "_read_until", interrupted)
+        with pytest.raises(RuntimeError, match="interrupted by the test"):
+            preflight.inspect(engine.spec)
+        assert holders(engine.hold) == []
