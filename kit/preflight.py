@@ -275,6 +275,7 @@ def contained(drop: Callable[[], None], body: Callable[[int], None], limit: floa
     # SIGCHLD held until the pidfd is open: a reaping handler (the zygote's) could take a
     # child that died at once, and its pid could be reused before we hold it.
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    pid = 0
     try:
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child's coverage is its own process
@@ -282,6 +283,9 @@ def contained(drop: Callable[[], None], body: Callable[[int], None], limit: floa
         pidfd = _hold(pid)
     except BaseException:
         os.close(rfd)
+        if pid > 0:  # interrupted after the fork (SIGINT): not reaped yet, so still ours
+            os.kill(pid, signal.SIGTERM)  # the intermediate ends its namespace's processes
+            os.waitpid(pid, 0)
         raise
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
@@ -365,13 +369,16 @@ def _contained_child(
     code = 1
     try:
         os.close(rfd)
-        linux.set_parent_death_signal(signal.SIGKILL)
+        # SIGTERM, not SIGKILL: this process becomes the intermediate, whose handler ends the
+        # engine's processes from outside (they may clear their own death signal).
+        linux.set_parent_death_signal(signal.SIGTERM)
         _watch(watch)
         # The caller's reaping SIGCHLD handler (the zygote's) would race our waits.
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
         _detach({wfd, watch})
         watch = _split(watch)
+        linux.join_new_session_keyring()  # the caller's keys are not the engine's
         drop()
         linux.set_parent_death_signal(signal.SIGKILL)  # a credential change cleared it
         _watch(watch)
@@ -429,11 +436,13 @@ def _split(watch: int) -> int:  # pragma: no cover - runs in the forked child
     one could kill it first)."""
     _own_namespaces()
     linux.set_child_subreaper()  # in namespaces too: harmless, and the fallback's whole point
-    linux.set_parent_death_signal(signal.SIGKILL)  # entering a user namespace cleared it
+    # Our death signal ends the engine's processes from outside: the child (pid 1 of its
+    # namespace, or the subreaper's first) may clear its own.
+    signal.signal(signal.SIGTERM, _stop_intermediate)
+    linux.set_parent_death_signal(signal.SIGTERM)  # entering a user namespace cleared it
     _watch(watch)
     os.close(watch)
     me = os.pidfd_open(os.getpid())
-    signal.signal(signal.SIGTERM, _stop_intermediate)
     pid = os.fork()
     if pid == 0:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

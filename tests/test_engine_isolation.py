@@ -604,3 +604,98 @@ def test_an_inspection_interrupted_while_reading_ends_its_child(monkeypatch):
         with pytest.raises(RuntimeError, match="interrupted by the test"):
             preflight.inspect(engine.spec)
         assert holders(engine.hold) == []
+
+
+DEATHLESS = (
+    "import ctypes, time\n"
+    "ctypes.CDLL(None).prctl(1, 0, 0, 0, 0)  # PR_SET_PDEATHSIG 0: no death signal\n"
+    "time.sleep(3600)\n"
+)
+
+
+@pytest.fixture
+def deathless() -> Iterator[Marked]:
+    yield from _marked(DEATHLESS)
+
+
+def _in_pid_namespace(inode: str) -> list[int]:
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.readlink(f"/proc/{name}/ns/pid") == inode:
+                    found.append(int(name))
+            except OSError:  # gone meanwhile
+                pass
+    return found
+
+
+def test_an_engine_clearing_its_death_signal_dies_with_the_inspecting_caller(deathless):
+    # The inspection's child may clear its own parent-death signal; when the caller is
+    # killed, the intermediate's own death signal (SIGTERM, handled) ends it from outside.
+    code = "import sys\nfrom kit import preflight\npreflight.inspect(sys.argv[1], timeout=600)\n"
+    caller = subprocess.Popen(
+        [sys.executable, "-c", code, deathless.spec],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    engine: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not deathless.imports():
+            assert time.monotonic() < deadline, "the engine was never imported"
+            time.sleep(0.02)
+        (mark,) = deathless.imports()
+        assert mark["pidns"] != os.readlink("/proc/self/ns/pid")  # pid 1 of its own
+        engine = _in_pid_namespace(mark["pidns"])
+        assert engine, "the engine's process is not to be found"
+        caller.kill()
+        caller.wait()
+        deadline = time.monotonic() + 20
+        while _in_pid_namespace(mark["pidns"]):
+            assert time.monotonic() < deadline, "the engine outlived its caller"
+            time.sleep(0.02)
+    finally:
+        if caller.poll() is None:
+            caller.kill()
+            caller.wait()
+        for pid in engine:  # a failed test leaves nothing behind either
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _keyctl(*args: int) -> int:
+    import ctypes
+
+    number = {"x86_64": 250, "aarch64": 219}[os.uname().machine]
+    libc = ctypes.CDLL(None, use_errno=True)
+    result = libc.syscall(ctypes.c_long(number), *(ctypes.c_long(a) for a in args))
+    assert result > 0, os.strerror(ctypes.get_errno())
+    return int(result)
+
+
+def _session_keyring() -> int:
+    """The serial of the calling process's session keyring (KEYCTL_GET_KEYRING_ID of
+    KEY_SPEC_SESSION_KEYRING, not created)."""
+    return _keyctl(0, -3, 0)
+
+
+def test_the_inspection_does_not_possess_the_callers_session_keyring(marked):
+    # A process keeps its session keyring across setresuid: the caller's keys (credentials
+    # a login or a service linked there) would be the engine's to read.
+    from conftest import in_child
+
+    def inspect_from_a_session_of_our_own() -> list[int]:
+        own = _keyctl(1, 0)  # KEYCTL_JOIN_SESSION_KEYRING, anonymous
+        found = preflight.inspect(
+            marked.spec, collect={"keyring": (lambda reg: _session_keyring(), int)}
+        )
+        return [own, found.collected["keyring"]]
+
+    got = in_child(inspect_from_a_session_of_our_own)
+    assert "ok" in got, got
+    own, theirs = got["ok"]
+    assert theirs != own

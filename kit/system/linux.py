@@ -62,6 +62,7 @@ _SYSCALLS = {
     "fsmount": (432, 432),
     "open_tree": (428, 428),
     "seccomp": (317, 277),
+    "keyctl": (250, 219),
 }
 
 
@@ -656,6 +657,24 @@ def get_securebits() -> int:
 
 def set_keepcaps(value: bool) -> None:
     prctl(PR_SET_KEEPCAPS, int(value))
+
+
+#: keyctl(2) operation: make a new anonymous session keyring the caller's.
+KEYCTL_JOIN_SESSION_KEYRING = 1
+
+
+def join_new_session_keyring() -> int:
+    """Leave the inherited session keyring for a new, empty one (a process keeps its
+    session keyring across setresuid: the keys linked in it, a caller's credentials say,
+    stay possessed). Returns the new keyring's serial."""
+    return _check(
+        _libc.syscall(
+            ctypes.c_long(_nr("keyctl")),
+            ctypes.c_long(KEYCTL_JOIN_SESSION_KEYRING),
+            ctypes.c_void_p(None),
+        ),
+        "keyctl(KEYCTL_JOIN_SESSION_KEYRING)",
+    )
 
 
 def set_child_subreaper() -> None:
