@@ -242,3 +242,26 @@ def test_a_name_is_set_through_one_buffer_size_whatever_its_length() -> None:
 
     out = in_child(run)
     assert out == {"ok": ["kit-x", "kit-sandbox", "a-name-longer-t", "16", "16", "16"]}
+
+
+def test_close_fds_except_closes_every_fd_but_the_kept_ones_the_standard_ones_too():
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            for at in (10, 11, 12, 40, 19999):
+                os.dup2(w, at)  # inheritable: the closing must not rely on close-on-exec
+            linux.close_fds_except([40, 11, w, 40])  # unsorted, a duplicate, no 0-2
+            left = sorted(int(x) for x in os.listdir("/proc/self/fd"))
+            os.write(w, " ".join(map(str, left)).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        left = [int(x) for x in f.read().split()]
+    assert os.waitid(os.P_PID, pid, os.WEXITED).si_status == 0
+    # 0, the lowest number, is the fd that listed /proc/self/fd: stdin was closed before it
+    assert left == sorted({0, 11, 40, w}), left

@@ -411,7 +411,7 @@ def close_fds_except(keep: Iterable[int]) -> None:
     limit (a descriptor inherited above it would stay open), by close_range(2) per gap."""
     low = 0
     for fd in sorted(set(keep)):
-        if fd > low:
+        if fd > low:  # os.closerange(0, 0) closes every fd: CPython passes 0 - 1 as the top
             os.closerange(low, fd)
         low = max(low, fd + 1)
     os.closerange(low, 2**31 - 1)
