@@ -14,6 +14,7 @@ import tempfile
 from types import SimpleNamespace
 
 import pytest
+from conftest import exit_code_in_child
 
 from kit.run.launcher import run
 from kit.run.request import Invoker
@@ -43,13 +44,14 @@ def _inheritable_fd(at: int | None = None) -> int:
 
 
 def close_fds_in_child(
-    layout: dict[str, int | None], soft_after: int | None = None
+    layout: dict[str, int | None], limit: int | None = None, limit_after: int | None = None
 ) -> dict[str, object]:
     """In a forked child: open an inheritable fd per name of ``layout`` (at that number, or
     the next free one), keep the names starting with "keep", call Stage2.close_fds with a
     pipe as the master fd, and report over it which fds are left and which inheritable.
-    With ``soft_after``: the soft fd limit raised to the hard one for the opening, then
-    lowered to ``soft_after`` (the fds above it stay open, as the kernel leaves them)."""
+    With ``limit``: RLIMIT_NOFILE (soft and hard) set to it for the opening; with
+    ``limit_after``: lowered to it before the closing (the fds above it stay open, as the
+    kernel leaves them, as an engine's init_engine may do)."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -58,12 +60,11 @@ def close_fds_in_child(
             os.close(r)
             ledger_a, ledger_b = socket.socketpair()
             ledger_b.close()
-            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-            if soft_after is not None:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            if limit is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
             fds = {name: _inheritable_fd(at) for name, at in layout.items()}
-            if soft_after is not None:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (soft_after, hard))
+            if limit_after is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (limit_after, limit_after))
             keep = [fd for name, fd in fds.items() if name.startswith("keep")]
             for fd in keep:
                 os.set_inheritable(fd, False)  # close_fds must make them inheritable
@@ -145,18 +146,37 @@ def test_a_kept_fd_at_the_top_of_the_fd_table_stays():
 
 
 HARD_FDS = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+#: a hard fd limit above 65536, the fixed floor the closing once stopped at
+HIGH_LIMIT = 70002
 
 
-@pytest.mark.skipif(
-    HARD_FDS == resource.RLIM_INFINITY or HARD_FDS <= 65537,
-    reason=f"the hard fd limit ({HARD_FDS}) is not above 65536: the fixed floor covers it",
-)
-def test_an_fd_below_a_hard_limit_above_65536_is_closed_whatever_the_soft_limit():
-    # The top fd the hard limit allows, past the fixed floor of 65536 and above a soft limit
-    # lowered after it was opened: only a ceiling taken from the hard limit reaches it.
-    report = close_fds_in_child({"a": None, "top": HARD_FDS - 1}, soft_after=1024)
+def _can_raise_fd_limit(to: int) -> bool:
+    """Whether a process may raise its hard fd limit to ``to`` (CAP_SYS_RESOURCE, and
+    fs.nr_open at least that): tried in a forked child."""
+
+    def raise_it() -> int:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (to, to))
+        return 0
+
+    return exit_code_in_child(raise_it) == 0
+
+
+def test_an_fd_above_a_hard_limit_lowered_after_it_was_opened_is_closed():
+    # An engine's init_engine runs in stage 2 before the closing and may lower the limit;
+    # the fds it leaves above the new limit must not reach the payload.
+    layout = {"a": None, "keep_mid": 3000, "mid": 5000, "top": HARD_FDS - 1}
+    report = close_fds_in_child(layout, limit_after=1024)
     check(report)
-    assert HARD_FDS - 1 not in report["left"]
+    assert HARD_FDS - 1 not in report["left"] and 3000 in report["left"]
+
+
+def test_an_fd_above_65536_and_a_hard_limit_lowered_after_it_was_opened_is_closed():
+    if not _can_raise_fd_limit(HIGH_LIMIT):
+        pytest.skip(f"the hard fd limit ({HARD_FDS}) cannot be raised to {HIGH_LIMIT} here")
+    layout = {"a": None, "keep_low": 3000, "high": 70000, "top": HIGH_LIMIT - 1}
+    report = close_fds_in_child(layout, limit=HIGH_LIMIT, limit_after=1024)
+    check(report)
+    assert 70000 not in report["left"] and HIGH_LIMIT - 1 not in report["left"]
 
 
 def test_kept_fds_below_three_do_not_disturb_the_rest():

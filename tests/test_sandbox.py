@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -705,3 +706,27 @@ def test_a_build_whose_pidfd_cannot_be_opened_leaves_no_init_nor_descriptor():
 
     out = in_child(body)
     assert out.get("ok") == {"raised": errno.EMFILE, "left": [], "fds": True}, out
+
+
+def test_the_sandboxs_init_keeps_only_the_standard_fds_and_its_ready_pipe():
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            for at in (w - 1, w + 1, 19999):  # inheritable: init execs nothing, closes all
+                os.dup2(w, at)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))  # 19999 stays open
+            sandbox._close_other_fds(w)
+            left = sorted(int(x) for x in os.listdir("/proc/self/fd"))
+            os.write(w, json.dumps(left).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        left = json.loads(f.read())
+    assert os.waitid(os.P_PID, pid, os.WEXITED).si_status == 0
+    # the one more is the fd that listed /proc/self/fd, the lowest free one: 3
+    assert w > 4 and left == [0, 1, 2, 3, w], (left, w)

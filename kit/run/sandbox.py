@@ -602,10 +602,9 @@ def _confine_init() -> None:
 
 
 def _close_other_fds(keep: int) -> None:
-    os.closerange(3, keep)  # close_range(2): one call each side, no listing
     # Every number, not SC_OPEN_MAX (the soft limit): a descriptor inherited above it would
     # stay in pid 1, reachable from the sandbox's root through /proc/1/fd.
-    os.closerange(max(keep + 1, 3), 2**31 - 1)
+    linux.close_fds_except({0, 1, 2, keep})
 
 
 def _reap_forever() -> NoReturn:

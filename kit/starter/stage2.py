@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import resource
 from typing import TYPE_CHECKING, NoReturn
 
 from kit import registry
@@ -85,17 +84,8 @@ class Stage2:
         rearm_parent_death(sock=self.c.sock)
 
     def close_fds(self, master_fd: int) -> None:
-        keep = {0, 1, 2, master_fd, *self.c.sconf.keep_fds}
-        ledger_fd = self.c.starter.ledger_sock.fileno()
-        keep.add(ledger_fd)  # close-on-exec: gone with the exec
-        fd = 3
-        # Up to the hard limit, not a fixed 65536: hosts often allow far more open fds, and
-        # one above a fixed bound would reach the payload.
-        ceiling = max(resource.getrlimit(resource.RLIMIT_NOFILE)[1], 65536, *keep) + 1
-        for k in sorted(keep | {ceiling}):
-            if k >= fd:
-                os.closerange(fd, k)
-                fd = k + 1
+        ledger_fd = self.c.starter.ledger_sock.fileno()  # close-on-exec: gone with the exec
+        linux.close_fds_except({0, 1, 2, master_fd, ledger_fd, *self.c.sconf.keep_fds})
         for k in self.c.sconf.keep_fds:
             os.set_inheritable(k, True)
 
