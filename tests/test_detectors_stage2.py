@@ -378,3 +378,15 @@ def test_the_payload_runs_with_the_ids_of_its_flow(flow):
     assert status["Gid"] == [str(gid)] * 4, status
     if flow != "userns":  # a userns shows unmapped groups as the overflow gid
         assert sorted(status["Groups"]) == sorted(groups), status
+
+
+def test_the_payload_starts_with_no_signal_ignored_or_blocked():
+    # Every process of the kit is CPython, which ignores SIGPIPE and SIGXFSZ; an ignored
+    # signal stays ignored across exec, so stage 2 restores them just before the payload
+    # (a payload writing to a closed pipe must die of SIGPIPE, as when started by a shell).
+    result = run(
+        "reference", "root", ["/bin/sh", "-c", "grep -E '^Sig(Ign|Blk)' /proc/self/status"]
+    )
+    assert result.exit_code == 0, result.stderr
+    masks = dict(line.split(":\t") for line in result.stdout.splitlines())
+    assert masks == {"SigIgn": "0" * 16, "SigBlk": "0" * 16}, masks
