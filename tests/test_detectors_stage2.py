@@ -390,3 +390,25 @@ def test_the_payload_starts_with_no_signal_ignored_or_blocked():
     assert result.exit_code == 0, result.stderr
     masks = dict(line.split(":\t") for line in result.stdout.splitlines())
     assert masks == {"SigIgn": "0" * 16, "SigBlk": "0" * 16}, masks
+
+
+def test_start_process_exiting_is_reported_by_stage_2_outside_a_pid_namespace_too():
+    # Without a new pid namespace, nor the host sandbox's, stage 2's pid is a host pid, not
+    # 1 or another number CPython caches: the report must hang on the pid's value only.
+    result = run(
+        "kit_test_engines:FaultEngine",
+        "root",
+        ["/bin/true"],
+        sandbox=False,
+        engine_config={
+            "fault_hook": "start_process",
+            "fault_action": "exit",
+            "namespaces": ["mount", "uts"],
+            "mount_proc": False,
+        },
+    )
+    assert result.exit_code == 3, result.stderr
+    assert result.ledger.first("process_start", role="stage2")["nspid"][0] > 256
+    assert result.ledger.first("stage2_failed")["message"] == (
+        "start_process exited with code 3 instead of exec"
+    )
