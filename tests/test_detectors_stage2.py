@@ -412,3 +412,15 @@ def test_start_process_exiting_is_reported_by_stage_2_outside_a_pid_namespace_to
     assert result.ledger.first("stage2_failed")["message"] == (
         "start_process exited with code 3 instead of exec"
     )
+
+
+def test_init_config_hears_privileged_stage1_only_in_stage_1_of_a_setuid_flow():
+    # An engine may trust privileged_stage1 to do privileged setup (contract.init_config):
+    # stage 2 runs engine code after the drop to the payload's credentials.
+    result = run("reference", "suid", ["/bin/true"])
+    assert result.exit_code == 0, result.stderr
+    told = {
+        e["role"]: e["args"]["privileged_stage1"]
+        for e in result.ledger.select("hook_enter", hook="init_config")
+    }
+    assert told == {"stage1": True, "master": False, "rpc": False, "stage2": False}, told
