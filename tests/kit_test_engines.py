@@ -45,7 +45,8 @@ def current_role() -> str:
 @dataclass
 class FaultConfig(ReferenceConfig):
     fault_hook: str = ""
-    fault_action: str = "raise"  # raise | hang | exit | segv | return | wait_container | leak_*
+    fault_action: str = "raise"  # raise | hang | exit | child_exits | segv | return |
+    # wait_container | leak_*
     fault_role: str = ""
     marker: str = ""  # a file the payload creates (wait_container waits for it), or that
     # hang creates once it hangs (a test waits for it)
@@ -72,6 +73,11 @@ class FaultEngine(ReferenceEngine):
                 time.sleep(1)
         if action == "exit":
             os._exit(3)
+        if action == "child_exits":  # a helper the hook forks ends by os._exit, then on
+            child = os.fork()
+            if child == 0:
+                os._exit(0)
+            os.waitpid(child, 0)
         if action == "segv":  # a real fault: kills even pid 1 of a pid namespace
             ctypes.string_at(0)
         if action == "wait_container":  # the classic deadlock: wait for the payload

@@ -424,3 +424,16 @@ def test_init_config_hears_privileged_stage1_only_in_stage_1_of_a_setuid_flow():
         for e in result.ledger.select("hook_enter", hook="init_config")
     }
     assert told == {"stage1": True, "master": False, "rpc": False, "stage2": False}, told
+
+
+def test_a_child_of_start_process_exiting_is_not_reported_as_stage_2_exiting():
+    # os._exit is stage 2's reporting one in every child the engine forks from it: only
+    # stage 2 itself says it exited instead of exec'ing. A child's pid is above its parent's.
+    result = run(
+        "kit_test_engines:FaultEngine",
+        "root",
+        ["/bin/sh", "-c", "exit 4"],
+        engine_config={"fault_hook": "start_process", "fault_action": "child_exits"},
+    )
+    assert result.exit_code == 4, (result.reason, result.stderr)
+    assert result.ledger.select("stage2_failed") == []
