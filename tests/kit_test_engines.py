@@ -45,7 +45,7 @@ def current_role() -> str:
 @dataclass
 class FaultConfig(ReferenceConfig):
     fault_hook: str = ""
-    fault_action: str = "raise"  # raise | hang | exit | child_exits | segv | return |
+    fault_action: str = "raise"  # raise | hang | exit | exit0 | child_exits | segv | return |
     # wait_container | leak_*
     fault_role: str = ""
     marker: str = ""  # a file the payload creates (wait_container waits for it), or that
@@ -73,6 +73,8 @@ class FaultEngine(ReferenceEngine):
                 time.sleep(1)
         if action == "exit":
             os._exit(3)
+        if action == "exit0":  # ends its process as if all went well
+            os._exit(0)
         if action == "child_exits":  # a helper the hook forks ends by os._exit, then on
             child = os.fork()
             if child == 0:
@@ -176,6 +178,7 @@ class ReportEngine(ReferenceEngine):
 class JoinConfig(ReferenceConfig):
     join: dict[str, str] = None  # type: ignore[assignment]
     keep_fds: list[int] = None  # type: ignore[assignment]
+    start_exit: int = -1  # start_process exits with this code instead of exec'ing
 
 
 class JoinEngine(ReferenceEngine):
@@ -199,6 +202,23 @@ class JoinEngine(ReferenceEngine):
             super().prepare_config(starter_config)
         for fd in cfg.keep_fds:
             starter_config.keep_file_descriptor(fd)
+
+    def start_process(self, master_fd):  # type: ignore[override]
+        if self.common.engine_config.start_exit >= 0:
+            os._exit(self.common.engine_config.start_exit)
+        super().start_process(master_fd)
+
+
+class BrokenConfigEngine(ReferenceEngine):
+    """Leaves a StarterConfig that only a kit bug would make: a capability set that is a
+    number, past every setter's check. The starter's config check then fails unforeseen."""
+
+    engine_name = "test-broken-config"
+    rpc_methods = ReferenceRPC
+
+    def prepare_config(self, starter_config):  # type: ignore[override]
+        super().prepare_config(starter_config)
+        starter_config._s.capabilities["effective"] = 5
 
 
 @dataclass

@@ -1,0 +1,141 @@
+"""The starter (stage 1 and the join-only master) fed what it must tell apart: each flow's ids
+in each of its processes, a stage 1 and a stage 2 that end without their result, a join-only
+payload still running, an unforeseen error in the starter, another module's config class."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from conftest import wait_until
+
+from kit.contract import FIELD_TYPES, EngineConfig
+from kit.run.launcher import run, start
+from kit.run.request import Invoker
+from kit.starter.stage1 import resolve_config_types
+from kit.system import linux
+
+JOIN = "kit_test_engines:JoinEngine"
+FAULT = "kit_test_engines:FaultEngine"
+#: a join-only run that joins the container process's own uts namespace: no target needed
+JOIN_OWN = {"join": {"uts": "/proc/self/ns/uts"}}
+
+
+def _ids(result, role: str, hook: str) -> tuple[list[int], list[int]]:
+    thread = result.ledger.first("hook_enter", role=role, hook=hook)["snapshot"]["threads"][0]
+    return thread["uid"], thread["gid"]
+
+
+def test_each_process_of_the_starter_has_the_ids_of_its_flow(flow):
+    """SPEC §3: stage 1 runs as U but in the root flow; the master is root (root), the
+    setuid starter with r=e=U and saved uid 0 (suid, hybrid), U (userns) or root inside the
+    user namespace it entered (fakeroot). The real, effective, saved and fs ids."""
+    result = run("reference", flow, ["/bin/true"])
+    assert result.exit_code == 0, result.reason
+    u = Invoker.resolve()
+    me = ([u.uid] * 4, [u.gid] * 4)
+    root = ([0] * 4, [0] * 4)
+    stage1, master = {
+        "root": (root, root),
+        "suid": (me, ([u.uid, u.uid, 0, u.uid], [u.gid] * 4)),
+        "hybrid": (me, ([u.uid, u.uid, 0, u.uid], [u.gid] * 4)),
+        "userns": (me, me),
+        "fakeroot": (me, root),
+    }[flow]
+    assert _ids(result, "stage1", "prepare_config") == stage1
+    assert _ids(result, "master", "create_container") == master
+    invoker = [0, 0] if flow == "root" else [u.uid, u.gid]
+    assert result.ledger.first("starter_config")["config"]["invoker"] == invoker
+
+
+def test_a_stage_1_that_exits_0_without_its_config_fails_the_run_by_name():
+    result = run(
+        FAULT,
+        "root",
+        ["/bin/true"],
+        engine_config={"fault_hook": "prepare_config", "fault_action": "exit0"},
+    )
+    assert result.exit_code == 255
+    errors = [(e["stage"], e["message"]) for e in result.ledger.select("starter_error")]
+    assert errors == [("starter", "stage 1 failed (exit code 0)")], errors
+
+
+def test_a_bad_engine_config_is_reported_by_stage_1_and_the_starter_exits_once():
+    result = run("reference", "root", ["/bin/true"], engine_config={"hostname": 5})
+    assert result.exit_code == 255
+    stages = [e["stage"] for e in result.ledger.select("starter_error")]
+    assert stages == ["engine_config", "stage1", "starter"], stages
+    assert [e["role"] for e in result.ledger.select("starter_exit")] == ["starter"]
+
+
+def test_an_unforeseen_error_in_the_starter_is_reported_and_the_starter_exits():
+    result = run("kit_test_engines:BrokenConfigEngine", "root", ["/bin/true"])
+    assert result.exit_code == 255
+    error = result.ledger.first("starter_error")
+    assert error["stage"] == "starter" and "TypeError" in error["message"], error
+    assert result.ledger.first("starter_exit")["code"] == 255
+
+
+def test_a_join_only_run_records_the_exec():
+    result = run(JOIN, "root", ["/bin/sh", "-c", "exit 6"], engine_config=JOIN_OWN)
+    assert result.exit_code == 6, result.reason
+    assert result.ledger.select("stage2_failed") == [] and result.ledger.select("stage2_exec")
+
+
+def test_a_join_only_start_process_that_exits_gives_its_code_and_is_named():
+    result = run(JOIN, "root", ["/bin/true"], engine_config={**JOIN_OWN, "start_exit": 3})
+    assert result.exit_code == 3, result.reason
+    assert result.ledger.select("stage2_exec") == []
+    assert result.ledger.first("stage2_failed")["message"] == (
+        "start_process exited with code 3 instead of exec"
+    )
+
+
+def _waiting_or_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            return f.read() == "do_wait" or linux.process_state(pid) in (None, "Z")
+    except FileNotFoundError:
+        return True
+
+
+def test_a_join_only_starter_waits_for_its_payload_to_end():
+    r, w = os.pipe()
+    try:
+        handle = start(
+            JOIN, "root", ["/bin/sh", "-c", "read line; exit 5"], stdin=r, engine_config=JOIN_OWN
+        )
+    finally:
+        os.close(r)
+    try:
+        starter = handle.starter_pid
+        assert starter is not None
+        # The payload blocks on its stdin until the starter is past the exec and waiting
+        # (or, wrongly, gone): a status read without waiting would find it running.
+        wait_until(
+            lambda: any(linux.process_name(p) == "sh" for p in linux.descendants(starter)),
+            what="the payload",
+        )
+        wait_until(lambda: _waiting_or_gone(starter), what="the starter waiting")
+        os.write(w, b"go\n")
+    finally:
+        os.close(w)
+    result = handle.wait()
+    assert result.exit_code == 5, result.reason
+
+
+@dataclass
+class ZzzConfig(EngineConfig):
+    """A config class of this module, whose name sorts after the engine's module."""
+
+    depth: int = 0
+
+
+def test_only_the_engines_own_config_classes_are_resolved_ahead():
+    from reference_engines.minimal.engine import ReferenceConfig
+
+    assert ZzzConfig.__module__ > ReferenceConfig.__module__
+    FIELD_TYPES.pop(ZzzConfig, None)
+    FIELD_TYPES.pop(ReferenceConfig, None)
+    resolve_config_types("reference")
+    assert ReferenceConfig in FIELD_TYPES and ZzzConfig not in FIELD_TYPES
