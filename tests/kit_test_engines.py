@@ -209,6 +209,27 @@ class JoinEngine(ReferenceEngine):
         super().start_process(master_fd)
 
 
+@dataclass
+class MapsConfig(ReferenceConfig):
+    uid_map: list[list[int]] = None  # type: ignore[assignment]  # in place of the reference's
+
+
+class MapsEngine(ReferenceEngine):
+    """The reference engine with the uid map of ``uid_map`` (a user namespace flow)."""
+
+    engine_name = "test-maps"
+    rpc_methods = ReferenceRPC
+
+    def config(self) -> MapsConfig:
+        return MapsConfig()
+
+    def prepare_config(self, starter_config):  # type: ignore[override]
+        super().prepare_config(starter_config)
+        if self.common.engine_config.uid_map is not None:
+            starter_config._s.uid_mappings = []  # no setter takes a mapping back
+            starter_config.add_uid_mappings(self.common.engine_config.uid_map)
+
+
 class BrokenConfigEngine(ReferenceEngine):
     """Leaves a StarterConfig that only a kit bug would make: a capability set that is a
     number, past every setter's check. The starter's config check then fails unforeseen."""

@@ -139,3 +139,23 @@ def test_only_the_engines_own_config_classes_are_resolved_ahead():
     FIELD_TYPES.pop(ReferenceConfig, None)
     resolve_config_types("reference")
     assert ReferenceConfig in FIELD_TYPES and ZzzConfig not in FIELD_TYPES
+
+
+def test_an_unprivileged_starter_refuses_a_map_it_cannot_write_by_name():
+    # The kernel refuses these too (EPERM): the starter says why before it tries.
+    u = Invoker.resolve()
+    wrong = [[u.uid, u.uid, 2], [u.uid, u.uid + 1, 1], [u.uid, u.uid - 1, 1]]
+    for uid_map in (*([m] for m in wrong), [[0, u.uid, 1], [1, 1, 1]]):
+        result = run(
+            "kit_test_engines:MapsEngine",
+            "userns",
+            ["/bin/true"],
+            engine_config={"uid_map": uid_map},
+        )
+        assert result.exit_code == 255
+        error = result.ledger.first("starter_error")
+        assert (error["stage"], error["message"]) == (
+            "user_namespace",
+            f"add_uid_mappings: {uid_map} needs privilege (an unprivileged starter can map "
+            f"only its own id {u.uid}, size 1)",
+        )
