@@ -4,8 +4,12 @@ payload still running, an unforeseen error in the starter, another module's conf
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from conftest import wait_until
 
@@ -159,3 +163,37 @@ def test_an_unprivileged_starter_refuses_a_map_it_cannot_write_by_name():
             f"add_uid_mappings: {uid_map} needs privilege (an unprivileged starter can map "
             f"only its own id {u.uid}, size 1)",
         )
+
+
+UNPRIVILEGED_RUNS = """
+import json
+from kit.run.launcher import run
+out = {}
+for flow in ("root", "suid", "hybrid"):
+    r = run("reference", flow, ["/bin/true"], backend="real", sandbox=False, fork_here=True)
+    errors = [[e["stage"], e["message"]] for e in r.ledger.select("starter_error")]
+    out[flow] = [r.exit_code, errors]
+print(json.dumps(out))
+"""
+
+
+def test_a_starter_without_root_refuses_the_flows_that_need_it_by_name():
+    # Launched by U itself, as on a machine without sudo: the real backend's starter says
+    # which flow needs root instead of failing on the first privileged call.
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env["KIT_ZYGOTE"] = "0"  # the zygote is root's: the run must be U's own
+    proc = subprocess.run(
+        ["runuser", "-u", Invoker.resolve().name, "--", sys.executable, "-c", UNPRIVILEGED_RUNS],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd="/",
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    setuid = "needs root to emulate the setuid starter"
+    assert json.loads(proc.stdout) == {
+        "root": [255, [["starter", "flow root: needs uid 0"]]],
+        "suid": [255, [["starter", f"flow suid: {setuid}"]]],
+        "hybrid": [255, [["starter", f"flow hybrid: {setuid}"]]],
+    }
