@@ -197,3 +197,43 @@ def test_a_starter_without_root_refuses_the_flows_that_need_it_by_name():
         "suid": [255, [["starter", f"flow suid: {setuid}"]]],
         "hybrid": [255, [["starter", f"flow hybrid: {setuid}"]]],
     }
+
+
+def test_a_pid_namespace_given_by_path_is_joined_by_the_starter():
+    # user and pid are joined in the starter, before the fork: its children are then in the
+    # namespace. Outside the host sandbox, which gives a run no pid namespace to join.
+    target = subprocess.Popen(
+        [
+            "unshare",
+            "--pid",
+            "--fork",
+            "--kill-child",
+            "/bin/sh",
+            "-c",
+            "echo ready; exec sleep 60",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert target.stdout is not None and target.stdout.readline().strip() == "ready"
+        inner = linux.descendants(target.pid)[0]
+        path = f"/proc/{inner}/ns/pid"
+        result = run(
+            JOIN, "root", ["/bin/true"], sandbox=False, engine_config={"join": {"pid": path}}
+        )
+        assert result.exit_code == 0, result.reason
+        stage2 = result.ledger.first("hook_enter", hook="start_process")["snapshot"]["ns"]
+        assert stage2["pid"] == os.stat(path).st_ino
+    finally:
+        target.kill()
+        target.wait()
+        target.stdout.close()
+
+
+def test_a_hook_that_raises_in_stage_1_is_reported_once_by_its_hook_raise():
+    result = run(FAULT, "root", ["/bin/true"], engine_config={"fault_hook": "prepare_config"})
+    assert result.exit_code == 255
+    assert result.ledger.first("hook_raise", role="stage1")["hook"] == "prepare_config"
+    errors = [(e["stage"], e["message"]) for e in result.ledger.select("starter_error")]
+    assert errors == [("starter", "stage 1 failed (exit code 255)")], errors
