@@ -135,14 +135,26 @@ class ZzzConfig(EngineConfig):
     depth: int = 0
 
 
+@dataclass
+class AaaConfig(EngineConfig):
+    """A config class of a module whose name sorts before the engine's (set below: the
+    dataclass decorator needs the real one)."""
+
+    depth: int = 0
+
+
+AaaConfig.__module__ = "aaa_engine"
+
+
 def test_only_the_engines_own_config_classes_are_resolved_ahead():
     from reference_engines.minimal.engine import ReferenceConfig
 
-    assert ZzzConfig.__module__ > ReferenceConfig.__module__
-    FIELD_TYPES.pop(ZzzConfig, None)
-    FIELD_TYPES.pop(ReferenceConfig, None)
+    assert AaaConfig.__module__ < ReferenceConfig.__module__ < ZzzConfig.__module__
+    for cls in (AaaConfig, ReferenceConfig, ZzzConfig):
+        FIELD_TYPES.pop(cls, None)
     resolve_config_types("reference")
-    assert ReferenceConfig in FIELD_TYPES and ZzzConfig not in FIELD_TYPES
+    assert ReferenceConfig in FIELD_TYPES
+    assert AaaConfig not in FIELD_TYPES and ZzzConfig not in FIELD_TYPES
 
 
 def test_an_unprivileged_starter_refuses_a_map_it_cannot_write_by_name():
@@ -157,12 +169,14 @@ def test_an_unprivileged_starter_refuses_a_map_it_cannot_write_by_name():
             engine_config={"uid_map": uid_map},
         )
         assert result.exit_code == 255 and result.leaks == []  # the container is killed
-        error = result.ledger.first("starter_error")
-        assert (error["stage"], error["message"]) == (
-            "user_namespace",
-            f"add_uid_mappings: {uid_map} needs privilege (an unprivileged starter can map "
-            f"only its own id {u.uid}, size 1)",
-        )
+        errors = [(e["stage"], e["message"]) for e in result.ledger.select("starter_error")]
+        assert errors == [
+            (
+                "user_namespace",
+                f"add_uid_mappings: {uid_map} needs privilege (an unprivileged starter can "
+                f"map only its own id {u.uid}, size 1)",
+            )
+        ]
 
 
 UNPRIVILEGED_RUNS = """
@@ -170,7 +184,7 @@ import json
 from kit.run.launcher import run
 out = {}
 for flow in ("root", "suid", "hybrid"):
-    r = run("reference", flow, ["/bin/true"], backend="real", sandbox=False, fork_here=True)
+    r = run("reference", flow, ["/bin/true"], backend="real", sandbox=False)
     errors = [[e["stage"], e["message"]] for e in r.ledger.select("starter_error")]
     out[flow] = [r.exit_code, errors]
 print(json.dumps(out))
@@ -181,7 +195,9 @@ def test_a_starter_without_root_refuses_the_flows_that_need_it_by_name():
     # Launched by U itself, as on a machine without sudo: the real backend's starter says
     # which flow needs root instead of failing on the first privileged call.
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    env["KIT_ZYGOTE"] = "0"  # the zygote is root's: the run must be U's own
+    # The zygote is root's: the run must be U's own, its request read from JSON by an
+    # exec'd supervisor (as the CLI's, not a string object shared through fork).
+    env["KIT_ZYGOTE"] = "0"
     proc = subprocess.run(
         ["runuser", "-u", Invoker.resolve().name, "--", sys.executable, "-c", UNPRIVILEGED_RUNS],
         capture_output=True,
