@@ -253,3 +253,18 @@ def test_a_hook_that_raises_in_stage_1_is_reported_once_by_its_hook_raise():
     assert result.ledger.first("hook_raise", role="stage1")["hook"] == "prepare_config"
     errors = [(e["stage"], e["message"]) for e in result.ledger.select("starter_error")]
     assert errors == [("starter", "stage 1 failed (exit code 255)")], errors
+
+
+def test_a_uid_map_the_kernel_refuses_fails_the_run_at_the_user_namespace():
+    # A privileged (hybrid) starter writes what it is given: two ranges onto one host id
+    # pass the config checks and the kernel says EINVAL; the container is killed, not leaked.
+    u = Invoker.resolve()
+    result = run(
+        "kit_test_engines:MapsEngine",
+        "hybrid",
+        ["/bin/true"],
+        engine_config={"uid_map": [[0, u.uid, 1], [1, u.uid, 1]]},
+    )
+    assert result.exit_code == 255 and result.leaks == []
+    errors = [(e["stage"], e["message"]) for e in result.ledger.select("starter_error")]
+    assert errors == [("user_namespace", "[Errno 22] Invalid argument")], errors
