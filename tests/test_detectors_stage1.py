@@ -18,6 +18,7 @@ from kit.run.launcher import run, start
 from kit.run.request import Invoker
 from kit.starter.stage1 import resolve_config_types
 from kit.system import linux
+from reference_engines.minimal.engine import ReferenceEngine
 
 JOIN = "kit_test_engines:JoinEngine"
 FAULT = "kit_test_engines:FaultEngine"
@@ -82,7 +83,7 @@ def test_an_unforeseen_error_in_the_starter_is_reported_and_the_starter_exits():
 
 def test_a_join_only_run_records_the_exec():
     result = run(JOIN, "root", ["/bin/sh", "-c", "exit 6"], engine_config=JOIN_OWN)
-    assert result.exit_code == 6, result.reason
+    assert result.exit_code == 6 and result.leaks == [], result.reason
     assert result.ledger.select("stage2_failed") == [] and result.ledger.select("stage2_exec")
 
 
@@ -144,6 +145,26 @@ class AaaConfig(EngineConfig):
 
 
 AaaConfig.__module__ = "aaa_engine"
+
+
+@dataclass
+class UnresolvableConfig(EngineConfig):
+    """A config class whose annotation names nothing: resolving it raises NameError."""
+
+    depth: NoSuchType = 0  # type: ignore[name-defined]  # noqa: F821
+
+
+class UnresolvableEngine(ReferenceEngine):
+    engine_name = "test-unresolvable"
+
+
+def test_a_config_class_that_cannot_be_resolved_ahead_is_left_to_the_engines_processes():
+    # Its own processes report the error where they use the config; resolving ahead goes
+    # on with the other classes of the module.
+    for cls in (UnresolvableConfig, ZzzConfig):
+        FIELD_TYPES.pop(cls, None)
+    resolve_config_types(f"{__name__}:UnresolvableEngine")
+    assert UnresolvableConfig not in FIELD_TYPES and ZzzConfig in FIELD_TYPES
 
 
 def test_only_the_engines_own_config_classes_are_resolved_ahead():
