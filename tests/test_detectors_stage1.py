@@ -289,3 +289,14 @@ def test_a_uid_map_the_kernel_refuses_fails_the_run_at_the_user_namespace():
     assert result.exit_code == 255 and result.leaks == []
     errors = [(e["stage"], e["message"]) for e in result.ledger.select("starter_error")]
     assert errors == [("user_namespace", "[Errno 22] Invalid argument")], errors
+
+
+def test_a_starter_config_that_fails_its_check_is_named_at_the_check():
+    result = run(
+        "kit_test_engines:MapsEngine", "userns", ["/bin/true"], engine_config={"uid_map": []}
+    )
+    assert result.exit_code == 255 and result.leaks == []
+    errors = [(e["stage"], e["message"]) for e in result.ledger.select("starter_error")]
+    assert errors == [
+        ("starter_config", "add_uid_mappings: a new user namespace needs a uid mapping")
+    ], errors
