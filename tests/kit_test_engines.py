@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import select
@@ -52,6 +53,29 @@ class FaultConfig(ReferenceConfig):
     # hang creates once it hangs (a test waits for it)
 
 
+def _exit_once_waited_for() -> None:
+    """Close every pipe this process can write to (its result pipe among them: the parent
+    reads EOF), then exit 7 once the parent sleeps in a wait for it, or 1 once the parent is
+    gone: a parent that reads the status without waiting never sees the 7."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:") and (
+                fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY
+            ):
+                os.close(fd)
+        except OSError:
+            pass  # the listing's own descriptor, gone
+    parent = os.getppid()
+    deadline = time.monotonic() + 60
+    while os.getppid() == parent and time.monotonic() < deadline:
+        with open(f"/proc/{parent}/wchan") as f:
+            if f.read() == "do_wait":
+                os._exit(7)
+        time.sleep(0.005)
+    os._exit(1)
+
+
 class FaultEngine(ReferenceEngine):
     engine_name = "test-fault"
     rpc_methods = ReferenceRPC
@@ -75,6 +99,8 @@ class FaultEngine(ReferenceEngine):
             os._exit(3)
         if action == "exit0":  # ends its process as if all went well
             os._exit(0)
+        if action == "close_pipes_exit_waited":  # see _exit_once_waited_for
+            _exit_once_waited_for()
         if action == "child_exits":  # a helper the hook forks ends by os._exit, then on
             child = os.fork()
             if child == 0:

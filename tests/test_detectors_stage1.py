@@ -300,3 +300,17 @@ def test_a_starter_config_that_fails_its_check_is_named_at_the_check():
     assert errors == [
         ("starter_config", "add_uid_mappings: a new user namespace needs a uid mapping")
     ], errors
+
+
+def test_the_starter_waits_for_stage_1_to_exit_before_reading_its_status():
+    # Stage 1 closes its result pipe (EOF for the starter) and exits 7 only once the starter
+    # sleeps in its wait: a status read without waiting would be 0 ("exit code 0").
+    result = run(
+        FAULT,
+        "root",
+        ["/bin/true"],
+        engine_config={"fault_hook": "prepare_config", "fault_action": "close_pipes_exit_waited"},
+    )
+    assert result.exit_code == 255 and result.leaks == []
+    errors = [(e["stage"], e["message"]) for e in result.ledger.select("starter_error")]
+    assert errors == [("starter", "stage 1 failed (exit code 7)")], errors
