@@ -693,6 +693,9 @@ class Master:
         except ControlProtocolError as exc:
             self._put(("fatal", control_abused(exc)))
             return False
+        except OSError as exc:  # its descriptor closed or replaced by engine code meanwhile
+            self._put(("fatal", self._control_lost(exc)))
+            return False
         finally:
             try:
                 self.sock.close()
