@@ -629,12 +629,13 @@ print(json.dumps(out))
 def attack_targets(shared_dir):
     """Host paths this test owns for the engine to attack, under a directory it makes in
     /var/tmp: files to write (there, in a subdirectory, and directly in ``/``), files to
-    delete, a directory to mount on."""
+    delete; and /mnt, outside every writable place, for the test's child to mount on in a
+    mount namespace of its own."""
     base = tempfile.mkdtemp(prefix="kit-usernstest-", dir="/var/tmp")
     os.chmod(base, 0o777)
-    plain, mounted = os.path.join(base, "plain"), os.path.join(base, "mounted")
+    plain = os.path.join(base, "plain")
     os.mkdir(plain)
-    os.mkdir(mounted)
+    os.mkdir(os.path.join(base, "mounted"))  # a mount under base: the view is split there
     victims = [os.path.join(base, "victim"), os.path.join(plain, "victim")]
     for victim in victims:
         with open(victim, "w") as f:
@@ -647,7 +648,7 @@ def attack_targets(shared_dir):
             "unique": unique,
             "write_paths": written,
             "delete_paths": victims,
-            "read_only_path": os.path.join(mounted, "written"),
+            "read_only_path": "/mnt/written",
             "report_dir": shared_dir,
         }
     finally:
@@ -666,9 +667,10 @@ def test_a_run_launched_inside_a_user_namespace_changes_only_its_sandbox(
     Its writes (in a directory with a mount under it, in one without, directly in ``/``),
     deletions and hostname stay in the sandbox, and the run fails HOST-001 naming each
     path and HOST-003 naming the hostname. The mounts are made in a mount namespace of a
-    child of the test only: a tmpfs on ``mounted`` and another one in it (so the sandbox
-    binds it read-only with its locked submount); with ``var_tmp_mounted``, first /var/tmp
-    bound on itself, a copy-on-write mount point with a mount under it."""
+    child of the test only: a tmpfs on /mnt and another one in it (outside the writable
+    places, so the sandbox binds it read-only with its locked submount); with
+    ``var_tmp_mounted``, first /var/tmp bound on itself, a copy-on-write mount point with a
+    mount under it."""
     _needs_root()
     config = attack_targets
     mounted = os.path.dirname(config["read_only_path"])
@@ -679,6 +681,8 @@ def test_a_run_launched_inside_a_user_namespace_changes_only_its_sandbox(
         linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
         if var_tmp_mounted:
             linux.mount("/var/tmp", "/var/tmp", None, linux.MS_BIND)
+        base = os.path.dirname(os.path.dirname(config["write_paths"][1]))
+        linux.mount("tmpfs", os.path.join(base, "mounted"), "tmpfs", linux.MS_NOSUID, "size=64k")
         linux.mount("tmpfs", mounted, "tmpfs", linux.MS_NOSUID, "size=64k")
         os.mkdir(os.path.join(mounted, "inner"))
         linux.mount("tmpfs", os.path.join(mounted, "inner"), "tmpfs", 0, "size=64k")

@@ -7,12 +7,14 @@ victim process) and removes them; everything else it checks is only read.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import resource
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -428,6 +430,47 @@ def test_a_host_namespace_file_mounted_anywhere_is_not_in_the_sandbox(shared_dir
     got = in_child(from_a_private_mount_namespace)
     # No namespace file is mounted where the payload runs (grep exits 1 on a count of 0).
     assert got == {"ok": {"exit": 1, "out": ["0"]}}, got
+
+
+def test_a_host_socket_in_a_mount_under_a_writable_directory_is_dead_in_the_sandbox(shared_dir):
+    """A host directory mounted under /tmp, /var/tmp or /run (a user's /run/user/N holds
+    their session bus) is copy-on-write in the sandbox like its parent: a read-only bind
+    would leave its sockets reachable (a read-only mount does not stop connect()). The
+    mount and the listening socket are made in a private mount namespace of a child."""
+    from conftest import in_child
+
+    def from_a_private_mount_namespace() -> dict[str, Any]:
+        linux.unshare(linux.CLONE_NEWNS)
+        linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+        base = tempfile.mkdtemp(prefix="kit-sbtest-", dir="/var/tmp")
+        os.chmod(base, 0o755)
+        linux.mount("tmpfs", base, "tmpfs", linux.MS_NOSUID, "size=64k,mode=0755")
+        path = os.path.join(base, "bus")
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            server.bind(path)
+            os.chmod(path, 0o777)
+            server.listen(1)
+            probe = (
+                "import socket, sys\n"
+                "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+                f"try:\n    s.connect({path!r})\nexcept OSError as e:\n"
+                "    print(e.errno)\n    sys.exit(3)\nprint('connected')\n"
+            )
+            result = run(
+                "reference",
+                "root",
+                [sys.executable, "-c", probe],
+                shared_dirs=[shared_dir],
+            )
+            return {"exit": result.exit_code, "out": result.stdout.split()}
+        finally:
+            server.close()
+            linux.umount(base, linux.MNT_DETACH)
+            shutil.rmtree(base, ignore_errors=True)
+
+    got = in_child(from_a_private_mount_namespace)
+    assert got == {"ok": {"exit": 3, "out": [str(errno.ECONNREFUSED)]}}, got
 
 
 def test_a_run_is_never_given_the_hosts_own_namespaces_or_a_mount_one():

@@ -644,7 +644,11 @@ def _build_root(scratch: str, shared: list[str], table: list[linux.Mount]) -> di
     views: list[str] = []
     for point, flags in submounts:
         target = new + point
-        if point in WRITABLE:
+        # A directory mount under a writable place is copy-on-write too, not a read-only
+        # bind: a read-only mount does not stop connect() to a socket in it (a user's
+        # session bus under /run/user/N), and through an overlay a socket is dead.
+        beneath = _nearest(point, [*recursive, *layers.bound]) is None
+        if point in WRITABLE or (beneath and _under(point, WRITABLE) and os.path.isdir(point)):
             layers.copy_on_write(point, target, points)
             views.append(point)
         elif _nearest(point, [*recursive, *views]) in recursive:
