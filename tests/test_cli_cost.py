@@ -136,6 +136,19 @@ def test_a_probe_that_cannot_unshare_says_why(monkeypatch):
     )
 
 
+def _counting_forks() -> list[int]:
+    """Count this (throwaway) process's os.fork calls from now on: one item per fork."""
+    forks: list[int] = []
+    fork = os.fork
+
+    def counted() -> int:
+        forks.append(1)
+        return fork()
+
+    os.fork = counted
+    return forks
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="the run's preload primes as root")
 def test_kit_runs_preflight_and_preload_share_one_inspection_child():
     # kit run inspects the engine (preflight) and then preloads the run, which asks the
@@ -145,14 +158,7 @@ def test_kit_runs_preflight_and_preload_share_one_inspection_child():
         from kit.run import supervisor
         from kit.run.launcher import make_request
 
-        forks = []
-        fork = os.fork
-
-        def counted() -> int:
-            forks.append(1)
-            return fork()
-
-        os.fork = counted
+        forks = _counting_forks()
         assert preflight.check("reference", {}) == []
         after_check = len(forks)
         supervisor.preload(make_request("reference", "root", ["/bin/true"]))
@@ -165,14 +171,7 @@ def test_an_engine_not_found_is_inspected_again():
     def twice() -> list[Any]:
         from kit import preflight
 
-        forks = []
-        fork = os.fork
-
-        def counted() -> int:
-            forks.append(1)
-            return fork()
-
-        os.fork = counted
+        forks = _counting_forks()
         first = preflight.check("no-such-engine-of-kit-tests")
         again = preflight.found("no-such-engine-of-kit-tests")
         return [first[0].hook, again.failure, len(forks)]

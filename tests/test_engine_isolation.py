@@ -196,15 +196,16 @@ def _zombie_free(pid: int) -> bool:
         return True
 
 
-def _python(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+def _python(code: str, *args: str, unset: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
     paths = [p for p in sys.path if p]
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     return subprocess.run(
         [sys.executable, "-c", code, *args],
         capture_output=True,
         text=True,
         timeout=300,
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(paths)},
+        env={**env, "PYTHONPATH": os.pathsep.join(paths)},
     )
 
 
@@ -308,15 +309,7 @@ def test_the_runs_import_of_the_engine_writes_no_bytecode_into_its_sandbox(marke
         "print(json.dumps({'code': code}))\n"
     )
     ledger = os.path.join(marked.marks, "ledger.json")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    proc = subprocess.run(
-        [sys.executable, "-c", code, marked.spec, ledger],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-        env={**env, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
-    )
+    proc = _python(code, marked.spec, ledger, unset=("PYTHONDONTWRITEBYTECODE",))
     assert json.loads(proc.stdout.strip().splitlines()[-1])["code"] == 0, proc.stderr[-2000:]
     assert "__pycache__" not in proc.stderr, proc.stderr[-2000:]
     with open(ledger) as f:
