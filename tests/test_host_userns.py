@@ -667,8 +667,8 @@ def test_a_run_launched_inside_a_user_namespace_changes_only_its_sandbox(
     Its writes (in a directory with a mount under it, in one without, directly in ``/``),
     deletions and hostname stay in the sandbox, and the run fails HOST-001 naming each
     path and HOST-003 naming the hostname. The mounts are made in a mount namespace of a
-    child of the test only: a tmpfs on /mnt and another one in it (outside the writable
-    places, so the sandbox binds it read-only with its locked submount); with
+    child of the test only: a read-only tmpfs on /mnt and another one in it (outside the
+    writable places: a copy-on-write view in pieces, read-only as the host's); with
     ``var_tmp_mounted``, first /var/tmp bound on itself, a copy-on-write mount point with a
     mount under it."""
     _needs_root()
@@ -686,6 +686,8 @@ def test_a_run_launched_inside_a_user_namespace_changes_only_its_sandbox(
         linux.mount("tmpfs", mounted, "tmpfs", linux.MS_NOSUID, "size=64k")
         os.mkdir(os.path.join(mounted, "inner"))
         linux.mount("tmpfs", os.path.join(mounted, "inner"), "tmpfs", 0, "size=64k")
+        ro = linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_NOSUID
+        linux.mount(None, mounted, None, ro)
         env = f"PYTHONPATH={ROOT}:{os.path.join(ROOT, 'tests')}"
         proc = in_userns(count, ["env", env, sys.executable, "-c", ATTACK, json.dumps(config)])
         return {"rc": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr[-3000:]}

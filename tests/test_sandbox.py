@@ -434,11 +434,20 @@ def test_a_host_namespace_file_mounted_anywhere_is_not_in_the_sandbox(shared_dir
 SYSTEM_PYTHON = "/usr/bin/python3"
 
 
-def test_a_host_socket_in_a_mount_under_a_writable_directory_is_dead_in_the_sandbox(shared_dir):
-    """A host directory mounted under /tmp, /var/tmp or /run (a user's /run/user/N holds
-    their session bus) is copy-on-write in the sandbox like its parent: a read-only bind
-    would leave its sockets reachable (a read-only mount does not stop connect()). The
-    mount and the listening socket are made in a private mount namespace of a child."""
+#: Where the host's listening socket is, made in the test child's mount namespace: in a
+#: tmpfs under /var/tmp (a writable place); in a tmpfs on /mnt (outside them), read-write or
+#: read-only; and mounted itself on a file in that tmpfs on /mnt (a container's docker.sock).
+SOCKET_PLACES = ["var-tmp", "mnt", "mnt-read-only", "socket-file"]
+
+
+@pytest.mark.parametrize("place", SOCKET_PLACES)
+def test_a_host_socket_in_any_host_mount_is_dead_in_the_sandbox(shared_dir, place):
+    """Every host directory mount is copy-on-write in the sandbox, with the host mount's
+    flags: a read-only bind would leave its sockets reachable (a read-only mount does not
+    stop connect(); a user's session bus under /run/user/N, a daemon's anywhere), through
+    an overlay a socket is dead. A socket mounted on a file is not bound at all. The mounts
+    and the listening socket are made in a private mount namespace of a child; the probe
+    also writes a file next to the socket."""
     from conftest import in_child
 
     def from_a_private_mount_namespace() -> dict[str, Any]:
@@ -447,17 +456,30 @@ def test_a_host_socket_in_a_mount_under_a_writable_directory_is_dead_in_the_sand
         base = tempfile.mkdtemp(prefix="kit-sbtest-", dir="/var/tmp")
         os.chmod(base, 0o755)
         linux.mount("tmpfs", base, "tmpfs", linux.MS_NOSUID, "size=64k,mode=0755")
-        path = os.path.join(base, "bus")
+        where = base if place == "var-tmp" else "/mnt"
+        if where == "/mnt":
+            linux.mount("tmpfs", where, "tmpfs", linux.MS_NOSUID, "size=64k,mode=0755")
+        path = os.path.join(where, "bus")
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            server.bind(path)
+            if place == "socket-file":
+                server.bind(os.path.join(base, "bus"))
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
+                linux.mount(os.path.join(base, "bus"), path, None, linux.MS_BIND)
+            else:
+                server.bind(path)
             os.chmod(path, 0o777)
             server.listen(1)
+            if place.endswith("-read-only"):
+                flags = linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_NOSUID
+                linux.mount(None, where, None, flags)
             probe = (
-                "import socket, sys\n"
+                "import os, socket\n"
                 "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
-                f"try:\n    s.connect({path!r})\nexcept OSError as e:\n"
-                "    print(e.errno)\n    sys.exit(3)\nprint('connected')\n"
+                f"try:\n    s.connect({path!r})\n    print('connected')\n"
+                "except OSError as e:\n    print(e.errno)\n"
+                f"try:\n    os.close(os.open({where + '/written'!r}, os.O_WRONLY | os.O_CREAT))\n"
+                "    print('written')\nexcept OSError as e:\n    print(e.errno)\n"
             )
             # The system's interpreter: the container may have a /tmp of its own, where the
             # test's interpreter can live (a CI checkout under /tmp).
@@ -476,7 +498,51 @@ def test_a_host_socket_in_a_mount_under_a_writable_directory_is_dead_in_the_sand
     if not os.access(SYSTEM_PYTHON, os.X_OK):
         pytest.skip(f"no {SYSTEM_PYTHON} to run the probe in the container")
     got = in_child(from_a_private_mount_namespace)
-    assert got == {"ok": {"exit": 3, "out": [str(errno.ECONNREFUSED)]}}, got
+    # A read-only host mount stays read-only: its view has the host mount's flags.
+    written = str(errno.EROFS) if place.endswith("-read-only") else "written"
+    assert got == {"ok": {"exit": 0, "out": [str(errno.ECONNREFUSED), written]}}, got
+
+
+def test_a_host_mount_overlayfs_refuses_as_a_lower_layer_is_bound_read_only(shared_dir):
+    """A host mount that overlayfs will not take as a lower layer (here an overlay on an
+    overlay on /mnt: a view would stack a third, the kernel allows two; on a real host, an
+    EFI system partition's vfat) is bound read-only, as before every directory mount was
+    copy-on-write, instead of failing the build. Made in a private mount namespace."""
+    from conftest import in_child
+
+    def from_a_private_mount_namespace() -> dict[str, Any]:
+        linux.unshare(linux.CLONE_NEWNS)
+        linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+        base = tempfile.mkdtemp(prefix="kit-sbtest-", dir="/var/tmp")
+        os.chmod(base, 0o755)
+        linux.mount("tmpfs", base, "tmpfs", linux.MS_NOSUID, "size=64k,mode=0755")
+        try:
+            for name in ("lower", "up1", "work1", "first", "up2", "work2"):
+                os.mkdir(os.path.join(base, name))
+            Path(base, "lower", "file").write_text("placed\n")
+            layers = "lowerdir={}/lower,upperdir={}/up1,workdir={}/work1".format(*[base] * 3)
+            linux.mount("overlay", f"{base}/first", "overlay", 0, layers)
+            layers = "lowerdir={}/first,upperdir={}/up2,workdir={}/work2".format(*[base] * 3)
+            linux.mount("overlay", "/mnt", "overlay", 0, layers)
+            probe = (
+                "import os\n"
+                "print(open('/mnt/file').read().strip())\n"
+                "try:\n    os.close(os.open('/mnt/new', os.O_WRONLY | os.O_CREAT))\n"
+                "except OSError as e:\n    print(e.errno)\n"
+            )
+            result = run(
+                "reference", "root", [SYSTEM_PYTHON, "-c", probe], shared_dirs=[shared_dir]
+            )
+            return {"exit": result.exit_code, "out": result.stdout.split()}
+        finally:
+            linux.umount("/mnt", linux.MNT_DETACH)
+            linux.umount(base, linux.MNT_DETACH)
+            shutil.rmtree(base, ignore_errors=True)
+
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip(f"no {SYSTEM_PYTHON} to run the probe in the container")
+    got = in_child(from_a_private_mount_namespace)
+    assert got == {"ok": {"exit": 0, "out": ["placed", str(errno.EROFS)]}}, got
 
 
 def test_a_run_is_never_given_the_hosts_own_namespaces_or_a_mount_one():

@@ -24,7 +24,8 @@ SANDBOX_ENV = "KIT_HOST_SANDBOX"
 #: ``KIT_SANDBOX=0`` turns the default host sandbox off (debugging, comparisons).
 SWITCH_ENV = "KIT_SANDBOX"
 #: Where a run legitimately writes: when the host has a separate mount there, the sandbox
-#: gets a copy-on-write view of it (under the root overlay they are copy-on-write anyway).
+#: gets a copy-on-write view of it, even on a directory bound whole from the host (every
+#: other directory mount gets one where nothing is bound over it).
 WRITABLE = ("/tmp", "/var/tmp", "/run", "/var/run")
 #: Made afresh for the sandbox, never bound from the host.
 RECREATED = ("/proc", "/sys", "/dev")
@@ -87,10 +88,12 @@ class HostSandbox:
     host), over a copy-on-write view of the root file system (SPEC §11):
 
     - ``/`` is an overlay: the real root file system as its lower layer, an upper layer on a tmpfs
-      that only the sandbox has; the host's other mounts are bound in read-only, except the places a
-      run legitimately writes (:data:`WRITABLE`: copy-on-write as well) and the directories the kit
-      shares with the run (its temporary directory, the coverage directory). In a user namespace
-      that is not the initial one, where the kernel refuses that overlay, ``/`` is built in pieces
+      that only the sandbox has; each of the host's other directory mounts is copy-on-write too,
+      with the host mount's flags (through an overlay, the host's sockets are dead: a read-only
+      bind does not stop connect()); file mounts are bound in read-only, but a socket or FIFO
+      (left out); the directories the kit shares with the run (its temporary directory, the
+      coverage directory) are the host's, read-write. In a user namespace that is not the
+      initial one, where the kernel refuses that overlay, ``/`` is built in pieces
       (``_Layers._split``);
     - ``/proc`` is a fresh proc of the new pid namespace with ``/proc/sys`` (but ``net.*``) and the
       host-global knobs read-only; ``/sys`` a fresh read-only sysfs; ``/dev`` a tmpfs with the
@@ -644,13 +647,18 @@ def _build_root(scratch: str, shared: list[str], table: list[linux.Mount]) -> di
     views: list[str] = []
     for point, flags in submounts:
         target = new + point
-        # A directory mount under a writable place is copy-on-write too, not a read-only
-        # bind: a read-only mount does not stop connect() to a socket in it (a user's
-        # session bus under /run/user/N), and through an overlay a socket is dead.
+        # Every directory mount is copy-on-write, with the host mount's flags, not a
+        # read-only bind: a read-only mount does not stop connect() to a socket in it (a
+        # user's session bus under /run/user/N, a daemon's under /srv), and through an
+        # overlay a socket is dead. Where overlayfs refuses the mount as a lower layer, it
+        # is bound read-only below (see _Layers.view).
         beneath = _nearest(point, [*recursive, *layers.bound]) is None
-        if point in WRITABLE or (beneath and _under(point, WRITABLE) and os.path.isdir(point)):
-            layers.copy_on_write(point, target, points)
+        if (point in WRITABLE or (beneath and os.path.isdir(point))) and layers.view(
+            point, target, points, flags, required=point in WRITABLE
+        ):
             views.append(point)
+        elif _is_channel(point):
+            continue  # a socket or FIFO bound on a file: what it covers stays, dead
         elif _nearest(point, [*recursive, *views]) in recursive:
             _remount(target, flags | linux.MS_RDONLY)  # came with that bind, still on top
         elif _nearest(point, [*views, *layers.bound]) in layers.bound:
@@ -671,6 +679,17 @@ def _build_root(scratch: str, shared: list[str], table: list[linux.Mount]) -> di
     os.chdir("/")
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_SHARED)
     return items
+
+
+def _is_channel(path: str) -> bool:
+    """Whether the host's ``path`` is a socket or a FIFO (a mount of one on a file, such
+    as a container's /run/docker.sock): bound, even read-only, it would still let root in
+    the sandbox connect to the host's listener or write to its reader."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISSOCK(mode) or stat.S_ISFIFO(mode)
 
 
 def _bind_shared(path: str, target: str, table: list[linux.Mount]) -> None:
@@ -709,9 +728,24 @@ class _Layers:
         self.made += 1
         return os.path.join(self.scratch, "cow", str(self.made))
 
-    def copy_on_write(self, point: str, target: str, mounts: list[str]) -> None:
-        """A copy-on-write view of the host directory ``point`` on ``target``; ``mounts``:
-        the host's mount points under it (each gets its own mount afterwards).
+    def view(self, point: str, target: str, mounts: list[str], flags: int, required: bool) -> bool:
+        """:meth:`copy_on_write`; False, with nothing mounted, where overlayfs refuses the
+        host mount ``point`` as a lower layer (EINVAL) and the view is not ``required``: a
+        file system with case-insensitive names (vfat, an EFI system partition) or one
+        stacked too deep already (an overlay on an overlay). The caller binds it read-only
+        then: the kit still runs there, and vfat holds no socket."""
+        try:
+            self.copy_on_write(point, target, mounts, flags)
+        except OSError as exc:
+            if required or exc.errno != errno.EINVAL or point in self.uppers:
+                raise  # not refused as a whole: a piece of a split view, say
+            return False
+        return True
+
+    def copy_on_write(self, point: str, target: str, mounts: list[str], flags: int = 0) -> None:
+        """A copy-on-write view of the host directory ``point`` on ``target``, mounted with
+        the per-mount ``flags`` (the host mount's: a read-only one stays read-only);
+        ``mounts``: the host's mount points under it (each gets its own mount afterwards).
 
         One overlay whose lower layer is ``point``, as in the initial user namespace. In
         another one, the mounts the kit's mount namespace copied from its parent are locked
@@ -722,13 +756,13 @@ class _Layers:
         container's root) has none locked, and one overlay is cheaper."""
         mounts = [m for m in mounts if _below(m, point)]  # those under it
         try:
-            self.uppers[point] = _overlay(point, target, self.state())
+            self.uppers[point] = _overlay(point, target, self.state(), flags)
         except OSError as exc:
             if exc.errno != errno.EINVAL or not mounts or linux.in_initial_user_namespace():
                 raise
-            self._split(point, target, mounts)
+            self._split(point, target, mounts, flags)
 
-    def _split(self, point: str, target: str, mounts: list[str]) -> None:
+    def _split(self, point: str, target: str, mounts: list[str], view_flags: int) -> None:
         """The view of ``point`` in pieces: the directories on the way to each mount point
         (and what else they hold: symlinks, small files) copied into a skeleton on the
         scratch tmpfs, with no mount under it, made copy-on-write by an overlay; on it, one
@@ -739,9 +773,10 @@ class _Layers:
         skeleton = os.path.join(state, "skeleton")
         unread: list[str] = []
         pieces, files = _mirror(point, skeleton, mounts, unread)
-        self.uppers[point] = _overlay(skeleton, target, state)
+        self.uppers[point] = _overlay(skeleton, target, state, view_flags)
         for path in pieces:
-            self.uppers[path] = _overlay(path, target + _rel(path, point), self.state())
+            piece = target + _rel(path, point)
+            self.uppers[path] = _overlay(path, piece, self.state(), view_flags)
         for path in unread:  # the host's, read-only, with the mounts under it
             flags = _flags_at(path, self.table) | linux.MS_RDONLY
             if _bind(path, target + _rel(path, point), flags):
@@ -898,8 +933,9 @@ def _flags_at(path: str, table: list[linux.Mount]) -> int:
     return flags
 
 
-def _overlay(lower: str, target: str, state: str) -> str:
-    """Mount a copy-on-write view of ``lower`` on ``target``; returns its upper layer."""
+def _overlay(lower: str, target: str, state: str, flags: int = 0) -> str:
+    """Mount a copy-on-write view of ``lower`` on ``target`` with the per-mount ``flags``;
+    returns its upper layer."""
     global _userxattr
     upper, work = os.path.join(state, "upper"), os.path.join(state, "work")
     os.makedirs(upper)
@@ -910,13 +946,13 @@ def _overlay(lower: str, target: str, state: str) -> str:
     options = f"lowerdir={_escape(lower)},upperdir={_escape(upper)},workdir={_escape(work)}"
     if not _userxattr:
         try:
-            linux.mount("kit-sandbox", target, "overlay", 0, options)
+            linux.mount("kit-sandbox", target, "overlay", flags, options)
             return upper
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
     # Launched in a user namespace that is not the initial one: no trusted.* xattrs.
-    linux.mount("kit-sandbox", target, "overlay", 0, options + ",userxattr")
+    linux.mount("kit-sandbox", target, "overlay", flags, options + ",userxattr")
     _userxattr = True  # for the next overlays of this build (init is a fresh fork each time)
     return upper
 
