@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import in_child
 
 from kit.ledger import probe
@@ -242,6 +243,67 @@ def test_a_name_is_set_through_one_buffer_size_whatever_its_length() -> None:
 
     out = in_child(run)
     assert out == {"ok": ["kit-x", "kit-sandbox", "a-name-longer-t", "16", "16", "16"]}
+
+
+#: A seccomp filter (x86-64 numbers) for a child of the test: close_range(2) fails with the
+#: errno put in its fourth instruction, and close(2) of a number from 2**20 up kills the
+#: process: a fallback that tries every number (CPython's os.closerange) dies at once,
+#: instead of spending minutes on 2**31 calls.
+_NO_CLOSE_RANGE = [
+    (0x20, 0, 0, 0),  # the call's number
+    (0x15, 0, 1, 436),  # close_range?
+    (0x06, 0, 0, 0x00050000),  # RET_ERRNO | (the errno, added)
+    (0x15, 0, 2, 3),  # close?
+    (0x20, 0, 0, 16),  # its first argument, low 32 bits
+    (0x35, 1, 0, 1 << 20),  # at or above 2**20: killed
+    (0x06, 0, 0, 0x7FFF0000),  # RET_ALLOW
+    (0x06, 0, 0, 0x80000000),  # RET_KILL_PROCESS
+]
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the filter has x86-64 numbers")
+@pytest.mark.parametrize("refusal", ["ENOSYS", "EPERM", "ENOSYS-no-proc"])
+def test_close_fds_except_without_close_range_closes_what_proc_lists(refusal):
+    """Where close_range(2) fails (an old kernel: ENOSYS; a seccomp profile: ENOSYS or
+    EPERM), every descriptor /proc/self/fd lists is closed but the kept ones; without a
+    /proc to list (a tmpfs over it, in the child's own mount namespace) the call fails
+    naming both reasons, instead of leaving descriptors open."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            if refusal.endswith("-no-proc"):
+                linux.unshare(linux.CLONE_NEWNS)
+                linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+                linux.mount("tmpfs", "/proc", "tmpfs", 0, "size=4k")
+            for at in (10, 11, 12, 40, 19999):
+                os.dup2(w, at)
+            prog = list(_NO_CLOSE_RANGE)
+            prog[2] = (0x06, 0, 0, 0x00050000 | getattr(errno, refusal.split("-")[0]))
+            linux.set_no_new_privs()
+            linux.seccomp_install_filter(prog, listener=False)
+            try:
+                linux.close_fds_except([40, 11, w, 40])
+            except OSError as exc:
+                os.write(w, f"error {exc}".encode())
+            else:
+                left = sorted(int(x) for x in os.listdir("/proc/self/fd"))
+                os.write(w, " ".join(map(str, left)).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read().decode()
+    status = os.waitpid(pid, 0)[1]
+    assert os.waitstatus_to_exitcode(status) == 0, (status, out)  # -SIGSYS: a close >= 2**20
+    if refusal.endswith("-no-proc"):
+        assert out.startswith("error ") and "close_range failed" in out, out
+        assert "/proc/self/fd cannot be listed" in out, out
+    else:
+        assert [int(x) for x in out.split()] == sorted({0, 11, 40, w}), out
 
 
 def test_close_fds_except_closes_every_fd_but_the_kept_ones_the_standard_ones_too():

@@ -63,6 +63,7 @@ _SYSCALLS = {
     "open_tree": (428, 428),
     "seccomp": (317, 277),
     "keyctl": (250, 219),
+    "close_range": (436, 436),
 }
 
 
@@ -407,14 +408,56 @@ def move_high(fd: int, base: int) -> int:
 
 
 def close_fds_except(keep: Iterable[int]) -> None:
-    """Close every descriptor but ``keep``: every number up to 2**31 - 1, not the soft
-    limit (a descriptor inherited above it would stay open), by close_range(2) per gap."""
-    low = 0
-    for fd in sorted(set(keep)):
-        if fd > low:  # os.closerange(0, 0) closes every fd: CPython passes 0 - 1 as the top
-            os.closerange(low, fd)
-        low = max(low, fd + 1)
-    os.closerange(low, 2**31 - 1)
+    """Close every descriptor but ``keep``: every number up to 2**32 - 1, not the soft
+    limit (a descriptor inherited above it would stay open), by close_range(2) per gap.
+    Where the kernel has no close_range or a seccomp filter refuses it (ENOSYS, EPERM),
+    each descriptor /proc/self/fd lists; OSError if that cannot be read either. Not
+    os.closerange: on such a failure it calls close() on every number of the range, 2**31
+    of them (minutes)."""
+    kept = sorted(set(keep))
+    try:
+        low = 0
+        for fd in kept:
+            if fd > low:
+                _close_range(low, fd - 1)
+            low = max(low, fd + 1)
+        _close_range(low, 2**32 - 1)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSYS, errno.EPERM):
+            raise
+        _close_listed(set(kept), exc.strerror or "")
+
+
+def _close_range(first: int, last: int) -> None:
+    """close_range(2) of ``first``..``last`` (unsigned: 2**32 - 1 is every number)."""
+    result = _libc.syscall(
+        ctypes.c_long(_nr("close_range")), ctypes.c_uint(first), ctypes.c_uint(last), 0
+    )
+    _check(result, "close_range")
+
+
+def _close_listed(keep: set[int], why: str) -> None:
+    """Close each descriptor /proc/self/fd lists but ``keep`` (the caller is single-threaded:
+    nothing opens one meanwhile); raise OSError naming ``why`` close_range failed when the
+    listing cannot be read: guessing numbers would leave some open."""
+    listing = -1
+    try:
+        listing = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        names = os.listdir(listing)
+    except OSError as exc:
+        if listing >= 0:
+            os.close(listing)
+        raise OSError(
+            exc.errno,
+            f"cannot close the inherited descriptors: close_range failed ({why}) and "
+            f"/proc/self/fd cannot be listed ({exc.strerror})",
+        ) from None
+    for name in names:
+        fd = int(name)
+        if fd not in keep and fd != listing:
+            with contextlib.suppress(OSError):  # EIO, EINTR: Linux has released it anyway
+                os.close(fd)
+    os.close(listing)  # a number kept but not open may be its own: closed all the same
 
 
 def fd_identity(fd: int) -> tuple[int, int] | None:
