@@ -115,17 +115,67 @@ def _clean_env(**extra: str) -> dict[str, str]:
 def _run_sh(
     block: Block, cwd: Path, env: dict[str, str], engine: str | None = None
 ) -> subprocess.CompletedProcess[str]:
+    """Run ``block`` with a /tmp of its own (a mount namespace of its own, a directory of
+    the test's bound there) and a ``TMPDIR`` of its own, both removed after it; assert it
+    succeeded, and left nothing in /tmp: an example that did would leave it in the real
+    one of whoever runs it (and of every run of this test)."""
     code = block.code if engine is None else block.code.replace("myengine", engine)
-    proc = subprocess.run(
-        ["/bin/bash", "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
-    )
+    top = Path(tempfile.mkdtemp(prefix="kit-docs-sh-", dir="/var/tmp"))
+    try:
+        top.chmod(0o755)
+        tmp, tmpdir = top / "tmp", top / "tmpdir"
+        for made in (tmp, tmpdir):
+            made.mkdir()
+            made.chmod(0o1777)
+        kept = _kept_under_tmp(cwd)
+        proc = subprocess.run(
+            ["/bin/bash", "-c", code],
+            cwd=cwd,
+            env={**env, "TMPDIR": str(tmpdir)},
+            capture_output=True,
+            text=True,
+            timeout=600,
+            preexec_fn=lambda: _tmp_of_its_own(tmp, kept),
+        )
+        left = sorted(set(os.listdir(tmp)) - set(kept))
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
     expect = block.option("expect")
     out = proc.stdout.strip().splitlines()
     assert proc.returncode == 0 and (expect is None or (out and out[-1] == expect)), (
         f"{block.where()}: exit {proc.returncode}, expected last line {expect!r}\n"
         f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     )
+    assert not left, f"{block.where()}: left {left} in /tmp (write under $TMPDIR)"
     return proc
+
+
+def _kept_under_tmp(cwd: Path) -> list[str]:
+    """The entries of the real /tmp a block needs under its own: where the checkout, the
+    working directory and the interpreter are, when under /tmp (a CI's checkout)."""
+    kept = set()
+    for path in (ROOT, cwd, Path(sys.prefix), Path(sys.executable)):
+        parts = path.resolve().parts
+        if len(parts) > 2 and parts[:2] == ("/", "tmp"):
+            kept.add(parts[2])
+    return sorted(kept)
+
+
+def _tmp_of_its_own(tmp: Path, kept: list[str]) -> None:
+    """In the block's shell, before it runs: ``tmp`` bound on /tmp in a mount namespace of
+    its own, with the ``kept`` entries of the real one bound back in it."""
+    from kit.system import linux
+
+    linux.unshare(linux.CLONE_NEWNS)
+    linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+    real = os.open("/tmp", os.O_PATH | os.O_DIRECTORY)  # of this namespace: bound from
+    linux.mount(str(tmp), "/tmp", None, linux.MS_BIND)
+    for name in kept:
+        os.mkdir(f"/tmp/{name}")
+        linux.mount(
+            f"/proc/self/fd/{real}/{name}", f"/tmp/{name}", None, linux.MS_BIND | linux.MS_REC
+        )
+    os.close(real)
 
 
 @pytest.mark.parametrize(
