@@ -206,6 +206,21 @@ def test_a_spare_sandbox_whose_init_died_is_rebuilt_and_the_zygote_serves_on(own
     assert own_zygote.proc.poll() is None
 
 
+def test_a_sandbox_built_ahead_reaches_its_supervisor_with_the_pidfd_of_its_init():
+    """The zygote hands the supervisor init's pidfd with the rest (kept by place_fds,
+    renumbered): adopting by pid, the supervisor checks through it that the pid is still
+    init's (kit.run.sandbox.adopt)."""
+    from kit.run.sandbox import Building
+    from kit.run.supervisor import Ahead
+
+    building = Building(init_pid=1234, ready_fd=5, scratch="/nowhere", builder=1, pidfd=6)
+    ahead = Ahead("/nowhere", 4, building)
+    assert ahead.fds() == {4, 5, 6}
+    moved = ahead.moved({4: 40, 5: 50, 6: 60})
+    assert moved.building is not None
+    assert (moved.lock_fd, moved.building.ready_fd, moved.building.pidfd) == (40, 50, 60)
+
+
 def test_a_sandbox_that_fails_to_build_ahead_is_dropped_and_its_reason_kept(tmp_path):
     """The init of the sandbox built ahead fails: it is gone, its scratch directory too, and
     init's own words are kept for the run that takes that Ahead."""

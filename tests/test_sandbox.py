@@ -823,6 +823,55 @@ def test_a_build_whose_pidfd_cannot_be_opened_leaves_no_init_nor_descriptor():
     assert out.get("ok") == {"raised": errno.EMFILE, "left": [], "fds": True}, out
 
 
+def test_a_sandbox_whose_init_died_and_whose_pid_names_another_process_is_not_adopted():
+    """Init is the zygote's child: once dead and reaped, its pid may be given to another
+    process before a supervisor adopts it by pid. Adoption checks through the pidfd of
+    init that the pid was still init's: here init is killed and reaped, and the building's
+    pid replaced by the one of a live process that holds directories at init's numbers
+    (what the old code opened: it adopted that process's namespaces, the host's)."""
+    import dataclasses
+    import signal
+
+    from conftest import in_child
+
+    def body() -> dict[str, Any]:
+        building = sandbox.build([])
+        building.wait_ready()
+        r, w = os.pipe()
+        ready_r, ready_w = os.pipe()
+        impostor = os.fork()
+        if impostor == 0:  # the process the pid would name now
+            os.close(w)
+            here = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+            for at in (building.scratch_fd, building.mqueue):
+                if at is not None:
+                    os.dup2(here, at)
+            os.write(ready_w, b"r")
+            os.read(r, 1)  # until the test is done
+            os._exit(0)
+        os.close(r)
+        os.close(ready_w)
+        os.read(ready_r, 1)  # its directories are in place
+        os.close(ready_r)
+        assert building.pidfd is not None
+        signal.pidfd_send_signal(building.pidfd, signal.SIGKILL)
+        os.waitpid(building.init_pid, 0)  # reaped: its pid is free
+        reused = dataclasses.replace(building, init_pid=impostor, builder=0)  # not ours
+        try:
+            sandbox.adopt(reused)
+        except sandbox.SandboxError as exc:
+            outcome = str(exc)
+        else:
+            outcome = "adopted"
+        finally:
+            os.close(w)
+            os.waitpid(impostor, 0)
+        return {"outcome": outcome}
+
+    out = in_child(body)
+    assert "init exited before the run adopted it" in out.get("ok", {}).get("outcome", ""), out
+
+
 def test_the_sandboxs_init_keeps_only_the_standard_fds_and_its_ready_pipe():
     r, w = os.pipe()
     pid = os.fork()

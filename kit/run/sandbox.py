@@ -180,6 +180,8 @@ class Building:
     scratch_fd: int = -1
     #: The builder's pidfd of init, opened before init could be reaped: unlike ``init_pid``
     #: it never names another process (the zygote reaps a spare's init that died at once).
+    #: Handed to the supervisor with the rest: :func:`adopt` checks through it that what it
+    #: opened by pid was init's.
     pidfd: int | None = None
 
     def wait_ready(self) -> dict[str, str]:
@@ -302,6 +304,15 @@ def adopt(building: Building) -> HostSandbox:
         _hold(sandbox, building.uppers, building.scratch_fd, building.mqueue)
         fd = os.open(linux.ns_path("pid", building.init_pid), os.O_RDONLY | os.O_CLOEXEC)
         try:
+            # Everything above was opened by pid. Init is the builder's child (the zygote's):
+            # had it died and been reaped, the pid could name another process by now, whose
+            # namespaces (the host's) we would hold. Alive now, through the pidfd, it was
+            # alive throughout: the pid was still init's.
+            if building.init_exited():
+                raise SandboxError(
+                    "the host sandbox's init exited before the run adopted it (its pid "
+                    f"{building.init_pid} may name another process now)"
+                )
             linux.setns(fd, linux.CLONE_NEWPID)
         finally:
             os.close(fd)

@@ -771,25 +771,31 @@ class Ahead:
     before: Any = None
 
     def fds(self) -> set[int]:
-        return {self.lock_fd} | ({self.building.ready_fd} if self.building else set())
+        """Its descriptors: the lock, init's ready pipe and pidfd (the supervisor's
+        :func:`~kit.run.sandbox.adopt` checks through it that the pid is still init's)."""
+        fds = {self.lock_fd}
+        if self.building is not None:
+            fds.add(self.building.ready_fd)
+            if self.building.pidfd is not None:
+                fds.add(self.building.pidfd)
+        return fds
 
     def moved(self, numbers: dict[int, int]) -> Ahead:
         """The same, its descriptors renumbered (``numbers``: old -> new)."""
-        building = (
-            None
-            if self.building is None
-            else dataclasses.replace(
-                self.building, ready_fd=numbers[self.building.ready_fd], pidfd=None
+        building = self.building
+        if building is not None:
+            pidfd = None if building.pidfd is None else numbers[building.pidfd]
+            building = dataclasses.replace(
+                building, ready_fd=numbers[building.ready_fd], pidfd=pidfd
             )
-        )
         return dataclasses.replace(self, lock_fd=numbers[self.lock_fd], building=building)
 
     def discard(self) -> None:
-        """In the zygote: after the fork that handed it over."""
+        """In the zygote: after the fork that handed it over (its pidfd of init, if it
+        still has it, closed too)."""
         for fd in self.fds():
             os.close(fd)
-        if self.building is not None and self.building.pidfd is not None:
-            os.close(self.building.pidfd)
+        if self.building is not None:
             self.building.pidfd = None
 
 
