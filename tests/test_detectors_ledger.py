@@ -5,6 +5,7 @@ from __future__ import annotations
 import array
 import json
 import os
+import select
 import socket
 import struct
 import threading
@@ -394,6 +395,25 @@ def test_confirm_send_returns_the_one_byte_answer_and_leaves_no_pipe_open():
         after = _open_fds()
     # nothing of the pipes left, and nothing else closed (stdin, stdout, stderr among them)
     assert after == before
+
+
+def test_a_confirmation_pipe_lost_after_the_send_is_no_answer_not_an_error(monkeypatch):
+    # Engine code in the sender's process may close the pipe's read end once the datagram
+    # is out: the event was sent, so the sender goes on unconfirmed, it does not raise.
+    real_select = select.select
+
+    def closing_first(rlist, wlist, xlist, timeout=None):
+        os.close(rlist[0])
+        return real_select(rlist, wlist, xlist, timeout)
+
+    reader, sock = ledger_socketpair()
+    with reader, sock:
+        thread, got = _answering(reader, [b""])  # closes its end unanswered: no EPIPE
+        monkeypatch.setattr(ledger.select, "select", closing_first)
+        assert ledger.confirm_send(sock, b'{"kind":"exit"}') == b""
+        monkeypatch.undo()
+        thread.join(10)
+    assert [g["kind"] for g in got] == ["exit"]
 
 
 def test_confirm_send_to_a_gone_supervisor_raises_and_leaves_no_pipe_open():
