@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import array
+import errno
 import json
 import os
-import select
 import socket
 import struct
 import threading
@@ -400,20 +400,52 @@ def test_confirm_send_returns_the_one_byte_answer_and_leaves_no_pipe_open():
 def test_a_confirmation_pipe_lost_after_the_send_is_no_answer_not_an_error(monkeypatch):
     # Engine code in the sender's process may close the pipe's read end once the datagram
     # is out: the event was sent, so the sender goes on unconfirmed, it does not raise.
-    real_select = select.select
+    real_close, real_move_high = os.close, ledger.linux.move_high
+    moved: list[int] = []  # the pipe's read end, then its write end
 
-    def closing_first(rlist, wlist, xlist, timeout=None):
-        os.close(rlist[0])
-        return real_select(rlist, wlist, xlist, timeout)
+    def noting(fd: int, base: int) -> int:
+        moved.append(real_move_high(fd, base))
+        return moved[-1]
+
+    def closing_the_read_end_too(fd: int) -> None:
+        real_close(fd)
+        if len(moved) == 2 and fd == moved[1]:  # the write end's close, after the send
+            real_close(moved[0])
 
     reader, sock = ledger_socketpair()
     with reader, sock:
         thread, got = _answering(reader, [b""])  # closes its end unanswered: no EPIPE
-        monkeypatch.setattr(ledger.select, "select", closing_first)
+        monkeypatch.setattr(ledger.linux, "move_high", noting)
+        monkeypatch.setattr(ledger.os, "close", closing_the_read_end_too)
         assert ledger.confirm_send(sock, b'{"kind":"exit"}') == b""
         monkeypatch.undo()
         thread.join(10)
     assert [g["kind"] for g in got] == ["exit"]
+
+
+def test_a_confirmation_pipe_above_fd_setsize_is_waited_for():
+    # A sender that holds a thousand descriptors: the kit's high numbers are taken, and the
+    # pipe lies above 1024, where select() cannot wait.
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"the hard descriptor limit ({hard}) is below 2048")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (2048, hard))
+    held: list[int] = []
+    reader, sock = ledger_socketpair()
+    try:
+        while not held or held[-1] < 1100:
+            held.append(os.dup(0))
+        thread, _got = _answering(reader, [ledger.CONFIRMED])
+        assert ledger.confirm_send(sock, b'{"kind":"exit"}') == ledger.CONFIRMED
+        thread.join(10)
+    finally:
+        for fd in held:
+            os.close(fd)
+        reader.close()
+        sock.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_confirm_send_to_a_gone_supervisor_raises_and_leaves_no_pipe_open():
@@ -481,3 +513,82 @@ def test_a_ledger_names_the_capability_masks_of_snapshots_and_credentials():
             "threads": [{"caps": {"permitted": ["CAP_CHOWN"]}}],
         }
     }
+
+
+# -- a failed send: the supervisor gone, the socket taken, or a passing failure ------------
+
+
+class _Failing:
+    """The ledger socket as a writer sees it, whose first sends fail as ``failures`` say
+    (each an errno, or a callable run before raising EBADF); later sends go through."""
+
+    def __init__(self, sock: socket.socket, failures: list) -> None:
+        self.sock, self.failures = sock, failures
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, data: bytes) -> int:
+        if self.failures:
+            failure = self.failures.pop(0)
+            if callable(failure):
+                failure()
+                failure = errno.EBADF
+            raise OSError(failure, os.strerror(failure))
+        return self.sock.send(data)
+
+
+def _failing_writer(failures: list) -> tuple[socket.socket, socket.socket, LedgerWriter, list]:
+    reader, sock = ledger_socketpair()
+    writer = LedgerWriter(_Failing(sock, failures), "master")  # type: ignore[arg-type]
+    lost: list[int | None] = []
+    writer.on_lost = lambda exc: lost.append(exc.errno)
+    return reader, sock, writer, lost
+
+
+def _received(reader: socket.socket) -> list[str]:
+    """The kinds of the events waiting at ``reader`` (to its peer's end, if it has one)."""
+    kinds = []
+    while True:
+        try:
+            data = reader.recv(MAX_EVENT, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return kinds
+        if not data:
+            return kinds
+        kinds.append(json.loads(data)["kind"])
+
+
+def test_a_send_failing_with_the_supervisor_gone_is_not_tried_again():
+    reader, sock, writer, lost = _failing_writer([errno.EPIPE])
+    with reader, sock:
+        writer.emit("stage2_exec")
+        assert (lost, _received(reader)) == ([], [])
+
+
+def test_a_lost_looking_failure_of_the_ledger_socket_itself_is_sent_again():
+    # EBADF while the number still holds the ledger socket: a passing failure, not a loss.
+    reader, sock, writer, lost = _failing_writer([errno.EBADF])
+    with reader, sock:
+        writer.emit("stage2_exec")
+        assert (lost, _received(reader)) == ([], ["stage2_exec"])
+
+
+@pytest.mark.parametrize("again", [errno.EBADF, errno.ENOTSOCK])
+def test_a_ledger_socket_that_fails_twice_is_lost_and_nothing_raises(again):
+    reader, sock, writer, lost = _failing_writer([errno.EBADF, again])
+    with reader, sock:
+        writer.emit("stage2_exec")
+        assert (lost, _received(reader)) == ([again], [])
+
+
+def test_a_socket_put_under_the_ledgers_number_is_never_sent_to():
+    # Engine code put a socket of its own under the ledger's number: the event must not go
+    # to it; the ledger is lost.
+    other, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    reader, sock, writer, lost = _failing_writer([])
+    with reader, sock, other, theirs:
+        writer.sock.failures.append(lambda: os.dup2(other.fileno(), sock.fileno()))
+        writer.emit("stage2_exec")
+        assert lost == [errno.EBADF]
+        assert (_received(theirs), _received(reader)) == ([], [])

@@ -742,3 +742,23 @@ def test_an_end_queued_when_the_supervisor_finds_its_deadline_passed_is_in_time(
         "starter_exit",
     ]
     assert result["seconds"] >= T  # the supervisor really was late past the deadline
+
+
+#: How much of a rejected datagram an engine fault quotes (the event's documented field).
+QUOTED = 200
+
+
+@pytest.mark.parametrize("size", [QUOTED - 1, QUOTED, QUOTED + 1, 4 * QUOTED])
+def test_a_rejected_datagram_is_quoted_up_to_200_bytes_and_no_further(size):
+    # An engine fault quotes the datagram that caused it: all of a short one, and the first
+    # 200 bytes of a longer one (the rest could be anything, at any length).
+    junk = bytes(ord("a") + i % 26 for i in range(size))
+
+    def sends_junk(ledger: LedgerWriter) -> int:
+        ledger.for_role("master").sock.send(junk)
+        return finish(ledger)
+
+    result = supervise(sends_junk)
+    (fault,) = kinds(result, "engine_fault")
+    assert fault["excerpt"] == junk[:QUOTED].decode(), fault
+    assert len(fault["excerpt"]) == min(size, QUOTED)

@@ -285,6 +285,7 @@ class EngineFault(Common):
     sender_role: str | None
     open_hooks: list[str]
     detail: str
+    #: The datagram's first 200 bytes (record.EXCERPT), as UTF-8 with replacements.
     excerpt: str
 
 

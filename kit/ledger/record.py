@@ -158,10 +158,14 @@ def confirm_send(sock: socket.socket, data: bytes) -> bytes:
     # Sent: a pipe end lost from here on (engine code) leaves it unconfirmed, not resent.
     try:
         os.close(w)
-        if select.select([r], [], [], CONFIRM_TIMEOUT)[0]:
+        # poll, not select: the pipe may lie at or above FD_SETSIZE (1024), where select
+        # cannot wait for it (a sender holding that many descriptors).
+        waiting = select.poll()
+        waiting.register(r, select.POLLIN)
+        if waiting.poll(CONFIRM_TIMEOUT * 1000):
             return os.read(r, 1)
         return b""
-    except (OSError, ValueError):
+    except OSError:
         return b""
     finally:
         _close_quietly(r)
