@@ -363,3 +363,35 @@ def test_the_starter_loads_pyroute2_only_for_an_engine_that_uses_it():
         "ifinfmsg": True,
         "bytecode": True,
     }
+
+
+#: In a fresh interpreter with every descriptor taken: the ledger socket cannot be moved high,
+#: and stays where it is (the run goes on with it there) instead of failing the starter.
+NO_ROOM = (
+    "import json, os, resource, socket\n"
+    "from kit.starter.stage1 import _moved_high\n"
+    "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))\n"
+    "a, b = socket.socketpair()\n"
+    "number = a.fileno()\n"
+    "held = []\n"
+    "try:\n"
+    "    while True:\n"
+    "        held.append(os.dup(0))\n"
+    "except OSError:\n"
+    "    pass\n"
+    "s = _moved_high(a)\n"
+    "print(json.dumps({'same': s is a, 'number': s.fileno() == number, 'full': len(held) > 0}))\n"
+)
+
+
+def test_a_ledger_socket_with_no_room_above_stays_where_it_is():
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_ROOM],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout) == {"same": True, "number": True, "full": True}
