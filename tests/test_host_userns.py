@@ -9,6 +9,7 @@ the process that makes it), each in a forked child of it, as root, and report JS
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -16,6 +17,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from conftest import in_child
@@ -739,3 +742,95 @@ def test_privilege_mutants_are_killed_inside_a_user_namespace_as_on_the_host(
         assert entry["status"] == "killed", (key, entry)
         assert set(entry["declared"]) <= set(entry["failed"]), (key, entry)
         assert entry["failed"] == plain_host_matrix[key]["failed"], key
+
+
+#: Run inside the user namespace: one sandboxed run of the system's interpreter with the
+#: probe and its arguments in argv[1:]; its exit code and output, or why the run could not
+#: start.
+PROBE_RUN = r"""
+import json, sys
+from kit.run.launcher import run
+try:
+    r = run("reference", "root", ["/usr/bin/python3", "-c", *sys.argv[1:]])
+    print(json.dumps({"exit": r.exit_code, "out": r.stdout.split()}))
+except Exception as exc:
+    print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+"""
+
+#: In the sandbox: connect() to the socket argv[1], then the mount source of /mnt.
+CONNECT_PROBE = r"""
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+try:
+    s.connect(sys.argv[1])
+    print("connected")
+except OSError as e:
+    print(e.errno)
+for line in open("/proc/self/mountinfo"):
+    fields = line.split()
+    if fields[4] == "/mnt":
+        print(fields[fields.index("-") + 2])
+"""
+
+
+def _probe_in_userns(setup: Callable[[str, socket.socket], str]) -> dict[str, Any]:
+    """:data:`CONNECT_PROBE` run in the sandbox by root of a user namespace mapping 0-65535
+    (every mount the sandbox copies locked), from a child of the test in a mount namespace
+    of its own: ``setup(base, server)`` (``base``: a tmpfs of the child's in /var/tmp) makes
+    the host's mounts, binds ``server`` and listens; it returns the path to connect to."""
+    _needs_root()
+    if not os.access("/usr/bin/python3", os.X_OK):
+        pytest.skip("no /usr/bin/python3 to run the probe in the sandbox")
+
+    def launch_with_mounts_of_our_own() -> dict[str, object]:
+        linux.unshare(linux.CLONE_NEWNS)
+        linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+        base = tempfile.mkdtemp(prefix="kit-usernstest-", dir="/var/tmp")
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            linux.mount("tmpfs", base, "tmpfs", linux.MS_NOSUID, "size=64k,mode=0755")
+            path = setup(base, server)
+            env = f"PYTHONPATH={ROOT}:{os.path.join(ROOT, 'tests')}"
+            argv = ["env", env, sys.executable, "-c", PROBE_RUN, CONNECT_PROBE, path]
+            proc = in_userns(65536, argv)
+        finally:
+            server.close()
+            linux.umount(base, linux.MNT_DETACH)
+            os.rmdir(base)
+        return {"rc": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr[-3000:]}
+
+    proc = in_child(launch_with_mounts_of_our_own)
+    assert "ok" in proc and proc["ok"]["rc"] == 0, proc
+    return json.loads(proc["ok"]["stdout"].splitlines()[-1])
+
+
+def _overlay_on_overlay(base: str, point: str) -> None:
+    """An overlay on ``point`` whose lower layer is an overlay (layers in ``base``): a view
+    of it would stack a third, the kernel allows two."""
+    for name in ("lower", "up1", "work1", "first", "up2", "work2"):
+        os.mkdir(os.path.join(base, name))
+    layers = f"lowerdir={base}/lower,upperdir={base}/up1,workdir={base}/work1"
+    linux.mount("overlay", f"{base}/first", "overlay", 0, layers)
+    layers = f"lowerdir={base}/first,upperdir={base}/up2,workdir={base}/work2"
+    linux.mount("overlay", point, "overlay", 0, layers)
+
+
+def test_in_a_user_namespace_a_refused_piece_of_a_split_view_leaves_its_mount_out():
+    """An overlay on an overlay on /mnt with a tmpfs mounted in it, and a listening socket
+    in a directory beside that tmpfs: the view of /mnt is split (a locked mount under it);
+    its skeleton is mounted, then overlayfs refuses the directory's piece (stacked too
+    deep). The build goes on, the skeleton unmounted and /mnt left out: an empty read-only
+    directory (ENOENT), never the host's bound read-only, whose socket would connect."""
+
+    def setup(base: str, server: socket.socket) -> str:
+        _overlay_on_overlay(base, "/mnt")
+        os.mkdir("/mnt/dir")
+        os.mkdir("/mnt/sub")
+        linux.mount("tmpfs", "/mnt/sub", "tmpfs", linux.MS_NOSUID, "size=64k")
+        server.bind("/mnt/dir/bus")
+        os.chmod("/mnt/dir/bus", 0o777)
+        server.listen(1)
+        return "/mnt/dir/bus"
+
+    out = _probe_in_userns(setup)
+    assert out == {"exit": 0, "out": [str(errno.ENOENT), "kit-left-out"]}, out

@@ -25,7 +25,7 @@ from conftest import wait_until
 from kit_test_engines import DAEMON_NAME
 
 from kit.run import sandbox
-from kit.run.launcher import RunResult, run
+from kit.run.launcher import RunResult, run, start
 from kit.system import linux
 
 HOSTILE = "kit_test_engines:HostAttackEngine"
@@ -503,11 +503,13 @@ def test_a_host_socket_in_any_host_mount_is_dead_in_the_sandbox(shared_dir, plac
     assert got == {"ok": {"exit": 0, "out": [str(errno.ECONNREFUSED), written]}}, got
 
 
-def test_a_host_mount_overlayfs_refuses_as_a_lower_layer_is_bound_read_only(shared_dir):
+def test_a_host_mount_overlayfs_refuses_as_a_lower_layer_is_left_out(shared_dir):
     """A host mount that overlayfs will not take as a lower layer (here an overlay on an
-    overlay on /mnt: a view would stack a third, the kernel allows two; on a real host, an
-    EFI system partition's vfat) is bound read-only, as before every directory mount was
-    copy-on-write, instead of failing the build. Made in a private mount namespace."""
+    overlay on /mnt: a view would stack a third, the kernel allows two), of a file system
+    that can hold sockets, is left out: an empty read-only directory stands in for it
+    (named kit-left-out in the sandbox's mount table), rather than failing the build or
+    binding it read-only, which would leave its listening socket connectable. Made in a
+    private mount namespace."""
     from conftest import in_child
 
     def from_a_private_mount_namespace() -> dict[str, Any]:
@@ -516,6 +518,7 @@ def test_a_host_mount_overlayfs_refuses_as_a_lower_layer_is_bound_read_only(shar
         base = tempfile.mkdtemp(prefix="kit-sbtest-", dir="/var/tmp")
         os.chmod(base, 0o755)
         linux.mount("tmpfs", base, "tmpfs", linux.MS_NOSUID, "size=64k,mode=0755")
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             for name in ("lower", "up1", "work1", "first", "up2", "work2"):
                 os.mkdir(os.path.join(base, name))
@@ -524,17 +527,31 @@ def test_a_host_mount_overlayfs_refuses_as_a_lower_layer_is_bound_read_only(shar
             linux.mount("overlay", f"{base}/first", "overlay", 0, layers)
             layers = "lowerdir={}/first,upperdir={}/up2,workdir={}/work2".format(*[base] * 3)
             linux.mount("overlay", "/mnt", "overlay", 0, layers)
+            server.bind("/mnt/bus")
+            os.chmod("/mnt/bus", 0o777)
+            server.listen(1)
             probe = (
-                "import os\n"
-                "print(open('/mnt/file').read().strip())\n"
+                "import os, socket\n"
+                "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+                "try:\n    s.connect('/mnt/bus')\n    print('connected')\n"
+                "except OSError as e:\n    print(e.errno)\n"
+                "print(sorted(os.listdir('/mnt')))\n"
                 "try:\n    os.close(os.open('/mnt/new', os.O_WRONLY | os.O_CREAT))\n"
                 "except OSError as e:\n    print(e.errno)\n"
+                "for line in open('/proc/self/mountinfo'):\n"
+                "    fields = line.split()\n"
+                "    if fields[4] == '/mnt':\n"
+                "        print(fields[fields.index('-') + 2])\n"
             )
-            result = run(
+            handle = start(
                 "reference", "root", [SYSTEM_PYTHON, "-c", probe], shared_dirs=[shared_dir]
             )
-            return {"exit": result.exit_code, "out": result.stdout.split()}
+            assert handle.sandbox is not None
+            left_out = handle.sandbox["sandbox_left_out"]
+            result = handle.wait()
+            return {"exit": result.exit_code, "out": result.stdout.split(), "left": left_out}
         finally:
+            server.close()
             linux.umount("/mnt", linux.MNT_DETACH)
             linux.umount(base, linux.MNT_DETACH)
             shutil.rmtree(base, ignore_errors=True)
@@ -542,7 +559,25 @@ def test_a_host_mount_overlayfs_refuses_as_a_lower_layer_is_bound_read_only(shar
     if not os.access(SYSTEM_PYTHON, os.X_OK):
         pytest.skip(f"no {SYSTEM_PYTHON} to run the probe in the container")
     got = in_child(from_a_private_mount_namespace)
-    assert got == {"ok": {"exit": 0, "out": ["placed", str(errno.EROFS)]}}, got
+    out = [str(errno.ENOENT), "[]", str(errno.EROFS), "kit-left-out"]
+    assert got == {"ok": {"exit": 0, "out": out, "left": ["/mnt"]}}, got
+
+
+def test_only_a_file_system_with_no_socket_nor_fifo_is_bound_when_refused():
+    """The read-only bind of a host mount overlayfs refuses is kept for the file systems
+    that hold no socket nor FIFO (an EFI system partition's vfat), by the topmost mount's
+    type; any other is left out."""
+    table = [
+        linux.Mount(1, "/boot/efi", 0, "ext4"),
+        linux.Mount(2, "/boot/efi", 0, "vfat"),
+        linux.Mount(3, "/mnt", 0, "vfat"),
+        linux.Mount(4, "/mnt", 0, "overlay"),
+        linux.Mount(5, "/media/cd", 0, "iso9660"),
+        linux.Mount(6, "/srv", 0, "fuse.sshfs"),
+    ]
+    got = {point: sandbox._channel_free(point, table) for point in ("/boot/efi", "/mnt")}
+    got |= {point: sandbox._channel_free(point, table) for point in ("/media/cd", "/srv")}
+    assert got == {"/boot/efi": True, "/mnt": False, "/media/cd": True, "/srv": False}
 
 
 def test_a_run_is_never_given_the_hosts_own_namespaces_or_a_mount_one():

@@ -340,7 +340,8 @@ class RunHandle:
         self.starter_pid: int | None = int(words[1]) if started else None
         self.run_dir: str | None = os.fsdecode(words[2]) if started else None
         #: A run in the host sandbox (:mod:`kit.run.sandbox`): ``{"sandbox_pid": its init's pid,
-        #: "sandbox_mounts": [[mount id, mount point]…] before the starter was forked}``.
+        #: "sandbox_mounts": [[mount id, mount point]…] before the starter was forked,
+        #: "sandbox_left_out": [host mount point…] not reproduced in it}``.
         self.sandbox: dict[str, Any] | None = (
             json.loads(words[3]) if started and len(words) > 3 else None
         )

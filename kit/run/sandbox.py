@@ -132,6 +132,9 @@ class HostSandbox:
     #: diff lists it from outside, neither joining the namespace nor mounting one ("" when
     #: unknown: the diff then mounts its own).
     mqueue_dir: str = ""
+    #: The host's mount points the sandbox does not reproduce: an empty read-only directory
+    #: stands in for each (overlayfs refused it as a lower layer; see ``_stand_in_dir``).
+    left_out: list[str] = field(default_factory=list)
 
 
 def default_on(backend: str) -> bool:
@@ -178,6 +181,9 @@ class Building:
     #: And init's fd of the root of the scratch tmpfs: one for every upper layer, however
     #: many pieces a split root has.
     scratch_fd: int = -1
+    #: And the host's mount points that are not reproduced in the sandbox: an empty
+    #: read-only directory stands in for each (overlayfs refused it, see ``_stand_in_dir``).
+    left_out: list[str] = field(default_factory=list)
     #: The builder's pidfd of init, opened before init could be reaped: unlike ``init_pid``
     #: it never names another process (the zygote reaps a spare's init that died at once).
     #: Handed to the supervisor with the rest: :func:`adopt` checks through it that what it
@@ -192,7 +198,8 @@ class Building:
             mqueue = items.pop(_MQUEUE_ITEM, None)
             self.mqueue = None if mqueue is None else int(mqueue)
             self.scratch_fd = int(items.pop(_SCRATCH_ITEM))
-            self.uppers = items
+            self.left_out = sorted(point for point, rel in items.items() if not rel)
+            self.uppers = {point: rel for point, rel in items.items() if rel}
             # Init no longer needs it (its old root is detached): gone now, it cannot outlive
             # a builder that is killed.
             _remove_scratch(self.scratch)
@@ -301,6 +308,7 @@ def adopt(building: Building) -> HostSandbox:
     try:
         building.wait_ready()
         assert building.uppers is not None
+        sandbox.left_out = list(building.left_out)
         _hold(sandbox, building.uppers, building.scratch_fd, building.mqueue)
         fd = os.open(linux.ns_path("pid", building.init_pid), os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -656,25 +664,40 @@ def _build_root(scratch: str, shared: list[str], table: list[linux.Mount]) -> di
     layers.copy_on_write("/", new, [*points, *RECREATED])
     recursive: list[str] = []  # bound with their submounts (see _bind)
     views: list[str] = []
+    left_out: list[str] = []  # an empty read-only stand-in on each (see _stand_in_dir)
     for point, flags in submounts:
         target = new + point
+        if _nearest(point, left_out) is not None:
+            if point in WRITABLE:
+                raise SandboxError(
+                    f"the host mount {point!r} is under {_nearest(point, left_out)!r}, which "
+                    "the sandbox could not reproduce (overlayfs refused it as a lower layer)"
+                )
+            left_out.append(point)  # nothing of the host's under the stand-in
+            continue
         # Every directory mount is copy-on-write, with the host mount's flags, not a
         # read-only bind: a read-only mount does not stop connect() to a socket in it (a
         # user's session bus under /run/user/N, a daemon's under /srv), and through an
         # overlay a socket is dead. Where overlayfs refuses the mount as a lower layer, it
-        # is bound read-only below (see _Layers.view).
+        # is bound read-only only if its file system holds no socket nor FIFO; else an
+        # empty read-only directory stands in for it (see _Layers.view).
         beneath = _nearest(point, [*recursive, *layers.bound]) is None
-        if (point in WRITABLE or (beneath and os.path.isdir(point))) and layers.view(
-            point, target, points, flags, required=point in WRITABLE
-        ):
-            views.append(point)
-        elif _is_channel(point):
+        if point in WRITABLE or (beneath and os.path.isdir(point)):
+            if layers.view(point, target, points, flags, required=point in WRITABLE):
+                views.append(point)
+                continue
+            if not _channel_free(point, table):
+                _stand_in_dir(point, target)
+                left_out.append(point)
+                continue
+        flags |= linux.MS_RDONLY
+        if _is_channel(point):
             continue  # a socket or FIFO bound on a file: what it covers stays, dead
         elif _nearest(point, [*recursive, *views]) in recursive:
-            _remount(target, flags | linux.MS_RDONLY)  # came with that bind, still on top
+            _remount(target, flags)  # came with that bind, still on top
         elif _nearest(point, [*views, *layers.bound]) in layers.bound:
             continue  # came with a directory of the skeleton bound whole, read-only
-        elif _bind(point, target, flags | linux.MS_RDONLY):
+        elif _bind(point, target, flags):
             recursive.append(point)
             _read_only_below(target)
     _make_proc(new)
@@ -682,6 +705,7 @@ def _build_root(scratch: str, shared: list[str], table: list[linux.Mount]) -> di
     items = {point: os.path.relpath(upper, scratch) for point, upper in layers.uppers.items()}
     items[_MQUEUE_ITEM] = str(_make_dev(new))
     items[_SCRATCH_ITEM] = str(scratch_fd)
+    items.update((point, "") for point in left_out)  # no upper layer: not reproduced
     for path in shared:
         _bind_shared(path, new + path, table)
     os.chdir(new)
@@ -690,6 +714,33 @@ def _build_root(scratch: str, shared: list[str], table: list[linux.Mount]) -> di
     os.chdir("/")
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_SHARED)
     return items
+
+
+#: File systems that hold no socket nor FIFO: a mount of one that overlayfs refuses as a
+#: lower layer is bound read-only instead (nothing in it can reach a host process).
+CHANNEL_FREE_FS = ("vfat", "msdos", "exfat", "iso9660", "udf")
+
+
+def _channel_free(point: str, table: list[linux.Mount]) -> bool:
+    """Whether the host's topmost mount on ``point`` is of a file system with no sockets
+    nor FIFOs (:data:`CHANNEL_FREE_FS`), by the mount table's file system type."""
+    fstype = ""
+    for mount in table:
+        if mount.point == point:
+            fstype = mount.fstype
+    return fstype in CHANNEL_FREE_FS
+
+
+def _stand_in_dir(point: str, target: str) -> None:
+    """Leave the host's directory mount ``point`` out of the sandbox: an empty read-only
+    tmpfs on ``target``, with the host directory's owner, mode and times. Bound read-only,
+    its sockets would be connectable and its FIFOs the host's (a read-only mount stops
+    neither); the run sees an empty directory, and a write there fails (EROFS)."""
+    nothing = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
+    linux.mount("kit-left-out", target, "tmpfs", nothing, "size=4k")
+    with contextlib.suppress(OSError):  # gone since the table was read: the tmpfs's own
+        _same_attributes(target, os.stat(point))
+    _remount(target, nothing | linux.MS_RDONLY)
 
 
 def _is_channel(path: str) -> bool:
@@ -740,18 +791,30 @@ class _Layers:
         return os.path.join(self.scratch, "cow", str(self.made))
 
     def view(self, point: str, target: str, mounts: list[str], flags: int, required: bool) -> bool:
-        """:meth:`copy_on_write`; False, with nothing mounted, where overlayfs refuses the
-        host mount ``point`` as a lower layer (EINVAL) and the view is not ``required``: a
-        file system with case-insensitive names (vfat, an EFI system partition) or one
-        stacked too deep already (an overlay on an overlay). The caller binds it read-only
-        then: the kit still runs there, and vfat holds no socket."""
+        """:meth:`copy_on_write`; False, with nothing left mounted on ``target``, where
+        overlayfs refuses the host mount ``point`` as a lower layer, or a piece of it (any
+        errno: EINVAL for a file system with case-insensitive names such as vfat, or one
+        stacked too deep already, an overlay on an overlay; EACCES from FUSE; EOPNOTSUPP;
+        ELOOP), and the view is not ``required``. The caller binds it read-only then only
+        where its file system holds no socket nor FIFO (:func:`_channel_free`)."""
         try:
             self.copy_on_write(point, target, mounts, flags)
-        except OSError as exc:
-            if required or exc.errno != errno.EINVAL or point in self.uppers:
-                raise  # not refused as a whole: a piece of a split view, say
+        except OSError:
+            if required:
+                raise
+            self._undo(point, target)
             return False
         return True
+
+    def _undo(self, point: str, target: str) -> None:
+        """Forget what a failed view of ``point`` left: a split one may have mounted its
+        skeleton and some pieces on ``target`` before a piece was refused."""
+        made = [p for p in self.uppers if _under(p, (point,))]
+        for path in made:
+            del self.uppers[path]
+        self.bound[:] = [p for p in self.bound if not _under(p, (point,))]
+        if made:
+            linux.umount(target, linux.MNT_DETACH)  # the skeleton, with what is on it
 
     def copy_on_write(self, point: str, target: str, mounts: list[str], flags: int = 0) -> None:
         """A copy-on-write view of the host directory ``point`` on ``target``, mounted with

@@ -271,7 +271,13 @@ class Supervisor:
             ""
             if box is None
             else " "
-            + json.dumps({"sandbox_pid": box.init_pid, "sandbox_mounts": sorted(mounts_before)})
+            + json.dumps(
+                {
+                    "sandbox_pid": box.init_pid,
+                    "sandbox_mounts": sorted(mounts_before),
+                    "sandbox_left_out": box.left_out,
+                }
+            )
         )
         os.write(result_fd, f"started {pid} {run_dir}{seen}\n".encode())
         self.listener, info = seccomp.receive_listener(filter_here, req.run_timeout)
@@ -972,7 +978,8 @@ def main(argv: list[str]) -> int:
     the result, written when the run is over, is ``{"exit_code", "reason", "ledger", "leaks",
     "timed_out"}``. The first line on RESULT_FD is ``started <starter pid> <run dir>`` as soon as
     the starter exists, followed, for a run in the host sandbox, by ``{"sandbox_pid",
-    "sandbox_mounts"}`` (JSON: its init's host pid, its mount table before the starter was forked).
+    "sandbox_mounts", "sandbox_left_out"}`` (JSON: its init's host pid, its mount table before
+    the starter was forked, the host mount points it does not reproduce).
     """
     req_fd, result_fd = int(argv[0]), int(argv[1])
     default_signals()
