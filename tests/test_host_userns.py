@@ -834,3 +834,24 @@ def test_in_a_user_namespace_a_refused_piece_of_a_split_view_leaves_its_mount_ou
 
     out = _probe_in_userns(setup)
     assert out == {"exit": 0, "out": [str(errno.ENOENT), "kit-left-out"]}, out
+
+
+def test_in_a_user_namespace_a_host_socket_under_a_directory_bound_whole_is_covered():
+    """A socket mounted on a file in a directory the kit cannot list (owner 100000,
+    unmapped; mode 0711, so the run can still reach the file) under a tmpfs on /srv: the
+    view of /srv is split and that directory bound whole, with the socket's mount, locked.
+    A socket of the sandbox's own is mounted over it: nobody listens (ECONNREFUSED)."""
+
+    def setup(base: str, server: socket.socket) -> str:
+        server.bind(f"{base}/bus")
+        os.chmod(f"{base}/bus", 0o777)
+        server.listen(1)
+        linux.mount("tmpfs", "/srv", "tmpfs", linux.MS_NOSUID, "size=64k,mode=0755")
+        os.mkdir("/srv/unread", 0o711)
+        os.chown("/srv/unread", 100000, 100000)
+        os.close(os.open("/srv/unread/bus", os.O_WRONLY | os.O_CREAT, 0o644))
+        linux.mount(f"{base}/bus", "/srv/unread/bus", None, linux.MS_BIND)
+        return "/srv/unread/bus"
+
+    out = _probe_in_userns(setup)
+    assert out == {"exit": 0, "out": [str(errno.ECONNREFUSED)]}, out

@@ -692,7 +692,14 @@ def _build_root(scratch: str, shared: list[str], table: list[linux.Mount]) -> di
                 continue
         flags |= linux.MS_RDONLY
         if _is_channel(point):
-            continue  # a socket or FIFO bound on a file: what it covers stays, dead
+            # A socket or FIFO bound on a file: what it covers stays, dead. In a user
+            # namespace that is not the initial one, a bind of a directory over it brought
+            # it along, locked: a stand-in of the sandbox's own is mounted over it.
+            if _nearest(point, [*recursive, *views, *layers.bound]) in [
+                *recursive,
+                *layers.bound,
+            ]:
+                _cover_channel(point, target, layers.state())
         elif _nearest(point, [*recursive, *views]) in recursive:
             _remount(target, flags)  # came with that bind, still on top
         elif _nearest(point, [*views, *layers.bound]) in layers.bound:
@@ -752,6 +759,25 @@ def _is_channel(path: str) -> bool:
     except OSError:
         return False
     return stat.S_ISSOCK(mode) or stat.S_ISFIFO(mode)
+
+
+def _cover_channel(point: str, target: str, state: str) -> None:
+    """Mount over ``target``, where the host's socket or FIFO ``point`` came along with a
+    bind of what is over it (locked: it cannot be unmounted alone), a new one of the
+    sandbox's own made in ``state`` (:func:`_stand_in`: nobody listens on it), read-only;
+    else the build fails, naming it."""
+    try:
+        os.makedirs(state)
+        stand_in = os.path.join(state, "stand-in")
+        if not _stand_in(stand_in, os.lstat(point)):
+            raise OSError(errno.EINVAL, "no longer a socket nor a FIFO")
+        linux.mount(stand_in, target, None, linux.MS_BIND)
+        _remount(target, linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+    except OSError as exc:
+        raise SandboxError(
+            f"the host's socket or FIFO mounted at {point!r} came into the sandbox with a bind "
+            f"of a directory over it and could not be covered ({exc.strerror})"
+        ) from None
 
 
 def _bind_shared(path: str, target: str, table: list[linux.Mount]) -> None:
