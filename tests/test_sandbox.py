@@ -563,6 +563,38 @@ def test_a_host_mount_overlayfs_refuses_as_a_lower_layer_is_left_out(shared_dir)
     assert got == {"ok": {"exit": 0, "out": out, "left": ["/mnt"]}}, got
 
 
+def test_a_host_device_node_mounted_on_a_file_is_no_device_in_the_sandbox(shared_dir):
+    """A device node bound on a file (here /dev/full on /mnt/full, in a tmpfs on /mnt) is
+    bound read-only into the sandbox with nodev: a read-only mount alone still lets a
+    write reach the host's device (ENOSPC from /dev/full). Made in a private mount
+    namespace."""
+    from conftest import in_child
+
+    def from_a_private_mount_namespace() -> dict[str, Any]:
+        linux.unshare(linux.CLONE_NEWNS)
+        linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+        linux.mount("tmpfs", "/mnt", "tmpfs", linux.MS_NOSUID, "size=64k,mode=0755")
+        try:
+            os.close(os.open("/mnt/full", os.O_WRONLY | os.O_CREAT, 0o666))
+            linux.mount("/dev/full", "/mnt/full", None, linux.MS_BIND)
+            probe = (
+                "import os\n"
+                "try:\n    fd = os.open('/mnt/full', os.O_WRONLY)\n    os.write(fd, b'x')\n"
+                "    print('written')\nexcept OSError as e:\n    print(e.errno)\n"
+            )
+            result = run(
+                "reference", "root", [SYSTEM_PYTHON, "-c", probe], shared_dirs=[shared_dir]
+            )
+            return {"exit": result.exit_code, "out": result.stdout.split()}
+        finally:
+            linux.umount("/mnt", linux.MNT_DETACH)
+
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip(f"no {SYSTEM_PYTHON} to run the probe in the container")
+    got = in_child(from_a_private_mount_namespace)
+    assert got == {"ok": {"exit": 0, "out": [str(errno.EACCES)]}}, got
+
+
 def test_only_a_file_system_with_no_socket_nor_fifo_is_bound_when_refused():
     """The read-only bind of a host mount overlayfs refuses is kept for the file systems
     that hold no socket nor FIFO (an EFI system partition's vfat), by the topmost mount's

@@ -90,11 +90,11 @@ class HostSandbox:
     - ``/`` is an overlay: the real root file system as its lower layer, an upper layer on a tmpfs
       that only the sandbox has; each of the host's other directory mounts is copy-on-write too,
       with the host mount's flags (through an overlay, the host's sockets are dead: a read-only
-      bind does not stop connect()); file mounts are bound in read-only, but a socket or FIFO
-      (left out); the directories the kit shares with the run (its temporary directory, the
-      coverage directory) are the host's, read-write. In a user namespace that is not the
-      initial one, where the kernel refuses that overlay, ``/`` is built in pieces
-      (``_Layers._split``);
+      bind does not stop connect()); file mounts are bound in read-only (a device node with
+      nodev), but a socket or FIFO (left out); the directories the kit shares with the run
+      (its temporary directory, the coverage directory) are the host's, read-write. In a user
+      namespace that is not the initial one, where the kernel refuses that overlay, ``/`` is
+      built in pieces (``_Layers._split``);
     - ``/proc`` is a fresh proc of the new pid namespace with ``/proc/sys`` (but ``net.*``) and the
       host-global knobs read-only; ``/sys`` a fresh read-only sysfs; ``/dev`` a tmpfs with the
       harmless devices, a fresh devpts, ``/dev/shm`` and ``/dev/mqueue``;
@@ -690,7 +690,9 @@ def _build_root(scratch: str, shared: list[str], table: list[linux.Mount]) -> di
                 _stand_in_dir(point, target)
                 left_out.append(point)
                 continue
-        flags |= linux.MS_RDONLY
+        # A device node bound on a file is still the host's device through a read-only
+        # mount (a write to /dev/full on /mnt/full reached it): nodev on its mount.
+        flags |= linux.MS_RDONLY | _nodev(point)
         if _is_channel(point):
             # A socket or FIFO bound on a file: what it covers stays, dead. In a user
             # namespace that is not the initial one, a bind of a directory over it brought
@@ -759,6 +761,15 @@ def _is_channel(path: str) -> bool:
     except OSError:
         return False
     return stat.S_ISSOCK(mode) or stat.S_ISFIFO(mode)
+
+
+def _nodev(path: str) -> int:
+    """MS_NODEV where ``path`` is a device node (mounted on a file), else 0."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return 0
+    return linux.MS_NODEV if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else 0
 
 
 def _cover_channel(point: str, target: str, state: str) -> None:
@@ -1170,7 +1181,7 @@ def _read_only_below(target: str) -> None:
             _leave_out(point, target)
             continue
         try:
-            _remount(point, mount.flags | linux.MS_RDONLY)
+            _remount(point, mount.flags | linux.MS_RDONLY | _nodev(point))
         except OSError as exc:
             # Gone under a mount over its parent, or in a directory no one here may enter
             # (EACCES; not EPERM, a remount refused).
