@@ -7,11 +7,13 @@ victim process) and removes them; everything else it checks is only read.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import resource
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -961,3 +963,72 @@ def test_the_sandboxs_init_keeps_only_the_standard_fds_and_its_ready_pipe():
     assert os.waitid(os.P_PID, pid, os.WEXITED).si_status == 0
     # the one more is the fd that listed /proc/self/fd, the lowest free one: 3
     assert w > 4 and left == [0, 1, 2, 3, w], (left, w)
+
+
+def test_a_building_without_the_pidfd_of_its_init_is_not_adopted():
+    """Adoption goes by pid, checked through init's pidfd: a building that came without one
+    (its pid alone proves nothing) is refused, not adopted unchecked."""
+    from conftest import in_child
+
+    def body() -> dict[str, Any]:
+        building = sandbox.build([])
+        pidfd, building.pidfd = building.pidfd, None
+        try:
+            sandbox.adopt(building)
+        except sandbox.SandboxError as exc:
+            outcome = str(exc)
+        else:
+            outcome = "adopted"
+        finally:
+            assert pidfd is not None
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(building.init_pid, 0)
+            os.close(pidfd)
+        return {"outcome": outcome}
+
+    out = in_child(body)
+    assert "came without a pidfd" in out.get("ok", {}).get("outcome", ""), out
+
+
+def test_no_child_of_a_pid_that_init_no_longer_holds_is_one_of_the_run():
+    """The supervisor finds the run's processes in the sandbox as init's descendants, by
+    pid: once init has exited and been reaped, that pid may name another process, whose
+    children must never be signalled (kill_tree). Here the sandbox's init_pid names a live
+    process with a child, and its pidfd is of a process that exited: neither is listed."""
+    from kit.run.supervisor import Supervisor
+
+    r, w = os.pipe()
+    told_r, told_w = os.pipe()
+    middle = os.fork()
+    if middle == 0:  # leaves it orphaned: none of the test's descendants
+        os.close(w)
+        if os.fork() == 0:  # the process the pid names now, with a child of its own
+            if os.fork() == 0:
+                os.read(r, 1)
+                os._exit(0)
+            os.write(told_w, str(os.getpid()).encode())
+            os.read(r, 1)
+            os._exit(0)
+        os._exit(0)
+    os.close(r)
+    os.close(told_w)
+    os.waitpid(middle, 0)
+    other = int(os.read(told_r, 32))
+    os.close(told_r)
+    gone = os.fork()
+    if gone == 0:
+        os._exit(0)
+    pidfd = os.pidfd_open(gone)
+    os.waitpid(gone, 0)
+    try:
+        wait_until(lambda: len(linux.descendants(other)) == 1)
+        supervisor = object.__new__(Supervisor)
+        supervisor.sandbox = sandbox.HostSandbox(init_pid=other, upper_dir="", init_pidfd=pidfd)
+        found = supervisor._run_processes()
+        assert set(found) & {other, *linux.descendants(other)} == set(), found
+        assert sandbox.processes(supervisor.sandbox) == {}
+    finally:
+        os.close(pidfd)
+        os.close(w)  # both end: reaped by whoever took them over

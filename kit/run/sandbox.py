@@ -135,6 +135,23 @@ class HostSandbox:
     #: The host's mount points the sandbox does not reproduce: an empty read-only directory
     #: stands in for each (overlayfs refused it as a lower layer; see ``_stand_in_dir``).
     left_out: list[str] = field(default_factory=list)
+    #: A pidfd of init (:func:`adopt` takes the builder's): unlike ``init_pid`` it never
+    #: names another process. The supervisor checks through it (:meth:`init_exited`) that
+    #: init still lives before it signals init's descendants, found by pid.
+    init_pidfd: int | None = None
+
+    def init_exited(self) -> bool:
+        """Whether init has exited (reaped or not), or cannot be told apart (no pidfd):
+        then ``init_pid`` may name another process, whose children are none of the run's."""
+        return _exited(self.init_pidfd)
+
+
+def _exited(pidfd: int | None) -> bool:
+    if pidfd is None:
+        return True
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)  # readable once the process exited
+    return bool(poller.poll(0))
 
 
 def default_on(backend: str) -> bool:
@@ -207,12 +224,9 @@ class Building:
         return {point: f"{root}/{rel}" for point, rel in self.uppers.items()}
 
     def init_exited(self) -> bool:
-        """Whether init has exited (reaped or not): known from the pidfd only."""
-        if self.pidfd is None:
-            return False
-        poller = select.poll()
-        poller.register(self.pidfd, select.POLLIN)  # readable once the process exited
-        return bool(poller.poll(0))
+        """Whether init has exited (reaped or not), known from the pidfd only: without one,
+        as good as exited (its pid alone says nothing)."""
+        return _exited(self.pidfd)
 
     def abandon(self) -> None:
         """By the builder, for a sandbox no run will adopt: init is killed (through the
@@ -306,6 +320,13 @@ def adopt(building: Building) -> HostSandbox:
         own_init=building.builder == os.getpid(),
     )
     try:
+        if building.pidfd is None:
+            raise SandboxError(
+                "the host sandbox's init came without a pidfd: its pid "
+                f"{building.init_pid} alone cannot tell that it is still init's"
+            )
+        # The supervisor's now: it checks through it before it signals init's descendants.
+        sandbox.init_pidfd, building.pidfd = building.pidfd, None
         building.wait_ready()
         assert building.uppers is not None
         sandbox.left_out = list(building.left_out)
@@ -316,7 +337,7 @@ def adopt(building: Building) -> HostSandbox:
             # had it died and been reaped, the pid could name another process by now, whose
             # namespaces (the host's) we would hold. Alive now, through the pidfd, it was
             # alive throughout: the pid was still init's.
-            if building.init_exited():
+            if sandbox.init_exited():
                 raise SandboxError(
                     "the host sandbox's init exited before the run adopted it (its pid "
                     f"{building.init_pid} may name another process now)"
@@ -329,9 +350,6 @@ def adopt(building: Building) -> HostSandbox:
         raise
     finally:
         os.close(building.ready_fd)
-        if building.pidfd is not None:  # the builder reaps its own init: its pid holds
-            os.close(building.pidfd)
-            building.pidfd = None
     return sandbox
 
 
@@ -477,9 +495,14 @@ def processes(sandbox: HostSandbox, scans: int = 3) -> dict[int, str]:
     """The living processes of the sandbox other than init: pid (as the sandbox numbers
     them) -> command line, from the sandbox's own /proc. "None" takes ``scans`` scans in a
     row that find none: a daemon that keeps re-forking can exit between being listed and
-    being looked at, after a successor the listing had already passed."""
+    being looked at, after a successor the listing had already passed. None once init has
+    exited: the kernel ended every process of its pid namespace, and the pid the scan went
+    by may name another process by now."""
     for _ in range(scans):
         found = _scan(f"/proc/{sandbox.init_pid}/root/proc")
+        # Read by pid: valid only if init still lives after it (else none is left either).
+        if sandbox.init_exited():
+            return {}
         if found:
             return found
     return {}
@@ -522,6 +545,9 @@ def end(sandbox: HostSandbox) -> None:
     for fd in [*sandbox.ns_fds.values(), *sandbox.held_fds]:
         os.close(fd)
     sandbox.ns_fds, sandbox.held_fds = {}, []
+    if sandbox.init_pidfd is not None:
+        os.close(sandbox.init_pidfd)
+        sandbox.init_pidfd = None
     _remove_scratch(sandbox.scratch)
 
 

@@ -390,7 +390,12 @@ class Supervisor:
         if self.sandbox is None:
             return linux.descendants(os.getpid())
         init = self.sandbox.init_pid
-        found = set(linux.descendants(os.getpid())) | set(linux.descendants(init))
+        found = set(linux.descendants(os.getpid()))
+        below = linux.descendants(init)
+        # Checked after the scan: alive then, init was the parent it found. Once init is
+        # killed and reaped, its pid may name another process, whose children are not ours.
+        if not self.sandbox.init_exited():
+            found.update(below)
         return sorted(found - {init})
 
     @staticmethod
