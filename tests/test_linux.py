@@ -262,12 +262,15 @@ _NO_CLOSE_RANGE = [
 
 
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="the filter has x86-64 numbers")
-@pytest.mark.parametrize("refusal", ["ENOSYS", "EPERM", "ENOSYS-no-proc"])
+@pytest.mark.parametrize(
+    "refusal", ["ENOSYS", "EPERM", "EACCES", "ENOSYS-no-proc", "ENOSYS-fake-proc"]
+)
 def test_close_fds_except_without_close_range_closes_what_proc_lists(refusal):
-    """Where close_range(2) fails (an old kernel: ENOSYS; a seccomp profile: ENOSYS or
-    EPERM), every descriptor /proc/self/fd lists is closed but the kept ones; without a
-    /proc to list (a tmpfs over it, in the child's own mount namespace) the call fails
-    naming both reasons, instead of leaving descriptors open."""
+    """Where close_range(2) fails (an old kernel: ENOSYS; a seccomp profile: ENOSYS, EPERM
+    or any errno it chose), every descriptor /proc/self/fd lists is closed but the kept
+    ones; without a /proc to list (a tmpfs over it, in the child's own mount namespace),
+    or with one that is not procfs (a tmpfs whose self/fd holds made-up names), the call
+    fails naming both reasons, instead of leaving descriptors open."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -278,6 +281,13 @@ def test_close_fds_except_without_close_range_closes_what_proc_lists(refusal):
                 linux.unshare(linux.CLONE_NEWNS)
                 linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
                 linux.mount("tmpfs", "/proc", "tmpfs", 0, "size=4k")
+            if refusal.endswith("-fake-proc"):
+                linux.unshare(linux.CLONE_NEWNS)
+                linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+                linux.mount("tmpfs", "/proc", "tmpfs", 0, "size=4k")
+                os.makedirs("/proc/self/fd")
+                for name in ("12", "x"):
+                    os.close(os.open(f"/proc/self/fd/{name}", os.O_WRONLY | os.O_CREAT))
             for at in (10, 11, 12, 40, 19999):
                 os.dup2(w, at)
             prog = list(_NO_CLOSE_RANGE)
@@ -302,6 +312,8 @@ def test_close_fds_except_without_close_range_closes_what_proc_lists(refusal):
     if refusal.endswith("-no-proc"):
         assert out.startswith("error ") and "close_range failed" in out, out
         assert "/proc/self/fd cannot be listed" in out, out
+    elif refusal.endswith("-fake-proc"):
+        assert out.startswith("error ") and "cannot be listed (not procfs)" in out, out
     else:
         assert [int(x) for x in out.split()] == sorted({0, 11, 40, w}), out
 

@@ -29,6 +29,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _LIBC_FUNCTIONS = (
     "capget",
     "capset",
+    "fstatfs",
     "mount",
     "prctl",
     "setns",
@@ -410,10 +411,11 @@ def move_high(fd: int, base: int) -> int:
 def close_fds_except(keep: Iterable[int]) -> None:
     """Close every descriptor but ``keep``: every number up to 2**32 - 1, not the soft
     limit (a descriptor inherited above it would stay open), by close_range(2) per gap.
-    Where the kernel has no close_range or a seccomp filter refuses it (ENOSYS, EPERM),
-    each descriptor /proc/self/fd lists; OSError if that cannot be read either. Not
-    os.closerange: on such a failure it calls close() on every number of the range, 2**31
-    of them (minutes)."""
+    Where the kernel has no close_range or a seccomp filter refuses it (ENOSYS, EPERM, or
+    whatever errno a profile chose: any but EBADF and EINVAL, which say the call itself was
+    wrong), each descriptor /proc/self/fd lists; OSError if that cannot be read either, or
+    is not procfs. Not os.closerange: on such a failure it calls close() on every number of
+    the range, 2**31 of them (minutes)."""
     kept = sorted(set(keep))
     try:
         low = 0
@@ -423,7 +425,7 @@ def close_fds_except(keep: Iterable[int]) -> None:
             low = max(low, fd + 1)
         _close_range(low, 2**32 - 1)
     except OSError as exc:
-        if exc.errno not in (errno.ENOSYS, errno.EPERM):
+        if exc.errno in (errno.EBADF, errno.EINVAL):
             raise
         _close_listed(set(kept), exc.strerror or "")
 
@@ -439,11 +441,17 @@ def _close_range(first: int, last: int) -> None:
 def _close_listed(keep: set[int], why: str) -> None:
     """Close each descriptor /proc/self/fd lists but ``keep`` (the caller is single-threaded:
     nothing opens one meanwhile); raise OSError naming ``why`` close_range failed when the
-    listing cannot be read: guessing numbers would leave some open."""
+    listing cannot be read, or is not procfs's (a file system mounted over /proc would
+    list made-up names): guessing numbers would leave some open."""
     listing = -1
     try:
         listing = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if _fs_type(listing) != PROC_SUPER_MAGIC:
+            raise OSError(errno.ENOTSUP, "not procfs")
         names = os.listdir(listing)
+        fds = [int(name) for name in names if name.isascii() and name.isdigit()]
+        if len(fds) != len(names):
+            raise OSError(errno.ENOTSUP, "a name that is no descriptor number")
     except OSError as exc:
         if listing >= 0:
             os.close(listing)
@@ -452,12 +460,23 @@ def _close_listed(keep: set[int], why: str) -> None:
             f"cannot close the inherited descriptors: close_range failed ({why}) and "
             f"/proc/self/fd cannot be listed ({exc.strerror})",
         ) from None
-    for name in names:
-        fd = int(name)
+    for fd in fds:
         if fd not in keep and fd != listing:
             with contextlib.suppress(OSError):  # EIO, EINTR: Linux has released it anyway
                 os.close(fd)
     os.close(listing)  # a number kept but not open may be its own: closed all the same
+
+
+#: statfs(2) f_type of procfs.
+PROC_SUPER_MAGIC = 0x9FA0
+
+
+def _fs_type(fd: int) -> int:
+    """fstatfs(2) f_type of the file system of ``fd``: the first field of struct statfs,
+    a long (the struct is 120 bytes on 64-bit Linux, 84 or 88 on 32-bit: 128 suffice)."""
+    buf = ctypes.create_string_buffer(128)
+    _check(_libc.fstatfs(fd, buf), "fstatfs")
+    return ctypes.c_long.from_buffer(buf).value
 
 
 def fd_identity(fd: int) -> tuple[int, int] | None:
