@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -128,6 +129,10 @@ def _run_sh(
             made.mkdir()
             made.chmod(0o1777)
         kept = _kept_under_tmp(cwd)
+        # Imported here, not in the child: an import between fork and exec may wait forever
+        # on a lock another thread of the test's process held at the fork.
+        from kit.system import linux
+
         proc = subprocess.run(
             ["/bin/bash", "-c", code],
             cwd=cwd,
@@ -135,7 +140,7 @@ def _run_sh(
             capture_output=True,
             text=True,
             timeout=600,
-            preexec_fn=lambda: _tmp_of_its_own(tmp, kept),
+            preexec_fn=lambda: _tmp_of_its_own(linux, tmp, kept),
         )
         left = sorted(set(os.listdir(tmp)) - set(kept))
     finally:
@@ -152,20 +157,20 @@ def _run_sh(
 
 def _kept_under_tmp(cwd: Path) -> list[str]:
     """The entries of the real /tmp a block needs under its own: where the checkout, the
-    working directory and the interpreter are, when under /tmp (a CI's checkout)."""
+    working directory and the interpreter are (a virtual environment's, and the one it was
+    made from, whose standard library it uses), when under /tmp (a CI's checkout)."""
     kept = set()
-    for path in (ROOT, cwd, Path(sys.prefix), Path(sys.executable)):
+    for path in (ROOT, cwd, Path(sys.prefix), Path(sys.base_prefix), Path(sys.executable)):
         parts = path.resolve().parts
         if len(parts) > 2 and parts[:2] == ("/", "tmp"):
             kept.add(parts[2])
     return sorted(kept)
 
 
-def _tmp_of_its_own(tmp: Path, kept: list[str]) -> None:
+def _tmp_of_its_own(linux: ModuleType, tmp: Path, kept: list[str]) -> None:
     """In the block's shell, before it runs: ``tmp`` bound on /tmp in a mount namespace of
-    its own, with the ``kept`` entries of the real one bound back in it."""
-    from kit.system import linux
-
+    its own, with the ``kept`` entries of the real one bound back in it (``linux``:
+    kit.system.linux, imported by the parent before the fork)."""
     linux.unshare(linux.CLONE_NEWNS)
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
     real = os.open("/tmp", os.O_PATH | os.O_DIRECTORY)  # of this namespace: bound from
@@ -176,6 +181,14 @@ def _tmp_of_its_own(tmp: Path, kept: list[str]) -> None:
             f"/proc/self/fd/{real}/{name}", f"/tmp/{name}", None, linux.MS_BIND | linux.MS_REC
         )
     os.close(real)
+
+
+def test_the_interpreter_a_block_needs_under_tmp_is_kept(monkeypatch, tmp_path):
+    """A virtual environment under /tmp made from a Python that is under /tmp too (a CI's
+    checkout and toolchain): both stay visible under the block's own /tmp."""
+    monkeypatch.setattr(sys, "prefix", "/tmp/ci-venv")
+    monkeypatch.setattr(sys, "base_prefix", "/tmp/ci-python/3.11")
+    assert {"ci-venv", "ci-python"} <= set(_kept_under_tmp(tmp_path))
 
 
 @pytest.mark.parametrize(
