@@ -660,18 +660,20 @@ def attack_targets(shared_dir):
         shutil.rmtree(base)
 
 
+@pytest.mark.parametrize("mnt_read_only", [False, True], ids=["mnt-rw", "mnt-ro"])
 @pytest.mark.parametrize("var_tmp_mounted", [False, True], ids=["plain", "var-tmp-mounted"])
 @pytest.mark.parametrize("count", MAPS)
 def test_a_run_launched_inside_a_user_namespace_changes_only_its_sandbox(
-    count, var_tmp_mounted, attack_targets
+    count, var_tmp_mounted, mnt_read_only, attack_targets
 ):
     """Launched as root of a user namespace, where every mount the kit's sandbox copies is
     locked (no overlay with ``/`` as its lower layer): the run is sandboxed all the same.
     Its writes (in a directory with a mount under it, in one without, directly in ``/``),
     deletions and hostname stay in the sandbox, and the run fails HOST-001 naming each
     path and HOST-003 naming the hostname. The mounts are made in a mount namespace of a
-    child of the test only: a read-only tmpfs on /mnt and another one in it (outside the
-    writable places: a copy-on-write view in pieces, read-only as the host's); with
+    child of the test only: a tmpfs on /mnt and another one in it (outside the writable
+    places: a copy-on-write view in pieces, with the host's flags: with ``mnt_read_only``
+    the write there fails, EROFS; else it lands in the sandbox and is in HOST-001); with
     ``var_tmp_mounted``, first /var/tmp bound on itself, a copy-on-write mount point with a
     mount under it."""
     _needs_root()
@@ -689,11 +691,17 @@ def test_a_run_launched_inside_a_user_namespace_changes_only_its_sandbox(
         linux.mount("tmpfs", mounted, "tmpfs", linux.MS_NOSUID, "size=64k")
         os.mkdir(os.path.join(mounted, "inner"))
         linux.mount("tmpfs", os.path.join(mounted, "inner"), "tmpfs", 0, "size=64k")
-        ro = linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_NOSUID
-        linux.mount(None, mounted, None, ro)
+        if mnt_read_only:
+            ro = linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_NOSUID
+            linux.mount(None, mounted, None, ro)
         env = f"PYTHONPATH={ROOT}:{os.path.join(ROOT, 'tests')}"
         proc = in_userns(count, ["env", env, sys.executable, "-c", ATTACK, json.dumps(config)])
-        return {"rc": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr[-3000:]}
+        return {
+            "rc": proc.returncode,
+            "stdout": proc.stdout,
+            "stderr": proc.stderr[-3000:],
+            "host_mnt": sorted(os.listdir(mounted)),  # as the host (this child) sees it
+        }
 
     proc = in_child(launch_with_mounts_of_our_own)
     assert "ok" in proc and proc["ok"]["rc"] == 0, proc
@@ -705,12 +713,13 @@ def test_a_run_launched_inside_a_user_namespace_changes_only_its_sandbox(
         with open(victim) as f:
             assert f.read() == "placed\n", victim
     assert socket.gethostname() == hostname
-    # Each act happened, in the sandbox; the read-only host mount stayed read-only.
+    assert proc["ok"]["host_mnt"] == ["inner"], proc["ok"]["host_mnt"]
+    # Each act happened, in the sandbox; a read-only host mount stayed read-only.
     with open(os.path.join(config["report_dir"], "master-create_container.json")) as f:
         assert json.load(f) == {
             "write_paths": "done",
             "delete_paths": "done",
-            "write_read_only": "EROFS",
+            "write_read_only": "EROFS" if mnt_read_only else "done",
             "hostname": "done",
             "mountinfo": "done",
         }
@@ -718,8 +727,9 @@ def test_a_run_launched_inside_a_user_namespace_changes_only_its_sandbox(
     assert out["unread"] == [{}], out["unread"]  # the diff read every kind
     assert out["plain"] == [[0, []], [0, []]] and out["plain_unread"] == [{}, {}], out
     files = {c["name"]: (c["before"], c["after"]) for c in out["changes"] if c["kind"] == "file"}
-    assert set(files) == {*config["write_paths"], *config["delete_paths"]}, files
-    for path in config["write_paths"]:
+    written = [*config["write_paths"], *([] if mnt_read_only else [config["read_only_path"]])]
+    assert set(files) == {*written, *config["delete_paths"]}, files
+    for path in written:
         assert files[path][0] is None and files[path][1].startswith("file 0644 0:0 8 bytes")
         assert f"file {path} created: file 0644" in out["HOST-001"]
     for path in config["delete_paths"]:
