@@ -1012,6 +1012,42 @@ def test_the_root_of_an_upper_layer_is_compared_with_the_lower_layers_root(tmp_p
     assert below == {"/srv": "dir 0755 0:0"}
 
 
+def test_a_piece_the_host_removes_while_the_sandbox_lives_is_read_on(tmp_path):
+    """A piece of a split view (an overlay whose lower layer is a host directory) whose
+    directory the host removes while the sandbox lives (another process's under /var/tmp):
+    the overlay still holds it, and the diff reads on. Its root compares with what the
+    snapshot before saw there: no change the run did not make, and the run's own still
+    named."""
+    from kit.run.sandbox import HostSandbox
+
+    piece, upper = tmp_path / "piece", tmp_path / "upper"  # the host's, the overlay's
+    for directory in (piece, upper):
+        directory.mkdir()
+        os.chmod(directory, 0o755)
+    box = HostSandbox(init_pid=0, upper_dir=str(upper), upper_dirs={str(piece): str(upper)})
+    owner = f"{os.getuid()}:{os.getgid()}"
+
+    def files() -> HostState:
+        state = HostState()
+        state.objects["file"] = hostdiff._read_all_files(box, None, state)
+        return state
+
+    before = files()
+    piece.rmdir()
+    gone = files()
+    assert hostdiff.diff(before, gone) == []
+    assert hostdiff.diff(gone, files()) == []
+    os.chmod(upper, 0o700)  # the run's: a chmod of the mount point, a file in it
+    new = upper / "new"
+    new.write_bytes(b"")
+    os.chmod(new, 0o600)
+    found = hostdiff.diff(before, files())
+    assert [(c.name, c.before, c.after) for c in found] == [
+        (str(piece), f"dir 0755 {owner}", f"dir 0700 {owner}"),
+        (f"{piece}/new", None, hostdiff._describe_path(str(new), os.lstat(new))),
+    ]
+
+
 @pytest.mark.parametrize("failure", ["fork", "killed", "epipe"])
 def test_a_fresh_namespace_read_by_a_child_fails_cleanly(failure):
     """``_fresh_in_child`` when the fork fails, the child dies mid-report, or its write

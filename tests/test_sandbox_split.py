@@ -399,3 +399,90 @@ def test_a_file_swapped_after_the_listing_is_not_copied_into_the_skeleton(tmp_pa
     assert not dst.exists()
     assert sandbox._copied(str(listed), str(dst), os.lstat(listed)) is True
     assert dst.read_bytes() == b"small\n"
+
+
+class _Listed(list[os.DirEntry[str]]):
+    """A directory's listing, read whole: what ``os.scandir`` returns in its place."""
+
+    def __enter__(self) -> Iterator[os.DirEntry[str]]:
+        return iter(self)
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _gone_after_listing(monkeypatch: pytest.MonkeyPatch, listed: str, gone: list[str]) -> None:
+    """Once ``listed`` is listed (each entry's lstat read, as the skeleton reads it), the
+    directories ``gone`` (children first) are removed: the host changed between a listing
+    and the use of what it named."""
+    real = os.scandir
+
+    def scandir(path: str) -> _Listed:
+        with real(path) as entries:
+            listing = _Listed(entries)
+        if path == listed:
+            for entry in listing:
+                entry.stat(follow_symlinks=False)
+            for directory in gone:
+                os.rmdir(directory)
+        return listing
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def _split_without_mounting(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any, point: str, mounts: list[str]
+) -> tuple[Any, list[str]]:
+    """``_Layers._split`` of ``point`` with the mounts only recorded (their targets)."""
+    from kit.run import sandbox
+
+    made: list[str] = []
+    monkeypatch.setattr(linux, "mount", lambda source, target, *rest: made.append(target))
+    scratch, target = tmp_path / "scratch", tmp_path / "target"
+    scratch.mkdir()
+    target.mkdir()
+    layers = sandbox._Layers(str(scratch), [])
+    layers._split(point, str(target), mounts, 0)
+    return layers, made
+
+
+@pytest.mark.parametrize("gone", ["piece", "on-the-way"])
+def test_a_directory_the_host_removes_after_the_listing_is_not_there(tmp_path, monkeypatch, gone):
+    """A directory of the host listed for the skeleton, removed before its use (a busy
+    /var/tmp): a piece gets no overlay, a directory on the way to a mount point is not
+    listed; each is left as the skeleton's empty directory, and the build goes on."""
+    host = tmp_path / "host"
+    for name in ("piece", "kept", "way", "way/mount"):
+        (host / name).mkdir(parents=True)
+    victims = [host / "piece"] if gone == "piece" else [host / "way/mount", host / "way"]
+    _gone_after_listing(monkeypatch, str(host), [str(v) for v in victims])
+    layers, made = _split_without_mounting(
+        monkeypatch, tmp_path, str(host), [str(host / "way/mount")]
+    )
+    pieces = {str(host), str(host / "kept")} | ({str(host / "piece")} if gone != "piece" else set())
+    assert set(layers.uppers) == pieces
+    assert len(made) == len(pieces)  # one overlay each, none for what is gone
+    skeleton = tmp_path / "scratch/cow/1/skeleton"
+    assert sorted(os.listdir(skeleton)) == ["kept", "piece", "way"]
+    assert os.listdir(skeleton / "piece") == []
+    assert os.listdir(skeleton / "way") == (["mount"] if gone == "piece" else [])
+
+
+def test_a_piece_the_host_still_has_that_cannot_be_mounted_is_an_error(tmp_path, monkeypatch):
+    """Only the host's directory being gone is tolerated: ENOENT from a piece's mount
+    while the host still has it is a real failure, raised."""
+    host = tmp_path / "host"
+    for name in ("piece", "way/mount"):
+        (host / name).mkdir(parents=True)
+
+    def mount(source: str | None, target: str, *rest: object) -> None:
+        if target.endswith("/piece"):
+            raise FileNotFoundError(2, "No such file or directory")
+
+    from kit.run import sandbox
+
+    monkeypatch.setattr(linux, "mount", mount)
+    (tmp_path / "scratch").mkdir()
+    layers = sandbox._Layers(str(tmp_path / "scratch"), [])
+    with pytest.raises(FileNotFoundError):
+        layers._split(str(host), str(tmp_path), [str(host / "way/mount")], 0)

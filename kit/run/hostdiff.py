@@ -84,7 +84,8 @@ class HostChange:
 @dataclass
 class HostState:
     """Every object of a sandbox, by kind then name, as one comparable string each.
-    ``lower`` is, for each path of the upper layer, what the real host has there (None: nothing);
+    ``lower`` is, for each path of the upper layer and the root of each, what the real host has
+    there (None: nothing);
     ``errors`` what could not be read (a kind that could not be read is not compared)."""
 
     objects: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -151,7 +152,12 @@ def read_files(
     upper: dict[str, str] = {}
     lower: dict[str, str | None] = {}
     root, lower_root = _root_sides(upper_dir, lower_dir)
-    if root != lower_root:
+    if lower_root is None:
+        # Gone from the host since the sandbox was built (a piece of a split view, which
+        # its overlay still holds): the root is listed with no lower side of its own, the
+        # diff compares it with the one the snapshot before saw (:func:`_file_sides`).
+        upper[point] = root
+    elif root != lower_root:
         upper[point], lower[point] = root, lower_root
     todo = [(point.rstrip("/"), upper_dir)]
     while todo:
@@ -171,13 +177,15 @@ def read_files(
     return upper, lower
 
 
-def _root_sides(upper_dir: str, lower_dir: str) -> tuple[str, str]:
+def _root_sides(upper_dir: str, lower_dir: str) -> tuple[str, str | None]:
     """The descriptions of the roots of an upper layer and of its lower layer (each a
-    directory, through whatever path: /proc/PID/fd/N is followed)."""
-    return (
-        _describe_path(upper_dir, os.stat(upper_dir)),
-        _describe_path(lower_dir, os.stat(lower_dir)),
-    )
+    directory, through whatever path: /proc/PID/fd/N is followed); None for a lower one
+    that is not there (the host removed it)."""
+    upper = _describe_path(upper_dir, os.stat(upper_dir))
+    try:
+        return upper, _describe_path(lower_dir, os.stat(lower_dir))
+    except FileNotFoundError:
+        return upper, None
 
 
 # --- mounts -------------------------------------------------------------------------------------
@@ -770,11 +778,19 @@ def _read_all_files(sandbox: Sandbox, lower_dir: str | None, state: HostState) -
     uppers = getattr(sandbox, "upper_dirs", None) or {"/": sandbox.upper_dir}
     files: dict[str, str] = {}
     for point, upper_dir in sorted(uppers.items()):
-        if lower_dir is None and _empty(upper_dir) and len(set(_root_sides(upper_dir, point))) == 1:
-            # Nothing was copied up, created or deleted there, its root is as on the host
-            # (the mount point's top mount is the overlay's lower layer): no lower layer to
-            # look at (a detached copy of the mount costs an RCU grace period when closed).
-            continue
+        if lower_dir is None:
+            root, host_root = _root_sides(upper_dir, point)
+            if host_root is not None:
+                # The root's lower side, kept: should the host remove the directory before
+                # a later snapshot (a piece of a split view), that one compares the root
+                # with it (_file_sides).
+                state.lower[point] = host_root
+            if root == host_root and _empty(upper_dir):
+                # Nothing was copied up, created or deleted there, its root is as on the
+                # host (the mount point's top mount is the overlay's lower layer): no lower
+                # layer to look at (a detached copy of the mount costs an RCU grace period
+                # when closed).
+                continue
         below, fd = (lower_dir, None) if lower_dir is not None else _mount_alone(point)
         try:
             found, lower = read_files(upper_dir, below, point)

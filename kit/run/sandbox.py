@@ -913,7 +913,13 @@ class _Layers:
         self.uppers[point] = _overlay(skeleton, target, state, view_flags)
         for path in pieces:
             piece = target + _rel(path, point)
-            self.uppers[path] = _overlay(path, piece, self.state(), view_flags)
+            try:
+                self.uppers[path] = _overlay(path, piece, self.state(), view_flags)
+            except FileNotFoundError:
+                if os.path.lexists(path):
+                    raise  # not the host's directory that is missing: a real failure
+                # The host removed it since _mirror listed it (a busy /var/tmp): it is not
+                # there, and its directory in the skeleton stays empty, copy-on-write.
         for path in unread:  # the host's, read-only, with the mounts under it
             flags = _flags_at(path, self.table) | linux.MS_RDONLY
             if _bind(path, target + _rel(path, point), flags):
@@ -951,6 +957,8 @@ def _mirror(
             listing = os.scandir(host_dir)
         except PermissionError:
             unread.append(host_dir)
+            continue
+        except FileNotFoundError:  # removed since its parent was listed: left empty
             continue
         with listing as entries:
             for entry in entries:
