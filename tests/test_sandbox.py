@@ -678,20 +678,36 @@ def test_engine_faults_and_refusals_number_processes_as_the_ledger_does():
 
 def _sandboxes_built_ahead() -> tuple[int, list[int]]:
     """After a run through the zygote: its pid and the inits of the sandboxes it built
-    ahead, once they wait for their run."""
+    ahead, once they wait for their run. Not the init of the run just finished: the zygote
+    holds it too, until it ends it (its pid is gone at any moment)."""
     from conftest import _zygote_pid, zygotes_sandbox
 
-    assert run("reference", "root", ["/bin/true"]).exit_code == 0
+    from kit.run.launcher import start
+
+    handle = start("reference", "root", ["/bin/true"])
+    assert handle.sandbox is not None
+    adopted = handle.sandbox["sandbox_pid"]
+    assert handle.wait().exit_code == 0
     zygote = _zygote_pid()
     spares = wait_until(
         lambda: [
             p
             for p in linux.descendants(zygote)
-            if zygotes_sandbox(p) and linux.process_state(p) == "S"
+            if p != adopted and zygotes_sandbox(p) and _waits_for_its_run(p)
         ],
         what="a sandbox built ahead",
     )
     return zygote, spares
+
+
+def _waits_for_its_run(init: int) -> bool:
+    """Whether the sandbox's ``init`` is in its reaping loop (sigwaitinfo): built, back at
+    its builder's priority and reported ready. Asleep is not enough: a build sleeps too."""
+    try:
+        with open(f"/proc/{init}/wchan") as f:
+            return "sigtimedwait" in f.read()
+    except FileNotFoundError:  # gone meanwhile
+        return False
 
 
 def test_the_zygote_builds_the_next_sandbox_while_a_run_goes_on():
