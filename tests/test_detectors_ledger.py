@@ -407,10 +407,12 @@ def test_a_confirmation_pipe_lost_after_the_send_is_no_answer_not_an_error(monke
         moved.append(real_move_high(fd, base))
         return moved[-1]
 
+    sender = threading.get_ident()  # the answering thread closes descriptors of its own
+
     def closing_the_read_end_too(fd: int) -> None:
         real_close(fd)
-        if len(moved) == 2 and fd == moved[1]:  # the write end's close, after the send
-            real_close(moved[0])
+        if threading.get_ident() == sender and len(moved) == 2 and fd == moved[1]:
+            real_close(moved[0])  # the write end's close, after the send: the read end too
 
     reader, sock = ledger_socketpair()
     with reader, sock:
