@@ -1,4 +1,6 @@
-"""The starter's parent-death check fed a supervisor that died before the starter began."""
+"""The starter fed what it must refuse: a supervisor that died before the starter began, a
+parent other than the given one or a hung-up socket to it, control bytes of no message and
+failure messages one byte too long."""
 
 from __future__ import annotations
 
@@ -79,3 +81,80 @@ def test_engine_code_that_closes_the_masters_signalfd_fails_the_run_by_name(hook
         and e["sender"] == result.ledger.first("container_start")["container_pid"]
     ]
     assert sigchld, "the container's SIGCHLD was not recorded (SIG-005)"
+
+
+# -- the parent-death re-arm and the control protocol, fed what they must refuse -----------
+
+
+def _exit_code_of(fn) -> int:  # type: ignore[no-untyped-def]
+    """``fn()`` in a forked child: its exit code (0 when it returns, 3 when it raises)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 3
+        try:
+            fn()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_a_process_whose_parent_is_not_the_one_it_was_given_exits_fatal():
+    from kit.starter.common import rearm_parent_death
+
+    me = os.getpid()  # the child's parent
+    assert _exit_code_of(lambda: rearm_parent_death(me)) == 0
+    # a lower pid and a higher one than the real parent's: both are another process
+    assert _exit_code_of(lambda: rearm_parent_death(1)) == EXIT_FATAL
+    assert _exit_code_of(lambda: rearm_parent_death(me + 1)) == EXIT_FATAL
+
+
+def test_a_process_whose_socket_to_its_parent_hung_up_exits_fatal():
+    from kit.starter.common import rearm_parent_death
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with ours:
+        with theirs:
+            assert _exit_code_of(lambda: (theirs.close(), rearm_parent_death(None, ours))) == 0
+        # the other end closed everywhere: hung up
+        assert _exit_code_of(lambda: rearm_parent_death(None, ours)) == EXIT_FATAL
+
+
+def _received_control(data: bytes, expected: str | None = None) -> tuple[str, str]:
+    import threading
+
+    from kit.starter.common import _recv_control
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    def send() -> None:
+        with theirs:
+            theirs.sendall(data)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        with ours:
+            return _recv_control(ours, expected)
+    finally:
+        sender.join(10)
+
+
+def test_a_failure_message_of_the_maximum_length_is_received_and_one_byte_more_is_refused():
+    from kit.starter.common import MAX_CONTROL_MESSAGE, ControlProtocolError
+
+    assert MAX_CONTROL_MESSAGE == 1 << 16
+    kind, message = _received_control(b"F" + b"m" * MAX_CONTROL_MESSAGE)
+    assert (kind, len(message)) == ("F", MAX_CONTROL_MESSAGE)
+    with pytest.raises(ControlProtocolError, match="longer than 65536 bytes"):
+        _received_control(b"E" + b"m" * (MAX_CONTROL_MESSAGE + 1))
+
+
+@pytest.mark.parametrize("expected", [None, "F"])
+def test_a_byte_that_is_no_control_message_is_refused_naming_it(expected):
+    from kit.starter.common import ControlProtocolError
+
+    with pytest.raises(ControlProtocolError, match=r"b'Z' is no control message"):
+        _received_control(b"Z", expected)
+    assert _received_control(b"", expected) == ("", "")  # EOF: the other end exec'd or died
