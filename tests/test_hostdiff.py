@@ -638,6 +638,39 @@ def test_the_watch_reads_a_mount_table_longer_than_a_page_whole(sandbox: OwnSand
     assert stacked["hooks"] == [{"role": "master", "hook": "create_container", "pid": 7}]
 
 
+def test_a_look_at_an_unchanged_mount_table_reads_it_once(sandbox: OwnSandbox) -> None:
+    # Unflagged, no line came or went: a first read that is the last text, whole, is the
+    # table now (a look read on until a read found the end: two reads a look).
+    def run() -> dict[str, Any]:
+        watch = hostdiff.HostWatch(sandbox)
+        watch.start()
+        reads = [0]
+        real = os.pread
+
+        def counted(fd: int, size: int, offset: int) -> bytes:
+            reads[0] += fd == watch._mountinfo
+            return real(fd, size, offset)
+
+        os.pread = counted  # this child's os module alone
+        for _ in range(5):
+            watch.look()
+        quiet = reads[0]
+        watch.note({"kind": "hook_enter", "role": "master", "hook": "create_container", "pid": 7})
+        sandbox.sh("mount --make-shared /")
+        watch.look()
+        watch.note({"kind": "hook_return", "role": "master", "hook": "create_container", "pid": 7})
+        sandbox.sh("mount --make-private /")
+        watch.look()
+        return {"quiet": quiet, "doc": watch.finish()}
+
+    out = in_child(run)
+    assert "ok" in out, out
+    assert out["ok"]["quiet"] == 5
+    (root,) = out["ok"]["doc"]["changes"]  # a change of a line: read whole, seen
+    assert root["name"] == "/" and root["transient"] and root["after"].endswith("shared")
+    assert root["hooks"] == [{"role": "master", "hook": "create_container", "pid": 7}]
+
+
 def test_the_watch_names_the_hook_open_when_a_file_appeared(sandbox: OwnSandbox) -> None:
     def run() -> dict[str, Any]:
         watch = hostdiff.HostWatch(sandbox)
@@ -1214,6 +1247,30 @@ def test_a_sysctl_read_from_the_fresh_layout_is_named_when_changed(sandbox: OwnS
     out = _sysctls_watched(sandbox, QUIET_SYSCTLS)
     assert out["listed"] == 1  # a fresh sandbox's, read again to tell a change from a stale cache
     found = {c["name"]: [c["before"], c["after"]] for c in out["doc"]["changes"]}
+    assert found == QUIET_CHANGES
+
+
+def test_sysctls_that_read_as_the_fresh_sandboxs_are_its_values_undecoded(
+    sandbox: OwnSandbox,
+) -> None:
+    # Every file read bytes for bytes as the fresh sandbox's: its values, not decoded and
+    # compared again; one that reads otherwise has the layout read whole and named.
+    def run(shell: str) -> dict[str, Any]:
+        hostdiff.prime()
+        decoded = _counting("read_laid_out_sysctls")
+        watch = hostdiff.HostWatch(sandbox)
+        watch.start()
+        sandbox.sh(shell)
+        doc = watch.finish()
+        return {"decoded": decoded[0], "doc": doc}
+
+    quiet = in_child(lambda: run("cat /proc/sys/net/ipv4/ip_default_ttl >/dev/null"))
+    assert "ok" in quiet, quiet
+    assert quiet["ok"]["decoded"] == 0 and quiet["ok"]["doc"]["changes"] == []
+    changed = in_child(lambda: run(QUIET_SYSCTLS))
+    assert "ok" in changed, changed
+    assert changed["ok"]["decoded"] == 1
+    found = {c["name"]: [c["before"], c["after"]] for c in changed["ok"]["doc"]["changes"]}
     assert found == QUIET_CHANGES
 
 

@@ -230,15 +230,27 @@ def parse_mounts(text: str) -> dict[str, str]:
 # --- inside the namespaces: uts, ipc, net -------------------------------------------------------
 
 
+#: Bytes asked of each read of a ``/proc`` seq_file (mountinfo): the kernel gives at most
+#: its buffer, a page (more only for a single line longer than that), however much is
+#: asked; each read of 64 KiB cost an allocation, and a page fault, per look.
+SEQ_READ = 4096
+
+
 def _pread_text(fd: int) -> str:
-    """The whole text of an open ``/proc`` file, from its start. One read of a seq_file
-    (mountinfo) returns at most about a page, however much is asked: read to the end."""
-    chunks = []
-    offset = 0
-    while chunk := os.pread(fd, 65536, offset):
-        chunks.append(chunk)
-        offset += len(chunk)
-    return b"".join(chunks).decode(errors="replace").strip()
+    """The whole text of an open ``/proc`` file, from its start."""
+    return _pread_all(fd).decode(errors="replace").strip()
+
+
+def _pread_all(fd: int, first: bytes | None = None) -> bytes:
+    """The whole content of an open ``/proc`` file, from its start (``first``: what a read
+    at offset 0 gave, already). One read of a seq_file returns at most its buffer, however
+    much is asked: read to the end."""
+    chunks = [os.pread(fd, SEQ_READ, 0) if first is None else first]
+    offset = len(chunks[0])
+    while chunks[-1]:
+        chunks.append(os.pread(fd, SEQ_READ, offset))
+        offset += len(chunks[-1])
+    return b"".join(chunks)
 
 
 def _read(path: str) -> str:
@@ -290,11 +302,17 @@ _sysctl_writable: dict[str, bool] = {}
 Layout = dict[str, list[tuple[str, str]]]
 
 
-def read_sysctls(root: str = "/proc/sys/net", layout: Layout | None = None) -> dict[str, str]:
+#: What reading a sysctl's file gave: its bytes, or the errno of the open or read that failed.
+Raw = bytes | int
+
+
+def read_sysctls(
+    root: str = "/proc/sys/net", layout: Layout | None = None, raw: dict[str, Raw] | None = None
+) -> dict[str, str]:
     """Every writable sysctl under ``root`` (``net.ipv4.ip_forward`` → its value), as the
-    calling thread's network namespace has them; where each file is goes into ``layout``.
-    Each file is opened relative to its directory: half a thousand of them, the path walks
-    add up."""
+    calling thread's network namespace has them; where each file is goes into ``layout``,
+    what each read gave into ``raw``. Each file is opened relative to its directory: half a
+    thousand of them, the path walks add up."""
     values: dict[str, str] = {}
     todo = [root]
     while todo:
@@ -315,7 +333,10 @@ def read_sysctls(root: str = "/proc/sys/net", layout: Layout | None = None) -> d
                         )
                     if writable:
                         key = full[10:].replace("/", ".")
-                        values[key] = _read_at(dfd, name)
+                        got = _read_raw_at(dfd, name)
+                        values[key] = _value(got)
+                        if raw is not None:
+                            raw[key] = got
                         if layout is not None:
                             layout.setdefault(path, []).append((name, key))
         finally:
@@ -346,19 +367,64 @@ def read_laid_out_sysctls(layout: Layout) -> dict[str, str] | None:
 def _read_at(dfd: int, name: str, gone: str | None = "unreadable") -> str:
     """The value of sysctl ``name`` in directory ``dfd``; a file that is not there is
     ``unreadable`` (listed, then gone), or raises FileNotFoundError with ``gone=None``."""
+    return _value(_read_raw_at(dfd, name, gone is None))
+
+
+def _read_raw_at(dfd: int, name: str, gone: bool = False) -> Raw:
+    """What reading sysctl ``name`` in directory ``dfd`` gives (:data:`Raw`); with ``gone``
+    a file that is not there raises FileNotFoundError."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dfd)
     except OSError as exc:
-        if gone is None and exc.errno == errno.ENOENT:
+        if gone and exc.errno == errno.ENOENT:
             raise
-        return f"unreadable: {exc.strerror}"
+        return exc.errno or errno.EIO
     try:
-        raw = _read_sysctl_fd(fd)
+        return _read_sysctl_fd(fd)
     except OSError as exc:  # write-only, or EINVAL for some per-device entries
-        return f"unreadable: {exc.strerror}"
+        return exc.errno or errno.EIO
     finally:
         os.close(fd)
+
+
+def _value(raw: Raw) -> str:
+    """A sysctl's value as compared and reported, from what reading its file gave."""
+    if isinstance(raw, int):
+        return f"unreadable: {os.strerror(raw)}"
     return raw.decode(errors="replace").strip().replace("\t", " ")
+
+
+def _laid_out_as_read(layout: Layout, raw: dict[str, Raw]) -> bool | None:
+    """Whether every sysctl of ``layout`` reads exactly as ``raw`` has it (bytes for bytes,
+    or the same errno), the values left undecoded: True, or False at the first that does
+    not, or None when one of the files is not there (the layout is not this namespace's)."""
+    flags = os.O_RDONLY | os.O_CLOEXEC
+    for path, files in layout.items():
+        try:
+            dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            for name, key in files:
+                try:
+                    fd = os.open(name, flags, dir_fd=dfd)
+                except FileNotFoundError:
+                    return None
+                except OSError as exc:
+                    if raw.get(key) != (exc.errno or errno.EIO):
+                        return False
+                    continue
+                try:
+                    got: Raw = _read_sysctl_fd(fd)
+                except OSError as exc:
+                    got = exc.errno or errno.EIO
+                finally:
+                    os.close(fd)
+                if raw.get(key) != got:
+                    return False
+        finally:
+            os.close(dfd)
+    return True
 
 
 def read_sysvipc() -> dict[str, str]:
@@ -447,6 +513,13 @@ def read_network() -> dict[str, dict[str, str]]:
     return {"link": links, "address": addresses, "route": routes}
 
 
+def _read_uts() -> dict[str, dict[str, str]]:
+    """The hostname and domainname, as their sysctls read: one uname(2) for both, not an
+    open, a read and a close of each file."""
+    hostname, domainname = _uname_names()
+    return {"hostname": {"": hostname}, "domainname": {"": domainname}}
+
+
 def _join(init_pid: int, kind: str) -> None:
     fd = os.open(linux.ns_path(kind, init_pid), os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -457,12 +530,7 @@ def _join(init_pid: int, kind: str) -> None:
 
 #: What a thread that joined the sandbox's namespaces reads: kind → reader (or kinds at once).
 _INSIDE: tuple[tuple[str, tuple[str, ...], Callable[[], Any]], ...] = (
-    ("uts", ("hostname",), lambda: {"hostname": {"": _read_sysctl("/proc/sys/kernel/hostname")}}),
-    (
-        "uts",
-        ("domainname",),
-        lambda: {"domainname": {"": _read_sysctl("/proc/sys/kernel/domainname")}},
-    ),
+    ("uts", ("hostname", "domainname"), _read_uts),
     ("net", ("sysctl",), lambda: {"sysctl": read_sysctls()}),
     ("net", ("link", "address", "route"), read_network),
     ("ipc", ("ipc",), lambda: {"ipc": read_sysvipc()}),
@@ -607,6 +675,9 @@ _fresh_sysctls: dict[str, str] | None = None
 #: namespace has the same files while no module was loaded or unloaded since and no link
 #: came or went (the rest are registered with each namespace, or with a module).
 _fresh_layout: tuple[Layout, str] | None = None
+#: What each file's read gave then (:data:`Raw`), with the values they make: a sandbox's
+#: sysctls that read the same bytes have those values, none need decoding or comparing.
+_fresh_raw: tuple[dict[str, Raw], dict[str, str]] | None = None
 
 
 def _modules() -> str:
@@ -626,13 +697,17 @@ _fresh_network: dict[str, dict[str, str]] | None = None
 def prime() -> None:
     """Read what every fresh sandbox has, once per process (the zygote, before it forks;
     a supervisor, before it adopts its sandbox)."""
-    global _fresh_sysctls, _fresh_layout, _fresh_network
+    global _fresh_sysctls, _fresh_layout, _fresh_raw, _fresh_network
     if _fresh_sysctls is None:
         modules = _modules()
         try:
-            # Both returned: a forked child may be the reader (_fresh_in_child).
-            _fresh_sysctls, layout = _fresh(_sysctls_and_layout)
+            # All returned: a forked child may be the reader (_fresh_in_child).
+            _fresh_sysctls, layout, raw = _fresh(_sysctls_and_layout)
             _fresh_layout = (layout, modules) if layout else None
+            _fresh_raw = (
+                {k: v if isinstance(v, int) else v.encode("latin-1") for k, v in raw.items()},
+                _fresh_sysctls,
+            )
         except OSError:
             pass  # no network namespace here (a root without CAP_SYS_ADMIN): read per run
     if _fresh_network is None and not linux.in_initial_user_namespace():
@@ -654,17 +729,32 @@ def _fresh_network_now() -> dict[str, dict[str, str]]:
     return {kind: dict(objects) for kind, objects in _fresh_network.items()}
 
 
-def _sysctls_and_layout() -> tuple[dict[str, str], Layout]:
+def _sysctls_and_layout() -> tuple[dict[str, str], Layout, dict[str, str | int]]:
+    """The sysctls, their layout and what each read gave, JSON-able (the bytes as latin-1
+    text: a forked child may be the reader)."""
     layout: Layout = {}
-    return read_sysctls(layout=layout), layout
+    raw: dict[str, Raw] = {}
+    values = read_sysctls(layout=layout, raw=raw)
+    return (
+        values,
+        layout,
+        {k: v if isinstance(v, int) else v.decode("latin-1") for k, v in raw.items()},
+    )
 
 
 def _sysctls_as_laid_out() -> dict[str, str] | None:
     """The calling thread's network namespace's sysctls, read from a fresh sandbox's layout
     when it is that namespace's too (:data:`_fresh_layout`; the caller knows that no link
-    came or went); None when it may not be: they must be listed."""
+    came or went); None when it may not be: they must be listed. When every file reads as
+    the fresh sandbox's did (the usual run), the fresh sandbox's values, that very dict."""
     if _fresh_layout is None or _fresh_layout[1] != _modules():
         return None
+    if _fresh_raw is not None:
+        same = _laid_out_as_read(_fresh_layout[0], _fresh_raw[0])
+        if same is None:
+            return None
+        if same:
+            return _fresh_raw[1]
     return read_laid_out_sysctls(_fresh_layout[0])
 
 
@@ -883,7 +973,7 @@ def diff(before: HostState, after: HostState) -> list[HostChange]:
             continue
         old = before.objects.get(kind, {})
         new = after.objects.get(kind, {})
-        if old == new:  # the usual case, and the sysctls are half a thousand names to sort
+        if old is new or old == new:  # the usual case; the sysctls: half a thousand names
             continue
         for name in sorted(old.keys() | new.keys()):
             was, now = old.get(name), new.get(name)
@@ -958,7 +1048,7 @@ class HostWatch:
         for fd in self._uts_fds:
             self._poller.register(fd, select.POLLPRI)
         self._poller.poll(0)  # clears the mountinfo flag: a mount from now on wakes a look
-        self._mount_text = _pread_text(self._mountinfo)
+        self._mount_raw = _pread_all(self._mountinfo)
         # Held for the looks: statvfs of a path through /proc costs a lookup each time. One
         # per file system: a sandbox split in pieces has dozens of upper layers on one tmpfs.
         uppers = getattr(sandbox, "upper_dirs", None) or {"/": sandbox.upper_dir}
@@ -986,7 +1076,8 @@ class HostWatch:
             self.inside.read(before, _mqueues_from_outside(before, sandbox, missing))
             if "mount" not in before.objects and "mount" not in before.errors:
                 # Left to us: the mount table just read for the looks is the one before.
-                _outside(before, "mount", lambda: parse_mounts(self._mount_text))
+                text = self._mount_raw.decode(errors="replace").strip()
+                _outside(before, "mount", lambda: parse_mounts(text))
         self.before = before
         self.last = {kind: dict(self.before.objects.get(kind, {})) for kind in (*WATCHED, "file")}
         self._usage = self._upper_usage()
@@ -1034,10 +1125,14 @@ class HostWatch:
             now = {"hostname": {"": hostname}, "domainname": {"": domainname}}
         # The kernel wakes a poller of mountinfo for a mount or an unmount, not for a change
         # of propagation (MS_PRIVATE and kin): the text is compared too, parsed only if new.
-        raw = _pread_text(self._mountinfo)
-        if self._mountinfo in flagged or raw != self._mount_text:
-            self._mount_text = raw
-            now["mount"] = parse_mounts(raw)
+        # Unflagged, no line came or went since the poll: a first read (whole lines) that is
+        # the last text, whole, is the text now, without a read that finds its end.
+        raw = os.pread(self._mountinfo, SEQ_READ, 0)
+        if self._mountinfo in flagged or raw != self._mount_raw:
+            raw = _pread_all(self._mountinfo, raw)
+            if self._mountinfo in flagged or raw != self._mount_raw:
+                self._mount_raw = raw
+                now["mount"] = parse_mounts(raw.decode(errors="replace").strip())
         usage = self._upper_usage()
         if usage != self._usage:  # a file was copied up, created, grown or deleted
             self._usage = usage
@@ -1094,9 +1189,11 @@ class HostWatch:
                 for kind in ("link", "address", "route"):
                     self.before.errors[kind] = str(exc)
         template = self.before.objects.get("sysctl")
+        now = after.objects.get("sysctl")
         if (
             template is _fresh_sysctls
-            and after.objects.get("sysctl") != template
+            and now is not template  # the same dict: every file read as the fresh sandbox's
+            and now != template
             and linux.in_initial_user_namespace()  # else no fresh one now: see _fresh_network_now
         ):
             # A different value, or the cached template is stale: the host's defaults for
@@ -1203,6 +1300,11 @@ _UTS_FIELD = 65
 
 
 def _uts_names() -> tuple[str, str]:
+    """A look's read of the hostname and domainname (:func:`_uname_names`)."""
+    return _uname_names()
+
+
+def _uname_names() -> tuple[str, str]:
     """The hostname and domainname of the calling thread's uts namespace, as their sysctls
     read (stripped): one uname(2) for both, not an open, read and close of a file."""
     buf = ctypes.create_string_buffer(6 * _UTS_FIELD)
