@@ -645,13 +645,17 @@ def test_a_look_at_an_unchanged_mount_table_reads_it_once(sandbox: OwnSandbox) -
         watch = hostdiff.HostWatch(sandbox)
         watch.start()
         reads = [0]
-        real = os.pread
+        real, real_v = os.pread, os.preadv
 
         def counted(fd: int, size: int, offset: int) -> bytes:
             reads[0] += fd == watch._mountinfo
             return real(fd, size, offset)
 
-        os.pread = counted  # this child's os module alone
+        def counted_v(fd: int, buffers: Any, offset: int) -> int:
+            reads[0] += fd == watch._mountinfo
+            return real_v(fd, buffers, offset)
+
+        os.pread, os.preadv = counted, counted_v  # this child's os module alone
         for _ in range(5):
             watch.look()
         quiet = reads[0]

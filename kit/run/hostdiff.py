@@ -1049,6 +1049,7 @@ class HostWatch:
             self._poller.register(fd, select.POLLPRI)
         self._poller.poll(0)  # clears the mountinfo flag: a mount from now on wakes a look
         self._mount_raw = _pread_all(self._mountinfo)
+        self._page = bytearray(SEQ_READ)  # each look's first read of the mount table
         # Held for the looks: statvfs of a path through /proc costs a lookup each time. One
         # per file system: a sandbox split in pieces has dozens of upper layers on one tmpfs.
         uppers = getattr(sandbox, "upper_dirs", None) or {"/": sandbox.upper_dir}
@@ -1127,9 +1128,10 @@ class HostWatch:
         # of propagation (MS_PRIVATE and kin): the text is compared too, parsed only if new.
         # Unflagged, no line came or went since the poll: a first read (whole lines) that is
         # the last text, whole, is the text now, without a read that finds its end.
-        raw = os.pread(self._mountinfo, SEQ_READ, 0)
-        if self._mountinfo in flagged or raw != self._mount_raw:
-            raw = _pread_all(self._mountinfo, raw)
+        n = os.preadv(self._mountinfo, [self._page], 0)  # no buffer to allocate each look
+        known = self._mount_raw
+        if self._mountinfo in flagged or n != len(known) or not self._page.startswith(known):
+            raw = _pread_all(self._mountinfo, bytes(memoryview(self._page)[:n]))
             if self._mountinfo in flagged or raw != self._mount_raw:
                 self._mount_raw = raw
                 now["mount"] = parse_mounts(raw.decode(errors="replace").strip())
