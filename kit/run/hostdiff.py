@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import contextlib
 import ctypes
 import errno
@@ -394,36 +395,65 @@ def _value(raw: Raw) -> str:
     return raw.decode(errors="replace").strip().replace("\t", " ")
 
 
-def _laid_out_as_read(layout: Layout, raw: dict[str, Raw]) -> bool | None:
-    """Whether every sysctl of ``layout`` reads exactly as ``raw`` has it (bytes for bytes,
-    or the same errno), the values left undecoded: True, or False at the first that does
-    not, or None when one of the files is not there (the layout is not this namespace's)."""
-    flags = os.O_RDONLY | os.O_CLOEXEC
+#: A fresh sandbox's sysctls as their files read, compact: per directory of a layout, the
+#: names of its files joined by "/" (never in a name), what they read, joined, and the
+#: length of each (``array("i")``'s bytes; minus the errno of one that failed). A few
+#: objects, not a thousand: a supervisor touching each of those (reference counts) copies
+#: the pages of the zygote they are on.
+Reads = list[tuple[str, str, bytes, bytes]]
+
+
+def _reads(layout: Layout, raw: dict[str, Raw]) -> Reads:
+    """``layout``'s files as :data:`Reads`, from what each read gave (``raw``)."""
+    out: Reads = []
     for path, files in layout.items():
+        got = [raw[key] for _, key in files]
+        out.append(
+            (
+                path,
+                "/".join(name for name, _ in files),
+                b"".join(r for r in got if not isinstance(r, int)),
+                array.array("i", [-r if isinstance(r, int) else len(r) for r in got]).tobytes(),
+            )
+        )
+    return out
+
+
+def _laid_out_as_read(reads: Reads) -> bool | None:
+    """Whether every sysctl of ``reads`` reads exactly as it did (bytes for bytes, or the
+    same errno), the values left undecoded: True, or False at the first directory where
+    one does not, or None when one of the files is not there (the layout is not this
+    namespace's)."""
+    flags = os.O_RDONLY | os.O_CLOEXEC
+    for path, names, data, sizes in reads:
         try:
             dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
+        parts: list[bytes] = []
+        lengths = array.array("i")
         try:
-            for name, key in files:
+            for name in names.split("/"):
                 try:
                     fd = os.open(name, flags, dir_fd=dfd)
                 except FileNotFoundError:
                     return None
                 except OSError as exc:
-                    if raw.get(key) != (exc.errno or errno.EIO):
-                        return False
+                    lengths.append(-(exc.errno or errno.EIO))
                     continue
                 try:
-                    got: Raw = _read_sysctl_fd(fd)
+                    got = _read_sysctl_fd(fd)
                 except OSError as exc:
-                    got = exc.errno or errno.EIO
+                    lengths.append(-(exc.errno or errno.EIO))
+                    continue
                 finally:
                     os.close(fd)
-                if raw.get(key) != got:
-                    return False
+                parts.append(got)
+                lengths.append(len(got))
         finally:
             os.close(dfd)
+        if lengths.tobytes() != sizes or b"".join(parts) != data:
+            return False
     return True
 
 
@@ -675,9 +705,9 @@ _fresh_sysctls: dict[str, str] | None = None
 #: namespace has the same files while no module was loaded or unloaded since and no link
 #: came or went (the rest are registered with each namespace, or with a module).
 _fresh_layout: tuple[Layout, str] | None = None
-#: What each file's read gave then (:data:`Raw`), with the values they make: a sandbox's
-#: sysctls that read the same bytes have those values, none need decoding or comparing.
-_fresh_raw: tuple[dict[str, Raw], dict[str, str]] | None = None
+#: What each file of the layout read then (:data:`Reads`), with the values they make: a
+#: sandbox's sysctls that read the same have those values, none decoded or compared.
+_fresh_raw: tuple[Reads, dict[str, str]] | None = None
 
 
 def _modules() -> str:
@@ -704,10 +734,8 @@ def prime() -> None:
             # All returned: a forked child may be the reader (_fresh_in_child).
             _fresh_sysctls, layout, raw = _fresh(_sysctls_and_layout)
             _fresh_layout = (layout, modules) if layout else None
-            _fresh_raw = (
-                {k: v if isinstance(v, int) else v.encode("latin-1") for k, v in raw.items()},
-                _fresh_sysctls,
-            )
+            read = {k: v if isinstance(v, int) else v.encode("latin-1") for k, v in raw.items()}
+            _fresh_raw = (_reads(layout, read), _fresh_sysctls)
         except OSError:
             pass  # no network namespace here (a root without CAP_SYS_ADMIN): read per run
     if _fresh_network is None and not linux.in_initial_user_namespace():
@@ -750,7 +778,7 @@ def _sysctls_as_laid_out() -> dict[str, str] | None:
     if _fresh_layout is None or _fresh_layout[1] != _modules():
         return None
     if _fresh_raw is not None:
-        same = _laid_out_as_read(_fresh_layout[0], _fresh_raw[0])
+        same = _laid_out_as_read(_fresh_raw[0])
         if same is None:
             return None
         if same:
