@@ -1308,11 +1308,14 @@ def test_a_layout_primed_by_a_forked_child_is_the_fresh_namespaces() -> None:
         layout = hostdiff._fresh_layout[0]
         linux.unshare(linux.CLONE_NEWNET)
         linux.link_up("lo")
+        assert hostdiff._fresh_raw is not None
         return {
             "files": sum(len(files) for files in layout.values()),
             "same": hostdiff.read_laid_out_sysctls(layout) == hostdiff._fresh_sysctls,
+            # What each file read came back too (bytes through JSON): a fresh one reads so.
+            "as_read": hostdiff._laid_out_as_read(hostdiff._fresh_raw[0]),
         }
 
     out = in_child(run)
     assert "ok" in out, out
-    assert out["ok"]["files"] > 100 and out["ok"]["same"]
+    assert out["ok"]["files"] > 100 and out["ok"]["same"] and out["ok"]["as_read"] is True
