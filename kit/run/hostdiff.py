@@ -237,11 +237,6 @@ def parse_mounts(text: str) -> dict[str, str]:
 SEQ_READ = 4096
 
 
-def _pread_text(fd: int) -> str:
-    """The whole text of an open ``/proc`` file, from its start."""
-    return _pread_all(fd).decode(errors="replace").strip()
-
-
 def _pread_all(fd: int, first: bytes | None = None) -> bytes:
     """The whole content of an open ``/proc`` file, from its start (``first``: what a read
     at offset 0 gave, already). One read of a seq_file returns at most its buffer, however
