@@ -402,8 +402,9 @@ def test_create_container_learns_at_once_that_the_container_or_rpc_server_died(
     line, seen_reason = out.read_text().splitlines()
     cancelled, waited, call_took, call = line.split()
     assert cancelled == "True", "ctx.wait(30) returned without the cancellation"
-    # The hook waited 30 s (hook timeout 20 s) without the kit's watch: at once with it.
-    assert float(waited) < 2.0 and float(call_took) < 2.0
+    # Without the kit's watch the hook waits 30 s and the 20 s hook timeout ends it; with it,
+    # at once: half the timeout tells the two apart on a loaded machine too (2 s did not).
+    assert float(waited) < 10.0 and float(call_took) < 10.0
     # ConnectionError itself: the server closed the connection before replying (the
     # client's own message); its subclasses when the kernel refused the send or read first.
     assert call in ("BrokenPipeError", "ConnectionResetError", "ConnectionError", "EOFError")
