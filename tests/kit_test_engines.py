@@ -8,9 +8,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
+import glob
 import json
 import os
 import select
@@ -678,6 +680,23 @@ def _namespace_files() -> list[str]:
     return paths
 
 
+def _hide_upper(unique: str) -> None:
+    """Remove /etc/<unique> from the root's upper layer through a descriptor, root or cwd of
+    the sandbox's init: the file would stay in the run's view but leave the host diff.
+    ENOENT when no such way leads to the scratch tmpfs."""
+    ways = ["/proc/1/root", "/proc/1/cwd"]
+    with contextlib.suppress(OSError):
+        ways += [f"/proc/1/fd/{fd}" for fd in os.listdir("/proc/1/fd")]
+    removed = []
+    for way in ways:
+        for upper in glob.glob(f"{way}/cow/*/upper/etc/{unique}"):
+            with contextlib.suppress(OSError):
+                os.unlink(upper)
+                removed.append(upper)
+    if not removed:
+        raise FileNotFoundError(errno.ENOENT, "no way to the upper layers")
+
+
 def _ns_escape(report_dir: str) -> None:
     """Try to enter every namespace a path leads to (and each one's owner and parent, by
     ioctl): each setns in a child of its own. Report the inodes of those entered."""
@@ -728,6 +747,7 @@ class HostAttackEngine(ReferenceEngine):
     rpc_methods = ReferenceRPC
     ACTS: ClassVar[dict[str, Callable[[Any], Any]]] = {
         "write_etc": lambda c: _write(f"/etc/{c.unique}", "hostile\n"),
+        "hide_upper": lambda c: _hide_upper(c.unique),
         "write_paths": lambda c: [_write(path, "hostile\n") for path in c.write_paths],
         "delete_paths": lambda c: [os.unlink(path) for path in c.delete_paths],
         "write_read_only": lambda c: _write(c.read_only_path, "hostile\n"),

@@ -177,6 +177,22 @@ def test_an_engine_that_attacks_the_host_changes_only_its_sandbox(targets):
     )
 
 
+def test_an_engine_cannot_hide_its_changes_through_the_sandbox_init(targets):
+    """Init built the upper layers on a scratch tmpfs: were a descriptor of it still open in
+    init, root in the sandbox could reach it through /proc/1/fd and remove its own file from
+    the upper layer, out of the host diff (the file stays in the run's view: the overlay
+    caches it). No way through init's descriptors, root or cwd leads there."""
+    before = _host_state()
+    result = _attack(targets, ["write_etc", "hide_upper"])
+    _assert_host_unchanged(before, targets, result)
+    assert _outcomes(targets, "master", "create_container") == {
+        "write_etc": "done",
+        "hide_upper": "ENOENT",
+    }
+    created = [c for c in result.host_changes if c["name"] == f"/etc/{targets['unique']}"]
+    assert len(created) == 1 and created[0]["before"] is None, result.host_changes
+
+
 @pytest.mark.parametrize("then", ["hang", "segv"])
 def test_the_sandbox_ends_when_the_run_times_out_or_the_master_crashes(targets, then):
     before = _host_state()

@@ -60,6 +60,8 @@ _SCRATCH_ITEM = "scratch"
 #: ioctl_ns(2) NS_GET_NSTYPE: the CLONE_NEW* kind of a namespace file.
 _NS_GET_NSTYPE = 0xB703
 _READY_TIMEOUT = 10.0
+#: What the supervisor sends init once it holds what it needs of init's (:func:`_release`).
+_RELEASE_SIGNAL = signal.SIGUSR1
 _STOP_GRACE = 2.0
 
 
@@ -342,6 +344,7 @@ def adopt(building: Building) -> HostSandbox:
                     "the host sandbox's init exited before the run adopted it (its pid "
                     f"{building.init_pid} may name another process now)"
                 )
+            _release(sandbox, building.ready_fd)
             linux.setns(fd, linux.CLONE_NEWPID)
         finally:
             os.close(fd)
@@ -418,16 +421,41 @@ def _open_namespace(kind: str, path: str) -> int:
     return fd
 
 
+def _release(sandbox: HostSandbox, ready_fd: int) -> None:
+    """Have init close its descriptors of the scratch tmpfs and of the message queues, its
+    standard streams (the builder's: host files or pipes) and the report pipe, once the
+    supervisor holds its own copies, before any engine code runs: root in the sandbox can
+    open init's descriptors through /proc/1/fd, and through the scratch change the upper
+    layers behind the host diff's back. Init's root and cwd are the sandbox's. The pipe's
+    end of file says it is done (or that init died: adopt then finds it exited)."""
+    assert sandbox.init_pidfd is not None
+    with contextlib.suppress(ProcessLookupError):
+        signal.pidfd_send_signal(sandbox.init_pidfd, _RELEASE_SIGNAL)
+    deadline = time.monotonic() + _READY_TIMEOUT
+    while _read_by(ready_fd, deadline, "let go of the sandbox's scratch"):
+        pass
+
+
+def _read_by(rfd: int, deadline: float, what: str) -> bytes:
+    """What is next on the pipe ``rfd`` (b"" at its end), or SandboxError once ``deadline``
+    has passed. Polled: a descriptor number may be beyond select's FD_SETSIZE."""
+    poller = select.poll()
+    poller.register(rfd, select.POLLIN)
+    left = deadline - time.monotonic()
+    if left <= 0 or not poller.poll(left * 1000):
+        raise SandboxError(f"the host sandbox's init did not {what} within {_READY_TIMEOUT} s")
+    return os.read(rfd, 65536)
+
+
 def _await_ready(rfd: int) -> dict[str, str]:
     """Init's report: ``{mount point: path below the scratch tmpfs}`` of the upper layers
-    (and :data:`_MQUEUE_ITEM`, :data:`_SCRATCH_ITEM`: fd numbers in init), or raise."""
+    (and :data:`_MQUEUE_ITEM`, :data:`_SCRATCH_ITEM`: fd numbers in init), or raise. It ends
+    with an empty item (init keeps the pipe open until :func:`_release`), an error with the
+    pipe's end."""
     data = b""
     deadline = time.monotonic() + _READY_TIMEOUT
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([rfd], [], [], left)[0]:
-            raise SandboxError(f"the host sandbox was not built within {_READY_TIMEOUT} s")
-        chunk = os.read(rfd, 65536)
+    while not (data.startswith(b"ready ") and data.endswith(b"\0\0")):
+        chunk = _read_by(rfd, deadline, "build the sandbox")
         if not chunk:
             break
         data += chunk
@@ -618,7 +646,7 @@ def _init_main(
         linux.set_name("kit-sandbox")
         _close_other_fds(ready_fd)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the supervisor's handler
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, signal.SIGTERM})
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, signal.SIGTERM, _RELEASE_SIGNAL})
         linux.unshare(linux.ns_flags(NS_KINDS))
         linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
         linux.link_up("lo")
@@ -628,14 +656,15 @@ def _init_main(
                 os.setpriority(os.PRIO_PROCESS, 0, priority_when_ready)
         _confine_init()
         report = "".join(f"{point}={value}\0" for point, value in items.items())
-        os.write(ready_fd, os.fsencode(f"ready {report}"))  # a path's bytes, whatever they are
+        # A path's bytes, whatever they are; an empty item ends it (see _await_ready).
+        os.write(ready_fd, os.fsencode(f"ready {report}\0"))
     except BaseException as exc:  # noqa: BLE001 the sandbox's init reports any failure
         try:
             os.write(ready_fd, os.fsencode(f"{type(exc).__name__}: {exc}"))
         finally:
             os._exit(1)
-    os.close(ready_fd)
-    _reap_forever()
+    held = [int(items[_SCRATCH_ITEM]), int(items[_MQUEUE_ITEM]), ready_fd]
+    _reap_forever(held)
 
 
 def _confine_init() -> None:
@@ -655,12 +684,18 @@ def _close_other_fds(keep: int) -> None:
     linux.close_fds_except({0, 1, 2, keep})
 
 
-def _reap_forever() -> NoReturn:
+def _reap_forever(held: list[int]) -> NoReturn:
     """Reap orphans until the supervisor, outside the pid namespace (sender pid 0 as seen
     from in here), asks init to exit. A SIGTERM from a process of the run is ignored: pid 1
-    must outlive the run."""
+    must outlive the run. Asked by the supervisor (:func:`_release`), init closes ``held``
+    (the last one the report pipe, which says it is done) and its standard streams."""
     while True:
-        info = signal.sigwaitinfo({signal.SIGCHLD, signal.SIGTERM})
+        info = signal.sigwaitinfo({signal.SIGCHLD, signal.SIGTERM, _RELEASE_SIGNAL})
+        if info.si_signo == _RELEASE_SIGNAL:
+            if info.si_pid == 0 and held:
+                _let_go(held)
+                held = []
+            continue
         if info.si_signo == signal.SIGTERM:
             if info.si_pid == 0:
                 os._exit(0)
@@ -672,6 +707,25 @@ def _reap_forever() -> NoReturn:
                 break
             if pid == 0:
                 break
+
+
+def _let_go(held: list[int]) -> None:
+    # The standard streams are the builder's (a log file, a pipe of the host's): the
+    # sandbox's /dev/null in their place (closed, if it cannot be opened).
+    try:
+        null = os.open("/dev/null", os.O_RDWR)
+    except OSError:
+        null = -1
+    for fd in (0, 1, 2):
+        if null < 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        elif fd != null:
+            os.dup2(null, fd)
+    if null > 2:
+        os.close(null)
+    for fd in held:
+        os.close(fd)
 
 
 def _build_root(scratch: str, shared: list[str], table: list[linux.Mount]) -> dict[str, str]:
