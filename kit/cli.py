@@ -138,6 +138,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.ledger:
         with open(args.ledger, "w") as f:
             f.write(result.ledger.to_json())
+    for line in result.notes():
+        print(f"kit run: note: {line}", file=sys.stderr)
     for line in result.problems():
         print(f"kit run: {line}", file=sys.stderr)
     return result.exit_code

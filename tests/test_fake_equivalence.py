@@ -134,6 +134,7 @@ class Normaliser:
         kind = e["kind"]
         if kind == "run_start":
             out.pop("backend")
+            out.pop("sandbox_left_out", None)  # the real backend's host sandbox only
             out["run_dir"] = "<run_dir>"
         elif kind == "process_start":
             out["ppid"] = _pid(e["ppid"]) if STARTER_REPORTS_MODEL_PPID else "<ppid>"

@@ -27,6 +27,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "hook_timeout": 10.0,
         "run_dir": "/tmp/run",
         "host_userns": None,
+        "sandbox_left_out": ["/mnt"],
     },
     "process_start": {"ppid": 2, "nspid": [3, 1]},
     "hook_enter": {

@@ -567,7 +567,15 @@ def test_a_host_mount_overlayfs_refuses_as_a_lower_layer_is_left_out(shared_dir)
             assert handle.sandbox is not None
             left_out = handle.sandbox["sandbox_left_out"]
             result = handle.wait()
-            return {"exit": result.exit_code, "out": result.stdout.split(), "left": left_out}
+            start_event = result.ledger.first("run_start")
+            assert start_event is not None
+            return {
+                "exit": result.exit_code,
+                "out": result.stdout.split(),
+                "left": left_out,
+                "ledger": start_event.get("sandbox_left_out"),
+                "notes": result.notes(),
+            }
         finally:
             server.close()
             linux.umount("/mnt", linux.MNT_DETACH)
@@ -578,7 +586,39 @@ def test_a_host_mount_overlayfs_refuses_as_a_lower_layer_is_left_out(shared_dir)
         pytest.skip(f"no {SYSTEM_PYTHON} to run the probe in the container")
     got = in_child(from_a_private_mount_namespace)
     out = [str(errno.ENOENT), "[]", str(errno.EROFS), "kit-left-out"]
-    assert got == {"ok": {"exit": 0, "out": out, "left": ["/mnt"]}}, got
+    note = (
+        "sandbox: host mount(s) not reproduced, an empty read-only directory in their place "
+        "(overlayfs refused them): /mnt"
+    )
+    expected = {"exit": 0, "out": out, "left": ["/mnt"], "ledger": ["/mnt"], "notes": [note]}
+    assert got == {"ok": expected}, got
+
+
+@pytest.mark.parametrize("refused", [True, False], ids=["mount-refused", "other-error"])
+def test_only_a_refused_overlay_mount_leaves_a_host_mount_out(refused, monkeypatch, tmp_path):
+    """A view is left out only where the overlay mount(2) of the host mount fails; any
+    other error (here EIO while its upper layer is prepared; ENOSPC or EMFILE alike) ends
+    the build naming the mount point, not a silent stand-in."""
+
+    def mount(*args: object) -> None:
+        raise OSError(errno.EINVAL, "refused")
+
+    def attributes(*args: object) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(sandbox.linux, "mount", mount)
+    if not refused:
+        monkeypatch.setattr(sandbox, "_same_attributes", attributes)
+    lower, target = tmp_path / "lower", tmp_path / "target"
+    lower.mkdir()
+    target.mkdir()
+    layers = sandbox._Layers(str(tmp_path), [])
+    if refused:
+        assert layers.view(str(lower), str(target), [], 0, required=False) is False
+        assert layers.uppers == {}
+    else:
+        with pytest.raises(sandbox.SandboxError, match=f"{lower}.*I/O error"):
+            layers.view(str(lower), str(target), [], 0, required=False)
 
 
 def test_a_host_device_node_mounted_on_a_file_is_no_device_in_the_sandbox(shared_dir):

@@ -9,6 +9,7 @@ looks at it from a process of the sandbox.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -492,5 +493,6 @@ def test_a_piece_the_host_still_has_that_cannot_be_mounted_is_an_error(tmp_path,
     monkeypatch.setattr(linux, "mount", mount)
     (tmp_path / "scratch").mkdir()
     layers = sandbox._Layers(str(tmp_path / "scratch"), [])
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(OSError) as raised:
         layers._split(str(host), str(tmp_path), [str(host / "way/mount")], 0)
+    assert raised.value.errno == errno.ENOENT

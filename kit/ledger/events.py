@@ -250,6 +250,8 @@ class RunStart(Common):
     hook_timeout: float
     run_dir: str
     host_userns: Json
+    #: In the host sandbox: the host's mount points it does not reproduce (kit.run.sandbox).
+    sandbox_left_out: NotRequired[list[str]]
 
 
 class HookTimeout(Common):

@@ -86,6 +86,18 @@ class RunResult:
             lines.append(self.reason)
         return lines
 
+    def notes(self) -> list[str]:
+        """What the run's author should know that is no error, one line each: the host
+        mounts the host sandbox did not reproduce (an empty read-only directory instead)."""
+        start = next((e for e in self.ledger.events if e["kind"] == "run_start"), None)
+        left_out = [] if start is None else start.get("sandbox_left_out", [])
+        if not left_out:
+            return []
+        return [
+            "sandbox: host mount(s) not reproduced, an empty read-only directory in their "
+            f"place (overlayfs refused them): {', '.join(left_out)}"
+        ]
+
     def __str__(self) -> str:
         head = f"exit code {self.exit_code} ({self.reason})"
         return "; ".join([head, *self.problems()])

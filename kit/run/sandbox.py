@@ -910,17 +910,24 @@ class _Layers:
     def view(self, point: str, target: str, mounts: list[str], flags: int, required: bool) -> bool:
         """:meth:`copy_on_write`; False, with nothing left mounted on ``target``, where
         overlayfs refuses the host mount ``point`` as a lower layer, or a piece of it (any
-        errno: EINVAL for a file system with case-insensitive names such as vfat, or one
-        stacked too deep already, an overlay on an overlay; EACCES from FUSE; EOPNOTSUPP;
-        ELOOP), and the view is not ``required``. The caller binds it read-only then only
-        where its file system holds no socket nor FIFO (:func:`_channel_free`)."""
+        errno of that mount(2): EINVAL for a file system with case-insensitive names such as
+        vfat, or one stacked too deep already, an overlay on an overlay; EACCES from FUSE;
+        EOPNOTSUPP; ELOOP), and the view is not ``required``. The caller binds it read-only
+        then only where its file system holds no socket nor FIFO (:func:`_channel_free`).
+        Any other failure (the scratch tmpfs full, too many open files, an I/O error while
+        the host directory is copied) ends the build, naming ``point``: a mount left out
+        for it would hide a broken sandbox."""
         try:
             self.copy_on_write(point, target, mounts, flags)
-        except OSError:
+        except _Refused:
             if required:
                 raise
             self._undo(point, target)
             return False
+        except OSError as exc:
+            raise SandboxError(
+                f"the copy-on-write view of the host mount {point!r}: {exc}"
+            ) from exc
         return True
 
     def _undo(self, point: str, target: str) -> None:
@@ -964,13 +971,13 @@ class _Layers:
         skeleton = os.path.join(state, "skeleton")
         unread: list[str] = []
         pieces, files = _mirror(point, skeleton, mounts, unread)
-        self.uppers[point] = _overlay(skeleton, target, state, view_flags)
+        self.uppers[point] = _overlay(skeleton, target, state, view_flags, host=False)
         for path in pieces:
             piece = target + _rel(path, point)
             try:
                 self.uppers[path] = _overlay(path, piece, self.state(), view_flags)
-            except FileNotFoundError:
-                if os.path.lexists(path):
+            except OSError as exc:
+                if exc.errno != errno.ENOENT or os.path.lexists(path):
                     raise  # not the host's directory that is missing: a real failure
                 # The host removed it since _mirror listed it (a busy /var/tmp): it is not
                 # there, and its directory in the skeleton stays empty, copy-on-write.
@@ -1132,10 +1139,14 @@ def _flags_at(path: str, table: list[linux.Mount]) -> int:
     return flags
 
 
-def _overlay(lower: str, target: str, state: str, flags: int = 0) -> str:
+class _Refused(OSError):
+    """The overlay mount(2) of a host directory as a lower layer failed (its errno)."""
+
+
+def _overlay(lower: str, target: str, state: str, flags: int = 0, host: bool = True) -> str:
     """Mount a copy-on-write view of ``lower`` on ``target`` with the per-mount ``flags``;
-    returns its upper layer."""
-    global _userxattr
+    returns its upper layer. ``host``: ``lower`` is the host's, whose refusal by overlayfs
+    raises :class:`_Refused` (not a skeleton of the scratch's)."""
     upper, work = os.path.join(state, "upper"), os.path.join(state, "work")
     os.makedirs(upper)
     os.makedirs(work)
@@ -1143,17 +1154,27 @@ def _overlay(lower: str, target: str, state: str, flags: int = 0) -> str:
     # on the host (a split /tmp stays 1777, /root 0700); the host diff compares them.
     _same_attributes(upper, os.stat(lower))
     options = f"lowerdir={_escape(lower)},upperdir={_escape(upper)},workdir={_escape(work)}"
+    try:
+        _mount_overlay(target, flags, options)
+    except OSError as exc:
+        if not host:
+            raise
+        raise _Refused(exc.errno, exc.strerror, lower) from exc
+    return upper
+
+
+def _mount_overlay(target: str, flags: int, options: str) -> None:
+    global _userxattr
     if not _userxattr:
         try:
             linux.mount("kit-sandbox", target, "overlay", flags, options)
-            return upper
+            return
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
     # Launched in a user namespace that is not the initial one: no trusted.* xattrs.
     linux.mount("kit-sandbox", target, "overlay", flags, options + ",userxattr")
     _userxattr = True  # for the next overlays of this build (init is a fresh fork each time)
-    return upper
 
 
 #: Whether an overlay of this process needed ``userxattr`` (the others will).

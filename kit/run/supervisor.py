@@ -245,6 +245,9 @@ class Supervisor:
             hook_timeout=req.hook_timeout,
             run_dir=run_dir,
             host_userns=req.host_userns,
+            # The host mounts the sandbox does not reproduce: the engine finds an empty
+            # read-only directory there, which its author must be able to tell.
+            **({} if box is None else {"sandbox_left_out": list(box.left_out)}),
         )
         sys.stdout.flush()
         self.watch_host(before)
