@@ -655,8 +655,9 @@ def test_a_host_device_node_mounted_on_a_file_is_no_device_in_the_sandbox(shared
 
 def test_only_a_file_system_with_no_socket_nor_fifo_is_bound_when_refused():
     """The read-only bind of a host mount overlayfs refuses is kept for the file systems
-    that hold no socket nor FIFO (an EFI system partition's vfat), by the topmost mount's
-    type; any other is left out."""
+    that hold no socket nor FIFO (an EFI system partition's vfat, an exFAT stick), by the
+    topmost mount's type; any other is left out: a CD's iso9660 (Rock Ridge) and udf store
+    FIFOs, sockets and device nodes."""
     table = [
         linux.Mount(1, "/boot/efi", 0, "ext4"),
         linux.Mount(2, "/boot/efi", 0, "vfat"),
@@ -664,10 +665,19 @@ def test_only_a_file_system_with_no_socket_nor_fifo_is_bound_when_refused():
         linux.Mount(4, "/mnt", 0, "overlay"),
         linux.Mount(5, "/media/cd", 0, "iso9660"),
         linux.Mount(6, "/srv", 0, "fuse.sshfs"),
+        linux.Mount(7, "/media/dvd", 0, "udf"),
+        linux.Mount(8, "/media/stick", 0, "exfat"),
     ]
-    got = {point: sandbox._channel_free(point, table) for point in ("/boot/efi", "/mnt")}
-    got |= {point: sandbox._channel_free(point, table) for point in ("/media/cd", "/srv")}
-    assert got == {"/boot/efi": True, "/mnt": False, "/media/cd": True, "/srv": False}
+    points = ("/boot/efi", "/mnt", "/media/cd", "/srv", "/media/dvd", "/media/stick")
+    got = {point: sandbox._channel_free(point, table) for point in points}
+    assert got == {
+        "/boot/efi": True,
+        "/mnt": False,
+        "/media/cd": False,
+        "/srv": False,
+        "/media/dvd": False,
+        "/media/stick": True,
+    }
 
 
 def test_a_run_is_never_given_the_hosts_own_namespaces_or_a_mount_one():

@@ -806,8 +806,9 @@ def _build_root(scratch: str, shared: list[str], table: list[linux.Mount]) -> di
 
 
 #: File systems that hold no socket nor FIFO: a mount of one that overlayfs refuses as a
-#: lower layer is bound read-only instead (nothing in it can reach a host process).
-CHANNEL_FREE_FS = ("vfat", "msdos", "exfat", "iso9660", "udf")
+#: lower layer is bound read-only instead (nothing in it can reach a host process). Not
+#: iso9660 (Rock Ridge) nor udf: both store FIFOs, sockets and device nodes.
+CHANNEL_FREE_FS = ("vfat", "msdos", "exfat")
 
 
 def _channel_free(point: str, table: list[linux.Mount]) -> bool:
