@@ -318,3 +318,44 @@ def test_a_confirmation_pipe_lost_before_the_send_sends_the_event_unconfirmed(mo
     assert record.decode(reader.recv(1 << 16))["kind"] == "hook_enter"
     writer.close()
     reader.close()
+
+
+def test_the_creation_watch_tells_a_dead_container_by_a_pidfd_above_fd_setsize():
+    """The watch's pidfd is moved high, past 1024 when engine code holds many descriptors:
+    select() cannot wait for it there (ValueError), poll() can. The container process here
+    is a child that has exited, its pidfd at 1500."""
+    import resource
+    import threading
+    import types
+
+    from kit.starter.master import Master
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 1501:
+        pytest.skip("the descriptor limit does not reach 1501")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1501), hard))
+    pid = os.fork()
+    if pid == 0:
+        os._exit(3)
+    pidfd = os.pidfd_open(pid)
+    high = os.dup2(pidfd, 1500)
+    os.close(pidfd)
+    reasons: list[str] = []
+    shut: list[int] = []
+    fake = types.SimpleNamespace(
+        watch_lock=threading.Lock(),
+        watching=(high, -1),
+        pid=pid,
+        ctx=types.SimpleNamespace(cancel=reasons.append),
+        rpc_sock=types.SimpleNamespace(shutdown=shut.append),
+        _unwatched=[],
+        _close_unwatched=lambda: None,
+    )
+    try:
+        Master._creation_watch_fired(fake)  # type: ignore[arg-type]
+    finally:
+        os.close(high)
+        os.waitpid(pid, 0)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert reasons == [f"the container process (pid {pid}) died: exit code 3"], reasons
+    assert fake.watching is None and fake._unwatched == [(high, -1)]

@@ -1114,3 +1114,22 @@ def test_no_child_of_a_pid_that_init_no_longer_holds_is_one_of_the_run():
     finally:
         os.close(pidfd)
         os.close(w)  # both end: reaped by whoever took them over
+
+
+def test_init_s_report_is_read_from_a_pipe_above_fd_setsize():
+    """A builder (the zygote, a supervisor) holding many descriptors gets the report pipe
+    at a number select() cannot wait for (ValueError at 1024 and above); poll() can."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 1501:
+        pytest.skip("the descriptor limit does not reach 1501")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1501), hard))
+    r, w = os.pipe()
+    high = os.dup2(r, 1500)
+    os.close(r)
+    try:
+        os.write(w, b"ready /=cow/1/upper\0scratch=3\0\0")
+        assert sandbox._await_ready(high) == {"/": "cow/1/upper", "scratch": "3"}
+    finally:
+        os.close(w)
+        os.close(high)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -149,11 +149,14 @@ class HostSandbox:
 
 
 def _exited(pidfd: int | None) -> bool:
-    if pidfd is None:
-        return True
+    return pidfd is None or _exited_within(pidfd, 0)
+
+
+def _exited_within(pidfd: int, seconds: float) -> bool:
+    # poll, not select: a descriptor number may be at or above FD_SETSIZE (1024).
     poller = select.poll()
     poller.register(pidfd, select.POLLIN)  # readable once the process exited
-    return bool(poller.poll(0))
+    return bool(poller.poll(seconds * 1000))
 
 
 def default_on(backend: str) -> bool:
@@ -599,7 +602,7 @@ def _stop_init(init: int) -> None:
                 _signal(init, signal.SIGKILL)
                 killed = True
             if pidfd is not None:
-                select.select([pidfd], [], [], 0.05)
+                _exited_within(pidfd, 0.05)
             else:
                 time.sleep(0.005)
     finally:

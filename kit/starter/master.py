@@ -68,6 +68,15 @@ _SIGINFO_SIZE = 128
 _SIGINFO = struct.Struct("=I8xI")
 
 
+def _readable(fd: int, seconds: float) -> bool:
+    """Whether ``fd`` is readable within ``seconds``. poll, not select: the descriptor is
+    moved high (at least 768), at or above FD_SETSIZE (1024) when engine code holds many,
+    where select raises ValueError."""
+    waiting = select.poll()
+    waiting.register(fd, select.POLLIN)
+    return bool(waiting.poll(seconds * 1000))
+
+
 class KitFdClosed(RuntimeError):
     """Engine code in the master closed a file descriptor of the kit's poll loop."""
 
@@ -647,7 +656,7 @@ class Master:
         with self.watch_lock:
             if self.watching is not None:
                 pidfd, _ = self.watching
-                if select.select([pidfd], [], [], 0.05)[0]:
+                if _readable(pidfd, 0.05):
                     # The container's death takes its RPC server along, which may hang up
                     # first: the container's end is the reason worth giving.
                     what = f"the container process (pid {self.pid}) died{_how_ended(self.pid)}"
