@@ -158,3 +158,21 @@ def test_a_byte_that_is_no_control_message_is_refused_naming_it(expected):
     with pytest.raises(ControlProtocolError, match=r"b'Z' is no control message"):
         _received_control(b"Z", expected)
     assert _received_control(b"", expected) == ("", "")  # EOF: the other end exec'd or died
+
+
+def test_a_clone_that_fails_raises_naming_it_and_returns_no_pid(monkeypatch):
+    # A pid of -1 handed back would make the caller's waitpid reap any child of its own.
+    import ctypes
+    import errno
+
+    from kit.starter import common
+
+    class Refusing:
+        def clone(self, *args: object) -> int:
+            ctypes.set_errno(errno.EAGAIN)
+            return -1
+
+    monkeypatch.setattr(common, "_libc", Refusing())
+    with pytest.raises(OSError, match="clone: ") as failed:
+        common.exiting_child()
+    assert failed.value.errno == errno.EAGAIN
