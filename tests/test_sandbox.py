@@ -1133,3 +1133,61 @@ def test_init_s_report_is_read_from_a_pipe_above_fd_setsize():
         os.close(w)
         os.close(high)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _signal_from_inside(init_pid: int, *signums: int) -> None:
+    """Send init ``signums`` from a process of its pid namespace (pid 1 as seen there)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            fd = os.open(linux.ns_path("pid", init_pid), os.O_RDONLY)
+            linux.setns(fd, linux.CLONE_NEWPID)
+            inner = os.fork()  # born in init's pid namespace
+            if inner == 0:
+                try:
+                    for signum in signums:
+                        os.kill(1, signum)
+                finally:
+                    os._exit(0)
+            os.waitpid(inner, 0)
+            code = 0
+        finally:
+            os._exit(code)
+    assert os.waitid(os.P_PID, pid, os.WEXITED).si_status == 0
+
+
+def test_a_sigint_to_init_never_unwinds_it_into_its_builders_code(tmp_path):
+    """Init is a fork of its builder, which has Python signal handlers (the interpreter's
+    SIGINT one raises KeyboardInterrupt): one run in init would unwind pid 1 out of
+    sigwaitinfo back into build()'s caller, going on inside the sandbox. SIGINT from a
+    process of the sandbox and from the host (Ctrl-C reaches init's process group): init
+    runs none of the builder's code, and the sandbox still works."""
+    from conftest import in_child
+
+    marker = tmp_path / "unwound"  # bound into the sandbox: seen where init writes it
+
+    def body() -> dict[str, Any]:
+        builder = os.getpid()
+        signal.signal(signal.SIGUSR2, lambda *_: None)  # another Python handler
+        try:
+            building = sandbox.build([str(tmp_path)])
+        except BaseException as exc:
+            if os.getpid() != builder:
+                marker.write_text(f"raised {type(exc).__name__}")
+                os._exit(0)
+            raise
+        if os.getpid() != builder:
+            marker.write_text("returned")
+            os._exit(0)
+        building.wait_ready()
+        _signal_from_inside(building.init_pid, signal.SIGINT, signal.SIGUSR2)
+        os.kill(building.init_pid, signal.SIGINT)
+        adopted = sandbox.adopt(building)  # init still answers the release
+        alive = not adopted.init_exited()
+        sandbox.end(adopted)
+        return {"alive": alive}
+
+    out = in_child(body)
+    assert not marker.exists(), marker.read_text()
+    assert out == {"ok": {"alive": True}}, out

@@ -260,8 +260,9 @@ def build(shared: list[str]) -> Building:
         raise
     try:
         # SIGCHLD held until the pidfd is open: a handler that reaps (the zygote's) could
-        # otherwise take an init that died at once before we hold it.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        # otherwise take an init that died at once before we hold it. Every signal with a
+        # Python handler held too: init drops those handlers before any can run in it.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, *_python_handled()})
         try:
             pid = _fork_in_new_pid_namespace()
             if pid == 0:
@@ -640,16 +641,45 @@ def _remove_scratch(scratch: str) -> None:
 # --- in the sandbox's init ------------------------------------------------------------------
 
 
+def _python_handled() -> set[signal.Signals]:
+    """The signals whose handler is Python code (the interpreter's SIGINT one included)."""
+    return {s for s in signal.valid_signals() if callable(signal.getsignal(s))}
+
+
+def _drop_python_handlers() -> None:
+    """Init runs none of its builder's signal handlers: one raises (KeyboardInterrupt) out
+    of sigwaitinfo and would unwind pid 1 back into the builder's code, which then goes on
+    inside the sandbox (a supervisor removing its run directory, the zygote's loop). The
+    terminal's signals are ignored (init is in its builder's process group: Ctrl-C is for
+    the builder; init dies with it by its parent death signal), every other one is
+    default: from inside, the kernel drops it for pid 1; from the host, it ends init."""
+    for signum in _python_handled():
+        ignored = signum in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
+        signal.signal(signum, signal.SIG_IGN if ignored else signal.SIG_DFL)
+
+
 def _init_main(
     scratch: str, shared: list[str], ready_fd: int, table: list[linux.Mount]
 ) -> NoReturn:
-    """Pid 1 of the sandbox: build it, report, then reap orphans until killed."""
+    """Pid 1 of the sandbox: build it, report, then reap orphans until killed. It never
+    returns nor raises into its builder's code, whatever happens."""
+    try:
+        _drop_python_handlers()
+        _init_body(scratch, shared, ready_fd, table)
+    finally:
+        os._exit(1)
+
+
+def _init_body(scratch: str, shared: list[str], ready_fd: int, table: list[linux.Mount]) -> None:
     try:
         linux.set_parent_death_signal(signal.SIGKILL)
         linux.set_name("kit-sandbox")
         _close_other_fds(ready_fd)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the supervisor's handler
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, signal.SIGTERM, _RELEASE_SIGNAL})
+        watched = {signal.SIGCHLD, signal.SIGTERM, _RELEASE_SIGNAL}
+        for signum in watched:  # taken by sigwaitinfo: not ignored, whatever the builder's
+            signal.signal(signum, signal.SIG_DFL)
+        # What build() held for the fork, let go now that no Python handler is left.
+        signal.pthread_sigmask(signal.SIG_SETMASK, watched)
         linux.unshare(linux.ns_flags(NS_KINDS))
         linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
         linux.link_up("lo")
