@@ -8,6 +8,7 @@ victim process) and removes them; everything else it checks is only read.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import json
 import os
@@ -1135,8 +1136,27 @@ def test_init_s_report_is_read_from_a_pipe_above_fd_setsize():
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-def _signal_from_inside(init_pid: int, *signums: int) -> None:
-    """Send init ``signums`` from a process of its pid namespace (pid 1 as seen there)."""
+def _pending(pid: int) -> int:
+    """The signals pending for ``pid``, to the thread or to the process, as a mask."""
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)
+
+
+def _forge(signum: int) -> None:
+    """rt_sigqueueinfo(2) to pid 1: SI_QUEUE with si_pid 0, as if sent from outside."""
+    nr = {"x86_64": 129, "aarch64": 138}[os.uname().machine]
+    info = (ctypes.c_int * 32)()  # siginfo_t: 128 bytes
+    info[0], info[2], info[4] = signum, -1, 0  # si_signo, si_code SI_QUEUE, si_pid
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    if libc.syscall(ctypes.c_long(nr), ctypes.c_int(1), ctypes.c_int(signum), info) != 0:
+        raise OSError(ctypes.get_errno(), "rt_sigqueueinfo")
+
+
+def _signal_from_inside(init_pid: int, *signums: int, forged: bool = False) -> None:
+    """Send init ``signums`` from a process of its pid namespace (pid 1 as seen there): by
+    kill(2), or ``forged`` (:func:`_forge`)."""
     pid = os.fork()
     if pid == 0:
         code = 1
@@ -1147,7 +1167,10 @@ def _signal_from_inside(init_pid: int, *signums: int) -> None:
             if inner == 0:
                 try:
                     for signum in signums:
-                        os.kill(1, signum)
+                        if forged:
+                            _forge(signum)
+                        else:
+                            os.kill(1, signum)
                 finally:
                     os._exit(0)
             os.waitpid(inner, 0)
@@ -1191,3 +1214,24 @@ def test_a_sigint_to_init_never_unwinds_it_into_its_builders_code(tmp_path):
     out = in_child(body)
     assert not marker.exists(), marker.read_text()
     assert out == {"ok": {"alive": True}}, out
+
+
+def test_a_signal_forged_from_inside_as_the_hosts_is_ignored_by_init():
+    """rt_sigqueueinfo lets a process of the sandbox say si_pid 0 (the host's, as init
+    sees it) with si_code SI_QUEUE: a SIGTERM so forged ended init, a SIGUSR1 made it let
+    go of its descriptors. Both are ignored; the kit's own release and stop still work."""
+    from conftest import in_child
+
+    def body() -> dict[str, Any]:
+        building = sandbox.build([])
+        building.wait_ready()
+        _signal_from_inside(building.init_pid, signal.SIGUSR1, signal.SIGTERM, forged=True)
+        # Taken by init before the release is sent: a second SIGUSR1 pending is dropped.
+        wait_until(lambda: _pending(building.init_pid) == 0, what="init took the signals")
+        adopted = sandbox.adopt(building)
+        alive = not adopted.init_exited()
+        init = adopted.init_pid
+        sandbox.end(adopted)
+        return {"alive": alive, "stopped": not os.path.exists(f"/proc/{init}")}
+
+    assert in_child(body) == {"ok": {"alive": True, "stopped": True}}

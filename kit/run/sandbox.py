@@ -63,6 +63,8 @@ _READY_TIMEOUT = 10.0
 #: What the supervisor sends init once it holds what it needs of init's (:func:`_release`).
 _RELEASE_SIGNAL = signal.SIGUSR1
 _STOP_GRACE = 2.0
+#: siginfo's si_code of a signal sent by kill(2) (or pidfd_send_signal(2) without info).
+_SI_USER = 0
 
 
 #: The scheduling priority (nice) init takes once built, when its builder lowered its own
@@ -725,12 +727,12 @@ def _reap_forever(held: list[int]) -> NoReturn:
     while True:
         info = signal.sigwaitinfo({signal.SIGCHLD, signal.SIGTERM, _RELEASE_SIGNAL})
         if info.si_signo == _RELEASE_SIGNAL:
-            if info.si_pid == 0 and held:
+            if _from_outside(info) and held:
                 _let_go(held)
                 held = []
             continue
         if info.si_signo == signal.SIGTERM:
-            if info.si_pid == 0:
+            if _from_outside(info):
                 os._exit(0)
             continue
         while True:
@@ -740,6 +742,13 @@ def _reap_forever(held: list[int]) -> NoReturn:
                 break
             if pid == 0:
                 break
+
+
+def _from_outside(info: signal.struct_siginfo) -> bool:
+    """Sent by kill(2) or pidfd_send_signal(2) (the kit's senders) from outside init's pid
+    namespace. Only SI_USER is believed: rt_sigqueueinfo(2) lets a process of the sandbox
+    write si_pid 0 itself, with any negative si_code (SI_QUEUE), never SI_USER."""
+    return info.si_code == _SI_USER and info.si_pid == 0
 
 
 def _let_go(held: list[int]) -> None:
