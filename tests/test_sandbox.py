@@ -1235,3 +1235,31 @@ def test_a_signal_forged_from_inside_as_the_hosts_is_ignored_by_init():
         return {"alive": alive, "stopped": not os.path.exists(f"/proc/{init}")}
 
     assert in_child(body) == {"ok": {"alive": True, "stopped": True}}
+
+
+def test_init_dying_during_the_release_is_no_completed_release(monkeypatch):
+    """The end of init's report pipe says it let go of its descriptors, or that it died:
+    an init killed while the run adopts it is refused, not taken as released."""
+    from conftest import in_child
+
+    release = sandbox._release
+
+    def dying(box: sandbox.HostSandbox, ready_fd: int) -> None:
+        assert box.init_pidfd is not None
+        signal.pidfd_send_signal(box.init_pidfd, signal.SIGKILL)
+        assert sandbox._exited_within(box.init_pidfd, 10.0)
+        release(box, ready_fd)
+
+    monkeypatch.setattr(sandbox, "_release", dying)
+
+    def body() -> dict[str, Any]:
+        building = sandbox.build([])
+        try:
+            adopted = sandbox.adopt(building)
+        except sandbox.SandboxError as exc:
+            return {"outcome": str(exc)}
+        sandbox.end(adopted)
+        return {"outcome": "adopted"}
+
+    out = in_child(body)
+    assert "exited while the run adopted it" in out.get("ok", {}).get("outcome", ""), out

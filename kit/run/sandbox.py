@@ -351,6 +351,8 @@ def adopt(building: Building) -> HostSandbox:
                     f"{building.init_pid} may name another process now)"
                 )
             _release(sandbox, building.ready_fd)
+            if sandbox.init_exited():  # the pipe's end was its death, not its letting go
+                raise SandboxError("the host sandbox's init exited while the run adopted it")
             linux.setns(fd, linux.CLONE_NEWPID)
         finally:
             os.close(fd)
