@@ -689,7 +689,8 @@ def _hide_upper(unique: str) -> None:
         ways += [f"/proc/1/fd/{fd}" for fd in os.listdir("/proc/1/fd")]
     removed = []
     for way in ways:
-        for upper in glob.glob(f"{way}/cow/*/upper/etc/{unique}"):
+        # Wherever /etc is: in the root's upper layer, or a layer of its own (cow/<n>/upper).
+        for upper in glob.glob(f"{way}/cow/*/upper/**/{unique}", recursive=True):
             with contextlib.suppress(OSError):
                 os.unlink(upper)
                 removed.append(upper)
@@ -751,6 +752,9 @@ class HostAttackEngine(ReferenceEngine):
         "write_paths": lambda c: [_write(path, "hostile\n") for path in c.write_paths],
         "delete_paths": lambda c: [os.unlink(path) for path in c.delete_paths],
         "write_read_only": lambda c: _write(c.read_only_path, "hostile\n"),
+        "init_fds": lambda c: _write(
+            os.path.join(c.report_dir, "init_fds"), json.dumps(sorted(os.listdir("/proc/1/fd")))
+        ),
         "mountinfo": lambda c: shutil.copyfile(
             "/proc/self/mountinfo", os.path.join(c.report_dir, "mountinfo")
         ),

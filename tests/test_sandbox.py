@@ -184,12 +184,15 @@ def test_an_engine_cannot_hide_its_changes_through_the_sandbox_init(targets):
     the upper layer, out of the host diff (the file stays in the run's view: the overlay
     caches it). No way through init's descriptors, root or cwd leads there."""
     before = _host_state()
-    result = _attack(targets, ["write_etc", "hide_upper"])
+    result = _attack(targets, ["write_etc", "hide_upper", "init_fds"])
     _assert_host_unchanged(before, targets, result)
     assert _outcomes(targets, "master", "create_container") == {
         "write_etc": "done",
         "hide_upper": "ENOENT",
+        "init_fds": "done",
     }
+    with open(os.path.join(targets["report_dir"], "init_fds")) as f:
+        assert json.load(f) == ["0", "1", "2"]  # /dev/null each: the builder's are let go
     created = [c for c in result.host_changes if c["name"] == f"/etc/{targets['unique']}"]
     assert len(created) == 1 and created[0]["before"] is None, result.host_changes
 
