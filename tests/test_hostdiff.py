@@ -316,6 +316,18 @@ def test_hostname_and_domainname_are_named(sandbox: OwnSandbox) -> None:
     assert os.uname().nodename != "kit-evil"
 
 
+def test_a_hostname_changed_by_trailing_whitespace_alone_is_named(sandbox: OwnSandbox) -> None:
+    found = changes(
+        sandbox,
+        code="import socket; socket.sethostname(socket.gethostname() + ' ')\n"
+        "open('/proc/sys/kernel/domainname', 'w').write('(none)\\t')",
+    )
+    host = named(found, "hostname", "hostname")
+    assert host.after == f"{host.before} ", host
+    domain = named(found, "domainname", "domainname")
+    assert (domain.before, domain.after) == ("(none)", "(none)\t"), domain
+
+
 def test_a_look_reads_hostname_and_domainname_as_their_sysctls_do() -> None:
     def run() -> list[list[str]]:
         linux.unshare(linux.CLONE_NEWUTS)

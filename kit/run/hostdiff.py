@@ -283,7 +283,7 @@ def _read_sysctl_fd(fd: int) -> bytes:
 def _read_sysctl(path: str) -> str:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return _read_sysctl_fd(fd).decode(errors="replace").strip()
+        return _read_sysctl_fd(fd).decode(errors="replace").removesuffix("\n")
     finally:
         os.close(fd)
 
@@ -384,10 +384,12 @@ def _read_raw_at(dfd: int, name: str, gone: bool = False) -> Raw:
 
 
 def _value(raw: Raw) -> str:
-    """A sysctl's value as compared and reported, from what reading its file gave."""
+    """A sysctl's value as compared and reported, from what reading its file gave: less
+    the newline the kernel ends it with, no more (a value changed by whitespace alone is a
+    change)."""
     if isinstance(raw, int):
         return f"unreadable: {os.strerror(raw)}"
-    return raw.decode(errors="replace").strip().replace("\t", " ")
+    return raw.decode(errors="replace").removesuffix("\n").replace("\t", " ")
 
 
 #: A fresh sandbox's sysctls as their files read, compact: per directory of a layout, the
@@ -1331,7 +1333,8 @@ def _uts_names() -> tuple[str, str]:
 
 def _uname_names() -> tuple[str, str]:
     """The hostname and domainname of the calling thread's uts namespace, as their sysctls
-    read (stripped): one uname(2) for both, not an open, read and close of a file."""
+    read (less their newline, not stripped: "x " is not "x"): one uname(2) for both, not
+    an open, read and close of a file."""
     buf = ctypes.create_string_buffer(6 * _UTS_FIELD)
     if _uname(buf) != 0:
         err = ctypes.get_errno()
@@ -1340,7 +1343,7 @@ def _uname_names() -> tuple[str, str]:
 
     def field(i: int) -> str:
         value = raw[i * _UTS_FIELD : (i + 1) * _UTS_FIELD].split(b"\0", 1)[0]
-        return value.decode(errors="replace").strip()
+        return value.decode(errors="replace")
 
     return field(1), field(5)
 
