@@ -340,6 +340,11 @@ def test_the_creation_watch_tells_a_dead_container_by_a_pidfd_above_fd_setsize()
     pidfd = os.pidfd_open(pid)
     high = os.dup2(pidfd, 1500)
     os.close(pidfd)
+    import select
+
+    exited = select.poll()  # the watch fires for an exited container: wait until it is
+    exited.register(high, select.POLLIN)
+    assert exited.poll(30_000), "the child did not exit"
     reasons: list[str] = []
     shut: list[int] = []
     fake = types.SimpleNamespace(
