@@ -522,9 +522,20 @@ def open_fds() -> set[int]:
     """The calling process's open file descriptors."""
     fd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        return {int(name) for name in os.listdir(fd)} - {fd}
+        names = os.listdir(fd)
     finally:
         os.close(fd)
+    # os.listdir lists through a duplicate of ``fd``, closed when it returns: its number (and
+    # ``fd``'s) is no open descriptor, but the next one the caller opens would take it.
+    return {int(name) for name in names if _is_open(int(name))}
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        fcntl.fcntl(fd, fcntl.F_GETFD)
+    except OSError:
+        return False
+    return True
 
 
 def processes(sandbox: HostSandbox, scans: int = 3) -> dict[int, str]:
