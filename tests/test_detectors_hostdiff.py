@@ -1,0 +1,310 @@
+"""The host diff's deciding helpers fed what makes them decide: an upper layer with a symlink,
+a whiteout and directories whose overlay xattr is not "opaque", snapshots where a link's
+sysctl comes while the link stays, a /proc in the sandbox that another pid namespace's proc
+covers, and mountinfo lines with stacked mounts and propagation tags."""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+from typing import Any
+
+import pytest
+from conftest import in_child
+
+from kit.run import hostdiff
+from kit.run.hostdiff import HostChange, HostState
+from kit.system import linux
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (xattrs, namespaces)")
+
+
+# --- files: an upper layer the test writes --------------------------------------------------
+
+
+@needs_root
+def test_an_upper_layer_names_symlinks_as_links_whiteouts_and_only_opaque_directories() -> None:
+    with tempfile.TemporaryDirectory() as upper, tempfile.TemporaryDirectory() as lower:
+        os.symlink("/etc/passwd", f"{upper}/link")
+        os.mknod(f"{upper}/gone", 0o600 | 0o020000, os.makedev(0, 0))  # a whiteout
+        os.mknod(f"{upper}/null", 0o600 | 0o020000, os.makedev(1, 3))  # a real chardev
+        for name, value in (("opaque", b"y"), ("xwhiteouts", b"x"), ("empty", b"")):
+            os.mkdir(f"{upper}/{name}")
+            os.setxattr(f"{upper}/{name}", "trusted.overlay.opaque", value)
+        os.mkdir(f"{upper}/user-opaque")
+        os.setxattr(f"{upper}/user-opaque", "user.overlay.opaque", b"y")
+        for name in ("opaque", "xwhiteouts", "empty", "user-opaque"):
+            os.mkdir(f"{lower}/{name}")
+        same, _ = hostdiff.read_files(upper, lower, "/p")
+        os.chmod(upper, 0o755)  # the overlay's root then shows another mode than the lower's
+        os.chmod(lower, 0o700)
+        files, below = hostdiff.read_files(upper, lower, "/p")
+    assert "/p" not in same
+    assert files["/p"].startswith("dir 0755 ") and (below["/p"] or "").startswith("dir 0700 ")
+    assert files["/p/link"] == "symlink -> /etc/passwd"
+    assert files["/p/gone"] == "whiteout"
+    assert files["/p/null"].startswith("chardev 0600 0:0 1:3")
+    assert files["/p/opaque"].startswith("opaque dir ")
+    assert files["/p/user-opaque"].startswith("opaque dir ")
+    # "x" marks a directory with whiteouts of the new kind, not an opaque one; an empty value
+    # is no mark at all: each is its mode and owner, the same as below, so not listed
+    assert "/p/xwhiteouts" not in files and "/p/empty" not in files
+    assert below["/p/link"] is None and below["/p/opaque"] is not None
+
+
+def test_a_path_without_an_entry_below_has_nothing_there() -> None:
+    with tempfile.TemporaryDirectory() as lower:
+        os.mkdir(f"{lower}/d")
+        assert hostdiff._lower("/d", lower) is not None
+        assert hostdiff._lower("d", lower) == hostdiff._lower("/d", lower)
+        assert hostdiff._lower("/missing", lower) is None
+
+
+# --- the diff of two snapshots ------------------------------------------------------------
+
+
+def _state(**objects: dict[str, str]) -> HostState:
+    return HostState(objects={"file": {}, **objects})
+
+
+def test_a_links_sysctl_is_named_unless_the_link_came_or_went() -> None:
+    before = _state(link={"lo": "up", "eth0": "up"}, sysctl={"net.ipv4.ip_forward": "0"})
+    after = _state(
+        link={"lo": "up", "eth0": "up", "kit0": "up"},
+        sysctl={
+            "net.ipv4.ip_forward": "0",
+            "net.ipv4.conf.eth0.kit_new": "1",  # on a link that stayed: a change of its own
+            "net.ipv4.conf.kit0.forwarding": "0",  # the new link's own: named by the link
+            "net.ipv6.neigh.kit0.retrans": "1",
+        },
+    )
+    found = hostdiff.diff(before, after)
+    assert found == [
+        HostChange("sysctl", "net.ipv4.conf.eth0.kit_new", None, "1"),
+        HostChange("link", "kit0", None, "up"),
+    ]
+    # and when the link goes: the same, the other way
+    assert hostdiff.diff(after, before) == [
+        HostChange("sysctl", "net.ipv4.conf.eth0.kit_new", "1", None),
+        HostChange("link", "kit0", "up", None),
+    ]
+
+
+def test_a_sysctl_of_a_link_is_a_per_device_one_of_that_link() -> None:
+    links = {"kit0", "conf"}
+    assert hostdiff._of_link("net.ipv4.conf.kit0.forwarding", links)
+    assert hostdiff._of_link("net.ipv6.neigh.kit0.retrans_time", links)
+    assert not hostdiff._of_link("net.ipv4.conf.eth0.forwarding", links)
+    assert not hostdiff._of_link("net.ipv4.route.kit0.x", links)  # not a per-device table
+    assert not hostdiff._of_link("net.ipv4.conf.kit0", links)  # too short to be one
+    assert not hostdiff._of_link("net.core.conf.kit0.x", {"x"})
+
+
+def test_a_kind_either_side_could_not_read_is_named_and_not_compared() -> None:
+    before = _state(mount={"/": "a"}, hostname={"hostname": "h"})
+    after = _state(mount={"/": "b"}, hostname={"hostname": "h2"})
+    after.errors["mount"] = "EACCES"
+    before.errors["hostname"] = "EIO"
+    assert hostdiff.diff(before, after) == [
+        HostChange("unreadable", "mount", None, "EACCES"),
+        HostChange("unreadable", "hostname", "EIO", None),
+    ]
+
+
+def test_changes_come_in_kind_order_then_by_name_and_an_empty_name_is_its_kind() -> None:
+    before = _state(process={"pid 2": "a"}, ipc={"": "x"})
+    after = _state(process={"pid 10": "b"}, ipc={"": "y"}, mount={"/b": "m", "/a": "m"})
+    assert [(c.kind, c.name) for c in hostdiff.diff(before, after)] == [
+        ("mount", "/a"),
+        ("mount", "/b"),
+        ("ipc", "ipc"),
+        ("process", "pid 10"),
+        ("process", "pid 2"),
+    ]
+
+
+def test_a_file_is_what_the_overlay_shows_the_upper_entry_over_the_lower() -> None:
+    lower = {"/etc/a": "file 0644 0:0 1 bytes aa", "/etc/d": "dir 0755 0:0"}
+    before = HostState(objects={"file": {}}, lower=dict(lower))
+    after = HostState(
+        objects={
+            "file": {
+                "/etc/a": "whiteout",
+                "/etc/d": "opaque dir 0755 0:0",
+                "/etc/new": "file 0600 0:0 1 bytes bb",
+            }
+        },
+        lower={**lower, "/etc/new": None},
+    )
+    assert hostdiff.diff(before, after) == [
+        HostChange("file", "/etc/a", lower["/etc/a"], None),
+        HostChange(
+            "file", "/etc/d", "dir 0755 0:0", "dir 0755 0:0 (replaced: its old entries hidden)"
+        ),
+        HostChange("file", "/etc/new", None, "file 0600 0:0 1 bytes bb"),
+    ]
+    # the lower side is the one read last; a path the after snapshot no longer has keeps its own
+    assert hostdiff._file_sides("/etc/a", after, before) == (None, lower["/etc/a"])
+    assert hostdiff._file_sides("/etc/x", HostState({"file": {}}, {"/etc/x": "L"}), after) == (
+        "L",
+        "L",
+    )
+
+
+# --- mounts -------------------------------------------------------------------------------
+
+
+def test_mountinfo_lines_are_named_by_point_stacked_ones_numbered_and_peers_by_kind() -> None:
+    text = (
+        "22 1 0:21 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
+        "\n"
+        "23 22 0:22 / /mnt rw,nosuid shared:7 master:2 - tmpfs kit\\040a rw,size=4k\n"
+        "24 23 0:23 /sub /mnt ro - tmpfs b rw\n"
+        "25 23 0:23 / /mnt ro unbindable - tmpfs c rw\n"
+        "26 22 0:24 / /odd rw - proc\n"
+    )
+    assert hostdiff.parse_mounts(text) == {
+        "/": "ext4 /dev/sda1 root / rw,relatime (rw) shared",
+        "/mnt": "tmpfs kit a root / rw,nosuid (rw,size=4k) master,shared",
+        "/mnt [2]": "tmpfs b root /sub ro (rw) private",
+        "/mnt [3]": "tmpfs c root / ro (rw) unbindable",
+        "/odd": "proc  root / rw () private",
+    }
+    assert hostdiff._propagation([]) == "private"
+    assert hostdiff._propagation(["shared:1", "shared:2"]) == "shared"
+
+
+# --- processes ------------------------------------------------------------------------------
+
+
+def test_the_processes_of_a_pid_namespace_are_named_as_it_numbers_them() -> None:
+    found = hostdiff._processes_in(os.readlink("/proc/self/ns/pid"))
+    status = linux.read_status("/proc/self/status")["NSpid"].split()
+    assert f"pid {status[-1]}" in found
+    assert hostdiff._processes_in("pid:[0]") == {}
+
+
+def _pid_one(go: int, replies: int, own: str, other: str, second: bool) -> None:
+    """pid 1 of a pid namespace of the test: mount this namespace's proc on ``other``/proc
+    (the other namespace's root), chroot into ``own``, with ``second`` fork a pid 2. Then it
+    waits for its SIGKILL, which ends the namespace."""
+    os.read(go, 1)
+    if second and os.fork() == 0:
+        while True:
+            signal.pause()
+    linux.mount("proc", f"{other}/proc", "proc", 0)
+    os.chroot(own)
+    os.write(replies, b"k")
+    while True:
+        signal.pause()
+
+
+def _namespace(go: int, replies: int, own: str, other: str, second: bool) -> int:
+    """Fork a child that unshares a pid namespace and forks its pid 1 (:func:`_pid_one`);
+    returns the child. Pid 1's pid, as the caller numbers it, arrives on ``replies``."""
+    child = os.fork()
+    if child == 0:
+        try:
+            linux.unshare(linux.CLONE_NEWPID)
+            one = os.fork()
+            if one == 0:
+                _pid_one(go, replies, own, other, second)
+            os.write(replies, one.to_bytes(4, "little"))
+            os.waitpid(one, 0)
+        finally:
+            os._exit(0)
+    return child
+
+
+def _in_new_mounts(fn: Any) -> dict[str, Any]:
+    """``fn(base)`` in a forked child with a mount namespace of its own and a tmpfs at base."""
+
+    def run() -> Any:
+        linux.unshare(linux.CLONE_NEWNS)
+        linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+        linux.mount("tmpfs", base, "tmpfs", 0, "mode=0755")
+        return fn(base)
+
+    # made here, so that it is removed from the host's file system (the tmpfs is the child's)
+    with tempfile.TemporaryDirectory(prefix="kit-hostdiff-test-") as base:
+        return in_child(run)
+
+
+@needs_root
+def test_a_sandbox_whose_proc_is_another_pid_namespaces_is_read_through_ours() -> None:
+    # Two pid namespaces, each pid 1 chrooted where the other one's proc is mounted on /proc:
+    # the first has pid 1 alone, the second pid 1 and 2. Each one's processes are its own
+    # (whichever of the two namespaces' names sorts first), not those its /proc shows.
+    def run(base: str) -> Any:
+        for name in ("a", "b"):
+            os.makedirs(f"{base}/{name}/proc")
+        go, replies = os.pipe(), [os.pipe(), os.pipe()]
+        children = [
+            _namespace(go[0], replies[0][1], f"{base}/a", f"{base}/b", False),
+            _namespace(go[0], replies[1][1], f"{base}/b", f"{base}/a", True),
+        ]
+        ones = [int.from_bytes(os.read(r, 4), "little") for r, _ in replies]
+        try:
+            os.write(go[1], b"gg")
+            assert [os.read(r, 1) for r, _ in replies] == [b"k", b"k"]
+            with open("/proc/self/cmdline", "rb") as f:
+                argv = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            return {"found": [hostdiff.read_processes(one) for one in ones], "argv": argv}
+        finally:
+            for one in ones:
+                os.kill(one, signal.SIGKILL)
+            for child in children:
+                os.waitpid(child, 0)
+
+    out = _in_new_mounts(run)
+    assert "ok" in out, out
+    argv = out["ok"]["argv"]
+    assert out["ok"]["found"] == [{"pid 1": argv}, {"pid 1": argv, "pid 2": argv}]
+
+
+@needs_root
+def test_a_sandbox_without_a_proc_is_read_through_ours() -> None:
+    def run(base: str) -> Any:
+        r, w = os.pipe()
+        child = os.fork()
+        if child == 0:
+            os.chroot(base)  # an empty tmpfs: no /proc at all
+            os.write(w, b"k")
+            while True:
+                signal.pause()
+        try:
+            assert os.read(r, 1) == b"k"
+            return sorted(hostdiff.read_processes(child))
+        finally:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+
+    out = _in_new_mounts(run)
+    assert "ok" in out, out
+    # the pid namespace of the test's: its processes, this one's among them
+    own = linux.read_status("/proc/self/status")["NSpid"].split()[-1]
+    assert f"pid {own}" in out["ok"]
+
+
+@needs_root
+def test_the_named_network_namespaces_are_the_sandboxs_and_none_without_a_run_netns() -> None:
+    def run(base: str) -> Any:
+        r, w = os.pipe()
+        child = os.fork()
+        if child == 0:
+            os.chroot(base)
+            os.write(w, b"k")
+            while True:
+                signal.pause()
+        try:
+            assert os.read(r, 1) == b"k"
+            none = hostdiff.read_netns(child)
+            os.makedirs(f"{base}/run/netns")
+            open(f"{base}/run/netns/kit-a", "w").close()
+            return {"none": none, "some": hostdiff.read_netns(child)}
+        finally:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+
+    assert _in_new_mounts(run) == {"ok": {"none": {}, "some": {"kit-a": "netns"}}}
