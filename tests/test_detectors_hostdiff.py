@@ -29,12 +29,13 @@ def test_an_upper_layer_names_symlinks_as_links_whiteouts_and_only_opaque_direct
         os.symlink("/etc/passwd", f"{upper}/link")
         os.mknod(f"{upper}/gone", 0o600 | 0o020000, os.makedev(0, 0))  # a whiteout
         os.mknod(f"{upper}/null", 0o600 | 0o020000, os.makedev(1, 3))  # a real chardev
-        for name, value in (("opaque", b"y"), ("xwhiteouts", b"x"), ("empty", b"")):
+        values = (("opaque", b"y"), ("xwhiteouts", b"x"), ("empty", b""), ("yes", b"yes"))
+        for name, value in values:
             os.mkdir(f"{upper}/{name}")
             os.setxattr(f"{upper}/{name}", "trusted.overlay.opaque", value)
         os.mkdir(f"{upper}/user-opaque")
         os.setxattr(f"{upper}/user-opaque", "user.overlay.opaque", b"y")
-        for name in ("opaque", "xwhiteouts", "empty", "user-opaque"):
+        for name in ("opaque", "xwhiteouts", "empty", "yes", "user-opaque"):
             os.mkdir(f"{lower}/{name}")
         same, _ = hostdiff.read_files(upper, lower, "/p")
         os.chmod(upper, 0o755)  # the overlay's root then shows another mode than the lower's
@@ -48,8 +49,9 @@ def test_an_upper_layer_names_symlinks_as_links_whiteouts_and_only_opaque_direct
     assert files["/p/opaque"].startswith("opaque dir ")
     assert files["/p/user-opaque"].startswith("opaque dir ")
     # "x" marks a directory with whiteouts of the new kind, not an opaque one; an empty value
-    # is no mark at all: each is its mode and owner, the same as below, so not listed
-    assert "/p/xwhiteouts" not in files and "/p/empty" not in files
+    # is no mark, nor is "yes" (overlayfs reads one byte): each is its mode and owner, the
+    # same as below, so not listed
+    assert "/p/xwhiteouts" not in files and "/p/empty" not in files and "/p/yes" not in files
     assert below["/p/link"] is None and below["/p/opaque"] is not None
 
 
@@ -79,11 +81,15 @@ def test_a_links_sysctl_is_named_unless_the_link_came_or_went() -> None:
             "net.ipv6.neigh.kit0.retrans": "1",
         },
     )
+    # a mount whose point reads like the new link's sysctl is a mount all the same
+    after.objects["mount"] = {"/mnt/x.y.conf.kit0.z": "tmpfs kit"}
     found = hostdiff.diff(before, after)
     assert found == [
+        HostChange("mount", "/mnt/x.y.conf.kit0.z", None, "tmpfs kit"),
         HostChange("sysctl", "net.ipv4.conf.eth0.kit_new", None, "1"),
         HostChange("link", "kit0", None, "up"),
     ]
+    del after.objects["mount"]
     # and when the link goes: the same, the other way
     assert hostdiff.diff(after, before) == [
         HostChange("sysctl", "net.ipv4.conf.eth0.kit_new", "1", None),
@@ -144,6 +150,11 @@ def test_a_file_is_what_the_overlay_shows_the_upper_entry_over_the_lower() -> No
         ),
         HostChange("file", "/etc/new", None, "file 0600 0:0 1 bytes bb"),
     ]
+    # an opaque directory made plain again, the same as before: its entries came back
+    plain = HostState(objects={"file": {"/etc/d": "dir 0755 0:0"}}, lower=dict(lower))
+    assert hostdiff.diff(after, plain)[1] == HostChange(
+        "file", "/etc/d", "dir 0755 0:0", "dir 0755 0:0 (replaced: its old entries hidden)"
+    )
     # the lower side is the one read last; a path the after snapshot no longer has keeps its own
     assert hostdiff._file_sides("/etc/a", after, before) == (None, lower["/etc/a"])
     assert hostdiff._file_sides("/etc/x", HostState({"file": {}}, {"/etc/x": "L"}), after) == (
@@ -285,6 +296,42 @@ def test_a_sandbox_without_a_proc_is_read_through_ours() -> None:
     # the pid namespace of the test's: its processes, this one's among them
     own = linux.read_status("/proc/self/status")["NSpid"].split()[-1]
     assert f"pid {own}" in out["ok"]
+
+
+def _fake_process(proc: str, pid: int, cmdline: bytes | None) -> None:
+    os.makedirs(f"{proc}/{pid}/task/{pid}")
+    with open(f"{proc}/{pid}/task/{pid}/stat", "w") as f:
+        f.write(f"{pid} (x) S 1 1 1 0 -1 4194560 0 0 0 0\n")  # alive: sleeping, not exiting
+    if cmdline is not None:
+        with open(f"{proc}/{pid}/cmdline", "wb") as f:
+            f.write(cmdline)
+
+
+@needs_root
+def test_a_process_gone_between_its_state_and_its_command_line_is_not_named() -> None:
+    # The sandbox's /proc read the fast way: its pid 1 says the sandbox's pid namespace. Pid 2
+    # was alive when its state was read, and gone (no cmdline) when its command line was.
+    def run(base: str) -> Any:
+        own = os.readlink("/proc/self/ns/pid")  # the child's below: forked, same namespace
+        _fake_process(f"{base}/proc", 1, b"init\0")
+        os.makedirs(f"{base}/proc/1/ns")
+        os.symlink(own, f"{base}/proc/1/ns/pid")
+        _fake_process(f"{base}/proc", 2, None)
+        r, w = os.pipe()
+        child = os.fork()
+        if child == 0:
+            os.chroot(base)
+            os.write(w, b"k")
+            while True:
+                signal.pause()
+        try:
+            assert os.read(r, 1) == b"k"
+            return hostdiff.read_processes(child)
+        finally:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+
+    assert _in_new_mounts(run) == {"ok": {"pid 1": "init"}}
 
 
 @needs_root

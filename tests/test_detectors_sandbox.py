@@ -164,6 +164,37 @@ def test_a_scan_names_living_processes_but_pid_1_and_a_zombie() -> None:
         zombie.wait()
 
 
+def _fake_process(proc: str, pid: int, cmdline: bytes | None, state: str = "S") -> None:
+    """A process in a directory laid out as /proc: its state (and that of its one thread) and,
+    unless None, its command line."""
+    os.makedirs(f"{proc}/{pid}/task/{pid}")
+    for stat in (f"{proc}/{pid}/stat", f"{proc}/{pid}/task/{pid}/stat"):
+        with open(stat, "w") as f:
+            f.write(f"{pid} (kit-{pid}) {state} 1 1 1 0 -1 4194560 0 0 0 0\n")
+    if cmdline is not None:
+        with open(f"{proc}/{pid}/cmdline", "wb") as f:
+            f.write(cmdline)
+
+
+def test_a_scan_skips_a_process_gone_meanwhile_and_names_one_exiting_by_comm() -> None:
+    with tempfile.TemporaryDirectory() as proc:
+        # listed in either order, some of the others come after the one gone meanwhile
+        for pid in range(3, 10):
+            _fake_process(proc, pid, f"p{pid}\0x\0".encode())
+        _fake_process(proc, 2, None)  # alive when looked at, no command line when read
+        for pid in range(10, 17):
+            _fake_process(proc, pid, f"p{pid}\0".encode())
+        _fake_process(proc, 20, b"")  # its memory gone, the process still alive
+        _fake_process(proc, 21, b"", state="Z")  # exited
+        os.mkdir(f"{proc}/self")
+        found = sandbox._scan(proc)
+    assert found == {
+        **{pid: f"p{pid} x" for pid in range(3, 10)},
+        **{pid: f"p{pid}" for pid in range(10, 17)},
+        20: "[kit-20]",
+    }
+
+
 def test_no_process_is_only_said_after_every_scan_found_none(monkeypatch: Any) -> None:
     results = [{}, {}, {7: "daemon"}, {}]
     calls: list[str] = []
@@ -281,6 +312,14 @@ def test_every_mount_below_a_bound_view_is_made_read_only_and_a_namespace_file_l
         open(f"{base}/view/nsfile", "w").close()
         linux.mount("/proc/self/ns/net", f"{base}/view/nsfile", None, linux.MS_BIND)
         linux.mount("tmpfs", f"{base}/viewx", "tmpfs", 0)
+        os.mkdir(f"{base}/view/mq")  # a file system whose name sorts before nsfs
+        linux.mount("mqueue", f"{base}/view/mq", "mqueue", linux.MS_NOEXEC)
+        # a mount hidden under another one stacked on its parent: no path reaches it
+        os.makedirs(f"{base}/view/hid")
+        linux.mount("tmpfs", f"{base}/view/hid", "tmpfs", 0)
+        os.makedirs(f"{base}/view/hid/den")
+        linux.mount("tmpfs", f"{base}/view/hid/den", "tmpfs", 0)
+        linux.mount("tmpfs", f"{base}/view/hid", "tmpfs", 0)
         sandbox._read_only_below(f"{base}/view")
         table = {m.point: m.flags & FLAGS for m in linux.mount_table()}
         return {
@@ -288,6 +327,7 @@ def test_every_mount_below_a_bound_view_is_made_read_only_and_a_namespace_file_l
             "w": table[f"{base}/view/w"],
             "deeper": table[f"{base}/view/w/deeper"],
             "viewx": table[f"{base}/viewx"],
+            "mq": table.get(f"{base}/view/mq"),
             "nsfile": f"{base}/view/nsfile" in table,
         }
 
@@ -299,6 +339,7 @@ def test_every_mount_below_a_bound_view_is_made_read_only_and_a_namespace_file_l
             "w": ro | linux.MS_NOSUID,  # its host flags kept, read-only added
             "deeper": ro,
             "viewx": 0,  # beside it, not below
+            "mq": ro | linux.MS_NOEXEC,  # no namespace file: made read-only, not left out
             "nsfile": False,
         }
     }
