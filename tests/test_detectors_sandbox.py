@@ -204,7 +204,7 @@ def test_no_process_is_only_said_after_every_scan_found_none(monkeypatch: Any) -
         return results[len(calls) - 1]
 
     monkeypatch.setattr(sandbox, "_scan", scan)
-    box: Any = SimpleNamespace(init_pid=4242)
+    box: Any = SimpleNamespace(init_pid=4242, init_exited=lambda: False)
     assert sandbox.processes(box) == {7: "daemon"}
     assert calls == ["/proc/4242/root/proc"] * 3
     calls.clear()
