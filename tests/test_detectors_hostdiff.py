@@ -72,6 +72,8 @@ def _state(**objects: dict[str, str]) -> HostState:
 
 def test_a_links_sysctl_is_named_unless_the_link_came_or_went() -> None:
     before = _state(link={"lo": "up", "eth0": "up"}, sysctl={"net.ipv4.ip_forward": "0"})
+    # a change that sorts after the new link's own sysctls is named too
+    before.objects["sysctl"]["net.ipv4.tcp_syncookies"] = "1"
     after = _state(
         link={"lo": "up", "eth0": "up", "kit0": "up"},
         sysctl={
@@ -79,6 +81,7 @@ def test_a_links_sysctl_is_named_unless_the_link_came_or_went() -> None:
             "net.ipv4.conf.eth0.kit_new": "1",  # on a link that stayed: a change of its own
             "net.ipv4.conf.kit0.forwarding": "0",  # the new link's own: named by the link
             "net.ipv6.neigh.kit0.retrans": "1",
+            "net.ipv4.tcp_syncookies": "0",
         },
     )
     # a mount whose point reads like the new link's sysctl is a mount all the same
@@ -87,12 +90,14 @@ def test_a_links_sysctl_is_named_unless_the_link_came_or_went() -> None:
     assert found == [
         HostChange("mount", "/mnt/x.y.conf.kit0.z", None, "tmpfs kit"),
         HostChange("sysctl", "net.ipv4.conf.eth0.kit_new", None, "1"),
+        HostChange("sysctl", "net.ipv4.tcp_syncookies", "1", "0"),
         HostChange("link", "kit0", None, "up"),
     ]
     del after.objects["mount"]
     # and when the link goes: the same, the other way
     assert hostdiff.diff(after, before) == [
         HostChange("sysctl", "net.ipv4.conf.eth0.kit_new", "1", None),
+        HostChange("sysctl", "net.ipv4.tcp_syncookies", "0", "1"),
         HostChange("link", "kit0", "up", None),
     ]
 
@@ -104,6 +109,8 @@ def test_a_sysctl_of_a_link_is_a_per_device_one_of_that_link() -> None:
     assert not hostdiff._of_link("net.ipv4.conf.eth0.forwarding", links)
     assert not hostdiff._of_link("net.ipv4.route.kit0.x", links)  # not a per-device table
     assert not hostdiff._of_link("net.ipv4.conf.kit0", links)  # too short to be one
+    assert not hostdiff._of_link("net.ipv4.conf", links)
+    assert not hostdiff._of_link("net.core", links)
     assert not hostdiff._of_link("net.core.conf.kit0.x", {"x"})
 
 
@@ -155,6 +162,11 @@ def test_a_file_is_what_the_overlay_shows_the_upper_entry_over_the_lower() -> No
     assert hostdiff.diff(after, plain)[1] == HostChange(
         "file", "/etc/d", "dir 0755 0:0", "dir 0755 0:0 (replaced: its old entries hidden)"
     )
+    # a plain directory replaced by an opaque one of another mode: the mode is the change
+    other = HostState(objects={"file": {"/etc/d": "opaque dir 0700 0:0"}}, lower=dict(lower))
+    assert hostdiff.diff(plain, other) == [
+        HostChange("file", "/etc/d", "dir 0755 0:0", "dir 0700 0:0")
+    ]
     # the lower side is the one read last; a path the after snapshot no longer has keeps its own
     assert hostdiff._file_sides("/etc/a", after, before) == (None, lower["/etc/a"])
     assert hostdiff._file_sides("/etc/x", HostState({"file": {}}, {"/etc/x": "L"}), after) == (
