@@ -210,6 +210,10 @@ def test_no_process_is_only_said_after_every_scan_found_none(monkeypatch: Any) -
     calls.clear()
     assert sandbox.processes(box, scans=2) == {}
     assert len(calls) == 2
+    calls.clear()
+    results[:3] = [{}, {}, {}]
+    assert sandbox.processes(box) == {}
+    assert len(calls) == 3  # three scans by default, no more
 
 
 def test_open_fds_are_the_open_ones_without_the_listings_own() -> None:
@@ -312,6 +316,8 @@ def test_every_mount_below_a_bound_view_is_made_read_only_and_a_namespace_file_l
         open(f"{base}/view/nsfile", "w").close()
         linux.mount("/proc/self/ns/net", f"{base}/view/nsfile", None, linux.MS_BIND)
         linux.mount("tmpfs", f"{base}/viewx", "tmpfs", 0)
+        os.mkdir(f"{base}/view/ro")  # read-only on the host already: it stays so
+        linux.mount("tmpfs", f"{base}/view/ro", "tmpfs", linux.MS_RDONLY | linux.MS_NODEV)
         os.mkdir(f"{base}/view/mq")  # a file system whose name sorts before nsfs
         linux.mount("mqueue", f"{base}/view/mq", "mqueue", linux.MS_NOEXEC)
         # a mount hidden under another one stacked on its parent: no path reaches it
@@ -328,6 +334,7 @@ def test_every_mount_below_a_bound_view_is_made_read_only_and_a_namespace_file_l
             "deeper": table[f"{base}/view/w/deeper"],
             "viewx": table[f"{base}/viewx"],
             "mq": table.get(f"{base}/view/mq"),
+            "ro": table[f"{base}/view/ro"],
             "nsfile": f"{base}/view/nsfile" in table,
         }
 
@@ -340,6 +347,7 @@ def test_every_mount_below_a_bound_view_is_made_read_only_and_a_namespace_file_l
             "deeper": ro,
             "viewx": 0,  # beside it, not below
             "mq": ro | linux.MS_NOEXEC,  # no namespace file: made read-only, not left out
+            "ro": ro | linux.MS_NODEV,
             "nsfile": False,
         }
     }
