@@ -539,6 +539,20 @@ def test_a_starter_that_exits_without_finishing_is_a_crash_naming_its_code():
     )
 
 
+@pytest.mark.parametrize("code", [253, 254, 255])
+def test_only_exit_254_without_finishing_is_said_to_be_the_lost_ledgers_code(code):
+    # 254 is what the kit's processes exit with when their ledger socket is taken: said so
+    # (and that engine code exiting 254 looks the same); its neighbours are plain crashes.
+    result = supervise(lambda ledger: code)
+    assert result["exit_code"] == 255
+    if code == 254:
+        assert result["reason"].startswith(
+            "master crashed: exited 254 with nothing more recorded, as the kit's master does"
+        ), result["reason"]
+    else:
+        assert result["reason"] == f"master crashed: exited {code} without finishing the run"
+
+
 def test_a_starter_that_crashes_after_a_refused_call_is_still_a_crash():
     # Whether the run finished is read from the ledger: its starter_exit event, that kind
     # exactly. The supervisor's own syscall_refused (recorded while the starter waits in
@@ -565,6 +579,31 @@ def test_a_starter_that_crashes_after_a_refused_call_is_still_a_crash():
         255,
         "master crashed: exited 3 without finishing the run",
     )
+
+
+def test_every_refused_call_is_answered_while_the_ledger_is_read():
+    # The listener stays registered after a refusal: the second refused call waits in the
+    # kernel until the supervisor answers it, so a supervisor that stopped listening after
+    # the first would leave the starter blocked until the run timeout.
+    if seccomp.rules_for("real", seccomp._has_sys_admin()) is None:
+        pytest.skip("the real backend installs no filter without CAP_SYS_ADMIN")
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def refused_twice(ledger: LedgerWriter) -> int:
+        timex = ctypes.create_string_buffer(512)
+        for _ in range(2):
+            rc = libc.syscall(ctypes.c_long(seccomp.SYSCALLS_X86_64["adjtimex"]), timex)
+            if not (rc == -1 and ctypes.get_errno() == errno.EPERM):
+                return 4
+        return finish(ledger)
+
+    result = supervise(refused_twice, with_filter=True, run_timeout=5.0)
+    assert result["timed_out"] is None, result["timed_out"]
+    assert (result["exit_code"], result["reason"]) == (0, "exited")
+    assert [(r["syscall"], r["answered"]) for r in kinds(result, "syscall_refused")] == [
+        ("adjtimex", True),
+        ("adjtimex", True),
+    ]
 
 
 def test_a_starter_killed_by_a_signal_is_a_crash_naming_the_signal():
@@ -670,8 +709,9 @@ def test_a_hook_that_returned_in_time_is_no_timeout_when_the_supervisor_was_late
     assert result["seconds"] >= T * 1.5  # the supervisor really was stopped past it
 
 
-def test_a_hung_hook_is_reported_at_its_timeout_not_later():
-    timeout = 2.0
+# 50 ms: a poll that waited in the wrong unit (a second and more) would be late past the bound
+@pytest.mark.parametrize("timeout", [2.0, 0.05])
+def test_a_hung_hook_is_reported_at_its_timeout_not_later(timeout):
     result = supervise(opens("create_container"), hook_timeout=timeout)
     [enter] = kinds(result, "hook_enter")
     [fired] = kinds(result, "hook_timeout")
@@ -762,3 +802,171 @@ def test_a_rejected_datagram_is_quoted_up_to_200_bytes_and_no_further(size):
     (fault,) = kinds(result, "engine_fault")
     assert fault["excerpt"] == junk[:QUOTED].decode(), fault
     assert len(fault["excerpt"]) == min(size, QUOTED)
+
+
+# -- the supervisor's parts, fed directly --------------------------------------------------------
+
+
+def _bare_supervisor() -> supervisor.Supervisor:
+    return supervisor.Supervisor(make_request("reference", "root", ["/bin/true"]))
+
+
+def test_a_process_gone_between_the_listing_and_the_kill_is_no_error():
+    # A leaked process may exit on its own after kill_tree listed it and before its SIGKILL:
+    # the kill finds no such process, and the sweep goes on.
+    def child() -> list[int]:
+        sup = _bare_supervisor()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)  # gone, and reaped: its pid names no process
+        rounds = iter([True, False])
+        sup._run_alive = lambda: next(rounds)  # type: ignore[method-assign]
+        sup._run_processes = lambda: [pid]  # type: ignore[method-assign]
+        sup.kill_tree()
+        return list(rounds)
+
+    assert in_child(child) == {"ok": []}
+
+
+def _queued(*datagrams: bytes) -> tuple[Any, Any]:
+    """A ledger socket pair with ``datagrams`` queued on its reader."""
+    from kit.ledger.record import ledger_socketpair
+
+    reader, writer = ledger_socketpair()
+    for datagram in datagrams:
+        writer.send(datagram)
+    return reader, writer
+
+
+def test_a_batch_reads_at_most_its_count_and_none_reads_all():
+    reader, writer = _queued(b"1", b"2", b"3", b"4")
+    sup = _bare_supervisor()
+    try:
+        assert sup._read_events(reader, batch=2) is True
+        # what the batch left waits in the queue, in order: the third datagram first
+        assert sup._receive(reader)[0] == b"3"
+        writer.send(b"5")
+        assert sup._read_events(reader, batch=None) is True  # "4", "5", then nothing queued
+        assert [e["excerpt"] for e in sup.events if e["kind"] == "engine_fault"] == [
+            "1",
+            "2",
+            "4",
+            "5",
+        ]
+        with pytest.raises(BlockingIOError):
+            sup._receive(reader)
+    finally:
+        reader.close()
+        writer.close()
+
+
+def test_a_read_ends_at_the_closed_writer_not_at_an_empty_datagram():
+    # An empty datagram still has its sender's credentials: it is a malformed event, and the
+    # ledger goes on. The end of the ledger (every writer closed) has none.
+    reader, writer = _queued(b"")
+    sup = _bare_supervisor()
+    try:
+        assert sup._read_events(reader, batch=1) is True
+        [fault] = [e for e in sup.events if e["kind"] == "engine_fault"]
+        assert (fault["fault"], fault["excerpt"]) == ("malformed", "")
+        writer.close()
+        assert sup._read_events(reader) is False
+    finally:
+        reader.close()
+
+
+def test_the_host_is_looked_at_after_each_batch_read_to_its_end():
+    class Watch:
+        looks = 0
+
+        def look(self) -> None:
+            Watch.looks += 1
+
+        def note(self, event: dict[str, Any]) -> None:
+            pass
+
+    reader, writer = _queued(b"1")
+    sup = _bare_supervisor()
+    sup.host = Watch()
+    try:
+        assert sup._read_events(reader, batch=1) is True  # the batch is full: no look yet
+        assert Watch.looks == 0
+        assert sup._read_events(reader) is True  # nothing more queued: the hooks looked at
+        assert Watch.looks == 1
+    finally:
+        reader.close()
+        writer.close()
+
+
+def _sent_with(writer: Any, datagram: bytes, fds: list[int]) -> None:
+    import array
+    import socket
+
+    writer.sendmsg([datagram], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_a_datagram_past_the_event_limit_is_dropped_and_its_sender_still_answered():
+    from kit.ledger.record import CONFIRMED
+
+    reader, writer = _queued()
+    sup = _bare_supervisor()
+    sup.events = [{}] * supervisor.MAX_EVENTS  # the limit reached, exactly
+    r, w = os.pipe()
+    before = set(os.listdir("/proc/self/fd"))
+    try:
+        _sent_with(writer, b'{"kind": "x"}', [w])
+        assert sup._read_events(reader) is True
+        assert (len(sup.events), sup.dropped) == (supervisor.MAX_EVENTS, 1)
+        assert os.read(r, 16) == CONFIRMED  # the sender waits for it: never left waiting
+        assert set(os.listdir("/proc/self/fd")) == before  # the passed descriptor closed
+    finally:
+        os.close(r)
+        os.close(w)
+        reader.close()
+        writer.close()
+
+
+def test_a_confirmation_pipe_is_answered_and_other_descriptors_only_closed():
+    from kit.ledger.record import CONFIRMED
+
+    reader, writer = _queued()
+    sup = _bare_supervisor()
+    pipes = [os.pipe() for _ in range(3)]
+    before = set(os.listdir("/proc/self/fd"))
+    try:
+        # one pipe: a confirmation pipe; two pipes, or one that is not a pipe: not one
+        _sent_with(writer, b"a", [pipes[0][1]])
+        _sent_with(writer, b"b", [pipes[1][1], pipes[2][1]])
+        _sent_with(writer, b"c", [reader.fileno()])
+        assert sup._read_events(reader) is True
+        assert set(os.listdir("/proc/self/fd")) == before
+        assert os.read(pipes[0][0], 16) == CONFIRMED
+        for r, _ in pipes[1:]:
+            os.set_blocking(r, False)
+            with pytest.raises(BlockingIOError):
+                os.read(r, 16)
+        assert [e["excerpt"] for e in sup.events if e["kind"] == "engine_fault"] == ["a", "b", "c"]
+    finally:
+        for pair in pipes:
+            for fd in pair:
+                os.close(fd)
+        reader.close()
+        writer.close()
+
+
+def test_a_descriptor_closed_already_is_no_pipe_and_no_error():
+    r, w = os.pipe()
+    os.close(r)
+    os.close(w)
+    assert supervisor._is_pipe([w]) is False
+    supervisor._release([w], pipe=True)  # the answer and the close both fail quietly
+    assert not _is_open(w)
