@@ -709,6 +709,55 @@ def test_a_hook_that_returned_in_time_is_no_timeout_when_the_supervisor_was_late
     assert result["seconds"] >= T * 1.5  # the supervisor really was stopped past it
 
 
+def test_what_is_queued_when_the_starter_exits_is_read_to_its_end():
+    # The starter sends more than two read batches and exits before the supervisor reads
+    # any: the loop reads a batch per wake-up, finds the starter gone, and what is still
+    # queued (its starter_exit last) is read after it, not lost.
+    pairs = supervisor.READ_BATCH  # 2 * READ_BATCH events, then starter_exit
+    pipes: dict[str, int] = {}
+
+    def setup() -> None:
+        collect = supervisor.Supervisor.collect
+        read_events = supervisor.Supervisor._read_events
+
+        def noting_the_starter(self: Any, reader: Any, starter_pid: int) -> Any:
+            pipes["starter"] = starter_pid
+            return collect(self, reader, starter_pid)
+
+        def after_the_exit(self: Any, reader: Any, batch: int | None = supervisor.READ_BATCH):
+            if "exited" not in pipes:  # the first read only: the starter is reaped later
+                os.waitid(os.P_PID, pipes["starter"], os.WEXITED | os.WNOWAIT)
+                pipes["exited"] = 1
+            return read_events(self, reader, batch)
+
+        supervisor.Supervisor.collect = noting_the_starter  # type: ignore[method-assign]
+        supervisor.Supervisor._read_events = after_the_exit  # type: ignore[method-assign]
+
+    def floods(ledger: LedgerWriter) -> int:
+        master = ledger.for_role("master")
+        for _ in range(pairs):
+            master.emit("hook_enter", hook="create_container")
+            master.emit("hook_return", hook="create_container")
+        return finish(ledger)
+
+    result = supervise(floods, setup=setup)
+    assert (result["exit_code"], result["reason"]) == (0, "exited")
+    assert len(kinds(result, "hook_return")) == pairs
+    assert kinds(result, "engine_fault") == []
+
+
+def test_a_starter_whose_pidfd_is_a_high_descriptor_is_seen_to_exit():
+    # A process with many files open (an engine's launcher, say) gives the supervisor high
+    # descriptor numbers: the starter's pidfd among them is still found in poll's answer.
+    def setup() -> None:
+        while os.open("/dev/null", os.O_RDONLY) < 300:
+            pass
+
+    result = supervise(finish, setup=setup, run_timeout=5.0)
+    assert result["timed_out"] is None, result["timed_out"]
+    assert (result["exit_code"], result["reason"]) == (0, "exited")
+
+
 # 50 ms: a poll that waited in the wrong unit (a second and more) would be late past the bound
 @pytest.mark.parametrize("timeout", [2.0, 0.05])
 def test_a_hung_hook_is_reported_at_its_timeout_not_later(timeout):
@@ -914,18 +963,20 @@ def _is_open(fd: int) -> bool:
     return True
 
 
-def test_a_datagram_past_the_event_limit_is_dropped_and_its_sender_still_answered():
+@pytest.mark.parametrize("past", [0, 1], ids=["at-the-limit", "past-it"])
+def test_a_datagram_past_the_event_limit_is_dropped_and_its_sender_still_answered(past):
+    # past it: the supervisor's own events are recorded beyond the limit
     from kit.ledger.record import CONFIRMED
 
     reader, writer = _queued()
     sup = _bare_supervisor()
-    sup.events = [{}] * supervisor.MAX_EVENTS  # the limit reached, exactly
+    sup.events = [{}] * (supervisor.MAX_EVENTS + past)
     r, w = os.pipe()
     before = set(os.listdir("/proc/self/fd"))
     try:
         _sent_with(writer, b'{"kind": "x"}', [w])
         assert sup._read_events(reader) is True
-        assert (len(sup.events), sup.dropped) == (supervisor.MAX_EVENTS, 1)
+        assert (len(sup.events), sup.dropped) == (supervisor.MAX_EVENTS + past, 1)
         assert os.read(r, 16) == CONFIRMED  # the sender waits for it: never left waiting
         assert set(os.listdir("/proc/self/fd")) == before  # the passed descriptor closed
     finally:
