@@ -758,6 +758,34 @@ def test_a_starter_whose_pidfd_is_a_high_descriptor_is_seen_to_exit():
     assert (result["exit_code"], result["reason"]) == (0, "exited")
 
 
+def test_the_ledger_is_read_as_it_arrives_when_the_pidfd_is_numbered_below_it():
+    # A descriptor freed below the ledger's reader before collecting begins (a temporary
+    # file of the run closed) gives the starter's pidfd the lower number: the supervisor
+    # still reads each datagram as it comes, not only once the starter has exited.
+    from conftest import wait_until
+
+    def setup() -> None:
+        low = os.open("/dev/null", os.O_RDONLY)  # below every descriptor the run opens
+        collect = supervisor.Supervisor.collect
+
+        def freeing_a_low_descriptor(self: Any, reader: Any, starter_pid: int) -> Any:
+            os.close(low)
+            return collect(self, reader, starter_pid)
+
+        supervisor.Supervisor.collect = freeing_a_low_descriptor  # type: ignore[method-assign]
+
+    def waits_to_be_read(ledger: LedgerWriter) -> int:
+        master = ledger.for_role("master")
+        master.emit("hook_enter", hook="create_container")
+        wait_until(lambda: _unread(master) == 0, what="the supervisor to read hook_enter")
+        master.emit("hook_return", hook="create_container")
+        return finish(ledger)
+
+    result = supervise(waits_to_be_read, setup=setup, run_timeout=15.0)
+    assert result["timed_out"] is None, result["timed_out"]
+    assert (result["exit_code"], result["reason"]) == (0, "exited")
+
+
 # 50 ms: a poll that waited in the wrong unit (a second and more) would be late past the bound
 @pytest.mark.parametrize("timeout", [2.0, 0.05])
 def test_a_hung_hook_is_reported_at_its_timeout_not_later(timeout):
