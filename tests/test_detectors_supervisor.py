@@ -1061,6 +1061,7 @@ def test_a_datagram_past_the_event_limit_is_dropped_and_its_sender_still_answere
         _sent_with(writer, b'{"kind": "x"}', [w])
         assert sup._read_events(reader) is True
         assert (len(sup.events), sup.dropped) == (supervisor.MAX_EVENTS + past, 1)
+        os.set_blocking(r, False)  # unanswered: an error here, not a hung test
         assert os.read(r, 16) == CONFIRMED  # the sender waits for it: never left waiting
         assert set(os.listdir("/proc/self/fd")) == before  # the passed descriptor closed
     finally:
@@ -1084,9 +1085,10 @@ def test_a_confirmation_pipe_is_answered_and_other_descriptors_only_closed():
         _sent_with(writer, b"c", [reader.fileno()])
         assert sup._read_events(reader) is True
         assert set(os.listdir("/proc/self/fd")) == before
+        for r, _ in pipes:  # unanswered: an error here, not a hung test
+            os.set_blocking(r, False)
         assert os.read(pipes[0][0], 16) == CONFIRMED
         for r, _ in pipes[1:]:
-            os.set_blocking(r, False)
             with pytest.raises(BlockingIOError):
                 os.read(r, 16)
         assert [e["excerpt"] for e in sup.events if e["kind"] == "engine_fault"] == ["a", "b", "c"]
