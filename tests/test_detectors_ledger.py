@@ -9,6 +9,7 @@ import os
 import socket
 import struct
 import threading
+import time
 
 import pytest
 
@@ -280,10 +281,12 @@ def test_a_long_valid_ledger_has_no_problem():
 # -- snapshots sent for the supervisor's outside check (confirm_send) -----------------------
 
 
-def _answering(reader: socket.socket, answers: list[bytes]) -> tuple[threading.Thread, list]:
+def _answering(
+    reader: socket.socket, answers: list[bytes], delay: float = 0.0
+) -> tuple[threading.Thread, list]:
     """A stand-in for the supervisor's confirmation: it takes each datagram with the pipe
-    that came with it, answers the next of ``answers`` on it (b"": closes it unanswered) and
-    keeps the datagrams; it ends when ``answers`` run out."""
+    that came with it, answers the next of ``answers`` on it (b"": closes it unanswered)
+    ``delay`` seconds later, and keeps the datagrams; it ends when ``answers`` run out."""
     got: list[dict] = []
 
     def serve() -> None:
@@ -299,6 +302,7 @@ def _answering(reader: socket.socket, answers: list[bytes]) -> tuple[threading.T
                 for fd in array.array("i", raw[: len(raw) - len(raw) % 4])
             ]
             got[-1]["_fds"] = len(fds)
+            time.sleep(delay)  # the supervisor at work: its outside read, a loaded machine
             for fd in fds:
                 if answer:
                     os.write(fd, answer)
@@ -448,6 +452,18 @@ def test_a_confirmation_pipe_above_fd_setsize_is_waited_for():
         reader.close()
         sock.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_supervisor_slow_to_confirm_is_waited_for():
+    # The sender waits for the answer up to CONFIRM_TIMEOUT (30 s), not a fraction of it: a
+    # supervisor slowed by a loaded machine still confirms. (Well within the timeout, and
+    # above a second: the wait is in milliseconds, the timeout in seconds.)
+    assert ledger.CONFIRM_TIMEOUT == 30.0
+    reader, sock = ledger_socketpair()
+    with reader, sock:
+        thread, _got = _answering(reader, [ledger.CONFIRMED], delay=1.5)
+        assert ledger.confirm_send(sock, b'{"kind":"exit"}') == ledger.CONFIRMED
+        thread.join(10)
 
 
 def test_confirm_send_to_a_gone_supervisor_raises_and_leaves_no_pipe_open():
