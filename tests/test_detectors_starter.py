@@ -121,6 +121,16 @@ def test_a_process_whose_socket_to_its_parent_hung_up_exits_fatal():
         assert _exit_code_of(lambda: rearm_parent_death(None, ours)) == EXIT_FATAL
 
 
+def test_a_socket_whose_descriptor_is_gone_is_not_taken_for_the_parents_death():
+    # poll answers POLLNVAL for a closed descriptor (engine code closed it): that says
+    # nothing of the parent, whose death is a hang-up or an error on a socket still open.
+    from kit.starter.common import rearm_parent_death
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with ours, theirs:
+        assert _exit_code_of(lambda: (os.close(ours.fileno()), rearm_parent_death(None, ours))) == 0
+
+
 def _received_control(data: bytes, expected: str | None = None) -> tuple[str, str]:
     import threading
 
