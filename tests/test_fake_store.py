@@ -217,3 +217,52 @@ def test_every_flow_keeps_the_stores_rules():
     assert json.loads(proc.stdout) == {
         flow: [0, []] for flow in ("root", "suid", "userns", "fakeroot", "hybrid")
     }
+
+
+def test_a_waiting_caller_is_called_back_while_another_process_holds_the_lock(store):
+    # The supervisor answers refused system calls there: the lock's holder may be a process
+    # one of whose threads waits, trapped, for that answer (the deadlock of a direct
+    # socket.sethostname, which keeps the GIL, beside a thread inside a transaction).
+    import select
+
+    locked_r, locked_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        with store.transaction():
+            os.write(locked_w, b"l")
+            # hold the lock until told, or 10 s at most: a caller that waits blocked (the
+            # old way) must not hang the test for ever, only fail it
+            select.select([go_r], [], [], 10)
+        os._exit(0)
+    calls: list[int] = []
+
+    def answer() -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            os.write(go_w, b"g")  # the holder's trapped thread answered: it lets go
+
+    try:
+        assert os.read(locked_r, 1) == b"l"
+        store.waiting = answer
+        with store.transaction() as st:
+            st["n"] = 7
+        assert len(calls) >= 3
+        store.waiting = None
+    finally:
+        os.waitpid(pid, 0)
+        for fd in (locked_r, locked_w, go_r, go_w):
+            os.close(fd)
+    assert store.read()["n"] == 7
+
+
+def test_a_forked_child_does_not_call_its_parents_waiting_caller(store):
+    def child() -> bool:
+        store.read()  # the first transaction after a fork forgets the parent's state
+        return store.waiting is None
+
+    store.waiting = lambda: None
+    try:
+        assert in_child(child) == {"ok": True}
+    finally:
+        store.waiting = None

@@ -285,12 +285,17 @@ class Supervisor:
         os.write(result_fd, f"started {pid} {run_dir}{seen}\n".encode())
         self.listener, info = seccomp.receive_listener(filter_here, req.run_timeout)
         filter_here.close()
+        store = getattr(current(), "store", None)  # the fake backend's model
+        if store is not None:
+            store.waiting = self._answer_while_the_model_is_locked
         self.emit(
             "seccomp_filter",
             **{k: info[k] for k in ("filter", "syscalls", "error", "reason") if k in info},
         )
         status = self.collect(reader, pid)
         self._drain_notifications()
+        if store is not None:
+            store.waiting = None
         reader.close()
         seccomp.resolve_rpc_methods(self.events)
         code, reason = self.exit_code(status)
@@ -677,6 +682,19 @@ class Supervisor:
                 self.emit("syscall_refused", **refusal, process_role=role, hook=hook)
             return True
         return not revents & (select.POLLHUP | select.POLLERR | select.POLLNVAL)
+
+    def _answer_while_the_model_is_locked(self) -> None:
+        """What the supervisor does while another process holds the fake model's lock (see
+        ``Store.waiting``): answer a refused system call if one waits (its caller may be a
+        thread of the lock's holder, keeping the GIL), else wait a millisecond."""
+        if self.listener is not None:
+            poller = select.poll()
+            poller.register(self.listener, select.POLLIN)
+            ready = poller.poll(1)
+            if ready and ready[0][1] & select.POLLIN:
+                self._on_notification(ready[0][1])
+                return
+        time.sleep(0.001)
 
     def _renumber(self, refusal: dict[str, Any]) -> None:
         """The kernel pids of a refusal (after its attribution, which needs them) in the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import marshal
@@ -11,7 +12,7 @@ import shutil
 import struct
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 HEADER = struct.Struct("<QQ")  # generation, body length
@@ -73,6 +74,12 @@ class Store:
         self._generation = -1
         self._check = os.environ.get(CHECK_ENV, "") not in ("", "0")
         self._body = b""  # the body of _generation (kept only when checking)
+        #: Called again and again while another process holds the file's lock, instead of
+        #: one blocking wait (None: wait). The supervisor answers the run's refused system
+        #: calls there: a process of the run may hold the lock while another of its threads
+        #: is trapped in a direct call that keeps the GIL (``socket.sethostname``), waiting
+        #: for the supervisor's answer; blocked here, the supervisor would never give it.
+        self.waiting: Callable[[], None] | None = None
 
     # -- creation --------------------------------------------------------------------------
     @classmethod
@@ -130,7 +137,7 @@ class Store:
             if self._depth == 0:
                 fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
                 try:
-                    fcntl.lockf(fd, fcntl.LOCK_EX)
+                    self._lock_file(fd)
                     self._state = self._load(fd)
                 except BaseException:
                     os.close(fd)
@@ -144,6 +151,19 @@ class Store:
             raise
         assert self._state is not None
         return self._state
+
+    def _lock_file(self, fd: int) -> None:
+        if self.waiting is None:
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+            return
+        while True:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise
+            self.waiting()
 
     def end(self, commit: bool = True, keep_locked: bool = False) -> None:
         """Leave one level; the outermost writes (when asked and ``commit``) and unlocks.
@@ -247,6 +267,7 @@ class Store:
         self._write = False
         self._lock = threading.RLock()
         self._pid = os.getpid()
+        self.waiting = None  # the parent's (the supervisor's) is not the child's to call
 
 
 def _encode(state: dict[str, Any]) -> bytes:
