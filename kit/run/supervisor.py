@@ -285,7 +285,7 @@ class Supervisor:
         os.write(result_fd, f"started {pid} {run_dir}{seen}\n".encode())
         self.listener, info = seccomp.receive_listener(filter_here, req.run_timeout)
         filter_here.close()
-        store = getattr(current(), "store", None)  # the fake backend's model
+        store = current().store if current().name == "fake" else None  # the model's
         if store is not None:
             store.waiting = self._answer_while_the_model_is_locked
         self.emit(
