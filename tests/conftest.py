@@ -157,6 +157,32 @@ def signal_taken(pid: int, signum: int) -> bool:
     return not any(int(status.get(k, "0"), 16) >> (signum - 1) & 1 for k in ("ShdPnd", "SigPnd"))
 
 
+def fd_child(body: Callable[[int], bytes]) -> tuple[int, bytes, int]:
+    """Run ``body(w)`` in a forked child that may close any descriptor but ``w``, the write
+    end of a pipe to this process: (the child's exit code, 1 when ``body`` raised; the bytes
+    ``body`` returned, written to ``w``; ``w``'s number)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            os.write(w, body(w))
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), data, w
+
+
+def open_fds() -> list[int]:
+    """The calling process's open descriptors, as /proc/self/fd lists them (the listing's
+    own descriptor among them: the lowest free number)."""
+    return sorted(int(x) for x in os.listdir("/proc/self/fd"))
+
+
 def in_child(fn: Callable[[], Any]) -> dict[str, Any]:
     """Run ``fn()`` in a forked child: ``{"ok": its JSON-able result}`` or ``{"error":
     "Type: message"}`` (for what must not change the test process: namespaces, ids…)."""

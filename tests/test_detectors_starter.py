@@ -9,7 +9,7 @@ import signal
 import socket
 
 import pytest
-from conftest import in_child, wait_until
+from conftest import exit_code_in_child, in_child, wait_until
 
 from kit.ledger.record import decode
 from kit.run.launcher import make_request, start
@@ -87,17 +87,8 @@ def test_engine_code_that_closes_the_masters_signalfd_fails_the_run_by_name(hook
 
 
 def _exit_code_of(fn) -> int:  # type: ignore[no-untyped-def]
-    """``fn()`` in a forked child: its exit code (0 when it returns, 3 when it raises)."""
-    pid = os.fork()
-    if pid == 0:
-        code = 3
-        try:
-            fn()
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
+    """``fn()`` in a forked child: its exit code (0 when it returns, 1 when it raises)."""
+    return exit_code_in_child(lambda: (fn(), 0)[1])
 
 
 def test_a_process_whose_parent_is_not_the_one_it_was_given_exits_fatal():

@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import in_child
+from conftest import fd_child, in_child, open_fds
 
 from kit.ledger import probe
 from kit.system import linux
@@ -271,44 +271,31 @@ def test_close_fds_except_without_close_range_closes_what_proc_lists(refusal):
     ones; without a /proc to list (a tmpfs over it, in the child's own mount namespace),
     or with one that is not procfs (a tmpfs whose self/fd holds made-up names), the call
     fails naming both reasons, instead of leaving descriptors open."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
+
+    def body(w: int) -> bytes:
+        if refusal.endswith(("-no-proc", "-fake-proc")):
+            linux.unshare(linux.CLONE_NEWNS)
+            linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+            linux.mount("tmpfs", "/proc", "tmpfs", 0, "size=4k")
+        if refusal.endswith("-fake-proc"):
+            os.makedirs("/proc/self/fd")
+            for name in ("12", "x"):
+                os.close(os.open(f"/proc/self/fd/{name}", os.O_WRONLY | os.O_CREAT))
+        for at in (10, 11, 12, 40, 19999):
+            os.dup2(w, at)
+        prog = list(_NO_CLOSE_RANGE)
+        prog[2] = (0x06, 0, 0, 0x00050000 | getattr(errno, refusal.split("-")[0]))
+        linux.set_no_new_privs()
+        linux.seccomp_install_filter(prog, listener=False)
         try:
-            os.close(r)
-            if refusal.endswith("-no-proc"):
-                linux.unshare(linux.CLONE_NEWNS)
-                linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
-                linux.mount("tmpfs", "/proc", "tmpfs", 0, "size=4k")
-            if refusal.endswith("-fake-proc"):
-                linux.unshare(linux.CLONE_NEWNS)
-                linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
-                linux.mount("tmpfs", "/proc", "tmpfs", 0, "size=4k")
-                os.makedirs("/proc/self/fd")
-                for name in ("12", "x"):
-                    os.close(os.open(f"/proc/self/fd/{name}", os.O_WRONLY | os.O_CREAT))
-            for at in (10, 11, 12, 40, 19999):
-                os.dup2(w, at)
-            prog = list(_NO_CLOSE_RANGE)
-            prog[2] = (0x06, 0, 0, 0x00050000 | getattr(errno, refusal.split("-")[0]))
-            linux.set_no_new_privs()
-            linux.seccomp_install_filter(prog, listener=False)
-            try:
-                linux.close_fds_except([40, 11, w, 40])
-            except OSError as exc:
-                os.write(w, f"error {exc}".encode())
-            else:
-                left = sorted(int(x) for x in os.listdir("/proc/self/fd"))
-                os.write(w, " ".join(map(str, left)).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        out = f.read().decode()
-    status = os.waitpid(pid, 0)[1]
-    assert os.waitstatus_to_exitcode(status) == 0, (status, out)  # -SIGSYS: a close >= 2**20
+            linux.close_fds_except([40, 11, w, 40])
+        except OSError as exc:
+            return f"error {exc}".encode()
+        return " ".join(map(str, open_fds())).encode()
+
+    code, data, w = fd_child(body)
+    out = data.decode()
+    assert code == 0, (code, out)  # -SIGSYS: a close >= 2**20
     if refusal.endswith("-no-proc"):
         assert out.startswith("error ") and "close_range failed" in out, out
         assert "/proc/self/fd cannot be listed" in out, out
@@ -319,23 +306,14 @@ def test_close_fds_except_without_close_range_closes_what_proc_lists(refusal):
 
 
 def test_close_fds_except_closes_every_fd_but_the_kept_ones_the_standard_ones_too():
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.close(r)
-            for at in (10, 11, 12, 40, 19999):
-                os.dup2(w, at)  # inheritable: the closing must not rely on close-on-exec
-            linux.close_fds_except([40, 11, w, 40])  # unsorted, a duplicate, no 0-2
-            left = sorted(int(x) for x in os.listdir("/proc/self/fd"))
-            os.write(w, " ".join(map(str, left)).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        left = [int(x) for x in f.read().split()]
-    assert os.waitid(os.P_PID, pid, os.WEXITED).si_status == 0
+    def body(w: int) -> bytes:
+        for at in (10, 11, 12, 40, 19999):
+            os.dup2(w, at)  # inheritable: the closing must not rely on close-on-exec
+        linux.close_fds_except([40, 11, w, 40])  # unsorted, a duplicate, no 0-2
+        return " ".join(map(str, open_fds())).encode()
+
+    code, data, w = fd_child(body)
+    left = [int(x) for x in data.split()]
+    assert code == 0
     # 0, the lowest number, is the fd that listed /proc/self/fd: stdin was closed before it
     assert left == sorted({0, 11, 40, w}), left

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import wait_until
+from conftest import fd_child, open_fds, wait_until
 from kit_test_engines import DAEMON_NAME
 
 from kit.run import sandbox
@@ -1028,25 +1028,16 @@ def test_a_sandbox_whose_init_died_and_whose_pid_names_another_process_is_not_ad
 
 
 def test_the_sandboxs_init_keeps_only_the_standard_fds_and_its_ready_pipe():
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.close(r)
-            for at in (w - 1, w + 1, 19999):  # inheritable: init execs nothing, closes all
-                os.dup2(w, at)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))  # 19999 stays open
-            sandbox._close_other_fds(w)
-            left = sorted(int(x) for x in os.listdir("/proc/self/fd"))
-            os.write(w, json.dumps(left).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        left = json.loads(f.read())
-    assert os.waitid(os.P_PID, pid, os.WEXITED).si_status == 0
+    def body(w: int) -> bytes:
+        for at in (w - 1, w + 1, 19999):  # inheritable: init execs nothing, closes all
+            os.dup2(w, at)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))  # 19999 stays open
+        sandbox._close_other_fds(w)
+        return json.dumps(open_fds()).encode()
+
+    code, data, w = fd_child(body)
+    left = json.loads(data)
+    assert code == 0
     # the one more is the fd that listed /proc/self/fd, the lowest free one: 3
     assert w > 4 and left == [0, 1, 2, 3, w], (left, w)
 
