@@ -660,6 +660,47 @@ def test_a_refused_call_is_attributed_to_the_hook_entered_just_before_it():
     assert (result["exit_code"], result["reason"]) == (0, "exited")
 
 
+def test_a_call_answered_while_an_event_is_read_is_attributed_to_its_hook_when_it_was_made():
+    # In the fake backend the supervisor answers refused calls while it waits for the model's
+    # lock in the middle of reading an event (Store.waiting): the hook_enter sent before the
+    # call is still queued then, and the hook_return sent after its answer may be read
+    # before the refusal is recorded. Both are stood for here: reading the first event waits
+    # for the call and answers it from there.
+    if seccomp.rules_for("real", seccomp._has_sys_admin()) is None:
+        pytest.skip("the real backend installs no filter without CAP_SYS_ADMIN")
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def setup() -> None:
+        import select
+
+        real_admit = supervisor.Supervisor.admit
+
+        def admit(self: Any, data: bytes, *args: Any, **kwargs: Any) -> bytes:
+            if b'"starter_config"' in data:
+                assert self.listener is not None
+                poller = select.poll()
+                poller.register(self.listener, select.POLLIN)
+                assert poller.poll(10_000), "the scripted call never came"
+                self._answer_while_the_model_is_locked()
+            return real_admit(self, data, *args, **kwargs)
+
+        supervisor.Supervisor.admit = admit  # type: ignore[method-assign]
+
+    def refused_in_a_hook(ledger: LedgerWriter) -> int:
+        ledger.emit("starter_config", config={})
+        master = ledger.for_role("master")
+        master.emit("hook_enter", hook="create_container")
+        timex = ctypes.create_string_buffer(512)
+        libc.syscall(ctypes.c_long(seccomp.SYSCALLS_X86_64["adjtimex"]), timex)
+        master.emit("hook_return", hook="create_container")
+        return finish(ledger)
+
+    result = supervise(refused_in_a_hook, setup=setup, with_filter=True, run_timeout=30.0)
+    [refusal] = kinds(result, "syscall_refused")
+    assert (refusal["process_role"], refusal["hook"]) == ("master", "create_container"), refusal
+    assert (result["exit_code"], result["reason"]) == (0, "exited")
+
+
 def test_a_starter_killed_by_a_signal_is_a_crash_naming_the_signal():
     def killed(ledger: LedgerWriter) -> int:
         os.kill(os.getpid(), signal.SIGKILL)

@@ -141,6 +141,10 @@ class Supervisor:
         self._level: int | None = None  # see run_pid
         self._buffer: mmap.mmap | None = None  # see _receive
         self._tasks: dict[tuple[int, int], int] = {}  # see kit.ledger.senders.find_thread
+        # Refusals answered in the middle of reading an event (the fake model's lock, see
+        # _answer_while_the_model_is_locked), with the time before their notification was
+        # read: attributed once the events queued before it are read.
+        self._unattributed: list[tuple[dict[str, Any], int]] = []
 
     # -- ledger ------------------------------------------------------------------------------
     def record(self, event: dict[str, Any], datagram: bytes | None = None) -> None:
@@ -293,6 +297,7 @@ class Supervisor:
             **{k: info[k] for k in ("filter", "syscalls", "error", "reason") if k in info},
         )
         status = self.collect(reader, pid)
+        self._attribute_answered()  # a read cut short (the run's end or a timeout)
         self._drain_notifications()
         if store is not None:
             store.waiting = None
@@ -543,10 +548,12 @@ class Supervisor:
             try:
                 data, sender, fds, truncated = self._receive(reader)
             except BlockingIOError:
+                self._attribute_answered()
                 if self.host is not None:
                     self.host.look()  # after a batch: the hooks open since the last look
                 return True
             if not data and sender is None and not fds:
+                self._attribute_answered()
                 return False
             answer = CONFIRMED
             pipe = _is_pipe(fds)
@@ -667,21 +674,38 @@ class Supervisor:
             return None
         return ids[1][self._level]
 
-    def _on_notification(self, revents: int) -> bool:
+    def _on_notification(self, revents: int, later: bool = False) -> bool:
         """Answer and record one refused system call; False once no process is left under
-        the filter (the listener hangs up)."""
+        the filter (the listener hangs up). ``later``: the ledger's queue is not read up to
+        the call (an event is being read), so its attribution waits until it is."""
         assert self.listener is not None
         if revents & select.POLLIN:
+            before = time.monotonic_ns()  # the call was made earlier; its answer comes after
             refusal = seccomp.handle_notification(self.listener)
             if refusal is None:
                 return True
             self.refusals += 1
             if self.refusals <= seccomp.MAX_RECORDED:  # an engine looping on one call
-                role, hook = seccomp.attribute(self.events, refusal["target"], self.senders.role_of)
-                self._renumber(refusal)
-                self.emit("syscall_refused", **refusal, process_role=role, hook=hook)
+                if later:
+                    self._unattributed.append((refusal, before))
+                else:
+                    self._record_refusal(refusal, self.events)
             return True
         return not revents & (select.POLLHUP | select.POLLERR | select.POLLNVAL)
+
+    def _record_refusal(self, refusal: dict[str, Any], events: list[dict[str, Any]]) -> None:
+        role, hook = seccomp.attribute(events, refusal["target"], self.senders.role_of)
+        self._renumber(refusal)
+        self.emit("syscall_refused", **refusal, process_role=role, hook=hook)
+
+    def _attribute_answered(self) -> None:
+        """Record the refusals answered while an event was being read, now that the queue
+        is read: each from the events stamped before its notification was read (the caller's
+        own came before its call; what it sent after its answer is left out)."""
+        while self._unattributed:
+            refusal, before = self._unattributed.pop(0)
+            events = [e for e in self.events if type(e.get("t")) is int and e["t"] < before]
+            self._record_refusal(refusal, events)
 
     def _answer_while_the_model_is_locked(self) -> None:
         """What the supervisor does while another process holds the fake model's lock (see
@@ -692,7 +716,7 @@ class Supervisor:
             poller.register(self.listener, select.POLLIN)
             ready = poller.poll(1)
             if ready and ready[0][1] & select.POLLIN:
-                self._on_notification(ready[0][1])
+                self._on_notification(ready[0][1], later=True)
                 return
         time.sleep(0.001)
 
