@@ -351,9 +351,11 @@ def _read_until(rfd: int, deadline: float) -> tuple[bytes, bool]:
     """Everything the child writes on ``rfd`` until EOF, and whether EOF came before
     ``deadline``; more than :data:`MAX_INSPECTION` bytes count as nothing, at once."""
     data = b""
+    waiting = select.poll()  # not select(): an fd numbered 1024 or more would raise
+    waiting.register(rfd, select.POLLIN)
     while True:
         left = deadline - time.monotonic()
-        if left <= 0 or not select.select([rfd], [], [], left)[0]:
+        if left <= 0 or not waiting.poll(max(1, int(left * 1000) + 1)):
             return data, False
         chunk = os.read(rfd, 65536)
         if not chunk:

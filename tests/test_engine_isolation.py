@@ -692,3 +692,28 @@ def test_the_inspection_does_not_possess_the_callers_session_keyring(marked):
     assert "ok" in got, got
     own, theirs = got["ok"]
     assert theirs != own
+
+
+def test_an_inspection_pipe_above_fd_setsize_is_read_to_its_end():
+    # A process (pytest with a thousand files open) whose inspection pipe lies above 1024,
+    # where select() cannot wait: the child's whole answer is still read.
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"the hard descriptor limit ({hard}) is below 2048")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (2048, hard))
+    held: list[int] = []
+    try:
+        while not held or held[-1] < 1100:
+            held.append(os.dup(0))
+        rfd, wfd = os.pipe()
+        held += [rfd, wfd]
+        assert rfd > 1024
+        os.write(wfd, b"the answer")
+        os.close(held.pop())
+        assert preflight._read_until(rfd, time.monotonic() + 10) == (b"the answer", True)
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
