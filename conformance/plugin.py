@@ -866,6 +866,7 @@ class SessionPlugin:
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         from conformance.render import wrap  # noqa: PLC0415 (lazy, see the top)
+        from conformance.report import sandbox_left_out  # noqa: PLC0415
 
         state = self.state
         if state.worker is not None:
@@ -909,6 +910,14 @@ class SessionPlugin:
             f"{len(state.all_runs)} lifecycles ({busy:.1f} s of lifecycle "
             f"time) in {wall:.1f} s of wall time"
         )
+        left_out = sandbox_left_out(state.all_runs)
+        if left_out:
+            lines += wrap(
+                "host sandbox: the host's mount(s) at "
+                f"{', '.join(left_out)} not reproduced (overlayfs refused them); the engine "
+                "saw an empty read-only directory there",
+                width,
+            )
         if state.report_path:
             lines.append(f"report: {state.report_path}")
         if state.own_tests is not None and everything:

@@ -822,7 +822,14 @@ def _engine_line(doc: dict[str, Any]) -> str:
         f"engine {md_span(eng.get('name'))} ({md_text(eng.get('origin'))}) · suite "
         f"{md_text(doc.get('suite_version'))} · {md_text(doc.get('generated'))} · kernel "
         f"{md_text(env.get('kernel'))} · Python {md_text(env.get('python'))} · backend "
-        f"{md_text(', '.join(map(str, backends)))}" + (" · strict" if env.get("strict") else "")
+        f"{md_text(', '.join(map(str, backends)))}"
+        + (" · strict" if env.get("strict") else "")
+        + (
+            " · host mounts the sandbox left out (empty read-only directories): "
+            + md_text(", ".join(map(str, env["sandbox_left_out"])))
+            if env.get("sandbox_left_out")
+            else ""
+        )
     )
 
 

@@ -87,6 +87,9 @@ class Environment(TypedDict):
     xdist_workers: NotRequired[int]
     strict: NotRequired[bool]
     kit_self_check: NotRequired[KitSelfCheck]
+    #: Host mount points the host sandbox did not reproduce in any run (overlayfs refused
+    #: them): the engine saw an empty read-only directory there.
+    sandbox_left_out: NotRequired[list[str]]
 
 
 class ResultEntry(TypedDict):
@@ -278,6 +281,7 @@ def build(state: Any, results: Results, runs: Sequence[Mapping[str, Any]]) -> Re
             "strict": state.strict,
             # --kit-self-check: the flow(s) that ran the kit-only runs
             "kit_self_check": state.plan().to_json(),
+            "sandbox_left_out": sandbox_left_out(run_entries),
         },
         "summary": Results.summary(_json(entries)),
         "results": entries,
@@ -552,6 +556,16 @@ def merge(shards: Sequence[tuple[str, Report]]) -> Report:
     }
 
 
+def sandbox_left_out(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The host mount points that some run's host sandbox left out (its ``run_start``)."""
+    points: set[str] = set()
+    for run in runs:
+        for event in (run.get("ledger") or {}).get("events") or []:
+            if event.get("kind") == "run_start":
+                points.update(p for p in event.get("sandbox_left_out") or [] if isinstance(p, str))
+    return sorted(points)
+
+
 def _merged_environment(envs: list[Environment]) -> Environment:
     """The first shard's environment, each flow as the shard that selected it saw it, and
     the flows each shard made its kit-only runs in."""
@@ -565,6 +579,9 @@ def _merged_environment(envs: list[Environment]) -> Environment:
             "flow": ordered[0] if mode == "one" and len(ordered) == 1 else None,
             "flows": ordered,
         }
+    left_out = sorted({p for env in envs for p in env.get("sandbox_left_out", [])})
+    if left_out:
+        out["sandbox_left_out"] = left_out
     for flow in dict.fromkeys(f for env in envs for f in env["flows"]):
         seen = [env for env in envs if flow in env["flows"]]
         env = next((e for e in seen if e["flows"][flow].get("selected")), seen[0])

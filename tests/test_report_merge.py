@@ -239,3 +239,30 @@ def test_overlapping_one_mode_shards_keep_the_kit_result_that_was_decided(
 def test_shards_of_different_self_check_modes_are_refused(sessions, one_mode, tmp_path):
     proc = _merge(sessions["root"], one_mode["userns,fakeroot"], out=tmp_path / "m")
     _refused(proc, "differ in --kit-self-check ('one' against 'all')")
+
+
+def test_the_mounts_left_out_of_any_run_are_named_once_and_kept_by_a_merge(sessions, tmp_path):
+    def run(*left_out: str) -> dict:
+        start = {"kind": "run_start", "sandbox_left_out": list(left_out)}
+        return {"ledger": {"events": [{"kind": "process_start"}, start]}}
+
+    runs = [run("/b", "/a"), run(), {"ledger": None}, run("/a"), {"error": "gone"}]
+    assert report.sandbox_left_out(runs) == ["/a", "/b"]
+    assert report.sandbox_left_out([run()]) == []
+    shards = []
+    for name, points in (("root", ["/b"]), ("suid,userns", ["/a", "/b"])):
+        doc = json.loads(sessions[name].read_text())
+        doc["environment"]["sandbox_left_out"] = points
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(doc))
+        shards.append(path)
+    proc = _merge(*shards, out=tmp_path / "merged")
+    assert proc.returncode == 0, proc.stderr
+    merged = render.load(tmp_path / "merged" / "conformance.json")
+    assert report.validate(merged) == []
+    assert merged["environment"]["sandbox_left_out"] == ["/a", "/b"]
+    for page in ("summary.md", "report.html"):
+        assert (
+            "sandbox left out (empty read-only directories): /a, /b"
+            in (tmp_path / "merged" / page).read_text()
+        )
