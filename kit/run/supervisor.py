@@ -289,9 +289,7 @@ class Supervisor:
         os.write(result_fd, f"started {pid} {run_dir}{seen}\n".encode())
         self.listener, info = seccomp.receive_listener(filter_here, req.run_timeout)
         filter_here.close()
-        store = current().store if current().name == "fake" else None  # the model's
-        if store is not None:
-            store.waiting = self._answer_while_the_model_is_locked
+        current().while_model_locked(self._answer_while_the_model_is_locked)
         self.emit(
             "seccomp_filter",
             **{k: info[k] for k in ("filter", "syscalls", "error", "reason") if k in info},
@@ -299,8 +297,7 @@ class Supervisor:
         status = self.collect(reader, pid)
         self._attribute_answered()  # a read cut short (the run's end or a timeout)
         self._drain_notifications()
-        if store is not None:
-            store.waiting = None
+        current().while_model_locked(None)
         reader.close()
         seccomp.resolve_rpc_methods(self.events)
         code, reason = self.exit_code(status)

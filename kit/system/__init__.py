@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from kit.ledger import probe
@@ -70,6 +70,10 @@ class System:
         """The pids the backend's model gives process ``kernel_pid`` (none: the kernel's
         NSpid is the truth)."""
         return set()
+
+    def while_model_locked(self, callback: Callable[[], None] | None) -> None:
+        """What the caller does while another process holds the backend's model (None:
+        wait). Only a modelled backend has one: the kernel is never locked."""
 
 
 class RealSystem(System):

@@ -350,6 +350,10 @@ class FakeSystem(System):
             _active = None
         self._store.remove()
 
+    def while_model_locked(self, callback: Callable[[], None] | None) -> None:
+        """``callback`` runs between attempts to take the model's lock (see ``Store.waiting``)."""
+        self._store.waiting = callback
+
     # -- internals ------------------------------------------------------------------------------
     @property
     def store(self) -> Store:
