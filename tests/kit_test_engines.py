@@ -317,6 +317,49 @@ class PidfdMonitorEngine(ReferenceEngine):
             os.close(pidfd)
 
 
+class GreedyReaperEngine(ReferenceEngine):
+    """The reference engine whose monitor polls ``waitpid(pid, WNOHANG)`` in a busy loop and
+    keeps the GIL for a second at a time (``sys.setswitchinterval``): the master's start
+    waiter, woken by the exec, cannot read the container's name before the monitor could
+    reap it. Its poll is its own choice; the run must still see the exec. ``shape``: the
+    wait call it reaps with."""
+
+    engine_name = "test-greedy-reaper"
+    rpc_methods = ReferenceRPC
+    shape = "waitpid"
+
+    def monitor_container(self, pid, signals):  # type: ignore[no-untyped-def]
+        import sys
+
+        sys.setswitchinterval(1.0)
+        while True:
+            while not signals.empty():
+                sig = signals.get(timeout=0)
+                if sig in FORWARDED_SIGNALS:
+                    os.kill(pid, sig)
+            if self.shape == "waitid":
+                found = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG)
+                if found is not None:
+                    if found.si_code == os.CLD_EXITED:
+                        return found.si_status << 8
+                    return found.si_status  # killed: the signal's number
+            else:
+                wait = os.wait4 if self.shape == "wait4" else os.waitpid
+                got = wait(pid, os.WNOHANG)
+                if got[0] == pid:
+                    return got[1]
+
+
+class GreedyWait4ReaperEngine(GreedyReaperEngine):
+    engine_name = "test-greedy-reaper-wait4"
+    shape = "wait4"
+
+
+class GreedyWaitidReaperEngine(GreedyReaperEngine):
+    engine_name = "test-greedy-reaper-waitid"
+    shape = "waitid"
+
+
 class NoCapabilitiesConfiguredEngine(ReferenceEngine):
     """The reference engine that never calls ``set_capabilities``: every set is unset, which
     SPEC §5 says means empty at exec, the bounding set included."""

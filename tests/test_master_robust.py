@@ -364,3 +364,73 @@ def test_the_creation_watch_tells_a_dead_container_by_a_pidfd_above_fd_setsize()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert reasons == [f"the container process (pid {pid}) died: exit code 3"], reasons
     assert fake.watching is None and fake._unwatched == [(high, -1)]
+
+
+@pytest.mark.parametrize("shape", ["", "Wait4", "Waitid"])
+def test_a_monitor_reaping_before_the_start_waiter_looks_does_not_hide_the_exec(shape):
+    # The monitor keeps the GIL while it polls: without the master holding its reap until
+    # the exec is told from a death, the payload's quick exit was reaped first and the run
+    # said "stage 2 died before exec", without post_start_process.
+    result = run(f"kit_test_engines:Greedy{shape}ReaperEngine", "root", ["/bin/sh", "-c", "exit 7"])
+    assert result.exit_code == 7, result
+    assert not result.ledger.select("stage2_failed"), result.ledger.select("stage2_failed")
+    assert result.ledger.select("stage2_exec")
+    assert result.ledger.select("hook_return", hook="post_start_process")
+
+
+def test_engine_code_cannot_reap_the_exited_container_before_its_exec_is_checked():
+    # Master._hold_reaping, fed the race it is for: the container has exited (a zombie)
+    # and the start waiter has not looked at it yet. Every call of the wait family that
+    # could reap it waits until the exec is checked; calls that cannot (another pid,
+    # WNOWAIT) and calls after the check go through at once.
+    import threading
+    from types import SimpleNamespace
+
+    from conftest import in_child
+
+    from kit.starter import master as m
+
+    def zombie() -> int:
+        pid = os.fork()
+        if pid == 0:
+            os._exit(7)
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped
+        return pid
+
+    def body() -> dict:
+        me = object.__new__(m.Master)
+        me.pid = zombie()
+        me.exec_checked = threading.Event()
+        me.starter = SimpleNamespace(req=SimpleNamespace(hook_timeout=30.0))
+        me._hold_reaping()
+        other = zombie()
+        out: dict = {"other": os.waitpid(other, os.WNOHANG)[1] >> 8}
+        out["peek"] = os.waitid(os.P_PID, me.pid, os.WEXITED | os.WNOWAIT).si_pid == me.pid
+        calls = {
+            "waitpid": lambda: os.waitpid(me.pid, os.WNOHANG)[1],
+            "waitpid_any": lambda: os.waitpid(-1, os.WNOHANG)[1],
+            "wait4": lambda: os.wait4(me.pid, os.WNOHANG)[1],
+            "wait": lambda: os.wait()[1],
+            "wait3": lambda: os.wait3(os.WNOHANG)[1],
+            "waitid": lambda: os.waitid(os.P_PID, me.pid, os.WEXITED | os.WNOHANG).si_status << 8,
+            "waitid_all": lambda: os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG).si_status << 8,
+        }
+        for name, call in calls.items():
+            me.exec_checked.clear()
+            got: list[int] = []
+            thread = threading.Thread(target=lambda c=call, g=got: g.append(c()))
+            thread.start()
+            thread.join(0.3)
+            held = thread.is_alive() and not got
+            me.exec_checked.set()
+            thread.join(30)
+            out[name] = (held, got[0] >> 8 if got else None)
+            me.pid = zombie()  # the next call's own container
+        os.waitpid(me.pid, 0)
+        return out
+
+    out = in_child(body)
+    assert "ok" in out, out
+    got = out["ok"]
+    assert (got.pop("other"), got.pop("peek")) == (7, True)
+    assert got == {name: [True, 7] for name in got}, got

@@ -7,6 +7,7 @@ import errno
 import functools
 import os
 import queue
+import resource
 import select
 import signal
 import socket
@@ -39,6 +40,10 @@ from kit.starter.config import StarterConfig
 from kit.starter.control import Control
 from kit.system import linux
 from kit.system.linux import dup_high, fd_base, move_high
+
+#: ``os``'s wait family as the kit imported it: the master replaces it for engine code
+#: (Master._hold_reaping), not for its own calls.
+_waitpid, _wait4, _wait, _wait3, _waitid = os.waitpid, os.wait4, os.wait, os.wait3, os.waitid
 
 if TYPE_CHECKING:
     from kit.starter.stage1 import Starter
@@ -191,6 +196,7 @@ class Master:
             os.waitpid(self.pid, 0)
             return EXIT_FATAL
         self.engine = engine
+        self._hold_reaping()
         self._open_wake_pipe()
         self._open_signalfd()
         ended = [threading.Event() for _ in range(3)]
@@ -274,7 +280,7 @@ class Master:
         if not sentinel:
             return
         try:
-            os.waitpid(sentinel, 0)
+            _waitpid(sentinel, 0)
         except ChildProcessError:
             self.ledger.emit(
                 "foreign_reap",
@@ -315,7 +321,7 @@ class Master:
             if kind == "monitor_failed":
                 break
         try:
-            _, status = os.waitpid(self.pid, 0)
+            _, status = _waitpid(self.pid, 0)  # the kit's own: not held (_hold_reaping)
             return status
         except ChildProcessError:
             return None
@@ -545,9 +551,57 @@ class Master:
         if info.si_signo == signal.SIGCHLD and info.si_pid == self.pid:
             self.container_sigchld.set()
 
+    def _hold_reaping(self) -> None:
+        """Until the start waiter has told exec from death, a call of ``os``'s wait family
+        that could reap the exited container waits for it (a hook timeout at most).
+
+        The start waiter tells them apart by the container's name, which a reaped process no
+        longer has: a monitor polling ``waitpid(pid, WNOHANG)`` (the reference's) on a loaded
+        machine reaped a payload that had exited at once, and the run said stage 2 died
+        before exec and skipped post_start_process. The held SIGCHLD (``_on_signal``) covers
+        only monitors that wait for the signal. The master process ends with the run, so
+        the replaced functions are never put back."""
+
+        def hold(could_reap_it: bool) -> None:
+            if not could_reap_it or self.exec_checked.is_set():
+                return
+            try:
+                exited = _waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return  # reaped already: nothing left to hold
+            if exited is not None:
+                self.exec_checked.wait(self.starter.req.hook_timeout)
+
+        def its(pid: int) -> bool:  # this pid, any child, or a process group
+            return pid == self.pid or pid <= 0
+
+        def waitpid(pid: int, options: int, /) -> tuple[int, int]:
+            hold(its(pid))
+            return _waitpid(pid, options)
+
+        def wait4(pid: int, options: int) -> tuple[int, int, resource.struct_rusage]:
+            hold(its(pid))
+            return _wait4(pid, options)
+
+        def wait() -> tuple[int, int]:
+            hold(True)
+            return _wait()
+
+        def wait3(options: int) -> tuple[int, int, resource.struct_rusage]:
+            hold(True)
+            return _wait3(options)
+
+        def waitid(idtype: int, ident: int, options: int, /) -> os.waitid_result | None:
+            reaps = not options & os.WNOWAIT
+            hold(reaps and (idtype != os.P_PID or ident == self.pid))
+            return _waitid(idtype, ident, options)
+
+        os.waitpid, os.wait4, os.wait, os.wait3 = waitpid, wait4, wait, wait3
+        os.waitid = waitid
+
     def _container_exited(self) -> bool:
         try:
-            found = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            found = _waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:
             return True  # already reaped by the engine
         return found is not None
