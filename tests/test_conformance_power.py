@@ -456,3 +456,75 @@ def test_the_exec_model_matches_the_kernel_for_root_with_an_ambient_capability()
         linux.ambient_raise(linux.CAPABILITIES.index("CAP_NET_BIND_SERVICE"))
 
     assert _exec_and_compare(prepare) == []
+
+
+class _Lifecycle:
+    """The ``lifecycle`` fixture over made-up runs: a scenario not given is one the engine
+    cannot have (None), ``skipped`` one the machine cannot prepare (a skip)."""
+
+    def __init__(self, runs, skipped=()):
+        self.runs, self.skipped = runs, set(skipped)
+
+    def optional(self, name):
+        import pytest
+
+        if name in self.skipped:
+            pytest.skip(f"not configured: {name}")
+        return self.runs.get(name)
+
+    def __call__(self, name):
+        return self.runs[name]
+
+
+def test_a_setuid_master_hook_wrong_only_after_a_failure_breaks_priv_master_002():
+    # the zoo's cleanup-after-failure-keeps-cap: clean in the default run, effective
+    # CAP_DAC_OVERRIDE at cleanup_container's return after the kit failed create_container
+    clean = snapshot(uid=(U, U, 0, U), prm=("CAP_DAC_OVERRIDE",))
+    raised = snapshot(uid=(U, U, 0, U), eff=("CAP_DAC_OVERRIDE",), prm=("CAP_DAC_OVERRIDE",))
+
+    def master(scenario, at_return):
+        return make_run(
+            "suid",
+            [
+                hook(
+                    "hook_enter",
+                    "master",
+                    "cleanup_container",
+                    clean,
+                    escalation={"host_escalation": True},
+                ),
+                hook("hook_return", "master", "cleanup_container", at_return),
+            ],
+            scenario=scenario,
+        )
+
+    failure = checks.fault_scenario("ERR-002")
+    assert failure in checks.PRIVILEGE_SCENARIOS and "signals" in checks.PRIVILEGE_SCENARIOS
+    runs = {"default": master("default", clean), failure: master(failure, raised)}
+    lifecycle = _Lifecycle(runs, skipped={"signals"})  # a skipped scenario hides nothing
+    verify = checks.Verifier("suid", ["PRIV-MASTER-002"], "t")
+    checks.check_privileges_in_every_run(verify, lifecycle)
+    (violation,) = verify.violations["PRIV-MASTER-002"]
+    assert violation.run is runs[failure]
+    assert violation.observed.startswith("thread 10: effective [CAP_DAC_OVERRIDE]")
+    # the default run alone, as before: nothing to see
+    verify = checks.Verifier("suid", ["PRIV-MASTER-002"], "t")
+    checks.check_privileges_in_every_run(verify, _Lifecycle({"default": runs["default"]}))
+    assert not verify.violations["PRIV-MASTER-002"] and verify.checks["PRIV-MASTER-002"] == 2
+
+
+def test_a_role_an_error_path_leaves_out_is_required_in_the_default_run_only():
+    # stage 2 never starts after create_container failed: no hook of it in that run
+    stage2 = snapshot(uid=(U, U, U, U), bnd=(), nnp=True)
+    default = make_run("suid", [hook("hook_enter", "stage2", "start_process", stage2)])
+    failure = checks.fault_scenario("ERR-002")
+    no_stage2 = make_run("suid", [], scenario=failure)
+    verify = checks.Verifier("suid", ["PRIV-STAGE2-003"], "t")
+    checks.check_privileges_in_every_run(
+        verify, _Lifecycle({"default": default, failure: no_stage2})
+    )
+    assert not verify.violations["PRIV-STAGE2-003"]
+    verify = checks.Verifier("suid", ["PRIV-STAGE2-003"], "t")
+    checks.check_privileges_in_every_run(verify, _Lifecycle({"default": no_stage2}))
+    (violation,) = verify.violations["PRIV-STAGE2-003"]
+    assert violation.observed == "no hook of the stage2 was recorded"

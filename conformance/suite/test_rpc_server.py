@@ -2,7 +2,8 @@
 
 from conformance import flows, requirement, scenarios
 from conformance.checks import (
-    check_privileges,
+    PRIVILEGE_SCENARIOS,
+    check_privileges_in_every_run,
     check_rpc_calls_during_create,
     check_rpc_method_names,
     check_rpc_methods_restore_credentials,
@@ -15,25 +16,25 @@ from conformance.expectations import privilege_flows
 
 @requirement("PRIV-RPC-001")
 @flows(*privilege_flows("PRIV-RPC-001"))
-@scenarios("default")
+@scenarios(*PRIVILEGE_SCENARIOS)
 def test_rpc_server_runs_with_the_uids_of_the_flow(lifecycle, verify):
-    check_privileges(verify, lifecycle("default"))
+    check_privileges_in_every_run(verify, lifecycle)
 
 
 @requirement("PRIV-RPC-002")
 @flows(*privilege_flows("PRIV-RPC-002"))
-@scenarios("default")
+@scenarios(*PRIVILEGE_SCENARIOS)
 def test_setuid_rpc_server_has_only_cap_sys_admin_effective_and_a_small_bounding_set(
     lifecycle, verify
 ):
-    check_privileges(verify, lifecycle("default"))
+    check_privileges_in_every_run(verify, lifecycle)
 
 
 @requirement("PRIV-RPC-003")
 @flows(*privilege_flows("PRIV-RPC-003"))
-@scenarios("default")
+@scenarios(*PRIVILEGE_SCENARIOS)
 def test_rpc_server_of_the_user_namespace_flows_has_no_host_privilege(lifecycle, verify):
-    check_privileges(verify, lifecycle("default"))
+    check_privileges_in_every_run(verify, lifecycle)
 
 
 @requirement("PRIV-RPC-004")

@@ -1,36 +1,41 @@
 """Stage 2 (start_process) and the payload: privileges in each flow (SPEC §4)."""
 
 from conformance import flows, requirement, scenarios
-from conformance.checks import check_payload, check_payload_fds, check_privileges
+from conformance.checks import (
+    PRIVILEGE_SCENARIOS,
+    check_payload,
+    check_payload_fds,
+    check_privileges_in_every_run,
+)
 from conformance.expectations import privilege_flows
 
 
 @requirement("PRIV-STAGE2-001")
 @flows(*privilege_flows("PRIV-STAGE2-001"))
-@scenarios("default")
+@scenarios(*PRIVILEGE_SCENARIOS)
 def test_stage_2_runs_with_the_target_ids_of_the_flow(lifecycle, verify):
-    check_privileges(verify, lifecycle("default"))
+    check_privileges_in_every_run(verify, lifecycle)
 
 
 @requirement("PRIV-STAGE2-002")
 @flows(*privilege_flows("PRIV-STAGE2-002"))
-@scenarios("default")
+@scenarios(*PRIVILEGE_SCENARIOS)
 def test_stage_2_has_exactly_the_configured_capabilities(lifecycle, verify):
-    check_privileges(verify, lifecycle("default"))
+    check_privileges_in_every_run(verify, lifecycle)
 
 
 @requirement("PRIV-STAGE2-003")
 @flows(*privilege_flows("PRIV-STAGE2-003"))
-@scenarios("default")
+@scenarios(*PRIVILEGE_SCENARIOS)
 def test_setuid_stage_2_has_no_new_privs_set(lifecycle, verify):
-    check_privileges(verify, lifecycle("default"))
+    check_privileges_in_every_run(verify, lifecycle)
 
 
 @requirement("PRIV-STAGE2-004")
 @flows(*privilege_flows("PRIV-STAGE2-004"))
-@scenarios("default")
+@scenarios(*PRIVILEGE_SCENARIOS)
 def test_stage_2_of_the_user_namespace_flows_has_no_host_privilege(lifecycle, verify):
-    check_privileges(verify, lifecycle("default"))
+    check_privileges_in_every_run(verify, lifecycle)
 
 
 @requirement("PRIV-PAYLOAD-001")

@@ -16,7 +16,8 @@ Areas: :mod:`.privileges` (stage 1, master, RPC server, stage 2, payload),
 :mod:`.signals`, :mod:`.cleanup`, :mod:`.state`, :mod:`.join`, :mod:`.mechanisms` (rules a
 first mutant breaks, broken by another mechanism: a helper thread, a raw system call, a nested
 value, a symlink, another field), :mod:`.host` (changes of the host that outlive the run),
-:mod:`.syscalls` (system calls the kit refuses) and :mod:`.gaps` (known survivors: bugs the
+:mod:`.syscalls` (system calls the kit refuses), :mod:`.priv` (privilege bugs on an error
+path or a forwarded signal) and :mod:`.gaps` (known survivors: bugs the
 suite cannot see yet, with the reason).
 
 :mod:`.starter` holds the starter mutants: the reference engine run by a kit with one bug, for
@@ -38,6 +39,7 @@ from mutants.zoo import (
     lifecycle,
     mechanisms,
     namespaces,
+    priv,
     privileges,
     signals,
     starter,
@@ -70,6 +72,7 @@ ENGINE_MUTANTS: tuple[type[Mutant], ...] = (
     *mechanisms.MUTANTS,
     *host.MUTANTS,
     *syscalls.MUTANTS,
+    *priv.MUTANTS,
 )
 #: Starter mutants: each registered only through its own spec (:func:`engine_spec`).
 STARTER_MUTANTS: tuple[type[Mutant], ...] = starter.MUTANTS
