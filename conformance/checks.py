@@ -893,8 +893,9 @@ def exec_credential(stage2: dict[str, Any], securebits: Any) -> dict[str, Any]:
 
 def exec_changes(stage2: dict[str, Any], payload: dict[str, Any], securebits: Any) -> list[str]:
     """How the payload's credential differs from what exec derives from stage 2's at
-    start_process: ids, groups, no_new_privs and seccomp exactly; each capability set at
-    most the derived one (the kit may still narrow it, never widen it)."""
+    start_process: ids, groups, no_new_privs, seccomp and each capability set exactly (the
+    derivation is the kernel's; a set narrower than it means start_process changed the
+    credential, e.g. set SECBIT_NOROOT or dropped a bounding capability, before the exec)."""
     want = exec_credential(stage2, securebits)
     out = [
         f"{name} {payload.get(name)} (exec gives {want[name]})"
@@ -908,6 +909,12 @@ def exec_changes(stage2: dict[str, Any], payload: dict[str, Any], securebits: An
         if extra:
             out.append(
                 f"{kind} capabilities {_caps_text(extra)} beyond what exec gives "
+                f"{_caps_text(allowed)}"
+            )
+        missing = sorted(set(allowed) - set(payload["caps"][kind]))
+        if missing:
+            out.append(
+                f"{kind} capabilities without {_caps_text(missing)} that exec gives "
                 f"{_caps_text(allowed)}"
             )
     return out

@@ -325,7 +325,7 @@ def _exec_and_compare(prepare) -> list[str]:
         securebits = linux.get_securebits()
         derived = checks.exec_credential(before, securebits)["caps"]
         actual = {kind: sorted(names) for kind, names in after["caps"].items()}
-        # The model is exact here (the check itself only requires "at most").
+        # The model is exact here, as the check requires.
         return checks.exec_changes(before, after, securebits) + (
             [f"model {derived} != kernel {actual}"] if derived != actual else []
         )
@@ -528,3 +528,27 @@ def test_a_role_an_error_path_leaves_out_is_required_in_the_default_run_only():
     checks.check_privileges_in_every_run(verify, _Lifecycle({"default": no_stage2}))
     (violation,) = verify.violations["PRIV-STAGE2-003"]
     assert violation.observed == "no hook of the stage2 was recorded"
+
+
+def test_a_payload_with_less_than_exec_gives_breaks_priv_payload_003():
+    # the zoo's start-process-noroot and start-process-drops-bounding: a root stage 2 whose
+    # payload lacks what exec gives root (bounding | inheritable)
+    root = _thread(uid=(0, 0, 0, 0), gid=(0, 0, 0, 0), prm=("CAP_CHOWN",), eff=("CAP_CHOWN",))
+    nothing = _thread(uid=(0, 0, 0, 0), gid=(0, 0, 0, 0))
+    changes = checks.exec_changes(root, nothing, 0)
+    assert "permitted capabilities without [CAP_CHOWN, CAP_KILL] that exec gives" in " ".join(
+        changes
+    )
+    assert checks.exec_changes(root, nothing, checks._SECBIT_NOROOT) == []  # set before
+    narrower = _thread(
+        uid=(0, 0, 0, 0),
+        gid=(0, 0, 0, 0),
+        prm=("CAP_CHOWN",),
+        eff=("CAP_CHOWN",),
+        bnd=("CAP_CHOWN",),
+    )
+    assert [c.split(" capabilities")[0] for c in checks.exec_changes(root, narrower, 0)] == [
+        "effective",
+        "permitted",
+        "bounding",
+    ]

@@ -17,7 +17,7 @@ Areas: :mod:`.privileges` (stage 1, master, RPC server, stage 2, payload),
 first mutant breaks, broken by another mechanism: a helper thread, a raw system call, a nested
 value, a symlink, another field), :mod:`.host` (changes of the host that outlive the run),
 :mod:`.syscalls` (system calls the kit refuses), :mod:`.priv` (privilege bugs on an error
-path or a forwarded signal) and :mod:`.gaps` (known survivors: bugs the
+path, a forwarded signal or at exec) and :mod:`.gaps` (known survivors: bugs the
 suite cannot see yet, with the reason).
 
 :mod:`.starter` holds the starter mutants: the reference engine run by a kit with one bug, for

@@ -1,4 +1,4 @@
-"""Privilege mutants (SPEC §4) wrong only on an error path or when a signal is forwarded."""
+"""Privilege mutants (SPEC §4) on an error path, a forwarded signal, or narrowing exec."""
 
 from __future__ import annotations
 
@@ -8,6 +8,10 @@ from kit.contract import Context, SignalChannel, WaitStatus
 from kit.system import current, linux
 from mutants.zoo.base import Mutant
 from reference_engines.minimal.engine import FORWARDED_SIGNALS, MONITOR_POLL
+
+#: prctl(2) PR_SET_SECUREBITS, and the bit that makes exec ignore uid 0 for capabilities.
+PR_SET_SECUREBITS = 28
+SECBIT_NOROOT = 1 << 0
 
 
 def _setuid_master() -> bool:
@@ -67,7 +71,45 @@ class MonitorForwardingKeepsCapability(Mutant):
                 return status
 
 
+class StartProcessSetsNoRoot(Mutant):
+    slug = "start-process-noroot"
+    bug = (
+        "start_process (root flow) 'hardens' the payload with SECBIT_NOROOT before the exec: "
+        "the uid-0 payload gets none of the capabilities stage 2 was configured with"
+    )
+    killed_by = ("PRIV-PAYLOAD-003",)
+    flows = ("root",)
+    mechanism = "other-field"
+
+    def start_process(self, master_fd: int) -> None:
+        try:
+            linux.prctl(PR_SET_SECUREBITS, SECBIT_NOROOT)
+        except OSError:
+            pass  # no CAP_SETPCAP (or the fake backend): nothing to harden
+        super().start_process(master_fd)
+
+
+class StartProcessDropsBounding(Mutant):
+    slug = "start-process-drops-bounding"
+    bug = (
+        "start_process (root flow) drops CAP_MKNOD from the bounding set before the exec: the "
+        "payload lacks a capability stage 2 was configured with"
+    )
+    killed_by = ("PRIV-PAYLOAD-003",)
+    flows = ("root",)
+    mechanism = "direct"
+
+    def start_process(self, master_fd: int) -> None:
+        try:
+            linux.bounding_drop(linux.CAP_NUMBERS["CAP_MKNOD"])
+        except OSError:
+            pass  # no CAP_SETPCAP (or the fake backend): nothing to drop
+        super().start_process(master_fd)
+
+
 MUTANTS: tuple[type[Mutant], ...] = (
     CleanupAfterFailureKeepsCapability,
     MonitorForwardingKeepsCapability,
+    StartProcessSetsNoRoot,
+    StartProcessDropsBounding,
 )
