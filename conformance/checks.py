@@ -477,11 +477,35 @@ class _CapsRule(PrivilegeRule):
 
 @_rule("hook", X.Caps, "full")
 class FullCapsRule(_CapsRule):
+    # Full is what the kit gave the process: the sets agree and none lost a capability since
+    # the first hook entry of the process (taken before any of its hooks ran), else a hook
+    # that drops a capability from every set alike would pass.
     def wrong(self, thread: dict[str, Any], seen: Seen) -> bool:
         caps = thread["caps"]
-        return not caps["bounding"] or not (
-            set(caps["effective"]) == set(caps["permitted"]) == set(caps["bounding"])
+        return (
+            not caps["bounding"]
+            or not set(caps["effective"]) == set(caps["permitted"]) == set(caps["bounding"])
+            or bool(self._given(seen) - set(caps["bounding"]))
         )
+
+    def _given(self, seen: Seen) -> set[str]:
+        first = seen.facts.first_snapshot((seen.event or {}).get("role") or "")
+        threads = (first or {}).get("threads") or []
+        return set(threads[0]["caps"]["bounding"]) if threads else set()
+
+    def expected(self, seen: Seen) -> str:
+        given = sorted(self._given(seen))
+        return f"{self.describe()}, none lost since the first hook ({len(given)} capabilities)"
+
+    def check(self, seen: Seen) -> Problem | None:
+        problem = super().check(seen)
+        bad = next((t for t in seen.threads if self.wrong(t, seen)), None)
+        if problem is None or bad is None:
+            return problem
+        lost = sorted(self._given(seen) - set(bad["caps"]["bounding"]))
+        if not lost:
+            return problem
+        return Problem(problem.expected, f"{problem.observed}; lost {_caps_text(lost)}")
 
 
 @_rule("hook", X.Caps, "none")

@@ -552,3 +552,24 @@ def test_a_payload_with_less_than_exec_gives_breaks_priv_payload_003():
         "permitted",
         "bounding",
     ]
+
+
+def test_stage_1_dropping_a_capability_from_every_set_breaks_priv_stage1_002():
+    # the zoo's stage1-drops-cap-everywhere: effective = permitted = bounding still, but
+    # CAP_SYS_ADMIN is gone from all three since config's entry (what the kit gave stage 1)
+    full = ("CAP_CHOWN", "CAP_SYS_ADMIN")
+    given = snapshot(uid=(0, 0, 0, 0), eff=full, prm=full, bnd=full)
+    less = snapshot(uid=(0, 0, 0, 0), eff=full[:1], prm=full[:1], bnd=full[:1])
+    run = make_run(
+        "root",
+        [
+            hook("hook_enter", "stage1", "config", given),
+            hook("hook_enter", "stage1", "prepare_config", given),
+            hook("hook_return", "stage1", "prepare_config", less),
+        ],
+    )
+    verify = checks.Verifier("root", ["PRIV-STAGE1-002"], "t")
+    checks.check_privileges(verify, run)
+    (violation,) = verify.violations["PRIV-STAGE1-002"]
+    assert violation.observed.endswith("; lost [CAP_SYS_ADMIN]")
+    assert "none lost since the first hook (2 capabilities)" in violation.expected

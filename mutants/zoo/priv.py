@@ -1,10 +1,11 @@
-"""Privilege mutants (SPEC §4) on an error path, a forwarded signal, or narrowing exec."""
+"""Privilege mutants (SPEC §4) the suite let through: error paths, signals, exec, stage 1."""
 
 from __future__ import annotations
 
 import os
 
 from kit.contract import Context, SignalChannel, WaitStatus
+from kit.starter.config import StarterConfig
 from kit.system import current, linux
 from mutants.zoo.base import Mutant
 from reference_engines.minimal.engine import FORWARDED_SIGNALS, MONITOR_POLL
@@ -107,9 +108,29 @@ class StartProcessDropsBounding(Mutant):
         super().start_process(master_fd)
 
 
+class Stage1DropsCapabilityEverywhere(Mutant):
+    slug = "stage1-drops-cap-everywhere"
+    bug = (
+        "prepare_config (root flow) drops CAP_NET_RAW 'early' from its bounding, permitted and "
+        "effective sets alike: the sets still agree, but stage 1 no longer has full capabilities"
+    )
+    killed_by = ("PRIV-STAGE1-002",)
+    flows = ("root",)
+    mechanism = "other-field"
+
+    def prepare_config(self, starter_config: StarterConfig) -> None:
+        super().prepare_config(starter_config)
+        if starter_config.flow == "root":
+            drop = 1 << linux.CAP_NUMBERS["CAP_NET_RAW"]
+            current().limit_bounding(~drop & (1 << linux.cap_last() + 1) - 1)
+            effective, permitted, inheritable = current().capabilities()
+            current().set_capabilities(effective & ~drop, permitted & ~drop, inheritable & ~drop)
+
+
 MUTANTS: tuple[type[Mutant], ...] = (
     CleanupAfterFailureKeepsCapability,
     MonitorForwardingKeepsCapability,
     StartProcessSetsNoRoot,
     StartProcessDropsBounding,
+    Stage1DropsCapabilityEverywhere,
 )
