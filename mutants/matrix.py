@@ -98,8 +98,6 @@ MECHANISM_EXCEPTIONS: dict[str, str] = {
     "namespace flags)",
     "ORDER-009": "the starter calls post_start_process; an engine makes it run twice only by "
     "calling it itself (the mutant)",
-    "ORDER-011": "the starter calls cleanup_container; an engine breaks its count or order "
-    "only by ending the master (the mutant)",
     "ORDER-013": "the starter calls these hooks; an engine breaks the count only by blocking "
     "the run (the mutant)",
     "RPC-001": "a call outside create_container needs a connection that outlives it: a "

@@ -17,7 +17,8 @@ Areas: :mod:`.privileges` (stage 1, master, RPC server, stage 2, payload),
 first mutant breaks, broken by another mechanism: a helper thread, a raw system call, a nested
 value, a symlink, another field), :mod:`.host` (changes of the host that outlive the run),
 :mod:`.syscalls` (system calls the kit refuses), :mod:`.priv` (privilege bugs on an error
-path, a forwarded signal or at exec) and :mod:`.gaps` (known survivors: bugs the
+path, a forwarded signal or at exec), :mod:`.ns` (bugs of blind engines in namespaces, order
+and flows) and :mod:`.gaps` (known survivors: bugs the
 suite cannot see yet, with the reason).
 
 :mod:`.starter` holds the starter mutants: the reference engine run by a kit with one bug, for
@@ -39,6 +40,7 @@ from mutants.zoo import (
     lifecycle,
     mechanisms,
     namespaces,
+    ns,
     priv,
     privileges,
     signals,
@@ -73,6 +75,7 @@ ENGINE_MUTANTS: tuple[type[Mutant], ...] = (
     *host.MUTANTS,
     *syscalls.MUTANTS,
     *priv.MUTANTS,
+    *ns.MUTANTS,
 )
 #: Starter mutants: each registered only through its own spec (:func:`engine_spec`).
 STARTER_MUTANTS: tuple[type[Mutant], ...] = starter.MUTANTS

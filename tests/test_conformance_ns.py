@@ -1,0 +1,56 @@
+"""The namespace, order and flow checks (SPEC §2, §3, §5) fed the violations blind engines made."""
+
+from __future__ import annotations
+
+from test_conformance_units import hook, make_run, snapshot
+
+from conformance import checks
+from conformance import expectations as X
+from conformance.scenario import fault_scenario
+
+
+def _cleanup(caller: str | None, fatal: object) -> dict:
+    extra = {"caller": caller} if caller else {}
+    return hook(
+        "hook_enter",
+        "master",
+        "cleanup_container",
+        snapshot(uid=(0, 0, 0, 0)),
+        args={"fatal": fatal, "status": 9},
+        **extra,
+    )
+
+
+def _create_failed_run(*cleanups: dict):
+    snap = snapshot(uid=(0, 0, 0, 0))
+    fatal = {"type": "InjectedFault", "message": "container creation failed: injected"}
+    return make_run(
+        "root",
+        [
+            hook("hook_enter", "master", "create_container", snap),
+            hook("hook_raise", "master", "create_container", snap),
+            {"kind": "fatal", "role": "master", "message": fatal["message"]},
+            *[
+                c if c.get("caller") else {**c, "args": {"fatal": fatal, "status": 9}}
+                for c in cleanups
+            ],
+        ],
+        exit_code=255,
+        scenario=fault_scenario("ERR-002"),
+    )
+
+
+def test_a_cleanup_the_engine_calls_itself_breaks_order_011_in_a_failed_run():
+    run = _create_failed_run(_cleanup("engine", None), _cleanup(None, None))
+    verify = checks.Verifier("root", ["ORDER-011"], "t")
+    checks.check_rules(verify, run, only=(X.Count,))
+    (violation,) = verify.violations["ORDER-011"]
+    assert violation.observed.startswith("2 recorded")
+
+
+def test_the_kit_error_path_judges_only_the_kits_own_cleanup_call():
+    # The engine's extra call (fatal None, first) is ORDER-011's, not the kit's ERR-002.
+    run = _create_failed_run(_cleanup("engine", None), _cleanup(None, None))
+    verify = checks.Verifier("root", ["ERR-002"], "t")
+    checks.check_error_path(verify, run)
+    assert not verify.violations.get("ERR-002"), verify.render("ERR-002")
