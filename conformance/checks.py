@@ -1668,23 +1668,25 @@ def check_user_ns_map(verify: Verifier, run: Run) -> None:
     run = verify.used(run.usable())
     facts = Facts(run)
     inside_sym, _ = X.USER_NS_MAP[run.flow]
-    inside = facts.uid if inside_sym == X.INVOKER else 0
-    if inside is None:
+    if facts.uid is None or facts.gid is None:
         raise SuiteError(f"run {run.id}: its run_start event names no invoking user")
     stage2 = _stage2_event(run)
     if stage2 is None:
         verify.fail(requirement, expected="stage 2 hooks", observed="none", run=run)
         return
-    idmap = _snapshot(stage2)["uid_map"]
-    ok = to_host(inside, idmap) == facts.uid
-    verify.check(
-        requirement,
-        ok,
-        expected=f"a uid map of {inside} to U ({facts.uid})",
-        observed=f"uid_map {idmap}",
-        run=run,
-        event=stage2,
-    )
+    # "map U→U" (userns) and "map 0→U" (fakeroot, hybrid) are about U's gid as much as its
+    # uid: a gid map copied from the other flow gives the container U's group under id 0.
+    for name, host_id in (("uid", facts.uid), ("gid", facts.gid)):
+        inside = host_id if inside_sym == X.INVOKER else 0
+        idmap = _snapshot(stage2).get(f"{name}_map") or []
+        verify.check(
+            requirement,
+            to_host(inside, idmap) == host_id,
+            expected=f"a {name} map of {inside} to U's {name} ({host_id})",
+            observed=f"{name}_map {idmap}",
+            run=run,
+            event=stage2,
+        )
 
 
 def check_new_user_ns(verify: Verifier, run: Run) -> None:

@@ -507,7 +507,7 @@ _ENTRIES = (
         "§3",
         "namespaces",
         "The container's user namespace maps U to U in the userns flow and 0 to U in the "
-        "fakeroot and hybrid flows.",
+        "fakeroot and hybrid flows, in its uid map (U's uid) and its gid map (U's gid).",
     ),
     _r(
         "NS-007",

@@ -92,8 +92,6 @@ MECHANISM_EXCEPTIONS: dict[str, str] = {
     "one way; in the userns flow an engine cannot make escalation possible",
     "PRIV-STAGE2-003": "no_new_privs cannot be cleared once set: not asking for it is the one "
     "way to break the rule",
-    "NS-006": "the container's uid map is the StarterConfig's add_uid_mappings, written by "
-    "the starter: a wrong line is the one way",
     "NS-007": "whether the container gets a user namespace is one switch (the StarterConfig's "
     "namespace flags)",
     "ORDER-009": "the starter calls post_start_process; an engine makes it run twice only by "

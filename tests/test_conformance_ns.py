@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from test_conformance_units import hook, make_run, snapshot
+from test_conformance_units import G, U, hook, make_run, snapshot
 
 from conformance import checks
 from conformance import expectations as X
@@ -54,3 +54,22 @@ def test_the_kit_error_path_judges_only_the_kits_own_cleanup_call():
     verify = checks.Verifier("root", ["ERR-002"], "t")
     checks.check_error_path(verify, run)
     assert not verify.violations.get("ERR-002"), verify.render("ERR-002")
+
+
+def _stage2_with_maps(flow: str, uid_map, gid_map):
+    snap = {**snapshot(uid=(U, U, U, U)), "uid_map": uid_map, "gid_map": gid_map}
+    return make_run(flow, [hook("hook_enter", "stage2", "start_process", snap)])
+
+
+def test_a_gid_map_of_the_wrong_flow_breaks_ns_006():
+    good = _stage2_with_maps("userns", [[U, U, 1]], [[G, G, 1]])
+    bad = _stage2_with_maps("userns", [[U, U, 1]], [[0, G, 1]])
+    verify = checks.Verifier("userns", ["NS-006"], "t")
+    checks.check_user_ns_map(verify, good)
+    assert not verify.violations.get("NS-006")
+    checks.check_user_ns_map(verify, bad)
+    (violation,) = verify.violations["NS-006"]
+    assert violation.observed == f"gid_map [[0, {G}, 1]]"
+    fakeroot = checks.Verifier("fakeroot", ["NS-006"], "t")
+    checks.check_user_ns_map(fakeroot, _stage2_with_maps("fakeroot", [[0, U, 1]], [[G, G, 1]]))
+    assert len(fakeroot.violations["NS-006"]) == 1

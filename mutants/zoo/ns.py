@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from kit.contract import Context, SignalChannel, WaitStatus
+from kit.starter.config import StarterConfig
 from mutants.zoo.base import Mutant
 
 
@@ -26,4 +27,20 @@ class CleanupFromMonitor(Mutant):
         return status
 
 
-MUTANTS = (CleanupFromMonitor,)
+class UsernsGidMapRoot(Mutant):
+    slug = "ns-userns-gid-map-root"
+    bug = (
+        "in the userns flow the uid map is U to U, but the gid map, copied from the fakeroot "
+        "branch, maps the container's gid 0 to U's gid"
+    )
+    killed_by = ("NS-006",)
+    mechanism = "partial"
+    flows = ("userns",)
+
+    def prepare_config(self, starter_config: StarterConfig) -> None:
+        super().prepare_config(starter_config)
+        if starter_config.flow == "userns":
+            starter_config.gid_mappings[:] = [[0, starter_config.invoker_gid, 1]]
+
+
+MUTANTS = (CleanupFromMonitor, UsernsGidMapRoot)
