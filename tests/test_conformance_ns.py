@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from test_conformance_units import G, U, hook, make_run, snapshot
+from test_conformance_units import CONTAINER_NS, HOST_NS, G, U, hook, make_run, snapshot
 
-from conformance import checks
+from conformance import checks, requirements
 from conformance import expectations as X
 from conformance.scenario import fault_scenario
 
@@ -73,3 +73,25 @@ def test_a_gid_map_of_the_wrong_flow_breaks_ns_006():
     fakeroot = checks.Verifier("fakeroot", ["NS-006"], "t")
     checks.check_user_ns_map(fakeroot, _stage2_with_maps("fakeroot", [[0, U, 1]], [[G, G, 1]]))
     assert len(fakeroot.violations["NS-006"]) == 1
+
+
+def test_a_user_namespace_asked_for_in_the_root_flow_is_the_engines_ns_004_failure():
+    # The starter accepts a user namespace in the root flow (SPEC §5 rejects one only in
+    # suid without hybrid) and the master joins it: the engine broke NS-004, not the kit.
+    assert requirements.CATALOGUE["NS-004"].subject == requirements.ENGINE
+    root = snapshot(uid=(0, 0, 0, 0))
+    inside = {**root, "ns": {**HOST_NS, "user": CONTAINER_NS["user"]}}
+    container = {**root, "ns": dict(CONTAINER_NS)}
+    run = make_run(
+        "root",
+        [
+            hook("hook_enter", "stage1", "prepare_config", root),
+            {"kind": "starter_config", "role": "starter", "config": {"requests": {}}},
+            hook("hook_enter", "master", "create_container", inside),
+            hook("hook_enter", "stage2", "start_process", container),
+        ],
+    )
+    verify = checks.Verifier("root", ["NS-004"], "t")
+    checks.check_master_user_ns(verify, run)
+    (violation,) = verify.violations["NS-004"]
+    assert violation.observed.startswith(f"user namespace {CONTAINER_NS['user']}")

@@ -43,4 +43,22 @@ class UsernsGidMapRoot(Mutant):
             starter_config.gid_mappings[:] = [[0, starter_config.invoker_gid, 1]]
 
 
-MUTANTS = (CleanupFromMonitor, UsernsGidMapRoot)
+class RootFlowUserns(Mutant):
+    slug = "ns-root-flow-userns"
+    bug = (
+        "a rootless-first engine asks for a user namespace in every flow, the root flow "
+        "included (identity maps): the master and the container leave the host's"
+    )
+    killed_by = ("NS-004", "NS-007")
+    flows = ("root",)
+
+    def prepare_config(self, starter_config: StarterConfig) -> None:
+        super().prepare_config(starter_config)
+        if starter_config.flow == "root":
+            starter_config.set_ns_flags([*starter_config.ns_flags, "user"])
+            starter_config.add_uid_mappings([(0, 0, 2**32 - 1)])
+            starter_config.add_gid_mappings([(0, 0, 2**32 - 1)])
+            starter_config.set_allow_setgroups()  # else stage 2's setgroups fails
+
+
+MUTANTS = (CleanupFromMonitor, UsernsGidMapRoot, RootFlowUserns)
