@@ -179,13 +179,14 @@ def _caught_mask(pid: int) -> int:
 
 @dataclass(frozen=True)
 class JoinScenario(Scenario):
-    """Starts a helper process in new uts and ipc namespaces and asks the engine for a
-    join-only run into them (``conformance_join``)."""
+    """Starts a helper process in new uts, ipc and net namespaces and asks the engine for a
+    join-only run into them (``conformance_join``): every kind the kit's host sandbox lets a
+    run join (``kit.run.sandbox.JOIN_KINDS``), so an engine that drops any of them is seen."""
 
-    join_kinds: tuple[str, ...] = ("uts", "ipc")
+    join_kinds: tuple[str, ...] = ("uts", "ipc", "net")
 
     def start(self, engine: str, flow: str, options: dict[str, Any]) -> tuple[Any, dict]:
-        flags = {"uts": 0x04000000, "ipc": 0x08000000}
+        flags = {"uts": 0x04000000, "ipc": 0x08000000, "net": 0x40000000}
         mask = sum(flags[k] for k in self.join_kinds)
         code = (
             "import ctypes, os, sys\n"
@@ -559,7 +560,7 @@ _LIST: list[Scenario] = [
     ),
     JoinScenario(
         "join",
-        "a join-only run into a helper's uts and ipc namespaces",
+        "a join-only run into a helper's uts, ipc and net namespaces",
         ("/bin/true",),
         0,
         requires=("host_payloads", "join_only"),

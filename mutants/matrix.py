@@ -111,7 +111,6 @@ MECHANISM_EXCEPTIONS: dict[str, str] = {
     "however it is set",
     "CLEAN-002": "one hook (cleanup_container) that raises on partial setup",
     "JOIN-001": "the StarterConfig's join-only switch is the one way",
-    "JOIN-002": "the StarterConfig's namespace paths are the one way",
     **{
         req: "the host diff reads the sandbox's state from outside, after the run: how the "
         "change was made (hook thread, helper thread, child, raw call) does not reach it"

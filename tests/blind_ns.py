@@ -211,3 +211,15 @@ class PrivateNotRecursive(ReferenceEngine):
 
     def prepare_config(self, starter_config: StarterConfig) -> None:
         _prepare(self, starter_config, propagation="private")
+
+
+class JoinSkipsNet(cooperative(ReferenceEngine, faults=False)):  # type: ignore[misc]
+    """SPEC §5 ("Each is either created (a flag) or joined (a path)"): a join-only engine
+    that leaves the network to a (missing) network plugin and drops a net join."""
+
+    engine_name = "blind-join-skips-net"
+    rpc_methods = ReferenceRPC
+
+    def prepare_config(self, starter_config: StarterConfig) -> None:
+        super().prepare_config(starter_config)
+        starter_config.ns_paths.pop("net", None)

@@ -6,7 +6,8 @@ from test_conformance_units import CONTAINER_NS, HOST_NS, G, U, hook, make_run, 
 
 from conformance import checks, requirements
 from conformance import expectations as X
-from conformance.scenario import fault_scenario
+from conformance.scenario import SCENARIOS, fault_scenario
+from kit.run import sandbox
 
 
 def _cleanup(caller: str | None, fatal: object) -> dict:
@@ -95,3 +96,31 @@ def test_a_user_namespace_asked_for_in_the_root_flow_is_the_engines_ns_004_failu
     checks.check_master_user_ns(verify, run)
     (violation,) = verify.violations["NS-004"]
     assert violation.observed.startswith(f"user namespace {CONTAINER_NS['user']}")
+
+
+def test_the_join_scenario_asks_for_every_kind_a_run_may_be_given_to_join():
+    # A kind the scenario never asks for is one an engine may drop unseen (JOIN-002).
+    assert set(SCENARIOS["join"].join_kinds) == set(sandbox.JOIN_KINDS)
+
+
+def test_a_join_the_starter_config_dropped_breaks_join_002():
+    root = snapshot(uid=(0, 0, 0, 0))
+    joined = {**root, "ns": {**HOST_NS, "uts": 7, "ipc": 8}}  # net left the host's
+    run = make_run(
+        "root",
+        [
+            hook("hook_enter", "stage1", "prepare_config", root),
+            {
+                "kind": "starter_config",
+                "role": "starter",
+                "config": {"requests": {"ns_paths": {"uts": "/u", "ipc": "/i"}}},
+            },
+            hook("hook_enter", "stage2", "start_process", joined),
+        ],
+        scenario="join",
+    )
+    run.notes = {"targets": {"uts": 7, "ipc": 8, "net": 9}, "paths": {"net": "/n"}}
+    verify = checks.Verifier("root", ["JOIN-002"], "t")
+    checks.check_requested_namespaces(verify, run)
+    (violation,) = verify.violations["JOIN-002"]
+    assert "does not join net" in violation.observed

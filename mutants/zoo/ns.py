@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+from conformance.cooperation import cooperative
 from kit.contract import Context, SignalChannel, WaitStatus
 from kit.starter.config import StarterConfig
 from mutants.zoo.base import Mutant
@@ -61,4 +62,20 @@ class RootFlowUserns(Mutant):
             starter_config.set_allow_setgroups()  # else stage 2's setgroups fails
 
 
-MUTANTS = (CleanupFromMonitor, UsernsGidMapRoot, RootFlowUserns)
+class JoinSkipsNet(cooperative(Mutant)):  # type: ignore[misc]  # a class made at run time
+    slug = "ns-join-skips-net"
+    bug = (
+        "asked to join namespaces, prepare_config leaves the network to a network plugin "
+        "and drops the net join: stage 2 stays in the host's net namespace"
+    )
+    killed_by = ("JOIN-002",)
+    mechanism = "other-field"
+    flows = ("root", "suid")
+
+    def prepare_config(self, starter_config: StarterConfig) -> None:
+        super().prepare_config(starter_config)
+        if starter_config.namespace_join_only:
+            starter_config.ns_paths.pop("net", None)
+
+
+MUTANTS = (CleanupFromMonitor, UsernsGidMapRoot, RootFlowUserns, JoinSkipsNet)
