@@ -23,6 +23,7 @@ from conformance.scenario import (
     decode_signal_exit,
     fault_scenario,
     parse_fds,
+    parse_payload_ns,
 )
 from kit import preflight
 from kit.ledger.probe import host_privilege, thread_state
@@ -1436,6 +1437,39 @@ def check_rpc_shares_namespaces(verify: Verifier, run: Run) -> None:
             run=run,
             event=event,
         )
+
+
+def check_payload_namespaces(verify: Verifier, run: Run) -> None:
+    """NS-013: the namespaces the ``fds`` payload reports after exec are those stage 2 had
+    at start_process (exec changes none: a difference is start_process's own)."""
+    requirement = verify.requirement
+    run = verify.used(run.usable())
+    kernel_only(run, "the payload's namespaces after exec")
+    entered = hook_events(run, "stage2", "start_process", ("hook_enter",))
+    found = parse_payload_ns(run.result.stdout)
+    if not entered or found is None:
+        verify.fail(
+            requirement,
+            expected="stage 2's start_process and the payload's list of its namespaces",
+            observed=f"stdout {run.result.stdout[-300:]!r} ({describe_run(run)})",
+            run=run,
+            role="payload",
+        )
+        return
+    want = _ns(entered[-1])
+    differ = [k for k in X.NAMESPACE_KINDS if found.get(k) != want.get(k)]
+    verify.check(
+        requirement,
+        not differ,
+        expected=f"the namespaces of stage 2 at start_process (#{entered[-1]['seq']})",
+        observed=lambda: (
+            "different: "
+            + ", ".join(f"{k} {found.get(k)} (stage 2: {want.get(k)})" for k in differ)
+        ),
+        run=run,
+        role="payload",
+        event=exit_event(run),
+    )
 
 
 def check_master_not_shared(verify: Verifier, run: Run) -> None:

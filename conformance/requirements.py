@@ -561,6 +561,15 @@ _ENTRIES = (
         "fakeroot and hybrid flows U's subordinate ids (/etc/subuid, /etc/subgid).",
     ),
     _r(
+        "NS-013",
+        "MUST",
+        "§4, §5",
+        "namespaces",
+        "The payload runs in the namespaces stage 2 entered start_process with (those it "
+        "shares with the RPC server): start_process creates and joins none of its own, the "
+        "starter sets them all up, in the order of SPEC §5.",
+    ),
+    _r(
         "SC-001",
         "MUST",
         "§5",

@@ -493,7 +493,11 @@ _FDS_SCRIPT = (
     "    except OSError:\n"
     "        target = '?'\n"
     "    print('fd', fd, target)\n"
+    "for name in ('mnt', 'pid', 'net', 'uts', 'ipc', 'user', 'cgroup'):\n"
+    "    print('ns', name, os.stat('/proc/self/ns/' + name).st_ino)\n"
 )
+#: The names of the payload's ``/proc/self/ns`` links, by namespace kind.
+_NS_LINKS = {"mnt": "mount"}
 
 
 def parse_fds(stdout: str) -> dict[int, str] | None:
@@ -503,6 +507,16 @@ def parse_fds(stdout: str) -> dict[int, str] | None:
         parts = line.split(" ", 2)
         if len(parts) == 3 and parts[0] == "fd" and parts[1].isdigit():
             found[int(parts[1])] = parts[2]
+    return found or None
+
+
+def parse_payload_ns(stdout: str) -> dict[str, int] | None:
+    """The namespaces (kind -> inode) the ``fds`` payload reported (None: it reported none)."""
+    found = {}
+    for line in stdout.splitlines():
+        parts = line.split(" ")
+        if len(parts) == 3 and parts[0] == "ns" and parts[2].isdigit():
+            found[_NS_LINKS.get(parts[1], parts[1])] = int(parts[2])
     return found or None
 
 
@@ -547,7 +561,7 @@ _LIST: list[Scenario] = [
     ),
     Scenario(
         "fds",
-        "a payload that lists its own open file descriptors",
+        "a payload that lists its own open file descriptors and namespaces",
         (_python(), "-S", "-I", "-c", _FDS_SCRIPT),
         0,
     ),

@@ -97,6 +97,13 @@ class StartProcessUnsharesCgroup(ReferenceEngine):
     engine_name = "blind-start-process-unshares-cgroup"
     rpc_methods = ReferenceRPC
 
+    def prepare_config(self, starter_config: StarterConfig) -> None:
+        super().prepare_config(starter_config)
+        if starter_config.flow == "root":  # stage 2 needs CAP_SYS_ADMIN for the unshare
+            for kind in ("effective", "permitted", "bounding"):
+                caps = starter_config.capabilities[kind] or []
+                starter_config.set_capabilities(kind, [*caps, "CAP_SYS_ADMIN"])
+
     def start_process(self, master_fd: int) -> None:
         try:
             system.current().unshare(["cgroup"])

@@ -124,3 +124,22 @@ def test_a_join_the_starter_config_dropped_breaks_join_002():
     checks.check_requested_namespaces(verify, run)
     (violation,) = verify.violations["JOIN-002"]
     assert "does not join net" in violation.observed
+
+
+def _fds_run(payload_ns: dict[str, int]):
+    snap = snapshot(uid=(0, 0, 0, 0), ns=CONTAINER_NS)
+    run = make_run("root", [hook("hook_enter", "stage2", "start_process", snap)], scenario="fds")
+    links = {"mount": "mnt"}
+    run.result.stdout = "fd 0 /dev/null\n" + "".join(
+        f"ns {links.get(k, k)} {ino}\n" for k, ino in payload_ns.items()
+    )
+    return run
+
+
+def test_a_payload_in_a_namespace_start_process_made_breaks_ns_013():
+    verify = checks.Verifier("root", ["NS-013"], "t")
+    checks.check_payload_namespaces(verify, _fds_run(CONTAINER_NS))
+    assert not verify.violations.get("NS-013")
+    checks.check_payload_namespaces(verify, _fds_run({**CONTAINER_NS, "cgroup": 5}))
+    (violation,) = verify.violations["NS-013"]
+    assert violation.observed == f"different: cgroup 5 (stage 2: {CONTAINER_NS['cgroup']})"

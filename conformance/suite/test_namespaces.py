@@ -8,6 +8,7 @@ from conformance.checks import (
     check_mount_propagation,
     check_namespace_order,
     check_new_user_ns,
+    check_payload_namespaces,
     check_requested_namespaces,
     check_rpc_shares_namespaces,
     check_shared_root,
@@ -95,3 +96,9 @@ def test_the_hosts_mount_namespace_gets_no_mount_while_the_run_lasts(lifecycle, 
 @scenarios("default")
 def test_the_containers_user_namespace_maps_no_host_id_but_the_invoking_users(lifecycle, verify):
     check_user_ns_host_ids(verify, lifecycle("default"))
+
+
+@requirement("NS-013")
+@scenarios("fds")
+def test_the_payload_runs_in_the_namespaces_stage_2_entered_start_process_with(lifecycle, verify):
+    check_payload_namespaces(verify, lifecycle("fds"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from conformance.cooperation import cooperative
+from kit import system
 from kit.contract import Context, SignalChannel, WaitStatus
 from kit.starter.config import StarterConfig
 from mutants.zoo.base import Mutant
@@ -78,4 +79,49 @@ class JoinSkipsNet(cooperative(Mutant)):  # type: ignore[misc]  # a class made a
             starter_config.ns_paths.pop("net", None)
 
 
-MUTANTS = (CleanupFromMonitor, UsernsGidMapRoot, RootFlowUserns, JoinSkipsNet)
+class _StartProcessUnshares(Mutant):
+    """Stage 2 (root flow, given CAP_SYS_ADMIN for it) unshares ``kind`` before exec."""
+
+    kind: str = ""
+    flows = ("root",)
+
+    def prepare_config(self, starter_config: StarterConfig) -> None:
+        super().prepare_config(starter_config)
+        for caps in ("effective", "permitted", "bounding"):
+            names = starter_config.capabilities[caps] or []
+            starter_config.set_capabilities(caps, [*names, "CAP_SYS_ADMIN"])
+
+    def start_process(self, master_fd: int) -> None:
+        system.current().unshare([self.kind])
+        super().start_process(master_fd)
+
+
+class StartProcessOwnCgroupNs(_StartProcessUnshares):
+    slug = "ns-start-process-own-cgroup-ns"
+    bug = (
+        "start_process creates the cgroup namespace itself, last, so that the payload sees "
+        "its cgroup as /: the payload leaves the namespaces the RPC server prepared"
+    )
+    killed_by = ("NS-013",)
+    kind = "cgroup"
+
+
+class StartProcessOwnUtsNs(_StartProcessUnshares):
+    slug = "ns-start-process-own-uts-ns"
+    bug = (
+        "start_process gives the payload a uts namespace of its own (so its hostname changes "
+        "stay private): the payload leaves the one the RPC server set the hostname in"
+    )
+    killed_by = ("NS-013",)
+    mechanism = "other-field"
+    kind = "uts"
+
+
+MUTANTS = (
+    CleanupFromMonitor,
+    UsernsGidMapRoot,
+    RootFlowUserns,
+    JoinSkipsNet,
+    StartProcessOwnCgroupNs,
+    StartProcessOwnUtsNs,
+)
