@@ -1093,13 +1093,17 @@ class DistinctThreadsRule(OrderRule):
 
     def check(self, events: list[dict[str, Any]]) -> list[Finding]:
         rule = self.rule
-        entered = [
-            e
-            for e in events
-            if e.get("kind") == "hook_enter"
-            and e.get("role") == rule.role
-            and e.get("hook") in rule.hooks
-        ]
+        # The threads the kit runs the hooks in: a hook the engine calls itself runs in its
+        # caller's thread (ORDER-009 and the other counts judge such a call).
+        entered = kit_calls(
+            [
+                e
+                for e in events
+                if e.get("kind") == "hook_enter"
+                and e.get("role") == rule.role
+                and e.get("hook") in rule.hooks
+            ]
+        )
         tids = [(e["hook"], e["tid"]) for e in entered]
         distinct = len({tid for _, tid in tids}) == len(tids)
         problem = None
@@ -2363,7 +2367,8 @@ def check_error_path(verify: Verifier, run: Run, path: X.ErrorPath | None = None
             role=role,
         )
     for role, hook in path.absent_hooks:
-        found = hook_events(run, role, hook, ("hook_enter",))
+        # The kit's calls: one the engine makes itself is ORDER-009's or ORDER-010's.
+        found = kit_calls(hook_events(run, role, hook, ("hook_enter",)))
         verify.check(
             req,
             not found,

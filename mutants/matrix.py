@@ -94,8 +94,6 @@ MECHANISM_EXCEPTIONS: dict[str, str] = {
     "way to break the rule",
     "NS-007": "whether the container gets a user namespace is one switch (the StarterConfig's "
     "namespace flags)",
-    "ORDER-009": "the starter calls post_start_process; an engine makes it run twice only by "
-    "calling it itself (the mutant)",
     "ORDER-013": "the starter calls these hooks; an engine breaks the count only by blocking "
     "the run (the mutant)",
     "RPC-001": "a call outside create_container needs a connection that outlives it: a "

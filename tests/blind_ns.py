@@ -230,3 +230,17 @@ class JoinSkipsNet(cooperative(ReferenceEngine, faults=False)):  # type: ignore[
     def prepare_config(self, starter_config: StarterConfig) -> None:
         super().prepare_config(starter_config)
         starter_config.ns_paths.pop("net", None)
+
+
+class StartWaiterAgainAfterSignal(ReferenceEngine):
+    """SPEC §2 rule 6 ("post_start_process runs at most once"): the monitor re-runs the
+    post-start work when the container died of a signal (to re-arm its watchers)."""
+
+    engine_name = "blind-post-start-again-after-signal"
+    rpc_methods = ReferenceRPC
+
+    def monitor_container(self, pid: int, signals: Any) -> int:
+        status = super().monitor_container(pid, signals)
+        if os.WIFSIGNALED(status):
+            self.post_start_process(Context(), pid)
+        return status

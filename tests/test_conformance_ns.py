@@ -143,3 +143,32 @@ def test_a_payload_in_a_namespace_start_process_made_breaks_ns_013():
     checks.check_payload_namespaces(verify, _fds_run({**CONTAINER_NS, "cgroup": 5}))
     (violation,) = verify.violations["NS-013"]
     assert violation.observed == f"different: cgroup 5 (stage 2: {CONTAINER_NS['cgroup']})"
+
+
+def test_a_post_start_the_engine_calls_itself_is_order_009s_not_the_kits():
+    snap = snapshot(uid=(0, 0, 0, 0))
+    events = [
+        hook("hook_enter", "master", "create_container", snap, tid=10),
+        hook("hook_raise", "master", "create_container", snap, tid=10),
+        hook("hook_enter", "master", "monitor_container", snap, tid=12),
+        hook("hook_enter", "master", "post_start_process", snap, tid=12, caller="engine"),
+        {"kind": "fatal", "role": "master", "message": "container creation failed: x"},
+        hook(
+            "hook_enter",
+            "master",
+            "cleanup_container",
+            snap,
+            args={"fatal": {"message": "container creation failed: x"}, "status": 9},
+        ),
+    ]
+    run = make_run("root", events, exit_code=255, scenario=fault_scenario("ERR-002"))
+    order = checks.Verifier("root", ["ORDER-009"], "t")
+    checks.check_rules(order, run)
+    assert "no stage2_exec was recorded" in order.violations["ORDER-009"][0].observed
+    kit = checks.Verifier("root", ["ERR-002"], "t")
+    checks.check_error_path(kit, run)
+    assert not kit.violations.get("ERR-002"), kit.render("ERR-002")
+    # The kit ran create_container and monitor_container in threads of their own; the
+    # engine's own post_start_process call in the monitor's thread is not the kit's.
+    rule = checks.order_rule_for(X.rules_for("ORDER-006")[0])
+    assert [f.problem for f in rule.check(run.events)] == [None]

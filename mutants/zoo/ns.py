@@ -29,6 +29,23 @@ class CleanupFromMonitor(Mutant):
         return status
 
 
+class PostStartAgainAfterSignal(Mutant):
+    slug = "ns-post-start-again-after-signal"
+    bug = (
+        "monitor_container re-runs post_start_process (to re-arm its watchers) when the "
+        "container died of a signal: a second post_start_process, in the monitor's thread"
+    )
+    killed_by = ("ORDER-009",)
+    mechanism = "partial"
+    flows = ("root", "suid", "userns", "fakeroot", "hybrid")
+
+    def monitor_container(self, pid: int, signals: SignalChannel) -> WaitStatus:
+        status = super().monitor_container(pid, signals)
+        if os.WIFSIGNALED(status):
+            self.post_start_process(Context(), pid)
+        return status
+
+
 class UsernsGidMapRoot(Mutant):
     slug = "ns-userns-gid-map-root"
     bug = (
@@ -119,6 +136,7 @@ class StartProcessOwnUtsNs(_StartProcessUnshares):
 
 MUTANTS = (
     CleanupFromMonitor,
+    PostStartAgainAfterSignal,
     UsernsGidMapRoot,
     RootFlowUserns,
     JoinSkipsNet,
