@@ -4,6 +4,8 @@ flows, namespaces and StarterConfig): each escaped the suite before its check wa
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 from conformance.cooperation import cooperative
 from kit import system
@@ -134,6 +136,35 @@ class StartProcessOwnUtsNs(_StartProcessUnshares):
     kind = "uts"
 
 
+class LateNamespaceProbe(Mutant):
+    slug = "ns-late-namespace-probe"
+    bug = (
+        "prepare_config probes cgroup-namespace support on a helper thread that adds 'cgroup' "
+        "to the namespace flags after prepare_config returned: the request never reaches the "
+        "starter, and the master shares the container's cgroup namespace"
+    )
+    killed_by = ("NS-003",)
+    mechanism = "helper-thread"
+    flows = ("root",)
+    gap = (
+        "NS-003 checks the namespaces the StarterConfig creates (conformance/README.md, known "
+        "limits): SPEC §4 says the master shares none of pid/net/uts/ipc/cgroup, but an engine "
+        "may choose to create fewer, and the ledger cannot tell a lost request from a choice"
+    )
+
+    def prepare_config(self, starter_config: StarterConfig) -> None:
+        super().prepare_config(starter_config)
+        flags = [k for k in starter_config.ns_flags if k != "cgroup"]
+        starter_config.set_ns_flags(flags)
+
+        def probe() -> None:
+            time.sleep(1.0)  # stage 1 has handed its StarterConfig over long before
+            if os.path.exists("/proc/self/ns/cgroup"):
+                starter_config.set_ns_flags([*flags, "cgroup"])
+
+        threading.Thread(target=probe, daemon=True).start()
+
+
 MUTANTS = (
     CleanupFromMonitor,
     PostStartAgainAfterSignal,
@@ -142,4 +173,5 @@ MUTANTS = (
     JoinSkipsNet,
     StartProcessOwnCgroupNs,
     StartProcessOwnUtsNs,
+    LateNamespaceProbe,
 )
