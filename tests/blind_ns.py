@@ -244,3 +244,35 @@ class StartWaiterAgainAfterSignal(ReferenceEngine):
         if os.WIFSIGNALED(status):
             self.post_start_process(Context(), pid)
         return status
+
+
+class MonitorWaitsForCreate(ReferenceEngine):
+    """SPEC §2 rule 4 ("create_container, the start waiter and monitor_container ... run
+    concurrently"): monitor_container waits until create_container finished its work before
+    it starts watching (to read state create_container sets up)."""
+
+    engine_name = "blind-monitor-waits-for-create"
+    rpc_methods = ReferenceRPC
+
+    def init_config(self, common: Any, privileged_stage1: bool) -> None:
+        super().init_config(common, privileged_stage1)
+        self._created = threading.Event()
+
+    def create_container(self, ctx: Context, pid: int, rpc_conn: Any) -> None:
+        super().create_container(ctx, pid, rpc_conn)
+        self._created.set()
+
+    def monitor_container(self, pid: int, signals: Any) -> int:
+        self._created.wait()
+        return super().monitor_container(pid, signals)
+
+
+class SharedPropagation(ReferenceEngine):
+    """SPEC §5 (set_mount_propagation) with §11 (the host's mount table unchanged while a run
+    lasts): "rshared", so that mounts made later on the host reach the container."""
+
+    engine_name = "blind-shared-propagation"
+    rpc_methods = ReferenceRPC
+
+    def prepare_config(self, starter_config: StarterConfig) -> None:
+        _prepare(self, starter_config, propagation="rshared")
