@@ -2611,7 +2611,8 @@ def check_init_flag(verify: Verifier, run: Run) -> None:
     """ORDER-002: init_config's privileged_stage1 is true only in stage 1 of suid/hybrid."""
     requirement = verify.requirement
     run = verify.used(run.usable())
-    events = hook_events(run, hook="init_config", kinds=("hook_enter",))
+    # The kit's calls: an engine that calls init_config itself chose its own flag.
+    events = kit_calls(hook_events(run, hook="init_config", kinds=("hook_enter",)))
     if events and all(hook_args(e) is None for e in events):
         verify.unsupported(requirement, "the kit's ledger does not record hook arguments")
         return
@@ -2638,9 +2639,9 @@ def check_master_pids(verify: Verifier, run: Run) -> None:
     started = events_of(run, "container_start")
     events = [
         e
-        for e in hook_events(run, "master", kinds=("hook_enter",))
+        for e in kit_calls(hook_events(run, "master", kinds=("hook_enter",)))
         if e["hook"] in ("create_container", "post_start_process", "monitor_container")
-    ]
+    ]  # the kit's calls: the pid an engine passes to a hook it calls itself is its own
     if not started or (events and all(hook_args(e) is None for e in events)):
         verify.unsupported(
             requirement,

@@ -172,3 +172,40 @@ def test_a_post_start_the_engine_calls_itself_is_order_009s_not_the_kits():
     # engine's own post_start_process call in the monitor's thread is not the kit's.
     rule = checks.order_rule_for(X.rules_for("ORDER-006")[0])
     assert [f.problem for f in rule.check(run.events)] == [None]
+
+
+def test_the_kits_pid_and_flag_rules_judge_only_the_hook_calls_the_kit_made():
+    snap = snapshot(uid=(0, 0, 0, 0))
+    run = make_run(
+        "root",
+        [
+            {"kind": "container_start", "role": "starter", "container_pid": 42},
+            hook("hook_enter", "master", "init_config", snap, args={"privileged_stage1": False}),
+            hook("hook_enter", "master", "monitor_container", snap, args={"pid": 42}),
+            # the engine's own calls, with values of its choosing
+            hook(
+                "hook_enter",
+                "master",
+                "init_config",
+                snap,
+                args={"privileged_stage1": True},
+                caller="engine",
+            ),
+            hook(
+                "hook_enter",
+                "master",
+                "post_start_process",
+                snap,
+                args={"pid": 7},
+                caller="engine",
+            ),
+        ],
+    )
+    for req, check in (
+        ("PID-001", checks.check_master_pids),
+        ("ORDER-002", checks.check_init_flag),
+    ):
+        verify = checks.Verifier("root", [req], "t")
+        check(verify, run)
+        assert not verify.violations.get(req), verify.render(req)
+        assert verify.checks[req] == 1
