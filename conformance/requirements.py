@@ -788,7 +788,7 @@ _ENTRIES = (
         "§11",
         "host",
         "After a run the host's file system is as before: no path created, deleted, or changed "
-        "in content, type, mode or owner.",
+        "in content, type, mode, owner or extended attributes (ACLs, file capabilities).",
     ),
     _r(
         "HOST-002",

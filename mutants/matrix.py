@@ -113,7 +113,6 @@ MECHANISM_EXCEPTIONS: dict[str, str] = {
         req: "the host diff reads the sandbox's state from outside, after the run: how the "
         "change was made (hook thread, helper thread, child, raw call) does not reach it"
         for req in (
-            "HOST-001",
             "HOST-003",
             "HOST-004",
             "HOST-005",

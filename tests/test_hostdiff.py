@@ -280,6 +280,23 @@ def test_a_file_rewritten_with_its_own_content_is_no_change(sandbox: OwnSandbox)
     assert found == []
 
 
+def test_an_extended_attribute_or_acl_alone_is_a_change_of_the_file(sandbox: OwnSandbox) -> None:
+    # SPEC §11, files: a label, an ACL or a file capability set on a host file changes it
+    # as much as a chmod; overlayfs's own attributes of a copied-up parent are not one.
+    found = changes(
+        sandbox,
+        code="import os\n"
+        "os.setxattr('/opt', 'user.kit-test', b'label')\n"
+        "os.setxattr('/etc/hostname', 'trusted.kit-test', b'x')\n"
+        "open('/etc/kit-hostdiff-xattr', 'w').close()\n"
+        "os.remove('/etc/kit-hostdiff-xattr')\n",
+    )
+    opt = named(found, "file", "/opt")
+    assert opt.before is not None and opt.after.startswith(f"{opt.before} xattrs user.kit-test ")
+    assert "trusted.kit-test" in named(found, "file", "/etc/hostname").after
+    assert {c.name for c in found} == {"/opt", "/etc/hostname"}  # /etc itself: no change
+
+
 def test_mounts_added_remounted_and_repropagated_are_named(sandbox: OwnSandbox) -> None:
     found = changes(
         sandbox,
@@ -791,6 +808,14 @@ FILE_WRITTEN = {
     "transient": False,
     "hooks": None,
 }
+XATTR_SET = {
+    "kind": "file",
+    "name": "/tmp",
+    "before": "dir 1777 0:0",
+    "after": "dir 1777 0:0 xattrs user.label 00ff",
+    "transient": False,
+    "hooks": [{"role": "master", "hook": "create_container", "pid": 9}],
+}
 HOSTNAME_FLIPPED = {
     "kind": "hostname",
     "name": "hostname",
@@ -805,6 +830,7 @@ HOSTNAME_FLIPPED = {
     "req,change,names",
     [
         ("HOST-001", FILE_WRITTEN, "file /etc/kit-evil created: file 0644 0:0 2 bytes"),
+        ("HOST-001", XATTR_SET, "file /tmp changed: dir 1777 0:0 -> dir 1777 0:0 xattrs"),
         ("HOST-009", HOSTNAME_FLIPPED, "hostname hostname was 'kit-evil' for a while"),
     ],
 )

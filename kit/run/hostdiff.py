@@ -49,6 +49,18 @@ MAX_CHANGES = 500
 HASH_LIMIT = 1 << 20
 
 _OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
+#: Extended attributes never compared: overlayfs's own in an upper layer (opaque, origin,
+#: impure…), and the labels an LSM computes anew for a copied-up file instead of copying
+#: them (SELinux, Smack, IMA, EVM discard theirs at copy-up): an untouched parent directory
+#: copied up would differ. So a relabel alone is not seen.
+_UNCOMPARED_XATTRS = (
+    "trusted.overlay.",
+    "user.overlay.",
+    "security.selinux",
+    "security.SMACK64",
+    "security.ima",
+    "security.evm",
+)
 
 
 class Sandbox(Protocol):
@@ -97,7 +109,37 @@ class HostState:
 # --- files: the overlay's upper layer -----------------------------------------------------------
 
 
-def _describe_path(path: str, st: os.stat_result) -> str:
+def _xattrs(path: str, follow: bool = False) -> str:
+    """`` xattrs NAMES DIGEST`` for the extended attributes of ``path`` (ACLs, capabilities
+    and labels are ones; a copy-up copies them): a change of one alone is a change of the
+    file (SPEC §11). Empty when it has none but overlayfs's own, or they cannot be listed."""
+    try:
+        names = sorted(
+            n
+            for n in os.listxattr(path, follow_symlinks=follow)
+            if not n.startswith(_UNCOMPARED_XATTRS)
+        )
+    except OSError:
+        return ""
+    if not names:
+        return ""
+    digest = blake2b(digest_size=8)
+    for name in names:
+        try:
+            value = os.getxattr(path, name, follow_symlinks=follow)
+        except OSError as exc:
+            value = f"unreadable: {exc.errno}".encode()
+        digest.update(b"%d:%s%d:%s" % (len(name), name.encode(), len(value), value))
+    return f" xattrs {','.join(names)} {digest.hexdigest()}"
+
+
+def _describe_path(path: str, st: os.stat_result, follow: bool = False) -> str:
+    """``path`` as the diff compares it: type, mode, owner, content (or target), and its
+    extended attributes (``follow``: of what a symlink such as /proc/PID/fd/N names)."""
+    return _describe_path_alone(path, st) + _xattrs(path, follow)
+
+
+def _describe_path_alone(path: str, st: os.stat_result) -> str:
     mode = stat.S_IMODE(st.st_mode)
     head = f"{mode:04o} {st.st_uid}:{st.st_gid}"
     if stat.S_ISREG(st.st_mode):
@@ -182,9 +224,9 @@ def _root_sides(upper_dir: str, lower_dir: str) -> tuple[str, str | None]:
     """The descriptions of the roots of an upper layer and of its lower layer (each a
     directory, through whatever path: /proc/PID/fd/N is followed); None for a lower one
     that is not there (the host removed it)."""
-    upper = _describe_path(upper_dir, os.stat(upper_dir))
+    upper = _describe_path(upper_dir, os.stat(upper_dir), follow=True)
     try:
-        return upper, _describe_path(lower_dir, os.stat(lower_dir))
+        return upper, _describe_path(lower_dir, os.stat(lower_dir), follow=True)
     except FileNotFoundError:
         return upper, None
 

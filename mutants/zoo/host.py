@@ -1,6 +1,7 @@
 """Mutants that change the host and leave it changed (SPEC §11), one per kind of object the
-host diff compares: a file under /etc, a mount, the domainname, a sysctl, a network link, a
-named network namespace, a SysV shared memory segment, a daemon.
+host diff compares: a file under /etc (one labelled by an extended attribute), a mount,
+the domainname, a sysctl, a network link, a named network namespace, a SysV shared memory
+segment, a daemon.
 
 They run only inside the kit's own host sandbox (``kit.run.sandbox``: an overlay root and new
 uts, net, ipc namespaces), where their damage is thrown away with the sandbox; anywhere else
@@ -149,8 +150,22 @@ class HostDaemon(HostMutant):
         )
 
 
+class HostFileXattr(HostMutant):
+    slug = "host-file-xattr"
+    bug = (
+        "create_container labels the host's /tmp with an extended attribute (a relabel of "
+        "the container's root, which is the host's) and leaves it"
+    )
+    killed_by = ("HOST-001",)
+    mechanism = "other-field"
+
+    def damage(self) -> None:
+        os.setxattr("/tmp", "user.kit-mutant.label", b"container_t")
+
+
 MUTANTS = (
     FileUnderEtc,
+    HostFileXattr,
     HostMountLeft,
     HostDomainname,
     HostSysctl,
