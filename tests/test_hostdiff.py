@@ -152,6 +152,7 @@ class OwnSandbox:
             point: f"/proc/{self.init_pid}/fd/{fd}" for point, fd in ready["upper_fds"].items()
         }
         self.upper_dir = self.upper_dirs["/"]
+        self.fresh_dirs: dict[str, str] = {}  # none unless a test makes one
 
     def run(self, code: str) -> None:
         """Run Python ``code`` in the sandbox's pid 1 (chrooted in the overlay)."""
@@ -295,6 +296,26 @@ def test_an_extended_attribute_or_acl_alone_is_a_change_of_the_file(sandbox: Own
     assert opt.before is not None and opt.after.startswith(f"{opt.before} xattrs user.kit-test ")
     assert "trusted.kit-test" in named(found, "file", "/etc/hostname").after
     assert {c.name for c in found} == {"/opt", "/etc/hostname"}  # /etc itself: no change
+
+
+def test_a_file_left_in_the_sandboxs_own_dev_shm_is_named(sandbox: OwnSandbox) -> None:
+    # The sandbox's /dev and /dev/shm are fresh tmpfs, no overlay: a lock file or a POSIX
+    # shared memory object left there outlives the run as on a host; the walk stays on the
+    # file system (a mount on it is the mount table's).
+    sandbox.sh("mount -t tmpfs kit-shm /dev/shm && mkdir /dev/shm/sub && mkdir /dev/shm/mnt")
+    sandbox.sh("mount -t tmpfs kit-inner /dev/shm/mnt && touch /dev/shm/mnt/hidden")
+    sandbox.fresh_dirs = {"/dev/shm": f"/proc/{sandbox.init_pid}/root/dev/shm"}
+    found = changes(
+        sandbox,
+        shell="echo x > /dev/shm/sem.kit-lock && touch /dev/shm/sub/f && chmod 700 /dev/shm/sub"
+        " && touch /dev/shm/mnt/also-hidden",
+    )
+    assert sorted((c.kind, c.name, c.before is None) for c in found) == [
+        ("file", "/dev/shm/sem.kit-lock", True),
+        ("file", "/dev/shm/sub", False),
+        ("file", "/dev/shm/sub/f", True),
+    ]
+    assert named(found, "file", "/dev/shm/sub").after.startswith("dir 0700")
 
 
 def test_mounts_added_remounted_and_repropagated_are_named(sandbox: OwnSandbox) -> None:
@@ -816,6 +837,14 @@ XATTR_SET = {
     "transient": False,
     "hooks": [{"role": "master", "hook": "create_container", "pid": 9}],
 }
+SHM_LEFT = {
+    "kind": "file",
+    "name": "/dev/shm/sem.lock",
+    "before": None,
+    "after": "file 0600 0:0 32 bytes 00ff",
+    "transient": False,
+    "hooks": None,
+}
 HOSTNAME_FLIPPED = {
     "kind": "hostname",
     "name": "hostname",
@@ -831,6 +860,7 @@ HOSTNAME_FLIPPED = {
     [
         ("HOST-001", FILE_WRITTEN, "file /etc/kit-evil created: file 0644 0:0 2 bytes"),
         ("HOST-001", XATTR_SET, "file /tmp changed: dir 1777 0:0 -> dir 1777 0:0 xattrs"),
+        ("HOST-001", SHM_LEFT, "file /dev/shm/sem.lock created"),
         ("HOST-009", HOSTNAME_FLIPPED, "hostname hostname was 'kit-evil' for a while"),
     ],
 )

@@ -929,11 +929,36 @@ def _empty(directory: str) -> bool:
         return next(entries, None) is None
 
 
+def read_fresh_files(points: dict[str, str]) -> dict[str, str]:
+    """Every entry of the sandbox's own fresh file systems (``points``: mount point -> a path
+    to it valid here; its tmpfs ``/dev`` and ``/dev/shm``), which the host's processes
+    share as the host's and which no upper layer records: with no lower layer, each entry
+    is listed as it is. Each walk stays on its file system (the mounts on it, a devpts or
+    an mqueue, are the mount table's and the message queues')."""
+    files: dict[str, str] = {}
+    for point, top in sorted(points.items()):
+        device = os.stat(top).st_dev
+        todo = [(point.rstrip("/"), top)]
+        while todo:
+            rel_dir, real_dir = todo.pop()
+            with os.scandir(real_dir) as entries:
+                for entry in entries:
+                    st = entry.stat(follow_symlinks=False)
+                    if st.st_dev != device:
+                        continue
+                    rel = f"{rel_dir}/{entry.name}"
+                    files[rel] = _describe_path(entry.path, st)
+                    if stat.S_ISDIR(st.st_mode):
+                        todo.append((rel, entry.path))
+    return files
+
+
 def _read_all_files(sandbox: Sandbox, lower_dir: str | None, state: HostState) -> dict[str, str]:
     """The upper layers of every copy-on-write mount of the sandbox (``upper_dirs`` by mount
-    point when it has several, else ``upper_dir`` for ``/``)."""
+    point when it has several, else ``upper_dir`` for ``/``), and its fresh file systems
+    (``fresh_dirs``: :func:`read_fresh_files`)."""
     uppers = getattr(sandbox, "upper_dirs", None) or {"/": sandbox.upper_dir}
-    files: dict[str, str] = {}
+    files: dict[str, str] = read_fresh_files(getattr(sandbox, "fresh_dirs", None) or {})
     for point, upper_dir in sorted(uppers.items()):
         if lower_dir is None:
             root, host_root = _root_sides(upper_dir, point)
@@ -978,6 +1003,7 @@ def snapshot(
 
     - files: the overlay's upper layer lists every path created, changed or deleted (a whiteout is a
       character device 0/0, a replaced directory carries the ``trusted.overlay.opaque`` xattr);
+      the sandbox's own tmpfs ``/dev`` and ``/dev/shm`` (``fresh_dirs``) are listed whole;
     - mounts of the sandbox's mount namespace (``/proc/<init>/mountinfo``): added, removed, options,
       propagation;
     - hostname and domainname, the writable sysctls (``net.*`` of the sandbox's network namespace),
@@ -988,8 +1014,8 @@ def snapshot(
     - named network namespaces (``/run/netns`` in the sandbox) and the processes of its pid
       namespace.
 
-    What cannot be seen here: writes to file systems that are not the overlay (a fresh tmpfs the
-    sandbox mounts, bind mounts of the real host), and anything outside the sandbox's namespaces.
+    What cannot be seen here: writes to other file systems that are not the overlay (a tmpfs the
+    run mounts, bind mounts of the real host), and anything outside the sandbox's namespaces.
     """
     state = HostState()
     pid = sandbox.init_pid
@@ -1120,9 +1146,10 @@ class HostWatch:
         # Held for the looks: statvfs of a path through /proc costs a lookup each time. One
         # per file system: a sandbox split in pieces has dozens of upper layers on one tmpfs.
         uppers = getattr(sandbox, "upper_dirs", None) or {"/": sandbox.upper_dir}
+        fresh = getattr(sandbox, "fresh_dirs", None) or {}
         self._uppers: list[int] = []
         devices: set[int] = set()
-        for path in sorted(uppers.values()):
+        for path in sorted(uppers.values()) + sorted(fresh.values()):
             try:
                 fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             except OSError:

@@ -136,6 +136,10 @@ class HostSandbox:
     #: diff lists it from outside, neither joining the namespace nor mounting one ("" when
     #: unknown: the diff then mounts its own).
     mqueue_dir: str = ""
+    #: The sandbox's own fresh file systems that its processes share as the host's and no
+    #: upper layer records (its tmpfs ``/dev`` and ``/dev/shm``), by mount point: paths valid
+    #: in the supervisor while init lives (:func:`fresh_dirs`); the host diff lists them.
+    fresh_dirs: dict[str, str] = field(default_factory=dict)
     #: The host's mount points the sandbox does not reproduce: an empty read-only directory
     #: stands in for each (overlayfs refused it as a lower layer; see ``_stand_in_dir``).
     left_out: list[str] = field(default_factory=list)
@@ -478,6 +482,13 @@ def _await_ready(rfd: int) -> dict[str, str]:
     return items
 
 
+def fresh_dirs(init_pid: int) -> dict[str, str]:
+    """:attr:`HostSandbox.fresh_dirs` of the sandbox whose init is ``init_pid``: a file left
+    in ``/dev/shm`` (a lock, a POSIX semaphore or shared memory object) outlives the run
+    there as on a host."""
+    return {point: f"/proc/{init_pid}/root{point}" for point in ("/dev", "/dev/shm")}
+
+
 def _hold(
     sandbox: HostSandbox, uppers: dict[str, str], scratch_fd: int, mqueue: int | None = None
 ) -> None:
@@ -499,6 +510,7 @@ def _hold(
     sandbox.upper_dir = sandbox.upper_dirs["/"]
     if mqueue is not None:
         sandbox.mqueue_dir = held(mqueue)
+    sandbox.fresh_dirs = fresh_dirs(pid)
 
 
 def enter(sandbox: HostSandbox, keep: set[int]) -> None:

@@ -875,6 +875,7 @@ def prepare_ahead() -> Ahead:
         upper_dirs=uppers,
         own_init=False,
         mqueue_dir=mqueue,
+        fresh_dirs=host_sandbox.fresh_dirs(building.init_pid),
     )
     try:
         before = hostdiff.fresh_state(view)

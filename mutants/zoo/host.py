@@ -1,7 +1,7 @@
 """Mutants that change the host and leave it changed (SPEC §11), one per kind of object the
-host diff compares: a file under /etc (one labelled by an extended attribute), a mount,
-the domainname, a sysctl, a network link, a named network namespace, a SysV shared memory
-segment, a daemon.
+host diff compares: a file under /etc (one labelled by an extended attribute, one in the
+tmpfs /dev/shm), a mount, the domainname, a sysctl, a network link, a named network
+namespace, a SysV shared memory segment, a daemon.
 
 They run only inside the kit's own host sandbox (``kit.run.sandbox``: an overlay root and new
 uts, net, ipc namespaces), where their damage is thrown away with the sandbox; anywhere else
@@ -163,9 +163,29 @@ class HostFileXattr(HostMutant):
         os.setxattr("/tmp", "user.kit-mutant.label", b"container_t")
 
 
+class HostDevShmLock(HostMutant):
+    slug = "host-dev-shm-lock"
+    bug = (
+        "create_container has a child take a lock file in the host's /dev/shm (a tmpfs, no "
+        "copy-on-write layer) and never removes it"
+    )
+    killed_by = ("HOST-001",)
+    flows = ("root", "userns")
+    mechanism = "child-process"
+
+    def damage(self) -> None:
+        subprocess.run(
+            ["sh", "-c", "exec 9>/dev/shm/kit-mutant.lock && flock 9"],
+            check=True,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+        )
+
+
 MUTANTS = (
     FileUnderEtc,
     HostFileXattr,
+    HostDevShmLock,
     HostMountLeft,
     HostDomainname,
     HostSysctl,
