@@ -2701,7 +2701,8 @@ def _host_change_text(change: dict[str, Any]) -> str:
     kind, name = change.get("kind"), change.get("name")
     before, after = change.get("before"), change.get("after")
     if change.get("transient"):
-        text = f"{kind} {name} was {after!r} for a while (back to {before!r} by the end)"
+        back = "gone" if before is None else f"back to {before!r}"
+        text = f"{kind} {name} was {after!r} for a while ({back} by the end)"
     elif before is None:
         text = f"{kind} {name} created: {after}"
     elif after is None:

@@ -573,6 +573,48 @@ def test_the_watch_sees_a_propagation_change_undone_before_the_end(sandbox: OwnS
     assert root["hooks"] == [{"role": "master", "hook": "create_container", "pid": 7}]
 
 
+def test_the_watch_sees_a_mount_made_and_undone_between_two_looks(sandbox: OwnSandbox) -> None:
+    # The table reads the same at both looks, but the kernel flagged a mount and an unmount
+    # in the sandbox's mount namespace in between: the watch names it, with the hook open.
+    def run() -> dict[str, Any]:
+        watch = hostdiff.HostWatch(sandbox)
+        watch.start()
+        watch.look()
+        watch.note({"kind": "hook_enter", "role": "master", "hook": "create_container", "pid": 7})
+        sandbox.sh("mount -t tmpfs kit-scratch /mnt && umount /mnt")
+        watch.note({"kind": "hook_return", "role": "master", "hook": "create_container", "pid": 7})
+        watch.look()
+        watch.look()  # nothing new: no second sighting
+        return watch.finish()
+
+    out = in_child(run)
+    assert "ok" in out, out
+    changes = out["ok"]["changes"]
+    assert [(c["kind"], c["name"], c["transient"]) for c in changes] == [
+        ("mount", hostdiff.UNDONE_MOUNT, True)
+    ]
+    assert changes[0]["after"] == hostdiff.UNDONE_MOUNT_TEXT
+    assert changes[0]["hooks"] == [{"role": "master", "hook": "create_container", "pid": 7}]
+
+
+def test_a_mount_namespace_copied_from_the_sandbox_is_no_change_of_it(sandbox: OwnSandbox) -> None:
+    # A container's mount namespace is a copy of the sandbox's: its mounts, private, and its
+    # end do not flag the sandbox's table.
+    def run() -> dict[str, Any]:
+        watch = hostdiff.HostWatch(sandbox)
+        watch.start()
+        sandbox.sh(
+            "unshare --mount --propagation private sh -c "
+            "'mount -t tmpfs x /mnt && mount -o remount,ro /mnt && umount /mnt'"
+        )
+        watch.look()
+        return watch.finish()
+
+    out = in_child(run)
+    assert "ok" in out, out
+    assert out["ok"]["changes"] == []
+
+
 def _counting(name: str) -> list[int]:
     """Count the calls of ``hostdiff.<name>`` (in the child that runs the watch)."""
     calls = [0]
@@ -845,6 +887,14 @@ SHM_LEFT = {
     "transient": False,
     "hooks": None,
 }
+MOUNT_UNDONE = {
+    "kind": "mount",
+    "name": "(mount table)",
+    "before": None,
+    "after": "a mount, unmount or remount made and undone between two looks",
+    "transient": True,
+    "hooks": [{"role": "master", "hook": "create_container", "pid": 9}],
+}
 HOSTNAME_FLIPPED = {
     "kind": "hostname",
     "name": "hostname",
@@ -862,6 +912,7 @@ HOSTNAME_FLIPPED = {
         ("HOST-001", XATTR_SET, "file /tmp changed: dir 1777 0:0 -> dir 1777 0:0 xattrs"),
         ("HOST-001", SHM_LEFT, "file /dev/shm/sem.lock created"),
         ("HOST-009", HOSTNAME_FLIPPED, "hostname hostname was 'kit-evil' for a while"),
+        ("HOST-009", MOUNT_UNDONE, "mount (mount table) was 'a mount, unmount or remount"),
     ],
 )
 def test_a_host_change_fails_its_requirement_naming_the_object_and_the_hook(

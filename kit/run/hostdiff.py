@@ -1109,6 +1109,10 @@ def _file_sides(path: str, before: HostState, after: HostState) -> tuple[str | N
 
 #: Kinds watched while the run goes on (SPEC §11: not even transiently; NS-010, NS-011).
 WATCHED = ("hostname", "domainname", "mount")
+#: The name of a change of the mount table that a look knows of only by the kernel's flag:
+#: made and undone since the last look (a mount and its unmount, a remount and back).
+UNDONE_MOUNT = "(mount table)"
+UNDONE_MOUNT_TEXT = "a mount, unmount or remount made and undone between two looks"
 
 Hook = tuple[str, str, int]  # (role, hook, pid)
 
@@ -1229,6 +1233,15 @@ class HostWatch:
             if self._mountinfo in flagged or raw != self._mount_raw:
                 self._mount_raw = raw
                 now["mount"] = parse_mounts(raw.decode(errors="replace").strip())
+        if self._mountinfo in flagged and now.get("mount") == self.last["mount"]:
+            # The kernel flags a mount, an unmount or a remount in the sandbox's mount
+            # namespace only (not in a namespace copied from it), yet the table reads as at
+            # the last look: the change was undone in between (SPEC §11: not even for a
+            # moment).
+            self.seen.setdefault(
+                ("mount", UNDONE_MOUNT),
+                {"value": UNDONE_MOUNT_TEXT, "hooks": sorted(self.window)},
+            )
         usage = self._upper_usage()
         if usage != self._usage:  # a file was copied up, created, grown or deleted
             self._usage = usage

@@ -1,7 +1,7 @@
 """Mutants that change the host and leave it changed (SPEC §11), one per kind of object the
 host diff compares: a file under /etc (one labelled by an extended attribute, one in the
-tmpfs /dev/shm), a mount, the domainname, a sysctl, a network link, a named network
-namespace, a SysV shared memory segment, a daemon.
+tmpfs /dev/shm), a mount (one undone at once), the domainname, a sysctl, a network link, a
+named network namespace, a SysV shared memory segment, a daemon.
 
 They run only inside the kit's own host sandbox (``kit.run.sandbox``: an overlay root and new
 uts, net, ipc namespaces), where their damage is thrown away with the sandbox; anywhere else
@@ -108,6 +108,21 @@ class HostMountLeft(HostMutant):
         current().mount("tmpfs", "/mnt", "tmpfs", ["nosuid", "nodev"], "size=64k")
 
 
+class HostMountUndone(HostMutant):
+    slug = "host-mount-undone"
+    bug = (
+        "create_container stages files in a scratch tmpfs it mounts on the host's /mnt from "
+        "the master and unmounts at once, before the watch looks again"
+    )
+    killed_by = ("HOST-009", "NS-011")
+
+    def damage(self) -> None:
+        from kit.system import current
+
+        current().mount("tmpfs", "/mnt", "tmpfs", ["nosuid", "nodev"], "size=64k")
+        current().umount("/mnt")
+
+
 class HostNamedNetns(HostMutant):
     slug = "host-named-netns"
     bug = "create_container creates a named network namespace on the host (ip netns add)"
@@ -187,6 +202,7 @@ MUTANTS = (
     HostFileXattr,
     HostDevShmLock,
     HostMountLeft,
+    HostMountUndone,
     HostDomainname,
     HostSysctl,
     HostLink,
