@@ -860,7 +860,8 @@ _ENTRIES = (
         "In the fake backend no process of the run makes a privileged system call around the "
         "kit's system interface (the mount family, pivot_root, chroot, unshare, setns or a "
         "namespace-creating clone, sethostname, setdomainname, the set*id family, setgroups, "
-        "capset…): the kit refuses each with EPERM and records it, and none may be tried.",
+        "capset, an ioctl that configures a network interface or route…): the kit refuses "
+        "each with EPERM and records it, and none may be tried.",
     ),
     _r(
         "HOST-051",

@@ -872,21 +872,30 @@ def _errno_of(call) -> int:  # type: ignore[no-untyped-def]
     return 0
 
 
+def _lo_flags_as_they_are() -> None:
+    """SIOCSIFFLAGS on lo with the flags it has (kit.system's link_up done by hand)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        flags = linux.link_flags("lo")
+        fcntl.ioctl(sock.fileno(), linux.SIOCSIFFLAGS, linux._ifreq("lo", flags))
+
+
 #: Each call is harmless if it ever reached the kernel: the host's own hostname, setresuid
 #: that keeps every id, chroot to /, a mount on a missing path, a uts namespace of the
-#: calling process only, swapoff of a missing file, removing a module that does not exist.
+#: calling process only, lo's own flags, swapoff of a missing file, removing a module that
+#: does not exist.
 BYPASS_CALLS = {
     "sethostname": lambda: socket.sethostname(socket.gethostname()),
     "setresuid": lambda: os.setresuid(-1, -1, -1),
     "chroot": lambda: os.chroot("/"),
     "mount": lambda: _libc.mount(b"none", NO_SUCH_PATH, b"tmpfs", ctypes.c_ulong(0), None),
     "unshare": lambda: _libc.unshare(ctypes.c_int(linux.CLONE_NEWUTS)),
+    "ioctl": _lo_flags_as_they_are,
     "swapoff": lambda: _libc.swapoff(NO_SUCH_PATH),
     "delete_module": lambda: _libc.syscall(
         ctypes.c_long(176), b"kit_no_such_module", ctypes.c_uint(os.O_NONBLOCK)
     ),
 }
-SYSTEM_INTERFACE_CALLS = ["sethostname", "setresuid", "chroot", "mount", "unshare"]
+SYSTEM_INTERFACE_CALLS = ["sethostname", "setresuid", "chroot", "mount", "unshare", "ioctl"]
 
 
 def bypass(calls: list[str], where: str, report_dir: str) -> dict[str, int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import platform
@@ -18,6 +19,7 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -42,7 +44,7 @@ EVERY_PLACE = {
     "prepare_config": ["sethostname", "setresuid"],
     "create_container": ["sethostname", "setresuid", "chroot", "mount", "unshare"],
     "rpc": ["sethostname", "setresuid", "chroot", "mount", "unshare"],
-    "post_start_process": ["chroot"],
+    "post_start_process": ["chroot", "ioctl"],
     "cleanup_container": ["mount"],
     "start_process": ["unshare"],
 }
@@ -237,6 +239,26 @@ def test_argument_tests_refuse_devices_and_log_clearing_only():
         assert os.path.exists(f"{where}/fifo") and not os.path.exists(f"{where}/null")
     finally:
         shutil.rmtree(where, ignore_errors=True)
+
+
+def test_ioctls_that_configure_a_network_interface_are_refused_reads_pass():
+    # Boundary: SIOCGIFFLAGS (read lo's flags) passes; SIOCSIFFLAGS (the link_up of kit.system
+    # done by hand) is refused, here with lo's own flags: had it passed, nothing changed.
+    def calls() -> dict[str, int]:
+        out: dict[str, int] = {}
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            req = struct.pack("16sH14x", b"lo", 0)
+            for name, request in (("get", linux.SIOCGIFFLAGS), ("set", linux.SIOCSIFFLAGS)):
+                try:
+                    req = fcntl.ioctl(sock.fileno(), request, req)
+                    out[name] = 0
+                except OSError as exc:
+                    out[name] = exc.errno or -1
+        return out
+
+    out = filtered(seccomp.CONTAINMENT, calls)
+    assert out["result"] == {"get": 0, "set": errno.EPERM}, out
+    assert [(r["syscall"], r["args"][1]) for r in out["refused"]] == [("ioctl", "0x8914")]
 
 
 def _mknod(path: str, mode: int, dev: int = 0) -> int:

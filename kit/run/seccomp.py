@@ -22,6 +22,7 @@ HOST_GLOBAL_CATEGORY = "host-global"
 SYSCALLS_X86_64: dict[str, int] = {
     "mount": 165,
     "umount2": 166,
+    "ioctl": 16,
     "open_tree": 428,
     "move_mount": 429,
     "fsopen": 430,
@@ -88,6 +89,26 @@ _NAMESPACE_FLAGS = (
     | linux.CLONE_NEWNET
 )
 _S_IFMT, _S_IFCHR, _S_IFBLK = 0o170000, 0o020000, 0o060000
+#: The socket ioctls that configure a network interface or route (linux/sockios.h: set
+#: flags, addresses, netmask, metric, MTU, name, hardware address, queue length; add and
+#: delete routes, bridges): kit.system's link_up does the one a run needs.
+_NET_SET_IOCTLS = (
+    0x890B,  # SIOCADDRT
+    0x890C,  # SIOCDELRT
+    0x8914,  # SIOCSIFFLAGS
+    0x8916,  # SIOCSIFADDR
+    0x8918,  # SIOCSIFDSTADDR
+    0x891A,  # SIOCSIFBRDADDR
+    0x891C,  # SIOCSIFNETMASK
+    0x891E,  # SIOCSIFMETRIC
+    0x8922,  # SIOCSIFMTU
+    0x8923,  # SIOCSIFNAME
+    0x8924,  # SIOCSIFHWADDR
+    0x8936,  # SIOCDIFADDR
+    0x8943,  # SIOCSIFTXQLEN
+    0x89A0,  # SIOCBRADDBR
+    0x89A1,  # SIOCBRDELBR
+)
 
 
 @dataclass(frozen=True)
@@ -116,6 +137,9 @@ def _rules(category: str, names: str) -> tuple[Rule, ...]:
 #:   starter changes none for real, kit/system/fake/system.py); a real change would make the
 #:   ledger lie, and as root would give away or regain real privilege;
 #: - mknod(at) of a character or block device: device nodes on the real file system;
+#: - ioctl that sets an interface's flags, addresses or name, or adds a route or bridge: the
+#:   model keeps the links (link_up); as root the real call would change the host's network
+#:   (a netlink message, in memory, is out of a filter's reach);
 #: - ptrace, process_vm_writev, pidfd_getfd: they reach a process outside the filter (the
 #:   supervisor, the launcher) and could make it act, or take its listener, for the engine.
 #: Left allowed: prctl (dropping a capability from the bounding set changes nothing outside
@@ -134,6 +158,7 @@ CONTAINMENT: tuple[Rule, ...] = (
     Rule("clone", SYSTEM_INTERFACE, arg=0, mask=_NAMESPACE_FLAGS),
     Rule("mknod", SYSTEM_INTERFACE, arg=1, mask=_S_IFMT, values=(_S_IFCHR, _S_IFBLK)),
     Rule("mknodat", SYSTEM_INTERFACE, arg=2, mask=_S_IFMT, values=(_S_IFCHR, _S_IFBLK)),
+    Rule("ioctl", SYSTEM_INTERFACE, arg=1, values=_NET_SET_IOCTLS),
 )
 
 #: Why each call of the host-global list: no namespace confines its effect, and neither the
