@@ -370,12 +370,21 @@ class Point:
             parts.append(f"role={self.role}")
         if self.hook:
             parts.append(f"hook={self.hook}")
-        parts += [f"{k}={v}" for k, v in self.fields]
+        parts += [
+            "called by the kit" if (k, v) == ("caller", None) else f"{k}={v}"
+            for k, v in self.fields
+        ]
         return " ".join(parts)
 
 
 def enter(role: str, hook: str) -> Point:
     return Point("hook_enter", role, hook)
+
+
+def kit_call(point: Point) -> Point:
+    """``point``, only where the kit made the call (an engine's own call of one of its hooks
+    is recorded with ``caller: "engine"``; the kit's carry no caller)."""
+    return Point(point.kind, point.role, point.hook, (*point.fields, ("caller", None)))
 
 
 def returned(role: str, hook: str) -> Point:
@@ -447,11 +456,10 @@ _RPC_EXIT = Point("process_exit", "container", fields=(("child_role", "rpc"),))
 #: Order and count rules of a successful run (SPEC §2), tagged with their requirement.
 ORDER_RULES: tuple[Rule, ...] = (
     *(FirstHooks("ORDER-001", role, ("config", "init_config")) for role in ROLES),
-    *(
-        Count("ORDER-001", enter(role, hook), 1, 1)
-        for role in ROLES
-        for hook in ("config", "init_config")
-    ),
+    # config() is a pure factory (SPEC §1: "returns a fresh, empty engine-config object"):
+    # an engine may call it itself for the defaults; rule 1 counts the starter's calls.
+    *(Count("ORDER-001", kit_call(enter(role, "config")), 1, 1) for role in ROLES),
+    *(Count("ORDER-001", enter(role, "init_config"), 1, 1) for role in ROLES),
     Count("ORDER-003", Point("hook_enter", hook="prepare_config"), 1, 1),
     Count("ORDER-003", enter("stage1", "prepare_config"), 1, 1),
     Before("ORDER-004", returned("stage1", "prepare_config"), Point("starter_config")),
