@@ -741,3 +741,20 @@ class ThreadedMonitorEngine(ReferenceEngine):
         finally:
             done.set()
             forwarder.join()
+
+
+class LateEOFEngine(ThreadedMonitorEngine):
+    """The reaping race made certain (for a test of the kit): no pid namespace, and a child
+    of stage 2 holds a copy of master_fd for 0.5 s, so the master's start waiter sees EOF
+    only after the payload exited and the monitor reaped it."""
+
+    engine_name = "blind-late-eof"
+
+    def config(self) -> ReferenceConfig:
+        return ReferenceConfig(namespaces=["mount", "uts"], mount_proc=False, mount_tmp=False)
+
+    def start_process(self, master_fd):
+        if os.fork() == 0:
+            time.sleep(0.5)  # holds the inherited master_fd
+            os._exit(0)
+        super().start_process(master_fd)

@@ -772,7 +772,10 @@ class Master:
         # EOF: the close-on-exec end went away, by exec or by death. A dead stage 2 still
         # carries a name of the kit's (exec renames it): the container's until its hooks
         # config and init_config have run, stage 2's after.
-        if linux.process_name(self.pid) in (*PRE_EXEC_NAMES, None):
+        name = linux.process_name(self.pid)
+        # Gone already: a monitor may reap the payload the moment it exits (SPEC §7 lets
+        # it), so a reaped container died before exec only if stage 2 never called exec.
+        if name in PRE_EXEC_NAMES or (name is None and not self.starter.exec_mark[0]):
             self.ledger.emit("stage2_failed", message="stage 2 died before exec")
             return False
         return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import TYPE_CHECKING, NoReturn
 
 from kit import registry
@@ -122,6 +123,15 @@ class Stage2:
                 _REAL_EXIT(code)
 
             os._exit = reported_exit  # type: ignore[assignment]
+            mark = self.c.starter.exec_mark
+
+            def exec_called(event: str, args: tuple[object, ...]) -> None:
+                # os.exec* (not a forked child's): tells the master, which may find the
+                # container already reaped by the monitor, that exec was called.
+                if event == "os.exec" and os.getpid() == me:
+                    mark[0] = 1
+
+            sys.addaudithook(exec_called)
             hooks.call("start_process", engine.operations.start_process, master_fd)
             message = "stage 2 returned: start_process must exec the payload or exit"
         except BaseException as exc:  # noqa: BLE001 engine code may raise anything
