@@ -758,3 +758,136 @@ class LateEOFEngine(ThreadedMonitorEngine):
             time.sleep(0.5)  # holds the inherited master_fd
             os._exit(0)
         super().start_process(master_fd)
+
+
+class ClosesRPCWhenDoneEngine(ReferenceEngine):
+    """SPEC §2: create_container gets a connected socket and "on success" the kit closes it;
+    nothing forbids the hook closing its own socket object once all its calls are done (a
+    `with` block around the client). Legal."""
+
+    engine_name = "blind-closes-rpc-when-done"
+    rpc_methods = ReferenceRPC
+
+    def create_container(self, ctx, pid, rpc_conn):
+        with rpc_conn:
+            super().create_container(ctx, pid, rpc_conn)
+
+
+class HandlesRPCErrorsEngine(ReferenceEngine):
+    """SPEC §6: "the reply carries a result or a typed error (errno and message survive)"
+    and the server "answers an unknown method ... with an error reply and keeps serving" --
+    create_container probes an optional method the server lacks and tries a mount the policy
+    refuses, handles both errors, and goes on. Legal."""
+
+    engine_name = "blind-handles-rpc-errors"
+    rpc_methods = ReferenceRPC
+
+    def create_container(self, ctx, pid, rpc_conn):
+        rpc = RPCClient(rpc_conn, self.common.engine_name)
+        try:
+            rpc.call("features")
+        except Exception:  # an older server: no optional features
+            pass
+        try:
+            rpc.mount(source="sysfs", target="/sys", fstype="sysfs", flags=["rw"], data=None)
+        except (PermissionError, ValueError):
+            pass  # sysfs is optional
+        super().create_container(ctx, pid, rpc_conn)
+
+
+class RootGroupsOnlyEngine(ReferenceEngine):
+    """SPEC §5: set_target_gids is its own setter ("primary gid first, then supplementary") --
+    in the root flow the payload keeps uid 0 but runs with gid 100 and groups 100, 1000.
+    Legal."""
+
+    engine_name = "blind-root-groups-only"
+    rpc_methods = ReferenceRPC
+
+    def prepare_config(self, starter_config):
+        super().prepare_config(starter_config)
+        if starter_config.flow == "root":
+            starter_config.set_target_gids([100, 1000])
+
+
+class HybridSetgroupsEngine(ReferenceEngine):
+    """SPEC §5: set_allow_setgroups is the engine's choice -- in the hybrid flow the master
+    writes the maps with its privilege, so the container's user namespace may allow
+    setgroups. Legal."""
+
+    engine_name = "blind-hybrid-setgroups"
+    rpc_methods = ReferenceRPC
+
+    def prepare_config(self, starter_config):
+        super().prepare_config(starter_config)
+        if starter_config.flow == "hybrid":
+            starter_config.set_allow_setgroups(True)
+
+
+class Stage2ProcessStateEngine(ReferenceEngine):
+    """SPEC §4: the credential is uids/gids, groups, caps, securebits, no_new_privs, seccomp
+    -- stage 2 changes only what is not: its name, its session, a resource limit and its
+    parent-death signal, before the exec. Legal."""
+
+    engine_name = "blind-stage2-process-state"
+    rpc_methods = ReferenceRPC
+
+    def start_process(self, master_fd):
+        import resource
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(15, b"engine-stage2", 0, 0, 0)  # PR_SET_NAME
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        try:
+            os.setsid()
+        except PermissionError:
+            pass  # already a process group leader
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 1024), hard))
+        super().start_process(master_fd)
+
+
+class _LeastPrivilegeRPC(ReferenceRPC):
+    """Keeps only the capabilities its methods need (CAP_SYS_ADMIN), in every flow: the
+    others leave the permitted and effective sets when the methods object is built."""
+
+    def __init__(self, engine) -> None:
+        super().__init__(engine)
+        keep = 1 << 21  # CAP_SYS_ADMIN
+        eff, prm, inh = self.system.capabilities()
+        self.system.set_capabilities(eff & keep, prm & keep, inh & keep)
+
+
+class LeastPrivilegeRPCEngine(ReferenceEngine):
+    """SPEC §4, RPC server row: root "uid 0, container namespaces"; suid "e=U, only
+    CAP_SYS_ADMIN effective and a small bounding set"; userns/fakeroot "in the ns, no host
+    privilege" -- the server drops every capability its methods do not need before serving
+    (the uids stay). Legal."""
+
+    engine_name = "blind-least-privilege-rpc"
+    rpc_methods = _LeastPrivilegeRPC
+
+
+class NoPidNamespaceEngine(ReferenceEngine):
+    """SPEC §5: each namespace is created at the engine's choice; §2 rule 9: "with a new pid
+    namespace, stage 2 sees itself as pid 1" (so one is optional) -- like Apptainer's
+    default, no pid namespace (and so no new /proc). Legal."""
+
+    engine_name = "blind-no-pid-namespace"
+    rpc_methods = ReferenceRPC
+
+    def config(self) -> ReferenceConfig:
+        return ReferenceConfig(
+            namespaces=["mount", "uts", "ipc", "net", "cgroup"], mount_proc=False
+        )
+
+
+class NoNamespacesEngine(ReferenceEngine):
+    """SPEC §5: the namespaces are the engine's choice (the flow adds only the user
+    namespace) -- this engine asks for none: the container is the host's in root and suid,
+    only a user namespace in the others; no hostname, no mounts, no RPC call. Legal."""
+
+    engine_name = "blind-no-namespaces"
+    rpc_methods = ReferenceRPC
+
+    def config(self) -> ReferenceConfig:
+        return ReferenceConfig(namespaces=[], hostname=None, mount_proc=False, mount_tmp=False)
