@@ -701,7 +701,8 @@ class WideBoundingEngine(ReferenceEngine):
     included" and §4: stage 2 caps "exactly as configured" -- this engine configures its
     bounding set on purpose: in the root flow the host's whole bounding set (permitted stays
     the default), elsewhere CAP_CHOWN alone (nothing permitted: no privilege, no_new_privs).
-    Legal."""
+    Disputed: in the root flow this is the zoo's bounding-left-full mutant (PRIV-PAYLOAD-002:
+    a root payload regains every bounding capability at exec)."""
 
     engine_name = "blind-wide-bounding"
     rpc_methods = ReferenceRPC
@@ -891,3 +892,166 @@ class NoNamespacesEngine(ReferenceEngine):
 
     def config(self) -> ReferenceConfig:
         return ReferenceConfig(namespaces=[], hostname=None, mount_proc=False, mount_tmp=False)
+
+
+def _log(stream: str, text: str) -> None:
+    """One line to stdout or stderr, flushed: what a chatty engine does."""
+    fd = 1 if stream == "out" else 2
+    os.write(fd, f"[engine] {text}\n".encode())
+
+
+class VerboseStderrEngine(ReferenceEngine):
+    """Nothing in SPEC.md keeps an engine from logging -- this one writes a line to stderr
+    in every hook of every process (stage 2 included, before the exec). Legal."""
+
+    engine_name = "blind-verbose-stderr"
+
+    def prepare_config(self, starter_config):
+        _log("err", f"prepare_config in flow {starter_config.flow}")
+        super().prepare_config(starter_config)
+
+    def create_container(self, ctx, pid, rpc_conn):
+        _log("err", f"create_container for pid {pid}")
+        super().create_container(ctx, pid, rpc_conn)
+
+    def post_start_process(self, ctx, pid):
+        _log("err", "payload started")
+
+    def monitor_container(self, pid, signals):
+        status = super().monitor_container(pid, signals)
+        _log("err", f"container exited: status {status}")
+        return status
+
+    def cleanup_container(self, ctx, fatal, status):
+        _log("err", f"cleanup: fatal={fatal!r}")
+
+    def start_process(self, master_fd):
+        _log("err", "exec of the payload")
+        super().start_process(master_fd)
+
+
+class _VerboseRPC(ReferenceRPC):
+    def sethostname(self, name: str) -> None:
+        _log("err", f"sethostname {name}")
+        super().sethostname(name)
+
+
+VerboseStderrEngine.rpc_methods = _VerboseRPC  # type: ignore[attr-defined]
+
+
+class VerboseStdoutEngine(ReferenceEngine):
+    """Like :class:`VerboseStderrEngine`, but the starter-side processes (stage 1 and the
+    master) log to stdout, never stage 2 (whose stdout is the payload's). Legal."""
+
+    engine_name = "blind-verbose-stdout"
+    rpc_methods = ReferenceRPC
+
+    def prepare_config(self, starter_config):
+        _log("out", "prepare_config")
+        super().prepare_config(starter_config)
+
+    def create_container(self, ctx, pid, rpc_conn):
+        _log("out", "create_container")
+        super().create_container(ctx, pid, rpc_conn)
+
+    def post_start_process(self, ctx, pid):
+        _log("out", "payload started")
+
+    def cleanup_container(self, ctx, fatal, status):
+        _log("out", "cleanup")
+
+
+class EmptyEnvironmentEngine(ReferenceEngine):
+    """SPEC.md says nothing of the payload's environment -- this engine gives it none at all
+    (no PATH, no HOME) and starts it in /tmp. Legal."""
+
+    engine_name = "blind-empty-environment"
+    rpc_methods = ReferenceRPC
+
+    def config(self) -> ReferenceConfig:
+        return ReferenceConfig(env={}, cwd="/tmp")
+
+
+class TempCapsCreateEngine(ReferenceEngine):
+    """SPEC §4, master row: "effective caps empty at entry and again at return"; contract
+    (create_container): "a hook may raise them temporarily" -- create_container raises one
+    permitted capability on its own thread for 0.2 s at its start, while monitor_container
+    may be entering on another thread. Disputed: §4 also makes the rule hold for every
+    thread at every hook entry."""
+
+    engine_name = "blind-temp-caps-create"
+    rpc_methods = ReferenceRPC
+
+    def create_container(self, ctx, pid, rpc_conn):
+        sysc = system.current()
+        eff, prm, inh = sysc.capabilities()
+        raised = (prm & ~eff) & -(prm & ~eff)
+        if raised:
+            sysc.set_capabilities(eff | raised, prm, inh)
+            try:
+                time.sleep(0.2)
+            finally:
+                sysc.set_capabilities(eff, prm, inh)
+        super().create_container(ctx, pid, rpc_conn)
+
+
+class CleanupReapsOwnChildrenEngine(ReferenceEngine):
+    """SPEC §7: "A conformant monitor_container ... reaps only the container pid" (a rule of
+    monitor_container) -- this engine leaves its helper children to cleanup_container, which
+    reaps whatever zombies it finds (waitpid(-1, WNOHANG)) after the container is gone.
+    Disputed: the master's other children are the kit's."""
+
+    engine_name = "blind-cleanup-reaps-children"
+    rpc_methods = ReferenceRPC
+
+    def create_container(self, ctx, pid, rpc_conn):
+        subprocess.Popen(["/bin/true"], stdin=subprocess.DEVNULL)
+        super().create_container(ctx, pid, rpc_conn)
+
+    def cleanup_container(self, ctx, fatal, status):
+        time.sleep(0.05)
+        while True:
+            try:
+                wpid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if wpid == 0:
+                return
+
+
+class InitConfigNormalizesEngine(ReferenceEngine):
+    """SPEC §1: init_config "stores the decoded Common"; §2 rule 3: only JSON-visible fields
+    cross -- this engine also fills a default into the decoded config in init_config, the
+    same way in every process (a PATH for the payload when the user gave none). Legal."""
+
+    engine_name = "blind-init-config-normalizes"
+    rpc_methods = ReferenceRPC
+
+    def config(self) -> ReferenceConfig:
+        return ReferenceConfig(env={})
+
+    def init_config(self, common, privileged_stage1):
+        super().init_config(common, privileged_stage1)
+        cfg: ReferenceConfig = common.engine_config
+        cfg.env.setdefault("PATH", "/usr/bin:/bin")
+
+
+class LazyMonitorEngine(ReferenceEngine):
+    """SPEC §7 sets no latency for monitor_container -- this one wakes once a second: it
+    forwards what arrived meanwhile and looks whether the container exited. Legal."""
+
+    engine_name = "blind-lazy-monitor"
+    rpc_methods = ReferenceRPC
+
+    def monitor_container(self, pid, signals):
+        while True:
+            time.sleep(1.0)
+            while (sig := signals.get(timeout=0)) is not None:
+                if sig in FORWARDED_SIGNALS:
+                    try:
+                        os.kill(pid, sig)
+                    except ProcessLookupError:
+                        pass
+            wpid, status = os.waitpid(pid, os.WNOHANG)
+            if wpid == pid:
+                return status
