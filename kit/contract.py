@@ -253,6 +253,11 @@ class Operations(abc.ABC):
     Privilege states below are those of ``SPEC.md`` §4, per flow: root, suid (setuid starter),
     userns, fakeroot, hybrid.
 
+    The master's hooks run with every signal blocked (the kit reads them from a signalfd and
+    puts them on the ``signals`` channel), and a child process they start inherits that mask
+    across exec: such a helper ignores SIGTERM until it unblocks it, so stop it with SIGKILL
+    (``Popen.kill()``) or have it reset its signal mask first.
+
     This restates Apptainer's runtime-engine interface (``internal/pkg/runtime/engine``) for Python.
     The starter (:mod:`kit.starter`) calls the operations in a fixed order, each in its own process
     with a documented privilege state (``SPEC.md`` §2 and §4). The docstrings of this class are the
