@@ -1055,3 +1055,17 @@ class LazyMonitorEngine(ReferenceEngine):
             wpid, status = os.waitpid(pid, os.WNOHANG)
             if wpid == pid:
                 return status
+
+
+class ManyRPCCallsEngine(ReferenceEngine):
+    """SPEC §6 sets no limit on the number of requests -- create_container makes 1500 small
+    calls (one per file it would copy, say) before the reference's work. Legal."""
+
+    engine_name = "blind-many-rpc-calls"
+    rpc_methods = _ExtraRPC
+
+    def create_container(self, ctx, pid, rpc_conn):
+        rpc = RPCClient(rpc_conn, self.common.engine_name)
+        for n in range(1500):
+            rpc.ping(payload={"n": n})
+        super().create_container(ctx, pid, rpc_conn)
