@@ -2242,7 +2242,9 @@ def check_rpc_methods_restore_credentials(verify: Verifier, run: Run) -> None:
 
 def check_only_the_container_reaped(verify: Verifier, run: Run) -> None:
     """The kit gives the master a sentinel child older than the container; a monitor that
-    reaps any child takes it, and the master records a ``foreign_reap`` event."""
+    reaps any child takes it, and the master records a ``foreign_reap`` event. A monitor that
+    returns without reaping the container leaves it to the master, which records its
+    ``process_exit`` after monitor_container returned."""
     requirement = verify.requirement
     run = verify.used(run.usable())
     reaped = events_of(run, "foreign_reap", role="master")
@@ -2254,6 +2256,27 @@ def check_only_the_container_reaped(verify: Verifier, run: Run) -> None:
         run=run,
         event=reaped[0] if reaped else None,
         role="master",
+    )
+    returned = hook_events(run, "master", "monitor_container", ("hook_return",))
+    if not returned:
+        return
+    left = [
+        e
+        for e in events_of(run, "process_exit", role="master", child_role="container")
+        if e["seq"] > returned[0]["seq"]
+    ]
+    verify.check(
+        requirement,
+        not left,
+        expected="monitor_container reaps the container before it returns its status",
+        observed=lambda: (
+            f"the container (pid {left[0].get('child_pid')}) was left unreaped: "
+            "the kit reaped it after monitor_container returned"
+        ),
+        run=run,
+        event=left[0] if left else None,
+        role="master",
+        hook="monitor_container",
     )
 
 

@@ -598,7 +598,13 @@ _ENTRIES = (
     _r(
         "SIG-003", "MUST", "§7", "signals", "monitor_container returns the container's wait status."
     ),
-    _r("SIG-004", "MUST", "§7", "signals", "monitor_container reaps only the container's pid."),
+    _r(
+        "SIG-004",
+        "MUST",
+        "§7",
+        "signals",
+        "monitor_container reaps the container's pid before it returns, and no other child.",
+    ),
     _r(
         "SIG-005",
         "MUST",

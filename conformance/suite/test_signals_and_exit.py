@@ -30,10 +30,14 @@ def test_monitor_container_returns_the_containers_wait_status(lifecycle, verify)
         check_monitor_status(verify, lifecycle(name))
 
 
+#: SIG-004: every run whose monitor_container returns a status (SPEC §7 in every run).
+REAPING_RUNS = ("default", "exit-code", "signals", "signal-death")
+
+
 @requirement("SIG-004")
-@scenarios("default", "exit-code")
+@scenarios(*REAPING_RUNS)
 def test_monitor_container_reaps_only_the_container(lifecycle, verify):
-    for name in ("default", "exit-code"):
+    for name in REAPING_RUNS:
         check_only_the_container_reaped(verify, lifecycle(name))
 
 

@@ -798,4 +798,22 @@ class Master:
             )
             self._put(("monitor_failed", None))
             return
+        self._reap_if_left()
         self._put(("status", status))
+
+    def _reap_if_left(self) -> None:
+        """A monitor must reap the container (SPEC §7): one that returned a status and left
+        the zombie (a waitid with WNOWAIT) has it reaped here, recorded as the master's
+        ``process_exit`` of the container after monitor_container returned (SIG-004). The
+        kit's own wait calls: never held (_hold_reaping)."""
+        try:
+            left = _waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return  # reaped by the monitor, as it should be
+        if left is None:
+            return  # still running: the status did not come from it (SIG-003's to judge)
+        try:
+            _, wstatus = _waitpid(self.pid, 0)
+        except ChildProcessError:
+            return
+        self.ledger.emit("process_exit", child_role="container", child_pid=self.pid, status=wstatus)

@@ -18,8 +18,8 @@ first mutant breaks, broken by another mechanism: a helper thread, a raw system 
 value, a symlink, another field), :mod:`.host` (changes of the host that outlive the run),
 :mod:`.syscalls` (system calls the kit refuses), :mod:`.priv` (privilege bugs on an error
 path, a forwarded signal or at exec), :mod:`.ns` (bugs of blind engines in namespaces, order
-and flows) and :mod:`.gaps` (known survivors: bugs the
-suite cannot see yet, with the reason).
+and flows), :mod:`.rpc` (blind engines' bugs of signals, exit and error paths) and
+:mod:`.gaps` (known survivors: bugs the suite cannot see yet, with the reason).
 
 :mod:`.starter` holds the starter mutants: the reference engine run by a kit with one bug, for
 the rules only the starter can break. Their registration functions live there and mutate the
@@ -43,6 +43,7 @@ from mutants.zoo import (
     ns,
     priv,
     privileges,
+    rpc,
     signals,
     starter,
     state,
@@ -76,6 +77,7 @@ ENGINE_MUTANTS: tuple[type[Mutant], ...] = (
     *syscalls.MUTANTS,
     *priv.MUTANTS,
     *ns.MUTANTS,
+    *rpc.MUTANTS,
 )
 #: Starter mutants: each registered only through its own spec (:func:`engine_spec`).
 STARTER_MUTANTS: tuple[type[Mutant], ...] = starter.MUTANTS

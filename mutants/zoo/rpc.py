@@ -1,0 +1,92 @@
+"""Mutants found by writing engines blind from SPEC §2's error paths, §6, §7 and §8: bugs that
+show only in some runs (a failure, a forwarded signal, a payload killed by a signal)."""
+
+from __future__ import annotations
+
+import os
+
+from kit.contract import Context, SignalChannel, WaitStatus
+from mutants.zoo.base import Mutant
+from reference_engines.minimal.engine import FORWARDED_SIGNALS, MONITOR_POLL
+
+
+def _take_saved_root() -> None:
+    """seteuid(0) when the saved uid allows it (suid, hybrid); elsewhere nothing to take."""
+    if os.geteuid() != 0:
+        try:
+            os.seteuid(0)
+        except OSError:
+            pass  # userns, fakeroot: no saved uid 0 to take back
+
+
+class CleanupEuidRootOnError(Mutant):
+    slug = "cleanup-euid-root-on-error"
+    bug = (
+        "after a fatal error cleanup_container takes its saved uid 0 back as effective uid "
+        "(to force-remove what is left, as root) and returns with it"
+    )
+    killed_by = ("PRIV-MASTER-001", "PRIV-MASTER-002")
+    mechanism = "partial"
+    flows = ("suid", "hybrid")
+
+    def cleanup_container(
+        self, ctx: Context, fatal: BaseException | None, status: WaitStatus | None
+    ) -> None:
+        if fatal is not None:
+            _take_saved_root()
+
+
+class MonitorEuidRootWhenForwarding(Mutant):
+    slug = "monitor-euid-root-when-forwarding"
+    bug = (
+        "monitor_container takes its saved uid 0 back as effective uid before it forwards a "
+        "signal (to be allowed to signal any container) and keeps it"
+    )
+    killed_by = ("PRIV-MASTER-001", "PRIV-MASTER-002")
+    mechanism = "partial"
+    flows = ("suid", "hybrid")
+
+    def monitor_container(self, pid: int, signals: SignalChannel) -> WaitStatus:
+        while True:
+            sig = signals.get(timeout=MONITOR_POLL)
+            if sig in FORWARDED_SIGNALS:
+                _take_saved_root()
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            wpid, status = os.waitpid(pid, os.WNOHANG)
+            if wpid == pid:
+                return status
+
+
+class MonitorNeverReaps(Mutant):
+    slug = "monitor-never-reaps"
+    bug = (
+        "monitor_container peeks at the container's exit with WNOWAIT and returns the wait "
+        "status rebuilt from it, leaving the container unreaped"
+    )
+    killed_by = ("SIG-004",)
+    mechanism = "other-field"
+    flows = ("root", "fakeroot")
+
+    def monitor_container(self, pid: int, signals: SignalChannel) -> WaitStatus:
+        while True:
+            sig = signals.get(timeout=MONITOR_POLL)
+            if sig in FORWARDED_SIGNALS:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            if info is not None and info.si_pid == pid:
+                if info.si_code == os.CLD_EXITED:
+                    return (info.si_status & 0xFF) << 8
+                return info.si_status | (0x80 if info.si_code == os.CLD_DUMPED else 0)
+
+
+MUTANTS: tuple[type[Mutant], ...] = (
+    CleanupEuidRootOnError,
+    MonitorEuidRootWhenForwarding,
+    MonitorNeverReaps,
+)
