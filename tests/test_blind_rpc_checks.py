@@ -5,6 +5,13 @@ from __future__ import annotations
 from test_conformance_units import hook, make_run, snapshot
 
 from conformance import checks
+from conformance import expectations as X
+from conformance.scenario import (
+    ALL_SIGNALS_ARRIVED,
+    SECOND_ROUND_MASK_BASE,
+    SIGNAL_MASK_BASE,
+    decode_signal_exit,
+)
 
 
 def _monitor_run(*after_return):
@@ -28,3 +35,31 @@ def test_a_container_the_monitor_left_unreaped_breaks_sig_004():
     verify = checks.Verifier("root", ["SIG-004"], "t")
     checks.check_only_the_container_reaped(verify, _monitor_run())
     assert verify.violations["SIG-004"] == [] and verify.checks["SIG-004"] == 2
+
+
+def _signals_run(exit_code, rounds=2):
+    sent = [name for _ in range(rounds) for name in X.FORWARDED_SIGNALS]
+    run = make_run("root", [], exit_code=exit_code, scenario="signals")
+    run.notes = {"sent": sent, "payload_pid": 7}
+    return run
+
+
+def test_a_signal_forwarded_once_but_not_twice_breaks_sig_002():
+    """SPEC §7 forwards every signal (§10: none lost): the suite sends each one twice."""
+    assert decode_signal_exit(SECOND_ROUND_MASK_BASE + 0b01111) == ["SIGTERM (again)"]
+    assert decode_signal_exit(SIGNAL_MASK_BASE + 0b10111) == ["SIGUSR2"]
+    verify = checks.Verifier("root", ["SIG-002"], "t")
+    checks.check_signals_forwarded(verify, _signals_run(SECOND_ROUND_MASK_BASE))
+    (violation,) = verify.violations["SIG-002"]
+    assert "SIGHUP (again)" in violation.observed and "SIGTERM (again)" in violation.observed
+
+
+def test_a_first_round_that_did_not_arrive_is_judged_without_the_second():
+    """The second round is sent only once the payload marked the first received."""
+    verify = checks.Verifier("root", ["SIG-002"], "t")
+    checks.check_signals_forwarded(verify, _signals_run(SIGNAL_MASK_BASE + 0b11110, rounds=1))
+    (violation,) = verify.violations["SIG-002"]
+    assert violation.observed.endswith("did not receive SIGHUP")
+    verify = checks.Verifier("root", ["SIG-002"], "t")
+    checks.check_signals_forwarded(verify, _signals_run(ALL_SIGNALS_ARRIVED))
+    assert verify.violations["SIG-002"] == []

@@ -85,8 +85,34 @@ class MonitorNeverReaps(Mutant):
                 return info.si_status | (0x80 if info.si_code == os.CLD_DUMPED else 0)
 
 
+class MonitorForwardsOncePerKind(Mutant):
+    slug = "monitor-forwards-once-per-kind"
+    bug = (
+        "monitor_container forwards each kind of signal once per run and drops the later "
+        "ones (so that a second SIGTERM cannot interrupt the container's shutdown)"
+    )
+    killed_by = ("SIG-002",)
+    mechanism = "partial"
+    flows = ("root", "hybrid")
+
+    def monitor_container(self, pid: int, signals: SignalChannel) -> WaitStatus:
+        sent: set[int] = set()
+        while True:
+            sig = signals.get(timeout=MONITOR_POLL)
+            if sig in FORWARDED_SIGNALS and sig not in sent:
+                sent.add(sig)
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            wpid, status = os.waitpid(pid, os.WNOHANG)
+            if wpid == pid:
+                return status
+
+
 MUTANTS: tuple[type[Mutant], ...] = (
     CleanupEuidRootOnError,
     MonitorEuidRootWhenForwarding,
     MonitorNeverReaps,
+    MonitorForwardsOncePerKind,
 )
