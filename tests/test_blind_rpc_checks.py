@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from test_conformance_units import hook, make_run, snapshot
+from test_conformance_units import U, hook, make_run, snapshot
 
 from conformance import checks
 from conformance import expectations as X
@@ -63,3 +63,41 @@ def test_a_first_round_that_did_not_arrive_is_judged_without_the_second():
     verify = checks.Verifier("root", ["SIG-002"], "t")
     checks.check_signals_forwarded(verify, _signals_run(ALL_SIGNALS_ARRIVED))
     assert verify.violations["SIG-002"] == []
+
+
+class _Lifecycle:
+    """The suite's ``lifecycle`` fixture over made-up runs (a missing one: not supported)."""
+
+    def __init__(self, runs):
+        self.runs = runs
+
+    def __call__(self, name):
+        return self.runs[name]
+
+    def optional(self, name):
+        return self.runs.get(name)
+
+
+def test_an_rpc_method_that_keeps_capabilities_only_without_a_payload_breaks_priv_rpc_004():
+    """SPEC §4 "at every RPC method entry and return": the exec-failure run counts too."""
+    from test_conformance_power import _creds, _rpc_call
+
+    from conformance.suite import test_rpc_server as rpc_suite
+
+    server = snapshot(uid=(U, U, 0, U), eff=("CAP_SYS_ADMIN",), prm=("CAP_SYS_ADMIN", "CAP_CHOWN"))
+    raised = snapshot(
+        uid=(U, U, 0, U), eff=("CAP_SYS_ADMIN", "CAP_CHOWN"), prm=("CAP_SYS_ADMIN", "CAP_CHOWN")
+    )
+
+    def run(scenario, after):
+        call = _rpc_call(_creds(server), _creds(after), method="reference.payload_exists")
+        return make_run("suid", [call], scenario=scenario)
+
+    runs = {"default": run("default", server), "exec-failure": run("exec-failure", raised)}
+    verify = checks.Verifier("suid", ["PRIV-RPC-004"], "t")
+    rpc_suite.test_an_rpc_method_restores_the_capabilities_it_raised_before_it_returns(
+        _Lifecycle(runs), verify
+    )
+    (violation,) = verify.violations["PRIV-RPC-004"]
+    assert violation.run.scenario.name == "exec-failure"
+    assert "caps.effective" in violation.observed

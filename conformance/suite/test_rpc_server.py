@@ -10,6 +10,7 @@ from conformance.checks import (
     check_rpc_probes,
     check_rpc_sequential,
     check_rpc_server_exit,
+    privilege_runs,
 )
 from conformance.expectations import privilege_flows
 
@@ -38,9 +39,12 @@ def test_rpc_server_of_the_user_namespace_flows_has_no_host_privilege(lifecycle,
 
 
 @requirement("PRIV-RPC-004")
-@scenarios("default")
+@scenarios(*PRIVILEGE_SCENARIOS)
 def test_an_rpc_method_restores_the_capabilities_it_raised_before_it_returns(lifecycle, verify):
-    check_rpc_methods_restore_credentials(verify, lifecycle("default"))
+    # SPEC §4: at every RPC method return of every run (a method may fail, and restore
+    # nothing, only when the payload is missing).
+    for run in privilege_runs(lifecycle):
+        check_rpc_methods_restore_credentials(verify, run)
 
 
 @requirement("RPC-001")

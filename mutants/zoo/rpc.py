@@ -4,9 +4,13 @@ show only in some runs (a failure, a forwarded signal, a payload killed by a sig
 from __future__ import annotations
 
 import os
+import socket
 
 from kit.contract import Context, SignalChannel, WaitStatus
+from kit.rpc import RPCClient
+from kit.system import linux
 from mutants.zoo.base import Mutant
+from reference_engines.minimal import ReferenceRPC
 from reference_engines.minimal.engine import FORWARDED_SIGNALS, MONITOR_POLL
 
 
@@ -110,9 +114,45 @@ class MonitorForwardsOncePerKind(Mutant):
                 return status
 
 
+class _PayloadCheckKeepsCaps(ReferenceRPC):
+    def payload_exists(self, path: str) -> bool:
+        """Whether the payload is in the container's root, looked up with every permitted
+        capability raised, and (the bug) lowered again only when it is there."""
+        eff, perm, inh = linux.capget()
+        try:
+            linux.capset(perm, perm, inh)
+        except OSError:
+            pass
+        os.stat(self._host_path(path, "payload"))
+        linux.capset(eff, perm, inh)
+        return True
+
+
+class RpcPayloadCheckKeepsCaps(Mutant):
+    slug = "rpc-payload-check-keeps-caps"
+    bug = (
+        "an RPC method that looks for the payload with every permitted capability raised "
+        "lowers them only when the payload is there: a run whose payload is missing leaves the "
+        "RPC server with them"
+    )
+    killed_by = ("PRIV-RPC-002", "PRIV-RPC-004")
+    mechanism = "partial"
+    flows = ("suid", "hybrid")
+    rpc = _PayloadCheckKeepsCaps
+
+    def create_container(self, ctx: Context, pid: int, rpc_conn: socket.socket) -> None:
+        rpc = RPCClient(rpc_conn, self.common.engine_name)
+        try:
+            rpc.payload_exists(path=self.reference_config().argv[0])
+        except OSError:
+            pass  # stage 2 reports a missing payload better
+        super().create_container(ctx, pid, rpc_conn)
+
+
 MUTANTS: tuple[type[Mutant], ...] = (
     CleanupEuidRootOnError,
     MonitorEuidRootWhenForwarding,
     MonitorNeverReaps,
     MonitorForwardsOncePerKind,
+    RpcPayloadCheckKeepsCaps,
 )
