@@ -4,7 +4,9 @@ show only in some runs (a failure, a forwarded signal, a payload killed by a sig
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import time
 
 from kit.contract import Context, SignalChannel, WaitStatus
 from kit.rpc import RPCClient
@@ -149,10 +151,50 @@ class RpcPayloadCheckKeepsCaps(Mutant):
         super().create_container(ctx, pid, rpc_conn)
 
 
+class MonitorKillsAfterGrace(Mutant):
+    slug = "monitor-kills-after-grace"
+    bug = (
+        "monitor_container forwards SIGTERM and then SIGKILLs the container after a 10 s "
+        "grace period ('docker stop'), although the container handles SIGTERM and stays"
+    )
+    killed_by = ("SIG-002",)
+    mechanism = "other-field"
+    flows = ("root",)
+    gap = (
+        "only a payload that outlives a forwarded SIGTERM by more than the grace period shows "
+        "the SIGKILL in its exit; the signals payload exits as soon as every signal arrived "
+        "twice, and a run that waits longer than any grace an engine may choose is not one a "
+        "suite can afford"
+    )
+    GRACE = 10.0
+
+    def monitor_container(self, pid: int, signals: SignalChannel) -> WaitStatus:
+        deadline: float | None = None
+        while True:
+            sig = signals.get(timeout=MONITOR_POLL)
+            if sig in FORWARDED_SIGNALS:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+                if sig == signal.SIGTERM and deadline is None:
+                    deadline = time.monotonic() + self.GRACE
+            if deadline is not None and time.monotonic() >= deadline:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                deadline = None
+            wpid, status = os.waitpid(pid, os.WNOHANG)
+            if wpid == pid:
+                return status
+
+
 MUTANTS: tuple[type[Mutant], ...] = (
     CleanupEuidRootOnError,
     MonitorEuidRootWhenForwarding,
     MonitorNeverReaps,
     MonitorForwardsOncePerKind,
     RpcPayloadCheckKeepsCaps,
+    MonitorKillsAfterGrace,
 )
