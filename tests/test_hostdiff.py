@@ -1438,3 +1438,43 @@ def test_a_layout_primed_by_a_forked_child_is_the_fresh_namespaces() -> None:
     out = in_child(run)
     assert "ok" in out, out
     assert out["ok"]["files"] > 100 and out["ok"]["same"] and out["ok"]["as_read"] is True
+
+
+def test_a_fresh_file_system_walk_skips_what_goes_while_it_reads(tmp_path, monkeypatch):
+    # The watch walks /dev and /dev/shm while the run goes on: a file removed between the
+    # listing and its read, or a directory removed before it is listed, is skipped; the
+    # walk never raises (it ran in the supervisor's look).
+    (tmp_path / "stays").write_text("x")
+    (tmp_path / "goes").write_text("y")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "inner").write_text("z")
+    real = hostdiff._describe_path
+
+    def racing(path: str, st: os.stat_result, follow: bool = False) -> str:
+        if path.endswith("/goes"):
+            os.unlink(path)
+        if path.endswith("/dir"):
+            (tmp_path / "dir" / "inner").unlink()
+            (tmp_path / "dir").rmdir()
+        return real(path, st, follow)
+
+    monkeypatch.setattr(hostdiff, "_describe_path", racing)
+    files = hostdiff.read_fresh_files({"/dev/shm": str(tmp_path)})
+    assert sorted(files) == ["/dev/shm/dir", "/dev/shm/stays"] or sorted(files) == [
+        "/dev/shm/stays"
+    ], files
+    assert files["/dev/shm/stays"].startswith("file ")
+
+
+def test_file_capabilities_compare_without_their_revision_and_root_id():
+    # A copy-up in a user namespace rewrites a v2 security.capability as v3 (with a root
+    # id): the same capabilities, no change; another mask or the effective flag is one.
+    v2 = struct.pack("<IIIII", 0x02000001, 1 << 21, 0, 0, 0)
+    v3 = struct.pack("<IIIIII", 0x03000001, 1 << 21, 0, 0, 0, 1000)
+    other = struct.pack("<IIIII", 0x02000001, 1 << 12, 0, 0, 0)
+    not_effective = struct.pack("<IIIII", 0x02000000, 1 << 21, 0, 0, 0)
+    same = hostdiff._comparable("security.capability", v2)
+    assert hostdiff._comparable("security.capability", v3) == same
+    assert hostdiff._comparable("security.capability", other) != same
+    assert hostdiff._comparable("security.capability", not_effective) != same
+    assert hostdiff._comparable("user.note", v2) == v2

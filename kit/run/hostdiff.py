@@ -126,11 +126,21 @@ def _xattrs(path: str, follow: bool = False) -> str:
     digest = blake2b(digest_size=8)
     for name in names:
         try:
-            value = os.getxattr(path, name, follow_symlinks=follow)
+            value = _comparable(name, os.getxattr(path, name, follow_symlinks=follow))
         except OSError as exc:
             value = f"unreadable: {exc.errno}".encode()
         digest.update(b"%d:%s%d:%s" % (len(name), name.encode(), len(value), value))
     return f" xattrs {','.join(names)} {digest.hexdigest()}"
+
+
+def _comparable(name: str, value: bytes) -> bytes:
+    """An xattr's value as the diff compares it: file capabilities without their revision
+    and root id (a copy-up in a user namespace rewrites a v2 one as v3, the same
+    capabilities); the effective flag and the permitted and inheritable masks stay."""
+    if name != "security.capability" or len(value) < 20:
+        return value
+    effective = int.from_bytes(value[:4], "little") & 0x1  # VFS_CAP_FLAGS_EFFECTIVE
+    return bytes([effective]) + value[4:20]
 
 
 def _describe_path(path: str, st: os.stat_result, follow: bool = False) -> str:
@@ -941,15 +951,24 @@ def read_fresh_files(points: dict[str, str]) -> dict[str, str]:
         todo = [(point.rstrip("/"), top)]
         while todo:
             rel_dir, real_dir = todo.pop()
-            with os.scandir(real_dir) as entries:
-                for entry in entries:
-                    st = entry.stat(follow_symlinks=False)
-                    if st.st_dev != device:
-                        continue
-                    rel = f"{rel_dir}/{entry.name}"
-                    files[rel] = _describe_path(entry.path, st)
-                    if stat.S_ISDIR(st.st_mode):
-                        todo.append((rel, entry.path))
+            # Read while the run goes on (the watch's looks): a file its processes remove
+            # between the listing and the read (glibc's temporary files of sem_open and
+            # shm_open) was not there, as it will not be at the end.
+            try:
+                with os.scandir(real_dir) as entries:
+                    for entry in entries:
+                        try:
+                            st = entry.stat(follow_symlinks=False)
+                            if st.st_dev != device:
+                                continue
+                            rel = f"{rel_dir}/{entry.name}"
+                            files[rel] = _describe_path(entry.path, st)
+                        except (FileNotFoundError, NotADirectoryError):
+                            continue
+                        if stat.S_ISDIR(st.st_mode):
+                            todo.append((rel, entry.path))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
     return files
 
 
