@@ -390,6 +390,17 @@ def test_engine_code_cannot_reap_the_exited_container_before_its_exec_is_checked
 
     from kit.starter import master as m
 
+    class Watched(threading.Event):
+        """exec_checked, telling when a call waits for it."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.waiting = threading.Event()
+
+        def wait(self, timeout: float | None = None) -> bool:
+            self.waiting.set()
+            return super().wait(timeout)
+
     def zombie() -> int:
         pid = os.fork()
         if pid == 0:
@@ -400,7 +411,7 @@ def test_engine_code_cannot_reap_the_exited_container_before_its_exec_is_checked
     def body() -> dict:
         me = object.__new__(m.Master)
         me.pid = zombie()
-        me.exec_checked = threading.Event()
+        me.exec_checked = Watched()
         me.starter = SimpleNamespace(req=SimpleNamespace(hook_timeout=30.0))
         me._hold_reaping()
         other = zombie()
@@ -417,11 +428,12 @@ def test_engine_code_cannot_reap_the_exited_container_before_its_exec_is_checked
         }
         for name, call in calls.items():
             me.exec_checked.clear()
+            me.exec_checked.waiting.clear()
             got: list[int] = []
             thread = threading.Thread(target=lambda c=call, g=got: g.append(c()))
             thread.start()
-            thread.join(0.3)
-            held = thread.is_alive() and not got
+            # held: the call waits for the check (and has reaped nothing meanwhile)
+            held = me.exec_checked.waiting.wait(10) and not got
             me.exec_checked.set()
             thread.join(30)
             out[name] = (held, got[0] >> 8 if got else None)

@@ -562,6 +562,8 @@ class Master:
         only monitors that wait for the signal. The master process ends with the run, so
         the replaced functions are never put back."""
 
+        until: list[float] = []  # one deadline for every held call, from the first
+
         def hold(could_reap_it: bool) -> None:
             if not could_reap_it or self.exec_checked.is_set():
                 return
@@ -570,7 +572,9 @@ class Master:
             except ChildProcessError:
                 return  # reaped already: nothing left to hold
             if exited is not None:
-                self.exec_checked.wait(self.starter.req.hook_timeout)
+                if not until:
+                    until.append(time.monotonic() + self.starter.req.hook_timeout / 2)
+                self.exec_checked.wait(max(0.0, until[0] - time.monotonic()))
 
         def its(pid: int) -> bool:  # this pid, any child, or a process group
             return pid == self.pid or pid <= 0

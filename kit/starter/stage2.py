@@ -130,6 +130,8 @@ class Stage2:
                 # container already reaped by the monitor, that exec was called.
                 if event == "os.exec" and os.getpid() == me:
                     mark[0] = 1
+                elif mark[0] and os.getpid() == me:
+                    mark[0] = 0  # the exec failed: engine code runs again (any audited call)
 
             sys.addaudithook(exec_called)
             hooks.call("start_process", engine.operations.start_process, master_fd)
@@ -137,6 +139,10 @@ class Stage2:
         except BaseException as exc:  # noqa: BLE001 engine code may raise anything
             err = _unwrap(exc)
             message = f"start_process failed: {type(err).__name__}: {err}"
+        # Back in the kit: an exec was called and failed (the mark tells an attempt).
+        held = getattr(self.c.starter, "exec_mark", None)
+        if held is not None:
+            held[0] = 0
         _send(sock, _failure(Control.STAGE2_FAILED, message))
         _exit(EXIT_FATAL)
 
