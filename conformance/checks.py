@@ -2309,6 +2309,10 @@ def check_signals_recorded(verify: Verifier, run: Run) -> None:
         )
 
 
+#: How decode_signal_exit marks a signal of the second round that did not arrive.
+_AGAIN = " (again)"
+
+
 def check_signals_forwarded(verify: Verifier, run: Run) -> None:
     requirement = verify.requirement
     run = verify.used(run.usable())
@@ -2329,6 +2333,15 @@ def check_signals_forwarded(verify: Verifier, run: Run) -> None:
         return
     code = run.result.exit_code
     missing = decode_signal_exit(code)
+    # The first round arrived whole (only "again" is missing) and the suite could not send
+    # the second: judged on the first.
+    if (
+        rounds < SIGNAL_ROUNDS
+        and run.notes.get("second_round")
+        and missing
+        and all(name.endswith(_AGAIN) for name in missing)
+    ):
+        missing = []
     returns = hook_events(run, "master", "monitor_container", ("hook_return",))
     if missing is None:
         observed = (

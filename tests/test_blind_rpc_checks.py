@@ -65,6 +65,28 @@ def test_a_first_round_that_did_not_arrive_is_judged_without_the_second():
     assert verify.violations["SIG-002"] == []
 
 
+def test_a_second_round_the_suite_could_not_send_is_not_the_engines_failure():
+    """The payload marks its first round in by ignoring SIGURG; started with it ignored, or
+    marking it too late, the second round is not sent (the scenario says why in its notes):
+    the first round alone decides. With the second round sent, a missing one still fails."""
+    run = _signals_run(SECOND_ROUND_MASK_BASE, rounds=1)
+    run.notes["second_round"] = "not sent: the payload started with SIGURG ignored"
+    verify = checks.Verifier("root", ["SIG-002"], "t")
+    checks.check_signals_forwarded(verify, run)
+    assert verify.violations["SIG-002"] == [] and verify.checks["SIG-002"] == 1
+    # not sent, and the first round incomplete: still the engine's failure
+    run = _signals_run(SIGNAL_MASK_BASE + 0b11110, rounds=1)
+    run.notes["second_round"] = "not sent: the payload did not mark its first round in time"
+    verify = checks.Verifier("root", ["SIG-002"], "t")
+    checks.check_signals_forwarded(verify, run)
+    (violation,) = verify.violations["SIG-002"]
+    assert violation.observed.endswith("did not receive SIGHUP")
+    # sent (no note), yet not received again: the engine's
+    verify = checks.Verifier("root", ["SIG-002"], "t")
+    checks.check_signals_forwarded(verify, _signals_run(SECOND_ROUND_MASK_BASE, rounds=2))
+    assert len(verify.violations["SIG-002"]) == 1
+
+
 class _Lifecycle:
     """The suite's ``lifecycle`` fixture over made-up runs (a missing one: not supported)."""
 
