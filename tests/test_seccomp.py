@@ -844,3 +844,23 @@ def test_refusals_beyond_the_ledgers_cap_are_answered_and_counted(extra):
     assert len(refusals(result)) == seccomp.MAX_RECORDED
     unrecorded = [e["count"] for e in result.ledger.events if e["kind"] == "syscalls_unrecorded"]
     assert unrecorded == ([extra] if extra else [])
+
+
+def test_the_fake_backend_as_root_keeps_a_hostname_written_through_proc_from_the_host():
+    # No filter can judge a write to /proc/sys/kernel/hostname (a path in memory): the fake
+    # backend's run has uts, ipc and net namespaces of its own. Run inside a uts namespace
+    # of this test's (with a name of its own), so a failure changes only that one.
+    if os.geteuid() != 0:
+        pytest.skip("the fake backend contains the host's names only when launched as root")
+
+    def body() -> dict[str, Any]:
+        linux.unshare(linux.ns_flags(["uts"]))
+        socket.sethostname("kit-outer-test")
+        os.environ["KIT_ZYGOTE"] = "0"  # the supervisor a child of this process
+        result = run("blind_host:ProcHostnameEngine", "root", ["/bin/true"], backend="fake")
+        return {"code": result.exit_code, "reason": result.reason, "name": socket.gethostname()}
+
+    out = in_child(body)
+    assert "ok" in out, out
+    assert out["ok"]["name"] == "kit-outer-test", out
+    assert out["ok"]["code"] == 0, out

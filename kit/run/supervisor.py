@@ -258,6 +258,13 @@ class Supervisor:
         # The starter checks its parent against this pid (read after the fork, it could be
         # a reaper's); in the sandbox's pid namespace it cannot see it and reads its own.
         me = os.getpid() if box is None else None
+        if req.backend == "fake" and os.geteuid() == 0:
+            # SPEC §9: the fake backend never changes the real host. Its filter refuses the
+            # privileged calls; what a filter cannot judge (a hostname written through
+            # /proc/sys, an interface set by netlink, SysV IPC) lands in namespaces of the
+            # run's own, gone with it. (Files, sysctls of other kinds and signals are not
+            # held back: the fake backend as root has no copy-on-write sandbox.)
+            linux.unshare(linux.ns_flags(["uts", "ipc", "net"]))
         pid = os.fork()
         if pid == 0:
             reader.close()
