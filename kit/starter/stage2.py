@@ -140,7 +140,7 @@ class Stage2:
             err = _unwrap(exc)
             message = f"start_process failed: {type(err).__name__}: {err}"
         # Back in the kit: an exec was called and failed (the mark tells an attempt).
-        held = getattr(self.c.starter, "exec_mark", None)
+        held = getattr(getattr(self.c, "starter", None), "exec_mark", None)
         if held is not None:
             held[0] = 0
         _send(sock, _failure(Control.STAGE2_FAILED, message))
