@@ -864,3 +864,142 @@ def test_the_fake_backend_as_root_keeps_a_hostname_written_through_proc_from_the
     assert "ok" in out, out
     assert out["ok"]["name"] == "kit-outer-test", out
     assert out["ok"]["code"] == 0, out
+
+
+def test_the_rpc_method_of_a_refusal_is_the_next_call_returned_on_its_thread():
+    # resolve_rpc_methods: each RPC-server refusal without a hook is named by the first
+    # rpc_call recorded after it on one of its process's threads (the call returns after
+    # the refusal); earlier calls, other threads' calls, other roles' refusals and
+    # refusals that already name a hook are left alone.
+    def refused(tid: int, role: str = "rpc", hook: str | None = None) -> dict[str, Any]:
+        return {
+            "kind": "syscall_refused",
+            "process_role": role,
+            "hook": hook,
+            "target": _ids(tid, 2, [2, tid]),
+        }
+
+    def call(tid: Any, method: str) -> dict[str, Any]:
+        return {"kind": "rpc_call", "role": "rpc", "tid": tid, "method": method}
+
+    first, second = refused(3), refused(4)
+    master, named = refused(3, role="master"), refused(3, hook="config")
+    events = [
+        call(3, "e.before"),
+        first,
+        master,
+        named,
+        {"kind": "hook_enter", "role": "rpc", "hook": "x", "tid": 3},
+        call(9, "e.elsewhere"),
+        call("3", "e.forged"),
+        call(3, "e.mount"),
+        second,
+        call(4, "e.chroot"),
+    ]
+    seccomp.resolve_rpc_methods(events)
+    assert first["hook"] == "RPC method e.mount"
+    assert second["hook"] == "RPC method e.chroot"
+    assert master["hook"] is None and named["hook"] == "config"
+    # no thread list to go by: the next call of any thread; none after it: no name
+    bare = {"kind": "syscall_refused", "process_role": "rpc", "hook": None, "target": None}
+    lone = refused(5)
+    seccomp.resolve_rpc_methods([bare, call(9, "e.any"), lone])
+    assert (bare["hook"], lone["hook"]) == ("RPC method e.any", None)
+
+
+def test_the_open_hook_is_the_innermost_one_not_yet_left_on_its_thread():
+    # _open_hook: a return or raise closes the latest matching entry of its thread (by
+    # thread and hook), nested or interleaved; several left open are named innermost first.
+    def ev(kind: str, hook: str, tid: int = 1) -> dict[str, Any]:
+        return {"kind": kind, "role": "master", "hook": hook, "tid": tid}
+
+    assert seccomp._open_hook([]) is None
+    assert seccomp._open_hook([ev("hook_enter", "a"), ev("hook_return", "a")]) is None
+    nested = [ev("hook_enter", "a"), ev("hook_enter", "b"), ev("hook_raise", "b")]
+    assert seccomp._open_hook(nested) == "a"
+    # the same hook entered twice on one thread: one return closes the later entry only
+    twice = [ev("hook_enter", "a"), ev("hook_enter", "a"), ev("hook_return", "a")]
+    assert seccomp._open_hook(twice) == "a"
+    # another thread's return does not close this thread's hook
+    other = [ev("hook_enter", "a"), ev("hook_return", "a", tid=2)]
+    assert seccomp._open_hook(other) == "a"
+    three = [
+        ev("hook_enter", "a"),
+        ev("hook_enter", "b", tid=2),
+        ev("hook_enter", "c", tid=3),
+        ev("hook_return", "b", tid=2),
+        ev("rpc_call", "x"),
+    ]
+    assert seccomp._open_hook(three) == "c or a"
+
+
+def test_a_refusal_in_a_child_of_a_kit_process_names_its_parents_hook():
+    # attribute: a process with no event of its own (forked by engine code) is the child of
+    # its parent's role and open hook; its parent unknown too: no role. Stage 2 before the
+    # exec is stage 2's start_process, after it the payload's (of stage 2's role only).
+    events = [
+        {"kind": "hook_enter", "role": "master", "hook": "create_container", "tid": 51},
+        {"kind": "hook_enter", "role": "stage2", "hook": "start_process", "tid": 1},
+    ]
+    child = {**_ids(60, 60, [60]), "parent": _ids(51, 50, [50, 51])}
+    assert seccomp.attribute(events, child) == (
+        "master",
+        "create_container (in a child process)",
+    )
+    orphan = {**_ids(60, 60, [60]), "parent": _ids(70, 70, [70])}
+    assert seccomp.attribute(events, orphan) == (None, None)
+    idle = {**_ids(60, 60, [60]), "parent": _ids(50, 50, [50])}
+    events_idle = [{"kind": "process_start", "role": "master", "tid": 50}]
+    assert seccomp.attribute(events_idle, idle) == ("master", "no hook (in a child process)")
+    assert seccomp.attribute(events, _ids(1, 1, [1])) == ("stage2", "start_process")
+    execd = [*events, {"kind": "stage2_exec", "role": "master", "tid": 51}]
+    assert seccomp.attribute(execd, _ids(1, 1, [1])) == ("stage2", "the payload (after exec)")
+    assert seccomp.attribute(execd, _ids(51, 50, [50, 51])) == ("master", "create_container")
+    # a process's other role on the same thread numbers (role_of, SO_PASSCRED): only the
+    # events of the role the kernel says the process is
+    both = [
+        {"kind": "hook_enter", "role": "container", "hook": "config", "tid": 1},
+        {"kind": "hook_enter", "role": "master", "hook": "monitor_container", "tid": 1},
+    ]
+    target = {**_ids(1, 1, [1]), "tgid": 4711}
+    assert seccomp.attribute(both, target, lambda pid: "container") == ("container", "config")
+    assert seccomp.attribute(both, target, lambda pid: None) == (
+        "master",
+        "monitor_container or config",
+    )
+
+
+def test_a_notifying_thread_is_numbered_as_its_innermost_pid_namespace_numbers_it():
+    # _thread_ids: the ledger numbers a run's processes in their own pid namespace (the
+    # sandbox's, the container's), so ns_tid and ns_tgid are the innermost NSpid and NStgid
+    # entries, tgid the kernel's here; a process gone reads as None, never raises.
+    if os.geteuid() != 0:
+        pytest.skip("a pid namespace needs root here")
+
+    def body() -> dict[str, Any]:
+        linux.unshare(linux.ns_flags(["pid"]))
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pid 1 of the new namespace
+            os.close(wfd)
+            os.read(rfd, 1)
+            os._exit(0)
+        os.close(rfd)
+        try:
+            ids = seccomp._thread_ids(pid)
+        finally:
+            os.close(wfd)
+            os.waitpid(pid, 0)
+        return {"pid": pid, "ids": ids, "gone": seccomp._thread_ids(pid)}
+
+    out = in_child(body)
+    assert "ok" in out, out
+    got = out["ok"]
+    ids = got["ids"]
+    assert (ids["tgid"], ids["ns_tid"], ids["ns_tgid"], ids["ns_threads"]) == (
+        got["pid"],
+        1,
+        1,
+        [1],
+    ), got
+    assert ids["parent"]["tgid"] != got["pid"] and got["gone"] is None
