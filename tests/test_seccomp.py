@@ -81,6 +81,10 @@ def filtered(
     (or ``on_notify(listener)``). ``{"result": calls()'s result, "refused": [records]}``."""
 
     def supervise() -> dict[str, Any]:
+        if os.geteuid() == 0:
+            # The calls are refused only if the filter is right: under a broken one (a bug,
+            # a mutant of ci/mutation) a sethostname(NULL, 0) renamed the real host.
+            linux.unshare(linux.ns_flags(["uts", "ipc", "net"]))
         here, there = socket.socketpair()
         rfd, wfd = os.pipe()
         pid = os.fork()
@@ -216,7 +220,8 @@ def test_clone_is_refused_only_with_a_namespace_flag_and_clone3_gets_enosys():
 
 def test_argument_tests_refuse_devices_and_log_clearing_only():
     # Boundary: mknod of a fifo passes, of a character device is refused; syslog's
-    # "size of buffer" (10) passes, "clear" (5) is refused.
+    # "size of buffer" (10) passes, "read and clear" (4) is refused. (No syslog namespace
+    # exists: with no buffer the kernel clears nothing even if a broken filter let it by.)
     where = tempfile.mkdtemp(prefix="kit-seccomp-")
     try:
 
@@ -225,7 +230,7 @@ def test_argument_tests_refuse_devices_and_log_clearing_only():
                 "fifo": _mknod(f"{where}/fifo", 0o010600),
                 "chr": _mknod(f"{where}/null", 0o020600, os.makedev(1, 3)),
                 "syslog_size": _raw(103, 10, 0, 0),
-                "syslog_clear": _raw(103, 5, 0, 0),
+                "syslog_clear": _raw(103, 4, 0, 0),
             }
 
         out = filtered(seccomp.CONTAINMENT + seccomp.HOST_GLOBAL, calls)
@@ -566,6 +571,8 @@ def test_under_an_outer_listener_calls_are_still_refused_but_not_recorded():
     # inside a kit run. The starter's filter then refuses with EPERM at once, and says the
     # refusals go unrecorded (HOST-050 is then not-configured, never passed).
     def nested() -> dict[str, Any]:
+        if os.geteuid() == 0:  # a broken filter renames only this throwaway namespace
+            linux.unshare(linux.ns_flags(["uts"]))
         outer = seccomp.install(())  # an outer kit's filter: a listener, refusing nothing
         here, there = socket.socketpair()
         verdict = seccomp.install_for_run("fake", there)
