@@ -18,6 +18,7 @@ from conformance.cooperation import RPC_PROBES
 from conformance.outcomes import NOT_CONFIGURED_PREFIX
 from conformance.runs import HarnessError, Run
 from conformance.scenario import (
+    AGAIN,
     ALL_SIGNALS_ARRIVED,
     SECOND_ROUND_MASK_BASE,
     SIGNAL_MASK_BASE,
@@ -2309,10 +2310,6 @@ def check_signals_recorded(verify: Verifier, run: Run) -> None:
         )
 
 
-#: How decode_signal_exit marks a signal of the second round that did not arrive.
-_AGAIN = " (again)"
-
-
 def check_signals_forwarded(verify: Verifier, run: Run) -> None:
     requirement = verify.requirement
     run = verify.used(run.usable())
@@ -2339,7 +2336,7 @@ def check_signals_forwarded(verify: Verifier, run: Run) -> None:
         rounds < SIGNAL_ROUNDS
         and run.notes.get("second_round")
         and missing
-        and all(name.endswith(_AGAIN) for name in missing)
+        and all(name.endswith(AGAIN) for name in missing)
     ):
         missing = []
     returns = hook_events(run, "master", "monitor_container", ("hook_return",))

@@ -33,6 +33,8 @@ SIGNAL_ROUNDS = 2
 #: Exit code base when the first round arrived whole and the second did not: 50 + the mask of
 #: the signals that arrived twice.
 SECOND_ROUND_MASK_BASE = 50
+#: How :func:`decode_signal_exit` names a signal that did not arrive a second time.
+AGAIN = " (again)"
 #: The payload ignores this signal once the first round arrived: the suite reads it in the
 #: payload's SigIgn and sends the second round (never before: two of a kind would merge).
 ROUND_DONE_MARK = signal.SIGURG
@@ -91,7 +93,7 @@ def decode_signal_exit(code: int) -> list[str] | None:
     if code == ALL_SIGNALS_ARRIVED:
         return []
     full = (1 << len(FORWARDED_SIGNALS)) - 1
-    for base, suffix in ((SIGNAL_MASK_BASE, ""), (SECOND_ROUND_MASK_BASE, " (again)")):
+    for base, suffix in ((SIGNAL_MASK_BASE, ""), (SECOND_ROUND_MASK_BASE, AGAIN)):
         mask = code - base
         if 0 <= mask < full:
             return [name + suffix for i, name in enumerate(FORWARDED_SIGNALS) if not mask >> i & 1]

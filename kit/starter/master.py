@@ -567,11 +567,7 @@ class Master:
         def hold(could_reap_it: bool) -> None:
             if not could_reap_it or self.exec_checked.is_set():
                 return
-            try:
-                exited = _waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-            except ChildProcessError:
-                return  # reaped already: nothing left to hold
-            if exited is not None:
+            if self._exit_unreaped():  # else running, or reaped: nothing to hold
                 if not until:
                     until.append(time.monotonic() + self.starter.req.hook_timeout / 2)
                 self.exec_checked.wait(max(0.0, until[0] - time.monotonic()))
@@ -602,6 +598,15 @@ class Master:
 
         os.waitpid, os.wait4, os.wait, os.wait3 = waitpid, wait4, wait, wait3
         os.waitid = waitid
+
+    def _exit_unreaped(self) -> bool:
+        """Whether the container has exited and nobody has reaped it yet (a peek: it stays
+        a zombie)."""
+        try:
+            found = _waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return False
+        return found is not None
 
     def _container_exited(self) -> bool:
         try:
@@ -810,12 +815,10 @@ class Master:
         the zombie (a waitid with WNOWAIT) has it reaped here, recorded as the master's
         ``process_exit`` of the container after monitor_container returned (SIG-004). The
         kit's own wait calls: never held (_hold_reaping)."""
-        try:
-            left = _waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        except ChildProcessError:
-            return  # reaped by the monitor, as it should be
-        if left is None:
-            return  # still running: the status did not come from it (SIG-003's to judge)
+        if not self._exit_unreaped():
+            # reaped by the monitor, as it should be; or still running: the status did not
+            # come from it (SIG-003's to judge)
+            return
         try:
             _, wstatus = _waitpid(self.pid, 0)
         except ChildProcessError:
