@@ -374,6 +374,18 @@ def test_sethostname_needs_cap_sys_admin_over_the_uts_owner():
     assert m.ns(ns["uts"])["hostname"] == "box" and m.ns(INIT["uts"])["hostname"] == "x"
 
 
+def test_setdomainname_needs_cap_sys_admin_over_the_uts_owner():
+    m = make_model()
+    raises(errno.EPERM, m.setdomainname, user(), INIT["uts"], "x")
+    c, ns, _ = m.plan_namespaces(user(), task(), ["user", "uts"], clone=False)
+    m.setdomainname(c, ns["uts"], "box.example")
+    raises(errno.EPERM, m.setdomainname, c, INIT["uts"], "y")  # the host's: owned by init
+    raises(errno.EINVAL, m.setdomainname, root(), INIT["uts"], "x" * 65)
+    m.setdomainname(root(), INIT["uts"], "host.example")
+    assert m.ns(ns["uts"])["domainname"] == "box.example"
+    assert m.ns(INIT["uts"])["domainname"] == "host.example"
+
+
 def test_link_up_needs_cap_net_admin_over_the_net_owner():
     m = make_model()
     c, ns, _ = m.plan_namespaces(user(), task(), ["user", "net"], clone=False)

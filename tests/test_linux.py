@@ -15,6 +15,7 @@ import sys
 import pytest
 from conftest import fd_child, in_child, open_fds
 
+from kit import system as kit_system
 from kit.ledger import probe
 from kit.system import linux
 
@@ -317,3 +318,19 @@ def test_close_fds_except_closes_every_fd_but_the_kept_ones_the_standard_ones_to
     assert code == 0
     # 0, the lowest number, is the fd that listed /proc/self/fd: stdin was closed before it
     assert left == sorted({0, 11, 40, w}), left
+
+
+def test_the_real_domainname_is_set_in_the_callers_uts_namespace_only():
+    if os.geteuid() != 0:
+        pytest.skip("setdomainname needs CAP_SYS_ADMIN")
+    host = linux.getdomainname()
+
+    def body() -> dict[str, str]:
+        linux.unshare(linux.ns_flags(["uts"]))
+        before = kit_system.RealSystem().getdomainname()
+        kit_system.RealSystem().setdomainname("kit-test.example")
+        return {"before": before, "after": kit_system.RealSystem().getdomainname()}
+
+    out = in_child(body)
+    assert out == {"ok": {"before": host, "after": "kit-test.example"}}, out
+    assert linux.getdomainname() == host

@@ -221,6 +221,12 @@ class RealSystem(System):
     def gethostname(self) -> str:
         return socket.gethostname()
 
+    def setdomainname(self, name: str) -> None:
+        linux.setdomainname(name)
+
+    def getdomainname(self) -> str:
+        return linux.getdomainname()
+
     def link_up(self, ifname: str = "lo") -> None:
         """Bring a network interface up in the current network namespace (``SIOCSIFFLAGS``;
         ENODEV when there is no such interface, EPERM without CAP_NET_ADMIN over it)."""

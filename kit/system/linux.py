@@ -350,6 +350,17 @@ def pivot_root(new_root: str, put_old: str) -> None:
     )
 
 
+def setdomainname(name: str) -> None:
+    """Set the NIS domain name of the calling process's uts namespace."""
+    raw = name.encode()
+    _check(_libc.setdomainname(raw, ctypes.c_size_t(len(raw))), f"setdomainname({name!r})")
+
+
+def getdomainname() -> str:
+    """The NIS domain name of the calling process's uts namespace (``(none)`` when unset)."""
+    return read_file("/proc/sys/kernel/domainname").decode().strip()
+
+
 def propagation_type(optional_fields: Iterable[str]) -> str:
     """The propagation type that the optional fields of a mountinfo line describe: shared,
     slave, unbindable or private (a mount that is shared and a slave counts as shared)."""

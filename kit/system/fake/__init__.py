@@ -25,13 +25,16 @@ def prepare(request: Any) -> tuple[dict[str, Any], Any]:
 
 @contextlib.contextmanager
 def installed(
-    request: Any, initial: tuple[dict[str, Any], Any] | None = None
+    request: Any, initial: tuple[dict[str, Any], Any] | None = None, directory: str | None = None
 ) -> Iterator[FakeSystem]:
     """Make a :class:`FakeSystem` for ``request`` (a :class:`kit.run.request.RunRequest`) the
     system interface of this process and of everything it forks until the block ends; the
     model is removed afterwards. ``initial``: what :func:`prepare` returned (in this
-    process or in its parent, just before the fork)."""
-    fake = FakeSystem.create(needs_root=request.flow in ROOT_FLOWS, initial=initial)
+    process or in its parent, just before the fork); ``directory``: where the model is kept
+    (the run's directory, which the host sandbox shares with the run)."""
+    fake = FakeSystem.create(
+        needs_root=request.flow in ROOT_FLOWS, directory=directory, initial=initial
+    )
     previous = kit_system.current()
     kit_system.use(fake)
     try:

@@ -858,6 +858,14 @@ class Model:
             raise fail(errno.EINVAL, "sethostname")
         ns["hostname"] = name
 
+    def setdomainname(self, cred: Cred, utsns: int, name: str) -> None:
+        ns = self.ns(utsns)
+        if not self.capable(cred, ns["owner"], CAP_SYS_ADMIN):
+            raise fail(errno.EPERM, "setdomainname")
+        if len(name.encode()) > HOSTNAME_MAX:
+            raise fail(errno.EINVAL, "setdomainname")
+        ns["domainname"] = name
+
     def link_up(self, cred: Cred, netns: int, ifname: str) -> None:
         ns = self.ns(netns)
         if ifname not in ns["links"]:

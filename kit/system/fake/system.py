@@ -980,6 +980,14 @@ class FakeSystem(System):
         with self._store.transaction(write=False) as st:
             return str(Model(st).ns(self._me().ns["uts"])["hostname"])
 
+    def setdomainname(self, name: str) -> None:
+        with self._store.transaction() as st:
+            Model(st).setdomainname(self._cred(), self._me().ns["uts"], name)
+
+    def getdomainname(self) -> str:
+        with self._store.transaction(write=False) as st:
+            return str(Model(st).ns(self._me().ns["uts"]).get("domainname", "(none)"))
+
     def link_up(self, ifname: str = "lo") -> None:
         with self._store.transaction() as st:
             Model(st).link_up(self._cred(), self._me().ns["net"], ifname)
