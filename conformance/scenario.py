@@ -18,7 +18,6 @@ from conformance.capabilities import FAULT_FIELD, FAULTS, JOIN_FIELD
 from conformance.expectations import ERROR_PATHS, FORWARDED_SIGNALS
 from conformance.requirements import KIT, subject_of
 from kit.run import launcher
-from kit.run.environment import backend_for
 from kit.run.sandbox import default_on, join_path
 from kit.starter.inject import INJECTIONS
 from kit.system import linux
@@ -273,7 +272,7 @@ class JoinScenario(Scenario):
             notes = {"targets": {k: os.stat(p).st_ino for k, p in paths.items()}, "paths": paths}
             # The request gives the run these namespaces; in the kit's host sandbox (which
             # reaches no host process's namespaces) they are under another path.
-            sandboxed = _sandboxed(flow, options)
+            sandboxed = _sandboxed(options)
             config = {
                 **self.config(),
                 JOIN_FIELD: {k: join_path(k, p, sandboxed) for k, p in paths.items()},
@@ -296,14 +295,11 @@ class JoinScenario(Scenario):
                 helper.wait()
 
 
-def _sandboxed(flow: str, options: dict[str, Any]) -> bool:
+def _sandboxed(options: dict[str, Any]) -> bool:
     """Whether the kit runs a lifecycle with these launcher options in its host sandbox."""
     if options.get("sandbox") is not None:
         return bool(options["sandbox"])
-    backend = options.get("backend", "real")
-    if backend == "auto":
-        backend = backend_for(flow)[0]
-    return default_on(backend)
+    return default_on()
 
 
 #: Marker in the host-view payload's command line, so the suite can find the payload.
@@ -483,7 +479,7 @@ class HostViewScenario(Scenario):
 
     def start(self, engine: str, flow: str, options: dict[str, Any]) -> tuple[Any, dict]:
         before = {**host_view(), "hostname": SESSION_HOSTNAME}
-        watcher = _HostWatcher(before, _sandboxed(flow, options))
+        watcher = _HostWatcher(before, _sandboxed(options))
         notes: dict[str, Any] = {"hostname_before": before["hostname"], "payload_pid": None}
         try:
             read_end, write_end = os.pipe()

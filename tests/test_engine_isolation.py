@@ -272,7 +272,7 @@ def _only_inspections_and_the_run(marked: Marked, trusted: set[int], shared: boo
     if shared and os.geteuid() == 0:
         (starter,) = [m for m in marks if m["comm"] == "kit-starter"]
         assert starter["uid"] == 0
-        if default_on("real"):
+        if default_on():
             assert starter["pidns"] != host_pidns  # in the run's sandbox
     assert os.listdir(marked.host) == []  # the sandbox's writes never reach the host
 

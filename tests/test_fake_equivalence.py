@@ -220,10 +220,9 @@ def ledgers() -> dict[tuple[str, str], Any]:
 def both(flow: str, cache: dict) -> tuple[Any, Any]:
     for backend in ("real", "fake"):
         if (flow, backend) not in cache:
-            # The model stands for the kernel, not for the host sandbox around a real run
+            # The model stands for the kernel, not for the host sandbox around a run
             # (its own pid numbering, the host diff's event): the real side runs without it.
-            options = {"sandbox": False} if backend == "real" else {}
-            cache[(flow, backend)] = run("reference", flow, PAYLOAD, backend=backend, **options)
+            cache[(flow, backend)] = run("reference", flow, PAYLOAD, backend=backend, sandbox=False)
     return cache[(flow, "real")], cache[(flow, "fake")]
 
 

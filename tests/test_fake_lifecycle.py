@@ -111,7 +111,7 @@ def test_pids_and_namespaces(fflow, runs):
     stage1 = hook(result, "stage1", "prepare_config")
     assert stage2["pid"] == 1 and stage2["snapshot"]["nspid"] == [1]  # the container's /proc
     assert rpc["pid"] == 2 and rpc["snapshot"]["nspid"][1:] == [2]  # before /proc is mounted
-    assert master["pid"] == master["snapshot"]["nspid"][0] > 2
+    assert master["pid"] == master["snapshot"]["nspid"][0] > 1  # 2 in the host sandbox
     for kind in NS_KINDS:
         assert stage2["snapshot"]["ns"][kind] == rpc["snapshot"]["ns"][kind], kind
     for kind in ("pid", "net", "uts", "ipc", "cgroup", "mount"):
@@ -253,6 +253,7 @@ def test_hung_hook_is_killed_and_named(flow):
 def test_join_only_run_joins_by_path():
     # A process outside the run (not in the model's registry): the model resolves its
     # namespaces by their real inode numbers (here the host's, the model's initial ones).
+    # Outside the host sandbox, where the host's processes can be named by path.
     other = subprocess.Popen(["sleep", "60"])
     try:
         result = run(
@@ -260,6 +261,7 @@ def test_join_only_run_joins_by_path():
             "root",
             ["/bin/true"],
             backend="fake",
+            sandbox=False,
             engine_config={
                 "join": {"uts": f"/proc/{other.pid}/ns/uts", "net": f"/proc/{other.pid}/ns/net"}
             },
@@ -276,6 +278,7 @@ def test_join_only_run_joins_by_path():
         "root",
         ["/bin/true"],
         backend="fake",
+        sandbox=False,
         engine_config={"join": {"uts": "/proc/999999999/ns/uts"}},
     )
     assert result.exit_code == 255

@@ -601,7 +601,7 @@ from kit.run import sandbox
 from kit.run.launcher import run
 
 config = json.loads(sys.argv[1])
-out = {"default_on": sandbox.default_on("real")}
+out = {"default_on": sandbox.default_on()}
 if out["default_on"]:
     # Plain runs first: the second one adopts a sandbox the zygote built ahead.
     plain = [run("reference", "root", ["/bin/true"]) for _ in range(2)]

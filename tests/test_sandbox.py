@@ -109,7 +109,11 @@ def targets(shared_dir: str) -> Iterator[dict[str, Any]]:
 
 
 def _attack(
-    targets: dict[str, Any], acts: list[str], hook_timeout: float = 2.0, **config: Any
+    targets: dict[str, Any],
+    acts: list[str],
+    hook_timeout: float = 2.0,
+    backend: str = "real",
+    **config: Any,
 ) -> RunResult:
     engine_config = {k: v for k, v in targets.items() if k != "victim"}
     engine_config.update(acts=acts, **config)
@@ -117,6 +121,7 @@ def _attack(
         HOSTILE,
         "root",
         ["/bin/true"],
+        backend=backend,
         engine_config=engine_config,
         shared_dirs=[targets["report_dir"]],
         hook_timeout=hook_timeout,
@@ -145,6 +150,9 @@ def _assert_host_unchanged(
         assert after[key] == before[key], key
     assert targets["victim"].poll() is None, "the host process the engine killed is dead"
     assert _processes_named(DAEMON_NAME) == []
+    assert not os.path.exists(result.ledger.events[0]["run_dir"])
+    if result.ledger.first("run_start")["backend"] == "fake":
+        return  # its snapshots show the model's namespaces, not the sandbox's
     ns = _sandbox_namespaces(result)
     host_ns = linux.ns_inodes()
     for kind in ("pid", "net", "mount", "uts", "ipc"):
@@ -155,7 +163,6 @@ def _assert_host_unchanged(
             lambda kind=kind: _in_namespace(kind, ns[kind]) == [],
             what=f"no process left in the sandbox's {kind} namespace",
         )
-    assert not os.path.exists(result.ledger.events[0]["run_dir"])
 
 
 def test_an_engine_that_attacks_the_host_changes_only_its_sandbox(targets):
@@ -176,6 +183,35 @@ def test_an_engine_that_attacks_the_host_changes_only_its_sandbox(targets):
         for leak in result.leaks
         if leak["what"] == "process"
     )
+
+
+def test_in_the_fake_backend_as_root_an_attack_changes_only_the_sandbox_and_is_reported(targets):
+    # SPEC §9, §11: engine code in a fake run is root too. The privileged calls it makes
+    # around kit.system are refused (and recorded); what no filter can judge (a file, a
+    # sysctl written through /proc, a signal, a daemon) lands in the sandbox and is reported.
+    before = _host_state()
+    result = _attack(targets, ALL_ACTS, backend="fake")
+    _assert_host_unchanged(before, targets, result)
+    assert _outcomes(targets, "master", "create_container") == {
+        **dict.fromkeys(ALL_ACTS, "done"),
+        "mount_tmpfs": "EPERM",
+        "hostname": "EPERM",
+        "sysctl_vm": "EROFS",
+        "kill": "ESRCH",
+    }
+    refused = {
+        (e["syscall"], e["process_role"], e["hook"])
+        for e in result.ledger.events
+        if e["kind"] == "syscall_refused"
+    }
+    assert {
+        ("mount", "master", "create_container"),
+        ("sethostname", "master", "create_container"),
+    } <= refused
+    changed = {(c["kind"], c["name"]) for c in result.host_changes}
+    assert ("file", f"/etc/{targets['unique']}") in changed, result.host_changes
+    assert ("sysctl", "net.ipv4.ip_forward") in changed, result.host_changes
+    assert any(leak["what"] == "process" for leak in result.leaks), result.leaks
 
 
 def test_an_engine_cannot_hide_its_changes_through_the_sandbox_init(targets):
@@ -280,10 +316,10 @@ def test_the_request_switch():
     from kit.run.launcher import make_request
 
     assert make_request("reference", "root", ["/bin/true"]).sandbox is True
-    assert make_request("reference", "root", ["/bin/true"], backend="fake").sandbox is False
+    assert make_request("reference", "root", ["/bin/true"], backend="fake").sandbox is True
     assert make_request("reference", "root", ["/bin/true"], sandbox=False).sandbox is False
-    with pytest.raises(ValueError, match="only the real backend"):
-        make_request("reference", "root", ["/bin/true"], backend="fake", sandbox=True)
+    fake_off = make_request("reference", "root", ["/bin/true"], backend="fake", sandbox=False)
+    assert fake_off.sandbox is False
 
 
 def test_no_path_in_the_sandbox_leads_into_a_host_namespace(targets):
@@ -364,13 +400,13 @@ def test_the_sandbox_is_on_by_default_as_root_of_another_user_namespace(monkeypa
     def as_root_of_a_child_user_namespace() -> list[bool]:
         linux.unshare(linux.CLONE_NEWUSER)
         linux.write_id_maps("self", [(0, 0, 1)], [(0, 0, 1)], deny_setgroups=True)
-        on = sandbox.default_on("real")
+        on = sandbox.default_on()
         os.environ[sandbox.SWITCH_ENV] = "0"
-        off = sandbox.default_on("real")
+        off = sandbox.default_on()
         return [os.geteuid() == 0, linux.in_initial_user_namespace(), on, off]
 
     monkeypatch.delenv(sandbox.SWITCH_ENV, raising=False)
-    assert sandbox.default_on("real") and linux.in_initial_user_namespace()
+    assert sandbox.default_on() and linux.in_initial_user_namespace()
     assert in_child(as_root_of_a_child_user_namespace) == {"ok": [True, False, True, False]}
 
 

@@ -365,6 +365,7 @@ def test_fake_backend_refuses_every_direct_call_in_every_process(flow, shared_di
         ["/bin/sh", "-c", "exit 7"],
         backend="fake",
         engine_config={"bypass": EVERY_PLACE, "report_dir": shared_dir},
+        shared_dirs=[shared_dir],  # as root, a fake run is in the host sandbox too
     )
     assert result.exit_code == 7, result.reason
     check_every_place(result.ledger.events, shared_dir)
@@ -853,10 +854,13 @@ def test_refusals_beyond_the_ledgers_cap_are_answered_and_counted(extra):
     assert unrecorded == ([extra] if extra else [])
 
 
-def test_the_fake_backend_as_root_keeps_a_hostname_written_through_proc_from_the_host():
-    # No filter can judge a write to /proc/sys/kernel/hostname (a path in memory): the fake
-    # backend's run has uts, ipc and net namespaces of its own. Run inside a uts namespace
-    # of this test's (with a name of its own), so a failure changes only that one.
+@pytest.mark.parametrize("sandbox", [True, False], ids=["sandboxed", "unsandboxed"])
+def test_the_fake_backend_as_root_keeps_a_hostname_written_through_proc_from_the_host(sandbox):
+    # No filter can judge a write to /proc/sys/kernel/hostname (a path in memory). In the
+    # host sandbox /proc/sys/kernel is read-only: the write fails (EROFS) and so does the
+    # run. Without it (sandbox=False), the fake run has uts, ipc and net namespaces of its
+    # own, where the write lands. Run inside a uts namespace of this test's (with a name of
+    # its own), so a failure changes only that one.
     if os.geteuid() != 0:
         pytest.skip("the fake backend contains the host's names only when launched as root")
 
@@ -864,13 +868,19 @@ def test_the_fake_backend_as_root_keeps_a_hostname_written_through_proc_from_the
         linux.unshare(linux.ns_flags(["uts"]))
         socket.sethostname("kit-outer-test")
         os.environ["KIT_ZYGOTE"] = "0"  # the supervisor a child of this process
-        result = run("blind_host:ProcHostnameEngine", "root", ["/bin/true"], backend="fake")
-        return {"code": result.exit_code, "reason": result.reason, "name": socket.gethostname()}
+        result = run(
+            "blind_host:ProcHostnameEngine", "root", ["/bin/true"], backend="fake", sandbox=sandbox
+        )
+        raised = [e["error"]["errno"] for e in result.ledger.events if e["kind"] == "hook_raise"]
+        return {"code": result.exit_code, "name": socket.gethostname(), "raised": raised}
 
     out = in_child(body)
     assert "ok" in out, out
     assert out["ok"]["name"] == "kit-outer-test", out
-    assert out["ok"]["code"] == 0, out
+    if sandbox:
+        assert out["ok"]["code"] != 0 and errno.EROFS in out["ok"]["raised"], out
+    else:
+        assert out["ok"]["code"] == 0 and out["ok"]["raised"] == [], out
 
 
 def test_the_rpc_method_of_a_refusal_is_the_next_call_returned_on_its_thread():

@@ -89,14 +89,14 @@ def test_a_result_without_a_ledger_is_encoded_as_it_is():
     assert json.loads(sup.encode(result)) == result
 
 
-def test_a_fake_backend_prepared_in_the_parent_is_the_childs_own():
+def test_a_fake_backend_prepared_in_the_parent_is_the_childs_own(tmp_path):
     request = make_request("reference", "suid", ["/bin/true"], backend="fake", user=65534)
     prepared = prepare_backend(request)
     assert prepared is not None
     assert prepare_backend(make_request("reference", "root", ["/bin/true"])) is None
 
     def in_the_child() -> dict:
-        with _backend(request, prepared) as fake:
+        with _backend(request, prepared, str(tmp_path)) as fake:
             state = fake.model_state()
             return {
                 "registered": sorted(state["procs"]),

@@ -94,8 +94,8 @@ class RunRequest:
     #: the run is requested and carried to every process of the run.
     host_userns: list[int] | None = None
     #: Run inside the kit's host sandbox (:mod:`kit.run.sandbox`). None: yes when launched as
-    #: root in the real backend, unless ``KIT_SANDBOX=0`` (the fake backend and non-root
-    #: launches are not sandboxed).
+    #: root, in either backend, unless ``KIT_SANDBOX=0`` (non-root launches are not
+    #: sandboxed).
     sandbox: bool | None = None
     #: Host directories the run may write when sandboxed (bound in read-write); the run's
     #: temporary directory and the coverage directory always are.
@@ -125,9 +125,7 @@ class RunRequest:
         if self.hook_timeout <= 0 or self.run_timeout <= 0:
             raise ValueError("timeouts must be positive")
         if self.sandbox is None:  # resolved where the run is requested, like the backend
-            self.sandbox = default_on(self.backend)
-        elif self.sandbox and self.backend != "real":
-            raise ValueError("only the real backend runs in the host sandbox")
+            self.sandbox = default_on()
         if self.join_namespaces:
             check_join_kinds(self.join_namespaces)
 

@@ -14,6 +14,15 @@ LOCKED = PREFIX + "lk-"
 #: A directory being made: locked, then renamed to PREFIX…; never swept (its owner may be
 #: between the two steps).
 NEW_PREFIX = "kit-new-"
+#: The kit's own files in a run directory (the fake backend's model): not the run's leftovers.
+KIT_OWN = ".kit-own"
+
+
+def kit_own(path: str) -> str:
+    """A new private directory for the kit's own files in run directory ``path``."""
+    own = os.path.join(path, KIT_OWN)
+    os.mkdir(own, 0o700)
+    return own
 
 
 def _lock(path: str) -> int:

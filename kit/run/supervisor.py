@@ -131,9 +131,9 @@ class Supervisor:
         # (kernel pid, tid) -> snapshots in a row that disagreed with our own read
         self._mismatches: dict[tuple[int, Any], int] = {}
         self.dropped = 0  # datagrams beyond MAX_EVENTS or MAX_FAULTS
-        self.senders = Senders(current().modelled_pids, number=self.run_pid)
+        self.senders = Senders(self._modelled_pids, number=self.run_pid)
         # The fake backend's snapshots are its model's, not the kernel's to confirm.
-        self.outside_check = current().name == "real" and request.probes
+        self.outside_check = request.backend == "real" and request.probes
         self.sandbox: host_sandbox.HostSandbox | None = None
         self.host: Any = None  # the sandbox's kit.run.hostdiff.HostWatch
         self.listener: int | None = None  # the run's seccomp filter's (kit.run.seccomp)
@@ -179,9 +179,12 @@ class Supervisor:
         self.record(self.me.emit(kind, **fields))
 
     # -- the run -----------------------------------------------------------------------------
-    def run(self, result_fd: int, ahead: Ahead | None = None) -> dict[str, Any]:
+    def run(
+        self, result_fd: int, ahead: Ahead | None = None, prepared: Any = None
+    ) -> dict[str, Any]:
         """The run; ``ahead``: its directory and sandbox, made by the zygote
-        (:func:`prepare_ahead`), else made here."""
+        (:func:`prepare_ahead`), else made here; ``prepared``: what :func:`prepare_backend`
+        returned for it."""
         req = self.req
         # What the run may inherit from here: stdio and the launcher's pass-through fds (not
         # the result pipe, nor anything the supervisor opens for itself from now on).
@@ -219,7 +222,10 @@ class Supervisor:
         try:
             # The state read ahead holds unless the supervisor changed the sandbox since.
             before = ahead.before if ahead is not None and not req.join_namespaces else None
-            return self._run(result_fd, run_dir, lock_fd, before)
+            # The fake model's store lives in the run directory, which the host sandbox
+            # shares with the run (a store elsewhere would be the sandbox's copy).
+            with _backend(req, prepared, rundir.kit_own(run_dir)):
+                return self._run(result_fd, run_dir, lock_fd, before)
         finally:
             if self.sandbox is not None:
                 host_sandbox.end(self.sandbox)
@@ -258,7 +264,7 @@ class Supervisor:
         # The starter checks its parent against this pid (read after the fork, it could be
         # a reaper's); in the sandbox's pid namespace it cannot see it and reads its own.
         me = os.getpid() if box is None else None
-        if req.backend == "fake" and os.geteuid() == 0:
+        if req.backend == "fake" and os.geteuid() == 0 and box is None:
             # SPEC §9: the fake backend never changes the real host. Its filter refuses the
             # privileged calls; what a filter cannot judge (a hostname written through
             # /proc/sys, an interface set by netlink, SysV IPC) lands in namespaces of the
@@ -335,14 +341,14 @@ class Supervisor:
             self.leak("netns", f"{NETNS_DIR}/{name}")
         probe.remove_setuid_binary(run_dir)
         try:
-            left = sorted(os.listdir(run_dir))
+            left = sorted(set(os.listdir(run_dir)) - {rundir.KIT_OWN})
         except OSError:
             left = []
         if left:
             self.leak("tempdir", f"left in the run's temporary directory: {', '.join(left)}")
-        rundir.remove(run_dir, lock_fd)
         for limit in current().model_limits():
             self.emit("model_limit", reason=limit)
+        rundir.remove(run_dir, lock_fd)
         if self.listener is not None:
             os.close(self.listener)  # a call still filtered now fails with ENOSYS
             self.listener = None
@@ -661,6 +667,12 @@ class Supervisor:
             detail=detail,
             excerpt=data[:EXCERPT].decode("utf-8", "replace"),
         )
+
+    def _modelled_pids(self, kernel_pid: int) -> set[int]:
+        """The pids the fake model gives ``kernel_pid``: it numbers a process as the process
+        sees itself (in the host sandbox, as the sandbox's pid namespace does)."""
+        numbered = self.run_pid(kernel_pid)
+        return set() if numbered is None else current().modelled_pids(numbered)
 
     def run_pid(self, kernel_pid: int | None) -> int | None:
         """A pid as the supervisor's pid namespace numbers it (SO_PASSCRED, seccomp, /proc)
@@ -982,13 +994,15 @@ def prepare_backend(request: RunRequest) -> Any:
         return None
 
 
-def _backend(request: RunRequest, prepared: Any = None) -> contextlib.AbstractContextManager[Any]:
+def _backend(
+    request: RunRequest, prepared: Any, run_dir: str
+) -> contextlib.AbstractContextManager[Any]:
     """The run's system interface, installed before the starter is forked: the kernel
-    (as is), or the fake backend's model (:mod:`kit.system.fake`)."""
+    (as is), or the fake backend's model (:mod:`kit.system.fake`), kept in ``run_dir``."""
     if request.backend == "fake":
         from kit.system.fake import installed  # noqa: PLC0415  (lazy: fake runs only, see above)
 
-        return installed(request, prepared)
+        return installed(request, prepared, run_dir)
     return contextlib.nullcontext()
 
 
@@ -1005,9 +1019,8 @@ def run_supervised(
     os.chdir("/")
     try:
         preload(request)
-        with _backend(request, prepared):
-            supervisor = Supervisor(request)
-            result = supervisor.run(result_fd, ahead)
+        supervisor = Supervisor(request)
+        result = supervisor.run(result_fd, ahead, prepared)
         data = supervisor.encode(result)
     except Exception as exc:  # noqa: BLE001 any failure becomes the run's result, never a hang
         result = {
