@@ -360,3 +360,14 @@ def test_cli_rejects_an_unknown_backend():
         "run", "--backend", "magic", "--engine", "reference", "--flow", "root", "--", "/bin/true"
     )
     assert proc.returncode == 2 and "--backend" in proc.stderr
+
+
+@pytest.mark.parametrize("flow", ALL_FLOWS)
+def test_a_daemon_in_the_containers_pid_namespace_dies_with_its_init(flow):
+    # As the kernel does: when the container (init of its pid namespace) exits, the rest of
+    # the namespace is killed. A daemon the RPC server left there is no leak of the engine's.
+    result = run("blind_correct:ContainerDaemonEngine", flow, ["/bin/true"], backend="fake")
+    assert result.exit_code == 0, str(result)
+    assert result.leaks == [], result.leaks
+    processes = [c for c in result.host_changes if c.get("kind") == "process"]
+    assert processes == [], processes

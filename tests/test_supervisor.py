@@ -113,3 +113,26 @@ def test_a_fake_backend_prepared_in_the_parent_is_the_childs_own(tmp_path):
         "uid": [0, 0, 0],
         "current": True,
     }, out
+
+
+def test_the_models_pid_of_a_sender_comes_from_the_nspid_read_once(monkeypatch):
+    # A sender may be gone by the time its model pid is asked: the NSpid read when its
+    # datagram arrived numbers it (in the host sandbox, the sandbox's level of it).
+    from kit.run import supervisor as supervisor_module
+
+    sup = Supervisor(make_request("reference", "root", ["/bin/true"], backend="fake"))
+    asked: list[int] = []
+
+    class Model:
+        def modelled_pids(self, pid: int) -> set[int]:
+            asked.append(pid)
+            return {1}
+
+    monkeypatch.setattr(supervisor_module, "current", Model)
+    gone = 2**22 + 1  # above pid_max: no such process
+    assert sup._modelled_pids(gone, [gone]) == {1} and asked == [gone]  # unsandboxed
+    sup.sandbox = object()  # type: ignore[assignment]
+    sup._level = 1
+    asked.clear()
+    assert sup._modelled_pids(gone, [gone, 7]) == {1} and asked == [7]
+    assert sup._modelled_pids(gone, [gone]) == set()  # not in the sandbox

@@ -41,12 +41,13 @@ class Senders:
     have forked an impostor (stage 1 before its hooks; the container before the master's
     hooks; the RPC server right after its clone, and its parent must be the container).
 
-    ``own_pids(kernel pid)`` gives the pids a process may call its own (the kernel's NSpid,
-    plus the fake backend's model). A role is taken once per run: a second claimant is an
+    ``own_pids(kernel pid, its NSpid)`` gives the pids a process may call its own besides
+    its innermost NSpid (the fake backend's model's), from the NSpid read once: the process
+    may be gone by the time it is asked. A role is taken once per run: a second claimant is an
     impostor.
     """
 
-    own_pids: Callable[[int], set[int]] = field(default=lambda pid: set())
+    own_pids: Callable[[int, list[int]], set[int]] = field(default=lambda pid, nspid: set())
     processes: dict[int, KitProcess] = field(default_factory=dict)
     #: A kernel pid as the ledger numbers the run's processes (in the host sandbox, its pid
     #: namespace's number; None when gone): what the messages show.
@@ -133,7 +134,7 @@ class Senders:
         return "role of no process of the run"
 
     def _pids(self, kernel_pid: int, nspid: list[int]) -> set[int]:
-        return {nspid[-1]} | self.own_pids(kernel_pid) if nspid else self.own_pids(kernel_pid)
+        return {nspid[-1]} | self.own_pids(kernel_pid, nspid) if nspid else set()
 
 
 def check_snapshot(

@@ -668,11 +668,14 @@ class Supervisor:
             excerpt=data[:EXCERPT].decode("utf-8", "replace"),
         )
 
-    def _modelled_pids(self, kernel_pid: int) -> set[int]:
-        """The pids the fake model gives ``kernel_pid``: it numbers a process as the process
-        sees itself (in the host sandbox, as the sandbox's pid namespace does)."""
-        numbered = self.run_pid(kernel_pid)
-        return set() if numbered is None else current().modelled_pids(numbered)
+    def _modelled_pids(self, kernel_pid: int, nspid: list[int]) -> set[int]:
+        """The pids the fake model gives ``kernel_pid`` (its NSpid: ``nspid``): the model
+        numbers a process as the process sees itself (in the host sandbox, as the sandbox's
+        pid namespace does; a fake run makes no pid namespace of the kernel's)."""
+        if self.sandbox is None:
+            return current().modelled_pids(kernel_pid)
+        level = self._sandbox_level()
+        return current().modelled_pids(nspid[level]) if len(nspid) > level else set()
 
     def run_pid(self, kernel_pid: int | None) -> int | None:
         """A pid as the supervisor's pid namespace numbers it (SO_PASSCRED, seccomp, /proc)
@@ -681,14 +684,19 @@ class Supervisor:
         gone or not in the sandbox. Unsandboxed, the pid itself."""
         if kernel_pid is None or self.sandbox is None:
             return kernel_pid
+        level = self._sandbox_level()
+        ids = linux.process_ids(kernel_pid)
+        if ids is None or len(ids[1]) <= level:
+            return None
+        return ids[1][level]
+
+    def _sandbox_level(self) -> int:
+        """The index of the sandbox's pid namespace in an NSpid read here."""
         if self._level is None:
             own = linux.process_ids(os.getpid())
             assert own is not None, "the supervisor cannot read its own /proc status"
             self._level = len(own[1])  # the sandbox's pid namespace is one below ours
-        ids = linux.process_ids(kernel_pid)
-        if ids is None or len(ids[1]) <= self._level:
-            return None
-        return ids[1][self._level]
+        return self._level
 
     def _on_notification(self, revents: int, later: bool = False) -> bool:
         """Answer and record one refused system call; False once no process is left under

@@ -38,7 +38,7 @@ from kit.starter.common import (
 )
 from kit.starter.config import StarterConfig
 from kit.starter.control import Control
-from kit.system import linux
+from kit.system import current, linux
 from kit.system.linux import dup_high, fd_base, move_high
 
 #: ``os``'s wait family as the kit imported it: the master replaces it for engine code
@@ -550,6 +550,10 @@ class Master:
         self.signals.put(info.si_signo)
         if info.si_signo == signal.SIGCHLD and info.si_pid == self.pid:
             self.container_sigchld.set()
+            if self._container_exited():  # not a stop or a continue
+                # The kernel ends the rest of the container's pid namespace with its init;
+                # the fake backend's model does it now (the real one has nothing to do).
+                current().pid_namespace_init_exited(self.pid)
 
     def _hold_reaping(self) -> None:
         """Until the start waiter has told exec from death, a call of ``os``'s wait family

@@ -75,6 +75,11 @@ class System:
         """What the caller does while another process holds the backend's model (None:
         wait). Only a modelled backend has one: the kernel is never locked."""
 
+    def pid_namespace_init_exited(self, pid: int) -> None:
+        """Process ``pid``, a child of the caller, has exited (not reaped yet). When it was
+        init of a pid namespace, the kernel has killed every other process of it; a model
+        of pid namespaces does the same (the kernel's: nothing left to do)."""
+
 
 class RealSystem(System):
     """The kernel."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import os
 import re
+import signal
 import socket
 import stat
 import tempfile
@@ -971,6 +973,25 @@ class FakeSystem(System):
                 "gid": cred.gid[3],
                 "real": real,
             }
+
+    def pid_namespace_init_exited(self, pid: int) -> None:
+        """As the kernel does when init of a pid namespace exits: SIGKILL every other
+        process of the model's namespace ``pid`` was init of (a daemon left in the
+        container's pid namespace dies with it)."""
+        with self._store.transaction(write=False) as st:
+            procs = st["procs"]
+            levels = (procs.get(str(pid)) or {}).get("levels") or []
+            if not levels or int(levels[-1][1]) != 1:
+                return  # not init of a pid namespace of the model's
+            nsid = levels[-1][0]
+            members = [
+                int(key)
+                for key, entry in procs.items()
+                if key != str(pid) and any(level[0] == nsid for level in entry.get("levels", []))
+            ]
+        for member in members:
+            with contextlib.suppress(OSError):  # gone already
+                os.kill(member, signal.SIGKILL)
 
     def sethostname(self, name: str) -> None:
         with self._store.transaction() as st:
