@@ -1134,6 +1134,11 @@ def _abuse_master_fd(how: str, master_fd: int) -> None:
     elif how == "close_ledger":
         os.close(_ledger_writer().sock.fileno())
         raise RuntimeError("start_process fails after closing the ledger socket")
+    elif how in ("close_master_fd", "close_master_fd_then_fail"):
+        os.close(master_fd)
+        time.sleep(0.3)  # past the master's grace: it sees stage 2 alive with no master_fd
+        if how == "close_master_fd_then_fail":
+            raise RuntimeError("start_process fails after closing master_fd")
     elif how == "fork_holder" and os.fork() == 0:
         # A helper that keeps stage 2's end of the channel open long after the exec.
         os.set_inheritable(master_fd, False)

@@ -171,6 +171,25 @@ def test_the_kits_own_failure_message_fits_the_cap():
     assert sent.endswith("…")
 
 
+def test_stage2_closing_master_fd_and_then_exec_ing_runs_the_payload():
+    # master_fd is the kit's way to see the exec (it closes on exec). Engine code that
+    # closes it early is not a death: the exec that follows is seen by the name.
+    result = fault_run(ABUSE, ["/bin/sh", "-c", "exit 3"], abuse="close_master_fd")
+    assert result.exit_code == 3, result
+    assert result.ledger.select("stage2_exec")
+    assert not result.ledger.select("stage2_failed")
+    assert result.ledger.select("hook_enter", hook="post_start_process")
+
+
+def test_stage2_closing_master_fd_and_then_dying_is_named():
+    result = fault_run(ABUSE, abuse="close_master_fd_then_fail")
+    assert not result.ledger.select("stage2_exec"), result
+    (failed,) = result.ledger.select("stage2_failed")
+    assert failed["message"].startswith("stage 2 died before exec, after engine code closed")
+    assert not result.ledger.select("hook_enter", hook="post_start_process")
+    assert result.leaks == []
+
+
 def test_a_helper_holding_master_fd_open_is_start_process_not_returning():
     # The kit tells exec by master_fd's close-on-exec: a child forked by start_process that
     # keeps it open hides the exec, and start_process stays open until its hook timeout.

@@ -70,6 +70,9 @@ _SFD_CLOEXEC = os.O_CLOEXEC
 _MAX_WAIT = 1.0
 #: struct signalfd_siginfo: 128 bytes, ssi_signo at 0 and ssi_pid at 12.
 _SIGINFO_SIZE = 128
+#: How long a stage 2 whose control socket reached EOF may take to become a zombie: its
+#: descriptors close on its way out, a moment before it has exited.
+EXIT_GRACE = 0.05
 _SIGINFO = struct.Struct("=I8xI")
 
 
@@ -785,13 +788,34 @@ class Master:
         # EOF: the close-on-exec end went away, by exec or by death. A dead stage 2 still
         # carries a name of the kit's (exec renames it): the container's until its hooks
         # config and init_config have run, stage 2's after.
-        name = linux.process_name(self.pid)
+        name, closed_early = self._after_eof()
         # Gone already: a monitor may reap the payload the moment it exits (SPEC §7 lets
         # it), so a reaped container died before exec only if stage 2 never called exec.
         if name in PRE_EXEC_NAMES or (name is None and not self.starter.exec_mark[0]):
-            self.ledger.emit("stage2_failed", message="stage 2 died before exec")
+            message = "stage 2 died before exec"
+            if closed_early:
+                message += (
+                    ", after engine code closed master_fd (start_process must leave it "
+                    "open: it closes on exec)"
+                )
+            self.ledger.emit("stage2_failed", message=message)
             return False
         return True
+
+    def _after_eof(self) -> tuple[str | None, bool]:
+        """The container's name once the EOF on the control socket is explained, and
+        whether engine code closed master_fd early: a stage 2 still alive under a kit
+        name (past a short grace, which covers a process whose descriptors are closed on
+        its way out) closed its end itself; the exec or the death that follows decides."""
+        name = linux.process_name(self.pid)
+        grace = time.monotonic() + EXIT_GRACE
+        closed_early = False
+        while name in PRE_EXEC_NAMES and not self._container_exited():
+            if not closed_early and time.monotonic() >= grace:
+                closed_early = True
+            time.sleep(0.005)
+            name = linux.process_name(self.pid)
+        return name, closed_early
 
     def _monitor(self) -> None:
         try:
