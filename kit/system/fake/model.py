@@ -851,20 +851,20 @@ class Model:
 
     # -- uts and net -------------------------------------------------------------------------
     def sethostname(self, cred: Cred, utsns: int, name: str) -> None:
-        ns = self.ns(utsns)
-        if not self.capable(cred, ns["owner"], CAP_SYS_ADMIN):
-            raise fail(errno.EPERM, "sethostname")
-        if len(name.encode()) > HOSTNAME_MAX:
-            raise fail(errno.EINVAL, "sethostname")
-        ns["hostname"] = name
+        self._set_uts_name(cred, utsns, "hostname", name)
 
     def setdomainname(self, cred: Cred, utsns: int, name: str) -> None:
+        self._set_uts_name(cred, utsns, "domainname", name)
+
+    def _set_uts_name(self, cred: Cred, utsns: int, field: str, name: str) -> None:
+        """sethostname / setdomainname: CAP_SYS_ADMIN over the uts namespace's owner, and
+        at most __NEW_UTS_LEN bytes (the kernel's rules for both)."""
         ns = self.ns(utsns)
         if not self.capable(cred, ns["owner"], CAP_SYS_ADMIN):
-            raise fail(errno.EPERM, "setdomainname")
+            raise fail(errno.EPERM, f"set{field}")
         if len(name.encode()) > HOSTNAME_MAX:
-            raise fail(errno.EINVAL, "setdomainname")
-        ns["domainname"] = name
+            raise fail(errno.EINVAL, f"set{field}")
+        ns[field] = name
 
     def link_up(self, cred: Cred, netns: int, ifname: str) -> None:
         ns = self.ns(netns)
