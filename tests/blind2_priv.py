@@ -202,7 +202,7 @@ class FakerootGidMapIdentity(ReferenceEngine):
         def gid_identity(mappings):  # type: ignore[no-untyped-def]
             orig([(sc.invoker_gid, sc.invoker_gid, 1)])
 
-        sc.add_gid_mappings = gid_identity  # type: ignore[method-assign]
+        sc.add_gid_mappings = gid_identity
         try:
             super().prepare_config(sc)
         finally:
