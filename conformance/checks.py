@@ -821,7 +821,20 @@ def parse_payload_status(stdout: str) -> dict[str, Any] | None:
     if "Uid" not in status or "CapPrm" not in status or not uid_map:
         return None
     tid = int(status.get("Pid", "0") or 0)
-    return {"threads": [thread_state(status, tid)], "uid_map": uid_map}
+    return {
+        "threads": [thread_state(status, tid)],
+        "uid_map": uid_map,
+        "securebits": _reported_securebits(stdout),
+    }
+
+
+def _reported_securebits(stdout: str) -> int | None:
+    """The ``securebits N`` line a payload printed (the ``fds`` payload does), or None."""
+    for line in stdout.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "securebits" and value.strip().lstrip("-").isdigit():
+            return int(value)
+    return None
 
 
 def kernel_only(run: Run, what: str) -> None:
@@ -844,6 +857,13 @@ def _start_process_thread(run: Run) -> tuple[dict[str, Any] | None, dict[str, An
     return event, threads[0] if threads else None
 
 
+#: The runs whose payload prints its own credential (SPEC §4: the payload row holds in
+#: every run): ``default`` its /proc/self/status, ``fds`` that and its securebits.
+PAYLOAD_CREDENTIAL_RUNS = ("default", "fds")
+#: The runs whose payload also reports its securebits (not in /proc/self/status).
+_SECUREBITS_RUNS = ("fds",)
+
+
 def check_payload(verify: Verifier, run: Run) -> None:
     requirement = verify.requirement
     run = verify.used(run.usable())
@@ -852,17 +872,20 @@ def check_payload(verify: Verifier, run: Run) -> None:
     # payload reports about itself says anything about the engine.
     kernel_only(run, "the payload's credentials after exec")
     snap = parse_payload_status(run.result.stdout)
-    if snap is None:
+    wants_securebits = run.scenario.name in _SECUREBITS_RUNS
+    if snap is None or (wants_securebits and snap["securebits"] is None):
         verify.fail(
             requirement,
-            expected="the payload's own /proc/self/status and "
-            "/proc/self/uid_map on its standard output",
-            observed=f"stdout {run.result.stdout[:300]!r}",
+            expected="the payload's own /proc/self/status and /proc/self/uid_map"
+            + (" and its securebits" if wants_securebits else "")
+            + " on its standard output",
+            observed=f"stdout {run.result.stdout[-300:]!r}",
             run=run,
             role="payload",
         )
         return
-    payload = snap["threads"][0]
+    # securebits are the process's (the payload has one thread): compared where reported
+    payload = {**snap["threads"][0], "securebits": snap["securebits"]}
     facts = Facts(run)
     for expect in cell:
         rule = rule_for("payload", expect.aspect)
@@ -892,6 +915,8 @@ def check_payload(verify: Verifier, run: Run) -> None:
 
 #: securebits: SECBIT_NOROOT (exec does not treat uid 0 as having every file capability).
 _SECBIT_NOROOT = 1 << 0
+#: securebits: SECBIT_KEEP_CAPS, the one bit exec clears (its lock bit stays).
+_SECBIT_KEEP_CAPS = 1 << 4
 
 
 def exec_credential(stage2: dict[str, Any], securebits: Any) -> dict[str, Any]:
@@ -900,7 +925,8 @@ def exec_credential(stage2: dict[str, Any], securebits: Any) -> dict[str, Any]:
     root, permitted and effective become the ambient set; with root (a real or effective uid
     0, and no SECBIT_NOROOT), permitted becomes bounding | inheritable | ambient, effective
     too when the effective uid is 0 (else the ambient set). Groups, no_new_privs, seccomp,
-    inheritable and bounding sets are kept."""
+    inheritable and bounding sets are kept, and the securebits but SECBIT_KEEP_CAPS (None
+    when stage 2's are not known)."""
     uid, gid, caps = stage2["uid"], stage2["gid"], stage2["caps"]
     root = 0 in uid[:2] and not (isinstance(securebits, int) and securebits & _SECBIT_NOROOT)
     ambient = sorted(caps["ambient"])
@@ -915,6 +941,7 @@ def exec_credential(stage2: dict[str, Any], securebits: Any) -> dict[str, Any]:
         "groups": sorted(stage2.get("groups") or []),
         "no_new_privs": stage2.get("no_new_privs"),
         "seccomp": stage2.get("seccomp"),
+        "securebits": securebits & ~_SECBIT_KEEP_CAPS if isinstance(securebits, int) else None,
         "caps": {
             "effective": effective,
             "permitted": permitted,
@@ -927,9 +954,10 @@ def exec_credential(stage2: dict[str, Any], securebits: Any) -> dict[str, Any]:
 
 def exec_changes(stage2: dict[str, Any], payload: dict[str, Any], securebits: Any) -> list[str]:
     """How the payload's credential differs from what exec derives from stage 2's at
-    start_process: ids, groups, no_new_privs, seccomp and each capability set exactly (the
-    derivation is the kernel's; a set narrower than it means start_process changed the
-    credential, e.g. set SECBIT_NOROOT or dropped a bounding capability, before the exec)."""
+    start_process: ids, groups, no_new_privs, seccomp, securebits (where the payload reports
+    them) and each capability set exactly (the derivation is the kernel's; a set narrower
+    than it means start_process changed the credential, e.g. set SECBIT_NOROOT or dropped a
+    bounding capability, before the exec)."""
     want = exec_credential(stage2, securebits)
     out = [
         f"{name} {payload.get(name)} (exec gives {want[name]})"
@@ -938,6 +966,13 @@ def exec_changes(stage2: dict[str, Any], payload: dict[str, Any], securebits: An
     ]
     if sorted(payload.get("groups") or []) != want["groups"]:
         out.append(f"groups {payload.get('groups')} (exec gives {want['groups']})")
+    # only a payload that reports them (the fds payload: /proc/self/status has none)
+    seen_bits, want_bits = payload.get("securebits"), want["securebits"]
+    if seen_bits is not None and want_bits is not None and seen_bits != want_bits:
+        out.append(
+            f"securebits {seen_bits:#x} (exec gives {want_bits:#x}: stage 2's "
+            f"{securebits:#x} without SECBIT_KEEP_CAPS)"
+        )
     for kind, allowed in want["caps"].items():
         extra = sorted(set(payload["caps"][kind]) - set(allowed))
         if extra:

@@ -448,8 +448,8 @@ _ENTRIES = (
         "stage2",
         "The payload runs with the credential that stage 2 had when start_process began, as "
         "exec derives it: start_process changes no credential before the exec (uids and gids, "
-        "groups, no_new_privs, seccomp mode, and each capability set exactly as exec gives it: "
-        "none wider, none narrower).",
+        "groups, no_new_privs, seccomp mode, securebits, and each capability set exactly as "
+        "exec gives it: none wider, none narrower).",
     ),
     _r(
         "FD-001",

@@ -558,6 +558,13 @@ _FDS_SCRIPT = (
     "        print('ns', name, os.stat('/proc/self/ns/' + name).st_ino)\n"
     "    except OSError:\n"
     "        pass\n"
+    # After the listing (these open descriptors of their own): the payload's credential,
+    # securebits included, which /proc/self/status does not show (PR_GET_SECUREBITS = 27).
+    "import ctypes\n"
+    "print('securebits', ctypes.CDLL(None, use_errno=True).prctl(27, 0, 0, 0, 0))\n"
+    "for name in ('status', 'uid_map'):\n"
+    "    with open('/proc/self/' + name) as f:\n"
+    "        print(f.read(), end='')\n"
 )
 #: The names of the payload's ``/proc/self/ns`` links, by namespace kind.
 _NS_LINKS = {"mnt": "mount"}
@@ -624,7 +631,8 @@ _LIST: list[Scenario] = [
     ),
     Scenario(
         "fds",
-        "a payload that lists its own open file descriptors and namespaces",
+        "a payload that lists its own open file descriptors and namespaces, then prints "
+        "its securebits, /proc/self/status and uid_map",
         (_python(), "-S", "-I", "-c", _FDS_SCRIPT),
         0,
     ),

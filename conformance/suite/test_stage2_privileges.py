@@ -2,6 +2,7 @@
 
 from conformance import flows, requirement, scenarios
 from conformance.checks import (
+    PAYLOAD_CREDENTIAL_RUNS,
     PRIVILEGE_SCENARIOS,
     check_payload,
     check_payload_fds,
@@ -40,23 +41,26 @@ def test_stage_2_of_the_user_namespace_flows_has_no_host_privilege(lifecycle, ve
 
 @requirement("PRIV-PAYLOAD-001")
 @flows(*privilege_flows("PRIV-PAYLOAD-001"))
-@scenarios("default")
+@scenarios(*PAYLOAD_CREDENTIAL_RUNS)
 def test_the_payload_has_no_host_privilege_in_every_flow_but_root(lifecycle, verify):
-    check_payload(verify, lifecycle("default"))
+    for name in PAYLOAD_CREDENTIAL_RUNS:
+        check_payload(verify, lifecycle(name))
 
 
 @requirement("PRIV-PAYLOAD-002")
 @flows(*privilege_flows("PRIV-PAYLOAD-002"))
-@scenarios("default")
+@scenarios(*PAYLOAD_CREDENTIAL_RUNS)
 def test_the_payload_has_no_capability_stage_2_did_not_have_permitted(lifecycle, verify):
-    check_payload(verify, lifecycle("default"))
+    for name in PAYLOAD_CREDENTIAL_RUNS:
+        check_payload(verify, lifecycle(name))
 
 
 @requirement("PRIV-PAYLOAD-003")
 @flows(*privilege_flows("PRIV-PAYLOAD-003"))
-@scenarios("default")
-def test_the_payload_runs_with_the_uids_and_gids_of_stage_2(lifecycle, verify):
-    check_payload(verify, lifecycle("default"))
+@scenarios(*PAYLOAD_CREDENTIAL_RUNS)
+def test_the_payload_runs_with_the_credential_exec_derives_from_stage_2(lifecycle, verify):
+    for name in PAYLOAD_CREDENTIAL_RUNS:
+        check_payload(verify, lifecycle(name))
 
 
 @requirement("FD-001")

@@ -17,7 +17,8 @@ Areas: :mod:`.privileges` (stage 1, master, RPC server, stage 2, payload),
 first mutant breaks, broken by another mechanism: a helper thread, a raw system call, a nested
 value, a symlink, another field), :mod:`.host` (changes of the host that outlive the run),
 :mod:`.syscalls` (system calls the kit refuses), :mod:`.priv` (privilege bugs on an error
-path, a forwarded signal or at exec), :mod:`.ns` (bugs of blind engines in namespaces, order
+path, a forwarded signal or at exec), :mod:`.priv2` (securebits a second round of blind
+engines left on the payload), :mod:`.ns` (bugs of blind engines in namespaces, order
 and flows), :mod:`.rpc` (blind engines' bugs of signals, exit and error paths) and
 :mod:`.gaps` (known survivors: bugs the suite cannot see yet, with the reason).
 
@@ -42,6 +43,7 @@ from mutants.zoo import (
     namespaces,
     ns,
     priv,
+    priv2,
     privileges,
     rpc,
     signals,
@@ -76,6 +78,7 @@ ENGINE_MUTANTS: tuple[type[Mutant], ...] = (
     *host.MUTANTS,
     *syscalls.MUTANTS,
     *priv.MUTANTS,
+    *priv2.MUTANTS,
     *ns.MUTANTS,
     *rpc.MUTANTS,
 )
