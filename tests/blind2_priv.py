@@ -330,6 +330,14 @@ class MasterRootHelperChild(ReferenceEngine):
 
     engine_name = "blind2-master-root-helper-child"
     rpc_methods = ReferenceRPC
+    escapes: str = (
+        "SPEC question: §4 states the master row 'for every thread of the process'; is a "
+        "child process the master forks (here full root, alive from create_container to "
+        "cleanup_container, changing nothing on the host) bound by it? The suite judges the "
+        "hooked processes' threads only. (Its first version, whose child kept the master's "
+        "RPC connection, hung the whole session: the RPC server never saw EOF, stage 2 never "
+        "started, and no hook was running for a hook timeout to fire.)"
+    )
 
     def __init__(self) -> None:
         super().__init__()
@@ -371,6 +379,13 @@ class PostStartNoNewPrivs(ReferenceEngine):
 
     engine_name = "blind2-post-start-no-new-privs"
     rpc_methods = ReferenceRPC
+    escapes: str = (
+        "SPEC question: §4 'escalation possible' (setuid master): must every probe way "
+        "(setresuid to 0, raising a permitted capability, exec of a setuid-root binary) "
+        "succeed, or one? With no_new_privs on one master thread only the setuid exec fails; "
+        "PRIV-MASTER-003 reads 'possible' as any way, probed from the hooked thread at hook "
+        "entry (the start waiter's thread, which sets it after its entry and then ends)."
+    )
 
     def post_start_process(self, ctx, pid):  # type: ignore[no-untyped-def]
         if _setuid_master():
