@@ -440,3 +440,27 @@ class Stage1ProbesUserns(ReferenceEngine):
             linux.unshare(linux.CLONE_NEWUSER)
         except OSError:
             pass  # no user namespaces here: the userns flows will say so
+
+
+class Stage2InitNoRoot(ReferenceEngine):
+    """§4 stage 2, root: "caps exactly as configured"; payload: "as the kernel derives from
+    stage 2". init_config, in the container process (pid 1 of its pid namespace, root flow),
+    sets SECBIT_NOROOT "to harden the container": stage 2 keeps its configured capability
+    sets, but exec gives the uid-0 payload none of them."""
+
+    engine_name = "blind2-stage2-init-noroot"
+    rpc_methods = ReferenceRPC
+    escapes: str = (
+        "SPEC question: stage 2's row names its uids and capability sets, not its "
+        "securebits; the payload row is 'as the kernel derives from stage 2', which holds "
+        "(SECBIT_NOROOT was set before start_process began, so exec rightly gives nothing). "
+        "Does 'caps exactly as configured' mean the sets only, or what the payload gets?"
+    )
+
+    def init_config(self, common, privileged_stage1):  # type: ignore[no-untyped-def]
+        super().init_config(common, privileged_stage1)
+        if os.getpid() == 1 and _root_in_host():
+            try:
+                linux.prctl(PR_SET_SECUREBITS, linux.get_securebits() | 1)  # SECBIT_NOROOT
+            except OSError:
+                pass  # no CAP_SETPCAP configured: nothing to harden
