@@ -1,11 +1,14 @@
-"""Checks widened after the round-2 blind privilege engines escaped them, fed violations."""
+"""Checks and StarterConfig validation widened after round-2 blind privilege engines."""
 
 from __future__ import annotations
 
+import pytest
 from test_conformance_units import G, hook, make_run, snapshot
 
 from conformance import checks
 from conformance.scenario import SCENARIOS
+from kit.contract import ConfigError
+from kit.starter.config import StarterConfig
 
 ROOT_CAPS = ("CAP_CHOWN", "CAP_SYS_ADMIN")
 SECBIT_NO_SETUID_FIXUP = 1 << 2
@@ -72,3 +75,26 @@ def test_an_fds_payload_that_does_not_report_its_securebits_is_not_passed():
     checks.check_payload(verify, _fds_run(0, None))
     (violation,) = verify.violations["PRIV-PAYLOAD-003"]
     assert "its securebits" in violation.expected
+
+
+# --- StarterConfig: maps the kernel would refuse once the namespace exists -----------------
+
+
+def _hybrid(uid_maps, gid_maps):
+    sc = StarterConfig("hybrid", 1000, 1001)
+    sc.set_ns_flags(["user", "mount", "pid"])
+    sc.set_hybrid_workflow()
+    sc.add_uid_mappings(uid_maps)
+    sc.add_gid_mappings(gid_maps)
+    return sc
+
+
+def test_a_hybrid_map_without_the_invoking_user_is_refused_before_any_namespace():
+    # blind2 round: a gid map of the container's 0 to the host's 0 failed later, at the
+    # container's namespace setup, with a bare EINVAL that named no setting
+    _hybrid([(0, 1000, 1)], [(0, 1001, 1)]).validate()
+    _hybrid([(0, 1000, 1)], [(0, 1001, 1), (1, 1, 100)]).validate()  # NS-012's to judge
+    with pytest.raises(ConfigError, match=r"^add_gid_mappings: .* gid 1001 .*\[\[0, 0, 1\]\]"):
+        _hybrid([(0, 1000, 1)], [(0, 0, 1)]).validate()
+    with pytest.raises(ConfigError, match=r"^add_uid_mappings: .* uid 1000"):
+        _hybrid([(0, 0, 1)], [(0, 1001, 1)]).validate()

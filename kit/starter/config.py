@@ -256,6 +256,18 @@ class StarterConfig:
             spans = sorted((c, c + n) for c, _, n in maps)
             if any(a[1] > b[0] for a, b in itertools.pairwise(spans)):
                 raise ConfigError(f"{name}: container ranges overlap: {maps}")
+        if s.hybrid_workflow:
+            # The container process of the setuid starter becomes the ids U maps to (the
+            # fakeroot map, 0→U): a map without U leaves it nothing to become.
+            for name, maps, own, kind in (
+                ("add_uid_mappings", s.uid_mappings, self.invoker_uid, "uid"),
+                ("add_gid_mappings", s.gid_mappings, self.invoker_gid, "gid"),
+            ):
+                if maps and not any(h <= own < h + n for _, h, n in maps):
+                    raise ConfigError(
+                        f"{name}: the hybrid workflow maps the invoking user's {kind} "
+                        f"{own} into the container (fakeroot: 0→{own}); {maps} does not"
+                    )
         if s.namespace_join_only:
             created = self.namespaces_created()
             if created:
