@@ -1114,6 +1114,19 @@ def _abuse_master(how: str, rpc_conn: socket.socket | None, cfg: AbuseConfig) ->
         os.kill(os.getpid(), signal.SIGRTMIN + 1)
     elif how == "exit_254":  # the kit's code for a lost ledger, chosen by engine code
         os._exit(254)
+    elif how in ("fork_keeps_rpc", "dup_keeps_rpc") and rpc_conn is not None:
+        # A copy of the RPC connection that outlives create_container: in a helper child
+        # (which the kit cannot close for it), or a dup kept for later.
+        if how == "dup_keeps_rpc":
+            _KEPT.append(os.dup(rpc_conn.fileno()))
+        elif os.fork() == 0:
+            signal.pthread_sigmask(signal.SIG_SETMASK, set())
+            time.sleep(30)
+            os._exit(0)
+
+
+#: Descriptors engine code keeps across hooks (see _abuse_master).
+_KEPT: list[int] = []
 
 
 def _abuse_master_fd(how: str, master_fd: int) -> None:

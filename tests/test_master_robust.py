@@ -56,6 +56,18 @@ def test_engine_code_closing_the_rpc_descriptor_fails_the_run_by_name():
     assert result.ledger.select("hook_enter", hook="cleanup_container")
 
 
+@pytest.mark.parametrize("abuse", ["fork_keeps_rpc", "dup_keeps_rpc"])
+def test_a_copy_of_the_rpc_connection_kept_by_engine_code_does_not_stall_the_run(abuse):
+    # The RPC server exits when the master is done with the connection, and only then does
+    # stage 2 start: a copy of the connection held elsewhere must not keep it waiting (it
+    # used to, until the run's timeout, named a monitor_container that never returned).
+    result = fault_run(ABUSE, ["/bin/sh", "-c", "exit 3"], abuse=abuse)
+    assert result.exit_code == 3, result
+    assert result.ledger.select("stage2_exec"), result
+    rpc_exit = [e for e in result.ledger.select("process_exit") if e.get("child_role") == "rpc"]
+    assert [e["status"] for e in rpc_exit] == [0], rpc_exit
+
+
 def test_a_creation_watch_that_cannot_be_set_up_leaks_no_pidfd(monkeypatch):
     # The descriptor table full (EMFILE) when the RPC connection is duplicated: the thread
     # fails (a fatal error, see _waking) and the pidfd opened just before is closed.

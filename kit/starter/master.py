@@ -671,8 +671,14 @@ class Master:
 
     def _close_rpc(self) -> bool:
         """Close the RPC connection; False (and a fatal error) when engine code had closed
-        its descriptor behind the socket object's back."""
+        its descriptor behind the socket object's back. Shut down first: a copy of it that
+        engine code kept (a dup, a helper child) must not keep the RPC server waiting for
+        an EOF, and stage 2 with it, until the run's timeout."""
         fd = self.rpc_sock.fileno()
+        try:
+            self.rpc_sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # closed behind our back (EBADF, ENOTSOCK): the close below names it
         try:
             self.rpc_sock.close()
         except OSError as exc:
