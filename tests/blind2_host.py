@@ -24,7 +24,7 @@ _MS_REMOUNT = 0x20
 _MS_NOSUID = 0x2
 _MS_NODEV = 0x4
 _MS_NOEXEC = 0x8
-_MS_SHARED = 1 << 20
+_MS_PRIVATE = 1 << 18
 _IPC_PRIVATE = 0
 _IPC_CREAT = 0o1000
 
@@ -81,30 +81,30 @@ class TransientDomainnameChildEngine(ReferenceEngine):
             try:
                 with open("/proc/sys/kernel/domainname") as f:
                     old = f.read().strip()
-                old_b = b"" if old == "(none)" else old.encode()
                 new = b"kit.container"
                 if _libc_call("setdomainname", new, len(new)) == 0:
-                    _libc_call("setdomainname", old_b, len(old_b))
+                    _libc_call("setdomainname", old.encode(), len(old.encode()))
             finally:
                 os._exit(0)
         os.waitpid(child, 0)
         super().cleanup_container(ctx, fatal, status)
 
 
-class DevShmSharedEngine(ReferenceEngine):
+class DevShmPrivateEngine(ReferenceEngine):
     """SPEC §11: "After a run the host is as it was before: ... mounts (and their options
-    and propagation)". A helper thread of create_container makes /dev/shm a shared mount,
-    "so the container's /dev/shm follows it", with libc's mount(MS_SHARED), from the
-    master: that is the host's /dev/shm, and nothing sets it back."""
+    and propagation)". A helper thread of create_container makes /dev/shm a private mount,
+    "so that nothing the container mounts there reaches the host", with libc's
+    mount(MS_PRIVATE), from the master: that is the host's /dev/shm, and nothing sets it
+    back."""
 
-    engine_name = "blind2-devshm-shared"
+    engine_name = "blind2-devshm-private"
     rpc_methods = ReferenceRPC
 
     def create_container(self, ctx: Context, pid: int, rpc_conn: socket.socket) -> None:
         def share() -> None:
-            _libc_call("mount", None, b"/dev/shm", None, ctypes.c_ulong(_MS_SHARED), None)
+            _libc_call("mount", None, b"/dev/shm", None, ctypes.c_ulong(_MS_PRIVATE), None)
 
-        helper = threading.Thread(target=share, name="share-shm")
+        helper = threading.Thread(target=share, name="private-shm")
         helper.start()
         helper.join()
         super().create_container(ctx, pid, rpc_conn)
@@ -438,7 +438,7 @@ class DanglingSymlinkEngine(ReferenceEngine):
 ENGINES = (
     TransientHostnameThreadEngine,
     TransientDomainnameChildEngine,
-    DevShmSharedEngine,
+    DevShmPrivateEngine,
     RemountDevShmEngine,
     RemovedirsEngine,
     RunPidDirEngine,
