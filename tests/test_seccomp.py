@@ -1020,3 +1020,122 @@ def test_a_notifying_thread_is_numbered_as_its_innermost_pid_namespace_numbers_i
         [1],
     ), got
     assert ids["parent"]["tgid"] != got["pid"] and got["gone"] is None
+
+
+# --- the real backend's watched calls (HOST_WATCH): let run, judged against the host -----------
+
+
+def test_the_real_filter_lets_watched_calls_run_and_names_those_reaching_the_host():
+    # SPEC §11: the host's names do not change "not even while it runs", and a run signals
+    # no host process. A look at the host between two ledger batches misses a name set and
+    # put back, and a signal its init ignores: the filter shows each call to the
+    # supervisor, which lets it run (CONTINUE) and says what it does to the host: only a
+    # call the kernel will carry out in the host's uts namespace, or a signal that reaches
+    # the host's init.
+    if os.geteuid() != 0:
+        pytest.skip("the real backend's filter is installed when launched as root")
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def supervise() -> dict[str, Any]:
+        # The throwaway host: uts and pid namespaces of this child's own (pid 1 below).
+        linux.unshare(linux.ns_flags(["uts", "ipc", "net", "pid"]))
+        hold_r, hold_w = os.pipe()
+        init = os.fork()
+        if init == 0:  # pid 1: the host's init, as the run sees it; it ignores signals
+            os.close(hold_w)
+            os.read(hold_r, 1)
+            os._exit(0)
+        os.close(hold_r)
+        here, there = socket.socketpair()
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pid 2: the run
+            here.close()
+            os.close(rfd)
+            out: dict[str, Any] = {}
+            try:
+                fd = seccomp.install(seccomp.REAL_RULES, privileged=True)
+                assert fd is not None
+                socket.send_fds(there, [b"{}"], [fd])
+                os.close(fd)
+                rcs = [
+                    libc.sethostname(b"kit-evil", 8),
+                    libc.setdomainname(b"kit.example", 11),
+                    libc.kill(1, signal.SIGWINCH),
+                    libc.kill(1, 0),  # asks whether pid 1 exists: no signal
+                ]
+                pidfd = os.pidfd_open(1)
+                signal.pidfd_send_signal(pidfd, signal.SIGCHLD)
+                os.close(pidfd)
+                child = os.fork()
+                if child == 0:  # without privilege: the kernel refuses both
+                    os.setresuid(65534, 65534, 65534)
+                    bad = libc.sethostname(b"x", 1) == -1 and libc.kill(1, signal.SIGHUP) == -1
+                    os._exit(0 if bad else 1)
+                _, raw = os.waitpid(child, 0)
+                rcs.append(os.waitstatus_to_exitcode(raw))
+                linux.unshare(linux.ns_flags(["uts"]))
+                rcs.append(libc.sethostname(b"own", 3))  # its own uts namespace
+                out["result"] = rcs
+            except BaseException as exc:
+                out["error"] = f"{type(exc).__name__}: {exc}"
+            os.write(wfd, json.dumps(out).encode())
+            os._exit(0)
+        there.close()
+        os.close(wfd)
+        host = seccomp.HostIdentity.of(init)
+        assert host is not None
+        listener, _ = seccomp.receive_listener(here, 10)
+        assert listener is not None
+        records: list[Any] = []
+        poller = select.poll()
+        poller.register(listener, select.POLLIN)
+        poller.register(rfd, select.POLLIN)
+        data = b""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            for fd, ev in poller.poll(1000):
+                if fd == listener and ev & select.POLLIN:
+                    records.append(seccomp.handle_notification(listener, True, host))
+                elif fd == listener:
+                    poller.unregister(listener)
+                elif fd == rfd:
+                    chunk = os.read(rfd, 65536)
+                    data += chunk
+                    if not chunk:
+                        poller.unregister(rfd)
+                        deadline = 0
+        os.waitpid(pid, 0)
+        os.close(listener)
+        os.close(hold_w)
+        os.waitpid(init, 0)
+        with open("/proc/sys/kernel/domainname") as f:
+            names = os.uname().nodename, f.read().strip()
+        return {**json.loads(data), "records": records, "names": names}
+
+    out = in_child(supervise)
+    assert "ok" in out, out
+    doc = out["ok"]
+    assert doc.get("result") == [0, 0, 0, 0, 0, 0], doc
+    assert doc["names"] == ["kit-evil", "kit.example"]  # the calls ran: CONTINUE
+    seen = [(r["syscall"], r["category"], r["answered"], r["effect"]) for r in doc["records"]]
+    assert seen == [
+        ("sethostname", "host-watch", True, {"kind": "hostname", "value": "kit-evil"}),
+        ("setdomainname", "host-watch", True, {"kind": "domainname", "value": "kit.example"}),
+        ("kill", "host-watch", True, {"kind": "signal", "signal": signal.SIGWINCH}),
+        ("kill", "host-watch", True, None),
+        ("pidfd_send_signal", "host-watch", True, {"kind": "signal", "signal": signal.SIGCHLD}),
+        ("sethostname", "host-watch", True, None),
+        ("kill", "host-watch", True, None),
+        ("sethostname", "host-watch", True, None),
+    ]
+    assert os.uname().nodename == socket.gethostname()  # nothing of it reached this host
+
+
+def test_the_fake_filter_still_refuses_the_names_the_real_one_watches():
+    # sethostname is in both lists: the fake backend's containment refuses it (EPERM,
+    # recorded as a bypass of the system interface), however the real filter treats it.
+    out = filtered(seccomp.FAKE_RULES, lambda: _raw(170, 0, 0))
+    assert out["result"] == errno.EPERM
+    assert out["refused"][0]["category"] == seccomp.SYSTEM_INTERFACE
+    assert not {r.syscall for r in seccomp.FAKE_RULES} & {"kill", "pidfd_send_signal"}

@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import select
+import signal
 import socket
 import stat
 import threading
@@ -1204,6 +1205,8 @@ class HostWatch:
         self.window: set[Hook] = set()  # hooks open at some moment since the last look
         self.looks = 0
         self._joined = False
+        #: (signal, hook) -> the call: signals the run sent to the sandbox's init.
+        self.signalled: dict[tuple[int, Hook], str] = {}
 
     def _snapshot(self, sysctls: bool, network: bool = False) -> HostState:
         return _partial(self.sandbox, self.inside, sysctls, network)
@@ -1226,6 +1229,23 @@ class HostWatch:
             payload = ("payload", "after exec", pid)
             self.open.add(payload)
             self.window.add(payload)
+
+    def called(self, effect: dict[str, Any], syscall: str, hook: Hook) -> None:
+        """A watched system call the kernel is about to run (kit.run.seccomp.HOST_WATCH),
+        made with ``hook`` open: a hostname or domainname set in the sandbox's uts namespace
+        to another name than its own before the run is a change, even one put back before
+        the next look; a signal sent to the sandbox's init (the host's, as the run sees it)
+        is one to a process the run did not start."""
+        kind = effect.get("kind")
+        if kind in ("hostname", "domainname"):
+            value = effect.get("value")
+            if value != self.before.objects.get(kind, {}).get(""):
+                # setdefault: a look that saw the change first keeps its sighting.
+                self.seen.setdefault((kind, kind), {"value": value, "hooks": [hook]})
+        elif kind == "signal" and isinstance(effect.get("signal"), int):
+            key = (effect["signal"], hook)
+            if key not in self.signalled and len(self.signalled) < MAX_CHANGES:
+                self.signalled[key] = syscall
 
     def look(self) -> None:
         """After a batch of ledger events: any watched object that changed since the last
@@ -1352,6 +1372,20 @@ class HostWatch:
                         "hooks": _hooks_json(seen["hooks"]),
                     }
                 )
+        init = self.before.objects.get("process", {}).get("pid 1", "the sandbox's init")
+        for (signum, hook), syscall in self.signalled.items():
+            out.append(
+                {
+                    "kind": "process",
+                    "name": "pid 1",
+                    "before": init,
+                    "after": init,
+                    "signal": _signal_name(signum),
+                    "syscall": syscall,
+                    "transient": False,
+                    "hooks": _hooks_json([hook]),
+                }
+            )
         omitted: dict[str, int] = {}
         for extra in out[MAX_CHANGES:]:
             omitted[extra["kind"]] = omitted.get(extra["kind"], 0) + 1
@@ -1447,6 +1481,13 @@ def _uname_names() -> tuple[str, str]:
         return value.decode(errors="replace")
 
     return field(1), field(5)
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def _hooks_json(hooks: list[Hook]) -> list[dict[str, Any]]:

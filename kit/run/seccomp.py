@@ -17,6 +17,7 @@ from kit.system import linux
 
 SYSTEM_INTERFACE = "system-interface"
 HOST_GLOBAL_CATEGORY = "host-global"
+HOST_WATCH_CATEGORY = "host-watch"
 
 #: x86-64 system call numbers (asm/unistd_64.h) of every call a rule names.
 SYSCALLS_X86_64: dict[str, int] = {
@@ -77,6 +78,12 @@ SYSCALLS_X86_64: dict[str, int] = {
     "bpf": 321,
     "vhangup": 153,
     "syslog": 103,
+    "kill": 62,
+    "tkill": 200,
+    "tgkill": 234,
+    "rt_sigqueueinfo": 129,
+    "rt_tgsigqueueinfo": 297,
+    "pidfd_send_signal": 424,
 }
 _X32_SYSCALL_BIT = 0x40000000
 _NAMESPACE_FLAGS = (
@@ -187,9 +194,28 @@ HOST_GLOBAL: tuple[Rule, ...] = (
     Rule("syslog", HOST_GLOBAL_CATEGORY, arg=0, values=(4, 5, 6, 7, 8)),
 )
 
+#: Calls the real backend lets run, after the supervisor has looked at them (answered with
+#: SECCOMP_USER_NOTIF_FLAG_CONTINUE): what the host diff cannot see between two of its looks.
+#: - sethostname, setdomainname: a name set and put back between two looks leaves no trace
+#:   (SPEC §11: the host's names do not change "not even while it runs"); the supervisor
+#:   records those that reach the host sandbox's uts namespace;
+#: - a signal to pid 1 (kill, tkill, tgkill, rt_sigqueueinfo, rt_tgsigqueueinfo) or through
+#:   a pidfd: from the sandbox's pid namespace, pid 1 is the sandbox's init, the host's
+#:   stand-in, whose reaction (none: it ignores what the run sends) is not the real host's.
+HOST_WATCH: tuple[Rule, ...] = (
+    *_rules(HOST_WATCH_CATEGORY, "sethostname setdomainname pidfd_send_signal"),
+    *(
+        Rule(name, HOST_WATCH_CATEGORY, arg=0, values=(1,))
+        for name in ("kill", "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo")
+    ),
+)
+
 #: The fake backend's filter: both lists (as root, a direct host-global call would reach the
 #: real host too).
 FAKE_RULES: tuple[Rule, ...] = CONTAINMENT + HOST_GLOBAL
+#: The real backend's filter (launched as root): host-global calls refused, the watched ones
+#: looked at.
+REAL_RULES: tuple[Rule, ...] = HOST_GLOBAL + HOST_WATCH
 
 # --- classic BPF --------------------------------------------------------------------------------
 
@@ -294,7 +320,7 @@ def warm() -> None:
     of each host sandbox (its own, without a listener), then find them built instead of
     building one in every run."""
     if os.uname().machine == "x86_64":
-        for rules, notify in ((FAKE_RULES, True), (HOST_GLOBAL, True), (HOST_GLOBAL, False)):
+        for rules, notify in ((FAKE_RULES, True), (REAL_RULES, True), (HOST_GLOBAL, False)):
             _compiled(rules, notify)  # as install() asks: the cache keys by position
 
 
@@ -313,7 +339,7 @@ def rules_for(backend: str, privileged: bool) -> tuple[str, tuple[Rule, ...]] | 
     if backend == "fake":
         return "fake-containment", FAKE_RULES
     if privileged:
-        return "host-global", HOST_GLOBAL
+        return "host-global", REAL_RULES
     return None
 
 
@@ -468,6 +494,7 @@ _MAX_STRING = 256
 MAX_RECORDED = 1000
 _NAMES = {nr: name for name, nr in SYSCALLS_X86_64.items()}
 _CATEGORY = {rule.syscall: rule.category for rule in CONTAINMENT + HOST_GLOBAL}
+_WATCHED_NAMES = frozenset(rule.syscall for rule in HOST_WATCH)
 
 
 def _thread_ids(tid: int) -> dict[str, Any] | None:
@@ -524,10 +551,117 @@ def _parent_ids(ppid: int) -> dict[str, Any] | None:
     }
 
 
-def handle_notification(listener: int) -> dict[str, Any] | None:
-    """Read one notification, answer EPERM; the refusal's record (None when the
-    notification was gone before it could be read). Never raises for a stale id or a
-    dying process: the record then says it was not answered."""
+@dataclass(frozen=True)
+class HostIdentity:
+    """The host a run can reach, as the kernel names it: the namespaces of the host sandbox's
+    init (``(st_dev, st_ino)`` of each), its pid as the supervisor numbers it, and its real
+    and saved uid (as the supervisor's user namespace maps them)."""
+
+    init_pid: int
+    uts: tuple[int, int]
+    user: tuple[int, int]
+    pid: tuple[int, int]
+    init_uids: tuple[int, int]
+
+    @classmethod
+    def of(cls, init_pid: int) -> HostIdentity | None:
+        """The identity of the sandbox whose init is ``init_pid``; None if it is gone."""
+        try:
+            uids = linux.read_status(f"/proc/{init_pid}/status")["Uid"].split()
+            return cls(
+                init_pid,
+                _ns_id(init_pid, "uts"),
+                _ns_id(init_pid, "user"),
+                _ns_id(init_pid, "pid"),
+                (int(uids[0]), int(uids[2])),
+            )
+        except (OSError, KeyError, ValueError, IndexError):
+            return None
+
+
+def _ns_id(pid: int, kind: str) -> tuple[int, int]:
+    st = os.stat(f"/proc/{pid}/ns/{kind}")
+    return st.st_dev, st.st_ino
+
+
+#: Argument index of the signal number, by call (the target is argument 0, and for the
+#: thread-directed calls argument 1 too).
+_SIGNAL_ARG = {
+    "kill": 1,
+    "tkill": 1,
+    "tgkill": 2,
+    "rt_sigqueueinfo": 1,
+    "rt_tgsigqueueinfo": 2,
+    "pidfd_send_signal": 1,
+}
+_NEW_UTS_LEN = 64
+_NSIG = 64
+
+
+def _has_cap(status: dict[str, str], name: str) -> bool:
+    return bool(int(status["CapEff"], 16) >> linux.CAP_NUMBERS[name] & 1)
+
+
+def _host_effect(
+    listener: int, notif: linux.SeccompNotif, name: str, host: HostIdentity
+) -> dict[str, Any] | None:
+    """What a watched call does to the host if the kernel runs it: ``{"kind": "hostname",
+    "value": …}`` (or domainname) for a name set in the sandbox's uts namespace,
+    ``{"kind": "signal", "signal": n}`` for a signal that reaches the sandbox's init; None
+    for a call that stays in the run's own namespaces, or that the kernel would refuse (no
+    privilege over the host's, a bad argument): a call that fails changes nothing. Read
+    while the calling thread waits (its namespaces and credentials cannot change then)."""
+    tid, args = notif.pid, notif.args
+    try:
+        status = linux.read_status(f"/proc/{tid}/status")
+        if name in ("sethostname", "setdomainname"):
+            if _ns_id(tid, "uts") != host.uts or args[1] > _NEW_UTS_LEN:
+                return None
+            # CAP_SYS_ADMIN over the uts namespace: in the user namespace that owns it.
+            if _ns_id(tid, "user") != host.user or not _has_cap(status, "CAP_SYS_ADMIN"):
+                return None
+            raw = linux.read_memory(tid, args[0], args[1]) if args[1] else b""
+            if len(raw) != args[1] or not linux.seccomp_notif_id_valid(listener, notif.id):
+                return None
+            kind = "hostname" if name == "sethostname" else "domainname"
+            return {"kind": kind, "value": raw.decode(errors="backslashreplace")}
+        signum = args[_SIGNAL_ARG[name]] & 0xFFFFFFFF
+        if not 0 < signum <= _NSIG:
+            return None  # signal 0 only asks whether the process exists
+        if name == "pidfd_send_signal":
+            if _pidfd_target(tid, args[0] & 0xFFFFFFFF) != host.init_pid:
+                return None
+        elif _ns_id(tid, "pid") != host.pid or (
+            name in ("tgkill", "rt_tgsigqueueinfo") and args[1] & 0xFFFFFFFF != 1
+        ):
+            return None  # pid 1 of another pid namespace: the container's own init
+        uid, euid = (int(u) for u in status["Uid"].split()[:2])
+        allowed = (uid in host.init_uids or euid in host.init_uids) or (
+            _ns_id(tid, "user") == host.user and _has_cap(status, "CAP_KILL")
+        )
+        return {"kind": "signal", "signal": signum} if allowed else None
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+
+
+def _pidfd_target(tid: int, fd: int) -> int | None:
+    """The pid (as the supervisor numbers it) of the process pidfd ``fd`` of thread ``tid``
+    refers to; None when ``fd`` is no pidfd."""
+    with open(f"/proc/{tid}/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("Pid:"):
+                return int(line.split()[1])
+    return None
+
+
+def handle_notification(
+    listener: int, watching: bool = False, host: HostIdentity | None = None
+) -> dict[str, Any] | None:
+    """Read one notification and answer it; its record (None when the notification was gone
+    before it could be read). A refused call is answered EPERM. ``watching``: the filter is
+    :data:`REAL_RULES`, whose :data:`HOST_WATCH` calls are let run (CONTINUE), their record
+    saying what they do to ``host`` (``effect``, None when nothing). Never raises for a
+    stale id or a dying process: the record then says it was not answered."""
     try:
         notif = linux.seccomp_notif_recv(listener)
     except OSError:
@@ -540,6 +674,22 @@ def handle_notification(listener: int) -> dict[str, Any] | None:
         else f"system call {nr}",
     )
     ids = _thread_ids(notif.pid)
+    if watching and name in _WATCHED_NAMES:
+        effect = None if host is None else _host_effect(listener, notif, name, host)
+        try:
+            answered = linux.seccomp_notif_send_continue(listener, notif.id)
+        except OSError:
+            answered = False
+        return {
+            "syscall": name,
+            "nr": nr,
+            "args": [f"{a:#x}" for a in notif.args],
+            "category": HOST_WATCH_CATEGORY,
+            "answered": answered,
+            "target_tid": notif.pid,
+            "target": ids,
+            "effect": effect,
+        }
     strings = _strings(listener, notif, name)
     try:
         answered = linux.seccomp_notif_send_error(listener, notif.id, errno.EPERM)

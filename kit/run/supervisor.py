@@ -138,6 +138,11 @@ class Supervisor:
         self.host: Any = None  # the sandbox's kit.run.hostdiff.HostWatch
         self.listener: int | None = None  # the run's seccomp filter's (kit.run.seccomp)
         self.refusals = 0  # calls it refused; the first seccomp.MAX_RECORDED are recorded
+        # The real backend's filter lets the watched calls run (kit.run.seccomp.HOST_WATCH):
+        # those reaching the host sandbox (known by its init's namespaces) go to its diff.
+        self.watching = False
+        self.host_identity: seccomp.HostIdentity | None = None
+        self.watched = 0  # watched calls that reached the host; the first MAX_RECORDED kept
         self._level: int | None = None  # see run_pid
         self._buffer: mmap.mmap | None = None  # see _receive
         self._tasks: dict[tuple[int, int], int] = {}  # see kit.ledger.senders.find_thread
@@ -301,6 +306,9 @@ class Supervisor:
         )
         os.write(result_fd, f"started {pid} {run_dir}{seen}\n".encode())
         self.listener, info = seccomp.receive_listener(filter_here, req.run_timeout)
+        self.watching = info.get("filter") == "host-global"
+        if self.watching and box is not None:
+            self.host_identity = seccomp.HostIdentity.of(box.init_pid)
         filter_here.close()
         current().while_model_locked(self._answer_while_the_model_is_locked)
         self.emit(
@@ -705,8 +713,17 @@ class Supervisor:
         assert self.listener is not None
         if revents & select.POLLIN:
             before = time.monotonic_ns()  # the call was made earlier; its answer comes after
-            refusal = seccomp.handle_notification(self.listener)
+            refusal = seccomp.handle_notification(self.listener, self.watching, self.host_identity)
             if refusal is None:
+                return True
+            if refusal["category"] == seccomp.HOST_WATCH_CATEGORY:
+                if refusal["effect"] is not None and self.host is not None:
+                    self.watched += 1
+                    if self.watched <= seccomp.MAX_RECORDED:  # one looping on a call
+                        if later:
+                            self._unattributed.append((refusal, before))
+                        else:
+                            self._record_refusal(refusal, self.events)
                 return True
             self.refusals += 1
             if self.refusals <= seccomp.MAX_RECORDED:  # an engine looping on one call
@@ -720,6 +737,17 @@ class Supervisor:
     def _record_refusal(self, refusal: dict[str, Any], events: list[dict[str, Any]]) -> None:
         role, hook = seccomp.attribute(events, refusal["target"], self.senders.role_of)
         self._renumber(refusal)
+        if refusal["category"] == seccomp.HOST_WATCH_CATEGORY:
+            # Not refused: the call ran. What it did to the host is the host diff's.
+            if self.host is not None:
+                target = refusal.get("target") or {}
+                pid = target.get("tgid") if isinstance(target, dict) else None
+                self.host.called(
+                    refusal["effect"],
+                    refusal["syscall"],
+                    (role or "unknown", hook or "no hook", pid if type(pid) is int else 0),
+                )
+            return
         self.emit("syscall_refused", **refusal, process_role=role, hook=hook)
 
     def _attribute_answered(self) -> None:

@@ -1083,6 +1083,7 @@ def process_ids(pid: int) -> tuple[int, list[int]] | None:
 
 SECCOMP_SET_MODE_FILTER = 1
 SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
+SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1
 AUDIT_ARCH_X86_64 = 0xC000003E
 #: struct seccomp_notif (80 bytes): id, pid, flags, then struct seccomp_data (nr, arch,
 #: instruction_pointer, args[6]).
@@ -1180,6 +1181,24 @@ def seccomp_notif_send_error(listener: int, notif_id: int, err: int) -> bool:
     notification went stale (the thread was killed, or a signal interrupted the call)."""
     try:
         fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_SEND, _NOTIF_RESP.pack(notif_id, 0, -err, 0))
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return False
+        raise
+    return True
+
+
+def seccomp_notif_send_continue(listener: int, notif_id: int) -> bool:
+    """Answer a notification: the kernel runs the system call as if no filter had stopped it
+    (``SECCOMP_USER_NOTIF_FLAG_CONTINUE``). Only for a call the supervisor looks at, never
+    for one it refuses: the call's memory may change between the look and the call. False
+    when the notification went stale."""
+    try:
+        fcntl.ioctl(
+            listener,
+            SECCOMP_IOCTL_NOTIF_SEND,
+            _NOTIF_RESP.pack(notif_id, 0, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE),
+        )
     except OSError as exc:
         if exc.errno == errno.ENOENT:
             return False
