@@ -2776,7 +2776,12 @@ HOST_KINDS = {
 def _host_change_text(change: dict[str, Any]) -> str:
     kind, name = change.get("kind"), change.get("name")
     before, after = change.get("before"), change.get("after")
-    if change.get("transient"):
+    if change.get("signal"):
+        text = (
+            f"{kind} {name} ({before}), a process the run did not start, was sent "
+            f"{change.get('signal')} ({change.get('syscall')})"
+        )
+    elif change.get("transient"):
         back = "gone" if before is None else f"back to {before!r}"
         text = f"{kind} {name} was {after!r} for a while ({back} by the end)"
     elif before is None:

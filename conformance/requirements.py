@@ -847,7 +847,7 @@ _ENTRIES = (
         "§11",
         "host",
         "After a run the host has the processes it had before: none of the run's outlives it, "
-        "none of the host's is killed.",
+        "none of the host's is killed or sent a signal.",
     ),
     _r(
         "HOST-009",

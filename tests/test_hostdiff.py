@@ -551,6 +551,53 @@ def test_the_watch_names_a_transient_change_and_the_hook_open_when_it_appeared(
     assert mount["hooks"] == [{"role": "master", "hook": "cleanup_container", "pid": 7}]
 
 
+def test_the_watch_names_each_watched_call_that_reaches_the_host_even_undone_unseen(
+    sandbox: OwnSandbox,
+) -> None:
+    # SPEC §11: the host's names do not change "not even while it runs", and a run signals
+    # no process of the host. The real filter shows the supervisor each sethostname,
+    # setdomainname and signal to pid 1 that reaches the host (kit.run.seccomp.HOST_WATCH):
+    # a name set and put back between two looks, which no look can see, and a signal init
+    # ignores are changes all the same, with the hook that made them. A call that sets the
+    # name the host had before changes nothing; a signal sent twice is named once.
+    def run() -> dict[str, Any]:
+        watch = hostdiff.HostWatch(sandbox)
+        watch.start()
+        own = os.uname().nodename  # the sandbox's: the watch joined its uts namespace
+        create = ("master", "create_container", 7)
+        watch.called({"kind": "hostname", "value": own}, "sethostname", create)
+        watch.called({"kind": "hostname", "value": "kit-evil"}, "sethostname", create)
+        child = ("master", "cleanup_container (in a child process)", 9)
+        watch.called({"kind": "domainname", "value": "kit.example"}, "setdomainname", child)
+        post = ("master", "post_start_process", 7)
+        for _ in range(2):
+            watch.called({"kind": "signal", "signal": signal.SIGWINCH}, "kill", post)
+        watch.look()
+        return watch.finish()
+
+    out = in_child(run)
+    assert "ok" in out, out
+    changes = out["ok"]["changes"]
+    by_kind = {c["kind"]: c for c in changes}
+    assert len(changes) == 3, changes
+    host = by_kind["hostname"]
+    assert host["transient"] and host["after"] == "kit-evil"
+    assert host["hooks"] == [{"role": "master", "hook": "create_container", "pid": 7}]
+    domain = by_kind["domainname"]
+    assert domain["transient"] and domain["after"] == "kit.example"
+    assert domain["hooks"] == [
+        {"role": "master", "hook": "cleanup_container (in a child process)", "pid": 9}
+    ]
+    init = by_kind["process"]
+    assert (init["name"], init["signal"], init["syscall"], init["transient"]) == (
+        "pid 1",
+        "SIGWINCH",
+        "kill",
+        False,
+    )
+    assert init["hooks"] == [{"role": "master", "hook": "post_start_process", "pid": 7}]
+
+
 def test_the_watch_sees_a_propagation_change_undone_before_the_end(sandbox: OwnSandbox) -> None:
     # A change of propagation does not wake a poller of mountinfo (only mounts and unmounts
     # do): the watch must see it anyway, with the hook that made it, although the run undoes
@@ -905,9 +952,27 @@ HOSTNAME_FLIPPED = {
 }
 
 
+INIT_SIGNALLED = {
+    "kind": "process",
+    "name": "pid 1",
+    "before": "kit-sandbox",
+    "after": "kit-sandbox",
+    "signal": "SIGWINCH",
+    "syscall": "kill",
+    "transient": False,
+    "hooks": [{"role": "master", "hook": "create_container", "pid": 9}],
+}
+
+
 @pytest.mark.parametrize(
     "req,change,names",
     [
+        (
+            "HOST-008",
+            INIT_SIGNALLED,
+            "process pid 1 (kit-sandbox), a process the run did not start, was sent "
+            "SIGWINCH (kill)",
+        ),
         ("HOST-001", FILE_WRITTEN, "file /etc/kit-evil created: file 0644 0:0 2 bytes"),
         ("HOST-001", XATTR_SET, "file /tmp changed: dir 1777 0:0 -> dir 1777 0:0 xattrs"),
         ("HOST-001", SHM_LEFT, "file /dev/shm/sem.lock created"),
