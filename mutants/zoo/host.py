@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import socket
 import subprocess
+import threading
 
-from kit.contract import Context
+from kit.contract import Context, SignalChannel, WaitStatus
 from kit.run import sandbox
 from mutants.zoo.base import HostDamageRefused, Mutant
 
@@ -197,6 +199,98 @@ class HostDevShmLock(HostMutant):
         )
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+class HostHostnameFlippedInAThread(Mutant):
+    slug = "host-hostname-flipped-in-a-thread"
+    bug = (
+        "monitor_container has a helper thread give the host's uts namespace the container's "
+        "hostname (libc sethostname) and put the old one back at once"
+    )
+    killed_by = ("HOST-009", "NS-010")
+    mechanism = "helper-thread"
+
+    def monitor_container(self, pid: int, signals: SignalChannel) -> WaitStatus:
+        refuse_outside_kit_sandbox(self.slug)
+        name = (self.reference_config().hostname or "kit-mutant").encode()
+
+        def flip() -> None:
+            old = socket.gethostname().encode()
+            if _LIBC.sethostname(name, len(name)) < 0:
+                raise OSError(ctypes.get_errno(), "sethostname")
+            _LIBC.sethostname(old, len(old))
+
+        helper = threading.Thread(target=flip, name="kit-mutant-flip")
+        helper.start()
+        helper.join()
+        return super().monitor_container(pid, signals)
+
+
+class HostDomainnameFlippedInAChild(Mutant):
+    slug = "host-domainname-flipped-in-a-child"
+    bug = (
+        "cleanup_container forks a child that sets the host's domainname and puts the old "
+        "one back before it exits"
+    )
+    killed_by = ("HOST-009",)
+    mechanism = "child-process"
+
+    def cleanup_container(
+        self, ctx: Context, fatal: BaseException | None, status: WaitStatus | None
+    ) -> None:
+        refuse_outside_kit_sandbox(self.slug)
+        child = os.fork()
+        if child == 0:
+            code = 1
+            try:
+                with open("/proc/sys/kernel/domainname", "rb") as f:
+                    old = f.read().rstrip(b"\n")
+                new = b"mutant.example"
+                if _LIBC.setdomainname(new, len(new)) == 0:
+                    code = 0 if _LIBC.setdomainname(old, len(old)) == 0 else 2
+            finally:
+                os._exit(code)
+        _, raw = os.waitpid(child, 0)
+        if os.waitstatus_to_exitcode(raw) != 0:
+            raise OSError("the child could not set the domainname")
+        super().cleanup_container(ctx, fatal, status)
+
+
+class HostInitSignalled(Mutant):
+    slug = "host-init-signalled"
+    bug = (
+        "post_start_process sends SIGWINCH to pid 1, meaning the container's init: from the "
+        "master that is the host's (ignored, so nothing shows)"
+    )
+    killed_by = ("HOST-008",)
+
+    def post_start_process(self, ctx: Context, pid: int) -> None:
+        refuse_outside_kit_sandbox(self.slug)
+        os.kill(1, signal.SIGWINCH)
+
+
+class HostInitSignalledByPidfd(Mutant):
+    slug = "host-init-signalled-by-pidfd"
+    bug = (
+        "cleanup_container nudges pid 1 with SIGCHLD through a pidfd, to have init reap "
+        "what the engine orphaned: the host's init"
+    )
+    killed_by = ("HOST-008",)
+    mechanism = "other-hook"
+
+    def cleanup_container(
+        self, ctx: Context, fatal: BaseException | None, status: WaitStatus | None
+    ) -> None:
+        refuse_outside_kit_sandbox(self.slug)
+        pidfd = os.pidfd_open(1)
+        try:
+            signal.pidfd_send_signal(pidfd, signal.SIGCHLD)
+        finally:
+            os.close(pidfd)
+        super().cleanup_container(ctx, fatal, status)
+
+
 MUTANTS = (
     FileUnderEtc,
     HostFileXattr,
@@ -209,4 +303,8 @@ MUTANTS = (
     HostNamedNetns,
     HostSharedMemory,
     HostDaemon,
+    HostHostnameFlippedInAThread,
+    HostDomainnameFlippedInAChild,
+    HostInitSignalled,
+    HostInitSignalledByPidfd,
 )
