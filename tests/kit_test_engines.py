@@ -1114,6 +1114,11 @@ def _abuse_master(how: str, rpc_conn: socket.socket | None, cfg: AbuseConfig) ->
         os.kill(os.getpid(), signal.SIGRTMIN + 1)
     elif how == "exit_254":  # the kit's code for a lost ledger, chosen by engine code
         os._exit(254)
+    elif how == "dup2_over_rpc" and rpc_conn is not None:
+        # Engine code's own socket under the kit's number: the kit must not shut it down.
+        mine, peer = socket.socketpair()
+        os.dup2(mine.fileno(), rpc_conn.fileno())
+        _KEPT.extend([mine.detach(), peer.detach()])
     elif how in ("fork_keeps_rpc", "dup_keeps_rpc") and rpc_conn is not None:
         # A copy of the RPC connection that outlives create_container: in a helper child
         # (which the kit cannot close for it), or a dup kept for later.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 
 import pytest
 
@@ -54,6 +55,17 @@ def test_engine_code_closing_the_rpc_descriptor_fails_the_run_by_name():
     assert result.leaks == []
     # the cleanup still ran, told why
     assert result.ledger.select("hook_enter", hook="cleanup_container")
+
+
+def test_engine_code_replacing_the_rpc_descriptor_fails_the_run_and_keeps_its_socket():
+    result = fault_run(ABUSE, abuse="dup2_over_rpc")
+    assert result.exit_code == EXIT_FATAL, result
+    (fatal,) = result.ledger.select("fatal")
+    assert "or put another file under its number" in fatal["message"]
+    assert "the RPC connection to the container" in fatal["message"]
+    assert fatal["error"]["type"] == "KitFdClosed"
+    assert not result.ledger.select("stage2_exec")
+    assert result.leaks == []
 
 
 @pytest.mark.parametrize("abuse", ["fork_keeps_rpc", "dup_keeps_rpc"])
@@ -377,24 +389,32 @@ def test_the_creation_watch_tells_a_dead_container_by_a_pidfd_above_fd_setsize()
     exited.register(high, select.POLLIN)
     assert exited.poll(30_000), "the child did not exit"
     reasons: list[str] = []
-    shut: list[int] = []
+    # The loop's copy of the RPC connection: the watch shuts the connection down through it
+    # (never through rpc_sock's number, which engine code may have reused).
+    kit_end, server_end = socket.socketpair()
+    rpc_fd = kit_end.fileno()
     fake = types.SimpleNamespace(
         watch_lock=threading.Lock(),
-        watching=(high, -1),
+        watching=(high, rpc_fd),
         pid=pid,
         ctx=types.SimpleNamespace(cancel=reasons.append),
-        rpc_sock=types.SimpleNamespace(shutdown=shut.append),
+        rpc_sock=None,
         _unwatched=[],
         _close_unwatched=lambda: None,
     )
     try:
         Master._creation_watch_fired(fake)  # type: ignore[arg-type]
+        server_end.settimeout(5)
+        assert server_end.recv(1) == b""  # EOF: shut down
+        assert kit_end.fileno() == rpc_fd  # not closed by the watch (the loop closes its copy)
     finally:
         os.close(high)
         os.waitpid(pid, 0)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        kit_end.close()
+        server_end.close()
     assert reasons == [f"the container process (pid {pid}) died: exit code 3"], reasons
-    assert fake.watching is None and fake._unwatched == [(high, -1)]
+    assert fake.watching is None and fake._unwatched == [(high, rpc_fd)]
 
 
 @pytest.mark.parametrize("shape", ["", "Wait4", "Waitid"])

@@ -141,6 +141,9 @@ class Master:
         self.pid = pid
         self.sock = master_sock
         self.rpc_sock = rpc_sock
+        #: What rpc_sock's descriptor is: engine code may close it, or put another file
+        #: under its number, behind the socket object's back.
+        self.rpc_identity = linux.fd_identity(rpc_sock.fileno())
         self.ledger = starter.ledger.for_role("master")
         self.hooks = HookRunner(self.ledger, starter.system, starter.req.probes)
         self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
@@ -675,24 +678,25 @@ class Master:
         engine code kept (a dup, a helper child) must not keep the RPC server waiting for
         an EOF, and stage 2 with it, until the run's timeout."""
         fd = self.rpc_sock.fileno()
-        try:
-            self.rpc_sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass  # closed behind our back (EBADF, ENOTSOCK): the close below names it
-        try:
-            self.rpc_sock.close()
-        except OSError as exc:
+        if linux.fd_identity(fd) != self.rpc_identity:
+            # Closed, or another file under its number now: not ours to shut down or close.
+            self.rpc_sock.detach()
             self._put(
                 (
                     "fatal",
                     KitFdClosed(
-                        f"engine code closed a file descriptor of the kit: fd {fd}, the RPC "
-                        f"connection to the container ({exc.strerror}); create_container must "
-                        "leave rpc_conn to the kit, which closes it"
+                        "engine code closed a file descriptor of the kit, or put another file "
+                        f"under its number: fd {fd}, the RPC connection to the container; "
+                        "create_container must leave rpc_conn to the kit, which closes it"
                     ),
                 )
             )
             return False
+        try:
+            self.rpc_sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # the RPC server's end is gone already
+        self.rpc_sock.close()
         return True
 
     def _watch_creation(self) -> None:
@@ -739,10 +743,15 @@ class Master:
                 else:
                     what = "the RPC server ended (its end of the connection was closed)"
                 self.ctx.cancel(what)
+                # Through the loop's own copy: rpc_sock's number may be engine code's now.
+                _, rpc = self.watching
+                copy = socket.socket(fileno=rpc)
                 try:
-                    self.rpc_sock.shutdown(socket.SHUT_RDWR)
+                    copy.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+                finally:
+                    copy.detach()
                 self._unwatched.append(self.watching)
                 self.watching = None
         self._close_unwatched()
@@ -813,15 +822,19 @@ class Master:
         whether engine code closed master_fd early: a stage 2 still alive under a kit
         name (past a short grace, which covers a process whose descriptors are closed on
         its way out) closed its end itself; the exec or the death that follows decides."""
-        name = linux.process_name(self.pid)
         grace = time.monotonic() + EXIT_GRACE
         closed_early = False
-        while name in PRE_EXEC_NAMES and not self._container_exited():
-            if not closed_early and time.monotonic() >= grace:
+        while True:
+            # Exited first, then the name: the name read after is the one it exited under
+            # (a zombie keeps it; the reap hold keeps the zombie), never a stale one read
+            # before an exec and an exit that both came in between.
+            exited = self._container_exited()
+            name = linux.process_name(self.pid)
+            if exited or name not in PRE_EXEC_NAMES:
+                return name, closed_early
+            if time.monotonic() >= grace:
                 closed_early = True
             time.sleep(0.005)
-            name = linux.process_name(self.pid)
-        return name, closed_early
 
     def _monitor(self) -> None:
         try:
