@@ -136,3 +136,20 @@ def test_the_models_pid_of_a_sender_comes_from_the_nspid_read_once(monkeypatch):
     asked.clear()
     assert sup._modelled_pids(gone, [gone, 7]) == {1} and asked == [7]
     assert sup._modelled_pids(gone, [gone]) == set()  # not in the sandbox
+
+
+def test_the_kits_own_files_in_a_fake_run_directory_are_no_leftovers_but_nothing_else(tmp_path):
+    from kit.run import rundir
+    from kit.system.fake.store import MODEL_PREFIX
+
+    own = tmp_path / rundir.KIT_OWN
+    own.mkdir()
+    (own / f"{MODEL_PREFIX}abc").mkdir()
+    assert rundir.leftovers(str(tmp_path), kit_files=True) == []
+    # Engine code's files, next to the model or anywhere else, are the run's.
+    (own / "junk").write_text("x")
+    (tmp_path / "visible").write_text("x")
+    assert rundir.leftovers(str(tmp_path), kit_files=True) == [f"{rundir.KIT_OWN}/junk", "visible"]
+    # A real run keeps nothing there: the directory itself is a leftover.
+    assert rundir.leftovers(str(tmp_path), kit_files=False) == [rundir.KIT_OWN, "visible"]
+    assert rundir.leftovers(str(tmp_path / "gone"), kit_files=True) == []

@@ -14,7 +14,8 @@ LOCKED = PREFIX + "lk-"
 #: A directory being made: locked, then renamed to PREFIX…; never swept (its owner may be
 #: between the two steps).
 NEW_PREFIX = "kit-new-"
-#: The kit's own files in a run directory (the fake backend's model): not the run's leftovers.
+#: The kit's own files in a fake run's directory (its model): the host sandbox shares the
+#: run directory with the run, and nothing else of the supervisor's.
 KIT_OWN = ".kit-own"
 
 
@@ -23,6 +24,26 @@ def kit_own(path: str) -> str:
     own = os.path.join(path, KIT_OWN)
     os.mkdir(own, 0o700)
     return own
+
+
+def leftovers(path: str, kit_files: bool) -> list[str]:
+    """What run directory ``path`` holds that the run left (``kit_files``: the kit keeps its
+    own in it, which are not; anything else in their directory is)."""
+    try:
+        left = set(os.listdir(path))
+    except OSError:
+        return []
+    if kit_files and KIT_OWN in left:
+        # Fake runs only: the zygote and the real backend's runs never import the model.
+        from kit.system.fake.store import MODEL_PREFIX  # noqa: PLC0415
+
+        left.discard(KIT_OWN)
+        try:
+            mine = os.listdir(os.path.join(path, KIT_OWN))
+        except OSError:
+            mine = []
+        left.update(f"{KIT_OWN}/{n}" for n in mine if not n.startswith(MODEL_PREFIX))
+    return sorted(left)
 
 
 def _lock(path: str) -> int:

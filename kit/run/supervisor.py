@@ -229,7 +229,7 @@ class Supervisor:
             before = ahead.before if ahead is not None and not req.join_namespaces else None
             # The fake model's store lives in the run directory, which the host sandbox
             # shares with the run (a store elsewhere would be the sandbox's copy).
-            with _backend(req, prepared, rundir.kit_own(run_dir)):
+            with _backend(req, prepared, run_dir):
                 return self._run(result_fd, run_dir, lock_fd, before)
         finally:
             if self.sandbox is not None:
@@ -348,10 +348,7 @@ class Supervisor:
         for name in sorted(_netns(host_root) - netns_before):
             self.leak("netns", f"{NETNS_DIR}/{name}")
         probe.remove_setuid_binary(run_dir)
-        try:
-            left = sorted(set(os.listdir(run_dir)) - {rundir.KIT_OWN})
-        except OSError:
-            left = []
+        left = rundir.leftovers(run_dir, kit_files=req.backend == "fake")
         if left:
             self.leak("tempdir", f"left in the run's temporary directory: {', '.join(left)}")
         for limit in current().model_limits():
@@ -1038,7 +1035,7 @@ def _backend(
     if request.backend == "fake":
         from kit.system.fake import installed  # noqa: PLC0415  (lazy: fake runs only, see above)
 
-        return installed(request, prepared, run_dir)
+        return installed(request, prepared, rundir.kit_own(run_dir))
     return contextlib.nullcontext()
 
 

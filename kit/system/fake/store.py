@@ -15,6 +15,9 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+#: The name of a store's directory starts with it (kit.run.rundir tells it from leftovers).
+MODEL_PREFIX = "kit-fake-model-"
+
 HEADER = struct.Struct("<QQ")  # generation, body length
 MARSHAL_VERSION = 4
 #: Check every transaction (see :class:`Store`); read when the store is created.
@@ -85,7 +88,7 @@ class Store:
     @classmethod
     def create(cls, state: dict[str, Any], directory: str | None = None) -> Store:
         """A new store holding ``state``, in a fresh private directory."""
-        base = tempfile.mkdtemp(prefix="kit-fake-model-", dir=directory)
+        base = tempfile.mkdtemp(prefix=MODEL_PREFIX, dir=directory)
         path = os.path.join(base, "model.bin")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
