@@ -2811,12 +2811,34 @@ def _seen_in_sandbox(run: Run, kinds: tuple[str, ...]) -> list[dict[str, Any]]:
     ]
 
 
+#: What the kernel keeps per network or ipc namespace: in the fake backend the container
+#: has none of its own (the model's only), so such a change the container made lands in
+#: the sandbox's, where in the kernel it would have stayed in the container's.
+_PER_CONTAINER_NAMESPACE = ("link", "address", "route", "ipc", "mqueue")
+#: Processes outside the container: what they change is the host's in either backend.
+_OUTSIDE_THE_CONTAINER = ("starter", "stage1", "master")
+
+
+def _container_may_own(change: dict[str, Any]) -> bool:
+    """Whether, in a fake run, ``change`` may be one the container made in namespaces the
+    kernel would have given it (a net.* sysctl, a link, an IPC object…), not the host's:
+    unless a hook of a process outside the container was the only one open."""
+    kind, name = change.get("kind"), str(change.get("name"))
+    per_namespace = kind in _PER_CONTAINER_NAMESPACE or (
+        kind == "sysctl" and name.startswith("net.")
+    )
+    roles = {h.get("role") for h in change.get("hooks") or []}
+    return per_namespace and not (roles and roles <= set(_OUTSIDE_THE_CONTAINER))
+
+
 def check_host(verify: Verifier, run: Run) -> None:
     """HOST-*: the run's host diff (the supervisor's ``host_changes`` event, kit.run.hostdiff)
     names no object of the requirement's kinds; HOST-009 every watched change seen while the
     run went on, even one undone by its end. In both backends: the fake model changes
-    nothing of the kernel's, so whatever the diff of a fake run shows, engine code did
-    around the system interface (SPEC §9, §11)."""
+    nothing of the kernel's, so what the diff of a fake run shows, engine code did directly;
+    but a change of what the kernel keeps per network or ipc namespace, not made by a
+    process outside the container, is not decided there (SPEC §9: the container has no such
+    namespace of the kernel's in the fake backend; the real backend decides it)."""
     requirement = verify.requirement
     run = verify.used(run.usable())
     event = next((e for e in run.events if e.get("kind") == "host_changes"), None)
@@ -2838,6 +2860,12 @@ def check_host(verify: Verifier, run: Run) -> None:
         and (c.get("transient") or c.get("hooks") is not None if during else not c.get("transient"))
     ]
     omitted = {k: n for k, n in (event.get("omitted") or {}).items() if k in kinds}
+    undecided: list[dict[str, Any]] = []
+    if run.backend == "fake":
+        undecided = [c for c in found if _container_may_own(c)]
+        found = [c for c in found if not _container_may_own(c)]
+        for kind in set(omitted) & {*_PER_CONTAINER_NAMESPACE, "sysctl"}:
+            undecided.append({"kind": kind, "name": f"{omitted.pop(kind)} more, not listed"})
     if omitted and not during:
         verify.fail(
             requirement,
@@ -2871,6 +2899,15 @@ def check_host(verify: Verifier, run: Run) -> None:
             hook=one.get("hook"),
         )
     if not found and not omitted:
+        if undecided:
+            shown = ", ".join(f"{c.get('kind')} {c.get('name')}" for c in undecided[:3])
+            pytest.skip(
+                f"{NOT_CONFIGURED_PREFIX}fake backend: {len(undecided)} change(s) of what the "
+                f"kernel keeps per network or ipc namespace ({shown}) made while no hook of "
+                "the processes outside the container was the only one open: the container "
+                "has no such namespace of the kernel's here, so they may be its own (the "
+                "real backend decides)"
+            )
         verify.check(requirement, True, expected="", observed="", run=run)
 
 

@@ -884,6 +884,7 @@ def _run_with(
     changes: list[dict[str, Any]],
     errors: dict[str, str] | None = None,
     event: dict[str, Any] | None = None,
+    backend: str = "real",
 ) -> Any:
     from types import SimpleNamespace
 
@@ -907,7 +908,7 @@ def _run_with(
     result = SimpleNamespace(
         exit_code=0, reason="exited", ledger=ledger, leaks=[], timed_out=None, stdout="", stderr=""
     )
-    return Run("root", SCENARIOS["default"], "real", result=result)
+    return Run("root", SCENARIOS["default"], backend, result=result)
 
 
 FILE_WRITTEN = {
@@ -1017,6 +1018,55 @@ def test_a_kind_the_diff_could_not_read_breaks_its_requirement_instead_of_passin
     verify = checks.Verifier("root", ["HOST-004"], "t")
     with pytest.raises(HarnessError, match="could not read sysctl: OSError: nope"):
         checks.check_host(verify, _run_with([], {"sysctl": "OSError: nope"}))
+
+
+def _sysctl_change(roles: list[str]) -> dict[str, Any]:
+    return {
+        "kind": "sysctl",
+        "name": "net.ipv4.ip_forward",
+        "before": "0",
+        "after": "1",
+        "transient": False,
+        "hooks": [{"role": r, "hook": "h", "pid": 9} for r in roles],
+    }
+
+
+@pytest.mark.parametrize(
+    "backend,roles,outcome",
+    [
+        ("real", [], "failed"),  # the sandbox's own net namespace: the host's, in the real one
+        ("real", ["rpc"], "failed"),
+        ("fake", [], "not-configured"),  # the payload's, perhaps: its own netns in the kernel
+        ("fake", ["rpc"], "not-configured"),  # the RPC server's, in the container's netns
+        ("fake", ["rpc", "master"], "not-configured"),
+        ("fake", ["master"], "failed"),  # the master is outside the container
+        ("fake", ["stage1"], "failed"),
+    ],
+)
+def test_in_the_fake_backend_a_per_namespace_change_is_decided_only_outside_the_container(
+    backend: str, roles: list[str], outcome: str
+) -> None:
+    from conformance import checks
+    from conformance.outcomes import NOT_CONFIGURED_PREFIX
+
+    verify = checks.Verifier("root", ["HOST-004"], "t")
+    run = _run_with([_sysctl_change(roles)], backend=backend)
+    if outcome == "not-configured":
+        with pytest.raises(pytest.skip.Exception, match=NOT_CONFIGURED_PREFIX + "fake backend"):
+            checks.check_host(verify, run)
+    else:
+        checks.check_host(verify, run)
+        assert verify.violations["HOST-004"], outcome
+
+
+def test_in_the_fake_backend_files_and_other_sysctls_are_decided_whoever_made_them() -> None:
+    from conformance import checks
+
+    vm = {**_sysctl_change(["rpc"]), "name": "vm.stat_interval"}
+    for req, change in (("HOST-001", {**FILE_WRITTEN, "hooks": []}), ("HOST-004", vm)):
+        verify = checks.Verifier("root", [req], "t")
+        checks.check_host(verify, _run_with([change], backend="fake"))
+        assert verify.violations[req], req
 
 
 def test_a_run_without_a_sandbox_is_not_configured_for_the_host_checks() -> None:
