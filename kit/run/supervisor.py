@@ -270,11 +270,11 @@ class Supervisor:
         # a reaper's); in the sandbox's pid namespace it cannot see it and reads its own.
         me = os.getpid() if box is None else None
         if req.backend == "fake" and os.geteuid() == 0 and box is None:
-            # SPEC §9: the fake backend never changes the real host. Its filter refuses the
-            # privileged calls; what a filter cannot judge (a hostname written through
-            # /proc/sys, an interface set by netlink, SysV IPC) lands in namespaces of the
-            # run's own, gone with it. (Files, sysctls of other kinds and signals are not
-            # held back: the fake backend as root has no copy-on-write sandbox.)
+            # Unsandboxed on request (KIT_SANDBOX=0, sandbox=False): SPEC §9, the fake
+            # backend never changes the real host. Its filter refuses the privileged calls;
+            # what a filter cannot judge (a hostname written through /proc/sys, an interface
+            # set by netlink, SysV IPC) lands in namespaces of the run's own, gone with it.
+            # (Files, other sysctls and signals reach the host: only the sandbox stops them.)
             linux.unshare(linux.ns_flags(["uts", "ipc", "net"]))
         pid = os.fork()
         if pid == 0:
