@@ -19,7 +19,8 @@ value, a symlink, another field), :mod:`.host` (changes of the host that outlive
 :mod:`.syscalls` (system calls the kit refuses), :mod:`.priv` (privilege bugs on an error
 path, a forwarded signal or at exec), :mod:`.priv2` (securebits a second round of blind
 engines left on the payload), :mod:`.ns` (bugs of blind engines in namespaces, order
-and flows), :mod:`.rpc` (blind engines' bugs of signals, exit and error paths) and
+and flows), :mod:`.rpc` (blind engines' bugs of signals, exit and error paths), :mod:`.order`
+(round 2 of the blind engines: hook order, the RPC connection, the wait status) and
 :mod:`.gaps` (known survivors: bugs the suite cannot see yet, with the reason).
 
 :mod:`.starter` holds the starter mutants: the reference engine run by a kit with one bug, for
@@ -42,6 +43,7 @@ from mutants.zoo import (
     mechanisms,
     namespaces,
     ns,
+    order,
     priv,
     priv2,
     privileges,
@@ -81,6 +83,7 @@ ENGINE_MUTANTS: tuple[type[Mutant], ...] = (
     *priv2.MUTANTS,
     *ns.MUTANTS,
     *rpc.MUTANTS,
+    *order.MUTANTS,
 )
 #: Starter mutants: each registered only through its own spec (:func:`engine_spec`).
 STARTER_MUTANTS: tuple[type[Mutant], ...] = starter.MUTANTS

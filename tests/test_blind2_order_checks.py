@@ -1,0 +1,42 @@
+"""Checks fed the bugs found by engines written blind, round 2, from SPEC §1, §2, §6-§8."""
+
+from __future__ import annotations
+
+import signal
+
+from test_conformance_units import hook, make_run, snapshot
+
+from conformance import checks
+
+
+def _monitor_returned(status: int, scenario: str):  # type: ignore[no-untyped-def]
+    snap = snapshot(uid=(0, 0, 0, 0))
+    events = [
+        hook("hook_enter", "master", "monitor_container", snap, tid=12),
+        hook("hook_return", "master", "monitor_container", snap, tid=12, result=status),
+    ]
+    return make_run("root", events, exit_code=128 + signal.SIGSEGV, scenario=scenario)
+
+
+def _sig_003(status: int, scenario: str) -> list[checks.Violation]:
+    verify = checks.Verifier("root", ["SIG-003"], "t")
+    checks.check_monitor_status(verify, _monitor_returned(status, scenario))
+    assert verify.checks["SIG-003"] == 1
+    return verify.violations["SIG-003"]
+
+
+def test_a_signal_death_returned_as_exit_128_plus_n_breaks_sig_003() -> None:
+    """SPEC §7: monitor_container "returns its wait status"; "the run exits with the
+    container's code, or re-raises its signal". Exit 139 maps to the same exit code as a
+    death by SIGSEGV, but it is not the container's wait status."""
+    (violation,) = _sig_003((128 + signal.SIGSEGV) << 8, "signal-death")
+    assert "exited 139" in violation.observed and "killed by signal 11" in violation.expected
+    assert _sig_003(signal.SIGSEGV, "signal-death") == []
+    assert _sig_003(signal.SIGSEGV | 0x80, "signal-death") == []  # with a core dump
+
+
+def test_an_exit_returned_as_a_signal_death_breaks_sig_003() -> None:
+    """The other way round: exit 7 returned as the wait status of a death by signal 7."""
+    (violation,) = _sig_003(7, "exit-code")
+    assert "killed by signal 7" in violation.observed
+    assert _sig_003(7 << 8, "exit-code") == []
