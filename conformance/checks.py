@@ -1941,7 +1941,22 @@ def check_rpc_calls_during_create(verify: Verifier, run: Run) -> None:
             run=run,
             event=call,
         )
-    if not calls:
+    # SPEC §2 rule 5: "start_process begins only after create_container returned and the RPC
+    # connection closed": a copy engine code keeps (a dup, socket.fromfd, a forked helper, in
+    # any process the master started) keeps the connection open, whether or not it is used
+    # for a call. The master looks for copies when create_container returns.
+    for kept in events_of(run, "rpc_conn_kept"):
+        verify.fail(
+            requirement,
+            expected="no copy of the RPC connection open once create_container returned "
+            "(the RPC server exits when the connection closes; stage 2 starts after it)",
+            observed=str(kept.get("detail") or kept.get("holders")),
+            run=run,
+            event=kept,
+            role="master",
+            hook="create_container",
+        )
+    if not calls and not events_of(run, "rpc_conn_kept"):
         verify.vacuous(requirement, "the engine made no RPC call")
 
 

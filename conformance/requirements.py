@@ -353,7 +353,9 @@ _ENTRIES = (
         "MUST",
         "§2, §6",
         "rpc",
-        "Every RPC call is served by the RPC server while create_container runs, and is recorded.",
+        "Every RPC call is served by the RPC server while create_container runs, and is "
+        "recorded; no copy of the RPC connection stays open once create_container returned "
+        "(the RPC server exits when it closes, then stage 2 starts).",
     ),
     _r(
         "RPC-002",

@@ -40,3 +40,38 @@ def test_an_exit_returned_as_a_signal_death_breaks_sig_003() -> None:
     (violation,) = _sig_003(7, "exit-code")
     assert "killed by signal 7" in violation.observed
     assert _sig_003(7 << 8, "exit-code") == []
+
+
+def _create_run(*between):  # type: ignore[no-untyped-def]
+    snap = snapshot(uid=(0, 0, 0, 0))
+    return make_run(
+        "root",
+        [
+            hook("hook_enter", "master", "create_container", snap, tid=13),
+            {"kind": "rpc_call", "role": "rpc", "method": "e.mount"},
+            hook("hook_return", "master", "create_container", snap, tid=13, result=None),
+            *between,
+        ],
+    )
+
+
+def _rpc_001(run) -> list[checks.Violation]:  # type: ignore[no-untyped-def]
+    verify = checks.Verifier("root", ["RPC-001"], "t")
+    checks.check_rpc_calls_during_create(verify, run)
+    return verify.violations["RPC-001"]
+
+
+def test_a_copy_of_the_rpc_connection_kept_after_create_container_breaks_rpc_001() -> None:
+    """SPEC §2 rule 5: "start_process begins only after create_container returned and the
+    RPC connection closed". A copy kept open (socket.fromfd, a dup, a forked helper) holds
+    the RPC server and the container back, whether or not a call is made on it."""
+    kept = {
+        "kind": "rpc_conn_kept",
+        "role": "master",
+        "holders": [{"pid": 2, "fd": 4, "process": "the master"}],
+        "shut_down": True,
+        "detail": "fd 4 of the master still open when create_container returned",
+    }
+    (violation,) = _rpc_001(_create_run(kept))
+    assert "fd 4 of the master" in violation.observed and violation.hook == "create_container"
+    assert _rpc_001(_create_run()) == []

@@ -73,6 +73,11 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "model_limit": {"reason": "fake backend"},
     "host_changes": {"changes": [], "omitted": 0, "errors": [], "looks": 2, "cost_ms": 1.5},
     "foreign_reap": {"child_pid": 9, "detail": "not ours"},
+    "rpc_conn_kept": {
+        "holders": [{"pid": 9, "fd": 7, "process": "the master"}],
+        "shut_down": True,
+        "detail": "fd 7 of the master still open when create_container returned",
+    },
     "starter_exit": {"code": 0},
     "seccomp_filter": {"filter": "kit", "syscalls": ["mount"], "error": None, "reason": None},
     "syscall_refused": {

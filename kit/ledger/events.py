@@ -181,6 +181,15 @@ class ForeignReap(Common):
     detail: NotRequired[Text]
 
 
+class RpcConnKept(Common):
+    """Copies of the RPC connection open when create_container returned (the master's)."""
+
+    kind: Literal["rpc_conn_kept"]
+    holders: Json
+    shut_down: NotRequired[bool]
+    detail: NotRequired[Text]
+
+
 class StarterExit(Common):
     kind: Literal["starter_exit"]
     code: NotRequired[int]
@@ -312,6 +321,7 @@ Event = Union[  # noqa: UP007  (the members are read at run time: get_args)
     ModelLimit,
     HostChanges,
     ForeignReap,
+    RpcConnKept,
     StarterExit,
     SeccompFilter,
     SyscallRefused,

@@ -11,6 +11,7 @@ import resource
 import select
 import signal
 import socket
+import stat
 import struct
 import threading
 import time
@@ -173,6 +174,7 @@ class Master:
         self.watch_lock = threading.Lock()
         self.watching: tuple[int, int] | None = None  # (pidfd, rpc dup) while creating
         self._unwatched: list[tuple[int, int]] = []  # to close, in the loop's thread
+        self.rpc_watch_fd = -1  # the loop's own copy of the RPC connection (_watch_creation)
 
     def main(self) -> int:
         linux.set_name("kit-master")
@@ -651,6 +653,7 @@ class Master:
             )
             return
         stop_watch()
+        self._record_rpc_copies()
         if not self._close_rpc():  # the RPC server exits; then stage 2 may start
             _send(self.sock, Control.ABORT)
             return
@@ -671,6 +674,59 @@ class Master:
             f"container ({exc.strerror}); a hook of the master must close only the "
             "descriptors it opened"
         )
+
+    def _rpc_copies(self, inode: int) -> list[dict[str, Any]]:
+        """Descriptors of the RPC connection (socket ``inode``) open in the master or in its
+        children other than the container and the kit's probes, besides the kit's own two."""
+        me = os.getpid()
+        with probe.probe_children_lock:
+            skip = {self.pid, *probe.probe_children}
+        own = {self.rpc_sock.fileno(), self.rpc_watch_fd}
+        found: list[dict[str, Any]] = []
+        pids, seen = [me], {me}
+        while pids:
+            pid = pids.pop(0)
+            try:
+                for task in os.listdir(f"/proc/{pid}/task"):
+                    with open(f"/proc/{pid}/task/{task}/children") as f:
+                        for child in map(int, f.read().split()):
+                            if child not in seen and child not in skip:
+                                seen.add(child)
+                                pids.append(child)
+                names = os.listdir(f"/proc/{pid}/fd")
+            except (OSError, ValueError):
+                continue  # gone, or not ours to read
+            for name in names:
+                if pid == me and int(name) in own:
+                    continue
+                try:
+                    st = os.stat(f"/proc/{pid}/fd/{name}")
+                except OSError:
+                    continue
+                if stat.S_ISSOCK(st.st_mode) and st.st_ino == inode:
+                    where = "the master" if pid == me else f"child {pid} of the master"
+                    found.append({"pid": pid, "fd": int(name), "process": where})
+        return found
+
+    def _record_rpc_copies(self) -> None:
+        """Once create_container returned: the RPC server exits when the connection closes
+        and stage 2 starts after it (SPEC §2 rule 5). A copy engine code keeps open (a dup,
+        ``socket.fromfd``, a forked helper) would hold both back; :meth:`_close_rpc` shuts the
+        connection down for every copy, so the run goes on, and this records them (RPC-001)."""
+        try:
+            inode = os.fstat(self.rpc_sock.fileno()).st_ino
+        except OSError:
+            return  # engine code closed it: _close_rpc reports that
+        copies = self._rpc_copies(inode)
+        if copies:
+            self.ledger.emit(
+                "rpc_conn_kept",
+                holders=copies,
+                shut_down=True,
+                detail=", ".join(f"fd {c['fd']} of {c['process']}" for c in copies)
+                + " still open when create_container returned (the kit shuts the connection "
+                "down)",
+            )
 
     def _close_rpc(self) -> bool:
         """Close the RPC connection; False (and a fatal error) when engine code had closed
@@ -718,6 +774,7 @@ class Master:
         # From the create thread: a poll object may be changed while another thread polls
         # it (the change counts from its next poll, which the wake-up starts).
         self._remember(pidfd, rpc)
+        self.rpc_watch_fd = rpc
         with self.watch_lock:
             self.watching = (pidfd, rpc)
             self.poller.register(pidfd, select.POLLIN)

@@ -4,8 +4,12 @@ of hooks, the RPC connection, signals and the wait status (tests/blind2_order.py
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import time
 
-from kit.contract import SignalChannel, WaitStatus
+from kit.contract import Context, SignalChannel, WaitStatus
+from kit.rpc import RPCClient
 from mutants.zoo.base import Mutant
 
 
@@ -27,4 +31,58 @@ class MonitorShellStatus(Mutant):
         return status
 
 
-MUTANTS: tuple[type[Mutant], ...] = (MonitorShellStatus,)
+class CreateKeepsRpcDup(Mutant):
+    slug = "create-keeps-rpc-dup"
+    bug = (
+        "create_container keeps an RPC client for cleanup_container on socket.fromfd of "
+        "rpc_conn, a duplicate: the kit's close is not the last, so the RPC server never "
+        "sees the connection close and stage 2 cannot start"
+    )
+    killed_by = ("RPC-001",)
+    flows = ("root", "suid")
+
+    def create_container(self, ctx: Context, pid: int, rpc_conn: socket.socket) -> None:
+        cfg = self.reference_config()
+        sock = socket.fromfd(rpc_conn.fileno(), rpc_conn.family, rpc_conn.type)
+        self.kept = RPCClient(sock, self.common.engine_name)
+        if cfg.hostname is not None:
+            self.kept.sethostname(name=cfg.hostname)
+        self.prepare_rootfs(self.kept, cfg)
+
+    def cleanup_container(
+        self, ctx: Context, fatal: BaseException | None, status: WaitStatus | None
+    ) -> None:
+        kept = getattr(self, "kept", None)
+        if kept is not None:
+            kept.close()
+
+
+class CreateHelperHoldsRpc(Mutant):
+    slug = "create-helper-holds-rpc"
+    bug = (
+        "create_container forks a watcher process that inherits rpc_conn and lives until "
+        "cleanup_container kills it: its copy keeps the RPC connection open, although it "
+        "makes no call"
+    )
+    killed_by = ("RPC-001",)
+    mechanism = "child-process"
+    flows = ("root", "fakeroot")
+
+    def create_container(self, ctx: Context, pid: int, rpc_conn: socket.socket) -> None:
+        super().create_container(ctx, pid, rpc_conn)
+        child = os.fork()
+        if child == 0:
+            time.sleep(60)  # the watcher's work; killed by cleanup_container
+            os._exit(0)
+        self.watcher = child
+
+    def cleanup_container(
+        self, ctx: Context, fatal: BaseException | None, status: WaitStatus | None
+    ) -> None:
+        watcher = getattr(self, "watcher", None)
+        if watcher is not None:
+            os.kill(watcher, signal.SIGKILL)
+            os.waitpid(watcher, 0)
+
+
+MUTANTS: tuple[type[Mutant], ...] = (MonitorShellStatus, CreateKeepsRpcDup, CreateHelperHoldsRpc)
