@@ -75,3 +75,27 @@ def test_a_copy_of_the_rpc_connection_kept_after_create_container_breaks_rpc_001
     (violation,) = _rpc_001(_create_run(kept))
     assert "fd 4 of the master" in violation.observed and violation.hook == "create_container"
     assert _rpc_001(_create_run()) == []
+
+
+def test_an_engine_calling_its_own_hook_elsewhere_does_not_take_the_kits_fault(
+    monkeypatch,  # type: ignore[no-untyped-def]
+) -> None:
+    """The kit injects a fault around its own call of a hook: start_process calling
+    post_start_process in stage 2 (ORDER-014, the engine's bug) must not fire the master's
+    post_start_process fault there, where the suite then blamed the kit (ERR-004)."""
+    from kit.starter import inject
+
+    monkeypatch.setattr(inject, "_armed", "post_start_process")
+    made: list[str] = []
+    ledger = type("L", (), {"emit": lambda self, kind, **_: made.append(kind)})()
+    kit_calls = [False]
+    hook = inject.wrap("post_start_process", lambda: "ran", ledger, lambda: kit_calls[0])
+    assert hook() == "ran" and made == []  # the engine's own call
+    kit_calls[0] = True
+    try:
+        hook()
+    except inject.InjectedFault:
+        pass
+    else:
+        raise AssertionError("the kit's call did not get the fault")
+    assert made == ["kit_injected"]

@@ -243,7 +243,8 @@ class HookRunner:
             original = getattr(ops, hook)
             # A fault the run asked the kit to inject goes inside the record: the ledger
             # shows the hook raising, and the kit_injected event says who made it raise.
-            setattr(ops, hook, self._recorded(hook, inject.wrap(hook, original, self.ledger)))
+            wrapped = inject.wrap(hook, original, self.ledger, _called_by_kit)
+            setattr(ops, hook, self._recorded(hook, wrapped))
 
     def _recorded(self, hook: str, original: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(original)
@@ -251,6 +252,7 @@ class HookRunner:
             by_kit = getattr(_calls, "kit_hook", None) == hook
             _calls.kit_hook = None  # hooks called from inside this one are the engine's
             self.enter(hook, args, kwargs, "kit" if by_kit else "engine")
+            _calls.by_kit = by_kit  # for the injection inside (inject.wrap), read at once
             try:
                 result = original(*args, **kwargs)
             except BaseException as exc:
@@ -414,6 +416,11 @@ def exiting_child() -> int:
         return pid
     finally:
         _csignal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _called_by_kit() -> bool:
+    """Whether the hook call being entered on this thread is the kit's (HookRunner.call)."""
+    return bool(getattr(_calls, "by_kit", True))
 
 
 def _unwrap(exc: BaseException) -> BaseException:

@@ -78,10 +78,18 @@ def arm(fault: str | None) -> None:
     _armed = fault
 
 
-def wrap(hook: str, original: Callable[..., Any], ledger: Any) -> Callable[..., Any]:
+def wrap(
+    hook: str,
+    original: Callable[..., Any],
+    ledger: Any,
+    by_kit: Callable[[], bool] = lambda: True,
+) -> Callable[..., Any]:
     """``original`` (the engine's ``hook``), or, when the armed fault is around ``hook``, a
-    function that injects it the first time it is called and records that in ``ledger`` as
-    a ``kit_injected`` event (so the failure is never taken for the engine's)."""
+    function that injects it the first time the kit calls it (``by_kit()`` true at the call)
+    and records that in ``ledger`` as a ``kit_injected`` event (so the failure is never
+    taken for the engine's). An engine calling its own hook elsewhere (start_process calling
+    post_start_process in stage 2) gets the hook as it is: the fault belongs to the kit's
+    call, in the process the kit calls it in."""
     if _armed is None or _armed.split(":")[0] != hook:
         return original
     fault = _armed
@@ -99,7 +107,7 @@ def wrap(hook: str, original: Callable[..., Any], ledger: Any) -> Callable[..., 
 
     @functools.wraps(original)
     def injected(*args: Any, **kwargs: Any) -> Any:
-        if fired.is_set():  # once per process: a second call is the engine's own business
+        if fired.is_set() or not by_kit():  # once, on the kit's call: the rest is the engine's
             return original(*args, **kwargs)
         fired.set()
         if fault in _INSTEAD:
