@@ -201,6 +201,13 @@ class CleanupAssumesStatus(ReferenceEngine):
     waitstatus_to_exitcode(None) raises TypeError on every fatal path without a status."""
 
     engine_name = "blind2-cleanup-assumes-status"
+    escapes: str = (
+        "SPEC question: §2 rule 7 hands cleanup_container 'the first fatal error (or none) "
+        "and the wait status' in every master run, and the kit does (it kills and reaps the "
+        "container after a fatal error), while the contract's type allows status None (the "
+        "kit passes None only when engine code reaped the container itself): is None a "
+        "value cleanup_container must tolerate?"
+    )
     rpc_methods = ReferenceRPC
 
     def cleanup_container(
@@ -308,6 +315,11 @@ class InitConfigInheritableLog(ReferenceEngine):
     carries it across the exec into the payload."""
 
     engine_name = "blind2-init-config-inheritable-log"
+    escapes: str = (
+        "harmless with this kit: stage 2 closes every descriptor the StarterConfig does "
+        "not keep after init_config and before start_process (kit/starter/stage2.py "
+        "close_fds), so the log never reaches the payload; no run can show it"
+    )
     rpc_methods = ReferenceRPC
 
     def init_config(self, common: object, privileged_stage1: bool) -> None:
@@ -322,6 +334,11 @@ class CleanupReapsContainer(ReferenceEngine):
     reap from the monitor."""
 
     engine_name = "blind2-cleanup-reaps-container"
+    escapes: str = (
+        "harmless with this kit: cleanup_container runs after the container was reaped "
+        "(SPEC §2 rule 7 hands it the wait status), so its kill and wait find no process; "
+        "only a reused pid would be hit, which no run can show"
+    )
     rpc_methods = ReferenceRPC
 
     def post_start_process(self, ctx: Context, pid: int) -> None:
