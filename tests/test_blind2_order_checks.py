@@ -99,3 +99,23 @@ def test_an_engine_calling_its_own_hook_elsewhere_does_not_take_the_kits_fault(
     else:
         raise AssertionError("the kit's call did not get the fault")
     assert made == ["kit_injected"]
+
+
+def test_a_signal_the_container_got_but_the_master_never_recorded_breaks_sig_002() -> None:
+    """SPEC §7: "The master turns every signal it receives into an entry on the signals
+    channel"; monitor_container forwards from it. A monitor that takes the signals itself
+    (sigtimedwait) forwards them all, but none passes the channel or the ledger: the engine's
+    failure (SIG-002), not the kit's (SIG-001)."""
+    from conformance import expectations as X
+    from conformance.scenario import ALL_SIGNALS_ARRIVED
+
+    sent = [name for _ in range(2) for name in X.FORWARDED_SIGNALS]
+    run = make_run("root", [], exit_code=ALL_SIGNALS_ARRIVED, scenario="signals")
+    run.notes = {"sent": sent, "payload_pid": 7}
+    verify = checks.Verifier("root", ["SIG-002"], "t")
+    checks.check_signals_forwarded(verify, run)
+    (violation,) = verify.violations["SIG-002"]
+    assert "SIGHUP, SIGINT, SIGUSR1, SIGUSR2, SIGTERM reached the container" in (violation.observed)
+    kit = checks.Verifier("root", ["SIG-001"], "t")
+    checks.check_signals_recorded(kit, run)
+    assert kit.violations["SIG-001"] == [] and kit.checks["SIG-001"] == len(sent)

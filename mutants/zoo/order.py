@@ -11,6 +11,7 @@ import time
 from kit.contract import Context, SignalChannel, WaitStatus
 from kit.rpc import RPCClient
 from mutants.zoo.base import Mutant
+from reference_engines.minimal.engine import FORWARDED_SIGNALS, MONITOR_POLL
 
 
 class MonitorShellStatus(Mutant):
@@ -85,4 +86,33 @@ class CreateHelperHoldsRpc(Mutant):
             os.waitpid(watcher, 0)
 
 
-MUTANTS: tuple[type[Mutant], ...] = (MonitorShellStatus, CreateKeepsRpcDup, CreateHelperHoldsRpc)
+class MonitorTakesSignalsItself(Mutant):
+    slug = "monitor-takes-signals-itself"
+    bug = (
+        "monitor_container takes the signals to forward off the master itself with "
+        "sigtimedwait (they are blocked in its thread) instead of reading the signals "
+        "channel: it races the kit, and what it wins never reaches the channel or the ledger"
+    )
+    killed_by = ("SIG-002",)
+    mechanism = "other-field"
+    flows = ("root", "suid")
+
+    def monitor_container(self, pid: int, signals: SignalChannel) -> WaitStatus:
+        while True:
+            info = signal.sigtimedwait(FORWARDED_SIGNALS, MONITOR_POLL)
+            if info is not None:
+                try:
+                    os.kill(pid, info.si_signo)
+                except ProcessLookupError:
+                    pass
+            wpid, status = os.waitpid(pid, os.WNOHANG)
+            if wpid == pid:
+                return status
+
+
+MUTANTS: tuple[type[Mutant], ...] = (
+    MonitorShellStatus,
+    CreateKeepsRpcDup,
+    CreateHelperHoldsRpc,
+    MonitorTakesSignalsItself,
+)
