@@ -713,11 +713,11 @@ class Master:
         and stage 2 starts after it (SPEC §2 rule 5). A copy engine code keeps open (a dup,
         ``socket.fromfd``, a forked helper) would hold both back; :meth:`_close_rpc` shuts the
         connection down for every copy, so the run goes on, and this records them (RPC-001)."""
-        try:
-            inode = os.fstat(self.rpc_sock.fileno()).st_ino
-        except OSError:
-            return  # engine code closed it: _close_rpc reports that
-        copies = self._rpc_copies(inode)
+        if self.rpc_identity is None or linux.fd_identity(self.rpc_sock.fileno()) != (
+            self.rpc_identity
+        ):
+            return  # engine code closed or replaced it: _close_rpc reports that
+        copies = self._rpc_copies(self.rpc_identity[1])
         if copies:
             self.ledger.emit(
                 "rpc_conn_kept",
