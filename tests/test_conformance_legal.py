@@ -1,12 +1,20 @@
 """Legal engine behaviours that SPEC.md allows pass their checks; their illegal neighbours
-still fail (the false failures found by the blind correct engines, tests/blind_correct.py)."""
+still fail (the false failures found by the blind correct engines, tests/blind_correct.py
+and tests/blind2_correct.py)."""
 
 from __future__ import annotations
 
+import os
+
+import pytest
 from test_conformance_units import hook, make_run, snapshot
 
 from conformance import checks
 from conformance import expectations as X
+from conformance.runs import Run
+from conformance.scenario import SCENARIOS
+from kit.run.launcher import run
+from kit.starter.inject import PROBE_METHOD
 
 
 def _setup_events(extra_stage1=()):
@@ -45,3 +53,66 @@ def test_the_starter_calling_config_twice_still_breaks_order_001():
     ]
     (violation,) = _order_001(_setup_events(again))
     assert "called by the kit" in violation.expected and "2 recorded" in violation.observed
+
+
+def _probe_records(method, unknown_argument_reply):
+    """The RPC server's records of the rpc-probe scenario: the four probes (the second sent
+    to ``method`` and answered with ``unknown_argument_reply``), then the oversized frame."""
+
+    def refused(name, error, message="refused"):
+        return {
+            "kind": "rpc_call",
+            "role": "rpc",
+            "ok": False,
+            "method": name,
+            "error": {"type": error, "errno": None, "message": message},
+        }
+
+    probe = f"e.{PROBE_METHOD}"
+    return [
+        refused(probe, "UnknownMethodError"),
+        {"kind": "rpc_call", "role": "rpc", "method": method, **unknown_argument_reply},
+        refused("", "ProtocolError"),
+        refused("", "ProtocolError"),
+        refused("", "ProtocolError", "frame of 1048577 bytes exceeds the maximum of 1048576"),
+    ]
+
+
+def _rpc_006(records):
+    verify = checks.Verifier("root", ["RPC-005", "RPC-006"], "t")
+    checks.check_rpc_probes(verify, make_run("root", records, scenario="rpc-probe"))
+    assert verify.violations["RPC-005"] == []
+    return verify.violations["RPC-006"]
+
+
+_UNKNOWN = {"ok": False, "error": {"type": "UnknownMethodError", "errno": None, "message": "no"}}
+
+
+def test_an_engine_serving_no_method_answers_the_bad_argument_probe_as_unknown():
+    # SPEC §6: the server answers "an unknown method ... or bad arguments with an error
+    # reply"; with no method to give bad arguments to, the kit sends them to an unknown
+    # method, and the unknown-method error is the right answer (blind2-ok-minimal).
+    assert _rpc_006(_probe_records(f"e.{PROBE_METHOD}", _UNKNOWN)) == []
+
+
+def test_the_bad_argument_probe_served_or_misanswered_still_breaks_rpc_006():
+    served = {"ok": True}
+    (violation,) = _rpc_006(_probe_records(f"e.{PROBE_METHOD}", served))
+    assert "UnknownMethodError" in violation.expected
+    # A method the engine serves must refuse an argument it does not take with TypeError.
+    (violation,) = _rpc_006(_probe_records("e.mount", _UNKNOWN))
+    assert "TypeError" in violation.expected and "UnknownMethodError" in violation.observed
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the real backend as root")
+def test_the_rpc_probes_of_an_engine_without_rpc_methods_pass_in_a_real_run():
+    result = run(
+        "blind2_correct:MinimalEngine",
+        "root",
+        ["/bin/true"],
+        inject=SCENARIOS["rpc-probe"].inject,
+        hook_timeout=5,
+    )
+    verify = checks.Verifier("root", ["RPC-005", "RPC-006"], "t")
+    checks.check_rpc_probes(verify, Run("root", SCENARIOS["rpc-probe"], "real", result=result))
+    assert verify.violations == {"RPC-005": [], "RPC-006": []}, verify.violations
