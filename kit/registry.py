@@ -109,9 +109,13 @@ def register_rpc_methods(name: str, methods: type) -> None:
     for attr, func in inspect.getmembers(methods, inspect.isfunction):
         if attr.startswith("_"):
             continue
+        # Served later as ``getattr(instance, attr)``: a static method takes no ``self``.
+        static = isinstance(inspect.getattr_static(methods, attr), staticmethod)
         try:
-            # Checked without ``self``; served later as the bound method of an instance.
-            specs[attr] = check_method(f"{name}.{attr}", functools.partial(func, None))
+            # A method is checked without ``self``; a static method as it is.
+            specs[attr] = check_method(
+                f"{name}.{attr}", func if static else functools.partial(func, None)
+            )
         except RPCMethodError as exc:
             raise RegistryError(f"register_rpc_methods({name!r}): {exc}") from None
     if not specs:

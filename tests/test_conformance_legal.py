@@ -116,3 +116,15 @@ def test_the_rpc_probes_of_an_engine_without_rpc_methods_pass_in_a_real_run():
     verify = checks.Verifier("root", ["RPC-005", "RPC-006"], "t")
     checks.check_rpc_probes(verify, Run("root", SCENARIOS["rpc-probe"], "real", result=result))
     assert verify.violations == {"RPC-005": [], "RPC-006": []}, verify.violations
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the real backend as root")
+def test_an_engine_with_static_rpc_methods_registers_and_calls_them_in_a_real_run():
+    # SPEC §1: only an RPC method whose signature cannot be served is an error at
+    # registration; blind2-ok-rpc-signatures has two static methods, which its
+    # create_container calls (an assertion there fails the run with exit 255).
+    result = run("blind2_correct:RPCSignaturesEngine", "root", ["/bin/true"], hook_timeout=5)
+    assert result.exit_code == 0, result
+    calls = result.ledger.select("rpc_call", role="rpc")
+    served = {c["method"].rpartition(".")[2] for c in calls if c.get("ok")}
+    assert {"version", "add", "configure"} <= served, calls

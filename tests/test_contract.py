@@ -240,6 +240,38 @@ def test_rpc_methods_twice_and_for_unknown_engines(clean_registry):
         registry.register_rpc_methods("rpcok", Methods)
 
 
+class StaticMethods(Methods):
+    @staticmethod
+    def version() -> str:
+        return "2"
+
+    @staticmethod
+    def add(a: int, b: int) -> int:
+        return a + b
+
+
+def test_static_rpc_methods_are_checked_and_served_without_self(clean_registry):
+    # SPEC §1: only a method whose signature cannot be served is an error at registration;
+    # the server serves ``getattr(instance, name)``, which for a static method has no self.
+    registry.register_operations("rpcstatic", Good)
+    registry.register_rpc_methods("rpcstatic", StaticMethods)
+    specs = registry.find("rpcstatic").rpc_specs
+    assert set(specs) == {"ok", "version", "add"}
+    assert [p.name for p in specs["add"].params] == ["a", "b"]
+    assert specs["version"].params == ()
+
+
+def test_an_unservable_static_rpc_method_still_fails_at_registration(clean_registry):
+    class BadStatic(Methods):
+        @staticmethod
+        def bad(*paths: str) -> None:
+            pass
+
+    registry.register_operations("rpcstaticbad", Good)
+    with pytest.raises(registry.RegistryError, match="parameter 'paths': \\*args"):
+        registry.register_rpc_methods("rpcstaticbad", BadStatic)
+
+
 def test_unknown_engine_lists_the_known_ones():
     with pytest.raises(registry.RegistryError) as info:
         registry.find("no-such-engine")
