@@ -10,8 +10,10 @@ import errno
 import os
 import select
 import selectors
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -294,20 +296,23 @@ class SelectorMonitorEngine(ReferenceEngine):
                 os.close(fd)
 
 
-class SigtimedwaitMonitorEngine(ReferenceEngine):
-    """SPEC §7: the monitor reaps the container and returns its wait status -- this one sleeps
-    in sigtimedwait(SIGCHLD) (the master's hooks run with every signal blocked) instead of a
-    poll interval, forwarding from the channel between waits. Disputed: it takes SIGCHLD
-    from the pending set, where the kit's own signalfd would read it for the channel."""
+class SigchldDrivenMonitorEngine(ReferenceEngine):
+    """SPEC §7: "The master turns every signal it receives into an entry on the signals
+    channel" and §10: "the kit's channel must not lose SIGCHLD" -- so a monitor may sleep on
+    the channel with no timeout and look at the container only when a SIGCHLD comes (any
+    child's: it then tries waitpid on the container alone), forwarding the rest. Legal.
+    (The first version waited in sigtimedwait(SIGCHLD) itself, which takes the master's
+    SIGCHLD from the kit's signalfd: SIG-005 failed it, rightly, as the channel lost it.)"""
 
-    engine_name = "blind2-ok-sigtimedwait-monitor"
+    engine_name = "blind2-ok-sigchld-driven-monitor"
     rpc_methods = ReferenceRPC
 
     def monitor_container(self, pid, signals):
         while True:
-            signal.sigtimedwait({signal.SIGCHLD}, 0.05)
-            while (sig := signals.get(timeout=0)) is not None:
+            sig = signals.get()
+            if sig != signal.SIGCHLD:
                 _forward(pid, sig)
+                continue
             wpid, status = os.waitpid(pid, os.WNOHANG)
             if wpid == pid:
                 return status
@@ -941,6 +946,208 @@ class KitSystemEngine(ReferenceEngine):
         os.execve(cfg.argv[0], cfg.argv, cfg.env)
 
 
+# --- 7. scratch state the run makes and removes, on the host and in the container ----------
+
+
+class ScratchFilesEngine(ReferenceEngine):
+    """SPEC §11: "a run changes nothing on the host that outlives it" (what it makes and
+    removes within the run is not forbidden; only hostname and mounts are watched while it
+    runs) -- stage 1 writes and deletes a temporary file, the master keeps a temporary
+    directory and a POSIX shared-memory segment (/dev/shm) from create_container to
+    cleanup_container, which removes both; post_start_process checks the container is alive
+    with kill(pid, 0). Legal."""
+
+    engine_name = "blind2-ok-scratch-files"
+    rpc_methods = ReferenceRPC
+    scratch: str | None = None
+    shm: str | None = None
+
+    def prepare_config(self, starter_config):
+        with tempfile.NamedTemporaryFile(prefix="engine-stage1-") as f:
+            f.write(b"validated\n")
+            f.flush()
+        super().prepare_config(starter_config)
+
+    def create_container(self, ctx, pid, rpc_conn):
+        self.scratch = tempfile.mkdtemp(prefix="engine-run-")
+        with open(os.path.join(self.scratch, "state.json"), "w") as f:
+            f.write(f'{{"pid": {pid}}}\n')
+        self.shm = f"/dev/shm/engine-{os.getpid()}"
+        fd = os.open(self.shm, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, 4096)
+        finally:
+            os.close(fd)
+        super().create_container(ctx, pid, rpc_conn)
+
+    def post_start_process(self, ctx, pid):
+        try:
+            os.kill(pid, 0)  # alive? (no signal is sent)
+        except ProcessLookupError:
+            pass  # already exited: the monitor reports it
+
+    def cleanup_container(self, ctx, fatal, status):
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch = None
+        if self.shm is not None:
+            try:
+                os.unlink(self.shm)
+            except FileNotFoundError:
+                pass
+            self.shm = None
+
+
+class _ContainerStateRPC(ReferenceRPC):
+    def tune(self) -> dict[str, str]:
+        """Network, sysctl and IPC state inside the container's own namespaces: an address
+        and a route (a veth pair where the driver is loaded), ip_forward, a SysV shared
+        memory segment and a
+        semaphore. Optional: what the server may not do here is skipped."""
+        done: dict[str, str] = {}
+        cfg = self.engine.common.engine_config  # type: ignore[union-attr]
+        if "net" in cfg.namespaces:
+            self._need_namespace("net", "tune")
+            steps = [
+                ["/bin/ip", "link", "set", "lo", "up"],
+                ["/bin/ip", "addr", "add", "10.88.0.1/24", "dev", "lo"],
+                ["/bin/ip", "route", "add", "10.99.0.0/16", "via", "10.88.0.2", "dev", "lo"],
+                # A link of its own where the kernel has the veth driver loaded already.
+                ["/bin/ip", "link", "add", "eng0", "type", "veth", "peer", "name", "eng1"],
+            ]
+            done["net"] = ""
+            try:
+                for argv in steps:
+                    _run_helper(argv, caps=(CAP_NET_ADMIN,))
+                    done["net"] += f"{argv[1:4]} "
+            except OSError as exc:
+                done["net"] += f"then skipped: {exc}"
+            try:
+                with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
+                    f.write("1\n")
+                done["sysctl"] = "ip_forward=1"
+            except OSError as exc:
+                done["sysctl"] = f"skipped: {exc}"
+        if "ipc" in cfg.namespaces:
+            self._need_namespace("ipc", "tune")
+            try:
+                _run_helper(["/usr/bin/ipcmk", "-M", "4096"])
+                _run_helper(["/usr/bin/ipcmk", "-S", "2"])
+                done["ipc"] = "shm and sem"
+            except OSError as exc:
+                done["ipc"] = f"skipped: {exc}"
+        return done
+
+
+class ContainerStateEngine(ReferenceEngine):
+    """SPEC §11: the host's "network links, addresses and routes", "sysctls" and "SysV IPC
+    objects" must be as before -- the container's own are the engine's: an RPC method
+    (inside the container's net and ipc namespaces) adds an address and a route (and a veth
+    pair where the driver is loaded), sets ip_forward and creates SysV IPC objects there;
+    all die with the namespaces. Legal."""
+
+    engine_name = "blind2-ok-container-state"
+    rpc_methods = _ContainerStateRPC
+
+    def create_container(self, ctx, pid, rpc_conn):
+        super().create_container(ctx, pid, rpc_conn)
+        RPCClient(rpc_conn, self.common.engine_name).tune()
+
+
+# --- 8. RPC method signatures and registration ------------------------------------------
+
+
+class _SignatureRPC(ReferenceRPC):
+    """Methods of every servable shape: keyword-only parameters with defaults, optional and
+    nested types, results of every JSON kind; a class constant and a property (not methods)."""
+
+    API_VERSION = "2"
+
+    @property
+    def config(self) -> ReferenceConfig:
+        return self.engine.common.engine_config  # type: ignore[union-attr,return-value]
+
+    def configure(
+        self,
+        *,
+        name: str,
+        retries: int = 3,
+        ratio: float = 0.5,
+        tags: list[str] | None = None,
+        limits: dict[str, list[int]] | None = None,
+        strict: bool = False,
+    ) -> dict[str, object]:
+        return {
+            "name": name,
+            "retries": retries,
+            "ratio": ratio,
+            "tags": tags or [],
+            "limits": limits or {},
+            "strict": strict,
+        }
+
+    def nothing(self) -> None:
+        return None
+
+    def truth(self, value: int | None = None) -> bool:
+        return value is not None and value > 0
+
+    @staticmethod
+    def version() -> str:
+        return _SignatureRPC.API_VERSION
+
+    @staticmethod
+    def add(a: int, b: int) -> int:
+        return a + b
+
+
+class RPCSignaturesEngine(ReferenceEngine):
+    """SPEC §1: "an RPC method whose signature cannot be served is an error at registration"
+    (so every servable one is served) and §6: "A request names "<engine>.<method>" and its
+    arguments" -- the RPC class has keyword-only parameters with defaults, optional and nested
+    types, results of every JSON kind, two static methods, a class constant and a property;
+    create_container calls each method, leaving defaults out. Legal."""
+
+    engine_name = "blind2-ok-rpc-signatures"
+    rpc_methods = _SignatureRPC
+
+    def create_container(self, ctx, pid, rpc_conn):
+        rpc = RPCClient(rpc_conn, self.common.engine_name)
+        got = rpc.configure(name="c", limits={"cpu": [1, 2]})
+        assert got == {
+            "name": "c",
+            "retries": 3,
+            "ratio": 0.5,
+            "tags": [],
+            "limits": {"cpu": [1, 2]},
+            "strict": False,
+        }, got
+        assert rpc.nothing() is None
+        assert rpc.truth(value=2) is True and rpc.truth() is False
+        assert rpc.version() == "2"
+        assert rpc.add(a=2, b=3) == 5
+        super().create_container(ctx, pid, rpc_conn)
+
+
+class _InstanceEngine(ReferenceEngine):
+    """The reference, registered as one instance made at import (``register_instance``)."""
+
+    def __init__(self) -> None:
+        self.created_in = os.getpid()
+
+
+def register_instance() -> None:
+    """README §2: "a registering function" -- registers an Operations *instance* (the registry
+    accepts "an Operations subclass ... or an instance"), its RPC methods and capabilities by
+    name, as an entry point would: engine blind2-ok-registered-instance. Legal."""
+    from conformance import register_capabilities
+    from kit.registry import register_operations, register_rpc_methods
+
+    register_operations("blind2-ok-registered-instance", _InstanceEngine())
+    register_rpc_methods("blind2-ok-registered-instance", ReferenceRPC)
+    register_capabilities("blind2-ok-registered-instance", Capabilities)
+
+
 ENGINES = [
     HostnameBinaryEngine,
     MountBinaryEngine,
@@ -948,7 +1155,7 @@ ENGINES = [
     AsyncioEngine,
     PidfdEngine,
     SelectorMonitorEngine,
-    SigtimedwaitMonitorEngine,
+    SigchldDrivenMonitorEngine,
     LateMonitorEngine,
     PosixSpawnEngine,
     MasterSubreaperEngine,
@@ -964,4 +1171,7 @@ ENGINES = [
     JoinOwnCgroupEngine,
     DupFdsEngine,
     KitSystemEngine,
+    ScratchFilesEngine,
+    ContainerStateEngine,
+    RPCSignaturesEngine,
 ]
