@@ -1148,6 +1148,49 @@ def register_instance() -> None:
     register_capabilities("blind2-ok-registered-instance", Capabilities)
 
 
+# --- 9. stage 2 narrows the payload before the exec, as upstream's StartProcess does ----
+
+_AUDIT_ARCH_X86_64 = 0xC000003E
+_SECCOMP_RET_ALLOW = 0x7FFF0000
+_SECCOMP_RET_ERRNO = 0x00050000
+#: kexec_load, init_module, finit_module, delete_module, reboot (x86-64 numbers).
+_DENIED_SYSCALLS = (246, 175, 313, 176, 169)
+
+
+def _deny_filter() -> list[tuple[int, int, int, int]]:
+    """A classic BPF seccomp program: EPERM for _DENIED_SYSCALLS on x86-64, allow the rest."""
+    n = len(_DENIED_SYSCALLS)
+    program = [(0x20, 0, 0, 4), (0x15, 0, n + 1, _AUDIT_ARCH_X86_64), (0x20, 0, 0, 0)]
+    for i, nr in enumerate(_DENIED_SYSCALLS):
+        program.append((0x15, n - i, 0, nr))  # equal: jump to the EPERM return
+    program.append((0x06, 0, 0, _SECCOMP_RET_ALLOW))
+    program.append((0x06, 0, 0, _SECCOMP_RET_ERRNO | errno.EPERM))
+    return program
+
+
+class Stage2SeccompEngine(ReferenceEngine):
+    """SPEC §4, payload row: "as the kernel derives from stage 2 (check: no host privilege in
+    every flow but root)" -- like Apptainer's StartProcess, which applies the container's
+    seccomp profile in the container process before the exec, start_process loads a
+    deny-list filter (kexec, modules, reboot) in every flow; the no_new_privs the filter needs
+    is asked of the StarterConfig (set_no_new_privs, every flow), so stage 2 has it when
+    start_process begins. Legal. (The first version set no_new_privs itself in start_process:
+    PRIV-PAYLOAD-003 failed it in the root flow, the payload's no_new_privs not derived from
+    stage 2's at start_process -- see the report: SPEC §4 does not say whether start_process
+    may narrow the payload.)"""
+
+    engine_name = "blind2-ok-stage2-seccomp"
+    rpc_methods = ReferenceRPC
+
+    def prepare_config(self, starter_config):
+        super().prepare_config(starter_config)
+        starter_config.set_no_new_privs()
+
+    def start_process(self, master_fd):
+        linux.seccomp_install_filter(_deny_filter(), listener=False)
+        super().start_process(master_fd)
+
+
 ENGINES = [
     HostnameBinaryEngine,
     MountBinaryEngine,
@@ -1174,4 +1217,5 @@ ENGINES = [
     ScratchFilesEngine,
     ContainerStateEngine,
     RPCSignaturesEngine,
+    Stage2SeccompEngine,
 ]
