@@ -1191,6 +1191,60 @@ class Stage2SeccompEngine(ReferenceEngine):
         super().start_process(master_fd)
 
 
+# --- 10. what runtimes do around the container process ----------------------------------
+
+
+class Stage2HygieneEngine(ReferenceEngine):
+    """SPEC §1: start_process "becomes the payload" and §4 lists what the credential is --
+    signal dispositions, the signal mask and close-on-exec flags are not part of it: like
+    runc's init, stage 2 resets every catchable signal to its default, unblocks them all and
+    marks every descriptor from 3 up close-on-exec before the exec. Legal."""
+
+    engine_name = "blind2-ok-stage2-hygiene"
+    rpc_methods = ReferenceRPC
+
+    def start_process(self, master_fd):
+        for sig in signal.valid_signals():
+            if sig in (signal.SIGKILL, signal.SIGSTOP):
+                continue
+            try:
+                signal.signal(sig, signal.SIG_DFL)
+            except (OSError, ValueError):
+                pass  # signals Python will not touch (32, 33: glibc's own)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd > 2:
+                try:
+                    os.set_inheritable(fd, False)
+                except OSError:
+                    pass  # the directory's own descriptor, closed meanwhile
+        super().start_process(master_fd)
+
+
+class CleanupKillsOnFatalEngine(ReferenceEngine):
+    """SPEC §2: cleanup_container "tears everything down; must tolerate partial setup", called
+    "with the first fatal error (or none) and the wait status" -- on a fatal error with no
+    wait status the container may still run, so cleanup_container SIGKILLs it (the monitor
+    still reaps it: cleanup never waits); after a normal exit it sends nothing (the pid may be
+    reused). Legal."""
+
+    engine_name = "blind2-ok-cleanup-kills-on-fatal"
+    rpc_methods = ReferenceRPC
+    container_pid: int | None = None
+
+    def create_container(self, ctx, pid, rpc_conn):
+        self.container_pid = pid
+        super().create_container(ctx, pid, rpc_conn)
+
+    def cleanup_container(self, ctx, fatal, status):
+        if fatal is not None and status is None and self.container_pid is not None:
+            try:
+                os.kill(self.container_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # gone already
+
+
 ENGINES = [
     HostnameBinaryEngine,
     MountBinaryEngine,
@@ -1218,4 +1272,6 @@ ENGINES = [
     ContainerStateEngine,
     RPCSignaturesEngine,
     Stage2SeccompEngine,
+    Stage2HygieneEngine,
+    CleanupKillsOnFatalEngine,
 ]
