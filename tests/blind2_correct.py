@@ -1245,6 +1245,69 @@ class CleanupKillsOnFatalEngine(ReferenceEngine):
                 pass  # gone already
 
 
+# --- 11. process names, limits and looks at the container ------------------------------
+
+
+def _rename(name: str) -> None:
+    """The calling thread's name (comm), and the process's when it is the main thread."""
+    linux.set_name(name[:15])
+
+
+class _RenamedRPC(ReferenceRPC):
+    def __init__(self, engine) -> None:
+        super().__init__(engine)
+        _rename("engine-rpc")
+
+    def sethostname(self, name: str) -> None:
+        _rename("engine-rpc-host")
+        super().sethostname(name)
+
+
+class RenamedProcessesEngine(ReferenceEngine):
+    """SPEC §4: the credential is ids, groups, caps, securebits, no_new_privs, seccomp --
+    names and resource limits are not part of it: every process renames itself (stage 1,
+    the master's hook threads, the RPC server, stage 2), the master turns core dumps off
+    and raises its soft descriptor limit, and create_container looks at the container
+    through /proc (its status and namespace links, read only). Legal."""
+
+    engine_name = "blind2-ok-renamed-processes"
+    rpc_methods = _RenamedRPC
+
+    def prepare_config(self, starter_config):
+        _rename("engine-stage1")
+        super().prepare_config(starter_config)
+
+    def create_container(self, ctx, pid, rpc_conn):
+        import resource  # only the master needs it
+
+        _rename("engine-create")
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        with open(f"/proc/{pid}/status") as f:
+            assert f.read().startswith("Name:")
+        for kind in ("mnt", "uts", "net"):
+            try:
+                os.readlink(f"/proc/{pid}/ns/{kind}")
+            except PermissionError:
+                pass  # another user's process (suid master, r=e=U)
+        super().create_container(ctx, pid, rpc_conn)
+
+    def monitor_container(self, pid, signals):
+        _rename("engine-monitor")
+        return super().monitor_container(pid, signals)
+
+    def post_start_process(self, ctx, pid):
+        _rename("engine-poststart")
+
+    def cleanup_container(self, ctx, fatal, status):
+        _rename("engine-cleanup")
+
+    def start_process(self, master_fd):
+        _rename("engine-stage2")
+        super().start_process(master_fd)
+
+
 ENGINES = [
     HostnameBinaryEngine,
     MountBinaryEngine,
@@ -1274,4 +1337,31 @@ ENGINES = [
     Stage2SeccompEngine,
     Stage2HygieneEngine,
     CleanupKillsOnFatalEngine,
+    RenamedProcessesEngine,
 ]
+
+
+def _register_cooperative(name: str, ops: type[Operations]) -> None:
+    """README §4: "register the result under another name to check your error paths"."""
+    from conformance.cooperation import cooperative
+    from kit.registry import register_operations, register_rpc_methods
+
+    register_operations(name, cooperative(ops))
+    methods = getattr(ops, "rpc_methods", None)
+    if methods is not None:
+        register_rpc_methods(name, methods)
+
+
+def register_minimal_cooperative() -> None:
+    """The minimal engine with the fault and join protocols (its error paths, join-only)."""
+    _register_cooperative("blind2-ok-minimal-cooperative", MinimalEngine)
+
+
+def register_cleanup_kills_cooperative() -> None:
+    """The engine whose cleanup kills the container after a fatal error, with its faults."""
+    _register_cooperative("blind2-ok-cleanup-kills-cooperative", CleanupKillsOnFatalEngine)
+
+
+def register_asyncio_cooperative() -> None:
+    """The asyncio engine with its faults (its event loops on the error paths)."""
+    _register_cooperative("blind2-ok-asyncio-cooperative", AsyncioEngine)
