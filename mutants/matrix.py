@@ -96,13 +96,10 @@ MECHANISM_EXCEPTIONS: dict[str, str] = {
     "namespace flags)",
     "ORDER-013": "the starter calls these hooks; an engine breaks the count only by blocking "
     "the run (the mutant)",
-    "RPC-001": "a call outside create_container needs a connection that outlives it: a "
-    "thread holding a duplicate (the mutant) is the way",
     "RPC-002": "the request's name is one string built by the engine's RPC client: the wrong "
     "prefix (the mutant) is the way",
     "RPC-003": "the server's exit status is the process's: a method ending it (the mutant) is "
     "the way an engine changes it",
-    "SIG-003": "the returned wait status is one value",
     "EXIT-001": "the run's exit code comes from the one status monitor_container returns",
     "EXIT-002": "the run's exit code comes from the one status monitor_container returns",
     "SIG-005": "SIGCHLD reaches the master unless its disposition is ignore: one kernel state, "
@@ -118,7 +115,6 @@ MECHANISM_EXCEPTIONS: dict[str, str] = {
             "HOST-005",
             "HOST-006",
             "HOST-007",
-            "HOST-008",
         )
     },
 }
