@@ -476,6 +476,9 @@ ORDER_RULES: tuple[Rule, ...] = (
     Before("ORDER-007", returned("master", "create_container"), enter("stage2", "start_process")),
     Before("ORDER-007", _RPC_EXIT, enter("stage2", "start_process")),
     Count("ORDER-009", enter("master", "post_start_process"), 0, 1),
+    # "EOF after exec -> post_start_process": an EOF before the exec (master_fd closed or
+    # replaced by engine code) is what would run post_start_process before the payload.
+    Count("ORDER-009", Point("master_fd_closed_early"), 0, 0),
     Before("ORDER-009", Point("stage2_exec"), enter("master", "post_start_process")),
     Count("ORDER-011", enter("master", "cleanup_container"), 1, 1),
     *(

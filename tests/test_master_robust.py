@@ -203,6 +203,10 @@ def test_stage2_closing_master_fd_and_then_exec_ing_runs_the_payload():
     assert result.ledger.select("stage2_exec")
     assert not result.ledger.select("stage2_failed")
     assert result.ledger.select("hook_enter", hook="post_start_process")
+    # ... and the early EOF is recorded: a starter that trusts it would have run
+    # post_start_process before the exec (ORDER-009 fails for it).
+    (early,) = result.ledger.select("master_fd_closed_early")
+    assert "before it exec'd" in early["detail"]
 
 
 def test_stage2_closing_master_fd_and_then_dying_is_named():
@@ -210,6 +214,7 @@ def test_stage2_closing_master_fd_and_then_dying_is_named():
     assert not result.ledger.select("stage2_exec"), result
     (failed,) = result.ledger.select("stage2_failed")
     assert failed["message"].startswith("stage 2 died before exec, after engine code closed")
+    assert result.ledger.select("master_fd_closed_early")
     assert not result.ledger.select("hook_enter", hook="post_start_process")
     assert result.leaks == []
 

@@ -190,6 +190,13 @@ class RpcConnKept(Common):
     detail: NotRequired[Text]
 
 
+class MasterFdClosedEarly(Common):
+    """Stage 2 closed its end of the master socket before it exec'd (the master's)."""
+
+    kind: Literal["master_fd_closed_early"]
+    detail: NotRequired[Text]
+
+
 class StarterExit(Common):
     kind: Literal["starter_exit"]
     code: NotRequired[int]
@@ -322,6 +329,7 @@ Event = Union[  # noqa: UP007  (the members are read at run time: get_args)
     HostChanges,
     ForeignReap,
     RpcConnKept,
+    MasterFdClosedEarly,
     StarterExit,
     SeccompFilter,
     SyscallRefused,

@@ -861,6 +861,14 @@ class Master:
         # carries a name of the kit's (exec renames it): the container's until its hooks
         # config and init_config have run, stage 2's after.
         name, closed_early = self._after_eof()
+        if closed_early:
+            # SPEC §2: the start waiter takes the EOF for the exec. Here it came before: a
+            # starter that trusts it (upstream's) would run post_start_process too early.
+            self.ledger.emit(
+                "master_fd_closed_early",
+                detail="stage 2 closed master_fd (its end of the master socket) before it "
+                "exec'd the payload: the start waiter saw EOF while start_process still ran",
+            )
         # Gone already: a monitor may reap the payload the moment it exits (SPEC §7 lets
         # it), so a reaped container died before exec only if stage 2 never called exec.
         if name in PRE_EXEC_NAMES or (name is None and not self.starter.exec_mark[0]):

@@ -207,6 +207,41 @@ class RPCCallsAfterCreateReturned(Mutant):
         threading.Thread(target=later, name="mutant-late-mount", daemon=True).start()
 
 
+class StartProcessClosesMasterFd(Mutant):
+    slug = "start-process-closes-master-fd"
+    bug = (
+        "start_process closes master_fd before the exec ('it is close-on-exec anyway'): the "
+        "start waiter sees EOF while stage 2 still runs, and a starter that takes the EOF "
+        "for the exec runs post_start_process before the payload exists"
+    )
+    killed_by = ("ORDER-009",)
+    flows = ("root", "suid", "userns", "fakeroot", "hybrid")
+
+    def start_process(self, master_fd: int) -> None:
+        os.close(master_fd)
+        time.sleep(0.2)  # the payload's set-up before the exec, in an engine that has one
+        super().start_process(master_fd)
+
+
+class StartProcessNullsItsDescriptors(Mutant):
+    slug = "start-process-nulls-its-descriptors"
+    bug = (
+        "start_process points every inherited descriptor above 2 at /dev/null before the "
+        "exec ('no fd leaks into the payload'), master_fd included: its end of the master "
+        "socket is gone before the exec"
+    )
+    killed_by = ("ORDER-009",)
+    flows = ("root", "suid", "userns", "fakeroot", "hybrid")
+    mechanism = "other-field"
+
+    def start_process(self, master_fd: int) -> None:
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        os.dup2(null, master_fd, inheritable=False)
+        os.close(null)
+        time.sleep(0.2)
+        super().start_process(master_fd)
+
+
 MUTANTS = (
     CreateWaitsForTheContainer,
     PostStartHangs,
@@ -217,4 +252,6 @@ MUTANTS = (
     RPCMethodEndsTheServer,
     WrongRPCPrefix,
     RPCCallsAfterCreateReturned,
+    StartProcessClosesMasterFd,
+    StartProcessNullsItsDescriptors,
 )
