@@ -286,9 +286,10 @@ class Starter:
         # A sentinel child, older than the container, that exits at once: a monitor that
         # reaps any child (waitpid(-1)) takes it first, and the master sees it gone.
         self.sentinel = exiting_child()
-        # One byte shared with the container side: stage 2 sets it when it calls exec, so
-        # the master can tell exec from death even when a monitor reaped it at once.
-        self.exec_mark = mmap.mmap(-1, 1)
+        # Two bytes shared with the container side: stage 2 sets the first when it calls
+        # exec, so the master can tell exec from death even when a monitor reaped it at
+        # once; the second when master_fd was no longer the master socket at that call.
+        self.exec_mark = mmap.mmap(-1, 2)
         pid = self.system.clone(clone_kinds)
         if pid == 0:
             master_sock.close()

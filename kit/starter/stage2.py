@@ -124,11 +124,16 @@ class Stage2:
 
             os._exit = reported_exit  # type: ignore[assignment]
             mark = self.c.starter.exec_mark
+            master_socket = linux.fd_identity(master_fd)
 
             def exec_called(event: str, args: tuple[object, ...]) -> None:
                 # os.exec* (not a forked child's): tells the master, which may find the
-                # container already reaped by the monitor, that exec was called.
+                # container already reaped by the monitor, that exec was called, and
+                # whether master_fd was still the master socket then (else the EOF the
+                # master took for the exec came before it: SPEC §2, ORDER-009).
                 if event == "os.exec" and os.getpid() == me:
+                    if linux.fd_identity(master_fd) != master_socket:
+                        mark[1] = 1
                     mark[0] = 1
                 elif mark[0] and os.getpid() == me:
                     mark[0] = 0  # the exec failed: engine code runs again (any audited call)
