@@ -1,4 +1,5 @@
-"""``python -m mutants`` (from the repository's root): the kill matrix of the mutant zoo."""
+"""``python -m mutants`` (from the repository's root): the kill matrix of the mutant zoo, and
+``python -m mutants blind``: the blind engines of ``tests/blind*.py``, caught or not."""
 
 from __future__ import annotations
 
@@ -7,14 +8,19 @@ import os
 import sys
 from collections.abc import Sequence
 
-from mutants import matrix
+from mutants import blind, matrix
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args_given = list(sys.argv[1:] if argv is None else argv)
+    if args_given[:1] == ["blind"]:
+        return blind.main(args_given[1:])
     parser = argparse.ArgumentParser(
         prog="python -m mutants",
         description="the kill matrix: run the conformance suite against every mutant of the "
         "zoo; exit 1 if one survives or the reference fails anything",
+        epilog="python -m mutants blind --help: the blind engines of tests/blind*.py (caught, "
+        "escaped, false failures)",
     )
     parser.add_argument("--json", metavar="FILE", help="write the matrix entries there")
     parser.add_argument("--backend", choices=("real", "fake", "both"), default="real")
@@ -49,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="print the zoo and the requirements no mutant kills; run nothing",
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_args(args_given)
     part = None
     if args.shard is not None:
         try:

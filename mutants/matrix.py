@@ -140,6 +140,11 @@ class Target:
     #: Its bug is the supervisor's: applied in every interpreter of the session
     #: (mutants/site/sitecustomize.py), since the supervisor never imports the engine.
     in_supervisor: bool = False
+    #: Directories the session imports from besides the checkout (the blind engines of
+    #: ``tests/`` are modules there, not a package).
+    pythonpath: tuple[str, ...] = ()
+    #: ``--kit-self-check``: the matrix judges every flow by its kit-injected runs too.
+    kit_self_check: str = "all"
 
     @property
     def slug(self) -> str:
@@ -426,7 +431,8 @@ def _environment(tmpdir: str, target: Target | None = None) -> dict[str, str]:
         if not k.startswith(("PYTEST_", "CONFORMANCE_", "COVERAGE_")) and k != "COV_CORE_SOURCE"
     }
     env["TMPDIR"] = tmpdir
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, *filter(None, [env.get("PYTHONPATH")])])
+    extra = target.pythonpath if target is not None else ()
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, *extra, *filter(None, [env.get("PYTHONPATH")])])
     if target is not None and target.in_supervisor:
         env["PYTHONPATH"] = os.pathsep.join([SUPERVISOR_SITE, env["PYTHONPATH"]])
         env["KIT_SUPERVISOR_MUTANT"] = target.slug
@@ -453,7 +459,7 @@ def session_command(target: Target, backend: str, report: str, focus: bool = Fal
         # A starter mutant breaks a kit requirement in every flow, and an engine mutant may
         # break an engine rule only in a kit-injected run of one flow: the matrix judges every
         # flow by every run, so each flow runs the kit-injected scenarios too.
-        "--kit-self-check=all",
+        f"--kit-self-check={target.kit_self_check}",
     ]
     if target.hook_timeout:
         command.append(f"--hook-timeout={target.hook_timeout}")
@@ -503,6 +509,27 @@ def run_session(target: Target, backend: str, workdir: str, focus: bool = False)
         }
     doc["seconds"] = seconds
     return doc
+
+
+def sessions_root() -> str:
+    """A new directory for the work directories of a run's sessions (the caller removes it)."""
+    root = tempfile.mkdtemp(
+        prefix="kit-mutants-", dir="/var/tmp" if os.path.isdir("/var/tmp") else None
+    )
+    os.chmod(root, 0o755)
+    return root
+
+
+def session_in(
+    root: str, index: int, target: Target, backend: str, focus: bool = False
+) -> dict[str, Any]:
+    """:func:`run_session` in a work directory of its own under ``root``, removed after."""
+    workdir = os.path.join(root, f"{index:03d}-{target.slug}-{backend}")
+    os.makedirs(workdir)
+    try:
+        return run_session(target, backend, workdir, focus=focus)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def entries_for(target: Target, backend: str, doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -722,18 +749,10 @@ def run_matrix(
             else:
                 matrix.entries += _unavailable(target, name, why)
     work.sort(key=lambda item: -item[0].cost)
-    root = tempfile.mkdtemp(
-        prefix="kit-mutants-", dir="/var/tmp" if os.path.isdir("/var/tmp") else None
-    )
-    os.chmod(root, 0o755)
+    root = sessions_root()
 
     def one(index: int, target: Target, name: str) -> list[dict[str, Any]]:
-        workdir = os.path.join(root, f"{index:03d}-{target.slug}-{name}")
-        os.makedirs(workdir)
-        try:
-            doc = run_session(target, name, workdir, focus=name in FOCUSED_BACKENDS)
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+        doc = session_in(root, index, target, name, focus=name in FOCUSED_BACKENDS)
         found = entries_for(target, name, doc)
         if progress is not None:
             progress(_line(found))
