@@ -184,11 +184,13 @@ def classify(engine: BlindEngine, doc: dict[str, Any]) -> dict[str, Any]:
     decided: set[str] = set()
     kit_failed: set[str] = set()
     broken: set[str] = set()
+    counts: dict[str, int] = {}
     for r in doc.get("results") or []:
         req = r.get("requirement", "?")
         entry = requirements.CATALOGUE.get(req)
         subject = r.get("subject") or (entry.subject if entry else requirements.ENGINE)
         outcome = r.get("outcome")
+        counts[str(outcome)] = counts.get(str(outcome), 0) + 1
         if outcome == "broken":
             broken.add(req)
         elif outcome in FAILING and subject != requirements.ENGINE:
@@ -198,6 +200,10 @@ def classify(engine: BlindEngine, doc: dict[str, Any]) -> dict[str, Any]:
             if outcome == "failed":
                 decided.add(req)
     error = doc.get("error")
+    if not error and not counts.get("passed") and not failing:
+        # Every result skipped (no flow configured here, say): a correct engine would
+        # "pass" and a buggy one "escape" without one check having run.
+        error = f"the session decided nothing: {counts or 'no results'}"
     if error:
         verdict = "error"
     elif engine.correct:
@@ -230,6 +236,7 @@ def classify(engine: BlindEngine, doc: dict[str, Any]) -> dict[str, Any]:
         "undecided_only": bool(failing) and not decided,
         "kit_failed": sorted(kit_failed),
         "broken": sorted(broken),
+        "outcomes": dict(sorted(counts.items())),
         "seconds": round(float(doc.get("seconds", 0.0)), 1),
         "error": error,
         "summary": engine.summary,
@@ -259,7 +266,12 @@ def line(entry: dict[str, Any]) -> str:
     else:
         what = "passed"
     stale = " STALE MARK" if verdict in ("caught", "passed") and entry["known"] else ""
-    return f"{entry['spec']:<58} {entry['kind']:<7} {what}{stale}  {entry['seconds']:.0f}s"
+    passed = entry["outcomes"].get("passed", 0)
+    results = sum(entry["outcomes"].values())
+    return (
+        f"{entry['spec']:<58} {entry['kind']:<7} {what}{stale}  "
+        f"[{passed}/{results} passed] {entry['seconds']:.0f}s"
+    )
 
 
 def tally(entries: Sequence[dict[str, Any]]) -> dict[str, dict[str, int]]:
