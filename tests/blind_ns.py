@@ -12,6 +12,7 @@ from kit import system
 from kit.contract import Context
 from kit.rpc import RPCClient
 from kit.starter.config import StarterConfig
+from mutants.zoo import ns as zoo_ns
 from reference_engines.minimal.engine import (
     GUARDED_NAMESPACES,
     USERNS_FLOWS,
@@ -133,18 +134,12 @@ class StateInConfigAttribute(ReferenceEngine):
         self.prepare_rootfs(rpc, cfg)
 
 
-class CleanupFromMonitor(ReferenceEngine):
+class CleanupFromMonitor(zoo_ns.CleanupFromMonitor):
     """SPEC §2 rule 7 ("cleanup_container runs exactly once per master run"): the monitor
     cleans up itself when the container was killed by a signal, then the kit does again."""
 
     engine_name = "blind-cleanup-from-monitor"
     rpc_methods = ReferenceRPC
-
-    def monitor_container(self, pid: int, signals: Any) -> int:
-        status = super().monitor_container(pid, signals)
-        if os.WIFSIGNALED(status):
-            self.cleanup_container(Context(), None, status)
-        return status
 
 
 class StartProcessForksPayload(ReferenceEngine):
@@ -232,18 +227,12 @@ class JoinSkipsNet(cooperative(ReferenceEngine, faults=False)):  # type: ignore[
         starter_config.ns_paths.pop("net", None)
 
 
-class StartWaiterAgainAfterSignal(ReferenceEngine):
+class StartWaiterAgainAfterSignal(zoo_ns.PostStartAgainAfterSignal):
     """SPEC §2 rule 6 ("post_start_process runs at most once"): the monitor re-runs the
     post-start work when the container died of a signal (to re-arm its watchers)."""
 
     engine_name = "blind-post-start-again-after-signal"
     rpc_methods = ReferenceRPC
-
-    def monitor_container(self, pid: int, signals: Any) -> int:
-        status = super().monitor_container(pid, signals)
-        if os.WIFSIGNALED(status):
-            self.post_start_process(Context(), pid)
-        return status
 
 
 class MonitorWaitsForCreate(ReferenceEngine):

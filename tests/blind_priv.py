@@ -8,13 +8,12 @@ import platform
 import threading
 
 from kit.system import linux
+from mutants.zoo import priv as zoo_priv
 from reference_engines.minimal.engine import ReferenceEngine
 from reference_engines.minimal.rpc import ReferenceRPC
 
 _libc = ctypes.CDLL(None, use_errno=True)
 SYS_SETFSGID = 152 if platform.machine() in ("aarch64", "arm64") else 123
-PR_SET_SECUREBITS = 28
-SECBIT_NOROOT = 1 << 0
 SYS_ADMIN = 1 << linux.CAP_NUMBERS["CAP_SYS_ADMIN"]
 DAC_OVERRIDE = 1 << linux.CAP_NUMBERS["CAP_DAC_OVERRIDE"]
 NET_RAW = 1 << linux.CAP_NUMBERS["CAP_NET_RAW"]
@@ -153,20 +152,13 @@ class RpcInitRaisesDac(ReferenceEngine):
     rpc_methods = _RaisingInitRPC
 
 
-class StartProcessNoRoot(ReferenceEngine):
+class StartProcessNoRoot(zoo_priv.StartProcessSetsNoRoot):
     """§4 payload: "as the kernel derives from stage 2", and stage 2 root: "caps exactly as
     configured". start_process "hardens" the payload with SECBIT_NOROOT before exec: the
     uid-0 payload gets none of its configured capabilities."""
 
     engine_name = "blind-start-process-noroot"
     rpc_methods = ReferenceRPC
-
-    def start_process(self, master_fd):  # type: ignore[no-untyped-def]
-        try:
-            linux.prctl(PR_SET_SECUREBITS, SECBIT_NOROOT)
-        except OSError:
-            pass  # no CAP_SETPCAP (the unprivileged flows): nothing to harden
-        super().start_process(master_fd)
 
 
 class _FsgidRPC(ReferenceRPC):
@@ -265,7 +257,7 @@ class StartProcessGid(ReferenceEngine):
         super().start_process(master_fd)
 
 
-class CleanupOnFailureKeepsCap(ReferenceEngine):
+class CleanupOnFailureKeepsCap(zoo_priv.CleanupAfterFailureKeepsCapability):
     """§4 master, suid/hybrid: "effective caps empty at entry and again at return", at every
     master hook, the error paths included. cleanup_container raises CAP_DAC_OVERRIDE only
     after a fatal error (to remove a partial setup) and forgets to lower it."""
@@ -273,38 +265,14 @@ class CleanupOnFailureKeepsCap(ReferenceEngine):
     engine_name = "blind-cleanup-on-failure-keeps-cap"
     rpc_methods = ReferenceRPC
 
-    def cleanup_container(self, ctx, fatal, status):  # type: ignore[no-untyped-def]
-        if fatal is not None and _setuid_master():
-            eff, perm, inh = linux.capget()
-            linux.capset(eff | DAC_OVERRIDE, perm, inh)
-        super().cleanup_container(ctx, fatal, status)
 
-
-class MonitorForwardKeepsKill(ReferenceEngine):
+class MonitorForwardKeepsKill(zoo_priv.MonitorForwardingKeepsCapability):
     """§4 master, suid/hybrid: "effective caps empty at entry and again at return". To
     forward a signal, monitor_container raises CAP_KILL ("the container may run as another
     uid") and never lowers it: visible only in a run that forwards a signal."""
 
     engine_name = "blind-monitor-forward-keeps-kill"
     rpc_methods = ReferenceRPC
-
-    def monitor_container(self, pid, signals):  # type: ignore[no-untyped-def]
-        from reference_engines.minimal.engine import FORWARDED_SIGNALS, MONITOR_POLL
-
-        kill = 1 << linux.CAP_NUMBERS["CAP_KILL"]
-        while True:
-            sig = signals.get(timeout=MONITOR_POLL)
-            if sig in FORWARDED_SIGNALS:
-                if _setuid_master():
-                    eff, perm, inh = linux.capget()
-                    linux.capset(eff | kill, perm, inh)
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            wpid, status = os.waitpid(pid, os.WNOHANG)
-            if wpid == pid:
-                return status
 
 
 class MonitorHoldsCapWhileWaiting(ReferenceEngine):
@@ -328,17 +296,10 @@ class MonitorHoldsCapWhileWaiting(ReferenceEngine):
             linux.capset(eff, perm, inh)
 
 
-class Stage1RootDropsNetRawEverywhere(ReferenceEngine):
+class Stage1RootDropsNetRawEverywhere(zoo_priv.Stage1DropsCapabilityEverywhere):
     """§4 stage 1, root: "uid 0, full caps". prepare_config drops CAP_NET_RAW early ("we
     never need raw sockets") from every set it can: bounding, permitted and effective, so the
     three sets still agree with each other but are no longer full."""
 
     engine_name = "blind-stage1-root-drops-net-raw-everywhere"
     rpc_methods = ReferenceRPC
-
-    def prepare_config(self, starter_config):  # type: ignore[no-untyped-def]
-        super().prepare_config(starter_config)
-        if starter_config.flow == "root":
-            linux.bounding_drop(linux.CAP_NUMBERS["CAP_NET_RAW"])
-            eff, perm, inh = linux.capget()
-            linux.capset(eff & ~NET_RAW, perm & ~NET_RAW, inh & ~NET_RAW)

@@ -10,6 +10,7 @@ import time
 
 from kit.rpc import RPCClient
 from kit.system import linux
+from mutants.zoo import rpc as zoo_rpc
 from reference_engines.minimal.engine import FORWARDED_SIGNALS, MONITOR_POLL, ReferenceEngine
 from reference_engines.minimal.rpc import ReferenceRPC
 
@@ -60,7 +61,7 @@ class MonitorTranslatesSigint(ReferenceEngine):
                 return status
 
 
-class MonitorForwardsOncePerKind(ReferenceEngine):
+class MonitorForwardsOncePerKind(zoo_rpc.MonitorForwardsOncePerKind):
     """§7 (forwards every SIGINT/SIGTERM/SIGHUP/SIGUSR1/SIGUSR2) and §10 ("the kit's
     channel must not lose ... a forwarded signal"): the author de-duplicates ("a second
     SIGTERM while the first is handled would kill it"), so each kind is forwarded once per
@@ -69,22 +70,8 @@ class MonitorForwardsOncePerKind(ReferenceEngine):
     engine_name = "blind-monitor-forwards-once"
     rpc_methods = ReferenceRPC
 
-    def monitor_container(self, pid, signals):  # type: ignore[no-untyped-def]
-        sent: set[int] = set()
-        while True:
-            sig = signals.get(timeout=MONITOR_POLL)
-            if sig in FORWARDED_SIGNALS and sig not in sent:
-                sent.add(sig)
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            wpid, status = os.waitpid(pid, os.WNOHANG)
-            if wpid == pid:
-                return status
 
-
-class CleanupSetEuidRootOnError(ReferenceEngine):
+class CleanupSetEuidRootOnError(zoo_rpc.CleanupEuidRootOnError):
     """§4 master row (suid, hybrid: "r=e=U, saved uid 0 ... escalation possible", at every
     hook entry and return) on §2's error path: after a fatal error cleanup_container takes
     its saved uid 0 back as effective ("force-remove whatever is left, as root") and never
@@ -92,13 +79,6 @@ class CleanupSetEuidRootOnError(ReferenceEngine):
 
     engine_name = "blind-cleanup-euid-root-on-error"
     rpc_methods = ReferenceRPC
-
-    def cleanup_container(self, ctx, fatal, status):  # type: ignore[no-untyped-def]
-        if fatal is not None and os.geteuid() != 0:
-            try:
-                os.seteuid(0)
-            except OSError:
-                pass  # userns, fakeroot: no saved root to take back
 
 
 class RpcErrorPathKeepsCap(ReferenceEngine):
@@ -239,7 +219,7 @@ class MonitorKillsAfterGrace(ReferenceEngine):
                 return status
 
 
-class MonitorSeteuidWhenForwarding(ReferenceEngine):
+class MonitorSeteuidWhenForwarding(zoo_rpc.MonitorEuidRootWhenForwarding):
     """§4 master row (suid, hybrid: "r=e=U, saved uid 0", at every hook entry and return)
     and §7: to be sure it may signal the container whatever uid it runs as, the author's
     monitor takes its saved uid 0 back as effective before forwarding and never drops it.
@@ -248,46 +228,14 @@ class MonitorSeteuidWhenForwarding(ReferenceEngine):
     engine_name = "blind-monitor-seteuid-when-forwarding"
     rpc_methods = ReferenceRPC
 
-    def monitor_container(self, pid, signals):  # type: ignore[no-untyped-def]
-        while True:
-            sig = signals.get(timeout=MONITOR_POLL)
-            if sig in FORWARDED_SIGNALS:
-                if os.geteuid() != 0:
-                    try:
-                        os.seteuid(0)
-                    except OSError:
-                        pass  # userns, fakeroot: nothing to take back
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            wpid, status = os.waitpid(pid, os.WNOHANG)
-            if wpid == pid:
-                return status
 
-
-class MonitorNeverReaps(ReferenceEngine):
+class MonitorNeverReaps(zoo_rpc.MonitorNeverReaps):
     """§7: monitor_container "reaps only the container pid, and returns its wait status".
     The author peeks with WNOWAIT (to leave the zombie "for whoever else needs the status")
     and rebuilds the wait status from the siginfo, so the container is never reaped."""
 
     engine_name = "blind-monitor-never-reaps"
     rpc_methods = ReferenceRPC
-
-    def monitor_container(self, pid, signals):  # type: ignore[no-untyped-def]
-        while True:
-            sig = signals.get(timeout=MONITOR_POLL)
-            if sig in FORWARDED_SIGNALS:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-            if info is not None and info.si_pid == pid:
-                if info.si_code == os.CLD_EXITED:
-                    return (info.si_status & 0xFF) << 8
-                core = 0x80 if info.si_code == os.CLD_DUMPED else 0
-                return info.si_status | core
 
 
 class RpcMethodLeavesKeepcaps(ReferenceEngine):
@@ -370,7 +318,7 @@ class CleanupWaitsForPostStart(ReferenceEngine):
         self.started.wait()
 
 
-class RpcPayloadCheckKeepsCap(ReferenceEngine):
+class RpcPayloadCheckKeepsCap(zoo_rpc.RpcPayloadCheckKeepsCaps):
     """§4 RPC server row (suid, hybrid: "only CAP_SYS_ADMIN effective ...; a method may raise
     more on its own thread and must restore them", at every RPC method entry and return),
     in the runs whose payload is missing: create_container asks the RPC server whether the
@@ -379,25 +327,4 @@ class RpcPayloadCheckKeepsCap(ReferenceEngine):
     there. create_container lets stage 2 report the missing payload."""
 
     engine_name = "blind-rpc-payload-check-keeps-cap"
-
-    class rpc_methods(ReferenceRPC):
-        def payload_exists(self, path: str) -> bool:
-            eff, perm, inh = linux.capget()
-            try:
-                linux.capset(perm, perm, inh)
-            except OSError:
-                pass
-            os.stat(self._host_path(path, "payload"))  # raises: no restore
-            linux.capset(eff, perm, inh)
-            return True
-
-    def create_container(self, ctx, pid, rpc_conn):  # type: ignore[no-untyped-def]
-        rpc = RPCClient(rpc_conn, self.common.engine_name)
-        try:
-            rpc.payload_exists(path=self.common.engine_config.argv[0])
-        except OSError:
-            pass  # start_process says it better
-        cfg = self.common.engine_config
-        if cfg.hostname is not None:
-            rpc.sethostname(name=cfg.hostname)
-        self.prepare_rootfs(rpc, cfg)
+    rpc_methods = zoo_rpc.RpcPayloadCheckKeepsCaps.rpc
