@@ -91,7 +91,8 @@ class BlindEngine:
 def _engine_classes(module: Any) -> list[type]:
     """The classes defined in ``module`` (not imported into it) that have an engine name, in
     the order they are defined."""
-    found = [
+    # A module's namespace keeps the order its names were bound in.
+    return [
         obj
         for obj in vars(module).values()
         if inspect.isclass(obj)
@@ -99,7 +100,6 @@ def _engine_classes(module: Any) -> list[type]:
         and isinstance(getattr(obj, "engine_name", None), str)
         and getattr(obj, "engine_name", "")
     ]
-    return sorted(found, key=lambda c: inspect.getsourcelines(c)[1])
 
 
 def discover(directory: str = TESTS) -> list[BlindEngine]:
