@@ -1069,20 +1069,3 @@ class ManyRPCCallsEngine(ReferenceEngine):
         for n in range(1500):
             rpc.ping(payload={"n": n})
         super().create_container(ctx, pid, rpc_conn)
-
-
-class LateEOFFailedExecEngine(LateEOFEngine):
-    """Not correct (for a test of the kit): as LateEOFEngine, but its exec fails and stage
-    2 then kills itself, so the monitor reaps a stage 2 that called exec and never ran the
-    payload: the kit must still say it died before exec."""
-
-    engine_name = "blind-late-eof-failed-exec"
-
-    def start_process(self, master_fd):
-        if os.fork() == 0:
-            time.sleep(0.5)  # holds the inherited master_fd
-            os._exit(0)
-        try:
-            os.execv("/nonexistent-kit-payload", ["/nonexistent-kit-payload"])
-        except OSError:
-            os.kill(os.getpid(), signal.SIGKILL)

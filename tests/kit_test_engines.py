@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from blind_correct import LateEOFEngine
+
 from kit.system import linux
 from reference_engines.bind_rootfs import BindRootfsEngine, BindRootfsRPC
 from reference_engines.minimal.engine import FORWARDED_SIGNALS, ReferenceConfig, ReferenceEngine
@@ -1249,3 +1251,20 @@ class SpawnedDaemonEngine(ReferenceEngine):
 
         super().create_container(ctx, pid, rpc_conn)
         RPCClient(rpc_conn, self.common.engine_name).start_spawned_daemon()
+
+
+class LateEOFFailedExecEngine(LateEOFEngine):
+    """Not correct (for tests/test_master_exec_mark.py): as blind_correct's LateEOFEngine,
+    but its exec fails and stage 2 then kills itself, so the monitor reaps a stage 2 that
+    called exec and never ran the payload: the kit must still say it died before exec."""
+
+    engine_name = "blind-late-eof-failed-exec"
+
+    def start_process(self, master_fd):
+        if os.fork() == 0:
+            time.sleep(0.5)  # holds the inherited master_fd
+            os._exit(0)
+        try:
+            os.execv("/nonexistent-kit-payload", ["/nonexistent-kit-payload"])
+        except OSError:
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -26,7 +26,7 @@ def test_a_payload_reaped_before_the_start_waiter_looks_was_still_execd(flow):
 def test_an_exec_that_failed_before_stage_2_died_is_no_exec():
     # The mark is set when exec is called; a failed one is followed by engine code again,
     # which clears it: a stage 2 reaped at once after dying there did not exec.
-    result = run("blind_correct:LateEOFFailedExecEngine", "root", ["/bin/true"], hook_timeout=5)
+    result = run("kit_test_engines:LateEOFFailedExecEngine", "root", ["/bin/true"], hook_timeout=5)
     assert not result.ledger.select("stage2_exec"), result
     (failed,) = result.ledger.select("stage2_failed")
     assert failed["message"] == "stage 2 died before exec"
