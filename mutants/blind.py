@@ -181,6 +181,7 @@ def classify(engine: BlindEngine, doc: dict[str, Any]) -> dict[str, Any]:
     document), as one JSON entry; ``ok`` says whether it leaves the run passing and
     ``problem`` why not."""
     failing: dict[str, set[str]] = {}
+    messages: dict[str, str] = {}  # the first message of each failing engine requirement
     decided: set[str] = set()
     kit_failed: set[str] = set()
     broken: set[str] = set()
@@ -197,6 +198,7 @@ def classify(engine: BlindEngine, doc: dict[str, Any]) -> dict[str, Any]:
             kit_failed.add(req)
         elif outcome in FAILING:
             failing.setdefault(req, set()).add(str(r.get("flow", "?")))
+            messages.setdefault(req, str(r.get("message") or "")[:600])
             if outcome == "failed":
                 decided.add(req)
     error = doc.get("error")
@@ -233,6 +235,7 @@ def classify(engine: BlindEngine, doc: dict[str, Any]) -> dict[str, Any]:
             req: sorted(flows, key=lambda f: order.get(f, 99))
             for req, flows in sorted(failing.items())
         },
+        "messages": dict(sorted(messages.items())),
         "undecided_only": bool(failing) and not decided,
         "kit_failed": sorted(kit_failed),
         "broken": sorted(broken),

@@ -71,7 +71,14 @@ def _engine(correct: bool = False, known: str = "") -> blind.BlindEngine:
 
 
 def _result(req: str, outcome: str, subject: str = "engine", flow: str = "root") -> dict:
-    return {"requirement": req, "outcome": outcome, "subject": subject, "flow": flow}
+    message = f"{req} {outcome} in {flow}"
+    return {
+        "requirement": req,
+        "outcome": outcome,
+        "subject": subject,
+        "flow": flow,
+        "message": message,
+    }
 
 
 def _doc(*results: dict[str, Any], error: str | None = None) -> dict[str, Any]:
@@ -89,6 +96,7 @@ def test_a_buggy_engine_is_caught_only_by_an_engine_requirement():
         True,
         {"SIG-002": ["root", "suid"]},
     )
+    assert caught["messages"] == {"SIG-002": "SIG-002 failed in root"}  # the first one
     # a kit requirement and a harness error alone catch nothing
     kit_only = blind.classify(
         _engine(), _doc(_result("ERR-002", "failed", subject="kit"), _result("NS-001", "broken"))
