@@ -317,6 +317,14 @@ def table(entries: Sequence[dict[str, Any]], seconds: float) -> str:
             f"buggy engines: caught {count(buggy, 'caught')} of {len(buggy)}; escaped "
             f"{count(buggy, 'escaped')} ({count(buggy, 'escaped', True)} known)"
         )
+        early = [e["spec"] for e in buggy if e["verdict"] == "caught" and e["undecided_only"]]
+        if early:
+            # The suite's verdict too (NOT conformant by its root causes), but no check
+            # named the bug: a reader judges whether the runs failed for it.
+            lines.append(
+                f"  caught only by runs the engine made fail early ({len(early)}): "
+                + ", ".join(early)
+            )
     if correct:
         lines.append(
             f"correct engines: passed {count(correct, 'passed')} of {len(correct)}; false "

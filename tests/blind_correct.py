@@ -705,6 +705,11 @@ class WideBoundingEngine(ReferenceEngine):
     a root payload regains every bounding capability at exec)."""
 
     engine_name = "blind-wide-bounding"
+    false_failure = (
+        "disputed (see the docstring): a bounding set the engine configures on purpose; in the "
+        "root flow the host's whole set is the zoo's bounding-left-full mutant (PRIV- "
+        "PAYLOAD-002), and CAP_CHOWN alone fails PRIV-PAYLOAD-003 in fakeroot and hybrid"
+    )
     rpc_methods = ReferenceRPC
 
     def prepare_config(self, starter_config):
@@ -980,6 +985,11 @@ class TempCapsCreateEngine(ReferenceEngine):
     thread at every hook entry."""
 
     engine_name = "blind-temp-caps-create"
+    false_failure = (
+        "disputed (see the docstring): the contract lets create_container raise a capability "
+        "temporarily, while SPEC §4 makes the master's rule hold for every thread at every hook "
+        "entry; PRIV-MASTER-002 reads the monitor's entry during the raise (suid, hybrid)"
+    )
     rpc_methods = ReferenceRPC
 
     def create_container(self, ctx, pid, rpc_conn):

@@ -119,6 +119,11 @@ class StateInConfigAttribute(ReferenceEngine):
     config, create_container reads it with a default, so the hostname is never set."""
 
     engine_name = "blind-state-in-config-attribute"
+    escapes = (
+        "the lost decision only skips the engine's own sethostname: which hostname the engine "
+        "meant to set is its own config, of which no requirement speaks, and rule 3 itself is "
+        "kept (the attribute does not cross)"
+    )
     rpc_methods = ReferenceRPC
 
     def prepare_config(self, starter_config: StarterConfig) -> None:
@@ -167,6 +172,11 @@ class LateNamespaceProbe(ReferenceEngine):
     helper thread that adds the flag after prepare_config returned: the request is lost."""
 
     engine_name = "blind-late-namespace-probe"
+    escapes = (
+        "NS-003 checks the namespaces the StarterConfig creates: a request lost after "
+        "prepare_config returned looks like a choice to create fewer (the zoo's known survivor "
+        "ns-late-namespace-probe gives the reason)"
+    )
     rpc_methods = ReferenceRPC
 
     def prepare_config(self, starter_config: StarterConfig) -> None:
@@ -189,6 +199,11 @@ class JoinKnownKindsOnly(cooperative(ReferenceEngine, faults=False)):  # type: i
     ipc) and silently drops pid, user and cgroup joins."""
 
     engine_name = "blind-join-known-kinds-only"
+    escapes = (
+        "the join scenario asks to join uts, ipc and net only (the kinds the kit's host sandbox "
+        "lets a run join): pid, user and cgroup joins, the ones this engine drops, are never "
+        "asked for"
+    )
     rpc_methods = ReferenceRPC
 
     def prepare_config(self, starter_config: StarterConfig) -> None:

@@ -191,6 +191,11 @@ class MonitorKillsAfterGrace(ReferenceEngine):
     SIGTERM and exits on its own."""
 
     engine_name = "blind-monitor-kills-after-grace"
+    escapes = (
+        "only a payload that outlives a forwarded SIGTERM by more than the grace period shows the "
+        "SIGKILL; the signals payload exits as soon as every signal arrived twice (the zoo's "
+        "known survivor monitor-kills-after-grace gives the reason)"
+    )
     rpc_methods = ReferenceRPC
     GRACE = 0.3
 
