@@ -706,9 +706,10 @@ class WideBoundingEngine(ReferenceEngine):
 
     engine_name = "blind-wide-bounding"
     false_failure = (
-        "disputed (see the docstring): a bounding set the engine configures on purpose; in the "
-        "root flow the host's whole set is the zoo's bounding-left-full mutant (PRIV- "
-        "PAYLOAD-002), and CAP_CHOWN alone fails PRIV-PAYLOAD-003 in fakeroot and hybrid"
+        "disputed (see the docstring): in the root flow the host's whole bounding set is the "
+        "zoo's bounding-left-full mutant (PRIV-PAYLOAD-002); in fakeroot and hybrid "
+        "PRIV-PAYLOAD-003 expects exec to give the payload CAP_CHOWN, which it lacks: not "
+        "analysed yet, may be the check's"
     )
     rpc_methods = ReferenceRPC
 
