@@ -1,5 +1,4 @@
-"""``python -m mutants`` (from the repository's root): the kill matrix of the mutant zoo, and
-``python -m mutants blind``: the blind engines of ``tests/blind*.py``, caught or not."""
+"""``python -m mutants`` (from the repository's root): the kill matrix, and ``blind``."""
 
 from __future__ import annotations
 

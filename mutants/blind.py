@@ -1,23 +1,4 @@
-"""``python -m mutants blind``: does the suite catch every blind engine and pass every correct one?
-
-The blind engines are the classes with an ``engine_name`` in ``tests/blind*.py``, written from
-SPEC.md by authors who had not read the checks. A module whose name ends in ``_correct`` holds
-correct engines (legal variations the suite must pass); every other module holds buggy ones,
-one bug each. The runner runs one conformance session per engine with the kill matrix's
-machinery (:func:`mutants.matrix.session_in`: the same isolation, the same report) in every
-flow, and judges each report by its ENGINE-subject requirements only:
-
-- a buggy engine is **caught** when one of them failed (or was left undecided by a run the
-  engine made fail early), and **escaped** otherwise: a kit requirement or a harness error
-  alone catches nothing;
-- a correct engine **passed** when none of them failed, and is a **false failure** otherwise;
-- **error**: the session wrote no report (it crashed or timed out): nothing was judged.
-
-A class attribute ``escapes = "reason"`` marks a known escape, ``false_failure = "reason"`` a
-known false failure: they are reported and do not fail the run. The exit status is 1 when an
-engine escaped or failed falsely without its mark, a session wrote no report, or a mark is
-stale (the engine was caught, or passed: remove the mark); 2 for a bad argument.
-"""
+"""``python -m mutants blind``: which blind engines of ``tests/blind*.py`` the suite catches."""
 
 from __future__ import annotations
 
@@ -179,7 +160,17 @@ def select(engines: Sequence[BlindEngine], patterns: Sequence[str]) -> list[Blin
 def classify(engine: BlindEngine, doc: dict[str, Any]) -> dict[str, Any]:
     """The verdict on ``engine`` from its session's report (:func:`matrix.run_session`'s
     document), as one JSON entry; ``ok`` says whether it leaves the run passing and
-    ``problem`` why not."""
+    ``problem`` why not. Only ENGINE-subject requirements count:
+
+    - a buggy engine is **caught** when one of them failed (or was left undecided by a run
+      the engine made fail early: the suite's verdict is then NOT conformant too), and
+      **escaped** otherwise: a kit requirement or a harness error alone catches nothing;
+    - a correct engine **passed** when none of them failed, else it is a **false failure**;
+    - **error**: the session wrote no report, or decided nothing: nothing was judged.
+
+    A class attribute ``escapes = "reason"`` (buggy) or ``false_failure = "reason"``
+    (correct) makes the escape or false failure known: ok. An unmarked one, an error, or a
+    mark on an engine that was caught or passed (stale) is not."""
     failing: dict[str, set[str]] = {}
     messages: dict[str, str] = {}  # the first message of each failing engine requirement
     decided: set[str] = set()
@@ -385,7 +376,7 @@ def parser() -> argparse.ArgumentParser:
         "engines it caught (an ENGINE requirement failed), which escaped, and which correct "
         f"engines (modules ending in {CORRECT_SUFFIX}) failed falsely. Exit 1 when an "
         "engine escapes or fails falsely without an `escapes`/`false_failure` mark giving "
-        "the reason, a session writes no report, or a mark is stale",
+        "the reason, a session writes no report, or a mark is stale; 2 for a bad argument",
     )
     out.add_argument(
         "--only",
