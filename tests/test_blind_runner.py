@@ -171,7 +171,8 @@ def test_only_patterns_select_by_name_spec_or_module_and_a_bad_one_is_refused():
     ]
     in_ns = blind.select(engines, ["blind_ns:*"])
     assert in_ns and {e.module for e in in_ns} == {"blind_ns"}
-    assert {e.module for e in blind.select(engines, ["_correct"])} == {"blind_correct"}
+    correct = {e.module for e in engines if e.module.endswith("_correct")}
+    assert {e.module for e in blind.select(engines, ["_correct"])} == correct
     with pytest.raises(ValueError, match="matches no engine"):
         blind.select(engines, ["no-such-engine"])
 
