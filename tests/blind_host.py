@@ -144,11 +144,6 @@ class SignalsHostInitEngine(ReferenceEngine):
     host's init."""
 
     engine_name = "blind-signals-host-init"
-    escapes = (
-        "a signal changes no state: the host diff compares the host's state before and after the "
-        "run and the seccomp filter does not judge signals (conformance/README.md, known limits), "
-        "so a SIGHUP sent to pid 1 leaves nothing to see"
-    )
     rpc_methods = ReferenceRPC
 
     def post_start_process(self, ctx, pid):  # type: ignore[no-untyped-def]
