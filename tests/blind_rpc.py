@@ -123,11 +123,6 @@ class StartProcessClosesAllFds(ReferenceEngine):
     be reported."""
 
     engine_name = "blind-start-process-closes-fds"
-    escapes = (
-        "since 5173a32 (a stage 2 that closed master_fd is waited for, not dead) the runs no "
-        "longer fail early, and no check reads the early close the master now names: these "
-        "engines were caught only by those failed runs"
-    )
     rpc_methods = ReferenceRPC
 
     def start_process(self, master_fd: int) -> None:
@@ -140,11 +135,6 @@ class StartProcessClosesMasterFd(ReferenceEngine):
     ("it is close-on-exec anyway; close it now")."""
 
     engine_name = "blind-start-process-closes-master-fd"
-    escapes = (
-        "since 5173a32 (a stage 2 that closed master_fd is waited for, not dead) the runs no "
-        "longer fail early, and no check reads the early close the master now names: these "
-        "engines were caught only by those failed runs"
-    )
     rpc_methods = ReferenceRPC
 
     def start_process(self, master_fd: int) -> None:
