@@ -1225,34 +1225,6 @@ class JoinAbuseEngine(JoinEngine):
         super().start_process(master_fd)
 
 
-class _SpawnedDaemonRPC(ReferenceRPC):
-    def start_spawned_daemon(self) -> int:
-        """A helper daemon in the container's namespaces, started by subprocess (not by
-        Python's os.fork): it lives as long as the container's pid namespace."""
-        subprocess.Popen(
-            ["/bin/sleep", "3600"],
-            start_new_session=True,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        return 0
-
-
-class SpawnedDaemonEngine(ReferenceEngine):
-    """Correct: the RPC server starts a daemon with subprocess in the container's pid
-    namespace, which ends with the container (the reference always asks for one)."""
-
-    engine_name = "test-spawned-daemon"
-    rpc_methods = _SpawnedDaemonRPC
-
-    def create_container(self, ctx, pid, rpc_conn):  # type: ignore[override]
-        from kit.rpc import RPCClient
-
-        super().create_container(ctx, pid, rpc_conn)
-        RPCClient(rpc_conn, self.common.engine_name).start_spawned_daemon()
-
-
 class LateEOFFailedExecEngine(LateEOFEngine):
     """Not correct (for tests/test_master_exec_mark.py): as blind_correct's LateEOFEngine,
     but its exec fails and stage 2 then kills itself, so the monitor reaps a stage 2 that

@@ -338,17 +338,7 @@ class Supervisor:
         # itself is already killing (parent-death signals) get a short grace period.
         leftovers = self._living_descendants(grace=0.25)
         self.host_diff()
-        unplaced = set(current().beyond_model(sorted(leftovers)))
         for p, argv in leftovers.items():
-            if p in unplaced:
-                # SPEC §9: what only the kernel can decide is not-configured, never failed.
-                self.emit(
-                    "model_limit",
-                    reason=f"pid {p} ({argv}) outlived the run, started other than by "
-                    "Python's os.fork: the model cannot tell whether it was in the "
-                    "container's pid namespace, which the kernel would have ended with it",
-                )
-                continue
             where = "" if box is None else " in the sandbox"
             self.leak("process", f"pid {p}{where}: {argv}")
         if leftovers:

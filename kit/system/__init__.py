@@ -75,12 +75,6 @@ class System:
         """What the caller does while another process holds the backend's model (None:
         wait). Only a modelled backend has one: the kernel is never locked."""
 
-    def beyond_model(self, pids: list[int]) -> list[int]:
-        """Of ``pids`` (processes of the run, numbered as they see themselves), those whose
-        pid namespace the backend's model cannot tell, while a namespace it models has
-        ended: in the kernel they may have died with it (none: the kernel's are real)."""
-        return []
-
     def pid_namespace_init_exited(self, pid: int) -> None:
         """Process ``pid``, a child of the caller, has exited (not reaped yet). When it was
         init of a pid namespace, the kernel has killed every other process of it; a model

@@ -974,27 +974,16 @@ class FakeSystem(System):
                 "real": real,
             }
 
-    def beyond_model(self, pids: list[int]) -> list[int]:
-        """The model knows the processes forked through Python's ``os.fork`` (its fork
-        hooks); one started otherwise (``subprocess``, ``posix_spawn``, a program's own
-        fork) may be a member of a pid namespace of the model's that has ended, which the
-        kernel would have killed with it."""
-        with self._store.transaction(write=False) as st:
-            if not st.get("ended_pid_namespaces"):
-                return []
-            return [p for p in pids if str(p) not in st["procs"]]
-
     def pid_namespace_init_exited(self, pid: int) -> None:
         """As the kernel does when init of a pid namespace exits: SIGKILL every other
         process of the model's namespace ``pid`` was init of (a daemon left in the
         container's pid namespace dies with it)."""
-        with self._store.transaction() as st:
+        with self._store.transaction(write=False) as st:
             procs = st["procs"]
             levels = (procs.get(str(pid)) or {}).get("levels") or []
             if not levels or int(levels[-1][1]) != 1:
                 return  # not init of a pid namespace of the model's
             nsid = levels[-1][0]
-            st.setdefault("ended_pid_namespaces", []).append(nsid)
             members = [
                 int(key)
                 for key, entry in procs.items()
