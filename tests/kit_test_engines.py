@@ -1154,6 +1154,13 @@ def _abuse_master_fd(how: str, master_fd: int) -> None:
     elif how == "close_ledger":
         os.close(_ledger_writer().sock.fileno())
         raise RuntimeError("start_process fails after closing the ledger socket")
+    elif how == "move_master_fd":
+        # Correct: the socket kept under another number (close-on-exec), its number given to
+        # a file the payload inherits. master_fd is still open until the exec.
+        os.dup(master_fd)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, master_fd)
+        os.close(null)
     elif how in ("close_master_fd", "close_master_fd_then_fail"):
         os.close(master_fd)
         time.sleep(0.3)  # past the master's grace: it sees stage 2 alive with no master_fd

@@ -861,7 +861,11 @@ class Master:
         # carries a name of the kit's (exec renames it): the container's until its hooks
         # config and init_config have run, stage 2's after.
         name, closed_early = self._after_eof()
-        if closed_early or self.starter.exec_mark[1]:
+        exec_d = name not in PRE_EXEC_NAMES and (name is not None or self.starter.exec_mark[0])
+        # By time only when an exec followed: a stage 2 that exits may take long to become
+        # a zombie after its descriptors closed (init of a pid namespace waits for its
+        # members), and exiting is allowed.
+        if (closed_early and exec_d) or self.starter.exec_mark[1]:
             # SPEC §2: the start waiter takes the EOF for the exec. Here it came before: a
             # starter that trusts it (upstream's) would run post_start_process too early.
             self.ledger.emit(

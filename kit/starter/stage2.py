@@ -132,7 +132,8 @@ class Stage2:
                 # whether master_fd was still the master socket then (else the EOF the
                 # master took for the exec came before it: SPEC §2, ORDER-009).
                 if event == "os.exec" and os.getpid() == me:
-                    if linux.fd_identity(master_fd) != master_socket:
+                    # Held under any number (an engine may move it): still open at exec.
+                    if linux.holds(master_socket) is False:
                         mark[1] = 1
                     mark[0] = 1
                 elif mark[0] and os.getpid() == me:

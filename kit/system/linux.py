@@ -490,6 +490,16 @@ def _fs_type(fd: int) -> int:
     return ctypes.c_long.from_buffer(buf).value
 
 
+def holds(identity: tuple[int, int] | None) -> bool | None:
+    """Whether any descriptor of the calling process refers to what ``identity`` names
+    (see :func:`fd_identity`); None when its descriptors cannot be listed (no /proc)."""
+    try:
+        fds = [int(n) for n in os.listdir("/proc/self/fd")]
+    except OSError:
+        return None
+    return identity is not None and any(fd_identity(fd) == identity for fd in fds)
+
+
 def fd_identity(fd: int) -> tuple[int, int] | None:
     """(device, inode) of what descriptor ``fd`` refers to; None when it is not open. (All
     anonymous-inode descriptors of a kind may share one: an identity tells a file, a pipe
