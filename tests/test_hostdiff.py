@@ -893,6 +893,7 @@ def _run_with(
 
     events = [
         {"kind": "run_start", "role": "supervisor"},
+        {"kind": "namespaces", "role": "container", "created": ["pid", "net", "ipc", "mount"]},
         {
             "kind": "host_changes",
             "role": "supervisor",
@@ -1057,6 +1058,19 @@ def test_in_the_fake_backend_a_per_namespace_change_is_decided_only_outside_the_
     else:
         checks.check_host(verify, run)
         assert verify.violations["HOST-004"], outcome
+
+
+def test_in_the_fake_backend_a_container_without_its_own_netns_changes_the_hosts() -> None:
+    # Without a network namespace of its own, the container's net.* change is the host's,
+    # in the kernel too: decided, whoever made it.
+    from conformance import checks
+
+    run = _run_with([_sysctl_change(["rpc"])], backend="fake")
+    (ns,) = [e for e in run.events if e["kind"] == "namespaces"]
+    ns["created"] = ["pid", "mount"]
+    verify = checks.Verifier("root", ["HOST-004"], "t")
+    checks.check_host(verify, run)
+    assert verify.violations["HOST-004"]
 
 
 def test_in_the_fake_backend_files_and_other_sysctls_are_decided_whoever_made_them() -> None:
