@@ -78,6 +78,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "shut_down": True,
         "detail": "fd 7 of the master still open when create_container returned",
     },
+    "master_fd_closed_early": {"detail": "stage 2 closed master_fd before it exec'd"},
     "starter_exit": {"code": 0},
     "seccomp_filter": {"filter": "kit", "syscalls": ["mount"], "error": None, "reason": None},
     "syscall_refused": {
