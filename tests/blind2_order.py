@@ -13,6 +13,7 @@ import threading
 
 from kit.contract import Context, SignalChannel, WaitStatus
 from kit.rpc import RPCClient
+from mutants.zoo import order as zoo_order
 from reference_engines.minimal.engine import (
     FORWARDED_SIGNALS,
     MONITOR_POLL,
@@ -33,7 +34,7 @@ def _exit_code(status: WaitStatus | None, fatal: BaseException | None) -> int:
     return os.WEXITSTATUS(status)
 
 
-class MonitorSigtimedwait(ReferenceEngine):
+class MonitorSigtimedwait(zoo_order.MonitorTakesSignalsItself):
     """§7: "The master turns every signal it receives into an entry on the signals channel
     before create_container starts. A conformant monitor_container forwards SIGINT/SIGTERM/
     SIGHUP/SIGUSR1/SIGUSR2 to the container". The author knows the master's threads block
@@ -44,20 +45,8 @@ class MonitorSigtimedwait(ReferenceEngine):
     engine_name = "blind2-monitor-sigtimedwait"
     rpc_methods = ReferenceRPC
 
-    def monitor_container(self, pid: int, signals: SignalChannel) -> WaitStatus:
-        while True:
-            info = signal.sigtimedwait(FORWARDED_SIGNALS, MONITOR_POLL)
-            if info is not None:
-                try:
-                    os.kill(pid, info.si_signo)
-                except ProcessLookupError:
-                    pass
-            wpid, status = os.waitpid(pid, os.WNOHANG)
-            if wpid == pid:
-                return status
 
-
-class MonitorShellStatus(ReferenceEngine):
+class MonitorShellStatus(zoo_order.MonitorShellStatus):
     """§7: monitor_container "reaps only the container pid, and returns its wait status. The
     run exits with the container's code, or re-raises its signal." The author normalises a
     signal death the shell's way: it returns the wait status of a container that *exited*
@@ -66,12 +55,6 @@ class MonitorShellStatus(ReferenceEngine):
 
     engine_name = "blind2-monitor-shell-status"
     rpc_methods = ReferenceRPC
-
-    def monitor_container(self, pid: int, signals: SignalChannel) -> WaitStatus:
-        status = super().monitor_container(pid, signals)
-        if os.WIFSIGNALED(status):
-            return ((128 + os.WTERMSIG(status)) & 0xFF) << 8
-        return status
 
 
 class MonitorWaitsForPostStart(ReferenceEngine):
@@ -96,7 +79,7 @@ class MonitorWaitsForPostStart(ReferenceEngine):
         return super().monitor_container(pid, signals)
 
 
-class KeepsRpcDupForCleanup(ReferenceEngine):
+class KeepsRpcDupForCleanup(zoo_order.CreateKeepsRpcDup):
     """§2 rule 5: "start_process begins only after create_container returned and the RPC
     connection closed"; §6: the RPC server "exits 0 when the client closes". The author keeps
     an RPC client for cleanup_container (to unmount there) on ``socket.fromfd`` of the
@@ -105,21 +88,6 @@ class KeepsRpcDupForCleanup(ReferenceEngine):
 
     engine_name = "blind2-keeps-rpc-dup-for-cleanup"
     rpc_methods = ReferenceRPC
-
-    def create_container(self, ctx: Context, pid: int, rpc_conn: socket.socket) -> None:
-        cfg: ReferenceConfig = self.common.engine_config  # type: ignore[assignment]
-        sock = socket.fromfd(rpc_conn.fileno(), rpc_conn.family, rpc_conn.type)
-        self.rpc = RPCClient(sock, self.common.engine_name)
-        if cfg.hostname is not None:
-            self.rpc.sethostname(name=cfg.hostname)
-        self.prepare_rootfs(self.rpc, cfg)
-
-    def cleanup_container(
-        self, ctx: Context, fatal: BaseException | None, status: WaitStatus | None
-    ) -> None:
-        rpc = getattr(self, "rpc", None)
-        if rpc is not None:
-            rpc.close()
 
 
 class CleanupExitsWithCode(ReferenceEngine):
