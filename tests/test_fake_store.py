@@ -153,6 +153,38 @@ def test_a_killed_lock_holder_neither_wedges_the_store_nor_leaves_its_changes(st
     assert store.read()["n"] == 1
 
 
+def test_a_writer_killed_half_way_through_its_write_leaves_the_last_document_whole(store):
+    # The kit SIGKILLs the processes of a failed run, and the kernel ends a write to a file
+    # between two pages for a fatal signal: the header of the new document must never
+    # stand over half of its body (the model store was once left "truncated" that way).
+    with store.transaction() as st:
+        st["items"] = [f"{i:0100}" for i in range(100)]  # a body of several pages
+    committed = store.read()
+
+    real_write, real_pwrite = os.write, os.pwrite
+
+    def die_half_way(fd, data, *offset):
+        half = memoryview(data)[: len(data) // 2]
+        (real_pwrite(fd, half, *offset) if offset else real_write(fd, half))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    pid = os.fork()
+    if pid == 0:
+        try:
+            store_mod.os.write = lambda fd, data: die_half_way(fd, data)
+            store_mod.os.pwrite = lambda fd, data, offset: die_half_way(fd, data, offset)
+            with store.transaction() as st:
+                st["items"] = [f"{i:0100}" for i in range(200)]
+        finally:
+            os._exit(3)  # not reached: the write above kills this process
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert Store(store.path).read() == committed
+    with store.transaction() as st:  # and the store goes on
+        st["n"] = 2
+    assert in_child(lambda: store.read()["n"]) == {"ok": 2}
+
+
 def test_a_truncated_store_is_an_error(store):
     with open(store.path, "r+b") as f:
         f.truncate(HEADER.size + 3)

@@ -19,6 +19,8 @@ from typing import Any
 MODEL_PREFIX = "kit-fake-model-"
 
 HEADER = struct.Struct("<QQ")  # generation, body length
+#: The document's file name in the store's directory (its lock file adds ``.lock``).
+DOCUMENT = "model.bin"
 MARSHAL_VERSION = 4
 #: Check every transaction (see :class:`Store`); read when the store is created.
 CHECK_ENV = "KIT_FAKE_STORE_CHECK"
@@ -40,16 +42,19 @@ class Store:
     inherits points at it.
 
     Locking: a thread lock (threads of one process) and, for the outermost transaction of a thread,
-    ``lockf`` on the file (processes; released by the kernel if the holder dies, so a killed process
-    never wedges the run). Transactions nest within a thread. After a fork the child starts with a
-    fresh thread lock and no file lock (POSIX record locks are not inherited) —
-    :meth:`after_fork_in_child` must be called there (:mod:`kit.system.fake.system` does it from
-    ``os.register_at_fork``).
+    ``lockf`` on a lock file beside the document (processes; released by the kernel if the holder
+    dies, so a killed process never wedges the run). Transactions nest within a thread. After a
+    fork the child starts with a fresh thread lock and no file lock (POSIX record locks are not
+    inherited) — :meth:`after_fork_in_child` must be called there (:mod:`kit.system.fake.system`
+    does it from ``os.register_at_fork``).
 
     Format: a 16-byte header — the *generation* (incremented by every write) and the length of the
     body, two little-endian unsigned 64-bit integers — then the body: the document as ``marshal``
     data (the file is private to one run, written and read by the same interpreter; ``marshal`` is
-    several times cheaper than JSON either way).
+    several times cheaper than JSON either way). A write makes a new file and renames it over the
+    document: a writer killed in the middle (the kit kills the processes of a run that failed, and
+    the kernel stops a write between two pages for a fatal signal) leaves the last committed
+    document whole, never a new header over half a body.
 
     Caching: each process keeps the document it last read or wrote, with its generation. A
     transaction locks the file and reads the header; only when another process wrote since (the
@@ -89,12 +94,11 @@ class Store:
     def create(cls, state: dict[str, Any], directory: str | None = None) -> Store:
         """A new store holding ``state``, in a fresh private directory."""
         base = tempfile.mkdtemp(prefix=MODEL_PREFIX, dir=directory)
-        path = os.path.join(base, "model.bin")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            _write(fd, 1, _encode(state))
-        finally:
-            os.close(fd)
+        path = os.path.join(base, DOCUMENT)
+        os.close(
+            os.open(_lock_path(path), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        )
+        _replace(path, 1, _encode(state))
         return cls(path)
 
     def remove(self) -> None:
@@ -138,10 +142,10 @@ class Store:
         self._lock.acquire()
         try:
             if self._depth == 0:
-                fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+                fd = os.open(_lock_path(self.path), os.O_RDWR | os.O_CLOEXEC)
                 try:
                     self._lock_file(fd)
-                    self._state = self._load(fd)
+                    self._state = self._load()
                 except BaseException:
                     os.close(fd)
                     raise
@@ -201,29 +205,33 @@ class Store:
                 self._lock.release()
 
     # -- the cache ----------------------------------------------------------------------------
-    def _load(self, fd: int) -> dict[str, Any]:
+    def _load(self) -> dict[str, Any]:
         """The document (locked by the caller): the cached one when no other process wrote
         since, else the file's, decoded."""
-        generation, size = HEADER.unpack(_pread(fd, HEADER.size, 0))
-        if self._cache is None or generation != self._generation:
-            body = _pread(fd, size, HEADER.size)
-            self._cache = _decode(body)
-            self._generation = generation
-            if self._check:
-                self._body = body
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            generation, size = HEADER.unpack(_pread(fd, HEADER.size, 0))
+            if self._cache is None or generation != self._generation:
+                body = _pread(fd, size, HEADER.size)
+                self._cache = _decode(body)
+                self._generation = generation
+                if self._check:
+                    self._body = body
+        finally:
+            os.close(fd)
         return self._cache
 
     def _save(self) -> None:
         """Write the transaction's document with the next generation; it stays cached."""
-        state, fd = self._state, self._fd
-        if state is None or fd is None:
+        state = self._state
+        if state is None or self._fd is None:
             return
         try:
             if self._check:
                 _check_plain_json(state)
             body = _encode(state)
             generation = self._generation + 1
-            _write(fd, generation, body)
+            _replace(self.path, generation, body)
         except BaseException:
             self._forget()
             raise
@@ -330,9 +338,21 @@ def _pread(fd: int, size: int, offset: int) -> bytes:
     return data
 
 
-def _write(fd: int, generation: int, body: bytes) -> None:
-    data = HEADER.pack(generation, len(body)) + body
-    view = memoryview(data)
-    offset = 0
-    while offset < len(data):
-        offset += os.pwrite(fd, view[offset:], offset)
+def _lock_path(path: str) -> str:
+    return path + ".lock"
+
+
+def _replace(path: str, generation: int, body: bytes) -> None:
+    """Write the document to a new file, then rename it over ``path`` (atomic: a reader,
+    or a writer killed half-way, never leaves or sees a torn document). The caller holds
+    the lock, so one fixed name for the new file serves every writer; O_TRUNC discards
+    what a killed writer left in it."""
+    new = path + ".new"
+    fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(HEADER.pack(generation, len(body)) + body)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+    os.rename(new, path)
