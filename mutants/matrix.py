@@ -20,7 +20,10 @@ everything. Mutants with a ``gap`` are known survivors: they must survive (a kil
 closed: remove the ``gap``). The JSON is a list of entries, one per target, flow and backend::
 
     {"mutant", "slug", "flow", "backend", "declared", "failed", "broken", "killed",
-     "undecided_only", "status", "bug", "gap", "baseline", "seconds", "error"}
+     "undecided_only", "status", "bug", "gap", "baseline", "mechanism", "seconds", "error",
+     "messages"}
+
+``messages``: for a baseline, the first message of each requirement it failed or broke.
 
 The exit status is 1 when a mutant survives in the real backend, a baseline fails anything,
 a known gap is killed, a declaration is wrong, or a MUST requirement is neither the declared
@@ -554,6 +557,17 @@ def entries_for(target: Target, backend: str, doc: dict[str, Any]) -> list[dict[
         undecided_only = killed and not any(
             r["requirement"] in declared and r["outcome"] == "failed" for r in results
         )
+        # A baseline's failures are the kit's or the reference's bugs, often seen once in
+        # many runs: keep what each said, so that one failed run can be diagnosed.
+        messages = (
+            {
+                r["requirement"]: str(r.get("message") or "")[:800]
+                for r in reversed(results)
+                if r["outcome"] in ("failed", "not-decided", "broken")
+            }
+            if target.baseline
+            else {}
+        )
         if doc.get("error"):
             status = "broken"
         elif target.baseline:
@@ -588,6 +602,7 @@ def entries_for(target: Target, backend: str, doc: dict[str, Any]) -> list[dict[
                 "mechanism": target.mechanism,
                 "seconds": round(float(doc.get("seconds", 0.0)), 2),
                 "error": doc.get("error"),
+                "messages": dict(sorted(messages.items())),
             }
         )
     return out
@@ -612,6 +627,7 @@ def _unavailable(target: Target, backend: str, why: str) -> list[dict[str, Any]]
             "mechanism": target.mechanism,
             "seconds": 0.0,
             "error": why,
+            "messages": {},
         }
         for flow in target.flows
     ]
@@ -643,10 +659,14 @@ class Matrix:
                 ]
                 for e in bad:
                     error = f"; {e['error']}" if e["error"] else ""
+                    said = "".join(
+                        f"\n    {req}: {message}"
+                        for req, message in (e.get("messages") or {}).items()
+                    )
                     out.append(
                         f"{where}: the baseline {e['status']} in {e['flow']}: failed "
                         f"{', '.join(e['failed']) or '-'}, broken "
-                        f"{', '.join(e['broken']) or '-'}{error}"
+                        f"{', '.join(e['broken']) or '-'}{error}{said}"
                     )
             elif first["gap"]:
                 if "killed" in statuses and backend == "real":

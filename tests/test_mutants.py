@@ -42,6 +42,7 @@ ENTRY_KEYS = {
     "mechanism",
     "seconds",
     "error",
+    "messages",
 }
 
 
@@ -214,6 +215,7 @@ def _entry(mutant, mechanism, declared, failed, backend="real", baseline=False, 
         "mechanism": mechanism,
         "seconds": 0.0,
         "error": None,
+        "messages": {},
     }
 
 
@@ -249,6 +251,26 @@ def test_a_kill_by_undecided_results_only_is_flagged_and_listed():
     assert "killed only by results a failed run left undecided" in listed
     assert listed.split("left undecided", 1)[1].rstrip().splitlines()[0].endswith(": 1: crashy")
     assert "left undecided" not in M.table(M.Matrix(entries=[by_verdict]))
+
+
+def test_a_failed_baseline_keeps_what_each_failed_requirement_said():
+    target = M.Target("reference", "reference", baseline=True, flows=("suid",))
+    doc = {
+        "results": [
+            {"requirement": "LEDGER-003", "flow": "suid", "outcome": "failed", "message": "first"},
+            {"requirement": "LEDGER-003", "flow": "suid", "outcome": "failed", "message": "2nd"},
+            {"requirement": "CLEAN-001", "flow": "suid", "outcome": "broken", "message": "oops"},
+            {"requirement": "ORDER-001", "flow": "suid", "outcome": "passed", "message": None},
+        ]
+    }
+    (entry,) = M.entries_for(target, "fake", doc)
+    assert entry["status"] == "failed"
+    assert entry["messages"] == {"CLEAN-001": "oops", "LEDGER-003": "first"}
+    (problem,) = M.Matrix(entries=[entry]).verdict(whole=False)
+    assert "the baseline failed in suid" in problem
+    assert "\n    LEDGER-003: first" in problem and "\n    CLEAN-001: oops" in problem
+    passing = {**doc, "results": doc["results"][3:]}
+    assert M.entries_for(target, "fake", passing)[0]["messages"] == {}
 
 
 #: Sessions at a time: most of a session's time is spent waiting (hooks that hang until
