@@ -14,7 +14,7 @@ import sys
 import pytest
 
 HELPER = r'''
-import errno, json, os, sys, tempfile, threading
+import errno, json, os, sys, tempfile, threading, time
 from kit import system
 from kit.system.fake import FakeSystem, installed
 from kit.run.request import RunRequest
@@ -200,6 +200,44 @@ def scenario_files(s):
     return res
 
 
+def scenario_init_exit(s):
+    """init of a model pid namespace exits: its members die; a registry entry whose pid now
+    names another process (a pid reused) leaves that process alone."""
+    import subprocess
+    from kit.system import linux
+    r, w = os.pipe()
+    init = s.clone(["pid"])
+    if init == 0:
+        os.close(r)
+        member = s.clone()
+        if member == 0:
+            os.close(w)
+            time.sleep(30)
+            os._exit(0)
+        os.write(w, str(member).encode())
+        os._exit(0)  # init exits; its member lives on until the model ends it
+    os.close(w)
+    member = int(read_all(r))
+    os.waitpid(init, 0)
+    stranger = subprocess.Popen(["sleep", "30"])
+    with s.store.transaction() as st:
+        nsid = st["procs"][str(member)]["levels"][-1][0]
+        entry = dict(st["procs"][str(member)], levels=[[nsid, 3]])
+        entry["start"] = entry["start"] - 1  # a process that had the number before
+        st["procs"][str(stranger.pid)] = entry
+    res = {"member_alive_before": linux.process_alive(member)}
+    s.pid_namespace_init_exited(init)
+    for _ in range(200):
+        if not linux.process_alive(member):
+            break
+        time.sleep(0.01)
+    res["member_alive_after"] = linux.process_alive(member)
+    res["stranger_alive"] = stranger.poll() is None
+    stranger.kill()
+    stranger.wait()
+    return res
+
+
 def scenario_installed(s):
     req = RunRequest(engine="reference", flow="suid", argv=["/bin/true"],
                      invoker={"uid": U, "gid": G, "groups": [], "name": "u"})
@@ -246,6 +284,7 @@ SCENARIOS = (
     "closed_fds",
     "threads",
     "files",
+    "init_exit",
     "installed",
 )
 
@@ -317,6 +356,14 @@ def test_real_side_effects_stay_harmless(results):
     assert r["outside_again"] == "EEXIST"
     assert r["chdir"] == "ok" and r["cwd"] and r["chdir_missing"] == "ENOENT"
     assert r["mkdir_as_user"] == "EACCES" and r["chroot_as_user"] == "EPERM"
+
+
+def test_init_of_a_pid_namespace_ends_its_members_but_not_a_reused_pid(results):
+    assert results["init_exit"] == {
+        "member_alive_before": True,
+        "member_alive_after": False,
+        "stranger_alive": True,
+    }
 
 
 def test_installed_context_removes_the_model(results):

@@ -1013,6 +1013,16 @@ def process_alive(pid: int, proc: str = "/proc") -> bool:
     return False
 
 
+def process_start(pid: int, proc: str = "/proc") -> int | None:
+    """When ``pid`` started (clock ticks after boot, field 22 of ``/proc/PID/stat``): with
+    the pid, it names one process for good, whatever later reuses the number. None when
+    it is gone."""
+    stat = _stat(pid, proc)
+    if stat is None:
+        return None
+    return int(stat[stat.rindex(b")") + 2 :].split()[19])
+
+
 def proc_tid() -> int:
     """The calling thread's id as the mounted ``/proc`` numbers it (which differs from
     gettid() in a new pid namespace until a new /proc is mounted)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import errno
 import os
@@ -49,6 +48,14 @@ class ProcState:
     dumpable: int
     fs: int  # id of the fs struct (root, cwd) in the store
     thread_creds: dict[int, Cred] = field(default_factory=dict)
+    #: (real pid, its start time) as last read: a fork's copy reads its own again.
+    _start: tuple[int, int | None] = field(default=(0, None), compare=False, repr=False)
+
+    def start(self) -> int | None:
+        """When the process ``real_pid`` names started (see :func:`linux.process_start`)."""
+        if self._start[0] != self.real_pid:
+            self._start = (self.real_pid, linux.process_start(self.real_pid))
+        return self._start[1]
 
     def entry(self) -> dict[str, Any]:
         """This process in the store's registry (what other processes may look at)."""
@@ -60,11 +67,35 @@ class ProcState:
             "cred": leader.to_json(),
             "dumpable": self.dumpable,
             "fs": self.fs,
+            "start": self.start(),
         }
 
 
-def _alive(pid: int) -> bool:
-    return linux.process_alive(pid)
+def _alive(pid: int, entry: dict[str, Any]) -> bool:
+    """Whether the registry's ``entry`` for ``pid`` describes a live process: the number
+    may have gone to another process since (the start time tells)."""
+    return linux.process_alive(pid) and _same(pid, entry)
+
+
+def _same(pid: int, entry: dict[str, Any]) -> bool:
+    return entry.get("start") is None or linux.process_start(pid) == entry["start"]
+
+
+def _kill_if_same(pid: int, entry: dict[str, Any]) -> None:
+    """SIGKILL the process the registry's ``entry`` describes, if ``pid`` still names it:
+    an entry outlives its process, and the number may since have gone to another (through
+    a pidfd, so that the process checked is the one signalled)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return  # gone
+    try:
+        if entry.get("start") is not None and linux.process_start(pid) == entry["start"]:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+    except OSError:
+        pass  # gone since
+    finally:
+        os.close(fd)
 
 
 def _read_text(path: str, default: str = "") -> str:
@@ -408,7 +439,7 @@ class FakeSystem(System):
         mnt_root = Model(st).ns(p.ns["mount"])["root"]
         users = 0
         for pid, entry in st["procs"].items():
-            if entry.get("fs") == p.fs and (int(pid) == p.real_pid or _alive(int(pid))):
+            if entry.get("fs") == p.fs and (int(pid) == p.real_pid or _alive(int(pid), entry)):
                 users += 1
         try:
             threads = len(os.listdir("/proc/self/task"))
@@ -444,7 +475,8 @@ class FakeSystem(System):
         levels = []
         for nsid in reversed(chain):
             ns = m.ns(nsid)
-            if ns.get("init") is not None and not _alive(ns["init"]):
+            init = ns.get("init")
+            if init is not None and not _alive(init, m.s["procs"].get(str(init)) or {}):
                 raise fail(errno.ENOMEM, "fork: the pid namespace's init has exited")
         for nsid in reversed(chain):
             ns = m.ns(nsid)
@@ -584,8 +616,10 @@ class FakeSystem(System):
                 entry = self._proc.entry()
             else:
                 entry = st["procs"].get(who)
-                if entry is not None and not _alive(int(who)):
+                if entry is not None and not linux.process_alive(int(who)):
                     raise fail(errno.ENOENT, path)
+                if entry is not None and not _same(int(who), entry):
+                    entry = None  # the number went to a process the model never saw
                 if entry is not None and not m.may_ptrace_read(self._cred(), entry, False):
                     raise fail(errno.EACCES, path)
             if entry is not None:
@@ -702,7 +736,7 @@ class FakeSystem(System):
             m = Model(st)
             me = pid == "self" or int(pid) == os.getpid()
             entry = self._proc.entry() if me else st["procs"].get(str(pid))
-            if entry is None or (not me and not _alive(int(pid))):
+            if entry is None or (not me and not _alive(int(pid), entry)):
                 raise fail(errno.ENOENT, f"/proc/{pid}/uid_map")
             userns = int(entry["ns"]["user"])
             cred = self._cred()
@@ -985,13 +1019,12 @@ class FakeSystem(System):
                 return  # not init of a pid namespace of the model's
             nsid = levels[-1][0]
             members = [
-                int(key)
+                (int(key), entry)
                 for key, entry in procs.items()
                 if key != str(pid) and any(level[0] == nsid for level in entry.get("levels", []))
             ]
-        for member in members:
-            with contextlib.suppress(OSError):  # gone already
-                os.kill(member, signal.SIGKILL)
+        for member, entry in members:
+            _kill_if_same(member, entry)
 
     def sethostname(self, name: str) -> None:
         with self._store.transaction() as st:
