@@ -140,16 +140,20 @@ def test_the_models_pid_of_a_sender_comes_from_the_nspid_read_once(monkeypatch):
 
 def test_the_kits_own_files_in_a_fake_run_directory_are_no_leftovers_but_nothing_else(tmp_path):
     from kit.run import rundir
-    from kit.system.fake.store import MODEL_PREFIX
+    from kit.system.fake.store import Store
 
-    own = tmp_path / rundir.KIT_OWN
-    own.mkdir()
-    (own / f"{MODEL_PREFIX}abc").mkdir()
-    assert rundir.leftovers(str(tmp_path), kit_files=True) == []
-    # Engine code's files, next to the model or anywhere else, are the run's.
-    (own / "junk").write_text("x")
+    store = Store.create({}, rundir.kit_own(str(tmp_path)))
+    mine = os.path.relpath(os.path.dirname(store.path), tmp_path)
+    assert rundir.leftovers(str(tmp_path), store.files()) == []
+    # Engine code's files, next to the model, inside its directory (even with the store's
+    # own name prefix) or anywhere else, are the run's.
+    (tmp_path / rundir.KIT_OWN / "junk").write_text("x")
+    (tmp_path / f"{mine}x").mkdir()
+    (tmp_path / mine / "hidden").write_text("x")
     (tmp_path / "visible").write_text("x")
-    assert rundir.leftovers(str(tmp_path), kit_files=True) == [f"{rundir.KIT_OWN}/junk", "visible"]
+    assert rundir.leftovers(str(tmp_path), store.files()) == sorted(
+        [f"{rundir.KIT_OWN}/junk", f"{mine}x", f"{mine}/hidden", "visible"]
+    )
     # A real run keeps nothing there: the directory itself is a leftover.
-    assert rundir.leftovers(str(tmp_path), kit_files=False) == [rundir.KIT_OWN, "visible"]
-    assert rundir.leftovers(str(tmp_path / "gone"), kit_files=True) == []
+    assert rundir.leftovers(str(tmp_path)) == [rundir.KIT_OWN, "visible"]
+    assert rundir.leftovers(str(tmp_path / "gone"), store.files()) == []

@@ -6,6 +6,7 @@ import fcntl
 import os
 import shutil
 import tempfile
+from collections.abc import Collection
 
 #: Every run directory's name starts with PREFIX; those made with the lock protocol with
 #: LOCKED (a directory of an older kit, unlocked while its run lasts, is never judged).
@@ -26,23 +27,35 @@ def kit_own(path: str) -> str:
     return own
 
 
-def leftovers(path: str, kit_files: bool) -> list[str]:
-    """What run directory ``path`` holds that the run left (``kit_files``: the kit keeps its
-    own in it, which are not; anything else in their directory is)."""
+def leftovers(path: str, kit_files: Collection[str] = ()) -> list[str]:
+    """What run directory ``path`` holds that the run left, by relative path: everything but
+    ``kit_files`` (the kit's own, by path, kept in its :data:`KIT_OWN` directory) and the
+    directories that hold them; inside those directories, each entry on its own."""
     try:
         left = set(os.listdir(path))
     except OSError:
         return []
-    if kit_files and KIT_OWN in left:
-        # Fake runs only: the zygote and the real backend's runs never import the model.
-        from kit.system.fake.store import MODEL_PREFIX  # noqa: PLC0415
-
-        left.discard(KIT_OWN)
+    kept = {os.path.relpath(f, path) for f in kit_files}
+    holders: set[str] = set()
+    for f in kept:
+        d = os.path.dirname(f)
+        while d and not d.startswith(".."):
+            holders.add(d)
+            d = os.path.dirname(d)
+    todo = [name for name in left if name in holders]
+    left -= set(todo)
+    while todo:  # a directory that holds the kit's files: what else it holds is the run's
+        directory = todo.pop()
         try:
-            mine = os.listdir(os.path.join(path, KIT_OWN))
+            names = os.listdir(os.path.join(path, directory))
         except OSError:
-            mine = []
-        left.update(f"{KIT_OWN}/{n}" for n in mine if not n.startswith(MODEL_PREFIX))
+            continue
+        for name in names:
+            rel = os.path.join(directory, name)
+            if rel in holders:
+                todo.append(rel)
+            elif rel not in kept:
+                left.add(rel)
     return sorted(left)
 
 

@@ -348,7 +348,7 @@ class Supervisor:
         for name in sorted(_netns(host_root) - netns_before):
             self.leak("netns", f"{NETNS_DIR}/{name}")
         probe.remove_setuid_binary(run_dir)
-        left = rundir.leftovers(run_dir, kit_files=req.backend == "fake")
+        left = rundir.leftovers(run_dir, current().own_files())
         if left:
             self.leak("tempdir", f"left in the run's temporary directory: {', '.join(left)}")
         for limit in current().model_limits():

@@ -242,6 +242,11 @@ class RealSystem(System):
         """What the run did that the backend cannot reproduce (the kernel: nothing)."""
         return []
 
+    def own_files(self) -> list[str]:
+        """The files the backend keeps in the run's directory (the kernel: none), by path:
+        not the run's leftovers."""
+        return []
+
     def snapshot(self) -> dict[str, Any]:
         return probe.snapshot()
 

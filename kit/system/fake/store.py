@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-#: The name of a store's directory starts with it (kit.run.rundir tells it from leftovers).
+#: The name of a store's directory starts with it.
 MODEL_PREFIX = "kit-fake-model-"
 
 HEADER = struct.Struct("<QQ")  # generation, body length
@@ -100,6 +100,11 @@ class Store:
         )
         _replace(path, 1, _encode(state))
         return cls(path)
+
+    def files(self) -> list[str]:
+        """Every file the store may keep, by path (the document, its lock, and the new
+        document a writer killed half-way left)."""
+        return [self.path, _lock_path(self.path), _new_path(self.path)]
 
     def remove(self) -> None:
         shutil.rmtree(os.path.dirname(self.path), ignore_errors=True)
@@ -342,12 +347,16 @@ def _lock_path(path: str) -> str:
     return path + ".lock"
 
 
+def _new_path(path: str) -> str:
+    return path + ".new"
+
+
 def _replace(path: str, generation: int, body: bytes) -> None:
     """Write the document to a new file, then rename it over ``path`` (atomic: a reader,
     or a writer killed half-way, never leaves or sees a torn document). The caller holds
     the lock, so one fixed name for the new file serves every writer; O_TRUNC discards
     what a killed writer left in it."""
-    new = path + ".new"
+    new = _new_path(path)
     fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         view = memoryview(HEADER.pack(generation, len(body)) + body)

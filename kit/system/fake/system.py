@@ -903,6 +903,9 @@ class FakeSystem(System):
             f"mounted at {under['target']}"
         )
 
+    def own_files(self) -> list[str]:
+        return self._store.files()
+
     def model_limits(self) -> list[str]:
         with self._store.transaction(write=False) as st:
             return list(st.get("model_limits", ()))
