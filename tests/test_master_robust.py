@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+from typing import Any
 
 import pytest
 
@@ -381,8 +382,6 @@ def test_the_creation_watch_tells_a_dead_container_by_a_pidfd_above_fd_setsize()
     select() cannot wait for it there (ValueError), poll() can. The container process here
     is a child that has exited, its pidfd at 1500."""
     import resource
-    import threading
-    import types
 
     from kit.starter.master import Master
 
@@ -406,15 +405,7 @@ def test_the_creation_watch_tells_a_dead_container_by_a_pidfd_above_fd_setsize()
     # (never through rpc_sock's number, which engine code may have reused).
     kit_end, server_end = socket.socketpair()
     rpc_fd = kit_end.fileno()
-    fake = types.SimpleNamespace(
-        watch_lock=threading.Lock(),
-        watching=(high, rpc_fd),
-        pid=pid,
-        ctx=types.SimpleNamespace(cancel=reasons.append),
-        rpc_sock=None,
-        _unwatched=[],
-        _close_unwatched=lambda: None,
-    )
+    fake = _watching_master(high, rpc_fd, pid, reasons)
     try:
         Master._creation_watch_fired(fake)  # type: ignore[arg-type]
         server_end.settimeout(5)
@@ -428,6 +419,59 @@ def test_the_creation_watch_tells_a_dead_container_by_a_pidfd_above_fd_setsize()
         server_end.close()
     assert reasons == [f"the container process (pid {pid}) died: exit code 3"], reasons
     assert fake.watching is None and fake._unwatched == [(high, rpc_fd)]
+
+
+def _watching_master(pidfd: int, rpc_fd: int, pid: int, reasons: list[str]) -> Any:
+    """What ``Master._creation_watch_fired`` uses of a master that watches ``pidfd`` and its
+    copy ``rpc_fd`` of the RPC connection (identities as they are now)."""
+    import threading
+    import types
+
+    from kit.starter.master import Master
+    from kit.system import linux
+
+    fake = types.SimpleNamespace(
+        watch_lock=threading.Lock(),
+        watching=(pidfd, rpc_fd),
+        pid=pid,
+        ctx=types.SimpleNamespace(cancel=reasons.append),
+        rpc_sock=None,
+        fd_ids={fd: linux.fd_identity(fd) for fd in (pidfd, rpc_fd)},
+        lost=[],
+        _unwatched=[],
+        _close_unwatched=lambda: None,
+    )
+    fake._intact = lambda fd: Master._intact(fake, fd)  # type: ignore[arg-type]
+    fake._lost = fake.lost.append
+    return fake
+
+
+def test_a_creation_watch_whose_descriptor_engine_code_replaced_touches_nothing():
+    """Engine code in the master put its own socket under the number of the loop's copy of
+    the RPC connection: the watch reports a lost descriptor and neither cancels the
+    creation nor shuts the engine's socket down."""
+    from kit.starter.master import Master
+
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    pidfd = os.pidfd_open(pid)
+    kit_end, server_end = socket.socketpair()
+    engines, peer = socket.socketpair()
+    reasons: list[str] = []
+    try:
+        fake = _watching_master(pidfd, kit_end.fileno(), pid, reasons)
+        os.dup2(engines.fileno(), kit_end.fileno())  # engine code's dup2 over the kit's copy
+        Master._creation_watch_fired(fake)  # type: ignore[arg-type]
+        assert fake.lost == [kit_end.fileno()] and reasons == []
+        peer.sendall(b"still open")
+        assert kit_end.recv(64) == b"still open"  # the engine's socket was not shut down
+        assert fake.watching == (pidfd, kit_end.fileno())  # _lost (stubbed here) forgets it
+    finally:
+        os.waitpid(pid, 0)
+        os.close(pidfd)
+        for sock in (kit_end, server_end, engines, peer):
+            sock.close()
 
 
 @pytest.mark.parametrize("shape", ["", "Wait4", "Waitid"])

@@ -791,6 +791,15 @@ class Master:
 
     def _creation_watch_fired(self) -> None:
         with self.watch_lock:
+            watched = self.watching
+        replaced = [fd for fd in watched or () if not self._intact(fd)]
+        if replaced:
+            # Engine code put another file under a watch descriptor's number since the
+            # loop last looked: neither a reason to cancel nor a socket of ours to shut down.
+            self._lost(replaced[0])
+            self._close_unwatched()
+            return
+        with self.watch_lock:
             if self.watching is not None:
                 pidfd, _ = self.watching
                 if _readable(pidfd, 0.05):
