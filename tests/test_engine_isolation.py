@@ -40,7 +40,8 @@ for _fd in os.listdir("/proc/self/fd"):
         pass  # the listing's own descriptor, closed by now
 for where, name in (({marks!r}, str(os.getpid())), ({host!r}, "from-" + str(os.getpid()))):
     try:
-        with open(os.path.join(where, name), "w") as f:
+        # Written whole, then renamed: a test reading the marks never sees half of one.
+        with open(os.path.join(where, name + ".part"), "w") as f:
             json.dump({{
                 "pid": os.getpid(),
                 "uid": os.getuid(),
@@ -56,6 +57,7 @@ for where, name in (({marks!r}, str(os.getpid())), ({host!r}, "from-" + str(os.g
                 "environ": sorted(os.environ),
                 "tty": int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[4]),
             }}, f)
+        os.rename(os.path.join(where, name + ".part"), os.path.join(where, name))
     except OSError:
         pass
 {tail}
@@ -84,6 +86,8 @@ class Marked:
         """The imports noted so far (each process once)."""
         out = []
         for name in os.listdir(self.marks):
+            if name.endswith(".part"):
+                continue  # still being written
             with open(os.path.join(self.marks, name)) as f:
                 out.append(json.load(f))
         return out
