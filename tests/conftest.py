@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from kit.run import environment
+from kit.run.sandbox import INIT_NAME
 from kit.system import linux
 
 PYTEST_PID = os.getpid()
@@ -95,8 +96,7 @@ def _zygote_pid() -> int | None:
 def zygotes_sandbox(pid: int) -> bool:
     """Whether ``pid`` is the init of a host sandbox the launcher's zygote holds."""
     return (
-        linux.process_name(pid) == "kit-sandbox"
-        and linux.process_parents().get(pid) == _zygote_pid()
+        linux.process_name(pid) == INIT_NAME and linux.process_parents().get(pid) == _zygote_pid()
     )
 
 

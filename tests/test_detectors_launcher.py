@@ -23,6 +23,7 @@ from conftest import host_state, wait_until
 
 from kit.run import launcher
 from kit.run.launcher import LaunchError, RunHandle, Zygote, make_request, run, start
+from kit.run.sandbox import INIT_NAME
 from kit.run.zygote import FIXED_FDS
 from kit.system import linux
 
@@ -176,7 +177,7 @@ def _spare_inits(zygote: Zygote) -> list[int]:
     return [
         p
         for p in linux.descendants(zygote.proc.pid)
-        if linux.process_name(p) == "kit-sandbox"
+        if linux.process_name(p) == INIT_NAME
         and linux.process_parents().get(p) == zygote.proc.pid
         and linux.process_state(p) == "S"
     ]

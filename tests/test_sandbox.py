@@ -1014,6 +1014,35 @@ def test_a_build_whose_pidfd_cannot_be_opened_leaves_no_init_nor_descriptor():
     assert out.get("ok") == {"raised": errno.EMFILE, "left": [], "fds": True}, out
 
 
+def test_a_sandboxs_init_bears_its_name_from_its_fork_on():
+    """Built ahead at a low priority on a busy machine, init may not run a line for
+    seconds: a listing of the builder's children must know it from the start (a leftover
+    check once took such an init for a leaked process). Here init never runs a line of its
+    own: its name is the one it was forked with; the builder keeps its name."""
+    import signal
+
+    from conftest import in_child
+
+    def body() -> dict[str, Any]:
+        linux.set_name("kit-builder")
+        sandbox._init_main = lambda *args: signal.pause()  # in this forked child only
+        building = sandbox.build([])
+        try:
+            return {
+                "init": linux.process_name(building.init_pid),
+                "builder": linux.process_name(),
+            }
+        finally:
+            os.kill(building.init_pid, signal.SIGKILL)
+            os.waitpid(building.init_pid, 0)
+            os.close(building.pidfd)
+            os.close(building.ready_fd)
+            os.rmdir(building.scratch)
+
+    out = in_child(body)
+    assert out.get("ok") == {"init": sandbox.INIT_NAME, "builder": "kit-builder"}, out
+
+
 def test_a_sandbox_whose_init_died_and_whose_pid_names_another_process_is_not_adopted():
     """Init is the zygote's child: once dead and reaped, its pid may be given to another
     process before a supervisor adopts it by pid. Adoption checks through the pidfd of

@@ -10,6 +10,7 @@ import select
 import signal
 import stat
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import NoReturn
@@ -23,6 +24,8 @@ from kit.system import linux
 SANDBOX_ENV = "KIT_HOST_SANDBOX"
 #: ``KIT_SANDBOX=0`` turns the default host sandbox off (debugging, comparisons).
 SWITCH_ENV = "KIT_SANDBOX"
+#: The name (``comm``) of every sandbox's init, from its fork on.
+INIT_NAME = "kit-sandbox"
 #: Where a run legitimately writes: when the host has a separate mount there, the sandbox
 #: gets a copy-on-write view of it, even on a directory bound whole from the host (every
 #: other directory mount gets one where nothing is bound over it).
@@ -257,6 +260,7 @@ def build(shared: list[str]) -> Building:
     """Fork a new sandbox's init, which builds it while the caller goes on. ``shared``: host
     directories the run may write (bound in read-write at the same path). The caller's own
     later children stay in its pid namespace: only :func:`adopt` puts them in the sandbox's."""
+    builder = os.getpid()
     scratch = tempfile.mkdtemp(prefix="kit-sandbox-")
     os.chmod(scratch, 0o700)
     table = host_mount_table()  # here, where it is cached: init is a fresh fork each time
@@ -271,7 +275,16 @@ def build(shared: list[str]) -> Building:
         # Python handler held too: init drops those handlers before any can run in it.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, *_python_handled()})
         try:
-            pid = _fork_in_new_pid_namespace()
+            # Init is born with its name: built in the background at a low priority on a
+            # busy machine, it may wait seconds before it runs a line, and whoever lists the
+            # builder's children (ps, a test of leftovers) must know it all along.
+            builder_name = linux.thread_name(threading.get_native_id())
+            linux.set_name(INIT_NAME)
+            try:
+                pid = _fork_in_new_pid_namespace()
+            finally:
+                if builder_name and os.getpid() == builder:
+                    linux.set_name(builder_name)
             if pid == 0:
                 os.close(rfd)
                 shared = [os.path.realpath(p) for p in shared if os.path.isdir(p)]
@@ -285,7 +298,7 @@ def build(shared: list[str]) -> Building:
         raise
     finally:
         os.close(wfd)
-    return Building(init_pid=pid, ready_fd=rfd, scratch=scratch, builder=os.getpid(), pidfd=pidfd)
+    return Building(init_pid=pid, ready_fd=rfd, scratch=scratch, builder=builder, pidfd=pidfd)
 
 
 def _hold_init(pid: int) -> int:
@@ -701,7 +714,6 @@ def _init_main(
 def _init_body(scratch: str, shared: list[str], ready_fd: int, table: list[linux.Mount]) -> None:
     try:
         linux.set_parent_death_signal(signal.SIGKILL)
-        linux.set_name("kit-sandbox")
         _close_other_fds(ready_fd)
         watched = {signal.SIGCHLD, signal.SIGTERM, _RELEASE_SIGNAL}
         for signum in watched:  # taken by sigwaitinfo: not ignored, whatever the builder's
