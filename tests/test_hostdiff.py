@@ -161,6 +161,9 @@ class OwnSandbox:
         assert reply == {"ok": True}, reply
 
     def sh(self, command: str) -> None:
+        # The tests' mount and umount commands pass -n: util-linux records mount options
+        # in /run/mount/utab and makes /run/mount when a fresh host has none yet, a file
+        # change of the sandbox that the tests do not mean.
         self.run(f"import subprocess; subprocess.run({command!r}, shell=True, check=True)")
 
     def close(self) -> None:
@@ -302,8 +305,8 @@ def test_a_file_left_in_the_sandboxs_own_dev_shm_is_named(sandbox: OwnSandbox) -
     # The sandbox's /dev and /dev/shm are fresh tmpfs, no overlay: a lock file or a POSIX
     # shared memory object left there outlives the run as on a host; the walk stays on the
     # file system (a mount on it is the mount table's).
-    sandbox.sh("mount -t tmpfs kit-shm /dev/shm && mkdir /dev/shm/sub && mkdir /dev/shm/mnt")
-    sandbox.sh("mount -t tmpfs kit-inner /dev/shm/mnt && touch /dev/shm/mnt/hidden")
+    sandbox.sh("mount -n -t tmpfs kit-shm /dev/shm && mkdir /dev/shm/sub && mkdir /dev/shm/mnt")
+    sandbox.sh("mount -n -t tmpfs kit-inner /dev/shm/mnt && touch /dev/shm/mnt/hidden")
     sandbox.fresh_dirs = {"/dev/shm": f"/proc/{sandbox.init_pid}/root/dev/shm"}
     found = changes(
         sandbox,
@@ -321,7 +324,10 @@ def test_a_file_left_in_the_sandboxs_own_dev_shm_is_named(sandbox: OwnSandbox) -
 def test_mounts_added_remounted_and_repropagated_are_named(sandbox: OwnSandbox) -> None:
     found = changes(
         sandbox,
-        shell="mount -t tmpfs kit-test /mnt && mount -o remount,ro /proc && mount --make-shared /",
+        shell=(
+            "mount -n -t tmpfs kit-test /mnt && mount -n -o remount,ro /proc "
+            "&& mount -n --make-shared /"
+        ),
     )
     added = named(found, "mount", "/mnt")
     assert added.before is None and added.after.startswith("tmpfs kit-test")
@@ -332,14 +338,14 @@ def test_mounts_added_remounted_and_repropagated_are_named(sandbox: OwnSandbox) 
 
 
 def test_a_mount_removed_is_named(sandbox: OwnSandbox) -> None:
-    sandbox.sh("mount -t tmpfs kit-test /mnt")
-    found = changes(sandbox, shell="umount /mnt")
+    sandbox.sh("mount -n -t tmpfs kit-test /mnt")
+    found = changes(sandbox, shell="umount -n /mnt")
     removed = named(found, "mount", "/mnt")
     assert removed.after is None
 
 
 def test_a_mount_stacked_on_another_is_named(sandbox: OwnSandbox) -> None:
-    found = changes(sandbox, shell="mount -t tmpfs kit-test /proc")
+    found = changes(sandbox, shell="mount -n -t tmpfs kit-test /proc")
     assert named(found, "mount", "/proc [2]").after.startswith("tmpfs")
 
 
@@ -606,10 +612,10 @@ def test_the_watch_sees_a_propagation_change_undone_before_the_end(sandbox: OwnS
         watch = hostdiff.HostWatch(sandbox)
         watch.start()
         watch.note({"kind": "hook_enter", "role": "master", "hook": "create_container", "pid": 7})
-        sandbox.sh("mount --make-shared /")
+        sandbox.sh("mount -n --make-shared /")
         watch.note({"kind": "hook_return", "role": "master", "hook": "create_container", "pid": 7})
         watch.look()
-        sandbox.sh("mount --make-private /")
+        sandbox.sh("mount -n --make-private /")
         watch.look()
         return watch.finish()
 
@@ -628,7 +634,7 @@ def test_the_watch_sees_a_mount_made_and_undone_between_two_looks(sandbox: OwnSa
         watch.start()
         watch.look()
         watch.note({"kind": "hook_enter", "role": "master", "hook": "create_container", "pid": 7})
-        sandbox.sh("mount -t tmpfs kit-scratch /mnt && umount /mnt")
+        sandbox.sh("mount -n -t tmpfs kit-scratch /mnt && umount -n /mnt")
         watch.note({"kind": "hook_return", "role": "master", "hook": "create_container", "pid": 7})
         watch.look()
         watch.look()  # nothing new: no second sighting
@@ -652,7 +658,7 @@ def test_a_mount_namespace_copied_from_the_sandbox_is_no_change_of_it(sandbox: O
         watch.start()
         sandbox.sh(
             "unshare --mount --propagation private sh -c "
-            "'mount -t tmpfs x /mnt && mount -o remount,ro /mnt && umount /mnt'"
+            "'mount -n -t tmpfs x /mnt && mount -n -o remount,ro /mnt && umount -n /mnt'"
         )
         watch.look()
         return watch.finish()
@@ -752,7 +758,7 @@ def test_the_watch_reads_a_mount_table_longer_than_a_page_whole(sandbox: OwnSand
     # read saw mounts past it as removed, and a change there as made in no hook.
     sandbox.sh(
         "mkdir -p /mnt/kit-many && for i in $(seq 1 150); do mkdir -p /mnt/kit-many/$i "
-        "&& mount -t tmpfs kit-many-$i /mnt/kit-many/$i; done"
+        "&& mount -n -t tmpfs kit-many-$i /mnt/kit-many/$i; done"
     )
     with open(f"/proc/{sandbox.init_pid}/mountinfo", "rb") as f:
         assert len(f.read()) > 8192  # longer than two pages
@@ -761,10 +767,10 @@ def test_the_watch_reads_a_mount_table_longer_than_a_page_whole(sandbox: OwnSand
         watch = hostdiff.HostWatch(sandbox)
         watch.start()
         watch.note({"kind": "hook_enter", "role": "master", "hook": "create_container", "pid": 7})
-        sandbox.sh("mount -t tmpfs kit-last /mnt/kit-many/150")  # the table's last line
+        sandbox.sh("mount -n -t tmpfs kit-last /mnt/kit-many/150")  # the table's last line
         watch.look()
         watch.note({"kind": "hook_return", "role": "master", "hook": "create_container", "pid": 7})
-        sandbox.sh("umount /mnt/kit-many/150")
+        sandbox.sh("umount -n /mnt/kit-many/150")
         watch.look()
         return watch.finish()
 
@@ -799,10 +805,10 @@ def test_a_look_at_an_unchanged_mount_table_reads_it_once(sandbox: OwnSandbox) -
             watch.look()
         quiet = reads[0]
         watch.note({"kind": "hook_enter", "role": "master", "hook": "create_container", "pid": 7})
-        sandbox.sh("mount --make-shared /")
+        sandbox.sh("mount -n --make-shared /")
         watch.look()
         watch.note({"kind": "hook_return", "role": "master", "hook": "create_container", "pid": 7})
-        sandbox.sh("mount --make-private /")
+        sandbox.sh("mount -n --make-private /")
         watch.look()
         return {"quiet": quiet, "doc": watch.finish()}
 
