@@ -73,6 +73,8 @@ def describe_run(run: Run) -> str:
             )
         elif kind in ("stage2_failed", "fatal"):
             problems.append(f"{kind}: {str(ev.get('message'))[:200]}")
+        elif kind == "hook_timeout" and not ev.get("hook"):
+            problems.append("run timeout with no hook open")
         elif kind == "hook_timeout":
             problems.append(f"hook timeout: {ev.get('hook_role')} {ev.get('hook')}")
     if problems:
@@ -3210,7 +3212,10 @@ def check_no_hang(verify: Verifier, run: Run) -> None:
         timed is None,
         expected="every hook returns within the hook timeout",
         observed=lambda: (
-            f"{timed.get('hook')} in the {timed.get('hook_role')}"
+            f"the run did not end within {timed.get('seconds')} s with no hook open (stuck "
+            "between hooks)"
+            if not timed.get("hook")
+            else f"{timed.get('hook')} in the {timed.get('hook_role')}"
             f" did not return within {timed.get('seconds')} s (still open: "
             f"{', '.join(h['role'] + ' ' + h['hook'] for h in timed.get('open_hooks', []))})"
         ),

@@ -719,6 +719,8 @@ def describe(event: dict[str, Any]) -> str:
         return f"{kind}: {shorten(event.get('message'), 80)}"
     if kind == "starter_error":
         return f"starter error ({event.get('stage')}): {shorten(event.get('message'), 70)}"
+    if kind == "hook_timeout" and not event.get("hook"):
+        return f"run timeout after {event.get('seconds')} s, no hook open"
     if kind == "hook_timeout":
         return (
             f"hook timeout: {event.get('hook_role')} {event.get('hook')} after "

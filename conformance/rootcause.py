@@ -51,6 +51,8 @@ class RootCause:
 
     @property
     def headline(self) -> str:
+        if not self.hook:
+            return f"the run failed between hooks: {self.error}"
         return f"the run failed at {self.hook} ({self.role}): {self.error}"
 
     @property
@@ -101,6 +103,16 @@ def _from_event(event: dict[str, Any]) -> RootCause:
             text,
             f"make {hook} ({role}) not raise in a run that asks for no failure: it raised {text}",
             trace,
+        )
+    if kind == "hook_timeout" and not event.get("hook"):
+        text = f"run timeout: no hook was open when the run's {event.get('seconds')} s were up"
+        return RootCause(
+            "",
+            role,
+            text,
+            "find what kept the run from going on between two hooks: a hook's thread or "
+            "child still running, an RPC server that does not exit (SPEC §2 rule 5)",
+            "",
         )
     if kind == "hook_timeout":
         hook, role = str(event.get("hook")), str(event.get("hook_role") or role)

@@ -561,6 +561,23 @@ def test_a_fatal_error_without_exit_255_breaks_exit_003():
     assert violation.observed == "none"
 
 
+@pytest.mark.parametrize(
+    "hook, role, observed",
+    [
+        ("create_container", "master", "create_container in the master did not return within"),
+        ("", "", "the run did not end within 5 s with no hook open (stuck between hooks)"),
+    ],
+)
+def test_a_timed_out_run_breaks_err_009_naming_the_hook_or_none(hook, role, observed):
+    timeout = {"kind": "hook_timeout", "role": "supervisor", "hook": hook, "hook_role": role}
+    run = make_run("root", [timeout], exit_code=255)
+    run.result.timed_out = {"hook": hook, "hook_role": role, "seconds": 5, "open_hooks": []}
+    verify = checks.Verifier("root", ["ERR-009"], "t")
+    checks.check_no_hang(verify, run)
+    (violation,) = verify.violations["ERR-009"]
+    assert violation.observed.startswith(observed), violation.observed
+
+
 def test_no_suite_test_body_names_a_requirement_id():
     # A body takes its requirement from ``verify`` (the test's @requirement marker); an ID
     # written again in the body could disagree with the marker.

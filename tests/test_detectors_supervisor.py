@@ -485,13 +485,39 @@ def test_a_run_with_no_open_hook_times_out_as_a_whole():
     assert result["seconds"] >= T and result["alive"] == []
     assert result["exit_code"] == 255
     [fired] = kinds(result, "hook_timeout")
-    # named after the untimed hook the run spends its time in, no process of it known
-    assert (fired["hook"], fired["hook_role"], fired["hook_pid"]) == (
-        "monitor_container",
-        "master",
-        0,
-    )
+    # No hook is open: none is named (monitor_container once was, for a run stuck before
+    # stage 2 as well, which sent engine authors to the wrong hook).
+    assert (fired["hook"], fired["hook_role"], fired["hook_pid"]) == ("", "", 0)
     assert fired["open_hooks"] == []
+    assert result["reason"] == (
+        f"run timeout: the run did not end within {T} s, and no hook was open (none had "
+        "run): kit code or engine code outside the hooks kept it from going on"
+    )
+
+
+def test_a_run_stuck_between_hooks_is_named_after_the_last_hook_that_ended():
+    def returns_then_hangs(ledger: LedgerWriter) -> int:
+        master = ledger.for_role("master")
+        master.emit("hook_enter", hook="create_container")
+        master.emit("hook_return", hook="create_container")
+        signal.pause()
+        return 0
+
+    result = supervise(returns_then_hangs, hook_timeout=0.2, run_timeout=T)
+    assert result["timed_out"]["hook"] == ""
+    assert "the last hook to end: create_container in master, returned" in result["reason"]
+
+
+def test_an_untimed_hook_that_ended_is_not_named_by_the_run_timer():
+    def monitors_then_hangs(ledger: LedgerWriter) -> int:
+        master = ledger.for_role("master")
+        master.emit("hook_enter", hook="monitor_container")
+        master.emit("hook_return", hook="monitor_container")
+        signal.pause()
+        return 0
+
+    result = supervise(monitors_then_hangs, run_timeout=T)
+    assert (result["timed_out"]["hook"], result["timed_out"]["hook_role"]) == ("", "")
 
 
 def test_the_run_timer_names_a_hook_still_open():

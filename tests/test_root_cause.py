@@ -159,6 +159,16 @@ def test_a_hook_timeout_in_create_container_points_at_spec_rule_5():
     assert cause.role == "master" and "SPEC §2 rule 5" in cause.advice
 
 
+def test_a_run_timeout_with_no_hook_open_names_no_hook():
+    events = [ev("hook_timeout", role="supervisor", hook="", hook_role="", seconds=5)]
+    cause = rootcause.find("default", events)
+    assert cause.headline == (
+        "the run failed between hooks: run timeout: no hook was open when the run's 5 s were up"
+    )
+    assert "RPC server that does not exit" in cause.advice
+    assert render.describe(events[0]) == "run timeout after 5 s, no hook open"
+
+
 # --- the honest verdict ------------------------------------------------------------------------
 
 

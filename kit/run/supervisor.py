@@ -124,6 +124,9 @@ class Supervisor:
         self.events: list[dict[str, Any]] = []
         self._datagrams: list[bytes | None] = []  # per event: its JSON as it arrived
         self.open_hooks: dict[tuple[str, str], tuple[float, int]] = {}
+        #: The untimed hooks open now (monitor_container), with their process's pid: what
+        #: the run timer names when no timed hook is open.
+        self.untimed_open: dict[tuple[str, str], int] = {}
         self.leaks: list[dict[str, Any]] = []
         self.timed_out: dict[str, Any] | None = None
         self.me = LedgerWriter(None, "supervisor")
@@ -164,17 +167,17 @@ class Supervisor:
         self._datagrams.append(datagram)
         kind = event["kind"]
         role = event.get("role", "?")
-        if (
-            kind == "hook_enter"
-            and isinstance(event.get("hook"), str)
-            and event["hook"] not in UNTIMED_HOOKS
-        ):
-            self.open_hooks[(role, event["hook"])] = (
-                time.monotonic() + self.req.hook_timeout,
-                event.get("pid", 0),
-            )
+        if kind == "hook_enter" and isinstance(event.get("hook"), str):
+            if event["hook"] in UNTIMED_HOOKS:
+                self.untimed_open[(role, event["hook"])] = event.get("pid", 0)
+            else:
+                self.open_hooks[(role, event["hook"])] = (
+                    time.monotonic() + self.req.hook_timeout,
+                    event.get("pid", 0),
+                )
         elif kind in ("hook_return", "hook_raise"):
             self.open_hooks.pop((role, event.get("hook", "")), None)
+            self.untimed_open.pop((role, event.get("hook", "")), None)
         elif kind in ("stage2_exec", "stage2_failed"):
             self.open_hooks.pop(("stage2", "start_process"), None)
         if self.host is not None:
@@ -476,6 +479,12 @@ class Supervisor:
         self.emit("leak", what=what, detail=detail)
 
     def exit_code(self, status: int | None) -> tuple[int, str]:
+        if self.timed_out is not None and not self.timed_out["hook"]:
+            return EXIT_FATAL, (
+                f"run timeout: the run did not end within {self.timed_out['seconds']} s, "
+                f"and no hook was open ({self._last_hook()}): kit code or engine code "
+                "outside the hooks kept it from going on"
+            )
         if self.timed_out is not None:
             return EXIT_FATAL, (
                 f"hook timeout: {self.timed_out['hook']} in "
@@ -794,11 +803,14 @@ class Supervisor:
 
     def on_timeout(self, whole_run: bool) -> None:
         # The hook named is the one open longest (the earliest deadline: every timed hook
-        # has the same timeout), for the run timer too; with none open, the untimed hook
-        # the run spends its time in.
-        role, hook = ("master", "monitor_container")
+        # has the same timeout), for the run timer too; with none open, an untimed hook
+        # (monitor_container) that is; with no hook open at all, none: the run is stuck
+        # between hooks (hook and role "", the reason says after which hook).
+        role, hook, pid = "", "", 0
         if self.open_hooks:
-            (role, hook), _ = min(self.open_hooks.items(), key=lambda kv: kv[1][0])
+            (role, hook), (_, pid) = min(self.open_hooks.items(), key=lambda kv: kv[1][0])
+        elif self.untimed_open:
+            (role, hook), pid = next(iter(self.untimed_open.items()))
         seconds = self.req.run_timeout if whole_run else self.req.hook_timeout
         # Every hook still open, oldest first: a hook blocked on another process's hung
         # hook (create_container on an RPC method, say) is listed with it.
@@ -818,11 +830,19 @@ class Supervisor:
             "hook_timeout",
             hook=hook,
             hook_role=role,
-            hook_pid=self.open_hooks.get((role, hook), (0, 0))[1],
+            hook_pid=pid,
             seconds=seconds,
             open_hooks=still_open,
         )
         self.kill_tree()
+
+    def _last_hook(self) -> str:
+        """The last hook that ended, as a reason's words."""
+        for event in reversed(self.events):
+            if event["kind"] in ("hook_return", "hook_raise"):
+                verb = "returned" if event["kind"] == "hook_return" else "raised"
+                return f"the last hook to end: {event.get('hook')} in {event.get('role')}, {verb}"
+        return "none had run"
 
     def kill_tree(self) -> None:
         """SIGKILL every descendant until none is left; reap them (we are the subreaper).
