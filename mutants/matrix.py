@@ -740,6 +740,8 @@ class Matrix:
 #: Backends whose mutant sessions run only the tests of the declared requirements: the real
 #: backend runs the whole suite (what else fails is part of the evidence); the fake backend
 #: only says which mutants it can kill.
+#: The backends whose mutant sessions run only the declared requirements' tests by default
+#: (``run_matrix(focus=…)``): a fake session's other results say little.
 FOCUSED_BACKENDS = ("fake",)
 
 
@@ -750,10 +752,16 @@ def run_matrix(
     baselines: bool = True,
     progress: Callable[[str], None] | None = None,
     part: tuple[int, int] | None = None,
+    focus: Sequence[str] = FOCUSED_BACKENDS,
+    mutant_backends: Sequence[str] = BACKENDS,
 ) -> Matrix:
     """Run the suite against the baselines and every mutant (or ``only`` those) in
     ``backend`` (``real``, ``fake`` or ``both``), ``jobs`` sessions at a time; ``part``
-    (K, N): only the K-th of N shards of those targets (:func:`shard`)."""
+    (K, N): only the K-th of N shards of those targets (:func:`shard`). In the backends of
+    ``focus`` a mutant's session runs only the tests of the requirements it declares
+    (its ``failed`` then lists only those: what else the bug breaks is not looked at).
+    Baselines run everything; mutants only in ``mutant_backends`` (a fake backend's kills
+    are a measure, not a verdict: CI runs its baselines only)."""
     start = time.monotonic()
     backends = BACKENDS if backend == "both" else (backend,)
     matrix = Matrix(problems=declaration_problems())
@@ -764,6 +772,8 @@ def run_matrix(
     for name in backends:
         ok, why = backend_available(name)
         for target in targets:
+            if not target.baseline and name not in mutant_backends:
+                continue
             if ok:
                 work.append((target, name))
             else:
@@ -772,7 +782,7 @@ def run_matrix(
     root = sessions_root()
 
     def one(index: int, target: Target, name: str) -> list[dict[str, Any]]:
-        doc = session_in(root, index, target, name, focus=name in FOCUSED_BACKENDS)
+        doc = session_in(root, index, target, name, focus=name in focus)
         found = entries_for(target, name, doc)
         if progress is not None:
             progress(_line(found))
@@ -944,6 +954,7 @@ def main(
     list_only: bool = False,
     part: tuple[int, int] | None = None,
     combine: Sequence[str] = (),
+    focus: Sequence[str] = FOCUSED_BACKENDS,
 ) -> int:
     """``python -m mutants``."""
     if list_only:
@@ -957,7 +968,12 @@ def main(
         matrix = Matrix(entries=load_entries(combine), problems=declaration_problems())
     else:
         matrix = run_matrix(
-            backend, jobs, only, progress=lambda line: print(line, flush=True), part=part
+            backend,
+            jobs,
+            only,
+            progress=lambda line: print(line, flush=True),
+            part=part,
+            focus=focus,
         )
     print()
     print(table(matrix))

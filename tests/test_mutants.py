@@ -278,12 +278,18 @@ def test_a_failed_baseline_keeps_what_each_failed_requirement_said():
 JOBS = min(6, 2 * (os.cpu_count() or 1))
 
 
-def test_the_kill_matrix_kills_every_mutant_and_passes_the_reference(tmp_path, record_property):
-    """The real backend must kill every mutant but the known survivors; the fake backend
-    (when the suite accepts it) runs too, and the fraction it kills is recorded."""
+def test_the_kill_matrix_kills_every_mutant_and_passes_the_reference(tmp_path):
+    """The real backend must kill every mutant but the known survivors; the baselines pass
+    in the fake backend too (when the suite accepts it). The fake backend's kills are a
+    measure, not a verdict (``python -m mutants --backend both`` gives them): its 151
+    mutant sessions cost half of the matrix and asserted nothing. Each mutant session runs
+    only its declared requirements' tests (``--focus``: the same verdicts, measured on the
+    whole zoo; four sessions took 9.6 s instead of 16.2 s), the baselines everything."""
     _needs_root()
     fake, _ = M.backend_available("fake")
-    matrix = M.run_matrix("both" if fake else "real", jobs=JOBS)
+    matrix = M.run_matrix(
+        "both" if fake else "real", jobs=JOBS, focus=M.BACKENDS, mutant_backends=("real",)
+    )
     path = tmp_path / "matrix.json"
     path.write_text(json.dumps(matrix.entries))
     print("\n" + M.table(matrix))
@@ -323,11 +329,10 @@ def test_the_kill_matrix_kills_every_mutant_and_passes_the_reference(tmp_path, r
         for req, found in M.declared_mechanisms().items()
         if req in M.must_requirements() and len(found) >= 2 and len(mechanisms.get(req, [])) < 2
     ] == []
-
-    if fake:
-        killed, decidable, total = matrix.killed_fraction("fake")
-        record_property("fake_backend_killed", f"{killed}/{total} ({decidable} decidable)")
-        assert total == killable
+    if fake:  # the fake baselines ran, and only they
+        assert {e["mutant"] for e in entries if e["backend"] == "fake"} == {
+            label for label, _ in M.BASELINES
+        }
 
 
 def test_the_listing_names_every_mutant_and_how_to_run_it():
