@@ -109,6 +109,32 @@ def test_a_bad_request_is_answered_with_an_error_naming_it_and_the_fds_closed(
     assert proc.poll() is None  # and the zygote serves on
 
 
+def test_a_zygote_started_from_a_thread_outlives_it_and_leaves_nothing_at_exit(tmp_path):
+    """The zygote's parent-death signal fires when the thread that forked it ends: started
+    from a worker thread (the conformance plugin's pool), it was killed once the pool shut
+    down, and the run directory it had made ahead for the next run stayed behind."""
+    code = (
+        "import json, os, threading, time\n"
+        "from kit.run.launcher import Zygote, run\n"
+        "codes = []\n"
+        "t = threading.Thread(target=lambda: codes.append(run('reference', 'root', "
+        "['/bin/true']).exit_code))\n"
+        "t.start(); t.join(); time.sleep(0.3)\n"
+        "print(json.dumps([codes, Zygote.get_existing().proc.poll()]))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd="/",
+        env={**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [[0], None]  # the run passed; the zygote lives on
+    assert os.listdir(tmp_path) == []  # and at exit it removed what it had made ahead
+
+
 def test_a_zygote_that_died_is_reported_and_replaced():
     zygote = Zygote()
     zygote.proc.kill()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
+import queue
 import select
 import shutil
 import signal
@@ -12,8 +14,9 @@ import socket
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, TypeVar, cast
 
 from kit.ledger.record import Ledger
 from kit.run.request import DEFAULT_HOOK_TIMEOUT, DEFAULT_RUN_TIMEOUT, Invoker, RunRequest
@@ -108,7 +111,58 @@ class RunResult:
 #: after it: an import that hangs is named by the inspection, not taken for a hung zygote),
 #: and perhaps for a host sandbox built then. Past it the zygote is taken for hung, killed
 #: and replaced. (Not imported from kit.preflight: the launcher stays light to import.)
+T = TypeVar("T")
 ZYGOTE_ANSWER_TIMEOUT = 180.0
+#: Seconds the launcher waits, at its exit, for its zygote to clean up and end.
+ZYGOTE_EXIT_WAIT = 5.0
+
+
+class _LastingThread:
+    """A thread that lasts as long as the process, to fork the zygote from. The zygote's
+    parent-death signal fires when the *thread* that forked it ends (prctl(2)), not the
+    process: forked from a worker thread (the conformance plugin runs lifecycles in a pool),
+    it was SIGKILLed when the pool shut down, before the launcher's exit could end it
+    cleanly, and the run directory it had made ahead stayed behind."""
+
+    _lock = threading.Lock()
+    _instance: _LastingThread | None = None
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.calls: queue.SimpleQueue[tuple[Callable[[], Any], list[Any], threading.Event]] = (
+            queue.SimpleQueue()
+        )
+        threading.Thread(target=self._serve, name="kit-zygote-forker", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            call, out, done = self.calls.get()
+            try:
+                out.append((True, call()))
+            except BaseException as exc:  # noqa: BLE001 handed to the caller, raised there
+                out.append((False, exc))
+            done.set()
+
+    @classmethod
+    def get(cls) -> _LastingThread:
+        with cls._lock:
+            if cls._instance is None or cls._instance.pid != os.getpid():
+                cls._instance = cls()
+            return cls._instance
+
+
+def _from_a_lasting_thread(call: Callable[[], T]) -> T:
+    """``call()`` in a thread that lasts until the process exits (the main thread does)."""
+    if threading.current_thread() is threading.main_thread():
+        return call()
+    out: list[Any] = []
+    done = threading.Event()
+    _LastingThread.get().calls.put((call, out, done))
+    done.wait()
+    ok, value = out[0]
+    if not ok:
+        raise value
+    return cast(T, value)
 
 
 class Zygote:
@@ -126,22 +180,40 @@ class Zygote:
 
         self.control, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "kit.run.zygote", str(child_end.fileno())],
-                pass_fds=(child_end.fileno(),),
-                stdin=subprocess.DEVNULL,
-                cwd="/",
-                start_new_session=True,
-                env={**os.environ, "PYTHONPATH": os.pathsep.join(_import_path())},
+            self.proc = _from_a_lasting_thread(
+                lambda: subprocess.Popen(
+                    [sys.executable, "-m", "kit.run.zygote", str(child_end.fileno())],
+                    pass_fds=(child_end.fileno(),),
+                    stdin=subprocess.DEVNULL,
+                    cwd="/",
+                    start_new_session=True,
+                    env={**os.environ, "PYTHONPATH": os.pathsep.join(_import_path())},
+                )
             )
         finally:
             child_end.close()
         self.pid = os.getpid()
+        atexit.register(self._end_at_exit)
         # One exchange at a time (replies come in the order of the requests); not the class's
         # lock, which get() takes: a zygote that hangs holds up its own exchanges alone.
         self._talk = threading.Lock()
         #: Why this zygote was killed, if the launcher killed it.
         self.killed_because: str | None = None
+
+    def _end_at_exit(self) -> None:
+        """At the launcher's exit: EOF on the control socket, then a short wait while the
+        zygote removes the run directory and the sandbox it made ahead. Without the wait,
+        the launcher's death killed it (its parent-death signal) in the middle, and the
+        directory stayed until the next zygote's sweep."""
+        if self.pid != os.getpid() or self.proc.poll() is not None:
+            return
+        import subprocess  # noqa: PLC0415  (imported by __init__ already)
+
+        self.control.close()
+        try:
+            self.proc.wait(ZYGOTE_EXIT_WAIT)
+        except subprocess.TimeoutExpired:
+            pass  # it dies with us all the same
 
     @classmethod
     def get_existing(cls) -> Zygote | None:
