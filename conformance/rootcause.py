@@ -20,8 +20,6 @@ HOOKS = (
     "monitor_container",
     "cleanup_container",
 )
-#: Prefix of the message of every result a root cause leaves undecided.
-PREFIX = "not decided: the run failed at "
 
 #: Starter stages whose error is the engine's StarterConfig or engine config.
 _STAGE_ADVICE = {

@@ -737,11 +737,9 @@ class Matrix:
         return killed, decidable, total
 
 
-#: Backends whose mutant sessions run only the tests of the declared requirements: the real
-#: backend runs the whole suite (what else fails is part of the evidence); the fake backend
-#: only says which mutants it can kill.
 #: The backends whose mutant sessions run only the declared requirements' tests by default
-#: (``run_matrix(focus=…)``): a fake session's other results say little.
+#: (``run_matrix(focus=…)``): the real backend runs the whole suite (what else fails is part
+#: of the evidence); the fake backend only says which mutants it can kill.
 FOCUSED_BACKENDS = ("fake",)
 
 

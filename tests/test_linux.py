@@ -246,6 +246,17 @@ def test_a_name_is_set_through_one_buffer_size_whatever_its_length() -> None:
     assert out == {"ok": ["kit-x", "kit-sandbox", "a-name-longer-t", "16", "16", "16"]}
 
 
+def test_get_name_reads_the_calling_threads_name_from_the_kernel():
+    def run() -> list[str]:
+        names = []
+        for name in ("kit-x", "a-name-longer-than-fifteen"):
+            linux.set_name(name)
+            names.append(linux.get_name())
+        return names
+
+    assert in_child(run) == {"ok": ["kit-x", "a-name-longer-t"]}
+
+
 #: A seccomp filter (x86-64 numbers) for a child of the test: close_range(2) fails with the
 #: errno put in its fourth instruction, and close(2) of a number from 2**20 up kills the
 #: process: a fallback that tries every number (CPython's os.closerange) dies at once,

@@ -474,6 +474,46 @@ def test_a_creation_watch_whose_descriptor_engine_code_replaced_touches_nothing(
             sock.close()
 
 
+def test_a_lost_watch_descriptor_never_closes_the_other_one_engine_code_replaced_too():
+    """Engine code replaced both descriptors of the creation watch (closerange, then two
+    files of its own under their numbers): the master forgets both and closes neither, for
+    both numbers are engine code's files now."""
+    import select
+    import threading
+    import types
+
+    from kit.starter.master import Master
+
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    pidfd = os.pidfd_open(pid)
+    kit_end, server_end = socket.socketpair()
+    fake = _watching_master(pidfd, kit_end.fileno(), pid, [])
+    fake.poller = select.poll()
+    fake.fd_lost = None
+    fake.events = []
+    fake.ledger = types.SimpleNamespace(emit=lambda *args, **kwargs: None)
+    fake._put = fake.events.append
+    fake._forget = lambda fd, close=False: Master._forget(fake, fd, close)  # type: ignore[arg-type]
+    fake.watch_lock = threading.Lock()
+    fake.sigfd = fake.wake_r = fake.wake_w = -1
+    engines = [socket.socketpair() for _ in range(2)]
+    try:
+        os.dup2(engines[0][0].fileno(), pidfd)  # engine code's files under both numbers
+        os.dup2(engines[1][0].fileno(), kit_end.fileno())
+        Master._lost(fake, pidfd)  # type: ignore[arg-type]
+        assert fake.watching is None and fake.fd_ids == {}
+        os.fstat(pidfd)  # both still open: engine code's
+        os.fstat(kit_end.fileno())
+        assert [kind for kind, _ in fake.events] == ["fd_lost"]
+    finally:
+        os.waitpid(pid, 0)
+        os.close(pidfd)
+        for sock in (kit_end, server_end, *(s for pair in engines for s in pair)):
+            sock.close()
+
+
 @pytest.mark.parametrize("shape", ["", "Wait4", "Waitid"])
 def test_a_monitor_reaping_before_the_start_waiter_looks_does_not_hide_the_exec(shape):
     # The monitor keeps the GIL while it polls: without the master holding its reap until

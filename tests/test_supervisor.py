@@ -154,6 +154,10 @@ def test_the_kits_own_files_in_a_fake_run_directory_are_no_leftovers_but_nothing
     assert rundir.leftovers(str(tmp_path), store.files()) == sorted(
         [f"{rundir.KIT_OWN}/junk", f"{mine}x", f"{mine}/hidden", "visible"]
     )
+    # A kit file right in the run directory is spared too.
+    assert rundir.leftovers(str(tmp_path), [*store.files(), str(tmp_path / "visible")]) == sorted(
+        [f"{rundir.KIT_OWN}/junk", f"{mine}x", f"{mine}/hidden"]
+    )
     # A real run keeps nothing there: the directory itself is a leftover.
     assert rundir.leftovers(str(tmp_path)) == [rundir.KIT_OWN, "visible"]
     assert rundir.leftovers(str(tmp_path / "gone"), store.files()) == []

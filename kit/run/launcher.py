@@ -111,10 +111,12 @@ class RunResult:
 #: after it: an import that hangs is named by the inspection, not taken for a hung zygote),
 #: and perhaps for a host sandbox built then. Past it the zygote is taken for hung, killed
 #: and replaced. (Not imported from kit.preflight: the launcher stays light to import.)
-T = TypeVar("T")
 ZYGOTE_ANSWER_TIMEOUT = 180.0
 #: Seconds the launcher waits, at its exit, for its zygote to clean up and end.
 ZYGOTE_EXIT_WAIT = 5.0
+
+
+T = TypeVar("T")
 
 
 class _LastingThread:

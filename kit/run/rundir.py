@@ -43,7 +43,7 @@ def leftovers(path: str, kit_files: Collection[str] = ()) -> list[str]:
             holders.add(d)
             d = os.path.dirname(d)
     todo = [name for name in left if name in holders]
-    left -= set(todo)
+    left -= set(todo) | kept
     while todo:  # a directory that holds the kit's files: what else it holds is the run's
         directory = todo.pop()
         try:

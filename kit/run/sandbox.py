@@ -10,7 +10,6 @@ import select
 import signal
 import stat
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import NoReturn
@@ -278,12 +277,12 @@ def build(shared: list[str]) -> Building:
             # Init is born with its name: built in the background at a low priority on a
             # busy machine, it may wait seconds before it runs a line, and whoever lists the
             # builder's children (ps, a test of leftovers) must know it all along.
-            builder_name = linux.thread_name(threading.get_native_id())
+            builder_name = linux.get_name()
             linux.set_name(INIT_NAME)
             try:
                 pid = _fork_in_new_pid_namespace()
             finally:
-                if builder_name and os.getpid() == builder:
+                if os.getpid() == builder:
                     linux.set_name(builder_name)
             if pid == 0:
                 os.close(rfd)

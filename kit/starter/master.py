@@ -459,7 +459,9 @@ class Master:
                     self.watching = None
                 self._unwatched = [p for p in self._unwatched if fd not in p]
             for end in {end for pair in pairs for end in pair} | {fd}:
-                self._forget(end, close=end != fd)
+                # The pair's other end too, unless engine code replaced it as well (then
+                # the number is its file now: forgotten, never closed).
+                self._forget(end, close=end != fd and self._intact(end))
         error = KitFdClosed(
             f"engine code closed a file descriptor of the kit (or put another file under its "
             f"number): fd {fd}, {what}; a hook of the master must close only the "

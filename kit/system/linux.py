@@ -694,6 +694,7 @@ PR_GET_DUMPABLE = 3
 PR_SET_DUMPABLE = 4
 PR_SET_KEEPCAPS = 8
 PR_SET_NAME = 15
+PR_GET_NAME = 16
 PR_CAPBSET_READ = 23
 PR_CAPBSET_DROP = 24
 PR_GET_SECUREBITS = 27
@@ -944,6 +945,13 @@ def set_name(name: str) -> None:
     # in a process (about 0.1 ms); this one is made once, by the zygote naming itself.
     buf = ctypes.create_string_buffer(name.encode()[:15], _TASK_COMM_LEN)
     prctl(PR_SET_NAME, ctypes.addressof(buf))
+
+
+def get_name() -> str:
+    """The calling thread's name (``comm``), from the kernel itself (no /proc needed)."""
+    buf = ctypes.create_string_buffer(_TASK_COMM_LEN)
+    prctl(PR_GET_NAME, ctypes.addressof(buf))
+    return buf.value.decode(errors="replace")
 
 
 def _stat(pid: int | str, proc: str = "/proc") -> bytes | None:

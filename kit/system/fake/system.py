@@ -53,7 +53,7 @@ class ProcState:
 
     def start(self) -> int | None:
         """When the process ``real_pid`` names started (see :func:`linux.process_start`)."""
-        if self._start[0] != self.real_pid:
+        if self._start[0] != self.real_pid or self._start[1] is None:
             self._start = (self.real_pid, linux.process_start(self.real_pid))
         return self._start[1]
 
@@ -78,6 +78,8 @@ def _alive(pid: int, entry: dict[str, Any]) -> bool:
 
 
 def _same(pid: int, entry: dict[str, Any]) -> bool:
+    """Whether ``pid`` still names the process of ``entry`` (an entry whose start time
+    could not be read cannot tell: taken for the same, as before start times)."""
     return entry.get("start") is None or linux.process_start(pid) == entry["start"]
 
 
@@ -90,7 +92,7 @@ def _kill_if_same(pid: int, entry: dict[str, Any]) -> None:
     except OSError:
         return  # gone
     try:
-        if entry.get("start") is not None and linux.process_start(pid) == entry["start"]:
+        if _same(pid, entry):
             signal.pidfd_send_signal(fd, signal.SIGKILL)
     except OSError:
         pass  # gone since
