@@ -135,6 +135,29 @@ def test_a_zygote_started_from_a_thread_outlives_it_and_leaves_nothing_at_exit(t
     assert os.listdir(tmp_path) == []  # and at exit it removed what it had made ahead
 
 
+@pytest.mark.parametrize("owner", ["Zygote", "_LastingThread"])
+def test_a_child_forked_while_a_thread_holds_a_launcher_lock_gets_it_unheld(owner):
+    from conftest import in_child
+
+    lock_of = lambda: getattr(launcher, owner)._lock  # noqa: E731  (read again in the child)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock_of():
+            held.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert held.wait(10)
+        out = in_child(lambda: lock_of().acquire(timeout=2))
+    finally:
+        release.set()
+        thread.join()
+    assert out == {"ok": True}  # not a copy held by a thread the child does not have
+
+
 def test_a_zygote_that_died_is_reported_and_replaced():
     zygote = Zygote()
     zygote.proc.kill()

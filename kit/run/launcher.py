@@ -294,6 +294,16 @@ class Zygote:
         return status
 
 
+def _unheld_locks_in_child() -> None:
+    """A child forked while another thread held one of the class locks would wait for ever
+    on its copy the first time it launches a run (its zygote and forker are its own)."""
+    _LastingThread._lock = threading.Lock()
+    Zygote._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_unheld_locks_in_child)
+
+
 def _returncode(code: int) -> str:
     """A subprocess return code in words."""
     if code < 0:
