@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from kit.run import environment
+from kit.run import environment, rundir
 from kit.run.sandbox import INIT_NAME
 from kit.system import linux
 
@@ -72,37 +72,13 @@ def require_flow(flow: str) -> None:
 ALL_FLOWS = ("root", "suid", "userns", "fakeroot", "hybrid")
 
 
-def _stale_run_directories() -> set[str]:
-    """The kit's run directories in the temporary directory that nobody holds: a supervisor
-    died without removing its own (the next run sweeps them; a test must not leave one)."""
-    import fcntl
-
-    from kit.run import rundir
-
-    parent = tempfile.gettempdir()
-    stale = set()
-    for name in os.listdir(parent):
-        if not name.startswith(rundir.LOCKED):
-            continue
-        try:
-            fd = os.open(os.path.join(parent, name), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
-            continue  # gone meanwhile, or not a directory
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            stale.add(os.path.join(parent, name))
-        except OSError:
-            pass  # held: a run in progress
-        finally:
-            os.close(fd)
-    return stale
-
-
 @pytest.fixture(autouse=True)
 def _no_run_directory_left() -> Iterator[None]:
-    before = _stale_run_directories()
+    """No run directory that nobody holds (its supervisor died without removing it; the
+    next zygote sweeps them) may be left by a test."""
+    before = set(rundir.unheld())
     yield
-    left = _stale_run_directories() - before
+    left = set(rundir.unheld()) - before
     for path in left:
         shutil.rmtree(path, ignore_errors=True)
     # Under xdist the workers share the temporary directory: a test of the other worker,

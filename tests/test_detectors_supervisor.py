@@ -291,6 +291,19 @@ def opens(hook: str, role: str = "master") -> Script:
     return script
 
 
+def ends_then_hangs(hook: str, role: str = "master") -> Script:
+    """A run whose ``hook`` entered and returned, then nothing more."""
+
+    def script(ledger: LedgerWriter) -> int:
+        writer = ledger.for_role(role)
+        writer.emit("hook_enter", hook=hook)
+        writer.emit("hook_return", hook=hook)
+        signal.pause()
+        return 0
+
+    return script
+
+
 def test_a_hung_hook_is_reported_naming_it_and_its_process_after_its_timeout():
     result = supervise(opens("create_container"), hook_timeout=T)
     timed_out = result["timed_out"]
@@ -496,27 +509,13 @@ def test_a_run_with_no_open_hook_times_out_as_a_whole():
 
 
 def test_a_run_stuck_between_hooks_is_named_after_the_last_hook_that_ended():
-    def returns_then_hangs(ledger: LedgerWriter) -> int:
-        master = ledger.for_role("master")
-        master.emit("hook_enter", hook="create_container")
-        master.emit("hook_return", hook="create_container")
-        signal.pause()
-        return 0
-
-    result = supervise(returns_then_hangs, hook_timeout=0.2, run_timeout=T)
+    result = supervise(ends_then_hangs("create_container"), hook_timeout=0.2, run_timeout=T)
     assert result["timed_out"]["hook"] == ""
     assert "the last hook to end: create_container in master, returned" in result["reason"]
 
 
 def test_an_untimed_hook_that_ended_is_not_named_by_the_run_timer():
-    def monitors_then_hangs(ledger: LedgerWriter) -> int:
-        master = ledger.for_role("master")
-        master.emit("hook_enter", hook="monitor_container")
-        master.emit("hook_return", hook="monitor_container")
-        signal.pause()
-        return 0
-
-    result = supervise(monitors_then_hangs, run_timeout=T)
+    result = supervise(ends_then_hangs("monitor_container"), run_timeout=T)
     assert (result["timed_out"]["hook"], result["timed_out"]["hook_role"]) == ("", "")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -446,17 +447,31 @@ def _watching_master(pidfd: int, rpc_fd: int, pid: int, reasons: list[str]) -> A
     return fake
 
 
-def test_a_creation_watch_whose_descriptor_engine_code_replaced_touches_nothing():
-    """Engine code in the master put its own socket under the number of the loop's copy of
-    the RPC connection: the watch reports a lost descriptor and neither cancels the
-    creation nor shuts the engine's socket down."""
-    from kit.starter.master import Master
-
+@pytest.fixture
+def watched() -> Iterator[tuple[int, int, socket.socket]]:
+    """What the creation watch holds: an exited child of the test, its pidfd, and the
+    kit's end of an RPC connection (closed after the test, whatever is under the numbers)."""
     pid = os.fork()
     if pid == 0:
         os._exit(0)
     pidfd = os.pidfd_open(pid)
     kit_end, server_end = socket.socketpair()
+    try:
+        yield pid, pidfd, kit_end
+    finally:
+        os.waitpid(pid, 0)
+        os.close(pidfd)
+        kit_end.close()
+        server_end.close()
+
+
+def test_a_creation_watch_whose_descriptor_engine_code_replaced_touches_nothing(watched):
+    """Engine code in the master put its own socket under the number of the loop's copy of
+    the RPC connection: the watch reports a lost descriptor and neither cancels the
+    creation nor shuts the engine's socket down."""
+    from kit.starter.master import Master
+
+    pid, pidfd, kit_end = watched
     engines, peer = socket.socketpair()
     reasons: list[str] = []
     try:
@@ -468,27 +483,20 @@ def test_a_creation_watch_whose_descriptor_engine_code_replaced_touches_nothing(
         assert kit_end.recv(64) == b"still open"  # the engine's socket was not shut down
         assert fake.watching == (pidfd, kit_end.fileno())  # _lost (stubbed here) forgets it
     finally:
-        os.waitpid(pid, 0)
-        os.close(pidfd)
-        for sock in (kit_end, server_end, engines, peer):
-            sock.close()
+        engines.close()
+        peer.close()
 
 
-def test_a_lost_watch_descriptor_never_closes_the_other_one_engine_code_replaced_too():
+def test_a_lost_watch_descriptor_never_closes_the_other_one_engine_code_replaced_too(watched):
     """Engine code replaced both descriptors of the creation watch (closerange, then two
     files of its own under their numbers): the master forgets both and closes neither, for
     both numbers are engine code's files now."""
     import select
-    import threading
     import types
 
     from kit.starter.master import Master
 
-    pid = os.fork()
-    if pid == 0:
-        os._exit(0)
-    pidfd = os.pidfd_open(pid)
-    kit_end, server_end = socket.socketpair()
+    pid, pidfd, kit_end = watched
     fake = _watching_master(pidfd, kit_end.fileno(), pid, [])
     fake.poller = select.poll()
     fake.fd_lost = None
@@ -496,7 +504,6 @@ def test_a_lost_watch_descriptor_never_closes_the_other_one_engine_code_replaced
     fake.ledger = types.SimpleNamespace(emit=lambda *args, **kwargs: None)
     fake._put = fake.events.append
     fake._forget = lambda fd, close=False: Master._forget(fake, fd, close)  # type: ignore[arg-type]
-    fake.watch_lock = threading.Lock()
     fake.sigfd = fake.wake_r = fake.wake_w = -1
     engines = [socket.socketpair() for _ in range(2)]
     try:
@@ -508,9 +515,7 @@ def test_a_lost_watch_descriptor_never_closes_the_other_one_engine_code_replaced
         os.fstat(kit_end.fileno())
         assert [kind for kind, _ in fake.events] == ["fd_lost"]
     finally:
-        os.waitpid(pid, 0)
-        os.close(pidfd)
-        for sock in (kit_end, server_end, *(s for pair in engines for s in pair)):
+        for sock in (s for pair in engines for s in pair):
             sock.close()
 
 

@@ -131,19 +131,19 @@ class _LastingThread:
 
     def __init__(self) -> None:
         self.pid = os.getpid()
-        self.calls: queue.SimpleQueue[tuple[Callable[[], Any], list[Any], threading.Event]] = (
+        #: (what to call, where to put (True, its result) or (False, its exception)).
+        self.calls: queue.SimpleQueue[tuple[Callable[[], Any], queue.SimpleQueue[Any]]] = (
             queue.SimpleQueue()
         )
         threading.Thread(target=self._serve, name="kit-zygote-forker", daemon=True).start()
 
     def _serve(self) -> None:
         while True:
-            call, out, done = self.calls.get()
+            call, reply = self.calls.get()
             try:
-                out.append((True, call()))
+                reply.put((True, call()))
             except BaseException as exc:  # noqa: BLE001 handed to the caller, raised there
-                out.append((False, exc))
-            done.set()
+                reply.put((False, exc))
 
     @classmethod
     def get(cls) -> _LastingThread:
@@ -157,11 +157,9 @@ def _from_a_lasting_thread(call: Callable[[], T]) -> T:
     """``call()`` in a thread that lasts until the process exits (the main thread does)."""
     if threading.current_thread() is threading.main_thread():
         return call()
-    out: list[Any] = []
-    done = threading.Event()
-    _LastingThread.get().calls.put((call, out, done))
-    done.wait()
-    ok, value = out[0]
+    reply: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
+    _LastingThread.get().calls.put((call, reply))
+    ok, value = reply.get()
     if not ok:
         raise value
     return cast(T, value)

@@ -6,7 +6,7 @@ import fcntl
 import os
 import shutil
 import tempfile
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 
 #: Every run directory's name starts with PREFIX; those made with the lock protocol with
 #: LOCKED (a directory of an older kit, unlocked while its run lasts, is never judged).
@@ -31,32 +31,25 @@ def leftovers(path: str, kit_files: Collection[str] = ()) -> list[str]:
     """What run directory ``path`` holds that the run left, by relative path: everything but
     ``kit_files`` (the kit's own, by path, kept in its :data:`KIT_OWN` directory) and the
     directories that hold them; inside those directories, each entry on its own."""
-    try:
-        left = set(os.listdir(path))
-    except OSError:
-        return []
     kept = {os.path.relpath(f, path) for f in kit_files}
-    holders: set[str] = set()
-    for f in kept:
-        d = os.path.dirname(f)
-        while d and not d.startswith(".."):
-            holders.add(d)
-            d = os.path.dirname(d)
-    todo = [name for name in left if name in holders]
-    left -= set(todo) | kept
-    while todo:  # a directory that holds the kit's files: what else it holds is the run's
-        directory = todo.pop()
+    holders = {d for f in kept for d in _parents(f)}
+    left = []
+    for directory in ("", *holders):
         try:
             names = os.listdir(os.path.join(path, directory))
         except OSError:
             continue
-        for name in names:
-            rel = os.path.join(directory, name)
-            if rel in holders:
-                todo.append(rel)
-            elif rel not in kept:
-                left.add(rel)
+        rels = (os.path.join(directory, name) for name in names)
+        left += [rel for rel in rels if rel not in kept and rel not in holders]
     return sorted(left)
+
+
+def _parents(rel: str) -> Iterator[str]:
+    """The directories above relative path ``rel`` (none above ``..``)."""
+    d = os.path.dirname(rel)
+    while d and not d.startswith(".."):
+        yield d
+        d = os.path.dirname(d)
 
 
 def _lock(path: str) -> int:
@@ -88,18 +81,8 @@ def remove(path: str, fd: int) -> None:
 def sweep(parent: str | None = None) -> list[str]:
     """Remove every run directory in ``parent`` (the temporary directory) whose lock nobody
     holds: its supervisor died without removing it. Returns what was removed."""
-    parent = parent or tempfile.gettempdir()
     removed: list[str] = []
-    try:
-        names = [n for n in os.listdir(parent) if n.startswith(LOCKED)]
-    except OSError:
-        return removed
-    for name in names:
-        path = os.path.join(parent, name)
-        try:
-            fd = _lock(path)
-        except OSError:
-            continue  # held: a run in progress (or not a directory of ours to judge)
+    for path, fd in _unheld(parent):
         try:
             shutil.rmtree(path, ignore_errors=True)  # not ours to remove: left alone
             if not os.path.exists(path):
@@ -107,3 +90,30 @@ def sweep(parent: str | None = None) -> list[str]:
         finally:
             os.close(fd)
     return removed
+
+
+def unheld(parent: str | None = None) -> list[str]:
+    """The run directories in ``parent`` whose lock nobody holds (what :func:`sweep` would
+    remove), left as they are."""
+    found = []
+    for path, fd in _unheld(parent):
+        os.close(fd)
+        found.append(path)
+    return found
+
+
+def _unheld(parent: str | None) -> Iterator[tuple[str, int]]:
+    """Each run directory in ``parent`` whose lock nobody holds, with the descriptor that
+    holds its lock now (the caller closes it)."""
+    parent = parent or tempfile.gettempdir()
+    try:
+        names = [n for n in os.listdir(parent) if n.startswith(LOCKED)]
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(parent, name)
+        try:
+            fd = _lock(path)
+        except OSError:
+            continue  # held: a run in progress (or not a directory of ours to judge)
+        yield path, fd
