@@ -1421,47 +1421,107 @@ def test_no_child_reads_a_fresh_namespace_from_another_pid_namespace():
     assert out == {"ok": "a fresh network namespace: a child would be born in the sandbox"}
 
 
-def test_the_state_read_ahead_needs_no_thread_and_the_watch_reads_the_rest_inside(
+def _read_ahead(box: OwnSandbox) -> hostdiff.ReadAhead:
+    """What the zygote reads and opens ahead for ``box`` (through its init's pidfd)."""
+    hostdiff.prime()
+    pidfd = os.pidfd_open(box.init_pid)
+    try:
+        return hostdiff.read_ahead(box, pidfd)
+    finally:
+        os.close(pidfd)
+
+
+def _open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+def test_the_state_read_ahead_is_whole_and_the_watch_reads_only_the_mount_table(
     sandbox: OwnSandbox,
 ) -> None:
-    # The zygote reads each next sandbox from outside (no thread, no setns); the watch,
-    # in the sandbox's namespaces anyway, reads the names and the SysV IPC objects before
-    # the run: a change of each is named against them, an unchanged sandbox diffs empty.
+    # The zygote reads each next sandbox ahead (a short-lived thread in its namespaces reads
+    # the names, the SysV IPC objects, and subscribes to and opens what the watch needs
+    # there); the watch, on the run's path, reads the mount table alone and joins the
+    # namespaces after the starter's fork. A change of each kind is named against what was
+    # read ahead, an unchanged sandbox diffs empty, and nothing is left open.
     def run(code: str) -> dict[str, Any]:
-        hostdiff.prime()
+        ahead = _read_ahead(sandbox)
+        kinds = sorted(ahead.before.objects)
+        held = [ahead.net >= 0, ahead.sysctls is not None]
         linux.unshare(linux.CLONE_NEWPID)  # as the zygote's supervisors: no thread
-        before = hostdiff.fresh_state(sandbox)
-        ahead = sorted(before.objects)
-        watch = hostdiff.HostWatch(sandbox, before)
+        fds = _open_fds()
+        readers = {name: _counting(name) for name in ("read_sysvipc", "_uname_names")}
+        watch = hostdiff.HostWatch(sandbox, ahead)
+        early = {"joined": watch.inside is not None, **{k: v[0] for k, v in readers.items()}}
         watch.start()
         if code:
             sandbox.run(code)
-        return {"ahead": ahead, "doc": watch.finish()}
+        doc = watch.finish()
+        watch.close()
+        left = sorted(_open_fds() - fds)
+        return {"kinds": kinds, "held": held, "early": early, "doc": doc, "left": left}
 
     quiet = in_child(lambda: run(""))
     assert "ok" in quiet, quiet
-    assert quiet["ok"]["ahead"] == ["file", "netns", "process", "sysctl"]
+    assert quiet["ok"]["kinds"] == [
+        *("domainname", "file", "hostname", "ipc", "mount", "mqueue", "netns", "process"),
+        "sysctl",
+    ]
+    assert quiet["ok"]["held"] == [True, True]
+    assert quiet["ok"]["early"] == {"joined": False, "read_sysvipc": 0, "_uname_names": 0}
     assert quiet["ok"]["doc"]["changes"] == [] and quiet["ok"]["doc"]["errors"] == {}
+    assert quiet["ok"]["left"] == []
     out = in_child(
         lambda: run(
             "import ctypes, socket, subprocess\n"
             "assert ctypes.CDLL(None).shmget(0x6b697403, 4096, 0o1600) >= 0\n"
             "socket.sethostname('kit-evil')\n"
-            "subprocess.run(['mount', '--make-shared', '/'], check=True)"
+            "subprocess.run(['mount', '-n', '--make-shared', '/'], check=True)\n"
+            "subprocess.run('ip link add kit-veth0 type veth peer name kit-veth1', shell=True)\n"
+            "open('/proc/sys/net/ipv4/ip_default_ttl', 'w').write('99')"
         )
     )
     assert "ok" in out, out
     changes = out["ok"]["doc"]["changes"]
     names = {(c["kind"], c["name"].split(" id ")[0]) for c in changes}
-    assert names == {("hostname", "hostname"), ("ipc", "shm key 1802073091"), ("mount", "/")}
+    assert {
+        ("hostname", "hostname"),
+        ("ipc", "shm key 1802073091"),
+        ("mount", "/"),
+        ("link", "kit-veth0"),
+        ("sysctl", "net.ipv4.ip_default_ttl"),
+    } <= names, names
     (root,) = [c for c in changes if c["kind"] == "mount"]
     assert root["before"].endswith(" private") and root["after"].endswith(" shared")
+    assert out["ok"]["left"] == []
 
 
-def _sysctls_watched(box: OwnSandbox, shell: str, tamper: str = "") -> dict[str, Any]:
+def test_sysctls_held_ahead_that_cannot_all_be_taken_are_read_anew(sandbox: OwnSandbox) -> None:
+    # One descriptor short (a message lost): the files are opened again, nothing is missed.
+    def run() -> dict[str, Any]:
+        ahead = _read_ahead(sandbox)
+        assert ahead.sysctls is not None
+        ahead.sysctls.count += 1
+        fds = _open_fds()
+        watch = hostdiff.HostWatch(sandbox, ahead)
+        watch.start()
+        sandbox.sh(QUIET_SYSCTLS)
+        doc = watch.finish()
+        watch.close()
+        return {"doc": doc, "left": sorted(_open_fds() - fds)}
+
+    out = in_child(run)
+    assert "ok" in out, out
+    found = {c["name"]: [c["before"], c["after"]] for c in out["ok"]["doc"]["changes"]}
+    assert found == QUIET_CHANGES
+    assert out["ok"]["left"] == []
+
+
+def _sysctls_watched(
+    box: OwnSandbox, shell: str, tamper: str = "", ahead: bool = False
+) -> dict[str, Any]:
     """A HostWatch around ``shell``, with the fresh sandbox's sysctls and their layout known
-    (as the zygote has them), ``tamper``ed with first: how often the sysctls were listed,
-    and the diff."""
+    (as the zygote has them), ``tamper``ed with first, its files held open ahead or not:
+    how often the sysctls were listed, and the diff."""
 
     def run() -> dict[str, Any]:
         hostdiff.prime()
@@ -1471,10 +1531,11 @@ def _sysctls_watched(box: OwnSandbox, shell: str, tamper: str = "") -> dict[str,
         elif tamper == "gone":  # a file of the layout is not in this namespace
             hostdiff._fresh_layout[0]["/proc/sys/net/ipv4"].append(("kit-gone", "net.kit-gone"))
         listed = _counting("read_sysctls")
-        watch = hostdiff.HostWatch(box)
+        watch = hostdiff.HostWatch(box, _read_ahead(box) if ahead else None)
         watch.start()
         box.sh(shell)
         doc = watch.finish()
+        watch.close()
         return {"listed": listed[0], "doc": doc}
 
     out = in_child(run)
@@ -1493,16 +1554,20 @@ QUIET_CHANGES = {
 }
 
 
+@pytest.mark.parametrize("ahead", [False, True], ids=["opened-now", "held-ahead"])
 def test_the_sysctls_are_read_from_the_fresh_layout_without_a_listing(
-    sandbox: OwnSandbox,
+    sandbox: OwnSandbox, ahead: bool
 ) -> None:
-    out = _sysctls_watched(sandbox, "cat /proc/sys/net/ipv4/ip_default_ttl >/dev/null")
+    out = _sysctls_watched(sandbox, "cat /proc/sys/net/ipv4/ip_default_ttl >/dev/null", ahead=ahead)
     assert out["listed"] == 0
     assert out["doc"]["changes"] == [] and out["doc"]["errors"] == {}
 
 
-def test_a_sysctl_read_from_the_fresh_layout_is_named_when_changed(sandbox: OwnSandbox) -> None:
-    out = _sysctls_watched(sandbox, QUIET_SYSCTLS)
+@pytest.mark.parametrize("ahead", [False, True], ids=["opened-now", "held-ahead"])
+def test_a_sysctl_read_from_the_fresh_layout_is_named_when_changed(
+    sandbox: OwnSandbox, ahead: bool
+) -> None:
+    out = _sysctls_watched(sandbox, QUIET_SYSCTLS, ahead=ahead)
     assert out["listed"] == 1  # a fresh sandbox's, read again to tell a change from a stale cache
     found = {c["name"]: [c["before"], c["after"]] for c in out["doc"]["changes"]}
     assert found == QUIET_CHANGES
@@ -1532,21 +1597,24 @@ def test_sysctls_that_read_as_the_fresh_sandboxs_are_its_values_undecoded(
     assert found == QUIET_CHANGES
 
 
+@pytest.mark.parametrize("ahead", [False, True], ids=["opened-now", "held-ahead"])
 @pytest.mark.parametrize("tamper", ["module", "gone"])
 def test_a_layout_that_may_not_be_the_namespaces_is_listed_again(
-    sandbox: OwnSandbox, tamper: str
+    sandbox: OwnSandbox, tamper: str, ahead: bool
 ) -> None:
-    out = _sysctls_watched(sandbox, QUIET_SYSCTLS, tamper)
+    out = _sysctls_watched(sandbox, QUIET_SYSCTLS, tamper, ahead)
     assert out["listed"] == 2  # the sandbox's sysctls too
     found = {c["name"]: [c["before"], c["after"]] for c in out["doc"]["changes"]}
     assert found == QUIET_CHANGES
 
 
-def test_a_link_that_came_has_its_sysctls_listed(sandbox: OwnSandbox) -> None:
+@pytest.mark.parametrize("ahead", [False, True], ids=["opened-now", "held-ahead"])
+def test_a_link_that_came_has_its_sysctls_listed(sandbox: OwnSandbox, ahead: bool) -> None:
     out = _sysctls_watched(
         sandbox,
         "ip link add kit-veth0 type veth peer name kit-veth1 && "
         "echo 3 > /proc/sys/net/ipv4/conf/kit-veth0/arp_announce && ip link del kit-veth0",
+        ahead=ahead,
     )
     assert out["listed"] == 1
 

@@ -8,6 +8,7 @@ import ctypes
 import errno
 import json
 import os
+import resource
 import select
 import signal
 import socket
@@ -469,42 +470,276 @@ def _reads(layout: Layout, raw: dict[str, Raw]) -> Reads:
     return out
 
 
-def _laid_out_as_read(reads: Reads) -> bool | None:
+def _laid_out_as_read(reads: Reads, held: list[int | None] | None = None) -> bool | None:
     """Whether every sysctl of ``reads`` reads exactly as it did (bytes for bytes, or the
     same errno), the values left undecoded: True, or False at the first directory where
     one does not, or None when one of the files is not there (the layout is not this
-    namespace's)."""
-    flags = os.O_RDONLY | os.O_CLOEXEC
+    namespace's). ``held``: a descriptor of each file, in the order of ``reads``, opened
+    ahead (:class:`HeldSysctls`; left open here), or None for a file to open now."""
+    at = 0
     for path, names, data, sizes in reads:
-        try:
-            dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except FileNotFoundError:
+        listed = names.split("/")
+        fds: list[int | None] = (
+            [None] * len(listed) if held is None else held[at : at + len(listed)]
+        )
+        at += len(listed)
+        got = _read_directory(path, listed, fds)
+        if got is None:
             return None
-        parts: list[bytes] = []
-        lengths = array.array("i")
-        try:
-            for name in names.split("/"):
-                try:
-                    fd = os.open(name, flags, dir_fd=dfd)
-                except FileNotFoundError:
-                    return None
-                except OSError as exc:
-                    lengths.append(-(exc.errno or errno.EIO))
-                    continue
-                try:
-                    got = _read_sysctl_fd(fd)
-                except OSError as exc:
-                    lengths.append(-(exc.errno or errno.EIO))
-                    continue
-                finally:
-                    os.close(fd)
-                parts.append(got)
-                lengths.append(len(got))
-        finally:
-            os.close(dfd)
+        parts, lengths = got
         if lengths.tobytes() != sizes or b"".join(parts) != data:
             return False
     return True
+
+
+def _read_directory(
+    path: str, names: list[str], fds: list[int | None]
+) -> tuple[list[bytes], array.array[int]] | None:
+    """What the sysctls ``names`` of directory ``path`` read, through their descriptors
+    ``fds`` (None: opened now): the values that could be read, and the length of each (minus
+    the errno of one that failed, as :data:`Reads` has them); None when one is not there."""
+    parts: list[bytes] = []
+    lengths = array.array("i")
+    dfd = -1  # opened for the first file not held
+    try:
+        for name, fd in zip(names, fds, strict=True):
+            got: Raw
+            if fd is not None:
+                try:
+                    got = _read_sysctl_fd(fd)
+                except OSError as exc:  # write-only, or EINVAL for some per-device entries
+                    got = exc.errno or errno.EIO
+            else:
+                if dfd < 0:
+                    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                got = _read_raw_at(dfd, name, gone=True)
+            if isinstance(got, int):
+                lengths.append(-got)
+            else:
+                parts.append(got)
+                lengths.append(len(got))
+    except FileNotFoundError:
+        return None
+    finally:
+        if dfd >= 0:
+            os.close(dfd)
+    return parts, lengths
+
+
+#: Descriptors one message of a :class:`HeldSysctls` socket carries (the kernel's
+#: SCM_MAX_FD is 253).
+_FDS_PER_MESSAGE = 250
+#: Descriptors a process holding the sysctls must still have free under its limit.
+_FD_HEADROOM = 256
+
+
+@dataclass
+class HeldSysctls:
+    """The sysctl files of a sandbox's network namespace, opened ahead of its run in the
+    order of a fresh sandbox's layout (:func:`hold_sysctls`): after the run each is read
+    through its descriptor, with no path to walk (an open of a sysctl costs twice its
+    read, and there are half a thousand). A descriptor reads the namespace it was opened
+    in, whoever reads it. The descriptors wait in the queue of ``sock`` (SCM_RIGHTS), one
+    socket to hand over, not hundreds of descriptors to renumber: ``count`` of them, for
+    every file but those of ``failed`` (their indices), which could not be opened then
+    (root may not read a write-only sysctl) and are opened by path after the run."""
+
+    sock: int
+    count: int
+    failed: frozenset[int]
+
+    def take(self) -> list[int | None] | None:
+        """The descriptors, in layout order (None for a failed file), now this process's
+        to close; None when they cannot all be received. The socket is closed."""
+        fds: list[int] = []
+        try:
+            with socket.socket(fileno=self.sock) as sock:
+                # Not recv_fds's flags: Python 3.11 ignores them (a short queue would hang).
+                sock.setblocking(False)
+                while len(fds) < self.count:
+                    _, got, flags, _ = socket.recv_fds(sock, 1, _FDS_PER_MESSAGE)
+                    fds += got
+                    if not got or flags & socket.MSG_CTRUNC:
+                        raise OSError("the held sysctl descriptors came short")
+        except OSError:
+            _close_all(fds)
+            return None
+        it = iter(fds)
+        return [
+            None if i in self.failed else next(it) for i in range(self.count + len(self.failed))
+        ]
+
+    def close(self) -> None:
+        """Not taken: the socket closed (with it the descriptors it holds)."""
+        os.close(self.sock)
+
+
+def _close_all(fds: list[int]) -> None:
+    """Close ``fds``, one system call when they are a range (as received: the lowest free
+    numbers)."""
+    if fds and sorted(fds) == list(range(min(fds), max(fds) + 1)):
+        os.closerange(min(fds), max(fds) + 1)
+    else:
+        for fd in fds:
+            os.close(fd)
+
+
+def _layout_size() -> int:
+    """How many files the fresh sandbox's sysctl layout has (0: none known)."""
+    if _fresh_raw is None:
+        return 0
+    return sum(names.count("/") + 1 for _, names, _, _ in _fresh_raw[0])
+
+
+def _open_sysctls() -> tuple[list[int], set[int]] | None:
+    """The files of a fresh sandbox's sysctl layout (:func:`prime`), opened in the calling
+    thread's network namespace, each as :func:`_laid_out_as_read` opens it: their
+    descriptors, and the indices of those that could not be opened (root may not read a
+    write-only sysctl). None when no layout is known, or it is not this namespace's (a
+    file is not there), or the descriptors would crowd this process's limit."""
+    if _fresh_raw is None:
+        return None
+    names = [(path, name) for path, joined, _, _ in _fresh_raw[0] for name in joined.split("/")]
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY and len(names) + _FD_HEADROOM > soft:
+        return None
+    fds: list[int] = []
+    failed: set[int] = set()
+    dirs: dict[str, int] = {}
+    try:
+        for i, (path, name) in enumerate(names):
+            if path not in dirs:
+                dirs[path] = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                fds.append(os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dirs[path]))
+            except FileNotFoundError:
+                raise
+            except OSError:
+                failed.add(i)
+    except OSError:
+        _close_all(fds)
+        return None
+    finally:
+        for dfd in dirs.values():
+            os.close(dfd)
+    return fds, failed
+
+
+def _queued(fds: list[int]) -> int:
+    """A socket whose queue holds ``fds`` (duplicates: the caller's stay open), in messages of
+    :data:`_FDS_PER_MESSAGE`; OSError when the kernel will not queue them all."""
+    keep, sender = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with sender:  # closed now: the messages wait in the queue of the end kept
+        try:
+            for start in range(0, len(fds), _FDS_PER_MESSAGE):
+                socket.send_fds(sender, [b"s"], fds[start : start + _FDS_PER_MESSAGE])
+        except OSError:
+            keep.close()
+            raise
+    return keep.detach()
+
+
+def _held(fds: list[int], failed: set[int]) -> tuple[HeldSysctls, int] | None:
+    """``fds`` (closed here) queued twice: for the run's supervisor (:class:`HeldSysctls`),
+    and in a socket the zygote keeps until that supervisor is gone. The files' last
+    references are then the zygote's, and it closes them off the run's path: the last
+    close of a /proc file costs a couple of microseconds, half a thousand of them a
+    millisecond that a supervisor would spend before it could exit. None when the kernel
+    will not queue them."""
+    try:
+        handed = _queued(fds)
+        try:
+            pinned = _queued(fds)
+        except OSError:
+            os.close(handed)
+            raise
+        return HeldSysctls(handed, len(fds), frozenset(failed)), pinned
+    except OSError:
+        return None
+    finally:
+        _close_all(fds)
+
+
+@dataclass
+class ReadAhead:
+    """What a sandbox's host watch starts from, read and opened by the zygote that built it
+    before any run (:func:`read_ahead`). Until a run adopts the sandbox nothing but its idle
+    init runs in it: this is its state when that run's starter is forked, and the run's
+    supervisor, on the run's path, only checks the mount table against it."""
+
+    #: Its state: :func:`fresh_state`, the mount table, what a thread in its namespaces reads.
+    before: HostState
+    #: The mount table's text the mounts of ``before`` were parsed from.
+    mount_raw: bytes = b""
+    #: A netlink socket of its network namespace (:func:`_subscribe`; -1: none).
+    net: int = -1
+    #: Its sysctl files, opened.
+    sysctls: HeldSysctls | None = None
+    #: The zygote's own queue of the same files (-1: none), never handed to the supervisor:
+    #: closed once the supervisor is gone (:func:`_held`).
+    pinned: int = -1
+
+    def fds(self) -> set[int]:
+        """The descriptors handed to the run's supervisor."""
+        fds = {self.net} if self.net >= 0 else set()
+        if self.sysctls is not None:
+            fds.add(self.sysctls.sock)
+        return fds
+
+    def moved(self, numbers: dict[int, int]) -> ReadAhead:
+        """The supervisor's: its descriptors renumbered (``numbers``: old -> new)."""
+        sysctls = self.sysctls
+        if sysctls is not None:
+            sysctls = HeldSysctls(numbers[sysctls.sock], sysctls.count, sysctls.failed)
+        net = numbers[self.net] if self.net >= 0 else -1
+        return ReadAhead(self.before, self.mount_raw, net, sysctls)
+
+    def close(self) -> None:
+        """Its descriptors closed (unused, or the supervisor's own once handed over)."""
+        for fd in self.fds():
+            os.close(fd)
+        if self.pinned >= 0:
+            os.close(self.pinned)
+        self.net, self.sysctls, self.pinned = -1, None, -1
+
+
+def read_ahead(sandbox: Sandbox, pidfd: int) -> ReadAhead:
+    """By the zygote, for a sandbox built for the next run (``pidfd``: its init's): its state
+    before any run, a netlink socket of its network namespace and its sysctl files opened.
+    What only a thread in its namespaces can read or open, a short-lived thread does (the
+    zygote's own never moves); what it could not is left to the run's watch."""
+    ahead = ReadAhead(fresh_state(sandbox))
+    before = ahead.before
+    fd = os.open(f"/proc/{sandbox.init_pid}/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        ahead.mount_raw = _pread_all(fd)
+    finally:
+        os.close(fd)
+    text = ahead.mount_raw.decode(errors="replace").strip()
+    _outside(before, "mount", lambda: parse_mounts(text))
+    kinds = _mqueues_from_outside(
+        before, sandbox, frozenset(_BEFORE_INSIDE.difference(before.objects, before.errors))
+    )
+    opened: dict[str, Any] = {}
+
+    def inside() -> None:
+        try:
+            linux.setns(pidfd, linux.CLONE_NEWNET | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC)
+        except OSError:
+            return  # a kernel before 5.8 (setns of a pidfd): the run's watch reads them
+        _read_joined(before, kinds, {})
+        with contextlib.suppress(OSError):
+            opened["net"] = _subscribe().detach()
+        opened["sysctls"] = _open_sysctls()
+
+    thread = threading.Thread(target=inside, name="kit-hostdiff-ahead")
+    thread.start()
+    thread.join()
+    ahead.net = opened.get("net", -1)
+    held = None if opened.get("sysctls") is None else _held(*opened["sysctls"])
+    if held is not None:
+        ahead.sysctls, ahead.pinned = held
+    return ahead
 
 
 def read_sysvipc() -> dict[str, str]:
@@ -645,16 +880,7 @@ class Inside:
 
     def read(self, state: HostState, only: frozenset[str] = INSIDE_KINDS) -> None:
         """The kinds ``only`` of what the joined namespaces hold, into ``state``."""
-        for ns, kinds, reader in _INSIDE:
-            if not only.intersection(kinds):
-                continue
-            try:
-                if ns in self.failed:
-                    raise OSError(self.failed[ns])
-                state.objects.update(reader())
-            except Exception as exc:  # noqa: BLE001 one unreadable kind must not hide the others
-                for kind in kinds:
-                    state.errors[kind] = f"{type(exc).__name__}: {exc}"
+        _read_joined(state, only, self.failed)
 
     def leave(self) -> None:
         for ns, fd in self.own.items():
@@ -669,6 +895,21 @@ class Inside:
             finally:
                 os.close(fd)
         self.own = {}
+
+
+def _read_joined(state: HostState, only: frozenset[str], failed: dict[str, str]) -> None:
+    """The kinds ``only`` of what the calling thread's namespaces hold, into ``state``
+    (``failed``: namespaces it could not join, with why)."""
+    for ns, kinds, reader in _INSIDE:
+        if not only.intersection(kinds):
+            continue
+        try:
+            if ns in failed:
+                raise OSError(failed[ns])
+            state.objects.update(reader())
+        except Exception as exc:  # noqa: BLE001 one unreadable kind must not hide the others
+            for kind in kinds:
+                state.errors[kind] = f"{type(exc).__name__}: {exc}"
 
 
 def _read_inside(init_pid: int, state: HostState, only: frozenset[str]) -> None:
@@ -820,15 +1061,17 @@ def _sysctls_and_layout() -> tuple[dict[str, str], Layout, dict[str, str | int]]
     )
 
 
-def _sysctls_as_laid_out() -> dict[str, str] | None:
+def _sysctls_as_laid_out(held: list[int | None] | None = None) -> dict[str, str] | None:
     """The calling thread's network namespace's sysctls, read from a fresh sandbox's layout
     when it is that namespace's too (:data:`_fresh_layout`; the caller knows that no link
     came or went); None when it may not be: they must be listed. When every file reads as
-    the fresh sandbox's did (the usual run), the fresh sandbox's values, that very dict."""
+    the fresh sandbox's did (the usual run), the fresh sandbox's values, that very dict.
+    ``held``: a descriptor of each file, opened ahead in this namespace (:class:`HeldSysctls`;
+    left open)."""
     if _fresh_layout is None or _fresh_layout[1] != _modules():
         return None
     if _fresh_raw is not None:
-        same = _laid_out_as_read(_fresh_raw[0])
+        same = _laid_out_as_read(_fresh_raw[0], held)
         if same is None:
             return None
         if same:
@@ -1149,10 +1392,15 @@ class HostWatch:
     namespace for the sandbox cannot start one). The starter, forked meanwhile, enters them
     anyway."""
 
-    def __init__(self, sandbox: Sandbox, before: HostState | None = None) -> None:
-        """``before``: the sandbox's state read ahead (:func:`fresh_state`, by the zygote
-        that built it: nothing but its idle init has run in it since), else read now."""
+    def __init__(self, sandbox: Sandbox, ahead: ReadAhead | None = None) -> None:
+        """``ahead``: what the zygote that built the sandbox read and opened for its watch
+        (:func:`read_ahead`; nothing but its idle init has run in it since), now the watch's
+        to close; else everything is read now."""
         self.sandbox = sandbox
+        self._sysctls = None if ahead is None else ahead.sysctls
+        #: The sysctl files' descriptors, taken from ``sysctls`` once the run began; closed
+        #: by :meth:`close`.
+        self._sysctl_fds: list[int | None] | None = None
         # Opened before the snapshot: a mount made after it wakes the first poll.
         self._mountinfo: int | None = os.open(
             f"/proc/{sandbox.init_pid}/mountinfo", os.O_RDONLY | os.O_CLOEXEC
@@ -1184,17 +1432,26 @@ class HostWatch:
                 continue
             devices.add(device)
             self._uppers.append(fd)
-        self.inside: Inside | None = Inside(sandbox.init_pid)
+        self.inside: Inside | None = None
         self._net: socket.socket | None = None
-        if "net" not in self.inside.failed:
-            self._net = _subscribe()  # before the snapshot: no change falls in between
-        if before is None:
-            before = fresh_state(sandbox, self.inside)
-        else:  # what only a thread in its namespaces reads: this one is in them now
+        if ahead is not None and ahead.net >= 0:
+            # Subscribed ahead, in the sandbox's network namespace: the namespaces are
+            # joined after the starter's fork (start), off the run's path.
+            self._net = socket.socket(fileno=ahead.net)
+        else:
+            if "net" not in self._join().failed:
+                self._net = _subscribe()  # before the snapshot: no change falls in between
+        if ahead is None:
+            before = fresh_state(sandbox, self._join())
+        else:
+            before = ahead.before
             missing = _BEFORE_INSIDE.difference(before.objects, before.errors)
-            self.inside.read(before, _mqueues_from_outside(before, sandbox, missing))
-            if "mount" not in before.objects and "mount" not in before.errors:
-                # Left to us: the mount table just read for the looks is the one before.
+            if missing:  # what the zygote's thread could not read
+                self._join().read(before, _mqueues_from_outside(before, sandbox, missing))
+            if ahead.mount_raw != self._mount_raw or "mount" not in before.objects:
+                # Changed since it was read ahead (or never read): the text read for the
+                # looks is the one before.
+                before.errors.pop("mount", None)
                 text = self._mount_raw.decode(errors="replace").strip()
                 _outside(before, "mount", lambda: parse_mounts(text))
         self.before = before
@@ -1208,12 +1465,24 @@ class HostWatch:
         #: (signal, hook) -> the call: signals the run sent to the sandbox's init.
         self.signalled: dict[tuple[int, Hook], str] = {}
 
-    def _snapshot(self, sysctls: bool, network: bool = False) -> HostState:
-        return _partial(self.sandbox, self.inside, sysctls, network)
+    def _snapshot(self, sysctls: bool, network: bool = False, mounts: bool = True) -> HostState:
+        return _partial(self.sandbox, self._join(), sysctls, network, mounts)
+
+    def _join(self) -> Inside:
+        """The calling thread in the sandbox's uts, net and ipc namespaces (once)."""
+        if self.inside is None:
+            self.inside = Inside(self.sandbox.init_pid)
+        return self.inside
 
     def start(self) -> None:
-        """After the starter is forked: the looks begin."""
-        self._joined = "uts" not in (self.inside.failed if self.inside else {"uts": ""})
+        """After the starter is forked: the looks begin. What the run's path need not wait
+        for is done now, while the starter finds its feet: the namespaces joined, the
+        sysctl files opened ahead taken (half a thousand descriptors)."""
+        inside = self._join()
+        if self._sysctls is not None:
+            self._sysctl_fds = self._sysctls.take()
+            self._sysctls = None
+        self._joined = "uts" not in inside.failed
 
     def note(self, event: dict[str, Any]) -> None:
         """Keep track of the open hooks (every ledger event goes through here)."""
@@ -1306,10 +1575,21 @@ class HostWatch:
             usage += (st.f_bfree, st.f_ffree)
         return tuple(usage)
 
+    def close(self) -> None:
+        """After :meth:`finish`, once the run's result is out: the sysctl files' descriptors
+        closed (half a thousand files of /proc, a millisecond no run need wait for)."""
+        fds, self._sysctl_fds = self._sysctl_fds, None
+        if fds is not None:
+            _close_all([fd for fd in fds if fd is not None])
+        if self._sysctls is not None:
+            self._sysctls.close()
+            self._sysctls = None
+
     def finish(self) -> dict[str, Any]:
         """After the run: the fields of the ledger's ``host_changes`` event. Each change is
         ``HostChange.to_json()`` with ``hooks`` (open when it appeared; None when the ledger
         cannot tell) and ``transient`` (seen during the run, gone at its end)."""
+        looked = self._mountinfo is not None and self._joined
         self.look()
         if self._mountinfo is not None:
             os.close(self._mountinfo)
@@ -1321,10 +1601,19 @@ class HostWatch:
         if self._net is not None:
             self._net.close()
         laid_out = None
-        if not network and self.inside is not None and "net" not in self.inside.failed:
+        if self._sysctls is not None:  # not started
+            self._sysctls.close()
+            self._sysctls = None
+        if not network and "net" not in self._join().failed:
             # No link came or went: the files are a fresh sandbox's, known without a listing.
-            laid_out = _sysctls_as_laid_out()
-        after = self._snapshot(sysctls=laid_out is None, network=network)
+            held = self._sysctl_fds
+            if held is not None and len(held) != _layout_size():
+                held = None  # opened for another layout: the files are opened anew
+            laid_out = _sysctls_as_laid_out(held)
+        # The last look read the mount table (its text, parsed if new): no need to again.
+        after = self._snapshot(sysctls=laid_out is None, network=network, mounts=not looked)
+        if looked:
+            after.objects["mount"] = self.last["mount"]
         if laid_out is not None:
             after.objects["sysctl"] = laid_out
         if self.inside is not None:
@@ -1398,14 +1687,18 @@ class HostWatch:
 
 
 def _partial(
-    sandbox: Sandbox, inside: Inside | None, sysctls: bool, network: bool = False
+    sandbox: Sandbox,
+    inside: Inside | None,
+    sysctls: bool,
+    network: bool = False,
+    mounts: bool = True,
 ) -> HostState:
-    """What :func:`snapshot` reads, but the sysctls only when ``sysctls`` and links,
-    addresses and routes only when ``network``."""
+    """What :func:`snapshot` reads, but the sysctls only when ``sysctls``, links, addresses
+    and routes only when ``network``, the mount table only when ``mounts``."""
     only = INSIDE_KINDS - {"sysctl", "link", "address", "route"}
     only |= {"sysctl"} if sysctls else set()
     only |= {"link", "address", "route"} if network else set()
-    return snapshot(sandbox, only=frozenset(only), inside=inside)
+    return snapshot(sandbox, only=frozenset(only), inside=inside, mounts=mounts)
 
 
 #: The kinds of a sandbox's state before its run that a thread in its namespaces reads (the
@@ -1416,11 +1709,9 @@ _BEFORE_INSIDE = INSIDE_KINDS - {"sysctl", "link", "address", "route"}
 def fresh_state(sandbox: Sandbox, inside: Inside | None = None) -> HostState:
     """A sandbox's state before its run: the sysctls are a fresh sandbox's (:func:`prime`),
     links, addresses and routes are read after the run only if they changed. ``inside``:
-    the calling thread is in its namespaces. Else (the zygote, which must never move its own
-    thread) what is read from outside only, but the mount table: :class:`HostWatch` reads
-    the rest in the supervisor, which joins the namespaces anyway (no thread, no setns: about
-    0.5 ms less of CPU a run) and reads the mount table for its looks anyway; a short-lived
-    thread reads the sysctls only if no fresh sandbox's are known."""
+    the calling thread is in its namespaces. Else what is read from outside only, but the
+    mount table (:func:`read_ahead` reads the rest, a short-lived thread reads the sysctls
+    only if no fresh sandbox's are known)."""
     if inside is not None:
         state = _partial(sandbox, inside, sysctls=_fresh_sysctls is None)
     else:

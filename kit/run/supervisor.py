@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,6 +140,8 @@ class Supervisor:
         self.outside_check = request.backend == "real" and request.probes
         self.sandbox: host_sandbox.HostSandbox | None = None
         self.host: Any = None  # the sandbox's kit.run.hostdiff.HostWatch
+        #: What is left to do once the run's result is written (nothing the result needs).
+        self.after_result: list[Callable[[], None]] = []
         self.listener: int | None = None  # the run's seccomp filter's (kit.run.seccomp)
         self.refusals = 0  # calls it refused; the first seccomp.MAX_RECORDED are recorded
         # The real backend's filter lets the watched calls run (kit.run.seccomp.HOST_WATCH):
@@ -229,17 +232,24 @@ class Supervisor:
                 raise
         try:
             # The state read ahead holds unless the supervisor changed the sandbox since.
-            before = ahead.before if ahead is not None and not req.join_namespaces else None
+            watch = ahead.watch if ahead is not None else None
+            if watch is not None and req.join_namespaces:
+                watch.close()  # the supervisor changed the sandbox since it was read
+                watch = None
             # The fake model's store lives in the run directory, which the host sandbox
             # shares with the run (a store elsewhere would be the sandbox's copy).
             with _backend(req, prepared, run_dir):
-                return self._run(result_fd, run_dir, lock_fd, before)
+                return self._run(result_fd, run_dir, lock_fd, watch)
         finally:
             if self.sandbox is not None:
                 host_sandbox.end(self.sandbox)
 
     def _run(
-        self, result_fd: int, run_dir: str, lock_fd: int, before: Any = None
+        self,
+        result_fd: int,
+        run_dir: str,
+        lock_fd: int,
+        ahead: hostdiff.ReadAhead | None = None,
     ) -> dict[str, Any]:
         req, user, box = self.req, self.req.user(), self.sandbox
         host = "self" if box is None else box.init_pid
@@ -268,7 +278,7 @@ class Supervisor:
             **({} if box is None else {"sandbox_left_out": list(box.left_out)}),
         )
         sys.stdout.flush()
-        self.watch_host(before)
+        self.watch_host(ahead)
         # The starter checks its parent against this pid (read after the fork, it could be
         # a reaper's); in the sandbox's pid namespace it cannot see it and reads its own.
         me = os.getpid() if box is None else None
@@ -457,11 +467,13 @@ class Supervisor:
                 return alive
             time.sleep(0.005)
 
-    def watch_host(self, before: Any = None) -> None:
+    def watch_host(self, ahead: hostdiff.ReadAhead | None = None) -> None:
         """Before the starter is forked: the host diff of the run's sandbox begins (SPEC §11;
-        without a sandbox the host is not diffed), from ``before`` when it was read ahead."""
+        without a sandbox the host is not diffed), from ``ahead`` when the zygote read it."""
         if self.sandbox is not None:
-            self.host = hostdiff.HostWatch(self.sandbox, before)
+            self.host = hostdiff.HostWatch(self.sandbox, ahead)
+        elif ahead is not None:
+            ahead.close()
 
     def host_diff(self) -> None:
         """After the run, before the sandbox is torn down: every change of its host, and the
@@ -469,6 +481,7 @@ class Supervisor:
         if self.host is not None:
             start = time.perf_counter()
             fields = self.host.finish()
+            self.after_result.append(self.host.close)
             self.host = None
             self.emit(
                 "host_changes", **fields, cost_ms=round((time.perf_counter() - start) * 1000, 3)
@@ -892,17 +905,20 @@ class Ahead:
     lock_fd: int
     building: host_sandbox.Building | None
     error: str = ""
-    #: The sandbox's state before any run (kit.run.hostdiff.fresh_state), read ahead too.
-    before: Any = None
+    #: What the run's host watch starts from, read and opened ahead too.
+    watch: hostdiff.ReadAhead | None = None
 
     def fds(self) -> set[int]:
         """Its descriptors: the lock, init's ready pipe and pidfd (the supervisor's
-        :func:`~kit.run.sandbox.adopt` checks through it that the pid is still init's)."""
+        :func:`~kit.run.sandbox.adopt` checks through it that the pid is still init's),
+        the watch's."""
         fds = {self.lock_fd}
         if self.building is not None:
             fds.add(self.building.ready_fd)
             if self.building.pidfd is not None:
                 fds.add(self.building.pidfd)
+        if self.watch is not None:
+            fds |= self.watch.fds()
         return fds
 
     def moved(self, numbers: dict[int, int]) -> Ahead:
@@ -913,7 +929,10 @@ class Ahead:
             building = dataclasses.replace(
                 building, ready_fd=numbers[building.ready_fd], pidfd=pidfd
             )
-        return dataclasses.replace(self, lock_fd=numbers[self.lock_fd], building=building)
+        watch = None if self.watch is None else self.watch.moved(numbers)
+        return dataclasses.replace(
+            self, lock_fd=numbers[self.lock_fd], building=building, watch=watch
+        )
 
     def discard(self) -> None:
         """In the zygote: after the fork that handed it over (its pidfd of init, if it
@@ -922,6 +941,7 @@ class Ahead:
             os.close(fd)
         if self.building is not None:
             self.building.pidfd = None
+        self.watch = None
 
 
 def prepare_ahead() -> Ahead:
@@ -950,12 +970,12 @@ def prepare_ahead() -> Ahead:
         fresh_dirs=host_sandbox.fresh_dirs(building.init_pid),
     )
     try:
-        before = hostdiff.fresh_state(view)
+        watch = None if building.pidfd is None else hostdiff.read_ahead(view, building.pidfd)
     except BaseException:
         building.abandon()
         rundir.remove(run_dir, lock_fd)
         raise
-    return Ahead(run_dir, lock_fd, building, before=before)
+    return Ahead(run_dir, lock_fd, building, watch=watch)
 
 
 def fits_ahead(request: RunRequest) -> bool:
@@ -1070,6 +1090,7 @@ def run_supervised(
     linux.set_parent_death_signal(signal.SIGTERM)
     linux.set_name("kit-supervisor")
     os.chdir("/")
+    supervisor = None
     try:
         preload(request)
         supervisor = Supervisor(request)
@@ -1090,6 +1111,9 @@ def run_supervised(
         n = os.write(result_fd, view)
         view = view[n:]
     os.close(result_fd)
+    if supervisor is not None:
+        for release in supervisor.after_result:
+            release()
 
 
 def main(argv: list[str]) -> int:

@@ -37,6 +37,10 @@ exit_statuses: dict[int, int] = {}
 #: teardown), with SIGTERM (init saves its coverage data) or, after a supervisor that was
 #: killed, SIGKILL.
 sandbox_inits: dict[int, int] = {}
+#: The zygote's queue of the sysctl files of each host sandbox's network namespace, by the
+#: pid of the supervisor that took the sandbox (kit.run.hostdiff.ReadAhead.pinned): closed
+#: once that supervisor is gone, so the files' last close is not the supervisor's.
+pinned_files: dict[int, int] = {}
 
 
 def reap() -> None:
@@ -49,6 +53,9 @@ def reap() -> None:
             return
         if pid == 0:
             return
+        pinned = pinned_files.pop(pid, None)
+        if pinned is not None:
+            os.close(pinned)
         init = sandbox_inits.pop(pid, None)
         if init is not None:
             try:
@@ -127,6 +134,9 @@ def _drop(ahead: Ahead) -> None:
     """An unused sandbox made ahead: init dies with us (its parent-death signal), or now."""
     if ahead.building is not None:
         ahead.building.abandon()
+    if ahead.watch is not None:
+        ahead.watch.close()
+        ahead.watch = None
     rundir.remove(ahead.run_dir, ahead.lock_fd)
 
 
@@ -215,6 +225,9 @@ def _serve(control: socket.socket, spare: list[Ahead | None]) -> int:
         if building is not None and building.pidfd is not None:
             # Held since the build: init's pid may have been reaped and reused meanwhile.
             sandbox_inits[pid], building.pidfd = building.pidfd, None
+        watch = ahead.watch if ahead is not None else None
+        if watch is not None and watch.pinned >= 0:
+            pinned_files[pid], watch.pinned = watch.pinned, -1
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
         if ahead is not None:
             ahead.discard()  # the supervisor's now: its lock is the supervisor's alone
