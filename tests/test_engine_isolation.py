@@ -82,15 +82,28 @@ class Marked:
     module_dir: str
     hold: str  # a file the engine's processes keep open (see holders)
 
-    def imports(self) -> list[dict]:
-        """The imports noted so far (each process once)."""
+    def imports(self, while_running: bool = False) -> list[dict]:
+        """The imports noted so far (each process once). A mark never finished is an import
+        too (its process was killed half way through its note, or still writes it): an
+        error, unless ``while_running`` (the processes may still be writing; it is left
+        out then)."""
         out = []
         for name in os.listdir(self.marks):
             if name.endswith(".part"):
-                continue  # still being written
+                assert while_running, f"an import whose note was never finished: {name}"
+                continue
             with open(os.path.join(self.marks, name)) as f:
                 out.append(json.load(f))
         return out
+
+
+def test_an_unfinished_mark_is_an_import_not_skipped(tmp_path: Path) -> None:
+    # A process killed half way through its note imported the engine all the same.
+    marked = Marked("m:E", str(tmp_path), "", "", "")
+    (tmp_path / "4242.part").write_text('{"pid": 42')
+    with pytest.raises(AssertionError, match=r"never finished: 4242\.part"):
+        marked.imports()
+    assert marked.imports(while_running=True) == []
 
 
 def holders(path: str) -> list[int]:
@@ -642,7 +655,7 @@ def test_an_engine_clearing_its_death_signal_dies_with_the_inspecting_caller(dea
     engine: list[int] = []
     try:
         deadline = time.monotonic() + 60
-        while not deathless.imports():
+        while not deathless.imports(while_running=True):
             assert time.monotonic() < deadline, "the engine was never imported"
             time.sleep(0.02)
         (mark,) = deathless.imports()
