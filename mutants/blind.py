@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import fnmatch
 import glob
 import importlib
 import inspect
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -342,10 +340,9 @@ def run(
 ) -> list[dict[str, Any]]:
     """One real-backend session per engine, ``jobs`` at a time; the entries in the order of
     ``engines``."""
-    root = matrix.sessions_root()
     done = [0]
 
-    def one(index: int, engine: BlindEngine) -> dict[str, Any]:
+    def one(root: str, index: int, engine: BlindEngine) -> dict[str, Any]:
         doc = matrix.session_in(root, index, engine.target(flows, self_check), "real")
         entry = classify(engine, doc)
         if progress is not None:
@@ -353,12 +350,7 @@ def run(
             progress(f"[{done[0]}/{len(engines)}] {line(entry)}")
         return entry
 
-    try:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            futures = [pool.submit(one, i, e) for i, e in enumerate(engines)]
-            return [f.result() for f in futures]
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    return matrix.in_sessions(engines, one, jobs)
 
 
 def shard(engines: Sequence[BlindEngine], index: int, count: int) -> list[BlindEngine]:

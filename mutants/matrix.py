@@ -51,7 +51,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from conformance import requirements
 from conformance.expectations import FLOWS
@@ -523,6 +523,24 @@ def sessions_root() -> str:
     return root
 
 
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+def in_sessions(
+    work: Sequence[Item], session: Callable[[str, int, Item], Result], jobs: int
+) -> list[Result]:
+    """``session(root, index, item)`` for each item of ``work``, ``jobs`` at a time, under a
+    :func:`sessions_root` removed after; the results in the order of ``work``."""
+    root = sessions_root()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            futures = [pool.submit(session, root, i, item) for i, item in enumerate(work)]
+            return [future.result() for future in futures]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def session_in(
     root: str, index: int, target: Target, backend: str, focus: bool = False
 ) -> dict[str, Any]:
@@ -777,22 +795,17 @@ def run_matrix(
             else:
                 matrix.entries += _unavailable(target, name, why)
     work.sort(key=lambda item: -item[0].cost)
-    root = sessions_root()
 
-    def one(index: int, target: Target, name: str) -> list[dict[str, Any]]:
+    def one(root: str, index: int, item: tuple[Target, str]) -> list[dict[str, Any]]:
+        target, name = item
         doc = session_in(root, index, target, name, focus=name in focus)
         found = entries_for(target, name, doc)
         if progress is not None:
             progress(_line(found))
         return found
 
-    try:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            futures = [pool.submit(one, i, target, name) for i, (target, name) in enumerate(work)]
-            for future in futures:
-                matrix.entries += future.result()
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    for found in in_sessions(work, one, jobs):
+        matrix.entries += found
     order = {t.label: i for i, t in enumerate(targets)}
     matrix.entries.sort(
         key=lambda e: (e["backend"], order.get(e["mutant"], 999), FLOWS.index(e["flow"]))
