@@ -1495,12 +1495,46 @@ def test_the_state_read_ahead_is_whole_and_the_watch_reads_only_the_mount_table(
     assert out["ok"]["left"] == []
 
 
-def test_sysctls_held_ahead_that_cannot_all_be_taken_are_read_anew(sandbox: OwnSandbox) -> None:
-    # One descriptor short (a message lost): the files are opened again, nothing is missed.
+def test_sysctl_files_held_ahead_are_read_in_their_layouts_order(sandbox: OwnSandbox) -> None:
+    # Each file is read through the descriptor the zygote opened, in the layout's order:
+    # only those it could not open are opened now, and a quiet sandbox reads as the fresh
+    # one (a descriptor out of order would read another file's value: the layout would be
+    # read again, by path).
     def run() -> dict[str, Any]:
         ahead = _read_ahead(sandbox)
         assert ahead.sysctls is not None
-        ahead.sysctls.count += 1
+        unheld = ahead.sysctls.count(None)
+        held = len(ahead.files())
+        opened = _counting("_read_raw_at")
+        listed = _counting("read_laid_out_sysctls")
+        watch = hostdiff.HostWatch(sandbox, ahead)
+        watch.start()
+        doc = watch.finish()
+        watch.close()
+        return {
+            "unheld": unheld,
+            "held": held,
+            "opened": opened[0],
+            "listed": listed[0],
+            "doc": doc,
+        }
+
+    out = in_child(run)
+    assert "ok" in out, out
+    assert out["ok"]["held"] > 500
+    assert out["ok"]["opened"] == out["ok"]["unheld"] and out["ok"]["listed"] == 0
+    assert out["ok"]["doc"]["changes"] == [] and out["ok"]["doc"]["errors"] == {}
+
+
+def test_sysctl_files_held_for_another_layout_are_opened_anew(sandbox: OwnSandbox) -> None:
+    # One file short of the layout (cannot be: held for another one): the files are opened
+    # again, nothing is missed, nothing left open.
+    def run() -> dict[str, Any]:
+        ahead = _read_ahead(sandbox)
+        assert ahead.sysctls is not None
+        last = ahead.sysctls.pop()
+        if last is not None:
+            os.close(last)
         fds = _open_fds()
         watch = hostdiff.HostWatch(sandbox, ahead)
         watch.start()

@@ -1395,7 +1395,7 @@ def test_consecutive_runs_leak_nothing():
     mounts_before = _host_mounts()
     children_before = living_descendants()
     zygote = Zygote.get_existing()
-    zygote_fds = None if zygote is None else _fd_count(zygote.proc.pid)
+    zygote_fds = None if zygote is None else _settled_fd_count(zygote.proc.pid)
     run_dirs = []
     for i in range(runs):
         flow = flows[i % len(flows)]
@@ -1427,3 +1427,15 @@ def test_consecutive_runs_leak_nothing():
 
 def _fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _settled_fd_count(pid: int, timeout: float = 10.0) -> int:
+    """The number of ``pid``'s fds once the same three reads 50 ms apart (the zygote may be
+    building the next sandbox, half a thousand sysctl files open, when asked)."""
+    deadline = time.monotonic() + timeout
+    counts = [-1]
+    while not (len(counts) >= 3 and len(set(counts[-3:])) == 1):
+        assert time.monotonic() < deadline, f"the fds of {pid} never settled: {counts[-5:]}"
+        time.sleep(0.05)
+        counts.append(_fd_count(pid))
+    return counts[-1]

@@ -475,7 +475,7 @@ def _laid_out_as_read(reads: Reads, held: list[int | None] | None = None) -> boo
     same errno), the values left undecoded: True, or False at the first directory where
     one does not, or None when one of the files is not there (the layout is not this
     namespace's). ``held``: a descriptor of each file, in the order of ``reads``, opened
-    ahead (:class:`HeldSysctls`; left open here), or None for a file to open now."""
+    ahead (:attr:`ReadAhead.sysctls`; left open here), or None for a file to open now."""
     at = 0
     for path, names, data, sizes in reads:
         listed = names.split("/")
@@ -526,56 +526,12 @@ def _read_directory(
     return parts, lengths
 
 
-#: Descriptors one message of a :class:`HeldSysctls` socket carries (the kernel's
-#: SCM_MAX_FD is 253).
-_FDS_PER_MESSAGE = 250
 #: Descriptors a process holding the sysctls must still have free under its limit.
 _FD_HEADROOM = 256
 
 
-@dataclass
-class HeldSysctls:
-    """The sysctl files of a sandbox's network namespace, opened ahead of its run in the
-    order of a fresh sandbox's layout (:func:`hold_sysctls`): after the run each is read
-    through its descriptor, with no path to walk (an open of a sysctl costs twice its
-    read, and there are half a thousand). A descriptor reads the namespace it was opened
-    in, whoever reads it. The descriptors wait in the queue of ``sock`` (SCM_RIGHTS), one
-    socket to hand over, not hundreds of descriptors to renumber: ``count`` of them, for
-    every file but those of ``failed`` (their indices), which could not be opened then
-    (root may not read a write-only sysctl) and are opened by path after the run."""
-
-    sock: int
-    count: int
-    failed: frozenset[int]
-
-    def take(self) -> list[int | None] | None:
-        """The descriptors, in layout order (None for a failed file), now this process's
-        to close; None when they cannot all be received. The socket is closed."""
-        fds: list[int] = []
-        try:
-            with socket.socket(fileno=self.sock) as sock:
-                # Not recv_fds's flags: Python 3.11 ignores them (a short queue would hang).
-                sock.setblocking(False)
-                while len(fds) < self.count:
-                    _, got, flags, _ = socket.recv_fds(sock, 1, _FDS_PER_MESSAGE)
-                    fds += got
-                    if not got or flags & socket.MSG_CTRUNC:
-                        raise OSError("the held sysctl descriptors came short")
-        except OSError:
-            _close_all(fds)
-            return None
-        it = iter(fds)
-        return [
-            None if i in self.failed else next(it) for i in range(self.count + len(self.failed))
-        ]
-
-    def close(self) -> None:
-        """Not taken: the socket closed (with it the descriptors it holds)."""
-        os.close(self.sock)
-
-
-def _close_all(fds: list[int]) -> None:
-    """Close ``fds``, one system call when they are a range (as received: the lowest free
+def close_all(fds: list[int]) -> None:
+    """Close ``fds``, one system call when they are a range (as opened: the lowest free
     numbers)."""
     if fds and sorted(fds) == list(range(min(fds), max(fds) + 1)):
         os.closerange(min(fds), max(fds) + 1)
@@ -591,73 +547,48 @@ def _layout_size() -> int:
     return sum(names.count("/") + 1 for _, names, _, _ in _fresh_raw[0])
 
 
-def _open_sysctls() -> tuple[list[int], set[int]] | None:
+def room_for(count: int) -> bool:
+    """Whether this process may open ``count`` more descriptors and keep
+    :data:`_FD_HEADROOM` of its limit free."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return True
+    return len(os.listdir("/proc/self/fd")) + count + _FD_HEADROOM <= soft
+
+
+def _open_sysctls() -> list[int | None] | None:
     """The files of a fresh sandbox's sysctl layout (:func:`prime`), opened in the calling
-    thread's network namespace, each as :func:`_laid_out_as_read` opens it: their
-    descriptors, and the indices of those that could not be opened (root may not read a
+    thread's network namespace, each as :func:`_laid_out_as_read` opens it, in its order:
+    each one's descriptor, None for one that could not be opened (root may not read a
     write-only sysctl). None when no layout is known, or it is not this namespace's (a
     file is not there), or the descriptors would crowd this process's limit."""
     if _fresh_raw is None:
         return None
     names = [(path, name) for path, joined, _, _ in _fresh_raw[0] for name in joined.split("/")]
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if soft != resource.RLIM_INFINITY and len(names) + _FD_HEADROOM > soft:
+    if not room_for(len(names)):
         return None
-    fds: list[int] = []
-    failed: set[int] = set()
+    fds: list[int | None] = []
     dirs: dict[str, int] = {}
+    done = False
     try:
-        for i, (path, name) in enumerate(names):
+        for path, name in names:
             if path not in dirs:
                 dirs[path] = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
                 fds.append(os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dirs[path]))
             except FileNotFoundError:
-                raise
+                return None
             except OSError:
-                failed.add(i)
+                fds.append(None)
+        done = True
     except OSError:
-        _close_all(fds)
         return None
     finally:
         for dfd in dirs.values():
             os.close(dfd)
-    return fds, failed
-
-
-def _queued(fds: list[int]) -> int:
-    """A socket whose queue holds ``fds`` (duplicates: the caller's stay open), in messages of
-    :data:`_FDS_PER_MESSAGE`; OSError when the kernel will not queue them all."""
-    keep, sender = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    with sender:  # closed now: the messages wait in the queue of the end kept
-        try:
-            for start in range(0, len(fds), _FDS_PER_MESSAGE):
-                socket.send_fds(sender, [b"s"], fds[start : start + _FDS_PER_MESSAGE])
-        except OSError:
-            keep.close()
-            raise
-    return keep.detach()
-
-
-def _held(fds: list[int], failed: set[int]) -> tuple[HeldSysctls, int] | None:
-    """``fds`` (closed here) queued twice: for the run's supervisor (:class:`HeldSysctls`),
-    and in a socket the zygote keeps until that supervisor is gone. The files' last
-    references are then the zygote's, and it closes them off the run's path: the last
-    close of a /proc file costs a couple of microseconds, half a thousand of them a
-    millisecond that a supervisor would spend before it could exit. None when the kernel
-    will not queue them."""
-    try:
-        handed = _queued(fds)
-        try:
-            pinned = _queued(fds)
-        except OSError:
-            os.close(handed)
-            raise
-        return HeldSysctls(handed, len(fds), frozenset(failed)), pinned
-    except OSError:
-        return None
-    finally:
-        _close_all(fds)
+        if not done:
+            close_all([fd for fd in fds if fd is not None])
+    return fds
 
 
 @dataclass
@@ -673,34 +604,42 @@ class ReadAhead:
     mount_raw: bytes = b""
     #: A netlink socket of its network namespace (:func:`_subscribe`; -1: none).
     net: int = -1
-    #: Its sysctl files, opened.
-    sysctls: HeldSysctls | None = None
-    #: The zygote's own queue of the same files (-1: none), never handed to the supervisor:
-    #: closed once the supervisor is gone (:func:`_held`).
-    pinned: int = -1
+    #: Its sysctl files, opened in the order of a fresh sandbox's layout, each one's
+    #: descriptor or None (one that could not be opened then: root may not read a write-only
+    #: sysctl; opened by path after the run). After the run each is read through its
+    #: descriptor, no path walked: a sysctl's open costs twice its read (a new dentry and
+    #: inode), and there are half a thousand. A descriptor reads the namespace it was
+    #: opened in, whoever reads it. Handed to the supervisor by the fork, at the same
+    #: numbers (:func:`kit.run.zygote.place_fds`): never queued in a socket, where root's
+    #: descriptors in flight would count against every root process's limit (ETOOMANYREFS).
+    sysctls: list[int | None] | None = None
+    #: Whether the zygote's limit leaves room to keep its copies of the sysctl files, once
+    #: handed over, beside the next sandbox's (:data:`kit.run.zygote.kept_files`).
+    room_to_keep: bool = False
 
     def fds(self) -> set[int]:
-        """The descriptors handed to the run's supervisor."""
-        fds = {self.net} if self.net >= 0 else set()
-        if self.sysctls is not None:
-            fds.add(self.sysctls.sock)
-        return fds
+        """The descriptors handed to the run's supervisor one by one (renumbered)."""
+        return {self.net} if self.net >= 0 else set()
+
+    def files(self) -> list[int]:
+        """The sysctl files' descriptors, handed over as they are numbered."""
+        return [fd for fd in self.sysctls or () if fd is not None]
 
     def moved(self, numbers: dict[int, int]) -> ReadAhead:
-        """The supervisor's: its descriptors renumbered (``numbers``: old -> new)."""
-        sysctls = self.sysctls
-        if sysctls is not None:
-            sysctls = HeldSysctls(numbers[sysctls.sock], sysctls.count, sysctls.failed)
+        """The supervisor's: :meth:`fds` renumbered (``numbers``: old -> new)."""
         net = numbers[self.net] if self.net >= 0 else -1
-        return ReadAhead(self.before, self.mount_raw, net, sysctls)
+        return ReadAhead(self.before, self.mount_raw, net, self.sysctls, self.room_to_keep)
+
+    def without_files(self) -> ReadAhead:
+        """The same without the sysctl files (not handed over: the watch opens them)."""
+        return ReadAhead(self.before, self.mount_raw, self.net, None)
 
     def close(self) -> None:
         """Its descriptors closed (unused, or the supervisor's own once handed over)."""
         for fd in self.fds():
             os.close(fd)
-        if self.pinned >= 0:
-            os.close(self.pinned)
-        self.net, self.sysctls, self.pinned = -1, None, -1
+        close_all(self.files())
+        self.net, self.sysctls = -1, None
 
 
 def read_ahead(sandbox: Sandbox, pidfd: int) -> ReadAhead:
@@ -710,13 +649,17 @@ def read_ahead(sandbox: Sandbox, pidfd: int) -> ReadAhead:
     zygote's own never moves); what it could not is left to the run's watch."""
     ahead = ReadAhead(fresh_state(sandbox))
     before = ahead.before
-    fd = os.open(f"/proc/{sandbox.init_pid}/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        ahead.mount_raw = _pread_all(fd)
-    finally:
-        os.close(fd)
-    text = ahead.mount_raw.decode(errors="replace").strip()
-    _outside(before, "mount", lambda: parse_mounts(text))
+        fd = os.open(f"/proc/{sandbox.init_pid}/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            ahead.mount_raw = _pread_all(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass  # init is gone: the run that adopts the sandbox says so; else the watch reads it
+    if ahead.mount_raw:
+        text = ahead.mount_raw.decode(errors="replace").strip()
+        _outside(before, "mount", lambda: parse_mounts(text))
     kinds = _mqueues_from_outside(
         before, sandbox, frozenset(_BEFORE_INSIDE.difference(before.objects, before.errors))
     )
@@ -727,7 +670,9 @@ def read_ahead(sandbox: Sandbox, pidfd: int) -> ReadAhead:
             linux.setns(pidfd, linux.CLONE_NEWNET | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC)
         except OSError:
             return  # a kernel before 5.8 (setns of a pidfd): the run's watch reads them
-        _read_joined(before, kinds, {})
+        read = HostState()
+        _read_joined(read, kinds, {})
+        before.objects.update(read.objects)  # what could not be read, the watch reads again
         with contextlib.suppress(OSError):
             opened["net"] = _subscribe().detach()
         opened["sysctls"] = _open_sysctls()
@@ -736,9 +681,8 @@ def read_ahead(sandbox: Sandbox, pidfd: int) -> ReadAhead:
     thread.start()
     thread.join()
     ahead.net = opened.get("net", -1)
-    held = None if opened.get("sysctls") is None else _held(*opened["sysctls"])
-    if held is not None:
-        ahead.sysctls, ahead.pinned = held
+    ahead.sysctls = opened.get("sysctls")
+    ahead.room_to_keep = ahead.sysctls is not None and room_for(len(ahead.files()))
     return ahead
 
 
@@ -864,7 +808,10 @@ class Inside:
     (setns of these kinds moves the calling thread alone). ``failed``: the namespaces it could
     not join, with why."""
 
-    def __init__(self, init_pid: int) -> None:
+    def __init__(self, init_pid: int, ns_fds: dict[str, int] | None = None) -> None:
+        """``ns_fds``: descriptors of the namespaces, held since init's pid was checked
+        (:func:`kit.run.sandbox.adopt`): joined through them, not through the pid, which
+        names another process once init is gone and reaped (engine code can end it)."""
         self.own = {
             ns: os.open(
                 f"/proc/thread-self/ns/{linux.NAMESPACES[ns][1]}", os.O_RDONLY | os.O_CLOEXEC
@@ -874,7 +821,10 @@ class Inside:
         self.failed: dict[str, str] = {}
         for ns in _INSIDE_NS:
             try:
-                _join(init_pid, ns)
+                if ns_fds and ns in ns_fds:
+                    linux.setns(ns_fds[ns], linux.NAMESPACES[ns][0])
+                else:
+                    _join(init_pid, ns)
             except OSError as exc:
                 self.failed[ns] = f"cannot join its {ns} namespace: {exc}"
 
@@ -1066,7 +1016,7 @@ def _sysctls_as_laid_out(held: list[int | None] | None = None) -> dict[str, str]
     when it is that namespace's too (:data:`_fresh_layout`; the caller knows that no link
     came or went); None when it may not be: they must be listed. When every file reads as
     the fresh sandbox's did (the usual run), the fresh sandbox's values, that very dict.
-    ``held``: a descriptor of each file, opened ahead in this namespace (:class:`HeldSysctls`;
+    ``held``: a descriptor of each file, opened ahead in this namespace (:class:`ReadAhead`;
     left open)."""
     if _fresh_layout is None or _fresh_layout[1] != _modules():
         return None
@@ -1386,21 +1336,19 @@ class HostWatch:
     batch of ledger events while the run goes on (:meth:`look`), and at the end every change
     (:meth:`finish`), each watched one with the hooks that were open when it appeared.
 
-    From :meth:`__init__` to :meth:`finish` the calling thread is in the sandbox's uts, net
-    and ipc namespaces (then back in its own): a uname there is the sandbox's hostname for the
-    price of a system call, and no thread is needed (a supervisor that unshared a pid
-    namespace for the sandbox cannot start one). The starter, forked meanwhile, enters them
-    anyway."""
+    From :meth:`start` (from :meth:`__init__` when nothing was read ahead) to :meth:`finish`
+    the calling thread is in the sandbox's uts, net and ipc namespaces (then back in its
+    own): a uname there is the sandbox's hostname for the price of a system call, and no
+    thread is needed (a supervisor that unshared a pid namespace for the sandbox cannot start
+    one). The starter enters them anyway."""
 
     def __init__(self, sandbox: Sandbox, ahead: ReadAhead | None = None) -> None:
         """``ahead``: what the zygote that built the sandbox read and opened for its watch
         (:func:`read_ahead`; nothing but its idle init has run in it since), now the watch's
         to close; else everything is read now."""
         self.sandbox = sandbox
-        self._sysctls = None if ahead is None else ahead.sysctls
-        #: The sysctl files' descriptors, taken from ``sysctls`` once the run began; closed
-        #: by :meth:`close`.
-        self._sysctl_fds: list[int | None] | None = None
+        #: The sysctl files opened ahead (:attr:`ReadAhead.sysctls`), closed by :meth:`close`.
+        self._sysctl_fds = None if ahead is None else ahead.sysctls
         # Opened before the snapshot: a mount made after it wakes the first poll.
         self._mountinfo: int | None = os.open(
             f"/proc/{sandbox.init_pid}/mountinfo", os.O_RDONLY | os.O_CLOEXEC
@@ -1471,18 +1419,13 @@ class HostWatch:
     def _join(self) -> Inside:
         """The calling thread in the sandbox's uts, net and ipc namespaces (once)."""
         if self.inside is None:
-            self.inside = Inside(self.sandbox.init_pid)
+            self.inside = Inside(self.sandbox.init_pid, getattr(self.sandbox, "ns_fds", None))
         return self.inside
 
     def start(self) -> None:
-        """After the starter is forked: the looks begin. What the run's path need not wait
-        for is done now, while the starter finds its feet: the namespaces joined, the
-        sysctl files opened ahead taken (half a thousand descriptors)."""
-        inside = self._join()
-        if self._sysctls is not None:
-            self._sysctl_fds = self._sysctls.take()
-            self._sysctls = None
-        self._joined = "uts" not in inside.failed
+        """After the starter is forked: the looks begin. The namespaces are joined now (if
+        not yet), while the starter finds its feet."""
+        self._joined = "uts" not in self._join().failed
 
     def note(self, event: dict[str, Any]) -> None:
         """Keep track of the open hooks (every ledger event goes through here)."""
@@ -1577,13 +1520,11 @@ class HostWatch:
 
     def close(self) -> None:
         """After :meth:`finish`, once the run's result is out: the sysctl files' descriptors
-        closed (half a thousand files of /proc, a millisecond no run need wait for)."""
+        closed (the last close of half a thousand /proc files, about a millisecond, delays
+        nothing the result carries)."""
         fds, self._sysctl_fds = self._sysctl_fds, None
         if fds is not None:
-            _close_all([fd for fd in fds if fd is not None])
-        if self._sysctls is not None:
-            self._sysctls.close()
-            self._sysctls = None
+            close_all([fd for fd in fds if fd is not None])
 
     def finish(self) -> dict[str, Any]:
         """After the run: the fields of the ledger's ``host_changes`` event. Each change is
@@ -1601,9 +1542,6 @@ class HostWatch:
         if self._net is not None:
             self._net.close()
         laid_out = None
-        if self._sysctls is not None:  # not started
-            self._sysctls.close()
-            self._sysctls = None
         if not network and "net" not in self._join().failed:
             # No link came or went: the files are a fresh sandbox's, known without a listing.
             held = self._sysctl_fds

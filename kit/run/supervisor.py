@@ -191,17 +191,26 @@ class Supervisor:
 
     # -- the run -----------------------------------------------------------------------------
     def run(
-        self, result_fd: int, ahead: Ahead | None = None, prepared: Any = None
+        self,
+        result_fd: int,
+        ahead: Ahead | None = None,
+        prepared: Any = None,
+        inherited: set[int] | None = None,
     ) -> dict[str, Any]:
         """The run; ``ahead``: its directory and sandbox, made by the zygote
         (:func:`prepare_ahead`), else made here; ``prepared``: what :func:`prepare_backend`
-        returned for it."""
+        returned for it; ``inherited``: the descriptors the run may inherit, when the caller
+        placed them (else every one open now but the result pipe and ``ahead``'s)."""
         req = self.req
         # What the run may inherit from here: stdio and the launcher's pass-through fds (not
         # the result pipe, nor anything the supervisor opens for itself from now on).
-        self.inherited = host_sandbox.open_fds() - {result_fd}
-        if ahead is not None:
-            self.inherited -= ahead.fds()
+        if inherited is not None:
+            self.inherited = set(inherited)
+        else:
+            files = ahead.files() if ahead is not None else []
+            self.inherited = host_sandbox.open_fds(known=files) - {result_fd, *files}
+            if ahead is not None:
+                self.inherited -= ahead.fds()
         linux.set_child_subreaper()
         run_dir, lock_fd = rundir.create() if ahead is None else (ahead.run_dir, ahead.lock_fd)
         self.run_dir = run_dir
@@ -921,6 +930,10 @@ class Ahead:
             fds |= self.watch.fds()
         return fds
 
+    def files(self) -> list[int]:
+        """The watch's block of descriptors, handed over at their own numbers."""
+        return [] if self.watch is None else self.watch.files()
+
     def moved(self, numbers: dict[int, int]) -> Ahead:
         """The same, its descriptors renumbered (``numbers``: old -> new)."""
         building = self.building
@@ -929,7 +942,11 @@ class Ahead:
             building = dataclasses.replace(
                 building, ready_fd=numbers[building.ready_fd], pidfd=pidfd
             )
-        watch = None if self.watch is None else self.watch.moved(numbers)
+        watch = self.watch
+        if watch is not None:
+            if not all(fd in numbers for fd in watch.files()):
+                watch = watch.without_files()  # closed by the fork (kit.run.zygote.place_fds)
+            watch = watch.moved(numbers)
         return dataclasses.replace(
             self, lock_fd=numbers[self.lock_fd], building=building, watch=watch
         )
@@ -937,11 +954,13 @@ class Ahead:
     def discard(self) -> None:
         """In the zygote: after the fork that handed it over (its pidfd of init, if it
         still has it, closed too)."""
+        watch, self.watch = self.watch, None
         for fd in self.fds():
             os.close(fd)
+        if watch is not None:
+            watch.close()
         if self.building is not None:
             self.building.pidfd = None
-        self.watch = None
 
 
 def prepare_ahead() -> Ahead:
@@ -1080,12 +1099,16 @@ def _backend(
 
 
 def run_supervised(
-    request: RunRequest, result_fd: int, prepared: Any = None, ahead: Ahead | None = None
+    request: RunRequest,
+    result_fd: int,
+    prepared: Any = None,
+    ahead: Ahead | None = None,
+    inherited: set[int] | None = None,
 ) -> None:
     """Supervise one run in this process and write its result to ``result_fd`` (closed).
     ``prepared``: what :func:`prepare_backend` returned for ``request`` (in this process or
     in its parent, just before the fork); ``ahead``: what :func:`prepare_ahead` made for it
-    (in the parent)."""
+    (in the parent); ``inherited``: :meth:`Supervisor.run`'s."""
     # SIGTERM (default action: die) until the supervisor handles it with its cleanup.
     linux.set_parent_death_signal(signal.SIGTERM)
     linux.set_name("kit-supervisor")
@@ -1094,7 +1117,7 @@ def run_supervised(
     try:
         preload(request)
         supervisor = Supervisor(request)
-        result = supervisor.run(result_fd, ahead, prepared)
+        result = supervisor.run(result_fd, ahead, prepared, inherited)
         data = supervisor.encode(result)
     except Exception as exc:  # noqa: BLE001 any failure becomes the run's result, never a hang
         result = {

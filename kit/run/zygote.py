@@ -1,4 +1,4 @@
-"""The zygote: a lean, pre-imported, single-threaded process that forks one supervisor per run."""
+"""The zygote: a lean, pre-imported process that forks one supervisor per run."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Collection
 
-from kit.run import rundir
+from kit.run import hostdiff, rundir
 from kit.run import sandbox as host_sandbox
 from kit.run.request import RunRequest
 from kit.run.supervisor import (
@@ -37,10 +37,11 @@ exit_statuses: dict[int, int] = {}
 #: teardown), with SIGTERM (init saves its coverage data) or, after a supervisor that was
 #: killed, SIGKILL.
 sandbox_inits: dict[int, int] = {}
-#: The zygote's queue of the sysctl files of each host sandbox's network namespace, by the
-#: pid of the supervisor that took the sandbox (kit.run.hostdiff.ReadAhead.pinned): closed
-#: once that supervisor is gone, so the files' last close is not the supervisor's.
-pinned_files: dict[int, int] = {}
+#: The zygote's own copies of the sysctl files handed to each supervisor, by its pid
+#: (kit.run.hostdiff.ReadAhead.sysctls), when its limit leaves room for them beside the next
+#: sandbox's: closed once that supervisor is gone, so the files' last close (about a
+#: millisecond for half a thousand) is not the supervisor's, whose exit its launcher awaits.
+kept_files: dict[int, list[int]] = {}
 
 
 def reap() -> None:
@@ -53,9 +54,7 @@ def reap() -> None:
             return
         if pid == 0:
             return
-        pinned = pinned_files.pop(pid, None)
-        if pinned is not None:
-            os.close(pinned)
+        hostdiff.close_all(kept_files.pop(pid, []))
         init = sandbox_inits.pop(pid, None)
         if init is not None:
             try:
@@ -71,17 +70,26 @@ def reap() -> None:
 
 
 def place_fds(
-    received: list[int], targets: list[int], extra: Collection[int] = ()
+    received: list[int],
+    targets: list[int],
+    extra: Collection[int] = (),
+    kept: Collection[int] = (),
 ) -> tuple[int, dict[int, int]]:
     """In the run's child: stdio and pass-through fds at their numbers; returns the result
-    fd and where each of ``extra`` (the zygote's own, for the supervisor) now is. Everything
-    else the zygote had open is closed."""
+    fd and where each of ``extra`` (the zygote's own, for the supervisor) now is. ``kept``:
+    more of the zygote's own, handed over at their own numbers (a block of hundreds, each
+    renumbered would cost the run's path), in ``moved`` as themselves; closed and left out
+    of it when a number in play is one of them. Everything else the zygote had open is
+    closed."""
     wanted = {0: received[0], 1: received[1], 2: received[2]}
     for target, fd in zip(targets, received[FIXED_FDS:], strict=True):
         wanted[target] = fd
+    stay = set(kept)
+    if not stay.isdisjoint(wanted):
+        stay = set()  # a target's number: dup2 would replace one
     # Park every source above every number in play first, so no dup2 clobbers another source;
     # F_DUPFD takes the lowest free number from there (fixed numbers may pass the fd limit).
-    floor = max([*received, *wanted, *extra]) + 1
+    floor = max([*received, *wanted, *extra, *stay]) + 1
 
     def park(fd: int) -> int:
         return fcntl.fcntl(fd, fcntl.F_DUPFD, floor)
@@ -89,19 +97,14 @@ def place_fds(
     high = {target: park(fd) for target, fd in wanted.items()}
     result_high = park(received[3])
     extra_high = {fd: park(fd) for fd in sorted(extra)}
-    keep = set(high.values()) | {result_high} | set(extra_high.values())
-    for fd in sorted(set(int(x) for x in os.listdir("/proc/self/fd")) - keep):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    host_sandbox.close_all_but(set(high.values()) | {result_high, *extra_high.values(), *stay})
     for target, fd in high.items():
         os.dup2(fd, target)
         os.close(fd)
     result_fd = os.dup(result_high)
     os.close(result_high)
     os.set_inheritable(result_fd, False)
-    moved = {}
+    moved = {fd: fd for fd in stay}
     for old, fd in extra_high.items():
         moved[old] = os.dup(fd)
         os.close(fd)
@@ -194,6 +197,8 @@ def _serve(control: socket.socket, spare: list[Ahead | None]) -> int:
                 os.close(fd)
             control.send(json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode())
             continue
+        watch = ahead.watch if ahead is not None else None
+        keep_files = watch is not None and watch.room_to_keep
         # Until the new supervisor is in sandbox_inits: reap() must not see it go before.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
         try:
@@ -213,8 +218,18 @@ def _serve(control: socket.socket, spare: list[Ahead | None]) -> int:
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
                 os.setsid()
-                result_fd, moved = place_fds(fds, targets, ahead.fds() if ahead else set())
-                run_supervised(request, result_fd, prepared, ahead.moved(moved) if ahead else None)
+                result_fd, moved = place_fds(
+                    fds, targets, ahead.fds() if ahead else set(), ahead.files() if ahead else []
+                )
+                # What place_fds left for the run: stdio and the pass-through fds.
+                inherited = {0, 1, 2, *targets}
+                run_supervised(
+                    request,
+                    result_fd,
+                    prepared,
+                    ahead.moved(moved) if ahead else None,
+                    inherited,
+                )
                 code = 0
             finally:
                 os._exit(code)
@@ -225,9 +240,8 @@ def _serve(control: socket.socket, spare: list[Ahead | None]) -> int:
         if building is not None and building.pidfd is not None:
             # Held since the build: init's pid may have been reaped and reused meanwhile.
             sandbox_inits[pid], building.pidfd = building.pidfd, None
-        watch = ahead.watch if ahead is not None else None
-        if watch is not None and watch.pinned >= 0:
-            pinned_files[pid], watch.pinned = watch.pinned, -1
+        if keep_files and watch is not None:
+            kept_files[pid], watch.sysctls = watch.files(), None
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
         if ahead is not None:
             ahead.discard()  # the supervisor's now: its lock is the supervisor's alone
@@ -272,10 +286,12 @@ def main(argv: list[str]) -> int:
 
     Starting a fresh interpreter and importing the kit costs far more than a whole lifecycle; the
     zygote pays it once per launcher process. It never imports the engine (untrusted code, SPEC
-    §11): each run's starter does, in the run's sandbox. It never changes its own credentials or
-    namespaces (building a host sandbox, it sets the pid namespace of one child, init's, and
-    restores its own at once): each run happens in a forked child that becomes the run's supervisor
-    (:mod:`kit.run.supervisor`), in its own session.
+    §11): each run's starter does, in the run's sandbox. Its main thread never changes its
+    credentials or namespaces (building a host sandbox, it sets the pid namespace of one child,
+    init's, and restores its own at once; a short-lived thread joins the new sandbox's uts, net
+    and ipc namespaces to read it ahead, and ends, before the next fork): each run happens in a
+    forked child that becomes the run's supervisor (:mod:`kit.run.supervisor`), in its own
+    session.
 
     Every process of a run is forked from it, directly or not, so it is kept cheap to fork: after
     new imports it collects, freezes (``gc.freeze``) and returns its free heap pages to the kernel;
