@@ -350,6 +350,32 @@ def test_a_pass_through_target_above_1000_lands_and_spares_the_result_fd():
     assert exit_code_in_child(body) == 0
 
 
+def test_place_fds_keeps_a_block_where_it_is_but_a_number_a_target_needs():
+    """The zygote's block of sysctl files stays at its numbers, one a target needs is moved
+    (and said where), each still its file; nothing else stays open."""
+    from conftest import exit_code_in_child
+
+    from kit.run.zygote import place_fds
+
+    def body() -> int:
+        fds = [os.pipe()[0] for _ in range(FIXED_FDS + 1)]
+        block = [os.pipe()[0] for _ in range(20)]
+        files = {fd: os.fstat(fd)[:2] for fd in block}
+        target = block[7]  # the launcher passes one fd under this number
+        passed = os.fstat(fds[FIXED_FDS])[:2]
+        result_fd, moved = place_fds(fds, [target], kept=block)
+        ok = sorted(moved) == sorted(block)
+        ok &= all(moved[fd] == fd for fd in block if fd != target)
+        ok &= moved[target] != target and os.fstat(moved[target])[:2] == files[target]
+        ok &= all(os.fstat(moved[fd])[:2] == files[fd] for fd in block)
+        ok &= os.fstat(target)[:2] == passed
+        left = {int(n) for n in os.listdir("/proc/self/fd")}
+        left -= {0, 1, 2, target, result_fd, *moved.values()}
+        return 0 if ok and len(left) <= 1 else 1  # listdir's own fd is left
+
+    assert exit_code_in_child(body) == 0
+
+
 def test_a_result_already_in_the_pipe_with_the_started_line_is_read_in_order(monkeypatch):
     """The launcher reads the ``started`` line only once much of the result is in the pipe
     too (a short run on a busy machine): polled to the end, the result is the run's."""

@@ -1418,8 +1418,8 @@ def test_consecutive_runs_leak_nothing():
         time.sleep(0.01)
     assert set(living_descendants()) <= set(children_before)
     if zygote is not None:
-        # What the zygote holds for a run (the queue of its sandbox's sysctl files, its init)
-        # goes once the run's supervisor is reaped; it may be building the next sandbox.
+        # What the zygote holds for a run (its copies of the sandbox's sysctl files, init's
+        # pidfd) goes once the supervisor is reaped; it may be building the next sandbox.
         while _fd_count(zygote.proc.pid) != zygote_fds and time.monotonic() < deadline:
             time.sleep(0.01)
         assert _fd_count(zygote.proc.pid) == zygote_fds

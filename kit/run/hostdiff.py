@@ -531,8 +531,8 @@ _FD_HEADROOM = 256
 
 
 def close_all(fds: list[int]) -> None:
-    """Close ``fds``, one system call when they are a range (as opened: the lowest free
-    numbers)."""
+    """Close ``fds``, one system call when they are a range (as :func:`_open_sysctls` opens
+    them, in a table without holes)."""
     if fds and sorted(fds) == list(range(min(fds), max(fds) + 1)):
         os.closerange(min(fds), max(fds) + 1)
     else:
@@ -571,9 +571,10 @@ def _open_sysctls() -> list[int | None] | None:
     dirs: dict[str, int] = {}
     done = False
     try:
-        for path, name in names:
+        for path, _ in names:  # first: the files then take one range of numbers
             if path not in dirs:
                 dirs[path] = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        for path, name in names:
             try:
                 fds.append(os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dirs[path]))
             except FileNotFoundError:
@@ -626,13 +627,12 @@ class ReadAhead:
         return [fd for fd in self.sysctls or () if fd is not None]
 
     def moved(self, numbers: dict[int, int]) -> ReadAhead:
-        """The supervisor's: :meth:`fds` renumbered (``numbers``: old -> new)."""
+        """The supervisor's: its descriptors renumbered (``numbers``: old -> new)."""
         net = numbers[self.net] if self.net >= 0 else -1
-        return ReadAhead(self.before, self.mount_raw, net, self.sysctls, self.room_to_keep)
-
-    def without_files(self) -> ReadAhead:
-        """The same without the sysctl files (not handed over: the watch opens them)."""
-        return ReadAhead(self.before, self.mount_raw, self.net, None)
+        sysctls = None
+        if self.sysctls is not None:
+            sysctls = [None if fd is None else numbers[fd] for fd in self.sysctls]
+        return ReadAhead(self.before, self.mount_raw, net, sysctls, self.room_to_keep)
 
     def close(self) -> None:
         """Its descriptors closed (unused, or the supervisor's own once handed over)."""
@@ -682,7 +682,10 @@ def read_ahead(sandbox: Sandbox, pidfd: int) -> ReadAhead:
     thread.join()
     ahead.net = opened.get("net", -1)
     ahead.sysctls = opened.get("sysctls")
-    ahead.room_to_keep = ahead.sysctls is not None and room_for(len(ahead.files()))
+    try:
+        ahead.room_to_keep = ahead.sysctls is not None and room_for(len(ahead.files()))
+    except OSError:  # EMFILE listing the descriptors: no room
+        ahead.room_to_keep = False
     return ahead
 
 

@@ -6,7 +6,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import resource
 import select
 import signal
 import stat
@@ -536,7 +535,7 @@ def enter(sandbox: HostSandbox, keep: set[int]) -> None:
     them, directories and files of the host's /proc) would lead out of the sandbox."""
     for kind in NS_KINDS:
         linux.setns(sandbox.ns_fds[kind], linux.NAMESPACES[kind][0])
-    close_all_but(keep)
+    linux.close_fds_except(keep)
     os.environ[SANDBOX_ENV] = ":".join(str(linux.ns_inode(k)) for k in ("mount", "uts"))
     os.chdir("/")
 
@@ -557,19 +556,6 @@ def open_fds(known: Collection[int] = ()) -> set[int]:
     a block of hundreds costs a system call each)."""
     known = set(known)
     return {fd for fd in _listed_fds() if fd in known or _is_open(fd)}
-
-
-def close_all_but(keep: Collection[int]) -> None:
-    """Close every descriptor of the calling process but ``keep``: one close_range(2) per
-    gap between them (up to the descriptor limit: the kernel stops at the table's end), not
-    a close per descriptor, nor a listing of them."""
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    end = 1 << 20 if soft == resource.RLIM_INFINITY else soft
-    start = 0
-    for fd in [*sorted(set(keep)), max(end, max(keep, default=0) + 1)]:
-        if fd > start:
-            os.closerange(start, fd)
-        start = max(start, fd + 1)
 
 
 def _is_open(fd: int) -> bool:

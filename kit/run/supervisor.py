@@ -942,18 +942,15 @@ class Ahead:
             building = dataclasses.replace(
                 building, ready_fd=numbers[building.ready_fd], pidfd=pidfd
             )
-        watch = self.watch
-        if watch is not None:
-            if not all(fd in numbers for fd in watch.files()):
-                watch = watch.without_files()  # closed by the fork (kit.run.zygote.place_fds)
-            watch = watch.moved(numbers)
+        watch = None if self.watch is None else self.watch.moved(numbers)
         return dataclasses.replace(
             self, lock_fd=numbers[self.lock_fd], building=building, watch=watch
         )
 
     def discard(self) -> None:
         """In the zygote: after the fork that handed it over (its pidfd of init, if it
-        still has it, closed too)."""
+        still has it, and the watch's sysctl files, unless the zygote keeps them, closed
+        too)."""
         watch, self.watch = self.watch, None
         for fd in self.fds():
             os.close(fd)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import gc
 import json
@@ -54,7 +55,8 @@ def reap() -> None:
             return
         if pid == 0:
             return
-        hostdiff.close_all(kept_files.pop(pid, []))
+        with contextlib.suppress(OSError):  # a signal handler: nothing may escape it
+            hostdiff.close_all(kept_files.pop(pid, []))
         init = sandbox_inits.pop(pid, None)
         if init is not None:
             try:
@@ -76,17 +78,15 @@ def place_fds(
     kept: Collection[int] = (),
 ) -> tuple[int, dict[int, int]]:
     """In the run's child: stdio and pass-through fds at their numbers; returns the result
-    fd and where each of ``extra`` (the zygote's own, for the supervisor) now is. ``kept``:
-    more of the zygote's own, handed over at their own numbers (a block of hundreds, each
-    renumbered would cost the run's path), in ``moved`` as themselves; closed and left out
-    of it when a number in play is one of them. Everything else the zygote had open is
+    fd and where each of ``extra`` and ``kept`` (the zygote's own, for the supervisor) now
+    is. ``kept`` (a block of hundreds, each renumbered would cost the run's path) stay at
+    their numbers, but those a number in play needs. Everything else the zygote had open is
     closed."""
     wanted = {0: received[0], 1: received[1], 2: received[2]}
     for target, fd in zip(targets, received[FIXED_FDS:], strict=True):
         wanted[target] = fd
-    stay = set(kept)
-    if not stay.isdisjoint(wanted):
-        stay = set()  # a target's number: dup2 would replace one
+    stay = set(kept).difference(wanted)
+    extra = {*extra, *set(kept).intersection(wanted)}  # a target's number: moved first
     # Park every source above every number in play first, so no dup2 clobbers another source;
     # F_DUPFD takes the lowest free number from there (fixed numbers may pass the fd limit).
     floor = max([*received, *wanted, *extra, *stay]) + 1
@@ -97,7 +97,7 @@ def place_fds(
     high = {target: park(fd) for target, fd in wanted.items()}
     result_high = park(received[3])
     extra_high = {fd: park(fd) for fd in sorted(extra)}
-    host_sandbox.close_all_but(set(high.values()) | {result_high, *extra_high.values(), *stay})
+    linux.close_fds_except(set(high.values()) | {result_high, *extra_high.values(), *stay})
     for target, fd in high.items():
         os.dup2(fd, target)
         os.close(fd)
