@@ -1521,7 +1521,7 @@ def test_sysctl_files_held_ahead_are_read_in_their_layouts_order(sandbox: OwnSan
 
     out = in_child(run)
     assert "ok" in out, out
-    assert out["ok"]["held"] > 500
+    assert out["ok"]["held"] > 0  # ~560 on 6.x kernels
     assert out["ok"]["opened"] == out["ok"]["unheld"] and out["ok"]["listed"] == 0
     assert out["ok"]["doc"]["changes"] == [] and out["ok"]["doc"]["errors"] == {}
 
