@@ -1522,9 +1522,7 @@ class HostWatch:
         return tuple(usage)
 
     def close(self) -> None:
-        """After :meth:`finish`, once the run's result is out: the sysctl files' descriptors
-        closed (the last close of half a thousand /proc files, about a millisecond, delays
-        nothing the result carries)."""
+        """After :meth:`finish`: the sysctl files' descriptors closed."""
         fds, self._sysctl_fds = self._sysctl_fds, None
         if fds is not None:
             close_all([fd for fd in fds if fd is not None])

@@ -11,7 +11,6 @@ import signal
 import stat
 import tempfile
 import time
-from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import NoReturn
 
@@ -540,22 +539,16 @@ def enter(sandbox: HostSandbox, keep: set[int]) -> None:
     os.chdir("/")
 
 
-def _listed_fds() -> list[int]:
-    """The numbers /proc/self/fd lists: every open descriptor, and two that are not (its
-    own, and the duplicate os.listdir lists through, both closed when it returns; the next
-    descriptor the caller opens takes one of their numbers)."""
+def open_fds() -> set[int]:
+    """The calling process's open file descriptors."""
     fd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        return [int(name) for name in os.listdir(fd)]
+        names = os.listdir(fd)
     finally:
         os.close(fd)
-
-
-def open_fds(known: Collection[int] = ()) -> set[int]:
-    """The calling process's open file descriptors (``known``: some of them, not checked:
-    a block of hundreds costs a system call each)."""
-    known = set(known)
-    return {fd for fd in _listed_fds() if fd in known or _is_open(fd)}
+    # os.listdir lists through a duplicate of ``fd``, closed when it returns: its number (and
+    # ``fd``'s) is no open descriptor, but the next one the caller opens would take it.
+    return {int(name) for name in names if _is_open(int(name))}
 
 
 def _is_open(fd: int) -> bool:

@@ -18,7 +18,6 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,8 +139,6 @@ class Supervisor:
         self.outside_check = request.backend == "real" and request.probes
         self.sandbox: host_sandbox.HostSandbox | None = None
         self.host: Any = None  # the sandbox's kit.run.hostdiff.HostWatch
-        #: What is left to do once the run's result is written (nothing the result needs).
-        self.after_result: list[Callable[[], None]] = []
         self.listener: int | None = None  # the run's seccomp filter's (kit.run.seccomp)
         self.refusals = 0  # calls it refused; the first seccomp.MAX_RECORDED are recorded
         # The real backend's filter lets the watched calls run (kit.run.seccomp.HOST_WATCH):
@@ -207,10 +204,9 @@ class Supervisor:
         if inherited is not None:
             self.inherited = set(inherited)
         else:
-            files = ahead.files() if ahead is not None else []
-            self.inherited = host_sandbox.open_fds(known=files) - {result_fd, *files}
+            self.inherited = host_sandbox.open_fds() - {result_fd}
             if ahead is not None:
-                self.inherited -= ahead.fds()
+                self.inherited -= ahead.fds() | set(ahead.files())
         linux.set_child_subreaper()
         run_dir, lock_fd = rundir.create() if ahead is None else (ahead.run_dir, ahead.lock_fd)
         self.run_dir = run_dir
@@ -490,11 +486,11 @@ class Supervisor:
         if self.host is not None:
             start = time.perf_counter()
             fields = self.host.finish()
-            self.after_result.append(self.host.close)
-            self.host = None
             self.emit(
                 "host_changes", **fields, cost_ms=round((time.perf_counter() - start) * 1000, 3)
             )
+            self.host.close()
+            self.host = None
 
     def leak(self, what: str, detail: str) -> None:
         self.leaks.append({"what": what, "detail": detail})
@@ -1110,7 +1106,6 @@ def run_supervised(
     linux.set_parent_death_signal(signal.SIGTERM)
     linux.set_name("kit-supervisor")
     os.chdir("/")
-    supervisor = None
     try:
         preload(request)
         supervisor = Supervisor(request)
@@ -1131,9 +1126,6 @@ def run_supervised(
         n = os.write(result_fd, view)
         view = view[n:]
     os.close(result_fd)
-    if supervisor is not None:
-        for release in supervisor.after_result:
-            release()
 
 
 def main(argv: list[str]) -> int:
