@@ -737,12 +737,13 @@ def starter_configs(
     """
     if os.geteuid() == 0 and uid == 0:
         return []  # U must be unprivileged: never run engine code as root here
+    checked = [flow for flow in dict.fromkeys(flows) if flow in UNPRIVILEGED_FLOWS]
+    reasons = _stage1_in_child(spec, checked, uid, gid, groups) if checked else {}
     by_reason: dict[str, list[str]] = {}
-    for flow in flows:
-        if flow in UNPRIVILEGED_FLOWS:
-            reason = _stage1_in_child(spec, flow, uid, gid, groups)
-            if reason:
-                by_reason.setdefault(reason, []).append(flow)
+    for flow in checked:
+        reason = reasons.get(flow)
+        if reason:
+            by_reason.setdefault(reason, []).append(flow)
     return [
         Problem(
             spec,
@@ -755,20 +756,76 @@ def starter_configs(
     ]
 
 
-def _stage1_in_child(spec: str, flow: str, uid: int, gid: int, groups: list[int]) -> str | None:
-    """Why the StarterConfig of ``flow`` is invalid, found in a child contained as an
-    inspection's (:func:`contained`); None when it is valid or no verdict came in time."""
+def _stage1_in_child(
+    spec: str, flows: list[str], uid: int, gid: int, groups: list[int]
+) -> dict[str, str | None]:
+    """flow -> why the StarterConfig of that flow is invalid (None: valid, or no verdict came
+    in time), found in one child contained as an inspection's (:func:`contained`): it
+    imports the engine once, then forks one child per flow, as the starter forks stage 1
+    after its import, so each flow's hooks start from the same state and none sees what
+    another's left behind. A flow whose hooks hang has no verdict; the others keep theirs."""
 
     def drop() -> None:
         _become(uid, gid, groups)
 
     def body(wfd: int) -> None:
-        os.write(wfd, (_child(spec, flow, uid, gid) or "").encode()[:65536])
+        _stage1_flows(wfd, spec, flows, uid, gid)
 
     ended = contained(drop, body, PREPARE_TIMEOUT)
-    if not ended.in_time:
-        return None  # no verdict: the lifecycle will show what hangs
-    return ended.data.decode(errors="replace") or None
+    verdicts: dict[str, str | None] = {}
+    # Line by line: what came before the deadline counts even when a flow hung after it.
+    for line in ended.data.splitlines():
+        try:
+            flow, reason = json.loads(line)
+        except (ValueError, TypeError):
+            continue  # cut at the deadline, or not the kit's: no verdict from it
+        if flow in flows and isinstance(reason, str) and flow not in verdicts:
+            verdicts[flow] = reason or None
+    return verdicts
+
+
+def _stage1_flows(
+    wfd: int, spec: str, flows: list[str], uid: int, gid: int
+) -> None:  # pragma: no cover - runs in the contained child
+    """In the contained child, as U: the engine imported once, then stage 1 of each flow in
+    a child of its own (all at once); one JSON line ``[flow, reason]`` on ``wfd`` for each
+    as it ends ("" when valid)."""
+    try:
+        registry.find(spec)
+    except Exception:  # noqa: BLE001 engine code: the lifecycle names it as root cause
+        return
+    pending: dict[int, tuple[str, int]] = {}  # read end -> (flow, child pid)
+    for flow in flows:
+        rfd, child_wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.close(rfd)
+                reason = _child(spec, flow, uid, gid) or ""
+                os.write(child_wfd, reason.encode()[:65536])
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(child_wfd)
+        pending[rfd] = (flow, pid)
+    poller = select.poll()
+    for rfd in pending:
+        poller.register(rfd, select.POLLIN)
+    got: dict[int, bytes] = dict.fromkeys(pending, b"")
+    while pending:
+        for rfd, _ in poller.poll():
+            chunk = os.read(rfd, 65536)
+            if chunk:
+                got[rfd] += chunk
+                continue
+            poller.unregister(rfd)
+            os.close(rfd)
+            flow, pid = pending.pop(rfd)
+            with contextlib.suppress(ChildProcessError):  # the engine's SIGCHLD may be SIG_IGN
+                os.waitpid(pid, 0)
+            line = json.dumps([flow, got[rfd].decode(errors="replace")[:65536]]) + "\n"
+            os.write(wfd, line.encode())
 
 
 def _become(uid: int, gid: int, groups: list[int]) -> None:  # pragma: no cover - in the child

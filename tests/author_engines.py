@@ -105,6 +105,19 @@ class InvalidUnlessPrivilegedEngine(ReferenceEngine):
             starter_config.set_capabilities("effective", ["CAP_CHOWN"])
 
 
+class HangsInUsernsEngine(InvalidUnlessPrivilegedEngine):
+    """``prepare_config`` never returns in the userns flow, and fills the invalid
+    StarterConfig of :class:`InvalidUnlessPrivilegedEngine` in the others: preflight's
+    verdicts of the other flows must not wait for it."""
+
+    engine_name = "author-hangs-in-userns"
+
+    def prepare_config(self, starter_config):  # type: ignore[override]
+        if starter_config.flow == "userns":
+            threading.Event().wait()
+        super().prepare_config(starter_config)
+
+
 class HangingPrepareEngine(ReferenceEngine):
     """``prepare_config`` never returns (only used by preflight's unit test)."""
 

@@ -224,6 +224,21 @@ def test_preflight_gives_no_verdict_on_a_prepare_config_that_hangs(monkeypatch):
     assert time.monotonic() - start < 5  # the child was killed at the deadline
 
 
+def test_preflight_keeps_the_verdicts_of_the_flows_that_did_not_hang(monkeypatch):
+    from kit import preflight
+
+    monkeypatch.syspath_prepend(str(ROOT / "tests"))
+    monkeypatch.setattr(preflight, "PREPARE_TIMEOUT", 1.0)
+    u = _u()
+    flows = ["suid", "userns", "fakeroot"]
+    problems = preflight.starter_configs(
+        "author_engines:HangsInUsernsEngine", flows, u.uid, u.gid, u.groups
+    )
+    # One preflight child for every flow: the hang in userns costs the others nothing.
+    assert [p.hook for p in problems] == ["prepare_config"]
+    assert "in the suid, fakeroot flows" in problems[0].message
+
+
 # --- engines named by import path (MODULE:ATTRIBUTE) ------------------------------------------
 
 
