@@ -5,9 +5,11 @@ Measures, interleaved (A B C … A B C …) after a warm-up, the median wall tim
 * ``unshare``        — util-linux ``unshare -m -p -u -i -n -f /bin/true`` (the kernel's floor);
 * ``runc``           — ``runc run`` of a trivial container: a static ``true`` in a minimal bundle
   (``runc spec``'s defaults: the same five namespaces, ``/proc``, ``/dev``…) that the bench
-  writes to a temporary directory; the runtime a user would otherwise reach for. Skipped,
-  with the reason in the JSON (``runc``), when runc is not installed (Debian: ``apt-get
-  install runc``) or the bench has no static ``true`` for this machine;
+  writes to a temporary directory; the runtime a user would otherwise reach for. Where runc
+  is not installed, the bench fetches Debian's package into that directory (``apt-get
+  download runc``; nothing is installed; ``--runc PATH`` or ``--runc off`` instead). Skipped,
+  with the reason in the JSON (``runc``), when it cannot be had or the bench has no static
+  ``true`` for this machine;
 * ``ctypes_minimal`` — fork → unshare(same namespaces) → fork → exec ``/bin/true`` from this
   lean process;
 * ``full``           — one kit lifecycle of the reference engine, root flow, same namespaces,
@@ -137,23 +139,32 @@ class RuncCase:
         self.count = 0
 
     @classmethod
-    def setup(cls) -> tuple[RuncCase | None, dict[str, Any]]:
-        """(the case, what the JSON says about runc), or (None, the reason it is skipped)."""
-        runc = shutil.which("runc")
-        if runc is None:
-            return None, {
-                "skipped": "runc is not installed (Debian: apt-get install -y "
-                "--no-install-recommends runc)"
-            }
+    def setup(cls, choice: str = "auto") -> tuple[RuncCase | None, dict[str, Any]]:
+        """(the case, what the JSON says about runc), or (None, the reason it is skipped).
+        ``choice``: ``auto`` (runc on PATH, else Debian's package fetched into the bench's
+        temporary directory, never installed), a path to a runc binary, or ``off``."""
+        if choice == "off":
+            return None, {"skipped": "--runc off"}
         binary = static_true()
         if binary is None:
             return None, {"skipped": f"no static true for {os.uname().machine} in the bench"}
-        version = subprocess.run(
-            [runc, "--version"], capture_output=True, text=True, check=False
-        ).stdout.splitlines()
         work = tempfile.mkdtemp(prefix="kit-bench-runc-")
+        runc = choice if choice != "auto" else shutil.which("runc")
+        source = "given" if choice != "auto" else "installed"
+        if runc is None:
+            runc, why = _fetch_debian_runc(work)
+            source = "Debian's package, fetched by the bench (apt-get download runc)"
+            if runc is None:
+                shutil.rmtree(work, ignore_errors=True)
+                return None, {
+                    "skipped": f"runc is not installed and could not be fetched ({why}); "
+                    "Debian: apt-get install -y --no-install-recommends runc, or --runc PATH"
+                }
         case = cls(runc, work)
         try:
+            version = subprocess.run(
+                [runc, "--version"], capture_output=True, text=True, check=True
+            ).stdout.splitlines()
             rootfs = os.path.join(case.bundle, "rootfs")
             os.makedirs(rootfs)
             with open(os.path.join(rootfs, "true"), "wb") as f:
@@ -170,9 +181,10 @@ class RuncCase:
             case.once()
         except (OSError, subprocess.CalledProcessError, RuntimeError, KeyError) as exc:
             case.close()
-            return None, {"skipped": f"runc cannot run the bench's bundle here: {exc}"}
+            return None, {"skipped": f"runc ({runc}) cannot run the bench's bundle here: {exc}"}
         return case, {
             "version": version[0] if version else "",
+            "source": source,
             "bundle": "runc spec, terminal off, args /true (a static exit(0))",
         }
 
@@ -192,6 +204,37 @@ class RuncCase:
 
     def close(self) -> None:
         shutil.rmtree(self.work, ignore_errors=True)
+
+
+def _fetch_debian_runc(work: str) -> tuple[str | None, str]:
+    """Debian's runc package downloaded into ``work`` and unpacked there (nothing is
+    installed): (the binary, "") or (None, why not)."""
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        return None, "no apt-get and dpkg-deb here"
+    print("runc: not installed; fetching Debian's package (apt-get download runc)", flush=True)
+    try:
+        subprocess.run(
+            ["apt-get", "download", "-q", "runc"],
+            cwd=work,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        (deb,) = [name for name in os.listdir(work) if name.endswith(".deb")]
+        unpacked = os.path.join(work, "runc-package")
+        subprocess.run(
+            ["dpkg-deb", "-x", os.path.join(work, deb), unpacked], check=True, capture_output=True
+        )
+    except subprocess.CalledProcessError as exc:
+        return None, f"{' '.join(exc.cmd[:2])}: {(exc.stderr or '').strip()[-200:]}"
+    except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
+        return None, str(exc)
+    for where in ("usr/sbin/runc", "usr/bin/runc"):
+        binary = os.path.join(unpacked, where)
+        if os.access(binary, os.X_OK):
+            return binary, ""
+    return None, "the package holds no runc binary"
 
 
 def cpu_seconds() -> float:
@@ -512,12 +555,20 @@ def main(argv: list[str] | None = None) -> int:
         "one-shot CLI against python -c pass) and skip the micro-measures; ratios of cases "
         "left out are n/a",
     )
+    parser.add_argument(
+        "--runc",
+        default="auto",
+        metavar="auto|PATH|off",
+        help="the runc to compare with: auto (the one on PATH, else Debian's package fetched "
+        "into a temporary directory, not installed), a binary, or off",
+    )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("bench.lifecycle: needs root (the root flow and util-linux unshare)", file=sys.stderr)
         return 2
 
-    runc, runc_info = RuncCase.setup()
+    wanted = args.cases is None or "runc" in args.cases.split(",")
+    runc, runc_info = RuncCase.setup(args.runc if wanted else "off")
     try:
         return _measure(args, runc, runc_info)
     finally:

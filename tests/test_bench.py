@@ -26,6 +26,7 @@ def test_kit_bench_writes_the_medians_and_ratios_it_promises(tmp_path):
             "0",
             "--json",
             str(out),
+            *("--runc", "off"),  # a test fetches nothing (auto may fetch Debian's runc)
         ],
         capture_output=True,
         text=True,
@@ -112,10 +113,21 @@ def test_static_true_exits_zero_without_a_libc(tmp_path):
 def test_runc_case_is_skipped_with_the_reason_when_runc_is_missing(monkeypatch):
     from bench import lifecycle as bench
 
-    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setenv("PATH", "/nonexistent")  # no runc, nor apt-get to fetch one
     case, info = bench.RuncCase.setup()
     assert case is None
-    assert "runc is not installed" in info["skipped"]
+    assert "runc is not installed and could not be fetched" in info["skipped"]
+    assert "no apt-get" in info["skipped"]
+
+
+def test_runc_case_names_a_given_runc_that_does_not_work(tmp_path):
+    from bench import lifecycle as bench
+
+    if bench.static_true() is None:
+        pytest.skip(f"the bench has no static true for {os.uname().machine}")
+    case, info = bench.RuncCase.setup("/bin/false")
+    assert case is None and "runc (/bin/false) cannot run" in info["skipped"]
+    assert bench.RuncCase.setup("off") == (None, {"skipped": "--runc off"})
 
 
 def test_rpc_bench_compares_mock_and_socketpair(tmp_path):
