@@ -215,14 +215,15 @@ class Progress:
         self.stream.flush()
 
 
-def _starter_configs(args: argparse.Namespace) -> list[Any]:
-    """Preflight of the StarterConfig in the selected unprivileged flows (kit.preflight)."""
+def _starter_configs(args: argparse.Namespace) -> preflight.StarterConfigCheck | None:
+    """Preflight of the StarterConfig in the selected unprivileged flows (kit.preflight),
+    started; None where there is no U (those flows are not-configured, the suite says so)."""
     try:
         user = Invoker.resolve()
     except ValueError:
-        return []  # no U here: those flows are not-configured, the suite says so
+        return None
     flows = [f.strip() for value in args.flow for f in value.split(",") if f.strip()]
-    return preflight.starter_configs(
+    return preflight.StarterConfigCheck(
         args.engine, flows or preflight.UNPRIVILEGED_FLOWS, user.uid, user.gid, user.groups
     )
 
@@ -453,9 +454,16 @@ def main(argv: list[str], prog: str = PROG) -> int:
             "--engine my_package:MyEngine or a kit.engines entry point (python -m kit "
             "engines lists them)"
         )
-    # In a child, as U: the gate never imports the engine itself (SPEC §11).
-    found = preflight.inspect(args.engine, collect={"classes": (engine_classes, ENGINE_CLASSES)})
-    problems = found.problems or _starter_configs(args)
+    # In children, as U, at once: the gate never imports the engine itself (SPEC §11).
+    check = _starter_configs(args)
+    try:
+        found = preflight.inspect(
+            args.engine, collect={"classes": (engine_classes, ENGINE_CLASSES)}
+        )
+        problems = found.problems or (check.problems() if check is not None else [])
+    finally:
+        if check is not None:
+            check.cancel()  # not wanted once the inspection found a problem
     if problems:  # before any lifecycle: one message per problem, usage/engine error exit
         return usage(
             f"--engine {args.engine}: preflight failed, no lifecycle was run:\n  "

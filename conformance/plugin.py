@@ -9,7 +9,7 @@ import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -17,6 +17,9 @@ from conformance import SUITE_VERSION, outcomes, requirements, rootcause
 from conformance.capabilities import Capabilities
 from conformance.expectations import FLOWS
 from conformance.markers import MARKERS, declared
+
+if TYPE_CHECKING:
+    from kit.preflight import StarterConfigCheck
 
 # The function-level imports below are deliberate: pytest loads this plugin (entry point
 # pytest11) in every session where the kit is installed, with or without --engine, and
@@ -287,6 +290,44 @@ def _flow_backend(asked: str, flow: str, env: dict[str, tuple[bool, str]]) -> st
 
 
 def _make_state(config: pytest.Config, engine: str, source: str) -> ConformanceState:
+    from kit import preflight  # noqa: PLC0415 (lazy, see the top)
+
+    backend = config.getoption("backend") or "auto"
+    if backend not in BACKENDS:
+        raise pytest.UsageError(
+            f"--backend {backend}: unknown backend (known: {', '.join(BACKENDS)})"
+        )
+    flows = _parse_flows(config.getoption("flow"))
+    try:
+        from kit.run.request import Invoker  # noqa: PLC0415 (lazy, see the top)
+
+        invoker: dict[str, Any] | None = dict(vars(Invoker.resolve()))
+    except ValueError:
+        invoker = None
+    workerinput = getattr(config, "workerinput", None)
+    check = None
+    if workerinput is None and invoker is not None:  # once per session, on the controller
+        # Started first: its child runs while the inspection's does (SPEC §11: engine code
+        # runs in neither this process nor as root).
+        check = preflight.StarterConfigCheck(
+            engine, flows, invoker["uid"], invoker["gid"], list(invoker.get("groups") or [])
+        )
+    try:
+        return _state_after_preflight(config, engine, source, backend, flows, invoker, check)
+    finally:
+        if check is not None:
+            check.cancel()  # a usage error came first: its answer is not wanted
+
+
+def _state_after_preflight(
+    config: pytest.Config,
+    engine: str,
+    source: str,
+    backend: str,
+    flows: tuple[str, ...],
+    invoker: dict[str, Any] | None,
+    check: StarterConfigCheck | None,
+) -> ConformanceState:
     from conformance import capabilities as caps_module  # noqa: PLC0415 (lazy, see the top)
     from conformance.catalogue import (  # noqa: PLC0415 (lazy, see the top)
         SuiteDeclarationError,
@@ -297,11 +338,6 @@ def _make_state(config: pytest.Config, engine: str, source: str) -> ConformanceS
     from kit import preflight  # noqa: PLC0415 (lazy, see the top)
     from kit.run import environment  # noqa: PLC0415 (lazy, see the top)
 
-    backend = config.getoption("backend") or "auto"
-    if backend not in BACKENDS:
-        raise pytest.UsageError(
-            f"--backend {backend}: unknown backend (known: {', '.join(BACKENDS)})"
-        )
     # In a child, as U: the engine is never imported here (SPEC §11), where verdicts are made.
     found = preflight.inspect(
         engine, collect={"capabilities": (caps_module.collect, caps_module.COLLECTED)}
@@ -322,7 +358,6 @@ def _make_state(config: pytest.Config, engine: str, source: str) -> ConformanceS
     if "error" in declared:
         raise pytest.UsageError(f"conformance: engine {engine!r}: {declared['error']}")
     declared_caps, cap_source = declared["capabilities"], declared["source"]
-    flows = _parse_flows(config.getoption("flow"))
     flows_source = "--flow" if config.getoption("flow") else "default: every flow"
     try:
         tests = suite_tests()
@@ -349,12 +384,6 @@ def _make_state(config: pytest.Config, engine: str, source: str) -> ConformanceS
         if strict_ini
         else "off"
     )
-    try:
-        from kit.run.request import Invoker  # noqa: PLC0415 (lazy, see the top)
-
-        invoker: dict[str, Any] | None = dict(vars(Invoker.resolve()))
-    except ValueError:
-        invoker = None
     hook_timeout = config.getoption("hook_timeout")
     if hook_timeout is not None and hook_timeout <= 0:
         raise pytest.UsageError(f"--hook-timeout: must be positive, got {hook_timeout}")
@@ -362,14 +391,8 @@ def _make_state(config: pytest.Config, engine: str, source: str) -> ConformanceS
     numprocesses = getattr(config.option, "numprocesses", None) or 0
     env = dict(environment.flows())
     backends = {flow: _flow_backend(backend, flow, env) for flow in FLOWS}
-    if workerinput is None and invoker is not None:  # once per session, on the controller
-        _preflight(
-            engine,
-            source,
-            preflight.starter_configs(
-                engine, flows, invoker["uid"], invoker["gid"], list(invoker.get("groups") or [])
-            ),
-        )
+    if check is not None:
+        _preflight(engine, source, check.problems())
     return ConformanceState(
         engine=engine,
         engine_source=source,

@@ -265,40 +265,62 @@ def contained(drop: Callable[[], None], body: Callable[[int], None], limit: floa
     every descendant; the intermediate's SIGTERM or death ends it), it has no controlling
     terminal, no descriptor of the caller's but 0-2 on /dev/null and the pipe, a minimal
     environment, and it dies with the caller even after its drop to U."""
-    rfd, wfd = os.pipe()
-    try:
-        watch = os.pidfd_open(os.getpid())  # the child's way to see we died (see _watch)
-    except BaseException:
-        os.close(rfd)
-        os.close(wfd)
-        raise
-    # SIGCHLD held until the pidfd is open: a reaping handler (the zygote's) could take a
-    # child that died at once, and its pid could be reused before we hold it.
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
-    pid = 0
-    try:
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child's coverage is its own process
-            _contained_child(rfd, wfd, watch, drop, body)
-        pidfd = _hold(pid)
-    except BaseException:
-        os.close(rfd)
-        if pid > 0:  # interrupted after the fork (SIGINT): not reaped yet, so still ours
-            os.kill(pid, signal.SIGTERM)  # the intermediate ends its namespace's processes
-            os.waitpid(pid, 0)
-        raise
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        os.close(wfd)
-        os.close(watch)
-    deadline = time.monotonic() + limit
-    eof = False  # an exception while reading (KeyboardInterrupt): the child is ended at once
-    try:
-        data, eof = _read_until(rfd, deadline)
-    finally:
-        os.close(rfd)
-        exited = _end(pid, pidfd, deadline if eof else time.monotonic())
-    return Ended(data, eof and exited, _reap(pid))
+    return Contained(drop, body, limit).finish()
+
+
+class Contained:
+    """A contained child (:func:`contained`) started, to be waited for later: the caller
+    does other work meanwhile (another child's, say). :meth:`finish` takes what it wrote,
+    once; the ``limit`` counts from the start."""
+
+    def __init__(self, drop: Callable[[], None], body: Callable[[int], None], limit: float):
+        rfd, wfd = os.pipe()
+        try:
+            watch = os.pidfd_open(os.getpid())  # the child's way to see we died (see _watch)
+        except BaseException:
+            os.close(rfd)
+            os.close(wfd)
+            raise
+        # SIGCHLD held until the pidfd is open: a reaping handler (the zygote's) could take
+        # a child that died at once, and its pid could be reused before we hold it.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        pid = 0
+        try:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child's coverage is its own process
+                _contained_child(rfd, wfd, watch, drop, body)
+            self.pidfd = _hold(pid)
+        except BaseException:
+            os.close(rfd)
+            if pid > 0:  # interrupted after the fork (SIGINT): not reaped yet, so still ours
+                os.kill(pid, signal.SIGTERM)  # the intermediate ends its namespace's processes
+                os.waitpid(pid, 0)
+            raise
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            os.close(wfd)
+            os.close(watch)
+        self.pid, self.rfd = pid, rfd
+        self.deadline = time.monotonic() + limit
+        self.ended: Ended | None = None
+
+    def finish(self) -> Ended:
+        """Wait until the child exits or the deadline passes, and end it."""
+        if self.ended is None:
+            eof = False  # an exception while reading (KeyboardInterrupt): ended at once
+            try:
+                data, eof = _read_until(self.rfd, self.deadline)
+            finally:
+                os.close(self.rfd)
+                exited = _end(self.pid, self.pidfd, self.deadline if eof else time.monotonic())
+            self.ended = Ended(data, eof and exited, _reap(self.pid))
+        return self.ended
+
+    def cancel(self) -> None:
+        """End the child now if it is not finished (its answer is not wanted)."""
+        if self.ended is None:
+            self.deadline = time.monotonic()
+            self.finish()
 
 
 def _hold(pid: int) -> int:
@@ -735,35 +757,52 @@ def starter_configs(
     side effects outside any run's sandbox. The starter validates that StarterConfig before any
     namespace exists and the suite reports a rejection as the run's root cause.
     """
-    if os.geteuid() == 0 and uid == 0:
-        return []  # U must be unprivileged: never run engine code as root here
-    checked = [flow for flow in dict.fromkeys(flows) if flow in UNPRIVILEGED_FLOWS]
-    reasons = _stage1_in_child(spec, checked, uid, gid, groups) if checked else {}
-    by_reason: dict[str, list[str]] = {}
-    for flow in checked:
-        reason = reasons.get(flow)
-        if reason:
-            by_reason.setdefault(reason, []).append(flow)
-    return [
-        Problem(
-            spec,
-            "prepare_config",
-            f"fix the StarterConfig that prepare_config fills "
-            f"in the {', '.join(fl)} flow{'s' if len(fl) > 1 else ''} (stage 1, run "
-            f"as the invoking user): the starter would refuse it: {reason}",
-        )
-        for reason, fl in by_reason.items()
-    ]
+    return StarterConfigCheck(spec, flows, uid, gid, groups).problems()
+
+
+class StarterConfigCheck:
+    """:func:`starter_configs` started (its child runs while the caller goes on, an
+    inspection say): :meth:`problems` waits for it, :meth:`cancel` ends it unasked."""
+
+    def __init__(
+        self, spec: str, flows: list[str] | tuple[str, ...], uid: int, gid: int, groups: list[int]
+    ) -> None:
+        self.spec = spec
+        # U must be unprivileged: never run engine code as root here.
+        unprivileged = not (os.geteuid() == 0 and uid == 0)
+        self.flows = [f for f in dict.fromkeys(flows) if f in UNPRIVILEGED_FLOWS and unprivileged]
+        self.child = _stage1_in_child(spec, self.flows, uid, gid, groups) if self.flows else None
+
+    def problems(self) -> list[Problem]:
+        reasons = _stage1_verdicts(self.child.finish(), self.flows) if self.child else {}
+        by_reason: dict[str, list[str]] = {}
+        for flow in self.flows:
+            reason = reasons.get(flow)
+            if reason:
+                by_reason.setdefault(reason, []).append(flow)
+        return [
+            Problem(
+                self.spec,
+                "prepare_config",
+                f"fix the StarterConfig that prepare_config fills "
+                f"in the {', '.join(fl)} flow{'s' if len(fl) > 1 else ''} (stage 1, run "
+                f"as the invoking user): the starter would refuse it: {reason}",
+            )
+            for reason, fl in by_reason.items()
+        ]
+
+    def cancel(self) -> None:
+        if self.child is not None:
+            self.child.cancel()
 
 
 def _stage1_in_child(
     spec: str, flows: list[str], uid: int, gid: int, groups: list[int]
-) -> dict[str, str | None]:
-    """flow -> why the StarterConfig of that flow is invalid (None: valid, or no verdict came
-    in time), found in one child contained as an inspection's (:func:`contained`): it
-    imports the engine once, then forks one child per flow, as the starter forks stage 1
-    after its import, so each flow's hooks start from the same state and none sees what
-    another's left behind. A flow whose hooks hang has no verdict; the others keep theirs."""
+) -> Contained:
+    """The child that finds why the StarterConfig of each of ``flows`` is invalid, started
+    and contained as an inspection (:class:`Contained`): it imports the engine once, then
+    forks one child per flow, as the starter forks stage 1 after its import, so each flow's
+    hooks start from the same state and none sees what another's left behind."""
 
     def drop() -> None:
         _become(uid, gid, groups)
@@ -771,9 +810,14 @@ def _stage1_in_child(
     def body(wfd: int) -> None:
         _stage1_flows(wfd, spec, flows, uid, gid)
 
-    ended = contained(drop, body, PREPARE_TIMEOUT)
+    return Contained(drop, body, PREPARE_TIMEOUT)
+
+
+def _stage1_verdicts(ended: Ended, flows: list[str]) -> dict[str, str | None]:
+    """flow -> why its StarterConfig is invalid (None: valid), from what the child of
+    :func:`_stage1_in_child` wrote; a flow whose hooks hung has no verdict, the others keep
+    theirs (what came before the deadline counts, line by line)."""
     verdicts: dict[str, str | None] = {}
-    # Line by line: what came before the deadline counts even when a flow hung after it.
     for line in ended.data.splitlines():
         try:
             flow, reason = json.loads(line)

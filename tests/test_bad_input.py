@@ -239,6 +239,26 @@ def test_preflight_keeps_the_verdicts_of_the_flows_that_did_not_hang(monkeypatch
     assert "in the suid, fakeroot flows" in problems[0].message
 
 
+def test_a_started_preflight_that_is_cancelled_ends_its_child_at_once(monkeypatch):
+    import time
+
+    from kit import preflight
+
+    monkeypatch.syspath_prepend(str(ROOT / "tests"))
+    u = _u()
+    start = time.monotonic()
+    # Started, then not wanted (the inspection beside it found a problem): a hanging
+    # prepare_config must not hold the caller for PREPARE_TIMEOUT (10 s).
+    check = preflight.StarterConfigCheck(
+        "author_engines:HangingPrepareEngine", ["userns"], u.uid, u.gid, u.groups
+    )
+    check.cancel()
+    assert time.monotonic() - start < 5
+    assert check.child is not None and check.child.ended is not None
+    assert not check.child.ended.in_time and check.child.ended.status is not None
+    assert check.problems() == []  # no verdict, and no second wait
+
+
 # --- engines named by import path (MODULE:ATTRIBUTE) ------------------------------------------
 
 
