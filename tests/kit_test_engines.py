@@ -297,6 +297,24 @@ class CapsEngine(ReferenceEngine):
         starter_config.set_mount_propagation(cfg.propagation)
 
 
+class ClosesItsRPCClientEngine(ReferenceEngine):
+    """SPEC §1: create_container builds its RPC client from rpc_conn and closes it when done
+    (a ``with`` block: the kit's client owns the socket and closes it). Legal."""
+
+    engine_name = "test-closes-its-rpc-client"
+    rpc_methods = ReferenceRPC
+
+    def create_container(self, ctx, pid, rpc_conn):  # type: ignore[no-untyped-def]
+        from kit.rpc import RPCClient
+
+        cfg = self.common.engine_config
+        with RPCClient(rpc_conn, self.common.engine_name) as rpc:
+            if cfg.hostname is not None:
+                rpc.sethostname(name=cfg.hostname)
+            self.prepare_rootfs(rpc, cfg)
+        assert rpc_conn.fileno() == -1  # closed with its client
+
+
 class PidfdMonitorEngine(ReferenceEngine):
     """The reference engine with a correct monitor of another shape: it waits on a pidfd and
     reaps the container the moment it exits, without waiting for the signals channel."""

@@ -128,3 +128,19 @@ def test_an_engine_with_static_rpc_methods_registers_and_calls_them_in_a_real_ru
     calls = result.ledger.select("rpc_call", role="rpc")
     served = {c["method"].rpartition(".")[2] for c in calls if c.get("ok")}
     assert {"version", "add", "configure"} <= served, calls
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the real backend as root")
+@pytest.mark.parametrize(
+    "engine",
+    ["kit_test_engines:ClosesItsRPCClientEngine", "blind2_correct:DupFdsEngine"],
+)
+def test_an_engine_that_closes_rpc_conn_itself_runs_whole(engine):
+    # SPEC §1: rpc_conn is the engine's, to build its RPC client from; the kit's client owns
+    # the socket and closes it (its close, a with block). The kit used to fail the run with
+    # KitFdClosed "fd -1" (blind2-ok-dup-fds, every requirement of every flow undecided).
+    result = run(engine, "root", ["/bin/true"], hook_timeout=5)
+    assert result.exit_code == 0, result
+    assert not result.ledger.select("fatal")
+    assert result.ledger.select("stage2_exec")
+    assert not result.ledger.select("rpc_conn_kept")

@@ -77,6 +77,17 @@ EXIT_GRACE = 0.05
 _SIGINFO = struct.Struct("=I8xI")
 
 
+def _shut_down(fd: int) -> None:
+    """Shut the socket behind ``fd`` down both ways (for every descriptor of it)."""
+    sock = socket.socket(fileno=fd)
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # the RPC server's end is gone already
+    finally:
+        sock.detach()
+
+
 def _readable(fd: int, seconds: float) -> bool:
     """Whether ``fd`` is readable within ``seconds``. poll, not select: the descriptor is
     moved high (at least 768), at or above FD_SETSIZE (1024) when engine code holds many,
@@ -175,6 +186,9 @@ class Master:
         self.watching: tuple[int, int] | None = None  # (pidfd, rpc dup) while creating
         self._unwatched: list[tuple[int, int]] = []  # to close, in the loop's thread
         self.rpc_watch_fd = -1  # the loop's own copy of the RPC connection (_watch_creation)
+        #: The kit's own copy of the RPC connection and what it is (:meth:`_hold_rpc`).
+        self.rpc_kit_fd = -1
+        self.rpc_kit_id: tuple[int, int] | None = None
 
     def main(self) -> int:
         linux.set_name("kit-master")
@@ -630,6 +644,7 @@ class Master:
         return found is not None
 
     def _create(self) -> None:
+        self._hold_rpc()
         self._watch_creation()
         stop_watch = self._stop_watch
         try:
@@ -683,7 +698,7 @@ class Master:
         me = os.getpid()
         with probe.probe_children_lock:
             skip = {self.pid, *probe.probe_children}
-        own = {self.rpc_sock.fileno(), self.rpc_watch_fd}
+        own = {self.rpc_sock.fileno(), self.rpc_watch_fd, self.rpc_kit_fd}
         found: list[dict[str, Any]] = []
         pids, seen = [me], {me}
         while pids:
@@ -710,15 +725,33 @@ class Master:
                     found.append({"pid": pid, "fd": int(name), "process": where})
         return found
 
+    def _hold_rpc(self) -> None:
+        """Before create_container: a copy of the RPC connection of the kit's own, high up.
+        ``rpc_conn`` is the engine's (SPEC §1: the RPC client it builds owns it, and closes
+        it), so the kit shuts the connection down through this copy, whatever became of
+        the engine's socket object."""
+        try:
+            self.rpc_kit_fd = dup_high(self.rpc_sock.fileno(), self.fd_base)
+        except OSError:
+            return  # rpc_conn is closed already: nothing to hold
+        self.rpc_kit_id = linux.fd_identity(self.rpc_kit_fd)
+
+    def _engine_closed_rpc(self) -> bool:
+        """Whether engine code closed its ``rpc_conn`` through the socket's own API (its
+        client's ``close``, a ``with`` block): legal, the object then has no descriptor."""
+        return self.rpc_sock.fileno() == -1
+
     def _record_rpc_copies(self) -> None:
         """Once create_container returned: the RPC server exits when the connection closes
         and stage 2 starts after it (SPEC §2 rule 5). A copy engine code keeps open (a dup,
         ``socket.fromfd``, a forked helper) would hold both back; :meth:`_close_rpc` shuts the
         connection down for every copy, so the run goes on, and this records them (RPC-001)."""
-        if self.rpc_identity is None or linux.fd_identity(self.rpc_sock.fileno()) != (
-            self.rpc_identity
+        if self.rpc_identity is None:
+            return
+        if not self._engine_closed_rpc() and (
+            linux.fd_identity(self.rpc_sock.fileno()) != self.rpc_identity
         ):
-            return  # engine code closed or replaced it: _close_rpc reports that
+            return  # closed behind the object's back, or replaced: _close_rpc reports that
         copies = self._rpc_copies(self.rpc_identity[1])
         if copies:
             self.ledger.emit(
@@ -732,29 +765,40 @@ class Master:
 
     def _close_rpc(self) -> bool:
         """Close the RPC connection; False (and a fatal error) when engine code had closed
-        its descriptor behind the socket object's back. Shut down first: a copy of it that
-        engine code kept (a dup, a helper child) must not keep the RPC server waiting for
-        an EOF, and stage 2 with it, until the run's timeout."""
+        a descriptor of it behind its socket object's back (``os.close`` of its number, a
+        ``dup2`` over it): the number may be another file's by now. Shut down first, through
+        the kit's own copy: a copy that engine code kept (a dup, a helper child) must not
+        keep the RPC server waiting for an EOF, and stage 2 with it, until the run's
+        timeout. The engine's socket object closed through its own API is no fault."""
         fd = self.rpc_sock.fileno()
-        if linux.fd_identity(fd) != self.rpc_identity:
-            # Closed, or another file under its number now: not ours to shut down or close.
-            self.rpc_sock.detach()
+        kit_fd, self.rpc_kit_fd = self.rpc_kit_fd, -1
+        kit_copy_ok = kit_fd >= 0 and linux.fd_identity(kit_fd) == self.rpc_kit_id
+        lost = None
+        if not self._engine_closed_rpc() and linux.fd_identity(fd) != self.rpc_identity:
+            self.rpc_sock.detach()  # not ours to shut down or close any more
+            lost = (
+                f"fd {fd}, the RPC connection to the container; create_container may close "
+                "rpc_conn (or its RPC client), not its descriptor behind the socket's back"
+            )
+        elif kit_fd >= 0 and not kit_copy_ok:
+            lost = f"fd {kit_fd}, the kit's own copy of the RPC connection"
+        if kit_copy_ok:
+            _shut_down(kit_fd)  # every copy of the connection, the engine's included
+            os.close(kit_fd)
+        elif lost is None and not self._engine_closed_rpc():
+            _shut_down(fd)
+        if lost is not None:
             self._put(
                 (
                     "fatal",
                     KitFdClosed(
                         "engine code closed a file descriptor of the kit, or put another file "
-                        f"under its number: fd {fd}, the RPC connection to the container; "
-                        "create_container must leave rpc_conn to the kit, which closes it"
+                        f"under its number: {lost}"
                     ),
                 )
             )
             return False
-        try:
-            self.rpc_sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass  # the RPC server's end is gone already
-        self.rpc_sock.close()
+        self.rpc_sock.close()  # no-op once engine code closed it
         return True
 
     def _watch_creation(self) -> None:
