@@ -221,7 +221,7 @@ def _inspect(
         answer = Inspection.from_json(
             json.loads(ended.data[len(IMPORTED) if imported else 0 :]), shapes
         )
-    except ValueError:  # JSONDecodeError too
+    except (ValueError, RecursionError):  # JSONDecodeError too; [[[[… from engine code
         return _failed(
             spec,
             "child",
@@ -305,15 +305,29 @@ class Contained:
         self.ended: Ended | None = None
 
     def finish(self) -> Ended:
-        """Wait until the child exits or the deadline passes, and end it."""
-        if self.ended is None:
-            eof = False  # an exception while reading (KeyboardInterrupt): ended at once
+        """Wait until the child exits or the deadline passes, and end it. Interrupted
+        (KeyboardInterrupt), the child is killed and reaped all the same, and a second call
+        answers what was read: its descriptors are given up before anything can raise."""
+        if self.ended is not None:
+            return self.ended
+        rfd, pidfd, self.rfd, self.pidfd = self.rfd, self.pidfd, -1, -1
+        data, eof, exited = b"", False, False
+        try:
+            if rfd >= 0:
+                try:
+                    data, eof = _read_until(rfd, self.deadline)
+                finally:
+                    os.close(rfd)
+        finally:
             try:
-                data, eof = _read_until(self.rfd, self.deadline)
+                if pidfd >= 0:
+                    exited = _end(self.pid, pidfd, self.deadline if eof else time.monotonic())
+            except BaseException:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)  # not reaped yet: the pid is still its
+                raise
             finally:
-                os.close(self.rfd)
-                exited = _end(self.pid, self.pidfd, self.deadline if eof else time.monotonic())
-            self.ended = Ended(data, eof and exited, _reap(self.pid))
+                self.ended = Ended(data, eof and exited, _reap(self.pid))
         return self.ended
 
     def cancel(self) -> None:
@@ -377,7 +391,9 @@ def _read_until(rfd: int, deadline: float) -> tuple[bytes, bool]:
     waiting.register(rfd, select.POLLIN)
     while True:
         left = deadline - time.monotonic()
-        if left <= 0 or not waiting.poll(max(1, int(left * 1000) + 1)):
+        # Past the deadline what is already there still counts (a Contained read late, its
+        # caller busy meanwhile): read on without waiting until nothing is ready.
+        if not waiting.poll(max(1, int(left * 1000) + 1) if left > 0 else 0):
             return data, False
         chunk = os.read(rfd, 65536)
         if not chunk:
@@ -762,7 +778,9 @@ def starter_configs(
 
 class StarterConfigCheck:
     """:func:`starter_configs` started (its child runs while the caller goes on, an
-    inspection say): :meth:`problems` waits for it, :meth:`cancel` ends it unasked."""
+    inspection say): :meth:`problems` waits for it, :meth:`cancel` ends it unasked. One
+    :data:`PREPARE_TIMEOUT`, from the start, covers the engine's import and every flow,
+    whose stage-1 hooks run at the same time, each in a child of its own."""
 
     def __init__(
         self, spec: str, flows: list[str] | tuple[str, ...], uid: int, gid: int, groups: list[int]
@@ -821,7 +839,7 @@ def _stage1_verdicts(ended: Ended, flows: list[str]) -> dict[str, str | None]:
     for line in ended.data.splitlines():
         try:
             flow, reason = json.loads(line)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RecursionError):  # engine code holds the pipe too
             continue  # cut at the deadline, or not the kit's: no verdict from it
         if flow in flows and isinstance(reason, str) and flow not in verdicts:
             verdicts[flow] = reason or None
@@ -845,9 +863,13 @@ def _stage1_flows(
         if pid == 0:
             code = 1
             try:
-                os.close(rfd)
+                # The kit's pipe and the other flows' answers are none of this flow's
+                # business (the engine's own descriptors stay, as in stage 1).
+                for fd in (wfd, rfd, *pending):
+                    os.close(fd)
+                linux.set_parent_death_signal(signal.SIGKILL)
                 reason = _child(spec, flow, uid, gid) or ""
-                os.write(child_wfd, reason.encode()[:65536])
+                _write_all(child_wfd, reason.encode()[:_MAX_REASON])
                 code = 0
             finally:
                 os._exit(code)
@@ -861,15 +883,27 @@ def _stage1_flows(
         for rfd, _ in poller.poll():
             chunk = os.read(rfd, 65536)
             if chunk:
-                got[rfd] += chunk
+                got[rfd] = (got[rfd] + chunk)[:_MAX_REASON]
                 continue
             poller.unregister(rfd)
             os.close(rfd)
             flow, pid = pending.pop(rfd)
+            line = json.dumps([flow, got[rfd].decode(errors="replace")]) + "\n"
+            _write_all(wfd, line.encode())  # before the reaping: a flow never waits on another
             with contextlib.suppress(ChildProcessError):  # the engine's SIGCHLD may be SIG_IGN
-                os.waitpid(pid, 0)
-            line = json.dumps([flow, got[rfd].decode(errors="replace")[:65536]]) + "\n"
-            os.write(wfd, line.encode())
+                os.waitpid(pid, os.WNOHANG)  # else reaped as this pid namespace ends
+
+
+#: The most of a flow's reason that is kept.
+_MAX_REASON = 65536
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """``data`` written whole (a write to a pipe may return short if a signal, the engine's
+    handler say, comes while it waits for room)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _become(uid: int, gid: int, groups: list[int]) -> None:  # pragma: no cover - in the child

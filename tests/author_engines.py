@@ -105,17 +105,24 @@ class InvalidUnlessPrivilegedEngine(ReferenceEngine):
             starter_config.set_capabilities("effective", ["CAP_CHOWN"])
 
 
-class HangsInUsernsEngine(InvalidUnlessPrivilegedEngine):
-    """``prepare_config`` never returns in the userns flow, and fills the invalid
-    StarterConfig of :class:`InvalidUnlessPrivilegedEngine` in the others: preflight's
-    verdicts of the other flows must not wait for it."""
+#: The capability each flow's invalid StarterConfig makes effective without permitting it.
+_WRONG_CAP = {"suid": "CAP_CHOWN", "fakeroot": "CAP_KILL", "hybrid": "CAP_FOWNER"}
+
+
+class HangsInUsernsEngine(ReferenceEngine):
+    """``prepare_config`` never returns in the userns flow, and fills an invalid
+    StarterConfig naming a capability of the flow's own in the others: preflight's verdicts
+    of the other flows must not wait for it, nor land on another flow."""
 
     engine_name = "author-hangs-in-userns"
+    rpc_methods = ReferenceRPC
 
     def prepare_config(self, starter_config):  # type: ignore[override]
         if starter_config.flow == "userns":
             threading.Event().wait()
         super().prepare_config(starter_config)
+        starter_config.set_capabilities("permitted", [])
+        starter_config.set_capabilities("effective", [_WRONG_CAP[starter_config.flow]])
 
 
 class HangingPrepareEngine(ReferenceEngine):

@@ -228,15 +228,38 @@ def test_preflight_keeps_the_verdicts_of_the_flows_that_did_not_hang(monkeypatch
     from kit import preflight
 
     monkeypatch.syspath_prepend(str(ROOT / "tests"))
-    monkeypatch.setattr(preflight, "PREPARE_TIMEOUT", 1.0)
+    monkeypatch.setattr(preflight, "PREPARE_TIMEOUT", 3.0)
     u = _u()
     flows = ["suid", "userns", "fakeroot"]
     problems = preflight.starter_configs(
         "author_engines:HangsInUsernsEngine", flows, u.uid, u.gid, u.groups
     )
-    # One preflight child for every flow: the hang in userns costs the others nothing.
-    assert [p.hook for p in problems] == ["prepare_config"]
-    assert "in the suid, fakeroot flows" in problems[0].message
+    # One preflight child for every flow: the hang in userns costs the others nothing, and
+    # each verdict is its own flow's.
+    messages = sorted(p.message for p in problems)
+    assert len(messages) == 2 and all(p.hook == "prepare_config" for p in problems)
+    assert "in the fakeroot flow " in messages[0] and messages[0].endswith(
+        "not permitted: CAP_KILL"
+    )
+    assert "in the suid flow " in messages[1] and messages[1].endswith("not permitted: CAP_CHOWN")
+
+
+def test_a_preflight_read_after_its_deadline_keeps_what_came_in_time(monkeypatch):
+    import time
+
+    from kit import preflight
+
+    monkeypatch.syspath_prepend(str(ROOT / "tests"))
+    monkeypatch.setattr(preflight, "PREPARE_TIMEOUT", 1.0)
+    u = _u()
+    # Started, then read late (the session's start did other work first): the verdict sent
+    # well before the deadline must not be lost because nobody read it in time.
+    check = preflight.StarterConfigCheck(
+        "author_engines:InvalidUnlessPrivilegedEngine", ["suid"], u.uid, u.gid, u.groups
+    )
+    time.sleep(2.0)
+    (problem,) = check.problems()
+    assert "in the suid flow " in problem.message
 
 
 def test_a_started_preflight_that_is_cancelled_ends_its_child_at_once(monkeypatch):
