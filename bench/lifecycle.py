@@ -149,6 +149,16 @@ class RuncCase:
         if binary is None:
             return None, {"skipped": f"no static true for {os.uname().machine} in the bench"}
         work = tempfile.mkdtemp(prefix="kit-bench-runc-")
+        try:
+            return cls._set_up(choice, work, binary)
+        except BaseException:  # Ctrl-C in a download, say: nothing is left behind
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+
+    @classmethod
+    def _set_up(
+        cls, choice: str, work: str, binary: bytes
+    ) -> tuple[RuncCase | None, dict[str, Any]]:
         runc = choice if choice != "auto" else shutil.which("runc")
         source = "given" if choice != "auto" else "installed"
         if runc is None:
@@ -163,14 +173,20 @@ class RuncCase:
         case = cls(runc, work)
         try:
             version = subprocess.run(
-                [runc, "--version"], capture_output=True, text=True, check=True
+                [runc, "--version"], capture_output=True, text=True, check=True, timeout=30
             ).stdout.splitlines()
             rootfs = os.path.join(case.bundle, "rootfs")
             os.makedirs(rootfs)
             with open(os.path.join(rootfs, "true"), "wb") as f:
                 f.write(binary)
             os.chmod(os.path.join(rootfs, "true"), 0o755)
-            subprocess.run([runc, "spec", "--bundle", case.bundle], check=True, capture_output=True)
+            subprocess.run(
+                [runc, "spec", "--bundle", case.bundle],
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
             path = os.path.join(case.bundle, "config.json")
             with open(path) as f:
                 spec = json.load(f)
@@ -179,7 +195,14 @@ class RuncCase:
             with open(path, "w") as f:
                 json.dump(spec, f)
             case.once()
-        except (OSError, subprocess.CalledProcessError, RuntimeError, KeyError) as exc:
+        except subprocess.CalledProcessError as exc:
+            case.close()
+            said = (exc.stderr or "").strip()[-200:]
+            return None, {
+                "skipped": f"runc ({runc}) cannot run the bench's bundle here: {exc}"
+                + (f": {said}" if said else "")
+            }
+        except (OSError, subprocess.TimeoutExpired, RuntimeError, KeyError, ValueError) as exc:
             case.close()
             return None, {"skipped": f"runc ({runc}) cannot run the bench's bundle here: {exc}"}
         return case, {
@@ -213,8 +236,9 @@ def _fetch_debian_runc(work: str) -> tuple[str | None, str]:
         return None, "no apt-get and dpkg-deb here"
     print("runc: not installed; fetching Debian's package (apt-get download runc)", flush=True)
     try:
+        offline_soon = ["-o", "Acquire::Retries=0", "-o", "Acquire::http::Timeout=15"]
         subprocess.run(
-            ["apt-get", "download", "-q", "runc"],
+            ["apt-get", "download", "-q", *offline_soon, "runc"],  # offline: fail soon
             cwd=work,
             check=True,
             capture_output=True,
@@ -224,7 +248,11 @@ def _fetch_debian_runc(work: str) -> tuple[str | None, str]:
         (deb,) = [name for name in os.listdir(work) if name.endswith(".deb")]
         unpacked = os.path.join(work, "runc-package")
         subprocess.run(
-            ["dpkg-deb", "-x", os.path.join(work, deb), unpacked], check=True, capture_output=True
+            ["dpkg-deb", "-x", os.path.join(work, deb), unpacked],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
     except subprocess.CalledProcessError as exc:
         return None, f"{' '.join(exc.cmd[:2])}: {(exc.stderr or '').strip()[-200:]}"
@@ -568,8 +596,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     wanted = args.cases is None or "runc" in args.cases.split(",")
-    runc, runc_info = RuncCase.setup(args.runc if wanted else "off")
+    runc: RuncCase | None = None
     try:
+        runc, runc_info = RuncCase.setup(args.runc if wanted else "off")
         return _measure(args, runc, runc_info)
     finally:
         if runc is not None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -26,7 +28,8 @@ def test_kit_bench_writes_the_medians_and_ratios_it_promises(tmp_path):
             "0",
             "--json",
             str(out),
-            *("--runc", "off"),  # a test fetches nothing (auto may fetch Debian's runc)
+            # A test fetches nothing (auto may fetch Debian's runc): an installed runc or none.
+            *("--runc", shutil.which("runc") or "off"),
         ],
         capture_output=True,
         text=True,
@@ -113,11 +116,33 @@ def test_static_true_exits_zero_without_a_libc(tmp_path):
 def test_runc_case_is_skipped_with_the_reason_when_runc_is_missing(monkeypatch):
     from bench import lifecycle as bench
 
+    if bench.static_true() is None:
+        pytest.skip(f"the bench has no static true for {os.uname().machine}")
     monkeypatch.setenv("PATH", "/nonexistent")  # no runc, nor apt-get to fetch one
     case, info = bench.RuncCase.setup()
     assert case is None
     assert "runc is not installed and could not be fetched" in info["skipped"]
     assert "no apt-get" in info["skipped"]
+
+
+def test_a_failed_fetch_of_runc_is_the_reason_it_is_skipped(monkeypatch, tmp_path):
+    from bench import lifecycle as bench
+
+    if bench.static_true() is None:
+        pytest.skip(f"the bench has no static true for {os.uname().machine}")
+    for tool, script in (
+        ("apt-get", "echo 'E: no network here' >&2; exit 100"),
+        ("dpkg-deb", "exit 0"),
+    ):
+        (tmp_path / tool).write_text(f"#!/bin/sh\n{script}\n")
+        (tmp_path / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no runc; an apt-get that cannot download
+    before = {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("kit-bench-runc-")}
+    case, info = bench.RuncCase.setup()
+    assert case is None
+    assert "could not be fetched (apt-get download: E: no network here)" in info["skipped"]
+    after = {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("kit-bench-runc-")}
+    assert after <= before  # its temporary directory is gone
 
 
 def test_runc_case_names_a_given_runc_that_does_not_work(tmp_path):
