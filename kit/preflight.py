@@ -320,20 +320,19 @@ class Contained:
                     os.close(rfd)
         finally:
             try:
-                if pidfd >= 0:
+                if pidfd >= 0:  # _end kills it by pidfd, even when interrupted
                     exited = _end(self.pid, pidfd, self.deadline if eof else time.monotonic())
-            except BaseException:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.pid, signal.SIGKILL)  # not reaped yet: the pid is still its
-                raise
             finally:
                 self.ended = Ended(data, eof and exited, _reap(self.pid))
         return self.ended
 
     def cancel(self) -> None:
-        """End the child now if it is not finished (its answer is not wanted)."""
+        """End the child now if it is not finished (its answer is not wanted: not read)."""
         if self.ended is None:
             self.deadline = time.monotonic()
+            if self.rfd >= 0:
+                rfd, self.rfd = self.rfd, -1
+                os.close(rfd)
             self.finish()
 
 
@@ -359,6 +358,9 @@ def _end(pid: int, pidfd: int, deadline: float) -> bool:
             if not _wait_exit(pidfd, time.monotonic() + KILL_GRACE):
                 _signal(pidfd, signal.SIGKILL)  # its child dies with it (death signal)
         return exited
+    except BaseException:  # interrupted while waiting (Ctrl-C): ended all the same
+        _signal(pidfd, signal.SIGKILL)
+        raise
     finally:
         os.close(pidfd)
 
@@ -586,10 +588,7 @@ def _inspection_child(
     wfd: int, spec: str, engine_config: dict[str, Any] | None, collect: dict[str, Collector]
 ) -> None:  # pragma: no cover - runs in the forked child
     result = _inspect_here(spec, engine_config, collect, wfd).to_json()
-    data = json.dumps(result, default=repr).encode()
-    view = memoryview(data)
-    while view:
-        view = view[os.write(wfd, view) :]
+    _write_all(wfd, json.dumps(result, default=repr).encode())
 
 
 def _drop_to_invoker() -> None:
@@ -894,13 +893,16 @@ def _stage1_flows(
                 os.waitpid(pid, os.WNOHANG)  # else reaped as this pid namespace ends
 
 
-#: The most of a flow's reason that is kept.
-_MAX_REASON = 65536
+#: The most of a flow's reason that is kept: a line (JSON escapes a byte in up to six) fits
+#: a pipe's buffer many times over, so a late reader (past the deadline, reading only what
+#: is there) finds it whole.
+_MAX_REASON = 4096
 
 
 def _write_all(fd: int, data: bytes) -> None:
     """``data`` written whole (a write to a pipe may return short if a signal, the engine's
     handler say, comes while it waits for room)."""
+    os.set_blocking(fd, True)  # engine code may have made it non-blocking
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]

@@ -315,6 +315,20 @@ class ClosesItsRPCClientEngine(ReferenceEngine):
         assert rpc_conn.fileno() == -1  # closed with its client
 
 
+class ClosesItsRPCClientThenForksEngine(ClosesItsRPCClientEngine):
+    """Closes its RPC client, then forks a helper (no exec) that outlives create_container
+    a moment: the helper holds only the kit's own copies of the connection, inherited by the
+    fork, not rpc_conn. Legal (no RPC-001)."""
+
+    engine_name = "test-closes-its-rpc-client-then-forks"
+
+    def create_container(self, ctx, pid, rpc_conn):  # type: ignore[no-untyped-def]
+        super().create_container(ctx, pid, rpc_conn)
+        if os.fork() == 0:
+            time.sleep(0.3)
+            os._exit(0)
+
+
 class PidfdMonitorEngine(ReferenceEngine):
     """The reference engine with a correct monitor of another shape: it waits on a pidfd and
     reaps the container the moment it exits, without waiting for the signals channel."""

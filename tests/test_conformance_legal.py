@@ -133,7 +133,11 @@ def test_an_engine_with_static_rpc_methods_registers_and_calls_them_in_a_real_ru
 @pytest.mark.skipif(os.geteuid() != 0, reason="the real backend as root")
 @pytest.mark.parametrize(
     "engine",
-    ["kit_test_engines:ClosesItsRPCClientEngine", "blind2_correct:DupFdsEngine"],
+    [
+        "kit_test_engines:ClosesItsRPCClientEngine",
+        "kit_test_engines:ClosesItsRPCClientThenForksEngine",
+        "blind2_correct:DupFdsEngine",
+    ],
 )
 def test_an_engine_that_closes_rpc_conn_itself_runs_whole(engine):
     # SPEC §1: rpc_conn is the engine's, to build its RPC client from; the kit's client owns

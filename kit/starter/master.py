@@ -644,8 +644,8 @@ class Master:
         return found is not None
 
     def _create(self) -> None:
-        self._hold_rpc()
         self._watch_creation()
+        self._hold_rpc()  # after the watch, which may raise: the copy is closed in _close_rpc
         stop_watch = self._stop_watch
         try:
             self.hooks.call(
@@ -699,6 +699,10 @@ class Master:
         with probe.probe_children_lock:
             skip = {self.pid, *probe.probe_children}
         own = {self.rpc_sock.fileno(), self.rpc_watch_fd, self.rpc_kit_fd}
+        # The kit's two copies are close-on-exec: at their numbers in a child, they came
+        # with a fork of the master, not from engine code keeping rpc_conn (which a child
+        # holds at the engine's number, or at one of its own).
+        inherited = {self.rpc_watch_fd, self.rpc_kit_fd} - {-1}
         found: list[dict[str, Any]] = []
         pids, seen = [me], {me}
         while pids:
@@ -714,7 +718,7 @@ class Master:
             except (OSError, ValueError):
                 continue  # gone, or not ours to read
             for name in names:
-                if pid == me and int(name) in own:
+                if int(name) in (own if pid == me else inherited):
                     continue
                 try:
                     st = os.stat(f"/proc/{pid}/fd/{name}")
@@ -730,10 +734,7 @@ class Master:
         ``rpc_conn`` is the engine's (SPEC §1: the RPC client it builds owns it, and closes
         it), so the kit shuts the connection down through this copy, whatever became of
         the engine's socket object."""
-        try:
-            self.rpc_kit_fd = dup_high(self.rpc_sock.fileno(), self.fd_base)
-        except OSError:
-            return  # rpc_conn is closed already: nothing to hold
+        self.rpc_kit_fd = dup_high(self.rpc_sock.fileno(), self.fd_base)  # EMFILE: fatal
         self.rpc_kit_id = linux.fd_identity(self.rpc_kit_fd)
 
     def _engine_closed_rpc(self) -> bool:
@@ -785,8 +786,9 @@ class Master:
         if kit_copy_ok:
             _shut_down(kit_fd)  # every copy of the connection, the engine's included
             os.close(kit_fd)
-        elif lost is None and not self._engine_closed_rpc():
-            _shut_down(fd)
+        elif not self._engine_closed_rpc() and linux.fd_identity(fd) == self.rpc_identity:
+            _shut_down(fd)  # the kit's copy is gone: through the engine's, still intact
+            self.rpc_sock.close()
         if lost is not None:
             self._put(
                 (
