@@ -963,12 +963,13 @@ def _stat(pid: int | str, proc: str = "/proc") -> bytes | None:
         return None
 
 
-def thread_name(tid: int) -> str:
-    """``comm`` of thread ``tid`` of the calling process ("" when it is gone)."""
+def thread_name(tid: int) -> str | None:
+    """``comm`` of thread ``tid`` of the calling process; None when it is gone (ended since
+    it was listed: a name may be empty)."""
     try:
         return read_file(f"/proc/self/task/{tid}/comm").decode(errors="replace").strip()
     except OSError:
-        return ""
+        return None
 
 
 def process_name(pid: int | str = "self", proc: str = "/proc") -> str | None:

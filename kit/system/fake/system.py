@@ -1067,11 +1067,16 @@ class FakeSystem(System):
                     del p.thread_creds[tid]
             threads = []
             for tid in tids:
+                name = linux.thread_name(tid)  # the real thread's, as the probe's
+                if name is None:
+                    # Ended since it was listed (a hook thread just done): the real probe,
+                    # whose read of its status fails then, leaves it out too.
+                    continue
                 c = p.thread_creds.get(tid, p.cred)
                 threads.append(
                     {
                         "tid": tid,
-                        "name": linux.thread_name(tid),  # the real thread's, as the probe's
+                        "name": name,
                         "uid": [m.from_kuid_munged(me.userns, u) for u in c.uid],
                         "gid": [m.from_kgid_munged(me.userns, g) for g in c.gid],
                         "groups": [m.from_kgid_munged(me.userns, g) for g in c.groups],
