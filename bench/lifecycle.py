@@ -150,10 +150,13 @@ class RuncCase:
             return None, {"skipped": f"no static true for {os.uname().machine} in the bench"}
         work = tempfile.mkdtemp(prefix="kit-bench-runc-")
         try:
-            return cls._set_up(choice, work, binary)
+            case, info = cls._set_up(choice, work, binary)
         except BaseException:  # Ctrl-C in a download, say: nothing is left behind
             shutil.rmtree(work, ignore_errors=True)
             raise
+        if case is None:
+            shutil.rmtree(work, ignore_errors=True)
+        return case, info
 
     @classmethod
     def _set_up(
@@ -165,7 +168,6 @@ class RuncCase:
             runc, why = _fetch_debian_runc(work)
             source = "Debian's package, fetched by the bench (apt-get download runc)"
             if runc is None:
-                shutil.rmtree(work, ignore_errors=True)
                 return None, {
                     "skipped": f"runc is not installed and could not be fetched ({why}); "
                     "Debian: apt-get install -y --no-install-recommends runc, or --runc PATH"
@@ -195,16 +197,12 @@ class RuncCase:
             with open(path, "w") as f:
                 json.dump(spec, f)
             case.once()
-        except subprocess.CalledProcessError as exc:
-            case.close()
-            said = (exc.stderr or "").strip()[-200:]
+        except (OSError, subprocess.SubprocessError, RuntimeError, KeyError, ValueError) as exc:
+            said = str(getattr(exc, "stderr", None) or "").strip()[-200:]  # runc's own words
             return None, {
                 "skipped": f"runc ({runc}) cannot run the bench's bundle here: {exc}"
                 + (f": {said}" if said else "")
             }
-        except (OSError, subprocess.TimeoutExpired, RuntimeError, KeyError, ValueError) as exc:
-            case.close()
-            return None, {"skipped": f"runc ({runc}) cannot run the bench's bundle here: {exc}"}
         return case, {
             "version": version[0] if version else "",
             "source": source,

@@ -785,9 +785,9 @@ class StarterConfigCheck:
         self, spec: str, flows: list[str] | tuple[str, ...], uid: int, gid: int, groups: list[int]
     ) -> None:
         self.spec = spec
-        # U must be unprivileged: never run engine code as root here.
-        unprivileged = not (os.geteuid() == 0 and uid == 0)
-        self.flows = [f for f in dict.fromkeys(flows) if f in UNPRIVILEGED_FLOWS and unprivileged]
+        self.flows = [f for f in dict.fromkeys(flows) if f in UNPRIVILEGED_FLOWS]
+        if os.geteuid() == 0 and uid == 0:
+            self.flows = []  # U must be unprivileged: never run engine code as root here
         self.child = _stage1_in_child(spec, self.flows, uid, gid, groups) if self.flows else None
 
     def problems(self) -> list[Problem]:

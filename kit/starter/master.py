@@ -186,9 +186,9 @@ class Master:
         self.watching: tuple[int, int] | None = None  # (pidfd, rpc dup) while creating
         self._unwatched: list[tuple[int, int]] = []  # to close, in the loop's thread
         self.rpc_watch_fd = -1  # the loop's own copy of the RPC connection (_watch_creation)
-        #: The kit's own copy of the RPC connection and what it is (:meth:`_hold_rpc`).
+        #: The kit's own copy of the RPC connection (:meth:`_hold_rpc`): it is what
+        #: rpc_identity names, as long as engine code leaves its number alone.
         self.rpc_kit_fd = -1
-        self.rpc_kit_id: tuple[int, int] | None = None
 
     def main(self) -> int:
         linux.set_name("kit-master")
@@ -735,23 +735,20 @@ class Master:
         it), so the kit shuts the connection down through this copy, whatever became of
         the engine's socket object."""
         self.rpc_kit_fd = dup_high(self.rpc_sock.fileno(), self.fd_base)  # EMFILE: fatal
-        self.rpc_kit_id = linux.fd_identity(self.rpc_kit_fd)
 
-    def _engine_closed_rpc(self) -> bool:
-        """Whether engine code closed its ``rpc_conn`` through the socket's own API (its
-        client's ``close``, a ``with`` block): legal, the object then has no descriptor."""
-        return self.rpc_sock.fileno() == -1
+    def _rpc_conn_lost(self) -> bool:
+        """Whether engine code closed ``rpc_conn``'s descriptor behind the socket object's
+        back, or put another file under its number. Closed through the object's own API
+        (its client's ``close``, a ``with`` block) it has no descriptor any more: legal."""
+        fd = self.rpc_sock.fileno()
+        return fd != -1 and linux.fd_identity(fd) != self.rpc_identity
 
     def _record_rpc_copies(self) -> None:
         """Once create_container returned: the RPC server exits when the connection closes
         and stage 2 starts after it (SPEC §2 rule 5). A copy engine code keeps open (a dup,
         ``socket.fromfd``, a forked helper) would hold both back; :meth:`_close_rpc` shuts the
         connection down for every copy, so the run goes on, and this records them (RPC-001)."""
-        if self.rpc_identity is None:
-            return
-        if not self._engine_closed_rpc() and (
-            linux.fd_identity(self.rpc_sock.fileno()) != self.rpc_identity
-        ):
+        if self.rpc_identity is None or self._rpc_conn_lost():
             return  # closed behind the object's back, or replaced: _close_rpc reports that
         copies = self._rpc_copies(self.rpc_identity[1])
         if copies:
@@ -773,9 +770,9 @@ class Master:
         timeout. The engine's socket object closed through its own API is no fault."""
         fd = self.rpc_sock.fileno()
         kit_fd, self.rpc_kit_fd = self.rpc_kit_fd, -1
-        kit_copy_ok = kit_fd >= 0 and linux.fd_identity(kit_fd) == self.rpc_kit_id
+        kit_copy_ok = kit_fd >= 0 and linux.fd_identity(kit_fd) == self.rpc_identity
         lost = None
-        if not self._engine_closed_rpc() and linux.fd_identity(fd) != self.rpc_identity:
+        if self._rpc_conn_lost():
             self.rpc_sock.detach()  # not ours to shut down or close any more
             lost = (
                 f"fd {fd}, the RPC connection to the container; create_container may close "
@@ -783,12 +780,13 @@ class Master:
             )
         elif kit_fd >= 0 and not kit_copy_ok:
             lost = f"fd {kit_fd}, the kit's own copy of the RPC connection"
+        # Shut down for every copy (the engine's included), through the kit's own if it can.
+        via = kit_fd if kit_copy_ok else self.rpc_sock.fileno()
+        if via >= 0:
+            _shut_down(via)
         if kit_copy_ok:
-            _shut_down(kit_fd)  # every copy of the connection, the engine's included
             os.close(kit_fd)
-        elif not self._engine_closed_rpc() and linux.fd_identity(fd) == self.rpc_identity:
-            _shut_down(fd)  # the kit's copy is gone: through the engine's, still intact
-            self.rpc_sock.close()
+        self.rpc_sock.close()  # a no-op once engine code closed it, or it was detached
         if lost is not None:
             self._put(
                 (
@@ -800,7 +798,6 @@ class Master:
                 )
             )
             return False
-        self.rpc_sock.close()  # no-op once engine code closed it
         return True
 
     def _watch_creation(self) -> None:
@@ -858,14 +855,7 @@ class Master:
                     what = "the RPC server ended (its end of the connection was closed)"
                 self.ctx.cancel(what)
                 # Through the loop's own copy: rpc_sock's number may be engine code's now.
-                _, rpc = self.watching
-                copy = socket.socket(fileno=rpc)
-                try:
-                    copy.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                finally:
-                    copy.detach()
+                _shut_down(self.watching[1])
                 self._unwatched.append(self.watching)
                 self.watching = None
         self._close_unwatched()
