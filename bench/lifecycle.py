@@ -60,6 +60,7 @@ from kit.ledger import probe
 from kit.ledger.record import LedgerWriter
 from kit.run import seccomp
 from kit.run.launcher import RunResult, Zygote, start
+from kit.run.zygote import idle as zygote_idle
 from kit.system import linux
 
 NAMESPACES = ["mount", "pid", "uts", "ipc", "net"]
@@ -319,17 +320,14 @@ def await_reaped(timeout: float = 5.0) -> None:
 
 
 def _await_settled(zygote: int, deadline: float, quiet: int = 3) -> None:
-    """Until every child of the zygote sleeps (none exiting, none a zombie) and the zygote's
-    CPU counters stay the same for ``quiet`` reads 5 ms apart (they count in clock ticks)."""
+    """Until the zygote is idle (:func:`kit.run.zygote.idle`: the sandboxes it builds
+    between runs are built) and its CPU counters stay the same for ``quiet`` reads 5 ms
+    apart (they count in clock ticks)."""
     last, same = -1, 0
     while same < quiet:
         if time.monotonic() > deadline:
             raise RuntimeError(f"the zygote (pid {zygote}) did not settle after a run")
-        busy = any(
-            linux.process_state(pid) != "S"
-            for pid, parent in linux.process_parents().items()
-            if parent == zygote
-        )
+        busy = not zygote_idle(zygote)
         now = _zygote_ticks(zygote)
         same = 0 if busy or now != last else same + 1
         last = now

@@ -125,7 +125,7 @@ def host_state() -> dict[str, Any]:
         "fds": sorted(os.listdir("/proc/self/fd")),
         "mounts": mounts,
         # Living descendants, but the launcher's long-lived zygote and the host sandboxes it
-        # holds (the next run's, built ahead; a finished run's, ending as it is asked).
+        # holds (the spares, built ahead; a finished run's, ending as it is asked).
         # A process gone between the listing and the reading of its name (a finished
         # sandbox's init, reaped by the zygote meanwhile) is no leftover, nor one that the
         # kit killed and that is still exiting (a loaded machine takes its time).

@@ -16,12 +16,14 @@ import sys
 import tempfile
 import termios
 import threading
+import time
 import traceback
 
 import pytest
 from conftest import host_state, wait_until
 
 from kit.run import launcher
+from kit.run import zygote as zygote_module
 from kit.run.launcher import LaunchError, RunHandle, Zygote, make_request, run, start
 from kit.run.sandbox import INIT_NAME
 from kit.run.zygote import FIXED_FDS
@@ -112,7 +114,7 @@ def test_a_bad_request_is_answered_with_an_error_naming_it_and_the_fds_closed(
 def test_a_zygote_started_from_a_thread_outlives_it_and_leaves_nothing_at_exit(tmp_path):
     """The zygote's parent-death signal fires when the thread that forked it ends: started
     from a worker thread (the conformance plugin's pool), it was killed once the pool shut
-    down, and the run directory it had made ahead for the next run stayed behind."""
+    down, and the run directories it had made ahead stayed behind."""
     code = (
         "import json, os, threading, time\n"
         "from kit.run.launcher import Zygote, run\n"
@@ -222,38 +224,79 @@ def own_zygote(monkeypatch):
 
 
 def _spare_inits(zygote: Zygote) -> list[int]:
-    """The inits of the sandboxes ``zygote`` built ahead, waiting for their run."""
+    """The inits of the sandboxes ``zygote`` built ahead, once it is idle (every one built,
+    waiting for its run; the init of a finished run gone)."""
+    if not zygote_module.idle(zygote.proc.pid):
+        return []
+    return _inits(zygote)
+
+
+def _inits(zygote: Zygote) -> list[int]:
+    """Every sandbox init that is ``zygote``'s child (built or being built, adopted or not)."""
+    parents = linux.process_parents()
     return [
         p
-        for p in linux.descendants(zygote.proc.pid)
-        if linux.process_name(p) == INIT_NAME
-        and linux.process_parents().get(p) == zygote.proc.pid
-        and linux.process_state(p) == "S"
+        for p, parent in parents.items()
+        if parent == zygote.proc.pid and linux.process_name(p) == INIT_NAME
     ]
 
 
+def _full_pool(zygote: Zygote, finished: RunHandle, what: str) -> list[int]:
+    """The spares' inits once ``zygote`` holds :data:`~kit.run.zygote.SPARES` of them, the
+    sandbox of the ``finished`` run gone."""
+    assert finished.sandbox is not None
+    adopted = finished.sandbox["sandbox_pid"]
+    return wait_until(
+        lambda: len(s := _spare_inits(zygote)) == zygote_module.SPARES and adopted not in s and s,
+        what=what,
+    )
+
+
 def test_a_spare_sandbox_whose_init_died_is_rebuilt_and_the_zygote_serves_on(own_zygote):
-    """The init of the sandbox built ahead dies (and the zygote reaps it) before a run takes
-    it: the run gets a sandbox of its own, the zygote lives on."""
+    """The inits of the sandboxes built ahead die (and the zygote reaps them) before a run
+    takes one: the run gets a sandbox of its own, the zygote lives on."""
     first = start("reference", "root", ["/bin/true"], sandbox=True)
     assert first.wait().exit_code == 0 and first.sandbox is not None
-    (init,) = wait_until(
-        lambda: first.sandbox["sandbox_pid"] not in (spares := _spare_inits(own_zygote)) and spares,
-        what="the run's sandbox gone, one built ahead",
-    )
-    pidfd = os.pidfd_open(init)
-    try:
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-    finally:
-        os.close(pidfd)
+    inits = _full_pool(own_zygote, first, "the run's sandbox gone, the spares built ahead")
+    for init in inits:
+        pidfd = os.pidfd_open(init)
+        try:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        finally:
+            os.close(pidfd)
     wait_until(
-        lambda: linux.process_parents().get(init) != own_zygote.proc.pid,
-        what="the zygote to reap the spare's init",
+        lambda: (
+            not {
+                p
+                for p, parent in linux.process_parents().items()
+                if p in inits and parent == own_zygote.proc.pid
+            }
+        ),
+        what="the zygote to reap the spares' inits",
     )
     handle = start("reference", "root", ["/bin/true"], sandbox=True)
-    assert handle.sandbox is not None and handle.sandbox["sandbox_pid"] != init
+    assert handle.sandbox is not None and handle.sandbox["sandbox_pid"] not in inits
     assert handle.wait().exit_code == 0
     assert own_zygote.proc.poll() is None
+
+
+def test_the_spares_are_topped_up_between_runs_not_during_one(own_zygote):
+    """A run takes one of the sandboxes built ahead and leaves the other: none is built
+    while it goes on (a build then competes with it for the CPU), the pool is full again
+    once it is over."""
+    first = start("reference", "root", ["/bin/true"], sandbox=True)
+    assert first.wait().exit_code == 0
+    spares = _full_pool(own_zygote, first, "the spares built after the first run")
+    handle = start("reference", "root", ["/bin/sleep", "0.3"], sandbox=True)
+    assert handle.sandbox is not None and handle.sandbox["sandbox_pid"] in spares
+    seen: set[int] = set()
+    while handle.poll() is None:  # every sandbox init the zygote has while the run goes on
+        seen.update(_inits(own_zygote))
+        time.sleep(0.005)
+    assert seen <= set(spares), "a sandbox was built while the run went on"
+    assert handle.wait().exit_code == 0
+    after = _full_pool(own_zygote, handle, "the pool topped up after the run")
+    assert set(after) - set(spares)  # built after the run
 
 
 def test_a_sandbox_built_ahead_reaches_its_supervisor_with_the_pidfd_of_its_init():

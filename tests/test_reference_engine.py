@@ -30,6 +30,7 @@ from kit.contract import Common, ConfigError, Context, Engine, SignalChannel
 from kit.rpc import RPCClient, serve
 from kit.run import environment
 from kit.run.launcher import RunHandle, Zygote, run, start
+from kit.run.zygote import idle as zygote_idle
 from kit.starter.config import StarterConfig
 from kit.system import linux
 from reference_engines.bind_rootfs.engine import BIND_DEVICES, BindRootfsEngine
@@ -1430,11 +1431,12 @@ def _fd_count(pid: int) -> int:
 
 
 def _settled_fd_count(pid: int, timeout: float = 10.0) -> int:
-    """The number of ``pid``'s fds once the same three reads 50 ms apart (the zygote may be
-    building the next sandbox, half a thousand sysctl files open, when asked)."""
+    """The number of the zygote ``pid``'s fds once it is idle (it may be building a sandbox
+    ahead, half a thousand sysctl files to open, when asked) and the same three reads 50 ms
+    apart."""
     deadline = time.monotonic() + timeout
     counts = [-1]
-    while not (len(counts) >= 3 and len(set(counts[-3:])) == 1):
+    while not (len(counts) >= 3 and len(set(counts[-3:])) == 1 and zygote_idle(pid)):
         assert time.monotonic() < deadline, f"the fds of {pid} never settled: {counts[-5:]}"
         time.sleep(0.05)
         counts.append(_fd_count(pid))

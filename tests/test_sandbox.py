@@ -789,19 +789,24 @@ def _sandboxes_built_ahead() -> tuple[int, list[int]]:
     from conftest import _zygote_pid, zygotes_sandbox
 
     from kit.run.launcher import start
+    from kit.run.zygote import idle
 
     handle = start("reference", "root", ["/bin/true"])
     assert handle.sandbox is not None
     adopted = handle.sandbox["sandbox_pid"]
     assert handle.wait().exit_code == 0
     zygote = _zygote_pid()
+    assert zygote is not None
     spares = wait_until(
-        lambda: [
-            p
-            for p in linux.descendants(zygote)
-            if p != adopted and zygotes_sandbox(p) and _waits_for_its_run(p)
-        ],
-        what="a sandbox built ahead",
+        lambda: (
+            idle(zygote)
+            and [
+                p
+                for p in linux.descendants(zygote)
+                if p != adopted and zygotes_sandbox(p) and _waits_for_its_run(p)
+            ]
+        ),
+        what="the sandboxes built ahead",
     )
     return zygote, spares
 
@@ -816,7 +821,7 @@ def _waits_for_its_run(init: int) -> bool:
         return False
 
 
-def test_the_zygote_builds_the_next_sandbox_while_a_run_goes_on():
+def test_a_run_through_the_zygote_adopts_a_sandbox_built_ahead():
     """A sandboxed run through the zygote adopts a sandbox built ahead (the zygote's child,
     running before the run was asked for); a run with directories to share builds its own."""
     from kit.run.launcher import start
@@ -945,17 +950,36 @@ def _nice(pid: int) -> int:
         return int(f.read().rsplit(")", 1)[1].split()[16])  # field 19 of proc(5)
 
 
-def test_the_next_sandbox_is_built_at_a_lower_priority_then_back_to_the_zygotes():
-    """The zygote builds the next run's sandbox niced (it must not slow down the run going
-    on); once built, init and the zygote are back at the zygote's priority, which the next
-    supervisors inherit."""
-    from kit.run import zygote as zygote_module
-
+def test_the_sandboxes_built_ahead_are_back_at_the_zygotes_priority():
+    """Once built (niced or not), init and the zygote are at the zygote's priority, which
+    the next supervisors inherit."""
     zygote, spares = _sandboxes_built_ahead()
     base = os.getpriority(os.PRIO_PROCESS, 0)
-    assert zygote_module.AHEAD_NICE > 0
     assert [_nice(p) for p in spares] == [base] * len(spares)
     assert _nice(zygote) == base
+
+
+def test_a_sandbox_is_built_ahead_at_a_lower_priority_only_while_a_run_goes_on():
+    """During a run a build must not slow it down (niced); with no run going on, it is built
+    at once, at the zygote's own priority."""
+    from conftest import in_child
+
+    from kit.run import zygote as zygote_module
+
+    def priorities() -> list[int]:
+        def now() -> int:
+            return os.getpriority(os.PRIO_PROCESS, 0)
+
+        during = zygote_module._at_priority(now, runs_going_on=True)  # type: ignore[arg-type]
+        between = zygote_module._at_priority(now, runs_going_on=False)  # type: ignore[arg-type]
+        return [now(), during, between, now()]
+
+    out = in_child(priorities)
+    assert "ok" in out, out
+    base, during, between, after = out["ok"]
+    assert zygote_module.AHEAD_NICE > 0
+    assert during == min(base + zygote_module.AHEAD_NICE, 19)
+    assert between == after == base
 
 
 def test_as_root_of_another_user_namespace_the_next_sandbox_is_built_at_the_same_priority():

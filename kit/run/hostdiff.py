@@ -615,7 +615,7 @@ class ReadAhead:
     #: descriptors in flight would count against every root process's limit (ETOOMANYREFS).
     sysctls: list[int | None] | None = None
     #: Whether the zygote's limit leaves room to keep its copies of the sysctl files, once
-    #: handed over, beside the next sandbox's (:data:`kit.run.zygote.kept_files`).
+    #: handed over, beside the spares' (:data:`kit.run.zygote.kept_files`).
     room_to_keep: bool = False
 
     def fds(self) -> set[int]:
@@ -643,7 +643,7 @@ class ReadAhead:
 
 
 def read_ahead(sandbox: Sandbox, pidfd: int) -> ReadAhead:
-    """By the zygote, for a sandbox built for the next run (``pidfd``: its init's): its state
+    """By the zygote, for a sandbox built ahead (``pidfd``: its init's): its state
     before any run, a netlink socket of its network namespace and its sysctl files opened.
     What only a thread in its namespaces can read or open, a short-lived thread does (the
     zygote's own never moves); what it could not is left to the run's watch."""

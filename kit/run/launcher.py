@@ -124,7 +124,7 @@ class _LastingThread:
     parent-death signal fires when the *thread* that forked it ends (prctl(2)), not the
     process: forked from a worker thread (the conformance plugin runs lifecycles in a pool),
     it was SIGKILLed when the pool shut down, before the launcher's exit could end it
-    cleanly, and the run directory it had made ahead stayed behind."""
+    cleanly, and the run directories it had made ahead stayed behind."""
 
     _lock = threading.Lock()
     _instance: _LastingThread | None = None
@@ -202,7 +202,7 @@ class Zygote:
 
     def _end_at_exit(self) -> None:
         """At the launcher's exit: EOF on the control socket, then a short wait while the
-        zygote removes the run directory and the sandbox it made ahead. Without the wait,
+        zygote removes the run directories and the sandboxes it made ahead. Without the wait,
         the launcher's death killed it (its parent-death signal) in the middle, and the
         directory stayed until the next zygote's sweep."""
         if self.pid != os.getpid() or self.proc.poll() is not None:

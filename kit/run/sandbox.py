@@ -107,7 +107,7 @@ class HostSandbox:
     - ``/`` is made shared (a peer group of the sandbox's own), as on most hosts.
 
     Pid 1 of the sandbox is a small init that builds all this, then only reaps orphans. It is forked
-    (:func:`build`) by the zygote, which builds the next run's sandbox while a run goes on, or by a
+    (:func:`build`) by the zygote, which keeps sandboxes built ahead for the next runs, or by a
     supervisor that builds its own. The supervisor, which keeps the host's namespaces and ``/proc``,
     takes it over (:func:`adopt`) and forks the starter into the sandbox's pid namespace; the
     starter enters init's other namespaces (:func:`enter`). When init ends (asked by its parent with

@@ -903,8 +903,8 @@ def _release(fds: list[int], answer: bytes = CONFIRMED, pipe: bool | None = None
 
 @dataclass
 class Ahead:
-    """What the zygote makes for its next sandboxed run while the current one goes on: a run
-    directory (locked) and a host sandbox being built for it (or why it could not be)."""
+    """What the zygote makes ahead for a sandboxed run: a run directory (locked) and a host
+    sandbox being built for it (or why it could not be)."""
 
     run_dir: str
     lock_fd: int
@@ -912,6 +912,8 @@ class Ahead:
     error: str = ""
     #: What the run's host watch starts from, read and opened ahead too.
     watch: hostdiff.ReadAhead | None = None
+    #: Built and read (:func:`finish_ahead`), or failed: no longer waiting for init.
+    finished: bool = False
 
     def fds(self) -> set[int]:
         """Its descriptors: the lock, init's ready pipe and pidfd (the supervisor's
@@ -958,17 +960,35 @@ class Ahead:
 
 def prepare_ahead() -> Ahead:
     """A run directory and a host sandbox for a request that binds no other directory (the
-    zygote, between runs: the run then only adopts them)."""
+    zygote, between runs: the run then only adopts them), built and read."""
+    return finish_ahead(start_ahead())
+
+
+def start_ahead() -> Ahead:
+    """The first half of :func:`prepare_ahead`: the run directory, and the sandbox's init
+    forked, building it while the caller goes on (:func:`finish_ahead` waits for it)."""
     run_dir, lock_fd = rundir.create()
     try:
         building = host_sandbox.build([run_dir, *_coverage_dirs()])
     except Exception as exc:  # noqa: BLE001 reported by the run that would have used it
-        return Ahead(run_dir, lock_fd, None, f"{type(exc).__name__}: {exc}")
+        return Ahead(run_dir, lock_fd, None, f"{type(exc).__name__}: {exc}", finished=True)
+    return Ahead(run_dir, lock_fd, building)
+
+
+def finish_ahead(ahead: Ahead) -> Ahead:
+    """The second half of :func:`prepare_ahead`: wait until init has built the sandbox of
+    ``ahead`` (started by :func:`start_ahead`), then read its state ahead. ``ahead`` itself,
+    finished, or one that says why it could not be; raises only after dropping it (init
+    ended, the run directory removed)."""
+    building = ahead.building
+    if ahead.finished or building is None:
+        return ahead
+    run_dir, lock_fd = ahead.run_dir, ahead.lock_fd
     try:
         uppers = building.wait_ready()
-    except host_sandbox.SandboxError as exc:  # init is gone or going: the run reports why
+    except Exception as exc:  # noqa: BLE001 init is gone, going or garbled: the run reports why
         building.abandon()
-        return Ahead(run_dir, lock_fd, None, f"{type(exc).__name__}: {exc}")
+        return Ahead(run_dir, lock_fd, None, f"{type(exc).__name__}: {exc}", finished=True)
     # The message queues listed through init's fd of their file system's root: a detached
     # mqueue mount of the zygote's own would need CAP_SYS_ADMIN over its mount namespace's
     # owner, which root of a user namespace that is not the initial one may lack.
@@ -987,7 +1007,7 @@ def prepare_ahead() -> Ahead:
         building.abandon()
         rundir.remove(run_dir, lock_fd)
         raise
-    return Ahead(run_dir, lock_fd, building, watch=watch)
+    return Ahead(run_dir, lock_fd, building, watch=watch, finished=True)
 
 
 def fits_ahead(request: RunRequest) -> bool:

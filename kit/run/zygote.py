@@ -7,6 +7,7 @@ import fcntl
 import gc
 import json
 import os
+import select
 import signal
 import socket
 import sys
@@ -18,11 +19,13 @@ from kit.run import sandbox as host_sandbox
 from kit.run.request import RunRequest
 from kit.run.supervisor import (
     Ahead,
+    finish_ahead,
     fits_ahead,
     preload,
     prepare_ahead,
     prepare_backend,
     run_supervised,
+    start_ahead,
 )
 from kit.starter.common import default_signals
 from kit.system import linux
@@ -39,8 +42,8 @@ exit_statuses: dict[int, int] = {}
 #: killed, SIGKILL.
 sandbox_inits: dict[int, int] = {}
 #: The zygote's own copies of the sysctl files handed to each supervisor, by its pid
-#: (kit.run.hostdiff.ReadAhead.sysctls), when its limit leaves room for them beside the next
-#: sandbox's: closed once that supervisor is gone, so the files' last close (about a
+#: (kit.run.hostdiff.ReadAhead.sysctls), when its limit leaves room for them beside the
+#: spares': closed once that supervisor is gone, so the files' last close (about a
 #: millisecond for half a thousand) is not the supervisor's, whose exit its launcher awaits.
 kept_files: dict[int, list[int]] = {}
 
@@ -122,15 +125,102 @@ def settle() -> None:
     linux.release_free_memory()
 
 
+#: How many host sandboxes the zygote keeps built ahead. Two: a run takes one and leaves one
+#: for the next, so that the pool is topped up when no run goes on (a build during a run
+#: competes with it for the CPU, and adds half its cost to the run's wall time on two cores;
+#: a run that starts while one is built still does), and two runs at once each find one.
+SPARES = 2
+
+
+class Spares:
+    """The host sandboxes built ahead for the next sandboxed runs (kit.run.supervisor.
+    start_ahead): at most :data:`SPARES`, in the order they were started, each built by its
+    init while the zygote serves on (finished when init reports, :meth:`finish`)."""
+
+    def __init__(self) -> None:
+        self.items: list[Ahead] = []
+        #: Whether a request has taken one: none is built before (a zygote may serve only
+        #: runs that build their own, or none).
+        self.wanted = False
+
+    def top_up(self, runs_going_on: bool) -> None:
+        """Start builds up to :data:`SPARES` while no run goes on; during runs, only when
+        none is left (the next request would otherwise build one on its path), and then at
+        a lower priority (:func:`_in_the_background`)."""
+        while self.wanted and len(self.items) < SPARES and (not runs_going_on or not self.items):
+            try:
+                self.items.append(_at_priority(start_ahead, runs_going_on))
+            except Exception:  # noqa: BLE001 the next sandboxed request builds its own
+                return
+
+    def building(self) -> dict[int, Ahead]:
+        """The sandboxes still being built, by the descriptor that says when (init's report
+        pipe: readable once init has reported, or died)."""
+        return {
+            ahead.building.ready_fd: ahead
+            for ahead in self.items
+            if not ahead.finished and ahead.building is not None
+        }
+
+    def finish(self, ahead: Ahead, runs_going_on: bool) -> None:
+        """Wait for ``ahead``'s init and read the sandbox ahead (a failure is kept, for the
+        run that takes it to retry)."""
+        i = self.items.index(ahead)
+        try:
+            self.items[i] = _at_priority(lambda: finish_ahead(ahead), runs_going_on)
+        except Exception:  # noqa: BLE001 finish_ahead dropped it; the pool is topped up
+            del self.items[i]
+
+    def take(self) -> Ahead:
+        """A sandbox made ahead: the oldest built one, else the oldest still being built,
+        finished now; one made now if there is none or each failed: its build failed or its
+        init has died since (reaped by :func:`reap` meanwhile, perhaps)."""
+        self.wanted = True
+        self.items.sort(key=lambda ahead: not ahead.finished)  # stable: oldest first
+        while self.items:
+            ahead = self.items.pop(0)
+            try:
+                ahead = finish_ahead(ahead)
+            except Exception:  # noqa: BLE001 finish_ahead dropped it: the next one
+                continue
+            if ahead.building is not None and not ahead.building.init_exited():
+                return ahead
+            _drop(ahead)
+        return prepare_ahead()
+
+    def drop_all(self) -> None:
+        items, self.items = self.items, []
+        for ahead in items:
+            _drop(ahead)
+
+
+def idle(zygote: int) -> bool:
+    """Whether the zygote ``zygote`` waits for work with nothing under way (seen from
+    outside, by a bench or a test): one thread (none reading a new sandbox ahead), asleep,
+    every child asleep and every sandbox init of its own in its reaping loop (built: a
+    build sleeps too)."""
+    if linux.thread_count(zygote) != 1 or linux.process_state(zygote) != "S":
+        return False
+    for pid, parent in linux.process_parents().items():
+        if parent != zygote:
+            continue
+        if linux.process_state(pid) != "S":
+            return False
+        if linux.process_name(pid) == host_sandbox.INIT_NAME and "sigtimedwait" not in (
+            linux.wait_channel(pid) or ""
+        ):
+            return False
+    return True
+
+
 def serve(control: socket.socket) -> int:
-    # The next sandboxed run's directory and host sandbox, made while a run goes on: that
-    # run then only adopts them (kit.run.supervisor.prepare_ahead).
-    spare: list[Ahead | None] = [None]
+    # The next sandboxed runs' directories and host sandboxes, made between runs: a run then
+    # only adopts them (kit.run.supervisor.prepare_ahead).
+    spares = Spares()
     try:
-        return _serve(control, spare)
+        return _serve(control, spares)
     finally:
-        if spare[0] is not None:
-            _drop(spare[0])
+        spares.drop_all()
 
 
 def _drop(ahead: Ahead) -> None:
@@ -143,17 +233,25 @@ def _drop(ahead: Ahead) -> None:
     rundir.remove(ahead.run_dir, ahead.lock_fd)
 
 
-def _take_spare(spare: list[Ahead | None]) -> Ahead:
-    """The sandbox made ahead, or one made now if there is none or it failed: its build
-    failed or its init has died since (reaped by :func:`reap` meanwhile, perhaps)."""
-    ahead, spare[0] = spare[0], None
-    if ahead is not None and (ahead.building is None or ahead.building.init_exited()):
-        _drop(ahead)
-        ahead = None
-    return ahead or prepare_ahead()
+def _wait(control: socket.socket, spares: Spares, running: dict[int, int]) -> bool:
+    """Block until a message comes, a supervisor exits or a spare's init reports; finish
+    the spares whose init did, forget the supervisors that exited. Whether a message is
+    there to read."""
+    building = spares.building()
+    poller = select.poll()
+    for fd in [control.fileno(), *running.values(), *building]:
+        poller.register(fd, select.POLLIN)
+    ready = {fd for fd, _ in poller.poll()}
+    for fd in ready.intersection(building):
+        spares.finish(building[fd], runs_going_on=bool(running))
+    for pid, pidfd in list(running.items()):
+        if pidfd in ready:
+            os.close(pidfd)
+            del running[pid]
+    return control.fileno() in ready
 
 
-def _serve(control: socket.socket, spare: list[Ahead | None]) -> int:
+def _serve(control: socket.socket, spares: Spares) -> int:
     """Answer the launcher's messages on the control socket until EOF.
 
     Protocol (``SOCK_SEQPACKET``, one datagram per message): launcher → zygote: ``{"request":
@@ -164,8 +262,14 @@ def _serve(control: socket.socket, spare: list[Ahead | None]) -> int:
     ``{"status": wait status}``, null when unknown (the zygote reaps its children and keeps the last
     statuses). EOF on the control socket ends the zygote.
     """
+    # Each supervisor forked and not gone yet, by pid: a pidfd, which wakes the wait when it
+    # exits (the spares are topped up then).
+    running: dict[int, int] = {}
     while True:
         reap()
+        spares.top_up(runs_going_on=bool(running))
+        if not _wait(control, spares, running):
+            continue
         try:
             data, fds, _, _ = socket.recv_fds(control, MAX_MESSAGE, 64)
         except InterruptedError:
@@ -191,7 +295,7 @@ def _serve(control: socket.socket, spare: list[Ahead | None]) -> int:
             # Here the code is warm and the pages our own: what the supervisor would compute
             # first, cold, right after the fork, costs a fraction of it.
             prepared = prepare_backend(request)
-            ahead = _take_spare(spare) if fits_ahead(request) else None
+            ahead = spares.take() if fits_ahead(request) else None
         except Exception as exc:  # noqa: BLE001 engine imports may raise anything
             for fd in fds:
                 os.close(fd)
@@ -242,21 +346,26 @@ def _serve(control: socket.socket, spare: list[Ahead | None]) -> int:
             sandbox_inits[pid], building.pidfd = building.pidfd, None
         if keep_files and watch is not None:
             kept_files[pid], watch.sysctls = watch.files(), None
+        stale = running.pop(pid, None)  # a pid reused before the wait saw its first owner go
+        if stale is not None:
+            os.close(stale)
+        with contextlib.suppress(OSError):  # EMFILE: the spares wait for the next request
+            running[pid] = os.pidfd_open(pid)  # not reaped yet: SIGCHLD is still blocked
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
         if ahead is not None:
             ahead.discard()  # the supervisor's now: its lock is the supervisor's alone
         control.send(json.dumps({"pid": pid}).encode())
-        if ahead is not None:
-            try:  # while that run goes on
-                spare[0] = _in_the_background(prepare_ahead)
-            except Exception:  # noqa: BLE001 the next sandboxed request builds its own
-                spare[0] = None
 
 
-#: How much less the zygote and the init it forks weigh (nice) while they build the next
-#: run's sandbox: that work must not slow down the run going on, and on an idle core it
+#: How much less the zygote and the init it forks weigh (nice) while they build a sandbox
+#: ahead during a run: that work must not slow down the run going on, and on an idle core it
 #: makes no difference.
 AHEAD_NICE = 10
+
+
+def _at_priority(make: Callable[[], Ahead], runs_going_on: bool) -> Ahead:
+    """``make()``, in the background (:func:`_in_the_background`) while runs go on."""
+    return _in_the_background(make) if runs_going_on else make()
 
 
 def _in_the_background(make: Callable[[], Ahead]) -> Ahead:
@@ -297,15 +406,15 @@ def main(argv: list[str]) -> int:
     new imports it collects, freezes (``gc.freeze``) and returns its free heap pages to the kernel;
     the kit itself does not import pyroute2 (``lo`` goes up with an ioctl); and what a supervisor
     would first compute cold, right after the fork, it computes here, warm (the fake backend's
-    initial model; the temporary directory). For the host sandbox it goes further: right after
-    forking a sandboxed run's supervisor it makes the next run's directory and host sandbox, and
-    reads the sandbox's state before any run (kit.run.supervisor.prepare_ahead), while that run goes
-    on; the next supervisor only adopts them. Their init is the zygote's child: the zygote ends it
-    once the supervisor that adopted it is gone, off the path of the run's result.
+    initial model; the temporary directory). For the host sandbox it goes further: once asked for
+    a sandboxed run, it keeps :data:`SPARES` run directories and host sandboxes made ahead, each
+    read before any run (:class:`Spares`), built between runs (during one only when none is left),
+    while it serves on; a supervisor only adopts one. Their init is the zygote's child: the zygote
+    ends it once the supervisor that adopted it is gone, off the path of the run's result.
     """
     control = socket.socket(fileno=int(argv[0]))
     default_signals()  # before our own SIGCHLD handler: the launcher's shell may ignore some
-    # Reap finished supervisors at once (the handler runs between retries of recv).
+    # Reap finished supervisors at once (the handler runs between retries of poll).
     signal.signal(signal.SIGCHLD, lambda _signum, _frame: reap())
     linux.set_parent_death_signal(signal.SIGKILL)
     linux.set_name("kit-zygote")

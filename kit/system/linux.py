@@ -981,6 +981,24 @@ def process_name(pid: int | str = "self", proc: str = "/proc") -> str | None:
     return stat[stat.index(b"(") + 1 : stat.rindex(b")")].decode(errors="replace")
 
 
+def wait_channel(pid: int) -> str | None:
+    """The kernel function ``pid`` sleeps in (``/proc/PID/wchan``; "0" when it runs), None
+    when it is gone."""
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            return f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def thread_count(pid: int) -> int:
+    """How many threads ``pid`` has (0 when it is gone)."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/task"))
+    except FileNotFoundError:
+        return 0
+
+
 def process_state(pid: int, proc: str = "/proc") -> str | None:
     """State letter of ``pid`` (R, S, D, Z…), None when it is gone; ``proc``: the proc
     file system that numbers it (another pid namespace's, say)."""
