@@ -61,13 +61,6 @@ HOST_PID_MIN = 100
 STARTER_REPORTS_MODEL_PPID = "system.getppid()" in inspect.getsource(kit.starter)
 
 
-#: The master's threads of the kit's own, started together and ended as their hooks end: in a
-#: snapshot taken on another thread, whether each is still there (or not yet, or just gone
-#: from /proc/self/task) depends on the scheduler, not on the backend. Each one's own
-#: snapshots keep it.
-RACING_THREADS = frozenset({"kit-create", "kit-start-waiter", "kit-monitor", "kit-cleanup"})
-
-
 def _pid(value: Any) -> Any:
     if isinstance(value, int) and not isinstance(value, bool) and value >= HOST_PID_MIN:
         return "<pid>"
@@ -114,28 +107,22 @@ class Normaliser:
     def ns(self, ns: dict[str, int]) -> dict[str, str]:
         return {kind: self.labels[(kind, ino)] for kind, ino in ns.items()}
 
-    def threads(
-        self, threads: list[dict[str, Any]], own: int | None = None
-    ) -> list[dict[str, Any]]:
-        """The distinct thread states (every field but the tid), but the master's racing
-        threads (:data:`RACING_THREADS`) other than ``own``, the snapshot's own thread."""
+    def threads(self, threads: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The distinct thread states (every field but the tid)."""
         states = {
             json.dumps(
                 {k: (self.ns(v) if k == "ns" else v) for k, v in t.items() if k != "tid"},
                 sort_keys=True,
             )
             for t in threads
-            if own is None or t.get("tid") == own or t.get("name") not in RACING_THREADS
         }
         return [json.loads(s) for s in sorted(states)]
 
-    def snapshot(
-        self, snap: dict[str, Any] | None, own: int | None = None
-    ) -> dict[str, Any] | None:
+    def snapshot(self, snap: dict[str, Any] | None) -> dict[str, Any] | None:
         if snap is None:
             return None
         out = self.value(dict(snap))
-        out["threads"] = self.threads(snap["threads"], own)
+        out["threads"] = self.threads(snap["threads"])
         out["ns"] = self.ns(snap["ns"])
         out["nspid"] = [_pid(p) for p in snap["nspid"]]
         return out
@@ -143,7 +130,7 @@ class Normaliser:
     def event(self, e: dict[str, Any]) -> dict[str, Any]:
         out = self.value({k: v for k, v in e.items() if k not in ("seq", "t", "tid")})
         if "snapshot" in e:
-            out["snapshot"] = self.snapshot(e["snapshot"], e.get("tid"))
+            out["snapshot"] = self.snapshot(e["snapshot"])
         kind = e["kind"]
         if kind == "run_start":
             out.pop("backend")
@@ -219,8 +206,9 @@ def _diff(real: dict[str, Any], fake: dict[str, Any]) -> list[str]:
             for i, (x, y) in enumerate(zip(a, b, strict=True)):
                 walk(x, y, f"{path}[{i}]")
         elif path.endswith(".threads") and isinstance(a, list) and isinstance(b, list):
-            named = [sorted(str(t.get("name")) for t in side) for side in (a, b)]
-            lines.append(f"{path}: real has threads {named[0]}, fake {named[1]}")
+            only = [[t for t in side if t not in other] for side, other in ((a, b), (b, a))]
+            real_only, fake_only = (json.dumps(side) for side in only)
+            lines.append(f"{path}: only in real {real_only}, only in fake {fake_only}")
         elif a != b:
             lines.append(f"{path}: real {json.dumps(a)[:300]} fake {json.dumps(b)[:300]}")
 

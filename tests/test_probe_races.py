@@ -28,6 +28,38 @@ def test_snapshot_survives_threads_exiting_while_it_reads():
     assert count > 50
 
 
+def test_a_thread_that_ends_while_its_namespaces_are_read_is_left_out(monkeypatch):
+    # Its status was read, then some of its namespace links were gone: no thread state with
+    # a namespace the process has as unreadable (the fake model, which has them all, could
+    # never agree with it). A namespace kind the kernel lacks stays in every thread's state.
+    release = threading.Event()
+    other = threading.Thread(target=release.wait)
+    other.start()
+    try:
+        read = probe._thread_ns
+
+        def ending(tid: int) -> dict[str, int | None]:
+            got = read(tid)
+            if tid == other.native_id:
+                got["net"] = None  # read after it ended
+            return got
+
+        monkeypatch.setattr(probe, "_thread_ns", ending)
+        tids = [t["tid"] for t in probe.snapshot()["threads"]]
+        assert other.native_id not in tids and threading.get_native_id() in tids
+
+        def lacking(tid: int) -> dict[str, int | None]:  # a kernel without time namespaces
+            return {**read(tid), "time": None}
+
+        inodes = probe.linux.ns_inodes
+        monkeypatch.setattr(probe, "_thread_ns", lacking)
+        monkeypatch.setattr(probe.linux, "ns_inodes", lambda *a: {**inodes(*a), "time": None})
+        assert other.native_id in [t["tid"] for t in probe.snapshot()["threads"]]
+    finally:
+        release.set()
+        other.join()
+
+
 def test_the_escalation_probe_thread_is_gone_when_it_returns():
     import os
 

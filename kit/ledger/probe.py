@@ -273,8 +273,6 @@ def _snapshot(masks: bool) -> dict[str, Any]:
             continue
         state = thread_state(status, tid, masks)
         state["ns"] = _thread_ns(tid)
-        if tid != leader and all(ino is None for ino in state["ns"].values()):
-            continue  # it ended between its status and its namespaces
         threads.append(state)
         if tid == leader:
             ns = dict(state["ns"])
@@ -282,6 +280,13 @@ def _snapshot(masks: bool) -> dict[str, Any]:
             nspid = _ids(status.get("NSpid", str(os.getpid())))
     if ns is None:
         ns = linux.ns_inodes()
+    # A thread that ended while its namespaces were read lacks some the process has (a live
+    # one's are always readable to its own process): it ended before this snapshot did.
+    threads = [
+        t
+        for t in threads
+        if t["tid"] == leader or all(ns.get(k) is None for k, ino in t["ns"].items() if ino is None)
+    ]
     return {
         "threads": threads,
         "securebits": linux.get_securebits(),
