@@ -299,6 +299,37 @@ def test_the_spares_are_topped_up_between_runs_not_during_one(own_zygote):
     assert set(after) - set(spares)  # built after the run
 
 
+def test_a_build_ahead_that_fails_stops_the_pool_until_a_request_asks_again(monkeypatch):
+    """A spare that cannot be started, or read once built, is dropped and no other is built
+    until a request takes one (not one build after the other, each failing)."""
+    from kit.run.supervisor import Ahead
+
+    started: list[int] = []
+
+    def cannot_start() -> Ahead:
+        started.append(1)
+        raise OSError("no room for a sandbox")
+
+    monkeypatch.setattr(zygote_module, "start_ahead", cannot_start)
+    spares = zygote_module.Spares()
+    spares.wanted = True
+    spares.top_up(runs_going_on=False)
+    spares.top_up(runs_going_on=False)
+    assert (started, spares.items, spares.wanted) == ([1], [], False)
+
+    dropped: list[Ahead] = []
+    monkeypatch.setattr(zygote_module, "_drop", dropped.append)
+
+    def cannot_read(ahead: Ahead) -> Ahead:
+        raise OSError("no thread for the read ahead")
+
+    monkeypatch.setattr(zygote_module, "finish_ahead", cannot_read)
+    pending = Ahead("/nowhere", 7, None)
+    spares.items, spares.wanted = [pending], True
+    spares.finish(pending, runs_going_on=False)
+    assert (spares.items, dropped, spares.wanted) == ([], [pending], False)
+
+
 def test_a_sandbox_built_ahead_reaches_its_supervisor_with_the_pidfd_of_its_init():
     """The zygote hands the supervisor init's pidfd with the rest (kept by place_fds,
     renumbered): adopting by pid, the supervisor checks through it that the pid is still

@@ -250,7 +250,9 @@ class Building:
                 signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
             os.close(self.pidfd)
             self.pidfd = None
-        os.close(self.ready_fd)
+        if self.ready_fd >= 0:  # once: a second call closes nothing
+            fd, self.ready_fd = self.ready_fd, -1
+            os.close(fd)
         with contextlib.suppress(OSError):
             os.rmdir(self.scratch)
 

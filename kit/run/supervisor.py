@@ -914,6 +914,8 @@ class Ahead:
     watch: hostdiff.ReadAhead | None = None
     #: Built and read (:func:`finish_ahead`), or failed: no longer waiting for init.
     finished: bool = False
+    #: Dropped (init ended, descriptors closed, the run directory removed): nothing to undo.
+    dropped: bool = False
 
     def fds(self) -> set[int]:
         """Its descriptors: the lock, init's ready pipe and pidfd (the supervisor's
@@ -978,8 +980,8 @@ def start_ahead() -> Ahead:
 def finish_ahead(ahead: Ahead) -> Ahead:
     """The second half of :func:`prepare_ahead`: wait until init has built the sandbox of
     ``ahead`` (started by :func:`start_ahead`), then read its state ahead. ``ahead`` itself,
-    finished, or one that says why it could not be; raises only after dropping it (init
-    ended, the run directory removed)."""
+    finished, or one that says why it could not be; raises only after dropping it
+    (:attr:`Ahead.dropped`)."""
     building = ahead.building
     if ahead.finished or building is None:
         return ahead
@@ -1004,6 +1006,7 @@ def finish_ahead(ahead: Ahead) -> Ahead:
     try:
         watch = None if building.pidfd is None else hostdiff.read_ahead(view, building.pidfd)
     except BaseException:
+        ahead.dropped = True
         building.abandon()
         rundir.remove(run_dir, lock_fd)
         raise

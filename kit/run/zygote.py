@@ -146,11 +146,17 @@ class Spares:
     def top_up(self, runs_going_on: bool) -> None:
         """Start builds up to :data:`SPARES` while no run goes on; during runs, only when
         none is left (the next request would otherwise build one on its path), and then at
-        a lower priority (:func:`_in_the_background`)."""
+        a lower priority (:func:`_in_the_background`). A built one whose init has died is
+        dropped first."""
+        for ahead in [a for a in self.items if a.finished and a.building is not None]:
+            if ahead.building is not None and ahead.building.init_exited():
+                self.items.remove(ahead)
+                _drop(ahead)
         while self.wanted and len(self.items) < SPARES and (not runs_going_on or not self.items):
             try:
                 self.items.append(_at_priority(start_ahead, runs_going_on))
             except Exception:  # noqa: BLE001 the next sandboxed request builds its own
+                self.wanted = False  # and asks again: no build loop meanwhile
                 return
 
     def building(self) -> dict[int, Ahead]:
@@ -168,8 +174,12 @@ class Spares:
         i = self.items.index(ahead)
         try:
             self.items[i] = _at_priority(lambda: finish_ahead(ahead), runs_going_on)
-        except Exception:  # noqa: BLE001 finish_ahead dropped it; the pool is topped up
+        except BaseException as exc:
             del self.items[i]
+            _drop(ahead)  # unless finish_ahead did
+            self.wanted = False  # the next request asks again: no build loop meanwhile
+            if not isinstance(exc, Exception):
+                raise
 
     def take(self) -> Ahead:
         """A sandbox made ahead: the oldest built one, else the oldest still being built,
@@ -181,7 +191,8 @@ class Spares:
             ahead = self.items.pop(0)
             try:
                 ahead = finish_ahead(ahead)
-            except Exception:  # noqa: BLE001 finish_ahead dropped it: the next one
+            except Exception:  # noqa: BLE001 the next one
+                _drop(ahead)  # unless finish_ahead did
                 continue
             if ahead.building is not None and not ahead.building.init_exited():
                 return ahead
@@ -199,18 +210,23 @@ def idle(zygote: int) -> bool:
     outside, by a bench or a test): one thread (none reading a new sandbox ahead), asleep,
     every child asleep and every sandbox init of its own in its reaping loop (built: a
     build sleeps too)."""
-    if linux.thread_count(zygote) != 1 or linux.process_state(zygote) != "S":
+
+    def quiet() -> bool:
+        return linux.thread_count(zygote) == 1 and linux.process_state(zygote) == "S"
+
+    if not quiet():
         return False
     for pid, parent in linux.process_parents().items():
         if parent != zygote:
             continue
         if linux.process_state(pid) != "S":
             return False
-        if linux.process_name(pid) == host_sandbox.INIT_NAME and "sigtimedwait" not in (
-            linux.wait_channel(pid) or ""
-        ):
+        # "0": a kernel that does not name it (no kallsyms): asleep is all that is known.
+        chan = linux.wait_channel(pid) or "0"
+        building = chan != "0" and "sigtimedwait" not in chan
+        if building and linux.process_name(pid) == host_sandbox.INIT_NAME:
             return False
-    return True
+    return quiet()  # still: an init that reported meanwhile has the zygote read it
 
 
 def serve(control: socket.socket) -> int:
@@ -224,7 +240,11 @@ def serve(control: socket.socket) -> int:
 
 
 def _drop(ahead: Ahead) -> None:
-    """An unused sandbox made ahead: init dies with us (its parent-death signal), or now."""
+    """An unused sandbox made ahead: init dies with us (its parent-death signal), or now
+    (once: a dropped one is left alone)."""
+    if ahead.dropped:
+        return
+    ahead.dropped = True
     if ahead.building is not None:
         ahead.building.abandon()
     if ahead.watch is not None:
@@ -349,8 +369,10 @@ def _serve(control: socket.socket, spares: Spares) -> int:
         stale = running.pop(pid, None)  # a pid reused before the wait saw its first owner go
         if stale is not None:
             os.close(stale)
-        with contextlib.suppress(OSError):  # EMFILE: the spares wait for the next request
-            running[pid] = os.pidfd_open(pid)  # not reaped yet: SIGCHLD is still blocked
+        # Not reaped yet: SIGCHLD is still blocked. Without a pidfd (EMFILE) the run is not
+        # counted as going on: the spares may then be topped up during it.
+        with contextlib.suppress(OSError):
+            running[pid] = os.pidfd_open(pid)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
         if ahead is not None:
             ahead.discard()  # the supervisor's now: its lock is the supervisor's alone
