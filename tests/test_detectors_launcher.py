@@ -326,7 +326,7 @@ def test_a_build_ahead_that_fails_stops_the_pool_until_a_request_asks_again(monk
     monkeypatch.setattr(zygote_module, "finish_ahead", cannot_read)
     pending = Ahead("/nowhere", 7, None)
     spares.items, spares.wanted = [pending], True
-    spares.finish(pending, runs_going_on=False)
+    spares.finish(pending)
     assert (spares.items, dropped, spares.wanted) == ([], [pending], False)
 
 

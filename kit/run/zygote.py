@@ -143,18 +143,22 @@ class Spares:
         #: runs that build their own, or none).
         self.wanted = False
 
-    def top_up(self, runs_going_on: bool) -> None:
-        """Start builds up to :data:`SPARES` while no run goes on; during runs, only when
-        none is left (the next request would otherwise build one on its path), and then at
-        a lower priority (:func:`_in_the_background`). A built one whose init has died is
-        dropped first."""
+    def due(self, runs_going_on: bool) -> bool:
+        """Whether a build is to start: up to :data:`SPARES` while no run goes on; during
+        runs only when none is left (the next request would otherwise build one on its
+        path). A built one whose init has died is dropped first."""
         for ahead in [a for a in self.items if a.finished and a.building is not None]:
             if ahead.building is not None and ahead.building.init_exited():
                 self.items.remove(ahead)
                 _drop(ahead)
-        while self.wanted and len(self.items) < SPARES and (not runs_going_on or not self.items):
+        return self.wanted and len(self.items) < SPARES and (not runs_going_on or not self.items)
+
+    def top_up(self, runs_going_on: bool) -> None:
+        """Start the builds that are :meth:`due`, at a lower priority
+        (:func:`_in_the_background`): a run may start while one goes on."""
+        while self.due(runs_going_on):
             try:
-                self.items.append(_at_priority(start_ahead, runs_going_on))
+                self.items.append(_in_the_background(start_ahead))
             except Exception:  # noqa: BLE001 the next sandboxed request builds its own
                 self.wanted = False  # and asks again: no build loop meanwhile
                 return
@@ -168,12 +172,12 @@ class Spares:
             if not ahead.finished and ahead.building is not None
         }
 
-    def finish(self, ahead: Ahead, runs_going_on: bool) -> None:
+    def finish(self, ahead: Ahead) -> None:
         """Wait for ``ahead``'s init and read the sandbox ahead (a failure is kept, for the
         run that takes it to retry)."""
         i = self.items.index(ahead)
         try:
-            self.items[i] = _at_priority(lambda: finish_ahead(ahead), runs_going_on)
+            self.items[i] = _in_the_background(lambda: finish_ahead(ahead))
         except BaseException as exc:
             del self.items[i]
             _drop(ahead)  # unless finish_ahead did
@@ -253,6 +257,17 @@ def _drop(ahead: Ahead) -> None:
     rundir.remove(ahead.run_dir, ahead.lock_fd)
 
 
+#: How long the zygote waits, after the last run, for a request before it builds spares.
+TOP_UP_PAUSE = 0.02
+
+
+def _readable(sock: socket.socket, seconds: float) -> bool:
+    """Whether ``sock`` has something to read within ``seconds``."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(seconds * 1000))
+
+
 def _wait(control: socket.socket, spares: Spares, running: dict[int, int]) -> bool:
     """Block until a message comes, a supervisor exits or a spare's init reports; finish
     the spares whose init did, forget the supervisors that exited. Whether a message is
@@ -263,7 +278,7 @@ def _wait(control: socket.socket, spares: Spares, running: dict[int, int]) -> bo
         poller.register(fd, select.POLLIN)
     ready = {fd for fd, _ in poller.poll()}
     for fd in ready.intersection(building):
-        spares.finish(building[fd], runs_going_on=bool(running))
+        spares.finish(building[fd])
     for pid, pidfd in list(running.items()):
         if pidfd in ready:
             os.close(pidfd)
@@ -287,7 +302,13 @@ def _serve(control: socket.socket, spares: Spares) -> int:
     running: dict[int, int] = {}
     while True:
         reap()
-        spares.top_up(runs_going_on=bool(running))
+        # Between runs, a request that comes at once (the next of a series) goes first: its
+        # run takes a spare built, and the build waits for a pause, or for the pool to be
+        # empty (then during that run, as it would be anyway).
+        if spares.due(runs_going_on=bool(running)) and (
+            running or not _readable(control, TOP_UP_PAUSE)
+        ):
+            spares.top_up(runs_going_on=bool(running))
         if not _wait(control, spares, running):
             continue
         try:
@@ -383,11 +404,6 @@ def _serve(control: socket.socket, spares: Spares) -> int:
 #: ahead during a run: that work must not slow down the run going on, and on an idle core it
 #: makes no difference.
 AHEAD_NICE = 10
-
-
-def _at_priority(make: Callable[[], Ahead], runs_going_on: bool) -> Ahead:
-    """``make()``, in the background (:func:`_in_the_background`) while runs go on."""
-    return _in_the_background(make) if runs_going_on else make()
 
 
 def _in_the_background(make: Callable[[], Ahead]) -> Ahead:
