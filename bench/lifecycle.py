@@ -60,6 +60,7 @@ from kit.ledger import probe
 from kit.ledger.record import LedgerWriter
 from kit.run import seccomp
 from kit.run.launcher import RunResult, Zygote, start
+from kit.run.zygote import TOP_UP_PAUSE
 from kit.run.zygote import idle as zygote_idle
 from kit.system import linux
 
@@ -319,10 +320,13 @@ def await_reaped(timeout: float = 5.0) -> None:
         _await_settled(zygote.proc.pid, deadline)
 
 
-def _await_settled(zygote: int, deadline: float, quiet: int = 3) -> None:
+def _await_settled(
+    zygote: int, deadline: float, quiet: int = int(TOP_UP_PAUSE / 0.005) + 3
+) -> None:
     """Until the zygote is idle (:func:`kit.run.zygote.idle`: the sandboxes it builds
     between runs are built) and its CPU counters stay the same for ``quiet`` reads 5 ms
-    apart (they count in clock ticks)."""
+    apart (they count in clock ticks), longer than the zygote waits before it starts
+    building (:data:`kit.run.zygote.TOP_UP_PAUSE`)."""
     last, same = -1, 0
     while same < quiet:
         if time.monotonic() > deadline:

@@ -290,8 +290,11 @@ def test_the_spares_are_topped_up_between_runs_not_during_one(own_zygote):
     handle = start("reference", "root", ["/bin/sleep", "0.3"], sandbox=True)
     assert handle.sandbox is not None and handle.sandbox["sandbox_pid"] in spares
     seen: set[int] = set()
-    while handle.poll() is None:  # every sandbox init the zygote has while the run goes on
-        seen.update(_inits(own_zygote))
+    while True:  # every sandbox init the zygote has while the run goes on
+        now = _inits(own_zygote)  # listed before the poll: the run was still going on
+        if handle.poll() is not None:
+            break
+        seen.update(now)
         time.sleep(0.005)
     assert seen <= set(spares), "a sandbox was built while the run went on"
     assert handle.wait().exit_code == 0

@@ -31,22 +31,29 @@ def test_snapshot_survives_threads_exiting_while_it_reads():
 def test_a_thread_that_ends_while_its_namespaces_are_read_is_left_out(monkeypatch):
     # Its status was read, then some of its namespace links were gone: no thread state with
     # a namespace the process has as unreadable (the fake model, which has them all, could
-    # never agree with it). A namespace kind the kernel lacks stays in every thread's state.
+    # never agree with it). Left out only when the kernel says it is ending: a live thread
+    # is never hidden. A namespace kind the kernel lacks stays in every thread's state.
     release = threading.Event()
     other = threading.Thread(target=release.wait)
     other.start()
     try:
         read = probe._thread_ns
 
-        def ending(tid: int) -> dict[str, int | None]:
+        def half_read(tid: int) -> dict[str, int | None]:
             got = read(tid)
             if tid == other.native_id:
-                got["net"] = None  # read after it ended
+                got["net"] = None  # as if read after it ended
             return got
 
-        monkeypatch.setattr(probe, "_thread_ns", ending)
-        tids = [t["tid"] for t in probe.snapshot()["threads"]]
-        assert other.native_id not in tids and threading.get_native_id() in tids
+        def tids() -> list[int]:
+            return [t["tid"] for t in probe.snapshot()["threads"]]
+
+        monkeypatch.setattr(probe, "_thread_ns", half_read)
+        assert other.native_id in tids()  # alive: kept, its unreadable namespace shown
+        ending = probe.linux.thread_ending
+        monkeypatch.setattr(probe.linux, "thread_ending", lambda tid: tid == other.native_id)
+        assert other.native_id not in tids() and threading.get_native_id() in tids()
+        monkeypatch.setattr(probe.linux, "thread_ending", ending)
 
         def lacking(tid: int) -> dict[str, int | None]:  # a kernel without time namespaces
             return {**read(tid), "time": None}
@@ -54,10 +61,24 @@ def test_a_thread_that_ends_while_its_namespaces_are_read_is_left_out(monkeypatc
         inodes = probe.linux.ns_inodes
         monkeypatch.setattr(probe, "_thread_ns", lacking)
         monkeypatch.setattr(probe.linux, "ns_inodes", lambda *a: {**inodes(*a), "time": None})
-        assert other.native_id in [t["tid"] for t in probe.snapshot()["threads"]]
+        monkeypatch.setattr(probe.linux, "thread_ending", lambda tid: True)
+        assert other.native_id in tids()
     finally:
         release.set()
         other.join()
+
+
+def test_a_live_thread_is_not_ending_and_a_gone_one_is():
+    from kit.system import linux
+
+    release = threading.Event()
+    other = threading.Thread(target=release.wait)
+    other.start()
+    alive = linux.thread_ending(other.native_id)
+    release.set()
+    other.join()
+    assert alive is False and linux.thread_ending(threading.get_native_id()) is False
+    assert linux.thread_ending(2**22 + 7)  # no such thread
 
 
 def test_the_escalation_probe_thread_is_gone_when_it_returns():

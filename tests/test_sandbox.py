@@ -789,7 +789,7 @@ def _sandboxes_built_ahead() -> tuple[int, list[int]]:
     from conftest import _zygote_pid, zygotes_sandbox
 
     from kit.run.launcher import start
-    from kit.run.zygote import idle
+    from kit.run.zygote import SPARES, idle
 
     handle = start("reference", "root", ["/bin/true"])
     assert handle.sandbox is not None
@@ -797,18 +797,19 @@ def _sandboxes_built_ahead() -> tuple[int, list[int]]:
     assert handle.wait().exit_code == 0
     zygote = _zygote_pid()
     assert zygote is not None
-    spares = wait_until(
-        lambda: (
-            idle(zygote)
-            and [
-                p
-                for p in linux.descendants(zygote)
-                if p != adopted and zygotes_sandbox(p) and _waits_for_its_run(p)
-            ]
-        ),
+
+    def spares() -> list[int]:
+        return [
+            p
+            for p in linux.descendants(zygote)
+            if p != adopted and zygotes_sandbox(p) and _waits_for_its_run(p)
+        ]
+
+    built = wait_until(
+        lambda: idle(zygote) and len(s := spares()) == SPARES and s,
         what="the sandboxes built ahead",
     )
-    return zygote, spares
+    return zygote, built
 
 
 def _waits_for_its_run(init: int) -> bool:

@@ -280,12 +280,14 @@ def _snapshot(masks: bool) -> dict[str, Any]:
             nspid = _ids(status.get("NSpid", str(os.getpid())))
     if ns is None:
         ns = linux.ns_inodes()
-    # A thread that ended while its namespaces were read lacks some the process has (a live
-    # one's are always readable to its own process): it ended before this snapshot did.
+    # A thread that lacks a namespace the process has ended while it was read (a live one's
+    # are readable to its own process): left out, once the kernel says it is exiting.
     threads = [
         t
         for t in threads
-        if t["tid"] == leader or all(ns.get(k) is None for k, ino in t["ns"].items() if ino is None)
+        if t["tid"] == leader
+        or all(ns.get(k) is None for k, ino in t["ns"].items() if ino is None)
+        or not linux.thread_ending(t["tid"])
     ]
     return {
         "threads": threads,

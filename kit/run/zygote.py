@@ -277,8 +277,9 @@ def _wait(control: socket.socket, spares: Spares, running: dict[int, int]) -> bo
     for fd in [control.fileno(), *running.values(), *building]:
         poller.register(fd, select.POLLIN)
     ready = {fd for fd, _ in poller.poll()}
-    for fd in ready.intersection(building):
-        spares.finish(building[fd])
+    if control.fileno() not in ready:  # a request goes first: the pipe stays readable
+        for fd in ready.intersection(building):
+            spares.finish(building[fd])
     for pid, pidfd in list(running.items()):
         if pidfd in ready:
             os.close(pidfd)

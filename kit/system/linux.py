@@ -963,6 +963,20 @@ def _stat(pid: int | str, proc: str = "/proc") -> bytes | None:
         return None
 
 
+#: ``PF_EXITING`` in a task's flags (field 9 of ``/proc/PID/stat``): it has begun to exit.
+_PF_EXITING = 0x4
+
+
+def thread_ending(tid: int) -> bool:
+    """Whether thread ``tid`` of the calling process has ended or is ending: gone from
+    ``/proc/self/task``, exiting (``PF_EXITING``), or a zombie."""
+    stat = _stat(tid, "/proc/self/task")
+    if stat is None:
+        return True
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return fields[0] in (b"Z", b"X", b"x") or bool(int(fields[6]) & _PF_EXITING)
+
+
 def thread_name(tid: int) -> str | None:
     """``comm`` of thread ``tid`` of the calling process; None when it is gone (ended since
     it was listed: a name may be empty)."""
