@@ -18,6 +18,7 @@ import termios
 import threading
 import time
 import traceback
+from typing import Any
 
 import pytest
 from conftest import host_state, wait_until
@@ -331,6 +332,45 @@ def test_a_build_ahead_that_fails_stops_the_pool_until_a_request_asks_again(monk
     spares.items, spares.wanted = [pending], True
     spares.finish(pending)
     assert (spares.items, dropped, spares.wanted) == ([], [pending], False)
+
+
+def test_under_the_usual_fd_limit_both_spares_hold_their_sysctl_files_and_runs_keep_it():
+    """Started with a soft limit of 1024 open files, the zygote raises its own to the hard
+    one (two spares hold half a thousand sysctl files each), and a run's processes, the
+    payload's too, get the 1024 back."""
+    from conftest import in_child
+
+    def body() -> dict[str, Any]:
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        if hard != resource.RLIM_INFINITY and hard < 4096:
+            return {"skip": f"a hard limit of {hard} open files leaves nothing to raise"}
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+        zygote = Zygote()
+        launcher.Zygote._instance = zygote
+        try:
+            first = run("reference", "root", ["/bin/sh", "-c", "ulimit -n"], sandbox=True)
+            handle = start("reference", "root", ["/bin/true"], sandbox=True)
+            assert handle.wait().exit_code == 0
+            _full_pool(zygote, handle, "two spares under the raised limit")
+            with open(f"/proc/{zygote.proc.pid}/limits") as f:
+                limit = next(line.split()[3] for line in f if line.startswith("Max open files"))
+            return {
+                "payload": first.stdout.strip(),
+                "zygote": int(limit),
+                "hard": hard,
+                "fds": len(os.listdir(f"/proc/{zygote.proc.pid}/fd")),
+            }
+        finally:
+            zygote.control.close()
+            zygote.proc.wait(10)
+
+    out = in_child(body)
+    assert "ok" in out, out
+    if "skip" in out["ok"]:
+        pytest.skip(out["ok"]["skip"])
+    assert out["ok"]["payload"] == "1024"
+    assert out["ok"]["zygote"] == out["ok"]["hard"]
+    assert out["ok"]["fds"] > 1024  # both spares' sysctl files held
 
 
 def test_a_sandbox_built_ahead_reaches_its_supervisor_with_the_pidfd_of_its_init():

@@ -7,6 +7,7 @@ import fcntl
 import gc
 import json
 import os
+import resource
 import select
 import signal
 import socket
@@ -123,6 +124,31 @@ def settle() -> None:
     gc.collect()
     gc.freeze()
     linux.release_free_memory()
+
+
+#: The limit of open files the zygote was started with (soft, hard): each run gets it back.
+_callers_fd_limit: tuple[int, int] | None = None
+
+
+def _raise_fd_limit() -> None:
+    """Raise the zygote's soft limit of open files to the hard one: each spare holds half a
+    thousand sysctl files (kit.run.hostdiff.ReadAhead), and with two, and the copies kept
+    for the runs going on, the usual 1024 left the second without them (its run then opened
+    them on its path)."""
+    global _callers_fd_limit
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _callers_fd_limit = (soft, hard)
+    if hard != resource.RLIM_INFINITY and hard > soft:
+        with contextlib.suppress(OSError, ValueError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _restore_fd_limit() -> None:
+    """In a run's supervisor: the limit the zygote was started with (the run's processes,
+    the engine's among them, see the caller's, as without a zygote). The descriptors it
+    holds above it stay open."""
+    if _callers_fd_limit is not None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, _callers_fd_limit)
 
 
 #: How many host sandboxes the zygote keeps built ahead. Two: a run takes one and leaves one
@@ -367,6 +393,7 @@ def _serve(control: socket.socket, spares: Spares) -> int:
                 result_fd, moved = place_fds(
                     fds, targets, ahead.fds() if ahead else set(), ahead.files() if ahead else []
                 )
+                _restore_fd_limit()
                 # What place_fds left for the run: stdio and the pass-through fds.
                 inherited = {0, 1, 2, *targets}
                 run_supervised(
@@ -458,6 +485,7 @@ def main(argv: list[str]) -> int:
     linux.set_parent_death_signal(signal.SIGKILL)
     linux.set_name("kit-zygote")
     os.chdir("/")
+    _raise_fd_limit()
     tempfile.gettempdir()  # found once here (it tries writing a file), not in every run
     rundir.sweep()  # run directories of supervisors that died with their launcher
     return serve(control)
