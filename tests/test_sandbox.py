@@ -802,7 +802,7 @@ def _sandboxes_built_ahead() -> tuple[int, list[int]]:
         return [
             p
             for p in linux.descendants(zygote)
-            if p != adopted and zygotes_sandbox(p) and _waits_for_its_run(p)
+            if p != adopted and zygotes_sandbox(p) and sandbox.init_waits(p)
         ]
 
     built = wait_until(
@@ -810,16 +810,6 @@ def _sandboxes_built_ahead() -> tuple[int, list[int]]:
         what="the sandboxes built ahead",
     )
     return zygote, built
-
-
-def _waits_for_its_run(init: int) -> bool:
-    """Whether the sandbox's ``init`` is in its reaping loop (sigwaitinfo): built, back at
-    its builder's priority and reported ready. Asleep is not enough: a build sleeps too."""
-    try:
-        with open(f"/proc/{init}/wchan") as f:
-            return "sigtimedwait" in f.read()
-    except FileNotFoundError:  # gone meanwhile
-        return False
 
 
 def test_a_run_through_the_zygote_adopts_a_sandbox_built_ahead():

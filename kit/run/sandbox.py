@@ -156,6 +156,14 @@ class HostSandbox:
         return _exited(self.init_pidfd)
 
 
+def init_waits(pid: int) -> bool:
+    """Whether the sandbox init ``pid`` is in its reaping loop (sigwaitinfo: built and
+    reported; asleep is not enough, a build sleeps too). Where the kernel names no wait
+    channel ("0", no kallsyms), asleep is all that can be known: True."""
+    chan = linux.wait_channel(pid)
+    return chan is not None and (chan == "0" or "sigtimedwait" in chan)
+
+
 def _exited(pidfd: int | None) -> bool:
     return pidfd is None or _exited_within(pidfd, 0)
 

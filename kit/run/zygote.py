@@ -173,8 +173,8 @@ class Spares:
         """Whether a build is to start: up to :data:`SPARES` while no run goes on; during
         runs only when none is left (the next request would otherwise build one on its
         path). A built one whose init has died is dropped first."""
-        for ahead in [a for a in self.items if a.finished and a.building is not None]:
-            if ahead.building is not None and ahead.building.init_exited():
+        for ahead in list(self.items):
+            if ahead.finished and ahead.building is not None and ahead.building.init_exited():
                 self.items.remove(ahead)
                 _drop(ahead)
         return self.wanted and len(self.items) < SPARES and (not runs_going_on or not self.items)
@@ -242,7 +242,10 @@ def idle(zygote: int) -> bool:
     build sleeps too)."""
 
     def quiet() -> bool:
-        return linux.thread_count(zygote) == 1 and linux.process_state(zygote) == "S"
+        try:
+            return len(linux.thread_ids(zygote)) == 1 and linux.process_state(zygote) == "S"
+        except FileNotFoundError:  # gone
+            return False
 
     if not quiet():
         return False
@@ -251,10 +254,7 @@ def idle(zygote: int) -> bool:
             continue
         if linux.process_state(pid) != "S":
             return False
-        # "0": a kernel that does not name it (no kallsyms): asleep is all that is known.
-        chan = linux.wait_channel(pid) or "0"
-        building = chan != "0" and "sigtimedwait" not in chan
-        if building and linux.process_name(pid) == host_sandbox.INIT_NAME:
+        if linux.process_name(pid) == host_sandbox.INIT_NAME and not host_sandbox.init_waits(pid):
             return False
     return quiet()  # still: an init that reported meanwhile has the zygote read it
 

@@ -1005,14 +1005,6 @@ def wait_channel(pid: int) -> str | None:
         return None
 
 
-def thread_count(pid: int) -> int:
-    """How many threads ``pid`` has (0 when it is gone)."""
-    try:
-        return len(os.listdir(f"/proc/{pid}/task"))
-    except FileNotFoundError:
-        return 0
-
-
 def process_state(pid: int, proc: str = "/proc") -> str | None:
     """State letter of ``pid`` (R, S, D, Z…), None when it is gone; ``proc``: the proc
     file system that numbers it (another pid namespace's, say)."""
