@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -810,6 +811,28 @@ def _sandboxes_built_ahead() -> tuple[int, list[int]]:
         what="the sandboxes built ahead",
     )
     return zygote, built
+
+
+def test_an_init_waits_in_its_reaping_loop_and_a_process_asleep_elsewhere_does_not():
+    """sandbox.init_waits, which zygote.idle and the bench trust: asleep in sigwaitinfo, as
+    a built init is, yes; asleep anywhere else (a build waits on pipes and mounts), no;
+    gone, no."""
+    waiting = subprocess.Popen(
+        [sys.executable, "-c", "import signal; signal.sigwaitinfo({signal.SIGUSR1})"]
+    )
+    elsewhere = subprocess.Popen(["sleep", "30"])
+    try:
+        wait_until(
+            lambda: all(linux.process_state(p.pid) == "S" for p in (waiting, elsewhere)),
+            what="both asleep",
+        )
+        wait_until(lambda: sandbox.init_waits(waiting.pid), what="asleep in sigwaitinfo")
+        assert not sandbox.init_waits(elsewhere.pid)
+    finally:
+        for proc in (waiting, elsewhere):
+            proc.kill()
+            proc.wait()
+    assert not sandbox.init_waits(waiting.pid)
 
 
 def test_a_run_through_the_zygote_adopts_a_sandbox_built_ahead():
