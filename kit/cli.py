@@ -10,9 +10,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from kit import preflight, registry
+from kit import registry
 from kit.run import environment
-from kit.run.launcher import LaunchError, start
+from kit.run.launcher import LaunchError, make_request
+from kit.run.oneshot import OneShot
 from kit.run.request import DEFAULT_HOOK_TIMEOUT, DEFAULT_RUN_TIMEOUT
 from kit.starter.config import FLOWS
 
@@ -103,8 +104,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     # A one-shot process, which forks its run itself: the auto backend's probe of the flow
     # (namespaces alone, as root) may take a thread of it rather than a fork of all of it.
     environment.probe_in_threads()
-    problems = preflight.check(args.engine, engine_config)
-    if problems:  # one message each, before any process starts
+    try:
+        request = make_request(
+            args.engine,
+            args.flow,
+            args.argv,
+            engine_config=engine_config,
+            user=args.user,
+            backend=args.backend,
+            hook_timeout=args.hook_timeout,
+            run_timeout=args.run_timeout,
+            probes=args.probes if args.probes is not None else bool(args.ledger),
+        )
+    except ValueError as exc:
+        print(f"kit run: {exc}", file=sys.stderr)
+        return 2
+    try:
+        # The engine's inspection and the run's sandbox, made while this process gets ready.
+        one_shot = OneShot(request)
+    except LaunchError as exc:
+        print(f"kit run: {exc}", file=sys.stderr)
+        return 2
+    problems = one_shot.problems()
+    if problems:  # one message each, before any process of the run starts
+        one_shot.cancel()
         for problem in problems:
             print(f"kit run: {problem}", file=sys.stderr)
         return 2
@@ -113,22 +136,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     gc.freeze()
     gc.enable()
     try:
-        # A one-shot run: the supervisor is forked from this process (no zygote, no second
-        # interpreter to start and import the kit into).
-        handle = start(
-            args.engine,
-            args.flow,
-            args.argv,
-            capture=False,
-            stdin=sys.stdin,
-            engine_config=engine_config,
-            user=args.user,
-            backend=args.backend,
-            hook_timeout=args.hook_timeout,
-            run_timeout=args.run_timeout,
-            probes=args.probes if args.probes is not None else bool(args.ledger),
-            fork_here=True,
-        )
+        # The supervisor is forked from this process (no zygote, no second interpreter to
+        # start and import the kit into).
+        handle = one_shot.start(stdin=sys.stdin)
     except (registry.RegistryError, ValueError, LaunchError) as exc:
         print(f"kit run: {exc}", file=sys.stderr)
         return 2

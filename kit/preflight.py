@@ -175,10 +175,7 @@ def inspect(
 
     The caller waits up to ``timeout`` seconds (:data:`INSPECT_TIMEOUT`), then kills the child
     and names the engine's import as what hung."""
-    result = _inspect(spec, engine_config, collect, timeout)
-    if not result.failure:
-        _found[(spec, tuple(sys.path))] = result
-    return result
+    return Inspecting(spec, engine_config, collect, timeout).result()
 
 
 #: The engines an inspection of this process found, by spec and import path: only whether
@@ -194,44 +191,70 @@ def found(spec: str) -> Inspection:
     return known if known is not None else inspect(spec)
 
 
-def _inspect(
-    spec: str,
-    engine_config: dict[str, Any] | None,
-    collect: dict[str, Collect] | None,
-    timeout: float | None,
-) -> Inspection:
-    limit = INSPECT_TIMEOUT if timeout is None else timeout
-    collectors = {key: fn for key, (fn, _) in (collect or {}).items()}
-    ended = contained(
-        _drop_to_invoker,
-        lambda wfd: _inspection_child(wfd, spec, engine_config, collectors),
-        limit,
-    )
-    imported = ended.data.startswith(IMPORTED)
-    if not ended.in_time:
-        what = (
-            "its operations class, config() or its RPC methods class did not return"
-            if imported
-            else "importing it did not finish: make the engine module's top-level code "
-            "return at once (it runs at every import)"
+class Inspecting:
+    """:func:`inspect` started: its child runs while the caller goes on (a one-shot run
+    prepares itself meanwhile); :meth:`result` waits for the answer, :meth:`cancel` ends the
+    child unasked. The timeout counts from the start."""
+
+    def __init__(
+        self,
+        spec: str,
+        engine_config: dict[str, Any] | None = None,
+        collect: dict[str, Collect] | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        self.spec = spec
+        self.limit = INSPECT_TIMEOUT if timeout is None else timeout
+        self.shapes = {key: shape for key, (_, shape) in (collect or {}).items()}
+        collectors = {key: fn for key, (fn, _) in (collect or {}).items()}
+        # The import path the answer holds for (found() asks with the caller's).
+        self.path = tuple(sys.path)
+        self.child = Contained(
+            _drop_to_invoker,
+            lambda wfd: _inspection_child(wfd, spec, engine_config, collectors),
+            self.limit,
         )
-        return _failed(spec, "timeout", f"{what} within {limit:g} s (the inspection was killed)")
-    shapes = {key: shape for key, (_, shape) in (collect or {}).items()}
-    try:
-        answer = Inspection.from_json(
-            json.loads(ended.data[len(IMPORTED) if imported else 0 :]), shapes
-        )
-    except (ValueError, RecursionError):  # JSONDecodeError too; [[[[… from engine code
-        return _failed(
-            spec,
-            "child",
-            f"inspecting it ended without a result in the kit's shape "
-            f"({_status(ended.status)}): the engine's import or one of its hooks ended the "
-            "process, or wrote on the inspection's pipe",
-        )
-    if answer.spec != spec:
-        return _failed(spec, "child", f"its inspection answered for {answer.spec!r}")
-    return answer
+        self.answer: Inspection | None = None
+
+    def result(self) -> Inspection:
+        """The inspection's answer, once the child has ended (killed at the timeout)."""
+        if self.answer is None:
+            self.answer = self._judge(self.child.finish())
+            if not self.answer.failure:
+                _found[(self.spec, self.path)] = self.answer
+        return self.answer
+
+    def cancel(self) -> None:
+        self.child.cancel()
+
+    def _judge(self, ended: Ended) -> Inspection:
+        spec, limit = self.spec, self.limit
+        imported = ended.data.startswith(IMPORTED)
+        if not ended.in_time:
+            what = (
+                "its operations class, config() or its RPC methods class did not return"
+                if imported
+                else "importing it did not finish: make the engine module's top-level code "
+                "return at once (it runs at every import)"
+            )
+            return _failed(
+                spec, "timeout", f"{what} within {limit:g} s (the inspection was killed)"
+            )
+        try:
+            answer = Inspection.from_json(
+                json.loads(ended.data[len(IMPORTED) if imported else 0 :]), self.shapes
+            )
+        except (ValueError, RecursionError):  # JSONDecodeError too; [[[[… from engine code
+            return _failed(
+                spec,
+                "child",
+                f"inspecting it ended without a result in the kit's shape "
+                f"({_status(ended.status)}): the engine's import or one of its hooks ended "
+                "the process, or wrote on the inspection's pipe",
+            )
+        if answer.spec != spec:
+            return _failed(spec, "child", f"its inspection answered for {answer.spec!r}")
+        return answer
 
 
 def _failed(spec: str, failure: str, message: str) -> Inspection:

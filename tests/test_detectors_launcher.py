@@ -322,7 +322,7 @@ def test_a_build_ahead_that_fails_stops_the_pool_until_a_request_asks_again(monk
     assert (started, spares.items, spares.wanted) == ([1], [], False)
 
     dropped: list[Ahead] = []
-    monkeypatch.setattr(zygote_module, "_drop", dropped.append)
+    monkeypatch.setattr(Ahead, "drop", lambda ahead: dropped.append(ahead))
 
     def cannot_read(ahead: Ahead) -> Ahead:
         raise OSError("no thread for the read ahead")

@@ -345,3 +345,41 @@ def test_the_real_domainname_is_set_in_the_callers_uts_namespace_only():
     out = in_child(body)
     assert out == {"ok": {"before": host, "after": "kit-test.example"}}, out
     assert linux.getdomainname() == host
+
+
+def test_grow_fd_table_makes_room_above_the_highest_fd_and_leaves_nothing_open():
+    def scenario() -> dict:
+        def fd_size() -> int:
+            return int(linux.read_status()["FDSize"])
+
+        before, opened = fd_size(), sorted(open_fds())
+        count = before * 4  # far beyond the table's size now, within the usual 1024
+        linux.grow_fd_table(count)
+        grown = fd_size()
+        # A second grow within the room made costs nothing and changes nothing.
+        linux.grow_fd_table(count)
+        return {
+            "room": grown > max(opened) + count - 1,
+            "was_smaller": before <= max(opened) + count,
+            "again": fd_size() == grown,
+            "left_open": sorted(open_fds()) != opened,
+        }
+
+    assert in_child(scenario) == {
+        "ok": {"room": True, "was_smaller": True, "again": True, "left_open": False}
+    }
+
+
+def test_grow_fd_table_grows_up_to_the_soft_limit_when_asked_for_more():
+    def scenario() -> list:
+        import resource
+
+        size = int(linux.read_status()["FDSize"])
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        soft = min(size * 4, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        opened = sorted(open_fds())
+        linux.grow_fd_table(soft * 10)  # more than the limit allows: as much as it does
+        return [int(linux.read_status()["FDSize"]) >= soft > size, sorted(open_fds()) == opened]
+
+    assert in_child(scenario) == {"ok": [True, True]}

@@ -646,7 +646,10 @@ def read_ahead(sandbox: Sandbox, pidfd: int) -> ReadAhead:
     """By the zygote, for a sandbox built ahead (``pidfd``: its init's): its state
     before any run, a netlink socket of its network namespace and its sysctl files opened.
     What only a thread in its namespaces can read or open, a short-lived thread does (the
-    zygote's own never moves); what it could not is left to the run's watch."""
+    zygote's own never moves); what it could not is left to the run's watch. Unprimed
+    (:func:`prime`), this process primes from the sandbox itself (:func:`_prime_in`)."""
+    if _fresh_sysctls is None:
+        _prime_in(pidfd)
     ahead = ReadAhead(fresh_state(sandbox))
     before = ahead.before
     try:
@@ -677,6 +680,8 @@ def read_ahead(sandbox: Sandbox, pidfd: int) -> ReadAhead:
             opened["net"] = _subscribe().detach()
         opened["sysctls"] = _open_sysctls()
 
+    if _fresh_raw is not None:  # the files _open_sysctls opens in the thread
+        linux.grow_fd_table(sum(len(joined.split("/")) for _, joined, _, _ in _fresh_raw[0]))
     thread = threading.Thread(target=inside, name="kit-hostdiff-ahead")
     thread.start()
     thread.join()
@@ -971,20 +976,51 @@ _fresh_network: dict[str, dict[str, str]] | None = None
 def prime() -> None:
     """Read what every fresh sandbox has, once per process (the zygote, before it forks;
     a supervisor, before it adopts its sandbox)."""
-    global _fresh_sysctls, _fresh_layout, _fresh_raw, _fresh_network
+    global _fresh_network
     if _fresh_sysctls is None:
         modules = _modules()
         try:
             # All returned: a forked child may be the reader (_fresh_in_child).
-            _fresh_sysctls, layout, raw = _fresh(_sysctls_and_layout)
-            _fresh_layout = (layout, modules) if layout else None
-            read = {k: v if isinstance(v, int) else v.encode("latin-1") for k, v in raw.items()}
-            _fresh_raw = (_reads(layout, read), _fresh_sysctls)
+            _keep_fresh(modules, *_fresh(_sysctls_and_layout))
         except OSError:
             pass  # no network namespace here (a root without CAP_SYS_ADMIN): read per run
     if _fresh_network is None and not linux.in_initial_user_namespace():
         with contextlib.suppress(OSError):  # the run's diff then says the kinds are unread
             _fresh_network = _fresh(read_network)
+
+
+def _keep_fresh(
+    modules: str, values: dict[str, str], layout: Layout, raw: dict[str, str | int]
+) -> None:
+    """Keep what :func:`_sysctls_and_layout` read in a fresh sandbox's network namespace."""
+    global _fresh_sysctls, _fresh_layout, _fresh_raw
+    read = {k: v if isinstance(v, int) else v.encode("latin-1") for k, v in raw.items()}
+    _fresh_sysctls = values
+    _fresh_layout = (layout, modules) if layout else None
+    _fresh_raw = (_reads(layout, read), values)
+
+
+def _prime_in(pidfd: int) -> None:
+    """:func:`prime`, read in the sandbox whose init ``pidfd`` is, built and not yet run in
+    (so a fresh one), by a short-lived thread in its network namespace: no namespace is
+    made for the purpose. For a process with one run to watch (a one-shot launcher), which
+    has a sandbox to read before it would have primed."""
+
+    def inside() -> None:
+        global _fresh_network
+        try:
+            linux.setns(pidfd, linux.CLONE_NEWNET)
+        except OSError:
+            return  # a kernel before 5.8 (setns of a pidfd): prime() reads a new one
+        with contextlib.suppress(OSError):
+            _keep_fresh(_modules(), *_sysctls_and_layout())
+        if _fresh_network is None and not linux.in_initial_user_namespace():
+            with contextlib.suppress(OSError):
+                _fresh_network = read_network()
+
+    thread = threading.Thread(target=inside, name="kit-hostdiff-prime")
+    thread.start()
+    thread.join()
 
 
 def _fresh_network_now() -> dict[str, dict[str, str]]:

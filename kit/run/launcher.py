@@ -25,6 +25,8 @@ from kit.system import linux
 if TYPE_CHECKING:
     import subprocess
 
+    from kit.run.supervisor import Ahead
+
 
 class LaunchError(RuntimeError):
     """The supervisor could not run at all (not an engine failure)."""
@@ -397,19 +399,25 @@ class RunHandle:
         stdin: int | IO[Any] | None = None,
         pass_fds: tuple[int, ...] = (),
         fork_here: bool = False,
+        ahead: Ahead | None = None,
     ) -> None:
         self.request = request
         self.capture = capture
         #: ``fork_here``: the supervisor is this process's child, reaped here; its wait status.
         self._own_child = False
         self._status: int | None = None
+        #: ``fork_here`` with ``ahead``: the init of the run's host sandbox, built by this
+        #: process, ended here once the supervisor is gone (as the zygote ends those it built).
+        self._sandbox_init: tuple[int, int, str] | None = None
         # Closed by wait(), after the run wrote them: they outlive this method.
         self._out = tempfile.TemporaryFile() if capture else None  # noqa: SIM115
         self._err = tempfile.TemporaryFile() if capture else None  # noqa: SIM115
         res_r, res_w = os.pipe()
         try:
             if fork_here:
-                self.supervisor_pid = self._fork_here(request, stdin, res_w, pass_fds)
+                self.supervisor_pid = self._fork_here(request, stdin, res_w, pass_fds, ahead)
+            elif ahead is not None:
+                raise ValueError("a sandbox made ahead is handed over by fork_here alone")
             elif os.environ.get("KIT_ZYGOTE", "1") == "0":
                 self.supervisor_pid = self._exec_supervisor(request, stdin, res_w, pass_fds)
             else:
@@ -501,10 +509,15 @@ class RunHandle:
         stdin: int | IO[Any] | None,
         res_w: int,
         pass_fds: tuple[int, ...],
+        ahead: Ahead | None = None,
     ) -> int:
-        """Fork the supervisor from this process, which does what the zygote would first."""
+        """Fork the supervisor from this process, which does what the zygote would first;
+        ``ahead``: the run directory and host sandbox this process started making for the
+        run (:func:`kit.run.supervisor.start_ahead`), handed over to the supervisor."""
         threads = threading.active_count()
         if threads != 1:  # a fork would copy locks that other threads hold
+            if ahead is not None:
+                ahead.drop()
             raise LaunchError(
                 f"fork_here needs a single-threaded launcher, this process has "
                 f"{threads} threads: start the run without fork_here (the zygote "
@@ -518,21 +531,39 @@ class RunHandle:
             if supervisor.preload(request):
                 zygote.settle()
             prepared = supervisor.prepare_backend(request)
+            if ahead is not None:
+                ahead = supervisor.finish_ahead(ahead)
         except Exception as exc:
+            if ahead is not None:
+                ahead.drop()
             raise LaunchError(f"{type(exc).__name__}: {exc}") from exc
         in_fd, out_fd, err_fd, opened = self._stdio(stdin)
         try:
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except BaseException:
+                if ahead is not None:
+                    ahead.drop()
+                raise
             if pid == 0:  # pragma: no cover - the supervisor; its result goes through res_w
                 code = 1
                 try:
                     default_signals()
                     os.setsid()
-                    result_fd, _ = zygote.place_fds(
-                        [in_fd, out_fd, err_fd, res_w, *pass_fds], list(pass_fds)
+                    result_fd, moved = zygote.place_fds(
+                        [in_fd, out_fd, err_fd, res_w, *pass_fds],
+                        list(pass_fds),
+                        ahead.fds() if ahead else set(),
+                        ahead.files() if ahead else [],
                     )
                     rundir.sweep()  # run directories of supervisors that died early
-                    supervisor.run_supervised(request, result_fd, prepared)
+                    supervisor.run_supervised(
+                        request,
+                        result_fd,
+                        prepared,
+                        ahead.moved(moved) if ahead else None,
+                        {0, 1, 2, *pass_fds},  # what place_fds left for the run
+                    )
                     code = 0
                 finally:
                     os._exit(code)
@@ -540,12 +571,36 @@ class RunHandle:
             for fd in opened:
                 os.close(fd)
         self._own_child = True
+        if ahead is not None:
+            building = ahead.building
+            if building is not None and building.pidfd is not None:
+                self._sandbox_init = (building.init_pid, building.pidfd, building.scratch)
+                building.pidfd = None
+            ahead.discard()  # the supervisor's now
         return pid
 
     def _reap(self) -> int:
-        """Reap the supervisor this process forked; its wait status."""
+        """Reap the supervisor this process forked; its wait status. The init of a sandbox
+        built here is asked to go first (the supervisor is done with it: the run's result
+        came, or the supervisor died), so its teardown overlaps the supervisor's exit."""
         if self._status is None:
+            init = self._sandbox_init
+            if init is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(init[1], signal.SIGTERM)
             _, self._status = os.waitpid(self.supervisor_pid, 0)
+            if init is not None:
+                from kit.run.sandbox import stop_built  # noqa: PLC0415  (see _fork_here)
+
+                self._sandbox_init = None
+                pid, pidfd, scratch = init
+                # After a supervisor that was killed, SIGKILL: as the zygote ends those.
+                stop_built(
+                    pid, pidfd, signal.SIGKILL if os.WIFSIGNALED(self._status) else signal.SIGTERM
+                )
+                # Removed by the supervisor, unless it died before it could.
+                with contextlib.suppress(OSError):
+                    os.rmdir(scratch)
         return self._status
 
     def _exec_supervisor(

@@ -657,6 +657,24 @@ def _stop_init(init: int) -> None:
             os.close(pidfd)
 
 
+def stop_built(init_pid: int, pidfd: int, signum: int = signal.SIGTERM) -> None:
+    """End the init of a sandbox this process built and no supervisor of its holds any
+    longer (a one-shot launcher's, :mod:`kit.run.oneshot`): ``signum`` (SIGTERM: init saves
+    its coverage data, when measured), SIGKILL if it has not exited within
+    :data:`_STOP_GRACE` s, then reap it (ours: its pid cannot name another process before).
+    ``pidfd`` is init's, closed here."""
+    try:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signum)
+        if not _exited_within(pidfd, _STOP_GRACE):
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(init_pid, 0)
+    finally:
+        os.close(pidfd)
+
+
 def _signal(pid: int, signum: int) -> None:
     try:
         os.kill(pid, signum)

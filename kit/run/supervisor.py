@@ -947,6 +947,20 @@ class Ahead:
             self, lock_fd=numbers[self.lock_fd], building=building, watch=watch
         )
 
+    def drop(self) -> None:
+        """Unused: init dies now (else with its builder, by its parent-death signal), the
+        watch's files are closed, the run directory goes. Once: a dropped one is left
+        alone, so every way out may drop it."""
+        if self.dropped:
+            return
+        self.dropped = True
+        if self.building is not None:
+            self.building.abandon()
+        if self.watch is not None:
+            self.watch.close()
+            self.watch = None
+        rundir.remove(self.run_dir, self.lock_fd)
+
     def discard(self) -> None:
         """In the zygote: after the fork that handed it over (its pidfd of init, if it
         still has it, and the watch's sysctl files, unless the zygote keeps them, closed
@@ -1077,14 +1091,23 @@ def preload(request: RunRequest) -> bool:
         raise registry.RegistryError(found.failure_message)
     if found.failure:
         raise preflight.EngineNotLoaded(f"engine {request.engine}: {found.failure_message}")
+    warm(request)
+    _preloaded.add(key)
+    return True
+
+
+def warm(request: RunRequest, prime: bool = True) -> None:
+    """The part of :func:`preload` that needs no answer about the engine: what the run's
+    backend needs imported and read. A one-shot run does it while the engine's inspection
+    goes on (:mod:`kit.run.oneshot`), without ``prime``: it primes from the sandbox built
+    for its run, as it reads it ahead (:func:`kit.run.hostdiff.read_ahead`). A second call
+    costs next to nothing."""
     if request.backend == "fake":
         import kit.system.fake  # noqa: F401, PLC0415  (the model replaces the kernel; fake runs only)
-    if request.backend != "fake" and os.geteuid() == 0:
+    if prime and request.backend != "fake" and os.geteuid() == 0:
         hostdiff.prime()  # what every fresh host sandbox has, read once for all runs
     seccomp.warm()
     traceback.format_exception(ValueError("warm-up"))  # pulls in lazy imports of traceback
-    _preloaded.add(key)
-    return True
 
 
 def prepare_backend(request: RunRequest) -> Any:

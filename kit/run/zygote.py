@@ -176,7 +176,7 @@ class Spares:
         for ahead in list(self.items):
             if ahead.finished and ahead.building is not None and ahead.building.init_exited():
                 self.items.remove(ahead)
-                _drop(ahead)
+                ahead.drop()
         return self.wanted and len(self.items) < SPARES and (not runs_going_on or not self.items)
 
     def top_up(self, runs_going_on: bool) -> None:
@@ -206,7 +206,7 @@ class Spares:
             self.items[i] = _in_the_background(lambda: finish_ahead(ahead))
         except BaseException as exc:
             del self.items[i]
-            _drop(ahead)  # unless finish_ahead did
+            ahead.drop()  # unless finish_ahead did
             self.wanted = False  # the next request asks again: no build loop meanwhile
             if not isinstance(exc, Exception):
                 raise
@@ -222,17 +222,17 @@ class Spares:
             try:
                 ahead = finish_ahead(ahead)
             except Exception:  # noqa: BLE001 the next one
-                _drop(ahead)  # unless finish_ahead did
+                ahead.drop()  # unless finish_ahead did
                 continue
             if ahead.building is not None and not ahead.building.init_exited():
                 return ahead
-            _drop(ahead)
+            ahead.drop()
         return prepare_ahead()
 
     def drop_all(self) -> None:
         items, self.items = self.items, []
         for ahead in items:
-            _drop(ahead)
+            ahead.drop()
 
 
 def idle(zygote: int) -> bool:
@@ -267,20 +267,6 @@ def serve(control: socket.socket) -> int:
         return _serve(control, spares)
     finally:
         spares.drop_all()
-
-
-def _drop(ahead: Ahead) -> None:
-    """An unused sandbox made ahead: init dies with us (its parent-death signal), or now
-    (once: a dropped one is left alone)."""
-    if ahead.dropped:
-        return
-    ahead.dropped = True
-    if ahead.building is not None:
-        ahead.building.abandon()
-    if ahead.watch is not None:
-        ahead.watch.close()
-        ahead.watch = None
-    rundir.remove(ahead.run_dir, ahead.lock_fd)
 
 
 #: How long the zygote waits, after the last run, for a request before it builds spares.
@@ -380,7 +366,7 @@ def _serve(control: socket.socket, spares: Spares) -> int:
             for fd in fds:
                 os.close(fd)
             if ahead is not None:
-                _drop(ahead)
+                ahead.drop()
             control.send(json.dumps({"error": f"forking the supervisor: {exc}"}).encode())
             continue
         if pid == 0:

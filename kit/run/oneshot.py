@@ -1,0 +1,65 @@
+"""A one-shot run forked from the calling process, its preparations made side by side."""
+
+from __future__ import annotations
+
+import signal
+from typing import IO, Any
+
+from kit import preflight
+from kit.run import sandbox as host_sandbox
+from kit.run import supervisor
+from kit.run.launcher import LaunchError, RunHandle
+from kit.run.request import RunRequest
+
+
+class OneShot:
+    """A run of ``request`` that this process (single-threaded, with nothing else to do:
+    ``kit run``) forks itself. What a run waits for before its supervisor can be forked,
+    each in a child of its own, starts at once: the engine's inspection as U (the
+    preflight verdict) and the run's host sandbox (its init builds it), while this process
+    reads what the run needs (:func:`kit.run.supervisor.warm`); on two cores that hides
+    most of both. The engine's code runs in the inspection's child alone until
+    :meth:`problems` has said there are none; only then does :meth:`start` fork the run.
+    :meth:`cancel` ends both children and removes what they made."""
+
+    def __init__(self, request: RunRequest) -> None:
+        self.request = request
+        self.inspecting = preflight.Inspecting(request.engine, request.engine_config)
+        self.ahead: supervisor.Ahead | None = None
+        try:
+            if supervisor.fits_ahead(request):
+                self.ahead = supervisor.start_ahead()
+            # Unprimed when a sandbox is being built: primed from it as it is read ahead,
+            # which waits for its init; the inspection goes on meanwhile.
+            supervisor.warm(request, prime=self.ahead is None)
+            if self.ahead is not None:
+                self.ahead = supervisor.finish_ahead(self.ahead)
+        except Exception as exc:  # what the zygote would answer with {"error": ...}
+            self.cancel()
+            raise LaunchError(f"{type(exc).__name__}: {exc}") from exc
+        except BaseException:
+            self.cancel()
+            raise
+
+    def problems(self) -> list[preflight.Problem]:
+        """What preflight finds (:func:`kit.preflight.check`): empty, go ahead."""
+        return self.inspecting.result().problems
+
+    def start(self, stdin: int | IO[Any] | None = None) -> RunHandle:
+        """Fork the run's supervisor, which takes over the sandbox made for it; the payload
+        inherits this process's stdout and stderr."""
+        ahead, self.ahead = self.ahead, None
+        return RunHandle(self.request, capture=False, stdin=stdin, fork_here=True, ahead=ahead)
+
+    def cancel(self) -> None:
+        """Unused (a problem found, interrupted): the inspection ends, the sandbox goes,
+        its init killed and reaped here (gone when this returns, not when this exits)."""
+        self.inspecting.cancel()
+        ahead, self.ahead = self.ahead, None
+        if ahead is None:
+            return
+        building = ahead.building
+        if building is not None and building.pidfd is not None and not ahead.dropped:
+            pidfd, building.pidfd = building.pidfd, None
+            host_sandbox.stop_built(building.init_pid, pidfd, signal.SIGKILL)
+        ahead.drop()
