@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 
 from kit.contract import EngineConfig
@@ -74,6 +75,17 @@ class UnservableRPCEngine(ReferenceEngine):
 
     engine_name = "author-unservable-rpc"
     rpc_methods = _RPCNeedsMore
+
+
+class UnservableSlowStage1Engine(UnservableRPCEngine):
+    """:class:`UnservableRPCEngine` whose stage-1 ``prepare_config`` takes a minute: the
+    inspection's problem is known long before the StarterConfig check could answer."""
+
+    engine_name = "author-unservable-slow-stage1"
+
+    def prepare_config(self, starter_config):  # type: ignore[override]
+        time.sleep(60)
+        super().prepare_config(starter_config)
 
 
 class EffectiveNotPermittedEngine(ReferenceEngine):

@@ -366,3 +366,39 @@ def test_an_import_path_engine_is_resolved_in_every_process_of_a_run(tmp_path):
         e["kind"] == "rpc_call" and e.get("method") == "import-path-returned.sethostname"
         for e in doc["events"]
     ), sorted({e["kind"] for e in doc["events"]})
+
+
+# --- what preflight started and no longer wants is ended at once ------------------------------
+
+#: After the call, this process's living descendants (one line of JSON), and the call's value.
+_DESCENDANTS_AFTER = """
+import json, os, sys
+from kit.system import linux
+{call}
+print(json.dumps({{"value": value, "left": linux.descendants(os.getpid())}}))
+sys.stdout.flush()
+os._exit(0)
+"""
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        "import pytest\n"
+        "value = int(pytest.main(['-p', 'no:cacheprovider', '-p', 'no:xdist', '-q', "
+        "'--engine=author_engines:UnservableSlowStage1Engine']))",
+        "from conformance.gate import main\n"
+        "value = main(['--engine=author_engines:UnservableSlowStage1Engine', '--out', 'o'])",
+    ],
+    ids=["plugin", "gate"],
+)
+def test_a_preflight_problem_ends_the_starter_config_check_still_running(tmp_path, call):
+    # The inspection finds a problem at once; the StarterConfig check, started beside it,
+    # is in a stage-1 hook that takes a minute. Once the session (or the gate) has said why
+    # it stops, nothing of its preflight runs on in the process that asked.
+    _u()
+    proc = run(sys.executable, "-c", _DESCENDANTS_AFTER.format(call=call), cwd=tmp_path)
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["value"] in (PYTEST_USAGE_ERROR, GATE_USAGE_ERROR), proc.stdout + proc.stderr
+    assert "rpc_methods" in proc.stdout + proc.stderr
+    assert out["left"] == []
