@@ -225,6 +225,7 @@ class Inspecting:
         return self.answer
 
     def cancel(self) -> None:
+        """End the child if it has not answered (after :meth:`result`: nothing to do)."""
         self.child.cancel()
 
     def _judge(self, ended: Ended) -> Inspection:
@@ -272,29 +273,23 @@ def _status(status: int | None) -> str:
 
 @dataclass(frozen=True)
 class Ended:
-    """How a contained child (:func:`contained`) ended."""
+    """How a contained child (:class:`Contained`) ended."""
 
     data: bytes  # what it wrote on its pipe (empty when it wrote too much)
     in_time: bool  # it closed the pipe and exited before the deadline
     status: int | None  # its wait status; None when another reaper took it
 
 
-def contained(drop: Callable[[], None], body: Callable[[int], None], limit: float) -> Ended:
-    """Run ``body(wfd)`` (engine code) in a contained child that first calls ``drop`` to
-    become U, and take what it writes on ``wfd`` until it exits or ``limit`` seconds pass.
+class Contained:
+    """``body(wfd)`` (engine code) run in a contained child that first calls ``drop`` to
+    become U; the caller goes on meanwhile, and :meth:`finish` takes what the child wrote on
+    ``wfd`` (once) until it exits or ``limit`` seconds from the start pass.
 
     The child and everything it starts are ended by then, whatever the engine does: an
     intermediate (see :func:`_split`) makes it pid 1 of namespaces of its own (its end ends
     every descendant; the intermediate's SIGTERM or death ends it), it has no controlling
     terminal, no descriptor of the caller's but 0-2 on /dev/null and the pipe, a minimal
     environment, and it dies with the caller even after its drop to U."""
-    return Contained(drop, body, limit).finish()
-
-
-class Contained:
-    """A contained child (:func:`contained`) started, to be waited for later: the caller
-    does other work meanwhile (another child's, say). :meth:`finish` takes what it wrote,
-    once; the ``limit`` counts from the start."""
 
     def __init__(self, drop: Callable[[], None], body: Callable[[int], None], limit: float):
         rfd, wfd = os.pipe()

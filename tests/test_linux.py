@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import resource
 import subprocess
 import sys
 
@@ -360,20 +361,17 @@ def test_grow_fd_table_makes_room_above_the_highest_fd_and_leaves_nothing_open()
         linux.grow_fd_table(count)
         return {
             "room": grown > max(opened) + count - 1,
-            "was_smaller": before <= max(opened) + count,
             "again": fd_size() == grown,
             "left_open": sorted(open_fds()) != opened,
         }
 
-    assert in_child(scenario) == {
-        "ok": {"room": True, "was_smaller": True, "again": True, "left_open": False}
-    }
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 4096:
+        pytest.skip("a soft limit of open files too low to show the growth")
+    assert in_child(scenario) == {"ok": {"room": True, "again": True, "left_open": False}}
 
 
 def test_grow_fd_table_grows_up_to_the_soft_limit_when_asked_for_more():
     def scenario() -> list:
-        import resource
-
         size = int(linux.read_status()["FDSize"])
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         soft = min(size * 4, hard)
@@ -382,4 +380,6 @@ def test_grow_fd_table_grows_up_to_the_soft_limit_when_asked_for_more():
         linux.grow_fd_table(soft * 10)  # more than the limit allows: as much as it does
         return [int(linux.read_status()["FDSize"]) >= soft > size, sorted(open_fds()) == opened]
 
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 4096:
+        pytest.skip("a hard limit of open files too low to raise the soft one past the table")
     assert in_child(scenario) == {"ok": [True, True]}

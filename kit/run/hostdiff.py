@@ -643,11 +643,12 @@ class ReadAhead:
 
 
 def read_ahead(sandbox: Sandbox, pidfd: int) -> ReadAhead:
-    """By the zygote, for a sandbox built ahead (``pidfd``: its init's): its state
-    before any run, a netlink socket of its network namespace and its sysctl files opened.
-    What only a thread in its namespaces can read or open, a short-lived thread does (the
-    zygote's own never moves); what it could not is left to the run's watch. Unprimed
-    (:func:`prime`), this process primes from the sandbox itself (:func:`_prime_in`)."""
+    """By the process that built a sandbox ahead (the zygote, a one-shot launcher;
+    ``pidfd``: its init's): its state before any run, a netlink socket of its network
+    namespace and its sysctl files opened. What only a thread in its namespaces can read or
+    open, a short-lived thread does (the builder's own never moves); what it could not is
+    left to the run's watch. Unprimed (:func:`prime`), the builder primes from the sandbox
+    itself (:func:`_prime_in`)."""
     if _fresh_sysctls is None:
         _prime_in(pidfd)
     ahead = ReadAhead(fresh_state(sandbox))
@@ -680,8 +681,7 @@ def read_ahead(sandbox: Sandbox, pidfd: int) -> ReadAhead:
             opened["net"] = _subscribe().detach()
         opened["sysctls"] = _open_sysctls()
 
-    if _fresh_raw is not None:  # the files _open_sysctls opens in the thread
-        linux.grow_fd_table(sum(len(joined.split("/")) for _, joined, _, _ in _fresh_raw[0]))
+    linux.grow_fd_table(_layout_size())  # the files _open_sysctls opens in the thread
     thread = threading.Thread(target=inside, name="kit-hostdiff-ahead")
     thread.start()
     thread.join()
@@ -975,7 +975,7 @@ _fresh_network: dict[str, dict[str, str]] | None = None
 
 def prime() -> None:
     """Read what every fresh sandbox has, once per process (the zygote, before it forks;
-    a supervisor, before it adopts its sandbox)."""
+    a supervisor, before it adopts its sandbox), unless :func:`_prime_in` did."""
     global _fresh_network
     if _fresh_sysctls is None:
         modules = _modules()
@@ -1007,16 +1007,14 @@ def _prime_in(pidfd: int) -> None:
     has a sandbox to read before it would have primed."""
 
     def inside() -> None:
-        global _fresh_network
         try:
             linux.setns(pidfd, linux.CLONE_NEWNET)
         except OSError:
             return  # a kernel before 5.8 (setns of a pidfd): prime() reads a new one
         with contextlib.suppress(OSError):
             _keep_fresh(_modules(), *_sysctls_and_layout())
-        if _fresh_network is None and not linux.in_initial_user_namespace():
-            with contextlib.suppress(OSError):
-                _fresh_network = read_network()
+        # Not the links, addresses and routes prime() reads outside the initial user
+        # namespace: a forked child reads them there, never this process (no pyroute2 here).
 
     thread = threading.Thread(target=inside, name="kit-hostdiff-prime")
     thread.start()

@@ -408,7 +408,7 @@ class RunHandle:
         self._status: int | None = None
         #: ``fork_here`` with ``ahead``: the init of the run's host sandbox, built by this
         #: process, ended here once the supervisor is gone (as the zygote ends those it built).
-        self._sandbox_init: tuple[int, int, str] | None = None
+        self._sandbox_init: tuple[int, int] | None = None
         # Closed by wait(), after the run wrote them: they outlive this method.
         self._out = tempfile.TemporaryFile() if capture else None  # noqa: SIM115
         self._err = tempfile.TemporaryFile() if capture else None  # noqa: SIM115
@@ -513,11 +513,25 @@ class RunHandle:
     ) -> int:
         """Fork the supervisor from this process, which does what the zygote would first;
         ``ahead``: the run directory and host sandbox this process started making for the
-        run (:func:`kit.run.supervisor.start_ahead`), handed over to the supervisor."""
+        run (:func:`kit.run.supervisor.start_ahead`), handed over to the supervisor, or
+        dropped (its init reaped here) if the fork does not happen."""
+        try:
+            return self._fork_supervisor_here(request, stdin, res_w, pass_fds, ahead)
+        except BaseException:
+            if ahead is not None:
+                ahead.drop(reap=True)  # a no-op once handed over
+            raise
+
+    def _fork_supervisor_here(
+        self,
+        request: RunRequest,
+        stdin: int | IO[Any] | None,
+        res_w: int,
+        pass_fds: tuple[int, ...],
+        ahead: Ahead | None,
+    ) -> int:
         threads = threading.active_count()
         if threads != 1:  # a fork would copy locks that other threads hold
-            if ahead is not None:
-                ahead.drop()
             raise LaunchError(
                 f"fork_here needs a single-threaded launcher, this process has "
                 f"{threads} threads: start the run without fork_here (the zygote "
@@ -534,17 +548,10 @@ class RunHandle:
             if ahead is not None:
                 ahead = supervisor.finish_ahead(ahead)
         except Exception as exc:
-            if ahead is not None:
-                ahead.drop()
             raise LaunchError(f"{type(exc).__name__}: {exc}") from exc
         in_fd, out_fd, err_fd, opened = self._stdio(stdin)
         try:
-            try:
-                pid = os.fork()
-            except BaseException:
-                if ahead is not None:
-                    ahead.drop()
-                raise
+            pid = os.fork()
             if pid == 0:  # pragma: no cover - the supervisor; its result goes through res_w
                 code = 1
                 try:
@@ -574,7 +581,7 @@ class RunHandle:
         if ahead is not None:
             building = ahead.building
             if building is not None and building.pidfd is not None:
-                self._sandbox_init = (building.init_pid, building.pidfd, building.scratch)
+                self._sandbox_init = (building.init_pid, building.pidfd)
                 building.pidfd = None
             ahead.discard()  # the supervisor's now
         return pid
@@ -593,14 +600,10 @@ class RunHandle:
                 from kit.run.sandbox import stop_built  # noqa: PLC0415  (see _fork_here)
 
                 self._sandbox_init = None
-                pid, pidfd, scratch = init
                 # After a supervisor that was killed, SIGKILL: as the zygote ends those.
                 stop_built(
-                    pid, pidfd, signal.SIGKILL if os.WIFSIGNALED(self._status) else signal.SIGTERM
+                    *init, signal.SIGKILL if os.WIFSIGNALED(self._status) else signal.SIGTERM
                 )
-                # Removed by the supervisor, unless it died before it could.
-                with contextlib.suppress(OSError):
-                    os.rmdir(scratch)
         return self._status
 
     def _exec_supervisor(

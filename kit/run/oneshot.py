@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import signal
+import contextlib
+import os
 from typing import IO, Any
 
 from kit import preflight
-from kit.run import sandbox as host_sandbox
 from kit.run import supervisor
 from kit.run.launcher import LaunchError, RunHandle
 from kit.run.request import RunRequest
@@ -17,10 +17,11 @@ class OneShot:
     ``kit run``) forks itself. What a run waits for before its supervisor can be forked,
     each in a child of its own, starts at once: the engine's inspection as U (the
     preflight verdict) and the run's host sandbox (its init builds it), while this process
-    reads what the run needs (:func:`kit.run.supervisor.warm`); on two cores that hides
-    most of both. The engine's code runs in the inspection's child alone until
-    :meth:`problems` has said there are none; only then does :meth:`start` fork the run.
-    :meth:`cancel` ends both children and removes what they made."""
+    reads what the run needs (:func:`kit.run.supervisor.warm`) and then the sandbox, ahead.
+    The engine's code runs in the inspection's child alone until :meth:`problems` has said
+    there are none; only then does :meth:`start` fork the run. :meth:`cancel` ends both
+    children and removes what they made; every way out of this class that does not hand
+    the sandbox over to a run does the same."""
 
     def __init__(self, request: RunRequest) -> None:
         self.request = request
@@ -33,7 +34,7 @@ class OneShot:
             # which waits for its init; the inspection goes on meanwhile.
             supervisor.warm(request, prime=self.ahead is None)
             if self.ahead is not None:
-                self.ahead = supervisor.finish_ahead(self.ahead)
+                self.ahead = self._finished(self.ahead)
         except Exception as exc:  # what the zygote would answer with {"error": ...}
             self.cancel()
             raise LaunchError(f"{type(exc).__name__}: {exc}") from exc
@@ -41,25 +42,45 @@ class OneShot:
             self.cancel()
             raise
 
+    @staticmethod
+    def _finished(ahead: supervisor.Ahead) -> supervisor.Ahead:
+        """``ahead``, built and read; an init that failed to build is reaped here (its
+        builder, this process, has no reaping loop as the zygote has)."""
+        init = ahead.building.init_pid if ahead.building is not None else None
+        done = supervisor.finish_ahead(ahead)
+        if done.building is None and init is not None:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(init, 0)  # killed by the failed build's abandon()
+        return done
+
     def problems(self) -> list[preflight.Problem]:
         """What preflight finds (:func:`kit.preflight.check`): empty, go ahead."""
-        return self.inspecting.result().problems
+        try:
+            return self.inspecting.result().problems
+        except BaseException:
+            self.cancel()
+            raise
 
     def start(self, stdin: int | IO[Any] | None = None) -> RunHandle:
         """Fork the run's supervisor, which takes over the sandbox made for it; the payload
-        inherits this process's stdout and stderr."""
+        inherits this process's stdout and stderr. LaunchError while preflight finds a
+        problem (the verdict is waited for here if it was not asked for)."""
+        problems = self.problems()
+        if problems:
+            self.cancel()
+            raise LaunchError("; ".join(str(problem) for problem in problems))
         ahead, self.ahead = self.ahead, None
-        return RunHandle(self.request, capture=False, stdin=stdin, fork_here=True, ahead=ahead)
+        try:
+            return RunHandle(self.request, capture=False, stdin=stdin, fork_here=True, ahead=ahead)
+        except BaseException:
+            if ahead is not None:
+                ahead.drop(reap=True)  # a no-op once the supervisor has it
+            raise
 
     def cancel(self) -> None:
         """Unused (a problem found, interrupted): the inspection ends, the sandbox goes,
         its init killed and reaped here (gone when this returns, not when this exits)."""
         self.inspecting.cancel()
         ahead, self.ahead = self.ahead, None
-        if ahead is None:
-            return
-        building = ahead.building
-        if building is not None and building.pidfd is not None and not ahead.dropped:
-            pidfd, building.pidfd = building.pidfd, None
-            host_sandbox.stop_built(building.init_pid, pidfd, signal.SIGKILL)
-        ahead.drop()
+        if ahead is not None:
+            ahead.drop(reap=True)

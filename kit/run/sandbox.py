@@ -737,6 +737,9 @@ def _init_main(
 def _init_body(scratch: str, shared: list[str], ready_fd: int, table: list[linux.Mount]) -> None:
     try:
         linux.set_parent_death_signal(signal.SIGKILL)
+        # A session of its own: no controlling terminal of its builder's (the CLI's, whose
+        # user's shell engine code in the sandbox could otherwise reach through /dev/tty).
+        os.setsid()
         _close_other_fds(ready_fd)
         watched = {signal.SIGCHLD, signal.SIGTERM, _RELEASE_SIGNAL}
         for signum in watched:  # taken by sigwaitinfo: not ignored, whatever the builder's

@@ -903,8 +903,9 @@ def _release(fds: list[int], answer: bytes = CONFIRMED, pipe: bool | None = None
 
 @dataclass
 class Ahead:
-    """What the zygote makes ahead for a sandboxed run: a run directory (locked) and a host
-    sandbox being built for it (or why it could not be)."""
+    """What is made ahead for a sandboxed run, by the process that will fork its supervisor
+    (the zygote, a one-shot launcher): a run directory (locked) and a host sandbox being
+    built for it (or why it could not be)."""
 
     run_dir: str
     lock_fd: int
@@ -914,7 +915,8 @@ class Ahead:
     watch: hostdiff.ReadAhead | None = None
     #: Built and read (:func:`finish_ahead`), or failed: no longer waiting for init.
     finished: bool = False
-    #: Dropped (init ended, descriptors closed, the run directory removed): nothing to undo.
+    #: Nothing left to undo here: dropped (init ended, descriptors closed, the run directory
+    #: removed) or handed over to a supervisor (:meth:`discard`).
     dropped: bool = False
 
     def fds(self) -> set[int]:
@@ -947,14 +949,18 @@ class Ahead:
             self, lock_fd=numbers[self.lock_fd], building=building, watch=watch
         )
 
-    def drop(self) -> None:
+    def drop(self, reap: bool = False) -> None:
         """Unused: init dies now (else with its builder, by its parent-death signal), the
-        watch's files are closed, the run directory goes. Once: a dropped one is left
-        alone, so every way out may drop it."""
+        watch's files are closed, the run directory goes. Once: a dropped or handed-over
+        one is left alone, so every way out may drop it. ``reap``: init is waited for and
+        reaped here (a one-shot launcher, which has no reaping loop as the zygote has)."""
         if self.dropped:
             return
         self.dropped = True
         if self.building is not None:
+            if reap and self.building.pidfd is not None:
+                pidfd, self.building.pidfd = self.building.pidfd, None
+                host_sandbox.stop_built(self.building.init_pid, pidfd, signal.SIGKILL)
             self.building.abandon()
         if self.watch is not None:
             self.watch.close()
@@ -962,9 +968,10 @@ class Ahead:
         rundir.remove(self.run_dir, self.lock_fd)
 
     def discard(self) -> None:
-        """In the zygote: after the fork that handed it over (its pidfd of init, if it
-        still has it, and the watch's sysctl files, unless the zygote keeps them, closed
-        too)."""
+        """In the process that forked the supervisor it was handed over to, after the fork:
+        its descriptors closed (its pidfd of init too, if it still has it, and the watch's
+        sysctl files unless the zygote keeps them); nothing is left to drop."""
+        self.dropped = True
         watch, self.watch = self.watch, None
         for fd in self.fds():
             os.close(fd)

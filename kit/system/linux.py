@@ -426,16 +426,19 @@ def grow_fd_table(count: int) -> None:
     waits for an RCU grace period (expand_fdtable: several ms each, ~30 ms for a first
     500 descriptors opened by a thread): a caller that is still single-threaded grows it at
     no such cost, before it starts the thread that opens them."""
-    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        want = max(int(n) for n in os.listdir("/proc/self/fd")) + count
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        if soft != resource.RLIM_INFINITY:
-            want = min(want, soft - 1)
-        with contextlib.suppress(OSError):  # EMFILE: no room, the opens will say so
+    if count <= 0:
+        return
+    # Any failure (EMFILE near the limit) leaves the table as it is: the opens say the rest.
+    with contextlib.suppress(OSError):
+        fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            want = max(int(n) for n in os.listdir("/proc/self/fd")) + count
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            if soft != resource.RLIM_INFINITY:
+                want = min(want, soft - 1)
             os.close(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, want))
-    finally:
-        os.close(fd)
+        finally:
+            os.close(fd)
 
 
 def close_fds_except(keep: Iterable[int]) -> None:
