@@ -1341,3 +1341,38 @@ def test_init_dying_during_the_release_is_no_completed_release(monkeypatch):
 
     out = in_child(body)
     assert "exited while the run adopted it" in out.get("ok", {}).get("outcome", ""), out
+
+
+def test_a_builder_killed_before_init_reported_leaves_its_scratch_to_the_sweep():
+    """The scratch directory is locked by the sandbox's builder until init no longer needs
+    it: one killed meanwhile (a zygote building a spare, say) leaves it unheld, and the next
+    sweep removes it; a build in progress is never swept."""
+    from conftest import in_child
+
+    from kit.run import rundir
+
+    def in_progress() -> list[bool]:
+        building = sandbox.build([])
+        try:
+            held = building.scratch not in rundir.unheld() + rundir.sweep()
+        finally:
+            building.abandon()
+        return [held, os.path.exists(building.scratch), building.scratch_lock]
+
+    assert in_child(in_progress) == {"ok": [True, False, -1]}
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a builder killed before init reports
+        try:
+            os.close(r)
+            os.write(w, sandbox.build([]).scratch.encode())
+        finally:
+            os.kill(os.getpid(), signal.SIGKILL)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        scratch = f.read().decode()
+    os.waitpid(pid, 0)
+    assert scratch.startswith(os.path.join(tempfile.gettempdir(), rundir.SCRATCH))
+    assert os.path.isdir(scratch) and scratch in rundir.unheld()
+    assert scratch in rundir.sweep()
+    assert not os.path.exists(scratch)

@@ -12,6 +12,10 @@ from collections.abc import Collection, Iterator
 #: LOCKED (a directory of an older kit, unlocked while its run lasts, is never judged).
 PREFIX = "kit-run-"
 LOCKED = PREFIX + "lk-"
+#: A host sandbox's scratch directory (:func:`kit.run.sandbox.build`), made and locked as a
+#: run directory is, by the sandbox's builder until init no longer needs it: a builder killed
+#: meanwhile leaves it unheld, and it is swept with the run directories.
+SCRATCH = "kit-sandbox-lk-"
 #: A directory being made: locked, then renamed to PREFIX…; never swept (its owner may be
 #: between the two steps).
 NEW_PREFIX = "kit-new-"
@@ -62,13 +66,14 @@ def _lock(path: str) -> int:
     return fd
 
 
-def create(parent: str | None = None) -> tuple[str, int]:
-    """A new run directory and the descriptor that holds its lock (an ``flock`` on the
-    directory itself: the kernel drops it when the last holder is gone, however it died).
-    Keep the descriptor open for as long as the run lasts, in this process only."""
+def create(parent: str | None = None, kind: str = LOCKED) -> tuple[str, int]:
+    """A new run directory (``kind``: :data:`SCRATCH`, a sandbox's scratch directory) and
+    the descriptor that holds its lock (an ``flock`` on the directory itself: the kernel
+    drops it when the last holder is gone, however it died). Keep the descriptor open for
+    as long as the directory is in use, in this process only."""
     made = tempfile.mkdtemp(prefix=NEW_PREFIX, dir=parent)
     fd = _lock(made)
-    path = os.path.join(os.path.dirname(made), LOCKED + os.path.basename(made)[len(NEW_PREFIX) :])
+    path = os.path.join(os.path.dirname(made), kind + os.path.basename(made)[len(NEW_PREFIX) :])
     os.rename(made, path)
     return path, fd
 
@@ -79,8 +84,9 @@ def remove(path: str, fd: int) -> None:
 
 
 def sweep(parent: str | None = None) -> list[str]:
-    """Remove every run directory in ``parent`` (the temporary directory) whose lock nobody
-    holds: its supervisor died without removing it. Returns what was removed."""
+    """Remove every run directory and sandbox scratch directory in ``parent`` (the temporary
+    directory) whose lock nobody holds: its supervisor, or its sandbox's builder, died
+    without removing it. Returns what was removed."""
     removed: list[str] = []
     for path, fd in _unheld(parent):
         try:
@@ -93,8 +99,8 @@ def sweep(parent: str | None = None) -> list[str]:
 
 
 def unheld(parent: str | None = None) -> list[str]:
-    """The run directories in ``parent`` whose lock nobody holds (what :func:`sweep` would
-    remove), left as they are."""
+    """The run and scratch directories in ``parent`` whose lock nobody holds (what
+    :func:`sweep` would remove), left as they are."""
     found = []
     for path, fd in _unheld(parent):
         os.close(fd)
@@ -103,11 +109,11 @@ def unheld(parent: str | None = None) -> list[str]:
 
 
 def _unheld(parent: str | None) -> Iterator[tuple[str, int]]:
-    """Each run directory in ``parent`` whose lock nobody holds, with the descriptor that
-    holds its lock now (the caller closes it)."""
+    """Each run or scratch directory in ``parent`` whose lock nobody holds, with the
+    descriptor that holds its lock now (the caller closes it)."""
     parent = parent or tempfile.gettempdir()
     try:
-        names = [n for n in os.listdir(parent) if n.startswith(LOCKED)]
+        names = [n for n in os.listdir(parent) if n.startswith((LOCKED, SCRATCH))]
     except OSError:
         return
     for name in names:

@@ -9,12 +9,11 @@ import os
 import select
 import signal
 import stat
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import NoReturn
 
-from kit.run import seccomp
+from kit.run import rundir, seccomp
 from kit.system import linux
 
 #: Set in the environment of a sandboxed run's processes: ``MNT:UTS``, the inode numbers of
@@ -228,6 +227,9 @@ class Building:
     #: Handed to the supervisor with the rest: :func:`adopt` checks through it that what it
     #: opened by pid was init's.
     pidfd: int | None = None
+    #: The builder's lock of ``scratch`` (:data:`kit.run.rundir.SCRATCH`), held until the
+    #: directory is removed: a builder killed before then leaves it to the next sweep.
+    scratch_lock: int = -1
 
     def wait_ready(self) -> dict[str, str]:
         """Wait until init has built the sandbox (or raise SandboxError saying why); the
@@ -241,7 +243,7 @@ class Building:
             self.uppers = {point: rel for point, rel in items.items() if rel}
             # Init no longer needs it (its old root is detached): gone now, it cannot outlive
             # a builder that is killed.
-            _remove_scratch(self.scratch)
+            self._remove_scratch()
         root = f"/proc/{self.init_pid}/fd/{self.scratch_fd}"
         return {point: f"{root}/{rel}" for point, rel in self.uppers.items()}
 
@@ -261,8 +263,15 @@ class Building:
         if self.ready_fd >= 0:  # once: a second call closes nothing
             fd, self.ready_fd = self.ready_fd, -1
             os.close(fd)
+        self._remove_scratch()
+
+    def _remove_scratch(self) -> None:
+        """The scratch directory removed (if it is still there), then its lock let go."""
         with contextlib.suppress(OSError):
             os.rmdir(self.scratch)
+        if self.scratch_lock >= 0:
+            fd, self.scratch_lock = self.scratch_lock, -1
+            os.close(fd)
 
 
 def build(shared: list[str]) -> Building:
@@ -270,13 +279,17 @@ def build(shared: list[str]) -> Building:
     directories the run may write (bound in read-write at the same path). The caller's own
     later children stay in its pid namespace: only :func:`adopt` puts them in the sandbox's."""
     builder = os.getpid()
-    scratch = tempfile.mkdtemp(prefix="kit-sandbox-")
-    os.chmod(scratch, 0o700)
-    table = host_mount_table()  # here, where it is cached: init is a fresh fork each time
+    scratch, scratch_lock = rundir.create(kind=rundir.SCRATCH)  # 0700, as mkdtemp makes it
+
+    def unmade() -> None:
+        _remove_scratch(scratch)
+        os.close(scratch_lock)
+
     try:
+        table = host_mount_table()  # here, where it is cached: init is a fresh fork each time
         rfd, wfd = os.pipe()
     except BaseException:
-        _remove_scratch(scratch)
+        unmade()
         raise
     try:
         # SIGCHLD held until the pidfd is open: a handler that reaps (the zygote's) could
@@ -303,11 +316,18 @@ def build(shared: list[str]) -> Building:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     except BaseException:
         os.close(rfd)
-        _remove_scratch(scratch)
+        unmade()
         raise
     finally:
         os.close(wfd)
-    return Building(init_pid=pid, ready_fd=rfd, scratch=scratch, builder=builder, pidfd=pidfd)
+    return Building(
+        init_pid=pid,
+        ready_fd=rfd,
+        scratch=scratch,
+        builder=builder,
+        pidfd=pidfd,
+        scratch_lock=scratch_lock,
+    )
 
 
 def _hold_init(pid: int) -> int:

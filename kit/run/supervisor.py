@@ -928,6 +928,8 @@ class Ahead:
             fds.add(self.building.ready_fd)
             if self.building.pidfd is not None:
                 fds.add(self.building.pidfd)
+            if self.building.scratch_lock >= 0:  # still being built: its scratch's lock
+                fds.add(self.building.scratch_lock)
         if self.watch is not None:
             fds |= self.watch.fds()
         return fds
@@ -941,8 +943,12 @@ class Ahead:
         building = self.building
         if building is not None:
             pidfd = None if building.pidfd is None else numbers[building.pidfd]
+            lock = building.scratch_lock
             building = dataclasses.replace(
-                building, ready_fd=numbers[building.ready_fd], pidfd=pidfd
+                building,
+                ready_fd=numbers[building.ready_fd],
+                pidfd=pidfd,
+                scratch_lock=-1 if lock < 0 else numbers[lock],
             )
         watch = None if self.watch is None else self.watch.moved(numbers)
         return dataclasses.replace(
@@ -979,6 +985,7 @@ class Ahead:
             watch.close()
         if self.building is not None:
             self.building.pidfd = None
+            self.building.scratch_lock = -1
 
 
 def prepare_ahead() -> Ahead:
