@@ -74,8 +74,9 @@ ALL_FLOWS = ("root", "suid", "userns", "fakeroot", "hybrid")
 
 @pytest.fixture(autouse=True)
 def _no_run_directory_left() -> Iterator[None]:
-    """No run directory that nobody holds (its supervisor died without removing it; the
-    next zygote sweeps them) may be left by a test."""
+    """No run directory or sandbox scratch directory that nobody holds (its supervisor or
+    its sandbox's builder died without removing it; the next zygote sweeps them) may be
+    left by a test."""
     before = set(rundir.unheld())
     yield
     left = set(rundir.unheld()) - before
@@ -84,7 +85,8 @@ def _no_run_directory_left() -> Iterator[None]:
     # Under xdist the workers share the temporary directory: a test of the other worker,
     # running at the same time, may have left it (the leak is real; the blame may not be).
     assert not left, (
-        f"run directories left behind, nobody holding them: {sorted(left)} (by this test, "
+        f"run or scratch directories left behind, nobody holding them: {sorted(left)} (by "
+        "this test, "
         "or with -n by a test of another worker that ran meanwhile)"
     )
 

@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import resource
+import select
 import shutil
 import signal
 import socket
@@ -1343,18 +1344,22 @@ def test_init_dying_during_the_release_is_no_completed_release(monkeypatch):
     assert "exited while the run adopted it" in out.get("ok", {}).get("outcome", ""), out
 
 
-def test_a_builder_killed_before_init_reported_leaves_its_scratch_to_the_sweep():
+def test_a_builder_killed_before_init_reported_leaves_its_scratch_to_the_sweep(tmp_path):
     """The scratch directory is locked by the sandbox's builder until init no longer needs
     it: one killed meanwhile (a zygote building a spare, say) leaves it unheld, and the next
-    sweep removes it; a build in progress is never swept."""
+    sweep removes it; a build in progress is never swept. (In a directory of the test's
+    own: a sweep of the shared one could hide another test's leftovers.)"""
     from conftest import in_child
 
     from kit.run import rundir
 
+    parent = str(tmp_path)
+
     def in_progress() -> list[bool]:
+        tempfile.tempdir = parent
         building = sandbox.build([])
         try:
-            held = building.scratch not in rundir.unheld() + rundir.sweep()
+            held = building.scratch not in rundir.unheld(parent) + rundir.sweep(parent)
         finally:
             building.abandon()
         return [held, os.path.exists(building.scratch), building.scratch_lock]
@@ -1365,6 +1370,7 @@ def test_a_builder_killed_before_init_reported_leaves_its_scratch_to_the_sweep()
     if pid == 0:  # a builder killed before init reports
         try:
             os.close(r)
+            tempfile.tempdir = parent
             os.write(w, sandbox.build([]).scratch.encode())
         finally:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -1372,7 +1378,57 @@ def test_a_builder_killed_before_init_reported_leaves_its_scratch_to_the_sweep()
     with os.fdopen(r, "rb") as f:
         scratch = f.read().decode()
     os.waitpid(pid, 0)
-    assert scratch.startswith(os.path.join(tempfile.gettempdir(), rundir.SCRATCH))
-    assert os.path.isdir(scratch) and scratch in rundir.unheld()
-    assert scratch in rundir.sweep()
+    assert scratch.startswith(os.path.join(parent, rundir.SCRATCH)) and os.path.isdir(scratch)
+    # Unheld once init, which inherited the lock at its fork, has closed it or died too.
+    wait_until(lambda: scratch in rundir.unheld(parent), what="the scratch directory unheld")
+    assert rundir.sweep(parent) == [scratch]
     assert not os.path.exists(scratch)
+
+
+def test_an_init_whose_builder_died_before_its_death_signal_was_armed_exits_at_once(tmp_path):
+    """Init arms its parent-death signal first thing; a builder gone before then never
+    sends it. Init sees that through its pidfd of the builder and exits before it builds
+    anything, instead of building on as an orphan and waiting for a run forever."""
+    from conftest import in_child
+
+    def scenario() -> dict[str, Any]:
+        linux.set_child_subreaper()  # the orphaned init comes back to us, to be reaped
+        scratch = str(tmp_path / "scratch")
+        os.mkdir(scratch)
+        table = sandbox.host_mount_table()
+        r, w = os.pipe()
+        gone, go = os.pipe()
+        builder = os.fork()
+        if builder == 0:  # the builder: forks init, then dies before init runs a line
+            code = 1
+            try:
+                builder_pid = os.getpid()
+                builder_fd = os.pidfd_open(builder_pid)
+                init = os.fork()
+                if init == 0:
+                    os.close(r)
+                    os.close(go)
+                    os.read(gone, 1)  # EOF: the builder is exiting
+                    while os.getppid() == builder_pid:  # until we are reparented: gone
+                        time.sleep(0.001)
+                    sandbox._init_main(scratch, [], w, table, builder_fd)
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        os.close(gone)
+        os.close(go)  # the builder holds the other copy until it exits
+        os.waitpid(builder, 0)
+        poller = select.poll()
+        poller.register(r, select.POLLIN)
+        reported = os.read(r, 4096) if poller.poll(10_000) else b"(nothing in 10 s)"
+        os.close(r)
+        # The orphan, reparented to this subreaper: ended, or (built on) killed now.
+        for pid in linux.descendants(os.getpid()) if reported else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        _, status = os.wait()
+        exit_code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+        return {"reported": reported.decode(errors="replace")[:80], "exit": exit_code}
+
+    assert in_child(scenario) == {"ok": {"reported": "", "exit": 1}}

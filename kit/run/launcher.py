@@ -563,7 +563,7 @@ class RunHandle:
                         ahead.fds() if ahead else set(),
                         ahead.files() if ahead else [],
                     )
-                    rundir.sweep()  # run directories of supervisors that died early
+                    rundir.sweep()  # what supervisors and sandbox builders that died left
                     supervisor.run_supervised(
                         request,
                         result_fd,

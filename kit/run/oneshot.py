@@ -44,13 +44,20 @@ class OneShot:
 
     @staticmethod
     def _finished(ahead: supervisor.Ahead) -> supervisor.Ahead:
-        """``ahead``, built and read; an init that failed to build is reaped here (its
-        builder, this process, has no reaping loop as the zygote has)."""
+        """``ahead``, built and read. An init that failed, or whose sandbox could not be
+        read, is reaped here: its builder, this process, has no reaping loop as the zygote
+        has, and finish_ahead killed it (abandon) without reaping it."""
         init = ahead.building.init_pid if ahead.building is not None else None
-        done = supervisor.finish_ahead(ahead)
+        try:
+            done = supervisor.finish_ahead(ahead)
+        except BaseException:
+            if not ahead.dropped:  # interrupted before finish_ahead gave it up
+                ahead.drop(reap=True)
+            elif init is not None:
+                _reap_killed(init)
+            raise
         if done.building is None and init is not None:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(init, 0)  # killed by the failed build's abandon()
+            _reap_killed(init)
         return done
 
     def problems(self) -> list[preflight.Problem]:
@@ -80,7 +87,15 @@ class OneShot:
     def cancel(self) -> None:
         """Unused (a problem found, interrupted): the inspection ends, the sandbox goes,
         its init killed and reaped here (gone when this returns, not when this exits)."""
-        self.inspecting.cancel()
-        ahead, self.ahead = self.ahead, None
-        if ahead is not None:
-            ahead.drop(reap=True)
+        try:
+            self.inspecting.cancel()
+        finally:
+            ahead, self.ahead = self.ahead, None
+            if ahead is not None:
+                ahead.drop(reap=True)
+
+
+def _reap_killed(init: int) -> None:
+    """Reap this process's child ``init``, killed already (SIGKILL: it goes at once)."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(init, 0)

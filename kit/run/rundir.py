@@ -16,8 +16,8 @@ LOCKED = PREFIX + "lk-"
 #: run directory is, by the sandbox's builder until init no longer needs it: a builder killed
 #: meanwhile leaves it unheld, and it is swept with the run directories.
 SCRATCH = "kit-sandbox-lk-"
-#: A directory being made: locked, then renamed to PREFIX…; never swept (its owner may be
-#: between the two steps).
+#: A directory being made: locked, then renamed to LOCKED… or SCRATCH…; never swept (its
+#: owner may be between the two steps).
 NEW_PREFIX = "kit-new-"
 #: The kit's own files in a fake run's directory (its model): the host sandbox shares the
 #: run directory with the run, and nothing else of the supervisor's.
@@ -66,14 +66,14 @@ def _lock(path: str) -> int:
     return fd
 
 
-def create(parent: str | None = None, kind: str = LOCKED) -> tuple[str, int]:
-    """A new run directory (``kind``: :data:`SCRATCH`, a sandbox's scratch directory) and
+def create(parent: str | None = None, prefix: str = LOCKED) -> tuple[str, int]:
+    """A new run directory (``prefix``: :data:`SCRATCH`, a sandbox's scratch directory) and
     the descriptor that holds its lock (an ``flock`` on the directory itself: the kernel
     drops it when the last holder is gone, however it died). Keep the descriptor open for
     as long as the directory is in use, in this process only."""
     made = tempfile.mkdtemp(prefix=NEW_PREFIX, dir=parent)
     fd = _lock(made)
-    path = os.path.join(os.path.dirname(made), kind + os.path.basename(made)[len(NEW_PREFIX) :])
+    path = os.path.join(os.path.dirname(made), prefix + os.path.basename(made)[len(NEW_PREFIX) :])
     os.rename(made, path)
     return path, fd
 

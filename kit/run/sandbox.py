@@ -279,7 +279,7 @@ def build(shared: list[str]) -> Building:
     directories the run may write (bound in read-write at the same path). The caller's own
     later children stay in its pid namespace: only :func:`adopt` puts them in the sandbox's."""
     builder = os.getpid()
-    scratch, scratch_lock = rundir.create(kind=rundir.SCRATCH)  # 0700, as mkdtemp makes it
+    scratch, scratch_lock = rundir.create(prefix=rundir.SCRATCH)  # 0700, as mkdtemp makes it
 
     def unmade() -> None:
         _remove_scratch(scratch)
@@ -287,8 +287,14 @@ def build(shared: list[str]) -> Building:
 
     try:
         table = host_mount_table()  # here, where it is cached: init is a fresh fork each time
+        builder_fd = os.pidfd_open(builder)
+    except BaseException:
+        unmade()
+        raise
+    try:
         rfd, wfd = os.pipe()
     except BaseException:
+        os.close(builder_fd)
         unmade()
         raise
     try:
@@ -310,7 +316,7 @@ def build(shared: list[str]) -> Building:
             if pid == 0:
                 os.close(rfd)
                 shared = [os.path.realpath(p) for p in shared if os.path.isdir(p)]
-                _init_main(scratch, shared, wfd, table)
+                _init_main(scratch, shared, wfd, table, builder_fd)
             pidfd = _hold_init(pid)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
@@ -320,6 +326,7 @@ def build(shared: list[str]) -> Building:
         raise
     finally:
         os.close(wfd)
+        os.close(builder_fd)
     return Building(
         init_pid=pid,
         ready_fd=rfd,
@@ -404,6 +411,7 @@ def adopt(building: Building) -> HostSandbox:
         finally:
             os.close(fd)
     except BaseException:
+        building._remove_scratch()  # init never reported: the lock too, else end() left it
         end(sandbox)
         raise
     finally:
@@ -734,29 +742,37 @@ def _drop_python_handlers() -> None:
     """Init runs none of its builder's signal handlers: one raises (KeyboardInterrupt) out
     of sigwaitinfo and would unwind pid 1 back into the builder's code, which then goes on
     inside the sandbox (a supervisor removing its run directory, the zygote's loop). The
-    terminal's signals are ignored (init is in its builder's process group: Ctrl-C is for
-    the builder; init dies with it by its parent death signal), every other one is
-    default: from inside, the kernel drops it for pid 1; from the host, it ends init."""
+    terminal's signals are ignored (until init's setsid it is in its builder's process
+    group: Ctrl-C is for the builder; init dies with it by its parent death signal), every
+    other one is default: from inside, the kernel drops it for pid 1; from the host, it
+    ends init."""
     for signum in _python_handled():
         ignored = signum in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
         signal.signal(signum, signal.SIG_IGN if ignored else signal.SIG_DFL)
 
 
 def _init_main(
-    scratch: str, shared: list[str], ready_fd: int, table: list[linux.Mount]
+    scratch: str, shared: list[str], ready_fd: int, table: list[linux.Mount], builder_fd: int
 ) -> NoReturn:
     """Pid 1 of the sandbox: build it, report, then reap orphans until killed. It never
-    returns nor raises into its builder's code, whatever happens."""
+    returns nor raises into its builder's code, whatever happens. ``builder_fd``: a pidfd
+    of its builder."""
     try:
         _drop_python_handlers()
-        _init_body(scratch, shared, ready_fd, table)
+        _init_body(scratch, shared, ready_fd, table, builder_fd)
     finally:
         os._exit(1)
 
 
-def _init_body(scratch: str, shared: list[str], ready_fd: int, table: list[linux.Mount]) -> None:
+def _init_body(
+    scratch: str, shared: list[str], ready_fd: int, table: list[linux.Mount], builder_fd: int
+) -> None:
     try:
         linux.set_parent_death_signal(signal.SIGKILL)
+        # A builder that died before the signal was armed never sends it: gone, so is init
+        # (else an orphan would build on, and wait for a run forever).
+        if _exited(builder_fd):
+            os._exit(1)
         # A session of its own: no controlling terminal of its builder's (the CLI's, whose
         # user's shell engine code in the sandbox could otherwise reach through /dev/tty).
         os.setsid()

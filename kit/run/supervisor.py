@@ -983,9 +983,9 @@ class Ahead:
             os.close(fd)
         if watch is not None:
             watch.close()
-        if self.building is not None:
+        if self.building is not None:  # closed above: no number of theirs is ours now
             self.building.pidfd = None
-            self.building.scratch_lock = -1
+            self.building.ready_fd = self.building.scratch_lock = -1
 
 
 def prepare_ahead() -> Ahead:
@@ -1203,7 +1203,7 @@ def main(argv: list[str]) -> int:
     with os.fdopen(req_fd, "rb") as f:
         request = RunRequest.from_json(json.loads(f.read()))
     os.set_inheritable(result_fd, False)  # the run's processes must not hold it
-    rundir.sweep()  # run directories of supervisors that died with their launcher
+    rundir.sweep()  # what supervisors and sandbox builders that died left
     run_supervised(request, result_fd)
     return 0
 

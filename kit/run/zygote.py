@@ -473,7 +473,7 @@ def main(argv: list[str]) -> int:
     os.chdir("/")
     _raise_fd_limit()
     tempfile.gettempdir()  # found once here (it tries writing a file), not in every run
-    rundir.sweep()  # run directories of supervisors that died with their launcher
+    rundir.sweep()  # what supervisors and sandbox builders that died left
     return serve(control)
 
 
