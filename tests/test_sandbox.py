@@ -1117,7 +1117,7 @@ def test_the_sandboxs_init_keeps_only_the_standard_fds_and_its_ready_pipe():
         for at in (w - 1, w + 1, 19999):  # inheritable: init execs nothing, closes all
             os.dup2(w, at)
         resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))  # 19999 stays open
-        sandbox._close_other_fds(w)
+        sandbox._close_other_fds({w})
         return json.dumps(open_fds()).encode()
 
     code, data, w = fd_child(body)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 from typing import IO, Any
 
 from kit import preflight
@@ -96,6 +97,10 @@ class OneShot:
 
 
 def _reap_killed(init: int) -> None:
-    """Reap this process's child ``init``, killed already (SIGKILL: it goes at once)."""
+    """Reap this process's child ``init``, given up on (killed again first: an interrupt
+    may have come between finish_ahead's giving it up and its kill). Its pid cannot name
+    another process: it is our child, not yet reaped."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(init, signal.SIGKILL)
     with contextlib.suppress(ChildProcessError):
         os.waitpid(init, 0)

@@ -776,7 +776,7 @@ def _init_body(
         # A session of its own: no controlling terminal of its builder's (the CLI's, whose
         # user's shell engine code in the sandbox could otherwise reach through /dev/tty).
         os.setsid()
-        _close_other_fds(ready_fd)
+        _close_other_fds({ready_fd, builder_fd})
         watched = {signal.SIGCHLD, signal.SIGTERM, _RELEASE_SIGNAL}
         for signum in watched:  # taken by sigwaitinfo: not ignored, whatever the builder's
             signal.signal(signum, signal.SIG_DFL)
@@ -786,6 +786,12 @@ def _init_body(
         linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
         linux.link_up("lo")
         items = _build_root(scratch, shared, table)
+        # Again, now: a builder whose exit was under way at the first look (it reads its
+        # children's death signals before its pidfd reports it) may have read ours unset.
+        # Then closed: no descriptor of a host process stays in pid 1 once a run can reach it.
+        if _exited(builder_fd):
+            os._exit(1)
+        os.close(builder_fd)
         if priority_when_ready is not None:  # built in the background (kit.run.zygote)
             with contextlib.suppress(OSError):  # else it reaps orphans a little later
                 os.setpriority(os.PRIO_PROCESS, 0, priority_when_ready)
@@ -813,10 +819,10 @@ def _confine_init() -> None:
         pass
 
 
-def _close_other_fds(keep: int) -> None:
+def _close_other_fds(keep: set[int]) -> None:
     # Every number, not SC_OPEN_MAX (the soft limit): a descriptor inherited above it would
     # stay in pid 1, reachable from the sandbox's root through /proc/1/fd.
-    linux.close_fds_except({0, 1, 2, keep})
+    linux.close_fds_except({0, 1, 2, *keep})
 
 
 def _reap_forever(held: list[int]) -> NoReturn:
