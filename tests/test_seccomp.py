@@ -347,7 +347,19 @@ def check_every_place(events: list[dict[str, Any]], directory: str) -> None:
     for place, calls in EVERY_PLACE.items():
         role, hook = PLACES[place]
         for call in calls:
-            assert (call, role, hook) in recorded, (call, place, sorted(recorded, key=str))
+            # On a failure: every record of this call, whole (it failed about once in a
+            # dozen full CI runs under load, not reproduced in a hundred runs alone), and
+            # the events of its process around it, to tell a lost record from a misnamed one.
+            assert (call, role, hook) in recorded, (
+                call,
+                place,
+                [e for e in refused if e["syscall"] == call],
+                [
+                    {k: e.get(k) for k in ("seq", "t", "kind", "role", "pid", "tid", "hook")}
+                    for e in events
+                    if e.get("role") == role
+                ],
+            )
     assert refused and all(e["answered"] and e["errno"] == "EPERM" for e in refused)
     # The string arguments, read from the caller's memory before it was answered.
     strings = {e["syscall"]: e.get("strings") for e in refused}
