@@ -31,18 +31,22 @@ def _unprimed() -> None:
     hostdiff._fresh_sysctls = hostdiff._fresh_layout = hostdiff._fresh_raw = None
 
 
+def _one_shot(spec: str) -> tuple[Any, int, str]:
+    """A one-shot run of ``spec`` started, with its sandbox's init and its run directory."""
+    from kit.run.launcher import make_request
+    from kit.run.oneshot import OneShot
+
+    one_shot = OneShot(make_request(spec, "root", ["/bin/true"]))
+    assert one_shot.ahead is not None and one_shot.ahead.building is not None
+    return one_shot, one_shot.ahead.building.init_pid, one_shot.ahead.run_dir
+
+
 def test_a_one_shot_adopts_the_sandbox_built_while_its_engine_was_inspected():
     def scenario() -> dict[str, Any]:
-        from kit.run.launcher import make_request
-        from kit.run.oneshot import OneShot
-
         _unprimed()
         sandbox.host_mount_table()  # cached, held open by design: in the baseline
         fds = open_fds()
-        one_shot = OneShot(make_request("reference", "root", ["/bin/true"]))
-        assert one_shot.ahead is not None and one_shot.ahead.building is not None
-        init = one_shot.ahead.building.init_pid
-        run_dir = one_shot.ahead.run_dir
+        one_shot, init, run_dir = _one_shot("reference")
         # Both children were started before the verdict was asked for: the init is this
         # process's child, and what a fresh sandbox has was read in it.
         parent_then = linux.process_parents().get(init)
@@ -78,15 +82,11 @@ def test_a_one_shot_adopts_the_sandbox_built_while_its_engine_was_inspected():
 
 def test_a_one_shot_whose_engine_has_problems_leaves_nothing_of_what_it_made():
     def scenario() -> dict[str, Any]:
-        from kit.run.launcher import LaunchError, make_request
-        from kit.run.oneshot import OneShot
+        from kit.run.launcher import LaunchError
 
         sandbox.host_mount_table()  # cached, held open by design: in the baseline
         fds = open_fds()
-        one_shot = OneShot(make_request("no-such-engine-of-kit-tests", "root", ["/bin/true"]))
-        assert one_shot.ahead is not None and one_shot.ahead.building is not None
-        init = one_shot.ahead.building.init_pid
-        run_dir = one_shot.ahead.run_dir
+        one_shot, init, run_dir = _one_shot("no-such-engine-of-kit-tests")
         problems = one_shot.problems()
         one_shot.cancel()
         one_shot.cancel()  # a second cancel has nothing left to do
@@ -114,13 +114,9 @@ def test_a_one_shot_never_starts_the_run_of_an_engine_with_problems_unasked():
     # problem ends the one-shot instead of forking the run. (The engine loads: only
     # preflight, not the preload, would stop its run.)
     def scenario() -> dict[str, Any]:
-        from kit.run.launcher import LaunchError, make_request
-        from kit.run.oneshot import OneShot
+        from kit.run.launcher import LaunchError
 
-        spec = "author_engines:UnservableRPCEngine"
-        one_shot = OneShot(make_request(spec, "root", ["/bin/true"]))
-        assert one_shot.ahead is not None and one_shot.ahead.building is not None
-        init = one_shot.ahead.building.init_pid
+        one_shot, init, _ = _one_shot("author_engines:UnservableRPCEngine")
         try:
             one_shot.start().wait()
             refused = ""

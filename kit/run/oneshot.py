@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 from typing import IO, Any
 
 from kit import preflight
@@ -45,21 +42,13 @@ class OneShot:
 
     @staticmethod
     def _finished(ahead: supervisor.Ahead) -> supervisor.Ahead:
-        """``ahead``, built and read. An init that failed, or whose sandbox could not be
-        read, is reaped here: its builder, this process, has no reaping loop as the zygote
-        has, and finish_ahead killed it (abandon) without reaping it."""
-        init = ahead.building.init_pid if ahead.building is not None else None
+        """``ahead``, built and read; an init given up on is reaped here (this process, its
+        builder, has no reaping loop as the zygote has)."""
         try:
-            done = supervisor.finish_ahead(ahead)
+            return supervisor.finish_ahead(ahead, reap=True)
         except BaseException:
-            if not ahead.dropped:  # interrupted before finish_ahead gave it up
-                ahead.drop(reap=True)
-            elif init is not None:
-                _reap_killed(init)
+            ahead.drop(reap=True)  # interrupted before finish_ahead gave it up, else nothing
             raise
-        if done.building is None and init is not None:
-            _reap_killed(init)
-        return done
 
     def problems(self) -> list[preflight.Problem]:
         """What preflight finds (:func:`kit.preflight.check`): empty, go ahead."""
@@ -94,13 +83,3 @@ class OneShot:
             ahead, self.ahead = self.ahead, None
             if ahead is not None:
                 ahead.drop(reap=True)
-
-
-def _reap_killed(init: int) -> None:
-    """Reap this process's child ``init``, given up on (killed again first: an interrupt
-    may have come between finish_ahead's giving it up and its kill). Its pid cannot name
-    another process: it is our child, not yet reaped."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(init, signal.SIGKILL)
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(init, 0)

@@ -252,14 +252,19 @@ class Building:
         as good as exited (its pid alone says nothing)."""
         return _exited(self.pidfd)
 
-    def abandon(self) -> None:
+    def abandon(self, reap: bool = False) -> None:
         """By the builder, for a sandbox no run will adopt: init is killed (through the
-        pidfd: its pid may name another process by now) and our descriptors closed."""
+        pidfd: its pid may name another process by now) and our descriptors closed.
+        ``reap``: init is waited for and reaped here (a one-shot launcher, which has no
+        reaping loop as the zygote has)."""
         if self.pidfd is not None:
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
-            os.close(self.pidfd)
-            self.pidfd = None
+            pidfd, self.pidfd = self.pidfd, None
+            if reap:
+                stop_built(self.init_pid, pidfd, signal.SIGKILL)  # closes the pidfd
+            else:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                os.close(pidfd)
         if self.ready_fd >= 0:  # once: a second call closes nothing
             fd, self.ready_fd = self.ready_fd, -1
             os.close(fd)

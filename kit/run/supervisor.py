@@ -958,16 +958,13 @@ class Ahead:
     def drop(self, reap: bool = False) -> None:
         """Unused: init dies now (else with its builder, by its parent-death signal), the
         watch's files are closed, the run directory goes. Once: a dropped or handed-over
-        one is left alone, so every way out may drop it. ``reap``: init is waited for and
-        reaped here (a one-shot launcher, which has no reaping loop as the zygote has)."""
+        one is left alone, so every way out may drop it. ``reap``: as
+        :meth:`~kit.run.sandbox.Building.abandon` has it."""
         if self.dropped:
             return
         self.dropped = True
         if self.building is not None:
-            if reap and self.building.pidfd is not None:
-                pidfd, self.building.pidfd = self.building.pidfd, None
-                host_sandbox.stop_built(self.building.init_pid, pidfd, signal.SIGKILL)
-            self.building.abandon()
+            self.building.abandon(reap)
         if self.watch is not None:
             self.watch.close()
             self.watch = None
@@ -1005,11 +1002,12 @@ def start_ahead() -> Ahead:
     return Ahead(run_dir, lock_fd, building)
 
 
-def finish_ahead(ahead: Ahead) -> Ahead:
+def finish_ahead(ahead: Ahead, reap: bool = False) -> Ahead:
     """The second half of :func:`prepare_ahead`: wait until init has built the sandbox of
     ``ahead`` (started by :func:`start_ahead`), then read its state ahead. ``ahead`` itself,
     finished, or one that says why it could not be; raises only after dropping it
-    (:attr:`Ahead.dropped`)."""
+    (:attr:`Ahead.dropped`). ``reap``: an init given up on is reaped here
+    (:meth:`~kit.run.sandbox.Building.abandon`)."""
     building = ahead.building
     if ahead.finished or building is None:
         return ahead
@@ -1017,7 +1015,7 @@ def finish_ahead(ahead: Ahead) -> Ahead:
     try:
         uppers = building.wait_ready()
     except Exception as exc:  # noqa: BLE001 init is gone, going or garbled: the run reports why
-        building.abandon()
+        building.abandon(reap)
         return Ahead(run_dir, lock_fd, None, f"{type(exc).__name__}: {exc}", finished=True)
     # The message queues listed through init's fd of their file system's root: a detached
     # mqueue mount of the zygote's own would need CAP_SYS_ADMIN over its mount namespace's
@@ -1035,7 +1033,7 @@ def finish_ahead(ahead: Ahead) -> Ahead:
         watch = None if building.pidfd is None else hostdiff.read_ahead(view, building.pidfd)
     except BaseException:
         ahead.dropped = True
-        building.abandon()
+        building.abandon(reap)
         rundir.remove(run_dir, lock_fd)
         raise
     return Ahead(run_dir, lock_fd, building, watch=watch, finished=True)
