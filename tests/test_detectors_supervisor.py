@@ -685,15 +685,10 @@ def test_a_refused_call_is_attributed_to_the_hook_entered_just_before_it():
     assert (result["exit_code"], result["reason"]) == (0, "exited")
 
 
-def test_a_call_answered_while_an_event_is_read_is_attributed_to_its_hook_when_it_was_made():
-    # In the fake backend the supervisor answers refused calls while it waits for the model's
-    # lock in the middle of reading an event (Store.waiting): the hook_enter sent before the
-    # call is still queued then, and the hook_return sent after its answer may be read
-    # before the refusal is recorded. Both are stood for here: reading the first event waits
-    # for the call and answers it from there.
-    if seccomp.rules_for("real", seccomp._has_sys_admin()) is None:
-        pytest.skip("the real backend installs no filter without CAP_SYS_ADMIN")
-    libc = ctypes.CDLL(None, use_errno=True)
+def answering_in_the_first_read(then: Callable[[], None] = lambda: None) -> Callable[[], None]:
+    """A supervise() setup: reading the starter's first event (starter_config) waits for a
+    refused call and answers it from there, as the fake backend's supervisor does while it
+    waits for the model's lock (Store.waiting); then runs ``then`` and reads that event on."""
 
     def setup() -> None:
         import select
@@ -707,9 +702,23 @@ def test_a_call_answered_while_an_event_is_read_is_attributed_to_its_hook_when_i
                 poller.register(self.listener, select.POLLIN)
                 assert poller.poll(10_000), "the scripted call never came"
                 self._answer_while_the_model_is_locked()
+                then()
             return real_admit(self, data, *args, **kwargs)
 
         supervisor.Supervisor.admit = admit  # type: ignore[method-assign]
+
+    return setup
+
+
+def test_a_call_answered_while_an_event_is_read_is_attributed_to_its_hook_when_it_was_made():
+    # In the fake backend the supervisor answers refused calls while it waits for the model's
+    # lock in the middle of reading an event (Store.waiting): the hook_enter sent before the
+    # call is still queued then, and the hook_return sent after its answer may be read
+    # before the refusal is recorded. Both are stood for here: reading the first event waits
+    # for the call and answers it from there.
+    if seccomp.rules_for("real", seccomp._has_sys_admin()) is None:
+        pytest.skip("the real backend installs no filter without CAP_SYS_ADMIN")
+    libc = ctypes.CDLL(None, use_errno=True)
 
     def refused_in_a_hook(ledger: LedgerWriter) -> int:
         ledger.emit("starter_config", config={})
@@ -720,10 +729,50 @@ def test_a_call_answered_while_an_event_is_read_is_attributed_to_its_hook_when_i
         master.emit("hook_return", hook="create_container")
         return finish(ledger)
 
+    setup = answering_in_the_first_read()
     result = supervise(refused_in_a_hook, setup=setup, with_filter=True, run_timeout=30.0)
     [refusal] = kinds(result, "syscall_refused")
     assert (refusal["process_role"], refusal["hook"]) == ("master", "create_container"), refusal
     assert (result["exit_code"], result["reason"]) == (0, "exited")
+
+
+def test_an_rpc_refusal_answered_while_an_event_is_read_is_named_after_its_own_method(tmp_path):
+    # The same wait, for a call of the RPC server: its method returns after the answer and
+    # its rpc_call is read before the refusal is recorded (so it comes before the refusal in
+    # the ledger). The method named is still the one the call was made in: not the one
+    # served before it, nor the next one, nor none.
+    if seccomp.rules_for("real", seccomp._has_sys_admin()) is None:
+        pytest.skip("the real backend installs no filter without CAP_SYS_ADMIN")
+    libc = ctypes.CDLL(None, use_errno=True)
+    returned = tmp_path / "returned"
+
+    def until_the_method_returned() -> None:  # its rpc_call is queued then
+        deadline = time.monotonic() + 10
+        while not returned.exists():
+            assert time.monotonic() < deadline, "the scripted method never returned"
+            time.sleep(0.005)
+
+    def method_refused(ledger: LedgerWriter) -> int:
+        ledger.emit("starter_config", config={})
+
+        def serve() -> None:
+            rpc = ledger.for_role("rpc")
+            rpc.emit("hook_enter", hook="init_config")
+            rpc.emit("hook_return", hook="init_config")
+            rpc.emit("rpc_call", method="e.earlier", ok=True)  # returned before the call
+            timex = ctypes.create_string_buffer(512)
+            libc.syscall(ctypes.c_long(seccomp.SYSCALLS_X86_64["adjtimex"]), timex)
+            rpc.emit("rpc_call", method="e.refused", ok=True)
+            returned.touch()
+            rpc.emit("rpc_call", method="e.next", ok=True)
+
+        os.waitpid(as_process(ledger, "rpc", serve), 0)
+        return finish(ledger)
+
+    setup = answering_in_the_first_read(until_the_method_returned)
+    result = supervise(method_refused, setup=setup, with_filter=True, run_timeout=30.0)
+    [refusal] = kinds(result, "syscall_refused")
+    assert (refusal["process_role"], refusal["hook"]) == ("rpc", "RPC method e.refused"), refusal
 
 
 def test_a_starter_killed_by_a_signal_is_a_crash_naming_the_signal():

@@ -805,23 +805,24 @@ def resolve_rpc_methods(events: list[dict[str, Any]]) -> None:
     """Name the RPC method of each refusal made in the RPC server: its call is recorded
     (``rpc_call``) when it returns, after the refusal."""
     for i, e in enumerate(events):
-        if e.get("kind") != "syscall_refused" or e.get("process_role") != "rpc":
-            continue
-        target = e.get("target")
-        threads = target.get("ns_threads") if isinstance(target, dict) else None
-        tids = {t for t in threads if type(t) is int} if isinstance(threads, list) else set()
-        call = next(
-            (
-                c
-                for c in events[i + 1 :]
-                if c.get("kind") == "rpc_call"
-                and type(c.get("tid")) is int
-                and (not tids or c["tid"] in tids)
-            ),
-            None,
-        )
-        if call is not None and e.get("hook") is None:
-            e["hook"] = f"RPC method {call.get('method')}"
+        if e.get("kind") == "syscall_refused" and e.get("process_role") == "rpc":
+            e["hook"] = e.get("hook") or rpc_method(e.get("target"), events[i + 1 :])
+
+
+def rpc_method(target: Any, later: list[dict[str, Any]]) -> str | None:
+    """``RPC method NAME``: the first call in ``later`` (events recorded after a refusal
+    made by ``target``) that a thread of the refusal's process returned from; None if none
+    did."""
+    threads = target.get("ns_threads") if isinstance(target, dict) else None
+    tids = {t for t in threads if type(t) is int} if isinstance(threads, list) else set()
+    for c in later:
+        if (
+            c.get("kind") == "rpc_call"
+            and type(c.get("tid")) is int
+            and (not tids or c["tid"] in tids)
+        ):
+            return f"RPC method {c.get('method')}"
+    return None
 
 
 def describe_refusal(event: dict[str, Any]) -> str:

@@ -758,8 +758,18 @@ class Supervisor:
             return True
         return not revents & (select.POLLHUP | select.POLLERR | select.POLLNVAL)
 
-    def _record_refusal(self, refusal: dict[str, Any], events: list[dict[str, Any]]) -> None:
+    def _record_refusal(
+        self,
+        refusal: dict[str, Any],
+        events: list[dict[str, Any]],
+        since: list[dict[str, Any]] | None = None,
+    ) -> None:
+        """Record ``refusal``, attributed from ``events`` (the ledger up to its call).
+        ``since``: the events read after its answer and recorded before it, where the return
+        of the RPC method it was made in may already be (later ones name it at the end)."""
         role, hook = seccomp.attribute(events, refusal["target"], self.senders.role_of)
+        if role == "rpc" and hook is None and since:
+            hook = seccomp.rpc_method(refusal["target"], since)
         self._renumber(refusal)
         if refusal["category"] == seccomp.HOST_WATCH_CATEGORY:
             # Not refused: the call ran. What it did to the host is the host diff's.
@@ -780,8 +790,11 @@ class Supervisor:
         own came before its call; what it sent after its answer is left out)."""
         while self._unattributed:
             refusal, before = self._unattributed.pop(0)
-            events = [e for e in self.events if type(e.get("t")) is int and e["t"] < before]
-            self._record_refusal(refusal, events)
+            events: list[dict[str, Any]] = []
+            since: list[dict[str, Any]] = []
+            for e in self.events:
+                (events if type(e.get("t")) is int and e["t"] < before else since).append(e)
+            self._record_refusal(refusal, events, since)
 
     def _answer_while_the_model_is_locked(self) -> None:
         """What the supervisor does while another process holds the fake model's lock (see
