@@ -3311,6 +3311,27 @@ def check_no_failure(verify: Verifier, run: Run) -> None:
         )
 
 
+def check_start_process_never_returns(verify: Verifier, run: Run) -> None:
+    """ERR-012: in a run whose payload cannot be exec'd, start_process raised or exited; it
+    did not return (SPEC §1: "it must exec or exit, never return")."""
+    requirement = verify.requirement
+    run = verify.used(run.usable())
+    if not hook_events(run, "stage2", "start_process", ("hook_enter",)):
+        verify.vacuous(requirement, f"start_process did not run in this run ({describe_run(run)})")
+        return
+    returned = hook_events(run, "stage2", "start_process", ("hook_return",))
+    verify.check(
+        requirement,
+        not returned,
+        expected="start_process raises or exits when it cannot exec the payload",
+        observed=lambda: f"start_process returned ({describe_run(run)})",
+        run=run,
+        event=returned[0] if returned else None,
+        role="stage2",
+        hook="start_process",
+    )
+
+
 # --- which runs show an error path ---------------------------------------------------------------
 
 #: Error paths that the ``exec-failure`` scenario (a payload that does not exist) may take

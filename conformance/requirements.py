@@ -731,6 +731,14 @@ _ENTRIES = (
         "In a run that nothing asks to fail, no hook raises and start_process does not "
         "return: the payload is exec'd.",
     ),
+    _r(
+        "ERR-012",
+        "MUST",
+        "§1, §2 rule 10",
+        "errors",
+        "start_process never returns, also when the payload cannot be exec'd (a path that "
+        "does not exist): it raises or exits instead.",
+    ),
     # --- cleanup ---------------------------------------------------------------------------------
     _r(
         "CLEAN-001",

@@ -10,6 +10,7 @@ from conformance.checks import (
     check_no_failure,
     check_no_hang,
     check_no_post_start_after_stage2_failure,
+    check_start_process_never_returns,
     error_runs,
 )
 from conformance.expectations import (
@@ -155,3 +156,9 @@ def test_no_hook_raises_and_the_payload_is_execd_in_a_run_that_nothing_asks_to_f
     lifecycle, verify
 ):
     _unfailing(lifecycle, verify, check_no_failure)
+
+
+@requirement("ERR-012")
+@scenarios("exec-failure")
+def test_start_process_raises_or_exits_when_the_payload_cannot_be_execd(lifecycle, verify):
+    check_start_process_never_returns(verify, lifecycle("exec-failure"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 
@@ -242,12 +243,54 @@ class StartProcessNullsItsDescriptors(Mutant):
         super().start_process(master_fd)
 
 
+class StartProcessSwallowsExecError(Mutant):
+    slug = "start-process-swallows-exec-error"
+    bug = (
+        "start_process catches the exec's OSError, prints it and returns: a payload that "
+        "cannot be exec'd makes the hook return instead of raising"
+    )
+    killed_by = ("ERR-012",)
+    flows = ("root",)
+
+    def start_process(self, master_fd: int) -> None:
+        try:
+            super().start_process(master_fd)
+        except OSError as exc:
+            print(f"cannot start the payload: {exc}", file=sys.stderr)
+
+
+class StartProcessExecsOnAThread(Mutant):
+    slug = "start-process-execs-on-a-thread"
+    bug = (
+        "start_process execs the payload from a worker thread and waits for it: when the "
+        "exec fails, the thread ends with the error and start_process returns"
+    )
+    killed_by = ("ERR-012",)
+    mechanism = "helper-thread"
+    flows = ("root",)
+
+    def start_process(self, master_fd: int) -> None:
+        failed: list[BaseException] = []
+
+        def execs() -> None:
+            try:
+                super(StartProcessExecsOnAThread, self).start_process(master_fd)
+            except BaseException as exc:  # noqa: BLE001 kept, never raised: the bug
+                failed.append(exc)
+
+        worker = threading.Thread(target=execs, name="exec")
+        worker.start()
+        worker.join()
+
+
 MUTANTS = (
     CreateWaitsForTheContainer,
     PostStartHangs,
     PostStartKillsTheMaster,
     PrepareConfigExits,
     StartProcessReturns,
+    StartProcessSwallowsExecError,
+    StartProcessExecsOnAThread,
     ClosesTheRPCConnectionEarly,
     RPCMethodEndsTheServer,
     WrongRPCPrefix,
