@@ -7,6 +7,7 @@ RPC tests' servers, probes) are not the pytest process and are let through.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -22,6 +23,26 @@ from kit.run.sandbox import INIT_NAME
 from kit.system import linux
 
 PYTEST_PID = os.getpid()
+
+
+def _a_temporary_directory_per_worker() -> None:
+    """Under xdist: this worker's own temporary directory (TMPDIR, for its zygote and every
+    run too), removed at its exit. The leftover check (:func:`_no_run_directory_left`) then
+    sees only the run and scratch directories of this worker's runs: with one directory
+    shared, a leak of the other worker's was blamed on whatever test ran here meanwhile."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker:
+        return
+    path = tempfile.mkdtemp(prefix=f"kit-tests-{worker}-")
+    os.chmod(path, 0o1777)  # as /tmp: runs as the unprivileged user make theirs in it too
+    os.environ["TMPDIR"] = path
+    tempfile.tempdir = None
+    # Registered before the zygote's own exit handler, so run after it (last in, first out):
+    # the zygote removes what it made ahead, then this goes.
+    atexit.register(shutil.rmtree, path, True)
+
+
+_a_temporary_directory_per_worker()
 
 
 def _guarded(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
@@ -82,12 +103,9 @@ def _no_run_directory_left() -> Iterator[None]:
     left = set(rundir.unheld()) - before
     for path in left:
         shutil.rmtree(path, ignore_errors=True)
-    # Under xdist the workers share the temporary directory: a test of the other worker,
-    # running at the same time, may have left it (the leak is real; the blame may not be).
+    # Under xdist each worker has a temporary directory of its own: the blame is exact.
     assert not left, (
-        f"run or scratch directories left behind, nobody holding them: {sorted(left)} (by "
-        "this test, "
-        "or with -n by a test of another worker that ran meanwhile)"
+        f"run or scratch directories left behind by this test, nobody holding them: {sorted(left)}"
     )
 
 
