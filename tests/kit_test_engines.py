@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 
 from blind_correct import LateEOFEngine
 
+from kit.starter.config import StarterConfig
 from kit.system import linux
 from reference_engines.bind_rootfs import BindRootfsEngine, BindRootfsRPC
 from reference_engines.minimal.engine import FORWARDED_SIGNALS, ReferenceConfig, ReferenceEngine
@@ -392,6 +393,33 @@ class GreedyWait4ReaperEngine(GreedyReaperEngine):
 class GreedyWaitidReaperEngine(GreedyReaperEngine):
     engine_name = "test-greedy-reaper-waitid"
     shape = "waitid"
+
+
+class _FlowSeenAsSuid:
+    """A StarterConfig whose ``flow`` reads "suid" in the hybrid flow: the engine asks for
+    what the suid flow asks for (no user namespace, no hybrid workflow)."""
+
+    def __init__(self, real: StarterConfig) -> None:
+        self._real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    @property
+    def flow(self) -> str:
+        return "suid" if self._real.flow == "hybrid" else self._real.flow
+
+
+class HybridAsSuidEngine(ReferenceEngine):
+    """In the hybrid flow, asks for no user namespace (as in suid): the container side and
+    the RPC server stay in the host user namespace, where the setuid starter left them with
+    an effective uid 0."""
+
+    engine_name = "test-hybrid-as-suid"
+    rpc_methods = ReferenceRPC
+
+    def prepare_config(self, starter_config: StarterConfig) -> None:
+        super().prepare_config(_FlowSeenAsSuid(starter_config))  # type: ignore[arg-type]
 
 
 class NoCapabilitiesConfiguredEngine(ReferenceEngine):

@@ -85,3 +85,17 @@ def test_mount_propagation_of_the_container_root(propagation, tag):
         assert "shared:" not in line and "master:" not in line
     else:
         assert tag in line
+
+
+def test_an_rpc_server_left_in_the_host_user_namespace_in_hybrid_gets_no_host_root():
+    # The hybrid RPC server becomes the root its user namespace maps U to. An engine that
+    # asks for no user namespace in the hybrid flow leaves it in the host user namespace,
+    # with the setuid starter's effective uid 0: it must then drop as in suid (e=U), not
+    # become host root with CAP_SYS_ADMIN (engine code serves RPC methods there).
+    result = run("kit_test_engines:HybridAsSuidEngine", "hybrid", ["/bin/true"])
+    calls = [e for e in result.ledger.events if e["kind"] == "rpc_call"]
+    assert calls, result.reason
+    for call in calls:
+        for creds in (call["creds"]["before"], call["creds"]["after"]):
+            ruid, euid, _, fsuid = creds["uid"]
+            assert 0 not in (ruid, euid, fsuid), (call["method"], creds["uid"])

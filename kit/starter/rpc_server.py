@@ -51,8 +51,11 @@ class RPCServerProcess:
             keep = linux.caps_to_mask(RPC_SERVER_CAPS)
             system.limit_bounding(keep)
             ruid, euid, _ = system.getresuid()
-            if req.flow == "hybrid":
-                ruid = euid  # inside the container's user namespace, U is ns root
+            if self.c.sconf.hybrid_workflow:
+                # In the container's user namespace, as the id U maps to (its root): that
+                # one. Not from the flow's name: a hybrid-flow engine that asked for no user
+                # namespace leaves us in the host's, as in suid, with euid 0 and ruid U.
+                ruid = euid
             # e=U with keep-caps: permitted survives, effective cleared; then only
             # CAP_SYS_ADMIN effective (a method may raise more on its own thread).
             system.set_keepcaps(True)
