@@ -17,6 +17,7 @@ from typing import Any
 
 from conformance import requirements
 from conformance.expectations import FLOWS
+from conformance.plugin import PREFLIGHT_REFUSED
 from mutants import matrix
 
 #: Where the blind engines live, and the modules that hold them.
@@ -164,7 +165,11 @@ def classify(engine: BlindEngine, doc: dict[str, Any]) -> dict[str, Any]:
       the engine made fail early: the suite's verdict is then NOT conformant too), and
       **escaped** otherwise: a kit requirement or a harness error alone catches nothing;
     - a correct engine **passed** when none of them failed, else it is a **false failure**;
-    - **error**: the session wrote no report, or decided nothing: nothing was judged.
+    - the preflight refused the engine (a usage error naming the hook and what to change:
+      an invalid StarterConfig in one flow, say): every lifecycle is refused with it, so
+      the engine is judged by that (``failed`` lists ``preflight``);
+    - **error**: the session wrote no report otherwise, or decided nothing: nothing was
+      judged.
 
     A class attribute ``escapes = "reason"`` (buggy) or ``false_failure = "reason"``
     (correct) makes the escape or false failure known: ok. An unmarked one, an error, or a
@@ -191,6 +196,11 @@ def classify(engine: BlindEngine, doc: dict[str, Any]) -> dict[str, Any]:
             if outcome == "failed":
                 decided.add(req)
     error = doc.get("error")
+    if error and PREFLIGHT_REFUSED in str(error) and "preflight of engine" in str(error):
+        failing["preflight"] = set(FLOWS)
+        messages["preflight"] = str(error)[:600]
+        decided.add("preflight")
+        error = None
     if not error and not counts.get("passed") and not failing:
         # Every result skipped (no flow configured here, say): a correct engine would
         # "pass" and a buggy one "escape" without one check having run.

@@ -130,6 +130,28 @@ def test_known_escapes_and_false_failures_pass_and_stale_marks_fail():
     assert (stale_ff["verdict"], stale_ff["ok"]) == ("passed", False)
 
 
+def test_an_engine_the_preflight_refuses_is_judged_by_the_refusal():
+    # The session stops before any lifecycle with a usage error that names the engine's hook
+    # (an invalid StarterConfig in one flow): a buggy engine is caught, a correct one fails.
+    refusal = (
+        "no report (pytest exit 4): ERROR: conformance: preflight of engine 'm:E' (from the "
+        "command line (--engine)) failed, no lifecycle was run:\n  engine m:E: "
+        "prepare_config: fix the StarterConfig that prepare_config fills in the suid flow"
+    )
+    caught = blind.classify(_engine(), {"error": refusal, "seconds": 1.0})
+    assert (caught["verdict"], caught["ok"], list(caught["failed"])) == (
+        "caught",
+        True,
+        ["preflight"],
+    )
+    assert "fix the StarterConfig" in caught["messages"]["preflight"]
+    false = blind.classify(_engine(correct=True), {"error": refusal, "seconds": 1.0})
+    assert (false["verdict"], false["ok"]) == ("false-failure", False)
+    # Any other usage error (the engine cannot be imported, a bad option) judges nothing.
+    other = blind.classify(_engine(), {"error": "no report (pytest exit 4): ERROR: --flow: x"})
+    assert (other["verdict"], other["ok"]) == ("error", False)
+
+
 def test_a_session_without_a_report_or_without_a_decided_result_is_an_error():
     crashed = blind.classify(_engine(correct=True), _doc(error="no report (pytest exit 3)"))
     assert (crashed["verdict"], crashed["ok"]) == ("error", False)
