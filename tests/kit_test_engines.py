@@ -210,6 +210,7 @@ class JoinConfig(ReferenceConfig):
     join: dict[str, str] = None  # type: ignore[assignment]
     keep_fds: list[int] = None  # type: ignore[assignment]
     start_exit: int = -1  # start_process exits with this code instead of exec'ing
+    loopback: bool = False  # asks for lo up in a join-only run too
 
 
 class JoinEngine(ReferenceEngine):
@@ -229,6 +230,8 @@ class JoinEngine(ReferenceEngine):
             starter_config.set_namespace_join_only()
             for kind, path in cfg.join.items():
                 starter_config.set_ns_path(kind, path)
+            if cfg.loopback:
+                starter_config.set_bring_loopback_interface()
         else:
             super().prepare_config(starter_config)
         for fd in cfg.keep_fds:
@@ -420,6 +423,21 @@ class HybridAsSuidEngine(ReferenceEngine):
 
     def prepare_config(self, starter_config: StarterConfig) -> None:
         super().prepare_config(_FlowSeenAsSuid(starter_config))  # type: ignore[arg-type]
+
+
+class KeepsTheLedgerSocketEngine(ReferenceEngine):
+    """Keeps every socket open in stage 1 for the payload ("socket activation"): the only
+    one there is the kit's ledger socket."""
+
+    engine_name = "test-keeps-the-ledger-socket"
+    rpc_methods = ReferenceRPC
+
+    def prepare_config(self, starter_config: StarterConfig) -> None:
+        super().prepare_config(starter_config)
+        for name in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                if int(name) > 2 and os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                    starter_config.keep_file_descriptor(int(name))
 
 
 class NoCapabilitiesConfiguredEngine(ReferenceEngine):

@@ -67,6 +67,49 @@ def test_join_only_run_calls_only_the_join_hooks(target_namespaces):
     assert result.leaks == []
 
 
+def _lo_up(pid: int) -> bool:
+    """Whether ``lo`` is up in the network namespace of ``pid`` (read by ip, in a child)."""
+    out = subprocess.run(
+        ["nsenter", f"--net=/proc/{pid}/ns/net", "ip", "-o", "link", "show", "lo"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return ",UP" in out or "<UP" in out
+
+
+def test_a_joined_network_namespace_keeps_its_loopback_as_it_was(target_namespaces):
+    # set_bring_loopback_interface brings lo up in a network namespace the run creates; a
+    # joined one belongs to someone else (SPEC §11: its links are as they were).
+    pid = target_namespaces
+    assert not _lo_up(pid)
+    given = {"net": f"/proc/{pid}/ns/net"}
+    sandboxed = os.geteuid() == 0
+    result = run(
+        JOIN,
+        "root",
+        ["/bin/true"],
+        join_namespaces=given,
+        engine_config={
+            "join": {k: join_path(k, p, sandboxed) for k, p in given.items()},
+            "loopback": True,
+        },
+    )
+    assert result.exit_code == 0, result.reason
+    assert not _lo_up(pid)
+
+
+def test_keeping_the_kits_ledger_socket_is_rejected():
+    # The payload would hold a socket to the run's ledger; the starter refuses the setting
+    # before any namespace exists, naming it.
+    result = run("kit_test_engines:KeepsTheLedgerSocketEngine", "root", ["/bin/true"], probes=False)
+    assert result.exit_code == 255
+    error = result.ledger.first("starter_error")
+    assert error["stage"] == "starter_config"
+    assert "is the kit's ledger socket" in error["message"], error
+    assert not result.ledger.select("stage2_exec")
+
+
 def test_joining_a_missing_namespace_fails_cleanly():
     result = run(
         JOIN, "root", ["/bin/true"], engine_config={"join": {"uts": "/proc/999999999/ns/uts"}}

@@ -165,7 +165,8 @@ class StarterConfig:
         self._s.namespace_join_only = bool(value)
 
     def set_bring_loopback_interface(self, value: bool = True) -> None:
-        """Bring ``lo`` up in a new network namespace."""
+        """Bring ``lo`` up in a new network namespace (one joined is left as it is: it is
+        not the run's)."""
         self._s.bring_loopback_interface = bool(value)
 
     def keep_file_descriptor(self, fd: int) -> None:
@@ -201,8 +202,10 @@ class StarterConfig:
         return obj
 
     # -- validation -------------------------------------------------------------------------
-    def validate(self) -> None:
-        """Reject invalid combinations (called by the starter before any namespace exists)."""
+    def validate(self, kit_fds: dict[int, str] | None = None) -> None:
+        """Reject invalid combinations (called by the starter before any namespace exists).
+        ``kit_fds``: the starter's own descriptors (number -> what it is), which no payload
+        may hold."""
         s = self._s
         caps = {k: set(v or ()) for k, v in s.capabilities.items()}
         if s.capabilities["effective"] is not None and not caps["effective"] <= caps["permitted"]:
@@ -282,6 +285,11 @@ class StarterConfig:
                 "set_bring_loopback_interface: needs a network namespace (set_ns_flags(['net', …]))"
             )
         for fd in s.keep_fds:
+            if kit_fds and fd in kit_fds:
+                raise ConfigError(
+                    f"keep_file_descriptor: fd {fd} is the kit's {kit_fds[fd]}: the payload "
+                    "may not hold it"
+                )
             try:
                 os.fstat(fd)
             except OSError:

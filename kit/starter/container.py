@@ -113,7 +113,7 @@ class Container:
         if "mount" in created:
             system.set_propagation("/", s.mount_propagation)
             propagation = system.propagation("/")
-        if s.bring_loopback_interface:
+        if s.bring_loopback_interface and "net" in created:  # a joined one is not the run's
             system.link_up("lo")
         self.ledger.emit(
             "namespaces",

@@ -177,7 +177,7 @@ class Starter:
             common_json, sconf = self.run_stage1()
             self.ledger.emit("starter_config", config=sconf.to_json())
             try:
-                sconf.validate()
+                sconf.validate(kit_fds={self.ledger_sock.fileno(): "ledger socket"})
             except ConfigError as exc:
                 self.ledger.emit("starter_error", stage="starter_config", message=str(exc))
             else:

@@ -651,7 +651,7 @@ class NoStarterConfigValidation(StarterMutant):
 
     @staticmethod
     def mutate() -> None:
-        StarterConfig.validate = lambda self: None  # type: ignore[method-assign]  # the mutation
+        StarterConfig.validate = lambda self, kit_fds=None: None  # type: ignore[method-assign]  # the mutation
 
 
 class StarterConfigRecordedLate(StarterMutant):
