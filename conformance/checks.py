@@ -228,6 +228,11 @@ def kit_calls(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for e in events if e.get("caller", "kit") == "kit"]
 
 
+def reached(run: Run, *roles: str) -> bool:
+    """Whether each process role of ``roles`` entered a hook in ``run``."""
+    return all(hook_events(run, role) for role in roles)
+
+
 def events_of(run: Run, kind: str, **match: Any) -> list[dict[str, Any]]:
     return [
         e

@@ -14,14 +14,26 @@ from conformance.checks import (
     check_shared_root,
     check_user_ns_host_ids,
     check_user_ns_map,
+    reached,
 )
-from conformance.expectations import MAPPABLE_HOST_IDS, USER_NS_MAP
+from conformance.expectations import MAPPABLE_HOST_IDS, UNFAILING_SCENARIOS, USER_NS_MAP
+
+#: Every run in which the RPC server and stage 2 both ran, the master's hooks too: a thread
+#: may change its namespace only on a rarer path (a signal forwarded, a payload missing).
+_EVERY_CONTAINER_RUN = (*UNFAILING_SCENARIOS, "exec-failure")
+
+
+def _every_container_run(lifecycle, verify, check, roles):
+    for name in _EVERY_CONTAINER_RUN:
+        run = lifecycle.optional(name)
+        if run is not None and (name in UNFAILING_SCENARIOS or reached(run, *roles)):
+            check(verify, run)
 
 
 @requirement("NS-001")
-@scenarios("default")
+@scenarios(*_EVERY_CONTAINER_RUN)
 def test_stage_2_and_the_rpc_server_share_all_seven_namespaces(lifecycle, verify):
-    check_rpc_shares_namespaces(verify, lifecycle("default"))
+    _every_container_run(lifecycle, verify, check_rpc_shares_namespaces, ("stage2", "rpc"))
 
 
 @requirement("NS-002")
@@ -31,11 +43,11 @@ def test_stage_2_starts_in_the_root_directory_the_rpc_server_left(lifecycle, ver
 
 
 @requirement("NS-003")
-@scenarios("default")
+@scenarios(*_EVERY_CONTAINER_RUN)
 def test_the_master_shares_none_of_the_containers_pid_net_uts_ipc_cgroup_namespaces(
     lifecycle, verify
 ):
-    check_master_not_shared(verify, lifecycle("default"))
+    _every_container_run(lifecycle, verify, check_master_not_shared, ("stage2", "master"))
 
 
 @requirement("NS-004")
