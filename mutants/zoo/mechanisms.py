@@ -106,6 +106,41 @@ class MasterHelperThreadInContainerNet(Mutant):
         super().create_container(ctx, pid, rpc_conn)
 
 
+class _JoinsTheContainersNetOnASignal:
+    """The monitor's signal channel, seen through a diagnostic step: on the first forwarded
+    signal, the monitor's thread joins the container's network namespace (to look at its
+    links) and stays there."""
+
+    def __init__(self, signals: SignalChannel, pid: int) -> None:
+        self._signals, self._pid, self._joined = signals, pid, False
+
+    def get(self, *args: Any, **kwargs: Any) -> Any:
+        sig = self._signals.get(*args, **kwargs)
+        if sig in FORWARDED_SIGNALS and not self._joined:
+            self._joined = True
+            current().setns("net", f"/proc/{self._pid}/ns/net")
+        return sig
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._signals, name)
+
+
+class MonitorJoinsTheContainersNetOnASignal(Mutant):
+    slug = "monitor-joins-container-net-on-a-signal"
+    bug = (
+        "monitor_container, before forwarding a signal, joins the container's network "
+        "namespace on its own thread to look at its links, and stays there: the master "
+        "shares it, in runs that forward a signal only"
+    )
+    killed_by = ("NS-003",)
+    flows = ("root",)
+    mechanism = "partial"
+
+    def monitor_container(self, pid: int, signals: SignalChannel) -> WaitStatus:
+        seen = _JoinsTheContainersNetOnASignal(signals, pid)
+        return super().monitor_container(pid, seen)  # type: ignore[arg-type]
+
+
 class Stage1HelperThreadWithoutCapabilities(Mutant):
     slug = "stage1-helper-thread-drops-caps"
     bug = (
@@ -632,6 +667,7 @@ def _host_command(argv: list[str], modelled: Any) -> None:
 
 
 MUTANTS = (
+    MonitorJoinsTheContainersNetOnASignal,
     MasterHelperThreadCapabilities,
     MasterHelperThreadRoot,
     MasterHookThreadRawRoot,
