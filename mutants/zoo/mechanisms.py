@@ -461,6 +461,35 @@ class RPCHelperThreadOwnUts(Mutant):
     rpc = UnsharingHelperRPC
 
 
+class PayloadCheckingRPC(ReferenceRPC):
+    """payload_exists: for a payload that is not there, the serving thread unshares a uts
+    namespace of its own (to look for it under another name) and stays in it."""
+
+    def payload_exists(self, path: str) -> bool:
+        if os.path.exists(path):
+            return True
+        current().unshare(["uts"])
+        return False
+
+
+class RPCServerLeavesOnAMissingPayload(Mutant):
+    slug = "rpc-server-leaves-on-a-missing-payload"
+    bug = (
+        "create_container first asks the RPC server whether the payload exists; when it "
+        "does not, the server unshares a uts namespace of its own and serves on in it: "
+        "only runs whose payload is missing show it"
+    )
+    killed_by = ("NS-001",)
+    flows = ("root",)
+    mechanism = "partial"
+    rpc = PayloadCheckingRPC
+
+    def create_container(self, ctx: Context, pid: int, rpc_conn: socket.socket) -> None:
+        client = RPCClient(rpc_conn, self.common.engine_name)
+        client.payload_exists(path=self.reference_config().argv[0])
+        super().create_container(ctx, pid, rpc_conn)
+
+
 class HybridGidMapTooWide(Mutant):
     slug = "hybrid-gid-map-too-wide"
     bug = (
@@ -667,6 +696,7 @@ def _host_command(argv: list[str], modelled: Any) -> None:
 
 
 MUTANTS = (
+    RPCServerLeavesOnAMissingPayload,
     MonitorJoinsTheContainersNetOnASignal,
     MasterHelperThreadCapabilities,
     MasterHelperThreadRoot,
