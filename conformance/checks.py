@@ -3317,19 +3317,30 @@ def check_no_failure(verify: Verifier, run: Run) -> None:
 
 
 def check_start_process_never_returns(verify: Verifier, run: Run) -> None:
-    """ERR-012: in a run whose payload cannot be exec'd, start_process raised or exited; it
-    did not return (SPEC §1: "it must exec or exit, never return")."""
+    """ERR-012: in a run whose payload cannot be exec'd, start_process raised or exited (or
+    exec'd something after all); it did not return, nor hang (SPEC §1: "it must exec or
+    exit, never return")."""
     requirement = verify.requirement
     run = verify.used(run.usable())
-    if not hook_events(run, "stage2", "start_process", ("hook_enter",)):
+    if not kit_calls(hook_events(run, "stage2", "start_process", ("hook_enter",))):
         verify.vacuous(requirement, f"start_process did not run in this run ({describe_run(run)})")
         return
-    returned = hook_events(run, "stage2", "start_process", ("hook_return",))
+    returned = kit_calls(hook_events(run, "stage2", "start_process", ("hook_return",)))
+    raised = kit_calls(hook_events(run, "stage2", "start_process", ("hook_raise",)))
+    ended = [
+        e
+        for e in events_of(run, "stage2_failed")
+        if "exited with code" in str(e.get("message")) or _STAGE2_DIED in str(e.get("message"))
+    ]
+    ok = not returned and bool(raised or ended or events_of(run, "stage2_exec"))
     verify.check(
         requirement,
-        not returned,
+        ok,
         expected="start_process raises or exits when it cannot exec the payload",
-        observed=lambda: f"start_process returned ({describe_run(run)})",
+        observed=lambda: (
+            f"start_process {'returned' if returned else 'neither raised nor exited'} "
+            f"({describe_run(run)})"
+        ),
         run=run,
         event=returned[0] if returned else None,
         role="stage2",

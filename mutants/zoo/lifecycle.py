@@ -259,6 +259,23 @@ class StartProcessSwallowsExecError(Mutant):
             print(f"cannot start the payload: {exc}", file=sys.stderr)
 
 
+class StartProcessWaitsWhenExecFails(Mutant):
+    slug = "start-process-waits-when-exec-fails"
+    bug = (
+        "start_process catches the exec's OSError and waits to be killed (\"the supervisor "
+        "will clean up\"): it neither raises nor exits"
+    )
+    killed_by = ("ERR-012",)
+    flows = ("root",)
+    hook_timeout = HANG_TIMEOUT
+
+    def start_process(self, master_fd: int) -> None:
+        try:
+            super().start_process(master_fd)
+        except OSError:
+            threading.Event().wait()
+
+
 class StartProcessExecsOnAThread(Mutant):
     slug = "start-process-execs-on-a-thread"
     bug = (
@@ -291,6 +308,7 @@ MUTANTS = (
     StartProcessReturns,
     StartProcessSwallowsExecError,
     StartProcessExecsOnAThread,
+    StartProcessWaitsWhenExecFails,
     ClosesTheRPCConnectionEarly,
     RPCMethodEndsTheServer,
     WrongRPCPrefix,
