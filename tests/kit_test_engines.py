@@ -440,6 +440,21 @@ class KeepsTheLedgerSocketEngine(ReferenceEngine):
                     starter_config.keep_file_descriptor(int(name))
 
 
+class KeepsEveryPipeEngine(ReferenceEngine):
+    """Keeps every pipe open in stage 1 for the payload: unsandboxed, the supervisor's
+    result pipe is one of them."""
+
+    engine_name = "test-keeps-every-pipe"
+    rpc_methods = ReferenceRPC
+
+    def prepare_config(self, starter_config: StarterConfig) -> None:
+        super().prepare_config(starter_config)
+        for name in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                if int(name) > 2 and os.readlink(f"/proc/self/fd/{name}").startswith("pipe:"):
+                    starter_config.keep_file_descriptor(int(name))
+
+
 class NoCapabilitiesConfiguredEngine(ReferenceEngine):
     """The reference engine that never calls ``set_capabilities``: every set is unset, which
     SPEC §5 says means empty at exec, the bounding set included."""

@@ -4,6 +4,7 @@ loopback, mount propagation — checked in the ledger and in the payload's own /
 from __future__ import annotations
 
 import pytest
+from conftest import require_flow
 
 from kit.run.launcher import run
 
@@ -92,6 +93,7 @@ def test_an_rpc_server_left_in_the_host_user_namespace_in_hybrid_gets_no_host_ro
     # asks for no user namespace in the hybrid flow leaves it in the host user namespace,
     # with the setuid starter's effective uid 0: it must then drop as in suid (e=U), not
     # become host root with CAP_SYS_ADMIN (engine code serves RPC methods there).
+    require_flow("hybrid")
     result = run("kit_test_engines:HybridAsSuidEngine", "hybrid", ["/bin/true"])
     calls = [e for e in result.ledger.events if e["kind"] == "rpc_call"]
     assert calls, result.reason

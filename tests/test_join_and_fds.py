@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -68,14 +69,17 @@ def test_join_only_run_calls_only_the_join_hooks(target_namespaces):
 
 
 def _lo_up(pid: int) -> bool:
-    """Whether ``lo`` is up in the network namespace of ``pid`` (read by ip, in a child)."""
+    """Whether ``lo`` is up in the network namespace of ``pid`` (read by the kit's
+    SIOCGIFFLAGS reader in a child that joined it: no ip(8) needed)."""
+    code = (
+        "import os; from kit.system import linux; "
+        f"linux.setns(os.open('/proc/{pid}/ns/net', os.O_RDONLY)); "
+        "print(linux.link_flags('lo') & 1)"
+    )
     out = subprocess.run(
-        ["nsenter", f"--net=/proc/{pid}/ns/net", "ip", "-o", "link", "show", "lo"],
-        capture_output=True,
-        text=True,
-        check=True,
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
-    return ",UP" in out or "<UP" in out
+    return out.strip() == "1"
 
 
 def test_a_joined_network_namespace_keeps_its_loopback_as_it_was(target_namespaces):
@@ -108,6 +112,16 @@ def test_keeping_the_kits_ledger_socket_is_rejected():
     assert error["stage"] == "starter_config"
     assert "is the kit's ledger socket" in error["message"], error
     assert not result.ledger.select("stage2_exec")
+
+
+def test_keeping_a_descriptor_of_the_supervisor_is_rejected():
+    # Unsandboxed, the starter still holds the supervisor's result pipe: not one the run
+    # inherits, so no payload may hold it (the kit reads its run's result from it).
+    result = run("kit_test_engines:KeepsEveryPipeEngine", "root", ["/bin/true"], sandbox=False)
+    assert result.exit_code == 255
+    error = result.ledger.first("starter_error")
+    assert error["stage"] == "starter_config"
+    assert "is the kit's own descriptor" in error["message"], error
 
 
 def test_joining_a_missing_namespace_fails_cleanly():

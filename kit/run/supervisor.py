@@ -304,7 +304,7 @@ class Supervisor:
                 _enter_sandbox(
                     box, writer, self.inherited | {writer.fileno(), filter_there.fileno()}
                 )
-            Starter(req, writer, filter_there, parent=me).main()
+            Starter(req, writer, filter_there, parent=me, inherited=self.inherited).main()
         writer.close()
         filter_there.close()
         self.senders.add_starter(pid)

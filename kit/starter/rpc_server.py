@@ -50,12 +50,11 @@ class RPCServerProcess:
         if req.flow in ("suid", "hybrid"):
             keep = linux.caps_to_mask(RPC_SERVER_CAPS)
             system.limit_bounding(keep)
-            ruid, euid, _ = system.getresuid()
-            if self.c.sconf.hybrid_workflow:
-                # In the container's user namespace, as the id U maps to (its root): that
-                # one. Not from the flow's name: a hybrid-flow engine that asked for no user
-                # namespace leaves us in the host's, as in suid, with euid 0 and ruid U.
-                ruid = euid
+            # As the real uid: U, or in the hybrid workflow the id U maps to in the
+            # container's user namespace (the container side became it, r=e=s). Never the
+            # effective one: a hybrid-flow engine that asks for no user namespace leaves us
+            # in the host's, with the setuid starter's euid 0.
+            ruid = system.getresuid()[0]
             # e=U with keep-caps: permitted survives, effective cleared; then only
             # CAP_SYS_ADMIN effective (a method may raise more on its own thread).
             system.set_keepcaps(True)

@@ -21,6 +21,7 @@ from kit.contract import (
 from kit.ledger.record import LedgerWriter
 from kit.run import seccomp
 from kit.run.request import Invoker, RunRequest
+from kit.run.sandbox import open_fds
 from kit.starter import inject
 from kit.starter.common import (
     EXIT_FATAL,
@@ -107,10 +108,15 @@ class Starter:
         ledger_sock: socket.socket,
         filter_channel: socket.socket | None = None,
         parent: int | None = None,
+        inherited: set[int] | None = None,
     ) -> None:
         # The supervisor's pid, known before the fork: read after it (getppid), it would be
         # the reaper's pid if the supervisor died in between, and the starter would live on.
         self.parent = parent
+        #: The descriptors the run may inherit (stdio, the launcher's pass-through ones):
+        #: every other one open here is the kit's (None: not known, the ledger's alone).
+        self.inherited = None if inherited is None else frozenset(inherited)
+        self.own_fds: dict[int, str] = {}
         self.req = request
         inject.arm(request.inject)  # before any process of the run is forked
         self.filter_channel = filter_channel
@@ -155,6 +161,8 @@ class Starter:
                     raise StageFailed(refused)
             linux.set_name("kit-starter")
             default_signals()
+            # Before the engine's import, which may open descriptors of its own to keep.
+            self.own_fds = self.kit_fds()
             try:
                 load_engine(self.req.engine)
             except Exception as exc:  # noqa: BLE001 the engine's import may raise anything
@@ -177,7 +185,7 @@ class Starter:
             common_json, sconf = self.run_stage1()
             self.ledger.emit("starter_config", config=sconf.to_json())
             try:
-                sconf.validate(kit_fds={self.ledger_sock.fileno(): "ledger socket"})
+                sconf.validate(kit_fds=self.own_fds)
             except ConfigError as exc:
                 self.ledger.emit("starter_error", stage="starter_config", message=str(exc))
             else:
@@ -190,6 +198,18 @@ class Starter:
             )
         self.ledger.emit("starter_exit", code=code)
         _exit(code)
+
+    def kit_fds(self) -> dict[int, str]:
+        """The kit's own descriptors open here, which no payload may hold: before the
+        engine is imported, each one but stdio and those the run inherits (unsandboxed,
+        the supervisor's pipes are open here too), the ledger socket named."""
+        own = (
+            {}
+            if self.inherited is None
+            else {fd: "own descriptor" for fd in open_fds() if fd > 2 and fd not in self.inherited}
+        )
+        own[self.ledger_sock.fileno()] = "ledger socket"
+        return own
 
     # -- stage 1 ---------------------------------------------------------------------------
     def run_stage1(self) -> tuple[dict[str, Any], StarterConfig]:

@@ -651,7 +651,8 @@ class NoStarterConfigValidation(StarterMutant):
 
     @staticmethod
     def mutate() -> None:
-        StarterConfig.validate = lambda self, kit_fds=None: None  # type: ignore[method-assign]  # the mutation
+        # the mutation:
+        StarterConfig.validate = lambda self, kit_fds=None: None  # type: ignore[method-assign]
 
 
 class StarterConfigRecordedLate(StarterMutant):
