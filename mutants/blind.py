@@ -9,6 +9,7 @@ import importlib
 import inspect
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -197,7 +198,8 @@ def classify(engine: BlindEngine, doc: dict[str, Any]) -> dict[str, Any]:
                 decided.add(req)
     error = doc.get("error")
     if error and PREFLIGHT_REFUSED in str(error) and "preflight of engine" in str(error):
-        failing["preflight"] = set(FLOWS)
+        named = {f for f in FLOWS if re.search(rf"\b{f}\b", str(error))}
+        failing["preflight"] = named or set(FLOWS)  # the flows its message names
         messages["preflight"] = str(error)[:600]
         decided.add("preflight")
         error = None

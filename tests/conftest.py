@@ -8,6 +8,8 @@ RPC tests' servers, probes) are not the pytest process and are let through.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -29,19 +31,41 @@ def _a_temporary_directory_per_worker() -> None:
     """Under xdist: this worker's own temporary directory (TMPDIR, for its zygote and every
     run too), removed at its exit. The leftover check (:func:`_no_run_directory_left`) then
     sees only the run and scratch directories of this worker's runs: with one directory
-    shared, a leak of the other worker's was blamed on whatever test ran here meanwhile."""
+    shared, a leak of the other worker's was blamed on whatever test ran here meanwhile.
+    Each is locked while its worker lives; one whose worker died (killed: no exit handler
+    ran) is removed by the next worker that starts."""
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if not worker:
         return
-    path = tempfile.mkdtemp(prefix=f"kit-tests-{worker}-")
-    os.chmod(path, 0o1777)  # as /tmp: runs as the unprivileged user make theirs in it too
+    parent = tempfile.gettempdir()
+    for name in os.listdir(parent):
+        if name.startswith(_WORKER_DIR_PREFIX):
+            stale = os.path.join(parent, name)
+            with contextlib.suppress(OSError):
+                fd = os.open(stale, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # its worker is gone
+                    shutil.rmtree(stale, ignore_errors=True)
+                finally:
+                    os.close(fd)
+    # Made under a name no sweep reads, locked, then named: another worker starting at the
+    # same time never finds it unlocked.
+    made = tempfile.mkdtemp(prefix=f".{_WORKER_DIR_PREFIX}new-")
+    os.chmod(made, 0o1777)  # as /tmp: runs as the unprivileged user make theirs in it too
+    lock = os.open(made, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # held until this worker is gone
+    suffix = os.path.basename(made).removeprefix(f".{_WORKER_DIR_PREFIX}new-")
+    path = os.path.join(parent, f"{_WORKER_DIR_PREFIX}{worker}-{suffix}")
+    os.rename(made, path)
     os.environ["TMPDIR"] = path
     tempfile.tempdir = None
     # Registered before the zygote's own exit handler, so run after it (last in, first out):
     # the zygote removes what it made ahead, then this goes.
-    atexit.register(shutil.rmtree, path, True)
+    owner = os.getpid()  # a forked child that exits normally must not remove it
+    atexit.register(lambda: os.getpid() == owner and shutil.rmtree(path, ignore_errors=True))
 
 
+_WORKER_DIR_PREFIX = "kit-tests-"
 _a_temporary_directory_per_worker()
 
 

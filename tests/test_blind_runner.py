@@ -139,10 +139,10 @@ def test_an_engine_the_preflight_refuses_is_judged_by_the_refusal():
         "prepare_config: fix the StarterConfig that prepare_config fills in the suid flow"
     )
     caught = blind.classify(_engine(), {"error": refusal, "seconds": 1.0})
-    assert (caught["verdict"], caught["ok"], list(caught["failed"])) == (
+    assert (caught["verdict"], caught["ok"], caught["failed"]) == (
         "caught",
         True,
-        ["preflight"],
+        {"preflight": ["suid"]},  # the flow the refusal names
     )
     assert "fix the StarterConfig" in caught["messages"]["preflight"]
     false = blind.classify(_engine(correct=True), {"error": refusal, "seconds": 1.0})
