@@ -40,7 +40,12 @@ def _scripted_starter(script: Script, with_filter: bool = False) -> type:
         ``with_filter``: under the real backend's filter first, as the kit's starter."""
 
         def __init__(
-            self, request: Any, sock: Any, filter_channel: Any = None, parent: int | None = None
+            self,
+            request: Any,
+            sock: Any,
+            filter_channel: Any = None,
+            parent: int | None = None,
+            inherited: set[int] | None = None,
         ) -> None:
             self.ledger = LedgerWriter(sock, "starter")
             self.ledger.supervisor_pid = parent  # type: ignore[attr-defined]
