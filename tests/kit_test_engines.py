@@ -431,28 +431,23 @@ class KeepsTheLedgerSocketEngine(ReferenceEngine):
 
     engine_name = "test-keeps-the-ledger-socket"
     rpc_methods = ReferenceRPC
+    #: What the descriptors it keeps are (the start of their /proc/self/fd link).
+    keeps = "socket:"
 
     def prepare_config(self, starter_config: StarterConfig) -> None:
         super().prepare_config(starter_config)
         for name in os.listdir("/proc/self/fd"):
             with contextlib.suppress(OSError):
-                if int(name) > 2 and os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                if int(name) > 2 and os.readlink(f"/proc/self/fd/{name}").startswith(self.keeps):
                     starter_config.keep_file_descriptor(int(name))
 
 
-class KeepsEveryPipeEngine(ReferenceEngine):
+class KeepsEveryPipeEngine(KeepsTheLedgerSocketEngine):
     """Keeps every pipe open in stage 1 for the payload: unsandboxed, the supervisor's
     result pipe is one of them."""
 
     engine_name = "test-keeps-every-pipe"
-    rpc_methods = ReferenceRPC
-
-    def prepare_config(self, starter_config: StarterConfig) -> None:
-        super().prepare_config(starter_config)
-        for name in os.listdir("/proc/self/fd"):
-            with contextlib.suppress(OSError):
-                if int(name) > 2 and os.readlink(f"/proc/self/fd/{name}").startswith("pipe:"):
-                    starter_config.keep_file_descriptor(int(name))
+    keeps = "pipe:"
 
 
 class NoCapabilitiesConfiguredEngine(ReferenceEngine):
