@@ -348,7 +348,7 @@ class _UtsReader:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
-            env={**os.environ, "PYTHONPATH": path},
+            env=launcher.environment(PYTHONPATH=path),
         )
         assert self._proc.stdin is not None and self._proc.stdout is not None  # both are PIPE
         self._stdin, self._stdout = self._proc.stdin, self._proc.stdout

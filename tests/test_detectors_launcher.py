@@ -618,3 +618,31 @@ def test_kill_and_send_signal_after_the_run_reach_no_process_that_took_its_pids(
         return os.waitstatus_to_exitcode(os.waitpid(init, 0)[1])
 
     assert exit_code_in_child(body) == 0
+
+
+def test_a_childs_environment_is_copied_whole_while_another_thread_changes_it():
+    """pytest adds and removes PYTEST_CURRENT_TEST at every test phase while a conformance
+    session's runs start their children on other threads: launcher.environment() must
+    still hand each child a whole copy (a plain ``{**os.environ}`` raises RuntimeError or
+    KeyError here within a few hundred copies)."""
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            os.environ["KIT_TEST_CHURN"] = "1"
+            del os.environ["KIT_TEST_CHURN"]
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # hand the GIL over as often as the interpreter can
+    churner = threading.Thread(target=churn, name="kit-test-churn")
+    churner.start()
+    try:
+        copies = [launcher.environment(PYTHONPATH="/nowhere") for _ in range(2000)]
+    finally:
+        stop.set()
+        churner.join()
+        sys.setswitchinterval(interval)
+        os.environ.pop("KIT_TEST_CHURN", None)
+    assert all(
+        c["PYTHONPATH"] == "/nowhere" and c.get("PATH") == os.environ.get("PATH") for c in copies
+    )

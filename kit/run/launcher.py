@@ -155,6 +155,19 @@ class _LastingThread:
             return cls._instance
 
 
+def environment(**changes: str) -> dict[str, str]:
+    """A copy of ``os.environ`` with ``changes``, for a child's ``env``. Copying reads one key
+    at a time, so a change another thread makes meanwhile raises RuntimeError (the dict
+    changed size) or KeyError (a listed key went): pytest sets and removes
+    PYTEST_CURRENT_TEST at every phase of every test while a conformance session's runs start
+    on other threads. Such a copy is made again."""
+    while True:
+        try:
+            return {**os.environ, **changes}
+        except (RuntimeError, KeyError):
+            continue
+
+
 def _from_a_lasting_thread(call: Callable[[], T]) -> T:
     """``call()`` in a thread that lasts until the process exits (the main thread does)."""
     if threading.current_thread() is threading.main_thread():
@@ -189,7 +202,7 @@ class Zygote:
                     stdin=subprocess.DEVNULL,
                     cwd="/",
                     start_new_session=True,
-                    env={**os.environ, "PYTHONPATH": os.pathsep.join(_import_path())},
+                    env=environment(PYTHONPATH=os.pathsep.join(_import_path())),
                 )
             )
         finally:
@@ -625,7 +638,7 @@ class RunHandle:
                 pass_fds=(req_r, res_w, *pass_fds),
                 cwd="/",
                 start_new_session=True,
-                env={**os.environ, "PYTHONPATH": os.pathsep.join(request.sys_path)},
+                env=environment(PYTHONPATH=os.pathsep.join(request.sys_path)),
             )
         finally:
             os.close(req_r)
