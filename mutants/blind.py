@@ -44,6 +44,9 @@ class BlindEngine:
     known: str = ""
     summary: str = ""  # the first line of its docstring
     hook_timeout: float | None = None
+    #: The backend its session runs in: its class's ``blind_backend``, for a bug that only
+    #: one backend can show (a direct privileged call, which only the fake backend refuses).
+    backend: str = "real"
 
     @property
     def spec(self) -> str:
@@ -122,6 +125,11 @@ def _engine(module: str, cls: type, correct: bool) -> BlindEngine:
             raise ValueError(f"{where}: its mark is {mark!r}, not a reason (a string)")
     doc = inspect.getdoc(cls) or ""
     timeout = getattr(cls, "hook_timeout", None)
+    backend = getattr(cls, "blind_backend", "real")
+    if backend not in matrix.BACKENDS:
+        raise ValueError(
+            f"{where}: blind_backend {backend!r} is not one of {', '.join(matrix.BACKENDS)}"
+        )
     return BlindEngine(
         module,
         cls.__name__,
@@ -130,6 +138,7 @@ def _engine(module: str, cls: type, correct: bool) -> BlindEngine:
         escapes or false_failure,
         " ".join(doc.split("\n\n")[0].split()),
         float(timeout) if isinstance(timeout, int | float) and timeout > 0 else None,
+        backend,
     )
 
 
@@ -228,6 +237,7 @@ def classify(engine: BlindEngine, doc: dict[str, Any]) -> dict[str, Any]:
         "spec": engine.spec,
         "module": engine.module,
         "kind": engine.kind,
+        "backend": engine.backend,
         "verdict": verdict,
         "known": engine.known or None,
         "ok": problem is None,
@@ -272,8 +282,10 @@ def line(entry: dict[str, Any]) -> str:
     stale = " STALE MARK" if verdict in ("caught", "passed") and entry["known"] else ""
     passed = entry["outcomes"].get("passed", 0)
     results = sum(entry["outcomes"].values())
+    backend = entry.get("backend", "real")
+    where = "" if backend == "real" else f" ({backend} backend)"
     return (
-        f"{entry['spec']:<58} {entry['kind']:<7} {what}{stale}  "
+        f"{entry['spec']:<58} {entry['kind']:<7} {what}{stale}{where}  "
         f"[{passed}/{results} passed] {entry['seconds']:.0f}s"
     )
 
@@ -350,12 +362,12 @@ def run(
     jobs: int = 1,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """One real-backend session per engine, ``jobs`` at a time; the entries in the order of
-    ``engines``."""
+    """One session per engine (in its backend: the real one unless it says), ``jobs`` at a
+    time; the entries in the order of ``engines``."""
     done = [0]
 
     def one(root: str, index: int, engine: BlindEngine) -> dict[str, Any]:
-        doc = matrix.session_in(root, index, engine.target(flows, self_check), "real")
+        doc = matrix.session_in(root, index, engine.target(flows, self_check), engine.backend)
         entry = classify(engine, doc)
         if progress is not None:
             done[0] += 1  # the GIL makes the count exact; the order is the finishing one
@@ -375,8 +387,9 @@ def shard(engines: Sequence[BlindEngine], index: int, count: int) -> list[BlindE
 def parser() -> argparse.ArgumentParser:
     out = argparse.ArgumentParser(
         prog="python -m mutants blind",
-        description="run the conformance suite (real backend; as root, every run in the "
-        "kit's host sandbox) against every engine of tests/blind*.py and say which buggy "
+        description="run the conformance suite (real backend unless an engine's class "
+        "says blind_backend = 'fake'; as root, every run in the kit's host sandbox) against "
+        "every engine of tests/blind*.py and say which buggy "
         "engines it caught (an ENGINE requirement failed), which escaped, and which correct "
         f"engines (modules ending in {CORRECT_SUFFIX}) failed falsely. Exit 1 when an "
         "engine escapes or fails falsely without an `escapes`/`false_failure` mark giving "

@@ -550,12 +550,8 @@ class RawMountNosymfollowEngine(ReferenceEngine):
     backend only, every scenario that reaches create_container."""
 
     engine_name = "blind3-raw-mount-nosymfollow"
-    escapes: str = (
-        "fake backend only, which the blind runner does not run: there HOST-050 fails "
-        "it ('engine bypassed the system interface: mount in RPC method ...', checked "
-        "with pytest --backend=fake -k HOST-050); in the real backend the direct call "
-        "is legal"
-    )
+    # In the real backend the direct call is legal; only the fake backend refuses it.
+    blind_backend = "fake"
     rpc_methods = _RawMountRPC
 
 

@@ -228,3 +228,21 @@ def test_one_buggy_and_one_correct_engine_judged_by_real_sessions():
     correct = by_spec["blind_correct:HelperThreadsEngine"]
     assert (correct["verdict"], correct["failed"]) == ("passed", {}), correct
     assert blind.exit_status(entries) == 0 and len(lines) == 2
+
+
+def test_an_engine_names_the_backend_that_shows_its_bug_and_a_bad_one_is_refused(
+    tmp_path, monkeypatch
+):
+    engines = {e.spec: e for e in blind.discover()}
+    assert engines["blind5_rpc:DirectTmpfsMount"].backend == "fake"
+    assert engines["blind5_rpc:CapsLeakOnErrorPath"].backend == "real"  # the default
+    entry = blind.classify(
+        engines["blind5_rpc:DirectTmpfsMount"], _doc(_result("HOST-050", "failed"))
+    )
+    assert entry["backend"] == "fake" and "(fake backend)" in blind.line(entry)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # discover() puts tmp_path on it
+    (tmp_path / "blind_zz.py").write_text(
+        "class Engine:\n    engine_name = 'blind-zz'\n    blind_backend = 'kernel'\n"
+    )
+    with pytest.raises(ValueError, match="blind_backend 'kernel' is not one of real, fake"):
+        blind.discover(str(tmp_path))
