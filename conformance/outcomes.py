@@ -36,6 +36,9 @@ SEVERITY = {
 NOT_SUPPORTED_PREFIX = "not-supported: "
 NOT_CONFIGURED_PREFIX = "not-configured: "
 STRICT_PREFIX = "not-configured (strict): "
+#: How the preflight's refusal of an engine reads (the session's usage error): the engine
+#: itself is at fault, as ``python -m mutants blind`` counts it.
+PREFLIGHT_REFUSED = "failed, no lifecycle was run"
 
 
 def skip_outcome(reason: str) -> tuple[str, str]:

@@ -423,18 +423,13 @@ def _state_after_preflight(
     )
 
 
-#: How the preflight's refusal of an engine reads (its usage error): the engine itself is
-#: at fault, as ``python -m mutants blind`` counts it.
-PREFLIGHT_REFUSED = "failed, no lifecycle was run"
-
-
 def _preflight(engine: str, source: str, problems: list[Any]) -> None:
     """Stop the session before any lifecycle: one message naming the engine, the hook and
     what to change for each problem (kit.preflight)."""
     if problems:
         raise pytest.UsageError(
             f"conformance: preflight of engine {engine!r} (from {source}) "
-            f"{PREFLIGHT_REFUSED}:\n  " + "\n  ".join(str(p) for p in problems)
+            f"{outcomes.PREFLIGHT_REFUSED}:\n  " + "\n  ".join(str(p) for p in problems)
         )
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from conformance import requirements
 from conformance.expectations import FLOWS
-from conformance.plugin import PREFLIGHT_REFUSED
+from conformance.outcomes import PREFLIGHT_REFUSED
 from mutants import matrix
 
 #: Where the blind engines live, and the modules that hold them.
