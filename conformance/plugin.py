@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -19,7 +20,7 @@ from conformance.expectations import FLOWS
 from conformance.markers import MARKERS, declared
 
 if TYPE_CHECKING:
-    from kit.preflight import StarterConfigCheck
+    from kit.preflight import Inspecting, StarterConfigCheck
 
 # The function-level imports below are deliberate: pytest loads this plugin (entry point
 # pytest11) in every session where the kit is installed, with or without --engine, and
@@ -304,6 +305,8 @@ def _make_state(config: pytest.Config, engine: str, source: str) -> ConformanceS
         invoker: dict[str, Any] | None = dict(vars(Invoker.resolve()))
     except ValueError:
         invoker = None
+    from conformance import capabilities as caps_module  # noqa: PLC0415 (lazy, see the top)
+
     workerinput = getattr(config, "workerinput", None)
     check = None
     if workerinput is None and invoker is not None:  # once per session, on the controller
@@ -312,11 +315,20 @@ def _make_state(config: pytest.Config, engine: str, source: str) -> ConformanceS
         check = preflight.StarterConfigCheck(
             engine, flows, invoker["uid"], invoker["gid"], list(invoker.get("groups") or [])
         )
+    # In a child, as U: the engine is never imported here (SPEC §11), where verdicts are
+    # made. It runs while this process reads the suite's declarations (~30 ms each).
+    inspecting = preflight.Inspecting(
+        engine, collect={"capabilities": (caps_module.collect, caps_module.COLLECTED)}
+    )
     try:
-        return _state_after_preflight(config, engine, source, backend, flows, invoker, check)
+        return _state_after_preflight(
+            config, engine, source, backend, flows, invoker, check, inspecting
+        )
     finally:
+        # After a usage error that came first, their answers are not wanted.
+        inspecting.cancel()
         if check is not None:
-            check.cancel()  # a usage error came first: its answer is not wanted
+            check.cancel()
 
 
 def _state_after_preflight(
@@ -327,21 +339,23 @@ def _state_after_preflight(
     flows: tuple[str, ...],
     invoker: dict[str, Any] | None,
     check: StarterConfigCheck | None,
+    inspecting: Inspecting,
 ) -> ConformanceState:
-    from conformance import capabilities as caps_module  # noqa: PLC0415 (lazy, see the top)
     from conformance.catalogue import (  # noqa: PLC0415 (lazy, see the top)
         SuiteDeclarationError,
         suite_tests,
         tests_by_requirement,
     )
     from conformance.runs import one_flow_scenarios  # noqa: PLC0415 (lazy, see the top)
-    from kit import preflight  # noqa: PLC0415 (lazy, see the top)
     from kit.run import environment  # noqa: PLC0415 (lazy, see the top)
 
-    # In a child, as U: the engine is never imported here (SPEC §11), where verdicts are made.
-    found = preflight.inspect(
-        engine, collect={"capabilities": (caps_module.collect, caps_module.COLLECTED)}
-    )
+    try:
+        tests = suite_tests()
+        index = tests_by_requirement(tests)
+    except SuiteDeclarationError as exc:
+        raise pytest.UsageError(f"conformance suite: {exc}") from None
+    env = dict(environment.flows())
+    found = inspecting.result()
     where = f"\n{found.failure_traceback}" if found.failure_traceback else ""
     if found.failure == "registry":
         raise pytest.UsageError(
@@ -359,11 +373,6 @@ def _state_after_preflight(
         raise pytest.UsageError(f"conformance: engine {engine!r}: {declared['error']}")
     declared_caps, cap_source = declared["capabilities"], declared["source"]
     flows_source = "--flow" if config.getoption("flow") else "default: every flow"
-    try:
-        tests = suite_tests()
-        index = tests_by_requirement(tests)
-    except SuiteDeclarationError as exc:
-        raise pytest.UsageError(f"conformance suite: {exc}") from None
     known: list[outcomes.KnownFailure] = []
     known_path = config.getoption("known_failures")
     if known_path:
@@ -389,7 +398,6 @@ def _state_after_preflight(
         raise pytest.UsageError(f"--hook-timeout: must be positive, got {hook_timeout}")
     workerinput = getattr(config, "workerinput", None)
     numprocesses = getattr(config.option, "numprocesses", None) or 0
-    env = dict(environment.flows())
     backends = {flow: _flow_backend(backend, flow, env) for flow in FLOWS}
     if check is not None:
         _preflight(engine, source, check.problems())
@@ -458,6 +466,10 @@ def pytest_configure(config: pytest.Config) -> None:
     if setting is None:
         return
     engine, source = setting
+    # An earlier session of this process (pytester's in-process runs) froze its objects at
+    # the end of its collection (SessionPlugin.pytest_collection_finish): they may be
+    # garbage now.
+    gc.unfreeze()
     state = _make_state(config, engine, source)
     config.stash[STATE] = state
     if config.args_source != pytest.Config.ArgsSource.ARGS:
@@ -737,6 +749,11 @@ class SessionPlugin:
         self.state.choose_self_check_flow(
             [(info.flow, info.scenarios) for info in infos if info is not None]
         )
+        # What the imports and the collection made lives until the session ends: the cyclic
+        # garbage collector need not walk it again and again (pytest collects twice at its
+        # end). Garbage is collected first, so that nothing unreachable is kept for good.
+        gc.collect(1)
+        gc.freeze()
 
     # -- running ---------------------------------------------------------------------------------
     @pytest.hookimpl(tryfirst=True)
