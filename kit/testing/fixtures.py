@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from kit.testing.rpc_mock import MockTransport, RecordingSystem
+if TYPE_CHECKING:
+    from kit.testing.rpc_mock import MockTransport
+
+# pytest loads this module (entry point pytest11) in every session of an environment where
+# the kit is installed; the mock (~10 ms of imports) is imported only when a test asks for it.
 
 __all__ = ["MockFactory", "rpc_mock"]
 
@@ -40,6 +44,8 @@ class MockFactory:
         timeout: float | None = 10.0,
         **options: Any,
     ) -> MockTransport:
+        from kit.testing.rpc_mock import MockTransport, RecordingSystem  # noqa: PLC0415
+
         if system is _DEFAULT:
             system = None if isinstance(methods, Mapping) else RecordingSystem()
         if methods is None:
