@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import array
+import contextlib
 import ctypes
 import json
 import os
 import socket
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -232,3 +234,69 @@ def test_a_thread_named_in_bytes_that_are_not_utf8_is_still_checked() -> None:
     thread.join()
     assert done.is_set() and problems == [None]
     assert seen and seen[0]["Name"].startswith("kit")
+
+
+@contextlib.contextmanager
+def _a_sibling_thread() -> Iterator[int]:
+    """A second thread of this process, idle for the block; yields its id."""
+    tids: list[int] = []
+    ready, done = threading.Event(), threading.Event()
+
+    def idle() -> None:
+        tids.append(threading.get_native_id())
+        ready.set()
+        done.wait(10)
+
+    thread = threading.Thread(target=idle, name="sibling")
+    thread.start()
+    try:
+        ready.wait(10)
+        yield tids[0]
+    finally:
+        done.set()
+        thread.join()
+
+
+def test_a_snapshot_that_leaves_out_or_dresses_up_another_thread_is_refused() -> None:
+    """SPEC §4 speaks of every thread: the supervisor reads each one the kernel lists, not
+    only the sender (engine code can hide a thread from the snapshot read inside)."""
+    with _a_sibling_thread() as sibling:
+        event = _snapshot_event()
+        assert check_snapshot(os.getpid(), event, True) is None
+        threads = event["snapshot"]["threads"]
+        other = next(t for t in threads if t["tid"] == sibling)
+        event["snapshot"]["threads"] = [t for t in threads if t["tid"] != sibling]
+        problem = check_snapshot(os.getpid(), event, True)
+        assert problem is not None
+        assert problem.startswith(f"its snapshot has no entry for thread {sibling}, which")
+        event["snapshot"]["threads"] = threads
+        other["caps"] = {**other["caps"], "effective": other["caps"]["effective"] ^ 1}
+        problem = check_snapshot(os.getpid(), event, True)
+        assert problem is not None and f"for thread {sibling}, the kernel" in problem
+        other["caps"] = {**other["caps"], "effective": other["caps"]["effective"] ^ 1}
+        other["ns"] = {**other["ns"], "net": 1}
+        problem = check_snapshot(os.getpid(), event, True)
+        assert (
+            problem == f"its snapshot says net namespace 1, the kernel says {linux.ns_inode('net')}"
+        )
+
+
+def test_the_credentials_an_rpc_method_left_are_checked_as_a_snapshot() -> None:
+    """An rpc_call's ``creds["after"]`` (every thread of the RPC server once the method
+    returned) is confirmed from outside too: engine code in the server could dress it up."""
+    snap = probe.snapshot(masks=True)
+    me = threading.get_native_id()
+    event = {
+        "t": 1,
+        "kind": "rpc_call",
+        "role": "rpc",
+        "pid": os.getpid(),
+        "tid": me,
+        "creds": {"before": None, "after": {**snap}},
+    }
+    assert check_snapshot(os.getpid(), event, True) is None
+    assert check_snapshot(os.getpid(), event, False) is not None  # unconfirmed: refused
+    mine = next(t for t in event["creds"]["after"]["threads"] if t["tid"] == me)
+    mine["caps"] = {**mine["caps"], "effective": mine["caps"]["effective"] ^ 1}
+    problem = check_snapshot(os.getpid(), event, True)
+    assert problem is not None and problem.startswith("its snapshot says caps ")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
 import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -246,6 +247,15 @@ def thread_state(status: dict[str, str], tid: int, masks: bool = False) -> dict[
 def _thread_ns(tid: int) -> dict[str, int | None]:
     """The namespaces of one thread (a thread may setns on its own, e.g. into a net ns)."""
     return linux.ns_inodes(f"/proc/self/task/{tid}/ns")
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """No escalation probe thread runs in this process during the block (a probe's thread
+    raises its own credentials, a moment, on purpose): while the supervisor reads every
+    thread of a sender from outside (:func:`kit.ledger.record.confirm_send`)."""
+    with _probe_lock:
+        yield
 
 
 def snapshot(masks: bool = False) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Any, Literal, overload
 # Kinds, their keys and the datagram checks all come from the TypedDicts of events.py; the
 # names re-exported here are the ones this module's users have always read from it.
 from kit.ledger import events as ev
+from kit.ledger import probe
 from kit.ledger.events import COMMON_FIELDS, FIELDS, SET_ON_ARRIVAL
 from kit.ledger.events import COMMON_KEYS as COMMON_KEYS
 from kit.ledger.events import EVENT_KINDS as EVENT_KINDS
@@ -61,6 +62,8 @@ class LedgerWriter:
         #: Called when the socket is lost (see LOST_ERRNOS): the kit's processes exit with
         #: a reason of their own rather than go on unrecorded. None: ignored.
         self.on_lost: Callable[[OSError], None] | None = None
+        #: The datagram whose send found the socket lost (for :attr:`on_lost` to tell).
+        self.lost: bytes | None = None
         #: What the socket is: a send failing while it still is lost something else (the
         #: pipe of a confirmation).
         self.identity = None if sock is None else linux.fd_identity(sock.fileno())
@@ -98,12 +101,13 @@ class LedgerWriter:
                 event = {**{k: event[k] for k in kept if k in event}, "truncated": len(data)}
                 data = json.dumps(event, default=repr).encode()
             try:
-                if self.confirm and isinstance(event.get("snapshot"), dict):
+                holder = _snapshot_holder(event)
+                if self.confirm and holder is not None:
                     for _ in range(SNAPSHOT_ATTEMPTS):
                         if confirm_send(self.sock, data) != RETRY:
                             break
                         if refresh is not None:
-                            event["snapshot"] = refresh()
+                            holder[outside_key(event)] = refresh()
                             data = json.dumps(event, separators=(",", ":"), default=repr).encode()
                 else:
                     self.sock.send(data)
@@ -126,7 +130,51 @@ class LedgerWriter:
             if exc.errno not in LOST_ERRNOS:
                 return
         if self.on_lost is not None:
+            self.lost = data
             self.on_lost(exc)
+
+
+def outside_checked(event: dict[str, Any]) -> dict[str, Any] | None:
+    """The snapshot in ``event`` that the supervisor checks from outside the sending process
+    (while the sender waits: :func:`confirm_send`): the one that holds it, a hook's
+    ``snapshot`` or the credentials an RPC method left (``creds["after"]`` of an rpc_call);
+    None when it carries none. The key is :func:`outside_key`'s."""
+    holder = _snapshot_holder(event)
+    return None if holder is None else holder[outside_key(event)]
+
+
+def outside_key(event: dict[str, Any]) -> str:
+    """The key of :func:`outside_checked`'s snapshot in the dictionary that holds it."""
+    return "snapshot" if "snapshot" in event else "after"
+
+
+def _snapshot_holder(event: dict[str, Any]) -> dict[str, Any] | None:
+    if isinstance(event.get("snapshot"), dict):
+        return event
+    creds = event.get("creds")
+    if event.get("kind") != "rpc_call" or not isinstance(creds, dict):
+        return None
+    return creds if isinstance(creds.get("after"), dict) else None
+
+
+#: How a process's failure message names the event the lost ledger socket kept from the ledger.
+LOST_EVENT = "the event it could not record:"
+
+
+def lost_event(data: bytes | None) -> str:
+    """A lost datagram as a failure message tells it: ``hook_raise of start_process
+    (OSError: …)``, ``hook_return of start_process``; empty when it is not a hook event."""
+    try:
+        event = json.loads(data or b"")
+    except ValueError:
+        return ""
+    if not isinstance(event, dict) or not str(event.get("kind", "")).startswith("hook_"):
+        return ""
+    told = f"{event['kind']} of {event.get('hook')}"
+    error = event.get("error")
+    if isinstance(error, dict):
+        told += f" ({error.get('type')}: {error.get('message')})"
+    return told
 
 
 #: How long a sender waits for the supervisor's confirmation at most (it never takes that
@@ -143,10 +191,17 @@ SNAPSHOT_ATTEMPTS = 3
 
 def confirm_send(sock: socket.socket, data: bytes) -> bytes:
     """Send ``data`` with the write end of a new pipe and wait until the supervisor answers
-    on it (or closes it): it reads the calling thread's credentials itself
-    (``/proc/PID/task/TID/status``) meanwhile, the snapshot's outside check that engine code
+    on it (or closes it): it reads the credentials of every thread of this process itself
+    (``/proc/PID/task/*/status``) meanwhile, the snapshot's outside check that engine code
     in this process cannot fake (LEDGER-003). Returns the answer (empty: none). Raises only
     when ``data`` was not sent."""
+    # The supervisor reads every thread of this process: none of the kit's probe threads
+    # may be in the middle of its escalation attempts then.
+    with probe.quiet():
+        return _confirm_send(sock, data)
+
+
+def _confirm_send(sock: socket.socket, data: bytes) -> bytes:
     r, w = os.pipe2(os.O_CLOEXEC)
     # High up, as the ledger socket: engine code closing low numbers leaves them alone.
     r, w = linux.move_high(r, linux.fd_base()), linux.move_high(w, linux.fd_base())

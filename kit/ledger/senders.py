@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kit.ledger import probe
+from kit.ledger.record import outside_checked
 from kit.system import linux
 
-#: What the supervisor compares between a snapshot's entry for the sending thread and its own
-#: read of that thread (the rest of the snapshot is the process's, or other threads', which
-#: may change meanwhile).
+#: What the supervisor compares between a snapshot's entry for each thread of the sender
+#: and its own read of that thread (the rest of the snapshot is the process's).
 CHECKED_FIELDS = ("uid", "gid", "groups", "caps", "no_new_privs", "seccomp")
 
 #: Roles each kit process writes under: the starter becomes the master, the container
@@ -147,7 +147,7 @@ def check_snapshot(
     it (read here, from outside the process, while the sender waits: ``confirmed``); None
     when it is. A snapshot without the wait cannot be checked and is refused. ``tasks``:
     where each sending thread was found before (kept by the caller, see :func:`find_thread`)."""
-    snap = event.get("snapshot")
+    snap = outside_checked(event)
     if not isinstance(snap, dict) or "threads" not in snap:
         return None  # no snapshot (probes off), or the probe's own error
     if not confirmed:
@@ -166,6 +166,17 @@ def check_snapshot(
         mine = next((t for t in entries if t.get("tid") in levels), None)
     if mine is None:
         return f"its snapshot has no entry for its sending thread {event['tid']}"
+    problem = _compare(kernel_pid, task, status, mine, event["tid"]) or _check_ns(
+        kernel_pid, task, mine
+    )
+    return problem or _check_other_threads(kernel_pid, task, entries)
+
+
+def _compare(
+    kernel_pid: int, task: int, status: dict[str, str], mine: dict[str, Any], tid: Any
+) -> str | None:
+    """Why snapshot entry ``mine`` of thread ``tid`` (task ``task``) says other than the
+    kernel's ``status`` of it; None when it does not."""
     # Masks on the wire: compared as masks when every set is one (a mask names its
     # capabilities one to one), else as names; a mismatch is told in names either way.
     kernel = _as_inside(kernel_pid, probe.thread_state(status, task, masks=True))
@@ -177,11 +188,64 @@ def check_snapshot(
             said, says = mine.get(key), kernel[key]
             if key == "caps":
                 said, says = probe.named_caps(said), probe.named_caps(says)
+            return f"its snapshot says {key} {said!r} for thread {tid}, the kernel says {says!r}"
+    return None
+
+
+def _check_other_threads(
+    kernel_pid: int, sender_task: int, entries: list[dict[str, Any]]
+) -> str | None:
+    """Why the snapshot's other threads are not every live thread the kernel lists for the
+    process, each as the kernel says it is; None when they are. The snapshot is read inside
+    the process, where engine code can hide a thread from it (a mount over its
+    ``/proc/PID/task/TID``, a patched list) or dress one up, and SPEC §4 speaks of every
+    thread. A thread started or changed since the snapshot makes the sender read it again
+    (RETRY), as a change of the sending thread's does."""
+    try:
+        listed = os.listdir(f"/proc/{kernel_pid}/task")
+    except OSError:
+        return None  # the process is gone: nothing left to compare with
+    numbered = {t.get("tid"): t for t in entries}
+    for task in listed:
+        if task == str(sender_task):
+            continue
+        try:
+            raw = linux.read_file(f"/proc/{kernel_pid}/task/{task}/status")
+        except OSError:
+            continue  # ended since it was listed
+        status = _parse_status(raw)
+        if status.get("State", "")[:1] in ("Z", "X", "x"):
+            continue  # ending: a snapshot leaves out a thread it sees ending
+        levels = [int(n) for n in status.get("NSpid", task).split()]
+        mine = next((numbered[n] for n in reversed(levels) if n in numbered), None)
+        if mine is None:
             return (
-                f"its snapshot says {key} {said!r} for thread {event['tid']}, "
-                f"the kernel says {says!r}"
+                f"its snapshot has no entry for thread {levels[-1]}, which the kernel lists "
+                f"(task {task}: uid {status.get('Uid', '?')}, effective capabilities "
+                f"{status.get('CapEff', '?')})"
             )
-    return _check_ns(kernel_pid, task, mine)
+        problem = _compare(kernel_pid, int(task), status, mine, levels[-1])
+        if problem is None and isinstance(mine.get("ns"), dict):
+            # A thread whose namespaces cannot all be read is ending (its own process
+            # reads a live one's): as the snapshot, leave it out.
+            actual = linux.ns_inodes(f"/proc/{kernel_pid}/task/{task}/ns")
+            if any(inode is None for inode in actual.values()):
+                continue
+            problem = _check_ns(kernel_pid, int(task), mine)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _parse_status(raw: bytes) -> dict[str, str]:
+    """A task's ``status`` file as linux.read_status parses it, but a thread's name is any
+    bytes its process chose (prctl PR_SET_NAME), not always UTF-8: decoding strictly let
+    engine code crash the supervisor's check with a name."""
+    status: dict[str, str] = {}
+    for line in raw.decode(errors="replace").splitlines():
+        key, _, value = line.partition(":")
+        status[key] = value.strip()
+    return status
 
 
 def _all_masks(caps: Any) -> bool:
@@ -230,14 +294,7 @@ def _thread_if(kernel_pid: int, task: str, tid: int) -> tuple[int, dict[str, str
         nspid = raw[start + 7 : end if end >= 0 else len(raw)].split()
     if not nspid or int(nspid[-1]) != tid:
         return None
-    # As linux.read_status parses it, but a thread's name is any bytes its process chose
-    # (prctl PR_SET_NAME), not always UTF-8: decoding strictly let engine code crash the
-    # supervisor's check with a name.
-    status: dict[str, str] = {}
-    for line in raw.decode(errors="replace").splitlines():
-        key, _, value = line.partition(":")
-        status[key] = value.strip()
-    return int(task), status
+    return int(task), _parse_status(raw)
 
 
 OVERFLOW_ID = 65534  # what a process is shown for an id its user namespace does not map

@@ -117,7 +117,10 @@ class RPCServerProcess:
             def on_call(record: dict[str, Any]) -> None:
                 creds = observed.pop() if observed else None
                 observed.clear()
-                self.ledger.emit("rpc_call", **record, creds=creds)
+                # The credentials the method left are confirmed from outside as a hook's
+                # snapshot is (engine code in this process could dress them up): read again
+                # when another thread changed its own meanwhile.
+                self.ledger.emit("rpc_call", refresh=self._creds, **record, creds=creds)
 
             code = registry.serve_rpc_requests(
                 engine,
