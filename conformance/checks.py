@@ -30,7 +30,7 @@ from conformance.scenario import (
 )
 from kit import preflight
 from kit.ledger.probe import host_privilege, thread_state
-from kit.ledger.record import validate
+from kit.ledger.record import LOST_EVENT, validate
 from kit.run.seccomp import SYSTEM_INTERFACE, describe_refusal
 from kit.system.linux import split_propagation
 
@@ -3325,13 +3325,17 @@ def check_start_process_never_returns(verify: Verifier, run: Run) -> None:
     if not kit_calls(hook_events(run, "stage2", "start_process", ("hook_enter",))):
         verify.vacuous(requirement, f"start_process did not run in this run ({describe_run(run)})")
         return
-    returned = kit_calls(hook_events(run, "stage2", "start_process", ("hook_return",)))
+    returned: list[dict[str, Any]] = kit_calls(
+        hook_events(run, "stage2", "start_process", ("hook_return",))
+    )
     raised = kit_calls(hook_events(run, "stage2", "start_process", ("hook_raise",)))
-    ended = [
-        e
-        for e in events_of(run, "stage2_failed")
-        if "exited with code" in str(e.get("message")) or _STAGE2_DIED in str(e.get("message"))
-    ]
+    failures = [str(e.get("message")) for e in events_of(run, "stage2_failed")]
+    ended = [m for m in failures if "exited with code" in m or _STAGE2_DIED in m]
+    # Engine code closed the ledger socket (before an exec, say): stage 2 told the master
+    # the hook event it could not record.
+    lost = [m.split(LOST_EVENT, 1)[1] for m in failures if LOST_EVENT in m]
+    raised += [{"lost": m} for m in lost if m.strip().startswith("hook_raise of start_process")]
+    returned += [{"lost": m} for m in lost if m.strip().startswith("hook_return of start_process")]
     ok = not returned and bool(raised or ended or events_of(run, "stage2_exec"))
     verify.check(
         requirement,
@@ -3342,7 +3346,7 @@ def check_start_process_never_returns(verify: Verifier, run: Run) -> None:
             f"({describe_run(run)})"
         ),
         run=run,
-        event=returned[0] if returned else None,
+        event=returned[0] if returned and "kind" in returned[0] else None,
         role="stage2",
         hook="start_process",
     )

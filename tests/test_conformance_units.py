@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,6 +18,7 @@ from conformance.capabilities import Capabilities
 from conformance.runs import Run
 from conformance.scenario import SCENARIOS, decode_signal_exit, fault_scenario
 from kit.ledger import probe
+from kit.ledger.record import LOST_EVENT, lost_event
 from kit.starter.inject import RPC_PROBES
 
 U, G = 999, 995
@@ -444,6 +446,40 @@ def test_master_hooks_given_another_pid_than_the_containers_break_pid_001():
     checks.check_master_pids(verify, run)
     (violation,) = verify.violations["PID-001"]
     assert violation.event["hook"] == "monitor_container" and violation.observed == "pid 1"
+
+
+def _stage2_lost(kind: str | None) -> dict:
+    """The master's stage2_failed event when engine code closed the ledger socket before
+    stage 2 could send ``kind`` of start_process (None: before any hook event)."""
+    message = "engine code closed the ledger socket in stage 2: Socket operation on non-socket"
+    if kind is not None:
+        event = {"kind": kind, "hook": "start_process"}
+        if kind == "hook_raise":
+            event["error"] = {"type": "FileNotFoundError", "message": "no /nonexistent"}
+        message += f"; {LOST_EVENT} {lost_event(json.dumps(event).encode())}"
+    return {"kind": "stage2_failed", "role": "master", "message": message}
+
+
+@pytest.mark.parametrize(
+    ("lost", "violated"),
+    [("hook_raise", False), ("hook_return", True), ("hook_enter", True), (None, True)],
+)
+def test_err_012_reads_how_start_process_ended_when_its_ledger_socket_was_closed(lost, violated):
+    """An engine may close every descriptor it does not know before its exec (the kit's
+    ledger socket too): when the exec fails, stage 2 tells the master the hook event it
+    could not record, and ERR-012 judges start_process by it."""
+    run = make_run(
+        "root",
+        [
+            hook("hook_enter", "stage2", "start_process", snapshot(ns=CONTAINER_NS)),
+            _stage2_lost(lost),
+        ],
+        exit_code=255,
+        scenario="exec-failure",
+    )
+    verify = checks.Verifier("root", ["ERR-012"], "t")
+    checks.check_start_process_never_returns(verify, run)
+    assert bool(verify.violations.get("ERR-012")) is violated
 
 
 def test_init_config_told_privileged_outside_stage_1_breaks_order_002():

@@ -311,7 +311,23 @@ def test_stage2_losing_the_ledger_tells_the_master():
     assert result.exit_code == EXIT_FATAL, result
     (failed,) = result.ledger.select("stage2_failed")
     assert failed["message"].startswith("engine code closed the ledger socket in stage 2")
+    # How start_process ended, which the ledger could not hear, is told with it (ERR-012).
+    assert failed["message"].endswith(
+        "; the event it could not record: hook_raise of start_process "
+        "(RuntimeError: start_process fails after closing the ledger socket)"
+    ), failed
     assert not result.ledger.select("stage2_exec")
+
+
+def test_stage2_exiting_through_posix_exit_is_told_as_an_exit_not_an_exec():
+    """posix._exit is os._exit's other name: an engine that exits through it (after its
+    exec failed, say) must not have the master take the EOF for the exec (ERR-012, §2 rule 6:
+    no post_start_process)."""
+    result = fault_run(ABUSE, abuse="posix_exit")
+    (failed,) = result.ledger.select("stage2_failed")
+    assert failed["message"] == "start_process exited with code 3 instead of exec", failed
+    assert not result.ledger.select("stage2_exec")
+    assert not [e for e in result.events if e.get("hook") == "post_start_process"]
 
 
 def _writer_pair():  # type: ignore[no-untyped-def]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import posix
 import sys
 from typing import TYPE_CHECKING, NoReturn
 
 from kit import registry
+from kit.ledger.record import LOST_EVENT, lost_event
 from kit.starter.common import (
     _REAL_EXIT,
     EXIT_FATAL,
@@ -35,15 +37,17 @@ class Stage2:
         self.ledger.on_lost = self._ledger_lost
 
     def _ledger_lost(self, exc: OSError) -> NoReturn:
-        """Told to the master, whose events still reach the supervisor."""
-        _send(
-            self.c.sock,
-            _failure(
-                Control.STAGE2_FAILED,
-                f"engine code closed the ledger socket in stage 2 (or put another file under "
-                f"its number): {exc.strerror}",
-            ),
+        """Told to the master, whose events still reach the supervisor, with the event that
+        could not be sent: an engine may close every descriptor it does not know before its
+        exec, and when that exec fails, how start_process ended is still the engine's."""
+        message = (
+            f"engine code closed the ledger socket in stage 2 (or put another file under "
+            f"its number): {exc.strerror}"
         )
+        lost = lost_event(self.ledger.lost)
+        if lost:
+            message += f"; {LOST_EVENT} {lost}"
+        _send(self.c.sock, _failure(Control.STAGE2_FAILED, message))
         _REAL_EXIT(EXIT_FATAL)
 
     def target_ids(self) -> tuple[int, list[int]]:
@@ -122,7 +126,8 @@ class Stage2:
                     )
                 _REAL_EXIT(code)
 
-            os._exit = reported_exit  # type: ignore[assignment]
+            # Both names of the one function: posix._exit is os._exit under another module.
+            os._exit = posix._exit = reported_exit  # type: ignore[assignment]
             mark = self.c.starter.exec_mark
             master_socket = linux.fd_identity(master_fd)
 

@@ -276,6 +276,26 @@ class StartProcessWaitsWhenExecFails(Mutant):
             threading.Event().wait()
 
 
+class StartProcessClosesItsFdsAndSwallowsExecError(Mutant):
+    slug = "start-process-closes-fds-swallows-exec-error"
+    bug = (
+        "start_process closes every descriptor but stdio and master_fd before the exec (the "
+        "kit's ledger socket too), then catches the exec's OSError and returns: its "
+        "hook_return never reaches the ledger"
+    )
+    killed_by = ("ERR-012",)
+    mechanism = "other-field"
+    flows = ("root",)
+
+    def start_process(self, master_fd: int) -> None:
+        os.closerange(3, master_fd)
+        os.closerange(master_fd + 1, 1 << 16)
+        try:
+            super().start_process(master_fd)
+        except OSError as exc:
+            print(f"cannot start the payload: {exc}", file=sys.stderr)
+
+
 class StartProcessExecsOnAThread(Mutant):
     slug = "start-process-execs-on-a-thread"
     bug = (
@@ -307,6 +327,7 @@ MUTANTS = (
     PrepareConfigExits,
     StartProcessReturns,
     StartProcessSwallowsExecError,
+    StartProcessClosesItsFdsAndSwallowsExecError,
     StartProcessExecsOnAThread,
     StartProcessWaitsWhenExecFails,
     ClosesTheRPCConnectionEarly,
