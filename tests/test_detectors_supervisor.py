@@ -346,6 +346,24 @@ def test_a_hook_that_ends_after_a_while_is_no_timeout(closing):
     assert result["seconds"] >= T * 1.5
 
 
+def test_a_hook_entered_again_while_open_keeps_its_first_deadline():
+    """A hook that keeps sending hook_enter for itself (a forged datagram, or engine code
+    calling its own hook) must not restart its timer each time (blind round 6)."""
+
+    def re_enters(ledger: LedgerWriter) -> int:
+        master = ledger.for_role("master")
+        for _ in range(int(T * 3 / 0.1)):
+            master.emit("hook_enter", hook="create_container")
+            time.sleep(0.1)
+        signal.pause()
+        return 0
+
+    result = supervise(re_enters, hook_timeout=T)
+    assert result["timed_out"]["hook"] == "create_container"
+    # It fired while the entries still came: before the last of them.
+    assert len(kinds(result, "hook_enter")) < int(T * 3 / 0.1), result["seconds"]
+
+
 def test_a_hook_ended_by_another_role_is_still_open():
     def wrong_role(ledger: LedgerWriter) -> int:
         ledger.for_role("master").emit("hook_enter", hook="create_container")

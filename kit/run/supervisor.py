@@ -171,9 +171,11 @@ class Supervisor:
             if event["hook"] in UNTIMED_HOOKS:
                 self.untimed_open[(role, event["hook"])] = event.get("pid", 0)
             else:
-                self.open_hooks[(role, event["hook"])] = (
-                    time.monotonic() + self.req.hook_timeout,
-                    event.get("pid", 0),
+                # A hook entered again while open (engine code calling it, or a datagram it
+                # forged) keeps its first deadline: a timer each entry restarted never ends.
+                self.open_hooks.setdefault(
+                    (role, event["hook"]),
+                    (time.monotonic() + self.req.hook_timeout, event.get("pid", 0)),
                 )
         elif kind in ("hook_return", "hook_raise"):
             self.open_hooks.pop((role, event.get("hook", "")), None)
