@@ -392,6 +392,16 @@ def test_the_payload_starts_with_no_signal_ignored_or_blocked():
     assert masks == {"SigIgn": "0" * 16, "SigBlk": "0" * 16}, masks
 
 
+def test_a_container_proc_without_proc_sys_leaves_stage_2_its_capability_count():
+    """An engine may mount the container's /proc with subset=pid (no /proc/sys): stage 2
+    still drops the bounding set, which needs the kernel's highest capability number,
+    read before any namespace (blind round 6 found the run failed)."""
+    result = run("blind6_kit_correct:ProcSubsetPid", "root", ["/bin/sh", "-c", "ls /proc/sys"])
+    assert result.exit_code != 0 and "No such file" in result.stderr, result  # no /proc/sys
+    assert not result.ledger.select("stage2_failed"), result
+    assert result.ledger.select("stage2_exec"), result
+
+
 def test_start_process_exiting_is_reported_by_stage_2_outside_a_pid_namespace_too():
     # Without a new pid namespace, nor the host sandbox's, stage 2's pid is a host pid, not
     # 1 or another number CPython caches: the report must hang on the pid's value only.

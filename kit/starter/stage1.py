@@ -161,6 +161,9 @@ class Starter:
                     raise StageFailed(refused)
             linux.set_name("kit-starter")
             default_signals()
+            # Read while /proc is the host's: stage 2 needs it after engine code mounted the
+            # container's /proc, which may leave out /proc/sys (subset=pid).
+            linux.cap_last()
             # Before the engine's import, which may open descriptors of its own to keep.
             self.own_fds = self.kit_fds()
             try:

@@ -658,8 +658,11 @@ CAP_NUMBERS = {name: i for i, name in enumerate(CAPABILITIES)}
 _CAP_V3 = 0x20080522
 
 
+@functools.cache
 def cap_last() -> int:
-    """The highest capability number this kernel knows."""
+    """The highest capability number this kernel knows: read once (it never changes while
+    the kernel runs), before a process can lose its view of /proc/sys (a container's /proc
+    mounted with subset=pid has none)."""
     with open("/proc/sys/kernel/cap_last_cap") as f:
         return int(f.read())
 
