@@ -20,7 +20,8 @@ value, a symlink, another field), :mod:`.host` (changes of the host that outlive
 path, a forwarded signal or at exec), :mod:`.priv2` (securebits a second round of blind
 engines left on the payload), :mod:`.ns` (bugs of blind engines in namespaces, order
 and flows), :mod:`.rpc` (blind engines' bugs of signals, exit and error paths), :mod:`.order`
-(round 2 of the blind engines: hook order, the RPC connection, the wait status) and
+(round 2 of the blind engines: hook order, the RPC connection, the wait status), :mod:`.forgery`
+(a privilege hidden from the snapshots a process reads of itself: round 6) and
 :mod:`.gaps` (known survivors: bugs the suite cannot see yet, with the reason).
 
 :mod:`.starter` holds the starter mutants: the reference engine run by a kit with one bug, for
@@ -36,6 +37,7 @@ from conformance.cooperation import cooperative
 from kit.registry import register_operations, register_rpc_methods, registered
 from mutants.zoo import (
     cleanup,
+    forgery,
     gaps,
     host,
     join,
@@ -84,6 +86,7 @@ ENGINE_MUTANTS: tuple[type[Mutant], ...] = (
     *ns.MUTANTS,
     *rpc.MUTANTS,
     *order.MUTANTS,
+    *forgery.MUTANTS,
 )
 #: Starter mutants: each registered only through its own spec (:func:`engine_spec`).
 STARTER_MUTANTS: tuple[type[Mutant], ...] = starter.MUTANTS

@@ -1,0 +1,121 @@
+"""Mutants that hide a privilege they keep from the kit's own view (blind round 6, §4, §8):
+the snapshot a process reads of itself, which engine code running there can bend."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+from kit.starter import rpc_server
+from kit.system import linux
+from mutants.zoo.base import Mutant
+from reference_engines.minimal import ReferenceRPC
+
+#: CAP_DAC_OVERRIDE: what each mutant's hidden thread or method keeps effective.
+_KEPT = linux.caps_to_mask(["CAP_DAC_OVERRIDE"])
+
+
+def _raise_kept() -> None:
+    """CAP_DAC_OVERRIDE into the calling thread's effective set when it is permitted."""
+    eff, perm, inh = linux.capget()
+    if perm & _KEPT:
+        linux.capset(eff | _KEPT, perm, inh)
+
+
+class _HiddenThreadRPC(ReferenceRPC):
+    """After the /tmp mount: a thread that keeps CAP_DAC_OVERRIDE raised for good, and an
+    empty directory mounted over its ``/proc/PID/task/TID`` in the container's mount
+    namespace, where the RPC server's own snapshots read /proc."""
+
+    def mount(
+        self,
+        source: str | None,
+        target: str,
+        fstype: str | None,
+        flags: list[str],
+        data: str | None,
+    ) -> None:
+        super().mount(source, target, fstype, flags, data)
+        if target != "/tmp":
+            return
+        ready, tids = threading.Event(), []
+
+        def keeps() -> None:
+            tids.append(linux.proc_tid())  # as the container's /proc numbers it
+            _raise_kept()
+            ready.set()
+            threading.Event().wait()
+
+        threading.Thread(target=keeps, name="watch", daemon=True).start()
+        ready.wait(5)
+        empty = "/tmp/.hidden"
+        os.makedirs(empty, exist_ok=True)
+        linux.mount(empty, f"/proc/{os.getpid()}/task/{tids[0]}", None, linux.MS_BIND)
+
+
+class RPCServerHidesAThreadUnderAMount(Mutant):
+    slug = "rpc-server-hides-a-thread-under-a-mount"
+    bug = (
+        "an RPC method leaves a thread with CAP_DAC_OVERRIDE raised and mounts an empty "
+        "directory over its /proc/PID/task/TID in the container, so that the RPC server's "
+        "snapshots, read inside, leave it out"
+    )
+    killed_by = ("LEDGER-003",)
+    mechanism = "helper-thread"
+    flows = ("root",)
+    rpc = _HiddenThreadRPC
+
+
+def _scrubbed(original: Any) -> Any:
+    """RPCServerProcess._creds with the effective set of every thread cut down to
+    CAP_SYS_ADMIN (what the setuid RPC server is given)."""
+    admin = linux.caps_to_mask(["CAP_SYS_ADMIN"])
+
+    def creds(self: Any) -> Any:
+        out = original(self)
+        for entry in [out, *out.get("threads", ())] if isinstance(out, dict) else ():
+            caps = entry.get("caps")
+            if isinstance(caps, dict) and isinstance(caps.get("effective"), int):
+                caps["effective"] &= admin
+        return out
+
+    return creds
+
+
+class _ScrubbingRPC(ReferenceRPC):
+    """Every method leaves CAP_DAC_OVERRIDE raised on its thread; the kit's record of the
+    RPC server's credentials is patched, in its process, to say otherwise."""
+
+    def __init__(self, engine: Any) -> None:
+        super().__init__(engine)
+        rpc_server.RPCServerProcess._creds = _scrubbed(  # type: ignore[method-assign]
+            rpc_server.RPCServerProcess._creds
+        )
+
+    def mount(
+        self,
+        source: str | None,
+        target: str,
+        fstype: str | None,
+        flags: list[str],
+        data: str | None,
+    ) -> None:
+        _raise_kept()
+        super().mount(source, target, fstype, flags, data)
+
+
+class RPCServerScrubsItsRecordedCredentials(Mutant):
+    slug = "rpc-server-scrubs-its-recorded-credentials"
+    bug = (
+        "RPC methods leave CAP_DAC_OVERRIDE raised, and the engine patches the kit's "
+        "RPCServerProcess._creds in the RPC server so that each rpc_call reports only "
+        "CAP_SYS_ADMIN effective"
+    )
+    killed_by = ("LEDGER-003",)
+    mechanism = "other-field"
+    flows = ("root",)
+    rpc = _ScrubbingRPC
+
+
+MUTANTS = (RPCServerHidesAThreadUnderAMount, RPCServerScrubsItsRecordedCredentials)
