@@ -103,9 +103,12 @@ class LedgerWriter:
             try:
                 holder = _snapshot_holder(event)
                 if self.confirm and holder is not None:
-                    for _ in range(SNAPSHOT_ATTEMPTS):
+                    for attempt in range(SNAPSHOT_ATTEMPTS):
                         if confirm_send(self.sock, data) != RETRY:
                             break
+                        # What moved between the read and the supervisor's may still move
+                        # (a burst of threads starting under load): let it settle.
+                        time.sleep(RETRY_PAUSE * 2**attempt)
                         if refresh is not None:
                             holder[outside_key(event)] = refresh()
                             data = json.dumps(event, separators=(",", ":"), default=repr).encode()
@@ -185,8 +188,12 @@ CONFIRM_TIMEOUT = 30.0
 CONFIRMED, RETRY = b"k", b"r"
 #: How many snapshots in a row may disagree with the supervisor's read before that counts as
 #: a forgery: another thread's process-wide credential change (glibc's set*id reaches every
-#: thread) can fall between a snapshot and the supervisor's read of it.
-SNAPSHOT_ATTEMPTS = 3
+#: thread) can fall between a snapshot and the supervisor's read of it, and so can the
+#: threads a process starts or ends (the master starts three for its hooks at once). The
+#: sender waits a little longer before each new read (RETRY_PAUSE, doubled each time).
+SNAPSHOT_ATTEMPTS = 6
+#: Seconds the sender waits before its first read again (then 2, 4, 8, 16 ms: ~31 in all).
+RETRY_PAUSE = 0.001
 
 
 def confirm_send(sock: socket.socket, data: bytes) -> bytes:

@@ -214,8 +214,8 @@ def _check_other_threads(
         except OSError:
             continue  # ended since it was listed
         status = _parse_status(raw)
-        if status.get("State", "")[:1] in ("Z", "X", "x"):
-            continue  # ending: a snapshot leaves out a thread it sees ending
+        if linux.thread_ending(int(task), kernel_pid):
+            continue  # a snapshot leaves out a thread it sees ending; it may have done so
         levels = [int(n) for n in status.get("NSpid", task).split()]
         mine = next((numbered[n] for n in reversed(levels) if n in numbered), None)
         if mine is None:

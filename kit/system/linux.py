@@ -992,10 +992,10 @@ def _stat(pid: int | str, proc: str = "/proc") -> bytes | None:
 _PF_EXITING = 0x4
 
 
-def thread_ending(tid: int) -> bool:
-    """Whether thread ``tid`` of the calling process has ended or is ending: gone from
-    ``/proc/self/task``, exiting (``PF_EXITING``), or a zombie."""
-    stat = _stat(tid, "/proc/self/task")
+def thread_ending(tid: int, pid: int | str = "self") -> bool:
+    """Whether thread ``tid`` of process ``pid`` (the calling one by default) has ended or
+    is ending: gone from ``/proc/PID/task``, exiting (``PF_EXITING``), or a zombie."""
+    stat = _stat(tid, f"/proc/{pid}/task")
     if stat is None:
         return True
     fields = stat[stat.rindex(b")") + 2 :].split()
