@@ -315,18 +315,20 @@ def _make_state(config: pytest.Config, engine: str, source: str) -> ConformanceS
         check = preflight.StarterConfigCheck(
             engine, flows, invoker["uid"], invoker["gid"], list(invoker.get("groups") or [])
         )
-    # In a child, as U: the engine is never imported here (SPEC §11), where verdicts are
-    # made. It runs while this process reads the suite's declarations (~30 ms each).
-    inspecting = preflight.Inspecting(
-        engine, collect={"capabilities": (caps_module.collect, caps_module.COLLECTED)}
-    )
+    inspecting = None
     try:
+        # In a child, as U: the engine is never imported here (SPEC §11), where verdicts
+        # are made. It runs while this process reads the suite's declarations.
+        inspecting = preflight.Inspecting(
+            engine, collect={"capabilities": (caps_module.collect, caps_module.COLLECTED)}
+        )
         return _state_after_preflight(
             config, engine, source, backend, flows, invoker, check, inspecting
         )
     finally:
         # After a usage error that came first, their answers are not wanted.
-        inspecting.cancel()
+        if inspecting is not None:
+            inspecting.cancel()
         if check is not None:
             check.cancel()
 
@@ -751,7 +753,9 @@ class SessionPlugin:
         )
         # What the imports and the collection made lives until the session ends: the cyclic
         # garbage collector need not walk it again and again (pytest collects twice at its
-        # end). Garbage is collected first, so that nothing unreachable is kept for good.
+        # end). The young generations are collected first (what collecting made and
+        # dropped); garbage of the old one, if any, stays frozen until the process exits or
+        # the next in-process session unfreezes it (a full collection costs ~30 ms here).
         gc.collect(1)
         gc.freeze()
 

@@ -237,12 +237,15 @@ def test_a_thread_named_in_bytes_that_are_not_utf8_is_still_checked() -> None:
 
 
 @contextlib.contextmanager
-def _a_sibling_thread() -> Iterator[int]:
-    """A second thread of this process, idle for the block; yields its id."""
+def _a_sibling_thread(lowered: int = 0) -> Iterator[int]:
+    """A second thread of this process, idle for the block, with ``lowered`` taken out of
+    its own effective capability set (per thread: no other changes); yields its id."""
     tids: list[int] = []
     ready, done = threading.Event(), threading.Event()
 
     def idle() -> None:
+        eff, perm, inh = linux.capget()
+        linux.capset(eff & ~lowered, perm, inh)
         tids.append(threading.get_native_id())
         ready.set()
         done.wait(10)
@@ -257,10 +260,12 @@ def _a_sibling_thread() -> Iterator[int]:
         thread.join()
 
 
+@pytest.mark.skipif(not linux.capget()[0] & 1, reason="needs CAP_CHOWN effective to lower")
 def test_a_snapshot_that_leaves_out_or_dresses_up_another_thread_is_refused() -> None:
     """SPEC §4 speaks of every thread: the supervisor reads each one the kernel lists, not
-    only the sender (engine code can hide a thread from the snapshot read inside)."""
-    with _a_sibling_thread() as sibling:
+    only the sender (engine code can hide a thread from the snapshot read inside). A thread
+    left out that is, to the kernel, exactly as one shown hides nothing; this one is not."""
+    with _a_sibling_thread(lowered=1) as sibling:  # CAP_CHOWN off its effective set
         event = _snapshot_event()
         assert check_snapshot(os.getpid(), event, True) is None
         threads = event["snapshot"]["threads"]
@@ -276,9 +281,32 @@ def test_a_snapshot_that_leaves_out_or_dresses_up_another_thread_is_refused() ->
         other["caps"] = {**other["caps"], "effective": other["caps"]["effective"] ^ 1}
         other["ns"] = {**other["ns"], "net": 1}
         problem = check_snapshot(os.getpid(), event, True)
+        net = linux.ns_inode("net")
         assert (
-            problem == f"its snapshot says net namespace 1, the kernel says {linux.ns_inode('net')}"
+            problem
+            == f"its snapshot says net namespace 1 for thread {sibling}, the kernel says {net}"
         )
+        del other["ns"]
+        problem = check_snapshot(os.getpid(), event, True)
+        assert problem == f"its snapshot gives thread {sibling} no namespaces"
+
+
+def test_a_thread_left_out_that_is_as_one_shown_hides_nothing() -> None:
+    """Threads start between the snapshot and the supervisor's read (a timer, the master's
+    hook threads): one the kernel shows exactly as a thread of the snapshot is no forgery."""
+    with _a_sibling_thread() as sibling:
+        event = _snapshot_event()
+        threads = event["snapshot"]["threads"]
+        event["snapshot"]["threads"] = [t for t in threads if t["tid"] != sibling]
+        assert check_snapshot(os.getpid(), event, True) is None
+
+
+def test_the_processs_own_namespaces_are_checked_too() -> None:
+    event = _snapshot_event()
+    event["snapshot"]["ns"] = {**event["snapshot"]["ns"], "uts": 7}
+    problem = check_snapshot(os.getpid(), event, True)
+    uts = linux.ns_inode("uts")
+    assert problem == f"its snapshot says uts namespace 7 for the process, the kernel says {uts}"
 
 
 def test_the_credentials_an_rpc_method_left_are_checked_as_a_snapshot() -> None:

@@ -26,7 +26,7 @@ probe_children_lock = threading.Lock()
 #: Held while a probe thread lives, and while a snapshot reads the threads: a snapshot in
 #: another thread (the master runs hooks concurrently) never sees a probe thread, whose
 #: credentials are the probe's, not the process's.
-_probe_lock = threading.Lock()
+_probe_lock = threading.RLock()
 #: How long a probe thread may take to be gone from ``/proc`` after it returned.
 PROBE_THREAD_EXIT_TIMEOUT = 5.0
 
@@ -35,7 +35,7 @@ def _new_locks() -> None:
     # A child forked while another thread held a lock would wait for it forever.
     global probe_children_lock, _probe_lock
     probe_children_lock = threading.Lock()
-    _probe_lock = threading.Lock()
+    _probe_lock = threading.RLock()
 
 
 os.register_at_fork(after_in_child=_new_locks)
@@ -253,7 +253,8 @@ def _thread_ns(tid: int) -> dict[str, int | None]:
 def quiet() -> Iterator[None]:
     """No escalation probe thread runs in this process during the block (a probe's thread
     raises its own credentials, a moment, on purpose): while the supervisor reads every
-    thread of a sender from outside (:func:`kit.ledger.record.confirm_send`)."""
+    thread of a sender from outside (:func:`kit.ledger.record.confirm_send`). Reentrant: a
+    signal handler of engine code may call a hook on the thread that waits here."""
     with _probe_lock:
         yield
 

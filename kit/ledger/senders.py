@@ -143,10 +143,11 @@ def check_snapshot(
     confirmed: bool,
     tasks: dict[tuple[int, int], int] | None = None,
 ) -> str | None:
-    """Why the sending thread's entry in ``event``'s snapshot is not what the kernel says of
-    it (read here, from outside the process, while the sender waits: ``confirmed``); None
-    when it is. A snapshot without the wait cannot be checked and is refused. ``tasks``:
-    where each sending thread was found before (kept by the caller, see :func:`find_thread`)."""
+    """Why ``event``'s snapshot is not what the kernel says of the sending process (read
+    here, from outside it, while the sender waits: ``confirmed``); None when it is. Every
+    thread the kernel lists is compared, the sending one first. A snapshot without the wait
+    cannot be checked and is refused. ``tasks``: where each sending thread was found before
+    (kept by the caller, see :func:`find_thread`)."""
     snap = outside_checked(event)
     if not isinstance(snap, dict) or "threads" not in snap:
         return None  # no snapshot (probes off), or the probe's own error
@@ -157,19 +158,74 @@ def check_snapshot(
         return f"its sending thread {event['tid']} is not a thread of pid {kernel_pid}"
     task, status = found
     threads = snap["threads"] if isinstance(snap["threads"], list) else []
-    entries = [t for t in threads if isinstance(t, dict)]
-    mine = next((t for t in entries if t.get("tid") in (task, event["tid"])), None)
-    if mine is None:
-        # The snapshot numbers threads as the sender's /proc does: in the kit's host sandbox,
-        # a process in a pid namespace of its own (the RPC server) reads the sandbox's.
-        levels = {int(n) for n in status.get("NSpid", "").split()}
-        mine = next((t for t in entries if t.get("tid") in levels), None)
-    if mine is None:
+    numbered = {t.get("tid"): t for t in threads if isinstance(t, dict)}
+    live = _live_tasks(kernel_pid)
+    live.setdefault(task, (status, _levels(status, task)))
+    # The snapshot numbers its threads as the sender's /proc does: one level of their NSpid
+    # (in the kit's host sandbox, the RPC server reads the sandbox's, not its own).
+    level = _numbering_level(numbered, live, task)
+    if level is None:
         return f"its snapshot has no entry for its sending thread {event['tid']}"
-    problem = _compare(kernel_pid, task, status, mine, event["tid"]) or _check_ns(
-        kernel_pid, task, mine
-    )
-    return problem or _check_other_threads(kernel_pid, task, entries)
+    mine = numbered[_at(live[task][1], level)]
+    problem = _compare(kernel_pid, task, status, mine, event["tid"])
+    problem = problem or _check_ns(mine, _ns_of(kernel_pid, task), event["tid"])
+    if problem is None and event.get("kind") != "rpc_call":
+        # The process's own namespaces: what NS checks read first (an rpc_call's credentials
+        # carry none).
+        problem = _check_ns(snap, linux.ns_inodes(f"/proc/{kernel_pid}/ns"), "the process")
+    return problem or _check_other_threads(kernel_pid, task, live, level, numbered)
+
+
+def _levels(status: dict[str, str], task: int) -> list[int]:
+    """A task's numbers in every pid namespace it is in, outermost first (NSpid)."""
+    return [int(n) for n in status.get("NSpid", str(task)).split()] or [task]
+
+
+def _at(levels: list[int], level: int) -> int:
+    return levels[level] if level < len(levels) else levels[-1]
+
+
+def _live_tasks(kernel_pid: int) -> dict[int, tuple[dict[str, str], list[int]]]:
+    """Every thread of ``kernel_pid`` that is not ending: task → (its status, its levels).
+    A snapshot leaves out a thread it sees ending; this one may have seen it so."""
+    try:
+        listed = os.listdir(f"/proc/{kernel_pid}/task")
+    except OSError:
+        return {}  # the process is gone: nothing left to compare with
+    live = {}
+    for name in listed:
+        try:
+            raw = linux.read_file(f"/proc/{kernel_pid}/task/{name}/status")
+        except OSError:
+            continue  # ended since it was listed
+        if linux.thread_ending(int(name), kernel_pid):
+            continue
+        status = _parse_status(raw)
+        live[int(name)] = (status, _levels(status, int(name)))
+    return live
+
+
+def _numbering_level(
+    numbered: dict[Any, dict[str, Any]],
+    live: dict[int, tuple[dict[str, str], list[int]]],
+    sender: int,
+) -> int | None:
+    """The NSpid level the snapshot numbers threads at: of those where the sending thread has
+    an entry, the one where most of the kernel's threads do (a number of one level may be
+    another thread's at another level), the innermost on a tie."""
+    depth = len(live[sender][1])
+    best: tuple[int, int] | None = None
+    for level in range(depth):
+        if _at(live[sender][1], level) not in numbered:
+            continue
+        score = sum(_at(levels, level) in numbered for _, levels in live.values())
+        if best is None or score >= best[0]:
+            best = (score, level)
+    return None if best is None else best[1]
+
+
+def _ns_of(kernel_pid: int, task: int) -> dict[str, int | None]:
+    return linux.ns_inodes(f"/proc/{kernel_pid}/task/{task}/ns")
 
 
 def _compare(
@@ -193,45 +249,42 @@ def _compare(
 
 
 def _check_other_threads(
-    kernel_pid: int, sender_task: int, entries: list[dict[str, Any]]
+    kernel_pid: int,
+    sender: int,
+    live: dict[int, tuple[dict[str, str], list[int]]],
+    level: int,
+    numbered: dict[Any, dict[str, Any]],
 ) -> str | None:
     """Why the snapshot's other threads are not every live thread the kernel lists for the
     process, each as the kernel says it is; None when they are. The snapshot is read inside
     the process, where engine code can hide a thread from it (a mount over its
     ``/proc/PID/task/TID``, a patched list) or dress one up, and SPEC §4 speaks of every
-    thread. A thread started or changed since the snapshot makes the sender read it again
-    (RETRY), as a change of the sending thread's does."""
-    try:
-        listed = os.listdir(f"/proc/{kernel_pid}/task")
-    except OSError:
-        return None  # the process is gone: nothing left to compare with
-    numbered = {t.get("tid"): t for t in entries}
-    for task in listed:
-        if task == str(sender_task):
+    thread. A thread that changed since the snapshot makes the sender read it again (RETRY),
+    as a change of the sending thread's does. One the snapshot lacks but that is, to the
+    kernel, exactly as one it shows hides nothing (threads start between the snapshot and
+    this read: a timer, a monitor's helper)."""
+    for task, (status, levels) in live.items():
+        if task == sender:
             continue
-        try:
-            raw = linux.read_file(f"/proc/{kernel_pid}/task/{task}/status")
-        except OSError:
-            continue  # ended since it was listed
-        status = _parse_status(raw)
-        if linux.thread_ending(int(task), kernel_pid):
-            continue  # a snapshot leaves out a thread it sees ending; it may have done so
-        levels = [int(n) for n in status.get("NSpid", task).split()]
-        mine = next((numbered[n] for n in reversed(levels) if n in numbered), None)
+        number = _at(levels, level)
+        actual = _ns_of(kernel_pid, task)
+        if any(inode is None for inode in actual.values()):
+            continue  # ending after all (its own process reads a live one's): left out
+        mine = numbered.get(number)
         if mine is None:
+            if any(
+                _compare(kernel_pid, task, status, shown, number) is None
+                and _check_ns(shown, actual, number) is None
+                for shown in numbered.values()
+            ):
+                continue
             return (
-                f"its snapshot has no entry for thread {levels[-1]}, which the kernel lists "
+                f"its snapshot has no entry for thread {number}, which the kernel lists "
                 f"(task {task}: uid {status.get('Uid', '?')}, effective capabilities "
                 f"{status.get('CapEff', '?')})"
             )
-        problem = _compare(kernel_pid, int(task), status, mine, levels[-1])
-        if problem is None and isinstance(mine.get("ns"), dict):
-            # A thread whose namespaces cannot all be read is ending (its own process
-            # reads a live one's): as the snapshot, leave it out.
-            actual = linux.ns_inodes(f"/proc/{kernel_pid}/task/{task}/ns")
-            if any(inode is None for inode in actual.values()):
-                continue
-            problem = _check_ns(kernel_pid, int(task), mine)
+        problem = _compare(kernel_pid, task, status, mine, number)
+        problem = problem or _check_ns(mine, actual, number)
         if problem is not None:
             return problem
     return None
@@ -329,14 +382,21 @@ def _inside(outside_id: int, lines: list[list[int]]) -> int:
     return OVERFLOW_ID
 
 
-def _check_ns(kernel_pid: int, task: int, mine: dict[str, Any]) -> str | None:
+def _check_ns(mine: dict[str, Any], actual: dict[str, int | None], whose: Any) -> str | None:
+    """Why the namespaces ``mine`` claims (its ``ns``) are not the kernel's ``actual`` ones
+    of thread (or process) ``whose``: a real snapshot gives each its namespaces, and leaving
+    them out would hide one (a master thread in the container's network namespace)."""
     claimed = mine.get("ns")
     if not isinstance(claimed, dict):
-        return None
-    actual = linux.ns_inodes(f"/proc/{kernel_pid}/task/{task}/ns")
+        return f"its snapshot gives {_whose(whose)} no namespaces"
     for kind, inode in actual.items():
         if inode is not None and claimed.get(kind) != inode:
             return (
-                f"its snapshot says {kind} namespace {claimed.get(kind)!r}, the kernel says {inode}"
+                f"its snapshot says {kind} namespace {claimed.get(kind)!r} for "
+                f"{_whose(whose)}, the kernel says {inode}"
             )
     return None
+
+
+def _whose(whose: Any) -> str:
+    return whose if isinstance(whose, str) else f"thread {whose}"

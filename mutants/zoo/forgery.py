@@ -63,7 +63,7 @@ class RPCServerHidesAThreadUnderAMount(Mutant):
     )
     killed_by = ("LEDGER-003",)
     mechanism = "helper-thread"
-    flows = ("root",)
+    flows = ("suid",)  # where the RPC server has CAP_DAC_OVERRIDE permitted, not effective
     rpc = _HiddenThreadRPC
 
 
@@ -114,7 +114,7 @@ class RPCServerScrubsItsRecordedCredentials(Mutant):
     )
     killed_by = ("LEDGER-003",)
     mechanism = "other-field"
-    flows = ("root",)
+    flows = ("suid",)  # where the RPC server has CAP_DAC_OVERRIDE permitted, not effective
     rpc = _ScrubbingRPC
 
 
