@@ -101,8 +101,8 @@ class LedgerWriter:
                 event = {**{k: event[k] for k in kept if k in event}, "truncated": len(data)}
                 data = json.dumps(event, default=repr).encode()
             try:
-                holder = _snapshot_holder(event)
-                if self.confirm and holder is not None:
+                place = _snapshot_place(event)
+                if self.confirm and place is not None:
                     for attempt in range(SNAPSHOT_ATTEMPTS):
                         if confirm_send(self.sock, data) != RETRY:
                             break
@@ -110,7 +110,8 @@ class LedgerWriter:
                         # (a burst of threads starting under load): let it settle.
                         time.sleep(RETRY_PAUSE * 2**attempt)
                         if refresh is not None:
-                            holder[outside_key(event)] = refresh()
+                            holder, key = place
+                            holder[key] = refresh()
                             data = json.dumps(event, separators=(",", ":"), default=repr).encode()
                 else:
                     self.sock.send(data)
@@ -139,25 +140,21 @@ class LedgerWriter:
 
 def outside_checked(event: dict[str, Any]) -> dict[str, Any] | None:
     """The snapshot in ``event`` that the supervisor checks from outside the sending process
-    (while the sender waits: :func:`confirm_send`): the one that holds it, a hook's
-    ``snapshot`` or the credentials an RPC method left (``creds["after"]`` of an rpc_call);
-    None when it carries none. The key is :func:`outside_key`'s."""
-    holder = _snapshot_holder(event)
-    return None if holder is None else holder[outside_key(event)]
+    (while the sender waits: :func:`confirm_send`): a hook's ``snapshot``, or the
+    credentials an RPC method left (``creds["after"]`` of an rpc_call); None when it
+    carries none."""
+    place = _snapshot_place(event)
+    return None if place is None else place[0][place[1]]
 
 
-def outside_key(event: dict[str, Any]) -> str:
-    """The key of :func:`outside_checked`'s snapshot in the dictionary that holds it."""
-    return "snapshot" if "snapshot" in event else "after"
-
-
-def _snapshot_holder(event: dict[str, Any]) -> dict[str, Any] | None:
+def _snapshot_place(event: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
+    """(the dictionary that holds :func:`outside_checked`'s snapshot, its key)."""
     if isinstance(event.get("snapshot"), dict):
-        return event
+        return event, "snapshot"
     creds = event.get("creds")
     if event.get("kind") != "rpc_call" or not isinstance(creds, dict):
         return None
-    return creds if isinstance(creds.get("after"), dict) else None
+    return (creds, "after") if isinstance(creds.get("after"), dict) else None
 
 
 #: How a process's failure message names the event the lost ledger socket kept from the ledger.

@@ -167,13 +167,14 @@ def check_snapshot(
     if level is None:
         return f"its snapshot has no entry for its sending thread {event['tid']}"
     mine = numbered[_at(live[task][1], level)]
-    problem = _compare(kernel_pid, task, status, mine, event["tid"])
+    maps = _id_maps(kernel_pid)  # read once: every thread of a process shares them
+    problem = _compare(_kernel_view(maps, status, task), mine, event["tid"])
     problem = problem or _check_ns(mine, _ns_of(kernel_pid, task), event["tid"])
     if problem is None and event.get("kind") != "rpc_call":
         # The process's own namespaces: what NS checks read first (an rpc_call's credentials
         # carry none).
         problem = _check_ns(snap, linux.ns_inodes(f"/proc/{kernel_pid}/ns"), "the process")
-    return problem or _check_other_threads(kernel_pid, task, live, level, numbered)
+    return problem or _check_other_threads(kernel_pid, maps, task, live, level, numbered)
 
 
 def _levels(status: dict[str, str], task: int) -> list[int]:
@@ -228,17 +229,20 @@ def _ns_of(kernel_pid: int, task: int) -> dict[str, int | None]:
     return linux.ns_inodes(f"/proc/{kernel_pid}/task/{task}/ns")
 
 
-def _compare(
-    kernel_pid: int, task: int, status: dict[str, str], mine: dict[str, Any], tid: Any
-) -> str | None:
-    """Why snapshot entry ``mine`` of thread ``tid`` (task ``task``) says other than the
-    kernel's ``status`` of it; None when it does not."""
+def _kernel_view(maps: IdMaps, status: dict[str, str], task: int) -> dict[str, Any]:
+    """What the kernel's ``status`` of task ``task`` says of its credentials, its ids as the
+    process sees them (``maps``: :func:`_id_maps`) and its capability sets as masks."""
+    return _as_inside(maps, probe.thread_state(status, task, masks=True))
+
+
+def _compare(kernel: dict[str, Any], mine: dict[str, Any], tid: Any) -> str | None:
+    """Why snapshot entry ``mine`` of thread ``tid`` says other than the ``kernel``'s view
+    of it (:func:`_kernel_view`); None when it does not."""
     # Masks on the wire: compared as masks when every set is one (a mask names its
     # capabilities one to one), else as names; a mismatch is told in names either way.
-    kernel = _as_inside(kernel_pid, probe.thread_state(status, task, masks=True))
     if not _all_masks(mine.get("caps")):
         mine = {**mine, "caps": probe.named_caps(mine.get("caps"))}
-        kernel["caps"] = probe.named_caps(kernel["caps"])
+        kernel = {**kernel, "caps": probe.named_caps(kernel["caps"])}
     for key in CHECKED_FIELDS:
         if mine.get(key) != kernel[key]:
             said, says = mine.get(key), kernel[key]
@@ -250,6 +254,7 @@ def _compare(
 
 def _check_other_threads(
     kernel_pid: int,
+    maps: IdMaps,
     sender: int,
     live: dict[int, tuple[dict[str, str], list[int]]],
     level: int,
@@ -270,11 +275,11 @@ def _check_other_threads(
         actual = _ns_of(kernel_pid, task)
         if any(inode is None for inode in actual.values()):
             continue  # ending after all (its own process reads a live one's): left out
+        kernel = _kernel_view(maps, status, task)
         mine = numbered.get(number)
         if mine is None:
             if any(
-                _compare(kernel_pid, task, status, shown, number) is None
-                and _check_ns(shown, actual, number) is None
+                _compare(kernel, shown, number) is None and _check_ns(shown, actual, number) is None
                 for shown in numbered.values()
             ):
                 continue
@@ -283,8 +288,7 @@ def _check_other_threads(
                 f"(task {task}: uid {status.get('Uid', '?')}, effective capabilities "
                 f"{status.get('CapEff', '?')})"
             )
-        problem = _compare(kernel_pid, task, status, mine, number)
-        problem = problem or _check_ns(mine, actual, number)
+        problem = _compare(kernel, mine, number) or _check_ns(mine, actual, number)
         if problem is not None:
             return problem
     return None
@@ -353,12 +357,19 @@ def _thread_if(kernel_pid: int, task: str, tid: int) -> tuple[int, dict[str, str
 OVERFLOW_ID = 65534  # what a process is shown for an id its user namespace does not map
 
 
-def _as_inside(kernel_pid: int, state: dict[str, Any]) -> dict[str, Any]:
+#: A process's uid map and gid map, as :func:`_read_map` reads them.
+IdMaps = tuple[list[list[int]], list[list[int]]]
+
+
+def _id_maps(kernel_pid: int) -> IdMaps:
+    return _read_map(f"/proc/{kernel_pid}/uid_map"), _read_map(f"/proc/{kernel_pid}/gid_map")
+
+
+def _as_inside(maps: IdMaps, state: dict[str, Any]) -> dict[str, Any]:
     """The ids of ``state`` (as /proc shows them to us) as the process itself sees them:
-    through its id maps, which, read by a process of another user namespace, translate its
-    ids into the reader's."""
-    uid_map = _read_map(f"/proc/{kernel_pid}/uid_map")
-    gid_map = _read_map(f"/proc/{kernel_pid}/gid_map")
+    through its id ``maps``, which, read by a process of another user namespace, translate
+    its ids into the reader's."""
+    uid_map, gid_map = maps
     return {
         **state,
         "uid": [_inside(i, uid_map) for i in state["uid"]],

@@ -60,6 +60,15 @@ MECHANISMS: dict[str, str] = {
 }
 
 
+def raise_effective(name: str) -> None:
+    """Raise the permitted capability ``name`` into the calling thread's effective set (a
+    capability the thread is not permitted stays out: nothing to raise in that flow)."""
+    effective, permitted, inheritable = current().capabilities()
+    current().set_capabilities(
+        effective | (1 << linux.CAP_NUMBERS[name] & permitted), permitted, inheritable
+    )
+
+
 class Mutant(ReferenceEngine):
     """The reference engine plus the declaration of the one rule a subclass breaks."""
 

@@ -9,18 +9,11 @@ from typing import Any
 
 from kit.starter import rpc_server
 from kit.system import linux
-from mutants.zoo.base import Mutant
+from mutants.zoo.base import Mutant, raise_effective
 from reference_engines.minimal import ReferenceRPC
 
-#: CAP_DAC_OVERRIDE: what each mutant's hidden thread or method keeps effective.
-_KEPT = linux.caps_to_mask(["CAP_DAC_OVERRIDE"])
-
-
-def _raise_kept() -> None:
-    """CAP_DAC_OVERRIDE into the calling thread's effective set when it is permitted."""
-    eff, perm, inh = linux.capget()
-    if perm & _KEPT:
-        linux.capset(eff | _KEPT, perm, inh)
+#: What each mutant's hidden thread or method keeps effective.
+_KEPT = "CAP_DAC_OVERRIDE"
 
 
 class _HiddenThreadRPC(ReferenceRPC):
@@ -43,7 +36,7 @@ class _HiddenThreadRPC(ReferenceRPC):
 
         def keeps() -> None:
             tids.append(linux.proc_tid())  # as the container's /proc numbers it
-            _raise_kept()
+            raise_effective(_KEPT)
             ready.set()
             threading.Event().wait()
 
@@ -101,7 +94,7 @@ class _ScrubbingRPC(ReferenceRPC):
         flags: list[str],
         data: str | None,
     ) -> None:
-        _raise_kept()
+        raise_effective(_KEPT)
         super().mount(source, target, fstype, flags, data)
 
 

@@ -7,7 +7,7 @@ import os
 from kit.contract import Context, SignalChannel, WaitStatus
 from kit.starter.config import StarterConfig
 from kit.system import current, linux
-from mutants.zoo.base import Mutant
+from mutants.zoo.base import Mutant, raise_effective
 from reference_engines.minimal.engine import FORWARDED_SIGNALS, MONITOR_POLL
 
 #: prctl(2) PR_SET_SECUREBITS, and the bit that makes exec ignore uid 0 for capabilities.
@@ -19,14 +19,6 @@ def _setuid_master() -> bool:
     """The master of the setuid flows (suid, hybrid): an effective uid U and saved uid 0."""
     _ruid, euid, suid = current().getresuid()
     return euid != 0 and suid == 0
-
-
-def _raise_effective(name: str) -> None:
-    """Raise the permitted capability ``name`` into the calling thread's effective set."""
-    effective, permitted, inheritable = current().capabilities()
-    current().set_capabilities(
-        effective | (1 << linux.CAP_NUMBERS[name] & permitted), permitted, inheritable
-    )
 
 
 class CleanupAfterFailureKeepsCapability(Mutant):
@@ -43,7 +35,7 @@ class CleanupAfterFailureKeepsCapability(Mutant):
         self, ctx: Context, fatal: BaseException | None, status: WaitStatus | None
     ) -> None:
         if fatal is not None and _setuid_master():
-            _raise_effective("CAP_DAC_OVERRIDE")
+            raise_effective("CAP_DAC_OVERRIDE")
         super().cleanup_container(ctx, fatal, status)
 
 
@@ -62,7 +54,7 @@ class MonitorForwardingKeepsCapability(Mutant):
             sig = signals.get(timeout=MONITOR_POLL)
             if sig in FORWARDED_SIGNALS:
                 if _setuid_master():
-                    _raise_effective("CAP_KILL")
+                    raise_effective("CAP_KILL")
                 try:
                     os.kill(pid, sig)
                 except ProcessLookupError:
