@@ -2279,13 +2279,29 @@ def check_rpc_methods_restore_credentials(verify: Verifier, run: Run) -> None:
     on its own thread it must have lowered again; no other thread may change at all)."""
     requirement = verify.requirement
     run = verify.used(run.usable())
-    calls = [e for e in events_of(run, "rpc_call", role="rpc") if e.get("creds")]
+    calls = events_of(run, "rpc_call", role="rpc")
     if not calls:
-        verify.vacuous(requirement, "no RPC method ran with credentials recorded")
+        verify.vacuous(requirement, "no RPC request was answered")
         return
     for event in calls:
-        before, after = event["creds"]["before"], event["creds"]["after"]
-        if before is None or after is None:
+        creds = event.get("creds")
+        before, after = (
+            (creds.get("before"), creds.get("after")) if isinstance(creds, dict) else (None, None)
+        )
+        if not isinstance(before, dict) or not isinstance(after, dict):
+            # The kit records both sides of every answered request (a refused one's too):
+            # a side missing was taken out by code in the RPC server's process.
+            verify.fail(
+                requirement,
+                expected=f"the kit's record of the credentials before and after "
+                f"{event.get('method') or 'the request'}",
+                observed="no credentials recorded for "
+                + ("before" if not isinstance(before, dict) else "after")
+                + " the method: engine code in the RPC server removed the kit's record",
+                run=run,
+                event=event,
+                role="rpc",
+            )
             continue
         was, now = _method_credentials(before), _method_credentials(after)
         serving = (was["serving"], now["serving"])
@@ -2303,7 +2319,7 @@ def check_rpc_methods_restore_credentials(verify: Verifier, run: Run) -> None:
             verify.check(
                 requirement,
                 not changes,
-                expected=f"{event.get('method')} returns "
+                expected=f"{event.get('method') or 'the method'} returns "
                 f"with every thread's whole credential as it started "
                 f"({', '.join(CREDENTIAL_FIELDS)})",
                 observed=lambda: f"{thread_label(thread)}: " + "; ".join(changes),

@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 
 from blind_correct import LateEOFEngine
 
+from kit.rpc import RPCClient
 from kit.starter.config import StarterConfig
 from kit.system import linux
 from reference_engines.bind_rootfs import BindRootfsEngine, BindRootfsRPC
@@ -423,6 +424,22 @@ class HybridAsSuidEngine(ReferenceEngine):
 
     def prepare_config(self, starter_config: StarterConfig) -> None:
         super().prepare_config(_FlowSeenAsSuid(starter_config))  # type: ignore[arg-type]
+
+
+class RefusedCallsEngine(ReferenceEngine):
+    """Before its own calls, create_container makes two the RPC server refuses before any
+    method runs (an unknown method, an unknown argument) and takes their errors
+    (UnknownMethodError, TypeError): legal."""
+
+    engine_name = "test-refused-calls"
+    rpc_methods = ReferenceRPC
+
+    def prepare_rootfs(self, rpc: RPCClient, cfg: ReferenceConfig) -> None:
+        with contextlib.suppress(Exception):
+            rpc.call("no_such_method")
+        with contextlib.suppress(Exception):
+            rpc.call("sethostname", name="x", colour="blue")
+        super().prepare_rootfs(rpc, cfg)
 
 
 class KeepsTheLedgerSocketEngine(ReferenceEngine):

@@ -126,6 +126,25 @@ def test_an_rpc_method_that_leaves_any_field_of_the_credential_changed_breaks_pr
     assert verify.checks["PRIV-RPC-004"] == 2 and not verify.violations["PRIV-RPC-004"]
 
 
+def test_an_rpc_call_whose_credentials_were_taken_out_breaks_priv_rpc_004():
+    """The kit records both sides of every answered request, a refused one's too: a call
+    without them had its record removed by code in the RPC server's process."""
+    server = _creds(snapshot(uid=(0, 0, 0, 0)))
+    for creds, side in (
+        (None, "before"),
+        ({"before": None, "after": None}, "before"),
+        ({"before": server, "after": None}, "after"),
+        ({"after": server}, "before"),
+    ):
+        call = _rpc_call(server, server, method="x.mount")
+        call["creds"] = creds
+        verify = checks.Verifier("root", ["PRIV-RPC-004"], "t")
+        checks.check_rpc_methods_restore_credentials(verify, make_run("root", [call]))
+        (violation,) = verify.violations["PRIV-RPC-004"]
+        assert violation.observed.startswith(f"no credentials recorded for {side} the method")
+        assert "x.mount" in violation.expected
+
+
 def test_a_method_that_renumbers_threads_is_still_compared_on_its_serving_thread():
     """A method that mounts a new /proc changes the tids the records use: the serving
     thread's own fields are compared all the same (mutant-rpc-method-keeps-caps)."""

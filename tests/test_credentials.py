@@ -101,3 +101,20 @@ def test_an_rpc_server_left_in_the_host_user_namespace_in_hybrid_gets_no_host_ro
         for creds in (call["creds"]["before"], call["creds"]["after"]):
             ruid, euid, _, fsuid = creds["uid"]
             assert 0 not in (ruid, euid, fsuid), (call["method"], creds["uid"])
+
+
+@pytest.mark.parametrize("flow", ["suid", "userns"])
+def test_requests_refused_before_a_method_ran_carry_the_servers_credentials_too(flow):
+    # PRIV-RPC-004 holds a call without them for a record engine code took out; a refused
+    # request's is the server's state as it found and left it.
+    require_flow(flow)
+    result = run("kit_test_engines:RefusedCallsEngine", flow, ["/bin/true"])
+    calls = [e for e in result.ledger.events if e["kind"] == "rpc_call"]
+    refused = [e for e in calls if not e["ok"]]
+    assert len(refused) == 2 and len(calls) > 2, result.reason
+    for call in calls:
+        before, after = call["creds"]["before"], call["creds"]["after"]
+        assert isinstance(before, dict) and isinstance(after, dict), call["method"]
+        assert before["threads"] and after["threads"]
+    for call in refused:
+        assert call["creds"]["before"] == call["creds"]["after"]

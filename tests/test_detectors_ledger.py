@@ -190,7 +190,8 @@ def test_an_event_of_max_size_is_sent_whole_and_one_byte_more_is_truncated():
         over = _sent_size(writer, reader, MAX_EVENT - base + 1)
     assert len(exact["error"]) == MAX_EVENT - base and "truncated" not in exact
     assert over["truncated"] == MAX_EVENT + 1
-    assert set(over) == {"t", "kind", "role", "pid", "tid", "truncated"}
+    # the long field goes; the short ones stay
+    assert set(over) == {"t", "kind", "role", "pid", "tid", "message", "truncated"}
     assert over["kind"] == "fatal" and over["role"] == "master"
 
 
@@ -205,6 +206,26 @@ def test_an_oversized_event_keeps_the_keys_that_say_what_it_was():
         sent = json.loads(reader.recv(4 * MAX_EVENT))
     assert sent["hook"] == "create_container" and "args" not in sent
     assert sent["truncated"] > MAX_EVENT
+    assert ledger.check_event(sent) is None
+
+
+def test_an_oversized_rpc_call_drops_its_arguments_before_its_credentials():
+    # A method called with arguments near the RPC frame limit must not push the record of
+    # the credentials it left out of its event (mutant-rpc-method-pushes-its-credentials-out).
+    creds = {"before": {"uid": [0] * 4}, "after": {"uid": [0, 0, 0, 1]}}
+    reader, sock = ledger_socketpair()
+    with reader, sock:
+        writer = LedgerWriter(sock, "rpc")
+        writer.emit(
+            "rpc_call", method="x.note", args={"text": "x" * MAX_EVENT}, ok=True, creds=creds
+        )
+        sent = json.loads(reader.recv(4 * MAX_EVENT))
+        huge = {"before": None, "after": {"big": "y" * MAX_EVENT}}
+        writer.emit("rpc_call", method="x.note", args={}, ok=True, creds=huge)
+        cut = json.loads(reader.recv(4 * MAX_EVENT))
+    assert sent["creds"] == creds and "args" not in sent and sent["truncated"] > MAX_EVENT
+    assert sent["method"] == "x.note" and sent["ok"] is True  # what it was, still said
+    assert "creds" not in cut and cut["method"] == "x.note"  # too big even alone: dropped
     assert ledger.check_event(sent) is None
 
 

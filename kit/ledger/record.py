@@ -97,9 +97,17 @@ class LedgerWriter:
             if len(data) > MAX_EVENT:
                 # The keys that say what happened (the hook, the child, the signal: small
                 # scalars) stay, so the event still reads as what it was; the rest goes.
-                kept = ("t", "kind", "role", "pid", "tid", *REQUIRED[kind])
-                event = {**{k: event[k] for k in kept if k in event}, "truncated": len(data)}
-                data = json.dumps(event, default=repr).encode()
+                # The snapshot or credentials stay too while they fit: a method's large
+                # arguments must not take the record of what it left with them.
+                full, size = event, len(data)
+                kept = ["t", "kind", "role", "pid", "tid", *REQUIRED[kind]]
+                kept += [k for k, v in full.items() if _small_scalar(v)]  # the method's name…
+                for extra in (("snapshot", "creds"), ()):
+                    event = {k: full[k] for k in (*kept, *extra) if k in full}
+                    event["truncated"] = size
+                    data = json.dumps(event, separators=(",", ":"), default=repr).encode()
+                    if len(data) <= MAX_EVENT:
+                        break
             try:
                 place = _snapshot_place(event)
                 if self.confirm and place is not None:
@@ -136,6 +144,14 @@ class LedgerWriter:
         if self.on_lost is not None:
             self.lost = data
             self.on_lost(exc)
+
+
+def _small_scalar(value: Any) -> bool:
+    return (
+        value is None
+        or isinstance(value, (bool, int, float))
+        or (isinstance(value, str) and len(value) <= 256)
+    )
 
 
 def outside_checked(event: dict[str, Any]) -> dict[str, Any] | None:

@@ -115,7 +115,11 @@ class RPCServerProcess:
                 return observed_method
 
             def on_call(record: dict[str, Any]) -> None:
-                creds = observed.pop() if observed else None
+                if observed:
+                    creds = observed.pop()
+                else:  # refused before any method ran: as it found them, and left them
+                    now = self._creds()
+                    creds = {"before": now, "after": now}
                 observed.clear()
                 # The credentials the method left are confirmed from outside as a hook's
                 # snapshot is (engine code in this process could dress them up): read again

@@ -7,10 +7,11 @@ import os
 import threading
 from typing import Any
 
+from kit.rpc import MAX_FRAME, RPCClient
 from kit.starter import rpc_server
 from kit.system import linux
 from mutants.zoo.base import Mutant, raise_effective
-from reference_engines.minimal import ReferenceRPC
+from reference_engines.minimal import ReferenceConfig, ReferenceRPC
 
 #: What each mutant's hidden thread or method keeps effective.
 _KEPT = "CAP_DAC_OVERRIDE"
@@ -111,4 +112,56 @@ class RPCServerScrubsItsRecordedCredentials(Mutant):
     rpc = _ScrubbingRPC
 
 
-MUTANTS = (RPCServerHidesAThreadUnderAMount, RPCServerScrubsItsRecordedCredentials)
+class _DroppingRPC(_ScrubbingRPC):
+    """Every method leaves CAP_DAC_OVERRIDE raised on its thread; the kit's record of the
+    RPC server's credentials is patched, in its process, to record none."""
+
+    def __init__(self, engine: Any) -> None:
+        ReferenceRPC.__init__(self, engine)
+        rpc_server.RPCServerProcess._creds = lambda self: None  # type: ignore[method-assign]
+
+
+class RPCServerDropsItsRecordedCredentials(Mutant):
+    slug = "rpc-server-drops-its-recorded-credentials"
+    bug = (
+        "RPC methods leave CAP_DAC_OVERRIDE raised, and the engine patches the kit's "
+        "RPCServerProcess._creds in the RPC server to return None, so that no rpc_call "
+        "carries credentials to check"
+    )
+    killed_by = ("PRIV-RPC-004",)
+    mechanism = "direct"
+    flows = ("suid",)  # where the RPC server has CAP_DAC_OVERRIDE permitted, not effective
+    rpc = _DroppingRPC
+
+
+class _LongNoteRPC(ReferenceRPC):
+    def note(self, text: str) -> None:
+        """Takes a long text, and leaves CAP_DAC_OVERRIDE raised."""
+        raise_effective(_KEPT)
+
+
+class RPCMethodPushesItsCredentialsOut(Mutant):
+    slug = "rpc-method-pushes-its-credentials-out"
+    bug = (
+        "an RPC method leaves CAP_DAC_OVERRIDE raised; create_container calls it with an "
+        "argument just short of the RPC frame limit, so that its rpc_call event, with the "
+        "credentials, is past the ledger's datagram limit and is cut"
+    )
+    killed_by = ("PRIV-RPC-004",)
+    mechanism = "direct"
+    flows = ("suid",)  # where the RPC server has CAP_DAC_OVERRIDE permitted, not effective
+    rpc = _LongNoteRPC
+
+    def prepare_rootfs(self, rpc: RPCClient, cfg: ReferenceConfig) -> None:
+        super().prepare_rootfs(rpc, cfg)
+        # The request's own framing is well under 400 bytes; the event's credentials are
+        # well over it.
+        rpc.note(text="x" * (MAX_FRAME - 400))
+
+
+MUTANTS = (
+    RPCServerHidesAThreadUnderAMount,
+    RPCServerScrubsItsRecordedCredentials,
+    RPCServerDropsItsRecordedCredentials,
+    RPCMethodPushesItsCredentialsOut,
+)
