@@ -346,13 +346,17 @@ def test_a_hook_that_ends_after_a_while_is_no_timeout(closing):
     assert result["seconds"] >= T * 1.5
 
 
-def test_a_hook_entered_again_while_open_keeps_its_first_deadline():
+@pytest.mark.parametrize("returns_first", [False, True])
+def test_a_hook_entered_again_keeps_its_first_deadline(returns_first):
     """A hook that keeps sending hook_enter for itself (a forged datagram, or engine code
-    calling its own hook) must not restart its timer each time (blind round 6)."""
+    calling its own hook), with a forged hook_return before each or not, must not restart
+    its timer each time (blind round 6)."""
 
     def re_enters(ledger: LedgerWriter) -> int:
         master = ledger.for_role("master")
         for _ in range(int(T * 3 / 0.1)):
+            if returns_first:
+                master.emit("hook_return", hook="create_container")
             master.emit("hook_enter", hook="create_container")
             time.sleep(0.1)
         signal.pause()

@@ -124,6 +124,9 @@ class Supervisor:
         self.events: list[dict[str, Any]] = []
         self._datagrams: list[bytes | None] = []  # per event: its JSON as it arrived
         self.open_hooks: dict[tuple[str, str], tuple[float, int]] = {}
+        #: Each timed hook's deadline from its first entry: a hook runs once in its process,
+        #: so an entry after its return (a forged pair) reopens it with that deadline.
+        self._first_deadlines: dict[tuple[str, str], tuple[float, int]] = {}
         #: The untimed hooks open now (monitor_container), with their process's pid: what
         #: the run timer names when no timed hook is open.
         self.untimed_open: dict[tuple[str, str], int] = {}
@@ -171,11 +174,12 @@ class Supervisor:
             if event["hook"] in UNTIMED_HOOKS:
                 self.untimed_open[(role, event["hook"])] = event.get("pid", 0)
             else:
-                # A hook entered again while open (engine code calling it, or a datagram it
-                # forged) keeps its first deadline: a timer each entry restarted never ends.
-                self.open_hooks.setdefault(
-                    (role, event["hook"]),
-                    (time.monotonic() + self.req.hook_timeout, event.get("pid", 0)),
+                # A hook entered again (engine code calling it, or datagrams it forged: an
+                # entry, or a return and an entry) keeps its first deadline: a timer each
+                # entry restarted would never end.
+                key = (role, event["hook"])
+                self.open_hooks[key] = self._first_deadlines.setdefault(
+                    key, (time.monotonic() + self.req.hook_timeout, event.get("pid", 0))
                 )
         elif kind in ("hook_return", "hook_raise"):
             self.open_hooks.pop((role, event.get("hook", "")), None)
