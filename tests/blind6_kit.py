@@ -701,11 +701,6 @@ class ForeignReapForgotten(ReferenceEngine):
     """
 
     engine_name = "blind6-kit-foreign-reap-forgotten"
-    escapes = (
-        "engine code reached the master's state through its stack frames and cleared the "
-        "sentinel the foreign-reap check watches: a check the master makes about itself, "
-        "in the process engine code runs in, cannot stand against engine code"
-    )
     rpc_methods = ReferenceRPC
 
     def monitor_container(self, pid: int, signals: SignalChannel) -> WaitStatus:

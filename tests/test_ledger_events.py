@@ -48,7 +48,12 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "creds": None,
     },
     "signal": {"signum": 15, "name": "SIGTERM", "sender": 0},
-    "container_start": {"container_pid": 4, "created": ["pid", "mnt"], "joined": []},
+    "container_start": {
+        "container_pid": 4,
+        "created": ["pid", "mnt"],
+        "joined": [],
+        "sentinel_pid": 3,
+    },
     "namespaces": {
         "created": ["mnt"],
         "joined": {},

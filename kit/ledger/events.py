@@ -131,6 +131,7 @@ class ContainerStart(Common):
     container_pid: Pid
     created: NotRequired[list[Json]]
     joined: NotRequired[list[Json]]
+    sentinel_pid: NotRequired[Pid]
 
 
 class Namespaces(Common):

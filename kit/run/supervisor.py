@@ -40,6 +40,7 @@ from kit.ledger.senders import PROCESS_ROLES, Senders, check_snapshot
 from kit.run import hostdiff, rundir, seccomp
 from kit.run import sandbox as host_sandbox
 from kit.run.request import RunRequest
+from kit.run.sentinel import SentinelWatch
 from kit.starter.common import EXIT_FATAL, EXIT_LEDGER_LOST, UNTIMED_HOOKS, default_signals
 from kit.starter.stage1 import Starter
 from kit.system import current, linux
@@ -140,6 +141,7 @@ class Supervisor:
         self.senders = Senders(self._modelled_pids, number=self.run_pid)
         # The fake backend's snapshots are its model's, not the kernel's to confirm.
         self.outside_check = request.backend == "real" and request.probes
+        self.sentinel = SentinelWatch()
         self.sandbox: host_sandbox.HostSandbox | None = None
         self.host: Any = None  # the sandbox's kit.run.hostdiff.HostWatch
         self.listener: int | None = None  # the run's seccomp filter's (kit.run.seccomp)
@@ -675,7 +677,25 @@ class Supervisor:
             self.engine_fault("forged", sender, problem, data)
             return CONFIRMED
         self.record(event, data)
+        if sender:
+            self._watch_sentinel(sender, event, confirmed)
         return CONFIRMED
+
+    def _watch_sentinel(self, sender: int, event: dict[str, Any], confirmed: bool) -> None:
+        """Record a ``foreign_reap`` of the supervisor's own when the master's sentinel child
+        is found reaped while the master waits (:class:`kit.run.sentinel.SentinelWatch`)."""
+        self.sentinel.note(sender, self.senders.role_of(sender), event)
+        if self.outside_check and self.sentinel.reaped_at(sender, event, confirmed):
+            self.emit(
+                "foreign_reap",
+                child_pid=self.sentinel.number,
+                detail=(
+                    "a child of the master that is not the container (the kit's sentinel) "
+                    f"was gone when {event.get('hook')} ended, before the kit reaps it: "
+                    "monitor_container must reap only the container's pid (seen from the "
+                    "supervisor)"
+                ),
+            )
 
     def engine_fault(self, fault: str, sender: int | None, detail: str, data: bytes) -> None:
         self.faults += 1

@@ -321,7 +321,13 @@ class Starter:
         container_sock.close()
         rpc_server.close()
         self.ledger.emit(
-            "container_start", container_pid=pid, created=clone_kinds, joined=starter_joined
+            "container_start",
+            container_pid=pid,
+            created=clone_kinds,
+            joined=starter_joined,
+            # Sent before any engine code runs in this process: the supervisor watches the
+            # sentinel from outside (a monitor that reaps it breaks SPEC §7).
+            sentinel_pid=self.sentinel,
         )
 
         try:

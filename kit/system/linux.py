@@ -1157,6 +1157,32 @@ def process_ids(pid: int) -> tuple[int, list[int]] | None:
         return None
 
 
+def child_numbered(pid: int, number: int) -> int | None:
+    """The pid (as the mounted ``/proc`` numbers it) of the child of ``pid``, zombie or not,
+    that its own pid namespace numbers ``number``; None when it has no such child (never
+    had, or it was reaped). ``pid``'s children are in its pid namespace or below: the last
+    entry of a child's NSpid is that namespace's number of it only when it is in the same
+    one, so the child's NSpid must be as deep as ``pid``'s."""
+    ids = process_ids(pid)
+    if ids is None:
+        return None
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children = [int(c) for c in f.read().split()]
+        except (OSError, ValueError):
+            continue
+        for child in children:
+            found = process_ids(child)
+            if found is not None and len(found[1]) == len(ids[1]) and found[1][-1] == number:
+                return child
+    return None
+
+
 # --- seccomp ----------------------------------------------------------------------------------
 
 SECCOMP_SET_MODE_FILTER = 1

@@ -1,5 +1,5 @@
-"""Mutants that hide a privilege they keep from the kit's own view (blind round 6, §4, §8):
-the snapshot a process reads of itself, which engine code running there can bend."""
+"""Mutants that hide what they break from the kit's own view (blind round 6, §4, §7, §8): the
+snapshot a process reads of itself, the master's own records, which engine code there can bend."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ import os
 import threading
 from typing import Any
 
+from kit.contract import SignalChannel, WaitStatus
 from kit.rpc import MAX_FRAME, RPCClient
+from kit.starter import master as kit_master
 from kit.starter import rpc_server
 from kit.system import linux
 from mutants.zoo.base import Mutant, raise_effective
 from reference_engines.minimal import ReferenceConfig, ReferenceRPC
+from reference_engines.minimal.engine import FORWARDED_SIGNALS, MONITOR_POLL
 
 #: What each mutant's hidden thread or method keeps effective.
 _KEPT = "CAP_DAC_OVERRIDE"
@@ -159,7 +162,38 @@ class RPCMethodPushesItsCredentialsOut(Mutant):
         rpc.note(text="x" * (MAX_FRAME - 400))
 
 
+class MonitorReapsEveryChildUnrecorded(Mutant):
+    slug = "monitor-reaps-every-child-unrecorded"
+    bug = (
+        "monitor_container reaps every child of the master (waitpid(-1)) until the container "
+        "is among them, and patches the kit's Master._check_sentinel, in the master, so that "
+        "the master records nothing of the sentinel it took"
+    )
+    killed_by = ("SIG-004",)
+    flows = ("root", "suid")
+
+    def monitor_container(self, pid: int, signals: SignalChannel) -> WaitStatus:
+        kit_master.Master._check_sentinel = lambda self: None  # type: ignore[method-assign]
+        while True:
+            sig = signals.get(timeout=MONITOR_POLL)
+            if sig in FORWARDED_SIGNALS:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            while True:  # every child that has ended; the container's status is returned
+                try:
+                    wpid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    wpid = 0
+                if wpid == pid:
+                    return status
+                if wpid == 0:
+                    break
+
+
 MUTANTS = (
+    MonitorReapsEveryChildUnrecorded,
     RPCServerHidesAThreadUnderAMount,
     RPCServerScrubsItsRecordedCredentials,
     RPCServerDropsItsRecordedCredentials,
