@@ -144,7 +144,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     for sig in FORWARDED:
         signal.signal(sig, lambda signum, _frame: handle.send_signal(signum))
-    result = handle.wait()
+    try:
+        result = handle.wait()
+    except LaunchError as exc:  # the kit's own failure: no result to report
+        print(
+            f"kit run: the kit failed, not the engine: {exc} (a bug of the kit: please report "
+            "it with this message)",
+            file=sys.stderr,
+        )
+        return 2  # as every other failure to launch: no payload status to pass on
     if args.ledger:
         with open(args.ledger, "w") as f:
             f.write(result.ledger.to_json())

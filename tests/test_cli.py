@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+from conftest import require_flow
 
 from kit.run import environment
 from kit.run.launcher import LaunchError, start
@@ -221,3 +222,25 @@ def test_fork_here_reports_an_engine_it_cannot_load_as_a_launch_error():
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("LaunchError: RegistryError:") and "no-such-engine" in proc.stdout
+
+
+def test_run_reports_a_failure_of_the_kit_itself_in_one_message_not_a_traceback():
+    # A supervisor that dies of a bug of the kit leaves no result: the CLI says so, names
+    # the kit as the culprit and exits 2 (no payload status to pass on). The supervisor is
+    # forked from the CLI's process, so a bug planted here reaches it.
+    require_flow("root")
+    code = (
+        "import sys\n"
+        "from kit import cli\n"
+        "from kit.run import supervisor\n"
+        "def broken(self, *args, **kwargs):\n"
+        "    raise NameError('planted')\n"
+        "supervisor.Supervisor.admit = broken\n"
+        "args = ['run', '--engine', 'reference', '--flow', 'root', '--', '/bin/true']\n"
+        "sys.exit(cli.main(args))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("kit run:")]
+    assert line.startswith("kit run: the kit failed, not the engine:") and "planted" in line

@@ -253,6 +253,13 @@ class Supervisor:
             # shares with the run (a store elsewhere would be the sandbox's copy).
             with _backend(req, prepared, run_dir):
                 return self._run(result_fd, run_dir, lock_fd, watch)
+        except BaseException:
+            # A failure of the kit's own (the run's result says which): what the run
+            # started and its directory go with it, as at the end of a run.
+            self.kill_tree()
+            if os.path.isdir(run_dir):
+                rundir.remove(run_dir, lock_fd)
+            raise
         finally:
             if self.sandbox is not None:
                 host_sandbox.end(self.sandbox)
