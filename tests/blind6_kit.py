@@ -663,11 +663,6 @@ class KeptRPCConnUnrecorded(ReferenceEngine):
     """
 
     engine_name = "blind6-kit-kept-rpc-conn-unrecorded"
-    escapes = (
-        "engine code patched the master's own bookkeeping (Master._record_rpc_copies) in "
-        "its process: the master's checks run where engine code runs; only moving them to "
-        "the supervisor (reading the run's descriptors from outside) would catch it"
-    )
     rpc_methods = ReferenceRPC
 
     def create_container(self, ctx: Context, pid: int, rpc_conn: socket.socket) -> None:

@@ -53,6 +53,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "created": ["pid", "mnt"],
         "joined": [],
         "sentinel_pid": 3,
+        "rpc_conn": {"inode": 9, "fd": 5, "fd_base": 768},
     },
     "namespaces": {
         "created": ["mnt"],

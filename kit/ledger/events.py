@@ -132,6 +132,7 @@ class ContainerStart(Common):
     created: NotRequired[list[Json]]
     joined: NotRequired[list[Json]]
     sentinel_pid: NotRequired[Pid]
+    rpc_conn: NotRequired[JsonObject]  # the master's RPC socket: inode, fd, fd_base
 
 
 class Namespaces(Common):

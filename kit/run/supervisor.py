@@ -39,8 +39,8 @@ from kit.ledger.record import (
 from kit.ledger.senders import PROCESS_ROLES, Senders, check_snapshot
 from kit.run import hostdiff, rundir, seccomp
 from kit.run import sandbox as host_sandbox
+from kit.run.master_watch import MasterWatch
 from kit.run.request import RunRequest
-from kit.run.sentinel import SentinelWatch
 from kit.starter.common import EXIT_FATAL, EXIT_LEDGER_LOST, UNTIMED_HOOKS, default_signals
 from kit.starter.stage1 import Starter
 from kit.system import current, linux
@@ -141,7 +141,7 @@ class Supervisor:
         self.senders = Senders(self._modelled_pids, number=self.run_pid)
         # The fake backend's snapshots are its model's, not the kernel's to confirm.
         self.outside_check = request.backend == "real" and request.probes
-        self.sentinel = SentinelWatch()
+        self.master_watch = MasterWatch()
         self.sandbox: host_sandbox.HostSandbox | None = None
         self.host: Any = None  # the sandbox's kit.run.hostdiff.HostWatch
         self.listener: int | None = None  # the run's seccomp filter's (kit.run.seccomp)
@@ -685,23 +685,40 @@ class Supervisor:
             return CONFIRMED
         self.record(event, data)
         if sender:
-            self._watch_sentinel(sender, event, confirmed)
+            self._watch_master(sender, event, confirmed)
         return CONFIRMED
 
-    def _watch_sentinel(self, sender: int, event: dict[str, Any], confirmed: bool) -> None:
-        """Record a ``foreign_reap`` of the supervisor's own when the master's sentinel child
-        is found reaped while the master waits (:class:`kit.run.sentinel.SentinelWatch`)."""
-        self.sentinel.note(sender, self.senders.role_of(sender), event)
-        if self.outside_check and self.sentinel.reaped_at(sender, event, confirmed):
+    def _watch_master(self, sender: int, event: dict[str, Any], confirmed: bool) -> None:
+        """What the master checks about itself, checked again from here while it waits
+        (:class:`kit.run.master_watch.MasterWatch`): events of the supervisor's own."""
+        watch = self.master_watch
+        watch.note(sender, self.senders.role_of(sender), event)
+        if not self.outside_check:
+            return
+        if watch.reaped_at(sender, event, confirmed):
             self.emit(
                 "foreign_reap",
-                child_pid=self.sentinel.number,
+                child_pid=watch.number,
                 detail=(
                     "a child of the master that is not the container (the kit's sentinel) "
                     f"was gone when {event.get('hook')} ended, before the kit reaps it: "
                     "monitor_container must reap only the container's pid (seen from the "
                     "supervisor)"
                 ),
+            )
+        copies = watch.rpc_copies_at(sender, event, confirmed)
+        for copy in copies:
+            copy["pid"] = self.run_pid(copy["pid"])
+            if copy["process"] != "the master":
+                copy["process"] = f"child {copy['pid']} of the master"
+        if copies:
+            self.emit(
+                "rpc_conn_kept",
+                holders=copies,
+                shut_down=True,
+                detail=", ".join(f"fd {c['fd']} of {c['process']}" for c in copies)
+                + " still open when create_container returned (the kit shuts the connection "
+                "down; seen from the supervisor)",
             )
 
     def engine_fault(self, fault: str, sender: int | None, detail: str, data: bytes) -> None:

@@ -325,9 +325,14 @@ class Starter:
             container_pid=pid,
             created=clone_kinds,
             joined=starter_joined,
-            # Sent before any engine code runs in this process: the supervisor watches the
-            # sentinel from outside (a monitor that reaps it breaks SPEC §7).
+            # Sent before any engine code runs in this process: the supervisor checks from
+            # outside what the master checks about itself (kit.run.master_watch).
             sentinel_pid=self.sentinel,
+            rpc_conn={
+                "inode": os.fstat(rpc_master.fileno()).st_ino,
+                "fd": rpc_master.fileno(),
+                "fd_base": linux.fd_base(),
+            },
         )
 
         try:

@@ -1157,6 +1157,56 @@ def process_ids(pid: int) -> tuple[int, list[int]] | None:
         return None
 
 
+def children(pid: int) -> list[int]:
+    """The children of ``pid`` (zombies too), as the mounted ``/proc`` numbers them: every
+    thread's list (a child belongs to the thread that forked it); empty once it is gone."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    found: list[int] = []
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found += [int(c) for c in f.read().split()]
+        except (OSError, ValueError):
+            continue  # a thread that ended meanwhile
+    return found
+
+
+def descendants_via_children(pid: int, skip: Iterable[int] = ()) -> list[int]:
+    """Every descendant of ``pid`` (not ``pid``, zombies too), breadth first, leaving out the
+    processes of ``skip`` and theirs: read down its tree's ``children`` files (a subtree's
+    worth of reads, where :func:`descendants` reads every process of the machine)."""
+    skipped = set(skip)
+    found: list[int] = []
+    queue = [pid]
+    while queue:
+        for child in children(queue.pop(0)):
+            if child not in skipped and child not in found:
+                found.append(child)
+                queue.append(child)
+    return found
+
+
+def socket_fds(pid: int, inode: int) -> list[int]:
+    """The descriptor numbers of process ``pid`` that refer to the socket of ``inode``;
+    empty when it is gone or not ours to read."""
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return []
+    found: list[int] = []
+    for name in names:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue  # closed meanwhile
+        if target == f"socket:[{inode}]":
+            found.append(int(name))
+    return found
+
+
 def child_numbered(pid: int, number: int) -> int | None:
     """The pid (as the mounted ``/proc`` numbers it) of the child of ``pid``, zombie or not,
     that its own pid namespace numbers ``number``; None when it has no such child (never
@@ -1166,20 +1216,10 @@ def child_numbered(pid: int, number: int) -> int | None:
     ids = process_ids(pid)
     if ids is None:
         return None
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return None
-    for task in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                children = [int(c) for c in f.read().split()]
-        except (OSError, ValueError):
-            continue
-        for child in children:
-            found = process_ids(child)
-            if found is not None and len(found[1]) == len(ids[1]) and found[1][-1] == number:
-                return child
+    for child in children(pid):
+        found = process_ids(child)
+        if found is not None and len(found[1]) == len(ids[1]) and found[1][-1] == number:
+            return child
     return None
 
 

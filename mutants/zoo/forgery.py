@@ -4,10 +4,11 @@ snapshot a process reads of itself, the master's own records, which engine code 
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from typing import Any
 
-from kit.contract import SignalChannel, WaitStatus
+from kit.contract import Context, SignalChannel, WaitStatus
 from kit.rpc import MAX_FRAME, RPCClient
 from kit.starter import master as kit_master
 from kit.starter import rpc_server
@@ -192,7 +193,53 @@ class MonitorReapsEveryChildUnrecorded(Mutant):
                     break
 
 
+class _HelperHoldsRpcConn:
+    """A forked helper of create_container that holds every descriptor it inherited (the
+    engine's rpc_conn among them) until cleanup_container closes its pipe."""
+
+    def __init__(self) -> None:
+        self.stop_r, self.stop_w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            try:
+                os.close(self.stop_w)
+                os.read(self.stop_r, 1)
+            finally:
+                os._exit(0)
+        os.close(self.stop_r)
+
+    def stop(self) -> None:
+        os.close(self.stop_w)
+        os.waitpid(self.pid, 0)
+
+
+class CreateHelperHoldsRpcUnrecorded(Mutant):
+    slug = "create-helper-holds-rpc-unrecorded"
+    bug = (
+        "create_container forks a helper that lives until cleanup_container with rpc_conn "
+        "inherited, and patches the kit's Master._record_rpc_copies, in the master, so that "
+        "the master records no copy"
+    )
+    killed_by = ("RPC-001",)
+    mechanism = "child-process"
+    flows = ("root", "suid")
+
+    def create_container(self, ctx: Context, pid: int, rpc_conn: socket.socket) -> None:
+        kit_master.Master._record_rpc_copies = lambda self: None  # type: ignore[method-assign]
+        super().create_container(ctx, pid, rpc_conn)
+        self.helper = _HelperHoldsRpcConn()
+
+    def cleanup_container(
+        self, ctx: Context, fatal: BaseException | None, status: WaitStatus | None
+    ) -> None:
+        helper = getattr(self, "helper", None)
+        if helper is not None:
+            helper.stop()
+        super().cleanup_container(ctx, fatal, status)
+
+
 MUTANTS = (
+    CreateHelperHoldsRpcUnrecorded,
     MonitorReapsEveryChildUnrecorded,
     RPCServerHidesAThreadUnderAMount,
     RPCServerScrubsItsRecordedCredentials,

@@ -1,0 +1,184 @@
+"""The supervisor's own checks of the master (kit/run/master_watch.py), fed real children and
+real sockets of this process: a reaped sentinel and a kept copy of the RPC connection are
+reported; a zombie sentinel and the copies the kit keeps are not."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+
+from kit.run.master_watch import MasterWatch
+from kit.system import linux
+
+
+@pytest.fixture
+def zombie():
+    """A child of this process that has exited and is not reaped (reaped at the end if the
+    test did not)."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    while linux.process_alive(pid):
+        time.sleep(0.005)
+    yield pid
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
+def _end(hook, kind="hook_return", **extra):
+    return {"kind": kind, "role": "master", "hook": hook, **extra}
+
+
+def _watching(zombie):
+    watch = MasterWatch()
+    me = os.getpid()
+    watch.note(
+        me, "starter", {"kind": "container_start", "role": "starter", "sentinel_pid": zombie}
+    )
+    return watch, me
+
+
+def test_a_zombie_sentinel_is_no_finding_and_a_reaped_one_is_found_once(zombie):
+    watch, me = _watching(zombie)
+    assert linux.child_numbered(me, zombie) == zombie
+    for hook in ("create_container", "post_start_process", "monitor_container"):
+        assert not watch.reaped_at(me, _end(hook), confirmed=True)
+    os.waitpid(zombie, 0)  # the engine's waitpid(-1)
+    assert linux.child_numbered(me, zombie) is None
+    assert watch.reaped_at(me, _end("monitor_container", "hook_raise"), confirmed=True)
+    assert not watch.reaped_at(me, _end("create_container"), confirmed=True)  # reported once
+
+
+@pytest.mark.parametrize(
+    "event, confirmed, why",
+    [
+        (_end("create_container"), False, "the master did not wait for the look"),
+        (_end("cleanup_container"), True, "the kit reaps the sentinel before cleanup"),
+        (_end("monitor_container", caller="engine"), True, "engine code's own hook call"),
+        ({"kind": "hook_enter", "role": "master", "hook": "create_container"}, True, "an entry"),
+        ({**_end("create_container"), "role": "rpc"}, True, "not the master's"),
+    ],
+)
+def test_a_reaped_sentinel_is_not_held_against_ends_the_kit_may_reap_before(
+    zombie, event, confirmed, why
+):
+    watch, me = _watching(zombie)
+    os.waitpid(zombie, 0)
+    assert not watch.reaped_at(me, event, confirmed), why
+
+
+def test_after_a_fatal_error_only_the_hooks_the_kit_joins_first_count(zombie):
+    # A failed run's master gives up on the monitor and may reap the sentinel before the
+    # monitor's end arrives; create_container and post_start_process end before it reaps.
+    watch, me = _watching(zombie)
+    watch.note(me, "starter", {"kind": "fatal", "role": "master"})
+    os.waitpid(zombie, 0)
+    assert not watch.reaped_at(me, _end("monitor_container"), confirmed=True)
+    assert watch.reaped_at(me, _end("post_start_process"), confirmed=True)
+
+
+def test_only_the_starters_first_container_start_names_the_sentinel(zombie):
+    watch, me = MasterWatch(), os.getpid()
+    forged = {"kind": "container_start", "role": "starter", "sentinel_pid": 1}
+    watch.note(me, "container", forged)  # not from the starter process
+    assert watch.number is None
+    watch.note(me, "starter", {**forged, "sentinel_pid": zombie})
+    watch.note(me, "starter", forged)  # a second one: ignored
+    assert (watch.master, watch.number) == (me, zombie)
+    os.waitpid(zombie, 0)
+    assert watch.reaped_at(me, _end("create_container"), confirmed=True)
+    assert not MasterWatch().reaped_at(me, _end("create_container"), confirmed=True)
+
+
+# -- copies of the RPC connection ---------------------------------------------------------------
+
+
+@pytest.fixture
+def rpc_pair():
+    """A socket pair whose first end stands for the master's RPC connection (the engine's
+    rpc_conn), with the kit's own copy of it high up."""
+    conn, server = socket.socketpair()
+    base = linux.fd_base()
+    kit_copy = linux.dup_high(conn.fileno(), base)
+    yield conn, kit_copy, base
+    for s in (conn, server):
+        s.close()
+    os.close(kit_copy)
+
+
+def _rpc_watch(conn, base, container=None):
+    watch, me = MasterWatch(), os.getpid()
+    start = {
+        "kind": "container_start",
+        "role": "starter",
+        "rpc_conn": {"inode": os.fstat(conn.fileno()).st_ino, "fd": conn.fileno(), "fd_base": base},
+    }
+    if container is not None:
+        start["container_pid"] = container
+    watch.note(me, "starter", start)
+    return watch, me
+
+
+CREATED = {"kind": "hook_return", "role": "master", "hook": "create_container"}
+
+
+def test_the_engines_rpc_conn_and_the_kits_copies_are_no_copies(rpc_pair):
+    conn, _, base = rpc_pair
+    watch, me = _rpc_watch(conn, base)
+    assert watch.rpc_copies_at(me, CREATED, confirmed=True) == []
+
+
+def test_a_dup_in_the_master_is_a_copy_and_only_at_create_containers_return(rpc_pair):
+    conn, _, base = rpc_pair
+    watch, me = _rpc_watch(conn, base)
+    dup = os.dup(conn.fileno())
+    try:
+        found = watch.rpc_copies_at(me, CREATED, confirmed=True)
+        assert found == [{"pid": me, "fd": dup, "process": "the master"}]
+        for event, confirmed in (
+            (CREATED, False),  # the master did not wait for the look
+            ({**CREATED, "kind": "hook_raise"}, True),  # a failed create: the kit closes it
+            ({**CREATED, "hook": "post_start_process"}, True),
+            ({**CREATED, "caller": "engine"}, True),
+        ):
+            assert watch.rpc_copies_at(me, event, confirmed) == [], event
+    finally:
+        os.close(dup)
+
+
+def test_a_child_holding_the_connection_is_a_copy_unless_it_is_the_container(rpc_pair):
+    conn, _, base = rpc_pair
+    stop_r, stop_w = os.pipe()
+    child = os.fork()
+    if child == 0:  # holds every inherited descriptor until the pipe closes
+        os.close(stop_w)
+        os.read(stop_r, 1)
+        os._exit(0)
+    os.close(stop_r)
+    try:
+        watch, me = _rpc_watch(conn, base)
+        # the child's copy at the engine's number; the kit's copy it inherited is not one
+        assert watch.rpc_copies_at(me, CREATED, confirmed=True) == [
+            {"pid": child, "fd": conn.fileno(), "process": f"child {child} of the master"}
+        ]
+        container, me = _rpc_watch(conn, base, container=child)
+        assert container.rpc_copies_at(me, CREATED, confirmed=True) == []
+    finally:
+        os.close(stop_w)
+        os.waitpid(child, 0)
+
+
+def test_without_the_connection_named_by_the_starter_nothing_is_checked(rpc_pair):
+    conn = rpc_pair[0]
+    dup = os.dup(conn.fileno())
+    try:
+        watch, me = MasterWatch(), os.getpid()
+        watch.note(me, "rpc", {"kind": "container_start", "role": "starter", "rpc_conn": {}})
+        assert watch.rpc_copies_at(me, CREATED, confirmed=True) == []
+    finally:
+        os.close(dup)
