@@ -4,8 +4,8 @@ cleanup units, and whole lifecycles of both engines in every flow.
 
 Unit tests run in the pytest process (the RPC methods with a recording system interface);
 the real-mount tests run the RPC server in a forked child with its own mount namespace; the
-in-flow tests go through ``kit.run.launcher``. The soak test runs 200 lifecycles (20 with
-``KIT_ZYGOTE=0`` unless ``KIT_SOAK=1``).
+in-flow tests go through ``kit.run.launcher``. The soak test runs 100 lifecycles (1,000 with
+``KIT_SOAK=1``; 20 with ``KIT_ZYGOTE=0``).
 """
 
 from __future__ import annotations
@@ -1381,11 +1381,12 @@ def test_consecutive_runs_leak_nothing():
     """Lifecycles back to back, cycling through the flows and both engines: no leak
     reported by the kit (processes, host mounts, files left in the run's temporary
     directory), every run's temporary directory gone, and the test process's fds, the host's
-    mounts, this process's children and the number of the zygote's fds as before. 200 runs
-    (about 20 s); 20 when the launcher starts a fresh interpreter per run (KIT_ZYGOTE=0, ~3x
-    slower) unless KIT_SOAK=1."""
+    mounts, this process's children and the number of the zygote's fds as before. 100 runs
+    (ten of each flow and engine; about 10 s, 30 s under CI's coverage: every count above is
+    exact, so a leak of one thing a run shows at once); 1,000 with KIT_SOAK=1; 20 when the
+    launcher starts a fresh interpreter per run (KIT_ZYGOTE=0, ~3x slower)."""
     slow_launcher = os.environ.get("KIT_ZYGOTE", "1") == "0"
-    runs = 200 if os.environ.get("KIT_SOAK") == "1" or not slow_launcher else 20
+    runs = 1000 if os.environ.get("KIT_SOAK") == "1" else 20 if slow_launcher else 100
     flows = [f for f in FLOWS if environment.flows()[f][0]]
     if not flows:
         pytest.skip("no flow can run here")
