@@ -2293,15 +2293,20 @@ def check_rpc_methods_restore_credentials(verify: Verifier, run: Run) -> None:
             (creds.get("before"), creds.get("after")) if isinstance(creds, dict) else (None, None)
         )
         if not isinstance(before, dict) or not isinstance(after, dict):
-            # The kit records both sides of every answered request (a refused one's too):
-            # a side missing was taken out by code in the RPC server's process.
+            # The kit records both sides of every answered request (a refused one's too),
+            # or says why it could not read one: a side missing without a reason was taken
+            # out by code in the RPC server's process.
+            why = creds.get("unread") if isinstance(creds, dict) else None
+            if event.get("truncated") and not why:
+                why = "the event was longer than the ledger's limit, its credentials too"
             verify.fail(
                 requirement,
                 expected=f"the kit's record of the credentials before and after "
                 f"{event.get('method') or 'the request'}",
                 observed="no credentials recorded for "
                 + ("before" if not isinstance(before, dict) else "after")
-                + " the method: engine code in the RPC server removed the kit's record",
+                + " the method: "
+                + (str(why) if why else "engine code in the RPC server removed the kit's record"),
                 run=run,
                 event=event,
                 role="rpc",

@@ -146,12 +146,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda signum, _frame: handle.send_signal(signum))
     try:
         result = handle.wait()
-    except LaunchError as exc:  # the kit's own failure: no result to report
-        print(
-            f"kit run: the kit failed, not the engine: {exc} (a bug of the kit: please report "
-            "it with this message)",
-            file=sys.stderr,
-        )
+    except LaunchError as exc:  # the kit's own failure (a bug, or its process killed)
+        first, *rest = str(exc).splitlines() or [""]
+        print(f"kit run: the kit failed, not the engine: {first}", file=sys.stderr)
+        for line in rest:  # the supervisor's stderr, as it was
+            print(f"kit run:   {line}", file=sys.stderr)
         return 2  # as every other failure to launch: no payload status to pass on
     if args.ledger:
         with open(args.ledger, "w") as f:

@@ -442,6 +442,70 @@ class RefusedCallsEngine(ReferenceEngine):
         super().prepare_rootfs(rpc, cfg)
 
 
+class CleanupCallsPostStartEngine(ReferenceEngine):
+    """cleanup_container calls the engine's own post_start_process (an ORDER bug, not a
+    reap): after the master reaped its sentinel, the hook's end is the engine's call."""
+
+    engine_name = "test-cleanup-calls-post-start"
+    rpc_methods = ReferenceRPC
+
+    def cleanup_container(self, ctx: Any, fatal: BaseException | None, status: int | None) -> None:
+        self.post_start_process(ctx, 0)
+        super().cleanup_container(ctx, fatal, status)
+
+
+def _state(pid: int) -> str:
+    """The state letter of process ``pid`` ("" once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler for ``signum`` (SigCgt of its status)."""
+    with open(f"/proc/{pid}/status") as f:
+        caught = next(line for line in f if line.startswith("SigCgt:")).split()[1]
+    return bool(int(caught, 16) & 1 << (signum - 1))
+
+
+class MergedSigchldEngine(ReferenceEngine):
+    """post_start_process makes the container's SIGCHLD merge into another child's: with
+    the GIL held (ctypes.PyDLL calls keep it) until the container has exited, a helper
+    exits and then another tells the payload to exit (SIGUSR1, which it traps): the
+    master's loop cannot read the first helper's SIGCHLD before the container's merges into
+    it (standard signals do not queue). Legal: a hook may start and reap children."""
+
+    engine_name = "test-merged-sigchld"
+    rpc_methods = ReferenceRPC
+
+    def post_start_process(self, ctx: Any, pid: int) -> None:
+        super().post_start_process(ctx, pid)
+        while not _catches(pid, signal.SIGUSR1):  # the payload's trap is set
+            time.sleep(0.005)
+        held = ctypes.PyDLL(None, use_errno=True)  # calls that keep the GIL
+        # Both helpers act while this thread holds the GIL: the first exits, then the
+        # second, once the first is a zombie, makes the payload exit (and exits). The GIL
+        # is let go once the container is a zombie too (peeked at, not reaped).
+        first = os.fork()
+        if first == 0:
+            time.sleep(0.05)
+            os._exit(0)
+        second = os.fork()
+        if second == 0:
+            while _state(first) != "Z":
+                time.sleep(0.005)
+            os.kill(pid, signal.SIGUSR1)
+            os._exit(0)
+        # One call, not a loop: between two calls the interpreter hands the GIL over to a
+        # thread that waited for it (the master's loop, with the first SIGCHLD to read).
+        info = ctypes.create_string_buffer(128)
+        held.waitid(1, pid, info, os.WEXITED | os.WNOWAIT)  # P_PID; the zombie stays
+        for helper in (first, second):
+            os.waitpid(helper, 0)
+
+
 class KeepsTheLedgerSocketEngine(ReferenceEngine):
     """Keeps every socket open in stage 1 for the payload ("socket activation"): the only
     one there is the kit's ledger socket."""

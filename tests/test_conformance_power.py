@@ -142,7 +142,15 @@ def test_an_rpc_call_whose_credentials_were_taken_out_breaks_priv_rpc_004():
         checks.check_rpc_methods_restore_credentials(verify, make_run("root", [call]))
         (violation,) = verify.violations["PRIV-RPC-004"]
         assert violation.observed.startswith(f"no credentials recorded for {side} the method")
+        assert violation.observed.endswith("engine code in the RPC server removed the kit's record")
         assert "x.mount" in violation.expected
+    # the kit's own read failed: said so, not blamed on the engine
+    call = _rpc_call(server, None, method="x.mount")
+    call["creds"]["unread"] = "the kit's read failed: OSError: gone"
+    verify = checks.Verifier("root", ["PRIV-RPC-004"], "t")
+    checks.check_rpc_methods_restore_credentials(verify, make_run("root", [call]))
+    (violation,) = verify.violations["PRIV-RPC-004"]
+    assert violation.observed.endswith("the method: the kit's read failed: OSError: gone")
 
 
 def test_a_method_that_renumbers_threads_is_still_compared_on_its_serving_thread():

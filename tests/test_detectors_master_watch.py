@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
+from conftest import require_flow
 
+from kit.run.launcher import run
 from kit.run.master_watch import MasterWatch
 from kit.system import linux
 
@@ -139,7 +143,7 @@ def test_a_dup_in_the_master_is_a_copy_and_only_at_create_containers_return(rpc_
     dup = os.dup(conn.fileno())
     try:
         found = watch.rpc_copies_at(me, CREATED, confirmed=True)
-        assert found == [{"pid": me, "fd": dup, "process": "the master"}]
+        assert found == [{"pid": me, "fd": dup, "process": "master"}]
         for event, confirmed in (
             (CREATED, False),  # the master did not wait for the look
             ({**CREATED, "kind": "hook_raise"}, True),  # a failed create: the kit closes it
@@ -164,7 +168,7 @@ def test_a_child_holding_the_connection_is_a_copy_unless_it_is_the_container(rpc
         watch, me = _rpc_watch(conn, base)
         # the child's copy at the engine's number; the kit's copy it inherited is not one
         assert watch.rpc_copies_at(me, CREATED, confirmed=True) == [
-            {"pid": child, "fd": conn.fileno(), "process": f"child {child} of the master"}
+            {"pid": child, "fd": conn.fileno(), "process": "child"}
         ]
         container, me = _rpc_watch(conn, base, container=child)
         assert container.rpc_copies_at(me, CREATED, confirmed=True) == []
@@ -182,3 +186,120 @@ def test_without_the_connection_named_by_the_starter_nothing_is_checked(rpc_pair
         assert watch.rpc_copies_at(me, CREATED, confirmed=True) == []
     finally:
         os.close(dup)
+
+
+def test_the_sentinel_is_found_in_a_pid_namespace_below_its_parents():
+    # fork returns the child's number in the parent's pid namespace; a child in a namespace
+    # the parent joined or created below (the starter joins a pid namespace by path before
+    # it makes the sentinel) has that number at the parent's depth of its NSpid, not last.
+    code = (
+        "import os\n"
+        "from kit.system import linux\n"
+        "linux.unshare(linux.CLONE_NEWPID)\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    os._exit(0)\n"
+        "while linux.process_alive(pid):\n"
+        "    pass\n"
+        "print(linux.child_numbered(os.getpid(), pid) == pid, linux.process_ids(pid)[1])\n"
+        "os.waitpid(pid, 0)\n"
+        "print(linux.child_numbered(os.getpid(), pid))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    found, nspid = proc.stdout.splitlines()[0].split(" ", 1)
+    assert found == "True", (proc.stdout, proc.stderr)
+    assert nspid.endswith(", 1]")  # pid 1 of its own namespace, found by its parent's number
+    assert proc.stdout.splitlines()[1] == "None"  # reaped
+
+
+def test_an_engines_own_call_of_a_hook_after_the_kits_reap_is_no_foreign_reap():
+    # cleanup_container calls post_start_process itself, after the master reaped the
+    # sentinel: the hook's end says it was the engine's call, and is not held against it.
+    require_flow("root")
+    result = run("kit_test_engines:CleanupCallsPostStartEngine", "root", ["/bin/true"], probes=True)
+    ends = [
+        e
+        for e in result.ledger.events
+        if e["kind"] == "hook_return" and e.get("hook") == "post_start_process"
+    ]
+    assert [e.get("caller") for e in ends] == [None, "engine"], result.reason
+    assert [e for e in result.ledger.events if e["kind"] == "foreign_reap"] == []
+
+
+# -- what container_start names, checked against the kernel -------------------------------------
+
+
+def _start(zombie, conn, base, **changed):
+    rpc = {"inode": os.fstat(conn.fileno()).st_ino, "fd": conn.fileno(), "fd_base": base}
+    event = {"kind": "container_start", "role": "starter", "sentinel_pid": zombie, "rpc_conn": rpc}
+    for key, value in changed.items():
+        if key in rpc:
+            rpc[key] = value
+        else:
+            event[key] = value
+    return event
+
+
+def _checked(event):
+    watch, me = MasterWatch(), os.getpid()
+    watch.note(me, "starter", event)
+    return watch.check_start(me, event)
+
+
+def test_a_container_start_the_kernel_agrees_with_passes(zombie, rpc_pair):
+    conn, _, base = rpc_pair
+    assert _checked(_start(zombie, conn, base)) is None
+
+
+def test_a_container_start_naming_what_the_kernel_does_not_show_is_refused(zombie, rpc_pair):
+    # Import-time engine code runs in the starter before it sends container_start.
+    conn, kit_copy, base = rpc_pair
+    for changed, why in (
+        ({"sentinel_pid": os.getpid()}, "is not a child of the master"),
+        ({"fd": kit_copy + 1}, "is not the RPC connection it names"),
+        ({"inode": 1}, "is not the RPC connection it names"),
+        ({"fd_base": 3}, "its fd_base 3 is not the master's"),
+        ({"rpc_conn": None}, "does not name the sentinel and the RPC connection"),
+        ({"sentinel_pid": None}, "does not name the sentinel and the RPC connection"),
+    ):
+        problem = _checked(_start(zombie, conn, base, **changed))
+        assert problem is not None and why in problem, (changed, problem)
+
+
+def test_a_join_only_run_is_not_held_to_it(zombie, rpc_pair):
+    # Its starter reaps the sentinel and closes the connection without waiting for anyone.
+    watch, me = MasterWatch(), os.getpid()
+    config = {"kind": "starter_config", "config": {"requests": {"namespace_join_only": True}}}
+    watch.note(me, "starter", config)
+    event = _start(zombie, rpc_pair[0], rpc_pair[2], sentinel_pid=None)
+    watch.note(me, "starter", event)
+    assert watch.check_start(me, event) is None
+
+
+def test_a_helper_orphaned_away_from_the_master_is_still_looked_at(rpc_pair):
+    # A double-forked helper goes to a reaper when its parent exits: not below the master
+    # any more, it is among the run's processes the supervisor hands over.
+    conn, _, base = rpc_pair
+    ready_r, ready_w = os.pipe()
+    stop_r, stop_w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        if os.fork() == 0:  # the helper: holds what it inherited until the pipe closes
+            os.close(stop_w)
+            os.write(ready_w, str(os.getpid()).encode())
+            os.read(stop_r, 1)
+        os._exit(0)
+    os.close(stop_r)
+    os.close(ready_w)
+    helper = int(os.read(ready_r, 32))
+    os.close(ready_r)
+    os.waitpid(child, 0)
+    try:
+        watch, me = _rpc_watch(conn, base)
+        assert watch.rpc_copies_at(me, CREATED, confirmed=True) == []  # not below us
+        found = watch.rpc_copies_at(me, CREATED, True, orphans=lambda: [me, helper])
+        assert found == [{"pid": helper, "fd": conn.fileno(), "process": "orphan"}]
+    finally:
+        os.close(stop_w)
+        while linux.process_alive(helper):
+            time.sleep(0.005)

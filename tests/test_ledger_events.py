@@ -37,8 +37,18 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "args": {"pid": 4},
         "caller": "kit",
     },
-    "hook_return": {"hook": "config", "snapshot": None, "result": [1, "anything"]},
-    "hook_raise": {"hook": "prepare_config", "snapshot": None, "error": {"type": "ValueError"}},
+    "hook_return": {
+        "hook": "config",
+        "snapshot": None,
+        "result": [1, "anything"],
+        "caller": "engine",
+    },
+    "hook_raise": {
+        "hook": "prepare_config",
+        "snapshot": None,
+        "error": {"type": "ValueError"},
+        "caller": "engine",
+    },
     "rpc_call": {
         "method": "engine.mount",
         "args": {"src": "/"},
@@ -47,7 +57,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "duration_ms": 0.25,
         "creds": None,
     },
-    "signal": {"signum": 15, "name": "SIGTERM", "sender": 0},
+    "signal": {"signum": 15, "name": "SIGTERM", "sender": 0, "merged": True},
     "container_start": {
         "container_pid": 4,
         "created": ["pid", "mnt"],

@@ -100,6 +100,7 @@ class HookReturn(Common):
     hook: HookName
     snapshot: NotRequired[JsonObject | None]
     result: NotRequired[Json]
+    caller: NotRequired[Literal["kit", "engine"]]  # as its hook_enter's
 
 
 class HookRaise(Common):
@@ -107,6 +108,7 @@ class HookRaise(Common):
     hook: HookName
     snapshot: NotRequired[JsonObject | None]
     error: NotRequired[JsonObject]
+    caller: NotRequired[Literal["kit", "engine"]]  # as its hook_enter's
 
 
 class RpcCall(Common):
@@ -124,6 +126,8 @@ class Signal(Common):
     signum: int
     name: NotRequired[Name]
     sender: NotRequired[Pid]
+    #: The container's SIGCHLD, taken by another child's pending one (signals do not queue).
+    merged: NotRequired[bool]
 
 
 class ContainerStart(Common):

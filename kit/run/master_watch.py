@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from kit.system import linux
@@ -41,6 +42,9 @@ class MasterWatch:
         self.rpc_fd: int | None = None
         self.fd_base: int | None = None
         self.failed = False  # a fatal error of the master's came: its reap may come early
+        #: A join-only run (no master hooks): its starter reaps the sentinel and closes the
+        #: connection at once, without waiting for the supervisor.
+        self.join_only = False
         self.reaped = False  # found reaped (once: the first finding is the one reported)
 
     def note(self, sender: int, role: str | None, event: dict[str, Any]) -> None:
@@ -64,6 +68,31 @@ class MasterWatch:
                 )
         elif kind == "fatal" and event.get("role") == "master":
             self.failed = True
+        elif kind == "starter_config" and role == "starter":
+            config = event.get("config")
+            requests = config.get("requests") if isinstance(config, dict) else None
+            if isinstance(requests, dict):
+                self.join_only = bool(requests.get("namespace_join_only"))
+
+    def check_start(self, sender: int, event: dict[str, Any]) -> str | None:
+        """Why the ``container_start`` the starter sent cannot be what the kernel shows of it
+        (import-time engine code runs in that process before it is sent): the sentinel is a
+        child of the master, the connection's descriptor is that socket, and ``fd_base`` is
+        what the master's own limit gives; None when it is, or when the event is another.
+        Read before the master goes on: its next event is a hook's, sent with a snapshot the
+        supervisor confirms (with probes on, the only runs this looks at)."""
+        if event["kind"] != "container_start" or sender != self.master or self.join_only:
+            return None
+        if self.number is None or self.rpc_inode is None:
+            return "it does not name the sentinel and the RPC connection the kit made"
+        if linux.child_numbered(sender, self.number) is None:
+            return f"its sentinel, pid {self.number}, is not a child of the master"
+        if linux.fd_target(sender, self.rpc_fd or 0) != f"socket:[{self.rpc_inode}]":
+            return f"fd {self.rpc_fd} of the master is not the RPC connection it names"
+        soft = linux.nofile_soft(sender)
+        if soft is not None and linux.fd_base_for(soft) != self.fd_base:
+            return f"its fd_base {self.fd_base} is not the master's ({linux.fd_base_for(soft)})"
+        return None
 
     def _the_kits_end(self, sender: int, event: dict[str, Any], confirmed: bool) -> str | None:
         """The hook ``event`` ends, when it is the end of one of the master's hooks called
@@ -91,11 +120,17 @@ class MasterWatch:
         return self.reaped
 
     def rpc_copies_at(
-        self, sender: int, event: dict[str, Any], confirmed: bool
+        self,
+        sender: int,
+        event: dict[str, Any],
+        confirmed: bool,
+        orphans: Callable[[], Iterable[int]] = tuple,
     ) -> list[dict[str, Any]]:
         """The copies of the RPC connection engine code kept, when ``event`` is the return
         of create_container the master waits on: ``{"pid", "fd", "process"}`` each, the
-        pid as the supervisor numbers it."""
+        pid as the supervisor numbers it, the process ``master``, ``child`` (of the master,
+        at any depth) or ``orphan``. ``orphans``: the run's processes no longer below
+        the master (a helper whose parent exited went to a reaper), looked at too."""
         if (
             self._the_kits_end(sender, event, confirmed) != "create_container"
             or event["kind"] != "hook_return"
@@ -108,13 +143,18 @@ class MasterWatch:
         if self.container is not None:
             container = linux.child_numbered(sender, self.container)
         skip = set() if container is None else {container}
+        below = linux.descendants_via_children(sender, skip)
+        inside = (
+            set() if container is None else {container, *linux.descendants_via_children(container)}
+        )
+        away = [p for p in orphans() if p not in inside and p != sender and p not in below]
         found: list[dict[str, Any]] = []
-        for pid in [sender, *linux.descendants_via_children(sender, skip)]:
+        for pid in [sender, *below, *away]:
             for fd in linux.socket_fds(pid, self.rpc_inode):
                 # The kit's own copies are high up (close-on-exec: a child forked by a hook
                 # has them too); the engine's rpc_conn is the master's at its number.
                 if fd >= self.fd_base or (pid == sender and fd == self.rpc_fd):
                     continue
-                where = "the master" if pid == sender else f"child {pid} of the master"
+                where = "master" if pid == sender else "child" if pid in below else "orphan"
                 found.append({"pid": pid, "fd": fd, "process": where})
         return found

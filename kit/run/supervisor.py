@@ -218,6 +218,7 @@ class Supervisor:
         linux.set_child_subreaper()
         run_dir, lock_fd = rundir.create() if ahead is None else (ahead.run_dir, ahead.lock_fd)
         self.run_dir = run_dir
+        self.run_dir_removed = False
         # The launcher's death (then the zygote's) reaches us as SIGTERM: the run goes, and
         # so does its directory, which nobody else may remove while its lock is held.
         signal.signal(signal.SIGTERM, self._parent_gone)
@@ -257,7 +258,7 @@ class Supervisor:
             # A failure of the kit's own (the run's result says which): what the run
             # started and its directory go with it, as at the end of a run.
             self.kill_tree()
-            if os.path.isdir(run_dir):
+            if not self.run_dir_removed:
                 rundir.remove(run_dir, lock_fd)
             raise
         finally:
@@ -311,15 +312,22 @@ class Supervisor:
             linux.unshare(linux.ns_flags(["uts", "ipc", "net"]))
         pid = os.fork()
         if pid == 0:
-            reader.close()
-            os.close(lock_fd)  # held by the supervisor alone: its death frees the directory
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            filter_here.close()
-            if box is not None:
-                _enter_sandbox(
-                    box, writer, self.inherited | {writer.fileno(), filter_there.fileno()}
-                )
-            Starter(req, writer, filter_there, parent=me, inherited=self.inherited).main()
+            # The starter's branch never returns into the supervisor's code (whose cleanup
+            # would end the run and remove its directory from inside it).
+            try:
+                reader.close()
+                os.close(lock_fd)  # the supervisor's alone: its death frees the directory
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                filter_here.close()
+                if box is not None:
+                    _enter_sandbox(
+                        box, writer, self.inherited | {writer.fileno(), filter_there.fileno()}
+                    )
+                Starter(req, writer, filter_there, parent=me, inherited=self.inherited).main()
+            except BaseException:  # noqa: BLE001 a kit bug before the starter could report it
+                traceback.print_exc()
+            finally:
+                os._exit(EXIT_FATAL)
         writer.close()
         filter_there.close()
         self.senders.add_starter(pid)
@@ -387,6 +395,7 @@ class Supervisor:
         for limit in current().model_limits():
             self.emit("model_limit", reason=limit)
         rundir.remove(run_dir, lock_fd)
+        self.run_dir_removed = True
         if self.listener is not None:
             os.close(self.listener)  # a call still filtered now fails with ENOSYS
             self.listener = None
@@ -680,6 +689,9 @@ class Supervisor:
                     self._mismatches[thread] = seen
                     return RETRY
             self._mismatches.pop(thread, None)
+        if problem is None and self.outside_check and sender:
+            self.master_watch.note(sender, self.senders.role_of(sender), event)
+            problem = self.master_watch.check_start(sender, event)
         if problem is not None:
             self.engine_fault("forged", sender, problem, data)
             return CONFIRMED
@@ -692,7 +704,6 @@ class Supervisor:
         """What the master checks about itself, checked again from here while it waits
         (:class:`kit.run.master_watch.MasterWatch`): events of the supervisor's own."""
         watch = self.master_watch
-        watch.note(sender, self.senders.role_of(sender), event)
         if not self.outside_check:
             return
         if watch.reaped_at(sender, event, confirmed):
@@ -706,11 +717,14 @@ class Supervisor:
                     "supervisor)"
                 ),
             )
-        copies = watch.rpc_copies_at(sender, event, confirmed)
+        copies = watch.rpc_copies_at(sender, event, confirmed, self._run_processes)
         for copy in copies:
-            copy["pid"] = self.run_pid(copy["pid"])
-            if copy["process"] != "the master":
-                copy["process"] = f"child {copy['pid']} of the master"
+            copy["pid"] = pid = self.run_pid(copy["pid"])
+            copy["process"] = {
+                "master": "the master",
+                "child": f"process {pid}, started by the master",
+                "orphan": f"process {pid}, started by the master and orphaned",
+            }[copy["process"]]
         if copies:
             self.emit(
                 "rpc_conn_kept",

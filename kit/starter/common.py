@@ -252,6 +252,7 @@ class HookRunner:
             by_kit = getattr(_calls, "kit_hook", None) == hook
             _calls.kit_hook = None  # hooks called from inside this one are the engine's
             self.enter(hook, args, kwargs, "kit" if by_kit else "engine")
+            extra = {} if by_kit else {"caller": "engine"}  # the end says whose call it was
             _calls.by_kit = by_kit  # for the injection inside (inject.wrap), read at once
             try:
                 result = original(*args, **kwargs)
@@ -262,6 +263,7 @@ class HookRunner:
                     snapshot=self._snap(),
                     error=describe_error(exc),
                     refresh=self._snap,
+                    **extra,
                 )
                 if by_kit:
                     raise HookFailed(hook, exc) from exc
@@ -272,6 +274,7 @@ class HookRunner:
                 snapshot=self._snap(),
                 result=_summary(result),
                 refresh=self._snap,
+                **extra,
             )
             return result
 

@@ -44,6 +44,8 @@ class RPCServerProcess:
         self.c = container
         self.parent = parent
         self.ledger = container.ledger.for_role("rpc")
+        #: Why the last read of the credentials failed (the rpc_call event says it).
+        self.unread: str | None = None
 
     def drop_privileges(self) -> None:
         req, system = self.c.req, self.c.system
@@ -65,15 +67,18 @@ class RPCServerProcess:
 
     def _creds(self) -> dict[str, Any] | None:
         """The calling thread's credentials (uids, gids, capability sets, no_new_privs), the
-        process's root directory, and every thread's whole credential."""
+        process's root directory, and every thread's whole credential; None when they could
+        not be read (:attr:`unread` says why)."""
         if not self.c.req.probes:
             return None
         try:
             snap = wire_snapshot(self.c.system)
-        except Exception:  # noqa: BLE001 a probe failure: no credentials to record
+        except Exception as exc:  # noqa: BLE001 a probe failure: no credentials to record
+            self.unread = f"the kit's read failed: {type(exc).__name__}: {exc}"
             return None
         me = own_thread(snap)
         if me is None:
+            self.unread = "the kit's read did not find the serving thread in /proc"
             return None
         # Every thread and the user namespace's map too: the privilege rules hold for every
         # thread around every method (SPEC §4), not only for the one serving it.
@@ -121,6 +126,8 @@ class RPCServerProcess:
                     now = self._creds()
                     creds = {"before": now, "after": now}
                 observed.clear()
+                if self.unread is not None:
+                    creds["unread"], self.unread = self.unread, None
                 # The credentials the method left are confirmed from outside as a hook's
                 # snapshot is (engine code in this process could dress them up): read again
                 # when another thread changed its own meanwhile.

@@ -392,10 +392,36 @@ def fd_base() -> int:
     ledger socket): high, three quarters up to the soft limit (768 at the usual 1024), so
     that engine code closing low numbers (its own, or a range of them) does not hit the
     kit's; a loss noticed all the same is a fatal error."""
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return fd_base_for(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+
+
+def fd_base_for(soft: int) -> int:
+    """:func:`fd_base` of a process whose soft RLIMIT_NOFILE is ``soft``."""
     if soft == resource.RLIM_INFINITY:
         soft = 1024
     return max(3, min(soft, 1024) * 3 // 4)
+
+
+def nofile_soft(pid: int) -> int | None:
+    """The soft RLIMIT_NOFILE of process ``pid`` (``/proc/PID/limits``); None when gone."""
+    try:
+        with open(f"/proc/{pid}/limits") as f:
+            for line in f:
+                if line.startswith("Max open files"):
+                    soft = line[len("Max open files") :].split()[0]
+                    return resource.RLIM_INFINITY if soft == "unlimited" else int(soft)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def fd_target(pid: int, fd: int) -> str | None:
+    """What descriptor ``fd`` of process ``pid`` refers to (its ``/proc`` link: a path,
+    ``socket:[INODE]``…); None when it is not open or not ours to read."""
+    try:
+        return os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return None
 
 
 def dup_high(fd: int, base: int) -> int:
@@ -836,6 +862,14 @@ def signal_ignored(sig: int) -> bool:
     return ctypes.c_void_p.from_buffer(old).value == _SIG_IGN
 
 
+def signal_pending(sig: int) -> bool:
+    """Whether ``sig`` is pending for this process (sent to it, or to the calling thread)
+    and not yet taken: ``ShdPnd`` and ``SigPnd`` of ``/proc/thread-self/status``."""
+    status = read_status("/proc/thread-self/status")
+    bit = 1 << (sig - 1)
+    return any(int(status.get(key, "0"), 16) & bit for key in ("ShdPnd", "SigPnd"))
+
+
 # --- memory ------------------------------------------------------------------------------
 
 
@@ -1198,27 +1232,24 @@ def socket_fds(pid: int, inode: int) -> list[int]:
         return []
     found: list[int] = []
     for name in names:
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{name}")
-        except OSError:
-            continue  # closed meanwhile
-        if target == f"socket:[{inode}]":
+        if fd_target(pid, int(name)) == f"socket:[{inode}]":  # None: closed meanwhile
             found.append(int(name))
     return found
 
 
 def child_numbered(pid: int, number: int) -> int | None:
     """The pid (as the mounted ``/proc`` numbers it) of the child of ``pid``, zombie or not,
-    that its own pid namespace numbers ``number``; None when it has no such child (never
-    had, or it was reaped). ``pid``'s children are in its pid namespace or below: the last
-    entry of a child's NSpid is that namespace's number of it only when it is in the same
-    one, so the child's NSpid must be as deep as ``pid``'s."""
+    that ``pid``'s pid namespace numbers ``number`` (what fork or clone returned to it); None
+    when it has no such child (never had, or it was reaped). A child is in ``pid``'s pid
+    namespace or below it (a new one, or one joined by path): its NSpid has an entry at the
+    depth of ``pid``'s own namespace."""
     ids = process_ids(pid)
     if ids is None:
         return None
+    depth = len(ids[1]) - 1
     for child in children(pid):
         found = process_ids(child)
-        if found is not None and len(found[1]) == len(ids[1]) and found[1][-1] == number:
+        if found is not None and len(found[1]) > depth and found[1][depth] == number:
             return child
     return None
 
