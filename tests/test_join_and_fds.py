@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
+from test_signals import TRAP, wait_for
 
-from kit.run.launcher import run
+from kit.run.launcher import run, start
 from kit.run.sandbox import join_path
 
 JOIN = "kit_test_engines:JoinEngine"
@@ -66,6 +68,30 @@ def test_join_only_run_calls_only_the_join_hooks(target_namespaces):
     run_host = result.ledger.first("hook_enter", hook="prepare_config")["snapshot"]["ns"]
     assert stage2["snapshot"]["ns"]["pid"] == run_host["pid"]  # no pid namespace of its own
     assert result.leaks == []
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 42), (signal.SIGUSR2, 46)])
+def test_a_signal_to_a_join_only_run_is_forwarded_to_its_container(
+    target_namespaces, shared_dir, signum, code
+):
+    # No monitor runs in a join-only run: the starter forwards SPEC §7's signals itself,
+    # and the run ends with the container (it once died of the signal and left it behind).
+    pid = target_namespaces
+    given = {kind: f"/proc/{pid}/ns/{kind}" for kind in ("uts", "net")}
+    sandboxed = os.geteuid() == 0
+    ready = os.path.join(shared_dir, "ready")
+    handle = start(
+        JOIN,
+        "root",
+        ["/bin/sh", "-c", TRAP.format(ready=ready)],
+        join_namespaces=given,
+        shared_dirs=[shared_dir],
+        engine_config={"join": {k: join_path(k, p, sandboxed) for k, p in given.items()}},
+    )
+    wait_for(ready)
+    handle.send_signal(signum)
+    result = handle.wait()
+    assert (result.exit_code, result.leaks) == (code, []), result.reason
 
 
 def _lo_up(pid: int) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import mmap
@@ -97,6 +98,16 @@ def _moved_high(sock: socket.socket) -> socket.socket:
         return sock
     sock.close()
     return socket.socket(fileno=high)
+
+
+#: What a join-only run's starter forwards to its container (SPEC §7's list for a monitor).
+JOIN_ONLY_FORWARDED = (
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
 
 
 class Starter:
@@ -360,6 +371,14 @@ class Starter:
     def _join_only_master(
         self, pid: int, master_sock: socket.socket, rpc_master: socket.socket
     ) -> int:
+        # No monitor_container runs (SPEC §5): the starter forwards what a monitor would
+        # (§7), so that a signalled run ends with its container instead of leaving it.
+        def forward(signum: int, _frame: object) -> None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+        for sig in JOIN_ONLY_FORWARDED:
+            signal.signal(sig, forward)
         rpc_master.close()
         os.waitpid(self.sentinel, 0)  # no monitor in a join-only run
         kind, message = _recv_control(master_sock)
