@@ -205,3 +205,23 @@ def test_the_last_round_of_the_loop_runs_even_when_its_work_is_done():
         for s in (reader, writer, a, b):
             s.close()
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+def test_the_containers_sigchld_merged_into_another_childs_is_recorded_merged(shared_dir):
+    # Standard signals do not queue: the container's exit, while a helper's SIGCHLD waits
+    # unread, sends none of its own. The master, which waits for the container's SIGCHLD,
+    # records it as merged once none is pending (it once waited a hook timeout for it).
+    ready = os.path.join(shared_dir, "ready")
+    handle = start(
+        "kit_test_engines:MergedSigchldEngine",
+        "root",
+        ["/bin/sh", "-c", f"trap 'exit 5' USR1; touch {ready}; while :; do sleep 0.01; done"],
+        shared_dirs=[shared_dir],
+        engine_config={"mount_tmp": False},
+    )
+    result = handle.wait()
+    assert result.exit_code == 5, result.reason
+    container = result.ledger.first("container_start")["container_pid"]
+    chld = [e for e in result.ledger.select("signal") if e.get("name") == "SIGCHLD"]
+    assert [e["sender"] for e in chld if e.get("merged")] == [container], chld
+    assert container not in [e["sender"] for e in chld if not e.get("merged")], chld

@@ -67,6 +67,8 @@ MASTER_SIGNALS = {s for s in signal.valid_signals() if s not in _UNBLOCKABLE}
 _libc = ctypes.CDLL(None, use_errno=True)
 _SFD_NONBLOCK = os.O_NONBLOCK
 _SFD_CLOEXEC = os.O_CLOEXEC
+#: How often the master looks whether the container's SIGCHLD merged into another (seconds).
+_MERGE_LOOK = 0.05
 #: The longest the poll loop blocks (seconds).
 _MAX_WAIT = 1.0
 #: struct signalfd_siginfo: 128 bytes, ssi_signo at 0 and ssi_pid at 12.
@@ -321,8 +323,19 @@ class Master:
         wait the master could finish and exit with the SIGCHLD never recorded (SIG-005).
         When SIGCHLD is ignored (an engine's doing) the kernel sends none: nothing to wait for.
         """
-        if not linux.signal_ignored(signal.SIGCHLD):
-            self._serve(self.container_sigchld.is_set, self.starter.req.hook_timeout)
+        if linux.signal_ignored(signal.SIGCHLD):
+            return
+        deadline = time.monotonic() + self.starter.req.hook_timeout
+        while not self._serve(self.container_sigchld.is_set, _MERGE_LOOK):
+            if time.monotonic() >= deadline:
+                return
+            if self.held is None and not self._pending and not linux.signal_pending(signal.SIGCHLD):
+                # Standard signals do not queue: a SIGCHLD pending when the container exited
+                # (another child of the master's: an engine helper) took its place, and the
+                # container's is not coming. Recorded as the container's, said merged.
+                info = signal.struct_siginfo((signal.SIGCHLD, 0, 0, self.pid, 0, 0, 0))
+                self._record(info, merged=True)
+                return
 
     def _kill_container(self) -> None:
         try:
@@ -564,12 +577,14 @@ class Master:
         self._record_pending()
         self._read_signals()
 
-    def _record(self, info: signal.struct_siginfo) -> None:
+    def _record(self, info: signal.struct_siginfo, merged: bool = False) -> None:
+        fields: dict[str, Any] = {"merged": True} if merged else {}
         self.ledger.emit(
             "signal",
             signum=info.si_signo,
             name=linux.signal_name(info.si_signo),
             sender=info.si_pid,
+            **fields,
         )
         self.signals.put(info.si_signo)
         if info.si_signo == signal.SIGCHLD and info.si_pid == self.pid:
