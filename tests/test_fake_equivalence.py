@@ -21,7 +21,8 @@ What is normalised, and why:
   follows from it: ``filter`` and ``syscalls`` of ``seccomp_filter``), ``duration_ms`` of RPC calls,
   the Python object ``id`` in a hook's result summary, the run's ``container_id`` wherever
   it appears (hook arguments), the host pid of the container wherever it appears
-  (``container_pid``, hook arguments ``pid``).
+  (``container_pid``, hook arguments ``pid``), the sentinel's pid and the RPC socket's inode
+  (``container_start``).
 - ``cached`` of an escalation verdict: the starter re-runs the escalation probe only when
   the calling thread's snapshot changed, matching the thread by its tid — which the real RPC
   server cannot do (its tid is namespace-local, its snapshot lists host tids), the fake can;
@@ -161,8 +162,10 @@ class Normaliser:
             return {k: self.value(x, k) for k, x in v.items()}
         if isinstance(v, list):
             return [self.value(x, key) for x in v]
-        if key in ("child_pid", "sender"):
+        if key in ("child_pid", "sender", "sentinel_pid"):
             return "<pid>"
+        if key == "inode":  # container_start's RPC socket: a new one every run
+            return "<inode>"
         if key in ("pid", "ppid", "container_pid", "hook_pid", "nspid"):
             return _pid(v)
         if isinstance(v, str) and v == self.container_id:

@@ -371,3 +371,25 @@ def test_a_daemon_in_the_containers_pid_namespace_dies_with_its_init(flow):
     assert result.leaks == [], result.leaks
     processes = [c for c in result.host_changes if c.get("kind") == "process"]
     assert processes == [], processes
+
+
+def test_a_file_written_under_a_modelled_mount_makes_the_run_beyond_the_model():
+    # The reference's /tmp is a tmpfs only the model mounts: the payload's file lands on the
+    # sandbox's /tmp, where the host diff sees it as it would an engine's write to the host.
+    # SPEC §9: not-configured (a model_limit), never failed. A file elsewhere is judged.
+    if os.geteuid() != 0:
+        pytest.skip("its payload writes files: only the host sandbox (as root) keeps them")
+    script = "echo x > /tmp/kit-fake-model-file; echo y > /var/tmp/kit-fake-host-file"
+    result = run("reference", "root", ["/bin/sh", "-c", script], backend="fake")
+    assert result.exit_code == 0, result.reason
+    (limit,) = result.ledger.select("model_limit")
+    assert "/tmp/kit-fake-model-file" in limit["reason"]
+    assert "/var/tmp" not in limit["reason"]
+    changed = {c["name"] for c in result.ledger.first("host_changes")["changes"]}
+    assert {"/tmp/kit-fake-model-file", "/var/tmp/kit-fake-host-file"} <= changed
+    assert not os.path.exists("/tmp/kit-fake-model-file")  # the sandbox's, gone with it
+    # without the file under the modelled mount, nothing is beyond the model
+    clean = run(
+        "reference", "root", ["/bin/sh", "-c", "echo y > /var/tmp/kit-fake-h"], backend="fake"
+    )
+    assert clean.ledger.select("model_limit") == []

@@ -513,8 +513,33 @@ class Supervisor:
             self.emit(
                 "host_changes", **fields, cost_ms=round((time.perf_counter() - start) * 1000, 3)
             )
+            self._files_under_modelled_mounts(fields.get("changes") or [])
             self.host.close()
             self.host = None
+
+    def _files_under_modelled_mounts(self, changes: list[dict[str, Any]]) -> None:
+        """A file written under a mount the fake backend only modelled (a container's tmpfs
+        on /tmp) lands on the sandbox's file system, where the host diff sees it, and where a
+        file the engine wrote on the host would be too: the run is beyond the model (SPEC
+        §9: not-configured, never failed), said by a ``model_limit``."""
+        modelled = current().modelled_mounts()
+        if not modelled:
+            return
+        under = sorted(
+            {
+                str(c["name"])
+                for c in changes
+                if c.get("kind") == "file"
+                and any(str(c["name"]).startswith(t.rstrip("/") + "/") for t in modelled)
+            }
+        )
+        if under:
+            self.emit(
+                "model_limit",
+                reason=f"files written under a mount only the model made ({', '.join(under[:5])}"
+                f"{', …' if len(under) > 5 else ''}): they land on the sandbox's file system, "
+                "where the host diff cannot tell them from the engine's writes to the host",
+            )
 
     def leak(self, what: str, detail: str) -> None:
         self.leaks.append({"what": what, "detail": detail})

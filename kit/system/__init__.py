@@ -247,6 +247,11 @@ class RealSystem(System):
         not the run's leftovers."""
         return []
 
+    def modelled_mounts(self) -> list[str]:
+        """Where the backend only pretends a file system is mounted (the kernel: nowhere):
+        what is written under one lands on the host's file system below it."""
+        return []
+
     def snapshot(self) -> dict[str, Any]:
         return probe.snapshot()
 

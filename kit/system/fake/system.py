@@ -11,6 +11,7 @@ import socket
 import stat
 import tempfile
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -911,6 +912,19 @@ class FakeSystem(System):
     def model_limits(self) -> list[str]:
         with self._store.transaction(write=False) as st:
             return list(st.get("model_limits", ()))
+
+    def modelled_mounts(self) -> list[str]:
+        """The targets (host paths) of the mounts the model made in any namespace: more
+        mounts at a target than the real table has there (a tmpfs over a real /tmp counts)."""
+        with self._store.transaction(write=False) as st:
+            real = Counter(m["target"] for m in Model(st).ns(st["init"]["mount"])["mounts"])
+            found: set[str] = set()
+            for record in st["ns"].values():
+                if record.get("kind") != "mount" or record.get("initial"):
+                    continue
+                here = Counter(m["target"] for m in record["mounts"])
+                found.update(t for t, n in here.items() if n > real.get(t, 0) and t != "/")
+            return sorted(found)
 
     def propagation(self, target: str) -> str | None:
         with self._store.transaction(write=False) as st:
