@@ -4,6 +4,7 @@ reported; a zombie sentinel and the copies the kit keeps are not."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import subprocess
@@ -105,14 +106,30 @@ def test_only_the_starters_first_container_start_names_the_sentinel(zombie):
 @pytest.fixture
 def rpc_pair():
     """A socket pair whose first end stands for the master's RPC connection (the engine's
-    rpc_conn), with the kit's own copy of it high up."""
+    rpc_conn), with the kit's own two copies of it high up (the master's and its creation
+    watch's)."""
     conn, server = socket.socketpair()
     base = linux.fd_base()
     kit_copy = linux.dup_high(conn.fileno(), base)
+    watch_copy = linux.dup_high(conn.fileno(), base)
     yield conn, kit_copy, base
     for s in (conn, server):
         s.close()
     os.close(kit_copy)
+    os.close(watch_copy)
+
+
+def test_a_copy_moved_high_up_beside_the_kits_two_is_a_copy(rpc_pair):
+    # The kit's copies are the master's two lowest from fd_base: one more up there (an
+    # F_DUPFD above the kit's) is engine code's, hidden where the kit keeps its own.
+    conn, _, base = rpc_pair
+    watch, me = _rpc_watch(conn, base)
+    high = fcntl.fcntl(conn.fileno(), fcntl.F_DUPFD_CLOEXEC, base + 100)
+    try:
+        found = watch.rpc_copies_at(me, CREATED, confirmed=True)
+        assert found == [{"pid": me, "fd": high, "process": "master"}]
+    finally:
+        os.close(high)
 
 
 def _rpc_watch(conn, base, container=None):
@@ -253,10 +270,10 @@ def test_a_container_start_the_kernel_agrees_with_passes(zombie, rpc_pair):
 
 def test_a_container_start_naming_what_the_kernel_does_not_show_is_refused(zombie, rpc_pair):
     # Import-time engine code runs in the starter before it sends container_start.
-    conn, kit_copy, base = rpc_pair
+    conn, _, base = rpc_pair
     for changed, why in (
         ({"sentinel_pid": os.getpid()}, "is not a child of the master"),
-        ({"fd": kit_copy + 1}, "is not the RPC connection it names"),
+        ({"fd": 2}, "is not the RPC connection it names"),  # stderr
         ({"inode": 1}, "is not the RPC connection it names"),
         ({"fd_base": 3}, "its fd_base 3 is not the master's"),
         ({"rpc_conn": None}, "does not name the sentinel and the RPC connection"),

@@ -11,6 +11,9 @@ from kit.system import linux
 #: (it joins their threads first). monitor_container's end comes first too, unless the run
 #: failed (a fatal error, recorded before the master gives up on the monitor).
 _BEFORE_THE_KITS_REAP = ("create_container", "post_start_process")
+#: The master's own copies of the RPC connection while create_container returns
+#: (kit.starter.master: ``rpc_kit_fd`` and the creation watch's ``rpc_watch_fd``).
+KIT_COPIES = 2
 
 
 class MasterWatch:
@@ -148,12 +151,16 @@ class MasterWatch:
             set() if container is None else {container, *linux.descendants_via_children(container)}
         )
         away = [p for p in orphans() if p not in inside and p != sender and p not in below]
+        # The kit's own copies are the master's two lowest high up (its own copy and the
+        # creation watch's, both close-on-exec, made at the first free numbers from fd_base);
+        # a child forked by a hook has them at the same numbers. The engine's rpc_conn is
+        # the master's at its number.
+        mine = linux.socket_fds(sender, self.rpc_inode)
+        kits = set(sorted(fd for fd in mine if fd >= self.fd_base)[:KIT_COPIES])
         found: list[dict[str, Any]] = []
         for pid in [sender, *below, *away]:
-            for fd in linux.socket_fds(pid, self.rpc_inode):
-                # The kit's own copies are high up (close-on-exec: a child forked by a hook
-                # has them too); the engine's rpc_conn is the master's at its number.
-                if fd >= self.fd_base or (pid == sender and fd == self.rpc_fd):
+            for fd in mine if pid == sender else linux.socket_fds(pid, self.rpc_inode):
+                if fd in kits or (pid == sender and fd == self.rpc_fd):
                     continue
                 where = "master" if pid == sender else "child" if pid in below else "orphan"
                 found.append({"pid": pid, "fd": fd, "process": where})
