@@ -320,3 +320,18 @@ def test_a_helper_orphaned_away_from_the_master_is_still_looked_at(rpc_pair):
         os.close(stop_w)
         while linux.process_alive(helper):
             time.sleep(0.005)
+
+
+@pytest.mark.parametrize("probes", [True, False])
+def test_a_kept_copy_is_found_by_the_supervisor_and_by_the_master_itself(probes):
+    # With probes on the master waits for the supervisor, which reads its tree from outside;
+    # without, only the master's own look runs. Both name the engine's copy.
+    require_flow("root")
+    result = run("mutants.zoo:register_create_keeps_rpc_dup", "root", ["/bin/true"], probes=probes)
+    kept = {e["role"]: e for e in result.ledger.events if e["kind"] == "rpc_conn_kept"}
+    assert set(kept) == ({"master", "supervisor"} if probes else {"master"}), result.reason
+    for event in kept.values():
+        assert event["shut_down"] and event["holders"], event
+        assert "still open when create_container returned" in event["detail"]
+    if probes:
+        assert kept["supervisor"]["detail"].endswith("; seen from the supervisor)")

@@ -41,7 +41,13 @@ from kit.run import hostdiff, rundir, seccomp
 from kit.run import sandbox as host_sandbox
 from kit.run.master_watch import MasterWatch
 from kit.run.request import RunRequest
-from kit.starter.common import EXIT_FATAL, EXIT_LEDGER_LOST, UNTIMED_HOOKS, default_signals
+from kit.starter.common import (
+    EXIT_FATAL,
+    EXIT_LEDGER_LOST,
+    UNTIMED_HOOKS,
+    default_signals,
+    rpc_conn_kept,
+)
 from kit.starter.stage1 import Starter
 from kit.system import current, linux
 
@@ -751,14 +757,7 @@ class Supervisor:
                 "orphan": f"process {pid}, started by the master and orphaned",
             }[copy["process"]]
         if copies:
-            self.emit(
-                "rpc_conn_kept",
-                holders=copies,
-                shut_down=True,
-                detail=", ".join(f"fd {c['fd']} of {c['process']}" for c in copies)
-                + " still open when create_container returned (the kit shuts the connection "
-                "down; seen from the supervisor)",
-            )
+            self.emit("rpc_conn_kept", **rpc_conn_kept(copies, "seen from the supervisor"))
 
     def engine_fault(self, fault: str, sender: int | None, detail: str, data: bytes) -> None:
         self.faults += 1

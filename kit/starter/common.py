@@ -395,6 +395,19 @@ _CHILD_STACK = ctypes.create_string_buffer(16384)
 _ALL_SIGNALS = signal.valid_signals()
 
 
+def rpc_conn_kept(copies: list[dict[str, Any]], seen: str = "") -> dict[str, Any]:
+    """The fields of an ``rpc_conn_kept`` event for ``copies`` (``{"pid", "fd",
+    "process"}`` each) of the RPC connection found when create_container returned; ``seen``:
+    who found them, when not the master itself."""
+    where = ", ".join(f"fd {c['fd']} of {c['process']}" for c in copies)
+    return {
+        "holders": copies,
+        "shut_down": True,
+        "detail": f"{where} still open when create_container returned (the kit shuts the "
+        f"connection down{'; ' + seen if seen else ''})",
+    }
+
+
 def exiting_child() -> int:
     """A child that exits at once with status 0; its pid (reap it).
 

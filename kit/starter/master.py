@@ -11,7 +11,6 @@ import resource
 import select
 import signal
 import socket
-import stat
 import struct
 import threading
 import time
@@ -36,6 +35,7 @@ from kit.starter.common import (
     _status_to_code,
     _unwrap,
     describe_error,
+    rpc_conn_kept,
 )
 from kit.starter.config import StarterConfig
 from kit.starter.control import Control
@@ -719,29 +719,12 @@ class Master:
         # holds at the engine's number, or at one of its own).
         inherited = {self.rpc_watch_fd, self.rpc_kit_fd} - {-1}
         found: list[dict[str, Any]] = []
-        pids, seen = [me], {me}
-        while pids:
-            pid = pids.pop(0)
-            try:
-                for task in os.listdir(f"/proc/{pid}/task"):
-                    with open(f"/proc/{pid}/task/{task}/children") as f:
-                        for child in map(int, f.read().split()):
-                            if child not in seen and child not in skip:
-                                seen.add(child)
-                                pids.append(child)
-                names = os.listdir(f"/proc/{pid}/fd")
-            except (OSError, ValueError):
-                continue  # gone, or not ours to read
-            for name in names:
-                if int(name) in (own if pid == me else inherited):
+        for pid in [me, *linux.descendants_via_children(me, skip)]:
+            for fd in linux.socket_fds(pid, inode):  # none: gone, or not ours to read
+                if fd in (own if pid == me else inherited):
                     continue
-                try:
-                    st = os.stat(f"/proc/{pid}/fd/{name}")
-                except OSError:
-                    continue
-                if stat.S_ISSOCK(st.st_mode) and st.st_ino == inode:
-                    where = "the master" if pid == me else f"child {pid} of the master"
-                    found.append({"pid": pid, "fd": int(name), "process": where})
+                where = "the master" if pid == me else f"child {pid} of the master"
+                found.append({"pid": pid, "fd": fd, "process": where})
         return found
 
     def _hold_rpc(self) -> None:
@@ -767,14 +750,7 @@ class Master:
             return  # closed behind the object's back, or replaced: _close_rpc reports that
         copies = self._rpc_copies(self.rpc_identity[1])
         if copies:
-            self.ledger.emit(
-                "rpc_conn_kept",
-                holders=copies,
-                shut_down=True,
-                detail=", ".join(f"fd {c['fd']} of {c['process']}" for c in copies)
-                + " still open when create_container returned (the kit shuts the connection "
-                "down)",
-            )
+            self.ledger.emit("rpc_conn_kept", **rpc_conn_kept(copies))
 
     def _close_rpc(self) -> bool:
         """Close the RPC connection; False (and a fatal error) when engine code had closed
