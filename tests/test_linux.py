@@ -12,6 +12,7 @@ import os
 import resource
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import fd_child, in_child, open_fds
@@ -383,3 +384,43 @@ def test_grow_fd_table_grows_up_to_the_soft_limit_when_asked_for_more():
     if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 4096:
         pytest.skip("a hard limit of open files too low to raise the soft one past the table")
     assert in_child(scenario) == {"ok": [True, True]}
+
+
+def test_children_and_descendants_read_the_tree_with_or_without_children_files(monkeypatch):
+    # A kernel built without CONFIG_PROC_CHILDREN has no /proc/PID/task/TID/children: the
+    # process table tells the same, and descendants (kill_tree, the master watch) still work.
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # a child with a grandchild, both waiting for the pipe to close
+        os.close(w)
+        if os.fork() == 0:
+            os.read(r, 1)
+            os._exit(0)
+        os.read(r, 1)
+        os.wait()
+        os._exit(0)
+    os.close(r)
+    try:
+        while not linux.children(child):
+            time.sleep(0.005)
+        (grandchild,) = linux.children(child)
+        with_files = (linux.children(os.getpid()), linux.descendants(os.getpid()))
+        assert child in with_files[0] and grandchild not in with_files[0]
+        assert with_files[1].index(child) < with_files[1].index(grandchild)  # parents first
+        assert linux.descendants(os.getpid(), skip={child}) == [
+            p for p in with_files[1] if p not in (child, grandchild)
+        ]
+        real_open = open
+
+        def no_children_files(path, *args, **kwargs):
+            if str(path).endswith("/children"):
+                raise FileNotFoundError(path)
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr(linux, "open", no_children_files, raising=False)
+        assert sorted(linux.children(os.getpid())) == sorted(with_files[0])
+        assert linux.children(child) == [grandchild]
+        assert set(linux.descendants(os.getpid())) == set(with_files[1])
+    finally:
+        os.close(w)
+        os.waitpid(child, 0)

@@ -146,10 +146,8 @@ class MasterWatch:
         if self.container is not None:
             container = linux.child_numbered(sender, self.container)
         skip = set() if container is None else {container}
-        below = linux.descendants_via_children(sender, skip)
-        inside = (
-            set() if container is None else {container, *linux.descendants_via_children(container)}
-        )
+        below = linux.descendants(sender, skip)
+        inside = set() if container is None else {container, *linux.descendants(container)}
         away = [p for p in orphans() if p not in inside and p != sender and p not in below]
         # The kit's own copies are the master's two lowest high up (its own copy and the
         # creation watch's, both close-on-exec, made at the first free numbers from fd_base);

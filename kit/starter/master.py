@@ -719,7 +719,7 @@ class Master:
         # holds at the engine's number, or at one of its own).
         inherited = {self.rpc_watch_fd, self.rpc_kit_fd} - {-1}
         found: list[dict[str, Any]] = []
-        for pid in [me, *linux.descendants_via_children(me, skip)]:
+        for pid in [me, *linux.descendants(me, skip)]:
             for fd in linux.socket_fds(pid, inode):  # none: gone, or not ours to read
                 if fd in (own if pid == me else inherited):
                     continue

@@ -979,19 +979,18 @@ def process_parents() -> dict[int, int]:
     return table
 
 
-def descendants(pid: int) -> list[int]:
-    """Every living descendant of ``pid``, parents before children."""
-    table = process_parents()
-    kids: dict[int, list[int]] = {}
-    for child, parent in table.items():
-        kids.setdefault(parent, []).append(child)
-    out: list[int] = []
-    todo = list(kids.get(pid, ()))
-    while todo:
-        p = todo.pop(0)
-        out.append(p)
-        todo.extend(kids.get(p, ()))
-    return out
+def descendants(pid: int, skip: Iterable[int] = ()) -> list[int]:
+    """Every descendant of ``pid`` (not ``pid``; zombies too), parents before children,
+    leaving out the processes of ``skip`` and theirs: read down its tree (:func:`children`)."""
+    skipped = set(skip)
+    found: list[int] = []
+    queue = [pid]
+    while queue:
+        for child in children(queue.pop(0)):
+            if child not in skipped and child not in found:
+                found.append(child)
+                queue.append(child)
+    return found
 
 
 #: Bytes of a thread's name (``comm``), its final NUL included.
@@ -1193,7 +1192,8 @@ def process_ids(pid: int) -> tuple[int, list[int]] | None:
 
 def children(pid: int) -> list[int]:
     """The children of ``pid`` (zombies too), as the mounted ``/proc`` numbers them: every
-    thread's list (a child belongs to the thread that forked it); empty once it is gone."""
+    thread's ``children`` list (a child belongs to the thread that forked it), or, on a
+    kernel built without them, every process whose parent it is; empty once it is gone."""
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
@@ -1203,23 +1203,11 @@ def children(pid: int) -> list[int]:
         try:
             with open(f"/proc/{pid}/task/{task}/children") as f:
                 found += [int(c) for c in f.read().split()]
+        except FileNotFoundError:
+            if os.path.exists(f"/proc/{pid}/task/{task}"):  # no CONFIG_PROC_CHILDREN
+                return [p for p, parent in process_parents().items() if parent == pid]
         except (OSError, ValueError):
             continue  # a thread that ended meanwhile
-    return found
-
-
-def descendants_via_children(pid: int, skip: Iterable[int] = ()) -> list[int]:
-    """Every descendant of ``pid`` (not ``pid``, zombies too), breadth first, leaving out the
-    processes of ``skip`` and theirs: read down its tree's ``children`` files (a subtree's
-    worth of reads, where :func:`descendants` reads every process of the machine)."""
-    skipped = set(skip)
-    found: list[int] = []
-    queue = [pid]
-    while queue:
-        for child in children(queue.pop(0)):
-            if child not in skipped and child not in found:
-                found.append(child)
-                queue.append(child)
     return found
 
 

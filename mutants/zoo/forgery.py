@@ -81,13 +81,17 @@ def _scrubbed(original: Any) -> Any:
     return creds
 
 
-class _ScrubbingRPC(ReferenceRPC):
+class _PatchedRecordRPC(ReferenceRPC):
     """Every method leaves CAP_DAC_OVERRIDE raised on its thread; the kit's record of the
-    RPC server's credentials is patched, in its process, to say otherwise."""
+    RPC server's credentials is replaced, in its process, by :meth:`_patched` of it."""
+
+    @staticmethod
+    def _patched(original: Any) -> Any:
+        raise NotImplementedError
 
     def __init__(self, engine: Any) -> None:
         super().__init__(engine)
-        rpc_server.RPCServerProcess._creds = _scrubbed(  # type: ignore[method-assign]
+        rpc_server.RPCServerProcess._creds = self._patched(  # type: ignore[method-assign]
             rpc_server.RPCServerProcess._creds
         )
 
@@ -103,6 +107,12 @@ class _ScrubbingRPC(ReferenceRPC):
         super().mount(source, target, fstype, flags, data)
 
 
+class _ScrubbingRPC(_PatchedRecordRPC):
+    """The record says every thread has CAP_SYS_ADMIN effective at most."""
+
+    _patched = staticmethod(_scrubbed)
+
+
 class RPCServerScrubsItsRecordedCredentials(Mutant):
     slug = "rpc-server-scrubs-its-recorded-credentials"
     bug = (
@@ -116,13 +126,10 @@ class RPCServerScrubsItsRecordedCredentials(Mutant):
     rpc = _ScrubbingRPC
 
 
-class _DroppingRPC(_ScrubbingRPC):
-    """Every method leaves CAP_DAC_OVERRIDE raised on its thread; the kit's record of the
-    RPC server's credentials is patched, in its process, to record none."""
+class _DroppingRPC(_PatchedRecordRPC):
+    """The record holds no credentials at all."""
 
-    def __init__(self, engine: Any) -> None:
-        ReferenceRPC.__init__(self, engine)
-        rpc_server.RPCServerProcess._creds = lambda self: None  # type: ignore[method-assign]
+    _patched = staticmethod(lambda original: lambda self: None)
 
 
 class RPCServerDropsItsRecordedCredentials(Mutant):
