@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from kit.run import environment, rundir
+from kit.run import bytecode, environment, rundir
 from kit.run.sandbox import INIT_NAME
 from kit.system import linux
 
@@ -155,9 +155,11 @@ def _zygote_pid() -> int | None:
 
 
 def zygotes_sandbox(pid: int) -> bool:
-    """Whether ``pid`` is the init of a host sandbox the launcher's zygote holds."""
+    """Whether ``pid`` is the init of a host sandbox the launcher's zygote holds, or the
+    zygote's short-lived child compiling an engine's bytecode (kit.run.bytecode)."""
     return (
-        linux.process_name(pid) == INIT_NAME and linux.process_parents().get(pid) == _zygote_pid()
+        linux.process_name(pid) in (INIT_NAME, bytecode.PROCESS_NAME)
+        and linux.process_parents().get(pid) == _zygote_pid()
     )
 
 

@@ -5,9 +5,13 @@ from __future__ import annotations
 from typing import IO, Any
 
 from kit import preflight
-from kit.run import supervisor
+from kit.run import bytecode, supervisor
 from kit.run.launcher import LaunchError, RunHandle
 from kit.run.request import RunRequest
+
+#: How long a run waits for the compiling child before it is killed (it has had the
+#: inspection's time already: the reference engine's modules take a few milliseconds).
+COMPILE_WAIT = 1.0
 
 
 class OneShot:
@@ -17,15 +21,18 @@ class OneShot:
     preflight verdict) and the run's host sandbox (its init builds it), while this process
     reads what the run needs (:func:`kit.run.supervisor.warm`) and then the sandbox, ahead.
     The engine's code runs in the inspection's child alone until :meth:`problems` has said
-    there are none; only then does :meth:`start` fork the run. :meth:`cancel` ends both
-    children and removes what they made; every way out of this class that does not hand
-    the sandbox over to a run does the same."""
+    there are none; only then does :meth:`start` fork the run. A third child compiles the
+    engine's modules meanwhile (:mod:`kit.run.bytecode`), reaped before the run starts.
+    :meth:`cancel` ends the children and removes what they made; every way out of this
+    class that does not hand the sandbox over to a run does the same."""
 
     def __init__(self, request: RunRequest) -> None:
         self.request = request
         self.inspecting = preflight.Inspecting(request.engine, request.engine_config)
         self.ahead: supervisor.Ahead | None = None
+        self.compiling: int | None = None
         try:
+            self.compiling = bytecode.start(request.engine, request.sys_path)
             if supervisor.fits_ahead(request):
                 self.ahead = supervisor.start_ahead()
             # Unprimed when a sandbox is being built: primed from it as it is read ahead,
@@ -66,6 +73,7 @@ class OneShot:
         if problems:
             self.cancel()
             raise LaunchError("; ".join(str(problem) for problem in problems))
+        self._reap_compiling(COMPILE_WAIT)  # the starter's import reads what it wrote
         ahead, self.ahead = self.ahead, None
         try:
             return RunHandle(self.request, capture=False, stdin=stdin, fork_here=True, ahead=ahead)
@@ -74,9 +82,15 @@ class OneShot:
                 ahead.drop(reap=True)  # a no-op once the supervisor has it
             raise
 
+    def _reap_compiling(self, timeout: float) -> None:
+        pid, self.compiling = self.compiling, None
+        if pid is not None:
+            bytecode.wait(pid, timeout)
+
     def cancel(self) -> None:
         """Unused (a problem found, interrupted): the inspection ends, the sandbox goes,
         its init killed and reaped here (gone when this returns, not when this exits)."""
+        self._reap_compiling(0)
         try:
             self.inspecting.cancel()
         finally:

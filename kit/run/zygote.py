@@ -15,7 +15,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Collection
 
-from kit.run import hostdiff, rundir
+from kit.run import bytecode, hostdiff, rundir
 from kit.run import sandbox as host_sandbox
 from kit.run.request import RunRequest
 from kit.run.supervisor import (
@@ -346,6 +346,8 @@ def _serve(control: socket.socket, spares: Spares) -> int:
                 raise ValueError(f"expected {FIXED_FDS + len(targets)} fds, got {len(fds)}")
             if preload(request):
                 settle()
+            # Reaped by reap(), as every child of ours: its status is never asked for.
+            bytecode.start(request.engine, request.sys_path)
             # Here the code is warm and the pages our own: what the supervisor would compute
             # first, cold, right after the fork, costs a fraction of it.
             prepared = prepare_backend(request)
