@@ -12,6 +12,11 @@ Measures, interleaved (A B C … A B C …) after a warm-up, the median wall tim
   ``true`` for this machine;
 * ``ctypes_minimal`` — fork → unshare(same namespaces) → fork → exec ``/bin/true`` from this
   lean process;
+* ``process_model``  — the processes of a run and their hand-offs alone, in Python, forked
+  from this process (supervisor, starter, stage 1, a container in new namespaces, an RPC
+  server answering three calls, the payload exec'd): the floor of the kit's design before
+  any of its work (``process_model_vs_runc``; ``no_probes_vs_process_model``: what the
+  kit's work multiplies it by);
 * ``full``           — one kit lifecycle of the reference engine, root flow, same namespaces,
   payload ``/bin/true``, probes and ledger on, in the host sandbox (:mod:`kit.run.sandbox`);
 * ``no_sandbox``     — the same without the host sandbox (its cost is the difference);
@@ -106,6 +111,65 @@ def bench_ctypes_minimal() -> None:
     _, status = os.waitpid(pid, 0)
     if status != 0:
         raise RuntimeError(f"minimal lifecycle failed: {status}")
+
+
+def _child(body: Callable[[], None]) -> int:
+    """Fork a child that runs ``body`` and exits 0 (1 if it raised); its pid."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            body()
+            code = 0
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _reaped_ok(pid: int) -> None:
+    _, status = os.waitpid(pid, 0)
+    if status != 0:
+        raise RuntimeError(f"process model: pid {pid} ended with status {status}")
+
+
+def bench_process_model() -> None:
+    """The processes of one run and their hand-offs, nothing else: forked from this
+    process (which has the kit imported, as the zygote has), a "supervisor" forks a
+    "starter", which forks "stage 1" (it writes its config on a pipe and exits), then a
+    "container" in a new pid namespace, which enters the other namespaces and forks an
+    "RPC server" that answers three calls on a socket pair before the container execs
+    ``/bin/true``. No ledger, engine, host sandbox or check: what any kit of this
+    process model written in Python pays before its own work."""
+
+    def stage1(w: int) -> None:
+        os.write(w, b"config")
+
+    def rpc_server(sock: socket.socket) -> None:
+        for _ in range(3):
+            sock.recv(64)
+            sock.send(b"done")
+
+    def container(sock: socket.socket) -> None:
+        linux.unshare(linux.ns_flags([k for k in NAMESPACES if k != "pid"]))
+        _reaped_ok(_child(lambda: rpc_server(sock)))
+        os.execv("/bin/true", ["/bin/true"])
+
+    def starter() -> None:
+        r, w = os.pipe()
+        pid = _child(lambda: stage1(w))
+        os.close(w)
+        os.read(r, 64)
+        os.close(r)
+        _reaped_ok(pid)
+        ours, theirs = socket.socketpair()
+        linux.unshare(linux.ns_flags(["pid"]))
+        pid = _child(lambda: container(theirs))
+        for _ in range(3):
+            ours.send(b"call")
+            ours.recv(64)
+        _reaped_ok(pid)
+
+    _reaped_ok(_child(lambda: _reaped_ok(_child(starter))))
 
 
 #: ``exit(0)`` on x86-64: mov eax, 60 (exit); xor edi, edi; syscall.
@@ -614,6 +678,7 @@ def _measure(args: argparse.Namespace, runc: RuncCase | None, runc_info: dict[st
     cases.update(
         {
             "ctypes_minimal": bench_ctypes_minimal,
+            "process_model": bench_process_model,
             "full": _lifecycle("root"),
             "no_sandbox": _lifecycle("root", sandbox=False),
             "no_probes": _lifecycle("root", probes=False),
@@ -672,6 +737,8 @@ def _measure(args: argparse.Namespace, runc: RuncCase | None, runc_info: dict[st
         "no_probes_vs_runc": ratio("no_probes", "runc"),
         "full_vs_unshare": ratio("full", "unshare"),
         "full_vs_minimal": ratio("full", "ctypes_minimal"),
+        "process_model_vs_runc": ratio("process_model", "runc"),
+        "no_probes_vs_process_model": ratio("no_probes", "process_model"),
         "no_probes_vs_unshare": ratio("no_probes", "unshare"),
         "fake_vs_full": ratio("fake", "full"),
         "sandbox_vs_no_sandbox": ratio("full", "no_sandbox"),
@@ -708,7 +775,7 @@ def _measure(args: argparse.Namespace, runc: RuncCase | None, runc_info: dict[st
         print(f"runc: skipped: {runc_info['skipped']}")
     print()
     for name, ratio_value in ratios.items():
-        print(f"{name:22} {'n/a' if ratio_value is None else f'{ratio_value:.2f}'}")
+        print(f"{name:26} {'n/a' if ratio_value is None else f'{ratio_value:.2f}'}")
     if "cli" in report:
         print(
             f"one-shot CLI {report['cli']['cli_ms']} ms, python -c pass "

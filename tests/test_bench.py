@@ -37,7 +37,16 @@ def test_kit_bench_writes_the_medians_and_ratios_it_promises(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(out.read_text())
-    cases = {"unshare", "ctypes_minimal", "full", "no_sandbox", "no_probes", "fake", "userns"}
+    cases = {
+        "unshare",
+        "ctypes_minimal",
+        "process_model",
+        "full",
+        "no_sandbox",
+        "no_probes",
+        "fake",
+        "userns",
+    }
     if "skipped" not in doc["runc"]:
         cases.add("runc")
     assert set(doc["medians"]) == cases
@@ -49,6 +58,8 @@ def test_kit_bench_writes_the_medians_and_ratios_it_promises(tmp_path):
         "no_probes_vs_runc",
         "full_vs_unshare",
         "full_vs_minimal",
+        "process_model_vs_runc",
+        "no_probes_vs_process_model",
         "no_probes_vs_unshare",
         "fake_vs_full",
         "sandbox_vs_no_sandbox",
@@ -66,6 +77,9 @@ def test_kit_bench_writes_the_medians_and_ratios_it_promises(tmp_path):
         assert doc["runc"]["version"].startswith("runc version")
     else:
         assert doc["ratios"]["full_vs_runc"] is None and doc["runc"]["skipped"]
+    assert doc["ratios"]["no_probes_vs_process_model"] == pytest.approx(
+        doc["medians"]["no_probes"] / doc["medians"]["process_model"], abs=0.01
+    )
     assert doc["ratios"]["sandbox_overhead"] == pytest.approx(
         doc["sandbox_cost_ms"] / doc["medians"]["full"], abs=1e-3
     )
