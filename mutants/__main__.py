@@ -87,4 +87,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    matrix.interruptible()  # the program's alone: a caller's signals stay its own
     sys.exit(main())

@@ -45,9 +45,11 @@ import concurrent.futures
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -483,15 +485,7 @@ def run_session(target: Target, backend: str, workdir: str, focus: bool = False)
     command = session_command(target, backend, report, focus)
     start = time.monotonic()
     try:
-        proc = subprocess.run(
-            command,
-            cwd=workdir,
-            env=_environment(tmpdir, target),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=SESSION_TIMEOUT,
-        )
+        proc = _session_process(command, workdir, _environment(tmpdir, target))
     except subprocess.TimeoutExpired as exc:
         # What the session wrote so far comes as bytes even with text=True (CPython on POSIX).
         partial = exc.stdout or b""
@@ -514,6 +508,60 @@ def run_session(target: Target, backend: str, workdir: str, focus: bool = False)
     return doc
 
 
+class Cancelled(Exception):
+    """The run was interrupted: no session starts any more."""
+
+
+#: The pytest sessions running now, each killed when the run is interrupted; ``None`` once it
+#: was (a session about to start then does not).
+_running: set[subprocess.Popen[str]] | None = set()
+_running_lock = threading.Lock()
+
+
+def _session_process(
+    command: list[str], workdir: str, env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """``subprocess.run`` of one session, killed at :data:`SESSION_TIMEOUT` (TimeoutExpired)
+    or when the run is interrupted (:func:`_kill_sessions`; Cancelled). Killed, pytest's
+    zygote sees its control socket close and ends what it started."""
+    with _running_lock:
+        if _running is None:
+            raise Cancelled("the run was interrupted before this session started")
+        proc = subprocess.Popen(
+            command,
+            cwd=workdir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        _running.add(proc)
+    try:
+        try:
+            out, err = proc.communicate(timeout=SESSION_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+            raise subprocess.TimeoutExpired(command, SESSION_TIMEOUT, output=out) from None
+    finally:
+        proc.kill()  # a no-op once it has exited
+        proc.wait()
+        with _running_lock:
+            if _running is not None:
+                _running.discard(proc)
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def _kill_sessions() -> None:
+    """Kill every session running and let none start (the run was interrupted)."""
+    global _running
+    with _running_lock:
+        running, _running = _running or set(), None
+    for proc in running:
+        proc.kill()
+
+
 def sessions_root() -> str:
     """A new directory for the work directories of a run's sessions (the caller removes it)."""
     root = tempfile.mkdtemp(
@@ -533,12 +581,29 @@ def in_sessions(
     """``session(root, index, item)`` for each item of ``work``, ``jobs`` at a time, under a
     :func:`sessions_root` removed after; the results in the order of ``work``."""
     root = sessions_root()
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs))
     try:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            futures = [pool.submit(session, root, i, item) for i, item in enumerate(work)]
-            return [future.result() for future in futures]
+        futures = [pool.submit(session, root, i, item) for i, item in enumerate(work)]
+        return [future.result() for future in futures]
+    except BaseException:
+        # Interrupted (Ctrl-C, or SIGTERM: see interruptible): the sessions end now, not
+        # when they are done, and the directory goes only once none writes there.
+        _kill_sessions()
+        raise
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def interruptible() -> None:
+    """SIGTERM and SIGHUP (a CI job cancelled, a closed terminal) end the run as Ctrl-C
+    does: its sessions killed and its work directories removed, not left behind."""
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, interrupt)
 
 
 def session_in(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 
 import pytest
 
@@ -428,3 +429,51 @@ def test_reference_config_types_the_engine_config_and_refuses_another_class():
         TypeError, match="engine config is of class EngineConfig, not ReferenceConfig"
     ):
         mutant.reference_config()
+
+
+#: A kill-matrix run whose sessions never end on their own (``sleep``), two at a time, a
+#: third waiting; it prints its work directory once both have started.
+INTERRUPTED_RUN = """
+import os, sys, time
+from mutants import matrix
+matrix.interruptible()
+started = []
+def session(root, index, item):
+    started.append(index)
+    if len(started) == 2:
+        print(root, flush=True)
+    return matrix._session_process(["sleep", "600"], root, dict(os.environ))
+matrix.in_sessions([0, 1, 2], session, 2)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_an_interrupted_matrix_kills_its_sessions_and_removes_its_directory(signum):
+    import subprocess
+    import sys
+
+    from conftest import wait_until
+
+    from kit.system import linux
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", INTERRUPTED_RUN],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+    )
+    try:
+        assert proc.stdout is not None
+        root = proc.stdout.readline().strip()
+        assert root and os.path.isdir(root), proc.stderr.read() if proc.stderr else ""
+        sessions = wait_until(
+            lambda: len(s := linux.children(proc.pid)) == 2 and s, what="two sessions"
+        )
+        proc.send_signal(signum)
+        assert proc.wait(timeout=30) != 0
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not any(linux.process_alive(p) for p in sessions)
+    assert not os.path.exists(root)
