@@ -311,6 +311,41 @@ def test_a_stale_notification_never_blocks_or_crashes_the_supervisor():
     assert out["refused"] == [None]
 
 
+def test_a_read_with_no_notification_pending_ends_while_others_run_under_the_filter():
+    # A poll can say a notification is there and its thread die before the read; were
+    # another process still running under the filter (a run's re-forking daemon), the
+    # receive would wait for that one's next filtered call, for ever: a supervisor hung in
+    # SECCOMP_IOCTL_NOTIF_RECV. The read of no notification at all must end as that one.
+    def supervise() -> dict[str, Any]:
+        here, there = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:  # under the filter, making no filtered call until killed
+            try:
+                fd = seccomp.install(seccomp.CONTAINMENT)
+                assert fd is not None
+                socket.send_fds(there, [b"{}"], [fd])
+                time.sleep(60)
+            finally:
+                os._exit(0)
+        listener, _ = seccomp.receive_listener(here, 10)
+        assert listener is not None
+        # A hung read fails the test instead of hanging it (its parent reads no result);
+        # the timer's thread takes no SIGALRM meant to end the read.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+        threading.Timer(30, lambda: os._exit(3)).start()
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        try:
+            start = time.monotonic()
+            record = seccomp.handle_notification(listener)
+            return {"record": record, "seconds": time.monotonic() - start}
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+    out = in_child(supervise)
+    assert out == {"ok": {"record": None, "seconds": pytest.approx(0.25, abs=0.2)}}, out
+
+
 def _waiting_tid(listener: int) -> int:
     """The process stopped in a notified call (the grandchild: our only child)."""
     for pid in linux.descendants(os.getpid()):

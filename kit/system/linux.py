@@ -1309,11 +1309,53 @@ class SeccompNotif(NamedTuple):
     args: tuple[int, ...]
 
 
-def seccomp_notif_recv(listener: int) -> SeccompNotif:
-    """One pending notification (``SECCOMP_IOCTL_NOTIF_RECV``). ENOENT when it went away
-    (its thread was killed) before it was read."""
+#: How long a receive of a notification waits before a timer signal ends it (OSError).
+NOTIF_RECV_TIMEOUT = 0.25
+
+
+class _TimerFired(Exception):
+    """Raised by the SIGALRM handler of :func:`seccomp_notif_recv`."""
+
+
+def _timer_fired(_signum: int, _frame: object) -> None:
+    # Raised, not returned: a handler that returns lets Python retry the call (PEP 475).
+    raise _TimerFired
+
+
+def seccomp_notif_recv(listener: int, timeout: float = NOTIF_RECV_TIMEOUT) -> SeccompNotif:
+    """One pending notification (``SECCOMP_IOCTL_NOTIF_RECV``). OSError ENOENT when it went
+    away (its thread was killed) before it was read, EINTR when none came in ``timeout``.
+
+    The receive waits for a notification, and the poll that said one was there can be
+    stale by then (its thread died in between): were another process still running under
+    the filter, the receive would wait for that one's next filtered call, which may never
+    come (a run's re-forking daemon hung its supervisor so). A timer signal ends the wait.
+    Whether a notification came is told by the struct the kernel filled, whenever the
+    signal's handler runs. Main thread only (the supervisor has no other)."""
     buf = bytearray(_NOTIF.size)  # the kernel requires a zeroed struct
-    fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_RECV, buf, True)
+    error: OSError | None = None
+    previous = signal.signal(signal.SIGALRM, _timer_fired)
+    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGALRM})
+    try:
+        try:
+            signal.setitimer(signal.ITIMER_REAL, timeout)
+            fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_RECV, buf, True)
+        except OSError as exc:
+            error = exc
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except _TimerFired:
+        pass  # before, during or just after the call: the struct says which
+    finally:
+        while True:  # a handler that fires now raises here: again until restored
+            try:
+                signal.signal(signal.SIGALRM, previous)
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+                break
+            except _TimerFired:
+                continue
+    if not any(buf):
+        raise error or OSError(errno.EINTR, "no seccomp notification came in time")
     nid, pid, _flags, nr, arch, _ip, *args = _NOTIF.unpack(buf)
     return SeccompNotif(nid, pid, nr, arch, tuple(args))
 
