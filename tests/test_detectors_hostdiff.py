@@ -178,7 +178,7 @@ def test_a_file_is_what_the_overlay_shows_the_upper_entry_over_the_lower() -> No
 # --- mounts -------------------------------------------------------------------------------
 
 
-def test_mountinfo_lines_are_named_by_point_stacked_ones_numbered_and_peers_by_kind() -> None:
+def test_mountinfo_lines_are_named_by_point_stacked_ones_numbered_and_peers_by_group() -> None:
     text = (
         "22 1 0:21 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
         "\n"
@@ -188,14 +188,16 @@ def test_mountinfo_lines_are_named_by_point_stacked_ones_numbered_and_peers_by_k
         "26 22 0:24 / /odd rw - proc\n"
     )
     assert hostdiff.parse_mounts(text) == {
-        "/": "ext4 /dev/sda1 root / rw,relatime (rw) shared",
-        "/mnt": "tmpfs kit a root / rw,nosuid (rw,size=4k) master,shared",
+        "/": "ext4 /dev/sda1 root / rw,relatime (rw) shared:1",
+        "/mnt": "tmpfs kit a root / rw,nosuid (rw,size=4k) master:2,shared:7",
         "/mnt [2]": "tmpfs b root /sub ro (rw) private",
         "/mnt [3]": "tmpfs c root / ro (rw) unbindable",
         "/odd": "proc  root / rw () private",
     }
     assert hostdiff._propagation([]) == "private"
-    assert hostdiff._propagation(["shared:1", "shared:2"]) == "shared"
+    # One sandbox's table before and after its run: a new peer group is a change (the
+    # mount left its old peers), though the kind is the same.
+    assert hostdiff._propagation(["shared:1"]) != hostdiff._propagation(["shared:2"])
 
 
 # --- processes ------------------------------------------------------------------------------

@@ -893,6 +893,76 @@ def test_the_diff_lists_message_queues_through_inits_fd_even_once_unmounted():
     assert ("mount", "/dev/mqueue") in changes
 
 
+def test_the_witness_keeps_a_peer_of_every_shared_mount_and_a_re_share_shows():
+    """A mount namespace copied from the sandbox's, held by the adopter (the witness), is
+    a peer of each of its shared mounts, as a host's services' namespaces are: / made
+    private and shared again joins a new peer group, and the host diff names the change
+    although the kind reads as before (without a peer the old number came back)."""
+    from conftest import in_child
+
+    from kit.run import hostdiff
+
+    def group(mountinfo: str) -> str:
+        for line in mountinfo.splitlines():
+            fields = line.split()
+            if fields[4] == "/":
+                return ",".join(fields[6 : fields.index("-")])
+        raise AssertionError("no / in the mount table")
+
+    def body() -> dict[str, Any]:
+        box = sandbox.adopt(sandbox.build([]))  # our children: in the sandbox's pid namespace
+        try:
+            witness = [
+                fd for fd in box.held_fds if os.readlink(f"/proc/self/fd/{fd}").startswith("mnt:")
+            ]
+            assert len(witness) == 1, box.held_fds
+            seen: dict[str, str] = {}
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # what the witness's / is a peer of, read from inside it
+                code = 1
+                try:
+                    linux.setns(witness[0], linux.CLONE_NEWNS)
+                    with open("/proc/self/mountinfo") as f:
+                        os.write(w, group(f.read()).encode())
+                    code = 0
+                finally:
+                    os._exit(code)
+            os.close(w)
+            seen["witness"] = os.read(r, 4096).decode()
+            os.close(r)
+            assert os.waitpid(pid, 0)[1] == 0
+            with open(f"/proc/{box.init_pid}/mountinfo") as f:
+                seen["before"] = group(f.read())
+            watch = hostdiff.HostWatch(box)
+            watch.start()
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    linux.setns(box.ns_fds["mount"], linux.CLONE_NEWNS)
+                    linux.mount(None, "/", None, linux.MS_PRIVATE)
+                    linux.mount(None, "/", None, linux.MS_SHARED)
+                    code = 0
+                finally:
+                    os._exit(code)
+            assert os.waitpid(pid, 0)[1] == 0
+            with open(f"/proc/{box.init_pid}/mountinfo") as f:
+                seen["after"] = group(f.read())
+            return {**seen, "diff": watch.finish()}
+        finally:
+            sandbox.end(box)
+
+    out = in_child(body)
+    assert "ok" in out, out
+    seen = out["ok"]
+    assert seen["before"].startswith("shared:") and seen["witness"] == seen["before"], seen
+    assert seen["after"].startswith("shared:") and seen["after"] != seen["before"], seen
+    (root,) = [c for c in seen["diff"]["changes"] if c["kind"] == "mount"]
+    assert root["name"] == "/" and not root["transient"], root
+    assert root["before"].endswith(seen["before"]) and root["after"].endswith(seen["after"])
+
+
 def test_the_cached_host_mount_table_sees_a_mount_and_a_remount():
     """The zygote reads the host's mount table for each sandbox only when it changed: a
     mount, an unmount and a read-only remount after a first read are in the next one."""

@@ -385,7 +385,8 @@ def test_a_refused_bind_of_a_shared_directory_is_an_error_in_the_initial_namespa
 
 def test_init_and_the_supervisor_hold_a_few_descriptors_however_many_pieces(base):
     """A split root of many pieces: one descriptor of the scratch tmpfs holds every upper
-    layer, in init and in the process that adopts the sandbox (not one per piece)."""
+    layer, in init and in the process that adopts the sandbox (not one per piece); the
+    adopter holds that one, the message queues' root and the witness mount namespace."""
 
     def setup() -> None:
         for i in range(60):
@@ -393,7 +394,7 @@ def test_init_and_the_supervisor_hold_a_few_descriptors_however_many_pieces(base
 
     out = _in_sandbox(base, {"probe": "fds"}, setup)
     assert out["pieces"] > 60 and out["ok"] is True, out
-    assert out["init"] <= 8 and out["held"] <= 2, out
+    assert out["init"] <= 8 and out["held"] <= 3, out
 
 
 def test_a_file_swapped_after_the_listing_is_not_copied_into_the_skeleton(tmp_path):

@@ -247,9 +247,11 @@ def _root_sides(upper_dir: str, lower_dir: str) -> tuple[str, str | None]:
 
 
 def _propagation(optional: list[str]) -> str:
-    # Peer group numbers differ between otherwise equal sandboxes: only the kinds count.
-    kinds = sorted({tag.split(":")[0] for tag in optional}) or ["private"]
-    return ",".join(kinds)
+    # With their peer groups (shared:N, master:N, propagate_from:N): a diff compares one
+    # sandbox's mount table before and after its run, where a mount's group changes only if
+    # its propagation was changed and changed back (made private, then shared anew: its
+    # peers, the mount's copies in other namespaces, no longer receive what it receives).
+    return ",".join(sorted(optional)) or "private"
 
 
 def read_mounts(mountinfo: str) -> dict[str, str]:

@@ -58,6 +58,8 @@ JOIN_KINDS = ("uts", "ipc", "net")
 #: file system, and its fd of the root of the scratch tmpfs, which holds every upper layer.
 _MQUEUE_ITEM = "mqueue"
 _SCRATCH_ITEM = "scratch"
+#: And init's fd of the witness, a mount namespace copied from the sandbox's (:func:`_witness`).
+_WITNESS_ITEM = "witness"
 #: ioctl_ns(2) NS_GET_NSTYPE: the CLONE_NEW* kind of a namespace file.
 _NS_GET_NSTYPE = 0xB703
 _READY_TIMEOUT = 10.0
@@ -103,7 +105,9 @@ class HostSandbox:
     - ``/proc`` is a fresh proc of the new pid namespace with ``/proc/sys`` (but ``net.*``) and the
       host-global knobs read-only; ``/sys`` a fresh read-only sysfs; ``/dev`` a tmpfs with the
       harmless devices, a fresh devpts, ``/dev/shm`` and ``/dev/mqueue``;
-    - ``/`` is made shared (a peer group of the sandbox's own), as on most hosts.
+    - ``/`` is made shared (a peer group of the sandbox's own), as on most hosts, and so is
+      every mount below it; a copy of the mount namespace (the witness, :func:`_witness`)
+      holds a peer of each, as the namespaces of a host's services do.
 
     Pid 1 of the sandbox is a small init that builds all this, then only reaps orphans. It is forked
     (:func:`build`) by the zygote, which keeps sandboxes built ahead for the next runs, or by a
@@ -219,6 +223,8 @@ class Building:
     #: And init's fd of the root of the scratch tmpfs: one for every upper layer, however
     #: many pieces a split root has.
     scratch_fd: int = -1
+    #: And init's fd of the witness mount namespace (-1: none).
+    witness_fd: int = -1
     #: And the host's mount points that are not reproduced in the sandbox: an empty
     #: read-only directory stands in for each (overlayfs refused it, see ``_stand_in_dir``).
     left_out: list[str] = field(default_factory=list)
@@ -239,6 +245,7 @@ class Building:
             mqueue = items.pop(_MQUEUE_ITEM, None)
             self.mqueue = None if mqueue is None else int(mqueue)
             self.scratch_fd = int(items.pop(_SCRATCH_ITEM))
+            self.witness_fd = int(items.pop(_WITNESS_ITEM, -1))
             self.left_out = sorted(point for point, rel in items.items() if not rel)
             self.uppers = {point: rel for point, rel in items.items() if rel}
             # Init no longer needs it (its old root is detached): gone now, it cannot outlive
@@ -397,7 +404,7 @@ def adopt(building: Building) -> HostSandbox:
         building.wait_ready()
         assert building.uppers is not None
         sandbox.left_out = list(building.left_out)
-        _hold(sandbox, building.uppers, building.scratch_fd, building.mqueue)
+        _hold(sandbox, building.uppers, building.scratch_fd, building.mqueue, building.witness_fd)
         fd = os.open(linux.ns_path("pid", building.init_pid), os.O_RDONLY | os.O_CLOEXEC)
         try:
             # Everything above was opened by pid. Init is the builder's child (the zygote's):
@@ -546,14 +553,21 @@ def fresh_dirs(init_pid: int) -> dict[str, str]:
 
 
 def _hold(
-    sandbox: HostSandbox, uppers: dict[str, str], scratch_fd: int, mqueue: int | None = None
+    sandbox: HostSandbox,
+    uppers: dict[str, str],
+    scratch_fd: int,
+    mqueue: int | None = None,
+    witness: int = -1,
 ) -> None:
     """Open what the supervisor needs from init while it lives: its namespaces (for
-    :func:`enter`), the scratch tmpfs with the upper layers (kept readable after teardown)
-    and the root of the message queue file system."""
+    :func:`enter`), the scratch tmpfs with the upper layers (kept readable after teardown),
+    the root of the message queue file system and the witness mount namespace (held until
+    the sandbox ends; init lets go of its own copy, which the run could reach)."""
     pid = sandbox.init_pid
     for kind in NS_KINDS:
         sandbox.ns_fds[kind] = os.open(linux.ns_path(kind, pid), os.O_RDONLY | os.O_CLOEXEC)
+    if witness >= 0:
+        sandbox.held_fds.append(os.open(f"/proc/{pid}/fd/{witness}", os.O_RDONLY | os.O_CLOEXEC))
 
     def held(fd: int) -> str:
         mine = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -809,7 +823,8 @@ def _init_body(
             os.write(ready_fd, os.fsencode(f"{type(exc).__name__}: {exc}"))
         finally:
             os._exit(1)
-    held = [int(items[_SCRATCH_ITEM]), int(items[_MQUEUE_ITEM]), ready_fd]
+    held = [int(items[_SCRATCH_ITEM]), int(items[_MQUEUE_ITEM]), int(items[_WITNESS_ITEM])]
+    held.append(ready_fd)  # the last: its end tells the supervisor init let go of the rest
     _reap_forever(held)
 
 
@@ -955,7 +970,30 @@ def _build_root(scratch: str, shared: list[str], table: list[linux.Mount]) -> di
     linux.umount(".", linux.MNT_DETACH)  # the old root, stacked under the new one
     os.chdir("/")
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_SHARED)
+    items[_WITNESS_ITEM] = str(_witness())
     return items
+
+
+def _witness() -> int:
+    """A mount namespace copied from the sandbox's, held open (an fd of init's, then the
+    supervisor's): every shared mount of the sandbox has a peer there, as a host's mounts
+    have in the namespaces of its services. A peer group with no other member is freed when
+    its mount leaves it, and a mount made private and shared again got its old group number
+    back: the host diff could not tell (SPEC §11: mounts and their propagation), though on
+    a host its peers would receive nothing from it any more. With the witness the number
+    stays taken, and the mount's new one shows."""
+    pid = linux.clone(linux.CLONE_NEWNS)  # the namespace exists once clone returns
+    if pid == 0:
+        try:
+            while True:
+                signal.pause()  # until killed: its mount namespace is opened meanwhile
+        finally:
+            os._exit(1)
+    try:
+        return os.open(linux.ns_path("mount", pid), os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
 
 
 #: File systems that hold no socket nor FIFO: a mount of one that overlayfs refuses as a

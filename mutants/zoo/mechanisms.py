@@ -685,6 +685,28 @@ class HostPropagationChanged(Mutant):
         super().cleanup_container(ctx, fatal, status)
 
 
+class HostPeerGroupRenewed(Mutant):
+    slug = "host-peer-group-renewed"
+    bug = (
+        "post_start_process makes the host's / private and at once shared again, from the "
+        "master: the same propagation kind, in a new peer group (its old peers, the mount's "
+        "copies in other namespaces, receive nothing from it any more)"
+    )
+    killed_by = ("HOST-002", "NS-011")
+    flows = ("root",)
+    mechanism = "other-field"
+
+    def post_start_process(self, ctx: Context, pid: int) -> None:
+        refuse_real_host(self.slug)
+        previous = current().propagation("/")
+        if previous == "shared":  # the kit's host sandbox makes its / shared, as most hosts
+            # Back to back, within one hook: the kernel flags no look for a propagation
+            # change, and the kind reads as before.
+            current().set_propagation("/", "private")
+            current().set_propagation("/", "shared")
+        super().post_start_process(ctx, pid)
+
+
 def _host_command(argv: list[str], modelled: Any) -> None:
     """Run ``argv`` as a child process in the real backend (only ever inside the kill
     matrix's sandbox: :func:`refuse_real_host` ran first); in the fake backend a child would
@@ -723,4 +745,5 @@ MUTANTS = (
     HostnameByAChildProcess,
     MountByAChildProcess,
     HostPropagationChanged,
+    HostPeerGroupRenewed,
 )
