@@ -60,7 +60,21 @@ def test_a_mark_of_the_wrong_kind_or_a_module_that_does_not_import_is_refused(
     )
     with pytest.raises(ValueError, match="correct engine has no escapes mark"):
         blind.discover(str(tmp_path))
+    # A mark is the class's own: a buggy subclass of a correct engine marked false_failure
+    # is an ordinary buggy engine, neither refused nor known to fail falsely.
     (tmp_path / "blind_zz_correct.py").unlink()
+    (tmp_path / "blind_zy_correct.py").write_text(
+        "class Engine:\n    engine_name = 'blind-zy'\n    false_failure = 'disputed'\n"
+    )
+    (tmp_path / "blind_zy.py").write_text(
+        "from blind_zy_correct import Engine\n"
+        "class Buggy(Engine):\n    engine_name = 'blind-zy-buggy'\n"
+    )
+    found = {e.spec: e for e in blind.discover(str(tmp_path))}
+    assert found["blind_zy_correct:Engine"].known == "disputed"
+    assert found["blind_zy:Buggy"].known == "" and not found["blind_zy:Buggy"].correct
+    (tmp_path / "blind_zy.py").unlink()
+    (tmp_path / "blind_zy_correct.py").unlink()
     (tmp_path / "blind_zz_broken.py").write_text("import no_such_module_at_all\n")
     with pytest.raises(ValueError, match=r"blind_zz_broken\.py: does not import"):
         blind.discover(str(tmp_path))
