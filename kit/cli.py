@@ -12,12 +12,21 @@ from pathlib import Path
 
 from kit import registry
 from kit.run import environment
-from kit.run.launcher import LaunchError, make_request
+from kit.run.launcher import LaunchError, RunHandle, make_request
 from kit.run.oneshot import OneShot
-from kit.run.request import DEFAULT_HOOK_TIMEOUT, DEFAULT_RUN_TIMEOUT
+from kit.run.request import DEFAULT_HOOK_TIMEOUT, DEFAULT_RUN_TIMEOUT, RunRequest
 from kit.starter.config import FLOWS
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class _Stopped(BaseException):
+    """A signal :data:`FORWARDED` came before the run started: nothing is started. A
+    BaseException, as KeyboardInterrupt: no ``except Exception`` on the way swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -119,31 +128,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"kit run: {exc}", file=sys.stderr)
         return 2
-    try:
-        # The engine's inspection and the run's sandbox, made while this process gets ready.
-        one_shot = OneShot(request)
-    except LaunchError as exc:
-        print(f"kit run: {exc}", file=sys.stderr)
-        return 2
-    problems = one_shot.problems()
-    if problems:  # one message each, before any process of the run starts
-        one_shot.cancel()
-        for problem in problems:
-            print(f"kit run: {problem}", file=sys.stderr)
-        return 2
-    # What exists now lives as long as this process: frozen, no collection walks it (here
-    # or in the forked run, whose pages it would copy); the collector is back on for the run.
-    gc.freeze()
-    gc.enable()
-    try:
-        # The supervisor is forked from this process (no zygote, no second interpreter to
-        # start and import the kit into).
-        handle = one_shot.start(stdin=sys.stdin)
-    except (registry.RegistryError, ValueError, LaunchError) as exc:
-        print(f"kit run: {exc}", file=sys.stderr)
-        return 2
+    # The signals a run forwards to its master, from now on: before the run has started,
+    # one stops what is being prepared (its children ended, its directory removed: a
+    # default action would end this process and leave the directory), then the run's.
+    started: list[RunHandle] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if started:
+            started[0].send_signal(signum)
+        else:
+            raise _Stopped(signum)
+
     for sig in FORWARDED:
-        signal.signal(sig, lambda signum, _frame: handle.send_signal(signum))
+        signal.signal(sig, on_signal)
+    try:
+        handle = _start(request)
+        if handle is None:
+            return 2
+        started.append(handle)
+    except _Stopped as stop:
+        name = signal.Signals(stop.signum).name
+        print(f"kit run: {name} before the run started: nothing was left running", file=sys.stderr)
+        return 128 + stop.signum
     try:
         result = handle.wait()
     except LaunchError as exc:  # the kit's own failure (a bug, or its process killed)
@@ -160,6 +166,39 @@ def cmd_run(args: argparse.Namespace) -> int:
     for line in result.problems():
         print(f"kit run: {line}", file=sys.stderr)
     return result.exit_code
+
+
+def _start(request: RunRequest) -> RunHandle | None:
+    """The run of ``request``, forked from this process once the engine's inspection found
+    no problem; None when it cannot start (said on stderr)."""
+    try:
+        # The engine's inspection and the run's sandbox, made while this process gets ready.
+        one_shot = OneShot(request)
+    except LaunchError as exc:
+        print(f"kit run: {exc}", file=sys.stderr)
+        return None
+    try:
+        problems = one_shot.problems()
+        if problems:  # one message each, before any process of the run starts
+            one_shot.cancel()
+            for problem in problems:
+                print(f"kit run: {problem}", file=sys.stderr)
+            return None
+        # What exists now lives as long as this process: frozen, no collection walks it
+        # (here or in the forked run, whose pages it would copy); the collector is back on
+        # for the run.
+        gc.freeze()
+        gc.enable()
+        try:
+            # The supervisor is forked from this process (no zygote, no second interpreter
+            # to start and import the kit into).
+            return one_shot.start(stdin=sys.stdin)
+        except (registry.RegistryError, ValueError, LaunchError) as exc:
+            print(f"kit run: {exc}", file=sys.stderr)
+            return None
+    except BaseException:
+        one_shot.cancel()  # a no-op for what was handed over or ended already
+        raise
 
 
 def cmd_flows() -> int:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from conftest import require_flow
@@ -244,3 +248,53 @@ def test_run_reports_a_failure_of_the_kit_itself_in_one_message_not_a_traceback(
     assert "Traceback" not in proc.stderr, proc.stderr
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("kit run:")]
     assert line.startswith("kit run: the kit failed, not the engine:") and "planted" in line
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
+def test_a_signal_before_the_run_starts_ends_what_was_prepared(signum):
+    # The engine's import hangs, so the CLI waits for its inspection beside the sandbox it
+    # builds: a signal then (which the run would have had forwarded) ends both and removes
+    # the run's directory, instead of killing the CLI and leaving the directory behind.
+    if os.geteuid() != 0:
+        pytest.skip("the host sandbox is built as root")
+    from kit.system import linux
+
+    # Where the inspection's user can read the module (pytest's tmp_path is root's alone).
+    base = Path(tempfile.mkdtemp(prefix="kit-test-cli-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        modules, work = base / "modules", base / "tmp"
+        for d in (modules, work):
+            d.mkdir()
+            d.chmod(0o755)
+        (modules / "kit_cli_hanging.py").write_text("import time\ntime.sleep(3600)\n")
+        command = [sys.executable, "-m", "kit", "run", "--engine", "kit_cli_hanging:Engine"]
+        proc = subprocess.Popen(
+            [*command, "--flow", "root", "--", "/bin/true"],
+            stderr=subprocess.PIPE,
+            text=True,
+            env={
+                **os.environ,
+                "TMPDIR": str(work),
+                "PYTHONPATH": os.pathsep.join([str(modules), *(p for p in sys.path if p)]),
+            },
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while len(linux.children(proc.pid)) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)  # the inspection's child and the sandbox's init
+            prepared = linux.descendants(proc.pid)
+            assert len(prepared) >= 2, prepared
+            assert any(p.name.startswith("kit-") for p in work.iterdir())
+            proc.send_signal(signum)
+            _, err = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+            proc.wait()
+        left = sorted(p.name for p in work.iterdir())
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    assert proc.returncode == 128 + signum, err
+    assert f"{signal.Signals(signum).name} before the run started" in err, err
+    assert not [p for p in prepared if linux.process_alive(p)]
+    assert left == []

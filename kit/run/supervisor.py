@@ -1100,6 +1100,9 @@ def start_ahead() -> Ahead:
         building = host_sandbox.build([run_dir, *_coverage_dirs()])
     except Exception as exc:  # noqa: BLE001 reported by the run that would have used it
         return Ahead(run_dir, lock_fd, None, f"{type(exc).__name__}: {exc}", finished=True)
+    except BaseException:  # interrupted (kit run's signal): nothing is handed out
+        rundir.remove(run_dir, lock_fd)
+        raise
     return Ahead(run_dir, lock_fd, building)
 
 
