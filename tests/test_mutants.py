@@ -432,10 +432,13 @@ def test_reference_config_types_the_engine_config_and_refuses_another_class():
 
 
 #: A kill-matrix run whose sessions never end on their own (``sleep``), two at a time, a
-#: third waiting; it prints its work directory once both have started.
+#: third waiting; it prints its work directory once both have started. Ctrl-C's handler is
+#: set again: a job a non-interactive shell started in the background (a CI runner's) has
+#: SIGINT ignored, and Python keeps an ignored SIGINT ignored.
 INTERRUPTED_RUN = """
-import os, sys, time
+import os, signal, sys, time
 from mutants import matrix
+signal.signal(signal.SIGINT, signal.default_int_handler)
 matrix.interruptible()
 started = []
 def session(root, index, item):
