@@ -129,23 +129,36 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"kit run: {exc}", file=sys.stderr)
         return 2
     # The signals a run forwards to its master, from now on: before the run has started,
-    # one stops what is being prepared (its children ended, its directory removed: a
-    # default action would end this process and leave the directory), then the run's.
+    # the first one stops what is being prepared (its children ended, its directory
+    # removed: a default action would end this process and leave the directory; a second
+    # one meanwhile is let go, not allowed to cut that short), then the run gets them.
     started: list[RunHandle] = []
+    stopping: list[int] = []
 
     def on_signal(signum: int, _frame: object) -> None:
         if started:
             started[0].send_signal(signum)
-        else:
+        elif not stopping:
+            stopping.append(signum)
             raise _Stopped(signum)
 
     for sig in FORWARDED:
         signal.signal(sig, on_signal)
     try:
-        handle = _start(request)
+        one_shot = _prepare(request)
+        if one_shot is None:
+            return 2
+        # Held while the run is forked and known here: a signal then goes to the run (as
+        # soon as they are let through), never stops a run that exists already.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+        try:
+            handle = _fork_run(one_shot)
+            if handle is not None:
+                started.append(handle)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         if handle is None:
             return 2
-        started.append(handle)
     except _Stopped as stop:
         name = signal.Signals(stop.signum).name
         print(f"kit run: {name} before the run started: nothing was left running", file=sys.stderr)
@@ -168,37 +181,40 @@ def cmd_run(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
-def _start(request: RunRequest) -> RunHandle | None:
-    """The run of ``request``, forked from this process once the engine's inspection found
-    no problem; None when it cannot start (said on stderr)."""
+def _prepare(request: RunRequest) -> OneShot | None:
+    """The engine's inspection and the run's sandbox, made while this process gets ready;
+    None when the inspection found a problem, or they could not be made (said on stderr).
+    Interrupted, what was made is ended."""
     try:
-        # The engine's inspection and the run's sandbox, made while this process gets ready.
         one_shot = OneShot(request)
     except LaunchError as exc:
         print(f"kit run: {exc}", file=sys.stderr)
         return None
     try:
         problems = one_shot.problems()
-        if problems:  # one message each, before any process of the run starts
-            one_shot.cancel()
-            for problem in problems:
-                print(f"kit run: {problem}", file=sys.stderr)
-            return None
-        # What exists now lives as long as this process: frozen, no collection walks it
-        # (here or in the forked run, whose pages it would copy); the collector is back on
-        # for the run.
-        gc.freeze()
-        gc.enable()
-        try:
-            # The supervisor is forked from this process (no zygote, no second interpreter
-            # to start and import the kit into).
-            return one_shot.start(stdin=sys.stdin)
-        except (registry.RegistryError, ValueError, LaunchError) as exc:
-            print(f"kit run: {exc}", file=sys.stderr)
-            return None
     except BaseException:
-        one_shot.cancel()  # a no-op for what was handed over or ended already
+        one_shot.cancel()  # a no-op for what was ended already
         raise
+    if problems:  # one message each, before any process of the run starts
+        one_shot.cancel()
+        for problem in problems:
+            print(f"kit run: {problem}", file=sys.stderr)
+        return None
+    return one_shot
+
+
+def _fork_run(one_shot: OneShot) -> RunHandle | None:
+    """The run, its supervisor forked from this process (no zygote, no second interpreter
+    to start and import the kit into); None when it cannot start (said on stderr)."""
+    # What exists now lives as long as this process: frozen, no collection walks it (here
+    # or in the forked run, whose pages it would copy); the collector is back on for the run.
+    gc.freeze()
+    gc.enable()
+    try:
+        return one_shot.start(stdin=sys.stdin)
+    except (registry.RegistryError, ValueError, LaunchError) as exc:
+        print(f"kit run: {exc}", file=sys.stderr)
+        return None
 
 
 def cmd_flows() -> int:

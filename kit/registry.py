@@ -155,6 +155,12 @@ def entry_points() -> tuple[EntryPoint, ...]:
     return _entry_points[key]
 
 
+def entry_points_read() -> tuple[EntryPoint, ...] | None:
+    """:func:`entry_points` if this process has read them for the current ``sys.path``
+    (None: not read; nothing is read here)."""
+    return _entry_points.get(tuple(sys.path))
+
+
 def found_without_entry_points(spec: str) -> bool:
     """Whether :func:`find` finds ``spec`` without reading the entry points (nothing is
     imported to tell): an import path, or a built-in engine (:data:`BUILTIN_ENGINES`; were

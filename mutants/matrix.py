@@ -487,7 +487,7 @@ def run_session(target: Target, backend: str, workdir: str, focus: bool = False)
     try:
         proc = _session_process(command, workdir, _environment(tmpdir, target))
     except subprocess.TimeoutExpired as exc:
-        # What the session wrote so far comes as bytes even with text=True (CPython on POSIX).
+        # What the session wrote so far (text, as communicate gave it; bytes from older code).
         partial = exc.stdout or b""
         output = partial.decode(errors="replace") if isinstance(partial, bytes) else partial
         return {
@@ -580,6 +580,9 @@ def in_sessions(
 ) -> list[Result]:
     """``session(root, index, item)`` for each item of ``work``, ``jobs`` at a time, under a
     :func:`sessions_root` removed after; the results in the order of ``work``."""
+    global _running
+    with _running_lock:
+        _running = set()  # a run interrupted before this one let none start
     root = sessions_root()
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs))
     try:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from kit import registry
 from kit.run import bytecode
 from kit.run.launcher import run
 from kit.run.request import Invoker
@@ -73,6 +74,49 @@ def test_links_large_files_and_the_cap_are_left_to_the_starter(
     assert len(bytecode.sources("bc_pkg_limits", [str(tmp_path)])) == 2
 
 
+def test_the_child_imports_nothing_from_the_engines_path(tmp_path, writes_bytecode, monkeypatch):
+    # The zygote puts a run's import path before the standard library: a compileall.py of
+    # the engine's there, imported by the compiling child, would run outside any sandbox.
+    pkg = _package(tmp_path, "bc_pkg_planted")
+    for name in ("compileall", "py_compile", "filecmp"):
+        (tmp_path / f"{name}.py").write_text(RUNS_IF_EXECUTED)
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    _compile("bc_pkg_planted:Engine", [str(tmp_path)])
+    assert _compiled(pkg) == {"__init__", "engine", "sub/__init__", "sub/deep"}
+    assert not list(tmp_path.rglob("*.ran"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root's own rules: what others may write")
+def test_root_writes_no_bytecode_through_a_link_or_into_what_others_may_write(
+    tmp_path, writes_bytecode
+):
+    pkg = _package(tmp_path, "bc_pkg_guarded")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (pkg / "sub" / "__pycache__").symlink_to(elsewhere)  # a swapped __pycache__
+    (pkg / "open").mkdir()
+    (pkg / "open" / "mod.py").write_text(RUNS_IF_EXECUTED)
+    (pkg / "open").chmod(0o777)  # any user could swap its entries
+    _compile("bc_pkg_guarded:Engine", [str(tmp_path)])
+    assert _compiled(pkg) == {"__init__", "engine"}
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_nothing_is_compiled_when_switched_off_or_the_engine_is_not_found(
+    tmp_path, writes_bytecode, monkeypatch
+):
+    _package(tmp_path, "bc_pkg_switch")
+    monkeypatch.setenv(bytecode.SWITCH_ENV, "0")
+    assert bytecode.start("bc_pkg_switch:Engine", [str(tmp_path)]) is None
+    monkeypatch.delenv(bytecode.SWITCH_ENV)
+    assert bytecode.start("bc_pkg_missing:Engine", [str(tmp_path)]) is None
+    # An entry point's module is known only from metadata this process read already.
+    monkeypatch.setattr(registry, "entry_points_read", lambda: None)
+    assert bytecode.engine_module("an-entry-point-name") is None
+    assert not list(tmp_path.rglob("*.pyc"))
+
+
 def test_a_module_in_no_package_is_compiled_alone(tmp_path, writes_bytecode):
     (tmp_path / "bc_single.py").write_text(RUNS_IF_EXECUTED)
     (tmp_path / "bc_neighbour.py").write_text(RUNS_IF_EXECUTED)
@@ -91,7 +135,6 @@ def test_nothing_is_written_where_bytecode_is_off_or_done(tmp_path, monkeypatch)
     monkeypatch.setattr(sys, "dont_write_bytecode", False)
     _compile("bc_pkg_off:Engine", [str(tmp_path)])
     assert bytecode.start("bc_pkg_off:Engine", [str(tmp_path)]) is None  # once per spec
-    assert bytecode.engine_module("nonexistent-engine-name") is None
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to see the files owned by another user")

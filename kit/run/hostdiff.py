@@ -256,8 +256,10 @@ def _propagation(optional: list[str]) -> str:
 
 def read_mounts(mountinfo: str) -> dict[str, str]:
     """Each mount of a mountinfo file, by mount point (``/mnt [2]`` for the second mount stacked
-    on ``/mnt``): file system, source, root, options, super block options and propagation. Mount
-    ids and device numbers are left out (they differ between equal sandboxes)."""
+    on ``/mnt``): file system, source, root, options, super block options and propagation with
+    its peer groups (a diff compares one sandbox's table before and after its run, where they
+    compare). Mount ids and device numbers are left out (they differ between equal
+    sandboxes)."""
     with open(mountinfo) as f:
         return parse_mounts(f.read())
 

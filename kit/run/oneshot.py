@@ -83,9 +83,12 @@ class OneShot:
             raise
 
     def _reap_compiling(self, timeout: float) -> None:
-        pid, self.compiling = self.compiling, None
+        pid = self.compiling
         if pid is not None:
-            bytecode.wait(pid, timeout)
+            try:
+                bytecode.wait(pid, timeout)  # killed and reaped, even if interrupted
+            finally:
+                self.compiling = None  # reaped: the pid may name another process soon
 
     def cancel(self) -> None:
         """Unused (a problem found, interrupted): the inspection ends, the sandbox goes,

@@ -1332,13 +1332,16 @@ def seccomp_notif_recv(listener: int, timeout: float = NOTIF_RECV_TIMEOUT) -> Se
     come (a run's re-forking daemon hung its supervisor so). A timer signal ends the wait.
     Whether a notification came is told by the struct the kernel filled, whenever the
     signal's handler runs. Main thread only (the supervisor has no other)."""
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("seccomp_notif_recv: a timer signal reaches the main thread only")
     buf = bytearray(_NOTIF.size)  # the kernel requires a zeroed struct
     error: OSError | None = None
     previous = signal.signal(signal.SIGALRM, _timer_fired)
     mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGALRM})
+    timer: tuple[float, float] = (0.0, 0.0)
     try:
         try:
-            signal.setitimer(signal.ITIMER_REAL, timeout)
+            timer = signal.setitimer(signal.ITIMER_REAL, timeout)
             fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_RECV, buf, True)
         except OSError as exc:
             error = exc
@@ -1351,6 +1354,8 @@ def seccomp_notif_recv(listener: int, timeout: float = NOTIF_RECV_TIMEOUT) -> Se
             try:
                 signal.signal(signal.SIGALRM, previous)
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+                if timer[0] > 0:  # a timer of the caller's, set again (less the wait)
+                    signal.setitimer(signal.ITIMER_REAL, max(timer[0] - timeout, 1e-3), timer[1])
                 break
             except _TimerFired:
                 continue
