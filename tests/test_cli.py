@@ -250,11 +250,15 @@ def test_run_reports_a_failure_of_the_kit_itself_in_one_message_not_a_traceback(
     assert line.startswith("kit run: the kit failed, not the engine:") and "planted" in line
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
-def test_a_signal_before_the_run_starts_ends_what_was_prepared(signum):
+@pytest.mark.parametrize(
+    "signals",
+    [(signal.SIGTERM,), (signal.SIGUSR1,), (signal.SIGINT,), (signal.SIGTERM, signal.SIGHUP)],
+)
+def test_a_signal_before_the_run_starts_ends_what_was_prepared(signals):
     # The engine's import hangs, so the CLI waits for its inspection beside the sandbox it
     # builds: a signal then (which the run would have had forwarded) ends both and removes
-    # the run's directory, instead of killing the CLI and leaving the directory behind.
+    # the run's directory, instead of killing the CLI and leaving the directory behind; a
+    # second one at once does not cut that short.
     if os.geteuid() != 0:
         pytest.skip("the host sandbox is built as root")
     from kit.run.sandbox import INIT_NAME
@@ -289,7 +293,8 @@ def test_a_signal_before_the_run_starts_ends_what_was_prepared(signum):
             prepared = linux.descendants(proc.pid)
             assert INIT_NAME in {linux.process_name(p) for p in prepared}, prepared
             assert any(p.name.startswith("kit-") for p in work.iterdir())
-            proc.send_signal(signum)
+            for sig in signals:
+                proc.send_signal(sig)
             _, err = proc.communicate(timeout=30)
         finally:
             proc.kill()
@@ -297,7 +302,9 @@ def test_a_signal_before_the_run_starts_ends_what_was_prepared(signum):
         left = sorted(p.name for p in work.iterdir())
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    assert proc.returncode == 128 + signum, err
-    assert f"{signal.Signals(signum).name} before the run started" in err, err
+    # Two pending at once are taken lowest number first: either may be the one that stops.
+    assert proc.returncode in {128 + sig for sig in signals}, err
+    first = signal.Signals(proc.returncode - 128).name
+    assert f"{first} before the run started" in err and err.count("before the run") == 1, err
     assert not [p for p in prepared if linux.process_alive(p)]
     assert left == []
