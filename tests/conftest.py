@@ -155,11 +155,19 @@ def _zygote_pid() -> int | None:
 
 
 def zygotes_sandbox(pid: int) -> bool:
-    """Whether ``pid`` is the init of a host sandbox the launcher's zygote holds, or the
+    """Whether ``pid`` is the init of a host sandbox the launcher's zygote holds (or, while
+    that sandbox is built, the witness its init clones for a moment: kit.run.sandbox), or the
     zygote's short-lived child compiling an engine's bytecode (kit.run.bytecode)."""
+    parents = linux.process_parents()
+    parent, zygote = parents.get(pid), _zygote_pid()
+    name = linux.process_name(pid)
+    if parent == zygote:
+        return name in (INIT_NAME, bytecode.PROCESS_NAME)
     return (
-        linux.process_name(pid) in (INIT_NAME, bytecode.PROCESS_NAME)
-        and linux.process_parents().get(pid) == _zygote_pid()
+        name == INIT_NAME
+        and parent is not None
+        and parents.get(parent) == zygote
+        and linux.process_name(parent) == INIT_NAME
     )
 
 
