@@ -11,18 +11,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kit import registry
+from kit.contract import FORWARDED_SIGNALS
 from kit.run import environment
 from kit.run.launcher import LaunchError, RunHandle, make_request
 from kit.run.oneshot import OneShot
 from kit.run.request import DEFAULT_HOOK_TIMEOUT, DEFAULT_RUN_TIMEOUT, RunRequest
 from kit.starter.config import FLOWS
 
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
-
 
 class _Stopped(BaseException):
-    """A signal :data:`FORWARDED` came before the run started: nothing is started. A
-    BaseException, as KeyboardInterrupt: no ``except Exception`` on the way swallows it."""
+    """A signal of :data:`~kit.contract.FORWARDED_SIGNALS` came before the run started:
+    nothing is started. A BaseException, as KeyboardInterrupt: no ``except Exception`` on
+    the way swallows it."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
@@ -142,7 +142,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             stopping.append(signum)
             raise _Stopped(signum)
 
-    for sig in FORWARDED:
+    for sig in FORWARDED_SIGNALS:
         signal.signal(sig, on_signal)
     try:
         one_shot = _prepare(request)
@@ -150,7 +150,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             return 2
         # Held while the run is forked and known here: a signal then goes to the run (as
         # soon as they are let through), never stops a run that exists already.
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
         try:
             handle = _fork_run(one_shot)
             if handle is not None:
@@ -184,17 +184,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _prepare(request: RunRequest) -> OneShot | None:
     """The engine's inspection and the run's sandbox, made while this process gets ready;
     None when the inspection found a problem, or they could not be made (said on stderr).
-    Interrupted, what was made is ended."""
+    Interrupted, what was made is ended (by OneShot itself)."""
     try:
         one_shot = OneShot(request)
     except LaunchError as exc:
         print(f"kit run: {exc}", file=sys.stderr)
         return None
-    try:
-        problems = one_shot.problems()
-    except BaseException:
-        one_shot.cancel()  # a no-op for what was ended already
-        raise
+    problems = one_shot.problems()  # interrupted, it ends what was made
     if problems:  # one message each, before any process of the run starts
         one_shot.cancel()
         for problem in problems:

@@ -6,6 +6,7 @@ import abc
 import dataclasses
 import json
 import queue
+import signal
 import threading
 import time
 import types
@@ -17,6 +18,7 @@ if typing.TYPE_CHECKING:
     from kit.starter.config import StarterConfig
 
 __all__ = [
+    "FORWARDED_SIGNALS",
     "Common",
     "ConfigError",
     "Context",
@@ -209,6 +211,17 @@ class Context:
             left = max(0.0, self.deadline - time.monotonic())
             timeout = left if timeout is None else min(timeout, left)
         return self._cancel.wait(timeout)
+
+
+#: The signals a conformant monitor_container forwards to the container (SPEC §7); the kit
+#: forwards the same where it stands in for one (``kit run``, a join-only run's starter).
+FORWARDED_SIGNALS = (
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
 
 
 class SignalChannel:

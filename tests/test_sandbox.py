@@ -898,7 +898,7 @@ def test_the_witness_keeps_a_peer_of_every_shared_mount_and_a_re_share_shows():
     a peer of each of its shared mounts, as a host's services' namespaces are: / made
     private and shared again joins a new peer group, and the host diff names the change
     although the kind reads as before (without a peer the old number came back)."""
-    from conftest import in_child
+    from conftest import exit_code_in_child, in_child
 
     from kit.run import hostdiff
 
@@ -917,36 +917,26 @@ def test_the_witness_keeps_a_peer_of_every_shared_mount_and_a_re_share_shows():
             ]
             assert len(witness) == 1, box.held_fds
             seen: dict[str, str] = {}
-            r, w = os.pipe()
-            pid = os.fork()
-            if pid == 0:  # what the witness's / is a peer of, read from inside it
-                code = 1
-                try:
-                    linux.setns(witness[0], linux.CLONE_NEWNS)
-                    with open("/proc/self/mountinfo") as f:
-                        os.write(w, group(f.read()).encode())
-                    code = 0
-                finally:
-                    os._exit(code)
-            os.close(w)
-            seen["witness"] = os.read(r, 4096).decode()
-            os.close(r)
-            assert os.waitpid(pid, 0)[1] == 0
+
+            def witness_group() -> str:  # what the witness's / is a peer of, from inside it
+                linux.setns(witness[0], linux.CLONE_NEWNS)
+                with open("/proc/self/mountinfo") as f:
+                    return group(f.read())
+
+            def re_share() -> int:
+                linux.setns(box.ns_fds["mount"], linux.CLONE_NEWNS)
+                linux.mount(None, "/", None, linux.MS_PRIVATE)
+                linux.mount(None, "/", None, linux.MS_SHARED)
+                return 0
+
+            inside = in_child(witness_group)
+            assert "ok" in inside, inside
+            seen["witness"] = inside["ok"]
             with open(f"/proc/{box.init_pid}/mountinfo") as f:
                 seen["before"] = group(f.read())
             watch = hostdiff.HostWatch(box)
             watch.start()
-            pid = os.fork()
-            if pid == 0:
-                code = 1
-                try:
-                    linux.setns(box.ns_fds["mount"], linux.CLONE_NEWNS)
-                    linux.mount(None, "/", None, linux.MS_PRIVATE)
-                    linux.mount(None, "/", None, linux.MS_SHARED)
-                    code = 0
-                finally:
-                    os._exit(code)
-            assert os.waitpid(pid, 0)[1] == 0
+            assert exit_code_in_child(re_share) == 0
             with open(f"/proc/{box.init_pid}/mountinfo") as f:
                 seen["after"] = group(f.read())
             return {**seen, "diff": watch.finish()}

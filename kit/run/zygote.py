@@ -346,8 +346,6 @@ def _serve(control: socket.socket, spares: Spares) -> int:
                 raise ValueError(f"expected {FIXED_FDS + len(targets)} fds, got {len(fds)}")
             if preload(request):
                 settle()
-            # Reaped by reap(), as every child of ours: its status is never asked for.
-            bytecode.start(request.engine, request.sys_path)
             # Here the code is warm and the pages our own: what the supervisor would compute
             # first, cold, right after the fork, costs a fraction of it.
             prepared = prepare_backend(request)
@@ -414,6 +412,9 @@ def _serve(control: socket.socket, spares: Spares) -> int:
         if ahead is not None:
             ahead.discard()  # the supervisor's now: its lock is the supervisor's alone
         control.send(json.dumps({"pid": pid}).encode())
+        # After the answer, off the run's way (a walk of the engine's package and a fork,
+        # once per engine); reaped by reap(), as every child of ours.
+        bytecode.start(request.engine, request.sys_path)
 
 
 #: How much less the zygote and the init it forks weigh (nice) while they build a sandbox

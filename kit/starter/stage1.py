@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 
 from kit import registry
 from kit.contract import (
+    FORWARDED_SIGNALS,
     ConfigError,
     EngineConfig,
     dumps,
@@ -98,16 +99,6 @@ def _moved_high(sock: socket.socket) -> socket.socket:
         return sock
     sock.close()
     return socket.socket(fileno=high)
-
-
-#: What a join-only run's starter forwards to its container (SPEC §7's list for a monitor).
-JOIN_ONLY_FORWARDED = (
-    signal.SIGINT,
-    signal.SIGTERM,
-    signal.SIGHUP,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-)
 
 
 class Starter:
@@ -377,7 +368,7 @@ class Starter:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
-        for sig in JOIN_ONLY_FORWARDED:
+        for sig in FORWARDED_SIGNALS:
             signal.signal(sig, forward)
         rpc_master.close()
         os.waitpid(self.sentinel, 0)  # no monitor in a join-only run
