@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import array
 import contextlib
 import ctypes
 import errno
@@ -60,9 +61,11 @@ class FaultConfig(ReferenceConfig):
 
 
 def _exit_once_waited_for() -> None:
-    """Close every pipe this process can write to (its result pipe among them: the parent
-    reads EOF), then exit 7 once the parent sleeps in a wait for it, or 1 once the parent is
-    gone: a parent that reads the status without waiting never sees the 7."""
+    """Close every pipe this process can write to and stage 1's channel (the parent reads
+    EOF), then exit 7 once the parent sleeps in a wait for it, or 1 once the parent is gone:
+    a parent that reads the status without waiting never sees the 7."""
+    with contextlib.suppress(AssertionError):
+        os.close(_stage1_channel())
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         try:
@@ -212,6 +215,10 @@ class JoinConfig(ReferenceConfig):
     keep_fds: list[int] = None  # type: ignore[assignment]
     start_exit: int = -1  # start_process exits with this code instead of exec'ing
     loopback: bool = False  # asks for lo up in a join-only run too
+    #: Numbers at which prepare_config puts a pipe of its own (holding "N\n"), and keeps it.
+    stage1_pipes: list[int] = None  # type: ignore[assignment]
+    #: Numbers prepare_config closes (descriptors the run inherited).
+    stage1_closes: list[int] = None  # type: ignore[assignment]
 
 
 class JoinEngine(ReferenceEngine):
@@ -222,7 +229,7 @@ class JoinEngine(ReferenceEngine):
 
     def config(self) -> JoinConfig:
         cfg = JoinConfig()
-        cfg.join, cfg.keep_fds = {}, []
+        cfg.join, cfg.keep_fds, cfg.stage1_pipes, cfg.stage1_closes = {}, [], [], []
         return cfg
 
     def prepare_config(self, starter_config):  # type: ignore[override]
@@ -235,6 +242,16 @@ class JoinEngine(ReferenceEngine):
                 starter_config.set_bring_loopback_interface()
         else:
             super().prepare_config(starter_config)
+        for number in cfg.stage1_pipes:
+            r, w = os.pipe()
+            os.write(w, f"{number}\n".encode())
+            os.close(w)
+            if r != number:
+                os.dup2(r, number)
+                os.close(r)
+            starter_config.keep_file_descriptor(number)
+        for number in cfg.stage1_closes:
+            os.close(number)
         for fd in cfg.keep_fds:
             starter_config.keep_file_descriptor(fd)
 
@@ -1397,7 +1414,7 @@ class JoinAbuseEngine(JoinEngine):
 
     def config(self) -> JoinAbuseConfig:
         cfg = JoinAbuseConfig()
-        cfg.join, cfg.keep_fds = {}, []
+        cfg.join, cfg.keep_fds, cfg.stage1_pipes, cfg.stage1_closes = {}, [], [], []
         return cfg
 
     def start_process(self, master_fd):  # type: ignore[override]
@@ -1420,3 +1437,44 @@ class LateEOFFailedExecEngine(LateEOFEngine):
             os.execv("/nonexistent-kit-payload", ["/nonexistent-kit-payload"])
         except OSError:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _stage1_channel() -> int:
+    """The kit's stage 1 channel as stage 1 sees it: its one stream socket."""
+    for name in sorted(os.listdir("/proc/self/fd"), key=int):
+        with contextlib.suppress(OSError):
+            sock = socket.socket(fileno=os.dup(int(name)))
+            with sock:
+                if sock.type == socket.SOCK_STREAM:
+                    return int(name)
+    raise AssertionError("no stream socket in stage 1")
+
+
+@dataclass
+class ChannelAbuseConfig(JoinConfig):
+    abuse: str = "self"
+
+
+class Stage1ChannelAbuseEngine(JoinEngine):
+    """Writes on the kit's stage 1 channel from prepare_config: the channel's own end as a
+    descriptor (``self``: held by the starter, the channel would never end) or a pipe it
+    does not keep (``unkept``)."""
+
+    engine_name = "test-stage1-channel-abuse"
+
+    def config(self) -> ChannelAbuseConfig:
+        cfg = ChannelAbuseConfig()
+        cfg.join, cfg.keep_fds, cfg.stage1_pipes, cfg.stage1_closes = {}, [], [], []
+        return cfg
+
+    def prepare_config(self, starter_config):  # type: ignore[override]
+        super().prepare_config(starter_config)
+        channel = _stage1_channel()
+        r, w = os.pipe()
+        sent = channel if self.common.engine_config.abuse == "self" else r
+        with socket.socket(fileno=os.dup(channel)) as sock:
+            sock.sendmsg(
+                [b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, bytes(array.array("i", [sent])))]
+            )
+        os.close(r)
+        os.close(w)

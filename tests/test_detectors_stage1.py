@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from conftest import wait_until
 
 from kit.contract import FIELD_TYPES, EngineConfig
@@ -395,3 +396,25 @@ def test_a_ledger_socket_with_no_room_above_stays_where_it_is():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout) == {"same": True, "number": True, "full": True}
+
+
+@pytest.mark.parametrize(
+    ("abuse", "message"),
+    [
+        ("self", "stage 1's channel: the sending end itself came as a descriptor"),
+        ("unkept", "stage 1 sent 1 descriptors numbered []: not those keep_file_descriptor"),
+    ],
+)
+def test_engine_code_writing_on_stage_1s_channel_fails_the_run_by_name(abuse, message):
+    result = run(
+        "kit_test_engines:Stage1ChannelAbuseEngine",
+        "root",
+        ["/bin/true"],
+        engine_config={"abuse": abuse},
+        run_timeout=20,
+    )
+    assert result.exit_code == 255, result.reason
+    errors = [e["message"] for e in result.ledger.select("starter_error")]
+    assert any(m.startswith(message) for m in errors), errors
+    assert not result.ledger.select("container_start")
+    assert result.leaks == []

@@ -183,6 +183,40 @@ def test_kept_fd_reaches_the_payload_and_others_do_not():
             os.close(write_end)
 
 
+def test_a_descriptor_stage_1_opens_and_keeps_reaches_the_payload():
+    # Upstream's stage 1 shares the starter's descriptor table (CLONE_FILES); the kit's
+    # stage 1 hands what it keeps over. Numbers low enough that the descriptors handed over
+    # land on numbers still to be filled, and one far up.
+    numbers = [3, 4, 5, 600]
+    result = run(
+        JOIN,
+        "root",
+        ["/bin/sh", "-c", "cat " + " ".join(f"/proc/self/fd/{n}" for n in numbers)],
+        engine_config={"stage1_pipes": numbers},
+    )
+    assert result.exit_code == 0, result.reason
+    assert result.stdout.split() == [str(n) for n in numbers]
+    assert result.leaks == []
+
+
+def test_a_kept_descriptor_stage_1_closed_is_closed_for_the_payload():
+    read_end, write_end = os.pipe()
+    try:
+        result = run(
+            JOIN,
+            "root",
+            ["/bin/true"],
+            engine_config={"keep_fds": [write_end], "stage1_closes": [write_end]},
+            pass_fds=(write_end,),
+        )
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert result.exit_code == 255
+    message = result.ledger.first("starter_error")["message"]
+    assert message == f"keep_file_descriptor: fd {write_end} is not open in the starter"
+
+
 def test_keeping_an_fd_that_is_not_open_is_rejected():
     result = run(JOIN, "root", ["/bin/true"], engine_config={"keep_fds": [250]})
     assert result.exit_code == 255

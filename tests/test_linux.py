@@ -10,6 +10,7 @@ import ctypes
 import errno
 import os
 import resource
+import socket
 import subprocess
 import sys
 import time
@@ -424,3 +425,66 @@ def test_children_and_descendants_read_the_tree_with_or_without_children_files(m
     finally:
         os.close(w)
         os.waitpid(child, 0)
+
+
+def _sent(fds: list[int], data: bytes = b"{}") -> socket.socket:
+    """The receiving end of a socket pair on which ``fds`` and ``data`` were sent, the
+    sending end closed."""
+    ours, theirs = socket.socketpair()
+    with theirs:
+        linux.send_with_fds(theirs, data, fds)
+    return ours
+
+
+def test_descriptors_and_data_cross_in_order_beyond_one_message():
+    r, w = os.pipe()
+    try:
+        with _sent([r, w] * 200, b'{"kept": true}') as ours:
+            data, fds = linux.recv_with_fds(ours, max_fds=400)
+        assert data == b'{"kept": true}' and len(fds) == 400
+        idents = [linux.fd_identity(fd) for fd in fds]
+        assert idents == [linux.fd_identity(r), linux.fd_identity(w)] * 200
+        assert all(not os.get_inheritable(fd) for fd in fds)
+        for fd in fds:
+            os.close(fd)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_more_descriptors_than_allowed_are_refused_and_closed():
+    r, w = os.pipe()
+    try:
+        before = open_fds()
+        with _sent([r] * 300) as ours, pytest.raises(ValueError, match="more than 299"):
+            linux.recv_with_fds(ours, max_fds=299)
+        assert open_fds() == before
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_the_sending_end_itself_is_refused_instead_of_waiting_for_ever():
+    before = open_fds()
+    ours, theirs = socket.socketpair()
+    peer = linux.fd_identity(theirs.fileno())
+    linux.send_with_fds(theirs, b"{}", [theirs.fileno()])
+    theirs.close()  # the copy in flight keeps the pair open: no EOF would ever come
+    ours.settimeout(5)
+    with ours, pytest.raises(ValueError, match="the sending end itself"):
+        linux.recv_with_fds(ours, max_fds=10, peer=peer)
+    assert open_fds() == before
+
+
+def test_descriptors_the_table_has_no_room_for_are_a_named_error():
+    def receive() -> str:
+        r, _w = os.pipe()
+        ours = _sent([r] * 50)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (20, 20))
+        try:
+            linux.recv_with_fds(ours, max_fds=100)
+        except ValueError as exc:
+            return str(exc)
+        return "received"
+
+    assert in_child(receive) == {"ok": "descriptors were dropped on the way (MSG_CTRUNC)"}

@@ -170,7 +170,9 @@ class StarterConfig:
         self._s.bring_loopback_interface = bool(value)
 
     def keep_file_descriptor(self, fd: int) -> None:
-        """Keep ``fd`` open (inheritable) into stage 2 and the payload."""
+        """Keep ``fd`` open (inheritable) into stage 2 and the payload: one the run inherited,
+        opened at the engine's import, or opened by ``prepare_config`` itself (stage 1 hands
+        it to the starter under the same number)."""
         if isinstance(fd, bool) or not isinstance(fd, int) or fd < 0:
             raise ConfigError(f"keep_file_descriptor: invalid fd {fd!r}")
         if fd not in self._s.keep_fds:

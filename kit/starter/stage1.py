@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gc
 import json
 import mmap
@@ -87,6 +88,19 @@ def resolve_config_types(engine: str) -> None:
                 field_types(cls)
             except Exception:  # noqa: BLE001 the engine's own process reports it
                 pass
+
+
+#: The most descriptors stage 1 may hand over (far above any real need; the table's own
+#: limit comes first at the usual soft limit of 1024).
+MAX_KEPT_FDS = 4096
+
+
+def _open_here(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
 
 
 def _moved_high(sock: socket.socket) -> socket.socket:
@@ -218,22 +232,88 @@ class Starter:
 
     # -- stage 1 ---------------------------------------------------------------------------
     def run_stage1(self) -> tuple[dict[str, Any], StarterConfig]:
-        rfd, wfd = os.pipe()
+        # A socket, not a pipe: besides the configs, stage 1 hands over the descriptors
+        # prepare_config keeps, as upstream's stage 1 shares its descriptor table with the
+        # starter (CLONE_FILES). Both ends high, out of the engine's way, and the kit's.
+        ours, theirs = (_moved_high(s) for s in socket.socketpair())
+        for end in (ours, theirs):
+            self.own_fds[end.fileno()] = "stage 1 channel"
         pid = os.fork()
         if pid == 0:
-            os.close(rfd)
-            self._stage1_child(wfd)
-        os.close(wfd)
-        with os.fdopen(rfd, "rb") as f:
-            data = f.read()
+            ours.close()
+            self._stage1_child(theirs)
+        peer = linux.fd_identity(theirs.fileno())
+        theirs.close()
+        fds: list[int] = []
+        data, problem = b"", None
+        try:
+            data, fds = linux.recv_with_fds(ours, MAX_KEPT_FDS, peer=peer)
+        except (OSError, ValueError) as exc:
+            problem = f"stage 1's channel: {exc}"
+        finally:
+            ours.close()
         _, status = os.waitpid(pid, 0)
         self.ledger.emit("process_exit", child_role="stage1", child_pid=pid, status=status)
-        if status != 0 or not data:
-            raise StageFailed(f"stage 1 failed (exit code {_status_to_code(status)})")
-        doc = json.loads(data)
-        return doc["common"], StarterConfig.from_json(doc["starter_config"])
+        try:
+            if problem:
+                raise StageFailed(problem)
+            if status != 0 or not data:
+                raise StageFailed(f"stage 1 failed (exit code {_status_to_code(status)})")
+            try:
+                doc = json.loads(data)
+                common, sconf = doc["common"], StarterConfig.from_json(doc["starter_config"])
+                kept = doc["kept"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise StageFailed(f"stage 1's result is malformed: {exc!r}") from None
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        self.place_kept_fds(kept, fds, sconf.keep_fds)
+        return common, sconf
 
-    def _stage1_child(self, wfd: int) -> NoReturn:
+    def place_kept_fds(self, kept: Any, received: list[int], keep: list[int]) -> None:
+        """Put the descriptors stage 1 kept (``received``, numbered by ``kept``) under the
+        same numbers here, and close those of ``keep`` that stage 1 did not have open: the
+        starter's table is then stage 1's, as if the two shared it (upstream's CLONE_FILES).
+        The kit's own numbers are left alone (validation names them). Closes ``received``."""
+        parked: dict[int, int] = {}
+        try:
+            if (
+                not isinstance(kept, list)
+                or len(kept) != len(received)
+                or len(set(kept)) != len(kept)
+                or not set(kept) <= set(keep)
+            ):
+                raise StageFailed(
+                    f"stage 1 sent {len(received)} descriptors numbered {kept!r}: not those "
+                    f"keep_file_descriptor kept ({keep!r})"
+                )
+            placing = dict(zip(kept, received, strict=True))
+            for number in self.own_fds:
+                placing.pop(number, None)
+            closing = [
+                n for n in keep if n not in self.own_fds and n not in placing and _open_here(n)
+            ]
+            # Received descriptors may lie under numbers to fill or to close: each is parked
+            # above every number involved first, and the received ones are closed.
+            top = max([*received, *placing, *closing], default=2)
+            for number, fd in placing.items():
+                parked[number] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, top + 1)
+            for fd in received:
+                os.close(fd)
+            received = []
+            for number in closing:
+                os.close(number)  # closed in stage 1, so closed here
+            for number, fd in parked.items():
+                os.dup2(fd, number)
+        except OSError as exc:
+            raise StageFailed(f"keep_file_descriptor: stage 1's descriptors: {exc}") from None
+        finally:
+            for fd in [*received, *parked.values()]:
+                os.close(fd)
+
+    def _stage1_child(self, channel: socket.socket) -> NoReturn:
         code = EXIT_FATAL
         self.system_parent = os.getppid()
         try:
@@ -260,9 +340,10 @@ class Starter:
                 u.gid if self.req.flow != "root" else 0,
             )
             hooks.call("prepare_config", engine.operations.prepare_config, sconf)
-            os.write(
-                wfd, dumps({"common": common.to_json(), "starter_config": sconf.to_json()}).encode()
-            )
+            # Not the kit's (the starter names them when it validates).
+            kept = [fd for fd in sconf.keep_fds if fd not in self.own_fds and _open_here(fd)]
+            doc = {"common": common.to_json(), "starter_config": sconf.to_json(), "kept": kept}
+            linux.send_with_fds(channel, dumps(doc).encode(), kept)
             code = 0
         except HookFailed:
             pass  # the ledger has the hook_raise

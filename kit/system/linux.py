@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import contextlib
 import ctypes
 import errno
@@ -15,7 +16,7 @@ import signal
 import socket
 import struct
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 # Every function here is a thin, typed wrapper over one system call or one /proc file, raising
@@ -443,6 +444,53 @@ def move_high(fd: int, base: int) -> int:
         return fd
     os.close(fd)
     return high
+
+
+#: The most descriptors one SCM_RIGHTS message may carry (the kernel's SCM_MAX_FD).
+SCM_MAX_FD = 253
+
+
+def send_with_fds(sock: socket.socket, data: bytes, fds: Sequence[int]) -> None:
+    """Send ``fds`` over a blocking stream socket (SCM_RIGHTS, in order, each message of at
+    most :data:`SCM_MAX_FD` riding on one NUL byte), then ``data``; :func:`recv_with_fds`
+    reads both."""
+    for first in range(0, len(fds), SCM_MAX_FD):
+        chunk = array.array("i", fds[first : first + SCM_MAX_FD]).tobytes()
+        sock.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, chunk)])
+    sock.sendall(data)
+
+
+def recv_with_fds(
+    sock: socket.socket, max_fds: int, peer: tuple[int, int] | None = None
+) -> tuple[bytes, list[int]]:
+    """What :func:`send_with_fds` sent, read until EOF: the data (the NUL bytes the
+    descriptors rode on dropped: the data must not start with one) and the descriptors, in
+    order, close-on-exec, the caller's to close. ValueError, every descriptor received
+    closed, when more than ``max_fds`` came, the kernel dropped some (MSG_CTRUNC: the
+    descriptor table was full), or one is ``peer`` (the :func:`fd_identity` of the sending
+    end: held here, it would keep the EOF from ever coming)."""
+    chunks: list[bytes] = []
+    fds: list[int] = []
+    space = socket.CMSG_SPACE(SCM_MAX_FD * 4)
+    try:
+        while True:
+            data, ancdata, flags, _ = sock.recvmsg(1 << 16, space, socket.MSG_CMSG_CLOEXEC)
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
+            if flags & socket.MSG_CTRUNC:
+                raise ValueError("descriptors were dropped on the way (MSG_CTRUNC)")
+            if len(fds) > max_fds:
+                raise ValueError(f"more than {max_fds} descriptors came")
+            if peer is not None and any(fd_identity(fd) == peer for fd in fds):
+                raise ValueError("the sending end itself came as a descriptor")
+            if not data:
+                return b"".join(chunks).lstrip(b"\0"), fds
+            chunks.append(data)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
 
 
 def grow_fd_table(count: int) -> None:
