@@ -58,6 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -114,13 +115,17 @@ def bench_ctypes_minimal() -> None:
 
 
 def _child(body: Callable[[], None]) -> int:
-    """Fork a child that runs ``body`` and exits 0 (1 if it raised); its pid."""
+    """Fork a child that runs ``body`` and exits 0 (1 if it raised, its traceback on
+    stderr: the status alone would not say what went wrong); its pid."""
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
             body()
             code = 0
+        except BaseException:  # noqa: BLE001 said on stderr, then the status says it failed
+            traceback.print_exc()
+            sys.stderr.flush()
         finally:
             os._exit(code)
     return pid
