@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -212,8 +213,12 @@ class Stage1HandsOverEarly(StarterMutant):
         stage1.Starter.run_stage1 = patch  # type: ignore[method-assign]  # the mutation
 
 
-def _hand_over_before_prepare_config(wfd: int) -> None:
-    """In stage 1: write the result to the starter's pipe (``wfd``) when prepare_config is
+#: The other ends of the sockets stage 1 sends into once it handed its result over early.
+_SINKS: list[socket.socket] = []
+
+
+def _hand_over_before_prepare_config(channel: socket.socket) -> None:
+    """In stage 1: send the result to the starter (on ``channel``) when prepare_config is
     about to be called, then call it (its changes are lost)."""
 
     def change(
@@ -226,13 +231,12 @@ def _hand_over_before_prepare_config(wfd: int) -> None:
         if hook != "prepare_config":
             return original(runner, hook, fn, *args)
         ops = fn.__wrapped__.__self__  # type: ignore[attr-defined]  # set by functools.wraps
-        os.write(
-            wfd,
-            dumps({"common": ops.common.to_json(), "starter_config": args[0].to_json()}).encode(),
-        )
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, wfd)  # the starter sees EOF; stage 1's own write goes nowhere
-        os.close(devnull)
+        doc = {"common": ops.common.to_json(), "starter_config": args[0].to_json(), "kept": []}
+        channel.sendall(dumps(doc).encode())
+        # The starter sees EOF; stage 1's own send later goes into a socket nobody reads.
+        sink, unread = socket.socketpair()
+        os.dup2(sink.fileno(), channel.fileno())
+        _SINKS.append(unread)  # open until stage 1 exits
         time.sleep(RACE_DELAY)
         return original(runner, hook, fn, *args)
 
@@ -240,19 +244,21 @@ def _hand_over_before_prepare_config(wfd: int) -> None:
 
 
 def _run_stage1_without_waiting(self: stage1.Starter) -> tuple[dict[str, Any], StarterConfig]:
-    rfd, wfd = os.pipe()
+    ours, theirs = socket.socketpair()
     pid = os.fork()
     if pid == 0:
-        os.close(rfd)
-        _hand_over_before_prepare_config(wfd)
-        self._stage1_child(wfd)
-    os.close(wfd)
-    with os.fdopen(rfd, "rb") as f:
-        data = f.read()
+        ours.close()
+        _hand_over_before_prepare_config(theirs)
+        self._stage1_child(theirs)
+    theirs.close()
+    with ours:
+        data, fds = linux.recv_with_fds(ours, stage1.MAX_KEPT_FDS)
     if not data:  # the bug: stage 1 is neither waited for nor its exit status checked
         raise common.StageFailed("stage 1 sent nothing")
     doc = json.loads(data)
-    return doc["common"], StarterConfig.from_json(doc["starter_config"])
+    sconf = StarterConfig.from_json(doc["starter_config"])
+    self.place_kept_fds(doc["kept"], fds, sconf.keep_fds)
+    return doc["common"], sconf
 
 
 class MasterHooksBeforeNamespaces(StarterMutant):
