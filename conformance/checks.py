@@ -31,6 +31,7 @@ from conformance.scenario import (
 from kit import preflight
 from kit.ledger.probe import host_privilege, thread_state
 from kit.ledger.record import LOST_EVENT, validate
+from kit.run.hostdiff import is_ipc_sysctl
 from kit.run.seccomp import SYSTEM_INTERFACE, describe_refusal
 from kit.system.linux import split_propagation
 
@@ -2889,6 +2890,11 @@ def _host_change_text(change: dict[str, Any]) -> str:
         text = f"{kind} {name} removed (was {before})"
     else:
         text = f"{kind} {name} changed: {before} -> {after}"
+    if change.get("machine"):
+        text += (
+            " (the machine's own setting, which no sandbox can hold a copy of: it stays "
+            f"after the run; sysctl -w {name}={before!r} puts it back)"
+        )
     hooks = change.get("hooks")
     if hooks:
         text += "; appeared while open: " + ", ".join(
@@ -2928,6 +2934,8 @@ def _container_may_own(change: dict[str, Any], container_ns: set[str]) -> bool:
         ns = "ipc"
     elif kind in ("link", "address", "route") or (kind == "sysctl" and name.startswith("net.")):
         ns = "net"
+    elif kind == "sysctl" and is_ipc_sysctl(name):
+        ns = "ipc"
     else:
         return False
     roles = {h.get("role") for h in change.get("hooks") or []}

@@ -826,8 +826,10 @@ _ENTRIES = (
         "MUST",
         "§11",
         "host",
-        "After a run every sysctl a run can write (net.* of the host's network namespace) has "
-        "the value it had before.",
+        "After a run every writable sysctl has the value it had before: net.* of the host's "
+        "network namespace, those of its ipc namespace (kernel.msg*, kernel.shm*, kernel.sem, "
+        "fs.mqueue.*) and the machine's own (vm.*, fs.*, kernel.*…), which no sandbox holds a "
+        "copy of.",
     ),
     _r(
         "HOST-005",

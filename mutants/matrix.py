@@ -116,7 +116,6 @@ MECHANISM_EXCEPTIONS: dict[str, str] = {
         "change was made (hook thread, helper thread, child, raw call) does not reach it"
         for req in (
             "HOST-003",
-            "HOST-004",
             "HOST-005",
             "HOST-006",
             "HOST-007",

@@ -369,3 +369,44 @@ def test_the_named_network_namespaces_are_the_sandboxs_and_none_without_a_run_ne
             os.waitpid(child, 0)
 
     assert _in_new_mounts(run) == {"ok": {"none": {}, "some": {"kit-a": "netns"}}}
+
+
+def test_every_kind_of_sysctl_is_reported_as_a_sysctl() -> None:
+    before = _state(
+        sysctl={"net.ipv4.ip_forward": "0"},
+        ipc_sysctl={"kernel.msgmnb": "16384"},
+        machine_sysctl={"vm.swappiness": "60"},
+    )
+    after = _state(
+        sysctl={"net.ipv4.ip_forward": "0"},
+        ipc_sysctl={"kernel.msgmnb": "32768"},
+        machine_sysctl={"vm.swappiness": "10"},
+    )
+    assert hostdiff.diff(before, after) == [
+        HostChange("sysctl", "kernel.msgmnb", "16384", "32768"),
+        HostChange("sysctl", "vm.swappiness", "60", "10"),
+    ]
+
+
+def test_a_change_of_the_machines_own_sysctl_is_marked_and_no_other() -> None:
+    before = _state(ipc_sysctl={"kernel.msgmnb": "1"}, machine_sysctl={"vm.swappiness": "60"})
+    machine = {"kind": "sysctl", "name": "vm.swappiness", "before": "60", "after": "10"}
+    assert hostdiff._machine_marked(machine, before) == {**machine, "machine": True}
+    for other in (
+        {"kind": "sysctl", "name": "kernel.msgmnb", "before": "1", "after": "2"},
+        {"kind": "file", "name": "vm.swappiness", "before": None, "after": "file"},
+    ):
+        assert hostdiff._machine_marked(other, before) == other
+
+
+def test_the_sysctls_outside_net_are_split_by_namespace_less_those_that_change_alone() -> None:
+    machine, ipc = hostdiff.read_machine_sysctls(), hostdiff.read_ipc_sysctls()
+    assert machine and ipc and not machine.keys() & ipc.keys()
+    assert "vm.swappiness" in machine and "fs.file-max" in machine
+    assert {"kernel.msgmnb", "kernel.shmmax", "fs.mqueue.msg_max"} <= ipc.keys()
+    assert all(hostdiff.is_ipc_sysctl(name) for name in ipc)
+    every = machine.keys() | ipc.keys()
+    assert not any(name.startswith("net.") for name in every)
+    assert not every & {"kernel.ns_last_pid", "kernel.hostname", "vm.stat_refresh"}
+    # none of them write-only (vm.drop_caches): what it reads is no state
+    assert not any(v.startswith("unreadable") for v in [*machine.values(), *ipc.values()])

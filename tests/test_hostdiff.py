@@ -673,13 +673,15 @@ def test_a_mount_namespace_copied_from_the_sandbox_is_no_change_of_it(sandbox: O
     assert out["ok"]["changes"] == []
 
 
-def _counting(name: str) -> list[int]:
-    """Count the calls of ``hostdiff.<name>`` (in the child that runs the watch)."""
+def _counting(name: str, where: str = "") -> list[int]:
+    """Count the calls of ``hostdiff.<name>`` (in the child that runs the watch); with
+    ``where``, only those whose first argument is a descriptor of a directory under it."""
     calls = [0]
     real = getattr(hostdiff, name)
 
     def counted(*args: Any, **kwargs: Any) -> Any:
-        calls[0] += 1
+        if not where or os.readlink(f"/proc/self/fd/{args[0]}").startswith(where):
+            calls[0] += 1
         return real(*args, **kwargs)
 
     setattr(hostdiff, name, counted)
@@ -1258,9 +1260,16 @@ def test_the_run_result_lists_the_host_changes_and_says_them_among_its_problems(
             "cost_ms": 1.0,
         }
     ]
+    machine = {"kind": "sysctl", "name": "vm.swappiness", "before": "60", "after": "10"}
+    events[0]["changes"] += [{**machine, "machine": True}]
     result = RunResult(0, "exited", Ledger({"schema_version": 1, "events": events}))
-    assert result.host_changes == [FILE_WRITTEN]
-    assert "host: file /etc/kit-evil: None -> 'file 0644 0:0 2 bytes 00ff'" in result.problems()
+    assert result.host_changes == [FILE_WRITTEN, {**machine, "machine": True}]
+    problems = result.problems()
+    assert "host: file /etc/kit-evil: None -> 'file 0644 0:0 2 bytes 00ff'" in problems
+    # the machine's own setting outlives the sandbox: the line says how to put it back
+    (line,) = (p for p in problems if "vm.swappiness" in p)
+    assert line.startswith("host: sysctl vm.swappiness: '60' -> '10' (the machine's own")
+    assert line.endswith("sysctl -w vm.swappiness='60' puts it back)")
     assert RunResult(0, "exited", Ledger({"schema_version": 1, "events": []})).host_changes is None
 
 
@@ -1467,9 +1476,10 @@ def test_the_state_read_ahead_is_whole_and_the_watch_reads_only_the_mount_table(
 
     quiet = in_child(lambda: run(""))
     assert "ok" in quiet, quiet
+    # the machine's own sysctls are read by the watch, not ahead: no sandbox has them
     assert quiet["ok"]["kinds"] == [
-        *("domainname", "file", "hostname", "ipc", "mount", "mqueue", "netns", "process"),
-        "sysctl",
+        *("domainname", "file", "hostname", "ipc", "ipc_sysctl", "mount", "mqueue", "netns"),
+        *("process", "sysctl"),
     ]
     assert quiet["ok"]["held"] == [True, True]
     assert quiet["ok"]["early"] == {"joined": False, "read_sysvipc": 0, "_uname_names": 0}
@@ -1510,7 +1520,7 @@ def test_sysctl_files_held_ahead_are_read_in_their_layouts_order(sandbox: OwnSan
         assert ahead.sysctls is not None
         unheld = ahead.sysctls.count(None)
         held = len(ahead.files())
-        opened = _counting("_read_raw_at")
+        opened = _counting("_read_raw_at", where="/proc/sys/net")
         listed = _counting("read_laid_out_sysctls")
         watch = hostdiff.HostWatch(sandbox, ahead)
         watch.start()

@@ -34,6 +34,8 @@ KINDS = (
     "hostname",
     "domainname",
     "sysctl",
+    "ipc_sysctl",
+    "machine_sysctl",
     "link",
     "address",
     "route",
@@ -42,6 +44,10 @@ KINDS = (
     "mqueue",
     "process",
 )
+
+#: The kinds the sysctls are read as (``net.*`` per network namespace, the ipc ones per ipc
+#: namespace, the machine's own), all reported as ``sysctl``.
+SYSCTL_KINDS = frozenset({"sysctl", "ipc_sysctl", "machine_sysctl"})
 
 #: Changes a run's ledger lists at most (the rest are counted): an engine that writes a
 #: million files must not make a ledger of gigabytes.
@@ -450,6 +456,105 @@ def _value(raw: Raw) -> str:
     return raw.decode(errors="replace").removesuffix("\n").replace("\t", " ")
 
 
+#: Directories of /proc/sys whose files no reader of the sysctls outside ``net.*`` walks:
+#: ``net`` is read per network namespace (``sysctl``), and ``fs/binfmt_misc`` is a file system
+#: of its own that systemd mounts on the machine at its first access.
+_NOT_OUTSIDE_NET = ("/proc/sys/net", "/proc/sys/fs/binfmt_misc")
+#: Writable sysctls that change with no run doing anything (or that a read changes): the pid
+#: namespace's last pid, the uts names (their own kinds), what the kernel lowers, counts down
+#: or sets itself, and a file whose read makes the kernel fold its counters (milliseconds).
+_SELF_CHANGING_SYSCTLS = frozenset(
+    {
+        "kernel.ns_last_pid",
+        "kernel.hostname",
+        "kernel.domainname",
+        "kernel.perf_event_max_sample_rate",
+        "kernel.hung_task_warnings",
+        "kernel.tainted",
+        "vm.stat_refresh",
+    }
+)
+#: The sysctls each ipc namespace has its own of (with ``fs.mqueue.*``).
+_IPC_SYSCTLS = frozenset(
+    {
+        "kernel.shmmax",
+        "kernel.shmall",
+        "kernel.shmmni",
+        "kernel.shm_rmid_forced",
+        "kernel.shm_next_id",
+        "kernel.msgmax",
+        "kernel.msgmni",
+        "kernel.msgmnb",
+        "kernel.msg_next_id",
+        "kernel.auto_msgmni",
+        "kernel.sem",
+        "kernel.sem_next_id",
+    }
+)
+
+
+def is_ipc_sysctl(name: str) -> bool:
+    """Whether sysctl ``name`` is one each ipc namespace has its own of."""
+    return name in _IPC_SYSCTLS or name.startswith("fs.mqueue.")
+
+
+#: The readable, writable sysctls outside ``net.*`` (less :data:`_SELF_CHANGING_SYSCTLS`),
+#: as a :data:`Layout`: listed once per process (:func:`_outside_net_layout`).
+_outside_net: Layout | None = None
+
+
+def _outside_net_layout() -> Layout:
+    """Where the sysctls outside ``net.*`` are (listed once: they are the kernel's own, the
+    same in every namespace but for a module loaded since, which a run may not do)."""
+    global _outside_net
+    if _outside_net is None:
+        layout: Layout = {}
+        todo = ["/proc/sys"]
+        while todo:
+            path = todo.pop()
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    full = f"{path}/{entry.name}"
+                    if entry.is_dir(follow_symlinks=False):
+                        if full not in _NOT_OUTSIDE_NET:
+                            todo.append(full)
+                        continue
+                    key = full[10:].replace("/", ".")
+                    mode = entry.stat(follow_symlinks=False).st_mode
+                    if mode & 0o222 and mode & 0o444 and key not in _SELF_CHANGING_SYSCTLS:
+                        layout.setdefault(path, []).append((entry.name, key))
+        _outside_net = layout
+    return _outside_net
+
+
+def _read_outside_net(ipc: bool) -> dict[str, str]:
+    """The sysctls outside ``net.*`` that each ipc namespace has its own of (``ipc``: as the
+    calling thread's ipc namespace has them) or the others, the machine's own."""
+    values: dict[str, str] = {}
+    for path, files in _outside_net_layout().items():
+        wanted = [(name, key) for name, key in files if is_ipc_sysctl(key) == ipc]
+        if not wanted:
+            continue
+        dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for name, key in wanted:
+                values[key] = _read_at(dfd, name)
+        finally:
+            os.close(dfd)
+    return values
+
+
+def read_ipc_sysctls() -> dict[str, str]:
+    """The sysctls of the calling thread's ipc namespace (``kernel.msgmnb``, ``fs.mqueue.*``…)."""
+    return _read_outside_net(ipc=True)
+
+
+def read_machine_sysctls() -> dict[str, str]:
+    """The machine's own writable sysctls (``vm.*``, ``kernel.*``, ``fs.*``…: no namespace has
+    its own, so no sandbox either): what a run that reaches them changes is the real host's."""
+    return _read_outside_net(ipc=False)
+
+
 #: A fresh sandbox's sysctls as their files read, compact: per directory of a layout, the
 #: names of its files joined by "/" (never in a name), what they read, joined, and the
 #: length of each (``array("i")``'s bytes; minus the errno of one that failed). A few
@@ -805,6 +910,7 @@ _INSIDE: tuple[tuple[str, tuple[str, ...], Callable[[], Any]], ...] = (
     ("net", ("sysctl",), lambda: {"sysctl": read_sysctls()}),
     ("net", ("link", "address", "route"), read_network),
     ("ipc", ("ipc",), lambda: {"ipc": read_sysvipc()}),
+    ("ipc", ("ipc_sysctl",), lambda: {"ipc_sysctl": read_ipc_sysctls()}),
     ("ipc", ("mqueue",), lambda: {"mqueue": read_mqueues()}),
 )
 
@@ -981,6 +1087,8 @@ def prime() -> None:
     """Read what every fresh sandbox has, once per process (the zygote, before it forks;
     a supervisor, before it adopts its sandbox), unless :func:`_prime_in` did."""
     global _fresh_network
+    with contextlib.suppress(OSError):  # else listed by the run that reads them
+        _outside_net_layout()
     if _fresh_sysctls is None:
         modules = _modules()
         try:
@@ -1009,6 +1117,8 @@ def _prime_in(pidfd: int) -> None:
     (so a fresh one), by a short-lived thread in its network namespace: no namespace is
     made for the purpose. For a process with one run to watch (a one-shot launcher), which
     has a sandbox to read before it would have primed."""
+    with contextlib.suppress(OSError):  # the same in every namespace: listed here
+        _outside_net_layout()
 
     def inside() -> None:
         try:
@@ -1329,7 +1439,8 @@ def diff(before: HostState, after: HostState) -> list[HostChange]:
             elif kind == "sysctl" and (was is None or now is None) and _of_link(name, links):
                 continue  # a link's own settings come and go with it: the link is named
             if was != now:
-                changes.append(HostChange(kind, name or kind, was, now))
+                reported = "sysctl" if kind in SYSCTL_KINDS else kind
+                changes.append(HostChange(reported, name or kind, was, now))
     return changes
 
 
@@ -1443,6 +1554,9 @@ class HostWatch:
                 before.errors.pop("mount", None)
                 text = self._mount_raw.decode(errors="replace").strip()
                 _outside(before, "mount", lambda: parse_mounts(text))
+        # The machine's own sysctls now, not ahead: no sandbox has them, so what they were
+        # when a spare sandbox was built says nothing of this run.
+        _outside(before, "machine_sysctl", read_machine_sysctls)
         self.before = before
         self.last = {kind: dict(self.before.objects.get(kind, {})) for kind in (*WATCHED, "file")}
         self._usage = self._upper_usage()
@@ -1589,6 +1703,7 @@ class HostWatch:
             laid_out = _sysctls_as_laid_out(held)
         # The last look read the mount table (its text, parsed if new): no need to again.
         after = self._snapshot(sysctls=laid_out is None, network=network, mounts=not looked)
+        _outside(after, "machine_sysctl", read_machine_sysctls)
         if looked:
             after.objects["mount"] = self.last["mount"]
         if laid_out is not None:
@@ -1617,13 +1732,12 @@ class HostWatch:
         final = diff(self.before, after)
         for change in final:
             seen = self.seen.get((change.kind, change.name))
-            out.append(
-                {
-                    **change.to_json(),
-                    "transient": False,
-                    "hooks": _hooks_json(seen["hooks"]) if seen else None,
-                }
-            )
+            entry = {
+                **change.to_json(),
+                "transient": False,
+                "hooks": _hooks_json(seen["hooks"]) if seen else None,
+            }
+            out.append(_machine_marked(entry, self.before))
         named = {(c.kind, c.name) for c in final}
         for (kind, name), seen in self.seen.items():
             if (kind, name) not in named and kind in WATCHED:  # a temporary file is allowed
@@ -1756,6 +1870,14 @@ def _signal_name(signum: int) -> str:
         return signal.Signals(signum).name
     except ValueError:
         return f"signal {signum}"
+
+
+def _machine_marked(change: dict[str, Any], before: HostState) -> dict[str, Any]:
+    """``change`` (a ``host_changes`` entry), with ``machine`` set when its object is one of
+    the machine's own sysctls: the real host's, not the sandbox's (it stays after the run)."""
+    if change["kind"] == "sysctl" and change["name"] in before.objects.get("machine_sysctl", ()):
+        return {**change, "machine": True}
+    return change
 
 
 def _hooks_json(hooks: list[Hook]) -> list[dict[str, Any]]:

@@ -32,6 +32,13 @@ class LaunchError(RuntimeError):
     """The supervisor could not run at all (not an engine failure)."""
 
 
+#: Said of a change of one of the machine's own sysctls, which no sandbox can hold a copy of.
+_MACHINE = (
+    " (the machine's own setting, not the sandbox's: it stays after the run; "
+    "sysctl -w {name}={before!r} puts it back)"
+)
+
+
 @dataclass
 class RunResult:
     """What one run produced."""
@@ -85,6 +92,7 @@ class RunResult:
             elif kind == "host_changes":
                 lines += [
                     f"host: {c['kind']} {c['name']}: {c['before']!r} -> {c['after']!r}"
+                    + (_MACHINE.format(**c) if c.get("machine") else "")
                     for c in e["changes"]
                 ]
         if not lines and self.exit_code == 255:

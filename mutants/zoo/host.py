@@ -1,6 +1,7 @@
 """Mutants that change the host and leave it changed (SPEC §11), one per kind of object the
 host diff compares: a file under /etc (one labelled by an extended attribute, one in the
-tmpfs /dev/shm), a mount (one undone at once), the domainname, a sysctl, a network link, a
+tmpfs /dev/shm), a mount (one undone at once), the domainname, a sysctl (and two of the ipc
+namespace, through a proc of the run's own), a network link, a
 named network namespace, a SysV shared memory segment, a daemon.
 
 They run only inside the kit's own host sandbox (``kit.run.sandbox``: an overlay root and new
@@ -19,6 +20,7 @@ import threading
 
 from kit.contract import Context, SignalChannel, WaitStatus
 from kit.run import sandbox
+from kit.system import linux
 from mutants.zoo.base import HostDamageRefused, Mutant
 
 
@@ -70,6 +72,56 @@ class HostSysctl(HostMutant):
     def damage(self) -> None:
         with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
             f.write("1\n")
+
+
+class HostIpcSysctlFreshProc(HostMutant):
+    slug = "host-ipc-sysctl-fresh-proc"
+    bug = (
+        "create_container raises kernel.msgmnb for the container through a proc it mounts "
+        "in a private mount namespace of a child: the child is still in the host's ipc "
+        "namespace, whose limit it changes"
+    )
+    killed_by = ("HOST-004",)
+    flows = ("root",)  # /proc/sys is global root's to write
+    mechanism = "child-process"
+
+    def damage(self) -> None:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 1
+            try:
+                linux.unshare(linux.CLONE_NEWNS)
+                linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+                linux.mount("proc", "/mnt", "proc", 0)
+                with open("/mnt/sys/kernel/msgmnb", "r+") as f:
+                    doubled = str(int(f.read()) * 2)
+                    f.seek(0)  # a write past the start of a sysctl is ignored
+                    f.write(doubled)
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        if status:
+            raise OSError(f"the child writing kernel.msgmnb ended with status {status}")
+
+
+class HostIpcSysctlContainerProc(HostMutant):
+    slug = "host-ipc-sysctl-container-proc"
+    bug = (
+        "post_start_process sets fs.mqueue.msg_max through the container's /proc from the "
+        "master: a sysctl file shows the namespace of whoever opens it, the host's here"
+    )
+    killed_by = ("HOST-004",)
+    flows = ("root",)  # /proc/sys is global root's to write
+
+    def damage(self) -> None:
+        pass  # later, once the container's /proc is mounted
+
+    def post_start_process(self, ctx: Context, pid: int) -> None:
+        refuse_outside_kit_sandbox(self.slug)
+        with open(f"/proc/{pid}/root/proc/sys/fs/mqueue/msg_max", "w") as f:
+            f.write("42\n")
+        super().post_start_process(ctx, pid)
 
 
 class HostDomainname(HostMutant):
@@ -299,6 +351,8 @@ MUTANTS = (
     HostMountUndone,
     HostDomainname,
     HostSysctl,
+    HostIpcSysctlFreshProc,
+    HostIpcSysctlContainerProc,
     HostLink,
     HostNamedNetns,
     HostSharedMemory,
