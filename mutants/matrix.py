@@ -574,6 +574,10 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
+#: Seconds at most between a signal that ends the run and the start of its ending.
+INTERRUPT_LATENCY = 0.25
+
+
 def in_sessions(
     work: Sequence[Item], session: Callable[[str, int, Item], Result], jobs: int
 ) -> list[Result]:
@@ -586,6 +590,11 @@ def in_sessions(
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs))
     try:
         futures = [pool.submit(session, root, i, item) for i, item in enumerate(work)]
+        pending = set(futures)
+        while pending:
+            # Not one wait until all are done: the kernel may hand a signal to a session's
+            # thread, and its handler runs here only once this thread wakes up.
+            _, pending = concurrent.futures.wait(pending, timeout=INTERRUPT_LATENCY)
         return [future.result() for future in futures]
     except BaseException:
         # Interrupted (Ctrl-C, or SIGTERM: see interruptible): the sessions end now, not
