@@ -859,7 +859,8 @@ _ENTRIES = (
         "§11",
         "host",
         "After a run the host has the processes it had before: none of the run's outlives it, "
-        "none of the host's is killed or sent a signal.",
+        "none of the host's is killed or sent a signal, or changed (its resource limits, "
+        "scheduling, OOM score adjustment or cgroups).",
     ),
     _r(
         "HOST-009",

@@ -6,6 +6,7 @@ covers, and mountinfo lines with stacked mounts and propagation tags."""
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import tempfile
 from typing import Any
@@ -340,7 +341,9 @@ def test_a_process_gone_between_its_state_and_its_command_line_is_not_named() ->
                 signal.pause()
         try:
             assert os.read(r, 1) == b"k"
-            return hostdiff.read_processes(child)
+            # (init's settings, read through the host's /proc, are the test's own concern)
+            got = hostdiff.read_processes(child)
+            return {name: got[name] for name in got if not name.startswith("pid 1 ")}
         finally:
             os.kill(child, signal.SIGKILL)
             os.waitpid(child, 0)
@@ -410,3 +413,31 @@ def test_the_sysctls_outside_net_are_split_by_namespace_less_those_that_change_a
     assert not every & {"kernel.ns_last_pid", "kernel.hostname", "vm.stat_refresh"}
     # none of them write-only (vm.drop_caches): what it reads is no state
     assert not any(v.startswith("unreadable") for v in [*machine.values(), *ipc.values()])
+
+
+def test_inits_settings_are_compared_while_it_lives_and_named_with_it_when_gone() -> None:
+    init = {"pid 1": "kit-sandbox", "pid 1 limit open files": "1024/4096", "pid 1 nice": "0"}
+    lowered = {**init, "pid 1 limit open files": "64/64"}
+    assert hostdiff.diff(_state(process=init), _state(process=lowered)) == [
+        HostChange("process", "pid 1 limit open files", "1024/4096", "64/64")
+    ]
+    assert hostdiff.diff(_state(process=init), _state(process={})) == [
+        HostChange("process", "pid 1", "kit-sandbox", None)
+    ]
+
+
+@needs_root
+def test_inits_limits_scheduling_and_oom_adjustment_are_read_from_outside() -> None:
+    def child() -> dict[str, str]:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        os.setpriority(os.PRIO_PROCESS, 0, 7)
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("123")
+        got = hostdiff._init_attributes(os.getpid())
+        return {k: v for k, v in got.items() if k.endswith(("core file size", "scheduling", "adj"))}
+
+    got = in_child(child)["ok"]
+    assert got["pid 1 limit core file size"] == "0/0"
+    assert got["pid 1 scheduling"].startswith("nice 7, policy 0, real-time priority 0, cpus ")
+    assert got["pid 1 oom_score_adj"] == "123"
+    assert hostdiff._init_attributes(2**22 + 1) == {}  # gone: nothing to compare

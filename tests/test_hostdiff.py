@@ -235,7 +235,8 @@ def test_the_snapshot_sees_a_real_sandbox_not_the_host(sandbox: OwnSandbox) -> N
     state = snap(sandbox)
     assert state.errors == {}
     assert set(state.objects["link"]) == {"lo"}  # a fresh net namespace, whatever the host has
-    assert set(state.objects["process"]) == {"pid 1"}
+    assert {name for name in state.objects["process"] if not name.startswith("pid 1 ")} == {"pid 1"}
+    assert state.objects["process"]["pid 1 oom_score_adj"] == "0"  # and its settings
     assert "/" in state.objects["mount"] and "/proc" in state.objects["mount"]
     assert "net.ipv4.ip_forward" in state.objects["sysctl"]
     assert state.objects["file"] == {}

@@ -1230,7 +1230,36 @@ def read_processes(init_pid: int) -> dict[str, str]:
             except OSError:
                 continue  # exited meanwhile
             processes[f"pid {name}"] = argv
+    processes.update(_init_attributes(init_pid))
     return processes
+
+
+def _init_attributes(init_pid: int) -> dict[str, str]:
+    """What another process can change of the sandbox's init, which stands for the host's
+    processes (SPEC §11: a run leaves them as they were): its resource limits (prlimit), its
+    scheduling (nice, policy, real-time priority, the CPUs it may run on), its OOM score
+    adjustment and its cgroups. Nothing when it is gone (the diff names that)."""
+    try:
+        with open(f"/proc/{init_pid}/limits") as f:
+            rows = f.read().splitlines()[1:]
+        with open(f"/proc/{init_pid}/stat") as f:
+            stat = f.read()
+        status = linux.read_status(f"/proc/{init_pid}/status")
+        oom = _read(f"/proc/{init_pid}/oom_score_adj")
+        cgroups = _read(f"/proc/{init_pid}/cgroup").replace("\n", " ")
+    except (OSError, KeyError):
+        return {}
+    fields = stat[stat.rindex(")") + 2 :].split()  # from the state on (field 3 of proc(5))
+    return {
+        # "Max open files            1024                 524288               files"
+        **{f"pid 1 limit {row[4:26].strip()}": "/".join(row[26:].split()[:2]) for row in rows},
+        "pid 1 scheduling": (
+            f"nice {fields[16]}, policy {fields[38]}, real-time priority {fields[37]}, "
+            f"cpus {status.get('Cpus_allowed_list', '?')}"
+        ),
+        "pid 1 oom_score_adj": oom,
+        "pid 1 cgroups": cgroups,
+    }
 
 
 def _processes_in(pid_ns: str) -> dict[str, str]:
@@ -1438,6 +1467,12 @@ def diff(before: HostState, after: HostState) -> list[HostChange]:
                 was, now = _file_sides(name, before, after)
             elif kind == "sysctl" and (was is None or now is None) and _of_link(name, links):
                 continue  # a link's own settings come and go with it: the link is named
+            elif (
+                kind == "process"
+                and name.startswith("pid 1 ")
+                and not ("pid 1" in old and "pid 1" in new)
+            ):
+                continue  # init's settings come and go with it: init is named
             if was != now:
                 reported = "sysctl" if kind in SYSCTL_KINDS else kind
                 changes.append(HostChange(reported, name or kind, was, now))

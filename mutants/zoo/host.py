@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -122,6 +123,38 @@ class HostIpcSysctlContainerProc(HostMutant):
         with open(f"/proc/{pid}/root/proc/sys/fs/mqueue/msg_max", "w") as f:
             f.write("42\n")
         super().post_start_process(ctx, pid)
+
+
+class HostInitLimitLowered(HostMutant):
+    slug = "host-init-limit-lowered"
+    bug = (
+        "create_container lowers the core file limit of 'the container's init' with "
+        "prlimit(1, …), from the master: pid 1 there is the host's init"
+    )
+    killed_by = ("HOST-008",)
+    flows = ("root",)  # the master is root as init is: allowed without CAP_SYS_RESOURCE
+
+    def damage(self) -> None:
+        resource.prlimit(1, resource.RLIMIT_CORE, (0, 0))
+
+
+class HostInitOomAdjusted(HostMutant):
+    slug = "host-init-oom-adjusted"
+    bug = (
+        "create_container's helper process makes 'the container's init' the OOM killer's "
+        "first choice through /proc/1/oom_score_adj: the host's init, seen from the master"
+    )
+    killed_by = ("HOST-008",)
+    flows = ("root",)
+    mechanism = "child-process"
+
+    def damage(self) -> None:
+        subprocess.run(
+            ["sh", "-c", "echo 1000 > /proc/1/oom_score_adj"],
+            check=True,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+        )
 
 
 class HostDomainname(HostMutant):
@@ -357,6 +390,8 @@ MUTANTS = (
     HostNamedNetns,
     HostSharedMemory,
     HostDaemon,
+    HostInitLimitLowered,
+    HostInitOomAdjusted,
     HostHostnameFlippedInAThread,
     HostDomainnameFlippedInAChild,
     HostInitSignalled,
