@@ -927,19 +927,27 @@ _SECBIT_NOROOT = 1 << 0
 _SECBIT_KEEP_CAPS = 1 << 4
 
 
-def exec_credential(stage2: dict[str, Any], securebits: Any) -> dict[str, Any]:
+def exec_credential(
+    stage2: dict[str, Any], securebits: Any, downgraded: bool = False
+) -> dict[str, Any]:
     """What exec of a plain binary (no setuid bit, no file capabilities) makes of stage 2's
     credential: saved and fs ids become the effective one; the ambient set is kept; without
     root, permitted and effective become the ambient set; with root (a real or effective uid
     0, and no SECBIT_NOROOT), permitted becomes bounding | inheritable | ambient, effective
-    too when the effective uid is 0 (else the ambient set). Groups, no_new_privs, seccomp,
+    too when the effective uid is 0 (else the ambient set). ``downgraded``: an exec the
+    kernel lets gain no capability (no_new_privs set, or another process sharing stage 2's
+    file system information: ``cap_bprm_creds_from_file``), where root's bounding |
+    inheritable is cut to what stage 2 has permitted. Groups, no_new_privs, seccomp,
     inheritable and bounding sets are kept, and the securebits but SECBIT_KEEP_CAPS (None
     when stage 2's are not known)."""
     uid, gid, caps = stage2["uid"], stage2["gid"], stage2["caps"]
     root = 0 in uid[:2] and not (isinstance(securebits, int) and securebits & _SECBIT_NOROOT)
     ambient = sorted(caps["ambient"])
     if root:
-        permitted = sorted(set(caps["inheritable"]) | set(caps["bounding"]) | set(ambient))
+        gained = set(caps["inheritable"]) | set(caps["bounding"])
+        if downgraded:
+            gained &= set(caps["permitted"])
+        permitted = sorted(gained | set(ambient))
         effective = permitted if uid[1] == 0 else ambient
     else:
         permitted = effective = ambient
@@ -967,6 +975,12 @@ def exec_changes(stage2: dict[str, Any], payload: dict[str, Any], securebits: An
     than it means start_process changed the credential, e.g. set SECBIT_NOROOT or dropped a
     bounding capability, before the exec)."""
     want = exec_credential(stage2, securebits)
+    # Cut to what stage 2 had when the kernel lets exec gain nothing: always with
+    # no_new_privs; without it, only while another process shares stage 2's file system
+    # information (the RPC server, CLONE_FS, until it has exited), which no snapshot says.
+    least = exec_credential(stage2, securebits, downgraded=True)
+    if stage2.get("no_new_privs"):
+        want = least
     out = [
         f"{name} {payload.get(name)} (exec gives {want[name]})"
         for name in ("uid", "gid", "no_new_privs", "seccomp")
@@ -988,11 +1002,11 @@ def exec_changes(stage2: dict[str, Any], payload: dict[str, Any], securebits: An
                 f"{kind} capabilities {_caps_text(extra)} beyond what exec gives "
                 f"{_caps_text(allowed)}"
             )
-        missing = sorted(set(allowed) - set(payload["caps"][kind]))
+        missing = sorted(set(least["caps"][kind]) - set(payload["caps"][kind]))
         if missing:
             out.append(
                 f"{kind} capabilities without {_caps_text(missing)} that exec gives "
-                f"{_caps_text(allowed)}"
+                f"{_caps_text(least['caps'][kind])}"
             )
     return out
 

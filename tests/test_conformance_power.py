@@ -350,7 +350,7 @@ def _exec_and_compare(prepare) -> list[str]:
         status = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
         after = thread_state({k: v.strip() for k, v in status.items()}, 0)
         securebits = linux.get_securebits()
-        derived = checks.exec_credential(before, securebits)["caps"]
+        derived = checks.exec_credential(before, securebits, before["no_new_privs"])["caps"]
         actual = {kind: sorted(names) for kind, names in after["caps"].items()}
         # The model is exact here, as the check requires.
         return checks.exec_changes(before, after, securebits) + (
@@ -381,6 +381,25 @@ def test_the_exec_model_matches_the_kernel_for_root_with_a_small_bounding_set():
             if not keep >> cap & 1 and linux.bounding_has(cap):
                 linux.bounding_drop(cap)
         linux.capset(linux.caps_to_mask(["CAP_KILL"]), keep, linux.caps_to_mask(["CAP_CHOWN"]))
+
+    assert _exec_and_compare(prepare) == []
+
+
+def test_the_exec_model_matches_the_kernel_for_root_with_no_new_privs_gaining_nothing():
+    # With no_new_privs, exec gains no capability stage 2 has not permitted: the bounding
+    # capability it lacks (CAP_NET_ADMIN) does not come back (the kernel's downgrade). A
+    # correct engine's payload failed PRIV-PAYLOAD-003 when the model gave it.
+    _needs_root()
+    from kit.system import linux
+
+    def prepare() -> None:
+        keep = linux.caps_to_mask(["CAP_CHOWN", "CAP_KILL", "CAP_SETPCAP"])
+        bounding = keep | linux.caps_to_mask(["CAP_NET_ADMIN"])
+        for cap in range(linux.cap_last() + 1):
+            if not bounding >> cap & 1 and linux.bounding_has(cap):
+                linux.bounding_drop(cap)
+        linux.capset(keep, keep, 0)
+        linux.set_no_new_privs()
 
     assert _exec_and_compare(prepare) == []
 
