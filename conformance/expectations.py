@@ -456,10 +456,12 @@ _RPC_EXIT = Point("process_exit", "container", fields=(("child_role", "rpc"),))
 #: Order and count rules of a successful run (SPEC §2), tagged with their requirement.
 ORDER_RULES: tuple[Rule, ...] = (
     *(FirstHooks("ORDER-001", role, ("config", "init_config")) for role in ROLES),
-    # config() is a pure factory (SPEC §1: "returns a fresh, empty engine-config object"):
-    # an engine may call it itself for the defaults; rule 1 counts the starter's calls.
+    # Rule 1 is the starter's order: it counts the starter's calls. config() is a pure
+    # factory (SPEC §1: "returns a fresh, empty engine-config object") an engine may call
+    # for the defaults; what an engine does calling its own init_config again is its
+    # state's concern (STATE-*), not the order's.
     *(Count("ORDER-001", kit_call(enter(role, "config")), 1, 1) for role in ROLES),
-    *(Count("ORDER-001", enter(role, "init_config"), 1, 1) for role in ROLES),
+    *(Count("ORDER-001", kit_call(enter(role, "init_config")), 1, 1) for role in ROLES),
     Count("ORDER-003", Point("hook_enter", hook="prepare_config"), 1, 1),
     Count("ORDER-003", enter("stage1", "prepare_config"), 1, 1),
     Before("ORDER-004", returned("stage1", "prepare_config"), Point("starter_config")),

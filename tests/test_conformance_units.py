@@ -742,3 +742,28 @@ def test_the_report_validator_finds_inconsistencies():
     assert any("second entry" in p for p in problems)
     assert any("refers to run 'root/x'" in p for p in problems)
     assert any("summary['passed']" in p for p in problems)
+
+
+def test_order_001_counts_the_starters_init_config_calls_not_the_engines_own() -> None:
+    from conformance import expectations
+
+    (rule,) = (
+        r
+        for r in expectations.ORDER_RULES
+        if isinstance(r, expectations.Count)
+        and r.requirement == "ORDER-001"
+        and (r.point.role, r.point.hook) == ("master", "init_config")
+    )
+
+    def problems(*callers: str | None) -> list[object]:
+        events = [
+            {"seq": i, "kind": "hook_enter", "role": "master", "hook": "init_config"}
+            | ({"caller": c} if c else {})
+            for i, c in enumerate(callers)
+        ]
+        return [f.problem for f in checks.order_rule_for(rule).check(events) if f.problem]
+
+    assert problems(None) == []
+    assert problems(None, "engine") == []  # the engine calling its own hook again
+    assert problems(None, None)  # the starter calling it twice
+    assert problems()  # or never
