@@ -297,6 +297,13 @@ def _snapshot(event: dict[str, Any]) -> dict[str, Any]:
             f"ledger event {describe_event(event)} has no privilege snapshot "
             "(were probes disabled?)"
         )
+    if "probe_error" in snap:
+        # No thread to judge is no thread that passes: the rule cannot be decided.
+        raise HarnessError(
+            f"ledger event {describe_event(event)}: the kit could not read the process's "
+            f"privileges there ({snap['probe_error']}; is /proc mounted where the hook "
+            "runs?)"
+        )
     return snap
 
 

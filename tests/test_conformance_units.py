@@ -767,3 +767,18 @@ def test_order_001_counts_the_starters_init_config_calls_not_the_engines_own() -
     assert problems(None, "engine") == []  # the engine calling its own hook again
     assert problems(None, None)  # the starter calling it twice
     assert problems()  # or never
+
+
+def test_a_snapshot_the_kit_could_not_read_decides_no_privilege_rule() -> None:
+    # A failed read has no threads: every rule over "every thread" would pass on none.
+    failed = {"probe_error": "FileNotFoundError: /proc/self/status"}
+    run = make_run(
+        "suid",
+        [
+            hook("hook_enter", "stage2", "start_process", failed),
+            hook("hook_return", "stage2", "start_process", failed),
+        ],
+    )
+    verify = checks.Verifier("suid", ["PRIV-STAGE2-003"], "t")
+    with pytest.raises(checks.HarnessError, match="could not read the process's privileges"):
+        checks.check_privileges(verify, run)
