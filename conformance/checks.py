@@ -981,13 +981,10 @@ def exec_changes(stage2: dict[str, Any], payload: dict[str, Any], securebits: An
     them) and each capability set exactly (the derivation is the kernel's; a set narrower
     than it means start_process changed the credential, e.g. set SECBIT_NOROOT or dropped a
     bounding capability, before the exec)."""
-    want = exec_credential(stage2, securebits)
-    # Cut to what stage 2 had when the kernel lets exec gain nothing: always with
-    # no_new_privs; without it, only while another process shares stage 2's file system
-    # information (the RPC server, CLONE_FS, until it has exited), which no snapshot says.
-    least = exec_credential(stage2, securebits, downgraded=True)
-    if stage2.get("no_new_privs"):
-        want = least
+    # Cut to what stage 2 had where the kernel lets exec gain nothing: with no_new_privs.
+    # (Another process sharing stage 2's file system information would too: the kit's RPC
+    # server does, and the container reaps it before start_process.)
+    want = exec_credential(stage2, securebits, downgraded=bool(stage2.get("no_new_privs")))
     out = [
         f"{name} {payload.get(name)} (exec gives {want[name]})"
         for name in ("uid", "gid", "no_new_privs", "seccomp")
@@ -1009,11 +1006,11 @@ def exec_changes(stage2: dict[str, Any], payload: dict[str, Any], securebits: An
                 f"{kind} capabilities {_caps_text(extra)} beyond what exec gives "
                 f"{_caps_text(allowed)}"
             )
-        missing = sorted(set(least["caps"][kind]) - set(payload["caps"][kind]))
+        missing = sorted(set(allowed) - set(payload["caps"][kind]))
         if missing:
             out.append(
                 f"{kind} capabilities without {_caps_text(missing)} that exec gives "
-                f"{_caps_text(least['caps'][kind])}"
+                f"{_caps_text(allowed)}"
             )
     return out
 
