@@ -765,6 +765,8 @@ PRIVILEGE_SCENARIOS: tuple[str, ...] = (
     "signal-death",
     *(fault_scenario(p) for p in X.CLEANUP_AFTER_FAILURE),
     "exec-failure",
+    # A join-only run has stage 1 and stage 2 alone, and their rows hold as in any run.
+    "join",
 )
 
 
@@ -875,6 +877,21 @@ def _start_process_thread(run: Run) -> tuple[dict[str, Any] | None, dict[str, An
 #: The runs whose payload prints its own credential (SPEC §4: the payload row holds in
 #: every run): ``default`` its /proc/self/status, ``fds`` that and its securebits.
 PAYLOAD_CREDENTIAL_RUNS = ("default", "fds")
+#: Runs whose payload also prints its credential, where the engine and the flow have them.
+OPTIONAL_PAYLOAD_CREDENTIAL_RUNS = ("join",)
+
+
+def payload_credential_runs(lifecycle: Any) -> list[Run]:
+    """The runs of :data:`PAYLOAD_CREDENTIAL_RUNS` (required) and of
+    :data:`OPTIONAL_PAYLOAD_CREDENTIAL_RUNS` this engine and flow have."""
+    runs = [lifecycle(name) for name in PAYLOAD_CREDENTIAL_RUNS]
+    for name in OPTIONAL_PAYLOAD_CREDENTIAL_RUNS:
+        run = lifecycle.optional(name)
+        if run is not None:
+            runs.append(run)
+    return runs
+
+
 #: The runs whose payload also reports its securebits (not in /proc/self/status).
 _SECUREBITS_RUNS = ("fds",)
 

@@ -645,8 +645,10 @@ _LIST: list[Scenario] = [
     ),
     JoinScenario(
         "join",
-        "a join-only run into a helper's uts, ipc and net namespaces",
-        ("/bin/true",),
+        "a join-only run into a helper's uts, ipc and net namespaces whose payload prints "
+        "its own /proc/self/status and uid_map (its privileges are checked as the default "
+        "run's)",
+        ("/bin/cat", "/proc/self/status", "/proc/self/uid_map"),
         0,
         requires=("host_payloads", "join_only"),
         flows=("root", "suid"),

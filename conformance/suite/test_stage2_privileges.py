@@ -2,11 +2,13 @@
 
 from conformance import flows, requirement, scenarios
 from conformance.checks import (
+    OPTIONAL_PAYLOAD_CREDENTIAL_RUNS,
     PAYLOAD_CREDENTIAL_RUNS,
     PRIVILEGE_SCENARIOS,
     check_payload,
     check_payload_fds,
     check_privileges_in_every_run,
+    payload_credential_runs,
 )
 from conformance.expectations import privilege_flows
 
@@ -41,26 +43,26 @@ def test_stage_2_of_the_user_namespace_flows_has_no_host_privilege(lifecycle, ve
 
 @requirement("PRIV-PAYLOAD-001")
 @flows(*privilege_flows("PRIV-PAYLOAD-001"))
-@scenarios(*PAYLOAD_CREDENTIAL_RUNS)
+@scenarios(*PAYLOAD_CREDENTIAL_RUNS, *OPTIONAL_PAYLOAD_CREDENTIAL_RUNS)
 def test_the_payload_has_no_host_privilege_in_every_flow_but_root(lifecycle, verify):
-    for name in PAYLOAD_CREDENTIAL_RUNS:
-        check_payload(verify, lifecycle(name))
+    for run in payload_credential_runs(lifecycle):
+        check_payload(verify, run)
 
 
 @requirement("PRIV-PAYLOAD-002")
 @flows(*privilege_flows("PRIV-PAYLOAD-002"))
-@scenarios(*PAYLOAD_CREDENTIAL_RUNS)
+@scenarios(*PAYLOAD_CREDENTIAL_RUNS, *OPTIONAL_PAYLOAD_CREDENTIAL_RUNS)
 def test_the_payload_has_no_capability_stage_2_did_not_have_permitted(lifecycle, verify):
-    for name in PAYLOAD_CREDENTIAL_RUNS:
-        check_payload(verify, lifecycle(name))
+    for run in payload_credential_runs(lifecycle):
+        check_payload(verify, run)
 
 
 @requirement("PRIV-PAYLOAD-003")
 @flows(*privilege_flows("PRIV-PAYLOAD-003"))
-@scenarios(*PAYLOAD_CREDENTIAL_RUNS)
+@scenarios(*PAYLOAD_CREDENTIAL_RUNS, *OPTIONAL_PAYLOAD_CREDENTIAL_RUNS)
 def test_the_payload_runs_with_the_credential_exec_derives_from_stage_2(lifecycle, verify):
-    for name in PAYLOAD_CREDENTIAL_RUNS:
-        check_payload(verify, lifecycle(name))
+    for run in payload_credential_runs(lifecycle):
+        check_payload(verify, run)
 
 
 @requirement("FD-001")

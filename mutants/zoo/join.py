@@ -46,4 +46,40 @@ class JoinDropsANamespace(_CooperativeMutant):
             starter_config.ns_paths.pop("ipc", None)
 
 
-MUTANTS = (JoinOnlyNotRequested, JoinDropsANamespace)
+class JoinForgetsNoNewPrivs(_CooperativeMutant):
+    slug = "join-forgets-no-new-privs"
+    bug = (
+        "its join-only branch (joining an instance) takes the instance's settings and "
+        "leaves no_new_privs unset: in suid the joined payload may gain privilege by exec"
+    )
+    killed_by = ("PRIV-STAGE2-003",)
+    flows = ("suid",)
+
+    def prepare_config(self, starter_config: StarterConfig) -> None:
+        super().prepare_config(starter_config)
+        if starter_config.namespace_join_only:
+            starter_config.set_no_new_privs(False)
+
+
+class JoinPayloadKeepsAmbient(_CooperativeMutant):
+    slug = "join-payload-keeps-ambient"
+    bug = (
+        "its join-only branch copies the instance's capabilities into the StarterConfig, "
+        "ambient set included: the joined payload has CAP_NET_BIND_SERVICE in suid"
+    )
+    killed_by = ("PRIV-PAYLOAD-001",)
+    flows = ("suid",)
+
+    def prepare_config(self, starter_config: StarterConfig) -> None:
+        super().prepare_config(starter_config)
+        if starter_config.namespace_join_only:
+            for kind in ("permitted", "inheritable", "ambient"):
+                starter_config.set_capabilities(kind, ["CAP_NET_BIND_SERVICE"])
+
+
+MUTANTS = (
+    JoinOnlyNotRequested,
+    JoinDropsANamespace,
+    JoinForgetsNoNewPrivs,
+    JoinPayloadKeepsAmbient,
+)
