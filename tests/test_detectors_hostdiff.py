@@ -28,6 +28,9 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (xattrs, n
 def test_an_upper_layer_names_symlinks_as_links_whiteouts_and_only_opaque_directories() -> None:
     with tempfile.TemporaryDirectory() as upper, tempfile.TemporaryDirectory() as lower:
         os.symlink("/etc/passwd", f"{upper}/link")
+        os.symlink("/etc/passwd", f"{upper}/owned")
+        os.symlink("/etc/passwd", f"{lower}/owned")
+        os.lchown(f"{upper}/owned", 65534, 65534)  # the same link, given away
         os.mknod(f"{upper}/gone", 0o600 | 0o020000, os.makedev(0, 0))  # a whiteout
         os.mknod(f"{upper}/null", 0o600 | 0o020000, os.makedev(1, 3))  # a real chardev
         values = (("opaque", b"y"), ("xwhiteouts", b"x"), ("empty", b""), ("yes", b"yes"))
@@ -44,7 +47,9 @@ def test_an_upper_layer_names_symlinks_as_links_whiteouts_and_only_opaque_direct
         files, below = hostdiff.read_files(upper, lower, "/p")
     assert "/p" not in same
     assert files["/p"].startswith("dir 0755 ") and (below["/p"] or "").startswith("dir 0700 ")
-    assert files["/p/link"] == "symlink -> /etc/passwd"
+    assert files["/p/link"] == "symlink 0:0 -> /etc/passwd"
+    assert files["/p/owned"] == "symlink 65534:65534 -> /etc/passwd"
+    assert below["/p/owned"] == "symlink 0:0 -> /etc/passwd"
     assert files["/p/gone"] == "whiteout"
     assert files["/p/null"].startswith("chardev 0600 0:0 1:3")
     assert files["/p/opaque"].startswith("opaque dir ")

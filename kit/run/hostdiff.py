@@ -169,7 +169,9 @@ def _describe_path_alone(path: str, st: os.stat_result) -> str:
     if stat.S_ISDIR(st.st_mode):
         return f"dir {head}"
     if stat.S_ISLNK(st.st_mode):
-        return f"symlink -> {os.readlink(path)}"
+        # Its owner too (lchown; a link's mode is always 0777): who owns a link decides
+        # whether the kernel follows it under fs.protected_symlinks.
+        return f"symlink {st.st_uid}:{st.st_gid} -> {os.readlink(path)}"
     if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
         kind = "chardev" if stat.S_ISCHR(st.st_mode) else "blockdev"
         return f"{kind} {head} {os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"

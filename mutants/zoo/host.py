@@ -65,6 +65,21 @@ class FileUnderEtc(HostMutant):
             f.write("container state\n")
 
 
+class HostSymlinkGivenAway(HostMutant):
+    slug = "host-symlink-given-away"
+    bug = (
+        "create_container hands the container's user the host's /etc/localtime (to let it "
+        "set its own time zone) with lchown: the link's owner changes, not its target"
+    )
+    killed_by = ("HOST-001",)
+    mechanism = "other-field"
+
+    def damage(self) -> None:
+        # The first of these links the host has (each Debian and Ubuntu host has one).
+        links = ("/etc/localtime", "/etc/os-release", "/etc/mtab")
+        os.lchown(next(p for p in links if os.path.islink(p)), 65534, 65534)
+
+
 class HostSysctl(HostMutant):
     slug = "host-sysctl"
     bug = "create_container turns on net.ipv4.ip_forward in the host's network namespace"
@@ -379,6 +394,7 @@ class HostInitSignalledByPidfd(Mutant):
 MUTANTS = (
     FileUnderEtc,
     HostFileXattr,
+    HostSymlinkGivenAway,
     HostDevShmLock,
     HostMountLeft,
     HostMountUndone,
