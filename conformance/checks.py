@@ -2372,6 +2372,47 @@ def check_rpc_methods_restore_credentials(verify: Verifier, run: Run) -> None:
                 event=event,
                 role="rpc",
             )
+        # A thread the method started (or one a new /proc numbers anew) entered no method:
+        # it may have less privilege than the method's own thread had at entry, never more
+        # (SPEC §4: the rows hold for threads the engine started; one started while the
+        # method's thread had raised a capability keeps it).
+        for t in after.get("threads") or []:
+            if t.get("tid") in was:
+                continue
+            gained = privilege_gained(was["serving"], credential(t, after.get("securebits")))
+            verify.check(
+                requirement,
+                not gained,
+                expected=f"a thread {event.get('method') or 'the method'} left running has no "
+                "privilege the method's own thread did not have when it started",
+                observed=f"{thread_label(t)}: {'; '.join(gained)}",
+                run=run,
+                event=event,
+                role="rpc",
+            )
+
+
+def privilege_gained(entry: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What credential ``now`` (:func:`credential`) holds that ``entry`` did not: a capability
+    in any set, a uid or gid 0 where it had none, a supplementary group, no_new_privs or a
+    seccomp filter lost."""
+    out = []
+    for kind in ("effective", "permitted", "inheritable", "bounding", "ambient"):
+        extra = sorted(set(now[f"caps.{kind}"]) - set(entry[f"caps.{kind}"]))
+        if extra:
+            out.append(f"{kind} capabilities {_caps_text(extra)}")
+    for name in ("uid", "gid"):
+        mine, was = now.get(name) or [], entry.get(name) or []
+        if any(v == 0 and (i >= len(was) or was[i] != 0) for i, v in enumerate(mine)):
+            out.append(f"{name} {mine} (0 where it was {was})")
+    extra_groups = sorted(set(now.get("groups") or []) - set(entry.get("groups") or []))
+    if extra_groups:
+        out.append(f"groups {extra_groups}")
+    if entry.get("no_new_privs") and not now.get("no_new_privs"):
+        out.append("no_new_privs cleared")
+    if (entry.get("seccomp") or 0) > (now.get("seccomp") or 0):
+        out.append(f"seccomp {entry.get('seccomp')} -> {now.get('seccomp')}")
+    return out
 
 
 def check_only_the_container_reaped(verify: Verifier, run: Run) -> None:

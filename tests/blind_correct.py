@@ -707,9 +707,9 @@ class WideBoundingEngine(ReferenceEngine):
     engine_name = "blind-wide-bounding"
     false_failure = (
         "disputed (see the docstring): in the root flow the host's whole bounding set is the "
-        "zoo's bounding-left-full mutant (PRIV-PAYLOAD-002); in fakeroot and hybrid "
-        "PRIV-PAYLOAD-003 expects exec to give the payload CAP_CHOWN, which it lacks: not "
-        "analysed yet, may be the check's"
+        "zoo's bounding-left-full mutant (PRIV-PAYLOAD-002). (Its fakeroot and hybrid "
+        "failures were the check's: exec under no_new_privs gains nothing stage 2 has not "
+        "permitted, which PRIV-PAYLOAD-003's model now knows.)"
     )
     rpc_methods = ReferenceRPC
 

@@ -126,6 +126,28 @@ def test_an_rpc_method_that_leaves_any_field_of_the_credential_changed_breaks_pr
     assert verify.checks["PRIV-RPC-004"] == 2 and not verify.violations["PRIV-RPC-004"]
 
 
+def test_a_thread_an_rpc_method_leaves_with_more_than_it_entered_with_breaks_priv_rpc_004():
+    # The method's worker (tid 11) did not exist when it started: compared with what the
+    # method's own thread had then, more privilege by any field is a violation, less none.
+    server = snapshot(uid=(U, U, 0, U), eff=("CAP_SYS_ADMIN",), prm=("CAP_SYS_ADMIN", "CAP_CHOWN"))
+    for changed, seen in (
+        (dict(inheritable=["CAP_CHOWN"]), "inheritable capabilities [CAP_CHOWN]"),
+        (dict(ambient=["CAP_CHOWN"]), "ambient capabilities [CAP_CHOWN]"),
+        (dict(uid=[0, U, 0, U]), f"uid [0, {U}, 0, {U}] (0 where it was [{U}, {U}, 0, {U}])"),
+        (dict(groups=[0]), "groups [0]"),
+    ):
+        run = make_run("suid", [_rpc_call(_creds(server), _creds(_with_helper(server, **changed)))])
+        verify = checks.Verifier("suid", ["PRIV-RPC-004"], "t")
+        checks.check_rpc_methods_restore_credentials(verify, run)
+        (violation,) = verify.violations["PRIV-RPC-004"]
+        assert violation.observed == f"thread 11 ('helper'): {seen}", changed
+    for fewer in (dict(effective=[]), dict(permitted=["CAP_SYS_ADMIN"]), dict(uid=[U] * 4)):
+        run = make_run("suid", [_rpc_call(_creds(server), _creds(_with_helper(server, **fewer)))])
+        verify = checks.Verifier("suid", ["PRIV-RPC-004"], "t")
+        checks.check_rpc_methods_restore_credentials(verify, run)
+        assert not verify.violations["PRIV-RPC-004"], fewer
+
+
 def test_an_rpc_call_whose_credentials_were_taken_out_breaks_priv_rpc_004():
     """The kit records both sides of every answered request, a refused one's too: a call
     without them had its record removed by code in the RPC server's process."""

@@ -251,6 +251,34 @@ class RPCMethodHelperThreadCapabilities(Mutant):
     rpc = HelperThreadRPC
 
 
+def _permitted_into_inheritable() -> None:
+    """The calling thread's permitted capabilities made inheritable, its effective set left
+    as it was (so that helpers it execs later could keep them)."""
+    effective, permitted, inheritable = current().capabilities()
+    current().set_capabilities(effective, permitted, inheritable | permitted)
+
+
+class InheritableHelperRPC(ReferenceRPC):
+    """sethostname starts a worker thread with every permitted capability inheritable."""
+
+    def sethostname(self, name: str) -> None:
+        on_helper_thread(_permitted_into_inheritable, "rpc-worker")
+        super().sethostname(name)
+
+
+class RPCMethodWorkerInheritsCapabilities(Mutant):
+    slug = "rpc-method-worker-inheritable-caps"
+    bug = (
+        "the RPC method sethostname starts a worker thread (for the helpers it will exec) "
+        "whose inheritable set holds every permitted capability, and leaves it running; "
+        "its effective set stays the row's"
+    )
+    killed_by = ("PRIV-RPC-004",)
+    flows = ("suid", "hybrid")
+    mechanism = "helper-thread"
+    rpc = InheritableHelperRPC
+
+
 class RawRootRPC(ReferenceRPC):
     """sethostname regains effective uid 0 on its thread (raw setresuid) and keeps it."""
 
@@ -719,6 +747,7 @@ def _host_command(argv: list[str], modelled: Any) -> None:
 
 MUTANTS = (
     RPCServerLeavesOnAMissingPayload,
+    RPCMethodWorkerInheritsCapabilities,
     MonitorJoinsTheContainersNetOnASignal,
     MasterHelperThreadCapabilities,
     MasterHelperThreadRoot,
