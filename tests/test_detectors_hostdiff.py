@@ -5,6 +5,7 @@ covers, and mountinfo lines with stacked mounts and propagation tags."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
@@ -446,3 +447,33 @@ def test_inits_limits_scheduling_and_oom_adjustment_are_read_from_outside() -> N
     assert got["pid 1 scheduling"].startswith("nice 7, policy 0, real-time priority 0, cpus ")
     assert got["pid 1 oom_score_adj"] == "123"
     assert hostdiff._init_attributes(2**22 + 1) == {}  # gone: nothing to compare
+
+
+def test_the_machines_sysctls_read_through_held_files_as_opened_anew() -> None:
+    held = hostdiff.open_machine_sysctls()
+    assert held is not None
+    try:
+        assert hostdiff.read_machine_sysctls(held) == hostdiff.read_machine_sysctls()
+        assert hostdiff.read_machine_sysctls(held) == hostdiff.read_machine_sysctls(held)
+    finally:
+        hostdiff.close_all([fd for _, fd in held])
+
+
+def test_no_room_to_hold_the_machines_sysctls_holds_none_and_reads_them_one_by_one() -> None:
+    def child() -> list[Any]:
+        hostdiff._outside_net_layout()
+        limit = max(int(n) for n in os.listdir("/proc/self/fd")) + 30
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+        fillers = []
+        with contextlib.suppress(OSError):  # EMFILE: the table is full
+            while True:
+                fillers.append(os.open("/dev/null", os.O_RDONLY))
+        for fd in fillers[:10]:  # room for ten, not two hundred
+            os.close(fd)
+        before = sorted(int(n) for n in os.listdir("/proc/self/fd"))
+        held = hostdiff.open_machine_sysctls()
+        after = sorted(int(n) for n in os.listdir("/proc/self/fd"))
+        values = hostdiff.read_machine_sysctls()
+        return [held, after == before, len(values) > 100]
+
+    assert in_child(child) == {"ok": [None, True, True]}

@@ -529,12 +529,12 @@ def _outside_net_layout() -> Layout:
     return _outside_net
 
 
-def _read_outside_net(ipc: bool) -> dict[str, str]:
-    """The sysctls outside ``net.*`` that each ipc namespace has its own of (``ipc``: as the
-    calling thread's ipc namespace has them) or the others, the machine's own."""
+def read_ipc_sysctls() -> dict[str, str]:
+    """The sysctls of the calling thread's ipc namespace (``kernel.msgmnb``, ``fs.mqueue.*``…),
+    opened each time: a sysctl file shows the namespace of the thread that opens it."""
     values: dict[str, str] = {}
     for path, files in _outside_net_layout().items():
-        wanted = [(name, key) for name, key in files if is_ipc_sysctl(key) == ipc]
+        wanted = [(name, key) for name, key in files if is_ipc_sysctl(key)]
         if not wanted:
             continue
         dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -546,15 +546,64 @@ def _read_outside_net(ipc: bool) -> dict[str, str]:
     return values
 
 
-def read_ipc_sysctls() -> dict[str, str]:
-    """The sysctls of the calling thread's ipc namespace (``kernel.msgmnb``, ``fs.mqueue.*``…)."""
-    return _read_outside_net(ipc=True)
+def _machine_layout() -> list[tuple[str, list[tuple[str, str]]]]:
+    """The directories of the machine's own sysctls, each with its files (name, key)."""
+    out = []
+    for path, files in _outside_net_layout().items():
+        machine = [(name, key) for name, key in files if not is_ipc_sysctl(key)]
+        if machine:
+            out.append((path, machine))
+    return out
 
 
-def read_machine_sysctls() -> dict[str, str]:
+def open_machine_sysctls() -> list[tuple[str, int]] | None:
+    """(key, descriptor) of each of the machine's own sysctls, opened: a watch holds them
+    from its first read to its last, which are then preads (the opens and path walks were
+    two thirds of a read). None when this process has no room for them (EMFILE): each read
+    then opens one file at a time. The caller closes them (:func:`close_all`)."""
+    held: list[tuple[str, int]] = []
+    try:
+        for path, files in _machine_layout():
+            dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                for name, key in files:
+                    with contextlib.suppress(FileNotFoundError):  # gone since the listing
+                        held.append((key, os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dfd)))
+            finally:
+                os.close(dfd)
+    except OSError:
+        close_all([fd for _, fd in held])
+        return None
+    return held
+
+
+def _pread_sysctl(fd: int) -> Raw:
+    """A sysctl's value through ``fd`` from its start, whatever the file's offset (the
+    descriptor is read again, and shared by forked processes)."""
+    try:
+        raw = os.pread(fd, SYSCTL_FIRST_READ, 0)
+        if len(raw) >= SYSCTL_FIRST_READ:
+            raw = os.pread(fd, SYSCTL_MAX_READ, 0)
+    except OSError as exc:
+        return exc.errno or errno.EIO
+    return raw
+
+
+def read_machine_sysctls(held: list[tuple[str, int]] | None = None) -> dict[str, str]:
     """The machine's own writable sysctls (``vm.*``, ``kernel.*``, ``fs.*``…: no namespace has
-    its own, so no sandbox either): what a run that reaches them changes is the real host's."""
-    return _read_outside_net(ipc=False)
+    its own, so no sandbox either): what a run that reaches them changes is the real host's.
+    Through ``held`` (:func:`open_machine_sysctls`), else opened for this read."""
+    if held is not None:
+        return {key: _value(_pread_sysctl(fd)) for key, fd in held}
+    values: dict[str, str] = {}
+    for path, files in _machine_layout():
+        dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for name, key in files:
+                values[key] = _read_at(dfd, name)
+        finally:
+            os.close(dfd)
+    return values
 
 
 #: A fresh sandbox's sysctls as their files read, compact: per directory of a layout, the
@@ -1592,8 +1641,9 @@ class HostWatch:
                 text = self._mount_raw.decode(errors="replace").strip()
                 _outside(before, "mount", lambda: parse_mounts(text))
         # The machine's own sysctls now, not ahead: no sandbox has them, so what they were
-        # when a spare sandbox was built says nothing of this run.
-        _outside(before, "machine_sysctl", read_machine_sysctls)
+        # when a spare sandbox was built says nothing of this run. Held until the last read.
+        self._machine = open_machine_sysctls()
+        _outside(before, "machine_sysctl", lambda: read_machine_sysctls(self._machine))
         self.before = before
         self.last = {kind: dict(self.before.objects.get(kind, {})) for kind in (*WATCHED, "file")}
         self._usage = self._upper_usage()
@@ -1712,6 +1762,8 @@ class HostWatch:
 
     def close(self) -> None:
         """After :meth:`finish`: the sysctl files' descriptors closed."""
+        close_all([fd for _, fd in self._machine or ()])
+        self._machine = None
         fds, self._sysctl_fds = self._sysctl_fds, None
         if fds is not None:
             close_all([fd for fd in fds if fd is not None])
@@ -1740,7 +1792,9 @@ class HostWatch:
             laid_out = _sysctls_as_laid_out(held)
         # The last look read the mount table (its text, parsed if new): no need to again.
         after = self._snapshot(sysctls=laid_out is None, network=network, mounts=not looked)
-        _outside(after, "machine_sysctl", read_machine_sysctls)
+        _outside(after, "machine_sysctl", lambda: read_machine_sysctls(self._machine))
+        close_all([fd for _, fd in self._machine or ()])
+        self._machine = None
         if looked:
             after.objects["mount"] = self.last["mount"]
         if laid_out is not None:
