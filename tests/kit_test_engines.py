@@ -1478,3 +1478,20 @@ class Stage1ChannelAbuseEngine(JoinEngine):
             )
         os.close(r)
         os.close(w)
+
+
+class KeepsACopyOfTheLedgerSocketEngine(ReferenceEngine):
+    """prepare_config copies the kit's ledger socket (stage 1's one SOCK_SEQPACKET socket)
+    under a number of its own and keeps that for the payload."""
+
+    engine_name = "test-keeps-a-copy-of-the-ledger-socket"
+    rpc_methods = ReferenceRPC
+
+    def prepare_config(self, starter_config: StarterConfig) -> None:
+        super().prepare_config(starter_config)
+        for name in sorted(os.listdir("/proc/self/fd"), key=int):
+            with contextlib.suppress(OSError), socket.socket(fileno=os.dup(int(name))) as sock:
+                if sock.type == socket.SOCK_SEQPACKET:
+                    starter_config.keep_file_descriptor(os.dup(int(name)))
+                    return
+        raise AssertionError("no ledger socket in stage 1")

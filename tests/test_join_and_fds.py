@@ -246,3 +246,16 @@ def test_bytes_on_master_fd_in_a_join_only_run_are_a_named_fatal_error(target_na
     assert fatal["message"].startswith("engine code in stage 2 wrote to the master's control")
     assert not result.ledger.select("stage2_exec")
     assert result.leaks == []
+
+
+def test_keeping_a_copy_of_the_kits_ledger_socket_under_another_number_is_rejected():
+    # Stage 1 hands what it keeps over: the starter knows the kit's descriptors by what they
+    # are, not only by their numbers.
+    result = run(
+        "kit_test_engines:KeepsACopyOfTheLedgerSocketEngine", "root", ["/bin/true"], probes=False
+    )
+    assert result.exit_code == 255
+    messages = [e["message"] for e in result.ledger.select("starter_error")]
+    assert any("is a copy of one of the kit's own descriptors" in m for m in messages), messages
+    assert not result.ledger.select("stage2_exec")
+    assert result.leaks == []

@@ -289,11 +289,25 @@ class Starter:
                     f"stage 1 sent {len(received)} descriptors numbered {kept!r}: not those "
                     f"keep_file_descriptor kept ({keep!r})"
                 )
+            # By number and by what it is: stage 1 can put a copy of the kit's ledger socket
+            # (a descriptor it inherited) under a number of its own and keep that.
+            kit_files = {linux.fd_identity(n) for n in self.own_fds} - {None}
+            for number, fd in zip(kept, received, strict=True):
+                if number not in self.own_fds and linux.fd_identity(fd) in kit_files:
+                    raise StageFailed(
+                        f"keep_file_descriptor: fd {number} is a copy of one of the kit's own "
+                        "descriptors: the payload may not hold it"
+                    )
             placing = dict(zip(kept, received, strict=True))
             for number in self.own_fds:
                 placing.pop(number, None)
             closing = [
-                n for n in keep if n not in self.own_fds and n not in placing and _open_here(n)
+                n
+                for n in keep
+                if n not in self.own_fds
+                and n not in placing
+                and n not in received  # a number free here, taken by what came
+                and _open_here(n)
             ]
             # Received descriptors may lie under numbers to fill or to close: each is parked
             # above every number involved first, and the received ones are closed.
