@@ -560,10 +560,14 @@ def open_machine_sysctls() -> list[tuple[str, int]] | None:
     """(key, descriptor) of each of the machine's own sysctls, opened: a watch holds them
     from its first read to its last, which are then preads (the opens and path walks were
     two thirds of a read). None when this process has no room for them (EMFILE): each read
-    then opens one file at a time. The caller closes them (:func:`close_all`)."""
+    then opens one file at a time; so does a process they would leave short of its
+    headroom (:func:`room_for`). The caller closes them (:func:`close_all`)."""
     held: list[tuple[str, int]] = []
+    layout = _machine_layout()
     try:
-        for path, files in _machine_layout():
+        if not room_for(sum(len(files) for _, files in layout)):
+            return None
+        for path, files in layout:
             dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
                 for name, key in files:
