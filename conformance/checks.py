@@ -6,7 +6,7 @@ import dataclasses
 import itertools
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -32,6 +32,7 @@ from kit import preflight
 from kit.ledger.probe import host_privilege, thread_state
 from kit.ledger.record import LOST_EVENT, validate
 from kit.run.hostdiff import is_ipc_sysctl
+from kit.run.launcher import machine_note
 from kit.run.seccomp import SYSTEM_INTERFACE, describe_refusal
 from kit.system.linux import split_propagation
 
@@ -774,8 +775,14 @@ def privilege_runs(lifecycle: Any) -> list[Run]:
     """The default run (required) and every other run of PRIVILEGE_SCENARIOS this engine and
     machine have (a scenario the engine cannot have or the machine cannot prepare is left
     out: it must not hide what the default run decides)."""
-    runs = [lifecycle("default")]
-    for name in PRIVILEGE_SCENARIOS[1:]:
+    return [lifecycle("default"), *_available_runs(lifecycle, PRIVILEGE_SCENARIOS[1:])]
+
+
+def _available_runs(lifecycle: Any, names: Sequence[str]) -> list[Run]:
+    """The runs of ``names`` this engine and machine have: one the engine cannot have or the
+    machine cannot prepare is left out (it must not hide what the other runs decide)."""
+    runs = []
+    for name in names:
         try:
             run = lifecycle.optional(name)
         except pytest.skip.Exception:
@@ -884,15 +891,10 @@ OPTIONAL_PAYLOAD_CREDENTIAL_RUNS = ("join",)
 def payload_credential_runs(lifecycle: Any) -> list[Run]:
     """The runs of :data:`PAYLOAD_CREDENTIAL_RUNS` (required) and of
     :data:`OPTIONAL_PAYLOAD_CREDENTIAL_RUNS` this engine and flow have."""
-    runs = [lifecycle(name) for name in PAYLOAD_CREDENTIAL_RUNS]
-    for name in OPTIONAL_PAYLOAD_CREDENTIAL_RUNS:
-        try:
-            run = lifecycle.optional(name)
-        except pytest.skip.Exception:
-            continue  # not prepared here: it must not hide what the others decide
-        if run is not None:
-            runs.append(run)
-    return runs
+    return [
+        *(lifecycle(name) for name in PAYLOAD_CREDENTIAL_RUNS),
+        *_available_runs(lifecycle, OPTIONAL_PAYLOAD_CREDENTIAL_RUNS),
+    ]
 
 
 #: The runs whose payload also reports its securebits (not in /proc/self/status).
@@ -2971,11 +2973,7 @@ def _host_change_text(change: dict[str, Any]) -> str:
         text = f"{kind} {name} removed (was {before})"
     else:
         text = f"{kind} {name} changed: {before} -> {after}"
-    if change.get("machine"):
-        text += (
-            " (the machine's own setting, which no sandbox can hold a copy of: it stays "
-            f"after the run; sysctl -w {name}={before!r} puts it back)"
-        )
+    text += machine_note(change)
     hooks = change.get("hooks")
     if hooks:
         text += "; appeared while open: " + ", ".join(

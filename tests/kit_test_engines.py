@@ -1439,15 +1439,18 @@ class LateEOFFailedExecEngine(LateEOFEngine):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _socket_of_type(kind: int) -> int:
+    """The lowest descriptor of this process that is a socket of type ``kind``."""
+    for name in sorted(os.listdir("/proc/self/fd"), key=int):
+        with contextlib.suppress(OSError), socket.socket(fileno=os.dup(int(name))) as sock:
+            if sock.type == kind:
+                return int(name)
+    raise AssertionError(f"no socket of type {kind} here")
+
+
 def _stage1_channel() -> int:
     """The kit's stage 1 channel as stage 1 sees it: its one stream socket."""
-    for name in sorted(os.listdir("/proc/self/fd"), key=int):
-        with contextlib.suppress(OSError):
-            sock = socket.socket(fileno=os.dup(int(name)))
-            with sock:
-                if sock.type == socket.SOCK_STREAM:
-                    return int(name)
-    raise AssertionError("no stream socket in stage 1")
+    return _socket_of_type(socket.SOCK_STREAM)
 
 
 @dataclass
@@ -1489,9 +1492,4 @@ class KeepsACopyOfTheLedgerSocketEngine(ReferenceEngine):
 
     def prepare_config(self, starter_config: StarterConfig) -> None:
         super().prepare_config(starter_config)
-        for name in sorted(os.listdir("/proc/self/fd"), key=int):
-            with contextlib.suppress(OSError), socket.socket(fileno=os.dup(int(name))) as sock:
-                if sock.type == socket.SOCK_SEQPACKET:
-                    starter_config.keep_file_descriptor(os.dup(int(name)))
-                    return
-        raise AssertionError("no ledger socket in stage 1")
+        starter_config.keep_file_descriptor(os.dup(_socket_of_type(socket.SOCK_SEQPACKET)))

@@ -532,28 +532,31 @@ def _outside_net_layout() -> Layout:
 def read_ipc_sysctls() -> dict[str, str]:
     """The sysctls of the calling thread's ipc namespace (``kernel.msgmnb``, ``fs.mqueue.*``…),
     opened each time: a sysctl file shows the namespace of the thread that opens it."""
-    values: dict[str, str] = {}
+    return _read_each(_outside_net_part(ipc=True))
+
+
+def _outside_net_part(ipc: bool) -> list[tuple[str, list[tuple[str, str]]]]:
+    """The directories of the sysctls outside ``net.*`` each ipc namespace has its own of
+    (``ipc``) or of the machine's own, each with those files (name, key)."""
+    out = []
     for path, files in _outside_net_layout().items():
-        wanted = [(name, key) for name, key in files if is_ipc_sysctl(key)]
-        if not wanted:
-            continue
+        part = [(name, key) for name, key in files if is_ipc_sysctl(key) == ipc]
+        if part:
+            out.append((path, part))
+    return out
+
+
+def _read_each(part: list[tuple[str, list[tuple[str, str]]]]) -> dict[str, str]:
+    """The sysctls of ``part`` (:func:`_outside_net_part`), each file opened for its read."""
+    values: dict[str, str] = {}
+    for path, files in part:
         dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            for name, key in wanted:
+            for name, key in files:
                 values[key] = _read_at(dfd, name)
         finally:
             os.close(dfd)
     return values
-
-
-def _machine_layout() -> list[tuple[str, list[tuple[str, str]]]]:
-    """The directories of the machine's own sysctls, each with its files (name, key)."""
-    out = []
-    for path, files in _outside_net_layout().items():
-        machine = [(name, key) for name, key in files if not is_ipc_sysctl(key)]
-        if machine:
-            out.append((path, machine))
-    return out
 
 
 def open_machine_sysctls() -> list[tuple[str, int]] | None:
@@ -563,7 +566,7 @@ def open_machine_sysctls() -> list[tuple[str, int]] | None:
     then opens one file at a time; so does a process they would leave short of its
     headroom (:func:`room_for`). The caller closes them (:func:`close_all`)."""
     held: list[tuple[str, int]] = []
-    layout = _machine_layout()
+    layout = _outside_net_part(ipc=False)
     try:
         if not room_for(sum(len(files) for _, files in layout)):
             return None
@@ -599,15 +602,7 @@ def read_machine_sysctls(held: list[tuple[str, int]] | None = None) -> dict[str,
     Through ``held`` (:func:`open_machine_sysctls`), else opened for this read."""
     if held is not None:
         return {key: _value(_pread_sysctl(fd)) for key, fd in held}
-    values: dict[str, str] = {}
-    for path, files in _machine_layout():
-        dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            for name, key in files:
-                values[key] = _read_at(dfd, name)
-        finally:
-            os.close(dfd)
-    return values
+    return _read_each(_outside_net_part(ipc=False))
 
 
 #: A fresh sandbox's sysctls as their files read, compact: per directory of a layout, the

@@ -32,11 +32,15 @@ class LaunchError(RuntimeError):
     """The supervisor could not run at all (not an engine failure)."""
 
 
-#: Said of a change of one of the machine's own sysctls, which no sandbox can hold a copy of.
-_MACHINE = (
-    " (the machine's own setting, not the sandbox's: it stays after the run; "
-    "sysctl -w {name}={before!r} puts it back)"
-)
+def machine_note(change: dict[str, Any]) -> str:
+    """What a change of one of the machine's own sysctls (marked ``machine``) adds to its
+    description: it outlives the sandbox, and how to put it back; else nothing."""
+    if not change.get("machine"):
+        return ""
+    return (
+        " (the machine's own setting, which no sandbox can hold a copy of: it stays after the "
+        f"run; sysctl -w {change.get('name')}={change.get('before')!r} puts it back)"
+    )
 
 
 @dataclass
@@ -92,7 +96,7 @@ class RunResult:
             elif kind == "host_changes":
                 lines += [
                     f"host: {c['kind']} {c['name']}: {c['before']!r} -> {c['after']!r}"
-                    + (_MACHINE.format(**c) if c.get("machine") else "")
+                    + machine_note(c)
                     for c in e["changes"]
                 ]
         if not lines and self.exit_code == 255:

@@ -95,14 +95,6 @@ def resolve_config_types(engine: str) -> None:
 MAX_KEPT_FDS = 4096
 
 
-def _open_here(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
-
-
 def _moved_high(sock: socket.socket) -> socket.socket:
     """The ledger socket at a high number, as the master's own descriptors (see
     :func:`kit.system.linux.fd_base`): engine code closing or overwriting a range of low
@@ -289,6 +281,8 @@ class Starter:
                     f"stage 1 sent {len(received)} descriptors numbered {kept!r}: not those "
                     f"keep_file_descriptor kept ({keep!r})"
                 )
+            if not keep:
+                return  # nothing kept, nothing came (checked above): the usual run
             # By number and by what it is: stage 1 can put a copy of the kit's ledger socket
             # (a descriptor it inherited) under a number of its own and keep that.
             kit_files = {linux.fd_identity(n) for n in self.own_fds} - {None}
@@ -307,7 +301,7 @@ class Starter:
                 if n not in self.own_fds
                 and n not in placing
                 and n not in received  # a number free here, taken by what came
-                and _open_here(n)
+                and linux.fd_identity(n) is not None
             ]
             # Received descriptors may lie under numbers to fill or to close: each is parked
             # above every number involved first, and the received ones are closed.
@@ -355,7 +349,11 @@ class Starter:
             )
             hooks.call("prepare_config", engine.operations.prepare_config, sconf)
             # Not the kit's (the starter names them when it validates).
-            kept = [fd for fd in sconf.keep_fds if fd not in self.own_fds and _open_here(fd)]
+            kept = [
+                fd
+                for fd in sconf.keep_fds
+                if fd not in self.own_fds and linux.fd_identity(fd) is not None
+            ]
             doc = {"common": common.to_json(), "starter_config": sconf.to_json(), "kept": kept}
             linux.send_with_fds(channel, dumps(doc).encode(), kept)
             code = 0
